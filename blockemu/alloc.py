@@ -1,0 +1,105 @@
+"""Extent allocator: the free-space map of the running transaction.
+
+Freed extents that the last durable commit still references are *pinned*:
+unusable until the commit that stops referencing them is durable, so a crash
+always finds the previous generation intact. Extents both allocated and freed
+within the running transaction were never durable and return at once.
+"""
+from __future__ import annotations
+
+from sortedcontainers import SortedDict
+
+from .errors import NoSpaceError
+
+SECTOR = 4096
+
+
+class Allocator:
+    def __init__(self, free: list[tuple[int, int]] | None = None) -> None:
+        self.free = SortedDict()  # start -> length, disjoint, coalesced
+        self.pinned: list[tuple[int, int]] = []
+        self.cursor = 0
+        for start, length in free or ():
+            self.release(start, length)
+
+    # -------------------------------------------------------------- queries
+
+    def free_bytes(self) -> int:
+        return sum(self.free.values())
+
+    def pinned_bytes(self) -> int:
+        return sum(n for _, n in self.pinned)
+
+    def extents_after_commit(self) -> list[tuple[int, int]]:
+        """The free extents once pinned ones are released: what the free-space record stores."""
+        merged = Allocator(list(self.free.items()) + self.pinned)
+        return list(merged.free.items())
+
+    def is_free(self, start: int, length: int) -> bool:
+        i = self.free.bisect_right(start) - 1
+        if i < 0:
+            return False
+        s, n = self.free.peekitem(i)
+        return s <= start and start + length <= s + n
+
+    # -------------------------------------------------------------- changes
+
+    def alloc(self, length: int) -> int:
+        """Next fit from a roving cursor: consecutive allocations come out contiguous."""
+        if length <= 0 or length % SECTOR:
+            raise ValueError(f"allocation of {length} bytes is not a sector multiple")
+        keys = self.free.keys()
+        first = max(self.free.bisect_right(self.cursor) - 1, 0)
+        for lo, indexes in ((self.cursor, range(first, len(keys))), (0, range(0, first + 1))):
+            for idx in indexes:
+                start = keys[idx]
+                n = self.free[start]
+                s = max(start, lo)
+                if start + n - s >= length:
+                    self._take(start, n, s, length)
+                    self.cursor = s + length
+                    return s
+        raise NoSpaceError(f"no free extent of {length} bytes ({self.free_bytes()} bytes free, fragmented)")
+
+    def _take(self, start: int, n: int, s: int, length: int) -> None:
+        del self.free[start]
+        if s > start:
+            self.free[start] = s - start
+        end = start + n
+        if s + length < end:
+            self.free[s + length] = end - (s + length)
+
+    def reserve(self, start: int, length: int) -> None:
+        """Take a specific range (it must be free), e.g. to replay a known layout."""
+        i = self.free.bisect_right(start) - 1
+        if i < 0:
+            raise ValueError(f"[{start}, +{length}) is not free")
+        s, n = self.free.peekitem(i)
+        if not (s <= start and start + length <= s + n):
+            raise ValueError(f"[{start}, +{length}) is not free")
+        self._take(s, n, start, length)
+
+    def release(self, start: int, length: int) -> None:
+        """Return an extent for immediate reuse, merging with its neighbours."""
+        if length <= 0:
+            return
+        end = start + length
+        i = self.free.bisect_right(start) - 1
+        j = self.free.bisect_left(start)
+        left = self.free.peekitem(i) if i >= 0 else None
+        if left and left[0] + left[1] > start or j < len(self.free) and self.free.peekitem(j)[0] < end:
+            raise ValueError(f"double free of [{start}, +{length})")
+        if left and left[0] + left[1] == start:
+            start = left[0]
+        if end in self.free:
+            end += self.free.pop(end)
+        self.free[start] = end - start
+
+    def pin(self, start: int, length: int) -> None:
+        self.pinned.append((start, length))
+
+    def unpin_all(self) -> None:
+        """The commit that stopped referencing the pinned extents is durable."""
+        pinned, self.pinned = self.pinned, []
+        for start, length in pinned:
+            self.release(start, length)

@@ -1,0 +1,274 @@
+"""Copy-on-write B+tree keyed by (objectid u64, type u8, offset u64).
+
+Theory of operation: a tree is a root bytenr and level. Reads descend from the
+root through ``store.get``. A change first copies every block on the path
+(``store.cow``): a block already written in the running transaction is changed
+in place, any other gets a new location and its old one is freed (pinned until
+the commit is durable). So the tree of the last commit is never touched, and a
+crash finds it whole. Node keys always equal their child's first key (btrfs's
+invariant, which fsck checks). Leaves split by bytes; a leaf or node under a
+quarter full merges with, or borrows from, a sibling; the root grows when it
+splits and shrinks when a node is left with one child.
+
+No I/O here: ``store`` (transaction.TreeStore) supplies blocks from its cache.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from typing import Iterator, Protocol
+
+from .errors import CorruptionError, ExistsError, NotFoundError
+from .ondisk.block import TreeBlock, body_size, max_ptrs
+from .ondisk.fast import ITEM_SIZE, KEY_PTR_SIZE
+
+KeyT = tuple[int, int, int]
+MIN_KEY: KeyT = (0, 0, 0)
+MAX_KEY: KeyT = ((1 << 64) - 1, 255, (1 << 64) - 1)
+
+
+class BlockStore(Protocol):
+    nodesize: int
+
+    def get(self, bytenr: int, *, generation: int | None = None, level: int | None = None, owner: int | None = None) -> TreeBlock: ...
+    def cow(self, block: TreeBlock) -> TreeBlock: ...
+    def new_block(self, owner: int, level: int) -> TreeBlock: ...
+    def free_block(self, block: TreeBlock) -> None: ...
+
+
+def max_item_size(nodesize: int) -> int:
+    """Largest item body: small enough that any leaf split in two halves fits."""
+    return body_size(nodesize) // 4 - ITEM_SIZE
+
+
+class BTree:
+    def __init__(self, store: BlockStore, owner: int, root: int, level: int) -> None:
+        self.store = store
+        self.owner = owner
+        self.root = root
+        self.level = level
+        self.body = body_size(store.nodesize)
+        self.fanout = max_ptrs(store.nodesize)
+        self.max_item = max_item_size(store.nodesize)
+
+    # ------------------------------------------------------------------ reads
+
+    def _root_block(self) -> TreeBlock:
+        return self.store.get(self.root, level=self.level, owner=self.owner)
+
+    def _child(self, node: TreeBlock, slot: int) -> TreeBlock:
+        bytenr, gen = node.ptrs[slot]
+        child = self.store.get(bytenr, generation=gen, level=node.level - 1, owner=self.owner)
+        if not child.keys:
+            raise CorruptionError(f"tree block {bytenr}: empty non-root block", "BAD_TREE_BLOCK", bytenr)
+        return child
+
+    @staticmethod
+    def _slot(node: TreeBlock, key: KeyT) -> int:
+        return max(bisect_right(node.keys, key) - 1, 0)
+
+    def get(self, key: KeyT) -> bytes | None:
+        node = self._root_block()
+        while node.level:
+            node = self._child(node, self._slot(node, key))
+        i = bisect_left(node.keys, key)
+        if i < len(node.keys) and node.keys[i] == key:
+            return node.values[i]
+        return None
+
+    def __getitem__(self, key: KeyT) -> bytes:
+        v = self.get(key)
+        if v is None:
+            raise NotFoundError(f"no item {key} in tree {self.owner}")
+        return v
+
+    def __contains__(self, key: KeyT) -> bool:
+        return self.get(key) is not None
+
+    def items(self, lo: KeyT = MIN_KEY, hi: KeyT = MAX_KEY, *, reverse: bool = False) -> Iterator[tuple[KeyT, bytes]]:
+        """Items with lo <= key <= hi in key order. Do not change the tree while iterating."""
+        return self._iter(self._root_block(), lo, hi, reverse)
+
+    def _iter(self, node: TreeBlock, lo: KeyT, hi: KeyT, reverse: bool) -> Iterator[tuple[KeyT, bytes]]:
+        if node.level == 0:
+            i, j = bisect_left(node.keys, lo), bisect_right(node.keys, hi)
+            pairs = zip(node.keys[i:j], node.values[i:j])
+            yield from (reversed(list(pairs)) if reverse else pairs)
+            return
+        first = self._slot(node, lo)
+        last = bisect_right(node.keys, hi) - 1
+        slots = range(first, last + 1)
+        for s in reversed(slots) if reverse else slots:
+            yield from self._iter(self._child(node, s), lo, hi, reverse)
+
+    def last_at_or_before(self, key: KeyT, lo: KeyT = MIN_KEY) -> tuple[KeyT, bytes] | None:
+        return next(self.items(lo, key, reverse=True), None)
+
+    def first_at_or_after(self, key: KeyT, hi: KeyT = MAX_KEY) -> tuple[KeyT, bytes] | None:
+        return next(self.items(key, hi), None)
+
+    def blocks(self) -> Iterator[TreeBlock]:
+        """Every block, parents before children (for inspect, fsck and accounting)."""
+        stack = [self._root_block()]
+        while stack:
+            node = stack.pop()
+            yield node
+            if node.level:
+                stack.extend(self._child(node, s) for s in reversed(range(len(node.ptrs))))
+
+    def __len__(self) -> int:
+        return sum(len(b.keys) for b in self.blocks() if b.level == 0)
+
+    # ------------------------------------------------------------------ writes
+
+    def _writable_root(self) -> TreeBlock:
+        root = self.store.cow(self._root_block())
+        self.root = root.bytenr
+        return root
+
+    def _writable_child(self, node: TreeBlock, slot: int) -> TreeBlock:
+        child = self.store.cow(self._child(node, slot))
+        node.ptrs[slot] = (child.bytenr, child.generation)
+        return child
+
+    def insert(self, key: KeyT, value: bytes, *, replace: bool = False) -> None:
+        if len(value) > self.max_item:
+            raise ValueError(f"item of {len(value)} bytes exceeds the {self.max_item}-byte limit")
+        root = self._writable_root()
+        split = self._insert(root, key, bytes(value), replace)
+        if split is not None:
+            new_root = self.store.new_block(self.owner, root.level + 1)
+            new_root.keys = [root.keys[0], split.keys[0]]
+            new_root.ptrs = [(root.bytenr, root.generation), (split.bytenr, split.generation)]
+            new_root.recount()
+            self.root, self.level = new_root.bytenr, new_root.level
+
+    def update(self, key: KeyT, value: bytes) -> None:
+        if key not in self:
+            raise NotFoundError(f"no item {key} in tree {self.owner}")
+        self.insert(key, value, replace=True)
+
+    def _insert(self, node: TreeBlock, key: KeyT, value: bytes, replace: bool) -> TreeBlock | None:
+        if node.level == 0:
+            i = bisect_left(node.keys, key)
+            if i < len(node.keys) and node.keys[i] == key:
+                if not replace:
+                    raise ExistsError(f"item {key} already in tree {self.owner}")
+                node.used += len(value) - len(node.values[i])
+                node.values[i] = value
+            else:
+                node.keys.insert(i, key)
+                node.values.insert(i, value)
+                node.used += ITEM_SIZE + len(value)
+            return self._split_leaf(node) if node.used > self.body else None
+        slot = self._slot(node, key)
+        child = self._writable_child(node, slot)
+        split = self._insert(child, key, value, replace)
+        node.keys[slot] = child.keys[0]
+        if split is None:
+            return None
+        node.keys.insert(slot + 1, split.keys[0])
+        node.ptrs.insert(slot + 1, (split.bytenr, split.generation))
+        node.used += KEY_PTR_SIZE
+        return self._split_node(node) if len(node.keys) > self.fanout else None
+
+    def _split_leaf(self, leaf: TreeBlock) -> TreeBlock:
+        cut = _balanced_cut(leaf.values)
+        right = self.store.new_block(self.owner, 0)
+        right.keys, leaf.keys = leaf.keys[cut:], leaf.keys[:cut]
+        right.values, leaf.values = leaf.values[cut:], leaf.values[:cut]
+        leaf.recount()
+        right.recount()
+        return right
+
+    def _split_node(self, node: TreeBlock) -> TreeBlock:
+        cut = len(node.keys) // 2
+        right = self.store.new_block(self.owner, node.level)
+        right.keys, node.keys = node.keys[cut:], node.keys[:cut]
+        right.ptrs, node.ptrs = node.ptrs[cut:], node.ptrs[:cut]
+        node.recount()
+        right.recount()
+        return right
+
+    def delete(self, key: KeyT) -> bytes:
+        """Remove ``key`` and return its value (NotFoundError if absent; the tree is then unchanged)."""
+        if key not in self:
+            raise NotFoundError(f"no item {key} in tree {self.owner}")
+        root = self._writable_root()
+        value = self._delete(root, key)
+        while root.level and len(root.keys) == 1:
+            child = self._child(root, 0)
+            self.store.free_block(root)
+            root = child
+            self.root, self.level = root.bytenr, root.level
+        return value
+
+    def _delete(self, node: TreeBlock, key: KeyT) -> bytes:
+        if node.level == 0:
+            i = bisect_left(node.keys, key)
+            del node.keys[i]
+            value = node.values.pop(i)
+            node.used -= ITEM_SIZE + len(value)
+            return value
+        slot = self._slot(node, key)
+        child = self._writable_child(node, slot)
+        value = self._delete(child, key)
+        if self._underfull(child) and len(node.keys) > 1:
+            self._rebalance(node, slot)
+        elif child.keys:
+            node.keys[slot] = child.keys[0]
+        return value
+
+    def _underfull(self, node: TreeBlock) -> bool:
+        if node.level == 0:
+            return node.used < self.body // 4
+        return len(node.keys) < self.fanout // 4
+
+    def _capacity(self, node: TreeBlock) -> int:
+        return self.body if node.level == 0 else self.fanout * KEY_PTR_SIZE
+
+    def _rebalance(self, parent: TreeBlock, slot: int) -> None:
+        """Merge parent's child ``slot`` with a sibling, or even the two out if they cannot merge."""
+        left_slot = slot - 1 if slot > 0 else slot
+        left = self._writable_child(parent, left_slot)
+        right = self._writable_child(parent, left_slot + 1)
+        if left.used + right.used <= self._capacity(left):
+            left.keys += right.keys
+            if left.level == 0:
+                left.values += right.values
+            else:
+                left.ptrs += right.ptrs
+            left.used += right.used
+            del parent.keys[left_slot + 1]
+            del parent.ptrs[left_slot + 1]
+            parent.used -= KEY_PTR_SIZE
+            self.store.free_block(right)
+        else:
+            self._even_out(left, right)
+            parent.keys[left_slot + 1] = right.keys[0]
+        parent.keys[left_slot] = left.keys[0]
+
+    def _even_out(self, left: TreeBlock, right: TreeBlock) -> None:
+        keys = left.keys + right.keys
+        if left.level == 0:
+            vals = left.values + right.values
+            cut = _balanced_cut(vals)
+            left.values, right.values = vals[:cut], vals[cut:]
+        else:
+            ptrs = left.ptrs + right.ptrs
+            cut = len(keys) // 2
+            left.ptrs, right.ptrs = ptrs[:cut], ptrs[cut:]
+        left.keys, right.keys = keys[:cut], keys[cut:]
+        left.recount()
+        right.recount()
+
+
+def _balanced_cut(values: list[bytes]) -> int:
+    """Split point (1..n-1) of a leaf's items that makes the larger half smallest."""
+    sizes = [ITEM_SIZE + len(v) for v in values]
+    total, acc, best, cut = sum(sizes), 0, None, 1
+    for i, size in enumerate(sizes[:-1]):
+        acc += size
+        worst = max(acc, total - acc)
+        if best is None or worst < best:
+            best, cut = worst, i + 1
+    return cut

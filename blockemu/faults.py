@@ -1,0 +1,167 @@
+"""Fault plans and the write log.
+
+The write log is dm-log-writes in Python: every write, flush, FUA write,
+discard and named mark, in completion order, with sequence numbers. From it
+``crash_image`` rebuilds the image as a power cut at any point could have left
+it: everything made durable by a completed flush (and every FUA write), plus
+any chosen subset -- optionally torn at sector granularity -- of the writes
+issued after the last flush.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+from .errors import InvalidArgument
+
+SECTOR = 4096
+Kind = Literal["write", "fua", "flush", "discard", "mark"]
+
+
+@dataclass(slots=True)
+class LogEntry:
+    seq: int
+    kind: Kind
+    offset: int = 0
+    data: bytes = b""
+    name: str = ""
+
+
+def sparse_copy(src: str, dst: str) -> None:
+    """Copy an image keeping its holes (a 1 TiB sparse image copies in milliseconds)."""
+    size = os.path.getsize(src)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        fo.truncate(size)
+        fdi = fi.fileno()
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fdi, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fdi, start, os.SEEK_HOLE)
+            while start < end:
+                chunk = os.pread(fdi, min(end - start, 8 << 20), start)
+                os.pwrite(fo.fileno(), chunk, start)
+                start += len(chunk)
+            pos = end
+
+
+@dataclass
+class WriteLog:
+    """Records device operations; ``base`` is a copy of the image when recording began."""
+
+    base: str | None = None
+    size: int = 0
+    entries: list[LogEntry] = field(default_factory=list)
+
+    def append(self, kind: Kind, offset: int = 0, data: bytes = b"", name: str = "") -> LogEntry:
+        e = LogEntry(len(self.entries), kind, offset, bytes(data), name)
+        self.entries.append(e)
+        return e
+
+    def boundaries(self) -> list[int]:
+        """Prefix lengths ending right after each flush or FUA write (the persistence points)."""
+        return [e.seq + 1 for e in self.entries if e.kind in ("flush", "fua")]
+
+    def marks(self) -> dict[str, int]:
+        return {e.name: e.seq + 1 for e in self.entries if e.kind == "mark"}
+
+    def split(self, upto: int) -> tuple[list[LogEntry], list[LogEntry]]:
+        """(durable, in-doubt) writes among the first ``upto`` entries.
+
+        Durable: writes completed before the last flush, and FUA writes.
+        In doubt: ordinary writes and discards after the last flush.
+        """
+        head = self.entries[:upto]
+        last_flush = max((e.seq for e in head if e.kind == "flush"), default=-1)
+        durable = [e for e in head if e.kind in ("write", "discard") and e.seq < last_flush or e.kind == "fua"]
+        doubt = [e for e in head if e.kind in ("write", "discard") and e.seq > last_flush]
+        return durable, doubt
+
+    def crash_image(
+        self,
+        dest: str,
+        upto: int,
+        keep: Iterable[int] = (),
+        torn: dict[int, list[int]] | None = None,
+    ) -> None:
+        """Write to ``dest`` the image after a power cut once ``upto`` entries had completed.
+
+        ``keep``: sequence numbers of in-doubt writes that reached the media anyway.
+        ``torn``: for a kept write, which of its sectors (indices) reached the media.
+        """
+        durable, doubt = self.split(upto)
+        keep = set(keep)
+        torn = torn or {}
+        chosen = sorted(durable + [e for e in doubt if e.seq in keep], key=lambda e: e.seq)
+        if self.base is not None:
+            sparse_copy(self.base, dest)
+        else:
+            with open(dest, "wb") as f:
+                f.truncate(self.size)
+        with open(dest, "r+b") as f:
+            fd = f.fileno()
+            for e in chosen:
+                if e.kind == "discard":
+                    os.pwrite(fd, bytes(len(e.data)), e.offset)
+                elif e.seq in torn:
+                    for i in torn[e.seq]:
+                        os.pwrite(fd, e.data[i * SECTOR : (i + 1) * SECTOR], e.offset + i * SECTOR)
+                else:
+                    os.pwrite(fd, e.data, e.offset)
+
+
+@dataclass
+class FaultPlan:
+    """What the device does wrong, decided by a seeded RNG so runs replay.
+
+    Spec syntax (``--faults``): comma-separated ``eio=START-END[:r|w|rw]``,
+    ``latency=SECONDS``, ``flip=PROB`` (bit flip per written sector),
+    ``torn=PROB`` (a write made non-atomic: on a cut only some sectors land),
+    ``cut=N`` (power cut after N writes), ``seed=N``.
+    """
+
+    eio: list[tuple[int, int, str]] = field(default_factory=list)
+    latency: float = 0.0
+    flip: float = 0.0
+    torn: float = 0.0
+    cut_after_writes: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def eio_hit(self, offset: int, length: int, op: str) -> bool:
+        return any(op in ops and offset < end and start < offset + length for start, end, ops in self.eio)
+
+    @classmethod
+    def parse(cls, spec: str) -> "FaultPlan":
+        from .units import parse_size
+
+        plan = cls()
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            key, _, val = part.partition("=")
+            try:
+                if key == "eio":
+                    m = re.fullmatch(r"([^-:]+)-([^:]+)(?::(r|w|rw))?", val)
+                    if not m:
+                        raise ValueError(val)
+                    plan.eio.append((parse_size(m[1]), parse_size(m[2]), m[3] or "rw"))
+                elif key == "latency":
+                    plan.latency = float(val.removesuffix("s"))
+                elif key in ("flip", "torn"):
+                    setattr(plan, key, float(val))
+                elif key == "cut":
+                    plan.cut_after_writes = int(val)
+                elif key == "seed":
+                    plan.seed = int(val)
+                else:
+                    raise InvalidArgument(f"bad fault spec: unknown fault {key!r}")
+            except ValueError:
+                raise InvalidArgument(f"bad fault spec: {part!r}") from None
+        plan.rng = random.Random(plan.seed)
+        return plan

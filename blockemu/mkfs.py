@@ -1,0 +1,107 @@
+"""mkfs: a sparse image holding an empty filesystem (generation 1)."""
+from __future__ import annotations
+
+import os
+import stat
+import time
+import uuid as uuidlib
+
+from .device import BlockDevice
+from .errors import ExistsError, InvalidArgument
+from .ondisk import csum as csums
+from .ondisk.items import InodeItem, InodeRef, Timespec
+from .ondisk.structs import (
+    FIRST_FREE_OBJECTID,
+    FS_TREE_OBJECTID,
+    INODE_ITEM,
+    INODE_REF,
+    LABEL_SIZE,
+    MAX_NODE_SIZE,
+    MIN_NODE_SIZE,
+    RESERVED_START,
+    SECTOR_SIZE,
+)
+from .ondisk.superblock import SuperInfo
+from .transaction import Engine
+from .units import parse_size
+from .volume import Volume
+
+MIN_SIZE = 16 << 20
+ROOT_DIR = FIRST_FREE_OBJECTID
+
+
+def new_inode(mode: int, transid: int, now_ns: int, nlink: int = 1, size: int = 0) -> InodeItem:
+    ts = Timespec.from_ns(now_ns)
+    return InodeItem(transid, transid, size, 0, 0, nlink, 0, 0, mode, 0, 0, 0, ts, ts, ts, ts)
+
+
+def check_options(size: int, nodesize: int, csum: str, label: str) -> int:
+    """Validate mkfs options; return the checksum type id."""
+    if size < MIN_SIZE:
+        raise InvalidArgument(f"size {size} is too small: the minimum is {MIN_SIZE >> 20} MiB")
+    if nodesize < MIN_NODE_SIZE or nodesize > MAX_NODE_SIZE or nodesize & (nodesize - 1):
+        raise InvalidArgument(f"node size {nodesize} must be a power of two from 4K to 64K")
+    if csum not in csums.BY_NAME:
+        raise InvalidArgument(f"unknown checksum {csum!r}: choose one of {', '.join(csums.BY_NAME)}")
+    if len(label.encode()) >= LABEL_SIZE or "\n" in label:
+        raise InvalidArgument(f"label must be under {LABEL_SIZE} bytes and on one line")
+    return csums.BY_NAME[csum]
+
+
+def prepare_image(path: str, size: int, force: bool) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise InvalidArgument(f"{path} is a directory")
+        if st.st_size > 0 and not force:
+            raise ExistsError(f"{path} exists and is not empty (use --force to overwrite)")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        # drop any old contents, then extend: the image stays sparse
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+async def mkfs(
+    path: str,
+    size: str | int,
+    *,
+    node_size: str | int = "16K",
+    csum: str = "crc32c",
+    label: str = "",
+    uuid: str | None = None,
+    force: bool = False,
+) -> SuperInfo:
+    """Create the image; returns its superblock."""
+    nbytes = parse_size(size) // SECTOR_SIZE * SECTOR_SIZE
+    nodesize = parse_size(node_size)
+    csum_type = check_options(nbytes, nodesize, csum, label)
+    try:
+        fsid = uuidlib.UUID(uuid).bytes if uuid else uuidlib.uuid4().bytes
+    except ValueError:
+        raise InvalidArgument(f"bad uuid {uuid!r}") from None
+    prepare_image(path, nbytes, force)
+    sb = SuperInfo(
+        fsid=fsid,
+        generation=0,
+        root=RESERVED_START,
+        root_level=0,
+        total_bytes=nbytes,
+        bytes_used=0,
+        nodesize=nodesize,
+        csum_type=csum_type,
+        label=label,
+    )
+    engine = Engine.create(sb)
+    now = time.time_ns()
+    fs = engine.trees[FS_TREE_OBJECTID]
+    fs.insert((ROOT_DIR, INODE_ITEM, 0), new_inode(stat.S_IFDIR | 0o755, 1, now).pack())
+    fs.insert((ROOT_DIR, INODE_REF, ROOT_DIR), InodeRef(0, b"..").pack())
+    vol = Volume(BlockDevice.open_sync(path), engine)
+    await vol.close()
+    return vol.sb

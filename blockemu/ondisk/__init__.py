@@ -1,0 +1,3 @@
+"""The on-disk format v1: construct definitions (``structs``), the ``struct``
+fast path derived from them (``fast``), checksums, and codecs for tree blocks,
+superblocks and item bodies. Pure functions on bytes: no I/O here."""

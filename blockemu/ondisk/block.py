@@ -1,0 +1,154 @@
+"""Tree blocks: bytes <-> ``TreeBlock``, validating everything on the way in.
+
+Decoding trusts nothing in the block: every count, offset and size is checked
+against the block it sits in before it is used, so a hostile image raises a
+``CorruptionError`` naming the block, never an IndexError or a huge allocation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import CorruptionError
+from . import csum as csums
+from .fast import HEADER, HEADER_SIZE, ITEM, ITEM_SIZE, KEY_PTR, KEY_PTR_SIZE
+from .structs import CSUM_FIELD, HEADER_FLAG_WRITTEN, MAX_LEVEL
+
+KeyT = tuple[int, int, int]
+
+
+@dataclass(slots=True, eq=False)
+class TreeBlock:
+    """A decoded node or leaf. Leaves use ``values``; internal nodes ``ptrs``.
+
+    ``used`` tracks the bytes the body occupies so fullness checks are O(1).
+    """
+
+    bytenr: int
+    generation: int
+    owner: int
+    level: int
+    keys: list[KeyT] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
+    ptrs: list[tuple[int, int]] = field(default_factory=list)
+    flags: int = HEADER_FLAG_WRITTEN
+    used: int = 0
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.level == 0
+
+    def recount(self) -> None:
+        if self.level == 0:
+            self.used = ITEM_SIZE * len(self.keys) + sum(len(v) for v in self.values)
+        else:
+            self.used = KEY_PTR_SIZE * len(self.keys)
+
+
+def body_size(nodesize: int) -> int:
+    return nodesize - HEADER_SIZE
+
+
+def max_ptrs(nodesize: int) -> int:
+    return body_size(nodesize) // KEY_PTR_SIZE
+
+
+def max_item_data(nodesize: int) -> int:
+    """Largest item body that fits a leaf alone."""
+    return body_size(nodesize) - ITEM_SIZE
+
+
+def peek_header(buf: bytes | memoryview) -> tuple:
+    """Raw header fields (csum, fsid, bytenr, flags, generation, owner, nritems, level)."""
+    return HEADER.unpack_from(buf, 0)
+
+
+def decode_block(
+    buf: bytes | memoryview,
+    *,
+    bytenr: int,
+    nodesize: int,
+    csum_type: int,
+    fsid: bytes,
+    verify_csum: bool = True,
+) -> TreeBlock:
+    if len(buf) != nodesize:
+        raise CorruptionError(f"tree block {bytenr}: short read ({len(buf)} of {nodesize} bytes)", "BAD_TREE_BLOCK", bytenr)
+    mv = memoryview(buf)
+    csum, bfsid, hbytenr, flags, generation, owner, nritems, level = HEADER.unpack_from(mv, 0)
+    if verify_csum:
+        want = csums.field(csum_type, mv[CSUM_FIELD:])
+        if want != csum:
+            raise CorruptionError(
+                f"tree block {bytenr}: checksum mismatch (found {csum[:csums.csum_size(csum_type)].hex()}, "
+                f"wanted {want[:csums.csum_size(csum_type)].hex()})",
+                "CSUM_MISMATCH",
+                bytenr,
+            )
+    if bfsid != fsid:
+        raise CorruptionError(f"tree block {bytenr}: fsid mismatch", "BAD_TREE_BLOCK", bytenr)
+    if hbytenr != bytenr:
+        raise CorruptionError(f"tree block {bytenr}: header says bytenr {hbytenr}", "BAD_TREE_BLOCK", bytenr)
+    if level >= MAX_LEVEL:
+        raise CorruptionError(f"tree block {bytenr}: bad level {level}", "BAD_TREE_BLOCK", bytenr)
+    body = nodesize - HEADER_SIZE
+    block = TreeBlock(bytenr=bytenr, generation=generation, owner=owner, level=level, flags=flags)
+    keys = block.keys
+    if level == 0:
+        if nritems * ITEM_SIZE > body:
+            raise CorruptionError(f"tree block {bytenr}: nritems {nritems} does not fit a leaf", "BAD_TREE_BLOCK", bytenr)
+        data_floor = HEADER_SIZE + nritems * ITEM_SIZE
+        spans = []
+        values = block.values
+        for i, (oid, typ, off, doff, dsize) in enumerate(
+            ITEM.iter_unpack(mv[HEADER_SIZE:data_floor])
+        ):
+            start = HEADER_SIZE + doff
+            end = start + dsize
+            if start < data_floor or end > nodesize:
+                raise CorruptionError(
+                    f"tree block {bytenr}: item {i} data [{doff}, +{dsize}) outside the leaf", "BAD_ITEM_OFFSET", bytenr
+                )
+            spans.append((start, end))
+            keys.append((oid, typ, off))
+            values.append(bytes(mv[start:end]))
+        spans.sort()
+        for (_, e1), (s2, _) in zip(spans, spans[1:]):
+            if s2 < e1:
+                raise CorruptionError(f"tree block {bytenr}: item data overlap", "BAD_ITEM_OFFSET", bytenr)
+        block.used = data_floor - HEADER_SIZE + sum(e - s for s, e in spans)
+    else:
+        if nritems * KEY_PTR_SIZE > body or nritems == 0:
+            raise CorruptionError(f"tree block {bytenr}: bad nritems {nritems} for a node", "BAD_TREE_BLOCK", bytenr)
+        ptrs = block.ptrs
+        for oid, typ, off, ptr, gen in KEY_PTR.iter_unpack(mv[HEADER_SIZE : HEADER_SIZE + nritems * KEY_PTR_SIZE]):
+            keys.append((oid, typ, off))
+            ptrs.append((ptr, gen))
+        block.used = nritems * KEY_PTR_SIZE
+    for i in range(1, len(keys)):
+        if keys[i - 1] >= keys[i]:
+            raise CorruptionError(
+                f"tree block {bytenr}: key order: slot {i - 1} {keys[i - 1]} >= slot {i} {keys[i]}", "KEY_ORDER", bytenr
+            )
+    return block
+
+
+def encode_block(block: TreeBlock, *, nodesize: int, csum_type: int, fsid: bytes) -> bytes:
+    buf = bytearray(nodesize)
+    n = len(block.keys)
+    HEADER.pack_into(buf, 0, b"", fsid, block.bytenr, block.flags, block.generation, block.owner, n, block.level)
+    pos = HEADER_SIZE
+    if block.level == 0:
+        end = nodesize
+        for key, value in zip(block.keys, block.values):
+            end -= len(value)
+            buf[end : end + len(value)] = value
+            ITEM.pack_into(buf, pos, key[0], key[1], key[2], end - HEADER_SIZE, len(value))
+            pos += ITEM_SIZE
+        if end < pos:
+            raise ValueError(f"leaf {block.bytenr} overfull")
+    else:
+        for key, (ptr, gen) in zip(block.keys, block.ptrs):
+            KEY_PTR.pack_into(buf, pos, key[0], key[1], key[2], ptr, gen)
+            pos += KEY_PTR_SIZE
+    buf[0:CSUM_FIELD] = csums.field(csum_type, memoryview(buf)[CSUM_FIELD:])
+    return bytes(buf)

@@ -1,0 +1,217 @@
+"""Item bodies: typed values <-> bytes through the derived ``struct`` formats.
+
+Every unpack checks the body's length against what its fixed part says follows,
+so a hostile item raises CorruptionError instead of reading past its end.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..errors import CorruptionError
+from . import fast
+from .structs import (
+    ENCRYPTION_FSCRYPT,
+    ENCRYPTION_NONE,
+    EXTENT_DATA_REF,
+    TREE_BLOCK_REF,
+)
+
+
+def _need(body: bytes, size: int, what: str) -> None:
+    if len(body) != size:
+        raise CorruptionError(f"{what}: item size {len(body)}, expected {size}", "BAD_ITEM")
+
+
+class RootItem(NamedTuple):
+    generation: int
+    root_dirid: int
+    bytenr: int
+    bytes_used: int
+    last_snapshot: int
+    flags: int
+    refs: int
+    level: int
+
+    def pack(self) -> bytes:
+        return fast.ROOT_ITEM.pack(*self)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "RootItem":
+        _need(body, fast.ROOT_ITEM.size, "root item")
+        return cls(*fast.ROOT_ITEM.unpack(body))
+
+
+class Timespec(NamedTuple):
+    sec: int
+    nsec: int
+
+    @classmethod
+    def from_ns(cls, ns: int) -> "Timespec":
+        return cls(ns // 1_000_000_000, ns % 1_000_000_000)
+
+
+class InodeItem(NamedTuple):
+    generation: int
+    transid: int
+    size: int
+    nbytes: int
+    block_group: int
+    nlink: int
+    uid: int
+    gid: int
+    mode: int
+    rdev: int
+    flags: int
+    sequence: int
+    atime: Timespec
+    ctime: Timespec
+    mtime: Timespec
+    otime: Timespec
+
+    def pack(self) -> bytes:
+        return fast.INODE_ITEM.pack(*self[:12], *self.atime, *self.ctime, *self.mtime, *self.otime)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "InodeItem":
+        _need(body, fast.INODE_ITEM.size, "inode item")
+        v = fast.INODE_ITEM.unpack(body)
+        ts = [Timespec(v[i], v[i + 1]) for i in range(12, 20, 2)]
+        return cls(*v[:12], *ts)
+
+
+class DirEntry(NamedTuple):
+    location: tuple[int, int, int]
+    transid: int
+    type: int
+    name: bytes
+    data: bytes = b""
+
+
+def pack_dir_entries(entries: list[DirEntry]) -> bytes:
+    """DIR_ITEM bodies chain every name whose hash collides; DIR_INDEX holds one."""
+    out = bytearray()
+    for e in entries:
+        out += fast.DIR_ITEM_HEAD.pack(*e.location, e.transid, len(e.data), len(e.name), e.type)
+        out += e.name + e.data
+    return bytes(out)
+
+
+def unpack_dir_entries(body: bytes) -> list[DirEntry]:
+    out = []
+    pos, head = 0, fast.DIR_ITEM_HEAD
+    while pos < len(body):
+        if pos + head.size > len(body):
+            raise CorruptionError("dir item: truncated entry header", "BAD_ITEM")
+        oid, typ, off, transid, data_len, name_len, ftype = head.unpack_from(body, pos)
+        pos += head.size
+        if name_len == 0 or pos + name_len + data_len > len(body):
+            raise CorruptionError(f"dir item: name_len {name_len} data_len {data_len} overrun the item", "BAD_ITEM")
+        name = body[pos : pos + name_len]
+        data = body[pos + name_len : pos + name_len + data_len]
+        pos += name_len + data_len
+        out.append(DirEntry((oid, typ, off), transid, ftype, bytes(name), bytes(data)))
+    if not out:
+        raise CorruptionError("dir item: empty", "BAD_ITEM")
+    return out
+
+
+class InodeRef(NamedTuple):
+    index: int
+    name: bytes
+
+    def pack(self) -> bytes:
+        return fast.INODE_REF_HEAD.pack(self.index, len(self.name)) + self.name
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "InodeRef":
+        head = fast.INODE_REF_HEAD
+        if len(body) < head.size:
+            raise CorruptionError("inode ref: truncated", "BAD_ITEM")
+        index, name_len = head.unpack_from(body, 0)
+        _need(body, head.size + name_len, "inode ref")
+        return cls(index, bytes(body[head.size :]))
+
+
+class ExtentContext(NamedTuple):
+    version: int
+    contents_mode: int
+    log2_data_unit_size: int
+    key_identifier: bytes
+    nonce: bytes
+
+
+class FileExtent(NamedTuple):
+    generation: int
+    ram_bytes: int
+    compression: int
+    encryption: int
+    other_encoding: int
+    type: int
+    disk_bytenr: int
+    disk_num_bytes: int
+    offset: int
+    num_bytes: int
+    context: ExtentContext | None = None
+
+    def pack(self) -> bytes:
+        head = fast.FILE_EXTENT_ITEM.pack(*self[:10])
+        if self.context is None:
+            return head
+        return head + fast.EXTENT_ENCRYPTION_CONTEXT.pack(*self.context)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "FileExtent":
+        head = fast.FILE_EXTENT_ITEM
+        if len(body) < head.size:
+            raise CorruptionError("file extent: truncated", "BAD_ITEM")
+        v = head.unpack_from(body, 0)
+        encryption = v[3]
+        if encryption == ENCRYPTION_NONE:
+            _need(body, head.size, "file extent")
+            return cls(*v)
+        if encryption != ENCRYPTION_FSCRYPT:
+            raise CorruptionError(f"file extent: unknown encryption {encryption}", "BAD_ITEM")
+        ctx = fast.EXTENT_ENCRYPTION_CONTEXT
+        _need(body, head.size + ctx.size, "encrypted file extent")
+        return cls(*v, ExtentContext(*ctx.unpack_from(body, head.size)))
+
+
+class ExtentItem(NamedTuple):
+    """EXTENT_ITEM / METADATA_ITEM with its inline back references.
+
+    ``refs`` is a tuple of ("tree", root) or ("data", root, objectid, offset, count).
+    """
+
+    refs_count: int
+    generation: int
+    flags: int
+    refs: tuple[tuple, ...]
+
+    def pack(self) -> bytes:
+        out = bytearray(fast.EXTENT_ITEM.pack(self.refs_count, self.generation, self.flags))
+        for ref in self.refs:
+            if ref[0] == "tree":
+                out += fast.TREE_BLOCK_REF.pack(TREE_BLOCK_REF, ref[1])
+            else:
+                out += fast.EXTENT_DATA_REF.pack(EXTENT_DATA_REF, *ref[1:])
+        return bytes(out)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "ExtentItem":
+        head = fast.EXTENT_ITEM
+        if len(body) < head.size:
+            raise CorruptionError("extent item: truncated", "BAD_ITEM")
+        count, gen, flags = head.unpack_from(body, 0)
+        pos, refs = head.size, []
+        while pos < len(body):
+            kind = body[pos]
+            if kind == TREE_BLOCK_REF and pos + fast.TREE_BLOCK_REF.size <= len(body):
+                _, root = fast.TREE_BLOCK_REF.unpack_from(body, pos)
+                refs.append(("tree", root))
+                pos += fast.TREE_BLOCK_REF.size
+            elif kind == EXTENT_DATA_REF and pos + fast.EXTENT_DATA_REF.size <= len(body):
+                refs.append(("data", *fast.EXTENT_DATA_REF.unpack_from(body, pos)[1:]))
+                pos += fast.EXTENT_DATA_REF.size
+            else:
+                raise CorruptionError(f"extent item: bad inline ref type {kind} at {pos}", "BAD_ITEM")
+        return cls(count, gen, flags, tuple(refs))

@@ -1,0 +1,340 @@
+"""The block cache, copy-on-write bookkeeping and the commit protocol (sans-I/O).
+
+Theory of operation. There is one running transaction, ``transid`` = the last
+committed generation + 1. Every block COWed, allocated or freed during it is
+recorded in ``TreeStore``. A commit then:
+
+1. *converges* the self-describing trees: the extent tree gets a METADATA_ITEM
+   for every block allocated and loses the one of every block freed; the root
+   tree's ROOT_ITEMs follow every tree's new root; the free-space tree is
+   rewritten to equal the allocator's free extents once the pinned ones are
+   released. Each of these changes may COW more blocks, so the three steps
+   repeat until a round changes nothing (a block COWed once is changed in
+   place afterwards, so this ends within a few rounds);
+2. encodes the dirty blocks (``prepare_commit``); the caller writes them,
+   flushes, writes the superblock with FUA, writes the mirrors, flushes;
+3. ``finish_commit`` releases the pinned extents: only now may the blocks of
+   the previous generation be overwritten.
+
+A crash before the superblock's FUA completes leaves the previous generation,
+whose blocks nothing has overwritten; after it, the new one.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+from .alloc import Allocator
+from .btree import BTree
+from .errors import CorruptionError
+from .ondisk.block import TreeBlock, decode_block, encode_block
+from .ondisk.items import ExtentItem, RootItem
+from .ondisk.structs import (
+    EXTENT_FLAG_TREE_BLOCK,
+    EXTENT_TREE_OBJECTID,
+    FREE_SPACE_EXTENT,
+    FREE_SPACE_TREE_OBJECTID,
+    METADATA_ITEM,
+    NUM_BACKUP_ROOTS,
+    RESERVED_START,
+    ROOT_ITEM,
+    ROOT_TREE_OBJECTID,
+    SECTOR_SIZE,
+    SUPER_OFFSETS,
+    CSUM_TREE_OBJECTID,
+    FS_TREE_OBJECTID,
+)
+from .ondisk.superblock import SuperInfo, encode_super, mirror_offsets
+
+ReadFn = Callable[[int, int], bytes]
+# Trees other than the root tree, each found through its ROOT_ITEM.
+SUBTREES = (EXTENT_TREE_OBJECTID, FS_TREE_OBJECTID, CSUM_TREE_OBJECTID, FREE_SPACE_TREE_OBJECTID)
+BACKUP_NAMES = {
+    ROOT_TREE_OBJECTID: "tree_root",
+    EXTENT_TREE_OBJECTID: "extent_root",
+    FS_TREE_OBJECTID: "fs_root",
+    CSUM_TREE_OBJECTID: "csum_root",
+    FREE_SPACE_TREE_OBJECTID: "free_space_root",
+}
+MIRROR_RESERVE = 1 << 20
+
+
+def usable_ranges(total_bytes: int) -> list[tuple[int, int]]:
+    """The allocatable space: all but the first MiB and a MiB at each superblock mirror."""
+    end = total_bytes - total_bytes % SECTOR_SIZE
+    out, pos = [], RESERVED_START
+    for off in SUPER_OFFSETS[1:]:
+        if off >= end:
+            break
+        if off > pos:
+            out.append((pos, off - pos))
+        pos = max(pos, off + MIRROR_RESERVE)
+    if end > pos:
+        out.append((pos, end - pos))
+    return out
+
+
+class TreeStore:
+    """Owns every TreeBlock in memory: an LRU of clean blocks and the dirty ones of the running transaction."""
+
+    def __init__(
+        self,
+        read: ReadFn,
+        *,
+        nodesize: int,
+        csum_type: int,
+        fsid: bytes,
+        transid: int,
+        allocator: Allocator | None = None,
+        cache_blocks: int = 4096,
+        verify_csum: bool = True,
+    ) -> None:
+        self.read = read
+        self.nodesize = nodesize
+        self.csum_type = csum_type
+        self.fsid = fsid
+        self.transid = transid
+        self.allocator = allocator
+        self.cache_blocks = cache_blocks
+        self.verify_csum = verify_csum
+        self.clean: OrderedDict[int, TreeBlock] = OrderedDict()
+        self.dirty: dict[int, TreeBlock] = {}
+        self.new_blocks: dict[int, tuple[int, int]] = {}  # bytenr -> (owner, level), allocated this transaction
+        self.freed_blocks: dict[int, tuple[int, int]] = {}  # committed blocks freed this transaction
+
+    def get(self, bytenr: int, *, generation: int | None = None, level: int | None = None, owner: int | None = None) -> TreeBlock:
+        block = self.dirty.get(bytenr)
+        if block is None:
+            block = self.clean.get(bytenr)
+            if block is None:
+                block = decode_block(
+                    self.read(bytenr, self.nodesize),
+                    bytenr=bytenr,
+                    nodesize=self.nodesize,
+                    csum_type=self.csum_type,
+                    fsid=self.fsid,
+                    verify_csum=self.verify_csum,
+                )
+                self.clean[bytenr] = block
+                if len(self.clean) > self.cache_blocks:
+                    self.clean.popitem(last=False)
+            else:
+                self.clean.move_to_end(bytenr)
+        if generation is not None and block.generation != generation:
+            raise CorruptionError(
+                f"tree block {bytenr}: parent transid verify failed, wanted {generation} found {block.generation}",
+                "TRANSID_MISMATCH",
+                bytenr,
+            )
+        if level is not None and block.level != level:
+            raise CorruptionError(f"tree block {bytenr}: level {block.level}, expected {level}", "BAD_TREE_BLOCK", bytenr)
+        if owner is not None and block.owner != owner:
+            raise CorruptionError(f"tree block {bytenr}: owner {block.owner}, expected {owner}", "BAD_TREE_BLOCK", bytenr)
+        return block
+
+    def _need_allocator(self) -> Allocator:
+        if self.allocator is None:
+            raise CorruptionError("the image is open read-only", "READ_ONLY")
+        return self.allocator
+
+    def new_block(self, owner: int, level: int) -> TreeBlock:
+        bytenr = self._need_allocator().alloc(self.nodesize)
+        block = TreeBlock(bytenr=bytenr, generation=self.transid, owner=owner, level=level)
+        self.dirty[bytenr] = block
+        self.new_blocks[bytenr] = (owner, level)
+        return block
+
+    def cow(self, block: TreeBlock) -> TreeBlock:
+        if block.bytenr in self.dirty:
+            return block
+        new = self.new_block(block.owner, block.level)
+        new.keys = list(block.keys)
+        new.values = list(block.values)
+        new.ptrs = list(block.ptrs)
+        new.used = block.used
+        self.free_block(block)
+        return new
+
+    def free_block(self, block: TreeBlock) -> None:
+        alloc = self._need_allocator()
+        if self.dirty.pop(block.bytenr, None) is not None:
+            # never durable: reusable at once
+            del self.new_blocks[block.bytenr]
+            alloc.release(block.bytenr, self.nodesize)
+        else:
+            self.clean.pop(block.bytenr, None)
+            self.freed_blocks[block.bytenr] = (block.owner, block.level)
+            alloc.pin(block.bytenr, self.nodesize)
+
+    def encode_dirty(self) -> list[tuple[int, bytes]]:
+        return [
+            (b.bytenr, encode_block(b, nodesize=self.nodesize, csum_type=self.csum_type, fsid=self.fsid))
+            for b in sorted(self.dirty.values(), key=lambda b: b.bytenr)
+        ]
+
+    def end_transaction(self) -> None:
+        for bytenr, block in self.dirty.items():
+            self.clean[bytenr] = block
+        while len(self.clean) > self.cache_blocks:
+            self.clean.popitem(last=False)
+        self.dirty.clear()
+        self.new_blocks.clear()
+        self.freed_blocks.clear()
+        self.transid += 1
+
+
+class Engine:
+    """The trees of one image and their commit protocol. Opened read-only (fsck,
+    inspect) it loads no allocator and cannot change anything."""
+
+    def __init__(self, sb: SuperInfo, read: ReadFn, *, writable: bool, verify_csum: bool = True) -> None:
+        self.sb = sb
+        self.store = TreeStore(
+            read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid, transid=sb.generation + 1, verify_csum=verify_csum
+        )
+        self.roots = BTree(self.store, ROOT_TREE_OBJECTID, sb.root, sb.root_level)
+        self.trees: dict[int, BTree] = {}
+        self.root_items: dict[int, RootItem] = {}
+        for tid in SUBTREES:
+            body = self.roots.get((tid, ROOT_ITEM, 0))
+            if body is None:
+                raise CorruptionError(f"root tree has no ROOT_ITEM for tree {tid}", "MISSING_ROOT", sb.root)
+            item = RootItem.unpack(body)
+            self.root_items[tid] = item
+            self.trees[tid] = BTree(self.store, tid, item.bytenr, item.level)
+        self.free_items: set[tuple[int, int]] = set()
+        if writable:
+            fst = self.trees[FREE_SPACE_TREE_OBJECTID]
+            self.free_items = {(k[0], k[2]) for k, _ in fst.items() if k[1] == FREE_SPACE_EXTENT}
+            self.store.allocator = Allocator(sorted(self.free_items))
+        self._applied_new: set[int] = set()
+        self._applied_freed: set[int] = set()
+
+    @classmethod
+    def create(cls, sb: SuperInfo) -> "Engine":
+        """A new filesystem's empty trees in memory (mkfs); the first commit writes them."""
+        self = cls.__new__(cls)
+        self.sb = sb
+        alloc = Allocator(usable_ranges(sb.total_bytes))
+        self.store = TreeStore(
+            lambda off, n: b"", nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid, transid=1, allocator=alloc
+        )
+        root = self.store.new_block(ROOT_TREE_OBJECTID, 0)
+        self.roots = BTree(self.store, ROOT_TREE_OBJECTID, root.bytenr, 0)
+        self.trees, self.root_items = {}, {}
+        for tid in SUBTREES:
+            block = self.store.new_block(tid, 0)
+            self.trees[tid] = BTree(self.store, tid, block.bytenr, 0)
+        self.free_items = set()
+        self._applied_new, self._applied_freed = set(), set()
+        return self
+
+    @property
+    def transid(self) -> int:
+        return self.store.transid
+
+    @property
+    def allocator(self) -> Allocator:
+        return self.store._need_allocator()
+
+    def tree(self, tid: int) -> BTree:
+        return self.roots if tid == ROOT_TREE_OBJECTID else self.trees[tid]
+
+    def is_dirty(self) -> bool:
+        return bool(self.store.dirty or self.store.freed_blocks)
+
+    # ------------------------------------------------------------------ commit
+
+    def _sync_extent_refs(self) -> bool:
+        ext = self.trees[EXTENT_TREE_OBJECTID]
+        store, changed = self.store, False
+        for bytenr in sorted(self._applied_new - store.new_blocks.keys()):
+            # allocated, recorded, then freed within this transaction
+            self._applied_new.discard(bytenr)
+            for key, _ in list(ext.items((bytenr, METADATA_ITEM, 0), (bytenr, METADATA_ITEM, 255))):
+                ext.delete(key)
+            changed = True
+        for bytenr in sorted(store.new_blocks.keys() - self._applied_new):
+            owner, level = store.new_blocks[bytenr]
+            item = ExtentItem(1, self.transid, EXTENT_FLAG_TREE_BLOCK, (("tree", owner),))
+            ext.insert((bytenr, METADATA_ITEM, level), item.pack())
+            self._applied_new.add(bytenr)
+            changed = True
+        for bytenr in sorted(store.freed_blocks.keys() - self._applied_freed):
+            _, level = store.freed_blocks[bytenr]
+            ext.delete((bytenr, METADATA_ITEM, level))
+            self._applied_freed.add(bytenr)
+            changed = True
+        return changed
+
+    def _sync_root_items(self) -> bool:
+        changed = False
+        for tid, tree in self.trees.items():
+            old = self.root_items.get(tid)
+            if old is not None and (old.bytenr, old.level) == (tree.root, tree.level):
+                continue
+            item = RootItem(self.transid, 256 if tid == FS_TREE_OBJECTID else 0, tree.root, 0, 0, 0, 1, tree.level)
+            self.roots.insert((tid, ROOT_ITEM, 0), item.pack(), replace=True)
+            self.root_items[tid] = item
+            changed = True
+        return changed
+
+    def _sync_free_space(self) -> bool:
+        fst = self.trees[FREE_SPACE_TREE_OBJECTID]
+        want = set(self.allocator.extents_after_commit())
+        gone, new = sorted(self.free_items - want), sorted(want - self.free_items)
+        for start, length in gone:
+            fst.delete((start, FREE_SPACE_EXTENT, length))
+            self.free_items.discard((start, length))
+        for start, length in new:
+            fst.insert((start, FREE_SPACE_EXTENT, length), b"")
+            self.free_items.add((start, length))
+        return bool(gone or new)
+
+    def prepare_commit(self) -> tuple[list[tuple[int, bytes]], SuperInfo]:
+        """Converge the trees; return the tree-block writes and the superblock to write after them."""
+        for _ in range(100):
+            changed = self._sync_extent_refs()
+            changed |= self._sync_root_items()
+            changed |= self._sync_free_space()
+            if not changed:
+                break
+        else:  # pragma: no cover - would be a bug in COW bookkeeping
+            raise RuntimeError("commit did not converge")
+        writes = self.store.encode_dirty()
+        sb = self.sb
+        free_after = sum(n for _, n in self.free_items)
+        usable = sum(n for _, n in usable_ranges(sb.total_bytes))
+        new = SuperInfo(
+            fsid=sb.fsid,
+            generation=self.transid,
+            root=self.roots.root,
+            root_level=self.roots.level,
+            total_bytes=sb.total_bytes,
+            bytes_used=usable - free_after,
+            nodesize=sb.nodesize,
+            csum_type=sb.csum_type,
+            label=sb.label,
+            backup_roots=[dict(b) for b in sb.backup_roots],
+        )
+        backup = new.backup_roots[self.transid % NUM_BACKUP_ROOTS]
+        for tid, name in BACKUP_NAMES.items():
+            tree = self.tree(tid)
+            backup[name] = tree.root
+            backup[name + "_gen"] = self.transid if tid == ROOT_TREE_OBJECTID else self.root_items[tid].generation
+            backup[name + "_level"] = tree.level
+        backup["total_bytes"], backup["bytes_used"] = new.total_bytes, new.bytes_used
+        return writes, new
+
+    def finish_commit(self, new: SuperInfo) -> None:
+        """The superblock ``new`` is durable: the previous generation's blocks may now be reused."""
+        self.sb = new
+        self.allocator.unpin_all()
+        self.store.end_transaction()
+        self._applied_new.clear()
+        self._applied_freed.clear()
+
+
+def super_writes(sb: SuperInfo) -> list[tuple[int, bytes]]:
+    """Every superblock copy that fits the device, primary first."""
+    return [(off, encode_super(sb, off)) for off in mirror_offsets(sb.total_bytes)]

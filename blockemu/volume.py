@@ -1,0 +1,76 @@
+"""An open image: the device, the superblock and the trees, and the async half
+of the commit protocol (the sans-I/O half is ``transaction.Engine``)."""
+from __future__ import annotations
+
+import asyncio
+
+from .device import BlockDevice
+from .errors import CorruptionError
+from .faults import FaultPlan
+from .ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
+from .ondisk.superblock import SuperInfo, decode_super
+from .transaction import Engine, super_writes
+
+
+def read_primary_super(dev: BlockDevice) -> SuperInfo:
+    if dev.size < SUPER_OFFSETS[0] + SUPER_INFO_SIZE:
+        raise CorruptionError(f"{dev.path}: too small to hold a superblock ({dev.size} bytes)", "BAD_MAGIC")
+    sb = decode_super(dev.read_sync(SUPER_OFFSETS[0], SUPER_INFO_SIZE), SUPER_OFFSETS[0])
+    if sb.total_bytes > dev.size:
+        raise CorruptionError(
+            f"{dev.path}: image truncated: superblock says {sb.total_bytes} bytes, file has {dev.size}", "SUPERBLOCK"
+        )
+    return sb
+
+
+class Volume:
+    """Owner of one image's device and engine. All metadata changes happen on
+    the event loop between ``await`` points; ``commit`` serialises itself."""
+
+    def __init__(self, device: BlockDevice, engine: Engine) -> None:
+        self.device = device
+        self.engine = engine
+        self.commit_lock = asyncio.Lock()
+        self.commits = 0
+
+    @classmethod
+    async def open(cls, path: str, *, readonly: bool = False, faults: FaultPlan | None = None) -> "Volume":
+        dev = await BlockDevice.open(path, readonly=readonly, faults=faults)
+        try:
+            sb = read_primary_super(dev)
+            engine = Engine(sb, dev.read_sync, writable=not readonly)
+        except BaseException:
+            dev.close_sync()
+            raise
+        return cls(dev, engine)
+
+    @property
+    def sb(self) -> SuperInfo:
+        return self.engine.sb
+
+    @property
+    def generation(self) -> int:
+        return self.engine.sb.generation
+
+    async def commit(self) -> bool:
+        """Make the running transaction durable; False when it changed nothing."""
+        async with self.commit_lock:
+            engine = self.engine
+            if not engine.is_dirty():
+                return False
+            writes, new_sb = engine.prepare_commit()
+            await self.device.writev(writes)
+            await self.device.flush()
+            supers = super_writes(new_sb)
+            await self.device.write(*supers[0], fua=True)
+            if supers[1:]:
+                await self.device.writev(supers[1:])
+            await self.device.flush()
+            engine.finish_commit(new_sb)
+            self.commits += 1
+            return True
+
+    async def close(self, *, commit: bool = True) -> None:
+        if commit and not self.device.readonly and not self.device.dead:
+            await self.commit()
+        await self.device.close()
