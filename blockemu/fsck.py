@@ -1,0 +1,267 @@
+"""fsck: a read-only consistency check of an image (sans-I/O over ImageFile).
+
+Passes, in the order ``btrfs check`` runs them: superblocks; every tree block
+reached from the root tree (checksum, fsid, bytenr, level, owner, key order,
+item bounds, parent generation, child keys inside the parent's range, loops);
+the extent tree against the tree blocks actually found; the free-space record
+against the extents. It never writes. Work is bounded: each block is read at
+most once, and a block reached twice is reported, not followed again.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import BlockemuError, CorruptionError
+from .image import ImageFile
+from .ondisk import structs as S
+from .ondisk.items import ExtentItem, RootItem
+from .ondisk.superblock import BACKUP_TREES
+from .transaction import BACKUP_NAMES, SUBTREES, TreeStore, usable_ranges
+
+EXIT_CLEAN, EXIT_CORRECTED, EXIT_UNCORRECTED, EXIT_OPERATIONAL, EXIT_USAGE = 0, 1, 4, 8, 16
+PHASES = ("superblock", "tree blocks", "extents", "free space")
+
+
+@dataclass
+class FsckError:
+    code: str
+    message: str
+    tree: str | None = None
+    bytenr: int | None = None
+    key: list[int] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "tree": self.tree, "bytenr": self.bytenr, "key": self.key}
+
+
+@dataclass
+class FsckReport:
+    image: str
+    generation: int | None = None
+    errors: list[FsckError] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+    bytes_used: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.errors
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CLEAN if self.clean else EXIT_UNCORRECTED
+
+    def as_json(self) -> dict[str, Any]:
+        return {"image": self.image, "clean": self.clean, "generation": self.generation,
+                "errors": [e.as_json() for e in self.errors], "stats": dict(self.stats)}
+
+    def text(self) -> list[str]:
+        lines = [f"ERROR: [{e.code}] {e.message}" for e in self.errors]
+        verdict = "no error found" if self.clean else f"{len(self.errors)} errors found"
+        lines.append(f"found {self.bytes_used} bytes used, {verdict}")
+        lines += [f"{k.replace('_', ' ')}: {v}" for k, v in self.stats.items()]
+        return lines
+
+
+Progress = Callable[[int, str], None]
+
+
+def tty_progress(stream: Any = sys.stderr) -> Progress:
+    def show(n: int, phase: str) -> None:
+        print(f"[{n}/{len(PHASES)}] checking {phase}", file=stream, flush=True)
+    return show
+
+
+class Checker:
+    def __init__(self, img: ImageFile, report: FsckReport, progress: Progress | None) -> None:
+        self.img = img
+        self.report = report
+        self.progress = progress or (lambda n, p: None)
+        self.blocks: dict[int, tuple[int, int]] = {}  # bytenr -> (owner, level) of every block found
+        self.items: dict[int, list[tuple[tuple[int, int, int], bytes]]] = {}
+
+    def error(self, code: str, message: str, tree: int | None = None, bytenr: int | None = None,
+              key: tuple[int, int, int] | None = None) -> None:
+        self.report.errors.append(FsckError(code, message, S.TREE_NAMES.get(tree) if tree is not None else None,
+                                            bytenr, list(key) if key else None))
+
+    # ------------------------------------------------------------------ pass 1
+
+    def check_supers(self) -> Any:
+        self.progress(1, PHASES[0])
+        sb = self.img.best_super()
+        primary = self.img.supers[0]
+        if primary.error is not None:
+            self.error("SUPERBLOCK", f"primary superblock: {primary.error}; using a mirror", bytenr=primary.offset)
+        for copy in self.img.supers[1:]:
+            if copy.error is not None and copy.raw[0x40:0x48] == S.MAGIC:
+                self.error("SUPERBLOCK", f"superblock mirror: {copy.error}", bytenr=copy.offset)
+        if sb.total_bytes > self.img.size:
+            self.error("SUPERBLOCK", f"image truncated: superblock says {sb.total_bytes} bytes, file has {self.img.size}")
+        backup = sb.backup_roots[sb.generation % S.NUM_BACKUP_ROOTS]
+        if (backup["tree_root"], backup["tree_root_gen"]) != (sb.root, sb.generation):
+            self.error("SUPERBLOCK", f"backup root slot {sb.generation % S.NUM_BACKUP_ROOTS} does not record generation "
+                                     f"{sb.generation} (has root {backup['tree_root']} gen {backup['tree_root_gen']})")
+        self.report.generation = sb.generation
+        return sb
+
+    # ------------------------------------------------------------------ pass 2
+
+    def walk(self, store: TreeStore, tid: int, root: int, level: int, generation: int | None) -> None:
+        """Depth-first over one tree, reporting each bad block and carrying on with the rest."""
+        stack: list[tuple[int, int | None, int, Any, Any, Any]] = [(root, generation, level, None, None, None)]
+        while stack:
+            bytenr, gen, lvl, lo, hi, first = stack.pop()
+            if bytenr % S.SECTOR_SIZE or not self._in_usable(bytenr, store.nodesize):
+                self.error("BAD_BLOCKPTR", f"tree block pointer {bytenr} outside the usable device", tid, bytenr)
+                continue
+            if bytenr in self.blocks:
+                self.error("BAD_TREE_BLOCK", f"tree block {bytenr} reached twice (loop or shared block)", tid, bytenr)
+                continue
+            try:
+                block = store.get(bytenr, generation=gen, level=lvl, owner=tid)
+            except CorruptionError as e:
+                self.error(e.kind, str(e), tid, bytenr)
+                continue
+            finally:
+                store.clean.pop(bytenr, None)  # each block is read once: no need to cache
+            self.blocks[bytenr] = (tid, lvl)
+            self.report.stats["tree_blocks"] = self.report.stats.get("tree_blocks", 0) + 1
+            if first is not None and block.keys and block.keys[0] != first:
+                self.error("KEY_ORDER", f"tree block {bytenr}: first key {block.keys[0]} differs from its parent's {first}", tid, bytenr)
+            if block.keys and (lo is not None and block.keys[0] < lo or hi is not None and block.keys[-1] >= hi):
+                self.error("KEY_ORDER", f"tree block {bytenr}: keys outside the parent's range", tid, bytenr)
+            if block.level == 0:
+                if not block.keys and lo is not None:
+                    self.error("BAD_TREE_BLOCK", f"tree block {bytenr}: empty leaf below a node", tid, bytenr)
+                self.items.setdefault(tid, []).extend(zip(block.keys, block.values))
+                self.report.stats["items"] = self.report.stats.get("items", 0) + len(block.keys)
+                continue
+            for i in reversed(range(len(block.ptrs))):
+                ptr, pgen = block.ptrs[i]
+                nxt = block.keys[i + 1] if i + 1 < len(block.keys) else hi
+                stack.append((ptr, pgen, block.level - 1, block.keys[i], nxt, block.keys[i]))
+
+    def _in_usable(self, start: int, length: int) -> bool:
+        return any(s <= start and start + length <= s + n for s, n in self.usable)
+
+    def check_trees(self, sb: Any) -> None:
+        self.progress(2, PHASES[1])
+        self.usable = usable_ranges(sb.total_bytes)
+        store = TreeStore(self.img.read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
+                          transid=sb.generation + 1, cache_blocks=0)
+        self.walk(store, S.ROOT_TREE_OBJECTID, sb.root, sb.root_level, sb.generation)
+        roots = dict(self.items.get(S.ROOT_TREE_OBJECTID, []))
+        for tid in SUBTREES:
+            key = (tid, S.ROOT_ITEM, 0)
+            if key not in roots:
+                self.error("MISSING_ROOT", f"no ROOT_ITEM for the {S.TREE_NAMES[tid]} tree", S.ROOT_TREE_OBJECTID, key=key)
+                continue
+            try:
+                ri = RootItem.unpack(roots[key])
+            except CorruptionError as e:
+                self.error("BAD_ITEM", f"ROOT_ITEM of tree {tid}: {e}", S.ROOT_TREE_OBJECTID, key=key)
+                continue
+            if ri.generation > sb.generation:
+                self.error("TRANSID_MISMATCH", f"ROOT_ITEM of tree {tid} has generation {ri.generation} > superblock {sb.generation}",
+                           S.ROOT_TREE_OBJECTID, key=key)
+            self.walk(store, tid, ri.bytenr, ri.level, ri.generation)
+
+    # ------------------------------------------------------------------ pass 3
+
+    def check_extents(self, sb: Any) -> list[tuple[int, int]]:
+        """Every tree block has exactly one METADATA_ITEM naming its tree, and vice versa."""
+        self.progress(3, PHASES[2])
+        recorded: dict[int, tuple[int, ExtentItem]] = {}
+        extents: list[tuple[int, int, tuple]] = []
+        for key, body in self.items.get(S.EXTENT_TREE_OBJECTID, []):
+            bytenr, typ, off = key
+            if typ not in (S.METADATA_ITEM, S.EXTENT_ITEM):
+                self.error("UNKNOWN_KEY", f"unexpected item type {typ} in the extent tree", S.EXTENT_TREE_OBJECTID, key=key)
+                continue
+            try:
+                item = ExtentItem.unpack(body)
+            except CorruptionError as e:
+                self.error("BAD_ITEM", f"extent item {key}: {e}", S.EXTENT_TREE_OBJECTID, key=key)
+                continue
+            length = sb.nodesize if typ == S.METADATA_ITEM else off
+            extents.append((bytenr, length, key))
+            if typ == S.METADATA_ITEM:
+                recorded[bytenr] = (off, item)
+        extents.sort()
+        for (s1, n1, k1), (s2, _, k2) in zip(extents, extents[1:]):
+            if s2 < s1 + n1:
+                self.error("EXTENT_OVERLAP", f"extent {k1} overlaps extent {k2}", S.EXTENT_TREE_OBJECTID, s2, k2)
+        for start, length, key in extents:
+            if start % S.SECTOR_SIZE or length % S.SECTOR_SIZE or not self._in_usable(start, length):
+                self.error("EXTENT_BAD_RANGE", f"extent {key} is outside the usable device or unaligned",
+                           S.EXTENT_TREE_OBJECTID, start, key)
+        for bytenr, (owner, level) in sorted(self.blocks.items()):
+            rec = recorded.get(bytenr)
+            if rec is None:
+                self.error("EXTENT_REF_MISMATCH", f"tree block {bytenr} of tree {owner} has no METADATA_ITEM", owner, bytenr)
+                continue
+            rlevel, item = rec
+            if rlevel != level or item.refs_count != 1 or item.refs != (("tree", owner),) or not item.flags & S.EXTENT_FLAG_TREE_BLOCK:
+                self.error("EXTENT_REF_MISMATCH", f"METADATA_ITEM of block {bytenr} says level {rlevel} refs {item.refs_count} "
+                           f"backrefs {list(item.refs)}, block is level {level} of tree {owner}",
+                           S.EXTENT_TREE_OBJECTID, bytenr, [bytenr, S.METADATA_ITEM, rlevel])
+        for bytenr, (rlevel, _) in sorted(recorded.items()):
+            if bytenr not in self.blocks:
+                self.error("EXTENT_REF_MISMATCH", f"METADATA_ITEM for block {bytenr}, which no tree references",
+                           S.EXTENT_TREE_OBJECTID, bytenr, [bytenr, S.METADATA_ITEM, rlevel])
+        return [(s, n) for s, n, _ in extents]
+
+    # ------------------------------------------------------------------ pass 4
+
+    def check_free_space(self, sb: Any, extents: list[tuple[int, int]]) -> None:
+        """Free extents + allocated extents tile the usable device exactly; bytes_used agrees."""
+        self.progress(4, PHASES[3])
+        free = []
+        for key, _ in self.items.get(S.FREE_SPACE_TREE_OBJECTID, []):
+            if key[1] != S.FREE_SPACE_EXTENT:
+                self.error("UNKNOWN_KEY", f"unexpected item type {key[1]} in the free-space tree", S.FREE_SPACE_TREE_OBJECTID, key=key)
+                continue
+            free.append((key[0], key[2]))
+        used = sum(n for _, n in extents)
+        self.report.bytes_used = used
+        spans = sorted([(s, n, "free") for s, n in free] + [(s, n, "used") for s, n in extents])
+        covered: list[list[int]] = []
+        for start, length, what in spans:
+            if covered and start < covered[-1][1]:
+                self.error("FREE_SPACE_MISMATCH", f"{what} extent [{start}, +{length}) overlaps other space records",
+                           S.FREE_SPACE_TREE_OBJECTID, start)
+            if covered and start <= covered[-1][1]:
+                covered[-1][1] = max(covered[-1][1], start + length)
+            else:
+                covered.append([start, start + length])
+        want = [[s, s + n] for s, n in self.usable]
+        if covered != want:
+            missing = next((w for w, c in zip(want, covered) if w != c), want[len(covered)] if len(want) > len(covered) else None)
+            self.error("FREE_SPACE_MISMATCH", f"free and allocated extents do not tile the device "
+                       f"(first difference near {missing or covered[len(want)]})", S.FREE_SPACE_TREE_OBJECTID)
+        if sb.bytes_used != used:
+            self.error("USED_BYTES_MISMATCH", f"superblock bytes_used {sb.bytes_used}, extents add up to {used}")
+        self.report.stats["free_bytes"] = sum(n for _, n in free)
+
+
+def check(path: str, *, check_data: bool = False, progress: Progress | None = None) -> FsckReport:
+    """Check ``path`` without writing. Raises BlockemuError only for operational errors (exit 8)."""
+    report = FsckReport(image=path)
+    with ImageFile.open(path) as img:
+        ck = Checker(img, report, progress)
+        sb = ck.check_supers()
+        ck.check_trees(sb)
+        extents = ck.check_extents(sb)
+        ck.check_free_space(sb, extents)
+    return report
+
+
+async def fsck(path: str, *, check_data: bool = False) -> FsckReport:
+    """The Python API: the check runs in a thread so the caller's loop keeps going."""
+    return await asyncio.to_thread(check, path, check_data=check_data)
+
+
+__all__ = ["check", "fsck", "FsckReport", "FsckError", "BlockemuError"]

@@ -1,0 +1,94 @@
+"""Read-only access to an image without an event loop (fsck, inspect, tests).
+
+Opens the file, finds a superblock and builds a read-only ``Engine`` over
+``os.pread``: the same tree code the mounted filesystem runs, minus I/O.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .errors import CorruptionError, DeviceIOError
+from .ondisk.structs import MAGIC, SUPER_INFO_SIZE, SUPER_OFFSETS
+from .ondisk.superblock import SuperInfo, decode_super
+
+
+def open_readonly(path: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise DeviceIOError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DeviceIOError(f"{path}: is a directory") from None
+    except PermissionError:
+        raise DeviceIOError(f"{path}: permission denied") from None
+    if os.path.isdir(path):
+        os.close(fd)
+        raise DeviceIOError(f"{path}: is a directory")
+    return fd
+
+
+@dataclass
+class SuperCopy:
+    offset: int
+    raw: bytes
+    info: SuperInfo | None = None
+    error: CorruptionError | None = None
+
+
+@dataclass
+class ImageFile:
+    """An image opened for reading; ``read`` never returns past the end silently."""
+
+    path: str
+    fd: int
+    size: int
+    supers: list[SuperCopy] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, path: str) -> "ImageFile":
+        fd = open_readonly(path)
+        img = cls(path, fd, os.fstat(fd).st_size)
+        for off in SUPER_OFFSETS:
+            if off + SUPER_INFO_SIZE > img.size:
+                break
+            raw = os.pread(fd, SUPER_INFO_SIZE, off)
+            copy = SuperCopy(off, raw)
+            try:
+                copy.info = decode_super(raw, off)
+            except CorruptionError as e:
+                copy.error = e
+            img.supers.append(copy)
+        return img
+
+    def is_blockemu(self) -> bool:
+        return any(c.raw[0x40:0x48] == MAGIC for c in self.supers)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or offset + length > self.size:
+            raise CorruptionError(f"read [{offset}, +{length}) beyond the image end {self.size}", "BAD_BLOCKPTR", offset)
+        return os.pread(self.fd, length, offset)
+
+    def best_super(self) -> SuperInfo:
+        """The primary if valid; a mirror otherwise (newest generation first). Raises if none is usable."""
+        if not self.supers:
+            raise CorruptionError(f"{self.path}: too small to be a blockemu image ({self.size} bytes)", "BAD_MAGIC")
+        if not self.is_blockemu():
+            raise CorruptionError(f"{self.path}: not a blockemu image (no superblock magic)", "BAD_MAGIC")
+        good = [c for c in self.supers if c.info is not None]
+        if not good:
+            raise CorruptionError(f"{self.path}: no valid superblock: {self.supers[0].error}", "SUPERBLOCK")
+        if good[0].offset == SUPER_OFFSETS[0]:
+            return good[0].info  # type: ignore[return-value]
+        return max(good, key=lambda c: c.info.generation).info  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "ImageFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,160 @@
+"""The COW B-tree against a plain dict model, plus its structural invariants."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blockemu.btree import BTree, max_item_size
+from blockemu.errors import ExistsError, NotFoundError
+from blockemu.ondisk.block import body_size, max_ptrs
+
+from .conftest import MemoryImage
+
+
+def check_invariants(tree: BTree) -> None:
+    """Key order, parent key == child's first key, levels, fill bounds, nothing overfull."""
+    body, fanout = body_size(tree.store.nodesize), max_ptrs(tree.store.nodesize)
+    root = tree.store.get(tree.root)
+    assert root.level == tree.level
+
+    def walk(node, lo, hi, is_root):
+        assert node.keys == sorted(node.keys) and len(set(node.keys)) == len(node.keys)
+        if node.keys:
+            assert lo is None or node.keys[0] >= lo
+            assert hi is None or node.keys[-1] < hi
+        if node.level == 0:
+            node_used = sum(25 + len(v) for v in node.values) + 0
+            assert node.used == node_used <= body
+            if not is_root:
+                assert node.keys, "empty non-root leaf"
+            return
+        assert 2 <= len(node.keys) <= fanout if is_root else 1 <= len(node.keys) <= fanout
+        for i, (bytenr, gen) in enumerate(node.ptrs):
+            child = tree.store.get(bytenr, generation=gen)
+            assert child.level == node.level - 1
+            assert child.keys[0] == node.keys[i]
+            walk(child, node.keys[i], node.keys[i + 1] if i + 1 < len(node.keys) else hi, False)
+
+    walk(root, None, None, True)
+
+
+def assert_matches(tree: BTree, model: dict) -> None:
+    assert list(tree.items()) == sorted(model.items())
+
+
+def run_ops(nodesize: int, ops: list[tuple], commit_every: int = 50) -> None:
+    img = MemoryImage(nodesize)
+    tree = img.new_tree()
+    model: dict = {}
+    committed_root = None
+    for n, (op, k, size) in enumerate(ops):
+        key = (k, 1, k * 7 % 13)
+        if op == "put":
+            value = bytes([k % 256]) * size
+            tree.insert(key, value, replace=True)
+            model[key] = value
+        elif op == "del":
+            if key in model:
+                assert tree.delete(key) == model.pop(key)
+            else:
+                with pytest.raises(NotFoundError):
+                    tree.delete(key)
+        else:
+            assert tree.get(key) == model.get(key)
+        if n % commit_every == commit_every - 1:
+            img.commit()
+            committed_root = (tree.root, tree.level, dict(model))
+    check_invariants(tree)
+    assert_matches(tree, model)
+    if committed_root is not None:
+        # the last committed generation is untouched by everything after it
+        root, level, snapshot = committed_root
+        img2 = MemoryImage(nodesize)
+        img2.blocks = img.blocks
+        assert list(BTree(img2.store, 5, root, level).items()) == sorted(snapshot.items())
+
+
+def op_strategy(max_size: int):
+    return st.tuples(st.sampled_from(["put", "put", "del", "get"]), st.integers(0, 400), st.integers(0, max_size))
+
+
+@pytest.mark.parametrize("nodesize", [4096, 16384, 65536])
+@settings(max_examples=60)
+@given(data=st.data())
+def test_btree_matches_dict_model(nodesize, data):
+    ops = data.draw(st.lists(op_strategy(max_item_size(nodesize) // 8), min_size=50, max_size=700))
+    run_ops(nodesize, ops)
+
+
+@pytest.mark.parametrize("nodesize", [4096, 65536])
+def test_btree_100k_random_ops(nodesize):
+    """A long seeded run (100k operations) with big values that force splits, merges and height changes."""
+    rng = random.Random(nodesize)
+    limit = max_item_size(nodesize)
+    ops = []
+    for _ in range(50_000):
+        r = rng.random()
+        op = "put" if r < 0.55 else "del" if r < 0.9 else "get"
+        ops.append((op, rng.randrange(3000), rng.choice([0, 8, 100, rng.randrange(limit + 1)])))
+    run_ops(nodesize, ops, commit_every=997)
+
+
+def test_tree_grows_and_shrinks_height():
+    img = MemoryImage(4096)
+    tree = img.new_tree()
+    keys = [(i, 1, 0) for i in range(20000)]
+    for k in keys:
+        tree.insert(k, b"x" * 40)
+    assert tree.level >= 2
+    check_invariants(tree)
+    for k in keys[:-3]:
+        tree.delete(k)
+    check_invariants(tree)
+    assert tree.level == 0
+    assert [k for k, _ in tree.items()] == keys[-3:]
+
+
+def test_insert_existing_and_update_missing():
+    img = MemoryImage(4096)
+    tree = img.new_tree()
+    tree.insert((1, 1, 1), b"a")
+    with pytest.raises(ExistsError):
+        tree.insert((1, 1, 1), b"b")
+    with pytest.raises(NotFoundError):
+        tree.update((2, 1, 1), b"b")
+    with pytest.raises(ValueError):
+        tree.insert((3, 1, 1), b"x" * (max_item_size(4096) + 1))
+
+
+def test_range_iteration_and_neighbours():
+    img = MemoryImage(4096)
+    tree = img.new_tree()
+    for i in range(0, 5000, 5):
+        tree.insert((7, 108, i), i.to_bytes(8, "little"))
+    got = [k[2] for k, _ in tree.items((7, 108, 1001), (7, 108, 1100))]
+    assert got == list(range(1005, 1101, 5))
+    assert [k[2] for k, _ in tree.items((7, 108, 1001), (7, 108, 1020), reverse=True)] == [1020, 1015, 1010, 1005]
+    assert tree.last_at_or_before((7, 108, 1003))[0] == (7, 108, 1000)
+    assert tree.first_at_or_after((7, 108, 1003))[0] == (7, 108, 1005)
+    assert tree.last_at_or_before((6, 0, 0)) is None
+
+
+def test_cow_leaves_committed_blocks_untouched():
+    img = MemoryImage(4096)
+    tree = img.new_tree()
+    for i in range(2000):
+        tree.insert((i, 1, 0), b"v1")
+    img.commit()
+    before = dict(img.blocks)
+    for i in range(0, 2000, 3):
+        tree.update((i, 1, 0), b"v2-longer")
+    for i in range(1, 2000, 3):
+        tree.delete((i, 1, 0))
+    # nothing written yet, and every block the changes replaced is pinned, not reusable
+    assert img.blocks == before
+    freed = set(img.store.freed_blocks)
+    assert freed and all(not img.alloc.is_free(b, 4096) for b in freed)
+    assert not freed & set(img.store.dirty)
