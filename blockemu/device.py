@@ -271,7 +271,7 @@ class BlockDevice:
         """Every write completed before this call is durable when it returns."""
         if self.dead:
             raise DeviceIOError(f"{self.path}: device is gone (power cut)")
-        if self.readonly:
+        if self.readonly or self.faults.nobarrier:
             return
         await self._delay()
         t = time.perf_counter()

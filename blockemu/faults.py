@@ -50,6 +50,19 @@ def sparse_copy(src: str, dst: str) -> None:
             pos = end
 
 
+@dataclass(frozen=True)
+class CrashState:
+    """A power cut once ``upto`` log entries had completed, with these in-doubt writes landing."""
+
+    upto: int
+    keep: tuple[int, ...] = ()
+    torn: dict[int, list[int]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        torn = f" torn={self.torn}" if self.torn else ""
+        return f"upto={self.upto} keep={list(self.keep)}{torn}"
+
+
 @dataclass
 class WriteLog:
     """Records device operations; ``base`` is a copy of the image when recording began."""
@@ -81,6 +94,30 @@ class WriteLog:
         durable = [e for e in head if e.kind in ("write", "discard") and e.seq < last_flush or e.kind == "fua"]
         doubt = [e for e in head if e.kind in ("write", "discard") and e.seq > last_flush]
         return durable, doubt
+
+    def crash_states(self, rng: random.Random, subsets: int = 4) -> Iterable[CrashState]:
+        """Crash states worth checking, CrashMonkey-style: just before and just after every
+        flush and FUA write (and at the end of the log), with the in-doubt writes none kept,
+        all kept, each alone, and ``subsets`` random subsets with random torn writes."""
+        after = self.boundaries()
+        points = sorted({len(self.entries), *after, *(p - 1 for p in after)})
+        for upto in points:
+            _, doubt = self.split(upto)
+            seqs = [e.seq for e in doubt]
+            yield CrashState(upto)
+            if not seqs:
+                continue
+            yield CrashState(upto, tuple(seqs))
+            if len(seqs) > 1:
+                yield from (CrashState(upto, (s,)) for s in seqs[:16])
+            for _ in range(subsets):
+                keep = tuple(s for s in seqs if rng.random() < 0.5)
+                torn = {}
+                for s in keep:
+                    n = len(self.entries[s].data) // SECTOR
+                    if n > 1 and rng.random() < 0.3:
+                        torn[s] = sorted(rng.sample(range(n), rng.randrange(1, n)))
+                yield CrashState(upto, keep, torn)
 
     def crash_image(
         self,
@@ -122,7 +159,8 @@ class FaultPlan:
     Spec syntax (``--faults``): comma-separated ``eio=START-END[:r|w|rw]``,
     ``latency=SECONDS``, ``flip=PROB`` (bit flip per written sector),
     ``torn=PROB`` (a write made non-atomic: on a cut only some sectors land),
-    ``cut=N`` (power cut after N writes), ``seed=N``.
+    ``cut=N`` (power cut after N writes), ``nobarrier`` (flushes do nothing: the
+    ordering bug the crash tests must catch), ``seed=N``.
     """
 
     eio: list[tuple[int, int, str]] = field(default_factory=list)
@@ -130,6 +168,7 @@ class FaultPlan:
     flip: float = 0.0
     torn: float = 0.0
     cut_after_writes: int | None = None
+    nobarrier: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -157,6 +196,8 @@ class FaultPlan:
                     setattr(plan, key, float(val))
                 elif key == "cut":
                     plan.cut_after_writes = int(val)
+                elif key == "nobarrier":
+                    plan.nobarrier = True
                 elif key == "seed":
                     plan.seed = int(val)
                 else:

@@ -1,0 +1,163 @@
+"""BlockDevice: volatile cache, flush/FUA durability, faults, and the write log."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from blockemu.device import BlockDevice
+from blockemu.errors import DeviceIOError, InvalidArgument
+from blockemu.faults import SECTOR, FaultPlan
+
+MiB = 1 << 20
+
+
+def make_image(path, size=4 * MiB) -> str:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return str(path)
+
+
+def on_disk(path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def sector(byte: int, n: int = 1) -> bytes:
+    return bytes([byte]) * (SECTOR * n)
+
+
+async def test_write_is_visible_but_not_in_the_image_until_flush(tmp_path):
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path)
+    await dev.write(8192, sector(1, 2))
+    assert await dev.read(8192, 2 * SECTOR) == sector(1, 2)
+    assert dev.read_sync(8192 + 100, 50) == b"\x01" * 50
+    assert on_disk(path, 8192, SECTOR) == bytes(SECTOR)
+    await dev.flush()
+    assert on_disk(path, 8192, 2 * SECTOR) == sector(1, 2)
+    assert dev.stats.ops["flush"] == 1 and dev.stats.bytes["write"] == 2 * SECTOR
+    await dev.close()
+
+
+async def test_fua_write_is_durable_alone_and_supersedes_cached_data(tmp_path):
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path)
+    await dev.write(0, sector(1, 2))
+    await dev.write(SECTOR, sector(2), fua=True)
+    assert on_disk(path, SECTOR, SECTOR) == sector(2)
+    assert on_disk(path, 0, SECTOR) == bytes(SECTOR)  # the plain write is still only cached
+    await dev.flush()
+    # the older cached copy of sector 1 must not overwrite the FUA data at flush
+    assert on_disk(path, 0, 2 * SECTOR) == sector(1) + sector(2)
+    await dev.close()
+
+
+async def test_power_cut_loses_unflushed_writes_and_kills_the_device(tmp_path):
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path, faults=FaultPlan(cut_after_writes=2))
+    await dev.write(0, sector(1))
+    await dev.flush()
+    await dev.write(SECTOR, sector(2))
+    with pytest.raises(DeviceIOError, match="power cut"):
+        await dev.write(2 * SECTOR, sector(3))
+    with pytest.raises(DeviceIOError):
+        await dev.read(0, SECTOR)
+    await dev.close()
+    assert on_disk(path, 0, 3 * SECTOR) == sector(1) + bytes(2 * SECTOR)
+
+
+async def test_torn_power_cut_lands_some_cached_sectors(tmp_path):
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path, faults=FaultPlan(torn=0.5, seed=3))
+    await dev.write(0, sector(7, 64))
+    dev.power_cut()
+    await dev.close()
+    landed = [on_disk(path, i * SECTOR, SECTOR) == sector(7) for i in range(64)]
+    assert 0 < sum(landed) < 64
+
+
+async def test_injected_eio_on_a_range(tmp_path):
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path, faults=FaultPlan.parse("eio=1M-2M:w"))
+    await dev.write(0, sector(1))
+    with pytest.raises(DeviceIOError, match="injected"):
+        await dev.write(MiB + SECTOR, sector(1))
+    assert await dev.read(MiB, SECTOR) == bytes(SECTOR)  # reads of the range still work
+    await dev.close()
+
+
+async def test_bit_flips_corrupt_silently(tmp_path):
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path, faults=FaultPlan(flip=1.0, seed=1))
+    await dev.write(0, sector(0, 4))
+    data = await dev.read(0, 4 * SECTOR)
+    assert data != bytes(4 * SECTOR)
+    assert all(data[i * SECTOR : (i + 1) * SECTOR] != bytes(SECTOR) for i in range(4))
+    await dev.close()
+
+
+async def test_bounds_alignment_and_readonly(tmp_path):
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path)
+    with pytest.raises(DeviceIOError, match="beyond"):
+        await dev.write(4 * MiB, sector(1))
+    with pytest.raises(InvalidArgument):
+        await dev.write(100, sector(1))
+    await dev.close()
+    ro = await BlockDevice.open(path, readonly=True)
+    with pytest.raises(DeviceIOError, match="read-only"):
+        await ro.write(0, sector(1))
+    await ro.close()
+    with pytest.raises(DeviceIOError, match="no such file"):
+        await BlockDevice.open(str(tmp_path / "missing.img"))
+
+
+async def test_cache_limit_destages_without_making_durable(tmp_path):
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path, cache_limit=8 * SECTOR)
+    log = dev.start_log()
+    await dev.write(0, sector(5, 16))
+    assert dev.cached_bytes() == 0 and on_disk(path, 0, SECTOR) == sector(5)
+    # destaged data reached the file, but the log still treats it as in doubt
+    durable, doubt = log.split(len(log.entries))
+    assert not durable and len(doubt) == 1
+    await dev.close()
+
+
+def test_fault_spec_errors():
+    with pytest.raises(InvalidArgument, match="unknown fault"):
+        FaultPlan.parse("explode=1")
+    with pytest.raises(InvalidArgument, match="bad fault spec"):
+        FaultPlan.parse("eio=banana")
+    plan = FaultPlan.parse("eio=0-4K:r,latency=0.001,flip=0.5,torn=0.25,cut=9,seed=4")
+    assert plan.eio == [(0, 4096, "r")] and plan.cut_after_writes == 9 and plan.seed == 4
+
+
+async def test_write_log_rebuilds_crash_states(tmp_path):
+    path = make_image(tmp_path / "d.img")
+    with open(path, "r+b") as f:
+        f.write(sector(9))  # pre-existing content: captured by the log's base copy
+    dev = await BlockDevice.open(path)
+    log = dev.start_log(base_copy=str(tmp_path / "base.img"))
+    await dev.write(SECTOR, sector(1))
+    await dev.flush()
+    await dev.mark("after-first")
+    await dev.write(2 * SECTOR, sector(2, 2))
+    await dev.write(4 * SECTOR, sector(3), fua=True)
+    await dev.write(5 * SECTOR, sector(4))
+    await dev.close()
+    assert log.boundaries() == [2, 5] and log.marks() == {"after-first": 3}
+    out = str(tmp_path / "crash.img")
+
+    log.crash_image(out, upto=len(log.entries))
+    assert on_disk(out, 0, 6 * SECTOR) == sector(9) + sector(1) + bytes(2 * SECTOR) + sector(3) + bytes(SECTOR)
+
+    w2, w4 = log.entries[3].seq, log.entries[5].seq
+    log.crash_image(out, upto=len(log.entries), keep=[w2, w4], torn={w2: [1]})
+    assert on_disk(out, 2 * SECTOR, 4 * SECTOR) == bytes(SECTOR) + sector(2) + sector(3) + sector(4)
+
+    log.crash_image(out, upto=1)  # before the first flush completed: nothing of ours is durable
+    assert on_disk(out, 0, 2 * SECTOR) == sector(9) + bytes(SECTOR)
+    assert os.path.getsize(out) == 4 * MiB
