@@ -87,3 +87,15 @@ def flat_values(con_name: str, parsed: Any) -> list[Any]:
             obj = obj[int(part)] if part.isdigit() else obj[part]
         out.append(obj)
     return out
+
+
+def layout(con: Any) -> list[tuple[int, int, str]]:
+    """Top-level (offset, size, field) rows of a fixed-size Struct, as SPEC.md tables list them.
+
+    Padding rows are named ``(padding)``; nested structs and arrays are one row each."""
+    rows, pos = [], 0
+    for sub in con.subcons:
+        size = sub.sizeof()
+        rows.append((pos, size, sub.name or "(padding)"))
+        pos += size
+    return rows

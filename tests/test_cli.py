@@ -1,0 +1,153 @@
+"""The command-line contract (DESIGN §6), run as a user runs it: a real subprocess."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from blockemu.ondisk.structs import SUPER_OFFSETS
+
+
+def run(*args: str, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "blockemu", *args], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in p.stderr, p.stderr
+    if check_rc is not None:
+        assert p.returncode == check_rc, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+def sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture
+def image(tmp_path) -> str:
+    path = str(tmp_path / "a.img")
+    run("mkfs", path, "--size", "96M", "--label", "tests", "--uuid", "11111111-2222-3333-4444-555555555555")
+    return path
+
+
+def test_mkfs_then_dump_super_json(image):
+    d = json.loads(run("inspect", "dump-super", image, "--json").stdout)
+    assert d["label"] == "tests" and d["fsid"] == "11111111-2222-3333-4444-555555555555"
+    assert d["generation"] == 1 and d["total_bytes"] == 96 << 20 and d["nodesize"] == 16384
+    assert d["csum_type_name"] == "crc32c" and d["csum_match"] is True and d["magic"] == "_BEmU_v1"
+    assert len(d["backup_roots"]) == 4 and d["backup_roots"][1]["tree_root"] == d["root"]
+    assert {"bytenr", "flags", "bytes_used", "sectorsize", "root_level", "incompat_flags"} <= d.keys()
+
+
+def test_mirror_written_when_it_fits(image):
+    with open(image, "rb") as f:
+        f.seek(SUPER_OFFSETS[1] + 0x40)
+        assert f.read(8) == b"_BEmU_v1"
+
+
+def test_dump_tree_json_and_text(image):
+    blocks = json.loads(run("inspect", "dump-tree", image, "--json").stdout)
+    assert {b["tree"] for b in blocks} == {"root", "extent", "fs", "csum", "free-space"}
+    fs = next(b for b in blocks if b["tree"] == "fs")
+    assert {"bytenr", "level", "generation", "owner", "nritems", "items"} <= fs.keys()
+    assert fs["items"][0]["key"] == [256, 1, 0] and fs["items"][0]["data"]["mode"] == "0o40755"
+    with open(image, "rb") as f:  # bytenr is the byte offset in the image file
+        f.seek(fs["bytenr"] + 0x30)
+        assert int.from_bytes(f.read(8), "little") == fs["bytenr"]
+    text = run("inspect", "dump-tree", image, "--tree", "fs").stdout
+    assert "leaf" in text and "(256 INODE_ITEM 0)" in text and "extent tree" not in text
+
+
+def test_fsck_clean_json_and_never_writes(image):
+    before = sha(image)
+    p = run("fsck", image, "--json")
+    d = json.loads(p.stdout)
+    assert d["clean"] is True and d["errors"] == [] and d["generation"] == 1 and d["image"] == image
+    assert "found" in run("fsck", image).stdout
+    assert sha(image) == before
+
+
+def test_fsck_reports_a_corrupt_tree_block(image):
+    blocks = json.loads(run("inspect", "dump-tree", image, "--json", "--tree", "fs").stdout)
+    with open(image, "r+b") as f:
+        f.seek(blocks[0]["bytenr"] + 500)
+        f.write(b"\xde\xad")
+    before = sha(image)
+    d = json.loads(run("fsck", image, "--json", check_rc=4).stdout)
+    assert not d["clean"] and "CSUM_MISMATCH" in {e["code"] for e in d["errors"]}
+    err = next(e for e in d["errors"] if e["code"] == "CSUM_MISMATCH")
+    assert err["bytenr"] == blocks[0]["bytenr"] and err["tree"] == "fs"
+    assert sha(image) == before
+
+
+def test_fsck_falls_back_to_a_mirror(image):
+    with open(image, "r+b") as f:
+        f.seek(SUPER_OFFSETS[0] + 0x100)
+        f.write(b"garbage")
+    d = json.loads(run("fsck", image, "--json", check_rc=4).stdout)
+    assert [e["code"] for e in d["errors"]] == ["SUPERBLOCK"] and d["generation"] == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"\0" * 100, os.urandom(1 << 20)])
+def test_fsck_of_non_images_is_operational_error(tmp_path, content):
+    path = tmp_path / "junk.img"
+    path.write_bytes(content)
+    p = run("fsck", str(path), check_rc=8)
+    assert p.stderr.startswith("blockemu: fsck: ") and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_bad_input_gets_one_line(tmp_path, image):
+    assert run("fsck", str(tmp_path / "missing.img"), check_rc=8).stderr.count("\n") == 1
+    assert run("fsck", str(tmp_path), check_rc=8).stderr.count("\n") == 1
+    assert run("fsck", check_rc=16).stderr.startswith("blockemu: usage:")
+    assert run("fsck", image, "--bogus", check_rc=16).returncode == 16
+    assert "bad size" in run("mkfs", str(tmp_path / "b.img"), "--size", "12Q", check_rc=1).stderr
+    assert "too small" in run("mkfs", str(tmp_path / "b.img"), "--size", "1M", check_rc=1).stderr
+    assert "node size" in run("mkfs", str(tmp_path / "b.img"), "--size", "64M", "--node-size", "3K", check_rc=1).stderr
+    assert "uuid" in run("mkfs", str(tmp_path / "b.img"), "--size", "64M", "--uuid", "nope", check_rc=1).stderr
+    assert run("inspect", "dump-super", str(tmp_path / "missing.img"), check_rc=1).stderr.count("\n") == 1
+
+
+def test_mkfs_refuses_to_overwrite_without_force(image):
+    before = sha(image)
+    p = run("mkfs", image, "--size", "64M", check_rc=1)
+    assert "--force" in p.stderr and sha(image) == before
+    run("mkfs", image, "--size", "64M", "--force", "--csum", "blake2b", "--node-size", "64K")
+    d = json.loads(run("inspect", "dump-super", image, "--json").stdout)
+    assert d["csum_type_name"] == "blake2b" and d["nodesize"] == 65536 and d["total_bytes"] == 64 << 20
+    assert run("fsck", image).returncode == 0
+
+
+def test_truncated_image_is_reported_not_crashed(image, tmp_path):
+    short = tmp_path / "short.img"
+    short.write_bytes(open(image, "rb").read(2 << 20))
+    p = run("fsck", str(short), "--json", check_rc=4)
+    assert "truncated" in p.stdout
+
+
+def test_one_tib_sparse_image_is_fast_and_small(tmp_path):
+    path = tmp_path / "big.img"
+    t = time.perf_counter()
+    run("mkfs", str(path), "--size", "1T")
+    assert time.perf_counter() - t < 5  # including interpreter start-up
+    assert os.stat(path).st_blocks * 512 < 4 << 20
+    d = json.loads(run("fsck", str(path), "--json").stdout)
+    assert d["clean"]
+
+
+@pytest.mark.parametrize("csum", ["crc32c", "xxhash64", "sha256", "blake2b"])
+async def test_every_checksum_type_round_trips(tmp_path, csum):
+    import blockemu
+
+    path = str(tmp_path / f"{csum}.img")
+    await blockemu.mkfs(path, size="32M", csum=csum, node_size="4K")
+    report = await blockemu.fsck(path)
+    assert report.clean, report.errors
+
+
+def test_console_scripts_exist():
+    bindir = os.path.dirname(sys.executable)
+    for name in ("blockemu", "mkfs.blockemu", "fsck.blockemu"):
+        assert os.path.exists(os.path.join(bindir, name)), name
