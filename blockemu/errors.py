@@ -57,3 +57,33 @@ class ExistsError(BlockemuError):
 
 class InvalidArgument(BlockemuError):
     code = errno.EINVAL
+
+
+class IsADirectory(BlockemuError):
+    code = errno.EISDIR
+
+
+class NotADirectory(BlockemuError):
+    code = errno.ENOTDIR
+
+
+class NotEmpty(BlockemuError):
+    code = errno.ENOTEMPTY
+
+
+class CrossDevice(BlockemuError):
+    """EXDEV: fscrypt refuses to mix policies by rename or link."""
+
+    code = errno.EXDEV
+
+
+class BadFile(BlockemuError):
+    code = errno.EBADF
+
+
+class NameTooLong(BlockemuError):
+    code = errno.ENAMETOOLONG
+
+
+class Busy(BlockemuError):
+    code = errno.EBUSY

@@ -3,6 +3,8 @@ of the commit protocol (the sans-I/O half is ``transaction.Engine``)."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 from .device import BlockDevice
 from .errors import CorruptionError
@@ -32,6 +34,9 @@ class Volume:
         self.engine = engine
         self.commit_lock = asyncio.Lock()
         self.commits = 0
+        self._cond = asyncio.Condition()
+        self._writers = 0
+        self._committing = False
 
     @classmethod
     async def open(cls, path: str, *, readonly: bool = False, faults: FaultPlan | None = None) -> "Volume":
@@ -52,23 +57,48 @@ class Volume:
     def generation(self) -> int:
         return self.engine.sb.generation
 
+    @asynccontextmanager
+    async def join(self) -> AsyncIterator[Engine]:
+        """Take part in the running transaction: tree changes made inside land in one commit
+        whole. A commit waits for every participant to leave; new ones wait for the commit."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._committing)
+            self._writers += 1
+        try:
+            yield self.engine
+        finally:
+            async with self._cond:
+                self._writers -= 1
+                self._cond.notify_all()
+
     async def commit(self) -> bool:
         """Make the running transaction durable; False when it changed nothing."""
         async with self.commit_lock:
-            engine = self.engine
-            if not engine.is_dirty():
-                return False
-            writes, new_sb = engine.prepare_commit()
-            await self.device.writev(writes)
-            await self.device.flush()
-            supers = super_writes(new_sb)
-            await self.device.write(*supers[0], fua=True)
-            if supers[1:]:
-                await self.device.writev(supers[1:])
-            await self.device.flush()
-            engine.finish_commit(new_sb)
-            self.commits += 1
-            return True
+            async with self._cond:
+                self._committing = True
+                await self._cond.wait_for(lambda: self._writers == 0)
+            try:
+                return await self._commit()
+            finally:
+                async with self._cond:
+                    self._committing = False
+                    self._cond.notify_all()
+
+    async def _commit(self) -> bool:
+        engine = self.engine
+        if not engine.is_dirty():
+            return False
+        writes, new_sb = engine.prepare_commit()
+        await self.device.writev(writes)
+        await self.device.flush()
+        supers = super_writes(new_sb)
+        await self.device.write(*supers[0], fua=True)
+        if supers[1:]:
+            await self.device.writev(supers[1:])
+        await self.device.flush()
+        engine.finish_commit(new_sb)
+        self.commits += 1
+        return True
 
     async def close(self, *, commit: bool = True) -> None:
         if commit and not self.device.readonly and not self.device.dead:

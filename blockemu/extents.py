@@ -1,0 +1,157 @@
+"""File extents, data-extent references and data checksums (sans-I/O, on an Engine).
+
+A file's data is a sequence of EXTENT_DATA items (ino, EXTENT_DATA, file
+offset), each pointing into a data extent: (disk_bytenr, disk_num_bytes) with
+``offset``/``num_bytes`` selecting the part the file uses. Extents are never
+written in place: an overwrite allocates a new extent and trims, splits or
+drops the items it covers (``punch``). Each data extent has an EXTENT_ITEM in
+the extent tree whose reference count is the number of EXTENT_DATA items
+pointing into it, with btrfs-style back references keyed by (root, inode,
+file offset − extent offset), which a split leaves unchanged; at zero
+references the extent, its checksums and its space are freed (space pinned
+until the commit is durable). Checksums cover what is on disk (ciphertext),
+one digest per 4 KiB sector, in EXTENT_CSUM items of at most one leaf-quarter.
+"""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+from .btree import BTree, max_item_size
+from .errors import CorruptionError
+from .ondisk import csum as csums
+from .ondisk import structs as S
+from .ondisk.items import ExtentContext, ExtentItem, FileExtent
+from .transaction import Engine
+
+PAGE = S.SECTOR_SIZE
+
+
+class Mapping(NamedTuple):
+    """One EXTENT_DATA item: file range [file_offset, file_offset + length)."""
+
+    file_offset: int
+    extent: FileExtent
+
+    @property
+    def length(self) -> int:
+        return self.extent.num_bytes
+
+    @property
+    def end(self) -> int:
+        return self.file_offset + self.extent.num_bytes
+
+    def disk_at(self, file_offset: int) -> int:
+        """Byte offset in the image of the data at ``file_offset`` (inside this mapping)."""
+        return self.extent.disk_bytenr + self.extent.offset + (file_offset - self.file_offset)
+
+
+class Extents:
+    """The file-extent view of one Engine's fs, extent and csum trees."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.fs: BTree = engine.trees[S.FS_TREE_OBJECTID]
+        self.ext: BTree = engine.trees[S.EXTENT_TREE_OBJECTID]
+        self.csum: BTree = engine.trees[S.CSUM_TREE_OBJECTID]
+        self.csum_type = engine.sb.csum_type
+        self.csum_size = csums.csum_size(self.csum_type)
+        self.sectors_per_csum_item = max_item_size(engine.sb.nodesize) // self.csum_size
+
+    # ------------------------------------------------------------------ reading
+
+    def mappings(self, ino: int, start: int = 0, end: int = (1 << 64) - 1) -> Iterator[Mapping]:
+        """EXTENT_DATA items of ``ino`` overlapping [start, end), in file order."""
+        lo = (ino, S.EXTENT_DATA, 0)
+        first = self.fs.last_at_or_before((ino, S.EXTENT_DATA, start), lo)
+        begin = first[0] if first else (ino, S.EXTENT_DATA, start)
+        for key, body in self.fs.items(begin, (ino, S.EXTENT_DATA, max(end - 1, 0))):
+            m = Mapping(key[2], FileExtent.unpack(body))
+            if m.end > start and m.file_offset < end:
+                yield m
+
+    def sector_csum(self, bytenr: int) -> bytes | None:
+        hit = self.csum.last_at_or_before((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr),
+                                          (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, 0))
+        if hit is None:
+            return None
+        (_, _, start), body = hit
+        i = (bytenr - start) // PAGE
+        if (bytenr - start) % PAGE or (i + 1) * self.csum_size > len(body):
+            return None
+        return body[i * self.csum_size : (i + 1) * self.csum_size]
+
+    # ------------------------------------------------------------------ data extents
+
+    def _extent_key(self, bytenr: int) -> tuple[tuple[int, int, int], ExtentItem]:
+        hit = self.ext.first_at_or_after((bytenr, S.EXTENT_ITEM, 0), (bytenr, S.EXTENT_ITEM, (1 << 64) - 1))
+        if hit is None:
+            raise CorruptionError(f"data extent {bytenr} has no EXTENT_ITEM", "EXTENT_REF_MISMATCH", bytenr)
+        return hit[0], ExtentItem.unpack(hit[1])
+
+    def _change_ref(self, fe: FileExtent, ino: int, ref_offset: int, delta: int) -> None:
+        key, item = self._extent_key(fe.disk_bytenr)
+        refs = list(item.refs)
+        for i, r in enumerate(refs):
+            if r[0] == "data" and r[1:4] == (S.FS_TREE_OBJECTID, ino, ref_offset):
+                count = r[4] + delta
+                if count:
+                    refs[i] = ("data", S.FS_TREE_OBJECTID, ino, ref_offset, count)
+                else:
+                    del refs[i]
+                break
+        else:
+            if delta < 0:
+                raise CorruptionError(f"extent {fe.disk_bytenr}: no back reference from inode {ino}", "EXTENT_REF_MISMATCH", fe.disk_bytenr)
+            refs.append(("data", S.FS_TREE_OBJECTID, ino, ref_offset, delta))
+        total = item.refs_count + delta
+        if total > 0:
+            self.ext.update(key, ExtentItem(total, item.generation, item.flags, tuple(refs)).pack())
+            return
+        self.ext.delete(key)
+        self._drop_csums(fe.disk_bytenr, fe.disk_num_bytes)
+        self.engine.allocator.pin(fe.disk_bytenr, fe.disk_num_bytes)
+
+    def _drop_csums(self, bytenr: int, length: int) -> None:
+        lo = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr)
+        hi = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + length - 1)
+        for key in [k for k, _ in self.csum.items(lo, hi)]:
+            self.csum.delete(key)
+
+    # ------------------------------------------------------------------ changing a file
+
+    def punch(self, ino: int, start: int, end: int) -> int:
+        """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0)."""
+        freed = 0
+        for m in list(self.mappings(ino, start, end)):
+            fe, key = m.extent, (ino, S.EXTENT_DATA, m.file_offset)
+            ref_offset = m.file_offset - fe.offset
+            keep_left, keep_right = start > m.file_offset, end < m.end
+            if keep_left:
+                self.fs.update(key, fe._replace(num_bytes=start - m.file_offset).pack())
+            else:
+                self.fs.delete(key)
+            if keep_right:
+                cut = end - m.file_offset
+                right = fe._replace(offset=fe.offset + cut, num_bytes=m.length - cut)
+                self.fs.insert((ino, S.EXTENT_DATA, end), right.pack())
+            freed += min(m.end, end) - max(m.file_offset, start)
+            if keep_left and keep_right:
+                self._change_ref(fe, ino, ref_offset, +1)
+            elif not keep_left and not keep_right:
+                self._change_ref(fe, ino, ref_offset, -1)
+        return -freed
+
+    def add_extent(self, ino: int, file_offset: int, bytenr: int, length: int, ram_bytes: int,
+                   context: ExtentContext | None, digests: list[bytes]) -> int:
+        """Map [file_offset, +length) to the new extent at ``bytenr`` (its data written by the caller);
+        returns the change in nbytes."""
+        delta = self.punch(ino, file_offset, file_offset + length)
+        fe = FileExtent(self.engine.transid, ram_bytes, 0, S.ENCRYPTION_FSCRYPT if context else S.ENCRYPTION_NONE, 0,
+                        S.FILE_EXTENT_REG, bytenr, length, 0, length, context)
+        self.fs.insert((ino, S.EXTENT_DATA, file_offset), fe.pack())
+        item = ExtentItem(1, self.engine.transid, S.EXTENT_FLAG_DATA, (("data", S.FS_TREE_OBJECTID, ino, file_offset, 1),))
+        self.ext.insert((bytenr, S.EXTENT_ITEM, length), item.pack())
+        per = self.sectors_per_csum_item
+        for i in range(0, len(digests), per):
+            self.csum.insert((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), b"".join(digests[i : i + per]))
+        return delta + length

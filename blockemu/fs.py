@@ -1,0 +1,783 @@
+"""The mounted filesystem: inodes, directories, files, encryption policies, keys.
+
+Every namespace change happens inside ``vol.join()`` with no ``await`` between
+its tree updates, so each lands whole in one transaction. File data goes
+through the page cache and reaches the trees only through writeback.
+
+Locking an encrypted inode (dropping its plaintext and its key lease) happens
+in one place, ``maybe_lock``: when the key is no longer present and the inode
+is closed, clean and idle. That is the soft-removal rule of DESIGN §4.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import stat as st
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import crc32c
+
+from . import crypto
+from .errors import (
+    BadFile,
+    Busy,
+    CrossDevice,
+    DeviceIOError,
+    ExistsError,
+    InvalidArgument,
+    IsADirectory,
+    NameTooLong,
+    NoKeyError,
+    NotADirectory,
+    NotEmpty,
+    NotFoundError,
+)
+from .extents import Extents
+from .faults import FaultPlan
+from .keyring import Keyring, KeyStatus, RemovalResult, parse_identifier
+from .ondisk import csum as csums
+from .ondisk import structs as S
+from .ondisk.fast import INODE_ENCRYPTION_CONTEXT
+from .ondisk.items import DirEntry, InodeItem, InodeRef, Timespec, pack_dir_entries, unpack_dir_entries
+from .pagecache import PAGE, PageCache, Pages
+from .volume import Volume
+from .writeback import Writeback
+
+ROOT_INO = S.FIRST_FREE_OBJECTID
+FT_REG, FT_DIR = 1, 2
+INODE_FLAG_ENCRYPT = 1 << 12
+NAME_MAX = 255
+FSCRYPT_MODE_AES_256_CTS = 4
+
+
+def name_hash(name: bytes) -> int:
+    """btrfs_name_hash: crc32c seeded with ~1, without the final inversion."""
+    return ~crc32c.crc32c(name, value=1) & 0xFFFFFFFF
+
+
+def split_path(path: str) -> list[bytes]:
+    if not path.startswith("/"):
+        raise InvalidArgument(f"{path!r}: paths are absolute inside the image")
+    parts = [p.encode() for p in path.split("/") if p and p != "."]
+    if any(p == b".." for p in parts):
+        raise InvalidArgument(f"{path!r}: '..' is not supported")
+    for p in parts:
+        if len(p) > NAME_MAX:
+            raise NameTooLong(f"{path!r}: name longer than {NAME_MAX} bytes")
+    return parts
+
+
+@dataclass
+class Stat:
+    st_mode: int
+    st_ino: int
+    st_nlink: int
+    st_uid: int
+    st_gid: int
+    st_size: int
+    st_blocks: int
+    st_atime_ns: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+
+
+@dataclass(eq=False)
+class Inode:
+    ino: int
+    item: InodeItem
+    size: int
+    disk_size: int
+    nbytes: int
+    key_id: bytes | None
+    pages: Pages
+    open_count: int = 0
+    inflight: int = 0
+    wb_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    wb_error: OSError | None = None
+    lost_bytes: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return st.S_ISDIR(self.item.mode)
+
+
+def _ts(ns: int) -> Timespec:
+    return Timespec.from_ns(ns)
+
+
+def _ns(t: Timespec) -> int:
+    return t.sec * 1_000_000_000 + t.nsec
+
+
+class Filesystem:
+    def __init__(self, vol: Volume, keyring: Keyring, **wb_opts: Any) -> None:
+        self.vol = vol
+        self.keyring = keyring
+        self.extents = Extents(vol.engine)
+        self.cache = PageCache(clean_limit=wb_opts.pop("cache_limit", 64 << 20))
+        self.inodes: dict[int, Inode] = {}
+        self.writeback = Writeback(self, **wb_opts)
+        self.last_error: OSError | None = None
+        fs_tree = vol.engine.trees[S.FS_TREE_OBJECTID]
+        last = fs_tree.last_at_or_before((S.ORPHAN_OBJECTID - 1, 255, (1 << 64) - 1))
+        self.next_ino = max(ROOT_INO + 1, (last[0][0] + 1) if last else 0)
+        self.next_index: dict[int, int] = {}
+        self.mounted = True
+
+    @property
+    def tree(self):
+        return self.vol.engine.trees[S.FS_TREE_OBJECTID]
+
+    # ------------------------------------------------------------------ mount
+
+    @classmethod
+    async def mount(cls, path: str, *, key_removal: str = "soft", faults: FaultPlan | None = None, **opts: Any) -> "Filesystem":
+        keyring = Keyring(key_removal)
+        vol = await Volume.open(path, faults=faults)
+        fs = cls(vol, keyring, **opts)
+        await fs._recover_orphans()
+        fs.writeback.start()
+        return fs
+
+    async def unmount(self) -> None:
+        if not self.mounted:
+            return
+        self.mounted = False
+        try:
+            await self.writeback.flush_all()
+            await self.writeback.stop()
+            await self.vol.close()
+        finally:
+            self.keyring.wipe_all()
+
+    async def __aenter__(self) -> "Filesystem":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.unmount()
+
+    async def _recover_orphans(self) -> None:
+        """Inodes unlinked while open when the last commit happened: finish deleting them."""
+        lo = (S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, 0)
+        orphans = [k[2] for k, _ in self.tree.items(lo, (S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, (1 << 64) - 1))]
+        if not orphans:
+            return
+        async with self.vol.join():
+            for ino in orphans:
+                self._destroy(self._load(ino))
+        await self.vol.commit()
+
+    # ------------------------------------------------------------------ inodes
+
+    def _load(self, ino: int) -> Inode:
+        inode = self.inodes.get(ino)
+        if inode is not None:
+            return inode
+        body = self.tree.get((ino, S.INODE_ITEM, 0))
+        if body is None:
+            raise NotFoundError(f"inode {ino} has no INODE_ITEM")
+        item = InodeItem.unpack(body)
+        ctx = self.tree.get((ino, S.FSCRYPT_CTXT_ITEM, 0))
+        key_id = INODE_ENCRYPTION_CONTEXT.unpack(ctx)[5] if ctx is not None else None
+        inode = Inode(ino, item, item.size, item.size, item.nbytes, key_id, Pages(ino))
+        self.inodes[ino] = inode
+        return inode
+
+    def save_inode(self, inode: Inode) -> None:
+        """Write the inode item as it should be on disk (size = what writeback has made durable)."""
+        inode.item = inode.item._replace(size=inode.disk_size, nbytes=inode.nbytes, transid=self.vol.engine.transid)
+        self.tree.insert((inode.ino, S.INODE_ITEM, 0), inode.item.pack(), replace=True)
+
+    def _touch(self, inode: Inode, *, mtime: bool = True) -> None:
+        now = _ts(time.time_ns())
+        inode.item = inode.item._replace(ctime=now, mtime=now if mtime else inode.item.mtime)
+
+    def _new_inode(self, mode: int, parent: Inode) -> Inode:
+        ino = self.next_ino
+        if parent.key_id is not None:
+            self.keyring.lease(parent.key_id, ino)  # creating in an encrypted dir needs its key
+        self.next_ino += 1
+        now = _ts(time.time_ns())
+        tid = self.vol.engine.transid
+        nlink = 2 if st.S_ISDIR(mode) else 1
+        item = InodeItem(tid, tid, 0, 0, 0, nlink, 0, 0, mode, 0, 0, 0, now, now, now, now)
+        inode = Inode(ino, item, 0, 0, 0, parent.key_id, Pages(ino))
+        if parent.key_id is not None:
+            inode.item = item._replace(flags=INODE_FLAG_ENCRYPT)
+            self._store_policy(ino, parent.key_id)
+        self.inodes[ino] = inode
+        self.save_inode(inode)
+        return inode
+
+    def _store_policy(self, ino: int, key_id: bytes) -> None:
+        ctx = INODE_ENCRYPTION_CONTEXT.pack(2, S.CONTENTS_MODE_AES_256_XTS, FSCRYPT_MODE_AES_256_CTS, 0, 0, key_id,
+                                            os.urandom(crypto.NONCE_SIZE))
+        self.tree.insert((ino, S.FSCRYPT_CTXT_ITEM, 0), ctx, replace=True)
+
+    def _unlock(self, inode: Inode) -> None:
+        if inode.key_id is not None:
+            self.keyring.lease(inode.key_id, inode.ino)
+
+    def maybe_lock(self, inode: Inode) -> None:
+        """Lock an encrypted inode once nothing needs its key any more and the key is being removed:
+        drop its plaintext pages and release its lease (the last release wipes the secret)."""
+        if inode.key_id is None or not self.keyring.holds(inode.key_id, inode.ino):
+            return
+        if inode.open_count or inode.pages.dirty or inode.inflight or self.keyring.is_present(inode.key_id):
+            return
+        self.cache.drop(inode.pages)
+        self.keyring.release(inode.key_id, inode.ino)
+
+    def _destroy(self, inode: Inode) -> None:
+        """Delete an inode with no names left: its extents, items and cached pages."""
+        self.cache.drop(inode.pages)
+        self.extents.punch(inode.ino, 0, (1 << 64) - 1)
+        for key in [k for k, _ in self.tree.items((inode.ino, 0, 0), (inode.ino, 255, (1 << 64) - 1))]:
+            self.tree.delete(key)
+        orphan = (S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, inode.ino)
+        if orphan in self.tree:
+            self.tree.delete(orphan)
+        if inode.key_id is not None:
+            self.keyring.release(inode.key_id, inode.ino)
+        self.inodes.pop(inode.ino, None)
+
+    # ------------------------------------------------------------------ directories
+
+    def _lookup_entry(self, dir_ino: int, name: bytes) -> DirEntry | None:
+        body = self.tree.get((dir_ino, S.DIR_ITEM, name_hash(name)))
+        if body is None:
+            return None
+        return next((e for e in unpack_dir_entries(body) if e.name == name), None)
+
+    def _resolve(self, path: str) -> Inode:
+        inode = self._load(ROOT_INO)
+        for name in split_path(path):
+            if not inode.is_dir:
+                raise NotADirectory(f"{path}: not a directory")
+            entry = self._lookup_entry(inode.ino, name)
+            if entry is None:
+                raise NotFoundError(f"{path}: no such file or directory")
+            inode = self._load(entry.location[0])
+        return inode
+
+    def _parent(self, path: str) -> tuple[Inode, bytes]:
+        parts = split_path(path)
+        if not parts:
+            raise InvalidArgument(f"{path!r}: the root has no parent")
+        parent = self._resolve("/" + "/".join(p.decode() for p in parts[:-1]))
+        if not parent.is_dir:
+            raise NotADirectory(f"{path}: not a directory")
+        return parent, parts[-1]
+
+    def _dir_index(self, dir_ino: int) -> int:
+        nxt = self.next_index.get(dir_ino)
+        if nxt is None:
+            last = self.tree.last_at_or_before((dir_ino, S.DIR_INDEX, (1 << 64) - 1), (dir_ino, S.DIR_INDEX, 0))
+            nxt = last[0][2] + 1 if last else 2
+        self.next_index[dir_ino] = nxt + 1
+        return nxt
+
+    def _add_entry(self, parent: Inode, name: bytes, child: Inode) -> None:
+        ftype = FT_DIR if child.is_dir else FT_REG
+        tid = self.vol.engine.transid
+        entry = DirEntry((child.ino, S.INODE_ITEM, 0), tid, ftype, name)
+        key = (parent.ino, S.DIR_ITEM, name_hash(name))
+        old = self.tree.get(key)
+        entries = (unpack_dir_entries(old) if old is not None else []) + [entry]
+        self.tree.insert(key, pack_dir_entries(entries), replace=True)
+        index = self._dir_index(parent.ino)
+        self.tree.insert((parent.ino, S.DIR_INDEX, index), pack_dir_entries([entry]))
+        self.tree.insert((child.ino, S.INODE_REF, parent.ino), InodeRef(index, name).pack())
+        parent.size += 2 * len(name)
+        parent.disk_size = parent.size
+        self._touch(parent)
+        self.save_inode(parent)
+
+    def _remove_entry(self, parent: Inode, name: bytes, child: Inode) -> None:
+        key = (parent.ino, S.DIR_ITEM, name_hash(name))
+        rest = [e for e in unpack_dir_entries(self.tree[key]) if e.name != name]
+        if rest:
+            self.tree.update(key, pack_dir_entries(rest))
+        else:
+            self.tree.delete(key)
+        ref = InodeRef.unpack(self.tree.delete((child.ino, S.INODE_REF, parent.ino)))
+        self.tree.delete((parent.ino, S.DIR_INDEX, ref.index))
+        parent.size -= 2 * len(name)
+        parent.disk_size = parent.size
+        self._touch(parent)
+        self.save_inode(parent)
+
+    def _is_empty(self, d: Inode) -> bool:
+        return self.tree.first_at_or_after((d.ino, S.DIR_INDEX, 0), (d.ino, S.DIR_INDEX, (1 << 64) - 1)) is None
+
+    def _check_policy_move(self, inode: Inode, new_parent: Inode) -> None:
+        """fscrypt: nothing enters an encrypted directory unless it has the same policy (EXDEV)."""
+        if new_parent.key_id is None:
+            return
+        if inode.key_id != new_parent.key_id:
+            raise CrossDevice("Invalid cross-device link: encryption policies differ")
+        self._unlock(new_parent)
+
+    async def mkdir(self, path: str, mode: int = 0o755) -> None:
+        async with self.vol.join():
+            parent, name = self._parent(path)
+            if self._lookup_entry(parent.ino, name) is not None:
+                raise ExistsError(f"{path}: file exists")
+            child = self._new_inode(st.S_IFDIR | (mode & 0o7777), parent)
+            self._add_entry(parent, name, child)
+            parent.item = parent.item._replace(nlink=parent.item.nlink + 1)
+            self.save_inode(parent)
+
+    async def rmdir(self, path: str) -> None:
+        async with self.vol.join():
+            parent, name = self._parent(path)
+            d = self._resolve(path)
+            if d.ino == ROOT_INO:
+                raise Busy(f"{path}: device or resource busy")
+            if not d.is_dir:
+                raise NotADirectory(f"{path}: not a directory")
+            if not self._is_empty(d):
+                raise NotEmpty(f"{path}: directory not empty")
+            self._remove_entry(parent, name, d)
+            parent.item = parent.item._replace(nlink=parent.item.nlink - 1)
+            self.save_inode(parent)
+            self._destroy(d)
+
+    async def unlink(self, path: str) -> None:
+        async with self.vol.join():
+            parent, name = self._parent(path)
+            inode = self._resolve(path)
+            if inode.is_dir:
+                raise IsADirectory(f"{path}: is a directory")
+            self._remove_entry(parent, name, inode)
+            self._drop_link(inode)
+
+    def _drop_link(self, inode: Inode) -> None:
+        inode.item = inode.item._replace(nlink=inode.item.nlink - 1)
+        if inode.item.nlink > 0:
+            self._touch(inode, mtime=False)
+            self.save_inode(inode)
+        elif inode.open_count or inode.inflight:
+            self.save_inode(inode)
+            self.tree.insert((S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, inode.ino), b"", replace=True)
+        else:
+            self._destroy(inode)
+
+    async def rename(self, src: str, dst: str) -> None:
+        """rename(2): atomic, replacing an existing ``dst`` of a compatible type."""
+        async with self.vol.join():
+            sparent, sname = self._parent(src)
+            inode = self._resolve(src)
+            dparent, dname = self._parent(dst)
+            if split_path(src) == split_path(dst):
+                return
+            if inode.is_dir and split_path(dst)[: len(split_path(src))] == split_path(src):
+                raise InvalidArgument(f"{src} -> {dst}: cannot move a directory into itself")
+            self._check_policy_move(inode, dparent)
+            entry = self._lookup_entry(dparent.ino, dname)
+            if entry is not None:
+                victim = self._load(entry.location[0])
+                if victim.ino == inode.ino:
+                    return
+                if victim.is_dir and not inode.is_dir:
+                    raise IsADirectory(f"{dst}: is a directory")
+                if inode.is_dir and not victim.is_dir:
+                    raise NotADirectory(f"{dst}: not a directory")
+                if victim.is_dir and not self._is_empty(victim):
+                    raise NotEmpty(f"{dst}: directory not empty")
+                self._remove_entry(dparent, dname, victim)
+                if victim.is_dir:
+                    dparent.item = dparent.item._replace(nlink=dparent.item.nlink - 1)
+                    self.save_inode(dparent)
+                    self._destroy(victim)
+                else:
+                    self._drop_link(victim)
+            self._remove_entry(sparent, sname, inode)
+            self._add_entry(dparent, dname, inode)
+            if inode.is_dir and sparent.ino != dparent.ino:
+                sparent.item = sparent.item._replace(nlink=sparent.item.nlink - 1)
+                dparent.item = dparent.item._replace(nlink=dparent.item.nlink + 1)
+                self.save_inode(sparent)
+                self.save_inode(dparent)
+            self._touch(inode, mtime=False)
+            self.save_inode(inode)
+
+    async def readdir(self, path: str) -> list[str]:
+        d = self._resolve(path)
+        if not d.is_dir:
+            raise NotADirectory(f"{path}: not a directory")
+        out = []
+        for _, body in self.tree.items((d.ino, S.DIR_INDEX, 0), (d.ino, S.DIR_INDEX, (1 << 64) - 1)):
+            out.extend(e.name.decode(errors="surrogateescape") for e in unpack_dir_entries(body))
+        return out
+
+    async def stat(self, path: str) -> Stat:
+        i = self._resolve(path)
+        it = i.item
+        return Stat(it.mode, i.ino, it.nlink, it.uid, it.gid, i.size, i.nbytes // 512,
+                    _ns(it.atime), _ns(it.mtime), _ns(it.ctime))
+
+    async def exists(self, path: str) -> bool:
+        try:
+            self._resolve(path)
+        except (NotFoundError, NotADirectory):
+            return False
+        return True
+
+    # ------------------------------------------------------------------ policies and keys
+
+    async def set_policy(self, path: str, key_id: str | bytes, user: int = 0) -> None:
+        """FS_IOC_SET_ENCRYPTION_POLICY (v2) on an empty directory; the caller must have added the key."""
+        ident = parse_identifier(key_id)
+        async with self.vol.join():
+            d = self._resolve(path)
+            if not d.is_dir:
+                raise NotADirectory(f"{path}: not a directory")
+            if d.key_id is not None:
+                if d.key_id == ident:
+                    return
+                raise ExistsError(f"{path}: a different encryption policy is already set")
+            if not self._is_empty(d):
+                raise NotEmpty(f"{path}: directory not empty")
+            mk = self.keyring.keys.get(ident)
+            if mk is None or user not in mk.users:
+                raise NoKeyError("Required key not available")
+            self._store_policy(d.ino, ident)
+            d.key_id = ident
+            d.item = d.item._replace(flags=d.item.flags | INODE_FLAG_ENCRYPT)
+            self.save_inode(d)
+
+    async def get_policy(self, path: str) -> str | None:
+        d = self._resolve(path)
+        return d.key_id.hex() if d.key_id is not None else None
+
+    async def add_key(self, raw: bytes, user: int = 0) -> str:
+        return self.keyring.add_key(raw, user)
+
+    async def remove_key(self, key_id: str | bytes, user: int = 0, all_users: bool = False) -> RemovalResult:
+        """FS_IOC_REMOVE_ENCRYPTION_KEY: drop the claim; when it was the last, start removal:
+        write the key's dirty data back (as fscrypt's sync_filesystem), lock every inode that is
+        closed and clean, and -- by mode -- wipe the secret now or when the last lease goes."""
+        ident = parse_identifier(key_id)
+        mk, started = self.keyring.begin_removal(ident, user, all_users)
+        if mk is None:
+            return RemovalResult(ident.hex())
+        if not started:
+            return RemovalResult(ident.hex(), other_users=True)
+        if self.keyring.mode == "deny-writes":
+            mk.deny_dirtying = True
+        users = [i for i in self.inodes.values() if i.key_id == ident]
+        for inode in users:
+            if inode.pages.dirty:
+                await self.writeback.flush_inode(inode)
+        await self.vol.commit()
+        for inode in users:
+            self.maybe_lock(inode)
+        return self.keyring.finish_removal(mk)
+
+    def key_status(self, key_id: str | bytes, user: int = 0) -> KeyStatus:
+        return self.keyring.key_status(key_id, user)
+
+    # ------------------------------------------------------------------ files
+
+    def open(self, path: str, mode: str = "r") -> "OpenContext":
+        return OpenContext(self._open(path, mode))
+
+    async def _open(self, path: str, mode: str) -> "File":
+        base = mode.replace("b", "")
+        if base not in ("r", "r+", "w", "w+", "a", "a+", "x", "x+"):
+            raise InvalidArgument(f"bad open mode {mode!r}")
+        create, excl, trunc = base[0] in "wax", base[0] == "x", base[0] == "w"
+        async with self.vol.join():
+            try:
+                inode = self._resolve(path)
+                if excl:
+                    raise ExistsError(f"{path}: file exists")
+            except NotFoundError:
+                if not create:
+                    raise
+                parent, name = self._parent(path)
+                inode = self._new_inode(st.S_IFREG | 0o644, parent)
+                self._add_entry(parent, name, inode)
+            if inode.is_dir:
+                raise IsADirectory(f"{path}: is a directory")
+            self._unlock(inode)
+            inode.open_count += 1
+        f = File(self, inode, path, readable=base[0] == "r" or "+" in base, writable=base != "r", append=base[0] == "a")
+        if trunc and inode.size:
+            try:
+                await self.truncate_inode(inode, 0)
+            except BaseException:
+                await f.close()
+                raise
+        return f
+
+    async def truncate_inode(self, inode: Inode, size: int) -> None:
+        if size < 0:
+            raise InvalidArgument("negative size")
+        async with inode.wb_lock:
+            if size < inode.size:
+                tail = size % PAGE
+                if tail:
+                    page = (await self.read_pages(inode, size // PAGE, 1))[0]
+                    page[tail:] = bytes(PAGE - tail)
+                    self.cache.mark_dirty(inode.pages, size // PAGE)
+                self.cache.drop(inode.pages, -(-size // PAGE))
+                async with self.vol.join():
+                    inode.nbytes += self.extents.punch(inode.ino, -(-size // PAGE) * PAGE, (1 << 64) - 1)
+                    inode.size = inode.disk_size = size
+                    self._touch(inode)
+                    self.save_inode(inode)
+            elif size > inode.size:
+                async with self.vol.join():
+                    inode.size = inode.disk_size = size
+                    self._touch(inode)
+                    self.save_inode(inode)
+
+    async def read_pages(self, inode: Inode, first: int, count: int) -> list[bytearray]:
+        """Pages [first, first + count) of the file, reading what is not cached (holes read as zeros)."""
+        cached = inode.pages.pages
+        missing = [i for i in range(first, first + count) if i not in cached]
+        if missing:
+            await self._fill(inode, missing)
+        return [self.cache.get(inode.pages, i) for i in range(first, first + count)]
+
+    async def _fill(self, inode: Inode, missing: list[int]) -> None:
+        runs: list[list[int]] = []
+        for i in missing:
+            if runs and runs[-1][-1] + 1 == i:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            start, end = run[0] * PAGE, (run[-1] + 1) * PAGE
+            buf = bytearray(end - start)
+            for m in list(self.extents.mappings(inode.ino, start, end)):
+                s, e = max(start, m.file_offset), min(end, m.end)
+                buf[s - start : e - start] = await self._read_extent_part(inode, m, s, e)
+            for k, i in enumerate(run):
+                if i not in inode.pages.pages:  # a write may have filled it meanwhile
+                    self.cache.put_clean(inode.pages, i, bytearray(buf[k * PAGE : (k + 1) * PAGE]))
+
+    async def _read_extent_part(self, inode: Inode, m, s: int, e: int) -> bytes:
+        disk = m.disk_at(s)
+        inode.inflight += 1
+        try:
+            data = await self.vol.device.read(disk, e - s)
+        finally:
+            inode.inflight -= 1
+        ctype = self.vol.sb.csum_type
+        for off in range(0, e - s, PAGE):
+            want = self.extents.sector_csum(disk + off)
+            if want is None or csums.digest(ctype, data[off : off + PAGE]) != want:
+                raise DeviceIOError(f"inode {inode.ino}: checksum mismatch at file offset {s + off} (disk {disk + off})")
+        ctx = m.extent.context
+        if ctx is None:
+            return data
+        secret = self.keyring.secret_for(inode.key_id, inode.ino) if inode.key_id is not None else None
+        if secret is None or ctx.key_identifier != inode.key_id:
+            raise NoKeyError("Required key not available")
+        key = crypto.extent_key(secret, ctx.nonce)
+        try:
+            unit = (m.extent.offset + s - m.file_offset) // PAGE
+            if e - s > 256 << 10:
+                return bytes(await asyncio.to_thread(crypto.decrypt_units, key, data, unit))
+            return bytes(crypto.decrypt_units(key, data, unit))
+        finally:
+            crypto.wipe(key)
+
+    async def sync(self) -> None:
+        await self.writeback.flush_all()
+        await self.vol.commit()
+
+    async def fsync_inode(self, inode: Inode) -> None:
+        await self.writeback.flush_inode(inode)
+        await self.vol.commit()
+        report_writeback_error(inode)
+
+
+def report_writeback_error(inode: Inode) -> None:
+    """Raise (once) the error that made writeback drop some of this file's acknowledged data."""
+    err, inode.wb_error = inode.wb_error, None
+    if err is None:
+        return
+    if isinstance(err, (NoKeyError, DeviceIOError)):
+        raise type(err)(f"{err} (writeback of inode {inode.ino} failed: {inode.lost_bytes} bytes lost)")
+    raise err
+
+
+class OpenContext:
+    """``await fs.open(...)`` or ``async with fs.open(...) as f``, as aiofiles.open."""
+
+    def __init__(self, coro: Any) -> None:
+        self._coro = coro
+        self._file: File | None = None
+
+    def __await__(self):
+        return self._coro.__await__()
+
+    async def __aenter__(self) -> "File":
+        self._file = await self._coro
+        return self._file
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._file is not None
+        await self._file.close()
+
+
+class File:
+    """An open file: an aiofiles-like handle over the page cache."""
+
+    def __init__(self, fs: Filesystem, inode: Inode, path: str, *, readable: bool, writable: bool, append: bool) -> None:
+        self.fs = fs
+        self.inode = inode
+        self.name = path
+        self.readable = readable
+        self.writable = writable
+        self.append = append
+        self.pos = 0
+        self.closed = False
+
+    def _check(self, write: bool) -> None:
+        if self.closed:
+            raise BadFile(f"{self.name}: I/O on a closed file")
+        if write and not self.writable or not write and not self.readable:
+            raise BadFile(f"{self.name}: file not open for {'writing' if write else 'reading'}")
+
+    async def write(self, data: bytes) -> int:
+        if self.append:
+            self.pos = self.inode.size
+        n = await self.pwrite(data, self.pos)
+        self.pos += n
+        return n
+
+    async def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        self._check(True)
+        inode, fs = self.inode, self.fs
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        if inode.key_id is not None and not fs.keyring.dirtying_allowed(inode.key_id):
+            raise NoKeyError("Required key not available")
+        n = len(data)
+        if not n:
+            return 0
+        if fs.cache.dirty_bytes > fs.writeback.dirty_limit:
+            await fs.writeback.wait_for_room()
+        mv = memoryview(data)
+        pages, cache = inode.pages.pages, fs.cache
+        pos, end = offset, offset + n
+        while pos < end:
+            idx, off = divmod(pos, PAGE)
+            take = min(PAGE - off, end - pos)
+            page = pages.get(idx)
+            if page is None:
+                if take == PAGE or idx * PAGE >= inode.size:
+                    page = bytearray(PAGE)
+                    pages[idx] = page
+                else:
+                    page = (await fs.read_pages(inode, idx, 1))[0]
+            page[off : off + take] = mv[pos - offset : pos - offset + take]
+            cache.mark_dirty(inode.pages, idx)
+            pos += take
+        if end > inode.size:
+            inode.size = end
+        fs._touch(inode)
+        fs.writeback.note_dirtied()
+        return n
+
+    async def read(self, size: int = -1) -> bytes:
+        data = await self.pread(self.inode.size - self.pos if size < 0 else size, self.pos)
+        self.pos += len(data)
+        return data
+
+    async def pread(self, size: int, offset: int) -> bytes:
+        self._check(False)
+        inode = self.inode
+        end = min(offset + max(size, 0), inode.size)
+        if end <= offset:
+            return b""
+        first, last = offset // PAGE, (end - 1) // PAGE
+        pages = await self.fs.read_pages(inode, first, last - first + 1)
+        data = b"".join(pages)
+        return data[offset - first * PAGE : end - first * PAGE]
+
+    async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.inode.size}.get(whence)
+        if base is None or base + offset < 0:
+            raise InvalidArgument("bad seek")
+        self.pos = base + offset
+        return self.pos
+
+    async def tell(self) -> int:
+        return self.pos
+
+    async def truncate(self, size: int | None = None) -> int:
+        self._check(True)
+        size = self.pos if size is None else size
+        await self.fs.truncate_inode(self.inode, size)
+        return size
+
+    async def fsync(self) -> None:
+        """Returns when this file's data and metadata are durable; raises the writeback error
+        (ENOKEY, EIO, ENOSPC) recorded since the last fsync, so a lost write is never silent."""
+        if self.closed:
+            raise BadFile(f"{self.name}: I/O on a closed file")
+        await self.fs.fsync_inode(self.inode)
+
+    async def flush(self) -> None:
+        """Python-level flush: nothing is buffered above the page cache."""
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        inode, fs = self.inode, self.fs
+        inode.open_count -= 1
+        if inode.item.nlink == 0 and not inode.open_count:
+            async with inode.wb_lock, fs.vol.join():
+                fs._destroy(inode)
+        else:
+            fs.maybe_lock(inode)
+        report_writeback_error(inode)
+
+    async def __aenter__(self) -> "File":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._lines()
+
+    async def _lines(self) -> AsyncIterator[bytes]:
+        rest = await self.read()
+        for line in rest.splitlines(keepends=True):
+            yield line
+
+
+class MountContext:
+    """``await blockemu.mount(...)`` or ``async with blockemu.mount(...) as fs``."""
+
+    def __init__(self, path: str, **kw: Any) -> None:
+        self._coro = Filesystem.mount(path, **kw)
+        self._fs: Filesystem | None = None
+
+    def __await__(self):
+        return self._coro.__await__()
+
+    async def __aenter__(self) -> Filesystem:
+        self._fs = await self._coro
+        return self._fs
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._fs is not None
+        await self._fs.unmount()
+
+
+def mount(path: str, **kw: Any) -> MountContext:
+    return MountContext(path, **kw)
+
+
+__all__ = ["Filesystem", "File", "Stat", "mount"]

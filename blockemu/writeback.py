@@ -1,0 +1,166 @@
+"""The writeback queue: dirty pages -> encrypted extents -> device -> commit.
+
+A background task writes back on the commit interval, when dirty bytes pass
+the background threshold, and on request (fsync, sync, unmount, key
+removal). Per inode, dirty pages coalesce into runs of up to ``max_extent``
+bytes; each run becomes one new extent: a fresh random nonce, the extent key
+derived from the master secret *now* (the inode's lease keeps that secret
+alive in soft mode), AES-256-XTS in a worker thread, checksums over the
+ciphertext, then -- inside the running transaction -- allocation, the new
+items, and the device write. A run that cannot be written (ENOKEY, EIO,
+ENOSPC) is dropped and its error recorded on the inode, to be raised by the
+next fsync or close: an acknowledged write is never lost silently.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING
+
+from . import crypto
+from .errors import BlockemuError, NoKeyError
+from .ondisk import csum as csums
+from .ondisk import structs as S
+from .ondisk.items import ExtentContext
+from .pagecache import PAGE
+
+if TYPE_CHECKING:
+    from .fs import Filesystem, Inode
+
+
+def _seal(secret: bytearray | None, data: bytes, csum_type: int) -> tuple[bytes, bytes | None, list[bytes]]:
+    """Encrypt (if ``secret``) and checksum one extent; runs in a worker thread."""
+    nonce = None
+    if secret is not None:
+        nonce = os.urandom(crypto.NONCE_SIZE)
+        key = crypto.extent_key(secret, nonce)
+        try:
+            data = bytes(crypto.encrypt_units(key, data))
+        finally:
+            crypto.wipe(key)
+    mv = memoryview(data)
+    return data, nonce, [csums.digest(csum_type, mv[i : i + PAGE]) for i in range(0, len(data), PAGE)]
+
+
+class Writeback:
+    def __init__(
+        self,
+        fs: "Filesystem",
+        *,
+        interval: float = 5.0,
+        background_bytes: int = 16 << 20,
+        dirty_limit: int = 64 << 20,
+        max_extent: int = 1 << 20,
+    ) -> None:
+        self.fs = fs
+        self.interval = interval
+        self.background_bytes = background_bytes
+        self.dirty_limit = dirty_limit
+        self.max_pages = max(1, max_extent // PAGE)
+        self._kick = asyncio.Event()
+        self._room = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self.stats = {"extents": 0, "bytes": 0, "lost_bytes": 0, "errors": 0}
+
+    @property
+    def cache(self):
+        return self.fs.cache
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="blockemu-writeback")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._kick.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._kick.wait(), self.interval)
+            except TimeoutError:
+                pass
+            self._kick.clear()
+            if self._stopping:
+                break
+            try:
+                await self.flush_all()
+                await self.fs.vol.commit()
+            except BlockemuError as e:  # a failed device: recorded on the inodes; keep serving
+                self.fs.last_error = e
+            finally:
+                self._room.set()
+
+    async def wait_for_room(self) -> None:
+        """Backpressure: writers wait here while dirty data is over the hard limit."""
+        while self.cache.dirty_bytes > self.dirty_limit:
+            self._room.clear()
+            self.kick()
+            await self._room.wait()
+
+    def note_dirtied(self) -> None:
+        if self.cache.dirty_bytes > self.background_bytes:
+            self.kick()
+
+    async def flush_all(self) -> None:
+        for inode in [i for i in self.fs.inodes.values() if i.pages.dirty]:
+            await self.flush_inode(inode)
+
+    async def flush_inode(self, inode: "Inode") -> None:
+        async with inode.wb_lock:
+            runs = self.cache.take_dirty(inode.pages, self.max_pages)
+            inode.inflight += 1
+            try:
+                for first, pages in runs:
+                    try:
+                        await self._write_run(inode, first, pages)
+                    except (BlockemuError, OSError) as e:
+                        self._lose(inode, first, len(pages), e)
+                    finally:
+                        self.cache.written(inode.pages, first, len(pages))
+                        self._room.set()
+            finally:
+                inode.inflight -= 1
+            self.fs.maybe_lock(inode)
+
+    def _lose(self, inode: "Inode", first: int, count: int, err: OSError) -> None:
+        """The run cannot reach the disk: drop it from the cache (unless rewritten since) and
+        keep the error for the file's next fsync/close."""
+        for idx in range(first, first + count):
+            if idx not in inode.pages.dirty:
+                inode.pages.pages.pop(idx, None)
+        inode.wb_error = inode.wb_error or err
+        inode.lost_bytes += count * PAGE
+        self.stats["lost_bytes"] += count * PAGE
+        self.stats["errors"] += 1
+
+    async def _write_run(self, inode: "Inode", first: int, pages: list[bytes]) -> None:
+        fs = self.fs
+        data = b"".join(pages)
+        secret = None
+        if inode.key_id is not None:
+            secret = fs.keyring.secret_for(inode.key_id, inode.ino)  # ENOKEY once hard-wiped
+        sealed, nonce, digests = await asyncio.to_thread(_seal, secret, data, fs.vol.sb.csum_type)
+        if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
+            # wiped (hard removal) while we encrypted: what we sealed may have used a torn key
+            raise NoKeyError("Required key not available")
+        ctx = None
+        if nonce is not None:
+            ctx = ExtentContext(1, S.CONTENTS_MODE_AES_256_XTS, 12, inode.key_id, nonce)
+        file_offset, length = first * PAGE, len(data)
+        async with fs.vol.join() as engine:
+            bytenr = engine.allocator.alloc(length)
+            delta = fs.extents.add_extent(inode.ino, file_offset, bytenr, length, length, ctx, digests)
+            inode.nbytes += delta
+            inode.disk_size = max(inode.disk_size, min(inode.size, file_offset + length))
+            fs.save_inode(inode)
+            await fs.vol.device.write(bytenr, sealed)
+        self.stats["extents"] += 1
+        self.stats["bytes"] += length
+
