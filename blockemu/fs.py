@@ -332,10 +332,10 @@ class Filesystem:
 
     async def rmdir(self, path: str) -> None:
         async with self.vol.join():
-            parent, name = self._parent(path)
             d = self._resolve(path)
             if d.ino == ROOT_INO:
                 raise Busy(f"{path}: device or resource busy")
+            parent, name = self._parent(path)
             if not d.is_dir:
                 raise NotADirectory(f"{path}: not a directory")
             if not self._is_empty(d):

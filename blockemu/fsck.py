@@ -18,8 +18,7 @@ from .errors import BlockemuError, CorruptionError
 from .image import ImageFile
 from .ondisk import structs as S
 from .ondisk.items import ExtentItem, RootItem
-from .ondisk.superblock import BACKUP_TREES
-from .transaction import BACKUP_NAMES, SUBTREES, TreeStore, usable_ranges
+from .transaction import SUBTREES, TreeStore, usable_ranges
 
 EXIT_CLEAN, EXIT_CORRECTED, EXIT_UNCORRECTED, EXIT_OPERATIONAL, EXIT_USAGE = 0, 1, 4, 8, 16
 PHASES = ("superblock", "tree blocks", "extents", "free space")

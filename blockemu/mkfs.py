@@ -100,7 +100,7 @@ async def mkfs(
     engine = Engine.create(sb)
     now = time.time_ns()
     fs = engine.trees[FS_TREE_OBJECTID]
-    fs.insert((ROOT_DIR, INODE_ITEM, 0), new_inode(stat.S_IFDIR | 0o755, 1, now).pack())
+    fs.insert((ROOT_DIR, INODE_ITEM, 0), new_inode(stat.S_IFDIR | 0o755, 1, now, nlink=2).pack())
     fs.insert((ROOT_DIR, INODE_REF, ROOT_DIR), InodeRef(0, b"..").pack())
     vol = Volume(BlockDevice.open_sync(path), engine)
     await vol.close()

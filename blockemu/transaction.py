@@ -30,10 +30,12 @@ from .errors import CorruptionError
 from .ondisk.block import TreeBlock, decode_block, encode_block
 from .ondisk.items import ExtentItem, RootItem
 from .ondisk.structs import (
+    CSUM_TREE_OBJECTID,
     EXTENT_FLAG_TREE_BLOCK,
     EXTENT_TREE_OBJECTID,
     FREE_SPACE_EXTENT,
     FREE_SPACE_TREE_OBJECTID,
+    FS_TREE_OBJECTID,
     METADATA_ITEM,
     NUM_BACKUP_ROOTS,
     RESERVED_START,
@@ -41,8 +43,6 @@ from .ondisk.structs import (
     ROOT_TREE_OBJECTID,
     SECTOR_SIZE,
     SUPER_OFFSETS,
-    CSUM_TREE_OBJECTID,
-    FS_TREE_OBJECTID,
 )
 from .ondisk.superblock import SuperInfo, encode_super, mirror_offsets
 

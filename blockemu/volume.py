@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from .device import BlockDevice
-from .errors import CorruptionError
+from .errors import CorruptionError, DeviceIOError
 from .faults import FaultPlan
 from .ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
 from .ondisk.superblock import SuperInfo, decode_super
@@ -37,6 +37,7 @@ class Volume:
         self._cond = asyncio.Condition()
         self._writers = 0
         self._committing = False
+        self.aborted: OSError | None = None
 
     @classmethod
     async def open(cls, path: str, *, readonly: bool = False, faults: FaultPlan | None = None) -> "Volume":
@@ -63,6 +64,7 @@ class Volume:
         whole. A commit waits for every participant to leave; new ones wait for the commit."""
         async with self._cond:
             await self._cond.wait_for(lambda: not self._committing)
+            self._check_aborted()
             self._writers += 1
         try:
             yield self.engine
@@ -78,11 +80,21 @@ class Volume:
                 self._committing = True
                 await self._cond.wait_for(lambda: self._writers == 0)
             try:
+                self._check_aborted()
                 return await self._commit()
+            except OSError as e:
+                # as btrfs aborts a transaction whose commit failed: the image keeps its last
+                # durable generation and this mount refuses further changes
+                self.aborted = self.aborted or e
+                raise
             finally:
                 async with self._cond:
                     self._committing = False
                     self._cond.notify_all()
+
+    def _check_aborted(self) -> None:
+        if self.aborted is not None:
+            raise DeviceIOError(f"{self.device.path}: read-only after a failed commit ({self.aborted})")
 
     async def _commit(self) -> bool:
         engine = self.engine
@@ -101,6 +113,6 @@ class Volume:
         return True
 
     async def close(self, *, commit: bool = True) -> None:
-        if commit and not self.device.readonly and not self.device.dead:
+        if commit and not self.device.readonly and not self.device.dead and self.aborted is None:
             await self.commit()
         await self.device.close()

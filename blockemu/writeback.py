@@ -155,12 +155,17 @@ class Writeback:
             ctx = ExtentContext(1, S.CONTENTS_MODE_AES_256_XTS, 12, inode.key_id, nonce)
         file_offset, length = first * PAGE, len(data)
         async with fs.vol.join() as engine:
+            # the data goes first: items must never point at an extent whose write failed
             bytenr = engine.allocator.alloc(length)
+            try:
+                await fs.vol.device.write(bytenr, sealed)
+            except BaseException:
+                engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
+                raise
             delta = fs.extents.add_extent(inode.ino, file_offset, bytenr, length, length, ctx, digests)
             inode.nbytes += delta
             inode.disk_size = max(inode.disk_size, min(inode.size, file_offset + length))
             fs.save_inode(inode)
-            await fs.vol.device.write(bytenr, sealed)
         self.stats["extents"] += 1
         self.stats["bytes"] += length
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from blockemu.faults import FaultPlan
 from blockemu.fsck import check
 from blockemu.image import ImageFile

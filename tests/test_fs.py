@@ -1,0 +1,360 @@
+"""The filesystem API (DESIGN §8) end to end on real images: plain and encrypted files,
+directories, rename(2) semantics, persistence, orphans, and fsync error reporting."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+import blockemu
+from blockemu.faults import FaultPlan
+from blockemu.fsck import check
+from blockemu.image import ImageFile
+from blockemu.ondisk import structs as S
+from blockemu.transaction import Engine
+
+KEY = bytes(range(1, 65))
+KID = "69b2f6edeee720cce0577937eb8a6751"
+
+
+@pytest.fixture
+async def image(tmp_path):
+    path = str(tmp_path / "fs.img")
+    await blockemu.mkfs(path, size="64M")
+    return path
+
+
+@pytest.fixture
+async def fs(image):
+    f = await blockemu.mount(image, interval=3600)
+    yield f
+    await f.unmount()
+    report = check(image)
+    assert report.clean, [e.message for e in report.errors]
+
+
+class ErrnoCheck:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        assert exc is not None, f"expected errno {errno.errorcode[self.code]}"
+        assert isinstance(exc, OSError) and exc.errno == self.code, (exc, errno.errorcode[self.code])
+        return True
+
+
+async def test_api_round_trip_plain_and_encrypted(image):
+    async with blockemu.mount(image) as fs:
+        kid = await fs.add_key(KEY, user=0)
+        assert kid == KID
+        await fs.mkdir("/dir")
+        await fs.set_policy("/dir", kid)
+        async with fs.open("/dir/f", "a") as f:
+            await f.write(b"X")
+            await f.fsync()
+        async with fs.open("/plain", "w") as f:
+            assert await f.write(b"hello") == 5
+        assert sorted(await fs.readdir("/")) == ["dir", "plain"]
+        assert await fs.get_policy("/dir/f") == kid
+        st = await fs.stat("/dir/f")
+        assert st.st_size == 1 and st.st_nlink == 1 and (st.st_mode & 0o170000) == 0o100000
+    assert check(image).clean
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/dir/f") as f:
+            assert await f.read() == b"X"
+        f = await fs.open("/plain", "r+")
+        assert await f.read(3) == b"hel"
+        await f.seek(0)
+        await f.write(b"J")
+        assert await f.pread(10, 0) == b"Jello"
+        await f.close()
+
+
+async def test_open_modes(fs):
+    with ErrnoCheck(errno.ENOENT):
+        await fs.open("/nope", "r")
+    async with fs.open("/a", "x") as f:
+        await f.write(b"abc")
+    with ErrnoCheck(errno.EEXIST):
+        await fs.open("/a", "x")
+    async with fs.open("/a", "a") as f:
+        await f.seek(0)
+        await f.write(b"d")  # append ignores the position
+    async with fs.open("/a", "r") as f:
+        assert await f.read() == b"abcd"
+        with ErrnoCheck(errno.EBADF):
+            await f.write(b"no")
+    async with fs.open("/a", "w") as f:  # w truncates
+        with ErrnoCheck(errno.EBADF):
+            await f.read()
+    assert (await fs.stat("/a")).st_size == 0
+    with ErrnoCheck(errno.EINVAL):
+        await fs.open("/a", "q")
+    await fs.mkdir("/d")
+    with ErrnoCheck(errno.EISDIR):
+        await fs.open("/d", "r")
+    with ErrnoCheck(errno.ENOTDIR):
+        await fs.open("/a/x", "w")
+    f = await fs.open("/a", "r")
+    await f.close()
+    with ErrnoCheck(errno.EBADF):
+        await f.read()
+
+
+async def test_sparse_files_read_zeros_and_survive_remount(image):
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/s", "w") as f:
+            await f.pwrite(b"tail", 10 * 4096 + 5)
+            await f.pwrite(b"head", 1)
+        async with fs.open("/s") as f:
+            data = await f.read()
+        assert len(data) == 10 * 4096 + 9 and data[:5] == b"\0head" and data[-4:] == b"tail"
+        assert data[5:-4] == bytes(len(data) - 9)
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/s") as f:
+            assert await f.read() == data
+        st = await fs.stat("/s")
+        assert st.st_blocks * 512 == 2 * 4096  # only the two written pages are allocated
+
+
+async def test_truncate_down_and_up(fs):
+    async with fs.open("/t", "w+") as f:
+        await f.write(os.urandom(3 * 4096 + 100) + b"END")
+        await f.fsync()
+        await f.truncate(4096 + 10)
+        await f.truncate(3 * 4096)
+        data = await f.pread(1 << 20, 0)
+        assert len(data) == 3 * 4096 and data[4096 + 10 :] == bytes(3 * 4096 - 4096 - 10)
+        await f.fsync()
+    async with fs.open("/t") as f:
+        assert (await f.read())[4096 + 10 :] == bytes(2 * 4096 - 10)
+
+
+async def test_overwrites_are_copy_on_write(fs, image):
+    async with fs.open("/c", "w") as f:
+        await f.write(b"a" * 65536)
+        await f.fsync()
+        first = [m for m in fs.extents.mappings((await fs.stat("/c")).st_ino)]
+        await f.pwrite(b"b" * 4096, 8192)
+        await f.fsync()
+    ino = (await fs.stat("/c")).st_ino
+    maps = list(fs.extents.mappings(ino))
+    assert [(m.file_offset, m.length) for m in maps] == [(0, 8192), (8192, 4096), (12288, 65536 - 12288)]
+    assert maps[0].extent.disk_bytenr == maps[2].extent.disk_bytenr == first[0].extent.disk_bytenr
+    assert maps[1].extent.disk_bytenr != first[0].extent.disk_bytenr
+    async with fs.open("/c") as f:
+        data = await f.read()
+    assert data == b"a" * 8192 + b"b" * 4096 + b"a" * (65536 - 12288)
+    # the split extent is referenced twice through the same back reference
+    key, item = fs.extents._extent_key(first[0].extent.disk_bytenr)
+    assert item.refs_count == 2 and item.refs == (("data", 5, ino, 0, 2),)
+    # overwrite everything: the old extent loses its last reference and is freed
+    async with fs.open("/c", "r+") as f:
+        await f.write(b"c" * 65536)
+        await f.fsync()
+    assert fs.extents.ext.get(key) is None
+
+
+async def test_rename_semantics(fs):
+    for p in ("/a", "/b"):
+        async with fs.open(p, "w") as f:
+            await f.write(p.encode())
+    await fs.mkdir("/d1")
+    await fs.mkdir("/d2")
+    await fs.mkdir("/full")
+    async with fs.open("/full/x", "w"):
+        pass
+    await fs.rename("/a", "/b")  # over an existing file
+    assert sorted(await fs.readdir("/")) == ["b", "d1", "d2", "full"]
+    async with fs.open("/b") as f:
+        assert await f.read() == b"/a"
+    with ErrnoCheck(errno.EISDIR):
+        await fs.rename("/b", "/d1")
+    with ErrnoCheck(errno.ENOTDIR):
+        await fs.rename("/d1", "/b")
+    with ErrnoCheck(errno.ENOTEMPTY):
+        await fs.rename("/d1", "/full")
+    with ErrnoCheck(errno.EINVAL):
+        await fs.rename("/d1", "/d1/sub")
+    await fs.rename("/d1", "/d2")  # over an empty directory
+    await fs.rename("/b", "/d2/b")
+    await fs.rename("/d2/b", "/d2/b")
+    assert await fs.readdir("/d2") == ["b"]
+    assert (await fs.stat("/")).st_nlink == 4  # ., .., d2, full
+    with ErrnoCheck(errno.ENOENT):
+        await fs.rename("/nope", "/x")
+
+
+async def test_rmdir_unlink_errors(fs):
+    await fs.mkdir("/d")
+    async with fs.open("/d/f", "w"):
+        pass
+    with ErrnoCheck(errno.ENOTEMPTY):
+        await fs.rmdir("/d")
+    with ErrnoCheck(errno.EISDIR):
+        await fs.unlink("/d")
+    with ErrnoCheck(errno.ENOTDIR):
+        await fs.rmdir("/d/f")
+    with ErrnoCheck(errno.EEXIST):
+        await fs.mkdir("/d")
+    with ErrnoCheck(errno.EBUSY):
+        await fs.rmdir("/")
+    await fs.unlink("/d/f")
+    await fs.rmdir("/d")
+    assert await fs.readdir("/") == []
+
+
+async def test_unlinked_open_file_lives_until_close_and_orphans_are_recovered(image):
+    fs = await blockemu.mount(image)
+    f = await fs.open("/o", "w+")
+    await f.write(b"still here")
+    await f.fsync()
+    await fs.unlink("/o")
+    assert await fs.readdir("/") == []
+    assert await f.pread(100, 0) == b"still here"
+    await fs.sync()  # the unlink and its orphan item are now durable
+    orphan = (S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, f.inode.ino)
+    fs.vol.device.power_cut()  # crash with the file still open
+    await fs.writeback.stop()
+    await fs.vol.device.close()
+    with ImageFile.open(image) as img:
+        tree = Engine(img.best_super(), img.read, writable=False).trees[S.FS_TREE_OBJECTID]
+        assert orphan in tree and (f.inode.ino, S.INODE_ITEM, 0) in tree
+    async with blockemu.mount(image) as fs2:  # mount finishes the deletion
+        assert orphan not in fs2.tree and (f.inode.ino, S.INODE_ITEM, 0) not in fs2.tree
+    assert check(image).clean
+
+
+async def test_last_close_of_an_unlinked_file_deletes_it(fs):
+    f = await fs.open("/o", "w")
+    await f.write(b"x" * 10000)
+    await fs.unlink("/o")
+    ino = f.inode.ino
+    await f.close()
+    await fs.sync()
+    assert not list(fs.tree.items((ino, 0, 0), (ino, 255, (1 << 64) - 1)))
+    assert not list(fs.extents.mappings(ino))
+
+
+async def test_policies_and_exdev(fs):
+    kid = await fs.add_key(KEY)
+    other = await fs.add_key(b"\x07" * 32)
+    await fs.mkdir("/enc")
+    await fs.mkdir("/enc2")
+    await fs.mkdir("/plain")
+    await fs.set_policy("/enc", kid)
+    await fs.set_policy("/enc", kid)  # same policy again is fine
+    await fs.set_policy("/enc2", other)
+    with ErrnoCheck(errno.EEXIST):
+        await fs.set_policy("/enc", other)
+    async with fs.open("/plain/p", "w"):
+        pass
+    with ErrnoCheck(errno.ENOTEMPTY):
+        await fs.set_policy("/plain", kid)
+    async with fs.open("/enc/e", "w") as f:
+        await f.write(b"secret")
+    await fs.mkdir("/enc/sub")
+    assert await fs.get_policy("/enc/sub") == kid
+    with ErrnoCheck(errno.EXDEV):
+        await fs.rename("/plain/p", "/enc/p")
+    with ErrnoCheck(errno.EXDEV):
+        await fs.rename("/enc/e", "/enc2/e")
+    await fs.rename("/enc/e", "/enc/sub/e")  # same policy
+    await fs.mkdir("/empty")
+    with ErrnoCheck(errno.ENOKEY):
+        await fs.set_policy("/empty", "00" * 16)
+
+
+async def test_no_plaintext_reaches_the_image(image):
+    pattern = b"PLAINTEXT-MARKER-" * 256
+    async with blockemu.mount(image) as fs:
+        kid = await fs.add_key(KEY)
+        await fs.mkdir("/secret")
+        await fs.set_policy("/secret", kid)
+        for i in range(5):
+            async with fs.open(f"/secret/f{i}", "w") as f:
+                for _ in range(20):
+                    await f.write(pattern)
+                await f.pwrite(pattern[:4000], 3)  # unaligned overwrite: read-modify-write path
+    raw = open(image, "rb").read()
+    assert b"PLAINTEXT-MARKER" not in raw
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/secret/f3") as f:
+            data = await f.read()
+        assert data[:3] == pattern[:3] and data[3:4003] == pattern[:4000] and len(data) == 20 * len(pattern)
+
+
+async def test_every_extent_has_its_own_nonce(fs):
+    kid = await fs.add_key(KEY)
+    await fs.mkdir("/e")
+    await fs.set_policy("/e", kid)
+    for i in range(8):
+        async with fs.open(f"/e/{i}", "w") as f:
+            for j in range(6):
+                await f.pwrite(b"\0" * 4096, j * 8192)  # identical plaintext, separate extents
+                await f.fsync()
+    nonces = []
+    for key, body in fs.tree.items():
+        if key[1] == S.EXTENT_DATA:
+            from blockemu.ondisk.items import FileExtent
+            fe = FileExtent.unpack(body)
+            assert fe.context is not None and fe.context.key_identifier.hex() == kid
+            nonces.append(fe.context.nonce)
+    assert len(nonces) == 48 and len(set(nonces)) == 48
+
+
+async def test_fsync_reports_an_io_error_once(image):
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/x", "w+") as f:
+            await f.write(b"1" * 4096)
+            await f.fsync()
+            nxt = fs.vol.engine.allocator.cursor  # where the next data extent goes
+            fs.vol.device.faults = FaultPlan(eio=[(nxt, nxt + 4096, "w")])
+            await f.write(b"2" * 4096)
+            with ErrnoCheck(errno.EIO):
+                await f.fsync()
+            fs.vol.device.faults = FaultPlan()
+            await f.fsync()  # reported once; nothing new failed
+            assert f.inode.lost_bytes == 4096
+            assert await f.pread(8192, 0) == b"1" * 4096 + bytes(4096)  # the lost page is a hole, not stale
+    assert check(image).clean
+
+
+async def test_checksum_mismatch_reads_as_eio(image):
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/x", "w") as f:
+            await f.write(b"z" * 8192)
+        await fs.sync()
+        ino = (await fs.stat("/x")).st_ino
+        bytenr = next(fs.extents.mappings(ino)).extent.disk_bytenr
+    with open(image, "r+b") as raw:
+        raw.seek(bytenr + 4096 + 7)
+        raw.write(b"!")
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/x") as f:
+            assert await f.pread(4096, 0) == b"z" * 4096
+            with ErrnoCheck(errno.EIO):
+                await f.pread(4096, 4096)
+
+
+async def test_dirty_memory_stays_bounded(image):
+    async with blockemu.mount(image, interval=3600, dirty_limit=1 << 20, background_bytes=256 << 10,
+                              cache_limit=1 << 20, max_extent=256 << 10) as fs:
+        peak_dirty = peak_pages = 0
+        async with fs.open("/big", "w") as f:
+            chunk = os.urandom(64 << 10)
+            for _ in range(24 << 20 >> 16):
+                await f.write(chunk)
+                peak_dirty = max(peak_dirty, fs.cache.dirty_bytes)
+                peak_pages = max(peak_pages, sum(len(i.pages.pages) for i in fs.inodes.values()))
+            await f.fsync()
+        assert peak_dirty <= (1 << 20) + len(chunk)
+        assert peak_pages * 4096 <= 3 << 20
+        async with fs.open("/big") as f:
+            assert await f.pread(len(chunk), 5 << 20) == chunk
