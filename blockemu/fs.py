@@ -521,9 +521,10 @@ class Filesystem:
             if size < inode.size:
                 tail = size % PAGE
                 if tail:
-                    page = (await self.read_pages(inode, size // PAGE, 1))[0]
+                    idx = size // PAGE
+                    page = inode.pages.pages.setdefault(idx, (await self.read_pages(inode, idx, 1))[0])
                     page[tail:] = bytes(PAGE - tail)
-                    self.cache.mark_dirty(inode.pages, size // PAGE)
+                    self.cache.mark_dirty(inode.pages, idx)
                 self.cache.drop(inode.pages, -(-size // PAGE))
                 async with self.vol.join():
                     inode.nbytes += self.extents.punch(inode.ino, -(-size // PAGE) * PAGE, (1 << 64) - 1)
@@ -537,20 +538,25 @@ class Filesystem:
                     self.save_inode(inode)
 
     async def read_pages(self, inode: Inode, first: int, count: int) -> list[bytearray]:
-        """Pages [first, first + count) of the file, reading what is not cached (holes read as zeros)."""
-        cached = inode.pages.pages
-        missing = [i for i in range(first, first + count) if i not in cached]
-        if missing:
-            await self._fill(inode, missing)
-        return [self.cache.get(inode.pages, i) for i in range(first, first + count)]
+        """Pages [first, first + count) of the file, reading what is not cached (holes read as zeros).
+        A returned page may already have been evicted: writers must re-insert it."""
+        got: dict[int, bytearray] = {}
+        for i in range(first, first + count):
+            page = self.cache.get(inode.pages, i)
+            if page is not None:
+                got[i] = page
+        if len(got) < count:
+            got.update(await self._fill(inode, [i for i in range(first, first + count) if i not in got]))
+        return [got[i] for i in range(first, first + count)]
 
-    async def _fill(self, inode: Inode, missing: list[int]) -> None:
+    async def _fill(self, inode: Inode, missing: list[int]) -> dict[int, bytearray]:
         runs: list[list[int]] = []
         for i in missing:
             if runs and runs[-1][-1] + 1 == i:
                 runs[-1].append(i)
             else:
                 runs.append([i])
+        filled: dict[int, bytearray] = {}
         for run in runs:
             start, end = run[0] * PAGE, (run[-1] + 1) * PAGE
             buf = bytearray(end - start)
@@ -558,8 +564,11 @@ class Filesystem:
                 s, e = max(start, m.file_offset), min(end, m.end)
                 buf[s - start : e - start] = await self._read_extent_part(inode, m, s, e)
             for k, i in enumerate(run):
-                if i not in inode.pages.pages:  # a write may have filled it meanwhile
-                    self.cache.put_clean(inode.pages, i, bytearray(buf[k * PAGE : (k + 1) * PAGE]))
+                filled[i] = bytearray(buf[k * PAGE : (k + 1) * PAGE])
+        for i, page in filled.items():
+            if i not in inode.pages.pages:  # a write may have filled it meanwhile
+                self.cache.put_clean(inode.pages, i, page)
+        return filled
 
     async def _read_extent_part(self, inode: Inode, m, s: int, e: int) -> bytes:
         disk = m.disk_at(s)
@@ -675,9 +684,9 @@ class File:
             if page is None:
                 if take == PAGE or idx * PAGE >= inode.size:
                     page = bytearray(PAGE)
-                    pages[idx] = page
                 else:
-                    page = (await fs.read_pages(inode, idx, 1))[0]
+                    page = (await fs.read_pages(inode, idx, 1))[0]  # read-modify-write
+                page = pages.setdefault(idx, page)
             page[off : off + take] = mv[pos - offset : pos - offset + take]
             cache.mark_dirty(inode.pages, idx)
             pos += take
