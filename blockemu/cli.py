@@ -6,14 +6,20 @@ import argparse
 import asyncio
 import json
 import os
+import stat
 import sys
+import time
 import uuid
-from typing import Any, Callable, NoReturn
+from typing import Any, Awaitable, Callable, NoReturn
 
+from . import crypto
 from . import inspect as inspect_mod
+from .crypto import MAX_KEY_SIZE, MIN_KEY_SIZE
 from .errors import BlockemuError
+from .fs import mount
 from .fsck import EXIT_OPERATIONAL, EXIT_USAGE, check, tty_progress
 from .mkfs import mkfs
+from .progress import wanted as progress_wanted
 from .units import human
 
 # every command but fsck: 1 failure, 2 usage error (argparse's convention)
@@ -41,6 +47,11 @@ def build_parser() -> Parser:
     m.add_argument("--label", default="")
     m.add_argument("--uuid")
     m.add_argument("--force", action="store_true", help="overwrite an existing non-empty image")
+    m.add_argument("--rootdir", help="populate the image from this host directory")
+    m.add_argument("--encrypt", metavar="PATH", help="directory inside the image to encrypt (needs --key-file)")
+    m.add_argument("--key-file", help="raw key bytes (16-64) for --encrypt")
+    m.add_argument("--progress", dest="progress", action="store_true", default=None)
+    m.add_argument("--no-progress", dest="progress", action="store_false")
 
     f = sub.add_parser("fsck", help="check an image (read-only unless --repair)")
     f.add_argument("image")
@@ -49,6 +60,37 @@ def build_parser() -> Parser:
     f.add_argument("--repair", action="store_true")
     f.add_argument("--progress", dest="progress", action="store_true", default=None)
     f.add_argument("--no-progress", dest="progress", action="store_false")
+
+    ls = sub.add_parser("ls", help="list a directory inside an image")
+    ls.add_argument("image")
+    ls.add_argument("path", nargs="?", default="/")
+    ls.add_argument("-l", dest="long", action="store_true")
+    ls.add_argument("--json", action="store_true")
+
+    cat = sub.add_parser("cat", help="write a file of the image to stdout")
+    cat.add_argument("image")
+    cat.add_argument("path")
+    cat.add_argument("--key-file")
+
+    put = sub.add_parser("put", help="copy a host file into the image")
+    put.add_argument("image")
+    put.add_argument("hostfile")
+    put.add_argument("path")
+    put.add_argument("--key-file")
+
+    mk = sub.add_parser("mkdir", help="make a directory, optionally encrypted")
+    mk.add_argument("image")
+    mk.add_argument("path")
+    mk.add_argument("--encrypt", action="store_true")
+    mk.add_argument("--key-file")
+
+    ex = sub.add_parser("extents", help="show a file's extents")
+    ex.add_argument("image")
+    ex.add_argument("path")
+    ex.add_argument("--json", action="store_true")
+
+    kid = sub.add_parser("key-id", help="print the fscrypt v2 identifier of a raw key")
+    kid.add_argument("--key-file", required=True)
 
     i = sub.add_parser("inspect", help="dump on-disk structures")
     isub = i.add_subparsers(dest="what", required=True, parser_class=Parser)
@@ -67,8 +109,133 @@ def emit_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
+def read_key(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_KEY_SIZE + 1)
+    except OSError as e:
+        raise BlockemuError(f"--key-file {path}: {e.strerror}") from None
+    if not MIN_KEY_SIZE <= len(raw) <= MAX_KEY_SIZE:
+        raise BlockemuError(f"--key-file {path}: a raw key is {MIN_KEY_SIZE} to {MAX_KEY_SIZE} bytes, this file has {len(raw)}")
+    return raw
+
+
+async def mounted(image: str, key_file: str | None):
+    fs = await mount(image, interval=3600)
+    key = read_key(key_file)
+    if key is not None:
+        await fs.add_key(key)
+    return fs
+
+
+def on_image(a: argparse.Namespace, body: Callable[[Any], Awaitable[int]]) -> int:
+    """Mount the image (adding --key-file's key if given), run ``body(fs)``, unmount."""
+    async def go() -> int:
+        fs = await mounted(a.image, getattr(a, "key_file", None))
+        try:
+            return await body(fs)
+        finally:
+            await fs.unmount()
+    return asyncio.run(go())
+
+
+def cmd_ls(a: argparse.Namespace) -> int:
+    async def body(fs: Any) -> int:
+        st = await fs.stat(a.path)
+        names = await fs.readdir(a.path) if stat.S_ISDIR(st.st_mode) else [a.path.rsplit("/", 1)[-1]]
+        base = a.path.rstrip("/") if stat.S_ISDIR(st.st_mode) else a.path.rsplit("/", 1)[0]
+        rows = []
+        for name in names:
+            s = await fs.stat(f"{base}/{name}")
+            rows.append({"name": name, "ino": s.st_ino, "mode": stat.filemode(s.st_mode), "nlink": s.st_nlink,
+                         "size": s.st_size, "mtime_ns": s.st_mtime_ns,
+                         "encrypted": await fs.get_policy(f"{base}/{name}") is not None})
+        if a.json:
+            emit_json(rows)
+        for r in rows if not a.json else ():
+            if a.long:
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["mtime_ns"] / 1e9))
+                lock = " (encrypted)" if r["encrypted"] else ""
+                print(f"{r['mode']} {r['nlink']:>3} {r['size']:>12} {when} {r['name']}{lock}")
+            else:
+                print(r["name"])
+        return 0
+    return on_image(a, body)
+
+
+def cmd_cat(a: argparse.Namespace) -> int:
+    async def body(fs: Any) -> int:
+        async with fs.open(a.path, "r") as f:
+            pos = 0
+            while chunk := await f.pread(1 << 20, pos):
+                sys.stdout.buffer.write(chunk)
+                pos += len(chunk)
+        sys.stdout.buffer.flush()
+        return 0
+    return on_image(a, body)
+
+
+def cmd_put(a: argparse.Namespace) -> int:
+    async def body(fs: Any) -> int:
+        try:
+            src = open(a.hostfile, "rb")
+        except OSError as e:
+            raise BlockemuError(f"{a.hostfile}: {e.strerror}") from None
+        with src:
+            async with fs.open(a.path, "w") as f:
+                while chunk := src.read(1 << 20):
+                    await f.write(chunk)
+                await f.fsync()
+        return 0
+    return on_image(a, body)
+
+
+def cmd_mkdir(a: argparse.Namespace) -> int:
+    if a.encrypt and not a.key_file:
+        raise UsageError("mkdir --encrypt needs --key-file")
+
+    async def body(fs: Any) -> int:
+        await fs.mkdir(a.path)
+        if a.encrypt:
+            await fs.set_policy(a.path, crypto.key_identifier(read_key(a.key_file)))
+        return 0
+    return on_image(a, body)
+
+
+def cmd_extents(a: argparse.Namespace) -> int:
+    async def body(fs: Any) -> int:
+        st = await fs.stat(a.path)
+        rows = []
+        for m in fs.extents.mappings(st.st_ino):
+            fe, ctx = m.extent, m.extent.context
+            rows.append({"file_offset": m.file_offset, "length": m.length, "disk_bytenr": fe.disk_bytenr,
+                         "disk_length": fe.disk_num_bytes, "extent_offset": fe.offset, "encrypted": ctx is not None,
+                         "nonce": ctx.nonce.hex() if ctx else None,
+                         "key_identifier": ctx.key_identifier.hex() if ctx else None,
+                         "contents_mode": ctx.contents_mode if ctx else None})
+        if a.json:
+            emit_json(rows)
+        else:
+            print(f"{'file_offset':>12} {'length':>10} {'disk_bytenr':>14} {'disk_len':>10} {'ext_off':>8}  encryption")
+            for r in rows:
+                enc = f"AES-256-XTS key {r['key_identifier']} nonce {r['nonce']}" if r["encrypted"] else "none"
+                print(f"{r['file_offset']:>12} {r['length']:>10} {r['disk_bytenr']:>14} {r['disk_length']:>10} "
+                      f"{r['extent_offset']:>8}  {enc}")
+        return 0
+    return on_image(a, body)
+
+
+def cmd_key_id(a: argparse.Namespace) -> int:
+    print(crypto.key_identifier(read_key(a.key_file)).hex())
+    return 0
+
+
 def cmd_mkfs(a: argparse.Namespace) -> int:
-    sb = asyncio.run(mkfs(a.image, a.size, node_size=a.node_size, csum=a.csum, label=a.label, uuid=a.uuid, force=a.force))
+    sb = asyncio.run(mkfs(a.image, a.size, node_size=a.node_size, csum=a.csum, label=a.label, uuid=a.uuid, force=a.force,
+                          rootdir=a.rootdir, encrypt=a.encrypt, key=read_key(a.key_file),
+                          progress=progress_wanted(a.progress)))
     print(f"blockemu mkfs: created {a.image}")
     rows = [("Label", sb.label or "(null)"), ("UUID", str(uuid.UUID(bytes=sb.fsid))), ("Node size", sb.nodesize),
             ("Sector size", sb.sectorsize), ("Filesystem size", human(sb.total_bytes)), ("Checksum", a.csum),
@@ -81,7 +248,7 @@ def cmd_mkfs(a: argparse.Namespace) -> int:
 def cmd_fsck(a: argparse.Namespace) -> int:
     if a.repair:
         raise BlockemuError("--repair: not implemented yet (nothing was written)")
-    show = a.progress if a.progress is not None else (sys.stderr.isatty() and not a.json)
+    show = progress_wanted(a.progress, a.json)
     report = check(a.image, check_data=a.check_data, progress=tty_progress() if show else None)
     if a.json:
         emit_json(report.as_json())
@@ -111,7 +278,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"mkfs": cmd_mkfs, "fsck": cmd_fsck, "inspect": cmd_inspect}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "mkfs": cmd_mkfs, "fsck": cmd_fsck, "inspect": cmd_inspect, "ls": cmd_ls, "cat": cmd_cat, "put": cmd_put,
+    "mkdir": cmd_mkdir, "extents": cmd_extents, "key-id": cmd_key_id,
+}
 # fsck follows e2fsck's exit codes: 8 operational error, 16 usage error
 FAILURE_CODES = {"fsck": (EXIT_OPERATIONAL, EXIT_USAGE)}
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import time
 import uuid as uuidlib
 
@@ -22,6 +23,7 @@ from .ondisk.structs import (
     SECTOR_SIZE,
 )
 from .ondisk.superblock import SuperInfo
+from .progress import bar
 from .transaction import Engine
 from .units import parse_size
 from .volume import Volume
@@ -76,8 +78,18 @@ async def mkfs(
     label: str = "",
     uuid: str | None = None,
     force: bool = False,
+    rootdir: str | None = None,
+    encrypt: str | None = None,
+    key: bytes | None = None,
+    progress: bool = False,
 ) -> SuperInfo:
-    """Create the image; returns its superblock."""
+    """Create the image; with ``rootdir``, populate it from a host directory (as
+    ``mkfs.btrfs --rootdir``), ``encrypt`` naming a directory inside the image that gets an
+    encryption policy for ``key`` before its contents are copied. Returns the superblock."""
+    if encrypt is not None and key is None:
+        raise InvalidArgument("--encrypt needs --key-file")
+    if rootdir is not None and not os.path.isdir(rootdir):
+        raise InvalidArgument(f"--rootdir {rootdir}: not a directory")
     nbytes = parse_size(size) // SECTOR_SIZE * SECTOR_SIZE
     nodesize = parse_size(node_size)
     csum_type = check_options(nbytes, nodesize, csum, label)
@@ -104,4 +116,56 @@ async def mkfs(
     fs.insert((ROOT_DIR, INODE_REF, ROOT_DIR), InodeRef(0, b"..").pack())
     vol = Volume(BlockDevice.open_sync(path), engine)
     await vol.close()
+    if rootdir is not None or encrypt is not None:
+        await populate(path, rootdir, encrypt, key, progress)
+        return read_super(path)
     return vol.sb
+
+
+def read_super(path: str) -> SuperInfo:
+    from .image import ImageFile
+
+    with ImageFile.open(path) as img:
+        return img.best_super()
+
+
+async def populate(image: str, rootdir: str | None, encrypt: str | None, key: bytes | None, progress: bool) -> None:
+    """Copy a host tree into the image, top-down, so an encrypted directory gets its policy while empty."""
+    from .fs import mount
+
+    plan: list[tuple[str, str | None]] = []  # (image path, host file or None for a directory)
+    skipped: list[str] = []
+    if rootdir is not None:
+        for top, dirs, files in os.walk(rootdir):
+            dirs.sort()
+            rel = os.path.relpath(top, rootdir)
+            base = "" if rel == "." else "/" + rel.replace(os.sep, "/")
+            if base:
+                plan.append((base, None))
+            for name in sorted(files):
+                host = os.path.join(top, name)
+                if os.path.islink(host) or not os.path.isfile(host):
+                    skipped.append(host)
+                    continue
+                plan.append((f"{base}/{name}", host))
+    enc = "/" + encrypt.strip("/") if encrypt else None
+    if enc and (enc, None) not in plan:
+        plan.insert(0, (enc, None))
+    total = sum(os.path.getsize(h) for _, h in plan if h) or 1
+    async with mount(image, interval=3600) as fs:
+        kid = await fs.add_key(key) if key is not None else None
+        with bar("mkfs --rootdir", total, progress) as advance:
+            for target, host in plan:
+                if host is None:
+                    if not await fs.exists(target):
+                        await fs.mkdir(target)
+                    if target == enc:
+                        await fs.set_policy(target, kid)
+                    continue
+                async with fs.open(target, "w") as f:
+                    with open(host, "rb") as src:
+                        while chunk := src.read(1 << 20):
+                            await f.write(chunk)
+                            advance(len(chunk))
+    for host in skipped:
+        print(f"blockemu mkfs: skipped {host}: not a regular file or directory", file=sys.stderr)
