@@ -111,6 +111,6 @@ def test_put_mkdir_encrypt_and_key_errors(tmp_path):
     bad.write_bytes(b"short")
     assert "16 to 64 bytes" in run("key-id", "--key-file", str(bad), check_rc=1).stderr
     assert run("mkdir", img, "/x", "--encrypt", check_rc=2).stderr.startswith("blockemu: usage:")
-    assert "no such file" in run("put", img, str(tmp_path / "missing"), "/m", check_rc=1).stderr
+    assert "no such file" in run("put", img, str(tmp_path / "missing"), "/m", check_rc=1).stderr.lower()
     assert b"payload" not in open(img, "rb").read()
     assert run("fsck", img).returncode == 0
