@@ -45,13 +45,18 @@ def extent_key(master: bytes | bytearray, nonce: bytes) -> bytearray:
     return hkdf(master, HKDF_CONTEXT_PER_EXTENT_ENC_KEY, nonce, XTS_KEY_SIZE)
 
 
-def _xts(key: bytes | bytearray, data: bytes | memoryview, first_unit: int, encrypt: bool) -> bytearray:
+def _xts(key: bytes | bytearray, data: bytes | memoryview, first_unit: int, encrypt: bool,
+         out: bytearray | None = None) -> bytearray:
     n = len(data)
     if n % DATA_UNIT:
         raise ValueError(f"{n} bytes is not a whole number of {DATA_UNIT}-byte data units")
     # update_into wants block_size - 1 bytes of slack after each unit; writing into one
-    # buffer avoids a fresh allocation (and its page faults) per unit
-    out = bytearray(n + 15)
+    # (reusable) buffer avoids a fresh allocation, and its page faults, per call
+    if out is None or len(out) < n + 15:
+        out = bytearray(n + 15)
+        trim = True
+    else:
+        trim = False
     omv, mv = memoryview(out), memoryview(data)
     algo = algorithms.AES(bytes(key))
     for i in range(n // DATA_UNIT):
@@ -60,13 +65,16 @@ def _xts(key: bytes | bytearray, data: bytes | memoryview, first_unit: int, encr
         a = i * DATA_UNIT
         ctx.update_into(mv[a : a + DATA_UNIT], omv[a : a + DATA_UNIT + 15])
     omv.release()
-    del out[n:]
+    if trim:
+        del out[n:]
     return out
 
 
-def encrypt_units(key: bytes | bytearray, plaintext: bytes | memoryview, first_unit: int = 0) -> bytearray:
-    """Encrypt whole data units; ``first_unit`` is the index of the first one within its extent."""
-    return _xts(key, plaintext, first_unit, True)
+def encrypt_units(key: bytes | bytearray, plaintext: bytes | memoryview, first_unit: int = 0,
+                  out: bytearray | None = None) -> bytearray:
+    """Encrypt whole data units; ``first_unit`` is the index of the first one within its extent.
+    With ``out`` (at least 15 bytes longer than the data) the ciphertext goes to its start."""
+    return _xts(key, plaintext, first_unit, True, out)
 
 
 def decrypt_units(key: bytes | bytearray, ciphertext: bytes | memoryview, first_unit: int = 0) -> bytearray:

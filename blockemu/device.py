@@ -97,8 +97,9 @@ class BlockDevice:
         self.dead = False
         self.writes = 0
         # sector index -> that sector's newest completed, not yet destaged data
-        self._cache: dict[int, bytes] = {}
+        self._cache: dict[int, bytes | memoryview] = {}
         self._destage_lock = asyncio.Lock()
+        self._background: asyncio.Task | None = None
 
     @classmethod
     def open_sync(cls, path: str, *, readonly: bool = False, **kw) -> "BlockDevice":
@@ -225,13 +226,23 @@ class BlockDevice:
                     self._cache.pop(s, None)
                 await _a_fua(self.fd, offset, data)
             else:
+                mv = memoryview(data)  # sectors share the write's buffer: no copy per sector
                 for i in range(len(data) // SECTOR):
-                    self._cache[first + i] = data[i * SECTOR : (i + 1) * SECTOR]
+                    self._cache[first + i] = mv[i * SECTOR : (i + 1) * SECTOR]
             if self.log is not None:
                 self.log.append("fua" if fua else "write", offset, data)
             self.stats.record("fua" if fua else "write", len(data), t)
-        if len(self._cache) * SECTOR > self.cache_limit:
-            await self._destage_cache(sync=False)
+        cached = len(self._cache) * SECTOR
+        if cached > self.cache_limit and (self._background is None or self._background.done()):
+            # the disk writes its cache back on its own, while the host keeps issuing
+            self._background = asyncio.get_running_loop().create_task(self._destage_cache(sync=False))
+        if cached > 2 * self.cache_limit and self._background is not None:
+            await asyncio.shield(self._background)  # a full cache stalls the host, as a real one does
+
+    async def settle(self) -> None:
+        """Wait for the cache's own background writeback (not a flush: nothing becomes durable)."""
+        if self._background is not None:
+            await asyncio.shield(self._background)
 
     async def discard(self, offset: int, length: int) -> None:
         """Discarded sectors read back as zeros (deterministic, like dm-thin in generic/482)."""
@@ -296,6 +307,8 @@ class BlockDevice:
     async def close(self) -> None:
         """An orderly close destages the cache without fsync, as a disk writes its cache back at an
         orderly power-off; a disorderly one is ``power_cut()``. Durability still needs ``flush()``."""
+        if self._background is not None:
+            await asyncio.gather(self._background, return_exceptions=True)
         if self.fd >= 0:
             if not self.dead and not self.readonly and self._cache:
                 await self._destage_cache(sync=False)

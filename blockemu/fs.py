@@ -97,6 +97,7 @@ class Inode:
     wb_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wb_error: OSError | None = None
     lost_bytes: int = 0
+    data_changed_ns: int = 0  # a write's mtime/ctime, folded into the item when it is saved
 
     @property
     def is_dir(self) -> bool:
@@ -187,6 +188,10 @@ class Filesystem:
 
     def save_inode(self, inode: Inode) -> None:
         """Write the inode item as it should be on disk (size = what writeback has made durable)."""
+        if inode.data_changed_ns:
+            now = _ts(inode.data_changed_ns)
+            inode.item = inode.item._replace(mtime=now, ctime=now)
+            inode.data_changed_ns = 0
         inode.item = inode.item._replace(size=inode.disk_size, nbytes=inode.nbytes, transid=self.vol.engine.transid)
         self.tree.insert((inode.ino, S.INODE_ITEM, 0), inode.item.pack(), replace=True)
 
@@ -677,6 +682,28 @@ class File:
         mv = memoryview(data)
         pages, cache = inode.pages.pages, fs.cache
         pos, end = offset, offset + n
+        head = -offset % PAGE
+        whole = (n - head) // PAGE if n > head else 0
+        if whole > 1:  # the aligned middle of a large write, in one go
+            cache.put_dirty(inode.pages, (offset + head) // PAGE, mv[head : head + whole * PAGE])
+            if head:
+                await self._write_pages(mv[:head], offset)
+            tail = head + whole * PAGE
+            if tail < n:
+                await self._write_pages(mv[tail:], offset + tail)
+        else:
+            await self._write_pages(mv, offset)
+        if end > inode.size:
+            inode.size = end
+        inode.data_changed_ns = time.time_ns()
+        fs.writeback.note_dirtied()
+        return n
+
+    async def _write_pages(self, mv: memoryview, offset: int) -> None:
+        """Copy into the page cache page by page, reading partial pages first."""
+        inode, fs = self.inode, self.fs
+        pages, cache = inode.pages.pages, fs.cache
+        pos, end = offset, offset + len(mv)
         while pos < end:
             idx, off = divmod(pos, PAGE)
             take = min(PAGE - off, end - pos)
@@ -690,11 +717,6 @@ class File:
             page[off : off + take] = mv[pos - offset : pos - offset + take]
             cache.mark_dirty(inode.pages, idx)
             pos += take
-        if end > inode.size:
-            inode.size = end
-        fs._touch(inode)
-        fs.writeback.note_dirtied()
-        return n
 
     async def read(self, size: int = -1) -> bytes:
         data = await self.pread(self.inode.size - self.pos if size < 0 else size, self.pos)

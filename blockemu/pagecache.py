@@ -45,26 +45,45 @@ class PageCache:
             self.dirty_bytes += PAGE
             self._clean.pop((pages.ino, idx), None)
 
-    def take_dirty(self, pages: Pages, max_run: int) -> list[tuple[int, list[bytes]]]:
-        """Snapshot the dirty pages as runs of consecutive indexes (each ≤ max_run pages) and
-        clear their dirty bits; a write landing meanwhile dirties the page again. Until the
-        caller reports them ``written`` the pages can be neither evicted nor counted twice."""
-        runs: list[tuple[int, list[bytes]]] = []
+    def put_dirty(self, pages: Pages, first: int, data: memoryview) -> None:
+        """Whole pages [first, ...) replaced by ``data`` (a multiple of PAGE): the streaming-write path."""
+        count = len(data) // PAGE
+        idxs = range(first, first + count)
+        had = [i for i in idxs if i in pages.pages] if pages.pages else []
+        pages.pages.update(zip(idxs, map(bytearray, (data[k * PAGE : (k + 1) * PAGE] for k in range(count)))))
+        for i in had:
+            self._clean.pop((pages.ino, i), None)
+        before = len(pages.dirty)
+        pages.dirty.update(idxs)
+        self.dirty_bytes += (len(pages.dirty) - before) * PAGE
+
+    def take_dirty(self, pages: Pages, max_run: int) -> list[tuple[int, int, bytearray]]:
+        """Snapshot the dirty pages as runs (first index, page count, data) of consecutive pages,
+        each at most ``max_run`` long, and clear their dirty bits; a write landing meanwhile
+        dirties the page again. Until the caller reports a run ``written`` its pages can be
+        neither evicted nor counted twice."""
+        groups: list[list[int]] = []
         for idx in sorted(pages.dirty):
-            if runs and runs[-1][0] + len(runs[-1][1]) == idx and len(runs[-1][1]) < max_run:
-                runs[-1][1].append(bytes(pages.pages[idx]))
+            if groups and groups[-1][-1] + 1 == idx and len(groups[-1]) < max_run:
+                groups[-1].append(idx)
             else:
-                runs.append((idx, [bytes(pages.pages[idx])]))
+                groups.append([idx])
+        table = pages.pages
+        runs = [(g[0], len(g), bytearray(b"".join([table[i] for i in g]))) for g in groups]
         pages.dirty.clear()
         return runs
 
     def written(self, pages: Pages, first: int, count: int) -> None:
         """A run from ``take_dirty`` is on its way to disk (or was dropped): its pages are clean now."""
         self.dirty_bytes -= count * PAGE
+        room = self.clean_limit // PAGE - len(self._clean)
         for idx in range(first, first + count):
             if idx in pages.pages and idx not in pages.dirty:
-                self._clean[(pages.ino, idx)] = pages
-        self._shrink()
+                if room > 0:
+                    self._clean[(pages.ino, idx)] = pages
+                    room -= 1
+                else:  # cache full of clean pages: drop written-behind pages first, as streaming I/O wants
+                    del pages.pages[idx]
 
     def drop(self, pages: Pages, first: int = 0) -> int:
         """Forget pages ≥ ``first`` (dirty ones too: truncate, unlink, lost writeback); returns dirty bytes dropped."""

@@ -19,27 +19,13 @@ from typing import TYPE_CHECKING
 
 from . import crypto
 from .errors import BlockemuError, NoKeyError
-from .ondisk import csum as csums
 from .ondisk import structs as S
 from .ondisk.items import ExtentContext
 from .pagecache import PAGE
+from .sealer import Sealer
 
 if TYPE_CHECKING:
     from .fs import Filesystem, Inode
-
-
-def _seal(secret: bytearray | None, data: bytes, csum_type: int) -> tuple[bytes, bytes | None, list[bytes]]:
-    """Encrypt (if ``secret``) and checksum one extent; runs in a worker thread."""
-    nonce = None
-    if secret is not None:
-        nonce = os.urandom(crypto.NONCE_SIZE)
-        key = crypto.extent_key(secret, nonce)
-        try:
-            data = bytes(crypto.encrypt_units(key, data))
-        finally:
-            crypto.wipe(key)
-    mv = memoryview(data)
-    return data, nonce, [csums.digest(csum_type, mv[i : i + PAGE]) for i in range(0, len(data), PAGE)]
 
 
 class Writeback:
@@ -51,12 +37,14 @@ class Writeback:
         background_bytes: int = 16 << 20,
         dirty_limit: int = 64 << 20,
         max_extent: int = 1 << 20,
+        seal_workers: int | None = None,
     ) -> None:
         self.fs = fs
         self.interval = interval
         self.background_bytes = background_bytes
         self.dirty_limit = dirty_limit
         self.max_pages = max(1, max_extent // PAGE)
+        self.sealer = Sealer(max_extent=self.max_pages * PAGE, workers=seal_workers)
         self._kick = asyncio.Event()
         self._room = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -76,14 +64,20 @@ class Writeback:
         if self._task is not None:
             await self._task
             self._task = None
+        await self.sealer.close()
 
     def kick(self) -> None:
         self._kick.set()
 
     async def _run(self) -> None:
+        """Write back under memory pressure; commit on the interval. Pressure alone does not
+        commit: data extents join the running transaction, which the interval (or an fsync)
+        makes durable, so sealing never waits behind a device flush it does not need."""
+        loop = asyncio.get_running_loop()
+        last_commit = loop.time()
         while not self._stopping:
             try:
-                await asyncio.wait_for(self._kick.wait(), self.interval)
+                await asyncio.wait_for(self._kick.wait(), max(0.0, last_commit + self.interval - loop.time()))
             except TimeoutError:
                 pass
             self._kick.clear()
@@ -91,7 +85,9 @@ class Writeback:
                 break
             try:
                 await self.flush_all()
-                await self.fs.vol.commit()
+                if loop.time() - last_commit >= self.interval:
+                    await self.fs.vol.commit()
+                    last_commit = loop.time()
             except BlockemuError as e:  # a failed device: recorded on the inodes; keep serving
                 self.fs.last_error = e
             finally:
@@ -109,25 +105,30 @@ class Writeback:
             self.kick()
 
     async def flush_all(self) -> None:
-        for inode in [i for i in self.fs.inodes.values() if i.pages.dirty]:
-            await self.flush_inode(inode)
+        """Every dirty inode at once, so their small extents seal in shared batches."""
+        await asyncio.gather(*(self.flush_inode(i) for i in list(self.fs.inodes.values()) if i.pages.dirty))
 
     async def flush_inode(self, inode: "Inode") -> None:
         async with inode.wb_lock:
             runs = self.cache.take_dirty(inode.pages, self.max_pages)
             inode.inflight += 1
             try:
-                for first, pages in runs:
-                    try:
-                        await self._write_run(inode, first, pages)
-                    except (BlockemuError, OSError) as e:
-                        self._lose(inode, first, len(pages), e)
-                    finally:
-                        self.cache.written(inode.pages, first, len(pages))
-                        self._room.set()
+                # runs seal concurrently (large ones one per worker, small ones batched); each
+                # lands on its own as soon as it is sealed
+                await asyncio.gather(*(self._write_one(inode, run) for run in runs))
             finally:
                 inode.inflight -= 1
             self.fs.maybe_lock(inode)
+
+    async def _write_one(self, inode: "Inode", run: tuple[int, int, bytearray]) -> None:
+        first, count, data = run
+        try:
+            await self._write_run(inode, first, data)
+        except (BlockemuError, OSError) as e:
+            self._lose(inode, first, count, e)
+        finally:
+            self.cache.written(inode.pages, first, count)
+            self._room.set()
 
     def _lose(self, inode: "Inode", first: int, count: int, err: OSError) -> None:
         """The run cannot reach the disk: drop it from the cache (unless rewritten since) and
@@ -140,16 +141,20 @@ class Writeback:
         self.stats["lost_bytes"] += count * PAGE
         self.stats["errors"] += 1
 
-    async def _write_run(self, inode: "Inode", first: int, pages: list[bytes]) -> None:
+    async def _write_run(self, inode: "Inode", first: int, data: bytearray) -> None:
         fs = self.fs
-        data = b"".join(pages)
-        secret = None
+        key = nonce = secret = None
         if inode.key_id is not None:
             secret = fs.keyring.secret_for(inode.key_id, inode.ino)  # ENOKEY once hard-wiped
-        sealed, nonce, digests = await asyncio.to_thread(_seal, secret, data, fs.vol.sb.csum_type)
+            nonce = os.urandom(crypto.NONCE_SIZE)
+            key = crypto.extent_key(secret, nonce)
+        try:
+            sealed, digests = await self.sealer.seal(key, data, fs.vol.sb.csum_type)
+        finally:
+            if key is not None:
+                crypto.wipe(key)
         if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
-            # wiped (hard removal) while we encrypted: what we sealed may have used a torn key
-            raise NoKeyError("Required key not available")
+            raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
         ctx = None
         if nonce is not None:
             ctx = ExtentContext(1, S.CONTENTS_MODE_AES_256_XTS, 12, inode.key_id, nonce)
@@ -168,4 +173,3 @@ class Writeback:
             fs.save_inode(inode)
         self.stats["extents"] += 1
         self.stats["bytes"] += length
-

@@ -119,6 +119,7 @@ async def test_cache_limit_destages_without_making_durable(tmp_path):
     dev = await BlockDevice.open(path, cache_limit=8 * SECTOR)
     log = dev.start_log()
     await dev.write(0, sector(5, 16))
+    await dev.settle()
     assert dev.cached_bytes() == 0 and on_disk(path, 0, SECTOR) == sector(5)
     # destaged data reached the file, but the log still treats it as in doubt
     durable, doubt = log.split(len(log.entries))

@@ -2,7 +2,15 @@
 """Benchmarks: every figure is printed with its ratio to a ceiling measured in the same run,
 so numbers compare across machines and noisy runs.
 
-    python tools/bench.py [btree] [--keys N]
+    python tools/bench.py [btree] [fs] [--keys N] [--mib N]
+
+fs: ceilings first -- the naive fscrypt-compatible pipeline (one AES-256-XTS call per
+4 KiB data unit + crc32c + pwritev + fsync), the physical ceiling (one XTS call per MiB
++ crc32c + pwrite + fsync), aiofiles with one call per 4 KiB write, raw pwrite + fsync
+for random 4 KiB overwrites, host-filesystem file creation -- then the filesystem:
+a sequential encrypted write ending in fsync, 4 KiB random overwrites with an fsync every
+64 writes, 4 KiB buffered writes, 10,000 small files, and the p99 latency of write calls
+made while a flush runs.
 
 btree: 1M-key insert and lookup in the COW B-tree (16 KiB nodes, sans-I/O over a
 real TreeStore and Allocator), then the commit of that tree to an image on disk.
@@ -86,11 +94,154 @@ async def bench_btree(n: int) -> None:
     row("tree blocks written by that commit", blocks, "blocks")
 
 
+def _naive_pipeline(path: str, total: int, per_unit: bool) -> float:
+    """Seconds to encrypt, checksum, write and fsync ``total`` bytes the way a filesystem must."""
+    import crc32c
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = os.urandom(64)
+    algo = algorithms.AES(key)
+    chunk = os.urandom(1 << 20)
+    out = bytearray((1 << 20) + 15)
+    omv = memoryview(out)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    t = time.perf_counter()
+    for off in range(0, total, 1 << 20):
+        if per_unit:
+            for u in range(256):
+                enc = Cipher(algo, modes.XTS(u.to_bytes(16, "little"))).encryptor()
+                enc.update_into(chunk[u * 4096 : (u + 1) * 4096], omv[u * 4096 : u * 4096 + 4111])
+            sums = [crc32c.crc32c(omv[u * 4096 : (u + 1) * 4096]) for u in range(256)]
+            os.pwritev(fd, [omv[: 1 << 20]], off)
+        else:
+            enc = Cipher(algo, modes.XTS(bytes(16))).encryptor()
+            enc.update_into(chunk, omv)
+            sums = [crc32c.crc32c(omv[: 1 << 20])]
+            os.pwrite(fd, omv[: 1 << 20], off)
+        del sums
+    os.fsync(fd)
+    dt = time.perf_counter() - t
+    os.close(fd)
+    os.unlink(path)
+    return dt
+
+
+async def bench_fs(mib: int) -> None:
+    import aiofiles
+
+    import blockemu
+
+    total = mib << 20
+    print(f"Filesystem ({mib} MiB sequential, encrypted; all ratios are against ceilings measured now)")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
+        naive = total / _naive_pipeline(os.path.join(d, "naive"), total, True)
+        physical = total / _naive_pipeline(os.path.join(d, "phys"), total, False)
+        row("ceiling: naive pipeline (XTS per 4 KiB + fsync)", naive / 1e6, "MB/s")
+        row("ceiling: physical (XTS per MiB + fsync)", physical / 1e6, "MB/s")
+
+        n = 5000
+        block = os.urandom(4096)
+        async with aiofiles.open(os.path.join(d, "aio"), "wb") as f:
+            t = time.perf_counter()
+            for _ in range(n):
+                await f.write(block)
+            aio_rate = n / (time.perf_counter() - t)
+        row("ceiling: aiofiles, one call per 4 KiB write", aio_rate, "writes/s")
+
+        fd = os.open(os.path.join(d, "rnd"), os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(fd, 64 << 20)
+        rng = random.Random(2)
+        t = time.perf_counter()
+        for i in range(4096):
+            os.pwrite(fd, block, rng.randrange(16384) * 4096)
+            if i % 64 == 63:
+                os.fsync(fd)
+        raw_rand = 4096 / (time.perf_counter() - t)
+        os.close(fd)
+        row("ceiling: raw pwrite 4 KiB random, fsync/64", raw_rand, "writes/s")
+
+        os.mkdir(os.path.join(d, "many"))
+        t = time.perf_counter()
+        for i in range(10_000):
+            with open(os.path.join(d, "many", str(i)), "wb") as f:
+                f.write(b"x" * 100)
+        host_create = 10_000 / (time.perf_counter() - t)
+        row("ceiling: host fs, 10,000 small files", host_create, "files/s")
+
+        image = os.path.join(d, "fs.img")
+        await blockemu.mkfs(image, size=max(4 * total, 1 << 30))
+        key = os.urandom(64)
+        async with blockemu.mount(image, interval=3600) as fs:
+            kid = await fs.add_key(key)
+            await fs.mkdir("/e")
+            await fs.set_policy("/e", kid)
+            chunk = os.urandom(1 << 20)
+            lat: list[float] = []
+            async with fs.open("/e/seq", "w") as f:
+                t = time.perf_counter()
+                for _ in range(mib):
+                    t0 = time.perf_counter()
+                    await f.write(chunk)
+                    lat.append(time.perf_counter() - t0)
+                await f.fsync()
+                seq = total / (time.perf_counter() - t)
+            row("encrypted sequential write + fsync", seq / 1e6, "MB/s", naive / 1e6, "of naive")
+            row("", seq / 1e6, "MB/s", physical / 1e6, "of physical")
+
+            async with fs.open("/e/rnd", "w+") as f:
+                await f.truncate(64 << 20)
+                t = time.perf_counter()
+                for i in range(4096):
+                    await f.pwrite(block, rng.randrange(16384) * 4096)
+                    if i % 64 == 63:
+                        await f.fsync()
+                rnd = 4096 / (time.perf_counter() - t)
+            row("4 KiB random overwrites, fsync every 64", rnd, "writes/s", raw_rand, "of raw pwrite")
+
+            async with fs.open("/e/buf", "w") as f:
+                t = time.perf_counter()
+                for _ in range(10_000):  # 40 MiB: under the dirty limit, so this is the page cache's speed
+                    await f.write(block)
+                buf = 10_000 / (time.perf_counter() - t)
+            row("4 KiB buffered writes (40 MiB), no fsync", buf, "writes/s", aio_rate, "of aiofiles/call")
+
+            await fs.mkdir("/many")
+            t = time.perf_counter()
+            for i in range(10_000):
+                async with fs.open(f"/many/{i}", "w") as f:
+                    await f.write(b"x" * 100)
+            await fs.sync()
+            created = 10_000 / (time.perf_counter() - t)
+            row("10,000 small files + sync", created, "files/s", host_create, "of host fs")
+
+            # write-call latency while a flush of 64 MiB runs
+            flush_lat: list[float] = []
+            async with fs.open("/e/lat", "w") as f:
+                for _ in range(64):
+                    await f.write(chunk)
+                flusher = asyncio.get_running_loop().create_task(fs.sync())
+                await asyncio.sleep(0)
+                while not flusher.done():
+                    t0 = time.perf_counter()
+                    await f.write(block)
+                    flush_lat.append(time.perf_counter() - t0)
+                    await asyncio.sleep(0)
+                await flusher
+        flush_lat.sort()
+        lat.sort()
+        if flush_lat:
+            row("p99 4 KiB write() latency during a flush", flush_lat[int(len(flush_lat) * 0.99)] * 1e6, "us")
+        row("p99 1 MiB write() latency, sequential run", lat[int(len(lat) * 0.99)] * 1e6, "us")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", choices=[[], "btree"], default=[])
+    ap.add_argument("what", nargs="*", choices=[[], "btree", "fs"], default=[])
     ap.add_argument("--keys", type=int, default=1_000_000)
+    ap.add_argument("--mib", type=int, default=256)
     a = ap.parse_args()
+    if not a.what or "fs" in a.what:
+        asyncio.run(bench_fs(a.mib))
     if not a.what or "btree" in a.what:
         asyncio.run(bench_btree(a.keys))
 
