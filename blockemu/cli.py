@@ -15,12 +15,15 @@ from typing import Any, Awaitable, Callable, NoReturn
 from . import crypto
 from . import inspect as inspect_mod
 from .crypto import MAX_KEY_SIZE, MIN_KEY_SIZE
-from .errors import BlockemuError
+from .errors import BlockemuError, ExistsError
 from .fs import mount
 from .fsck import EXIT_OPERATIONAL, EXIT_USAGE, check, tty_progress
+from .keyring import MODES
 from .mkfs import mkfs
 from .progress import wanted as progress_wanted
 from .units import human
+from .workload.keyrace import RaceResult, run_race, unexpected
+from .workload.keyrace import table as race_table
 
 # every command but fsck: 1 failure, 2 usage error (argparse's convention)
 CMD_FAILURE, CMD_USAGE = 1, 2
@@ -91,6 +94,19 @@ def build_parser() -> Parser:
 
     kid = sub.add_parser("key-id", help="print the fscrypt v2 identifier of a raw key")
     kid.add_argument("--key-file", required=True)
+
+    sp = sub.add_parser("stress", help="stress an image; --scenario key-removal-race runs fstests generic/595")
+    sp.add_argument("image", help="created afresh for the scenario (an existing non-empty file needs --force)")
+    sp.add_argument("--scenario", choices=["key-removal-race"], default="key-removal-race")
+    sp.add_argument("--key-removal", choices=list(MODES), default="soft")
+    sp.add_argument("--compare-modes", action="store_true", help="run under every removal mode and print a table")
+    sp.add_argument("--schedule", choices=["free", "seeded"], default="free",
+                    help="free: concurrent actors for --duration; seeded: --ops interleaved steps from --seed")
+    sp.add_argument("--duration", type=float, default=5.0)
+    sp.add_argument("--ops", type=int, default=3000)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--force", action="store_true")
+    sp.add_argument("--json", action="store_true")
 
     i = sub.add_parser("inspect", help="dump on-disk structures")
     isub = i.add_subparsers(dest="what", required=True, parser_class=Parser)
@@ -227,6 +243,33 @@ def cmd_extents(a: argparse.Namespace) -> int:
     return on_image(a, body)
 
 
+def cmd_stress(a: argparse.Namespace) -> int:
+    seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
+    if os.path.exists(a.image) and os.path.getsize(a.image) and not a.force:
+        raise ExistsError(f"{a.image} exists and is not empty (the scenario makes a fresh image; use --force)")
+    modes = list(MODES) if a.compare_modes else [a.key_removal]
+
+    async def go() -> list[RaceResult]:
+        return [await run_race(m, image=a.image, seed=seed, schedule=a.schedule, steps=a.ops, duration=a.duration)
+                for m in modes]
+
+    results = asyncio.run(go())
+    bad = [r for r in results if unexpected(r)]
+    if a.json:
+        emit_json({"seed": seed, "scenario": a.scenario, "results": [r.as_json() for r in results],
+                   "unexpected_loss": bool(bad)})
+    else:
+        print(f"seed = {seed}")
+        print(race_table(results))
+        print("losses in hard and sync mode are what those semantics cost: expected, but never silent")
+        if bad:
+            again = f"blockemu stress {a.image} --force --seed {seed} --schedule {a.schedule} " + (
+                f"--ops {a.ops}" if a.schedule == "seeded" else f"--duration {a.duration}")
+            print(f"UNEXPECTED LOSS in {', '.join(r.mode for r in bad)}; reproduce with: {again}"
+                  + (f" --key-removal {bad[0].mode}" if len(bad) == 1 else " --compare-modes"))
+    return 1 if bad else 0
+
+
 def cmd_key_id(a: argparse.Namespace) -> int:
     print(crypto.key_identifier(read_key(a.key_file)).hex())
     return 0
@@ -280,7 +323,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "mkfs": cmd_mkfs, "fsck": cmd_fsck, "inspect": cmd_inspect, "ls": cmd_ls, "cat": cmd_cat, "put": cmd_put,
-    "mkdir": cmd_mkdir, "extents": cmd_extents, "key-id": cmd_key_id,
+    "mkdir": cmd_mkdir, "extents": cmd_extents, "key-id": cmd_key_id, "stress": cmd_stress,
 }
 # fsck follows e2fsck's exit codes: 8 operational error, 16 usage error
 FAILURE_CODES = {"fsck": (EXIT_OPERATIONAL, EXIT_USAGE)}

@@ -96,7 +96,8 @@ class Inode:
     inflight: int = 0
     wb_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wb_error: OSError | None = None
-    lost_bytes: int = 0
+    lost_bytes: int = 0  # page bytes writeback had to drop
+    reported_lost: int = 0  # of those, how many an fsync/close error has reported
     data_changed_ns: int = 0  # a write's mtime/ctime, folded into the item when it is saved
 
     @property
@@ -617,8 +618,10 @@ def report_writeback_error(inode: Inode) -> None:
     err, inode.wb_error = inode.wb_error, None
     if err is None:
         return
+    lost, inode.reported_lost = inode.lost_bytes - inode.reported_lost, inode.lost_bytes
     if isinstance(err, (NoKeyError, DeviceIOError)):
-        raise type(err)(f"{err} (writeback of inode {inode.ino} failed: {inode.lost_bytes} bytes lost)")
+        err = type(err)(f"{err} (writeback of inode {inode.ino} failed: {lost} bytes lost)")
+    err.lost_bytes = lost  # type: ignore[attr-defined]
     raise err
 
 
@@ -680,12 +683,11 @@ class File:
         if fs.cache.dirty_bytes > fs.writeback.dirty_limit:
             await fs.writeback.wait_for_room()
         mv = memoryview(data)
-        pages, cache = inode.pages.pages, fs.cache
-        pos, end = offset, offset + n
+        end = offset + n
         head = -offset % PAGE
         whole = (n - head) // PAGE if n > head else 0
         if whole > 1:  # the aligned middle of a large write, in one go
-            cache.put_dirty(inode.pages, (offset + head) // PAGE, mv[head : head + whole * PAGE])
+            fs.cache.put_dirty(inode.pages, (offset + head) // PAGE, mv[head : head + whole * PAGE])
             if head:
                 await self._write_pages(mv[:head], offset)
             tail = head + whole * PAGE

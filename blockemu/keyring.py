@@ -27,6 +27,8 @@ and its secret and every derived key zeroed).
 from __future__ import annotations
 
 import enum
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from . import crypto
@@ -76,6 +78,7 @@ class MasterKey:
     users: set[int] = field(default_factory=set)
     leases: set[int] = field(default_factory=set)  # inode numbers holding the key
     deny_dirtying: bool = False
+    removal_started: float | None = None  # time.monotonic() of the removal that emptied the claims
 
     @property
     def state(self) -> State:
@@ -131,11 +134,12 @@ class Keyring:
             raise InvalidArgument(f"bad key_removal mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = mode
         self.keys: dict[bytes, MasterKey] = {}
-        self.wiped: list[bytearray] = []  # kept only so tests can prove the zeroing happened
+        self.wiped: deque[bytearray] = deque(maxlen=16)  # the last zeroed secrets, so tests can check them
         # Removals that completed when the last lease went. The kernel keeps such a key until
         # the removal is retried (its dentries pin the inode); we wipe at once, and remember
         # that one retry is owed a success, so generic/580's "close, remove again" reads the same.
         self.completed: set[bytes] = set()
+        self.wipe_delays: list[float] = []  # seconds from removal start to wipe, per wipe
 
     def _transition(self, mk: MasterKey, event: Event, apply: "callable") -> State:
         before = mk.state
@@ -155,6 +159,8 @@ class Keyring:
             crypto.wipe(mk.secret)
             self.wiped.append(mk.secret)
             mk.secret = None
+            if mk.removal_started is not None:
+                self.wipe_delays.append(time.monotonic() - mk.removal_started)
 
     # ------------------------------------------------------------------ ioctls
 
@@ -175,6 +181,7 @@ class Keyring:
                 crypto.wipe(secret)
             mk.users.add(user)
             mk.deny_dirtying = False
+            mk.removal_started = None
 
         self._transition(mk, E.ADD, apply)
         return ident.hex()
@@ -196,6 +203,8 @@ class Keyring:
         if mk.users and not all_users and mk.users - {user}:
             self._transition(mk, E.REMOVE_CLAIM, lambda: mk.users.discard(user))
             return mk, False
+        if mk.state is S.PRESENT:
+            mk.removal_started = time.monotonic()
         self._transition(mk, E.REMOVE_LAST, mk.users.clear)
         if self.mode == "hard":
             self._wipe(mk)

@@ -1,0 +1,1 @@
+"""Workloads and scenarios: scripted async jobs against a mounted image."""

@@ -1,0 +1,225 @@
+"""The fstests generic/595 race, under each key-removal semantics.
+
+One actor adds and removes the master key in a loop; another re-opens the file
+in append mode, writes one byte and closes it, recording each append that was
+acknowledged (open, write and close all succeeded). At the end the key is
+added back, the file is fsync'ed (collecting any pending writeback error) and
+read: every acknowledged byte must be there. What each removal mode loses --
+and whether the loss was reported by a later close/fsync error or went silent
+-- is the measurement.
+
+Two schedules: ``free`` runs the actors as concurrent tasks for a duration,
+with background writeback on a short interval; ``seeded`` steps the actors
+(key, appender, writeback) one operation at a time in an order drawn from a
+seeded RNG, so an interleaving replays exactly from its seed.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import AsyncIterator
+
+from ..fs import Filesystem, mount
+from ..keyring import MODES
+from ..mkfs import mkfs
+
+KEY = bytes(range(1, 65))  # fstests' TEST_RAW_KEY pattern: 0x01..0x40
+PATH = "/dir/file"
+
+
+@dataclass
+class RaceResult:
+    mode: str
+    seed: int
+    schedule: str
+    attempted: int = 0
+    acknowledged: int = 0
+    refused: int = 0  # appends that failed with ENOKEY (open or write): refused, not lost
+    lost: int = 0  # acknowledged appends missing from the file at the end
+    lost_reported: int = 0  # of those, how many a later close/fsync error reported
+    removals: int = 0
+    wipes: int = 0
+    wipe_delay_max_ms: float = 0.0
+    wipe_delay_mean_ms: float = 0.0
+    other_errors: list[str] = field(default_factory=list)
+
+    @property
+    def silent(self) -> int:
+        return self.lost - self.lost_reported
+
+    def as_json(self) -> dict:
+        return {**asdict(self), "silent": self.silent}
+
+
+class Race:
+    def __init__(self, fs: Filesystem, result: RaceResult, rng: random.Random) -> None:
+        self.fs = fs
+        self.r = result
+        self.rng = rng
+        self.kid = ""
+        self.acked: list[tuple[int, int, int]] = []  # (offset, byte, report events before ack)
+        self.reports: int = 0  # close/fsync errors that reported a writeback loss
+
+    async def setup(self) -> None:
+        self.kid = await self.fs.add_key(KEY)
+        await self.fs.mkdir("/dir")
+        await self.fs.set_policy("/dir", self.kid)
+        async with self.fs.open(PATH, "w"):
+            pass
+
+    def _note_error(self, e: OSError) -> None:
+        if getattr(e, "lost_bytes", 0):
+            self.reports += 1
+        elif e.errno == errno.ENOKEY:
+            self.r.refused += 1
+        else:
+            self.r.other_errors.append(f"{type(e).__name__}: {e}")
+
+    async def appender(self) -> AsyncIterator[None]:
+        """One append per three steps: open, write, close -- like ``echo -n X >> file``."""
+        n = 0
+        while True:
+            self.r.attempted += 1
+            byte = 0x41 + n % 26
+            n += 1
+            try:
+                f = await self.fs.open(PATH, "a")
+            except OSError as e:
+                self._note_error(e)
+                yield
+                continue
+            yield
+            ok = True
+            try:
+                off = f.inode.size
+                await f.write(bytes([byte]))
+            except OSError as e:
+                self._note_error(e)
+                ok = False
+            yield
+            try:
+                await f.close()
+            except OSError as e:
+                self._note_error(e)
+                ok = False
+            if ok:
+                self.r.acknowledged += 1
+                self.acked.append((off, byte, self.reports))
+            yield
+
+    async def key_loop(self) -> AsyncIterator[None]:
+        while True:
+            await self.fs.add_key(KEY)
+            yield
+            try:
+                await self.fs.remove_key(self.kid)
+                self.r.removals += 1
+            except OSError as e:
+                self._note_error(e)
+            yield
+
+    async def writeback(self) -> AsyncIterator[None]:
+        while True:
+            await self.fs.writeback.flush_all()
+            yield
+            if self.rng.random() < 0.3:
+                await self.fs.vol.commit()
+                yield
+
+    async def finish(self) -> None:
+        """Re-add the key, fsync to collect pending errors, and check every acknowledged byte."""
+        await self.fs.add_key(KEY)
+        async with self.fs.open(PATH, "r+") as f:
+            try:
+                await f.fsync()
+            except OSError as e:
+                self._note_error(e)
+            data = await f.pread(1 << 30, 0)
+        for off, byte, reports_before in self.acked:
+            if off >= len(data) or data[off] != byte:
+                self.r.lost += 1
+                self.r.lost_reported += self.reports > reports_before
+        delays = self.fs.keyring.wipe_delays
+        self.r.wipes = len(delays)
+        if delays:
+            self.r.wipe_delay_max_ms = round(max(delays) * 1000, 3)
+            self.r.wipe_delay_mean_ms = round(sum(delays) / len(delays) * 1000, 3)
+
+
+async def run_race(
+    mode: str,
+    *,
+    image: str | None = None,
+    force: bool = True,
+    seed: int = 0,
+    schedule: str = "seeded",
+    steps: int = 2000,
+    duration: float = 2.0,
+) -> RaceResult:
+    """Run the race on ``image`` (a fresh temporary one by default) under removal ``mode``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = image or os.path.join(tmp, "race.img")
+        await mkfs(path, size="64M", force=force)
+        interval = 3600.0 if schedule == "seeded" else 0.005
+        result = RaceResult(mode, seed, schedule)
+        rng = random.Random(seed)
+        async with mount(path, key_removal=mode, interval=interval) as fs:
+            race = Race(fs, result, rng)
+            await race.setup()
+            actors = [race.key_loop(), race.appender()]
+            if schedule == "seeded":
+                actors.append(race.writeback())
+                for _ in range(steps):
+                    await anext(rng.choice(actors))
+            else:
+                await _free_run(actors, duration, rng)
+            for a in actors:
+                await a.aclose()
+            await race.finish()
+        return result
+
+
+async def _free_run(actors: list[AsyncIterator[None]], duration: float, rng: random.Random) -> None:
+    deadline = time.monotonic() + duration
+
+    async def drive(actor: AsyncIterator[None]) -> None:
+        while time.monotonic() < deadline:
+            await anext(actor)
+            for _ in range(rng.randrange(3)):  # let the other actor and writeback interleave, unevenly
+                await asyncio.sleep(0)
+
+    await asyncio.gather(*(drive(a) for a in actors))
+
+
+async def compare_modes(*, image: str | None = None, seed: int = 0, schedule: str = "seeded", steps: int = 2000,
+                        duration: float = 2.0) -> list[RaceResult]:
+    return [await run_race(m, image=image, seed=seed, schedule=schedule, steps=steps, duration=duration) for m in MODES]
+
+
+# Modes whose design loses acknowledged writes: hard wipes under dirty data; sync wipes
+# while files stay open, so writes after its writeback pass are lost. Reported, always.
+LOSSY_MODES = ("hard", "sync")
+
+
+def unexpected(r: RaceResult) -> bool:
+    """A loss nobody declared: any loss in soft or deny-writes mode, and any silent loss at all."""
+    return r.silent > 0 or (r.lost > 0 and r.mode not in LOSSY_MODES) or bool(r.other_errors)
+
+
+COLUMNS = [("mode", "mode"), ("attempted", "attempted"), ("acknowledged", "acked"), ("refused", "ENOKEY"),
+           ("lost", "acked+lost"), ("lost_reported", "lost,reported"), ("silent", "lost,silent"),
+           ("wipe_delay_max_ms", "remove->wipe max ms")]
+
+
+def table(results: list[RaceResult]) -> str:
+    rows = [[str(getattr(r, k)) for k, _ in COLUMNS] for r in results]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, (_, h) in enumerate(COLUMNS)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line([h for _, h in COLUMNS]), *(line(r) for r in rows)])

@@ -1,0 +1,240 @@
+"""The keyring: fscrypt semantics (fstests generic/580, 581, 595), soft removal with leases,
+the other removal modes, and the wipe of every secret."""
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+import blockemu
+from blockemu.errors import InvalidArgument, NoKeyError
+from blockemu.keyring import TRANSITIONS, Keyring, State
+from blockemu.workload.keyrace import run_race
+
+KEY = bytes(range(1, 65))
+KID = "69b2f6edeee720cce0577937eb8a6751"
+
+
+class ErrnoCheck:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        assert isinstance(exc, OSError) and exc.errno == self.code, exc
+        return True
+
+
+@pytest.fixture
+async def fs(tmp_path):
+    path = str(tmp_path / "k.img")
+    await blockemu.mkfs(path, size="32M")
+    f = await blockemu.mount(path, interval=3600)
+    yield f
+    await f.unmount()
+
+
+# ------------------------------------------------------------------ the state machine alone
+
+def test_keyring_claims_and_status_texts():
+    kr = Keyring()
+    assert str(kr.key_status(KID)) == "Absent"
+    assert kr.add_key(KEY, user=0) == KID
+    assert str(kr.key_status(KID, 0)) == "Present (user_count=1, added_by_self)"
+    assert str(kr.key_status(KID, 1000)) == "Present (user_count=1)"
+    with pytest.raises(NoKeyError):
+        kr.begin_removal(KID, user=1000)  # never added by this user
+    kr.add_key(KEY, user=1000)
+    assert str(kr.key_status(KID, 1000)) == "Present (user_count=2, added_by_self)"
+    kr.add_key(KEY, user=1000)  # an existing claim: nothing changes
+    assert kr.key_status(KID, 1000).user_count == 2
+    mk, started = kr.begin_removal(KID, user=1000)
+    assert not started and str(kr.key_status(KID, 1000)) == "Present (user_count=1)"
+    mk, started = kr.begin_removal(KID, user=1000, all_users=True)
+    assert started and str(kr.finish_removal(mk)) == f"Removed encryption key with identifier {KID}"
+    assert kr.key_status(KID).state is State.ABSENT and kr.wiped[-1] == bytes(64)
+    with pytest.raises(NoKeyError):
+        kr.begin_removal(KID)
+
+
+def test_keyring_rejects_bad_input():
+    kr = Keyring()
+    with pytest.raises(InvalidArgument):
+        kr.add_key(b"short")
+    with pytest.raises(InvalidArgument):
+        kr.add_key(b"x" * 65)
+    with pytest.raises(InvalidArgument):
+        kr.key_status("not-hex")
+    with pytest.raises(InvalidArgument):
+        Keyring("bogus")
+
+
+def test_leases_keep_a_removed_key_until_the_last_lets_go():
+    kr = Keyring("soft")
+    ident = bytes.fromhex(kr.add_key(KEY))
+    kr.lease(ident, 257)
+    kr.lease(ident, 258)
+    secret = kr.secret_for(ident, 257)
+    mk, _ = kr.begin_removal(KID)
+    assert kr.finish_removal(mk).files_busy
+    assert str(kr.key_status(KID)) == "Incompletely removed"
+    with pytest.raises(NoKeyError):
+        kr.lease(ident, 259)  # no new unlocks
+    kr.lease(ident, 257)  # an unlocked inode may re-open
+    assert kr.secret_for(ident, 258) is secret and any(secret)  # still usable by holders
+    kr.release(ident, 257)
+    assert any(secret)
+    kr.release(ident, 258)
+    assert secret == bytes(64) and kr.key_status(KID).state is State.ABSENT
+    with pytest.raises(NoKeyError):
+        kr.secret_for(ident, 258)
+
+
+def test_re_adding_an_incompletely_removed_key_revives_it():
+    kr = Keyring("soft")
+    ident = bytes.fromhex(kr.add_key(KEY))
+    kr.lease(ident, 300)
+    kr.finish_removal(kr.begin_removal(KID)[0])
+    kr.add_key(KEY)
+    assert str(kr.key_status(KID)) == "Present (user_count=1, added_by_self)"
+    kr.lease(ident, 301)
+
+
+def test_hard_mode_wipes_at_once_despite_leases():
+    kr = Keyring("hard")
+    ident = bytes.fromhex(kr.add_key(KEY))
+    kr.lease(ident, 257)
+    secret = kr.secret_for(ident, 257)
+    kr.finish_removal(kr.begin_removal(KID)[0])
+    assert secret == bytes(64)
+    with pytest.raises(NoKeyError):
+        kr.secret_for(ident, 257)
+    assert str(kr.key_status(KID)) == "Incompletely removed"
+
+
+def test_transition_table_is_enforced():
+    kr = Keyring()
+    ident = bytes.fromhex(kr.add_key(KEY))
+    mk = kr.keys[ident]
+    from blockemu.keyring import Event
+    with pytest.raises(AssertionError, match="illegal transition"):
+        kr._transition(mk, Event.LEASE, lambda: mk.users.clear())  # a lease cannot drop claims
+    assert (State.ABSENT, Event.LEASE, True) not in TRANSITIONS
+
+
+# ------------------------------------------------------------------ fstests, through the filesystem
+
+async def test_generic_580_v2_sequence(fs):
+    assert str(fs.key_status(KID)) == "Absent"
+    await fs.mkdir("/dir")
+    with ErrnoCheck(errno.ENOKEY):
+        await fs.set_policy("/dir", KID)
+    kid = await fs.add_key(KEY)
+    assert kid == KID
+    await fs.set_policy("/dir", kid)
+    assert str(fs.key_status(kid)) == "Present (user_count=1, added_by_self)"
+    for name in ("file", "file2"):
+        async with fs.open(f"/dir/{name}", "w") as f:
+            await f.write(b"contents\n")
+    f3 = await fs.open("/dir/file", "r")  # exec 3< dir/file
+    r = await fs.remove_key(kid)
+    assert str(r) == f"Removed encryption key with identifier {kid}, but files still busy"
+    assert str(fs.key_status(kid)) == "Incompletely removed"
+    with ErrnoCheck(errno.ENOKEY):
+        await fs.open("/dir/file2", "r")  # the non-open file was locked
+    async with fs.open("/dir/file", "r") as again:  # the busy one can be opened again
+        assert await again.read() == b"contents\n"
+    assert await f3.read() == b"contents\n"
+    await f3.close()
+    r = await fs.remove_key(kid)
+    assert str(r) == f"Removed encryption key with identifier {kid}"
+    assert str(fs.key_status(kid)) == "Absent"
+    with ErrnoCheck(errno.ENOKEY):
+        await fs.remove_key(kid)  # "Error removing encryption key: Required key not available"
+    with ErrnoCheck(errno.ENOKEY):
+        await fs.open("/dir/file", "r")
+    with ErrnoCheck(errno.ENOKEY):
+        await fs.open("/dir/new", "w")  # creating in the locked directory needs the key
+
+
+async def test_generic_581_claims(fs):
+    kid = await fs.add_key(KEY, user=0)
+    await fs.mkdir("/d")
+    with ErrnoCheck(errno.ENOKEY):
+        await fs.set_policy("/d", kid, user=1000)  # the user has no claim
+    with ErrnoCheck(errno.ENOKEY):
+        await fs.remove_key(kid, user=1000)
+    assert str(fs.key_status(kid, user=1000)) == "Present (user_count=1)"
+    await fs.add_key(KEY, user=1000)
+    assert str(fs.key_status(kid, user=1000)) == "Present (user_count=2, added_by_self)"
+    r = await fs.remove_key(kid, user=1000)
+    assert r.other_users and str(r) == f"Removed user's claim to encryption key with identifier {kid}"
+    assert str(fs.key_status(kid, user=1000)) == "Present (user_count=1)"
+    await fs.add_key(KEY, user=1000)
+    r = await fs.remove_key(kid, user=0, all_users=True)
+    assert not r.other_users and str(fs.key_status(kid)) == "Absent"
+
+
+async def test_generic_595_single_threaded(tmp_path):
+    path = str(tmp_path / "595.img")
+    await blockemu.mkfs(path, size="32M")
+    async with blockemu.mount(path, interval=3600) as fs:
+        kid = await fs.add_key(KEY)
+        await fs.mkdir("/dir")
+        await fs.set_policy("/dir", kid)
+        f = await fs.open("/dir/file", "w")  # exec 3>$dir/file
+        r = await fs.remove_key(kid)
+        assert str(r).endswith("but files still busy")
+        await f.write(b"contents\n")  # echo contents >&3, after the removal
+        await f.close()  # exec 3>&-
+        await fs.sync()  # drop_caches writes back; the dirty inode must not have been dropped
+        assert str(fs.key_status(kid)) == "Absent"
+        assert str(await fs.add_key(KEY)) == kid
+        async with fs.open("/dir/file") as f:
+            assert await f.read() == b"contents\n"
+    async with blockemu.mount(path) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/dir/file") as f:
+            assert await f.read() == b"contents\n"
+
+
+async def test_locking_drops_plaintext_and_wipes_when_idle(fs):
+    kid = await fs.add_key(KEY)
+    await fs.mkdir("/d")
+    await fs.set_policy("/d", kid)
+    f = await fs.open("/d/a", "w")
+    await f.write(b"secret data" * 1000)
+    secret = fs.keyring.keys[bytes.fromhex(kid)].secret
+    await fs.remove_key(kid)
+    inode = f.inode
+    assert inode.pages.pages and any(secret)  # open: still unlocked
+    await f.close()
+    assert not inode.pages.pages  # locked again: its plaintext is gone...
+    assert secret == bytes(64)  # ...and so is the key
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("mode", ["soft", "hard", "sync", "deny-writes"])
+async def test_generic_595_race_deterministic(mode, seed):
+    r = await run_race(mode, seed=seed, schedule="seeded", steps=600)
+    assert r.silent == 0, r  # a lost acknowledged write is never silent
+    assert not r.other_errors, r.other_errors
+    assert r.acknowledged > 0 and r.removals > 0
+    if mode in ("soft", "deny-writes"):
+        assert r.lost == 0, r
+
+
+async def test_hard_mode_loses_what_soft_keeps():
+    """The bug the project exists for: under the same schedules, hard loses acknowledged appends."""
+    hard = [await run_race("hard", seed=s, schedule="seeded", steps=600) for s in range(6)]
+    assert sum(r.lost for r in hard) > 0
+    assert all(r.lost == r.lost_reported for r in hard)
+
+
+@pytest.mark.parametrize("mode", ["soft", "deny-writes"])
+async def test_generic_595_race_free_running(mode):
+    r = await run_race(mode, seed=3, schedule="free", duration=1.0)
+    assert r.lost == 0 and r.silent == 0 and not r.other_errors, r
+    assert r.acknowledged > 10
