@@ -4,8 +4,10 @@ Passes, in the order ``btrfs check`` runs them: superblocks; every tree block
 reached from the root tree (checksum, fsid, bytenr, level, owner, key order,
 item bounds, parent generation, child keys inside the parent's range, loops);
 the extent tree against the tree blocks actually found; the free-space record
-against the extents. It never writes. Work is bounded: each block is read at
-most once, and a block reached twice is reported, not followed again.
+against the extents; then, in ``fsck_fs``, inodes and directories, file extents
+against the extent tree, checksums (and with ``check_data`` every data sector),
+and encryption. It never writes. Work is bounded: each block is read at most
+once, and a block reached twice is reported, not followed again.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import fsck_fs
 from .errors import BlockemuError, CorruptionError
 from .image import ImageFile
 from .ondisk import structs as S
@@ -21,7 +24,7 @@ from .ondisk.items import ExtentItem, RootItem
 from .transaction import SUBTREES, TreeStore, usable_ranges
 
 EXIT_CLEAN, EXIT_CORRECTED, EXIT_UNCORRECTED, EXIT_OPERATIONAL, EXIT_USAGE = 0, 1, 4, 8, 16
-PHASES = ("superblock", "tree blocks", "extents", "free space")
+PHASES = ("superblock", "tree blocks", "extents", "free space", "fs roots", "csums", "encryption")
 
 
 @dataclass
@@ -173,6 +176,7 @@ class Checker:
     def check_extents(self, sb: Any) -> list[tuple[int, int]]:
         """Every tree block has exactly one METADATA_ITEM naming its tree, and vice versa."""
         self.progress(3, PHASES[2])
+        self.data_extents: dict[int, tuple[int, ExtentItem]] = {}
         recorded: dict[int, tuple[int, ExtentItem]] = {}
         extents: list[tuple[int, int, tuple]] = []
         for key, body in self.items.get(S.EXTENT_TREE_OBJECTID, []):
@@ -189,6 +193,10 @@ class Checker:
             extents.append((bytenr, length, key))
             if typ == S.METADATA_ITEM:
                 recorded[bytenr] = (off, item)
+            elif not item.flags & S.EXTENT_FLAG_DATA:
+                self.error("BAD_ITEM", f"EXTENT_ITEM {key} lacks the DATA flag", S.EXTENT_TREE_OBJECTID, bytenr, key)
+            else:
+                self.data_extents[bytenr] = (off, item)
         extents.sort()
         for (s1, n1, k1), (s2, _, k2) in zip(extents, extents[1:]):
             if s2 < s1 + n1:
@@ -255,6 +263,15 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         ck.check_trees(sb)
         extents = ck.check_extents(sb)
         ck.check_free_space(sb, extents)
+        ck.progress(5, PHASES[4])
+        items = fsck_fs.collect(ck)
+        fsck_fs.check_inodes(ck, items)
+        fsck_fs.check_file_extents(ck, items, ck.data_extents)
+        ck.progress(6, "csums against data" if check_data else "csums (without verifying data)")
+        fsck_fs.check_csums(ck, sb, ck.data_extents, img.read if check_data else None, lambda n: None)
+        ck.progress(7, PHASES[6])
+        fsck_fs.check_encryption(ck, items)
+        report.stats["inodes"] = len(items.inodes)
     return report
 
 

@@ -1,0 +1,253 @@
+"""fsck passes over the filesystem's items: inodes and directories, data-extent
+references, checksums, encryption. They work on the items the structural pass
+collected (``Checker.items``), so nothing here reads a tree block again.
+
+Each check names its class (the ``code`` of DESIGN §6) after the btrfs-check
+or e2fsck problem it mirrors, and says where: tree, bytenr, key.
+"""
+from __future__ import annotations
+
+import stat as st
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from .errors import CorruptionError
+from .ondisk import csum as csums
+from .ondisk import structs as S
+from .ondisk.fast import INODE_ENCRYPTION_CONTEXT
+from .ondisk.items import DirEntry, ExtentItem, FileExtent, InodeItem, InodeRef, unpack_dir_entries
+
+if TYPE_CHECKING:
+    from .fsck import Checker
+
+FS = S.FS_TREE_OBJECTID
+PAGE = S.SECTOR_SIZE
+ROOT_INO = S.FIRST_FREE_OBJECTID
+
+
+def name_hash(name: bytes) -> int:
+    from .fs import name_hash as h
+
+    return h(name)
+
+
+@dataclass
+class FsItems:
+    """The fs tree, decoded and indexed for cross-checks."""
+
+    inodes: dict[int, InodeItem] = field(default_factory=dict)
+    refs: dict[int, list[tuple[int, InodeRef]]] = field(default_factory=lambda: defaultdict(list))
+    dir_items: dict[tuple[int, int], list[DirEntry]] = field(default_factory=dict)
+    dir_index: dict[tuple[int, int], DirEntry] = field(default_factory=dict)
+    extents: dict[int, list[tuple[int, FileExtent]]] = field(default_factory=lambda: defaultdict(list))
+    policies: dict[int, bytes] = field(default_factory=dict)
+    orphans: set[int] = field(default_factory=set)
+    owners: set[int] = field(default_factory=set)  # every objectid with any item
+
+
+def collect(ck: "Checker") -> FsItems:
+    fi = FsItems()
+    for key, body in ck.items.get(FS, []):
+        oid, typ, off = key
+        try:
+            if oid == S.ORPHAN_OBJECTID and typ == S.ORPHAN_ITEM:
+                fi.orphans.add(off)
+                continue
+            fi.owners.add(oid)
+            if typ == S.INODE_ITEM:
+                fi.inodes[oid] = InodeItem.unpack(body)
+            elif typ == S.INODE_REF:
+                fi.refs[oid].append((off, InodeRef.unpack(body)))
+            elif typ == S.DIR_ITEM:
+                fi.dir_items[(oid, off)] = unpack_dir_entries(body)
+            elif typ == S.DIR_INDEX:
+                entries = unpack_dir_entries(body)
+                if len(entries) != 1:
+                    raise CorruptionError(f"DIR_INDEX holds {len(entries)} names", "BAD_ITEM")
+                fi.dir_index[(oid, off)] = entries[0]
+            elif typ == S.EXTENT_DATA:
+                fi.extents[oid].append((off, FileExtent.unpack(body)))
+            elif typ == S.FSCRYPT_CTXT_ITEM:
+                if len(body) != INODE_ENCRYPTION_CONTEXT.size:
+                    raise CorruptionError(f"encryption context of {len(body)} bytes", "BAD_ENCRYPTION_CONTEXT")
+                v = INODE_ENCRYPTION_CONTEXT.unpack(body)
+                if v[0] != 2 or v[1] != S.CONTENTS_MODE_AES_256_XTS:
+                    raise CorruptionError(f"encryption context version {v[0]} mode {v[1]}", "BAD_ENCRYPTION_CONTEXT")
+                fi.policies[oid] = v[5]
+            else:
+                raise CorruptionError(f"unknown item type {typ}", "UNKNOWN_KEY")
+        except CorruptionError as e:
+            ck.error(e.kind, f"fs tree item {key}: {e}", FS, key=key)
+    return fi
+
+
+def check_inodes(ck: "Checker", fi: FsItems) -> None:
+    """The INODE_ITEM / INODE_REF / DIR_ITEM / DIR_INDEX triangle, link counts and sizes."""
+    if ROOT_INO not in fi.inodes or not st.S_ISDIR(fi.inodes[ROOT_INO].mode):
+        ck.error("MISSING_INODE", "the root directory (inode 256) is missing or not a directory", FS, key=(ROOT_INO, 1, 0))
+    for oid in sorted(fi.owners - fi.inodes.keys()):
+        ck.error("MISSING_INODE", f"items of inode {oid}, which has no INODE_ITEM", FS, key=(oid, S.INODE_ITEM, 0))
+    subdirs: dict[int, int] = defaultdict(int)
+    names: dict[int, int] = defaultdict(int)
+    for (d, idx), e in sorted(fi.dir_index.items()):
+        child = e.location[0]
+        names[d] += 2 * len(e.name)
+        if d not in fi.inodes or not st.S_ISDIR(fi.inodes[d].mode):
+            ck.error("DANGLING_ENTRY", f"DIR_INDEX {idx} of {d}, which is not a directory", FS, key=(d, S.DIR_INDEX, idx))
+        if child not in fi.inodes:
+            ck.error("DANGLING_ENTRY", f"entry {e.name!r} in directory {d} points to missing inode {child}", FS,
+                     key=(d, S.DIR_INDEX, idx))
+            continue
+        if st.S_ISDIR(fi.inodes[child].mode):
+            subdirs[d] += 1
+        if not any(p == d and r.index == idx and r.name == e.name for p, r in fi.refs.get(child, [])):
+            ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} (index {idx}) in {d} has no matching INODE_REF in {child}",
+                     FS, key=(child, S.INODE_REF, d))
+        bucket = fi.dir_items.get((d, name_hash(e.name)), [])
+        if not any(x.name == e.name and x.location == e.location for x in bucket):
+            ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} in {d} has a DIR_INDEX but no DIR_ITEM", FS,
+                     key=(d, S.DIR_ITEM, name_hash(e.name)))
+    indexed = {(d, e.name) for (d, _), e in fi.dir_index.items()}
+    for (d, h), entries in sorted(fi.dir_items.items()):
+        for e in entries:
+            if name_hash(e.name) != h:
+                ck.error("DIR_ITEM_MISMATCH", f"DIR_ITEM {h} of {d} holds {e.name!r}, whose hash is {name_hash(e.name)}",
+                         FS, key=(d, S.DIR_ITEM, h))
+            elif (d, e.name) not in indexed:
+                ck.error("DIR_ITEM_MISMATCH", f"DIR_ITEM {e.name!r} in {d} has no DIR_INDEX", FS, key=(d, S.DIR_ITEM, h))
+    for ino, item in sorted(fi.inodes.items()):
+        refs = fi.refs.get(ino, [])
+        if ino == ROOT_INO:  # the root's ".." reference to itself, as btrfs keeps it
+            refs = [(p, r) for p, r in refs if not (p == ROOT_INO and r.name == b"..")]
+        for parent, r in refs:
+            if fi.dir_index.get((parent, r.index), None) is None:
+                ck.error("DIR_ITEM_MISMATCH", f"INODE_REF of {ino} names {r.name!r} in {parent}, which has no such entry",
+                         FS, key=(ino, S.INODE_REF, parent))
+        is_dir = st.S_ISDIR(item.mode)
+        if ino == ROOT_INO:
+            want = 2 + subdirs[ino]
+        elif is_dir:
+            want = (2 + subdirs[ino]) if refs else 0
+        else:
+            want = len(refs)
+        if item.nlink != want:
+            ck.error("NLINK_MISMATCH", f"inode {ino} nlink {item.nlink}, found {want}", FS, key=(ino, S.INODE_ITEM, 0))
+        if not refs and ino != ROOT_INO and ino not in fi.orphans:
+            ck.error("ORPHAN", f"inode {ino} has no name and no orphan item", FS, key=(ino, S.INODE_ITEM, 0))
+        if is_dir and item.size != names[ino]:
+            ck.error("ISIZE_MISMATCH", f"directory {ino} size {item.size}, its names add up to {names[ino]}", FS,
+                     key=(ino, S.INODE_ITEM, 0))
+    for ino in sorted(fi.orphans - fi.inodes.keys()):
+        ck.error("ORPHAN", f"orphan item for missing inode {ino}", FS, key=(S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, ino))
+
+
+def check_file_extents(ck: "Checker", fi: FsItems, data: dict[int, tuple[int, ExtentItem]]) -> None:
+    """File extents against the inode (size, nbytes, overlap) and the extent tree (refs and backrefs)."""
+    found: dict[int, dict[tuple[int, int], int]] = defaultdict(lambda: defaultdict(int))
+    for ino, maps in sorted(fi.extents.items()):
+        item = fi.inodes.get(ino)
+        end = nbytes = 0
+        for off, fe in sorted(maps, key=lambda m: m[0]):
+            key = (ino, S.EXTENT_DATA, off)
+            if off < end:
+                ck.error("FILE_EXTENT_OVERLAP", f"inode {ino}: extent at {off} overlaps the previous one ending at {end}",
+                         FS, key=key)
+            end = max(end, off + fe.num_bytes)
+            nbytes += fe.num_bytes
+            if fe.type != S.FILE_EXTENT_REG or off % PAGE or fe.num_bytes % PAGE or fe.offset % PAGE:
+                ck.error("BAD_FILE_EXTENT", f"inode {ino}: extent at {off} is not a sector-aligned regular extent", FS, key=key)
+            if fe.offset + fe.num_bytes > fe.disk_num_bytes:
+                ck.error("BAD_FILE_EXTENT", f"inode {ino}: extent at {off} reaches past its data extent", FS, key=key)
+            if fe.disk_bytenr not in data or data[fe.disk_bytenr][0] != fe.disk_num_bytes:
+                ck.error("EXTENT_REF_MISMATCH", f"inode {ino}: extent at {off} points to [{fe.disk_bytenr}, "
+                         f"+{fe.disk_num_bytes}), which the extent tree does not hold", FS, fe.disk_bytenr, key)
+            found[fe.disk_bytenr][(ino, off - fe.offset)] += 1
+        if item is not None:
+            if end > -(-item.size // PAGE) * PAGE:
+                ck.error("ISIZE_MISMATCH", f"inode {ino}: size {item.size} but extents reach {end}", FS,
+                         key=(ino, S.INODE_ITEM, 0))
+            if item.nbytes != nbytes:
+                ck.error("NBYTES_MISMATCH", f"inode {ino}: nbytes {item.nbytes}, extents add up to {nbytes}", FS,
+                         key=(ino, S.INODE_ITEM, 0))
+    for bytenr, (length, ei) in sorted(data.items()):
+        refs = found.get(bytenr, {})
+        backrefs = {(r[2], r[3]): r[4] for r in ei.refs if r[0] == "data"}
+        total = sum(refs.values())
+        if total != ei.refs_count or backrefs != dict(refs):
+            ck.error("EXTENT_REF_MISMATCH", f"data extent [{bytenr}, +{length}]: refs {ei.refs_count} backrefs "
+                     f"{sorted(backrefs.items())}, found {total} references {sorted(refs.items())}",
+                     S.EXTENT_TREE_OBJECTID, bytenr, (bytenr, S.EXTENT_ITEM, length))
+
+
+def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read: Callable[[int, int], bytes] | None,
+                advance: Callable[[int], None]) -> None:
+    """Every data sector has exactly one checksum, and (with ``read``) matches it."""
+    size = csums.csum_size(sb.csum_type)
+    sums: dict[int, bytes] = {}
+    for key, body in ck.items.get(S.CSUM_TREE_OBJECTID, []):
+        oid, typ, start = key
+        if (oid, typ) != (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM) or start % PAGE or not body or len(body) % size:
+            ck.error("BAD_ITEM", f"checksum item {key} is malformed", S.CSUM_TREE_OBJECTID, start, key)
+            continue
+        for i in range(len(body) // size):
+            sector = start + i * PAGE
+            if sector in sums:
+                ck.error("CSUM_OVERLAP", f"sector {sector} has two checksums", S.CSUM_TREE_OBJECTID, sector, key)
+            sums[sector] = body[i * size : (i + 1) * size]
+    covered: set[int] = set()
+    for bytenr, (length, _) in sorted(data.items()):
+        for sector in range(bytenr, bytenr + length, PAGE):
+            covered.add(sector)
+            want = sums.get(sector)
+            if want is None:
+                ck.error("MISSING_CSUM", f"data sector {sector} of extent {bytenr} has no checksum",
+                         S.CSUM_TREE_OBJECTID, sector)
+                continue
+            if read is not None:
+                try:
+                    got = csums.digest(sb.csum_type, read(sector, PAGE))
+                except CorruptionError as e:
+                    ck.error("CSUM_MISMATCH", f"data sector {sector}: {e}", S.CSUM_TREE_OBJECTID, sector)
+                    continue
+                if got != want:
+                    ck.error("CSUM_MISMATCH", f"data sector {sector}: checksum {got.hex()}, expected {want.hex()}",
+                             S.CSUM_TREE_OBJECTID, sector)
+        advance(length)
+    for sector in sorted(sums.keys() - covered):
+        ck.error("ORPHAN_CSUM", f"checksum for sector {sector}, which no data extent holds", S.CSUM_TREE_OBJECTID, sector)
+    ck.report.stats["data_sectors"] = len(covered)
+
+
+def check_encryption(ck: "Checker", fi: FsItems) -> None:
+    """Policies are inherited; every extent of an encrypted file carries its context; no nonce twice."""
+    for (d, idx), e in sorted(fi.dir_index.items()):
+        child = e.location[0]
+        if d in fi.policies and child in fi.inodes and fi.policies.get(child) != fi.policies[d]:
+            ck.error("POLICY_MISMATCH", f"{e.name!r} in encrypted directory {d} lacks its policy", FS,
+                     key=(child, S.FSCRYPT_CTXT_ITEM, 0))
+    owner_of_nonce: dict[bytes, int] = {}
+    for ino, maps in sorted(fi.extents.items()):
+        policy = fi.policies.get(ino)
+        for off, fe in maps:
+            key = (ino, S.EXTENT_DATA, off)
+            ctx = fe.context
+            if policy is not None and ctx is None:
+                ck.error("UNENCRYPTED_EXTENT_IN_ENCRYPTED_FILE", f"inode {ino}: extent at {off} is plaintext", FS,
+                         fe.disk_bytenr, key)
+                continue
+            if ctx is None:
+                continue
+            if policy is None:
+                ck.error("ENCRYPTION_CONTEXT_MISMATCH", f"inode {ino} has no policy but its extent at {off} is encrypted",
+                         FS, fe.disk_bytenr, key)
+            elif ctx.key_identifier != policy or ctx.contents_mode != S.CONTENTS_MODE_AES_256_XTS:
+                ck.error("ENCRYPTION_CONTEXT_MISMATCH", f"inode {ino}: extent at {off} uses key {ctx.key_identifier.hex()} "
+                         f"mode {ctx.contents_mode}, the policy says {policy.hex()} mode 1", FS, fe.disk_bytenr, key)
+            if ctx.version != 1 or ctx.log2_data_unit_size != 12:
+                ck.error("BAD_ENCRYPTION_CONTEXT", f"inode {ino}: extent at {off} has context version {ctx.version}, "
+                         f"data unit 2^{ctx.log2_data_unit_size}", FS, fe.disk_bytenr, key)
+            first = owner_of_nonce.setdefault(ctx.nonce, fe.disk_bytenr)
+            if first != fe.disk_bytenr:
+                ck.error("NONCE_REUSE", f"extents {first} and {fe.disk_bytenr} share nonce {ctx.nonce.hex()}", FS,
+                         fe.disk_bytenr, key)
