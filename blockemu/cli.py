@@ -17,10 +17,11 @@ from . import inspect as inspect_mod
 from .crypto import MAX_KEY_SIZE, MIN_KEY_SIZE
 from .errors import BlockemuError, ExistsError
 from .fs import mount
-from .fsck import EXIT_OPERATIONAL, EXIT_USAGE, check, tty_progress
+from .fsck import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE, check, tty_progress
 from .keyring import MODES
 from .mkfs import mkfs
 from .progress import wanted as progress_wanted
+from .repair import repairable, run_repair
 from .units import human
 from .workload.keyrace import RaceResult, run_race, unexpected
 from .workload.keyrace import table as race_table
@@ -289,15 +290,23 @@ def cmd_mkfs(a: argparse.Namespace) -> int:
 
 
 def cmd_fsck(a: argparse.Namespace) -> int:
-    if a.repair:
-        raise BlockemuError("--repair: not implemented yet (nothing was written)")
     show = progress_wanted(a.progress, a.json)
     report = check(a.image, check_data=a.check_data, progress=tty_progress() if show else None)
+    code = report.exit_code
+    if a.repair and not report.clean and repairable(report):
+        before = report
+        fixed = run_repair(a.image, before)
+        report = check(a.image, check_data=a.check_data)
+        report.stats["repaired"] = fixed
+        report.repaired = [e.as_json() for e in before.errors if e not in report.errors]
+        code = EXIT_CORRECTED if report.clean else EXIT_UNCORRECTED
     if a.json:
         emit_json(report.as_json())
     else:
+        if a.repair and report.repaired:
+            print("\n".join(f"repaired: [{e['code']}] {e['message']}" for e in report.repaired))
         print("\n".join(report.text()))
-    return report.exit_code
+    return code
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:

@@ -34,6 +34,8 @@ class FsckError:
     tree: str | None = None
     bytenr: int | None = None
     key: list[int] | None = None
+    # what --repair would do, when that needs no guessing (see repair.py); not part of the JSON
+    fix: dict[str, Any] | None = field(default=None, compare=False)
 
     def as_json(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "tree": self.tree, "bytenr": self.bytenr, "key": self.key}
@@ -46,6 +48,8 @@ class FsckReport:
     errors: list[FsckError] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
     bytes_used: int = 0
+    repaired: list[dict[str, Any]] = field(default_factory=list)
+    trees_damaged: bool = False  # some tree block could not be read or trusted
 
     @property
     def clean(self) -> bool:
@@ -56,8 +60,11 @@ class FsckReport:
         return EXIT_CLEAN if self.clean else EXIT_UNCORRECTED
 
     def as_json(self) -> dict[str, Any]:
-        return {"image": self.image, "clean": self.clean, "generation": self.generation,
-                "errors": [e.as_json() for e in self.errors], "stats": dict(self.stats)}
+        out = {"image": self.image, "clean": self.clean, "generation": self.generation,
+               "errors": [e.as_json() for e in self.errors], "stats": dict(self.stats)}
+        if self.repaired:
+            out["repaired"] = self.repaired
+        return out
 
     def text(self) -> list[str]:
         lines = [f"ERROR: [{e.code}] {e.message}" for e in self.errors]
@@ -85,9 +92,9 @@ class Checker:
         self.items: dict[int, list[tuple[tuple[int, int, int], bytes]]] = {}
 
     def error(self, code: str, message: str, tree: int | None = None, bytenr: int | None = None,
-              key: tuple[int, int, int] | None = None) -> None:
+              key: tuple[int, int, int] | None = None, fix: dict[str, Any] | None = None) -> None:
         self.report.errors.append(FsckError(code, message, S.TREE_NAMES.get(tree) if tree is not None else None,
-                                            bytenr, list(key) if key else None))
+                                            bytenr, list(key) if key else None, fix))
 
     # ------------------------------------------------------------------ pass 1
 
@@ -118,22 +125,27 @@ class Checker:
             bytenr, gen, lvl, lo, hi, first = stack.pop()
             if bytenr % S.SECTOR_SIZE or not self._in_usable(bytenr, store.nodesize):
                 self.error("BAD_BLOCKPTR", f"tree block pointer {bytenr} outside the usable device", tid, bytenr)
+                self.report.trees_damaged = True
                 continue
             if bytenr in self.blocks:
                 self.error("BAD_TREE_BLOCK", f"tree block {bytenr} reached twice (loop or shared block)", tid, bytenr)
+                self.report.trees_damaged = True
                 continue
             try:
                 block = store.get(bytenr, generation=gen, level=lvl, owner=tid)
             except CorruptionError as e:
                 self.error(e.kind, str(e), tid, bytenr)
+                self.report.trees_damaged = True
                 continue
             finally:
                 store.clean.pop(bytenr, None)  # each block is read once: no need to cache
             self.blocks[bytenr] = (tid, lvl)
             self.report.stats["tree_blocks"] = self.report.stats.get("tree_blocks", 0) + 1
             if first is not None and block.keys and block.keys[0] != first:
+                self.report.trees_damaged = True
                 self.error("KEY_ORDER", f"tree block {bytenr}: first key {block.keys[0]} differs from its parent's {first}", tid, bytenr)
             if block.keys and (lo is not None and block.keys[0] < lo or hi is not None and block.keys[-1] >= hi):
+                self.report.trees_damaged = True
                 self.error("KEY_ORDER", f"tree block {bytenr}: keys outside the parent's range", tid, bytenr)
             if block.level == 0:
                 if not block.keys and lo is not None:
@@ -159,6 +171,7 @@ class Checker:
         for tid in SUBTREES:
             key = (tid, S.ROOT_ITEM, 0)
             if key not in roots:
+                self.report.trees_damaged = True
                 self.error("MISSING_ROOT", f"no ROOT_ITEM for the {S.TREE_NAMES[tid]} tree", S.ROOT_TREE_OBJECTID, key=key)
                 continue
             try:

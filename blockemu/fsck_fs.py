@@ -132,12 +132,13 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
         else:
             want = len(refs)
         if item.nlink != want:
-            ck.error("NLINK_MISMATCH", f"inode {ino} nlink {item.nlink}, found {want}", FS, key=(ino, S.INODE_ITEM, 0))
+            ck.error("NLINK_MISMATCH", f"inode {ino} nlink {item.nlink}, found {want}", FS, key=(ino, S.INODE_ITEM, 0),
+                     fix={"inode": ino, "nlink": want} if want else None)
         if not refs and ino != ROOT_INO and ino not in fi.orphans:
             ck.error("ORPHAN", f"inode {ino} has no name and no orphan item", FS, key=(ino, S.INODE_ITEM, 0))
         if is_dir and item.size != names[ino]:
             ck.error("ISIZE_MISMATCH", f"directory {ino} size {item.size}, its names add up to {names[ino]}", FS,
-                     key=(ino, S.INODE_ITEM, 0))
+                     key=(ino, S.INODE_ITEM, 0), fix={"inode": ino, "size": names[ino]})
     for ino in sorted(fi.orphans - fi.inodes.keys()):
         ck.error("ORPHAN", f"orphan item for missing inode {ino}", FS, key=(S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, ino))
 
@@ -169,15 +170,19 @@ def check_file_extents(ck: "Checker", fi: FsItems, data: dict[int, tuple[int, Ex
                          key=(ino, S.INODE_ITEM, 0))
             if item.nbytes != nbytes:
                 ck.error("NBYTES_MISMATCH", f"inode {ino}: nbytes {item.nbytes}, extents add up to {nbytes}", FS,
-                         key=(ino, S.INODE_ITEM, 0))
+                         key=(ino, S.INODE_ITEM, 0), fix={"inode": ino, "nbytes": nbytes})
     for bytenr, (length, ei) in sorted(data.items()):
         refs = found.get(bytenr, {})
         backrefs = {(r[2], r[3]): r[4] for r in ei.refs if r[0] == "data"}
         total = sum(refs.values())
         if total != ei.refs_count or backrefs != dict(refs):
+            fix = None
+            if total:
+                refs_now = tuple(("data", FS, ino, off, n) for (ino, off), n in sorted(refs.items()))
+                fix = {"extent_item": (bytenr, S.EXTENT_ITEM, length), "body": ei._replace(refs_count=total, refs=refs_now)}
             ck.error("EXTENT_REF_MISMATCH", f"data extent [{bytenr}, +{length}]: refs {ei.refs_count} backrefs "
                      f"{sorted(backrefs.items())}, found {total} references {sorted(refs.items())}",
-                     S.EXTENT_TREE_OBJECTID, bytenr, (bytenr, S.EXTENT_ITEM, length))
+                     S.EXTENT_TREE_OBJECTID, bytenr, (bytenr, S.EXTENT_ITEM, length), fix=fix)
 
 
 def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read: Callable[[int, int], bytes] | None,
@@ -195,6 +200,8 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
             if sector in sums:
                 ck.error("CSUM_OVERLAP", f"sector {sector} has two checksums", S.CSUM_TREE_OBJECTID, sector, key)
             sums[sector] = body[i * size : (i + 1) * size]
+    bodies = dict(ck.items.get(S.CSUM_TREE_OBJECTID, []))
+    item_of = {key[2] + i * PAGE: key for key, body in bodies.items() for i in range(len(body) // size)}
     covered: set[int] = set()
     for bytenr, (length, _) in sorted(data.items()):
         for sector in range(bytenr, bytenr + length, PAGE):
@@ -214,8 +221,12 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
                     ck.error("CSUM_MISMATCH", f"data sector {sector}: checksum {got.hex()}, expected {want.hex()}",
                              S.CSUM_TREE_OBJECTID, sector)
         advance(length)
-    for sector in sorted(sums.keys() - covered):
-        ck.error("ORPHAN_CSUM", f"checksum for sector {sector}, which no data extent holds", S.CSUM_TREE_OBJECTID, sector)
+    stray = sums.keys() - covered
+    for sector in sorted(stray):
+        key = item_of[sector]
+        whole = all(key[2] + i * PAGE in stray for i in range(len(bodies[key]) // size))
+        ck.error("ORPHAN_CSUM", f"checksum for sector {sector}, which no data extent holds", S.CSUM_TREE_OBJECTID, sector,
+                 key, fix={"delete": (S.CSUM_TREE_OBJECTID, key)} if whole else None)
     ck.report.stats["data_sectors"] = len(covered)
 
 
@@ -251,3 +262,4 @@ def check_encryption(ck: "Checker", fi: FsItems) -> None:
             if first != fe.disk_bytenr:
                 ck.error("NONCE_REUSE", f"extents {first} and {fe.disk_bytenr} share nonce {ctx.nonce.hex()}", FS,
                          fe.disk_bytenr, key)
+

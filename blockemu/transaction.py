@@ -187,7 +187,8 @@ class Engine:
     """The trees of one image and their commit protocol. Opened read-only (fsck,
     inspect) it loads no allocator and cannot change anything."""
 
-    def __init__(self, sb: SuperInfo, read: ReadFn, *, writable: bool, verify_csum: bool = True) -> None:
+    def __init__(self, sb: SuperInfo, read: ReadFn, *, writable: bool, verify_csum: bool = True,
+                 rebuild_free_space: bool = False) -> None:
         self.sb = sb
         self.store = TreeStore(
             read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid, transid=sb.generation + 1, verify_csum=verify_csum
@@ -206,9 +207,20 @@ class Engine:
         if writable:
             fst = self.trees[FREE_SPACE_TREE_OBJECTID]
             self.free_items = {(k[0], k[2]) for k, _ in fst.items() if k[1] == FREE_SPACE_EXTENT}
-            self.store.allocator = Allocator(sorted(self.free_items))
+            if rebuild_free_space:
+                self.store.allocator = self._allocator_from_extents()
+            else:
+                self.store.allocator = Allocator(sorted(self.free_items))
         self._applied_new: set[int] = set()
         self._applied_freed: set[int] = set()
+
+    def _allocator_from_extents(self) -> Allocator:
+        """Free space as the extent tree implies it (fsck --repair): usable minus everything allocated."""
+        alloc = Allocator(usable_ranges(self.sb.total_bytes))
+        for (bytenr, typ, off), _ in self.trees[EXTENT_TREE_OBJECTID].items():
+            length = self.sb.nodesize if typ == METADATA_ITEM else off
+            alloc.reserve(bytenr, length)
+        return alloc
 
     @classmethod
     def create(cls, sb: SuperInfo) -> "Engine":
@@ -293,6 +305,9 @@ class Engine:
 
     def prepare_commit(self) -> tuple[list[tuple[int, bytes]], SuperInfo]:
         """Converge the trees; return the tree-block writes and the superblock to write after them."""
+        # the root tree's root always carries the superblock's generation (fsck checks it), so a
+        # commit that changed nothing else (a forced one) still copies it
+        self.roots._writable_root()
         for _ in range(100):
             changed = self._sync_extent_refs()
             changed |= self._sync_root_items()

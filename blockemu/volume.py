@@ -40,11 +40,12 @@ class Volume:
         self.aborted: OSError | None = None
 
     @classmethod
-    async def open(cls, path: str, *, readonly: bool = False, faults: FaultPlan | None = None) -> "Volume":
+    async def open(cls, path: str, *, readonly: bool = False, faults: FaultPlan | None = None,
+                   rebuild_free_space: bool = False) -> "Volume":
         dev = await BlockDevice.open(path, readonly=readonly, faults=faults)
         try:
             sb = read_primary_super(dev)
-            engine = Engine(sb, dev.read_sync, writable=not readonly)
+            engine = Engine(sb, dev.read_sync, writable=not readonly, rebuild_free_space=rebuild_free_space)
         except BaseException:
             dev.close_sync()
             raise
@@ -73,15 +74,16 @@ class Volume:
                 self._writers -= 1
                 self._cond.notify_all()
 
-    async def commit(self) -> bool:
-        """Make the running transaction durable; False when it changed nothing."""
+    async def commit(self, *, force: bool = False) -> bool:
+        """Make the running transaction durable; False when it changed nothing (unless ``force``:
+        a new generation is written anyway, e.g. to record a rebuilt free-space record)."""
         async with self.commit_lock:
             async with self._cond:
                 self._committing = True
                 await self._cond.wait_for(lambda: self._writers == 0)
             try:
                 self._check_aborted()
-                return await self._commit()
+                return await self._commit(force)
             except OSError as e:
                 # as btrfs aborts a transaction whose commit failed: the image keeps its last
                 # durable generation and this mount refuses further changes
@@ -96,9 +98,9 @@ class Volume:
         if self.aborted is not None:
             raise DeviceIOError(f"{self.device.path}: read-only after a failed commit ({self.aborted})")
 
-    async def _commit(self) -> bool:
+    async def _commit(self, force: bool = False) -> bool:
         engine = self.engine
-        if not engine.is_dirty():
+        if not engine.is_dirty() and not force:
             return False
         writes, new_sb = engine.prepare_commit()
         await self.device.writev(writes)

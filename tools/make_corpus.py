@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""Build the fsck corruption corpus, as btrfs-progs' fsck-tests: small images, each
+carrying one known corruption, gzip-compressed into tests/corpus/, with manifest.json
+saying which error class fsck must report and whether --repair must fix it.
+
+    python tools/make_corpus.py
+
+Corruptions are made two ways: surgically through the engine's own tree code (the
+image stays structurally valid and only the logic is wrong), or as raw byte edits
+with the block checksum recomputed, so the checker sees exactly the one defect.
+"""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from pathlib import Path
+from typing import Awaitable, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import blockemu  # noqa: E402
+from blockemu.fs import name_hash  # noqa: E402
+from blockemu.image import ImageFile  # noqa: E402
+from blockemu.ondisk import csum as csums  # noqa: E402
+from blockemu.ondisk import structs as S  # noqa: E402
+from blockemu.ondisk.items import ExtentItem, FileExtent, InodeItem, unpack_dir_entries  # noqa: E402
+from blockemu.ondisk.superblock import decode_super, encode_super  # noqa: E402
+from blockemu.transaction import Engine  # noqa: E402
+from blockemu.volume import Volume  # noqa: E402
+
+OUT = ROOT / "tests" / "corpus"
+KEY = bytes(range(1, 65))
+FS, EXT, CSUM, FST, RT = (S.FS_TREE_OBJECTID, S.EXTENT_TREE_OBJECTID, S.CSUM_TREE_OBJECTID,
+                          S.FREE_SPACE_TREE_OBJECTID, S.ROOT_TREE_OBJECTID)
+
+
+async def base_image(path: str) -> None:
+    await blockemu.mkfs(path, size="80M", node_size="4K", uuid="0c0c0c0c-1111-2222-3333-444444444444")
+    async with blockemu.mount(path, interval=3600) as fs:
+        kid = await fs.add_key(KEY)
+        await fs.mkdir("/plain")
+        await fs.mkdir("/secret")
+        await fs.set_policy("/secret", kid)
+        for p, n in [("/plain/a", 5000), ("/plain/b", 70_000), ("/secret/s1", 9000), ("/secret/s2", 12_000)]:
+            async with fs.open(p, "w") as f:
+                await f.write(bytes([len(p)]) * n)
+        async with fs.open("/plain/b", "r+") as f:
+            await f.pwrite(b"\x01" * 4096, 8192)  # a split extent: refs 2
+
+
+def ino_of(engine: Engine, path: str) -> int:
+    ino = S.FIRST_FREE_OBJECTID
+    for name in path.strip("/").split("/"):
+        entries = unpack_dir_entries(engine.trees[FS][(ino, S.DIR_ITEM, name_hash(name.encode()))])
+        ino = next(e.location[0] for e in entries if e.name == name.encode())
+    return ino
+
+
+async def edit(path: str, change: Callable[[Engine], None]) -> None:
+    """Change items through the tree code and commit: a logically corrupt, structurally valid image."""
+    vol = await Volume.open(path)
+    async with vol.join() as engine:
+        change(engine)
+    await vol.close()
+
+
+def first_extent(engine: Engine, ino: int) -> tuple[tuple[int, int, int], FileExtent]:
+    key, body = next(engine.trees[FS].items((ino, S.EXTENT_DATA, 0), (ino, S.EXTENT_DATA, (1 << 64) - 1)))
+    return key, FileExtent.unpack(body)
+
+
+def set_inode(engine: Engine, ino: int, **fields: int) -> None:
+    fs = engine.trees[FS]
+    item = InodeItem.unpack(fs[(ino, S.INODE_ITEM, 0)])
+    fs.update((ino, S.INODE_ITEM, 0), item._replace(**fields).pack())
+
+
+def patch_block(path: str, tree: str, change: Callable[[bytearray], None], *, recsum: bool = True) -> None:
+    """Edit the first leaf of ``tree`` in place (and re-checksum it)."""
+    from blockemu.inspect import dump_tree
+
+    blocks = dump_tree(path, [tree])
+    bytenr = next(b["bytenr"] for b in blocks if b["level"] == 0)
+    with ImageFile.open(path) as img:
+        sb = img.best_super()
+    with open(path, "r+b") as f:
+        f.seek(bytenr)
+        buf = bytearray(f.read(sb.nodesize))
+        change(buf)
+        if recsum:
+            buf[:32] = csums.field(sb.csum_type, bytes(buf[32:]))
+        f.seek(bytenr)
+        f.write(buf)
+
+
+def patch_super(path: str, **fields: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(65536)
+        sb = decode_super(f.read(4096), 65536)
+        for k, v in fields.items():
+            setattr(sb, k, v)
+        f.seek(65536)
+        f.write(encode_super(sb, 65536))
+
+
+def flip(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+def data_bytenr(path: str, file: str) -> int:
+    with ImageFile.open(path) as img:
+        engine = Engine(img.best_super(), img.read, writable=False)
+        return first_extent(engine, ino_of(engine, file))[1].disk_bytenr
+
+
+def swap_first_keys(buf: bytearray) -> None:
+    a, b = 85, 85 + 25
+    buf[a : a + 17], buf[b : b + 17] = buf[b : b + 17], buf[a : a + 17]
+
+
+def bump_root_item_generation(buf: bytearray) -> None:
+    """The fs tree's ROOT_ITEM claims a generation its root block does not have."""
+    nritems = struct.unpack_from("<I", buf, 0x50)[0]
+    for i in range(nritems):
+        oid, typ, _, off, _ = struct.unpack_from("<QBQII", buf, 85 + 25 * i)
+        if (oid, typ) == (FS, S.ROOT_ITEM):
+            pos = 85 + off
+            struct.pack_into("<Q", buf, pos, struct.unpack_from("<Q", buf, pos)[0] + 7)
+
+
+Case = tuple[str, bool, bool, Callable[[str], Awaitable[None]]]  # code, repairable, check_data, corrupt
+
+
+def cases() -> dict[str, Case]:
+    async def sync(fn: Callable[[str], None], p: str) -> None:
+        fn(p)
+
+    def with_engine(change: Callable[[Engine], None]) -> Callable[[str], Awaitable[None]]:
+        return lambda p: edit(p, change)
+
+    def drop_dir_item(e: Engine) -> None:
+        ino = ino_of(e, "/plain")
+        e.trees[FS].delete((ino, S.DIR_ITEM, name_hash(b"a")))
+
+    def dangling(e: Engine) -> None:
+        ino = ino_of(e, "/plain/a")
+        for k in [k for k, _ in e.trees[FS].items((ino, 0, 0), (ino, 255, (1 << 64) - 1))]:
+            if k[1] != S.EXTENT_DATA:
+                e.trees[FS].delete(k)
+
+    def orphan(e: Engine) -> None:
+        parent, ino = ino_of(e, "/plain"), ino_of(e, "/plain/a")
+        fs = e.trees[FS]
+        idx = next(k[2] for k, body in fs.items((parent, S.DIR_INDEX, 0), (parent, S.DIR_INDEX, (1 << 64) - 1))
+                   if unpack_dir_entries(body)[0].name == b"a")
+        fs.delete((parent, S.DIR_INDEX, idx))
+        fs.delete((parent, S.DIR_ITEM, name_hash(b"a")))
+        fs.delete((ino, S.INODE_REF, parent))
+        set_inode(e, parent, size=InodeItem.unpack(fs[(parent, S.INODE_ITEM, 0)]).size - 2)
+
+    def data_refs(e: Engine) -> None:
+        key, fe = first_extent(e, ino_of(e, "/plain/b"))
+        k = (fe.disk_bytenr, S.EXTENT_ITEM, fe.disk_num_bytes)
+        ei = ExtentItem.unpack(e.trees[EXT][k])
+        e.trees[EXT].update(k, ei._replace(refs_count=ei.refs_count + 1).pack())
+
+    def meta_ref(e: Engine) -> None:
+        fs_root = e.trees[FS].root
+        e.trees[EXT].delete((fs_root, S.METADATA_ITEM, e.trees[FS].level))
+
+    def overlap(e: Engine) -> None:
+        ino = ino_of(e, "/plain/b")
+        key, fe = first_extent(e, ino)
+        e.trees[FS].insert((ino, S.EXTENT_DATA, 4096), fe._replace(offset=4096, num_bytes=4096).pack())
+
+    def missing_csum(e: Engine) -> None:
+        key, fe = first_extent(e, ino_of(e, "/plain/a"))
+        e.trees[CSUM].delete((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, fe.disk_bytenr))
+
+    def orphan_csum(e: Engine) -> None:
+        start, _ = next(iter(sorted(e.free_items)))
+        e.trees[CSUM].insert((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, start + (1 << 20)), b"\0\0\0\0")
+
+    def plaintext_extent(e: Engine) -> None:
+        ino = ino_of(e, "/secret/s1")
+        key, fe = first_extent(e, ino)
+        e.trees[FS].update(key, fe._replace(encryption=S.ENCRYPTION_NONE, context=None).pack())
+
+    def nonce_reuse(e: Engine) -> None:
+        k1, f1 = first_extent(e, ino_of(e, "/secret/s1"))
+        k2, f2 = first_extent(e, ino_of(e, "/secret/s2"))
+        e.trees[FS].update(k2, f2._replace(context=f2.context._replace(nonce=f1.context.nonce)).pack())
+
+    def wrong_key(e: Engine) -> None:
+        k, f = first_extent(e, ino_of(e, "/secret/s1"))
+        e.trees[FS].update(k, f._replace(context=f.context._replace(key_identifier=b"\x99" * 16)).pack())
+
+    def bad_context(e: Engine) -> None:
+        k, f = first_extent(e, ino_of(e, "/secret/s1"))
+        e.trees[FS].update(k, f._replace(context=f.context._replace(version=7)).pack())
+
+    def drop_free_space(e: Engine) -> None:
+        start, length = max(e.free_items, key=lambda x: x[1])
+        e.trees[FST].delete((start, S.FREE_SPACE_EXTENT, length))
+        e.free_items.discard((start, length))
+        e.allocator.reserve(start, length)  # the engine must not write it back at commit
+
+    return {
+        "superblock-csum": ("SUPERBLOCK", True, False, lambda p: sync(lambda q: flip(q, 65536 + 0x100), p)),
+        "tree-block-csum": ("CSUM_MISMATCH", False, False,
+                            lambda p: sync(lambda q: patch_block(q, "fs", lambda b: b.__setitem__(300, b[300] ^ 1), recsum=False), p)),
+        "key-order": ("KEY_ORDER", False, False, lambda p: sync(lambda q: patch_block(q, "csum", swap_first_keys), p)),
+        "bad-bytenr": ("BAD_TREE_BLOCK", False, False,
+                       lambda p: sync(lambda q: patch_block(q, "free-space", lambda b: struct.pack_into("<Q", b, 0x30, 4096)), p)),
+        "transid": ("TRANSID_MISMATCH", False, False, lambda p: sync(lambda q: patch_block(q, "root", bump_root_item_generation), p)),
+        "used-bytes": ("USED_BYTES_MISMATCH", True, False, lambda p: sync(lambda q: patch_super(q, bytes_used=3 * 4096), p)),
+        "free-space": ("FREE_SPACE_MISMATCH", True, False, with_engine(drop_free_space)),
+        "metadata-ref": ("EXTENT_REF_MISMATCH", False, False, with_engine(meta_ref)),
+        "data-refcount": ("EXTENT_REF_MISMATCH", True, False, with_engine(data_refs)),
+        "nlink": ("NLINK_MISMATCH", True, False, with_engine(lambda e: set_inode(e, ino_of(e, "/plain/a"), nlink=5))),
+        "dir-isize": ("ISIZE_MISMATCH", True, False, with_engine(lambda e: set_inode(e, ino_of(e, "/plain"), size=99))),
+        "nbytes": ("NBYTES_MISMATCH", True, False, with_engine(lambda e: set_inode(e, ino_of(e, "/plain/b"), nbytes=1))),
+        "dir-item": ("DIR_ITEM_MISMATCH", False, False, with_engine(drop_dir_item)),
+        "dangling-entry": ("DANGLING_ENTRY", False, False, with_engine(dangling)),
+        "orphan-inode": ("ORPHAN", False, False, with_engine(orphan)),
+        "file-extent-overlap": ("FILE_EXTENT_OVERLAP", False, False, with_engine(overlap)),
+        "missing-csum": ("MISSING_CSUM", False, False, with_engine(missing_csum)),
+        "orphan-csum": ("ORPHAN_CSUM", True, False, with_engine(orphan_csum)),
+        "data-csum": ("CSUM_MISMATCH", False, True, lambda p: sync(lambda q: flip(q, data_bytenr(q, "/plain/a") + 10), p)),
+        "plaintext-extent": ("UNENCRYPTED_EXTENT_IN_ENCRYPTED_FILE", False, False, with_engine(plaintext_extent)),
+        "nonce-reuse": ("NONCE_REUSE", False, False, with_engine(nonce_reuse)),
+        "wrong-key": ("ENCRYPTION_CONTEXT_MISMATCH", False, False, with_engine(wrong_key)),
+        "bad-context": ("BAD_ENCRYPTION_CONTEXT", False, False, with_engine(bad_context)),
+    }
+
+
+async def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    manifest = {}
+    with tempfile.TemporaryDirectory() as d:
+        base = os.path.join(d, "base.img")
+        await base_image(base)
+        for name, (code, repairable, check_data, corrupt) in cases().items():
+            img = os.path.join(d, f"{name}.img")
+            shutil.copy(base, img)
+            await corrupt(img)
+            with open(img, "rb") as src, gzip.open(OUT / f"{name}.img.gz", "wb", compresslevel=9) as dst:
+                shutil.copyfileobj(src, dst)
+            manifest[name] = {"code": code, "repairable": repairable, "check_data": check_data}
+    (OUT / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(manifest)} corrupted images to {OUT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
