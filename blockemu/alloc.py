@@ -7,6 +7,8 @@ within the running transaction were never durable and return at once.
 """
 from __future__ import annotations
 
+import heapq
+
 from sortedcontainers import SortedDict
 
 from .errors import NoSpaceError
@@ -32,8 +34,13 @@ class Allocator:
 
     def extents_after_commit(self) -> list[tuple[int, int]]:
         """The free extents once pinned ones are released: what the free-space record stores."""
-        merged = Allocator(list(self.free.items()) + self.pinned)
-        return list(merged.free.items())
+        out: list[tuple[int, int]] = []
+        for start, length in heapq.merge(self.free.items(), sorted(self.pinned)):
+            if out and out[-1][0] + out[-1][1] == start:
+                out[-1] = (out[-1][0], out[-1][1] + length)
+            else:
+                out.append((start, length))
+        return out
 
     def is_free(self, start: int, length: int) -> bool:
         i = self.free.bisect_right(start) - 1

@@ -16,15 +16,20 @@ from . import crypto
 from . import inspect as inspect_mod
 from .crypto import MAX_KEY_SIZE, MIN_KEY_SIZE
 from .errors import BlockemuError, ExistsError
+from .faults import FaultPlan
 from .fs import mount
 from .fsck import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE, check, tty_progress
 from .keyring import MODES
 from .mkfs import mkfs
+from .progress import bar as progress_bar
 from .progress import wanted as progress_wanted
 from .repair import repairable, run_repair
 from .units import human
+from .workload.crash import run_ace_parallel
+from .workload.fio import text_report as fio_text
 from .workload.keyrace import RaceResult, run_race, unexpected
 from .workload.keyrace import table as race_table
+from .workload.runner import run_workload, scenarios, stress_mix
 
 # every command but fsck: 1 failure, 2 usage error (argparse's convention)
 CMD_FAILURE, CMD_USAGE = 1, 2
@@ -96,18 +101,37 @@ def build_parser() -> Parser:
     kid = sub.add_parser("key-id", help="print the fscrypt v2 identifier of a raw key")
     kid.add_argument("--key-file", required=True)
 
-    sp = sub.add_parser("stress", help="stress an image; --scenario key-removal-race runs fstests generic/595")
-    sp.add_argument("image", help="created afresh for the scenario (an existing non-empty file needs --force)")
-    sp.add_argument("--scenario", choices=["key-removal-race"], default="key-removal-race")
-    sp.add_argument("--key-removal", choices=list(MODES), default="soft")
-    sp.add_argument("--compare-modes", action="store_true", help="run under every removal mode and print a table")
-    sp.add_argument("--schedule", choices=["free", "seeded"], default="free",
-                    help="free: concurrent actors for --duration; seeded: --ops interleaved steps from --seed")
-    sp.add_argument("--duration", type=float, default=5.0)
-    sp.add_argument("--ops", type=int, default=3000)
+    rn = sub.add_parser("run", help="run a workload: an fio job file or a built-in scenario")
+    rn.add_argument("workload", nargs="?")
+    rn.add_argument("--image", help="image to run on (created if missing); default: a scratch image")
+    rn.add_argument("--seed", type=int)
+    rn.add_argument("--json", action="store_true")
+    rn.add_argument("--output-format", choices=["normal", "json"], default="normal")
+    rn.add_argument("--list", action="store_true", help="list the built-in scenarios")
+
+    sp = sub.add_parser("stress", help="hammer an image with a seeded random mix (or the key-removal race)")
+    sp.add_argument("image", help="the image to stress (created if missing)")
+    sp.add_argument("--scenario", choices=["mix", "key-removal-race"], default="mix")
     sp.add_argument("--seed", type=int)
-    sp.add_argument("--force", action="store_true")
+    sp.add_argument("--duration", type=float, help="seconds (instead of --ops)")
+    sp.add_argument("--ops", type=int, default=300, help="operations per task (mix) or steps (seeded race)")
+    sp.add_argument("--tasks", type=int, default=4)
+    sp.add_argument("--key-removal", choices=list(MODES), default="soft")
+    sp.add_argument("--faults", help="e.g. eio=200M-210M:w,latency=0.001,flip=0.0001,torn=0.5,cut=5000")
+    sp.add_argument("--crash-points", type=int, default=0, help="also check N crash states of a logged mix")
+    sp.add_argument("--compare-modes", action="store_true", help="key-removal-race: every removal mode, one table")
+    sp.add_argument("--schedule", choices=["free", "seeded"], default="free", help="key-removal-race scheduling")
+    sp.add_argument("--force", action="store_true", help="key-removal-race: overwrite IMAGE with a fresh image")
     sp.add_argument("--json", action="store_true")
+
+    cr = sub.add_parser("crash", help="crash-consistency campaign over Ace-style bounded workloads")
+    cr.add_argument("--max-ops", type=int, default=3, help="longest operation sequence (Ace's bound)")
+    cr.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    cr.add_argument("--seed", type=int, default=0)
+    cr.add_argument("--subsets", type=int, default=2, help="random in-doubt write subsets per crash point")
+    cr.add_argument("--limit", type=int, help="check a random sample of this many workloads")
+    cr.add_argument("--nobarrier", action="store_true", help="plant the ordering bug (flushes ignored)")
+    cr.add_argument("--json", action="store_true")
 
     i = sub.add_parser("inspect", help="dump on-disk structures")
     isub = i.add_subparsers(dest="what", required=True, parser_class=Parser)
@@ -244,15 +268,70 @@ def cmd_extents(a: argparse.Namespace) -> int:
     return on_image(a, body)
 
 
+def cmd_run(a: argparse.Namespace) -> int:
+    if a.list:
+        for name, text in sorted(scenarios().items()):
+            first = next((ln.lstrip("; ").strip() for ln in text.splitlines() if ln.startswith(";")), "")
+            print(f"{name:<22} {first}")
+        return 0
+    if not a.workload:
+        raise UsageError("run: a job file or a scenario name is needed (or --list)")
+    seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
+    report = asyncio.run(run_workload(a.workload, image=a.image, seed=seed))
+    if a.json or a.output_format == "json":
+        emit_json(report.as_json())
+    else:
+        print(f"seed = {seed}")
+        print("\n".join(fio_text(report.fio)))
+        for j in report.jobs:
+            extra = {k: v for k, v in j.items() if k not in ("jobname", "kind", "errors", "stats", "divergent")}
+            print(f"{j['jobname']} ({j['kind']}): " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+        print(f"fsck: {'clean' if report.fsck_clean else 'ERRORS'}")
+        for f in report.failures:
+            print(f"FAILED: {f}")
+        if not report.ok:
+            image = f" --image {a.image}" if a.image else ""
+            print(f"reproduce with: blockemu run {a.workload}{image} --seed {seed}")
+    return 0 if report.ok else 1
+
+
 def cmd_stress(a: argparse.Namespace) -> int:
     seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
+    if a.scenario == "key-removal-race":
+        return stress_race(a, seed)
+    faults = FaultPlan.parse(a.faults) if a.faults else None
+    total = None if a.duration else a.tasks * a.ops
+    with progress_bar("stress", total, progress_wanted(None, a.json)) as advance:
+        summary = asyncio.run(stress_mix(a.image, seed=seed, tasks=a.tasks, nops=a.ops, duration=a.duration,
+                                         key_removal=a.key_removal, faults=faults, crash_points=a.crash_points,
+                                         advance=advance))
+    ok = summary["ok"]
+    if a.json:
+        emit_json(summary)
+    else:
+        print(f"seed = {seed}")
+        for k in ("ops", "acknowledged_writes", "lost_acknowledged_writes", "divergent_files", "injected_errors",
+                  "fsck", "crash_states_checked", "crash_failures"):
+            if k in summary:
+                print(f"{k.replace('_', ' '):<28}{summary[k]}")
+        for line in summary["problems"][:10]:
+            print(f"FAILED: {line}")
+        if not ok:
+            extra = f" --faults {a.faults}" if a.faults else ""
+            span = f"--duration {a.duration}" if a.duration else f"--ops {a.ops}"
+            print(f"reproduce with: blockemu stress {a.image} --seed {seed} --tasks {a.tasks} {span}{extra}"
+                  + (f" --crash-points {a.crash_points}" if a.crash_points else ""))
+    return 0 if ok else 1
+
+
+def stress_race(a: argparse.Namespace, seed: int) -> int:
     if os.path.exists(a.image) and os.path.getsize(a.image) and not a.force:
-        raise ExistsError(f"{a.image} exists and is not empty (the scenario makes a fresh image; use --force)")
+        raise ExistsError(f"{a.image} exists and is not empty (the race makes a fresh image; use --force)")
     modes = list(MODES) if a.compare_modes else [a.key_removal]
 
     async def go() -> list[RaceResult]:
-        return [await run_race(m, image=a.image, seed=seed, schedule=a.schedule, steps=a.ops, duration=a.duration)
-                for m in modes]
+        return [await run_race(m, image=a.image, seed=seed, schedule=a.schedule, steps=a.ops,
+                               duration=a.duration or 5.0) for m in modes]
 
     results = asyncio.run(go())
     bad = [r for r in results if unexpected(r)]
@@ -264,11 +343,28 @@ def cmd_stress(a: argparse.Namespace) -> int:
         print(race_table(results))
         print("losses in hard and sync mode are what those semantics cost: expected, but never silent")
         if bad:
-            again = f"blockemu stress {a.image} --force --seed {seed} --schedule {a.schedule} " + (
-                f"--ops {a.ops}" if a.schedule == "seeded" else f"--duration {a.duration}")
+            again = f"blockemu stress {a.image} --scenario key-removal-race --force --seed {seed} --schedule {a.schedule} " + (
+                f"--ops {a.ops}" if a.schedule == "seeded" else f"--duration {a.duration or 5.0}")
             print(f"UNEXPECTED LOSS in {', '.join(r.mode for r in bad)}; reproduce with: {again}"
                   + (f" --key-removal {bad[0].mode}" if len(bad) == 1 else " --compare-modes"))
     return 1 if bad else 0
+
+
+def cmd_crash(a: argparse.Namespace) -> int:
+    t = time.perf_counter()
+    r = run_ace_parallel(a.max_ops, jobs=a.jobs, seed=a.seed, subsets=a.subsets, nobarrier=a.nobarrier, limit=a.limit)
+    took = time.perf_counter() - t
+    if a.json:
+        emit_json({"workloads": r.workloads, "states": r.states, "failures": r.failures, "seconds": round(took, 1)})
+    else:
+        print(f"{r.workloads} workloads (Ace, up to {a.max_ops} operations each), {r.states} crash states checked "
+              f"in {took:.1f} s: {len(r.failures)} failures")
+        for f in r.failures[:20]:
+            print(f"FAILED: {f}")
+        if r.failures:
+            print(f"reproduce with: blockemu crash --max-ops {a.max_ops} --seed {a.seed} --jobs {a.jobs}"
+                  + (f" --limit {a.limit}" if a.limit else "") + (" --nobarrier" if a.nobarrier else ""))
+    return 1 if r.failures else 0
 
 
 def cmd_key_id(a: argparse.Namespace) -> int:
@@ -333,6 +429,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "mkfs": cmd_mkfs, "fsck": cmd_fsck, "inspect": cmd_inspect, "ls": cmd_ls, "cat": cmd_cat, "put": cmd_put,
     "mkdir": cmd_mkdir, "extents": cmd_extents, "key-id": cmd_key_id, "stress": cmd_stress,
+    "run": cmd_run, "crash": cmd_crash,
 }
 # fsck follows e2fsck's exit codes: 8 operational error, 16 usage error
 FAILURE_CODES = {"fsck": (EXIT_OPERATIONAL, EXIT_USAGE)}

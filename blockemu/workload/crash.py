@@ -1,0 +1,229 @@
+"""Crash-consistency campaigns, CrashMonkey/Ace style.
+
+A workload runs on a fresh image with the device's write log on; after each
+persistence operation (fsync, sync) it records the oracle: the namespace and
+every file's contents, under the generation that operation committed. Then
+every crash state of the log -- just before and after each flush and FUA
+write, with the in-doubt writes none, all, one at a time and random subsets,
+some torn -- is rebuilt, checked with fsck, mounted, and compared with the
+oracle of the generation its superblock names. Any difference is a failure,
+reported with the workload and the state that reproduce it.
+
+``ace_workloads`` enumerates Ace's bounded space: every sequence of up to
+three operations over a small file set (dirs A, B; files foo, bar), each
+followed by fsync of what it touched.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from ..faults import FaultPlan, WriteLog
+from ..fs import Filesystem, mount
+from ..fsck import check
+from ..image import ImageFile
+from ..mkfs import mkfs
+
+Snapshot = dict[str, bytes | None]
+
+
+async def snapshot(fs: Filesystem) -> Snapshot:
+    """The namespace and every file's contents (None for a directory)."""
+    out: Snapshot = {}
+    todo = ["/"]
+    while todo:
+        d = todo.pop()
+        for name in await fs.readdir(d):
+            p = d.rstrip("/") + "/" + name
+            if (await fs.stat(p)).st_mode & 0o040000:
+                out[p] = None
+                todo.append(p)
+            else:
+                async with fs.open(p) as f:
+                    out[p] = await f.read()
+    return out
+
+
+class Recorder:
+    """Runs a workload with the write log on and the oracle recorded at each persistence point."""
+
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+        self.models: dict[int, Snapshot] = {}
+
+    async def persisted(self) -> None:
+        """Call right after an fsync/sync: everything so far is one durable generation."""
+        self.models[self.fs.vol.generation] = await snapshot(self.fs)
+
+
+Workload = Callable[[Filesystem, Recorder], Awaitable[None]]
+
+
+async def record(workload: Workload, image: str, base: str, *, faults: FaultPlan | None = None) -> tuple[WriteLog, dict]:
+    await mkfs(image, "64M", node_size="4K", force=True)
+    fs = await mount(image, faults=faults, interval=3600, max_extent=16 << 10, seal_workers=0)
+    log = fs.vol.device.start_log(base_copy=base)
+    rec = Recorder(fs)
+    await rec.persisted()
+    await workload(fs, rec)
+    await fs.unmount()
+    return log, rec.models
+
+
+def expected_generation(log: WriteLog, upto: int, first: int) -> int:
+    """The generation of the newest primary superblock whose FUA write completed in the prefix."""
+    gen = first
+    for e in log.entries[:upto]:
+        if e.kind == "fua" and e.offset == 65536:
+            gen = int.from_bytes(e.data[0x48:0x50], "little")
+    return gen
+
+
+@dataclass
+class CampaignResult:
+    workloads: int = 0
+    states: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+async def check_states(log: WriteLog, models: dict[int, Snapshot], work: str, rng: random.Random,
+                       subsets: int, name: str, result: CampaignResult) -> None:
+    await check_sample(log, models, work, list(log.crash_states(rng, subsets=subsets)), result, name)
+
+
+async def check_sample(log: WriteLog, models: dict[int, Snapshot], work: str, states: list, result: CampaignResult,
+                       name: str = "mix") -> None:
+    first = min(models)
+    for st in states:
+        result.states += 1
+        log.crash_image(work, st.upto, st.keep, st.torn)
+        where = f"{name} at crash state {st}"
+        report = check(work, check_data=True)
+        if not report.clean:
+            result.failures.append(f"{where}: fsck: [{report.errors[0].code}] {report.errors[0].message}")
+            continue
+        with ImageFile.open(work) as img:
+            gen = img.best_super().generation
+        want = expected_generation(log, st.upto, first)
+        if gen != want:
+            result.failures.append(f"{where}: mounted generation {gen}, the last durable commit was {want}")
+            continue
+        try:
+            async with mount(work, interval=3600, seal_workers=0) as fs:
+                got = await snapshot(fs)
+        except OSError as e:
+            result.failures.append(f"{where}: reading the image back failed: {e}")
+            continue
+        if got != models.get(gen):
+            lost = sorted(set(models.get(gen, {})) ^ set(got)) or [p for p in got if got[p] != models[gen].get(p)]
+            result.failures.append(f"{where}: contents differ from the oracle of generation {gen} ({lost[:3]})")
+
+
+# ------------------------------------------------------------------ Ace's bounded workload space
+
+FILES = ["/A/foo", "/A/bar", "/B/foo"]
+OPS = [
+    ("creat", "/A/foo"), ("creat", "/B/foo"), ("write", "/A/foo"), ("append", "/A/foo"), ("truncate", "/A/foo"),
+    ("unlink", "/A/foo"), ("rename", "/A/foo", "/A/bar"), ("rename", "/A/foo", "/B/foo"), ("mkdir", "/A/C"),
+    ("rmdir", "/A/C"),
+]
+
+
+async def apply(fs: Filesystem, op: tuple[str, ...], rng: random.Random) -> str | None:
+    """Run one Ace operation if it applies to the current state; returns the path to fsync."""
+    kind, path = op[0], op[1]
+    exists = await fs.exists(path)
+    if kind == "creat" and not exists:
+        async with fs.open(path, "x") as f:
+            await f.write(rng.randbytes(5000))
+    elif kind in ("write", "append", "truncate") and exists:
+        async with fs.open(path, "r+") as f:
+            if kind == "write":
+                await f.pwrite(rng.randbytes(6000), rng.randrange(0, 8192))
+            elif kind == "append":
+                await f.pwrite(rng.randbytes(3000), f.inode.size)
+            else:
+                await f.truncate(rng.randrange(0, 4096))
+    elif kind == "unlink" and exists:
+        await fs.unlink(path)
+        return os.path.dirname(path)
+    elif kind == "rename" and exists:
+        await fs.rename(path, op[2])
+        return op[2]
+    elif kind == "mkdir" and not exists:
+        await fs.mkdir(path)
+    elif kind == "rmdir" and exists and not await fs.readdir(path):
+        await fs.rmdir(path)
+        return os.path.dirname(path)
+    else:
+        return None
+    return path
+
+
+def ace_workloads(max_len: int) -> list[tuple[tuple[str, ...], ...]]:
+    return [seq for n in range(1, max_len + 1) for seq in itertools.product(OPS, repeat=n)]
+
+
+def ace_workload(seq: tuple[tuple[str, ...], ...], seed: int) -> Workload:
+    async def run(fs: Filesystem, rec: Recorder) -> None:
+        rng = random.Random(seed)
+        for d in ("/A", "/B"):
+            await fs.mkdir(d)
+        async with fs.open("/A/foo", "w") as f:
+            await f.write(rng.randbytes(7000))
+        await fs.sync()
+        await rec.persisted()
+        for op in seq:
+            target = await apply(fs, op, rng)
+            if target is None:
+                continue
+            if await fs.exists(target) and not (await fs.stat(target)).st_mode & 0o040000:
+                async with fs.open(target, "r") as f:
+                    await f.fsync()
+            else:
+                await fs.sync()
+            await rec.persisted()
+    return run
+
+
+async def run_ace(seqs: list, *, seed: int = 0, subsets: int = 2, faults: FaultPlan | None = None) -> CampaignResult:
+    result = CampaignResult()
+    with tempfile.TemporaryDirectory() as d:
+        image, base, work = (os.path.join(d, n) for n in ("w.img", "base.img", "crash.img"))
+        for i, seq in enumerate(seqs):
+            name = " ; ".join(" ".join(op) for op in seq)
+            log, models = await record(ace_workload(seq, seed + i), image, base, faults=faults)
+            await check_states(log, models, work, random.Random(seed + i), subsets, f"[{name}]", result)
+            result.workloads += 1
+    return result
+
+
+def _run_slice(args: tuple[list, int, int, bool]) -> CampaignResult:
+    seqs, seed, subsets, nobarrier = args
+    return asyncio.run(run_ace(seqs, seed=seed, subsets=subsets, faults=FaultPlan(nobarrier=nobarrier)))
+
+
+def run_ace_parallel(max_len: int, *, jobs: int, seed: int = 0, subsets: int = 2, nobarrier: bool = False,
+                     limit: int | None = None) -> CampaignResult:
+    """The whole bounded space, fanned out over ``jobs`` processes."""
+    seqs = ace_workloads(max_len)
+    if limit is not None:
+        seqs = random.Random(seed).sample(seqs, min(limit, len(seqs)))
+    chunks = [seqs[i::jobs] for i in range(jobs)]
+    total = CampaignResult()
+    if jobs <= 1:
+        parts = [_run_slice((seqs, seed, subsets, nobarrier))]
+    else:
+        with ProcessPoolExecutor(jobs) as pool:
+            parts = list(pool.map(_run_slice, [(c, seed + k * 100_003, subsets, nobarrier) for k, c in enumerate(chunks)]))
+    for p in parts:
+        total.workloads += p.workloads
+        total.states += p.states
+        total.failures += p.failures
+    return total

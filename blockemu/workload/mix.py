@@ -1,0 +1,170 @@
+"""An fsstress-like random mix of filesystem operations, checked against an oracle.
+
+Each task works in its own directory (as ``fsstress -p``) and keeps a model of
+what its subtree must hold: names, file contents. Reads are checked against the
+model as they happen; at the end the whole subtree is compared. Every random
+choice comes from the seed, so a seed replays the same operations.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..fs import Filesystem
+
+DEFAULT_OPS = {"create": 4, "write": 4, "overwrite": 4, "append": 3, "truncate": 2, "read": 3, "fsync": 1,
+               "rename": 2, "unlink": 1, "mkdir": 2, "rmdir": 1, "sync": 1}
+
+
+@dataclass
+class MixResult:
+    ops: int = 0
+    by_op: dict[str, int] = field(default_factory=dict)
+    acknowledged_writes: int = 0
+    divergent: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # operations the (faulty) device made fail
+
+
+class Task:
+    def __init__(self, fs: Filesystem, root: str, rng: random.Random, result: MixResult) -> None:
+        self.fs, self.root, self.rng, self.r = fs, root, rng, result
+        self.files: dict[str, bytearray] = {}
+        self.dirs: list[str] = [root]
+        self.n = 0
+        self.tainted: set[str] = set()  # paths an injected fault left in an unknown state
+
+    def _name(self, kind: str) -> str:
+        self.n += 1
+        return f"{self.rng.choice(self.dirs)}/{kind}{self.n}"
+
+    async def step(self, op: str) -> None:
+        """One operation; a failure the device injected (EIO, ENOSPC) taints the paths involved."""
+        before = set(self.files)
+        try:
+            await self._step(op)
+        except OSError as e:
+            if e.errno not in (errno.EIO, errno.ENOSPC, errno.EROFS):
+                raise
+            self.r.errors.append(f"{op}: {e}")
+            self.tainted |= before ^ set(self.files) or before
+
+    async def _step(self, op: str) -> None:
+        fs, rng, files = self.fs, self.rng, self.files
+        if op in ("write", "overwrite", "append", "truncate", "read", "fsync", "rename", "unlink") and not files:
+            op = "create"
+        if op == "rmdir" and len(self.dirs) == 1:
+            op = "mkdir"
+        self.r.by_op[op] = self.r.by_op.get(op, 0) + 1
+        self.r.ops += 1
+        if op == "create":
+            p = self._name("f")
+            data = rng.randbytes(rng.randrange(0, 20_000))
+            async with fs.open(p, "x") as f:
+                await f.write(data)
+            files[p] = bytearray(data)
+            self.r.acknowledged_writes += 1
+        elif op in ("write", "overwrite", "append"):
+            p = rng.choice(list(files))
+            model = files[p]
+            data = rng.randbytes(rng.randrange(1, 12_000))
+            off = len(model) if op == "append" else rng.randrange(0, len(model) + (8192 if op == "write" else 1))
+            async with fs.open(p, "r+") as f:
+                await f.pwrite(data, off)
+            if off > len(model):
+                model.extend(bytes(off - len(model)))
+            model[off : off + len(data)] = data
+            self.r.acknowledged_writes += 1
+        elif op == "truncate":
+            p = rng.choice(list(files))
+            size = rng.randrange(0, len(files[p]) + 4096)
+            async with fs.open(p, "r+") as f:
+                await f.truncate(size)
+            m = files[p]
+            files[p] = m[:size] + bytearray(max(0, size - len(m)))
+        elif op == "read":
+            p = rng.choice(list(files))
+            async with fs.open(p, "r") as f:
+                got = await f.read()
+            if got != bytes(files[p]) and p not in self.tainted:
+                self.r.divergent.append(f"{p}: read {len(got)} bytes, model has {len(files[p])}")
+        elif op == "fsync":
+            async with fs.open(rng.choice(list(files)), "r+") as f:
+                await f.fsync()
+        elif op == "sync":
+            await fs.sync()
+        elif op == "rename":
+            src = rng.choice(list(files))
+            dst = self._name("r") if rng.random() < 0.7 or len(files) < 2 else rng.choice(list(files))
+            await fs.rename(src, dst)
+            files[dst] = files.pop(src)
+        elif op == "unlink":
+            p = rng.choice(list(files))
+            await fs.unlink(p)
+            del files[p]
+        elif op == "mkdir":
+            d = self._name("d")
+            await fs.mkdir(d)
+            self.dirs.append(d)
+        elif op == "rmdir":
+            d = rng.choice(self.dirs[1:])
+            try:
+                await fs.rmdir(d)
+            except OSError as e:
+                if e.errno != errno.ENOTEMPTY:
+                    raise
+                return
+            self.dirs.remove(d)
+
+    async def verify(self) -> None:
+        """The subtree holds exactly the model: every name, every byte."""
+        found: dict[str, bytes] = {}
+        todo = [self.root]
+        while todo:
+            d = todo.pop()
+            for name in await self.fs.readdir(d):
+                p = f"{d}/{name}"
+                if (await self.fs.stat(p)).st_mode & 0o040000:
+                    todo.append(p)
+                else:
+                    async with self.fs.open(p) as f:
+                        found[p] = await f.read()
+        for p in sorted(set(found) | set(self.files) - self.tainted):
+            if found.get(p) != (bytes(self.files[p]) if p in self.files else None):
+                self.r.divergent.append(f"{p}: on disk {len(found.get(p, b''))} bytes, model "
+                                        f"{len(self.files[p]) if p in self.files else 'absent'}")
+
+
+async def run_mix(fs: Filesystem, *, root: str, tasks: int, nops: int, ops: dict[str, int] | None, seed: int,
+                  duration: float | None = None, advance: Callable[[int], None] = lambda n: None) -> MixResult:
+    """``tasks`` tasks of ``nops`` operations each (or until ``duration`` seconds pass)."""
+    weights = ops or DEFAULT_OPS
+    unknown = set(weights) - set(DEFAULT_OPS)
+    if unknown:
+        raise ValueError(f"unknown mix operations: {', '.join(sorted(unknown))} (known: {', '.join(DEFAULT_OPS)})")
+    names, w = list(weights), list(weights.values())
+    result = MixResult()
+    if not await fs.exists(root):
+        await fs.mkdir(root)
+    workers = []
+    for i in range(tasks):
+        sub = f"{root}/p{i}"
+        await fs.mkdir(sub)
+        workers.append(Task(fs, sub, random.Random(f"{seed}:{i}"), result))
+
+    deadline = time.monotonic() + duration if duration else None
+
+    async def drive(t: Task) -> None:
+        n = 0
+        while (n < nops) if deadline is None else (time.monotonic() < deadline):
+            await t.step(t.rng.choices(names, w)[0])
+            advance(1)
+            n += 1
+
+    await asyncio.gather(*(drive(t) for t in workers))
+    for t in workers:
+        await t.verify()
+    return result

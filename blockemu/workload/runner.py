@@ -1,0 +1,244 @@
+"""``blockemu run``: a job file (fio syntax) against a mounted image, then fsck.
+
+Jobs in one stonewall group run concurrently; groups run in order. Kinds:
+``fio`` (the default: fio's own options), ``mix`` (fsstress-like, with an
+oracle), ``keyrace`` (fstests generic/595 on a scratch image, under the job's
+``key_removal``), ``fsck`` (unmount, check, remount), ``faults`` (from now on the
+device misbehaves as ``faults=SPEC`` says) and ``script=module:func`` (an async
+function given the mounted filesystem and a seeded RNG). Every random choice
+derives from the run's seed.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Callable
+
+from ..errors import BlockemuError, InvalidArgument
+from ..faults import FaultPlan, WriteLog
+from ..fs import Filesystem, mount
+from ..fsck import check
+from ..mkfs import mkfs
+from .crash import CampaignResult, Recorder, check_sample, record
+from .fio import JobResult, run_fio
+from .jobfile import Job, JobFile, load, parse
+from .keyrace import run_race, unexpected
+from .mix import DEFAULT_OPS, MixResult, Task, run_mix
+
+SCENARIO_PACKAGE = "blockemu.workload.scenarios"
+
+
+def scenarios() -> dict[str, str]:
+    """Built-in job files, by name (without .fio)."""
+    return {p.name[:-4]: p.read_text() for p in resources.files(SCENARIO_PACKAGE).iterdir() if p.name.endswith(".fio")}
+
+
+def load_workload(arg: str) -> JobFile:
+    """A path to a job file, or the name of a built-in scenario."""
+    if os.path.exists(arg):
+        return load(arg)
+    builtin = scenarios()
+    if arg in builtin:
+        return parse(builtin[arg], f"<built-in {arg}>")
+    raise InvalidArgument(f"{arg}: no such job file or built-in scenario (see blockemu run --list)")
+
+
+@dataclass
+class RunReport:
+    seed: int
+    image: str
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    fio: list[JobResult] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    fsck_clean: bool | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def as_json(self) -> dict[str, Any]:
+        return {"fio version": "blockemu-fio-compat", "seed": self.seed, "image": self.image,
+                "jobs": [r.as_json() for r in self.fio] + self.jobs, "fsck_clean": self.fsck_clean,
+                "failures": self.failures, "ok": self.ok}
+
+
+def _image_size(jf: JobFile) -> int:
+    size = jf.globals.get("image_size")
+    if size:
+        return size
+    need = sum(j.get("size", 0) * j.get("numjobs", 1) for j in jf.jobs)
+    return max(256 << 20, 3 * need)
+
+
+class Runner:
+    def __init__(self, jf: JobFile, image: str, seed: int) -> None:
+        self.jf, self.image, self.seed = jf, image, seed
+        self.report = RunReport(seed, image)
+        self.fs: Filesystem | None = None
+        self.directory = "/jobs"
+
+    async def _mount(self) -> Filesystem:
+        g = self.jf.globals
+        fs = await mount(self.image, key_removal=g.get("key_removal", "soft"), interval=5.0)
+        if g.get("encrypt"):
+            key = random.Random(f"{self.seed}:key").randbytes(64)
+            kid = await fs.add_key(key)
+            self.directory = "/enc-jobs"
+            if not await fs.exists(self.directory):
+                await fs.mkdir(self.directory)
+                await fs.set_policy(self.directory, kid)
+        elif not await fs.exists(self.directory):
+            await fs.mkdir(self.directory)
+        return fs
+
+    async def run(self) -> RunReport:
+        if not os.path.exists(self.image) or os.path.getsize(self.image) == 0:
+            await mkfs(self.image, _image_size(self.jf))
+        self.fs = await self._mount()
+        try:
+            for group in sorted({j.group for j in self.jf.jobs}):
+                await asyncio.gather(*(self._job(j) for j in self.jf.jobs if j.group == group))
+        finally:
+            if self.fs is not None:
+                await self.fs.unmount()
+        report = check(self.image)
+        self.report.fsck_clean = report.clean
+        if not report.clean:
+            self.report.failures.append(f"fsck: {len(report.errors)} errors, first: [{report.errors[0].code}] "
+                                        f"{report.errors[0].message}")
+        return self.report
+
+    async def _job(self, job: Job) -> None:
+        kind = job.get("kind", "fio")
+        seed = random.Random(f"{self.seed}:{job.name}").randrange(1 << 31)
+        assert self.fs is not None
+        try:
+            if kind == "fio":
+                res = await run_fio(self.fs, job, self.directory, seed)
+                self.report.fio.append(res)
+                if res.verify_errors:
+                    self.report.failures.append(f"{job.name}: {res.verify_errors} blocks failed verification")
+            elif kind == "mix":
+                mix = await run_mix(self.fs, root=f"{self.directory}/{job.name}", tasks=job.get("numjobs", 1),
+                                    nops=job.get("nops", 200), ops=job.get("ops"), seed=seed)
+                self.report.jobs.append({"jobname": job.name, "kind": "mix", "ops": mix.ops, "by_op": mix.by_op,
+                                         "acknowledged_writes": mix.acknowledged_writes, "divergent": mix.divergent})
+                self.report.failures += [f"{job.name}: {d}" for d in mix.divergent]
+            elif kind == "keyrace":
+                mode = job.get("key_removal", self.jf.globals.get("key_removal", "soft"))
+                r = await run_race(mode, seed=seed, schedule=job.get("schedule", "free"), steps=job.get("nops", 3000),
+                                   duration=job.get("runtime", 2.0))
+                self.report.jobs.append({"jobname": job.name, "kind": "keyrace", **r.as_json()})
+                if unexpected(r):
+                    self.report.failures.append(f"{job.name}: {r.lost} acknowledged appends lost ({r.silent} silently)"
+                                                f" under {mode} removal")
+            elif kind == "fsck":
+                await self.fs.unmount()
+                self.fs = None
+                rep = check(self.image, check_data=job.get("check_data", False))
+                self.report.jobs.append({"jobname": job.name, "kind": "fsck", **rep.as_json()})
+                if not rep.clean:
+                    self.report.failures.append(f"{job.name}: fsck found {len(rep.errors)} errors")
+                self.fs = await self._mount()
+            elif kind == "faults":
+                self.fs.vol.device.faults = FaultPlan.parse(job.get("faults", ""))
+                self.report.jobs.append({"jobname": job.name, "kind": "faults", "faults": job.get("faults", "")})
+            elif kind == "script":
+                await self._script(job, seed)
+        except BlockemuError as e:
+            self.report.failures.append(f"{job.name}: {e}")
+
+    async def _script(self, job: Job, seed: int) -> None:
+        spec = job.get("script")
+        if not spec or ":" not in spec:
+            raise InvalidArgument(f"job {job.name}: script= must be module:function")
+        mod, _, func = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod), func)
+        except (ImportError, AttributeError) as e:
+            raise InvalidArgument(f"job {job.name}: cannot load {spec}: {e}") from None
+        out = await fn(self.fs, random.Random(seed))
+        self.report.jobs.append({"jobname": job.name, "kind": "script", "result": out})
+
+
+async def run_workload(workload: str, *, image: str | None = None, seed: int = 0) -> RunReport:
+    jf = load_workload(workload)
+    if image is not None:
+        return await Runner(jf, image, seed).run()
+    with tempfile.TemporaryDirectory() as tmp:
+        return await Runner(jf, os.path.join(tmp, "run.img"), seed).run()
+
+
+async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: float | None, key_removal: str,
+                     faults: FaultPlan | None, crash_points: int, advance: Callable[[int], None] = lambda n: None,
+                     ) -> dict[str, Any]:
+    """``blockemu stress``: the fsstress-like mix on ``image`` (created if missing), with injected
+    faults, then unmount and fsck; optionally a crash campaign over a logged single-task mix."""
+    if not os.path.exists(image) or os.path.getsize(image) == 0:
+        await mkfs(image, "256M")
+    problems: list[str] = []
+    fs = await mount(image, key_removal=key_removal, faults=faults, interval=1.0)
+    try:
+        key = random.Random(f"{seed}:key").randbytes(64)
+        kid = await fs.add_key(key)
+        root = f"/stress-{seed}"
+        await fs.mkdir(root)
+        await fs.set_policy(root, kid)
+        mix = await run_mix(fs, root=root, tasks=tasks, nops=nops, ops=None, seed=seed, duration=duration,
+                            advance=advance)
+    finally:
+        fs.vol.device.faults = FaultPlan()
+        try:
+            await fs.unmount()
+        except BlockemuError as e:  # a faulty device may refuse the final commit: that is reported by fsck
+            problems.append(f"unmount: {e}")
+    report = check(image)
+    problems += mix.divergent
+    if not report.clean:
+        problems += [f"fsck: [{e.code}] {e.message}" for e in report.errors[:5]]
+    summary: dict[str, Any] = {"seed": seed, "image": image, "ops": mix.ops, "by_op": mix.by_op,
+                               "acknowledged_writes": mix.acknowledged_writes,
+                               "lost_acknowledged_writes": len(mix.divergent), "divergent_files": len(mix.divergent),
+                               "injected_errors": len(mix.errors), "fsck": "clean" if report.clean else
+                               f"{len(report.errors)} errors", "fsck_errors": [e.as_json() for e in report.errors[:20]]}
+    if crash_points:
+        camp = await crash_mix(seed, crash_points)
+        summary["crash_states_checked"] = camp.states
+        summary["crash_failures"] = len(camp.failures)
+        problems += camp.failures
+    summary["problems"] = problems
+    summary["ok"] = not problems
+    return summary
+
+
+async def crash_mix(seed: int, points: int) -> CampaignResult:
+    """A logged single-task mix, then ``points`` of its crash states checked against the oracle."""
+    result = CampaignResult()
+
+    async def workload(fs: Filesystem, rec: Recorder) -> None:
+        task = Task(fs, "/c", random.Random(seed), MixResult())
+        await fs.mkdir("/c")
+        # every persistence point is a full sync: an fsync of one file makes only that file's
+        # data durable, and the oracle here is the whole namespace with every byte
+        ops = {**DEFAULT_OPS, "fsync": 0}
+        names, weights = list(ops), list(ops.values())
+        for i in range(120):
+            op = task.rng.choices(names, weights)[0]
+            await task.step(op)
+            if op == "sync" or i % 15 == 14:
+                await fs.sync()
+                await rec.persisted()
+
+    with tempfile.TemporaryDirectory() as d:
+        log, models = await record(workload, os.path.join(d, "m.img"), os.path.join(d, "base.img"))
+        rng = random.Random(seed)
+        states = list(log.crash_states(rng, subsets=2))
+        picked = WriteLog(log.base, log.size, log.entries)
+        sample = rng.sample(states, min(points, len(states)))
+        await check_sample(picked, models, os.path.join(d, "crash.img"), sample, result)
+    return result

@@ -1,0 +1,1 @@
+"""Built-in job files (fio syntax), listed by `blockemu run --list`."""
