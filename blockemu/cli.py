@@ -310,9 +310,9 @@ def cmd_stress(a: argparse.Namespace) -> int:
         emit_json(summary)
     else:
         print(f"seed = {seed}")
-        for k in ("ops", "acknowledged_writes", "lost_acknowledged_writes", "divergent_files", "injected_errors",
+        for k in ("ops", "acknowledged_writes", "lost_acknowledged_writes", "divergent_files", "injected_errors", "aborted",
                   "fsck", "crash_states_checked", "crash_failures"):
-            if k in summary:
+            if summary.get(k) is not None:
                 print(f"{k.replace('_', ' '):<28}{summary[k]}")
         for line in summary["problems"][:10]:
             print(f"FAILED: {line}")

@@ -121,9 +121,10 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
             if _depth > 8:
                 raise InvalidArgument(f"{where}: include nested too deeply")
             try:
-                sub = parse(inc.read_text(), str(inc), _depth + 1)
+                included = inc.read_text()
             except OSError as e:
                 raise InvalidArgument(f"{where}: include {inc}: {e.strerror}") from None
+            sub = parse(included, str(inc), _depth + 1)
             scope.update(sub.globals)
             jf.jobs.extend(sub.jobs)
             continue
@@ -154,7 +155,7 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
         if job.options.get("stonewall") or job.options.get("wait_for_previous") or job.options.get("new_group"):
             group += 1
         job.group = group
-    if not jf.jobs:
+    if not jf.jobs and not _depth:
         raise InvalidArgument(f"{path}: no jobs")
     return jf
 

@@ -182,21 +182,30 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
     if not os.path.exists(image) or os.path.getsize(image) == 0:
         await mkfs(image, "256M")
     problems: list[str] = []
+    mix, aborted = MixResult(), None
     fs = await mount(image, key_removal=key_removal, faults=faults, interval=1.0)
     try:
         key = random.Random(f"{seed}:key").randbytes(64)
         kid = await fs.add_key(key)
-        root = f"/stress-{seed}"
+        root, k = f"/stress-{seed}", 1
+        while await fs.exists(root):  # a rerun on the same image gets its own directory
+            root, k = f"/stress-{seed}.{k}", k + 1
         await fs.mkdir(root)
         await fs.set_policy(root, kid)
         mix = await run_mix(fs, root=root, tasks=tasks, nops=nops, ops=None, seed=seed, duration=duration,
                             advance=advance)
+    except BlockemuError as e:
+        # a commit the faulty device failed: like btrfs, the mount turned read-only; the image
+        # keeps its last durable generation, which fsck below must still find consistent
+        if fs.vol.aborted is None:
+            raise
+        aborted = str(e)
     finally:
         fs.vol.device.faults = FaultPlan()
         try:
             await fs.unmount()
-        except BlockemuError as e:  # a faulty device may refuse the final commit: that is reported by fsck
-            problems.append(f"unmount: {e}")
+        except BlockemuError as e:
+            aborted = aborted or str(e)
     report = check(image)
     problems += mix.divergent
     if not report.clean:
@@ -204,7 +213,8 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
     summary: dict[str, Any] = {"seed": seed, "image": image, "ops": mix.ops, "by_op": mix.by_op,
                                "acknowledged_writes": mix.acknowledged_writes,
                                "lost_acknowledged_writes": len(mix.divergent), "divergent_files": len(mix.divergent),
-                               "injected_errors": len(mix.errors), "fsck": "clean" if report.clean else
+                               "injected_errors": len(mix.errors) + bool(aborted), "aborted": aborted,
+                               "fsck": "clean" if report.clean else
                                f"{len(report.errors)} errors", "fsck_errors": [e.as_json() for e in report.errors[:20]]}
     if crash_points:
         camp = await crash_mix(seed, crash_points)

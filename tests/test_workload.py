@@ -1,0 +1,135 @@
+"""Job files (fio syntax), blockemu run / stress / crash from the command line."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from blockemu.errors import InvalidArgument
+from blockemu.workload.jobfile import parse
+
+from .test_cli import run
+
+
+def test_parser_globals_stonewall_env_and_bare_keys(monkeypatch):
+    monkeypatch.setenv("BLOCKSIZE", "8k")
+    jf = parse("""
+; comment
+[global]
+bs=${BLOCKSIZE}
+size=1m
+[a]
+rw=randwrite   # trailing comment
+time_based
+runtime=2s
+[global]
+size=2M
+[b]
+stonewall
+rw=read
+""", "t.fio")
+    a, b = jf.jobs
+    assert a.options == {"bs": 8192, "size": 1 << 20, "rw": "randwrite", "time_based": True, "runtime": 2.0}
+    assert b.options["size"] == 2 << 20 and b.options["bs"] == 8192  # a later [global] applies only below it
+    assert (a.group, b.group) == (0, 1)
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("[j]\nrw=write\nbogus=1\n", "t.fio:3: unknown option 'bogus'"),
+    ("[j]\nbs=lots\n", "t.fio:2: bad value for bs"),
+    ("[j]\nrw=sideways\n", "t.fio:2: bad value for rw"),
+    ("[j]\nbs=${NOT_SET_ANYWHERE}\n", "t.fio:2: environment variable"),
+    ("[global]\nbs=4k\n", "t.fio: no jobs"),
+])
+def test_parser_errors_name_file_and_line(text, msg):
+    with pytest.raises(InvalidArgument, match=msg.replace("(", r"\(")):
+        parse(text, "t.fio")
+
+
+def test_include(tmp_path):
+    (tmp_path / "common.fio").write_text("[global]\nbs=16k\n")
+    (tmp_path / "main.fio").write_text("include common.fio\n[j]\nsize=1m\n")
+    from blockemu.workload.jobfile import load
+    assert load(str(tmp_path / "main.fio")).jobs[0].options["bs"] == 16384
+
+
+def test_a_plain_fio_job_runs_unmodified(tmp_path):
+    job = tmp_path / "plain.fio"
+    job.write_text("""[global]
+ioengine=libaio
+direct=1
+bs=4k
+size=2m
+randseed=7
+group_reporting
+
+[writer]
+rw=randwrite
+iodepth=4
+fsync=16
+verify=crc32c
+
+[reader]
+stonewall
+rw=read
+numjobs=2
+runtime=5
+""")
+    out = json.loads(run("run", str(job), "--output-format", "json", "--seed", "1", "--image", str(tmp_path / "j.img")).stdout)
+    assert out["ok"] and out["fsck_clean"]
+    jobs = {j["jobname"]: j for j in out["jobs"]}
+    w, r = jobs["writer"], jobs["reader"]
+    assert w["write"]["io_bytes"] == 2 << 20 and w["write"]["iops"] > 0 and w["sync"]["total_ios"] == 32
+    assert set(w["write"]["lat_ns"]["percentile"]) >= {"50.000000", "99.000000", "99.990000"}
+    assert r["read"]["io_bytes"] == 2 * (2 << 20) and r["groupid"] == 1 and r["error"] == 0
+    text = run("run", str(job), "--seed", "1").stdout
+    assert "seed = 1" in text and "Run status group 0" in text and "IOPS=" in text
+
+
+def test_builtin_scenarios(tmp_path):
+    listing = run("run", "--list").stdout
+    assert "generic-595" in listing and "fsstress" in listing
+    out = json.loads(run("run", "fsstress", "--json", "--seed", "3").stdout)
+    assert out["ok"], out["failures"]
+    mix = next(j for j in out["jobs"] if j["kind"] == "mix")
+    assert mix["ops"] == 4 * 300 and not mix["divergent"]
+    race = json.loads(run("run", "key-removal-hard", "--json", "--seed", "2", check_rc=None).stdout)
+    r = next(j for j in race["jobs"] if j["kind"] == "keyrace")
+    assert r["mode"] == "hard" and r["silent"] == 0
+
+
+def test_script_jobs_and_errors(tmp_path):
+    job = tmp_path / "s.fio"
+    job.write_text("[s]\nkind=script\nscript=tests.scripted:touch_files\n")
+    out = json.loads(run("run", str(job), "--json", "--seed", "5").stdout)
+    assert out["ok"] and out["jobs"][0]["result"]
+    bad = tmp_path / "bad.fio"
+    bad.write_text("[j]\nrw=write\nsize=1m\nfrobnicate=3\n")
+    p = run("run", str(bad), check_rc=1)
+    assert p.stderr.strip() == f"blockemu: run: {bad}:4: unknown option 'frobnicate'"
+
+
+def test_stress_mix_and_crash_points(tmp_path):
+    img = str(tmp_path / "s.img")
+    out = json.loads(run("stress", img, "--seed", "4", "--tasks", "3", "--ops", "80", "--crash-points", "25", "--json").stdout)
+    assert out["ok"] and out["fsck"] == "clean" and out["lost_acknowledged_writes"] == 0
+    assert out["ops"] == 240 and out["crash_states_checked"] == 25
+    again = json.loads(run("stress", img, "--seed", "4", "--tasks", "3", "--ops", "80", "--json").stdout)
+    assert again["by_op"] == out["by_op"]  # the same seed replays the same operations
+
+
+def test_stress_with_injected_faults_reports_and_checks(tmp_path):
+    img = str(tmp_path / "f.img")
+    run("mkfs", img, "--size", "64M")
+    out = json.loads(run("stress", img, "--seed", "9", "--tasks", "2", "--ops", "60", "--faults",
+                         "eio=1M-64M:w", "--json", check_rc=None).stdout)
+    assert out["injected_errors"] > 0
+    assert "fsck" in out and "reproduce" not in out
+
+
+def test_crash_campaign_cli_finds_nothing_and_catches_a_planted_bug():
+    out = json.loads(run("crash", "--max-ops", "1", "--jobs", "1", "--json").stdout)
+    assert out["workloads"] == 10 and out["states"] > 50 and out["failures"] == []
+    bad = run("crash", "--max-ops", "2", "--limit", "4", "--jobs", "1", "--nobarrier", check_rc=1)
+    assert "FAILED:" in bad.stdout and "reproduce with: blockemu crash" in bad.stdout
