@@ -44,6 +44,12 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def add_progress_flags(p: argparse.ArgumentParser) -> None:
+    """--progress/--no-progress; neither: a bar only on a terminal (and never with --json)."""
+    p.add_argument("--progress", dest="progress", action="store_true", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
 def build_parser() -> Parser:
     p = Parser(prog="blockemu", description="Block-device emulator with a btrfs-like encrypted COW filesystem.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -59,16 +65,14 @@ def build_parser() -> Parser:
     m.add_argument("--rootdir", help="populate the image from this host directory")
     m.add_argument("--encrypt", metavar="PATH", help="directory inside the image to encrypt (needs --key-file)")
     m.add_argument("--key-file", help="raw key bytes (16-64) for --encrypt")
-    m.add_argument("--progress", dest="progress", action="store_true", default=None)
-    m.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_flags(m)
 
     f = sub.add_parser("fsck", help="check an image (read-only unless --repair)")
     f.add_argument("image")
     f.add_argument("--json", action="store_true")
     f.add_argument("--check-data", action="store_true", help="verify every data sector against its checksum")
     f.add_argument("--repair", action="store_true")
-    f.add_argument("--progress", dest="progress", action="store_true", default=None)
-    f.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_flags(f)
 
     ls = sub.add_parser("ls", help="list a directory inside an image")
     ls.add_argument("image")

@@ -28,6 +28,22 @@ from .faults import SECTOR, FaultPlan, WriteLog, sparse_copy
 IOV_MAX = 1024
 
 
+def open_image(path: str, readonly: bool) -> int:
+    """The image's file descriptor, or one clear DeviceIOError (exit 8 for fsck)."""
+    try:
+        fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+    except FileNotFoundError:
+        raise DeviceIOError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DeviceIOError(f"{path}: is a directory") from None
+    except PermissionError:
+        raise DeviceIOError(f"{path}: permission denied") from None
+    if os.path.isdir(path):  # O_RDONLY opens a directory without complaint
+        os.close(fd)
+        raise DeviceIOError(f"{path}: is a directory")
+    return fd
+
+
 @dataclass
 class DeviceStats:
     ops: dict[str, int] = field(default_factory=lambda: {"read": 0, "write": 0, "fua": 0, "flush": 0, "discard": 0})
@@ -103,15 +119,7 @@ class BlockDevice:
 
     @classmethod
     def open_sync(cls, path: str, *, readonly: bool = False, **kw) -> "BlockDevice":
-        try:
-            fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
-        except FileNotFoundError:
-            raise DeviceIOError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise DeviceIOError(f"{path}: is a directory") from None
-        except PermissionError:
-            raise DeviceIOError(f"{path}: permission denied") from None
-        return cls(path, fd, readonly=readonly, **kw)
+        return cls(path, open_image(path, readonly), readonly=readonly, **kw)
 
     @classmethod
     async def open(cls, path: str, *, readonly: bool = False, **kw) -> "BlockDevice":

@@ -8,24 +8,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .errors import CorruptionError, DeviceIOError
+from .device import open_image
+from .errors import CorruptionError
 from .ondisk.structs import MAGIC, SUPER_INFO_SIZE, SUPER_OFFSETS
 from .ondisk.superblock import SuperInfo, decode_super
-
-
-def open_readonly(path: str) -> int:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise DeviceIOError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DeviceIOError(f"{path}: is a directory") from None
-    except PermissionError:
-        raise DeviceIOError(f"{path}: permission denied") from None
-    if os.path.isdir(path):
-        os.close(fd)
-        raise DeviceIOError(f"{path}: is a directory")
-    return fd
 
 
 @dataclass
@@ -47,7 +33,7 @@ class ImageFile:
 
     @classmethod
     def open(cls, path: str) -> "ImageFile":
-        fd = open_readonly(path)
+        fd = open_image(path, readonly=True)
         img = cls(path, fd, os.fstat(fd).st_size)
         for off in SUPER_OFFSETS:
             if off + SUPER_INFO_SIZE > img.size:

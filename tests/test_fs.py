@@ -14,6 +14,8 @@ from blockemu.image import ImageFile
 from blockemu.ondisk import structs as S
 from blockemu.transaction import Engine
 
+from .util import ErrnoCheck
+
 KEY = bytes(range(1, 65))
 KID = "69b2f6edeee720cce0577937eb8a6751"
 
@@ -32,19 +34,6 @@ async def fs(image):
     await f.unmount()
     report = check(image)
     assert report.clean, [e.message for e in report.errors]
-
-
-class ErrnoCheck:
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, typ, exc, tb):
-        assert exc is not None, f"expected errno {errno.errorcode[self.code]}"
-        assert isinstance(exc, OSError) and exc.errno == self.code, (exc, errno.errorcode[self.code])
-        return True
 
 
 async def test_api_round_trip_plain_and_encrypted(image):

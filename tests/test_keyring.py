@@ -11,20 +11,10 @@ from blockemu.errors import InvalidArgument, NoKeyError
 from blockemu.keyring import TRANSITIONS, Keyring, State
 from blockemu.workload.keyrace import run_race
 
+from .util import ErrnoCheck
+
 KEY = bytes(range(1, 65))
 KID = "69b2f6edeee720cce0577937eb8a6751"
-
-
-class ErrnoCheck:
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, typ, exc, tb):
-        assert isinstance(exc, OSError) and exc.errno == self.code, exc
-        return True
 
 
 @pytest.fixture
