@@ -100,7 +100,7 @@ class BlockDevice:
         *,
         readonly: bool = False,
         faults: FaultPlan | None = None,
-        cache_limit: int = 64 << 20,
+        cache_limit: int = 8 << 20,
     ) -> None:
         self.path = path
         self.fd = fd

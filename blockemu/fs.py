@@ -118,7 +118,7 @@ class Filesystem:
         self.vol = vol
         self.keyring = keyring
         self.extents = Extents(vol.engine)
-        self.cache = PageCache(clean_limit=wb_opts.pop("cache_limit", 64 << 20))
+        self.cache = PageCache(clean_limit=wb_opts.pop("cache_limit", 8 << 20))
         self.inodes: dict[int, Inode] = {}
         self.writeback = Writeback(self, **wb_opts)
         self.last_error: OSError | None = None

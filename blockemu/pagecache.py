@@ -23,7 +23,7 @@ class Pages:
 
 
 class PageCache:
-    def __init__(self, clean_limit: int = 64 << 20) -> None:
+    def __init__(self, clean_limit: int = 8 << 20) -> None:
         self.clean_limit = clean_limit
         self.dirty_bytes = 0
         self._clean: OrderedDict[tuple[int, int], Pages] = OrderedDict()
@@ -57,20 +57,21 @@ class PageCache:
         pages.dirty.update(idxs)
         self.dirty_bytes += (len(pages.dirty) - before) * PAGE
 
-    def take_dirty(self, pages: Pages, max_run: int) -> list[tuple[int, int, bytearray]]:
+    def take_dirty(self, pages: Pages, max_run: int, budget: int | None = None) -> list[tuple[int, int, bytearray]]:
         """Snapshot the dirty pages as runs (first index, page count, data) of consecutive pages,
         each at most ``max_run`` long, and clear their dirty bits; a write landing meanwhile
         dirties the page again. Until the caller reports a run ``written`` its pages can be
         neither evicted nor counted twice."""
         groups: list[list[int]] = []
-        for idx in sorted(pages.dirty):
+        taken = sorted(pages.dirty)[:budget]
+        for idx in taken:
             if groups and groups[-1][-1] + 1 == idx and len(groups[-1]) < max_run:
                 groups[-1].append(idx)
             else:
                 groups.append([idx])
         table = pages.pages
         runs = [(g[0], len(g), bytearray(b"".join([table[i] for i in g]))) for g in groups]
-        pages.dirty.clear()
+        pages.dirty.difference_update(taken)
         return runs
 
     def written(self, pages: Pages, first: int, count: int) -> None:

@@ -38,12 +38,14 @@ class Writeback:
         dirty_limit: int = 64 << 20,
         max_extent: int = 1 << 20,
         seal_workers: int | None = None,
+        batch_bytes: int | None = None,
     ) -> None:
         self.fs = fs
         self.interval = interval
         self.background_bytes = background_bytes
         self.dirty_limit = dirty_limit
         self.max_pages = max(1, max_extent // PAGE)
+        self.batch_pages = max(self.max_pages, (batch_bytes or max(dirty_limit // 8, max_extent)) // PAGE)
         self.sealer = Sealer(max_extent=self.max_pages * PAGE, workers=seal_workers)
         self._kick = asyncio.Event()
         self._room = asyncio.Event()
@@ -109,13 +111,18 @@ class Writeback:
         await asyncio.gather(*(self.flush_inode(i) for i in list(self.fs.inodes.values()) if i.pages.dirty))
 
     async def flush_inode(self, inode: "Inode") -> None:
+        """Write back what is dirty now, in batches of at most ``batch_bytes`` so the copies
+        being sealed stay small next to the dirty limit."""
         async with inode.wb_lock:
-            runs = self.cache.take_dirty(inode.pages, self.max_pages)
+            todo = len(inode.pages.dirty)
             inode.inflight += 1
             try:
-                # runs seal concurrently (large ones one per worker, small ones batched); each
-                # lands on its own as soon as it is sealed
-                await asyncio.gather(*(self._write_one(inode, run) for run in runs))
+                while todo > 0 and inode.pages.dirty:
+                    runs = self.cache.take_dirty(inode.pages, self.max_pages, budget=self.batch_pages)
+                    todo -= sum(count for _, count, _ in runs)
+                    # runs seal concurrently (large ones one per worker, small ones batched);
+                    # each lands on its own as soon as it is sealed
+                    await asyncio.gather(*(self._write_one(inode, run) for run in runs))
             finally:
                 inode.inflight -= 1
             self.fs.maybe_lock(inode)
