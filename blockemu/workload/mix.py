@@ -139,14 +139,15 @@ class Task:
 
 
 async def run_mix(fs: Filesystem, *, root: str, tasks: int, nops: int, ops: dict[str, int] | None, seed: int,
-                  duration: float | None = None, advance: Callable[[int], None] = lambda n: None) -> MixResult:
+                  duration: float | None = None, advance: Callable[[int], None] = lambda n: None,
+                  result: MixResult | None = None) -> MixResult:
     """``tasks`` tasks of ``nops`` operations each (or until ``duration`` seconds pass)."""
     weights = ops or DEFAULT_OPS
     unknown = set(weights) - set(DEFAULT_OPS)
     if unknown:
         raise ValueError(f"unknown mix operations: {', '.join(sorted(unknown))} (known: {', '.join(DEFAULT_OPS)})")
     names, w = list(weights), list(weights.values())
-    result = MixResult()
+    result = result if result is not None else MixResult()  # the caller's, so a failed run keeps its counts
     if not await fs.exists(root):
         await fs.mkdir(root)
     workers = []

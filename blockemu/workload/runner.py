@@ -192,8 +192,8 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
             root, k = f"/stress-{seed}.{k}", k + 1
         await fs.mkdir(root)
         await fs.set_policy(root, kid)
-        mix = await run_mix(fs, root=root, tasks=tasks, nops=nops, ops=None, seed=seed, duration=duration,
-                            advance=advance)
+        await run_mix(fs, root=root, tasks=tasks, nops=nops, ops=None, seed=seed, duration=duration,
+                      advance=advance, result=mix)
     except BlockemuError as e:
         # a commit the faulty device failed: like btrfs, the mount turned read-only; the image
         # keeps its last durable generation, which fsck below must still find consistent
