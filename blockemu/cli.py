@@ -394,11 +394,18 @@ def cmd_fsck(a: argparse.Namespace) -> int:
     report = check(a.image, check_data=a.check_data, progress=tty_progress() if show else None)
     code = report.exit_code
     if a.repair and not report.clean and repairable(report):
-        before = report
-        fixed = run_repair(a.image, before)
-        report = check(a.image, check_data=a.check_data)
+        # a repair can expose the next fix (a dropped entry changes its directory's size),
+        # so repair and check again, a few rounds at most
+        repaired, fixed = [], 0
+        for _ in range(4):
+            before = report
+            fixed += run_repair(a.image, before)
+            report = check(a.image, check_data=a.check_data)
+            repaired += [e.as_json() for e in before.errors if e not in report.errors]
+            if report.clean or not repairable(report):
+                break
         report.stats["repaired"] = fixed
-        report.repaired = [e.as_json() for e in before.errors if e not in report.errors]
+        report.repaired = repaired
         code = EXIT_CORRECTED if report.clean else EXIT_UNCORRECTED
     if a.json:
         emit_json(report.as_json())

@@ -87,7 +87,8 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
     if ROOT_INO not in fi.inodes or not st.S_ISDIR(fi.inodes[ROOT_INO].mode):
         ck.error("MISSING_INODE", "the root directory (inode 256) is missing or not a directory", FS, key=(ROOT_INO, 1, 0))
     for oid in sorted(fi.owners - fi.inodes.keys()):
-        ck.error("MISSING_INODE", f"items of inode {oid}, which has no INODE_ITEM", FS, key=(oid, S.INODE_ITEM, 0))
+        ck.error("MISSING_INODE", f"items of inode {oid}, which has no INODE_ITEM", FS, key=(oid, S.INODE_ITEM, 0),
+                 fix={"drop_inode": oid})
     subdirs: dict[int, int] = defaultdict(int)
     names: dict[int, int] = defaultdict(int)
     for (d, idx), e in sorted(fi.dir_index.items()):
@@ -97,7 +98,7 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
             ck.error("DANGLING_ENTRY", f"DIR_INDEX {idx} of {d}, which is not a directory", FS, key=(d, S.DIR_INDEX, idx))
         if child not in fi.inodes:
             ck.error("DANGLING_ENTRY", f"entry {e.name!r} in directory {d} points to missing inode {child}", FS,
-                     key=(d, S.DIR_INDEX, idx))
+                     key=(d, S.DIR_INDEX, idx), fix={"drop_entry": (d, idx, e.name)})
             continue
         if st.S_ISDIR(fi.inodes[child].mode):
             subdirs[d] += 1
@@ -135,12 +136,14 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
             ck.error("NLINK_MISMATCH", f"inode {ino} nlink {item.nlink}, found {want}", FS, key=(ino, S.INODE_ITEM, 0),
                      fix={"inode": ino, "nlink": want} if want else None)
         if not refs and ino != ROOT_INO and ino not in fi.orphans:
-            ck.error("ORPHAN", f"inode {ino} has no name and no orphan item", FS, key=(ino, S.INODE_ITEM, 0))
+            ck.error("ORPHAN", f"inode {ino} has no name and no orphan item", FS, key=(ino, S.INODE_ITEM, 0),
+                     fix={"drop_inode": ino})
         if is_dir and item.size != names[ino]:
             ck.error("ISIZE_MISMATCH", f"directory {ino} size {item.size}, its names add up to {names[ino]}", FS,
                      key=(ino, S.INODE_ITEM, 0), fix={"inode": ino, "size": names[ino]})
     for ino in sorted(fi.orphans - fi.inodes.keys()):
-        ck.error("ORPHAN", f"orphan item for missing inode {ino}", FS, key=(S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, ino))
+        ck.error("ORPHAN", f"orphan item for missing inode {ino}", FS, key=(S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, ino),
+                 fix={"delete": (FS, (S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, ino))})
 
 
 def check_file_extents(ck: "Checker", fi: FsItems, data: dict[int, tuple[int, ExtentItem]]) -> None:
@@ -176,10 +179,11 @@ def check_file_extents(ck: "Checker", fi: FsItems, data: dict[int, tuple[int, Ex
         backrefs = {(r[2], r[3]): r[4] for r in ei.refs if r[0] == "data"}
         total = sum(refs.values())
         if total != ei.refs_count or backrefs != dict(refs):
-            fix = None
             if total:
                 refs_now = tuple(("data", FS, ino, off, n) for (ino, off), n in sorted(refs.items()))
                 fix = {"extent_item": (bytenr, S.EXTENT_ITEM, length), "body": ei._replace(refs_count=total, refs=refs_now)}
+            else:  # nothing references it any more: free it (the free-space rebuild returns the space)
+                fix = {"drop_extent": (bytenr, length)}
             ck.error("EXTENT_REF_MISMATCH", f"data extent [{bytenr}, +{length}]: refs {ei.refs_count} backrefs "
                      f"{sorted(backrefs.items())}, found {total} references {sorted(refs.items())}",
                      S.EXTENT_TREE_OBJECTID, bytenr, (bytenr, S.EXTENT_ITEM, length), fix=fix)

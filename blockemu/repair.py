@@ -17,7 +17,7 @@ from .errors import CorruptionError
 from .fsck import FsckReport
 from .image import ImageFile
 from .ondisk import structs as S
-from .ondisk.items import InodeItem
+from .ondisk.items import InodeItem, pack_dir_entries, unpack_dir_entries
 from .ondisk.structs import SUPER_OFFSETS
 from .ondisk.superblock import encode_super
 from .volume import Volume
@@ -71,11 +71,46 @@ async def repair(path: str, report: FsckReport) -> int:
                 elif "delete" in fix:
                     tid, key = fix["delete"]
                     engine.trees[tid].delete(tuple(key))
+                elif "drop_inode" in fix:
+                    _drop_items(engine.trees[S.FS_TREE_OBJECTID], fix["drop_inode"])
+                elif "drop_entry" in fix:
+                    _drop_entry(engine.trees[S.FS_TREE_OBJECTID], *fix["drop_entry"])
+                elif "drop_extent" in fix:
+                    bytenr, length = fix["drop_extent"]
+                    engine.trees[S.EXTENT_TREE_OBJECTID].delete((bytenr, S.EXTENT_ITEM, length))
+                    csum = engine.trees[S.CSUM_TREE_OBJECTID]
+                    lo = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr)
+                    for key in [k for k, _ in csum.items(lo, (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + length - 1))]:
+                        csum.delete(key)
                 fixed += 1
         await vol.commit(force=True)
     finally:
         await vol.close(commit=False)
     return fixed
+
+
+def _drop_items(fs, ino: int) -> None:
+    """Every item of an inode nothing names (its extents' references go with them; the next
+    round of the check frees what is left unreferenced)."""
+    for key in [k for k, _ in fs.items((ino, 0, 0), (ino, 255, (1 << 64) - 1))]:
+        fs.delete(key)
+    orphan = (S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, ino)
+    if orphan in fs:
+        fs.delete(orphan)
+
+
+def _drop_entry(fs, d: int, idx: int, name: bytes) -> None:
+    from .fs import name_hash
+
+    fs.delete((d, S.DIR_INDEX, idx))
+    key = (d, S.DIR_ITEM, name_hash(name))
+    body = fs.get(key)
+    if body is not None:
+        rest = [e for e in unpack_dir_entries(body) if e.name != name]
+        if rest:
+            fs.update(key, pack_dir_entries(rest))
+        else:
+            fs.delete(key)
 
 
 def run_repair(path: str, report: FsckReport) -> int:
