@@ -27,6 +27,9 @@ class MixResult:
     acknowledged_writes: int = 0
     divergent: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # operations the (faulty) device made fail
+    # the ledger: what an fsync or sync acknowledged as durable and nothing changed since
+    durable: dict[str, bytes] = field(default_factory=dict)
+    tasks: list["Task"] = field(default_factory=list)
 
 
 class Task:
@@ -52,6 +55,11 @@ class Task:
             self.r.errors.append(f"{op}: {e}")
             self.tainted |= before ^ set(self.files) or before
 
+    def _changing(self, *paths: str) -> None:
+        """These paths are about to change: what the ledger held for them is no longer certain."""
+        for p in paths:
+            self.r.durable.pop(p, None)
+
     async def _step(self, op: str) -> None:
         fs, rng, files = self.fs, self.rng, self.files
         if op in ("write", "overwrite", "append", "truncate", "read", "fsync", "rename", "unlink") and not files:
@@ -69,6 +77,7 @@ class Task:
             self.r.acknowledged_writes += 1
         elif op in ("write", "overwrite", "append"):
             p = rng.choice(list(files))
+            self._changing(p)
             model = files[p]
             data = rng.randbytes(rng.randrange(1, 12_000))
             off = len(model) if op == "append" else rng.randrange(0, len(model) + (8192 if op == "write" else 1))
@@ -80,6 +89,7 @@ class Task:
             self.r.acknowledged_writes += 1
         elif op == "truncate":
             p = rng.choice(list(files))
+            self._changing(p)
             size = rng.randrange(0, len(files[p]) + 4096)
             async with fs.open(p, "r+") as f:
                 await f.truncate(size)
@@ -92,17 +102,23 @@ class Task:
             if got != bytes(files[p]) and p not in self.tainted:
                 self.r.divergent.append(f"{p}: read {len(got)} bytes, model has {len(files[p])}")
         elif op == "fsync":
-            async with fs.open(rng.choice(list(files)), "r+") as f:
+            p = rng.choice(list(files))
+            async with fs.open(p, "r+") as f:
                 await f.fsync()
+            self.r.durable[p] = bytes(files[p])
         elif op == "sync":
             await fs.sync()
+            for t in self.r.tasks:
+                self.r.durable.update((q, bytes(m)) for q, m in t.files.items() if q not in t.tainted)
         elif op == "rename":
             src = rng.choice(list(files))
             dst = self._name("r") if rng.random() < 0.7 or len(files) < 2 else rng.choice(list(files))
+            self._changing(src, dst)
             await fs.rename(src, dst)
             files[dst] = files.pop(src)
         elif op == "unlink":
             p = rng.choice(list(files))
+            self._changing(p)
             await fs.unlink(p)
             del files[p]
         elif op == "mkdir":
@@ -155,6 +171,7 @@ async def run_mix(fs: Filesystem, *, root: str, tasks: int, nops: int, ops: dict
         sub = f"{root}/p{i}"
         await fs.mkdir(sub)
         workers.append(Task(fs, sub, random.Random(f"{seed}:{i}"), result))
+    result.tasks = workers
 
     deadline = time.monotonic() + duration if duration else None
 
@@ -169,3 +186,18 @@ async def run_mix(fs: Filesystem, *, root: str, tasks: int, nops: int, ops: dict
     for t in workers:
         await t.verify()
     return result
+
+
+async def verify_ledger(fs: Filesystem, durable: dict[str, bytes]) -> list[str]:
+    """After a crash: every file the ledger holds must be on disk, byte for byte."""
+    lost = []
+    for p, want in sorted(durable.items()):
+        try:
+            async with fs.open(p) as f:
+                got = await f.read()
+        except OSError as e:
+            lost.append(f"{p}: fsync-acknowledged, now {e.strerror or e}")
+            continue
+        if got != want:
+            lost.append(f"{p}: fsync-acknowledged {len(want)} bytes, after the crash {len(got)} differ")
+    return lost
