@@ -208,9 +208,12 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
             aborted = aborted or str(e)
     cut = fs.vol.device.dead or aborted is not None
     if cut:  # the in-memory oracle is moot; what was acknowledged durable must be there
-        async with mount(image, interval=3600) as after:
-            await after.add_key(key)
-            lost = await verify_ledger(after, mix.durable)
+        try:
+            async with mount(image, interval=3600) as after:
+                await after.add_key(key)
+                lost = await verify_ledger(after, mix.durable)
+        except BlockemuError as e:
+            lost = [f"after the crash the image does not mount: {e}"]
         problems += lost
         mix.divergent = lost
     report = check(image)
