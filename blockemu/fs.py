@@ -49,6 +49,7 @@ ROOT_INO = S.FIRST_FREE_OBJECTID
 FT_REG, FT_DIR = 1, 2
 INODE_FLAG_ENCRYPT = 1 << 12
 NAME_MAX = 255
+YIELD_BYTES = 256 << 10
 FSCRYPT_MODE_AES_256_CTS = 4
 
 
@@ -122,6 +123,7 @@ class Filesystem:
         self.inodes: dict[int, Inode] = {}
         self.writeback = Writeback(self, **wb_opts)
         self.last_error: OSError | None = None
+        self.unyielded = 0  # bytes written since a writer last let the loop run
         fs_tree = vol.engine.trees[S.FS_TREE_OBJECTID]
         last = fs_tree.last_at_or_before((S.ORPHAN_OBJECTID - 1, 255, (1 << 64) - 1))
         self.next_ino = max(ROOT_INO + 1, (last[0][0] + 1) if last else 0)
@@ -699,6 +701,12 @@ class File:
             inode.size = end
         inode.data_changed_ns = time.time_ns()
         fs.writeback.note_dirtied()
+        fs.unyielded += n
+        if fs.unyielded >= YIELD_BYTES:
+            # a writer that never waits would starve the loop: sealing workers' replies and
+            # device completions sit unread while it copies; let them in every so often
+            fs.unyielded = 0
+            await asyncio.sleep(0)
         return n
 
     async def _write_pages(self, mv: memoryview, offset: int) -> None:

@@ -15,6 +15,7 @@ whose spawn start method re-imports the user's ``__main__`` in every worker.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import struct
 import sys
@@ -28,6 +29,7 @@ KEY = crypto.XTS_KEY_SIZE
 POOL_THRESHOLD = 256 << 10
 REQUEST = struct.Struct("<QQH")  # slot offset, plaintext length, checksum type
 RESPONSE = struct.Struct("<I")  # bytes of digests that follow
+DEPTH = 3  # requests in flight per worker
 
 
 def seal_local(key: bytearray | None, data: bytes | bytearray, csum_type: int) -> tuple[bytes, list[bytes]]:
@@ -72,17 +74,35 @@ def worker_main(shm_name: str) -> None:
 
 
 class _Worker:
+    """One worker process; requests are pipelined (several in flight), answered in order."""
+
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
+        self.waiting: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            while True:
+                (size,) = RESPONSE.unpack(await self.proc.stdout.readexactly(RESPONSE.size))
+                raw = await self.proc.stdout.readexactly(size)
+                fut, step = self.waiting.popleft()
+                if not fut.done():
+                    fut.set_result([raw[i : i + step] for i in range(0, size, step)])
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            while self.waiting:
+                fut, _ = self.waiting.popleft()
+                if not fut.done():
+                    fut.set_exception(OSError(f"sealing worker exited: {e}"))
 
     async def seal(self, off: int, n: int, csum_type: int) -> list[bytes]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting.append((fut, csums.csum_size(csum_type)))
         self.proc.stdin.write(REQUEST.pack(off, n, csum_type))
         await self.proc.stdin.drain()
-        (size,) = RESPONSE.unpack(await self.proc.stdout.readexactly(RESPONSE.size))
-        raw = await self.proc.stdout.readexactly(size)
-        step = csums.csum_size(csum_type)
-        return [raw[i : i + step] for i in range(0, size, step)]
+        return await fut
 
 
 class Sealer:
@@ -92,12 +112,15 @@ class Sealer:
         self._shm: shared_memory.SharedMemory | None = None
         self._idle: asyncio.Queue[tuple[_Worker, int]] | None = None
         self._procs: list[asyncio.subprocess.Process] = []
+        self._workers: list[_Worker] = []
         self._starting: asyncio.Lock | None = None
         # small extents requested in the same loop turn share one trip to a thread
         self._batch: list[tuple[bytearray | None, bytes | bytearray, int, asyncio.Future]] = []
 
     async def _start(self) -> None:
-        self._shm = shared_memory.SharedMemory(create=True, size=self.workers * self.slot)
+        # DEPTH slots per worker: the next extent is already waiting when one is done, so a
+        # worker never idles while this process is busy elsewhere
+        self._shm = shared_memory.SharedMemory(create=True, size=self.workers * DEPTH * self.slot)
         self._idle = asyncio.Queue()
         for i in range(self.workers):
             proc = await asyncio.create_subprocess_exec(
@@ -106,7 +129,10 @@ class Sealer:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )
             self._procs.append(proc)
-            self._idle.put_nowait((_Worker(proc), i * self.slot))
+            worker = _Worker(proc)
+            self._workers.append(worker)
+            for d in range(DEPTH):
+                self._idle.put_nowait((worker, (i * DEPTH + d) * self.slot))
 
     async def seal(self, key: bytearray | None, data: bytes | bytearray, csum_type: int) -> tuple[bytes, list[bytes]]:
         """Ciphertext (the data itself when ``key`` is None) and its per-sector checksums."""
@@ -156,7 +182,10 @@ class Sealer:
             if proc.stdin is not None:
                 proc.stdin.close()
             await proc.wait()
+        for w in self._workers:
+            await w.reader
         self._procs.clear()
+        self._workers.clear()
         if self._shm is not None:
             self._shm.close()
             self._shm.unlink()

@@ -111,18 +111,22 @@ class Writeback:
         await asyncio.gather(*(self.flush_inode(i) for i in list(self.fs.inodes.values()) if i.pages.dirty))
 
     async def flush_inode(self, inode: "Inode") -> None:
-        """Write back what is dirty now, in batches of at most ``batch_bytes`` so the copies
-        being sealed stay small next to the dirty limit."""
+        """Write back what is dirty now as a pipeline: runs are taken one extent's worth at a
+        time and at most ``batch_pages`` of them are in flight, so sealing never drains
+        between batches and the copies being sealed stay small next to the dirty limit."""
         async with inode.wb_lock:
             todo = len(inode.pages.dirty)
+            lanes = asyncio.Semaphore(max(1, self.batch_pages // self.max_pages))
             inode.inflight += 1
+            tasks: list[asyncio.Task] = []
             try:
                 while todo > 0 and inode.pages.dirty:
-                    runs = self.cache.take_dirty(inode.pages, self.max_pages, budget=self.batch_pages)
-                    todo -= sum(count for _, count, _ in runs)
-                    # runs seal concurrently (large ones one per worker, small ones batched);
-                    # each lands on its own as soon as it is sealed
-                    await asyncio.gather(*(self._write_one(inode, run) for run in runs))
+                    await lanes.acquire()
+                    for run in self.cache.take_dirty(inode.pages, self.max_pages, budget=self.max_pages):
+                        todo -= run[1]
+                        tasks.append(asyncio.ensure_future(self._write_one(inode, run)))
+                    tasks[-1].add_done_callback(lambda _t: lanes.release())  # one lane per take
+                await asyncio.gather(*tasks)
             finally:
                 inode.inflight -= 1
             self.fs.maybe_lock(inode)

@@ -39,6 +39,7 @@ class Task:
         self.dirs: list[str] = [root]
         self.n = 0
         self.tainted: set[str] = set()  # paths an injected fault left in an unknown state
+        self.version: dict[str, int] = {}  # bumped whenever a path is about to change
 
     def _name(self, kind: str) -> str:
         self.n += 1
@@ -59,6 +60,7 @@ class Task:
         """These paths are about to change: what the ledger held for them is no longer certain."""
         for p in paths:
             self.r.durable.pop(p, None)
+            self.version[p] = self.version.get(p, 0) + 1
 
     async def _step(self, op: str) -> None:
         fs, rng, files = self.fs, self.rng, self.files
@@ -107,9 +109,14 @@ class Task:
                 await f.fsync()
             self.r.durable[p] = bytes(files[p])
         elif op == "sync":
+            # what was acknowledged when sync() was called is durable when it returns; paths
+            # another task changes meanwhile may land either way, so they are not recorded
+            before = [(t, q, bytes(m), t.version.get(q, 0)) for t in self.r.tasks for q, m in t.files.items()
+                      if q not in t.tainted]
             await fs.sync()
-            for t in self.r.tasks:
-                self.r.durable.update((q, bytes(m)) for q, m in t.files.items() if q not in t.tainted)
+            for t, q, content, ver in before:
+                if t.version.get(q, 0) == ver and q in t.files:
+                    self.r.durable[q] = content
         elif op == "rename":
             src = rng.choice(list(files))
             dst = self._name("r") if rng.random() < 0.7 or len(files) < 2 else rng.choice(list(files))
