@@ -682,7 +682,7 @@ class File:
         n = len(data)
         if not n:
             return 0
-        if fs.cache.dirty_bytes > fs.writeback.dirty_limit:
+        if fs.writeback.over_limit():
             await fs.writeback.wait_for_room()
         mv = memoryview(data)
         end = offset + n

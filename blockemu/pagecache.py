@@ -70,7 +70,7 @@ class PageCache:
             else:
                 groups.append([idx])
         table = pages.pages
-        runs = [(g[0], len(g), bytearray(b"".join([table[i] for i in g]))) for g in groups]
+        runs = [(g[0], len(g), bytearray().join([table[i] for i in g])) for g in groups]
         pages.dirty.difference_update(taken)
         return runs
 

@@ -52,6 +52,7 @@ class Writeback:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.stats = {"extents": 0, "bytes": 0, "lost_bytes": 0, "errors": 0}
+        self.copy_bytes = 0  # run snapshots and their ciphertext, until the device has taken them
 
     @property
     def cache(self):
@@ -95,9 +96,18 @@ class Writeback:
             finally:
                 self._room.set()
 
+    def pressure(self) -> int:
+        """All the file data writeback holds in memory: dirty pages (and those being written),
+        the copies being sealed, and what the device caches. The dirty limit bounds this sum,
+        so memory stays near the limit however much is written."""
+        return self.cache.dirty_bytes + self.copy_bytes + self.fs.vol.device.cached_bytes()
+
+    def over_limit(self) -> bool:
+        return self.pressure() > self.dirty_limit
+
     async def wait_for_room(self) -> None:
-        """Backpressure: writers wait here while dirty data is over the hard limit."""
-        while self.cache.dirty_bytes > self.dirty_limit:
+        """Backpressure: writers wait here while writeback's memory is over the hard limit."""
+        while self.over_limit():
             self._room.clear()
             self.kick()
             await self._room.wait()
@@ -133,11 +143,13 @@ class Writeback:
 
     async def _write_one(self, inode: "Inode", run: tuple[int, int, bytearray]) -> None:
         first, count, data = run
+        self.copy_bytes += len(data)
         try:
             await self._write_run(inode, first, data)
         except (BlockemuError, OSError) as e:
             self._lose(inode, first, count, e)
         finally:
+            self.copy_bytes -= len(data)
             self.cache.written(inode.pages, first, count)
             self._room.set()
 
