@@ -97,16 +97,16 @@ class Writeback:
                 self._room.set()
 
     def pressure(self) -> int:
-        """All the file data writeback holds in memory: dirty pages (and those being written),
-        the copies being sealed, and what the device caches. The dirty limit bounds this sum,
-        so memory stays near the limit however much is written."""
-        return self.cache.dirty_bytes + self.copy_bytes + self.fs.vol.device.cached_bytes()
+        """The file data writeback holds in memory: dirty pages (and those being written) and
+        the copies being sealed. (The device's cache bounds itself: a full one stalls writes.)"""
+        return self.cache.dirty_bytes + self.copy_bytes
 
     def over_limit(self) -> bool:
         return self.pressure() > self.dirty_limit
 
     async def wait_for_room(self) -> None:
-        """Backpressure: writers wait here while writeback's memory is over the hard limit."""
+        """Backpressure: writers wait here while writeback's memory is over the hard limit;
+        both parts of it drain by themselves once writeback runs."""
         while self.over_limit():
             self._room.clear()
             self.kick()
