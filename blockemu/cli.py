@@ -167,19 +167,14 @@ def read_key(path: str | None) -> bytes | None:
     return raw
 
 
-async def mounted(image: str, key_file: str | None):
-    fs = await mount(image, interval=3600)
-    key = read_key(key_file)
-    if key is not None:
-        await fs.add_key(key)
-    return fs
-
-
 def on_image(a: argparse.Namespace, body: Callable[[Any], Awaitable[int]]) -> int:
     """Mount the image (adding --key-file's key if given), run ``body(fs)``, unmount."""
     async def go() -> int:
-        fs = await mounted(a.image, getattr(a, "key_file", None))
+        key = read_key(getattr(a, "key_file", None))
+        fs = await mount(a.image, interval=3600)
         try:
+            if key is not None:
+                await fs.add_key(key)
             return await body(fs)
         finally:
             await fs.unmount()

@@ -58,8 +58,6 @@ class DeviceStats:
         us = int((time.perf_counter() - started) * 1e6)
         self.latency_us[min(us.bit_length(), 31)] += 1
 
-    def as_json(self) -> dict:
-        return {"ops": dict(self.ops), "bytes": dict(self.bytes), "latency_us_log2": list(self.latency_us)}
 
 
 def _pwrite_runs(fd: int, runs: list[tuple[int, list[bytes]]]) -> None:

@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-import crc32c
-
 from . import crypto
 from .errors import (
     BadFile,
@@ -40,7 +38,15 @@ from .keyring import Keyring, KeyStatus, RemovalResult, parse_identifier
 from .ondisk import csum as csums
 from .ondisk import structs as S
 from .ondisk.fast import INODE_ENCRYPTION_CONTEXT
-from .ondisk.items import DirEntry, InodeItem, InodeRef, Timespec, pack_dir_entries, unpack_dir_entries
+from .ondisk.items import (
+    DirEntry,
+    InodeItem,
+    InodeRef,
+    Timespec,
+    name_hash,
+    pack_dir_entries,
+    unpack_dir_entries,
+)
 from .pagecache import PAGE, PageCache, Pages
 from .volume import Volume
 from .writeback import Writeback
@@ -51,11 +57,6 @@ INODE_FLAG_ENCRYPT = 1 << 12
 NAME_MAX = 255
 YIELD_BYTES = 2 << 20
 FSCRYPT_MODE_AES_256_CTS = 4
-
-
-def name_hash(name: bytes) -> int:
-    """btrfs_name_hash: crc32c seeded with ~1, without the final inversion."""
-    return ~crc32c.crc32c(name, value=1) & 0xFFFFFFFF
 
 
 def split_path(path: str) -> list[bytes]:
@@ -122,7 +123,6 @@ class Filesystem:
         self.cache = PageCache(clean_limit=wb_opts.pop("cache_limit", 8 << 20))
         self.inodes: dict[int, Inode] = {}
         self.writeback = Writeback(self, **wb_opts)
-        self.last_error: OSError | None = None
         self.unyielded = 0  # bytes written since a writer last let the loop run
         fs_tree = vol.engine.trees[S.FS_TREE_OBJECTID]
         last = fs_tree.last_at_or_before((S.ORPHAN_OBJECTID - 1, 255, (1 << 64) - 1))

@@ -16,7 +16,7 @@ from .errors import CorruptionError
 from .ondisk import csum as csums
 from .ondisk import structs as S
 from .ondisk.fast import INODE_ENCRYPTION_CONTEXT
-from .ondisk.items import DirEntry, ExtentItem, FileExtent, InodeItem, InodeRef, unpack_dir_entries
+from .ondisk.items import DirEntry, ExtentItem, FileExtent, InodeItem, InodeRef, name_hash, unpack_dir_entries
 
 if TYPE_CHECKING:
     from .fsck import Checker
@@ -24,12 +24,6 @@ if TYPE_CHECKING:
 FS = S.FS_TREE_OBJECTID
 PAGE = S.SECTOR_SIZE
 ROOT_INO = S.FIRST_FREE_OBJECTID
-
-
-def name_hash(name: bytes) -> int:
-    from .fs import name_hash as h
-
-    return h(name)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from .errors import CorruptionError
 from .fsck import FsckReport
 from .image import ImageFile
 from .ondisk import structs as S
-from .ondisk.items import InodeItem, pack_dir_entries, unpack_dir_entries
+from .ondisk.items import InodeItem, name_hash, pack_dir_entries, unpack_dir_entries
 from .ondisk.structs import SUPER_OFFSETS
 from .ondisk.superblock import encode_super
 from .volume import Volume
@@ -100,8 +100,6 @@ def _drop_items(fs, ino: int) -> None:
 
 
 def _drop_entry(fs, d: int, idx: int, name: bytes) -> None:
-    from .fs import name_hash
-
     fs.delete((d, S.DIR_INDEX, idx))
     key = (d, S.DIR_ITEM, name_hash(name))
     body = fs.get(key)

@@ -33,7 +33,6 @@ class Volume:
         self.device = device
         self.engine = engine
         self.commit_lock = asyncio.Lock()
-        self.commits = 0
         self._cond = asyncio.Condition()
         self._writers = 0
         self._committing = False
@@ -111,7 +110,6 @@ class Volume:
             await self.device.writev(supers[1:])
         await self.device.flush()
         engine.finish_commit(new_sb)
-        self.commits += 1
         return True
 
     async def close(self, *, commit: bool = True) -> None:

@@ -91,8 +91,10 @@ class Writeback:
                 if loop.time() - last_commit >= self.interval:
                     await self.fs.vol.commit()
                     last_commit = loop.time()
-            except BlockemuError as e:  # a failed device: recorded on the inodes; keep serving
-                self.fs.last_error = e
+            except BlockemuError:
+                # a failed write is recorded on its inode, a failed commit aborts the volume
+                # (vol.aborted); either way the error reaches the caller that asks next
+                pass
             finally:
                 self._room.set()
 

@@ -26,11 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import blockemu  # noqa: E402
-from blockemu.fs import name_hash  # noqa: E402
 from blockemu.image import ImageFile  # noqa: E402
 from blockemu.ondisk import csum as csums  # noqa: E402
 from blockemu.ondisk import structs as S  # noqa: E402
-from blockemu.ondisk.items import ExtentItem, FileExtent, InodeItem, unpack_dir_entries  # noqa: E402
+from blockemu.ondisk.items import ExtentItem, FileExtent, InodeItem, name_hash, unpack_dir_entries  # noqa: E402
 from blockemu.ondisk.superblock import decode_super, encode_super  # noqa: E402
 from blockemu.transaction import Engine  # noqa: E402
 from blockemu.volume import Volume  # noqa: E402

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import crc32c
+
 from ..errors import CorruptionError
 from . import fast
 from .structs import (
@@ -113,6 +115,11 @@ def unpack_dir_entries(body: bytes) -> list[DirEntry]:
     if not out:
         raise CorruptionError("dir item: empty", "BAD_ITEM")
     return out
+
+
+def name_hash(name: bytes) -> int:
+    """The DIR_ITEM key offset: btrfs_name_hash, crc32c seeded with ~1 and not inverted at the end."""
+    return ~crc32c.crc32c(name, value=1) & 0xFFFFFFFF
 
 
 class InodeRef(NamedTuple):
