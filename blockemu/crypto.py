@@ -12,6 +12,8 @@ Derived keys are returned as ``bytearray`` so their holder can zero them.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -45,40 +47,52 @@ def extent_key(master: bytes | bytearray, nonce: bytes) -> bytearray:
     return hkdf(master, HKDF_CONTEXT_PER_EXTENT_ENC_KEY, nonce, XTS_KEY_SIZE)
 
 
-def _xts(key: bytes | bytearray, data: bytes | memoryview, first_unit: int, encrypt: bool,
-         out: bytearray | None = None) -> bytearray:
+Buffer = bytes | bytearray | memoryview
+
+
+def _units(data: Buffer) -> list[memoryview]:
     n = len(data)
     if n % DATA_UNIT:
         raise ValueError(f"{n} bytes is not a whole number of {DATA_UNIT}-byte data units")
+    mv = memoryview(data)
+    return [mv[a : a + DATA_UNIT] for a in range(0, n, DATA_UNIT)]
+
+
+def _xts(key: bytes | bytearray, units: Sequence[Buffer], first_unit: int, encrypt: bool,
+         out: bytearray | memoryview | None = None) -> bytearray | memoryview:
+    n = len(units) * DATA_UNIT
     # update_into wants block_size - 1 bytes of slack after each unit; writing into one
     # (reusable) buffer avoids a fresh allocation, and its page faults, per call
-    if out is None or len(out) < n + 15:
+    trim = out is None or len(out) < n + 15
+    if trim:
         out = bytearray(n + 15)
-        trim = True
-    else:
-        trim = False
-    omv, mv = memoryview(out), memoryview(data)
-    algo = algorithms.AES(bytes(key))
-    for i in range(n // DATA_UNIT):
-        cipher = Cipher(algo, modes.XTS((first_unit + i).to_bytes(16, "little")))
-        ctx = cipher.encryptor() if encrypt else cipher.decryptor()
+    omv = memoryview(out)  # type: ignore[arg-type]
+    # One validated Cipher whose tweak is swapped per unit: building a Cipher per unit
+    # re-checks the key and mode every time, which costs more than the AES itself.
+    cipher = Cipher(algorithms.AES(bytes(key)), modes.XTS(first_unit.to_bytes(16, "little")))
+    context = cipher.encryptor if encrypt else cipher.decryptor
+    XTS = modes.XTS
+    for i, unit in enumerate(units):
+        cipher.mode = XTS((first_unit + i).to_bytes(16, "little"))
         a = i * DATA_UNIT
-        ctx.update_into(mv[a : a + DATA_UNIT], omv[a : a + DATA_UNIT + 15])
+        context().update_into(unit, omv[a : a + DATA_UNIT + 15])
     omv.release()
     if trim:
-        del out[n:]
-    return out
+        del out[n:]  # type: ignore[union-attr]
+    return out  # type: ignore[return-value]
 
 
-def encrypt_units(key: bytes | bytearray, plaintext: bytes | memoryview, first_unit: int = 0,
-                  out: bytearray | None = None) -> bytearray:
-    """Encrypt whole data units; ``first_unit`` is the index of the first one within its extent.
-    With ``out`` (at least 15 bytes longer than the data) the ciphertext goes to its start."""
-    return _xts(key, plaintext, first_unit, True, out)
+def encrypt_units(key: bytes | bytearray, plaintext: Buffer | Sequence[Buffer], first_unit: int = 0,
+                  out: bytearray | memoryview | None = None) -> bytearray | memoryview:
+    """Encrypt whole data units -- one buffer, or a sequence of 4 KiB units wherever they
+    live; ``first_unit`` is the index of the first one within its extent. With ``out`` (at
+    least 15 bytes longer than the data) the ciphertext goes to its start."""
+    units = plaintext if isinstance(plaintext, (list, tuple)) else _units(plaintext)  # type: ignore[arg-type]
+    return _xts(key, units, first_unit, True, out)
 
 
-def decrypt_units(key: bytes | bytearray, ciphertext: bytes | memoryview, first_unit: int = 0) -> bytearray:
-    return _xts(key, ciphertext, first_unit, False)
+def decrypt_units(key: bytes | bytearray, ciphertext: Buffer, first_unit: int = 0) -> bytearray:
+    return _xts(key, _units(ciphertext), first_unit, False)  # type: ignore[return-value]
 
 
 def wipe(buf: bytearray) -> None:

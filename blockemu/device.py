@@ -75,6 +75,9 @@ def _destage(fd: int, runs: list[tuple[int, list[bytes]]], sync: bool) -> None:
     _pwrite_runs(fd, runs)
     if sync:
         os.fsync(fd)
+    else:
+        for off, bufs in runs:
+            os.posix_fadvise(fd, off, len(bufs) * 4096, os.POSIX_FADV_DONTNEED)
 
 
 def _fua(fd: int, offset: int, data: bytes) -> None:

@@ -142,16 +142,17 @@ class Extents:
         return -freed
 
     def add_extent(self, ino: int, file_offset: int, bytenr: int, length: int, ram_bytes: int,
-                   context: ExtentContext | None, digests: list[bytes]) -> int:
-        """Map [file_offset, +length) to the new extent at ``bytenr`` (its data written by the caller);
-        returns the change in nbytes."""
+                   context: ExtentContext | None, digests: bytes) -> int:
+        """Map [file_offset, +length) to the new extent at ``bytenr`` (its data written by the caller,
+        ``digests`` its per-sector checksums concatenated); returns the change in nbytes."""
         delta = self.punch(ino, file_offset, file_offset + length)
         fe = FileExtent(self.engine.transid, ram_bytes, 0, S.ENCRYPTION_FSCRYPT if context else S.ENCRYPTION_NONE, 0,
                         S.FILE_EXTENT_REG, bytenr, length, 0, length, context)
         self.fs.insert((ino, S.EXTENT_DATA, file_offset), fe.pack())
         item = ExtentItem(1, self.engine.transid, S.EXTENT_FLAG_DATA, (("data", S.FS_TREE_OBJECTID, ino, file_offset, 1),))
         self.ext.insert((bytenr, S.EXTENT_ITEM, length), item.pack())
+        step = len(digests) // (length // PAGE)
         per = self.sectors_per_csum_item
-        for i in range(0, len(digests), per):
-            self.csum.insert((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), b"".join(digests[i : i + per]))
+        for i in range(0, length // PAGE, per):
+            self.csum.insert((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), digests[i * step : (i + per) * step])
         return delta + length

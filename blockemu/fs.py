@@ -47,9 +47,9 @@ from .ondisk.items import (
     pack_dir_entries,
     unpack_dir_entries,
 )
-from .pagecache import PAGE, PageCache, Pages
+from .pagecache import PAGE, Page, PageCache, Pages
 from .volume import Volume
-from .writeback import Writeback
+from .writeback import DIRTY_LIMIT, Writeback, arena_frames
 
 ROOT_INO = S.FIRST_FREE_OBJECTID
 FT_REG, FT_DIR = 1, 2
@@ -120,7 +120,8 @@ class Filesystem:
         self.vol = vol
         self.keyring = keyring
         self.extents = Extents(vol.engine)
-        self.cache = PageCache(clean_limit=wb_opts.pop("cache_limit", 8 << 20))
+        self.cache = PageCache(clean_limit=wb_opts.pop("cache_limit", 8 << 20),
+                               dirty_frames=arena_frames(wb_opts.get("dirty_limit", DIRTY_LIMIT)))
         self.inodes: dict[int, Inode] = {}
         self.writeback = Writeback(self, **wb_opts)
         self.unyielded = 0  # bytes written since a writer last let the loop run
@@ -154,6 +155,9 @@ class Filesystem:
             await self.writeback.stop()
             await self.vol.close()
         finally:
+            for inode in self.inodes.values():
+                self.cache.drop(inode.pages)
+            self.cache.close()
             self.keyring.wipe_all()
 
     async def __aenter__(self) -> "Filesystem":
@@ -530,9 +534,8 @@ class Filesystem:
                 tail = size % PAGE
                 if tail:
                     idx = size // PAGE
-                    page = inode.pages.pages.setdefault(idx, (await self.read_pages(inode, idx, 1))[0])
-                    page[tail:] = bytes(PAGE - tail)
-                    self.cache.mark_dirty(inode.pages, idx)
+                    old = (await self.read_pages(inode, idx, 1))[0]
+                    self.cache.writable(inode.pages, idx, old)[tail:] = bytes(PAGE - tail)
                 self.cache.drop(inode.pages, -(-size // PAGE))
                 async with self.vol.join():
                     inode.nbytes += self.extents.punch(inode.ino, -(-size // PAGE) * PAGE, (1 << 64) - 1)
@@ -545,17 +548,18 @@ class Filesystem:
                     self._touch(inode)
                     self.save_inode(inode)
 
-    async def read_pages(self, inode: Inode, first: int, count: int) -> list[bytearray]:
-        """Pages [first, first + count) of the file, reading what is not cached (holes read as zeros).
-        A returned page may already have been evicted: writers must re-insert it."""
-        got: dict[int, bytearray] = {}
-        for i in range(first, first + count):
-            page = self.cache.get(inode.pages, i)
-            if page is not None:
-                got[i] = page
-        if len(got) < count:
-            got.update(await self._fill(inode, [i for i in range(first, first + count) if i not in got]))
-        return [got[i] for i in range(first, first + count)]
+    async def read_pages(self, inode: Inode, first: int, count: int) -> list[Page]:
+        """Pages [first, first + count) of the file, reading what is not cached (holes read as
+        zeros). Like the cache's own pages, they are valid until the caller next awaits."""
+        cache, filled = self.cache, {}
+        while True:
+            # the cache first, after every await: a write landing meanwhile is newer than a read
+            got = [cache.get(inode.pages, i) for i in range(first, first + count)]
+            got = [filled.get(first + k) if page is None else page for k, page in enumerate(got)]
+            missing = [first + k for k, page in enumerate(got) if page is None]
+            if not missing:
+                return got  # type: ignore[return-value]
+            filled.update(await self._fill(inode, missing))
 
     async def _fill(self, inode: Inode, missing: list[int]) -> dict[int, bytearray]:
         runs: list[list[int]] = []
@@ -717,15 +721,10 @@ class File:
         while pos < end:
             idx, off = divmod(pos, PAGE)
             take = min(PAGE - off, end - pos)
-            page = pages.get(idx)
-            if page is None:
-                if take == PAGE or idx * PAGE >= inode.size:
-                    page = bytearray(PAGE)
-                else:
-                    page = (await fs.read_pages(inode, idx, 1))[0]  # read-modify-write
-                page = pages.setdefault(idx, page)
-            page[off : off + take] = mv[pos - offset : pos - offset + take]
-            cache.mark_dirty(inode.pages, idx)
+            fill = None
+            if idx not in pages and take < PAGE and idx * PAGE < inode.size:
+                fill = (await fs.read_pages(inode, idx, 1))[0]  # read-modify-write
+            cache.writable(inode.pages, idx, fill)[off : off + take] = mv[pos - offset : pos - offset + take]
             pos += take
 
     async def read(self, size: int = -1) -> bytes:

@@ -3,74 +3,39 @@
 fscrypt-compatible AES-256-XTS needs one cipher call per 4 KiB data unit; each
 call is too short to release the GIL for long, so threads do not scale (about
 0.5-0.8 GB/s per core here). Large extents therefore go to worker processes
-through shared memory: the derived extent key and the plaintext are copied
-into a slot, a worker encrypts and checksums it in place, and zeroes the
-slot's key bytes as soon as it has read them. Small extents, and mounts with
-``workers=0``, seal in a thread of this process.
+through shared memory (``sealworker.py``): the run's pages already sit in the
+page cache's arena, so this process only puts the derived extent key in a slot
+and names the frames; a worker encrypts them into the slot and checksums the
+ciphertext. Small extents, and mounts with ``workers=0``, seal in a thread of
+this process.
 
-The workers are plain ``python -c`` subprocesses running ``worker_main``, speaking a
-fixed-size request/response protocol on their pipes -- not multiprocessing,
-whose spawn start method re-imports the user's ``__main__`` in every worker.
+The workers are plain ``python -c`` subprocesses speaking a fixed-size
+request/response protocol on their pipes -- not multiprocessing, whose spawn
+start method re-imports the user's ``__main__`` in every worker.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import mmap
 import os
-import struct
 import sys
-from multiprocessing import resource_tracker, shared_memory
 
 from . import crypto
-from .ondisk import csum as csums
+from .pagecache import HEAP, Arena, Run
+from .sealworker import BOOT, IN_SLOT, KEY, PAGE, RESPONSE, digests, request, slot_size
 
-PAGE = crypto.DATA_UNIT
-KEY = crypto.XTS_KEY_SIZE
 POOL_THRESHOLD = 256 << 10
-REQUEST = struct.Struct("<QQH")  # slot offset, plaintext length, checksum type
-RESPONSE = struct.Struct("<I")  # bytes of digests that follow
 DEPTH = 3  # requests in flight per worker
 
 
-def seal_local(key: bytearray | None, data: bytes | bytearray, csum_type: int) -> tuple[bytes, list[bytes]]:
-    sealed = bytes(crypto.encrypt_units(key, data)) if key is not None else bytes(data)
+def seal_local(key: bytearray | None, data: bytes, csum_type: int) -> tuple[bytes, bytes]:
+    sealed = bytes(crypto.encrypt_units(key, data)) if key is not None else data
     return sealed, digests(sealed, csum_type)
 
 
-def seal_batch(jobs: list[tuple[bytearray | None, bytes | bytearray]], csum_type: int) -> list[tuple[bytes, list[bytes]]]:
+def seal_batch(jobs: list[tuple[bytearray | None, bytes]], csum_type: int) -> list[tuple[bytes, bytes]]:
     return [seal_local(key, data, csum_type) for key, data in jobs]
-
-
-def digests(data: bytes | memoryview, csum_type: int) -> list[bytes]:
-    mv = memoryview(data)
-    return [csums.digest(csum_type, mv[i : i + PAGE]) for i in range(0, len(mv), PAGE)]
-
-
-def _seal_in_place(buf: memoryview, off: int, n: int, csum_type: int, scratch: bytearray) -> bytes:
-    key = bytearray(buf[off : off + KEY])
-    buf[off : off + KEY] = bytes(KEY)
-    try:
-        crypto.encrypt_units(key, buf[off + KEY : off + KEY + n], out=scratch)
-    finally:
-        crypto.wipe(key)
-    sealed = memoryview(scratch)[:n]
-    buf[off + KEY : off + KEY + n] = sealed
-    return b"".join(digests(sealed, csum_type))
-
-
-def worker_main(shm_name: str) -> None:
-    """A sealing worker: serve requests on stdin until it closes."""
-    shm = shared_memory.SharedMemory(name=shm_name)
-    # the mounting process owns and unlinks the segment, not this worker's resource tracker
-    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    rd, wr = sys.stdin.buffer, sys.stdout.buffer
-    scratch = bytearray(shm.size + 15)  # reused: fresh buffers cost page faults every call
-    while req := rd.read(REQUEST.size):
-        off, n, ctype = REQUEST.unpack(req)
-        out = _seal_in_place(shm.buf, off, n, ctype, scratch)
-        wr.write(RESPONSE.pack(len(out)) + out)
-        wr.flush()
-    shm.close()
 
 
 class _Worker:
@@ -78,7 +43,7 @@ class _Worker:
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
-        self.waiting: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
@@ -87,46 +52,53 @@ class _Worker:
             while True:
                 (size,) = RESPONSE.unpack(await self.proc.stdout.readexactly(RESPONSE.size))
                 raw = await self.proc.stdout.readexactly(size)
-                fut, step = self.waiting.popleft()
+                fut = self.waiting.popleft()
                 if not fut.done():
-                    fut.set_result([raw[i : i + step] for i in range(0, size, step)])
+                    fut.set_result(raw)
         except (asyncio.IncompleteReadError, ConnectionError) as e:
             while self.waiting:
-                fut, _ = self.waiting.popleft()
+                fut = self.waiting.popleft()
                 if not fut.done():
                     fut.set_exception(OSError(f"sealing worker exited: {e}"))
 
-    async def seal(self, off: int, n: int, csum_type: int) -> list[bytes]:
+    async def seal(self, off: int, frames: list[int], cap: int, csum_type: int) -> bytes:
         assert self.proc.stdin is not None
         fut = asyncio.get_running_loop().create_future()
-        self.waiting.append((fut, csums.csum_size(csum_type)))
-        self.proc.stdin.write(REQUEST.pack(off, n, csum_type))
+        self.waiting.append(fut)
+        self.proc.stdin.write(request(off, frames, cap, csum_type))
         await self.proc.stdin.drain()
         return await fut
 
 
 class Sealer:
-    def __init__(self, *, max_extent: int, workers: int | None = None) -> None:
+    def __init__(self, *, arena: Arena, max_extent: int, workers: int | None = None) -> None:
         self.workers = (os.cpu_count() or 1) if workers is None else workers
-        self.slot = KEY + max_extent
-        self._shm: shared_memory.SharedMemory | None = None
+        self.arena = arena
+        self.max_extent = max_extent
+        self.slot = slot_size(max_extent)
+        self._slots: tuple[int, mmap.mmap, memoryview] | None = None  # memfd, its mapping, a view
         self._idle: asyncio.Queue[tuple[_Worker, int]] | None = None
         self._procs: list[asyncio.subprocess.Process] = []
         self._workers: list[_Worker] = []
         self._starting: asyncio.Lock | None = None
         # small extents requested in the same loop turn share one trip to a thread
-        self._batch: list[tuple[bytearray | None, bytes | bytearray, int, asyncio.Future]] = []
+        self._batch: list[tuple[bytearray | None, bytes, int, asyncio.Future]] = []
 
     async def _start(self) -> None:
         # DEPTH slots per worker: the next extent is already waiting when one is done, so a
         # worker never idles while this process is busy elsewhere
-        self._shm = shared_memory.SharedMemory(create=True, size=self.workers * DEPTH * self.slot)
+        size = self.workers * DEPTH * self.slot
+        fd = os.memfd_create("blockemu-seal", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        mapping = mmap.mmap(fd, size)
+        self._slots = (fd, mapping, memoryview(mapping))
         self._idle = asyncio.Queue()
+        package = os.path.dirname(os.path.abspath(__file__))
+        arena = self.arena
         for i in range(self.workers):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", "import sys; from blockemu.sealer import worker_main; worker_main(sys.argv[1])",
-                self._shm.name,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                sys.executable, "-c", BOOT, package, str(arena.fd), str(len(arena.map)), str(fd), str(size),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(arena.fd, fd),
             )
             self._procs.append(proc)
             worker = _Worker(proc)
@@ -134,28 +106,41 @@ class Sealer:
             for d in range(DEPTH):
                 self._idle.put_nowait((worker, (i * DEPTH + d) * self.slot))
 
-    async def seal(self, key: bytearray | None, data: bytes | bytearray, csum_type: int) -> tuple[bytes, list[bytes]]:
-        """Ciphertext (the data itself when ``key`` is None) and its per-sector checksums."""
-        if key is None or self.workers < 2 or len(data) < POOL_THRESHOLD or len(data) + KEY > self.slot:
+    async def seal(self, key: bytearray | None, run: Run, csum_type: int) -> tuple[bytes, bytes]:
+        """Ciphertext of the run's pages (their contents when ``key`` is None) and its
+        per-sector checksums, concatenated. The page cache keeps the run's frames stable
+        until it is written; pages outside the arena are copied without yielding to the
+        loop, so a write lands wholly before or wholly after the copy."""
+        n = len(run.pages) * PAGE
+        if key is None or self.workers < 2 or n < POOL_THRESHOLD or n > self.max_extent:
             loop = asyncio.get_running_loop()
             fut = loop.create_future()
             if not self._batch:
                 loop.call_soon(lambda: loop.create_task(self._run_batch()))
-            self._batch.append((key, data, csum_type, fut))
+            self._batch.append((key, b"".join(run.pages), csum_type, fut))
             return await fut
-        if self._starting is None:
-            self._starting = asyncio.Lock()
-        async with self._starting:
-            if self._shm is None:
-                await self._start()
-        assert self._idle is not None and self._shm is not None
+        if self._slots is None:
+            if self._starting is None:
+                self._starting = asyncio.Lock()
+            async with self._starting:
+                if self._slots is None:
+                    await self._start()
+        assert self._idle is not None and self._slots is not None
         worker, off = await self._idle.get()
-        buf = self._shm.buf
+        buf = self._slots[2]
         try:
             buf[off : off + KEY] = key
-            buf[off + KEY : off + KEY + len(data)] = data
-            sums = await worker.seal(off, len(data), csum_type)
-            return bytes(buf[off + KEY : off + KEY + len(data)]), sums
+            plain = off + KEY
+            frames = run.frames
+            if HEAP in frames:
+                frames = list(frames)
+                for k, page in enumerate(run.pages):
+                    if frames[k] == HEAP:
+                        buf[plain + k * PAGE : plain + (k + 1) * PAGE] = page
+                        frames[k] = IN_SLOT
+            sums = await worker.seal(off, frames, self.max_extent, csum_type)
+            out = off + KEY + self.max_extent
+            return bytes(buf[out : out + n]), sums
         finally:
             buf[off : off + KEY] = bytes(KEY)
             self._idle.put_nowait((worker, off))
@@ -186,7 +171,9 @@ class Sealer:
             await w.reader
         self._procs.clear()
         self._workers.clear()
-        if self._shm is not None:
-            self._shm.close()
-            self._shm.unlink()
-            self._shm = None
+        if self._slots is not None:
+            fd, mapping, view = self._slots
+            view.release()
+            mapping.close()
+            os.close(fd)
+            self._slots = None

@@ -14,6 +14,7 @@ next fsync or close: an acknowledged write is never lost silently.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 from typing import TYPE_CHECKING
 
@@ -21,11 +22,20 @@ from . import crypto
 from .errors import BlockemuError, NoKeyError
 from .ondisk import structs as S
 from .ondisk.items import ExtentContext
-from .pagecache import PAGE
+from .pagecache import PAGE, Run
 from .sealer import Sealer
 
 if TYPE_CHECKING:
     from .fs import Filesystem, Inode
+
+
+DIRTY_LIMIT = 64 << 20
+
+
+def arena_frames(dirty_limit: int) -> int:
+    """Page frames for dirty data: the limit, plus room for pages rewritten while they are
+    being sealed (copy-on-write) and for the write that crosses the limit."""
+    return dirty_limit * 5 // 4 // PAGE
 
 
 class Writeback:
@@ -35,7 +45,7 @@ class Writeback:
         *,
         interval: float = 5.0,
         background_bytes: int = 16 << 20,
-        dirty_limit: int = 64 << 20,
+        dirty_limit: int = DIRTY_LIMIT,
         max_extent: int = 1 << 20,
         seal_workers: int | None = None,
         batch_bytes: int | None = None,
@@ -46,13 +56,13 @@ class Writeback:
         self.dirty_limit = dirty_limit
         self.max_pages = max(1, max_extent // PAGE)
         self.batch_pages = max(self.max_pages, (batch_bytes or max(dirty_limit // 8, max_extent)) // PAGE)
-        self.sealer = Sealer(max_extent=self.max_pages * PAGE, workers=seal_workers)
+        self.sealer = Sealer(arena=fs.cache.arena, max_extent=self.max_pages * PAGE, workers=seal_workers)
         self._kick = asyncio.Event()
         self._room = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.stats = {"extents": 0, "bytes": 0, "lost_bytes": 0, "errors": 0}
-        self.copy_bytes = 0  # run snapshots and their ciphertext, until the device has taken them
+        self.copy_bytes = 0  # ciphertext sealed but not yet taken by the device
 
     @property
     def cache(self):
@@ -100,7 +110,7 @@ class Writeback:
 
     def pressure(self) -> int:
         """The file data writeback holds in memory: dirty pages (and those being written) and
-        the copies being sealed. (The device's cache bounds itself: a full one stalls writes.)"""
+        the ciphertext on its way to the device. (The device's cache bounds itself: a full one stalls writes.)"""
         return self.cache.dirty_bytes + self.copy_bytes
 
     def over_limit(self) -> bool:
@@ -123,50 +133,52 @@ class Writeback:
         await asyncio.gather(*(self.flush_inode(i) for i in list(self.fs.inodes.values()) if i.pages.dirty))
 
     async def flush_inode(self, inode: "Inode") -> None:
-        """Write back what is dirty now as a pipeline: runs are taken one extent's worth at a
-        time and at most ``batch_pages`` of them are in flight, so sealing never drains
-        between batches and the copies being sealed stay small next to the dirty limit."""
+        """Write back what is dirty now as a pipeline: at most ``batch_pages`` worth of runs
+        are in flight, and runs are taken from the cache only when a lane frees up, so
+        writes landing meanwhile still coalesce and sealing never drains between batches."""
         async with inode.wb_lock:
             todo = len(inode.pages.dirty)
             lanes = asyncio.Semaphore(max(1, self.batch_pages // self.max_pages))
             inode.inflight += 1
             tasks: list[asyncio.Task] = []
+            runs: collections.deque[Run] = collections.deque()
             try:
-                while todo > 0 and inode.pages.dirty:
+                while True:
                     await lanes.acquire()
-                    for run in self.cache.take_dirty(inode.pages, self.max_pages, budget=self.max_pages):
-                        todo -= run[1]
-                        tasks.append(asyncio.ensure_future(self._write_one(inode, run)))
-                    tasks[-1].add_done_callback(lambda _t: lanes.release())  # one lane per take
+                    if not runs and todo > 0 and inode.pages.dirty:
+                        runs.extend(self.cache.take_dirty(inode.pages, self.max_pages))
+                    if not runs:
+                        lanes.release()
+                        break
+                    run = runs.popleft()
+                    todo -= len(run.pages)
+                    tasks.append(asyncio.ensure_future(self._write_one(inode, run)))
+                    tasks[-1].add_done_callback(lambda _t: lanes.release())
                 await asyncio.gather(*tasks)
             finally:
                 inode.inflight -= 1
             self.fs.maybe_lock(inode)
 
-    async def _write_one(self, inode: "Inode", run: tuple[int, int, bytearray]) -> None:
-        first, count, data = run
-        self.copy_bytes += len(data)
+    async def _write_one(self, inode: "Inode", run: Run) -> None:
         try:
-            await self._write_run(inode, first, data)
+            await self._write_run(inode, run)
         except (BlockemuError, OSError) as e:
-            self._lose(inode, first, count, e)
+            self._lose(inode, run, e)
         finally:
-            self.copy_bytes -= len(data)
-            self.cache.written(inode.pages, first, count)
+            self.cache.written(inode.pages, run)
             self._room.set()
 
-    def _lose(self, inode: "Inode", first: int, count: int, err: OSError) -> None:
+    def _lose(self, inode: "Inode", run: Run, err: OSError) -> None:
         """The run cannot reach the disk: drop it from the cache (unless rewritten since) and
         keep the error for the file's next fsync/close."""
-        for idx in range(first, first + count):
-            if idx not in inode.pages.dirty:
-                inode.pages.pages.pop(idx, None)
+        self.cache.forget(inode.pages, range(run.first, run.first + len(run.pages)))
+        lost = len(run.pages) * PAGE
         inode.wb_error = inode.wb_error or err
-        inode.lost_bytes += count * PAGE
-        self.stats["lost_bytes"] += count * PAGE
+        inode.lost_bytes += lost
+        self.stats["lost_bytes"] += lost
         self.stats["errors"] += 1
 
-    async def _write_run(self, inode: "Inode", first: int, data: bytearray) -> None:
+    async def _write_run(self, inode: "Inode", run: Run) -> None:
         fs = self.fs
         key = nonce = secret = None
         if inode.key_id is not None:
@@ -174,7 +186,7 @@ class Writeback:
             nonce = os.urandom(crypto.NONCE_SIZE)
             key = crypto.extent_key(secret, nonce)
         try:
-            sealed, digests = await self.sealer.seal(key, data, fs.vol.sb.csum_type)
+            sealed, digests = await self.sealer.seal(key, run, fs.vol.sb.csum_type)
         finally:
             if key is not None:
                 crypto.wipe(key)
@@ -183,18 +195,22 @@ class Writeback:
         ctx = None
         if nonce is not None:
             ctx = ExtentContext(1, S.CONTENTS_MODE_AES_256_XTS, 12, inode.key_id, nonce)
-        file_offset, length = first * PAGE, len(data)
-        async with fs.vol.join() as engine:
-            # the data goes first: items must never point at an extent whose write failed
-            bytenr = engine.allocator.alloc(length)
-            try:
-                await fs.vol.device.write(bytenr, sealed)
-            except BaseException:
-                engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
-                raise
-            delta = fs.extents.add_extent(inode.ino, file_offset, bytenr, length, length, ctx, digests)
-            inode.nbytes += delta
-            inode.disk_size = max(inode.disk_size, min(inode.size, file_offset + length))
-            fs.save_inode(inode)
+        file_offset, length = run.first * PAGE, len(sealed)
+        self.copy_bytes += length  # the ciphertext, until the device has taken it
+        try:
+            async with fs.vol.join() as engine:
+                # the data goes first: items must never point at an extent whose write failed
+                bytenr = engine.allocator.alloc(length)
+                try:
+                    await fs.vol.device.write(bytenr, sealed)
+                except BaseException:
+                    engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
+                    raise
+                delta = fs.extents.add_extent(inode.ino, file_offset, bytenr, length, length, ctx, digests)
+                inode.nbytes += delta
+                inode.disk_size = max(inode.disk_size, min(inode.size, file_offset + length))
+                fs.save_inode(inode)
+        finally:
+            self.copy_bytes -= length
         self.stats["extents"] += 1
         self.stats["bytes"] += length

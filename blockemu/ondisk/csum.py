@@ -11,8 +11,7 @@ from typing import Callable
 import crc32c as _crc32c
 import xxhash
 
-from .structs import CSUM_FIELD
-
+CSUM_FIELD = 32  # bytes every on-disk checksum field takes, whatever the algorithm
 CRC32C, XXHASH64, SHA256, BLAKE2B = 0, 1, 2, 3
 
 

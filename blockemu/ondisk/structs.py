@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
 
+from .csum import CSUM_FIELD
+
 MAGIC = b"_BEmU_v1"
 SUPER_INFO_SIZE = 4096
 SUPER_OFFSETS = (64 * 1024, 64 * 1024 * 1024, 256 * 1024**3)
@@ -16,7 +18,6 @@ SECTOR_SIZE = 4096
 MIN_NODE_SIZE = 4096
 MAX_NODE_SIZE = 64 * 1024
 MAX_LEVEL = 8
-CSUM_FIELD = 32
 NUM_BACKUP_ROOTS = 4
 LABEL_SIZE = 256
 # Nothing is allocated below 1 MiB: the primary superblock lives there, as in btrfs.

@@ -1,0 +1,78 @@
+"""The sealing worker process: encrypt an extent and checksum its ciphertext, in shared memory.
+
+Kept apart from ``sealer.py`` (the asyncio side) so that a worker imports only the
+crypto and checksum modules: ``BOOT`` loads this module without running the
+package's ``__init__``, which would import the whole filesystem into every worker.
+
+A worker maps two memfds it inherits: the page cache's arena of page frames and
+the sealer's slots. A request names a slot and, per 4 KiB unit, the frame that
+holds its plaintext (or ``IN_SLOT``: the plaintext was copied into the slot,
+for pages outside the arena). A slot is ``key | plaintext | ciphertext``: the
+worker zeroes the key as soon as it has read it, writes the ciphertext to the
+slot and answers with the concatenated per-sector digests.
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+import sys
+
+from . import crypto
+from .ondisk import csum as csums
+
+PAGE = crypto.DATA_UNIT
+KEY = crypto.XTS_KEY_SIZE
+SLACK = 15  # update_into wants a block's worth (less one byte) of room after the output
+IN_SLOT = -1
+REQUEST = struct.Struct("<QIIH")  # slot offset, units, slot capacity, checksum type; then int32 frames
+FRAME = struct.Struct("<i")
+RESPONSE = struct.Struct("<I")  # bytes of digests that follow
+
+BOOT = (
+    "import sys, types\n"
+    "pkg = types.ModuleType('blockemu'); pkg.__path__ = [sys.argv[1]]; sys.modules['blockemu'] = pkg\n"
+    "from blockemu.sealworker import worker_main\n"
+    "worker_main(*map(int, sys.argv[2:]))\n"
+)
+
+
+def slot_size(max_extent: int) -> int:
+    return KEY + 2 * max_extent + SLACK
+
+
+def request(off: int, frames: list[int], cap: int, csum_type: int) -> bytes:
+    return REQUEST.pack(off, len(frames), cap, csum_type) + struct.pack(f"<{len(frames)}i", *frames)
+
+
+def digests(data: bytes | memoryview, csum_type: int) -> bytes:
+    """The per-sector checksums of ``data``, concatenated (as the checksum items hold them)."""
+    mv, fn = memoryview(data), csums.ALGORITHMS[csum_type][2]
+    return b"".join([fn(mv[i : i + PAGE]) for i in range(0, len(mv), PAGE)])
+
+
+def seal_slot(arena: memoryview, slots: memoryview, off: int, frames: tuple[int, ...], cap: int, csum_type: int) -> bytes:
+    """Seal into the slot at ``off`` the units ``frames`` name; returns the digests."""
+    n = len(frames) * PAGE
+    plain, out = off + KEY, off + KEY + cap
+    units = [arena[f * PAGE : (f + 1) * PAGE] if f != IN_SLOT else slots[plain + i * PAGE : plain + (i + 1) * PAGE]
+             for i, f in enumerate(frames)]
+    key = bytearray(slots[off : off + KEY])
+    slots[off : off + KEY] = bytes(KEY)
+    try:
+        crypto.encrypt_units(key, units, out=slots[out : out + n + SLACK])
+    finally:
+        crypto.wipe(key)
+    return digests(slots[out : out + n], csum_type)
+
+
+def worker_main(arena_fd: int, arena_size: int, slots_fd: int, slots_size: int) -> None:
+    """Serve requests on stdin until it closes."""
+    arena = memoryview(mmap.mmap(arena_fd, arena_size))
+    slots = memoryview(mmap.mmap(slots_fd, slots_size))
+    rd, wr = sys.stdin.buffer, sys.stdout.buffer
+    while req := rd.read(REQUEST.size):
+        off, count, cap, ctype = REQUEST.unpack(req)
+        frames = struct.unpack(f"<{count}i", rd.read(count * FRAME.size))
+        out = seal_slot(arena, slots, off, frames, cap, ctype)
+        wr.write(RESPONSE.pack(len(out)) + out)
+        wr.flush()
