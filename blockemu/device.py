@@ -60,7 +60,17 @@ class DeviceStats:
 
 
 
-def _pwrite_runs(fd: int, runs: list[tuple[int, list[bytes]]]) -> None:
+Entry = tuple[bytes, int]  # a cached write: its data and its first sector
+ZERO_SECTOR = bytes(SECTOR)
+
+
+def _part(entry: Entry, start: int, end: int) -> memoryview:
+    """Sectors [start, end) of a cached write."""
+    data, first = entry
+    return memoryview(data)[(start - first) * SECTOR : (end - first) * SECTOR]
+
+
+def _pwrite_runs(fd: int, runs: list[tuple[int, list[memoryview]]]) -> None:
     for off, bufs in runs:
         for i in range(0, len(bufs), IOV_MAX):
             chunk = bufs[i : i + IOV_MAX]
@@ -71,13 +81,16 @@ def _pwrite_runs(fd: int, runs: list[tuple[int, list[bytes]]]) -> None:
             off += want
 
 
-def _destage(fd: int, runs: list[tuple[int, list[bytes]]], sync: bool) -> None:
+def _destage(fd: int, runs: list[tuple[int, list[memoryview]]], sync: bool) -> None:
     _pwrite_runs(fd, runs)
     if sync:
         os.fsync(fd)
     else:
+        # the emulated disk writing its cache back on its own: start the host's writeback of
+        # what was destaged (and let it drop those pages), so a later flush has little left
+        # to do and the image does not crowd the host's memory
         for off, bufs in runs:
-            os.posix_fadvise(fd, off, len(bufs) * 4096, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, off, sum(map(len, bufs)), os.POSIX_FADV_DONTNEED)
 
 
 def _fua(fd: int, offset: int, data: bytes) -> None:
@@ -113,8 +126,9 @@ class BlockDevice:
         self.log: WriteLog | None = None
         self.dead = False
         self.writes = 0
-        # sector index -> that sector's newest completed, not yet destaged data
-        self._cache: dict[int, bytes | memoryview] = {}
+        # sector index -> the newest completed, not yet destaged write covering it, as
+        # (its data, its first sector): one entry object per write, shared by its sectors
+        self._cache: dict[int, Entry] = {}
         self._destage_lock = asyncio.Lock()
         self._background: asyncio.Task | None = None
 
@@ -173,9 +187,9 @@ class BlockDevice:
             return data
         buf = bytearray(data)
         for s in hits:
-            src = self._cache[s]
+            src, base = self._cache[s]
             lo, hi = max(s * SECTOR, offset), min((s + 1) * SECTOR, offset + len(data))
-            buf[lo - offset : hi - offset] = src[lo - s * SECTOR : hi - s * SECTOR]
+            buf[lo - offset : hi - offset] = src[lo - base * SECTOR : hi - base * SECTOR]
         return bytes(buf)
 
     def read_sync(self, offset: int, length: int) -> bytes:
@@ -235,9 +249,7 @@ class BlockDevice:
                     self._cache.pop(s, None)
                 await _a_fua(self.fd, offset, data)
             else:
-                mv = memoryview(data)  # sectors share the write's buffer: no copy per sector
-                for i in range(len(data) // SECTOR):
-                    self._cache[first + i] = mv[i * SECTOR : (i + 1) * SECTOR]
+                self._cache.update(dict.fromkeys(range(first, first + len(data) // SECTOR), (data, first)))
             if self.log is not None:
                 self.log.append("fua" if fua else "write", offset, data)
             self.stats.record("fua" if fua else "write", len(data), t)
@@ -258,33 +270,37 @@ class BlockDevice:
         self._check(offset, length, "discard")
         t = time.perf_counter()
         first = offset // SECTOR
-        zero = bytes(SECTOR)
-        for s in range(first, first + length // SECTOR):
-            self._cache[s] = zero
+        self._cache.update({s: (ZERO_SECTOR, s) for s in range(first, first + length // SECTOR)})
         if self.log is not None:
             self.log.append("discard", offset, bytes(length))
         self.stats.record("discard", length, t)
 
     # ------------------------------------------------------------ flush
 
-    def _runs(self, snapshot: dict[int, bytes]) -> list[tuple[int, list[bytes]]]:
-        runs: list[tuple[int, list[bytes]]] = []
-        prev = None
+    def _runs(self, snapshot: dict[int, Entry]) -> list[tuple[int, list[memoryview]]]:
+        """Contiguous sectors as (offset, buffers): one buffer per stretch of one write."""
+        runs: list[tuple[int, list[memoryview]]] = []
+        prev, start, entry = -2, 0, None
         for s in sorted(snapshot):
-            if prev is not None and s == prev + 1:
-                runs[-1][1].append(snapshot[s])
-            else:
-                runs.append((s * SECTOR, [snapshot[s]]))
+            e = snapshot[s]
+            if s != prev + 1 or e is not entry:
+                if entry is not None:
+                    runs[-1][1].append(_part(entry, start, prev + 1))
+                if s != prev + 1:
+                    runs.append((s * SECTOR, []))
+                start, entry = s, e
             prev = s
+        if entry is not None:
+            runs[-1][1].append(_part(entry, start, prev + 1))
         return runs
 
     async def _destage_cache(self, *, sync: bool) -> None:
         async with self._destage_lock:
             snapshot = dict(self._cache)
             await _a_destage(self.fd, self._runs(snapshot), sync)
-            for s, data in snapshot.items():
+            for s, entry in snapshot.items():
                 # a newer write to the sector while we destaged stays cached
-                if self._cache.get(s) is data:
+                if self._cache.get(s) is entry:
                     del self._cache[s]
 
     async def flush(self) -> None:

@@ -27,36 +27,32 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 PAGE = 4096
-HEAP = -1  # the frame number of a page that is not in the arena
-
 Page = bytearray | memoryview
+Slot = bytearray | int  # what a cache entry holds: a heap page, or the number of its arena frame
 
 
 @dataclass(eq=False)
 class Pages:
-    """One inode's cached pages. ``dirty`` holds page indexes awaiting writeback;
-    ``frames`` the arena frame of each page that has one."""
+    """One inode's cached pages: a heap page or an arena frame per index. ``dirty`` holds
+    page indexes awaiting writeback."""
 
     ino: int
-    pages: dict[int, Page] = field(default_factory=dict)
-    frames: dict[int, int] = field(default_factory=dict)
+    pages: dict[int, Slot] = field(default_factory=dict)
     dirty: set[int] = field(default_factory=set)
 
 
 @dataclass
 class Run:
-    """Consecutive dirty pages taken for writeback: their buffers and frames (HEAP if none)."""
+    """Consecutive dirty pages taken for writeback, as the cache held them then."""
 
     first: int
-    pages: list[Page]
-    frames: list[int]
+    slots: list[Slot]
 
 
 class Arena:
     """Fixed page frames in a memfd, shared with the sealing workers by file descriptor."""
 
     def __init__(self, frames: int) -> None:
-        self.frames = frames
         self.fd = os.memfd_create("blockemu-pages", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, max(frames, 1) * PAGE)
         self.map = mmap.mmap(self.fd, max(frames, 1) * PAGE)
@@ -89,13 +85,20 @@ class PageCache:
     def close(self) -> None:
         self.arena.close()
 
+    def buffer(self, slot: Slot) -> Page:
+        return self.arena.page(slot) if type(slot) is int else slot  # type: ignore[return-value,arg-type]
+
     # ------------------------------------------------------------ reading
 
     def get(self, pages: Pages, idx: int) -> Page | None:
-        page = pages.pages.get(idx)
-        if page is not None and (pages.ino, idx) in self._clean:
+        slot = pages.pages.get(idx)
+        if slot is None:
+            return None
+        if type(slot) is int:
+            return self.arena.page(slot)
+        if (pages.ino, idx) in self._clean:
             self._clean.move_to_end((pages.ino, idx))
-        return page
+        return slot  # type: ignore[return-value]
 
     def put_clean(self, pages: Pages, idx: int, data: bytearray) -> None:
         if idx in pages.pages:  # a write got there first: it is newer
@@ -107,19 +110,22 @@ class PageCache:
     # ------------------------------------------------------------ writing
 
     def writable(self, pages: Pages, idx: int, fill: bytes | bytearray | memoryview | None = None) -> Page:
-        """The page at ``idx``, dirty and safe to change in place: a frame no worker is
-        reading. Its contents are kept (or ``fill``, or zeros, if it is not cached)."""
-        frame = pages.frames.get(idx, HEAP)
+        """The page at ``idx``, dirty and safe to change in place: never a frame a worker is
+        reading (a page taken for writeback is no longer dirty, so it is copied first). Its
+        contents are kept (or ``fill``, or zeros, if it is not cached)."""
         old = pages.pages.get(idx)
-        if idx in pages.dirty and frame != HEAP and frame not in self._sealing:
-            return old  # type: ignore[return-value]
-        page = self._install(pages, idx)
-        src = old if old is not None else fill
+        if idx in pages.dirty:
+            return self.buffer(old)  # type: ignore[arg-type]
+        src = self.buffer(old) if old is not None else fill
+        self._release(pages, idx)
+        self._clean.pop((pages.ino, idx), None)
+        page = self._new_page(pages, idx)
         if src is not None:
             page[:] = src
-        elif pages.frames.get(idx, HEAP) != HEAP:
+        elif type(pages.pages[idx]) is int:
             page[:] = bytes(PAGE)  # a recycled frame holds someone's old data
-        self._mark(pages, idx)
+        pages.dirty.add(idx)
+        self.dirty_bytes += PAGE
         return page
 
     def put_dirty(self, pages: Pages, first: int, data: memoryview) -> None:
@@ -139,47 +145,35 @@ class PageCache:
         frames = free[len(free) - n :][::-1]
         del free[len(free) - n :]
         view = self.arena.view
-        if n and frames[-1] - frames[0] == n - 1 and fresh[n - 1] - fresh[0] == n - 1:
+        if n and fresh[n - 1] - fresh[0] == n - 1 and frames == list(range(frames[0], frames[0] + n)):
             k = fresh[0] - first
             view[frames[0] * PAGE : (frames[0] + n) * PAGE] = data[k * PAGE : (k + n) * PAGE]
-            table.update(zip(fresh, [view[f * PAGE : (f + 1) * PAGE] for f in frames]))
         else:
             for idx, f in zip(fresh, frames):
-                page = table[idx] = view[f * PAGE : (f + 1) * PAGE]
-                page[:] = data[(idx - first) * PAGE : (idx - first + 1) * PAGE]
-        pages.frames.update(zip(fresh, frames))
+                view[f * PAGE : (f + 1) * PAGE] = data[(idx - first) * PAGE : (idx - first + 1) * PAGE]
+        table.update(zip(fresh, frames))
         for idx in fresh[n:]:  # the arena is full: heap pages
             table[idx] = bytearray(data[(idx - first) * PAGE : (idx - first + 1) * PAGE])
         pages.dirty.update(fresh)
         self.dirty_bytes += len(fresh) * PAGE
 
-    def _install(self, pages: Pages, idx: int) -> Page:
-        """A new buffer for page ``idx``, replacing (and releasing) what it had."""
-        self._release(pages, idx)
-        self._clean.pop((pages.ino, idx), None)
-        arena = self.arena
-        if arena.free:
-            frame = arena.free.pop()
-            pages.frames[idx] = frame
-            page: Page = arena.page(frame)
-        else:
-            page = bytearray(PAGE)
-        pages.pages[idx] = page
+    def _new_page(self, pages: Pages, idx: int) -> Page:
+        free = self.arena.free
+        if free:
+            frame = pages.pages[idx] = free.pop()
+            return self.arena.page(frame)
+        page = pages.pages[idx] = bytearray(PAGE)
         return page
 
-    def _mark(self, pages: Pages, idx: int) -> None:
-        if idx not in pages.dirty:
-            pages.dirty.add(idx)
-            self.dirty_bytes += PAGE
-
     def _release(self, pages: Pages, idx: int) -> None:
-        frame = pages.frames.pop(idx, HEAP)
-        if frame == HEAP:
+        """Page ``idx`` is losing its slot: a frame goes back to the arena (or waits for its run)."""
+        slot = pages.pages.get(idx)
+        if type(slot) is not int:
             return
-        if frame in self._sealing:
-            self._orphans.add(frame)
+        if slot in self._sealing:
+            self._orphans.add(slot)  # type: ignore[arg-type]
         else:
-            self.arena.free.append(frame)
+            self.arena.free.append(slot)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ writeback
 
@@ -188,50 +182,48 @@ class PageCache:
         their dirty bits cleared; a write landing meanwhile dirties (a copy of) its page
         again. Until the caller reports a run ``written`` its frames stay as they are."""
         runs: list[Run] = []
-        table, frames = pages.pages, pages.frames
+        table = pages.pages
         prev = -2
         for idx in sorted(pages.dirty):
-            if idx == prev + 1 and len(runs[-1].pages) < max_run:
-                run = runs[-1]
+            if idx == prev + 1 and len(runs[-1].slots) < max_run:
+                runs[-1].slots.append(table[idx])
             else:
-                run = Run(idx, [], [])
-                runs.append(run)
-            frame = frames.get(idx, HEAP)
-            run.pages.append(table[idx])
-            run.frames.append(frame)
-            if frame != HEAP:
-                self._sealing.add(frame)
+                runs.append(Run(idx, [table[idx]]))
             prev = idx
         pages.dirty.clear()
+        self._sealing.update(slot for run in runs for slot in run.slots if type(slot) is int)
         return runs
 
     def written(self, pages: Pages, run: Run) -> None:
         """A run from ``take_dirty`` is on its way to disk (or was dropped): its pages that
         nobody rewrote meanwhile are clean now, and its frames go back to the arena."""
-        self.dirty_bytes -= len(run.pages) * PAGE
+        self.dirty_bytes -= len(run.slots) * PAGE
         room = self.clean_limit // PAGE - len(self._clean)
         freed: list[int] = []
-        table, frames, dirty = pages.pages, pages.frames, pages.dirty
-        for k, frame in enumerate(run.frames):
+        table, dirty, orphans = pages.pages, pages.dirty, self._orphans
+        for k, slot in enumerate(run.slots):
             idx = run.first + k
-            if frame != HEAP:
-                self._sealing.discard(frame)
-                if frame in self._orphans:
-                    self._orphans.discard(frame)
-                    freed.append(frame)
+            frame = type(slot) is int
+            if frame:
+                self._sealing.discard(slot)  # type: ignore[arg-type]
+                if slot in orphans:
+                    orphans.discard(slot)  # type: ignore[arg-type]
+                    freed.append(slot)  # type: ignore[arg-type]
                     continue
-            if idx in dirty or table.get(idx) is not run.pages[k]:
+                # a frame still in use is still its page's: rewriting or dropping a page
+                # being sealed gives it a new slot and orphans this one
+                assert idx not in dirty and table.get(idx) == slot
+            elif idx in dirty or table.get(idx) is not slot:
                 continue  # rewritten (or dropped) since: the newer page stays as it is
             if room > 0:  # clean pages live on the heap; the arena is for dirty ones
-                if frame != HEAP:
-                    table[idx] = bytearray(run.pages[k])
+                if frame:
+                    table[idx] = bytearray(self.arena.page(slot))  # type: ignore[arg-type]
                 self._clean[(pages.ino, idx)] = pages
                 room -= 1
             else:  # cache full of clean pages: drop written-behind pages first, as streaming I/O wants
                 del table[idx]
-            if frame != HEAP:
-                del frames[idx]
-                freed.append(frame)
+            if frame:
+                freed.append(slot)  # type: ignore[arg-type]
         # a run's frames go back highest first, so the next streaming write takes them
         # as one ascending slice (see put_dirty)
         self.arena.free.extend(reversed(freed))
@@ -242,9 +234,9 @@ class PageCache:
         gone = [i for i in pages.pages if i >= first]
         dirty = 0
         for i in gone:
-            frame = pages.frames.get(i, HEAP)
-            if frame != HEAP and frame not in self._sealing:
-                self.arena.page(frame)[:] = bytes(PAGE)
+            slot = pages.pages[i]
+            if type(slot) is int and slot not in self._sealing:
+                self.arena.page(slot)[:] = bytes(PAGE)  # type: ignore[arg-type]
             self._release(pages, i)
             del pages.pages[i]
             self._clean.pop((pages.ino, i), None)

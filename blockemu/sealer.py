@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import mmap
 import os
 import sys
+from collections.abc import AsyncIterator
 
 from . import crypto
-from .pagecache import HEAP, Arena, Run
+from .crypto import Buffer
+from .pagecache import Arena, Run
 from .sealworker import BOOT, IN_SLOT, KEY, PAGE, RESPONSE, digests, request, slot_size
 
 POOL_THRESHOLD = 256 << 10
@@ -106,19 +109,17 @@ class Sealer:
             for d in range(DEPTH):
                 self._idle.put_nowait((worker, (i * DEPTH + d) * self.slot))
 
-    async def seal(self, key: bytearray | None, run: Run, csum_type: int) -> tuple[bytes, bytes]:
-        """Ciphertext of the run's pages (their contents when ``key`` is None) and its
-        per-sector checksums, concatenated. The page cache keeps the run's frames stable
-        until it is written; pages outside the arena are copied without yielding to the
-        loop, so a write lands wholly before or wholly after the copy."""
-        n = len(run.pages) * PAGE
+    @contextlib.asynccontextmanager
+    async def sealed(self, key: bytearray | None, run: Run, csum_type: int) -> AsyncIterator[tuple[Buffer, bytes]]:
+        """Seal the run: yields its ciphertext (its contents when ``key`` is None) and the
+        per-sector checksums, concatenated. Ciphertext from a worker is a view of its slot,
+        valid inside the ``async with`` only: the device copies it once, straight from there.
+        The page cache keeps the run's frames stable until it is written; heap pages are
+        copied without yielding to the loop, so a write lands wholly before or after."""
+        n = len(run.slots) * PAGE
         if key is None or self.workers < 2 or n < POOL_THRESHOLD or n > self.max_extent:
-            loop = asyncio.get_running_loop()
-            fut = loop.create_future()
-            if not self._batch:
-                loop.call_soon(lambda: loop.create_task(self._run_batch()))
-            self._batch.append((key, b"".join(run.pages), csum_type, fut))
-            return await fut
+            yield await self._seal_in_thread(key, run, csum_type)
+            return
         if self._slots is None:
             if self._starting is None:
                 self._starting = asyncio.Lock()
@@ -131,19 +132,25 @@ class Sealer:
         try:
             buf[off : off + KEY] = key
             plain = off + KEY
-            frames = run.frames
-            if HEAP in frames:
-                frames = list(frames)
-                for k, page in enumerate(run.pages):
-                    if frames[k] == HEAP:
-                        buf[plain + k * PAGE : plain + (k + 1) * PAGE] = page
-                        frames[k] = IN_SLOT
+            frames = [s if type(s) is int else IN_SLOT for s in run.slots]
+            for k, slot in enumerate(run.slots):
+                if type(slot) is not int:  # a heap page: into the slot
+                    buf[plain + k * PAGE : plain + (k + 1) * PAGE] = slot
             sums = await worker.seal(off, frames, self.max_extent, csum_type)
             out = off + KEY + self.max_extent
-            return bytes(buf[out : out + n]), sums
+            yield buf[out : out + n], sums
         finally:
             buf[off : off + KEY] = bytes(KEY)
             self._idle.put_nowait((worker, off))
+
+    async def _seal_in_thread(self, key: bytearray | None, run: Run, csum_type: int) -> tuple[bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not self._batch:
+            loop.call_soon(lambda: loop.create_task(self._run_batch()))
+        page = self.arena.page
+        self._batch.append((key, b"".join([page(s) if type(s) is int else s for s in run.slots]), csum_type, fut))
+        return await fut
 
     async def _run_batch(self) -> None:
         batch, self._batch = self._batch, []

@@ -62,7 +62,6 @@ class Writeback:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.stats = {"extents": 0, "bytes": 0, "lost_bytes": 0, "errors": 0}
-        self.copy_bytes = 0  # ciphertext sealed but not yet taken by the device
 
     @property
     def cache(self):
@@ -108,13 +107,11 @@ class Writeback:
             finally:
                 self._room.set()
 
-    def pressure(self) -> int:
-        """The file data writeback holds in memory: dirty pages (and those being written) and
-        the ciphertext on its way to the device. (The device's cache bounds itself: a full one stalls writes.)"""
-        return self.cache.dirty_bytes + self.copy_bytes
-
     def over_limit(self) -> bool:
-        return self.pressure() > self.dirty_limit
+        """Dirty pages (and those being written) past the hard limit. The rest of writeback's
+        memory is fixed (the arena, the sealing slots) or bounds itself (the device's cache:
+        a full one stalls writes)."""
+        return self.cache.dirty_bytes > self.dirty_limit
 
     async def wait_for_room(self) -> None:
         """Backpressure: writers wait here while writeback's memory is over the hard limit;
@@ -151,7 +148,7 @@ class Writeback:
                         lanes.release()
                         break
                     run = runs.popleft()
-                    todo -= len(run.pages)
+                    todo -= len(run.slots)
                     tasks.append(asyncio.ensure_future(self._write_one(inode, run)))
                     tasks[-1].add_done_callback(lambda _t: lanes.release())
                 await asyncio.gather(*tasks)
@@ -171,8 +168,8 @@ class Writeback:
     def _lose(self, inode: "Inode", run: Run, err: OSError) -> None:
         """The run cannot reach the disk: drop it from the cache (unless rewritten since) and
         keep the error for the file's next fsync/close."""
-        self.cache.forget(inode.pages, range(run.first, run.first + len(run.pages)))
-        lost = len(run.pages) * PAGE
+        self.cache.forget(inode.pages, range(run.first, run.first + len(run.slots)))
+        lost = len(run.slots) * PAGE
         inode.wb_error = inode.wb_error or err
         inode.lost_bytes += lost
         self.stats["lost_bytes"] += lost
@@ -186,31 +183,27 @@ class Writeback:
             nonce = os.urandom(crypto.NONCE_SIZE)
             key = crypto.extent_key(secret, nonce)
         try:
-            sealed, digests = await self.sealer.seal(key, run, fs.vol.sb.csum_type)
+            async with self.sealer.sealed(key, run, fs.vol.sb.csum_type) as (sealed, digests):
+                if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
+                    raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
+                ctx = None
+                if nonce is not None:
+                    ctx = ExtentContext(1, S.CONTENTS_MODE_AES_256_XTS, 12, inode.key_id, nonce)
+                file_offset, length = run.first * PAGE, len(sealed)
+                async with fs.vol.join() as engine:
+                    # the data goes first: items must never point at an extent whose write failed
+                    bytenr = engine.allocator.alloc(length)
+                    try:
+                        await fs.vol.device.write(bytenr, sealed)  # the device copies it out of the slot
+                    except BaseException:
+                        engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
+                        raise
+                    delta = fs.extents.add_extent(inode.ino, file_offset, bytenr, length, length, ctx, digests)
+                    inode.nbytes += delta
+                    inode.disk_size = max(inode.disk_size, min(inode.size, file_offset + length))
+                    fs.save_inode(inode)
         finally:
             if key is not None:
                 crypto.wipe(key)
-        if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
-            raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
-        ctx = None
-        if nonce is not None:
-            ctx = ExtentContext(1, S.CONTENTS_MODE_AES_256_XTS, 12, inode.key_id, nonce)
-        file_offset, length = run.first * PAGE, len(sealed)
-        self.copy_bytes += length  # the ciphertext, until the device has taken it
-        try:
-            async with fs.vol.join() as engine:
-                # the data goes first: items must never point at an extent whose write failed
-                bytenr = engine.allocator.alloc(length)
-                try:
-                    await fs.vol.device.write(bytenr, sealed)
-                except BaseException:
-                    engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
-                    raise
-                delta = fs.extents.add_extent(inode.ino, file_offset, bytenr, length, length, ctx, digests)
-                inode.nbytes += delta
-                inode.disk_size = max(inode.disk_size, min(inode.size, file_offset + length))
-                fs.save_inode(inode)
-        finally:
-            self.copy_bytes -= length
         self.stats["extents"] += 1
         self.stats["bytes"] += length
