@@ -254,11 +254,16 @@ class BlockDevice:
                 self.log.append("fua" if fua else "write", offset, data)
             self.stats.record("fua" if fua else "write", len(data), t)
         cached = len(self._cache) * SECTOR
-        if cached > self.cache_limit and (self._background is None or self._background.done()):
-            # the disk writes its cache back on its own, while the host keeps issuing
-            self._background = asyncio.get_running_loop().create_task(self._destage_cache(sync=False))
+        if cached > self.cache_limit:
+            self.destage_in_background()  # the disk writes its cache back on its own, while the host keeps issuing
         if cached > 2 * self.cache_limit and self._background is not None:
             await asyncio.shield(self._background)  # a full cache stalls the host, as a real one does
+
+    def destage_in_background(self) -> asyncio.Task:
+        """Start writing the cache back (not a flush: nothing becomes durable); the task doing it."""
+        if self._background is None or self._background.done():
+            self._background = asyncio.get_running_loop().create_task(self._destage_cache(sync=False))
+        return self._background
 
     async def settle(self) -> None:
         """Wait for the cache's own background writeback (not a flush: nothing becomes durable)."""

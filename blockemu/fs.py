@@ -121,7 +121,7 @@ class Filesystem:
         self.keyring = keyring
         self.extents = Extents(vol.engine)
         self.cache = PageCache(clean_limit=wb_opts.pop("cache_limit", 8 << 20),
-                               dirty_frames=arena_frames(wb_opts.get("dirty_limit", DIRTY_LIMIT)))
+                               dirty_frames=arena_frames(wb_opts.get("dirty_limit", DIRTY_LIMIT), vol.device.cache_limit))
         self.inodes: dict[int, Inode] = {}
         self.writeback = Writeback(self, **wb_opts)
         self.unyielded = 0  # bytes written since a writer last let the loop run
@@ -686,8 +686,8 @@ class File:
         n = len(data)
         if not n:
             return 0
-        if fs.writeback.over_limit():
-            await fs.writeback.wait_for_room()
+        if fs.writeback.over_limit(n):
+            await fs.writeback.wait_for_room(n)
         mv = memoryview(data)
         end = offset + n
         head = -offset % PAGE

@@ -53,6 +53,7 @@ class Arena:
     """Fixed page frames in a memfd, shared with the sealing workers by file descriptor."""
 
     def __init__(self, frames: int) -> None:
+        self.size = frames * PAGE
         self.fd = os.memfd_create("blockemu-pages", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, max(frames, 1) * PAGE)
         self.map = mmap.mmap(self.fd, max(frames, 1) * PAGE)

@@ -30,12 +30,14 @@ if TYPE_CHECKING:
 
 
 DIRTY_LIMIT = 64 << 20
+MAX_EXTENT = 1 << 20
 
 
-def arena_frames(dirty_limit: int) -> int:
-    """Page frames for dirty data: the limit, plus room for pages rewritten while they are
-    being sealed (copy-on-write) and for the write that crosses the limit."""
-    return dirty_limit * 5 // 4 // PAGE
+def arena_frames(dirty_limit: int, device_cache: int) -> int:
+    """Page frames for dirty data: what the dirty limit leaves beside the device's volatile
+    cache (which the limit also covers, up to the 2x its writes stall at), never less than a
+    few extents' worth."""
+    return max(dirty_limit - 2 * device_cache, 4 * MAX_EXTENT) // PAGE
 
 
 class Writeback:
@@ -46,7 +48,7 @@ class Writeback:
         interval: float = 5.0,
         background_bytes: int = 16 << 20,
         dirty_limit: int = DIRTY_LIMIT,
-        max_extent: int = 1 << 20,
+        max_extent: int = MAX_EXTENT,
         seal_workers: int | None = None,
         batch_bytes: int | None = None,
     ) -> None:
@@ -107,18 +109,31 @@ class Writeback:
             finally:
                 self._room.set()
 
-    def over_limit(self) -> bool:
-        """Dirty pages (and those being written) past the hard limit. The rest of writeback's
-        memory is fixed (the arena, the sealing slots) or bounds itself (the device's cache:
-        a full one stalls writes)."""
-        return self.cache.dirty_bytes > self.dirty_limit
+    def pressure(self) -> int:
+        """The memory written data holds on its way down: dirty pages (and those being
+        written) and the device's volatile cache. (The arena and the sealing slots are fixed.)"""
+        return self.cache.dirty_bytes + self.fs.vol.device.cached_bytes()
 
-    async def wait_for_room(self) -> None:
-        """Backpressure: writers wait here while writeback's memory is over the hard limit;
-        both parts of it drain by themselves once writeback runs."""
-        while self.over_limit():
+    def over_limit(self, nbytes: int = 0) -> bool:
+        """Past the hard limit, or too few free frames for a write of ``nbytes``: dirty pages
+        then wait for writeback rather than spill onto the heap. (Only a write larger than
+        the whole arena spills, and only its excess.)"""
+        if self.pressure() > self.dirty_limit:
+            return True
+        arena = self.cache.arena
+        need = min(nbytes, arena.size) // PAGE
+        return len(arena.free) < need and self.cache.dirty_bytes > 0
+
+    async def wait_for_room(self, nbytes: int = 0) -> None:
+        """Backpressure: writers wait here while writeback's memory is over the hard limit.
+        Writeback drains the dirty pages; the device's cache drains once it passes its own
+        threshold -- and on request here, or a small limit would wait on it forever."""
+        device = self.fs.vol.device
+        while self.over_limit(nbytes):
             self._room.clear()
             self.kick()
+            if device.cached_bytes():
+                device.destage_in_background().add_done_callback(lambda _t: self._room.set())
             await self._room.wait()
 
     def note_dirtied(self) -> None:
