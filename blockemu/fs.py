@@ -688,19 +688,10 @@ class File:
             return 0
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
-        mv = memoryview(data)
         end = offset + n
-        head = -offset % PAGE
-        whole = (n - head) // PAGE if n > head else 0
-        if whole > 1:  # the aligned middle of a large write, in one go
-            fs.cache.put_dirty(inode.pages, (offset + head) // PAGE, mv[head : head + whole * PAGE])
-            if head:
-                await self._write_pages(mv[:head], offset)
-            tail = head + whole * PAGE
-            if tail < n:
-                await self._write_pages(mv[tail:], offset + tail)
-        else:
-            await self._write_pages(mv, offset)
+        partial = self._partial_pages(offset, end)
+        fills = await self._read_partial(partial) if partial else {}
+        self._copy_in(memoryview(data), offset, fills)  # no await from here on: the write lands whole
         if end > inode.size:
             inode.size = end
         inode.data_changed_ns = time.time_ns()
@@ -713,19 +704,36 @@ class File:
             await asyncio.sleep(0)
         return n
 
-    async def _write_pages(self, mv: memoryview, offset: int) -> None:
-        """Copy into the page cache page by page, reading partial pages first."""
-        inode, fs = self.inode, self.fs
-        pages, cache = inode.pages.pages, fs.cache
-        pos, end = offset, offset + len(mv)
-        while pos < end:
-            idx, off = divmod(pos, PAGE)
-            take = min(PAGE - off, end - pos)
-            fill = None
-            if idx not in pages and take < PAGE and idx * PAGE < inode.size:
-                fill = (await fs.read_pages(inode, idx, 1))[0]  # read-modify-write
-            cache.writable(inode.pages, idx, fill)[off : off + take] = mv[pos - offset : pos - offset + take]
-            pos += take
+    def _partial_pages(self, offset: int, end: int) -> list[int]:
+        """Pages the write covers only in part and that hold data not in the cache."""
+        edges = {offset // PAGE} if offset % PAGE else set()
+        if end % PAGE:
+            edges.add(end // PAGE)
+        inode = self.inode
+        return [i for i in edges if i not in inode.pages.pages and i * PAGE < inode.size]
+
+    async def _read_partial(self, idxs: list[int]) -> dict[int, bytes]:
+        """Read-modify-write: the current contents of the partial pages (copies: a cached page
+        is only valid until the next await)."""
+        return {i: bytes((await self.fs.read_pages(self.inode, i, 1))[0]) for i in idxs}
+
+    def _copy_in(self, mv: memoryview, offset: int, fills: dict[int, bytes]) -> None:
+        """Copy into the page cache: whole pages in the middle in one go, the edges page by page."""
+        cache, pages = self.fs.cache, self.inode.pages
+        end = offset + len(mv)
+        lo, hi = -(-offset // PAGE), end // PAGE  # the whole pages [lo, hi)
+        parts = [(offset, end)]
+        if hi - lo > 1:
+            cache.put_dirty(pages, lo, mv[lo * PAGE - offset : hi * PAGE - offset])
+            parts = [(offset, lo * PAGE), (hi * PAGE, end)]
+        for start, stop in parts:
+            pos = start
+            while pos < stop:
+                idx, off = divmod(pos, PAGE)
+                take = min(PAGE - off, stop - pos)
+                page = cache.writable(pages, idx, fills.get(idx), overwrite=take == PAGE)
+                page[off : off + take] = mv[pos - offset : pos - offset + take]
+                pos += take
 
     async def read(self, size: int = -1) -> bytes:
         data = await self.pread(self.inode.size - self.pos if size < 0 else size, self.pos)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 PAGE = 4096
 Page = bytearray | memoryview
+ZERO_PAGE = bytes(PAGE)
 Slot = bytearray | int  # what a cache entry holds: a heap page, or the number of its arena frame
 
 
@@ -110,21 +111,24 @@ class PageCache:
 
     # ------------------------------------------------------------ writing
 
-    def writable(self, pages: Pages, idx: int, fill: bytes | bytearray | memoryview | None = None) -> Page:
+    def writable(self, pages: Pages, idx: int, fill: bytes | bytearray | memoryview | None = None,
+                 overwrite: bool = False) -> Page:
         """The page at ``idx``, dirty and safe to change in place: never a frame a worker is
         reading (a page taken for writeback is no longer dirty, so it is copied first). Its
-        contents are kept (or ``fill``, or zeros, if it is not cached)."""
+        contents are kept (or ``fill``, or zeros, if it is not cached) unless the caller is
+        about to ``overwrite`` all of it."""
         old = pages.pages.get(idx)
         if idx in pages.dirty:
-            return self.buffer(old)  # type: ignore[arg-type]
-        src = self.buffer(old) if old is not None else fill
-        self._release(pages, idx)
-        self._clean.pop((pages.ino, idx), None)
+            return self.arena.page(old) if type(old) is int else old  # type: ignore[arg-type,return-value]
+        src = None if overwrite else self.buffer(old) if old is not None else fill
+        if old is not None:
+            self._release(pages, idx)
+            self._clean.pop((pages.ino, idx), None)
         page = self._new_page(pages, idx)
         if src is not None:
             page[:] = src
-        elif type(pages.pages[idx]) is int:
-            page[:] = bytes(PAGE)  # a recycled frame holds someone's old data
+        elif not overwrite and type(pages.pages[idx]) is int:
+            page[:] = ZERO_PAGE  # a recycled frame holds someone's old data
         pages.dirty.add(idx)
         self.dirty_bytes += PAGE
         return page
@@ -237,7 +241,7 @@ class PageCache:
         for i in gone:
             slot = pages.pages[i]
             if type(slot) is int and slot not in self._sealing:
-                self.arena.page(slot)[:] = bytes(PAGE)  # type: ignore[arg-type]
+                self.arena.page(slot)[:] = ZERO_PAGE  # type: ignore[arg-type]
             self._release(pages, i)
             del pages.pages[i]
             self._clean.pop((pages.ino, i), None)

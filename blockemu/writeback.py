@@ -53,6 +53,8 @@ class Writeback:
         batch_bytes: int | None = None,
     ) -> None:
         self.fs = fs
+        self.cache = fs.cache
+        self.device = fs.vol.device
         self.interval = interval
         self.background_bytes = background_bytes
         self.dirty_limit = dirty_limit
@@ -64,10 +66,6 @@ class Writeback:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.stats = {"extents": 0, "bytes": 0, "lost_bytes": 0, "errors": 0}
-
-    @property
-    def cache(self):
-        return self.fs.cache
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="blockemu-writeback")
@@ -109,26 +107,23 @@ class Writeback:
             finally:
                 self._room.set()
 
-    def pressure(self) -> int:
-        """The memory written data holds on its way down: dirty pages (and those being
-        written) and the device's volatile cache. (The arena and the sealing slots are fixed.)"""
-        return self.cache.dirty_bytes + self.fs.vol.device.cached_bytes()
-
     def over_limit(self, nbytes: int = 0) -> bool:
-        """Past the hard limit, or too few free frames for a write of ``nbytes``: dirty pages
-        then wait for writeback rather than spill onto the heap. (Only a write larger than
-        the whole arena spills, and only its excess.)"""
-        if self.pressure() > self.dirty_limit:
+        """The memory written data holds on its way down -- dirty pages (and those being
+        written) and the device's volatile cache -- is past the hard limit, or too few free
+        frames are left for a write of ``nbytes``: dirty pages then wait for writeback rather
+        than spill onto the heap. (Only a write larger than the whole arena spills, and only
+        its excess.) The arena and the sealing slots are fixed in size."""
+        cache = self.cache
+        if cache.dirty_bytes + self.device.cached_bytes() > self.dirty_limit:
             return True
-        arena = self.cache.arena
-        need = min(nbytes, arena.size) // PAGE
-        return len(arena.free) < need and self.cache.dirty_bytes > 0
+        arena = cache.arena
+        return len(arena.free) < min(nbytes, arena.size) // PAGE and cache.dirty_bytes > 0
 
     async def wait_for_room(self, nbytes: int = 0) -> None:
         """Backpressure: writers wait here while writeback's memory is over the hard limit.
         Writeback drains the dirty pages; the device's cache drains once it passes its own
         threshold -- and on request here, or a small limit would wait on it forever."""
-        device = self.fs.vol.device
+        device = self.device
         while self.over_limit(nbytes):
             self._room.clear()
             self.kick()
