@@ -1,0 +1,130 @@
+"""The page cache against a model of the file's pages, with writeback runs in flight.
+
+What must hold whatever the interleaving of writes, takes, completions, drops and lost runs:
+a cached page reads back as the model says; a frame being sealed never changes until its
+run is written (stable pages: a worker in another process reads it with no lock); no frame
+is lost, shared by two pages or free while in use; ``dirty_bytes`` is the dirty pages plus
+the pages in flight; once everything is written every frame is free again. The arena is
+small, so writes also spill onto heap pages when it is full.
+"""
+from __future__ import annotations
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from blockemu.pagecache import PAGE, PageCache, Pages, Run
+
+FRAMES = 12
+INDEXES = st.integers(0, 15)
+
+
+class PageCacheMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache = PageCache(clean_limit=4 * PAGE, dirty_frames=FRAMES)
+        self.pages = [Pages(1), Pages(2)]
+        self.model: list[dict[int, bytes]] = [{}, {}]  # what each file holds, page by page
+        self.inflight: list[tuple[int, Run, list[bytes]]] = []  # (file, run, contents when taken)
+        self.counter = 0
+
+    def teardown(self) -> None:
+        self.cache.close()
+
+    def _fill(self, f: int, idx: int) -> bytes:
+        return self.model[f].get(idx, bytes(PAGE))
+
+    def _content(self) -> bytes:
+        self.counter += 1
+        return self.counter.to_bytes(4, "little") * (PAGE // 4)
+
+    @rule(f=st.integers(0, 1), idx=INDEXES, off=st.integers(0, PAGE - 1), size=st.integers(1, PAGE))
+    def partial_write(self, f: int, idx: int, off: int, size: int) -> None:
+        size = min(size, PAGE - off)
+        data = self._content()[:size]
+        page = self.cache.writable(self.pages[f], idx, self._fill(f, idx))
+        page[off : off + size] = data
+        new = bytearray(self._fill(f, idx))
+        new[off : off + size] = data
+        self.model[f][idx] = bytes(new)
+
+    @rule(f=st.integers(0, 1), idx=INDEXES, count=st.integers(1, 6))
+    def whole_pages(self, f: int, idx: int, count: int) -> None:
+        data = b"".join(self._content() for _ in range(count))
+        self.cache.put_dirty(self.pages[f], idx, memoryview(data))
+        for k in range(count):
+            self.model[f][idx + k] = data[k * PAGE : (k + 1) * PAGE]
+
+    @rule(f=st.integers(0, 1), max_run=st.integers(1, 4))
+    def take(self, f: int, max_run: int) -> None:
+        for run in self.cache.take_dirty(self.pages[f], max_run):
+            assert len(run.slots) <= max_run
+            contents = [bytes(self.cache.buffer(s)) for s in run.slots]
+            for k, data in enumerate(contents):
+                assert data == self.model[f][run.first + k], "a taken page is not what was written"
+            self.inflight.append((f, run, contents))
+
+    @precondition(lambda self: self.inflight)
+    @rule(pick=st.integers(0, 1000), lose=st.booleans())
+    def complete(self, pick: int, lose: bool) -> None:
+        f, run, contents = self.inflight.pop(pick % len(self.inflight))
+        for slot, data in zip(run.slots, contents):
+            assert bytes(self.cache.buffer(slot)) == data, "a page changed while it was being sealed"
+        if lose:  # writeback could not write it: the data is gone unless rewritten since
+            self.cache.forget(self.pages[f], range(run.first, run.first + len(run.slots)))
+            for k in range(len(run.slots)):
+                if run.first + k not in self.pages[f].dirty:
+                    self.model[f].pop(run.first + k, None)
+        self.cache.written(self.pages[f], run)
+
+    @rule(f=st.integers(0, 1), first=INDEXES)
+    def drop(self, f: int, first: int) -> None:
+        self.cache.drop(self.pages[f], first)
+        for idx in [i for i in self.model[f] if i >= first]:
+            del self.model[f][idx]
+
+    @invariant()
+    def cached_pages_read_back(self) -> None:
+        for f, pages in enumerate(self.pages):
+            for idx in pages.pages:
+                got = self.cache.get(pages, idx)
+                assert got is not None and bytes(got) == self.model[f][idx]
+            for idx in pages.dirty:
+                assert idx in pages.pages, "a dirty page is missing"
+
+    @invariant()
+    def frames_accounted(self) -> None:
+        cache = self.cache
+        used = [s for p in self.pages for s in p.pages.values() if type(s) is int]
+        sealing = {s for _, run, _ in self.inflight for s in run.slots if type(s) is int}
+        free = cache.arena.free
+        assert len(set(used)) == len(used), "two pages share a frame"
+        assert len(set(free)) == len(free) and not set(free) & (set(used) | sealing), "a frame in use is free"
+        assert set(free) | set(used) | sealing == set(range(FRAMES)), "a frame was lost"
+        in_flight = sum(len(run.slots) for _, run, _ in self.inflight)
+        assert cache.dirty_bytes == (sum(len(p.dirty) for p in self.pages) + in_flight) * PAGE
+
+    @invariant()
+    def clean_pages_on_the_heap_within_limit(self) -> None:
+        sealing = {s for _, run, _ in self.inflight for s in run.slots if type(s) is int}
+        clean = [p.pages[i] for p in self.pages for i in p.pages if i not in p.dirty]
+        assert all(type(s) is not int or s in sealing for s in clean), "a clean page holds a frame after its run was written"
+        assert len(self.cache._clean) <= 4
+
+    def check_drained(self) -> None:
+        for f in range(2):
+            self.take(f, 4)
+        while self.inflight:
+            self.complete(0, False)
+        assert self.cache.dirty_bytes == 0
+        assert sorted(self.cache.arena.free) == list(range(FRAMES)), "frames leaked"
+
+
+class DrainingMachine(PageCacheMachine):
+    @rule()
+    def drain(self) -> None:
+        self.check_drained()
+
+
+TestPageCache = DrainingMachine.TestCase
+TestPageCache.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
