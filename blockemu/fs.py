@@ -49,7 +49,7 @@ from .ondisk.items import (
 )
 from .pagecache import PAGE, Page, PageCache, Pages
 from .volume import Volume
-from .writeback import DIRTY_LIMIT, Writeback, arena_frames
+from .writeback import DIRTY_LIMIT, MAX_EXTENT, Writeback, arena_frames
 
 ROOT_INO = S.FIRST_FREE_OBJECTID
 FT_REG, FT_DIR = 1, 2
@@ -121,7 +121,8 @@ class Filesystem:
         self.keyring = keyring
         self.extents = Extents(vol.engine)
         self.cache = PageCache(clean_limit=wb_opts.pop("cache_limit", 8 << 20),
-                               dirty_frames=arena_frames(wb_opts.get("dirty_limit", DIRTY_LIMIT), vol.device.cache_limit))
+                               dirty_frames=arena_frames(wb_opts.get("dirty_limit", DIRTY_LIMIT), vol.device.cache_limit,
+                                                         wb_opts.get("max_extent", MAX_EXTENT)))
         self.inodes: dict[int, Inode] = {}
         self.writeback = Writeback(self, **wb_opts)
         self.unyielded = 0  # bytes written since a writer last let the loop run

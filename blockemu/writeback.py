@@ -33,11 +33,11 @@ DIRTY_LIMIT = 64 << 20
 MAX_EXTENT = 1 << 20
 
 
-def arena_frames(dirty_limit: int, device_cache: int) -> int:
+def arena_frames(dirty_limit: int, device_cache: int, max_extent: int) -> int:
     """Page frames for dirty data: what the dirty limit leaves beside the device's volatile
     cache (which the limit also covers, up to the 2x its writes stall at), never less than a
     few extents' worth."""
-    return max(dirty_limit - 2 * device_cache, 4 * MAX_EXTENT) // PAGE
+    return max(dirty_limit - 2 * device_cache, 4 * max_extent) // PAGE
 
 
 class Writeback:

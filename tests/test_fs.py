@@ -2,8 +2,10 @@
 directories, rename(2) semantics, persistence, orphans, and fsync error reporting."""
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import random
 
 import pytest
 
@@ -330,6 +332,37 @@ async def test_checksum_mismatch_reads_as_eio(image):
             assert await f.pread(4096, 0) == b"z" * 4096
             with ErrnoCheck(errno.EIO):
                 await f.pread(4096, 4096)
+
+
+async def test_pages_rewritten_while_being_sealed(image):
+    """Stable pages: frames a worker is encrypting are never changed under it. Rewrites made
+    while writeback has the whole file in flight go to fresh frames; the extents sealed meanwhile
+    hold the old data, the next fsync the new, and the file reads back as last written."""
+    key = os.urandom(64)
+    model = bytearray(os.urandom(8 << 20))
+    async with blockemu.mount(image, interval=3600) as fs:
+        kid = await fs.add_key(key)
+        await fs.mkdir("/e")
+        await fs.set_policy("/e", kid)
+        async with fs.open("/e/f", "w") as f:
+            await f.write(model)
+            flush = asyncio.ensure_future(f.fsync())
+            while not fs.cache._sealing:  # let writeback take the file's runs
+                await asyncio.sleep(0)
+            rng = random.Random(3)
+            for _ in range(64):  # no await yields in here: no run can complete meanwhile
+                off, data = rng.randrange(len(model) - 9000), os.urandom(rng.randrange(1, 9000))
+                await f.pwrite(data, off)
+                model[off : off + len(data)] = data
+            assert fs.cache._orphans, "no page was rewritten while its frame was being sealed"
+            await flush
+            await f.fsync()
+        assert not fs.cache._sealing and not fs.cache._orphans
+        assert fs.writeback.stats["lost_bytes"] == 0
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(key)
+        async with fs.open("/e/f") as f:
+            assert await f.read() == bytes(model)
 
 
 async def test_dirty_memory_stays_bounded(image):
