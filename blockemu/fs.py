@@ -48,6 +48,7 @@ from .ondisk.items import (
     unpack_dir_entries,
 )
 from .pagecache import PAGE, Page, PageCache, Pages
+from .sealer import seal_workers
 from .volume import Volume
 from .writeback import DIRTY_LIMIT, MAX_EXTENT, Writeback, arena_frames
 
@@ -120,9 +121,11 @@ class Filesystem:
         self.vol = vol
         self.keyring = keyring
         self.extents = Extents(vol.engine)
-        self.cache = PageCache(clean_limit=wb_opts.pop("cache_limit", 8 << 20),
-                               dirty_frames=arena_frames(wb_opts.get("dirty_limit", DIRTY_LIMIT), vol.device.cache_limit,
-                                                         wb_opts.get("max_extent", MAX_EXTENT)))
+        clean_limit = wb_opts.pop("cache_limit", 8 << 20)
+        frames = arena_frames(wb_opts.get("dirty_limit", DIRTY_LIMIT), device_cache=vol.device.cache_limit,
+                              clean_limit=clean_limit, max_extent=wb_opts.get("max_extent", MAX_EXTENT),
+                              workers=seal_workers(wb_opts.get("seal_workers")))
+        self.cache = PageCache(clean_limit=clean_limit, dirty_frames=frames)
         self.inodes: dict[int, Inode] = {}
         self.writeback = Writeback(self, **wb_opts)
         self.unyielded = 0  # bytes written since a writer last let the loop run

@@ -32,6 +32,11 @@ POOL_THRESHOLD = 256 << 10
 DEPTH = 3  # requests in flight per worker
 
 
+def seal_workers(requested: int | None) -> int:
+    """Worker processes a mount runs: one per core unless told."""
+    return (os.cpu_count() or 1) if requested is None else requested
+
+
 def seal_local(key: bytearray | None, data: bytes, csum_type: int) -> tuple[bytes, bytes]:
     sealed = bytes(crypto.encrypt_units(key, data)) if key is not None else data
     return sealed, digests(sealed, csum_type)
@@ -75,7 +80,7 @@ class _Worker:
 
 class Sealer:
     def __init__(self, *, arena: Arena, max_extent: int, workers: int | None = None) -> None:
-        self.workers = (os.cpu_count() or 1) if workers is None else workers
+        self.workers = seal_workers(workers)
         self.arena = arena
         self.max_extent = max_extent
         self.slot = slot_size(max_extent)

@@ -23,7 +23,7 @@ from .errors import BlockemuError, NoKeyError
 from .ondisk import structs as S
 from .ondisk.items import ExtentContext
 from .pagecache import PAGE, Run
-from .sealer import Sealer
+from .sealer import DEPTH, Sealer
 
 if TYPE_CHECKING:
     from .fs import Filesystem, Inode
@@ -33,11 +33,13 @@ DIRTY_LIMIT = 64 << 20
 MAX_EXTENT = 1 << 20
 
 
-def arena_frames(dirty_limit: int, device_cache: int, max_extent: int) -> int:
-    """Page frames for dirty data: what the dirty limit leaves beside the device's volatile
-    cache (which the limit also covers, up to the 2x its writes stall at), never less than a
-    few extents' worth."""
-    return max(dirty_limit - 2 * device_cache, 4 * max_extent) // PAGE
+def arena_frames(dirty_limit: int, *, device_cache: int, clean_limit: int, max_extent: int, workers: int) -> int:
+    """Page frames for dirty data. The dirty limit is the write path's whole memory budget:
+    the device's volatile cache (up to the 2x its writes stall at), the clean pages
+    writeback leaves behind and the ciphertext in the sealing slots share it with the dirty
+    pages, which get the rest -- never less than a few extents' worth."""
+    rest = dirty_limit - 2 * device_cache - clean_limit - workers * DEPTH * max_extent
+    return max(rest, 4 * max_extent) // PAGE
 
 
 class Writeback:
