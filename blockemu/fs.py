@@ -693,9 +693,12 @@ class File:
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
         end = offset + n
-        partial = self._partial_pages(offset, end)
-        fills = await self._read_partial(partial) if partial else {}
-        self._copy_in(memoryview(data), offset, fills)  # no await from here on: the write lands whole
+        if n == PAGE and not offset % PAGE:  # one whole page, the commonest write: nothing to read or split
+            fs.cache.writable(inode.pages, offset // PAGE, overwrite=True)[:] = data
+        else:
+            partial = self._partial_pages(offset, end)
+            fills = await self._read_partial(partial) if partial else {}
+            self._copy_in(memoryview(data), offset, fills)  # no await from here on: the write lands whole
         if end > inode.size:
             inode.size = end
         inode.data_changed_ns = time.time_ns()

@@ -11,9 +11,9 @@ dropped past ``clean_limit``: they can always be read back.
 A frame being sealed is *stable*: a worker in another process reads it with
 no lock, so nothing may change it until writeback reports the run
 ``written``. A write to such a page gets a fresh frame (copy-on-write) and the
-old frame is freed when its run completes. When the arena is full, dirty
-pages fall back to heap ``bytearray``s (the sealer copies those into its
-slot); the writers' dirty limit, not the arena, is what bounds memory.
+old frame is freed when its run completes. Writers wait for free frames (see
+``Writeback.over_limit``); only a write larger than the whole arena spills its
+excess onto heap ``bytearray``s, which the sealer copies into its slot.
 
 Pages handed out by ``get`` are valid until the caller next awaits: a frame
 can be reused once its page is cleaned or dropped.

@@ -5,9 +5,9 @@ the background threshold, and on request (fsync, sync, unmount, key
 removal). Per inode, dirty pages coalesce into runs of up to ``max_extent``
 bytes; each run becomes one new extent: a fresh random nonce, the extent key
 derived from the master secret *now* (the inode's lease keeps that secret
-alive in soft mode), AES-256-XTS in a worker thread, checksums over the
-ciphertext, then -- inside the running transaction -- allocation, the new
-items, and the device write. A run that cannot be written (ENOKEY, EIO,
+alive in soft mode), AES-256-XTS and checksums over the ciphertext in a sealing
+worker (``sealer.py``), then -- inside the running transaction -- allocation,
+the new items, and the device write. A run that cannot be written (ENOKEY, EIO,
 ENOSPC) is dropped and its error recorded on the inode, to be raised by the
 next fsync or close: an acknowledged write is never lost silently.
 """
