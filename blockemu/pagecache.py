@@ -186,31 +186,45 @@ class PageCache:
         """The dirty pages as runs of consecutive pages, each at most ``max_run`` long, with
         their dirty bits cleared; a write landing meanwhile dirties (a copy of) its page
         again. Until the caller reports a run ``written`` its frames stay as they are."""
-        runs: list[Run] = []
-        table = pages.pages
-        prev = -2
-        for idx in sorted(pages.dirty):
-            if idx == prev + 1 and len(runs[-1].slots) < max_run:
-                runs[-1].slots.append(table[idx])
-            else:
-                runs.append(Run(idx, [table[idx]]))
-            prev = idx
+        idxs = sorted(pages.dirty)
         pages.dirty.clear()
+        if not idxs:
+            return []
+        if idxs[-1] - idxs[0] == len(idxs) - 1:  # one stretch: the streaming case
+            breaks = [0, len(idxs)]
+        else:
+            breaks = [0, *[k for k in range(1, len(idxs)) if idxs[k] != idxs[k - 1] + 1], len(idxs)]
+        runs: list[Run] = []
+        get = pages.pages.__getitem__
+        for a, b in zip(breaks, breaks[1:]):
+            for k in range(a, b, max_run):
+                first = idxs[k]
+                runs.append(Run(first, list(map(get, range(first, first + min(max_run, b - k))))))
         self._sealing.update(slot for run in runs for slot in run.slots if type(slot) is int)
         return runs
 
     def written(self, pages: Pages, run: Run) -> None:
         """A run from ``take_dirty`` is on its way to disk (or was dropped): its pages that
         nobody rewrote meanwhile are clean now, and its frames go back to the arena."""
-        self.dirty_bytes -= len(run.slots) * PAGE
-        room = self.clean_limit // PAGE - len(self._clean)
-        freed: list[int] = []
+        first, slots = run.first, run.slots
+        span = range(first, first + len(slots))
+        self.dirty_bytes -= len(slots) * PAGE
+        frames = [s for s in slots if type(s) is int]
+        self._sealing.difference_update(frames)
         table, dirty, orphans = pages.pages, pages.dirty, self._orphans
-        for k, slot in enumerate(run.slots):
-            idx = run.first + k
+        room = self.clean_limit // PAGE - len(self._clean)
+        # a run's frames go back highest first, so the next streaming write takes them
+        # as one ascending slice (see put_dirty)
+        if (room <= 0 and len(frames) == len(slots) and orphans.isdisjoint(frames) and dirty.isdisjoint(span)
+                and list(map(table.get, span)) == slots):
+            for idx in span:  # streaming: the clean cache is full, so written-behind pages go first
+                del table[idx]
+            self.arena.free.extend(reversed(frames))
+            return
+        freed: list[int] = []
+        for idx, slot in zip(span, slots):
             frame = type(slot) is int
             if frame:
-                self._sealing.discard(slot)  # type: ignore[arg-type]
                 if slot in orphans:
                     orphans.discard(slot)  # type: ignore[arg-type]
                     freed.append(slot)  # type: ignore[arg-type]
@@ -229,8 +243,6 @@ class PageCache:
                 del table[idx]
             if frame:
                 freed.append(slot)  # type: ignore[arg-type]
-        # a run's frames go back highest first, so the next streaming write takes them
-        # as one ascending slice (see put_dirty)
         self.arena.free.extend(reversed(freed))
 
     def drop(self, pages: Pages, first: int = 0) -> int:

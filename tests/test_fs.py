@@ -368,15 +368,17 @@ async def test_pages_rewritten_while_being_sealed(image):
 async def test_dirty_memory_stays_bounded(image):
     async with blockemu.mount(image, interval=3600, dirty_limit=1 << 20, background_bytes=256 << 10,
                               cache_limit=1 << 20, max_extent=256 << 10) as fs:
-        peak_dirty = peak_pages = 0
+        peak_dirty = peak_pages = spilled = 0
         async with fs.open("/big", "w") as f:
             chunk = os.urandom(64 << 10)
             for _ in range(24 << 20 >> 16):
                 await f.write(chunk)
                 peak_dirty = max(peak_dirty, fs.cache.dirty_bytes)
                 peak_pages = max(peak_pages, sum(len(i.pages.pages) for i in fs.inodes.values()))
+                spilled += sum(type(f.inode.pages.pages[i]) is not int for i in f.inode.pages.dirty)
             await f.fsync()
         assert peak_dirty <= (1 << 20) + len(chunk)
         assert peak_pages * 4096 <= 3 << 20
+        assert spilled == 0, "dirty pages spilled onto the heap instead of waiting for free frames"
         async with fs.open("/big") as f:
             assert await f.pread(len(chunk), 5 << 20) == chunk

@@ -6,7 +6,7 @@ so numbers compare across machines and noisy runs.
 
 fs: ceilings first -- the naive fscrypt-compatible pipeline (one AES-256-XTS call per
 4 KiB data unit + crc32c + pwritev + fsync; measured in turn with the sequential write,
-three times, medians reported), the physical ceiling (one XTS call per MiB
+five times, medians reported), the physical ceiling (one XTS call per MiB
 + crc32c + pwrite + fsync), aiofiles with one call per 4 KiB write, raw pwrite + fsync
 for random 4 KiB overwrites, host-filesystem file creation -- then the filesystem:
 a sequential encrypted write ending in fsync, 4 KiB random overwrites with an fsync every
@@ -38,7 +38,7 @@ from blockemu.mkfs import mkfs  # noqa: E402
 from blockemu.ondisk.structs import FS_TREE_OBJECTID  # noqa: E402
 from blockemu.volume import Volume  # noqa: E402
 
-ROUNDS = 3
+ROUNDS = 5
 
 
 def row(name: str, value: float, unit: str, ceiling: float | None = None, cname: str = "") -> None:
