@@ -9,9 +9,9 @@ and names the frames; a worker encrypts them into the slot and checksums the
 ciphertext. Small extents, and mounts with ``workers=0``, seal in a thread of
 this process.
 
-The workers are plain ``python -c`` subprocesses speaking a fixed-size
-request/response protocol on their pipes -- not multiprocessing, whose spawn
-start method re-imports the user's ``__main__`` in every worker.
+The workers are plain ``python -c`` subprocesses that inherit the two memfds and
+speak a small request/response protocol on their pipes -- not multiprocessing,
+whose spawn start method re-imports the user's ``__main__`` in every worker.
 """
 from __future__ import annotations
 
