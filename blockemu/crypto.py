@@ -58,6 +58,20 @@ def _units(data: Buffer) -> list[memoryview]:
     return [mv[a : a + DATA_UNIT] for a in range(0, n, DATA_UNIT)]
 
 
+_TWEAKS: tuple[modes.XTS, ...] = ()
+
+
+def _tweaks(count: int) -> tuple[modes.XTS, ...]:
+    """XTS modes for data units 0 .. count-1. A mode only holds its tweak, so they are made
+    once and shared; the table is replaced whole (never appended to), so a thread sealing
+    concurrently always sees a consistent one."""
+    global _TWEAKS
+    table = _TWEAKS
+    if len(table) < count:
+        table = _TWEAKS = tuple(modes.XTS(i.to_bytes(16, "little")) for i in range(max(count, 2 * len(table), 256)))
+    return table
+
+
 def _xts(key: bytes | bytearray, units: Sequence[Buffer], first_unit: int, encrypt: bool,
          out: bytearray | memoryview | None = None) -> bytearray | memoryview:
     n = len(units) * DATA_UNIT
@@ -67,13 +81,13 @@ def _xts(key: bytes | bytearray, units: Sequence[Buffer], first_unit: int, encry
     if trim:
         out = bytearray(n + 15)
     omv = memoryview(out)  # type: ignore[arg-type]
-    # One validated Cipher whose tweak is swapped per unit: building a Cipher per unit
+    # One validated Cipher whose mode is swapped per unit: building a Cipher per unit
     # re-checks the key and mode every time, which costs more than the AES itself.
-    cipher = Cipher(algorithms.AES(bytes(key)), modes.XTS(first_unit.to_bytes(16, "little")))
+    tweaks = _tweaks(first_unit + len(units))[first_unit:]
+    cipher = Cipher(algorithms.AES(bytes(key)), tweaks[0] if tweaks else modes.XTS(bytes(16)))
     context = cipher.encryptor if encrypt else cipher.decryptor
-    XTS = modes.XTS
-    for i, unit in enumerate(units):
-        cipher.mode = XTS((first_unit + i).to_bytes(16, "little"))
+    for i, (unit, mode) in enumerate(zip(units, tweaks)):
+        cipher.mode = mode
         a = i * DATA_UNIT
         context().update_into(unit, omv[a : a + DATA_UNIT + 15])
     omv.release()
