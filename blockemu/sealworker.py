@@ -14,6 +14,7 @@ slot and answers with the concatenated per-sector digests.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import sys
 
@@ -27,6 +28,11 @@ IN_SLOT = -1
 REQUEST = struct.Struct("<QIIH")  # slot offset, units, slot capacity, checksum type; then int32 frames
 FRAME = struct.Struct("<i")
 RESPONSE = struct.Struct("<I")  # bytes of digests that follow
+# The event loop drives the pipeline: a worker that preempts it delays the replies it
+# must read and the requests it must send, and the other worker starves. Below it in
+# priority, the workers take exactly the CPU the loop leaves (measured here: +25-30 %
+# sequential throughput on two cores at nice 10).
+NICE = 10
 
 BOOT = (
     "import sys, types\n"
@@ -67,6 +73,7 @@ def seal_slot(arena: memoryview, slots: memoryview, off: int, frames: tuple[int,
 
 def worker_main(arena_fd: int, arena_size: int, slots_fd: int, slots_size: int) -> None:
     """Serve requests on stdin until it closes."""
+    os.nice(NICE)
     arena = memoryview(mmap.mmap(arena_fd, arena_size))
     slots = memoryview(mmap.mmap(slots_fd, slots_size))
     rd, wr = sys.stdin.buffer, sys.stdout.buffer
