@@ -237,6 +237,10 @@ class BlockDevice:
         for offset, data in writes:
             self._check(offset, len(data), "write")
         await self._delay()
+        incoming = sum(len(data) for _, data in writes)
+        while not fua and self._cache and len(self._cache) * SECTOR + incoming > 2 * self.cache_limit:
+            # a full cache stalls the host, as a real one does: the write is accepted once it fits
+            await asyncio.shield(self.destage_in_background())
         for offset, data in writes:
             t = time.perf_counter()
             self._count_write()
@@ -253,11 +257,8 @@ class BlockDevice:
             if self.log is not None:
                 self.log.append("fua" if fua else "write", offset, data)
             self.stats.record("fua" if fua else "write", len(data), t)
-        cached = len(self._cache) * SECTOR
-        if cached > self.cache_limit:
+        if len(self._cache) * SECTOR > self.cache_limit:
             self.destage_in_background()  # the disk writes its cache back on its own, while the host keeps issuing
-        if cached > 2 * self.cache_limit and self._background is not None:
-            await asyncio.shield(self._background)  # a full cache stalls the host, as a real one does
 
     def destage_in_background(self) -> asyncio.Task:
         """Start writing the cache back (not a flush: nothing becomes durable); the task doing it."""
