@@ -47,10 +47,9 @@ from .ondisk.items import (
     pack_dir_entries,
     unpack_dir_entries,
 )
-from .pagecache import PAGE, Page, PageCache, Pages
-from .sealer import seal_workers
+from .pagecache import PAGE, Page, Pages
 from .volume import Volume
-from .writeback import DIRTY_LIMIT, MAX_EXTENT, Writeback, arena_frames
+from .writeback import Writeback
 
 ROOT_INO = S.FIRST_FREE_OBJECTID
 FT_REG, FT_DIR = 1, 2
@@ -121,13 +120,9 @@ class Filesystem:
         self.vol = vol
         self.keyring = keyring
         self.extents = Extents(vol.engine)
-        clean_limit = wb_opts.pop("cache_limit", 8 << 20)
-        frames = arena_frames(wb_opts.get("dirty_limit", DIRTY_LIMIT), device_cache=vol.device.cache_limit,
-                              clean_limit=clean_limit, max_extent=wb_opts.get("max_extent", MAX_EXTENT),
-                              workers=seal_workers(wb_opts.get("seal_workers")))
-        self.cache = PageCache(clean_limit=clean_limit, dirty_frames=frames)
         self.inodes: dict[int, Inode] = {}
         self.writeback = Writeback(self, **wb_opts)
+        self.cache = self.writeback.cache
         self.unyielded = 0  # bytes written since a writer last let the loop run
         fs_tree = vol.engine.trees[S.FS_TREE_OBJECTID]
         last = fs_tree.last_at_or_before((S.ORPHAN_OBJECTID - 1, 255, (1 << 64) - 1))

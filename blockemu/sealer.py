@@ -32,7 +32,7 @@ POOL_THRESHOLD = 256 << 10
 DEPTH = 3  # requests in flight per worker
 
 
-def seal_workers(requested: int | None) -> int:
+def worker_count(requested: int | None) -> int:
     """Worker processes a mount runs: one per core unless told."""
     return (os.cpu_count() or 1) if requested is None else requested
 
@@ -79,8 +79,8 @@ class _Worker:
 
 
 class Sealer:
-    def __init__(self, *, arena: Arena, max_extent: int, workers: int | None = None) -> None:
-        self.workers = seal_workers(workers)
+    def __init__(self, *, arena: Arena, max_extent: int, workers: int) -> None:
+        self.workers = workers
         self.arena = arena
         self.max_extent = max_extent
         self.slot = slot_size(max_extent)

@@ -22,15 +22,11 @@ from . import crypto
 from .errors import BlockemuError, NoKeyError
 from .ondisk import structs as S
 from .ondisk.items import ExtentContext
-from .pagecache import PAGE, Run
-from .sealer import DEPTH, Sealer
+from .pagecache import PAGE, PageCache, Run
+from .sealer import DEPTH, Sealer, worker_count
 
 if TYPE_CHECKING:
     from .fs import Filesystem, Inode
-
-
-DIRTY_LIMIT = 64 << 20
-MAX_EXTENT = 1 << 20
 
 
 def arena_frames(dirty_limit: int, *, device_cache: int, clean_limit: int, max_extent: int, workers: int) -> int:
@@ -50,20 +46,26 @@ class Writeback:
         *,
         interval: float = 5.0,
         background_bytes: int = 16 << 20,
-        dirty_limit: int = DIRTY_LIMIT,
-        max_extent: int = MAX_EXTENT,
+        dirty_limit: int = 64 << 20,
+        max_extent: int = 1 << 20,
         seal_workers: int | None = None,
         batch_bytes: int | None = None,
+        cache_limit: int = 8 << 20,
     ) -> None:
+        """Owns the page cache too: its arena is sized from this writeback's memory budget.
+        ``cache_limit`` bounds the clean pages."""
         self.fs = fs
-        self.cache = fs.cache
         self.device = fs.vol.device
+        workers = worker_count(seal_workers)
+        frames = arena_frames(dirty_limit, device_cache=self.device.cache_limit, clean_limit=cache_limit,
+                              max_extent=max_extent, workers=workers)
+        self.cache = PageCache(clean_limit=cache_limit, dirty_frames=frames)
         self.interval = interval
         self.background_bytes = background_bytes
         self.dirty_limit = dirty_limit
         self.max_pages = max(1, max_extent // PAGE)
         self.batch_pages = max(self.max_pages, (batch_bytes or max(dirty_limit // 8, max_extent)) // PAGE)
-        self.sealer = Sealer(arena=fs.cache.arena, max_extent=self.max_pages * PAGE, workers=seal_workers)
+        self.sealer = Sealer(arena=self.cache.arena, max_extent=self.max_pages * PAGE, workers=workers)
         self._kick = asyncio.Event()
         self._room = asyncio.Event()
         self._task: asyncio.Task | None = None
