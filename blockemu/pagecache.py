@@ -76,7 +76,7 @@ class Arena:
 
 
 class PageCache:
-    def __init__(self, clean_limit: int = 8 << 20, dirty_frames: int = (80 << 20) // PAGE) -> None:
+    def __init__(self, *, clean_limit: int, dirty_frames: int) -> None:
         self.clean_limit = clean_limit
         self.dirty_bytes = 0
         self.arena = Arena(dirty_frames)

@@ -16,10 +16,7 @@ from blockemu.image import ImageFile
 from blockemu.ondisk import structs as S
 from blockemu.transaction import Engine
 
-from .util import ErrnoCheck
-
-KEY = bytes(range(1, 65))
-KID = "69b2f6edeee720cce0577937eb8a6751"
+from .util import KEY, KID, ErrnoCheck, encrypted_dir
 
 
 @pytest.fixture
@@ -264,9 +261,7 @@ async def test_policies_and_exdev(fs):
 async def test_no_plaintext_reaches_the_image(image):
     pattern = b"PLAINTEXT-MARKER-" * 256
     async with blockemu.mount(image) as fs:
-        kid = await fs.add_key(KEY)
-        await fs.mkdir("/secret")
-        await fs.set_policy("/secret", kid)
+        await encrypted_dir(fs, "/secret")
         for i in range(5):
             async with fs.open(f"/secret/f{i}", "w") as f:
                 for _ in range(20):
@@ -282,9 +277,7 @@ async def test_no_plaintext_reaches_the_image(image):
 
 
 async def test_every_extent_has_its_own_nonce(fs):
-    kid = await fs.add_key(KEY)
-    await fs.mkdir("/e")
-    await fs.set_policy("/e", kid)
+    kid = await encrypted_dir(fs, "/e")
     for i in range(8):
         async with fs.open(f"/e/{i}", "w") as f:
             for j in range(6):
@@ -341,9 +334,7 @@ async def test_pages_rewritten_while_being_sealed(image):
     key = os.urandom(64)
     model = bytearray(os.urandom(8 << 20))
     async with blockemu.mount(image, interval=3600) as fs:
-        kid = await fs.add_key(key)
-        await fs.mkdir("/e")
-        await fs.set_policy("/e", kid)
+        await encrypted_dir(fs, "/e", key)
         async with fs.open("/e/f", "w") as f:
             await f.write(model)
             flush = asyncio.ensure_future(f.fsync())

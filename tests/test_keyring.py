@@ -11,10 +11,7 @@ from blockemu.errors import InvalidArgument, NoKeyError
 from blockemu.keyring import TRANSITIONS, Keyring, State
 from blockemu.workload.keyrace import run_race
 
-from .util import ErrnoCheck
-
-KEY = bytes(range(1, 65))
-KID = "69b2f6edeee720cce0577937eb8a6751"
+from .util import KEY, KID, ErrnoCheck, encrypted_dir
 
 
 @pytest.fixture
@@ -191,9 +188,7 @@ async def test_generic_595_single_threaded(tmp_path):
 
 
 async def test_locking_drops_plaintext_and_wipes_when_idle(fs):
-    kid = await fs.add_key(KEY)
-    await fs.mkdir("/d")
-    await fs.set_policy("/d", kid)
+    kid = await encrypted_dir(fs, "/d")
     f = await fs.open("/d/a", "w")
     await f.write(b"secret data" * 1000)
     secret = fs.keyring.keys[bytes.fromhex(kid)].secret
