@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidArgument
+from blockemu.errors import InvalidArgument
 
 _SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 

@@ -6,9 +6,9 @@ import random
 import pytest
 from hypothesis import HealthCheck, settings
 
-from blockemu.alloc import Allocator
-from blockemu.btree import BTree
-from blockemu.transaction import TreeStore
+from blockemu.engine.alloc import Allocator
+from blockemu.engine.btree import BTree
+from blockemu.engine.transaction import TreeStore
 
 settings.register_profile("default", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

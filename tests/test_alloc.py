@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockemu.alloc import Allocator
+from blockemu.engine.alloc import Allocator
 from blockemu.errors import NoSpaceError
 
 S = 4096

@@ -7,11 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockemu.btree import BTree, max_item_size
+from blockemu.engine.btree import BTree, max_item_size
 from blockemu.errors import ExistsError, NotFoundError
 from blockemu.ondisk.block import body_size, max_ptrs
-
-from .conftest import MemoryImage
+from tests.conftest import MemoryImage
 
 
 def check_invariants(tree: BTree) -> None:

@@ -9,7 +9,7 @@ import os
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from .test_cli import run
+from tests.test_cli import run
 
 
 def hkdf_sha512(ikm: bytes, info: bytes, length: int) -> bytes:

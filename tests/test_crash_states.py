@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 import blockemu
-from blockemu.faults import FaultPlan
-from blockemu.fsck import check
+from blockemu.check.fsck import check
+from blockemu.device.faultplan import FaultPlan
 from blockemu.workload.crash import CampaignResult, Recorder, ace_workloads, check_states, record, run_ace
 
 

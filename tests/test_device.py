@@ -5,9 +5,10 @@ import os
 
 import pytest
 
-from blockemu.device import BlockDevice
+from blockemu.device.blockdev import BlockDevice
+from blockemu.device.faultplan import FaultPlan
+from blockemu.device.writelog import SECTOR
 from blockemu.errors import DeviceIOError, InvalidArgument
-from blockemu.faults import SECTOR, FaultPlan
 
 MiB = 1 << 20
 

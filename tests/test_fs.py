@@ -10,13 +10,12 @@ import random
 import pytest
 
 import blockemu
-from blockemu.faults import FaultPlan
-from blockemu.fsck import check
-from blockemu.image import ImageFile
+from blockemu.check.fsck import check
+from blockemu.device.faultplan import FaultPlan
+from blockemu.device.image import ImageFile
+from blockemu.engine.transaction import Engine
 from blockemu.ondisk import structs as S
-from blockemu.transaction import Engine
-
-from .util import KEY, KID, ErrnoCheck, encrypted_dir
+from tests.util import KEY, KID, ErrnoCheck, encrypted_dir
 
 
 @pytest.fixture

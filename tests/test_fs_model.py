@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import blockemu
-from blockemu.fsck import check
+from blockemu.check.fsck import check
 
 KEY = bytes(range(32))
 OPTS = dict(interval=3600, dirty_limit=64 << 10, background_bytes=16 << 10, cache_limit=32 << 10, max_extent=16 << 10)

@@ -7,11 +7,10 @@ import errno
 import pytest
 
 import blockemu
+from blockemu.crypto.keyring import TRANSITIONS, Keyring, State
 from blockemu.errors import InvalidArgument, NoKeyError
-from blockemu.keyring import TRANSITIONS, Keyring, State
 from blockemu.workload.keyrace import run_race
-
-from .util import KEY, KID, ErrnoCheck, encrypted_dir
+from tests.util import KEY, KID, ErrnoCheck, encrypted_dir
 
 
 @pytest.fixture
@@ -105,7 +104,7 @@ def test_transition_table_is_enforced():
     kr = Keyring()
     ident = bytes.fromhex(kr.add_key(KEY))
     mk = kr.keys[ident]
-    from blockemu.keyring import Event
+    from blockemu.crypto.keyring import Event
     with pytest.raises(AssertionError, match="illegal transition"):
         kr._transition(mk, Event.LEASE, lambda: mk.users.clear())  # a lease cannot drop claims
     assert (State.ABSENT, Event.LEASE, True) not in TRANSITIONS

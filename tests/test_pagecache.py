@@ -13,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from blockemu.pagecache import PAGE, PageCache, Pages, Run
+from blockemu.fs.pagecache import PAGE, PageCache, Pages, Run
 
 FRAMES = 12
 INDEXES = st.integers(0, 15)

@@ -7,8 +7,7 @@ import pytest
 
 from blockemu.errors import InvalidArgument
 from blockemu.workload.jobfile import parse
-
-from .test_cli import run
+from tests.test_cli import run
 
 
 def test_parser_globals_stonewall_env_and_bare_keys(monkeypatch):

@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sortedcontainers import SortedDict  # noqa: E402
 
-from blockemu.mkfs import mkfs  # noqa: E402
+from blockemu.fs.mkfs import mkfs  # noqa: E402
+from blockemu.fs.volume import Volume  # noqa: E402
 from blockemu.ondisk.structs import FS_TREE_OBJECTID  # noqa: E402
-from blockemu.volume import Volume  # noqa: E402
 
 ROUNDS = 5
 
@@ -329,7 +329,7 @@ def bench_fsck(files: int) -> None:
     import shutil
     import subprocess
 
-    from blockemu.fsck import check
+    from blockemu.check.fsck import check
 
     print(f"fsck: {files:,} files in 100 directories (every 50th 1 MiB)")
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
@@ -379,7 +379,7 @@ def bench_fsck(files: int) -> None:
 
 
 def blockemu_mkfs(path: str, size: str):
-    from blockemu.mkfs import mkfs as _mkfs
+    from blockemu.fs.mkfs import mkfs as _mkfs
     return _mkfs(path, size)
 
 

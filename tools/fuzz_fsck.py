@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import blockemu  # noqa: E402
+from blockemu.check.fsck import check  # noqa: E402
+from blockemu.check.inspect import dump_tree  # noqa: E402
 from blockemu.errors import BlockemuError  # noqa: E402
-from blockemu.fsck import check  # noqa: E402
-from blockemu.inspect import dump_tree  # noqa: E402
 from blockemu.ondisk import csum as csums  # noqa: E402
 
 KEY = bytes(range(1, 65))

@@ -26,13 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import blockemu  # noqa: E402
-from blockemu.image import ImageFile  # noqa: E402
+from blockemu.device.image import ImageFile  # noqa: E402
+from blockemu.engine.transaction import Engine  # noqa: E402
+from blockemu.fs.volume import Volume  # noqa: E402
 from blockemu.ondisk import csum as csums  # noqa: E402
 from blockemu.ondisk import structs as S  # noqa: E402
 from blockemu.ondisk.items import ExtentItem, FileExtent, InodeItem, name_hash, unpack_dir_entries  # noqa: E402
 from blockemu.ondisk.superblock import decode_super, encode_super  # noqa: E402
-from blockemu.transaction import Engine  # noqa: E402
-from blockemu.volume import Volume  # noqa: E402
 
 OUT = ROOT / "tests" / "corpus"
 KEY = bytes(range(1, 65))
@@ -83,7 +83,7 @@ def set_inode(engine: Engine, ino: int, **fields: int) -> None:
 
 def patch_block(path: str, tree: str, change: Callable[[bytearray], None], *, recsum: bool = True) -> None:
     """Edit the first leaf of ``tree`` in place (and re-checksum it)."""
-    from blockemu.inspect import dump_tree
+    from blockemu.check.inspect import dump_tree
 
     blocks = dump_tree(path, [tree])
     bytenr = next(b["bytenr"] for b in blocks if b["level"] == 0)

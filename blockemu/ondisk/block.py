@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import CorruptionError
-from . import csum as csums
-from .fast import HEADER, HEADER_SIZE, ITEM, ITEM_SIZE, KEY_PTR, KEY_PTR_SIZE
-from .structs import CSUM_FIELD, HEADER_FLAG_WRITTEN, MAX_LEVEL
+from blockemu.errors import CorruptionError
+from blockemu.ondisk import csum as csums
+from blockemu.ondisk.fast import HEADER, HEADER_SIZE, ITEM, ITEM_SIZE, KEY_PTR, KEY_PTR_SIZE
+from blockemu.ondisk.structs import CSUM_FIELD, HEADER_FLAG_WRITTEN, MAX_LEVEL
 
 KeyT = tuple[int, int, int]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import construct as c
 
-from . import structs as s
+from blockemu.ondisk import structs as s
 
 
 def _flatten(con: Any, prefix: str = "") -> tuple[str, list[str]]:

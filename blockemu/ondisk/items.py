@@ -9,9 +9,9 @@ from typing import NamedTuple
 
 import crc32c
 
-from ..errors import CorruptionError
-from . import fast
-from .structs import (
+from blockemu.errors import CorruptionError
+from blockemu.ondisk import fast
+from blockemu.ondisk.structs import (
     ENCRYPTION_FSCRYPT,
     ENCRYPTION_NONE,
     EXTENT_DATA_REF,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
 
-from .csum import CSUM_FIELD
+from blockemu.ondisk.csum import CSUM_FIELD
 
 MAGIC = b"_BEmU_v1"
 SUPER_INFO_SIZE = 4096

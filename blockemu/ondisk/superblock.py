@@ -7,9 +7,9 @@ from typing import Any
 
 import construct as c
 
-from ..errors import CorruptionError
-from . import csum as csums
-from .structs import (
+from blockemu.errors import CorruptionError
+from blockemu.ondisk import csum as csums
+from blockemu.ondisk.structs import (
     CSUM_FIELD,
     MAGIC,
     MAX_LEVEL,

@@ -24,11 +24,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from ..faults import FaultPlan, WriteLog
-from ..fs import Filesystem, mount
-from ..fsck import check
-from ..image import ImageFile
-from ..mkfs import mkfs
+from blockemu.check.fsck import check
+from blockemu.device.faultplan import FaultPlan
+from blockemu.device.image import ImageFile
+from blockemu.device.writelog import WriteLog
+from blockemu.fs.filesystem import Filesystem, mount
+from blockemu.fs.mkfs import mkfs
 
 Snapshot = dict[str, bytes | None]
 

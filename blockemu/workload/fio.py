@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidArgument
-from ..fs import Filesystem
-from ..units import human
-from .jobfile import Job
+from blockemu.errors import InvalidArgument
+from blockemu.fs.filesystem import Filesystem
+from blockemu.units import human
+from blockemu.workload.jobfile import Job
 
 PERCENTILES = (1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99)
 VERIFY_HEAD = struct.Struct("<QQ32s")  # offset, generation, digest of the rest

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import InvalidArgument
-from ..units import parse_size
+from blockemu.errors import InvalidArgument
+from blockemu.units import parse_size
 
 
 def parse_time(text: str) -> float:

@@ -24,9 +24,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import AsyncIterator
 
-from ..fs import Filesystem, mount
-from ..keyring import MODES
-from ..mkfs import mkfs
+from blockemu.crypto.keyring import MODES
+from blockemu.fs.filesystem import Filesystem, mount
+from blockemu.fs.mkfs import mkfs
 
 KEY = bytes(range(1, 65))  # fstests' TEST_RAW_KEY pattern: 0x01..0x40
 PATH = "/dir/file"

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..fs import Filesystem
+from blockemu.fs.filesystem import Filesystem
 
 DEFAULT_OPS = {"create": 4, "write": 4, "overwrite": 4, "append": 3, "truncate": 2, "read": 3, "fsync": 1,
                "rename": 2, "unlink": 1, "mkdir": 2, "rmdir": 1, "sync": 1}

@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable
 
-from ..errors import BlockemuError, InvalidArgument
-from ..faults import FaultPlan
-from ..fs import Filesystem, mount
-from ..fsck import check
-from ..mkfs import mkfs
-from .crash import CampaignResult, Recorder, check_sample, record
-from .fio import JobResult, run_fio
-from .jobfile import Job, JobFile, load, parse
-from .keyrace import run_race, unexpected
-from .mix import DEFAULT_OPS, MixResult, Task, run_mix, verify_ledger
+from blockemu.check.fsck import check
+from blockemu.device.faultplan import FaultPlan
+from blockemu.errors import BlockemuError, InvalidArgument
+from blockemu.fs.filesystem import Filesystem, mount
+from blockemu.fs.mkfs import mkfs
+from blockemu.workload.crash import CampaignResult, Recorder, check_sample, record
+from blockemu.workload.fio import JobResult, run_fio
+from blockemu.workload.jobfile import Job, JobFile, load, parse
+from blockemu.workload.keyrace import run_race, unexpected
+from blockemu.workload.mix import DEFAULT_OPS, MixResult, Task, run_mix, verify_ledger
 
 SCENARIO_PACKAGE = "blockemu.workload.scenarios"
 

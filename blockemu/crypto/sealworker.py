@@ -18,11 +18,11 @@ import os
 import struct
 import sys
 
-from . import crypto
-from .ondisk import csum as csums
+from blockemu.crypto import fscrypt
+from blockemu.ondisk import csum as csums
 
-PAGE = crypto.DATA_UNIT
-KEY = crypto.XTS_KEY_SIZE
+PAGE = fscrypt.DATA_UNIT
+KEY = fscrypt.XTS_KEY_SIZE
 SLACK = 15  # update_into wants a block's worth (less one byte) of room after the output
 IN_SLOT = -1
 REQUEST = struct.Struct("<QIIH")  # slot offset, units, slot capacity, checksum type; then int32 frames
@@ -37,7 +37,7 @@ NICE = 10
 BOOT = (
     "import sys, types\n"
     "pkg = types.ModuleType('blockemu'); pkg.__path__ = [sys.argv[1]]; sys.modules['blockemu'] = pkg\n"
-    "from blockemu.sealworker import worker_main\n"
+    "from blockemu.crypto.sealworker import worker_main\n"
     "worker_main(*map(int, sys.argv[2:]))\n"
 )
 
@@ -65,9 +65,9 @@ def seal_slot(arena: memoryview, slots: memoryview, off: int, frames: tuple[int,
     key = bytearray(slots[off : off + KEY])
     slots[off : off + KEY] = bytes(KEY)
     try:
-        crypto.encrypt_units(key, units, out=slots[out : out + n + SLACK])
+        fscrypt.encrypt_units(key, units, out=slots[out : out + n + SLACK])
     finally:
-        crypto.wipe(key)
+        fscrypt.wipe(key)
     return digests(slots[out : out + n], csum_type)
 
 

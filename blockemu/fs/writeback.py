@@ -18,15 +18,15 @@ import collections
 import os
 from typing import TYPE_CHECKING
 
-from . import crypto
-from .errors import BlockemuError, NoKeyError
-from .ondisk import structs as S
-from .ondisk.items import ExtentContext
-from .pagecache import PAGE, PageCache, Run
-from .sealer import DEPTH, Sealer, worker_count
+from blockemu.crypto import fscrypt
+from blockemu.crypto.sealer import DEPTH, Sealer, worker_count
+from blockemu.errors import BlockemuError, NoKeyError
+from blockemu.fs.pagecache import PAGE, PageCache, Run
+from blockemu.ondisk import structs as S
+from blockemu.ondisk.items import ExtentContext
 
 if TYPE_CHECKING:
-    from .fs import Filesystem, Inode
+    from blockemu.fs.filesystem import Filesystem, Inode
 
 
 def arena_frames(dirty_limit: int, *, device_cache: int, clean_limit: int, max_extent: int, workers: int) -> int:
@@ -195,10 +195,10 @@ class Writeback:
         key = nonce = secret = None
         if inode.key_id is not None:
             secret = fs.keyring.secret_for(inode.key_id, inode.ino)  # ENOKEY once hard-wiped
-            nonce = os.urandom(crypto.NONCE_SIZE)
-            key = crypto.extent_key(secret, nonce)
+            nonce = os.urandom(fscrypt.NONCE_SIZE)
+            key = fscrypt.extent_key(secret, nonce)
         try:
-            async with self.sealer.sealed(key, run, fs.vol.sb.csum_type) as (sealed, digests):
+            async with self.sealer.sealed(key, run.slots, fs.vol.sb.csum_type) as (sealed, digests):
                 if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
                     raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
                 ctx = None
@@ -219,6 +219,6 @@ class Writeback:
                     fs.save_inode(inode)
         finally:
             if key is not None:
-                crypto.wipe(key)
+                fscrypt.wipe(key)
         self.stats["extents"] += 1
         self.stats["bytes"] += length

@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import os
 
-from .errors import CorruptionError
-from .fsck import FsckReport
-from .image import ImageFile
-from .ondisk import structs as S
-from .ondisk.items import InodeItem, name_hash, pack_dir_entries, unpack_dir_entries
-from .ondisk.structs import SUPER_OFFSETS
-from .ondisk.superblock import encode_super
-from .volume import Volume
+from blockemu.check.fsck import FsckReport
+from blockemu.device.image import ImageFile
+from blockemu.errors import CorruptionError
+from blockemu.fs.volume import Volume
+from blockemu.ondisk import structs as S
+from blockemu.ondisk.items import InodeItem, name_hash, pack_dir_entries, unpack_dir_entries
+from blockemu.ondisk.structs import SUPER_OFFSETS
+from blockemu.ondisk.superblock import encode_super
 
 # classes the rebuild-and-commit path fixes without a per-error ``fix``
 REBUILT = {"FREE_SPACE_MISMATCH", "USED_BYTES_MISMATCH", "SUPERBLOCK"}

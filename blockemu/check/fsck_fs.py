@@ -12,14 +12,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from .errors import CorruptionError
-from .ondisk import csum as csums
-from .ondisk import structs as S
-from .ondisk.fast import INODE_ENCRYPTION_CONTEXT
-from .ondisk.items import DirEntry, ExtentItem, FileExtent, InodeItem, InodeRef, name_hash, unpack_dir_entries
+from blockemu.errors import CorruptionError
+from blockemu.ondisk import csum as csums
+from blockemu.ondisk import structs as S
+from blockemu.ondisk.fast import INODE_ENCRYPTION_CONTEXT
+from blockemu.ondisk.items import DirEntry, ExtentItem, FileExtent, InodeItem, InodeRef, name_hash, unpack_dir_entries
 
 if TYPE_CHECKING:
-    from .fsck import Checker
+    from blockemu.check.fsck import Checker
 
 FS = S.FS_TREE_OBJECTID
 PAGE = S.SECTOR_SIZE

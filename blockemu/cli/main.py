@@ -12,24 +12,24 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable, NoReturn
 
-from . import crypto
-from . import inspect as inspect_mod
-from .crypto import MAX_KEY_SIZE, MIN_KEY_SIZE
-from .errors import BlockemuError, ExistsError
-from .faults import FaultPlan
-from .fs import mount
-from .fsck import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE, check, tty_progress
-from .keyring import MODES
-from .mkfs import mkfs
-from .progress import bar as progress_bar
-from .progress import wanted as progress_wanted
-from .repair import repairable, run_repair
-from .units import human
-from .workload.crash import run_ace_parallel
-from .workload.fio import text_report as fio_text
-from .workload.keyrace import RaceResult, run_race, unexpected
-from .workload.keyrace import table as race_table
-from .workload.runner import run_workload, scenarios, stress_mix
+from blockemu.check import inspect as inspect_mod
+from blockemu.check.fsck import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE, check, tty_progress
+from blockemu.check.repair import repairable, run_repair
+from blockemu.crypto import fscrypt
+from blockemu.crypto.fscrypt import MAX_KEY_SIZE, MIN_KEY_SIZE
+from blockemu.crypto.keyring import MODES
+from blockemu.device.faultplan import FaultPlan
+from blockemu.errors import BlockemuError, ExistsError
+from blockemu.fs.filesystem import mount
+from blockemu.fs.mkfs import mkfs
+from blockemu.progress import bar as progress_bar
+from blockemu.progress import wanted as progress_wanted
+from blockemu.units import human
+from blockemu.workload.crash import run_ace_parallel
+from blockemu.workload.fio import text_report as fio_text
+from blockemu.workload.keyrace import RaceResult, run_race, unexpected
+from blockemu.workload.keyrace import table as race_table
+from blockemu.workload.runner import run_workload, scenarios, stress_mix
 
 # every command but fsck: 1 failure, 2 usage error (argparse's convention)
 CMD_FAILURE, CMD_USAGE = 1, 2
@@ -239,7 +239,7 @@ def cmd_mkdir(a: argparse.Namespace) -> int:
     async def body(fs: Any) -> int:
         await fs.mkdir(a.path)
         if a.encrypt:
-            await fs.set_policy(a.path, crypto.key_identifier(read_key(a.key_file)))
+            await fs.set_policy(a.path, fscrypt.key_identifier(read_key(a.key_file)))
         return 0
     return on_image(a, body)
 
@@ -367,7 +367,7 @@ def cmd_crash(a: argparse.Namespace) -> int:
 
 
 def cmd_key_id(a: argparse.Namespace) -> int:
-    print(crypto.key_identifier(read_key(a.key_file)).hex())
+    print(fscrypt.key_identifier(read_key(a.key_file)).hex())
     return 0
 
 

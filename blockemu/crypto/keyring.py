@@ -31,8 +31,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from . import crypto
-from .errors import InvalidArgument, NoKeyError
+from blockemu.crypto import fscrypt
+from blockemu.errors import InvalidArgument, NoKeyError
 
 MODES = ("soft", "hard", "sync", "deny-writes")
 
@@ -121,7 +121,7 @@ def parse_identifier(key_id: str | bytes) -> bytes:
             raw = bytes.fromhex(key_id)
         except ValueError:
             raw = b""
-    if len(raw) != crypto.KEY_IDENTIFIER_SIZE:
+    if len(raw) != fscrypt.KEY_IDENTIFIER_SIZE:
         raise InvalidArgument(f"bad key identifier {key_id!r}: expected 32 hex digits")
     return raw
 
@@ -156,7 +156,7 @@ class Keyring:
 
     def _wipe(self, mk: MasterKey) -> None:
         if mk.secret is not None:
-            crypto.wipe(mk.secret)
+            fscrypt.wipe(mk.secret)
             self.wiped.append(mk.secret)
             mk.secret = None
             if mk.removal_started is not None:
@@ -165,9 +165,9 @@ class Keyring:
     # ------------------------------------------------------------------ ioctls
 
     def add_key(self, raw: bytes, user: int = 0) -> str:
-        if not crypto.MIN_KEY_SIZE <= len(raw) <= crypto.MAX_KEY_SIZE:
-            raise InvalidArgument(f"raw key must be {crypto.MIN_KEY_SIZE} to {crypto.MAX_KEY_SIZE} bytes, got {len(raw)}")
-        ident = crypto.key_identifier(raw)
+        if not fscrypt.MIN_KEY_SIZE <= len(raw) <= fscrypt.MAX_KEY_SIZE:
+            raise InvalidArgument(f"raw key must be {fscrypt.MIN_KEY_SIZE} to {fscrypt.MAX_KEY_SIZE} bytes, got {len(raw)}")
+        ident = fscrypt.key_identifier(raw)
         self.completed.discard(ident)
         mk = self.keys.get(ident)
         if mk is None:
@@ -178,7 +178,7 @@ class Keyring:
             if mk.secret is None:
                 mk.secret = secret
             else:
-                crypto.wipe(secret)
+                fscrypt.wipe(secret)
             mk.users.add(user)
             mk.deny_dirtying = False
             mk.removal_started = None

@@ -16,12 +16,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import fsck_fs
-from .errors import BlockemuError, CorruptionError
-from .image import ImageFile
-from .ondisk import structs as S
-from .ondisk.items import ExtentItem, RootItem
-from .transaction import SUBTREES, TreeStore, usable_ranges
+from blockemu.check import fsck_fs
+from blockemu.device.image import ImageFile
+from blockemu.engine.transaction import SUBTREES, TreeStore, usable_ranges
+from blockemu.errors import BlockemuError, CorruptionError
+from blockemu.ondisk import structs as S
+from blockemu.ondisk.items import ExtentItem, RootItem
 
 EXIT_CLEAN, EXIT_CORRECTED, EXIT_UNCORRECTED, EXIT_OPERATIONAL, EXIT_USAGE = 0, 1, 4, 8, 16
 PHASES = ("superblock", "tree blocks", "extents", "free space", "fs roots", "csums", "encryption")

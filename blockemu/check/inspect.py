@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from .btree import BTree
-from .errors import CorruptionError
-from .image import ImageFile
-from .ondisk import structs as S
-from .ondisk.block import TreeBlock, body_size
-from .ondisk.items import ExtentItem, FileExtent, InodeItem, InodeRef, RootItem, unpack_dir_entries
-from .ondisk.superblock import BACKUP_TREES, decode_super, validate_super
-from .transaction import Engine
+from blockemu.device.image import ImageFile
+from blockemu.engine.btree import BTree
+from blockemu.engine.transaction import Engine
+from blockemu.errors import CorruptionError
+from blockemu.ondisk import structs as S
+from blockemu.ondisk.block import TreeBlock, body_size
+from blockemu.ondisk.items import ExtentItem, FileExtent, InodeItem, InodeRef, RootItem, unpack_dir_entries
+from blockemu.ondisk.superblock import BACKUP_TREES, decode_super, validate_super
 
 TREE_BY_NAME = {"root": S.ROOT_TREE_OBJECTID, "extent": S.EXTENT_TREE_OBJECTID, "fs": S.FS_TREE_OBJECTID,
                 "csum": S.CSUM_TREE_OBJECTID, "free-space": S.FREE_SPACE_TREE_OBJECTID}

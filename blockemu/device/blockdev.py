@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import aiofiles.os
 
-from .errors import DeviceIOError, InvalidArgument
-from .faults import SECTOR, FaultPlan, WriteLog, sparse_copy
+from blockemu.device.faultplan import FaultPlan
+from blockemu.device.writelog import SECTOR, WriteLog, sparse_copy
+from blockemu.errors import DeviceIOError, InvalidArgument
 
 IOV_MAX = 1024
 

@@ -24,12 +24,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable
 
-from .alloc import Allocator
-from .btree import BTree
-from .errors import CorruptionError
-from .ondisk.block import TreeBlock, decode_block, encode_block
-from .ondisk.items import ExtentItem, RootItem
-from .ondisk.structs import (
+from blockemu.engine.alloc import Allocator
+from blockemu.engine.btree import BTree
+from blockemu.errors import CorruptionError
+from blockemu.ondisk.block import TreeBlock, decode_block, encode_block
+from blockemu.ondisk.items import ExtentItem, RootItem
+from blockemu.ondisk.structs import (
     CSUM_TREE_OBJECTID,
     EXTENT_FLAG_TREE_BLOCK,
     EXTENT_TREE_OBJECTID,
@@ -44,7 +44,7 @@ from .ondisk.structs import (
     SECTOR_SIZE,
     SUPER_OFFSETS,
 )
-from .ondisk.superblock import SuperInfo, encode_super, mirror_offsets
+from blockemu.ondisk.superblock import SuperInfo, encode_super, mirror_offsets
 
 ReadFn = Callable[[int, int], bytes]
 # Trees other than the root tree, each found through its ROOT_ITEM.

@@ -20,13 +20,12 @@ can be reused once its page is cleaned or dropped.
 """
 from __future__ import annotations
 
-import mmap
-import os
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-PAGE = 4096
+from blockemu.crypto.arena import PAGE, Arena
+
 Page = bytearray | memoryview
 ZERO_PAGE = bytes(PAGE)
 Slot = bytearray | int  # what a cache entry holds: a heap page, or the number of its arena frame
@@ -48,31 +47,6 @@ class Run:
 
     first: int
     slots: list[Slot]
-
-
-class Arena:
-    """Fixed page frames in a memfd, shared with the sealing workers by file descriptor."""
-
-    def __init__(self, frames: int) -> None:
-        self.size = frames * PAGE
-        self.fd = os.memfd_create("blockemu-pages", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, max(frames, 1) * PAGE)
-        self.map = mmap.mmap(self.fd, max(frames, 1) * PAGE)
-        self.view = memoryview(self.map)
-        # LIFO: the most recently freed frame is reused first, so the arena's touched
-        # (resident) part is only as large as the most dirty data ever held at once
-        self.free = list(range(frames - 1, -1, -1))
-
-    def page(self, frame: int) -> memoryview:
-        return self.view[frame * PAGE : (frame + 1) * PAGE]
-
-    def close(self) -> None:
-        self.view.release()
-        try:
-            self.map.close()
-        except BufferError:  # a page view outlives the mount: the mapping goes with it
-            pass
-        os.close(self.fd)
 
 
 class PageCache:

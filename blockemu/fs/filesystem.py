@@ -17,8 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from . import crypto
-from .errors import (
+from blockemu.crypto import fscrypt
+from blockemu.crypto.keyring import Keyring, KeyStatus, RemovalResult, parse_identifier
+from blockemu.device.faultplan import FaultPlan
+from blockemu.engine.extents import Extents
+from blockemu.errors import (
     BadFile,
     Busy,
     CrossDevice,
@@ -32,13 +35,13 @@ from .errors import (
     NotEmpty,
     NotFoundError,
 )
-from .extents import Extents
-from .faults import FaultPlan
-from .keyring import Keyring, KeyStatus, RemovalResult, parse_identifier
-from .ondisk import csum as csums
-from .ondisk import structs as S
-from .ondisk.fast import INODE_ENCRYPTION_CONTEXT
-from .ondisk.items import (
+from blockemu.fs.pagecache import PAGE, Page, Pages
+from blockemu.fs.volume import Volume
+from blockemu.fs.writeback import Writeback
+from blockemu.ondisk import csum as csums
+from blockemu.ondisk import structs as S
+from blockemu.ondisk.fast import INODE_ENCRYPTION_CONTEXT
+from blockemu.ondisk.items import (
     DirEntry,
     InodeItem,
     InodeRef,
@@ -47,9 +50,6 @@ from .ondisk.items import (
     pack_dir_entries,
     unpack_dir_entries,
 )
-from .pagecache import PAGE, Page, Pages
-from .volume import Volume
-from .writeback import Writeback
 
 ROOT_INO = S.FIRST_FREE_OBJECTID
 FT_REG, FT_DIR = 1, 2
@@ -224,7 +224,7 @@ class Filesystem:
 
     def _store_policy(self, ino: int, key_id: bytes) -> None:
         ctx = INODE_ENCRYPTION_CONTEXT.pack(2, S.CONTENTS_MODE_AES_256_XTS, FSCRYPT_MODE_AES_256_CTS, 0, 0, key_id,
-                                            os.urandom(crypto.NONCE_SIZE))
+                                            os.urandom(fscrypt.NONCE_SIZE))
         self.tree.insert((ino, S.FSCRYPT_CTXT_ITEM, 0), ctx, replace=True)
 
     def _unlock(self, inode: Inode) -> None:
@@ -599,14 +599,14 @@ class Filesystem:
         secret = self.keyring.secret_for(inode.key_id, inode.ino) if inode.key_id is not None else None
         if secret is None or ctx.key_identifier != inode.key_id:
             raise NoKeyError("Required key not available")
-        key = crypto.extent_key(secret, ctx.nonce)
+        key = fscrypt.extent_key(secret, ctx.nonce)
         try:
             unit = (m.extent.offset + s - m.file_offset) // PAGE
             if e - s > 256 << 10:
-                return bytes(await asyncio.to_thread(crypto.decrypt_units, key, data, unit))
-            return bytes(crypto.decrypt_units(key, data, unit))
+                return bytes(await asyncio.to_thread(fscrypt.decrypt_units, key, data, unit))
+            return bytes(fscrypt.decrypt_units(key, data, unit))
         finally:
-            crypto.wipe(key)
+            fscrypt.wipe(key)
 
     async def sync(self) -> None:
         await self.writeback.flush_all()

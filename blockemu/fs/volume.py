@@ -6,12 +6,12 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from .device import BlockDevice
-from .errors import CorruptionError, DeviceIOError
-from .faults import FaultPlan
-from .ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
-from .ondisk.superblock import SuperInfo, decode_super
-from .transaction import Engine, super_writes
+from blockemu.device.blockdev import BlockDevice
+from blockemu.device.faultplan import FaultPlan
+from blockemu.engine.transaction import Engine, super_writes
+from blockemu.errors import CorruptionError, DeviceIOError
+from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
+from blockemu.ondisk.superblock import SuperInfo, decode_super
 
 
 def read_primary_super(dev: BlockDevice) -> SuperInfo:

@@ -17,9 +17,9 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from typing import Iterator, Protocol
 
-from .errors import CorruptionError, ExistsError, NotFoundError
-from .ondisk.block import TreeBlock, body_size, max_ptrs
-from .ondisk.fast import ITEM_SIZE, KEY_PTR_SIZE
+from blockemu.errors import CorruptionError, ExistsError, NotFoundError
+from blockemu.ondisk.block import TreeBlock, body_size, max_ptrs
+from blockemu.ondisk.fast import ITEM_SIZE, KEY_PTR_SIZE
 
 KeyT = tuple[int, int, int]
 MIN_KEY: KeyT = (0, 0, 0)

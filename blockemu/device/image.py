@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .device import open_image
-from .errors import CorruptionError
-from .ondisk.structs import MAGIC, SUPER_INFO_SIZE, SUPER_OFFSETS
-from .ondisk.superblock import SuperInfo, decode_super
+from blockemu.device.blockdev import open_image
+from blockemu.errors import CorruptionError
+from blockemu.ondisk.structs import MAGIC, SUPER_INFO_SIZE, SUPER_OFFSETS
+from blockemu.ondisk.superblock import SuperInfo, decode_super
 
 
 @dataclass

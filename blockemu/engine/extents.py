@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple
 
-from .btree import BTree, max_item_size
-from .errors import CorruptionError
-from .ondisk import csum as csums
-from .ondisk import structs as S
-from .ondisk.items import ExtentContext, ExtentItem, FileExtent
-from .transaction import Engine
+from blockemu.engine.btree import BTree, max_item_size
+from blockemu.engine.transaction import Engine
+from blockemu.errors import CorruptionError
+from blockemu.ondisk import csum as csums
+from blockemu.ondisk import structs as S
+from blockemu.ondisk.items import ExtentContext, ExtentItem, FileExtent
 
 PAGE = S.SECTOR_SIZE
 

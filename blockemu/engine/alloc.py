@@ -11,7 +11,7 @@ import heapq
 
 from sortedcontainers import SortedDict
 
-from .errors import NoSpaceError
+from blockemu.errors import NoSpaceError
 
 SECTOR = 4096
 

@@ -21,12 +21,12 @@ import contextlib
 import mmap
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
-from . import crypto
-from .crypto import Buffer
-from .pagecache import Arena, Run
-from .sealworker import BOOT, IN_SLOT, KEY, PAGE, RESPONSE, digests, request, slot_size
+from blockemu.crypto import fscrypt
+from blockemu.crypto.arena import Arena
+from blockemu.crypto.fscrypt import Buffer
+from blockemu.crypto.sealworker import BOOT, IN_SLOT, KEY, PAGE, RESPONSE, digests, request, slot_size
 
 POOL_THRESHOLD = 256 << 10
 DEPTH = 3  # requests in flight per worker
@@ -38,7 +38,7 @@ def worker_count(requested: int | None) -> int:
 
 
 def seal_local(key: bytearray | None, data: bytes, csum_type: int) -> tuple[bytes, bytes]:
-    sealed = bytes(crypto.encrypt_units(key, data)) if key is not None else data
+    sealed = bytes(fscrypt.encrypt_units(key, data)) if key is not None else data
     return sealed, digests(sealed, csum_type)
 
 
@@ -101,7 +101,7 @@ class Sealer:
         mapping = mmap.mmap(fd, size)
         self._slots = (fd, mapping, memoryview(mapping))
         self._idle = asyncio.Queue()
-        package = os.path.dirname(os.path.abspath(__file__))
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # blockemu/, not crypto/
         arena = self.arena
         for i in range(self.workers):
             proc = await asyncio.create_subprocess_exec(
@@ -115,15 +115,15 @@ class Sealer:
                 self._idle.put_nowait((worker, (i * DEPTH + d) * self.slot))
 
     @contextlib.asynccontextmanager
-    async def sealed(self, key: bytearray | None, run: Run, csum_type: int) -> AsyncIterator[tuple[Buffer, bytes]]:
+    async def sealed(self, key: bytearray | None, slots: Sequence[bytes | bytearray | int], csum_type: int) -> AsyncIterator[tuple[Buffer, bytes]]:
         """Seal the run: yields its ciphertext (its contents when ``key`` is None) and the
         per-sector checksums, concatenated. Ciphertext from a worker is a view of its slot,
         valid inside the ``async with`` only: the device copies it once, straight from there.
         The page cache keeps the run's frames stable until it is written; heap pages are
         copied without yielding to the loop, so a write lands wholly before or after."""
-        n = len(run.slots) * PAGE
+        n = len(slots) * PAGE
         if key is None or self.workers < 2 or n < POOL_THRESHOLD or n > self.max_extent:
-            yield await self._seal_in_thread(key, run, csum_type)
+            yield await self._seal_in_thread(key, slots, csum_type)
             return
         if self._slots is None:
             if self._starting is None:
@@ -137,8 +137,8 @@ class Sealer:
         try:
             buf[off : off + KEY] = key
             plain = off + KEY
-            frames = [s if type(s) is int else IN_SLOT for s in run.slots]
-            for k, slot in enumerate(run.slots):
+            frames = [s if type(s) is int else IN_SLOT for s in slots]
+            for k, slot in enumerate(slots):
                 if type(slot) is not int:  # a heap page: into the slot
                     buf[plain + k * PAGE : plain + (k + 1) * PAGE] = slot
             sums = await worker.seal(off, frames, self.max_extent, csum_type)
@@ -148,13 +148,13 @@ class Sealer:
             buf[off : off + KEY] = bytes(KEY)
             self._idle.put_nowait((worker, off))
 
-    async def _seal_in_thread(self, key: bytearray | None, run: Run, csum_type: int) -> tuple[bytes, bytes]:
+    async def _seal_in_thread(self, key: bytearray | None, slots: Sequence[bytes | bytearray | int], csum_type: int) -> tuple[bytes, bytes]:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if not self._batch:
             loop.call_soon(lambda: loop.create_task(self._run_batch()))
         page = self.arena.page
-        self._batch.append((key, b"".join([page(s) if type(s) is int else s for s in run.slots]), csum_type, fut))
+        self._batch.append((key, b"".join([page(s) if type(s) is int else s for s in slots]), csum_type, fut))
         return await fut
 
     async def _run_batch(self) -> None:

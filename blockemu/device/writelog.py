@@ -1,6 +1,6 @@
-"""Fault plans and the write log.
+"""The write log: the record of what the device wrote, and the crash states it implies.
 
-The write log is dm-log-writes in Python: every write, flush, FUA write,
+It is dm-log-writes in Python: every write, flush, FUA write,
 discard and named mark, in completion order, with sequence numbers. From it
 ``crash_image`` rebuilds the image as a power cut at any point could have left
 it: everything made durable by a completed flush (and every FUA write), plus
@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
-
-from .errors import InvalidArgument
 
 SECTOR = 4096
 Kind = Literal["write", "fua", "flush", "discard", "mark"]
@@ -150,59 +147,3 @@ class WriteLog:
                         os.pwrite(fd, e.data[i * SECTOR : (i + 1) * SECTOR], e.offset + i * SECTOR)
                 else:
                     os.pwrite(fd, e.data, e.offset)
-
-
-@dataclass
-class FaultPlan:
-    """What the device does wrong, decided by a seeded RNG so runs replay.
-
-    Spec syntax (``--faults``): comma-separated ``eio=START-END[:r|w|rw]``,
-    ``latency=SECONDS``, ``flip=PROB`` (bit flip per written sector),
-    ``torn=PROB`` (a write made non-atomic: on a cut only some sectors land),
-    ``cut=N`` (power cut after N writes), ``nobarrier`` (flushes do nothing: the
-    ordering bug the crash tests must catch), ``seed=N``.
-    """
-
-    eio: list[tuple[int, int, str]] = field(default_factory=list)
-    latency: float = 0.0
-    flip: float = 0.0
-    torn: float = 0.0
-    cut_after_writes: int | None = None
-    nobarrier: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.rng = random.Random(self.seed)
-
-    def eio_hit(self, offset: int, length: int, op: str) -> bool:
-        return any(op in ops and offset < end and start < offset + length for start, end, ops in self.eio)
-
-    @classmethod
-    def parse(cls, spec: str) -> "FaultPlan":
-        from .units import parse_size
-
-        plan = cls()
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            key, _, val = part.partition("=")
-            try:
-                if key == "eio":
-                    m = re.fullmatch(r"([^-:]+)-([^:]+)(?::(r|w|rw))?", val)
-                    if not m:
-                        raise ValueError(val)
-                    plan.eio.append((parse_size(m[1]), parse_size(m[2]), m[3] or "rw"))
-                elif key == "latency":
-                    plan.latency = float(val.removesuffix("s"))
-                elif key in ("flip", "torn"):
-                    setattr(plan, key, float(val))
-                elif key == "cut":
-                    plan.cut_after_writes = int(val)
-                elif key == "nobarrier":
-                    plan.nobarrier = True
-                elif key == "seed":
-                    plan.seed = int(val)
-                else:
-                    raise InvalidArgument(f"bad fault spec: unknown fault {key!r}")
-            except ValueError:
-                raise InvalidArgument(f"bad fault spec: {part!r}") from None
-        plan.rng = random.Random(plan.seed)
-        return plan

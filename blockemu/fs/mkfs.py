@@ -7,11 +7,13 @@ import sys
 import time
 import uuid as uuidlib
 
-from .device import BlockDevice
-from .errors import ExistsError, InvalidArgument
-from .ondisk import csum as csums
-from .ondisk.items import InodeItem, InodeRef, Timespec
-from .ondisk.structs import (
+from blockemu.device.blockdev import BlockDevice
+from blockemu.engine.transaction import Engine
+from blockemu.errors import ExistsError, InvalidArgument
+from blockemu.fs.volume import Volume
+from blockemu.ondisk import csum as csums
+from blockemu.ondisk.items import InodeItem, InodeRef, Timespec
+from blockemu.ondisk.structs import (
     FIRST_FREE_OBJECTID,
     FS_TREE_OBJECTID,
     INODE_ITEM,
@@ -22,11 +24,9 @@ from .ondisk.structs import (
     RESERVED_START,
     SECTOR_SIZE,
 )
-from .ondisk.superblock import SuperInfo
-from .progress import bar
-from .transaction import Engine
-from .units import parse_size
-from .volume import Volume
+from blockemu.ondisk.superblock import SuperInfo
+from blockemu.progress import bar
+from blockemu.units import parse_size
 
 MIN_SIZE = 16 << 20
 ROOT_DIR = FIRST_FREE_OBJECTID
@@ -123,7 +123,7 @@ async def mkfs(
 
 
 def read_super(path: str) -> SuperInfo:
-    from .image import ImageFile
+    from blockemu.device.image import ImageFile
 
     with ImageFile.open(path) as img:
         return img.best_super()
@@ -131,7 +131,7 @@ def read_super(path: str) -> SuperInfo:
 
 async def populate(image: str, rootdir: str | None, encrypt: str | None, key: bytes | None, progress: bool) -> None:
     """Copy a host tree into the image, top-down, so an encrypted directory gets its policy while empty."""
-    from .fs import mount
+    from blockemu.fs.filesystem import mount
 
     plan: list[tuple[str, str | None]] = []  # (image path, host file or None for a directory)
     skipped: list[str] = []
