@@ -1,0 +1,350 @@
+"""format/SPEC.md is enough to decrypt an image: an independent reader proves it.
+
+blockemu's public API (``blockemu.mkfs``, ``blockemu.mount``) only *builds* the
+image. Everything below ``# ---- the independent reader`` is written from SPEC.md
+alone and uses nothing of blockemu: ``struct``, ``hmac``/``hashlib`` for HKDF
+and the checksums, and ``cryptography``'s AES-XTS primitive. It walks superblock
+-> root tree -> fs tree, finds the file by name through its DIR_ITEM, reads its
+EXTENT_DATA items and decrypts every extent, and must get back what was written.
+
+The file is laid out so that the XTS tweak rule matters: one of its items maps
+the tail of a split extent (extent_offset > 0) at a file offset different from
+that extent_offset, so "unit index from the extent's start" (SPEC § Encryption)
+and "unit index from the file's start" (plain fscrypt) give different tweaks.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import random
+import struct
+
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+import blockemu  # builds the image; the reader below never touches it
+
+MASTER = bytes(range(1, 65))  # SPEC § Encryption, worked example: 0x01..0x40
+UNIT = 4096
+
+
+# ---- the independent reader (SPEC.md only) -------------------------------------------------
+
+# SPEC § Device layout / § Opening an image
+SUPER_OFFSETS = (64 << 10, 64 << 20, 256 << 30)
+MAGIC = b"_BEmU_v1"
+HEADER_SIZE = 85  # SPEC § Header: 85 bytes
+ITEM_SIZE = 25  # SPEC § Item
+KEY_PTR_SIZE = 33  # SPEC § KeyPtr
+# SPEC § Item types / § Trees
+INODE_ITEM, INODE_REF, FSCRYPT_CTXT, DIR_ITEM, DIR_INDEX, EXTENT_DATA, EXTENT_CSUM, ROOT_ITEM = 1, 12, 41, 84, 96, 108, 128, 132
+FS_TREE, CSUM_TREE = 5, 7
+EXTENT_CSUM_OBJECTID = (1 << 64) - 10
+U64_MAX = (1 << 64) - 1
+
+
+def crc32c_register(data: bytes, register: int) -> int:
+    """Reflected CRC-32C (polynomial 0x82F63B78), no inversion at either end."""
+    for byte in data:
+        register = _CRC_TABLE[(register ^ byte) & 0xFF] ^ (register >> 8)
+    return register
+
+
+def _crc_entry(i: int) -> int:
+    for _ in range(8):
+        i = (i >> 1) ^ (0x82F63B78 if i & 1 else 0)
+    return i
+
+
+_CRC_TABLE = [_crc_entry(i) for i in range(256)]
+
+
+def name_hash(name: bytes) -> int:
+    # SPEC § Directories, "Name hash": register starts at 0xFFFFFFFE, no final inversion
+    return crc32c_register(name, 0xFFFFFFFE)
+
+
+def checksum(csum_type: int, data: bytes) -> bytes:
+    # SPEC § Checksums: crc32c is the conventional one (inverted on entry and exit), stored LE
+    if csum_type == 0:
+        return struct.pack("<I", crc32c_register(data, 0xFFFFFFFF) ^ 0xFFFFFFFF)
+    if csum_type == 2:
+        return hashlib.sha256(data).digest()
+    if csum_type == 3:
+        return hashlib.blake2b(data, digest_size=32).digest()
+    raise NotImplementedError(f"csum_type {csum_type}")
+
+
+CSUM_SIZE = {0: 4, 1: 8, 2: 32, 3: 32}
+
+
+def hkdf_sha512(master: bytes, context: int, info: bytes, length: int) -> bytes:
+    # SPEC § Encryption, "Key derivation": empty salt, info = b"fscrypt\0" + context byte + info
+    prk = hmac.new(b"", master, hashlib.sha512).digest()
+    full_info = b"fscrypt\0" + bytes([context]) + info
+    out, block, i = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + full_info + bytes([i]), hashlib.sha512).digest()
+        out += block
+        i += 1
+    return out[:length]
+
+
+def xts_decrypt(key: bytes, ciphertext: bytes, first_unit: int) -> bytes:
+    # SPEC § Encryption, "AES-256-XTS": 4096-byte units, tweak = unit index as 16 LE bytes
+    out = bytearray()
+    for k in range(0, len(ciphertext), UNIT):
+        tweak = (first_unit + k // UNIT).to_bytes(16, "little")
+        out += Cipher(algorithms.AES(key), modes.XTS(tweak)).decryptor().update(ciphertext[k : k + UNIT])
+    return bytes(out)
+
+
+class SpecReader:
+    """Reads an image file the way SPEC.md describes, checking what it says must hold."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, "rb") as f:
+            self.img = f.read()
+        self.sb = self._superblock()
+        self.blocks_read: dict[int, tuple[int, int]] = {}  # bytenr -> (owner, level): what was walked
+        # SPEC § Finding the trees, step 1: superblock -> root tree, whose root has the superblock's generation
+        self.root_tree = (self.sb["root"], self.sb["root_level"], self.sb["generation"], 1)
+        self.trees = {}
+        for tid in (2, FS_TREE, CSUM_TREE, 10):
+            # step 2: (tid, ROOT_ITEM, 0) in the root tree: RootItem (SPEC § RootItem)
+            body = self.get(self.root_tree, (tid, ROOT_ITEM, 0))
+            assert body is not None and len(body) == 53, f"no ROOT_ITEM for tree {tid}"
+            generation, root_dirid, bytenr, _used, _snap, _flags, _refs, level = struct.unpack("<QQQQQQIB", body)
+            assert generation <= self.sb["generation"]
+            if tid == FS_TREE:
+                assert root_dirid == self.sb["root_dir_objectid"] == 256
+            self.trees[tid] = (bytenr, level, generation, tid)
+
+    # SPEC § Superblock, § Opening an image
+    def _superblock(self) -> dict:
+        for at in SUPER_OFFSETS:
+            raw = self.img[at : at + 4096]
+            if len(raw) < 4096 or raw[0x40:0x48] != MAGIC:
+                continue
+            (bytenr, flags, generation, root, total_bytes, bytes_used, root_dir, sectorsize, nodesize, csum_type,
+             root_level) = struct.unpack_from("<QQ8xQQQQQIIHB", raw, 0x30)
+            fsid = raw[0x20:0x30]
+            if csum_type not in CSUM_SIZE or csum_type == 1:
+                continue
+            size = CSUM_SIZE[csum_type]
+            valid = (raw[:size] == checksum(csum_type, raw[0x20:]) and raw[size:0x20] == bytes(0x20 - size)
+                     and bytenr == at and sectorsize == 4096 and nodesize & (nodesize - 1) == 0
+                     and 4096 <= nodesize <= 65536 and root_level < 8 and generation != 0)
+            if at == SUPER_OFFSETS[0]:
+                assert valid, "the primary superblock must be valid here (nothing was corrupted)"
+                return dict(fsid=fsid, generation=generation, root=root, root_level=root_level, nodesize=nodesize,
+                            csum_type=csum_type, root_dir_objectid=root_dir, total_bytes=total_bytes)
+        raise AssertionError("no valid primary superblock")
+
+    # SPEC § Tree blocks, § Header, § Item, § KeyPtr; § Finding the trees, step 3
+    def block(self, bytenr: int, level: int, generation: int, owner: int) -> tuple[int, list]:
+        ns, ctype = self.sb["nodesize"], self.sb["csum_type"]
+        raw = self.img[bytenr : bytenr + ns]
+        size = CSUM_SIZE[ctype]
+        assert raw[:size] == checksum(ctype, raw[0x20:]), f"tree block {bytenr}: checksum"
+        fsid, hbytenr, _flags, hgen, howner, nritems, hlevel = struct.unpack_from("<16sQQQQIB", raw, 0x20)
+        assert (fsid, hbytenr, hgen, howner, hlevel) == (self.sb["fsid"], bytenr, generation, owner, level)
+        self.blocks_read[bytenr] = (owner, level)
+        entries = []
+        for i in range(nritems):
+            if level == 0:
+                oid, typ, off, doff, dsize = struct.unpack_from("<QBQII", raw, HEADER_SIZE + i * ITEM_SIZE)
+                entries.append(((oid, typ, off), raw[HEADER_SIZE + doff : HEADER_SIZE + doff + dsize]))
+            else:
+                oid, typ, off, ptr, pgen = struct.unpack_from("<QBQQQ", raw, HEADER_SIZE + i * KEY_PTR_SIZE)
+                entries.append(((oid, typ, off), (ptr, pgen)))
+        keys = [k for k, _ in entries]
+        assert keys == sorted(keys) and len(set(keys)) == len(keys)
+        return level, entries
+
+    def items(self, tree: tuple, lo: tuple, hi: tuple):
+        """Every (key, body) with lo <= key <= hi, in order (SPEC § Finding the trees, steps 3-4)."""
+        bytenr, level, generation, owner = tree
+
+        def walk(bytenr, level, generation):
+            lvl, entries = self.block(bytenr, level, generation, owner)
+            if lvl == 0:
+                for key, body in entries:
+                    if lo <= key <= hi:
+                        yield key, body
+                return
+            # the last slot whose key <= lo (slot 0 if none), then every later child whose first key <= hi
+            start = max([i for i, (k, _) in enumerate(entries) if k <= lo], default=0)
+            for key, (ptr, pgen) in entries[start:]:
+                if key > hi:
+                    break
+                yield from walk(ptr, lvl - 1, pgen)
+
+        yield from walk(bytenr, level, generation)
+
+    def get(self, tree: tuple, key: tuple) -> bytes | None:
+        return next((body for _, body in self.items(tree, key, key)), None)
+
+    # SPEC § Directories
+    def lookup(self, dir_ino: int, name: bytes) -> int | None:
+        body = self.get(self.trees[FS_TREE], (dir_ino, DIR_ITEM, name_hash(name)))
+        pos = 0
+        while body is not None and pos < len(body):
+            # DirItemHead (SPEC § DirItemHead): location Key, transid, data_len, name_len, type; then name, data
+            loc_oid, loc_type, loc_off, _transid, data_len, name_len, _ftype = struct.unpack_from("<QBQQHHB", body, pos)
+            pos += 30
+            entry_name = body[pos : pos + name_len]
+            pos += name_len + data_len
+            if entry_name == name:
+                assert (loc_type, loc_off) == (INODE_ITEM, 0)
+                return loc_oid
+        return None
+
+    def resolve(self, path: str) -> int:
+        ino = self.sb["root_dir_objectid"]
+        for part in path.strip("/").split("/"):
+            found = self.lookup(ino, part.encode())
+            assert found is not None, f"{path}: no {part!r}"
+            ino = found
+        return ino
+
+    # SPEC § Data checksums (in § File data)
+    def sector_csum(self, sector: int) -> bytes:
+        ctype = self.sb["csum_type"]
+        hits = list(self.items(self.trees[CSUM_TREE], (EXTENT_CSUM_OBJECTID, EXTENT_CSUM, 0),
+                               (EXTENT_CSUM_OBJECTID, EXTENT_CSUM, sector)))
+        (_, _, start), body = hits[-1]
+        i, size = (sector - start) // UNIT, CSUM_SIZE[ctype]
+        assert (sector - start) % UNIT == 0 and (i + 1) * size <= len(body)
+        return body[i * size : (i + 1) * size]
+
+    # SPEC § File data, § Encryption, § Reading a file, step by step
+    def file_items(self, ino: int) -> list[dict]:
+        out = []
+        for (_, _, file_offset), body in self.items(self.trees[FS_TREE], (ino, EXTENT_DATA, 0), (ino, EXTENT_DATA, U64_MAX)):
+            # FileExtentItem (SPEC § FileExtentItem), 53 bytes
+            (generation, ram_bytes, compression, encryption, other, typ, disk_bytenr, disk_num_bytes, extent_offset,
+             num_bytes) = struct.unpack_from("<QQBBHBQQQQ", body, 0)
+            item = dict(file_offset=file_offset, disk_bytenr=disk_bytenr, disk_num_bytes=disk_num_bytes,
+                        extent_offset=extent_offset, num_bytes=num_bytes, encryption=encryption, context=None)
+            assert (typ, compression, other) == (1, 0, 0) and disk_bytenr != 0 and ram_bytes == disk_num_bytes
+            assert file_offset % UNIT == extent_offset % UNIT == num_bytes % UNIT == 0
+            assert extent_offset + num_bytes <= disk_num_bytes
+            if encryption == 1:
+                # ExtentEncryptionContext (SPEC § ExtentEncryptionContext), 36 bytes after the FileExtentItem
+                assert len(body) == 53 + 36
+                version, mode, log2_unit, key_id, nonce = struct.unpack_from("<BBBx16s16s", body, 53)
+                assert (version, mode, log2_unit) == (1, 1, 12)
+                item["context"] = (key_id, nonce)
+            else:
+                assert encryption == 0 and len(body) == 53
+            out.append(item)
+        return out
+
+    def read_file(self, path: str, master: bytes, *, tweak_from_file_start: bool = False) -> bytes:
+        ino = self.resolve(path)
+        fs = self.trees[FS_TREE]
+        inode = self.get(fs, (ino, INODE_ITEM, 0))
+        (size,) = struct.unpack_from("<Q", inode, 0x10)  # SPEC § InodeItem: size at 0x010
+        ctxt = self.get(fs, (ino, FSCRYPT_CTXT, 0))  # SPEC § InodeEncryptionContext
+        policy_key_id = ctxt[8:24] if ctxt is not None else None
+        items = self.file_items(ino)
+        end = max([it["file_offset"] + it["num_bytes"] for it in items], default=0)
+        data = bytearray(max(size, end))  # holes (no item) read as zeros: SPEC § File data
+        for it in items:
+            start = it["disk_bytenr"] + it["extent_offset"]
+            stored = self.img[start : start + it["num_bytes"]]
+            for k in range(0, len(stored), UNIT):  # checksums are over the bytes on disk (ciphertext)
+                assert checksum(self.sb["csum_type"], stored[k : k + UNIT]) == self.sector_csum(start + k)
+            if it["encryption"] == 1:
+                key_id, nonce = it["context"]
+                assert key_id == policy_key_id == hkdf_sha512(master, 1, b"", 16)
+                extent_key = hkdf_sha512(master, 9, nonce, 64)  # context 9, 64 bytes
+                first = it["extent_offset"] // UNIT  # unit index from the extent's start on disk
+                if tweak_from_file_start:  # the plain-fscrypt rule, wrong here: shows the difference
+                    first = it["file_offset"] // UNIT
+                stored = xts_decrypt(extent_key, stored, first)
+            else:
+                assert policy_key_id is None
+            data[it["file_offset"] : it["file_offset"] + it["num_bytes"]] = stored
+        return bytes(data[:size])  # i_size bounds the file
+
+
+# ---- building the image (blockemu's public API) --------------------------------------------
+
+def build(path: str, csum: str, node_size: str) -> bytes:
+    rng = random.Random(12)
+    units = [rng.randbytes(UNIT) for _ in range(12)]
+
+    async def go() -> bytes:
+        await blockemu.mkfs(path, size="64M", csum=csum, node_size=node_size)
+        async with blockemu.mount(path) as fs:
+            kid = await fs.add_key(MASTER)
+            await fs.mkdir("/enc")
+            await fs.set_policy("/enc", kid)
+            await fs.mkdir("/plain")
+            for i in range(40):  # siblings, so a 4 KiB-node fs tree needs more than one leaf
+                async with fs.open(f"/enc/sibling-{i:02d}", "w") as f:
+                    await f.write(b"s%d" % i)
+            expect = bytearray()
+            async with fs.open("/enc/target", "w") as f:
+                await f.pwrite(units[0] + units[1] + units[2], 0)  # extent A: file units 0-2
+                await f.fsync()
+                await f.pwrite(units[3] + units[4] + units[5] + units[6], 5 * UNIT)  # extent B: file units 5-8
+                await f.fsync()
+                await f.pwrite(units[7], 6 * UNIT)  # splits B: its tail (file unit 7-8) keeps B's units 2-3
+                await f.pwrite(units[8], 1 * UNIT)  # splits A: its tail at file unit 2 = A's unit 2
+                await f.fsync()
+                await f.pwrite(units[9][:100], 10 * UNIT + 7)  # a hole at unit 9, a partial last unit
+                await f.fsync()
+            expect += units[0] + units[8] + units[2] + bytes(2 * UNIT) + units[3] + units[7] + units[5] + units[6]
+            expect += bytes(UNIT) + bytes(7) + units[9][:100]
+            async with fs.open("/plain/file", "w") as f:
+                await f.write(units[10] + units[11][:5])
+            async with fs.open("/enc/target") as f:
+                assert await f.read() == bytes(expect)  # blockemu agrees with the expectation
+        return bytes(expect)
+
+    return asyncio.run(go())
+
+
+# ---- the tests ----------------------------------------------------------------------------
+
+def test_worked_example_in_spec():
+    """SPEC § Encryption, worked example, recomputed by the independent code."""
+    assert hkdf_sha512(MASTER, 1, b"", 16).hex() == "69b2f6edeee720cce0577937eb8a6751"
+    key = hkdf_sha512(MASTER, 9, bytes(range(16)), 64)
+    assert key.hex() == ("a8c26f6033618f12cb6107c62d18d50e2b35239dc6e7351e238894be44d523e1"
+                         "86f908b107f42992cb3d964fda4ed7e280584a1e41c945c059f77b13461e84b4")
+    for unit, first16 in ((0, "9fccad452b7932f9f87c5ebd9cbd29c8"), (2, "659d9a741c9c96c74eb195ea0d6098f7")):
+        ct = Cipher(algorithms.AES(key), modes.XTS(unit.to_bytes(16, "little"))).encryptor().update(bytes(UNIT))
+        assert ct[:16].hex() == first16
+        assert xts_decrypt(key, ct, unit) == bytes(UNIT)
+    # SPEC § Directories, name hash table; § Checksums, crc32c check value
+    assert [name_hash(n) for n in (b"f", b"hello", b"file.txt")] == [0x188E5B27, 0x5D9F2B1F, 0xEBD4CC02]
+    assert checksum(0, b"123456789") == (0xE3069283).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("csum,node_size", [("crc32c", "4K"), ("sha256", "16K"), ("blake2b", "64K")])
+def test_independent_reader_decrypts_the_image(tmp_path, csum, node_size):
+    path = str(tmp_path / "spec.img")
+    expect = build(path, csum, node_size)
+    reader = SpecReader(path)
+
+    # the file's layout really exercises the tweak rule: an item into the middle of an extent whose
+    # extent_offset differs from its file offset (so extent-relative and file-relative tweaks differ)
+    items = reader.file_items(reader.resolve("/enc/target"))
+    assert any(it["extent_offset"] > 0 and it["extent_offset"] != it["file_offset"] for it in items), items
+    assert len({it["disk_bytenr"] for it in items}) < len(items)  # an extent referenced twice
+    assert all(it["encryption"] == 1 for it in items)
+
+    assert reader.read_file("/enc/target", MASTER) == expect
+    assert reader.read_file("/enc/target", MASTER, tweak_from_file_start=True) != expect
+    assert reader.read_file("/enc/sibling-07", MASTER) == b"s7"
+    plain = reader.read_file("/plain/file", MASTER)
+    assert len(plain) == UNIT + 5 and reader.file_items(reader.resolve("/plain/file"))[0]["encryption"] == 0
+    if node_size == "4K":
+        assert (FS_TREE, 1) in reader.blocks_read.values()  # the fs tree was walked through a node, not one leaf
+    with pytest.raises(AssertionError, match="no 'missing'"):
+        reader.resolve("/enc/missing")
