@@ -7,7 +7,7 @@ import errno
 import pytest
 
 import blockemu
-from blockemu.crypto.keyring import TRANSITIONS, Keyring, State
+from blockemu.crypto.keyring import TRANSITIONS, Do, Event, Keyring, State, Step
 from blockemu.errors import InvalidArgument, NoKeyError
 from blockemu.workload.keyrace import run_race
 from tests.util import KEY, KID, ErrnoCheck, encrypted_dir
@@ -39,7 +39,7 @@ def test_keyring_claims_and_status_texts():
     mk, started = kr.begin_removal(KID, user=1000)
     assert not started and str(kr.key_status(KID, 1000)) == "Present (user_count=1)"
     mk, started = kr.begin_removal(KID, user=1000, all_users=True)
-    assert started and str(kr.finish_removal(mk)) == f"Removed encryption key with identifier {KID}"
+    assert started and str(kr.removal_result(mk)) == f"Removed encryption key with identifier {KID}"
     assert kr.key_status(KID).state is State.ABSENT and kr.wiped[-1] == bytes(64)
     with pytest.raises(NoKeyError):
         kr.begin_removal(KID)
@@ -64,7 +64,7 @@ def test_leases_keep_a_removed_key_until_the_last_lets_go():
     kr.lease(ident, 258)
     secret = kr.secret_for(ident, 257)
     mk, _ = kr.begin_removal(KID)
-    assert kr.finish_removal(mk).files_busy
+    assert kr.removal_result(mk).files_busy
     assert str(kr.key_status(KID)) == "Incompletely removed"
     with pytest.raises(NoKeyError):
         kr.lease(ident, 259)  # no new unlocks
@@ -82,7 +82,7 @@ def test_re_adding_an_incompletely_removed_key_revives_it():
     kr = Keyring("soft")
     ident = bytes.fromhex(kr.add_key(KEY))
     kr.lease(ident, 300)
-    kr.finish_removal(kr.begin_removal(KID)[0])
+    kr.begin_removal(KID)
     kr.add_key(KEY)
     assert str(kr.key_status(KID)) == "Present (user_count=1, added_by_self)"
     kr.lease(ident, 301)
@@ -93,20 +93,51 @@ def test_hard_mode_wipes_at_once_despite_leases():
     ident = bytes.fromhex(kr.add_key(KEY))
     kr.lease(ident, 257)
     secret = kr.secret_for(ident, 257)
-    kr.finish_removal(kr.begin_removal(KID)[0])
-    assert secret == bytes(64)
+    mk, _ = kr.begin_removal(KID)
+    assert kr.removal_steps[0] is Step.WIPE  # before anything is written back
+    kr.step(mk, Step.WIPE)
+    assert secret == bytes(64) and mk.state is State.WIPED
     with pytest.raises(NoKeyError):
         kr.secret_for(ident, 257)
+    with pytest.raises(NoKeyError):
+        kr.lease(ident, 258)  # a wiped key unlocks nothing new
     assert str(kr.key_status(KID)) == "Incompletely removed"
+    kr.add_key(KEY)  # back for the leases it left dead
+    assert kr.secret_for(ident, 257) == KEY
+
+
+@pytest.mark.parametrize("mode", ["sync", "deny-writes"])
+def test_wiping_modes_write_back_before_they_wipe(mode):
+    """The table orders the steps: the secret is zeroed only after the write back, leases or not."""
+    kr = Keyring(mode)
+    ident = bytes.fromhex(kr.add_key(KEY))
+    kr.lease(ident, 257)
+    steps = kr.removal_steps
+    assert steps.index(Step.WRITE_BACK) < steps.index(Step.WIPE)
+    assert (Step.DENY_DIRTYING in steps) == (mode == "deny-writes")
+    mk, _ = kr.begin_removal(KID)
+    for step in steps:
+        if step is Step.WRITE_BACK:
+            assert kr.secret_for(ident, 257) == KEY  # what writeback derives its extent keys from
+        elif step is not Step.LOCK_IDLE:
+            kr.step(mk, step)
+    assert mk.state is State.WIPED and kr.dirtying_allowed(ident) is False
+    kr.release(ident, 257)
+    assert kr.key_status(KID).state is State.ABSENT
+
+
+def test_soft_mode_has_no_wipe_step():
+    """Soft removal's only wipe is the last lease's release (the table's INCOMPLETELY_REMOVED -> ABSENT row)."""
+    assert Step.WIPE not in Keyring("soft").removal_steps
+    assert TRANSITIONS[(State.INCOMPLETELY_REMOVED, Event.RELEASE, False)] == (State.ABSENT, Do.ZERO)
 
 
 def test_transition_table_is_enforced():
     kr = Keyring()
     ident = bytes.fromhex(kr.add_key(KEY))
     mk = kr.keys[ident]
-    from blockemu.crypto.keyring import Event
     with pytest.raises(AssertionError, match="illegal transition"):
-        kr._transition(mk, Event.LEASE, lambda: mk.users.clear())  # a lease cannot drop claims
+        kr._transition(mk, Event.LEASE, lambda: mk.users.clear(), True)  # a lease cannot drop claims
     assert (State.ABSENT, Event.LEASE, True) not in TRANSITIONS
 
 

@@ -5,30 +5,40 @@ Theory of operation
 A master key is *present* while some user claims it (``add_key``). An
 encrypted inode is *unlocked* when it takes a **lease** on its key, which is
 only granted while the key is present; the filesystem holds that lease while
-the inode is open, has dirty data, or has I/O in flight (``fs.py`` decides).
-When the last claim goes (``remove_key``), removal starts: no new leases are
-granted (ENOKEY), and what happens to the secret depends on the removal mode:
+the inode is open, has dirty data, or has I/O in flight (``fs.filesystem``
+decides). When the last claim goes (``remove_key``), removal starts: no new
+leases are granted (ENOKEY), and the mount's removal mode decides the rest.
 
-* ``soft`` (default): the secret survives for the existing leases -- their
-  writeback derives extent keys from it -- and is wiped when the last lease
-  is released. This is the fix for acknowledged writes lost at writeout.
-* ``hard``: the secret is wiped at once; existing leases hold a dead key and
-  writeback of their dirty data fails with ENOKEY (upstream fscrypt
-  semantics, with per-extent keys derived at writeout: the bug, measurable).
-* ``sync`` / ``deny-writes``: the filesystem writes the key's dirty data back
-  (``deny-writes`` first refuses new dirtying), then the secret is wiped.
+Two tables below are the whole state machine; nothing else decides:
 
-The whole state machine is the table below; every change of state goes
-through ``_transition``, which refuses anything the table does not list.
-Status is derived, as in the kernel: PRESENT if claimed, else
-INCOMPLETELY_REMOVED while leases remain, else ABSENT (the entry is dropped
-and its secret and every derived key zeroed).
+* ``TRANSITIONS``: (state, event, leases remain afterwards) -> (next state,
+  what the keyring does). The state is derived from the key's claims, leases
+  and secret, as the kernel derives its status, and ``_transition`` checks that
+  every change lands where the table says, then does the row's action: store
+  or keep the secret, grant or refuse a lease, zero the secret.
+* ``REMOVAL``: mode -> the steps that removing the last claim takes, in order.
+  The keyring does its own steps (refuse new dirtying, wipe); the filesystem
+  does the others (write the key's dirty data back, lock the idle inodes):
+
+  - ``soft`` (default): no wipe step: the secret survives for the existing
+    leases -- their writeback derives extent keys from it -- and the last
+    lease's release wipes it. The fix for acknowledged writes lost at writeout.
+  - ``hard``: wipe first; existing leases hold a dead key (state ``WIPED``) and
+    writeback of their dirty data fails with ENOKEY (upstream fscrypt's
+    semantics with per-extent keys derived at writeout: the bug, measurable).
+  - ``sync``: write back, then wipe, open files or not (lossy by design).
+  - ``deny-writes``: refuse new dirtying, write back, then wipe.
+
+Status as the ioctl reports it: PRESENT if claimed, else "Incompletely
+removed" while leases remain (secret kept or wiped), else ABSENT (the entry is
+dropped and its secret and every derived key zeroed).
 """
 from __future__ import annotations
 
 import enum
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blockemu.crypto import fscrypt
@@ -40,34 +50,72 @@ MODES = ("soft", "hard", "sync", "deny-writes")
 class State(enum.Enum):
     ABSENT = "absent"
     PRESENT = "present"
-    INCOMPLETELY_REMOVED = "incompletely_removed"
+    INCOMPLETELY_REMOVED = "incompletely_removed"  # no claims; leases keep the secret
+    WIPED = "wiped"  # no claims; leases remain but hold a zeroed secret (hard, sync, deny-writes)
 
 
 class Event(enum.Enum):
     ADD = "add"
     REMOVE_CLAIM = "remove a claim, others remain"
     REMOVE_LAST = "remove the last claim"
+    WIPE = "the removal mode's wipe step"
     LEASE = "unlock an inode"
     RELEASE = "release a lease"
 
 
-S, E = State, Event
-# (state, event, leases remain afterwards) -> next state
-TRANSITIONS: dict[tuple[State, Event, bool], State] = {
-    (S.ABSENT, E.ADD, False): S.PRESENT,
-    (S.PRESENT, E.ADD, False): S.PRESENT,
-    (S.PRESENT, E.ADD, True): S.PRESENT,
-    (S.INCOMPLETELY_REMOVED, E.ADD, True): S.PRESENT,  # revive
-    (S.PRESENT, E.REMOVE_CLAIM, False): S.PRESENT,
-    (S.PRESENT, E.REMOVE_CLAIM, True): S.PRESENT,
-    (S.PRESENT, E.REMOVE_LAST, False): S.ABSENT,
-    (S.PRESENT, E.REMOVE_LAST, True): S.INCOMPLETELY_REMOVED,
-    (S.INCOMPLETELY_REMOVED, E.REMOVE_LAST, True): S.INCOMPLETELY_REMOVED,  # retry: files still busy
-    (S.PRESENT, E.LEASE, True): S.PRESENT,
-    (S.PRESENT, E.RELEASE, False): S.PRESENT,
-    (S.PRESENT, E.RELEASE, True): S.PRESENT,
-    (S.INCOMPLETELY_REMOVED, E.RELEASE, True): S.INCOMPLETELY_REMOVED,
-    (S.INCOMPLETELY_REMOVED, E.RELEASE, False): S.ABSENT,  # last holder let go: wipe
+class Do(enum.Enum):
+    """What a transition does besides changing the state."""
+
+    NOTHING = "nothing"
+    STORE = "store the added secret"
+    KEEP = "keep the secret held; zero the copy just added"
+    GRANT = "grant the lease"
+    REFUSE = "refuse with ENOKEY"
+    ZERO = "zero the secret"
+
+
+class Step(enum.Enum):
+    DENY_DIRTYING = "refuse new dirty data with ENOKEY"
+    WRITE_BACK = "write the key's dirty data back and commit (the filesystem)"
+    LOCK_IDLE = "lock every closed, clean, idle inode: drop its plaintext and lease (the filesystem)"
+    WIPE = "zero the secret, leases or not"
+
+
+St, Ev = State, Event
+# (state, event, leases remain afterwards) -> (next state, action)
+TRANSITIONS: dict[tuple[State, Event, bool], tuple[State, Do]] = {
+    (St.ABSENT, Ev.ADD, False): (St.PRESENT, Do.STORE),
+    (St.PRESENT, Ev.ADD, False): (St.PRESENT, Do.KEEP),
+    (St.PRESENT, Ev.ADD, True): (St.PRESENT, Do.KEEP),
+    (St.INCOMPLETELY_REMOVED, Ev.ADD, True): (St.PRESENT, Do.KEEP),  # revive: the leases' secret is the same
+    (St.WIPED, Ev.ADD, True): (St.PRESENT, Do.STORE),  # the key comes back for the leases it left dead
+    (St.PRESENT, Ev.REMOVE_CLAIM, False): (St.PRESENT, Do.NOTHING),
+    (St.PRESENT, Ev.REMOVE_CLAIM, True): (St.PRESENT, Do.NOTHING),
+    (St.PRESENT, Ev.REMOVE_LAST, False): (St.ABSENT, Do.ZERO),
+    (St.PRESENT, Ev.REMOVE_LAST, True): (St.INCOMPLETELY_REMOVED, Do.NOTHING),
+    (St.INCOMPLETELY_REMOVED, Ev.REMOVE_LAST, True): (St.INCOMPLETELY_REMOVED, Do.NOTHING),  # retry: files busy
+    (St.WIPED, Ev.REMOVE_LAST, True): (St.WIPED, Do.NOTHING),  # retry: files busy
+    (St.PRESENT, Ev.WIPE, False): (St.PRESENT, Do.NOTHING),  # re-added while the removal wrote back
+    (St.PRESENT, Ev.WIPE, True): (St.PRESENT, Do.NOTHING),
+    (St.INCOMPLETELY_REMOVED, Ev.WIPE, True): (St.WIPED, Do.ZERO),
+    (St.WIPED, Ev.WIPE, True): (St.WIPED, Do.NOTHING),
+    (St.PRESENT, Ev.LEASE, True): (St.PRESENT, Do.GRANT),
+    (St.INCOMPLETELY_REMOVED, Ev.LEASE, True): (St.INCOMPLETELY_REMOVED, Do.REFUSE),
+    (St.WIPED, Ev.LEASE, True): (St.WIPED, Do.REFUSE),
+    (St.PRESENT, Ev.RELEASE, False): (St.PRESENT, Do.NOTHING),
+    (St.PRESENT, Ev.RELEASE, True): (St.PRESENT, Do.NOTHING),
+    (St.INCOMPLETELY_REMOVED, Ev.RELEASE, True): (St.INCOMPLETELY_REMOVED, Do.NOTHING),
+    (St.INCOMPLETELY_REMOVED, Ev.RELEASE, False): (St.ABSENT, Do.ZERO),  # last holder let go: wipe
+    (St.WIPED, Ev.RELEASE, True): (St.WIPED, Do.NOTHING),
+    (St.WIPED, Ev.RELEASE, False): (St.ABSENT, Do.NOTHING),  # zeroed already
+}
+
+# mode -> what removing the last claim does, in order
+REMOVAL: dict[str, tuple[Step, ...]] = {
+    "soft": (Step.WRITE_BACK, Step.LOCK_IDLE),
+    "hard": (Step.WIPE, Step.WRITE_BACK, Step.LOCK_IDLE),
+    "sync": (Step.WRITE_BACK, Step.LOCK_IDLE, Step.WIPE),
+    "deny-writes": (Step.DENY_DIRTYING, Step.WRITE_BACK, Step.LOCK_IDLE, Step.WIPE),
 }
 
 
@@ -83,8 +131,10 @@ class MasterKey:
     @property
     def state(self) -> State:
         if self.users:
-            return S.PRESENT
-        return S.INCOMPLETELY_REMOVED if self.leases else S.ABSENT
+            return St.PRESENT
+        if self.leases:
+            return St.INCOMPLETELY_REMOVED if self.secret is not None else St.WIPED
+        return St.ABSENT
 
 
 @dataclass(frozen=True)
@@ -107,10 +157,10 @@ class KeyStatus:
     added_by_self: bool = False
 
     def __str__(self) -> str:
-        if self.state is S.PRESENT:
+        if self.state is St.PRESENT:
             mine = ", added_by_self" if self.added_by_self else ""
             return f"Present (user_count={self.user_count}{mine})"
-        return "Incompletely removed" if self.state is S.INCOMPLETELY_REMOVED else "Absent"
+        return "Absent" if self.state is St.ABSENT else "Incompletely removed"
 
 
 def parse_identifier(key_id: str | bytes) -> bytes:
@@ -141,16 +191,33 @@ class Keyring:
         self.completed: set[bytes] = set()
         self.wipe_delays: list[float] = []  # seconds from removal start to wipe, per wipe
 
-    def _transition(self, mk: MasterKey, event: Event, apply: "callable") -> State:
+    @property
+    def removal_steps(self) -> tuple[Step, ...]:
+        return REMOVAL[self.mode]
+
+    def _transition(self, mk: MasterKey, event: Event, apply: Callable[[], object], busy_after: bool,
+                    secret: bytearray | None = None) -> State:
+        """Take the table's row for (state, event, ``busy_after``): do its action, then check the
+        derived state landed where the row says. ``secret``: the copy an ADD brings."""
         before = mk.state
-        apply()
-        after = mk.state
-        if TRANSITIONS.get((before, event, bool(mk.leases))) is not after:
-            raise AssertionError(f"keyring: illegal transition {before} --{event}--> {after}")
-        if after is S.ABSENT:
+        row = TRANSITIONS.get((before, event, busy_after))
+        if row is None:
+            raise AssertionError(f"keyring: no transition for {before} --{event}--> (leases remain: {busy_after})")
+        after, action = row
+        if action is Do.REFUSE:
+            raise NoKeyError("Required key not available")
+        if action is Do.STORE:
+            mk.secret = secret
+        elif action is Do.KEEP and secret is not None:
+            fscrypt.wipe(secret)
+        elif action is Do.ZERO:
             self._wipe(mk)
+        apply()
+        if mk.state is not after:
+            raise AssertionError(f"keyring: illegal transition {before} --{event}--> {mk.state} (table: {after})")
+        if after is St.ABSENT:
             self.keys.pop(mk.identifier, None)
-            if event is E.RELEASE:
+            if event is Ev.RELEASE:
                 self.completed.add(mk.identifier)
         return after
 
@@ -172,23 +239,19 @@ class Keyring:
         mk = self.keys.get(ident)
         if mk is None:
             mk = self.keys[ident] = MasterKey(ident, None)
-        secret = bytearray(raw)
 
         def apply() -> None:
-            if mk.secret is None:
-                mk.secret = secret
-            else:
-                fscrypt.wipe(secret)
             mk.users.add(user)
             mk.deny_dirtying = False
             mk.removal_started = None
 
-        self._transition(mk, E.ADD, apply)
+        self._transition(mk, Ev.ADD, apply, bool(mk.leases), secret=bytearray(raw))
         return ident.hex()
 
     def begin_removal(self, key_id: str | bytes, user: int = 0, all_users: bool = False) -> tuple[MasterKey | None, bool]:
         """Drop the claim(s). Returns (key, removal_started); other claims remaining -> not started;
-        (None, True) for a retry of a removal that has completed since.
+        (None, True) for a retry of a removal that has completed since. The caller then takes
+        ``removal_steps`` in order (``step`` does the keyring's own).
 
         ENOKEY when the key is unknown, or the caller has no claim while others do."""
         ident = parse_identifier(key_id)
@@ -201,27 +264,33 @@ class Keyring:
         if mk.users and not all_users and user not in mk.users:
             raise NoKeyError("Required key not available")
         if mk.users and not all_users and mk.users - {user}:
-            self._transition(mk, E.REMOVE_CLAIM, lambda: mk.users.discard(user))
+            self._transition(mk, Ev.REMOVE_CLAIM, lambda: mk.users.discard(user), bool(mk.leases))
             return mk, False
-        if mk.state is S.PRESENT:
+        if mk.state is St.PRESENT:
             mk.removal_started = time.monotonic()
-        self._transition(mk, E.REMOVE_LAST, mk.users.clear)
-        if self.mode == "hard":
-            self._wipe(mk)
+        self._transition(mk, Ev.REMOVE_LAST, mk.users.clear, bool(mk.leases))
         return mk, True
 
-    def finish_removal(self, mk: MasterKey) -> RemovalResult:
-        """After the filesystem wrote back / locked what it could: wipe now unless soft mode keeps it for leases."""
-        if self.mode != "soft" and mk.state is not S.PRESENT:
-            self._wipe(mk)
+    def step(self, mk: MasterKey, step: Step) -> None:
+        """The keyring's own removal steps; the filesystem does WRITE_BACK and LOCK_IDLE."""
+        if mk.identifier not in self.keys:  # the last lease went meanwhile: wiped and gone
+            return
+        if step is Step.DENY_DIRTYING:
+            mk.deny_dirtying = mk.state is not St.PRESENT
+        elif step is Step.WIPE:
+            self._transition(mk, Ev.WIPE, lambda: None, bool(mk.leases))
+        else:
+            raise AssertionError(f"keyring: {step} is the filesystem's step")
+
+    def removal_result(self, mk: MasterKey) -> RemovalResult:
         return RemovalResult(mk.identifier.hex(), files_busy=bool(mk.leases))
 
     def key_status(self, key_id: str | bytes, user: int = 0) -> KeyStatus:
         mk = self.keys.get(parse_identifier(key_id))
         if mk is None:
-            return KeyStatus(S.ABSENT)
-        if mk.state is S.PRESENT:
-            return KeyStatus(S.PRESENT, len(mk.users), user in mk.users)
+            return KeyStatus(St.ABSENT)
+        if mk.state is St.PRESENT:
+            return KeyStatus(St.PRESENT, len(mk.users), user in mk.users)
         return KeyStatus(mk.state)
 
     # ------------------------------------------------------------------ leases
@@ -229,10 +298,10 @@ class Keyring:
     def lease(self, ident: bytes, ino: int) -> None:
         """Unlock inode ``ino``: only while the key is present (or ``ino`` already holds a lease)."""
         mk = self.keys.get(ident)
-        if mk is None or (mk.state is not S.PRESENT and ino not in mk.leases):
+        if mk is None:
             raise NoKeyError("Required key not available")
         if ino not in mk.leases:
-            self._transition(mk, E.LEASE, lambda: mk.leases.add(ino))
+            self._transition(mk, Ev.LEASE, lambda: mk.leases.add(ino), True)
 
     def holds(self, ident: bytes, ino: int) -> bool:
         mk = self.keys.get(ident)
@@ -241,11 +310,11 @@ class Keyring:
     def release(self, ident: bytes, ino: int) -> None:
         mk = self.keys.get(ident)
         if mk is not None and ino in mk.leases:
-            self._transition(mk, E.RELEASE, lambda: mk.leases.discard(ino))
+            self._transition(mk, Ev.RELEASE, lambda: mk.leases.discard(ino), len(mk.leases) > 1)
 
     def is_present(self, ident: bytes) -> bool:
         mk = self.keys.get(ident)
-        return mk is not None and mk.state is S.PRESENT
+        return mk is not None and mk.state is St.PRESENT
 
     def secret_for(self, ident: bytes, ino: int) -> bytearray:
         """The master secret for deriving ``ino``'s extent keys; ENOKEY unless ``ino`` holds a live lease."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from blockemu.crypto import fscrypt
-from blockemu.crypto.keyring import Keyring, KeyStatus, RemovalResult, parse_identifier
+from blockemu.crypto.keyring import Keyring, KeyStatus, RemovalResult, Step, parse_identifier
 from blockemu.device.faultplan import FaultPlan
 from blockemu.engine.extents import Extents
 from blockemu.errors import (
@@ -468,25 +468,29 @@ class Filesystem:
         return self.keyring.add_key(raw, user)
 
     async def remove_key(self, key_id: str | bytes, user: int = 0, all_users: bool = False) -> RemovalResult:
-        """FS_IOC_REMOVE_ENCRYPTION_KEY: drop the claim; when it was the last, start removal:
-        write the key's dirty data back (as fscrypt's sync_filesystem), lock every inode that is
-        closed and clean, and -- by mode -- wipe the secret now or when the last lease goes."""
+        """FS_IOC_REMOVE_ENCRYPTION_KEY: drop the claim; when it was the last, take the removal
+        mode's steps (``keyring.REMOVAL``): the keyring's own (refuse dirtying, wipe) and ours --
+        write the key's dirty data back (as fscrypt's sync_filesystem), then lock every inode
+        that is closed and clean."""
         ident = parse_identifier(key_id)
         mk, started = self.keyring.begin_removal(ident, user, all_users)
         if mk is None:
             return RemovalResult(ident.hex())
         if not started:
             return RemovalResult(ident.hex(), other_users=True)
-        if self.keyring.mode == "deny-writes":
-            mk.deny_dirtying = True
-        users = [i for i in self.inodes.values() if i.key_id == ident]
-        for inode in users:
-            if inode.pages.dirty:
-                await self.writeback.flush_inode(inode)
-        await self.vol.commit()
-        for inode in users:
-            self.maybe_lock(inode)
-        return self.keyring.finish_removal(mk)
+        for step in self.keyring.removal_steps:
+            users = [i for i in self.inodes.values() if i.key_id == ident]
+            if step is Step.WRITE_BACK:
+                for inode in users:
+                    if inode.pages.dirty:
+                        await self.writeback.flush_inode(inode)
+                await self.vol.commit()
+            elif step is Step.LOCK_IDLE:
+                for inode in users:
+                    self.maybe_lock(inode)
+            else:
+                self.keyring.step(mk, step)
+        return self.keyring.removal_result(mk)
 
     def key_status(self, key_id: str | bytes, user: int = 0) -> KeyStatus:
         return self.keyring.key_status(key_id, user)
