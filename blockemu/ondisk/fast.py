@@ -12,7 +12,7 @@ from typing import Any
 
 import construct as c
 
-from blockemu.ondisk import structs as s
+from blockemu.ondisk import structs as S
 
 
 def _flatten(con: Any, prefix: str = "") -> tuple[str, list[str]]:
@@ -53,7 +53,7 @@ def derive(con: Any) -> tuple[struct.Struct, list[str]]:
     return packed, names
 
 
-FAST: dict[str, tuple[struct.Struct, list[str]]] = {name: derive(con) for name, con in s.STRUCTS.items()}
+FAST: dict[str, tuple[struct.Struct, list[str]]] = {name: derive(con) for name, con in S.STRUCTS.items()}
 
 SUPERBLOCK, _ = FAST["Superblock"]
 HEADER, _ = FAST["Header"]
