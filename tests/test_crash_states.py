@@ -8,6 +8,7 @@ import blockemu
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
 from blockemu.workload.crash import CampaignResult, Recorder, ace_workloads, check_states, record, run_ace
+from blockemu.workload.writepath import FAST
 
 
 def random_workload(commits: int, seed: int):
@@ -48,17 +49,19 @@ def random_workload(commits: int, seed: int):
 
 
 async def test_every_crash_state_is_old_or_new_generation(tmp_path):
-    log, models = await record(random_workload(8, seed=7), str(tmp_path / "w.img"), str(tmp_path / "base.img"))
+    log, models = await record(random_workload(8, seed=7), str(tmp_path / "w.img"), str(tmp_path / "base.img"),
+                               write_path=FAST)
     assert len(models) == 9
     result = CampaignResult()
-    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(1), 4, "random", result)
+    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(1), 4, "random", result, FAST)
     assert result.states > 100
     assert not result.failures, result.failures[:3]
 
 
 async def test_crash_images_stay_usable(tmp_path):
     """After any persistence-point crash the image mounts, takes new work, and checks clean."""
-    log, _ = await record(random_workload(4, seed=3), str(tmp_path / "w.img"), str(tmp_path / "base.img"))
+    log, _ = await record(random_workload(4, seed=3), str(tmp_path / "w.img"), str(tmp_path / "base.img"),
+                          write_path=FAST)
     out = str(tmp_path / "crash.img")
     for upto in log.boundaries():
         log.crash_image(out, upto)
@@ -74,7 +77,7 @@ async def test_crash_images_stay_usable(tmp_path):
 
 async def test_ace_single_operations_and_a_sample_of_pairs():
     seqs = ace_workloads(1) + random.Random(5).sample([s for s in ace_workloads(2) if len(s) == 2], 12)
-    result = await run_ace(seqs, seed=1, subsets=1)
+    result = await run_ace(seqs, seed=1, subsets=1, write_path=FAST)
     assert result.workloads == len(seqs) and result.states > 5 * len(seqs)
     assert not result.failures, result.failures[:3]
 
@@ -83,10 +86,10 @@ async def test_a_planted_ordering_bug_is_caught(tmp_path):
     """With flushes ignored (nobarrier), superblocks can land before their trees: the campaign
     must report failures. Proves the crash checker itself can fail."""
     seqs = [s for s in ace_workloads(2) if len(s) == 2][:6]
-    result = await run_ace(seqs, seed=2, subsets=2, faults=FaultPlan(nobarrier=True))
+    result = await run_ace(seqs, seed=2, subsets=2, faults=FaultPlan(nobarrier=True), write_path=FAST)
     assert result.failures
     log, models = await record(random_workload(3, seed=9), str(tmp_path / "w.img"), str(tmp_path / "base.img"),
-                               faults=FaultPlan(nobarrier=True))
+                               faults=FaultPlan(nobarrier=True), write_path=FAST)
     planted = CampaignResult()
-    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(2), 2, "nobarrier", planted)
+    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(2), 2, "nobarrier", planted, FAST)
     assert planted.failures

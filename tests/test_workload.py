@@ -110,10 +110,12 @@ def test_script_jobs_and_errors(tmp_path):
 
 def test_stress_mix_and_crash_points(tmp_path):
     img = str(tmp_path / "s.img")
-    out = json.loads(run("stress", img, "--seed", "4", "--tasks", "3", "--ops", "80", "--crash-points", "25", "--json").stdout)
+    fast = ("--write-path", "fast")  # the production path has its own slice in test_oracles.py
+    out = json.loads(run("stress", img, "--seed", "4", "--tasks", "3", "--ops", "80", "--crash-points", "25", *fast,
+                         "--json").stdout)
     assert out["ok"] and out["fsck"] == "clean" and out["lost_acknowledged_writes"] == 0
     assert out["ops"] == 240 and out["crash_states_checked"] == 25
-    again = json.loads(run("stress", img, "--seed", "4", "--tasks", "3", "--ops", "80", "--json").stdout)
+    again = json.loads(run("stress", img, "--seed", "4", "--tasks", "3", "--ops", "80", *fast, "--json").stdout)
     assert again["by_op"] == out["by_op"]  # the same seed replays the same operations
 
 
@@ -121,23 +123,24 @@ def test_stress_with_injected_faults_reports_and_checks(tmp_path):
     img = str(tmp_path / "f.img")
     run("mkfs", img, "--size", "64M")
     out = json.loads(run("stress", img, "--seed", "9", "--tasks", "2", "--ops", "60", "--faults",
-                         "eio=1M-64M:w", "--json", check_rc=None).stdout)
+                         "eio=1M-64M:w", "--write-path", "fast", "--json", check_rc=None).stdout)
     assert out["injected_errors"] > 0
     assert "fsck" in out and "reproduce" not in out
 
 
 def test_crash_campaign_cli_finds_nothing_and_catches_a_planted_bug():
-    out = json.loads(run("crash", "--max-ops", "1", "--jobs", "1", "--json").stdout)
+    out = json.loads(run("crash", "--max-ops", "1", "--jobs", "1", "--write-path", "fast", "--json").stdout)
     assert out["workloads"] == 10 and out["states"] > 50 and out["failures"] == []
-    bad = run("crash", "--max-ops", "2", "--limit", "4", "--jobs", "1", "--nobarrier", check_rc=1)
+    bad = run("crash", "--max-ops", "2", "--limit", "4", "--jobs", "1", "--nobarrier", "--write-path", "fast", check_rc=1)
     assert "FAILED:" in bad.stdout and "reproduce with: blockemu crash" in bad.stdout
+    assert "--write-path fast" in bad.stdout
 
 
 def test_stress_power_cut_keeps_every_fsync_acknowledged_file(tmp_path):
     """A power cut mid-run (unflushed cache lost, half of it torn in): afterwards every file
     the ledger recorded as fsync/sync-acknowledged is on disk byte for byte, and fsck is clean."""
     out = json.loads(run("stress", str(tmp_path / "c.img"), "--seed", "61", "--tasks", "4", "--ops", "400",
-                         "--faults", "cut=1500,torn=0.5", "--json").stdout)
+                         "--faults", "cut=1500,torn=0.5", "--write-path", "fast", "--json").stdout)
     assert out["aborted"] and "power cut" in out["aborted"]
     assert out["ledger_files_checked_after_crash"] > 0
     assert out["lost_acknowledged_writes"] == 0 and out["fsck"] == "clean" and out["ok"]

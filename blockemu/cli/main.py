@@ -30,6 +30,7 @@ from blockemu.workload.fio import text_report as fio_text
 from blockemu.workload.keyrace import RaceResult, run_race, unexpected
 from blockemu.workload.keyrace import table as race_table
 from blockemu.workload.runner import run_workload, scenarios, stress_mix
+from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS
 
 # every command but fsck: 1 failure, 2 usage error (argparse's convention)
 CMD_FAILURE, CMD_USAGE = 1, 2
@@ -123,6 +124,7 @@ def build_parser() -> Parser:
     sp.add_argument("--key-removal", choices=list(MODES), default="soft")
     sp.add_argument("--faults", help="e.g. eio=200M-210M:w,latency=0.001,flip=0.0001,torn=0.5,cut=5000")
     sp.add_argument("--crash-points", type=int, default=0, help="also check N crash states of a logged mix")
+    add_write_path(sp, "mix")
     sp.add_argument("--compare-modes", action="store_true", help="key-removal-race: every removal mode, one table")
     sp.add_argument("--schedule", choices=["free", "seeded"], default="free", help="key-removal-race scheduling")
     sp.add_argument("--force", action="store_true", help="key-removal-race: overwrite IMAGE with a fresh image")
@@ -135,6 +137,7 @@ def build_parser() -> Parser:
     cr.add_argument("--subsets", type=int, default=2, help="random in-doubt write subsets per crash point")
     cr.add_argument("--limit", type=int, help="check a random sample of this many workloads")
     cr.add_argument("--nobarrier", action="store_true", help="plant the ordering bug (flushes ignored)")
+    add_write_path(cr, "campaign")
     cr.add_argument("--json", action="store_true")
 
     i = sub.add_parser("inspect", help="dump on-disk structures")
@@ -147,6 +150,17 @@ def build_parser() -> Parser:
     dt.add_argument("--tree", choices=list(inspect_mod.TREE_BY_NAME), action="append")
     dt.add_argument("--json", action="store_true")
     return p
+
+
+def add_write_path(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--write-path", choices=list(WRITE_PATHS), default=PRODUCTION.name,
+                   help=f"production (default): the {what} writes large encrypted files through sealing workers "
+                        "into 1 MiB extents; fast: 16 KiB extents sealed in a thread, small plain files")
+
+
+def write_path_flag(a: argparse.Namespace) -> str:
+    """The option to repeat in a reproduce line: only when it is not the default."""
+    return "" if a.write_path == PRODUCTION.name else f" --write-path {a.write_path}"
 
 
 def emit_json(obj: Any) -> None:
@@ -303,7 +317,7 @@ def cmd_stress(a: argparse.Namespace) -> int:
     with progress_bar("stress", total, progress_wanted(None, a.json)) as advance:
         summary = asyncio.run(stress_mix(a.image, seed=seed, tasks=a.tasks, nops=a.ops, duration=a.duration,
                                          key_removal=a.key_removal, faults=faults, crash_points=a.crash_points,
-                                         advance=advance))
+                                         advance=advance, write_path=WRITE_PATHS[a.write_path]))
     ok = summary["ok"]
     if a.json:
         emit_json(summary)
@@ -319,7 +333,7 @@ def cmd_stress(a: argparse.Namespace) -> int:
             extra = f" --faults {a.faults}" if a.faults else ""
             span = f"--duration {a.duration}" if a.duration else f"--ops {a.ops}"
             print(f"reproduce with: blockemu stress {a.image} --seed {seed} --tasks {a.tasks} {span}{extra}"
-                  + (f" --crash-points {a.crash_points}" if a.crash_points else ""))
+                  + (f" --crash-points {a.crash_points}" if a.crash_points else "") + write_path_flag(a))
     return 0 if ok else 1
 
 
@@ -351,18 +365,21 @@ def stress_race(a: argparse.Namespace, seed: int) -> int:
 
 def cmd_crash(a: argparse.Namespace) -> int:
     t = time.perf_counter()
-    r = run_ace_parallel(a.max_ops, jobs=a.jobs, seed=a.seed, subsets=a.subsets, nobarrier=a.nobarrier, limit=a.limit)
+    r = run_ace_parallel(a.max_ops, jobs=a.jobs, seed=a.seed, subsets=a.subsets, nobarrier=a.nobarrier, limit=a.limit,
+                         write_path=WRITE_PATHS[a.write_path])
     took = time.perf_counter() - t
     if a.json:
-        emit_json({"workloads": r.workloads, "states": r.states, "failures": r.failures, "seconds": round(took, 1)})
+        emit_json({"workloads": r.workloads, "states": r.states, "failures": r.failures, "seconds": round(took, 1),
+                   "write_path": a.write_path})
     else:
-        print(f"{r.workloads} workloads (Ace, up to {a.max_ops} operations each), {r.states} crash states checked "
-              f"in {took:.1f} s: {len(r.failures)} failures")
+        print(f"{r.workloads} workloads (Ace, up to {a.max_ops} operations each, {a.write_path} write path), "
+              f"{r.states} crash states checked in {took:.1f} s: {len(r.failures)} failures")
         for f in r.failures[:20]:
             print(f"FAILED: {f}")
         if r.failures:
             print(f"reproduce with: blockemu crash --max-ops {a.max_ops} --seed {a.seed} --jobs {a.jobs}"
-                  + (f" --limit {a.limit}" if a.limit else "") + (" --nobarrier" if a.nobarrier else ""))
+                  + (f" --limit {a.limit}" if a.limit else "") + (" --nobarrier" if a.nobarrier else "")
+                  + write_path_flag(a))
     return 1 if r.failures else 0
 
 

@@ -12,6 +12,10 @@ reported with the workload and the state that reproduce it.
 ``ace_workloads`` enumerates Ace's bounded space: every sequence of up to
 three operations over a small file set (dirs A, B; files foo, bar), each
 followed by fsync of what it touched.
+
+Both run on a ``WritePath``: ``production`` (the default: sealing workers, 1 MiB
+extents, encrypted directories, writes large enough to reach the workers) or
+``fast`` (16 KiB extents sealed in a thread, small plain files).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from blockemu.device.image import ImageFile
 from blockemu.device.writelog import WriteLog
 from blockemu.fs.filesystem import Filesystem, mount
 from blockemu.fs.mkfs import mkfs
+from blockemu.workload.writepath import KEY, PRODUCTION, WRITE_PATHS, WritePath
 
 Snapshot = dict[str, bytes | None]
 
@@ -54,9 +59,17 @@ async def snapshot(fs: Filesystem) -> Snapshot:
 class Recorder:
     """Runs a workload with the write log on and the oracle recorded at each persistence point."""
 
-    def __init__(self, fs: Filesystem) -> None:
+    def __init__(self, fs: Filesystem, write_path: WritePath, kid: str | None) -> None:
         self.fs = fs
+        self.write_path = write_path
+        self.kid = kid
         self.models: dict[int, Snapshot] = {}
+
+    async def mkdir(self, path: str) -> None:
+        """A workload's top directory: encrypted when the write path says so."""
+        await self.fs.mkdir(path)
+        if self.kid is not None:
+            await self.fs.set_policy(path, self.kid)
 
     async def persisted(self) -> None:
         """Call right after an fsync/sync: everything so far is one durable generation."""
@@ -66,11 +79,13 @@ class Recorder:
 Workload = Callable[[Filesystem, Recorder], Awaitable[None]]
 
 
-async def record(workload: Workload, image: str, base: str, *, faults: FaultPlan | None = None) -> tuple[WriteLog, dict]:
+async def record(workload: Workload, image: str, base: str, *, faults: FaultPlan | None = None,
+                 write_path: WritePath = PRODUCTION) -> tuple[WriteLog, dict]:
     await mkfs(image, "64M", node_size="4K", force=True)
-    fs = await mount(image, faults=faults, interval=3600, max_extent=16 << 10, seal_workers=0)
+    fs = await mount(image, faults=faults, interval=3600, **write_path.mount_options())
+    kid = await fs.add_key(KEY) if write_path.encrypt else None
     log = fs.vol.device.start_log(base_copy=base)
-    rec = Recorder(fs)
+    rec = Recorder(fs, write_path, kid)
     await rec.persisted()
     await workload(fs, rec)
     await fs.unmount()
@@ -94,12 +109,12 @@ class CampaignResult:
 
 
 async def check_states(log: WriteLog, models: dict[int, Snapshot], work: str, rng: random.Random,
-                       subsets: int, name: str, result: CampaignResult) -> None:
-    await check_sample(log, models, work, list(log.crash_states(rng, subsets=subsets)), result, name)
+                       subsets: int, name: str, result: CampaignResult, write_path: WritePath = PRODUCTION) -> None:
+    await check_sample(log, models, work, list(log.crash_states(rng, subsets=subsets)), result, name, write_path)
 
 
 async def check_sample(log: WriteLog, models: dict[int, Snapshot], work: str, states: list, result: CampaignResult,
-                       name: str = "mix") -> None:
+                       name: str = "mix", write_path: WritePath = PRODUCTION) -> None:
     first = min(models)
     for st in states:
         result.states += 1
@@ -116,7 +131,9 @@ async def check_sample(log: WriteLog, models: dict[int, Snapshot], work: str, st
             result.failures.append(f"{where}: mounted generation {gen}, the last durable commit was {want}")
             continue
         try:
-            async with mount(work, interval=3600, seal_workers=0) as fs:
+            async with mount(work, interval=3600, **write_path.mount_options()) as fs:
+                if write_path.encrypt:
+                    await fs.add_key(KEY)
                 got = await snapshot(fs)
         except OSError as e:
             result.failures.append(f"{where}: reading the image back failed: {e}")
@@ -136,21 +153,22 @@ OPS = [
 ]
 
 
-async def apply(fs: Filesystem, op: tuple[str, ...], rng: random.Random) -> str | None:
-    """Run one Ace operation if it applies to the current state; returns the path to fsync."""
+async def apply(fs: Filesystem, op: tuple[str, ...], rng: random.Random, scale: int = 1) -> str | None:
+    """Run one Ace operation if it applies to the current state; returns the path to fsync.
+    Data sizes are multiplied by ``scale``."""
     kind, path = op[0], op[1]
     exists = await fs.exists(path)
     if kind == "creat" and not exists:
         async with fs.open(path, "x") as f:
-            await f.write(rng.randbytes(5000))
+            await f.write(rng.randbytes(5000 * scale))
     elif kind in ("write", "append", "truncate") and exists:
         async with fs.open(path, "r+") as f:
             if kind == "write":
-                await f.pwrite(rng.randbytes(6000), rng.randrange(0, 8192))
+                await f.pwrite(rng.randbytes(6000 * scale), rng.randrange(0, 8192 * scale))
             elif kind == "append":
-                await f.pwrite(rng.randbytes(3000), f.inode.size)
+                await f.pwrite(rng.randbytes(3000 * scale), f.inode.size)
             else:
-                await f.truncate(rng.randrange(0, 4096))
+                await f.truncate(rng.randrange(0, 4096 * scale))
     elif kind == "unlink" and exists:
         await fs.unlink(path)
         return os.path.dirname(path)
@@ -174,14 +192,15 @@ def ace_workloads(max_len: int) -> list[tuple[tuple[str, ...], ...]]:
 def ace_workload(seq: tuple[tuple[str, ...], ...], seed: int) -> Workload:
     async def run(fs: Filesystem, rec: Recorder) -> None:
         rng = random.Random(seed)
+        scale = rec.write_path.scale
         for d in ("/A", "/B"):
-            await fs.mkdir(d)
+            await rec.mkdir(d)
         async with fs.open("/A/foo", "w") as f:
-            await f.write(rng.randbytes(7000))
+            await f.write(rng.randbytes(7000 * scale))
         await fs.sync()
         await rec.persisted()
         for op in seq:
-            target = await apply(fs, op, rng)
+            target = await apply(fs, op, rng, scale)
             if target is None:
                 continue
             if await fs.exists(target) and not (await fs.stat(target)).st_mode & 0o040000:
@@ -193,25 +212,27 @@ def ace_workload(seq: tuple[tuple[str, ...], ...], seed: int) -> Workload:
     return run
 
 
-async def run_ace(seqs: list, *, seed: int = 0, subsets: int = 2, faults: FaultPlan | None = None) -> CampaignResult:
+async def run_ace(seqs: list, *, seed: int = 0, subsets: int = 2, faults: FaultPlan | None = None,
+                  write_path: WritePath = PRODUCTION) -> CampaignResult:
     result = CampaignResult()
     with tempfile.TemporaryDirectory() as d:
         image, base, work = (os.path.join(d, n) for n in ("w.img", "base.img", "crash.img"))
         for i, seq in enumerate(seqs):
             name = " ; ".join(" ".join(op) for op in seq)
-            log, models = await record(ace_workload(seq, seed + i), image, base, faults=faults)
-            await check_states(log, models, work, random.Random(seed + i), subsets, f"[{name}]", result)
+            log, models = await record(ace_workload(seq, seed + i), image, base, faults=faults, write_path=write_path)
+            await check_states(log, models, work, random.Random(seed + i), subsets, f"[{name}]", result, write_path)
             result.workloads += 1
     return result
 
 
-def _run_slice(args: tuple[list, int, int, bool]) -> CampaignResult:
-    seqs, seed, subsets, nobarrier = args
-    return asyncio.run(run_ace(seqs, seed=seed, subsets=subsets, faults=FaultPlan(nobarrier=nobarrier)))
+def _run_slice(args: tuple[list, int, int, bool, str]) -> CampaignResult:
+    seqs, seed, subsets, nobarrier, write_path = args
+    return asyncio.run(run_ace(seqs, seed=seed, subsets=subsets, faults=FaultPlan(nobarrier=nobarrier),
+                               write_path=WRITE_PATHS[write_path]))
 
 
 def run_ace_parallel(max_len: int, *, jobs: int, seed: int = 0, subsets: int = 2, nobarrier: bool = False,
-                     limit: int | None = None) -> CampaignResult:
+                     limit: int | None = None, write_path: WritePath = PRODUCTION) -> CampaignResult:
     """The whole bounded space, fanned out over ``jobs`` processes."""
     seqs = ace_workloads(max_len)
     if limit is not None:
@@ -219,10 +240,11 @@ def run_ace_parallel(max_len: int, *, jobs: int, seed: int = 0, subsets: int = 2
     chunks = [seqs[i::jobs] for i in range(jobs)]
     total = CampaignResult()
     if jobs <= 1:
-        parts = [_run_slice((seqs, seed, subsets, nobarrier))]
+        parts = [_run_slice((seqs, seed, subsets, nobarrier, write_path.name))]
     else:
         with ProcessPoolExecutor(jobs) as pool:
-            parts = list(pool.map(_run_slice, [(c, seed + k * 100_003, subsets, nobarrier) for k, c in enumerate(chunks)]))
+            parts = list(pool.map(_run_slice, [(c, seed + k * 100_003, subsets, nobarrier, write_path.name)
+                                               for k, c in enumerate(chunks)]))
     for p in parts:
         total.workloads += p.workloads
         total.states += p.states

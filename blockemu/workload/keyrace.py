@@ -3,10 +3,11 @@
 One actor adds and removes the master key in a loop; another re-opens the file
 in append mode, writes one byte and closes it, recording each append that was
 acknowledged (open, write and close all succeeded). At the end the key is
-added back, the file is fsync'ed (collecting any pending writeback error) and
-read: every acknowledged byte must be there. What each removal mode loses --
-and whether the loss was reported by a later close/fsync error or went silent
--- is the measurement.
+added back, the file is fsync'ed (collecting any pending writeback error), the
+filesystem unmounted and the file read from a fresh mount -- from disk, never
+through the page cache being judged: every acknowledged byte must be there.
+What each removal mode loses -- and whether each lost append was reported by an
+error for that file, or went silent -- is the measurement (``AppendLedger``).
 
 Two schedules: ``free`` runs the actors as concurrent tasks for a duration,
 with background writeback on a short interval; ``seeded`` steps the actors
@@ -41,7 +42,7 @@ class RaceResult:
     acknowledged: int = 0
     refused: int = 0  # appends that failed with ENOKEY (open or write): refused, not lost
     lost: int = 0  # acknowledged appends missing from the file at the end
-    lost_reported: int = 0  # of those, how many a later close/fsync error reported
+    lost_reported: int = 0  # of those, how many a close/fsync error for the file reported in time
     removals: int = 0
     wipes: int = 0
     wipe_delay_max_ms: float = 0.0
@@ -56,14 +57,54 @@ class RaceResult:
         return {**asdict(self), "silent": self.silent}
 
 
+class AppendLedger:
+    """Per-append loss accounting for one file, on a clock of the file's events.
+
+    An acknowledged append whose bytes are not on disk after remount was *reported*
+    only if an error for this file that declared lost bytes was raised after the
+    append was acknowledged and before the file's next successful fsync: that error
+    is the one a careful application would have seen for that append. A report
+    before the acknowledgement, after a successful fsync had vouched for the data,
+    or for another file covers nothing -- the loss is silent."""
+
+    def __init__(self) -> None:
+        self.clock = 0
+        self.appends: list[tuple[int, int, int]] = []  # (offset, byte, clock at acknowledgement)
+        self.reports: list[int] = []  # clock of each loss reported for this file
+        self.syncs: list[int] = []  # clock of each fsync of this file that succeeded
+
+    def _tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def acked(self, offset: int, byte: int) -> None:
+        self.appends.append((offset, byte, self._tick()))
+
+    def reported(self) -> None:
+        self.reports.append(self._tick())
+
+    def synced(self) -> None:
+        self.syncs.append(self._tick())
+
+    def covered(self, acked_at: int) -> bool:
+        until = next((t for t in self.syncs if t > acked_at), self.clock + 1)
+        return any(acked_at < t < until for t in self.reports)
+
+    def judge(self, data: bytes, result: RaceResult) -> None:
+        """Count each acknowledged append missing from ``data`` (the file as read from disk)."""
+        for off, byte, at in self.appends:
+            if off >= len(data) or data[off] != byte:
+                result.lost += 1
+                result.lost_reported += self.covered(at)
+
+
 class Race:
     def __init__(self, fs: Filesystem, result: RaceResult, rng: random.Random) -> None:
         self.fs = fs
         self.r = result
         self.rng = rng
         self.kid = ""
-        self.acked: list[tuple[int, int, int]] = []  # (offset, byte, report events before ack)
-        self.reports: int = 0  # close/fsync errors that reported a writeback loss
+        self.ledger = AppendLedger()
 
     async def setup(self) -> None:
         self.kid = await self.fs.add_key(KEY)
@@ -72,9 +113,13 @@ class Race:
         async with self.fs.open(PATH, "w"):
             pass
 
-    def _note_error(self, e: OSError) -> None:
+    def _note_error(self, e: OSError, ledger: AppendLedger | None = None) -> None:
+        """``ledger``: the file the failed operation was on; a loss report counts only there."""
         if getattr(e, "lost_bytes", 0):
-            self.reports += 1
+            if ledger is not None:
+                ledger.reported()
+            else:
+                self.r.other_errors.append(f"a loss reported for no file: {type(e).__name__}: {e}")
         elif e.errno == errno.ENOKEY:
             self.r.refused += 1
         else:
@@ -82,7 +127,7 @@ class Race:
 
     async def appender(self) -> AsyncIterator[None]:
         """One append per three steps: open, write, close -- like ``echo -n X >> file``."""
-        n = 0
+        n, ledger = 0, self.ledger
         while True:
             self.r.attempted += 1
             byte = 0x41 + n % 26
@@ -90,26 +135,28 @@ class Race:
             try:
                 f = await self.fs.open(PATH, "a")
             except OSError as e:
-                self._note_error(e)
+                self._note_error(e, ledger)
                 yield
                 continue
-            yield
             ok = True
             try:
-                off = f.inode.size
-                await f.write(bytes([byte]))
-            except OSError as e:
-                self._note_error(e)
-                ok = False
-            yield
-            try:
-                await f.close()
-            except OSError as e:
-                self._note_error(e)
-                ok = False
+                yield
+                try:
+                    off = f.inode.size
+                    await f.write(bytes([byte]))
+                except OSError as e:
+                    self._note_error(e, ledger)
+                    ok = False
+                yield
+            finally:  # also when the race ends between open and close: then nothing is acknowledged
+                try:
+                    await f.close()
+                except OSError as e:
+                    self._note_error(e, ledger)
+                    ok = False
             if ok:
                 self.r.acknowledged += 1
-                self.acked.append((off, byte, self.reports))
+                ledger.acked(off, byte)
             yield
 
     async def key_loop(self) -> AsyncIterator[None]:
@@ -132,23 +179,28 @@ class Race:
                 yield
 
     async def finish(self) -> None:
-        """Re-add the key, fsync to collect pending errors, and check every acknowledged byte."""
+        """Re-add the key and fsync, collecting the errors still pending for the file."""
         await self.fs.add_key(KEY)
         async with self.fs.open(PATH, "r+") as f:
             try:
                 await f.fsync()
             except OSError as e:
-                self._note_error(e)
-            data = await f.pread(1 << 30, 0)
-        for off, byte, reports_before in self.acked:
-            if off >= len(data) or data[off] != byte:
-                self.r.lost += 1
-                self.r.lost_reported += self.reports > reports_before
+                self._note_error(e, self.ledger)
+            else:
+                self.ledger.synced()
         delays = self.fs.keyring.wipe_delays
         self.r.wipes = len(delays)
         if delays:
             self.r.wipe_delay_max_ms = round(max(delays) * 1000, 3)
             self.r.wipe_delay_mean_ms = round(sum(delays) / len(delays) * 1000, 3)
+
+
+async def read_back(image: str, path: str) -> bytes:
+    """The file as the disk holds it: a fresh mount, the key added again, nothing cached."""
+    async with mount(image, interval=3600) as fs:
+        await fs.add_key(KEY)
+        async with fs.open(path) as f:
+            return await f.read()
 
 
 async def run_race(
@@ -183,6 +235,7 @@ async def run_race(
             for a in actors:
                 await a.aclose()
             await race.finish()
+        race.ledger.judge(await read_back(path, PATH), result)
         return result
 
 

@@ -2,8 +2,11 @@
 
 Each task works in its own directory (as ``fsstress -p``) and keeps a model of
 what its subtree must hold: names, file contents. Reads are checked against the
-model as they happen; at the end the whole subtree is compared. Every random
-choice comes from the seed, so a seed replays the same operations.
+model as they happen; at the end, after unmount and a fresh mount, the whole
+subtree as the disk holds it is compared (``verify_mix``) -- never through the
+page cache that ran the mix, where pages marked clean but never written would
+still read back right. Every random choice comes from the seed, so a seed
+replays the same operations.
 """
 from __future__ import annotations
 
@@ -33,8 +36,9 @@ class MixResult:
 
 
 class Task:
-    def __init__(self, fs: Filesystem, root: str, rng: random.Random, result: MixResult) -> None:
-        self.fs, self.root, self.rng, self.r = fs, root, rng, result
+    def __init__(self, fs: Filesystem, root: str, rng: random.Random, result: MixResult, scale: int = 1) -> None:
+        """``scale`` multiplies the sizes of the data written (for the production write path)."""
+        self.fs, self.root, self.rng, self.r, self.scale = fs, root, rng, result, scale
         self.files: dict[str, bytearray] = {}
         self.dirs: list[str] = [root]
         self.n = 0
@@ -63,7 +67,7 @@ class Task:
             self.version[p] = self.version.get(p, 0) + 1
 
     async def _step(self, op: str) -> None:
-        fs, rng, files = self.fs, self.rng, self.files
+        fs, rng, files, scale = self.fs, self.rng, self.files, self.scale
         if op in ("write", "overwrite", "append", "truncate", "read", "fsync", "rename", "unlink") and not files:
             op = "create"
         if op == "rmdir" and len(self.dirs) == 1:
@@ -72,7 +76,7 @@ class Task:
         self.r.ops += 1
         if op == "create":
             p = self._name("f")
-            data = rng.randbytes(rng.randrange(0, 20_000))
+            data = rng.randbytes(rng.randrange(0, 20_000 * scale))
             async with fs.open(p, "x") as f:
                 await f.write(data)
             files[p] = bytearray(data)
@@ -81,8 +85,8 @@ class Task:
             p = rng.choice(list(files))
             self._changing(p)
             model = files[p]
-            data = rng.randbytes(rng.randrange(1, 12_000))
-            off = len(model) if op == "append" else rng.randrange(0, len(model) + (8192 if op == "write" else 1))
+            data = rng.randbytes(rng.randrange(1, 12_000 * scale))
+            off = len(model) if op == "append" else rng.randrange(0, len(model) + (8192 * scale if op == "write" else 1))
             async with fs.open(p, "r+") as f:
                 await f.pwrite(data, off)
             if off > len(model):
@@ -92,7 +96,7 @@ class Task:
         elif op == "truncate":
             p = rng.choice(list(files))
             self._changing(p)
-            size = rng.randrange(0, len(files[p]) + 4096)
+            size = rng.randrange(0, len(files[p]) + 4096 * scale)
             async with fs.open(p, "r+") as f:
                 await f.truncate(size)
             m = files[p]
@@ -142,19 +146,24 @@ class Task:
                 return
             self.dirs.remove(d)
 
-    async def verify(self) -> None:
-        """The subtree holds exactly the model: every name, every byte."""
+    async def verify(self, fs: Filesystem) -> None:
+        """The subtree as ``fs`` (a fresh mount of the image) holds it is exactly the model:
+        every name, every byte."""
         found: dict[str, bytes] = {}
         todo = [self.root]
         while todo:
             d = todo.pop()
-            for name in await self.fs.readdir(d):
+            for name in await fs.readdir(d):
                 p = f"{d}/{name}"
-                if (await self.fs.stat(p)).st_mode & 0o040000:
+                if (await fs.stat(p)).st_mode & 0o040000:
                     todo.append(p)
-                else:
-                    async with self.fs.open(p) as f:
+                    continue
+                try:
+                    async with fs.open(p) as f:
                         found[p] = await f.read()
+                except OSError as e:
+                    if p not in self.tainted:
+                        self.r.divergent.append(f"{p}: unreadable on disk: {e}")
         for p in sorted(set(found) | set(self.files) - self.tainted):
             if found.get(p) != (bytes(self.files[p]) if p in self.files else None):
                 self.r.divergent.append(f"{p}: on disk {len(found.get(p, b''))} bytes, model "
@@ -163,8 +172,9 @@ class Task:
 
 async def run_mix(fs: Filesystem, *, root: str, tasks: int, nops: int, ops: dict[str, int] | None, seed: int,
                   duration: float | None = None, advance: Callable[[int], None] = lambda n: None,
-                  result: MixResult | None = None) -> MixResult:
-    """``tasks`` tasks of ``nops`` operations each (or until ``duration`` seconds pass)."""
+                  result: MixResult | None = None, scale: int = 1) -> MixResult:
+    """``tasks`` tasks of ``nops`` operations each (or until ``duration`` seconds pass). The
+    caller unmounts, mounts afresh and checks the result with ``verify_mix``."""
     weights = ops or DEFAULT_OPS
     unknown = set(weights) - set(DEFAULT_OPS)
     if unknown:
@@ -177,7 +187,7 @@ async def run_mix(fs: Filesystem, *, root: str, tasks: int, nops: int, ops: dict
     for i in range(tasks):
         sub = f"{root}/p{i}"
         await fs.mkdir(sub)
-        workers.append(Task(fs, sub, random.Random(f"{seed}:{i}"), result))
+        workers.append(Task(fs, sub, random.Random(f"{seed}:{i}"), result, scale))
     result.tasks = workers
 
     deadline = time.monotonic() + duration if duration else None
@@ -190,9 +200,13 @@ async def run_mix(fs: Filesystem, *, root: str, tasks: int, nops: int, ops: dict
             n += 1
 
     await asyncio.gather(*(drive(t) for t in workers))
-    for t in workers:
-        await t.verify()
     return result
+
+
+async def verify_mix(fs: Filesystem, result: MixResult) -> None:
+    """Every task's subtree on ``fs`` -- a fresh mount, so what the disk holds -- against its model."""
+    for t in result.tasks:
+        await t.verify(fs)
 
 
 async def verify_ledger(fs: Filesystem, durable: dict[str, bytes]) -> list[str]:

@@ -2,7 +2,7 @@
 
 Jobs in one stonewall group run concurrently; groups run in order. Kinds:
 ``fio`` (the default: fio's own options), ``mix`` (fsstress-like, with an
-oracle), ``keyrace`` (fstests generic/595 on a scratch image, under the job's
+oracle checked after the run, on a fresh mount), ``keyrace`` (fstests generic/595 on a scratch image, under the job's
 ``key_removal``), ``fsck`` (unmount, check, remount), ``faults`` (from now on the
 device misbehaves as ``faults=SPEC`` says) and ``script=module:func`` (an async
 function given the mounted filesystem and a seeded RNG). Every random choice
@@ -28,7 +28,8 @@ from blockemu.workload.crash import CampaignResult, Recorder, check_sample, reco
 from blockemu.workload.fio import JobResult, run_fio
 from blockemu.workload.jobfile import Job, JobFile, load, parse
 from blockemu.workload.keyrace import run_race, unexpected
-from blockemu.workload.mix import DEFAULT_OPS, MixResult, Task, run_mix, verify_ledger
+from blockemu.workload.mix import DEFAULT_OPS, MixResult, Task, run_mix, verify_ledger, verify_mix
+from blockemu.workload.writepath import PRODUCTION, WritePath
 
 SCENARIO_PACKAGE = "blockemu.workload.scenarios"
 
@@ -81,6 +82,7 @@ class Runner:
         self.report = RunReport(seed, image)
         self.fs: Filesystem | None = None
         self.directory = "/jobs"
+        self.mixes: list[tuple[str, MixResult]] = []  # checked after the run, on a fresh mount
 
     async def _mount(self) -> Filesystem:
         g = self.jf.globals
@@ -106,6 +108,8 @@ class Runner:
         finally:
             if self.fs is not None:
                 await self.fs.unmount()
+        if self.mixes:
+            await self._verify_mixes()
         report = check(self.image)
         self.report.fsck_clean = report.clean
         if not report.clean:
@@ -128,7 +132,7 @@ class Runner:
                                     nops=job.get("nops", 200), ops=job.get("ops"), seed=seed)
                 self.report.jobs.append({"jobname": job.name, "kind": "mix", "ops": mix.ops, "by_op": mix.by_op,
                                          "acknowledged_writes": mix.acknowledged_writes, "divergent": mix.divergent})
-                self.report.failures += [f"{job.name}: {d}" for d in mix.divergent]
+                self.mixes.append((job.name, mix))
             elif kind == "keyrace":
                 mode = job.get("key_removal", self.jf.globals.get("key_removal", "soft"))
                 r = await run_race(mode, seed=seed, schedule=job.get("schedule", "free"), steps=job.get("nops", 3000),
@@ -153,6 +157,17 @@ class Runner:
         except BlockemuError as e:
             self.report.failures.append(f"{job.name}: {e}")
 
+    async def _verify_mixes(self) -> None:
+        """The mix jobs' models against the image, unmounted and mounted afresh: what the disk
+        holds, not what the page cache of the run still had."""
+        fs = await self._mount()
+        try:
+            for name, mix in self.mixes:
+                await verify_mix(fs, mix)
+                self.report.failures += [f"{name}: {d}" for d in mix.divergent]
+        finally:
+            await fs.unmount()
+
     async def _script(self, job: Job, seed: int) -> None:
         spec = job.get("script")
         if not spec or ":" not in spec:
@@ -176,14 +191,15 @@ async def run_workload(workload: str, *, image: str | None = None, seed: int = 0
 
 async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: float | None, key_removal: str,
                      faults: FaultPlan | None, crash_points: int, advance: Callable[[int], None] = lambda n: None,
-                     ) -> dict[str, Any]:
+                     write_path: WritePath = PRODUCTION) -> dict[str, Any]:
     """``blockemu stress``: the fsstress-like mix on ``image`` (created if missing), with injected
-    faults, then unmount and fsck; optionally a crash campaign over a logged single-task mix."""
+    faults; then unmount, check the oracle on a fresh mount, and fsck; optionally a crash
+    campaign over a logged single-task mix."""
     if not os.path.exists(image) or os.path.getsize(image) == 0:
         await mkfs(image, "256M")
     problems: list[str] = []
     mix, aborted = MixResult(), None
-    fs = await mount(image, key_removal=key_removal, faults=faults, interval=1.0)
+    fs = await mount(image, key_removal=key_removal, faults=faults, interval=1.0, **write_path.mount_options())
     try:
         key = random.Random(f"{seed}:key").randbytes(64)
         kid = await fs.add_key(key)
@@ -193,7 +209,7 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
         await fs.mkdir(root)
         await fs.set_policy(root, kid)
         await run_mix(fs, root=root, tasks=tasks, nops=nops, ops=None, seed=seed, duration=duration,
-                      advance=advance, result=mix)
+                      advance=advance, result=mix, scale=mix_scale(write_path))
     except BlockemuError as e:
         # a commit the faulty device failed: like btrfs, the mount turned read-only; the image
         # keeps its last durable generation, which fsck below must still find consistent
@@ -207,18 +223,19 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
         except BlockemuError as e:
             aborted = aborted or str(e)
     cut = fs.vol.device.dead or aborted is not None
-    if cut:  # the in-memory oracle is moot; what was acknowledged durable must be there
-        try:
-            async with mount(image, interval=3600) as after:
-                await after.add_key(key)
-                lost = await verify_ledger(after, mix.durable)
-        except BlockemuError as e:
-            lost = [f"after the crash the image does not mount: {e}"]
-        problems += lost
-        mix.divergent = lost
+    # from disk, on a fresh mount: after a crash what was acknowledged durable must be there (the
+    # rest of the model is moot); otherwise everything the model holds
+    try:
+        async with mount(image, interval=3600) as after:
+            await after.add_key(key)
+            if cut:
+                mix.divergent = await verify_ledger(after, mix.durable)
+            else:
+                await verify_mix(after, mix)
+    except BlockemuError as e:
+        mix.divergent.append(f"after the run the image does not mount: {e}")
+    problems += mix.divergent
     report = check(image)
-    if not cut:
-        problems += mix.divergent
     if not report.clean:
         problems += [f"fsck: [{e.code}] {e.message}" for e in report.errors[:5]]
     summary: dict[str, Any] = {"seed": seed, "image": image, "ops": mix.ops, "by_op": mix.by_op,
@@ -229,7 +246,7 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
                                "fsck": "clean" if report.clean else
                                f"{len(report.errors)} errors", "fsck_errors": [e.as_json() for e in report.errors[:20]]}
     if crash_points:
-        camp = await crash_mix(seed, crash_points)
+        camp = await crash_mix(seed, crash_points, write_path)
         summary["crash_states_checked"] = camp.states
         summary["crash_failures"] = len(camp.failures)
         problems += camp.failures
@@ -238,13 +255,19 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
     return summary
 
 
-async def crash_mix(seed: int, points: int) -> CampaignResult:
+def mix_scale(write_path: WritePath) -> int:
+    """The mix runs many more operations than an Ace workload: a sixteenth of the write path's
+    scale still makes files of a few hundred KiB, whose runs reach the sealing workers."""
+    return max(1, write_path.scale // 16)
+
+
+async def crash_mix(seed: int, points: int, write_path: WritePath = PRODUCTION) -> CampaignResult:
     """A logged single-task mix, then ``points`` of its crash states checked against the oracle."""
     result = CampaignResult()
 
     async def workload(fs: Filesystem, rec: Recorder) -> None:
-        task = Task(fs, "/c", random.Random(seed), MixResult())
-        await fs.mkdir("/c")
+        task = Task(fs, "/c", random.Random(seed), MixResult(), mix_scale(write_path))
+        await rec.mkdir("/c")
         # every persistence point is a full sync: an fsync of one file makes only that file's
         # data durable, and the oracle here is the whole namespace with every byte
         ops = {**DEFAULT_OPS, "fsync": 0}
@@ -257,9 +280,10 @@ async def crash_mix(seed: int, points: int) -> CampaignResult:
                 await rec.persisted()
 
     with tempfile.TemporaryDirectory() as d:
-        log, models = await record(workload, os.path.join(d, "m.img"), os.path.join(d, "base.img"))
+        log, models = await record(workload, os.path.join(d, "m.img"), os.path.join(d, "base.img"),
+                                   write_path=write_path)
         rng = random.Random(seed)
         states = list(log.crash_states(rng, subsets=2))
         sample = rng.sample(states, min(points, len(states)))
-        await check_sample(log, models, os.path.join(d, "crash.img"), sample, result)
+        await check_sample(log, models, os.path.join(d, "crash.img"), sample, result, write_path=write_path)
     return result
