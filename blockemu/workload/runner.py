@@ -222,6 +222,8 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
             await fs.unmount()
         except BlockemuError as e:
             aborted = aborted or str(e)
+    if aborted is None and fs.vol.aborted is not None:
+        aborted = str(fs.vol.aborted)  # a failed commit a task took as its own EIO: read-only all the same
     cut = fs.vol.device.dead or aborted is not None
     # from disk, on a fresh mount: after a crash what was acknowledged durable must be there (the
     # rest of the model is moot); otherwise everything the model holds
