@@ -1,0 +1,206 @@
+"""The checks themselves can fail: the key-removal race and the stress mix judge what is on
+disk after a fresh mount, a lost append is silent unless an error for its file reported it in
+time, and the crash campaigns and stress run the production write path (sealing workers,
+1 MiB extents) -- each shown by planting the bug the old check could not see."""
+from __future__ import annotations
+
+import json
+import random
+from typing import Callable
+
+import pytest
+
+import blockemu
+from blockemu.crypto import sealer
+from blockemu.fs.pagecache import PAGE, Run
+from blockemu.fs.writeback import Writeback
+from blockemu.workload.crash import CampaignResult, ace_workload, check_states, record, run_ace
+from blockemu.workload.keyrace import AppendLedger, Race, RaceResult, read_back, run_race, unexpected
+from blockemu.workload.runner import run_workload, stress_mix
+from blockemu.workload.writepath import FAST, KEY, PRODUCTION
+
+from tests.test_cli import run
+
+
+class SkipDataWrites:
+    """The planted bug: writeback marks a run's pages clean without writing them (no device
+    write, no extent) -- while ``on`` and for the runs ``which`` selects. The pages stay in
+    the page cache, so a check that reads through it still sees the data."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, which: Callable[[Run], bool] = lambda run: True) -> None:
+        self.on = True
+        self.skipped = 0
+        write_run = Writeback._write_run
+
+        async def planted(wb: Writeback, inode, run: Run) -> None:
+            if self.on and which(run):
+                self.skipped += 1
+                return
+            await write_run(wb, inode, run)
+
+        monkeypatch.setattr(Writeback, "_write_run", planted)
+
+
+def count_worker_seals(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts extents sealed in a worker process (not in a thread of this one)."""
+    calls = [0]
+    seal = sealer._Worker.seal
+
+    async def counting(self, *args):
+        calls[0] += 1
+        return await seal(self, *args)
+
+    monkeypatch.setattr(sealer._Worker, "seal", counting)
+    return calls
+
+
+# ------------------------------------------------------------------ the race's per-append ledger
+
+def test_a_report_covers_only_appends_acknowledged_before_it_and_after_the_last_good_fsync():
+    """Counting "any report after the append" would call all four losses reported."""
+    ledger = AppendLedger()
+    ledger.acked(0, ord("A"))
+    ledger.acked(1, ord("B"))
+    ledger.synced()  # vouched for A and B: a later report cannot be theirs
+    ledger.reported()
+    ledger.acked(2, ord("C"))  # acknowledged after the only report
+    ledger.synced()
+    ledger.acked(3, ord("D"))
+    ledger.reported()  # D's
+    r = RaceResult("hard", 0, "seeded")
+    ledger.judge(b"", r)
+    assert (r.lost, r.lost_reported, r.silent) == (4, 1, 3)
+    r = RaceResult("hard", 0, "seeded")
+    ledger.judge(b"ABCX", r)  # only D missing: reported
+    assert (r.lost, r.lost_reported, r.silent) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+async def test_race_counts_pages_marked_clean_but_never_written_as_silent_loss(monkeypatch, mode):
+    """At the race's final fsync writeback drops the file's dirty pages without writing them
+    and without an error. The old oracle read the file through the same page cache (the
+    pages are still there) and found nothing lost; read from a fresh mount they are missing,
+    and nothing reported them."""
+    plant = SkipDataWrites(monkeypatch)
+    plant.on = False
+    finish = Race.finish
+
+    async def planted_finish(race: Race) -> None:
+        plant.on = True
+        await finish(race)
+
+    monkeypatch.setattr(Race, "finish", planted_finish)
+    r = await run_race(mode, seed=1, schedule="seeded", steps=300)
+    assert plant.skipped
+    assert r.silent > 0 and unexpected(r), r
+
+
+async def test_race_judges_from_disk(tmp_path, monkeypatch):
+    """Step the race by hand: two appends written back, a third acknowledged while the plant
+    is on. Through the live mount all three read back; from disk the third is lost, silently."""
+    plant = SkipDataWrites(monkeypatch)
+    plant.on = False
+    img = str(tmp_path / "r.img")
+    await blockemu.mkfs(img, size="64M")
+    result = RaceResult("soft", 0, "seeded")
+    async with blockemu.mount(img, interval=3600) as fs:
+        race = Race(fs, result, random.Random(0))
+        await race.setup()
+        appender = race.appender()
+        for _ in range(6):  # open, write, close: two appends
+            await anext(appender)
+        await fs.sync()
+        plant.on = True
+        for _ in range(3):
+            await anext(appender)
+        await appender.aclose()
+        await race.finish()
+        async with fs.open("/dir/file") as f:
+            assert await f.read() == b"ABC"  # what the old oracle saw
+    race.ledger.judge(await read_back(img, "/dir/file"), result)
+    assert (result.acknowledged, result.lost, result.silent) == (3, 1, 1)
+
+
+def test_compare_modes_table_hard_loses_reported_soft_loses_nothing(tmp_path):
+    out = run("stress", str(tmp_path / "race.img"), "--scenario", "key-removal-race", "--compare-modes",
+              "--schedule", "seeded", "--ops", "800", "--seed", "5", "--force").stdout
+    lines = out.splitlines()
+    header = lines[1].split()
+    assert header[:7] == ["mode", "attempted", "acked", "ENOKEY", "acked+lost", "lost,reported", "lost,silent"]
+    rows = {cells[0]: dict(zip(header[1:7], map(int, cells[1:7]))) for cells in map(str.split, lines[2:6])}
+    assert set(rows) == {"soft", "hard", "sync", "deny-writes"}
+    assert rows["soft"]["acked+lost"] == 0 and rows["soft"]["acked"] > 0
+    assert rows["hard"]["acked+lost"] > 0
+    assert rows["hard"]["lost,reported"] == rows["hard"]["acked+lost"] and rows["hard"]["lost,silent"] == 0
+    assert all(r["lost,silent"] == 0 for r in rows.values())
+
+
+# ------------------------------------------------------------------ the stress mix
+
+async def test_stress_mix_catches_pages_marked_clean_but_never_written(tmp_path, monkeypatch):
+    """No data ever reaches the disk, yet every page is marked clean: reads through the
+    mount's cache still match the model (the old final check passed); from a fresh mount the
+    files are empty."""
+    SkipDataWrites(monkeypatch)
+    summary = await stress_mix(str(tmp_path / "s.img"), seed=3, tasks=2, nops=20, duration=None,
+                               key_removal="soft", faults=None, crash_points=0, write_path=FAST)
+    assert summary["fsck"] == "clean"  # nothing points at unwritten data: only the oracle can tell
+    assert not summary["ok"] and summary["lost_acknowledged_writes"] > 0
+    assert any("on disk" in p for p in summary["problems"])
+
+
+async def test_run_mix_jobs_are_checked_from_disk(tmp_path, monkeypatch):
+    """``blockemu run``'s mix jobs: the same planted bug, caught on the fresh mount after the run."""
+    SkipDataWrites(monkeypatch)
+    job = tmp_path / "m.fio"
+    job.write_text("[global]\nencrypt=1\n\n[m]\nkind=mix\nnumjobs=2\nnops=20\n")
+    report = await run_workload(str(job), image=str(tmp_path / "m.img"), seed=2)
+    assert report.fsck_clean and not report.ok
+    assert any("on disk" in f for f in report.failures), report.failures
+
+
+# ------------------------------------------------------------------ the production write path
+
+SEQ = (("write", "/A/foo"), ("rename", "/A/foo", "/B/foo"))
+
+
+async def test_crash_states_of_the_production_write_path(tmp_path, monkeypatch):
+    """A workload writing over 1 MiB into encrypted files with sealing workers on; its crash
+    states, each fsck'ed and mounted, hold an old or the new generation, whole."""
+    seals = count_worker_seals(monkeypatch)
+    w, base = str(tmp_path / "w.img"), str(tmp_path / "base.img")
+    log, models = await record(ace_workload(SEQ, seed=4), w, base, write_path=PRODUCTION)
+    assert seals[0] >= 2
+    async with blockemu.mount(w) as fs:
+        await fs.add_key(KEY)
+        ino = (await fs.stat("/B/foo")).st_ino
+        extents = [m.extent for m in fs.extents.mappings(ino)]
+    assert any(e.disk_num_bytes == 1 << 20 and e.context is not None for e in extents), extents
+    result = CampaignResult()
+    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(4), 1, "production", result)
+    assert result.states >= 10 and not result.failures, result.failures[:3]
+
+
+async def test_a_large_extent_bug_is_caught_only_on_the_production_path(monkeypatch):
+    """Planted: writeback drops every run big enough for the sealing workers. The fast
+    campaign (16 KiB extents, the only one before) cannot see it; the production one does."""
+    plant = SkipDataWrites(monkeypatch, lambda run: len(run.slots) * PAGE >= sealer.POOL_THRESHOLD)
+    fast = await run_ace([SEQ], seed=4, subsets=1, write_path=FAST)
+    assert not fast.failures and not plant.skipped
+    production = await run_ace([SEQ], seed=4, subsets=1, write_path=PRODUCTION)
+    assert plant.skipped and production.failures
+
+
+async def test_stress_runs_the_production_write_path(tmp_path, monkeypatch):
+    seals = count_worker_seals(monkeypatch)
+    summary = await stress_mix(str(tmp_path / "p.img"), seed=7, tasks=2, nops=25, duration=None,
+                               key_removal="soft", faults=None, crash_points=4, write_path=PRODUCTION)
+    assert summary["ok"], summary["problems"]
+    assert summary["crash_states_checked"] == 4
+    assert seals[0] > 0
+
+
+def test_cli_crash_and_stress_default_to_the_production_write_path():
+    assert "production (default)" in run("crash", "--help").stdout
+    out = json.loads(run("crash", "--max-ops", "1", "--limit", "1", "--jobs", "1", "--json").stdout)
+    assert out["write_path"] == "production" and out["states"] > 0 and not out["failures"]
