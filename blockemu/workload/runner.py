@@ -2,11 +2,12 @@
 
 Jobs in one stonewall group run concurrently; groups run in order. Kinds:
 ``fio`` (the default: fio's own options), ``mix`` (fsstress-like, with an
-oracle checked after the run, on a fresh mount), ``keyrace`` (fstests generic/595 on a scratch image, under the job's
-``key_removal``), ``fsck`` (unmount, check, remount), ``faults`` (from now on the
-device misbehaves as ``faults=SPEC`` says) and ``script=module:func`` (an async
-function given the mounted filesystem and a seeded RNG). Every random choice
-derives from the run's seed.
+oracle checked after the run, on a fresh mount), ``keyrace`` (fstests
+generic/595 on a scratch image, under the job's ``key_removal``), ``fsck``
+(unmount, check, remount), ``faults`` (from now on the device misbehaves as
+``faults=SPEC`` says) and ``script=module:func`` (an async function given the
+mounted filesystem and a seeded RNG). Every random choice derives from the
+run's seed.
 """
 from __future__ import annotations
 
