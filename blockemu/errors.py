@@ -1,8 +1,18 @@
 """Errors are OSError subclasses carrying the real errno, so callers can treat
-the emulated filesystem exactly like a kernel one (``except OSError as e: e.errno``)."""
+the emulated filesystem exactly like a kernel one (``except OSError as e: e.errno``).
+
+Where Python has a built-in OSError subclass for the errno (FileNotFoundError for
+ENOENT, FileExistsError, IsADirectoryError, ...), the error derives from it too, so
+``except FileNotFoundError`` works as it does around ``os`` and aiofiles calls.
+``OSError(errno, msg)`` picks that subclass only when OSError itself is constructed,
+so each class names its built-in base explicitly; tests/test_errors.py checks that
+every class has the base ``OSError(code, ...)`` would have chosen. Errnos without one
+(ENOKEY, ENOSPC, EIO, EUCLEAN, EBUSY, ...) stay plain OSErrors with that errno, as the
+kernel returns them."""
 from __future__ import annotations
 
 import errno
+import os
 
 
 class BlockemuError(OSError):
@@ -47,11 +57,11 @@ class NoKeyError(BlockemuError):
     code = errno.ENOKEY
 
 
-class NotFoundError(BlockemuError):
+class NotFoundError(BlockemuError, FileNotFoundError):
     code = errno.ENOENT
 
 
-class ExistsError(BlockemuError):
+class ExistsError(BlockemuError, FileExistsError):
     code = errno.EEXIST
 
 
@@ -59,11 +69,11 @@ class InvalidArgument(BlockemuError):
     code = errno.EINVAL
 
 
-class IsADirectory(BlockemuError):
+class IsADirectory(BlockemuError, IsADirectoryError):
     code = errno.EISDIR
 
 
-class NotADirectory(BlockemuError):
+class NotADirectory(BlockemuError, NotADirectoryError):
     code = errno.ENOTDIR
 
 
@@ -87,3 +97,24 @@ class NameTooLong(BlockemuError):
 
 class Busy(BlockemuError):
     code = errno.EBUSY
+
+
+class ImageInUse(Busy):
+    """Another open holds the image's lock (device/imagelock.py): EBUSY, as mounting a busy
+    device. Not EAGAIN: nothing here is worth retrying at once; the holder has to let go."""
+
+    def __init__(self, path: str, pid: int | None, *, writing: bool) -> None:
+        who = "another process" if pid is None else "this process" if pid == os.getpid() else f"pid {pid}"
+        how = "mounted or open for writing" if writing else "open for reading"
+        super().__init__(f"{path}: image is in use by {who} ({how}); one writer per image")
+        self.path, self.pid, self.writing = path, pid, writing
+
+
+class ReadOnlyError(BlockemuError):
+    """A change asked of an image opened read-only (EROFS)."""
+
+    code = errno.EROFS
+
+
+class PermissionDenied(BlockemuError, PermissionError):
+    code = errno.EACCES

@@ -111,7 +111,7 @@ async def test_bounds_alignment_and_readonly(tmp_path):
     with pytest.raises(DeviceIOError, match="read-only"):
         await ro.write(0, sector(1))
     await ro.close()
-    with pytest.raises(DeviceIOError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         await BlockDevice.open(str(tmp_path / "missing.img"))
 
 

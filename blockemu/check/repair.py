@@ -14,6 +14,7 @@ import asyncio
 import os
 
 from blockemu.check.fsck import FsckReport
+from blockemu.device.blockdev import open_image
 from blockemu.device.image import ImageFile
 from blockemu.errors import CorruptionError
 from blockemu.fs.volume import Volume
@@ -38,7 +39,7 @@ def restore_primary_super(path: str) -> bool:
             return False
         sb = img.best_super()
         targets = [c.offset for c in img.supers if c.info is None]
-    fd = os.open(path, os.O_RDWR)
+    fd = open_image(path, readonly=False)
     try:
         for off in targets:
             os.pwrite(fd, encode_super(sb, off), off)

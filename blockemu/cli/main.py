@@ -1,15 +1,21 @@
 """The ``blockemu`` command (DESIGN §6). Errors are one line on stderr,
-``blockemu: <what>: <why>``; set BLOCKEMU_DEBUG=1 for the traceback."""
+``blockemu: <what>: <why>``; set BLOCKEMU_DEBUG=1 for the traceback. With --json
+(or --output-format json) an error is also a JSON object on stdout,
+``{"error": {"command", "errno", "code", "message"}}``: fio and btrfs print their
+errors as text on stderr, and a pipeline parsing stdout then gets valid JSON too."""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import stat
 import sys
+import textwrap
 import time
 import uuid
+from importlib.metadata import version
 from typing import Any, Awaitable, Callable, NoReturn
 
 from blockemu.check import inspect as inspect_mod
@@ -19,7 +25,7 @@ from blockemu.crypto import fscrypt
 from blockemu.crypto.fscrypt import MAX_KEY_SIZE, MIN_KEY_SIZE
 from blockemu.crypto.keyring import MODES
 from blockemu.device.faultplan import FaultPlan
-from blockemu.errors import BlockemuError, ExistsError
+from blockemu.errors import BlockemuError, ExistsError, NoKeyError
 from blockemu.fs.filesystem import mount
 from blockemu.fs.mkfs import mkfs
 from blockemu.progress import bar as progress_bar
@@ -53,6 +59,7 @@ def add_progress_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> Parser:
     p = Parser(prog="blockemu", description="Block-device emulator with a btrfs-like encrypted COW filesystem.")
+    p.add_argument("--version", action="version", version=f"blockemu {version('blockemu')}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     m = sub.add_parser("mkfs", help="create a filesystem image")
@@ -181,18 +188,37 @@ def read_key(path: str | None) -> bytes | None:
     return raw
 
 
-def on_image(a: argparse.Namespace, body: Callable[[Any], Awaitable[int]]) -> int:
-    """Mount the image (adding --key-file's key if given), run ``body(fs)``, unmount."""
+def on_image(a: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *, readonly: bool = False) -> int:
+    """Mount the image (adding --key-file's key if given), run ``body(fs)``, unmount.
+    ``readonly``: the image is opened O_RDONLY under a shared lock (device/imagelock.py)."""
     async def go() -> int:
         key = read_key(getattr(a, "key_file", None))
-        fs = await mount(a.image, interval=3600)
+        fs = await mount(a.image, interval=3600, readonly=readonly)
         try:
-            if key is not None:
-                await fs.add_key(key)
-            return await body(fs)
+            kid = await fs.add_key(key) if key is not None else None
+            try:
+                return await body(fs)
+            except NoKeyError as e:
+                raise NoKeyError(await explain_no_key(fs, a.path, kid) or str(e)) from None
         finally:
             await fs.unmount()
     return asyncio.run(go())
+
+
+async def explain_no_key(fs: Any, path: str, kid: str | None) -> str | None:
+    """Which key ``path`` needs when the one given is not it: the policy of the path, or of
+    its nearest existing parent for a file about to be made."""
+    while True:
+        try:
+            policy = await fs.get_policy(path)
+            break
+        except FileNotFoundError:
+            if path.rstrip("/") in ("", "/"):
+                return None
+            path = path.rstrip("/").rsplit("/", 1)[0] or "/"
+    if kid is None or policy is None or policy == kid:
+        return None  # no key given: the kernel's own text says it
+    return f"key {kid} does not unlock {path} (its encryption policy uses key {policy})"
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
@@ -216,7 +242,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
             else:
                 print(r["name"])
         return 0
-    return on_image(a, body)
+    return on_image(a, body, readonly=True)
 
 
 def cmd_cat(a: argparse.Namespace) -> int:
@@ -228,7 +254,7 @@ def cmd_cat(a: argparse.Namespace) -> int:
                 pos += len(chunk)
         sys.stdout.buffer.flush()
         return 0
-    return on_image(a, body)
+    return on_image(a, body, readonly=True)
 
 
 def cmd_put(a: argparse.Namespace) -> int:
@@ -278,14 +304,13 @@ def cmd_extents(a: argparse.Namespace) -> int:
                 print(f"{r['file_offset']:>12} {r['length']:>10} {r['disk_bytenr']:>14} {r['disk_length']:>10} "
                       f"{r['extent_offset']:>8}  {enc}")
         return 0
-    return on_image(a, body)
+    return on_image(a, body, readonly=True)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
     if a.list:
         for name, text in sorted(scenarios().items()):
-            first = next((ln.lstrip("; ").strip() for ln in text.splitlines() if ln.startswith(";")), "")
-            print(f"{name:<22} {first}")
+            print(textwrap.fill(describe(text), 100, initial_indent=f"{name:<22} ", subsequent_indent=" " * 23))
         return 0
     if not a.workload:
         raise UsageError("run: a job file or a scenario name is needed (or --list)")
@@ -306,6 +331,16 @@ def cmd_run(a: argparse.Namespace) -> int:
             image = f" --image {a.image}" if a.image else ""
             print(f"reproduce with: blockemu run {a.workload}{image} --seed {seed}")
     return 0 if report.ok else 1
+
+
+def describe(jobfile: str) -> str:
+    """A job file's description: its leading comment block, as one paragraph."""
+    lines = []
+    for line in jobfile.splitlines():
+        if not line.startswith(";"):
+            break
+        lines.append(line.lstrip("; ").strip())
+    return " ".join(lines)
 
 
 def cmd_stress(a: argparse.Namespace) -> int:
@@ -463,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((x for x in argv if not x.startswith("-")), "")
     failure, usage = FAILURE_CODES.get(command, (CMD_FAILURE, CMD_USAGE))
     debug = bool(os.environ.get("BLOCKEMU_DEBUG"))
+    args = None
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -472,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     except BlockemuError as e:
         if debug:
             raise
-        print(f"blockemu: {command}: {e}", file=sys.stderr)
+        fail(command, str(e), e.errno, args)
         return failure
     except BrokenPipeError:
         # the reader went away (``| head``): not an error worth a message
@@ -484,8 +520,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if debug:
             raise
-        print(f"blockemu: {command}: {e.strerror or e}{': ' + e.filename if e.filename else ''}", file=sys.stderr)
+        fail(command, f"{e.strerror or e}{': ' + e.filename if e.filename else ''}", e.errno, args)
         return failure
+
+
+def fail(command: str, why: str, err: int | None, args: argparse.Namespace | None) -> None:
+    """The one line on stderr; with --json also the JSON error on stdout."""
+    print(f"blockemu: {command}: {why}", file=sys.stderr)
+    if args is not None and (getattr(args, "json", False) or getattr(args, "output_format", None) == "json"):
+        emit_json({"error": {"command": command, "errno": err, "code": errno.errorcode.get(err or 0), "message": why}})
 
 
 def main_mkfs() -> int:

@@ -26,7 +26,7 @@ from typing import Callable
 
 from blockemu.engine.alloc import Allocator
 from blockemu.engine.btree import BTree
-from blockemu.errors import CorruptionError
+from blockemu.errors import CorruptionError, ReadOnlyError
 from blockemu.ondisk.block import TreeBlock, decode_block, encode_block
 from blockemu.ondisk.items import ExtentItem, RootItem
 from blockemu.ondisk.structs import (
@@ -134,7 +134,7 @@ class TreeStore:
 
     def _need_allocator(self) -> Allocator:
         if self.allocator is None:
-            raise CorruptionError("the image is open read-only", "READ_ONLY")
+            raise ReadOnlyError("read-only file system: the image is open read-only")
         return self.allocator
 
     def new_block(self, owner: int, level: int) -> TreeBlock:

@@ -34,6 +34,7 @@ from blockemu.errors import (
     NotADirectory,
     NotEmpty,
     NotFoundError,
+    ReadOnlyError,
 )
 from blockemu.fs.pagecache import PAGE, Page, Pages
 from blockemu.fs.volume import Volume
@@ -83,6 +84,19 @@ class Stat:
     st_atime_ns: int
     st_mtime_ns: int
     st_ctime_ns: int
+
+    # the float seconds os.stat_result users read
+    @property
+    def st_atime(self) -> float:
+        return self.st_atime_ns / 1e9
+
+    @property
+    def st_mtime(self) -> float:
+        return self.st_mtime_ns / 1e9
+
+    @property
+    def st_ctime(self) -> float:
+        return self.st_ctime_ns / 1e9
 
 
 @dataclass(eq=False)
@@ -137,11 +151,15 @@ class Filesystem:
     # ------------------------------------------------------------------ mount
 
     @classmethod
-    async def mount(cls, path: str, *, key_removal: str = "soft", faults: FaultPlan | None = None, **opts: Any) -> "Filesystem":
+    async def mount(cls, path: str, *, key_removal: str = "soft", faults: FaultPlan | None = None,
+                    readonly: bool = False, **opts: Any) -> "Filesystem":
+        """``readonly``: open the image O_RDONLY under a shared lock (a 0444 image mounts; a
+        writer elsewhere refuses it) and refuse every change with EROFS."""
         keyring = Keyring(key_removal)
-        vol = await Volume.open(path, faults=faults)
+        vol = await Volume.open(path, readonly=readonly, faults=faults)
         fs = cls(vol, keyring, **opts)
-        await fs._recover_orphans()
+        if not readonly:
+            await fs._recover_orphans()
         fs.writeback.start()
         return fs
 
@@ -505,6 +523,8 @@ class Filesystem:
         if base not in ("r", "r+", "w", "w+", "a", "a+", "x", "x+"):
             raise InvalidArgument(f"bad open mode {mode!r}")
         create, excl, trunc = base[0] in "wax", base[0] == "x", base[0] == "w"
+        if base != "r" and self.vol.device.readonly:
+            raise ReadOnlyError(f"{path}: read-only file system")
         async with self.vol.join():
             try:
                 inode = self._resolve(path)

@@ -1,15 +1,16 @@
 """mkfs: a sparse image holding an empty filesystem (generation 1)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
 import time
 import uuid as uuidlib
 
-from blockemu.device.blockdev import BlockDevice
+from blockemu.device.blockdev import BlockDevice, open_image
 from blockemu.engine.transaction import Engine
-from blockemu.errors import ExistsError, InvalidArgument
+from blockemu.errors import ExistsError, ImageInUse, InvalidArgument, IsADirectory, NotADirectory
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk.items import InodeItem, InodeRef, Timespec
@@ -37,10 +38,10 @@ def new_inode(mode: int, transid: int, now_ns: int, nlink: int = 1, size: int = 
     return InodeItem(transid, transid, size, 0, 0, nlink, 0, 0, mode, 0, 0, 0, ts, ts, ts, ts)
 
 
-def check_options(size: int, nodesize: int, csum: str, label: str) -> int:
-    """Validate mkfs options; return the checksum type id."""
-    if size < MIN_SIZE:
-        raise InvalidArgument(f"size {size} is too small: the minimum is {MIN_SIZE >> 20} MiB")
+def check_options(size: str | int, nbytes: int, nodesize: int, csum: str, label: str) -> int:
+    """Validate mkfs options (``size`` as given, ``nbytes`` what it makes); return the checksum type id."""
+    if nbytes < MIN_SIZE:
+        raise InvalidArgument(f"size {size} is too small: the minimum is {MIN_SIZE >> 20}M ({MIN_SIZE} bytes)")
     if nodesize < MIN_NODE_SIZE or nodesize > MAX_NODE_SIZE or nodesize & (nodesize - 1):
         raise InvalidArgument(f"node size {nodesize} must be a power of two from 4K to 64K")
     if csum not in csums.BY_NAME:
@@ -50,23 +51,54 @@ def check_options(size: int, nodesize: int, csum: str, label: str) -> int:
     return csums.BY_NAME[csum]
 
 
-def prepare_image(path: str, size: int, force: bool) -> None:
+def check_target(path: str, force: bool) -> None:
+    """Refuse a directory, or a non-empty file without ``force``."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        st = None
-    if st is not None:
-        if stat.S_ISDIR(st.st_mode):
-            raise InvalidArgument(f"{path} is a directory")
-        if st.st_size > 0 and not force:
-            raise ExistsError(f"{path} exists and is not empty (use --force to overwrite)")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        # drop any old contents, then extend: the image stays sparse
-        os.ftruncate(fd, 0)
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectory(f"{path}: is a directory")
+    if st.st_size > 0 and not force:
+        raise ExistsError(f"{path} exists and is not empty (use --force to overwrite)")
+
+
+def encrypt_target(encrypt: str) -> str:
+    return "/" + "/".join(p for p in encrypt.split("/") if p)
+
+
+Plan = list[tuple[str, "str | None"]]  # (image path, host file or None for a directory), parents first
+
+
+def plan_population(rootdir: str | None, encrypt: str | None) -> tuple[Plan, list[str]]:
+    """What ``populate`` will create, and the host entries it skips. Checked before mkfs writes
+    anything, so a bad ``--encrypt`` leaves no half-built image behind."""
+    plan: Plan = []
+    skipped: list[str] = []
+    if rootdir is not None:
+        for top, dirs, files in os.walk(rootdir):
+            dirs.sort()
+            rel = os.path.relpath(top, rootdir)
+            base = "" if rel == "." else "/" + rel.replace(os.sep, "/")
+            if base:
+                plan.append((base, None))
+            for name in sorted(files):
+                host = os.path.join(top, name)
+                if os.path.islink(host) or not os.path.isfile(host):
+                    skipped.append(host)
+                    continue
+                plan.append((f"{base}/{name}", host))
+    if encrypt is not None:
+        files = dict(plan)
+        target = encrypt_target(encrypt)
+        parts = target.split("/")[1:] if target != "/" else []
+        chain = ["/" + "/".join(parts[:depth]) for depth in range(1, len(parts) + 1)] or ["/"]
+        for path in chain:
+            if files.get(path):
+                raise NotADirectory(f"--encrypt {encrypt}: {path} is not a directory (it is the file {files[path]})")
+        # the encrypted directory, and any parent --rootdir lacks, made first
+        plan[:0] = [(path, None) for path in chain if path not in files]
+    return plan, skipped
 
 
 async def mkfs(
@@ -92,34 +124,54 @@ async def mkfs(
         raise InvalidArgument(f"--rootdir {rootdir}: not a directory")
     nbytes = parse_size(size) // SECTOR_SIZE * SECTOR_SIZE
     nodesize = parse_size(node_size)
-    csum_type = check_options(nbytes, nodesize, csum, label)
+    csum_type = check_options(size, nbytes, nodesize, csum, label)
     try:
         fsid = uuidlib.UUID(uuid).bytes if uuid else uuidlib.uuid4().bytes
     except ValueError:
         raise InvalidArgument(f"bad uuid {uuid!r}") from None
-    prepare_image(path, nbytes, force)
-    sb = SuperInfo(
-        fsid=fsid,
-        generation=0,
-        root=RESERVED_START,
-        root_level=0,
-        total_bytes=nbytes,
-        bytes_used=0,
-        nodesize=nodesize,
-        csum_type=csum_type,
-        label=label,
-    )
-    engine = Engine.create(sb)
-    now = time.time_ns()
-    fs = engine.trees[FS_TREE_OBJECTID]
-    fs.insert((ROOT_DIR, INODE_ITEM, 0), new_inode(stat.S_IFDIR | 0o755, 1, now, nlink=2).pack())
-    fs.insert((ROOT_DIR, INODE_REF, ROOT_DIR), InodeRef(0, b"..").pack())
-    vol = Volume(BlockDevice.open_sync(path), engine)
-    await vol.close()
-    if rootdir is not None or encrypt is not None:
-        await populate(path, rootdir, encrypt, key, progress)
+    populating = rootdir is not None or encrypt is not None
+    plan, skipped = plan_population(rootdir, encrypt) if populating else ([], [])
+    check_target(path, force)
+    fd = open_image(path, readonly=False, create=True)  # locked before anything is written
+    try:
+        # drop any old contents, then extend: the image stays sparse
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, nbytes)
+        dev = BlockDevice(path, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        sb = SuperInfo(
+            fsid=fsid,
+            generation=0,
+            root=RESERVED_START,
+            root_level=0,
+            total_bytes=nbytes,
+            bytes_used=0,
+            nodesize=nodesize,
+            csum_type=csum_type,
+            label=label,
+        )
+        engine = Engine.create(sb)
+        now = time.time_ns()
+        fs = engine.trees[FS_TREE_OBJECTID]
+        fs.insert((ROOT_DIR, INODE_ITEM, 0), new_inode(stat.S_IFDIR | 0o755, 1, now, nlink=2).pack())
+        fs.insert((ROOT_DIR, INODE_REF, ROOT_DIR), InodeRef(0, b"..").pack())
+        vol = Volume(dev, engine)
+        await vol.close()
+        if not populating:
+            return vol.sb
+        await populate(path, plan, skipped, encrypt, key, progress)
         return read_super(path)
-    return vol.sb
+    except ImageInUse:
+        raise  # another process took the image between mkfs's write and populate's mount: theirs now
+    except BaseException:
+        # a half-built image is worse than none: what was there is gone already (truncated)
+        dev.close_sync()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
 
 
 def read_super(path: str) -> SuperInfo:
@@ -129,28 +181,12 @@ def read_super(path: str) -> SuperInfo:
         return img.best_super()
 
 
-async def populate(image: str, rootdir: str | None, encrypt: str | None, key: bytes | None, progress: bool) -> None:
+async def populate(image: str, plan: Plan, skipped: list[str], encrypt: str | None, key: bytes | None,
+                   progress: bool) -> None:
     """Copy a host tree into the image, top-down, so an encrypted directory gets its policy while empty."""
     from blockemu.fs.filesystem import mount
 
-    plan: list[tuple[str, str | None]] = []  # (image path, host file or None for a directory)
-    skipped: list[str] = []
-    if rootdir is not None:
-        for top, dirs, files in os.walk(rootdir):
-            dirs.sort()
-            rel = os.path.relpath(top, rootdir)
-            base = "" if rel == "." else "/" + rel.replace(os.sep, "/")
-            if base:
-                plan.append((base, None))
-            for name in sorted(files):
-                host = os.path.join(top, name)
-                if os.path.islink(host) or not os.path.isfile(host):
-                    skipped.append(host)
-                    continue
-                plan.append((f"{base}/{name}", host))
-    enc = "/" + encrypt.strip("/") if encrypt else None
-    if enc and (enc, None) not in plan:
-        plan.insert(0, (enc, None))
+    enc = encrypt_target(encrypt) if encrypt is not None else None
     total = sum(os.path.getsize(h) for _, h in plan if h) or 1
     async with mount(image, interval=3600) as fs:
         kid = await fs.add_key(key) if key is not None else None

@@ -17,7 +17,10 @@ from blockemu.ondisk.superblock import SuperInfo, decode_super
 def read_primary_super(dev: BlockDevice) -> SuperInfo:
     if dev.size < SUPER_OFFSETS[0] + SUPER_INFO_SIZE:
         raise CorruptionError(f"{dev.path}: too small to hold a superblock ({dev.size} bytes)", "BAD_MAGIC")
-    sb = decode_super(dev.read_sync(SUPER_OFFSETS[0], SUPER_INFO_SIZE), SUPER_OFFSETS[0])
+    try:
+        sb = decode_super(dev.read_sync(SUPER_OFFSETS[0], SUPER_INFO_SIZE), SUPER_OFFSETS[0])
+    except CorruptionError as e:
+        raise CorruptionError(f"{dev.path}: {e}", e.kind, e.bytenr) from None
     if sb.total_bytes > dev.size:
         raise CorruptionError(
             f"{dev.path}: image truncated: superblock says {sb.total_bytes} bytes, file has {dev.size}", "SUPERBLOCK"

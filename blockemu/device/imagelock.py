@@ -1,0 +1,61 @@
+"""One writer per image: a lock on the image file, taken where the file is opened.
+
+Two processes writing one image destroy it: each commits trees built from its own
+view of the free space, so each overwrites the other's blocks. Every open of an
+image therefore locks it (``open_image``): read-write opens (mount, mkfs, put,
+mkdir, fsck --repair, run, stress) take an exclusive lock; read-only opens (ls,
+cat, extents, inspect, fsck) a shared one. Readers are *refused* while a writer
+holds the image, and a writer while readers do, rather than reading the last
+committed generation: a committed generation stays intact only until the writer's
+next commit frees its blocks for reuse, so a long read (fsck of a large image)
+could not rely on it.
+
+The locks are Linux open file description (OFD) locks: owned by the open file,
+not the process, so two opens in one process conflict too (two mounts of one
+image in one program are refused as well), closing some other descriptor of the
+file does not drop them (classic POSIX locks' trap), and the kernel releases them
+when the process dies, however it dies: a crash never leaves a stale lock.
+
+F_OFD_GETLK reports no pid for an OFD lock (l_pid is -1), so each holder also
+locks one byte at ``PID_BASE + its pid``: the conflicting lock that F_OFD_GETLK
+finds in that range names the holder by its offset. The bytes lie far beyond any
+image's end; locks do not need the bytes to exist.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+from blockemu.errors import ImageInUse
+
+# struct flock as Linux lays it out on 64-bit machines: l_type, l_whence, l_start, l_len, l_pid
+FLOCK = struct.Struct("hhqqi4x")
+PID_BASE = 1 << 40
+PID_SPAN = 1 << 22  # the largest pid_max Linux allows
+
+
+def _fcntl(fd: int, cmd: int, kind: int, start: int, length: int) -> tuple[int, int, int, int, int]:
+    return FLOCK.unpack(fcntl.fcntl(fd, cmd, FLOCK.pack(kind, os.SEEK_SET, start, length, 0)))
+
+
+def lock_image(fd: int, path: str, *, exclusive: bool) -> None:
+    """Lock the open image, or raise ImageInUse (EBUSY) naming the holder."""
+    kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+    try:
+        _fcntl(fd, fcntl.F_OFD_SETLK, kind, 0, 1)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise holder(fd, path) from None
+    _fcntl(fd, fcntl.F_OFD_SETLK, kind, PID_BASE + os.getpid(), 1)
+
+
+def holder(fd: int, path: str) -> ImageInUse:
+    """The error for a lock refused on ``fd``: who holds the image, and how."""
+    held, *_ = _fcntl(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, 0, 1)
+    found, _, start, _, _ = _fcntl(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, PID_BASE, PID_SPAN)
+    # a holder between its two locks has no pid byte yet; one that just let go, neither
+    pid = start - PID_BASE if found != fcntl.F_UNLCK else None
+    return ImageInUse(path, pid, writing=held != fcntl.F_RDLCK)
