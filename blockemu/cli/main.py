@@ -310,7 +310,8 @@ def cmd_extents(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     if a.list:
         for name, text in sorted(scenarios().items()):
-            print(textwrap.fill(describe(text), 100, initial_indent=f"{name:<22} ", subsequent_indent=" " * 23))
+            print(textwrap.fill(describe(text), 100, initial_indent=f"{name:<22} ", subsequent_indent=" " * 23,
+                                break_on_hyphens=False))
         return 0
     if not a.workload:
         raise UsageError("run: a job file or a scenario name is needed (or --list)")

@@ -139,6 +139,8 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
                 current = Job(section, dict(scope), lineno)
                 jf.jobs.append(current)
             continue
+        if line.startswith("["):
+            raise InvalidArgument(f"{where}: malformed section header {line!r} (expected [name])")
         key, _, value = line.partition("=")
         key, value = key.strip(), _expand(value.strip(), where)
         if key not in OPTIONS:

@@ -1,0 +1,101 @@
+"""The exact text of the command line's smaller messages (issue 11, item 5).
+
+These run ``blockemu.cli.main.main`` in this process -- the console script's entry
+point, minus a second of interpreter start-up each -- and compare stdout and stderr
+whole."""
+from __future__ import annotations
+
+import json
+import os
+from importlib.metadata import version
+
+import pytest
+
+from blockemu.cli.main import main
+from blockemu.crypto.fscrypt import key_identifier
+from blockemu.workload.runner import scenarios
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_mkfs_too_small_names_the_size_given_and_the_minimum(tmp_path, capsys):
+    img = tmp_path / "s.img"
+    assert cli(capsys, "mkfs", str(img), "--size", "1K") == (
+        1, "", "blockemu: mkfs: size 1K is too small: the minimum is 16M (16777216 bytes)\n")
+    assert not img.exists()
+
+
+def test_a_malformed_section_header_names_file_and_line(tmp_path, capsys):
+    job = tmp_path / "j.fio"
+    job.write_text("; a job\n[global]\nbs=4k\n[j\nrw=write\n")
+    assert cli(capsys, "run", str(job)) == (
+        1, "", f"blockemu: run: {job}:4: malformed section header '[j' (expected [name])\n")
+
+
+def test_mkfs_encrypt_of_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    root = tmp_path / "D"
+    root.mkdir()
+    (root / "a.txt").write_text("hi")
+    key = tmp_path / "k"
+    key.write_bytes(bytes(range(32)))
+    img = tmp_path / "m.img"
+    args = ["mkfs", str(img), "--size", "32M", "--rootdir", str(root), "--encrypt", "/a.txt", "--key-file", str(key)]
+    want = f"blockemu: mkfs: --encrypt /a.txt: /a.txt is not a directory (it is the file {root}/a.txt)\n"
+    assert cli(capsys, *args) == (1, "", want)
+    assert not img.exists()
+    assert cli(capsys, "mkfs", str(img), "--size", "32M")[0] == 0
+    before = img.read_bytes()
+    assert cli(capsys, *args, "--force") == (1, "", want)
+    assert img.read_bytes() == before  # the old image untouched
+
+
+def test_a_wrong_key_is_told_apart_from_no_key(tmp_path, capsys):
+    img, right, wrong, host = (str(tmp_path / n) for n in ("k.img", "right", "wrong", "host"))
+    open(right, "wb").write(bytes(range(32)))
+    open(wrong, "wb").write(bytes(range(1, 33)))
+    open(host, "wb").write(b"secret")
+    assert cli(capsys, "mkfs", img, "--size", "32M")[0] == 0
+    assert cli(capsys, "mkdir", img, "/e", "--encrypt", "--key-file", right)[0] == 0
+    assert cli(capsys, "put", img, host, "/e/x", "--key-file", right)[0] == 0
+    have, need = key_identifier(bytes(range(1, 33))).hex(), key_identifier(bytes(range(32))).hex()
+    assert cli(capsys, "cat", img, "/e/x", "--key-file", wrong) == (
+        1, "", f"blockemu: cat: key {have} does not unlock /e/x (its encryption policy uses key {need})\n")
+    assert cli(capsys, "put", img, host, "/e/new", "--key-file", wrong) == (
+        1, "", f"blockemu: put: key {have} does not unlock /e (its encryption policy uses key {need})\n")
+    assert cli(capsys, "cat", img, "/e/x") == (1, "", "blockemu: cat: Required key not available\n")
+
+
+@pytest.mark.parametrize("command", [["ls"], ["cat", "/x"]])
+def test_a_file_that_is_no_image_is_named(tmp_path, capsys, command):
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(os.urandom(1 << 20))
+    assert cli(capsys, command[0], str(junk), *command[1:]) == (
+        1, "", f"blockemu: {command[0]}: {junk}: superblock at 65536: bad magic, not a blockemu image\n")
+
+
+def test_run_list_gives_whole_descriptions(capsys):
+    rc, out, err = cli(capsys, "run", "--list")
+    assert rc == 0 and err == ""
+    listed = " ".join(out.split())
+    for name, text in scenarios().items():
+        comment = " ".join(" ".join(ln.lstrip(";") for ln in text.split("\n[", 1)[0].splitlines()).split())
+        assert f"{name} {comment}" in listed
+
+
+def test_errors_with_json_are_json_on_stdout_too(tmp_path, capsys):
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(os.urandom(1 << 20))
+    why = f"{junk}: superblock at 65536: bad magic, not a blockemu image"
+    rc, out, err = cli(capsys, "stress", str(junk), "--json")
+    assert (rc, err) == (1, f"blockemu: stress: {why}\n")
+    assert json.loads(out) == {"error": {"command": "stress", "errno": 117, "code": "EUCLEAN", "message": why}}
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"blockemu {version('blockemu')}\n"

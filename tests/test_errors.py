@@ -1,0 +1,77 @@
+"""Errors Python code can catch as it catches os's (issue 11, item 4)."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+import blockemu
+from blockemu import errors
+from blockemu.errors import BlockemuError
+
+
+def every_error_class() -> list[type[BlockemuError]]:
+    seen, todo = [], [BlockemuError]
+    while todo:
+        cls = todo.pop()
+        seen.append(cls)
+        todo += cls.__subclasses__()
+    return seen
+
+
+@pytest.mark.parametrize("cls", every_error_class(), ids=lambda c: c.__name__)
+def test_each_error_has_the_builtin_class_of_its_errno(cls):
+    builtin = type(OSError(cls.code, "x"))  # what os would raise for this errno
+    assert issubclass(cls, builtin), f"{cls.__name__} (errno {errno.errorcode[cls.code]}) should derive from {builtin.__name__}"
+
+
+def test_message_and_errno_survive():
+    e = errors.NotFoundError("/a: no such file or directory")
+    assert isinstance(e, FileNotFoundError) and e.errno == errno.ENOENT and str(e) == "/a: no such file or directory"
+    k = errors.NoKeyError("Required key not available")
+    assert type(k).__mro__[1:] == (BlockemuError, OSError, Exception, BaseException, object)
+    assert k.errno == errno.ENOKEY
+
+
+async def test_the_api_raises_what_os_would(tmp_path):
+    img = str(tmp_path / "e.img")
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img, seal_workers=0) as fs:
+        await fs.mkdir("/d")
+        async with fs.open("/f", "w") as f:
+            await f.write(b"x")
+        with pytest.raises(FileNotFoundError):
+            await fs.open("/missing")
+        with pytest.raises(FileExistsError):
+            await fs.mkdir("/d")
+        with pytest.raises(FileExistsError):
+            await fs.open("/f", "x")
+        with pytest.raises(IsADirectoryError):
+            await fs.open("/d", "r")
+        with pytest.raises(IsADirectoryError):
+            await fs.unlink("/d")
+        with pytest.raises(NotADirectoryError):
+            await fs.readdir("/f")
+        with pytest.raises(NotADirectoryError):
+            await fs.mkdir("/f/sub")
+        with pytest.raises(FileNotFoundError):
+            await fs.stat("/d/nothing")
+    with pytest.raises(FileNotFoundError):
+        await blockemu.mount(str(tmp_path / "no.img"))
+    with pytest.raises(IsADirectoryError):
+        await blockemu.mount(str(tmp_path))
+
+
+async def test_stat_has_the_float_times_of_os_stat_result(tmp_path):
+    img = str(tmp_path / "s.img")
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img, seal_workers=0) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"x")
+        s = await fs.stat("/f")
+    host = os.stat(img)
+    for name in ("st_atime", "st_mtime", "st_ctime"):
+        assert isinstance(getattr(s, name), float) and isinstance(getattr(host, name), float)
+        assert getattr(s, name) == getattr(s, name + "_ns") / 1e9
+    assert abs(s.st_mtime - host.st_mtime) < 60

@@ -1,0 +1,156 @@
+"""One writer per image (issue 10, item 1): real processes contend for one image file.
+
+The holder is a separate Python process that mounts the image, writes and fsyncs, says
+"up" on its stdout and keeps the image mounted until the test writes a line to its stdin:
+every step is a handshake, nothing waits on a timer.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import blockemu
+from blockemu.check.fsck import check
+from blockemu.device.image import ImageFile
+from blockemu.errors import ImageInUse, ReadOnlyError
+
+HOLDER = """
+import asyncio, sys, blockemu
+async def main():
+    async with blockemu.mount(sys.argv[1], seal_workers=0) as fs:
+        await fs.mkdir("/held")
+        for i in range(20):
+            async with fs.open(f"/held/f{i}", "w") as f:
+                await f.write(bytes([i]) * 5000)
+                await f.fsync()
+        print("up", flush=True)
+        sys.stdin.readline()
+asyncio.run(main())
+"""
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "blockemu", *args], capture_output=True, text=True, timeout=60, **kw)
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+def in_use(path: str, pid: int, how: str = "mounted or open for writing") -> str:
+    return f"{path}: image is in use by pid {pid} ({how}); one writer per image"
+
+
+@pytest.fixture
+async def image(tmp_path) -> str:
+    path = str(tmp_path / "a.img")
+    await blockemu.mkfs(path, size="32M")
+    return path
+
+
+@pytest.fixture
+def holder(image):
+    """A process with ``image`` mounted; the test lets it unmount by writing a line."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, image], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "up\n", proc.stderr.read()
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+async def test_a_second_writer_is_refused_and_the_holder_loses_nothing(image, holder, tmp_path):
+    with pytest.raises(ImageInUse) as e:
+        await blockemu.mount(image)
+    assert e.value.errno == errno.EBUSY and e.value.pid == holder.pid
+    assert str(e.value) == in_use(image, holder.pid)
+    host = tmp_path / "x"
+    host.write_bytes(b"intruder")
+    p = cli("put", image, str(host), "/x")
+    assert (p.returncode, p.stderr) == (1, f"blockemu: put: {in_use(image, holder.pid)}\n")
+    before = open(image, "rb").read()
+    with pytest.raises(ImageInUse, match=f"pid {holder.pid}"):
+        await blockemu.mkfs(image, size="32M", force=True)
+    assert open(image, "rb").read() == before
+    # readers take a shared lock: refused too while a writer holds the image (README, "One writer per image")
+    p = cli("ls", image)
+    assert (p.returncode, p.stderr) == (1, f"blockemu: ls: {in_use(image, holder.pid)}\n")
+    with pytest.raises(ImageInUse, match=f"pid {holder.pid}"):
+        check(image)
+
+    holder.stdin.write("done\n")
+    holder.stdin.flush()
+    assert holder.wait(timeout=60) == 0, holder.stderr.read()
+    async with blockemu.mount(image) as fs:
+        assert not await fs.exists("/x")
+        assert sorted(await fs.readdir("/held")) == sorted(f"f{i}" for i in range(20))
+        for i in range(20):
+            async with fs.open(f"/held/f{i}") as f:
+                assert await f.read() == bytes([i]) * 5000
+    assert check(image).clean
+
+
+async def test_the_lock_of_a_killed_holder_is_gone(image, holder):
+    holder.send_signal(signal.SIGKILL)
+    assert holder.wait(timeout=60) == -signal.SIGKILL
+    async with blockemu.mount(image) as fs:  # no stale lock: the kernel dropped it with the process
+        assert len(await fs.readdir("/held")) == 20
+    assert check(image).clean
+
+
+async def test_readers_share_and_keep_writers_out(image):
+    with ImageFile.open(image), ImageFile.open(image):  # two readers at once
+        p = cli("mkdir", image, "/d")
+        assert (p.returncode, p.stderr) == (1, f"blockemu: mkdir: {in_use(image, os.getpid(), 'open for reading')}\n")
+        with pytest.raises(ImageInUse, match="in use by this process"):
+            await blockemu.mount(image)  # the lock belongs to the open, so one program's two opens conflict too
+        assert cli("ls", image).returncode == 0
+    async with blockemu.mount(image) as fs:
+        await fs.mkdir("/d")
+
+
+async def test_a_read_only_mount_refuses_changes(image):
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"data")
+    async with blockemu.mount(image, readonly=True) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == b"data"
+        with pytest.raises(ReadOnlyError) as e:
+            await fs.open("/f", "a")
+        assert e.value.errno == errno.EROFS
+        with pytest.raises(ReadOnlyError):
+            await fs.mkdir("/d")
+    assert check(image).clean
+
+
+def obey_file_modes() -> None:
+    """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding
+    set (prctl PR_CAPBSET_DROP), so even root gets EACCES opening a 0444 file for writing."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0):
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+async def test_read_only_commands_work_on_a_0444_image(tmp_path):
+    """ls, cat and fsck (and extents, inspect) open the image O_RDONLY; put, which writes, cannot."""
+    img, host = str(tmp_path / "ro.img"), tmp_path / "h"
+    host.write_bytes(b"x")
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img) as fs:
+        async with fs.open("/h", "w") as f:
+            await f.write(b"read me" * 1000)
+    os.chmod(img, 0o444)
+    as_reader = {"preexec_fn": obey_file_modes} if os.geteuid() == 0 else {}
+    p = cli("ls", img, "-l", **as_reader)
+    assert p.returncode == 0 and p.stdout.endswith(" h\n"), p.stderr
+    assert cli("fsck", img, **as_reader).returncode == 0
+    assert cli("cat", img, "/h", **as_reader).stdout == "read me" * 1000
+    p = cli("put", img, str(host), "/g", **as_reader)
+    assert (p.returncode, p.stderr) == (1, f"blockemu: put: {img}: permission denied (opening it for writing)\n")
