@@ -17,8 +17,9 @@ import pytest
 
 import blockemu
 from blockemu.check.fsck import check
+from blockemu.check.repair import repair
 from blockemu.device.image import ImageFile
-from blockemu.errors import ImageInUse, ReadOnlyError
+from blockemu.errors import Busy, ImageInUse, ReadOnlyError
 
 HOLDER = """
 import asyncio, sys, blockemu
@@ -127,6 +128,17 @@ async def test_a_read_only_mount_refuses_changes(image):
         with pytest.raises(ReadOnlyError):
             await fs.mkdir("/d")
     assert check(image).clean
+
+
+async def test_a_repair_refuses_an_image_changed_since_its_check(image):
+    """fsck --repair checks under a shared lock and repairs under an exclusive one: a writer
+    that got in between would make the report's fixes stale."""
+    report = check(image)
+    async with blockemu.mount(image) as fs:
+        await fs.mkdir("/meanwhile")
+    with pytest.raises(Busy, match="changed since the check"):
+        await repair(image, report)
+    assert await repair(image, check(image)) == 0
 
 
 def obey_file_modes() -> None:

@@ -16,7 +16,7 @@ import os
 from blockemu.check.fsck import FsckReport
 from blockemu.device.blockdev import open_image
 from blockemu.device.image import ImageFile
-from blockemu.errors import CorruptionError
+from blockemu.errors import Busy, CorruptionError
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import InodeItem, name_hash, pack_dir_entries, unpack_dir_entries
@@ -56,6 +56,11 @@ async def repair(path: str, report: FsckReport) -> int:
         restore_primary_super(path)
     vol = await Volume.open(path, rebuild_free_space=True)
     try:
+        if vol.generation != report.generation:
+            # the check ran under a shared lock, released before this exclusive one: a writer
+            # in between makes the report's fixes stale, and applying them would do harm
+            raise Busy(f"{path}: generation {vol.generation} is not the checked {report.generation}: "
+                       "the image changed since the check; run the repair again")
         async with vol.join() as engine:
             for e in report.errors:
                 if e.fix is None:
