@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from importlib.metadata import version
 
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from blockemu.cli.main import main
 from blockemu.crypto.fscrypt import key_identifier
 from blockemu.workload.runner import scenarios
+from tests.util import obey_file_modes
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -51,6 +54,21 @@ def test_mkfs_encrypt_of_a_file_is_refused_before_anything_is_written(tmp_path, 
     before = img.read_bytes()
     assert cli(capsys, *args, "--force") == (1, "", want)
     assert img.read_bytes() == before  # the old image untouched
+
+
+def test_mkfs_that_fails_while_populating_leaves_no_image(tmp_path):
+    """A failure after mkfs started writing (here: a --rootdir file it may not read) removes the
+    half-built image. Run as a process that obeys file modes even as root."""
+    root = tmp_path / "D"
+    root.mkdir()
+    (root / "secret").write_bytes(b"x" * 10000)
+    os.chmod(root / "secret", 0)
+    img = tmp_path / "p.img"
+    p = subprocess.run([sys.executable, "-m", "blockemu", "mkfs", str(img), "--size", "32M", "--rootdir", str(root)],
+                       capture_output=True, text=True, timeout=60,
+                       preexec_fn=obey_file_modes if os.geteuid() == 0 else None)
+    assert (p.returncode, p.stderr) == (1, f"blockemu: mkfs: Permission denied: {root}/secret\n")
+    assert not img.exists()
 
 
 def test_a_wrong_key_is_told_apart_from_no_key(tmp_path, capsys):

@@ -6,7 +6,6 @@ every step is a handshake, nothing waits on a timer.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
@@ -20,6 +19,7 @@ from blockemu.check.fsck import check
 from blockemu.check.repair import repair
 from blockemu.device.image import ImageFile
 from blockemu.errors import Busy, ImageInUse, ReadOnlyError
+from tests.util import obey_file_modes
 
 HOLDER = """
 import asyncio, sys, blockemu
@@ -139,15 +139,6 @@ async def test_a_repair_refuses_an_image_changed_since_its_check(image):
     with pytest.raises(Busy, match="changed since the check"):
         await repair(image, report)
     assert await repair(image, check(image)) == 0
-
-
-def obey_file_modes() -> None:
-    """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding
-    set (prctl PR_CAPBSET_DROP), so even root gets EACCES opening a 0444 file for writing."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):
-        if libc.prctl(24, cap, 0, 0, 0):
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
 async def test_read_only_commands_work_on_a_0444_image(tmp_path):

@@ -1,6 +1,7 @@
 """Small helpers shared by the tests."""
 from __future__ import annotations
 
+import ctypes
 import errno
 
 KEY = bytes(range(1, 65))  # the test master key; KID is its fscrypt identifier
@@ -28,3 +29,13 @@ class ErrnoCheck:
         assert exc is not None, f"expected errno {errno.errorcode[self.code]}"
         assert isinstance(exc, OSError) and exc.errno == self.code, (exc, errno.errorcode[self.code])
         return True
+
+
+def obey_file_modes() -> None:
+    """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding
+    set (prctl PR_CAPBSET_DROP), so even root gets EACCES where the file's mode says no.
+    Pass as ``preexec_fn`` when ``os.geteuid() == 0``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0):
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
