@@ -48,6 +48,9 @@ def open_image(path: str, readonly: bool, *, create: bool = False) -> int:
     try:
         if stat.S_ISDIR(os.fstat(fd).st_mode):  # O_RDONLY opens a directory without complaint
             raise IsADirectory(f"{path}: is a directory")
+        # writers exclusive, readers shared: a reader is refused while a writer holds the image
+        # rather than served its last committed generation, whose blocks the writer's next
+        # commit may reuse (imagelock.py, README "One writer per image")
         lock_image(fd, path, exclusive=not readonly)
     except BaseException:
         os.close(fd)
