@@ -28,9 +28,16 @@ class Arena:
         return self.view[frame * PAGE : (frame + 1) * PAGE]
 
     def close(self) -> None:
-        self.view.release()
-        try:
-            self.map.close()
-        except BufferError:  # a page view outlives the mount: the mapping goes with it
-            pass
+        unmap(self.map, self.view)
         os.close(self.fd)
+
+
+def unmap(mapping: mmap.mmap, view: memoryview) -> None:
+    """Release our view and unmap -- unless a slice of it outlives its use (a caller, or an
+    exception's traceback, still holds one): the mapping then goes when the last one does.
+    Closing never fails for it: a leftover view must not stop an unmount."""
+    view.release()
+    try:
+        mapping.close()
+    except BufferError:
+        pass

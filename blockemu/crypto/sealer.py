@@ -12,6 +12,14 @@ this process.
 The workers are plain ``python -c`` subprocesses that inherit the two memfds and
 speak a small request/response protocol on their pipes -- not multiprocessing,
 whose spawn start method re-imports the user's ``__main__`` in every worker.
+
+The pool is supervised. A worker that exits, closes its pipe or leaves a request
+unanswered past a deadline is killed and reaped; only then do its requests fail
+(EIO, naming the worker) and their slots return to the idle queue, so a slot is
+never handed to a new user while a worker may still read its key or write its
+ciphertext. The next request tops the pool up with a new worker, at most
+``respawns`` times a minute: past that, sealing continues on the workers left,
+or in a thread of this process when none is.
 """
 from __future__ import annotations
 
@@ -21,15 +29,23 @@ import contextlib
 import mmap
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from blockemu.crypto import fscrypt
-from blockemu.crypto.arena import Arena
+from blockemu.crypto.arena import Arena, unmap
 from blockemu.crypto.fscrypt import Buffer
+from blockemu.errors import DeviceIOError
 from blockemu.crypto.sealworker import BOOT, IN_SLOT, KEY, PAGE, RESPONSE, digests, request, slot_size
 
 POOL_THRESHOLD = 256 << 10
 DEPTH = 3  # requests in flight per worker
+# A 1 MiB extent seals in milliseconds; a worker at nice 10 on a machine loaded with
+# other work can take far longer, and killing a slow but healthy worker loses data
+TIMEOUT = 30.0  # seconds a worker may take to answer the request at the head of its pipe
+START_TIMEOUT = 30.0  # seconds a new worker may take to start (at least TIMEOUT)
+CLOSE_TIMEOUT = 5.0  # seconds close() waits for a worker to exit before killing it
+RESPAWNS = 4  # replacement workers per RESPAWN_WINDOW; a crash loop must not become a fork loop
+RESPAWN_WINDOW = 60.0
 
 
 def worker_count(requested: int | None) -> int:
@@ -47,12 +63,67 @@ def seal_batch(jobs: list[tuple[bytearray | None, bytes]], csum_type: int) -> li
 
 
 class _Worker:
-    """One worker process; requests are pipelined (several in flight), answered in order."""
+    """One worker process; requests are pipelined (several in flight), answered in order.
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    Its end is one path whatever the cause (exit, closed pipe, deadline, close): it leaves
+    the pool at once, the process is reaped (killed first unless it exits by itself), and
+    only then does every request still waiting fail with EIO."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, timeout: float, on_exit: Callable[["_Worker"], None]) -> None:
         self.proc = proc
-        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+        self.pid = proc.pid
+        self.timeout = timeout
+        self.waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
+        self.why: str | None = None  # why we stopped it, if we did
+        self._on_exit = on_exit
+        self._deadline: asyncio.TimerHandle | None = None
+        # its greeting is answered like a request: the worker has started, in time
+        self.ready: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.waiting.append(self.ready)
+        self._arm()
         self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    def send(self, off: int, frames: list[int], cap: int, csum_type: int) -> asyncio.Future[bytes]:
+        """Queue a request; the future holds its digests. The pipe is not drained: requests
+        are tiny and their number is bounded by the slots, and a worker that stops reading
+        is caught by the deadline (a broken pipe ends in its exit, seen by the reader)."""
+        assert self.proc.stdin is not None
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        if self.why is not None:
+            fut.set_exception(self._error())
+            return fut
+        self.waiting.append(fut)
+        self.proc.stdin.write(request(off, frames, cap, csum_type))
+        if len(self.waiting) == 1:
+            self._arm()
+        return fut
+
+    def _arm(self) -> None:
+        """The deadline runs for the request at the head of the pipe: the worker answers in
+        order, so the clock starts when the previous answer arrived (or at the send)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self.waiting and self.why is None:
+            starting = self.waiting[0] is self.ready
+            limit = max(self.timeout, START_TIMEOUT) if starting else self.timeout
+            self._deadline = asyncio.get_running_loop().call_later(
+                limit, self.kill, f"did not {'start' if starting else 'answer'} within {limit:g} s")
+
+    def kill(self, why: str) -> None:
+        """Stop the worker (SIGKILL also ends a stopped process); the reader then sees the
+        pipe close, reaps it and fails what it held."""
+        if self.why is None:
+            self.why = why
+        self._on_exit(self)
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    def _error(self) -> DeviceIOError:
+        rc = self.proc.returncode
+        why = self.why or (f"was killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with status {rc}")
+        return DeviceIOError(f"sealing worker {self.pid} {why}")
 
     async def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -60,59 +131,116 @@ class _Worker:
             while True:
                 (size,) = RESPONSE.unpack(await self.proc.stdout.readexactly(RESPONSE.size))
                 raw = await self.proc.stdout.readexactly(size)
+                if not self.waiting:
+                    raise ValueError("an answer to no request")
                 fut = self.waiting.popleft()
+                self._arm()
                 if not fut.done():
                     fut.set_result(raw)
-        except (asyncio.IncompleteReadError, ConnectionError) as e:
-            while self.waiting:
-                fut = self.waiting.popleft()
-                if not fut.done():
-                    fut.set_exception(OSError(f"sealing worker exited: {e}"))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # it exited, or is exiting (after a kill of ours, or of its own accord)
+        except asyncio.CancelledError:  # the loop is going away: leave no worker behind
+            self.kill("was cancelled")
+            self._fail()
+            raise
+        except Exception as e:  # a garbled answer: nothing it says can be trusted
+            self.kill(f"broke the protocol ({e!r})")
+        self._on_exit(self)  # a replacement may start now: the slots stay held until _fail
+        try:
+            await asyncio.wait_for(self.proc.wait(), self.timeout)
+        except TimeoutError:
+            self.kill(f"closed its pipe but did not exit within {self.timeout:g} s")
+            await self.proc.wait()
+        self._fail()
 
-    async def seal(self, off: int, frames: list[int], cap: int, csum_type: int) -> bytes:
-        assert self.proc.stdin is not None
-        fut = asyncio.get_running_loop().create_future()
-        self.waiting.append(fut)
-        self.proc.stdin.write(request(off, frames, cap, csum_type))
-        await self.proc.stdin.drain()
-        return await fut
+    def _fail(self) -> None:
+        """The worker is dead: its requests fail and, through their futures, free their slots."""
+        self._on_exit(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
+        err = self._error()
+        while self.waiting:
+            fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(err)
 
 
 class Sealer:
-    def __init__(self, *, arena: Arena, max_extent: int, workers: int) -> None:
+    def __init__(self, *, arena: Arena, max_extent: int, workers: int, timeout: float = TIMEOUT,
+                 close_timeout: float = CLOSE_TIMEOUT, respawns: int = RESPAWNS) -> None:
         self.workers = workers
         self.arena = arena
         self.max_extent = max_extent
         self.slot = slot_size(max_extent)
+        self.timeout = timeout
+        self.close_timeout = close_timeout
+        self.respawns = respawns
         self._slots: tuple[int, mmap.mmap, memoryview] | None = None  # memfd, its mapping, a view
-        self._idle: asyncio.Queue[tuple[_Worker, int]] | None = None
-        self._procs: list[asyncio.subprocess.Process] = []
-        self._workers: list[_Worker] = []
-        self._starting: asyncio.Lock | None = None
+        # DEPTH slots per worker: the next extent is already waiting when one is done, so a
+        # worker never idles while this process is busy elsewhere. A slot belongs to no
+        # worker: whoever holds its offset owns it until its request is answered or failed.
+        self._idle: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(workers * DEPTH if workers >= 2 else 0):
+            self._idle.put_nowait(i * self.slot)
+        self._workers: list[_Worker] = []  # the live ones
+        self._spawned: collections.deque[float] = collections.deque()  # when replacements started
+        self._starting = asyncio.Lock()
         # small extents requested in the same loop turn share one trip to a thread
         self._batch: list[tuple[bytearray | None, bytes, int, asyncio.Future]] = []
 
-    async def _start(self) -> None:
-        # DEPTH slots per worker: the next extent is already waiting when one is done, so a
-        # worker never idles while this process is busy elsewhere
-        size = self.workers * DEPTH * self.slot
-        fd = os.memfd_create("blockemu-seal", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
-        mapping = mmap.mmap(fd, size)
-        self._slots = (fd, mapping, memoryview(mapping))
-        self._idle = asyncio.Queue()
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self._workers]
+
+    async def _spawn(self) -> None:
+        assert self._slots is not None
+        fd, size = self._slots[0], len(self._slots[1])
         package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # blockemu/, not crypto/
         arena = self.arena
-        for i in range(self.workers):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", BOOT, package, str(arena.fd), str(len(arena.map)), str(fd), str(size),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(arena.fd, fd),
-            )
-            self._procs.append(proc)
-            worker = _Worker(proc)
-            self._workers.append(worker)
-            for d in range(DEPTH):
-                self._idle.put_nowait((worker, (i * DEPTH + d) * self.slot))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", BOOT, package, str(arena.fd), str(len(arena.map)), str(fd), str(size),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(arena.fd, fd),
+        )
+        worker = _Worker(proc, self.timeout, self._exited)
+        await worker.ready
+        self._workers.append(worker)
+
+    def _exited(self, worker: _Worker) -> None:
+        with contextlib.suppress(ValueError):  # close() has already let it go
+            self._workers.remove(worker)
+
+    async def _pick(self) -> _Worker | None:
+        """The live worker with the fewest requests in flight, after topping the pool up
+        (replacements within the respawn budget); None when there is no worker to be had."""
+        if len(self._workers) < self.workers:
+            async with self._starting:
+                missing = self.workers - len(self._workers)
+                if self._slots is None:  # the first start
+                    size = self.workers * DEPTH * self.slot
+                    fd = os.memfd_create("blockemu-seal", os.MFD_CLOEXEC)
+                    os.ftruncate(fd, size)
+                    mapping = mmap.mmap(fd, size)
+                    self._slots = (fd, mapping, memoryview(mapping))
+                else:
+                    now = asyncio.get_running_loop().time()
+                    while self._spawned and self._spawned[0] < now - RESPAWN_WINDOW:
+                        self._spawned.popleft()
+                    missing = min(missing, self.respawns - len(self._spawned))
+                    self._spawned.extend([now] * missing)
+                errors = [e for e in await asyncio.gather(*(self._spawn() for _ in range(missing)), return_exceptions=True)
+                          if e is not None]
+                if errors and not self._workers:
+                    raise errors[0]
+        return min(self._workers, key=lambda w: len(w.waiting), default=None)
+
+    def _release(self, off: int, answer: asyncio.Future[bytes] | None = None) -> None:
+        """The slot's request is answered or its worker dead: wipe the key, make it idle.
+        (An answer nobody awaits any more is consumed here.)"""
+        if answer is not None and not answer.cancelled():
+            answer.exception()
+        if self._slots is not None:
+            self._slots[2][off : off + KEY] = bytes(KEY)
+        self._idle.put_nowait(off)
 
     @contextlib.asynccontextmanager
     async def sealed(self, key: bytearray | None, slots: Sequence[bytes | bytearray | int], csum_type: int) -> AsyncIterator[tuple[Buffer, bytes]]:
@@ -120,33 +248,47 @@ class Sealer:
         per-sector checksums, concatenated. Ciphertext from a worker is a view of its slot,
         valid inside the ``async with`` only: the device copies it once, straight from there.
         The page cache keeps the run's frames stable until it is written; heap pages are
-        copied without yielding to the loop, so a write lands wholly before or after."""
+        copied without yielding to the loop, so a write lands wholly before or after.
+        A worker that dies or hangs fails the run with EIO (DeviceIOError)."""
         n = len(slots) * PAGE
         if key is None or self.workers < 2 or n < POOL_THRESHOLD or n > self.max_extent:
             yield await self._seal_in_thread(key, slots, csum_type)
             return
-        if self._slots is None:
-            if self._starting is None:
-                self._starting = asyncio.Lock()
-            async with self._starting:
-                if self._slots is None:
-                    await self._start()
-        assert self._idle is not None and self._slots is not None
-        worker, off = await self._idle.get()
-        buf = self._slots[2]
+        off = await self._idle.get()
         try:
-            buf[off : off + KEY] = key
-            plain = off + KEY
-            frames = [s if type(s) is int else IN_SLOT for s in slots]
-            for k, slot in enumerate(slots):
-                if type(slot) is not int:  # a heap page: into the slot
-                    buf[plain + k * PAGE : plain + (k + 1) * PAGE] = slot
-            sums = await worker.seal(off, frames, self.max_extent, csum_type)
-            out = off + KEY + self.max_extent
-            yield buf[out : out + n], sums
+            worker = await self._pick()
+        except BaseException:
+            self._idle.put_nowait(off)
+            raise
+        if worker is None:  # the respawn budget is spent and no worker is left
+            self._idle.put_nowait(off)
+            yield await self._seal_in_thread(key, slots, csum_type)
+            return
+        assert self._slots is not None
+        buf = self._slots[2]
+        buf[off : off + KEY] = key
+        plain = off + KEY
+        frames = [s if type(s) is int else IN_SLOT for s in slots]
+        for k, slot in enumerate(slots):
+            if type(slot) is not int:  # a heap page: into the slot
+                buf[plain + k * PAGE : plain + (k + 1) * PAGE] = slot
+        fut = worker.send(off, frames, self.max_extent, csum_type)
+        try:
+            sums = await asyncio.shield(fut)
+        except BaseException:
+            # cancelled, or the worker is dead: the slot is free only once the request is
+            # answered or failed -- until then the worker may still read it or write to it
+            fut.add_done_callback(lambda f: self._release(off, f))
+            raise
+        out = off + KEY + self.max_extent
+        view = buf[out : out + n]
+        try:
+            yield view, sums
         finally:
-            buf[off : off + KEY] = bytes(KEY)
-            self._idle.put_nowait((worker, off))
+            # our export of the mapping ends here, even if the caller's frame (kept alive by
+            # an exception's traceback) still names the view
+            view.release()
+            self._release(off)
 
     async def _seal_in_thread(self, key: bytearray | None, slots: Sequence[bytes | bytearray | int], csum_type: int) -> tuple[bytes, bytes]:
         loop = asyncio.get_running_loop()
@@ -175,17 +317,22 @@ class Sealer:
                     fut.set_result(result)
 
     async def close(self) -> None:
-        for proc in self._procs:
-            if proc.stdin is not None:
-                proc.stdin.close()
-            await proc.wait()
-        for w in self._workers:
-            await w.reader
-        self._procs.clear()
-        self._workers.clear()
+        """Stop the workers: each finishes what it holds and exits when its pipe closes;
+        one that has not within ``close_timeout`` (hung, or stopped) is killed."""
+        workers, self._workers = self._workers, []
+        for w in workers:
+            assert w.proc.stdin is not None
+            w.proc.stdin.close()
+        await asyncio.gather(*(self._stop(w) for w in workers))
         if self._slots is not None:
             fd, mapping, view = self._slots
-            view.release()
-            mapping.close()
-            os.close(fd)
             self._slots = None
+            unmap(mapping, view)
+            os.close(fd)
+
+    async def _stop(self, worker: _Worker) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.reader), self.close_timeout)
+        except TimeoutError:
+            worker.kill(f"did not exit within {self.close_timeout:g} s of close")
+            await worker.reader

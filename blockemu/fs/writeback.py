@@ -19,7 +19,7 @@ import os
 from typing import TYPE_CHECKING
 
 from blockemu.crypto import fscrypt
-from blockemu.crypto.sealer import DEPTH, Sealer, worker_count
+from blockemu.crypto.sealer import DEPTH, TIMEOUT, Sealer, worker_count
 from blockemu.errors import BlockemuError, NoKeyError
 from blockemu.fs.pagecache import PAGE, PageCache, Run
 from blockemu.ondisk import structs as S
@@ -49,11 +49,13 @@ class Writeback:
         dirty_limit: int = 64 << 20,
         max_extent: int = 1 << 20,
         seal_workers: int | None = None,
+        seal_timeout: float = TIMEOUT,
         batch_bytes: int | None = None,
         cache_limit: int = 8 << 20,
     ) -> None:
         """Owns the page cache too: its arena is sized from this writeback's memory budget.
-        ``cache_limit`` bounds the clean pages."""
+        ``cache_limit`` bounds the clean pages; a sealing worker that takes longer than
+        ``seal_timeout`` seconds over one extent is taken for hung and replaced."""
         self.fs = fs
         self.device = fs.vol.device
         workers = worker_count(seal_workers)
@@ -65,7 +67,7 @@ class Writeback:
         self.dirty_limit = dirty_limit
         self.max_pages = max(1, max_extent // PAGE)
         self.batch_pages = max(self.max_pages, (batch_bytes or max(dirty_limit // 8, max_extent)) // PAGE)
-        self.sealer = Sealer(arena=self.cache.arena, max_extent=self.max_pages * PAGE, workers=workers)
+        self.sealer = Sealer(arena=self.cache.arena, max_extent=self.max_pages * PAGE, workers=workers, timeout=seal_timeout)
         self._kick = asyncio.Event()
         self._room = asyncio.Event()
         self._task: asyncio.Task | None = None

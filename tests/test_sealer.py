@@ -1,0 +1,254 @@
+"""Supervised sealing (issue 10, item 4): a sealing worker that dies or hangs fails the
+requests it holds with EIO and is replaced; a slot is reused only once its request is
+answered or its worker is dead; close() stops a hung worker within its timeout.
+
+The workers are real processes and the signals real; a test acts at a given request
+by wrapping ``_Worker.send`` (the real send still happens), never by sleeping."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import signal
+from collections.abc import Callable
+
+import pytest
+
+import blockemu
+from blockemu.check.fsck import check
+from blockemu.crypto import fscrypt
+from blockemu.crypto.arena import Arena
+from blockemu.crypto.sealer import DEPTH, Sealer, _Worker, seal_local
+from blockemu.errors import NoSpaceError
+from tests.util import KEY, ErrnoCheck, encrypted_dir
+
+EXTENT = 256 << 10  # the smallest run the workers take
+PAGES = EXTENT // fscrypt.DATA_UNIT
+RUNS = 2 * DEPTH + 2  # more runs than slots
+
+
+@pytest.fixture
+def arena():
+    a = Arena(RUNS * PAGES)
+    rng = random.Random(10)
+    a.view[:] = rng.randbytes(len(a.view))
+    yield a
+    a.close()
+
+
+@pytest.fixture
+async def pool(arena):
+    """A sealer with two workers, already started; ``make`` builds it with other limits."""
+    made: list[Sealer] = []
+
+    async def make(**kw) -> Sealer:
+        sealer = Sealer(arena=arena, max_extent=EXTENT, workers=2, **kw)
+        made.append(sealer)
+        await seal(sealer, arena, 0)  # starts the workers
+        return sealer
+
+    yield make
+    for sealer in made:
+        for pid in sealer.pids:
+            os.kill(pid, signal.SIGCONT)
+        await sealer.close()
+
+
+def run_frames(i: int) -> list[int]:
+    return list(range(i * PAGES, (i + 1) * PAGES))
+
+
+def run_key(i: int) -> bytearray:
+    return bytearray(random.Random(i).randbytes(fscrypt.XTS_KEY_SIZE))
+
+
+async def seal(sealer: Sealer, arena: Arena, i: int) -> None:
+    """Seal run ``i`` and check the result against sealing it here."""
+    expected = seal_local(run_key(i), bytes(arena.view[i * EXTENT : (i + 1) * EXTENT]), 0)
+    async with sealer.sealed(run_key(i), run_frames(i), 0) as (ciphertext, sums):
+        assert (bytes(ciphertext), sums) == expected, f"run {i} sealed wrong"
+
+
+def on_send(monkeypatch, action: Callable[[_Worker, int], None]) -> list[int]:
+    """Call ``action(worker, n)`` as the n-th request (from 1) goes to ``worker``; returns
+    the pid each request went to."""
+    real = _Worker.send
+    sent: list[int] = []
+
+    def send(self: _Worker, *args):
+        sent.append(self.proc.pid)
+        fut = real(self, *args)
+        action(self, len(sent))
+        return fut
+
+    monkeypatch.setattr(_Worker, "send", send)
+    return sent
+
+
+def stop_first(stopped: list[_Worker]) -> Callable[[_Worker, int], None]:
+    """An action: SIGSTOP the worker the first request goes to. The signal is pending
+    before the worker can answer, so that request stays in flight until we act."""
+    def action(worker: _Worker, n: int) -> None:
+        if n == 1:
+            os.kill(worker.proc.pid, signal.SIGSTOP)
+            stopped.append(worker)
+    return action
+
+
+async def reaped(pid: int) -> bool:
+    """The process is gone (a zombie would still answer signal 0)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_a_killed_worker_fails_its_requests_with_eio_and_is_replaced(pool, arena, monkeypatch):
+    sealer = await pool()
+    stopped: list[_Worker] = []
+    on_send(monkeypatch, stop_first(stopped))
+    inflight = asyncio.create_task(seal(sealer, arena, 1))
+    while not stopped:
+        await asyncio.sleep(0)
+    victim = stopped[0].proc.pid
+    os.kill(victim, signal.SIGKILL)
+    with ErrnoCheck(errno.EIO):
+        await inflight
+    assert str(victim) in str(inflight.exception())
+    # later requests -- more than the slots at once -- all succeed, on a full pool
+    await asyncio.gather(*(seal(sealer, arena, i) for i in range(RUNS)))
+    assert len(sealer.pids) == 2 and victim not in sealer.pids
+    assert await reaped(victim)
+
+
+async def test_a_hung_worker_misses_its_deadline_and_is_replaced(pool, arena, monkeypatch):
+    sealer = await pool(timeout=0.5)
+    stopped: list[_Worker] = []
+    on_send(monkeypatch, stop_first(stopped))
+    with ErrnoCheck(errno.EIO):
+        await seal(sealer, arena, 1)
+    victim = stopped[0].proc.pid
+    assert await reaped(victim)
+    await asyncio.gather(*(seal(sealer, arena, i) for i in range(RUNS)))
+    assert len(sealer.pids) == 2 and victim not in sealer.pids
+
+
+async def test_a_cancelled_seal_keeps_its_slot_until_the_worker_answers(pool, arena, monkeypatch):
+    """Every slot is in flight on stopped workers; one request is cancelled while another
+    user waits for a slot. That user must not get the cancelled request's slot before the
+    worker has answered it: the stale request would read (and zero) the new user's key."""
+    sealer = await pool()
+    for pid in sealer.pids:
+        os.kill(pid, signal.SIGSTOP)
+    sent = on_send(monkeypatch, lambda worker, n: None)
+    slots = 2 * DEPTH
+    users = [asyncio.create_task(seal(sealer, arena, i)) for i in range(slots)]
+    while len(sent) < slots:
+        await asyncio.sleep(0)
+    waiter = asyncio.create_task(seal(sealer, arena, slots))
+    users[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await users[0]
+    for _ in range(10):  # let the waiter run as far as it can
+        await asyncio.sleep(0)
+    assert len(sent) == slots, "a slot was handed on while its request was in flight"
+    for pid in sealer.pids:
+        os.kill(pid, signal.SIGCONT)
+    await asyncio.gather(waiter, *users[1:])
+
+
+async def test_close_kills_a_stopped_worker_within_its_timeout(pool, arena, monkeypatch):
+    sealer = await pool(close_timeout=0.5)
+    stopped: list[_Worker] = []
+    on_send(monkeypatch, stop_first(stopped))
+    inflight = asyncio.create_task(seal(sealer, arena, 1))
+    while not stopped:
+        await asyncio.sleep(0)
+    pids = sealer.pids
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await asyncio.wait_for(sealer.close(), 5)
+    assert loop.time() - start < 0.5 + 2  # its timeout, and room for a loaded machine
+    for pid in pids:
+        assert await reaped(pid)
+    with ErrnoCheck(errno.EIO):
+        await inflight
+
+
+async def test_close_after_an_error_inside_sealed(pool, arena):
+    """An error raised inside ``sealed()`` keeps the caller's frame -- and its view of the
+    slot -- alive in the traceback (writeback keeps ENOSPC on the inode until fsync):
+    close must not fail with BufferError for it, nor for a slice the caller kept."""
+    sealer = await pool()
+    with pytest.raises(NoSpaceError) as caught:
+        async with sealer.sealed(run_key(1), run_frames(1), 0) as (ciphertext, sums):
+            kept = ciphertext[:16]
+            raise NoSpaceError("No space left on device")
+    await sealer.close()
+    assert caught.value.__traceback__ is not None and len(kept) == 16
+
+
+async def test_respawns_are_bounded_and_sealing_goes_on_without_workers(pool, arena):
+    sealer = await pool(respawns=2)
+    for _ in range(2):
+        workers = list(sealer._workers)
+        for w in workers:
+            os.kill(w.proc.pid, signal.SIGKILL)
+        await asyncio.gather(*(w.reader for w in workers))
+        await seal(sealer, arena, 1)  # on the replacements, then (budget spent) in a thread
+    assert sealer.pids == []
+    await asyncio.gather(*(seal(sealer, arena, i) for i in range(RUNS)))
+
+
+async def test_sigkill_of_a_sealing_worker_in_a_64_mib_encrypted_write(tmp_path, monkeypatch):
+    """The production write path (sealing workers, 1 MiB extents): a worker is killed as
+    the 20th extent goes to it. Each fsync either succeeds -- and what it acknowledged
+    survives remount byte for byte -- or fails with EIO naming the worker; later writes
+    succeed on its replacement; fsck is clean."""
+    image = str(tmp_path / "fs.img")
+    await blockemu.mkfs(image, size="256M")
+    chunk, total = 8 << 20, 64 << 20
+    data = random.Random(64).randbytes(total)
+    after = random.Random(65).randbytes(4 << 20)
+    killed: list[int] = []
+
+    def kill_20th(worker: _Worker, n: int) -> None:
+        if n == 20:
+            killed.append(worker.proc.pid)
+            os.kill(worker.proc.pid, signal.SIGKILL)
+
+    sent = on_send(monkeypatch, kill_20th)
+    acked: list[int] = []
+    failed: list[OSError] = []
+    async with blockemu.mount(image, seal_workers=2) as fs:
+        await encrypted_dir(fs, "/enc")
+        async with fs.open("/enc/big", "w") as f:
+            for off in range(0, total, chunk):
+                await f.write(data[off : off + chunk])
+                try:
+                    await f.fsync()
+                    acked.append(off)
+                except OSError as e:
+                    failed.append(e)
+        assert killed and len(failed) <= 1
+        for e in failed:
+            assert e.errno == errno.EIO and f"sealing worker {killed[0]}" in str(e), e
+        before = len(sent)
+        async with fs.open("/enc/after", "w") as f:
+            await f.write(after)
+            await f.fsync()
+        replacements = set(sent[before:]) - set(sent[:20])
+        assert replacements and replacements <= set(fs.writeback.sealer.pids)
+    assert acked, "no fsync succeeded"
+    report = check(image)
+    assert report.clean, [e.message for e in report.errors]
+    async with blockemu.mount(image, seal_workers=2) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/enc/big") as f:
+            for off in acked:
+                await f.seek(off)
+                assert await f.read(chunk) == data[off : off + chunk], f"acknowledged bytes at {off} lost"
+        async with fs.open("/enc/after") as f:
+            assert await f.read() == after
