@@ -252,3 +252,23 @@ async def test_sigkill_of_a_sealing_worker_in_a_64_mib_encrypted_write(tmp_path,
                 assert await f.read(chunk) == data[off : off + chunk], f"acknowledged bytes at {off} lost"
         async with fs.open("/enc/after") as f:
             assert await f.read() == after
+
+
+async def test_unmount_after_an_encrypted_enospc(tmp_path):
+    """The ENOSPC raised inside ``sealed()`` is kept on the inode with its traceback until
+    fsync reports it: unmount must still complete (it raised BufferError) and stop the workers."""
+    image = str(tmp_path / "fs.img")
+    await blockemu.mkfs(image, size="16M")
+    fs = await blockemu.mount(image, seal_workers=2)
+    await encrypted_dir(fs, "/enc")
+    with ErrnoCheck(errno.ENOSPC):
+        async with fs.open("/enc/big", "w") as f:
+            await f.write(random.Random(16).randbytes(24 << 20))
+            await f.fsync()
+    pids = [w.proc.pid for w in fs.writeback.sealer._workers]
+    assert pids
+    await fs.unmount()
+    for pid in pids:
+        assert await reaped(pid)
+    report = check(image)
+    assert report.clean, [e.message for e in report.errors]
