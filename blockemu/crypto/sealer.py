@@ -43,6 +43,7 @@ DEPTH = 3  # requests in flight per worker
 # other work can take far longer, and killing a slow but healthy worker loses data
 TIMEOUT = 30.0  # seconds a worker may take to answer the request at the head of its pipe
 START_TIMEOUT = 30.0  # seconds a new worker may take to start (at least TIMEOUT)
+LATE = 0.1  # seconds: a deadline timer this late means the loop stalled
 CLOSE_TIMEOUT = 5.0  # seconds close() waits for a worker to exit before killing it
 RESPAWNS = 4  # replacement workers per RESPAWN_WINDOW; a crash loop must not become a fork loop
 RESPAWN_WINDOW = 60.0
@@ -89,9 +90,6 @@ class _Worker:
         is caught by the deadline (a broken pipe ends in its exit, seen by the reader)."""
         assert self.proc.stdin is not None
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        if self.why is not None:
-            fut.set_exception(self._error())
-            return fut
         self.waiting.append(fut)
         self.proc.stdin.write(request(off, frames, cap, csum_type))
         if len(self.waiting) == 1:
@@ -105,10 +103,26 @@ class _Worker:
             self._deadline.cancel()
             self._deadline = None
         if self.waiting and self.why is None:
-            starting = self.waiting[0] is self.ready
+            head = self.waiting[0]
+            starting = head is self.ready
             limit = max(self.timeout, START_TIMEOUT) if starting else self.timeout
-            self._deadline = asyncio.get_running_loop().call_later(
-                limit, self.kill, f"did not {'start' if starting else 'answer'} within {limit:g} s")
+            self._expire_at(asyncio.get_running_loop().time() + limit, head,
+                            f"did not {'start' if starting else 'answer'} within {limit:g} s")
+
+    def _expire_at(self, when: float, head: asyncio.Future[bytes], why: str) -> None:
+        self._deadline = asyncio.get_running_loop().call_at(when, self._expire, when, head, why)
+
+    def _expire(self, due: float, head: asyncio.Future[bytes], why: str) -> None:
+        """The deadline counts only time the loop could have read the answer: a loop that
+        stalled past it runs this timer before it has read (a few turns later) an answer
+        that came in time. Then look again once it has caught up."""
+        now = asyncio.get_running_loop().time()
+        if not self.waiting or self.waiting[0] is not head:
+            return
+        if now - due > LATE:
+            self._expire_at(now + LATE, head, why)
+        else:
+            self.kill(why)
 
     def kill(self, why: str) -> None:
         """Stop the worker (SIGKILL also ends a stopped process); the reader then sees the
@@ -155,7 +169,6 @@ class _Worker:
 
     def _fail(self) -> None:
         """The worker is dead: its requests fail and, through their futures, free their slots."""
-        self._on_exit(self)
         if self._deadline is not None:
             self._deadline.cancel()
         err = self._error()
