@@ -98,7 +98,7 @@ def stop_first(stopped: list[_Worker]) -> Callable[[_Worker, int], None]:
     return action
 
 
-async def reaped(pid: int) -> bool:
+def reaped(pid: int) -> bool:
     """The process is gone (a zombie would still answer signal 0)."""
     try:
         os.kill(pid, 0)
@@ -122,7 +122,7 @@ async def test_a_killed_worker_fails_its_requests_with_eio_and_is_replaced(pool,
     # later requests -- more than the slots at once -- all succeed, on a full pool
     await asyncio.gather(*(seal(sealer, arena, i) for i in range(RUNS)))
     assert len(sealer.pids) == 2 and victim not in sealer.pids
-    assert await reaped(victim)
+    assert reaped(victim)
 
 
 async def test_a_hung_worker_misses_its_deadline_and_is_replaced(pool, arena, monkeypatch):
@@ -143,7 +143,7 @@ async def test_a_hung_worker_misses_its_deadline_and_is_replaced(pool, arena, mo
         await seal(sealer, arena, 1)
     victim = stopped[0].proc.pid
     assert caught.value.errno == errno.EIO and f"sealing worker {victim} did not answer within 0.3 s" in str(caught.value)
-    assert await reaped(victim)
+    assert reaped(victim)
     await asyncio.gather(*(seal(sealer, arena, i) for i in range(RUNS)))
     assert len(sealer.pids) == 2 and victim not in sealer.pids
 
@@ -204,7 +204,7 @@ async def test_close_kills_a_stopped_worker_within_its_timeout(pool, arena, monk
     await asyncio.wait_for(sealer.close(), 5)
     assert loop.time() - start < 0.5 + 2  # its timeout, and room for a loaded machine
     for pid in pids:
-        assert await reaped(pid)
+        assert reaped(pid)
     with ErrnoCheck(errno.EIO):
         await inflight
 
@@ -302,6 +302,6 @@ async def test_unmount_after_an_encrypted_enospc(tmp_path):
     assert pids
     await fs.unmount()
     for pid in pids:
-        assert await reaped(pid)
+        assert reaped(pid)
     report = check(image)
     assert report.clean, [e.message for e in report.errors]
