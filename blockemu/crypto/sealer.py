@@ -215,7 +215,11 @@ class Sealer:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(arena.fd, fd),
         )
         worker = _Worker(proc, self.timeout, self._exited)
-        await worker.ready
+        try:
+            await worker.ready
+        except asyncio.CancelledError:  # nobody would stop it
+            worker.kill("was cancelled while starting")
+            raise
         self._workers.append(worker)
 
     def _exited(self, worker: _Worker) -> None:
