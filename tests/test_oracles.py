@@ -44,13 +44,13 @@ class SkipDataWrites:
 def count_worker_seals(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts extents sealed in a worker process (not in a thread of this one)."""
     calls = [0]
-    seal = sealer._Worker.seal
+    send = sealer._Worker.send
 
-    async def counting(self, *args):
+    def counting(self, *args):
         calls[0] += 1
-        return await seal(self, *args)
+        return send(self, *args)
 
-    monkeypatch.setattr(sealer._Worker, "seal", counting)
+    monkeypatch.setattr(sealer._Worker, "send", counting)
     return calls
 
 

@@ -123,7 +123,7 @@ def test_stress_with_injected_faults_reports_and_checks(tmp_path):
     img = str(tmp_path / "f.img")
     run("mkfs", img, "--size", "64M")
     out = json.loads(run("stress", img, "--seed", "9", "--tasks", "2", "--ops", "60", "--faults",
-                         "eio=1M-64M:w", "--write-path", "fast", "--json", check_rc=None).stdout)
+                         "eio=1M-64M:w", "--json", check_rc=None).stdout)
     assert out["injected_errors"] > 0
     assert "fsck" in out and "reproduce" not in out
 
@@ -140,7 +140,7 @@ def test_stress_power_cut_keeps_every_fsync_acknowledged_file(tmp_path):
     """A power cut mid-run (unflushed cache lost, half of it torn in): afterwards every file
     the ledger recorded as fsync/sync-acknowledged is on disk byte for byte, and fsck is clean."""
     out = json.loads(run("stress", str(tmp_path / "c.img"), "--seed", "61", "--tasks", "4", "--ops", "400",
-                         "--faults", "cut=1500,torn=0.5", "--write-path", "fast", "--json").stdout)
+                         "--faults", "cut=1500,torn=0.5", "--json").stdout)
     assert out["aborted"] and "power cut" in out["aborted"]
     assert out["ledger_files_checked_after_crash"] > 0
     assert out["lost_acknowledged_writes"] == 0 and out["fsck"] == "clean" and out["ok"]
