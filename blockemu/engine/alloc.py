@@ -4,6 +4,12 @@ Freed extents that the last durable commit still references are *pinned*:
 unusable until the commit that stops referencing them is durable, so a crash
 always finds the previous generation intact. Extents both allocated and freed
 within the running transaction were never durable and return at once.
+
+Tree blocks and data share the space, so the allocator counts ``node_room``: how
+many tree blocks its free extents could hold. A caller that must not eat the
+space metadata needs (data, see ``Engine.data_keep``) passes ``keep``: the tree
+blocks' worth of room the allocation must leave. Running out is always
+``NoSpaceError`` (ENOSPC), never a bare Python error.
 """
 from __future__ import annotations
 
@@ -16,11 +22,20 @@ from blockemu.errors import NoSpaceError
 SECTOR = 4096
 
 
+def no_space(length: int, free: int, largest: int, kept: int = 0) -> NoSpaceError:
+    """The one ENOSPC text every allocation path raises: what the user expects first, then the numbers."""
+    held = f", {kept} kept for metadata" if kept else ""
+    return NoSpaceError(f"No space left on device: cannot allocate {length} bytes "
+                        f"({free} bytes free, largest free extent {largest}{held})")
+
+
 class Allocator:
-    def __init__(self, free: list[tuple[int, int]] | None = None) -> None:
+    def __init__(self, free: list[tuple[int, int]] | None = None, *, nodesize: int = 16384) -> None:
         self.free = SortedDict()  # start -> length, disjoint, coalesced
         self.pinned: list[tuple[int, int]] = []
         self.cursor = 0
+        self.nodesize = nodesize
+        self.node_room = 0  # sum(length // nodesize) over the free extents: tree blocks that would fit
         for start, length in free or ():
             self.release(start, length)
 
@@ -51,30 +66,54 @@ class Allocator:
 
     # -------------------------------------------------------------- changes
 
-    def alloc(self, length: int) -> int:
-        """Next fit from a roving cursor: consecutive allocations come out contiguous."""
+    def largest(self, keep: int = 0) -> int:
+        """The longest allocation ``alloc(..., keep=keep)`` could satisfy now (0: none): taken
+        from the start of a free extent, it must leave ``keep`` tree blocks of room."""
+        best, ns = 0, self.nodesize
+        for n in self.free.values():
+            need = keep - (self.node_room - n // ns)  # tree blocks what is left of this extent must hold
+            fit = n if need <= 0 else n - need * ns
+            best = max(best, fit)
+        return best
+
+    def alloc(self, length: int, *, keep: int = 0) -> int:
+        """Next fit from a roving cursor: consecutive allocations come out contiguous. The
+        allocation leaves at least ``keep`` tree blocks of room (tree blocks pass 0: they may
+        use everything)."""
         if length <= 0 or length % SECTOR:
             raise ValueError(f"allocation of {length} bytes is not a sector multiple")
-        keys = self.free.keys()
+        keys, ns = self.free.keys(), self.nodesize
         first = max(self.free.bisect_right(self.cursor) - 1, 0)
-        for lo, indexes in ((self.cursor, range(first, len(keys))), (0, range(0, first + 1))):
+        for lo, indexes in ((self.cursor, range(first, len(keys))), (0, range(0, min(first + 1, len(keys))))):
             for idx in indexes:
                 start = keys[idx]
                 n = self.free[start]
                 s = max(start, lo)
-                if start + n - s >= length:
-                    self._take(start, n, s, length)
-                    self.cursor = s + length
-                    return s
-        raise NoSpaceError(f"no free extent of {length} bytes ({self.free_bytes()} bytes free, fragmented)")
+                if start + n - s < length:
+                    continue
+                if keep and self.node_room - n // ns + (s - start) // ns + (start + n - s - length) // ns < keep:
+                    continue
+                self._take(start, n, s, length)
+                self.cursor = s + length
+                return s
+        raise no_space(length, self.free_bytes(), self.largest(), keep * ns)
+
+    def _put(self, start: int, length: int) -> None:
+        self.free[start] = length
+        self.node_room += length // self.nodesize
+
+    def _pop(self, start: int) -> int:
+        length = self.free.pop(start)
+        self.node_room -= length // self.nodesize
+        return length
 
     def _take(self, start: int, n: int, s: int, length: int) -> None:
-        del self.free[start]
+        self._pop(start)
         if s > start:
-            self.free[start] = s - start
+            self._put(start, s - start)
         end = start + n
         if s + length < end:
-            self.free[s + length] = end - (s + length)
+            self._put(s + length, end - (s + length))
 
     def reserve(self, start: int, length: int) -> None:
         """Take a specific range (it must be free), e.g. to replay a known layout."""
@@ -98,9 +137,10 @@ class Allocator:
             raise ValueError(f"double free of [{start}, +{length})")
         if left and left[0] + left[1] == start:
             start = left[0]
+            self._pop(start)
         if end in self.free:
-            end += self.free.pop(end)
-        self.free[start] = end - start
+            end += self._pop(end)
+        self._put(start, end - start)
 
     def pin(self, start: int, length: int) -> None:
         self.pinned.append((start, length))

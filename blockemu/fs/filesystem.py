@@ -11,6 +11,7 @@ is closed, clean and idle. That is the soft-removal rule of DESIGN §4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat as st
 import time
@@ -31,6 +32,7 @@ from blockemu.errors import (
     IsADirectory,
     NameTooLong,
     NoKeyError,
+    NoSpaceError,
     NotADirectory,
     NotEmpty,
     NotFoundError,
@@ -167,15 +169,19 @@ class Filesystem:
         if not self.mounted:
             return
         self.mounted = False
-        try:
+        # every step runs even when one before it fails (a full or aborted filesystem):
+        # whatever could be written is committed, and every resource is released
+        async with contextlib.AsyncExitStack() as steps:
+            steps.callback(self.keyring.wipe_all)
+            steps.callback(self.cache.close)
+            steps.callback(self._drop_all_pages)
+            steps.push_async_callback(self.vol.close)
+            steps.push_async_callback(self.writeback.stop)
             await self.writeback.flush_all()
-            await self.writeback.stop()
-            await self.vol.close()
-        finally:
-            for inode in self.inodes.values():
-                self.cache.drop(inode.pages)
-            self.cache.close()
-            self.keyring.wipe_all()
+
+    def _drop_all_pages(self) -> None:
+        for inode in self.inodes.values():
+            self.cache.drop(inode.pages)
 
     async def __aenter__(self) -> "Filesystem":
         return self
@@ -224,6 +230,7 @@ class Filesystem:
         inode.item = inode.item._replace(ctime=now, mtime=now if mtime else inode.item.mtime)
 
     def _new_inode(self, mode: int, parent: Inode) -> Inode:
+        self.vol.engine.check_room()  # before any change: a create must not eat the delete reserve
         ino = self.next_ino
         if parent.key_id is not None:
             self.keyring.lease(parent.key_id, ino)  # creating in an encrypted dir needs its key
@@ -648,7 +655,7 @@ def report_writeback_error(inode: Inode) -> None:
     if err is None:
         return
     lost, inode.reported_lost = inode.lost_bytes - inode.reported_lost, inode.lost_bytes
-    if isinstance(err, (NoKeyError, DeviceIOError)):
+    if isinstance(err, (NoKeyError, DeviceIOError, NoSpaceError)):
         err = type(err)(f"{err} (writeback of inode {inode.ino} failed: {lost} bytes lost)")
     err.lost_bytes = lost  # type: ignore[attr-defined]
     raise err

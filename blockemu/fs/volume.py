@@ -89,12 +89,17 @@ class Volume:
             except OSError as e:
                 # as btrfs aborts a transaction whose commit failed: the image keeps its last
                 # durable generation and this mount refuses further changes
-                self.aborted = self.aborted or e
+                self.abort(e)
                 raise
             finally:
                 async with self._cond:
                     self._committing = False
                     self._cond.notify_all()
+
+    def abort(self, err: OSError) -> None:
+        """Refuse every further change (the first reason is kept): the image stays at its last
+        durable generation."""
+        self.aborted = self.aborted or err
 
     def _check_aborted(self) -> None:
         if self.aborted is not None:
@@ -116,6 +121,8 @@ class Volume:
         return True
 
     async def close(self, *, commit: bool = True) -> None:
-        if commit and not self.device.readonly and not self.device.dead and self.aborted is None:
-            await self.commit()
-        await self.device.close()
+        try:
+            if commit and not self.device.readonly and not self.device.dead and self.aborted is None:
+                await self.commit()
+        finally:
+            await self.device.close()

@@ -7,26 +7,44 @@ bytes; each run becomes one new extent: a fresh random nonce, the extent key
 derived from the master secret *now* (the inode's lease keeps that secret
 alive in soft mode), AES-256-XTS and checksums over the ciphertext in a sealing
 worker (``sealer.py``), then -- inside the running transaction -- allocation,
-the new items, and the device write. A run that cannot be written (ENOKEY, EIO,
-ENOSPC) is dropped and its error recorded on the inode, to be raised by the
-next fsync or close: an acknowledged write is never lost silently.
+the new items, and the device write. A run longer than the largest free extent
+is split, each piece its own extent with its own nonce (as btrfs does). A run
+that cannot be written (ENOKEY, EIO, ENOSPC) is dropped and its error recorded
+on the inode, to be raised by the next fsync or close: an acknowledged write is
+never lost silently.
+
+The background task is supervised: whatever a run raises, its pages are never
+marked clean without the loss recorded; an exception that is not an OSError
+is a bug, so it is logged with its traceback and aborts the mount read-only
+(``vol.abort``) -- neither the task nor the data dies silently.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 from typing import TYPE_CHECKING
 
 from blockemu.crypto import fscrypt
 from blockemu.crypto.sealer import DEPTH, TIMEOUT, Sealer, worker_count
-from blockemu.errors import BlockemuError, NoKeyError
+from blockemu.errors import DeviceIOError, NoKeyError, NoSpaceError
 from blockemu.fs.pagecache import PAGE, PageCache, Run
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import ExtentContext
 
 if TYPE_CHECKING:
     from blockemu.fs.filesystem import Filesystem, Inode
+
+log = logging.getLogger(__name__)
+
+
+class _Split(Exception):
+    """The run does not fit one free extent, but its first ``fit`` bytes do."""
+
+    def __init__(self, fit: int) -> None:
+        super().__init__(fit)
+        self.fit = fit
 
 
 def arena_frames(dirty_limit: int, *, device_cache: int, clean_limit: int, max_extent: int, workers: int) -> int:
@@ -107,10 +125,12 @@ class Writeback:
                 if loop.time() - last_commit >= self.interval:
                     await self.fs.vol.commit()
                     last_commit = loop.time()
-            except BlockemuError:
+            except OSError:
                 # a failed write is recorded on its inode, a failed commit aborts the volume
                 # (vol.aborted); either way the error reaches the caller that asks next
                 pass
+            except Exception as e:
+                self._bug("writeback", e)
             finally:
                 self._room.set()
 
@@ -174,13 +194,37 @@ class Writeback:
             self.fs.maybe_lock(inode)
 
     async def _write_one(self, inode: "Inode", run: Run) -> None:
+        """Write a run, split across free extents if it must be; whatever fails is recorded as
+        lost on the inode before its pages stop being dirty."""
+        pending = [run]
         try:
-            await self._write_run(inode, run)
-        except (BlockemuError, OSError) as e:
-            self._lose(inode, run, e)
+            while pending:
+                piece = pending.pop()
+                try:
+                    await self._write_run(inode, piece)
+                except _Split as s:
+                    head = s.fit // PAGE
+                    pending += [Run(piece.first + head, piece.slots[head:]), Run(piece.first, piece.slots[:head])]
+                except BaseException:
+                    pending.append(piece)
+                    raise
+        except BaseException as e:
+            err = e if isinstance(e, OSError) else DeviceIOError(f"writeback of inode {inode.ino} failed: {e!r}")
+            for piece in pending:
+                self._lose(inode, piece, err)
+            if not isinstance(e, Exception):
+                raise  # cancelled: the loss is recorded, the cancellation goes on
+            if not isinstance(e, OSError):
+                self._bug(f"writeback of inode {inode.ino}", e)
         finally:
             self.cache.written(inode.pages, run)
             self._room.set()
+
+    def _bug(self, what: str, e: Exception) -> None:
+        """An exception no layer raises on purpose: log it whole and stop changing the image, as
+        btrfs aborts a transaction on an unexpected error. Callers get EIO from then on."""
+        log.error("%s: unexpected error; the mount is now read-only", what, exc_info=e)
+        self.fs.vol.abort(DeviceIOError(f"{what}: unexpected error {e!r}"))
 
     def _lose(self, inode: "Inode", run: Run, err: OSError) -> None:
         """The run cannot reach the disk: drop it from the cache (unless rewritten since) and
@@ -209,7 +253,14 @@ class Writeback:
                 file_offset, length = run.first * PAGE, len(sealed)
                 async with fs.vol.join() as engine:
                     # the data goes first: items must never point at an extent whose write failed
-                    bytenr = engine.allocator.alloc(length)
+                    keep = engine.data_keep()
+                    try:
+                        bytenr = engine.allocator.alloc(length, keep=keep)
+                    except NoSpaceError:
+                        fit = engine.allocator.largest(keep) // PAGE * PAGE
+                        if 0 < fit < length:
+                            raise _Split(fit) from None
+                        raise
                     try:
                         await fs.vol.device.write(bytenr, sealed)  # the device copies it out of the slot
                     except BaseException:
