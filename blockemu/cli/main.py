@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -263,11 +264,23 @@ def cmd_put(a: argparse.Namespace) -> int:
             src = open(a.hostfile, "rb")
         except OSError as e:
             raise BlockemuError(f"{a.hostfile}: {e.strerror}") from None
+        # atomic, as rsync and editors do: the data goes to a new name in the same directory
+        # (same encryption policy) and only a complete, fsynced file is renamed over PATH; on
+        # any failure (ENOSPC above all) the temporary file goes and PATH is as it was
+        parent, _, name = a.path.rpartition("/")
+        tmp = f"{parent}/.{name}.put-{os.urandom(4).hex()}"
         with src:
-            async with fs.open(a.path, "w") as f:
-                while chunk := src.read(1 << 20):
-                    await f.write(chunk)
-                await f.fsync()
+            f = await fs.open(tmp, "x")
+            try:
+                async with f:
+                    while chunk := src.read(1 << 20):
+                        await f.write(chunk)
+                    await f.fsync()
+                await fs.rename(tmp, a.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    await fs.unlink(tmp)
+                raise
         return 0
     return on_image(a, body)
 

@@ -1,0 +1,238 @@
+"""A full filesystem: ENOSPC is an error, never a loss (issue 10, items 2 and 3).
+
+Every durability check unmounts and mounts again before it compares: an oracle never
+reads through the cache it judges. Images are small (32 MiB) so filling one takes a
+second or two.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import random
+
+import pytest
+
+import blockemu
+from blockemu.check.fsck import check
+from blockemu.cli.main import main
+from blockemu.engine.alloc import Allocator
+from blockemu.errors import NoSpaceError
+from tests.util import KEY, ErrnoCheck, encrypted_dir
+
+S = 4096
+NOSPC = "No space left on device"
+
+
+@pytest.fixture
+async def image(tmp_path):
+    path = str(tmp_path / "full.img")
+    await blockemu.mkfs(path, size="32M")
+    return path
+
+
+def assert_clean(path: str) -> None:
+    report = check(path, check_data=True)
+    assert report.clean, [e.message for e in report.errors]
+
+
+async def put(fs, path: str, data: bytes) -> None:
+    """Write a whole file and fsync it: acknowledged when this returns."""
+    async with fs.open(path, "w") as f:
+        await f.write(data)
+        await f.fsync()
+
+
+async def verify(image: str, files: dict[str, bytes], *, encrypted: bool = False) -> None:
+    """After a fresh mount, every acknowledged file holds exactly its bytes."""
+    async with blockemu.mount(image) as fs:
+        if encrypted:
+            await fs.add_key(KEY)
+        for path, data in files.items():
+            async with fs.open(path) as f:
+                assert await f.read() == data, path
+
+
+# ---------------------------------------------------------------------- the allocator
+
+
+def test_an_exactly_full_allocator_raises_enospc_not_indexerror():
+    a = Allocator([(0, 4 * S)])
+    a.alloc(4 * S)
+    with ErrnoCheck(errno.ENOSPC):
+        a.alloc(S)  # the free map is empty: used to be an IndexError
+    a.release(S, S)
+    with pytest.raises(NoSpaceError) as e:
+        a.alloc(2 * S)
+    assert str(e.value).startswith(NOSPC) and "largest free extent 4096" in str(e.value)
+
+
+def test_keep_leaves_room_for_tree_blocks():
+    """Data passes ``keep``: the tree blocks' worth of room it must leave; tree blocks pass none."""
+    node = 4 * S
+    a = Allocator([(0, 10 * node)], nodesize=node)
+    assert a.node_room == 10 and a.largest(keep=3) == 7 * node
+    with ErrnoCheck(errno.ENOSPC):
+        a.alloc(8 * node, keep=3)
+    start = a.alloc(7 * node, keep=3)
+    assert a.node_room == 3
+    with ErrnoCheck(errno.ENOSPC):
+        a.alloc(S, keep=3)
+    assert a.largest(keep=3) == 0
+    a.alloc(node)  # metadata may use the reserve
+    a.release(start, 7 * node)
+    assert a.node_room == 9 == sum(n // node for n in a.free.values())
+
+
+# ---------------------------------------------------------------------- writeback
+
+
+async def test_a_bug_in_writeback_is_reported_logged_and_aborts_the_mount(image, caplog):
+    """An unexpected exception (here a planted bug) while writing back: close and fsync raise
+    EIO, the traceback is logged, the mount turns read-only and the writeback task lives on.
+    It used to mark the pages clean, kill the task and let close() succeed: silent loss."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        await put(fs, "/kept", b"k" * 8192)
+        real = fs.extents.add_extent
+
+        def bug(*args, **kw):
+            raise RuntimeError("planted bug")
+
+        fs.extents.add_extent = bug
+        f = await fs.open("/lost", "w")
+        await f.write(b"x" * 8192)
+        wb = fs.writeback
+        wb._room.clear()
+        wb.kick()  # the background task writes it back
+        with caplog.at_level(logging.ERROR, logger="blockemu.fs.writeback"):
+            await wb._room.wait()  # set when the task's pass ends
+        assert not wb._task.done(), "the writeback task died"
+        assert any("planted bug" in r.getMessage() or "planted bug" in str(r.exc_info) for r in caplog.records)
+        assert not f.inode.pages.dirty and f.inode.lost_bytes == 8192
+        with ErrnoCheck(errno.EIO):
+            await f.close()
+        fs.extents.add_extent = real
+        with ErrnoCheck(errno.EIO):  # read-only: nothing more is changed
+            await fs.mkdir("/d")
+    await verify(image, {"/kept": b"k" * 8192})
+    assert_clean(image)
+
+
+async def test_a_run_larger_than_any_free_extent_is_split(tmp_path):
+    """Free space in holes: a write longer than the largest free extent lands in pieces, each
+    its own extent with its own nonce, where it used to fail with ENOSPC while megabytes were
+    free (writes needed one contiguous free extent)."""
+    image = str(tmp_path / "holes.img")
+    await blockemu.mkfs(image, size="16M")
+    rng = random.Random(3)
+    async with blockemu.mount(image, interval=3600, max_extent=4 << 20) as fs:
+        await encrypted_dir(fs, "/e")
+        alloc, node = fs.vol.engine.allocator, fs.vol.sb.nodesize
+        small = {f"/e/s{i}": rng.randbytes(96 << 10)
+                 for i in range((alloc.free_bytes() - 2 * fs.vol.engine.data_keep() * node) // (96 << 10))}
+        for path, data in small.items():
+            async with fs.open(path, "w") as f:
+                await f.write(data)
+        await fs.sync()
+        assert not any(i.lost_bytes for i in fs.inodes.values())
+        for path in list(small)[::2]:
+            await fs.unlink(path)
+            del small[path]
+        await fs.sync()  # the holes are free once the deletes are durable
+        big = rng.randbytes(alloc.largest() + (512 << 10))
+        assert len(big) < alloc.free_bytes() - fs.vol.engine.data_keep() * node
+        await put(fs, "/e/big", big)
+        pieces = list(fs.extents.mappings((await fs.stat("/e/big")).st_ino))
+        assert len(pieces) > 1 and sum(m.length for m in pieces) == len(big)
+        assert len({m.extent.context.nonce for m in pieces}) == len(pieces)
+    await verify(image, {**small, "/e/big": big}, encrypted=True)
+    assert_clean(image)
+
+
+# ---------------------------------------------------------------------- full, end to end
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+async def test_fill_until_enospc_then_remount_and_delete(image, encrypted):
+    """The production write path (sealing workers on, 1 MiB extents): fsynced files of mixed
+    sizes until ENOSPC. The failing write is reported; unmount completes (it used to raise
+    BufferError from the sealer and skip the final commit); after a fresh mount every
+    acknowledged file is intact and fsck is clean; deletes then succeed, five in one commit."""
+    rng = random.Random(10 + encrypted)
+    acked: dict[str, bytes] = {}
+    fs = await blockemu.mount(image, interval=3600, seal_workers=2, max_extent=1 << 20)
+    try:
+        top = "/"
+        if encrypted:
+            await encrypted_dir(fs, "/e")
+            top = "/e/"
+        failures = 0
+        for size in ([4096, 20000, 300 << 10, 1 << 20, 3 << 20], [64 << 10], [4096]):
+            # mixed sizes until ENOSPC; then smaller ones until they too fail: full to the last page
+            while True:
+                path, data = f"{top}f{len(acked) + failures}", rng.randbytes(rng.choice(size))
+                try:
+                    await put(fs, path, data)
+                except OSError as e:
+                    assert isinstance(e, NoSpaceError) and str(e).startswith(NOSPC), e
+                    failures += 1
+                    break
+                acked[path] = data
+        assert len(acked) > 10 and fs.vol.aborted is None
+    finally:
+        await fs.unmount()
+    assert_clean(image)
+    await verify(image, acked, encrypted=encrypted)
+    async with blockemu.mount(image) as fs:
+        if encrypted:
+            await fs.add_key(KEY)
+        victims = list(acked)[:5]
+        for path in victims:
+            await fs.unlink(path)
+        await fs.sync()  # five deletes, one commit
+        for path in [p for p in await fs.readdir(top) if f"{top}{p}" not in acked][:5]:
+            await fs.unlink(f"{top}{path}")  # the partial ones too
+        await fs.sync()
+        for path in victims:
+            del acked[path]
+        await put(fs, f"{top}after", b"a" * 8192)  # the space came back
+        acked[f"{top}after"] = b"a" * 8192
+    assert_clean(image)
+    await verify(image, acked, encrypted=encrypted)
+
+
+# ---------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_put_that_does_not_fit_leaves_nothing_behind(tmp_path, capsys, encrypted):
+    """`put` is atomic: a file larger than the image fails with one line naming ENOSPC and
+    leaves neither a partial file nor a changed one (40 MB into 32 MiB used to leave /big at
+    full size with 8 MiB of zero holes, and print two tracebacks when encrypted)."""
+    img, key = str(tmp_path / "p.img"), tmp_path / "key"
+    key.write_bytes(KEY)
+    rng = random.Random(4)
+    (tmp_path / "old").write_bytes(old := rng.randbytes(1 << 20))
+    (tmp_path / "big").write_bytes(rng.randbytes(20 << 20))
+    asyncio.run(blockemu.mkfs(img, size="16M"))
+    top, kf = "/", []
+    if encrypted:
+        assert main(["mkdir", img, "/e", "--encrypt", "--key-file", str(key)]) == 0
+        top, kf = "/e/", ["--key-file", str(key)]
+    assert main(["put", img, str(tmp_path / "old"), f"{top}big", *kf]) == 0
+    capsys.readouterr()
+    assert main(["put", img, str(tmp_path / "big"), f"{top}big", *kf]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"blockemu: put: {NOSPC}"), err
+    assert asyncio.run(listing(img, top, encrypted)) == (["big"], old)
+    assert_clean(img)
+
+
+async def listing(img: str, top: str, encrypted: bool) -> tuple[list[str], bytes]:
+    """The directory's names and its /big, read after a fresh mount."""
+    async with blockemu.mount(img) as fs:
+        if encrypted:
+            await fs.add_key(KEY)
+        async with fs.open(f"{top}big") as f:
+            return await fs.readdir(top), await f.read()
