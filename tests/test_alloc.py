@@ -16,7 +16,7 @@ TOTAL = 64
 @given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "pin", "unpin"]), st.integers(1, 8), st.integers(0, 1000)),
                 max_size=80))
 def test_allocator_matches_model(ops):
-    a = Allocator([(0, TOTAL * S)])
+    a = Allocator([(0, TOTAL * S)], nodesize=2 * S)
     free = set(range(TOTAL))
     live: list[tuple[int, int]] = []
     pinned: set[int] = set()
@@ -47,6 +47,7 @@ def test_allocator_matches_model(ops):
         got = {s for start, length in a.free.items() for s in range(start // S, (start + length) // S)}
         assert got == free
         assert a.free_bytes() == len(free) * S and a.pinned_bytes() == len(pinned) * S
+        assert a.node_room == sum(n // a.nodesize for n in a.free.values())
         record = {s for start, length in a.extents_after_commit() for s in range(start // S, (start + length) // S)}
         assert record == free | pinned
         starts = list(a.free.keys())

@@ -1,8 +1,8 @@
 """A full filesystem: ENOSPC is an error, never a loss (issue 10, items 2 and 3).
 
 Every durability check unmounts and mounts again before it compares: an oracle never
-reads through the cache it judges. Images are small (32 MiB) so filling one takes a
-second or two.
+reads through the cache it judges. Images are small (16 MiB, the smallest mkfs makes) so
+filling one takes a second or two.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ NOSPC = "No space left on device"
 @pytest.fixture
 async def image(tmp_path):
     path = str(tmp_path / "full.img")
-    await blockemu.mkfs(path, size="32M")
+    await blockemu.mkfs(path, size="16M")
     return path
 
 
@@ -128,9 +128,9 @@ async def test_a_run_larger_than_any_free_extent_is_split(tmp_path):
     rng = random.Random(3)
     async with blockemu.mount(image, interval=3600, max_extent=4 << 20) as fs:
         await encrypted_dir(fs, "/e")
-        alloc, node = fs.vol.engine.allocator, fs.vol.sb.nodesize
-        small = {f"/e/s{i}": rng.randbytes(96 << 10)
-                 for i in range((alloc.free_bytes() - 2 * fs.vol.engine.data_keep() * node) // (96 << 10))}
+        alloc = fs.vol.engine.allocator
+        # leave the metadata reserve and its own metadata the room they need (about 2 MiB)
+        small = {f"/e/s{i}": rng.randbytes(96 << 10) for i in range((alloc.free_bytes() - (3 << 20)) // (96 << 10))}
         for path, data in small.items():
             async with fs.open(path, "w") as f:
                 await f.write(data)
@@ -140,8 +140,8 @@ async def test_a_run_larger_than_any_free_extent_is_split(tmp_path):
             await fs.unlink(path)
             del small[path]
         await fs.sync()  # the holes are free once the deletes are durable
-        big = rng.randbytes(alloc.largest() + (512 << 10))
-        assert len(big) < alloc.free_bytes() - fs.vol.engine.data_keep() * node
+        big = rng.randbytes(max(alloc.free.values()) + (512 << 10))
+        assert len(big) < alloc.free_bytes() - (3 << 20)
         await put(fs, "/e/big", big)
         pieces = list(fs.extents.mappings((await fs.stat("/e/big")).st_ino))
         assert len(pieces) > 1 and sum(m.length for m in pieces) == len(big)
@@ -158,7 +158,8 @@ async def test_fill_until_enospc_then_remount_and_delete(image, encrypted):
     """The production write path (sealing workers on, 1 MiB extents): fsynced files of mixed
     sizes until ENOSPC. The failing write is reported; unmount completes (it used to raise
     BufferError from the sealer and skip the final commit); after a fresh mount every
-    acknowledged file is intact and fsck is clean; deletes then succeed, five in one commit."""
+    acknowledged file is intact and fsck is clean; deletes succeed, five in one commit on the
+    full filesystem (old code's failed commit refused them), then all of them."""
     rng = random.Random(10 + encrypted)
     acked: dict[str, bytes] = {}
     fs = await blockemu.mount(image, interval=3600, seal_workers=2, max_extent=1 << 20)
@@ -168,8 +169,10 @@ async def test_fill_until_enospc_then_remount_and_delete(image, encrypted):
             await encrypted_dir(fs, "/e")
             top = "/e/"
         failures = 0
-        for size in ([4096, 20000, 300 << 10, 1 << 20, 3 << 20], [64 << 10], [4096]):
-            # mixed sizes until ENOSPC; then smaller ones until they too fail: full to the last page
+        for size in ([4096, 20000, 300 << 10, 1 << 20, 3 << 20], [64 << 10], [4096], [0]):
+            # mixed sizes until ENOSPC; then smaller ones until they too fail, empty files (pure
+            # metadata) last: full to the last tree block. Old code then failed a commit, and the
+            # mount refused even deletes.
             while True:
                 path, data = f"{top}f{len(acked) + failures}", rng.randbytes(rng.choice(size))
                 try:
@@ -180,6 +183,10 @@ async def test_fill_until_enospc_then_remount_and_delete(image, encrypted):
                     break
                 acked[path] = data
         assert len(acked) > 10 and fs.vol.aborted is None
+        for path in list(acked)[:5]:  # on the full filesystem: five deletes, one commit
+            await fs.unlink(path)
+            del acked[path]
+        await fs.sync()
     finally:
         await fs.unmount()
     assert_clean(image)
@@ -187,17 +194,11 @@ async def test_fill_until_enospc_then_remount_and_delete(image, encrypted):
     async with blockemu.mount(image) as fs:
         if encrypted:
             await fs.add_key(KEY)
-        victims = list(acked)[:5]
-        for path in victims:
-            await fs.unlink(path)
-        await fs.sync()  # five deletes, one commit
-        for path in [p for p in await fs.readdir(top) if f"{top}{p}" not in acked][:5]:
-            await fs.unlink(f"{top}{path}")  # the partial ones too
+        for name in await fs.readdir(top):
+            await fs.unlink(f"{top}{name}")  # everything, the files whose writes failed too
         await fs.sync()
-        for path in victims:
-            del acked[path]
-        await put(fs, f"{top}after", b"a" * 8192)  # the space came back
-        acked[f"{top}after"] = b"a" * 8192
+        acked = {f"{top}after": b"a" * (8 << 20)}
+        await put(fs, f"{top}after", acked[f"{top}after"])  # the space came back
     assert_clean(image)
     await verify(image, acked, encrypted=encrypted)
 
