@@ -106,7 +106,9 @@ async def test_a_bug_in_writeback_is_reported_logged_and_aborts_the_mount(image,
         wb._room.clear()
         wb.kick()  # the background task writes it back
         with caplog.at_level(logging.ERROR, logger="blockemu.fs.writeback"):
-            await wb._room.wait()  # set when the task's pass ends
+            await wb._room.wait()  # set as the run is done with...
+            wb._room.clear()
+            await wb._room.wait()  # ...and as the task's pass ends (old code: and the task with it)
         assert not wb._task.done(), "the writeback task died"
         assert any("planted bug" in r.getMessage() or "planted bug" in str(r.exc_info) for r in caplog.records)
         assert not f.inode.pages.dirty and f.inode.lost_bytes == 8192
