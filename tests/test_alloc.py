@@ -13,8 +13,8 @@ TOTAL = 64
 
 
 @settings(max_examples=300)
-@given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "pin", "unpin"]), st.integers(1, 8), st.integers(0, 1000)),
-                max_size=80))
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "keep", "free", "pin", "unpin"]), st.integers(1, 8),
+                          st.integers(0, 1000)), max_size=80))
 def test_allocator_matches_model(ops):
     a = Allocator([(0, TOTAL * S)], nodesize=2 * S)
     free = set(range(TOTAL))
@@ -30,6 +30,18 @@ def test_allocator_matches_model(ops):
             sectors = set(range(start // S, start // S + n))
             assert start % S == 0 and sectors <= free, "allocated space that was not free"
             free -= sectors
+            live.append((start, n * S))
+        elif op == "keep":  # data: leave ``keep`` tree blocks (2 sectors each) of room
+            keep, extents = pick % 6, list(a.free.items())
+            try:
+                start = a.alloc(n * S, keep=keep)
+            except NoSpaceError:
+                # from the start of any free extent, the rest would hold too few tree blocks
+                assert all(m < n * S or a.node_room - m // (2 * S) + (m - n * S) // (2 * S) < keep for _, m in extents)
+                assert a.largest(keep) < n * S
+                continue
+            assert a.node_room >= keep
+            free -= set(range(start // S, start // S + n))
             live.append((start, n * S))
         elif op in ("free", "pin") and live:
             start, length = live.pop(pick % len(live))

@@ -103,7 +103,7 @@ class Volume:
 
     def _check_aborted(self) -> None:
         if self.aborted is not None:
-            raise DeviceIOError(f"{self.device.path}: read-only after a failed commit ({self.aborted})")
+            raise DeviceIOError(f"{self.device.path}: read-only after an aborted transaction ({self.aborted})")
 
     async def _commit(self, force: bool = False) -> bool:
         engine = self.engine

@@ -209,7 +209,7 @@ class Writeback:
                     pending.append(piece)
                     raise
         except BaseException as e:
-            err = e if isinstance(e, OSError) else DeviceIOError(f"writeback of inode {inode.ino} failed: {e!r}")
+            err = e if isinstance(e, OSError) else DeviceIOError(f"internal error in writeback: {e!r}")
             for piece in pending:
                 self._lose(inode, piece, err)
             if not isinstance(e, Exception):
