@@ -160,8 +160,8 @@ async def test_fill_until_enospc_then_remount_and_delete(image, encrypted):
     """The production write path (sealing workers on, 1 MiB extents): fsynced files of mixed
     sizes until ENOSPC. The failing write is reported; unmount completes (it used to raise
     BufferError from the sealer and skip the final commit); after a fresh mount every
-    acknowledged file is intact and fsck is clean; deletes succeed, five in one commit on the
-    full filesystem (old code's failed commit refused them), then all of them."""
+    acknowledged file is intact and fsck is clean; deletes succeed on the full filesystem and
+    the space they free is written again; after a fresh mount, every file goes in one commit."""
     rng = random.Random(10 + encrypted)
     acked: dict[str, bytes] = {}
     fs = await blockemu.mount(image, interval=3600, seal_workers=2, max_extent=1 << 20)
@@ -185,10 +185,13 @@ async def test_fill_until_enospc_then_remount_and_delete(image, encrypted):
                     break
                 acked[path] = data
         assert len(acked) > 10 and fs.vol.aborted is None
-        for path in list(acked)[:5]:  # on the full filesystem: five deletes, one commit
+        victims = sorted(acked, key=lambda p: len(acked[p]))[-5:]
+        freed = sum(len(acked.pop(path)) for path in victims)
+        for path in victims:  # on the full filesystem (old code's failed commit refused them)
             await fs.unlink(path)
-            del acked[path]
-        await fs.sync()
+        # the space they freed is pinned until a commit: the next write commits to get it back
+        acked[f"{top}again"] = rng.randbytes(freed // 2)
+        await put(fs, f"{top}again", acked[f"{top}again"])
     finally:
         await fs.unmount()
     assert_clean(image)

@@ -275,6 +275,12 @@ class Engine:
         deletes and commits, plus the items of the extent being placed."""
         return RESERVE_PATHS * self.op_blocks() + self.op_blocks()
 
+    def short_of_room(self) -> bool:
+        """Room is below what data must leave while space freed in this transaction waits,
+        pinned, for its commit: committing would give it back."""
+        alloc = self.store.allocator
+        return alloc is not None and bool(alloc.pinned) and alloc.node_room < self.data_keep()
+
     def check_room(self) -> None:
         """ENOSPC before an operation that grows the metadata (a new inode) starts, rather
         than halfway through it: it may not eat the reserve that keeps deletes possible."""

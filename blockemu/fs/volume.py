@@ -65,6 +65,10 @@ class Volume:
     async def join(self) -> AsyncIterator[Engine]:
         """Take part in the running transaction: tree changes made inside land in one commit
         whole. A commit waits for every participant to leave; new ones wait for the commit."""
+        if self.engine.short_of_room() and self.aborted is None:
+            # the space this transaction freed stays pinned until it commits: near full, commit
+            # first, as btrfs commits to reclaim pinned space before it gives up with ENOSPC
+            await self.commit()
         async with self._cond:
             await self._cond.wait_for(lambda: not self._committing)
             self._check_aborted()

@@ -7,8 +7,10 @@ bytes; each run becomes one new extent: a fresh random nonce, the extent key
 derived from the master secret *now* (the inode's lease keeps that secret
 alive in soft mode), AES-256-XTS and checksums over the ciphertext in a sealing
 worker (``sealer.py``), then -- inside the running transaction -- allocation,
-the new items, and the device write. A run longer than the largest free extent
-is split, each piece its own extent with its own nonce (as btrfs does). A run
+the new items, and the device write. A run that does not fit while space freed
+in the running transaction is still pinned commits first to reclaim it; a run
+longer than the largest free extent is split, each piece its own extent with its
+own nonce (as btrfs does). A run
 that cannot be written (ENOKEY, EIO, ENOSPC) is dropped and its error recorded
 on the inode, to be raised by the next fsync or close: an acknowledged write is
 never lost silently.
@@ -37,6 +39,11 @@ if TYPE_CHECKING:
     from blockemu.fs.filesystem import Filesystem, Inode
 
 log = logging.getLogger(__name__)
+
+
+class _Reclaim(Exception):
+    """The run does not fit, but space freed in the running transaction is pinned until it
+    commits: commit, then try again (btrfs too commits to reclaim pinned space on ENOSPC)."""
 
 
 class _Split(Exception):
@@ -196,12 +203,16 @@ class Writeback:
     async def _write_one(self, inode: "Inode", run: Run) -> None:
         """Write a run, split across free extents if it must be; whatever fails is recorded as
         lost on the inode before its pages stop being dirty."""
-        pending = [run]
+        pending, reclaim = [run], True
         try:
             while pending:
                 piece = pending.pop()
                 try:
-                    await self._write_run(inode, piece)
+                    await self._write_run(inode, piece, reclaim)
+                except _Reclaim:
+                    pending.append(piece)
+                    reclaim = False  # once: a commit gives back all that is pinned
+                    await self.fs.vol.commit()
                 except _Split as s:
                     head = s.fit // PAGE
                     pending += [Run(piece.first + head, piece.slots[head:]), Run(piece.first, piece.slots[:head])]
@@ -236,7 +247,7 @@ class Writeback:
         self.stats["lost_bytes"] += lost
         self.stats["errors"] += 1
 
-    async def _write_run(self, inode: "Inode", run: Run) -> None:
+    async def _write_run(self, inode: "Inode", run: Run, reclaim: bool = False) -> None:
         fs = self.fs
         key = nonce = secret = None
         if inode.key_id is not None:
@@ -257,6 +268,8 @@ class Writeback:
                     try:
                         bytenr = engine.allocator.alloc(length, keep=keep)
                     except NoSpaceError:
+                        if reclaim and engine.allocator.pinned:
+                            raise _Reclaim() from None
                         fit = engine.allocator.largest(keep) // PAGE * PAGE
                         if 0 < fit < length:
                             raise _Split(fit) from None
