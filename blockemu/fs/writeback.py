@@ -130,8 +130,8 @@ class Writeback:
             try:
                 await self.flush_all()
                 if loop.time() - last_commit >= self.interval:
+                    last_commit = loop.time()  # a failed commit too waits for the next interval: no spinning
                     await self.fs.vol.commit()
-                    last_commit = loop.time()
             except OSError:
                 # a failed write is recorded on its inode, a failed commit aborts the volume
                 # (vol.aborted); either way the error reaches the caller that asks next
@@ -220,7 +220,8 @@ class Writeback:
                     pending.append(piece)
                     raise
         except BaseException as e:
-            err = e if isinstance(e, OSError) else DeviceIOError(f"internal error in writeback: {e!r}")
+            err = e if isinstance(e, OSError) else DeviceIOError(
+                f"internal error in writeback: {e!r}" if isinstance(e, Exception) else "writeback interrupted")
             for piece in pending:
                 self._lose(inode, piece, err)
             if not isinstance(e, Exception):
