@@ -10,10 +10,9 @@ worker (``sealer.py``), then -- inside the running transaction -- allocation,
 the new items, and the device write. A run that does not fit while space freed
 in the running transaction is still pinned commits first to reclaim it; a run
 longer than the largest free extent is split, each piece its own extent with its
-own nonce (as btrfs does). A run
-that cannot be written (ENOKEY, EIO, ENOSPC) is dropped and its error recorded
-on the inode, to be raised by the next fsync or close: an acknowledged write is
-never lost silently.
+own nonce (as btrfs does). A run that cannot be written (ENOKEY, EIO, ENOSPC) is
+dropped and its error recorded on the inode, to be raised by the next fsync or
+close: an acknowledged write is never lost silently.
 
 The background task is supervised: whatever a run raises, its pages are never
 marked clean without the loss recorded; an exception that is not an OSError
@@ -41,17 +40,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class _Reclaim(Exception):
-    """The run does not fit, but space freed in the running transaction is pinned until it
-    commits: commit, then try again (btrfs too commits to reclaim pinned space on ENOSPC)."""
+class _NoFit(Exception):
+    """A run found no free extent for itself (``error``): space freed in the running
+    transaction may be ``pinned`` until it commits, and the first ``fit`` bytes would fit."""
 
-
-class _Split(Exception):
-    """The run does not fit one free extent, but its first ``fit`` bytes do."""
-
-    def __init__(self, fit: int) -> None:
-        super().__init__(fit)
-        self.fit = fit
+    def __init__(self, error: NoSpaceError, fit: int, pinned: bool) -> None:
+        super().__init__(error)
+        self.error, self.fit, self.pinned = error, fit, pinned
 
 
 def arena_frames(dirty_limit: int, *, device_cache: int, clean_limit: int, max_extent: int, workers: int) -> int:
@@ -208,14 +203,20 @@ class Writeback:
             while pending:
                 piece = pending.pop()
                 try:
-                    await self._write_run(inode, piece, reclaim)
-                except _Reclaim:
-                    pending.append(piece)
-                    reclaim = False  # once: a commit gives back all that is pinned
-                    await self.fs.vol.commit()
-                except _Split as s:
-                    head = s.fit // PAGE
-                    pending += [Run(piece.first + head, piece.slots[head:]), Run(piece.first, piece.slots[:head])]
+                    await self._write_run(inode, piece)
+                except _NoFit as e:
+                    if e.pinned and reclaim:
+                        # as btrfs, commit to get back what this transaction freed; once: a
+                        # commit gives back all that is pinned
+                        pending.append(piece)
+                        reclaim = False
+                        await self.fs.vol.commit()
+                    elif 0 < e.fit < len(piece.slots) * PAGE:
+                        head = e.fit // PAGE  # the largest piece that fits, then the rest
+                        pending += [Run(piece.first + head, piece.slots[head:]), Run(piece.first, piece.slots[:head])]
+                    else:
+                        pending.append(piece)
+                        raise e.error from None
                 except BaseException:
                     pending.append(piece)
                     raise
@@ -248,7 +249,7 @@ class Writeback:
         self.stats["lost_bytes"] += lost
         self.stats["errors"] += 1
 
-    async def _write_run(self, inode: "Inode", run: Run, reclaim: bool = False) -> None:
+    async def _write_run(self, inode: "Inode", run: Run) -> None:
         fs = self.fs
         key = nonce = secret = None
         if inode.key_id is not None:
@@ -268,13 +269,9 @@ class Writeback:
                     keep = engine.data_keep()
                     try:
                         bytenr = engine.allocator.alloc(length, keep=keep)
-                    except NoSpaceError:
-                        if reclaim and engine.allocator.pinned:
-                            raise _Reclaim() from None
-                        fit = engine.allocator.largest(keep) // PAGE * PAGE
-                        if 0 < fit < length:
-                            raise _Split(fit) from None
-                        raise
+                    except NoSpaceError as e:
+                        alloc = engine.allocator
+                        raise _NoFit(e, alloc.largest(keep) // PAGE * PAGE, bool(alloc.pinned)) from None
                     try:
                         await fs.vol.device.write(bytenr, sealed)  # the device copies it out of the slot
                     except BaseException:
