@@ -9,6 +9,7 @@ import mmap
 import os
 
 PAGE = 4096
+ZERO_PAGE = bytes(PAGE)
 
 
 class Arena:
@@ -26,6 +27,18 @@ class Arena:
 
     def page(self, frame: int) -> memoryview:
         return self.view[frame * PAGE : (frame + 1) * PAGE]
+
+    def release(self, frames: list[int]) -> None:
+        """Frames go back to the free list zeroed -- they held plaintext, in memory every
+        sealing worker maps too -- so a free frame is always a page of zeros. A run of
+        consecutive frames is zeroed in one go."""
+        view = self.view
+        if len(frames) > 1 and max(frames) - (lo := min(frames)) == len(frames) - 1:  # no frame is freed twice
+            view[lo * PAGE : (lo + len(frames)) * PAGE] = bytes(len(frames) * PAGE)
+        else:
+            for f in frames:
+                view[f * PAGE : (f + 1) * PAGE] = ZERO_PAGE
+        self.free.extend(frames)
 
     def close(self) -> None:
         unmap(self.map, self.view)

@@ -29,11 +29,14 @@ MIN_KEY_SIZE, MAX_KEY_SIZE = 16, 64
 
 
 def hkdf(master: bytes | bytearray, context: int, info: bytes, length: int) -> bytearray:
-    return bytearray(
-        HKDF(algorithm=hashes.SHA512(), length=length, salt=None, info=b"fscrypt\0" + bytes([context]) + info).derive(
-            bytes(master)
-        )
+    """Derived straight into the ``bytearray`` returned, from the master as given: no ``bytes``
+    copy of either is made, so zeroing the two leaves none behind. (The HKDF pseudorandom key
+    never reaches Python; tests/test_wipe.py checks that no copy of it survives either.)"""
+    out = bytearray(length)
+    HKDF(algorithm=hashes.SHA512(), length=length, salt=None, info=b"fscrypt\0" + bytes([context]) + info).derive_into(
+        master, out
     )
+    return out
 
 
 def key_identifier(master: bytes | bytearray) -> bytes:
@@ -84,7 +87,9 @@ def _xts(key: bytes | bytearray, units: Sequence[Buffer], first_unit: int, encry
     # One validated Cipher whose mode is swapped per unit: building a Cipher per unit
     # re-checks the key and mode every time, which costs more than the AES itself.
     tweaks = _tweaks(first_unit + len(units))[first_unit:]
-    cipher = Cipher(algorithms.AES(bytes(key)), tweaks[0] if tweaks else modes.XTS(bytes(16)))
+    # the key as given, not a bytes copy: its holder zeroes it; OpenSSL's copy (the key
+    # schedules in the cipher context) is cleansed when the context is freed
+    cipher = Cipher(algorithms.AES(key), tweaks[0] if tweaks else modes.XTS(bytes(16)))
     context = cipher.encryptor if encrypt else cipher.decryptor
     for i, (unit, mode) in enumerate(zip(units, tweaks)):
         cipher.mode = mode

@@ -54,12 +54,12 @@ def worker_count(requested: int | None) -> int:
     return (os.cpu_count() or 1) if requested is None else requested
 
 
-def seal_local(key: bytearray | None, data: bytes, csum_type: int) -> tuple[bytes, bytes]:
+def seal_local(key: bytearray | None, data: bytes | bytearray, csum_type: int) -> tuple[bytes | bytearray, bytes]:
     sealed = bytes(fscrypt.encrypt_units(key, data)) if key is not None else data
     return sealed, digests(sealed, csum_type)
 
 
-def seal_batch(jobs: list[tuple[bytearray | None, bytes]], csum_type: int) -> list[tuple[bytes, bytes]]:
+def seal_batch(jobs: list[tuple[bytearray | None, bytearray]], csum_type: int) -> list[tuple[bytes | bytearray, bytes]]:
     return [seal_local(key, data, csum_type) for key, data in jobs]
 
 
@@ -199,7 +199,7 @@ class Sealer:
         self._spawned: collections.deque[float] = collections.deque()  # when replacements started
         self._starting = asyncio.Lock()
         # small extents requested in the same loop turn share one trip to a thread
-        self._batch: list[tuple[bytearray | None, bytes, int, asyncio.Future]] = []
+        self._batch: list[tuple[bytearray | None, bytearray, int, asyncio.Future]] = []
 
     @property
     def pids(self) -> list[int]:
@@ -250,13 +250,17 @@ class Sealer:
                     raise errors[0]
         return min(self._workers, key=lambda w: len(w.waiting), default=None)
 
-    def _release(self, off: int, answer: asyncio.Future[bytes] | None = None) -> None:
-        """The slot's request is answered or its worker dead: wipe the key, make it idle.
-        (An answer nobody awaits any more is consumed here.)"""
+    def _release(self, off: int, answer: asyncio.Future[bytes] | None = None, copied: Sequence[int] = ()) -> None:
+        """The slot's request is answered or its worker dead: wipe the key and the plaintext
+        pages ``copied`` into it (the workers map the slots too), make it idle. (An answer
+        nobody awaits any more is consumed here.)"""
         if answer is not None and not answer.cancelled():
             answer.exception()
         if self._slots is not None:
-            self._slots[2][off : off + KEY] = bytes(KEY)
+            buf = self._slots[2]
+            buf[off : off + KEY] = bytes(KEY)
+            for k in copied:
+                buf[off + KEY + k * PAGE : off + KEY + (k + 1) * PAGE] = bytes(PAGE)
         self._idle.put_nowait(off)
 
     @contextlib.asynccontextmanager
@@ -286,16 +290,16 @@ class Sealer:
         buf[off : off + KEY] = key
         plain = off + KEY
         frames = [s if type(s) is int else IN_SLOT for s in slots]
-        for k, slot in enumerate(slots):
-            if type(slot) is not int:  # a heap page: into the slot
-                buf[plain + k * PAGE : plain + (k + 1) * PAGE] = slot
+        copied = [k for k, slot in enumerate(slots) if type(slot) is not int]
+        for k in copied:  # a heap page: into the slot
+            buf[plain + k * PAGE : plain + (k + 1) * PAGE] = slots[k]  # type: ignore[assignment]
         fut = worker.send(off, frames, self.max_extent, csum_type)
         try:
             sums = await asyncio.shield(fut)
         except BaseException:
             # cancelled, or the worker is dead: the slot is free only once the request is
             # answered or failed -- until then the worker may still read it or write to it
-            fut.add_done_callback(lambda f: self._release(off, f))
+            fut.add_done_callback(lambda f: self._release(off, f, copied))
             raise
         out = off + KEY + self.max_extent
         view = buf[out : out + n]
@@ -305,16 +309,21 @@ class Sealer:
             # our export of the mapping ends here, even if the caller's frame (kept alive by
             # an exception's traceback) still names the view
             view.release()
-            self._release(off)
+            self._release(off, copied=copied)
 
-    async def _seal_in_thread(self, key: bytearray | None, slots: Sequence[bytes | bytearray | int], csum_type: int) -> tuple[bytes, bytes]:
+    async def _seal_in_thread(self, key: bytearray | None, slots: Sequence[bytes | bytearray | int], csum_type: int) -> tuple[Buffer, bytes]:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if not self._batch:
             loop.call_soon(lambda: loop.create_task(self._run_batch()))
         page = self.arena.page
-        self._batch.append((key, b"".join([page(s) if type(s) is int else s for s in slots]), csum_type, fut))
-        return await fut
+        data = bytearray().join([page(s) if type(s) is int else s for s in slots])
+        self._batch.append((key, data, csum_type, fut))
+        try:
+            return await fut
+        finally:
+            if key is not None:
+                fscrypt.wipe(data)  # a plaintext copy; without a key it is what gets written
 
     async def _run_batch(self) -> None:
         batch, self._batch = self._batch, []

@@ -602,17 +602,26 @@ class Filesystem:
         for run in runs:
             start, end = run[0] * PAGE, (run[-1] + 1) * PAGE
             buf = bytearray(end - start)
-            for m in list(self.extents.mappings(inode.ino, start, end)):
-                s, e = max(start, m.file_offset), min(end, m.end)
-                buf[s - start : e - start] = await self._read_extent_part(inode, m, s, e)
-            for k, i in enumerate(run):
-                filled[i] = bytearray(buf[k * PAGE : (k + 1) * PAGE])
+            view = memoryview(buf)
+            try:
+                for m in list(self.extents.mappings(inode.ino, start, end)):
+                    s, e = max(start, m.file_offset), min(end, m.end)
+                    part = await self._read_extent_part(inode, m, s, e)
+                    view[s - start : e - start] = part
+                    if m.extent.context is not None:
+                        fscrypt.wipe(part)  # type: ignore[arg-type]  # decrypted: a plaintext copy
+                for k, i in enumerate(run):
+                    filled[i] = bytearray(view[k * PAGE : (k + 1) * PAGE])
+            finally:
+                view.release()
+                fscrypt.wipe(buf)  # the pages are copies now (or the read failed)
         for i, page in filled.items():
-            if i not in inode.pages.pages:  # a write may have filled it meanwhile
-                self.cache.put_clean(inode.pages, i, page)
+            self.cache.put_clean(inode.pages, i, page)  # kept, or zeroed if a write filled it meanwhile
         return filled
 
-    async def _read_extent_part(self, inode: Inode, m, s: int, e: int) -> bytes:
+    async def _read_extent_part(self, inode: Inode, m, s: int, e: int) -> bytes | bytearray:
+        """Bytes [s, e) of the file from mapping ``m``: the ciphertext read, checked and -- for an
+        encrypted extent -- decrypted into a ``bytearray`` the caller zeroes once it has copied it."""
         disk = m.disk_at(s)
         inode.inflight += 1
         try:
@@ -634,8 +643,8 @@ class Filesystem:
         try:
             unit = (m.extent.offset + s - m.file_offset) // PAGE
             if e - s > 256 << 10:
-                return bytes(await asyncio.to_thread(fscrypt.decrypt_units, key, data, unit))
-            return bytes(fscrypt.decrypt_units(key, data, unit))
+                return await asyncio.to_thread(fscrypt.decrypt_units, key, data, unit)
+            return fscrypt.decrypt_units(key, data, unit)
         finally:
             fscrypt.wipe(key)
 
@@ -725,6 +734,8 @@ class File:
             partial = self._partial_pages(offset, end)
             fills = await self._read_partial(partial) if partial else {}
             self._copy_in(memoryview(data), offset, fills)  # no await from here on: the write lands whole
+            for fill in fills.values():
+                fscrypt.wipe(fill)
         if end > inode.size:
             inode.size = end
         inode.data_changed_ns = time.time_ns()
@@ -745,10 +756,10 @@ class File:
         inode = self.inode
         return [i for i in edges if i not in inode.pages.pages and i * PAGE < inode.size]
 
-    async def _read_partial(self, idxs: list[int]) -> dict[int, bytes]:
+    async def _read_partial(self, idxs: list[int]) -> dict[int, bytearray]:
         """Read-modify-write: the current contents of the partial pages (copies: a cached page
-        is only valid until the next await)."""
-        return {i: bytes((await self.fs.read_pages(self.inode, i, 1))[0]) for i in idxs}
+        is only valid until the next await; the caller zeroes them)."""
+        return {i: bytearray((await self.fs.read_pages(self.inode, i, 1))[0]) for i in idxs}
 
     def _copy_in(self, mv: memoryview, offset: int, fills: dict[int, bytes]) -> None:
         """Copy into the page cache: whole pages in the middle in one go, the edges page by page."""
@@ -781,8 +792,11 @@ class File:
             return b""
         first, last = offset // PAGE, (end - 1) // PAGE
         pages = await self.fs.read_pages(inode, first, last - first + 1)
-        data = b"".join(pages)
-        return data[offset - first * PAGE : end - first * PAGE]
+        # the ends trimmed as views, so the one copy made is the one returned (no plaintext
+        # left behind in a discarded intermediate)
+        pages[-1] = memoryview(pages[-1])[: end - last * PAGE]
+        pages[0] = memoryview(pages[0])[offset - first * PAGE :]
+        return b"".join(pages)
 
     async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.inode.size}.get(whence)

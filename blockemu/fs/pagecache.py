@@ -17,17 +17,24 @@ excess onto heap ``bytearray``s, which the sealer copies into its slot.
 
 Pages handed out by ``get`` are valid until the caller next awaits: a frame
 can be reused once its page is cleaned or dropped.
+
+Every page holds plaintext, so none is let go of with its contents: a frame is
+zeroed when it goes back to the arena (``Arena.release``), a heap page when the
+cache drops it -- or, if a run being written still reads it, when that run is
+``written``; a clean page evicted to make room is zeroed on the event loop's
+next turn, as a reader may still use it until it next awaits. So once an
+inode's pages are dropped (when it is locked, or at unmount), no copy remains.
 """
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from blockemu.crypto.arena import PAGE, Arena
+from blockemu.crypto.arena import PAGE, ZERO_PAGE, Arena
 
 Page = bytearray | memoryview
-ZERO_PAGE = bytes(PAGE)
 Slot = bytearray | int  # what a cache entry holds: a heap page, or the number of its arena frame
 
 
@@ -57,8 +64,10 @@ class PageCache:
         self._clean: OrderedDict[tuple[int, int], Pages] = OrderedDict()
         self._sealing: set[int] = set()  # frames in runs taken and not yet written
         self._orphans: set[int] = set()  # sealing frames whose page has moved on: free when written
+        self._evicted: list[bytearray] = []  # clean pages to zero on the loop's next turn
 
     def close(self) -> None:
+        self.zero_evicted()
         self.arena.close()
 
     def buffer(self, slot: Slot) -> Page:
@@ -77,7 +86,9 @@ class PageCache:
         return slot  # type: ignore[return-value]
 
     def put_clean(self, pages: Pages, idx: int, data: bytearray) -> None:
+        """Cache a page read from disk; the cache owns ``data`` from now on."""
         if idx in pages.pages:  # a write got there first: it is newer
+            data[:] = ZERO_PAGE
             return
         pages.pages[idx] = data
         self._clean[(pages.ino, idx)] = pages
@@ -95,14 +106,15 @@ class PageCache:
         if idx in pages.dirty:
             return self.arena.page(old) if type(old) is int else old  # type: ignore[arg-type,return-value]
         src = None if overwrite else self.buffer(old) if old is not None else fill
+        settled = old is not None and self._settled(pages, idx)
         if old is not None:
             self._release(pages, idx)
             self._clean.pop((pages.ino, idx), None)
         page = self._new_page(pages, idx)
         if src is not None:
             page[:] = src
-        elif not overwrite and type(pages.pages[idx]) is int:
-            page[:] = ZERO_PAGE  # a recycled frame holds someone's old data
+        if settled and type(old) is not int:
+            old[:] = ZERO_PAGE  # type: ignore[index]  # the clean page this one replaces
         pages.dirty.add(idx)
         self.dirty_bytes += PAGE
         return page
@@ -152,7 +164,12 @@ class PageCache:
         if slot in self._sealing:
             self._orphans.add(slot)  # type: ignore[arg-type]
         else:
-            self.arena.free.append(slot)  # type: ignore[arg-type]
+            self.arena.release([slot])  # type: ignore[list-item]
+
+    def _settled(self, pages: Pages, idx: int) -> bool:
+        """Page ``idx`` is dirty or clean, not only in a run being written: a heap page there may
+        be zeroed when the cache lets go of it (a run's own heap pages are zeroed by ``written``)."""
+        return idx in pages.dirty or (pages.ino, idx) in self._clean
 
     # ------------------------------------------------------------ writeback
 
@@ -193,7 +210,7 @@ class PageCache:
                 and list(map(table.get, span)) == slots):
             for idx in span:  # streaming: the clean cache is full, so written-behind pages go first
                 del table[idx]
-            self.arena.free.extend(reversed(frames))
+            self.arena.release(frames[::-1])
             return
         freed: list[int] = []
         for idx, slot in zip(span, slots):
@@ -207,7 +224,8 @@ class PageCache:
                 # being sealed gives it a new slot and orphans this one
                 assert idx not in dirty and table.get(idx) == slot
             elif idx in dirty or table.get(idx) is not slot:
-                continue  # rewritten (or dropped) since: the newer page stays as it is
+                slot[:] = ZERO_PAGE  # type: ignore[index]  # rewritten (or dropped) since: the newer page stays
+                continue
             if room > 0:  # clean pages live on the heap; the arena is for dirty ones
                 if frame:
                     table[idx] = bytearray(self.arena.page(slot))  # type: ignore[arg-type]
@@ -215,19 +233,24 @@ class PageCache:
                 room -= 1
             else:  # cache full of clean pages: drop written-behind pages first, as streaming I/O wants
                 del table[idx]
+                if not frame:
+                    slot[:] = ZERO_PAGE  # type: ignore[index]
             if frame:
                 freed.append(slot)  # type: ignore[arg-type]
-        self.arena.free.extend(reversed(freed))
+        self.arena.release(freed[::-1])
 
     def drop(self, pages: Pages, first: int = 0) -> int:
         """Forget pages ≥ ``first`` (dirty ones too: truncate, unlink, lost writeback, a key
-        going away); returns dirty bytes dropped. Freed frames are zeroed: they held plaintext."""
+        going away); returns dirty bytes dropped. Every page is zeroed as it goes (or, if a run
+        being written still reads it, when that run is written): they held plaintext. So are the
+        clean pages evicted so far: a caller dropping pages is not in the middle of a read."""
+        self.zero_evicted()
         gone = [i for i in pages.pages if i >= first]
         dirty = 0
         for i in gone:
             slot = pages.pages[i]
-            if type(slot) is int and slot not in self._sealing:
-                self.arena.page(slot)[:] = ZERO_PAGE  # type: ignore[arg-type]
+            if type(slot) is not int and self._settled(pages, i):
+                slot[:] = ZERO_PAGE  # type: ignore[index]
             self._release(pages, i)
             del pages.pages[i]
             self._clean.pop((pages.ino, i), None)
@@ -241,12 +264,29 @@ class PageCache:
         """Drop these pages unless rewritten since (a run writeback could not write)."""
         for idx in idxs:
             if idx not in pages.dirty and idx in pages.pages:
+                slot = pages.pages[idx]
+                if type(slot) is not int and self._settled(pages, idx):
+                    slot[:] = ZERO_PAGE  # type: ignore[index]
                 self._release(pages, idx)
                 del pages.pages[idx]
                 self._clean.pop((pages.ino, idx), None)
 
     def _shrink(self) -> None:
+        evicted = self._evicted
+        pending = bool(evicted)
         while len(self._clean) * PAGE > self.clean_limit:
             (_, idx), pages = self._clean.popitem(last=False)
-            if idx not in pages.dirty:
-                pages.pages.pop(idx, None)
+            page = pages.pages.pop(idx, None) if idx not in pages.dirty else None
+            if page is not None:
+                evicted.append(page)  # type: ignore[arg-type]
+        if evicted and not pending:
+            try:  # the reader that filled the cache may still be using it: zero it once it has awaited
+                asyncio.get_running_loop().call_soon(self.zero_evicted)
+            except RuntimeError:  # no event loop, so no reader in the middle of a read
+                self.zero_evicted()
+
+    def zero_evicted(self) -> None:
+        """Zero the clean pages evicted since the last call."""
+        for page in self._evicted:
+            page[:] = ZERO_PAGE
+        self._evicted.clear()

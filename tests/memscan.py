@@ -1,0 +1,109 @@
+"""A memory scanner, run as its own process by tests/test_wipe.py: it looks for secrets in
+other processes' memory through /proc/<pid>/mem (we run as root).
+
+It is a separate process so that the process being scanned -- the test's own -- never has to
+hold what is searched for: the scanner makes the master key and the plaintext unit, hands
+them over a pipe straight into the test's ``bytearray``s (which the test zeroes once it has
+used them), derives the extent keys itself from the nonces the test names, and keeps every
+needle to itself.
+
+Protocol (stdin/stdout, binary): on start the scanner writes the 64-byte master key and the
+64-byte plaintext unit; then, per JSON line ``{"pids": [...], "nonces": [hex, ...]}`` read, it
+answers one JSON line ``{"hits": {"<needle> in pid <pid> <region>": [count, first address]},
+"scanned": bytes}``.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import sys
+
+CHUNK = 16 << 20
+REGION = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)$")
+
+
+def fscrypt_hkdf(master: bytes, context: int, info: bytes, length: int) -> tuple[bytes, bytes]:
+    """RFC 5869 HKDF-SHA512 with fscrypt's empty salt and info; returns (PRK, OKM). Written out
+    here, independently of blockemu and of the library it uses, so the needles are trustworthy."""
+    prk = hmac.new(bytes(64), master, hashlib.sha512).digest()
+    okm, block, i = b"", b"", 1
+    while len(okm) < length:
+        block = hmac.new(prk, block + b"fscrypt\0" + bytes([context]) + info + bytes([i]), hashlib.sha512).digest()
+        okm += block
+        i += 1
+    return prk, okm[:length]
+
+
+def needles(master: bytes, unit: bytes, nonces: list[str]) -> dict[str, bytes]:
+    prk, _ = fscrypt_hkdf(master, 1, b"", 16)
+    found = {"master key": master, "HKDF PRK of the master key": prk, "plaintext": unit}
+    for nonce in nonces:
+        _, key = fscrypt_hkdf(master, 9, bytes.fromhex(nonce), 64)
+        found[f"extent key {nonce}"] = key
+        # AES-256-XTS is two AES-256 keys, and an AES key schedule starts with its key
+        found[f"extent key {nonce} (data half)"] = key[:32]
+        found[f"extent key {nonce} (tweak half)"] = key[32:]
+    return found
+
+
+def regions(pid: int) -> list[tuple[int, int, str]]:
+    """Readable regions that can hold data written at run time: every writable one, and every
+    one not backed by a regular file (anonymous, heap, stack, memfds such as the page arena)."""
+    out = []
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            m = REGION.match(line.rstrip("\n"))
+            if m is None:
+                continue
+            start, end, perms, path = int(m[1], 16), int(m[2], 16), m[3], m[4]
+            if perms[0] != "r" or path in ("[vvar]", "[vsyscall]", "[vdso]"):
+                continue
+            if "w" not in perms and path.startswith("/") and not path.startswith("/memfd:"):
+                continue  # code and read-only data of a file: nothing written at run time lands there
+            out.append((start, end, f"{perms} {path}"))
+    return out
+
+
+def scan(pid: int, found: dict[str, bytes], hits: dict[str, list]) -> int:
+    """Count into ``hits`` where each needle occurs in ``pid``; returns the bytes scanned."""
+    scanned = 0
+    longest = max(map(len, found.values()))
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for start, end, name in regions(pid):
+            pos = start
+            while pos < end:
+                n = min(CHUNK, end - pos)
+                try:
+                    mem.seek(pos)
+                    data = mem.read(n + min(longest - 1, end - pos - n))  # overlap: a needle across chunks
+                except OSError:
+                    break
+                scanned += n
+                for what, needle in found.items():
+                    at = data.find(needle)
+                    while 0 <= at < n:
+                        hits.setdefault(f"{what} in pid {pid} {name}", [0, hex(pos + at)])[0] += 1
+                        at = data.find(needle, at + 1)
+                pos += n
+    return scanned
+
+
+def main() -> None:
+    master, unit = os.urandom(64), os.urandom(64)
+    out = sys.stdout.buffer
+    out.write(master + unit)
+    out.flush()
+    for line in sys.stdin.buffer:
+        req = json.loads(line)
+        found = needles(master, unit, req["nonces"])
+        hits: dict[str, list] = {}
+        scanned = sum(scan(pid, found, hits) for pid in req["pids"])
+        out.write(json.dumps({"hits": hits, "scanned": scanned}).encode() + b"\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()

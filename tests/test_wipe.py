@@ -1,0 +1,128 @@
+"""Nothing of a locked file stays in memory (issue 11): once an encrypted file is closed and
+its key removed, no process of the mount -- this one and its sealing workers -- holds the
+master key, an extent key derived from it or the file's plaintext, in live or freed memory;
+nor does this process after unmount.
+
+The crux is that the test runs in the process it scans. A separate scanner process
+(``tests/memscan.py``) makes the secrets and hands them over a pipe straight into
+``bytearray``s here, derives the extent keys itself, and keeps every needle to itself; this
+test zeroes its own buffers (and the ``bytes`` that reads return) once it has used them, so
+any hit is a copy blockemu made and left behind.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import blockemu
+from blockemu.ondisk import structs as S
+from blockemu.ondisk.items import FileExtent
+
+CHUNK = 1 << 20
+CHUNKS = 12  # past the 8 MiB of clean pages the cache keeps: reading back decrypts the rest
+UNIT = 64  # the plaintext repeats a 64-byte random unit: any copy of 127 bytes or more holds it whole
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/proc/self/mem"),
+                                reason="reads other processes' memory: needs root and /proc")
+
+
+class Scanner:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("memscan.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+
+    def receive(self, buf: bytearray) -> None:
+        """Read the next secret from the scanner straight into ``buf`` (no ``bytes`` in between)."""
+        view, got = memoryview(buf), 0
+        while got < len(buf):
+            n = self.proc.stdout.readinto(view[got:])  # type: ignore[union-attr]
+            assert n, "the scanner exited"
+            got += n
+        view.release()
+
+    def scan(self, pids: list[int], nonces: list[str]) -> dict[str, list]:
+        """Where the secrets are: ``{"<needle> in pid <pid> <region>": [count, first address]}``."""
+        gc.collect()
+        self.proc.stdin.write(json.dumps({"pids": pids, "nonces": nonces}).encode() + b"\n")  # type: ignore[union-attr]
+        reply = json.loads(self.proc.stdout.readline())  # type: ignore[union-attr]
+        assert reply["scanned"] > 0
+        return reply["hits"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        self.proc.wait()
+
+
+def zero(buf: bytearray | bytes) -> None:
+    """Zero a buffer of this test's in place -- a ``bytes`` too (a read's result), which Python
+    would otherwise free with its contents intact."""
+    if isinstance(buf, bytes):
+        ctypes.memset(id(buf) + bytes.__basicsize__ - 1, 0, len(buf))
+    else:
+        buf[:] = bytes(len(buf))
+
+
+def report(hits: dict[str, list]) -> str:
+    return "left behind:\n" + "\n".join(f"  {where}: {n} (first at {addr})" for where, (n, addr) in sorted(hits.items()))
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+async def test_no_key_or_plaintext_outlives_the_lock(tmp_path, mode):
+    scanner = Scanner()
+    try:
+        key, unit = bytearray(64), bytearray(UNIT)
+        scanner.receive(key)
+        scanner.receive(unit)
+        chunk = bytearray(CHUNK)
+        view = memoryview(chunk)
+        view[:UNIT] = unit
+        zero(unit)
+        filled = UNIT
+        while filled < CHUNK:  # doubling, view to view: no temporary copies
+            view[filled : 2 * filled] = view[:filled]
+            filled *= 2
+        view.release()
+
+        image = str(tmp_path / "w.img")
+        await blockemu.mkfs(image, size="128M")
+        fs = await blockemu.mount(image, key_removal=mode, seal_workers=2, interval=3600)
+        kid = await fs.add_key(key)
+        zero(key)
+        await fs.mkdir("/s")
+        await fs.set_policy("/s", kid)
+        async with fs.open("/s/f", "w") as f:
+            for _ in range(CHUNKS):
+                await f.write(chunk)
+            await f.fsync()
+        same = True
+        async with fs.open("/s/f") as f:
+            for i in range(CHUNKS):
+                data = await f.pread(CHUNK, i * CHUNK)
+                same = same and data == chunk
+                zero(data)
+                del data
+        zero(chunk)
+        assert same
+        ino = fs._resolve("/s/f").ino
+        nonces = [FileExtent.unpack(body).context.nonce.hex()
+                  for k, body in fs.tree.items((ino, S.EXTENT_DATA, 0), (ino, S.EXTENT_DATA, (1 << 64) - 1))]
+        assert len(nonces) == CHUNKS  # one extent per 1 MiB run, each sealed by a worker
+        workers = fs.writeback.sealer.pids
+        assert len(workers) == 2
+
+        await fs.remove_key(kid)
+        assert str(fs.key_status(kid)) == "Absent"
+        locked = scanner.scan([os.getpid(), *workers], nonces)
+        await fs.unmount()
+        unmounted = scanner.scan([os.getpid()], nonces)
+    finally:
+        scanner.close()
+    assert not locked, report(locked)
+    assert not unmounted, report(unmounted)
