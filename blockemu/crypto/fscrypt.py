@@ -12,7 +12,9 @@ Derived keys are returned as ``bytearray`` so their holder can zero them.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ctypes
+import functools
+from collections.abc import Callable, Sequence
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -28,14 +30,73 @@ XTS_KEY_SIZE = 64
 MIN_KEY_SIZE, MAX_KEY_SIZE = 16, 64
 
 
+class _Param(ctypes.Structure):
+    """OpenSSL's OSSL_PARAM."""
+
+    _fields_ = [("key", ctypes.c_char_p), ("data_type", ctypes.c_uint), ("data", ctypes.c_void_p),
+                ("data_size", ctypes.c_size_t), ("return_size", ctypes.c_size_t)]
+
+
+_UTF8_STRING, _OCTET_STRING, _UNMODIFIED = 4, 5, ctypes.c_size_t(-1).value
+
+
+def _address(buf: bytes | bytearray) -> int:
+    """Where ``buf``'s bytes are, without copying them."""
+    if isinstance(buf, bytearray):
+        return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)) if buf else 0
+    return ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value or 0
+
+
+@functools.cache
+def _libcrypto_hkdf() -> Callable[[bytes | bytearray, bytes, bytearray], None] | None:
+    """HKDF-SHA512 by OpenSSL 3's EVP_KDF (the libcrypto Python's own hashlib uses), reading the
+    master key where it is and writing the derived key where it goes: OpenSSL cleanses its
+    copies (the key in the KDF context, the pseudorandom key and each HMAC block) before it
+    frees them. cryptography's ``HKDF.derive_into`` is no substitute: it leaves a freed
+    ``bytes`` holding the derived key behind (seen by tests/test_wipe.py's memory scan)."""
+    try:
+        lib = ctypes.CDLL("libcrypto.so.3")
+        fetch = lib.EVP_KDF_fetch
+    except (OSError, AttributeError):  # no OpenSSL 3 libcrypto
+        return None
+    fetch.restype = ctypes.c_void_p
+    fetch.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+    kdf = fetch(None, b"HKDF", None)
+    if not kdf:
+        return None
+    lib.EVP_KDF_CTX_new.restype = ctypes.c_void_p
+    lib.EVP_KDF_CTX_new.argtypes = [ctypes.c_void_p]
+    lib.EVP_KDF_CTX_free.argtypes = [ctypes.c_void_p]
+    lib.EVP_KDF_derive.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(_Param)]
+
+    def derive(master: bytes | bytearray, info: bytes, out: bytearray) -> None:
+        params = (_Param * 4)(
+            _Param(b"digest", _UTF8_STRING, _address(b"SHA512"), 6, _UNMODIFIED),
+            _Param(b"key", _OCTET_STRING, _address(master), len(master), _UNMODIFIED),
+            _Param(b"info", _OCTET_STRING, _address(info), len(info), _UNMODIFIED),
+            _Param(None, 0, None, 0, 0),
+        )
+        ctx = lib.EVP_KDF_CTX_new(kdf)
+        try:
+            if lib.EVP_KDF_derive(ctx, _address(out), len(out), params) != 1:
+                raise ValueError("HKDF-SHA512 failed in libcrypto")
+        finally:
+            lib.EVP_KDF_CTX_free(ctx)
+
+    return derive
+
+
 def hkdf(master: bytes | bytearray, context: int, info: bytes, length: int) -> bytearray:
-    """Derived straight into the ``bytearray`` returned, from the master as given: no ``bytes``
-    copy of either is made, so zeroing the two leaves none behind. (The HKDF pseudorandom key
-    never reaches Python; tests/test_wipe.py checks that no copy of it survives either.)"""
+    """Derived straight into the ``bytearray`` returned, from the master as given (no ``bytes``
+    copy of either), so zeroing the two leaves nothing behind. Without an OpenSSL 3 libcrypto,
+    cryptography derives it, and one freed copy of each derived key may remain in memory."""
     out = bytearray(length)
-    HKDF(algorithm=hashes.SHA512(), length=length, salt=None, info=b"fscrypt\0" + bytes([context]) + info).derive_into(
-        master, out
-    )
+    info = b"fscrypt\0" + bytes([context]) + info
+    derive = _libcrypto_hkdf()
+    if derive is not None:
+        derive(master, info, out)
+    else:
+        HKDF(algorithm=hashes.SHA512(), length=length, salt=None, info=info).derive_into(master, out)
     return out
 
 
