@@ -22,7 +22,7 @@ import re
 import sys
 
 CHUNK = 16 << 20
-REGION = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)$")
+REGION = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ (\S+) (\d+)\s*(.*)$")
 
 
 def fscrypt_hkdf(master: bytes, context: int, info: bytes, length: int) -> tuple[bytes, bytes]:
@@ -42,37 +42,43 @@ def needles(master: bytes, unit: bytes, nonces: list[str]) -> dict[str, bytes]:
     found = {"master key": master, "HKDF PRK of the master key": prk, "plaintext": unit}
     for nonce in nonces:
         _, key = fscrypt_hkdf(master, 9, bytes.fromhex(nonce), 64)
-        found[f"extent key {nonce}"] = key
-        # AES-256-XTS is two AES-256 keys, and an AES key schedule starts with its key
+        # each half: AES-256-XTS is two AES-256 keys, and an AES key schedule starts with its
+        # key (a copy of the whole key holds both)
         found[f"extent key {nonce} (data half)"] = key[:32]
         found[f"extent key {nonce} (tweak half)"] = key[32:]
     return found
 
 
-def regions(pid: int) -> list[tuple[int, int, str]]:
+def regions(pid: int, seen: set[tuple[str, str]]) -> list[tuple[int, int, str]]:
     """Readable regions that can hold data written at run time: every writable one, and every
-    one not backed by a regular file (anonymous, heap, stack, memfds such as the page arena)."""
+    one not backed by a regular file (anonymous, heap, stack, memfds such as the page arena).
+    A shared mapping (the arena, the sealing slots) is scanned in the first process in
+    which it is ``seen``: the others map the same memory."""
     out = []
     with open(f"/proc/{pid}/maps") as maps:
         for line in maps:
             m = REGION.match(line.rstrip("\n"))
             if m is None:
                 continue
-            start, end, perms, path = int(m[1], 16), int(m[2], 16), m[3], m[4]
+            start, end, perms, dev, inode, path = int(m[1], 16), int(m[2], 16), m[3], m[4], m[5], m[6]
             if perms[0] != "r" or path in ("[vvar]", "[vsyscall]", "[vdso]"):
                 continue
             if "w" not in perms and path.startswith("/") and not path.startswith("/memfd:"):
                 continue  # code and read-only data of a file: nothing written at run time lands there
+            if perms[3] == "s":
+                if (dev, inode) in seen:
+                    continue
+                seen.add((dev, inode))
             out.append((start, end, f"{perms} {path}"))
     return out
 
 
-def scan(pid: int, found: dict[str, bytes], hits: dict[str, list]) -> int:
+def scan(pid: int, found: dict[str, bytes], hits: dict[str, list], seen: set[tuple[str, str]]) -> int:
     """Count into ``hits`` where each needle occurs in ``pid``; returns the bytes scanned."""
     scanned = 0
     longest = max(map(len, found.values()))
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-        for start, end, name in regions(pid):
+        for start, end, name in regions(pid, seen):
             pos = start
             while pos < end:
                 n = min(CHUNK, end - pos)
@@ -100,7 +106,8 @@ def main() -> None:
         req = json.loads(line)
         found = needles(master, unit, req["nonces"])
         hits: dict[str, list] = {}
-        scanned = sum(scan(pid, found, hits) for pid in req["pids"])
+        seen: set[tuple[str, str]] = set()
+        scanned = sum(scan(pid, found, hits, seen) for pid in req["pids"])
         out.write(json.dumps({"hits": hits, "scanned": scanned}).encode() + b"\n")
         out.flush()
 

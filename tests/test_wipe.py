@@ -22,11 +22,15 @@ from pathlib import Path
 import pytest
 
 import blockemu
+from blockemu.crypto.arena import PAGE
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import FileExtent
 
-CHUNK = 1 << 20
-CHUNKS = 12  # past the 8 MiB of clean pages the cache keeps: reading back decrypts the rest
+EXTENT = 1 << 20  # the default max_extent: a large write becomes extents of 1 MiB, each sealed by a worker
+LARGE = 5 << 20  # written at once, past the 4 MiB arena: the excess waits on heap pages, copied into a worker's slot
+SMALL = 64 << 10  # below the size a worker takes: sealed in a thread of this process
+CLEAN = 2 << 20  # the clean pages the cache keeps: reading back the rest decrypts it
+DIRTY = 8 << 20  # a dirty limit that leaves the arena its minimum, four extents
 UNIT = 64  # the plaintext repeats a 64-byte random unit: any copy of 127 bytes or more holds it whole
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/proc/self/mem"),
@@ -80,40 +84,46 @@ async def test_no_key_or_plaintext_outlives_the_lock(tmp_path, mode):
         key, unit = bytearray(64), bytearray(UNIT)
         scanner.receive(key)
         scanner.receive(unit)
-        chunk = bytearray(CHUNK)
-        view = memoryview(chunk)
+        plain = bytearray(LARGE)
+        view = memoryview(plain)
         view[:UNIT] = unit
         zero(unit)
         filled = UNIT
-        while filled < CHUNK:  # doubling, view to view: no temporary copies
-            view[filled : 2 * filled] = view[:filled]
+        while filled < LARGE:  # doubling, view to view: no temporary copies
+            view[filled : min(2 * filled, LARGE)] = view[: min(filled, LARGE - filled)]
             filled *= 2
-        view.release()
 
         image = str(tmp_path / "w.img")
         await blockemu.mkfs(image, size="128M")
-        fs = await blockemu.mount(image, key_removal=mode, seal_workers=2, interval=3600)
+        fs = await blockemu.mount(image, key_removal=mode, seal_workers=2, interval=3600, cache_limit=CLEAN,
+                                 dirty_limit=DIRTY)
+        assert len(fs.cache.arena.free) * PAGE < LARGE
         kid = await fs.add_key(key)
         zero(key)
         await fs.mkdir("/s")
         await fs.set_policy("/s", kid)
-        async with fs.open("/s/f", "w") as f:
-            for _ in range(CHUNKS):
-                await f.write(chunk)
-            await f.fsync()
+        sizes = {"/s/large": LARGE, "/s/small": SMALL}
+        for path, size in sizes.items():
+            async with fs.open(path, "w") as f:
+                await f.write(view[:size])
+                await f.fsync()
         same = True
-        async with fs.open("/s/f") as f:
-            for i in range(CHUNKS):
-                data = await f.pread(CHUNK, i * CHUNK)
-                same = same and data == chunk
-                zero(data)
-                del data
-        zero(chunk)
+        for path, size in sizes.items():
+            async with fs.open(path) as f:
+                for at in range(0, size, EXTENT):
+                    data = await f.pread(EXTENT, at)
+                    same = same and data == view[at : at + len(data)]
+                    zero(data)
+                    del data
+        view.release()
+        zero(plain)
         assert same
-        ino = fs._resolve("/s/f").ino
-        nonces = [FileExtent.unpack(body).context.nonce.hex()
-                  for k, body in fs.tree.items((ino, S.EXTENT_DATA, 0), (ino, S.EXTENT_DATA, (1 << 64) - 1))]
-        assert len(nonces) == CHUNKS  # one extent per 1 MiB run, each sealed by a worker
+        nonces = []
+        for path in sizes:
+            ino = fs._resolve(path).ino
+            nonces += [FileExtent.unpack(body).context.nonce.hex()  # type: ignore[union-attr]
+                       for _, body in fs.tree.items((ino, S.EXTENT_DATA, 0), (ino, S.EXTENT_DATA, (1 << 64) - 1))]
+        assert len(nonces) == LARGE // EXTENT + 1
         workers = fs.writeback.sealer.pids
         assert len(workers) == 2
 
