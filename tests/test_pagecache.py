@@ -5,9 +5,12 @@ a cached page reads back as the model says; a frame being sealed never changes u
 run is written (stable pages: a worker in another process reads it with no lock); no frame
 is lost, shared by two pages or free while in use; ``dirty_bytes`` is the dirty pages plus
 the pages in flight; once everything is written every frame is free again. The arena is
-small, so writes also spill onto heap pages when it is full.
+small, so writes also spill onto heap pages when it is full. And nothing the cache lets go of
+keeps its plaintext: a free frame, and a heap page no longer cached nor in flight, is zeros.
 """
 from __future__ import annotations
+
+import asyncio
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -17,6 +20,7 @@ from blockemu.fs.pagecache import PAGE, PageCache, Pages, Run
 
 FRAMES = 12
 INDEXES = st.integers(0, 15)
+ZERO_PAGE = bytes(PAGE)
 
 
 class PageCacheMachine(RuleBasedStateMachine):
@@ -27,6 +31,7 @@ class PageCacheMachine(RuleBasedStateMachine):
         self.model: list[dict[int, bytes]] = [{}, {}]  # what each file holds, page by page
         self.inflight: list[tuple[int, Run, list[bytes]]] = []  # (file, run, contents when taken)
         self.counter = 0
+        self.heap_pages: dict[int, bytearray] = {}  # every heap page the cache has held, by id
 
     def teardown(self) -> None:
         self.cache.close()
@@ -111,6 +116,17 @@ class PageCacheMachine(RuleBasedStateMachine):
         assert all(type(s) is not int or s in sealing for s in clean), "a clean page holds a frame after its run was written"
         assert len(self.cache._clean) <= 4
 
+    @invariant()
+    def nothing_let_go_keeps_plaintext(self) -> None:
+        arena = self.cache.arena
+        assert all(arena.page(f) == ZERO_PAGE for f in arena.free), "a free frame holds data"
+        held = [s for p in self.pages for s in p.pages.values() if type(s) is not int]
+        held += [s for _, run, _ in self.inflight for s in run.slots if type(s) is not int]
+        self.heap_pages.update((id(s), s) for s in held)  # type: ignore[misc]
+        live = {id(s) for s in held}
+        assert all(page == ZERO_PAGE for i, page in self.heap_pages.items() if i not in live), \
+            "a heap page the cache let go of holds data"
+
     def check_drained(self) -> None:
         for f in range(2):
             self.take(f, 4)
@@ -128,3 +144,20 @@ class DrainingMachine(PageCacheMachine):
 
 TestPageCache = DrainingMachine.TestCase
 TestPageCache.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
+
+
+async def test_an_evicted_page_is_zeroed_once_its_reader_has_awaited():
+    """Filling the cache past its limit evicts clean pages; one may be the very page a reader
+    is about to copy (read_pages returns what it filled), so it keeps its contents until the
+    reader next awaits -- and is zeroed then."""
+    cache = PageCache(clean_limit=2 * PAGE, dirty_frames=4)
+    pages = Pages(1)
+    filled = [bytearray([i + 1]) * PAGE for i in range(3)]
+    for idx, page in enumerate(filled):
+        cache.put_clean(pages, idx, page)
+    assert cache.get(pages, 0) is None and filled[0] == bytes([1]) * PAGE
+    await asyncio.sleep(0)
+    assert filled[0] == ZERO_PAGE and cache.get(pages, 1) == bytes([2]) * PAGE
+    cache.put_clean(pages, 1, page := bytearray(b"x" * PAGE))  # already cached: the cache's copy is newer
+    assert page == ZERO_PAGE
+    cache.close()
