@@ -190,18 +190,25 @@ class BlockDevice:
 
     # ------------------------------------------------------------ read
 
-    def _overlay(self, offset: int, data: bytes) -> bytes:
-        if not self._cache:
-            return data
-        first, last = offset // SECTOR, (offset + len(data) - 1) // SECTOR
-        hits = [s for s in range(first, last + 1) if s in self._cache] if last - first < 4096 else [
-            s for s in self._cache if first <= s <= last
-        ]
+    def _cached(self, offset: int, length: int) -> dict[int, Entry]:
+        """The cached writes covering [offset, offset + length), taken *before* the file is read:
+        a sector missing from the cache then is in the file already, while one taken out of it
+        later (destaged during the pread) might have reached the file only after the pread
+        read it."""
+        if not self._cache or not length:
+            return {}
+        cache = self._cache
+        first, last = offset // SECTOR, (offset + length - 1) // SECTOR
+        if last - first < 4096:
+            return {s: cache[s] for s in range(first, last + 1) if s in cache}
+        return {s: e for s, e in cache.items() if first <= s <= last}
+
+    @staticmethod
+    def _overlay(offset: int, data: bytes, hits: dict[int, Entry]) -> bytes:
         if not hits:
             return data
         buf = bytearray(data)
-        for s in hits:
-            src, base = self._cache[s]
+        for s, (src, base) in hits.items():
             lo, hi = max(s * SECTOR, offset), min((s + 1) * SECTOR, offset + len(data))
             buf[lo - offset : hi - offset] = src[lo - base * SECTOR : hi - base * SECTOR]
         return bytes(buf)
@@ -209,8 +216,7 @@ class BlockDevice:
     def read_sync(self, offset: int, length: int) -> bytes:
         self._check(offset, length, "read")
         t = time.perf_counter()
-        data = os.pread(self.fd, length, offset)
-        data = self._overlay(offset, data)
+        data = self._overlay(offset, os.pread(self.fd, length, offset), self._cached(offset, length))
         self.stats.record("read", length, t)
         return data
 
@@ -218,8 +224,8 @@ class BlockDevice:
         self._check(offset, length, "read")
         await self._delay()
         t = time.perf_counter()
-        data = await _a_pread(self.fd, length, offset)
-        data = self._overlay(offset, data)
+        hits = self._cached(offset, length)
+        data = self._overlay(offset, await _a_pread(self.fd, length, offset), hits)
         self.stats.record("read", length, t)
         return data
 

@@ -704,20 +704,23 @@ class File:
         inode, fs = self.inode, self.fs
         if offset < 0:
             raise InvalidArgument("negative offset")
-        if inode.key_id is not None and not fs.keyring.dirtying_allowed(inode.key_id):
-            raise NoKeyError("Required key not available")
+        self._check_dirtying()
         n = len(data)
         if not n:
             return 0
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
         end = offset + n
-        if n == PAGE and not offset % PAGE:  # one whole page, the commonest write: nothing to read or split
+        whole = n == PAGE and not offset % PAGE  # one whole page, the commonest write: nothing to read or split
+        partial = [] if whole else self._partial_pages(offset, end)
+        fills = await self._read_partial(partial) if partial else {}
+        # no await from here on: the write lands whole, and a key removal that began while it
+        # waited (for room, or for its partial pages) is seen before anything is dirtied
+        self._check_dirtying()
+        if whole:
             fs.cache.writable(inode.pages, offset // PAGE, overwrite=True)[:] = data
         else:
-            partial = self._partial_pages(offset, end)
-            fills = await self._read_partial(partial) if partial else {}
-            self._copy_in(memoryview(data), offset, fills)  # no await from here on: the write lands whole
+            self._copy_in(memoryview(data), offset, fills)
         if end > inode.size:
             inode.size = end
         inode.data_changed_ns = time.time_ns()
@@ -729,6 +732,15 @@ class File:
             fs.unyielded = 0
             await asyncio.sleep(0)
         return n
+
+    def _check_dirtying(self) -> None:
+        """ENOKEY once removal of the file's key refuses new dirty data (``deny-writes``). Checked
+        again right where the pages are dirtied: a write that passed the first check and then
+        waited across ``remove_key`` would be acknowledged, then lost when writeback finds the
+        secret wiped."""
+        key_id = self.inode.key_id
+        if key_id is not None and not self.fs.keyring.dirtying_allowed(key_id):
+            raise NoKeyError("Required key not available")
 
     def _partial_pages(self, offset: int, end: int) -> list[int]:
         """Pages the write covers only in part and that hold data not in the cache."""
