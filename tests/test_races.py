@@ -101,3 +101,34 @@ async def test_device_read_racing_background_destage_is_never_stale(tmp_path, mo
     gate.release.set()
     assert await read == b"\x02" * PAGE
     await dev.close()
+
+
+# ------------------------------------------------------------------ cancelled flush
+
+
+async def test_cancelled_fsync_drops_no_dirty_pages(image, monkeypatch):
+    """fsync cancelled while its first run is being written and three more are queued (one
+    lane): the run in flight completes, the queued ones are dirty again, and unmount writes
+    them all."""
+    data = os.urandom(64 << 10)
+    async with blockemu.mount(image, interval=3600, max_extent=16 << 10, batch_bytes=16 << 10,
+                              seal_workers=0) as fs:
+        f = await fs.open("/f", "w")
+        await f.write(data)
+        gate = Gate(fs.vol.device.write)
+        monkeypatch.setattr(fs.vol.device, "write", gate)
+        fsync = asyncio.ensure_future(f.fsync())
+        await gate.entered.wait()
+        fsync.cancel()
+        await asyncio.sleep(0)  # the cancellation lands while the run is still held
+        gate.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await fsync
+        pages = f.inode.pages
+        assert len(pages.dirty) == 12 and not fs.cache._sealing
+        assert fs.cache.dirty_bytes == 12 * PAGE
+        await f.close()
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == data

@@ -219,6 +219,24 @@ class PageCache:
                 freed.append(slot)  # type: ignore[arg-type]
         self.arena.free.extend(reversed(freed))
 
+    def untake(self, pages: Pages, run: Run) -> None:
+        """A run from ``take_dirty`` that will not be written (its flush was cancelled before
+        it started): its pages are dirty again, unless rewritten or dropped since -- then the
+        newer state stands and only the run's own frames go back to the arena."""
+        table, dirty = pages.pages, pages.dirty
+        for idx, slot in zip(range(run.first, run.first + len(run.slots)), run.slots):
+            if type(slot) is int:
+                self._sealing.discard(slot)  # type: ignore[arg-type]
+                if slot in self._orphans:  # the page has a new slot, or is gone
+                    self._orphans.discard(slot)  # type: ignore[arg-type]
+                    self.arena.free.append(slot)  # type: ignore[arg-type]
+                    self.dirty_bytes -= PAGE
+                    continue
+            elif idx in dirty or table.get(idx) is not slot:
+                self.dirty_bytes -= PAGE
+                continue
+            dirty.add(idx)
+
     def drop(self, pages: Pages, first: int = 0) -> int:
         """Forget pages ≥ ``first`` (dirty ones too: truncate, unlink, lost writeback, a key
         going away); returns dirty bytes dropped. Freed frames are zeroed: they held plaintext."""

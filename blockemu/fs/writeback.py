@@ -149,7 +149,12 @@ class Writeback:
     async def flush_inode(self, inode: "Inode") -> None:
         """Write back what is dirty now as a pipeline: at most ``batch_pages`` worth of runs
         are in flight, and runs are taken from the cache only when a lane frees up, so
-        writes landing meanwhile still coalesce and sealing never drains between batches."""
+        writes landing meanwhile still coalesce and sealing never drains between batches.
+
+        Cancelling it (a cancelled fsync) never drops dirty pages: runs taken and not yet
+        started are dirty again, and runs in flight are waited for -- not cancelled half
+        way, and never left running once the inode's ``wb_lock`` is free, where a later
+        flush could write the same page's newer data before them."""
         async with inode.wb_lock:
             todo = len(inode.pages.dirty)
             lanes = asyncio.Semaphore(max(1, self.batch_pages // self.max_pages))
@@ -168,9 +173,19 @@ class Writeback:
                     todo -= len(run.slots)
                     tasks.append(asyncio.ensure_future(self._write_one(inode, run)))
                     tasks[-1].add_done_callback(lambda _t: lanes.release())
-                await asyncio.gather(*tasks)
+                if tasks:
+                    await asyncio.wait(tasks)  # unlike gather, does not cancel them when we are
+                for task in tasks:
+                    task.result()
             finally:
-                inode.inflight -= 1
+                for run in runs:
+                    self.cache.untake(inode.pages, run)
+                try:
+                    pending = [t for t in tasks if not t.done()]
+                    if pending:  # cancelled while they run: they finish first
+                        await asyncio.wait(pending)
+                finally:
+                    inode.inflight -= 1
             self.fs.maybe_lock(inode)
 
     async def _write_one(self, inode: "Inode", run: Run) -> None:
