@@ -132,3 +132,51 @@ async def test_cancelled_fsync_drops_no_dirty_pages(image, monkeypatch):
     async with blockemu.mount(image) as fs:
         async with fs.open("/f") as f:
             assert await f.read() == data
+
+
+# ------------------------------------------------------------------ unmount and close
+
+
+async def test_unmount_releases_everything_when_the_flush_fails(image, monkeypatch):
+    """flush_all fails at unmount: the failure is raised, and still the writeback task ends,
+    the sealing workers exit, the image is committed and closed, and the keys are wiped."""
+    data = os.urandom(1 << 20)
+    fs = await blockemu.mount(image, interval=3600, seal_workers=2)
+    await encrypted_dir(fs, "/e")
+    async with fs.open("/e/f", "w") as f:
+        await f.write(data)
+        await f.fsync()
+    procs, task = list(fs.writeback.sealer._procs), fs.writeback._task
+    assert procs and task is not None and not task.done()
+    await fs.mkdir("/e/d")  # in the running transaction only: close must still commit it
+
+    async def failing_flush() -> None:
+        raise OSError(errno.EIO, "flush failed")
+
+    monkeypatch.setattr(fs.writeback, "flush_all", failing_flush)
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    assert task.done() and all(p.returncode is not None for p in procs)
+    assert fs.vol.device.fd == -1 and not fs.keyring.keys
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        assert await fs.exists("/e/d")
+        async with fs.open("/e/f") as f:
+            assert await f.read() == data
+
+
+async def test_volume_close_closes_the_device_when_the_commit_fails(image, monkeypatch):
+    fs = await blockemu.mount(image, interval=3600)
+    await fs.mkdir("/d")
+
+    async def failing_commit(**kw) -> bool:
+        raise OSError(errno.EIO, "commit failed")
+
+    monkeypatch.setattr(fs.vol, "commit", failing_commit)
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    assert fs.vol.device.fd == -1
+    assert_clean(image)  # the last durable generation, without /d
+    async with blockemu.mount(image) as fs:
+        assert not await fs.exists("/d")

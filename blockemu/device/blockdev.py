@@ -361,10 +361,12 @@ class BlockDevice:
         if self._background is not None:
             await asyncio.gather(self._background, return_exceptions=True)
         if self.fd >= 0:
-            if not self.dead and not self.readonly and self._cache:
-                await self._destage_cache(sync=False)
-            await _a_close(self.fd)
-            self.fd = -1
+            try:
+                if not self.dead and not self.readonly and self._cache:
+                    await self._destage_cache(sync=False)
+            finally:  # the descriptor goes even when the destage fails
+                fd, self.fd = self.fd, -1
+                await _a_close(fd)
 
     def close_sync(self) -> None:
         if self.fd >= 0:

@@ -164,18 +164,29 @@ class Filesystem:
         return fs
 
     async def unmount(self) -> None:
+        """Write back, stop writeback and the sealing workers, commit and close the image, drop
+        the plaintext pages and wipe the keys. Every step runs even when one before it failed
+        -- a failed flush must not leave the writeback task, the workers, the image or a secret
+        behind -- and the first failure is raised once all have run."""
         if not self.mounted:
             return
         self.mounted = False
-        try:
-            await self.writeback.flush_all()
-            await self.writeback.stop()
-            await self.vol.close()
-        finally:
-            for inode in self.inodes.values():
-                self.cache.drop(inode.pages)
-            self.cache.close()
-            self.keyring.wipe_all()
+        first: BaseException | None = None
+        for step in (self.writeback.flush_all, self.writeback.stop, self.vol.close, self._drop_pages,
+                     self.keyring.wipe_all):
+            try:
+                done = step()
+                if done is not None:
+                    await done
+            except BaseException as e:
+                first = first or e
+        if first is not None:
+            raise first
+
+    def _drop_pages(self) -> None:
+        for inode in self.inodes.values():
+            self.cache.drop(inode.pages)
+        self.cache.close()
 
     async def __aenter__(self) -> "Filesystem":
         return self

@@ -116,6 +116,9 @@ class Volume:
         return True
 
     async def close(self, *, commit: bool = True) -> None:
-        if commit and not self.device.readonly and not self.device.dead and self.aborted is None:
-            await self.commit()
-        await self.device.close()
+        """Commit (unless aborted) and close the device -- the device even when the commit fails."""
+        try:
+            if commit and not self.device.readonly and not self.device.dead and self.aborted is None:
+                await self.commit()
+        finally:
+            await self.device.close()

@@ -78,12 +78,15 @@ class Writeback:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="blockemu-writeback")
 
     async def stop(self) -> None:
+        """End the background task, then the sealing workers -- those even if the task failed."""
         self._stopping = True
         self._kick.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-        await self.sealer.close()
+        try:
+            if self._task is not None:
+                task, self._task = self._task, None
+                await task
+        finally:
+            await self.sealer.close()
 
     def kick(self) -> None:
         self._kick.set()
