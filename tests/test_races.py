@@ -79,6 +79,39 @@ async def test_deny_writes_rechecks_after_waiting_for_room(image, monkeypatch):
             assert await f.read() == b"a" * PAGE
 
 
+# ------------------------------------------------------------------ page-cache fills
+
+
+@pytest.mark.parametrize("rewrite", [1, 2], ids=["half-the-extent", "all-of-it"])
+async def test_fill_never_installs_data_older_than_a_writeback_meanwhile(image, monkeypatch, rewrite):
+    """A read misses the cache and maps page 1's extent; while its device read is held, the
+    page is rewritten, written back, committed and dropped from the cache (no room for clean
+    pages). The read must return the new data -- not the old extent's contents (still there,
+    checksums and all, when page 0 still uses that extent) nor a spurious EIO (when the
+    rewrite freed the whole extent and its checksums)."""
+    async with blockemu.mount(image, interval=3600, cache_limit=0, seal_workers=0) as fs:
+        f = await fs.open("/f", "w+")
+        await f.write(b"A" * 2 * PAGE)
+        await f.fsync()
+        assert not f.inode.pages.pages  # written back and dropped: the next read misses
+        gate = Gate(fs.vol.device.read)
+        monkeypatch.setattr(fs.vol.device, "read", gate)
+        read = asyncio.ensure_future(f.pread(PAGE, PAGE))
+        await gate.entered.wait()
+        await f.pwrite(b"B" * rewrite * PAGE, (2 - rewrite) * PAGE)
+        await f.fsync()
+        assert not f.inode.pages.pages
+        gate.release.set()
+        assert await read == b"B" * PAGE
+        assert await f.pread(PAGE, PAGE) == b"B" * PAGE
+        await f.close()
+    assert_clean(image)
+    want = (b"A" if rewrite == 1 else b"B") * PAGE + b"B" * PAGE
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+
+
 # ------------------------------------------------------------------ device reads
 
 

@@ -115,6 +115,7 @@ class Inode:
     lost_bytes: int = 0  # page bytes writeback had to drop
     reported_lost: int = 0  # of those, how many an fsync/close error has reported
     data_changed_ns: int = 0  # a write's mtime/ctime, folded into the item when it is saved
+    epoch: int = 0  # bumped whenever the extent mappings change: see Filesystem._fill
 
     @property
     def is_dir(self) -> bool:
@@ -573,6 +574,7 @@ class Filesystem:
                 self.cache.drop(inode.pages, -(-size // PAGE))
                 async with self.vol.join():
                     inode.nbytes += self.extents.punch(inode.ino, -(-size // PAGE) * PAGE, (1 << 64) - 1)
+                    inode.epoch += 1
                     inode.size = inode.disk_size = size
                     self._touch(inode)
                     self.save_inode(inode)
@@ -596,6 +598,13 @@ class Filesystem:
             filled.update(await self._fill(inode, missing))
 
     async def _fill(self, inode: Inode, missing: list[int]) -> dict[int, bytearray]:
+        """Read pages missing from the cache and cache them clean. The extents are mapped before
+        the reads' awaits; if writeback or truncate changed the inode's mappings meanwhile
+        (``inode.epoch`` moved), what was read may be older than the page now on disk -- which
+        may have been rewritten, written back and dropped from the cache meanwhile -- or come
+        from an extent freed since, whose checksums are gone. Such a fill is discarded (nothing
+        is returned or cached) and ``read_pages`` tries again from the cache."""
+        epoch = inode.epoch
         runs: list[list[int]] = []
         for i in missing:
             if runs and runs[-1][-1] + 1 == i:
@@ -608,21 +617,30 @@ class Filesystem:
             buf = bytearray(end - start)
             for m in list(self.extents.mappings(inode.ino, start, end)):
                 s, e = max(start, m.file_offset), min(end, m.end)
-                buf[s - start : e - start] = await self._read_extent_part(inode, m, s, e)
+                part = await self._read_extent_part(inode, m, s, e, epoch)
+                if part is None:
+                    return {}
+                buf[s - start : e - start] = part
             for k, i in enumerate(run):
                 filled[i] = bytearray(buf[k * PAGE : (k + 1) * PAGE])
+        if inode.epoch != epoch:
+            return {}
         for i, page in filled.items():
             if i not in inode.pages.pages:  # a write may have filled it meanwhile
                 self.cache.put_clean(inode.pages, i, page)
         return filled
 
-    async def _read_extent_part(self, inode: Inode, m, s: int, e: int) -> bytes:
+    async def _read_extent_part(self, inode: Inode, m, s: int, e: int, epoch: int) -> bytes | None:
+        """File bytes [s, e) of mapping ``m``, verified and decrypted; None when the inode's
+        mappings changed (from ``epoch``) while the device read them: ``m`` may be stale."""
         disk = m.disk_at(s)
         inode.inflight += 1
         try:
             data = await self.vol.device.read(disk, e - s)
         finally:
             inode.inflight -= 1
+        if inode.epoch != epoch:
+            return None
         ctype = self.vol.sb.csum_type
         for off in range(0, e - s, PAGE):
             want = self.extents.sector_csum(disk + off)

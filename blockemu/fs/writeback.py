@@ -234,6 +234,7 @@ class Writeback:
                         engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
                         raise
                     delta = fs.extents.add_extent(inode.ino, file_offset, bytenr, length, length, ctx, digests)
+                    inode.epoch += 1  # a read that mapped the old extents discards what it read
                     inode.nbytes += delta
                     inode.disk_size = max(inode.disk_size, min(inode.size, file_offset + length))
                     fs.save_inode(inode)
