@@ -213,3 +213,55 @@ async def test_volume_close_closes_the_device_when_the_commit_fails(image, monke
     assert_clean(image)  # the last durable generation, without /d
     async with blockemu.mount(image) as fs:
         assert not await fs.exists("/d")
+
+
+# ------------------------------------------------------------------ half-done operations
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyError("bug")],
+                         ids=["enospc", "unexpected"])
+async def test_rename_failing_half_way_aborts_the_transaction(image, monkeypatch, failure):
+    """A rename fails after removing the old entry, before adding the new one. Nothing of the
+    half-done operation may reach the disk: the transaction is aborted, the error is raised
+    (an OSError in any case), the mount refuses changes and unmount reports the abort; after
+    a remount the tree is as it was at the last commit."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/a", "w") as f:
+            await f.write(b"x")
+        await fs.sync()
+
+    fs = await blockemu.mount(image, interval=3600)
+    await fs.mkdir("/uncommitted")  # joins the transaction the abort throws away
+
+    def failing_add_entry(parent, name, child):
+        raise failure
+
+    monkeypatch.setattr(fs, "_add_entry", failing_add_entry)
+    with pytest.raises(OSError) as raised:
+        await fs.rename("/a", "/b")
+    assert raised.value.errno == (errno.ENOSPC if isinstance(failure, OSError) else errno.EIO)
+    monkeypatch.undo()
+    with ErrnoCheck(errno.EIO):
+        await fs.mkdir("/later")
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    assert fs.vol.device.fd == -1
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        assert sorted(await fs.readdir("/")) == ["a"]
+        async with fs.open("/a") as f:
+            assert await f.read() == b"x"
+
+
+async def test_failures_before_any_change_abort_nothing(image):
+    """Validation errors (ENOENT, EEXIST, ...) change nothing: the mount carries on."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        await fs.mkdir("/d")
+        with ErrnoCheck(errno.ENOENT):
+            await fs.rename("/nope", "/x")
+        with ErrnoCheck(errno.EEXIST):
+            await fs.mkdir("/d")
+        await fs.mkdir("/e")
+        assert fs.vol.aborted is None
+    async with blockemu.mount(image) as fs:
+        assert sorted(await fs.readdir("/")) == ["d", "e"]

@@ -101,6 +101,9 @@ class TreeStore:
         self.dirty: dict[int, TreeBlock] = {}
         self.new_blocks: dict[int, tuple[int, int]] = {}  # bytenr -> (owner, level), allocated this transaction
         self.freed_blocks: dict[int, tuple[int, int]] = {}  # committed blocks freed this transaction
+        # called before any tree changes (every change COWs its path from the root): how the
+        # volume knows which participant of the transaction changed something
+        self.on_change: Callable[[], None] | None = None
 
     def get(self, bytenr: int, *, generation: int | None = None, level: int | None = None, owner: int | None = None) -> TreeBlock:
         block = self.dirty.get(bytenr)
@@ -145,6 +148,8 @@ class TreeStore:
         return block
 
     def cow(self, block: TreeBlock) -> TreeBlock:
+        if self.on_change is not None:
+            self.on_change()
         if block.bytenr in self.dirty:
             return block
         new = self.new_block(block.owner, block.level)

@@ -40,6 +40,8 @@ class Volume:
         self._writers = 0
         self._committing = False
         self.aborted: OSError | None = None
+        self._changed: dict[asyncio.Task, bool] = {}  # participants -> whether they changed a tree
+        engine.store.on_change = self._note_change
 
     @classmethod
     async def open(cls, path: str, *, readonly: bool = False, faults: FaultPlan | None = None,
@@ -64,17 +66,49 @@ class Volume:
     @asynccontextmanager
     async def join(self) -> AsyncIterator[Engine]:
         """Take part in the running transaction: tree changes made inside land in one commit
-        whole. A commit waits for every participant to leave; new ones wait for the commit."""
+        whole. A commit waits for every participant to leave; new ones wait for the commit.
+
+        A participant that fails after changing a tree (a rename that removed the old entry and
+        then failed to add the new one) leaves a half-done operation in the transaction, and
+        the trees have no undo: changes land in place in the blocks COWed this transaction.
+        So the transaction is aborted, as btrfs does: nothing of it is committed, the image
+        keeps its last durable generation, and this mount refuses further changes (EIO). The
+        failure is raised -- as an OSError with its own errno, or EIO for an unexpected
+        exception -- and every later change, commit and the unmount raise the abort."""
         async with self._cond:
             await self._cond.wait_for(lambda: not self._committing)
             self._check_aborted()
             self._writers += 1
+        task = asyncio.current_task()
+        assert task is not None and task not in self._changed, "join() does not nest"
+        self._changed[task] = False
         try:
             yield self.engine
+        except BaseException as e:
+            if self._changed[task]:
+                raise self._abort(e, "a failed operation left the transaction half done")
+            raise
         finally:
+            del self._changed[task]
             async with self._cond:
                 self._writers -= 1
                 self._cond.notify_all()
+
+    def _note_change(self) -> None:
+        task = asyncio.current_task()
+        if task in self._changed:
+            self._changed[task] = True
+
+    def _abort(self, e: BaseException, why: str) -> BaseException:
+        """Abort the running transaction for good (see ``join``); returns what to raise for
+        ``e``: itself if it is an OSError or a cancellation, else an EIO caused by it."""
+        if isinstance(e, OSError):
+            self.aborted = self.aborted or e
+            return e
+        err = DeviceIOError(f"{self.device.path}: {why}: {e!r}")
+        err.__cause__ = e
+        self.aborted = self.aborted or err
+        return err if isinstance(e, Exception) else e
 
     async def commit(self, *, force: bool = False) -> bool:
         """Make the running transaction durable; False when it changed nothing (unless ``force``:
@@ -86,11 +120,11 @@ class Volume:
             try:
                 self._check_aborted()
                 return await self._commit(force)
-            except OSError as e:
-                # as btrfs aborts a transaction whose commit failed: the image keeps its last
-                # durable generation and this mount refuses further changes
-                self.aborted = self.aborted or e
-                raise
+            except BaseException as e:
+                # as btrfs aborts a transaction whose commit failed -- however it failed, even
+                # cancelled half way: the image keeps its last durable generation (or the new
+                # one, if its superblock landed) and this mount refuses further changes
+                raise self._abort(e, "commit failed")
             finally:
                 async with self._cond:
                     self._committing = False
@@ -98,7 +132,7 @@ class Volume:
 
     def _check_aborted(self) -> None:
         if self.aborted is not None:
-            raise DeviceIOError(f"{self.device.path}: read-only after a failed commit ({self.aborted})")
+            raise DeviceIOError(f"{self.device.path}: read-only after an aborted transaction ({self.aborted})")
 
     async def _commit(self, force: bool = False) -> bool:
         engine = self.engine
@@ -116,9 +150,10 @@ class Volume:
         return True
 
     async def close(self, *, commit: bool = True) -> None:
-        """Commit (unless aborted) and close the device -- the device even when the commit fails."""
+        """Commit and close the device -- the device even when the commit fails. After an abort
+        the commit raises it: what the transaction held is lost, and the caller must know."""
         try:
-            if commit and not self.device.readonly and not self.device.dead and self.aborted is None:
+            if commit and not self.device.readonly and not self.device.dead:
                 await self.commit()
         finally:
             await self.device.close()
