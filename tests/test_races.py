@@ -265,3 +265,46 @@ async def test_failures_before_any_change_abort_nothing(image):
         assert fs.vol.aborted is None
     async with blockemu.mount(image) as fs:
         assert sorted(await fs.readdir("/")) == ["d", "e"]
+
+
+class WatchedLock(asyncio.Lock):
+    """An asyncio.Lock that says when someone has to wait for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contended = asyncio.Event()
+
+    async def acquire(self) -> bool:
+        if self.locked():
+            self.contended.set()
+        return await super().acquire()
+
+
+@pytest.mark.parametrize("mode", ["deny-writes", "sync"])
+async def test_key_removal_waits_for_runs_already_taken(image, monkeypatch, mode):
+    """An acknowledged write whose pages a flush has taken (so they are no longer dirty) and is
+    sealing when ``remove_key`` starts: removal must let that run finish before it wipes the
+    secret, or the run fails with ENOKEY and the write is lost."""
+    async with blockemu.mount(image, key_removal=mode, interval=3600, seal_workers=0) as fs:
+        await encrypted_dir(fs, "/e")
+        f = await fs.open("/e/f", "w")
+        await f.write(b"a" * PAGE)
+        f.inode.wb_lock = lock = WatchedLock()
+        gate = Gate(fs.writeback.sealer._seal_in_thread)
+        monkeypatch.setattr(fs.writeback.sealer, "_seal_in_thread", gate)
+        fsync = asyncio.ensure_future(f.fsync())
+        await gate.entered.wait()
+        assert not f.inode.pages.dirty
+        removal = asyncio.ensure_future(fs.remove_key(KID))
+        contended = asyncio.ensure_future(lock.contended.wait())
+        await asyncio.wait([removal, contended], return_when=asyncio.FIRST_COMPLETED)
+        contended.cancel()
+        gate.release.set()
+        await removal
+        await fsync  # the write reached the disk: nothing to report
+        await f.close()
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/e/f") as f:
+            assert await f.read() == b"a" * PAGE

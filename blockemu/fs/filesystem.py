@@ -1,8 +1,12 @@
 """The mounted filesystem: inodes, directories, files, encryption policies, keys.
 
 Every namespace change happens inside ``vol.join()`` with no ``await`` between
-its tree updates, so each lands whole in one transaction. File data goes
-through the page cache and reaches the trees only through writeback.
+its tree updates, so each lands whole in one transaction. One that fails half
+way (after its first tree update) cannot be undone -- the updates land in place
+in the blocks this transaction COWed -- so it aborts the transaction instead:
+the image keeps its last durable generation, the mount turns read-only and
+every later change, commit and the unmount raise EIO (``Volume.join``). File
+data goes through the page cache and reaches the trees only through writeback.
 
 Locking an encrypted inode (dropping its plaintext and its key lease) happens
 in one place, ``maybe_lock``: when the key is no longer present and the inode
@@ -512,8 +516,9 @@ class Filesystem:
             users = [i for i in self.inodes.values() if i.key_id == ident]
             if step is Step.WRITE_BACK:
                 for inode in users:
-                    if inode.pages.dirty:
-                        await self.writeback.flush_inode(inode)
+                    # clean is not enough: runs a background flush took are still on their
+                    # way, and flush_inode waits for them (its wb_lock) before any wipe
+                    await self.writeback.flush_inode(inode)
                 await self.vol.commit()
             elif step is Step.LOCK_IDLE:
                 for inode in users:
