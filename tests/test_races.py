@@ -112,6 +112,25 @@ async def test_fill_never_installs_data_older_than_a_writeback_meanwhile(image, 
             assert await f.read() == want
 
 
+async def test_deny_writes_refuses_a_truncate_that_would_dirty_a_page(image):
+    """Truncating into the middle of a page dirties that page (its tail is zeroed): after
+    removal began under deny-writes that is refused, before anything changes."""
+    async with blockemu.mount(image, key_removal="deny-writes", interval=3600) as fs:
+        await encrypted_dir(fs, "/e")
+        f = await fs.open("/e/f", "w")
+        await f.write(b"a" * 2 * PAGE)
+        await f.fsync()
+        await fs.remove_key(KID)
+        with ErrnoCheck(errno.ENOKEY):
+            await f.truncate(PAGE + 100)
+        await f.close()
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/e/f") as f:
+            assert await f.read() == b"a" * 2 * PAGE
+
+
 # ------------------------------------------------------------------ device reads
 
 

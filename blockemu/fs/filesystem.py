@@ -566,6 +566,14 @@ class Filesystem:
                 raise
         return f
 
+    def check_dirtying(self, inode: Inode) -> None:
+        """ENOKEY once removal of the file's key refuses new dirty data (``deny-writes``). A
+        write checks again right where it dirties its pages (after its last await): one that
+        passed the first check and then waited across ``remove_key`` would be acknowledged,
+        then lost when writeback finds the secret wiped."""
+        if inode.key_id is not None and not self.keyring.dirtying_allowed(inode.key_id):
+            raise NoKeyError("Required key not available")
+
     async def truncate_inode(self, inode: Inode, size: int) -> None:
         if size < 0:
             raise InvalidArgument("negative size")
@@ -575,6 +583,7 @@ class Filesystem:
                 if tail:
                     idx = size // PAGE
                     old = (await self.read_pages(inode, idx, 1))[0]
+                    self.check_dirtying(inode)
                     self.cache.writable(inode.pages, idx, old)[tail:] = bytes(PAGE - tail)
                 self.cache.drop(inode.pages, -(-size // PAGE))
                 async with self.vol.join():
@@ -738,7 +747,7 @@ class File:
         inode, fs = self.inode, self.fs
         if offset < 0:
             raise InvalidArgument("negative offset")
-        self._check_dirtying()
+        fs.check_dirtying(inode)
         n = len(data)
         if not n:
             return 0
@@ -750,7 +759,7 @@ class File:
         fills = await self._read_partial(partial) if partial else {}
         # no await from here on: the write lands whole, and a key removal that began while it
         # waited (for room, or for its partial pages) is seen before anything is dirtied
-        self._check_dirtying()
+        fs.check_dirtying(inode)
         if whole:
             fs.cache.writable(inode.pages, offset // PAGE, overwrite=True)[:] = data
         else:
@@ -766,15 +775,6 @@ class File:
             fs.unyielded = 0
             await asyncio.sleep(0)
         return n
-
-    def _check_dirtying(self) -> None:
-        """ENOKEY once removal of the file's key refuses new dirty data (``deny-writes``). Checked
-        again right where the pages are dirtied: a write that passed the first check and then
-        waited across ``remove_key`` would be acknowledged, then lost when writeback finds the
-        secret wiped."""
-        key_id = self.inode.key_id
-        if key_id is not None and not self.fs.keyring.dirtying_allowed(key_id):
-            raise NoKeyError("Required key not available")
 
     def _partial_pages(self, offset: int, end: int) -> list[int]:
         """Pages the write covers only in part and that hold data not in the cache."""
