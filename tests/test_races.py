@@ -14,6 +14,7 @@ import blockemu
 from blockemu.check.fsck import check
 from blockemu.device import blockdev
 from blockemu.device.blockdev import BlockDevice
+from blockemu.errors import NoSpaceError
 from blockemu.fs.pagecache import PAGE
 from tests.util import KEY, KID, ErrnoCheck, encrypted_dir
 
@@ -327,3 +328,24 @@ async def test_key_removal_waits_for_runs_already_taken(image, monkeypatch, mode
         await fs.add_key(KEY)
         async with fs.open("/e/f") as f:
             assert await f.read() == b"a" * PAGE
+
+
+async def test_enospc_before_any_change_aborts_nothing(image, monkeypatch):
+    """A namespace operation whose very first COW finds no space has changed nothing: it fails
+    with ENOSPC and the mount carries on (deleting to make room must stay possible)."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        await fs.mkdir("/d")
+        await fs.sync()  # every tree block clean: the next change must COW, i.e. allocate
+
+        def full(length: int) -> int:
+            raise NoSpaceError("No space left on device")
+
+        monkeypatch.setattr(fs.vol.engine.allocator, "alloc", full)
+        with ErrnoCheck(errno.ENOSPC):
+            await fs.mkdir("/e")
+        monkeypatch.undo()
+        assert fs.vol.aborted is None
+        await fs.rmdir("/d")
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        assert await fs.readdir("/") == []
