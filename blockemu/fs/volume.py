@@ -95,9 +95,10 @@ class Volume:
                 self._cond.notify_all()
 
     def _note_change(self) -> None:
-        task = asyncio.current_task()
-        if task in self._changed:
-            self._changed[task] = True
+        if self._changed:  # outside any participant (a commit converging the trees) nothing to note
+            task = asyncio.current_task()
+            if task in self._changed:
+                self._changed[task] = True
 
     def _abort(self, e: BaseException, why: str) -> BaseException:
         """Abort the running transaction for good (see ``join``); returns what to raise for
