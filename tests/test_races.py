@@ -132,6 +132,51 @@ async def test_deny_writes_refuses_a_truncate_that_would_dirty_a_page(image):
             assert await f.read() == b"a" * 2 * PAGE
 
 
+# ------------------------------------------------------------------ read-modify-write
+
+
+async def test_partial_page_evicted_while_the_write_reads_its_other_edge(image):
+    """A write covering page 0 and page 2 in part finds page 2 cached, page 0 not. Reading page
+    0 evicts page 2 (room for one clean page): the write must read page 2 too, not fill the
+    rest of it with zeros."""
+    async with blockemu.mount(image, interval=3600, cache_limit=PAGE, seal_workers=0) as fs:
+        async with fs.open("/f", "w+") as f:
+            await f.write(b"A" * 3 * PAGE)
+            await f.fsync()
+            await f.pread(1, 2 * PAGE)
+            assert sorted(f.inode.pages.pages) == [2]
+            await f.pwrite(b"B" * 2 * PAGE, 100)
+    want = b"A" * 100 + b"B" * 2 * PAGE + b"A" * (PAGE - 100)
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+
+
+async def test_appends_racing_on_a_partial_last_page_both_land(image, monkeypatch):
+    """O_APPEND: the end of file is decided after the write's last await. One append waits for
+    its read of the (evicted) last page; another append lands meanwhile; the first must go
+    after it, not over it."""
+    async with blockemu.mount(image, interval=3600, cache_limit=0, seal_workers=0) as fs:
+        async with fs.open("/log", "w") as f:
+            await f.write(b"0" * 100)
+        await fs.sync()
+        first, second = await fs.open("/log", "a"), await fs.open("/log", "a")
+        assert not first.inode.pages.pages
+        gate = Gate(fs.vol.device.read)
+        monkeypatch.setattr(fs.vol.device, "read", gate)
+        held = asyncio.ensure_future(first.write(b"1" * 10))
+        await gate.entered.wait()
+        await second.write(b"2" * 10)
+        gate.release.set()
+        assert await held == 10
+        assert await first.tell() == 120
+        await first.close()
+        await second.close()
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/log") as f:
+            assert await f.read() == b"0" * 100 + b"2" * 10 + b"1" * 10
+
+
 # ------------------------------------------------------------------ device reads
 
 

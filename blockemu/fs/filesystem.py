@@ -736,34 +736,49 @@ class File:
             raise BadFile(f"{self.name}: file not open for {'writing' if write else 'reading'}")
 
     async def write(self, data: bytes) -> int:
-        if self.append:
-            self.pos = self.inode.size
-        n = await self.pwrite(data, self.pos)
-        self.pos += n
+        offset, n = await self._write(data, None if self.append else self.pos)
+        self.pos = offset + n
         return n
 
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        return (await self._write(data, offset))[1]
+
+    async def _write(self, data: bytes | bytearray | memoryview, offset: int | None) -> tuple[int, int]:
+        """Write ``data`` at ``offset`` (None: at the end of the file, O_APPEND); returns where
+        it landed and how much. Everything the copy depends on is settled after the last await:
+        the end of file an append goes to (another append may have moved it), the partial pages
+        to read first (a cached one may have been evicted meanwhile -- by this very read's
+        pages, too) and whether what was read is still current (writeback or truncate changed
+        the extents: ``inode.epoch``)."""
         self._check(True)
         inode, fs = self.inode, self.fs
-        if offset < 0:
+        if offset is not None and offset < 0:
             raise InvalidArgument("negative offset")
         fs.check_dirtying(inode)
         n = len(data)
         if not n:
-            return 0
+            return inode.size if offset is None else offset, 0
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
-        end = offset + n
-        whole = n == PAGE and not offset % PAGE  # one whole page, the commonest write: nothing to read or split
-        partial = [] if whole else self._partial_pages(offset, end)
-        fills = await self._read_partial(partial) if partial else {}
+        fills: dict[int, bytes] = {}
+        epoch = inode.epoch
+        while True:
+            at = inode.size if offset is None else offset
+            end = at + n
+            whole = n == PAGE and not at % PAGE  # one whole page, the commonest write: nothing to read or split
+            if inode.epoch != epoch:
+                fills, epoch = {}, inode.epoch
+            missing = [] if whole else [i for i in self._partial_pages(at, end) if i not in fills]
+            if not missing:
+                break
+            fills.update(await self._read_partial(missing))
         # no await from here on: the write lands whole, and a key removal that began while it
         # waited (for room, or for its partial pages) is seen before anything is dirtied
         fs.check_dirtying(inode)
         if whole:
-            fs.cache.writable(inode.pages, offset // PAGE, overwrite=True)[:] = data
+            fs.cache.writable(inode.pages, at // PAGE, overwrite=True)[:] = data
         else:
-            self._copy_in(memoryview(data), offset, fills)
+            self._copy_in(memoryview(data), at, fills)
         if end > inode.size:
             inode.size = end
         inode.data_changed_ns = time.time_ns()
@@ -774,7 +789,7 @@ class File:
             # device completions sit unread while it copies; let them in every so often
             fs.unyielded = 0
             await asyncio.sleep(0)
-        return n
+        return at, n
 
     def _partial_pages(self, offset: int, end: int) -> list[int]:
         """Pages the write covers only in part and that hold data not in the cache."""
