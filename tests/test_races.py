@@ -46,6 +46,19 @@ class Gate:
         return result if self.after else await self.real(*args, **kw)
 
 
+class WatchedLock(asyncio.Lock):
+    """An asyncio.Lock that says when someone has to wait for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contended = asyncio.Event()
+
+    async def acquire(self) -> bool:
+        if self.locked():
+            self.contended.set()
+        return await super().acquire()
+
+
 def assert_clean(image: str) -> None:
     report = check(image)
     assert report.clean, [e.message for e in report.errors]
@@ -78,6 +91,57 @@ async def test_deny_writes_rechecks_after_waiting_for_room(image, monkeypatch):
         await fs.add_key(KEY)
         async with fs.open("/e/f") as f:
             assert await f.read() == b"a" * PAGE
+
+
+# ------------------------------------------------------------------ FUA writes
+
+
+async def device_with_cached_write(tmp_path) -> BlockDevice:
+    path = str(tmp_path / "d.img")
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+    dev = await BlockDevice.open(path)
+    await dev.write(0, b"\x01" * PAGE)  # completed, cached only: the file still holds zeros
+    return dev
+
+
+def on_disk(dev: BlockDevice) -> bytes:
+    with open(dev.path, "rb") as f:
+        return f.read(PAGE)
+
+
+async def test_read_during_a_fua_write_sees_the_cached_data_it_supersedes(tmp_path, monkeypatch):
+    dev = await device_with_cached_write(tmp_path)
+    gate = Gate(blockdev._a_fua)
+    monkeypatch.setattr(blockdev, "_a_fua", gate)
+    fua = asyncio.ensure_future(dev.write(0, b"\x02" * PAGE, fua=True))
+    await gate.entered.wait()
+    assert await dev.read(0, PAGE) == b"\x01" * PAGE  # not the file's older zeros
+    gate.release.set()
+    await fua
+    assert await dev.read(0, PAGE) == b"\x02" * PAGE == on_disk(dev)
+    await dev.close()
+
+
+async def test_destage_of_older_data_never_lands_after_a_fua_write(tmp_path, monkeypatch):
+    """A background destage has taken the cached copy of sector 0 and is about to write it when a
+    FUA write of newer data to sector 0 comes: the FUA data must be what the file keeps."""
+    dev = await device_with_cached_write(tmp_path)
+    dev._destage_lock = lock = WatchedLock()
+    gate = Gate(blockdev._a_destage)
+    monkeypatch.setattr(blockdev, "_a_destage", gate)
+    destage = dev.destage_in_background()
+    await gate.entered.wait()
+    fua = asyncio.ensure_future(dev.write(0, b"\x02" * PAGE, fua=True))
+    contended = asyncio.ensure_future(lock.contended.wait())
+    await asyncio.wait([fua, contended], return_when=asyncio.FIRST_COMPLETED)
+    contended.cancel()
+    gate.release.set()
+    await destage
+    await fua
+    assert on_disk(dev) == b"\x02" * PAGE
+    assert await dev.read(0, PAGE) == b"\x02" * PAGE
+    await dev.close()
 
 
 # ------------------------------------------------------------------ page-cache fills
@@ -329,19 +393,6 @@ async def test_failures_before_any_change_abort_nothing(image):
         assert fs.vol.aborted is None
     async with blockemu.mount(image) as fs:
         assert sorted(await fs.readdir("/")) == ["d", "e"]
-
-
-class WatchedLock(asyncio.Lock):
-    """An asyncio.Lock that says when someone has to wait for it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.contended = asyncio.Event()
-
-    async def acquire(self) -> bool:
-        if self.locked():
-            self.contended.set()
-        return await super().acquire()
 
 
 @pytest.mark.parametrize("mode", ["deny-writes", "sync"])

@@ -269,9 +269,13 @@ class BlockDevice:
                 data = self._flip(data)
             first = offset // SECTOR
             if fua:
-                for s in range(first, first + len(data) // SECTOR):
-                    self._cache.pop(s, None)
-                await _a_fua(self.fd, offset, data)
+                cache = self._cache
+                older = {s: cache[s] for s in range(first, first + len(data) // SECTOR) if s in cache}
+                async with self._destage_lock:  # a destage of the older copies must not land after it
+                    await _a_fua(self.fd, offset, data)
+                for s, entry in older.items():  # superseded only now: until then reads still see them
+                    if cache.get(s) is entry:
+                        del cache[s]
             else:
                 self._cache.update(dict.fromkeys(range(first, first + len(data) // SECTOR), (data, first)))
             if self.log is not None:
