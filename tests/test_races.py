@@ -27,17 +27,17 @@ async def image(tmp_path) -> str:
 
 
 class Gate:
-    """Wraps an async callable: the first ``skip`` calls pass, the next one signals ``entered``
-    and holds until ``release`` (before or after calling through, as ``after`` says)."""
+    """Wraps an async callable: its first call signals ``entered`` and holds until ``release``
+    (before or after calling through, as ``after`` says); later calls pass straight through."""
 
-    def __init__(self, real, *, skip: int = 0, after: bool = False) -> None:
-        self.real, self.skip, self.after = real, skip, after
+    def __init__(self, real, *, after: bool = False) -> None:
+        self.real, self.after = real, after
         self.entered, self.release = asyncio.Event(), asyncio.Event()
         self.calls = 0
 
     async def __call__(self, *args, **kw):
         self.calls += 1
-        if self.calls != self.skip + 1:
+        if self.calls > 1:
             return await self.real(*args, **kw)
         if self.after:
             result = await self.real(*args, **kw)
@@ -64,7 +64,7 @@ def assert_clean(image: str) -> None:
     assert report.clean, [e.message for e in report.errors]
 
 
-# ------------------------------------------------------------------ deny-writes
+# ------------------------------------------------------------------ deny-writes and key removal
 
 
 async def test_deny_writes_rechecks_after_waiting_for_room(image, monkeypatch):
@@ -93,58 +93,56 @@ async def test_deny_writes_rechecks_after_waiting_for_room(image, monkeypatch):
             assert await f.read() == b"a" * PAGE
 
 
-# ------------------------------------------------------------------ FUA writes
+async def test_deny_writes_refuses_a_truncate_that_would_dirty_a_page(image):
+    """Truncating into the middle of a page dirties that page (its tail is zeroed): after
+    removal began under deny-writes that is refused, before anything changes."""
+    async with blockemu.mount(image, key_removal="deny-writes", interval=3600) as fs:
+        await encrypted_dir(fs, "/e")
+        f = await fs.open("/e/f", "w")
+        await f.write(b"a" * 2 * PAGE)
+        await f.fsync()
+        await fs.remove_key(KID)
+        with ErrnoCheck(errno.ENOKEY):
+            await f.truncate(PAGE + 100)
+        await f.close()
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/e/f") as f:
+            assert await f.read() == b"a" * 2 * PAGE
 
 
-async def device_with_cached_write(tmp_path) -> BlockDevice:
-    path = str(tmp_path / "d.img")
-    with open(path, "wb") as f:
-        f.truncate(1 << 20)
-    dev = await BlockDevice.open(path)
-    await dev.write(0, b"\x01" * PAGE)  # completed, cached only: the file still holds zeros
-    return dev
+@pytest.mark.parametrize("mode", ["deny-writes", "sync"])
+async def test_key_removal_waits_for_runs_already_taken(image, monkeypatch, mode):
+    """An acknowledged write whose pages a flush has taken (so they are no longer dirty) and is
+    sealing when ``remove_key`` starts: removal must let that run finish before it wipes the
+    secret, or the run fails with ENOKEY and the write is lost."""
+    async with blockemu.mount(image, key_removal=mode, interval=3600, seal_workers=0) as fs:
+        await encrypted_dir(fs, "/e")
+        f = await fs.open("/e/f", "w")
+        await f.write(b"a" * PAGE)
+        f.inode.wb_lock = lock = WatchedLock()
+        gate = Gate(fs.writeback.sealer._seal_in_thread)
+        monkeypatch.setattr(fs.writeback.sealer, "_seal_in_thread", gate)
+        fsync = asyncio.ensure_future(f.fsync())
+        await gate.entered.wait()
+        assert not f.inode.pages.dirty
+        removal = asyncio.ensure_future(fs.remove_key(KID))
+        contended = asyncio.ensure_future(lock.contended.wait())
+        await asyncio.wait([removal, contended], return_when=asyncio.FIRST_COMPLETED)
+        contended.cancel()
+        gate.release.set()
+        await removal
+        await fsync  # the write reached the disk: nothing to report
+        await f.close()
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/e/f") as f:
+            assert await f.read() == b"a" * PAGE
 
 
-def on_disk(dev: BlockDevice) -> bytes:
-    with open(dev.path, "rb") as f:
-        return f.read(PAGE)
-
-
-async def test_read_during_a_fua_write_sees_the_cached_data_it_supersedes(tmp_path, monkeypatch):
-    dev = await device_with_cached_write(tmp_path)
-    gate = Gate(blockdev._a_fua)
-    monkeypatch.setattr(blockdev, "_a_fua", gate)
-    fua = asyncio.ensure_future(dev.write(0, b"\x02" * PAGE, fua=True))
-    await gate.entered.wait()
-    assert await dev.read(0, PAGE) == b"\x01" * PAGE  # not the file's older zeros
-    gate.release.set()
-    await fua
-    assert await dev.read(0, PAGE) == b"\x02" * PAGE == on_disk(dev)
-    await dev.close()
-
-
-async def test_destage_of_older_data_never_lands_after_a_fua_write(tmp_path, monkeypatch):
-    """A background destage has taken the cached copy of sector 0 and is about to write it when a
-    FUA write of newer data to sector 0 comes: the FUA data must be what the file keeps."""
-    dev = await device_with_cached_write(tmp_path)
-    dev._destage_lock = lock = WatchedLock()
-    gate = Gate(blockdev._a_destage)
-    monkeypatch.setattr(blockdev, "_a_destage", gate)
-    destage = dev.destage_in_background()
-    await gate.entered.wait()
-    fua = asyncio.ensure_future(dev.write(0, b"\x02" * PAGE, fua=True))
-    contended = asyncio.ensure_future(lock.contended.wait())
-    await asyncio.wait([fua, contended], return_when=asyncio.FIRST_COMPLETED)
-    contended.cancel()
-    gate.release.set()
-    await destage
-    await fua
-    assert on_disk(dev) == b"\x02" * PAGE
-    assert await dev.read(0, PAGE) == b"\x02" * PAGE
-    await dev.close()
-
-
-# ------------------------------------------------------------------ page-cache fills
+# ------------------------------------------------------------------ page-cache fills and read-modify-write
 
 
 @pytest.mark.parametrize("rewrite", [1, 2], ids=["half-the-extent", "all-of-it"])
@@ -175,28 +173,6 @@ async def test_fill_never_installs_data_older_than_a_writeback_meanwhile(image, 
     async with blockemu.mount(image) as fs:
         async with fs.open("/f") as f:
             assert await f.read() == want
-
-
-async def test_deny_writes_refuses_a_truncate_that_would_dirty_a_page(image):
-    """Truncating into the middle of a page dirties that page (its tail is zeroed): after
-    removal began under deny-writes that is refused, before anything changes."""
-    async with blockemu.mount(image, key_removal="deny-writes", interval=3600) as fs:
-        await encrypted_dir(fs, "/e")
-        f = await fs.open("/e/f", "w")
-        await f.write(b"a" * 2 * PAGE)
-        await f.fsync()
-        await fs.remove_key(KID)
-        with ErrnoCheck(errno.ENOKEY):
-            await f.truncate(PAGE + 100)
-        await f.close()
-    assert_clean(image)
-    async with blockemu.mount(image) as fs:
-        await fs.add_key(KEY)
-        async with fs.open("/e/f") as f:
-            assert await f.read() == b"a" * 2 * PAGE
-
-
-# ------------------------------------------------------------------ read-modify-write
 
 
 async def test_partial_page_evicted_while_the_write_reads_its_other_edge(image):
@@ -241,19 +217,27 @@ async def test_appends_racing_on_a_partial_last_page_both_land(image, monkeypatc
             assert await f.read() == b"0" * 100 + b"2" * 10 + b"1" * 10
 
 
-# ------------------------------------------------------------------ device reads
+# ------------------------------------------------------------------ the device's volatile cache
+
+
+async def device_with_cached_write(tmp_path) -> BlockDevice:
+    path = str(tmp_path / "d.img")
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+    dev = await BlockDevice.open(path)
+    await dev.write(0, b"\x01" * PAGE)  # completed, cached only: the file still holds zeros
+    return dev
+
+
+def on_disk(dev: BlockDevice) -> bytes:
+    with open(dev.path, "rb") as f:
+        return f.read(PAGE)
 
 
 async def test_device_read_racing_background_destage_is_never_stale(tmp_path, monkeypatch):
     """The pread sees the file before a destage lands; the destage then empties the cache before
     the read looks at it. The read must still return the newest completed write."""
-    path = str(tmp_path / "d.img")
-    with open(path, "wb") as f:
-        f.truncate(1 << 20)
-    dev = await BlockDevice.open(path)
-    await dev.write(0, b"\x01" * PAGE)
-    await dev.flush()  # the file holds the old data
-    await dev.write(0, b"\x02" * PAGE)  # the new data: cached only
+    dev = await device_with_cached_write(tmp_path)
     gate = Gate(blockdev._a_pread, after=True)  # pread done, the read not yet finished
     monkeypatch.setattr(blockdev, "_a_pread", gate)
     read = asyncio.ensure_future(dev.read(0, PAGE))
@@ -261,7 +245,41 @@ async def test_device_read_racing_background_destage_is_never_stale(tmp_path, mo
     await dev.destage_in_background()
     assert not dev.cached_bytes()
     gate.release.set()
-    assert await read == b"\x02" * PAGE
+    assert await read == b"\x01" * PAGE
+    await dev.close()
+
+
+async def test_read_during_a_fua_write_sees_the_cached_data_it_supersedes(tmp_path, monkeypatch):
+    dev = await device_with_cached_write(tmp_path)
+    gate = Gate(blockdev._a_fua)
+    monkeypatch.setattr(blockdev, "_a_fua", gate)
+    fua = asyncio.ensure_future(dev.write(0, b"\x02" * PAGE, fua=True))
+    await gate.entered.wait()
+    assert await dev.read(0, PAGE) == b"\x01" * PAGE  # not the file's older zeros
+    gate.release.set()
+    await fua
+    assert await dev.read(0, PAGE) == b"\x02" * PAGE == on_disk(dev)
+    await dev.close()
+
+
+async def test_destage_of_older_data_never_lands_after_a_fua_write(tmp_path, monkeypatch):
+    """A background destage has taken the cached copy of sector 0 and is about to write it when a
+    FUA write of newer data to sector 0 comes: the FUA data must be what the file keeps."""
+    dev = await device_with_cached_write(tmp_path)
+    dev._destage_lock = lock = WatchedLock()
+    gate = Gate(blockdev._a_destage)
+    monkeypatch.setattr(blockdev, "_a_destage", gate)
+    destage = dev.destage_in_background()
+    await gate.entered.wait()
+    fua = asyncio.ensure_future(dev.write(0, b"\x02" * PAGE, fua=True))
+    contended = asyncio.ensure_future(lock.contended.wait())
+    await asyncio.wait([fua, contended], return_when=asyncio.FIRST_COMPLETED)
+    contended.cancel()
+    gate.release.set()
+    await destage
+    await fua
+    assert on_disk(dev) == b"\x02" * PAGE
+    assert await dev.read(0, PAGE) == b"\x02" * PAGE
     await dev.close()
 
 
@@ -293,54 +311,6 @@ async def test_cancelled_fsync_drops_no_dirty_pages(image, monkeypatch):
     async with blockemu.mount(image) as fs:
         async with fs.open("/f") as f:
             assert await f.read() == data
-
-
-# ------------------------------------------------------------------ unmount and close
-
-
-async def test_unmount_releases_everything_when_the_flush_fails(image, monkeypatch):
-    """flush_all fails at unmount: the failure is raised, and still the writeback task ends,
-    the sealing workers exit, the image is committed and closed, and the keys are wiped."""
-    data = os.urandom(1 << 20)
-    fs = await blockemu.mount(image, interval=3600, seal_workers=2)
-    await encrypted_dir(fs, "/e")
-    async with fs.open("/e/f", "w") as f:
-        await f.write(data)
-        await f.fsync()
-    procs, task = list(fs.writeback.sealer._procs), fs.writeback._task
-    assert procs and task is not None and not task.done()
-    await fs.mkdir("/e/d")  # in the running transaction only: close must still commit it
-
-    async def failing_flush() -> None:
-        raise OSError(errno.EIO, "flush failed")
-
-    monkeypatch.setattr(fs.writeback, "flush_all", failing_flush)
-    with ErrnoCheck(errno.EIO):
-        await fs.unmount()
-    assert task.done() and all(p.returncode is not None for p in procs)
-    assert fs.vol.device.fd == -1 and not fs.keyring.keys
-    assert_clean(image)
-    async with blockemu.mount(image) as fs:
-        await fs.add_key(KEY)
-        assert await fs.exists("/e/d")
-        async with fs.open("/e/f") as f:
-            assert await f.read() == data
-
-
-async def test_volume_close_closes_the_device_when_the_commit_fails(image, monkeypatch):
-    fs = await blockemu.mount(image, interval=3600)
-    await fs.mkdir("/d")
-
-    async def failing_commit(**kw) -> bool:
-        raise OSError(errno.EIO, "commit failed")
-
-    monkeypatch.setattr(fs.vol, "commit", failing_commit)
-    with ErrnoCheck(errno.EIO):
-        await fs.unmount()
-    assert fs.vol.device.fd == -1
-    assert_clean(image)  # the last durable generation, without /d
-    async with blockemu.mount(image) as fs:
-        assert not await fs.exists("/d")
 
 
 # ------------------------------------------------------------------ half-done operations
@@ -395,36 +365,6 @@ async def test_failures_before_any_change_abort_nothing(image):
         assert sorted(await fs.readdir("/")) == ["d", "e"]
 
 
-@pytest.mark.parametrize("mode", ["deny-writes", "sync"])
-async def test_key_removal_waits_for_runs_already_taken(image, monkeypatch, mode):
-    """An acknowledged write whose pages a flush has taken (so they are no longer dirty) and is
-    sealing when ``remove_key`` starts: removal must let that run finish before it wipes the
-    secret, or the run fails with ENOKEY and the write is lost."""
-    async with blockemu.mount(image, key_removal=mode, interval=3600, seal_workers=0) as fs:
-        await encrypted_dir(fs, "/e")
-        f = await fs.open("/e/f", "w")
-        await f.write(b"a" * PAGE)
-        f.inode.wb_lock = lock = WatchedLock()
-        gate = Gate(fs.writeback.sealer._seal_in_thread)
-        monkeypatch.setattr(fs.writeback.sealer, "_seal_in_thread", gate)
-        fsync = asyncio.ensure_future(f.fsync())
-        await gate.entered.wait()
-        assert not f.inode.pages.dirty
-        removal = asyncio.ensure_future(fs.remove_key(KID))
-        contended = asyncio.ensure_future(lock.contended.wait())
-        await asyncio.wait([removal, contended], return_when=asyncio.FIRST_COMPLETED)
-        contended.cancel()
-        gate.release.set()
-        await removal
-        await fsync  # the write reached the disk: nothing to report
-        await f.close()
-    assert_clean(image)
-    async with blockemu.mount(image) as fs:
-        await fs.add_key(KEY)
-        async with fs.open("/e/f") as f:
-            assert await f.read() == b"a" * PAGE
-
-
 async def test_enospc_before_any_change_aborts_nothing(image, monkeypatch):
     """A namespace operation whose very first COW finds no space has changed nothing: it fails
     with ENOSPC and the mount carries on (deleting to make room must stay possible)."""
@@ -444,3 +384,51 @@ async def test_enospc_before_any_change_aborts_nothing(image, monkeypatch):
     assert_clean(image)
     async with blockemu.mount(image) as fs:
         assert await fs.readdir("/") == []
+
+
+# ------------------------------------------------------------------ unmount and close
+
+
+async def test_unmount_releases_everything_when_the_flush_fails(image, monkeypatch):
+    """flush_all fails at unmount: the failure is raised, and still the writeback task ends,
+    the sealing workers exit, the image is committed and closed, and the keys are wiped."""
+    data = os.urandom(1 << 20)
+    fs = await blockemu.mount(image, interval=3600, seal_workers=2)
+    await encrypted_dir(fs, "/e")
+    async with fs.open("/e/f", "w") as f:
+        await f.write(data)
+        await f.fsync()
+    procs, task = list(fs.writeback.sealer._procs), fs.writeback._task
+    assert procs and task is not None and not task.done()
+    await fs.mkdir("/e/d")  # in the running transaction only: close must still commit it
+
+    async def failing_flush() -> None:
+        raise OSError(errno.EIO, "flush failed")
+
+    monkeypatch.setattr(fs.writeback, "flush_all", failing_flush)
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    assert task.done() and all(p.returncode is not None for p in procs)
+    assert fs.vol.device.fd == -1 and not fs.keyring.keys
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        assert await fs.exists("/e/d")
+        async with fs.open("/e/f") as f:
+            assert await f.read() == data
+
+
+async def test_volume_close_closes_the_device_when_the_commit_fails(image, monkeypatch):
+    fs = await blockemu.mount(image, interval=3600)
+    await fs.mkdir("/d")
+
+    async def failing_commit(**kw) -> bool:
+        raise OSError(errno.EIO, "commit failed")
+
+    monkeypatch.setattr(fs.vol, "commit", failing_commit)
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    assert fs.vol.device.fd == -1
+    assert_clean(image)  # the last durable generation, without /d
+    async with blockemu.mount(image) as fs:
+        assert not await fs.exists("/d")
