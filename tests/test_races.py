@@ -15,6 +15,7 @@ from blockemu.check.fsck import check
 from blockemu.device import blockdev
 from blockemu.device.blockdev import BlockDevice
 from blockemu.errors import NoSpaceError
+from blockemu.fs.filesystem import Filesystem
 from blockemu.fs.pagecache import PAGE
 from tests.util import KEY, KID, ErrnoCheck, encrypted_dir
 
@@ -432,3 +433,17 @@ async def test_volume_close_closes_the_device_when_the_commit_fails(image, monke
     assert_clean(image)  # the last durable generation, without /d
     async with blockemu.mount(image) as fs:
         assert not await fs.exists("/d")
+
+
+@pytest.mark.parametrize("fails", ["options", "orphan-recovery"])
+async def test_a_failed_mount_releases_what_it_took(image, monkeypatch, fails):
+    if fails == "orphan-recovery":
+        async def failing_recovery(self) -> None:
+            raise OSError(errno.EIO, "orphan recovery failed")
+
+        monkeypatch.setattr(Filesystem, "_recover_orphans", failing_recovery)
+    opts = {"no_such_option": 1} if fails == "options" else {}
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises((OSError, TypeError)):
+        await blockemu.mount(image, **opts)
+    assert set(os.listdir("/proc/self/fd")) <= fds  # the image and the arena's memfd are closed

@@ -15,6 +15,7 @@ is closed, clean and idle. That is the soft-removal rule of DESIGN §4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat as st
 import time
@@ -162,9 +163,20 @@ class Filesystem:
         writer elsewhere refuses it) and refuse every change with EROFS."""
         keyring = Keyring(key_removal)
         vol = await Volume.open(path, readonly=readonly, faults=faults)
-        fs = cls(vol, keyring, **opts)
+        try:
+            fs = cls(vol, keyring, **opts)
+        except BaseException:
+            await vol.close(commit=False)
+            raise
         if not readonly:
-            await fs._recover_orphans()
+            try:
+                await fs._recover_orphans()
+            except BaseException:
+                # a failed mount releases what it took (the image and its lock, the arena), as
+                # unmount does; the error to raise is this one, not the clean-up's
+                with contextlib.suppress(Exception):
+                    await fs.unmount()
+                raise
         fs.writeback.start()
         return fs
 
