@@ -314,6 +314,32 @@ async def test_cancelled_fsync_drops_no_dirty_pages(image, monkeypatch):
             assert await f.read() == data
 
 
+async def test_fsync_cancelled_during_its_commit_lets_the_commit_finish(image, monkeypatch):
+    """Cancelled while its commit waits for the device's flush: the commit completes (the mount
+    is not aborted, the generation is durable: a power cut right after keeps the file), and the
+    caller sees the cancellation after."""
+    data = os.urandom(3 * PAGE)
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        f = await fs.open("/f", "w")
+        await f.write(data)
+        generation = fs.vol.generation
+        gate = Gate(fs.vol.device.flush)
+        monkeypatch.setattr(fs.vol.device, "flush", gate)
+        fsync = asyncio.ensure_future(f.fsync())
+        await gate.entered.wait()
+        fsync.cancel()
+        gate.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await fsync
+        assert fs.vol.aborted is None and fs.vol.generation == generation + 1
+        fs.vol.device.power_cut()
+        await f.close()
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == data
+
+
 # ------------------------------------------------------------------ half-done operations
 
 

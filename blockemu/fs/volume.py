@@ -14,6 +14,20 @@ from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super
 
 
+async def outlast_cancellation(work: list[asyncio.Future]) -> bool:
+    """Wait until every future in ``work`` is done, even if the caller is cancelled meanwhile
+    (unlike ``gather``, nothing in ``work`` is cancelled); returns whether it was. For steps
+    that must not stop half way -- a commit, runs being written back -- the cancellation is
+    the caller's to raise once they have finished."""
+    cancelled = False
+    while pending := [w for w in work if not w.done()]:
+        try:
+            await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
+
+
 def read_primary_super(dev: BlockDevice) -> SuperInfo:
     if dev.size < SUPER_OFFSETS[0] + SUPER_INFO_SIZE:
         raise CorruptionError(f"{dev.path}: too small to hold a superblock ({dev.size} bytes)", "BAD_MAGIC")
@@ -120,12 +134,18 @@ class Volume:
                 await self._cond.wait_for(lambda: self._writers == 0)
             try:
                 self._check_aborted()
-                return await self._commit(force)
-            except BaseException as e:
-                # as btrfs aborts a transaction whose commit failed -- however it failed, even
-                # cancelled half way: the image keeps its last durable generation (or the new
-                # one, if its superblock landed) and this mount refuses further changes
-                raise self._abort(e, "commit failed")
+                work = asyncio.ensure_future(self._commit(force))
+                cancelled = await outlast_cancellation([work])  # a commit is never left half done
+                try:
+                    done = work.result()
+                except BaseException as e:
+                    # as btrfs aborts a transaction whose commit failed, however it failed: the
+                    # image keeps its last durable generation (or the new one, if its superblock
+                    # landed) and this mount refuses further changes
+                    raise self._abort(e, "commit failed")
+                if cancelled:
+                    raise asyncio.CancelledError
+                return done
             finally:
                 async with self._cond:
                     self._committing = False

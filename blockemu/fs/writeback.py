@@ -22,6 +22,7 @@ from blockemu.crypto import fscrypt
 from blockemu.crypto.sealer import DEPTH, TIMEOUT, Sealer, worker_count
 from blockemu.errors import BlockemuError, NoKeyError
 from blockemu.fs.pagecache import PAGE, PageCache, Run
+from blockemu.fs.volume import outlast_cancellation
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import ExtentContext
 
@@ -176,19 +177,16 @@ class Writeback:
                     todo -= len(run.slots)
                     tasks.append(asyncio.ensure_future(self._write_one(inode, run)))
                     tasks[-1].add_done_callback(lambda _t: lanes.release())
-                if tasks:
-                    await asyncio.wait(tasks)  # unlike gather, does not cancel them when we are
-                for task in tasks:
-                    task.result()
             finally:
                 for run in runs:
                     self.cache.untake(inode.pages, run)
                 try:
-                    pending = [t for t in tasks if not t.done()]
-                    if pending:  # cancelled while they run: they finish first
-                        await asyncio.wait(pending)
+                    if await outlast_cancellation(tasks):
+                        raise asyncio.CancelledError
                 finally:
                     inode.inflight -= 1
+            for task in tasks:
+                task.result()
             self.fs.maybe_lock(inode)
 
     async def _write_one(self, inode: "Inode", run: Run) -> None:
