@@ -134,7 +134,9 @@ class Volume:
                 await self._cond.wait_for(lambda: self._writers == 0)
             try:
                 self._check_aborted()
-                work = asyncio.ensure_future(self._commit(force))
+                if not self.engine.is_dirty() and not force:
+                    return False
+                work = asyncio.ensure_future(self._commit())
                 cancelled = await outlast_cancellation([work])  # a commit is never left half done
                 try:
                     done = work.result()
@@ -155,10 +157,8 @@ class Volume:
         if self.aborted is not None:
             raise DeviceIOError(f"{self.device.path}: read-only after an aborted transaction ({self.aborted})")
 
-    async def _commit(self, force: bool = False) -> bool:
+    async def _commit(self) -> bool:
         engine = self.engine
-        if not engine.is_dirty() and not force:
-            return False
         writes, new_sb = engine.prepare_commit()
         await self.device.writev(writes)
         await self.device.flush()
