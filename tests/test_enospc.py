@@ -91,7 +91,8 @@ async def test_a_bug_in_writeback_is_reported_logged_and_aborts_the_mount(image,
     """An unexpected exception (here a planted bug) while writing back: close and fsync raise
     EIO, the traceback is logged, the mount turns read-only and the writeback task lives on.
     It used to mark the pages clean, kill the task and let close() succeed: silent loss."""
-    async with blockemu.mount(image, interval=3600) as fs:
+    fs = await blockemu.mount(image, interval=3600)
+    try:
         await put(fs, "/kept", b"k" * 8192)
         real = fs.extents.add_extent
 
@@ -116,6 +117,9 @@ async def test_a_bug_in_writeback_is_reported_logged_and_aborts_the_mount(image,
         fs.extents.add_extent = real
         with ErrnoCheck(errno.EIO):  # read-only: nothing more is changed
             await fs.mkdir("/d")
+    finally:
+        with ErrnoCheck(errno.EIO):  # and the unmount says the transaction was lost
+            await fs.unmount()
     await verify(image, {"/kept": b"k" * 8192})
     assert_clean(image)
 

@@ -18,7 +18,6 @@ from blockemu.workload.crash import CampaignResult, ace_workload, check_states, 
 from blockemu.workload.keyrace import AppendLedger, Race, RaceResult, read_back, run_race, unexpected
 from blockemu.workload.runner import run_workload, stress_mix
 from blockemu.workload.writepath import FAST, KEY, PRODUCTION
-
 from tests.test_cli import run
 
 

@@ -34,8 +34,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from blockemu.crypto import fscrypt
 from blockemu.crypto.arena import Arena, unmap
 from blockemu.crypto.fscrypt import Buffer
-from blockemu.errors import DeviceIOError
 from blockemu.crypto.sealworker import BOOT, IN_SLOT, KEY, PAGE, RESPONSE, digests, request, slot_size
+from blockemu.errors import DeviceIOError
 
 POOL_THRESHOLD = 256 << 10
 DEPTH = 3  # requests in flight per worker

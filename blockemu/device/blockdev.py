@@ -190,18 +190,25 @@ class BlockDevice:
 
     # ------------------------------------------------------------ read
 
-    def _overlay(self, offset: int, data: bytes) -> bytes:
-        if not self._cache:
-            return data
-        first, last = offset // SECTOR, (offset + len(data) - 1) // SECTOR
-        hits = [s for s in range(first, last + 1) if s in self._cache] if last - first < 4096 else [
-            s for s in self._cache if first <= s <= last
-        ]
+    def _cached(self, offset: int, length: int) -> dict[int, Entry]:
+        """The cached writes covering [offset, offset + length), taken *before* the file is read:
+        a sector missing from the cache then is in the file already, while one taken out of it
+        later (destaged during the pread) might have reached the file only after the pread
+        read it."""
+        if not self._cache or not length:
+            return {}
+        cache = self._cache
+        first, last = offset // SECTOR, (offset + length - 1) // SECTOR
+        if last - first < 4096:
+            return {s: cache[s] for s in range(first, last + 1) if s in cache}
+        return {s: e for s, e in cache.items() if first <= s <= last}
+
+    @staticmethod
+    def _overlay(offset: int, data: bytes, hits: dict[int, Entry]) -> bytes:
         if not hits:
             return data
         buf = bytearray(data)
-        for s in hits:
-            src, base = self._cache[s]
+        for s, (src, base) in hits.items():
             lo, hi = max(s * SECTOR, offset), min((s + 1) * SECTOR, offset + len(data))
             buf[lo - offset : hi - offset] = src[lo - base * SECTOR : hi - base * SECTOR]
         return bytes(buf)
@@ -209,8 +216,7 @@ class BlockDevice:
     def read_sync(self, offset: int, length: int) -> bytes:
         self._check(offset, length, "read")
         t = time.perf_counter()
-        data = os.pread(self.fd, length, offset)
-        data = self._overlay(offset, data)
+        data = self._overlay(offset, os.pread(self.fd, length, offset), self._cached(offset, length))
         self.stats.record("read", length, t)
         return data
 
@@ -218,8 +224,8 @@ class BlockDevice:
         self._check(offset, length, "read")
         await self._delay()
         t = time.perf_counter()
-        data = await _a_pread(self.fd, length, offset)
-        data = self._overlay(offset, data)
+        hits = self._cached(offset, length)
+        data = self._overlay(offset, await _a_pread(self.fd, length, offset), hits)
         self.stats.record("read", length, t)
         return data
 
@@ -263,9 +269,13 @@ class BlockDevice:
                 data = self._flip(data)
             first = offset // SECTOR
             if fua:
-                for s in range(first, first + len(data) // SECTOR):
-                    self._cache.pop(s, None)
-                await _a_fua(self.fd, offset, data)
+                cache = self._cache
+                older = {s: cache[s] for s in range(first, first + len(data) // SECTOR) if s in cache}
+                async with self._destage_lock:  # a destage of the older copies must not land after it
+                    await _a_fua(self.fd, offset, data)
+                for s, entry in older.items():  # superseded only now: until then reads still see them
+                    if cache.get(s) is entry:
+                        del cache[s]
             else:
                 self._cache.update(dict.fromkeys(range(first, first + len(data) // SECTOR), (data, first)))
             if self.log is not None:
@@ -355,10 +365,12 @@ class BlockDevice:
         if self._background is not None:
             await asyncio.gather(self._background, return_exceptions=True)
         if self.fd >= 0:
-            if not self.dead and not self.readonly and self._cache:
-                await self._destage_cache(sync=False)
-            await _a_close(self.fd)
-            self.fd = -1
+            try:
+                if not self.dead and not self.readonly and self._cache:
+                    await self._destage_cache(sync=False)
+            finally:  # the descriptor goes even when the destage fails
+                fd, self.fd = self.fd, -1
+                await _a_close(fd)
 
     def close_sync(self) -> None:
         if self.fd >= 0:

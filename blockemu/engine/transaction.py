@@ -113,6 +113,9 @@ class TreeStore:
         self.dirty: dict[int, TreeBlock] = {}
         self.new_blocks: dict[int, tuple[int, int]] = {}  # bytenr -> (owner, level), allocated this transaction
         self.freed_blocks: dict[int, tuple[int, int]] = {}  # committed blocks freed this transaction
+        # told of every tree change (see ``cow``): how the volume knows which participant of
+        # the transaction changed something
+        self.on_change: Callable[[], None] | None = None
 
     def get(self, bytenr: int, *, generation: int | None = None, level: int | None = None, owner: int | None = None) -> TreeBlock:
         block = self.dirty.get(bytenr)
@@ -157,15 +160,20 @@ class TreeStore:
         return block
 
     def cow(self, block: TreeBlock) -> TreeBlock:
-        if block.bytenr in self.dirty:
-            return block
-        new = self.new_block(block.owner, block.level)
-        new.keys = list(block.keys)
-        new.values = list(block.values)
-        new.ptrs = list(block.ptrs)
-        new.used = block.used
-        self.free_block(block)
-        return new
+        """``block`` made writable: itself if already written this transaction, else a copy in
+        a new block. Every tree change starts here, so here it is reported to ``on_change``
+        -- once the copy exists: a change whose first COW fails (ENOSPC) has changed nothing."""
+        if block.bytenr not in self.dirty:
+            new = self.new_block(block.owner, block.level)
+            new.keys = list(block.keys)
+            new.values = list(block.values)
+            new.ptrs = list(block.ptrs)
+            new.used = block.used
+            self.free_block(block)
+            block = new
+        if self.on_change is not None:
+            self.on_change()
+        return block
 
     def free_block(self, block: TreeBlock) -> None:
         alloc = self._need_allocator()

@@ -1,8 +1,12 @@
 """The mounted filesystem: inodes, directories, files, encryption policies, keys.
 
 Every namespace change happens inside ``vol.join()`` with no ``await`` between
-its tree updates, so each lands whole in one transaction. File data goes
-through the page cache and reaches the trees only through writeback.
+its tree updates, so each lands whole in one transaction. One that fails half
+way (after its first tree update) cannot be undone -- the updates land in place
+in the blocks this transaction COWed -- so it aborts the transaction instead:
+the image keeps its last durable generation, the mount turns read-only and
+every later change, commit and the unmount raise EIO (``Volume.join``). File
+data goes through the page cache and reaches the trees only through writeback.
 
 Locking an encrypted inode (dropping its plaintext and its key lease) happens
 in one place, ``maybe_lock``: when the key is no longer present and the inode
@@ -117,6 +121,7 @@ class Inode:
     lost_bytes: int = 0  # page bytes writeback had to drop
     reported_lost: int = 0  # of those, how many an fsync/close error has reported
     data_changed_ns: int = 0  # a write's mtime/ctime, folded into the item when it is saved
+    epoch: int = 0  # bumped whenever the extent mappings change: see Filesystem._fill
 
     @property
     def is_dir(self) -> bool:
@@ -159,29 +164,47 @@ class Filesystem:
         writer elsewhere refuses it) and refuse every change with EROFS."""
         keyring = Keyring(key_removal)
         vol = await Volume.open(path, readonly=readonly, faults=faults)
-        fs = cls(vol, keyring, **opts)
+        try:
+            fs = cls(vol, keyring, **opts)
+        except BaseException:
+            await vol.close(commit=False)
+            raise
         if not readonly:
-            await fs._recover_orphans()
+            try:
+                await fs._recover_orphans()
+            except BaseException:
+                # a failed mount releases what it took (the image and its lock, the arena), as
+                # unmount does; the error to raise is this one, not the clean-up's
+                with contextlib.suppress(Exception):
+                    await fs.unmount()
+                raise
         fs.writeback.start()
         return fs
 
     async def unmount(self) -> None:
+        """Write back, stop writeback and the sealing workers, commit and close the image, drop
+        the plaintext pages and wipe the keys. Every step runs even when one before it failed
+        -- a failed flush must not leave the writeback task, the workers, the image or a secret
+        behind -- and the first failure is raised once all have run."""
         if not self.mounted:
             return
         self.mounted = False
-        # every step runs even when one before it fails (a full or aborted filesystem):
-        # whatever could be written is committed, and every resource is released
-        async with contextlib.AsyncExitStack() as steps:
-            steps.callback(self.keyring.wipe_all)
-            steps.callback(self.cache.close)
-            steps.callback(self._drop_all_pages)
-            steps.push_async_callback(self.vol.close)
-            steps.push_async_callback(self.writeback.stop)
-            await self.writeback.flush_all()
+        first: BaseException | None = None
+        for step in (self.writeback.flush_all, self.writeback.stop, self.vol.close, self._drop_pages,
+                     self.keyring.wipe_all):
+            try:
+                done = step()
+                if done is not None:
+                    await done
+            except BaseException as e:
+                first = first or e
+        if first is not None:
+            raise first
 
-    def _drop_all_pages(self) -> None:
+    def _drop_pages(self) -> None:
         for inode in self.inodes.values():
             self.cache.drop(inode.pages)
+        self.cache.close()
 
     async def __aenter__(self) -> "Filesystem":
         return self
@@ -507,8 +530,9 @@ class Filesystem:
             users = [i for i in self.inodes.values() if i.key_id == ident]
             if step is Step.WRITE_BACK:
                 for inode in users:
-                    if inode.pages.dirty:
-                        await self.writeback.flush_inode(inode)
+                    # clean is not enough: runs a background flush took are still on their
+                    # way, and flush_inode waits for them (its wb_lock) before any wipe
+                    await self.writeback.flush_inode(inode)
                 await self.vol.commit()
             elif step is Step.LOCK_IDLE:
                 for inode in users:
@@ -556,6 +580,14 @@ class Filesystem:
                 raise
         return f
 
+    def check_dirtying(self, inode: Inode) -> None:
+        """ENOKEY once removal of the file's key refuses new dirty data (``deny-writes``). A
+        write checks again right where it dirties its pages (after its last await): one that
+        passed the first check and then waited across ``remove_key`` would be acknowledged,
+        then lost when writeback finds the secret wiped."""
+        if inode.key_id is not None and not self.keyring.dirtying_allowed(inode.key_id):
+            raise NoKeyError("Required key not available")
+
     async def truncate_inode(self, inode: Inode, size: int) -> None:
         if size < 0:
             raise InvalidArgument("negative size")
@@ -565,10 +597,12 @@ class Filesystem:
                 if tail:
                     idx = size // PAGE
                     old = (await self.read_pages(inode, idx, 1))[0]
+                    self.check_dirtying(inode)
                     self.cache.writable(inode.pages, idx, old)[tail:] = bytes(PAGE - tail)
                 self.cache.drop(inode.pages, -(-size // PAGE))
                 async with self.vol.join():
                     inode.nbytes += self.extents.punch(inode.ino, -(-size // PAGE) * PAGE, (1 << 64) - 1)
+                    inode.epoch += 1
                     inode.size = inode.disk_size = size
                     self._touch(inode)
                     self.save_inode(inode)
@@ -592,6 +626,13 @@ class Filesystem:
             filled.update(await self._fill(inode, missing))
 
     async def _fill(self, inode: Inode, missing: list[int]) -> dict[int, bytearray]:
+        """Read pages missing from the cache and cache them clean. The extents are mapped before
+        the reads' awaits; if writeback or truncate changed the inode's mappings meanwhile
+        (``inode.epoch`` moved), what was read may be older than the page now on disk -- which
+        may have been rewritten, written back and dropped from the cache meanwhile -- or come
+        from an extent freed since, whose checksums are gone. Such a fill is discarded (nothing
+        is returned or cached) and ``read_pages`` tries again from the cache."""
+        epoch = inode.epoch
         runs: list[list[int]] = []
         for i in missing:
             if runs and runs[-1][-1] + 1 == i:
@@ -606,28 +647,37 @@ class Filesystem:
             try:
                 for m in list(self.extents.mappings(inode.ino, start, end)):
                     s, e = max(start, m.file_offset), min(end, m.end)
-                    part = await self._read_extent_part(inode, m, s, e)
+                    part = await self._read_extent_part(inode, m, s, e, epoch)
+                    if part is None:
+                        break
                     view[s - start : e - start] = part
                     if m.extent.context is not None:
                         fscrypt.wipe(part)  # type: ignore[arg-type]  # decrypted: a plaintext copy
-                for k, i in enumerate(run):
-                    filled[i] = bytearray(view[k * PAGE : (k + 1) * PAGE])
+                else:
+                    for k, i in enumerate(run):
+                        filled[i] = bytearray(view[k * PAGE : (k + 1) * PAGE])
             finally:
                 view.release()
                 fscrypt.wipe(buf)  # the pages are copies now (or the read failed)
+        if inode.epoch != epoch:  # stale: what was read is discarded, and its plaintext with it
+            wipe_all(filled)
+            return {}
         for i, page in filled.items():
             self.cache.put_clean(inode.pages, i, page)  # kept, or zeroed if a write filled it meanwhile
         return filled
 
-    async def _read_extent_part(self, inode: Inode, m, s: int, e: int) -> bytes | bytearray:
-        """Bytes [s, e) of the file from mapping ``m``: the ciphertext read, checked and -- for an
-        encrypted extent -- decrypted into a ``bytearray`` the caller zeroes once it has copied it."""
+    async def _read_extent_part(self, inode: Inode, m, s: int, e: int, epoch: int) -> bytes | bytearray | None:
+        """File bytes [s, e) of mapping ``m``, verified and -- for an encrypted extent -- decrypted
+        into a ``bytearray`` the caller zeroes once it has copied it; None when the inode's
+        mappings changed (from ``epoch``) while the device read them: ``m`` may be stale."""
         disk = m.disk_at(s)
         inode.inflight += 1
         try:
             data = await self.vol.device.read(disk, e - s)
         finally:
             inode.inflight -= 1
+        if inode.epoch != epoch:
+            return None
         ctype = self.vol.sb.csum_type
         for off in range(0, e - s, PAGE):
             want = self.extents.sector_csum(disk + off)
@@ -656,6 +706,13 @@ class Filesystem:
         await self.writeback.flush_inode(inode)
         await self.vol.commit()
         report_writeback_error(inode)
+
+
+def wipe_all(pages: dict[int, bytearray]) -> None:
+    """Zero plaintext copies and forget them."""
+    for page in pages.values():
+        fscrypt.wipe(page)
+    pages.clear()
 
 
 def report_writeback_error(inode: Inode) -> None:
@@ -709,33 +766,53 @@ class File:
             raise BadFile(f"{self.name}: file not open for {'writing' if write else 'reading'}")
 
     async def write(self, data: bytes) -> int:
-        if self.append:
-            self.pos = self.inode.size
-        n = await self.pwrite(data, self.pos)
-        self.pos += n
+        offset, n = await self._write(data, None if self.append else self.pos)
+        self.pos = offset + n
         return n
 
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        return (await self._write(data, offset))[1]
+
+    async def _write(self, data: bytes | bytearray | memoryview, offset: int | None) -> tuple[int, int]:
+        """Write ``data`` at ``offset`` (None: at the end of the file, O_APPEND); returns where
+        it landed and how much. Everything the copy depends on is settled after the last await:
+        the end of file an append goes to (another append may have moved it), the partial pages
+        to read first (a cached one may have been evicted meanwhile -- by this very read's
+        pages, too) and whether what was read is still current (writeback or truncate changed
+        the extents: ``inode.epoch``)."""
         self._check(True)
         inode, fs = self.inode, self.fs
-        if offset < 0:
+        if offset is not None and offset < 0:
             raise InvalidArgument("negative offset")
-        if inode.key_id is not None and not fs.keyring.dirtying_allowed(inode.key_id):
-            raise NoKeyError("Required key not available")
+        fs.check_dirtying(inode)
         n = len(data)
         if not n:
-            return 0
+            return inode.size if offset is None else offset, 0
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
-        end = offset + n
-        if n == PAGE and not offset % PAGE:  # one whole page, the commonest write: nothing to read or split
-            fs.cache.writable(inode.pages, offset // PAGE, overwrite=True)[:] = data
-        else:
-            partial = self._partial_pages(offset, end)
-            fills = await self._read_partial(partial) if partial else {}
-            self._copy_in(memoryview(data), offset, fills)  # no await from here on: the write lands whole
-            for fill in fills.values():
-                fscrypt.wipe(fill)
+        fills: dict[int, bytearray] = {}  # plaintext copies of partial pages: zeroed however this ends
+        epoch = inode.epoch
+        try:
+            while True:
+                at = inode.size if offset is None else offset
+                end = at + n
+                whole = n == PAGE and not at % PAGE  # one whole page, the commonest write: nothing to read or split
+                if inode.epoch != epoch:  # what was read predates the extents' change: stale
+                    wipe_all(fills)
+                    epoch = inode.epoch
+                missing = [] if whole else [i for i in self._partial_pages(at, end) if i not in fills]
+                if not missing:
+                    break
+                fills.update(await self._read_partial(missing))
+            # no await from here on: the write lands whole, and a key removal that began while it
+            # waited (for room, or for its partial pages) is seen before anything is dirtied
+            fs.check_dirtying(inode)
+            if whole:
+                fs.cache.writable(inode.pages, at // PAGE, overwrite=True)[:] = data
+            else:
+                self._copy_in(memoryview(data), at, fills)
+        finally:
+            wipe_all(fills)
         if end > inode.size:
             inode.size = end
         inode.data_changed_ns = time.time_ns()
@@ -746,7 +823,7 @@ class File:
             # device completions sit unread while it copies; let them in every so often
             fs.unyielded = 0
             await asyncio.sleep(0)
-        return n
+        return at, n
 
     def _partial_pages(self, offset: int, end: int) -> list[int]:
         """Pages the write covers only in part and that hold data not in the cache."""
@@ -761,7 +838,7 @@ class File:
         is only valid until the next await; the caller zeroes them)."""
         return {i: bytearray((await self.fs.read_pages(self.inode, i, 1))[0]) for i in idxs}
 
-    def _copy_in(self, mv: memoryview, offset: int, fills: dict[int, bytes]) -> None:
+    def _copy_in(self, mv: memoryview, offset: int, fills: dict[int, bytearray]) -> None:
         """Copy into the page cache: whole pages in the middle in one go, the edges page by page."""
         cache, pages = self.fs.cache, self.inode.pages
         end = offset + len(mv)

@@ -239,6 +239,25 @@ class PageCache:
                 freed.append(slot)  # type: ignore[arg-type]
         self.arena.release(freed[::-1])
 
+    def untake(self, pages: Pages, run: Run) -> None:
+        """A run from ``take_dirty`` that will not be written (its flush was cancelled before
+        it started): its pages are dirty again, unless rewritten or dropped since -- then the
+        newer state stands and only the run's own frames go back to the arena."""
+        table, dirty = pages.pages, pages.dirty
+        for idx, slot in zip(range(run.first, run.first + len(run.slots)), run.slots):
+            if type(slot) is int:
+                self._sealing.discard(slot)  # type: ignore[arg-type]
+                if slot in self._orphans:  # the page has a new slot, or is gone
+                    self._orphans.discard(slot)  # type: ignore[arg-type]
+                    self.arena.release([slot])  # type: ignore[list-item]
+                    self.dirty_bytes -= PAGE
+                    continue
+            elif idx in dirty or table.get(idx) is not slot:
+                slot[:] = ZERO_PAGE  # type: ignore[index]  # rewritten (or dropped) since: the newer page stays
+                self.dirty_bytes -= PAGE
+                continue
+            dirty.add(idx)
+
     def drop(self, pages: Pages, first: int = 0) -> int:
         """Forget pages ≥ ``first`` (dirty ones too: truncate, unlink, lost writeback, a key
         going away); returns dirty bytes dropped. Every page is zeroed as it goes (or, if a run

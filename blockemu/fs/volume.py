@@ -14,6 +14,20 @@ from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super
 
 
+async def outlast_cancellation(work: list[asyncio.Future]) -> bool:
+    """Wait until every future in ``work`` is done, even if the caller is cancelled meanwhile
+    (unlike ``gather``, nothing in ``work`` is cancelled); returns whether it was. For steps
+    that must not stop half way -- a commit, runs being written back -- the cancellation is
+    the caller's to raise once they have finished."""
+    cancelled = False
+    while pending := [w for w in work if not w.done()]:
+        try:
+            await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
+
+
 def read_primary_super(dev: BlockDevice) -> SuperInfo:
     if dev.size < SUPER_OFFSETS[0] + SUPER_INFO_SIZE:
         raise CorruptionError(f"{dev.path}: too small to hold a superblock ({dev.size} bytes)", "BAD_MAGIC")
@@ -40,6 +54,8 @@ class Volume:
         self._writers = 0
         self._committing = False
         self.aborted: OSError | None = None
+        self._changed: dict[asyncio.Task, bool] = {}  # participants -> whether they changed a tree
+        engine.store.on_change = self._note_change
 
     @classmethod
     async def open(cls, path: str, *, readonly: bool = False, faults: FaultPlan | None = None,
@@ -64,7 +80,15 @@ class Volume:
     @asynccontextmanager
     async def join(self) -> AsyncIterator[Engine]:
         """Take part in the running transaction: tree changes made inside land in one commit
-        whole. A commit waits for every participant to leave; new ones wait for the commit."""
+        whole. A commit waits for every participant to leave; new ones wait for the commit.
+
+        A participant that fails after changing a tree (a rename that removed the old entry and
+        then failed to add the new one) leaves a half-done operation in the transaction, and
+        the trees have no undo: changes land in place in the blocks COWed this transaction.
+        So the transaction is aborted, as btrfs does: nothing of it is committed, the image
+        keeps its last durable generation, and this mount refuses further changes (EIO). The
+        failure is raised -- as an OSError with its own errno, or EIO for an unexpected
+        exception -- and every later change, commit and the unmount raise the abort."""
         if self.engine.short_of_room() and self.aborted is None:
             # the space this transaction freed stays pinned until it commits: near full, commit
             # first, as btrfs commits to reclaim pinned space before it gives up with ENOSPC
@@ -73,12 +97,38 @@ class Volume:
             await self._cond.wait_for(lambda: not self._committing)
             self._check_aborted()
             self._writers += 1
+        task = asyncio.current_task()
+        assert task is not None and task not in self._changed, "join() does not nest"
+        self._changed[task] = False
         try:
             yield self.engine
+        except BaseException as e:
+            if self._changed[task]:
+                raise self.abort(e, "a failed operation left the transaction half done")
+            raise
         finally:
+            del self._changed[task]
             async with self._cond:
                 self._writers -= 1
                 self._cond.notify_all()
+
+    def _note_change(self) -> None:
+        if self._changed:  # outside any participant (a commit converging the trees) nothing to note
+            task = asyncio.current_task()
+            if task in self._changed:
+                self._changed[task] = True
+
+    def abort(self, e: BaseException, why: str = "aborted") -> BaseException:
+        """Abort the running transaction for good (see ``join``): every further change fails and
+        the image stays at its last durable generation; the first reason is kept. Returns what
+        to raise for ``e``: itself if it is an OSError or a cancellation, else an EIO caused by it."""
+        if isinstance(e, OSError):
+            self.aborted = self.aborted or e
+            return e
+        err = DeviceIOError(f"{self.device.path}: {why}: {e!r}")
+        err.__cause__ = e
+        self.aborted = self.aborted or err
+        return err if isinstance(e, Exception) else e
 
     async def commit(self, *, force: bool = False) -> bool:
         """Make the running transaction durable; False when it changed nothing (unless ``force``:
@@ -89,30 +139,31 @@ class Volume:
                 await self._cond.wait_for(lambda: self._writers == 0)
             try:
                 self._check_aborted()
-                return await self._commit(force)
-            except OSError as e:
-                # as btrfs aborts a transaction whose commit failed: the image keeps its last
-                # durable generation and this mount refuses further changes
-                self.abort(e)
-                raise
+                if not self.engine.is_dirty() and not force:
+                    return False
+                work = asyncio.ensure_future(self._commit())
+                cancelled = await outlast_cancellation([work])  # a commit is never left half done
+                try:
+                    done = work.result()
+                except BaseException as e:
+                    # as btrfs aborts a transaction whose commit failed, however it failed: the
+                    # image keeps its last durable generation (or the new one, if its superblock
+                    # landed) and this mount refuses further changes
+                    raise self.abort(e, "commit failed")
+                if cancelled:
+                    raise asyncio.CancelledError
+                return done
             finally:
                 async with self._cond:
                     self._committing = False
                     self._cond.notify_all()
 
-    def abort(self, err: OSError) -> None:
-        """Refuse every further change (the first reason is kept): the image stays at its last
-        durable generation."""
-        self.aborted = self.aborted or err
-
     def _check_aborted(self) -> None:
         if self.aborted is not None:
             raise DeviceIOError(f"{self.device.path}: read-only after an aborted transaction ({self.aborted})")
 
-    async def _commit(self, force: bool = False) -> bool:
+    async def _commit(self) -> bool:
         engine = self.engine
-        if not engine.is_dirty() and not force:
-            return False
         writes, new_sb = engine.prepare_commit()
         await self.device.writev(writes)
         await self.device.flush()
@@ -125,8 +176,10 @@ class Volume:
         return True
 
     async def close(self, *, commit: bool = True) -> None:
+        """Commit and close the device -- the device even when the commit fails. After an abort
+        the commit raises it: what the transaction held is lost, and the caller must know."""
         try:
-            if commit and not self.device.readonly and not self.device.dead and self.aborted is None:
+            if commit and not self.device.readonly and not self.device.dead:
                 await self.commit()
         finally:
             await self.device.close()

@@ -31,6 +31,7 @@ from blockemu.crypto import fscrypt
 from blockemu.crypto.sealer import DEPTH, TIMEOUT, Sealer, worker_count
 from blockemu.errors import DeviceIOError, NoKeyError, NoSpaceError
 from blockemu.fs.pagecache import PAGE, PageCache, Run
+from blockemu.fs.volume import outlast_cancellation
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import ExtentContext
 
@@ -98,12 +99,15 @@ class Writeback:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="blockemu-writeback")
 
     async def stop(self) -> None:
+        """End the background task, then the sealing workers -- those even if the task failed."""
         self._stopping = True
         self._kick.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-        await self.sealer.close()
+        try:
+            if self._task is not None:
+                task, self._task = self._task, None
+                await task
+        finally:
+            await self.sealer.close()
 
     def kick(self) -> None:
         self._kick.set()
@@ -171,7 +175,12 @@ class Writeback:
     async def flush_inode(self, inode: "Inode") -> None:
         """Write back what is dirty now as a pipeline: at most ``batch_pages`` worth of runs
         are in flight, and runs are taken from the cache only when a lane frees up, so
-        writes landing meanwhile still coalesce and sealing never drains between batches."""
+        writes landing meanwhile still coalesce and sealing never drains between batches.
+
+        Cancelling it (a cancelled fsync) never drops dirty pages: runs taken and not yet
+        started are dirty again, and runs in flight are waited for -- not cancelled half
+        way, and never left running once the inode's ``wb_lock`` is free, where a later
+        flush could write the same page's newer data before them."""
         async with inode.wb_lock:
             todo = len(inode.pages.dirty)
             lanes = asyncio.Semaphore(max(1, self.batch_pages // self.max_pages))
@@ -190,9 +199,16 @@ class Writeback:
                     todo -= len(run.slots)
                     tasks.append(asyncio.ensure_future(self._write_one(inode, run)))
                     tasks[-1].add_done_callback(lambda _t: lanes.release())
-                await asyncio.gather(*tasks)
             finally:
-                inode.inflight -= 1
+                for run in runs:
+                    self.cache.untake(inode.pages, run)
+                try:
+                    if await outlast_cancellation(tasks):
+                        raise asyncio.CancelledError
+                finally:
+                    inode.inflight -= 1
+            for task in tasks:
+                task.result()
             self.fs.maybe_lock(inode)
 
     async def _write_one(self, inode: "Inode", run: Run) -> None:
@@ -278,6 +294,7 @@ class Writeback:
                         engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
                         raise
                     delta = fs.extents.add_extent(inode.ino, file_offset, bytenr, length, length, ctx, digests)
+                    inode.epoch += 1  # a read that mapped the old extents discards what it read
                     inode.nbytes += delta
                     inode.disk_size = max(inode.disk_size, min(inode.size, file_offset + length))
                     fs.save_inode(inode)

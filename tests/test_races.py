@@ -1,0 +1,478 @@
+"""Races between a caller and the work it overlaps (issue 10, item 5). Each test drives one
+interleaving deterministically: the await point in question is wrapped by a coroutine that
+stops on an ``asyncio.Event`` the test sets, so the other side runs exactly in that window.
+Durability is judged after unmount and a fresh mount, never through the cache being judged."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+
+import pytest
+
+import blockemu
+from blockemu.check.fsck import check
+from blockemu.device import blockdev
+from blockemu.device.blockdev import BlockDevice
+from blockemu.errors import NoSpaceError
+from blockemu.fs.filesystem import Filesystem
+from blockemu.fs.pagecache import PAGE
+from tests.util import KEY, KID, ErrnoCheck, encrypted_dir
+
+
+@pytest.fixture
+async def image(tmp_path) -> str:
+    path = str(tmp_path / "fs.img")
+    await blockemu.mkfs(path, size="32M")
+    return path
+
+
+class Gate:
+    """Wraps an async callable: its first call signals ``entered`` and holds until ``release``
+    (before or after calling through, as ``after`` says); later calls pass straight through."""
+
+    def __init__(self, real, *, after: bool = False) -> None:
+        self.real, self.after = real, after
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+        self.calls = 0
+
+    async def __call__(self, *args, **kw):
+        self.calls += 1
+        if self.calls > 1:
+            return await self.real(*args, **kw)
+        if self.after:
+            result = await self.real(*args, **kw)
+        self.entered.set()
+        await self.release.wait()
+        return result if self.after else await self.real(*args, **kw)
+
+
+class WatchedLock(asyncio.Lock):
+    """An asyncio.Lock that says when someone has to wait for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contended = asyncio.Event()
+
+    async def acquire(self) -> bool:
+        if self.locked():
+            self.contended.set()
+        return await super().acquire()
+
+
+def assert_clean(image: str) -> None:
+    report = check(image)
+    assert report.clean, [e.message for e in report.errors]
+
+
+# ------------------------------------------------------------------ deny-writes and key removal
+
+
+async def test_deny_writes_rechecks_after_waiting_for_room(image, monkeypatch):
+    """A write that waits on backpressure while ``remove_key`` runs must not be acknowledged:
+    its key's secret is wiped by the time it dirties its page, so writeback could only lose it."""
+    async with blockemu.mount(image, key_removal="deny-writes", interval=3600) as fs:
+        await encrypted_dir(fs, "/e")
+        f = await fs.open("/e/f", "w")
+        await f.write(b"a" * PAGE)
+        await f.fsync()
+        gate = Gate(fs.writeback.wait_for_room)
+        monkeypatch.setattr(fs.writeback, "wait_for_room", gate)
+        monkeypatch.setattr(fs.writeback, "over_limit", lambda nbytes=0: True)
+        write = asyncio.ensure_future(f.pwrite(b"b" * PAGE, PAGE))
+        await gate.entered.wait()
+        monkeypatch.undo()  # the write is past its first check, waiting for room
+        await fs.remove_key(KID)
+        gate.release.set()
+        with ErrnoCheck(errno.ENOKEY):
+            await write
+        await f.close()  # nothing was lost, so nothing to report
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/e/f") as f:
+            assert await f.read() == b"a" * PAGE
+
+
+async def test_deny_writes_refuses_a_truncate_that_would_dirty_a_page(image):
+    """Truncating into the middle of a page dirties that page (its tail is zeroed): after
+    removal began under deny-writes that is refused, before anything changes."""
+    async with blockemu.mount(image, key_removal="deny-writes", interval=3600) as fs:
+        await encrypted_dir(fs, "/e")
+        f = await fs.open("/e/f", "w")
+        await f.write(b"a" * 2 * PAGE)
+        await f.fsync()
+        await fs.remove_key(KID)
+        with ErrnoCheck(errno.ENOKEY):
+            await f.truncate(PAGE + 100)
+        await f.close()
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/e/f") as f:
+            assert await f.read() == b"a" * 2 * PAGE
+
+
+@pytest.mark.parametrize("mode", ["deny-writes", "sync"])
+async def test_key_removal_waits_for_runs_already_taken(image, monkeypatch, mode):
+    """An acknowledged write whose pages a flush has taken (so they are no longer dirty) and is
+    sealing when ``remove_key`` starts: removal must let that run finish before it wipes the
+    secret, or the run fails with ENOKEY and the write is lost."""
+    async with blockemu.mount(image, key_removal=mode, interval=3600, seal_workers=0) as fs:
+        await encrypted_dir(fs, "/e")
+        f = await fs.open("/e/f", "w")
+        await f.write(b"a" * PAGE)
+        f.inode.wb_lock = lock = WatchedLock()
+        gate = Gate(fs.writeback.sealer._seal_in_thread)
+        monkeypatch.setattr(fs.writeback.sealer, "_seal_in_thread", gate)
+        fsync = asyncio.ensure_future(f.fsync())
+        await gate.entered.wait()
+        assert not f.inode.pages.dirty
+        removal = asyncio.ensure_future(fs.remove_key(KID))
+        contended = asyncio.ensure_future(lock.contended.wait())
+        await asyncio.wait([removal, contended], return_when=asyncio.FIRST_COMPLETED)
+        contended.cancel()
+        gate.release.set()
+        await removal
+        await fsync  # the write reached the disk: nothing to report
+        await f.close()
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/e/f") as f:
+            assert await f.read() == b"a" * PAGE
+
+
+# ------------------------------------------------------------------ page-cache fills and read-modify-write
+
+
+@pytest.mark.parametrize("rewrite", [1, 2], ids=["half-the-extent", "all-of-it"])
+async def test_fill_never_installs_data_older_than_a_writeback_meanwhile(image, monkeypatch, rewrite):
+    """A read misses the cache and maps page 1's extent; while its device read is held, the
+    page is rewritten, written back, committed and dropped from the cache (no room for clean
+    pages). The read must return the new data -- not the old extent's contents (still there,
+    checksums and all, when page 0 still uses that extent) nor a spurious EIO (when the
+    rewrite freed the whole extent and its checksums)."""
+    async with blockemu.mount(image, interval=3600, cache_limit=0, seal_workers=0) as fs:
+        f = await fs.open("/f", "w+")
+        await f.write(b"A" * 2 * PAGE)
+        await f.fsync()
+        assert not f.inode.pages.pages  # written back and dropped: the next read misses
+        gate = Gate(fs.vol.device.read)
+        monkeypatch.setattr(fs.vol.device, "read", gate)
+        read = asyncio.ensure_future(f.pread(PAGE, PAGE))
+        await gate.entered.wait()
+        await f.pwrite(b"B" * rewrite * PAGE, (2 - rewrite) * PAGE)
+        await f.fsync()
+        assert not f.inode.pages.pages
+        gate.release.set()
+        assert await read == b"B" * PAGE
+        assert await f.pread(PAGE, PAGE) == b"B" * PAGE
+        await f.close()
+    assert_clean(image)
+    want = (b"A" if rewrite == 1 else b"B") * PAGE + b"B" * PAGE
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+
+
+async def test_partial_page_evicted_while_the_write_reads_its_other_edge(image):
+    """A write covering page 0 and page 2 in part finds page 2 cached, page 0 not. Reading page
+    0 evicts page 2 (room for one clean page): the write must read page 2 too, not fill the
+    rest of it with zeros."""
+    async with blockemu.mount(image, interval=3600, cache_limit=PAGE, seal_workers=0) as fs:
+        async with fs.open("/f", "w+") as f:
+            await f.write(b"A" * 3 * PAGE)
+            await f.fsync()
+            await f.pread(1, 2 * PAGE)
+            assert sorted(f.inode.pages.pages) == [2]
+            await f.pwrite(b"B" * 2 * PAGE, 100)
+    want = b"A" * 100 + b"B" * 2 * PAGE + b"A" * (PAGE - 100)
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+
+
+async def test_appends_racing_on_a_partial_last_page_both_land(image, monkeypatch):
+    """O_APPEND: the end of file is decided after the write's last await. One append waits for
+    its read of the (evicted) last page; another append lands meanwhile; the first must go
+    after it, not over it."""
+    async with blockemu.mount(image, interval=3600, cache_limit=0, seal_workers=0) as fs:
+        async with fs.open("/log", "w") as f:
+            await f.write(b"0" * 100)
+        await fs.sync()
+        first, second = await fs.open("/log", "a"), await fs.open("/log", "a")
+        assert not first.inode.pages.pages
+        gate = Gate(fs.vol.device.read)
+        monkeypatch.setattr(fs.vol.device, "read", gate)
+        held = asyncio.ensure_future(first.write(b"1" * 10))
+        await gate.entered.wait()
+        await second.write(b"2" * 10)
+        gate.release.set()
+        assert await held == 10
+        assert await first.tell() == 120
+        await first.close()
+        await second.close()
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/log") as f:
+            assert await f.read() == b"0" * 100 + b"2" * 10 + b"1" * 10
+
+
+# ------------------------------------------------------------------ the device's volatile cache
+
+
+async def device_with_cached_write(tmp_path) -> BlockDevice:
+    path = str(tmp_path / "d.img")
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+    dev = await BlockDevice.open(path)
+    await dev.write(0, b"\x01" * PAGE)  # completed, cached only: the file still holds zeros
+    return dev
+
+
+def on_disk(dev: BlockDevice) -> bytes:
+    with open(dev.path, "rb") as f:
+        return f.read(PAGE)
+
+
+async def test_device_read_racing_background_destage_is_never_stale(tmp_path, monkeypatch):
+    """The pread sees the file before a destage lands; the destage then empties the cache before
+    the read looks at it. The read must still return the newest completed write."""
+    dev = await device_with_cached_write(tmp_path)
+    gate = Gate(blockdev._a_pread, after=True)  # pread done, the read not yet finished
+    monkeypatch.setattr(blockdev, "_a_pread", gate)
+    read = asyncio.ensure_future(dev.read(0, PAGE))
+    await gate.entered.wait()
+    await dev.destage_in_background()
+    assert not dev.cached_bytes()
+    gate.release.set()
+    assert await read == b"\x01" * PAGE
+    await dev.close()
+
+
+async def test_read_during_a_fua_write_sees_the_cached_data_it_supersedes(tmp_path, monkeypatch):
+    dev = await device_with_cached_write(tmp_path)
+    gate = Gate(blockdev._a_fua)
+    monkeypatch.setattr(blockdev, "_a_fua", gate)
+    fua = asyncio.ensure_future(dev.write(0, b"\x02" * PAGE, fua=True))
+    await gate.entered.wait()
+    assert await dev.read(0, PAGE) == b"\x01" * PAGE  # not the file's older zeros
+    gate.release.set()
+    await fua
+    assert await dev.read(0, PAGE) == b"\x02" * PAGE == on_disk(dev)
+    await dev.close()
+
+
+async def test_destage_of_older_data_never_lands_after_a_fua_write(tmp_path, monkeypatch):
+    """A background destage has taken the cached copy of sector 0 and is about to write it when a
+    FUA write of newer data to sector 0 comes: the FUA data must be what the file keeps."""
+    dev = await device_with_cached_write(tmp_path)
+    dev._destage_lock = lock = WatchedLock()
+    gate = Gate(blockdev._a_destage)
+    monkeypatch.setattr(blockdev, "_a_destage", gate)
+    destage = dev.destage_in_background()
+    await gate.entered.wait()
+    fua = asyncio.ensure_future(dev.write(0, b"\x02" * PAGE, fua=True))
+    contended = asyncio.ensure_future(lock.contended.wait())
+    await asyncio.wait([fua, contended], return_when=asyncio.FIRST_COMPLETED)
+    contended.cancel()
+    gate.release.set()
+    await destage
+    await fua
+    assert on_disk(dev) == b"\x02" * PAGE
+    assert await dev.read(0, PAGE) == b"\x02" * PAGE
+    await dev.close()
+
+
+# ------------------------------------------------------------------ cancelled flush
+
+
+async def test_cancelled_fsync_drops_no_dirty_pages(image, monkeypatch):
+    """fsync cancelled while its first run is being written and three more are queued (one
+    lane): the run in flight completes, the queued ones are dirty again, and unmount writes
+    them all."""
+    data = os.urandom(64 << 10)
+    async with blockemu.mount(image, interval=3600, max_extent=16 << 10, batch_bytes=16 << 10,
+                              seal_workers=0) as fs:
+        f = await fs.open("/f", "w")
+        await f.write(data)
+        gate = Gate(fs.vol.device.write)
+        monkeypatch.setattr(fs.vol.device, "write", gate)
+        fsync = asyncio.ensure_future(f.fsync())
+        await gate.entered.wait()
+        fsync.cancel()  # lands while the run is held: the gate opens only after
+        gate.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await fsync
+        pages = f.inode.pages
+        assert len(pages.dirty) == 12 and not fs.cache._sealing
+        assert fs.cache.dirty_bytes == 12 * PAGE
+        await f.close()
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == data
+
+
+async def test_fsync_cancelled_during_its_commit_lets_the_commit_finish(image, monkeypatch):
+    """Cancelled while its commit waits for the device's flush: the commit completes (the mount
+    is not aborted, the generation is durable: a power cut right after keeps the file), and the
+    caller sees the cancellation after."""
+    data = os.urandom(3 * PAGE)
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        f = await fs.open("/f", "w")
+        await f.write(data)
+        generation = fs.vol.generation
+        gate = Gate(fs.vol.device.flush)
+        monkeypatch.setattr(fs.vol.device, "flush", gate)
+        fsync = asyncio.ensure_future(f.fsync())
+        await gate.entered.wait()
+        fsync.cancel()
+        gate.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await fsync
+        assert fs.vol.aborted is None and fs.vol.generation == generation + 1
+        fs.vol.device.power_cut()
+        await f.close()
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == data
+
+
+# ------------------------------------------------------------------ half-done operations
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyError("bug")],
+                         ids=["enospc", "unexpected"])
+async def test_rename_failing_half_way_aborts_the_transaction(image, monkeypatch, failure):
+    """A rename fails after removing the old entry, before adding the new one. Nothing of the
+    half-done operation may reach the disk: the transaction is aborted, the error is raised
+    (an OSError in any case), the mount refuses changes and unmount reports the abort; after
+    a remount the tree is as it was at the last commit."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/a", "w") as f:
+            await f.write(b"x")
+        await fs.sync()
+
+    fs = await blockemu.mount(image, interval=3600)
+    await fs.mkdir("/uncommitted")  # joins the transaction the abort throws away
+
+    def failing_add_entry(parent, name, child):
+        raise failure
+
+    monkeypatch.setattr(fs, "_add_entry", failing_add_entry)
+    with pytest.raises(OSError) as raised:
+        await fs.rename("/a", "/b")
+    assert raised.value.errno == (errno.ENOSPC if isinstance(failure, OSError) else errno.EIO)
+    monkeypatch.undo()
+    with ErrnoCheck(errno.EIO):
+        await fs.mkdir("/later")
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    assert fs.vol.device.fd == -1
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        assert sorted(await fs.readdir("/")) == ["a"]
+        async with fs.open("/a") as f:
+            assert await f.read() == b"x"
+
+
+async def test_failures_before_any_change_abort_nothing(image):
+    """Validation errors (ENOENT, EEXIST, ...) change nothing: the mount carries on."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        await fs.mkdir("/d")
+        with ErrnoCheck(errno.ENOENT):
+            await fs.rename("/nope", "/x")
+        with ErrnoCheck(errno.EEXIST):
+            await fs.mkdir("/d")
+        await fs.mkdir("/e")
+        assert fs.vol.aborted is None
+    async with blockemu.mount(image) as fs:
+        assert sorted(await fs.readdir("/")) == ["d", "e"]
+
+
+async def test_enospc_before_any_change_aborts_nothing(image, monkeypatch):
+    """A namespace operation whose very first COW finds no space has changed nothing: it fails
+    with ENOSPC and the mount carries on (deleting to make room must stay possible)."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        await fs.mkdir("/d")
+        await fs.sync()  # every tree block clean: the next change must COW, i.e. allocate
+
+        def full(length: int) -> int:
+            raise NoSpaceError("No space left on device")
+
+        monkeypatch.setattr(fs.vol.engine.allocator, "alloc", full)
+        with ErrnoCheck(errno.ENOSPC):
+            await fs.mkdir("/e")
+        monkeypatch.undo()
+        assert fs.vol.aborted is None
+        await fs.rmdir("/d")
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        assert await fs.readdir("/") == []
+
+
+# ------------------------------------------------------------------ unmount and close
+
+
+async def test_unmount_releases_everything_when_the_flush_fails(image, monkeypatch):
+    """flush_all fails at unmount: the failure is raised, and still the writeback task ends,
+    the sealing workers exit, the image is committed and closed, and the keys are wiped."""
+    data = os.urandom(1 << 20)
+    fs = await blockemu.mount(image, interval=3600, seal_workers=2)
+    await encrypted_dir(fs, "/e")
+    async with fs.open("/e/f", "w") as f:
+        await f.write(data)
+        await f.fsync()
+    pids, task = fs.writeback.sealer.pids, fs.writeback._task
+    assert pids and task is not None and not task.done()
+    await fs.mkdir("/e/d")  # in the running transaction only: close must still commit it
+
+    async def failing_flush() -> None:
+        raise OSError(errno.EIO, "flush failed")
+
+    monkeypatch.setattr(fs.writeback, "flush_all", failing_flush)
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    assert task.done()
+    for pid in pids:  # exited and reaped
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert fs.vol.device.fd == -1 and not fs.keyring.keys
+    assert_clean(image)
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        assert await fs.exists("/e/d")
+        async with fs.open("/e/f") as f:
+            assert await f.read() == data
+
+
+async def test_volume_close_closes_the_device_when_the_commit_fails(image, monkeypatch):
+    fs = await blockemu.mount(image, interval=3600)
+    await fs.mkdir("/d")
+
+    async def failing_commit(**kw) -> bool:
+        raise OSError(errno.EIO, "commit failed")
+
+    monkeypatch.setattr(fs.vol, "commit", failing_commit)
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    assert fs.vol.device.fd == -1
+    assert_clean(image)  # the last durable generation, without /d
+    async with blockemu.mount(image) as fs:
+        assert not await fs.exists("/d")
+
+
+@pytest.mark.parametrize("fails", ["options", "orphan-recovery"])
+async def test_a_failed_mount_releases_what_it_took(image, monkeypatch, fails):
+    if fails == "orphan-recovery":
+        async def failing_recovery(self) -> None:
+            raise OSError(errno.EIO, "orphan recovery failed")
+
+        monkeypatch.setattr(Filesystem, "_recover_orphans", failing_recovery)
+    opts = {"no_such_option": 1} if fails == "options" else {}
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises((OSError, TypeError)):
+        await blockemu.mount(image, **opts)
+    assert set(os.listdir("/proc/self/fd")) <= fds  # the image and the arena's memfd are closed
