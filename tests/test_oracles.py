@@ -183,7 +183,7 @@ async def test_crash_states_of_the_production_write_path(tmp_path, monkeypatch):
 async def test_a_large_extent_bug_is_caught_only_on_the_production_path(monkeypatch):
     """Planted: writeback drops every run big enough for the sealing workers. The fast
     campaign (16 KiB extents, the only one before) cannot see it; the production one does."""
-    plant = SkipDataWrites(monkeypatch, lambda run: len(run.slots) * PAGE >= sealer.POOL_THRESHOLD)
+    plant = SkipDataWrites(monkeypatch, lambda run: len(run.entries) * PAGE >= sealer.POOL_THRESHOLD)
     fast = await run_ace([SEQ], seed=4, subsets=1, write_path=FAST)
     assert not fast.failures and not plant.skipped
     production = await run_ace([SEQ], seed=4, subsets=1, write_path=PRODUCTION)

@@ -63,8 +63,8 @@ class PageCacheMachine(RuleBasedStateMachine):
     @rule(f=st.integers(0, 1), max_run=st.integers(1, 4))
     def take(self, f: int, max_run: int) -> None:
         for run in self.cache.take_dirty(self.pages[f], max_run):
-            assert len(run.slots) <= max_run
-            contents = [bytes(self.cache.buffer(s)) for s in run.slots]
+            assert len(run.entries) <= max_run
+            contents = [bytes(self.cache.buffer(s)) for s in run.entries]
             for k, data in enumerate(contents):
                 assert data == self.model[f][run.first + k], "a taken page is not what was written"
             self.inflight.append((f, run, contents))
@@ -73,11 +73,11 @@ class PageCacheMachine(RuleBasedStateMachine):
     @rule(pick=st.integers(0, 1000), lose=st.booleans())
     def complete(self, pick: int, lose: bool) -> None:
         f, run, contents = self.inflight.pop(pick % len(self.inflight))
-        for slot, data in zip(run.slots, contents):
+        for slot, data in zip(run.entries, contents):
             assert bytes(self.cache.buffer(slot)) == data, "a page changed while it was being sealed"
         if lose:  # writeback could not write it: the data is gone unless rewritten since
-            self.cache.forget(self.pages[f], range(run.first, run.first + len(run.slots)))
-            for k in range(len(run.slots)):
+            self.cache.forget(self.pages[f], range(run.first, run.first + len(run.entries)))
+            for k in range(len(run.entries)):
                 if run.first + k not in self.pages[f].dirty:
                     self.model[f].pop(run.first + k, None)
         self.cache.written(self.pages[f], run)
@@ -101,17 +101,17 @@ class PageCacheMachine(RuleBasedStateMachine):
     def frames_accounted(self) -> None:
         cache = self.cache
         used = [s for p in self.pages for s in p.pages.values() if type(s) is int]
-        sealing = {s for _, run, _ in self.inflight for s in run.slots if type(s) is int}
+        sealing = {s for _, run, _ in self.inflight for s in run.entries if type(s) is int}
         free = cache.arena.free
         assert len(set(used)) == len(used), "two pages share a frame"
         assert len(set(free)) == len(free) and not set(free) & (set(used) | sealing), "a frame in use is free"
         assert set(free) | set(used) | sealing == set(range(FRAMES)), "a frame was lost"
-        in_flight = sum(len(run.slots) for _, run, _ in self.inflight)
+        in_flight = sum(len(run.entries) for _, run, _ in self.inflight)
         assert cache.dirty_bytes == (sum(len(p.dirty) for p in self.pages) + in_flight) * PAGE
 
     @invariant()
     def clean_pages_on_the_heap_within_limit(self) -> None:
-        sealing = {s for _, run, _ in self.inflight for s in run.slots if type(s) is int}
+        sealing = {s for _, run, _ in self.inflight for s in run.entries if type(s) is int}
         clean = [p.pages[i] for p in self.pages for i in p.pages if i not in p.dirty]
         assert all(type(s) is not int or s in sealing for s in clean), "a clean page holds a frame after its run was written"
         assert len(self.cache._clean) <= 4
@@ -121,7 +121,7 @@ class PageCacheMachine(RuleBasedStateMachine):
         arena = self.cache.arena
         assert all(arena.page(f) == ZERO_PAGE for f in arena.free), "a free frame holds data"
         held = [s for p in self.pages for s in p.pages.values() if type(s) is not int]
-        held += [s for _, run, _ in self.inflight for s in run.slots if type(s) is not int]
+        held += [s for _, run, _ in self.inflight for s in run.entries if type(s) is not int]
         self.heap_pages.update((id(s), s) for s in held)  # type: ignore[misc]
         live = {id(s) for s in held}
         assert all(page == ZERO_PAGE for i, page in self.heap_pages.items() if i not in live), \

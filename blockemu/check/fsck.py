@@ -12,7 +12,6 @@ once, and a block reached twice is reported, not followed again.
 from __future__ import annotations
 
 import asyncio
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -75,12 +74,6 @@ class FsckReport:
 
 
 Progress = Callable[[int, str], None]
-
-
-def tty_progress(stream: Any = sys.stderr) -> Progress:
-    def show(n: int, phase: str) -> None:
-        print(f"[{n}/{len(PHASES)}] checking {phase}", file=stream, flush=True)
-    return show
 
 
 class Checker:

@@ -1,4 +1,4 @@
 """The ``blockemu`` command: argument parsing, one-line errors with documented exit
-codes, and tables/progress for humans. May import every other layer; nothing
+codes, and what people read (tables and bars come from ``blockemu.display``). May import every other layer; nothing
 imports it.
 """

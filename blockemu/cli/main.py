@@ -20,17 +20,17 @@ from importlib.metadata import version
 from typing import Any, Awaitable, Callable, NoReturn
 
 from blockemu.check import inspect as inspect_mod
-from blockemu.check.fsck import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE, check, tty_progress
+from blockemu.check.fsck import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE, PHASES, check
 from blockemu.check.repair import repairable, run_repair
 from blockemu.crypto import fscrypt
 from blockemu.crypto.fscrypt import MAX_KEY_SIZE, MIN_KEY_SIZE
 from blockemu.crypto.keyring import MODES
 from blockemu.device.faultplan import FaultPlan
+from blockemu.display import bar as progress_bar
+from blockemu.display import wanted as progress_wanted
 from blockemu.errors import BlockemuError, ExistsError, NoKeyError
 from blockemu.fs.filesystem import mount
 from blockemu.fs.mkfs import mkfs
-from blockemu.progress import bar as progress_bar
-from blockemu.progress import wanted as progress_wanted
 from blockemu.units import human
 from blockemu.workload.crash import run_ace_parallel
 from blockemu.workload.fio import text_report as fio_text
@@ -451,8 +451,9 @@ def cmd_mkfs(a: argparse.Namespace) -> int:
 
 
 def cmd_fsck(a: argparse.Namespace) -> int:
-    show = progress_wanted(a.progress, a.json)
-    report = check(a.image, check_data=a.check_data, progress=tty_progress() if show else None)
+    with progress_bar("fsck", len(PHASES), progress_wanted(a.progress, a.json)) as advance:
+        report = check(a.image, check_data=a.check_data,
+                       progress=lambda n, phase: advance(1 if n > 1 else 0, f"[{n}/{len(PHASES)}] checking {phase}"))
     code = report.exit_code
     if a.repair and not report.clean and repairable(report):
         # a repair can expose the next fix (a dropped entry changes its directory's size),

@@ -136,6 +136,26 @@ def _tweaks(count: int) -> tuple[modes.XTS, ...]:
     return table
 
 
+def _mode_swap_honoured() -> bool:
+    """One validated Cipher whose mode is swapped per data unit: building a Cipher per unit
+    re-checks the key and mode every time, which costs more than the AES itself. But
+    cryptography documents ``Cipher.mode`` as read-only in spirit (no setter is promised):
+    the swap works because ``encryptor()`` reads the attribute afresh. Checked once at
+    import against a freshly built Cipher; if a release changes that, ``_xts`` builds a
+    Cipher per unit (correct, slower) and tests/test_crypto.py fails loudly."""
+    key, unit, tweak = bytes(range(64)), bytes(DATA_UNIT), (1).to_bytes(16, "little")
+    cipher = Cipher(algorithms.AES(key), modes.XTS(bytes(16)))
+    try:
+        cipher.mode = modes.XTS(tweak)  # type: ignore[misc]
+    except AttributeError:
+        return False
+    fresh = Cipher(algorithms.AES(key), modes.XTS(tweak)).encryptor().update(unit)
+    return cipher.encryptor().update(unit) == fresh
+
+
+MODE_SWAP = _mode_swap_honoured()
+
+
 def _xts(key: bytes | bytearray, units: Sequence[Buffer], first_unit: int, encrypt: bool,
          out: bytearray | memoryview | None = None) -> bytearray | memoryview:
     n = len(units) * DATA_UNIT
@@ -145,17 +165,19 @@ def _xts(key: bytes | bytearray, units: Sequence[Buffer], first_unit: int, encry
     if trim:
         out = bytearray(n + 15)
     omv = memoryview(out)  # type: ignore[arg-type]
-    # One validated Cipher whose mode is swapped per unit: building a Cipher per unit
-    # re-checks the key and mode every time, which costs more than the AES itself.
     tweaks = _tweaks(first_unit + len(units))[first_unit:]
     # the key as given, not a bytes copy: its holder zeroes it; OpenSSL's copy (the key
     # schedules in the cipher context) is cleansed when the context is freed
-    cipher = Cipher(algorithms.AES(key), tweaks[0] if tweaks else modes.XTS(bytes(16)))
-    context = cipher.encryptor if encrypt else cipher.decryptor
+    algorithm = algorithms.AES(key)
+    cipher = Cipher(algorithm, tweaks[0] if tweaks else modes.XTS(bytes(16)))
     for i, (unit, mode) in enumerate(zip(units, tweaks)):
-        cipher.mode = mode
+        if MODE_SWAP:
+            cipher.mode = mode
+        else:
+            cipher = Cipher(algorithm, mode)
+        context = cipher.encryptor() if encrypt else cipher.decryptor()
         a = i * DATA_UNIT
-        context().update_into(unit, omv[a : a + DATA_UNIT + 15])
+        context.update_into(unit, omv[a : a + DATA_UNIT + 15])
     omv.release()
     if trim:
         del out[n:]  # type: ignore[union-attr]

@@ -264,16 +264,16 @@ class Sealer:
         self._idle.put_nowait(off)
 
     @contextlib.asynccontextmanager
-    async def sealed(self, key: bytearray | None, slots: Sequence[bytes | bytearray | int], csum_type: int) -> AsyncIterator[tuple[Buffer, bytes]]:
-        """Seal the run: yields its ciphertext (its contents when ``key`` is None) and the
+    async def sealed(self, key: bytearray | None, pages: Sequence[bytes | bytearray | int], csum_type: int) -> AsyncIterator[tuple[Buffer, bytes]]:
+        """Seal a run of ``pages`` (each an arena frame number, or a heap page): yields its ciphertext (its contents when ``key`` is None) and the
         per-sector checksums, concatenated. Ciphertext from a worker is a view of its slot,
         valid inside the ``async with`` only: the device copies it once, straight from there.
         The page cache keeps the run's frames stable until it is written; heap pages are
         copied without yielding to the loop, so a write lands wholly before or after.
         A worker that dies or hangs fails the run with EIO (DeviceIOError)."""
-        n = len(slots) * PAGE
+        n = len(pages) * PAGE
         if key is None or self.workers < 2 or n < POOL_THRESHOLD or n > self.max_extent:
-            yield await self._seal_in_thread(key, slots, csum_type)
+            yield await self._seal_in_thread(key, pages, csum_type)
             return
         off = await self._idle.get()
         try:
@@ -283,16 +283,16 @@ class Sealer:
             raise
         if worker is None:  # the respawn budget is spent and no worker is left
             self._idle.put_nowait(off)
-            yield await self._seal_in_thread(key, slots, csum_type)
+            yield await self._seal_in_thread(key, pages, csum_type)
             return
         assert self._slots is not None
         buf = self._slots[2]
         buf[off : off + KEY] = key
         plain = off + KEY
-        frames = [s if type(s) is int else IN_SLOT for s in slots]
-        copied = [k for k, slot in enumerate(slots) if type(slot) is not int]
+        frames = [p if type(p) is int else IN_SLOT for p in pages]
+        copied = [k for k, p in enumerate(pages) if type(p) is not int]
         for k in copied:  # a heap page: into the slot
-            buf[plain + k * PAGE : plain + (k + 1) * PAGE] = slots[k]  # type: ignore[assignment]
+            buf[plain + k * PAGE : plain + (k + 1) * PAGE] = pages[k]  # type: ignore[assignment]
         fut = worker.send(off, frames, self.max_extent, csum_type)
         try:
             sums = await asyncio.shield(fut)
@@ -311,13 +311,13 @@ class Sealer:
             view.release()
             self._release(off, copied=copied)
 
-    async def _seal_in_thread(self, key: bytearray | None, slots: Sequence[bytes | bytearray | int], csum_type: int) -> tuple[Buffer, bytes]:
+    async def _seal_in_thread(self, key: bytearray | None, pages: Sequence[bytes | bytearray | int], csum_type: int) -> tuple[Buffer, bytes]:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if not self._batch:
             loop.call_soon(lambda: loop.create_task(self._run_batch()))
         page = self.arena.page
-        data = bytearray().join([page(s) if type(s) is int else s for s in slots])
+        data = bytearray().join([page(p) if type(p) is int else p for p in pages])
         self._batch.append((key, data, csum_type, fut))
         try:
             return await fut

@@ -9,7 +9,7 @@ every later change, commit and the unmount raise EIO (``Volume.join``). File
 data goes through the page cache and reaches the trees only through writeback.
 
 Locking an encrypted inode (dropping its plaintext and its key lease) happens
-in one place, ``maybe_lock``: when the key is no longer present and the inode
+in one place, ``lock_if_idle``: when the key is no longer present and the inode
 is closed, clean and idle. That is the soft-removal rule of DESIGN §4.
 """
 from __future__ import annotations
@@ -279,7 +279,7 @@ class Filesystem:
         if inode.key_id is not None:
             self.keyring.lease(inode.key_id, inode.ino)
 
-    def maybe_lock(self, inode: Inode) -> None:
+    def lock_if_idle(self, inode: Inode) -> None:
         """Lock an encrypted inode once nothing needs its key any more and the key is being removed:
         drop its plaintext pages and release its lease (the last release wipes the secret)."""
         if inode.key_id is None or not self.keyring.holds(inode.key_id, inode.ino):
@@ -536,7 +536,7 @@ class Filesystem:
                 await self.vol.commit()
             elif step is Step.LOCK_IDLE:
                 for inode in users:
-                    self.maybe_lock(inode)
+                    self.lock_if_idle(inode)
             else:
                 self.keyring.step(mk, step)
         return self.keyring.removal_result(mk)
@@ -911,7 +911,7 @@ class File:
             async with inode.wb_lock, fs.vol.join():
                 fs._destroy(inode)
         else:
-            fs.maybe_lock(inode)
+            fs.lock_if_idle(inode)
         report_writeback_error(inode)
 
     async def __aenter__(self) -> "File":

@@ -9,6 +9,7 @@ import time
 import uuid as uuidlib
 
 from blockemu.device.blockdev import BlockDevice, open_image
+from blockemu.display import bar
 from blockemu.engine.transaction import Engine
 from blockemu.errors import ExistsError, ImageInUse, InvalidArgument, IsADirectory, NotADirectory
 from blockemu.fs.volume import Volume
@@ -26,7 +27,6 @@ from blockemu.ondisk.structs import (
     SECTOR_SIZE,
 )
 from blockemu.ondisk.superblock import SuperInfo
-from blockemu.progress import bar
 from blockemu.units import parse_size
 
 MIN_SIZE = 16 << 20

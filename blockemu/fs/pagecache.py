@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from blockemu.crypto.arena import PAGE, ZERO_PAGE, Arena
 
 Page = bytearray | memoryview
-Slot = bytearray | int  # what a cache entry holds: a heap page, or the number of its arena frame
+Entry = bytearray | int  # what a cache entry holds: a heap page, or the number of its arena frame
 
 
 @dataclass(eq=False)
@@ -44,7 +44,7 @@ class Pages:
     page indexes awaiting writeback."""
 
     ino: int
-    pages: dict[int, Slot] = field(default_factory=dict)
+    pages: dict[int, Entry] = field(default_factory=dict)
     dirty: set[int] = field(default_factory=set)
 
 
@@ -53,7 +53,7 @@ class Run:
     """Consecutive dirty pages taken for writeback, as the cache held them then."""
 
     first: int
-    slots: list[Slot]
+    entries: list[Entry]
 
 
 class PageCache:
@@ -70,20 +70,20 @@ class PageCache:
         self.zero_evicted()
         self.arena.close()
 
-    def buffer(self, slot: Slot) -> Page:
-        return self.arena.page(slot) if type(slot) is int else slot  # type: ignore[return-value,arg-type]
+    def buffer(self, entry: Entry) -> Page:
+        return self.arena.page(entry) if type(entry) is int else entry  # type: ignore[return-value,arg-type]
 
     # ------------------------------------------------------------ reading
 
     def get(self, pages: Pages, idx: int) -> Page | None:
-        slot = pages.pages.get(idx)
-        if slot is None:
+        entry = pages.pages.get(idx)
+        if entry is None:
             return None
-        if type(slot) is int:
-            return self.arena.page(slot)
+        if type(entry) is int:
+            return self.arena.page(entry)
         if (pages.ino, idx) in self._clean:
             self._clean.move_to_end((pages.ino, idx))
-        return slot  # type: ignore[return-value]
+        return entry  # type: ignore[return-value]
 
     def put_clean(self, pages: Pages, idx: int, data: bytearray) -> None:
         """Cache a page read from disk; the cache owns ``data`` from now on."""
@@ -157,14 +157,14 @@ class PageCache:
         return page
 
     def _release(self, pages: Pages, idx: int) -> None:
-        """Page ``idx`` is losing its slot: a frame goes back to the arena (or waits for its run)."""
-        slot = pages.pages.get(idx)
-        if type(slot) is not int:
+        """Page ``idx`` is losing its entry: a frame goes back to the arena (or waits for its run)."""
+        entry = pages.pages.get(idx)
+        if type(entry) is not int:
             return
-        if slot in self._sealing:
-            self._orphans.add(slot)  # type: ignore[arg-type]
+        if entry in self._sealing:
+            self._orphans.add(entry)  # type: ignore[arg-type]
         else:
-            self.arena.release([slot])  # type: ignore[list-item]
+            self.arena.release([entry])  # type: ignore[list-item]
 
     def _settled(self, pages: Pages, idx: int) -> bool:
         """Page ``idx`` is dirty or clean, not only in a run being written: a heap page there may
@@ -191,52 +191,52 @@ class PageCache:
             for k in range(a, b, max_run):
                 first = idxs[k]
                 runs.append(Run(first, list(map(get, range(first, first + min(max_run, b - k))))))
-        self._sealing.update(slot for run in runs for slot in run.slots if type(slot) is int)
+        self._sealing.update(entry for run in runs for entry in run.entries if type(entry) is int)
         return runs
 
     def written(self, pages: Pages, run: Run) -> None:
         """A run from ``take_dirty`` is on its way to disk (or was dropped): its pages that
         nobody rewrote meanwhile are clean now, and its frames go back to the arena."""
-        first, slots = run.first, run.slots
-        span = range(first, first + len(slots))
-        self.dirty_bytes -= len(slots) * PAGE
-        frames = [s for s in slots if type(s) is int]
+        first, entries = run.first, run.entries
+        span = range(first, first + len(entries))
+        self.dirty_bytes -= len(entries) * PAGE
+        frames = [s for s in entries if type(s) is int]
         self._sealing.difference_update(frames)
         table, dirty, orphans = pages.pages, pages.dirty, self._orphans
         room = self.clean_limit // PAGE - len(self._clean)
         # a run's frames go back highest first, so the next streaming write takes them
         # as one ascending slice (see put_dirty)
-        if (room <= 0 and len(frames) == len(slots) and orphans.isdisjoint(frames) and dirty.isdisjoint(span)
-                and list(map(table.get, span)) == slots):
+        if (room <= 0 and len(frames) == len(entries) and orphans.isdisjoint(frames) and dirty.isdisjoint(span)
+                and list(map(table.get, span)) == entries):
             for idx in span:  # streaming: the clean cache is full, so written-behind pages go first
                 del table[idx]
             self.arena.release(frames[::-1])
             return
         freed: list[int] = []
-        for idx, slot in zip(span, slots):
-            frame = type(slot) is int
+        for idx, entry in zip(span, entries):
+            frame = type(entry) is int
             if frame:
-                if slot in orphans:
-                    orphans.discard(slot)  # type: ignore[arg-type]
-                    freed.append(slot)  # type: ignore[arg-type]
+                if entry in orphans:
+                    orphans.discard(entry)  # type: ignore[arg-type]
+                    freed.append(entry)  # type: ignore[arg-type]
                     continue
                 # a frame still in use is still its page's: rewriting or dropping a page
-                # being sealed gives it a new slot and orphans this one
-                assert idx not in dirty and table.get(idx) == slot
-            elif idx in dirty or table.get(idx) is not slot:
-                slot[:] = ZERO_PAGE  # type: ignore[index]  # rewritten (or dropped) since: the newer page stays
+                # being sealed gives it a new entry and orphans this one
+                assert idx not in dirty and table.get(idx) == entry
+            elif idx in dirty or table.get(idx) is not entry:
+                entry[:] = ZERO_PAGE  # type: ignore[index]  # rewritten (or dropped) since: the newer page stays
                 continue
             if room > 0:  # clean pages live on the heap; the arena is for dirty ones
                 if frame:
-                    table[idx] = bytearray(self.arena.page(slot))  # type: ignore[arg-type]
+                    table[idx] = bytearray(self.arena.page(entry))  # type: ignore[arg-type]
                 self._clean[(pages.ino, idx)] = pages
                 room -= 1
             else:  # cache full of clean pages: drop written-behind pages first, as streaming I/O wants
                 del table[idx]
                 if not frame:
-                    slot[:] = ZERO_PAGE  # type: ignore[index]
+                    entry[:] = ZERO_PAGE  # type: ignore[index]
             if frame:
-                freed.append(slot)  # type: ignore[arg-type]
+                freed.append(entry)  # type: ignore[arg-type]
         self.arena.release(freed[::-1])
 
     def untake(self, pages: Pages, run: Run) -> None:
@@ -244,16 +244,16 @@ class PageCache:
         it started): its pages are dirty again, unless rewritten or dropped since -- then the
         newer state stands and only the run's own frames go back to the arena."""
         table, dirty = pages.pages, pages.dirty
-        for idx, slot in zip(range(run.first, run.first + len(run.slots)), run.slots):
-            if type(slot) is int:
-                self._sealing.discard(slot)  # type: ignore[arg-type]
-                if slot in self._orphans:  # the page has a new slot, or is gone
-                    self._orphans.discard(slot)  # type: ignore[arg-type]
-                    self.arena.release([slot])  # type: ignore[list-item]
+        for idx, entry in zip(range(run.first, run.first + len(run.entries)), run.entries):
+            if type(entry) is int:
+                self._sealing.discard(entry)  # type: ignore[arg-type]
+                if entry in self._orphans:  # the page has a new entry, or is gone
+                    self._orphans.discard(entry)  # type: ignore[arg-type]
+                    self.arena.release([entry])  # type: ignore[list-item]
                     self.dirty_bytes -= PAGE
                     continue
-            elif idx in dirty or table.get(idx) is not slot:
-                slot[:] = ZERO_PAGE  # type: ignore[index]  # rewritten (or dropped) since: the newer page stays
+            elif idx in dirty or table.get(idx) is not entry:
+                entry[:] = ZERO_PAGE  # type: ignore[index]  # rewritten (or dropped) since: the newer page stays
                 self.dirty_bytes -= PAGE
                 continue
             dirty.add(idx)
@@ -267,9 +267,9 @@ class PageCache:
         gone = [i for i in pages.pages if i >= first]
         dirty = 0
         for i in gone:
-            slot = pages.pages[i]
-            if type(slot) is not int and self._settled(pages, i):
-                slot[:] = ZERO_PAGE  # type: ignore[index]
+            entry = pages.pages[i]
+            if type(entry) is not int and self._settled(pages, i):
+                entry[:] = ZERO_PAGE  # type: ignore[index]
             self._release(pages, i)
             del pages.pages[i]
             self._clean.pop((pages.ino, i), None)
@@ -283,9 +283,9 @@ class PageCache:
         """Drop these pages unless rewritten since (a run writeback could not write)."""
         for idx in idxs:
             if idx not in pages.dirty and idx in pages.pages:
-                slot = pages.pages[idx]
-                if type(slot) is not int and self._settled(pages, idx):
-                    slot[:] = ZERO_PAGE  # type: ignore[index]
+                entry = pages.pages[idx]
+                if type(entry) is not int and self._settled(pages, idx):
+                    entry[:] = ZERO_PAGE  # type: ignore[index]
                 self._release(pages, idx)
                 del pages.pages[idx]
                 self._clean.pop((pages.ino, idx), None)

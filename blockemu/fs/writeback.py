@@ -25,20 +25,54 @@ import asyncio
 import collections
 import logging
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 from blockemu.crypto import fscrypt
+from blockemu.crypto.keyring import Keyring
 from blockemu.crypto.sealer import DEPTH, TIMEOUT, Sealer, worker_count
+from blockemu.engine.extents import Extents
 from blockemu.errors import DeviceIOError, NoKeyError, NoSpaceError
-from blockemu.fs.pagecache import PAGE, PageCache, Run
-from blockemu.fs.volume import outlast_cancellation
+from blockemu.fs.pagecache import PAGE, PageCache, Pages, Run
+from blockemu.fs.volume import Volume, outlast_cancellation
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import ExtentContext
 
-if TYPE_CHECKING:
-    from blockemu.fs.filesystem import Filesystem, Inode
-
 log = logging.getLogger(__name__)
+
+
+class Inode(Protocol):
+    """What writeback reads and updates on an inode (``filesystem.Inode`` is one)."""
+
+    ino: int
+    size: int
+    disk_size: int
+    nbytes: int
+    key_id: bytes | None
+    pages: Pages
+    inflight: int  # I/O in flight: the key's lease is held while it is non-zero
+    wb_lock: asyncio.Lock
+    wb_error: OSError | None
+    lost_bytes: int
+    epoch: int  # bumped when writeback changes the extent mappings (see Filesystem._fill)
+
+
+class Owner(Protocol):
+    """The few calls writeback makes into the filesystem it serves: that filesystem imports
+    writeback, so writeback names only this interface, never the filesystem itself."""
+
+    vol: Volume
+    keyring: Keyring
+    extents: Extents
+
+    @property
+    def inodes(self) -> Mapping[int, Inode]: ...
+
+    def lock_if_idle(self, inode: Inode) -> None:
+        """Once writeback leaves an inode clean, a key being removed may lock it."""
+
+    def save_inode(self, inode: Inode) -> None:
+        """Write the inode item (size, nbytes, times) into the running transaction."""
 
 
 class _NoFit(Exception):
@@ -63,7 +97,7 @@ def arena_frames(dirty_limit: int, *, device_cache: int, clean_limit: int, max_e
 class Writeback:
     def __init__(
         self,
-        fs: "Filesystem",
+        fs: Owner,
         *,
         interval: float = 5.0,
         background_bytes: int = 16 << 20,
@@ -172,7 +206,7 @@ class Writeback:
         """Every dirty inode at once, so their small extents seal in shared batches."""
         await asyncio.gather(*(self.flush_inode(i) for i in list(self.fs.inodes.values()) if i.pages.dirty))
 
-    async def flush_inode(self, inode: "Inode") -> None:
+    async def flush_inode(self, inode: Inode) -> None:
         """Write back what is dirty now as a pipeline: at most ``batch_pages`` worth of runs
         are in flight, and runs are taken from the cache only when a lane frees up, so
         writes landing meanwhile still coalesce and sealing never drains between batches.
@@ -196,7 +230,7 @@ class Writeback:
                         lanes.release()
                         break
                     run = runs.popleft()
-                    todo -= len(run.slots)
+                    todo -= len(run.entries)
                     tasks.append(asyncio.ensure_future(self._write_one(inode, run)))
                     tasks[-1].add_done_callback(lambda _t: lanes.release())
             finally:
@@ -209,9 +243,9 @@ class Writeback:
                     inode.inflight -= 1
             for task in tasks:
                 task.result()
-            self.fs.maybe_lock(inode)
+            self.fs.lock_if_idle(inode)
 
-    async def _write_one(self, inode: "Inode", run: Run) -> None:
+    async def _write_one(self, inode: Inode, run: Run) -> None:
         """Write a run, split across free extents if it must be; whatever fails is recorded as
         lost on the inode before its pages stop being dirty."""
         pending, reclaim = [run], True
@@ -227,9 +261,9 @@ class Writeback:
                         pending.append(piece)
                         reclaim = False
                         await self.fs.vol.commit()
-                    elif 0 < e.fit < len(piece.slots) * PAGE:
+                    elif 0 < e.fit < len(piece.entries) * PAGE:
                         head = e.fit // PAGE  # the largest piece that fits, then the rest
-                        pending += [Run(piece.first + head, piece.slots[head:]), Run(piece.first, piece.slots[:head])]
+                        pending += [Run(piece.first + head, piece.entries[head:]), Run(piece.first, piece.entries[:head])]
                     else:
                         pending.append(piece)
                         raise e.error from None
@@ -255,17 +289,17 @@ class Writeback:
         log.error("%s: unexpected error; the mount is now read-only", what, exc_info=e)
         self.fs.vol.abort(DeviceIOError(f"{what}: unexpected error {e!r}"))
 
-    def _lose(self, inode: "Inode", run: Run, err: OSError) -> None:
+    def _lose(self, inode: Inode, run: Run, err: OSError) -> None:
         """The run cannot reach the disk: drop it from the cache (unless rewritten since) and
         keep the error for the file's next fsync/close."""
-        self.cache.forget(inode.pages, range(run.first, run.first + len(run.slots)))
-        lost = len(run.slots) * PAGE
+        self.cache.forget(inode.pages, range(run.first, run.first + len(run.entries)))
+        lost = len(run.entries) * PAGE
         inode.wb_error = inode.wb_error or err
         inode.lost_bytes += lost
         self.stats["lost_bytes"] += lost
         self.stats["errors"] += 1
 
-    async def _write_run(self, inode: "Inode", run: Run) -> None:
+    async def _write_run(self, inode: Inode, run: Run) -> None:
         fs = self.fs
         key = nonce = secret = None
         if inode.key_id is not None:
@@ -273,7 +307,7 @@ class Writeback:
             nonce = os.urandom(fscrypt.NONCE_SIZE)
             key = fscrypt.extent_key(secret, nonce)
         try:
-            async with self.sealer.sealed(key, run.slots, fs.vol.sb.csum_type) as (sealed, digests):
+            async with self.sealer.sealed(key, run.entries, fs.vol.sb.csum_type) as (sealed, digests):
                 if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
                     raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
                 ctx = None

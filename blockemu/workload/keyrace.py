@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import AsyncIterator
 
+from blockemu import display
 from blockemu.crypto.keyring import MODES
 from blockemu.fs.filesystem import Filesystem, mount
 from blockemu.fs.mkfs import mkfs
@@ -272,7 +273,4 @@ COLUMNS = [("mode", "mode"), ("attempted", "attempted"), ("acknowledged", "acked
 
 
 def table(results: list[RaceResult]) -> str:
-    rows = [[str(getattr(r, k)) for k, _ in COLUMNS] for r in results]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, (_, h) in enumerate(COLUMNS)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line([h for _, h in COLUMNS]), *(line(r) for r in rows)])
+    return display.table([h for _, h in COLUMNS], [[str(getattr(r, k)) for k, _ in COLUMNS] for r in results])
