@@ -198,5 +198,7 @@ def decrypt_units(key: bytes | bytearray, ciphertext: Buffer, first_unit: int = 
 
 
 def wipe(buf: bytearray) -> None:
-    """Overwrite a secret in place (Python cannot promise no other copy exists; we keep none)."""
+    """Overwrite a secret (or plaintext) in place. It zeroes only this buffer: every copy
+    blockemu makes is a bytearray its owner wipes this way (tests/test_wipe.py scans the
+    processes' memory for any other)."""
     buf[:] = bytes(len(buf))
