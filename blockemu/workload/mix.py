@@ -44,6 +44,7 @@ class Task:
         self.n = 0
         self.tainted: set[str] = set()  # paths an injected fault left in an unknown state
         self.version: dict[str, int] = {}  # bumped whenever a path is about to change
+        self.busy: set[str] = set()  # paths the operation in progress is changing
 
     def _name(self, kind: str) -> str:
         self.n += 1
@@ -59,12 +60,15 @@ class Task:
                 raise
             self.r.errors.append(f"{op}: {e}")
             self.tainted |= before ^ set(self.files) or before
+        finally:
+            self.busy.clear()
 
     def _changing(self, *paths: str) -> None:
         """These paths are about to change: what the ledger held for them is no longer certain."""
         for p in paths:
             self.r.durable.pop(p, None)
             self.version[p] = self.version.get(p, 0) + 1
+            self.busy.add(p)
 
     async def _step(self, op: str) -> None:
         fs, rng, files, scale = self.fs, self.rng, self.files, self.scale
@@ -114,9 +118,10 @@ class Task:
             self.r.durable[p] = bytes(files[p])
         elif op == "sync":
             # what was acknowledged when sync() was called is durable when it returns; paths
-            # another task changes meanwhile may land either way, so they are not recorded
+            # another task is changing (an operation begun, not yet acknowledged: it may land
+            # in this sync or not) or changes meanwhile may land either way: not recorded
             before = [(t, q, bytes(m), t.version.get(q, 0)) for t in self.r.tasks for q, m in t.files.items()
-                      if q not in t.tainted]
+                      if q not in t.tainted and q not in t.busy]
             await fs.sync()
             for t, q, content, ver in before:
                 if t.version.get(q, 0) == ver and q in t.files:
