@@ -102,11 +102,12 @@ def dump_tree(path: str, trees: list[str] | None = None) -> list[dict[str, Any]]
 
 
 def _bfs(tree: BTree) -> Iterator[TreeBlock]:
-    """Breadth-first, as btrfs inspect-internal prints by default."""
-    level = [tree.store.get(tree.root)]
+    """Breadth-first, as btrfs inspect-internal prints by default; a block reached twice
+    raises SHARED_TREE_BLOCK (a DAG would otherwise print, and hold, exponentially many)."""
+    level, seen = [tree._root_block()], {tree.root}
     while level:
         yield from level
-        level = [tree._child(b, s) for b in level if b.level for s in range(len(b.ptrs))]
+        level = [tree._child(b, s, seen) for b in level if b.level for s in range(len(b.ptrs))]
 
 
 def dump_super(path: str) -> dict[str, Any]:

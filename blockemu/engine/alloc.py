@@ -10,6 +10,10 @@ many tree blocks its free extents could hold. A caller that must not eat the
 space metadata needs (data, see ``Engine.data_keep``) passes ``keep``: the tree
 blocks' worth of room the allocation must leave. Running out is always
 ``NoSpaceError`` (ENOSPC), never a bare Python error.
+
+Reserving space that is not free, or freeing space that already is, means the
+image's own records disagree (an extent in the free-space record, or two
+references to one extent): CorruptionError, which fsck --repair can rebuild.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import heapq
 
 from sortedcontainers import SortedDict
 
-from blockemu.errors import NoSpaceError
+from blockemu.errors import CorruptionError, NoSpaceError
 
 SECTOR = 4096
 
@@ -63,6 +67,15 @@ class Allocator:
             return False
         s, n = self.free.peekitem(i)
         return s <= start and start + length <= s + n
+
+    def overlaps_free(self, start: int, length: int) -> bool:
+        """Whether any byte of [start, +length) is free (the extents are disjoint and sorted, so
+        only the last one starting before the end can reach into the range)."""
+        i = self.free.bisect_left(start + length) - 1
+        if i < 0:
+            return False
+        s, n = self.free.peekitem(i)
+        return s + n > start
 
     # -------------------------------------------------------------- changes
 
@@ -118,11 +131,10 @@ class Allocator:
     def reserve(self, start: int, length: int) -> None:
         """Take a specific range (it must be free), e.g. to replay a known layout."""
         i = self.free.bisect_right(start) - 1
-        if i < 0:
-            raise ValueError(f"[{start}, +{length}) is not free")
-        s, n = self.free.peekitem(i)
+        s, n = self.free.peekitem(i) if i >= 0 else (0, 0)
         if not (s <= start and start + length <= s + n):
-            raise ValueError(f"[{start}, +{length}) is not free")
+            raise CorruptionError(f"extent [{start}, +{length}) is allocated twice or lies outside the usable space",
+                                  "EXTENT_OVERLAP", start)
         self._take(s, n, start, length)
 
     def release(self, start: int, length: int) -> None:
@@ -134,7 +146,8 @@ class Allocator:
         j = self.free.bisect_left(start)
         left = self.free.peekitem(i) if i >= 0 else None
         if left and left[0] + left[1] > start or j < len(self.free) and self.free.peekitem(j)[0] < end:
-            raise ValueError(f"double free of [{start}, +{length})")
+            raise CorruptionError(f"extent [{start}, +{length}) freed twice (its space is already free)",
+                                  "FREE_SPACE_MISMATCH", start)
         if left and left[0] + left[1] == start:
             start = left[0]
             self._pop(start)

@@ -10,6 +10,12 @@ invariant, which fsck checks). Leaves split by bytes; a leaf or node under a
 quarter full merges with, or borrows from, a sibling; the root grows when it
 splits and shrinks when a node is left with one child.
 
+Hostile images: a descent cannot loop, since every child must have its parent's
+level minus one (``store.get`` checks it) and levels are below MAX_LEVEL. A walk
+over many blocks (``items``, ``blocks``) also keeps the set of blocks it reached:
+a block reached twice (a DAG instead of a tree) raises SHARED_TREE_BLOCK, so no
+walk reads more blocks, or yields more items, than the image holds.
+
 No I/O here: ``store`` (transaction.TreeStore) supplies blocks from its cache.
 """
 from __future__ import annotations
@@ -55,8 +61,14 @@ class BTree:
     def _root_block(self) -> TreeBlock:
         return self.store.get(self.root, level=self.level, owner=self.owner)
 
-    def _child(self, node: TreeBlock, slot: int) -> TreeBlock:
+    def _child(self, node: TreeBlock, slot: int, seen: set[int] | None = None) -> TreeBlock:
+        """Child ``slot`` of ``node``; a walk passes the blocks it has reached as ``seen``."""
         bytenr, gen = node.ptrs[slot]
+        if seen is not None:
+            if bytenr in seen:
+                raise CorruptionError(f"tree block {bytenr}: reached twice in tree {self.owner} (a shared or looped "
+                                      f"block, not a tree)", "SHARED_TREE_BLOCK", bytenr)
+            seen.add(bytenr)
         child = self.store.get(bytenr, generation=gen, level=node.level - 1, owner=self.owner)
         if not child.keys:
             raise CorruptionError(f"tree block {bytenr}: empty non-root block", "BAD_TREE_BLOCK", bytenr)
@@ -86,9 +98,9 @@ class BTree:
 
     def items(self, lo: KeyT = MIN_KEY, hi: KeyT = MAX_KEY, *, reverse: bool = False) -> Iterator[tuple[KeyT, bytes]]:
         """Items with lo <= key <= hi in key order. Do not change the tree while iterating."""
-        return self._iter(self._root_block(), lo, hi, reverse)
+        return self._iter(self._root_block(), lo, hi, reverse, {self.root})
 
-    def _iter(self, node: TreeBlock, lo: KeyT, hi: KeyT, reverse: bool) -> Iterator[tuple[KeyT, bytes]]:
+    def _iter(self, node: TreeBlock, lo: KeyT, hi: KeyT, reverse: bool, seen: set[int]) -> Iterator[tuple[KeyT, bytes]]:
         if node.level == 0:
             i, j = bisect_left(node.keys, lo), bisect_right(node.keys, hi)
             pairs = zip(node.keys[i:j], node.values[i:j])
@@ -98,7 +110,7 @@ class BTree:
         last = bisect_right(node.keys, hi) - 1
         slots = range(first, last + 1)
         for s in reversed(slots) if reverse else slots:
-            yield from self._iter(self._child(node, s), lo, hi, reverse)
+            yield from self._iter(self._child(node, s, seen), lo, hi, reverse, seen)
 
     def last_at_or_before(self, key: KeyT, lo: KeyT = MIN_KEY) -> tuple[KeyT, bytes] | None:
         return next(self.items(lo, key, reverse=True), None)
@@ -108,12 +120,12 @@ class BTree:
 
     def blocks(self) -> Iterator[TreeBlock]:
         """Every block, parents before children (for inspect, fsck and accounting)."""
-        stack = [self._root_block()]
+        stack, seen = [self._root_block()], {self.root}
         while stack:
             node = stack.pop()
             yield node
             if node.level:
-                stack.extend(self._child(node, s) for s in reversed(range(len(node.ptrs))))
+                stack.extend(self._child(node, s, seen) for s in reversed(range(len(node.ptrs))))
 
     def __len__(self) -> int:
         return sum(len(b.keys) for b in self.blocks() if b.level == 0)

@@ -130,6 +130,10 @@ class TreeStore:
                     fsid=self.fsid,
                     verify_csum=self.verify_csum,
                 )
+                if self.allocator is not None and self.allocator.overlaps_free(bytenr, self.nodesize):
+                    # a commit would hand this space out again and overwrite the block
+                    raise CorruptionError(f"tree block {bytenr} lies in space the free-space record calls free; "
+                                          f"run blockemu fsck --repair", "FREE_SPACE_MISMATCH", bytenr)
                 self.clean[bytenr] = block
                 if len(self.clean) > self.cache_blocks:
                     self.clean.popitem(last=False)
@@ -230,9 +234,50 @@ class Engine:
             if rebuild_free_space:
                 self.store.allocator = self._allocator_from_extents()
             else:
-                self.store.allocator = Allocator(sorted(self.free_items), nodesize=sb.nodesize)
+                self.store.allocator = Allocator(self._checked_free_space(), nodesize=sb.nodesize)
         self._applied_new: set[int] = set()
         self._applied_freed: set[int] = set()
+
+    def _allocated(self) -> list[tuple[int, int]]:
+        """[start, end) of every extent the extent tree records, merged into disjoint runs."""
+        runs: list[tuple[int, int]] = []
+        for start, end in sorted(
+            (bytenr, bytenr + (self.sb.nodesize if typ == METADATA_ITEM else off))
+            for (bytenr, typ, off), _ in self.trees[EXTENT_TREE_OBJECTID].items()
+        ):
+            if runs and start <= runs[-1][1]:
+                runs[-1] = (runs[-1][0], max(runs[-1][1], end))
+            else:
+                runs.append((start, end))
+        return runs
+
+    def _checked_free_space(self) -> list[tuple[int, int]]:
+        """The free-space record, refused unless each extent is sector-aligned usable space (inside
+        the device, off the superblock reserves), apart from the others, and holds no extent the
+        extent tree records: the allocator hands these extents out, so a wrong one would let a
+        commit overwrite live metadata or data. (A tree block missing from the extent tree is
+        caught when it is read: ``TreeStore.get``.)"""
+        usable = usable_ranges(self.sb.total_bytes)
+        taken = self._allocated()
+        prev_end, j = 0, 0
+        for start, length in sorted(self.free_items):
+            end = start + length
+            while j < len(taken) and taken[j][1] <= start:
+                j += 1
+            if length <= 0 or start % SECTOR_SIZE or length % SECTOR_SIZE:
+                why = "is not sector-aligned"
+            elif not any(s <= start and end <= s + n for s, n in usable):
+                why = f"lies outside the usable space (device of {self.sb.total_bytes} bytes, superblock reserves)"
+            elif start < prev_end:
+                why = "overlaps another free extent"
+            elif j < len(taken) and taken[j][0] < end:
+                why = f"overlaps allocated space [{taken[j][0]}, {taken[j][1]})"
+            else:
+                prev_end = end
+                continue
+            raise CorruptionError(f"free-space record: extent [{start}, +{length}) {why}; run blockemu fsck --repair "
+                                  f"to rebuild it", "FREE_SPACE_MISMATCH", start)
+        return sorted(self.free_items)
 
     def _allocator_from_extents(self) -> Allocator:
         """Free space as the extent tree implies it (fsck --repair): usable minus everything allocated."""
