@@ -118,3 +118,9 @@ class ReadOnlyError(BlockemuError):
 
 class PermissionDenied(BlockemuError, PermissionError):
     code = errno.EACCES
+
+
+class FileTooBig(BlockemuError):
+    """EFBIG: a file may not grow past MAX_FILE_SIZE (fsck rejects a larger i_size)."""
+
+    code = errno.EFBIG

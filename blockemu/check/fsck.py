@@ -121,7 +121,8 @@ class Checker:
                 self.report.trees_damaged = True
                 continue
             if bytenr in self.blocks:
-                self.error("BAD_TREE_BLOCK", f"tree block {bytenr} reached twice (loop or shared block)", tid, bytenr)
+                self.error("SHARED_TREE_BLOCK", f"tree block {bytenr} reached twice (a shared or looped block, "
+                                                f"not a tree): not followed again", tid, bytenr)
                 self.report.trees_damaged = True
                 continue
             try:
@@ -211,6 +212,8 @@ class Checker:
             if start % S.SECTOR_SIZE or length % S.SECTOR_SIZE or not self._in_usable(start, length):
                 self.error("EXTENT_BAD_RANGE", f"extent {key} is outside the usable device or unaligned",
                            S.EXTENT_TREE_OBJECTID, start, key)
+                if key[1] == S.EXTENT_ITEM and self.data_extents.get(start, (None,))[0] == length:
+                    del self.data_extents[start]  # later passes walk its sectors: its length is not to be trusted
         for bytenr, (owner, level) in sorted(self.blocks.items()):
             rec = recorded.get(bytenr)
             if rec is None:

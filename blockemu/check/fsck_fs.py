@@ -132,6 +132,9 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
         if not refs and ino != ROOT_INO and ino not in fi.orphans:
             ck.error("ORPHAN", f"inode {ino} has no name and no orphan item", FS, key=(ino, S.INODE_ITEM, 0),
                      fix={"drop_inode": ino})
+        if item.size > S.MAX_FILE_SIZE:
+            ck.error("ISIZE_MISMATCH", f"inode {ino}: size {item.size} exceeds the largest file size {S.MAX_FILE_SIZE}",
+                     FS, key=(ino, S.INODE_ITEM, 0))
         if is_dir and item.size != names[ino]:
             ck.error("ISIZE_MISMATCH", f"directory {ino} size {item.size}, its names add up to {names[ino]}", FS,
                      key=(ino, S.INODE_ITEM, 0), fix={"inode": ino, "size": names[ino]})
@@ -157,6 +160,9 @@ def check_file_extents(ck: "Checker", fi: FsItems, data: dict[int, tuple[int, Ex
                 ck.error("BAD_FILE_EXTENT", f"inode {ino}: extent at {off} is not a sector-aligned regular extent", FS, key=key)
             if fe.offset + fe.num_bytes > fe.disk_num_bytes:
                 ck.error("BAD_FILE_EXTENT", f"inode {ino}: extent at {off} reaches past its data extent", FS, key=key)
+            if fe.ram_bytes != fe.disk_num_bytes:  # nothing is compressed: the plaintext is as long as the extent
+                ck.error("BAD_FILE_EXTENT", f"inode {ino}: extent at {off} has ram_bytes {fe.ram_bytes}, its data "
+                         f"extent is {fe.disk_num_bytes} bytes", FS, key=key)
             if fe.disk_bytenr not in data or data[fe.disk_bytenr][0] != fe.disk_num_bytes:
                 ck.error("EXTENT_REF_MISMATCH", f"inode {ino}: extent at {off} points to [{fe.disk_bytenr}, "
                          f"+{fe.disk_num_bytes}), which the extent tree does not hold", FS, fe.disk_bytenr, key)

@@ -118,7 +118,9 @@ def _drop_entry(fs, d: int, idx: int, name: bytes) -> None:
 
 
 def run_repair(path: str, report: FsckReport) -> int:
-    """Repair, or report that it could not start (the check afterwards says what is left)."""
+    """Repair, or report that it could not finish (the check afterwards says what is left): the
+    image may contradict itself beyond what the check saw (two extents claiming the same space).
+    Anything else -- the image busy or changed since the check -- is the user's to see."""
     try:
         return asyncio.run(repair(path, report))
     except CorruptionError:

@@ -29,9 +29,11 @@ from blockemu.engine.extents import Extents
 from blockemu.errors import (
     BadFile,
     Busy,
+    CorruptionError,
     CrossDevice,
     DeviceIOError,
     ExistsError,
+    FileTooBig,
     InvalidArgument,
     IsADirectory,
     NameTooLong,
@@ -233,6 +235,9 @@ class Filesystem:
         if body is None:
             raise NotFoundError(f"inode {ino} has no INODE_ITEM")
         item = InodeItem.unpack(body)
+        if item.size > S.MAX_FILE_SIZE:
+            raise CorruptionError(f"inode {ino}: size {item.size} exceeds the largest file size {S.MAX_FILE_SIZE}; "
+                                  f"run blockemu fsck", "ISIZE_MISMATCH")
         ctx = self.tree.get((ino, S.FSCRYPT_CTXT_ITEM, 0))
         key_id = INODE_ENCRYPTION_CONTEXT.unpack(ctx)[5] if ctx is not None else None
         inode = Inode(ino, item, item.size, item.size, item.nbytes, key_id, Pages(ino))
@@ -591,6 +596,8 @@ class Filesystem:
     async def truncate_inode(self, inode: Inode, size: int) -> None:
         if size < 0:
             raise InvalidArgument("negative size")
+        if size > S.MAX_FILE_SIZE:
+            raise FileTooBig(f"size {size} exceeds the largest file size {S.MAX_FILE_SIZE}")
         async with inode.wb_lock:
             if size < inode.size:
                 tail = size % PAGE
@@ -804,6 +811,8 @@ class File:
                 if not missing:
                     break
                 fills.update(await self._read_partial(missing))
+            if end > S.MAX_FILE_SIZE:
+                raise FileTooBig(f"a write to [{at}, +{n}) would pass the largest file size {S.MAX_FILE_SIZE}")
             # no await from here on: the write lands whole, and a key removal that began while it
             # waited (for room, or for its partial pages) is seen before anything is dirtied
             fs.check_dirtying(inode)

@@ -18,6 +18,8 @@ SECTOR_SIZE = 4096
 MIN_NODE_SIZE = 4096
 MAX_NODE_SIZE = 64 * 1024
 MAX_LEVEL = 8
+# the largest i_size: Linux's MAX_LFS_FILESIZE (loff_t is signed), btrfs's s_maxbytes
+MAX_FILE_SIZE = (1 << 63) - 1
 NUM_BACKUP_ROOTS = 4
 LABEL_SIZE = 256
 # Nothing is allocated below 1 MiB: the primary superblock lives there, as in btrfs.
