@@ -237,3 +237,27 @@ def test_a_huge_extent_length_does_not_make_fsck_walk_it(base, tmp_path, capsys)
     blk.keys[slot] = (k[0], k[1], 1 << 62)
     rc, report = fsck_json(capsys, image(base, tmp_path, fz._patch(base, blk)))
     assert rc == 4 and "EXTENT_BAD_RANGE" in {e["code"] for e in report["errors"]}
+
+
+async def test_a_device_sized_extent_costs_fsck_no_more_than_a_small_one(tmp_path, capsys):
+    """On a 1 TiB sparse image, an EXTENT_ITEM claiming 256 GiB without checksums: fsck walked (and
+    kept a set of) its 67 million sectors and reported each; now one MISSING_CSUM for the extent."""
+    path = str(tmp_path / "big.img")
+    await blockemu.mkfs(path, size="1T")
+    async with blockemu.mount(path) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"x" * 8192)
+    big = fz.load_base(path, "")
+    bytenr, slot = fz._items_of(big, "extent", S.EXTENT_ITEM)[0]
+    blk = big.block(bytenr)
+    start, length = 65 << 20, (256 << 30) - (65 << 20)
+    blk.keys.append((start, S.EXTENT_ITEM, length))
+    blk.values.append(blk.values[slot])
+    blk.keys, blk.values = map(list, zip(*sorted(zip(blk.keys, blk.values))))
+    blk.recount()
+    with open(path, "r+b") as f:
+        f.seek(bytenr)
+        f.write(big.encode(blk))
+    rc, report = fsck_json(capsys, path)
+    missing = [e for e in report["errors"] if e["code"] == "MISSING_CSUM"]
+    assert rc == 4 and len(missing) == 1 and f"of its {length // 4096} sectors" in missing[0]["message"]
