@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import blockemu  # noqa: E402
 from blockemu.check.fsck import check  # noqa: E402
+from blockemu.cli.main import main  # noqa: E402
 from blockemu.check.inspect import dump_tree  # noqa: E402
 from blockemu.device.image import ImageFile  # noqa: E402
 from blockemu.errors import BlockemuError  # noqa: E402
@@ -512,7 +513,6 @@ def commands(base: Base, img: str, copy: str, rng: random.Random) -> list[list[s
 
 def run_command(argv: list[str]) -> dict[str, Any]:
     """One CLI command in this process, as a user runs it: its exit code, or hang / traceback."""
-    from blockemu.cli.main import main
     sys.stdout = io.TextIOWrapper(io.BufferedWriter(HeadSink(CAT_LIMIT)), write_through=True)
     t = time.perf_counter()
     signal.alarm(CMD_TIMEOUT)
