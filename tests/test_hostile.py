@@ -261,3 +261,11 @@ async def test_a_device_sized_extent_costs_fsck_no_more_than_a_small_one(tmp_pat
     rc, report = fsck_json(capsys, path)
     missing = [e for e in report["errors"] if e["code"] == "MISSING_CSUM"]
     assert rc == 4 and len(missing) == 1 and f"of its {length // 4096} sectors" in missing[0]["message"]
+
+
+def test_repair_offers_no_back_reference_it_cannot_store(base, tmp_path, capsys):
+    """A file extent whose ``offset`` is 2^63 implies a back reference at a negative file offset:
+    repair used to try to pack it (struct.error traceback); now the mismatch is left reported."""
+    key = (inode_of(capsys, base, "/p/f1"), S.EXTENT_DATA, 0)
+    rc, report = fsck_json(capsys, image(base, tmp_path, edit_item(base, key, FILE_EXTENT_ITEM, 8, 1 << 63)), "--repair")
+    assert rc == 4 and "EXTENT_REF_MISMATCH" in {e["code"] for e in report["errors"]}

@@ -180,7 +180,10 @@ def check_file_extents(ck: "Checker", fi: FsItems, data: dict[int, tuple[int, Ex
         backrefs = {(r[2], r[3]): r[4] for r in ei.refs if r[0] == "data"}
         total = sum(refs.values())
         if total != ei.refs_count or backrefs != dict(refs):
-            if total:
+            fix: dict | None
+            if any(not 0 <= off < 1 << 64 for _, off in refs):
+                fix = None  # a file extent with a wild ``offset`` makes a back reference no item can hold
+            elif total:
                 refs_now = tuple(("data", FS, ino, off, n) for (ino, off), n in sorted(refs.items()))
                 fix = {"extent_item": (bytenr, S.EXTENT_ITEM, length), "body": ei._replace(refs_count=total, refs=refs_now)}
             else:  # nothing references it any more: free it (the free-space rebuild returns the space)
