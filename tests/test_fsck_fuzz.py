@@ -34,5 +34,5 @@ def test_structural_slice_no_traceback_hang_or_bloat():
     out = io.StringIO()
     t = structural(36, seed=21, out=out)
     assert t["traceback"] == 0 and t["hang"] == 0, out.getvalue()
-    assert t["max_rss_mb"] < 300, out.getvalue()
+    assert t["max_growth_mb"] < 250, out.getvalue()  # over this (pytest) process: a fresh CLI starts near 40 MB
     assert t["commands"] == 36 * 7 and t["fsck_detected"] > 30, out.getvalue()
