@@ -494,9 +494,18 @@ class HeadSink(io.RawIOBase):
 
     def __init__(self, limit: int) -> None:
         self.left = limit
+        self.devnull = os.open(os.devnull, os.O_WRONLY)  # a real descriptor, as a pipe has
 
     def writable(self) -> bool:
         return True
+
+    def fileno(self) -> int:
+        return self.devnull
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.devnull)
+        super().close()
 
     def write(self, b) -> int:
         if self.left <= 0:
@@ -517,6 +526,7 @@ def run_command(argv: list[str]) -> dict[str, Any]:
     """One CLI command in this process, as a user runs it: its exit code, or hang / traceback."""
     sys.stdout = io.TextIOWrapper(io.BufferedWriter(HeadSink(CAT_LIMIT)), write_through=True)
     t = time.perf_counter()
+    handler = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(CMD_TIMEOUT)
     try:
         rc, outcome, detail = main(argv), "ok", ""
@@ -526,11 +536,12 @@ def run_command(argv: list[str]) -> dict[str, Any]:
         rc, outcome, detail = None, "traceback", traceback.format_exc()
     finally:
         signal.alarm(0)
+        signal.signal(signal.SIGALRM, handler)
+        sink, sys.stdout = sys.stdout, sys.__stdout__
         try:
-            sys.stdout.flush()
+            sink.close()
         except BaseException:  # noqa: BLE001 - the sink's broken pipe, as after ``| head``
             pass
-        sys.stdout = sys.__stdout__
     return {"argv": argv, "rc": rc, "outcome": outcome, "detail": detail,
             "secs": round(time.perf_counter() - t, 3)}
 
@@ -553,7 +564,6 @@ def run_image(base: Base, index: int, seed: int, workdir: str) -> dict[str, Any]
             resource.setrlimit(resource.RLIMIT_AS, (vsize + AS_GROWTH, vsize + AS_GROWTH))
             fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 2)
-            signal.signal(signal.SIGALRM, _alarm)
             runs = []
             for argv in argvs:
                 runs.append(run_command(argv))
