@@ -12,7 +12,7 @@ undetectable (a timestamp), so the campaign reports a detection rate, not a pass
 
 Structural: valid checksums over hostile structures (shared children, loops, lying levels,
 huge counts, lengths and offsets, pointers out of range, a bad free-space record, a lying
-superblock), each image run through ls, cat, inspect dump-tree, fsck and fsck --repair with
+superblock), each image run through ls, cat, mkdir, inspect dump-tree, fsck and fsck --repair with
 a 10 s limit per command; it fails on any traceback, any hang, or a peak RSS over --max-rss.
 
     python tools/fuzz_fsck.py --structural [--images 2000] [--seed S] [--max-rss 300]
@@ -132,8 +132,8 @@ def campaign(trials: int, seed: int, recsum: bool, out=sys.stdout) -> dict[str, 
 # Each mutated image is decoded, changed as a structure (shared children, loops, lying levels,
 # huge counts, lengths and offsets, pointers out of range, a bad free-space record) and encoded
 # again with correct checksums, so every parser and every traversal sees it. Each image then
-# goes through the commands a user runs -- ls, cat (as ``| head -c 4M``), inspect dump-tree,
-# fsck, and fsck --repair on a copy -- in a forked child with a 10 s alarm per command and an
+# goes through the commands a user runs -- ls, cat (as ``| head -c 4M``), mkdir (a writable
+# mount and a commit), inspect dump-tree, fsck, and fsck --repair on a copy -- in a forked child with a 10 s alarm per command and an
 # address-space limit; the parent reads the child's peak RSS from wait4. A forked child starts
 # with its parent's resident pages, so the growth over that is reported too (under pytest the
 # parent may be big; run as a tool, the parent is a fresh process much like the CLI's own).
@@ -517,9 +517,9 @@ class HeadSink(io.RawIOBase):
 def commands(base: Base, img: str, copy: str, rng: random.Random) -> list[list[str]]:
     plain = rng.choice([f for f in base.files if f.startswith("/p")])
     secret = rng.choice([f for f in base.files if f.startswith("/e")])
-    # the read-only ones first: a mount may write (orphan recovery, a commit at unmount)
+    # the read-only ones first; mkdir is the writable mount (the free-space record, a commit)
     return [["inspect", "dump-tree", img], ["fsck", img], ["ls", img, "/"], ["ls", "-l", img, "/p"], ["cat", img, plain],
-            ["cat", "--key-file", base.key_file, img, secret], ["fsck", "--repair", copy]]
+            ["cat", "--key-file", base.key_file, img, secret], ["mkdir", img, "/fuzz"], ["fsck", "--repair", copy]]
 
 
 def run_command(argv: list[str]) -> dict[str, Any]:
