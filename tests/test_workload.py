@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from blockemu.errors import InvalidArgument
-from blockemu.workload.jobfile import parse
+from blockemu.workload.jobfile import RW, parse
 from tests.test_cli import run
 
 
@@ -28,8 +29,8 @@ stonewall
 rw=read
 """, "t.fio")
     a, b = jf.jobs
-    assert a.options == {"bs": 8192, "size": 1 << 20, "rw": "randwrite", "time_based": True, "runtime": 2.0}
-    assert b.options["size"] == 2 << 20 and b.options["bs"] == 8192  # a later [global] applies only below it
+    assert a.options == {"bs": (8192,) * 3, "size": 1 << 20, "rw": RW("randwrite"), "time_based": True, "runtime": 2.0}
+    assert b.options["size"] == 2 << 20 and b.options["bs"] == (8192,) * 3  # a later [global] applies only below it
     assert (a.group, b.group) == (0, 1)
 
 
@@ -37,7 +38,8 @@ rw=read
     ("[j]\nrw=write\nbogus=1\n", "t.fio:3: unknown option 'bogus'"),
     ("[j]\nbs=lots\n", "t.fio:2: bad value for bs"),
     ("[j]\nrw=sideways\n", "t.fio:2: bad value for rw"),
-    ("[j]\nbs=${NOT_SET_ANYWHERE}\n", "t.fio:2: environment variable"),
+    ("[j]\nioengine=null\n", "t.fio:2: ioengine=null is not supported (blockemu runs file engines: sync"),
+    ("[j]\nzonemode=zbd\n", "t.fio:2: fio option 'zonemode' is not supported"),
     ("[global]\nbs=4k\n", "t.fio: no jobs"),
 ])
 def test_parser_errors_name_file_and_line(text, msg):
@@ -45,11 +47,50 @@ def test_parser_errors_name_file_and_line(text, msg):
         parse(text, "t.fio")
 
 
+def test_every_problem_is_reported_at_once_with_file_and_line():
+    with pytest.raises(InvalidArgument) as e:
+        parse("[global]\nioengine=null\n[j]\nrw=write\nbogus=1\nbs=lots\nzonemode=zbd\n", "t.fio")
+    assert str(e.value) == ("t.fio:2: ioengine=null is not supported (blockemu runs file engines: sync, psync, vsync, "
+                            "pvsync, pvsync2, mmap, ftruncate, libaio, io_uring, posixaio); "
+                            "t.fio:5: unknown option 'bogus'; t.fio:6: bad value for bs: bad size 'lots': expected "
+                            "a number with an optional K/M/G/T suffix; t.fio:7: fio option 'zonemode' is not supported")
+
+
+def test_fio_values_env_keywords_expressions_and_modifiers(monkeypatch):
+    """Unset ${VAR} is empty (as in fio); $mb_memory/$ncpus/$pagesize and (arithmetic)
+    evaluate; rw= modifiers, bssplit, bsrange and per-direction bs parse as fio reads them."""
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    pagesize, ncpus = os.sysconf("SC_PAGE_SIZE"), os.cpu_count()
+    mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    job = parse(f"""[j]
+size=1m${{NOT_SET_ANYWHERE}}
+io_size=2*$mb_memory
+offset=$pagesize
+number_ios=($ncpus*2+1)
+bs=4k,64k
+bssplit=4k/10:64k/50:32k
+bsrange=1k-4k
+rw=read:-8k
+[k]
+rw=randwrite:8
+[l]
+rw=write:112k
+verify=crc64
+verify_pattern=0xaa555aa5
+""", "t.fio").jobs
+    o = job[0].options
+    assert (o["size"], o["io_size"], o["offset"], o["number_ios"]) == (1 << 20, 2 * mb, pagesize, ncpus * 2 + 1)
+    assert o["bs"] == (4096, 65536, 65536) and o["bsrange"] == ((1024, 4096),) * 3
+    assert o["bssplit"][0] == ((4096, 10.0), (65536, 50.0), (32768, 40.0))
+    assert o["rw"] == RW("read", -8192) and job[1].options["rw"] == RW("randwrite", 8)
+    assert job[2].options["rw"] == RW("write", 112 << 10) and job[2].options["verify_pattern"] == bytes.fromhex("aa555aa5")
+
+
 def test_include(tmp_path):
     (tmp_path / "common.fio").write_text("[global]\nbs=16k\n")
     (tmp_path / "main.fio").write_text("include common.fio\n[j]\nsize=1m\n")
     from blockemu.workload.jobfile import load
-    assert load(str(tmp_path / "main.fio")).jobs[0].options["bs"] == 16384
+    assert load(str(tmp_path / "main.fio")).jobs[0].options["bs"] == (16384,) * 3
 
 
 def test_a_plain_fio_job_runs_unmodified(tmp_path):
@@ -75,12 +116,12 @@ numjobs=2
 runtime=5
 """)
     out = json.loads(run("run", str(job), "--output-format", "json", "--seed", "1", "--image", str(tmp_path / "j.img")).stdout)
-    assert out["ok"] and out["fsck_clean"]
+    assert out["blockemu"]["ok"] and out["blockemu"]["fsck_clean"]
     jobs = {j["jobname"]: j for j in out["jobs"]}
     w, r = jobs["writer"], jobs["reader"]
-    assert w["write"]["io_bytes"] == 2 << 20 and w["write"]["iops"] > 0 and w["sync"]["total_ios"] == 32
-    assert set(w["write"]["lat_ns"]["percentile"]) >= {"50.000000", "99.000000", "99.990000"}
-    assert r["read"]["io_bytes"] == 2 * (2 << 20) and r["groupid"] == 1 and r["error"] == 0
+    assert w["write"]["io_bytes"] == 2 << 20 and w["write"]["iops"] > 0 and w["sync"]["total_ios"] >= 32
+    assert set(w["write"]["clat_ns"]["percentile"]) >= {"50.000000", "99.000000", "99.990000"}
+    assert r["read"]["io_bytes"] == 2 * (2 << 20) and r["groupid"] == 1 and r["error"] == 0  # group_reporting
     text = run("run", str(job), "--seed", "1").stdout
     assert "seed = 1" in text and "Run status group 0" in text and "IOPS=" in text
 
@@ -89,7 +130,7 @@ def test_builtin_scenarios(tmp_path):
     listing = run("run", "--list").stdout
     assert "generic-595" in listing and "fsstress" in listing
     out = json.loads(run("run", "fsstress", "--json", "--seed", "3").stdout)
-    assert out["ok"], out["failures"]
+    assert out["blockemu"]["ok"], out["blockemu"]["failures"]
     mix = next(j for j in out["jobs"] if j["kind"] == "mix")
     assert mix["ops"] == 4 * 300 and not mix["divergent"]
     race = json.loads(run("run", "key-removal-hard", "--json", "--seed", "2", check_rc=None).stdout)
@@ -101,7 +142,7 @@ def test_script_jobs_and_errors(tmp_path):
     job = tmp_path / "s.fio"
     job.write_text("[s]\nkind=script\nscript=tests.scripted:touch_files\n")
     out = json.loads(run("run", str(job), "--json", "--seed", "5").stdout)
-    assert out["ok"] and out["jobs"][0]["result"]
+    assert out["blockemu"]["ok"] and out["jobs"][0]["result"]
     bad = tmp_path / "bad.fio"
     bad.write_text("[j]\nrw=write\nsize=1m\nfrobnicate=3\n")
     p = run("run", str(bad), check_rc=1)

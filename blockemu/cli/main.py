@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import stat
 import sys
 import textwrap
@@ -33,7 +34,8 @@ from blockemu.fs.filesystem import mount
 from blockemu.fs.mkfs import mkfs
 from blockemu.units import human
 from blockemu.workload.crash import run_ace_parallel
-from blockemu.workload.fio import text_report as fio_text
+from blockemu.workload.jobfile import parse_time
+from blockemu.workload.jobfile import size as fio_size
 from blockemu.workload.keyrace import RaceResult, run_race, unexpected
 from blockemu.workload.keyrace import table as race_table
 from blockemu.workload.runner import run_workload, scenarios, stress_mix
@@ -118,8 +120,11 @@ def build_parser() -> Parser:
     rn.add_argument("workload", nargs="?")
     rn.add_argument("--image", help="image to run on (created if missing); default: a scratch image")
     rn.add_argument("--seed", type=int)
-    rn.add_argument("--json", action="store_true")
-    rn.add_argument("--output-format", choices=["normal", "json"], default="normal")
+    rn.add_argument("--json", action="store_true", help="same as --output-format json")
+    rn.add_argument("--output-format", type=output_formats, default=["normal"],
+                    help="normal, json, json+ or terse; several comma-separated, as fio")
+    rn.add_argument("--runtime", type=fio_value(parse_time), help="override every job's runtime (fio's units)")
+    rn.add_argument("--size", type=fio_value(fio_size), help="override every job's size")
     rn.add_argument("--list", action="store_true", help="list the built-in scenarios")
 
     sp = sub.add_parser("stress", help="hammer an image with a seeded random mix (or the key-removal race)")
@@ -320,6 +325,26 @@ def cmd_extents(a: argparse.Namespace) -> int:
     return on_image(a, body, readonly=True)
 
 
+OUTPUT_FORMATS = ("normal", "json", "json+", "terse")
+
+
+def output_formats(text: str) -> list[str]:
+    out = text.split(",")
+    bad = [f for f in out if f not in OUTPUT_FORMATS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown output format {bad[0]!r} (one of {', '.join(OUTPUT_FORMATS)})")
+    return out
+
+
+def fio_value(conv: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return conv(text)
+        except (ValueError, BlockemuError):
+            raise argparse.ArgumentTypeError(f"bad value {text!r}") from None
+    return parse
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     if a.list:
         for name, text in sorted(scenarios().items()):
@@ -329,21 +354,23 @@ def cmd_run(a: argparse.Namespace) -> int:
     if not a.workload:
         raise UsageError("run: a job file or a scenario name is needed (or --list)")
     seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
-    report = asyncio.run(run_workload(a.workload, image=a.image, seed=seed))
-    if a.json or a.output_format == "json":
-        emit_json(report.as_json())
-    else:
-        print(f"seed = {seed}")
-        print("\n".join(fio_text(report.fio)))
-        for j in report.jobs:
-            extra = {k: v for k, v in j.items() if k not in ("jobname", "kind", "errors", "stats", "divergent")}
-            print(f"{j['jobname']} ({j['kind']}): " + ", ".join(f"{k}={v}" for k, v in extra.items()))
-        print(f"fsck: {'clean' if report.fsck_clean else 'ERRORS'}")
-        for f in report.failures:
-            print(f"FAILED: {f}")
-        if not report.ok:
-            image = f" --image {a.image}" if a.image else ""
-            print(f"reproduce with: blockemu run {a.workload}{image} --seed {seed}")
+    overrides = {k: v for k, v in (("runtime", a.runtime), ("size", a.size)) if v is not None}
+    report = asyncio.run(run_workload(a.workload, image=a.image, seed=seed, overrides=overrides))
+    formats = ["json"] if a.json else a.output_format
+    for fmt in formats:
+        if fmt in ("json", "json+"):
+            emit_json(report.as_json(plus=fmt == "json+"))
+        else:
+            print("\n".join(report.text(fmt)))
+    if "normal" not in formats:  # the normal output carries fio's notes itself
+        for note in report.as_json()["blockemu"]["notes"]:
+            print(note, file=sys.stderr)
+    if not report.ok:  # one line on stderr whatever the output format
+        image = f" --image {a.image}" if a.image else ""
+        print(f"blockemu: run: {'; '.join(report.failures)} (reproduce with: blockemu run {a.workload}{image} "
+              f"--seed {seed})", file=sys.stderr)
+    if report.interrupted:
+        return 128 + int(signal.Signals[report.interrupted])
     return 0 if report.ok else 1
 
 

@@ -1,206 +1,982 @@
-"""fio jobs against a file in the emulated filesystem, reported the way fio reports.
+"""fio jobs against files in the emulated filesystem, measured and reported the way fio does.
 
-Each job (times ``numjobs``) works on its own file ``<directory>/<name>.<n>.0``
-through ``pread``/``pwrite`` with ``iodepth`` I/Os in flight; read jobs lay the
-file out first, as fio does. ``verify`` writes blocks that carry their offset
-and a checksum, then reads everything back. The result is fio's JSON layout
-(``jobs[].read/write/sync`` with ``io_bytes``, ``bw_bytes``, ``iops``,
-``runtime`` in ms and ``lat_ns`` percentiles) and a text summary in fio's words.
+A job (times ``numjobs``) works on its files -- ``filename=`` (``:``-separated, shared by
+the clones) or ``nrfiles`` files named by ``filename_format`` under ``directory=`` --
+through the filesystem's ``pread``/``pwrite``. Relative names resolve against the run's
+directory in the image and missing parent directories are created: an image starts empty,
+so ``directory=/mnt/ssd`` is made rather than refused. Files a job reads are laid out
+first, before the clock starts, as fio does.
+
+Offsets follow fio's rules: sequential patterns walk the region (``rw=write:112k`` leaves
+holes, ``rw=read:-8k`` walks backwards); random ones use a random map, so a pass over
+``size`` in ``bs`` blocks touches every block once (``norandommap`` drops it, and so does a
+non-uniform ``random_distribution``); ``rw=randread:8`` takes 8 sequential I/Os per random
+offset. Budgets are fio's: ``io_size`` (default ``size``) times ``loops``, or ``runtime``
+with ``time_based``, or ``number_ios``. ``ramp_time`` runs before measuring; ``startdelay``
+waits first.
+
+Engines: the sync family (sync, psync, vsync, pvsync, pvsync2, mmap) has one I/O in flight,
+and fio's note says so when ``iodepth`` asks for more; libaio, io_uring and posixaio keep
+``iodepth`` I/Os in flight as asyncio tasks. fio's latency clocks: ``slat`` from preparing an
+I/O to its submission (async engines only), ``clat`` from submission to completion, ``lat``
+both. ``ftruncate`` turns each write into ``ftruncate(offset)``.
+
+``verify`` writes blocks (or ``verify_interval`` chunks) that carry a header -- offset,
+write sequence number, and the chosen checksum of the rest -- and reads them back after
+writing; read jobs check what they read.
 """
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
+import math
+import os
 import random
+import resource
 import statistics
 import struct
 import time
+import zlib
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from blockemu.errors import InvalidArgument
-from blockemu.fs.filesystem import Filesystem
-from blockemu.units import human
-from blockemu.workload.jobfile import Job
+import crc32c
+import xxhash
+
+from blockemu.errors import BlockemuError
+from blockemu.fs.filesystem import File, Filesystem
+from blockemu.workload.jobfile import ASYNC_ENGINES, RW, Job
 
 PERCENTILES = (1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99)
-VERIFY_HEAD = struct.Struct("<QQ32s")  # offset, generation, digest of the rest
+READ, WRITE, TRIM = 0, 1, 2
+DDIR_NAMES = ("read", "write", "trim")
+SAMPLE_S = 0.5  # fio's bwavgtime/iopsavgtime default: one bandwidth/IOPS sample every 500 ms
+DEPTH_BUCKETS = (1, 2, 4, 8, 16, 32)
+LAT_BUCKETS = (2, 4, 10, 20, 50, 100, 250, 500, 750, 1000)
+MS_BUCKETS = LAT_BUCKETS + (2000,)
+SYNC_NOTE = "note: both iodepth >= 1 and synchronous I/O engine are selected, queue depth will be capped at 1"
+
+
+# --- checksums fio's verify= names ------------------------------------------------------------
+
+def _reflected_table(poly: int) -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ poly if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC64 = _reflected_table(0xC96C5795D7870F42)  # CRC-64/ECMA-182 (reflected)
+_CRC16 = _reflected_table(0xA001)  # CRC-16 as Linux's lib/crc16.c
+_CRC7 = [0] * 256
+for _i in range(256):  # CRC-7/MMC, as Linux's crc7_be: the crc kept in the top 7 bits of a byte
+    _c = _i
+    for _ in range(8):
+        _c = ((_c << 1) ^ 0x12) & 0xFF if _c & 0x80 else (_c << 1) & 0xFF
+    _CRC7[_i] = _c
+
+
+def _crc_reflected(table: list[int], mask: int, data: bytes, width: int) -> bytes:
+    c = mask
+    for b in data:
+        c = table[(c ^ b) & 0xFF] ^ (c >> 8)
+    return (c ^ mask).to_bytes(width, "little")
+
+
+def _crc7(data: bytes) -> bytes:
+    c = 0
+    for b in data:
+        c = _CRC7[c ^ b]
+    return bytes([c >> 1])
+
+
+DIGESTS: dict[str, Callable[[bytes], bytes]] = {
+    "md5": lambda d: hashlib.md5(d).digest(),
+    "sha1": lambda d: hashlib.sha1(d).digest(),
+    "sha256": lambda d: hashlib.sha256(d).digest(),
+    "sha512": lambda d: hashlib.sha512(d).digest(),
+    "sha3-224": lambda d: hashlib.sha3_224(d).digest(),
+    "sha3-256": lambda d: hashlib.sha3_256(d).digest(),
+    "sha3-384": lambda d: hashlib.sha3_384(d).digest(),
+    "sha3-512": lambda d: hashlib.sha3_512(d).digest(),
+    "crc32": lambda d: zlib.crc32(d).to_bytes(4, "little"),
+    "crc32c": lambda d: crc32c.crc32c(d).to_bytes(4, "little"),
+    "crc32c-intel": lambda d: crc32c.crc32c(d).to_bytes(4, "little"),
+    "xxhash": lambda d: xxhash.xxh32(d).digest(),
+    "crc64": lambda d: _crc_reflected(_CRC64, (1 << 64) - 1, d, 8),
+    "crc16": lambda d: _crc_reflected(_CRC16, 0, d, 2),
+    "crc7": _crc7,
+    "meta": lambda d: b"",  # the header alone: offset and write sequence number
+}
+HEADER = struct.Struct("<4sQQI")  # magic, offset, numberio, crc32 of the header fields
+MAGIC = b"bEvF"
+
+
+class Verifier:
+    """fio's verify blocks: each ``interval`` chunk is a header (its offset and the write's
+    sequence number), then the checksum of the data after it, then data -- random bytes or
+    ``verify_pattern``. ``verify=pattern`` is the pattern alone, compared byte for byte."""
+
+    def __init__(self, kind: str, pattern: bytes | None, interval: int | None) -> None:
+        self.kind, self.pattern, self.interval = kind, pattern, interval
+        self.digest = DIGESTS.get(kind)
+
+    def _fill(self, n: int, rng: random.Random) -> bytes:
+        if self.pattern:
+            return (self.pattern * (n // len(self.pattern) + 1))[:n]
+        return rng.randbytes(n)
+
+    def _chunks(self, length: int) -> range:
+        return range(0, length, self.interval or length)
+
+    def make(self, offset: int, numberio: int, length: int, rng: random.Random) -> bytes:
+        if self.digest is None:
+            return self._fill(length, rng)
+        out = bytearray()
+        for c in self._chunks(length):
+            n = min(self.interval or length, length - c)
+            fields = (MAGIC, offset + c, numberio)
+            head = HEADER.pack(*fields, zlib.crc32(struct.pack("<4sQQ", *fields)))
+            body = self._fill(max(0, n - len(head) - len(self.digest(b""))), rng)
+            out += (head + self.digest(body) + body)[:n]
+        return bytes(out)
+
+    def check(self, data: bytes, offset: int, numberio: int | None) -> str | None:
+        """Why ``data`` read at ``offset`` is not what was written, in fio's words; None if it is."""
+        if self.digest is None:
+            want = self._fill(len(data), random.Random(0))
+            return None if data == want else f"verify: pattern mismatch at offset {offset}"
+        dlen = len(self.digest(b""))
+        for c in self._chunks(len(data)):
+            n = min(self.interval or len(data), len(data) - c)
+            chunk = data[c: c + n]
+            if n < HEADER.size + dlen:
+                continue
+            magic, off, nio, hcrc = HEADER.unpack_from(chunk)
+            if magic != MAGIC:
+                return f"verify: bad magic header {magic.hex()}, wanted {MAGIC.hex()} at offset {offset + c}"
+            if zlib.crc32(chunk[: HEADER.size - 4]) != hcrc:
+                return f"verify: bad header crc at offset {offset + c}"
+            if off != offset + c:
+                return f"verify: bad header offset {off}, wanted {offset + c}"
+            if numberio is not None and nio != numberio:
+                return f"verify: bad header numberio {nio}, wanted {numberio} at offset {offset + c}"
+            if self.digest(chunk[HEADER.size + dlen:]) != chunk[HEADER.size: HEADER.size + dlen]:
+                return f"verify: {self.kind} checksum mismatch at offset {offset + c}, length {n}"
+        return None
+
+
+# --- statistics, in fio's JSON layout ---------------------------------------------------------
+
+def _lat_json(values: list[int], percentiles: tuple[float, ...] | None) -> dict[str, Any]:
+    n = len(values)
+    out: dict[str, Any] = {"min": min(values) if n else 0, "max": max(values) if n else 0,
+                           "mean": statistics.fmean(values) if n else 0.0,
+                           "stddev": statistics.stdev(values) if n > 1 else 0.0, "N": n}
+    if n and percentiles:
+        s = sorted(values)
+        out["percentile"] = {f"{p:.6f}": s[min(n - 1, max(0, math.ceil(n * p / 100) - 1))] for p in percentiles}
+    return out
+
+
+def _samples(values: list[float]) -> tuple[float, float, float, float, int]:
+    if not values:
+        return 0, 0, 0.0, 0.0, 0
+    return min(values), max(values), statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, \
+        len(values)
 
 
 @dataclass
 class Direction:
-    lat_ns: list[int] = field(default_factory=list)
+    """One direction's measurements: per-I/O latencies in ns, and completions over time."""
+    slat: list[int] = field(default_factory=list)
+    clat: list[int] = field(default_factory=list)
+    lat: list[int] = field(default_factory=list)
     io_bytes: int = 0
+    done: list[tuple[float, int]] = field(default_factory=list)  # (seconds since measuring began, bytes)
 
-    def as_json(self, runtime_s: float) -> dict[str, Any]:
-        lat = sorted(self.lat_ns)
-        n = len(lat)
-        out: dict[str, Any] = {"io_bytes": self.io_bytes, "io_kbytes": self.io_bytes // 1024, "total_ios": n,
-                               "runtime": int(runtime_s * 1000),
-                               "bw_bytes": int(self.io_bytes / runtime_s) if runtime_s else 0,
-                               "bw": int(self.io_bytes / runtime_s / 1024) if runtime_s else 0,
-                               "iops": n / runtime_s if runtime_s else 0.0}
-        out["lat_ns"] = {
-            "min": lat[0] if n else 0, "max": lat[-1] if n else 0,
-            "mean": statistics.fmean(lat) if n else 0.0, "stddev": statistics.pstdev(lat) if n > 1 else 0.0,
-            "N": n, "percentile": {f"{p:.6f}": lat[min(n - 1, int(n * p / 100))] for p in PERCENTILES} if n else {},
+    def add(self, other: "Direction") -> None:
+        self.slat += other.slat
+        self.clat += other.clat
+        self.lat += other.lat
+        self.io_bytes += other.io_bytes
+        self.done += other.done
+
+    def windows(self, runtime_s: float) -> tuple[list[float], list[float]]:
+        """fio's bandwidth (KiB/s) and IOPS samples: one per full 500 ms of the run."""
+        nwin = int(runtime_s / SAMPLE_S)
+        byts, ios = [0] * nwin, [0] * nwin
+        for t, b in self.done:
+            i = int(t / SAMPLE_S)
+            if i < nwin:
+                byts[i] += b
+                ios[i] += 1
+        return [b / 1024 / SAMPLE_S for b in byts], [n / SAMPLE_S for n in ios]
+
+    def as_json(self, runtime_s: float, opts: "ReportOptions", group_bw: float, plus: bool) -> dict[str, Any]:
+        n = len(self.clat)
+        runtime = runtime_s if n else 0.0
+        out: dict[str, Any] = {
+            "io_bytes": self.io_bytes, "io_kbytes": self.io_bytes // 1024,
+            "bw_bytes": int(self.io_bytes / runtime) if runtime else 0,
+            "bw": int(self.io_bytes / runtime / 1024) if runtime else 0,
+            "iops": n / runtime if runtime else 0.0, "runtime": int(runtime * 1000) if n else 0,
+            "total_ios": n, "short_ios": 0, "drop_ios": 0,
+            "slat_ns": _lat_json(self.slat, opts.percentiles if opts.slat_percentiles else None),
+            "clat_ns": _lat_json(self.clat, opts.percentiles if opts.clat_percentiles else None),
+            "lat_ns": _lat_json(self.lat, opts.percentiles if opts.lat_percentiles else None),
         }
+        if plus and n:
+            out["clat_ns"]["bins"] = {str(k): v for k, v in sorted(Counter(self.clat).items())}
+        bws, iopss = self.windows(runtime)
+        bmin, bmax, bmean, bdev, bn = _samples(bws)
+        imin, imax, imean, idev, inn = _samples(iopss)
+        out.update({"bw_min": int(bmin), "bw_max": int(bmax),
+                    "bw_agg": 100.0 * bmean / group_bw if bn and group_bw else 0.0, "bw_mean": bmean,
+                    "bw_dev": bdev, "bw_samples": bn, "iops_min": int(imin), "iops_max": int(imax),
+                    "iops_mean": imean, "iops_stddev": idev, "iops_samples": inn})
         return out
 
 
 @dataclass
+class ReportOptions:
+    percentiles: tuple[float, ...] = PERCENTILES
+    clat_percentiles: bool = True
+    lat_percentiles: bool = False
+    slat_percentiles: bool = False
+
+    @classmethod
+    def of(cls, job: Job) -> "ReportOptions":
+        plist = job.get("percentile_list")
+        pct = tuple(float(p) for p in plist.split(":")) if plist else PERCENTILES
+        return cls(pct, job.get("clat_percentiles", True), job.get("lat_percentiles", False),
+                   job.get("slat_percentiles", False))
+
+
+@dataclass
 class JobResult:
+    """One fio ``jobs[]`` entry: a clone, or a whole group under ``group_reporting``."""
     name: str
     group: int
+    options: dict[str, str] = field(default_factory=dict)
+    report: ReportOptions = field(default_factory=ReportOptions)
+    jobs: int = 1
     runtime_s: float = 0.0
-    read: Direction = field(default_factory=Direction)
-    write: Direction = field(default_factory=Direction)
-    sync: Direction = field(default_factory=Direction)
+    dirs: list[Direction] = field(default_factory=lambda: [Direction(), Direction(), Direction()])
+    sync: list[int] = field(default_factory=list)
     error: int = 0
     verify_errors: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    verify_first: str = ""
+    usr_s: float = 0.0
+    sys_s: float = 0.0
+    ctx: int = 0
+    majf: int = 0
+    minf: int = 0
+    depths: Counter = field(default_factory=Counter)
+    ios_issued: int = 0
+    depth: int = 1
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    describe: str = ""  # fio's first line for the job: rw, bs, ioengine, iodepth
 
-    def as_json(self) -> dict[str, Any]:
-        out = {"jobname": self.name, "groupid": self.group, "error": self.error, "job_runtime": int(self.runtime_s * 1000),
-               "read": self.read.as_json(self.runtime_s), "write": self.write.as_json(self.runtime_s),
-               "sync": self.sync.as_json(self.runtime_s)}
+    @property
+    def read(self) -> Direction:
+        return self.dirs[READ]
+
+    @property
+    def write(self) -> Direction:
+        return self.dirs[WRITE]
+
+    def merge(self, other: "JobResult") -> None:
+        """group_reporting: the group's clones as one entry, named after the first."""
+        for a, b in zip(self.dirs, other.dirs):
+            a.add(b)
+        self.sync += other.sync
+        self.jobs += other.jobs
+        self.runtime_s = max(self.runtime_s, other.runtime_s)
+        self.verify_errors += other.verify_errors
+        self.verify_first = self.verify_first or other.verify_first
+        self.error = self.error or other.error
+        self.usr_s, self.sys_s = self.usr_s + other.usr_s, self.sys_s + other.sys_s
+        self.ctx, self.majf, self.minf = self.ctx + other.ctx, self.majf + other.majf, self.minf + other.minf
+        self.depths += other.depths
+        self.ios_issued += other.ios_issued
+        self.ignored = sorted(set(self.ignored) | set(other.ignored))
+
+    def cpu(self) -> tuple[float, float]:
+        rt = self.runtime_s or 1e-9
+        return 100.0 * self.usr_s / rt, 100.0 * self.sys_s / rt
+
+    def depth_levels(self) -> dict[str, float]:
+        total = sum(self.depths.values()) or 1
+        out, prev = {}, 0
+        for b in DEPTH_BUCKETS:
+            out[str(b)] = 100.0 * sum(v for k, v in self.depths.items() if prev < k <= b) / total
+            prev = b
+        out[">=64"] = 100.0 * sum(v for k, v in self.depths.items() if k > 32) / total
+        if not self.depths:
+            out = {k: 0.0 for k in out}
+        return out
+
+    def lat_buckets(self) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """fio's latency_ns/us/ms: the share of I/Os whose total latency falls in each bucket."""
+        lats = [v for d in self.dirs for v in d.lat]
+        n = len(lats) or 1
+        ns = {str(b): 0.0 for b in LAT_BUCKETS}
+        us = {str(b): 0.0 for b in LAT_BUCKETS}
+        ms: dict[str, float] = {str(b): 0.0 for b in MS_BUCKETS}
+        ms[">=2000"] = 0.0
+        for v in lats:
+            for unit, scale, buckets in ((ns, 1, LAT_BUCKETS), (us, 1000, LAT_BUCKETS), (ms, 1_000_000, MS_BUCKETS)):
+                if v < 1000 * scale or unit is ms:
+                    x = v / scale
+                    b = next((b for b in buckets if x <= b), None)
+                    unit[str(b) if b is not None else ">=2000"] += 100.0 / n
+                    break
+        return ns, us, ms
+
+    def as_json(self, group_bw: list[float], plus: bool = False) -> dict[str, Any]:
+        usr, sys_ = self.cpu()
+        ns, us, ms = self.lat_buckets()
+        one = {"0": 0.0, "4": 100.0 if self.ios_issued else 0.0, "8": 0.0, "16": 0.0, "32": 0.0, "64": 0.0,
+               ">=64": 0.0}
+        out: dict[str, Any] = {
+            "jobname": self.name, "groupid": self.group, "error": self.error, "eta": 0,
+            "elapsed": int(round(self.runtime_s)), "job options": self.options,
+            **{name: d.as_json(self.runtime_s, self.report, group_bw[i], plus) for i, (name, d) in
+               enumerate(zip(DDIR_NAMES, self.dirs))},
+            "sync": {"total_ios": len(self.sync), "lat_ns": _lat_json(self.sync, self.report.percentiles)},
+            "job_runtime": int(self.runtime_s * 1000), "usr_cpu": usr, "sys_cpu": sys_, "ctx": self.ctx,
+            "majf": self.majf, "minf": self.minf, "iodepth_level": self.depth_levels(),
+            "iodepth_submit": one, "iodepth_complete": dict(one),
+            "latency_ns": ns, "latency_us": us, "latency_ms": ms, "latency_depth": self.depth,
+            "latency_target": 0, "latency_percentile": 100.0, "latency_window": 0,
+        }
         if self.verify_errors:
-            out["verify_errors"] = self.verify_errors
-        out.update(self.extra)
+            out["blockemu"] = {"verify_errors": self.verify_errors, "first_verify_error": self.verify_first}
         return out
 
 
-def verify_block(offset: int, gen: int, size: int, rng: random.Random) -> bytes:
-    body = rng.randbytes(size - VERIFY_HEAD.size)
-    return VERIFY_HEAD.pack(offset, gen, hashlib.sha256(body).digest()) + body
+def group_results(results: list[JobResult], group_reporting: set[int]) -> list[JobResult]:
+    """One entry per clone, except groups with ``group_reporting``: one entry for the group."""
+    out: list[JobResult] = []
+    merged: dict[int, JobResult] = {}
+    for r in results:
+        if r.group in group_reporting:
+            if r.group in merged:
+                merged[r.group].merge(r)
+                continue
+            merged[r.group] = r
+        out.append(r)
+    return out
 
 
-def verify_ok(block: bytes, offset: int) -> bool:
-    off, _, digest = VERIFY_HEAD.unpack_from(block)
-    return off == offset and hashlib.sha256(block[VERIFY_HEAD.size :]).digest() == digest
+def group_bandwidth(results: list[JobResult]) -> dict[int, list[float]]:
+    """Each group's aggregate bandwidth per direction in KiB/s (fio's bw_agg is a share of it)."""
+    out: dict[int, list[float]] = {}
+    for r in results:
+        g = out.setdefault(r.group, [0.0, 0.0, 0.0])
+        for i, d in enumerate(r.dirs):
+            if r.runtime_s and d.io_bytes:
+                g[i] += d.io_bytes / r.runtime_s / 1024
+    return out
 
 
-def pattern_block(size: int, rng: random.Random) -> bytes:
-    seed = rng.randbytes(512)
-    return (seed * (size // 512 + 1))[:size]
+# --- running a job ----------------------------------------------------------------------------
+
+@dataclass
+class RunContext:
+    """What every job of a run shares: the filesystem, the run's directory in the image (where
+    relative names resolve), and the stop signal (SIGINT/SIGTERM, or an ``exitall`` job)."""
+    fs: Filesystem
+    directory: str
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def run_fio(fs: Filesystem, job: Job, directory: str, seed: int) -> JobResult:
-    rw = job.get("rw", job.get("readwrite", "read"))
-    bs = job.get("bs", job.get("blocksize", 4096))
-    size = job.get("size", job.get("filesize"))
-    if size is None:
-        raise InvalidArgument(f"job {job.name}: fio needs size= (the emulated filesystem has no device to size from)")
-    if bs <= 0 or size < bs:
-        raise InvalidArgument(f"job {job.name}: bs={bs} must be positive and at most size={size}")
-    result = JobResult(job.name, job.group)
-    numjobs = job.get("numjobs", 1)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(_clone(fs, job, directory, n, rw, bs, size - size % bs, seed, result) for n in range(numjobs)))
-    result.runtime_s = time.perf_counter() - t0
-    return result
+def _join(base: str, name: str) -> str:
+    return name if name.startswith("/") else f"{base.rstrip('/')}/{name}"
 
 
-async def _clone(fs: Filesystem, job: Job, directory: str, n: int, rw: str, bs: int, size: int, seed: int,
-                 result: JobResult) -> None:
-    path = job.get("filename") or f"{directory.rstrip('/')}/{job.name}.{n}.0"
-    rng = random.Random(job.get("randseed", seed) + n)
-    data_rng = random.Random(rng.random())
-    verify = job.get("verify", "0") not in ("0", "null")
-    f = await fs.open(path, "w+" if not await fs.exists(path) else "r+")
-    try:
-        reads = rw in ("read", "randread")
-        mixed = rw in ("rw", "readwrite", "randrw")
-        if reads or mixed:  # lay the file out first, as fio does
-            if f.inode.size < size:
-                for off in range(0, size, bs):
-                    await f.pwrite(verify_block(off, 0, bs, data_rng) if verify else pattern_block(bs, data_rng), off)
-                await f.fsync()
-        blocks = size // bs
-        rand = rw.startswith("rand")
-        order = list(range(blocks))
-        runtime = job.get("runtime")
-        deadline = time.monotonic() + runtime if runtime else None
-        time_based = job.get("time_based", False) and deadline is not None
-        loops = job.get("loops", 1)
-        read_pct = job.get("rwmixread", 100 - job.get("rwmixwrite", 50))
-        fsync_every = job.get("fsync", 0) or job.get("fdatasync", 0)
-        state = {"i": 0, "writes": 0, "pass": 0}
-        written: set[int] = set()
+def job_files(job: Job, base: str, clone: int) -> list[str]:
+    """The paths a clone works on, as fio names them."""
+    if job.get("filename"):
+        names = [n for n in job.get("filename").split(":") if n]
+    else:
+        fmt = job.get("filename_format", "$jobname.$jobnum.$filenum")
+        names = [fmt.replace("$jobname", job.name).replace("$jobnum", str(clone)).replace("$filenum", str(i))
+                 .replace("$clientuid", "0") for i in range(max(1, job.get("nrfiles", 1)))]
+    dirs = [_join(base, d) for d in job.get("directory", "").split(":") if d] or [base]
+    return [_join(dirs[i % len(dirs)], n) for i, n in enumerate(names)]
 
-        def next_offset() -> int | None:
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-            if state["i"] >= blocks:
-                state["pass"] += 1
-                if not time_based and state["pass"] >= loops:
-                    return None
-                state["i"] = 0
-            i = state["i"]
-            state["i"] += 1
-            return (rng.randrange(blocks) if rand else order[i]) * bs
 
-        async def worker() -> None:
-            while (off := next_offset()) is not None:
-                is_read = reads or (mixed and rng.randrange(100) < read_pct)
-                t = time.perf_counter_ns()
-                if is_read:
-                    data = await f.pread(bs, off)
-                    result.read.lat_ns.append(time.perf_counter_ns() - t)
-                    result.read.io_bytes += len(data)
-                    if verify and not verify_ok(data, off):  # laid out or rewritten with verify blocks
-                        result.verify_errors += 1
-                else:
-                    block = verify_block(off, state["pass"] + 1, bs, data_rng) if verify else pattern_block(bs, data_rng)
-                    await f.pwrite(block, off)
-                    result.write.lat_ns.append(time.perf_counter_ns() - t)
-                    result.write.io_bytes += bs
-                    written.add(off)
-                    state["writes"] += 1
-                    if fsync_every and state["writes"] % fsync_every == 0:
-                        t = time.perf_counter_ns()
-                        await f.fsync()
-                        result.sync.lat_ns.append(time.perf_counter_ns() - t)
+async def makedirs(fs: Filesystem, path: str) -> None:
+    """``mkdir -p`` of ``path``'s parent: fio creates the directories a filename names."""
+    parts = [p for p in path.split("/")[:-1] if p]
+    for i in range(1, len(parts) + 1):
+        d = "/" + "/".join(parts[:i])
+        if not await fs.exists(d):
+            await fs.mkdir(d)
 
-        await asyncio.gather(*(worker() for _ in range(max(1, job.get("iodepth", 1)))))
-        if job.get("end_fsync") or job.get("fsync_on_close") or verify:
-            await f.fsync()
-        if verify and job.get("do_verify", True):
-            for off in sorted(written):
-                if not verify_ok(await f.pread(bs, off), off):
-                    result.verify_errors += 1
-                    if job.get("verify_fatal"):
+
+class Sizes:
+    """A direction's block sizes: ``bs``, ``bsrange`` or ``bssplit``, as fio picks them."""
+
+    def __init__(self, job: Job, ddir: int) -> None:
+        self.split = (job.get("bssplit") or (None,) * 3)[ddir]
+        rng = (job.get("bsrange") or (None,) * 3)[ddir]
+        bs = (job.get("bs") or (None,) * 3)[ddir] or 4096
+        self.lo, self.hi = rng if rng else (bs, bs)
+        if self.split:
+            self.lo, self.hi = min(b for b, _ in self.split), max(b for b, _ in self.split)
+            self.cum = [sum(p for _, p in self.split[: i + 1]) for i in range(len(self.split))]
+        self.unaligned = job.get("bs_unaligned", False)
+
+    def pick(self, rng: random.Random) -> int:
+        if self.split:
+            return self.split[min(len(self.split) - 1, bisect.bisect_left(self.cum, rng.random() * self.cum[-1]))][0]
+        if self.lo == self.hi:
+            return self.lo
+        if self.unaligned:
+            return rng.randint(self.lo, self.hi)
+        return self.lo * rng.randint(1, self.hi // self.lo)
+
+
+class Region:
+    """One file's I/O region and where the next offset comes from: sequential positions per
+    direction, or a random map (a shuffled pass over the blocks, each used once)."""
+
+    def __init__(self, path: str, start: int, length: int, unit: int) -> None:
+        self.path, self.start, self.length, self.unit = path, start, length, unit
+        self.blocks = max(1, length // unit)
+        self.next_pos = [0, 0, 0]
+        self.used = bytearray(self.blocks)
+        self.order: list[int] = []
+        self.cursor = 0
+        self.run_left = 0  # sequential I/Os left before the next random offset (rw=randread:N)
+        self.zipf: list[float] | None = None
+        self.file: File | None = None
+
+    def sequential(self, ddir: int, length: int, add: int) -> tuple[int, int]:
+        pos = self.next_pos[ddir]
+        if pos < 0 or pos >= self.length:
+            pos = 0 if add >= 0 else max(0, self.length - length)
+        length = min(length, self.length - pos)
+        self.next_pos[ddir] = pos + length + add
+        return pos, length
+
+    def random_block(self, rng: random.Random, dist: tuple[str, float]) -> int:
+        kind, arg = dist
+        if kind == "random":
+            return rng.randrange(self.blocks)
+        if kind == "normal":
+            x = rng.gauss(0.5, arg / 100 / 2)
+            return min(self.blocks - 1, max(0, int(x * self.blocks)))
+        if kind == "pareto":  # fio's lib/zipf.c: rank = (n - 1) * u ^ (log(h) / log(1 - h))
+            rank = int((self.blocks - 1) * rng.random() ** (math.log(arg) / math.log(1 - arg)))
+        else:  # zipf: ranks weighted 1/k^theta (over at most 4096 rank buckets, uniform inside one)
+            if self.zipf is None:
+                nb = min(self.blocks, 4096)
+                acc, cum = 0.0, []
+                for k in range(1, nb + 1):
+                    acc += 1 / k ** arg
+                    cum.append(acc)
+                self.zipf = cum
+            b = bisect.bisect_left(self.zipf, rng.random() * self.zipf[-1])
+            per = self.blocks / len(self.zipf)
+            rank = int(b * per + rng.random() * per)
+        # scattered over the region, as fio hashes ranks, so hot blocks are not all adjacent
+        return (min(rank, self.blocks - 1) * 2654435761) % self.blocks if math.gcd(2654435761, self.blocks) == 1 \
+            else min(rank, self.blocks - 1)
+
+    def mapped_block(self, rng: random.Random) -> int | None:
+        """The next unused block of this pass, or None when every block has been used."""
+        if not self.order:
+            self.order = list(range(self.blocks))
+            rng.shuffle(self.order)
+            self.cursor = 0
+        while self.cursor < len(self.order) and self.used[self.order[self.cursor]]:
+            self.cursor += 1
+        if self.cursor >= len(self.order):
+            return None
+        return self.order[self.cursor]
+
+    def new_pass(self) -> None:
+        self.used = bytearray(self.blocks)
+        self.order = []
+
+    def take(self, block: int, length: int) -> int:
+        """Mark ``length`` bytes from ``block`` used, stopping at a used block; the length taken."""
+        n = 0
+        while n * self.unit < length and block + n < self.blocks and (n == 0 or not self.used[block + n]):
+            self.used[block + n] = 1
+            n += 1
+        return min(length, n * self.unit, self.length - block * self.unit)
+
+
+@dataclass
+class IO:
+    region: Region
+    ddir: int
+    offset: int  # within the file
+    length: int
+    numberio: int
+
+
+class Clone:
+    """One of a job's ``numjobs`` workers: its files, its offsets, its measurements."""
+
+    def __init__(self, ctx: RunContext, job: Job, n: int, seed: int, result: JobResult) -> None:
+        self.ctx, self.job, self.n, self.result = ctx, job, n, result
+        self.rw: RW = job.get("rw", RW("read"))
+        self.engine = job.get("ioengine", "psync")
+        self.depth = max(1, job.get("iodepth", 1)) if self.engine in ASYNC_ENGINES else 1
+        self.sizes = [Sizes(job, d) for d in (READ, WRITE, TRIM)]
+        self.rng = random.Random(job.get("randseed", seed) + n)
+        self.data_rng = random.Random(self.rng.random())
+        paths = job_files(job, ctx.directory, n)
+        total = job.get("size") or job.get("filesize", 0) * len(paths)
+        per_file = job.get("filesize") or total // len(paths)
+        offset = job.get("offset", 0) + job.get("offset_increment", 0) * n
+        unit = min(s.lo for s in self.sizes)
+        self.regions = [Region(p, offset, per_file - per_file % unit, unit) for p in paths]
+        self.budget = (job.get("io_size") or total) * max(1, job.get("loops", 1))
+        self.number_ios = job.get("number_ios", 0)
+        self.dist = job.get("random_distribution", ("random", 0.0))
+        self.randommap = self.rw.random and not job.get("norandommap") and self.dist[0] == "random"
+        vkind = job.get("verify", "0")
+        if job.get("verify_pattern") and vkind in ("0", "null"):
+            vkind = "pattern"
+        self.verifier = Verifier(vkind, job.get("verify_pattern"), job.get("verify_interval")) \
+            if vkind not in ("0", "null") else None
+        mix = job.get("rwmixread", 100 - job.get("rwmixwrite", 50))
+        self.read_pct = {"read": 100, "randread": 100, "write": 0, "randwrite": 0}.get(self.rw.pattern, mix)
+        self.rate = job.get("rate") or (0, 0, 0)
+        self.rate_iops = job.get("rate_iops") or (0, 0, 0)
+        self.fsync_every = job.get("fsync", 0) or job.get("fdatasync", 0)
+        self.buffers: dict[int, bytes] = {}
+        self.written: dict[tuple[int, int], tuple[int, int]] = {}  # (region, offset) -> (length, numberio)
+        self.issued = [0, 0, 0]  # bytes this measuring period, per direction (for rate=)
+        self.issued_ios = [0, 0, 0]
+        self.bytes_done = self.ios = self.writes = self.numberio = 0
+        self.file_turn = 0
+        self.measure_from = self.deadline = 0.0
+        self.ramp_end: float | None = None
+
+    @property
+    def reads(self) -> bool:
+        return self.read_pct > 0
+
+    async def layout(self) -> None:
+        """Create the files (and their directories); fill what a read will need. Not timed."""
+        fs = self.ctx.fs
+        for region in self.regions:
+            await makedirs(fs, region.path)
+            exists = await fs.exists(region.path)
+            region.file = await fs.open(region.path, "r+" if exists else "w+")
+            need = region.start + region.length
+            if self.engine == "ftruncate" or not (self.reads or self.job.get("overwrite")):
+                continue
+            have = region.file.inode.size
+            if have >= need:
+                continue
+            chunk = max(self.sizes[READ].hi, self.sizes[WRITE].hi) if self.verifier else 1 << 20
+            pos = have - have % chunk if self.verifier else have
+            while pos < need:
+                n = min(chunk, need - pos)
+                data = self.verifier.make(pos, 0, n, self.data_rng) if self.verifier \
+                    else self.data_rng.randbytes(n)
+                await region.file.pwrite(data, pos)
+                pos += n
+            await region.file.fsync()
+
+    def _buffer(self, io: IO) -> bytes:
+        if self.verifier is not None:
+            return self.verifier.make(io.offset, io.numberio, io.length, self.data_rng)
+        if self.job.get("zero_buffers"):
+            return bytes(io.length)
+        if self.job.get("refill_buffers") or io.length not in self.buffers:
+            self.buffers[io.length] = self.data_rng.randbytes(io.length)
+        return self.buffers[io.length]
+
+    def _pick_region(self) -> Region:
+        kind = self.job.get("file_service_type", "roundrobin")
+        if kind == "random":
+            return self.rng.choice(self.regions)
+        if kind == "sequential":
+            per = self.budget // len(self.regions) or 1
+            return self.regions[min(len(self.regions) - 1, self.bytes_done // per)]
+        self.file_turn += 1
+        return self.regions[self.file_turn % len(self.regions)]
+
+    def next_io(self) -> IO | None:
+        """The next I/O, or None when the job is done: budget, I/O count, runtime or stop."""
+        now = time.monotonic()
+        if self.ctx.stop.is_set():
+            return None
+        if self.ramp_end is not None and now >= self.ramp_end:
+            self._begin_measuring(now)
+        if self.deadline and now >= self.deadline:
+            return None
+        timed = self.job.get("time_based") and self.job.get("runtime")
+        if not timed and (self.bytes_done >= self.budget or self.number_ios and self.ios >= self.number_ios):
+            return None
+        region = self._pick_region()
+        ddir = READ if self.rng.randrange(100) < self.read_pct else WRITE
+        length = self.sizes[ddir].pick(self.rng)
+        if self.rw.random and not (region.run_left > 0 and self.job.get("rw_sequencer", "sequential") == "sequential"):
+            if self.randommap:
+                block = region.mapped_block(self.rng)
+                if block is None:
+                    region.new_pass()
+                    block = region.mapped_block(self.rng)
+                    assert block is not None
+                length = region.take(block, length)
+            else:
+                block = region.random_block(self.rng, self.dist)
+                length = min(length, region.length - block * region.unit)
+            pos = block * region.unit
+            region.run_left = max(0, self.rw.modifier - 1)
+            region.next_pos[ddir] = pos + length
+        elif self.rw.random:  # the sequential run of rw=randread:N
+            region.run_left -= 1
+            pos, length = region.sequential(ddir, length, 0)
+            if self.randommap:
+                region.take(pos // region.unit, length)
+        else:
+            pos, length = region.sequential(ddir, length, self.rw.modifier)
+        self.bytes_done += length
+        self.ios += 1
+        self.numberio += 1
+        return IO(region, ddir, region.start + pos, length, self.numberio)
+
+    def _begin_measuring(self, now: float) -> None:
+        """ramp_time is over: what happened so far does not count, and the budget starts now."""
+        self.ramp_end = None
+        self.measure_from = now
+        self.result.dirs = [Direction(), Direction(), Direction()]
+        self.result.sync.clear()
+        self.result.depths.clear()
+        self.result.ios_issued = 0
+        self.bytes_done = self.ios = 0
+        self.issued, self.issued_ios = [0, 0, 0], [0, 0, 0]
+        runtime = self.job.get("runtime")
+        if runtime:
+            self.deadline = now + runtime
+
+    async def _pace(self, io: IO) -> None:
+        """rate= / rate_iops=: hold the I/O until its share of the period has come."""
+        due = 0.0
+        if self.rate[io.ddir]:
+            due = self.issued[io.ddir] / self.rate[io.ddir]
+        if self.rate_iops[io.ddir]:
+            due = max(due, self.issued_ios[io.ddir] / self.rate_iops[io.ddir])
+        self.issued[io.ddir] += io.length
+        self.issued_ios[io.ddir] += 1
+        wait = self.measure_from + due - time.monotonic()
+        if wait > 0:
+            try:
+                await asyncio.wait_for(self.ctx.stop.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _do(self, io: IO, data: bytes | None) -> tuple[int, bytes | None]:
+        f = io.region.file
+        assert f is not None
+        if self.engine == "ftruncate":
+            await f.truncate(io.offset)
+            got = None
+        elif io.ddir == READ:
+            got = await f.pread(io.length, io.offset)
+        else:
+            await f.pwrite(data, io.offset)
+            got = None
+        return time.perf_counter_ns(), got
+
+    def _complete(self, io: IO, t_prep: int, t_sub: int, t_done: int, got: bytes | None) -> None:
+        d = self.result.dirs[io.ddir]
+        if self.engine in ASYNC_ENGINES:
+            d.slat.append(t_sub - t_prep)
+        d.clat.append(t_done - t_sub)
+        d.lat.append(t_done - t_prep)
+        d.io_bytes += io.length
+        d.done.append((time.monotonic() - self.measure_from, io.length))
+        if io.ddir == WRITE:
+            self.written[(self.regions.index(io.region), io.offset)] = (io.length, io.numberio)
+        elif got is not None and self.verifier is not None:
+            w = self.written.get((self.regions.index(io.region), io.offset))
+            self._verify(got, io.offset, w[1] if w and w[0] == io.length else None, io.region)
+
+    def _verify(self, data: bytes, offset: int, numberio: int | None, region: Region) -> None:
+        assert self.verifier is not None
+        why = self.verifier.check(data, offset, numberio)
+        if why:
+            self.result.verify_errors += 1
+            self.result.verify_first = self.result.verify_first or \
+                f"{why}; verify failed at file {region.path} offset {offset}, length {len(data)}"
+
+    async def _sync(self) -> None:
+        t = time.perf_counter_ns()
+        for r in self.regions:
+            assert r.file is not None
+            await r.file.fsync()
+        self.result.sync.append(time.perf_counter_ns() - t)
+
+    async def run(self) -> None:
+        now = time.monotonic()
+        ramp = self.job.get("ramp_time", 0)
+        self.measure_from = now
+        if ramp:
+            self.ramp_end = now + ramp
+        elif self.job.get("runtime"):
+            self.deadline = now + self.job.get("runtime")
+        t_cpu, ru = os.times(), resource.getrusage(resource.RUSAGE_SELF)
+        inflight: dict[asyncio.Task, tuple[IO, int, int]] = {}
+        try:
+            while True:
+                while len(inflight) < self.depth and (io := self.next_io()) is not None:
+                    await self._pace(io)
+                    t_prep = time.perf_counter_ns()
+                    data = self._buffer(io) if io.ddir == WRITE else None
+                    task = asyncio.ensure_future(self._do(io, data))
+                    inflight[task] = (io, t_prep, time.perf_counter_ns())
+                    self.result.depths[len(inflight)] += 1
+                    self.result.ios_issued += 1
+                    if self.depth == 1:
                         break
+                if not inflight:
+                    break
+                done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    io, t_prep, t_sub = inflight.pop(task)
+                    t_done, got = task.result()
+                    self._complete(io, t_prep, t_sub, t_done, got)
+                    if io.ddir == WRITE:
+                        self.writes += 1
+                        if self.fsync_every and self.writes % self.fsync_every == 0:
+                            await asyncio.gather(*inflight)  # fio's sync waits for the queue to drain
+                            for t in list(inflight):
+                                io2, p2, s2 = inflight.pop(t)
+                                self._complete(io2, p2, s2, *t.result())
+                            await self._sync()
+        finally:
+            for task in inflight:
+                task.cancel()
+            self.result.runtime_s = time.monotonic() - self.measure_from
+            t_end, ru_end = os.times(), resource.getrusage(resource.RUSAGE_SELF)
+            self.result.usr_s, self.result.sys_s = t_end.user - t_cpu.user, t_end.system - t_cpu.system
+            self.result.ctx = ru_end.ru_nvcsw + ru_end.ru_nivcsw - ru.ru_nvcsw - ru.ru_nivcsw
+            self.result.majf, self.result.minf = ru_end.ru_majflt - ru.ru_majflt, ru_end.ru_minflt - ru.ru_minflt
+        if self.job.get("end_fsync") or self.verifier is not None:
+            await self._sync()
+
+    async def verify_phase(self) -> None:
+        """do_verify: read back every block this clone wrote (the last write of each)."""
+        if self.verifier is None or not self.written or not self.job.get("do_verify", True):
+            return
+        for (ri, off), (length, numberio) in sorted(self.written.items()):
+            region = self.regions[ri]
+            assert region.file is not None
+            self._verify(await region.file.pread(length, off), off, numberio, region)
+            if self.result.verify_errors and self.job.get("verify_fatal"):
+                return
+
+    async def close(self) -> None:
+        for r in self.regions:
+            if r.file is not None:
+                if self.job.get("fsync_on_close"):
+                    await r.file.fsync()
+                await r.file.close()
+                r.file = None
+
+
+def check_job(job: Job) -> list[str]:
+    """What keeps a job from running, beyond what the parser checks: its sizes."""
+    problems = []
+    rw: RW = job.get("rw", RW("read"))
+    if rw.pattern in ("trim", "randtrim", "trimwrite", "randtrimwrite"):
+        problems.append(f"rw={rw.pattern} is not supported (the emulated filesystem has no discard or hole punch)")
+    if job.get("ioengine") == "ftruncate" and rw.pattern not in ("write", "randwrite"):
+        problems.append(f"ioengine=ftruncate only writes (its I/Os are truncates), not rw={rw.pattern}")
+    if not (job.get("size") or job.get("filesize")):
+        problems.append("size= is needed (the emulated filesystem has no device to take it from); "
+                        "give it in the job file or with --size")
+    else:
+        smallest = min(Sizes(job, d).lo for d in (READ, WRITE))
+        per = job.get("filesize") or job.get("size") // max(1, len(job_files(job, "/", 0)))
+        if per < smallest:
+            problems.append(f"size {per} per file is smaller than the block size {smallest}")
+    return problems
+
+
+async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
+    """All clones of one job: layout first (untimed), then the clones concurrently after
+    ``startdelay``, then verification, ``unlink``; one result per clone."""
+    numjobs = max(1, job.get("numjobs", 1))
+    clones = [Clone(ctx, job, n, seed, JobResult(job.name, job.group, dict(job.raw), ReportOptions.of(job)))
+              for n in range(numjobs)]
+    notes = [SYNC_NOTE] if job.get("iodepth", 1) > 1 and clones[0].depth == 1 else []
+    try:
+        for c in clones:
+            await c.layout()
+            c.result.depth, c.result.ignored, c.result.notes = c.depth, job.ignored, notes
+            c.result.describe = describe(job, c)
+        if job.get("startdelay"):
+            try:
+                await asyncio.wait_for(ctx.stop.wait(), job.get("startdelay"))
+            except asyncio.TimeoutError:
+                pass
+        await asyncio.gather(*(c.run() for c in clones))
+        for c in clones:
+            await c.verify_phase()
+    except BlockemuError as e:
+        for c in clones:
+            c.result.error = c.result.error or e.errno or 5
+        raise
     finally:
-        await f.close()
-    if result.verify_errors:
-        result.error = 84  # fio reports EILSEQ for verify failures
+        for c in clones:
+            await c.close()
+    if job.get("unlink") or job.get("unlink_each_loop"):
+        for path in dict.fromkeys(r.path for c in clones for r in c.regions):
+            if await ctx.fs.exists(path):
+                await ctx.fs.unlink(path)
+    for c in clones:
+        if c.result.verify_errors:
+            c.result.error = 84  # EILSEQ, as fio reports a verify failure
+    if job.get("exitall"):
+        ctx.stop.set()
+    return [c.result for c in clones]
 
 
-def text_report(results: list[JobResult]) -> list[str]:
+# --- text output ------------------------------------------------------------------------------
+
+def _units(n: float, base: int, suffixes: tuple[str, ...]) -> str:
+    for s in suffixes[:-1]:
+        if abs(n) < base:
+            return f"{n:.0f}{s}" if s in ("B", "") else f"{n:.{max(0, 2 - len(str(int(n))))}f}{s}" \
+                if n < 100 else f"{n:.0f}{s}"
+        n /= base
+    return f"{n:.1f}{suffixes[-1]}"
+
+
+def bin_size(n: float) -> str:
+    return _units(n, 1024, ("B", "KiB", "MiB", "GiB", "TiB"))
+
+
+def dec_size(n: float) -> str:
+    return _units(n, 1000, ("B", "kB", "MB", "GB", "TB"))
+
+
+def _count(n: float) -> str:
+    return _units(n, 1000, ("", "k", "M", "G")) if n >= 1000 else f"{n:.0f}"
+
+
+def describe(job: Job, c: Clone) -> str:
+    bs = ", ".join(f"({k}) {c.sizes[i].lo}B-{c.sizes[i].hi}B" for i, k in enumerate("RWT"))
+    return f"{job.name}: (g={job.group}): rw={c.rw.pattern}, bs={bs}, ioengine={c.engine}, iodepth={c.depth}"
+
+
+def _lat_line(label: str, ns: list[int]) -> str:
+    if not ns:
+        return ""
+    lo, hi, avg = min(ns), max(ns), statistics.fmean(ns)
+    dev = statistics.stdev(ns) if len(ns) > 1 else 0.0
+    unit, div = ("nsec", 1) if hi < 10_000 else ("usec", 1000) if hi < 10_000_000 else ("msec", 1_000_000)
+    return f"{label} ({unit}): min={lo // div}, max={hi // div}, avg={avg / div:.2f}, stdev={dev / div:.2f}"
+
+
+def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> list[str]:
+    """fio's normal output: per job, then per group."""
+    lines = []
+    seen = set()
+    for r in results:
+        if r.describe and r.name not in seen:
+            seen.add(r.name)
+            lines.append(r.describe)
+    lines += sorted({n for r in results for n in r.notes})
+    lines.append(f"Starting {sum(r.jobs for r in results)} process{'es' if len(results) != 1 else ''}\n")
+    for r in results:
+        lines.append(f"{r.name}: (groupid={r.group}, jobs={r.jobs}): err={r.error:2d}: pid={os.getpid()}: "
+                     f"{time.strftime('%a %b %e %H:%M:%S %Y')}")
+        for i, label in enumerate(DDIR_NAMES):
+            d = r.dirs[i]
+            if not d.clat:
+                continue
+            j = d.as_json(r.runtime_s, r.report, group_bw[r.group][i], False)
+            lines.append(f"  {label}: IOPS={_count(j['iops'])}, BW={bin_size(j['bw_bytes'])}/s "
+                         f"({dec_size(j['bw_bytes'])}/s)({bin_size(d.io_bytes)}/{j['runtime']}msec)")
+            for lab, vals in (("    slat", d.slat), ("    clat", d.clat), ("     lat", d.lat)):
+                if vals:
+                    lines.append(_lat_line(lab, vals))
+            pct = j["clat_ns"].get("percentile")
+            if pct:
+                lines.append("    clat percentiles (usec):")
+                cells = [f"{float(k):5.2f}th=[{v // 1000:5d}]" for k, v in pct.items()]
+                for k in range(0, len(cells), 4):
+                    lines.append("     | " + ", ".join(cells[k: k + 4]) + ("," if k + 4 < len(cells) else ""))
+            if j["bw_samples"]:
+                lines.append(f"   bw (  KiB/s): min={j['bw_min']}, max={j['bw_max']}, per={j['bw_agg']:.2f}%, "
+                             f"avg={j['bw_mean']:.2f}, stdev={j['bw_dev']:.2f}, samples={j['bw_samples']}")
+                lines.append(f"   iops        : min={j['iops_min']}, max={j['iops_max']}, avg={j['iops_mean']:.2f}, "
+                             f"stdev={j['iops_stddev']:.2f}, samples={j['iops_samples']}")
+        if r.sync:
+            lines.append("  " + _lat_line("fsync/fdatasync/sync_file_range:\n    sync", r.sync))
+        usr, sys_ = r.cpu()
+        lines.append(f"  cpu          : usr={usr:.2f}%, sys={sys_:.2f}%, ctx={r.ctx}, majf={r.majf}, minf={r.minf}")
+        lines.append("  IO depths    : " + ", ".join(f"{k}={v:.1f}%" for k, v in r.depth_levels().items()))
+        totals = ",".join(str(len(d.clat)) for d in r.dirs)
+        lines.append(f"     issued rwts: total={totals},0 short=0,0,0,0 dropped=0,0,0,0")
+        lines.append(f"     latency   : target=0, window=0, percentile=100.00%, depth={r.depth}")
+        if r.verify_errors:
+            lines.append(f"  verify: {r.verify_errors} bad blocks, first: {r.verify_first}")
+        if r.ignored:
+            lines.append(f"  ignored options: {', '.join(r.ignored)}")
+        lines.append("")
+    for g in sorted({r.group for r in results}):
+        rs = [r for r in results if r.group == g]
+        lines.append(f"Run status group {g} (all jobs):")
+        for i, label in enumerate(DDIR_NAMES):
+            active = [r for r in rs if r.dirs[i].io_bytes]
+            if not active:
+                continue
+            total = sum(r.dirs[i].io_bytes for r in active)
+            bws = [r.dirs[i].io_bytes / (r.runtime_s or 1e-9) for r in active]
+            runs = [int(r.runtime_s * 1000) for r in active]
+            agg = total / (max(r.runtime_s for r in active) or 1e-9)
+            lines.append(f"  {label.upper():>5}: bw={bin_size(agg)}/s ({dec_size(agg)}/s), "
+                         f"{bin_size(min(bws))}/s-{bin_size(max(bws))}/s ({dec_size(min(bws))}/s-{dec_size(max(bws))}/s), "
+                         f"io={bin_size(total)} ({dec_size(total)}), run={min(runs)}-{max(runs)}msec")
+        lines.append("")
+    return lines
+
+
+def terse_report(results: list[JobResult], group_bw: dict[int, list[float]], version: str) -> list[str]:
+    """fio's terse format, version 3: one semicolon-separated line per job, latencies in usec."""
     lines = []
     for r in results:
-        lines.append(f"{r.name}: (groupid={r.group}, jobs=1): err={r.error:2d}")
-        for label, d in (("read", r.read), ("write", r.write)):
-            if not d.lat_ns:
-                continue
-            j = d.as_json(r.runtime_s)
-            lines.append(f"  {label}: IOPS={j['iops']:.0f}, BW={human(j['bw_bytes'])}/s "
-                         f"({human(d.io_bytes)}/{j['runtime']}msec)")
-            pct = j["lat_ns"]["percentile"]
-            shown = ", ".join(f"{float(k):.2f}th=[{v // 1000}]" for k, v in pct.items() if float(k) in (50.0, 90.0, 99.0, 99.9))
-            lines.append(f"    clat percentiles (usec): {shown}")
-        if r.sync.lat_ns:
-            lines.append(f"  fsync: {len(r.sync.lat_ns)} calls, p99 {sorted(r.sync.lat_ns)[int(len(r.sync.lat_ns) * .99)] // 1000} usec")
-        if r.verify_errors:
-            lines.append(f"  verify: {r.verify_errors} bad blocks")
-    groups = sorted({r.group for r in results})
-    for g in groups:
-        rs = [r for r in results if r.group == g]
-        lines.append(f"\nRun status group {g} (all jobs):")
-        for label in ("read", "write"):
-            total = sum(getattr(r, label).io_bytes for r in rs)
-            if total:
-                t = max(r.runtime_s for r in rs) or 1e-9
-                lines.append(f"  {label.upper()}: bw={human(int(total / t))}/s, io={human(total)}, run={int(t * 1000)}msec")
+        f: list[str] = ["3", version, r.name, str(r.group), str(r.error)]
+        for i in (READ, WRITE):
+            j = r.dirs[i].as_json(r.runtime_s, r.report, group_bw[r.group][i], False)
+            f += [str(j["io_kbytes"]), str(j["bw"]), str(int(j["iops"])), str(j["runtime"])]
+            for key in ("slat_ns", "clat_ns"):
+                s = j[key]
+                f += [str(s["min"] // 1000), str(s["max"] // 1000), f"{s['mean'] / 1000:.6f}", f"{s['stddev'] / 1000:.6f}"]
+                if key == "clat_ns":
+                    pct = list(s.get("percentile", {}).items()) or [(f"{p:.6f}", 0) for p in r.report.percentiles]
+                    pct = (pct + [("0", 0)] * 20)[:20]
+                    f += [f"{k}%={v // 1000}" for k, v in pct]
+            s = j["lat_ns"]
+            f += [str(s["min"] // 1000), str(s["max"] // 1000), f"{s['mean'] / 1000:.6f}", f"{s['stddev'] / 1000:.6f}"]
+            f += [str(j["bw_min"]), str(j["bw_max"]), f"{j['bw_agg']:.6f}%", f"{j['bw_mean']:.6f}", f"{j['bw_dev']:.6f}"]
+        usr, sys_ = r.cpu()
+        f += [f"{usr:.6f}%", f"{sys_:.6f}%", str(r.ctx), str(r.majf), str(r.minf)]
+        f += [f"{v:.1f}%" for v in r.depth_levels().values()]
+        _, us, ms = r.lat_buckets()
+        f += [f"{v:.2f}%" for v in us.values()]
+        f += [f"{v:.2f}%" for v in ms.values()]
+        lines.append(";".join(f))
     return lines

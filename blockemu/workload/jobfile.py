@@ -8,6 +8,8 @@ the options we know, so a typo is an error naming the file and line (fio's
 """
 from __future__ import annotations
 
+import ast
+import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,9 +20,57 @@ from blockemu.errors import InvalidArgument
 from blockemu.units import parse_size
 
 
+_KEYWORDS = {
+    "$pagesize": lambda: str(os.sysconf("SC_PAGE_SIZE")),
+    "$mb_memory": lambda: str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20),
+    "$ncpus": lambda: str(os.cpu_count() or 1),
+}
+
+
+def _arith(text: str) -> str:
+    """fio's numeric expressions: ``$pagesize``/``$mb_memory``/``$ncpus`` substituted, then
+    arithmetic (``+ - * / % ^``, parentheses) evaluated, keeping a trailing unit suffix
+    (``(2*$ncpus)k``). A plain value passes through untouched."""
+    for word, value in _KEYWORDS.items():
+        text = text.replace(word, value())
+    m = re.fullmatch(r"\s*([0-9.\s+\-*/%^()]+?)\s*([a-zA-Z%]*)\s*", text)
+    if not m or not re.search(r"[+\-*/%^()]", m[1].strip().lstrip("-")):
+        return text
+    try:
+        tree = ast.parse(m[1].replace("^", "**"), mode="eval")
+    except SyntaxError:
+        raise ValueError(text) from None
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.Mod: operator.mod, ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+    def ev(node: ast.AST) -> float:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in ops:
+            return ops[type(node.op)](ev(node.operand))
+        raise ValueError(text)
+    try:
+        value = ev(tree)
+    except ZeroDivisionError:
+        raise ValueError(text) from None
+    return f"{int(value) if float(value).is_integer() else value}{m[2]}"
+
+
+def size(text: str) -> int:
+    return parse_size(_arith(text))
+
+
+def integer(text: str) -> int:
+    return int(_arith(text))
+
+
 def parse_time(text: str) -> float:
     """fio time values: a bare number is seconds; suffixes us, ms, s, m, h, d."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|min|h|d)?\s*", text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|min|h|d)?\s*", _arith(text))
     if not m:
         raise ValueError(text)
     scale = {None: 1, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}[m[2]]
@@ -56,22 +106,144 @@ def ignored(text: str) -> str:
     return text
 
 
-# name -> converter. fio's common options, then blockemu's own job kinds and knobs.
+def per_direction(conv: Callable[[str], Any]) -> Callable[[str], tuple[Any, Any, Any]]:
+    """fio's ``read,write,trim`` triples (``bs=4k,64k``): a missing write value repeats the
+    read one, a missing trim value the write one; an empty field keeps the default (None)."""
+    def parse3(text: str) -> tuple[Any, Any, Any]:
+        parts = text.split(",")
+        if len(parts) > 3:
+            raise ValueError(text)
+        vals = [conv(p) if p.strip() else None for p in parts]
+        if len(vals) == 1:
+            vals *= 2
+        while len(vals) < 3:
+            vals.append(vals[-1])
+        return (vals[0], vals[1], vals[2])
+    return parse3
+
+
+def bs_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    a, b = size(lo), size(hi or lo)
+    if not 0 < a <= b:
+        raise ValueError(text)
+    return a, b
+
+
+def bs_split(text: str) -> tuple[tuple[int, float], ...]:
+    """``4k/10:64k/50:32k/40``; sizes without a share split what is left equally."""
+    pairs = [(size(bs), float(pct) if pct else None) for bs, _, pct in (p.partition("/") for p in text.split(":"))]
+    given = sum(p for _, p in pairs if p is not None)
+    rest = [bs for bs, p in pairs if p is None]
+    if given > 100 or (given < 100 and not rest) or any(bs <= 0 for bs, _ in pairs):
+        raise ValueError(f"{text!r} (shares must add up to 100)")
+    return tuple((bs, p if p is not None else (100 - given) / len(rest)) for bs, p in pairs)
+
+
+@dataclass(frozen=True)
+class RW:
+    """``rw=randread:8``: the pattern and its offset modifier, as fio reads it: for a random
+    pattern, N I/Os go sequentially before a new random offset; for a sequential one, N bytes
+    are added to each next offset (negative: the file is walked backwards)."""
+    pattern: str
+    modifier: int = 0
+
+    @property
+    def random(self) -> bool:
+        return self.pattern.startswith("rand")
+
+
+RW_PATTERNS = ("read", "write", "trim", "randread", "randwrite", "randtrim", "rw", "readwrite", "randrw",
+               "trimwrite", "randtrimwrite")
+
+
+def parse_rw(text: str) -> RW:
+    pattern, _, mod = text.partition(":")
+    choice(*RW_PATTERNS)(pattern)
+    if not mod:
+        return RW(pattern)
+    if pattern.startswith("rand"):
+        return RW(pattern, integer(mod))
+    neg = mod.strip().startswith("-")
+    add = size(mod.strip().lstrip("-"))
+    return RW(pattern, -add if neg else add)
+
+
+def verify_pattern(text: str) -> bytes:
+    """fio's ``verify_pattern``: ``0x`` hex bytes (in the order written), a decimal number (its
+    32-bit little-endian bytes), a ``"quoted string"``, or several of them one after another."""
+    out = b""
+    for tok in re.findall(r'0[xX][0-9a-fA-F]+|"[^"]*"|\d+|\S', text):
+        if tok[:2].lower() == "0x":
+            digits = tok[2:]
+            out += bytes.fromhex(digits if len(digits) % 2 == 0 else "0" + digits)
+        elif tok.startswith('"'):
+            out += tok[1:-1].encode()
+        elif tok.isdigit():
+            n = int(tok)
+            out += n.to_bytes(max(1, (n.bit_length() + 7) // 8), "little")
+        else:
+            raise ValueError(f"{text!r} (%o and other formats are not supported)")
+    if not out:
+        raise ValueError(text)
+    return out
+
+
+def distribution(text: str) -> tuple[str, float]:
+    name, _, arg = text.partition(":")
+    if name == "random" and not arg:
+        return ("random", 0.0)
+    if name in ("zipf", "pareto", "normal") and arg and ":" not in arg and "," not in text:
+        return (name, float(arg))
+    raise ValueError(f"{text!r} (supported: random, zipf:THETA, pareto:POWER, normal:DEV)")
+
+
+# fio's I/O engines that do I/O to files, and how they queue: a sync engine has one I/O in
+# flight (fio caps iodepth at 1); an async one keeps iodepth of them in flight. ftruncate is
+# fio's engine whose writes are ftruncate(offset) calls.
+SYNC_ENGINES = ("sync", "psync", "vsync", "pvsync", "pvsync2", "mmap", "ftruncate")
+ASYNC_ENGINES = ("libaio", "io_uring", "posixaio")
+
+
+def engine(text: str) -> str:
+    if text not in SYNC_ENGINES + ASYNC_ENGINES:
+        raise Unsupported(f"ioengine={text} is not supported (blockemu runs file engines: "
+                          f"{', '.join(SYNC_ENGINES + ASYNC_ENGINES)})")
+    return text
+
+
+class Unsupported(ValueError):
+    """A value fio knows that blockemu cannot run (as opposed to a malformed one)."""
+
+
+VERIFY_TYPES = ("0", "null", "md5", "crc64", "crc32c", "crc32c-intel", "crc32", "crc16", "crc7", "xxhash", "sha1",
+                "sha256", "sha512", "sha3-224", "sha3-256", "sha3-384", "sha3-512", "meta", "pattern")
+
+# name -> converter: fio's options as blockemu runs them, then blockemu's own job kinds and knobs.
 OPTIONS: dict[str, Callable[[str], Any]] = {
-    "name": str, "description": str, "filename": str, "directory": str,
-    "rw": choice("read", "write", "randread", "randwrite", "rw", "readwrite", "randrw"),
-    "readwrite": choice("read", "write", "randread", "randwrite", "rw", "readwrite", "randrw"),
-    "bs": parse_size, "blocksize": parse_size, "size": parse_size, "filesize": parse_size,
-    "numjobs": int, "iodepth": int, "runtime": parse_time, "time_based": parse_bool, "fsync": int,
-    "fdatasync": int, "end_fsync": parse_bool, "fsync_on_close": parse_bool, "randseed": int,
-    "verify": choice("0", "crc32c", "crc32", "md5", "sha256", "sha1", "xxhash", "pattern", "meta", "null"),
-    "do_verify": parse_bool, "verify_fatal": parse_bool, "rwmixread": int, "rwmixwrite": int, "loops": int,
-    "stonewall": parse_bool, "wait_for_previous": parse_bool, "new_group": parse_bool, "group_reporting": parse_bool,
-    "startdelay": parse_time, "ramp_time": parse_time, "thread": parse_bool, "randrepeat": parse_bool,
-    "norandommap": parse_bool, "refill_buffers": parse_bool, "overwrite": parse_bool, "create_on_open": parse_bool,
-    # accepted so real job files run unmodified; the emulated filesystem has no such choice to make
-    "ioengine": ignored, "direct": ignored, "buffered": ignored, "invalidate": ignored, "unlink": ignored,
-    "lat_percentiles": ignored, "clat_percentiles": ignored, "percentile_list": ignored, "output-format": ignored,
+    "name": str, "description": str, "filename": str, "directory": str, "filename_format": str,
+    "wait_for": str, "rw": parse_rw, "rw_sequencer": choice("sequential", "identical"),
+    "bs": per_direction(size), "bsrange": per_direction(bs_range), "bssplit": per_direction(bs_split),
+    "bs_unaligned": parse_bool, "size": size, "filesize": size, "io_size": size, "offset": size,
+    "offset_increment": size, "number_ios": integer, "nrfiles": integer, "file_service_type": choice(
+        "roundrobin", "random", "sequential"),
+    "numjobs": integer, "iodepth": integer, "ioengine": engine, "runtime": parse_time, "time_based": parse_bool,
+    "ramp_time": parse_time, "startdelay": parse_time, "loops": integer, "fsync": integer, "fdatasync": integer,
+    "end_fsync": parse_bool, "fsync_on_close": parse_bool, "randseed": integer, "randrepeat": parse_bool,
+    "allrandrepeat": parse_bool, "norandommap": parse_bool, "random_distribution": distribution,
+    "verify": choice(*VERIFY_TYPES), "do_verify": parse_bool, "verify_fatal": parse_bool,
+    "verify_pattern": verify_pattern, "verify_interval": size, "rwmixread": integer, "rwmixwrite": integer,
+    "rate": per_direction(size), "rate_iops": per_direction(integer),
+    "stonewall": parse_bool, "new_group": parse_bool, "group_reporting": parse_bool, "thread": parse_bool,
+    "exitall": parse_bool, "unlink": parse_bool, "unlink_each_loop": parse_bool,
+    "refill_buffers": parse_bool, "zero_buffers": parse_bool, "scramble_buffers": parse_bool,
+    "overwrite": parse_bool, "create_on_open": parse_bool, "create_serialize": parse_bool,
+    "create_fsync": parse_bool, "percentile_list": str, "clat_percentiles": parse_bool,
+    "lat_percentiles": parse_bool, "slat_percentiles": parse_bool, "continue_on_error": str,
+    # documented no-ops: the emulated filesystem has no page cache bypass, no preallocation and
+    # no readahead to advise, and asyncio tasks are neither threads nor processes
+    "direct": parse_bool, "buffered": parse_bool, "invalidate": parse_bool, "fallocate": str,
+    "fadvise_hint": str, "atomic": parse_bool, "random_generator": str, "kb_base": str, "unit_base": str,
     # blockemu
     "kind": choice("fio", "mix", "keyrace", "ledger", "fsck", "script", "faults"),
     "ops": parse_ops, "nops": int, "key_removal": choice("soft", "hard", "sync", "deny-writes"),
@@ -79,16 +251,60 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "image_size": parse_size, "check_data": parse_bool, "appends": int, "power_cut_after": int,
 }
 
+ALIASES = {"readwrite": "rw", "blocksize": "bs", "blocksize_range": "bsrange", "io_limit": "io_size",
+           "fileoffset": "offset", "nr_files": "nrfiles", "timeout": "runtime", "wait_for_previous": "stonewall",
+           "blocksize_unaligned": "bs_unaligned", "iomem": "mem", "ratemin": "rate_min", "ratecycle": "rate_cycle",
+           "disable_bw": "disable_bw_measurement"}
+
+# Options that only shape logging, measurement overhead, CPU/NUMA placement or how an engine
+# talks to the kernel: accepted, and listed as ignored in the output.
+IGNORED = frozenset("""
+write_bw_log write_lat_log write_iops_log write_hist_log bwavgtime iopsavgtime log_entries log_avg_msec
+log_hist_msec log_hist_coarseness log_max_value log_offset log_prio log_compression log_compression_cpus
+log_store_compressed log_unix_epoch log_alternate_epoch log_alternate_epoch_clock_id per_job_logs
+gtod_reduce gtod_cpu disable_lat disable_clat disable_slat disable_bw_measurement clocksource cpumask
+cpus_allowed cpus_allowed_policy numa_cpu_nodes numa_mem_policy nice prio prioclass ioscheduler lockmem mem
+hugepage-size disk_util significant_figures stats block_error_percentiles io_submit_mode iodepth_batch
+iodepth_batch_submit iodepth_batch_complete iodepth_batch_complete_min iodepth_batch_complete_max iodepth_low
+write_hint cgroup cgroup_nodelete cgroup_weight uid gid http_verbose hipri hipri_percentage fixedbufs
+registerfiles sqthread_poll sqthread_poll_cpu nonvectored uncached nowait force_async userspace_reap
+cmdprio_percentage cmdprio_class cmdprio cmdprio_bssplit unified_rw_reporting sync_file_range
+""".split())
+
+# The rest of fio's options: known, and refused by name rather than as typos.
+UNSUPPORTED = frozenset("""
+lockfile unique_filename opendir ba ignore_error serialize_overlap fill_device file_append offset_align
+percentage_random openfiles write_barrier sync verify_only verify_offset verify_dump verify_async
+verify_backlog verify_backlog_batch experimental_verify verify_state_load verify_state_save trim_percentage
+trim_verify_zero trim_backlog trim_backlog_batch write_iolog read_iolog read_iolog_chunked replay_no_stall
+replay_redirect replay_scale replay_align replay_time_scale replay_skip merge_blktrace_file
+merge_blktrace_scalars merge_blktrace_iters exec_prerun exec_postrun zonemode zonesize zonecapacity zonerange
+zoneskip read_beyond_wp max_open_zones job_max_open_zones ignore_zone_limits zone_reset_threshold
+zone_reset_frequency thinktime thinktime_spin thinktime_blocks thinktime_blocks_type thinktime_iotime
+rate_min rate_process rate_cycle rate_ignore_thinktime rate_iops_min max_latency latency_target
+latency_window latency_percentile latency_run create_only allow_file_create allow_mounted_write pre_read
+exit_what exitall_on_error buffer_pattern buffer_compress_percentage buffer_compress_chunk dedupe_percentage
+dedupe_mode dedupe_working_set_percentage dedupe_global error_dump profile flow_id flow flow_sleep
+steadystate steadystate_duration steadystate_ramp_time ss ss_dur ss_ramp rwmixcycle
+""".split())
+
 
 @dataclass
 class Job:
     name: str
     options: dict[str, Any]
     line: int
-    group: int = 0
+    group: int = 0  # fio's reporting group (groupid): stonewall and new_group start a new one
+    barrier: int = 0  # jobs run only after every job of a lower barrier (stonewall) has finished
+    raw: dict[str, str] = field(default_factory=dict)  # this section's own options as written
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.options.get(key, default)
+
+    @property
+    def ignored(self) -> list[str]:
+        """Options accepted but without effect here (logging, CPU placement, engine tuning)."""
+        return sorted(k for k in self.options if k in IGNORED)
 
 
 @dataclass
@@ -96,21 +312,37 @@ class JobFile:
     path: str
     globals: dict[str, Any] = field(default_factory=dict)  # the last [global] (mount-level options)
     jobs: list[Job] = field(default_factory=list)
+    global_raw: dict[str, str] = field(default_factory=dict)  # every [global] option as written
 
 
-def _expand(text: str, where: str) -> str:
-    def env(m: re.Match) -> str:
-        if m[1] not in os.environ:
-            raise InvalidArgument(f"{where}: environment variable ${{{m[1]}}} is not set")
-        return os.environ[m[1]]
-    return re.sub(r"\$\{(\w+)\}", env, text)
+def _expand(text: str) -> str:
+    """``${VAR}`` is the environment variable, or nothing when it is unset (as in fio)."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: os.environ.get(m[1], ""), text)
+
+
+def _convert(key: str, value: str) -> tuple[str, Any]:
+    """The canonical option name and its value, or the reason it cannot be used."""
+    name = ALIASES.get(key, key)
+    if name in OPTIONS:
+        try:
+            return name, OPTIONS[name](value)  # a bare key is "" -- true for booleans, an error otherwise
+        except Unsupported as e:
+            raise InvalidArgument(str(e)) from None
+        except (ValueError, InvalidArgument) as e:
+            raise InvalidArgument(f"bad value for {key}: {e}") from None
+    if name in IGNORED:
+        return name, value
+    if name in UNSUPPORTED:
+        raise InvalidArgument(f"fio option {key!r} is not supported")
+    raise InvalidArgument(f"unknown option {key!r}")
 
 
 def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
+    """Every problem in the file is collected and reported at once, each with file:line."""
     jf = JobFile(path)
+    errors: list[str] = []
     scope: dict[str, Any] = {}  # the [global] options in force
     current: Job | None = None
-    group = 0
     for lineno, raw in enumerate(text.splitlines(), 1):
         where = f"{path}:{lineno}"
         line = raw.split(";", 1)[0].split("#", 1)[0].strip()
@@ -126,6 +358,7 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
                 raise InvalidArgument(f"{where}: include {inc}: {e.strerror}") from None
             sub = parse(included, str(inc), _depth + 1)
             scope.update(sub.globals)
+            jf.global_raw.update(sub.global_raw)
             jf.jobs.extend(sub.jobs)
             continue
         m = re.fullmatch(r"\[([^\]]+)\]", line)
@@ -142,21 +375,28 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
         if line.startswith("["):
             raise InvalidArgument(f"{where}: malformed section header {line!r} (expected [name])")
         key, _, value = line.partition("=")
-        key, value = key.strip(), _expand(value.strip(), where)
-        if key not in OPTIONS:
-            raise InvalidArgument(f"{where}: unknown option {key!r}")
+        key, value = key.strip(), _expand(value.strip())
         try:
-            converted = OPTIONS[key](value)  # a bare key is "" -- true for booleans, an error otherwise
-        except (ValueError, InvalidArgument) as e:
-            raise InvalidArgument(f"{where}: bad value for {key}: {e}") from None
-        target = current.options if current is not None else scope
-        target[key] = converted
-        if current is None:
+            name, converted = _convert(key, value)
+        except InvalidArgument as e:
+            errors.append(f"{where}: {e}")
+            continue
+        if current is not None:
+            current.options[name] = converted
+            current.raw[key] = value
+        else:
+            scope[name] = converted
+            jf.global_raw[key] = value
             jf.globals = scope
-    for job in jf.jobs:
-        if job.options.get("stonewall") or job.options.get("wait_for_previous") or job.options.get("new_group"):
+    if errors:
+        raise InvalidArgument("; ".join(errors))
+    group = barrier = 0
+    for i, job in enumerate(jf.jobs):
+        if i and job.options.get("stonewall"):
+            barrier += 1
+        if i and (job.options.get("stonewall") or job.options.get("new_group")):
             group += 1
-        job.group = group
+        job.group, job.barrier = group, barrier
     if not jf.jobs and not _depth:
         raise InvalidArgument(f"{path}: no jobs")
     return jf

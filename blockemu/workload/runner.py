@@ -1,13 +1,16 @@
 """``blockemu run``: a job file (fio syntax) against a mounted image, then fsck.
 
-Jobs in one stonewall group run concurrently; groups run in order. Kinds:
+Jobs between stonewalls run concurrently (``wait_for=`` holds one until the named job
+ends); stonewalled sets run in order. Kinds:
 ``fio`` (the default: fio's own options), ``mix`` (fsstress-like, with an
 oracle checked after the run, on a fresh mount), ``keyrace`` (fstests
 generic/595 on a scratch image, under the job's ``key_removal``), ``fsck``
 (unmount, check, remount), ``faults`` (from now on the device misbehaves as
 ``faults=SPEC`` says) and ``script=module:func`` (an async function given the
 mounted filesystem and a seeded RNG). Every random choice derives from the
-run's seed.
+run's seed. The report is fio's JSON layout with our own keys under
+``blockemu``; SIGINT/SIGTERM (or an ``exitall`` job) stop the jobs, which report
+what they did.
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ import asyncio
 import importlib
 import os
 import random
+import signal
 import tempfile
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable
@@ -26,7 +31,9 @@ from blockemu.errors import BlockemuError, InvalidArgument
 from blockemu.fs.filesystem import Filesystem, mount
 from blockemu.fs.mkfs import mkfs
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, record
-from blockemu.workload.fio import JobResult, run_fio
+from blockemu import __version__
+from blockemu.workload.fio import (JobResult, RunContext, check_job, group_bandwidth, group_results,
+                                    run_fio, terse_report, text_report)
 from blockemu.workload.jobfile import Job, JobFile, load, parse
 from blockemu.workload.keyrace import run_race, unexpected
 from blockemu.workload.mix import DEFAULT_OPS, MixResult, Task, run_mix, verify_ledger, verify_mix
@@ -58,32 +65,73 @@ class RunReport:
     fio: list[JobResult] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     fsck_clean: bool | None = None
+    global_options: dict[str, str] = field(default_factory=dict)
+    group_reporting: set[int] = field(default_factory=set)
+    started: float = field(default_factory=time.time)
+    interrupted: str | None = None  # the signal that stopped the run early
 
     @property
     def ok(self) -> bool:
         return not self.failures
 
-    def as_json(self) -> dict[str, Any]:
-        return {"fio version": "blockemu-fio-compat", "seed": self.seed, "image": self.image,
-                "jobs": [r.as_json() for r in self.fio] + self.jobs, "fsck_clean": self.fsck_clean,
-                "failures": self.failures, "ok": self.ok}
+    @property
+    def entries(self) -> list[JobResult]:
+        """fio's jobs[]: one per clone, or one per group under group_reporting."""
+        return group_results(self.fio, self.group_reporting)
+
+    def as_json(self, plus: bool = False) -> dict[str, Any]:
+        entries = self.entries
+        bw = group_bandwidth(entries)
+        ignored = {r.name: r.ignored for r in entries if r.ignored}
+        return {"fio version": f"blockemu-{__version__}", "timestamp": int(self.started),
+                "timestamp_ms": int(self.started * 1000), "time": time.ctime(self.started),
+                "global options": self.global_options,
+                "jobs": [r.as_json(bw[r.group], plus) for r in entries] + self.jobs, "disk_util": [],
+                "blockemu": {"seed": self.seed, "image": self.image, "fsck_clean": self.fsck_clean,
+                             "failures": self.failures, "ok": self.ok, "interrupted": self.interrupted,
+                             "ignored_options": ignored,
+                             "notes": sorted({n for r in entries for n in r.notes})}}
+
+    def text(self, fmt: str) -> list[str]:
+        """fio's ``normal`` or ``terse`` output for the fio jobs, then blockemu's own lines."""
+        entries = self.entries
+        bw = group_bandwidth(entries)
+        if fmt == "terse":
+            return terse_report(entries, bw, f"blockemu-{__version__}")
+        lines = [f"seed = {self.seed}"] + (text_report(entries, bw) if entries else [])
+        for j in self.jobs:
+            extra = {k: v for k, v in j.items() if k not in ("jobname", "kind", "errors", "stats", "divergent")}
+            lines.append(f"{j['jobname']} ({j['kind']}): " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+        if self.interrupted:
+            lines.append(f"interrupted by {self.interrupted}: partial results")
+        lines.append(f"fsck: {'clean' if self.fsck_clean else 'ERRORS'}")
+        return lines
 
 
 def _image_size(jf: JobFile) -> int:
     size = jf.globals.get("image_size")
     if size:
         return size
-    need = sum(j.get("size", 0) * j.get("numjobs", 1) for j in jf.jobs)
+    need = sum((j.get("size") or j.get("filesize", 0) * max(1, j.get("nrfiles", 1))) + j.get("offset", 0)
+               for j in jf.jobs for _ in range(max(1, j.get("numjobs", 1))))
     return max(256 << 20, 3 * need)
 
 
 class Runner:
     def __init__(self, jf: JobFile, image: str, seed: int) -> None:
         self.jf, self.image, self.seed = jf, image, seed
-        self.report = RunReport(seed, image)
+        self.report = RunReport(seed, image, global_options=dict(jf.global_raw),
+                                group_reporting={j.group for j in jf.jobs if j.get("group_reporting")})
         self.fs: Filesystem | None = None
         self.directory = "/jobs"
         self.mixes: list[tuple[str, MixResult]] = []  # checked after the run, on a fresh mount
+        self.stop = asyncio.Event()
+        self.done = {j.name: asyncio.Event() for j in jf.jobs}
+
+    def interrupt(self, signum: int) -> None:
+        """SIGINT/SIGTERM: jobs stop issuing I/O and report what they did, as fio does."""
+        self.report.interrupted = signal.Signals(signum).name
+        self.stop.set()
 
     async def _mount(self) -> Filesystem:
         g = self.jf.globals
@@ -104,8 +152,8 @@ class Runner:
             await mkfs(self.image, _image_size(self.jf))
         self.fs = await self._mount()
         try:
-            for group in sorted({j.group for j in self.jf.jobs}):
-                await asyncio.gather(*(self._job(j) for j in self.jf.jobs if j.group == group))
+            for barrier in sorted({j.barrier for j in self.jf.jobs}):
+                await asyncio.gather(*(self._job(j) for j in self.jf.jobs if j.barrier == barrier))
         finally:
             if self.fs is not None:
                 await self.fs.unmount()
@@ -119,15 +167,26 @@ class Runner:
         return self.report
 
     async def _job(self, job: Job) -> None:
+        try:
+            if job.get("wait_for") in self.done:
+                await self.done[job.get("wait_for")].wait()
+            if not self.stop.is_set():
+                await self._run_job(job)
+        finally:
+            self.done[job.name].set()
+
+    async def _run_job(self, job: Job) -> None:
         kind = job.get("kind", "fio")
         seed = random.Random(f"{self.seed}:{job.name}").randrange(1 << 31)
         assert self.fs is not None
         try:
             if kind == "fio":
-                res = await run_fio(self.fs, job, self.directory, seed)
-                self.report.fio.append(res)
-                if res.verify_errors:
-                    self.report.failures.append(f"{job.name}: {res.verify_errors} blocks failed verification")
+                results = await run_fio(RunContext(self.fs, self.directory, self.stop), job, seed)
+                self.report.fio += results
+                bad = sum(r.verify_errors for r in results)
+                if bad:
+                    first = next(r.verify_first for r in results if r.verify_first)
+                    self.report.failures.append(f"{job.name}: {bad} blocks failed verification, first: {first}")
             elif kind == "mix":
                 mix = await run_mix(self.fs, root=f"{self.directory}/{job.name}", tasks=job.get("numjobs", 1),
                                     nops=job.get("nops", 200), ops=job.get("ops"), seed=seed)
@@ -182,12 +241,28 @@ class Runner:
         self.report.jobs.append({"jobname": job.name, "kind": "script", "result": out})
 
 
-async def run_workload(workload: str, *, image: str | None = None, seed: int = 0) -> RunReport:
+async def run_workload(workload: str, *, image: str | None = None, seed: int = 0,
+                       overrides: dict[str, Any] | None = None) -> RunReport:
+    """Run a job file; ``overrides`` (the command line's ``--runtime``/``--size``) win over
+    every job's own values."""
     jf = load_workload(workload)
-    if image is not None:
-        return await Runner(jf, image, seed).run()
+    problems = []
+    for job in jf.jobs:
+        job.options.update(overrides or {})
+        if job.get("kind", "fio") == "fio":
+            problems += [f"{jf.path}:{job.line}: job {job.name}: {p}" for p in check_job(job)]
+    if problems:  # every job's problem at once, before any image is touched
+        raise InvalidArgument("; ".join(problems))
     with tempfile.TemporaryDirectory() as tmp:
-        return await Runner(jf, os.path.join(tmp, "run.img"), seed).run()
+        runner = Runner(jf, image if image is not None else os.path.join(tmp, "run.img"), seed)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, runner.interrupt, sig)
+        try:
+            return await runner.run()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
 
 
 async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: float | None, key_removal: str,
