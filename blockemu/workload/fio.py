@@ -184,6 +184,11 @@ def _lat_json(values: list[int], percentiles: tuple[float, ...] | None) -> dict[
     return out
 
 
+def bins(values: list[int]) -> dict[str, int]:
+    """json+'s latency histogram: how many I/Os took each latency (ns; exact, not fio's buckets)."""
+    return {str(k): v for k, v in sorted(Counter(values).items())}
+
+
 def _samples(values: list[float]) -> tuple[float, float, float, float, int]:
     if not values:
         return 0, 0, 0.0, 0.0, 0
@@ -232,7 +237,7 @@ class Direction:
             "lat_ns": _lat_json(self.lat, opts.percentiles if opts.lat_percentiles else None),
         }
         if plus and n:
-            out["clat_ns"]["bins"] = {str(k): v for k, v in sorted(Counter(self.clat).items())}
+            out["clat_ns"]["bins"] = bins(self.clat)
         bws, iopss = self.windows(runtime)
         bmin, bmax, bmean, bdev, bn = _samples(bws)
         imin, imax, imean, idev, inn = _samples(iopss)
@@ -279,7 +284,8 @@ class JobResult:
     minf: int = 0
     depths: Counter = field(default_factory=Counter)
     ios_issued: int = 0
-    depth: int = 1
+    depth: int = 1  # the iodepth asked for (fio's latency_depth), not what a sync engine keeps
+    order: int = 0  # the job's place in the job file: entries are listed in file order
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     describe: str = ""  # fio's first line for the job: rw, bs, ioengine, iodepth
@@ -357,6 +363,8 @@ class JobResult:
             "latency_ns": ns, "latency_us": us, "latency_ms": ms, "latency_depth": self.depth,
             "latency_target": 0, "latency_percentile": 100.0, "latency_window": 0,
         }
+        if plus and self.sync:
+            out["sync"]["lat_ns"]["bins"] = bins(self.sync)
         if self.verify_errors:
             out["blockemu"] = {"verify_errors": self.verify_errors, "first_verify_error": self.verify_first}
         return out
@@ -823,7 +831,7 @@ async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
     try:
         for c in clones:
             await c.layout()
-            c.result.depth, c.result.ignored, c.result.notes = c.depth, job.ignored, notes
+            c.result.depth, c.result.ignored, c.result.notes = max(1, job.get("iodepth", 1)), job.ignored, notes
             c.result.describe = describe(job, c)
         if job.get("startdelay"):
             try:
@@ -877,7 +885,8 @@ def _count(n: float) -> str:
 
 def describe(job: Job, c: Clone) -> str:
     bs = ", ".join(f"({k}) {c.sizes[i].lo}B-{c.sizes[i].hi}B" for i, k in enumerate("RWT"))
-    return f"{job.name}: (g={job.group}): rw={c.rw.pattern}, bs={bs}, ioengine={c.engine}, iodepth={c.depth}"
+    return f"{job.name}: (g={job.group}): rw={c.rw.pattern}, bs={bs}, ioengine={c.engine}, " \
+           f"iodepth={max(1, job.get('iodepth', 1))}"
 
 
 def _lat_line(label: str, ns: list[int]) -> str:

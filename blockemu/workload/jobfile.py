@@ -381,12 +381,13 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
         except InvalidArgument as e:
             errors.append(f"{where}: {e}")
             continue
+        raw_opts = current.raw if current is not None else jf.global_raw
+        if "=" in line:  # fio's "job options" leave bare flags (stonewall, group_reporting) out
+            raw_opts[key] = value
         if current is not None:
             current.options[name] = converted
-            current.raw[key] = value
         else:
             scope[name] = converted
-            jf.global_raw[key] = value
             jf.globals = scope
     if errors:
         raise InvalidArgument("; ".join(errors))

@@ -77,7 +77,7 @@ class RunReport:
     @property
     def entries(self) -> list[JobResult]:
         """fio's jobs[]: one per clone, or one per group under group_reporting."""
-        return group_results(self.fio, self.group_reporting)
+        return group_results(sorted(self.fio, key=lambda r: r.order), self.group_reporting)
 
     def as_json(self, plus: bool = False) -> dict[str, Any]:
         entries = self.entries
@@ -182,6 +182,8 @@ class Runner:
         try:
             if kind == "fio":
                 results = await run_fio(RunContext(self.fs, self.directory, self.stop), job, seed)
+                for r in results:
+                    r.order = self.jf.jobs.index(job)
                 self.report.fio += results
                 bad = sum(r.verify_errors for r in results)
                 if bad:

@@ -1,0 +1,317 @@
+"""fio job files as fio users write them: semantics, engines, output layout, and the OS's fio as oracle."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockemu.errors import InvalidArgument
+from blockemu.fs.filesystem import mount
+from blockemu.workload.fio import DIGESTS, SYNC_NOTE, Clone, JobResult, RunContext, Verifier
+from blockemu.workload.jobfile import parse
+from blockemu.workload.runner import run_workload
+from tests.test_cli import run
+
+JOBS = Path(__file__).parent / "fio_jobs"
+FIO = shutil.which("fio")
+
+
+def ios(text: str) -> list[tuple[str, int, int]]:
+    """The (file, offset, length) sequence a job's first clone would issue (no I/O done)."""
+    job = parse(text, "t.fio").jobs[0]
+    c = Clone(RunContext(None, "/jobs"), job, 0, 1, JobResult(job.name, 0))  # type: ignore[arg-type]
+    out = []
+    while (io := c.next_io()) is not None:
+        out.append((io.region.path, io.offset, io.length))
+    return out
+
+
+async def run_job(tmp_path: Path, text: str, **overrides: Any) -> tuple[dict[str, Any], str]:
+    path = tmp_path / "j.fio"
+    path.write_text(text)
+    image = str(tmp_path / "j.img")
+    report = await run_workload(str(path), image=image, seed=1, overrides=overrides or None)
+    out = report.as_json()
+    assert out["blockemu"]["ok"], out["blockemu"]["failures"]
+    assert out["blockemu"]["fsck_clean"]
+    return out, image
+
+
+# --- offsets, sizes and budgets ---------------------------------------------------------------
+
+def test_random_map_touches_every_block_once_per_loop():
+    offs = [o for _, o, _ in ios("[w]\nrw=randwrite\nsize=64k\nbs=4k\nloops=2\n")]
+    assert sorted(offs) == sorted(list(range(0, 64 << 10, 4096)) * 2)
+    assert offs[:16] != sorted(offs[:16])  # random order, each block once in the first pass
+    free = [o for _, o, _ in ios("[w]\nrw=randread\nsize=64k\nbs=4k\nnorandommap\n")]
+    assert len(free) == 16 and len(set(free)) < 16  # norandommap: repeats allowed, as in fio
+
+
+def test_sequential_modifiers_random_runs_and_block_sizes():
+    assert [o for _, o, _ in ios("[j]\nrw=write:12k\nsize=64k\nbs=4k\n")][:5] == [0, 16384, 32768, 49152, 0]
+    assert [o for _, o, _ in ios("[j]\nrw=read:-8k\nsize=64k\nbs=4k\n")][:4] == [0, 61440, 57344, 53248]
+    runs = [o for _, o, _ in ios("[j]\nrw=randread:4\nsize=1m\nbs=4k\nnumber_ios=64\n")]
+    assert len(runs) == 64
+    steps = [b - a for a, b in zip(runs, runs[1:])]
+    assert all(steps[i] == 4096 for i in range(len(steps)) if i % 4 != 3)  # 4 sequential I/Os per random offset
+    split = [n for _, _, n in ios("[j]\nrw=randread\nnorandommap\nsize=64m\nbssplit=4k/75:64k/25\nnumber_ios=400\n")]
+    assert set(split) == {4096, 65536} and 240 < split.count(4096) < 360
+    ranged = {n for _, _, n in ios("[j]\nrw=read\nsize=1m\nbsrange=1k-4k\n")}
+    assert ranged <= {1024, 2048, 3072, 4096} and len(ranged) > 1
+
+
+def test_offset_io_size_number_ios_and_files():
+    sel = ios("[j]\nrw=randwrite\nsize=64k\noffset=64k\nio_size=128k\nbs=4k\n")
+    assert sum(n for *_, n in sel) == 128 << 10 and all(64 << 10 <= o < 128 << 10 for _, o, _ in sel)
+    assert len(ios("[j]\nrw=read\nsize=1m\nnumber_ios=5\n")) == 5
+    files = ios("[j]\nrw=write\nsize=48k\nnrfiles=3\nfilename_format=$jobname-$filenum.dat\ndirectory=d\n")
+    assert [p for p, _, _ in files[:3]] == ["/jobs/d/j-1.dat", "/jobs/d/j-2.dat", "/jobs/d/j-0.dat"]
+    assert {p for p, _, _ in files} == {f"/jobs/d/j-{i}.dat" for i in range(3)} and len(files) == 12
+    listed = ios("[j]\nrw=write\nsize=32k\nfilename=/abs/f1:rel/f2\ndirectory=/base\n")
+    assert {p for p, _, _ in listed} == {"/abs/f1", "/base/rel/f2"}
+
+
+async def test_files_land_where_fio_puts_them_and_unlink_removes_them(tmp_path):
+    out, image = await run_job(tmp_path, """[global]
+rw=write
+bs=4k
+[listed]
+directory=/srv/flash
+filename=x/y/f1:f2
+size=64k
+[many]
+nrfiles=2
+size=32k
+[gone]
+size=16k
+unlink=1
+[rel]
+directory=sub
+filename=f
+size=8k
+""")
+    async with mount(image) as fs:
+        assert (await fs.stat("/srv/flash/x/y/f1")).st_size == 32 << 10 and (await fs.stat("/srv/flash/f2")).st_size == 32 << 10
+        assert (await fs.stat("/jobs/many.0.0")).st_size == 16 << 10 and await fs.exists("/jobs/many.0.1")
+        assert not await fs.exists("/jobs/gone.0.0") and (await fs.stat("/jobs/sub/f")).st_size == 8 << 10
+
+
+async def test_randwrite_over_a_file_writes_every_block(tmp_path):
+    """The random map end to end: a 1 MiB randwrite in 4k blocks leaves no block unwritten
+    (read back after unmounting and mounting again)."""
+    out, image = await run_job(tmp_path, "[w]\nrw=randwrite\nsize=1m\nbs=4k\nioengine=libaio\niodepth=8\n")
+    assert out["jobs"][0]["write"]["total_ios"] == 256
+    async with mount(image) as fs:
+        async with fs.open("/jobs/w.0.0", "r") as f:
+            data = await f.read()
+    assert len(data) == 1 << 20 and all(any(data[i: i + 4096]) for i in range(0, 1 << 20, 4096))
+
+
+async def test_ftruncate_engine_truncates_to_each_offset(tmp_path):
+    out, image = await run_job(tmp_path, "[grow]\nioengine=ftruncate\nrw=write\nsize=64k\nbs=4k\n")
+    assert out["jobs"][0]["write"]["total_ios"] == 16
+    async with mount(image) as fs:
+        assert (await fs.stat("/jobs/grow.0.0")).st_size == 60 << 10
+
+
+# --- verify -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(DIGESTS) + ["pattern"])
+def test_verify_blocks_catch_a_flipped_byte(kind):
+    v = Verifier(kind, b"\xaa\x55" if kind in ("pattern", "meta") else None, 512 if kind == "meta" else None)
+    block = v.make(8192, 7, 4096, random.Random(1))
+    assert v.check(block, 8192, 7) is None
+    bad = bytearray(block)
+    bad[1000] ^= 1
+    assert v.check(bytes(bad), 8192, 7) is not None or kind == "meta"  # meta checks headers only
+    if kind != "pattern":
+        assert "bad header offset" in v.check(block, 4096, None)
+        assert "numberio" in v.check(block, 8192, 8)
+
+
+async def test_verify_types_run_clean(tmp_path):
+    jobs = "".join(f"[{k}]\nverify={k}\nfilename={k}\n" for k in ("crc64", "md5", "sha256", "crc32c", "xxhash"))
+    out, _ = await run_job(tmp_path, "[global]\nrw=randwrite\nsize=32k\nbs=4k\n" + jobs +
+                           "[pat]\nverify=meta\nverify_pattern=0xaa555aa5\nverify_interval=512\nfilename=pat\n")
+    assert all(j["error"] == 0 and j["write"]["io_bytes"] == 32 << 10 for j in out["jobs"])
+
+
+# --- engines and options that change nothing here ---------------------------------------------
+
+async def test_engines_depth_and_ignored_options(tmp_path):
+    out, _ = await run_job(tmp_path, """[global]
+rw=randread
+size=256k
+[s]
+ioengine=psync
+iodepth=8
+write_bw_log=s
+cpus_allowed=0
+[a]
+ioengine=io_uring
+iodepth=8
+""")
+    s, a = out["jobs"]
+    assert s["latency_depth"] == 8 and s["read"]["slat_ns"]["N"] == 0 and s["iodepth_level"]["1"] == 100.0
+    assert a["latency_depth"] == 8 and a["read"]["slat_ns"]["N"] == 64 and a["iodepth_level"]["8"] > 0
+    assert out["blockemu"]["notes"] == [SYNC_NOTE]
+    assert out["blockemu"]["ignored_options"] == {"s": ["cpus_allowed", "write_bw_log"]}
+
+
+def test_non_file_engines_and_trim_are_refused_by_name(tmp_path):
+    job = tmp_path / "x.fio"
+    job.write_text("[a]\nioengine=null\nsize=1m\n[b]\nioengine=cpuio\nhttp_verbose=1\n")
+    p = run("run", str(job), check_rc=1)
+    assert p.stderr.count("\n") == 1 and "x.fio:2: ioengine=null is not supported" in p.stderr
+    assert "x.fio:5: ioengine=cpuio is not supported" in p.stderr
+    job.write_text("[t]\nrw=trim\nsize=1m\n[n]\nrw=read\n")
+    p = run("run", str(job), check_rc=1)
+    assert "x.fio:1: job t: rw=trim is not supported" in p.stderr and "x.fio:4: job n: size= is needed" in p.stderr
+
+
+# --- output -----------------------------------------------------------------------------------
+
+async def test_json_layout_clones_groups_and_idle_directions(tmp_path):
+    out, _ = await run_job(tmp_path, """[global]
+size=64k
+[w]
+rw=write
+numjobs=2
+[g]
+stonewall
+rw=read
+numjobs=3
+group_reporting
+""")
+    w1, w2, g = out["jobs"]
+    assert (w1["jobname"], w2["jobname"], g["jobname"], g["groupid"]) == ("w", "w", "g", 1)
+    assert g["read"]["io_bytes"] == 3 * (64 << 10) and g["job options"] == {"rw": "read", "numjobs": "3"}
+    assert out["global options"] == {"size": "64k"} and {"timestamp", "time", "fio version"} <= set(out)
+    assert w1["read"]["io_bytes"] == 0 and w1["read"]["runtime"] == 0 and "percentile" not in w1["read"]["clat_ns"]
+    assert w1["write"]["clat_ns"]["percentile"]["99.000000"] >= w1["write"]["clat_ns"]["percentile"]["50.000000"]
+    assert w1["write"]["lat_ns"]["N"] == 16 and w1["trim"]["total_ios"] == 0
+
+
+async def test_layout_and_ramp_time_are_not_measured(tmp_path):
+    out, _ = await run_job(tmp_path, """[layout]
+rw=read
+size=16m
+number_ios=1
+[ramp]
+rw=randread
+size=64k
+time_based
+ramp_time=0.3
+runtime=0.3
+""")
+    lay, ramp = out["jobs"]
+    assert lay["read"]["total_ios"] == 1 and lay["job_runtime"] < 100  # laying out 16 MiB is not in it
+    assert 250 <= ramp["job_runtime"] < 500  # the 300 ms of ramp are not in it either
+
+
+def test_output_formats_and_failures_on_stderr(tmp_path):
+    job = tmp_path / "o.fio"
+    job.write_text("[w]\nrw=randwrite\nsize=64k\nbs=4k\n")
+    both = run("run", str(job), "--seed", "3", "--output-format", "terse,json+").stdout
+    terse, _, js = both.partition("\n")
+    fields = terse.split(";")
+    assert fields[0] == "3" and fields[2] == "w" and len(fields) == 121  # fio's v3 fields but disk stats
+    assert sum(json.loads(js)["jobs"][0]["write"]["clat_ns"]["bins"].values()) == 16
+    text = run("run", str(job), "--seed", "3", "--size", "32k").stdout
+    assert "w: (groupid=0, jobs=1): err= 0" in text and "clat percentiles (usec):" in text
+    assert "WRITE: bw=" in text and "io=32KiB (33kB)" in text
+    job.write_text("[s]\nkind=script\nscript=tests.scripted:no_such_function\n")
+    p = run("run", str(job), "--seed", "3", "--output-format", "json", check_rc=1)
+    assert json.loads(p.stdout)["blockemu"]["failures"]
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("blockemu: run: s: job s: cannot load")
+
+
+def test_sigint_stops_the_jobs_and_reports_partial_results(tmp_path):
+    job = tmp_path / "long.fio"
+    job.write_text("[long]\nrw=randread\nsize=64k\ntime_based\nruntime=600\n"
+                   "[kill]\nkind=script\nscript=tests.scripted:interrupt_when_laid_out\n")
+    p = run("run", str(job), "--output-format", "json", check_rc=130)
+    out = json.loads(p.stdout)
+    assert out["blockemu"]["interrupted"] == "SIGINT" and out["blockemu"]["fsck_clean"]
+    assert out["jobs"][0]["jobname"] == "long" and out["jobs"][0]["job_runtime"] < 60_000
+
+
+# --- fio's own kinds of example jobs, and fio itself as the oracle ----------------------------
+
+EXPECTED_ENTRIES = {"rand-rw": 4, "seq-rw": 4, "ssd-test": 4, "tiobench": 4, "depths": 3, "clients": 3,
+                    "ftruncate": 2, "surface": 2, "waitfor": 2}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in JOBS.glob("*.fio")))
+async def test_example_style_jobs_run_unmodified(tmp_path, name):
+    """Job files in the style of fio's examples, shortened only by --size/--runtime overrides."""
+    report = await run_workload(str(JOBS / f"{name}.fio"), image=str(tmp_path / "e.img"), seed=1,
+                                overrides={"size": 256 << 10, "runtime": 0.2})
+    out = report.as_json()
+    assert out["blockemu"]["ok"], out["blockemu"]["failures"]
+    assert len(out["jobs"]) == EXPECTED_ENTRIES.get(name, 1)
+    assert all(j["read"]["io_bytes"] + j["write"]["io_bytes"] > 0 and j["error"] == 0 for j in out["jobs"])
+
+
+def keypaths(obj: Any, at: str = "") -> set[str]:
+    """Every key's path; a histogram's bins are data (latencies), not layout."""
+    if isinstance(obj, dict):
+        return {f"{at}/{k}" for k in obj} | {p for k, v in obj.items() if k != "bins" for p in keypaths(v, f"{at}/{k}")}
+    if isinstance(obj, list):
+        return {p for v in obj for p in keypaths(v, f"{at}/[]")}
+    return set()
+
+
+@pytest.mark.skipif(FIO is None, reason="the OS's fio is not installed (apt-get install fio; .ci/run does)")
+def test_json_keys_match_the_real_fio(tmp_path):
+    """The same job file through the OS's fio (on a host directory) and through blockemu: every
+    key fio writes is where fio writes it; ours add only the ``blockemu`` objects."""
+    job = tmp_path / "c.fio"
+    job.write_text(f"""[global]
+ioengine=psync
+size=128k
+bs=4k
+directory={tmp_path}
+[w]
+rw=randwrite
+numjobs=2
+[r]
+stonewall
+rw=randread
+ioengine=libaio
+iodepth=4
+[m]
+stonewall
+rw=randrw
+numjobs=2
+group_reporting
+fsync=4
+""")
+    for fmt in ("json", "json+"):
+        fio = subprocess.run([FIO, f"--output-format={fmt}", str(job)], capture_output=True, text=True, timeout=120,
+                             cwd=tmp_path)
+        assert fio.returncode == 0, fio.stderr
+        theirs = json.loads(fio.stdout[fio.stdout.index("{"):])  # fio may print notes before the JSON
+        ours = json.loads(run("run", str(job), "--output-format", fmt, "--seed", "1").stdout)
+        assert [j["jobname"] for j in ours["jobs"]] == [j["jobname"] for j in theirs["jobs"]]
+        extra = {p for p in keypaths(ours) if "/blockemu" in p}
+        assert keypaths(ours) - extra == keypaths(theirs) - {p for p in keypaths(theirs) if p.startswith("/disk_util/")}
+        assert ours["jobs"][0]["job options"] == theirs["jobs"][0]["job options"]
+        assert ours["global options"] == theirs["global options"]
+
+
+def test_parse_errors_come_all_at_once_from_the_cli(tmp_path):
+    bad = tmp_path / "bad.fio"
+    bad.write_text("[j]\nrw=write\nsize=1m\nfrobnicate=3\nverify=crc99\n")
+    p = run("run", str(bad), check_rc=1)
+    assert p.stderr == (f"blockemu: run: {bad}:4: unknown option 'frobnicate'; {bad}:5: bad value for verify: "
+                        f"'crc99' (expected one of 0, null, md5, crc64, crc32c, crc32c-intel, crc32, crc16, crc7, "
+                        f"xxhash, sha1, sha256, sha512, sha3-224, sha3-256, sha3-384, sha3-512, meta, pattern)\n")
+    with pytest.raises(InvalidArgument):
+        parse("[j]\nsize=(1+\n", "t.fio")
