@@ -175,6 +175,16 @@ def test_non_file_engines_and_trim_are_refused_by_name(tmp_path):
     assert "x.fio:1: job t: rw=trim is not supported" in p.stderr and "x.fio:4: job n: size= is needed" in p.stderr
 
 
+async def test_rate_caps_bandwidth_and_rate_min_is_judged(tmp_path):
+    path = tmp_path / "r.fio"
+    path.write_text("[capped]\nrw=read\nsize=64k\nrate=256k\nrate_min=1m\n[synced]\nrw=write\nsize=16k\nsync=1\n")
+    report = await run_workload(str(path), image=str(tmp_path / "r.img"), seed=1)
+    capped = report.as_json()["jobs"][0]
+    assert capped["job_runtime"] >= 180 and capped["read"]["bw"] <= 300  # 64 KiB at 256 KiB/s: ~250 ms
+    (failure,) = report.failures
+    assert failure.startswith("capped: read bandwidth ") and failure.endswith(" B/s is below rate_min 1048576")
+
+
 # --- output -----------------------------------------------------------------------------------
 
 async def test_json_layout_clones_groups_and_idle_directions(tmp_path):

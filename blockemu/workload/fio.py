@@ -288,6 +288,7 @@ class JobResult:
     order: int = 0  # the job's place in the job file: entries are listed in file order
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    rate_shortfall: str = ""  # why rate_min/rate_iops_min were not met
     describe: str = ""  # fio's first line for the job: rw, bs, ioengine, iodepth
 
     @property
@@ -566,6 +567,7 @@ class Clone:
         self.rate = job.get("rate") or (0, 0, 0)
         self.rate_iops = job.get("rate_iops") or (0, 0, 0)
         self.fsync_every = job.get("fsync", 0) or job.get("fdatasync", 0)
+        self.sync_writes = job.get("sync", "0") not in ("0", "none")
         self.buffers: dict[int, bytes] = {}
         self.written: dict[tuple[int, int], tuple[int, int]] = {}  # (region, offset) -> (length, numberio)
         self.issued = [0, 0, 0]  # bytes this measuring period, per direction (for rate=)
@@ -702,6 +704,8 @@ class Clone:
             got = await f.pread(io.length, io.offset)
         else:
             await f.pwrite(data, io.offset)
+            if self.sync_writes:  # O_SYNC/O_DSYNC: the write returns once it is durable
+                await f.fsync()
             got = None
         return time.perf_counter_ns(), got
 
@@ -802,6 +806,21 @@ class Clone:
                 r.file = None
 
 
+def rate_shortfall(job: Job, r: JobResult) -> str:
+    """rate_min/rate_iops_min, judged over the whole measured run (fio judges each
+    rate_cycle): the first direction that fell short, or ""."""
+    for i, d in enumerate(r.dirs):
+        if not d.clat or not r.runtime_s:
+            continue
+        floor, iops_floor = (job.get("rate_min") or (0, 0, 0))[i], (job.get("rate_iops_min") or (0, 0, 0))[i]
+        bw, iops = d.io_bytes / r.runtime_s, len(d.clat) / r.runtime_s
+        if floor and bw < floor:
+            return f"{DDIR_NAMES[i]} bandwidth {bw:.0f} B/s is below rate_min {floor}"
+        if iops_floor and iops < iops_floor:
+            return f"{DDIR_NAMES[i]} IOPS {iops:.0f} is below rate_iops_min {iops_floor}"
+    return ""
+
+
 def check_job(job: Job) -> list[str]:
     """What keeps a job from running, beyond what the parser checks: its sizes."""
     problems = []
@@ -855,6 +874,7 @@ async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
     for c in clones:
         if c.result.verify_errors:
             c.result.error = 84  # EILSEQ, as fio reports a verify failure
+        c.result.rate_shortfall = rate_shortfall(job, c.result)
     if job.get("exitall"):
         ctx.stop.set()
     return [c.result for c in clones]

@@ -2,9 +2,11 @@
 
 What fio accepts and configparser does not: repeated ``[global]`` sections that
 apply only to the jobs below them, bare keys (``time_based``), ``;`` and ``#``
-comments, ``${ENV}`` expansion, ``include FILE``. Every key is checked against
-the options we know, so a typo is an error naming the file and line (fio's
-``--warnings-fatal``), and every value is converted here, once.
+comments, ``${ENV}`` expansion (unset is empty, as in fio), ``include FILE``,
+``$pagesize``/``$mb_memory``/``$ncpus`` and arithmetic in values. Every key is checked:
+an option blockemu runs is converted here, once; one that only shapes logging or CPU
+placement is kept and listed as ignored; one of fio's that blockemu cannot honour, and a
+typo, are errors. All errors of a file are reported together, each with its file:line.
 """
 from __future__ import annotations
 
@@ -195,6 +197,8 @@ def distribution(text: str) -> tuple[str, float]:
         return ("random", 0.0)
     if name in ("zipf", "pareto", "normal") and arg and ":" not in arg and "," not in text:
         return (name, float(arg))
+    if name in ("zoned", "zoned_abs"):
+        raise Unsupported(f"random_distribution={name} is not supported (random, zipf, pareto and normal are)")
     raise ValueError(f"{text!r} (supported: random, zipf:THETA, pareto:POWER, normal:DEV)")
 
 
@@ -233,7 +237,8 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "allrandrepeat": parse_bool, "norandommap": parse_bool, "random_distribution": distribution,
     "verify": choice(*VERIFY_TYPES), "do_verify": parse_bool, "verify_fatal": parse_bool,
     "verify_pattern": verify_pattern, "verify_interval": size, "rwmixread": integer, "rwmixwrite": integer,
-    "rate": per_direction(size), "rate_iops": per_direction(integer),
+    "rate": per_direction(size), "rate_iops": per_direction(integer), "rate_min": per_direction(size),
+    "rate_iops_min": per_direction(integer), "sync": choice("0", "1", "none", "sync", "dsync"),
     "stonewall": parse_bool, "new_group": parse_bool, "group_reporting": parse_bool, "thread": parse_bool,
     "exitall": parse_bool, "unlink": parse_bool, "unlink_each_loop": parse_bool,
     "refill_buffers": parse_bool, "zero_buffers": parse_bool, "scramble_buffers": parse_bool,
@@ -254,7 +259,8 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
 ALIASES = {"readwrite": "rw", "blocksize": "bs", "blocksize_range": "bsrange", "io_limit": "io_size",
            "fileoffset": "offset", "nr_files": "nrfiles", "timeout": "runtime", "wait_for_previous": "stonewall",
            "blocksize_unaligned": "bs_unaligned", "iomem": "mem", "ratemin": "rate_min", "ratecycle": "rate_cycle",
-           "disable_bw": "disable_bw_measurement"}
+           "disable_bw": "disable_bw_measurement",
+           "threads": "thread"}
 
 # Options that only shape logging, measurement overhead, CPU/NUMA placement or how an engine
 # talks to the kernel: accepted, and listed as ignored in the output.
@@ -274,14 +280,14 @@ cmdprio_percentage cmdprio_class cmdprio cmdprio_bssplit unified_rw_reporting sy
 # The rest of fio's options: known, and refused by name rather than as typos.
 UNSUPPORTED = frozenset("""
 lockfile unique_filename opendir ba ignore_error serialize_overlap fill_device file_append offset_align
-percentage_random openfiles write_barrier sync verify_only verify_offset verify_dump verify_async
+percentage_random openfiles write_barrier verify_only verify_offset verify_dump verify_async
 verify_backlog verify_backlog_batch experimental_verify verify_state_load verify_state_save trim_percentage
 trim_verify_zero trim_backlog trim_backlog_batch write_iolog read_iolog read_iolog_chunked replay_no_stall
 replay_redirect replay_scale replay_align replay_time_scale replay_skip merge_blktrace_file
 merge_blktrace_scalars merge_blktrace_iters exec_prerun exec_postrun zonemode zonesize zonecapacity zonerange
 zoneskip read_beyond_wp max_open_zones job_max_open_zones ignore_zone_limits zone_reset_threshold
 zone_reset_frequency thinktime thinktime_spin thinktime_blocks thinktime_blocks_type thinktime_iotime
-rate_min rate_process rate_cycle rate_ignore_thinktime rate_iops_min max_latency latency_target
+rate_process rate_cycle rate_ignore_thinktime max_latency latency_target
 latency_window latency_percentile latency_run create_only allow_file_create allow_mounted_write pre_read
 exit_what exitall_on_error buffer_pattern buffer_compress_percentage buffer_compress_chunk dedupe_percentage
 dedupe_mode dedupe_working_set_percentage dedupe_global error_dump profile flow_id flow flow_sleep

@@ -185,6 +185,7 @@ class Runner:
                 for r in results:
                     r.order = self.jf.jobs.index(job)
                 self.report.fio += results
+                self.report.failures += [f"{job.name}: {r.rate_shortfall}" for r in results if r.rate_shortfall]
                 bad = sum(r.verify_errors for r in results)
                 if bad:
                     first = next(r.verify_first for r in results if r.verify_first)
