@@ -185,6 +185,14 @@ async def test_rate_caps_bandwidth_and_rate_min_is_judged(tmp_path):
     assert failure.startswith("capped: read bandwidth ") and failure.endswith(" B/s is below rate_min 1048576")
 
 
+async def test_exitall_ends_the_run_when_its_job_ends(tmp_path):
+    out, _ = await run_job(tmp_path, "[short]\nrw=read\nsize=64k\nexitall\n"
+                                     "[long]\nrw=randread\nsize=64k\ntime_based\nruntime=600\n"
+                                     "[later]\nstonewall\nrw=read\nsize=64k\n")
+    short, long_ = out["jobs"]  # the stonewalled job never starts, as in fio
+    assert short["read"]["io_bytes"] == 64 << 10 and long_["job_runtime"] < 60_000
+
+
 # --- output -----------------------------------------------------------------------------------
 
 async def test_json_layout_clones_groups_and_idle_directions(tmp_path):

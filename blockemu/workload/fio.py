@@ -15,7 +15,8 @@ offset. Budgets are fio's: ``io_size`` (default ``size``) times ``loops``, or ``
 with ``time_based``, or ``number_ios``. ``ramp_time`` runs before measuring; ``startdelay``
 waits first.
 
-Engines: the sync family (sync, psync, vsync, pvsync, pvsync2, mmap) has one I/O in flight,
+Engines: the sync family (sync, psync, vsync, pvsync, pvsync2, and mmap, whose mapped
+accesses are done as reads and writes of the same ranges) has one I/O in flight,
 and fio's note says so when ``iodepth`` asks for more; libaio, io_uring and posixaio keep
 ``iodepth`` I/Os in flight as asyncio tasks. fio's latency clocks: ``slat`` from preparing an
 I/O to its submission (async engines only), ``clat`` from submission to completion, ``lat``
@@ -265,7 +266,8 @@ class ReportOptions:
 
 @dataclass
 class JobResult:
-    """One fio ``jobs[]`` entry: a clone, or a whole group under ``group_reporting``."""
+    """One fio ``jobs[]`` entry: a clone, or a whole group under ``group_reporting``. CPU
+    figures are the process's (clones share one process), over the clone's run."""
     name: str
     group: int
     options: dict[str, str] = field(default_factory=dict)
@@ -952,11 +954,19 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
                              f"avg={j['bw_mean']:.2f}, stdev={j['bw_dev']:.2f}, samples={j['bw_samples']}")
                 lines.append(f"   iops        : min={j['iops_min']}, max={j['iops_max']}, avg={j['iops_mean']:.2f}, "
                              f"stdev={j['iops_stddev']:.2f}, samples={j['iops_samples']}")
+        for unit, buckets in zip(("nsec", "usec", "msec"), r.lat_buckets()):
+            cells = [f"{k}={v:.2f}%" for k, v in buckets.items() if v >= 0.01]
+            for k in range(0, len(cells), 5):
+                lines.append(f"  lat ({unit})   : " + ", ".join(cells[k: k + 5]))
         if r.sync:
-            lines.append("  " + _lat_line("fsync/fdatasync/sync_file_range:\n    sync", r.sync))
+            lines.append("  fsync/fdatasync/sync_file_range:")
+            lines.append(_lat_line("    sync", r.sync))
         usr, sys_ = r.cpu()
         lines.append(f"  cpu          : usr={usr:.2f}%, sys={sys_:.2f}%, ctx={r.ctx}, majf={r.majf}, minf={r.minf}")
         lines.append("  IO depths    : " + ", ".join(f"{k}={v:.1f}%" for k, v in r.depth_levels().items()))
+        per_call = r.as_json([0.0, 0.0, 0.0])["iodepth_submit"]
+        for label in ("submit", "complete"):
+            lines.append(f"     {label:<10}: " + ", ".join(f"{k}={v:.1f}%" for k, v in per_call.items()))
         totals = ",".join(str(len(d.clat)) for d in r.dirs)
         lines.append(f"     issued rwts: total={totals},0 short=0,0,0,0 dropped=0,0,0,0")
         lines.append(f"     latency   : target=0, window=0, percentile=100.00%, depth={r.depth}")
