@@ -193,6 +193,16 @@ async def test_exitall_ends_the_run_when_its_job_ends(tmp_path):
     assert short["read"]["io_bytes"] == 64 << 10 and long_["job_runtime"] < 60_000
 
 
+async def test_thinktime_caps_depth_and_block_alignment(tmp_path):
+    offs = {o for _, o, _ in ios("[j]\nrw=randread\nnorandommap\nsize=1m\nbs=4k\nba=64k\nnumber_ios=50\n")}
+    assert all(o % 65536 == 0 for o in offs)
+    out, _ = await run_job(tmp_path, "[t]\nrw=read\nsize=16k\nbs=4k\nthinktime=50ms\nthinktime_blocks=2\n"
+                                     "ioengine=libaio\niodepth=8\nstartdelay=0.1\n")
+    t = out["jobs"][0]
+    assert t["job_runtime"] >= 100 and t["iodepth_level"]["2"] == 100.0 - t["iodepth_level"]["1"]
+    assert out["blockemu"]["notes"] == []  # an async engine capped by thinktime is not a sync one
+
+
 # --- output -----------------------------------------------------------------------------------
 
 async def test_json_layout_clones_groups_and_idle_directions(tmp_path):

@@ -38,7 +38,7 @@ from blockemu.workload.jobfile import parse_time
 from blockemu.workload.jobfile import size as fio_size
 from blockemu.workload.keyrace import RaceResult, run_race, unexpected
 from blockemu.workload.keyrace import table as race_table
-from blockemu.workload.runner import run_workload, scenarios, stress_mix
+from blockemu.workload.runner import prepare, run_workload, scenarios, stress_mix
 from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS
 
 # every command but fsck: 1 failure, 2 usage error (argparse's convention)
@@ -126,6 +126,7 @@ def build_parser() -> Parser:
     rn.add_argument("--runtime", type=fio_value(parse_time), help="override every job's runtime (fio's units)")
     rn.add_argument("--size", type=fio_value(fio_size), help="override every job's size")
     rn.add_argument("--list", action="store_true", help="list the built-in scenarios")
+    rn.add_argument("--parse-only", action="store_true", help="check the job file (as fio --parse-only), run nothing")
 
     sp = sub.add_parser("stress", help="hammer an image with a seeded random mix (or the key-removal race)")
     sp.add_argument("image", help="the image to stress (created if missing)")
@@ -355,6 +356,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise UsageError("run: a job file or a scenario name is needed (or --list)")
     seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
     overrides = {k: v for k, v in (("runtime", a.runtime), ("size", a.size)) if v is not None}
+    if a.parse_only:
+        prepare(a.workload, overrides)
+        return 0
     report = asyncio.run(run_workload(a.workload, image=a.image, seed=seed, overrides=overrides))
     formats = ["json"] if a.json else a.output_format
     for fmt in formats:

@@ -546,6 +546,10 @@ class Clone:
         self.rw: RW = job.get("rw", RW("read"))
         self.engine = job.get("ioengine", "psync")
         self.depth = max(1, job.get("iodepth", 1)) if self.engine in ASYNC_ENGINES else 1
+        self.think = job.get("thinktime", 0.0)
+        self.think_every = max(1, job.get("thinktime_blocks", 1))
+        if self.think:  # fio: thinking after every N blocks caps the queue depth at N
+            self.depth = min(self.depth, self.think_every)
         self.sizes = [Sizes(job, d) for d in (READ, WRITE, TRIM)]
         self.rng = random.Random(job.get("randseed", seed) + n)
         self.data_rng = random.Random(self.rng.random())
@@ -553,7 +557,7 @@ class Clone:
         total = job.get("size") or job.get("filesize", 0) * len(paths)
         per_file = job.get("filesize") or total // len(paths)
         offset = job.get("offset", 0) + job.get("offset_increment", 0) * n
-        unit = min(s.lo for s in self.sizes)
+        unit = min(a for a in job.get("ba") or ()) if job.get("ba") else min(s.lo for s in self.sizes)
         self.regions = [Region(p, offset, per_file - per_file % unit, unit) for p in paths]
         self.budget = (job.get("io_size") or total) * max(1, job.get("loops", 1))
         self.number_ios = job.get("number_ios", 0)
@@ -574,7 +578,7 @@ class Clone:
         self.written: dict[tuple[int, int], tuple[int, int]] = {}  # (region, offset) -> (length, numberio)
         self.issued = [0, 0, 0]  # bytes this measuring period, per direction (for rate=)
         self.issued_ios = [0, 0, 0]
-        self.bytes_done = self.ios = self.writes = self.numberio = 0
+        self.bytes_done = self.ios = self.writes = self.numberio = self.completed = 0
         self.file_turn = 0
         self.measure_from = self.deadline = 0.0
         self.ramp_end: float | None = None
@@ -680,6 +684,14 @@ class Clone:
         if runtime:
             self.deadline = now + runtime
 
+    async def _pause(self, seconds: float) -> None:
+        """Wait, unless the run is stopped first."""
+        if seconds > 0:
+            try:
+                await asyncio.wait_for(self.ctx.stop.wait(), seconds)
+            except asyncio.TimeoutError:
+                pass
+
     async def _pace(self, io: IO) -> None:
         """rate= / rate_iops=: hold the I/O until its share of the period has come."""
         due = 0.0
@@ -689,12 +701,7 @@ class Clone:
             due = max(due, self.issued_ios[io.ddir] / self.rate_iops[io.ddir])
         self.issued[io.ddir] += io.length
         self.issued_ios[io.ddir] += 1
-        wait = self.measure_from + due - time.monotonic()
-        if wait > 0:
-            try:
-                await asyncio.wait_for(self.ctx.stop.wait(), wait)
-            except asyncio.TimeoutError:
-                pass
+        await self._pause(self.measure_from + due - time.monotonic())
 
     async def _do(self, io: IO, data: bytes | None) -> tuple[int, bytes | None]:
         f = io.region.file
@@ -769,6 +776,9 @@ class Clone:
                     io, t_prep, t_sub = inflight.pop(task)
                     t_done, got = task.result()
                     self._complete(io, t_prep, t_sub, t_done, got)
+                    self.completed += 1
+                    if self.think and self.completed % self.think_every == 0:
+                        await self._pause(self.think)  # thinktime(_spin): slept, a spin would stall the loop
                     if io.ddir == WRITE:
                         self.writes += 1
                         if self.fsync_every and self.writes % self.fsync_every == 0:
@@ -848,17 +858,13 @@ async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
     numjobs = max(1, job.get("numjobs", 1))
     clones = [Clone(ctx, job, n, seed, JobResult(job.name, job.group, dict(job.raw), ReportOptions.of(job)))
               for n in range(numjobs)]
-    notes = [SYNC_NOTE] if job.get("iodepth", 1) > 1 and clones[0].depth == 1 else []
+    notes = [SYNC_NOTE] if job.get("iodepth", 1) > 1 and clones[0].engine not in ASYNC_ENGINES else []
     try:
         for c in clones:
             await c.layout()
             c.result.depth, c.result.ignored, c.result.notes = max(1, job.get("iodepth", 1)), job.ignored, notes
             c.result.describe = describe(job, c)
-        if job.get("startdelay"):
-            try:
-                await asyncio.wait_for(ctx.stop.wait(), job.get("startdelay"))
-            except asyncio.TimeoutError:
-                pass
+        await clones[0]._pause(job.get("startdelay", 0))
         await asyncio.gather(*(c.run() for c in clones))
         for c in clones:
             await c.verify_phase()

@@ -70,13 +70,19 @@ def integer(text: str) -> int:
     return int(_arith(text))
 
 
-def parse_time(text: str) -> float:
-    """fio time values: a bare number is seconds; suffixes us, ms, s, m, h, d."""
+def parse_time(text: str, bare: float = 1.0) -> float:
+    """fio time values in seconds: a bare number is in ``bare`` seconds (seconds for most
+    options); suffixes us, ms, s, m, h, d."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|min|h|d)?\s*", _arith(text))
     if not m:
         raise ValueError(text)
-    scale = {None: 1, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}[m[2]]
+    scale = {None: bare, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}[m[2]]
     return float(m[1]) * scale
+
+
+def parse_usec(text: str) -> float:
+    """fio's thinktime values: a bare number is microseconds."""
+    return parse_time(text, 1e-6)
 
 
 def parse_bool(text: str) -> bool:
@@ -228,7 +234,8 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "name": str, "description": str, "filename": str, "directory": str, "filename_format": str,
     "wait_for": str, "rw": parse_rw, "rw_sequencer": choice("sequential", "identical"),
     "bs": per_direction(size), "bsrange": per_direction(bs_range), "bssplit": per_direction(bs_split),
-    "bs_unaligned": parse_bool, "size": size, "filesize": size, "io_size": size, "offset": size,
+    "bs_unaligned": parse_bool, "ba": per_direction(size), "thinktime": parse_usec, "thinktime_spin": parse_usec,
+    "thinktime_blocks": integer, "size": size, "filesize": size, "io_size": size, "offset": size,
     "offset_increment": size, "number_ios": integer, "nrfiles": integer, "file_service_type": choice(
         "roundrobin", "random", "sequential"),
     "numjobs": integer, "iodepth": integer, "ioengine": engine, "runtime": parse_time, "time_based": parse_bool,
@@ -259,7 +266,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
 ALIASES = {"readwrite": "rw", "blocksize": "bs", "blocksize_range": "bsrange", "io_limit": "io_size",
            "fileoffset": "offset", "nr_files": "nrfiles", "timeout": "runtime", "wait_for_previous": "stonewall",
            "blocksize_unaligned": "bs_unaligned", "iomem": "mem", "ratemin": "rate_min", "ratecycle": "rate_cycle",
-           "disable_bw": "disable_bw_measurement",
+           "disable_bw": "disable_bw_measurement", "blockalign": "ba", "fill_fs": "fill_device",
            "threads": "thread"}
 
 # Options that only shape logging, measurement overhead, CPU/NUMA placement or how an engine
@@ -279,14 +286,14 @@ cmdprio_percentage cmdprio_class cmdprio cmdprio_bssplit unified_rw_reporting sy
 
 # The rest of fio's options: known, and refused by name rather than as typos.
 UNSUPPORTED = frozenset("""
-lockfile unique_filename opendir ba ignore_error serialize_overlap fill_device file_append offset_align
+lockfile unique_filename opendir ignore_error serialize_overlap fill_device file_append offset_align
 percentage_random openfiles write_barrier verify_only verify_offset verify_dump verify_async
 verify_backlog verify_backlog_batch experimental_verify verify_state_load verify_state_save trim_percentage
 trim_verify_zero trim_backlog trim_backlog_batch write_iolog read_iolog read_iolog_chunked replay_no_stall
 replay_redirect replay_scale replay_align replay_time_scale replay_skip merge_blktrace_file
 merge_blktrace_scalars merge_blktrace_iters exec_prerun exec_postrun zonemode zonesize zonecapacity zonerange
 zoneskip read_beyond_wp max_open_zones job_max_open_zones ignore_zone_limits zone_reset_threshold
-zone_reset_frequency thinktime thinktime_spin thinktime_blocks thinktime_blocks_type thinktime_iotime
+zone_reset_frequency thinktime_blocks_type thinktime_iotime
 rate_process rate_cycle rate_ignore_thinktime max_latency latency_target
 latency_window latency_percentile latency_run create_only allow_file_create allow_mounted_write pre_read
 exit_what exitall_on_error buffer_pattern buffer_compress_percentage buffer_compress_chunk dedupe_percentage

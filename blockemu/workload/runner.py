@@ -244,18 +244,25 @@ class Runner:
         self.report.jobs.append({"jobname": job.name, "kind": "script", "result": out})
 
 
-async def run_workload(workload: str, *, image: str | None = None, seed: int = 0,
-                       overrides: dict[str, Any] | None = None) -> RunReport:
-    """Run a job file; ``overrides`` (the command line's ``--runtime``/``--size``) win over
-    every job's own values."""
+def prepare(workload: str, overrides: dict[str, Any] | None = None) -> JobFile:
+    """The job file with the command line's overrides applied, checked whole: every job's
+    problem is reported at once, before any image is touched (also ``--parse-only``)."""
     jf = load_workload(workload)
     problems = []
     for job in jf.jobs:
         job.options.update(overrides or {})
         if job.get("kind", "fio") == "fio":
             problems += [f"{jf.path}:{job.line}: job {job.name}: {p}" for p in check_job(job)]
-    if problems:  # every job's problem at once, before any image is touched
+    if problems:
         raise InvalidArgument("; ".join(problems))
+    return jf
+
+
+async def run_workload(workload: str, *, image: str | None = None, seed: int = 0,
+                       overrides: dict[str, Any] | None = None) -> RunReport:
+    """Run a job file; ``overrides`` (the command line's ``--runtime``/``--size``) win over
+    every job's own values."""
+    jf = prepare(workload, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         runner = Runner(jf, image if image is not None else os.path.join(tmp, "run.img"), seed)
         loop = asyncio.get_running_loop()
