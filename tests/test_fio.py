@@ -203,6 +203,16 @@ async def test_thinktime_caps_depth_and_block_alignment(tmp_path):
     assert out["blockemu"]["notes"] == []  # an async engine capped by thinktime is not a sync one
 
 
+async def test_an_io_error_ends_the_job_with_fio_err_and_still_reports(tmp_path):
+    path = tmp_path / "e.fio"
+    path.write_text("[f]\nkind=faults\nfaults=eio=0-1G:w\n[w]\nstonewall\nrw=write\nsize=64k\nend_fsync=1\nnumjobs=2\n")
+    report = await run_workload(str(path), image=str(tmp_path / "e.img"), seed=1)
+    out = report.as_json()
+    w = [j for j in out["jobs"] if j["jobname"] == "w"]
+    assert [j["error"] for j in w] == [5, 5] and all(j["write"]["io_bytes"] == 64 << 10 for j in w)
+    assert report.failures and all("(err=5)" in f for f in report.failures) and report.fsck_clean
+
+
 # --- output -----------------------------------------------------------------------------------
 
 async def test_json_layout_clones_groups_and_idle_directions(tmp_path):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import errno
 import hashlib
 import math
 import os
@@ -291,6 +292,7 @@ class JobResult:
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     rate_shortfall: str = ""  # why rate_min/rate_iops_min were not met
+    error_text: str = ""  # what the error (err=) was
     describe: str = ""  # fio's first line for the job: rw, bs, ioengine, iodepth
 
     @property
@@ -316,6 +318,11 @@ class JobResult:
         self.depths += other.depths
         self.ios_issued += other.ios_issued
         self.ignored = sorted(set(self.ignored) | set(other.ignored))
+
+    def fail(self, e: BlockemuError) -> None:
+        """fio's err= for the job: the first error's errno, and its text for our report."""
+        if not self.error:
+            self.error, self.error_text = e.errno or errno.EIO, str(e)
 
     def cpu(self) -> tuple[float, float]:
         rt = self.runtime_s or 1e-9
@@ -772,21 +779,21 @@ class Clone:
                 if not inflight:
                     break
                 done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                sync_due = False
                 for task in done:
-                    io, t_prep, t_sub = inflight.pop(task)
-                    t_done, got = task.result()
-                    self._complete(io, t_prep, t_sub, t_done, got)
-                    self.completed += 1
-                    if self.think and self.completed % self.think_every == 0:
-                        await self._pause(self.think)  # thinktime(_spin): slept, a spin would stall the loop
-                    if io.ddir == WRITE:
-                        self.writes += 1
-                        if self.fsync_every and self.writes % self.fsync_every == 0:
-                            await asyncio.gather(*inflight)  # fio's sync waits for the queue to drain
-                            for t in list(inflight):
-                                io2, p2, s2 = inflight.pop(t)
-                                self._complete(io2, p2, s2, *t.result())
-                            await self._sync()
+                    sync_due |= self._reap(task, inflight.pop(task))
+                if self.think and self.completed % self.think_every < len(done):
+                    await self._pause(self.think)  # thinktime(_spin): slept, a spin would stall the loop
+                if sync_due:  # fio's fsync=N waits for the queue to drain, then syncs
+                    if inflight:
+                        await asyncio.wait(inflight)
+                    for task in list(inflight):
+                        self._reap(task, inflight.pop(task))
+                    await self._sync()
+            if self.job.get("end_fsync") or self.verifier is not None:
+                await self._sync()
+        except BlockemuError as e:  # the I/O error ends this clone, as in fio; the others go on
+            self.result.fail(e)
         finally:
             for task in inflight:
                 task.cancel()
@@ -795,8 +802,17 @@ class Clone:
             self.result.usr_s, self.result.sys_s = t_end.user - t_cpu.user, t_end.system - t_cpu.system
             self.result.ctx = ru_end.ru_nvcsw + ru_end.ru_nivcsw - ru.ru_nvcsw - ru.ru_nivcsw
             self.result.majf, self.result.minf = ru_end.ru_majflt - ru.ru_majflt, ru_end.ru_minflt - ru.ru_minflt
-        if self.job.get("end_fsync") or self.verifier is not None:
-            await self._sync()
+
+    def _reap(self, task: asyncio.Task, started: tuple[IO, int, int]) -> bool:
+        """Account a completed I/O; True when fsync=N says a sync is due."""
+        io, t_prep, t_sub = started
+        t_done, got = task.result()
+        self._complete(io, t_prep, t_sub, t_done, got)
+        self.completed += 1
+        if io.ddir != WRITE:
+            return False
+        self.writes += 1
+        return bool(self.fsync_every) and self.writes % self.fsync_every == 0
 
     async def verify_phase(self) -> None:
         """do_verify: read back every block this clone wrote (the last write of each)."""
@@ -811,11 +827,11 @@ class Clone:
 
     async def close(self) -> None:
         for r in self.regions:
-            if r.file is not None:
+            f, r.file = r.file, None
+            if f is not None:
                 if self.job.get("fsync_on_close"):
-                    await r.file.fsync()
-                await r.file.close()
-                r.file = None
+                    await f.fsync()
+                await f.close()
 
 
 def rate_shortfall(job: Job, r: JobResult) -> str:
@@ -852,6 +868,15 @@ def check_job(job: Job) -> list[str]:
     return problems
 
 
+async def _close(clones: list[Clone]) -> None:
+    """Close every clone's files; a close that fails (its writeback did) fails that clone."""
+    for c in clones:
+        try:
+            await c.close()
+        except BlockemuError as e:
+            c.result.fail(e)
+
+
 async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
     """All clones of one job: layout first (untimed), then the clones concurrently after
     ``startdelay``, then verification, ``unlink``; one result per clone."""
@@ -859,29 +884,31 @@ async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
     clones = [Clone(ctx, job, n, seed, JobResult(job.name, job.group, dict(job.raw), ReportOptions.of(job)))
               for n in range(numjobs)]
     notes = [SYNC_NOTE] if job.get("iodepth", 1) > 1 and clones[0].engine not in ASYNC_ENGINES else []
+    for c in clones:
+        c.result.depth, c.result.ignored, c.result.notes = max(1, job.get("iodepth", 1)), job.ignored, notes
+        c.result.describe = describe(job, c)
     try:
         for c in clones:
             await c.layout()
-            c.result.depth, c.result.ignored, c.result.notes = max(1, job.get("iodepth", 1)), job.ignored, notes
-            c.result.describe = describe(job, c)
         await clones[0]._pause(job.get("startdelay", 0))
-        await asyncio.gather(*(c.run() for c in clones))
+        await asyncio.gather(*(c.run() for c in clones))  # a clone's I/O error ends that clone only
+        if not ctx.stop.is_set():  # an interrupted run is not verified, as in fio
+            for c in clones:
+                if not c.result.error:
+                    await c.verify_phase()
+        await _close(clones)
+        if job.get("unlink") or job.get("unlink_each_loop"):
+            for path in dict.fromkeys(r.path for c in clones for r in c.regions):
+                if await ctx.fs.exists(path):
+                    await ctx.fs.unlink(path)
+    except BlockemuError as e:  # layout, verification, close or unlink: the whole job failed
         for c in clones:
-            await c.verify_phase()
-    except BlockemuError as e:
-        for c in clones:
-            c.result.error = c.result.error or e.errno or 5
-        raise
+            c.result.fail(e)
     finally:
-        for c in clones:
-            await c.close()
-    if job.get("unlink") or job.get("unlink_each_loop"):
-        for path in dict.fromkeys(r.path for c in clones for r in c.regions):
-            if await ctx.fs.exists(path):
-                await ctx.fs.unlink(path)
+        await _close(clones)
     for c in clones:
         if c.result.verify_errors:
-            c.result.error = 84  # EILSEQ, as fio reports a verify failure
+            c.result.error = c.result.error or errno.EILSEQ  # as fio reports a verify failure
         c.result.rate_shortfall = rate_shortfall(job, c.result)
     if job.get("exitall"):
         ctx.stop.set()

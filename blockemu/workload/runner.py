@@ -185,6 +185,8 @@ class Runner:
                 for r in results:
                     r.order = self.jf.jobs.index(job)
                 self.report.fio += results
+                self.report.failures += list(dict.fromkeys(f"{job.name}: {r.error_text} (err={r.error})"
+                                                           for r in results if r.error_text))
                 self.report.failures += [f"{job.name}: {r.rate_shortfall}" for r in results if r.rate_shortfall]
                 bad = sum(r.verify_errors for r in results)
                 if bad:
