@@ -66,6 +66,15 @@ def test_sequential_modifiers_random_runs_and_block_sizes():
     assert ranged <= {1024, 2048, 3072, 4096} and len(ranged) > 1
 
 
+@pytest.mark.parametrize("dist", ["zipf:1.2", "pareto:0.9", "normal:10"])
+def test_random_distributions_are_skewed(dist):
+    offs = [o for _, o, _ in ios(f"[j]\nrw=randread\nsize=4m\nio_size=1g\nbs=4k\nnumber_ios=2000\nrandom_distribution={dist}\n")]
+    hottest = max(offs.count(o) for o in set(offs))
+    assert len(offs) == 2000 and hottest > 10  # uniform over 1024 blocks: about 2 each
+    if dist.startswith("normal"):
+        assert sum(1 << 20 < o < 3 << 20 for o in offs) > 1900  # within 2.5 deviations of the middle
+
+
 def test_offset_io_size_number_ios_and_files():
     sel = ios("[j]\nrw=randwrite\nsize=64k\noffset=64k\nio_size=128k\nbs=4k\n")
     assert sum(n for *_, n in sel) == 128 << 10 and all(64 << 10 <= o < 128 << 10 for _, o, _ in sel)

@@ -202,7 +202,11 @@ def distribution(text: str) -> tuple[str, float]:
     if name == "random" and not arg:
         return ("random", 0.0)
     if name in ("zipf", "pareto", "normal") and arg and ":" not in arg and "," not in text:
-        return (name, float(arg))
+        value = float(arg)
+        ok = {"zipf": value > 0 and value != 1.0, "pareto": 0 < value < 1, "normal": 0 <= value <= 100}[name]
+        if not ok:  # fio's limits: zipf theta != 1, pareto power in (0, 1), normal deviation in [0, 100]
+            raise ValueError(f"{text!r} (out of range for {name})")
+        return (name, value)
     if name in ("zoned", "zoned_abs"):
         raise Unsupported(f"random_distribution={name} is not supported (random, zipf, pareto and normal are)")
     raise ValueError(f"{text!r} (supported: random, zipf:THETA, pareto:POWER, normal:DEV)")
