@@ -60,6 +60,8 @@ def test_sequential_modifiers_random_runs_and_block_sizes():
     assert len(runs) == 64
     steps = [b - a for a, b in zip(runs, runs[1:])]
     assert all(steps[i] == 4096 for i in range(len(steps)) if i % 4 != 3)  # 4 sequential I/Os per random offset
+    same = [o for _, o, _ in ios("[j]\nrw=randread:4\nrw_sequencer=identical\nsize=1m\nbs=4k\nnumber_ios=8\n")]
+    assert same[:4] == [same[0]] * 4 and same[4:] == [same[4]] * 4
     split = [n for _, _, n in ios("[j]\nrw=randread\nnorandommap\nsize=64m\nbssplit=4k/75:64k/25\nnumber_ios=400\n")]
     assert set(split) == {4096, 65536} and 240 < split.count(4096) < 360
     ranged = {n for _, _, n in ios("[j]\nrw=read\nsize=1m\nbsrange=1k-4k\n")}
@@ -179,9 +181,10 @@ def test_non_file_engines_and_trim_are_refused_by_name(tmp_path):
     p = run("run", str(job), check_rc=1)
     assert p.stderr.count("\n") == 1 and "x.fio:2: ioengine=null is not supported" in p.stderr
     assert "x.fio:5: ioengine=cpuio is not supported" in p.stderr
-    job.write_text("[t]\nrw=trim\nsize=1m\n[n]\nrw=read\n")
-    p = run("run", str(job), check_rc=1)
+    job.write_text("[t]\nrw=trim\nsize=1m\n[n]\nrw=read\nwait_for=later\n[later]\nsize=1m\n")
+    p = run("run", str(job), "--parse-only", check_rc=1)
     assert "x.fio:1: job t: rw=trim is not supported" in p.stderr and "x.fio:4: job n: size= is needed" in p.stderr
+    assert "x.fio:4: job n: wait_for=later names no earlier job" in p.stderr
 
 
 async def test_rate_caps_bandwidth_and_rate_min_is_judged(tmp_path):

@@ -476,6 +476,7 @@ class Region:
         self.order: list[int] = []
         self.cursor = 0
         self.run_left = 0  # sequential I/Os left before the next random offset (rw=randread:N)
+        self.last = 0  # the last I/O's position (rw_sequencer=identical repeats it)
         self.zipf: list[float] | None = None
         self.file: File | None = None
 
@@ -651,7 +652,15 @@ class Clone:
         region = self._pick_region()
         ddir = READ if self.rng.randrange(100) < self.read_pct else WRITE
         length = self.sizes[ddir].pick(self.rng)
-        if self.rw.random and not (region.run_left > 0 and self.job.get("rw_sequencer", "sequential") == "sequential"):
+        if self.rw.random and region.run_left > 0:  # within rw=randread:N's run
+            region.run_left -= 1
+            if self.job.get("rw_sequencer") == "identical":  # the same offset again
+                pos, length = region.last, min(length, region.length - region.last)
+            else:
+                pos, length = region.sequential(ddir, length, 0)
+                if self.randommap:
+                    region.take(pos // region.unit, length)
+        elif self.rw.random:
             if self.randommap:
                 block = region.mapped_block(self.rng)
                 if block is None:
@@ -665,13 +674,9 @@ class Clone:
             pos = block * region.unit
             region.run_left = max(0, self.rw.modifier - 1)
             region.next_pos[ddir] = pos + length
-        elif self.rw.random:  # the sequential run of rw=randread:N
-            region.run_left -= 1
-            pos, length = region.sequential(ddir, length, 0)
-            if self.randommap:
-                region.take(pos // region.unit, length)
         else:
             pos, length = region.sequential(ddir, length, self.rw.modifier)
+        region.last = pos
         self.bytes_done += length
         self.ios += 1
         self.numberio += 1

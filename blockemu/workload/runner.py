@@ -251,10 +251,12 @@ def prepare(workload: str, overrides: dict[str, Any] | None = None) -> JobFile:
     problem is reported at once, before any image is touched (also ``--parse-only``)."""
     jf = load_workload(workload)
     problems = []
-    for job in jf.jobs:
+    for i, job in enumerate(jf.jobs):
         job.options.update(overrides or {})
         if job.get("kind", "fio") == "fio":
             problems += [f"{jf.path}:{job.line}: job {job.name}: {p}" for p in check_job(job)]
+        if job.get("wait_for") and job.get("wait_for") not in {j.name for j in jf.jobs[:i]}:
+            problems.append(f"{jf.path}:{job.line}: job {job.name}: wait_for={job.get('wait_for')} names no earlier job")
     if problems:
         raise InvalidArgument("; ".join(problems))
     return jf
