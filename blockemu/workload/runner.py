@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.metadata import version
 from typing import Any, Callable
 
 from blockemu.check.fsck import check
@@ -31,7 +32,6 @@ from blockemu.errors import BlockemuError, InvalidArgument
 from blockemu.fs.filesystem import Filesystem, mount
 from blockemu.fs.mkfs import mkfs
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, record
-from blockemu import __version__
 from blockemu.workload.fio import (JobResult, RunContext, check_job, group_bandwidth, group_results,
                                     run_fio, terse_report, text_report)
 from blockemu.workload.jobfile import Job, JobFile, load, parse
@@ -40,6 +40,7 @@ from blockemu.workload.mix import DEFAULT_OPS, MixResult, Task, run_mix, verify_
 from blockemu.workload.writepath import PRODUCTION, WritePath
 
 SCENARIO_PACKAGE = "blockemu.workload.scenarios"
+PRODUCER = f"blockemu-{version('blockemu')}"  # fio's "fio version" slot names what wrote the report
 
 
 def scenarios() -> dict[str, str]:
@@ -83,7 +84,7 @@ class RunReport:
         entries = self.entries
         bw = group_bandwidth(entries)
         ignored = {r.name: r.ignored for r in entries if r.ignored}
-        return {"fio version": f"blockemu-{__version__}", "timestamp": int(self.started),
+        return {"fio version": PRODUCER, "timestamp": int(self.started),
                 "timestamp_ms": int(self.started * 1000), "time": time.ctime(self.started),
                 "global options": self.global_options,
                 "jobs": [r.as_json(bw[r.group], plus) for r in entries] + self.jobs, "disk_util": [],
@@ -97,7 +98,7 @@ class RunReport:
         entries = self.entries
         bw = group_bandwidth(entries)
         if fmt == "terse":
-            return terse_report(entries, bw, f"blockemu-{__version__}")
+            return terse_report(entries, bw, PRODUCER)
         lines = [f"seed = {self.seed}"] + (text_report(entries, bw) if entries else [])
         for j in self.jobs:
             extra = {k: v for k, v in j.items() if k not in ("jobname", "kind", "errors", "stats", "divergent")}
