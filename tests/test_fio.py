@@ -222,6 +222,7 @@ async def test_an_io_error_ends_the_job_with_fio_err_and_still_reports(tmp_path)
     out = report.as_json()
     w = [j for j in out["jobs"] if j["jobname"] == "w"]
     assert [j["error"] for j in w] == [5, 5] and all(j["write"]["io_bytes"] == 64 << 10 for j in w)
+    assert "injected I/O error" in w[0]["blockemu"]["error"]
     assert report.failures and all("(err=5)" in f for f in report.failures) and report.fsck_clean
 
 

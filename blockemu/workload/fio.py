@@ -375,8 +375,10 @@ class JobResult:
         }
         if plus and self.sync:
             out["sync"]["lat_ns"]["bins"] = bins(self.sync)
-        if self.verify_errors:
-            out["blockemu"] = {"verify_errors": self.verify_errors, "first_verify_error": self.verify_first}
+        ours = {"error": self.error_text, "verify_errors": self.verify_errors,
+                "first_verify_error": self.verify_first, "rate_shortfall": self.rate_shortfall}
+        if any(ours.values()):
+            out["blockemu"] = {k: v for k, v in ours.items() if v}
         return out
 
 
