@@ -68,11 +68,13 @@ def test_sequential_modifiers_random_runs_and_block_sizes():
     assert ranged <= {1024, 2048, 3072, 4096} and len(ranged) > 1
 
 
-@pytest.mark.parametrize("dist", ["zipf:1.2", "pareto:0.9", "normal:10"])
+@pytest.mark.parametrize("dist", ["zipf:1.2", "pareto:0.9", "normal:10", "zoned:50/5:50/95", "zoned_abs:50/200k:50/4m"])
 def test_random_distributions_are_skewed(dist):
     offs = [o for _, o, _ in ios(f"[j]\nrw=randread\nsize=4m\nio_size=1g\nbs=4k\nnumber_ios=2000\nrandom_distribution={dist}\n")]
     hottest = max(offs.count(o) for o in set(offs))
-    assert len(offs) == 2000 and hottest > 10  # uniform over 1024 blocks: about 2 each
+    assert len(offs) == 2000 and hottest > 10 or dist.startswith("zoned")  # uniform over 1024 blocks: ~2 each
+    if dist.startswith("zoned"):  # half the accesses go to the first 5% of the file
+        assert 900 < sum(o < 200 << 10 for o in offs) < 1100 and max(offs) > 2 << 20
     if dist.startswith("normal"):
         assert sum(1 << 20 < o < 3 << 20 for o in offs) > 1900  # within 2.5 deviations of the middle
 
@@ -185,6 +187,18 @@ def test_non_file_engines_and_trim_are_refused_by_name(tmp_path):
     p = run("run", str(job), "--parse-only", check_rc=1)
     assert "x.fio:1: job t: rw=trim is not supported" in p.stderr and "x.fio:4: job n: size= is needed" in p.stderr
     assert "x.fio:4: job n: wait_for=later names no earlier job" in p.stderr
+
+
+async def test_size_comes_from_existing_files_and_poisson_rate(tmp_path):
+    out, _ = await run_job(tmp_path, "[w]\nrw=write\nfilename=data\nsize=96k\n"
+                                     "[r]\nstonewall\nrw=read\nfilename=data\nrate_iops=400\nrate_process=poisson\n")
+    w, r = out["jobs"]
+    assert r["read"]["io_bytes"] == 96 << 10 and r["read"]["total_ios"] == 24
+    assert r["job_runtime"] >= 20  # 24 arrivals at 400/s: about 60 ms
+    (tmp_path / "n.fio").write_text("[r]\nrw=read\nfilename=nothing\n")
+    report = await run_workload(str(tmp_path / "n.fio"), image=str(tmp_path / "n.img"), seed=1)
+    assert report.failures == ["r: job r: size= is needed (/jobs/nothing does not exist to take it from); "
+                               "give it in the job file or with --size (err=22)"]
 
 
 async def test_rate_caps_bandwidth_and_rate_min_is_judged(tmp_path):

@@ -32,6 +32,7 @@ import asyncio
 import bisect
 import errno
 import hashlib
+import itertools
 import math
 import os
 import random
@@ -47,7 +48,7 @@ from typing import Any, Callable
 import crc32c
 import xxhash
 
-from blockemu.errors import BlockemuError
+from blockemu.errors import BlockemuError, InvalidArgument
 from blockemu.fs.filesystem import File, Filesystem
 from blockemu.workload.jobfile import ASYNC_ENGINES, RW, Job
 
@@ -474,7 +475,7 @@ class Region:
         self.path, self.start, self.length, self.unit = path, start, length, unit
         self.blocks = max(1, length // unit)
         self.next_pos = [0, 0, 0]
-        self.used = bytearray(self.blocks)
+        self.used = bytearray()  # the random map, made on first use (never, without one)
         self.order: list[int] = []
         self.cursor = 0
         self.run_left = 0  # sequential I/Os left before the next random offset (rw=randread:N)
@@ -490,10 +491,19 @@ class Region:
         self.next_pos[ddir] = pos + length + add
         return pos, length
 
-    def random_block(self, rng: random.Random, dist: tuple[str, float]) -> int:
+    def random_block(self, rng: random.Random, dist: tuple[str, Any]) -> int:
         kind, arg = dist
         if kind == "random":
             return rng.randrange(self.blocks)
+        if kind in ("zoned", "zoned_abs"):  # pick a zone by its share of accesses, then a block in it
+            edges, acc = [], 0.0
+            for _, extent in arg:
+                acc += extent * self.blocks / 100 if kind == "zoned" else extent / self.unit
+                edges.append(min(self.blocks, int(acc)))
+            z = bisect.bisect_left(list(itertools.accumulate(p for p, _ in arg)), rng.random() * 100)
+            z = min(z, len(arg) - 1)
+            lo, hi = (edges[z - 1] if z else 0), max(edges[z], (edges[z - 1] if z else 0) + 1)
+            return min(self.blocks - 1, rng.randrange(lo, hi))
         if kind == "normal":
             x = rng.gauss(0.5, arg / 100 / 2)
             return min(self.blocks - 1, max(0, int(x * self.blocks)))
@@ -517,6 +527,7 @@ class Region:
     def mapped_block(self, rng: random.Random) -> int | None:
         """The next unused block of this pass, or None when every block has been used."""
         if not self.order:
+            self.used = self.used or bytearray(self.blocks)
             self.order = list(range(self.blocks))
             rng.shuffle(self.order)
             self.cursor = 0
@@ -527,11 +538,12 @@ class Region:
         return self.order[self.cursor]
 
     def new_pass(self) -> None:
-        self.used = bytearray(self.blocks)
+        self.used = bytearray()
         self.order = []
 
     def take(self, block: int, length: int) -> int:
         """Mark ``length`` bytes from ``block`` used, stopping at a used block; the length taken."""
+        self.used = self.used or bytearray(self.blocks)
         n = 0
         while n * self.unit < length and block + n < self.blocks and (n == 0 or not self.used[block + n]):
             self.used[block + n] = 1
@@ -563,13 +575,14 @@ class Clone:
         self.sizes = [Sizes(job, d) for d in (READ, WRITE, TRIM)]
         self.rng = random.Random(job.get("randseed", seed) + n)
         self.data_rng = random.Random(self.rng.random())
-        paths = job_files(job, ctx.directory, n)
-        total = job.get("size") or job.get("filesize", 0) * len(paths)
-        per_file = job.get("filesize") or total // len(paths)
-        offset = job.get("offset", 0) + job.get("offset_increment", 0) * n
-        unit = min(a for a in job.get("ba") or ()) if job.get("ba") else min(s.lo for s in self.sizes)
-        self.regions = [Region(p, offset, per_file - per_file % unit, unit) for p in paths]
-        self.budget = (job.get("io_size") or total) * max(1, job.get("loops", 1))
+        self.paths = job_files(job, ctx.directory, n)
+        self.offset = job.get("offset", 0) + job.get("offset_increment", 0) * n
+        self.unit = min(a for a in job.get("ba") or ()) if job.get("ba") else min(s.lo for s in self.sizes)
+        self.regions: list[Region] = []
+        self.budget = 0
+        if job.get("size") or job.get("filesize"):
+            total = job.get("size") or job.get("filesize") * len(self.paths)
+            self._size_regions([job.get("filesize") or total // len(self.paths)] * len(self.paths))
         self.number_ios = job.get("number_ios", 0)
         self.dist = job.get("random_distribution", ("random", 0.0))
         self.randommap = self.rw.random and not job.get("norandommap") and self.dist[0] == "random"
@@ -588,18 +601,33 @@ class Clone:
         self.written: dict[tuple[int, int], tuple[int, int]] = {}  # (region, offset) -> (length, numberio)
         self.issued = [0, 0, 0]  # bytes this measuring period, per direction (for rate=)
         self.issued_ios = [0, 0, 0]
+        self.arrival = [0.0, 0.0, 0.0]  # rate_process=poisson: the next arrival, per direction
         self.bytes_done = self.ios = self.writes = self.numberio = self.completed = 0
         self.file_turn = 0
         self.measure_from = self.deadline = 0.0
         self.ramp_end: float | None = None
+
+    def _size_regions(self, sizes: list[int]) -> None:
+        self.regions = [Region(p, self.offset, n - n % self.unit, self.unit) for p, n in zip(self.paths, sizes)]
+        total = sum(r.length for r in self.regions)
+        self.budget = (self.job.get("io_size") or total) * max(1, self.job.get("loops", 1))
 
     @property
     def reads(self) -> bool:
         return self.read_pct > 0
 
     async def layout(self) -> None:
-        """Create the files (and their directories); fill what a read will need. Not timed."""
+        """Create the files (and their directories); fill what a read will need. Not timed.
+        Without size=, the files' own sizes are the job's, as fio takes them."""
         fs = self.ctx.fs
+        if not self.regions:
+            missing = [p for p in self.paths if not await fs.exists(p)]
+            if missing:
+                raise InvalidArgument(f"job {self.job.name}: size= is needed ({missing[0]} does not exist to take "
+                                      f"it from); give it in the job file or with --size")
+            self._size_regions([(await fs.stat(p)).st_size - self.offset for p in self.paths])
+            if not any(r.length for r in self.regions):
+                raise InvalidArgument(f"job {self.job.name}: size= is needed (its files are empty)")
         for region in self.regions:
             await makedirs(fs, region.path)
             exists = await fs.exists(region.path)
@@ -693,7 +721,7 @@ class Clone:
         self.result.depths.clear()
         self.result.ios_issued = 0
         self.bytes_done = self.ios = 0
-        self.issued, self.issued_ios = [0, 0, 0], [0, 0, 0]
+        self.issued, self.issued_ios, self.arrival = [0, 0, 0], [0, 0, 0], [0.0, 0.0, 0.0]
         runtime = self.job.get("runtime")
         if runtime:
             self.deadline = now + runtime
@@ -711,7 +739,11 @@ class Clone:
         due = 0.0
         if self.rate[io.ddir]:
             due = self.issued[io.ddir] / self.rate[io.ddir]
-        if self.rate_iops[io.ddir]:
+        if self.rate_iops[io.ddir] and self.job.get("rate_process") == "poisson":
+            # arrivals of a Poisson process: exponential gaps with mean 1/IOPS
+            self.arrival[io.ddir] += self.rng.expovariate(self.rate_iops[io.ddir])
+            due = max(due, self.arrival[io.ddir])
+        elif self.rate_iops[io.ddir]:
             due = max(due, self.issued_ios[io.ddir] / self.rate_iops[io.ddir])
         self.issued[io.ddir] += io.length
         self.issued_ios[io.ddir] += 1
@@ -865,8 +897,9 @@ def check_job(job: Job) -> list[str]:
     if job.get("ioengine") == "ftruncate" and rw.pattern not in ("write", "randwrite"):
         problems.append(f"ioengine=ftruncate only writes (its I/Os are truncates), not rw={rw.pattern}")
     if not (job.get("size") or job.get("filesize")):
-        problems.append("size= is needed (the emulated filesystem has no device to take it from); "
-                        "give it in the job file or with --size")
+        if not job.get("filename"):  # a named file may exist by the time the job runs: its size is the job's
+            problems.append("size= is needed (the emulated filesystem has no device to take it from); "
+                            "give it in the job file or with --size")
     else:
         smallest = min(Sizes(job, d).lo for d in (READ, WRITE))
         per = job.get("filesize") or job.get("size") // max(1, len(job_files(job, "/", 0)))

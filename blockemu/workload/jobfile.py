@@ -197,7 +197,18 @@ def verify_pattern(text: str) -> bytes:
     return out
 
 
-def distribution(text: str) -> tuple[str, float]:
+def distribution(text: str) -> tuple[str, Any]:
+    """``random``, ``zipf:THETA``, ``pareto:POWER``, ``normal:DEV``, or zones of the region:
+    ``zoned:60/10:30/20:10/70`` (access %/region %), ``zoned_abs:60/20G:40/100G`` (sizes)."""
+    m = re.fullmatch(r"(zoned|zoned_abs)[:=](.+)", text)
+    if m:
+        if "," in m[2]:
+            raise Unsupported("random_distribution with zones per direction is not supported (one set is)")
+        conv = float if m[1] == "zoned" else size
+        zones = tuple((float(a), conv(b)) for a, _, b in (z.partition("/") for z in m[2].split(":")))
+        if abs(sum(a for a, _ in zones) - 100) > 1e-6 or (m[1] == "zoned" and sum(b for _, b in zones) > 100 + 1e-6):
+            raise ValueError(f"{text!r} (access shares must add up to 100, region shares to at most 100)")
+        return (m[1], zones)
     name, _, arg = text.partition(":")
     if name == "random" and not arg:
         return ("random", 0.0)
@@ -207,9 +218,7 @@ def distribution(text: str) -> tuple[str, float]:
         if not ok:  # fio's limits: zipf theta != 1, pareto power in (0, 1), normal deviation in [0, 100]
             raise ValueError(f"{text!r} (out of range for {name})")
         return (name, value)
-    if name in ("zoned", "zoned_abs"):
-        raise Unsupported(f"random_distribution={name} is not supported (random, zipf, pareto and normal are)")
-    raise ValueError(f"{text!r} (supported: random, zipf:THETA, pareto:POWER, normal:DEV)")
+    raise ValueError(f"{text!r} (expected random, zipf:THETA, pareto:POWER, normal:DEV, zoned:... or zoned_abs:...)")
 
 
 # fio's I/O engines that do I/O to files, and how they queue: a sync engine has one I/O in
@@ -217,6 +226,13 @@ def distribution(text: str) -> tuple[str, float]:
 # fio's engine whose writes are ftruncate(offset) calls.
 SYNC_ENGINES = ("sync", "psync", "vsync", "pvsync", "pvsync2", "mmap", "ftruncate")
 ASYNC_ENGINES = ("libaio", "io_uring", "posixaio")
+
+
+def no_fill(text: str) -> bool:
+    if parse_bool(text):
+        raise Unsupported("fill_device is not supported (the emulated filesystem reports ENOSPC when writeback "
+                          "fails, at fsync or close, not at write, so a fill would never end)")
+    return False
 
 
 def engine(text: str) -> str:
@@ -249,7 +265,8 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "verify": choice(*VERIFY_TYPES), "do_verify": parse_bool, "verify_fatal": parse_bool,
     "verify_pattern": verify_pattern, "verify_interval": size, "rwmixread": integer, "rwmixwrite": integer,
     "rate": per_direction(size), "rate_iops": per_direction(integer), "rate_min": per_direction(size),
-    "rate_iops_min": per_direction(integer), "sync": choice("0", "1", "none", "sync", "dsync"),
+    "rate_iops_min": per_direction(integer), "rate_process": choice("linear", "poisson"),
+    "fill_device": no_fill, "sync": choice("0", "1", "none", "sync", "dsync"),
     "stonewall": parse_bool, "new_group": parse_bool, "group_reporting": parse_bool, "thread": parse_bool,
     "exitall": parse_bool, "unlink": parse_bool, "unlink_each_loop": parse_bool,
     "refill_buffers": parse_bool, "zero_buffers": parse_bool, "scramble_buffers": parse_bool,
@@ -290,7 +307,7 @@ cmdprio_percentage cmdprio_class cmdprio cmdprio_bssplit unified_rw_reporting sy
 
 # The rest of fio's options: known, and refused by name rather than as typos.
 UNSUPPORTED = frozenset("""
-lockfile unique_filename opendir ignore_error serialize_overlap fill_device file_append offset_align
+lockfile unique_filename opendir ignore_error serialize_overlap file_append offset_align
 percentage_random openfiles write_barrier verify_only verify_offset verify_dump verify_async
 verify_backlog verify_backlog_batch experimental_verify verify_state_load verify_state_save trim_percentage
 trim_verify_zero trim_backlog trim_backlog_batch write_iolog read_iolog read_iolog_chunked replay_no_stall
@@ -298,7 +315,7 @@ replay_redirect replay_scale replay_align replay_time_scale replay_skip merge_bl
 merge_blktrace_scalars merge_blktrace_iters exec_prerun exec_postrun zonemode zonesize zonecapacity zonerange
 zoneskip read_beyond_wp max_open_zones job_max_open_zones ignore_zone_limits zone_reset_threshold
 zone_reset_frequency thinktime_blocks_type thinktime_iotime
-rate_process rate_cycle rate_ignore_thinktime max_latency latency_target
+rate_cycle rate_ignore_thinktime max_latency latency_target
 latency_window latency_percentile latency_run create_only allow_file_create allow_mounted_write pre_read
 exit_what exitall_on_error buffer_pattern buffer_compress_percentage buffer_compress_chunk dedupe_percentage
 dedupe_mode dedupe_working_set_percentage dedupe_global error_dump profile flow_id flow flow_sleep
