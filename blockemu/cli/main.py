@@ -573,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
 def fail(command: str, why: str, err: int | None, args: argparse.Namespace | None) -> None:
     """The one line on stderr; with --json also the JSON error on stdout."""
     print(f"blockemu: {command}: {why}", file=sys.stderr)
-    if args is not None and (getattr(args, "json", False) or getattr(args, "output_format", None) == "json"):
+    formats = getattr(args, "output_format", None) or []
+    if args is not None and (getattr(args, "json", False) or any(f.startswith("json") for f in formats)):
         emit_json({"error": {"command": command, "errno": err, "code": errno.errorcode.get(err or 0), "message": why}})
 
 
