@@ -13,7 +13,7 @@ import pytest
 
 from blockemu.errors import InvalidArgument
 from blockemu.fs.filesystem import mount
-from blockemu.workload.fio import DIGESTS, SYNC_NOTE, Clone, JobResult, RunContext, Verifier
+from blockemu.workload.fio import DIGESTS, SYNC_NOTE, Clone, JobResult, RunContext, SteadyWatch, Verifier
 from blockemu.workload.jobfile import parse
 from blockemu.workload.runner import run_workload
 from tests.test_cli import run
@@ -238,6 +238,29 @@ async def test_an_io_error_ends_the_job_with_fio_err_and_still_reports(tmp_path)
     assert [j["error"] for j in w] == [5, 5] and all(j["write"]["io_bytes"] == 64 << 10 for j in w)
     assert "injected I/O error" in w[0]["blockemu"]["error"]
     assert report.failures and all("(err=5)" in f for f in report.failures) and report.fsck_clean
+
+
+def test_steady_state_is_judged_on_a_rolling_window_of_one_second_samples():
+    job = parse("[j]\nss=iops:10%\nss_dur=3\nss_ramp=0.5\n", "t.fio").jobs[0]
+    w = SteadyWatch(job.get("steadystate"), job.get("steadystate_duration"), job.get("steadystate_ramp_time"))
+    w.start(100.0)
+    assert not w.tick(100.2, 10, 0)  # still in ss_ramp: nothing sampled
+    ios = 50
+    for t, per_second in ((101.5, 100), (102.5, 100), (103.5, 150), (104.5, 100), (105.5, 100)):
+        ios += per_second
+        assert not w.tick(t, ios, ios * 4096)
+    assert w.iops == [150, 100, 100] and not w.attained  # 150 is 29% off the mean
+    ios += 100
+    assert w.tick(106.5, ios, ios * 4096) and w.as_json()["attained"] == 1
+    assert w.as_json()["ss"] == "iops:10.000000%" and w.as_json()["data"]["iops"] == [100, 100, 100]
+    rising = SteadyWatch(parse("[j]\nss=bw_slope:1%\n", "t.fio").jobs[0].get("steadystate"), 3, 0)
+    rising.start(0.0)
+    rising.tick(0.0, 0, 0)
+    total = 0
+    for t in range(1, 6):
+        total += t * 1000
+        assert not rising.tick(float(t), t, total)  # bandwidth keeps growing: no steady state
+    assert rising.slope == 1000.0
 
 
 # --- output -----------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ import xxhash
 
 from blockemu.errors import BlockemuError, InvalidArgument
 from blockemu.fs.filesystem import File, Filesystem
-from blockemu.workload.jobfile import ASYNC_ENGINES, RW, Job
+from blockemu.workload.jobfile import ASYNC_ENGINES, RW, Job, SteadyState
 
 PERCENTILES = (1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99)
 READ, WRITE, TRIM = 0, 1, 2
@@ -293,6 +293,7 @@ class JobResult:
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     rate_shortfall: str = ""  # why rate_min/rate_iops_min were not met
+    steady: "SteadyWatch | None" = None
     error_text: str = ""  # what the error (err=) was
     describe: str = ""  # fio's first line for the job: rw, bs, ioengine, iodepth
 
@@ -374,6 +375,8 @@ class JobResult:
             "latency_ns": ns, "latency_us": us, "latency_ms": ms, "latency_depth": self.depth,
             "latency_target": 0, "latency_percentile": 100.0, "latency_window": 0,
         }
+        if self.steady is not None:
+            out["steadystate"] = self.steady.as_json()
         if plus and self.sync:
             out["sync"]["lat_ns"]["bins"] = bins(self.sync)
         ours = {"error": self.error_text, "verify_errors": self.verify_errors,
@@ -551,6 +554,61 @@ class Region:
         return min(length, n * self.unit, self.length - block * self.unit)
 
 
+class SteadyWatch:
+    """fio's steady-state detection: once a second after ``ss_ramp``, the last second's IOPS
+    and bandwidth join a rolling window of ``ss_dur`` seconds; when the window meets the
+    criterion the job ends."""
+
+    def __init__(self, crit: SteadyState, duration: float, ramp: float) -> None:
+        self.crit, self.n, self.ramp = crit, max(1, int(duration)), ramp
+        self.iops: list[float] = []
+        self.bw: list[float] = []
+        self.collect_from = self.next_tick = 0.0
+        self.last: tuple[int, int] | None = None  # the counts when the current second began
+        self.attained = False
+        self.deviation = self.slope = self.measure = 0.0
+
+    def start(self, measuring_from: float) -> None:
+        self.collect_from = measuring_from + self.ramp
+        self.next_tick = self.collect_from + 1.0
+
+    def tick(self, now: float, ios: int, nbytes: int) -> bool:
+        """Take the samples whose seconds are over; True once steady state is attained."""
+        if self.last is None:
+            if now < self.collect_from:
+                return False
+            self.last = (ios, nbytes)
+        while now >= self.next_tick and not self.attained:
+            self.iops.append(ios - self.last[0])
+            self.bw.append(nbytes - self.last[1])
+            self.last = (ios, nbytes)
+            self.next_tick += 1.0
+            self.iops, self.bw = self.iops[-self.n:], self.bw[-self.n:]
+            if len(self.iops) == self.n:
+                self.attained = self._judge()
+        return self.attained
+
+    def _judge(self) -> bool:
+        data = self.iops if self.crit.metric == "iops" else self.bw
+        mean = statistics.fmean(data)
+        xs = range(len(data))
+        xm = statistics.fmean(xs)
+        var = sum((x - xm) ** 2 for x in xs)
+        self.slope = sum((x - xm) * (y - mean) for x, y in zip(xs, data)) / var if var else 0.0
+        self.deviation = max(abs(y - mean) for y in data)
+        value = abs(self.slope) if self.crit.slope else self.deviation
+        self.measure = 100 * value / mean if self.crit.percent and mean else value
+        return self.measure <= self.crit.limit
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ss": str(self.crit), "duration": self.n, "attained": int(self.attained),
+                "criterion": f"{self.measure:.6f}%" if self.crit.percent else f"{self.measure:.6f}",
+                "max_deviation": self.deviation, "slope": self.slope,
+                "data": {"bw_mean": int(statistics.fmean(self.bw)) if self.bw else 0,
+                         "iops_mean": int(statistics.fmean(self.iops)) if self.iops else 0,
+                         "iops": [int(v) for v in self.iops], "bw": [int(v) for v in self.bw]}}
+
+
 @dataclass
 class IO:
     region: Region
@@ -602,7 +660,11 @@ class Clone:
         self.issued = [0, 0, 0]  # bytes this measuring period, per direction (for rate=)
         self.issued_ios = [0, 0, 0]
         self.arrival = [0.0, 0.0, 0.0]  # rate_process=poisson: the next arrival, per direction
-        self.bytes_done = self.ios = self.writes = self.numberio = self.completed = 0
+        self.bytes_done = self.ios = self.writes = self.numberio = self.completed = self.completed_bytes = 0
+        ss = job.get("steadystate")
+        self.steady = SteadyWatch(ss, job.get("steadystate_duration", 0), job.get("steadystate_ramp_time", 0)) \
+            if ss is not None and job.get("steadystate_duration") else None
+        result.steady = self.steady
         self.file_turn = 0
         self.measure_from = self.deadline = 0.0
         self.ramp_end: float | None = None
@@ -676,6 +738,8 @@ class Clone:
             self._begin_measuring(now)
         if self.deadline and now >= self.deadline:
             return None
+        if self.steady is not None and self.steady.tick(now, self.completed, self.completed_bytes):
+            return None  # steady state attained: fio ends the job
         timed = self.job.get("time_based") and self.job.get("runtime")
         if not timed and (self.bytes_done >= self.budget or self.number_ios and self.ios >= self.number_ios):
             return None
@@ -797,6 +861,8 @@ class Clone:
         now = time.monotonic()
         ramp = self.job.get("ramp_time", 0)
         self.measure_from = now
+        if self.steady is not None:
+            self.steady.start(now + ramp)
         if ramp:
             self.ramp_end = now + ramp
         elif self.job.get("runtime"):
@@ -848,6 +914,7 @@ class Clone:
         t_done, got = task.result()
         self._complete(io, t_prep, t_sub, t_done, got)
         self.completed += 1
+        self.completed_bytes += io.length
         if io.ddir != WRITE:
             return False
         self.writes += 1

@@ -228,6 +228,26 @@ SYNC_ENGINES = ("sync", "psync", "vsync", "pvsync", "pvsync2", "mmap", "ftruncat
 ASYNC_ENGINES = ("libaio", "io_uring", "posixaio")
 
 
+@dataclass(frozen=True)
+class SteadyState:
+    """``ss=iops_slope:0.1%``: what to watch (iops or bw), how (deviation from the mean, or
+    the least-squares slope), and the limit -- absolute, or a percentage of the mean."""
+    metric: str
+    slope: bool
+    limit: float
+    percent: bool
+
+    def __str__(self) -> str:
+        return f"{self.metric}{'_slope' if self.slope else ''}:{self.limit:.6f}{'%' if self.percent else ''}"
+
+
+def steadystate(text: str) -> SteadyState:
+    m = re.fullmatch(r"(iops|bw)(_slope)?:(\d+(?:\.\d+)?)(%?)", text.strip())
+    if not m:
+        raise ValueError(f"{text!r} (expected iops, iops_slope, bw or bw_slope, then :LIMIT or :LIMIT%)")
+    return SteadyState(m[1], bool(m[2]), float(m[3]), bool(m[4]))
+
+
 def no_fill(text: str) -> bool:
     if parse_bool(text):
         raise Unsupported("fill_device is not supported (the emulated filesystem reports ENOSPC when writeback "
@@ -266,7 +286,8 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "verify_pattern": verify_pattern, "verify_interval": size, "rwmixread": integer, "rwmixwrite": integer,
     "rate": per_direction(size), "rate_iops": per_direction(integer), "rate_min": per_direction(size),
     "rate_iops_min": per_direction(integer), "rate_process": choice("linear", "poisson"),
-    "fill_device": no_fill, "sync": choice("0", "1", "none", "sync", "dsync"),
+    "fill_device": no_fill, "steadystate": steadystate, "steadystate_duration": parse_time,
+    "steadystate_ramp_time": parse_time, "sync": choice("0", "1", "none", "sync", "dsync"),
     "stonewall": parse_bool, "new_group": parse_bool, "group_reporting": parse_bool, "thread": parse_bool,
     "exitall": parse_bool, "unlink": parse_bool, "unlink_each_loop": parse_bool,
     "refill_buffers": parse_bool, "zero_buffers": parse_bool, "scramble_buffers": parse_bool,
@@ -288,7 +309,8 @@ ALIASES = {"readwrite": "rw", "blocksize": "bs", "blocksize_range": "bsrange", "
            "fileoffset": "offset", "nr_files": "nrfiles", "timeout": "runtime", "wait_for_previous": "stonewall",
            "blocksize_unaligned": "bs_unaligned", "iomem": "mem", "ratemin": "rate_min", "ratecycle": "rate_cycle",
            "disable_bw": "disable_bw_measurement", "blockalign": "ba", "fill_fs": "fill_device",
-           "threads": "thread"}
+           "threads": "thread", "ss": "steadystate", "ss_dur": "steadystate_duration",
+           "ss_ramp": "steadystate_ramp_time"}
 
 # Options that only shape logging, measurement overhead, CPU/NUMA placement or how an engine
 # talks to the kernel: accepted, and listed as ignored in the output.
@@ -319,7 +341,7 @@ rate_cycle rate_ignore_thinktime max_latency latency_target
 latency_window latency_percentile latency_run create_only allow_file_create allow_mounted_write pre_read
 exit_what exitall_on_error buffer_pattern buffer_compress_percentage buffer_compress_chunk dedupe_percentage
 dedupe_mode dedupe_working_set_percentage dedupe_global error_dump profile flow_id flow flow_sleep
-steadystate steadystate_duration steadystate_ramp_time ss ss_dur ss_ramp rwmixcycle
+rwmixcycle
 """.split())
 
 
