@@ -263,6 +263,13 @@ def test_steady_state_is_judged_on_a_rolling_window_of_one_second_samples():
     assert rising.slope == 1000.0
 
 
+async def test_flow_keeps_jobs_in_proportion_to_their_weights(tmp_path):
+    out, _ = await run_job(tmp_path, "[global]\nfilename=shared\nsize=256k\ntime_based\nruntime=0.3\n"
+                                     "[heavy]\nrw=randread\nflow=3\n[light]\nrw=read:-8k\nflow=-1\n")
+    heavy, light = (j["read"]["total_ios"] for j in out["jobs"])
+    assert 2.5 < heavy / light < 3.5
+
+
 # --- output -----------------------------------------------------------------------------------
 
 async def test_json_layout_clones_groups_and_idle_directions(tmp_path):

@@ -420,6 +420,7 @@ class RunContext:
     fs: Filesystem
     directory: str
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    flows: dict[int, list[int]] = field(default_factory=dict)  # flow_id -> [I/Os issued, total weight]
 
 
 def _join(base: str, name: str) -> str:
@@ -631,6 +632,10 @@ class Clone:
         if self.think:  # fio: thinking after every N blocks caps the queue depth at N
             self.depth = min(self.depth, self.think_every)
         self.sizes = [Sizes(job, d) for d in (READ, WRITE, TRIM)]
+        self.flow = abs(job.get("flow", 0))  # fio's weight (the sign of old job files means nothing now)
+        self.flow_count = 0
+        if self.flow:
+            ctx.flows.setdefault(job.get("flow_id", 0), [0, 0])[1] += self.flow
         self.rng = random.Random(job.get("randseed", seed) + n)
         self.data_rng = random.Random(self.rng.random())
         self.paths = job_files(job, ctx.directory, n)
@@ -798,6 +803,20 @@ class Clone:
             except asyncio.TimeoutError:
                 pass
 
+    async def _flow_gate(self) -> None:
+        """flow=: hold this clone while its share of its flow group's I/Os is ahead of its
+        share of the group's weight (fio's token-based flow control)."""
+        if not self.flow:
+            return
+        group = self.ctx.flows[self.job.get("flow_id", 0)]
+        while group[0] and self.flow_count / group[0] > self.flow / group[1] and not self.ctx.stop.is_set():
+            if self.job.get("flow_sleep"):
+                await self._pause(self.job.get("flow_sleep"))
+            else:  # fio retries at once; here the others get the loop first
+                await asyncio.sleep(0)
+        group[0] += 1
+        self.flow_count += 1
+
     async def _pace(self, io: IO) -> None:
         """rate= / rate_iops=: hold the I/O until its share of the period has come."""
         due = 0.0
@@ -872,6 +891,7 @@ class Clone:
         try:
             while True:
                 while len(inflight) < self.depth and (io := self.next_io()) is not None:
+                    await self._flow_gate()
                     await self._pace(io)
                     t_prep = time.perf_counter_ns()
                     data = self._buffer(io) if io.ddir == WRITE else None
@@ -900,6 +920,8 @@ class Clone:
         except BlockemuError as e:  # the I/O error ends this clone, as in fio; the others go on
             self.result.fail(e)
         finally:
+            if self.flow:  # a finished clone's weight leaves its group, so the others are not held
+                self.ctx.flows[self.job.get("flow_id", 0)][1] -= self.flow
             for task in inflight:
                 task.cancel()
             self.result.runtime_s = time.monotonic() - self.measure_from

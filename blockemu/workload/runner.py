@@ -128,6 +128,7 @@ class Runner:
         self.mixes: list[tuple[str, MixResult]] = []  # checked after the run, on a fresh mount
         self.stop = asyncio.Event()
         self.done = {j.name: asyncio.Event() for j in jf.jobs}
+        self.flows: dict[int, list[int]] = {}  # fio's flow groups span the run's jobs
 
     def interrupt(self, signum: int) -> None:
         """SIGINT/SIGTERM: jobs stop issuing I/O and report what they did, as fio does."""
@@ -182,7 +183,7 @@ class Runner:
         assert self.fs is not None
         try:
             if kind == "fio":
-                results = await run_fio(RunContext(self.fs, self.directory, self.stop), job, seed)
+                results = await run_fio(RunContext(self.fs, self.directory, self.stop, self.flows), job, seed)
                 for r in results:
                     r.order = self.jf.jobs.index(job)
                 self.report.fio += results
