@@ -340,7 +340,7 @@ def test_sigint_stops_the_jobs_and_reports_partial_results(tmp_path):
 # --- fio's own kinds of example jobs, and fio itself as the oracle ----------------------------
 
 EXPECTED_ENTRIES = {"rand-rw": 4, "seq-rw": 4, "ssd-test": 4, "tiobench": 4, "depths": 3, "clients": 3,
-                    "ftruncate": 2, "surface": 2, "waitfor": 2}
+                    "ftruncate": 2, "surface": 2, "waitfor": 2, "butterfly": 2}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in JOBS.glob("*.fio")))
