@@ -983,6 +983,8 @@ def check_job(job: Job) -> list[str]:
     rw: RW = job.get("rw", RW("read"))
     if rw.pattern in ("trim", "randtrim", "trimwrite", "randtrimwrite"):
         problems.append(f"rw={rw.pattern} is not supported (the emulated filesystem has no discard or hole punch)")
+    if job.get("verify") == "pattern" and not job.get("verify_pattern"):
+        problems.append("verify=pattern needs verify_pattern=")
     if job.get("ioengine") == "ftruncate" and rw.pattern not in ("write", "randwrite"):
         problems.append(f"ioengine=ftruncate only writes (its I/Os are truncates), not rw={rw.pattern}")
     if not (job.get("size") or job.get("filesize")):

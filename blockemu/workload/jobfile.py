@@ -179,7 +179,7 @@ def parse_rw(text: str) -> RW:
 
 def verify_pattern(text: str) -> bytes:
     """fio's ``verify_pattern``: ``0x`` hex bytes (in the order written), a decimal number (its
-    32-bit little-endian bytes), a ``"quoted string"``, or several of them one after another."""
+    little-endian bytes, 1 to 4 as it needs), a ``"quoted string"``, or several in a row."""
     out = b""
     for tok in re.findall(r'0[xX][0-9a-fA-F]+|"[^"]*"|\d+|\S', text):
         if tok[:2].lower() == "0x":
@@ -324,13 +324,13 @@ hugepage-size disk_util significant_figures stats block_error_percentiles io_sub
 iodepth_batch_submit iodepth_batch_complete iodepth_batch_complete_min iodepth_batch_complete_max iodepth_low
 write_hint cgroup cgroup_nodelete cgroup_weight uid gid http_verbose hipri hipri_percentage fixedbufs
 registerfiles sqthread_poll sqthread_poll_cpu nonvectored uncached nowait force_async userspace_reap
-cmdprio_percentage cmdprio_class cmdprio cmdprio_bssplit unified_rw_reporting sync_file_range
+cmdprio_percentage cmdprio_class cmdprio cmdprio_bssplit unified_rw_reporting
 """.split())
 
 # The rest of fio's options: known, and refused by name rather than as typos.
 UNSUPPORTED = frozenset("""
 lockfile unique_filename opendir ignore_error serialize_overlap file_append offset_align
-percentage_random openfiles write_barrier verify_only verify_offset verify_dump verify_async
+percentage_random openfiles write_barrier sync_file_range verify_only verify_offset verify_dump verify_async
 verify_backlog verify_backlog_batch experimental_verify verify_state_load verify_state_save trim_percentage
 trim_verify_zero trim_backlog trim_backlog_batch write_iolog read_iolog read_iolog_chunked replay_no_stall
 replay_redirect replay_scale replay_align replay_time_scale replay_skip merge_blktrace_file
