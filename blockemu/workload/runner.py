@@ -158,7 +158,10 @@ class Runner:
                 await asyncio.gather(*(self._job(j) for j in self.jf.jobs if j.barrier == barrier))
         finally:
             if self.fs is not None:
-                await self.fs.unmount()
+                try:
+                    await self.fs.unmount()
+                except BlockemuError as e:  # read-only after a failed commit: the run still reports
+                    self.report.failures.append(f"unmount: {e}")
         if self.mixes:
             await self._verify_mixes()
         report = check(self.image)
