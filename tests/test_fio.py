@@ -148,6 +148,21 @@ def test_verify_blocks_catch_a_flipped_byte(kind):
         assert "numberio" in v.check(block, 8192, 8)
 
 
+async def test_verify_backlog_checks_while_writing(tmp_path, monkeypatch):
+    """verify_backlog=8: read-backs happen during the writes, each block once in all."""
+    checked: list[tuple[int, int]] = []
+    real = Clone._verify
+
+    def spy(self, data, offset, numberio, region):
+        checked.append((self.writes, offset))
+        return real(self, data, offset, numberio, region)
+    monkeypatch.setattr(Clone, "_verify", spy)
+    out, _ = await run_job(tmp_path, "[w]\nrw=randwrite\nsize=64k\nbs=4k\nverify=md5\nverify_backlog=8\n"
+                                     "ioengine=libaio\niodepth=4\n")
+    assert out["jobs"][0]["error"] == 0 and sorted(o for _, o in checked) == list(range(0, 64 << 10, 4096))
+    assert 8 <= min(w for w, _ in checked) < 16  # the first read-backs came after 8 writes, before the last
+
+
 async def test_verify_types_run_clean(tmp_path):
     jobs = "".join(f"[{k}]\nverify={k}\nfilename={k}\n" for k in ("crc64", "md5", "sha256", "crc32c", "xxhash"))
     out, _ = await run_job(tmp_path, "[global]\nrw=randwrite\nsize=32k\nbs=4k\n" + jobs +

@@ -662,6 +662,7 @@ class Clone:
         self.sync_writes = job.get("sync", "0") not in ("0", "none")
         self.buffers: dict[int, bytes] = {}
         self.written: dict[tuple[int, int], tuple[int, int]] = {}  # (region, offset) -> (length, numberio)
+        self.backlog: list[tuple[int, int]] = []  # written since the last verify_backlog check
         self.issued = [0, 0, 0]  # bytes this measuring period, per direction (for rate=)
         self.issued_ios = [0, 0, 0]
         self.arrival = [0.0, 0.0, 0.0]  # rate_process=poisson: the next arrival, per direction
@@ -856,7 +857,9 @@ class Clone:
         d.io_bytes += io.length
         d.done.append((time.monotonic() - self.measure_from, io.length))
         if io.ddir == WRITE:
-            self.written[(self.regions.index(io.region), io.offset)] = (io.length, io.numberio)
+            key = (self.regions.index(io.region), io.offset)
+            self.written[key] = (io.length, io.numberio)
+            self.backlog.append(key)
         elif got is not None and self.verifier is not None:
             w = self.written.get((self.regions.index(io.region), io.offset))
             self._verify(got, io.offset, w[1] if w and w[0] == io.length else None, io.region)
@@ -909,12 +912,16 @@ class Clone:
                     sync_due |= self._reap(task, inflight.pop(task))
                 if self.think and self.completed % self.think_every < len(done):
                     await self._pause(self.think)  # thinktime(_spin): slept, a spin would stall the loop
-                if sync_due:  # fio's fsync=N waits for the queue to drain, then syncs
+                verify_due = self.verifier is not None and 0 < self.job.get("verify_backlog", 0) <= len(self.backlog)
+                if sync_due or verify_due:  # fio drains the queue first: a read-back must not race its write
                     if inflight:
                         await asyncio.wait(inflight)
                     for task in list(inflight):
                         self._reap(task, inflight.pop(task))
+                if sync_due:
                     await self._sync()
+                if verify_due:
+                    await self._backlog()
             if self.job.get("end_fsync") or self.verifier is not None:
                 await self._sync()
         except BlockemuError as e:  # the I/O error ends this clone, as in fio; the others go on
@@ -942,16 +949,27 @@ class Clone:
         self.writes += 1
         return bool(self.fsync_every) and self.writes % self.fsync_every == 0
 
-    async def verify_phase(self) -> None:
-        """do_verify: read back every block this clone wrote (the last write of each)."""
-        if self.verifier is None or not self.written or not self.job.get("do_verify", True):
-            return
-        for (ri, off), (length, numberio) in sorted(self.written.items()):
+    async def _verify_written(self, keys: list[tuple[int, int]]) -> None:
+        """Read back written blocks and check them; each is then off the list to verify."""
+        for ri, off in keys:
+            length, numberio = self.written.pop((ri, off))
             region = self.regions[ri]
             assert region.file is not None
             self._verify(await region.file.pread(length, off), off, numberio, region)
             if self.result.verify_errors and self.job.get("verify_fatal"):
                 return
+
+    async def verify_phase(self) -> None:
+        """do_verify: read back every block this clone wrote (the last write of each) that
+        verify_backlog has not checked already."""
+        if self.verifier is not None and self.job.get("do_verify", True):
+            await self._verify_written(sorted(self.written))
+
+    async def _backlog(self) -> None:
+        """verify_backlog=N: after N writes, verify (verify_backlog_batch of) them."""
+        every = self.job.get("verify_backlog")
+        batch, self.backlog = self.backlog[: self.job.get("verify_backlog_batch") or every], []
+        await self._verify_written([k for k in dict.fromkeys(batch) if k in self.written])
 
     async def close(self) -> None:
         for r in self.regions:

@@ -283,7 +283,8 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "end_fsync": parse_bool, "fsync_on_close": parse_bool, "randseed": integer, "randrepeat": parse_bool,
     "allrandrepeat": parse_bool, "norandommap": parse_bool, "random_distribution": distribution,
     "verify": choice(*VERIFY_TYPES), "do_verify": parse_bool, "verify_fatal": parse_bool,
-    "verify_pattern": verify_pattern, "verify_interval": size, "rwmixread": integer, "rwmixwrite": integer,
+    "verify_pattern": verify_pattern, "verify_interval": size, "verify_backlog": integer,
+    "verify_backlog_batch": integer, "rwmixread": integer, "rwmixwrite": integer,
     "rate": per_direction(size), "rate_iops": per_direction(integer), "rate_min": per_direction(size),
     "rate_iops_min": per_direction(integer), "rate_process": choice("linear", "poisson"),
     "fill_device": no_fill, "steadystate": steadystate, "steadystate_duration": parse_time,
@@ -324,14 +325,13 @@ hugepage-size disk_util significant_figures stats block_error_percentiles io_sub
 iodepth_batch_submit iodepth_batch_complete iodepth_batch_complete_min iodepth_batch_complete_max iodepth_low
 write_hint cgroup cgroup_nodelete cgroup_weight uid gid http_verbose hipri hipri_percentage fixedbufs
 registerfiles sqthread_poll sqthread_poll_cpu nonvectored uncached nowait force_async userspace_reap
-cmdprio_percentage cmdprio_class cmdprio cmdprio_bssplit unified_rw_reporting
+cmdprio_percentage cmdprio_class cmdprio cmdprio_bssplit unified_rw_reporting verify_async verify_dump
 """.split())
 
 # The rest of fio's options: known, and refused by name rather than as typos.
 UNSUPPORTED = frozenset("""
 lockfile unique_filename opendir ignore_error serialize_overlap file_append offset_align
-percentage_random openfiles write_barrier sync_file_range verify_only verify_offset verify_dump verify_async
-verify_backlog verify_backlog_batch experimental_verify verify_state_load verify_state_save trim_percentage
+percentage_random openfiles write_barrier sync_file_range verify_only verify_offset experimental_verify verify_state_load verify_state_save trim_percentage
 trim_verify_zero trim_backlog trim_backlog_batch write_iolog read_iolog read_iolog_chunked replay_no_stall
 replay_redirect replay_scale replay_align replay_time_scale replay_skip merge_blktrace_file
 merge_blktrace_scalars merge_blktrace_iters exec_prerun exec_postrun zonemode zonesize zonecapacity zonerange
