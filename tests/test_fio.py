@@ -13,7 +13,8 @@ import pytest
 
 from blockemu.errors import InvalidArgument
 from blockemu.fs.filesystem import mount
-from blockemu.workload.fio import DIGESTS, SYNC_NOTE, Clone, JobResult, RunContext, SteadyWatch, Verifier
+from blockemu.workload.fio import (DIGESTS, SYNC_NOTE, Clone, JobResult, LatencyTarget, RunContext, SteadyWatch,
+                                   Verifier)
 from blockemu.workload.jobfile import parse
 from blockemu.workload.runner import run_workload
 from tests.test_cli import run
@@ -284,6 +285,32 @@ async def test_flow_keeps_jobs_in_proportion_to_their_weights(tmp_path):
                                      "[heavy]\nrw=randread\nflow=3\n[light]\nrw=read:-8k\nflow=-1\n")
     heavy, light = (j["read"]["total_ios"] for j in out["jobs"])
     assert 2.5 < heavy / light < 3.5
+
+
+def test_latency_target_searches_the_deepest_queue_that_meets_it():
+    job = parse("[j]\nlatency_target=250\nlatency_window=1s\nlatency_percentile=90\n", "t.fio").jobs[0]
+    lt = LatencyTarget(job, 16)
+    lt.start(0.0)
+    trail = []
+    for window, late in enumerate((0, 0, 5, 0, 0, 0)):  # 10 I/Os a window, `late` of them over 250 us
+        for i in range(10):
+            fresh = lt.complete(window + (i + 1) / 10, 300_000 if i < late else 100_000)
+        trail.append((lt.qd, fresh, lt.done))
+    assert trail == [(2, False, False), (4, False, False), (3, False, False), (3, True, False),
+                     (3, False, True), (3, False, True)]  # 1 -> 2 -> 4 fails -> 3 holds: a final window, done
+    assert (lt.target_ns, lt.window_us, lt.percentile) == (250_000, 1_000_000, 90.0)
+
+
+async def test_latency_target_and_max_latency_in_a_run(tmp_path):
+    out, _ = await run_job(tmp_path, "[t]\nrw=randread\nsize=256k\nioengine=io_uring\niodepth=8\n"
+                                     "latency_target=10s\nlatency_window=20ms\ntime_based\nruntime=5\n")
+    t = out["jobs"][0]
+    assert t["latency_depth"] == 8 and t["latency_target"] == 10_000_000_000 and t["job_runtime"] < 4000
+    path = tmp_path / "m.fio"
+    path.write_text("[m]\nrw=write\nsize=64k\nsync=1\nmax_latency=1us\n")
+    report = await run_workload(str(path), image=str(tmp_path / "m.img"), seed=1)
+    (m,) = report.as_json()["jobs"]
+    assert m["error"] == 110 and m["write"]["total_ios"] == 1 and "max_latency exceeded" in report.failures[0]
 
 
 # --- output -----------------------------------------------------------------------------------

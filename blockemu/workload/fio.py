@@ -294,6 +294,7 @@ class JobResult:
     notes: list[str] = field(default_factory=list)
     rate_shortfall: str = ""  # why rate_min/rate_iops_min were not met
     steady: "SteadyWatch | None" = None
+    latency: "LatencyTarget | None" = None
     error_text: str = ""  # what the error (err=) was
     describe: str = ""  # fio's first line for the job: rw, bs, ioengine, iodepth
 
@@ -372,8 +373,11 @@ class JobResult:
             "job_runtime": int(self.runtime_s * 1000), "usr_cpu": usr, "sys_cpu": sys_, "ctx": self.ctx,
             "majf": self.majf, "minf": self.minf, "iodepth_level": self.depth_levels(),
             "iodepth_submit": one, "iodepth_complete": dict(one),
-            "latency_ns": ns, "latency_us": us, "latency_ms": ms, "latency_depth": self.depth,
-            "latency_target": 0, "latency_percentile": 100.0, "latency_window": 0,
+            "latency_ns": ns, "latency_us": us, "latency_ms": ms,
+            "latency_depth": self.latency.qd if self.latency else self.depth,
+            "latency_target": self.latency.target_ns if self.latency else 0,
+            "latency_percentile": self.latency.percentile if self.latency else 100.0,
+            "latency_window": self.latency.window_us if self.latency else 0,
         }
         if self.steady is not None:
             out["steadystate"] = self.steady.as_json()
@@ -555,6 +559,51 @@ class Region:
         return min(length, n * self.unit, self.length - block * self.unit)
 
 
+class LatencyTarget:
+    """fio's latency_target mode: over each latency_window, did latency_percentile of the I/Os
+    finish within latency_target? Yes: try a deeper queue (doubling, then bisecting up to
+    iodepth); no: bisect down. When the depth stops changing, one more window is run with
+    fresh statistics (the results at that depth), and then the job ends -- or, with
+    latency_run, keeps adjusting."""
+
+    def __init__(self, job: Job, iodepth: int) -> None:
+        self.target_ns = int(job.get("latency_target") * 1e9)
+        self.window_us = int(job.get("latency_window", 0) * 1e6)
+        self.percentile = float(job.get("latency_percentile", 100.0))
+        self.run_on = job.get("latency_run", False)
+        self.iodepth = iodepth
+        self.qd, self.low, self.high = 1, 1, iodepth
+        self.window_from = 0.0
+        self.ios = self.late = 0
+        self.final = self.done = False
+
+    def start(self, now: float) -> None:
+        self.window_from, self.ios, self.late = now, 0, 0
+
+    def complete(self, now: float, lat_ns: int) -> bool:
+        """Count one I/O; True when a new measuring period begins (the final window)."""
+        self.ios += 1
+        self.late += lat_ns > self.target_ns
+        if now - self.window_from < self.window_us / 1e6 or not self.ios:
+            return False
+        met = 100.0 * (self.ios - self.late) / self.ios >= self.percentile
+        before = self.qd
+        fresh = False
+        if met:
+            self.low = self.qd
+            self.qd = min(self.iodepth, (self.qd + self.high) // 2 if self.high != self.iodepth else self.qd * 2)
+            if self.qd == before and not self.run_on:
+                self.done, fresh = self.final, not self.final
+                self.final = True
+        else:
+            self.high = self.qd
+            if self.high == self.low:
+                self.low = max(1, self.low - 1)
+            self.qd = max(1, (self.qd + self.low) // 2)
+        self.start(now)
+        return fresh
+
+
 class SteadyWatch:
     """fio's steady-state detection: once a second after ``ss_ramp``, the last second's IOPS
     and bandwidth join a rolling window of ``ss_dur`` seconds; when the window meets the
@@ -627,6 +676,8 @@ class Clone:
         self.rw: RW = job.get("rw", RW("read"))
         self.engine = job.get("ioengine", "psync")
         self.depth = max(1, job.get("iodepth", 1)) if self.engine in ASYNC_ENGINES else 1
+        self.latency = LatencyTarget(job, self.depth) if job.get("latency_target") else None
+        result.latency = self.latency
         self.think = job.get("thinktime", 0.0)
         self.think_every = max(1, job.get("thinktime_blocks", 1))
         if self.think:  # fio: thinking after every N blocks caps the queue depth at N
@@ -746,6 +797,8 @@ class Clone:
             return None
         if self.steady is not None and self.steady.tick(now, self.completed, self.completed_bytes):
             return None  # steady state attained: fio ends the job
+        if self.latency is not None and self.latency.done or self.result.error:
+            return None  # the latency target's depth is found, or max_latency was exceeded
         timed = self.job.get("time_based") and self.job.get("runtime")
         if not timed and (self.bytes_done >= self.budget or self.number_ios and self.ios >= self.number_ios):
             return None
@@ -783,8 +836,15 @@ class Clone:
         return IO(region, ddir, region.start + pos, length, self.numberio)
 
     def _begin_measuring(self, now: float) -> None:
-        """ramp_time is over: what happened so far does not count, and the budget starts now."""
+        """ramp_time is over: what happened so far does not count, and the budget and the
+        runtime start now."""
         self.ramp_end = None
+        self._reset_stats(now)
+        runtime = self.job.get("runtime")
+        if runtime:
+            self.deadline = now + runtime
+
+    def _reset_stats(self, now: float) -> None:
         self.measure_from = now
         self.result.dirs = [Direction(), Direction(), Direction()]
         self.result.sync.clear()
@@ -792,9 +852,6 @@ class Clone:
         self.result.ios_issued = 0
         self.bytes_done = self.ios = 0
         self.issued, self.issued_ios, self.arrival = [0, 0, 0], [0, 0, 0], [0.0, 0.0, 0.0]
-        runtime = self.job.get("runtime")
-        if runtime:
-            self.deadline = now + runtime
 
     async def _pause(self, seconds: float) -> None:
         """Wait, unless the run is stopped first."""
@@ -855,6 +912,10 @@ class Clone:
         d.clat.append(t_done - t_sub)
         d.lat.append(t_done - t_prep)
         d.io_bytes += io.length
+        limit = (self.job.get("max_latency") or (0, 0, 0))[io.ddir]
+        if limit and t_done - t_prep > limit * 1e9 and not self.result.error:
+            self.result.error, self.result.error_text = errno.ETIMEDOUT, \
+                f"max_latency exceeded: {(t_done - t_prep) // 1000} usec > {int(limit * 1e6)} usec"
         d.done.append((time.monotonic() - self.measure_from, io.length))
         if io.ddir == WRITE:
             key = (self.regions.index(io.region), io.offset)
@@ -863,6 +924,8 @@ class Clone:
         elif got is not None and self.verifier is not None:
             w = self.written.get((self.regions.index(io.region), io.offset))
             self._verify(got, io.offset, w[1] if w and w[0] == io.length else None, io.region)
+        if self.latency is not None and self.latency.complete(time.monotonic(), t_done - t_prep):
+            self._reset_stats(time.monotonic())  # the final window's figures are the job's
 
     def _verify(self, data: bytes, offset: int, numberio: int | None, region: Region) -> None:
         assert self.verifier is not None
@@ -885,6 +948,8 @@ class Clone:
         self.measure_from = now
         if self.steady is not None:
             self.steady.start(now + ramp)
+        if self.latency is not None:
+            self.latency.start(now)
         if ramp:
             self.ramp_end = now + ramp
         elif self.job.get("runtime"):
@@ -893,7 +958,8 @@ class Clone:
         inflight: dict[asyncio.Task, tuple[IO, int, int]] = {}
         try:
             while True:
-                while len(inflight) < self.depth and (io := self.next_io()) is not None:
+                while len(inflight) < (self.latency.qd if self.latency else self.depth) and \
+                        (io := self.next_io()) is not None:
                     await self._flow_gate()
                     await self._pace(io)
                     t_prep = time.perf_counter_ns()
@@ -902,7 +968,7 @@ class Clone:
                     inflight[task] = (io, t_prep, time.perf_counter_ns())
                     self.result.depths[len(inflight)] += 1
                     self.result.ios_issued += 1
-                    if self.depth == 1:
+                    if self.depth == 1:  # a sync engine: this I/O completes before the next
                         break
                 if not inflight:
                     break
@@ -1151,7 +1217,9 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
             lines.append(f"     {label:<10}: " + ", ".join(f"{k}={v:.1f}%" for k, v in per_call.items()))
         totals = ",".join(str(len(d.clat)) for d in r.dirs)
         lines.append(f"     issued rwts: total={totals},0 short=0,0,0,0 dropped=0,0,0,0")
-        lines.append(f"     latency   : target=0, window=0, percentile=100.00%, depth={r.depth}")
+        lat = r.as_json([0.0, 0.0, 0.0])
+        lines.append(f"     latency   : target={lat['latency_target']}, window={lat['latency_window']}, "
+                     f"percentile={lat['latency_percentile']:.2f}%, depth={lat['latency_depth']}")
         if r.verify_errors:
             lines.append(f"  verify: {r.verify_errors} bad blocks, first: {r.verify_first}")
         if r.ignored:

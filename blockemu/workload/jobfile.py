@@ -288,7 +288,8 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "rate": per_direction(size), "rate_iops": per_direction(integer), "rate_min": per_direction(size),
     "rate_iops_min": per_direction(integer), "rate_process": choice("linear", "poisson"),
     "fill_device": no_fill, "steadystate": steadystate, "steadystate_duration": parse_time,
-    "steadystate_ramp_time": parse_time, "flow": integer, "flow_id": integer, "flow_sleep": parse_usec, "sync": choice("0", "1", "none", "sync", "dsync"),
+    "steadystate_ramp_time": parse_time, "latency_target": parse_usec, "latency_window": parse_usec,
+    "latency_percentile": float, "latency_run": parse_bool, "max_latency": per_direction(parse_usec), "flow": integer, "flow_id": integer, "flow_sleep": parse_usec, "sync": choice("0", "1", "none", "sync", "dsync"),
     "stonewall": parse_bool, "new_group": parse_bool, "group_reporting": parse_bool, "thread": parse_bool,
     "exitall": parse_bool, "unlink": parse_bool, "unlink_each_loop": parse_bool,
     "refill_buffers": parse_bool, "zero_buffers": parse_bool, "scramble_buffers": parse_bool,
@@ -337,8 +338,7 @@ replay_redirect replay_scale replay_align replay_time_scale replay_skip merge_bl
 merge_blktrace_scalars merge_blktrace_iters exec_prerun exec_postrun zonemode zonesize zonecapacity zonerange
 zoneskip read_beyond_wp max_open_zones job_max_open_zones ignore_zone_limits zone_reset_threshold
 zone_reset_frequency thinktime_blocks_type thinktime_iotime
-rate_cycle rate_ignore_thinktime max_latency latency_target
-latency_window latency_percentile latency_run create_only allow_file_create allow_mounted_write pre_read
+rate_cycle rate_ignore_thinktime create_only allow_file_create allow_mounted_write pre_read
 exit_what exitall_on_error buffer_pattern buffer_compress_percentage buffer_compress_chunk dedupe_percentage
 dedupe_mode dedupe_working_set_percentage dedupe_global error_dump profile
 rwmixcycle
