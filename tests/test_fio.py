@@ -80,6 +80,16 @@ def test_random_distributions_are_skewed(dist):
         assert sum(1 << 20 < o < 3 << 20 for o in offs) > 1900  # within 2.5 deviations of the middle
 
 
+def test_strided_zones():
+    seq = [o for _, o, _ in ios("[j]\nrw=read\nsize=1m\nbs=4k\nzonemode=strided\nzonesize=16k\nzoneskip=48k\n")]
+    assert len(seq) == 64 and seq[:6] == [0, 4096, 8192, 12288, 65536, 69632]  # skipped bytes count as done
+    rnd = [o for _, o, _ in ios("[j]\nrw=randread\nsize=1m\nbs=4k\nzonemode=strided\nzonesize=32k\n"
+                                "zonerange=16k\nzoneskip=48k\n")]
+    assert all(o // 65536 == i // 8 and o % 65536 < 16384 for i, o in enumerate(rnd[:64]))  # 8 I/Os per zone
+    with pytest.raises(InvalidArgument, match="zonemode=zbd is not supported"):
+        parse("[j]\nzonemode=zbd\n", "t.fio")
+
+
 def test_offset_io_size_number_ios_and_files():
     sel = ios("[j]\nrw=randwrite\nsize=64k\noffset=64k\nio_size=128k\nbs=4k\n")
     assert sum(n for *_, n in sel) == 128 << 10 and all(64 << 10 <= o < 128 << 10 for _, o, _ in sel)

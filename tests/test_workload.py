@@ -39,7 +39,7 @@ rw=read
     ("[j]\nbs=lots\n", "t.fio:2: bad value for bs"),
     ("[j]\nrw=sideways\n", "t.fio:2: bad value for rw"),
     ("[j]\nioengine=null\n", "t.fio:2: ioengine=null is not supported (blockemu runs file engines: sync"),
-    ("[j]\nzonemode=zbd\n", "t.fio:2: fio option 'zonemode' is not supported"),
+    ("[j]\nexec_prerun=ls\n", "t.fio:2: fio option 'exec_prerun' is not supported"),
     ("[global]\nbs=4k\n", "t.fio: no jobs"),
 ])
 def test_parser_errors_name_file_and_line(text, msg):
@@ -49,11 +49,11 @@ def test_parser_errors_name_file_and_line(text, msg):
 
 def test_every_problem_is_reported_at_once_with_file_and_line():
     with pytest.raises(InvalidArgument) as e:
-        parse("[global]\nioengine=null\n[j]\nrw=write\nbogus=1\nbs=lots\nzonemode=zbd\n", "t.fio")
+        parse("[global]\nioengine=null\n[j]\nrw=write\nbogus=1\nbs=lots\nexec_prerun=ls\n", "t.fio")
     assert str(e.value) == ("t.fio:2: ioengine=null is not supported (blockemu runs file engines: sync, psync, vsync, "
                             "pvsync, pvsync2, mmap, ftruncate, libaio, io_uring, posixaio); "
                             "t.fio:5: unknown option 'bogus'; t.fio:6: bad value for bs: bad size 'lots': expected "
-                            "a number with an optional K/M/G/T suffix; t.fio:7: fio option 'zonemode' is not supported")
+                            "a number with an optional K/M/G/T suffix; t.fio:7: fio option 'exec_prerun' is not supported")
 
 
 def test_fio_values_env_keywords_expressions_and_modifiers(monkeypatch):

@@ -488,6 +488,7 @@ class Region:
         self.cursor = 0
         self.run_left = 0  # sequential I/Os left before the next random offset (rw=randread:N)
         self.last = 0  # the last I/O's position (rw_sequencer=identical repeats it)
+        self.zone = self.zone_bytes = 0  # zonemode=strided: where the zone starts, what it has had
         self.zipf: list[float] | None = None
         self.file: File | None = None
 
@@ -700,6 +701,9 @@ class Clone:
         self.number_ios = job.get("number_ios", 0)
         self.dist = job.get("random_distribution", ("random", 0.0))
         self.randommap = self.rw.random and not job.get("norandommap") and self.dist[0] == "random"
+        zsize = job.get("zonesize")
+        self.zones = (zsize, job.get("zonerange") or zsize, job.get("zoneskip", 0)) \
+            if job.get("zonemode", "none") == "strided" and zsize else None
         vkind = job.get("verify", "0")
         if job.get("verify_pattern") and vkind in ("0", "null"):
             vkind = "pattern"
@@ -805,7 +809,9 @@ class Clone:
         region = self._pick_region()
         ddir = READ if self.rng.randrange(100) < self.read_pct else WRITE
         length = self.sizes[ddir].pick(self.rng)
-        if self.rw.random and region.run_left > 0:  # within rw=randread:N's run
+        if self.zones is not None:
+            pos, length = self._strided(region, ddir, length)
+        elif self.rw.random and region.run_left > 0:  # within rw=randread:N's run
             region.run_left -= 1
             if self.job.get("rw_sequencer") == "identical":  # the same offset again
                 pos, length = region.last, min(length, region.length - region.last)
@@ -834,6 +840,30 @@ class Clone:
         self.ios += 1
         self.numberio += 1
         return IO(region, ddir, region.start + pos, length, self.numberio)
+
+    def _strided(self, region: Region, ddir: int, length: int) -> tuple[int, int]:
+        """zonemode=strided: zonesize bytes inside a zonerange-long zone, then zoneskip bytes
+        skipped (counted towards the size, as fio counts them), wrapping at the end of the
+        file. Random offsets are uniform inside the zone."""
+        zsize, zrange, zskip = self.zones  # type: ignore[misc]
+        if not region.zone <= region.next_pos[ddir] < region.zone + zrange:
+            region.next_pos[ddir] = region.zone
+        end = min(region.length, region.zone + zrange)
+        if self.rw.random:
+            pos = region.zone + self.rng.randrange(max(1, (end - region.zone) // region.unit)) * region.unit
+        else:
+            pos = region.next_pos[ddir]
+        length = min(length, end - pos)
+        region.next_pos[ddir] = pos + length
+        region.zone_bytes += length
+        if region.zone_bytes >= zsize:  # on to the next zone
+            region.zone_bytes = 0
+            region.zone += zrange + zskip
+            if region.zone >= region.length:
+                region.zone = 0
+            region.next_pos = [region.zone] * 3
+            self.bytes_done += zskip
+        return pos, length
 
     def _begin_measuring(self, now: float) -> None:
         """ramp_time is over: what happened so far does not count, and the budget and the

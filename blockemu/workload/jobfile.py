@@ -248,6 +248,12 @@ def steadystate(text: str) -> SteadyState:
     return SteadyState(m[1], bool(m[2]), float(m[3]), bool(m[4]))
 
 
+def zonemode(text: str) -> str:
+    if text == "zbd":
+        raise Unsupported("zonemode=zbd is not supported (it needs a zoned block device; strided is supported)")
+    return choice("none", "strided")(text)
+
+
 def no_fill(text: str) -> bool:
     if parse_bool(text):
         raise Unsupported("fill_device is not supported (the emulated filesystem reports ENOSPC when writeback "
@@ -289,7 +295,8 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "rate_iops_min": per_direction(integer), "rate_process": choice("linear", "poisson"),
     "fill_device": no_fill, "steadystate": steadystate, "steadystate_duration": parse_time,
     "steadystate_ramp_time": parse_time, "latency_target": parse_usec, "latency_window": parse_usec,
-    "latency_percentile": float, "latency_run": parse_bool, "max_latency": per_direction(parse_usec), "flow": integer, "flow_id": integer, "flow_sleep": parse_usec, "sync": choice("0", "1", "none", "sync", "dsync"),
+    "latency_percentile": float, "latency_run": parse_bool, "max_latency": per_direction(parse_usec),
+    "zonemode": zonemode, "zonesize": size, "zonerange": size, "zoneskip": size, "flow": integer, "flow_id": integer, "flow_sleep": parse_usec, "sync": choice("0", "1", "none", "sync", "dsync"),
     "stonewall": parse_bool, "new_group": parse_bool, "group_reporting": parse_bool, "thread": parse_bool,
     "exitall": parse_bool, "unlink": parse_bool, "unlink_each_loop": parse_bool,
     "refill_buffers": parse_bool, "zero_buffers": parse_bool, "scramble_buffers": parse_bool,
@@ -319,29 +326,28 @@ ALIASES = {"readwrite": "rw", "blocksize": "bs", "blocksize_range": "bsrange", "
 IGNORED = frozenset("""
 write_bw_log write_lat_log write_iops_log write_hist_log bwavgtime iopsavgtime log_entries log_avg_msec
 log_hist_msec log_hist_coarseness log_max_value log_offset log_prio log_compression log_compression_cpus
-log_store_compressed log_unix_epoch log_alternate_epoch log_alternate_epoch_clock_id per_job_logs
-gtod_reduce gtod_cpu disable_lat disable_clat disable_slat disable_bw_measurement clocksource cpumask
-cpus_allowed cpus_allowed_policy numa_cpu_nodes numa_mem_policy nice prio prioclass ioscheduler lockmem mem
-hugepage-size disk_util significant_figures stats block_error_percentiles io_submit_mode iodepth_batch
-iodepth_batch_submit iodepth_batch_complete iodepth_batch_complete_min iodepth_batch_complete_max iodepth_low
-write_hint cgroup cgroup_nodelete cgroup_weight uid gid http_verbose hipri hipri_percentage fixedbufs
-registerfiles sqthread_poll sqthread_poll_cpu nonvectored uncached nowait force_async userspace_reap
-cmdprio_percentage cmdprio_class cmdprio cmdprio_bssplit unified_rw_reporting verify_async verify_dump
+log_store_compressed log_unix_epoch log_alternate_epoch log_alternate_epoch_clock_id per_job_logs gtod_reduce
+gtod_cpu disable_lat disable_clat disable_slat disable_bw_measurement clocksource cpumask cpus_allowed
+cpus_allowed_policy numa_cpu_nodes numa_mem_policy nice prio prioclass ioscheduler lockmem mem hugepage-size
+disk_util significant_figures stats block_error_percentiles io_submit_mode iodepth_batch iodepth_batch_submit
+iodepth_batch_complete iodepth_batch_complete_min iodepth_batch_complete_max iodepth_low write_hint cgroup
+cgroup_nodelete cgroup_weight uid gid http_verbose hipri hipri_percentage fixedbufs registerfiles
+sqthread_poll sqthread_poll_cpu nonvectored uncached nowait force_async userspace_reap cmdprio_percentage
+cmdprio_class cmdprio cmdprio_bssplit unified_rw_reporting verify_async verify_dump
 """.split())
 
 # The rest of fio's options: known, and refused by name rather than as typos.
 UNSUPPORTED = frozenset("""
-lockfile unique_filename opendir ignore_error serialize_overlap file_append offset_align
-percentage_random openfiles write_barrier sync_file_range verify_only verify_offset experimental_verify verify_state_load verify_state_save trim_percentage
-trim_verify_zero trim_backlog trim_backlog_batch write_iolog read_iolog read_iolog_chunked replay_no_stall
-replay_redirect replay_scale replay_align replay_time_scale replay_skip merge_blktrace_file
-merge_blktrace_scalars merge_blktrace_iters exec_prerun exec_postrun zonemode zonesize zonecapacity zonerange
-zoneskip read_beyond_wp max_open_zones job_max_open_zones ignore_zone_limits zone_reset_threshold
-zone_reset_frequency thinktime_blocks_type thinktime_iotime
-rate_cycle rate_ignore_thinktime create_only allow_file_create allow_mounted_write pre_read
-exit_what exitall_on_error buffer_pattern buffer_compress_percentage buffer_compress_chunk dedupe_percentage
-dedupe_mode dedupe_working_set_percentage dedupe_global error_dump profile
-rwmixcycle
+lockfile unique_filename opendir ignore_error serialize_overlap file_append offset_align percentage_random
+openfiles write_barrier sync_file_range verify_only verify_offset experimental_verify verify_state_load
+verify_state_save trim_percentage trim_verify_zero trim_backlog trim_backlog_batch write_iolog read_iolog
+read_iolog_chunked replay_no_stall replay_redirect replay_scale replay_align replay_time_scale replay_skip
+merge_blktrace_file merge_blktrace_scalars merge_blktrace_iters exec_prerun exec_postrun zonecapacity
+read_beyond_wp max_open_zones job_max_open_zones ignore_zone_limits zone_reset_threshold zone_reset_frequency
+thinktime_blocks_type thinktime_iotime rate_cycle rate_ignore_thinktime create_only allow_file_create
+allow_mounted_write pre_read exit_what exitall_on_error buffer_pattern buffer_compress_percentage
+buffer_compress_chunk dedupe_percentage dedupe_mode dedupe_working_set_percentage dedupe_global error_dump
+profile rwmixcycle
 """.split())
 
 
