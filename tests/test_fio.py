@@ -126,6 +126,16 @@ size=8k
         assert not await fs.exists("/jobs/gone.0.0") and (await fs.stat("/jobs/sub/f")).st_size == 8 << 10
 
 
+async def test_create_only_pre_read_and_allow_file_create(tmp_path):
+    out, image = await run_job(tmp_path, "[made]\nrw=read\nsize=64k\ncreate_only=1\n"
+                                         "[warm]\nstonewall\nrw=read\nsize=64k\nfilename=made.0.0\npre_read=1\n")
+    made, warm = out["jobs"]
+    assert made["read"]["total_ios"] == 0 and warm["read"]["io_bytes"] == 64 << 10
+    (tmp_path / "n.fio").write_text("[n]\nrw=write\nsize=64k\nallow_file_create=0\n")
+    report = await run_workload(str(tmp_path / "n.fio"), image=image, seed=1)
+    assert report.failures == ["n: job n: /jobs/n.0.0 does not exist and allow_file_create=0 (err=2)"]
+
+
 async def test_randwrite_over_a_file_writes_every_block(tmp_path):
     """The random map end to end: a 1 MiB randwrite in 4k blocks leaves no block unwritten
     (read back after unmounting and mounting again)."""
@@ -237,12 +247,14 @@ async def test_rate_caps_bandwidth_and_rate_min_is_judged(tmp_path):
     assert failure.startswith("capped: read bandwidth ") and failure.endswith(" B/s is below rate_min 1048576")
 
 
-async def test_exitall_ends_the_run_when_its_job_ends(tmp_path):
-    out, _ = await run_job(tmp_path, "[short]\nrw=read\nsize=64k\nexitall\n"
+@pytest.mark.parametrize("what", ["group", "all"])
+async def test_exitall_ends_its_group_or_the_run(tmp_path, what):
+    out, _ = await run_job(tmp_path, f"[short]\nrw=read\nsize=64k\nexitall\nexit_what={what}\n"
                                      "[long]\nrw=randread\nsize=64k\ntime_based\nruntime=600\n"
                                      "[later]\nstonewall\nrw=read\nsize=64k\n")
-    short, long_ = out["jobs"]  # the stonewalled job never starts, as in fio
+    short, long_, *later = out["jobs"]
     assert short["read"]["io_bytes"] == 64 << 10 and long_["job_runtime"] < 60_000
+    assert len(later) == (1 if what == "group" else 0)  # fio's default ends the group, the next one runs
 
 
 async def test_thinktime_caps_depth_and_block_alignment(tmp_path):

@@ -48,7 +48,7 @@ from typing import Any, Callable
 import crc32c
 import xxhash
 
-from blockemu.errors import BlockemuError, InvalidArgument
+from blockemu.errors import BlockemuError, InvalidArgument, NotFoundError
 from blockemu.fs.filesystem import File, Filesystem
 from blockemu.workload.jobfile import ASYNC_ENGINES, RW, Job, SteadyState
 
@@ -420,11 +420,28 @@ def group_bandwidth(results: list[JobResult]) -> dict[int, list[float]]:
 @dataclass
 class RunContext:
     """What every job of a run shares: the filesystem, the run's directory in the image (where
-    relative names resolve), and the stop signal (SIGINT/SIGTERM, or an ``exitall`` job)."""
+    relative names resolve), the run's stop (SIGINT/SIGTERM, or ``exitall`` with
+    ``exit_what=all``) and this job's halt (``exitall`` in its group or stonewalled set)."""
     fs: Filesystem
     directory: str
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    halt: asyncio.Event = field(default_factory=asyncio.Event)
     flows: dict[int, list[int]] = field(default_factory=dict)  # flow_id -> [I/Os issued, total weight]
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop.is_set() or self.halt.is_set()
+
+    async def nap(self, seconds: float) -> None:
+        """Wait, unless the job is stopped first."""
+        if seconds <= 0 or self.stopped:
+            return
+        waits = [asyncio.ensure_future(e.wait()) for e in (self.stop, self.halt)]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
 
 def _join(base: str, name: str) -> str:
@@ -752,24 +769,26 @@ class Clone:
             if not any(r.length for r in self.regions):
                 raise InvalidArgument(f"job {self.job.name}: size= is needed (its files are empty)")
         for region in self.regions:
-            await makedirs(fs, region.path)
             exists = await fs.exists(region.path)
+            if not exists and not self.job.get("allow_file_create", True):
+                raise NotFoundError(f"job {self.job.name}: {region.path} does not exist and allow_file_create=0")
+            await makedirs(fs, region.path)
             region.file = await fs.open(region.path, "r+" if exists else "w+")
             need = region.start + region.length
-            if self.engine == "ftruncate" or not (self.reads or self.job.get("overwrite")):
-                continue
             have = region.file.inode.size
-            if have >= need:
-                continue
-            chunk = max(self.sizes[READ].hi, self.sizes[WRITE].hi) if self.verifier else 1 << 20
-            pos = have - have % chunk if self.verifier else have
-            while pos < need:
-                n = min(chunk, need - pos)
-                data = self.verifier.make(pos, 0, n, self.data_rng) if self.verifier \
-                    else self.data_rng.randbytes(n)
-                await region.file.pwrite(data, pos)
-                pos += n
-            await region.file.fsync()
+            if self.engine != "ftruncate" and (self.reads or self.job.get("overwrite")) and have < need:
+                chunk = max(self.sizes[READ].hi, self.sizes[WRITE].hi) if self.verifier else 1 << 20
+                pos = have - have % chunk if self.verifier else have
+                while pos < need:
+                    n = min(chunk, need - pos)
+                    data = self.verifier.make(pos, 0, n, self.data_rng) if self.verifier \
+                        else self.data_rng.randbytes(n)
+                    await region.file.pwrite(data, pos)
+                    pos += n
+                await region.file.fsync()
+            if self.job.get("pre_read"):  # into the page cache before the clock starts
+                for pos in range(region.start, min(need, region.file.inode.size), 1 << 20):
+                    await region.file.pread(min(1 << 20, need - pos), pos)
 
     def _buffer(self, io: IO) -> bytes:
         if self.verifier is not None:
@@ -793,7 +812,7 @@ class Clone:
     def next_io(self) -> IO | None:
         """The next I/O, or None when the job is done: budget, I/O count, runtime or stop."""
         now = time.monotonic()
-        if self.ctx.stop.is_set():
+        if self.ctx.stopped:
             return None
         if self.ramp_end is not None and now >= self.ramp_end:
             self._begin_measuring(now)
@@ -883,23 +902,15 @@ class Clone:
         self.bytes_done = self.ios = 0
         self.issued, self.issued_ios, self.arrival = [0, 0, 0], [0, 0, 0], [0.0, 0.0, 0.0]
 
-    async def _pause(self, seconds: float) -> None:
-        """Wait, unless the run is stopped first."""
-        if seconds > 0:
-            try:
-                await asyncio.wait_for(self.ctx.stop.wait(), seconds)
-            except asyncio.TimeoutError:
-                pass
-
     async def _flow_gate(self) -> None:
         """flow=: hold this clone while its share of its flow group's I/Os is ahead of its
         share of the group's weight (fio's token-based flow control)."""
         if not self.flow:
             return
         group = self.ctx.flows[self.job.get("flow_id", 0)]
-        while group[0] and self.flow_count / group[0] > self.flow / group[1] and not self.ctx.stop.is_set():
+        while group[0] and self.flow_count / group[0] > self.flow / group[1] and not self.ctx.stopped:
             if self.job.get("flow_sleep"):
-                await self._pause(self.job.get("flow_sleep"))
+                await self.ctx.nap(self.job.get("flow_sleep"))
             else:  # fio retries at once; here the others get the loop first
                 await asyncio.sleep(0)
         group[0] += 1
@@ -918,7 +929,7 @@ class Clone:
             due = max(due, self.issued_ios[io.ddir] / self.rate_iops[io.ddir])
         self.issued[io.ddir] += io.length
         self.issued_ios[io.ddir] += 1
-        await self._pause(self.measure_from + due - time.monotonic())
+        await self.ctx.nap(self.measure_from + due - time.monotonic())
 
     async def _do(self, io: IO, data: bytes | None) -> tuple[int, bytes | None]:
         f = io.region.file
@@ -1007,7 +1018,7 @@ class Clone:
                 for task in done:
                     sync_due |= self._reap(task, inflight.pop(task))
                 if self.think and self.completed % self.think_every < len(done):
-                    await self._pause(self.think)  # thinktime(_spin): slept, a spin would stall the loop
+                    await self.ctx.nap(self.think)  # thinktime(_spin): slept, a spin would stall the loop
                 verify_due = self.verifier is not None and 0 < self.job.get("verify_backlog", 0) <= len(self.backlog)
                 if sync_due or verify_due:  # fio drains the queue first: a read-back must not race its write
                     if inflight:
@@ -1135,9 +1146,10 @@ async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
     try:
         for c in clones:
             await c.layout()
-        await clones[0]._pause(job.get("startdelay", 0))
-        await asyncio.gather(*(c.run() for c in clones))  # a clone's I/O error ends that clone only
-        if not ctx.stop.is_set():  # an interrupted run is not verified, as in fio
+        await ctx.nap(job.get("startdelay", 0))
+        if not job.get("create_only"):  # create_only: the setup phase alone
+            await asyncio.gather(*(c.run() for c in clones))  # a clone's I/O error ends that clone only
+        if not ctx.stopped:  # a stopped job is not verified, as in fio
             for c in clones:
                 if not c.result.error:
                     await c.verify_phase()
@@ -1155,8 +1167,6 @@ async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
         if c.result.verify_errors:
             c.result.error = c.result.error or errno.EILSEQ  # as fio reports a verify failure
         c.result.rate_shortfall = rate_shortfall(job, c.result)
-    if job.get("exitall"):
-        ctx.stop.set()
     return [c.result for c in clones]
 
 

@@ -298,9 +298,11 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "latency_percentile": float, "latency_run": parse_bool, "max_latency": per_direction(parse_usec),
     "zonemode": zonemode, "zonesize": size, "zonerange": size, "zoneskip": size, "flow": integer, "flow_id": integer, "flow_sleep": parse_usec, "sync": choice("0", "1", "none", "sync", "dsync"),
     "stonewall": parse_bool, "new_group": parse_bool, "group_reporting": parse_bool, "thread": parse_bool,
-    "exitall": parse_bool, "unlink": parse_bool, "unlink_each_loop": parse_bool,
+    "exitall": parse_bool, "exit_what": choice("group", "stonewall", "all"), "unlink": parse_bool,
+    "unlink_each_loop": parse_bool,
     "refill_buffers": parse_bool, "zero_buffers": parse_bool, "scramble_buffers": parse_bool,
-    "overwrite": parse_bool, "create_on_open": parse_bool, "create_serialize": parse_bool,
+    "overwrite": parse_bool, "create_on_open": parse_bool, "create_only": parse_bool, "pre_read": parse_bool,
+    "allow_file_create": parse_bool, "create_serialize": parse_bool,
     "create_fsync": parse_bool, "percentile_list": str, "clat_percentiles": parse_bool,
     "lat_percentiles": parse_bool, "slat_percentiles": parse_bool, "continue_on_error": str,
     # documented no-ops: the emulated filesystem has no page cache bypass, no preallocation and
@@ -344,10 +346,9 @@ verify_state_save trim_percentage trim_verify_zero trim_backlog trim_backlog_bat
 read_iolog_chunked replay_no_stall replay_redirect replay_scale replay_align replay_time_scale replay_skip
 merge_blktrace_file merge_blktrace_scalars merge_blktrace_iters exec_prerun exec_postrun zonecapacity
 read_beyond_wp max_open_zones job_max_open_zones ignore_zone_limits zone_reset_threshold zone_reset_frequency
-thinktime_blocks_type thinktime_iotime rate_cycle rate_ignore_thinktime create_only allow_file_create
-allow_mounted_write pre_read exit_what exitall_on_error buffer_pattern buffer_compress_percentage
-buffer_compress_chunk dedupe_percentage dedupe_mode dedupe_working_set_percentage dedupe_global error_dump
-profile rwmixcycle
+thinktime_blocks_type thinktime_iotime rate_cycle rate_ignore_thinktime allow_mounted_write exitall_on_error
+buffer_pattern buffer_compress_percentage buffer_compress_chunk dedupe_percentage dedupe_mode
+dedupe_working_set_percentage dedupe_global error_dump profile rwmixcycle
 """.split())
 
 

@@ -9,7 +9,7 @@ generic/595 on a scratch image, under the job's ``key_removal``), ``fsck``
 ``faults=SPEC`` says) and ``script=module:func`` (an async function given the
 mounted filesystem and a seeded RNG). Every random choice derives from the
 run's seed. The report is fio's JSON layout with our own keys under
-``blockemu``; SIGINT/SIGTERM (or an ``exitall`` job) stop the jobs, which report
+``blockemu``; SIGINT/SIGTERM (or an ``exitall`` job, for its ``exit_what``) stop the jobs, which report
 what they did.
 """
 from __future__ import annotations
@@ -129,6 +129,7 @@ class Runner:
         self.stop = asyncio.Event()
         self.done = {j.name: asyncio.Event() for j in jf.jobs}
         self.flows: dict[int, list[int]] = {}  # fio's flow groups span the run's jobs
+        self.halts = {j.name: asyncio.Event() for j in jf.jobs}  # exitall's, per job
 
     def interrupt(self, signum: int) -> None:
         """SIGINT/SIGTERM: jobs stop issuing I/O and report what they did, as fio does."""
@@ -175,10 +176,22 @@ class Runner:
         try:
             if job.get("wait_for") in self.done:
                 await self.done[job.get("wait_for")].wait()
-            if not self.stop.is_set():
+            if not (self.stop.is_set() or self.halts[job.name].is_set()):
                 await self._run_job(job)
+                if job.get("exitall"):
+                    self._exit(job)
         finally:
             self.done[job.name].set()
+
+    def _exit(self, job: Job) -> None:
+        """exitall: the job ended, so do the jobs of its group (exit_what=group, fio's default),
+        every running job (stonewall: the next stonewalled set still runs), or the run (all)."""
+        what = job.get("exit_what", "group")
+        if what == "all":
+            self.stop.set()
+        for j in self.jf.jobs:
+            if j.group == job.group if what == "group" else j.barrier == job.barrier:
+                self.halts[j.name].set()
 
     async def _run_job(self, job: Job) -> None:
         kind = job.get("kind", "fio")
@@ -186,7 +199,8 @@ class Runner:
         assert self.fs is not None
         try:
             if kind == "fio":
-                results = await run_fio(RunContext(self.fs, self.directory, self.stop, self.flows), job, seed)
+                ctx = RunContext(self.fs, self.directory, self.stop, self.halts[job.name], self.flows)
+                results = await run_fio(ctx, job, seed)
                 for r in results:
                     r.order = self.jf.jobs.index(job)
                 self.report.fio += results
