@@ -245,3 +245,23 @@ async def listing(img: str, top: str, encrypted: bool) -> tuple[list[str], bytes
             await fs.add_key(KEY)
         async with fs.open(f"{top}big") as f:
             return await fs.readdir(top), await f.read()
+
+
+async def test_write_itself_says_enospc_when_its_data_cannot_get_extents(tmp_path):
+    """Space is reserved when pages are dirtied, as btrfs reserves delalloc space: a buffered
+    write that could never be written back is refused at write(), unacknowledged -- it used to
+    succeed (13 GiB were "written" into a 24 MiB image) and fail only at fsync or close."""
+    image = str(tmp_path / "w.img")
+    await blockemu.mkfs(image, size="16M")
+    written = bytearray()
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/f", "w") as f:
+            with pytest.raises(NoSpaceError, match="No space left on device"):
+                for i in range(64):  # 64 MiB at most: four times the image
+                    chunk = bytes([i]) * (1 << 20)
+                    await f.write(chunk)
+                    written += chunk
+            await f.fsync()  # everything write() acknowledged is written back without error
+        assert 8 << 20 < len(written) < 16 << 20
+    await verify(image, {"/f": bytes(written)})
+    assert_clean(image)

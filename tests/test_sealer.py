@@ -294,6 +294,11 @@ async def test_unmount_after_an_encrypted_enospc(tmp_path):
     await blockemu.mkfs(image, size="16M")
     fs = await blockemu.mount(image, seal_workers=2)
     await encrypted_dir(fs, "/enc")
+
+    async def no_reservation(n: int) -> None:  # write() would refuse it first: reach writeback's ENOSPC
+        pass
+
+    fs.reserve_data = no_reservation
     with ErrnoCheck(errno.ENOSPC):
         async with fs.open("/enc/big", "w") as f:
             await f.write(random.Random(16).randbytes(24 << 20))

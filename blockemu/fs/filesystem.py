@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 from blockemu.crypto import fscrypt
 from blockemu.crypto.keyring import Keyring, KeyStatus, RemovalResult, Step, parse_identifier
 from blockemu.device.faultplan import FaultPlan
+from blockemu.engine.alloc import no_space
 from blockemu.engine.extents import Extents
 from blockemu.errors import (
     BadFile,
@@ -585,6 +586,28 @@ class Filesystem:
                 raise
         return f
 
+    def data_room(self) -> int:
+        """Bytes new dirty data may still take: the free space (whole tree blocks' worth, as the
+        allocator counts it) less the metadata reserve and the dirty data already waiting for
+        its extents."""
+        engine = self.vol.engine
+        return (engine.allocator.node_room - engine.data_keep()) * self.vol.sb.nodesize - self.cache.dirty_bytes
+
+    async def reserve_data(self, n: int) -> None:
+        """ENOSPC at write(), as btrfs reserves delayed-allocation space when a page is dirtied:
+        a write that cannot get extents at writeback is refused now, before it is acknowledged,
+        rather than reported at fsync or close. Short of room, write back and commit first (the
+        space this transaction freed comes back at its commit), as btrfs flushes delalloc and
+        commits before it gives up. Counts every byte as new (a COW overwrite needs new space
+        too) plus the partial pages at both ends."""
+        need = n + 2 * PAGE
+        if need <= self.data_room():
+            return
+        await self.sync()
+        if need > self.data_room():
+            alloc, engine = self.vol.engine.allocator, self.vol.engine
+            raise no_space(n, alloc.free_bytes(), alloc.largest(), engine.data_keep() * self.vol.sb.nodesize)
+
     def check_dirtying(self, inode: Inode) -> None:
         """ENOKEY once removal of the file's key refuses new dirty data (``deny-writes``). A
         write checks again right where it dirties its pages (after its last await): one that
@@ -797,6 +820,7 @@ class File:
             return inode.size if offset is None else offset, 0
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
+        await fs.reserve_data(n)
         fills: dict[int, bytearray] = {}  # plaintext copies of partial pages: zeroed however this ends
         epoch = inode.epoch
         try:
