@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -13,8 +12,7 @@ import pytest
 
 from blockemu.errors import InvalidArgument
 from blockemu.fs.filesystem import mount
-from blockemu.workload.fio import (DIGESTS, SYNC_NOTE, Clone, JobResult, LatencyTarget, RunContext, SteadyWatch,
-                                   Verifier)
+from blockemu.workload.fio import DIGESTS, SYNC_NOTE, Clone, JobResult, LatencyTarget, RunContext, SteadyWatch, Verifier
 from blockemu.workload.jobfile import parse
 from blockemu.workload.runner import run_workload
 from tests.test_cli import run

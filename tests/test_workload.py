@@ -62,8 +62,8 @@ def test_fio_values_env_keywords_expressions_and_modifiers(monkeypatch):
     monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
     pagesize, ncpus = os.sysconf("SC_PAGE_SIZE"), os.cpu_count()
     mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
-    job = parse(f"""[j]
-size=1m${{NOT_SET_ANYWHERE}}
+    job = parse("""[j]
+size=1m${NOT_SET_ANYWHERE}
 io_size=2*$mb_memory
 offset=$pagesize
 number_ios=($ncpus*2+1)

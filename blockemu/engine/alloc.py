@@ -40,6 +40,7 @@ class Allocator:
         self.cursor = 0
         self.nodesize = nodesize
         self.node_room = 0  # sum(length // nodesize) over the free extents: tree blocks that would fit
+        self.changes = 0  # counts every change of the free extents: lets callers cache what they derive
         for start, length in free or ():
             self.release(start, length)
 
@@ -114,10 +115,12 @@ class Allocator:
     def _put(self, start: int, length: int) -> None:
         self.free[start] = length
         self.node_room += length // self.nodesize
+        self.changes += 1
 
     def _pop(self, start: int) -> int:
         length = self.free.pop(start)
         self.node_room -= length // self.nodesize
+        self.changes += 1
         return length
 
     def _take(self, start: int, n: int, s: int, length: int) -> None:

@@ -148,6 +148,7 @@ class Filesystem:
         self.writeback = Writeback(self, **wb_opts)
         self.cache = self.writeback.cache
         self.unyielded = 0  # bytes written since a writer last let the loop run
+        self._room_seen, self._room = -1, 0  # room_for's cache: the allocator's change count, and bytes
         fs_tree = vol.engine.trees[S.FS_TREE_OBJECTID]
         last = fs_tree.last_at_or_before((S.ORPHAN_OBJECTID - 1, 255, (1 << 64) - 1))
         self.next_ino = max(ROOT_INO + 1, (last[0][0] + 1) if last else 0)
@@ -586,25 +587,26 @@ class Filesystem:
                 raise
         return f
 
-    def data_room(self) -> int:
-        """Bytes new dirty data may still take: the free space (whole tree blocks' worth, as the
-        allocator counts it) less the metadata reserve and the dirty data already waiting for
-        its extents."""
-        engine = self.vol.engine
-        return (engine.allocator.node_room - engine.data_keep()) * self.vol.sb.nodesize - self.cache.dirty_bytes
+    def room_for(self, n: int) -> bool:
+        """Whether ``n`` more bytes of dirty data can get extents at writeback, with the dirty
+        data already waiting for its own: the free space (whole tree blocks' worth, as the
+        allocator counts it) less the metadata reserve. Every write asks, so the space is
+        derived again only when the allocator has changed since."""
+        alloc = self.vol.engine.allocator
+        if alloc.changes != self._room_seen:
+            self._room_seen = alloc.changes
+            self._room = (alloc.node_room - self.vol.engine.data_keep()) * self.vol.sb.nodesize
+        return n + 2 * PAGE + self.cache.dirty_bytes <= self._room
 
-    async def reserve_data(self, n: int) -> None:
+    async def make_room(self, n: int) -> None:
         """ENOSPC at write(), as btrfs reserves delayed-allocation space when a page is dirtied:
         a write that cannot get extents at writeback is refused now, before it is acknowledged,
         rather than reported at fsync or close. Short of room, write back and commit first (the
         space this transaction freed comes back at its commit), as btrfs flushes delalloc and
-        commits before it gives up. Counts every byte as new (a COW overwrite needs new space
-        too) plus the partial pages at both ends."""
-        need = n + 2 * PAGE
-        if need <= self.data_room():
-            return
+        commits before it gives up. ``room_for`` counts every byte as new (a COW overwrite
+        needs new space too) plus the partial pages at both ends."""
         await self.sync()
-        if need > self.data_room():
+        if not self.room_for(n):
             alloc, engine = self.vol.engine.allocator, self.vol.engine
             raise no_space(n, alloc.free_bytes(), alloc.largest(), engine.data_keep() * self.vol.sb.nodesize)
 
@@ -820,32 +822,17 @@ class File:
             return inode.size if offset is None else offset, 0
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
-        await fs.reserve_data(n)
-        fills: dict[int, bytearray] = {}  # plaintext copies of partial pages: zeroed however this ends
-        epoch = inode.epoch
-        try:
-            while True:
-                at = inode.size if offset is None else offset
-                end = at + n
-                whole = n == PAGE and not at % PAGE  # one whole page, the commonest write: nothing to read or split
-                if inode.epoch != epoch:  # what was read predates the extents' change: stale
-                    wipe_all(fills)
-                    epoch = inode.epoch
-                missing = [] if whole else [i for i in self._partial_pages(at, end) if i not in fills]
-                if not missing:
-                    break
-                fills.update(await self._read_partial(missing))
-            if end > S.MAX_FILE_SIZE:
-                raise FileTooBig(f"a write to [{at}, +{n}) would pass the largest file size {S.MAX_FILE_SIZE}")
-            # no await from here on: the write lands whole, and a key removal that began while it
-            # waited (for room, or for its partial pages) is seen before anything is dirtied
+        if not fs.room_for(n):
+            await fs.make_room(n)
+        at = inode.size if offset is None else offset
+        end = at + n
+        if n == PAGE and not at % PAGE and end <= S.MAX_FILE_SIZE:
+            # one whole page, the commonest write: nothing to read or split, and no await since
+            # the checks above but for the key removal they may have waited across
             fs.check_dirtying(inode)
-            if whole:
-                fs.cache.writable(inode.pages, at // PAGE, overwrite=True)[:] = data
-            else:
-                self._copy_in(memoryview(data), at, fills)
-        finally:
-            wipe_all(fills)
+            fs.cache.writable(inode.pages, at // PAGE, overwrite=True)[:] = data
+        else:
+            at, end = await self._write_partial(data, offset)
         if end > inode.size:
             inode.size = end
         inode.data_changed_ns = time.time_ns()
@@ -857,6 +844,33 @@ class File:
             fs.unyielded = 0
             await asyncio.sleep(0)
         return at, n
+
+    async def _write_partial(self, data: bytes | bytearray | memoryview, offset: int | None) -> tuple[int, int]:
+        """A write that is not one whole aligned page: read the partial pages at its ends, then
+        copy with no await in between; returns where it landed, [at, end)."""
+        inode, fs, n = self.inode, self.fs, len(data)
+        fills: dict[int, bytearray] = {}  # plaintext copies of partial pages: zeroed however this ends
+        epoch = inode.epoch
+        try:
+            while True:
+                at = inode.size if offset is None else offset
+                end = at + n
+                if inode.epoch != epoch:  # what was read predates the extents' change: stale
+                    wipe_all(fills)
+                    epoch = inode.epoch
+                missing = [i for i in self._partial_pages(at, end) if i not in fills]
+                if not missing:
+                    break
+                fills.update(await self._read_partial(missing))
+            if end > S.MAX_FILE_SIZE:
+                raise FileTooBig(f"a write to [{at}, +{n}) would pass the largest file size {S.MAX_FILE_SIZE}")
+            # no await from here on: the write lands whole, and a key removal that began while it
+            # waited (for room, or for its partial pages) is seen before anything is dirtied
+            fs.check_dirtying(inode)
+            self._copy_in(memoryview(data), at, fills)
+        finally:
+            wipe_all(fills)
+        return at, end
 
     def _partial_pages(self, offset: int, end: int) -> list[int]:
         """Pages the write covers only in part and that hold data not in the cache."""

@@ -21,7 +21,6 @@ from typing import Any, Callable
 from blockemu.errors import InvalidArgument
 from blockemu.units import parse_size
 
-
 _KEYWORDS = {
     "$pagesize": lambda: str(os.sysconf("SC_PAGE_SIZE")),
     "$mb_memory": lambda: str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20),

@@ -32,8 +32,16 @@ from blockemu.errors import BlockemuError, InvalidArgument
 from blockemu.fs.filesystem import Filesystem, mount
 from blockemu.fs.mkfs import mkfs
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, record
-from blockemu.workload.fio import (JobResult, RunContext, check_job, group_bandwidth, group_results,
-                                    run_fio, terse_report, text_report)
+from blockemu.workload.fio import (
+    JobResult,
+    RunContext,
+    check_job,
+    group_bandwidth,
+    group_results,
+    run_fio,
+    terse_report,
+    text_report,
+)
 from blockemu.workload.jobfile import Job, JobFile, load, parse
 from blockemu.workload.keyrace import run_race, unexpected
 from blockemu.workload.mix import DEFAULT_OPS, MixResult, Task, run_mix, verify_ledger, verify_mix
