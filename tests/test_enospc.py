@@ -265,3 +265,55 @@ async def test_write_itself_says_enospc_when_its_data_cannot_get_extents(tmp_pat
         assert 8 << 20 < len(written) < 16 << 20
     await verify(image, {"/f": bytes(written)})
     assert_clean(image)
+
+
+async def test_concurrent_writers_cannot_all_pass_on_the_same_room(tmp_path):
+    """Each writer checked the room and then waited (reading its partial pages): all six
+    passed on the same room, were acknowledged, and every fsync then failed with ENOSPC.
+    The room is asked again after the last await: the writes that do not fit are refused."""
+    image = str(tmp_path / "c.img")
+    await blockemu.mkfs(image, size="32M")
+    async with blockemu.mount(image, seal_workers=0) as fs:
+        for k in range(6):
+            await put(fs, f"/f{k}", b"a" * 4096)
+    async with blockemu.mount(image, seal_workers=0) as fs:
+        assert fs.room_for(0)
+        chunk = fs._room // 3 // 4096 * 4096
+        files = [await fs.open(f"/f{k}", "r+") for k in range(6)]
+
+        async def write(f) -> bool:
+            try:
+                await f.pwrite(b"b" * chunk, 1)  # unaligned: reads its first page, an await
+                return True
+            except NoSpaceError:
+                return False
+
+        acked = await asyncio.gather(*(write(f) for f in files))
+        assert 0 < sum(acked) < 6
+        for f in files:
+            await f.fsync()  # everything acknowledged gets its extents
+            await f.close()
+    await verify(image, {f"/f{k}": b"a" + b"b" * chunk if ok else b"a" * 4096 for k, ok in enumerate(acked)})
+    assert_clean(image)
+
+
+async def test_sparse_small_writes_reserve_their_extents_metadata(tmp_path):
+    """4 KiB writes to every other page, no fsync: each is an extent of its own, with items.
+    Counting data alone acknowledged 3,614 of them and the fsync lost 1.6 MB; each new dirty
+    run now reserves its items' tree room too."""
+    image = str(tmp_path / "s.img")
+    await blockemu.mkfs(image, size="16M")
+    acked = 0
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        async with fs.open("/f", "w") as f:
+            with pytest.raises(NoSpaceError):
+                for i in range(100_000):
+                    await f.pwrite(b"z" * 4096, 2 * i * 4096)
+                    acked += 1
+            await f.fsync()
+        assert acked > 1000
+    want = bytearray(2 * (acked - 1) * 4096 + 4096)
+    for i in range(acked):
+        want[2 * i * 4096 : 2 * i * 4096 + 4096] = b"z" * 4096
+    await verify(image, {"/f": bytes(want)})
+    assert_clean(image)

@@ -1,6 +1,6 @@
 """Checkers: ``fsck`` (structural passes, then filesystem passes in ``fsck_fs``),
 ``repair`` and ``inspect``. They read the image through ``device.ImageFile`` and
-the sans-I/O engine, with no event loop; ``repair`` writes through a ``Volume``.
+the engine, with no event loop; ``repair`` writes through a ``Volume``.
 
 May import ``fs`` (for ``Volume``), ``device``, ``engine``, ``ondisk`` and the
 common modules.

@@ -1,4 +1,5 @@
-"""fsck: a read-only consistency check of an image (sans-I/O over ImageFile).
+"""fsck: a read-only consistency check of an image, read synchronously through ImageFile
+(no event loop).
 
 Passes, in the order ``btrfs check`` runs them: superblocks; every tree block
 reached from the root tree (checksum, fsid, bytenr, level, owner, key order,

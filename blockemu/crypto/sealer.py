@@ -188,6 +188,7 @@ class Sealer:
         self.timeout = timeout
         self.close_timeout = close_timeout
         self.respawns = respawns
+        self._closed = False
         self._slots: tuple[int, mmap.mmap, memoryview] | None = None  # memfd, its mapping, a view
         # DEPTH slots per worker: the next extent is already waiting when one is done, so a
         # worker never idles while this process is busy elsewhere. A slot belongs to no
@@ -229,6 +230,8 @@ class Sealer:
     async def _pick(self) -> _Worker | None:
         """The live worker with the fewest requests in flight, after topping the pool up
         (replacements within the respawn budget); None when there is no worker to be had."""
+        if self._closed:
+            raise DeviceIOError("sealing after the sealer was closed (unmounted)")
         if len(self._workers) < self.workers:
             async with self._starting:
                 missing = self.workers - len(self._workers)
@@ -344,7 +347,8 @@ class Sealer:
 
     async def close(self) -> None:
         """Stop the workers: each finishes what it holds and exits when its pipe closes;
-        one that has not within ``close_timeout`` (hung, or stopped) is killed."""
+        one that has not within ``close_timeout`` (hung, or stopped) is killed. None starts again."""
+        self._closed = True
         workers, self._workers = self._workers, []
         for w in workers:
             assert w.proc.stdin is not None

@@ -4,14 +4,14 @@ A completed write lands in the device's cache, not the image: it is visible to
 reads at once but reaches the file only when a flush destages it (then the
 file is fsync'ed for real), when the cache passes its size limit (destaged,
 still not durable), or as a FUA write. A power cut drops the cache, so the
-image file itself is left in a genuine crash state; the write log (faults.py)
+image file itself is left in a genuine crash state; the write log (``writelog``)
 can rebuild every other one.
 
 Blocking file I/O runs in the executor through ``aiofiles.os.wrap``. One
 executor hop costs ~0.25 ms, so a flush destages the whole cache in one call
 (``pwritev`` per contiguous run). ``read_sync`` serves metadata-block misses
 of the B-tree's node cache: a 16 KiB pread from the page cache costs far less
-than the executor hop, and it keeps the tree code sans-I/O.
+than the executor hop; the tree code gets it as a callable and opens no file itself.
 """
 from __future__ import annotations
 

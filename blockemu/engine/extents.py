@@ -1,4 +1,4 @@
-"""File extents, data-extent references and data checksums (sans-I/O, on an Engine).
+"""File extents, data-extent references and data checksums (pure: it works on an Engine, no I/O of its own).
 
 A file's data is a sequence of EXTENT_DATA items (ino, EXTENT_DATA, file
 offset), each pointing into a data extent: (disk_bytenr, disk_num_bytes) with

@@ -1,4 +1,6 @@
-"""The block cache, copy-on-write bookkeeping and the commit protocol (sans-I/O).
+"""The block cache, copy-on-write bookkeeping and the commit protocol. No asyncio and no
+file of its own: a block missing from the cache comes from the ``read`` callable its owner
+passes in (a synchronous pread, DESIGN.md §2).
 
 Theory of operation. There is one running transaction, ``transid`` = the last
 committed generation + 1. Every block COWed, allocated or freed during it is

@@ -29,6 +29,7 @@ from blockemu.engine.alloc import no_space
 from blockemu.engine.extents import Extents
 from blockemu.errors import (
     BadFile,
+    BlockemuError,
     Busy,
     CorruptionError,
     CrossDevice,
@@ -39,7 +40,6 @@ from blockemu.errors import (
     IsADirectory,
     NameTooLong,
     NoKeyError,
-    NoSpaceError,
     NotADirectory,
     NotEmpty,
     NotFoundError,
@@ -65,6 +65,10 @@ ROOT_INO = S.FIRST_FREE_OBJECTID
 FT_REG, FT_DIR = 1, 2
 INODE_FLAG_ENCRYPT = 1 << 12
 NAME_MAX = 255
+# Tree room an extent's items take (EXTENT_DATA 78 bytes, EXTENT_ITEM with its back reference
+# about 80, a checksum item header 25 plus 4-32 bytes a sector), doubled: leaves are at least
+# half full after a split. Reserved per dirty run at write() (Filesystem.room_for).
+META_PER_RUN = 512
 YIELD_BYTES = 2 << 20
 FSCRYPT_MODE_AES_256_CTS = 4
 
@@ -149,6 +153,7 @@ class Filesystem:
         self.cache = self.writeback.cache
         self.unyielded = 0  # bytes written since a writer last let the loop run
         self._room_seen, self._room = -1, 0  # room_for's cache: the allocator's change count, and bytes
+        self.meta_reserved = 0  # tree room promised to the extents of the dirty data (room_for)
         fs_tree = vol.engine.trees[S.FS_TREE_OBJECTID]
         last = fs_tree.last_at_or_before((S.ORPHAN_OBJECTID - 1, 255, (1 << 64) - 1))
         self.next_ino = max(ROOT_INO + 1, (last[0][0] + 1) if last else 0)
@@ -189,13 +194,15 @@ class Filesystem:
         """Write back, stop writeback and the sealing workers, commit and close the image, drop
         the plaintext pages and wipe the keys. Every step runs even when one before it failed
         -- a failed flush must not leave the writeback task, the workers, the image or a secret
-        behind -- and the first failure is raised once all have run."""
+        behind -- and the first failure is raised once all have run. Data writeback had to drop
+        and no fsync or close has reported yet (a file still open, or never fsynced) is reported
+        here: an unmount that returns lost nothing."""
         if not self.mounted:
             return
         self.mounted = False
         first: BaseException | None = None
         for step in (self.writeback.flush_all, self.writeback.stop, self.vol.close, self._drop_pages,
-                     self.keyring.wipe_all):
+                     self.keyring.wipe_all, self._report_unreported):
             try:
                 done = step()
                 if done is not None:
@@ -204,6 +211,10 @@ class Filesystem:
                 first = first or e
         if first is not None:
             raise first
+
+    def _report_unreported(self) -> None:
+        for inode in self.inodes.values():
+            report_writeback_error(inode)
 
     def _drop_pages(self) -> None:
         for inode in self.inodes.values():
@@ -533,19 +544,27 @@ class Filesystem:
             return RemovalResult(ident.hex())
         if not started:
             return RemovalResult(ident.hex(), other_users=True)
+        failed: BaseException | None = None
         for step in self.keyring.removal_steps:
             users = [i for i in self.inodes.values() if i.key_id == ident]
             if step is Step.WRITE_BACK:
-                for inode in users:
-                    # clean is not enough: runs a background flush took are still on their
-                    # way, and flush_inode waits for them (its wb_lock) before any wipe
-                    await self.writeback.flush_inode(inode)
-                await self.vol.commit()
+                # a write back that fails (or is cancelled) still lets the steps after it run:
+                # the removal has begun, and the lock and the wipe must not be skipped
+                try:
+                    for inode in users:
+                        # clean is not enough: runs a background flush took are still on their
+                        # way, and flush_inode waits for them (its wb_lock) before any wipe
+                        await self.writeback.flush_inode(inode)
+                    await self.vol.commit()
+                except BaseException as e:
+                    failed = e
             elif step is Step.LOCK_IDLE:
                 for inode in users:
                     self.lock_if_idle(inode)
             else:
                 self.keyring.step(mk, step)
+        if failed is not None:
+            raise failed
         return self.keyring.removal_result(mk)
 
     def key_status(self, key_id: str | bytes, user: int = 0) -> KeyStatus:
@@ -589,14 +608,25 @@ class Filesystem:
 
     def room_for(self, n: int) -> bool:
         """Whether ``n`` more bytes of dirty data can get extents at writeback, with the dirty
-        data already waiting for its own: the free space (whole tree blocks' worth, as the
-        allocator counts it) less the metadata reserve. Every write asks, so the space is
-        derived again only when the allocator has changed since."""
+        data already waiting for its own and the tree room its extents' items will take: the
+        free space (whole tree blocks' worth, as the allocator counts it) less the metadata
+        reserve. Every write asks, so the space is derived again only when the allocator has
+        changed since. A write asks again after its last await: concurrent writers must not
+        all pass on the same room."""
         alloc = self.vol.engine.allocator
         if alloc.changes != self._room_seen:
             self._room_seen = alloc.changes
             self._room = (alloc.node_room - self.vol.engine.data_keep()) * self.vol.sb.nodesize
-        return n + 2 * PAGE + self.cache.dirty_bytes <= self._room
+        if not self.cache.dirty_bytes:
+            self.meta_reserved = 0  # everything dirty has its extents: their items are in the trees
+        return n + 2 * PAGE + META_PER_RUN + self.cache.dirty_bytes + self.meta_reserved <= self._room
+
+    def reserve_meta(self, inode: Inode, first: int, n: int) -> None:
+        """A write that starts a new dirty run (its first page does not extend one) will be at
+        least one more extent at writeback, each with its items (EXTENT_DATA, EXTENT_ITEM, its
+        checksums): ``META_PER_RUN`` per run, kept until no dirty data is left."""
+        if first - 1 not in inode.pages.dirty:
+            self.meta_reserved += META_PER_RUN * (1 + n // (self.writeback.max_pages * PAGE))
 
     async def make_room(self, n: int) -> None:
         """ENOSPC at write(), as btrfs reserves delayed-allocation space when a page is dirtied:
@@ -672,25 +702,29 @@ class Filesystem:
             else:
                 runs.append([i])
         filled: dict[int, bytearray] = {}
-        for run in runs:
-            start, end = run[0] * PAGE, (run[-1] + 1) * PAGE
-            buf = bytearray(end - start)
-            view = memoryview(buf)
-            try:
-                for m in list(self.extents.mappings(inode.ino, start, end)):
-                    s, e = max(start, m.file_offset), min(end, m.end)
-                    part = await self._read_extent_part(inode, m, s, e, epoch)
-                    if part is None:
-                        break
-                    view[s - start : e - start] = part
-                    if m.extent.context is not None:
-                        fscrypt.wipe(part)  # type: ignore[arg-type]  # decrypted: a plaintext copy
-                else:
-                    for k, i in enumerate(run):
-                        filled[i] = bytearray(view[k * PAGE : (k + 1) * PAGE])
-            finally:
-                view.release()
-                fscrypt.wipe(buf)  # the pages are copies now (or the read failed)
+        try:
+            for run in runs:
+                start, end = run[0] * PAGE, (run[-1] + 1) * PAGE
+                buf = bytearray(end - start)
+                view = memoryview(buf)
+                try:
+                    for m in list(self.extents.mappings(inode.ino, start, end)):
+                        s, e = max(start, m.file_offset), min(end, m.end)
+                        part = await self._read_extent_part(inode, m, s, e, epoch)
+                        if part is None:
+                            break
+                        view[s - start : e - start] = part
+                        if m.extent.context is not None:
+                            fscrypt.wipe(part)  # type: ignore[arg-type]  # decrypted: a plaintext copy
+                    else:
+                        for k, i in enumerate(run):
+                            filled[i] = bytearray(view[k * PAGE : (k + 1) * PAGE])
+                finally:
+                    view.release()
+                    fscrypt.wipe(buf)  # the pages are copies now (or the read failed)
+        except BaseException:  # a later run failed (EIO, ENOKEY, cancelled): the earlier runs'
+            wipe_all(filled)  # copies are neither returned nor cached
+            raise
         if inode.epoch != epoch:  # stale: what was read is discarded, and its plaintext with it
             wipe_all(filled)
             return {}
@@ -725,7 +759,12 @@ class Filesystem:
         try:
             unit = (m.extent.offset + s - m.file_offset) // PAGE
             if e - s > 256 << 10:
-                return await asyncio.to_thread(fscrypt.decrypt_units, key, data, unit)
+                job = asyncio.ensure_future(asyncio.to_thread(fscrypt.decrypt_units, key, data, unit))
+                try:
+                    return await asyncio.shield(job)
+                except asyncio.CancelledError:  # the thread goes on: wipe what it decrypts
+                    job.add_done_callback(lambda j: j.cancelled() or j.exception() or fscrypt.wipe(j.result()))
+                    raise
             return fscrypt.decrypt_units(key, data, unit)
         finally:
             fscrypt.wipe(key)
@@ -753,10 +792,11 @@ def report_writeback_error(inode: Inode) -> None:
     if err is None:
         return
     lost, inode.reported_lost = inode.lost_bytes - inode.reported_lost, inode.lost_bytes
-    if isinstance(err, (NoKeyError, DeviceIOError, NoSpaceError)):
-        err = type(err)(f"{err} (writeback of inode {inode.ino} failed: {lost} bytes lost)")
-    err.lost_bytes = lost  # type: ignore[attr-defined]
-    raise err
+    # a fresh error per report: several inodes may have recorded the same one
+    text = f"{err} (writeback of inode {inode.ino} failed: {lost} bytes lost)"
+    report = type(err)(text) if isinstance(err, BlockemuError) else OSError(err.errno, text)
+    report.lost_bytes = lost  # type: ignore[attr-defined]
+    raise report from err
 
 
 class OpenContext:
@@ -794,6 +834,8 @@ class File:
     def _check(self, write: bool) -> None:
         if self.closed:
             raise BadFile(f"{self.name}: I/O on a closed file")
+        if not self.fs.mounted:
+            raise DeviceIOError(f"{self.name}: the filesystem is unmounted")
         if write and not self.writable or not write and not self.readable:
             raise BadFile(f"{self.name}: file not open for {'writing' if write else 'reading'}")
 
@@ -830,6 +872,7 @@ class File:
             # one whole page, the commonest write: nothing to read or split, and no await since
             # the checks above but for the key removal they may have waited across
             fs.check_dirtying(inode)
+            fs.reserve_meta(inode, at // PAGE, n)
             fs.cache.writable(inode.pages, at // PAGE, overwrite=True)[:] = data
         else:
             at, end = await self._write_partial(data, offset)
@@ -859,14 +902,18 @@ class File:
                     wipe_all(fills)
                     epoch = inode.epoch
                 missing = [i for i in self._partial_pages(at, end) if i not in fills]
-                if not missing:
+                if missing:
+                    await self._read_partial(missing, fills)
+                elif not fs.room_for(n):  # others took the room while this write read its pages
+                    await fs.make_room(n)
+                else:
                     break
-                fills.update(await self._read_partial(missing))
             if end > S.MAX_FILE_SIZE:
                 raise FileTooBig(f"a write to [{at}, +{n}) would pass the largest file size {S.MAX_FILE_SIZE}")
             # no await from here on: the write lands whole, and a key removal that began while it
             # waited (for room, or for its partial pages) is seen before anything is dirtied
             fs.check_dirtying(inode)
+            fs.reserve_meta(inode, at // PAGE, n)
             self._copy_in(memoryview(data), at, fills)
         finally:
             wipe_all(fills)
@@ -880,10 +927,12 @@ class File:
         inode = self.inode
         return [i for i in edges if i not in inode.pages.pages and i * PAGE < inode.size]
 
-    async def _read_partial(self, idxs: list[int]) -> dict[int, bytearray]:
-        """Read-modify-write: the current contents of the partial pages (copies: a cached page
-        is only valid until the next await; the caller zeroes them)."""
-        return {i: bytearray((await self.fs.read_pages(self.inode, i, 1))[0]) for i in idxs}
+    async def _read_partial(self, idxs: list[int], into: dict[int, bytearray]) -> None:
+        """Read-modify-write: the current contents of the partial pages, as copies (a cached page
+        is only valid until the next await) put straight ``into`` the caller's dict, which zeroes
+        them however the write ends -- a read failing half way included."""
+        for i in idxs:
+            into[i] = bytearray((await self.fs.read_pages(self.inode, i, 1))[0])
 
     def _copy_in(self, mv: memoryview, offset: int, fills: dict[int, bytearray]) -> None:
         """Copy into the page cache: whole pages in the middle in one go, the edges page by page."""
@@ -915,12 +964,16 @@ class File:
         if end <= offset:
             return b""
         first, last = offset // PAGE, (end - 1) // PAGE
-        pages = await self.fs.read_pages(inode, first, last - first + 1)
-        # the ends trimmed as views, so the one copy made is the one returned (no plaintext
-        # left behind in a discarded intermediate)
-        pages[-1] = memoryview(pages[-1])[: end - last * PAGE]
-        pages[0] = memoryview(pages[0])[offset - first * PAGE :]
-        return b"".join(pages)
+        try:
+            pages = await self.fs.read_pages(inode, first, last - first + 1)
+            # the ends trimmed as views, so the one copy made is the one returned (no plaintext
+            # left behind in a discarded intermediate)
+            pages[-1] = memoryview(pages[-1])[: end - last * PAGE]
+            pages[0] = memoryview(pages[0])[offset - first * PAGE :]
+            return b"".join(pages)
+        finally:
+            if self.closed:  # closed while this read was in flight: close could not lock then
+                self.fs.lock_if_idle(inode)
 
     async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.inode.size}.get(whence)

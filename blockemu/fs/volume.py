@@ -1,5 +1,5 @@
 """An open image: the device, the superblock and the trees, and the async half
-of the commit protocol (the sans-I/O half is ``transaction.Engine``)."""
+of the commit protocol (the half with no I/O is ``transaction.Engine``)."""
 from __future__ import annotations
 
 import asyncio
@@ -54,6 +54,7 @@ class Volume:
         self._writers = 0
         self._committing = False
         self.aborted: OSError | None = None
+        self.closed = False  # every later change or commit is refused with EIO
         self._changed: dict[asyncio.Task, bool] = {}  # participants -> whether they changed a tree
         engine.store.on_change = self._note_change
 
@@ -159,6 +160,8 @@ class Volume:
                     self._cond.notify_all()
 
     def _check_aborted(self) -> None:
+        if self.closed:
+            raise DeviceIOError(f"{self.device.path}: not mounted (the volume is closed)")
         if self.aborted is not None:
             raise DeviceIOError(f"{self.device.path}: read-only after an aborted transaction ({self.aborted})")
 
@@ -182,4 +185,5 @@ class Volume:
             if commit and not self.device.readonly and not self.device.dead:
                 await self.commit()
         finally:
+            self.closed = True
             await self.device.close()

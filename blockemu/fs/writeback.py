@@ -207,30 +207,24 @@ class Writeback:
         await asyncio.gather(*(self.flush_inode(i) for i in list(self.fs.inodes.values()) if i.pages.dirty))
 
     async def flush_inode(self, inode: Inode) -> None:
-        """Write back what is dirty now as a pipeline: at most ``batch_pages`` worth of runs
-        are in flight, and runs are taken from the cache only when a lane frees up, so
-        writes landing meanwhile still coalesce and sealing never drains between batches.
+        """Write back what is dirty now: its runs are taken at once (their dirty bits cleared;
+        a write landing meanwhile dirties a copy of its page, for the next flush) and written as
+        a pipeline, at most ``batch_pages`` worth in flight, so sealing never drains between
+        batches and memory stays bounded.
 
         Cancelling it (a cancelled fsync) never drops dirty pages: runs taken and not yet
         started are dirty again, and runs in flight are waited for -- not cancelled half
         way, and never left running once the inode's ``wb_lock`` is free, where a later
         flush could write the same page's newer data before them."""
         async with inode.wb_lock:
-            todo = len(inode.pages.dirty)
             lanes = asyncio.Semaphore(max(1, self.batch_pages // self.max_pages))
             inode.inflight += 1
             tasks: list[asyncio.Task] = []
-            runs: collections.deque[Run] = collections.deque()
+            runs = collections.deque(self.cache.take_dirty(inode.pages, self.max_pages))
             try:
-                while True:
+                while runs:
                     await lanes.acquire()
-                    if not runs and todo > 0 and inode.pages.dirty:
-                        runs.extend(self.cache.take_dirty(inode.pages, self.max_pages))
-                    if not runs:
-                        lanes.release()
-                        break
                     run = runs.popleft()
-                    todo -= len(run.entries)
                     tasks.append(asyncio.ensure_future(self._write_one(inode, run)))
                     tasks[-1].add_done_callback(lambda _t: lanes.release())
             finally:

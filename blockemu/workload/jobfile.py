@@ -255,8 +255,8 @@ def zonemode(text: str) -> str:
 
 def no_fill(text: str) -> bool:
     if parse_bool(text):
-        raise Unsupported("fill_device is not supported (the emulated filesystem reports ENOSPC when writeback "
-                          "fails, at fsync or close, not at write, so a fill would never end)")
+        raise Unsupported("fill_device is not supported (a job here ends at its first I/O error; fio's "
+                          "fill, which stops at ENOSPC as success, is not implemented)")
     return False
 
 
