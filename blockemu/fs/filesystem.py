@@ -480,10 +480,60 @@ class Filesystem:
         return out
 
     async def stat(self, path: str) -> Stat:
-        i = self._resolve(path)
+        return self.stat_inode(self._resolve(path))
+
+    def stat_inode(self, i: Inode) -> Stat:
         it = i.item
         return Stat(it.mode, i.ino, it.nlink, it.uid, it.gid, i.size, i.nbytes // 512,
                     _ns(it.atime), _ns(it.mtime), _ns(it.ctime))
+
+    # ------------------------------------------------------------------ by inode number
+
+    def inode(self, ino: int) -> Inode:
+        """The inode numbered ``ino``: a FUSE request names inodes, not paths. An inode unlinked
+        while open stays reachable until its last close."""
+        return self._load(ino)
+
+    def path_of(self, ino: int) -> str:
+        """A path naming ``ino``, walked up its INODE_REFs to the root (btrfs's ino_paths): how a
+        front end that is handed inode numbers reaches the path-based calls."""
+        names: list[str] = []
+        while ino != ROOT_INO:
+            ref = self.tree.first_at_or_after((ino, S.INODE_REF, 0), (ino, S.INODE_REF, (1 << 64) - 1))
+            if ref is None:
+                raise NotFoundError(f"inode {ino} has no name")
+            names.append(InodeRef.unpack(ref[1]).name.decode(errors="surrogateescape"))
+            ino = ref[0][2]
+        return "/" + "/".join(reversed(names))
+
+    async def set_attrs(self, inode: Inode, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                        atime_ns: int | None = None, mtime_ns: int | None = None) -> None:
+        """chmod, chown and utimensat in one transaction; the file type bits of ``mode`` are kept."""
+        if self.vol.device.readonly:
+            raise ReadOnlyError("read-only file system")
+        async with self.vol.join():
+            it, now = inode.item, _ts(time.time_ns())
+            if inode.data_changed_ns and mtime_ns is not None:
+                inode.data_changed_ns = 0  # an explicit mtime wins over the last write's
+            inode.item = it._replace(
+                mode=it.mode if mode is None else st.S_IFMT(it.mode) | (mode & 0o7777),
+                uid=it.uid if uid is None else uid,
+                gid=it.gid if gid is None else gid,
+                atime=it.atime if atime_ns is None else _ts(atime_ns),
+                mtime=it.mtime if mtime_ns is None else _ts(mtime_ns),
+                ctime=now,
+            )
+            self.save_inode(inode)
+
+    def space(self) -> tuple[int, int]:
+        """(total, free) bytes of the image, for statfs: free as the allocator sees it once this
+        transaction's pinned extents are released (what the next commit makes free)."""
+        engine = self.vol.engine
+        total = engine.sb.total_bytes
+        alloc = engine.allocator
+        if alloc is None:  # read-only: the last commit's own count
+            return total, total - engine.sb.bytes_used
+        return total, alloc.free_bytes() + alloc.pinned_bytes()
 
     async def exists(self, path: str) -> bool:
         try:
