@@ -527,13 +527,14 @@ class Filesystem:
 
     def space(self) -> tuple[int, int]:
         """(total, free) bytes of the image, for statfs: free as the allocator sees it once this
-        transaction's pinned extents are released (what the next commit makes free)."""
+        transaction's pinned extents are released (what the next commit makes free), less the
+        dirty data still on its way to disk (as btrfs counts delalloc), so df moves with writes."""
         engine = self.vol.engine
         total = engine.sb.total_bytes
         alloc = engine.allocator
         if alloc is None:  # read-only: the last commit's own count
             return total, total - engine.sb.bytes_used
-        return total, alloc.free_bytes() + alloc.pinned_bytes()
+        return total, max(0, alloc.free_bytes() + alloc.pinned_bytes() - self.cache.dirty_bytes)
 
     async def exists(self, path: str) -> bool:
         try:

@@ -179,7 +179,10 @@ def run(image: str, mountpoint: str, *, foreground: bool, **kw: Any) -> int:
     check_fuse()
     image, mountpoint = os.path.abspath(image), os.path.abspath(mountpoint)
     if foreground:
-        asyncio.run(serve(image, mountpoint, ready=lambda: None, **kw))
+        def ready() -> None:  # what a script waits for before it uses the mount point
+            print(f"blockemu: mounted {image} on {mountpoint} (pid {os.getpid()})", flush=True)
+
+        asyncio.run(serve(image, mountpoint, ready=ready, **kw))
         return 0
     r, w = os.pipe()
     pid = os.fork()

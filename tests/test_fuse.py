@@ -1,0 +1,403 @@
+"""``blockemu mount``: real programs (cp, diff, dd, shells, python processes, fio) on a FUSE
+mount of an image, served by the asyncio Filesystem in another process; every oracle reads
+after an unmount (or a kill -9) and a fresh mount, or with fsck.
+
+Needs pyfuse3 (``pip install -e '.[fuse]'``, which needs the OS packages fuse3 libfuse3-dev
+pkg-config) and /dev/fuse; without them each test is skipped with the reason (pytest -ra
+prints it). Every test unmounts in a ``finally`` (fusermount3 -u -z), so a failing one never
+leaves a dead mount behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from blockemu.fuse.serve import mounted_fstype
+
+PY = sys.executable
+
+
+def fuse_unavailable() -> str | None:
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError as e:
+        return f"pyfuse3 is not installed ({e}): pip install -e '.[fuse]' after apt-get install fuse3 libfuse3-dev pkg-config"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing: no FUSE in this kernel or container"
+    if not shutil.which("fusermount3"):
+        return "fusermount3 is missing: apt-get install fuse3"
+    if os.geteuid() != 0:
+        return "the FUSE tests mount as root (CI's user); run them as root"
+    return None
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    why = fuse_unavailable()
+    if why:
+        pytest.skip(why)
+    run = tmp_path / "run"
+    return {**os.environ, "BLOCKEMU_RUNTIME_DIR": str(run)}
+
+
+def blockemu(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([PY, "-m", "blockemu", *args], env=env, capture_output=True, text=True, timeout=120)
+    if check:
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+    return done
+
+
+def sh(script: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def detach(mnt: Path) -> None:
+    if mounted_fstype(str(mnt)) is not None:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+class Served:
+    """``blockemu mount --foreground`` in a child process, ready once it prints its line."""
+
+    def __init__(self, env: dict[str, str], image: Path, mnt: Path, *args: str) -> None:
+        self.mnt, self.env = mnt, env
+        self.proc = subprocess.Popen([PY, "-m", "blockemu", "mount", str(image), str(mnt), "--foreground", *args],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line.startswith("blockemu: mounted"):
+            self.proc.wait(timeout=30)
+            raise AssertionError(f"mount failed: {line}{self.proc.stderr.read()}")  # type: ignore[union-attr]
+
+    def __enter__(self) -> "Served":
+        return self
+
+    def __exit__(self, typ: object, *exc: object) -> None:
+        try:
+            done = subprocess.run([PY, "-m", "blockemu", "umount", str(self.mnt)], env=self.env, capture_output=True,
+                                  text=True, timeout=120)
+            if typ is None:
+                assert done.returncode == 0, done.stderr
+                assert self.proc.wait(timeout=60) == 0, self.proc.stderr.read()  # type: ignore[union-attr]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        detach(self.mnt)
+
+
+@pytest.fixture
+def image(tmp_path: Path, env: dict[str, str]) -> Path:
+    img = tmp_path / "a.img"
+    blockemu(env, "mkfs", str(img), "--size", "128M", "--force")
+    return img
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[Path]:
+    m = tmp_path / "mnt"
+    m.mkdir()
+    try:
+        yield m
+    finally:
+        detach(m)
+
+
+def fsck_clean(env: dict[str, str], image: Path) -> None:
+    done = blockemu(env, "fsck", str(image), check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def make_tree(root: Path) -> None:
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "small").write_bytes(b"hello\n")
+    (root / "sub" / "big").write_bytes(os.urandom(3 << 20))
+    (root / "sub" / "deeper" / "odd").write_bytes(os.urandom(12345))
+    (root / "sub" / "zero").write_bytes(b"")
+    os.chmod(root / "small", 0o600)
+    os.utime(root / "sub" / "big", ns=(1_000_000_000_123, 2_000_000_000_456))
+
+
+def test_mount_in_background_cp_diff_umount_fsck_remount(env, image, mnt, tmp_path) -> None:
+    """The default mount backgrounds and returns once mounted; cp -a and diff -r agree; umount
+    flushes, commits and releases the image (fsck opens it at once); a remount serves the same tree."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    blockemu(env, "mount", str(image), str(mnt))
+    try:
+        assert mounted_fstype(str(mnt)) == "fuse.blockemu"
+        r = sh(f"cp -a {src}/. {mnt}/ && diff -r {src} {mnt} && stat -c '%a %Y' {mnt}/small {mnt}/sub/big")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split("\n")[:2] == ["600 " + str(int((src / "small").stat().st_mtime)), "644 2000"]
+        df = os.statvfs(mnt)
+        assert df.f_blocks * df.f_frsize == 128 << 20 and 0 < df.f_bfree < df.f_blocks
+        assert df.f_bfree * df.f_frsize < (128 << 20) - (3 << 20)  # the copied data is counted as used
+    finally:
+        blockemu(env, "umount", str(mnt))
+    assert mounted_fstype(str(mnt)) is None
+    fsck_clean(env, image)
+    blockemu(env, "mount", str(image), str(mnt))
+    try:
+        r = sh(f"diff -r {src} {mnt}")
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        blockemu(env, "umount", str(mnt))
+
+
+POSIX = textwrap.dedent("""
+    import ctypes, errno, os, sys
+    m = sys.argv[1]
+    def fails(code, fn, *a):
+        try:
+            fn(*a)
+        except OSError as e:
+            assert e.errno == code, (fn, e)
+        else:
+            raise AssertionError(f"{fn.__name__}{a} did not fail with {errno.errorcode[code]}")
+
+    # rename over an existing file, as editors and package managers replace files
+    with open(f"{m}/conf", "w") as f:
+        f.write("old")
+    fd = os.open(f"{m}/conf.tmp", os.O_CREAT | os.O_WRONLY, 0o640)
+    os.write(fd, b"new contents"); os.fsync(fd); os.close(fd)
+    os.rename(f"{m}/conf.tmp", f"{m}/conf")
+    assert open(f"{m}/conf").read() == "new contents" and not os.path.exists(f"{m}/conf.tmp")
+    assert oct(os.stat(f"{m}/conf").st_mode & 0o777) == oct(0o640)
+
+    # unlink while open: the descriptor keeps working, the name is gone
+    fd = os.open(f"{m}/tmpfile", os.O_CREAT | os.O_RDWR, 0o600)
+    os.unlink(f"{m}/tmpfile")
+    os.write(fd, b"x" * 10000)
+    assert os.pread(fd, 5, 9995) == b"xxxxx" and os.fstat(fd).st_nlink == 0
+    assert not os.path.exists(f"{m}/tmpfile")
+    os.close(fd)
+
+    # truncate down and up, through the path and through a descriptor
+    with open(f"{m}/t", "wb") as f:
+        f.write(b"A" * 9000)
+    os.truncate(f"{m}/t", 5000)
+    fd = os.open(f"{m}/t", os.O_RDWR)
+    os.ftruncate(fd, 7000)
+    os.close(fd)
+    assert open(f"{m}/t", "rb").read() == b"A" * 5000 + bytes(2000)
+    with open(f"{m}/t", "w") as f:  # O_TRUNC
+        f.write("z")
+    assert open(f"{m}/t").read() == "z"
+
+    # append from two descriptors, then fsync
+    for _ in range(2):
+        with open(f"{m}/log", "a") as f:
+            f.write("line\\n"); f.flush(); os.fsync(f.fileno())
+    assert open(f"{m}/log").read() == "line\\nline\\n"
+
+    # chmod, utime, directories
+    os.chmod(f"{m}/t", 0o751); os.utime(f"{m}/t", ns=(5, 6_000_000_007))
+    s = os.stat(f"{m}/t")
+    assert s.st_mode & 0o7777 == 0o751 and s.st_mtime_ns == 6_000_000_007
+    os.makedirs(f"{m}/a/b/c")
+    os.rename(f"{m}/a/b", f"{m}/b2")
+    assert os.listdir(f"{m}/b2") == ["c"]
+    fails(errno.ENOTEMPTY, os.rmdir, f"{m}/b2")
+    os.rmdir(f"{m}/b2/c"); os.rmdir(f"{m}/b2")
+    fails(errno.EEXIST, os.mkdir, f"{m}/a")
+    fails(errno.ENOENT, os.stat, f"{m}/nothing")
+    fails(errno.EISDIR, os.unlink, f"{m}/a")
+
+    # what stays unsupported says so cleanly
+    fails(errno.EOPNOTSUPP, os.setxattr, f"{m}/t", "user.x", b"1")
+    fails(errno.EOPNOTSUPP, os.getxattr, f"{m}/t", "user.x")
+    fails(errno.EOPNOTSUPP, os.listxattr, f"{m}/t")
+    fails(errno.EPERM, os.mkfifo, f"{m}/fifo")
+    fails(errno.EPERM, os.link, f"{m}/t", f"{m}/hard")
+    fails(errno.EPERM, os.symlink, "t", f"{m}/soft")
+    libc = ctypes.CDLL(None, use_errno=True)
+    AT_FDCWD, RENAME_NOREPLACE, RENAME_EXCHANGE = -100, 1, 2
+    def renameat2(a, b, flags):
+        if libc.renameat2(AT_FDCWD, a.encode(), AT_FDCWD, b.encode(), flags):
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    fails(errno.EINVAL, renameat2, f"{m}/t", f"{m}/log", RENAME_EXCHANGE)
+    fails(errno.EEXIST, renameat2, f"{m}/t", f"{m}/log", RENAME_NOREPLACE)
+    renameat2(f"{m}/t", f"{m}/t2", RENAME_NOREPLACE)
+    print("ok")
+""")
+
+
+def test_posix_surface_through_real_processes(env, image, mnt) -> None:
+    """rename-over, unlink-while-open, truncate, O_TRUNC, append+fsync, chmod/utime, directory
+    moves, and clean errors for xattrs, fifos, links and rename flags; dd on top; then a fresh
+    mount sees what the processes left and fsck is clean."""
+    served = Served(env, image, mnt)
+    try:
+        r = subprocess.run([PY, "-c", POSIX, str(mnt)], capture_output=True, text=True, timeout=120)
+        assert r.stdout.strip() == "ok", r.stdout + r.stderr
+        r = sh(f"dd if=/dev/urandom of={mnt}/dd bs=64k count=40 conv=fsync status=none && "
+               f"dd if={mnt}/dd of={mnt}/dd2 bs=4k status=none && cmp {mnt}/dd {mnt}/dd2 && sha256sum {mnt}/dd")
+        assert r.returncode == 0, r.stderr
+        digest = r.stdout.split()[0]
+    finally:
+        served.__exit__(None)
+    fsck_clean(env, image)
+    assert blockemu(env, "cat", str(image), "/conf").stdout == "new contents"
+    assert blockemu(env, "cat", str(image), "/t2").stdout == "z"
+    names = blockemu(env, "ls", str(image), "/").stdout.split()
+    assert sorted(names) == ["a", "conf", "dd", "dd2", "log", "t2"]
+    with Served(env, image, mnt):
+        assert sh(f"sha256sum {mnt}/dd").stdout.split()[0] == digest
+
+
+def test_soft_key_removal_with_a_shell_holding_the_file_open(env, image, mnt, tmp_path) -> None:
+    """xfs_io's sequence with real processes: a shell's open descriptor keeps appending after
+    ``blockemu key remove``; a new ``cat`` gets ENOKEY; the appends survive a remount with the key."""
+    key = tmp_path / "k.key"
+    key.write_bytes(os.urandom(32))
+    blockemu(env, "mkdir", str(image), "/enc", "--encrypt", "--key-file", str(key))
+    other = tmp_path / "other"
+    other.write_text("secret\n")
+    blockemu(env, "put", str(image), str(other), "/enc/other", "--key-file", str(key))
+    b = f"{PY} -m blockemu"
+    with Served(env, image, mnt) as s:
+        assert "Absent" in blockemu(env, "key", "status", str(mnt), "--key-file", str(key)).stdout
+        r = sh(f"cat {mnt}/enc/other", env)
+        assert r.returncode == 1 and "Required key not available" in r.stderr
+        added = blockemu(env, "key", "add", str(mnt), "--key-file", str(key)).stdout
+        assert added.startswith("Added encryption key with identifier ")
+        script = f"""
+            set -e
+            exec 3>>{mnt}/enc/log
+            echo before >&3
+            {b} key remove {mnt} --key-file {key}
+            {b} key status {mnt} --key-file {key}
+            echo after-1 >&3
+            echo after-2 >&3
+            cat {mnt}/enc/other 2>&1 && exit 9 || true
+            exec 3>&-
+        """
+        r = sh(script, env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0].endswith(", but files still busy") and lines[0].startswith("Removed encryption key")
+        assert lines[1] == "Incompletely removed"
+        assert lines[2] == f"cat: {mnt}/enc/other: Required key not available"
+    fsck_clean(env, image)
+    with Served(env, image, mnt, "--key-file", str(key)):
+        assert (mnt / "enc" / "log").read_text() == "before\nafter-1\nafter-2\n"
+        assert (mnt / "enc" / "other").read_text() == "secret\n"
+
+
+def test_kill_9_then_fsck_then_mount_clears_the_dead_mount(env, image, mnt) -> None:
+    """kill -9 of the server: the image opens to its last commit, every fsynced file is there,
+    fsck is clean, and the next ``blockemu mount`` on that mount point detaches the dead mount."""
+    s = Served(env, image, mnt)
+    try:
+        code = textwrap.dedent(f"""
+            import os
+            for i in range(5):
+                fd = os.open("{mnt}/synced%d" % i, os.O_CREAT | os.O_WRONLY, 0o644)
+                os.write(fd, bytes([65 + i]) * (20000 * (i + 1))); os.fsync(fd); os.close(fd)
+            with open("{mnt}/unsynced", "wb") as f:
+                f.write(b"u" * 50000)
+        """)
+        r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        os.kill(s.proc.pid, signal.SIGKILL)
+        s.proc.wait(timeout=30)
+        with pytest.raises(OSError) as e:
+            os.listdir(mnt)
+        assert e.value.strerror == "Transport endpoint is not connected"
+        fsck_clean(env, image)
+        blockemu(env, "mount", str(image), str(mnt))  # clears the dead mount itself
+        try:
+            for i in range(5):
+                assert (mnt / f"synced{i}").read_bytes() == bytes([65 + i]) * (20000 * (i + 1))
+        finally:
+            blockemu(env, "umount", str(mnt))
+        fsck_clean(env, image)
+    finally:
+        s.close()
+
+
+def test_umount_of_a_killed_server_detaches_the_dead_mount(env, image, mnt) -> None:
+    s = Served(env, image, mnt)
+    try:
+        os.kill(s.proc.pid, signal.SIGKILL)
+        s.proc.wait(timeout=30)
+        r = blockemu(env, "umount", str(mnt))
+        assert "detached the dead mount" in r.stdout
+        assert mounted_fstype(str(mnt)) is None
+    finally:
+        s.close()
+
+
+def test_mount_and_umount_errors_are_one_line(env, image, mnt, tmp_path) -> None:
+    missing = tmp_path / "nowhere"
+    r = blockemu(env, "mount", str(image), str(missing), check=False)
+    assert (r.returncode, r.stderr) == (1, f"blockemu: mount: {missing}: mount point does not exist\n")
+    r = blockemu(env, "umount", str(mnt), check=False)
+    assert (r.returncode, r.stderr) == (1, f"blockemu: umount: {mnt}: not a blockemu mount point\n")
+    with Served(env, image, mnt) as s:
+        other = tmp_path / "other"
+        other.mkdir()
+        r = blockemu(env, "mount", str(image), str(other), check=False)
+        assert r.returncode == 1
+        assert r.stderr == f"blockemu: mount: {image}: image is in use by pid {s.proc.pid} (mounted or open for writing); one writer per image\n"
+        assert mounted_fstype(str(other)) is None
+        r = blockemu(env, "mount", str(image), str(mnt), check=False)
+        assert (r.returncode, r.stderr) == (
+            1, f"blockemu: mount: {mnt}: mount point is busy: fuse.blockemu is mounted there (blockemu umount {mnt})\n")
+        with open(mnt / "held", "w"):
+            r = blockemu(env, "umount", str(mnt), check=False)
+            assert r.returncode == 1 and "target is busy" in r.stderr and r.stderr.count("\n") == 1
+        assert s.proc.poll() is None  # a refused umount leaves the mount serving
+
+
+def test_no_fuse_binding_is_one_line(tmp_path) -> None:
+    """Where pyfuse3 is not installed, mount says what to install (runs everywhere)."""
+    code = ("import sys; sys.modules['pyfuse3'] = None\n"
+            "from blockemu.cli.main import main\n"
+            f"sys.exit(main(['mount', '{tmp_path}/a.img', '{tmp_path}']))")
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.startswith("blockemu: mount: FUSE support is not installed") and r.stderr.count("\n") == 1
+    assert "pip install 'blockemu[fuse]'" in r.stderr and "libfuse3-dev" in r.stderr
+
+
+def test_read_only_mount_and_sigterm(env, image, mnt) -> None:
+    """-o ro: writes fail with EROFS; SIGTERM unmounts cleanly and releases the image."""
+    blockemu(env, "put", str(image), "/etc/hostname", "/h")
+    s = Served(env, image, mnt, "-o", "ro")
+    try:
+        assert (mnt / "h").read_bytes() == Path("/etc/hostname").read_bytes()
+        r = sh(f"echo x > {mnt}/new")
+        assert r.returncode != 0 and "Read-only file system" in r.stderr
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=30) == 0
+        assert mounted_fstype(str(mnt)) is None
+        fsck_clean(env, image)
+    finally:
+        s.close()
+
+
+@pytest.mark.skipif(not shutil.which("fio"), reason="fio is not installed (apt-get install fio)")
+def test_real_fio_verify_on_the_mount(env, image, mnt) -> None:
+    """The OS's fio with verify=crc32c writes and reads back through the mount."""
+    with Served(env, image, mnt):
+        r = subprocess.run(["fio", "--name=v", f"--directory={mnt}", "--rw=randwrite", "--bs=4k", "--size=4m",
+                            "--ioengine=psync", "--verify=crc32c", "--do_verify=1", "--fsync=16", "--randseed=7",
+                            "--output-format=terse"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "verify" not in r.stderr
+    fsck_clean(env, image)
