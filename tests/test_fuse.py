@@ -131,6 +131,10 @@ def make_tree(root: Path) -> None:
     (root / "sub" / "deeper" / "odd").write_bytes(os.urandom(12345))
     (root / "sub" / "zero").write_bytes(b"")
     os.chmod(root / "small", 0o600)
+    os.link(root / "small", root / "sub" / "hard")  # cp -a keeps hard links as links
+    os.link(root / "small", root / "hard2")
+    os.symlink("../small", root / "sub" / "soft")
+    os.symlink("sub/deeper", root / "dirlink")
     os.utime(root / "sub" / "big", ns=(1_000_000_000_123, 2_000_000_000_456))
 
 
@@ -143,9 +147,13 @@ def test_mount_in_background_cp_diff_umount_fsck_remount(env, image, mnt, tmp_pa
     blockemu(env, "mount", str(image), str(mnt))
     try:
         assert mounted_fstype(str(mnt)) == "fuse.blockemu"
-        r = sh(f"cp -a {src}/. {mnt}/ && diff -r {src} {mnt} && stat -c '%a %Y' {mnt}/small {mnt}/sub/big")
+        r = sh(f"cp -a {src}/. {mnt}/ && diff -r --no-dereference {src} {mnt} && "
+               f"stat -c '%a %Y %h' {mnt}/small {mnt}/sub/big && readlink {mnt}/sub/soft {mnt}/dirlink")
         assert r.returncode == 0, r.stderr
-        assert r.stdout.split("\n")[:2] == ["600 " + str(int((src / "small").stat().st_mtime)), "644 2000"]
+        assert r.stdout.split("\n")[:4] == ["600 " + str(int((src / "small").stat().st_mtime)) + " 3", "644 2000 1",
+                                            "../small", "sub/deeper"]
+        assert (mnt / "sub" / "hard").stat().st_ino == (mnt / "small").stat().st_ino
+        assert (mnt / "dirlink" / "odd").read_bytes() == (src / "sub" / "deeper" / "odd").read_bytes()
         df = os.statvfs(mnt)
         assert df.f_blocks * df.f_frsize == 128 << 20 and 0 < df.f_bfree < df.f_blocks
         assert df.f_bfree * df.f_frsize < (128 << 20) - (3 << 20)  # the copied data is counted as used
@@ -155,8 +163,11 @@ def test_mount_in_background_cp_diff_umount_fsck_remount(env, image, mnt, tmp_pa
     fsck_clean(env, image)
     blockemu(env, "mount", str(image), str(mnt))
     try:
-        r = sh(f"diff -r {src} {mnt}")
+        r = sh(f"diff -r --no-dereference {src} {mnt} && tar -C {mnt} -cf {tmp_path}/t.tar . && "
+               f"mkdir {tmp_path}/untar && tar -C {tmp_path}/untar -xf {tmp_path}/t.tar && "
+               f"diff -r --no-dereference {src} {tmp_path}/untar && stat -c %h {tmp_path}/untar/small")
         assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.strip() == "3"  # tar saw the hard links as links
     finally:
         blockemu(env, "umount", str(mnt))
 
@@ -225,8 +236,14 @@ POSIX = textwrap.dedent("""
     fails(errno.EOPNOTSUPP, os.getxattr, f"{m}/t", "user.x")
     fails(errno.EOPNOTSUPP, os.listxattr, f"{m}/t")
     fails(errno.EPERM, os.mkfifo, f"{m}/fifo")
-    fails(errno.EPERM, os.link, f"{m}/t", f"{m}/hard")
-    fails(errno.EPERM, os.symlink, "t", f"{m}/soft")
+    os.link(f"{m}/t", f"{m}/hard")
+    assert os.stat(f"{m}/hard").st_nlink == 2
+    os.unlink(f"{m}/hard")
+    fails(errno.EPERM, os.link, f"{m}/a", f"{m}/hardlinked-dir")
+    os.symlink("t", f"{m}/soft")
+    assert os.readlink(f"{m}/soft") == "t" and open(f"{m}/soft").read() == "z"
+    os.rename(f"{m}/soft", f"{m}/soft2")
+    os.unlink(f"{m}/soft2")
     libc = ctypes.CDLL(None, use_errno=True)
     AT_FDCWD, RENAME_NOREPLACE, RENAME_EXCHANGE = -100, 1, 2
     def renameat2(a, b, flags):
@@ -242,8 +259,8 @@ POSIX = textwrap.dedent("""
 
 def test_posix_surface_through_real_processes(env, image, mnt) -> None:
     """rename-over, unlink-while-open, truncate, O_TRUNC, append+fsync, chmod/utime, directory
-    moves, and clean errors for xattrs, fifos, links and rename flags; dd on top; then a fresh
-    mount sees what the processes left and fsck is clean."""
+    moves, hard and symbolic links, and clean errors for xattrs, fifos, hard-linked directories
+    and rename flags; dd on top; then a fresh mount sees what the processes left and fsck is clean."""
     served = Served(env, image, mnt)
     try:
         r = subprocess.run([PY, "-c", POSIX, str(mnt)], capture_output=True, text=True, timeout=120)

@@ -43,7 +43,9 @@ from blockemu.errors import (
     NotADirectory,
     NotEmpty,
     NotFoundError,
+    NotPermitted,
     ReadOnlyError,
+    SymlinkLoop,
 )
 from blockemu.fs.pagecache import PAGE, Page, Pages
 from blockemu.fs.volume import Volume
@@ -56,13 +58,16 @@ from blockemu.ondisk.items import (
     InodeItem,
     InodeRef,
     Timespec,
+    file_type,
     name_hash,
     pack_dir_entries,
+    pack_inode_refs,
     unpack_dir_entries,
+    unpack_inode_refs,
 )
 
 ROOT_INO = S.FIRST_FREE_OBJECTID
-FT_REG, FT_DIR = 1, 2
+FT_REG, FT_DIR = S.FT_REG_FILE, S.FT_DIR
 INODE_FLAG_ENCRYPT = 1 << 12
 NAME_MAX = 255
 YIELD_BYTES = 2 << 20
@@ -346,16 +351,18 @@ class Filesystem:
         return nxt
 
     def _add_entry(self, parent: Inode, name: bytes, child: Inode) -> None:
-        ftype = FT_DIR if child.is_dir else FT_REG
         tid = self.vol.engine.transid
-        entry = DirEntry((child.ino, S.INODE_ITEM, 0), tid, ftype, name)
+        entry = DirEntry((child.ino, S.INODE_ITEM, 0), tid, file_type(child.item.mode), name)
         key = (parent.ino, S.DIR_ITEM, name_hash(name))
         old = self.tree.get(key)
         entries = (unpack_dir_entries(old) if old is not None else []) + [entry]
         self.tree.insert(key, pack_dir_entries(entries), replace=True)
         index = self._dir_index(parent.ino)
         self.tree.insert((parent.ino, S.DIR_INDEX, index), pack_dir_entries([entry]))
-        self.tree.insert((child.ino, S.INODE_REF, parent.ino), InodeRef(index, name).pack())
+        ref_key = (child.ino, S.INODE_REF, parent.ino)
+        old_refs = self.tree.get(ref_key)  # a hard link's other names in this directory
+        refs = (unpack_inode_refs(old_refs) if old_refs is not None else []) + [InodeRef(index, name)]
+        self.tree.insert(ref_key, pack_inode_refs(refs), replace=True)
         parent.size += 2 * len(name)
         parent.disk_size = parent.size
         self._touch(parent)
@@ -368,7 +375,13 @@ class Filesystem:
             self.tree.update(key, pack_dir_entries(rest))
         else:
             self.tree.delete(key)
-        ref = InodeRef.unpack(self.tree.delete((child.ino, S.INODE_REF, parent.ino)))
+        ref_key = (child.ino, S.INODE_REF, parent.ino)
+        refs = unpack_inode_refs(self.tree[ref_key])
+        ref = next(r for r in refs if r.name == name)
+        if len(refs) > 1:
+            self.tree.update(ref_key, pack_inode_refs([r for r in refs if r is not ref]))
+        else:
+            self.tree.delete(ref_key)
         self.tree.delete((parent.ino, S.DIR_INDEX, ref.index))
         parent.size -= 2 * len(name)
         parent.disk_size = parent.size
@@ -470,6 +483,67 @@ class Filesystem:
             self._touch(inode, mtime=False)
             self.save_inode(inode)
 
+    async def link(self, src: str, dst: str) -> None:
+        """link(2): another name for a file (not a directory: EPERM). Into an encrypted
+        directory only with the same policy (EXDEV) and its key (ENOKEY), as fscrypt."""
+        async with self.vol.join():
+            inode = self._resolve(src)
+            if inode.is_dir:
+                raise NotPermitted(f"{src}: hard link not allowed for directory")
+            dparent, dname = self._parent(dst)
+            if self._lookup_entry(dparent.ino, dname) is not None:
+                raise ExistsError(f"{dst}: file exists")
+            self._check_policy_move(inode, dparent)
+            self._add_entry(dparent, dname, inode)
+            inode.item = inode.item._replace(nlink=inode.item.nlink + 1)
+            self._touch(inode, mtime=False)
+            self.save_inode(inode)
+
+    async def symlink(self, target: str, path: str) -> None:
+        """symlink(2). The target is the link's file data (encrypted in an encrypted directory,
+        as fscrypt encrypts targets), written back before the name appears: until then the
+        inode is an orphan, so a crash leaves either no link or a whole one."""
+        data = target.encode(errors="surrogateescape")
+        if not data:
+            raise NotFoundError(f"{path}: empty symbolic link target")
+        if len(data) >= PAGE:
+            raise NameTooLong(f"{path}: symbolic link target longer than {PAGE - 1} bytes")
+        async with self.vol.join():
+            parent, name = self._parent(path)
+            if self._lookup_entry(parent.ino, name) is not None:
+                raise ExistsError(f"{path}: file exists")
+            inode = self._new_inode(st.S_IFLNK | 0o777, parent)
+            inode.item = inode.item._replace(nlink=0)
+            self.save_inode(inode)
+            self.tree.insert((S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, inode.ino), b"")
+            inode.open_count += 1  # the File below holds it: no lock or destroy meanwhile
+        f = File(self, inode, path, readable=False, writable=True, append=False)
+        try:
+            await f.pwrite(data, 0)
+            await self.writeback.flush_inode(inode)
+            report_writeback_error(inode)
+            async with self.vol.join():
+                parent, name = self._parent(path)
+                if self._lookup_entry(parent.ino, name) is not None:
+                    raise ExistsError(f"{path}: file exists")
+                self._add_entry(parent, name, inode)
+                inode.item = inode.item._replace(nlink=1)
+                self.save_inode(inode)
+                self.tree.delete((S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, inode.ino))
+        finally:
+            await f.close()  # with no name (a failure above) the inode goes
+
+    async def readlink(self, path: str) -> str:
+        inode = self._resolve(path)
+        if not st.S_ISLNK(inode.item.mode):
+            raise InvalidArgument(f"{path}: not a symbolic link")
+        self._unlock(inode)  # ENOKEY without the key, as fscrypt
+        try:
+            pages = await self.read_pages(inode, 0, 1)
+            return bytes(pages[0][: inode.size]).decode(errors="surrogateescape")
+        finally:
+            self.maybe_lock(inode)
+
     async def readdir(self, path: str) -> list[str]:
         d = self._resolve(path)
         if not d.is_dir:
@@ -502,7 +576,7 @@ class Filesystem:
             ref = self.tree.first_at_or_after((ino, S.INODE_REF, 0), (ino, S.INODE_REF, (1 << 64) - 1))
             if ref is None:
                 raise NotFoundError(f"inode {ino} has no name")
-            names.append(InodeRef.unpack(ref[1]).name.decode(errors="surrogateescape"))
+            names.append(unpack_inode_refs(ref[1])[0].name.decode(errors="surrogateescape"))
             ino = ref[0][2]
         return "/" + "/".join(reversed(names))
 
@@ -627,6 +701,8 @@ class Filesystem:
                 self._add_entry(parent, name, inode)
             if inode.is_dir:
                 raise IsADirectory(f"{path}: is a directory")
+            if st.S_ISLNK(inode.item.mode):
+                raise SymlinkLoop(f"{path}: is a symbolic link (paths are never followed)")
             self._unlock(inode)
             inode.open_count += 1
         f = File(self, inode, path, readable=base[0] == "r" or "+" in base, writable=base != "r", append=base[0] == "a")

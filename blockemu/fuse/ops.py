@@ -9,9 +9,9 @@ Every ``OSError`` becomes a ``FUSEError`` with its errno (ENOKEY reaches the pro
 "Required key not available"). What is not implemented fails cleanly:
 extended attributes answer ENOSYS, which the kernel remembers and turns into EOPNOTSUPP for
 every later call without asking again (an EOPNOTSUPP answer would make it ask on every
-write, for security.capability); mknod of anything but a regular file, hard links and
-symbolic links answer EPERM, as a filesystem that does not support them (e.g. vfat);
-rename flags other than RENAME_NOREPLACE answer EINVAL.
+write, for security.capability); mknod of anything but a regular file answers EPERM (the
+format holds no device nodes, fifos or sockets); rename flags other than RENAME_NOREPLACE
+answer EINVAL.
 """
 from __future__ import annotations
 
@@ -179,11 +179,20 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)  # hard links: not implemented yet
+        await self.fs.link(self._path(inode), child(self._path(new_parent_inode), new_name))
+        return entry(self.fs.stat_inode(self._inode(inode)))
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)  # symbolic links: not implemented yet
+        path = child(self._path(parent_inode), name)
+        await self.fs.symlink(target.decode(errors="surrogateescape"), path)
+        node = self.fs.inode((await self.fs.stat(path)).st_ino)
+        await self.fs.set_attrs(node, uid=ctx.uid, gid=ctx.gid)
+        return entry(self.fs.stat_inode(node))
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return (await self.fs.readlink(self._path(inode))).encode(errors="surrogateescape")
 
     # ------------------------------------------------------------------ files
 
