@@ -331,7 +331,7 @@ def test_soft_key_removal_with_a_shell_holding_the_file_open(env, image, mnt, tm
 def test_kill_9_then_fsck_then_mount_clears_the_dead_mount(env, image, mnt) -> None:
     """kill -9 of the server: the image opens to its last commit, every fsynced file is there,
     fsck is clean, and the next ``blockemu mount`` on that mount point detaches the dead mount."""
-    s = Served(env, image, mnt)
+    s = Served(env, image, mnt, "-o", "interval=3600")  # only the fsyncs commit
     try:
         code = textwrap.dedent(f"""
             import os
@@ -353,6 +353,7 @@ def test_kill_9_then_fsck_then_mount_clears_the_dead_mount(env, image, mnt) -> N
         try:
             for i in range(5):
                 assert (mnt / f"synced{i}").read_bytes() == bytes([65 + i]) * (20000 * (i + 1))
+            assert not (mnt / "unsynced").exists()  # created after the last commit
         finally:
             blockemu(env, "umount", str(mnt))
         fsck_clean(env, image)
@@ -403,6 +404,16 @@ def test_no_fuse_binding_is_one_line(tmp_path) -> None:
     assert r.returncode == 1
     assert r.stderr.startswith("blockemu: mount: FUSE support is not installed") and r.stderr.count("\n") == 1
     assert "pip install 'blockemu[fuse]'" in r.stderr and "libfuse3-dev" in r.stderr
+
+
+def test_mount_options_are_checked_before_anything_is_mounted(capsys) -> None:
+    from blockemu.cli.main import main, mount_options
+
+    assert mount_options(["ro,interval=0.5", "dirty_limit=32M"]) == {"readonly": True, "interval": 0.5,
+                                                                     "dirty_limit": 32 << 20}
+    for bad in ("bogus", "dirty_limit=zz", "interval"):
+        assert main(["mount", "a.img", "mnt", "-o", bad]) == 2
+        assert capsys.readouterr().err.startswith("blockemu: usage: blockemu mount: ")
 
 
 def test_read_only_mount_and_sigterm(env, image, mnt) -> None:

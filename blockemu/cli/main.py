@@ -29,12 +29,12 @@ from blockemu.crypto.keyring import MODES
 from blockemu.device.faultplan import FaultPlan
 from blockemu.display import bar as progress_bar
 from blockemu.display import wanted as progress_wanted
-from blockemu.errors import BlockemuError, ExistsError, NoKeyError
+from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, NoKeyError
 from blockemu.fs.filesystem import mount
 from blockemu.fs.mkfs import mkfs
 from blockemu.fuse import control
 from blockemu.fuse import serve as fuse_serve
-from blockemu.units import human
+from blockemu.units import human, parse_size
 from blockemu.workload.crash import run_ace_parallel
 from blockemu.workload.jobfile import parse_time
 from blockemu.workload.jobfile import size as fio_size
@@ -161,7 +161,9 @@ def build_parser() -> Parser:
     mo.add_argument("mountpoint")
     mo.add_argument("--key-file", action="append", default=[], help="add this key at mount (repeatable)")
     mo.add_argument("--key-removal", choices=list(MODES), default="soft")
-    mo.add_argument("-o", dest="options", action="append", default=[], help="mount options: ro, rw")
+    mo.add_argument("-o", dest="options", action="append", default=[],
+                    help="mount options: ro, rw, and the API's interval=, dirty_limit=, background_bytes=, max_extent=, "
+                         "cache_limit=, seal_workers=, seal_timeout=")
     mo.add_argument("--foreground", "-f", action="store_true", help="serve in this process until unmounted")
 
     um = sub.add_parser("umount", help="unmount a blockemu mount: flush, commit, release the image")
@@ -488,19 +490,34 @@ def cmd_crash(a: argparse.Namespace) -> int:
     return 1 if r.failures else 0
 
 
-def mount_readonly(options: list[str]) -> bool:
-    readonly = False
-    for opt in ",".join(options).split(","):
-        if opt in ("ro", "rw"):
-            readonly = opt == "ro"
-        elif opt:
-            raise UsageError(f"blockemu mount: unknown mount option {opt!r} (known: ro, rw)")
-    return readonly
+# -o NAME=VALUE: the Python API's mount options (Writeback's), with their value parsers
+MOUNT_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "interval": float, "dirty_limit": parse_size, "background_bytes": parse_size, "max_extent": parse_size,
+    "cache_limit": parse_size, "seal_workers": int, "seal_timeout": float,
+}
+
+
+def mount_options(options: list[str]) -> dict[str, Any]:
+    """``-o ro,interval=1,dirty_limit=128M`` -> the keywords of ``blockemu.mount``."""
+    out: dict[str, Any] = {"readonly": False}
+    for opt in filter(None, ",".join(options).split(",")):
+        name, eq, value = opt.partition("=")
+        if not eq and name in ("ro", "rw"):
+            out["readonly"] = name == "ro"
+        elif eq and name in MOUNT_OPTIONS:
+            try:
+                out[name] = MOUNT_OPTIONS[name](value)
+            except (ValueError, InvalidArgument):
+                raise UsageError(f"blockemu mount: bad value for mount option {name}: {value!r}") from None
+        else:
+            raise UsageError(f"blockemu mount: unknown mount option {opt!r} (known: ro, rw, "
+                             + ", ".join(f"{k}=" for k in MOUNT_OPTIONS) + ")")
+    return out
 
 
 def cmd_mount(a: argparse.Namespace) -> int:
     return fuse_serve.run(a.image, a.mountpoint, foreground=a.foreground, keys=[read_key(k) for k in a.key_file],
-                          readonly=mount_readonly(a.options), key_removal=a.key_removal)
+                          key_removal=a.key_removal, **mount_options(a.options))
 
 
 def cmd_umount(a: argparse.Namespace) -> int:
