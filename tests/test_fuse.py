@@ -24,6 +24,7 @@ import pytest
 
 from blockemu import mkfs, mount
 from blockemu.check.fsck import check
+from blockemu.cli.main import main
 from blockemu.fuse.serve import mounted_fstype
 
 PY = sys.executable
@@ -284,7 +285,7 @@ def test_posix_surface_through_real_processes(env, image, mnt) -> None:
     asyncio.run(oracle())
 
 
-def test_soft_key_removal_with_a_shell_holding_the_file_open(env, image, mnt, tmp_path) -> None:
+def test_soft_key_removal_with_a_shell_holding_the_file_open(env, image, mnt, tmp_path, capsys, monkeypatch) -> None:
     """xfs_io's sequence with real processes: a shell's open descriptor keeps appending after
     ``blockemu key remove``; a new ``cat`` gets ENOKEY; the appends survive a remount with the key."""
     key = tmp_path / "k.key"
@@ -300,10 +301,13 @@ def test_soft_key_removal_with_a_shell_holding_the_file_open(env, image, mnt, tm
     asyncio.run(setup())
     b = f"{PY} -m blockemu"
     with Served(env, image, mnt) as s:
-        assert "Absent" in blockemu(env, "key", "status", str(mnt), "--key-file", str(key)).stdout
+        monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
+        assert main(["key", "status", str(mnt), "--key-file", str(key)]) == 0  # in-process: quicker
+        assert capsys.readouterr().out == "Absent\n"
         r = sh(f"cat {mnt}/enc/other", env)
         assert r.returncode == 1 and "Required key not available" in r.stderr
-        added = blockemu(env, "key", "add", str(mnt), "--key-file", str(key)).stdout
+        assert main(["key", "add", str(mnt), "--key-file", str(key)]) == 0
+        added = capsys.readouterr().out
         assert added.startswith("Added encryption key with identifier ")
         script = f"""
             set -e
@@ -373,25 +377,31 @@ def test_umount_of_a_killed_server_detaches_the_dead_mount(env, image, mnt) -> N
         s.close()
 
 
-def test_mount_and_umount_errors_are_one_line(env, image, mnt, tmp_path) -> None:
+def test_mount_and_umount_errors_are_one_line(env, image, mnt, tmp_path, capsys, monkeypatch) -> None:
+    """The first through a backgrounding mount (the serving process's error reaches the command
+    through its pipe), the others in-process (--foreground, umount): each CLI start costs a second."""
     missing = tmp_path / "nowhere"
     r = blockemu(env, "mount", str(image), str(missing), check=False)
     assert (r.returncode, r.stderr) == (1, f"blockemu: mount: {missing}: mount point does not exist\n")
-    r = blockemu(env, "umount", str(mnt), check=False)
-    assert (r.returncode, r.stderr) == (1, f"blockemu: umount: {mnt}: not a blockemu mount point\n")
+    monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
+
+    def fails(*args: str) -> str:
+        assert main(list(args)) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err
+
+    assert fails("umount", str(mnt)) == f"blockemu: umount: {mnt}: not a blockemu mount point\n"
     with Served(env, image, mnt) as s:
         other = tmp_path / "other"
         other.mkdir()
-        r = blockemu(env, "mount", str(image), str(other), check=False)
-        assert r.returncode == 1
-        assert r.stderr == f"blockemu: mount: {image}: image is in use by pid {s.proc.pid} (mounted or open for writing); one writer per image\n"
+        assert fails("mount", str(image), str(other), "--foreground") == (
+            f"blockemu: mount: {image}: image is in use by pid {s.proc.pid} (mounted or open for writing); one writer per image\n")
         assert mounted_fstype(str(other)) is None
-        r = blockemu(env, "mount", str(image), str(mnt), check=False)
-        assert (r.returncode, r.stderr) == (
-            1, f"blockemu: mount: {mnt}: mount point is busy: fuse.blockemu is mounted there (blockemu umount {mnt})\n")
+        assert fails("mount", str(image), str(mnt), "--foreground") == (
+            f"blockemu: mount: {mnt}: mount point is busy: fuse.blockemu is mounted there (blockemu umount {mnt})\n")
         with open(mnt / "held", "w"):
-            r = blockemu(env, "umount", str(mnt), check=False)
-            assert r.returncode == 1 and "target is busy" in r.stderr and r.stderr.count("\n") == 1
+            assert "target is busy" in fails("umount", str(mnt))
         assert s.proc.poll() is None  # a refused umount leaves the mount serving
 
 
@@ -407,7 +417,7 @@ def test_no_fuse_binding_is_one_line(tmp_path) -> None:
 
 
 def test_mount_options_are_checked_before_anything_is_mounted(capsys) -> None:
-    from blockemu.cli.main import main, mount_options
+    from blockemu.cli.main import mount_options
 
     assert mount_options(["ro,interval=0.5", "dirty_limit=32M"]) == {"readonly": True, "interval": 0.5,
                                                                      "dirty_limit": 32 << 20}
