@@ -10,6 +10,7 @@ leaves a dead mount behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 from typing import Iterator
 
@@ -456,3 +458,47 @@ def test_real_fio_verify_on_the_mount(env, image, mnt) -> None:
         assert r.returncode == 0, r.stdout + r.stderr
         assert "verify" not in r.stderr
     fsck_clean(env, image)
+
+
+async def test_a_rename_landing_while_a_create_waits_cannot_misplace_the_file(tmp_path) -> None:
+    """The kernel names the parent by inode; the path made of it must still name that directory
+    when the filesystem resolves it. Driven in-process through the FUSE operations: the create
+    waits in vol.join (for a commit, say) while a rename moves its directory and a new one takes
+    the old name; the file must land in the moved directory."""
+    try:
+        from blockemu.fuse.ops import Operations
+    except ImportError as e:
+        pytest.skip(f"pyfuse3 is not installed ({e}): pip install -e '.[fuse]'")
+    import pyfuse3
+
+    img = str(tmp_path / "a.img")
+    await mkfs(img, "64M")
+    async with mount(img) as fs:
+        ops = Operations(fs)
+        await fs.mkdir("/a")
+        a = (await fs.stat("/a")).st_ino
+        join, gate, entered = fs.vol.join, asyncio.Event(), asyncio.Event()
+
+        @contextlib.asynccontextmanager
+        async def held_join():
+            fs.vol.join = join  # only the create's first join waits
+            entered.set()
+            await gate.wait()
+            async with join() as engine:
+                yield engine
+        fs.vol.join = held_join
+        ctx = types.SimpleNamespace(uid=0, gid=0, umask=0o022)
+        create = asyncio.create_task(ops.create(a, b"x", 0o100644, os.O_WRONLY | os.O_CREAT, ctx))
+        await entered.wait()
+
+        async def moves() -> None:
+            await ops.rename(pyfuse3.ROOT_INODE, b"a", pyfuse3.ROOT_INODE, b"b", 0, ctx)
+            await ops.mkdir(pyfuse3.ROOT_INODE, b"a", 0o755, ctx)
+        mover = asyncio.create_task(moves())
+        while not (mover.done() or getattr(getattr(ops, "names", None), "_waiters", None)):  # done, or waits its turn
+            await asyncio.sleep(0)
+        gate.set()
+        fi, _ = await create
+        await mover
+        await ops.release(fi.fh)
+        assert await fs.readdir("/b") == ["x"] and await fs.readdir("/a") == []

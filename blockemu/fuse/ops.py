@@ -15,6 +15,7 @@ answer EINVAL.
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import os
@@ -47,6 +48,17 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except Exception:
             traceback.print_exc(file=sys.stderr)
             raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def by_path(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Requests that turn inode numbers into paths and then wait (for the running commit, in
+    ``vol.join``) before the filesystem resolves them run one at a time: otherwise a rename
+    landing in that wait would leave the path naming another directory, or nothing."""
+    @functools.wraps(fn)
+    async def wrapper(self: "Operations", *args: Any, **kw: Any) -> T:
+        async with self.names:
+            return await fn(self, *args, **kw)
     return wrapper
 
 
@@ -88,6 +100,7 @@ class Operations(pyfuse3.Operations):
         self.files: dict[int, File] = {}
         self.dirs: dict[int, list[str]] = {}
         self.next_fh = 1
+        self.names = asyncio.Lock()  # see by_path
 
     def _fh(self) -> int:
         self.next_fh += 1
@@ -143,6 +156,7 @@ class Operations(pyfuse3.Operations):
         return entry(self.fs.stat_inode(node))
 
     @fuse_errors
+    @by_path
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         path = child(self._path(parent_inode), name)
         await self.fs.mkdir(path, mode & 0o7777)
@@ -151,14 +165,17 @@ class Operations(pyfuse3.Operations):
         return entry(self.fs.stat_inode(node))
 
     @fuse_errors
+    @by_path
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         await self.fs.rmdir(child(self._path(parent_inode), name))
 
     @fuse_errors
+    @by_path
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         await self.fs.unlink(child(self._path(parent_inode), name))
 
     @fuse_errors
+    @by_path
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: Any) -> None:
         if flags & ~pyfuse3.RENAME_NOREPLACE:
@@ -178,11 +195,13 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     @fuse_errors
+    @by_path
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         await self.fs.link(self._path(inode), child(self._path(new_parent_inode), new_name))
         return entry(self.fs.stat_inode(self._inode(inode)))
 
     @fuse_errors
+    @by_path
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         path = child(self._path(parent_inode), name)
         await self.fs.symlink(target.decode(errors="surrogateescape"), path)
@@ -197,6 +216,7 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------ files
 
     @fuse_errors
+    @by_path
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> tuple[Any, Any]:
         path = child(self._path(parent_inode), name)
         f = await self.fs.open(path, "x+")
@@ -210,6 +230,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh), entry(self.fs.stat_inode(f.inode))
 
     @fuse_errors
+    @by_path
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         f = await self.fs.open(self._path(inode), open_mode(flags))
         if flags & os.O_TRUNC:
