@@ -542,7 +542,7 @@ class Filesystem:
             pages = await self.read_pages(inode, 0, 1)
             return bytes(pages[0][: inode.size]).decode(errors="surrogateescape")
         finally:
-            self.maybe_lock(inode)
+            self.lock_if_idle(inode)
 
     async def readdir(self, path: str) -> list[str]:
         d = self._resolve(path)
