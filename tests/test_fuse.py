@@ -176,7 +176,7 @@ def test_mount_in_background_cp_diff_umount_fsck_remount(env, image, mnt, tmp_pa
 
 
 POSIX = textwrap.dedent("""
-    import ctypes, errno, os, sys
+    import ctypes, errno, os, subprocess, sys
     m = sys.argv[1]
     def fails(code, fn, *a):
         try:
@@ -228,6 +228,7 @@ POSIX = textwrap.dedent("""
     os.makedirs(f"{m}/a/b/c")
     os.rename(f"{m}/a/b", f"{m}/b2")
     assert os.listdir(f"{m}/b2") == ["c"]
+    assert subprocess.run(["ls", "-a", f"{m}/b2"], capture_output=True, text=True).stdout.split() == [".", "..", "c"]
     fails(errno.ENOTEMPTY, os.rmdir, f"{m}/b2")
     os.rmdir(f"{m}/b2/c"); os.rmdir(f"{m}/b2")
     fails(errno.EEXIST, os.mkdir, f"{m}/a")

@@ -98,7 +98,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.files: dict[int, File] = {}
-        self.dirs: dict[int, list[str]] = {}
+        self.dirs: dict[int, tuple[int, list[bytes]]] = {}
         self.next_fh = 1
         self.names = asyncio.Lock()  # see by_path
 
@@ -267,21 +267,20 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
-        path = self._path(inode)
-        names = await self.fs.readdir(path)  # a snapshot: offsets stay stable while it is listed
+        names = await self.fs.readdir(self._path(inode))  # a snapshot: offsets stay stable while it is listed
         fh = self._fh()
-        self.dirs[fh] = [path, *names]
+        self.dirs[fh] = (inode, [b".", b"..", *(n.encode() for n in names)])
         return fh
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        path, *names = self.dirs[fh]
+        inode, names = self.dirs[fh]
         for i in range(start_id, len(names)):
             try:
-                attrs = await self._entry_at(child(path, names[i].encode()))
-            except FileNotFoundError:
+                attrs = await self.lookup(inode, names[i])
+            except pyfuse3.FUSEError:
                 continue  # removed since opendir
-            if not pyfuse3.readdir_reply(token, names[i].encode(), attrs, i + 1):
+            if not pyfuse3.readdir_reply(token, names[i], attrs, i + 1):
                 return
 
     @fuse_errors
