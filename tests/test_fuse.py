@@ -394,7 +394,9 @@ def test_mount_and_umount_errors_are_one_line(env, image, mnt, tmp_path, capsys,
         assert err.count("\n") == 1, err
         return err
 
-    assert fails("umount", str(mnt)) == f"blockemu: umount: {mnt}: not a blockemu mount point\n"
+    assert fails("umount", str(mnt)) == f"blockemu: umount: {mnt}: not a blockemu mount point (no blockemu server for it)\n"
+    assert fails("key", "status", str(mnt), "--id", "0" * 32) == (
+        f"blockemu: key: {mnt}: not a blockemu mount point (no blockemu server for it)\n")
     with Served(env, image, mnt) as s:
         other = tmp_path / "other"
         other.mkdir()

@@ -523,12 +523,12 @@ def cmd_mount(a: argparse.Namespace) -> int:
 def cmd_umount(a: argparse.Namespace) -> int:
     try:
         control.request(a.mountpoint, "umount")
-    except (FileNotFoundError, ConnectionRefusedError):
-        # nobody serves it: a killed server's dead mount, or not a blockemu mount at all
+    except control.NotServed:
+        # a killed server's dead mount, or not a blockemu mount at all
         if fuse_serve.clear_dead_mount(a.mountpoint):
             print(f"blockemu umount: {a.mountpoint}: its server was gone; detached the dead mount")
             return 0
-        raise BlockemuError(f"{a.mountpoint}: not a blockemu mount point") from None
+        raise
     return 0
 
 

@@ -19,6 +19,8 @@ import socket
 import struct
 from typing import Any, Awaitable, Callable
 
+from blockemu.errors import BlockemuError
+
 Handler = Callable[[dict[str, Any]], Awaitable[str]]
 
 
@@ -104,11 +106,19 @@ class ControlServer:
             await asyncio.wait(list(self.tasks), timeout=timeout)
 
 
+class NotServed(BlockemuError):
+    """No blockemu server listens for this mount point (never mounted, unmounted, or killed)."""
+
+    code = errno.ENOTCONN
+
+
 def request(mountpoint: str, op: str, **args: Any) -> str:
-    """Send one request to the mount at ``mountpoint``; its text, or its error as an OSError.
-    ConnectionRefusedError / FileNotFoundError: nothing serves that mount point."""
+    """Send one request to the mount at ``mountpoint``; its text, or its error as an OSError."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect(socket_path(mountpoint))
+        try:
+            s.connect(socket_path(mountpoint))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NotServed(f"{mountpoint}: not a blockemu mount point (no blockemu server for it)") from None
         s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
