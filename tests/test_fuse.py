@@ -407,6 +407,9 @@ def test_mount_and_umount_errors_are_one_line(env, image, mnt, tmp_path, capsys,
             f"blockemu: mount: {mnt}: mount point is busy: fuse.blockemu is mounted there (blockemu umount {mnt})\n")
         with open(mnt / "held", "w"):
             assert "target is busy" in fails("umount", str(mnt))
+        monkeypatch.chdir(mnt)  # the kernel's view of busy: a working directory counts too
+        assert fails("umount", str(mnt)) == f"blockemu: umount: {mnt}: target is busy\n"
+        monkeypatch.chdir(tmp_path)
         assert s.proc.poll() is None  # a refused umount leaves the mount serving
 
 

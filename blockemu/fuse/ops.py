@@ -106,11 +106,6 @@ class Operations(pyfuse3.Operations):
         self.next_fh += 1
         return self.next_fh
 
-    @property
-    def busy(self) -> int:
-        """Open files and directories: ``umount`` refuses while any remain, as umount(8)."""
-        return len(self.files) + len(self.dirs)
-
     def _path(self, ino: int) -> str:
         return self.fs.path_of(to_fs(ino))
 

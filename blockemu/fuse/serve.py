@@ -79,12 +79,19 @@ def is_dead(mountpoint: str) -> bool:
     return False
 
 
+def unmount_command(mountpoint: str, *, lazy: bool) -> list[str]:
+    """fusermount3 (which unprivileged users may run), umount(8) where it is missing."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool:
+        return [tool, "-u", *(["-z"] if lazy else []), mountpoint]
+    return ["umount", *(["-l"] if lazy else []), mountpoint]
+
+
 def clear_dead_mount(mountpoint: str) -> bool:
     """A killed server leaves "Transport endpoint is not connected": detach it. True if it did."""
     if mounted_fstype(mountpoint) is None or not is_dead(mountpoint):
         return False
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmd = [tool, "-u", "-z", mountpoint] if tool else ["umount", "-l", mountpoint]
+    cmd = unmount_command(mountpoint, lazy=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise Busy(f"{mountpoint}: a dead mount is in the way and {' '.join(cmd)} failed: {done.stderr.strip()}")
@@ -125,12 +132,19 @@ class Server:
         if op == "key-status":
             return str(self.fs.key_status(req["id"], user=user))
         if op == "umount":
-            if self.ops.busy:
-                raise Busy(f"{self.mountpoint}: target is busy ({self.ops.busy} open files or directories)")
-            import pyfuse3
-
-            pyfuse3.terminate()
-            await self.unmounted.wait()
+            # the kernel's unmount, not a lazy one: it alone knows whether a process still uses
+            # the mount (an open file, a cwd; a close's release reaches us only later). It runs
+            # beside the loop, which answers the requests the unmount sends meanwhile.
+            proc = await asyncio.create_subprocess_exec(*unmount_command(self.mountpoint, lazy=False),
+                                                        stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.PIPE)
+            _, err = await proc.communicate()
+            if proc.returncode:
+                why = err.decode(errors="replace").strip()
+                if "busy" in why.lower():
+                    raise Busy(f"{self.mountpoint}: target is busy")
+                raise OSError(errno.EIO, f"{self.mountpoint}: unmount failed: {why}")
+            await self.unmounted.wait()  # main() returns, then the image is flushed, committed, unlocked
             return f"unmounted {self.mountpoint}"
         raise ValueError(f"unknown op {op!r}")
 
