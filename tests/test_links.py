@@ -13,7 +13,15 @@ import pytest
 import blockemu
 from blockemu.check.fsck import check
 from blockemu.ondisk import structs as S
-from blockemu.ondisk.items import name_hash, pack_dir_entries, unpack_dir_entries, unpack_inode_refs
+from blockemu.errors import CorruptionError
+from blockemu.ondisk.items import (
+    InodeRef,
+    name_hash,
+    pack_dir_entries,
+    pack_inode_refs,
+    unpack_dir_entries,
+    unpack_inode_refs,
+)
 from tests.util import KEY, ErrnoCheck, encrypted_dir
 
 
@@ -161,3 +169,12 @@ async def test_fsck_catches_a_hard_linked_directory(image):
             fs.save_inode(e)
     codes = [x.code for x in check(image).errors]
     assert "NLINK_MISMATCH" in codes
+
+
+def test_inode_refs_round_trip_and_refuse_hostile_bodies():
+    refs = [InodeRef(2, b"a"), InodeRef(7, b"other-name")]
+    assert unpack_inode_refs(pack_inode_refs(refs)) == refs
+    body = pack_inode_refs(refs)
+    for bad in (b"", body[:5], body[:-1], body + b"\x00", InodeRef(3, b"").pack()):
+        with pytest.raises(CorruptionError):
+            unpack_inode_refs(bad)
