@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -150,6 +151,10 @@ def test_mount_in_background_cp_diff_umount_fsck_remount(env, image, mnt, tmp_pa
     blockemu(env, "mount", str(image), str(mnt))
     try:
         assert mounted_fstype(str(mnt)) == "fuse.blockemu"
+        run = Path(env["BLOCKEMU_RUNTIME_DIR"])  # the control socket and the server's log: private
+        assert stat.S_IMODE(run.stat().st_mode) == 0o700
+        assert sorted((p.suffix, stat.S_IMODE(p.stat().st_mode)) for p in run.iterdir()) == [(".log", 0o600),
+                                                                                           (".sock", 0o600)]
         r = sh(f"cp -a {src}/. {mnt}/ && diff -r --no-dereference {src} {mnt} && "
                f"stat -c '%a %Y %h' {mnt}/small {mnt}/sub/big && readlink {mnt}/sub/soft {mnt}/dirlink")
         assert r.returncode == 0, r.stderr

@@ -40,7 +40,12 @@ def socket_path(mountpoint: str) -> str:
     return os.path.join(runtime_dir(), f"{digest}.sock")
 
 
-def _private_dir(path: str) -> None:
+def log_path(mountpoint: str) -> str:
+    """Where a backgrounded server's stderr goes: what made a request fail with EIO."""
+    return socket_path(mountpoint)[: -len(".sock")] + ".log"
+
+
+def private_dir(path: str) -> None:
     os.makedirs(path, mode=0o700, exist_ok=True)
     info = os.stat(path)
     if info.st_uid != os.geteuid() or info.st_mode & 0o077:
@@ -60,7 +65,7 @@ class ControlServer:
         self.tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        _private_dir(os.path.dirname(self.path))
+        private_dir(os.path.dirname(self.path))
         if os.path.exists(self.path):
             os.unlink(self.path)  # a killed server's; the mount point was checked free before
         old = os.umask(0o177)

@@ -219,14 +219,20 @@ def run(image: str, mountpoint: str, *, foreground: bool, **kw: Any) -> int:
 def _daemon(image: str, mountpoint: str, w: int, kw: dict[str, Any]) -> None:
     """The serving process: tell the first process how mounting went, then detach from its terminal."""
     os.chdir("/")
+    # resolved now: once mounted, a stat of the mount point from this process would wait on
+    # requests that only this process, then blocked in that stat, can answer
+    log_path = control.log_path(mountpoint)
 
     def ready() -> None:
         os.write(w, b"ok\n")
         os.close(w)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(null, 0)
+        for fd in (1, 2):
+            os.dup2(log, fd)
         os.close(null)
+        os.close(log)
 
     code = 0
     try:
