@@ -121,6 +121,7 @@ class Server:
         self.ops = Operations(fs)
         self.control = control.ControlServer(mountpoint, self.handle)
         self.unmounted = asyncio.Event()
+        self.unmount_error: OSError | None = None  # the image's last flush or commit failed
 
     async def handle(self, req: dict[str, Any]) -> str:
         op, user = req["op"], int(req.get("user", 0))
@@ -145,6 +146,8 @@ class Server:
                     raise Busy(f"{self.mountpoint}: target is busy")
                 raise OSError(errno.EIO, f"{self.mountpoint}: unmount failed: {why}")
             await self.unmounted.wait()  # main() returns, then the image is flushed, committed, unlocked
+            if self.unmount_error is not None:
+                raise self.unmount_error
             return f"unmounted {self.mountpoint}"
         raise ValueError(f"unknown op {op!r}")
 
@@ -182,10 +185,16 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytes], readonly: boo
             server.control.close()
             pyfuse3.close(unmount=True)
     finally:
-        await fs.unmount()
-        if server is not None:
-            server.unmounted.set()
-            await server.control.drain()
+        try:
+            await fs.unmount()
+        except OSError as e:
+            if server is not None:
+                server.unmount_error = e
+            raise
+        finally:
+            if server is not None:  # a waiting `blockemu umount` hears how it went
+                server.unmounted.set()
+                await server.control.drain()
 
 
 def run(image: str, mountpoint: str, *, foreground: bool, **kw: Any) -> int:
