@@ -308,7 +308,7 @@ def test_soft_key_removal_with_a_shell_holding_the_file_open(env, image, mnt, tm
                 await f.write(b"secret\n")
     asyncio.run(setup())
     b = f"{PY} -m blockemu"
-    with Served(env, image, mnt) as s:
+    with Served(env, image, mnt):
         monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
         assert main(["key", "status", str(mnt), "--key-file", str(key)]) == 0  # in-process: quicker
         assert capsys.readouterr().out == "Absent\n"

@@ -12,8 +12,8 @@ import pytest
 
 import blockemu
 from blockemu.check.fsck import check
-from blockemu.ondisk import structs as S
 from blockemu.errors import CorruptionError
+from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import (
     InodeRef,
     name_hash,
