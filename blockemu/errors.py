@@ -124,3 +124,15 @@ class FileTooBig(BlockemuError):
     """EFBIG: a file may not grow past MAX_FILE_SIZE (fsck rejects a larger i_size)."""
 
     code = errno.EFBIG
+
+
+class NotPermitted(BlockemuError, PermissionError):
+    """EPERM: the operation is not allowed on this kind of file (a hard link to a directory)."""
+
+    code = errno.EPERM
+
+
+class SymlinkLoop(BlockemuError):
+    """ELOOP: a path ends at a symbolic link where a file was wanted (the API never follows one)."""
+
+    code = errno.ELOOP

@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "blockemu"
 
 # Bottom to top. The common modules (errors, units, display) sit below everything.
-LAYERS = ["common", "ondisk", "engine", "device", "crypto", "fs", "check", "workload", "cli", "api"]
+LAYERS = ["common", "ondisk", "engine", "device", "crypto", "fs", "check", "workload", "fuse", "cli", "api"]
 COMMON = {"errors", "units", "display"}
 SANS_IO = {"ondisk", "engine"}
 IO_MODULES = {"asyncio", "aiofiles", "os", "io", "mmap", "socket", "subprocess", "threading", "concurrent"}

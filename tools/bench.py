@@ -2,7 +2,7 @@
 """Benchmarks: every figure is printed with its ratio to a ceiling measured in the same run,
 so numbers compare across machines and noisy runs.
 
-    python tools/bench.py [btree] [fs] [rss] [fsck] [--keys N] [--mib N] [--gib N] [--files N]
+    python tools/bench.py [btree] [fs] [rss] [fsck] [fuse] [--keys N] [--mib N] [--gib N] [--files N]
 
 fs: ceilings first -- the naive fscrypt-compatible pipeline (one AES-256-XTS call per
 4 KiB data unit + crc32c + pwritev + fsync; measured in turn with the sequential write,
@@ -383,9 +383,59 @@ def blockemu_mkfs(path: str, size: str):
     return _mkfs(path, size)
 
 
+FUSE_JOBS = {
+    # plain fio jobs that both the OS's fio and `blockemu run` accept
+    "4 KiB random writes": "[j]\nrw=randwrite\nbs=4k\nsize=16m\nruntime=5\ntime_based\nrandseed=1\n",
+    "4 KiB random writes, fsync every 32": "[j]\nrw=randwrite\nbs=4k\nsize=16m\nruntime=5\ntime_based\nrandseed=1\nfsync=32\n",
+    "1 MiB sequential writes, fsync at the end": "[j]\nrw=write\nbs=1m\nsize=64m\nfsync=64\n",
+}
+
+
+def bench_fuse() -> None:
+    """The same fio jobs on the host directory (the ceiling), through `blockemu mount` with the
+    OS's fio, and in-process with `blockemu run`: what the FUSE round trip costs."""
+    import json
+    import shutil
+    import subprocess
+
+    if not shutil.which("fio"):
+        print("fuse: skipped, fio is not installed (apt-get install fio)")
+        return
+    blockemu = [sys.executable, "-m", "blockemu"]
+
+    def fio(job: str, directory: str) -> dict:
+        out = subprocess.run(["fio", f"--directory={directory}", "--ioengine=psync", "--output-format=json", job],
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out)["jobs"][0]["write"]
+
+    print("FUSE mount vs host directory vs `blockemu run` (fio, psync, one job)")
+    with tempfile.TemporaryDirectory() as d:
+        host, mnt, img = os.path.join(d, "host"), os.path.join(d, "mnt"), os.path.join(d, "f.img")
+        os.mkdir(host)
+        os.mkdir(mnt)
+        for name, text in FUSE_JOBS.items():
+            job = os.path.join(d, "job.fio")
+            Path(job).write_text(text)
+            ceiling = fio(job, host)
+            subprocess.run([*blockemu, "mkfs", img, "--size", "1G", "--force"], check=True, capture_output=True)
+            subprocess.run([*blockemu, "mount", img, mnt], check=True, capture_output=True)
+            try:
+                mounted = fio(job, mnt)
+            finally:
+                subprocess.run([*blockemu, "umount", mnt], check=True, capture_output=True)
+            out = subprocess.run([*blockemu, "run", job, "--image", img, "--output-format", "json"],
+                                 check=True, capture_output=True, text=True).stdout
+            inproc = json.loads(out)["jobs"][0]["write"]
+            print(f"  {name}")
+            for what, r in (("host directory", ceiling), ("blockemu mount + fio", mounted), ("blockemu run", inproc)):
+                row(f"  {what}: IOPS", r["iops"], "IOPS", ceiling["iops"], "of host")
+                row(f"  {what}: bandwidth", r["bw_bytes"] / 1e6, "MB/s", ceiling["bw_bytes"] / 1e6, "of host")
+            Path(img).unlink()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", choices=[[], "btree", "fs", "rss", "fsck"], default=[])
+    ap.add_argument("what", nargs="*", choices=[[], "btree", "fs", "rss", "fsck", "fuse"], default=[])
     ap.add_argument("--gib", type=int, default=1)
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--keys", type=int, default=1_000_000)
@@ -399,6 +449,8 @@ def main() -> None:
         bench_rss(a.gib)
     if not a.what or "fsck" in a.what:
         bench_fsck(a.files)
+    if not a.what or "fuse" in a.what:
+        bench_fuse()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,17 @@ from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.fast import INODE_ENCRYPTION_CONTEXT
-from blockemu.ondisk.items import DirEntry, ExtentItem, FileExtent, InodeItem, InodeRef, name_hash, unpack_dir_entries
+from blockemu.ondisk.items import (
+    DirEntry,
+    ExtentItem,
+    FileExtent,
+    InodeItem,
+    InodeRef,
+    file_type,
+    name_hash,
+    unpack_dir_entries,
+    unpack_inode_refs,
+)
 
 if TYPE_CHECKING:
     from blockemu.check.fsck import Checker
@@ -53,7 +63,7 @@ def collect(ck: "Checker") -> FsItems:
             if typ == S.INODE_ITEM:
                 fi.inodes[oid] = InodeItem.unpack(body)
             elif typ == S.INODE_REF:
-                fi.refs[oid].append((off, InodeRef.unpack(body)))
+                fi.refs[oid].extend((off, r) for r in unpack_inode_refs(body))
             elif typ == S.DIR_ITEM:
                 fi.dir_items[(oid, off)] = unpack_dir_entries(body)
             elif typ == S.DIR_INDEX:
@@ -97,6 +107,9 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
             continue
         if st.S_ISDIR(fi.inodes[child].mode):
             subdirs[d] += 1
+        if e.type != file_type(fi.inodes[child].mode):
+            ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} in {d} has type {e.type}, inode {child} has mode "
+                     f"{oct(fi.inodes[child].mode)}", FS, key=(d, S.DIR_INDEX, idx))
         if not any(p == d and r.index == idx and r.name == e.name for p, r in fi.refs.get(child, [])):
             ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} (index {idx}) in {d} has no matching INODE_REF in {child}",
                      FS, key=(child, S.INODE_REF, d))
@@ -121,6 +134,12 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
                 ck.error("DIR_ITEM_MISMATCH", f"INODE_REF of {ino} names {r.name!r} in {parent}, which has no such entry",
                          FS, key=(ino, S.INODE_REF, parent))
         is_dir = st.S_ISDIR(item.mode)
+        if is_dir and len(refs) > 1:
+            ck.error("NLINK_MISMATCH", f"directory {ino} has {len(refs)} names (a hard-linked directory)", FS,
+                     key=(ino, S.INODE_REF, refs[1][0]))
+        if st.S_ISLNK(item.mode) and not 0 < item.size < PAGE and ino not in fi.orphans:
+            ck.error("ISIZE_MISMATCH", f"symbolic link {ino} has size {item.size}: a target is 1 to {PAGE - 1} bytes",
+                     FS, key=(ino, S.INODE_ITEM, 0))
         if ino == ROOT_INO:
             want = 2 + subdirs[ino]
         elif is_dir:

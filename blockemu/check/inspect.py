@@ -9,7 +9,7 @@ from blockemu.engine.transaction import Engine
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.block import TreeBlock, body_size
-from blockemu.ondisk.items import ExtentItem, FileExtent, InodeItem, InodeRef, RootItem, unpack_dir_entries
+from blockemu.ondisk.items import ExtentItem, FileExtent, InodeItem, RootItem, unpack_dir_entries, unpack_inode_refs
 from blockemu.ondisk.superblock import BACKUP_TREES, decode_super, validate_super
 
 TREE_BY_NAME = {"root": S.ROOT_TREE_OBJECTID, "extent": S.EXTENT_TREE_OBJECTID, "fs": S.FS_TREE_OBJECTID,
@@ -37,8 +37,7 @@ def describe_item(key: tuple[int, int, int], body: bytes) -> dict[str, Any]:
             d["mode"] = oct(i.mode)
             return d
         if t == S.INODE_REF:
-            r = InodeRef.unpack(body)
-            return {"index": r.index, "name": r.name.decode(errors="replace")}
+            return {"refs": [{"index": r.index, "name": r.name.decode(errors="replace")} for r in unpack_inode_refs(body)]}
         if t in (S.DIR_ITEM, S.DIR_INDEX):
             return {"entries": [{"location": list(e.location), "transid": e.transid, "type": e.type,
                                  "name": e.name.decode(errors="replace")} for e in unpack_dir_entries(body)]}

@@ -29,10 +29,12 @@ from blockemu.crypto.keyring import MODES
 from blockemu.device.faultplan import FaultPlan
 from blockemu.display import bar as progress_bar
 from blockemu.display import wanted as progress_wanted
-from blockemu.errors import BlockemuError, ExistsError, NoKeyError
+from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, NoKeyError
 from blockemu.fs.filesystem import mount
 from blockemu.fs.mkfs import mkfs
-from blockemu.units import human
+from blockemu.fuse import control
+from blockemu.fuse import serve as fuse_serve
+from blockemu.units import human, parse_size
 from blockemu.workload.crash import run_ace_parallel
 from blockemu.workload.jobfile import parse_time
 from blockemu.workload.jobfile import size as fio_size
@@ -153,6 +155,31 @@ def build_parser() -> Parser:
     cr.add_argument("--nobarrier", action="store_true", help="plant the ordering bug (flushes ignored)")
     add_write_path(cr, "campaign")
     cr.add_argument("--json", action="store_true")
+
+    mo = sub.add_parser("mount", help="mount an image through FUSE (backgrounds once mounted)")
+    mo.add_argument("image")
+    mo.add_argument("mountpoint")
+    mo.add_argument("--key-file", action="append", default=[], help="add this key at mount (repeatable)")
+    mo.add_argument("--key-removal", choices=list(MODES), default="soft")
+    mo.add_argument("-o", dest="options", action="append", default=[],
+                    help="mount options: ro, rw, and the API's interval=, dirty_limit=, background_bytes=, max_extent=, "
+                         "cache_limit=, seal_workers=, seal_timeout=")
+    mo.add_argument("--foreground", "-f", action="store_true", help="serve in this process until unmounted")
+
+    um = sub.add_parser("umount", help="unmount a blockemu mount: flush, commit, release the image")
+    um.add_argument("mountpoint")
+
+    ky = sub.add_parser("key", help="add, remove or query an fscrypt key of a mounted image (xfs_io's texts)")
+    ksub = ky.add_subparsers(dest="action", required=True, parser_class=Parser)
+    for action in ("add", "remove", "status"):
+        kp = ksub.add_parser(action)
+        kp.add_argument("mountpoint")
+        kp.add_argument("--key-file", required=action == "add")
+        if action != "add":
+            kp.add_argument("--id", help="the key identifier (32 hex digits) instead of --key-file")
+        if action == "remove":
+            kp.add_argument("--all-users", action="store_true")
+        kp.add_argument("--user", type=int, default=os.getuid(), help="the claiming user (default: you)")
 
     i = sub.add_parser("inspect", help="dump on-disk structures")
     isub = i.add_subparsers(dest="what", required=True, parser_class=Parser)
@@ -463,6 +490,61 @@ def cmd_crash(a: argparse.Namespace) -> int:
     return 1 if r.failures else 0
 
 
+# -o NAME=VALUE: the Python API's mount options (Writeback's), with their value parsers
+MOUNT_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "interval": float, "dirty_limit": parse_size, "background_bytes": parse_size, "max_extent": parse_size,
+    "cache_limit": parse_size, "seal_workers": int, "seal_timeout": float,
+}
+
+
+def mount_options(options: list[str]) -> dict[str, Any]:
+    """``-o ro,interval=1,dirty_limit=128M`` -> the keywords of ``blockemu.mount``."""
+    out: dict[str, Any] = {"readonly": False}
+    for opt in filter(None, ",".join(options).split(",")):
+        name, eq, value = opt.partition("=")
+        if not eq and name in ("ro", "rw"):
+            out["readonly"] = name == "ro"
+        elif eq and name in MOUNT_OPTIONS:
+            try:
+                out[name] = MOUNT_OPTIONS[name](value)
+            except (ValueError, InvalidArgument):
+                raise UsageError(f"blockemu mount: bad value for mount option {name}: {value!r}") from None
+        else:
+            raise UsageError(f"blockemu mount: unknown mount option {opt!r} (known: ro, rw, "
+                             + ", ".join(f"{k}=" for k in MOUNT_OPTIONS) + ")")
+    return out
+
+
+def cmd_mount(a: argparse.Namespace) -> int:
+    return fuse_serve.run(a.image, a.mountpoint, foreground=a.foreground, keys=[read_key(k) for k in a.key_file],
+                          key_removal=a.key_removal, **mount_options(a.options))
+
+
+def cmd_umount(a: argparse.Namespace) -> int:
+    try:
+        control.request(a.mountpoint, "umount")
+    except control.NotServed:
+        # a killed server's dead mount, or not a blockemu mount at all
+        if fuse_serve.clear_dead_mount(a.mountpoint):
+            print(f"blockemu umount: {a.mountpoint}: its server was gone; detached the dead mount")
+            return 0
+        raise
+    return 0
+
+
+def cmd_key(a: argparse.Namespace) -> int:
+    if a.action == "add":
+        text = control.request(a.mountpoint, "key-add", key=read_key(a.key_file).hex(), user=a.user)
+    else:
+        if (a.key_file is None) == (a.id is None):
+            raise UsageError(f"blockemu key {a.action}: give one of --key-file or --id")
+        kid = a.id if a.id is not None else fscrypt.key_identifier(read_key(a.key_file)).hex()
+        extra = {"all_users": a.all_users} if a.action == "remove" else {}
+        text = control.request(a.mountpoint, f"key-{a.action}", id=kid, user=a.user, **extra)
+    print(text)
+    return 0
+
+
 def cmd_key_id(a: argparse.Namespace) -> int:
     print(fscrypt.key_identifier(read_key(a.key_file)).hex())
     return 0
@@ -533,7 +615,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "mkfs": cmd_mkfs, "fsck": cmd_fsck, "inspect": cmd_inspect, "ls": cmd_ls, "cat": cmd_cat, "put": cmd_put,
     "mkdir": cmd_mkdir, "extents": cmd_extents, "key-id": cmd_key_id, "stress": cmd_stress,
-    "run": cmd_run, "crash": cmd_crash,
+    "run": cmd_run, "crash": cmd_crash, "mount": cmd_mount, "umount": cmd_umount, "key": cmd_key,
 }
 # fsck follows e2fsck's exit codes: 8 operational error, 16 usage error
 FAILURE_CODES = {"fsck": (EXIT_OPERATIONAL, EXIT_USAGE)}

@@ -43,7 +43,9 @@ from blockemu.errors import (
     NotADirectory,
     NotEmpty,
     NotFoundError,
+    NotPermitted,
     ReadOnlyError,
+    SymlinkLoop,
 )
 from blockemu.fs.pagecache import PAGE, Page, Pages
 from blockemu.fs.volume import Volume
@@ -56,13 +58,16 @@ from blockemu.ondisk.items import (
     InodeItem,
     InodeRef,
     Timespec,
+    file_type,
     name_hash,
     pack_dir_entries,
+    pack_inode_refs,
     unpack_dir_entries,
+    unpack_inode_refs,
 )
 
 ROOT_INO = S.FIRST_FREE_OBJECTID
-FT_REG, FT_DIR = 1, 2
+FT_REG, FT_DIR = S.FT_REG_FILE, S.FT_DIR
 INODE_FLAG_ENCRYPT = 1 << 12
 NAME_MAX = 255
 # Tree room an extent's items take (EXTENT_DATA 78 bytes, EXTENT_ITEM with its back reference
@@ -357,16 +362,18 @@ class Filesystem:
         return nxt
 
     def _add_entry(self, parent: Inode, name: bytes, child: Inode) -> None:
-        ftype = FT_DIR if child.is_dir else FT_REG
         tid = self.vol.engine.transid
-        entry = DirEntry((child.ino, S.INODE_ITEM, 0), tid, ftype, name)
+        entry = DirEntry((child.ino, S.INODE_ITEM, 0), tid, file_type(child.item.mode), name)
         key = (parent.ino, S.DIR_ITEM, name_hash(name))
         old = self.tree.get(key)
         entries = (unpack_dir_entries(old) if old is not None else []) + [entry]
         self.tree.insert(key, pack_dir_entries(entries), replace=True)
         index = self._dir_index(parent.ino)
         self.tree.insert((parent.ino, S.DIR_INDEX, index), pack_dir_entries([entry]))
-        self.tree.insert((child.ino, S.INODE_REF, parent.ino), InodeRef(index, name).pack())
+        ref_key = (child.ino, S.INODE_REF, parent.ino)
+        old_refs = self.tree.get(ref_key)  # a hard link's other names in this directory
+        refs = (unpack_inode_refs(old_refs) if old_refs is not None else []) + [InodeRef(index, name)]
+        self.tree.insert(ref_key, pack_inode_refs(refs), replace=True)
         parent.size += 2 * len(name)
         parent.disk_size = parent.size
         self._touch(parent)
@@ -379,7 +386,13 @@ class Filesystem:
             self.tree.update(key, pack_dir_entries(rest))
         else:
             self.tree.delete(key)
-        ref = InodeRef.unpack(self.tree.delete((child.ino, S.INODE_REF, parent.ino)))
+        ref_key = (child.ino, S.INODE_REF, parent.ino)
+        refs = unpack_inode_refs(self.tree[ref_key])
+        ref = next(r for r in refs if r.name == name)
+        if len(refs) > 1:
+            self.tree.update(ref_key, pack_inode_refs([r for r in refs if r is not ref]))
+        else:
+            self.tree.delete(ref_key)
         self.tree.delete((parent.ino, S.DIR_INDEX, ref.index))
         parent.size -= 2 * len(name)
         parent.disk_size = parent.size
@@ -481,6 +494,67 @@ class Filesystem:
             self._touch(inode, mtime=False)
             self.save_inode(inode)
 
+    async def link(self, src: str, dst: str) -> None:
+        """link(2): another name for a file (not a directory: EPERM). Into an encrypted
+        directory only with the same policy (EXDEV) and its key (ENOKEY), as fscrypt."""
+        async with self.vol.join():
+            inode = self._resolve(src)
+            if inode.is_dir:
+                raise NotPermitted(f"{src}: hard link not allowed for directory")
+            dparent, dname = self._parent(dst)
+            if self._lookup_entry(dparent.ino, dname) is not None:
+                raise ExistsError(f"{dst}: file exists")
+            self._check_policy_move(inode, dparent)
+            self._add_entry(dparent, dname, inode)
+            inode.item = inode.item._replace(nlink=inode.item.nlink + 1)
+            self._touch(inode, mtime=False)
+            self.save_inode(inode)
+
+    async def symlink(self, target: str, path: str) -> None:
+        """symlink(2). The target is the link's file data (encrypted in an encrypted directory,
+        as fscrypt encrypts targets), written back before the name appears: until then the
+        inode is an orphan, so a crash leaves either no link or a whole one."""
+        data = target.encode(errors="surrogateescape")
+        if not data:
+            raise NotFoundError(f"{path}: empty symbolic link target")
+        if len(data) >= PAGE:
+            raise NameTooLong(f"{path}: symbolic link target longer than {PAGE - 1} bytes")
+        async with self.vol.join():
+            parent, name = self._parent(path)
+            if self._lookup_entry(parent.ino, name) is not None:
+                raise ExistsError(f"{path}: file exists")
+            inode = self._new_inode(st.S_IFLNK | 0o777, parent)
+            inode.item = inode.item._replace(nlink=0)
+            self.save_inode(inode)
+            self.tree.insert((S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, inode.ino), b"")
+            inode.open_count += 1  # the File below holds it: no lock or destroy meanwhile
+        f = File(self, inode, path, readable=False, writable=True, append=False)
+        try:
+            await f.pwrite(data, 0)
+            await self.writeback.flush_inode(inode)
+            report_writeback_error(inode)
+            async with self.vol.join():
+                parent, name = self._parent(path)
+                if self._lookup_entry(parent.ino, name) is not None:
+                    raise ExistsError(f"{path}: file exists")
+                self._add_entry(parent, name, inode)
+                inode.item = inode.item._replace(nlink=1)
+                self.save_inode(inode)
+                self.tree.delete((S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, inode.ino))
+        finally:
+            await f.close()  # with no name (a failure above) the inode goes
+
+    async def readlink(self, path: str) -> str:
+        inode = self._resolve(path)
+        if not st.S_ISLNK(inode.item.mode):
+            raise InvalidArgument(f"{path}: not a symbolic link")
+        self._unlock(inode)  # ENOKEY without the key, as fscrypt
+        try:
+            pages = await self.read_pages(inode, 0, 1)
+            return bytes(pages[0][: inode.size]).decode(errors="surrogateescape")
+        finally:
+            self.lock_if_idle(inode)
+
     async def readdir(self, path: str) -> list[str]:
         d = self._resolve(path)
         if not d.is_dir:
@@ -491,10 +565,61 @@ class Filesystem:
         return out
 
     async def stat(self, path: str) -> Stat:
-        i = self._resolve(path)
+        return self.stat_inode(self._resolve(path))
+
+    def stat_inode(self, i: Inode) -> Stat:
         it = i.item
         return Stat(it.mode, i.ino, it.nlink, it.uid, it.gid, i.size, i.nbytes // 512,
                     _ns(it.atime), _ns(it.mtime), _ns(it.ctime))
+
+    # ------------------------------------------------------------------ by inode number
+
+    def inode(self, ino: int) -> Inode:
+        """The inode numbered ``ino``: a FUSE request names inodes, not paths. An inode unlinked
+        while open stays reachable until its last close."""
+        return self._load(ino)
+
+    def path_of(self, ino: int) -> str:
+        """A path naming ``ino``, walked up its INODE_REFs to the root (btrfs's ino_paths): how a
+        front end that is handed inode numbers reaches the path-based calls."""
+        names: list[str] = []
+        while ino != ROOT_INO:
+            ref = self.tree.first_at_or_after((ino, S.INODE_REF, 0), (ino, S.INODE_REF, (1 << 64) - 1))
+            if ref is None:
+                raise NotFoundError(f"inode {ino} has no name")
+            names.append(unpack_inode_refs(ref[1])[0].name.decode(errors="surrogateescape"))
+            ino = ref[0][2]
+        return "/" + "/".join(reversed(names))
+
+    async def set_attrs(self, inode: Inode, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                        atime_ns: int | None = None, mtime_ns: int | None = None) -> None:
+        """chmod, chown and utimensat in one transaction; the file type bits of ``mode`` are kept."""
+        if self.vol.device.readonly:
+            raise ReadOnlyError("read-only file system")
+        async with self.vol.join():
+            it, now = inode.item, _ts(time.time_ns())
+            if inode.data_changed_ns and mtime_ns is not None:
+                inode.data_changed_ns = 0  # an explicit mtime wins over the last write's
+            inode.item = it._replace(
+                mode=it.mode if mode is None else st.S_IFMT(it.mode) | (mode & 0o7777),
+                uid=it.uid if uid is None else uid,
+                gid=it.gid if gid is None else gid,
+                atime=it.atime if atime_ns is None else _ts(atime_ns),
+                mtime=it.mtime if mtime_ns is None else _ts(mtime_ns),
+                ctime=now,
+            )
+            self.save_inode(inode)
+
+    def space(self) -> tuple[int, int]:
+        """(total, free) bytes of the image, for statfs: free as the allocator sees it once this
+        transaction's pinned extents are released (what the next commit makes free), less the
+        dirty data still on its way to disk (as btrfs counts delalloc), so df moves with writes."""
+        engine = self.vol.engine
+        total = engine.sb.total_bytes
+        alloc = engine.allocator
+        if alloc is None:  # read-only: the last commit's own count
+            return total, total - engine.sb.bytes_used
+        return total, max(0, alloc.free_bytes() + alloc.pinned_bytes() - self.cache.dirty_bytes)
 
     async def exists(self, path: str) -> bool:
         try:
@@ -595,6 +720,8 @@ class Filesystem:
                 self._add_entry(parent, name, inode)
             if inode.is_dir:
                 raise IsADirectory(f"{path}: is a directory")
+            if st.S_ISLNK(inode.item.mode):
+                raise SymlinkLoop(f"{path}: is a symbolic link (paths are never followed)")
             self._unlock(inode)
             inode.open_count += 1
         f = File(self, inode, path, readable=base[0] == "r" or "+" in base, writable=base != "r", append=base[0] == "a")

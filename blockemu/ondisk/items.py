@@ -5,6 +5,7 @@ so a hostile item raises CorruptionError instead of reading past its end.
 """
 from __future__ import annotations
 
+import stat
 from typing import NamedTuple
 
 import crc32c
@@ -15,6 +16,9 @@ from blockemu.ondisk.structs import (
     ENCRYPTION_FSCRYPT,
     ENCRYPTION_NONE,
     EXTENT_DATA_REF,
+    FT_DIR,
+    FT_REG_FILE,
+    FT_SYMLINK,
     TREE_BLOCK_REF,
 )
 
@@ -117,6 +121,11 @@ def unpack_dir_entries(body: bytes) -> list[DirEntry]:
     return out
 
 
+def file_type(mode: int) -> int:
+    """The directory entry type of an inode of this mode; 0 for a kind the format does not hold."""
+    return {stat.S_IFREG: FT_REG_FILE, stat.S_IFDIR: FT_DIR, stat.S_IFLNK: FT_SYMLINK}.get(stat.S_IFMT(mode), 0)
+
+
 def name_hash(name: bytes) -> int:
     """The DIR_ITEM key offset: btrfs_name_hash, crc32c seeded with ~1 and not inverted at the end."""
     return ~crc32c.crc32c(name, value=1) & 0xFFFFFFFF
@@ -137,6 +146,28 @@ class InodeRef(NamedTuple):
         index, name_len = head.unpack_from(body, 0)
         _need(body, head.size + name_len, "inode ref")
         return cls(index, bytes(body[head.size :]))
+
+
+def pack_inode_refs(refs: list[InodeRef]) -> bytes:
+    """An INODE_REF body: one InodeRefHead + name per name the inode has in that directory
+    (hard links in one directory share the item, as in btrfs)."""
+    return b"".join(r.pack() for r in refs)
+
+
+def unpack_inode_refs(body: bytes) -> list[InodeRef]:
+    out, pos, head = [], 0, fast.INODE_REF_HEAD
+    while pos < len(body):
+        if pos + head.size > len(body):
+            raise CorruptionError("inode ref: truncated", "BAD_ITEM")
+        index, name_len = head.unpack_from(body, pos)
+        pos += head.size
+        if name_len == 0 or pos + name_len > len(body):
+            raise CorruptionError(f"inode ref: name_len {name_len} overruns the item", "BAD_ITEM")
+        out.append(InodeRef(index, bytes(body[pos : pos + name_len])))
+        pos += name_len
+    if not out:
+        raise CorruptionError("inode ref: empty", "BAD_ITEM")
+    return out
 
 
 class ExtentContext(NamedTuple):

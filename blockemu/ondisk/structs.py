@@ -83,6 +83,9 @@ EXTENT_FLAG_DATA = 1
 EXTENT_FLAG_TREE_BLOCK = 2
 
 # File extent item.
+# DirItemHead.type: the kind of inode an entry names (btrfs's BTRFS_FT_*)
+FT_REG_FILE, FT_DIR, FT_SYMLINK = 1, 2, 7
+
 FILE_EXTENT_INLINE = 0
 FILE_EXTENT_REG = 1
 ENCRYPTION_NONE = 0

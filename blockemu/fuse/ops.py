@@ -1,0 +1,314 @@
+"""FUSE requests -> ``Filesystem`` calls (pyfuse3's low-level, inode-numbered interface).
+
+The kernel names inodes; the filesystem's namespace calls take paths, so a request on a
+directory reaches them through ``fs.path_of`` (the inode's INODE_REF chain). Open files are
+``File`` handles: they hold their inode, so an unlinked-but-open file keeps working and a
+file opened before a soft key removal keeps its key lease, exactly as through the Python API.
+
+Every ``OSError`` becomes a ``FUSEError`` with its errno (ENOKEY reaches the process as
+"Required key not available"). What is not implemented fails cleanly:
+extended attributes answer ENOSYS, which the kernel remembers and turns into EOPNOTSUPP for
+every later call without asking again (an EOPNOTSUPP answer would make it ask on every
+write, for security.capability); mknod of anything but a regular file answers EPERM (the
+format holds no device nodes, fifos or sockets); rename flags other than RENAME_NOREPLACE
+answer EINVAL.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import os
+import stat as st
+import sys
+import traceback
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+
+from blockemu.fs.filesystem import ROOT_INO, File, Filesystem, Inode, Stat
+
+BLOCK = 4096
+ATTR_TIMEOUT = 1.0  # the mount has the image's writer lock: nothing else changes what we answered
+T = TypeVar("T")
+
+
+def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """An OSError leaves as its errno; a bug is printed and leaves as EIO, never killing the loop."""
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kw: Any) -> T:
+        try:
+            return await fn(*args, **kw)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except UnicodeError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def by_path(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Requests that turn inode numbers into paths and then wait (for the running commit, in
+    ``vol.join``) before the filesystem resolves them run one at a time: otherwise a rename
+    landing in that wait would leave the path naming another directory, or nothing."""
+    @functools.wraps(fn)
+    async def wrapper(self: "Operations", *args: Any, **kw: Any) -> T:
+        async with self.names:
+            return await fn(self, *args, **kw)
+    return wrapper
+
+
+def to_fs(ino: int) -> int:
+    return ROOT_INO if ino == pyfuse3.ROOT_INODE else ino
+
+
+def to_fuse(ino: int) -> int:
+    return pyfuse3.ROOT_INODE if ino == ROOT_INO else ino
+
+
+def entry(s: Stat) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = to_fuse(s.st_ino)
+    e.generation = 0
+    e.entry_timeout = e.attr_timeout = ATTR_TIMEOUT
+    e.st_mode, e.st_nlink, e.st_uid, e.st_gid = s.st_mode, s.st_nlink, s.st_uid, s.st_gid
+    e.st_rdev = 0
+    e.st_size, e.st_blksize, e.st_blocks = s.st_size, BLOCK, s.st_blocks
+    e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = s.st_atime_ns, s.st_mtime_ns, s.st_ctime_ns
+    return e
+
+
+def child(parent: str, name: bytes) -> str:
+    return parent.rstrip("/") + "/" + name.decode()
+
+
+def open_mode(flags: int) -> str:
+    """The access mode; the kernel gives every write its offset (O_APPEND included)."""
+    return "r" if flags & os.O_ACCMODE == os.O_RDONLY else "r+"
+
+
+class Operations(pyfuse3.Operations):
+    enable_writeback_cache = False  # write-through: a write() reaches the page cache it judges at once
+
+    def __init__(self, fs: Filesystem) -> None:
+        super().__init__()
+        self.fs = fs
+        self.files: dict[int, File] = {}
+        self.dirs: dict[int, tuple[int, list[bytes]]] = {}
+        self.next_fh = 1
+        self.names = asyncio.Lock()  # see by_path
+
+    def _fh(self) -> int:
+        self.next_fh += 1
+        return self.next_fh
+
+    def _path(self, ino: int) -> str:
+        return self.fs.path_of(to_fs(ino))
+
+    def _inode(self, ino: int) -> Inode:
+        return self.fs.inode(to_fs(ino))
+
+    async def _entry_at(self, path: str) -> pyfuse3.EntryAttributes:
+        return entry(await self.fs.stat(path))
+
+    # ------------------------------------------------------------------ names
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return entry(self.fs.stat_inode(self._inode(parent_inode)))
+        if name == b"..":
+            path = self._path(parent_inode)
+            return await self._entry_at(path.rsplit("/", 1)[0] or "/")
+        return await self._entry_at(child(self._path(parent_inode), name))
+
+    @fuse_errors
+    async def forget(self, inode_list: Any) -> None:
+        """Inodes stay cached by the filesystem itself; nothing is held per lookup here."""
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return entry(self.fs.stat_inode(self._inode(inode)))
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        node = self.files[fh].inode if fh in self.files else self._inode(inode)
+        if fields.update_size:
+            await self.fs.truncate_inode(node, attr.st_size)
+        if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime:
+            await self.fs.set_attrs(
+                node,
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            )
+        return entry(self.fs.stat_inode(node))
+
+    @fuse_errors
+    @by_path
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        path = child(self._path(parent_inode), name)
+        await self.fs.mkdir(path, mode & 0o7777)
+        node = self.fs.inode((await self.fs.stat(path)).st_ino)
+        await self.fs.set_attrs(node, uid=ctx.uid, gid=ctx.gid)
+        return entry(self.fs.stat_inode(node))
+
+    @fuse_errors
+    @by_path
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.rmdir(child(self._path(parent_inode), name))
+
+    @fuse_errors
+    @by_path
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.unlink(child(self._path(parent_inode), name))
+
+    @fuse_errors
+    @by_path
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: Any) -> None:
+        if flags & ~pyfuse3.RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT: not implemented
+        src = child(self._path(parent_inode_old), name_old)
+        dst = child(self._path(parent_inode_new), name_new)
+        if flags & pyfuse3.RENAME_NOREPLACE and await self.fs.exists(dst):
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        await self.fs.rename(src, dst)
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        if not st.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)  # devices, fifos, sockets: not in the format
+        fi, attrs = await self.create(parent_inode, name, mode, os.O_RDONLY, ctx)
+        await self.release(fi.fh)
+        return attrs
+
+    @fuse_errors
+    @by_path
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        await self.fs.link(self._path(inode), child(self._path(new_parent_inode), new_name))
+        return entry(self.fs.stat_inode(self._inode(inode)))
+
+    @fuse_errors
+    @by_path
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        path = child(self._path(parent_inode), name)
+        await self.fs.symlink(target.decode(errors="surrogateescape"), path)
+        node = self.fs.inode((await self.fs.stat(path)).st_ino)
+        await self.fs.set_attrs(node, uid=ctx.uid, gid=ctx.gid)
+        return entry(self.fs.stat_inode(node))
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return (await self.fs.readlink(self._path(inode))).encode(errors="surrogateescape")
+
+    # ------------------------------------------------------------------ files
+
+    @fuse_errors
+    @by_path
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> tuple[Any, Any]:
+        path = child(self._path(parent_inode), name)
+        f = await self.fs.open(path, "x+")
+        try:
+            await self.fs.set_attrs(f.inode, mode=mode, uid=ctx.uid, gid=ctx.gid)
+        except BaseException:
+            await f.close()
+            raise
+        fh = self._fh()
+        self.files[fh] = f
+        return pyfuse3.FileInfo(fh=fh), entry(self.fs.stat_inode(f.inode))
+
+    @fuse_errors
+    @by_path
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        f = await self.fs.open(self._path(inode), open_mode(flags))
+        if flags & os.O_TRUNC:
+            try:
+                await f.truncate(0)
+            except BaseException:
+                await f.close()
+                raise
+        fh = self._fh()
+        self.files[fh] = f
+        return pyfuse3.FileInfo(fh=fh)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.files[fh].pread(size, off)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.files[fh].pwrite(buf, off)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        """close(2) of one descriptor: nothing is buffered above the page cache."""
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        await self.files.pop(fh).close()
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.files[fh].fsync()
+
+    # ------------------------------------------------------------------ directories
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        names = await self.fs.readdir(self._path(inode))  # a snapshot: offsets stay stable while it is listed
+        fh = self._fh()
+        self.dirs[fh] = (inode, [b".", b"..", *(n.encode() for n in names)])
+        return fh
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        inode, names = self.dirs[fh]
+        for i in range(start_id, len(names)):
+            try:
+                attrs = await self.lookup(inode, names[i])
+            except pyfuse3.FUSEError:
+                continue  # removed since opendir
+            if not pyfuse3.readdir_reply(token, names[i], attrs, i + 1):
+                return
+
+    @fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        del self.dirs[fh]
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """A directory's entries are durable at the next commit; fsync of the directory makes one."""
+        await self.fs.sync()
+
+    # ------------------------------------------------------------------ the rest
+
+    @fuse_errors
+    async def statfs(self, ctx: Any) -> Any:
+        total, free = self.fs.space()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = BLOCK
+        s.f_blocks, s.f_bfree = total // BLOCK, free // BLOCK
+        s.f_bavail = s.f_bfree
+        s.f_files, s.f_ffree = s.f_blocks, s.f_bfree  # inodes come from the same free space
+        s.f_favail = s.f_ffree
+        s.f_namemax = 255
+        return s
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def listxattr(self, inode: int, ctx: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)

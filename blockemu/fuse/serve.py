@@ -1,0 +1,262 @@
+"""Serving a mount: check the mount point, open the image, mount, answer FUSE and control
+requests until unmounted or signalled, then flush, commit and release the image lock.
+
+``run`` backgrounds like other FUSE filesystems: the command forks twice and its first
+process exits only once the mount works (0) or with the serving process's one-line error,
+so ``blockemu mount ... && cp ...`` never races the mount.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from typing import Any, Callable
+
+from blockemu.errors import Busy, NotADirectory, NotFoundError
+from blockemu.fs.filesystem import Filesystem
+from blockemu.fuse import control
+
+FSTYPE = "fuse.blockemu"
+
+
+class NoFuse(OSError):
+    """This system cannot serve a FUSE mount (no binding, no /dev/fuse)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.ENODEV, why)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def check_fuse() -> None:
+    """Fail at once, in one line, where FUSE cannot work; nothing is forked or opened yet."""
+    try:
+        import pyfuse3  # noqa: F401
+        import pyfuse3.asyncio  # noqa: F401
+    except ImportError as e:
+        raise NoFuse(f"FUSE support is not installed ({e}): pip install 'blockemu[fuse]' "
+                     "(needs the OS packages fuse3 libfuse3-dev pkg-config and a C compiler)") from None
+    if not os.path.exists("/dev/fuse"):
+        raise NoFuse("/dev/fuse is missing: this kernel or container has no FUSE (modprobe fuse)")
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounted_fstype(mountpoint: str) -> str | None:
+    """The filesystem type mounted at ``mountpoint``, from /proc/self/mountinfo (os.path.ismount
+    says False on a dead FUSE mount: stat fails with ENOTCONN)."""
+    target = os.path.abspath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if _unescape(left.split()[4]) == target:
+                found = right.split()[0]  # the last mount on a point is the one that shows
+    return found
+
+
+def is_dead(mountpoint: str) -> bool:
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def unmount_command(mountpoint: str, *, lazy: bool) -> list[str]:
+    """fusermount3 (which unprivileged users may run), umount(8) where it is missing."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool:
+        return [tool, "-u", *(["-z"] if lazy else []), mountpoint]
+    return ["umount", *(["-l"] if lazy else []), mountpoint]
+
+
+def clear_dead_mount(mountpoint: str) -> bool:
+    """A killed server leaves "Transport endpoint is not connected": detach it. True if it did."""
+    if mounted_fstype(mountpoint) is None or not is_dead(mountpoint):
+        return False
+    cmd = unmount_command(mountpoint, lazy=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise Busy(f"{mountpoint}: a dead mount is in the way and {' '.join(cmd)} failed: {done.stderr.strip()}")
+    return True
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    clear_dead_mount(mountpoint)
+    if not os.path.exists(mountpoint):
+        raise NotFoundError(f"{mountpoint}: mount point does not exist")
+    if not os.path.isdir(mountpoint):
+        raise NotADirectory(f"{mountpoint}: mount point is not a directory")
+    fstype = mounted_fstype(mountpoint)
+    if fstype is not None:
+        hint = f" (blockemu umount {mountpoint})" if fstype == FSTYPE else ""
+        raise Busy(f"{mountpoint}: mount point is busy: {fstype} is mounted there{hint}")
+
+
+class Server:
+    """One mount: the filesystem, its FUSE operations and its control channel."""
+
+    def __init__(self, fs: Filesystem, mountpoint: str) -> None:
+        from blockemu.fuse.ops import Operations
+
+        self.fs = fs
+        self.mountpoint = mountpoint
+        self.ops = Operations(fs)
+        self.control = control.ControlServer(mountpoint, self.handle)
+        self.unmounted = asyncio.Event()
+        self.unmount_error: OSError | None = None  # the image's last flush or commit failed
+
+    async def handle(self, req: dict[str, Any]) -> str:
+        op, user = req["op"], int(req.get("user", 0))
+        if op == "key-add":
+            kid = await self.fs.add_key(bytes.fromhex(req["key"]), user=user)
+            return f"Added encryption key with identifier {kid}"
+        if op == "key-remove":
+            return str(await self.fs.remove_key(req["id"], user=user, all_users=bool(req.get("all_users"))))
+        if op == "key-status":
+            return str(self.fs.key_status(req["id"], user=user))
+        if op == "umount":
+            # the kernel's unmount, not a lazy one: it alone knows whether a process still uses
+            # the mount (an open file, a cwd; a close's release reaches us only later). It runs
+            # beside the loop, which answers the requests the unmount sends meanwhile.
+            proc = await asyncio.create_subprocess_exec(*unmount_command(self.mountpoint, lazy=False),
+                                                        stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.PIPE)
+            _, err = await proc.communicate()
+            if proc.returncode:
+                why = err.decode(errors="replace").strip()
+                if "busy" in why.lower():
+                    raise Busy(f"{self.mountpoint}: target is busy")
+                raise OSError(errno.EIO, f"{self.mountpoint}: unmount failed: {why}")
+            await self.unmounted.wait()  # main() returns, then the image is flushed, committed, unlocked
+            if self.unmount_error is not None:
+                raise self.unmount_error
+            return f"unmounted {self.mountpoint}"
+        raise ValueError(f"unknown op {op!r}")
+
+
+async def serve(image: str, mountpoint: str, *, keys: list[bytes], readonly: bool, ready: Callable[[], None],
+                **mount_opts: Any) -> None:
+    """Mount ``image`` at ``mountpoint`` and serve until unmounted, SIGINT or SIGTERM."""
+    import pyfuse3
+    import pyfuse3.asyncio
+
+    check_mountpoint(mountpoint)
+    fs = await Filesystem.mount(image, readonly=readonly, **mount_opts)
+    server = None
+    try:
+        for raw in keys:
+            await fs.add_key(raw)
+        server = Server(fs, mountpoint)
+        pyfuse3.asyncio.enable()
+        options = {"subtype=blockemu", "default_permissions",
+                   f"fsname={image}" if "," not in image else "fsname=blockemu"}
+        if readonly:
+            options.add("ro")
+        try:
+            pyfuse3.init(server.ops, mountpoint, options)
+        except RuntimeError as e:
+            raise OSError(errno.EIO, f"{mountpoint}: FUSE mount failed: {e}") from None
+        try:
+            await server.control.start()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, pyfuse3.terminate)
+            ready()
+            await pyfuse3.main()
+        finally:
+            server.control.close()
+            pyfuse3.close(unmount=True)
+    finally:
+        try:
+            await fs.unmount()
+        except OSError as e:
+            if server is not None:
+                server.unmount_error = e
+            raise
+        finally:
+            if server is not None:  # a waiting `blockemu umount` hears how it went
+                server.unmounted.set()
+                await server.control.drain()
+
+
+def run(image: str, mountpoint: str, *, foreground: bool, **kw: Any) -> int:
+    """Serve in this process (``foreground``), or fork a daemon and return once it is mounted."""
+    check_fuse()
+    image, mountpoint = os.path.abspath(image), os.path.abspath(mountpoint)
+    if foreground:
+        def ready() -> None:  # what a script waits for before it uses the mount point
+            print(f"blockemu: mounted {image} on {mountpoint} (pid {os.getpid()})", flush=True)
+
+        asyncio.run(serve(image, mountpoint, ready=ready, **kw))
+        return 0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as pipe:
+            status = pipe.read().decode(errors="replace")
+        os.waitpid(pid, 0)
+        if status.startswith("ok"):
+            return 0
+        code, _, why = status.partition(" ")
+        raise OSError(int(code) if code.isdigit() else errno.EIO, why.strip() or "the mount's process died before mounting")
+    os.close(r)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    _daemon(image, mountpoint, w, kw)
+
+
+def _daemon(image: str, mountpoint: str, w: int, kw: dict[str, Any]) -> None:
+    """The serving process: tell the first process how mounting went, then detach from its terminal."""
+    os.chdir("/")
+    # resolved now: once mounted, a stat of the mount point from this process would wait on
+    # requests that only this process, then blocked in that stat, can answer
+    log_path = control.log_path(mountpoint)
+
+    def ready() -> None:
+        os.write(w, b"ok\n")
+        os.close(w)
+        null = os.open(os.devnull, os.O_RDONLY)
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(null, 0)
+        for fd in (1, 2):
+            os.dup2(log, fd)
+        os.close(null)
+        os.close(log)
+
+    code = 0
+    try:
+        asyncio.run(serve(image, mountpoint, ready=ready, **kw))
+    except BaseException as e:  # noqa: BLE001 -- whatever it is, the first process must hear of it
+        code = 1
+        try:
+            err = getattr(e, "errno", None) or errno.EIO
+            if isinstance(e, OSError) and e.strerror:
+                why = e.strerror + (f": {e.filename}" if e.filename else "")
+            else:
+                why = str(e) or type(e).__name__
+            os.write(w, f"{err} {why}\n".encode())
+        except OSError:
+            pass  # already mounted and detached: nobody to tell
+    finally:
+        sys.stdout.flush()
+        os._exit(code)

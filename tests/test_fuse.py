@@ -1,0 +1,515 @@
+"""``blockemu mount``: real programs (cp, diff, dd, shells, python processes, fio) on a FUSE
+mount of an image, served by the asyncio Filesystem in another process; every oracle reads
+after an unmount (or a kill -9) and a fresh mount, or with fsck.
+
+Needs pyfuse3 (``pip install -e '.[fuse]'``, which needs the OS packages fuse3 libfuse3-dev
+pkg-config) and /dev/fuse; without them each test is skipped with the reason (pytest -ra
+prints it). Every test unmounts in a ``finally`` (fusermount3 -u -z), so a failing one never
+leaves a dead mount behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from blockemu import mkfs, mount
+from blockemu.check.fsck import check
+from blockemu.cli.main import main
+from blockemu.fuse.serve import mounted_fstype
+
+PY = sys.executable
+
+
+def fuse_unavailable() -> str | None:
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError as e:
+        return f"pyfuse3 is not installed ({e}): pip install -e '.[fuse]' after apt-get install fuse3 libfuse3-dev pkg-config"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing: no FUSE in this kernel or container"
+    if not shutil.which("fusermount3"):
+        return "fusermount3 is missing: apt-get install fuse3"
+    if os.geteuid() != 0:
+        return "the FUSE tests mount as root (CI's user); run them as root"
+    return None
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    why = fuse_unavailable()
+    if why:
+        pytest.skip(why)
+    run = tmp_path / "run"
+    return {**os.environ, "BLOCKEMU_RUNTIME_DIR": str(run)}
+
+
+def blockemu(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([PY, "-m", "blockemu", *args], env=env, capture_output=True, text=True, timeout=120)
+    if check:
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+    return done
+
+
+def sh(script: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def detach(mnt: Path) -> None:
+    if mounted_fstype(str(mnt)) is not None:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+class Served:
+    """``blockemu mount --foreground`` in a child process, ready once it prints its line."""
+
+    def __init__(self, env: dict[str, str], image: Path, mnt: Path, *args: str) -> None:
+        self.mnt, self.env = mnt, env
+        self.proc = subprocess.Popen([PY, "-m", "blockemu", "mount", str(image), str(mnt), "--foreground", *args],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line.startswith("blockemu: mounted"):
+            self.proc.wait(timeout=30)
+            raise AssertionError(f"mount failed: {line}{self.proc.stderr.read()}")  # type: ignore[union-attr]
+
+    def __enter__(self) -> "Served":
+        return self
+
+    def __exit__(self, typ: object, *exc: object) -> None:
+        try:
+            done = subprocess.run([PY, "-m", "blockemu", "umount", str(self.mnt)], env=self.env, capture_output=True,
+                                  text=True, timeout=120)
+            if typ is None:
+                assert done.returncode == 0, done.stderr
+                assert self.proc.wait(timeout=60) == 0, self.proc.stderr.read()  # type: ignore[union-attr]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        detach(self.mnt)
+
+
+@pytest.fixture
+def image(tmp_path: Path, env: dict[str, str]) -> Path:
+    img = tmp_path / "a.img"
+    asyncio.run(mkfs(str(img), "128M"))  # set-up and oracles in-process: each CLI start costs a second
+    return img
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[Path]:
+    m = tmp_path / "mnt"
+    m.mkdir()
+    try:
+        yield m
+    finally:
+        detach(m)
+
+
+def fsck_clean(env: dict[str, str], image: Path) -> None:
+    report = check(str(image), check_data=True)
+    assert report.clean, report.text()
+
+
+def make_tree(root: Path) -> None:
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "small").write_bytes(b"hello\n")
+    (root / "sub" / "big").write_bytes(os.urandom(3 << 20))
+    (root / "sub" / "deeper" / "odd").write_bytes(os.urandom(12345))
+    (root / "sub" / "zero").write_bytes(b"")
+    os.chmod(root / "small", 0o600)
+    os.link(root / "small", root / "sub" / "hard")  # cp -a keeps hard links as links
+    os.link(root / "small", root / "hard2")
+    os.symlink("../small", root / "sub" / "soft")
+    os.symlink("sub/deeper", root / "dirlink")
+    os.utime(root / "sub" / "big", ns=(1_000_000_000_123, 2_000_000_000_456))
+
+
+def test_mount_in_background_cp_diff_umount_fsck_remount(env, image, mnt, tmp_path) -> None:
+    """The default mount backgrounds and returns once mounted; cp -a and diff -r agree; umount
+    flushes, commits and releases the image (fsck opens it at once); a remount serves the same tree."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    blockemu(env, "mount", str(image), str(mnt))
+    try:
+        assert mounted_fstype(str(mnt)) == "fuse.blockemu"
+        run = Path(env["BLOCKEMU_RUNTIME_DIR"])  # the control socket and the server's log: private
+        assert stat.S_IMODE(run.stat().st_mode) == 0o700
+        assert sorted((p.suffix, stat.S_IMODE(p.stat().st_mode)) for p in run.iterdir()) == [(".log", 0o600),
+                                                                                           (".sock", 0o600)]
+        r = sh(f"cp -a {src}/. {mnt}/ && diff -r --no-dereference {src} {mnt} && "
+               f"stat -c '%a %Y %h' {mnt}/small {mnt}/sub/big && readlink {mnt}/sub/soft {mnt}/dirlink")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split("\n")[:4] == ["600 " + str(int((src / "small").stat().st_mtime)) + " 3", "644 2000 1",
+                                            "../small", "sub/deeper"]
+        assert (mnt / "sub" / "hard").stat().st_ino == (mnt / "small").stat().st_ino
+        assert (mnt / "dirlink" / "odd").read_bytes() == (src / "sub" / "deeper" / "odd").read_bytes()
+        df = os.statvfs(mnt)
+        assert df.f_blocks * df.f_frsize == 128 << 20 and 0 < df.f_bfree < df.f_blocks
+        assert df.f_bfree * df.f_frsize < (128 << 20) - (3 << 20)  # the copied data is counted as used
+    finally:
+        blockemu(env, "umount", str(mnt))
+    assert mounted_fstype(str(mnt)) is None
+    fsck_clean(env, image)
+    blockemu(env, "mount", str(image), str(mnt))
+    try:
+        r = sh(f"diff -r --no-dereference {src} {mnt} && tar -C {mnt} -cf {tmp_path}/t.tar . && "
+               f"mkdir {tmp_path}/untar && tar -C {tmp_path}/untar -xf {tmp_path}/t.tar && "
+               f"diff -r --no-dereference {src} {tmp_path}/untar && stat -c %h {tmp_path}/untar/small")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.strip() == "3"  # tar saw the hard links as links
+    finally:
+        blockemu(env, "umount", str(mnt))
+
+
+POSIX = textwrap.dedent("""
+    import ctypes, errno, os, subprocess, sys
+    m = sys.argv[1]
+    def fails(code, fn, *a):
+        try:
+            fn(*a)
+        except OSError as e:
+            assert e.errno == code, (fn, e)
+        else:
+            raise AssertionError(f"{fn.__name__}{a} did not fail with {errno.errorcode[code]}")
+
+    # rename over an existing file, as editors and package managers replace files
+    with open(f"{m}/conf", "w") as f:
+        f.write("old")
+    fd = os.open(f"{m}/conf.tmp", os.O_CREAT | os.O_WRONLY, 0o640)
+    os.write(fd, b"new contents"); os.fsync(fd); os.close(fd)
+    os.rename(f"{m}/conf.tmp", f"{m}/conf")
+    assert open(f"{m}/conf").read() == "new contents" and not os.path.exists(f"{m}/conf.tmp")
+    assert oct(os.stat(f"{m}/conf").st_mode & 0o777) == oct(0o640)
+
+    # unlink while open: the descriptor keeps working, the name is gone
+    fd = os.open(f"{m}/tmpfile", os.O_CREAT | os.O_RDWR, 0o600)
+    os.unlink(f"{m}/tmpfile")
+    os.write(fd, b"x" * 10000)
+    assert os.pread(fd, 5, 9995) == b"xxxxx" and os.fstat(fd).st_nlink == 0
+    assert not os.path.exists(f"{m}/tmpfile")
+    os.close(fd)
+
+    # truncate down and up, through the path and through a descriptor
+    with open(f"{m}/t", "wb") as f:
+        f.write(b"A" * 9000)
+    os.truncate(f"{m}/t", 5000)
+    fd = os.open(f"{m}/t", os.O_RDWR)
+    os.ftruncate(fd, 7000)
+    os.close(fd)
+    assert open(f"{m}/t", "rb").read() == b"A" * 5000 + bytes(2000)
+    with open(f"{m}/t", "w") as f:  # O_TRUNC
+        f.write("z")
+    assert open(f"{m}/t").read() == "z"
+
+    # append from two descriptors, then fsync
+    for _ in range(2):
+        with open(f"{m}/log", "a") as f:
+            f.write("line\\n"); f.flush(); os.fsync(f.fileno())
+    assert open(f"{m}/log").read() == "line\\nline\\n"
+
+    # chmod, utime, directories
+    os.chmod(f"{m}/t", 0o751); os.utime(f"{m}/t", ns=(5, 6_000_000_007))
+    s = os.stat(f"{m}/t")
+    assert s.st_mode & 0o7777 == 0o751 and s.st_mtime_ns == 6_000_000_007
+    os.makedirs(f"{m}/a/b/c")
+    os.rename(f"{m}/a/b", f"{m}/b2")
+    assert os.listdir(f"{m}/b2") == ["c"]
+    assert subprocess.run(["ls", "-a", f"{m}/b2"], capture_output=True, text=True).stdout.split() == [".", "..", "c"]
+    fails(errno.ENOTEMPTY, os.rmdir, f"{m}/b2")
+    os.rmdir(f"{m}/b2/c"); os.rmdir(f"{m}/b2")
+    fails(errno.EEXIST, os.mkdir, f"{m}/a")
+    fails(errno.ENOENT, os.stat, f"{m}/nothing")
+    fails(errno.EISDIR, os.unlink, f"{m}/a")
+
+    # what stays unsupported says so cleanly
+    fails(errno.EOPNOTSUPP, os.setxattr, f"{m}/t", "user.x", b"1")
+    fails(errno.EOPNOTSUPP, os.getxattr, f"{m}/t", "user.x")
+    fails(errno.EOPNOTSUPP, os.listxattr, f"{m}/t")
+    fails(errno.EPERM, os.mkfifo, f"{m}/fifo")
+    os.link(f"{m}/t", f"{m}/hard")
+    assert os.stat(f"{m}/hard").st_nlink == 2
+    os.unlink(f"{m}/hard")
+    fails(errno.EPERM, os.link, f"{m}/a", f"{m}/hardlinked-dir")
+    os.symlink("t", f"{m}/soft")
+    assert os.readlink(f"{m}/soft") == "t" and open(f"{m}/soft").read() == "z"
+    os.rename(f"{m}/soft", f"{m}/soft2")
+    os.unlink(f"{m}/soft2")
+    libc = ctypes.CDLL(None, use_errno=True)
+    AT_FDCWD, RENAME_NOREPLACE, RENAME_EXCHANGE = -100, 1, 2
+    def renameat2(a, b, flags):
+        if libc.renameat2(AT_FDCWD, a.encode(), AT_FDCWD, b.encode(), flags):
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    fails(errno.EINVAL, renameat2, f"{m}/t", f"{m}/log", RENAME_EXCHANGE)
+    fails(errno.EEXIST, renameat2, f"{m}/t", f"{m}/log", RENAME_NOREPLACE)
+    renameat2(f"{m}/t", f"{m}/t2", RENAME_NOREPLACE)
+    print("ok")
+""")
+
+
+def test_posix_surface_through_real_processes(env, image, mnt) -> None:
+    """rename-over, unlink-while-open, truncate, O_TRUNC, append+fsync, chmod/utime, directory
+    moves, hard and symbolic links, and clean errors for xattrs, fifos, hard-linked directories
+    and rename flags; dd on top; then a fresh mount sees what the processes left and fsck is clean."""
+    served = Served(env, image, mnt)
+    try:
+        r = subprocess.run([PY, "-c", POSIX, str(mnt)], capture_output=True, text=True, timeout=120)
+        assert r.stdout.strip() == "ok", r.stdout + r.stderr
+        r = sh(f"dd if=/dev/urandom of={mnt}/dd bs=64k count=40 conv=fsync status=none && "
+               f"dd if={mnt}/dd of={mnt}/dd2 bs=4k status=none && cmp {mnt}/dd {mnt}/dd2 && sha256sum {mnt}/dd")
+        assert r.returncode == 0, r.stderr
+        digest = r.stdout.split()[0]
+    finally:
+        served.__exit__(None)
+    fsck_clean(env, image)
+
+    async def oracle() -> None:
+        async with mount(str(image), readonly=True) as fs:
+            assert sorted(await fs.readdir("/")) == ["a", "conf", "dd", "dd2", "log", "t2"]
+            for path, want in (("/conf", b"new contents"), ("/t2", b"z"), ("/log", b"line\nline\n")):
+                async with fs.open(path) as f:
+                    assert await f.read() == want
+            async with fs.open("/dd") as f:
+                assert hashlib.sha256(await f.read()).hexdigest() == digest
+    asyncio.run(oracle())
+
+
+def test_soft_key_removal_with_a_shell_holding_the_file_open(env, image, mnt, tmp_path, capsys, monkeypatch) -> None:
+    """xfs_io's sequence with real processes: a shell's open descriptor keeps appending after
+    ``blockemu key remove``; a new ``cat`` gets ENOKEY; the appends survive a remount with the key."""
+    key = tmp_path / "k.key"
+    key.write_bytes(os.urandom(32))
+
+    async def setup() -> None:
+        async with mount(str(image)) as fs:
+            kid = await fs.add_key(key.read_bytes())
+            await fs.mkdir("/enc")
+            await fs.set_policy("/enc", kid)
+            async with fs.open("/enc/other", "w") as f:
+                await f.write(b"secret\n")
+    asyncio.run(setup())
+    b = f"{PY} -m blockemu"
+    with Served(env, image, mnt):
+        monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
+        assert main(["key", "status", str(mnt), "--key-file", str(key)]) == 0  # in-process: quicker
+        assert capsys.readouterr().out == "Absent\n"
+        r = sh(f"cat {mnt}/enc/other", env)
+        assert r.returncode == 1 and "Required key not available" in r.stderr
+        assert main(["key", "add", str(mnt), "--key-file", str(key)]) == 0
+        added = capsys.readouterr().out
+        assert added.startswith("Added encryption key with identifier ")
+        script = f"""
+            set -e
+            exec 3>>{mnt}/enc/log
+            echo before >&3
+            {b} key remove {mnt} --key-file {key}
+            {b} key status {mnt} --key-file {key}
+            echo after-1 >&3
+            echo after-2 >&3
+            cat {mnt}/enc/other 2>&1 && exit 9 || true
+            exec 3>&-
+        """
+        r = sh(script, env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0].endswith(", but files still busy") and lines[0].startswith("Removed encryption key")
+        assert lines[1] == "Incompletely removed"
+        assert lines[2] == f"cat: {mnt}/enc/other: Required key not available"
+    fsck_clean(env, image)
+    with Served(env, image, mnt, "--key-file", str(key)):
+        assert (mnt / "enc" / "log").read_text() == "before\nafter-1\nafter-2\n"
+        assert (mnt / "enc" / "other").read_text() == "secret\n"
+
+
+def test_kill_9_then_fsck_then_mount_clears_the_dead_mount(env, image, mnt) -> None:
+    """kill -9 of the server: the image opens to its last commit, every fsynced file is there,
+    fsck is clean, and the next ``blockemu mount`` on that mount point detaches the dead mount."""
+    s = Served(env, image, mnt, "-o", "interval=3600")  # only the fsyncs commit
+    try:
+        code = textwrap.dedent(f"""
+            import os
+            for i in range(5):
+                fd = os.open("{mnt}/synced%d" % i, os.O_CREAT | os.O_WRONLY, 0o644)
+                os.write(fd, bytes([65 + i]) * (20000 * (i + 1))); os.fsync(fd); os.close(fd)
+            with open("{mnt}/unsynced", "wb") as f:
+                f.write(b"u" * 50000)
+        """)
+        r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        os.kill(s.proc.pid, signal.SIGKILL)
+        s.proc.wait(timeout=30)
+        with pytest.raises(OSError) as e:
+            os.listdir(mnt)
+        assert e.value.strerror == "Transport endpoint is not connected"
+        fsck_clean(env, image)
+        blockemu(env, "mount", str(image), str(mnt))  # clears the dead mount itself
+        try:
+            for i in range(5):
+                assert (mnt / f"synced{i}").read_bytes() == bytes([65 + i]) * (20000 * (i + 1))
+            assert not (mnt / "unsynced").exists()  # created after the last commit
+        finally:
+            blockemu(env, "umount", str(mnt))
+        fsck_clean(env, image)
+    finally:
+        s.close()
+
+
+def test_umount_of_a_killed_server_detaches_the_dead_mount(env, image, mnt) -> None:
+    s = Served(env, image, mnt)
+    try:
+        os.kill(s.proc.pid, signal.SIGKILL)
+        s.proc.wait(timeout=30)
+        r = blockemu(env, "umount", str(mnt))
+        assert "detached the dead mount" in r.stdout
+        assert mounted_fstype(str(mnt)) is None
+    finally:
+        s.close()
+
+
+def test_mount_and_umount_errors_are_one_line(env, image, mnt, tmp_path, capsys, monkeypatch) -> None:
+    """The first through a backgrounding mount (the serving process's error reaches the command
+    through its pipe), the others in-process (--foreground, umount): each CLI start costs a second."""
+    missing = tmp_path / "nowhere"
+    r = blockemu(env, "mount", str(image), str(missing), check=False)
+    assert (r.returncode, r.stderr) == (1, f"blockemu: mount: {missing}: mount point does not exist\n")
+    monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
+
+    def fails(*args: str) -> str:
+        assert main(list(args)) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err
+
+    assert fails("umount", str(mnt)) == f"blockemu: umount: {mnt}: not a blockemu mount point (no blockemu server for it)\n"
+    assert fails("key", "status", str(mnt), "--id", "0" * 32) == (
+        f"blockemu: key: {mnt}: not a blockemu mount point (no blockemu server for it)\n")
+    with Served(env, image, mnt) as s:
+        other = tmp_path / "other"
+        other.mkdir()
+        assert fails("mount", str(image), str(other), "--foreground") == (
+            f"blockemu: mount: {image}: image is in use by pid {s.proc.pid} (mounted or open for writing); one writer per image\n")
+        assert mounted_fstype(str(other)) is None
+        assert fails("mount", str(image), str(mnt), "--foreground") == (
+            f"blockemu: mount: {mnt}: mount point is busy: fuse.blockemu is mounted there (blockemu umount {mnt})\n")
+        with open(mnt / "held", "w"):
+            assert "target is busy" in fails("umount", str(mnt))
+        monkeypatch.chdir(mnt)  # the kernel's view of busy: a working directory counts too
+        assert fails("umount", str(mnt)) == f"blockemu: umount: {mnt}: target is busy\n"
+        monkeypatch.chdir(tmp_path)
+        assert s.proc.poll() is None  # a refused umount leaves the mount serving
+
+
+def test_no_fuse_binding_is_one_line(tmp_path) -> None:
+    """Where pyfuse3 is not installed, mount says what to install (runs everywhere)."""
+    code = ("import sys; sys.modules['pyfuse3'] = None\n"
+            "from blockemu.cli.main import main\n"
+            f"sys.exit(main(['mount', '{tmp_path}/a.img', '{tmp_path}']))")
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.startswith("blockemu: mount: FUSE support is not installed") and r.stderr.count("\n") == 1
+    assert "pip install 'blockemu[fuse]'" in r.stderr and "libfuse3-dev" in r.stderr
+
+
+def test_mount_options_are_checked_before_anything_is_mounted(capsys) -> None:
+    from blockemu.cli.main import mount_options
+
+    assert mount_options(["ro,interval=0.5", "dirty_limit=32M"]) == {"readonly": True, "interval": 0.5,
+                                                                     "dirty_limit": 32 << 20}
+    for bad in ("bogus", "dirty_limit=zz", "interval"):
+        assert main(["mount", "a.img", "mnt", "-o", bad]) == 2
+        assert capsys.readouterr().err.startswith("blockemu: usage: blockemu mount: ")
+
+
+def test_read_only_mount_and_sigterm(env, image, mnt) -> None:
+    """-o ro: writes fail with EROFS; SIGTERM unmounts cleanly and releases the image."""
+
+    async def put() -> None:
+        async with mount(str(image)) as fs, fs.open("/h", "w") as f:
+            await f.write(Path("/etc/hostname").read_bytes())
+    asyncio.run(put())
+    s = Served(env, image, mnt, "-o", "ro")
+    try:
+        assert (mnt / "h").read_bytes() == Path("/etc/hostname").read_bytes()
+        r = sh(f"echo x > {mnt}/new")
+        assert r.returncode != 0 and "Read-only file system" in r.stderr
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=30) == 0
+        assert mounted_fstype(str(mnt)) is None
+        fsck_clean(env, image)
+    finally:
+        s.close()
+
+
+@pytest.mark.skipif(not shutil.which("fio"), reason="fio is not installed (apt-get install fio)")
+def test_real_fio_verify_on_the_mount(env, image, mnt) -> None:
+    """The OS's fio with verify=crc32c writes and reads back through the mount."""
+    with Served(env, image, mnt):
+        r = subprocess.run(["fio", "--name=v", f"--directory={mnt}", "--rw=randwrite", "--bs=4k", "--size=4m",
+                            "--ioengine=psync", "--verify=crc32c", "--do_verify=1", "--fsync=16", "--randseed=7",
+                            "--output-format=terse"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "verify" not in r.stderr
+    fsck_clean(env, image)
+
+
+async def test_a_rename_landing_while_a_create_waits_cannot_misplace_the_file(tmp_path) -> None:
+    """The kernel names the parent by inode; the path made of it must still name that directory
+    when the filesystem resolves it. Driven in-process through the FUSE operations: the create
+    waits in vol.join (for a commit, say) while a rename moves its directory and a new one takes
+    the old name; the file must land in the moved directory."""
+    try:
+        from blockemu.fuse.ops import Operations
+    except ImportError as e:
+        pytest.skip(f"pyfuse3 is not installed ({e}): pip install -e '.[fuse]'")
+    import pyfuse3
+
+    img = str(tmp_path / "a.img")
+    await mkfs(img, "64M")
+    async with mount(img) as fs:
+        ops = Operations(fs)
+        await fs.mkdir("/a")
+        a = (await fs.stat("/a")).st_ino
+        join, gate, entered = fs.vol.join, asyncio.Event(), asyncio.Event()
+
+        @contextlib.asynccontextmanager
+        async def held_join():
+            fs.vol.join = join  # only the create's first join waits
+            entered.set()
+            await gate.wait()
+            async with join() as engine:
+                yield engine
+        fs.vol.join = held_join
+        ctx = types.SimpleNamespace(uid=0, gid=0, umask=0o022)
+        create = asyncio.create_task(ops.create(a, b"x", 0o100644, os.O_WRONLY | os.O_CREAT, ctx))
+        await entered.wait()
+
+        async def moves() -> None:
+            await ops.rename(pyfuse3.ROOT_INODE, b"a", pyfuse3.ROOT_INODE, b"b", 0, ctx)
+            await ops.mkdir(pyfuse3.ROOT_INODE, b"a", 0o755, ctx)
+        mover = asyncio.create_task(moves())
+        while not (mover.done() or getattr(getattr(ops, "names", None), "_waiters", None)):  # done, or waits its turn
+            await asyncio.sleep(0)
+        gate.set()
+        fi, _ = await create
+        await mover
+        await ops.release(fi.fh)
+        assert await fs.readdir("/b") == ["x"] and await fs.readdir("/a") == []
