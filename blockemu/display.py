@@ -3,14 +3,17 @@ when piped or with --json) and plain-text tables, both drawn by rich -- one mech
 every command, so they look alike and nothing formats columns by hand."""
 from __future__ import annotations
 
+import errno
 import io
 import sys
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from blockemu.errors import BlockemuError
 
 
 class Advance(Protocol):
@@ -49,3 +52,22 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     out = Console(file=io.StringIO(), width=1000, color_system=None, legacy_windows=False)
     out.print(t)
     return "\n".join(line.rstrip() for line in out.file.getvalue().splitlines())  # type: ignore[attr-defined]
+
+
+class MissingExtra(BlockemuError):
+    """A picture was asked for but the optional plotting library is not installed."""
+
+    code = errno.ENOSYS
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the headless Agg backend: pictures are files, never windows,
+    so they draw the same on a CI machine without a display."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingExtra("drawing needs matplotlib: pip install 'blockemu[report]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

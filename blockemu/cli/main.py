@@ -20,6 +20,7 @@ import uuid
 from importlib.metadata import version
 from typing import Any, Awaitable, Callable, NoReturn
 
+from blockemu.check import heatmap
 from blockemu.check import inspect as inspect_mod
 from blockemu.check.fsck import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE, PHASES, check
 from blockemu.check.repair import repairable, run_repair
@@ -27,6 +28,7 @@ from blockemu.crypto import fscrypt
 from blockemu.crypto.fscrypt import MAX_KEY_SIZE, MIN_KEY_SIZE
 from blockemu.crypto.keyring import MODES
 from blockemu.device.faultplan import FaultPlan
+from blockemu import display
 from blockemu.display import bar as progress_bar
 from blockemu.display import wanted as progress_wanted
 from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, NoKeyError
@@ -190,6 +192,10 @@ def build_parser() -> Parser:
     dt.add_argument("image")
     dt.add_argument("--tree", choices=list(inspect_mod.TREE_BY_NAME), action="append")
     dt.add_argument("--json", action="store_true")
+    hm = isub.add_parser("heatmap", help="draw what occupies each block (a Hilbert curve, like btrfs-heatmap)")
+    hm.add_argument("image")
+    hm.add_argument("out", help="the PNG to write")
+    hm.add_argument("--json", action="store_true", help="also print the map as data (counts, run-length classes)")
     return p
 
 
@@ -599,6 +605,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         else:
             print("\n".join(inspect_mod.super_text(d)))
         return 0
+    if a.what == "heatmap":
+        return inspect_heatmap(a)
     blocks = inspect_mod.dump_tree(a.image, a.tree)
     if a.json:
         emit_json(blocks)
@@ -609,6 +617,20 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                 current = b["tree"]
                 print(f"{current} tree")
             print("\n".join(inspect_mod.block_text(b)))
+    return 0
+
+
+def inspect_heatmap(a: argparse.Namespace) -> int:
+    hm = heatmap.build(a.image)
+    heatmap.draw(hm, a.image, a.out)
+    if a.json:
+        emit_json(hm.as_json(a.image))
+    else:
+        counts = hm.counts()
+        print(f"{a.out}: {len(hm.cells)} cells of {hm.cell_bytes} bytes")
+        print(display.table(["class", "cells"], [[c, str(n)] for c, n in counts.items() if n]))
+        for p in hm.problems[:10]:
+            print(f"WARNING: {p}")
     return 0
 
 

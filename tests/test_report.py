@@ -1,0 +1,93 @@
+"""Pictures and data for people: the image heatmap, the race report, the kernel peer."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from blockemu.check import heatmap
+from blockemu.check.inspect import dump_tree
+
+pytest.importorskip("matplotlib")
+
+
+def run(*args: str, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "blockemu", *args], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in p.stderr, p.stderr
+    if check_rc is not None:
+        assert p.returncode == check_rc, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+@pytest.fixture(scope="module")
+def known_image(tmp_path_factory) -> str:
+    """64 MiB: one 3,000,000-byte plain file and one encrypted copy (733 sectors each)."""
+    d = tmp_path_factory.mktemp("heat")
+    img, key, big = str(d / "a.img"), d / "k", d / "big"
+    key.write_bytes(bytes(range(32)))
+    big.write_bytes(os.urandom(3_000_000))
+    run("mkfs", img, "--size", "64M")
+    run("mkdir", img, "/enc", "--encrypt", "--key-file", str(key))
+    run("put", img, str(big), "/plain")
+    run("put", img, str(big), "/enc/f", "--key-file", str(key))
+    return img
+
+
+def png_size(path: str) -> tuple[int, int]:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_heatmap_of_a_known_image_counts_each_class(known_image, tmp_path):
+    out = str(tmp_path / "h.png")
+    d = json.loads(run("inspect", "heatmap", known_image, out, "--json").stdout)
+    c = d["counts"]
+    assert d["cell_bytes"] == 4096 and d["cells"] == 16384
+    assert c["data-plain"] == 733 and c["data-encrypted"] == 733
+    assert c["superblock"] == 1 and c["reserved"] == 255  # the first MiB, but its superblock
+    for tree in ("root", "extent", "fs", "csum", "free-space"):  # each tree is one 16 KiB leaf here
+        assert c[f"{tree}-tree"] == 4
+    assert c["unknown"] == 0 and c["corrupt"] == 0 and not d["problems"]
+    assert c["free"] == 16384 - sum(n for k, n in c.items() if k != "free")
+    # the run-length encoding expands to the same cells, in address order
+    cells = [cls for cls, n in d["runs"] for _ in range(n)]
+    assert len(cells) == d["cells"] and cells[16] == "superblock" and cells[0] == "reserved"
+    assert {k: cells.count(k) for k in c} == c
+    assert png_size(out) == (1000, 800)
+
+
+def test_heatmap_of_a_corrupted_image_still_draws(known_image, tmp_path):
+    """The fs tree's root leaf smashed: its block shows as corrupt, the data it described
+    as unknown (allocated, owner unreadable), the rest as before."""
+    bad = str(tmp_path / "bad.img")
+    with open(known_image, "rb") as src, open(bad, "wb") as dst:
+        dst.write(src.read())
+    fs_root = next(b["bytenr"] for b in dump_tree(bad, ["fs"]))
+    with open(bad, "r+b") as f:
+        f.seek(fs_root + 200)
+        f.write(b"\xff" * 64)
+    out = str(tmp_path / "bad.png")
+    d = json.loads(run("inspect", "heatmap", bad, out, "--json").stdout)
+    c = d["counts"]
+    assert c["corrupt"] == 4 and c["fs-tree"] == 0 and d["problems"]
+    assert c["data-plain"] == 0 and c["data-encrypted"] == 0 and c["unknown"] == 2 * 733
+    assert png_size(out) == (1000, 800)
+
+
+def test_heatmap_without_a_superblock_is_all_unknown(tmp_path):
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(b"\x00" * (2 << 20))
+    hm = heatmap.build(str(junk))
+    assert hm.counts()["unknown"] == 512 and hm.problems
+
+
+def test_hilbert_curve_visits_each_cell_once_with_unit_steps():
+    pts = [heatmap.hilbert_xy(16, d) for d in range(256)]
+    assert len(set(pts)) == 256
+    assert all(abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1 for a, b in zip(pts, pts[1:]))
