@@ -91,3 +91,27 @@ def test_hilbert_curve_visits_each_cell_once_with_unit_steps():
     pts = [heatmap.hilbert_xy(16, d) for d in range(256)]
     assert len(set(pts)) == 256
     assert all(abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1 for a, b in zip(pts, pts[1:]))
+
+
+from blockemu.workload import kernelpeer  # noqa: E402
+
+
+@pytest.mark.parametrize("schedule", ["seeded", "free"])
+def test_kernel_peer_loses_nothing(schedule):
+    """generic/595 on the real kernel (root, loop devices: CI): every acknowledged append survives."""
+    why = kernelpeer.why_not(None)
+    if why:
+        pytest.skip(f"kernel peer: {why}")
+    r = kernelpeer.run_kernel_race(seed=5, schedule=schedule, steps=400, duration=0.5)
+    assert r.mode == "kernel" and r.attempted and r.acknowledged and r.removals
+    assert r.lost == 0 and not r.other_errors, r.other_errors[:3]
+    assert r.acknowledged + r.refused <= r.attempted
+
+
+def test_kernel_peer_unavailable_is_one_line_and_the_table_still_prints(tmp_path):
+    p = run("stress", str(tmp_path / "r.img"), "--scenario", "key-removal-race", "--schedule", "seeded", "--ops", "60",
+            "--seed", "1", "--kernel-peer", str(tmp_path / "missing"))
+    lines = p.stdout.splitlines()
+    assert any(line.split()[:1] == ["soft"] for line in lines)
+    assert [line for line in lines if line.startswith("kernel peer not run: ")] == [
+        f"kernel peer not run: {tmp_path / 'missing'} is not a directory"]

@@ -41,6 +41,7 @@ from blockemu.workload.crash import run_ace_parallel
 from blockemu.workload.jobfile import parse_time
 from blockemu.workload.jobfile import size as fio_size
 from blockemu.workload.keyrace import RaceResult, run_race, unexpected
+from blockemu.workload.kernelpeer import Unavailable, run_kernel_race
 from blockemu.workload.keyrace import table as race_table
 from blockemu.workload.runner import prepare, run_workload, scenarios, stress_mix
 from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS
@@ -146,6 +147,9 @@ def build_parser() -> Parser:
     sp.add_argument("--compare-modes", action="store_true", help="key-removal-race: every removal mode, one table")
     sp.add_argument("--schedule", choices=["free", "seeded"], default="free", help="key-removal-race scheduling")
     sp.add_argument("--force", action="store_true", help="key-removal-race: overwrite IMAGE with a fresh image")
+    sp.add_argument("--kernel-peer", nargs="?", const="", metavar="DIR",
+                    help="key-removal-race: also race the real kernel, on DIR (an encryption-enabled filesystem) "
+                         "or, as root, on a fresh loop-mounted ext4 image")
     sp.add_argument("--json", action="store_true")
 
     cr = sub.add_parser("crash", help="crash-consistency campaign over Ace-style bounded workloads")
@@ -460,13 +464,25 @@ def stress_race(a: argparse.Namespace, seed: int) -> int:
                                duration=a.duration or 5.0) for m in modes]
 
     results = asyncio.run(go())
+    peer_why = None
+    if a.kernel_peer is not None:
+        try:
+            results.append(run_kernel_race(a.kernel_peer or None, seed=seed, schedule=a.schedule, steps=a.ops,
+                                           duration=a.duration or 5.0))
+        except Unavailable as e:
+            peer_why = f"kernel peer not run: {e}"
     bad = [r for r in results if unexpected(r)]
     if a.json:
         emit_json({"seed": seed, "scenario": a.scenario, "results": [r.as_json() for r in results],
-                   "unexpected_loss": bool(bad)})
+                   "unexpected_loss": bool(bad), **({"kernel_peer_not_run": peer_why} if peer_why else {})})
     else:
         print(f"seed = {seed}")
         print(race_table(results))
+        if peer_why:
+            print(peer_why)
+        elif a.kernel_peer is not None:
+            print("kernel: ENOKEY counts ENOENT too (without the key the plaintext name is gone); "
+                  "remove->wipe is REMOVE until the key status reads ABSENT")
         print("losses in hard and sync mode are what those semantics cost: expected, but never silent")
         if bad:
             again = f"blockemu stress {a.image} --scenario key-removal-race --force --seed {seed} --schedule {a.schedule} " + (
