@@ -60,13 +60,13 @@ def count_worker_seals(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_a_report_covers_only_appends_acknowledged_before_it_and_after_the_last_good_fsync():
     """Counting "any report after the append" would call all four losses reported."""
     ledger = AppendLedger()
-    ledger.acked(0, ord("A"))
-    ledger.acked(1, ord("B"))
+    ledger.acked(0, b"A")
+    ledger.acked(1, b"B")
     ledger.synced()  # vouched for A and B: a later report cannot be theirs
     ledger.reported()
-    ledger.acked(2, ord("C"))  # acknowledged after the only report
+    ledger.acked(2, b"C")  # acknowledged after the only report
     ledger.synced()
-    ledger.acked(3, ord("D"))
+    ledger.acked(3, b"D")
     ledger.reported()  # D's
     r = RaceResult("hard", 0, "seeded")
     ledger.judge(b"", r)

@@ -42,6 +42,7 @@ from blockemu.workload.jobfile import parse_time
 from blockemu.workload.jobfile import size as fio_size
 from blockemu.workload.keyrace import RaceResult, run_race, unexpected
 from blockemu.workload.kernelpeer import Unavailable, run_kernel_race
+from blockemu.workload.report import hard_sweep, write_report
 from blockemu.workload.keyrace import table as race_table
 from blockemu.workload.runner import prepare, run_workload, scenarios, stress_mix
 from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS
@@ -150,6 +151,8 @@ def build_parser() -> Parser:
     sp.add_argument("--kernel-peer", nargs="?", const="", metavar="DIR",
                     help="key-removal-race: also race the real kernel, on DIR (an encryption-enabled filesystem) "
                          "or, as root, on a fresh loop-mounted ext4 image")
+    sp.add_argument("--report", metavar="DIR", help="key-removal-race: also write the table (JSON, CSV) and plots into "
+                    "DIR, with a sweep of append sizes under hard removal")
     sp.add_argument("--json", action="store_true")
 
     cr = sub.add_parser("crash", help="crash-consistency campaign over Ace-style bounded workloads")
@@ -472,9 +475,14 @@ def stress_race(a: argparse.Namespace, seed: int) -> int:
         except Unavailable as e:
             peer_why = f"kernel peer not run: {e}"
     bad = [r for r in results if unexpected(r)]
+    written = []
+    if a.report:
+        sweep = asyncio.run(hard_sweep(seed=seed, schedule=a.schedule, steps=a.ops, duration=a.duration or 5.0))
+        written = write_report(a.report, results, sweep, note=peer_why)
     if a.json:
         emit_json({"seed": seed, "scenario": a.scenario, "results": [r.as_json() for r in results],
-                   "unexpected_loss": bool(bad), **({"kernel_peer_not_run": peer_why} if peer_why else {})})
+                   "unexpected_loss": bool(bad), **({"kernel_peer_not_run": peer_why} if peer_why else {}),
+                   **({"report": written} if written else {})})
     else:
         print(f"seed = {seed}")
         print(race_table(results))
@@ -484,6 +492,8 @@ def stress_race(a: argparse.Namespace, seed: int) -> int:
             print("kernel: ENOKEY counts ENOENT too (without the key the plaintext name is gone); "
                   "remove->wipe is REMOVE until the key status reads ABSENT")
         print("losses in hard and sync mode are what those semantics cost: expected, but never silent")
+        if written:
+            print(f"report: {', '.join(written)}")
         if bad:
             again = f"blockemu stress {a.image} --scenario key-removal-race --force --seed {seed} --schedule {a.schedule} " + (
                 f"--ops {a.ops}" if a.schedule == "seeded" else f"--duration {a.duration or 5.0}")

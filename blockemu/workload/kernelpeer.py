@@ -144,7 +144,7 @@ class KernelRace:
         n = 0
         while True:
             self.r.attempted += 1
-            byte = 0x41 + n % 26
+            chunk = bytes([0x41 + n % 26]) * self.r.append_size
             n += 1
             try:
                 fd = os.open(self.file, os.O_WRONLY | os.O_APPEND)
@@ -156,8 +156,9 @@ class KernelRace:
             try:
                 yield
                 try:
-                    os.write(fd, bytes([byte]))
-                    off = os.lseek(fd, 0, os.SEEK_CUR) - 1
+                    if os.write(fd, chunk) != len(chunk):
+                        raise OSError(errno.EIO, "short append")
+                    off = os.lseek(fd, 0, os.SEEK_CUR) - len(chunk)
                 except OSError as e:
                     self._note_error(e, self.ledger)
                     ok = False
@@ -170,7 +171,7 @@ class KernelRace:
                     ok = False
             if ok:
                 self.r.acknowledged += 1
-                self.ledger.acked(off, byte)
+                self.ledger.acked(off, chunk)
             yield
 
     def key_loop(self) -> Iterator[None]:
@@ -208,10 +209,7 @@ class KernelRace:
         add_key(self.keyfd, KEY)
         remove_key(self.keyfd, self.kid)
         drop_caches()
-        self.r.wipes = len(self.delays)
-        if self.delays:
-            self.r.wipe_delay_max_ms = round(max(self.delays) * 1000, 3)
-            self.r.wipe_delay_mean_ms = round(sum(self.delays) / len(self.delays) * 1000, 3)
+        self.r.note_wipes(self.delays)
 
     def read_back(self) -> bytes:
         add_key(self.keyfd, KEY)

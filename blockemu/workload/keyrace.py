@@ -49,13 +49,25 @@ class RaceResult:
     wipe_delay_max_ms: float = 0.0
     wipe_delay_mean_ms: float = 0.0
     other_errors: list[str] = field(default_factory=list)
+    append_size: int = 1
+    wipe_delays_ms: list[float] = field(default_factory=list)  # each remove->wipe, for the report's distribution
 
     @property
     def silent(self) -> int:
         return self.lost - self.lost_reported
 
     def as_json(self) -> dict:
-        return {**asdict(self), "silent": self.silent}
+        d = {**asdict(self), "silent": self.silent}
+        del d["wipe_delays_ms"]  # a distribution, not a table cell: the report carries it
+        return d
+
+    def note_wipes(self, delays: list[float]) -> None:
+        """Record the remove->wipe delays (seconds) the keyring or the kernel showed."""
+        self.wipes = len(delays)
+        self.wipe_delays_ms = [round(d * 1000, 3) for d in delays]
+        if delays:
+            self.wipe_delay_max_ms = round(max(delays) * 1000, 3)
+            self.wipe_delay_mean_ms = round(sum(delays) / len(delays) * 1000, 3)
 
 
 class AppendLedger:
@@ -70,7 +82,7 @@ class AppendLedger:
 
     def __init__(self) -> None:
         self.clock = 0
-        self.appends: list[tuple[int, int, int]] = []  # (offset, byte, clock at acknowledgement)
+        self.appends: list[tuple[int, bytes, int]] = []  # (offset, data, clock at acknowledgement)
         self.reports: list[int] = []  # clock of each loss reported for this file
         self.syncs: list[int] = []  # clock of each fsync of this file that succeeded
 
@@ -78,8 +90,8 @@ class AppendLedger:
         self.clock += 1
         return self.clock
 
-    def acked(self, offset: int, byte: int) -> None:
-        self.appends.append((offset, byte, self._tick()))
+    def acked(self, offset: int, data: bytes) -> None:
+        self.appends.append((offset, data, self._tick()))
 
     def reported(self) -> None:
         self.reports.append(self._tick())
@@ -93,8 +105,8 @@ class AppendLedger:
 
     def judge(self, data: bytes, result: RaceResult) -> None:
         """Count each acknowledged append missing from ``data`` (the file as read from disk)."""
-        for off, byte, at in self.appends:
-            if off >= len(data) or data[off] != byte:
+        for off, appended, at in self.appends:
+            if data[off:off + len(appended)] != appended:
                 result.lost += 1
                 result.lost_reported += self.covered(at)
 
@@ -131,7 +143,7 @@ class Race:
         n, ledger = 0, self.ledger
         while True:
             self.r.attempted += 1
-            byte = 0x41 + n % 26
+            chunk = bytes([0x41 + n % 26]) * self.r.append_size
             n += 1
             try:
                 f = await self.fs.open(PATH, "a")
@@ -144,7 +156,7 @@ class Race:
                 yield
                 try:
                     off = f.inode.size
-                    await f.write(bytes([byte]))
+                    await f.write(chunk)
                 except OSError as e:
                     self._note_error(e, ledger)
                     ok = False
@@ -157,7 +169,7 @@ class Race:
                     ok = False
             if ok:
                 self.r.acknowledged += 1
-                ledger.acked(off, byte)
+                ledger.acked(off, chunk)
             yield
 
     async def key_loop(self) -> AsyncIterator[None]:
@@ -189,11 +201,7 @@ class Race:
                 self._note_error(e, self.ledger)
             else:
                 self.ledger.synced()
-        delays = self.fs.keyring.wipe_delays
-        self.r.wipes = len(delays)
-        if delays:
-            self.r.wipe_delay_max_ms = round(max(delays) * 1000, 3)
-            self.r.wipe_delay_mean_ms = round(sum(delays) / len(delays) * 1000, 3)
+        self.r.note_wipes(self.fs.keyring.wipe_delays)
 
 
 async def read_back(image: str, path: str) -> bytes:
@@ -213,15 +221,17 @@ async def run_race(
     schedule: str = "seeded",
     steps: int = 2000,
     duration: float = 2.0,
+    append_size: int = 1,
 ) -> RaceResult:
-    """Run the race on ``image`` (a fresh temporary one by default) under removal ``mode``."""
+    """Run the race on ``image`` (a fresh temporary one by default) under removal ``mode``;
+    each append writes ``append_size`` bytes (the dirty data a removal can catch)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
     with tempfile.TemporaryDirectory() as tmp:
         path = image or os.path.join(tmp, "race.img")
         await mkfs(path, size="64M", force=force)
         interval = 3600.0 if schedule == "seeded" else 0.005
-        result = RaceResult(mode, seed, schedule)
+        result = RaceResult(mode, seed, schedule, append_size=append_size)
         rng = random.Random(seed)
         async with mount(path, key_removal=mode, interval=interval) as fs:
             race = Race(fs, result, rng)
