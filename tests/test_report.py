@@ -115,3 +115,31 @@ def test_kernel_peer_unavailable_is_one_line_and_the_table_still_prints(tmp_path
     assert any(line.split()[:1] == ["soft"] for line in lines)
     assert [line for line in lines if line.startswith("kernel peer not run: ")] == [
         f"kernel peer not run: {tmp_path / 'missing'} is not a directory"]
+
+
+def test_report_from_a_seeded_run_matches_its_table(tmp_path):
+    """The CLI's table, its JSON, the report's JSON and CSV all carry the same rows, and every plot is a PNG.
+    With root and loop devices the kernel is a row too, and loses nothing."""
+    out = tmp_path / "rep"
+    args = ["stress", str(tmp_path / "r.img"), "--scenario", "key-removal-race", "--compare-modes", "--schedule", "seeded",
+            "--ops", "150", "--seed", "7", "--report", str(out), "--kernel-peer"]
+    printed = json.loads(run(*args, "--json").stdout)
+    doc = json.loads((out / "race.json").read_text())
+    modes = ["soft", "hard", "sync", "deny-writes"] + ([] if kernelpeer.why_not(None) else ["kernel"])
+    assert [r["mode"] for r in doc["results"]] == modes
+    for mine, shown in zip(doc["results"], printed["results"]):
+        assert mine == {k: shown[k] for k in mine}
+    with open(out / "race.csv") as f:
+        rows = list(__import__("csv").DictReader(f))
+    assert [{k: str(v) for k, v in r.items()} for r in doc["results"]] == rows
+    assert set(doc["wipe_delays_ms"]) == set(modes)
+    assert all(len(doc["wipe_delays_ms"][r["mode"]]) == r["wipes"] for r in doc["results"])
+    assert [s["append_size"] for s in doc["hard_sweep"]] == [1, 1024, 4096, 16384, 65536]
+    assert all(s["lost_bytes"] == s["lost"] * s["append_size"] for s in doc["hard_sweep"])
+    for name in ("outcomes.png", "wipe-latency.png", "hard-loss-vs-dirty.png"):
+        assert png_size(str(out / name)) == (800, 450)
+    assert sorted(printed["report"]) == sorted(str(out / f) for f in os.listdir(out))
+    if "kernel" in modes:
+        assert doc["results"][-1]["lost"] == 0 and doc["results"][-1]["acknowledged"] > 0
+    else:
+        assert doc["kernel_peer_not_run"]
