@@ -143,3 +143,8 @@ def test_report_from_a_seeded_run_matches_its_table(tmp_path):
         assert doc["results"][-1]["lost"] == 0 and doc["results"][-1]["acknowledged"] > 0
     else:
         assert doc["kernel_peer_not_run"]
+
+
+def test_race_only_flags_on_the_mix_are_a_usage_error(tmp_path):
+    p = run("stress", str(tmp_path / "m.img"), "--report", str(tmp_path / "rep"), check_rc=2)
+    assert p.stderr.strip() == "blockemu: usage: --kernel-peer and --report belong to --scenario key-removal-race"

@@ -182,20 +182,20 @@ def _blocks(tree: BTree) -> Iterator[tuple[TreeBlock, None] | tuple[None, Blocke
                 yield None, e
 
 
-def hilbert_xy(n: int, d: int) -> tuple[int, int]:
-    """Cell ``d`` of a Hilbert curve filling an n x n square (n a power of two)."""
-    x = y = 0
-    s, t = 1, d
+def hilbert_xy(n: int, d: Any) -> tuple[Any, Any]:
+    """Cell ``d`` of a Hilbert curve filling an n x n square (n a power of two); ``d`` may be
+    an integer or a numpy array of them (then every cell's position at once)."""
+    x, y, t = d * 0, d * 0, d
+    s = 1
     while s < n:
         rx = 1 & (t // 2)
         ry = 1 & (t ^ rx)
-        if ry == 0:
-            if rx == 1:
-                x, y = s - 1 - x, s - 1 - y
-            x, y = y, x
-        x += s * rx
-        y += s * ry
-        t //= 4
+        flip = (ry == 0) & (rx == 1)
+        x, y = x + flip * (s - 1 - 2 * x), y + flip * (s - 1 - 2 * y)
+        swap = ry == 0
+        x, y = x + swap * (y - x), y + swap * (x - y)
+        x, y = x + s * rx, y + s * ry
+        t = t // 4
         s *= 2
     return x, y
 
@@ -217,9 +217,8 @@ def draw(hm: Heatmap, path: str, out: str) -> None:
     while side * side < len(hm.cells):
         side *= 2
     grid = np.full((side, side), np.nan)
-    for d, c in enumerate(hm.cells):
-        x, y = hilbert_xy(side, d)
-        grid[y, x] = c
+    x, y = hilbert_xy(side, np.arange(len(hm.cells), dtype=np.int64))
+    grid[y, x] = np.frombuffer(bytes(hm.cells), dtype=np.uint8)
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     ax.imshow(grid, cmap=ListedColormap([COLOURS[c] for c in CLASSES]), vmin=-0.5, vmax=len(CLASSES) - 0.5,
               interpolation="nearest")

@@ -432,6 +432,8 @@ def cmd_stress(a: argparse.Namespace) -> int:
     seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
     if a.scenario == "key-removal-race":
         return stress_race(a, seed)
+    if a.kernel_peer is not None or a.report:
+        raise UsageError("--kernel-peer and --report belong to --scenario key-removal-race")
     faults = FaultPlan.parse(a.faults) if a.faults else None
     total = None if a.duration else a.tasks * a.ops
     with progress_bar("stress", total, progress_wanted(None, a.json)) as advance:
