@@ -1,6 +1,7 @@
 """Pictures and data for people: the image heatmap, the race report, the kernel peer."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import struct
@@ -11,6 +12,7 @@ import pytest
 
 from blockemu.check import heatmap
 from blockemu.check.inspect import dump_tree
+from blockemu.workload import kernelpeer
 
 pytest.importorskip("matplotlib")
 
@@ -93,9 +95,6 @@ def test_hilbert_curve_visits_each_cell_once_with_unit_steps():
     assert all(abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1 for a, b in zip(pts, pts[1:]))
 
 
-from blockemu.workload import kernelpeer  # noqa: E402
-
-
 @pytest.mark.parametrize("schedule", ["seeded", "free"])
 def test_kernel_peer_loses_nothing(schedule):
     """generic/595 on the real kernel (root, loop devices: CI): every acknowledged append survives."""
@@ -130,7 +129,7 @@ def test_report_from_a_seeded_run_matches_its_table(tmp_path):
     for mine, shown in zip(doc["results"], printed["results"]):
         assert mine == {k: shown[k] for k in mine}
     with open(out / "race.csv") as f:
-        rows = list(__import__("csv").DictReader(f))
+        rows = list(csv.DictReader(f))
     assert [{k: str(v) for k, v in r.items()} for r in doc["results"]] == rows
     assert set(doc["wipe_delays_ms"]) == set(modes)
     assert all(len(doc["wipe_delays_ms"][r["mode"]]) == r["wipes"] for r in doc["results"])

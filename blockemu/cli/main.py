@@ -20,6 +20,7 @@ import uuid
 from importlib.metadata import version
 from typing import Any, Awaitable, Callable, NoReturn
 
+from blockemu import display
 from blockemu.check import heatmap
 from blockemu.check import inspect as inspect_mod
 from blockemu.check.fsck import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE, PHASES, check
@@ -28,7 +29,6 @@ from blockemu.crypto import fscrypt
 from blockemu.crypto.fscrypt import MAX_KEY_SIZE, MIN_KEY_SIZE
 from blockemu.crypto.keyring import MODES
 from blockemu.device.faultplan import FaultPlan
-from blockemu import display
 from blockemu.display import bar as progress_bar
 from blockemu.display import wanted as progress_wanted
 from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, NoKeyError
@@ -40,10 +40,10 @@ from blockemu.units import human, parse_size
 from blockemu.workload.crash import run_ace_parallel
 from blockemu.workload.jobfile import parse_time
 from blockemu.workload.jobfile import size as fio_size
-from blockemu.workload.keyrace import RaceResult, run_race, unexpected
 from blockemu.workload.kernelpeer import Unavailable, run_kernel_race
-from blockemu.workload.report import hard_sweep, write_report
+from blockemu.workload.keyrace import RaceResult, run_race, unexpected
 from blockemu.workload.keyrace import table as race_table
+from blockemu.workload.report import hard_sweep, write_report
 from blockemu.workload.runner import prepare, run_workload, scenarios, stress_mix
 from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS
 
