@@ -107,6 +107,18 @@ def test_kernel_peer_loses_nothing(schedule):
     assert r.acknowledged + r.refused <= r.attempted
 
 
+def test_kernel_peer_on_a_directory_the_user_names():
+    """``--kernel-peer DIR``: the race in a fresh subdirectory of DIR, judged after a drop of caches; DIR is left as found."""
+    why = kernelpeer.why_not(None)
+    if why:
+        pytest.skip(f"kernel peer: {why}")
+    with kernelpeer.ext4_mount() as (mnt, _):
+        before = sorted(os.listdir(mnt))
+        r = kernelpeer.run_kernel_race(mnt, seed=2, schedule="seeded", steps=300)
+        assert sorted(os.listdir(mnt)) == before
+    assert r.acknowledged and r.lost == 0 and not r.other_errors
+
+
 def test_kernel_peer_unavailable_is_one_line_and_the_table_still_prints(tmp_path):
     p = run("stress", str(tmp_path / "r.img"), "--scenario", "key-removal-race", "--schedule", "seeded", "--ops", "60",
             "--seed", "1", "--kernel-peer", str(tmp_path / "missing"))
