@@ -67,7 +67,8 @@ def test_sequential_modifiers_random_runs_and_block_sizes():
     assert ranged <= {1024, 2048, 3072, 4096} and len(ranged) > 1
 
 
-@pytest.mark.parametrize("dist", ["zipf:1.2", "pareto:0.9", "normal:10", "zoned:50/5:50/95", "zoned_abs:50/200k:50/4m"])
+@pytest.mark.parametrize("dist", ["zipf:1.2", "pareto:0.9", "normal:10", "zoned:50/5:50/95", "zoned:50/5:30/15:20/",
+                                  "zoned_abs:50/200k:50/4m"])
 def test_random_distributions_are_skewed(dist):
     offs = [o for _, o, _ in ios(f"[j]\nrw=randread\nsize=4m\nio_size=1g\nbs=4k\nnumber_ios=2000\nrandom_distribution={dist}\n")]
     hottest = max(offs.count(o) for o in set(offs))
@@ -386,6 +387,9 @@ def test_output_formats_and_failures_on_stderr(tmp_path):
     text = run("run", str(job), "--seed", "3", "--size", "32k").stdout
     assert "w: (groupid=0, jobs=1): err= 0" in text and "clat percentiles (usec):" in text
     assert "WRITE: bw=" in text and "io=32KiB (33kB)" in text
+    job.write_text("[f]\nrw=write\nfilesize=1g\nbs=4k\n")  # sized by filesize= only (mobile-storage.fio)
+    text = run("run", str(job), "--seed", "3", "--size", "32k").stdout
+    assert "io=32KiB (33kB)" in text  # --size caps it: it used to lay out 1 GiB
     job.write_text("[s]\nkind=script\nscript=tests.scripted:no_such_function\n")
     p = run("run", str(job), "--seed", "3", "--output-format", "json", check_rc=1)
     assert json.loads(p.stdout)["blockemu"]["failures"]

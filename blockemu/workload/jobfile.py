@@ -204,7 +204,13 @@ def distribution(text: str) -> tuple[str, Any]:
         if "," in m[2]:
             raise Unsupported("random_distribution with zones per direction is not supported (one set is)")
         conv = float if m[1] == "zoned" else size
-        zones = tuple((float(a), conv(b)) for a, _, b in (z.partition("/") for z in m[2].split(":")))
+        parts = [z.partition("/") for z in m[2].split(":")]
+        zones: tuple[tuple[float, Any], ...] = ()
+        for k, (a, _, b) in enumerate(parts):
+            if not b.strip() and k == len(parts) - 1 and m[1] == "zoned":  # fio: the last region is the rest
+                zones += ((float(a), 100 - sum(r for _, r in zones)),)
+            else:
+                zones += ((float(a), conv(b)),)
         if abs(sum(a for a, _ in zones) - 100) > 1e-6 or (m[1] == "zoned" and sum(b for _, b in zones) > 100 + 1e-6):
             raise ValueError(f"{text!r} (access shares must add up to 100, region shares to at most 100)")
         return (m[1], zones)

@@ -280,6 +280,10 @@ def prepare(workload: str, overrides: dict[str, Any] | None = None) -> JobFile:
     problems = []
     for i, job in enumerate(jf.jobs):
         job.options.update(overrides or {})
+        if overrides and "size" in overrides and job.get("filesize"):
+            # --size shortens a job however it sizes its files, as fio's --size does not need to:
+            # a job with filesize= only would otherwise lay out its files at full size
+            job.options["filesize"] = min(job.get("filesize"), overrides["size"])
         if job.get("kind", "fio") == "fio":
             problems += [f"{jf.path}:{job.line}: job {job.name}: {p}" for p in check_job(job)]
         if job.get("wait_for") and job.get("wait_for") not in {j.name for j in jf.jobs[:i]}:
