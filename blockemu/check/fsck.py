@@ -280,7 +280,7 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         ck.progress(6, "csums against data" if check_data else "csums (without verifying data)")
         fsck_fs.check_csums(ck, sb, ck.data_extents, img.read if check_data else None, lambda n: None)
         ck.progress(7, PHASES[6])
-        fsck_fs.check_encryption(ck, items)
+        fsck_fs.check_encryption(ck, items, bool(sb.incompat_flags & S.INCOMPAT_ENCRYPTED_NAMES))
         report.stats["inodes"] = len(items.inodes)
     return report
 

@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from blockemu.crypto import fscrypt
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk import structs as S
@@ -47,6 +48,7 @@ class FsItems:
     dir_index: dict[tuple[int, int], DirEntry] = field(default_factory=dict)
     extents: dict[int, list[tuple[int, FileExtent]]] = field(default_factory=lambda: defaultdict(list))
     policies: dict[int, bytes] = field(default_factory=dict)
+    policy_flags: dict[int, int] = field(default_factory=dict)
     orphans: set[int] = field(default_factory=set)
     owners: set[int] = field(default_factory=set)  # every objectid with any item
 
@@ -80,6 +82,7 @@ def collect(ck: "Checker") -> FsItems:
                 if v[0] != 2 or v[1] != S.CONTENTS_MODE_AES_256_XTS:
                     raise CorruptionError(f"encryption context version {v[0]} mode {v[1]}", "BAD_ENCRYPTION_CONTEXT")
                 fi.policies[oid] = v[5]
+                fi.policy_flags[oid] = v[3]
             else:
                 raise CorruptionError(f"unknown item type {typ}", "UNKNOWN_KEY")
         except CorruptionError as e:
@@ -272,10 +275,15 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
     ck.report.stats["data_sectors"] = sum(e - s for s, e in runs) // PAGE
 
 
-def check_encryption(ck: "Checker", fi: FsItems) -> None:
-    """Policies are inherited; every extent of an encrypted file carries its context; no nonce twice."""
+def check_encryption(ck: "Checker", fi: FsItems, encrypted_names: bool) -> None:
+    """Policies are inherited; an encrypted directory's names have a length its padding can give
+    (no key needed: the hash checks are over the stored bytes already); every extent of an
+    encrypted file carries its context; no nonce twice."""
     for (d, idx), e in sorted(fi.dir_index.items()):
         child = e.location[0]
+        if encrypted_names and d in fi.policies and not fscrypt.legal_encrypted_len(len(e.name), fi.policy_flags[d]):
+            ck.error("BAD_ENCRYPTED_NAME", f"a name of {len(e.name)} bytes in encrypted directory {d} is no padded "
+                     f"ciphertext (policy flags {fi.policy_flags[d]})", FS, key=(d, S.DIR_INDEX, idx))
         if d in fi.policies and child in fi.inodes and fi.policies.get(child) != fi.policies[d]:
             ck.error("POLICY_MISMATCH", f"{e.name!r} in encrypted directory {d} lacks its policy", FS,
                      key=(child, S.FSCRYPT_CTXT_ITEM, 0))

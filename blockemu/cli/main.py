@@ -92,6 +92,7 @@ def build_parser() -> Parser:
     ls.add_argument("path", nargs="?", default="/")
     ls.add_argument("-l", dest="long", action="store_true")
     ls.add_argument("--json", action="store_true")
+    ls.add_argument("--key-file", help="show real names in directories this key encrypts (else no-key names)")
 
     cat = sub.add_parser("cat", help="write a file of the image to stdout")
     cat.add_argument("image")
