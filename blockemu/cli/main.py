@@ -114,6 +114,7 @@ def build_parser() -> Parser:
     ex = sub.add_parser("extents", help="show a file's extents")
     ex.add_argument("image")
     ex.add_argument("path")
+    ex.add_argument("--key-file", help="to name a file by its real name in an encrypted directory (else its no-key name)")
     ex.add_argument("--json", action="store_true")
 
     kid = sub.add_parser("key-id", help="print the fscrypt v2 identifier of a raw key")
