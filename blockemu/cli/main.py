@@ -29,7 +29,7 @@ from blockemu.crypto.keyring import MODES
 from blockemu.device.faultplan import FaultPlan
 from blockemu.display import bar as progress_bar
 from blockemu.display import wanted as progress_wanted
-from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, NoKeyError
+from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, NoKeyError, NotFoundError
 from blockemu.fs.filesystem import mount
 from blockemu.fs.mkfs import mkfs
 from blockemu.fuse import control
@@ -236,6 +236,12 @@ def on_image(a: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *, re
                 return await body(fs)
             except NoKeyError as e:
                 raise NoKeyError(await explain_no_key(fs, a.path, kid) or str(e)) from None
+            except NotFoundError:
+                # with another key a locked directory's real names do not resolve: say which key it wants
+                why = await explain_no_key(fs, a.path, kid)
+                if why is None:
+                    raise
+                raise NoKeyError(why) from None
         finally:
             await fs.unmount()
     return asyncio.run(go())
