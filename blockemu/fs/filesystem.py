@@ -374,9 +374,9 @@ class Filesystem:
         dirhash, prefix, digest = parsed
         if digest is None:
             return prefix
-        body = self.tree.get((d.ino, S.DIR_ITEM, dirhash))
-        return next((e.name for e in unpack_dir_entries(body) if fscrypt.nokey_matches(e.name, prefix, digest)), None) \
-            if body is not None else None
+        body = self.tree.get((d.ino, S.DIR_ITEM, dirhash))  # a digested name's hash finds its item
+        entries = unpack_dir_entries(body) if body is not None else []
+        return next((e.name for e in entries if fscrypt.nokey_matches(e.name, prefix, digest)), None)
 
     def _user_names(self, d: Inode, stored: list[bytes]) -> list[str]:
         """The names readdir shows: decrypted with the key, no-key names without it."""
