@@ -285,3 +285,28 @@ def test_cli_ls_shows_nokey_names_without_the_key(tmp_path):
     nokey = out.stdout.strip()
     bad = cli("cat", img, f"/vault/{nokey}")
     assert bad.returncode != 0 and "Required key not available" in bad.stderr, bad
+
+
+async def test_fsck_with_the_key_checks_that_names_decrypt_to_legal_names(image, tmp_path):
+    """Without the key a well-padded ciphertext passes; with --key-file, one that decrypts to a
+    name holding "/" is flagged."""
+    async with blockemu.mount(image) as fs:
+        await encrypted_dir(fs, "/e")
+        async with fs.open("/e/fine", "w") as f:
+            await f.write(b"1")
+        d = fs._resolve("/e")
+        policy = fs._names_policy(d)
+        with fs._names_key(d, policy[1]) as key:
+            bad = fscrypt.encrypt_name(key, b"a/b", policy[0])
+        child = fs._new_inode(0o100644, d)
+        async with fs.vol.join():
+            fs._add_entry(d, bad, child)
+    assert check(image).clean
+    report = check(image, key=KEY)
+    assert [e.code for e in report.errors] == ["BAD_ENCRYPTED_NAME"] and "b'a/b'" in report.errors[0].message
+    keyf = tmp_path / "k"
+    keyf.write_bytes(KEY)
+    p = subprocess.run([sys.executable, "-m", "blockemu", "fsck", image, "--key-file", str(keyf)],
+                       capture_output=True, text=True)
+    assert p.returncode == 4 and "BAD_ENCRYPTED_NAME" in p.stdout, p
+    assert check(image, key=bytes(range(2, 66))).clean  # another key's names are not this one's to judge

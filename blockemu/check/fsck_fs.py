@@ -49,6 +49,7 @@ class FsItems:
     extents: dict[int, list[tuple[int, FileExtent]]] = field(default_factory=lambda: defaultdict(list))
     policies: dict[int, bytes] = field(default_factory=dict)
     policy_flags: dict[int, int] = field(default_factory=dict)
+    nonces: dict[int, bytes] = field(default_factory=dict)
     orphans: set[int] = field(default_factory=set)
     owners: set[int] = field(default_factory=set)  # every objectid with any item
 
@@ -83,6 +84,7 @@ def collect(ck: "Checker") -> FsItems:
                     raise CorruptionError(f"encryption context version {v[0]} mode {v[1]}", "BAD_ENCRYPTION_CONTEXT")
                 fi.policies[oid] = v[5]
                 fi.policy_flags[oid] = v[3]
+                fi.nonces[oid] = v[6]
             else:
                 raise CorruptionError(f"unknown item type {typ}", "UNKNOWN_KEY")
         except CorruptionError as e:
@@ -275,15 +277,36 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
     ck.report.stats["data_sectors"] = sum(e - s for s, e in runs) // PAGE
 
 
-def check_encryption(ck: "Checker", fi: FsItems, encrypted_names: bool) -> None:
-    """Policies are inherited; an encrypted directory's names have a length its padding can give
-    (no key needed: the hash checks are over the stored bytes already); every extent of an
-    encrypted file carries its context; no nonce twice."""
+def check_encrypted_names(ck: "Checker", fi: FsItems, master: bytes | None) -> None:
+    """Each name of an encrypted directory has a length its padding can give (no key needed:
+    the hash checks are over the stored bytes already); with the directory's master key, it
+    decrypts to a legal name: no ``/``, no NUL before the padding, not ``.`` or ``..``."""
+    ident = fscrypt.key_identifier(master) if master is not None else None
+    keys: dict[int, bytearray] = {}
+    try:
+        for (d, idx), e in sorted(fi.dir_index.items()):
+            if d not in fi.policies:
+                continue
+            where = (d, S.DIR_INDEX, idx)
+            if not fscrypt.legal_encrypted_len(len(e.name), fi.policy_flags[d]):
+                ck.error("BAD_ENCRYPTED_NAME", f"a name of {len(e.name)} bytes in encrypted directory {d} is no padded "
+                         f"ciphertext (policy flags {fi.policy_flags[d]})", FS, key=where)
+            elif master is not None and fi.policies[d] == ident:
+                if d not in keys:
+                    keys[d] = fscrypt.names_key(master, fi.nonces[d])
+                name = fscrypt.decrypt_name(keys[d], e.name)
+                if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+                    ck.error("BAD_ENCRYPTED_NAME", f"name {idx} of encrypted directory {d} decrypts to {name!r}, "
+                             f"no legal name", FS, key=where)
+    finally:
+        for k in keys.values():
+            fscrypt.wipe(k)
+
+
+def check_encryption(ck: "Checker", fi: FsItems) -> None:
+    """Policies are inherited; every extent of an encrypted file carries its context; no nonce twice."""
     for (d, idx), e in sorted(fi.dir_index.items()):
         child = e.location[0]
-        if encrypted_names and d in fi.policies and not fscrypt.legal_encrypted_len(len(e.name), fi.policy_flags[d]):
-            ck.error("BAD_ENCRYPTED_NAME", f"a name of {len(e.name)} bytes in encrypted directory {d} is no padded "
-                     f"ciphertext (policy flags {fi.policy_flags[d]})", FS, key=(d, S.DIR_INDEX, idx))
         if d in fi.policies and child in fi.inodes and fi.policies.get(child) != fi.policies[d]:
             ck.error("POLICY_MISMATCH", f"{e.name!r} in encrypted directory {d} lacks its policy", FS,
                      key=(child, S.FSCRYPT_CTXT_ITEM, 0))

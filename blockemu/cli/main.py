@@ -85,6 +85,7 @@ def build_parser() -> Parser:
     f.add_argument("--json", action="store_true")
     f.add_argument("--check-data", action="store_true", help="verify every data sector against its checksum")
     f.add_argument("--repair", action="store_true")
+    f.add_argument("--key-file", help="also check that the names this key encrypts decrypt to legal names")
     add_progress_flags(f)
 
     ls = sub.add_parser("ls", help="list a directory inside an image")
@@ -572,8 +573,9 @@ def cmd_mkfs(a: argparse.Namespace) -> int:
 
 
 def cmd_fsck(a: argparse.Namespace) -> int:
+    key = read_key(a.key_file)
     with progress_bar("fsck", len(PHASES), progress_wanted(a.progress, a.json)) as advance:
-        report = check(a.image, check_data=a.check_data,
+        report = check(a.image, check_data=a.check_data, key=key,
                        progress=lambda n, phase: advance(1 if n > 1 else 0, f"[{n}/{len(PHASES)}] checking {phase}"))
     code = report.exit_code
     if a.repair and not report.clean and repairable(report):
@@ -583,7 +585,7 @@ def cmd_fsck(a: argparse.Namespace) -> int:
         for _ in range(4):
             before = report
             fixed += run_repair(a.image, before)
-            report = check(a.image, check_data=a.check_data)
+            report = check(a.image, check_data=a.check_data, key=key)
             repaired += [e.as_json() for e in before.errors if e not in report.errors]
             if report.clean or not repairable(report):
                 break
