@@ -310,3 +310,26 @@ async def test_fsck_with_the_key_checks_that_names_decrypt_to_legal_names(image,
                        capture_output=True, text=True)
     assert p.returncode == 4 and "BAD_ENCRYPTED_NAME" in p.stdout, p
     assert check(image, key=bytes(range(2, 66))).clean  # another key's names are not this one's to judge
+
+
+async def test_link_symlink_and_path_of_in_a_locked_directory(image):
+    """link and symlink into a locked directory give ENOKEY; path_of (how the FUSE front end
+    turns an inode number into a path) gives the names readdir shows: real with the key,
+    no-key without it."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        kid = await encrypted_dir(fs, "/e")
+        async with fs.open("/e/f", "w") as f:
+            await f.write(b"1")
+        await fs.link("/e/f", "/e/g")
+        ino = (await fs.stat("/e/f")).st_ino
+        assert fs.path_of(ino) in ("/e/f", "/e/g")
+        await fs.remove_key(kid)
+        names = await fs.readdir("/e")
+        assert fs.path_of(ino) in [f"/e/{n}" for n in names] and "f" not in names
+        with ErrnoCheck(errno.ENOKEY):
+            await fs.link(f"/e/{names[0]}", "/e/h")
+        with ErrnoCheck(errno.EEXIST):
+            await fs.link(f"/e/{names[0]}", f"/e/{names[1]}")
+        with ErrnoCheck(errno.ENOKEY):
+            await fs.symlink("/somewhere", "/e/s")
+    clean(image)

@@ -595,9 +595,11 @@ class Filesystem:
             if inode.is_dir:
                 raise NotPermitted(f"{src}: hard link not allowed for directory")
             dparent, dname = self._parent(dst)
-            if self._lookup_entry(dparent.ino, dname) is not None:
+            if dname is not None and self._lookup_entry(dparent.ino, dname) is not None:
                 raise ExistsError(f"{dst}: file exists")
+            self._require_names_key(dparent)
             self._check_policy_move(inode, dparent)
+            assert dname is not None  # the key is here
             self._add_entry(dparent, dname, inode)
             inode.item = inode.item._replace(nlink=inode.item.nlink + 1)
             self._touch(inode, mtime=False)
@@ -614,9 +616,9 @@ class Filesystem:
             raise NameTooLong(f"{path}: symbolic link target longer than {PAGE - 1} bytes")
         async with self.vol.join():
             parent, name = self._parent(path)
-            if self._lookup_entry(parent.ino, name) is not None:
+            if name is not None and self._lookup_entry(parent.ino, name) is not None:
                 raise ExistsError(f"{path}: file exists")
-            inode = self._new_inode(st.S_IFLNK | 0o777, parent)
+            inode = self._new_inode(st.S_IFLNK | 0o777, parent)  # ENOKEY in a locked directory
             inode.item = inode.item._replace(nlink=0)
             self.save_inode(inode)
             self.tree.insert((S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, inode.ino), b"")
@@ -628,6 +630,8 @@ class Filesystem:
             report_writeback_error(inode)
             async with self.vol.join():
                 parent, name = self._parent(path)
+                self._require_names_key(parent)  # the key may have gone while the target was written
+                assert name is not None
                 if self._lookup_entry(parent.ino, name) is not None:
                     raise ExistsError(f"{path}: file exists")
                 self._add_entry(parent, name, inode)
@@ -679,8 +683,9 @@ class Filesystem:
             ref = self.tree.first_at_or_after((ino, S.INODE_REF, 0), (ino, S.INODE_REF, (1 << 64) - 1))
             if ref is None:
                 raise NotFoundError(f"inode {ino} has no name")
-            names.append(unpack_inode_refs(ref[1])[0].name.decode(errors="surrogateescape"))
-            ino = ref[0][2]
+            parent = self._load(ref[0][2])
+            names += self._user_names(parent, [unpack_inode_refs(ref[1])[0].name])  # as readdir shows it
+            ino = parent.ino
         return "/" + "/".join(reversed(names))
 
     async def set_attrs(self, inode: Inode, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
