@@ -48,7 +48,9 @@ def test_independent_decryption_of_an_extent(tmp_path):
     (root / "s" / "f").write_bytes(plain)
     img = str(tmp_path / "i.img")
     run("mkfs", img, "--size", "64M", "--rootdir", str(root), "--encrypt", "/s", "--key-file", str(tmp_path / "k"))
-    ext = json.loads(run("extents", img, "/s/f", "--json").stdout)
+    ext = json.loads(run("extents", img, "/s/f", "--json", "--key-file", str(tmp_path / "k")).stdout)
+    [nokey] = run("ls", img, "/s").stdout.split()  # without the key: the no-key name, same extents
+    assert nokey != "f" and json.loads(run("extents", img, f"/s/{nokey}", "--json").stdout) == ext
     assert len(ext) == 1 and ext[0]["encrypted"] and ext[0]["contents_mode"] == 1
     e = ext[0]
     ident = hkdf_sha512(key, b"fscrypt\0\x01", 16).hex()
@@ -103,7 +105,10 @@ def test_put_mkdir_encrypt_and_key_errors(tmp_path):
     run("mkdir", img, "/e", "--encrypt", "--key-file", str(key))
     run("put", img, str(host), "/e/h", "--key-file", str(key))
     assert run_bytes("cat", img, "/e/h", "--key-file", str(key)) == host.read_bytes()
-    p = run("cat", img, "/e/h", check_rc=1)
+    p = run("cat", img, "/e/h", check_rc=1)  # without the key the real name is not there (fscrypt)
+    assert p.stderr.strip() == "blockemu: cat: /e/h: no such file or directory"
+    [nokey] = run("ls", img, "/e").stdout.split()
+    p = run("cat", img, f"/e/{nokey}", check_rc=1)  # its no-key name is, but reading needs the key
     assert p.stderr.strip() == "blockemu: cat: Required key not available"
     assert "(encrypted)" in run("ls", img, "-l").stdout
     assert "no such file" in run("cat", img, "/nope", check_rc=1).stderr

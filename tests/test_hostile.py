@@ -82,7 +82,7 @@ def edit_item(base: fz.Base, key: tuple[int, int, int], fmt, index: int, value: 
 
 
 def inode_of(capsys, base: fz.Base, path: str) -> int:
-    rc, out, _ = cli(capsys, "ls", "--json", base.path, path)
+    rc, out, _ = cli(capsys, "ls", "--json", "--key-file", base.key_file, base.path, path)
     return json.loads(out)[0]["ino"]
 
 

@@ -170,8 +170,12 @@ async def test_generic_580_v2_sequence(fs):
     assert str(fs.key_status(kid)) == "Absent"
     with ErrnoCheck(errno.ENOKEY):
         await fs.remove_key(kid)  # "Error removing encryption key: Required key not available"
+    with ErrnoCheck(errno.ENOENT):
+        await fs.open("/dir/file", "r")  # the plaintext name is gone with the key
+    nokey = sorted(await fs.readdir("/dir"))
+    assert len(nokey) == 2 and "file" not in nokey
     with ErrnoCheck(errno.ENOKEY):
-        await fs.open("/dir/file", "r")
+        await fs.open(f"/dir/{nokey[0]}", "r")  # opening the no-key name needs the key
     with ErrnoCheck(errno.ENOKEY):
         await fs.open("/dir/new", "w")  # creating in the locked directory needs the key
 

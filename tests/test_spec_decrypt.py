@@ -6,6 +6,9 @@ alone and uses nothing of blockemu: ``struct``, ``hmac``/``hashlib`` for HKDF
 and the checksums, and ``cryptography``'s AES-XTS primitive. It walks superblock
 -> root tree -> fs tree, finds the file by name through its DIR_ITEM, reads its
 EXTENT_DATA items and decrypts every extent, and must get back what was written.
+Names in the encrypted directory are stored encrypted (SPEC § Names in encrypted
+directories): the reader encrypts each path component to look it up, and lists the
+directory by decrypting its entries, with CBC-CS3 built from single AES blocks.
 
 The file is laid out so that the XTS tweak rule matters: one of its items maps
 the tail of a split extent (extent_offset > 0) at a file offset different from
@@ -15,6 +18,7 @@ and "unit index from the file's start" (plain fscrypt) give different tweaks.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import random
@@ -100,6 +104,50 @@ def xts_decrypt(key: bytes, ciphertext: bytes, first_unit: int) -> bytes:
     return bytes(out)
 
 
+def aes_block(key: bytes, block: bytes, encrypt: bool) -> bytes:
+    ecb = Cipher(algorithms.AES(key), modes.ECB())
+    return (ecb.encryptor() if encrypt else ecb.decryptor()).update(block)
+
+
+def xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b))
+
+
+def pad_name(name: bytes, flags: int) -> bytes:
+    # SPEC § Names in encrypted directories, step 2
+    pad = 4 << (flags & 3)
+    return name.ljust(min(-(-max(len(name), 16) // pad) * pad, 255), b"\0")
+
+
+def cs3_encrypt(key: bytes, text: bytes) -> bytes:
+    # step 3, block by block: CBC with a zero IV over the zero-padded text, swap the last two, cut
+    blocks = [text[i : i + 16].ljust(16, b"\0") for i in range(0, len(text), 16)]
+    tail = len(text) - 16 * (len(blocks) - 1)
+    out, prev = [], bytes(16)
+    for b in blocks:
+        prev = aes_block(key, xor(prev, b), True)
+        out.append(prev)
+    if len(out) > 1:
+        out[-2], out[-1] = out[-1], out[-2][:tail]
+    return b"".join(out)
+
+
+def cs3_decrypt(key: bytes, stored: bytes) -> bytes:
+    # step 4
+    if len(stored) == 16:
+        return aes_block(key, stored, False)
+    tail = len(stored) - 16 * ((len(stored) - 1) // 16)
+    head, swapped, last = stored[: -tail - 16], stored[-tail - 16 : -tail], stored[-tail:]
+    d = aes_block(key, swapped, False)
+    hidden = last + d[tail:]
+    blocks = [head[i : i + 16] for i in range(0, len(head), 16)] + [hidden]
+    out, prev = b"", bytes(16)
+    for b in blocks:
+        out += xor(aes_block(key, b, False), prev)
+        prev = b
+    return out + xor(d[:tail], last)
+
+
 class SpecReader:
     """Reads an image file the way SPEC.md describes, checking what it says must hold."""
 
@@ -136,8 +184,10 @@ class SpecReader:
             valid = (raw[:size] == checksum(csum_type, raw[0x20:]) and raw[size:0x20] == bytes(0x20 - size)
                      and bytenr == at and sectorsize == 4096 and nodesize & (nodesize - 1) == 0
                      and 4096 <= nodesize <= 65536 and root_level < 8 and generation != 0)
+            (incompat,) = struct.unpack_from("<Q", raw, 0x8C)  # SPEC § Superblock
             if at == SUPER_OFFSETS[0]:
                 assert valid, "the primary superblock must be valid here (nothing was corrupted)"
+                assert incompat == 1, "ENCRYPTED_NAMES, and no bit this reader does not know"
                 return dict(fsid=fsid, generation=generation, root=root, root_level=root_level, nodesize=nodesize,
                             csum_type=csum_type, root_dir_objectid=root_dir, total_bytes=total_bytes)
         raise AssertionError("no valid primary superblock")
@@ -201,10 +251,31 @@ class SpecReader:
                 return loc_oid
         return None
 
-    def resolve(self, path: str) -> int:
+    # SPEC § Names in encrypted directories
+    def names_key(self, dir_ino: int, master: bytes) -> tuple[bytes, int] | None:
+        ctxt = self.get(self.trees[FS_TREE], (dir_ino, FSCRYPT_CTXT, 0))
+        if ctxt is None:
+            return None
+        assert ctxt[:4] == bytes([2, 1, 4, 3]) and ctxt[8:24] == hkdf_sha512(master, 1, b"", 16)
+        return hkdf_sha512(master, 2, ctxt[24:40], 32), ctxt[3]
+
+    def stored_name(self, dir_ino: int, name: bytes, master: bytes) -> bytes:
+        key = self.names_key(dir_ino, master)
+        return name if key is None else cs3_encrypt(key[0], pad_name(name, key[1]))
+
+    def listdir(self, dir_ino: int, master: bytes) -> list[bytes]:
+        key = self.names_key(dir_ino, master)
+        out = []
+        for _, body in self.items(self.trees[FS_TREE], (dir_ino, DIR_INDEX, 0), (dir_ino, DIR_INDEX, U64_MAX)):
+            (name_len,) = struct.unpack_from("<H", body, 27)  # DirItemHead: name_len at 27, name at 30
+            stored = body[30 : 30 + name_len]
+            out.append(stored if key is None else cs3_decrypt(key[0], stored).rstrip(b"\0"))
+        return out
+
+    def resolve(self, path: str, master: bytes = MASTER) -> int:
         ino = self.sb["root_dir_objectid"]
         for part in path.strip("/").split("/"):
-            found = self.lookup(ino, part.encode())
+            found = self.lookup(ino, self.stored_name(ino, part.encode(), master))
             assert found is not None, f"{path}: no {part!r}"
             ino = found
         return ino
@@ -324,6 +395,18 @@ def test_worked_example_in_spec():
     # SPEC § Directories, name hash table; § Checksums, crc32c check value
     assert [name_hash(n) for n in (b"f", b"hello", b"file.txt")] == [0x188E5B27, 0x5D9F2B1F, 0xEBD4CC02]
     assert checksum(0, b"123456789") == (0xE3069283).to_bytes(4, "little")
+    # SPEC § Names in encrypted directories, worked example
+    names_key = hkdf_sha512(MASTER, 2, bytes(range(16)), 32)
+    assert names_key.hex() == "badfbae70512e3d28b99414b7887741d848f9283e09b7f59e8cbe78a2b2c05cb"
+    hello = cs3_encrypt(names_key, pad_name(b"hello", 3))
+    assert hello.hex() == "5cb2a7682a675ad009cc5401ce96209cb11b1123ab7c7f65ba62df02ba11140c"
+    assert name_hash(hello) == 0xBD08F819
+    long = cs3_encrypt(names_key, pad_name(b"a-name-of-33-bytes-long-exactly!!", 3))
+    assert long.hex() == ("9086032b7459cb98a83c886b7311673447f69473cabe6235d54241b98d325f63"
+                          "78e231c5651b054ec9948b80c335171cca85612639d9959a3a4b6f3131380a64")
+    assert cs3_decrypt(names_key, long).rstrip(b"\0") == b"a-name-of-33-bytes-long-exactly!!"
+    nokey = base64.urlsafe_b64encode(struct.pack("<II", name_hash(hello), 0) + hello).rstrip(b"=")
+    assert nokey == b"GfgIvQAAAABcsqdoKmda0AnMVAHOliCcsRsRI6t8f2W6Yt8CuhEUDA"
 
 
 @pytest.mark.parametrize("csum,node_size", [("crc32c", "4K"), ("sha256", "16K"), ("blake2b", "64K")])
@@ -348,3 +431,43 @@ def test_independent_reader_decrypts_the_image(tmp_path, csum, node_size):
         assert (FS_TREE, 1) in reader.blocks_read.values()  # the fs tree was walked through a node, not one leaf
     with pytest.raises(AssertionError, match="no 'missing'"):
         reader.resolve("/enc/missing")
+    enc = reader.resolve("/enc")
+    assert sorted(reader.listdir(enc, MASTER)) == sorted([b"target"] + [b"sibling-%02d" % i for i in range(40)])
+    with pytest.raises(AssertionError):
+        reader.listdir(enc, bytes(range(64)))  # another key: its identifier is not the policy's
+    assert reader.listdir(reader.resolve("/plain"), MASTER) == [b"file"]  # plaintext outside
+
+
+def test_names_decrypt_from_inspect_dump_tree_json(tmp_path):
+    """Issue 15's independent check: directory entries as ``inspect dump-tree --json`` shows them
+    (their stored bytes in ``name_hex``), decrypted by this file's own HKDF and CS3 code."""
+    import json
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "names.img")
+    names = [b"hello", b"a-name-of-33-bytes-long-exactly!!", b"x" * 240, "caf\u00e9".encode()]
+
+    async def go() -> None:
+        await blockemu.mkfs(path, size="32M")
+        async with blockemu.mount(path) as fs:
+            kid = await fs.add_key(MASTER)
+            await fs.mkdir("/enc")
+            await fs.set_policy("/enc", kid)
+            for n in names:
+                async with fs.open("/enc/" + n.decode(), "w") as f:
+                    await f.write(b"1")
+
+    asyncio.run(go())
+    out = subprocess.run([sys.executable, "-m", "blockemu", "inspect", "dump-tree", path, "--tree", "fs", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    items = {tuple(i["key"]): i["data"] for block in json.loads(out) for i in block.get("items", [])}
+    [enc] = [k[0] for k in items if k[1] == FSCRYPT_CTXT and (k[0], INODE_REF, 256) in items]
+    ctxt = bytes.fromhex(items[(enc, FSCRYPT_CTXT, 0)]["raw"])
+    key = hkdf_sha512(MASTER, 2, ctxt[24:40], 32)
+    stored = [bytes.fromhex(e["name_hex"]) for k, d in items.items() if k[:2] == (enc, DIR_INDEX) for e in d["entries"]]
+    assert all(len(s) % 32 == 0 or len(s) == 255 for s in stored)
+    assert sorted(cs3_decrypt(key, s).rstrip(b"\0") for s in stored) == sorted(names)
+    for k, d in items.items():  # the hash is over the stored bytes
+        if k[:2] == (enc, DIR_ITEM):
+            assert all(name_hash(bytes.fromhex(e["name_hex"])) == k[2] for e in d["entries"])

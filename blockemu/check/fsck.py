@@ -264,8 +264,10 @@ class Checker:
         self.report.stats["free_bytes"] = sum(n for _, n in free)
 
 
-def check(path: str, *, check_data: bool = False, progress: Progress | None = None) -> FsckReport:
-    """Check ``path`` without writing. Raises BlockemuError only for operational errors (exit 8)."""
+def check(path: str, *, check_data: bool = False, progress: Progress | None = None,
+          key: bytes | None = None) -> FsckReport:
+    """Check ``path`` without writing. Raises BlockemuError only for operational errors (exit 8).
+    ``key``: a master key, to check that the names it encrypts decrypt to legal names."""
     report = FsckReport(image=path)
     with ImageFile.open(path) as img:
         ck = Checker(img, report, progress)
@@ -281,6 +283,8 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         fsck_fs.check_csums(ck, sb, ck.data_extents, img.read if check_data else None, lambda n: None)
         ck.progress(7, PHASES[6])
         fsck_fs.check_encryption(ck, items)
+        if sb.incompat_flags & S.INCOMPAT_ENCRYPTED_NAMES:
+            fsck_fs.check_encrypted_names(ck, items, key)
         report.stats["inodes"] = len(items.inodes)
     return report
 

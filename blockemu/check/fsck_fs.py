@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from blockemu.crypto import fscrypt
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk import structs as S
@@ -47,6 +48,8 @@ class FsItems:
     dir_index: dict[tuple[int, int], DirEntry] = field(default_factory=dict)
     extents: dict[int, list[tuple[int, FileExtent]]] = field(default_factory=lambda: defaultdict(list))
     policies: dict[int, bytes] = field(default_factory=dict)
+    policy_flags: dict[int, int] = field(default_factory=dict)
+    nonces: dict[int, bytes] = field(default_factory=dict)
     orphans: set[int] = field(default_factory=set)
     owners: set[int] = field(default_factory=set)  # every objectid with any item
 
@@ -80,6 +83,8 @@ def collect(ck: "Checker") -> FsItems:
                 if v[0] != 2 or v[1] != S.CONTENTS_MODE_AES_256_XTS:
                     raise CorruptionError(f"encryption context version {v[0]} mode {v[1]}", "BAD_ENCRYPTION_CONTEXT")
                 fi.policies[oid] = v[5]
+                fi.policy_flags[oid] = v[3]
+                fi.nonces[oid] = v[6]
             else:
                 raise CorruptionError(f"unknown item type {typ}", "UNKNOWN_KEY")
         except CorruptionError as e:
@@ -270,6 +275,32 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
         ck.error("ORPHAN_CSUM", f"checksum for sector {sector}, which no data extent holds", S.CSUM_TREE_OBJECTID, sector,
                  key, fix={"delete": (S.CSUM_TREE_OBJECTID, key)} if whole else None)
     ck.report.stats["data_sectors"] = sum(e - s for s, e in runs) // PAGE
+
+
+def check_encrypted_names(ck: "Checker", fi: FsItems, master: bytes | None) -> None:
+    """Each name of an encrypted directory has a length its padding can give (no key needed:
+    the hash checks are over the stored bytes already); with the directory's master key, it
+    decrypts to a legal name: no ``/``, no NUL before the padding, not ``.`` or ``..``."""
+    ident = fscrypt.key_identifier(master) if master is not None else None
+    keys: dict[int, bytearray] = {}
+    try:
+        for (d, idx), e in sorted(fi.dir_index.items()):
+            if d not in fi.policies:
+                continue
+            where = (d, S.DIR_INDEX, idx)
+            if not fscrypt.legal_encrypted_len(len(e.name), fi.policy_flags[d]):
+                ck.error("BAD_ENCRYPTED_NAME", f"a name of {len(e.name)} bytes in encrypted directory {d} is no padded "
+                         f"ciphertext (policy flags {fi.policy_flags[d]})", FS, key=where)
+            elif master is not None and fi.policies[d] == ident:
+                if d not in keys:
+                    keys[d] = fscrypt.names_key(master, fi.nonces[d])
+                name = fscrypt.decrypt_name(keys[d], e.name)
+                if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+                    ck.error("BAD_ENCRYPTED_NAME", f"name {idx} of encrypted directory {d} decrypts to {name!r}, "
+                             f"no legal name", FS, key=where)
+    finally:
+        for k in keys.values():
+            fscrypt.wipe(k)
 
 
 def check_encryption(ck: "Checker", fi: FsItems) -> None:

@@ -37,10 +37,12 @@ def describe_item(key: tuple[int, int, int], body: bytes) -> dict[str, Any]:
             d["mode"] = oct(i.mode)
             return d
         if t == S.INODE_REF:
-            return {"refs": [{"index": r.index, "name": r.name.decode(errors="replace")} for r in unpack_inode_refs(body)]}
+            return {"refs": [{"index": r.index, "name": r.name.decode(errors="replace"), "name_hex": r.name.hex()}
+                             for r in unpack_inode_refs(body)]}
         if t in (S.DIR_ITEM, S.DIR_INDEX):
             return {"entries": [{"location": list(e.location), "transid": e.transid, "type": e.type,
-                                 "name": e.name.decode(errors="replace")} for e in unpack_dir_entries(body)]}
+                                 "name": e.name.decode(errors="replace"), "name_hex": e.name.hex()}
+                                for e in unpack_dir_entries(body)]}
         if t == S.EXTENT_DATA:
             f = FileExtent.unpack(body)
             d = f._asdict()

@@ -31,7 +31,7 @@ from blockemu.crypto.keyring import MODES
 from blockemu.device.faultplan import FaultPlan
 from blockemu.display import bar as progress_bar
 from blockemu.display import wanted as progress_wanted
-from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, NoKeyError
+from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, NoKeyError, NotFoundError
 from blockemu.fs.filesystem import mount
 from blockemu.fs.mkfs import mkfs
 from blockemu.fuse import control
@@ -89,6 +89,7 @@ def build_parser() -> Parser:
     f.add_argument("--json", action="store_true")
     f.add_argument("--check-data", action="store_true", help="verify every data sector against its checksum")
     f.add_argument("--repair", action="store_true")
+    f.add_argument("--key-file", help="also check that the names this key encrypts decrypt to legal names")
     add_progress_flags(f)
 
     ls = sub.add_parser("ls", help="list a directory inside an image")
@@ -96,6 +97,7 @@ def build_parser() -> Parser:
     ls.add_argument("path", nargs="?", default="/")
     ls.add_argument("-l", dest="long", action="store_true")
     ls.add_argument("--json", action="store_true")
+    ls.add_argument("--key-file", help="show real names in directories this key encrypts (else no-key names)")
 
     cat = sub.add_parser("cat", help="write a file of the image to stdout")
     cat.add_argument("image")
@@ -117,6 +119,7 @@ def build_parser() -> Parser:
     ex = sub.add_parser("extents", help="show a file's extents")
     ex.add_argument("image")
     ex.add_argument("path")
+    ex.add_argument("--key-file", help="to name a file by its real name in an encrypted directory (else its no-key name)")
     ex.add_argument("--json", action="store_true")
 
     kid = sub.add_parser("key-id", help="print the fscrypt v2 identifier of a raw key")
@@ -247,6 +250,12 @@ def on_image(a: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *, re
                 return await body(fs)
             except NoKeyError as e:
                 raise NoKeyError(await explain_no_key(fs, a.path, kid) or str(e)) from None
+            except NotFoundError:
+                # with another key a locked directory's real names do not resolve: say which key it wants
+                why = await explain_no_key(fs, a.path, kid)
+                if why is None:
+                    raise
+                raise NoKeyError(why) from None
         finally:
             await fs.unmount()
     return asyncio.run(go())
@@ -598,8 +607,9 @@ def cmd_mkfs(a: argparse.Namespace) -> int:
 
 
 def cmd_fsck(a: argparse.Namespace) -> int:
+    key = read_key(a.key_file)
     with progress_bar("fsck", len(PHASES), progress_wanted(a.progress, a.json)) as advance:
-        report = check(a.image, check_data=a.check_data,
+        report = check(a.image, check_data=a.check_data, key=key,
                        progress=lambda n, phase: advance(1 if n > 1 else 0, f"[{n}/{len(PHASES)}] checking {phase}"))
     code = report.exit_code
     if a.repair and not report.clean and repairable(report):
@@ -609,7 +619,7 @@ def cmd_fsck(a: argparse.Namespace) -> int:
         for _ in range(4):
             before = report
             fixed += run_repair(a.image, before)
-            report = check(a.image, check_data=a.check_data)
+            report = check(a.image, check_data=a.check_data, key=key)
             repaired += [e.as_json() for e in before.errors if e not in report.errors]
             if report.clean or not repairable(report):
                 break

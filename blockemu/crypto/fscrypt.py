@@ -12,8 +12,11 @@ Derived keys are returned as ``bytearray`` so their holder can zero them.
 """
 from __future__ import annotations
 
+import base64
 import ctypes
 import functools
+import hashlib
+import struct
 from collections.abc import Callable, Sequence
 
 from cryptography.hazmat.primitives import hashes
@@ -202,3 +205,147 @@ def wipe(buf: bytearray) -> None:
     blockemu makes is a bytearray its owner wipes this way (tests/test_wipe.py scans the
     processes' memory for any other)."""
     buf[:] = bytes(len(buf))
+
+
+# ---------------------------------------------------------------------- filenames
+#
+# fscrypt encrypts a directory's names with its per-inode key (HKDF context 2 and the inode's
+# nonce, 32 bytes for AES-256-CTS), IV all zero, after NUL-padding the name to at least 16
+# bytes and to the policy's boundary (FSCRYPT_POLICY_FLAGS_PAD_*), capped at NAME_MAX.
+
+AES_BLOCK = 16
+CTS_KEY_SIZE = 32
+FNAME_MIN_LEN = 16
+NAME_MAX = 255
+POLICY_FLAGS_PAD_MASK = 0x03
+NOKEY_NAME_BYTES = 149  # fscrypt_nokey_name.bytes: the ciphertext kept verbatim in a digested name
+NOKEY_DIRHASH = 8  # fscrypt_nokey_name.dirhash[2]: two little-endian u32
+
+
+def names_key(master: bytes | bytearray, nonce: bytes) -> bytearray:
+    """A directory's AES-256-CTS key (fscrypt's per-file key, HKDF context 2)."""
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError("inode nonce must be 16 bytes")
+    return hkdf(master, HKDF_CONTEXT_PER_FILE_ENC_KEY, nonce, CTS_KEY_SIZE)
+
+
+def _cbc(key: bytes | bytearray, data: bytes | bytearray, encrypt: bool) -> bytearray:
+    cipher = Cipher(algorithms.AES(key), modes.CBC(bytes(AES_BLOCK)))
+    ctx = cipher.encryptor() if encrypt else cipher.decryptor()
+    out = bytearray(len(data) + AES_BLOCK - 1)
+    n = ctx.update_into(data, out)
+    del out[n:]
+    return out
+
+
+def _ecb_decrypt_block(key: bytes | bytearray, block: bytes | bytearray) -> bytearray:
+    out = bytearray(2 * AES_BLOCK - 1)
+    Cipher(algorithms.AES(key), modes.ECB()).decryptor().update_into(block, out)
+    del out[AES_BLOCK:]
+    return out
+
+
+def cts_encrypt(key: bytes | bytearray, plaintext: bytes | bytearray) -> bytes:
+    """AES-CBC-CS3 with a zero IV, the kernel's "cts(cbc(aes))" (NIST SP 800-38A addendum; the
+    variant of RFC 3962): CBC over the text zero-padded to whole blocks, then the last two
+    ciphertext blocks swapped and the (now last) one cut to the length of the text's last
+    block. One block is plain CBC. cryptography has no CTS mode, hence this on top of CBC."""
+    n = len(plaintext)
+    if n < AES_BLOCK:
+        raise ValueError("CTS needs at least one whole block")
+    tail = n - (n - 1) // AES_BLOCK * AES_BLOCK  # bytes in the last block, 1..16
+    padded = bytearray(plaintext) + bytes(AES_BLOCK - tail)
+    try:
+        c = _cbc(key, padded, True)
+    finally:
+        wipe(padded)
+    if n == AES_BLOCK:
+        return bytes(c)
+    return bytes(c[: -2 * AES_BLOCK] + c[-AES_BLOCK:] + c[-2 * AES_BLOCK : -2 * AES_BLOCK + tail])
+
+
+def cts_decrypt(key: bytes | bytearray, ciphertext: bytes) -> bytearray:
+    """The inverse of ``cts_encrypt``: the block now second to last decrypts (ECB) to the hidden
+    block's tail XOR the zero-padded last plaintext block, which gives both back."""
+    n = len(ciphertext)
+    if n < AES_BLOCK:
+        raise ValueError("CTS needs at least one whole block")
+    if n == AES_BLOCK:
+        return _cbc(key, ciphertext, False)
+    tail = n - (n - 1) // AES_BLOCK * AES_BLOCK
+    head, swapped, last = ciphertext[: n - tail - AES_BLOCK], ciphertext[n - tail - AES_BLOCK : n - tail], ciphertext[n - tail :]
+    d = _ecb_decrypt_block(key, swapped)
+    hidden = last + bytes(d[tail:])  # C[k-1]: its cut tail equals d's, as the padding was zeros
+    p_last = bytearray(a ^ b for a, b in zip(d[:tail], last))
+    wipe(d)
+    out = _cbc(key, head + hidden + swapped, False)
+    del out[-AES_BLOCK:]  # that block was CBC of the padded last block: p_last is the real one
+    out += p_last
+    wipe(p_last)
+    return out
+
+
+def padded_name_len(length: int, policy_flags: int) -> int:
+    """fscrypt_fname_encrypted_size: at least 16, a multiple of the padding, at most NAME_MAX."""
+    pad = 4 << (policy_flags & POLICY_FLAGS_PAD_MASK)
+    return min(-(-max(length, FNAME_MIN_LEN) // pad) * pad, NAME_MAX)
+
+
+def legal_encrypted_len(length: int, policy_flags: int) -> bool:
+    """Whether a stored name's length is one that ``encrypt_name`` can produce."""
+    return FNAME_MIN_LEN <= length <= NAME_MAX and padded_name_len(length, policy_flags) == length
+
+
+def encrypt_name(key: bytes | bytearray, name: bytes, policy_flags: int) -> bytes:
+    padded = bytearray(name) + bytes(padded_name_len(len(name), policy_flags) - len(name))
+    try:
+        return cts_encrypt(key, padded)
+    finally:
+        wipe(padded)
+
+
+def decrypt_name(key: bytes | bytearray, stored: bytes) -> bytes:
+    plain = cts_decrypt(key, stored)
+    try:
+        return bytes(plain).rstrip(b"\0")
+    finally:
+        wipe(plain)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def nokey_name(stored: bytes, dirhash: int, minor_hash: int = 0) -> str:
+    """fscrypt_fname_disk_to_usr without the key (Linux 5.10+): base64url, unpadded, of
+    ``struct fscrypt_nokey_name`` -- dirhash[2], then the ciphertext if it fits in 149 bytes,
+    else its first 149 bytes and the SHA-256 of the rest (at most 252 characters)."""
+    head = struct.pack("<II", dirhash, minor_hash)
+    if len(stored) <= NOKEY_NAME_BYTES:
+        return _b64url(head + stored)
+    return _b64url(head + stored[:NOKEY_NAME_BYTES] + hashlib.sha256(stored[NOKEY_NAME_BYTES:]).digest())
+
+
+def parse_nokey_name(name: bytes) -> tuple[int, bytes, bytes | None] | None:
+    """A no-key name taken apart: (dirhash, ciphertext or its 149-byte prefix, SHA-256 of the
+    rest or None); None for a name no ``nokey_name`` produced (a lookup of it finds nothing)."""
+    try:
+        raw = base64.urlsafe_b64decode(name + b"=" * (-len(name) % 4))
+    except (ValueError, TypeError):
+        return None
+    if _b64url(raw).encode() != name:
+        return None
+    body = raw[NOKEY_DIRHASH:]
+    dirhash = struct.unpack_from("<I", raw)[0] if len(raw) >= NOKEY_DIRHASH else 0
+    if FNAME_MIN_LEN <= len(body) <= NOKEY_NAME_BYTES:
+        return dirhash, body, None
+    if len(body) == NOKEY_NAME_BYTES + 32:
+        return dirhash, body[:NOKEY_NAME_BYTES], body[NOKEY_NAME_BYTES:]
+    return None
+
+
+def nokey_matches(stored: bytes, prefix: bytes, digest: bytes | None) -> bool:
+    if digest is None:
+        return stored == prefix
+    return (len(stored) > NOKEY_NAME_BYTES and stored[:NOKEY_NAME_BYTES] == prefix
+            and hashlib.sha256(stored[NOKEY_NAME_BYTES:]).digest() == digest)

@@ -421,6 +421,9 @@ class Engine:
             nodesize=sb.nodesize,
             csum_type=sb.csum_type,
             label=sb.label,
+            compat_flags=sb.compat_flags,
+            compat_ro_flags=sb.compat_ro_flags,
+            incompat_flags=sb.incompat_flags,
             backup_roots=[dict(b) for b in sb.backup_roots],
         )
         backup = new.backup_roots[self.transid % NUM_BACKUP_ROOTS]

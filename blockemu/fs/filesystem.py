@@ -20,7 +20,7 @@ import os
 import stat as st
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from blockemu.crypto import fscrypt
 from blockemu.crypto.keyring import Keyring, KeyStatus, RemovalResult, Step, parse_identifier
@@ -75,7 +75,6 @@ NAME_MAX = 255
 # half full after a split. Reserved per dirty run at write() (Filesystem.room_for).
 META_PER_RUN = 512
 YIELD_BYTES = 2 << 20
-FSCRYPT_MODE_AES_256_CTS = 4
 
 
 def split_path(path: str) -> list[bytes]:
@@ -163,6 +162,8 @@ class Filesystem:
         last = fs_tree.last_at_or_before((S.ORPHAN_OBJECTID - 1, 255, (1 << 64) - 1))
         self.next_ino = max(ROOT_INO + 1, (last[0][0] + 1) if last else 0)
         self.next_index: dict[int, int] = {}
+        # images made before names were encrypted keep them as given (SPEC "Names")
+        self.encrypted_names = bool(vol.sb.incompat_flags & S.INCOMPAT_ENCRYPTED_NAMES)
         self.mounted = True
 
     @property
@@ -294,8 +295,8 @@ class Filesystem:
         return inode
 
     def _store_policy(self, ino: int, key_id: bytes) -> None:
-        ctx = INODE_ENCRYPTION_CONTEXT.pack(2, S.CONTENTS_MODE_AES_256_XTS, FSCRYPT_MODE_AES_256_CTS, 0, 0, key_id,
-                                            os.urandom(fscrypt.NONCE_SIZE))
+        ctx = INODE_ENCRYPTION_CONTEXT.pack(2, S.CONTENTS_MODE_AES_256_XTS, S.FILENAMES_MODE_AES_256_CTS,
+                                            S.POLICY_FLAGS_PAD_32, 0, key_id, os.urandom(fscrypt.NONCE_SIZE))
         self.tree.insert((ino, S.FSCRYPT_CTXT_ITEM, 0), ctx, replace=True)
 
     def _unlock(self, inode: Inode) -> None:
@@ -304,13 +305,96 @@ class Filesystem:
 
     def lock_if_idle(self, inode: Inode) -> None:
         """Lock an encrypted inode once nothing needs its key any more and the key is being removed:
-        drop its plaintext pages and release its lease (the last release wipes the secret)."""
+        drop its plaintext pages and release its lease (the last release wipes the secret). A
+        directory is held by its unlocked children, as the kernel's dentries pin their parents:
+        it shows real names until the last of them is locked, which then tries its parents."""
         if inode.key_id is None or not self.keyring.holds(inode.key_id, inode.ino):
             return
         if inode.open_count or inode.pages.dirty or inode.inflight or self.keyring.is_present(inode.key_id):
             return
+        if inode.is_dir and any(c.key_id is not None and self.keyring.holds(c.key_id, c.ino) for c in self._children(inode)):
+            return
         self.cache.drop(inode.pages)
         self.keyring.release(inode.key_id, inode.ino)
+        for parent in self._cached_parents(inode):
+            self.lock_if_idle(parent)
+
+    def _cached_parents(self, inode: Inode) -> list[Inode]:
+        refs = self.tree.items((inode.ino, S.INODE_REF, 0), (inode.ino, S.INODE_REF, (1 << 64) - 1))
+        return [p for (_, _, pino), _ in refs if pino != inode.ino and (p := self.inodes.get(pino)) is not None]
+
+    def _children(self, d: Inode) -> list[Inode]:
+        return [i for i in self.inodes.values() if i is not d and (i.ino, S.INODE_REF, d.ino) in self.tree]
+
+    # ------------------------------------------------------------------ names
+
+    def _names_policy(self, d: Inode) -> tuple[int, bytes] | None:
+        """(policy flags, nonce) of a directory whose names are stored encrypted, else None."""
+        if d.key_id is None or not self.encrypted_names:
+            return None
+        ctx = INODE_ENCRYPTION_CONTEXT.unpack(self.tree[(d.ino, S.FSCRYPT_CTXT_ITEM, 0)])
+        return ctx[3], ctx[6]
+
+    @contextlib.contextmanager
+    def _names_key(self, d: Inode, nonce: bytes) -> Iterator[bytearray | None]:
+        """The directory's names key, wiped after use; None when it is locked and its key is not
+        present (no-key names). Using a directory's names unlocks it, as a lookup does in Linux:
+        it then holds a lease until ``lock_if_idle`` locks it."""
+        assert d.key_id is not None
+        if not self.keyring.holds(d.key_id, d.ino):
+            if not self.keyring.is_present(d.key_id):
+                yield None
+                return
+            self.keyring.lease(d.key_id, d.ino)
+        try:
+            secret = self.keyring.secret_for(d.key_id, d.ino)
+        except NoKeyError:  # a lease whose secret a hard removal wiped
+            yield None
+            return
+        key = fscrypt.names_key(secret, nonce)
+        try:
+            yield key
+        finally:
+            fscrypt.wipe(key)
+
+    def _disk_name(self, d: Inode, name: bytes) -> bytes | None:
+        """What directory ``d`` stores for a name a caller gave: the name itself outside encrypted
+        directories, its ciphertext with the key; without it, the stored name a no-key name stands
+        for, or None when it stands for nothing (a lookup finds nothing, a create needs the key)."""
+        policy = self._names_policy(d)
+        if policy is None:
+            return name
+        flags, nonce = policy
+        with self._names_key(d, nonce) as key:
+            if key is not None:
+                return fscrypt.encrypt_name(key, name, flags)
+        parsed = fscrypt.parse_nokey_name(name)
+        if parsed is None:
+            return None
+        dirhash, prefix, digest = parsed
+        if digest is None:
+            return prefix
+        body = self.tree.get((d.ino, S.DIR_ITEM, dirhash))  # a digested name's hash finds its item
+        entries = unpack_dir_entries(body) if body is not None else []
+        return next((e.name for e in entries if fscrypt.nokey_matches(e.name, prefix, digest)), None)
+
+    def _user_names(self, d: Inode, stored: list[bytes]) -> list[str]:
+        """The names readdir shows: decrypted with the key, no-key names without it."""
+        policy = self._names_policy(d)
+        if policy is None:
+            return [n.decode(errors="surrogateescape") for n in stored]
+        with self._names_key(d, policy[1]) as key:
+            if key is None:
+                return [fscrypt.nokey_name(n, name_hash(n)) for n in stored]
+            return [fscrypt.decrypt_name(key, n).decode(errors="surrogateescape") for n in stored]
+
+    def _require_names_key(self, d: Inode) -> None:
+        """fscrypt_prepare_rename: both directories' keys, or ENOKEY (generic/419)."""
+        policy = self._names_policy(d)
+        if policy is not None:
+            with self._names_key(d, policy[1]) as key:
+                if key is None:
+                    raise NoKeyError("Required key not available")
 
     def _destroy(self, inode: Inode) -> None:
         """Delete an inode with no names left: its extents, items and cached pages."""
@@ -338,20 +422,23 @@ class Filesystem:
         for name in split_path(path):
             if not inode.is_dir:
                 raise NotADirectory(f"{path}: not a directory")
-            entry = self._lookup_entry(inode.ino, name)
+            stored = self._disk_name(inode, name)
+            entry = self._lookup_entry(inode.ino, stored) if stored is not None else None
             if entry is None:
                 raise NotFoundError(f"{path}: no such file or directory")
             inode = self._load(entry.location[0])
         return inode
 
-    def _parent(self, path: str) -> tuple[Inode, bytes]:
+    def _parent(self, path: str) -> tuple[Inode, bytes | None]:
+        """The parent directory and the name it stores for the last component (None: a
+        locked directory has no such no-key name; creating it needs the key)."""
         parts = split_path(path)
         if not parts:
             raise InvalidArgument(f"{path!r}: the root has no parent")
         parent = self._resolve("/" + "/".join(p.decode() for p in parts[:-1]))
         if not parent.is_dir:
             raise NotADirectory(f"{path}: not a directory")
-        return parent, parts[-1]
+        return parent, self._disk_name(parent, parts[-1])
 
     def _dir_index(self, dir_ino: int) -> int:
         nxt = self.next_index.get(dir_ino)
@@ -413,9 +500,10 @@ class Filesystem:
     async def mkdir(self, path: str, mode: int = 0o755) -> None:
         async with self.vol.join():
             parent, name = self._parent(path)
-            if self._lookup_entry(parent.ino, name) is not None:
+            if name is not None and self._lookup_entry(parent.ino, name) is not None:
                 raise ExistsError(f"{path}: file exists")
-            child = self._new_inode(st.S_IFDIR | (mode & 0o7777), parent)
+            child = self._new_inode(st.S_IFDIR | (mode & 0o7777), parent)  # ENOKEY in a locked directory
+            assert name is not None
             self._add_entry(parent, name, child)
             parent.item = parent.item._replace(nlink=parent.item.nlink + 1)
             self.save_inode(parent)
@@ -430,6 +518,7 @@ class Filesystem:
                 raise NotADirectory(f"{path}: not a directory")
             if not self._is_empty(d):
                 raise NotEmpty(f"{path}: directory not empty")
+            assert name is not None  # it resolved
             self._remove_entry(parent, name, d)
             parent.item = parent.item._replace(nlink=parent.item.nlink - 1)
             self.save_inode(parent)
@@ -441,6 +530,7 @@ class Filesystem:
             inode = self._resolve(path)
             if inode.is_dir:
                 raise IsADirectory(f"{path}: is a directory")
+            assert name is not None  # it resolved
             self._remove_entry(parent, name, inode)
             self._drop_link(inode)
 
@@ -465,7 +555,10 @@ class Filesystem:
                 return
             if inode.is_dir and split_path(dst)[: len(split_path(src))] == split_path(src):
                 raise InvalidArgument(f"{src} -> {dst}: cannot move a directory into itself")
+            self._require_names_key(sparent)
+            self._require_names_key(dparent)
             self._check_policy_move(inode, dparent)
+            assert sname is not None and dname is not None  # resolved, and both keys are here
             entry = self._lookup_entry(dparent.ino, dname)
             if entry is not None:
                 victim = self._load(entry.location[0])
@@ -502,9 +595,11 @@ class Filesystem:
             if inode.is_dir:
                 raise NotPermitted(f"{src}: hard link not allowed for directory")
             dparent, dname = self._parent(dst)
-            if self._lookup_entry(dparent.ino, dname) is not None:
+            if dname is not None and self._lookup_entry(dparent.ino, dname) is not None:
                 raise ExistsError(f"{dst}: file exists")
+            self._require_names_key(dparent)
             self._check_policy_move(inode, dparent)
+            assert dname is not None  # the key is here
             self._add_entry(dparent, dname, inode)
             inode.item = inode.item._replace(nlink=inode.item.nlink + 1)
             self._touch(inode, mtime=False)
@@ -521,9 +616,9 @@ class Filesystem:
             raise NameTooLong(f"{path}: symbolic link target longer than {PAGE - 1} bytes")
         async with self.vol.join():
             parent, name = self._parent(path)
-            if self._lookup_entry(parent.ino, name) is not None:
+            if name is not None and self._lookup_entry(parent.ino, name) is not None:
                 raise ExistsError(f"{path}: file exists")
-            inode = self._new_inode(st.S_IFLNK | 0o777, parent)
+            inode = self._new_inode(st.S_IFLNK | 0o777, parent)  # ENOKEY in a locked directory
             inode.item = inode.item._replace(nlink=0)
             self.save_inode(inode)
             self.tree.insert((S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, inode.ino), b"")
@@ -535,6 +630,8 @@ class Filesystem:
             report_writeback_error(inode)
             async with self.vol.join():
                 parent, name = self._parent(path)
+                self._require_names_key(parent)  # the key may have gone while the target was written
+                assert name is not None
                 if self._lookup_entry(parent.ino, name) is not None:
                     raise ExistsError(f"{path}: file exists")
                 self._add_entry(parent, name, inode)
@@ -559,10 +656,9 @@ class Filesystem:
         d = self._resolve(path)
         if not d.is_dir:
             raise NotADirectory(f"{path}: not a directory")
-        out = []
-        for _, body in self.tree.items((d.ino, S.DIR_INDEX, 0), (d.ino, S.DIR_INDEX, (1 << 64) - 1)):
-            out.extend(e.name.decode(errors="surrogateescape") for e in unpack_dir_entries(body))
-        return out
+        stored = [e.name for _, body in self.tree.items((d.ino, S.DIR_INDEX, 0), (d.ino, S.DIR_INDEX, (1 << 64) - 1))
+                  for e in unpack_dir_entries(body)]
+        return self._user_names(d, stored)
 
     async def stat(self, path: str) -> Stat:
         return self.stat_inode(self._resolve(path))
@@ -587,8 +683,9 @@ class Filesystem:
             ref = self.tree.first_at_or_after((ino, S.INODE_REF, 0), (ino, S.INODE_REF, (1 << 64) - 1))
             if ref is None:
                 raise NotFoundError(f"inode {ino} has no name")
-            names.append(unpack_inode_refs(ref[1])[0].name.decode(errors="surrogateescape"))
-            ino = ref[0][2]
+            parent = self._load(ref[0][2])
+            names += self._user_names(parent, [unpack_inode_refs(ref[1])[0].name])  # as readdir shows it
+            ino = parent.ino
         return "/" + "/".join(reversed(names))
 
     async def set_attrs(self, inode: Inode, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
@@ -716,7 +813,8 @@ class Filesystem:
                 if not create:
                     raise
                 parent, name = self._parent(path)
-                inode = self._new_inode(st.S_IFREG | 0o644, parent)
+                inode = self._new_inode(st.S_IFREG | 0o644, parent)  # ENOKEY in a locked directory
+                assert name is not None
                 self._add_entry(parent, name, inode)
             if inode.is_dir:
                 raise IsADirectory(f"{path}: is a directory")

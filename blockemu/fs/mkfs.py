@@ -18,6 +18,7 @@ from blockemu.ondisk.items import InodeItem, InodeRef, Timespec
 from blockemu.ondisk.structs import (
     FIRST_FREE_OBJECTID,
     FS_TREE_OBJECTID,
+    INCOMPAT_ENCRYPTED_NAMES,
     INODE_ITEM,
     INODE_REF,
     LABEL_SIZE,
@@ -152,6 +153,7 @@ async def mkfs(
             nodesize=nodesize,
             csum_type=csum_type,
             label=label,
+            incompat_flags=INCOMPAT_ENCRYPTED_NAMES,
         )
         engine = Engine.create(sb)
         now = time.time_ns()

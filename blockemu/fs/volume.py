@@ -10,7 +10,7 @@ from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
 from blockemu.engine.transaction import Engine, super_writes
 from blockemu.errors import CorruptionError, DeviceIOError
-from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
+from blockemu.ondisk.structs import INCOMPAT_SUPPORTED, SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super
 
 
@@ -39,6 +39,9 @@ def read_primary_super(dev: BlockDevice) -> SuperInfo:
         raise CorruptionError(
             f"{dev.path}: image truncated: superblock says {sb.total_bytes} bytes, file has {dev.size}", "SUPERBLOCK"
         )
+    if sb.incompat_flags & ~INCOMPAT_SUPPORTED:
+        raise CorruptionError(f"{dev.path}: unknown incompat features {sb.incompat_flags & ~INCOMPAT_SUPPORTED:#x}; "
+                              f"a newer blockemu made this image", "SUPERBLOCK")
     return sb
 
 

@@ -91,6 +91,12 @@ FILE_EXTENT_REG = 1
 ENCRYPTION_NONE = 0
 ENCRYPTION_FSCRYPT = 1
 CONTENTS_MODE_AES_256_XTS = 1
+FILENAMES_MODE_AES_256_CTS = 4
+POLICY_FLAGS_PAD_32 = 0x03  # fscrypt's recommended name padding
+
+# Superblock incompat_flags (a reader refuses any bit it does not know).
+INCOMPAT_ENCRYPTED_NAMES = 1 << 0  # names in encrypted directories are stored encrypted (SPEC "Names")
+INCOMPAT_SUPPORTED = INCOMPAT_ENCRYPTED_NAMES
 
 # ---------------------------------------------------------------- checksummed blocks
 

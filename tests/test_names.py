@@ -1,0 +1,335 @@
+"""Names in encrypted directories (issue 15): fscrypt's AES-256-CBC-CTS name encryption, no-key
+names without the key, soft removal keeping a held directory's real names, nothing in plaintext on
+disk, and fsck understanding encrypted names."""
+from __future__ import annotations
+
+import errno
+import random
+import subprocess
+import sys
+
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+import blockemu
+from blockemu.check.fsck import check
+from blockemu.crypto import fscrypt
+from blockemu.ondisk import structs as S
+from blockemu.ondisk.items import name_hash
+from tests.util import KEY, ErrnoCheck, encrypted_dir
+
+# RFC 3962 appendix B: AES-128 CTS (= CBC-CS3, Linux's cts(cbc(aes))), zero IV
+RFC3962_KEY = b"chicken teriyaki"
+RFC3962_TEXT = b"I would like the General Gau's Chicken, please, and wonton soup."
+RFC3962 = {
+    17: "c6353568f2bf8cb4d8a580362da7ff7f97",
+    31: "fc00783e0efdb2c1d445d4c8eff7ed2297687268d6ecccc0c07b25e25ecfe5",
+    32: "39312523a78662d5be7fcbcc98ebf5a897687268d6ecccc0c07b25e25ecfe584",
+    47: "97687268d6ecccc0c07b25e25ecfe584b3fffd940c16a18c1b5549d2f838029e39312523a78662d5be7fcbcc98ebf5",
+    48: "97687268d6ecccc0c07b25e25ecfe5849dad8bbb96c4cdc03bc103e1a194bbd839312523a78662d5be7fcbcc98ebf5a8",
+    64: "97687268d6ecccc0c07b25e25ecfe58439312523a78662d5be7fcbcc98ebf5a8"
+        "4807efe836ee89a526730dbc2f7bc8409dad8bbb96c4cdc03bc103e1a194bbd8",
+}
+
+
+def cs3_by_blocks(key: bytes, text: bytes) -> bytes:
+    """CBC-CS3 from single AES-ECB block operations: the cross-check for blockemu's CBC-based code."""
+    ecb = Cipher(algorithms.AES(key), modes.ECB())
+    blocks = [text[i : i + 16].ljust(16, b"\0") for i in range(0, len(text), 16)]
+    out, prev = [], bytes(16)
+    for b in blocks:
+        prev = ecb.encryptor().update(bytes(x ^ y for x, y in zip(prev, b)))
+        out.append(prev)
+    if len(out) > 1:
+        out[-2], out[-1] = out[-1], out[-2][: len(text) - 16 * (len(blocks) - 1)]
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("n", sorted(RFC3962))
+def test_cts_known_answers(n):
+    ct = fscrypt.cts_encrypt(RFC3962_KEY, RFC3962_TEXT[:n])
+    assert ct.hex() == RFC3962[n] == cs3_by_blocks(RFC3962_KEY, RFC3962_TEXT[:n]).hex()
+    assert bytes(fscrypt.cts_decrypt(RFC3962_KEY, ct)) == RFC3962_TEXT[:n]
+
+
+def test_cts_matches_the_block_by_block_construction():
+    rng = random.Random(3)
+    for n in list(range(16, 80)) + [224, 250, 255]:
+        key, text = rng.randbytes(32), rng.randbytes(n)
+        ct = fscrypt.cts_encrypt(key, text)
+        assert ct == cs3_by_blocks(key, text), n
+        assert bytes(fscrypt.cts_decrypt(key, ct)) == text, n
+
+
+def test_name_encryption_known_answer():
+    """fscrypt's rules end to end: context-2 key from the nonce, NUL padding to 32, CS3."""
+    key = fscrypt.names_key(KEY, bytes(range(16)))
+    assert key.hex() == "badfbae70512e3d28b99414b7887741d848f9283e09b7f59e8cbe78a2b2c05cb"
+    stored = fscrypt.encrypt_name(key, b"hello", S.POLICY_FLAGS_PAD_32)
+    assert stored == cs3_by_blocks(bytes(key), b"hello".ljust(32, b"\0"))
+    assert stored.hex() == "5cb2a7682a675ad009cc5401ce96209cb11b1123ab7c7f65ba62df02ba11140c"
+    assert fscrypt.decrypt_name(key, stored) == b"hello"
+    assert fscrypt.nokey_name(stored, name_hash(stored)) == "GfgIvQAAAABcsqdoKmda0AnMVAHOliCcsRsRI6t8f2W6Yt8CuhEUDA"
+    # padding: at least 16, to the boundary, never past NAME_MAX
+    assert [fscrypt.padded_name_len(n, f) for n, f in ((1, 0), (17, 0), (17, 3), (33, 3), (250, 3), (253, 0))] == \
+        [16, 20, 32, 64, 255, 255]
+    assert len(fscrypt.encrypt_name(key, b"x" * 255, 3)) == 255
+
+
+def test_long_names_digest_as_fscrypt_nokey_name():
+    stored = bytes(range(200))
+    name = fscrypt.nokey_name(stored, 0x12345678)
+    assert len(name) == 252  # 189 bytes of fscrypt_nokey_name, base64url without padding
+    dirhash, prefix, digest = fscrypt.parse_nokey_name(name.encode())
+    assert (dirhash, prefix) == (0x12345678, stored[:149])
+    assert fscrypt.nokey_matches(stored, prefix, digest)
+    assert not fscrypt.nokey_matches(stored[:-1] + b"\0", prefix, digest)
+    assert fscrypt.parse_nokey_name(b"not+base64url") is None
+
+
+@pytest.fixture
+async def image(tmp_path):
+    path = str(tmp_path / "fs.img")
+    await blockemu.mkfs(path, size="64M")
+    return path
+
+
+def clean(path: str) -> None:
+    report = check(path)
+    assert report.clean, [e.message for e in report.errors]
+
+
+LONG = "L" * 40 + "-a-long-name-" + "z" * 180  # 233 bytes: a digested no-key name
+
+
+async def test_nokey_names_without_the_key(image):
+    async with blockemu.mount(image) as fs:
+        kid = await encrypted_dir(fs, "/e")
+        for name in ("keep.txt", "gone.txt", LONG):
+            async with fs.open(f"/e/{name}", "w") as f:
+                await f.write(name.encode())
+        await fs.mkdir("/e/sub")
+        assert sorted(await fs.readdir("/e")) == sorted(["keep.txt", "gone.txt", LONG, "sub"])
+    clean(image)
+    async with blockemu.mount(image) as fs:  # the key never added
+        names = await fs.readdir("/e")
+        assert len(names) == 4 and not {"keep.txt", "gone.txt", LONG, "sub"} & set(names)
+        assert all(len(n) <= 252 and set(n) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+                   for n in names)
+        kinds = {n: (await fs.stat(f"/e/{n}")).st_mode for n in names}  # lookup and stat by no-key name
+        [sub] = [n for n, m in kinds.items() if m & 0o40000]
+        [digested] = [n for n in names if len(n) == 252]
+        files = [n for n in names if n not in (sub, digested)]
+        with ErrnoCheck(errno.ENOENT):
+            await fs.stat("/e/keep.txt")  # real names do not resolve without the key
+        with ErrnoCheck(errno.ENOENT):
+            await fs.stat(f"/e/{digested[:-4]}AAAA")  # a digest that matches nothing
+        for n in (files[0], digested):
+            with ErrnoCheck(errno.ENOKEY):
+                await fs.open(f"/e/{n}")
+        with ErrnoCheck(errno.ENOKEY):
+            await fs.open("/e/new", "w")
+        with ErrnoCheck(errno.ENOKEY):
+            await fs.mkdir("/e/newdir")
+        with ErrnoCheck(errno.EEXIST):
+            await fs.mkdir(f"/e/{sub}")
+        with ErrnoCheck(errno.ENOKEY):  # fscrypt_prepare_rename wants both keys (generic/419)
+            await fs.rename(f"/e/{files[0]}", f"/e/{files[1]}")
+        await fs.mkdir("/plain")
+        with ErrnoCheck(errno.ENOKEY):
+            await fs.rename("/plain", "/e/plain")
+        await fs.unlink(f"/e/{files[1]}")
+        await fs.unlink(f"/e/{digested}")
+        await fs.rmdir(f"/e/{sub}")
+        assert await fs.readdir("/e") == [files[0]]
+    clean(image)
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        [left] = await fs.readdir("/e")
+        assert left in ("keep.txt", "gone.txt")
+        async with fs.open(f"/e/{left}") as f:
+            assert await f.read() == left.encode()
+        assert kid == await fs.get_policy("/e")
+
+
+async def test_names_come_back_with_the_key(image):
+    async with blockemu.mount(image, interval=3600) as fs:
+        kid = await encrypted_dir(fs, "/e")
+        async with fs.open("/e/a.txt", "w") as f:
+            await f.write(b"a")
+        assert str(await fs.remove_key(kid)) == f"Removed encryption key with identifier {kid}"
+        [nokey] = await fs.readdir("/e")
+        assert nokey != "a.txt"
+        await fs.add_key(KEY)
+        assert await fs.readdir("/e") == ["a.txt"]
+        await fs.rename("/e/a.txt", "/e/b.txt")  # the directory is unlocked again
+        assert await fs.readdir("/e") == ["b.txt"]
+
+
+async def test_soft_removal_keeps_a_held_directory_real_names(image):
+    """A file open in the directory holds it (as a dentry pins its parent): real names stay until
+    that file is closed, then the directory locks and shows no-key names."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        kid = await encrypted_dir(fs, "/e")
+        await fs.mkdir("/e/d")
+        for p in ("/e/d/open.txt", "/e/d/idle.txt", "/e/other.txt"):
+            async with fs.open(p, "w") as f:
+                await f.write(b"x")
+        held = await fs.open("/e/d/open.txt", "r")
+        r = await fs.remove_key(kid)
+        assert str(r).endswith("but files still busy")
+        assert sorted(await fs.readdir("/e/d")) == ["idle.txt", "open.txt"]  # still unlocked
+        assert sorted(await fs.readdir("/e")) == ["d", "other.txt"]  # its parent too
+        with ErrnoCheck(errno.ENOKEY):
+            await fs.open("/e/d/idle.txt")  # the idle file was locked
+        with ErrnoCheck(errno.ENOKEY):
+            await fs.open("/e/d/new", "w")  # no new inode under a key being removed
+        await held.close()
+        assert str(fs.key_status(kid)) == "Absent"
+        top = await fs.readdir("/e")
+        assert len(top) == 2 and "d" not in top  # every level locked with its last holder
+        inner = [n for n in top if (await fs.stat(f"/e/{n}")).st_mode & 0o40000]
+        assert len(await fs.readdir(f"/e/{inner[0]}")) == 2 and "open.txt" not in await fs.readdir(f"/e/{inner[0]}")
+
+
+async def test_no_plaintext_name_on_disk(image):
+    """Every name created, renamed or unlinked in an encrypted directory, in every block of the
+    image, freed copy-on-write blocks included: the stored form is ciphertext from the start,
+    so no copy, live or stale, ever held the name."""
+    names = [f"secretname-{i:03d}-{'q' * (i % 7) * 9}" for i in range(60)] + ["tiny", "x" * 200]
+    async with blockemu.mount(image, interval=3600) as fs:
+        await encrypted_dir(fs, "/enc")
+        await fs.mkdir("/enc/inner-dir-name")
+        for i, n in enumerate(names):
+            async with fs.open(f"/enc/{n}", "w") as f:
+                await f.write(b"data")
+            if i % 10 == 9:
+                await fs.sync()  # commits: earlier leaves are COWed and freed
+        for n in names[:20]:
+            await fs.rename(f"/enc/{n}", f"/enc/inner-dir-name/renamed-{n}")
+        await fs.sync()
+        for n in names[20:40]:
+            await fs.unlink(f"/enc/{n}")
+        await fs.mkdir("/plain")
+        async with fs.open("/plain/visible-plain-name", "w") as f:
+            await f.write(b"p")
+    raw = open(image, "rb").read()
+    assert b"visible-plain-name" in raw  # the grep works: outside encrypted dirs names are plaintext
+    for n in names + ["inner-dir-name"] + [f"renamed-{n}" for n in names[:20]]:
+        assert n.encode() not in raw, n
+    assert b"secretname" not in raw and b"tiny" not in raw
+    clean(image)
+
+
+async def test_fsck_flags_a_name_no_padding_can_give(image):
+    async with blockemu.mount(image) as fs:
+        await encrypted_dir(fs, "/e")
+        async with fs.open("/e/ok", "w") as f:
+            await f.write(b"1")
+        # a 5-byte name stored as given, as an image from before encrypted names would hold it
+        d = fs._resolve("/e")
+        child = fs._new_inode(0o100644, d)
+        async with fs.vol.join():
+            fs._add_entry(d, b"plain", child)
+    report = check(image)
+    assert [e.code for e in report.errors] == ["BAD_ENCRYPTED_NAME"], [e.message for e in report.errors]
+
+
+async def test_old_images_keep_plaintext_names_and_unknown_features_are_refused(image, tmp_path):
+    """Images without ENCRYPTED_NAMES (made before this change) store names as given: they still
+    open and read as before. An incompat bit this blockemu does not know is refused."""
+    from blockemu.ondisk.superblock import decode_super, encode_super
+
+    def set_incompat(path: str, flags: int) -> None:
+        with open(path, "r+b") as f:
+            for at in S.SUPER_OFFSETS:
+                f.seek(at)
+                raw = f.read(S.SUPER_INFO_SIZE)
+                if len(raw) < S.SUPER_INFO_SIZE:
+                    continue
+                sb = decode_super(raw, at)
+                sb.incompat_flags = flags
+                f.seek(at)
+                f.write(encode_super(sb, at))
+
+    set_incompat(image, 0)
+    async with blockemu.mount(image) as fs:
+        await encrypted_dir(fs, "/e")
+        async with fs.open("/e/old-style-name", "w") as f:
+            await f.write(b"o")
+    assert b"old-style-name" in open(image, "rb").read()
+    clean(image)
+    async with blockemu.mount(image) as fs:
+        assert await fs.readdir("/e") == ["old-style-name"]
+    set_incompat(image, 1 << 7)
+    with ErrnoCheck(errno.EUCLEAN if hasattr(errno, "EUCLEAN") else errno.EIO):
+        await blockemu.mount(image)
+
+
+def test_cli_ls_shows_nokey_names_without_the_key(tmp_path):
+    img, keyf = str(tmp_path / "c.img"), tmp_path / "k"
+    keyf.write_bytes(KEY)
+    host = tmp_path / "root"
+    (host / "vault").mkdir(parents=True)
+    (host / "vault" / "diary.txt").write_bytes(b"dear")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "blockemu", *args], capture_output=True, text=True)
+
+    assert cli("mkfs", img, "--size", "32M", "--rootdir", str(host), "--encrypt", "/vault",
+               "--key-file", str(keyf)).returncode == 0
+    assert b"diary" not in open(img, "rb").read()
+    out = cli("ls", img, "/vault")
+    assert out.returncode == 0 and "diary.txt" not in out.stdout and len(out.stdout.strip()) > 16, out
+    assert cli("ls", img, "/vault", "--key-file", str(keyf)).stdout.split() == ["diary.txt"]
+    nokey = out.stdout.strip()
+    bad = cli("cat", img, f"/vault/{nokey}")
+    assert bad.returncode != 0 and "Required key not available" in bad.stderr, bad
+
+
+async def test_fsck_with_the_key_checks_that_names_decrypt_to_legal_names(image, tmp_path):
+    """Without the key a well-padded ciphertext passes; with --key-file, one that decrypts to a
+    name holding "/" is flagged."""
+    async with blockemu.mount(image) as fs:
+        await encrypted_dir(fs, "/e")
+        async with fs.open("/e/fine", "w") as f:
+            await f.write(b"1")
+        d = fs._resolve("/e")
+        policy = fs._names_policy(d)
+        with fs._names_key(d, policy[1]) as key:
+            bad = fscrypt.encrypt_name(key, b"a/b", policy[0])
+        child = fs._new_inode(0o100644, d)
+        async with fs.vol.join():
+            fs._add_entry(d, bad, child)
+    assert check(image).clean
+    report = check(image, key=KEY)
+    assert [e.code for e in report.errors] == ["BAD_ENCRYPTED_NAME"] and "b'a/b'" in report.errors[0].message
+    keyf = tmp_path / "k"
+    keyf.write_bytes(KEY)
+    p = subprocess.run([sys.executable, "-m", "blockemu", "fsck", image, "--key-file", str(keyf)],
+                       capture_output=True, text=True)
+    assert p.returncode == 4 and "BAD_ENCRYPTED_NAME" in p.stdout, p
+    assert check(image, key=bytes(range(2, 66))).clean  # another key's names are not this one's to judge
+
+
+async def test_link_symlink_and_path_of_in_a_locked_directory(image):
+    """link and symlink into a locked directory give ENOKEY; path_of (how the FUSE front end
+    turns an inode number into a path) gives the names readdir shows: real with the key,
+    no-key without it."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        kid = await encrypted_dir(fs, "/e")
+        async with fs.open("/e/f", "w") as f:
+            await f.write(b"1")
+        await fs.link("/e/f", "/e/g")
+        ino = (await fs.stat("/e/f")).st_ino
+        assert fs.path_of(ino) in ("/e/f", "/e/g")
+        await fs.remove_key(kid)
+        names = await fs.readdir("/e")
+        assert fs.path_of(ino) in [f"/e/{n}" for n in names] and "f" not in names
+        with ErrnoCheck(errno.ENOKEY):
+            await fs.link(f"/e/{names[0]}", "/e/h")
+        with ErrnoCheck(errno.EEXIST):
+            await fs.link(f"/e/{names[0]}", f"/e/{names[1]}")
+        with ErrnoCheck(errno.ENOKEY):
+            await fs.symlink("/somewhere", "/e/s")
+    clean(image)
