@@ -14,11 +14,10 @@ import random
 import pytest
 
 import blockemu
-from blockemu.check.fsck import check
 from blockemu.cli.main import main
 from blockemu.engine.alloc import Allocator
 from blockemu.errors import NoSpaceError
-from tests.util import KEY, ErrnoCheck, encrypted_dir
+from tests.util import KEY, ErrnoCheck, assert_fsck_clean, encrypted_dir
 
 S = 4096
 NOSPC = "No space left on device"
@@ -31,9 +30,6 @@ async def image(tmp_path):
     return path
 
 
-def assert_clean(path: str) -> None:
-    report = check(path, check_data=True)
-    assert report.clean, [e.message for e in report.errors]
 
 
 async def put(fs, path: str, data: bytes) -> None:
@@ -121,7 +117,7 @@ async def test_a_bug_in_writeback_is_reported_logged_and_aborts_the_mount(image,
         with ErrnoCheck(errno.EIO):  # and the unmount says the transaction was lost
             await fs.unmount()
     await verify(image, {"/kept": b"k" * 8192})
-    assert_clean(image)
+    assert_fsck_clean(image)
 
 
 async def test_a_run_larger_than_any_free_extent_is_split(tmp_path):
@@ -152,7 +148,7 @@ async def test_a_run_larger_than_any_free_extent_is_split(tmp_path):
         assert len(pieces) > 1 and sum(m.length for m in pieces) == len(big)
         assert len({m.extent.context.nonce for m in pieces}) == len(pieces)
     await verify(image, {**small, "/e/big": big}, encrypted=True)
-    assert_clean(image)
+    assert_fsck_clean(image)
 
 
 # ---------------------------------------------------------------------- full, end to end
@@ -197,7 +193,7 @@ async def test_fill_until_enospc_then_remount_and_delete(image, encrypted):
         await put(fs, f"{top}again", acked[f"{top}again"])
     finally:
         await fs.unmount()
-    assert_clean(image)
+    assert_fsck_clean(image)
     await verify(image, acked, encrypted=encrypted)
     async with blockemu.mount(image) as fs:
         if encrypted:
@@ -207,7 +203,7 @@ async def test_fill_until_enospc_then_remount_and_delete(image, encrypted):
         await fs.sync()
         acked = {f"{top}after": b"a" * (8 << 20)}
         await put(fs, f"{top}after", acked[f"{top}after"])  # the space came back
-    assert_clean(image)
+    assert_fsck_clean(image)
     await verify(image, acked, encrypted=encrypted)
 
 
@@ -235,7 +231,7 @@ def test_put_that_does_not_fit_leaves_nothing_behind(tmp_path, capsys, encrypted
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"blockemu: put: {NOSPC}"), err
     assert asyncio.run(listing(img, top, encrypted)) == (["big"], old)
-    assert_clean(img)
+    assert_fsck_clean(img)
 
 
 async def listing(img: str, top: str, encrypted: bool) -> tuple[list[str], bytes]:
@@ -264,7 +260,7 @@ async def test_write_itself_says_enospc_when_its_data_cannot_get_extents(tmp_pat
             await f.fsync()  # everything write() acknowledged is written back without error
         assert 8 << 20 < len(written) < 16 << 20
     await verify(image, {"/f": bytes(written)})
-    assert_clean(image)
+    assert_fsck_clean(image)
 
 
 async def test_concurrent_writers_cannot_all_pass_on_the_same_room(tmp_path):
@@ -294,7 +290,7 @@ async def test_concurrent_writers_cannot_all_pass_on_the_same_room(tmp_path):
             await f.fsync()  # everything acknowledged gets its extents
             await f.close()
     await verify(image, {f"/f{k}": b"a" + b"b" * chunk if ok else b"a" * 4096 for k, ok in enumerate(acked)})
-    assert_clean(image)
+    assert_fsck_clean(image)
 
 
 async def test_sparse_small_writes_reserve_their_extents_metadata(tmp_path):
@@ -316,4 +312,4 @@ async def test_sparse_small_writes_reserve_their_extents_metadata(tmp_path):
     for i in range(acked):
         want[2 * i * 4096 : 2 * i * 4096 + 4096] = b"z" * 4096
     await verify(image, {"/f": bytes(want)})
-    assert_clean(image)
+    assert_fsck_clean(image)

@@ -22,7 +22,7 @@ from blockemu.ondisk.items import (
     unpack_dir_entries,
     unpack_inode_refs,
 )
-from tests.util import KEY, ErrnoCheck, encrypted_dir
+from tests.util import KEY, ErrnoCheck, assert_fsck_clean, encrypted_dir
 
 
 @pytest.fixture
@@ -32,9 +32,6 @@ async def image(tmp_path):
     return path
 
 
-def fsck_clean(image: str) -> None:
-    report = check(image, check_data=True)
-    assert report.clean, [e.message for e in report.errors]
 
 
 async def read(fs, path: str) -> bytes:
@@ -55,7 +52,7 @@ async def test_hard_links_in_one_and_in_two_directories_survive_remount(image):
         assert len({(await fs.stat(p)).st_ino for p in ("/a", "/b", "/d/c")}) == 1
         ino = (await fs.stat("/a")).st_ino
         assert [r.name for r in unpack_inode_refs(fs.tree[(ino, S.INODE_REF, (await fs.stat("/")).st_ino)])] == [b"a", b"b"]
-    fsck_clean(image)
+    assert_fsck_clean(image)
     async with blockemu.mount(image) as fs:
         assert await read(fs, "/d/c") == b"shared+more"
         await fs.unlink("/a")
@@ -63,13 +60,13 @@ async def test_hard_links_in_one_and_in_two_directories_survive_remount(image):
         assert fs.path_of(ino) == "/b"
         await fs.rename("/b", "/d/c")  # two names of one inode: rename does nothing (POSIX)
         assert sorted(await fs.readdir("/")) == ["b", "d"]
-    fsck_clean(image)
+    assert_fsck_clean(image)
     async with blockemu.mount(image) as fs:
         await fs.unlink("/b")
         assert await read(fs, "/d/c") == b"shared+more"
         await fs.unlink("/d/c")
         assert ino not in fs.inodes
-    fsck_clean(image)
+    assert_fsck_clean(image)
 
 
 async def test_link_errors(image):
@@ -86,7 +83,7 @@ async def test_link_errors(image):
         await encrypted_dir(fs, "/enc")
         with ErrnoCheck(errno.EXDEV):  # fscrypt: only files of the same policy enter
             await fs.link("/f", "/enc/f")
-    fsck_clean(image)
+    assert_fsck_clean(image)
 
 
 async def test_symlinks_plain_and_encrypted(image):
@@ -105,7 +102,7 @@ async def test_symlinks_plain_and_encrypted(image):
         with ErrnoCheck(errno.EINVAL):
             await fs.readlink("/enc")
         await fs.remove_key(kid)
-    fsck_clean(image)
+    assert_fsck_clean(image)
     async with blockemu.mount(image) as fs:
         assert await fs.readlink("/s") == "../some/where"
         with ErrnoCheck(errno.ENOENT):  # without the key the real name is not there (fscrypt, generic/580)
@@ -117,7 +114,7 @@ async def test_symlinks_plain_and_encrypted(image):
         assert await fs.readlink("/enc/s") == "secret-target"
         await fs.unlink("/s")
         assert sorted(await fs.readdir("/")) == ["enc"]
-    fsck_clean(image)
+    assert_fsck_clean(image)
 
 
 async def test_a_symlink_appears_whole_or_not_at_all(image, tmp_path):
@@ -138,10 +135,10 @@ async def test_a_symlink_appears_whole_or_not_at_all(image, tmp_path):
         shutil.copyfile(image, crashed)  # the image as a power cut now would leave it
         go.set()
         await task
-    fsck_clean(crashed)
+    assert_fsck_clean(crashed)
     async with blockemu.mount(crashed) as fs:
         assert await fs.readdir("/") == []
-    fsck_clean(crashed)
+    assert_fsck_clean(crashed)
     async with blockemu.mount(image) as fs:
         assert await fs.readlink("/s") == "target"
 

@@ -5,24 +5,15 @@ import csv
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import pytest
 
 from blockemu.check import heatmap
 from blockemu.check.inspect import dump_tree
 from blockemu.workload import kernelpeer
+from tests.test_cli import run
 
 pytest.importorskip("matplotlib")
-
-
-def run(*args: str, check_rc: int | None = 0) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "blockemu", *args], capture_output=True, text=True, timeout=120)
-    assert "Traceback" not in p.stderr, p.stderr
-    if check_rc is not None:
-        assert p.returncode == check_rc, (p.returncode, p.stdout, p.stderr)
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,15 @@ from __future__ import annotations
 import ctypes
 import errno
 
+
+def assert_fsck_clean(path: str, *, check_data: bool = True) -> None:
+    """fsck finds nothing in the image at ``path`` (data checksums too, unless told otherwise)."""
+    from blockemu.check.fsck import check
+
+    report = check(path, check_data=check_data)
+    assert report.clean, [e.message for e in report.errors]
+
+
 KEY = bytes(range(1, 65))  # the test master key; KID is its fscrypt identifier
 KID = "69b2f6edeee720cce0577937eb8a6751"
 
