@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 from blockemu.display import tally
+from blockemu.errors import InvalidArgument
 
 RAY_HINT = "--ray needs Ray: pip install 'blockemu[ray]'"
 
@@ -148,7 +149,7 @@ def read_results(path: str, campaign: Campaign) -> dict[str, dict[str, Any]]:
             except json.JSONDecodeError:
                 continue  # the last line of an interrupted run, half written
             if rec.get("campaign") != campaign.name or rec.get("identity") != campaign.identity:
-                raise ValueError(f"{path}:{n} is from another campaign ({rec.get('campaign')} {rec.get('identity')})")
+                raise InvalidArgument(f"{path}:{n} is from another campaign ({rec.get('campaign')} {rec.get('identity')})")
             done[rec["shard"]] = rec
     return done
 
@@ -160,6 +161,11 @@ def run_campaign(campaign: Campaign, ex: Executor, *, results: str | None = None
     done = read_results(resume, campaign) if resume else {}
     todo = [s for s in campaign.shards if s.key not in done]
     out = open(results, "a" if results == resume else "w") if results else None
+    if out and out.tell():
+        with open(results, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # an interrupted run's half line: ours start on a line of their own
+                out.write("\n")
     try:
         start = (len(done), sum(r["states"] for r in done.values()), sum(len(r["failures"]) for r in done.values()))
         with tally(campaign.name, len(campaign.shards), progress, start) as advance:
