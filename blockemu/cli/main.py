@@ -201,6 +201,19 @@ def build_parser() -> Parser:
             kp.add_argument("--all-users", action="store_true")
         kp.add_argument("--user", type=int, default=os.getuid(), help="the claiming user (default: you)")
 
+    fz = sub.add_parser("fuzz", help="fuzz campaign: byte flips (or --structural mutations) against fsck and the CLI")
+    fz.add_argument("--structural", action="store_true",
+                    help="valid checksums over hostile structures, each image through ls, cat, mkdir, inspect, fsck")
+    fz.add_argument("--trials", type=int, default=2000, help="byte flips")
+    fz.add_argument("--images", type=int, default=2000, help="--structural: mutated images")
+    fz.add_argument("--seed", type=int, default=1)
+    fz.add_argument("--recsum", action="store_true", help="recompute the block checksum after each flip")
+    fz.add_argument("--max-rss", type=float, default=300, help="MB; --structural fails an image above it")
+    fz.add_argument("--only", type=parse_range, metavar="A..B", help="only trials (or images) A up to B (excluded)")
+    fz.add_argument("--shard-size", type=int, help="trials (100) or images (20) per shard")
+    fz.add_argument("--json", action="store_true")
+    add_campaign_flags(fz, jobs=os.cpu_count() or 1)
+
     i = sub.add_parser("inspect", help="dump on-disk structures")
     isub = i.add_subparsers(dest="what", required=True, parser_class=Parser)
     ds = isub.add_parser("dump-super")
@@ -639,6 +652,23 @@ def cmd_key(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fuzz(a: argparse.Namespace) -> int:
+    from blockemu.cli import fuzz  # it drives this module's main(): imported here, not at the top
+    size = {"shard_size": a.shard_size} if a.shard_size else {}
+    campaign = (fuzz.structural_campaign(a.images, a.seed, max_rss=a.max_rss, only=a.only, **size) if a.structural
+                else fuzz.flip_campaign(a.trials, a.seed, a.recsum, only=a.only, **size))
+    s = run_campaign_cli(a, campaign)
+    if a.json:
+        emit_json(s.as_json())
+    else:
+        what = "images" if a.structural else "trials"
+        print(f"{s.units} {what} ({campaign.identity['mode']}), {s.states} checks in {s.seconds:.1f} s "
+              f"({s.resumed} shards resumed): {len(s.failures)} failures")
+        print("  ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.counts.items()))
+        print_failures(s)
+    return 1 if s.failures else 0
+
+
 def cmd_key_id(a: argparse.Namespace) -> int:
     print(fscrypt.key_identifier(read_key(a.key_file)).hex())
     return 0
@@ -726,7 +756,7 @@ def inspect_heatmap(a: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "mkfs": cmd_mkfs, "fsck": cmd_fsck, "inspect": cmd_inspect, "ls": cmd_ls, "cat": cmd_cat, "put": cmd_put,
     "mkdir": cmd_mkdir, "extents": cmd_extents, "key-id": cmd_key_id, "stress": cmd_stress,
-    "run": cmd_run, "crash": cmd_crash, "mount": cmd_mount, "umount": cmd_umount, "key": cmd_key,
+    "run": cmd_run, "crash": cmd_crash, "mount": cmd_mount, "umount": cmd_umount, "key": cmd_key, "fuzz": cmd_fuzz,
 }
 # fsck follows e2fsck's exit codes: 8 operational error, 16 usage error
 FAILURE_CODES = {"fsck": (EXIT_OPERATIONAL, EXIT_USAGE)}

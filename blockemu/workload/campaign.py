@@ -64,6 +64,7 @@ class Campaign:
 
 @dataclass
 class Summary:
+    """A campaign's totals, gathered in shard order."""
     shards: int = 0
     resumed: int = 0
     units: int = 0
@@ -186,8 +187,8 @@ def run_campaign(campaign: Campaign, ex: Executor, *, results: str | None = None
         s.shards += 1
         s.units += rec["units"]
         s.states += rec["states"]
-        for k, v in rec.get("counts", {}).items():
-            s.counts[k] = s.counts.get(k, 0) + v
+        for k, v in rec.get("counts", {}).items():  # a "max_" figure is the worst shard's, the rest add up
+            s.counts[k] = max(s.counts.get(k, v), v) if k.startswith("max_") else s.counts.get(k, 0) + v
         s.failures += rec["failures"]
     s.seconds = time.perf_counter() - t
     return s
