@@ -72,10 +72,20 @@ class Summary:
     counts: dict[str, int] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    worker_seconds: float = 0.0  # the shards' own wall times, added up
 
     def as_json(self) -> dict[str, Any]:
         return {"shards": self.shards, "resumed": self.resumed, "units": self.units, "states": self.states,
-                "counts": self.counts, "failures": self.failures, "seconds": round(self.seconds, 1)}
+                "counts": self.counts, "failures": self.failures, "seconds": round(self.seconds, 1),
+                "worker_seconds": round(self.worker_seconds, 1)}
+
+
+def timed(fn: ShardFn, args: tuple) -> dict[str, Any]:
+    """Run one shard where it lands, noting its own wall time: their sum is the campaign's cost
+    in worker-seconds, whatever the executor's overhead."""
+    t = time.perf_counter()
+    r = fn(args)
+    return {**r, "seconds": round(time.perf_counter() - t, 3)}
 
 
 class Executor(Protocol):
@@ -91,10 +101,10 @@ class LocalExecutor:
     def run(self, fn: ShardFn, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, Any]]]:
         if self.jobs == 1:
             for s in shards:
-                yield s, fn(s.args)
+                yield s, timed(fn, s.args)
             return
         with ProcessPoolExecutor(self.jobs) as pool:
-            futures = {pool.submit(fn, s.args): s for s in shards}
+            futures = {pool.submit(timed, fn, s.args): s for s in shards}
             for f in as_completed(futures):
                 yield futures[f], f.result()
 
@@ -118,8 +128,8 @@ class RayExecutor:
                 opts["num_cpus"] = self.num_cpus
             ray.init(**opts)
         try:
-            task = ray.remote(num_cpus=1, max_retries=2)(fn)
-            pending = {task.remote(s.args): s for s in shards}
+            task = ray.remote(num_cpus=1, max_retries=2)(timed)
+            pending = {task.remote(fn, s.args): s for s in shards}
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
@@ -187,6 +197,7 @@ def run_campaign(campaign: Campaign, ex: Executor, *, results: str | None = None
         s.shards += 1
         s.units += rec["units"]
         s.states += rec["states"]
+        s.worker_seconds += rec.get("seconds", 0.0)
         for k, v in rec.get("counts", {}).items():  # a "max_" figure is the worst shard's, the rest add up
             s.counts[k] = max(s.counts.get(k, v), v) if k.startswith("max_") else s.counts.get(k, 0) + v
         s.failures += rec["failures"]
