@@ -86,6 +86,15 @@ def test_stress_seeds_each_shard_on_a_fresh_image(tmp_path, capsys):
     assert sorted(json.loads(x)["shard"] for x in f.read_text().splitlines()) == ["seed 5", "seed 6"]
 
 
+def test_fuzz_is_a_campaign_command(tmp_path, capsys):
+    f = tmp_path / "f.jsonl"
+    assert main(["fuzz", "--structural", "--images", "2", "--shard-size", "1", "--seed", "21", "--jobs", "1",
+                 "--results", str(f), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["units"] == 2 and out["states"] == out["counts"]["commands"] == 16 and out["counts"]["traceback"] == 0
+    assert [json.loads(x)["shard"] for x in f.read_text().splitlines()] == ["images 0..1", "images 1..2"]
+
+
 def test_a_local_ray_instance_finds_what_two_jobs_find():
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'blockemu[ray]')")
     local = run_campaign(planted(shard_size=2), LocalExecutor(2))

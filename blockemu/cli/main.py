@@ -250,7 +250,7 @@ def add_campaign_flags(p: argparse.ArgumentParser, jobs: int) -> None:
 def run_campaign_cli(a: argparse.Namespace, campaign: Campaign) -> Summary:
     """``--jobs`` processes or ``--ray``; without Ray installed, one usage line saying how to get it."""
     try:
-        ex = campaign_executor(a.jobs, a.ray, a.ray is not None)
+        ex = campaign_executor(a.jobs, a.ray)
     except RayMissing as e:
         raise UsageError(f"{a.command}: {e}") from None
     return run_campaign(campaign, ex, results=a.results or a.resume, resume=a.resume,

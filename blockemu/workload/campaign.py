@@ -114,19 +114,15 @@ class RayExecutor:
     address: join that cluster (every node needs blockemu installed). Results come back
     through Ray's object store."""
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
+    def __init__(self, address: str | None = None) -> None:
         self.ray = import_ray()
-        self.address, self.num_cpus = address, num_cpus
+        self.address = address
 
     def run(self, fn: ShardFn, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, Any]]]:
         ray = self.ray
         started = not ray.is_initialized()
-        if started:
-            opts: dict[str, Any] = {"address": self.address, "logging_level": logging.WARNING,
-                                    "include_dashboard": False, "configure_logging": True}
-            if self.address is None and self.num_cpus:
-                opts["num_cpus"] = self.num_cpus
-            ray.init(**opts)
+        if started:  # else the caller's ray.init() holds (a test's num_cpus=2)
+            ray.init(address=self.address, logging_level=logging.WARNING, include_dashboard=False)
         try:
             task = ray.remote(num_cpus=1, max_retries=2)(timed)
             pending = {task.remote(fn, s.args): s for s in shards}
@@ -139,11 +135,9 @@ class RayExecutor:
                 ray.shutdown()
 
 
-def executor(jobs: int, ray_address: str | None, use_ray: bool) -> Executor:
-    """``--ray`` given (with or without an address): Ray; otherwise ``--jobs`` local processes."""
-    if use_ray:
-        return RayExecutor(ray_address or None, num_cpus=None)
-    return LocalExecutor(jobs)
+def executor(jobs: int, ray: str | None) -> Executor:
+    """``--ray`` given (``""`` without an address): Ray; otherwise ``--jobs`` local processes."""
+    return LocalExecutor(jobs) if ray is None else RayExecutor(ray or None)
 
 
 def read_results(path: str, campaign: Campaign) -> dict[str, dict[str, Any]]:
