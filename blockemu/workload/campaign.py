@@ -122,6 +122,12 @@ class RayExecutor:
         ray = self.ray
         started = not ray.is_initialized()
         if started:  # else the caller's ray.init() holds (a test's num_cpus=2)
+            if self.address is None:
+                # Ray runs its workers at nice 15 so its daemons stay responsive; on a machine
+                # shared with other work that starves the campaign (shards ran 2-3x slower here
+                # than under --jobs). A local instance started for a campaign runs it at the
+                # driver's priority; a cluster's nodes keep what their ``ray start`` chose.
+                os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(address=self.address, logging_level=logging.WARNING, include_dashboard=False)
         try:
             task = ray.remote(num_cpus=1, max_retries=2)(timed)
