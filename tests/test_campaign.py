@@ -95,8 +95,9 @@ def test_fuzz_is_a_campaign_command(tmp_path, capsys):
     assert [json.loads(x)["shard"] for x in f.read_text().splitlines()] == ["images 0..1", "images 1..2"]
 
 
-def test_a_local_ray_instance_finds_what_two_jobs_find():
+def test_a_local_ray_instance_finds_what_two_jobs_find(monkeypatch):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'blockemu[ray]')")
+    monkeypatch.setenv("RAY_worker_niceness", "0")  # as RayExecutor's own local instance (campaign.py)
     local = run_campaign(planted(shard_size=2), LocalExecutor(2))
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
