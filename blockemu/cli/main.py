@@ -208,7 +208,7 @@ def build_parser() -> Parser:
     fz.add_argument("--images", type=int, default=2000, help="--structural: mutated images")
     fz.add_argument("--seed", type=int, default=1)
     fz.add_argument("--recsum", action="store_true", help="recompute the block checksum after each flip")
-    fz.add_argument("--max-rss", type=float, default=300, help="MB; --structural fails an image above it")
+    fz.add_argument("--max-rss", type=float, default=300, help="MB; --structural fails an image whose commands grow the process by more")
     fz.add_argument("--only", type=parse_range, metavar="A..B", help="only trials (or images) A up to B (excluded)")
     fz.add_argument("--shard-size", type=int, help="trials (100) or images (20) per shard")
     fz.add_argument("--json", action="store_true")
