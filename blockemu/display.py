@@ -6,11 +6,12 @@ from __future__ import annotations
 import errno
 import io
 import sys
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Protocol
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from blockemu.errors import BlockemuError
@@ -71,3 +72,32 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+class Tally(Protocol):
+    def __call__(self, shards: int, states: int, failures: int) -> None: ...
+
+
+@contextmanager
+def tally(description: str, shards: int, enabled: bool, start: tuple[int, int, int] = (0, 0, 0)) -> Iterator[Tally]:
+    """A campaign's bar: shards done of all, states checked, failures, states/s and the time
+    left. ``start`` is what a resumed run already had: shown, but not counted in the rates."""
+    if not enabled:
+        yield lambda shards, states, failures: None
+        return
+    t0 = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("shards  {task.fields[states]} states  {task.fields[failures]} failures  "
+                             "{task.fields[rate]} states/s  eta"), TimeRemainingColumn(),
+                  console=Console(stderr=True)) as p:
+        task = p.add_task(description, total=shards, completed=start[0], states=start[1], failures=start[2], rate="-")
+        fresh = 0
+
+        def advance(shards: int, states: int, failures: int) -> None:
+            nonlocal fresh
+            fresh += states
+            f = p.tasks[task].fields
+            p.update(task, advance=shards, states=f["states"] + states, failures=f["failures"] + failures,
+                     rate=f"{fresh / max(time.perf_counter() - t0, 1e-9):.1f}")
+
+        yield advance

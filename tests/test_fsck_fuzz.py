@@ -1,15 +1,11 @@
-"""Seeded slices of tools/fuzz_fsck.py: byte flips in metadata never crash fsck, and raw flips
+"""Seeded slices of blockemu fuzz: byte flips in metadata never crash fsck, and raw flips
 are always detected (exit 4 or 8); structurally hostile images never make a command crash, hang
 or bloat."""
 from __future__ import annotations
 
 import io
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-
-from fuzz_fsck import campaign, structural  # noqa: E402
+from blockemu.cli.fuzz import campaign, structural
 
 
 def test_raw_flips_are_always_detected():
@@ -30,7 +26,7 @@ def test_structural_slice_no_traceback_hang_or_bloat():
     """Structural mutations with valid checksums (shared children, loops, lying levels, huge counts
     and lengths, pointers out of range, a bad free-space record), each image through ls, cat, mkdir,
     inspect dump-tree, fsck and fsck --repair in a forked child: no traceback, no command past
-    10 s, peak RSS under 300 MB. The full campaign: tools/fuzz_fsck.py --structural --images 2000."""
+    10 s, peak RSS under 300 MB. The full campaign: blockemu fuzz --structural --images 2000."""
     out = io.StringIO()
     t = structural(36, seed=21, out=out)
     assert t["traceback"] == 0 and t["hang"] == 0, out.getvalue()

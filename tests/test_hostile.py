@@ -2,7 +2,7 @@
 a tree, a bad free-space record, huge sizes and lengths -- give every command a clear one-line
 corruption error within bounded time and memory, never a traceback, a hang or a wrong listing.
 
-Each image is the fuzz campaign's base image (tools/fuzz_fsck.py) with one targeted change. The
+Each image is the fuzz campaign's base image (blockemu fuzz, blockemu/cli/fuzz.py) with one targeted change. The
 commands run in this process through the CLI's ``main``, under an alarm: code that would run
 away fails the test with ``Hang`` instead of stalling the suite.
 """
@@ -19,14 +19,11 @@ from pathlib import Path
 import pytest
 
 import blockemu
+from blockemu.cli import fuzz as fz
 from blockemu.cli.main import main
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.fast import FILE_EXTENT_ITEM, INODE_ITEM
 from tests.util import ErrnoCheck
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-
-import fuzz_fsck as fz  # noqa: E402
 
 U64 = (1 << 64) - 1
 MAX_FILE_SIZE = (1 << 63) - 1  # SPEC: the largest i_size

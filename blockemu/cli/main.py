@@ -37,14 +37,16 @@ from blockemu.fs.mkfs import mkfs
 from blockemu.fuse import control
 from blockemu.fuse import serve as fuse_serve
 from blockemu.units import human, parse_size
-from blockemu.workload.crash import run_ace_parallel
+from blockemu.workload.campaign import Campaign, RayMissing, Summary, parse_range, run_campaign
+from blockemu.workload.campaign import executor as campaign_executor
+from blockemu.workload.crash import crash_campaign
 from blockemu.workload.jobfile import parse_time
 from blockemu.workload.jobfile import size as fio_size
 from blockemu.workload.kernelpeer import Unavailable, run_kernel_race
 from blockemu.workload.keyrace import RaceResult, run_race, unexpected
 from blockemu.workload.keyrace import table as race_table
 from blockemu.workload.report import hard_sweep, write_report
-from blockemu.workload.runner import prepare, run_workload, scenarios, stress_mix
+from blockemu.workload.runner import prepare, run_workload, scenarios, stress_campaign, stress_mix
 from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS
 
 # every command but fsck: 1 failure, 2 usage error (argparse's convention)
@@ -138,9 +140,11 @@ def build_parser() -> Parser:
     rn.add_argument("--parse-only", action="store_true", help="check the job file (as fio --parse-only), run nothing")
 
     sp = sub.add_parser("stress", help="hammer an image with a seeded random mix (or the key-removal race)")
-    sp.add_argument("image", help="the image to stress (created if missing)")
+    sp.add_argument("image", nargs="?", help="the image to stress (created if missing; not with --seeds)")
     sp.add_argument("--scenario", choices=["mix", "key-removal-race"], default="mix")
     sp.add_argument("--seed", type=int)
+    sp.add_argument("--seeds", type=parse_range, metavar="A..B",
+                    help="a campaign: seeds A up to B (excluded), each on a fresh image made by its worker")
     sp.add_argument("--duration", type=float, help="seconds (instead of --ops)")
     sp.add_argument("--ops", type=int, default=300, help="operations per task (mix) or steps (seeded race)")
     sp.add_argument("--tasks", type=int, default=4)
@@ -157,16 +161,20 @@ def build_parser() -> Parser:
     sp.add_argument("--report", metavar="DIR", help="key-removal-race: also write the table (JSON, CSV) and plots into "
                     "DIR, with a sweep of append sizes under hard removal")
     sp.add_argument("--json", action="store_true")
+    add_campaign_flags(sp, jobs=1)
 
     cr = sub.add_parser("crash", help="crash-consistency campaign over Ace-style bounded workloads")
     cr.add_argument("--max-ops", type=int, default=3, help="longest operation sequence (Ace's bound)")
-    cr.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     cr.add_argument("--seed", type=int, default=0)
     cr.add_argument("--subsets", type=int, default=2, help="random in-doubt write subsets per crash point")
     cr.add_argument("--limit", type=int, help="check a random sample of this many workloads")
     cr.add_argument("--nobarrier", action="store_true", help="plant the ordering bug (flushes ignored)")
+    cr.add_argument("--workloads", type=parse_range, metavar="A..B",
+                    help="only workloads A up to B (excluded) of the space (a failure's reproduce line names one)")
+    cr.add_argument("--shard-size", type=int, default=10, help="workloads per shard (a few seconds of work)")
     add_write_path(cr, "campaign")
     cr.add_argument("--json", action="store_true")
+    add_campaign_flags(cr, jobs=os.cpu_count() or 1)
 
     mo = sub.add_parser("mount", help="mount an image through FUSE (backgrounds once mounted)")
     mo.add_argument("image")
@@ -193,6 +201,19 @@ def build_parser() -> Parser:
             kp.add_argument("--all-users", action="store_true")
         kp.add_argument("--user", type=int, default=os.getuid(), help="the claiming user (default: you)")
 
+    fz = sub.add_parser("fuzz", help="fuzz campaign: byte flips (or --structural mutations) against fsck and the CLI")
+    fz.add_argument("--structural", action="store_true",
+                    help="valid checksums over hostile structures, each image through ls, cat, mkdir, inspect, fsck")
+    fz.add_argument("--trials", type=int, default=2000, help="byte flips")
+    fz.add_argument("--images", type=int, default=2000, help="--structural: mutated images")
+    fz.add_argument("--seed", type=int, default=1)
+    fz.add_argument("--recsum", action="store_true", help="recompute the block checksum after each flip")
+    fz.add_argument("--max-rss", type=float, default=300, help="MB; --structural fails an image whose commands grow the process by more")
+    fz.add_argument("--only", type=parse_range, metavar="A..B", help="only trials (or images) A up to B (excluded)")
+    fz.add_argument("--shard-size", type=int, help="trials (100) or images (20) per shard")
+    fz.add_argument("--json", action="store_true")
+    add_campaign_flags(fz, jobs=os.cpu_count() or 1)
+
     i = sub.add_parser("inspect", help="dump on-disk structures")
     isub = i.add_subparsers(dest="what", required=True, parser_class=Parser)
     ds = isub.add_parser("dump-super")
@@ -213,6 +234,34 @@ def add_write_path(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--write-path", choices=list(WRITE_PATHS), default=PRODUCTION.name,
                    help=f"production (default): the {what} writes large encrypted files through sealing workers "
                         "into 1 MiB extents; fast: 16 KiB extents sealed in a thread, small plain files")
+
+
+def add_campaign_flags(p: argparse.ArgumentParser, jobs: int) -> None:
+    """Where a campaign's shards run, and where their results stream (DESIGN §6, campaigns)."""
+    p.add_argument("--jobs", type=int, default=jobs, help="local processes (without --ray)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the shards on Ray: alone, a local instance; 'auto' or HOST:PORT joins a cluster "
+                        "(pip install 'blockemu[ray]')")
+    p.add_argument("--results", metavar="FILE", help="write each finished shard to FILE as a JSON line")
+    p.add_argument("--resume", metavar="FILE", help="skip the shards FILE holds as finished; append the rest to it")
+    add_progress_flags(p)
+
+
+def run_campaign_cli(a: argparse.Namespace, campaign: Campaign) -> Summary:
+    """``--jobs`` processes or ``--ray``; without Ray installed, one usage line saying how to get it."""
+    try:
+        ex = campaign_executor(a.jobs, a.ray)
+    except RayMissing as e:
+        raise UsageError(f"{a.command}: {e}") from None
+    return run_campaign(campaign, ex, results=a.results or a.resume, resume=a.resume,
+                        progress=progress_wanted(a.progress, a.json))
+
+
+def print_failures(s: Summary, limit: int = 20) -> None:
+    for f in s.failures[:limit]:
+        print(f"FAILED: {f['message']}\n  reproduce with: {f['reproduce']}")
+    if len(s.failures) > limit:
+        print(f"... and {len(s.failures) - limit} more (every one, with its reproduce line, in --results or --json)")
 
 
 def write_path_flag(a: argparse.Namespace) -> str:
@@ -438,6 +487,10 @@ def describe(jobfile: str) -> str:
 
 
 def cmd_stress(a: argparse.Namespace) -> int:
+    if a.seeds is not None:
+        return stress_seeds(a)
+    if a.image is None:
+        raise UsageError("blockemu stress: IMAGE is required (unless --seeds)")
     seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
     if a.scenario == "key-removal-race":
         return stress_race(a, seed)
@@ -513,24 +566,35 @@ def stress_race(a: argparse.Namespace, seed: int) -> int:
     return 1 if bad else 0
 
 
-def cmd_crash(a: argparse.Namespace) -> int:
-    t = time.perf_counter()
-    r = run_ace_parallel(a.max_ops, jobs=a.jobs, seed=a.seed, subsets=a.subsets, nobarrier=a.nobarrier, limit=a.limit,
-                         write_path=WRITE_PATHS[a.write_path])
-    took = time.perf_counter() - t
+def stress_seeds(a: argparse.Namespace) -> int:
+    """Many stress seeds as one campaign, each seed a shard on its own fresh image."""
+    if a.scenario != "mix":
+        raise UsageError("blockemu stress: --seeds runs the mix scenario")
+    s = run_campaign_cli(a, stress_campaign(a.seeds, tasks=a.tasks, ops=a.ops, duration=a.duration,
+                                            key_removal=a.key_removal, faults=a.faults, crash_points=a.crash_points,
+                                            write_path=WRITE_PATHS[a.write_path]))
     if a.json:
-        emit_json({"workloads": r.workloads, "states": r.states, "failures": r.failures, "seconds": round(took, 1),
-                   "write_path": a.write_path})
+        emit_json({**s.as_json(), "seeds": list(a.seeds), "write_path": a.write_path})
     else:
-        print(f"{r.workloads} workloads (Ace, up to {a.max_ops} operations each, {a.write_path} write path), "
-              f"{r.states} crash states checked in {took:.1f} s: {len(r.failures)} failures")
-        for f in r.failures[:20]:
-            print(f"FAILED: {f}")
-        if r.failures:
-            print(f"reproduce with: blockemu crash --max-ops {a.max_ops} --seed {a.seed} --jobs {a.jobs}"
-                  + (f" --limit {a.limit}" if a.limit else "") + (" --nobarrier" if a.nobarrier else "")
-                  + write_path_flag(a))
-    return 1 if r.failures else 0
+        print(f"{s.units} stress seeds ({a.seeds[0]}..{a.seeds[1]}), {s.states} operations and crash states in "
+              f"{s.seconds:.1f} s ({s.resumed} shards resumed): {len(s.failures)} failures")
+        print("  ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.counts.items()))
+        print_failures(s)
+    return 1 if s.failures else 0
+
+
+def cmd_crash(a: argparse.Namespace) -> int:
+    s = run_campaign_cli(a, crash_campaign(a.max_ops, seed=a.seed, subsets=a.subsets, nobarrier=a.nobarrier,
+                                           limit=a.limit, write_path=WRITE_PATHS[a.write_path],
+                                           workloads=a.workloads, shard_size=a.shard_size))
+    if a.json:
+        emit_json({**s.as_json(), "workloads": s.units, "write_path": a.write_path})
+    else:
+        print(f"{s.units} workloads (Ace, up to {a.max_ops} operations each, {a.write_path} write path), "
+              f"{s.states} crash states checked in {s.seconds:.1f} s ({s.shards} shards, {s.resumed} resumed, "
+              f"{'Ray' if a.ray is not None else f'{a.jobs} jobs'}): {len(s.failures)} failures")
+        print_failures(s)
+    return 1 if s.failures else 0
 
 
 # -o NAME=VALUE: the Python API's mount options (Writeback's), with their value parsers
@@ -586,6 +650,23 @@ def cmd_key(a: argparse.Namespace) -> int:
         text = control.request(a.mountpoint, f"key-{a.action}", id=kid, user=a.user, **extra)
     print(text)
     return 0
+
+
+def cmd_fuzz(a: argparse.Namespace) -> int:
+    from blockemu.cli import fuzz  # it drives this module's main(): imported here, not at the top
+    size = {"shard_size": a.shard_size} if a.shard_size else {}
+    campaign = (fuzz.structural_campaign(a.images, a.seed, max_rss=a.max_rss, only=a.only, **size) if a.structural
+                else fuzz.flip_campaign(a.trials, a.seed, a.recsum, only=a.only, **size))
+    s = run_campaign_cli(a, campaign)
+    if a.json:
+        emit_json(s.as_json())
+    else:
+        what = "images" if a.structural else "trials"
+        print(f"{s.units} {what} ({campaign.identity['mode']}), {s.states} checks in {s.seconds:.1f} s "
+              f"({s.resumed} shards resumed): {len(s.failures)} failures")
+        print("  ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.counts.items()))
+        print_failures(s)
+    return 1 if s.failures else 0
 
 
 def cmd_key_id(a: argparse.Namespace) -> int:
@@ -675,7 +756,7 @@ def inspect_heatmap(a: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "mkfs": cmd_mkfs, "fsck": cmd_fsck, "inspect": cmd_inspect, "ls": cmd_ls, "cat": cmd_cat, "put": cmd_put,
     "mkdir": cmd_mkdir, "extents": cmd_extents, "key-id": cmd_key_id, "stress": cmd_stress,
-    "run": cmd_run, "crash": cmd_crash, "mount": cmd_mount, "umount": cmd_umount, "key": cmd_key,
+    "run": cmd_run, "crash": cmd_crash, "mount": cmd_mount, "umount": cmd_umount, "key": cmd_key, "fuzz": cmd_fuzz,
 }
 # fsck follows e2fsck's exit codes: 8 operational error, 16 usage error
 FAILURE_CODES = {"fsck": (EXIT_OPERATIONAL, EXIT_USAGE)}

@@ -24,7 +24,6 @@ import itertools
 import os
 import random
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -34,6 +33,7 @@ from blockemu.device.image import ImageFile
 from blockemu.device.writelog import WriteLog
 from blockemu.fs.filesystem import Filesystem, mount
 from blockemu.fs.mkfs import mkfs
+from blockemu.workload.campaign import Campaign, Shard, ranges
 from blockemu.workload.writepath import KEY, PRODUCTION, WRITE_PATHS, WritePath
 
 Snapshot = dict[str, bytes | None]
@@ -225,28 +225,45 @@ async def run_ace(seqs: list, *, seed: int = 0, subsets: int = 2, faults: FaultP
     return result
 
 
-def _run_slice(args: tuple[list, int, int, bool, str]) -> CampaignResult:
-    seqs, seed, subsets, nobarrier, write_path = args
-    return asyncio.run(run_ace(seqs, seed=seed, subsets=subsets, faults=FaultPlan(nobarrier=nobarrier),
-                               write_path=WRITE_PATHS[write_path]))
-
-
-def run_ace_parallel(max_len: int, *, jobs: int, seed: int = 0, subsets: int = 2, nobarrier: bool = False,
-                     limit: int | None = None, write_path: WritePath = PRODUCTION) -> CampaignResult:
-    """The whole bounded space, fanned out over ``jobs`` processes."""
+def ace_space(max_len: int, seed: int, limit: int | None) -> list[tuple[tuple[str, ...], ...]]:
+    """The campaign's workloads in their fixed order (a seeded sample of ``limit`` of them):
+    workload ``i`` is the same wherever and in whatever shard it runs."""
     seqs = ace_workloads(max_len)
-    if limit is not None:
-        seqs = random.Random(seed).sample(seqs, min(limit, len(seqs)))
-    chunks = [seqs[i::jobs] for i in range(jobs)]
-    total = CampaignResult()
-    if jobs <= 1:
-        parts = [_run_slice((seqs, seed, subsets, nobarrier, write_path.name))]
-    else:
-        with ProcessPoolExecutor(jobs) as pool:
-            parts = list(pool.map(_run_slice, [(c, seed + k * 100_003, subsets, nobarrier, write_path.name)
-                                               for k, c in enumerate(chunks)]))
-    for p in parts:
-        total.workloads += p.workloads
-        total.states += p.states
-        total.failures += p.failures
-    return total
+    return seqs if limit is None else random.Random(seed).sample(seqs, min(limit, len(seqs)))
+
+
+def _crash_shard(args: tuple) -> dict:
+    """Workloads [lo, hi) of the space; workload ``i`` is seeded with ``seed + i``."""
+    max_ops, seed, subsets, nobarrier, limit, write_path, lo, hi = args
+    seqs = ace_space(max_ops, seed, limit)
+
+    async def go() -> dict:
+        out: dict = {"units": 0, "states": 0, "failures": []}
+        for i in range(lo, hi):
+            r = await run_ace([seqs[i]], seed=seed + i, subsets=subsets, faults=FaultPlan(nobarrier=nobarrier),
+                              write_path=WRITE_PATHS[write_path])
+            out["units"] += r.workloads
+            out["states"] += r.states
+            out["failures"] += [{"unit": i, "message": m} for m in r.failures]
+        return out
+    return asyncio.run(go())
+
+
+def crash_campaign(max_ops: int, *, seed: int = 0, subsets: int = 2, nobarrier: bool = False, limit: int | None = None,
+                   write_path: WritePath = PRODUCTION, workloads: tuple[int, int] | None = None,
+                   shard_size: int = 10) -> Campaign:
+    """Ace's bounded space as shards of ``shard_size`` consecutive workloads (a few seconds each),
+    optionally only the workloads in ``[A, B)``."""
+    n = len(ace_space(max_ops, seed, limit))
+    lo, hi = workloads if workloads else (0, n)
+    hi = min(hi, n)
+    identity = {"max_ops": max_ops, "seed": seed, "subsets": subsets, "nobarrier": nobarrier, "limit": limit,
+                "write_path": write_path.name, "workloads": [lo, hi]}
+    shards = [Shard(f"workloads {a}..{b}", (max_ops, seed, subsets, nobarrier, limit, write_path.name, a, b))
+              for a, b in ((lo + a, lo + b) for a, b in ranges(hi - lo, shard_size))]
+
+    def reproduce(f: dict) -> str:
+        return (f"blockemu crash --max-ops {max_ops} --seed {seed} --subsets {subsets} --workloads {f['unit']}"
+                + (f" --limit {limit}" if limit is not None else "") + (" --nobarrier" if nobarrier else "")
+                + f" --write-path {write_path.name} --jobs 1")
+    return Campaign("crash", identity, shards, _crash_shard, reproduce)

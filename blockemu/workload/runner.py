@@ -31,6 +31,7 @@ from blockemu.device.faultplan import FaultPlan
 from blockemu.errors import BlockemuError, InvalidArgument
 from blockemu.fs.filesystem import Filesystem, mount
 from blockemu.fs.mkfs import mkfs
+from blockemu.workload.campaign import Campaign, Shard
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, record
 from blockemu.workload.fio import (
     JobResult,
@@ -45,7 +46,7 @@ from blockemu.workload.fio import (
 from blockemu.workload.jobfile import Job, JobFile, load, parse
 from blockemu.workload.keyrace import run_race, unexpected
 from blockemu.workload.mix import DEFAULT_OPS, MixResult, Task, run_mix, verify_ledger, verify_mix
-from blockemu.workload.writepath import PRODUCTION, WritePath
+from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS, WritePath
 
 SCENARIO_PACKAGE = "blockemu.workload.scenarios"
 PRODUCER = f"blockemu-{version('blockemu')}"  # fio's "fio version" slot names what wrote the report
@@ -410,3 +411,34 @@ async def crash_mix(seed: int, points: int, write_path: WritePath = PRODUCTION) 
         sample = rng.sample(states, min(points, len(states)))
         await check_sample(log, models, os.path.join(d, "crash.img"), sample, result, write_path=write_path)
     return result
+
+
+def _stress_shard(args: tuple) -> dict[str, Any]:
+    """One stress seed on a fresh image made here, in the worker, and thrown away after."""
+    seed, tasks, ops, duration, key_removal, faults, crash_points, write_path = args
+    with tempfile.TemporaryDirectory() as d:
+        s = asyncio.run(stress_mix(os.path.join(d, "stress.img"), seed=seed, tasks=tasks, nops=ops, duration=duration,
+                                   key_removal=key_removal, faults=FaultPlan.parse(faults) if faults else None,
+                                   crash_points=crash_points, write_path=WRITE_PATHS[write_path]))
+    counts = {k: s.get(k) or 0 for k in ("ops", "acknowledged_writes", "lost_acknowledged_writes", "injected_errors",
+                                         "crash_states_checked", "crash_failures")}
+    counts["aborted"] = int(s["aborted"] is not None)
+    problems = s["problems"] or ([] if s["ok"] else ["not ok"])
+    return {"units": 1, "states": s["ops"] + (s.get("crash_states_checked") or 0), "counts": counts,
+            "failures": [{"unit": seed, "message": p} for p in problems[:10]]}
+
+
+def stress_campaign(seeds: tuple[int, int], *, tasks: int, ops: int, duration: float | None, key_removal: str,
+                    faults: str | None, crash_points: int, write_path: WritePath) -> Campaign:
+    """``blockemu stress --seeds A..B``: each seed a shard, each on its own fresh image."""
+    identity = {"seeds": list(seeds), "tasks": tasks, "ops": ops, "duration": duration, "key_removal": key_removal,
+                "faults": faults, "crash_points": crash_points, "write_path": write_path.name}
+    shards = [Shard(f"seed {s}", (s, tasks, ops, duration, key_removal, faults, crash_points, write_path.name))
+              for s in range(*seeds)]
+
+    def reproduce(f: dict[str, Any]) -> str:
+        span = f"--duration {duration}" if duration else f"--ops {ops}"
+        return (f"blockemu stress stress-{f['unit']}.img --seed {f['unit']} --tasks {tasks} {span}"
+                f" --key-removal {key_removal}" + (f" --faults {faults}" if faults else "")
+                + (f" --crash-points {crash_points}" if crash_points else "") + f" --write-path {write_path.name}")
+    return Campaign("stress", identity, shards, _stress_shard, reproduce)

@@ -1,0 +1,108 @@
+"""Campaigns (DESIGN §6): shards give the same counts and failures whichever executor runs
+them; results stream as JSON lines and an interrupted campaign resumes where it stopped;
+every failure's reproduce line reproduces it on one machine; ``--ray`` without Ray is one
+usage line; and a local Ray instance finds what ``--jobs 2`` finds, planted bug included."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+import pytest
+
+from blockemu.cli.main import main
+from blockemu.workload.campaign import LocalExecutor, RayExecutor, run_campaign
+from blockemu.workload.crash import crash_campaign
+from blockemu.workload.writepath import FAST
+
+
+def planted(shard_size: int = 1):
+    """Four two-operation workloads with flushes ignored: a campaign that must fail."""
+    return crash_campaign(2, seed=3, subsets=1, nobarrier=True, limit=4, write_path=FAST, shard_size=shard_size)
+
+
+class Recording(LocalExecutor):
+    """The in-process executor, noting which shards it was asked to run."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.ran: list[str] = []
+
+    def run(self, fn, shards):
+        self.ran += [s.key for s in shards]
+        return super().run(fn, shards)
+
+
+def test_an_interrupted_campaign_resumes_with_the_same_totals(tmp_path):
+    full = tmp_path / "full.jsonl"
+    whole = run_campaign(planted(), LocalExecutor(1), results=str(full))
+    lines = full.read_text().splitlines()
+    assert whole.failures and len(lines) == whole.shards == 4
+    assert all(f["reproduce"].startswith("blockemu crash ") for f in whole.failures)
+    part = tmp_path / "part.jsonl"  # killed after two shards, in the middle of writing the third
+    part.write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])
+    ex = Recording()
+    again = run_campaign(planted(), ex, resume=str(part), results=str(part))
+    assert ex.ran == [json.loads(x)["shard"] for x in lines[2:]]
+    assert again.resumed == 2
+    assert (again.units, again.states, again.failures) == (whole.units, whole.states, whole.failures)
+    assert {json.loads(x)["shard"] for x in part.read_text().splitlines()[3:]} == {json.loads(x)["shard"] for x in lines[2:]}
+
+
+def test_a_results_file_of_another_campaign_is_refused(tmp_path, capsys):
+    f = tmp_path / "r.jsonl"
+    assert main(["crash", "--max-ops", "1", "--limit", "1", "--jobs", "1", "--write-path", "fast",
+                 "--results", str(f)]) == 0
+    assert main(["crash", "--max-ops", "1", "--limit", "1", "--jobs", "1", "--write-path", "fast", "--seed", "5",
+                 "--resume", str(f)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is from another campaign" in err[0], err
+
+
+def test_a_failures_reproduce_line_reproduces_it_without_ray(capsys):
+    s = run_campaign(planted(), LocalExecutor(1))
+    f = s.failures[-1]
+    argv = shlex.split(f["reproduce"])
+    assert argv[0] == "blockemu" and "--ray" not in argv
+    capsys.readouterr()
+    assert main([*argv[1:], "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["workloads"] == 1 and f in out["failures"]
+
+
+def test_ray_flag_without_ray_is_one_usage_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    assert main(["crash", "--max-ops", "1", "--ray"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'blockemu[ray]'" in err[0], err
+
+
+def test_stress_seeds_each_shard_on_a_fresh_image(tmp_path, capsys):
+    f = tmp_path / "s.jsonl"
+    assert main(["stress", "--seeds", "5..7", "--tasks", "2", "--ops", "30", "--write-path", "fast", "--jobs", "2",
+                 "--results", str(f), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["units"] == 2 and out["counts"]["ops"] == 2 * 2 * 30 and not out["failures"]
+    assert sorted(json.loads(x)["shard"] for x in f.read_text().splitlines()) == ["seed 5", "seed 6"]
+
+
+def test_fuzz_is_a_campaign_command(tmp_path, capsys):
+    f = tmp_path / "f.jsonl"
+    assert main(["fuzz", "--structural", "--images", "2", "--shard-size", "1", "--seed", "21", "--jobs", "1",
+                 "--results", str(f), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["units"] == 2 and out["states"] == out["counts"]["commands"] == 16 and out["counts"]["traceback"] == 0
+    assert [json.loads(x)["shard"] for x in f.read_text().splitlines()] == ["images 0..1", "images 1..2"]
+
+
+def test_a_local_ray_instance_finds_what_two_jobs_find(monkeypatch):
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'blockemu[ray]')")
+    monkeypatch.setenv("RAY_worker_niceness", "0")  # as RayExecutor's own local instance (campaign.py)
+    local = run_campaign(planted(shard_size=2), LocalExecutor(2))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        on_ray = run_campaign(planted(shard_size=2), RayExecutor())
+    finally:
+        ray.shutdown()
+    assert local.failures, "the planted --nobarrier bug was not caught"
+    assert (on_ray.units, on_ray.states, on_ray.failures) == (local.units, local.states, local.failures)
