@@ -257,6 +257,20 @@ def run_campaign_cli(a: argparse.Namespace, campaign: Campaign) -> Summary:
                         progress=progress_wanted(a.progress, a.json))
 
 
+def report_campaign(a: argparse.Namespace, s: Summary, headline: str, *, json_extra: dict | None = None,
+                    counts: bool = True) -> int:
+    """A finished campaign, as every campaign command reports it: JSON, or the headline, the
+    counts and the failures with their reproduce lines; exit 1 when anything failed."""
+    if a.json:
+        emit_json({**s.as_json(), **(json_extra or {})})
+    else:
+        print(headline)
+        if counts:
+            print("  ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.counts.items()))
+        print_failures(s)
+    return 1 if s.failures else 0
+
+
 def print_failures(s: Summary, limit: int = 20) -> None:
     for f in s.failures[:limit]:
         print(f"FAILED: {f['message']}\n  reproduce with: {f['reproduce']}")
@@ -573,28 +587,20 @@ def stress_seeds(a: argparse.Namespace) -> int:
     s = run_campaign_cli(a, stress_campaign(a.seeds, tasks=a.tasks, ops=a.ops, duration=a.duration,
                                             key_removal=a.key_removal, faults=a.faults, crash_points=a.crash_points,
                                             write_path=WRITE_PATHS[a.write_path]))
-    if a.json:
-        emit_json({**s.as_json(), "seeds": list(a.seeds), "write_path": a.write_path})
-    else:
-        print(f"{s.units} stress seeds ({a.seeds[0]}..{a.seeds[1]}), {s.states} operations and crash states in "
-              f"{s.seconds:.1f} s ({s.resumed} shards resumed): {len(s.failures)} failures")
-        print("  ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.counts.items()))
-        print_failures(s)
-    return 1 if s.failures else 0
+    return report_campaign(a, s, f"{s.units} stress seeds ({a.seeds[0]}..{a.seeds[1]}), {s.states} operations and "
+                                 f"crash states in {s.seconds:.1f} s ({s.resumed} shards resumed): {len(s.failures)} failures",
+                           json_extra={"seeds": list(a.seeds), "write_path": a.write_path})
 
 
 def cmd_crash(a: argparse.Namespace) -> int:
     s = run_campaign_cli(a, crash_campaign(a.max_ops, seed=a.seed, subsets=a.subsets, nobarrier=a.nobarrier,
                                            limit=a.limit, write_path=WRITE_PATHS[a.write_path],
                                            workloads=a.workloads, shard_size=a.shard_size))
-    if a.json:
-        emit_json({**s.as_json(), "workloads": s.units, "write_path": a.write_path})
-    else:
-        print(f"{s.units} workloads (Ace, up to {a.max_ops} operations each, {a.write_path} write path), "
-              f"{s.states} crash states checked in {s.seconds:.1f} s ({s.shards} shards, {s.resumed} resumed, "
-              f"{'Ray' if a.ray is not None else f'{a.jobs} jobs'}): {len(s.failures)} failures")
-        print_failures(s)
-    return 1 if s.failures else 0
+    return report_campaign(a, s, f"{s.units} workloads (Ace, up to {a.max_ops} operations each, {a.write_path} write "
+                                 f"path), {s.states} crash states checked in {s.seconds:.1f} s ({s.shards} shards, "
+                                 f"{s.resumed} resumed, {'Ray' if a.ray is not None else f'{a.jobs} jobs'}): "
+                                 f"{len(s.failures)} failures",
+                           json_extra={"workloads": s.units, "write_path": a.write_path}, counts=False)
 
 
 # -o NAME=VALUE: the Python API's mount options (Writeback's), with their value parsers
@@ -658,15 +664,9 @@ def cmd_fuzz(a: argparse.Namespace) -> int:
     campaign = (fuzz.structural_campaign(a.images, a.seed, max_rss=a.max_rss, only=a.only, **size) if a.structural
                 else fuzz.flip_campaign(a.trials, a.seed, a.recsum, only=a.only, **size))
     s = run_campaign_cli(a, campaign)
-    if a.json:
-        emit_json(s.as_json())
-    else:
-        what = "images" if a.structural else "trials"
-        print(f"{s.units} {what} ({campaign.identity['mode']}), {s.states} checks in {s.seconds:.1f} s "
-              f"({s.resumed} shards resumed): {len(s.failures)} failures")
-        print("  ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.counts.items()))
-        print_failures(s)
-    return 1 if s.failures else 0
+    what = "images" if a.structural else "trials"
+    return report_campaign(a, s, f"{s.units} {what} ({campaign.identity['mode']}), {s.states} checks in "
+                                 f"{s.seconds:.1f} s ({s.resumed} shards resumed): {len(s.failures)} failures")
 
 
 def cmd_key_id(a: argparse.Namespace) -> int:

@@ -267,12 +267,7 @@ class PageCache:
         gone = [i for i in pages.pages if i >= first]
         dirty = 0
         for i in gone:
-            entry = pages.pages[i]
-            if type(entry) is not int and self._settled(pages, i):
-                entry[:] = ZERO_PAGE  # type: ignore[index]
-            self._release(pages, i)
-            del pages.pages[i]
-            self._clean.pop((pages.ino, i), None)
+            self._discard(pages, i)
             if i in pages.dirty:
                 pages.dirty.discard(i)
                 dirty += PAGE
@@ -283,12 +278,17 @@ class PageCache:
         """Drop these pages unless rewritten since (a run writeback could not write)."""
         for idx in idxs:
             if idx not in pages.dirty and idx in pages.pages:
-                entry = pages.pages[idx]
-                if type(entry) is not int and self._settled(pages, idx):
-                    entry[:] = ZERO_PAGE  # type: ignore[index]
-                self._release(pages, idx)
-                del pages.pages[idx]
-                self._clean.pop((pages.ino, idx), None)
+                self._discard(pages, idx)
+
+    def _discard(self, pages: Pages, idx: int) -> None:
+        """Page ``idx`` leaves the cache: a heap page is zeroed unless a run being written still
+        reads it (then when that run is written), a frame goes back to the arena."""
+        entry = pages.pages[idx]
+        if type(entry) is not int and self._settled(pages, idx):
+            entry[:] = ZERO_PAGE  # type: ignore[index]
+        self._release(pages, idx)
+        del pages.pages[idx]
+        self._clean.pop((pages.ino, idx), None)
 
     def _shrink(self) -> None:
         evicted = self._evicted
