@@ -285,6 +285,7 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         fsck_fs.check_encryption(ck, items)
         if sb.incompat_flags & S.INCOMPAT_ENCRYPTED_NAMES:
             fsck_fs.check_encrypted_names(ck, items, key)
+        fsck_fs.check_encrypted_symlinks(ck, items, sb, key)
         report.stats["inodes"] = len(items.inodes)
     return report
 

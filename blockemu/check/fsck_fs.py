@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from blockemu.crypto import fscrypt
+from blockemu.engine.btree import max_item_size
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk import structs as S
@@ -26,8 +27,10 @@ from blockemu.ondisk.items import (
     InodeRef,
     file_type,
     name_hash,
+    symlink_ciphertext_max,
     unpack_dir_entries,
     unpack_inode_refs,
+    unpack_symlink_data,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +53,7 @@ class FsItems:
     policies: dict[int, bytes] = field(default_factory=dict)
     policy_flags: dict[int, int] = field(default_factory=dict)
     nonces: dict[int, bytes] = field(default_factory=dict)
+    symlinks: dict[int, bytes] = field(default_factory=dict)  # FSCRYPT_SYMLINK bodies, by inode
     orphans: set[int] = field(default_factory=set)
     owners: set[int] = field(default_factory=set)  # every objectid with any item
 
@@ -76,6 +80,8 @@ def collect(ck: "Checker") -> FsItems:
                 fi.dir_index[(oid, off)] = entries[0]
             elif typ == S.EXTENT_DATA:
                 fi.extents[oid].append((off, FileExtent.unpack(body)))
+            elif typ == S.FSCRYPT_SYMLINK_ITEM:
+                fi.symlinks[oid] = body
             elif typ == S.FSCRYPT_CTXT_ITEM:
                 if len(body) != INODE_ENCRYPTION_CONTEXT.size:
                     raise CorruptionError(f"encryption context of {len(body)} bytes", "BAD_ENCRYPTION_CONTEXT")
@@ -301,6 +307,51 @@ def check_encrypted_names(ck: "Checker", fi: FsItems, master: bytes | None) -> N
     finally:
         for k in keys.values():
             fscrypt.wipe(k)
+
+
+def check_encrypted_symlinks(ck: "Checker", fi: FsItems, sb, master: bytes | None) -> None:
+    """Each FSCRYPT_SYMLINK item belongs to an encrypted symlink, on an image whose superblock
+    says so, and is what fscrypt stores -- a length that says exactly what follows, a ciphertext
+    length its padding can give, i_size the stored length, no extents beside it; with the master
+    key, the ciphertext decrypts to a legal target: not empty, no NUL before the padding."""
+    limit = symlink_ciphertext_max(max_item_size(sb.nodesize))
+    ident = fscrypt.key_identifier(master) if master is not None else None
+    for ino, body in sorted(fi.symlinks.items()):
+        where = (ino, S.FSCRYPT_SYMLINK_ITEM, 0)
+        item = fi.inodes.get(ino)
+        if item is None:
+            continue  # MISSING_INODE already says so
+        if not sb.incompat_flags & S.INCOMPAT_ENCRYPTED_SYMLINKS:
+            ck.error("BAD_ENCRYPTED_SYMLINK", f"inode {ino} has an inline encrypted target, but the superblock "
+                     f"lacks ENCRYPTED_SYMLINKS", FS, key=where)
+        if not st.S_ISLNK(item.mode) or ino not in fi.policies:
+            ck.error("BAD_ENCRYPTED_SYMLINK", f"inode {ino} (mode {oct(item.mode)}) holds an encrypted symlink target "
+                     f"but is no encrypted symbolic link", FS, key=where)
+            continue
+        try:
+            ciphertext = unpack_symlink_data(body)
+        except CorruptionError as e:
+            ck.error("BAD_ENCRYPTED_SYMLINK", f"symbolic link {ino}: {e}", FS, key=where)
+            continue
+        if not fscrypt.legal_encrypted_len(len(ciphertext), fi.policy_flags[ino], limit):
+            ck.error("BAD_ENCRYPTED_SYMLINK", f"symbolic link {ino}: a ciphertext of {len(ciphertext)} bytes is no "
+                     f"padded target (policy flags {fi.policy_flags[ino]}, at most {limit} bytes)", FS, key=where)
+        if item.size != len(body):
+            ck.error("ISIZE_MISMATCH", f"symbolic link {ino}: size {item.size}, its stored target is {len(body)} bytes",
+                     FS, key=(ino, S.INODE_ITEM, 0), fix={"inode": ino, "size": len(body)})
+        if fi.extents.get(ino):
+            ck.error("BAD_ENCRYPTED_SYMLINK", f"symbolic link {ino} has file extents beside its inline target", FS,
+                     key=(ino, S.EXTENT_DATA, fi.extents[ino][0][0]))
+        if master is None or fi.policies[ino] != ident or len(ciphertext) < fscrypt.FNAME_MIN_LEN:
+            continue
+        key = fscrypt.names_key(master, fi.nonces[ino])
+        try:
+            target = fscrypt.decrypt_name(key, ciphertext)
+        finally:
+            fscrypt.wipe(key)
+        if not target or b"\0" in target:
+            ck.error("BAD_ENCRYPTED_SYMLINK", f"symbolic link {ino} decrypts to {target[:32]!r}, no legal target", FS,
+                     key=where)
 
 
 def check_encryption(ck: "Checker", fi: FsItems) -> None:

@@ -285,19 +285,21 @@ def cts_decrypt(key: bytes | bytearray, ciphertext: bytes) -> bytearray:
     return out
 
 
-def padded_name_len(length: int, policy_flags: int) -> int:
-    """fscrypt_fname_encrypted_size: at least 16, a multiple of the padding, at most NAME_MAX."""
+def padded_name_len(length: int, policy_flags: int, max_len: int = NAME_MAX) -> int:
+    """fscrypt_fname_encrypted_size: at least 16, a multiple of the padding, at most ``max_len``
+    (NAME_MAX for a name; for a symlink target, what its item can hold)."""
     pad = 4 << (policy_flags & POLICY_FLAGS_PAD_MASK)
-    return min(-(-max(length, FNAME_MIN_LEN) // pad) * pad, NAME_MAX)
+    return min(-(-max(length, FNAME_MIN_LEN) // pad) * pad, max_len)
 
 
-def legal_encrypted_len(length: int, policy_flags: int) -> bool:
-    """Whether a stored name's length is one that ``encrypt_name`` can produce."""
-    return FNAME_MIN_LEN <= length <= NAME_MAX and padded_name_len(length, policy_flags) == length
+def legal_encrypted_len(length: int, policy_flags: int, max_len: int = NAME_MAX) -> bool:
+    """Whether a stored name's (or target's) length is one that ``encrypt_name`` can produce."""
+    return FNAME_MIN_LEN <= length <= max_len and padded_name_len(length, policy_flags, max_len) == length
 
 
-def encrypt_name(key: bytes | bytearray, name: bytes, policy_flags: int) -> bytes:
-    padded = bytearray(name) + bytes(padded_name_len(len(name), policy_flags) - len(name))
+def encrypt_name(key: bytes | bytearray, name: bytes, policy_flags: int, max_len: int = NAME_MAX) -> bytes:
+    """A name (or a symlink target: fscrypt encrypts both alike) NUL-padded, then CBC-CTS."""
+    padded = bytearray(name) + bytes(padded_name_len(len(name), policy_flags, max_len) - len(name))
     try:
         return cts_encrypt(key, padded)
     finally:

@@ -62,8 +62,11 @@ from blockemu.ondisk.items import (
     name_hash,
     pack_dir_entries,
     pack_inode_refs,
+    pack_symlink_data,
+    symlink_ciphertext_max,
     unpack_dir_entries,
     unpack_inode_refs,
+    unpack_symlink_data,
 )
 
 ROOT_INO = S.FIRST_FREE_OBJECTID
@@ -332,7 +335,11 @@ class Filesystem:
         """(policy flags, nonce) of a directory whose names are stored encrypted, else None."""
         if d.key_id is None or not self.encrypted_names:
             return None
-        ctx = INODE_ENCRYPTION_CONTEXT.unpack(self.tree[(d.ino, S.FSCRYPT_CTXT_ITEM, 0)])
+        return self._policy(d)
+
+    def _policy(self, i: Inode) -> tuple[int, bytes]:
+        """(policy flags, nonce) of an encrypted inode's context."""
+        ctx = INODE_ENCRYPTION_CONTEXT.unpack(self.tree[(i.ino, S.FSCRYPT_CTXT_ITEM, 0)])
         return ctx[3], ctx[6]
 
     @contextlib.contextmanager
@@ -606,9 +613,10 @@ class Filesystem:
             self.save_inode(inode)
 
     async def symlink(self, target: str, path: str) -> None:
-        """symlink(2). The target is the link's file data (encrypted in an encrypted directory,
-        as fscrypt encrypts targets), written back before the name appears: until then the
-        inode is an orphan, so a crash leaves either no link or a whole one."""
+        """symlink(2). In an encrypted directory the target is encrypted as fscrypt does and
+        stored inline, in the transaction that names the link (``_encrypted_symlink``).
+        Elsewhere it is the link's file data, written back before the name appears: until then
+        the inode is an orphan, so a crash leaves either no link or a whole one."""
         data = target.encode(errors="surrogateescape")
         if not data:
             raise NotFoundError(f"{path}: empty symbolic link target")
@@ -618,11 +626,14 @@ class Filesystem:
             parent, name = self._parent(path)
             if name is not None and self._lookup_entry(parent.ino, name) is not None:
                 raise ExistsError(f"{path}: file exists")
-            inode = self._new_inode(st.S_IFLNK | 0o777, parent)  # ENOKEY in a locked directory
+            if parent.key_id is not None:
+                self._encrypted_symlink(parent, name, data, path)
+                return
+            inode = self._new_inode(st.S_IFLNK | 0o777, parent)
             inode.item = inode.item._replace(nlink=0)
             self.save_inode(inode)
             self.tree.insert((S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, inode.ino), b"")
-            inode.open_count += 1  # the File below holds it: no lock or destroy meanwhile
+            inode.open_count += 1  # the File below holds it: no destroy meanwhile
         f = File(self, inode, path, readable=False, writable=True, append=False)
         try:
             await f.pwrite(data, 0)
@@ -630,7 +641,7 @@ class Filesystem:
             report_writeback_error(inode)
             async with self.vol.join():
                 parent, name = self._parent(path)
-                self._require_names_key(parent)  # the key may have gone while the target was written
+                self._check_policy_move(inode, parent)  # the path may name an encrypted directory by now
                 assert name is not None
                 if self._lookup_entry(parent.ino, name) is not None:
                     raise ExistsError(f"{path}: file exists")
@@ -641,16 +652,64 @@ class Filesystem:
         finally:
             await f.close()  # with no name (a failure above) the inode goes
 
+    def _encrypted_symlink(self, parent: Inode, name: bytes | None, data: bytes, path: str) -> None:
+        """fscrypt_prepare_symlink + fscrypt_encrypt_symlink: the target NUL-padded and
+        encrypted like a name, with the link's own per-file key (context 2, its nonce), stored
+        as fscrypt_symlink_data in an FSCRYPT_SYMLINK item -- inline, as btrfs stores targets,
+        so item, inode and name land in one commit and no plaintext ever reaches the disk.
+        i_size is what is stored (2 + ciphertext), as on ext4; stat reports the target's length."""
+        limit = symlink_ciphertext_max(self.tree.max_item)
+        if len(data) > limit:
+            raise NameTooLong(f"{path}: symbolic link target longer than {limit} bytes (encrypted)")
+        inode = self._new_inode(st.S_IFLNK | 0o777, parent)  # ENOKEY in a locked directory
+        assert name is not None  # the parent's key is here: _new_inode leased it
+        flags, nonce = self._policy(inode)
+        with self._names_key(inode, nonce) as key:
+            if key is None:  # unreachable: the lease above holds the secret
+                raise NoKeyError("Required key not available")
+            body = pack_symlink_data(fscrypt.encrypt_name(key, data, flags, limit))
+        self.tree.insert((inode.ino, S.FSCRYPT_SYMLINK_ITEM, 0), body)
+        self.vol.set_incompat(S.INCOMPAT_ENCRYPTED_SYMLINKS)
+        inode.size = inode.disk_size = len(body)
+        self.save_inode(inode)
+        self._add_entry(parent, name, inode)
+        self.lock_if_idle(inode)
+
     async def readlink(self, path: str) -> str:
         inode = self._resolve(path)
         if not st.S_ISLNK(inode.item.mode):
             raise InvalidArgument(f"{path}: not a symbolic link")
-        self._unlock(inode)  # ENOKEY without the key, as fscrypt
+        stored = self._stored_target(inode)
+        if stored is not None:
+            return self._target(inode, stored)
+        self._unlock(inode)  # a target stored as encrypted file data (older images): ENOKEY without the key
         try:
             pages = await self.read_pages(inode, 0, 1)
             return bytes(pages[0][: inode.size]).decode(errors="surrogateescape")
         finally:
             self.lock_if_idle(inode)
+
+    def _stored_target(self, inode: Inode) -> bytes | None:
+        """The ciphertext of an encrypted symlink's inline target; None for a target kept as file data."""
+        body = self.tree.get((inode.ino, S.FSCRYPT_SYMLINK_ITEM, 0)) if inode.key_id is not None else None
+        return unpack_symlink_data(body) if body is not None else None
+
+    def _target(self, inode: Inode, ciphertext: bytes) -> str:
+        """fscrypt_get_symlink: the target decrypted with the link's key; without it, the no-key
+        form of the ciphertext -- fscrypt_fname_disk_to_usr with hash and minor hash 0, so
+        base64url of eight zero bytes then the ciphertext (digested past 149 bytes)."""
+        if len(ciphertext) < fscrypt.FNAME_MIN_LEN:
+            raise CorruptionError(f"symbolic link {inode.ino}: ciphertext of {len(ciphertext)} bytes", "BAD_ENCRYPTED_NAME")
+        try:
+            with self._names_key(inode, self._policy(inode)[1]) as key:
+                if key is None:
+                    return fscrypt.nokey_name(ciphertext, 0)
+                plain = fscrypt.decrypt_name(key, ciphertext)
+        finally:
+            self.lock_if_idle(inode)
+        if not plain:
+            raise CorruptionError(f"symbolic link {inode.ino}: target decrypts to nothing", "BAD_ENCRYPTED_NAME")
+        return plain.decode(errors="surrogateescape")
 
     async def readdir(self, path: str) -> list[str]:
         d = self._resolve(path)
@@ -664,8 +723,12 @@ class Filesystem:
         return self.stat_inode(self._resolve(path))
 
     def stat_inode(self, i: Inode) -> Stat:
-        it = i.item
-        return Stat(it.mode, i.ino, it.nlink, it.uid, it.gid, i.size, i.nbytes // 512,
+        """lstat. An encrypted symlink's size is the length readlink returns (the target, or
+        its no-key form), as fscrypt_symlink_getattr makes it, not the stored length."""
+        it, size = i.item, i.size
+        if st.S_ISLNK(it.mode) and (stored := self._stored_target(i)) is not None:
+            size = len(self._target(i, stored).encode(errors="surrogateescape"))
+        return Stat(it.mode, i.ino, it.nlink, it.uid, it.gid, size, i.nbytes // 512,
                     _ns(it.atime), _ns(it.mtime), _ns(it.ctime))
 
     # ------------------------------------------------------------------ by inode number

@@ -116,6 +116,12 @@ class Volume:
                 self._writers -= 1
                 self._cond.notify_all()
 
+    def set_incompat(self, flag: int) -> None:
+        """Turn a feature bit on at its first use, as btrfs_set_fs_incompat: called inside ``join``
+        with the first item that needs it, so both land in the same commit (an image that never
+        uses the feature stays readable by readers that do not know the bit)."""
+        self.engine.sb.incompat_flags |= flag
+
     def _note_change(self) -> None:
         if self._changed:  # outside any participant (a commit converging the trees) nothing to note
             task = asyncio.current_task()

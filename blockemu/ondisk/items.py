@@ -19,6 +19,7 @@ from blockemu.ondisk.structs import (
     FT_DIR,
     FT_REG_FILE,
     FT_SYMLINK,
+    SECTOR_SIZE,
     TREE_BLOCK_REF,
 )
 
@@ -253,3 +254,29 @@ class ExtentItem(NamedTuple):
             else:
                 raise CorruptionError(f"extent item: bad inline ref type {kind} at {pos}", "BAD_ITEM")
         return cls(count, gen, flags, tuple(refs))
+
+
+def pack_symlink_data(ciphertext: bytes) -> bytes:
+    """An FSCRYPT_SYMLINK body: fscrypt's ``struct fscrypt_symlink_data``, the ciphertext's
+    length (little-endian u16), then the ciphertext (SPEC "Symbolic links")."""
+    return fast.SYMLINK_DATA_HEAD.pack(len(ciphertext)) + ciphertext
+
+
+def unpack_symlink_data(body: bytes) -> bytes:
+    """The ciphertext an FSCRYPT_SYMLINK body holds; its length field must say exactly what
+    follows and be non-zero (the kernel's fscrypt_get_symlink refuses 0 with EUCLEAN)."""
+    head = fast.SYMLINK_DATA_HEAD
+    if len(body) < head.size:
+        raise CorruptionError("encrypted symlink: truncated", "BAD_ITEM")
+    (length,) = head.unpack_from(body, 0)
+    if length == 0:
+        raise CorruptionError("encrypted symlink: empty ciphertext", "BAD_ITEM")
+    _need(body, head.size + length, "encrypted symlink")
+    return bytes(body[head.size :])
+
+
+def symlink_ciphertext_max(max_item: int) -> int:
+    """The longest ciphertext (= the longest target) of an encrypted symlink: its
+    fscrypt_symlink_data plus the NUL the kernel counts must fit a page (4096, as ext4's
+    block), and the item a leaf of this node size holds (``max_item``, as btrfs's inline limit)."""
+    return min(SECTOR_SIZE - 1, max_item) - fast.SYMLINK_DATA_HEAD.size

@@ -40,6 +40,7 @@ ORPHAN_OBJECTID = U64 - 5
 INODE_ITEM = 1
 INODE_REF = 12
 FSCRYPT_CTXT_ITEM = 41  # from the btrfs fscrypt series
+FSCRYPT_SYMLINK_ITEM = 42  # an encrypted symlink's target, inline: fscrypt_symlink_data (SPEC "Symbolic links")
 ORPHAN_ITEM = 48
 DIR_ITEM = 84
 DIR_INDEX = 96
@@ -56,6 +57,7 @@ ITEM_TYPE_NAMES = {
     INODE_ITEM: "INODE_ITEM",
     INODE_REF: "INODE_REF",
     FSCRYPT_CTXT_ITEM: "FSCRYPT_CTXT",
+    FSCRYPT_SYMLINK_ITEM: "FSCRYPT_SYMLINK",
     ORPHAN_ITEM: "ORPHAN_ITEM",
     DIR_ITEM: "DIR_ITEM",
     DIR_INDEX: "DIR_INDEX",
@@ -96,7 +98,8 @@ POLICY_FLAGS_PAD_32 = 0x03  # fscrypt's recommended name padding
 
 # Superblock incompat_flags (a reader refuses any bit it does not know).
 INCOMPAT_ENCRYPTED_NAMES = 1 << 0  # names in encrypted directories are stored encrypted (SPEC "Names")
-INCOMPAT_SUPPORTED = INCOMPAT_ENCRYPTED_NAMES
+INCOMPAT_ENCRYPTED_SYMLINKS = 1 << 1  # targets of encrypted symlinks are FSCRYPT_SYMLINK items (SPEC "Symbolic links")
+INCOMPAT_SUPPORTED = INCOMPAT_ENCRYPTED_NAMES | INCOMPAT_ENCRYPTED_SYMLINKS
 
 # ---------------------------------------------------------------- checksummed blocks
 
@@ -284,6 +287,11 @@ ExtentDataRef = Struct(
     "count" / Int32ul,
 )
 
+# fscrypt_symlink_data's fixed part: the ciphertext of the target follows, ``len`` bytes.
+SymlinkDataHead = Struct(
+    "len" / Int16ul,
+)
+
 # Every struct with a fixed size, by the name SPEC.md uses for it.
 STRUCTS = {
     "Key": Key,
@@ -299,6 +307,7 @@ STRUCTS = {
     "FileExtentItem": FileExtentItem,
     "ExtentEncryptionContext": ExtentEncryptionContext,
     "InodeEncryptionContext": InodeEncryptionContext,
+    "SymlinkDataHead": SymlinkDataHead,
     "RootItem": RootItem,
     "ExtentItem": ExtentItem,
     "TreeBlockRef": TreeBlockRef,
