@@ -350,14 +350,17 @@ def cmd_ls(a: argparse.Namespace) -> int:
             s = await fs.stat(f"{base}/{name}")
             rows.append({"name": name, "ino": s.st_ino, "mode": stat.filemode(s.st_mode), "nlink": s.st_nlink,
                          "size": s.st_size, "mtime_ns": s.st_mtime_ns,
-                         "encrypted": await fs.get_policy(f"{base}/{name}") is not None})
+                         "encrypted": await fs.get_policy(f"{base}/{name}") is not None,
+                         # as ls -l: a link's target (its no-key form without the key)
+                         "target": await fs.readlink(f"{base}/{name}") if stat.S_ISLNK(s.st_mode) else None})
         if a.json:
             emit_json(rows)
         for r in rows if not a.json else ():
             if a.long:
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["mtime_ns"] / 1e9))
                 lock = " (encrypted)" if r["encrypted"] else ""
-                print(f"{r['mode']} {r['nlink']:>3} {r['size']:>12} {when} {r['name']}{lock}")
+                arrow = f" -> {r['target']}" if r["target"] is not None else ""
+                print(f"{r['mode']} {r['nlink']:>3} {r['size']:>12} {when} {r['name']}{arrow}{lock}")
             else:
                 print(r["name"])
         return 0

@@ -68,7 +68,7 @@ def encrypt_target(encrypt: str) -> str:
     return "/" + "/".join(p for p in encrypt.split("/") if p)
 
 
-Plan = list[tuple[str, "str | None"]]  # (image path, host file or None for a directory), parents first
+Plan = list[tuple[str, "str | None"]]  # (image path, host file or symlink, None for a directory), parents first
 
 
 def plan_population(rootdir: str | None, encrypt: str | None) -> tuple[Plan, list[str]]:
@@ -83,9 +83,11 @@ def plan_population(rootdir: str | None, encrypt: str | None) -> tuple[Plan, lis
             base = "" if rel == "." else "/" + rel.replace(os.sep, "/")
             if base:
                 plan.append((base, None))
-            for name in sorted(files):
+            links = [d for d in dirs if os.path.islink(os.path.join(top, d))]  # os.walk lists, never enters them
+            dirs[:] = [d for d in dirs if d not in links]
+            for name in sorted(files + links):
                 host = os.path.join(top, name)
-                if os.path.islink(host) or not os.path.isfile(host):
+                if not os.path.islink(host) and not os.path.isfile(host):
                     skipped.append(host)
                     continue
                 plan.append((f"{base}/{name}", host))
@@ -189,7 +191,7 @@ async def populate(image: str, plan: Plan, skipped: list[str], encrypt: str | No
     from blockemu.fs.filesystem import mount
 
     enc = encrypt_target(encrypt) if encrypt is not None else None
-    total = sum(os.path.getsize(h) for _, h in plan if h) or 1
+    total = sum(os.path.getsize(h) for _, h in plan if h and not os.path.islink(h)) or 1
     async with mount(image, interval=3600) as fs:
         kid = await fs.add_key(key) if key is not None else None
         with bar("mkfs --rootdir", total, progress) as advance:
@@ -200,10 +202,13 @@ async def populate(image: str, plan: Plan, skipped: list[str], encrypt: str | No
                     if target == enc:
                         await fs.set_policy(target, kid)
                     continue
+                if os.path.islink(host):  # copied as a link (its target encrypted in an encrypted directory)
+                    await fs.symlink(os.readlink(host), target)
+                    continue
                 async with fs.open(target, "w") as f:
                     with open(host, "rb") as src:
                         while chunk := src.read(1 << 20):
                             await f.write(chunk)
                             advance(len(chunk))
     for host in skipped:
-        print(f"blockemu mkfs: skipped {host}: not a regular file or directory", file=sys.stderr)
+        print(f"blockemu mkfs: skipped {host}: not a regular file, directory or symbolic link", file=sys.stderr)
