@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import random
+import stat
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 import blockemu
 from blockemu.check.fsck import check
 from blockemu.crypto import fscrypt
+from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import name_hash
 from tests.util import KEY, ErrnoCheck, assert_fsck_clean, encrypted_dir
@@ -330,3 +332,169 @@ async def test_link_symlink_and_path_of_in_a_locked_directory(image):
         with ErrnoCheck(errno.ENOKEY):
             await fs.symlink("/somewhere", "/e/s")
     assert_fsck_clean(image, check_data=False)
+
+
+# ---------------------------------------------------------------- symbolic links (fscrypt_symlink_data)
+
+TARGET = "../secret-target/of-the-link"
+LONG_TARGET = "/deep/" + "t" * 190  # 196 bytes, 224 of ciphertext: a digested no-key form
+
+
+def symlink_body(fs, path_ino: int) -> bytes:
+    return fs.tree[(path_ino, S.FSCRYPT_SYMLINK_ITEM, 0)]
+
+
+def nokey_form(ciphertext: bytes) -> str:
+    """fscrypt_get_symlink without the key, written out here: base64url (no padding) of
+    fscrypt_nokey_name with dirhash 0, 0 -- the ciphertext, or 149 bytes of it and SHA-256 of the rest."""
+    import base64
+    import hashlib
+
+    raw = bytes(8) + (ciphertext if len(ciphertext) <= 149 else ciphertext[:149] + hashlib.sha256(ciphertext[149:]).digest())
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def test_symlink_data_known_answer():
+    """SPEC's worked example through blockemu's own functions (test_spec_decrypt checks it independently)."""
+    from blockemu.ondisk.items import pack_symlink_data, symlink_ciphertext_max, unpack_symlink_data
+
+    key = fscrypt.names_key(KEY, bytes(range(16)))
+    ct = fscrypt.encrypt_name(key, b"../target/file", S.POLICY_FLAGS_PAD_32, symlink_ciphertext_max(4049))
+    assert pack_symlink_data(ct).hex() == "2000ba2158ce9329248743f6be6fb62f833c460cb90a1ad7ad19daad7c3727edcede"
+    assert fscrypt.nokey_name(ct, 0) == nokey_form(ct) == "AAAAAAAAAAC6IVjOkykkh0P2vm-2L4M8Rgy5ChrXrRnarXw3J-3O3g"
+    assert unpack_symlink_data(pack_symlink_data(ct)) == ct
+    for bad in (b"", b"\x20", b"\x00\x00", pack_symlink_data(ct)[:-1], pack_symlink_data(ct) + b"\0"):
+        with pytest.raises(CorruptionError):
+            unpack_symlink_data(bad)
+    assert [symlink_ciphertext_max(m) for m in (977, 4049, 16337)] == [975, 4047, 4093]
+
+
+async def test_encrypted_symlink_is_fscrypt_symlink_data_under_the_links_own_key(image):
+    async with blockemu.mount(image) as fs:
+        await encrypted_dir(fs, "/e")
+        await fs.symlink(TARGET, "/e/s")
+        await fs.symlink("plain-target", "/p")
+        assert await fs.readlink("/e/s") == TARGET and (await fs.stat("/e/s")).st_size == len(TARGET)
+        link, d = fs._resolve("/e/s"), fs._resolve("/e")
+        body = symlink_body(fs, link.ino)
+        assert int.from_bytes(body[:2], "little") == len(body) - 2 == 32 and link.item.size == len(body)
+        assert not list(fs.tree.items((link.ino, S.EXTENT_DATA, 0), (link.ino, S.EXTENT_DATA, (1 << 64) - 1)))
+        own, parent = fs._policy(link)[1], fs._policy(d)[1]
+        assert own != parent  # the link's own nonce, so its own key
+        assert fscrypt.decrypt_name(fscrypt.names_key(KEY, own), body[2:]) == TARGET.encode()
+        assert fs.vol.sb.incompat_flags & S.INCOMPAT_ENCRYPTED_SYMLINKS
+        with ErrnoCheck(errno.ENAMETOOLONG):  # 16 KiB nodes: at most 4047 bytes (SPEC)
+            await fs.symlink("x" * 4048, "/e/long")
+        await fs.symlink("x" * 4047, "/e/longest")
+    assert_fsck_clean(image, check_data=False)
+    assert check(image, key=KEY).clean
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        assert await fs.readlink("/e/longest") == "x" * 4047 and await fs.readlink("/p") == "plain-target"
+
+
+async def test_encrypted_symlink_without_the_key_and_with_it_back(image):
+    """readlink without the key gives the ciphertext's no-key form (digested when long), lstat
+    works and reports that form's length, the API never follows; with the key, the target."""
+    async with blockemu.mount(image) as fs:
+        await encrypted_dir(fs, "/e")
+        await fs.symlink(TARGET, "/e/s")
+        await fs.symlink(LONG_TARGET, "/e/long")
+        stored = {t: symlink_body(fs, fs._resolve(p).ino)[2:] for t, p in ((TARGET, "/e/s"), (LONG_TARGET, "/e/long"))}
+    async with blockemu.mount(image) as fs:  # the key never added
+        names = await fs.readdir("/e")
+        got = {await fs.readlink(f"/e/{n}") for n in names}
+        assert got == {nokey_form(stored[TARGET]), nokey_form(stored[LONG_TARGET])}
+        assert len(nokey_form(stored[LONG_TARGET])) == 252
+        for n in names:
+            s = await fs.stat(f"/e/{n}")
+            assert stat.S_ISLNK(s.st_mode) and s.st_size == len(await fs.readlink(f"/e/{n}"))
+            with ErrnoCheck(errno.ELOOP):  # paths never follow links
+                await fs.open(f"/e/{n}")
+            with ErrnoCheck(errno.ENOENT):  # what following it would look up: its no-key form names nothing
+                await fs.stat(f"/e/{await fs.readlink(f'/e/{n}')}")
+        await fs.add_key(KEY)
+        assert await fs.readlink("/e/s") == TARGET and await fs.readlink("/e/long") == LONG_TARGET
+        assert (await fs.stat("/e/long")).st_size == len(LONG_TARGET)
+    assert_fsck_clean(image, check_data=False)
+
+
+async def test_key_removal_hides_a_symlink_target_once_nothing_holds_it(image):
+    async with blockemu.mount(image, interval=3600) as fs:
+        kid = await encrypted_dir(fs, "/e")
+        await fs.symlink(TARGET, "/e/s")
+        assert await fs.readlink("/e/s") == TARGET
+        await fs.remove_key(kid)
+        (name,) = await fs.readdir("/e")
+        assert name != "s" and await fs.readlink(f"/e/{name}") == nokey_form(symlink_body(fs, fs._resolve(f"/e/{name}").ino)[2:])
+        with ErrnoCheck(errno.ENOKEY):
+            await fs.symlink("t", "/e/t")
+        await fs.add_key(KEY)
+        assert await fs.readlink("/e/s") == TARGET
+
+
+async def test_old_images_keep_their_xts_encrypted_symlinks(image):
+    """A link made before ENCRYPTED_SYMLINKS holds its target as encrypted file data: it still
+    reads (ENOKEY without the key, as then), and fsck passes it; the bit stays off until an
+    inline target is stored."""
+    async with blockemu.mount(image) as fs:
+        await encrypted_dir(fs, "/e")
+        async with fs.open("/e/old", "w") as f:  # the old layout: the target as the inode's file data...
+            await f.write(b"old/target")
+        await fs.sync()
+        link = fs._resolve("/e/old")
+        d = fs._resolve("/e")
+        async with fs.vol.join():  # ...in an inode of mode S_IFLNK
+            stored = fs._disk_name(d, b"old")
+            fs._remove_entry(d, stored, link)
+            link.item = link.item._replace(mode=stat.S_IFLNK | 0o777)
+            fs._add_entry(d, stored, link)
+            fs.save_inode(link)
+        assert not fs.vol.sb.incompat_flags & S.INCOMPAT_ENCRYPTED_SYMLINKS
+    assert_fsck_clean(image)
+    assert check(image, key=KEY).clean
+    async with blockemu.mount(image) as fs:
+        (name,) = await fs.readdir("/e")
+        with ErrnoCheck(errno.ENOKEY):
+            await fs.readlink(f"/e/{name}")
+        await fs.add_key(KEY)
+        assert await fs.readlink("/e/old") == "old/target"
+
+
+async def test_fsck_flags_an_encrypted_symlink_no_padding_or_length_can_give(image):
+    async with blockemu.mount(image) as fs:
+        await encrypted_dir(fs, "/e")
+        for n in ("ok", "badlen", "badpad"):
+            await fs.symlink(TARGET, f"/e/{n}")
+        async with fs.vol.join():
+            body = symlink_body(fs, fs._resolve("/e/badlen").ino)
+            fs.tree.update((fs._resolve("/e/badlen").ino, S.FSCRYPT_SYMLINK_ITEM, 0), b"\x10\x00" + body[2:])
+            short = fs._resolve("/e/badpad")
+            fs.tree.update((short.ino, S.FSCRYPT_SYMLINK_ITEM, 0), b"\x14\x00" + body[2:22])  # 20: no multiple of 32
+            short.size = short.disk_size = 22
+            fs.save_inode(short)
+    report = check(image)
+    assert [e.code for e in report.errors] == ["BAD_ENCRYPTED_SYMLINK"] * 2, [e.message for e in report.errors]
+    assert "item size 34, expected 18" in report.errors[0].message and "20 bytes is no padded" in report.errors[1].message
+
+
+async def test_fsck_with_the_key_checks_that_symlink_targets_decrypt_to_legal_ones(image, tmp_path):
+    from blockemu.ondisk.items import pack_symlink_data
+
+    async with blockemu.mount(image) as fs:
+        await encrypted_dir(fs, "/e")
+        await fs.symlink(TARGET, "/e/fine")
+        await fs.symlink(TARGET, "/e/nul")
+        link = fs._resolve("/e/nul")
+        flags, nonce = fs._policy(link)
+        bad = fscrypt.encrypt_name(fscrypt.names_key(KEY, nonce), b"a\0b", flags)
+        async with fs.vol.join():
+            fs.tree.update((link.ino, S.FSCRYPT_SYMLINK_ITEM, 0), pack_symlink_data(bad))
+    assert check(image).clean
+    report = check(image, key=KEY)
+    assert [e.code for e in report.errors] == ["BAD_ENCRYPTED_SYMLINK"] and "b'a\\x00b'" in report.errors[0].message
+    keyf = tmp_path / "k"
+    keyf.write_bytes(KEY)
+    p = subprocess.run([sys.executable, "-m", "blockemu", "fsck", image, "--key-file", str(keyf)],
+                       capture_output=True, text=True)
+    assert p.returncode == 4 and "BAD_ENCRYPTED_SYMLINK" in p.stdout, p
