@@ -192,10 +192,11 @@ async def test_soft_removal_keeps_a_held_directory_real_names(image):
 
 
 async def test_no_plaintext_name_on_disk(image):
-    """Every name created, renamed or unlinked in an encrypted directory, in every block of the
-    image, freed copy-on-write blocks included: the stored form is ciphertext from the start,
-    so no copy, live or stale, ever held the name."""
+    """Every name created, renamed or unlinked in an encrypted directory, and every symlink
+    target there, in every block of the image, freed copy-on-write blocks included: the stored
+    form is ciphertext from the start, so no copy, live or stale, ever held the name or target."""
     names = [f"secretname-{i:03d}-{'q' * (i % 7) * 9}" for i in range(60)] + ["tiny", "x" * 200]
+    targets = {f"link-{i:02d}": f"../secrettarget-{i:02d}/{'w' * (i * 13)}" for i in range(30)}
     async with blockemu.mount(image, interval=3600) as fs:
         await encrypted_dir(fs, "/enc")
         await fs.mkdir("/enc/inner-dir-name")
@@ -204,19 +205,26 @@ async def test_no_plaintext_name_on_disk(image):
                 await f.write(b"data")
             if i % 10 == 9:
                 await fs.sync()  # commits: earlier leaves are COWed and freed
-        for n in names[:20]:
+        for i, (n, t) in enumerate(targets.items()):
+            await fs.symlink(t, f"/enc/{n}")
+            if i % 10 == 9:
+                await fs.sync()
+        for n in names[:20] + list(targets)[:10]:
             await fs.rename(f"/enc/{n}", f"/enc/inner-dir-name/renamed-{n}")
         await fs.sync()
-        for n in names[20:40]:
+        for n in names[20:40] + list(targets)[10:20]:
             await fs.unlink(f"/enc/{n}")
         await fs.mkdir("/plain")
         async with fs.open("/plain/visible-plain-name", "w") as f:
             await f.write(b"p")
+        await fs.symlink("../visible-plain-target", "/plain/link")
     raw = open(image, "rb").read()
-    assert b"visible-plain-name" in raw  # the grep works: outside encrypted dirs names are plaintext
-    for n in names + ["inner-dir-name"] + [f"renamed-{n}" for n in names[:20]]:
+    assert b"visible-plain-name" in raw and b"visible-plain-target" in raw  # the grep works outside encrypted dirs
+    for n in names + ["inner-dir-name"] + [f"renamed-{n}" for n in names[:20] + list(targets)[:10]]:
         assert n.encode() not in raw, n
-    assert b"secretname" not in raw and b"tiny" not in raw
+    for t in targets.values():
+        assert t.encode() not in raw, t
+    assert b"secretname" not in raw and b"tiny" not in raw and b"secrettarget" not in raw
     assert_fsck_clean(image, check_data=False)
 
 

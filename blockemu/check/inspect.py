@@ -9,7 +9,15 @@ from blockemu.engine.transaction import Engine
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.block import TreeBlock, body_size
-from blockemu.ondisk.items import ExtentItem, FileExtent, InodeItem, RootItem, unpack_dir_entries, unpack_inode_refs
+from blockemu.ondisk.items import (
+    ExtentItem,
+    FileExtent,
+    InodeItem,
+    RootItem,
+    unpack_dir_entries,
+    unpack_inode_refs,
+    unpack_symlink_data,
+)
 from blockemu.ondisk.superblock import BACKUP_TREES, decode_super, validate_super
 
 TREE_BY_NAME = {"root": S.ROOT_TREE_OBJECTID, "extent": S.EXTENT_TREE_OBJECTID, "fs": S.FS_TREE_OBJECTID,
@@ -50,6 +58,8 @@ def describe_item(key: tuple[int, int, int], body: bytes) -> dict[str, Any]:
                 d["context"] = {**f.context._asdict(), "key_identifier": f.context.key_identifier.hex(),
                                 "nonce": f.context.nonce.hex()}
             return d
+        if t == S.FSCRYPT_SYMLINK_ITEM:  # raw as well: the exact bytes SPEC describes
+            return {"len": len(unpack_symlink_data(body)), "ciphertext_hex": body[2:].hex(), "raw": body.hex()}
         if t == S.ROOT_ITEM:
             return RootItem.unpack(body)._asdict()
         if t in (S.EXTENT_ITEM, S.METADATA_ITEM):
