@@ -516,3 +516,51 @@ async def test_a_rename_landing_while_a_create_waits_cannot_misplace_the_file(tm
         await mover
         await ops.release(fi.fh)
         assert await fs.readdir("/b") == ["x"] and await fs.readdir("/a") == []
+
+
+def test_encrypted_symlinks_with_and_without_the_key(env, image, mnt, tmp_path, capsys, monkeypatch) -> None:
+    """Through the mount: with the key a link in an encrypted directory reads and is followed;
+    without it, readlink gives the no-key form of the stored ciphertext (fscrypt_get_symlink),
+    lstat works, and following it finds nothing (the form names no entry), as on Linux;
+    a new link there needs the key; with the key added the real target is back."""
+    import base64
+
+    key = tmp_path / "k.key"
+    key.write_bytes(os.urandom(32))
+    target = "../plain/target-file"
+
+    async def setup() -> bytes:
+        async with mount(str(image)) as fs:
+            kid = await fs.add_key(key.read_bytes())
+            await fs.mkdir("/enc")
+            await fs.set_policy("/enc", kid)
+            await fs.mkdir("/plain")
+            async with fs.open("/plain/target-file", "w") as f:
+                await f.write(b"reached\n")
+            await fs.symlink(target, "/enc/s")
+            return fs.tree[(fs.inode((await fs.stat("/enc/s")).st_ino).ino, 42, 0)]  # FSCRYPT_SYMLINK
+    body = asyncio.run(setup())
+    nokey = base64.urlsafe_b64encode(bytes(8) + body[2:]).rstrip(b"=").decode()
+    with Served(env, image, mnt, "--key-file", str(key)):
+        assert os.readlink(mnt / "enc" / "s") == target and (mnt / "enc" / "s").read_text() == "reached\n"
+        assert os.lstat(mnt / "enc" / "s").st_size == len(target)
+        os.symlink("made-through-the-mount", mnt / "enc" / "m")
+    with Served(env, image, mnt):
+        names = sorted(os.listdir(mnt / "enc"))
+        assert len(names) == 2 and not {"s", "m"} & set(names)
+        forms = {os.readlink(mnt / "enc" / n) for n in names}
+        assert nokey in forms and not {target, "made-through-the-mount"} & forms
+        for n in names:
+            st = os.lstat(mnt / "enc" / n)
+            assert stat.S_ISLNK(st.st_mode) and st.st_size == len(os.readlink(mnt / "enc" / n))
+        r = sh(f"cat {mnt}/enc/{names[0]}", env)
+        assert r.returncode == 1 and "No such file or directory" in r.stderr, r.stderr
+        r = sh(f"ln -s somewhere {mnt}/enc/new", env)
+        assert r.returncode == 1 and "Required key not available" in r.stderr, r.stderr
+        monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
+        assert main(["key", "add", str(mnt), "--key-file", str(key)]) == 0
+        capsys.readouterr()
+        assert os.readlink(mnt / "enc" / "s") == target and (mnt / "enc" / "s").read_text() == "reached\n"
+        assert os.readlink(mnt / "enc" / "m") == "made-through-the-mount"
+    fsck_clean(env, image)
+    assert check(str(image), key=key.read_bytes()).clean

@@ -506,3 +506,38 @@ async def test_fsck_with_the_key_checks_that_symlink_targets_decrypt_to_legal_on
     p = subprocess.run([sys.executable, "-m", "blockemu", "fsck", image, "--key-file", str(keyf)],
                        capture_output=True, text=True)
     assert p.returncode == 4 and "BAD_ENCRYPTED_SYMLINK" in p.stdout, p
+
+
+def test_mkfs_rootdir_encrypt_copies_symlinks_and_ls_shows_their_targets(tmp_path):
+    """--rootdir copies symbolic links; under --encrypt their targets are encrypted as any link
+    made there. ls -l shows ``name -> target``: the no-key form without --key-file."""
+    import json
+
+    img, keyf = str(tmp_path / "l.img"), tmp_path / "k"
+    keyf.write_bytes(KEY)
+    host = tmp_path / "root"
+    (host / "vault").mkdir(parents=True)
+    (host / "vault" / "diary.txt").write_bytes(b"dear")
+    (host / "vault" / "link").symlink_to("diary.txt")
+    (host / "vault" / "far").symlink_to("/somewhere/hidden-place")
+    (host / "plain-link").symlink_to("vault/open-target")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "blockemu", *args], capture_output=True, text=True)
+
+    made = cli("mkfs", img, "--size", "32M", "--rootdir", str(host), "--encrypt", "/vault", "--key-file", str(keyf))
+    assert made.returncode == 0 and "skipped" not in made.stderr, made
+    raw = open(img, "rb").read()
+    assert b"hidden-place" not in raw and b"diary" not in raw and b"vault/open-target" in raw
+    keyed = cli("ls", img, "/vault", "-l", "--key-file", str(keyf)).stdout.splitlines()
+    assert any(line.endswith(" link -> diary.txt (encrypted)") for line in keyed), keyed
+    assert any(line.endswith(" far -> /somewhere/hidden-place (encrypted)") for line in keyed), keyed
+    assert cli("ls", img, "/", "-l").stdout.count("plain-link -> vault/open-target") == 1
+    rows = json.loads(cli("ls", img, "/vault", "--json").stdout)
+    links = [r for r in rows if r["mode"].startswith("l")]
+    assert len(links) == 2 and all(r["target"] and r["size"] == len(r["target"]) for r in links)
+    assert not {"diary.txt", "/somewhere/hidden-place"} & {r["target"] for r in links}
+    assert {r["target"] for r in rows if not r["mode"].startswith("l")} == {None}
+    bad = cli("cat", img, f"/vault/{links[0]['name']}")  # the CLI never follows a link, as the API
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "symbolic link" in bad.stderr, bad
+    assert cli("fsck", img, "--key-file", str(keyf)).returncode == 0
