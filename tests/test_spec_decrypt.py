@@ -465,15 +465,12 @@ def test_independent_reader_decrypts_the_image(tmp_path, csum, node_size):
     assert reader.listdir(reader.resolve("/plain"), MASTER) == [b"file"]  # plaintext outside
 
 
-def test_names_decrypt_from_inspect_dump_tree_json(tmp_path):
-    """Issue 15's independent check: directory entries as ``inspect dump-tree --json`` shows them
-    (their stored bytes in ``name_hex``), decrypted by this file's own HKDF and CS3 code."""
+def encrypted_dump(path: str, fill) -> dict:
+    """An image whose /enc is encrypted with MASTER and filled by ``fill(fs)``: its fs tree as
+    ``inspect dump-tree --json`` shows it, each item's data by key."""
     import json
     import subprocess
     import sys
-
-    path = str(tmp_path / "names.img")
-    names = [b"hello", b"a-name-of-33-bytes-long-exactly!!", b"x" * 240, "caf\u00e9".encode()]
 
     async def go() -> None:
         await blockemu.mkfs(path, size="32M")
@@ -481,14 +478,25 @@ def test_names_decrypt_from_inspect_dump_tree_json(tmp_path):
             kid = await fs.add_key(MASTER)
             await fs.mkdir("/enc")
             await fs.set_policy("/enc", kid)
-            for n in names:
-                async with fs.open("/enc/" + n.decode(), "w") as f:
-                    await f.write(b"1")
+            await fill(fs)
 
     asyncio.run(go())
     out = subprocess.run([sys.executable, "-m", "blockemu", "inspect", "dump-tree", path, "--tree", "fs", "--json"],
                          capture_output=True, text=True, check=True).stdout
-    items = {tuple(i["key"]): i["data"] for block in json.loads(out) for i in block.get("items", [])}
+    return {tuple(i["key"]): i["data"] for block in json.loads(out) for i in block.get("items", [])}
+
+
+def test_names_decrypt_from_inspect_dump_tree_json(tmp_path):
+    """Issue 15's independent check: directory entries as ``inspect dump-tree --json`` shows them
+    (their stored bytes in ``name_hex``), decrypted by this file's own HKDF and CS3 code."""
+    names = [b"hello", b"a-name-of-33-bytes-long-exactly!!", b"x" * 240, "caf\u00e9".encode()]
+
+    async def fill(fs) -> None:
+        for n in names:
+            async with fs.open("/enc/" + n.decode(), "w") as f:
+                await f.write(b"1")
+
+    items = encrypted_dump(str(tmp_path / "names.img"), fill)
     [enc] = [k[0] for k in items if k[1] == FSCRYPT_CTXT and (k[0], INODE_REF, 256) in items]
     ctxt = bytes.fromhex(items[(enc, FSCRYPT_CTXT, 0)]["raw"])
     key = hkdf_sha512(MASTER, 2, ctxt[24:40], 32)
@@ -504,26 +512,14 @@ def test_symlink_targets_decrypt_from_inspect_dump_tree_json(tmp_path):
     """Issue 15's independent check for links: each FSCRYPT_SYMLINK item as ``inspect dump-tree
     --json`` shows it (``raw``), decrypted with the link's own nonce by this file's HKDF and CS3
     code; the reader finds the same link by its encrypted name and its body has no plaintext."""
-    import json
-    import subprocess
-    import sys
-
     path = str(tmp_path / "links.img")
     targets = {"s": "../target/file", "abs": "/an/absolute/target/of/some/length", "long": "/l/" + "q" * 3000}
 
-    async def go() -> None:
-        await blockemu.mkfs(path, size="32M")
-        async with blockemu.mount(path) as fs:
-            kid = await fs.add_key(MASTER)
-            await fs.mkdir("/enc")
-            await fs.set_policy("/enc", kid)
-            for name, target in targets.items():
-                await fs.symlink(target, "/enc/" + name)
+    async def fill(fs) -> None:
+        for name, target in targets.items():
+            await fs.symlink(target, "/enc/" + name)
 
-    asyncio.run(go())
-    out = subprocess.run([sys.executable, "-m", "blockemu", "inspect", "dump-tree", path, "--tree", "fs", "--json"],
-                         capture_output=True, text=True, check=True).stdout
-    items = {tuple(i["key"]): i["data"] for block in json.loads(out) for i in block.get("items", [])}
+    items = encrypted_dump(path, fill)
     links = [k[0] for k in items if k[1] == FSCRYPT_SYMLINK]
     got = {}
     for ino in links:
