@@ -121,7 +121,7 @@ def test_hostile_blocks_only_raise_corruption(edits, name):
 @given(st.binary(max_size=120))
 def test_hostile_item_bodies_only_raise_corruption(body):
     for parse in (items.RootItem.unpack, items.InodeItem.unpack, items.InodeRef.unpack, items.FileExtent.unpack,
-                  items.ExtentItem.unpack, items.unpack_dir_entries):
+                  items.ExtentItem.unpack, items.unpack_dir_entries, items.unpack_symlink_data):
         try:
             parse(body)
         except CorruptionError:
