@@ -699,7 +699,7 @@ class Filesystem:
         form of the ciphertext -- fscrypt_fname_disk_to_usr with hash and minor hash 0, so
         base64url of eight zero bytes then the ciphertext (digested past 149 bytes)."""
         if len(ciphertext) < fscrypt.FNAME_MIN_LEN:
-            raise CorruptionError(f"symbolic link {inode.ino}: ciphertext of {len(ciphertext)} bytes", "BAD_ENCRYPTED_NAME")
+            raise CorruptionError(f"symbolic link {inode.ino}: ciphertext of {len(ciphertext)} bytes", "BAD_ENCRYPTED_SYMLINK")
         try:
             with self._names_key(inode, self._policy(inode)[1]) as key:
                 if key is None:
@@ -708,7 +708,7 @@ class Filesystem:
         finally:
             self.lock_if_idle(inode)
         if not plain:
-            raise CorruptionError(f"symbolic link {inode.ino}: target decrypts to nothing", "BAD_ENCRYPTED_NAME")
+            raise CorruptionError(f"symbolic link {inode.ino}: target decrypts to nothing", "BAD_ENCRYPTED_SYMLINK")
         return plain.decode(errors="surrogateescape")
 
     async def readdir(self, path: str) -> list[str]:
