@@ -699,7 +699,8 @@ class Filesystem:
         form of the ciphertext -- fscrypt_fname_disk_to_usr with hash and minor hash 0, so
         base64url of eight zero bytes then the ciphertext (digested past 149 bytes)."""
         if len(ciphertext) < fscrypt.FNAME_MIN_LEN:
-            raise CorruptionError(f"symbolic link {inode.ino}: ciphertext of {len(ciphertext)} bytes", "BAD_ENCRYPTED_SYMLINK")
+            raise CorruptionError(f"symbolic link {inode.ino}: ciphertext of {len(ciphertext)} bytes",
+                                  "BAD_ENCRYPTED_SYMLINK")
         try:
             with self._names_key(inode, self._policy(inode)[1]) as key:
                 if key is None:
