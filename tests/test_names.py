@@ -396,6 +396,8 @@ async def test_encrypted_symlink_is_fscrypt_symlink_data_under_the_links_own_key
         assert not list(fs.tree.items((link.ino, S.EXTENT_DATA, 0), (link.ino, S.EXTENT_DATA, (1 << 64) - 1)))
         own, parent = fs._policy(link)[1], fs._policy(d)[1]
         assert own != parent  # the link's own nonce, so its own key
+        await fs.symlink(TARGET, "/e/twin")  # generic/399: the same target twice, two ciphertexts
+        assert symlink_body(fs, fs._resolve("/e/twin").ino) != body
         assert fscrypt.decrypt_name(fscrypt.names_key(KEY, own), body[2:]) == TARGET.encode()
         assert fs.vol.sb.incompat_flags & S.INCOMPAT_ENCRYPTED_SYMLINKS
         with ErrnoCheck(errno.ENAMETOOLONG):  # 16 KiB nodes: at most 4047 bytes (SPEC)
