@@ -963,6 +963,39 @@ class Filesystem:
                     self._touch(inode)
                     self.save_inode(inode)
 
+    async def punch_inode(self, inode: Inode, offset: int, length: int) -> None:
+        """fallocate(PUNCH_HOLE | KEEP_SIZE): [offset, offset + length) reads as zeros from now
+        on and the size stays. Whole pages leave the cache and the extents (the space comes back
+        at the commit, as truncate's does); partial pages at the ends are zeroed in the cache,
+        as Linux zeroes them, so no block is allocated or freed for them. Past the end of the
+        file there is nothing to punch: nothing is mapped there."""
+        if offset < 0 or length <= 0:
+            raise InvalidArgument(f"bad hole [{offset}, +{length})")
+        async with inode.wb_lock:
+            end = min(offset + length, inode.size)
+            if end <= offset:
+                return
+            lo, hi = -(-offset // PAGE), end // PAGE  # the whole pages [lo, hi)
+            if lo >= hi:  # inside one page, or across one page boundary: zeroed, not unmapped
+                lo = hi = max(lo, offset // PAGE)
+            edges = [(offset, min(end, lo * PAGE)), (max(offset, hi * PAGE), end)]
+            for s, e in edges:
+                if s < e:
+                    idx = s // PAGE
+                    old = (await self.read_pages(inode, idx, 1))[0]
+                    self.check_dirtying(inode)
+                    self.cache.writable(inode.pages, idx, old)[s - idx * PAGE : e - idx * PAGE] = bytes(e - s)
+            self.cache.drop(inode.pages, lo, hi)
+            async with self.vol.join():
+                if lo < hi:
+                    inode.nbytes += self.extents.punch(inode.ino, lo * PAGE, hi * PAGE)
+                    inode.epoch += 1
+                # the hole is as written as data is: dirty pages dropped past the durable size
+                # must not take the size they gave the file with them (as writeback moves it)
+                inode.disk_size = max(inode.disk_size, end)
+                self._touch(inode)
+                self.save_inode(inode)
+
     async def read_pages(self, inode: Inode, first: int, count: int) -> list[Page]:
         """Pages [first, first + count) of the file, reading what is not cached (holes read as
         zeros). Like the cache's own pages, they are valid until the caller next awaits."""
@@ -1279,6 +1312,11 @@ class File:
         size = self.pos if size is None else size
         await self.fs.truncate_inode(self.inode, size)
         return size
+
+    async def punch_hole(self, offset: int, length: int) -> None:
+        """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) of [offset, offset + length)."""
+        self._check(True)
+        await self.fs.punch_inode(self.inode, offset, length)
 
     async def fsync(self) -> None:
         """Returns when this file's data and metadata are durable; raises the writeback error
