@@ -212,16 +212,16 @@ iodepth=8
     assert out["blockemu"]["ignored_options"] == {"s": ["cpus_allowed", "write_bw_log"]}
 
 
-def test_non_file_engines_and_trim_are_refused_by_name(tmp_path):
+def test_non_file_engines_and_jobs_they_cannot_run_are_refused_by_name(tmp_path):
     job = tmp_path / "x.fio"
     job.write_text("[a]\nioengine=null\nsize=1m\n[b]\nioengine=cpuio\nhttp_verbose=1\n")
     p = run("run", str(job), check_rc=1)
     assert p.stderr.count("\n") == 1 and "x.fio:2: ioengine=null is not supported" in p.stderr
     assert "x.fio:5: ioengine=cpuio is not supported" in p.stderr
-    job.write_text("[t]\nrw=trim\nsize=1m\n[n]\nrw=read\nwait_for=later\n[later]\nsize=1m\n")
+    job.write_text("[t]\nioengine=ftruncate\nrw=read\nsize=1m\n[n]\nrw=read\nwait_for=later\n[later]\nsize=1m\n")
     p = run("run", str(job), "--parse-only", check_rc=1)
-    assert "x.fio:1: job t: rw=trim is not supported" in p.stderr and "x.fio:4: job n: size= is needed" in p.stderr
-    assert "x.fio:4: job n: wait_for=later names no earlier job" in p.stderr
+    assert "x.fio:1: job t: ioengine=ftruncate only writes" in p.stderr and "x.fio:5: job n: size= is needed" in p.stderr
+    assert "x.fio:5: job n: wait_for=later names no earlier job" in p.stderr
 
 
 async def test_size_comes_from_existing_files_and_poisson_rate(tmp_path):

@@ -48,9 +48,10 @@ from typing import Any, Callable
 import crc32c
 import xxhash
 
-from blockemu.errors import BlockemuError, InvalidArgument, NotFoundError
+from blockemu.errors import BlockemuError, InvalidArgument, NoSpaceError, NotFoundError
 from blockemu.fs.filesystem import File, Filesystem
-from blockemu.workload.jobfile import ASYNC_ENGINES, RW, Job, SteadyState
+from blockemu.workload.buffers import Buffers, WorkingSet, repeat
+from blockemu.workload.jobfile import ASYNC_ENGINES, ERROR_KINDS, RW, Job, Share, SteadyState, fixed
 
 PERCENTILES = (1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99)
 READ, WRITE, TRIM = 0, 1, 2
@@ -59,6 +60,7 @@ SAMPLE_S = 0.5  # fio's bwavgtime/iopsavgtime default: one bandwidth/IOPS sample
 DEPTH_BUCKETS = (1, 2, 4, 8, 16, 32)
 LAT_BUCKETS = (2, 4, 10, 20, 50, 100, 250, 500, 750, 1000)
 MS_BUCKETS = LAT_BUCKETS + (2000,)
+NON_FATAL = frozenset((errno.EIO, errno.EILSEQ))  # what continue_on_error goes past without ignore_error
 SYNC_NOTE = "note: both iodepth >= 1 and synchronous I/O engine are selected, queue depth will be capped at 1"
 
 
@@ -131,7 +133,7 @@ class Verifier:
 
     def _fill(self, n: int, rng: random.Random) -> bytes:
         if self.pattern:
-            return (self.pattern * (n // len(self.pattern) + 1))[:n]
+            return repeat(self.pattern, n)
         return rng.randbytes(n)
 
     def _chunks(self, length: int) -> range:
@@ -296,6 +298,10 @@ class JobResult:
     steady: "SteadyWatch | None" = None
     latency: "LatencyTarget | None" = None
     error_text: str = ""  # what the error (err=) was
+    continue_on: bool = False  # continue_on_error: total_err and first_error are reported
+    total_err: int = 0
+    first_error: int = 0
+    error_log: list[str] = field(default_factory=list)  # error_dump: each error gone past
     describe: str = ""  # fio's first line for the job: rw, bs, ioengine, iodepth
 
     @property
@@ -320,7 +326,18 @@ class JobResult:
         self.ctx, self.majf, self.minf = self.ctx + other.ctx, self.majf + other.majf, self.minf + other.minf
         self.depths += other.depths
         self.ios_issued += other.ios_issued
+        self.total_err += other.total_err
+        self.first_error = self.first_error or other.first_error
+        self.error_log += other.error_log
         self.ignored = sorted(set(self.ignored) | set(other.ignored))
+
+    def count_error(self, code: int, line: str | None) -> None:
+        """An I/O error the job went on past (continue_on_error): counted, and logged unless
+        error_dump=0; it becomes the job's err= at the end, as in fio, without failing the run."""
+        self.total_err += 1
+        self.first_error = self.first_error or code
+        if line:
+            self.error_log.append(line)
 
     def fail(self, e: BlockemuError) -> None:
         """fio's err= for the job: the first error's errno, and its text for our report."""
@@ -378,13 +395,15 @@ class JobResult:
             "latency_target": self.latency.target_ns if self.latency else 0,
             "latency_percentile": self.latency.percentile if self.latency else 100.0,
             "latency_window": self.latency.window_us if self.latency else 0,
+            **({"total_err": self.total_err, "first_error": self.first_error} if self.continue_on else {}),
         }
         if self.steady is not None:
             out["steadystate"] = self.steady.as_json()
         if plus and self.sync:
             out["sync"]["lat_ns"]["bins"] = bins(self.sync)
         ours = {"error": self.error_text, "verify_errors": self.verify_errors,
-                "first_verify_error": self.verify_first, "rate_shortfall": self.rate_shortfall}
+                "first_verify_error": self.verify_first, "rate_shortfall": self.rate_shortfall,
+                "errors": self.error_log}
         if any(ours.values()):
             out["blockemu"] = {k: v for k, v in ours.items() if v}
         return out
@@ -417,6 +436,28 @@ def group_bandwidth(results: list[JobResult]) -> dict[int, list[float]]:
 
 # --- running a job ----------------------------------------------------------------------------
 
+class LayoutGate:
+    """fio lays out every job's files before any job starts: a job's I/O must not slow the
+    layout of another (whose runtime would then be spent before it began). The jobs that
+    start together each pass, whether their layout worked or not (a job that failed before
+    its layout, or was stopped, passes when it ends)."""
+
+    def __init__(self, jobs: int) -> None:
+        self.left = jobs
+        self.seen: set[str] = set()
+        self.open = asyncio.Event()
+        if jobs <= 0:
+            self.open.set()
+
+    def arrived(self, job: str) -> None:
+        if job in self.seen:
+            return
+        self.seen.add(job)
+        self.left -= 1
+        if self.left <= 0:
+            self.open.set()
+
+
 @dataclass
 class RunContext:
     """What every job of a run shares: the filesystem, the run's directory in the image (where
@@ -427,18 +468,26 @@ class RunContext:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     halt: asyncio.Event = field(default_factory=asyncio.Event)
     flows: dict[int, list[int]] = field(default_factory=dict)  # flow_id -> [I/Os issued, total weight]
+    dedupe: dict[int, WorkingSet] = field(default_factory=dict)  # dedupe_global's working set (key 0)
+    gate: LayoutGate = field(default_factory=lambda: LayoutGate(0))  # the jobs that start with this one
 
     @property
     def stopped(self) -> bool:
         return self.stop.is_set() or self.halt.is_set()
 
-    async def nap(self, seconds: float) -> None:
-        """Wait, unless the job is stopped first."""
+    async def laid_out(self, job: str) -> None:
+        """This job's files are laid out: wait for the others that start with it (or a stop)."""
+        self.gate.arrived(job)
+        await self.nap(math.inf, self.gate.open)
+
+    async def nap(self, seconds: float, until: asyncio.Event | None = None) -> None:
+        """Wait, unless the job is stopped first (or ``until`` is set)."""
         if seconds <= 0 or self.stopped:
             return
-        waits = [asyncio.ensure_future(e.wait()) for e in (self.stop, self.halt)]
+        waits = [asyncio.ensure_future(e.wait()) for e in (self.stop, self.halt, until) if e is not None]
         try:
-            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=None if math.isinf(seconds) else seconds,
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()
@@ -708,12 +757,14 @@ class Clone:
         self.rng = random.Random(job.get("randseed", seed) + n)
         self.data_rng = random.Random(self.rng.random())
         self.paths = job_files(job, ctx.directory, n)
-        self.offset = job.get("offset", 0) + job.get("offset_increment", 0) * n
+        self.offset = fixed(job.get("offset")) + job.get("offset_increment", 0) * n
         self.unit = min(a for a in job.get("ba") or ()) if job.get("ba") else min(s.lo for s in self.sizes)
         self.regions: list[Region] = []
         self.budget = 0
-        if job.get("size") or job.get("filesize"):
-            total = job.get("size") or job.get("filesize") * len(self.paths)
+        self.fill = job.get("fill_device", False)  # writes until ENOSPC: sized at layout, by the free space
+        size = job.get("size")
+        if (fixed(size) or job.get("filesize")) and not self.fill and not isinstance(job.get("offset"), Share):
+            total = fixed(size) or job.get("filesize") * len(self.paths)
             self._size_regions([job.get("filesize") or total // len(self.paths)] * len(self.paths))
         self.number_ios = job.get("number_ios", 0)
         self.dist = job.get("random_distribution", ("random", 0.0))
@@ -727,12 +778,22 @@ class Clone:
         self.verifier = Verifier(vkind, job.get("verify_pattern"), job.get("verify_interval")) \
             if vkind not in ("0", "null") else None
         mix = job.get("rwmixread", 100 - job.get("rwmixwrite", 50))
-        self.read_pct = {"read": 100, "randread": 100, "write": 0, "randwrite": 0}.get(self.rw.pattern, mix)
+        self.read_pct = {"read": 100, "randread": 100}.get(self.rw.pattern, 0 if "write" in self.rw.pattern
+                                                            or "trim" in self.rw.pattern else mix)
+        # rw=trim/randtrim trim; trimwrite/randtrimwrite trim a block, then write that block
+        self.trims = "trim" in self.rw.pattern
+        self.then_write: IO | None = None  # trimwrite: the write that follows the trim just issued
+        self.continue_on: frozenset[str] = job.get("continue_on_error", frozenset())
+        self.ignore = job.get("ignore_error") or (None, None, None)
+        result.continue_on = bool(self.continue_on)
+        self.trimmed: dict[tuple[int, int], int] = {}  # trim_percentage: (region, offset) -> length
+        self.trim_due: list[tuple[int, int]] = []  # written since the last trim_backlog batch
+        self.filled = False  # fill_device: a write met ENOSPC
         self.rate = job.get("rate") or (0, 0, 0)
         self.rate_iops = job.get("rate_iops") or (0, 0, 0)
         self.fsync_every = job.get("fsync", 0) or job.get("fdatasync", 0)
         self.sync_writes = job.get("sync", "0") not in ("0", "none")
-        self.buffers: dict[int, bytes] = {}
+        self.buffers: Buffers | None = None  # made at layout, once the region's size is known
         self.written: dict[tuple[int, int], tuple[int, int]] = {}  # (region, offset) -> (length, numberio)
         self.backlog: list[tuple[int, int]] = []  # written since the last verify_backlog check
         self.issued = [0, 0, 0]  # bytes this measuring period, per direction (for rate=)
@@ -750,7 +811,9 @@ class Clone:
     def _size_regions(self, sizes: list[int]) -> None:
         self.regions = [Region(p, self.offset, n - n % self.unit, self.unit) for p, n in zip(self.paths, sizes)]
         total = sum(r.length for r in self.regions)
-        self.budget = (self.job.get("io_size") or total) * max(1, self.job.get("loops", 1))
+        io_size = self.job.get("io_size")
+        io_size = io_size.of(total, self.unit) if isinstance(io_size, Share) else io_size  # a share of size
+        self.budget = (io_size or total) * max(1, self.job.get("loops", 1))
 
     @property
     def reads(self) -> bool:
@@ -760,6 +823,11 @@ class Clone:
         """Create the files (and their directories); fill what a read will need. Not timed.
         Without size=, the files' own sizes are the job's, as fio takes them."""
         fs = self.ctx.fs
+        if self.fill:  # fio: "size to something really large", ENOSPC ends it
+            have = sum([(await fs.stat(p)).st_size for p in self.paths if await fs.exists(p)])
+            self._size_regions([(fs.space()[1] + have) // len(self.paths)] * len(self.paths))
+        elif isinstance(self.job.get("size"), Share) or isinstance(self.job.get("offset"), Share):
+            await self._size_shares()
         if not self.regions:
             missing = [p for p in self.paths if not await fs.exists(p)]
             if missing:
@@ -776,28 +844,49 @@ class Clone:
             region.file = await fs.open(region.path, "r+" if exists else "w+")
             need = region.start + region.length
             have = region.file.inode.size
-            if self.engine != "ftruncate" and (self.reads or self.job.get("overwrite")) and have < need:
+            laid = self.reads or self.job.get("overwrite") or self.rw.pattern in ("trim", "randtrim")
+            if self.engine != "ftruncate" and laid and have < need:
                 chunk = max(self.sizes[READ].hi, self.sizes[WRITE].hi) if self.verifier else 1 << 20
                 pos = have - have % chunk if self.verifier else have
-                while pos < need:
-                    n = min(chunk, need - pos)
-                    data = self.verifier.make(pos, 0, n, self.data_rng) if self.verifier \
-                        else self.data_rng.randbytes(n)
-                    await region.file.pwrite(data, pos)
-                    pos += n
+                try:
+                    while pos < need:
+                        n = min(chunk, need - pos)
+                        data = self.verifier.make(pos, 0, n, self.data_rng) if self.verifier \
+                            else self.data_rng.randbytes(n)
+                        await region.file.pwrite(data, pos)
+                        pos += n
+                except NoSpaceError:  # fill_device with reads: "the mount point will be filled first"
+                    if not self.fill:
+                        raise
+                    region.length = pos - pos % self.unit - region.start
+                    region.blocks = max(1, region.length // region.unit)
                 await region.file.fsync()
             if self.job.get("pre_read"):  # into the page cache before the clock starts
                 for pos in range(region.start, min(need, region.file.inode.size), 1 << 20):
                     await region.file.pread(min(1 << 20, need - pos), pos)
 
+    async def _size_shares(self) -> None:
+        """``size=30%``/``offset=10%``: shares of the files' size when they all exist, of the
+        image's free space otherwise (an image starts empty: there is no device size to take)."""
+        fs, job = self.ctx.fs, self.job
+        if all([await fs.exists(p) for p in self.paths]):
+            whole = min([(await fs.stat(p)).st_size for p in self.paths])
+        else:
+            whole = fs.space()[1] // len(self.paths)
+        offset, size = job.get("offset", 0), job.get("size")
+        if isinstance(offset, Share):
+            self.offset = offset.of(whole, self.unit) + job.get("offset_increment", 0) * self.n
+        per = size.of(whole, self.unit) if isinstance(size, Share) else \
+            job.get("filesize") or (size // len(self.paths) if size else whole - self.offset)
+        self._size_regions([per] * len(self.paths))
+
     def _buffer(self, io: IO) -> bytes:
         if self.verifier is not None:
             return self.verifier.make(io.offset, io.numberio, io.length, self.data_rng)
-        if self.job.get("zero_buffers"):
-            return bytes(io.length)
-        if self.job.get("refill_buffers") or io.length not in self.buffers:
-            self.buffers[io.length] = self.data_rng.randbytes(io.length)
-        return self.buffers[io.length]
+        if self.buffers is None:
+            shared = self.ctx.dedupe.setdefault(0, WorkingSet()) if self.job.get("dedupe_global") else None
+            self.buffers = Buffers(self.job, self.data_rng, sum(r.length for r in self.regions), shared)
+        return self.buffers.make(io.length, io.offset, io.numberio)
 
     def _pick_region(self) -> Region:
         kind = self.job.get("file_service_type", "roundrobin")
@@ -820,13 +909,19 @@ class Clone:
             return None
         if self.steady is not None and self.steady.tick(now, self.completed, self.completed_bytes):
             return None  # steady state attained: fio ends the job
-        if self.latency is not None and self.latency.done or self.result.error:
-            return None  # the latency target's depth is found, or max_latency was exceeded
+        if self.latency is not None and self.latency.done or self.result.error or self.filled:
+            return None  # the latency target's depth is found, max_latency was exceeded, or fill_device is full
+        if self.then_write is not None:  # trimwrite: the block just trimmed is written now
+            io, self.then_write = self.then_write, None
+            self.bytes_done += io.length
+            self.ios += 1
+            self.numberio += 1
+            return IO(io.region, WRITE, io.offset, io.length, self.numberio)
         timed = self.job.get("time_based") and self.job.get("runtime")
         if not timed and (self.bytes_done >= self.budget or self.number_ios and self.ios >= self.number_ios):
             return None
         region = self._pick_region()
-        ddir = READ if self.rng.randrange(100) < self.read_pct else WRITE
+        ddir = TRIM if self.trims else READ if self.rng.randrange(100) < self.read_pct else WRITE
         length = self.sizes[ddir].pick(self.rng)
         if self.zones is not None:
             pos, length = self._strided(region, ddir, length)
@@ -855,10 +950,14 @@ class Clone:
         else:
             pos, length = region.sequential(ddir, length, self.rw.modifier)
         region.last = pos
-        self.bytes_done += length
+        io = IO(region, ddir, region.start + pos, length, self.numberio + 1)
+        if "write" in self.rw.pattern and ddir == TRIM:  # fio counts a trimwrite's writes, not its trims
+            self.then_write = io
+        else:
+            self.bytes_done += length
         self.ios += 1
         self.numberio += 1
-        return IO(region, ddir, region.start + pos, length, self.numberio)
+        return io
 
     def _strided(self, region: Region, ddir: int, length: int) -> tuple[int, int]:
         """zonemode=strided: zonesize bytes inside a zonerange-long zone, then zoneskip bytes
@@ -939,6 +1038,9 @@ class Clone:
             got = None
         elif io.ddir == READ:
             got = await f.pread(io.length, io.offset)
+        elif io.ddir == TRIM:  # a file's discard: fallocate(PUNCH_HOLE | KEEP_SIZE)
+            await f.punch_hole(io.offset, io.length)
+            got = None
         else:
             await f.pwrite(data, io.offset)
             if self.sync_writes:  # O_SYNC/O_DSYNC: the write returns once it is durable
@@ -962,6 +1064,10 @@ class Clone:
             key = (self.regions.index(io.region), io.offset)
             self.written[key] = (io.length, io.numberio)
             self.backlog.append(key)
+            if self.job.get("trim_backlog"):
+                self.trim_due.append(key)
+        elif io.ddir == TRIM:
+            self.written.pop((self.regions.index(io.region), io.offset), None)
         elif got is not None and self.verifier is not None:
             w = self.written.get((self.regions.index(io.region), io.offset))
             self._verify(got, io.offset, w[1] if w and w[0] == io.length else None, io.region)
@@ -1020,7 +1126,8 @@ class Clone:
                 if self.think and self.completed % self.think_every < len(done):
                     await self.ctx.nap(self.think)  # thinktime(_spin): slept, a spin would stall the loop
                 verify_due = self.verifier is not None and 0 < self.job.get("verify_backlog", 0) <= len(self.backlog)
-                if sync_due or verify_due:  # fio drains the queue first: a read-back must not race its write
+                trim_due = 0 < self.job.get("trim_backlog", 0) <= len(self.trim_due)
+                if sync_due or verify_due or trim_due:  # fio drains the queue first: a read-back must not race its write
                     if inflight:
                         await asyncio.wait(inflight)
                     for task in list(inflight):
@@ -1029,6 +1136,8 @@ class Clone:
                     await self._sync()
                 if verify_due:
                     await self._backlog()
+                if trim_due:
+                    await self._trim_backlog()
             if self.job.get("end_fsync") or self.verifier is not None:
                 await self._sync()
         except BlockemuError as e:  # the I/O error ends this clone, as in fio; the others go on
@@ -1047,7 +1156,11 @@ class Clone:
     def _reap(self, task: asyncio.Task, started: tuple[IO, int, int]) -> bool:
         """Account a completed I/O; True when fsync=N says a sync is due."""
         io, t_prep, t_sub = started
-        t_done, got = task.result()
+        try:
+            t_done, got = task.result()
+        except BlockemuError as e:
+            self._io_error(io, e)
+            return False
         self._complete(io, t_prep, t_sub, t_done, got)
         self.completed += 1
         self.completed_bytes += io.length
@@ -1055,6 +1168,38 @@ class Clone:
             return False
         self.writes += 1
         return bool(self.fsync_every) and self.writes % self.fsync_every == 0
+
+    def _io_error(self, io: IO, e: BlockemuError) -> None:
+        """fio's error policy: fill_device ends at ENOSPC (or EDQUOT) without an error; with
+        continue_on_error naming the I/O's type, an error in that type's list (ignore_error's,
+        or fio's non-fatal EIO and EILSEQ) is counted and the job goes on; anything else ends it."""
+        code = e.errno or errno.EIO
+        if self.fill and io.ddir == WRITE and code in (errno.ENOSPC, errno.EDQUOT):
+            self.filled = True
+            return
+        kind = "read" if io.ddir == READ else "write"
+        if self.continue_on:
+            line = f"fio: io_u error on file {io.region.path}: {os.strerror(code)}: {DDIR_NAMES[io.ddir]} " \
+                   f"offset={io.offset}, buflen={io.length}" if self.job.get("error_dump", True) else None
+            self.result.count_error(code, line)
+            if kind in self.continue_on and code in (self.ignore[ERROR_KINDS.index(kind)] or NON_FATAL):
+                return
+        raise e
+
+    async def _trim_backlog(self) -> None:
+        """trim_backlog=N: after N writes, trim trim_percentage of (trim_backlog_batch of) them;
+        the verify phase then expects zeros there (trim_verify_zero)."""
+        batch, self.trim_due = self.trim_due[: self.job.get("trim_backlog_batch") or len(self.trim_due)], []
+        for key in dict.fromkeys(batch):
+            if key not in self.written or self.rng.randrange(100) >= self.job.get("trim_percentage", 0):
+                continue
+            length, _ = self.written.pop(key)
+            region = self.regions[key[0]]
+            assert region.file is not None
+            t = time.perf_counter_ns()
+            await region.file.punch_hole(key[1], length)
+            self._complete(IO(region, TRIM, key[1], length, 0), t, t, time.perf_counter_ns(), None)
+            self.trimmed[key] = length
 
     async def _verify_written(self, keys: list[tuple[int, int]]) -> None:
         """Read back written blocks and check them; each is then off the list to verify."""
@@ -1071,6 +1216,14 @@ class Clone:
         verify_backlog has not checked already."""
         if self.verifier is not None and self.job.get("do_verify", True):
             await self._verify_written(sorted(self.written))
+            if self.job.get("trim_verify_zero", True):
+                for (ri, off), length in sorted(self.trimmed.items()):
+                    region = self.regions[ri]
+                    assert region.file is not None
+                    if any(await region.file.pread(length, off)):
+                        self.result.verify_errors += 1
+                        self.result.verify_first = self.result.verify_first or \
+                            f"verify: trimmed block not zero at file {region.path} offset {off}, length {length}"
 
     async def _backlog(self) -> None:
         """verify_backlog=N: after N writes, verify (verify_backlog_batch of) them."""
@@ -1106,19 +1259,19 @@ def check_job(job: Job) -> list[str]:
     """What keeps a job from running, beyond what the parser checks: its sizes."""
     problems = []
     rw: RW = job.get("rw", RW("read"))
-    if rw.pattern in ("trim", "randtrim", "trimwrite", "randtrimwrite"):
-        problems.append(f"rw={rw.pattern} is not supported (the emulated filesystem has no discard or hole punch)")
     if job.get("verify") == "pattern" and not job.get("verify_pattern"):
         problems.append("verify=pattern needs verify_pattern=")
     if job.get("ioengine") == "ftruncate" and rw.pattern not in ("write", "randwrite"):
         problems.append(f"ioengine=ftruncate only writes (its I/Os are truncates), not rw={rw.pattern}")
-    if not (job.get("size") or job.get("filesize")):
+    if job.get("fill_device") or isinstance(job.get("size"), Share):
+        pass  # sized at layout: by the image's free space, or a share of it or of the files
+    elif not (job.get("size") or job.get("filesize")):
         if not job.get("filename"):  # a named file may exist by the time the job runs: its size is the job's
             problems.append("size= is needed (the emulated filesystem has no device to take it from); "
                             "give it in the job file or with --size")
     else:
         smallest = min(Sizes(job, d).lo for d in (READ, WRITE))
-        per = job.get("filesize") or job.get("size") // max(1, len(job_files(job, "/", 0)))
+        per = job.get("filesize") or fixed(job.get("size")) // max(1, len(job_files(job, "/", 0)))
         if per < smallest:
             problems.append(f"size {per} per file is smaller than the block size {smallest}")
     return problems
@@ -1144,8 +1297,11 @@ async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
         c.result.depth, c.result.ignored, c.result.notes = max(1, job.get("iodepth", 1)), job.ignored, notes
         c.result.describe = describe(job, c)
     try:
-        for c in clones:
-            await c.layout()
+        try:
+            for c in clones:
+                await c.layout()
+        finally:
+            await ctx.laid_out(job.name)
         await ctx.nap(job.get("startdelay", 0))
         if not job.get("create_only"):  # create_only: the setup phase alone
             await asyncio.gather(*(c.run() for c in clones))  # a clone's I/O error ends that clone only
@@ -1166,6 +1322,7 @@ async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
     for c in clones:
         if c.result.verify_errors:
             c.result.error = c.result.error or errno.EILSEQ  # as fio reports a verify failure
+        c.result.error = c.result.error or c.result.first_error  # fio's err= is the first error gone past
         c.result.rate_shortfall = rate_shortfall(job, c.result)
     return [c.result for c in clones]
 
@@ -1257,6 +1414,10 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
             lines.append(f"     {label:<10}: " + ", ".join(f"{k}={v:.1f}%" for k, v in per_call.items()))
         totals = ",".join(str(len(d.clat)) for d in r.dirs)
         lines.append(f"     issued rwts: total={totals},0 short=0,0,0,0 dropped=0,0,0,0")
+        if r.continue_on:
+            lines.append(f"     errors    : total={r.total_err}, first_error={r.first_error}/"
+                         f"<{os.strerror(r.first_error) if r.first_error else 'Success'}>")
+        lines += r.error_log
         lat = r.as_json([0.0, 0.0, 0.0])
         lines.append(f"     latency   : target={lat['latency_target']}, window={lat['latency_window']}, "
                      f"percentile={lat['latency_percentile']:.2f}%, depth={lat['latency_depth']}")

@@ -11,6 +11,7 @@ typo, are errors. All errors of a file are reported together, each with its file
 from __future__ import annotations
 
 import ast
+import errno
 import operator
 import os
 import re
@@ -63,6 +64,33 @@ def _arith(text: str) -> str:
 
 def size(text: str) -> int:
     return parse_size(_arith(text))
+
+
+@dataclass(frozen=True)
+class Share:
+    """``size=30%``: a share of what the job's files offer -- the existing files' size, or the
+    image's free space for files not there yet (fio takes the files' or the device's size)."""
+    percent: float
+
+    def of(self, whole: int, unit: int = 1) -> int:
+        """The share of ``whole``, rounded down to ``unit``."""
+        n = int(whole * self.percent / 100)
+        return n - n % unit
+
+
+def size_or_share(text: str) -> int | Share:
+    """A size, or fio's percentage form (``30%``, between 1 and 100)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", text)
+    if not m:
+        return size(text)
+    if not 0 < float(m[1]) <= 100:
+        raise ValueError(f"{text!r} (a percentage is between 1 and 100)")
+    return Share(float(m[1]))
+
+
+def fixed(value: int | Share | None) -> int:
+    """A size known before the run (0 for a share, which the run resolves)."""
+    return value if isinstance(value, int) else 0
 
 
 def integer(text: str) -> int:
@@ -259,11 +287,34 @@ def zonemode(text: str) -> str:
     return choice("none", "strided")(text)
 
 
-def no_fill(text: str) -> bool:
-    if parse_bool(text):
-        raise Unsupported("fill_device is not supported (a job here ends at its first I/O error; fio's "
-                          "fill, which stops at ENOSPC as success, is not implemented)")
-    return False
+ERROR_KINDS = ("read", "write", "verify")  # fio's error types: continue_on_error and ignore_error lists
+
+
+def continue_on(text: str) -> frozenset[str]:
+    """``continue_on_error``: the error types a job goes on past (fio's none|read|write|io|verify|all|0|1)."""
+    kinds = {"none": (), "0": (), "read": ("read",), "write": ("write",), "io": ("read", "write"),
+             "verify": ("verify",), "all": ERROR_KINDS, "1": ERROR_KINDS, "": ERROR_KINDS}
+    if text not in kinds:
+        raise ValueError(f"{text!r} (expected one of none, read, write, io, verify, all)")
+    return frozenset(kinds[text])
+
+
+def ignore_errors(text: str) -> tuple[frozenset[int] | None, ...]:
+    """``ignore_error=READ_LIST,WRITE_LIST,VERIFY_LIST``, each a ``:``-separated list of errno
+    names or numbers; an empty list keeps fio's default for that type (EIO, EILSEQ)."""
+    lists = text.split(",")
+    if len(lists) > 3:
+        raise ValueError(f"{text!r} (at most three lists: read, write, verify)")
+    out: list[frozenset[int] | None] = []
+    for part in lists + [""] * (3 - len(lists)):
+        codes = set()
+        for name in filter(None, (n.strip() for n in part.split(":"))):
+            code = int(name) if name.isdigit() else getattr(errno, name.upper(), None)
+            if code is None or code not in errno.errorcode:
+                raise ValueError(f"{name!r} is not an errno name or number")
+            codes.add(code)
+        out.append(frozenset(codes) or None)
+    return tuple(out)
 
 
 def engine(text: str) -> str:
@@ -286,7 +337,8 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "wait_for": str, "rw": parse_rw, "rw_sequencer": choice("sequential", "identical"),
     "bs": per_direction(size), "bsrange": per_direction(bs_range), "bssplit": per_direction(bs_split),
     "bs_unaligned": parse_bool, "ba": per_direction(size), "thinktime": parse_usec, "thinktime_spin": parse_usec,
-    "thinktime_blocks": integer, "size": size, "filesize": size, "io_size": size, "offset": size,
+    "thinktime_blocks": integer, "size": size_or_share, "filesize": size, "io_size": size_or_share,
+    "offset": size_or_share,
     "offset_increment": size, "number_ios": integer, "nrfiles": integer, "file_service_type": choice(
         "roundrobin", "random", "sequential"),
     "numjobs": integer, "iodepth": integer, "ioengine": engine, "runtime": parse_time, "time_based": parse_bool,
@@ -298,7 +350,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "verify_backlog_batch": integer, "rwmixread": integer, "rwmixwrite": integer,
     "rate": per_direction(size), "rate_iops": per_direction(integer), "rate_min": per_direction(size),
     "rate_iops_min": per_direction(integer), "rate_process": choice("linear", "poisson"),
-    "fill_device": no_fill, "steadystate": steadystate, "steadystate_duration": parse_time,
+    "fill_device": parse_bool, "steadystate": steadystate, "steadystate_duration": parse_time,
     "steadystate_ramp_time": parse_time, "latency_target": parse_usec, "latency_window": parse_usec,
     "latency_percentile": float, "latency_run": parse_bool, "max_latency": per_direction(parse_usec),
     "zonemode": zonemode, "zonesize": size, "zonerange": size, "zoneskip": size, "flow": integer,
@@ -310,7 +362,13 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "overwrite": parse_bool, "create_on_open": parse_bool, "create_only": parse_bool, "pre_read": parse_bool,
     "allow_file_create": parse_bool, "create_serialize": parse_bool,
     "create_fsync": parse_bool, "percentile_list": str, "clat_percentiles": parse_bool,
-    "lat_percentiles": parse_bool, "slat_percentiles": parse_bool, "continue_on_error": str,
+    "lat_percentiles": parse_bool, "slat_percentiles": parse_bool, "continue_on_error": continue_on,
+    "ignore_error": ignore_errors, "error_dump": parse_bool,
+    "trim_percentage": integer, "trim_verify_zero": parse_bool, "trim_backlog": integer,
+    "trim_backlog_batch": integer,
+    "buffer_pattern": verify_pattern, "buffer_compress_percentage": integer, "buffer_compress_chunk": size,
+    "dedupe_percentage": integer, "dedupe_mode": choice("repeat", "working_set"),
+    "dedupe_working_set_percentage": integer, "dedupe_global": parse_bool,
     # documented no-ops: the emulated filesystem has no page cache bypass, no preallocation and
     # no readahead to advise, and asyncio tasks are neither threads nor processes
     "direct": parse_bool, "buffered": parse_bool, "invalidate": parse_bool, "fallocate": str,
@@ -346,15 +404,14 @@ cmdprio_class cmdprio cmdprio_bssplit unified_rw_reporting verify_async verify_d
 
 # The rest of fio's options: known, and refused by name rather than as typos.
 UNSUPPORTED = frozenset("""
-lockfile unique_filename opendir ignore_error serialize_overlap file_append offset_align percentage_random
+lockfile unique_filename opendir serialize_overlap file_append offset_align percentage_random
 openfiles write_barrier sync_file_range verify_only verify_offset experimental_verify verify_state_load
-verify_state_save trim_percentage trim_verify_zero trim_backlog trim_backlog_batch write_iolog read_iolog
+verify_state_save write_iolog read_iolog
 read_iolog_chunked replay_no_stall replay_redirect replay_scale replay_align replay_time_scale replay_skip
 merge_blktrace_file merge_blktrace_scalars merge_blktrace_iters exec_prerun exec_postrun zonecapacity
 read_beyond_wp max_open_zones job_max_open_zones ignore_zone_limits zone_reset_threshold zone_reset_frequency
 thinktime_blocks_type thinktime_iotime rate_cycle rate_ignore_thinktime allow_mounted_write exitall_on_error
-buffer_pattern buffer_compress_percentage buffer_compress_chunk dedupe_percentage dedupe_mode
-dedupe_working_set_percentage dedupe_global error_dump profile rwmixcycle
+profile rwmixcycle
 """.split())
 
 

@@ -31,10 +31,12 @@ from blockemu.device.faultplan import FaultPlan
 from blockemu.errors import BlockemuError, InvalidArgument
 from blockemu.fs.filesystem import Filesystem, mount
 from blockemu.fs.mkfs import mkfs
+from blockemu.workload.buffers import WorkingSet
 from blockemu.workload.campaign import Campaign, Shard
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, record
 from blockemu.workload.fio import (
     JobResult,
+    LayoutGate,
     RunContext,
     check_job,
     group_bandwidth,
@@ -43,7 +45,7 @@ from blockemu.workload.fio import (
     terse_report,
     text_report,
 )
-from blockemu.workload.jobfile import Job, JobFile, load, parse
+from blockemu.workload.jobfile import Job, JobFile, fixed, load, parse
 from blockemu.workload.keyrace import run_race, unexpected
 from blockemu.workload.mix import DEFAULT_OPS, MixResult, Task, run_mix, verify_ledger, verify_mix
 from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS, WritePath
@@ -122,7 +124,7 @@ def _image_size(jf: JobFile) -> int:
     size = jf.globals.get("image_size")
     if size:
         return size
-    need = sum((j.get("size") or j.get("filesize", 0) * max(1, j.get("nrfiles", 1))) + j.get("offset", 0)
+    need = sum((fixed(j.get("size")) or j.get("filesize", 0) * max(1, j.get("nrfiles", 1))) + fixed(j.get("offset"))
                for j in jf.jobs for _ in range(max(1, j.get("numjobs", 1))))
     return max(256 << 20, 3 * need)
 
@@ -138,6 +140,7 @@ class Runner:
         self.stop = asyncio.Event()
         self.done = {j.name: asyncio.Event() for j in jf.jobs}
         self.flows: dict[int, list[int]] = {}  # fio's flow groups span the run's jobs
+        self.dedupe: dict[int, WorkingSet] = {}  # dedupe_global's working set spans them too
         self.halts = {j.name: asyncio.Event() for j in jf.jobs}  # exitall's, per job
 
     def interrupt(self, signum: int) -> None:
@@ -165,7 +168,9 @@ class Runner:
         self.fs = await self._mount()
         try:
             for barrier in sorted({j.barrier for j in self.jf.jobs}):
-                await asyncio.gather(*(self._job(j) for j in self.jf.jobs if j.barrier == barrier))
+                jobs = [j for j in self.jf.jobs if j.barrier == barrier]
+                gate = LayoutGate(sum(1 for j in jobs if j.get("kind", "fio") == "fio" and not j.get("wait_for")))
+                await asyncio.gather(*(self._job(j, gate) for j in jobs))
         finally:
             if self.fs is not None:
                 try:
@@ -181,15 +186,20 @@ class Runner:
                                         f"{report.errors[0].message}")
         return self.report
 
-    async def _job(self, job: Job) -> None:
+    async def _job(self, job: Job, gate: LayoutGate) -> None:
+        """``gate``: the fio jobs that start together lay out their files before any starts (a
+        job started later, by wait_for, is not waited for)."""
         try:
             if job.get("wait_for") in self.done:
                 await self.done[job.get("wait_for")].wait()
+                gate = LayoutGate(1)
             if not (self.stop.is_set() or self.halts[job.name].is_set()):
-                await self._run_job(job)
+                await self._run_job(job, gate)
                 if job.get("exitall"):
                     self._exit(job)
         finally:
+            if job.get("kind", "fio") == "fio":  # stopped before it began, or failed: not waited for
+                gate.arrived(job.name)
             self.done[job.name].set()
 
     def _exit(self, job: Job) -> None:
@@ -202,13 +212,13 @@ class Runner:
             if j.group == job.group if what == "group" else j.barrier == job.barrier:
                 self.halts[j.name].set()
 
-    async def _run_job(self, job: Job) -> None:
+    async def _run_job(self, job: Job, gate: LayoutGate) -> None:
         kind = job.get("kind", "fio")
         seed = random.Random(f"{self.seed}:{job.name}").randrange(1 << 31)
         assert self.fs is not None
         try:
             if kind == "fio":
-                ctx = RunContext(self.fs, self.directory, self.stop, self.halts[job.name], self.flows)
+                ctx = RunContext(self.fs, self.directory, self.stop, self.halts[job.name], self.flows, self.dedupe, gate)
                 results = await run_fio(ctx, job, seed)
                 for r in results:
                     r.order = self.jf.jobs.index(job)

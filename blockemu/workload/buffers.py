@@ -1,0 +1,106 @@
+"""What fio writes: the contents of its write buffers, as its buffer options shape them.
+
+Storage under test often compresses or deduplicates, so fio lets a job say how much of
+what it writes should compress (``buffer_compress_percentage``, per
+``buffer_compress_chunk``: that share of each chunk is zeros or ``buffer_pattern``, the
+rest random) and how much should repeat (``dedupe_percentage``: that share of the
+buffers is one written before -- the previous unique one with ``dedupe_mode=repeat``,
+one of a working set of the first unique ones with ``working_set``, shared by the jobs
+with ``dedupe_global``). A buffer is made from a seed, so a repeated one is the same
+bytes, compressible share included, as fio regenerates it from a saved random state.
+Without those: ``buffer_pattern`` fills, ``zero_buffers`` zeroes, otherwise random data,
+made once per size and reused unless ``refill_buffers``; ``scramble_buffers`` (fio's
+default) stamps each reused buffer's 512-byte sectors with the I/O's offset, which
+defeats naive dedupe without the cost of a refill.
+"""
+from __future__ import annotations
+
+import random
+import struct
+
+from blockemu.workload.jobfile import Job
+
+SECTOR = 512
+STAMP = struct.Struct("<QQ")  # the I/O's offset and sequence number, at the start of each sector
+
+
+class WorkingSet:
+    """The seeds of the unique buffers a dedupe may repeat: at most ``limit`` of them (at least one)."""
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit, self.seeds = limit, []
+
+    def add(self, seed: int) -> None:
+        if len(self.seeds) < max(1, self.limit):
+            self.seeds.append(seed)
+
+
+class Buffers:
+    """One clone's write buffers."""
+
+    def __init__(self, job: Job, rng: random.Random, region_bytes: int, shared: WorkingSet | None) -> None:
+        self.rng = rng
+        self.pattern: bytes | None = job.get("buffer_pattern")
+        self.zero = job.get("zero_buffers", False)
+        self.compress = job.get("buffer_compress_percentage")
+        self.chunk = job.get("buffer_compress_chunk", SECTOR)
+        self.dedupe = job.get("dedupe_percentage", 0)
+        self.working_set = job.get("dedupe_mode", "repeat") == "working_set"
+        # fio: compression other than 100% and dedupe turn refill_buffers on
+        self.refill = job.get("refill_buffers", False) or bool(self.dedupe) or \
+            (self.compress is not None and self.compress != 100)
+        self.scramble = job.get("scramble_buffers", True)
+        bs = max(1, min(s for s in (job.get("bs") or (4096,)) if s))
+        limit = region_bytes * job.get("dedupe_working_set_percentage", 5) // 100 // bs
+        self.seeds = shared if shared is not None else WorkingSet()
+        self.seeds.limit += limit  # dedupe_global: the shared set is every participant's share
+        self.last_seed: int | None = None
+        self.reused: dict[int, bytes] = {}
+
+    def make(self, length: int, offset: int, numberio: int) -> bytes:
+        if self.compress is not None or self.dedupe:
+            return self._from_seed(self._seed(), length)
+        if self.pattern:
+            return repeat(self.pattern, length)
+        if self.zero:
+            return bytes(length)
+        if self.refill:
+            return self.rng.randbytes(length)
+        if length not in self.reused:
+            self.reused[length] = self.rng.randbytes(length)
+        if not self.scramble:
+            return self.reused[length]
+        buf = bytearray(self.reused[length])
+        for at in range(0, length - STAMP.size + 1, SECTOR):
+            STAMP.pack_into(buf, at, offset + at, numberio)
+        return bytes(buf)
+
+    def _seed(self) -> int:
+        """A new seed, or -- for dedupe_percentage of the buffers -- one used before."""
+        if self.dedupe and self.rng.randrange(100) < self.dedupe:
+            if self.working_set and self.seeds.seeds:
+                return self.rng.choice(self.seeds.seeds)
+            if not self.working_set and self.last_seed is not None:
+                return self.last_seed
+        seed = self.rng.getrandbits(64)
+        self.last_seed = seed
+        self.seeds.add(seed)
+        return seed
+
+    def _from_seed(self, seed: int, length: int) -> bytes:
+        """fio's fill_random_buf_percentage: each chunk is random data, then the compressible
+        share as zeros or the pattern."""
+        r = random.Random(seed)
+        fixed_pct = self.compress or 0
+        chunk = min(self.chunk or length, length)
+        out = bytearray()
+        while len(out) < length:
+            n = min(chunk, length - len(out))
+            rand = n * (100 - fixed_pct) // 100
+            out += r.randbytes(rand)
+            out += repeat(self.pattern, n - rand) if self.pattern else bytes(n - rand)
+        return bytes(out)
+
+
+def repeat(pattern: bytes, n: int) -> bytes:
+    return (pattern * (n // len(pattern) + 1))[:n]
