@@ -1,8 +1,11 @@
 """fio job files as fio users write them: semantics, engines, output layout, and the OS's fio as oracle."""
 from __future__ import annotations
 
+import errno
 import json
 import random
+import statistics
+import zlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,12 +13,15 @@ from typing import Any
 
 import pytest
 
+import blockemu
 from blockemu.errors import InvalidArgument
 from blockemu.fs.filesystem import mount
 from blockemu.workload.fio import DIGESTS, SYNC_NOTE, Clone, JobResult, LatencyTarget, RunContext, SteadyWatch, Verifier
-from blockemu.workload.jobfile import parse
+from blockemu.workload.buffers import Buffers
+from blockemu.workload.jobfile import Share, parse
 from blockemu.workload.runner import run_workload
 from tests.test_cli import run
+from tests.util import assert_fsck_clean
 
 JOBS = Path(__file__).parent / "fio_jobs"
 FIO = shutil.which("fio")
@@ -409,7 +415,8 @@ def test_sigint_stops_the_jobs_and_reports_partial_results(tmp_path):
 # --- fio's own kinds of example jobs, and fio itself as the oracle ----------------------------
 
 EXPECTED_ENTRIES = {"rand-rw": 4, "seq-rw": 4, "ssd-test": 4, "tiobench": 4, "depths": 3, "clients": 3,
-                    "ftruncate": 2, "surface": 2, "waitfor": 2, "butterfly": 2}
+                    "ftruncate": 2, "surface": 2, "waitfor": 2, "butterfly": 2, "fill": 2, "punch-race": 4,
+                    "dedupe": 2, "shares": 3}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in JOBS.glob("*.fio")))
@@ -420,7 +427,8 @@ async def test_example_style_jobs_run_unmodified(tmp_path, name):
     out = report.as_json()
     assert out["blockemu"]["ok"], out["blockemu"]["failures"]
     assert len(out["jobs"]) == EXPECTED_ENTRIES.get(name, 1)
-    assert all(j["read"]["io_bytes"] + j["write"]["io_bytes"] > 0 and j["error"] == 0 for j in out["jobs"])
+    assert all(j["read"]["io_bytes"] + j["write"]["io_bytes"] + j["trim"]["io_bytes"] > 0 and j["error"] == 0
+               for j in out["jobs"])
 
 
 def keypaths(obj: Any, at: str = "") -> set[str]:
@@ -479,3 +487,168 @@ def test_parse_errors_come_all_at_once_from_the_cli(tmp_path):
                         f"xxhash, sha1, sha256, sha512, sha3-224, sha3-256, sha3-384, sha3-512, meta, pattern)\n")
     with pytest.raises(InvalidArgument):
         parse("[j]\nsize=(1+\n", "t.fio")
+
+
+# --- fill_device, trim, error policy, buffer contents, percentage sizes ------------------------
+
+async def test_fill_device_writes_until_enospc_and_that_is_success(tmp_path):
+    """fill.fio on a 16 MiB image: the write phase ends at ENOSPC with err=0, the read phase
+    verifies every block, and the full image is fsck-clean and remounts with the file whole."""
+    image = str(tmp_path / "f.img")
+    await blockemu.mkfs(image, size="16M")
+    report = await run_workload(str(JOBS / "fill.fio"), image=image, seed=1)
+    out = report.as_json()
+    assert out["blockemu"]["ok"], out["blockemu"]["failures"]
+    fill, check = out["jobs"]
+    written = fill["write"]["io_bytes"]
+    assert fill["error"] == 0 and written > 8 << 20
+    assert check["error"] == 0 and check["read"]["io_bytes"] == written
+    assert_fsck_clean(image)
+    async with mount(image) as fs:
+        assert (await fs.stat("/jobs/fill.tmp")).st_size == written
+        await fs.unlink("/jobs/fill.tmp")  # a full filesystem still deletes
+        assert fs.space()[1] > written
+
+
+async def test_trim_punches_holes_that_read_zeros_after_remount(tmp_path):
+    """rw=trim:4k trims every other block of a patterned file; after a remount the trimmed
+    blocks read zeros and the others keep the pattern; the trim section has the figures."""
+    out, image = await run_job(tmp_path, """[global]
+bs=4k
+filename=t.dat
+size=1m
+[lay]
+rw=write
+buffer_pattern=0xdeadbeef
+[trim]
+stonewall
+rw=trim:4k
+io_size=512k
+""")
+    trim = out["jobs"][1]["trim"]
+    assert trim["io_bytes"] == 512 << 10 and trim["total_ios"] == 128 and "percentile" in trim["clat_ns"]
+    assert out["jobs"][1]["write"]["io_bytes"] == 0
+    async with mount(image) as fs:
+        async with fs.open("/jobs/t.dat") as f:
+            data = await f.read()
+    assert len(data) == 1 << 20
+    for i in range(256):
+        block = data[i * 4096: (i + 1) * 4096]
+        assert block == (bytes(4096) if i % 2 == 0 else bytes.fromhex("deadbeef") * 1024), i
+
+
+async def test_trimwrite_and_trim_backlog_verify_zeros(tmp_path):
+    """trimwrite writes each block it trims (the file ends up whole); trim_backlog trims a share
+    of verified blocks, and the verify phase finds zeros there."""
+    out, image = await run_job(tmp_path, """[tw]
+rw=randtrimwrite
+bs=8k
+size=256k
+filename=tw.dat
+[vt]
+rw=write
+bs=4k
+size=256k
+verify=crc32c
+trim_backlog=8
+trim_percentage=50
+filename=vt.dat
+""")
+    tw, vt = out["jobs"]
+    assert tw["trim"]["total_ios"] == tw["write"]["total_ios"] == 32 and tw["write"]["io_bytes"] == 256 << 10
+    assert 0 < vt["trim"]["total_ios"] < 64 and vt["error"] == 0
+    async with mount(image) as fs:
+        async with fs.open("/jobs/tw.dat") as f:
+            data = await f.read()
+    assert len(data) == 256 << 10 and all(any(data[i: i + 8192]) for i in range(0, len(data), 8192))
+
+
+def test_ignore_error_lists():
+    job = parse("[j]\nignore_error=EAGAIN,ENOSPC:122\ncontinue_on_error=io\n", "t.fio").jobs[0]
+    assert job.get("ignore_error") == (frozenset({errno.EAGAIN}), frozenset({errno.ENOSPC, 122}), None)
+    assert job.get("continue_on_error") == frozenset({"read", "write"})
+    with pytest.raises(InvalidArgument, match="t.fio:2: bad value for ignore_error: 'ENOPE' is not an errno"):
+        parse("[j]\nignore_error=,ENOPE\n", "t.fio")
+
+
+@pytest.mark.parametrize("dump", [True, False])
+async def test_continue_on_error_counts_ignored_errors_and_goes_on(tmp_path, dump):
+    """Writing twice the image's size: each ENOSPC is counted (total_err, first_error, err=28
+    as fio reports it) and the job goes on to its end; error_dump logs each one."""
+    image = str(tmp_path / "e.img")
+    await blockemu.mkfs(image, size="16M")
+    job = tmp_path / "e.fio"
+    job.write_text(f"[full]\nrw=write\nbs=1m\nsize=24m\nfilename=big\ncontinue_on_error=write\n"
+                   f"ignore_error=,ENOSPC\nerror_dump={int(dump)}\n")
+    out = (await run_workload(str(job), image=image, seed=1)).as_json()
+    assert out["blockemu"]["ok"] and out["blockemu"]["fsck_clean"], out["blockemu"]["failures"]
+    j = out["jobs"][0]
+    assert j["error"] == j["first_error"] == errno.ENOSPC and j["total_err"] > 4
+    assert j["total_err"] + j["write"]["total_ios"] == 24  # every write was issued: it went on
+    logged = j.get("blockemu", {}).get("errors", [])
+    assert len(logged) == (j["total_err"] if dump else 0)
+    assert not dump or logged[0].startswith("fio: io_u error on file /jobs/big: No space left on device: write offset=")
+    if not dump:
+        return
+    text = run("run", str(job), "--image", image, "--seed", "1").stdout  # fio's errors line
+    assert "     errors    : total=" in text and "first_error=28/<No space left on device>" in text
+    job.write_text("[full]\nrw=write\nbs=1m\nsize=24m\nfilename=big2\ncontinue_on_error=write\n")
+    out = (await run_workload(str(job), image=image, seed=1)).as_json()  # ENOSPC is not EIO/EILSEQ: fatal
+    assert not out["blockemu"]["ok"] and out["jobs"][0]["error"] == errno.ENOSPC and out["jobs"][0]["total_err"] == 1
+
+
+def _blocks(data: bytes) -> list[bytes]:
+    return [data[i: i + 4096] for i in range(0, len(data), 4096)]
+
+
+async def test_dedupe_and_compress_shares_land_in_the_files(tmp_path):
+    """dedupe.fio: about half of the 4k blocks of both files together are distinct (a
+    working set shared by the jobs), and a block compresses to about half its size."""
+    report = await run_workload(str(JOBS / "dedupe.fio"), image=str(tmp_path / "d.img"), seed=1,
+                                overrides={"size": 4 << 20})
+    assert report.ok
+    async with mount(str(tmp_path / "d.img")) as fs:
+        files = []
+        for name in ("a", "b"):
+            async with fs.open(f"/jobs/{name}.0.0") as f:
+                files.append(_blocks(await f.read()))
+    both = files[0] + files[1]
+    assert len(both) == 2048
+    assert 0.44 < len(set(both)) / len(both) < 0.56
+    assert len(set(both)) < len(set(files[0])) + len(set(files[1]))  # the working set is shared
+    ratio = statistics.fmean(len(zlib.compress(b)) / len(b) for b in set(both))
+    assert 0.45 < ratio < 0.6
+
+
+def test_buffer_contents_as_the_options_shape_them():
+    def make(opts: str, n: int = 64) -> list[bytes]:
+        job = parse(f"[j]\nrw=write\nbs=4k\n{opts}", "t.fio").jobs[0]
+        b = Buffers(job, random.Random(1), n * 4096, None)
+        return [b.make(4096, i * 4096, i + 1) for i in range(n)]
+    repeat = make("dedupe_percentage=25\n", 400)  # repeat mode: the previous unique buffer again
+    assert 0.68 < len(set(repeat)) / 400 < 0.82
+    assert set(make("buffer_pattern=\"ab\"\n")) == {b"ab" * 2048}
+    assert len(set(make("scramble_buffers=0\n"))) == 1  # one buffer reused as it is
+    scrambled = make("")  # fio's default: reused, but each 512-byte sector stamped with the offset
+    assert len(set(scrambled)) == 64 and scrambled[0][16:512] == scrambled[1][16:512]
+    assert len(set(make("refill_buffers=1\n"))) == 64
+    compressed = make("buffer_compress_percentage=75\nbuffer_compress_chunk=1k\n")[0]
+    assert all(compressed[k + 256: k + 1024] == bytes(768) for k in range(0, 4096, 1024))
+
+
+async def test_percentage_sizes_take_a_share_of_the_free_space_or_the_file(tmp_path):
+    image = str(tmp_path / "s.img")
+    await blockemu.mkfs(image, size="32M")
+    async with mount(image) as fs:
+        free = fs.space()[1]
+    report = await run_workload(str(JOBS / "shares.fio"), image=image, seed=1)
+    out = report.as_json()
+    assert out["blockemu"]["ok"], out["blockemu"]["failures"]
+    lay, middle, sample = out["jobs"]
+    size = lay["write"]["io_bytes"]
+    assert size == Share(10).of(free - (16 << 10), 4096) or 0.09 * free < size <= 0.1 * free
+    assert middle["read"]["io_bytes"] == Share(50).of(size, 4096)
+    assert sample["read"]["io_bytes"] == Share(25).of(size, 4096)
+    assert parse("[j]\nsize=30%\noffset=10%\nio_size=50%\n", "t.fio").jobs[0].get("size") == Share(30)
+    with pytest.raises(InvalidArgument, match="between 1 and 100"):
+        parse("[j]\nsize=130%\n", "t.fio")
