@@ -1,6 +1,7 @@
 """fio job files as fio users write them: semantics, engines, output layout, and the OS's fio as oracle."""
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import random
@@ -652,3 +653,29 @@ async def test_percentage_sizes_take_a_share_of_the_free_space_or_the_file(tmp_p
     assert parse("[j]\nsize=30%\noffset=10%\nio_size=50%\n", "t.fio").jobs[0].get("size") == Share(30)
     with pytest.raises(InvalidArgument, match="between 1 and 100"):
         parse("[j]\nsize=130%\n", "t.fio")
+
+
+async def test_every_job_lays_out_before_any_starts(tmp_path, monkeypatch):
+    """As fio: a job's I/O does not start while another job that starts with it is still
+    laying out its files (exitall would otherwise end that job before it did any I/O). The
+    slow layout yields to the loop many times; the order of events is recorded."""
+    events: list[str] = []
+    real_layout, real_run = Clone.layout, Clone.run
+
+    async def layout(self):
+        await real_layout(self)
+        if self.job.name == "slow":
+            for _ in range(50):
+                await asyncio.sleep(0)
+        events.append(f"laid {self.job.name}")
+
+    async def run_(self):
+        events.append(f"run {self.job.name}")
+        await real_run(self)
+
+    monkeypatch.setattr(Clone, "layout", layout)
+    monkeypatch.setattr(Clone, "run", run_)
+    out, _ = await run_job(tmp_path, "[global]\nsize=64k\nexitall\n[fast]\nrw=write\n[slow]\nrw=read\n"
+                                     "[later]\nwait_for=fast\nrw=write\n")
+    assert events[:4] == ["laid fast", "laid slow", "run fast", "run slow"], events
+    assert out["jobs"][1]["read"]["io_bytes"] > 0
