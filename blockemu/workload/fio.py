@@ -25,6 +25,12 @@ both. ``ftruncate`` turns each write into ``ftruncate(offset)``.
 ``verify`` writes blocks (or ``verify_interval`` chunks) that carry a header -- offset,
 write sequence number, and the chosen checksum of the rest -- and reads them back after
 writing; read jobs check what they read.
+
+Where fio would use the device: a trim punches a hole (``File.punch_hole``), ``trimwrite``
+writes each block right after trimming it; ``fill_device`` sizes the job by the image's free
+space and ends at ENOSPC without an error; ``size=N%`` is a share of the files' size, or of
+the free space for files not there yet. ``continue_on_error`` goes past the errors of its
+types that ``ignore_error`` lists (fio's EIO/EILSEQ by default), counting them.
 """
 from __future__ import annotations
 
