@@ -16,7 +16,7 @@ import pytest
 
 import blockemu
 from blockemu.errors import InvalidArgument
-from blockemu.fs.filesystem import mount
+from blockemu.fs.filesystem import File, mount
 from blockemu.workload.fio import DIGESTS, SYNC_NOTE, Clone, JobResult, LatencyTarget, RunContext, SteadyWatch, Verifier
 from blockemu.workload.buffers import Buffers
 from blockemu.workload.jobfile import Share, parse
@@ -679,3 +679,24 @@ async def test_every_job_lays_out_before_any_starts(tmp_path, monkeypatch):
                                      "[later]\nwait_for=fast\nrw=write\n")
     assert events[:4] == ["laid fast", "laid slow", "run fast", "run slow"], events
     assert out["jobs"][1]["read"]["io_bytes"] > 0
+
+
+async def test_trimwrite_on_a_deep_queue_writes_after_each_trim(tmp_path, monkeypatch):
+    """io_uring keeps the trim and the write of a block in flight together: the write waits
+    for its trim, so the file ends up written whole, never with a punched block. Each punch
+    yields to the loop first, so a write not held back would land before it."""
+    real = File.punch_hole
+
+    async def slow_punch(self, offset, length):
+        for _ in range(3):
+            await asyncio.sleep(0)
+        await real(self, offset, length)
+
+    monkeypatch.setattr(File, "punch_hole", slow_punch)
+    out, image = await run_job(tmp_path, "[global]\nbs=4k\nsize=256k\nfilename=tw.dat\n[lay]\nrw=write\n"
+                                         "[tw]\nstonewall\nrw=trimwrite\nioengine=io_uring\niodepth=8\n"
+                                         "buffer_pattern=0x77\n")
+    assert out["jobs"][1]["trim"]["total_ios"] == out["jobs"][1]["write"]["total_ios"] == 64
+    async with mount(image) as fs:
+        async with fs.open("/jobs/tw.dat") as f:
+            assert await f.read() == b"\x77" * (256 << 10)

@@ -739,6 +739,7 @@ class IO:
     offset: int  # within the file
     length: int
     numberio: int
+    after: "asyncio.Task | None" = None  # trimwrite: the trim this write must follow, even when queued deep
 
 
 class Clone:
@@ -788,7 +789,8 @@ class Clone:
                                                             or "trim" in self.rw.pattern else mix)
         # rw=trim/randtrim trim; trimwrite/randtrimwrite trim a block, then write that block
         self.trims = "trim" in self.rw.pattern
-        self.then_write: IO | None = None  # trimwrite: the write that follows the trim just issued
+        self.then_write: IO | None = None  # trimwrite: the trim just issued, whose block is written next
+        self.trim_task: asyncio.Task | None = None  # ... and its I/O, which that write waits for
         self.continue_on: frozenset[str] = job.get("continue_on_error", frozenset())
         self.ignore = job.get("ignore_error") or (None, None, None)
         result.continue_on = bool(self.continue_on)
@@ -922,7 +924,7 @@ class Clone:
             self.bytes_done += io.length
             self.ios += 1
             self.numberio += 1
-            return IO(io.region, WRITE, io.offset, io.length, self.numberio)
+            return IO(io.region, WRITE, io.offset, io.length, self.numberio, self.trim_task)
         timed = self.job.get("time_based") and self.job.get("runtime")
         if not timed and (self.bytes_done >= self.budget or self.number_ios and self.ios >= self.number_ios):
             return None
@@ -1039,6 +1041,8 @@ class Clone:
     async def _do(self, io: IO, data: bytes | None) -> tuple[int, bytes | None]:
         f = io.region.file
         assert f is not None
+        if io.after is not None:
+            await asyncio.wait([io.after])  # its trim's error, if any, is that I/O's
         if self.engine == "ftruncate":
             await f.truncate(io.offset)
             got = None
@@ -1118,6 +1122,8 @@ class Clone:
                     t_prep = time.perf_counter_ns()
                     data = self._buffer(io) if io.ddir == WRITE else None
                     task = asyncio.ensure_future(self._do(io, data))
+                    if self.then_write is io:  # the trim of a trimwrite: its write follows it
+                        self.trim_task = task
                     inflight[task] = (io, t_prep, time.perf_counter_ns())
                     self.result.depths[len(inflight)] += 1
                     self.result.ios_issued += 1
