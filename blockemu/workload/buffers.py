@@ -15,13 +15,12 @@ defeats naive dedupe without the cost of a refill.
 """
 from __future__ import annotations
 
+import array
 import random
-import struct
 
 from blockemu.workload.jobfile import Job
 
 SECTOR = 512
-STAMP = struct.Struct("<QQ")  # the I/O's offset and sequence number, at the start of each sector
 
 
 class WorkingSet:
@@ -70,10 +69,7 @@ class Buffers:
             self.reused[length] = self.rng.randbytes(length)
         if not self.scramble:
             return self.reused[length]
-        buf = bytearray(self.reused[length])
-        for at in range(0, length - STAMP.size + 1, SECTOR):
-            STAMP.pack_into(buf, at, offset + at, numberio)
-        return bytes(buf)
+        return scramble(self.reused[length], offset, numberio)
 
     def _seed(self) -> int:
         """A new seed, or -- for dedupe_percentage of the buffers -- one used before."""
@@ -100,6 +96,20 @@ class Buffers:
             out += r.randbytes(rand)
             out += repeat(self.pattern, n - rand) if self.pattern else bytes(n - rand)
         return bytes(out)
+
+
+def scramble(buf: bytes, offset: int, numberio: int) -> bytes:
+    """A copy of ``buf`` with each 512-byte sector starting with the I/O's offset there and its
+    sequence number (native u64s): two strided copies, however large the buffer."""
+    words = len(buf) // 8
+    n = (words - 2) // 64 + 1 if words >= 2 else 0  # sectors with room for both
+    if not n:
+        return buf
+    out = bytearray(buf)
+    with memoryview(out)[: words * 8].cast("Q") as q:
+        q[0: 64 * (n - 1) + 1: 64] = array.array("Q", range(offset, offset + n * SECTOR, SECTOR))
+        q[1: 64 * (n - 1) + 2: 64] = array.array("Q", [numberio]) * n
+    return bytes(out)
 
 
 def repeat(pattern: bytes, n: int) -> bytes:
