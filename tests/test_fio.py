@@ -454,6 +454,7 @@ directory={tmp_path}
 [w]
 rw=randwrite
 numjobs=2
+continue_on_error=write
 [r]
 stonewall
 rw=randread
