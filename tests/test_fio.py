@@ -701,3 +701,13 @@ async def test_trimwrite_on_a_deep_queue_writes_after_each_trim(tmp_path, monkey
     async with mount(image) as fs:
         async with fs.open("/jobs/tw.dat") as f:
             assert await f.read() == b"\x77" * (256 << 10)
+
+
+def test_zoned_device_jobs_are_refused_in_one_line_naming_each_option(tmp_path):
+    job = tmp_path / "z.fio"
+    job.write_text("[global]\nzonemode=zbd\noffset=524z\n[w]\nrw=randwrite\nsize=128z\nmax_open_zones=8\n")
+    p = run("run", str(job), "--parse-only", check_rc=1)
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("blockemu: run: ")
+    for line, what in ((2, "zonemode=zbd is not supported"), (3, "524z is a number of zones"),
+                       (6, "128z is a number of zones"), (7, "fio option 'max_open_zones' is not supported")):
+        assert f"z.fio:{line}: {what}" in p.stderr

@@ -81,6 +81,8 @@ class Share:
 def size_or_share(text: str) -> int | Share:
     """A size, or fio's percentage form (``30%``, between 1 and 100)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", text)
+    if re.fullmatch(r"\s*\d+\s*z\s*", text):
+        raise Unsupported(f"{text} is a number of zones, which only zonemode=zbd (not supported) gives")
     if not m:
         return size(text)
     if not 0 < float(m[1]) <= 100:
@@ -283,7 +285,8 @@ def steadystate(text: str) -> SteadyState:
 
 def zonemode(text: str) -> str:
     if text == "zbd":
-        raise Unsupported("zonemode=zbd is not supported (it needs a zoned block device; strided is supported)")
+        raise Unsupported("zonemode=zbd is not supported (zoned-device semantics -- write pointers, zone resets, "
+                          "open-zone limits -- are not emulated; zonemode=strided is)")
     return choice("none", "strided")(text)
 
 
