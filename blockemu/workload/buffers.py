@@ -45,11 +45,9 @@ class Buffers:
         self.chunk = job.get("buffer_compress_chunk", SECTOR)
         self.dedupe = job.get("dedupe_percentage", 0)
         self.working_set = job.get("dedupe_mode", "repeat") == "working_set"
-        # fio: compression other than 100% and dedupe turn refill_buffers on
-        self.refill = job.get("refill_buffers", False) or bool(self.dedupe) or \
-            (self.compress is not None and self.compress != 100)
+        self.refill = job.get("refill_buffers", False)  # compress and dedupe make every buffer anew anyway
         self.scramble = job.get("scramble_buffers", True)
-        bs = max(1, min(s for s in (job.get("bs") or (4096,)) if s))
+        bs = min((s for s in (job.get("bs") or ()) if s), default=4096)
         limit = region_bytes * job.get("dedupe_working_set_percentage", 5) // 100 // bs
         self.seeds = shared if shared is not None else WorkingSet()
         self.seeds.limit += limit  # dedupe_global: the shared set is every participant's share
