@@ -260,9 +260,10 @@ class PageCache:
 
     def drop(self, pages: Pages, first: int = 0, end: int | None = None) -> int:
         """Forget pages ≥ ``first`` (and < ``end``: a punched hole), dirty ones too: truncate,
-        unlink, hole punch, lost writeback, a key going away; returns dirty bytes dropped. Every page is zeroed as it goes (or, if a run
-        being written still reads it, when that run is written): they held plaintext. So are the
-        clean pages evicted so far: a caller dropping pages is not in the middle of a read."""
+        unlink, hole punch, lost writeback, a key going away; returns dirty bytes dropped. Every
+        page is zeroed as it goes (or, if a run being written still reads it, when that run is
+        written): they held plaintext. So are the clean pages evicted so far: a caller dropping
+        pages is not in the middle of a read."""
         self.zero_evicted()
         gone = [i for i in pages.pages if first <= i and (end is None or i < end)]
         dirty = 0
