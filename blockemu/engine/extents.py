@@ -121,6 +121,7 @@ class Extents:
 
     def punch(self, ino: int, start: int, end: int) -> int:
         """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0)."""
+        self.engine.changed_ranges.setdefault(ino, []).append((start, end))  # for the fsync log
         freed = 0
         for m in list(self.mappings(ino, start, end)):
             fe, key = m.extent, (ino, S.EXTENT_DATA, m.file_offset)
@@ -156,3 +157,19 @@ class Extents:
         for i in range(0, length // PAGE, per):
             self.csum.insert((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), digests[i * step : (i + per) * step])
         return delta + length
+
+    def map_logged(self, ino: int, file_offset: int, fe: FileExtent, csum_items: list[tuple[tuple[int, int, int], bytes]]) -> None:
+        """Log replay (``treelog``): map the file range of ``fe`` as an fsync logged it, over what
+        the tree holds -- trimmed or dropped as the overwrite did. The extent is this log's own
+        (new since the last commit): the first item naming it creates its EXTENT_ITEM and
+        checksums (``csum_items``), the others (pieces of it split by later writes) add references."""
+        self.punch(ino, file_offset, file_offset + fe.num_bytes)
+        self.fs.insert((ino, S.EXTENT_DATA, file_offset), fe.pack())
+        ref_offset = file_offset - fe.offset
+        if self.ext.first_at_or_after((fe.disk_bytenr, S.EXTENT_ITEM, 0), (fe.disk_bytenr, S.EXTENT_ITEM, (1 << 64) - 1)):
+            self._change_ref(fe, ino, ref_offset, +1)
+            return
+        item = ExtentItem(1, fe.generation, S.EXTENT_FLAG_DATA, (("data", S.FS_TREE_OBJECTID, ino, ref_offset, 1),))
+        self.ext.insert((fe.disk_bytenr, S.EXTENT_ITEM, fe.disk_num_bytes), item.pack())
+        for key, body in csum_items:
+            self.csum.insert(key, body)

@@ -38,6 +38,7 @@ from blockemu.ondisk.structs import (
     FREE_SPACE_EXTENT,
     FREE_SPACE_TREE_OBJECTID,
     FS_TREE_OBJECTID,
+    INCOMPAT_TREE_LOG,
     METADATA_ITEM,
     NUM_BACKUP_ROOTS,
     RESERVED_START,
@@ -198,7 +199,8 @@ class TreeStore:
             for b in sorted(self.dirty.values(), key=lambda b: b.bytenr)
         ]
 
-    def end_transaction(self) -> None:
+    def mark_written(self) -> None:
+        """The dirty blocks are on disk: later changes COW them (and pin the old copies)."""
         for bytenr, block in self.dirty.items():
             self.clean[bytenr] = block
         while len(self.clean) > self.cache_blocks:
@@ -206,6 +208,9 @@ class TreeStore:
         self.dirty.clear()
         self.new_blocks.clear()
         self.freed_blocks.clear()
+
+    def end_transaction(self) -> None:
+        self.mark_written()
         self.transid += 1
 
 
@@ -239,6 +244,15 @@ class Engine:
                 self.store.allocator = Allocator(self._checked_free_space(), nodesize=sb.nodesize)
         self._applied_new: set[int] = set()
         self._applied_freed: set[int] = set()
+        self._reset_log_notes()
+
+    def _reset_log_notes(self) -> None:
+        """What the fsync log (``treelog``) needs to know of the running transaction: the file
+        ranges whose extents changed, per inode (noted by ``Extents``), and the inodes whose
+        change the log cannot express (a name made, changed or removed, a truncate), whose
+        fsync must commit."""
+        self.changed_ranges: dict[int, list[tuple[int, int]]] = {}
+        self.needs_commit: set[int] = set()
 
     def _allocated(self) -> list[tuple[int, int]]:
         """[start, end) of every extent the extent tree records, merged into disjoint runs."""
@@ -306,6 +320,7 @@ class Engine:
             self.trees[tid] = BTree(self.store, tid, block.bytenr, 0)
         self.free_items = set()
         self._applied_new, self._applied_freed = set(), set()
+        self._reset_log_notes()
         return self
 
     @property
@@ -423,7 +438,7 @@ class Engine:
             label=sb.label,
             compat_flags=sb.compat_flags,
             compat_ro_flags=sb.compat_ro_flags,
-            incompat_flags=sb.incompat_flags,
+            incompat_flags=sb.incompat_flags & ~INCOMPAT_TREE_LOG,  # a full commit supersedes the log
             backup_roots=[dict(b) for b in sb.backup_roots],
         )
         backup = new.backup_roots[self.transid % NUM_BACKUP_ROOTS]
@@ -442,6 +457,7 @@ class Engine:
         self.store.end_transaction()
         self._applied_new.clear()
         self._applied_freed.clear()
+        self._reset_log_notes()
 
 
 def super_writes(sb: SuperInfo) -> list[tuple[int, bytes]]:

@@ -294,6 +294,7 @@ class Filesystem:
             inode.item = item._replace(flags=INODE_FLAG_ENCRYPT)
             self._store_policy(ino, parent.key_id)
         self.inodes[ino] = inode
+        self._names_changed(inode)
         self.save_inode(inode)
         return inode
 
@@ -455,7 +456,14 @@ class Filesystem:
         self.next_index[dir_ino] = nxt + 1
         return nxt
 
+    def _names_changed(self, *inodes: Inode) -> None:
+        """A name was made or removed: the fsync log cannot say that (DESIGN §9), so an fsync of
+        these inodes commits until the transaction does -- which makes the name durable, as
+        btrfs's log-full-commit cases do."""
+        self.vol.engine.needs_commit.update(i.ino for i in inodes)
+
     def _add_entry(self, parent: Inode, name: bytes, child: Inode) -> None:
+        self._names_changed(parent, child)
         tid = self.vol.engine.transid
         entry = DirEntry((child.ino, S.INODE_ITEM, 0), tid, file_type(child.item.mode), name)
         key = (parent.ino, S.DIR_ITEM, name_hash(name))
@@ -474,6 +482,7 @@ class Filesystem:
         self.save_inode(parent)
 
     def _remove_entry(self, parent: Inode, name: bytes, child: Inode) -> None:
+        self._names_changed(parent, child)
         key = (parent.ino, S.DIR_ITEM, name_hash(name))
         rest = [e for e in unpack_dir_entries(self.tree[key]) if e.name != name]
         if rest:
@@ -952,6 +961,8 @@ class Filesystem:
                     self.cache.writable(inode.pages, idx, old)[tail:] = bytes(PAGE - tail)
                 self.cache.drop(inode.pages, -(-size // PAGE))
                 async with self.vol.join():
+                    # the log replays extents over the committed tree and has no "cut here": commit
+                    self.vol.engine.needs_commit.add(inode.ino)
                     inode.nbytes += self.extents.punch(inode.ino, -(-size // PAGE) * PAGE, (1 << 64) - 1)
                     inode.epoch += 1
                     inode.size = inode.disk_size = size
@@ -1096,8 +1107,13 @@ class Filesystem:
         await self.vol.commit()
 
     async def fsync_inode(self, inode: Inode) -> None:
+        """A regular file's fsync goes through the log tree unless the log cannot say its change
+        (``_names_changed``, a truncate); a directory's or a symlink's commits (DESIGN §9)."""
         await self.writeback.flush_inode(inode)
-        await self.vol.commit()
+        if st.S_ISREG(inode.item.mode):
+            await self.vol.fsync(inode.ino)
+        else:
+            await self.vol.commit()
         report_writeback_error(inode)
 
 

@@ -9,9 +9,10 @@ from typing import AsyncIterator
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
 from blockemu.engine.transaction import Engine, super_writes
-from blockemu.errors import CorruptionError, DeviceIOError
+from blockemu.engine.treelog import TreeLog, replay
+from blockemu.errors import CorruptionError, DeviceIOError, NoSpaceError
 from blockemu.ondisk.structs import INCOMPAT_SUPPORTED, SUPER_INFO_SIZE, SUPER_OFFSETS
-from blockemu.ondisk.superblock import SuperInfo, decode_super
+from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
 
 
 async def outlast_cancellation(work: list[asyncio.Future]) -> bool:
@@ -60,6 +61,8 @@ class Volume:
         self.closed = False  # every later change or commit is refused with EIO
         self._changed: dict[asyncio.Task, bool] = {}  # participants -> whether they changed a tree
         engine.store.on_change = self._note_change
+        self.log = TreeLog(engine)
+        self.log_root = engine.sb.log_root  # the log the durable superblock points at (0: none)
 
     @classmethod
     async def open(cls, path: str, *, readonly: bool = False, faults: FaultPlan | None = None,
@@ -67,11 +70,23 @@ class Volume:
         dev = await BlockDevice.open(path, readonly=readonly, faults=faults)
         try:
             sb = read_primary_super(dev)
-            engine = Engine(sb, dev.read_sync, writable=not readonly, rebuild_free_space=rebuild_free_space)
+            # replaying a log needs an allocator even read-only: the replay COWs, in memory
+            engine = Engine(sb, dev.read_sync, writable=not readonly or bool(sb.log_root),
+                            rebuild_free_space=rebuild_free_space)
+            replayed = replay(engine)
+            if readonly:
+                engine.store.allocator = None  # ls/cat see the logged state; nothing is written
         except BaseException:
             dev.close_sync()
             raise
-        return cls(dev, engine)
+        vol = cls(dev, engine)
+        if replayed and not readonly:
+            try:
+                await vol.commit(force=True)  # durable, and the log cleared, before anything else
+            except BaseException:
+                await vol.close(commit=False)
+                raise
+        return vol
 
     @property
     def sb(self) -> SuperInfo:
@@ -168,6 +183,45 @@ class Volume:
                     self._committing = False
                     self._cond.notify_all()
 
+    async def fsync(self, ino: int) -> None:
+        """Make inode ``ino``'s changes in the running transaction durable: through the log
+        tree when the log can say them (DESIGN §9), else -- or when the log finds no room --
+        by a full commit."""
+        if self.log.can_log(ino) and await self._log_sync(ino):
+            return
+        await self.commit()
+
+    async def _log_sync(self, ino: int) -> bool:
+        async with self.commit_lock:
+            self._check_aborted()
+            if not self.engine.is_dirty():
+                return True  # the last commit holds everything
+            try:
+                self.log.log_inode(ino)
+                todo = self.log.prepare_sync()
+            except NoSpaceError:
+                return False  # the full commit drops the half-built log and gives back what it pinned
+            if todo is None:
+                return True
+            work = asyncio.ensure_future(self._write_log(*todo))
+            cancelled = await outlast_cancellation([work])  # like a commit, never left half done
+            try:
+                work.result()
+            except BaseException as e:
+                raise self.abort(e, "log sync failed")
+            if cancelled:
+                raise asyncio.CancelledError
+            return True
+
+    async def _write_log(self, writes: list[tuple[int, bytes]], sb: SuperInfo) -> None:
+        """The log's blocks, one flush, then the primary superblock pointing at them with FUA:
+        the superblock names only blocks already durable. The mirrors keep the last full commit."""
+        await self.device.writev(writes)
+        await self.device.flush()
+        await self.device.write(SUPER_OFFSETS[0], encode_super(sb, SUPER_OFFSETS[0]), fua=True)
+        self.log.finish_sync()
+        self.log_root = sb.log_root
+
     def _check_aborted(self) -> None:
         if self.closed:
             raise DeviceIOError(f"{self.device.path}: not mounted (the volume is closed)")
@@ -176,11 +230,13 @@ class Volume:
 
     async def _commit(self) -> bool:
         engine = self.engine
+        self.log.drop()  # this commit supersedes the log: its blocks are pinned, free after it
         writes, new_sb = engine.prepare_commit()
         await self.device.writev(writes)
         await self.device.flush()
         supers = super_writes(new_sb)
         await self.device.write(*supers[0], fua=True)
+        self.log_root = 0
         if supers[1:]:
             await self.device.writev(supers[1:])
         await self.device.flush()

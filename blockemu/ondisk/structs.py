@@ -35,6 +35,7 @@ FIRST_FREE_OBJECTID = 256
 U64 = 1 << 64
 EXTENT_CSUM_OBJECTID = U64 - 10
 ORPHAN_OBJECTID = U64 - 5
+TREE_LOG_OBJECTID = U64 - 6  # the fsync log tree (btrfs's BTRFS_TREE_LOG_OBJECTID, -6)
 
 # Item types (btrfs numbers where a twin exists).
 INODE_ITEM = 1
@@ -76,6 +77,7 @@ TREE_NAMES = {
     FS_TREE_OBJECTID: "fs",
     CSUM_TREE_OBJECTID: "csum",
     FREE_SPACE_TREE_OBJECTID: "free-space",
+    TREE_LOG_OBJECTID: "log",
 }
 
 # Header / extent flags.
@@ -99,7 +101,11 @@ POLICY_FLAGS_PAD_32 = 0x03  # fscrypt's recommended name padding
 # Superblock incompat_flags (a reader refuses any bit it does not know).
 INCOMPAT_ENCRYPTED_NAMES = 1 << 0  # names in encrypted directories are stored encrypted (SPEC "Names")
 INCOMPAT_ENCRYPTED_SYMLINKS = 1 << 1  # targets of encrypted symlinks are FSCRYPT_SYMLINK items (SPEC "Symbolic links")
-INCOMPAT_SUPPORTED = INCOMPAT_ENCRYPTED_NAMES | INCOMPAT_ENCRYPTED_SYMLINKS
+# set while the superblock points at a non-empty log tree (SPEC "Log tree"): a reader that
+# ignored the log would lose what fsync acknowledged, and its first commit could overwrite the
+# log's blocks, which the free-space record calls free
+INCOMPAT_TREE_LOG = 1 << 2
+INCOMPAT_SUPPORTED = INCOMPAT_ENCRYPTED_NAMES | INCOMPAT_ENCRYPTED_SYMLINKS | INCOMPAT_TREE_LOG
 
 # ---------------------------------------------------------------- checksummed blocks
 
@@ -151,7 +157,10 @@ Superblock = Struct(
     "incompat_flags" / Int64ul,
     "label" / Bytes(LABEL_SIZE),
     "backup_roots" / BackupRoot[NUM_BACKUP_ROOTS],
-    Padding(SUPER_INFO_SIZE - 0x194 - NUM_BACKUP_ROOTS * 104),
+    "log_root" / Int64ul,  # 0x334: root block of the fsync log tree, 0 = none
+    "log_root_transid" / Int64ul,  # 0x33c: the transaction the log belongs to (generation + 1)
+    "log_root_level" / Int8ul,  # 0x344
+    Padding(SUPER_INFO_SIZE - 0x194 - NUM_BACKUP_ROOTS * 104 - 17),
 )
 
 Header = Struct(

@@ -11,6 +11,7 @@ from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk.structs import (
     CSUM_FIELD,
+    INCOMPAT_TREE_LOG,
     MAGIC,
     MAX_LEVEL,
     MAX_NODE_SIZE,
@@ -52,6 +53,9 @@ class SuperInfo:
     backup_roots: list[dict[str, int]] = field(default_factory=lambda: [empty_backup() for _ in range(NUM_BACKUP_ROOTS)])
     bytenr: int = SUPER_OFFSETS[0]
     csum: bytes = b""
+    log_root: int = 0  # the fsync log tree (SPEC "Log tree"); 0 = no log
+    log_root_transid: int = 0
+    log_root_level: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +80,9 @@ class SuperInfo:
             "compat_ro_flags": self.compat_ro_flags,
             "incompat_flags": self.incompat_flags,
             "backup_roots": [dict(b) for b in self.backup_roots],
+            "log_root": self.log_root,
+            "log_root_transid": self.log_root_transid,
+            "log_root_level": self.log_root_level,
         }
 
 
@@ -106,6 +113,9 @@ def encode_super(info: SuperInfo, at: int) -> bytes:
             incompat_flags=info.incompat_flags,
             label=info.label.encode().ljust(256, b"\0"),
             backup_roots=info.backup_roots,
+            log_root=info.log_root,
+            log_root_transid=info.log_root_transid,
+            log_root_level=info.log_root_level,
         )
     )
     return csums.field(info.csum_type, raw[CSUM_FIELD:]) + raw[CSUM_FIELD:]
@@ -141,6 +151,9 @@ def decode_super(buf: bytes, at: int, *, verify: bool = True) -> SuperInfo:
         backup_roots=[{k: b[k] for k in BACKUP_FIELDS} for b in p.backup_roots],
         bytenr=p.bytenr,
         csum=p.csum,
+        log_root=p.log_root,
+        log_root_transid=p.log_root_transid,
+        log_root_level=p.log_root_level,
     )
     if not verify:
         return info
@@ -173,4 +186,13 @@ def validate_super(info: SuperInfo, at: int, raw: bytes) -> list[str]:
         problems.append(f"bytes_used {info.bytes_used} > total_bytes {info.total_bytes}")
     if info.generation == 0:
         problems.append("generation 0")
+    if info.log_root:
+        if info.log_root % SECTOR_SIZE or not (0 < info.log_root < info.total_bytes):
+            problems.append(f"log tree bytenr {info.log_root} outside the device")
+        if info.log_root_level >= MAX_LEVEL:
+            problems.append(f"bad log root level {info.log_root_level}")
+        if info.log_root_transid != info.generation + 1:
+            problems.append(f"log tree of transaction {info.log_root_transid}, not {info.generation + 1}")
+        if not info.incompat_flags & INCOMPAT_TREE_LOG:
+            problems.append("a log tree without the TREE_LOG incompat flag")
     return problems

@@ -1,0 +1,197 @@
+"""The fsync log tree (btrfs's tree-log), sans-I/O: what an fsync of a regular file writes
+instead of a full commit, and how mount replays it. DESIGN.md §9 "Fsync through the log" is
+the protocol, format/SPEC.md "Log tree" the bytes.
+
+Theory of operation. The running transaction changes the fs, extent and csum trees in memory,
+and a full commit makes all of it durable: it COWs every path it touched in every tree, the
+extent, root and free-space trees converging after them. An fsync needs one file: its inode
+item, the EXTENT_DATA items written since the last commit, and the checksums of their new
+extents. ``TreeLog`` keeps those items, for every inode fsynced in this transaction, in a tree
+of its own (owner TREE_LOG_OBJECTID) whose blocks come from the same allocator as everything
+else but are never entered in the extent tree: the committed free-space record calls them
+free. A log sync writes the log's dirty blocks, flushes once, and writes the primary
+superblock -- the committed trees unchanged, plus ``log_root`` -- with FUA. A later change to
+the log COWs its blocks, and the old ones are pinned, like every extent the transaction frees,
+until the next full commit is durable; that commit drops the log (its blocks pinned too, so
+its free-space record calls them free) and writes ``log_root`` 0.
+
+Which items. Every change to a file's extents goes through ``Extents.punch`` (``add_extent``
+punches first), which notes the file range in ``Engine.changed_ranges``. Logging an inode
+re-logs each noted range -- widened to the items overlapping its start, in the fs tree and in
+the log -- as the EXTENT_DATA items of this transaction's extents now there. Items of older
+extents need no logging: replaying the new ones over the committed tree trims those exactly
+as the overwrites did. A change the log cannot say (a name made, changed or removed, a new
+inode, a truncate: ``Engine.needs_commit``) makes that inode's fsync a full commit.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import replace
+
+from blockemu.engine.btree import BTree
+from blockemu.engine.extents import Extents
+from blockemu.engine.transaction import Engine, TreeStore
+from blockemu.errors import CorruptionError
+from blockemu.ondisk import structs as S
+from blockemu.ondisk.items import FileExtent
+from blockemu.ondisk.superblock import SuperInfo
+
+U64_MAX = (1 << 64) - 1
+Item = tuple[tuple[int, int, int], bytes]
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _csum_range(bytenr: int, length: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    return (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr), (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + length - 1)
+
+
+class TreeLog:
+    """The running transaction's log tree, in memory; empty until an fsync logs an inode."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.extents = Extents(engine)
+        self.store: TreeStore | None = None
+        self.tree: BTree | None = None
+        self.logged: dict[int, bytes] = {}  # ino -> the inode item the log holds
+
+    def can_log(self, ino: int) -> bool:
+        return ino not in self.engine.needs_commit
+
+    def _tree(self) -> BTree:
+        if self.tree is None:
+            e = self.engine
+            # every block of the log stays cached: it is never read back while mounted
+            self.store = TreeStore(e.store.read, nodesize=e.sb.nodesize, csum_type=e.sb.csum_type, fsid=e.sb.fsid,
+                                   transid=e.transid, allocator=e.allocator, cache_blocks=U64_MAX)
+            root = self.store.new_block(S.TREE_LOG_OBJECTID, 0)
+            self.tree = BTree(self.store, S.TREE_LOG_OBJECTID, root.bytenr, 0)
+        return self.tree
+
+    def log_inode(self, ino: int) -> None:
+        """Bring inode ``ino``'s items in the log up to the running transaction's."""
+        tree, e = self._tree(), self.engine
+        body = e.trees[S.FS_TREE_OBJECTID].get((ino, S.INODE_ITEM, 0))
+        if body is None:
+            raise CorruptionError(f"inode {ino} has no INODE_ITEM to log", "MISSING_INODE")
+        if self.logged.get(ino) != body:
+            tree.insert((ino, S.INODE_ITEM, 0), body, replace=True)
+            self.logged[ino] = body
+        csummed: set[int] = set()
+        for start, end in _merged(e.changed_ranges.pop(ino, [])):
+            self._relog(tree, ino, start, end, csummed)
+
+    def _relog(self, tree: BTree, ino: int, start: int, end: int, csummed: set[int]) -> None:
+        lo = start
+        hit = tree.last_at_or_before((ino, S.EXTENT_DATA, start), (ino, S.EXTENT_DATA, 0))
+        if hit is not None and hit[0][2] + FileExtent.unpack(hit[1]).num_bytes > start:
+            lo = hit[0][2]
+        cur = next(self.extents.mappings(ino, start, start + 1), None)
+        if cur is not None:
+            lo = min(lo, cur.file_offset)
+        end = min(end, U64_MAX)
+        for key in [k for k, _ in tree.items((ino, S.EXTENT_DATA, lo), (ino, S.EXTENT_DATA, end))]:
+            tree.delete(key)
+        transid, csum = self.engine.transid, self.extents.csum
+        for m in list(self.extents.mappings(ino, lo, min(end + 1, U64_MAX))):
+            fe = m.extent
+            if fe.generation != transid:
+                continue  # an older extent, trimmed: replaying the new items trims it the same way
+            tree.insert((ino, S.EXTENT_DATA, m.file_offset), fe.pack(), replace=True)
+            if fe.disk_bytenr not in csummed:
+                csummed.add(fe.disk_bytenr)
+                for key, body in list(csum.items(*_csum_range(fe.disk_bytenr, fe.disk_num_bytes))):
+                    tree.insert(key, body, replace=True)
+
+    def prepare_sync(self) -> tuple[list[tuple[int, bytes]], SuperInfo] | None:
+        """The log blocks to write, and the superblock pointing at them; None if the log on
+        disk already says everything (nothing was logged since the last sync)."""
+        if self.tree is None or self.store is None or not self.store.dirty:
+            return None
+        sb = self.engine.sb
+        new = replace(sb, log_root=self.tree.root, log_root_level=self.tree.level, log_root_transid=self.engine.transid,
+                      incompat_flags=sb.incompat_flags | S.INCOMPAT_TREE_LOG)
+        return self.store.encode_dirty(), new
+
+    def finish_sync(self) -> None:
+        """The log's superblock is durable: later changes to the log COW (and pin) its blocks."""
+        assert self.store is not None
+        self.store.mark_written()
+
+    def drop(self) -> None:
+        """A full commit supersedes the log: its blocks are freed -- pinned until that commit is
+        durable, so its free-space record calls them free and nothing reuses them before."""
+        if self.tree is not None and self.store is not None:
+            for block in list(self.tree.blocks()):
+                self.store.free_block(block)
+        self.tree = self.store = None
+        self.logged = {}
+
+
+def read_log(engine: Engine, sb: SuperInfo) -> tuple[list[int], list[Item]]:
+    """The log tree's blocks and items (for replay and fsck), read through a store of its own:
+    the log's blocks lie in space the committed free-space record calls free."""
+    store = TreeStore(engine.store.read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
+                      transid=sb.log_root_transid, cache_blocks=0, verify_csum=engine.store.verify_csum)
+    store.get(sb.log_root, generation=sb.log_root_transid, level=sb.log_root_level, owner=S.TREE_LOG_OBJECTID)
+    tree = BTree(store, S.TREE_LOG_OBJECTID, sb.log_root, sb.log_root_level)
+    blocks = [b.bytenr for b in tree.blocks()]
+    return blocks, list(tree.items())
+
+
+def replay(engine: Engine) -> bool:
+    """Apply the superblock's log, if any, to the running transaction (mount does this before
+    anything allocates; a full commit then makes it durable and clears the log). For each
+    logged inode: its inode item; each logged EXTENT_DATA item over what the tree maps there
+    (references released, extents at zero references freed); the new extents' EXTENT_ITEMs
+    and checksums. Returns whether there was a log."""
+    sb = engine.sb
+    if not sb.log_root:
+        return False
+    blocks, items = read_log(engine, sb)
+    alloc = engine.allocator
+    csums: list[Item] = []
+    extents: dict[int, int] = {}
+    for key, body in items:
+        if key[1] == S.EXTENT_DATA:
+            fe = FileExtent.unpack(body)
+            if extents.setdefault(fe.disk_bytenr, fe.disk_num_bytes) != fe.disk_num_bytes:
+                raise CorruptionError(f"log tree: extent {fe.disk_bytenr} logged with two lengths", "BAD_LOG_ITEM", sb.log_root)
+        elif key[:2] == (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM):
+            csums.append((key, body))
+        elif key[1] != S.INODE_ITEM:
+            raise CorruptionError(f"log tree: unexpected item {key}", "BAD_LOG_ITEM", sb.log_root)
+    # the committed free-space record calls all of these free: take them before anything allocates
+    for bytenr in blocks:
+        alloc.reserve(bytenr, sb.nodesize)
+    for bytenr, length in extents.items():
+        alloc.reserve(bytenr, length)
+    fs, ext = engine.trees[S.FS_TREE_OBJECTID], Extents(engine)
+    csum_keys = [k for k, _ in csums]
+    for key, body in items:
+        ino = key[0]
+        if key[1] == S.INODE_ITEM:
+            if fs.get(key) is None:
+                raise CorruptionError(f"log tree: inode {ino} is not in the fs tree", "BAD_LOG_ITEM", sb.log_root)
+            fs.insert(key, body, replace=True)
+        elif key[1] == S.EXTENT_DATA:
+            fe = FileExtent.unpack(body)
+            lo, hi = _csum_range(fe.disk_bytenr, fe.disk_num_bytes)
+            i = bisect_left(csum_keys, lo)
+            mine = []
+            while i < len(csums) and csums[i][0] <= hi:
+                mine.append(csums[i])
+                i += 1
+            ext.map_logged(ino, key[2], fe, mine)
+    for bytenr in blocks:
+        alloc.pin(bytenr, sb.nodesize)  # free once the commit that ends the replay is durable
+    return True
