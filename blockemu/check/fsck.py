@@ -16,7 +16,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from blockemu.check import fsck_fs
+from blockemu.check import fsck_fs, fsck_log
 from blockemu.device.image import ImageFile
 from blockemu.engine.transaction import SUBTREES, TreeStore, usable_ranges
 from blockemu.errors import BlockemuError, CorruptionError
@@ -50,6 +50,7 @@ class FsckReport:
     bytes_used: int = 0
     repaired: list[dict[str, Any]] = field(default_factory=list)
     trees_damaged: bool = False  # some tree block could not be read or trusted
+    notes: list[str] = field(default_factory=list)  # informational, not errors (a log to replay)
 
     @property
     def clean(self) -> bool:
@@ -64,10 +65,12 @@ class FsckReport:
                "errors": [e.as_json() for e in self.errors], "stats": dict(self.stats)}
         if self.repaired:
             out["repaired"] = self.repaired
+        if self.notes:
+            out["notes"] = self.notes
         return out
 
     def text(self) -> list[str]:
-        lines = [f"ERROR: [{e.code}] {e.message}" for e in self.errors]
+        lines = [f"ERROR: [{e.code}] {e.message}" for e in self.errors] + [f"note: {n}" for n in self.notes]
         verdict = "no error found" if self.clean else f"{len(self.errors)} errors found"
         lines.append(f"found {self.bytes_used} bytes used, {verdict}")
         lines += [f"{k.replace('_', ' ')}: {v}" for k, v in self.stats.items()]
@@ -275,6 +278,7 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         ck.check_trees(sb)
         extents = ck.check_extents(sb)
         ck.check_free_space(sb, extents)
+        fsck_log.check_log(ck, sb, extents)
         ck.progress(5, PHASES[4])
         items = fsck_fs.collect(ck)
         fsck_fs.check_inodes(ck, items)

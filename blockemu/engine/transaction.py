@@ -169,7 +169,10 @@ class TreeStore:
     def cow(self, block: TreeBlock) -> TreeBlock:
         """``block`` made writable: itself if already written this transaction, else a copy in
         a new block. Every tree change starts here, so here it is reported to ``on_change``
-        -- once the copy exists: a change whose first COW fails (ENOSPC) has changed nothing."""
+        -- once the copy exists: a change whose first COW fails (ENOSPC) has changed nothing.
+        Read-only (no allocator) refuses even a block already dirty: a read-only mount's log
+        replay leaves dirty blocks in memory that nothing may change."""
+        self._need_allocator()
         if block.bytenr not in self.dirty:
             new = self.new_block(block.owner, block.level)
             new.keys = list(block.keys)

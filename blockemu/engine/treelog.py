@@ -30,7 +30,7 @@ from dataclasses import replace
 
 from blockemu.engine.btree import BTree
 from blockemu.engine.extents import Extents
-from blockemu.engine.transaction import Engine, TreeStore
+from blockemu.engine.transaction import Engine, ReadFn, TreeStore
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import FileExtent
@@ -137,11 +137,11 @@ class TreeLog:
         self.logged = {}
 
 
-def read_log(engine: Engine, sb: SuperInfo) -> tuple[list[int], list[Item]]:
+def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
     """The log tree's blocks and items (for replay and fsck), read through a store of its own:
     the log's blocks lie in space the committed free-space record calls free."""
-    store = TreeStore(engine.store.read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
-                      transid=sb.log_root_transid, cache_blocks=0, verify_csum=engine.store.verify_csum)
+    store = TreeStore(read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
+                      transid=sb.log_root_transid, cache_blocks=0)
     store.get(sb.log_root, generation=sb.log_root_transid, level=sb.log_root_level, owner=S.TREE_LOG_OBJECTID)
     tree = BTree(store, S.TREE_LOG_OBJECTID, sb.log_root, sb.log_root_level)
     blocks = [b.bytenr for b in tree.blocks()]
@@ -157,7 +157,7 @@ def replay(engine: Engine) -> bool:
     sb = engine.sb
     if not sb.log_root:
         return False
-    blocks, items = read_log(engine, sb)
+    blocks, items = read_log(engine.store.read, sb)
     alloc = engine.allocator
     csums: list[Item] = []
     extents: dict[int, int] = {}

@@ -5,8 +5,10 @@ persistence operation (fsync, sync) it records the oracle: the namespace and
 every file's contents, under the generation that operation committed. Then
 every crash state of the log -- just before and after each flush and FUA
 write, with the in-doubt writes none, all, one at a time and random subsets,
-some torn -- is rebuilt, checked with fsck, mounted, and compared with the
-oracle of the generation its superblock names. Any difference is a failure,
+some torn -- is rebuilt, checked with fsck, mounted (replaying the fsync log,
+if its superblock names one), and compared with the oracle of the durable
+state its superblock names: the generation and the log root, since an fsync
+through the log tree makes a state durable without a new generation. Any difference is a failure,
 reported with the workload and the state that reproduce it.
 
 ``ace_workloads`` enumerates Ace's bounded space: every sequence of up to
@@ -37,6 +39,7 @@ from blockemu.workload.campaign import Campaign, Shard, ranges
 from blockemu.workload.writepath import KEY, PRODUCTION, WRITE_PATHS, WritePath
 
 Snapshot = dict[str, bytes | None]
+Durable = tuple[int, int]  # what a superblock names: (generation, log root or 0)
 
 
 async def snapshot(fs: Filesystem) -> Snapshot:
@@ -63,7 +66,7 @@ class Recorder:
         self.fs = fs
         self.write_path = write_path
         self.kid = kid
-        self.models: dict[int, Snapshot] = {}
+        self.models: dict[Durable, Snapshot] = {}
 
     async def mkdir(self, path: str) -> None:
         """A workload's top directory: encrypted when the write path says so."""
@@ -72,8 +75,8 @@ class Recorder:
             await self.fs.set_policy(path, self.kid)
 
     async def persisted(self) -> None:
-        """Call right after an fsync/sync: everything so far is one durable generation."""
-        self.models[self.fs.vol.generation] = await snapshot(self.fs)
+        """Call right after an fsync/sync: everything so far is one durable state."""
+        self.models[(self.fs.vol.generation, self.fs.vol.log_root)] = await snapshot(self.fs)
 
 
 Workload = Callable[[Filesystem, Recorder], Awaitable[None]]
@@ -88,17 +91,21 @@ async def record(workload: Workload, image: str, base: str, *, faults: FaultPlan
     rec = Recorder(fs, write_path, kid)
     await rec.persisted()
     await workload(fs, rec)
+    # the unmount's commit is a durable state of its own when fsyncs went through the log
+    # (they left the running transaction uncommitted): record it as the commit it is
+    await fs.sync()
+    await rec.persisted()
     await fs.unmount()
     return log, rec.models
 
 
-def expected_generation(log: WriteLog, upto: int, first: int) -> int:
-    """The generation of the newest primary superblock whose FUA write completed in the prefix."""
-    gen = first
+def expected_state(log: WriteLog, upto: int, first: Durable) -> Durable:
+    """What the newest primary superblock whose FUA write completed in the prefix names."""
+    state = first
     for e in log.entries[:upto]:
         if e.kind == "fua" and e.offset == 65536:
-            gen = int.from_bytes(e.data[0x48:0x50], "little")
-    return gen
+            state = (int.from_bytes(e.data[0x48:0x50], "little"), int.from_bytes(e.data[0x334:0x33c], "little"))
+    return state
 
 
 @dataclass
@@ -108,12 +115,12 @@ class CampaignResult:
     failures: list[str] = field(default_factory=list)
 
 
-async def check_states(log: WriteLog, models: dict[int, Snapshot], work: str, rng: random.Random,
+async def check_states(log: WriteLog, models: dict[Durable, Snapshot], work: str, rng: random.Random,
                        subsets: int, name: str, result: CampaignResult, write_path: WritePath = PRODUCTION) -> None:
     await check_sample(log, models, work, list(log.crash_states(rng, subsets=subsets)), result, name, write_path)
 
 
-async def check_sample(log: WriteLog, models: dict[int, Snapshot], work: str, states: list, result: CampaignResult,
+async def check_sample(log: WriteLog, models: dict[Durable, Snapshot], work: str, states: list, result: CampaignResult,
                        name: str = "mix", write_path: WritePath = PRODUCTION) -> None:
     first = min(models)
     for st in states:
@@ -125,10 +132,11 @@ async def check_sample(log: WriteLog, models: dict[int, Snapshot], work: str, st
             result.failures.append(f"{where}: fsck: [{report.errors[0].code}] {report.errors[0].message}")
             continue
         with ImageFile.open(work) as img:
-            gen = img.best_super().generation
-        want = expected_generation(log, st.upto, first)
+            sb = img.best_super()
+            gen = (sb.generation, sb.log_root)
+        want = expected_state(log, st.upto, first)
         if gen != want:
-            result.failures.append(f"{where}: mounted generation {gen}, the last durable commit was {want}")
+            result.failures.append(f"{where}: mounted (generation, log root) {gen}, the last durable one was {want}")
             continue
         try:
             async with mount(work, interval=3600, **write_path.mount_options()) as fs:
@@ -140,7 +148,8 @@ async def check_sample(log: WriteLog, models: dict[int, Snapshot], work: str, st
             continue
         if got != models.get(gen):
             lost = sorted(set(models.get(gen, {})) ^ set(got)) or [p for p in got if got[p] != models[gen].get(p)]
-            result.failures.append(f"{where}: contents differ from the oracle of generation {gen} ({lost[:3]})")
+            result.failures.append(f"{where}: contents differ from the oracle of (generation, log root) {gen} "
+                                   f"({lost[:3]})")
 
 
 # ------------------------------------------------------------------ Ace's bounded workload space

@@ -1,0 +1,253 @@
+"""fsync through the log tree (DESIGN §9): what an fsync writes, what a crash keeps, replay,
+read-only opens, fsck, the full-commit fallbacks, and every crash state around the log's
+writes, flushes and FUAs on the production write path."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import pytest
+
+import blockemu
+from blockemu.check.fsck import check
+from blockemu.device.image import ImageFile
+from blockemu.ondisk import structs as S
+from blockemu.workload.crash import CampaignResult, Recorder, check_states, record
+from blockemu.workload.writepath import FAST, PRODUCTION
+
+MiB = 1 << 20
+
+
+async def _fresh(path: str, size: str = "64M") -> None:
+    await blockemu.mkfs(path, size=size, force=True)
+
+
+def _crash_now(log, dest: str) -> None:
+    """The image after a power cut right now: what the last flush and FUA made durable."""
+    log.crash_image(dest, len(log.entries))
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _super(path: str):
+    with ImageFile.open(path) as img:
+        return img.best_super()
+
+
+async def test_fsync_writes_the_log_with_one_flush_and_one_fua(tmp_path):
+    img = str(tmp_path / "a.img")
+    await _fresh(img)
+    async with blockemu.mount(img, interval=3600) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(os.urandom(256 << 10))
+        await fs.sync()
+        gen = fs.vol.generation
+        log = fs.vol.device.start_log()
+        async with fs.open("/f", "r+") as f:
+            await f.pwrite(b"x" * 4096, 8192)
+            await f.fsync()
+            # no full commit: same generation, the superblock names a log
+            assert fs.vol.generation == gen and fs.vol.log_root
+            kinds = [e.kind for e in log.entries]
+            assert kinds.count("flush") == 1 and kinds.count("fua") == 1, kinds
+            fua = next(e for e in log.entries if e.kind == "fua")
+            assert fua.offset == S.SUPER_OFFSETS[0] and fua is log.entries[-1]
+            # the superblock comes after the flush that made the log blocks durable
+            assert kinds.index("flush") < kinds.index("fua")
+
+
+async def _crash_after_fsyncs(tmp_path, writes: list[tuple[int, int]], *, size: int = 256 << 10):
+    """Write a file, commit, then for each (offset, length) pwrite random bytes and fsync;
+    crash at once. Returns the crash image and the bytes fsync acknowledged."""
+    img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
+    await _fresh(img)
+    rng = random.Random(len(writes))
+    async with blockemu.mount(img, interval=3600) as fs:
+        want = bytearray(rng.randbytes(size))
+        async with fs.open("/f", "w") as f:
+            await f.write(want)
+        await fs.sync()
+        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        async with fs.open("/f", "r+") as f:
+            for off, n in writes:
+                data = rng.randbytes(n)
+                await f.pwrite(data, off)
+                want.extend(bytes(max(0, off - len(want))))  # a write past the end leaves a hole
+                want[off:off + n] = data
+                await f.fsync()
+                assert fs.vol.log_root, "the fsync went through the log"
+        _crash_now(log, crash)
+    return crash, bytes(want)
+
+
+@pytest.mark.parametrize("writes", [
+    [(4096, 4096)],
+    # a later write covers a logged item whole, then splits one: stale log items must go
+    [(4096, 4096), (0, 8192), (2048, 100)],
+    # a write past the end (size grows), overlapping rewrites across many fsyncs
+    [(300 << 10, 5000), (250 << 10, 60 << 10), (100, 10), (260 << 10, 4096), (0, 256 << 10)],
+])
+async def test_a_crash_after_log_fsyncs_keeps_every_fsynced_byte(tmp_path, writes):
+    crash, want = await _crash_after_fsyncs(tmp_path, writes)
+    report = check(crash, check_data=True)
+    assert report.clean, [e.message for e in report.errors]
+    assert any(n.startswith("log tree:") for n in report.notes), report.notes
+    async with blockemu.mount(crash) as fs:
+        assert not fs.vol.log_root and not fs.vol.sb.incompat_flags & S.INCOMPAT_TREE_LOG  # replayed, committed
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+    report = check(crash, check_data=True)
+    assert report.clean and not report.notes, ([e.message for e in report.errors], report.notes)
+
+
+async def test_random_overwrites_and_fsyncs_replay_exactly(tmp_path):
+    rng = random.Random(11)
+    writes = [(rng.randrange(0, 400 << 10), rng.randrange(1, 40 << 10)) for _ in range(25)]
+    crash, want = await _crash_after_fsyncs(tmp_path, writes)
+    assert check(crash, check_data=True).clean
+    async with blockemu.mount(crash) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+
+
+async def test_read_only_opens_see_the_log_and_write_nothing(tmp_path):
+    crash, want = await _crash_after_fsyncs(tmp_path, [(4096, 10000)])
+    before = _digest(crash)
+    async with blockemu.mount(crash, readonly=True) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+        with pytest.raises(OSError):
+            await fs.mkdir("/d")
+    assert check(crash).clean
+    assert _digest(crash) == before
+
+
+async def test_a_log_sets_an_incompat_flag_that_the_next_commit_clears(tmp_path):
+    crash, _ = await _crash_after_fsyncs(tmp_path, [(0, 4096)])
+    sb = _super(crash)
+    assert sb.log_root and sb.incompat_flags & S.INCOMPAT_TREE_LOG and sb.log_root_transid == sb.generation + 1
+    async with blockemu.mount(crash):
+        pass
+    sb = _super(crash)
+    assert not sb.log_root and not sb.incompat_flags & S.INCOMPAT_TREE_LOG
+
+
+@pytest.mark.parametrize("change", ["new", "rename", "link", "truncate"])
+async def test_changes_the_log_cannot_say_commit_and_are_durable(tmp_path, change):
+    """btrfs's guarantees after fsync of a file whose name changed (or that is new): the name
+    is durable. Here such an fsync is a full commit (a new generation, no log)."""
+    img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
+    await _fresh(img)
+    async with blockemu.mount(img, interval=3600) as fs:
+        await fs.mkdir("/d")
+        async with fs.open("/d/old", "w") as f:
+            await f.write(b"o" * 20000)
+        await fs.sync()
+        gen = fs.vol.generation
+        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        path, size = "/d/old", 20000
+        if change == "new":
+            path = "/d/new"
+            f = await fs.open(path, "w")
+            await f.write(b"n" * 5000)
+            size = 5000
+        elif change == "rename":
+            await fs.rename("/d/old", "/d/renamed")
+            path = "/d/renamed"
+            f = await fs.open(path, "r+")
+        elif change == "link":
+            await fs.link("/d/old", "/d/linked")
+            path = "/d/linked"
+            f = await fs.open(path, "r+")
+        else:
+            f = await fs.open(path, "r+")
+            await f.truncate(3000)
+            size = 3000
+        await f.pwrite(b"w" * 100, 0)
+        await f.fsync()
+        assert fs.vol.generation == gen + 1 and not fs.vol.log_root
+        await f.close()
+        _crash_now(log, crash)
+    async with blockemu.mount(crash) as fs:
+        st = await fs.stat(path)
+        assert st.st_size == size
+        async with fs.open(path) as f:
+            assert (await f.read(100)) == b"w" * 100
+        if change == "rename":
+            assert not await fs.exists("/d/old")
+
+
+async def test_a_directory_fsync_commits(tmp_path):
+    img = str(tmp_path / "a.img")
+    await _fresh(img)
+    async with blockemu.mount(img, interval=3600) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"x" * 5000)
+        gen = fs.vol.generation
+        d = fs.inode((await fs.stat("/")).st_ino)
+        await fs.fsync_inode(d)
+        assert fs.vol.generation == gen + 1 and not fs.vol.log_root
+
+
+async def test_fsck_reports_a_log_extent_over_committed_space(tmp_path):
+    """fsck checks what replay would trust: a logged extent must lie in space the committed
+    trees leave free."""
+    crash, _ = await _crash_after_fsyncs(tmp_path, [(0, 4096)])
+    sb = _super(crash)
+    from blockemu.engine.transaction import Engine
+    from blockemu.engine.treelog import read_log
+    with ImageFile.open(crash) as img:
+        blocks, items = read_log(img.read, sb)
+        committed = Engine(sb, img.read, writable=False).trees[S.FS_TREE_OBJECTID]
+        old = next(body for key, body in committed.items() if key[1] == S.EXTENT_DATA)
+    # make the logged item point at the committed extent: rewrite it in its leaf
+    from blockemu.ondisk.block import decode_block, encode_block
+    from blockemu.ondisk.items import FileExtent
+    with open(crash, "r+b") as f:
+        for b in blocks:
+            f.seek(b)
+            block = decode_block(f.read(sb.nodesize), bytenr=b, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid)
+            for i, key in enumerate(block.keys):
+                if key[1] == S.EXTENT_DATA:
+                    fe, was = FileExtent.unpack(old), FileExtent.unpack(block.values[i])
+                    block.values[i] = was._replace(disk_bytenr=fe.disk_bytenr, disk_num_bytes=was.disk_num_bytes).pack()
+            f.seek(b)
+            f.write(encode_block(block, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid))
+    report = check(crash)
+    assert {"LOG_OVERLAP"} <= {e.code for e in report.errors}, [e.message for e in report.errors]
+
+
+def log_fsync_workload(scale: int):
+    """write; fsync (log); write; fsync (log) -- and the crash comes before any interval commit."""
+    async def run(fs, rec: Recorder) -> None:
+        rng = random.Random(3)
+        await rec.mkdir("/A")
+        async with fs.open("/A/foo", "w") as f:
+            await f.write(rng.randbytes(8000 * scale))
+        await fs.sync()
+        await rec.persisted()
+        async with fs.open("/A/foo", "r+") as f:
+            for off, n in ((1000 * scale, 3000 * scale), (0, 9000 * scale)):
+                await f.pwrite(rng.randbytes(n), off)
+                await f.fsync()
+                assert fs.vol.log_root, "the fsync went through the log"
+                await rec.persisted()
+    return run
+
+
+@pytest.mark.parametrize("write_path", [PRODUCTION, FAST], ids=lambda p: p.name)
+async def test_every_crash_state_around_log_fsyncs(tmp_path, write_path):
+    log, models = await record(log_fsync_workload(write_path.scale), str(tmp_path / "w.img"),
+                               str(tmp_path / "base.img"), write_path=write_path)
+    gens = {}
+    for gen, root in models:
+        gens.setdefault(gen, []).append(root)
+    assert any(len([r for r in roots if r]) == 2 for roots in gens.values()), models.keys()  # two log states
+    result = CampaignResult()
+    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(5), 3, "log", result, write_path)
+    assert result.states >= 20 and not result.failures, result.failures[:3]
+
