@@ -130,8 +130,10 @@ class TreeLog:
     def drop(self) -> None:
         """A full commit supersedes the log: its blocks are freed -- pinned until that commit is
         durable, so its free-space record calls them free and nothing reuses them before."""
-        if self.tree is not None and self.store is not None:
-            for block in list(self.tree.blocks()):
+        if self.store is not None:
+            # every block the store holds (its cache is unbounded), not only those the root
+            # reaches: an insert that failed half way (ENOSPC) may have allocated others
+            for block in [*self.store.dirty.values(), *self.store.clean.values()]:
                 self.store.free_block(block)
         self.tree = self.store = None
         self.logged = {}
