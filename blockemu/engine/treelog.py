@@ -25,7 +25,7 @@ inode, a truncate: ``Engine.needs_commit``) makes that inode's fsync a full comm
 """
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import replace
 
 from blockemu.engine.btree import BTree
@@ -63,6 +63,8 @@ class TreeLog:
         self.store: TreeStore | None = None
         self.tree: BTree | None = None
         self.logged: dict[int, bytes] = {}  # ino -> the inode item the log holds
+        self.extent_offs: dict[int, list[int]] = {}  # ino -> file offsets of its logged EXTENT_DATA, sorted
+        self.extent_lens: dict[tuple[int, int], int] = {}  # (ino, offset) -> that item's num_bytes
 
     def can_log(self, ino: int) -> bool:
         return ino not in self.engine.needs_commit
@@ -91,26 +93,33 @@ class TreeLog:
             self._relog(tree, ino, start, end, csummed)
 
     def _relog(self, tree: BTree, ino: int, start: int, end: int, csummed: set[int]) -> None:
-        lo = start
-        hit = tree.last_at_or_before((ino, S.EXTENT_DATA, start), (ino, S.EXTENT_DATA, 0))
-        if hit is not None and hit[0][2] + FileExtent.unpack(hit[1]).num_bytes > start:
-            lo = hit[0][2]
-        cur = next(self.extents.mappings(ino, start, start + 1), None)
-        if cur is not None:
-            lo = min(lo, cur.file_offset)
-        end = min(end, U64_MAX)
-        for key in [k for k, _ in tree.items((ino, S.EXTENT_DATA, lo), (ino, S.EXTENT_DATA, end))]:
-            tree.delete(key)
+        # the log's EXTENT_DATA items of this inode, as offsets and lengths kept beside the
+        # tree: finding the ones a range touches costs no descent of the log
+        offs = self.extent_offs.setdefault(ino, [])
+        i = bisect_left(offs, start)
+        lo = offs[i - 1] if i and offs[i - 1] + self.extent_lens[(ino, offs[i - 1])] > start else start
+        current = list(self.extents.mappings(ino, lo, min(end + 1, U64_MAX)))
+        if current:
+            lo = min(lo, current[0].file_offset)
         transid, csum = self.engine.transid, self.extents.csum
-        for m in list(self.extents.mappings(ino, lo, min(end + 1, U64_MAX))):
+        keep: set[int] = set()
+        for m in current:
             fe = m.extent
             if fe.generation != transid:
                 continue  # an older extent, trimmed: replaying the new items trims it the same way
             tree.insert((ino, S.EXTENT_DATA, m.file_offset), fe.pack(), replace=True)
+            keep.add(m.file_offset)
+            self.extent_lens[(ino, m.file_offset)] = fe.num_bytes
             if fe.disk_bytenr not in csummed:
                 csummed.add(fe.disk_bytenr)
                 for key, body in list(csum.items(*_csum_range(fe.disk_bytenr, fe.disk_num_bytes))):
                     tree.insert(key, body, replace=True)
+        a, b = bisect_left(offs, lo), bisect_right(offs, end)
+        for off in offs[a:b]:
+            if off not in keep:  # stale: what the log said of this range is no longer so
+                tree.delete((ino, S.EXTENT_DATA, off))
+                del self.extent_lens[(ino, off)]
+        offs[a:b] = sorted(keep)  # every current item starts in [lo, end]
 
     def prepare_sync(self) -> tuple[list[tuple[int, bytes]], SuperInfo] | None:
         """The log blocks to write, and the superblock pointing at them; None if the log on
@@ -136,7 +145,7 @@ class TreeLog:
             for block in [*self.store.dirty.values(), *self.store.clean.values()]:
                 self.store.free_block(block)
         self.tree = self.store = None
-        self.logged = {}
+        self.logged, self.extent_offs, self.extent_lens = {}, {}, {}
 
 
 def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
