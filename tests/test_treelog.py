@@ -251,3 +251,14 @@ async def test_every_crash_state_around_log_fsyncs(tmp_path, write_path):
     await check_states(log, models, str(tmp_path / "crash.img"), random.Random(5), 3, "log", result, write_path)
     assert result.states >= 20 and not result.failures, result.failures[:3]
 
+
+
+async def test_a_log_written_without_barriers_is_caught(tmp_path):
+    """With flushes ignored (nobarrier) the log's superblock can land before its blocks: the
+    crash states of the same workload must then show failures (the checker can fail)."""
+    from blockemu.device.faultplan import FaultPlan
+    log, models = await record(log_fsync_workload(FAST.scale), str(tmp_path / "w.img"), str(tmp_path / "base.img"),
+                               faults=FaultPlan(nobarrier=True), write_path=FAST)
+    result = CampaignResult()
+    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(5), 3, "nobarrier", result, FAST)
+    assert result.failures
