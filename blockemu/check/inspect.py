@@ -141,8 +141,8 @@ def super_text(d: dict[str, Any]) -> Iterator[str]:
     yield f"csum_type\t\t{d['csum_type']} ({d['csum_type_name']})"
     yield f"csum_size\t\t{d['csum_size']}"
     yield f"csum\t\t\t0x{d['csum']} [{'match' if d['csum_match'] else 'DON’T MATCH'}]"
-    for k in ("bytenr", "flags", "magic", "fsid", "label", "generation", "root", "root_level", "total_bytes",
-              "bytes_used", "root_dir_objectid", "sectorsize", "nodesize", "compat_flags", "compat_ro_flags", "incompat_flags"):
+    for k in ("bytenr", "flags", "magic", "fsid", "label", "generation", "root", "root_level", "log_root",
+              "log_root_transid", "log_root_level", "total_bytes", "bytes_used", "root_dir_objectid", "sectorsize", "nodesize", "compat_flags", "compat_ro_flags", "incompat_flags"):
         v = d[k]
         if k in ("flags", "compat_flags", "compat_ro_flags", "incompat_flags"):
             v = hex(v)
