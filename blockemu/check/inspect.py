@@ -5,7 +5,7 @@ from typing import Any, Iterator
 
 from blockemu.device.image import ImageFile
 from blockemu.engine.btree import BTree
-from blockemu.engine.transaction import Engine
+from blockemu.engine.transaction import Engine, TreeStore
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.block import TreeBlock, body_size
@@ -21,7 +21,7 @@ from blockemu.ondisk.items import (
 from blockemu.ondisk.superblock import BACKUP_TREES, decode_super, validate_super
 
 TREE_BY_NAME = {"root": S.ROOT_TREE_OBJECTID, "extent": S.EXTENT_TREE_OBJECTID, "fs": S.FS_TREE_OBJECTID,
-                "csum": S.CSUM_TREE_OBJECTID, "free-space": S.FREE_SPACE_TREE_OBJECTID}
+                "csum": S.CSUM_TREE_OBJECTID, "free-space": S.FREE_SPACE_TREE_OBJECTID, "log": S.TREE_LOG_OBJECTID}
 
 
 def objectid_name(oid: int) -> str:
@@ -107,7 +107,16 @@ def dump_tree(path: str, trees: list[str] | None = None) -> list[dict[str, Any]]
         engine = Engine(sb, img.read, writable=False)
         out = []
         for name in trees or list(TREE_BY_NAME):
-            tree: BTree = engine.tree(TREE_BY_NAME[name])
+            tid = TREE_BY_NAME[name]
+            if tid == S.TREE_LOG_OBJECTID:
+                if not sb.log_root:
+                    continue  # no fsync log: nothing to show
+                # found from the superblock, not the root tree; its blocks carry the log's transid
+                store = TreeStore(img.read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
+                                  transid=sb.log_root_transid, cache_blocks=0)
+                tree: BTree = BTree(store, tid, sb.log_root, sb.log_root_level)
+            else:
+                tree = engine.tree(tid)
             out.extend(block_json(name, b, sb.nodesize) for b in _bfs(tree))
         return out
 
