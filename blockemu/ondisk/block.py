@@ -6,6 +6,8 @@ against the block it sits in before it is used, so a hostile image raises a
 """
 from __future__ import annotations
 
+import struct
+
 from dataclasses import dataclass, field
 
 from blockemu.errors import CorruptionError
@@ -137,18 +139,22 @@ def encode_block(block: TreeBlock, *, nodesize: int, csum_type: int, fsid: bytes
     n = len(block.keys)
     HEADER.pack_into(buf, 0, b"", fsid, block.bytenr, block.flags, block.generation, block.owner, n, block.level)
     pos = HEADER_SIZE
+    # every item header (or key pointer) in one pack_into call, the leaf's data in one copy:
+    # a commit or a log sync encodes each dirty block, and a leaf holds hundreds of items
     if block.level == 0:
-        end = nodesize
-        for key, value in zip(block.keys, block.values):
-            end -= len(value)
-            buf[end : end + len(value)] = value
-            ITEM.pack_into(buf, pos, key[0], key[1], key[2], end - HEADER_SIZE, len(value))
-            pos += ITEM_SIZE
-        if end < pos:
+        values = block.values
+        end = nodesize - sum(map(len, values))
+        if end < pos + n * ITEM_SIZE:
             raise ValueError(f"leaf {block.bytenr} overfull")
+        buf[end:] = b"".join(reversed(values))  # item 0's data last, at the very end
+        flat: list[int] = []
+        off = nodesize - HEADER_SIZE
+        for key, value in zip(block.keys, values):
+            off -= len(value)
+            flat += (key[0], key[1], key[2], off, len(value))
+        struct.pack_into("<" + ITEM.format[1:] * n, buf, pos, *flat)
     else:
-        for key, (ptr, gen) in zip(block.keys, block.ptrs):
-            KEY_PTR.pack_into(buf, pos, key[0], key[1], key[2], ptr, gen)
-            pos += KEY_PTR_SIZE
+        struct.pack_into("<" + KEY_PTR.format[1:] * n, buf, pos,
+                         *[x for key, ptr in zip(block.keys, block.ptrs) for x in (*key, *ptr)])
     buf[0:CSUM_FIELD] = csums.field(csum_type, memoryview(buf)[CSUM_FIELD:])
     return bytes(buf)
