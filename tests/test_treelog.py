@@ -136,7 +136,7 @@ async def test_a_log_sets_an_incompat_flag_that_the_next_commit_clears(tmp_path)
     assert not sb.log_root and not sb.incompat_flags & S.INCOMPAT_TREE_LOG
 
 
-@pytest.mark.parametrize("change", ["new", "rename", "link", "truncate"])
+@pytest.mark.parametrize("change", ["new", "rename", "link", "unlink", "truncate"])
 async def test_changes_the_log_cannot_say_commit_and_are_durable(tmp_path, change):
     """btrfs's guarantees after fsync of a file whose name changed (or that is new): the name
     is durable. Here such an fsync is a full commit (a new generation, no log)."""
@@ -163,6 +163,9 @@ async def test_changes_the_log_cannot_say_commit_and_are_durable(tmp_path, chang
             await fs.link("/d/old", "/d/linked")
             path = "/d/linked"
             f = await fs.open(path, "r+")
+        elif change == "unlink":
+            f = await fs.open(path, "r+")
+            await fs.unlink(path)  # open, unlinked: an orphan
         else:
             f = await fs.open(path, "r+")
             await f.truncate(3000)
@@ -170,9 +173,12 @@ async def test_changes_the_log_cannot_say_commit_and_are_durable(tmp_path, chang
         await f.pwrite(b"w" * 100, 0)
         await f.fsync()
         assert fs.vol.generation == gen + 1 and not fs.vol.log_root
-        await f.close()
         _crash_now(log, crash)
+        await f.close()
     async with blockemu.mount(crash) as fs:
+        if change == "unlink":
+            assert not await fs.exists(path) and await fs.readdir("/d") == []
+            return
         st = await fs.stat(path)
         assert st.st_size == size
         async with fs.open(path) as f:
