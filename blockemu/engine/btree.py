@@ -103,8 +103,11 @@ class BTree:
     def _iter(self, node: TreeBlock, lo: KeyT, hi: KeyT, reverse: bool, seen: set[int]) -> Iterator[tuple[KeyT, bytes]]:
         if node.level == 0:
             i, j = bisect_left(node.keys, lo), bisect_right(node.keys, hi)
-            pairs = zip(node.keys[i:j], node.values[i:j])
-            yield from (reversed(list(pairs)) if reverse else pairs)
+            if reverse:  # by index, not reversed(list(...)): last_at_or_before takes one item
+                keys, values = node.keys, node.values
+                yield from ((keys[k], values[k]) for k in range(j - 1, i - 1, -1))
+            else:
+                yield from zip(node.keys[i:j], node.values[i:j])
             return
         first = self._slot(node, lo)
         last = bisect_right(node.keys, hi) - 1
