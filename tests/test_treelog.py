@@ -58,6 +58,9 @@ async def test_fsync_writes_the_log_with_one_flush_and_one_fua(tmp_path):
             assert fua.offset == S.SUPER_OFFSETS[0] and fua is log.entries[-1]
             # the superblock comes after the flush that made the log blocks durable
             assert kinds.index("flush") < kinds.index("fua")
+        await fs.sync()  # the full commit (on the interval, sync or unmount) supersedes the log
+        assert fs.vol.generation == gen + 1 and not fs.vol.log_root
+    assert not _super(img).log_root
 
 
 async def _crash_after_fsyncs(tmp_path, writes: list[tuple[int, int]], *, size: int = 256 << 10):
