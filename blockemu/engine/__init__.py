@@ -1,5 +1,6 @@
 """The storage engine: the copy-on-write B+tree, the extent allocator, transactions
-and the commit protocol's bookkeeping, file extents and data checksums.
+and the commit protocol's bookkeeping, file extents and data checksums, and the
+fsync log tree (``treelog``: what an fsync writes instead of a commit, and its replay).
 
 Sans-I/O: it works on bytes and a block cache. It never awaits and opens no
 file; a block it does not hold is fetched through the ``read_block`` callable its
