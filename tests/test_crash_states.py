@@ -7,7 +7,8 @@ import random
 import blockemu
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
-from blockemu.workload.crash import CampaignResult, Recorder, ace_workloads, check_states, record, run_ace
+from blockemu.workload.crash import (CampaignResult, Recorder, ace_workload, ace_workloads, check_states, record,
+                                     run_ace)
 from blockemu.workload.writepath import FAST
 
 
@@ -93,3 +94,16 @@ async def test_a_planted_ordering_bug_is_caught(tmp_path):
     planted = CampaignResult()
     await check_states(log, models, str(tmp_path / "crash.img"), random.Random(2), 2, "nobarrier", planted, FAST)
     assert planted.failures
+
+
+async def test_ace_write_fsyncs_go_through_the_log_and_every_crash_state_holds(tmp_path):
+    """Ace's write and append are each followed by an fsync of the file, which goes through the
+    log tree (DESIGN §9): the campaign's oracle names those states by (generation, log root)."""
+    seq = (("write", "/A/foo"), ("append", "/A/foo"))
+    log, models = await record(ace_workload(seq, 3), str(tmp_path / "w.img"), str(tmp_path / "base.img"),
+                               write_path=FAST)
+    logged = [key for key in models if key[1]]
+    assert len(logged) == 2 and len({g for g, _ in logged}) == 1, sorted(models)
+    result = CampaignResult()
+    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(3), 4, "ace-log", result, FAST)
+    assert result.states > 20 and not result.failures, result.failures[:3]
