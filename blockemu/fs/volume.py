@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Coroutine, TypeVar
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
@@ -13,6 +13,9 @@ from blockemu.engine.treelog import TreeLog, replay
 from blockemu.errors import CorruptionError, DeviceIOError, NoSpaceError
 from blockemu.ondisk.structs import INCOMPAT_SUPPORTED, SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
+
+
+T = TypeVar("T")
 
 
 async def outlast_cancellation(work: list[asyncio.Future]) -> bool:
@@ -166,18 +169,7 @@ class Volume:
                 self._check_aborted()
                 if not self.engine.is_dirty() and not force:
                     return False
-                work = asyncio.ensure_future(self._commit())
-                cancelled = await outlast_cancellation([work])  # a commit is never left half done
-                try:
-                    done = work.result()
-                except BaseException as e:
-                    # as btrfs aborts a transaction whose commit failed, however it failed: the
-                    # image keeps its last durable generation (or the new one, if its superblock
-                    # landed) and this mount refuses further changes
-                    raise self.abort(e, "commit failed")
-                if cancelled:
-                    raise asyncio.CancelledError
-                return done
+                return await self._durably(self._commit(), "commit failed")
             finally:
                 async with self._cond:
                     self._committing = False
@@ -201,17 +193,25 @@ class Volume:
                 todo = self.log.prepare_sync()
             except NoSpaceError:
                 return False  # the full commit drops the half-built log and gives back what it pinned
-            if todo is None:
-                return True
-            work = asyncio.ensure_future(self._write_log(*todo))
-            cancelled = await outlast_cancellation([work])  # like a commit, never left half done
-            try:
-                work.result()
-            except BaseException as e:
-                raise self.abort(e, "log sync failed")
-            if cancelled:
-                raise asyncio.CancelledError
+            if todo is not None:
+                await self._durably(self._write_log(*todo), "log sync failed")
             return True
+
+    async def _durably(self, step: Coroutine[Any, Any, T], why: str) -> T:
+        """Run a step that writes a superblock (a commit, a log sync) to its end: never left
+        half done, a caller cancelled meanwhile sees the cancellation once it has finished.
+        As btrfs aborts a transaction whose commit failed, however it failed, a failure aborts
+        the mount: the image keeps its last durable state (or the new one, if its superblock
+        landed) and this mount refuses further changes."""
+        work = asyncio.ensure_future(step)
+        cancelled = await outlast_cancellation([work])
+        try:
+            done = work.result()
+        except BaseException as e:
+            raise self.abort(e, why)
+        if cancelled:
+            raise asyncio.CancelledError
+        return done
 
     async def _write_log(self, writes: list[tuple[int, bytes]], sb: SuperInfo) -> None:
         """The log's blocks, one flush, then the primary superblock pointing at them with FUA:
