@@ -139,7 +139,7 @@ async def test_a_log_sets_an_incompat_flag_that_the_next_commit_clears(tmp_path)
     assert not sb.log_root and not sb.incompat_flags & S.INCOMPAT_TREE_LOG
 
 
-@pytest.mark.parametrize("change", ["new", "rename", "link", "unlink", "truncate"])
+@pytest.mark.parametrize("change", ["new", "rename", "link", "unlink", "truncate", "punch"])
 async def test_changes_the_log_cannot_say_commit_and_are_durable(tmp_path, change):
     """btrfs's guarantees after fsync of a file whose name changed (or that is new): the name
     is durable. Here such an fsync is a full commit (a new generation, no log)."""
@@ -166,6 +166,9 @@ async def test_changes_the_log_cannot_say_commit_and_are_durable(tmp_path, chang
             await fs.link("/d/old", "/d/linked")
             path = "/d/linked"
             f = await fs.open(path, "r+")
+        elif change == "punch":  # a hole in the middle: the committed data must not come back
+            f = await fs.open(path, "r+")
+            await f.punch_hole(4096, 8192)
         elif change == "unlink":
             f = await fs.open(path, "r+")
             await fs.unlink(path)  # open, unlinked: an orphan
@@ -186,6 +189,8 @@ async def test_changes_the_log_cannot_say_commit_and_are_durable(tmp_path, chang
         assert st.st_size == size
         async with fs.open(path) as f:
             assert (await f.read(100)) == b"w" * 100
+            if change == "punch":
+                assert await f.pread(8192, 4096) == bytes(8192)
         if change == "rename":
             assert not await fs.exists("/d/old")
 

@@ -120,6 +120,13 @@ class Extents:
     # ------------------------------------------------------------------ changing a file
 
     def punch(self, ino: int, start: int, end: int) -> int:
+        """Leave a hole at [start, end) (a truncate, a hole punch, a delete); returns the change
+        in nbytes (≤ 0). The fsync log replays items over the committed tree and has no item
+        for "nothing here", so that inode's fsync commits until the transaction does."""
+        self.engine.needs_commit.add(ino)
+        return self._unmap(ino, start, end)
+
+    def _unmap(self, ino: int, start: int, end: int) -> int:
         """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0)."""
         self.engine.changed_ranges.setdefault(ino, []).append((start, end))  # for the fsync log
         freed = 0
@@ -146,7 +153,7 @@ class Extents:
                    context: ExtentContext | None, digests: bytes) -> int:
         """Map [file_offset, +length) to the new extent at ``bytenr`` (its data written by the caller,
         ``digests`` its per-sector checksums concatenated); returns the change in nbytes."""
-        delta = self.punch(ino, file_offset, file_offset + length)
+        delta = self._unmap(ino, file_offset, file_offset + length)
         fe = FileExtent(self.engine.transid, ram_bytes, 0, S.ENCRYPTION_FSCRYPT if context else S.ENCRYPTION_NONE, 0,
                         S.FILE_EXTENT_REG, bytenr, length, 0, length, context)
         self.fs.insert((ino, S.EXTENT_DATA, file_offset), fe.pack())
@@ -163,7 +170,7 @@ class Extents:
         the tree holds -- trimmed or dropped as the overwrite did. The extent is this log's own
         (new since the last commit): the first item naming it creates its EXTENT_ITEM and
         checksums (``csum_items``), the others (pieces of it split by later writes) add references."""
-        self.punch(ino, file_offset, file_offset + fe.num_bytes)
+        self._unmap(ino, file_offset, file_offset + fe.num_bytes)
         self.fs.insert((ino, S.EXTENT_DATA, file_offset), fe.pack())
         ref_offset = file_offset - fe.offset
         if self.ext.first_at_or_after((fe.disk_bytenr, S.EXTENT_ITEM, 0), (fe.disk_bytenr, S.EXTENT_ITEM, (1 << 64) - 1)):

@@ -961,8 +961,6 @@ class Filesystem:
                     self.cache.writable(inode.pages, idx, old)[tail:] = bytes(PAGE - tail)
                 self.cache.drop(inode.pages, -(-size // PAGE))
                 async with self.vol.join():
-                    # the log replays extents over the committed tree and has no "cut here": commit
-                    self.vol.engine.needs_commit.add(inode.ino)
                     inode.nbytes += self.extents.punch(inode.ino, -(-size // PAGE) * PAGE, (1 << 64) - 1)
                     inode.epoch += 1
                     inode.size = inode.disk_size = size
