@@ -13,6 +13,7 @@ import blockemu
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import ImageFile
+from blockemu.engine.extents import ExtentBatch
 from blockemu.engine.transaction import Engine
 from blockemu.ondisk import structs as S
 from tests.util import KEY, KID, ErrnoCheck, encrypted_dir
@@ -138,7 +139,7 @@ async def test_overwrites_are_copy_on_write(fs, image):
         data = await f.read()
     assert data == b"a" * 8192 + b"b" * 4096 + b"a" * (65536 - 12288)
     # the split extent is referenced twice through the same back reference
-    key, item = fs.extents._extent_key(first[0].extent.disk_bytenr)
+    key, item = ExtentBatch(fs.extents)._extent_key(first[0].extent.disk_bytenr)
     assert item.refs_count == 2 and item.refs == (("data", 5, ino, 0, 2),)
     # overwrite everything: the old extent loses its last reference and is freed
     async with fs.open("/c", "r+") as f:

@@ -274,19 +274,22 @@ class BTree:
         keys, values = leaf.keys, leaf.values
         out_k: list[KeyT] = []
         out_v: list[bytes] = []
-        i, n = 0, len(keys)
+        i, n, used = 0, len(keys), leaf.used
         for key, value in changes:
             j = bisect_left(keys, key, i)
             out_k += keys[i:j]
             out_v += values[i:j]
-            i = j + 1 if j < n and keys[j] == key else j
+            if j < n and keys[j] == key:
+                used -= ITEM_SIZE + len(values[j])
+                j += 1
+            i = j
             if value is not None:
                 out_k.append(key)
-                out_v.append(bytes(value))
+                out_v.append(value)
+                used += ITEM_SIZE + len(value)
         out_k += keys[i:]
         out_v += values[i:]
-        leaf.keys, leaf.values = out_k, out_v
-        leaf.recount()
+        leaf.keys, leaf.values, leaf.used = out_k, out_v, used
 
     def _split_leaf_many(self, leaf: TreeBlock) -> list[TreeBlock]:
         """Split an overfull leaf into as many evenly filled leaves as its bytes need."""
