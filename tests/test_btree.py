@@ -192,6 +192,12 @@ def run_batches(nodesize: int, batches: list[list[tuple]], commit_every: int = 3
         assert list(batched.items()) == list(single.items())
         if n % commit_every == commit_every - 1:
             img.commit()
+            # read back from the committed bytes alone: a committed block changed in place
+            # (not copied first) would be right in the cache and wrong here
+            reader = MemoryImage(nodesize)
+            reader.blocks = img.blocks
+            reader.store.allocator = None
+            assert list(BTree(reader.store, 5, batched.root, batched.level).items()) == sorted(model.items())
     check_invariants(batched)
 
 
@@ -227,3 +233,45 @@ def test_batched_apply_builds_and_empties_a_deep_tree():
     assert tree.level == 0 and [k for k, _ in tree.items()] == keys[-3:]
     tree.apply([(k, None) for k in keys[-3:]])
     assert tree.level == 0 and list(tree.items()) == []
+
+
+def model_neighbours(model: dict, lo, hi, reverse: bool):
+    keys = sorted(k for k in model if lo <= k <= hi)
+    return [(k, model[k]) for k in (reversed(keys) if reverse else keys)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(base=st.lists(st.integers(0, 2000), max_size=600), staged=st.lists(st.tuples(st.integers(0, 2000), st.booleans()), max_size=200),
+       probes=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 2000)), min_size=1, max_size=30))
+def test_tree_batch_reads_through_its_staged_changes(base, staged, probes):
+    """A TreeBatch reads as the tree would after its changes (get, ranges both ways, the
+    neighbour lookups the one-descent paths answer), and ``apply`` makes it so."""
+    from blockemu.engine.batch import TreeBatch
+
+    img = MemoryImage(4096)
+    tree = img.new_tree()
+    key = lambda k: (k, 1, k % 7)  # noqa: E731
+    model = {key(k): b"b%d" % k for k in base}
+    tree.apply(sorted(model.items()))
+    img.commit()
+    batch = TreeBatch(tree)
+    for k, delete in staged:
+        if delete:
+            if key(k) in model:
+                assert batch.delete(key(k)) == model.pop(key(k))
+        else:
+            batch.insert(key(k), b"s%d" % k, replace=True)
+            model[key(k)] = b"s%d" % k
+    for a, b in probes:
+        lo, hi = key(min(a, b)), key(max(a, b))
+        assert batch.get(lo) == model.get(lo)
+        for reverse in (False, True):
+            assert list(batch.items(lo, hi, reverse=reverse)) == model_neighbours(model, lo, hi, reverse)
+        assert batch.last_at_or_before(hi, lo) == next(iter(model_neighbours(model, lo, hi, True)), None)
+        assert batch.first_at_or_after(lo, hi) == next(iter(model_neighbours(model, lo, hi, False)), None)
+        committed = dict(tree.items())
+        assert tree.first_at_or_after(lo, hi) == next(iter(model_neighbours(committed, lo, hi, False)), None)
+        assert tree.last_at_or_before(hi, lo) == next(iter(model_neighbours(committed, lo, hi, True)), None)
+    batch.apply()
+    check_invariants(tree)
+    assert_matches(tree, model)

@@ -35,8 +35,12 @@ class TreeBatch:
     def items(self, lo: KeyT = MIN_KEY, hi: KeyT = MAX_KEY, *, reverse: bool = False) -> Iterator[tuple[KeyT, bytes]]:
         """The tree's items in [lo, hi] with the staged changes over them, in key order. Do not
         stage changes while iterating."""
-        staged = self.changes.irange(lo, hi, reverse=reverse)
         base = self.tree.items(lo, hi, reverse=reverse)
+        if not self._staged_in(lo, hi):
+            return base
+        return self._merged(base, self.changes.irange(lo, hi, reverse=reverse), reverse)
+
+    def _merged(self, base: Iterator[tuple[KeyT, bytes]], staged: Iterator[KeyT], reverse: bool) -> Iterator[tuple[KeyT, bytes]]:
         b, s = next(base, None), next(staged, None)
         while b is not None or s is not None:
             if s is None or (b is not None and (b[0] > s if reverse else b[0] < s)):
@@ -50,10 +54,30 @@ class TreeBatch:
                 yield s, value
             s = next(staged, None)
 
+    def _staged_in(self, lo: KeyT, hi: KeyT) -> bool:
+        i = self.changes.bisect_left(lo)
+        return i < len(self.changes) and self.changes.keys()[i] <= hi
+
     def last_at_or_before(self, key: KeyT, lo: KeyT = MIN_KEY) -> tuple[KeyT, bytes] | None:
+        """One descent of the tree and one bisection of the staged keys: the later of the two
+        answers wins, unless it is a staged deletion (then the merged walk decides)."""
+        found = self.tree.last_at_or_before(key, lo)
+        i = self.changes.bisect_right(key) - 1
+        staged = self.changes.keys()[i] if i >= 0 else None
+        if staged is None or staged < lo or (found is not None and found[0] > staged):
+            return found  # no staged key in (found, key]: found stands as it is
+        if self.changes[staged] is not None:
+            return staged, self.changes[staged]
         return next(self.items(lo, key, reverse=True), None)
 
     def first_at_or_after(self, key: KeyT, hi: KeyT = MAX_KEY) -> tuple[KeyT, bytes] | None:
+        found = self.tree.first_at_or_after(key, hi)
+        i = self.changes.bisect_left(key)
+        staged = self.changes.keys()[i] if i < len(self.changes) else None
+        if staged is None or staged > hi or (found is not None and found[0] < staged):
+            return found
+        if self.changes[staged] is not None:
+            return staged, self.changes[staged]
         return next(self.items(key, hi), None)
 
     def insert(self, key: KeyT, value: bytes, *, replace: bool = False) -> None:

@@ -78,10 +78,14 @@ class BTree:
     def _slot(node: TreeBlock, key: KeyT) -> int:
         return max(bisect_right(node.keys, key) - 1, 0)
 
-    def get(self, key: KeyT) -> bytes | None:
+    def _leaf_for(self, key: KeyT) -> TreeBlock:
         node = self._root_block()
         while node.level:
             node = self._child(node, self._slot(node, key))
+        return node
+
+    def get(self, key: KeyT) -> bytes | None:
+        node = self._leaf_for(key)
         i = bisect_left(node.keys, key)
         if i < len(node.keys) and node.keys[i] == key:
             return node.values[i]
@@ -113,10 +117,20 @@ class BTree:
             yield from self._iter(self._child(node, s, seen), lo, hi, reverse, seen)
 
     def last_at_or_before(self, key: KeyT, lo: KeyT = MIN_KEY) -> tuple[KeyT, bytes] | None:
-        return next(self.items(lo, key, reverse=True), None)
+        """One descent: the leaf ``key`` falls in starts at or before it (node keys are their
+        children's first keys), so the item wanted is in it or there is none."""
+        leaf = self._leaf_for(key)
+        i = bisect_right(leaf.keys, key) - 1
+        if i < 0 or leaf.keys[i] < lo:
+            return None
+        return leaf.keys[i], leaf.values[i]
 
     def first_at_or_after(self, key: KeyT, hi: KeyT = MAX_KEY) -> tuple[KeyT, bytes] | None:
-        return next(self.items(key, hi), None)
+        leaf = self._leaf_for(key)
+        i = bisect_left(leaf.keys, key)
+        if i == len(leaf.keys):  # past this leaf's last item: the next leaf's first, if any
+            return next(self.items(key, hi), None)
+        return (leaf.keys[i], leaf.values[i]) if leaf.keys[i] <= hi else None
 
     def blocks(self) -> Iterator[TreeBlock]:
         """Every block, parents before children (for inspect, fsck and accounting)."""
@@ -255,14 +269,17 @@ class BTree:
         while slot < len(node.ptrs) and len(node.ptrs) > 1:
             bytenr = node.ptrs[slot][0]
             if bytenr in touched and self._underfull(self.store.get(bytenr)):
+                before, left = len(node.ptrs), max(slot - 1, 0)  # _rebalance pairs it with its left neighbour
                 self._rebalance(node, slot)
-                slot = max(slot - 1, 0)
-                near = [b for b, _ in node.ptrs[slot : slot + 2]]
-                touched.update(near)
+                slot = left
+                # what _rebalance wrote (COWed): the merged block, or the two evened out -- never
+                # a neighbour beyond them, which may still be the committed block
+                written = [b for b, _ in node.ptrs[left : left + (1 if len(node.ptrs) < before else 2)]]
+                touched.update(written)
                 if node.level > 1:
                     # nodes merged or evened out: a child that was its node's only one (and so
                     # could not be mended below) now has siblings to merge with
-                    for b in near:
+                    for b in written:
                         inner = self.store.get(b)
                         self._mend(inner, {p for p, _ in inner.ptrs})
             else:
