@@ -373,3 +373,17 @@ async def test_dirty_memory_stays_bounded(image):
         assert spilled == 0, "dirty pages spilled onto the heap instead of waiting for free frames"
         async with fs.open("/big") as f:
             assert await f.pread(len(chunk), 5 << 20) == chunk
+
+
+async def test_a_read_larger_than_the_clean_cache_returns_every_page(image):
+    """A read of 16 pages through an 8-page clean cache that held its first page: the fill of
+    pages 1..15 evicted page 0 and pages 1..7, so page 0 was filled again -- an await, on which
+    the evicted pages 1..7, still to be returned, were zeroed: the read returned zeros there."""
+    data = os.urandom(16 * 4096)
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(data)
+    async with blockemu.mount(image, interval=3600, cache_limit=8 * 4096) as fs:
+        async with fs.open("/f") as f:
+            assert await f.pread(500, 0) == data[:500]
+            assert await f.pread(len(data), 0) == data
