@@ -242,8 +242,9 @@ class Writeback:
 
     def _groups(self, runs: list[Run]) -> list[list[Run]]:
         """Runs in the groups written together: neighbouring small runs (those sealed on a thread)
-        up to ``max_extent`` in all share one seal batch, one device writev and one pass over the
-        trees; a run big enough for a sealing worker goes on its own."""
+        share one seal batch, one device writev and one pass over the trees, until the group is
+        as big as a run a worker would seal (or ``max_extent``), so that several groups still
+        fill the pipeline's lanes; a run big enough for a sealing worker goes on its own."""
         groups: list[list[Run]] = []
         pages = 0
         for run in runs:
