@@ -90,12 +90,12 @@ async def test_a_bug_in_writeback_is_reported_logged_and_aborts_the_mount(image,
     fs = await blockemu.mount(image, interval=3600)
     try:
         await put(fs, "/kept", b"k" * 8192)
-        real = fs.extents.add_extent
+        real = fs.extents.add_extents
 
         def bug(*args, **kw):
             raise RuntimeError("planted bug")
 
-        fs.extents.add_extent = bug
+        fs.extents.add_extents = bug
         f = await fs.open("/lost", "w")
         await f.write(b"x" * 8192)
         wb = fs.writeback
@@ -110,7 +110,7 @@ async def test_a_bug_in_writeback_is_reported_logged_and_aborts_the_mount(image,
         assert not f.inode.pages.dirty and f.inode.lost_bytes == 8192
         with ErrnoCheck(errno.EIO):
             await f.close()
-        fs.extents.add_extent = real
+        fs.extents.add_extents = real
         with ErrnoCheck(errno.EIO):  # read-only: nothing more is changed
             await fs.mkdir("/d")
     finally:

@@ -13,6 +13,7 @@ import blockemu
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import ImageFile
+from blockemu.engine.extents import ExtentBatch
 from blockemu.engine.transaction import Engine
 from blockemu.ondisk import structs as S
 from tests.util import KEY, KID, ErrnoCheck, encrypted_dir
@@ -138,7 +139,7 @@ async def test_overwrites_are_copy_on_write(fs, image):
         data = await f.read()
     assert data == b"a" * 8192 + b"b" * 4096 + b"a" * (65536 - 12288)
     # the split extent is referenced twice through the same back reference
-    key, item = fs.extents._extent_key(first[0].extent.disk_bytenr)
+    key, item = ExtentBatch(fs.extents)._extent_key(first[0].extent.disk_bytenr)
     assert item.refs_count == 2 and item.refs == (("data", 5, ino, 0, 2),)
     # overwrite everything: the old extent loses its last reference and is freed
     async with fs.open("/c", "r+") as f:
@@ -372,3 +373,17 @@ async def test_dirty_memory_stays_bounded(image):
         assert spilled == 0, "dirty pages spilled onto the heap instead of waiting for free frames"
         async with fs.open("/big") as f:
             assert await f.pread(len(chunk), 5 << 20) == chunk
+
+
+async def test_a_read_larger_than_the_clean_cache_returns_every_page(image):
+    """A read of 16 pages through an 8-page clean cache that held its first page: the fill of
+    pages 1..15 evicted page 0 and pages 1..7, so page 0 was filled again -- an await, on which
+    the evicted pages 1..7, still to be returned, were zeroed: the read returned zeros there."""
+    data = os.urandom(16 * 4096)
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(data)
+    async with blockemu.mount(image, interval=3600, cache_limit=8 * 4096) as fs:
+        async with fs.open("/f") as f:
+            assert await f.pread(500, 0) == data[:500]
+            assert await f.pread(len(data), 0) == data

@@ -275,7 +275,7 @@ class Sealer:
         copied without yielding to the loop, so a write lands wholly before or after.
         A worker that dies or hangs fails the run with EIO (DeviceIOError)."""
         n = len(pages) * PAGE
-        if key is None or self.workers < 2 or n < POOL_THRESHOLD or n > self.max_extent:
+        if key is None or not self.pooled(n):
             yield await self._seal_in_thread(key, pages, csum_type)
             return
         off = await self._idle.get()
@@ -313,6 +313,18 @@ class Sealer:
             # an exception's traceback) still names the view
             view.release()
             self._release(off, copied=copied)
+
+    def pooled(self, nbytes: int) -> bool:
+        """Whether ``sealed`` would hand a run of ``nbytes`` (with a key) to a worker; smaller
+        runs are sealed on a thread, in batches, and ``seal_many`` takes several at once."""
+        return self.workers >= 2 and POOL_THRESHOLD <= nbytes <= self.max_extent
+
+    async def seal_many(self, runs: Sequence[tuple[bytearray | None, Sequence[bytes | bytearray | int]]],
+                        csum_type: int) -> list[tuple[Buffer, bytes]]:
+        """Seal several runs (each a key, or None, and its pages) in one batch on a thread: for
+        small runs, where a worker's round trip costs more than the sealing. Each result is the
+        caller's own buffer (not a slot's view) and the run's checksums."""
+        return list(await asyncio.gather(*(self._seal_in_thread(key, pages, csum_type) for key, pages in runs)))
 
     async def _seal_in_thread(self, key: bytearray | None, pages: Sequence[bytes | bytearray | int], csum_type: int) -> tuple[Buffer, bytes]:
         loop = asyncio.get_running_loop()

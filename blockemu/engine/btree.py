@@ -78,10 +78,14 @@ class BTree:
     def _slot(node: TreeBlock, key: KeyT) -> int:
         return max(bisect_right(node.keys, key) - 1, 0)
 
-    def get(self, key: KeyT) -> bytes | None:
+    def _leaf_for(self, key: KeyT) -> TreeBlock:
         node = self._root_block()
         while node.level:
             node = self._child(node, self._slot(node, key))
+        return node
+
+    def get(self, key: KeyT) -> bytes | None:
+        node = self._leaf_for(key)
         i = bisect_left(node.keys, key)
         if i < len(node.keys) and node.keys[i] == key:
             return node.values[i]
@@ -116,10 +120,20 @@ class BTree:
             yield from self._iter(self._child(node, s, seen), lo, hi, reverse, seen)
 
     def last_at_or_before(self, key: KeyT, lo: KeyT = MIN_KEY) -> tuple[KeyT, bytes] | None:
-        return next(self.items(lo, key, reverse=True), None)
+        """One descent: the leaf ``key`` falls in starts at or before it (node keys are their
+        children's first keys), so the item wanted is in it or there is none."""
+        leaf = self._leaf_for(key)
+        i = bisect_right(leaf.keys, key) - 1
+        if i < 0 or leaf.keys[i] < lo:
+            return None
+        return leaf.keys[i], leaf.values[i]
 
     def first_at_or_after(self, key: KeyT, hi: KeyT = MAX_KEY) -> tuple[KeyT, bytes] | None:
-        return next(self.items(key, hi), None)
+        leaf = self._leaf_for(key)
+        i = bisect_left(leaf.keys, key)
+        if i == len(leaf.keys):  # past this leaf's last item: the next leaf's first, if any
+            return next(self.items(key, hi), None)
+        return (leaf.keys[i], leaf.values[i]) if leaf.keys[i] <= hi else None
 
     def blocks(self) -> Iterator[TreeBlock]:
         """Every block, parents before children (for inspect, fsck and accounting)."""
@@ -185,6 +199,162 @@ class BTree:
         node.ptrs.insert(slot + 1, (split.bytenr, split.generation))
         node.used += KEY_PTR_SIZE
         return self._split_node(node) if len(node.keys) > self.fanout else None
+
+    # ------------------------------------------------------------------ batched writes
+
+    def apply(self, changes: list[tuple[KeyT, bytes | None]]) -> None:
+        """Apply many changes at once: ``changes`` sorted by key, each key once, a value to insert
+        or replace, None to delete (a no-op if absent). Each block on the paths to the leaves the
+        changes touch is copied and visited once, not once per item as ``insert``/``delete`` do:
+        writeback changes dozens of neighbouring items per extent batch, and the descents and
+        COW lookups were most of its cost. The tree ends as if the changes were made one by one
+        (same items, same invariants), though not necessarily with the same block boundaries."""
+        if not changes:
+            return
+        for key, value in changes:
+            if value is not None and len(value) > self.max_item:
+                raise ValueError(f"item of {len(value)} bytes exceeds the {self.max_item}-byte limit")
+        root = self._writable_root()
+        pieces = [root, *self._apply(root, changes)]
+        if not root.keys and root.level:  # every item deleted: the tree is one empty leaf again
+            self.store.free_block(root)
+            pieces = [self.store.new_block(self.owner, 0)]
+        while len(pieces) > 1:  # the root split: new levels above it, as many as it takes
+            parent = self.store.new_block(self.owner, pieces[0].level + 1)
+            parent.keys = [p.keys[0] for p in pieces]
+            parent.ptrs = [(p.bytenr, p.generation) for p in pieces]
+            parent.recount()
+            pieces = [parent, *self._split_node_many(parent)]
+        root = pieces[0]
+        while root.level and len(root.keys) == 1:
+            child = self._child(root, 0)
+            self.store.free_block(root)
+            root = child
+        self.root, self.level = root.bytenr, root.level
+
+    def _apply(self, node: TreeBlock, changes: list[tuple[KeyT, bytes | None]]) -> list[TreeBlock]:
+        """Apply ``changes`` (all inside ``node``'s range) below the writable ``node``; returns the
+        new right siblings it split into. ``node`` may be left empty or underfull: its parent
+        mends that, as it sees all its children at once."""
+        if node.level == 0:
+            self._merge_leaf(node, changes)
+            return self._split_leaf_many(node) if node.used > self.body else []
+        keys, touched = node.keys, set()
+        new_keys: list[KeyT] = []
+        new_ptrs: list[tuple[int, int]] = []
+        lo = 0
+        for slot in range(len(keys)):
+            hi = len(changes) if slot + 1 == len(keys) else bisect_left(changes, (keys[slot + 1],), lo)
+            if lo == hi:
+                new_keys.append(keys[slot])
+                new_ptrs.append(node.ptrs[slot])
+                continue
+            child = self._writable_child(node, slot)
+            for c in (child, *self._apply(child, changes[lo:hi])):
+                if c.keys:
+                    new_keys.append(c.keys[0])
+                    new_ptrs.append((c.bytenr, c.generation))
+                    touched.add(c.bytenr)
+                else:
+                    self.store.free_block(c)
+            lo = hi
+        node.keys, node.ptrs = new_keys, new_ptrs
+        node.recount()
+        self._mend(node, touched)
+        return self._split_node_many(node) if len(node.keys) > self.fanout else []
+
+    def _mend(self, node: TreeBlock, touched: set[int]) -> None:
+        """Merge or even out every changed child of ``node`` left underfull, as ``delete`` does. A
+        merge may leave the merged block underfull still, so the scan steps back to look at it;
+        each step merges (one child fewer), evens out (both then past a quarter) or moves right.
+        Every block on the path is written already (COWed by ``_apply`` or ``_rebalance``)."""
+        slot = 0
+        while slot < len(node.ptrs) and len(node.ptrs) > 1:
+            bytenr = node.ptrs[slot][0]
+            if bytenr in touched and self._underfull(self.store.get(bytenr)):
+                before, left = len(node.ptrs), max(slot - 1, 0)  # _rebalance pairs it with its left neighbour
+                self._rebalance(node, slot)
+                slot = left
+                # what _rebalance wrote (COWed): the merged block, or the two evened out -- never
+                # a neighbour beyond them, which may still be the committed block
+                written = [b for b, _ in node.ptrs[left : left + (1 if len(node.ptrs) < before else 2)]]
+                touched.update(written)
+                if node.level > 1:
+                    # nodes merged or evened out: a child that was its node's only one (and so
+                    # could not be mended below) now has siblings to merge with
+                    for b in written:
+                        inner = self.store.get(b)
+                        self._mend(inner, {p for p, _ in inner.ptrs})
+            else:
+                slot += 1
+
+    @staticmethod
+    def _merge_leaf(leaf: TreeBlock, changes: list[tuple[KeyT, bytes | None]]) -> None:
+        """Merge sorted ``changes`` into a leaf's sorted items in one pass."""
+        keys, values = leaf.keys, leaf.values
+        out_k: list[KeyT] = []
+        out_v: list[bytes] = []
+        i, n, used = 0, len(keys), leaf.used
+        for key, value in changes:
+            j = bisect_left(keys, key, i)
+            out_k += keys[i:j]
+            out_v += values[i:j]
+            if j < n and keys[j] == key:
+                used -= ITEM_SIZE + len(values[j])
+                j += 1
+            i = j
+            if value is not None:
+                out_k.append(key)
+                out_v.append(value)
+                used += ITEM_SIZE + len(value)
+        out_k += keys[i:]
+        out_v += values[i:]
+        leaf.keys, leaf.values, leaf.used = out_k, out_v, used
+
+    def _split_leaf_many(self, leaf: TreeBlock) -> list[TreeBlock]:
+        """Split an overfull leaf into as many evenly filled leaves as its bytes need."""
+        sizes = [ITEM_SIZE + len(v) for v in leaf.values]
+        parts = -(-sum(sizes) // self.body)
+        target = -(-sum(sizes) // parts)
+        cuts, acc = [0], 0
+        for i, size in enumerate(sizes):
+            if acc and acc + size > target:
+                cuts.append(i)
+                acc = 0
+            acc += size
+        if sum(sizes[cuts[-1]:]) < self.body // 4:  # a short tail: into the piece before, or share it evenly
+            if sum(sizes[cuts[-2]:]) <= self.body:
+                cuts.pop()
+            else:
+                cuts[-1] = cuts[-2] + _balanced_cut(leaf.values[cuts[-2]:])
+        cuts.append(len(sizes))
+        keys, values = leaf.keys, leaf.values
+        out = []
+        for a, b in zip(cuts[1:], cuts[2:]):
+            right = self.store.new_block(self.owner, 0)
+            right.keys, right.values = keys[a:b], values[a:b]
+            right.recount()
+            out.append(right)
+        leaf.keys, leaf.values = keys[: cuts[1]], values[: cuts[1]]
+        leaf.recount()
+        return out
+
+    def _split_node_many(self, node: TreeBlock) -> list[TreeBlock]:
+        """Split an overfull node into as many evenly filled nodes as it needs (none if it fits)."""
+        n = len(node.keys)
+        parts = -(-n // self.fanout)
+        if parts <= 1:
+            return []
+        cuts = [n * i // parts for i in range(parts + 1)]
+        out = []
+        for a, b in zip(cuts[1:], cuts[2:]):
+            right = self.store.new_block(self.owner, node.level)
+            right.keys, right.ptrs = node.keys[a:b], node.ptrs[a:b]
+            right.recount()
+            out.append(right)
+        node.keys, node.ptrs = node.keys[: cuts[1]], node.ptrs[: cuts[1]]
+        node.recount()
+        return out
 
     def _split_leaf(self, leaf: TreeBlock) -> TreeBlock:
         cut = _balanced_cut(leaf.values)

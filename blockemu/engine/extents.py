@@ -11,11 +11,16 @@ file offset − extent offset), which a split leaves unchanged; at zero
 references the extent, its checksums and its space are freed (space pinned
 until the commit is durable). Checksums cover what is on disk (ciphertext),
 one digest per 4 KiB sector, in EXTENT_CSUM items of at most one leaf-quarter.
+
+Changes go through an ``ExtentBatch``: writeback maps a whole batch of new extents at
+once, and the batch stages every item change (``engine.batch``) and applies each tree's
+in one pass, so a leaf touched by many of them is reached and copied once.
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
+from blockemu.engine.batch import TreeBatch
 from blockemu.engine.btree import BTree, max_item_size
 from blockemu.engine.transaction import Engine
 from blockemu.errors import CorruptionError
@@ -45,6 +50,29 @@ class Mapping(NamedTuple):
         return self.extent.disk_bytenr + self.extent.offset + (file_offset - self.file_offset)
 
 
+class NewExtent(NamedTuple):
+    """A data extent written by the caller, to map at ``file_offset``: ``digests`` are its
+    per-sector checksums concatenated, ``context`` its encryption context (None: plaintext)."""
+
+    file_offset: int
+    bytenr: int
+    length: int
+    ram_bytes: int
+    context: ExtentContext | None
+    digests: bytes
+
+
+def file_mappings(fs: BTree | TreeBatch, ino: int, start: int, end: int) -> Iterator[Mapping]:
+    """EXTENT_DATA items of ``ino`` overlapping [start, end), in file order."""
+    lo = (ino, S.EXTENT_DATA, 0)
+    first = fs.last_at_or_before((ino, S.EXTENT_DATA, start), lo)
+    begin = first[0] if first else (ino, S.EXTENT_DATA, start)
+    for key, body in fs.items(begin, (ino, S.EXTENT_DATA, max(end - 1, 0))):
+        m = Mapping(key[2], FileExtent.unpack(body))
+        if m.end > start and m.file_offset < end:
+            yield m
+
+
 class Extents:
     """The file-extent view of one Engine's fs, extent and csum trees."""
 
@@ -61,13 +89,7 @@ class Extents:
 
     def mappings(self, ino: int, start: int = 0, end: int = (1 << 64) - 1) -> Iterator[Mapping]:
         """EXTENT_DATA items of ``ino`` overlapping [start, end), in file order."""
-        lo = (ino, S.EXTENT_DATA, 0)
-        first = self.fs.last_at_or_before((ino, S.EXTENT_DATA, start), lo)
-        begin = first[0] if first else (ino, S.EXTENT_DATA, start)
-        for key, body in self.fs.items(begin, (ino, S.EXTENT_DATA, max(end - 1, 0))):
-            m = Mapping(key[2], FileExtent.unpack(body))
-            if m.end > start and m.file_offset < end:
-                yield m
+        return file_mappings(self.fs, ino, start, end)
 
     def sector_csum(self, bytenr: int) -> bytes | None:
         hit = self.csum.last_at_or_before((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr),
@@ -79,6 +101,46 @@ class Extents:
         if (bytenr - start) % PAGE or (i + 1) * self.csum_size > len(body):
             return None
         return body[i * self.csum_size : (i + 1) * self.csum_size]
+
+    # ------------------------------------------------------------------ changing files
+
+    def punch(self, ino: int, start: int, end: int) -> int:
+        """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0)."""
+        batch = ExtentBatch(self)
+        delta = batch.punch(ino, start, end)
+        batch.apply()
+        return delta
+
+    def add_extents(self, ino: int, extents: Sequence[NewExtent]) -> int:
+        """Map each new extent (written by the caller) into the file, in one batch; returns the
+        change in nbytes."""
+        batch = ExtentBatch(self)
+        delta = sum(batch.add_extent(ino, e) for e in extents)
+        batch.apply()
+        return delta
+
+    def map_logged(self, ino: int, file_offset: int, fe: FileExtent, csum_items: list[tuple[tuple[int, int, int], bytes]]) -> None:
+        """Log replay: one logged EXTENT_DATA item over the tree (``ExtentBatch.map_logged``)."""
+        batch = ExtentBatch(self)
+        batch.map_logged(ino, file_offset, fe, csum_items)
+        batch.apply()
+
+
+class ExtentBatch:
+    """File-extent changes staged over the three trees (``TreeBatch``), applied together."""
+
+    def __init__(self, extents: Extents) -> None:
+        self.engine = extents.engine
+        self.fs, self.ext, self.csum = TreeBatch(extents.fs), TreeBatch(extents.ext), TreeBatch(extents.csum)
+        self.sectors_per_csum_item = extents.sectors_per_csum_item
+        self.freed: list[tuple[int, int]] = []  # data extents left without references: pinned once applied
+
+    def apply(self) -> None:
+        for tree in (self.fs, self.ext, self.csum):
+            tree.apply()
+        for bytenr, length in self.freed:
+            self.engine.allocator.pin(bytenr, length)
+        self.freed.clear()
 
     # ------------------------------------------------------------------ data extents
 
@@ -105,11 +167,11 @@ class Extents:
             refs.append(("data", S.FS_TREE_OBJECTID, ino, ref_offset, delta))
         total = item.refs_count + delta
         if total > 0:
-            self.ext.update(key, ExtentItem(total, item.generation, item.flags, tuple(refs)).pack())
+            self.ext.insert(key, ExtentItem(total, item.generation, item.flags, tuple(refs)).pack(), replace=True)
             return
         self.ext.delete(key)
         self._drop_csums(fe.disk_bytenr, fe.disk_num_bytes)
-        self.engine.allocator.pin(fe.disk_bytenr, fe.disk_num_bytes)
+        self.freed.append((fe.disk_bytenr, fe.disk_num_bytes))
 
     def _drop_csums(self, bytenr: int, length: int) -> None:
         lo = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr)
@@ -130,18 +192,20 @@ class Extents:
         """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0)."""
         self.engine.changed_ranges.setdefault(ino, []).append((start, end))  # for the fsync log
         freed = 0
-        for m in list(self.mappings(ino, start, end)):
+        for m in list(file_mappings(self.fs, ino, start, end)):
             fe, key = m.extent, (ino, S.EXTENT_DATA, m.file_offset)
             ref_offset = m.file_offset - fe.offset
             keep_left, keep_right = start > m.file_offset, end < m.end
+            # the keys changed here are known present (just read) or absent (inside the mapping,
+            # or a new extent's): no lookups to check it, each would be another descent
             if keep_left:
-                self.fs.update(key, fe._replace(num_bytes=start - m.file_offset).pack())
+                self.fs.insert(key, fe._replace(num_bytes=start - m.file_offset).pack(), replace=True)
             else:
                 self.fs.delete(key)
             if keep_right:
                 cut = end - m.file_offset
                 right = fe._replace(offset=fe.offset + cut, num_bytes=m.length - cut)
-                self.fs.insert((ino, S.EXTENT_DATA, end), right.pack())
+                self.fs.insert((ino, S.EXTENT_DATA, end), right.pack(), replace=True)
             freed += min(m.end, end) - max(m.file_offset, start)
             if keep_left and keep_right:
                 self._change_ref(fe, ino, ref_offset, +1)
@@ -149,20 +213,21 @@ class Extents:
                 self._change_ref(fe, ino, ref_offset, -1)
         return -freed
 
-    def add_extent(self, ino: int, file_offset: int, bytenr: int, length: int, ram_bytes: int,
-                   context: ExtentContext | None, digests: bytes) -> int:
-        """Map [file_offset, +length) to the new extent at ``bytenr`` (its data written by the caller,
-        ``digests`` its per-sector checksums concatenated); returns the change in nbytes."""
+    def add_extent(self, ino: int, new: NewExtent) -> int:
+        """Map [file_offset, +length) to the new extent; returns the change in nbytes."""
+        file_offset, bytenr, length = new.file_offset, new.bytenr, new.length
         delta = self._unmap(ino, file_offset, file_offset + length)
-        fe = FileExtent(self.engine.transid, ram_bytes, 0, S.ENCRYPTION_FSCRYPT if context else S.ENCRYPTION_NONE, 0,
-                        S.FILE_EXTENT_REG, bytenr, length, 0, length, context)
-        self.fs.insert((ino, S.EXTENT_DATA, file_offset), fe.pack())
+        fe = FileExtent(self.engine.transid, new.ram_bytes, 0, S.ENCRYPTION_FSCRYPT if new.context else S.ENCRYPTION_NONE,
+                        0, S.FILE_EXTENT_REG, bytenr, length, 0, length, new.context)
+        self.fs.insert((ino, S.EXTENT_DATA, file_offset), fe.pack(), replace=True)
         item = ExtentItem(1, self.engine.transid, S.EXTENT_FLAG_DATA, (("data", S.FS_TREE_OBJECTID, ino, file_offset, 1),))
-        self.ext.insert((bytenr, S.EXTENT_ITEM, length), item.pack())
+        self.ext.insert((bytenr, S.EXTENT_ITEM, length), item.pack(), replace=True)
+        digests = new.digests
         step = len(digests) // (length // PAGE)
         per = self.sectors_per_csum_item
         for i in range(0, length // PAGE, per):
-            self.csum.insert((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), digests[i * step : (i + per) * step])
+            self.csum.insert((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), digests[i * step : (i + per) * step],
+                             replace=True)
         return delta + length
 
     def map_logged(self, ino: int, file_offset: int, fe: FileExtent, csum_items: list[tuple[tuple[int, int, int], bytes]]) -> None:
@@ -171,7 +236,7 @@ class Extents:
         (new since the last commit): the first item naming it creates its EXTENT_ITEM and
         checksums (``csum_items``), the others (pieces of it split by later writes) add references."""
         self._unmap(ino, file_offset, file_offset + fe.num_bytes)
-        self.fs.insert((ino, S.EXTENT_DATA, file_offset), fe.pack())
+        self.fs.insert((ino, S.EXTENT_DATA, file_offset), fe.pack(), replace=True)
         ref_offset = file_offset - fe.offset
         if self.ext.first_at_or_after((fe.disk_bytenr, S.EXTENT_ITEM, 0), (fe.disk_bytenr, S.EXTENT_ITEM, (1 << 64) - 1)):
             self._change_ref(fe, ino, ref_offset, +1)

@@ -1009,14 +1009,15 @@ class Filesystem:
         """Pages [first, first + count) of the file, reading what is not cached (holes read as
         zeros). Like the cache's own pages, they are valid until the caller next awaits."""
         cache, filled = self.cache, {}
-        while True:
-            # the cache first, after every await: a write landing meanwhile is newer than a read
-            got = [cache.get(inode.pages, i) for i in range(first, first + count)]
-            got = [filled.get(first + k) if page is None else page for k, page in enumerate(got)]
-            missing = [first + k for k, page in enumerate(got) if page is None]
-            if not missing:
-                return got  # type: ignore[return-value]
-            filled.update(await self._fill(inode, missing))
+        with cache.reading():  # what the first fill cached and the next one evicts stays whole
+            while True:
+                # the cache first, after every await: a write landing meanwhile is newer than a read
+                got = [cache.get(inode.pages, i) for i in range(first, first + count)]
+                got = [filled.get(first + k) if page is None else page for k, page in enumerate(got)]
+                missing = [first + k for k, page in enumerate(got) if page is None]
+                if not missing:
+                    return got  # type: ignore[return-value]
+                filled.update(await self._fill(inode, missing))
 
     async def _fill(self, inode: Inode, missing: list[int]) -> dict[int, bytearray]:
         """Read pages missing from the cache and cache them clean. The extents are mapped before

@@ -22,14 +22,16 @@ Every page holds plaintext, so none is let go of with its contents: a frame is
 zeroed when it goes back to the arena (``Arena.release``), a heap page when the
 cache drops it -- or, if a run being written still reads it, when that run is
 ``written``; a clean page evicted to make room is zeroed on the event loop's
-next turn, as a reader may still use it until it next awaits. So once an
+next turn, as a reader may still use it until it next awaits (and not while a read that
+gathers pages across awaits is running: ``reading``). So once an
 inode's pages are dropped (when it is locked, or at unmount), no copy remains.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from blockemu.crypto.arena import PAGE, ZERO_PAGE, Arena
@@ -65,6 +67,7 @@ class PageCache:
         self._sealing: set[int] = set()  # frames in runs taken and not yet written
         self._orphans: set[int] = set()  # sealing frames whose page has moved on: free when written
         self._evicted: list[bytearray] = []  # clean pages to zero on the loop's next turn
+        self._readers = 0  # reads gathering pages across awaits (see ``reading``)
 
     def close(self) -> None:
         self.zero_evicted()
@@ -300,10 +303,31 @@ class PageCache:
             if page is not None:
                 evicted.append(page)  # type: ignore[arg-type]
         if evicted and not pending:
-            try:  # the reader that filled the cache may still be using it: zero it once it has awaited
-                asyncio.get_running_loop().call_soon(self.zero_evicted)
-            except RuntimeError:  # no event loop, so no reader in the middle of a read
-                self.zero_evicted()
+            self._zero_soon()
+
+    def _zero_soon(self) -> None:
+        try:  # the reader that filled the cache may still be using it: zero it once it has awaited
+            asyncio.get_running_loop().call_soon(self._zero_if_unread)
+        except RuntimeError:  # no event loop, so no reader in the middle of a read
+            self.zero_evicted()
+
+    def _zero_if_unread(self) -> None:
+        if not self._readers:  # else the last reader to finish asks again
+            self.zero_evicted()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Around a read that gathers pages across awaits (``Filesystem.read_pages``): the pages
+        it filled first may be evicted by the ones it fills next, and must not be zeroed before
+        it has returned them. Evicted pages are zeroed once no such read is running -- on the
+        loop's next turn, so its caller may still copy what it got until it next awaits."""
+        self._readers += 1
+        try:
+            yield
+        finally:
+            self._readers -= 1
+            if not self._readers and self._evicted:
+                self._zero_soon()
 
     def zero_evicted(self) -> None:
         """Zero the clean pages evicted since the last call."""

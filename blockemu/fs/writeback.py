@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import os
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ from typing import Protocol
 from blockemu.crypto import fscrypt
 from blockemu.crypto.keyring import Keyring
 from blockemu.crypto.sealer import DEPTH, TIMEOUT, Sealer, worker_count
-from blockemu.engine.extents import Extents
+from blockemu.engine.extents import Extents, NewExtent
 from blockemu.errors import DeviceIOError, NoKeyError, NoSpaceError
 from blockemu.fs.pagecache import PAGE, PageCache, Pages, Run
 from blockemu.fs.volume import Volume, outlast_cancellation
@@ -220,15 +221,15 @@ class Writeback:
             lanes = asyncio.Semaphore(max(1, self.batch_pages // self.max_pages))
             inode.inflight += 1
             tasks: list[asyncio.Task] = []
-            runs = collections.deque(self.cache.take_dirty(inode.pages, self.max_pages))
+            groups = collections.deque(self._groups(self.cache.take_dirty(inode.pages, self.max_pages)))
             try:
-                while runs:
+                while groups:
                     await lanes.acquire()
-                    run = runs.popleft()
-                    tasks.append(asyncio.ensure_future(self._write_one(inode, run)))
+                    group = groups.popleft()
+                    tasks.append(asyncio.ensure_future(self._write_group(inode, group)))
                     tasks[-1].add_done_callback(lambda _t: lanes.release())
             finally:
-                for run in runs:
+                for run in itertools.chain.from_iterable(groups):
                     self.cache.untake(inode.pages, run)
                 try:
                     if await outlast_cancellation(tasks):
@@ -238,6 +239,54 @@ class Writeback:
             for task in tasks:
                 task.result()
             self.fs.lock_if_idle(inode)
+
+    def _groups(self, runs: list[Run]) -> list[list[Run]]:
+        """Runs in the groups written together: neighbouring small runs (those sealed on a thread)
+        share one seal batch, one device writev and one pass over the trees, until the group is
+        as big as a run a worker would seal (or ``max_extent``), so that several groups still
+        fill the pipeline's lanes; a run big enough for a sealing worker goes on its own."""
+        groups: list[list[Run]] = []
+        pages = 0
+        for run in runs:
+            n = len(run.entries)
+            if self.sealer.pooled(n * PAGE) or not groups or pages + n > self.max_pages or self.sealer.pooled(pages * PAGE):
+                groups.append([run])
+                pages = n
+            else:
+                groups[-1].append(run)
+                pages += n
+        return groups
+
+    async def _write_group(self, inode: Inode, runs: list[Run]) -> None:
+        """Write a group of runs as one batch. If the batch fails (no room, no key, an I/O error)
+        it has changed no tree, so each run is written again on its own, where a run that does
+        not fit is split or waits for a commit, and a run that cannot be written is recorded as
+        lost: the batch is only the fast path."""
+        if len(runs) > 1:
+            try:
+                await self._write_batch(inode, runs)
+            except Exception as e:
+                if not isinstance(e, OSError):
+                    self._bug(f"writeback of inode {inode.ino}", e)  # the runs below then fail with EIO
+            except BaseException:  # cancelled: the loss is recorded, the cancellation goes on
+                for run in runs:
+                    self._lose(inode, run, DeviceIOError("writeback interrupted"))
+                    self.cache.written(inode.pages, run)
+                self._room.set()
+                raise
+            else:
+                for run in runs:
+                    self.cache.written(inode.pages, run)
+                self._room.set()
+                return
+        for i, run in enumerate(runs):
+            try:
+                await self._write_one(inode, run)
+            except BaseException:  # cancelled (_write_one has recorded its own run)
+                for rest in runs[i + 1 :]:
+                    self._lose(inode, rest, DeviceIOError("writeback interrupted"))
+                    self.cache.written(inode.pages, rest)
+                raise
 
     async def _write_one(self, inode: Inode, run: Run) -> None:
         """Write a run, split across free extents if it must be; whatever fails is recorded as
@@ -293,6 +342,58 @@ class Writeback:
         self.stats["lost_bytes"] += lost
         self.stats["errors"] += 1
 
+    async def _write_batch(self, inode: Inode, runs: list[Run]) -> None:
+        """Small runs sealed in one batch, each its own extent (its own nonce and key), placed
+        and written with one writev, then mapped with one pass over each tree (``add_extents``).
+        Raises before any tree changes if a run cannot be placed or written."""
+        fs = self.fs
+        keys: list[bytearray | None] = [None] * len(runs)
+        nonces: list[bytes | None] = [None] * len(runs)
+        secret = None
+        try:
+            if inode.key_id is not None:
+                secret = fs.keyring.secret_for(inode.key_id, inode.ino)
+                nonces = [os.urandom(fscrypt.NONCE_SIZE) for _ in runs]
+                keys = [fscrypt.extent_key(secret, nonce) for nonce in nonces]  # type: ignore[arg-type]
+            sealed = await self.sealer.seal_many([(k, run.entries) for k, run in zip(keys, runs)], fs.vol.sb.csum_type)
+            if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
+                raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
+            async with fs.vol.join() as engine:
+                keep, placed = engine.data_keep(), []
+                try:
+                    for data, _ in sealed:
+                        placed.append(engine.allocator.alloc(len(data), keep=keep))
+                    await fs.vol.device.writev(list(zip(placed, (data for data, _ in sealed))))
+                except BaseException:
+                    for bytenr, (data, _) in zip(placed, sealed):
+                        engine.allocator.release(bytenr, len(data))  # referenced by nothing, durable nowhere
+                    raise
+                new = [NewExtent(run.first * PAGE, bytenr, len(data), len(data), self._context(inode, nonce), digests)
+                       for run, bytenr, (data, digests), nonce in zip(runs, placed, sealed, nonces)]
+                self._mapped(inode, new)
+        finally:
+            for key in keys:
+                if key is not None:
+                    fscrypt.wipe(key)
+
+    @staticmethod
+    def _context(inode: Inode, nonce: bytes | None) -> ExtentContext | None:
+        if nonce is None:
+            return None
+        return ExtentContext(1, S.CONTENTS_MODE_AES_256_XTS, 12, inode.key_id, nonce)
+
+    def _mapped(self, inode: Inode, new: list[NewExtent]) -> None:
+        """The new extents are written: map them into the file (inside the transaction)."""
+        fs = self.fs
+        delta = fs.extents.add_extents(inode.ino, new)
+        inode.epoch += 1  # a read that mapped the old extents discards what it read
+        inode.nbytes += delta
+        end = max(e.file_offset + e.length for e in new)
+        inode.disk_size = max(inode.disk_size, min(inode.size, end))
+        fs.save_inode(inode)
+        self.stats["extents"] += len(new)
+        self.stats["bytes"] += sum(e.length for e in new)
+
     async def _write_run(self, inode: Inode, run: Run) -> None:
         fs = self.fs
         key = nonce = secret = None
@@ -304,9 +405,6 @@ class Writeback:
             async with self.sealer.sealed(key, run.entries, fs.vol.sb.csum_type) as (sealed, digests):
                 if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
                     raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
-                ctx = None
-                if nonce is not None:
-                    ctx = ExtentContext(1, S.CONTENTS_MODE_AES_256_XTS, 12, inode.key_id, nonce)
                 file_offset, length = run.first * PAGE, len(sealed)
                 async with fs.vol.join() as engine:
                     # the data goes first: items must never point at an extent whose write failed
@@ -321,13 +419,7 @@ class Writeback:
                     except BaseException:
                         engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
                         raise
-                    delta = fs.extents.add_extent(inode.ino, file_offset, bytenr, length, length, ctx, digests)
-                    inode.epoch += 1  # a read that mapped the old extents discards what it read
-                    inode.nbytes += delta
-                    inode.disk_size = max(inode.disk_size, min(inode.size, file_offset + length))
-                    fs.save_inode(inode)
+                    self._mapped(inode, [NewExtent(file_offset, bytenr, length, length, self._context(inode, nonce), digests)])
         finally:
             if key is not None:
                 fscrypt.wipe(key)
-        self.stats["extents"] += 1
-        self.stats["bytes"] += length

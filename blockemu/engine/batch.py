@@ -1,0 +1,105 @@
+"""Changes to one B-tree staged in memory, read through as if made, then applied in one pass.
+
+Writeback turns each extent batch into dozens of item changes in three trees -- file
+extent items trimmed and added, extent items and their back references, checksum items --
+and the old extents' references looked up and dropped along the way. Made one by one,
+each change is a root-to-leaf descent copying the path; staged here, each tree gets one
+``BTree.apply`` that visits every block on the touched paths once. The staging reads
+through: ``get`` and ``items`` see the staged changes over the tree, so the code that
+computes the changes (``extents``) reads what it has already changed, exactly as it
+would on the tree itself. Nothing reaches the tree until ``apply``: a batch that fails
+half way (a corrupt back reference) leaves the tree as it was.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from sortedcontainers import SortedDict
+
+from blockemu.engine.btree import MAX_KEY, MIN_KEY, BTree, KeyT
+from blockemu.errors import ExistsError, NotFoundError
+
+
+class TreeBatch:
+    """The tree-like interface ``extents`` uses (get, items, insert, update, delete), staged."""
+
+    def __init__(self, tree: BTree) -> None:
+        self.tree = tree
+        self.changes: SortedDict = SortedDict()  # key -> new value, or None: deleted
+
+    def get(self, key: KeyT) -> bytes | None:
+        if key in self.changes:
+            return self.changes[key]
+        return self.tree.get(key)
+
+    def items(self, lo: KeyT = MIN_KEY, hi: KeyT = MAX_KEY, *, reverse: bool = False) -> Iterator[tuple[KeyT, bytes]]:
+        """The tree's items in [lo, hi] with the staged changes over them, in key order. Do not
+        stage changes while iterating."""
+        base = self.tree.items(lo, hi, reverse=reverse)
+        if not self._staged_in(lo, hi):
+            return base
+        return self._merged(base, self.changes.irange(lo, hi, reverse=reverse), reverse)
+
+    def _merged(self, base: Iterator[tuple[KeyT, bytes]], staged: Iterator[KeyT], reverse: bool) -> Iterator[tuple[KeyT, bytes]]:
+        b, s = next(base, None), next(staged, None)
+        while b is not None or s is not None:
+            if s is None or (b is not None and (b[0] > s if reverse else b[0] < s)):
+                yield b  # type: ignore[misc]
+                b = next(base, None)
+                continue
+            if b is not None and b[0] == s:
+                b = next(base, None)  # staged over
+            value = self.changes[s]
+            if value is not None:
+                yield s, value
+            s = next(staged, None)
+
+    def _staged_in(self, lo: KeyT, hi: KeyT) -> bool:
+        i = self.changes.bisect_left(lo)
+        return i < len(self.changes) and self.changes.keys()[i] <= hi
+
+    def last_at_or_before(self, key: KeyT, lo: KeyT = MIN_KEY) -> tuple[KeyT, bytes] | None:
+        """One descent of the tree and one bisection of the staged keys: the later of the two
+        answers wins, unless it is a staged deletion (then the merged walk decides)."""
+        found = self.tree.last_at_or_before(key, lo)
+        i = self.changes.bisect_right(key) - 1
+        staged = self.changes.keys()[i] if i >= 0 else None
+        if staged is None or staged < lo or (found is not None and found[0] > staged):
+            return found  # no staged key in (found, key]: found stands as it is
+        if self.changes[staged] is not None:
+            return staged, self.changes[staged]
+        return next(self.items(lo, key, reverse=True), None)
+
+    def first_at_or_after(self, key: KeyT, hi: KeyT = MAX_KEY) -> tuple[KeyT, bytes] | None:
+        found = self.tree.first_at_or_after(key, hi)
+        i = self.changes.bisect_left(key)
+        staged = self.changes.keys()[i] if i < len(self.changes) else None
+        if staged is None or staged > hi or (found is not None and found[0] < staged):
+            return found
+        if self.changes[staged] is not None:
+            return staged, self.changes[staged]
+        return next(self.items(key, hi), None)
+
+    def insert(self, key: KeyT, value: bytes, *, replace: bool = False) -> None:
+        if len(value) > self.tree.max_item:
+            raise ValueError(f"item of {len(value)} bytes exceeds the {self.tree.max_item}-byte limit")
+        if not replace and self.get(key) is not None:
+            raise ExistsError(f"item {key} already in tree {self.tree.owner}")
+        self.changes[key] = bytes(value)
+
+    def update(self, key: KeyT, value: bytes) -> None:
+        if self.get(key) is None:
+            raise NotFoundError(f"no item {key} in tree {self.tree.owner}")
+        self.insert(key, value, replace=True)
+
+    def delete(self, key: KeyT) -> bytes:
+        value = self.get(key)
+        if value is None:
+            raise NotFoundError(f"no item {key} in tree {self.tree.owner}")
+        self.changes[key] = None
+        return value
+
+    def apply(self) -> None:
+        """Make the staged changes in the tree, in one pass, and start empty again."""
+        changes, self.changes = list(self.changes.items()), SortedDict()
+        self.tree.apply(changes)
