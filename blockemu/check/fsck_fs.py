@@ -10,6 +10,8 @@ from __future__ import annotations
 import stat as st
 from bisect import bisect_left
 from collections import defaultdict
+from itertools import groupby, islice
+from operator import itemgetter, le
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -25,11 +27,15 @@ from blockemu.ondisk.items import (
     FileExtent,
     InodeItem,
     InodeRef,
+    InodeRow,
     file_type,
     name_hash,
     symlink_ciphertext_max,
     unpack_dir_entries,
+    unpack_dir_entry,
+    unpack_file_extents,
     unpack_inode_refs,
+    unpack_inode_rows,
     unpack_symlink_data,
 )
 
@@ -45,7 +51,7 @@ ROOT_INO = S.FIRST_FREE_OBJECTID
 class FsItems:
     """The fs tree, decoded and indexed for cross-checks."""
 
-    inodes: dict[int, InodeItem] = field(default_factory=dict)
+    inodes: dict[int, InodeRow] = field(default_factory=dict)
     refs: dict[int, list[tuple[int, InodeRef]]] = field(default_factory=lambda: defaultdict(list))
     dir_items: dict[tuple[int, int], list[DirEntry]] = field(default_factory=dict)
     dir_index: dict[tuple[int, int], DirEntry] = field(default_factory=dict)
@@ -59,43 +65,87 @@ class FsItems:
 
 
 def collect(ck: "Checker") -> FsItems:
+    """Decode the fs tree's items by type, each type in bulk where its bodies have the common
+    shape (the rest one by one, which names what is wrong). Problems are reported in key order,
+    as a walk item by item would."""
     fi = FsItems()
-    for key, body in ck.items.get(FS, []):
-        oid, typ, off = key
-        try:
-            if oid == S.ORPHAN_OBJECTID and typ == S.ORPHAN_ITEM:
-                fi.orphans.add(off)
-                continue
-            fi.owners.add(oid)
-            if typ == S.INODE_ITEM:
-                fi.inodes[oid] = InodeItem.unpack(body)
-            elif typ == S.INODE_REF:
-                fi.refs[oid].extend((off, r) for r in unpack_inode_refs(body))
-            elif typ == S.DIR_ITEM:
-                fi.dir_items[(oid, off)] = unpack_dir_entries(body)
-            elif typ == S.DIR_INDEX:
-                entries = unpack_dir_entries(body)
-                if len(entries) != 1:
-                    raise CorruptionError(f"DIR_INDEX holds {len(entries)} names", "BAD_ITEM")
-                fi.dir_index[(oid, off)] = entries[0]
-            elif typ == S.EXTENT_DATA:
-                fi.extents[oid].append((off, FileExtent.unpack(body)))
-            elif typ == S.FSCRYPT_SYMLINK_ITEM:
-                fi.symlinks[oid] = body
-            elif typ == S.FSCRYPT_CTXT_ITEM:
-                if len(body) != INODE_ENCRYPTION_CONTEXT.size:
-                    raise CorruptionError(f"encryption context of {len(body)} bytes", "BAD_ENCRYPTION_CONTEXT")
-                v = INODE_ENCRYPTION_CONTEXT.unpack(body)
-                if v[0] != 2 or v[1] != S.CONTENTS_MODE_AES_256_XTS:
-                    raise CorruptionError(f"encryption context version {v[0]} mode {v[1]}", "BAD_ENCRYPTION_CONTEXT")
-                fi.policies[oid] = v[5]
-                fi.policy_flags[oid] = v[3]
-                fi.nonces[oid] = v[6]
-            else:
-                raise CorruptionError(f"unknown item type {typ}", "UNKNOWN_KEY")
-        except CorruptionError as e:
-            ck.error(e.kind, f"fs tree item {key}: {e}", FS, key=key)
+    items = ck.items.get(FS, [])
+    keys = [k for k, _ in items]
+    bodies = [v for _, v in items]
+    problems: list[tuple[int, CorruptionError]] = []
+    order = sorted(range(len(keys)), key=[k[1] for k in keys].__getitem__)  # stable: by type, then key
+    for typ, group in groupby(order, key=lambda i: keys[i][1]):
+        pos = list(group)
+        decode = _DECODERS.get(typ)
+        if decode is None:
+            if typ == S.ORPHAN_ITEM:
+                fi.orphans.update(keys[i][2] for i in pos if keys[i][0] == S.ORPHAN_OBJECTID)
+                pos = [i for i in pos if keys[i][0] != S.ORPHAN_OBJECTID]
+            fi.owners.update(keys[i][0] for i in pos)
+            problems += ((i, CorruptionError(f"unknown item type {typ}", "UNKNOWN_KEY")) for i in pos)
+            continue
+        fi.owners.update(keys[i][0] for i in pos)
+        bulk, single = decode
+        store = _STORE[typ]
+        got = bulk([bodies[i] for i in pos]) if bulk else [None] * len(pos)
+        for i, value in zip(pos, got):
+            try:
+                store(fi, keys[i], single(bodies[i]) if value is None else value)
+            except CorruptionError as e:
+                problems.append((i, e))
+                if typ == S.EXTENT_DATA:  # the inode's extents are still added up, without this one
+                    fi.extents[keys[i][0]]
+    for i, e in sorted(problems, key=lambda p: p[0]):
+        ck.error(e.kind, f"fs tree item {keys[i]}: {e}", FS, key=keys[i])
     return fi
+
+
+def _dir_index(fi: FsItems, key: tuple[int, int, int], entries: list[DirEntry]) -> None:
+    if len(entries) != 1:
+        raise CorruptionError(f"DIR_INDEX holds {len(entries)} names", "BAD_ITEM")
+    fi.dir_index[(key[0], key[2])] = entries[0]
+
+
+def _policy(fi: FsItems, key: tuple[int, int, int], body: bytes) -> None:
+    if len(body) != INODE_ENCRYPTION_CONTEXT.size:
+        raise CorruptionError(f"encryption context of {len(body)} bytes", "BAD_ENCRYPTION_CONTEXT")
+    v = INODE_ENCRYPTION_CONTEXT.unpack(body)
+    if v[0] != 2 or v[1] != S.CONTENTS_MODE_AES_256_XTS:
+        raise CorruptionError(f"encryption context version {v[0]} mode {v[1]}", "BAD_ENCRYPTION_CONTEXT")
+    fi.policies[key[0]] = v[5]
+    fi.policy_flags[key[0]] = v[3]
+    fi.nonces[key[0]] = v[6]
+
+
+def _inode_row(body: bytes) -> InodeRow:
+    InodeItem.unpack(body)  # raises what is wrong: the bulk decoder takes every body of the right size
+    raise AssertionError("an inode body of the right size was left to the single decoder")
+
+
+def _one_entry(body: bytes) -> list[DirEntry]:
+    one = unpack_dir_entry(body)
+    return [one] if one is not None else unpack_dir_entries(body)
+
+
+# item type -> (bulk decoder or None, decoder of one body) and how a decoded item is filed
+_DECODERS: dict[int, tuple[Callable | None, Callable]] = {
+    S.INODE_ITEM: (unpack_inode_rows, _inode_row),
+    S.INODE_REF: (None, unpack_inode_refs),
+    S.DIR_ITEM: (None, _one_entry),
+    S.DIR_INDEX: (None, _one_entry),
+    S.EXTENT_DATA: (unpack_file_extents, FileExtent.unpack),
+    S.FSCRYPT_CTXT_ITEM: (None, lambda body: body),
+    S.FSCRYPT_SYMLINK_ITEM: (None, lambda body: body),
+}
+_STORE: dict[int, Callable[[FsItems, tuple[int, int, int], object], None]] = {
+    S.INODE_ITEM: lambda fi, k, v: fi.inodes.__setitem__(k[0], v),
+    S.INODE_REF: lambda fi, k, v: fi.refs[k[0]].extend((k[2], r) for r in v),
+    S.DIR_ITEM: lambda fi, k, v: fi.dir_items.__setitem__((k[0], k[2]), v),
+    S.DIR_INDEX: _dir_index,
+    S.EXTENT_DATA: lambda fi, k, v: fi.extents[k[0]].append((k[2], v)),
+    S.FSCRYPT_CTXT_ITEM: _policy,
+    S.FSCRYPT_SYMLINK_ITEM: lambda fi, k, v: fi.symlinks.__setitem__(k[0], v),
+}
 
 
 def check_inodes(ck: "Checker", fi: FsItems) -> None:
@@ -107,31 +157,37 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
                  fix={"drop_inode": oid})
     subdirs: dict[int, int] = defaultdict(int)
     names: dict[int, int] = defaultdict(int)
+    # each side of the triangle as a set, so each entry is checked by lookups rather than scans
+    dirs = {ino for ino, item in fi.inodes.items() if st.S_ISDIR(item.mode)}
+    kinds = {ino: file_type(item.mode) for ino, item in fi.inodes.items()}
+    ref_names = {(ino, p, r.index, r.name) for ino, refs in fi.refs.items() for p, r in refs}
+    hashed = {(d, h, e): name_hash(e.name) for (d, h), entries in fi.dir_items.items() for e in entries}
+    dir_items = {(d, h, e.name, e.location) for d, h, e in hashed}
     for (d, idx), e in sorted(fi.dir_index.items()):
         child = e.location[0]
         names[d] += 2 * len(e.name)
-        if d not in fi.inodes or not st.S_ISDIR(fi.inodes[d].mode):
+        if d not in dirs:
             ck.error("DANGLING_ENTRY", f"DIR_INDEX {idx} of {d}, which is not a directory", FS, key=(d, S.DIR_INDEX, idx))
-        if child not in fi.inodes:
+        if child not in kinds:
             ck.error("DANGLING_ENTRY", f"entry {e.name!r} in directory {d} points to missing inode {child}", FS,
                      key=(d, S.DIR_INDEX, idx), fix={"drop_entry": (d, idx, e.name)})
             continue
-        if st.S_ISDIR(fi.inodes[child].mode):
+        if child in dirs:
             subdirs[d] += 1
-        if e.type != file_type(fi.inodes[child].mode):
+        if e.type != kinds[child]:
             ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} in {d} has type {e.type}, inode {child} has mode "
                      f"{oct(fi.inodes[child].mode)}", FS, key=(d, S.DIR_INDEX, idx))
-        if not any(p == d and r.index == idx and r.name == e.name for p, r in fi.refs.get(child, [])):
+        if (child, d, idx, e.name) not in ref_names:
             ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} (index {idx}) in {d} has no matching INODE_REF in {child}",
                      FS, key=(child, S.INODE_REF, d))
-        bucket = fi.dir_items.get((d, name_hash(e.name)), [])
-        if not any(x.name == e.name and x.location == e.location for x in bucket):
+        h = name_hash(e.name)
+        if (d, h, e.name, e.location) not in dir_items:
             ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} in {d} has a DIR_INDEX but no DIR_ITEM", FS,
-                     key=(d, S.DIR_ITEM, name_hash(e.name)))
+                     key=(d, S.DIR_ITEM, h))
     indexed = {(d, e.name) for (d, _), e in fi.dir_index.items()}
     for (d, h), entries in sorted(fi.dir_items.items()):
         for e in entries:
-            if name_hash(e.name) != h:
+            if hashed[(d, h, e)] != h:
                 ck.error("DIR_ITEM_MISMATCH", f"DIR_ITEM {h} of {d} holds {e.name!r}, whose hash is {name_hash(e.name)}",
                          FS, key=(d, S.DIR_ITEM, h))
             elif (d, e.name) not in indexed:
@@ -176,11 +232,11 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
 
 def check_file_extents(ck: "Checker", fi: FsItems, data: dict[int, tuple[int, ExtentItem]]) -> None:
     """File extents against the inode (size, nbytes, overlap) and the extent tree (refs and backrefs)."""
-    found: dict[int, dict[tuple[int, int], int]] = defaultdict(lambda: defaultdict(int))
+    found: dict[int, dict[tuple[int, int], int]] = {}
     for ino, maps in sorted(fi.extents.items()):
         item = fi.inodes.get(ino)
         end = nbytes = 0
-        for off, fe in sorted(maps, key=lambda m: m[0]):
+        for off, fe in sorted(maps, key=itemgetter(0)) if len(maps) > 1 else maps:
             key = (ino, S.EXTENT_DATA, off)
             if off < end:
                 ck.error("FILE_EXTENT_OVERLAP", f"inode {ino}: extent at {off} overlaps the previous one ending at {end}",
@@ -197,7 +253,8 @@ def check_file_extents(ck: "Checker", fi: FsItems, data: dict[int, tuple[int, Ex
             if fe.disk_bytenr not in data or data[fe.disk_bytenr][0] != fe.disk_num_bytes:
                 ck.error("EXTENT_REF_MISMATCH", f"inode {ino}: extent at {off} points to [{fe.disk_bytenr}, "
                          f"+{fe.disk_num_bytes}), which the extent tree does not hold", FS, fe.disk_bytenr, key)
-            found[fe.disk_bytenr][(ino, off - fe.offset)] += 1
+            refs = found.setdefault(fe.disk_bytenr, {})
+            refs[(ino, off - fe.offset)] = refs.get((ino, off - fe.offset), 0) + 1
         if item is not None:
             if end > -(-item.size // PAGE) * PAGE:
                 ck.error("ISIZE_MISMATCH", f"inode {ino}: size {item.size} but extents reach {end}", FS,
@@ -207,6 +264,8 @@ def check_file_extents(ck: "Checker", fi: FsItems, data: dict[int, tuple[int, Ex
                          key=(ino, S.INODE_ITEM, 0), fix={"inode": ino, "nbytes": nbytes})
     for bytenr, (length, ei) in sorted(data.items()):
         refs = found.get(bytenr, {})
+        if len(refs) == 1 == len(ei.refs) and _one_backref(ei, refs):
+            continue
         backrefs = {(r[2], r[3]): r[4] for r in ei.refs if r[0] == "data"}
         total = sum(refs.values())
         if total != ei.refs_count or backrefs != dict(refs):
@@ -223,6 +282,13 @@ def check_file_extents(ck: "Checker", fi: FsItems, data: dict[int, tuple[int, Ex
                      S.EXTENT_TREE_OBJECTID, bytenr, (bytenr, S.EXTENT_ITEM, length), fix=fix)
 
 
+def _one_backref(ei: ExtentItem, refs: dict[tuple[int, int], int]) -> bool:
+    """An extent with one data backref, which the one file extent referencing it matches."""
+    ((where, n),) = refs.items()
+    kind, _, ino, off, count = ei.refs[0] if len(ei.refs[0]) == 5 else (None,) * 5
+    return kind == "data" and (ino, off) == where and count == n == ei.refs_count
+
+
 def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read: Callable[[int, int], bytes] | None,
                 advance: Callable[[int], None]) -> None:
     """Every data sector has exactly one checksum, and (with ``read``) matches it.
@@ -231,20 +297,28 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
     without a checksum are counted by bisection and reported once per extent, so a hostile
     1 TiB extent costs what a small one does (only ``read`` touches every sector, by design)."""
     size = csums.csum_size(sb.csum_type)
+    items = ck.items.get(S.CSUM_TREE_OBJECTID, [])
+    spans = [(key[2], key[2] + len(body) // size * PAGE) for key, body in items if _csum_item_ok(key, body, size)]
+    # items in ascending order, none overlapping the next, as every writer leaves them: the sectors
+    # are ranges, and only a data check needs each sector's checksum by itself
+    by_range = read is None and all(map(le, map(itemgetter(1), spans), map(itemgetter(0), islice(spans, 1, None))))
     sums: dict[int, bytes] = {}
-    for key, body in ck.items.get(S.CSUM_TREE_OBJECTID, []):
-        oid, typ, start = key
-        if (oid, typ) != (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM) or start % PAGE or not body or len(body) % size:
-            ck.error("BAD_ITEM", f"checksum item {key} is malformed", S.CSUM_TREE_OBJECTID, start, key)
+    sectors: list[int] = []
+    for key, body in items:
+        if not _csum_item_ok(key, body, size):
+            ck.error("BAD_ITEM", f"checksum item {key} is malformed", S.CSUM_TREE_OBJECTID, key[2], key)
+            continue
+        start = key[2]
+        if by_range:
+            sectors.extend(range(start, start + len(body) // size * PAGE, PAGE))
             continue
         for i in range(len(body) // size):
             sector = start + i * PAGE
             if sector in sums:
                 ck.error("CSUM_OVERLAP", f"sector {sector} has two checksums", S.CSUM_TREE_OBJECTID, sector, key)
             sums[sector] = body[i * size : (i + 1) * size]
-    bodies = dict(ck.items.get(S.CSUM_TREE_OBJECTID, []))
-    item_of = {key[2] + i * PAGE: key for key, body in bodies.items() for i in range(len(body) // size)}
-    sectors = sorted(sums)
+    if not by_range:
+        sectors = sorted(sums)
     runs: list[list[int]] = []  # the data extents merged into disjoint [start, end)
     for bytenr, (length, _) in sorted(data.items()):
         end = bytenr + length
@@ -268,6 +342,9 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
         else:
             runs.append([bytenr, end])
         advance(length)
+    ck.report.stats["data_sectors"] = sum(e - s for s, e in runs) // PAGE
+    if sum(bisect_left(sectors, e) - bisect_left(sectors, s) for s, e in runs) == len(sectors):
+        return  # every checksum lies in a data extent
     stray, r = [], 0
     for sector in sectors:
         while r < len(runs) and runs[r][1] <= sector:
@@ -275,12 +352,18 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
         if r == len(runs) or sector < runs[r][0]:
             stray.append(sector)
     stray_set = set(stray)
+    bodies = dict(items)
+    item_of = {key[2] + i * PAGE: key for key, body in bodies.items() for i in range(len(body) // size)}
     for sector in stray:
         key = item_of[sector]
         whole = all(key[2] + i * PAGE in stray_set for i in range(len(bodies[key]) // size))
         ck.error("ORPHAN_CSUM", f"checksum for sector {sector}, which no data extent holds", S.CSUM_TREE_OBJECTID, sector,
                  key, fix={"delete": (S.CSUM_TREE_OBJECTID, key)} if whole else None)
-    ck.report.stats["data_sectors"] = sum(e - s for s, e in runs) // PAGE
+
+
+def _csum_item_ok(key: tuple[int, int, int], body: bytes, size: int) -> bool:
+    return (key[0], key[1]) == (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM) and not key[2] % PAGE and bool(body) \
+        and not len(body) % size
 
 
 def check_encrypted_names(ck: "Checker", fi: FsItems, master: bytes | None) -> None:

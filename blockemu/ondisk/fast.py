@@ -73,6 +73,13 @@ TREE_BLOCK_REF, _ = FAST["TreeBlockRef"]
 EXTENT_DATA_REF, _ = FAST["ExtentDataRef"]
 BACKUP_ROOT, BACKUP_ROOT_FIELDS = FAST["BackupRoot"]
 
+# A leaf's item headers as two columns, each decoded by one ``iter_unpack`` over the header
+# array: the keys (the item's tail skipped) and the (data offset, data size) pairs (the key
+# skipped). The item header is a key followed by those two fields.
+assert ITEM.format.startswith(KEY.format)
+ITEM_KEYS = struct.Struct(f"{KEY.format}{ITEM.size - KEY.size}x")
+ITEM_SPANS = struct.Struct(f"<{KEY.size}x{ITEM.format[len(KEY.format):]}")
+
 HEADER_SIZE = HEADER.size
 ITEM_SIZE = ITEM.size
 KEY_PTR_SIZE = KEY_PTR.size

@@ -6,7 +6,9 @@ so a hostile item raises CorruptionError instead of reading past its end.
 from __future__ import annotations
 
 import stat
-from typing import NamedTuple
+import struct
+from collections import namedtuple
+from typing import Iterator, NamedTuple
 
 import crc32c
 
@@ -280,3 +282,75 @@ def symlink_ciphertext_max(max_item: int) -> int:
     fscrypt_symlink_data plus the NUL the kernel counts must fit a page (4096, as ext4's
     block), and the item a leaf of this node size holds (``max_item``, as btrfs's inline limit)."""
     return min(SECTOR_SIZE - 1, max_item) - fast.SYMLINK_DATA_HEAD.size
+
+
+# ---------------------------------------------------------------------------------------------
+# Bulk decoders, for readers of whole trees (fsck): the bodies of one shape are joined and
+# decoded by one ``iter_unpack``, with no Python object per field. Each returns, per body, what
+# ``unpack`` returns for it, or None where the body is not of the common shape; the caller then
+# calls ``unpack`` on that body, which gives the general case or names what is wrong.
+
+def _joined(packed: struct.Struct, bodies: list[bytes], pick: list[int]) -> Iterator[tuple]:
+    return packed.iter_unpack(b"".join([bodies[i] for i in pick]))
+
+
+def _shape(bodies: list[bytes], size: int) -> list[int]:
+    return [i for i, n in enumerate(map(len, bodies)) if n == size]
+
+
+InodeRow = namedtuple("InodeRow", [n.replace(".", "_") for n in fast.FAST["InodeItem"][1]])  # type: ignore[misc]
+"""An INODE_ITEM flat, timestamps as ``atime_sec``, ``atime_nsec``, ...: the fields of InodeItem
+without a Timespec object per timestamp."""
+
+
+def unpack_inode_rows(bodies: list[bytes]) -> list[InodeRow | None]:
+    out: list[InodeRow | None] = [None] * len(bodies)
+    pick = _shape(bodies, fast.INODE_ITEM.size)
+    for i, row in zip(pick, map(InodeRow._make, _joined(fast.INODE_ITEM, bodies, pick))):
+        out[i] = row
+    return out
+
+
+_ENCRYPTED_FILE_EXTENT = struct.Struct(fast.FILE_EXTENT_ITEM.format + fast.EXTENT_ENCRYPTION_CONTEXT.format.lstrip("<"))
+_FE_FIELDS = len(FileExtent._fields) - 1  # the fixed part; ``context`` follows
+
+
+def unpack_file_extents(bodies: list[bytes]) -> list[FileExtent | None]:
+    out: list[FileExtent | None] = [None] * len(bodies)
+    plain = _shape(bodies, fast.FILE_EXTENT_ITEM.size)
+    for i, v in zip(plain, _joined(fast.FILE_EXTENT_ITEM, bodies, plain)):
+        if v[3] == ENCRYPTION_NONE:
+            out[i] = FileExtent(*v)
+    sealed = _shape(bodies, _ENCRYPTED_FILE_EXTENT.size)
+    for i, v in zip(sealed, _joined(_ENCRYPTED_FILE_EXTENT, bodies, sealed)):
+        if v[3] == ENCRYPTION_FSCRYPT:
+            out[i] = FileExtent(*v[:_FE_FIELDS], ExtentContext._make(v[_FE_FIELDS:]))
+    return out
+
+
+_ONE_TREE_REF = struct.Struct(fast.EXTENT_ITEM.format + fast.TREE_BLOCK_REF.format.lstrip("<"))
+_ONE_DATA_REF = struct.Struct(fast.EXTENT_ITEM.format + fast.EXTENT_DATA_REF.format.lstrip("<"))
+
+
+def unpack_extent_items(bodies: list[bytes]) -> list[ExtentItem | None]:
+    """The two shapes every writer makes: a tree block's item with its one tree backref, and a
+    data extent's with one data backref."""
+    out: list[ExtentItem | None] = [None] * len(bodies)
+    for packed, kind, tag in ((_ONE_TREE_REF, TREE_BLOCK_REF, "tree"), (_ONE_DATA_REF, EXTENT_DATA_REF, "data")):
+        pick = _shape(bodies, packed.size)
+        for i, v in zip(pick, _joined(packed, bodies, pick)):
+            if v[3] == kind:
+                out[i] = ExtentItem(v[0], v[1], v[2], ((tag, *v[4:]),))
+    return out
+
+
+def unpack_dir_entry(body: bytes) -> DirEntry | None:
+    """The one entry of a body holding exactly one (every DIR_INDEX, nearly every DIR_ITEM)."""
+    head = fast.DIR_ITEM_HEAD
+    if len(body) < head.size:
+        return None
+    oid, typ, off, transid, data_len, name_len, ftype = head.unpack_from(body, 0)
+    end = head.size + name_len
+    if name_len == 0 or end + data_len != len(body):
+        return None
+    return DirEntry((oid, typ, off), transid, ftype, body[head.size:end], body[end:])
