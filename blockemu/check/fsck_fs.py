@@ -32,9 +32,10 @@ from blockemu.ondisk.items import (
     name_hash,
     symlink_ciphertext_max,
     unpack_dir_entries,
-    unpack_dir_entry,
+    unpack_dir_entries_one,
     unpack_file_extents,
     unpack_inode_refs,
+    unpack_inode_refs_one,
     unpack_inode_rows,
     unpack_symlink_data,
 )
@@ -73,48 +74,69 @@ def collect(ck: "Checker") -> FsItems:
     keys = [k for k, _ in items]
     bodies = [v for _, v in items]
     problems: list[tuple[int, CorruptionError]] = []
-    order = sorted(range(len(keys)), key=[k[1] for k in keys].__getitem__)  # stable: by type, then key
-    for typ, group in groupby(order, key=lambda i: keys[i][1]):
+    types = [k[1] for k in keys]
+    order = sorted(range(len(keys)), key=types.__getitem__)  # stable: by type, then in key order
+    fi.owners = {k[0] for k in keys if k[1] != S.ORPHAN_ITEM or k[0] != S.ORPHAN_OBJECTID}
+    for typ, group in groupby(order, key=types.__getitem__):
         pos = list(group)
         decode = _DECODERS.get(typ)
         if decode is None:
             if typ == S.ORPHAN_ITEM:
                 fi.orphans.update(keys[i][2] for i in pos if keys[i][0] == S.ORPHAN_OBJECTID)
                 pos = [i for i in pos if keys[i][0] != S.ORPHAN_OBJECTID]
-            fi.owners.update(keys[i][0] for i in pos)
             problems += ((i, CorruptionError(f"unknown item type {typ}", "UNKNOWN_KEY")) for i in pos)
             continue
-        fi.owners.update(keys[i][0] for i in pos)
         bulk, single = decode
-        store = _STORE[typ]
         got = bulk([bodies[i] for i in pos]) if bulk else [None] * len(pos)
-        for i, value in zip(pos, got):
-            try:
-                store(fi, keys[i], single(bodies[i]) if value is None else value)
-            except CorruptionError as e:
-                problems.append((i, e))
-                if typ == S.EXTENT_DATA:  # the inode's extents are still added up, without this one
-                    fi.extents[keys[i][0]]
+        if None in got:  # some bodies one by one: the general case, or what is wrong
+            good = []
+            for i, v in zip(pos, got):
+                try:
+                    good.append((i, single(bodies[i]) if v is None else v))
+                except CorruptionError as e:
+                    problems.append((i, e))
+                    if typ == S.EXTENT_DATA:  # the inode's extents are still added up, without this one
+                        fi.extents[keys[i][0]]
+            pos, got = [i for i, _ in good], [v for _, v in good]
+        _FILE[typ](fi, pos, [keys[i] for i in pos], got, problems)
     for i, e in sorted(problems, key=lambda p: p[0]):
         ck.error(e.kind, f"fs tree item {keys[i]}: {e}", FS, key=keys[i])
     return fi
 
 
-def _dir_index(fi: FsItems, key: tuple[int, int, int], entries: list[DirEntry]) -> None:
-    if len(entries) != 1:
-        raise CorruptionError(f"DIR_INDEX holds {len(entries)} names", "BAD_ITEM")
-    fi.dir_index[(key[0], key[2])] = entries[0]
+Filed = Callable[[FsItems, list[int], list[tuple[int, int, int]], list, list[tuple[int, CorruptionError]]], None]
 
 
-def _policy(fi: FsItems, key: tuple[int, int, int], body: bytes) -> None:
-    if len(body) != INODE_ENCRYPTION_CONTEXT.size:
-        raise CorruptionError(f"encryption context of {len(body)} bytes", "BAD_ENCRYPTION_CONTEXT")
-    v = INODE_ENCRYPTION_CONTEXT.unpack(body)
-    if v[0] != 2 or v[1] != S.CONTENTS_MODE_AES_256_XTS:
-        raise CorruptionError(f"encryption context version {v[0]} mode {v[1]}", "BAD_ENCRYPTION_CONTEXT")
-    fi.policies[key[0]] = v[5]
-    fi.policy_flags[key[0]] = v[3]
-    fi.nonces[key[0]] = v[6]
+def _file_refs(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]], refs: list, problems: list) -> None:
+    for k, v in zip(keys, refs):
+        fi.refs[k[0]].extend([(k[2], r) for r in v])
+
+
+def _file_extents(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]], extents: list, problems: list) -> None:
+    for k, v in zip(keys, extents):
+        fi.extents[k[0]].append((k[2], v))
+
+
+def _file_dir_index(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]], entries: list, problems: list) -> None:
+    for i, k, v in zip(pos, keys, entries):
+        if len(v) != 1:
+            problems.append((i, CorruptionError(f"DIR_INDEX holds {len(v)} names", "BAD_ITEM")))
+        else:
+            fi.dir_index[(k[0], k[2])] = v[0]
+
+
+def _file_policies(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]], bodies: list, problems: list) -> None:
+    for i, k, body in zip(pos, keys, bodies):
+        if len(body) != INODE_ENCRYPTION_CONTEXT.size:
+            problems.append((i, CorruptionError(f"encryption context of {len(body)} bytes", "BAD_ENCRYPTION_CONTEXT")))
+            continue
+        v = INODE_ENCRYPTION_CONTEXT.unpack(body)
+        if v[0] != 2 or v[1] != S.CONTENTS_MODE_AES_256_XTS:
+            problems.append((i, CorruptionError(f"encryption context version {v[0]} mode {v[1]}", "BAD_ENCRYPTION_CONTEXT")))
+            continue
+        fi.policies[k[0]] = v[5]
+        fi.policy_flags[k[0]] = v[3]
+        fi.nonces[k[0]] = v[6]
 
 
 def _inode_row(body: bytes) -> InodeRow:
@@ -122,29 +144,32 @@ def _inode_row(body: bytes) -> InodeRow:
     raise AssertionError("an inode body of the right size was left to the single decoder")
 
 
-def _one_entry(body: bytes) -> list[DirEntry]:
-    one = unpack_dir_entry(body)
-    return [one] if one is not None else unpack_dir_entries(body)
+def _entries_one(bodies: list[bytes]) -> list[list[DirEntry] | None]:
+    return [None if e is None else [e] for e in unpack_dir_entries_one(bodies)]
 
 
-# item type -> (bulk decoder or None, decoder of one body) and how a decoded item is filed
+def _refs_one(bodies: list[bytes]) -> list[list[InodeRef] | None]:
+    return [None if r is None else [r] for r in unpack_inode_refs_one(bodies)]
+
+
+# item type -> (bulk decoder or None, decoder of one body), and how the decoded items are filed
 _DECODERS: dict[int, tuple[Callable | None, Callable]] = {
     S.INODE_ITEM: (unpack_inode_rows, _inode_row),
-    S.INODE_REF: (None, unpack_inode_refs),
-    S.DIR_ITEM: (None, _one_entry),
-    S.DIR_INDEX: (None, _one_entry),
+    S.INODE_REF: (_refs_one, unpack_inode_refs),
+    S.DIR_ITEM: (_entries_one, unpack_dir_entries),
+    S.DIR_INDEX: (_entries_one, unpack_dir_entries),
     S.EXTENT_DATA: (unpack_file_extents, FileExtent.unpack),
-    S.FSCRYPT_CTXT_ITEM: (None, lambda body: body),
-    S.FSCRYPT_SYMLINK_ITEM: (None, lambda body: body),
+    S.FSCRYPT_CTXT_ITEM: (None, bytes),
+    S.FSCRYPT_SYMLINK_ITEM: (None, bytes),
 }
-_STORE: dict[int, Callable[[FsItems, tuple[int, int, int], object], None]] = {
-    S.INODE_ITEM: lambda fi, k, v: fi.inodes.__setitem__(k[0], v),
-    S.INODE_REF: lambda fi, k, v: fi.refs[k[0]].extend((k[2], r) for r in v),
-    S.DIR_ITEM: lambda fi, k, v: fi.dir_items.__setitem__((k[0], k[2]), v),
-    S.DIR_INDEX: _dir_index,
-    S.EXTENT_DATA: lambda fi, k, v: fi.extents[k[0]].append((k[2], v)),
-    S.FSCRYPT_CTXT_ITEM: _policy,
-    S.FSCRYPT_SYMLINK_ITEM: lambda fi, k, v: fi.symlinks.__setitem__(k[0], v),
+_FILE: dict[int, Filed] = {
+    S.INODE_ITEM: lambda fi, pos, keys, rows, problems: fi.inodes.update(zip([k[0] for k in keys], rows)),
+    S.INODE_REF: _file_refs,
+    S.DIR_ITEM: lambda fi, pos, keys, entries, problems: fi.dir_items.update(zip([(k[0], k[2]) for k in keys], entries)),
+    S.DIR_INDEX: _file_dir_index,
+    S.EXTENT_DATA: _file_extents,
+    S.FSCRYPT_CTXT_ITEM: _file_policies,
+    S.FSCRYPT_SYMLINK_ITEM: lambda fi, pos, keys, bodies, problems: fi.symlinks.update(zip([k[0] for k in keys], bodies)),
 }
 
 
@@ -163,6 +188,7 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
     ref_names = {(ino, p, r.index, r.name) for ino, refs in fi.refs.items() for p, r in refs}
     hashed = {(d, h, e): name_hash(e.name) for (d, h), entries in fi.dir_items.items() for e in entries}
     dir_items = {(d, h, e.name, e.location) for d, h, e in hashed}
+    hash_of = {e.name: h for (_, _, e), h in hashed.items()}
     for (d, idx), e in sorted(fi.dir_index.items()):
         child = e.location[0]
         names[d] += 2 * len(e.name)
@@ -180,7 +206,7 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
         if (child, d, idx, e.name) not in ref_names:
             ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} (index {idx}) in {d} has no matching INODE_REF in {child}",
                      FS, key=(child, S.INODE_REF, d))
-        h = name_hash(e.name)
+        h = hash_of.get(e.name) or name_hash(e.name)
         if (d, h, e.name, e.location) not in dir_items:
             ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} in {d} has a DIR_INDEX but no DIR_ITEM", FS,
                      key=(d, S.DIR_ITEM, h))

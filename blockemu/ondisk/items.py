@@ -124,9 +124,12 @@ def unpack_dir_entries(body: bytes) -> list[DirEntry]:
     return out
 
 
+_FILE_TYPES = {stat.S_IFREG: FT_REG_FILE, stat.S_IFDIR: FT_DIR, stat.S_IFLNK: FT_SYMLINK}
+
+
 def file_type(mode: int) -> int:
     """The directory entry type of an inode of this mode; 0 for a kind the format does not hold."""
-    return {stat.S_IFREG: FT_REG_FILE, stat.S_IFDIR: FT_DIR, stat.S_IFLNK: FT_SYMLINK}.get(stat.S_IFMT(mode), 0)
+    return _FILE_TYPES.get(stat.S_IFMT(mode), 0)
 
 
 def name_hash(name: bytes) -> int:
@@ -344,13 +347,26 @@ def unpack_extent_items(bodies: list[bytes]) -> list[ExtentItem | None]:
     return out
 
 
-def unpack_dir_entry(body: bytes) -> DirEntry | None:
-    """The one entry of a body holding exactly one (every DIR_INDEX, nearly every DIR_ITEM)."""
-    head = fast.DIR_ITEM_HEAD
-    if len(body) < head.size:
-        return None
-    oid, typ, off, transid, data_len, name_len, ftype = head.unpack_from(body, 0)
-    end = head.size + name_len
-    if name_len == 0 or end + data_len != len(body):
-        return None
-    return DirEntry((oid, typ, off), transid, ftype, body[head.size:end], body[end:])
+def _named(bodies: list[bytes], head: struct.Struct, name_len: int, tail_len: int | None) -> list[tuple | None]:
+    """Per body, its head's fields when it holds exactly one head + name (+ tail), else None."""
+    out: list[tuple | None] = [None] * len(bodies)
+    if not bodies or min(map(len, bodies)) < head.size:
+        return out
+    size = head.size
+    for i, (v, n) in enumerate(zip(map(head.unpack_from, bodies), map(len, bodies))):
+        if v[name_len] and size + v[name_len] + (v[tail_len] if tail_len is not None else 0) == n:
+            out[i] = v
+    return out
+
+
+def unpack_dir_entries_one(bodies: list[bytes]) -> list[DirEntry | None]:
+    """The entry of each body that holds exactly one (every DIR_INDEX, nearly every DIR_ITEM)."""
+    size = fast.DIR_ITEM_HEAD.size
+    return [None if v is None else DirEntry((v[0], v[1], v[2]), v[3], v[6], b[size : size + v[5]], b[size + v[5] :])
+            for b, v in zip(bodies, _named(bodies, fast.DIR_ITEM_HEAD, 5, 4))]
+
+
+def unpack_inode_refs_one(bodies: list[bytes]) -> list[InodeRef | None]:
+    """The name of each INODE_REF body that holds exactly one (every name but hard links in one directory)."""
+    size = fast.INODE_REF_HEAD.size
+    return [None if v is None else InodeRef(v[0], b[size:]) for b, v in zip(bodies, _named(bodies, fast.INODE_REF_HEAD, 1, None))]
