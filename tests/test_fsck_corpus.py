@@ -58,3 +58,22 @@ def test_manifest_covers_the_classes_fsck_reports():
                  "ISIZE_MISMATCH", "DIR_ITEM_MISMATCH", "MISSING_CSUM", "NONCE_REUSE",
                  "UNENCRYPTED_EXTENT_IN_ENCRYPTED_FILE", "SUPERBLOCK", "FREE_SPACE_MISMATCH"):
         assert code in codes, code
+
+
+def test_the_cyclic_collector_pauses_for_the_check_only(tmp_path):
+    """fsck makes millions of small tuples and no cycles: the collector, which would walk them
+    again and again, is off while the passes run, and on again (if it was) when they end."""
+    import gc
+
+    from blockemu.check.fsck import check
+    image = unpack(sorted(MANIFEST)[0], tmp_path)
+    during: list[bool] = []
+    assert gc.isenabled()
+    check(str(image), progress=lambda n, phase: during.append(gc.isenabled()))
+    assert during and not any(during) and gc.isenabled()
+    gc.disable()
+    try:
+        check(str(image))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -22,6 +22,7 @@ import blockemu
 from blockemu.cli import fuzz as fz
 from blockemu.cli.main import main
 from blockemu.ondisk import structs as S
+from blockemu.ondisk.csum import csum_size
 from blockemu.ondisk.fast import FILE_EXTENT_ITEM, INODE_ITEM
 from tests.util import ErrnoCheck
 
@@ -269,3 +270,20 @@ def test_repair_offers_no_back_reference_it_cannot_store(base, tmp_path, capsys)
     key = (inode_of(capsys, base, "/p/f1"), S.EXTENT_DATA, 0)
     rc, report = fsck_json(capsys, image(base, tmp_path, edit_item(base, key, FILE_EXTENT_ITEM, 8, 1 << 63)), "--repair")
     assert rc == 4 and "EXTENT_REF_MISMATCH" in {e["code"] for e in report["errors"]}
+
+
+def test_overlapping_checksum_items_are_named_sector_by_sector(base, tmp_path, capsys):
+    """fsck takes checksum items as ranges only while each ends before the next begins; an item
+    overlapping another sends it back sector by sector, which names each sector checksummed twice."""
+    size = csum_size(base.sb.csum_type)
+    b, slot = next((b, i) for b in map(base.block, base.blocks_of(lambda t, lvl: t == "csum" and lvl == 0))
+                   for i, v in enumerate(b.values) if len(v) >= 2 * size)
+    oid, typ, start = b.keys[slot]
+    sectors = len(b.values[slot]) // size
+    items = dict(zip(b.keys, b.values))
+    items[(oid, typ, start + S.SECTOR_SIZE)] = b.values[slot][size:]  # a copy of all but the first sector
+    b.keys, b.values = map(list, zip(*sorted(items.items())))
+    rc, report = fsck_json(capsys, image(base, tmp_path, fz._patch(base, b)))
+    assert rc == 4
+    assert [e["bytenr"] for e in report["errors"] if e["code"] == "CSUM_OVERLAP"] == \
+        [start + i * S.SECTOR_SIZE for i in range(1, sectors)]

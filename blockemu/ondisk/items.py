@@ -350,11 +350,13 @@ def unpack_extent_items(bodies: list[bytes]) -> list[ExtentItem | None]:
 def _named(bodies: list[bytes], head: struct.Struct, name_len: int, tail_len: int | None) -> list[tuple | None]:
     """Per body, its head's fields when it holds exactly one head + name (+ tail), else None."""
     out: list[tuple | None] = [None] * len(bodies)
-    if not bodies or min(map(len, bodies)) < head.size:
-        return out
     size = head.size
-    for i, (v, n) in enumerate(zip(map(head.unpack_from, bodies), map(len, bodies))):
-        if v[name_len] and size + v[name_len] + (v[tail_len] if tail_len is not None else 0) == n:
+    if bodies and min(map(len, bodies)) >= size:
+        heads: list = list(map(head.unpack_from, bodies))
+    else:
+        heads = [head.unpack_from(b) if len(b) >= size else None for b in bodies]
+    for i, (v, n) in enumerate(zip(heads, map(len, bodies))):
+        if v and v[name_len] and size + v[name_len] + (v[tail_len] if tail_len is not None else 0) == n:
             out[i] = v
     return out
 
