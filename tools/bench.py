@@ -2,7 +2,7 @@
 """Benchmarks: every figure is printed with its ratio to a reference measured in the same run,
 so numbers compare across machines and noisy runs.
 
-    python tools/bench.py [table] [btree] [fs] [rss] [fsck] [fuse] [--rounds N] [--mib N] [--files N] ...
+    python tools/bench.py [table] [btree] [fs] [writeback] [rss] [fsck] [fuse] [--rounds N] [--mib N] [--files N] ...
 
 table (the default): issue 16's figures in one table -- figure, blockemu, reference, ratio,
 target. Method, for every figure: blockemu and its reference run ``--rounds`` times each in
@@ -30,7 +30,7 @@ writes pay). A reference tool that is not installed prints "n/a (not installed)"
 
 fs: buffered writes under the background threshold (against aiofiles), 10,000 small files
 (against the host filesystem), and write-call latency during a flush and a sequential run.
-fsck: the table's fsck figure alone.
+fsck: the table's fsck figure alone. writeback: see bench_writeback.
 
 btree: 1M-key insert and lookup in the COW B-tree (16 KiB nodes, sans-I/O over a
 real TreeStore and Allocator), then the commit of that tree to an image on disk.
