@@ -128,6 +128,9 @@ class RayExecutor:
                 # than under --jobs). A local instance started for a campaign runs it at the
                 # driver's priority; a cluster's nodes keep what their ``ray start`` chose.
                 os.environ.setdefault("RAY_worker_niceness", "0")
+                # Ray's usage statistics: a thread that reports to Ray's servers, nothing a
+                # campaign needs.
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             ray.init(address=self.address, logging_level=logging.WARNING, include_dashboard=False)
         try:
             task = ray.remote(num_cpus=1, max_retries=2)(timed)
