@@ -4,14 +4,16 @@ every failure's reproduce line reproduces it on one machine; ``--ray`` without R
 usage line; and a local Ray instance finds what ``--jobs 2`` finds, planted bug included."""
 from __future__ import annotations
 
+import fcntl
 import json
 import shlex
 import sys
+import threading
 
 import pytest
 
 from blockemu.cli.main import main
-from blockemu.workload.campaign import LocalExecutor, RayExecutor, run_campaign
+from blockemu.workload.campaign import LocalExecutor, RayExecutor, Shard, run_campaign
 from blockemu.workload.crash import crash_campaign
 from blockemu.workload.writepath import FAST
 
@@ -47,6 +49,39 @@ def test_an_interrupted_campaign_resumes_with_the_same_totals(tmp_path):
     assert again.resumed == 2
     assert (again.units, again.states, again.failures) == (whole.units, whole.states, whole.failures)
     assert {json.loads(x)["shard"] for x in part.read_text().splitlines()[3:]} == {json.loads(x)["shard"] for x in lines[2:]}
+
+
+def held_shard(args: tuple) -> dict:
+    """Shard 0 returns at once; the others note that they started, then wait for the lock the
+    test holds."""
+    lock, started, i = args
+    (started / str(i)).touch()
+    if i:
+        with open(lock) as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+    return {"units": 1, "states": 0, "failures": []}
+
+
+def test_an_interrupted_local_campaign_stops_at_once(tmp_path):
+    """Ctrl-C after the first shard: the pool must not run the rest of the campaign (nor wait
+    for the shards in flight, whose results would go unrecorded) before letting go."""
+    lock, started = tmp_path / "lock", tmp_path / "started"
+    lock.touch()
+    started.mkdir()
+    shards = [Shard(str(i), (lock, started, i)) for i in range(20)]
+    with open(lock) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        run = LocalExecutor(2).run(held_shard, shards)
+        try:
+            assert next(run)[0].key == "0"
+            closer = threading.Thread(target=run.close)  # what KeyboardInterrupt in the loop does
+            closer.start()
+            closer.join(60)  # a bound on a hang, not a wait for a race: close() returns or never does
+            assert not closer.is_alive(), "interrupting waited for shards blocked on the lock"
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)  # lets the old code's pool finish, so the test ends
+    closer.join()
+    assert len(list(started.iterdir())) <= 4  # shard 0, the two in flight, one queued ahead
 
 
 def test_a_results_file_of_another_campaign_is_refused(tmp_path, capsys):

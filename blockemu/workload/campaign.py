@@ -105,8 +105,25 @@ class LocalExecutor:
             return
         with ProcessPoolExecutor(self.jobs) as pool:
             futures = {pool.submit(timed, fn, s.args): s for s in shards}
-            for f in as_completed(futures):
-                yield futures[f], f.result()
+            try:
+                for f in as_completed(futures):
+                    yield futures[f], f.result()
+            except BaseException:
+                # Interrupted (Ctrl-C, a failed shard, the caller gone): the pool's exit would
+                # first run every queued shard -- the rest of the campaign -- and the shards in
+                # flight would finish unrecorded. Drop the queue, stop the workers; --resume
+                # reruns what was not recorded.
+                pool.shutdown(wait=False, cancel_futures=True)
+                kill_workers(pool)
+                raise
+
+
+def kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill a pool's worker processes: Python 3.14's ``kill_workers()``; before it there is no
+    public way, so through the pool's table of them."""
+    for p in list((getattr(pool, "_processes", None) or {}).values()):
+        if p.is_alive():
+            p.kill()
 
 
 class RayExecutor:
