@@ -4,6 +4,7 @@ every failure's reproduce line reproduces it on one machine; ``--ray`` without R
 usage line; and a local Ray instance finds what ``--jobs 2`` finds, planted bug included."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import shlex
@@ -130,6 +131,10 @@ def test_fuzz_is_a_campaign_command(tmp_path, capsys):
     assert [json.loads(x)["shard"] for x in f.read_text().splitlines()] == ["images 0..1", "images 1..2"]
 
 
+def no_space(args: tuple) -> dict:
+    raise OSError(errno.ENOSPC, "No space left on device", "crash.img")
+
+
 def test_a_local_ray_instance_finds_what_two_jobs_find(monkeypatch):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'blockemu[ray]')")
     monkeypatch.setenv("RAY_worker_niceness", "0")  # as RayExecutor's own local instance (campaign.py)
@@ -137,7 +142,11 @@ def test_a_local_ray_instance_finds_what_two_jobs_find(monkeypatch):
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         on_ray = run_campaign(planted(shard_size=2), RayExecutor())
+        with pytest.raises(OSError) as raised:  # a shard's error comes back as the shard raised it
+            list(RayExecutor().run(no_space, [Shard("0", ())]))
     finally:
         ray.shutdown()
+    assert type(raised.value) is OSError and raised.value.errno == errno.ENOSPC
+    assert str(raised.value) == "[Errno 28] No space left on device: 'crash.img'"  # one line, no remote traceback
     assert local.failures, "the planted --nobarrier bug was not caught"
     assert (on_ray.units, on_ray.states, on_ray.failures) == (local.units, local.states, local.failures)

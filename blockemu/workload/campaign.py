@@ -155,7 +155,14 @@ class RayExecutor:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
-                    yield pending.pop(ref), ray.get(ref)
+                    shard = pending.pop(ref)
+                    try:
+                        r = ray.get(ref)
+                    except ray.exceptions.RayTaskError as e:
+                        # The shard's own error, as --jobs raises it (an OSError keeps its errno):
+                        # the CLI's one line, not Ray's wrapper with the remote traceback in it.
+                        raise e.cause from None
+                    yield shard, r
         finally:
             if started:
                 ray.shutdown()
