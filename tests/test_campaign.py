@@ -8,13 +8,14 @@ import errno
 import fcntl
 import json
 import shlex
+import subprocess
 import sys
 import threading
 
 import pytest
 
 from blockemu.cli.main import main
-from blockemu.workload.campaign import LocalExecutor, RayExecutor, Shard, run_campaign
+from blockemu.workload.campaign import Campaign, LocalExecutor, RayExecutor, Shard, run_campaign
 from blockemu.workload.crash import crash_campaign
 from blockemu.workload.writepath import FAST
 
@@ -83,6 +84,20 @@ def test_an_interrupted_local_campaign_stops_at_once(tmp_path):
             fcntl.flock(held, fcntl.LOCK_UN)  # lets the old code's pool finish, so the test ends
     closer.join()
     assert len(list(started.iterdir())) <= 4  # shard 0, the two in flight, one queued ahead
+
+
+def burns_in_a_child(args: tuple) -> dict:
+    """A shard whose work is a child process's CPU, as a crash shard's is largely its sealing
+    workers'."""
+    subprocess.run([sys.executable, "-c", "import time\nwhile time.process_time() < 0.3: pass"], check=True)
+    return {"units": 1, "states": 0, "failures": []}
+
+
+def test_a_shards_cpu_time_counts_its_child_processes(tmp_path):
+    s = run_campaign(Campaign("burn", {}, [Shard("0", ())], burns_in_a_child, str), LocalExecutor(2),
+                     results=str(tmp_path / "r.jsonl"))
+    line = json.loads((tmp_path / "r.jsonl").read_text())
+    assert line["cpu_seconds"] >= 0.3 and s.cpu_seconds == line["cpu_seconds"]
 
 
 def test_a_results_file_of_another_campaign_is_refused(tmp_path, capsys):

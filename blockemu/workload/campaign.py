@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -73,19 +74,27 @@ class Summary:
     failures: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     worker_seconds: float = 0.0  # the shards' own wall times, added up
+    cpu_seconds: float = 0.0  # the shards' own CPU times (sealing workers included), added up
 
     def as_json(self) -> dict[str, Any]:
         return {"shards": self.shards, "resumed": self.resumed, "units": self.units, "states": self.states,
                 "counts": self.counts, "failures": self.failures, "seconds": round(self.seconds, 1),
-                "worker_seconds": round(self.worker_seconds, 1)}
+                "worker_seconds": round(self.worker_seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1)}
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time and its reaped children's (a shard's sealing workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def timed(fn: ShardFn, args: tuple) -> dict[str, Any]:
-    """Run one shard where it lands, noting its own wall time: their sum is the campaign's cost
-    in worker-seconds, whatever the executor's overhead."""
-    t = time.perf_counter()
+    """Run one shard where it lands, noting its own wall time -- their sum is the campaign's
+    cost in worker-seconds, whatever the executor's overhead -- and its CPU time, which unlike
+    wall time does not move with what else the machine runs (executors compare by it)."""
+    t, cpu = time.perf_counter(), cpu_seconds()
     r = fn(args)
-    return {**r, "seconds": round(time.perf_counter() - t, 3)}
+    return {**r, "seconds": round(time.perf_counter() - t, 3), "cpu_seconds": round(cpu_seconds() - cpu, 3)}
 
 
 class Executor(Protocol):
@@ -225,6 +234,7 @@ def run_campaign(campaign: Campaign, ex: Executor, *, results: str | None = None
         s.units += rec["units"]
         s.states += rec["states"]
         s.worker_seconds += rec.get("seconds", 0.0)
+        s.cpu_seconds += rec.get("cpu_seconds", 0.0)  # not in the lines of an older run
         for k, v in rec.get("counts", {}).items():  # a "max_" figure is the worst shard's, the rest add up
             s.counts[k] = max(s.counts.get(k, v), v) if k.startswith("max_") else s.counts.get(k, 0) + v
         s.failures += rec["failures"]
