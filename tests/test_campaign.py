@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def held_shard(args: tuple) -> dict:
     """Shard 0 returns at once; the others note that they started, then wait for the lock the
     test holds."""
     lock, started, i = args
-    (started / str(i)).touch()
+    (started / str(i)).write_text(str(os.getpid()))
     if i:
         with open(lock) as f:
             fcntl.flock(f, fcntl.LOCK_SH)
@@ -83,7 +84,17 @@ def test_an_interrupted_local_campaign_stops_at_once(tmp_path):
         finally:
             fcntl.flock(held, fcntl.LOCK_UN)  # lets the old code's pool finish, so the test ends
     closer.join()
-    assert len(list(started.iterdir())) <= 4  # shard 0, the two in flight, one queued ahead
+    ran = list(started.iterdir())
+    assert len(ran) <= 4  # shard 0, the two in flight, one queued ahead
+    assert not any(alive(int(f.read_text())) for f in ran), "a worker outlived the interruption"
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie nor gone."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
 
 
 def burns_in_a_child(args: tuple) -> dict:

@@ -122,17 +122,19 @@ class LocalExecutor:
                 # first run every queued shard -- the rest of the campaign -- and the shards in
                 # flight would finish unrecorded. Drop the queue, stop the workers; --resume
                 # reruns what was not recorded.
+                kill_workers(pool)  # first: shutdown() forgets them
                 pool.shutdown(wait=False, cancel_futures=True)
-                kill_workers(pool)
                 raise
 
 
 def kill_workers(pool: ProcessPoolExecutor) -> None:
     """Kill a pool's worker processes: Python 3.14's ``kill_workers()``; before it there is no
     public way, so through the pool's table of them."""
-    for p in list((getattr(pool, "_processes", None) or {}).values()):
-        if p.is_alive():
-            p.kill()
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    for p in workers:
+        p.kill()
+    for p in workers:
+        p.join()
 
 
 class RayExecutor:
