@@ -33,11 +33,11 @@ class SkipDataWrites:
         self.skipped = 0
         write_run = Writeback._write_run
 
-        async def planted(wb: Writeback, inode, run: Run) -> None:
+        async def planted(wb: Writeback, inode, run: Run, turn) -> None:
             if self.on and which(run):
                 self.skipped += 1
                 return
-            await write_run(wb, inode, run)
+            await write_run(wb, inode, run, turn)
 
         monkeypatch.setattr(Writeback, "_write_run", planted)
 

@@ -58,6 +58,27 @@ class Inode(Protocol):
     epoch: int  # bumped when writeback changes the extent mappings (see Filesystem._fill)
 
 
+class Turn:
+    """A group's place in its flush's order. Groups seal in parallel but are placed
+    (allocation, device write, items) in the order they were taken, so an image's layout --
+    which extent lands where, the order of writes and of tree updates -- depends on the data
+    alone, not on which sealing finished first: a crash campaign records a workload's writes
+    and must count the same crash states on every run, executor and machine. Only a group's
+    first placement is ordered: a piece retried after a commit or a split goes when it can (a
+    later group may hold the sealing slot it needs while waiting for its own turn)."""
+
+    def __init__(self, before: asyncio.Event | None) -> None:
+        self._before = before
+        self.passed = asyncio.Event()
+
+    async def __aenter__(self) -> None:
+        if self._before is not None and not self.passed.is_set():
+            await self._before.wait()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.passed.set()
+
+
 class Owner(Protocol):
     """The few calls writeback makes into the filesystem it serves: that filesystem imports
     writeback, so writeback names only this interface, never the filesystem itself."""
@@ -222,11 +243,13 @@ class Writeback:
             inode.inflight += 1
             tasks: list[asyncio.Task] = []
             groups = collections.deque(self._groups(self.cache.take_dirty(inode.pages, self.max_pages)))
+            before: asyncio.Event | None = None
             try:
                 while groups:
                     await lanes.acquire()
-                    group = groups.popleft()
-                    tasks.append(asyncio.ensure_future(self._write_group(inode, group)))
+                    group, turn = groups.popleft(), Turn(before)
+                    before = turn.passed
+                    tasks.append(asyncio.ensure_future(self._write_group(inode, group, turn)))
                     tasks[-1].add_done_callback(lambda _t: lanes.release())
             finally:
                 for run in itertools.chain.from_iterable(groups):
@@ -257,14 +280,20 @@ class Writeback:
                 pages += n
         return groups
 
-    async def _write_group(self, inode: Inode, runs: list[Run]) -> None:
+    async def _write_group(self, inode: Inode, runs: list[Run], turn: Turn) -> None:
+        try:
+            await self._write_group_in_turn(inode, runs, turn)
+        finally:
+            turn.passed.set()  # however it ended, the next group's placement need not wait for it
+
+    async def _write_group_in_turn(self, inode: Inode, runs: list[Run], turn: Turn) -> None:
         """Write a group of runs as one batch. If the batch fails (no room, no key, an I/O error)
         it has changed no tree, so each run is written again on its own, where a run that does
         not fit is split or waits for a commit, and a run that cannot be written is recorded as
         lost: the batch is only the fast path."""
         if len(runs) > 1:
             try:
-                await self._write_batch(inode, runs)
+                await self._write_batch(inode, runs, turn)
             except Exception as e:
                 if not isinstance(e, OSError):
                     self._bug(f"writeback of inode {inode.ino}", e)  # the runs below then fail with EIO
@@ -281,14 +310,14 @@ class Writeback:
                 return
         for i, run in enumerate(runs):
             try:
-                await self._write_one(inode, run)
+                await self._write_one(inode, run, turn)
             except BaseException:  # cancelled (_write_one has recorded its own run)
                 for rest in runs[i + 1 :]:
                     self._lose(inode, rest, DeviceIOError("writeback interrupted"))
                     self.cache.written(inode.pages, rest)
                 raise
 
-    async def _write_one(self, inode: Inode, run: Run) -> None:
+    async def _write_one(self, inode: Inode, run: Run, turn: Turn) -> None:
         """Write a run, split across free extents if it must be; whatever fails is recorded as
         lost on the inode before its pages stop being dirty."""
         pending, reclaim = [run], True
@@ -296,7 +325,7 @@ class Writeback:
             while pending:
                 piece = pending.pop()
                 try:
-                    await self._write_run(inode, piece)
+                    await self._write_run(inode, piece, turn)
                 except _NoFit as e:
                     if e.pinned and reclaim:
                         # as btrfs, commit to get back what this transaction freed; once: a
@@ -342,7 +371,7 @@ class Writeback:
         self.stats["lost_bytes"] += lost
         self.stats["errors"] += 1
 
-    async def _write_batch(self, inode: Inode, runs: list[Run]) -> None:
+    async def _write_batch(self, inode: Inode, runs: list[Run], turn: Turn) -> None:
         """Small runs sealed in one batch, each its own extent (its own nonce and key), placed
         and written with one writev, then mapped with one pass over each tree (``add_extents``).
         Raises before any tree changes if a run cannot be placed or written."""
@@ -356,21 +385,22 @@ class Writeback:
                 nonces = [os.urandom(fscrypt.NONCE_SIZE) for _ in runs]
                 keys = [fscrypt.extent_key(secret, nonce) for nonce in nonces]  # type: ignore[arg-type]
             sealed = await self.sealer.seal_many([(k, run.entries) for k, run in zip(keys, runs)], fs.vol.sb.csum_type)
-            if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
-                raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
-            async with fs.vol.join() as engine:
-                keep, placed = engine.data_keep(), []
-                try:
-                    for data, _ in sealed:
-                        placed.append(engine.allocator.alloc(len(data), keep=keep))
-                    await fs.vol.device.writev(list(zip(placed, (data for data, _ in sealed))))
-                except BaseException:
-                    for bytenr, (data, _) in zip(placed, sealed):
-                        engine.allocator.release(bytenr, len(data))  # referenced by nothing, durable nowhere
-                    raise
-                new = [NewExtent(run.first * PAGE, bytenr, len(data), len(data), self._context(inode, nonce), digests)
-                       for run, bytenr, (data, digests), nonce in zip(runs, placed, sealed, nonces)]
-                self._mapped(inode, new)
+            async with turn:
+                if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
+                    raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
+                async with fs.vol.join() as engine:
+                    keep, placed = engine.data_keep(), []
+                    try:
+                        for data, _ in sealed:
+                            placed.append(engine.allocator.alloc(len(data), keep=keep))
+                        await fs.vol.device.writev(list(zip(placed, (data for data, _ in sealed))))
+                    except BaseException:
+                        for bytenr, (data, _) in zip(placed, sealed):
+                            engine.allocator.release(bytenr, len(data))  # referenced by nothing, durable nowhere
+                        raise
+                    new = [NewExtent(run.first * PAGE, bytenr, len(data), len(data), self._context(inode, nonce), digests)
+                           for run, bytenr, (data, digests), nonce in zip(runs, placed, sealed, nonces)]
+                    self._mapped(inode, new)
         finally:
             for key in keys:
                 if key is not None:
@@ -394,7 +424,7 @@ class Writeback:
         self.stats["extents"] += len(new)
         self.stats["bytes"] += sum(e.length for e in new)
 
-    async def _write_run(self, inode: Inode, run: Run) -> None:
+    async def _write_run(self, inode: Inode, run: Run, turn: Turn) -> None:
         fs = self.fs
         key = nonce = secret = None
         if inode.key_id is not None:
@@ -403,23 +433,24 @@ class Writeback:
             key = fscrypt.extent_key(secret, nonce)
         try:
             async with self.sealer.sealed(key, run.entries, fs.vol.sb.csum_type) as (sealed, digests):
-                if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
-                    raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
                 file_offset, length = run.first * PAGE, len(sealed)
-                async with fs.vol.join() as engine:
-                    # the data goes first: items must never point at an extent whose write failed
-                    keep = engine.data_keep()
-                    try:
-                        bytenr = engine.allocator.alloc(length, keep=keep)
-                    except NoSpaceError as e:
-                        alloc = engine.allocator
-                        raise _NoFit(e, alloc.largest(keep) // PAGE * PAGE, bool(alloc.pinned)) from None
-                    try:
-                        await fs.vol.device.write(bytenr, sealed)  # the device copies it out of the slot
-                    except BaseException:
-                        engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
-                        raise
-                    self._mapped(inode, [NewExtent(file_offset, bytenr, length, length, self._context(inode, nonce), digests)])
+                async with turn:
+                    if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
+                        raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
+                    async with fs.vol.join() as engine:
+                        # the data goes first: items must never point at an extent whose write failed
+                        keep = engine.data_keep()
+                        try:
+                            bytenr = engine.allocator.alloc(length, keep=keep)
+                        except NoSpaceError as e:
+                            alloc = engine.allocator
+                            raise _NoFit(e, alloc.largest(keep) // PAGE * PAGE, bool(alloc.pinned)) from None
+                        try:
+                            await fs.vol.device.write(bytenr, sealed)  # the device copies it out of the slot
+                        except BaseException:
+                            engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
+                            raise
+                        self._mapped(inode, [NewExtent(file_offset, bytenr, length, length, self._context(inode, nonce), digests)])
         finally:
             if key is not None:
                 fscrypt.wipe(key)
