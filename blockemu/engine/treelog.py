@@ -28,6 +28,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from dataclasses import replace
 
+from blockemu.engine.batch import TreeBatch
 from blockemu.engine.btree import BTree
 from blockemu.engine.extents import Extents
 from blockemu.engine.transaction import Engine, ReadFn, TreeStore
@@ -80,8 +81,10 @@ class TreeLog:
         return self.tree
 
     def log_inode(self, ino: int) -> None:
-        """Bring inode ``ino``'s items in the log up to the running transaction's."""
-        tree, e = self._tree(), self.engine
+        """Bring inode ``ino``'s items in the log up to the running transaction's. The changes
+        are staged and applied to the log in one pass (``TreeBatch``): an fsync after scattered
+        writes re-logs many ranges, and each would otherwise be its own descents and COWs."""
+        tree, e = TreeBatch(self._tree()), self.engine
         body = e.trees[S.FS_TREE_OBJECTID].get((ino, S.INODE_ITEM, 0))
         if body is None:
             raise CorruptionError(f"inode {ino} has no INODE_ITEM to log", "MISSING_INODE")
@@ -91,8 +94,9 @@ class TreeLog:
         csummed: set[int] = set()
         for start, end in _merged(e.changed_ranges.pop(ino, [])):
             self._relog(tree, ino, start, end, csummed)
+        tree.apply()
 
-    def _relog(self, tree: BTree, ino: int, start: int, end: int, csummed: set[int]) -> None:
+    def _relog(self, tree: TreeBatch, ino: int, start: int, end: int, csummed: set[int]) -> None:
         # the log's EXTENT_DATA items of this inode, as offsets and lengths kept beside the
         # tree: finding the ones a range touches costs no descent of the log
         offs = self.extent_offs.setdefault(ino, [])
