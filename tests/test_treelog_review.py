@@ -1,0 +1,100 @@
+"""Adversarial crash tests of fsync through the log tree (DESIGN §9) mixed with the full
+commits around it: every crash state of each workload must open fsck-clean to exactly what the
+last durable superblock's fsync or sync acknowledged."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from blockemu.workload.crash import CampaignResult, Recorder, check_states, record
+from blockemu.workload.writepath import FAST, KEY, PRODUCTION
+
+
+def log_then_commit_workload(scale: int):
+    """A file fsynced through the log, then another file's fsync commits (a new name), more log
+    fsyncs of the same range, a hole (commit), and a log fsync after it. Every file changed is
+    fsynced before the oracle is taken, so each persistence point is the whole namespace."""
+    async def run(fs, rec: Recorder) -> None:
+        rng = random.Random(7)
+        await rec.mkdir("/A")
+        async with fs.open("/A/foo", "w") as f:
+            await f.write(rng.randbytes(9000 * scale))
+        await fs.sync()
+        await rec.persisted()
+        async with fs.open("/A/foo", "r+") as f:
+            await f.pwrite(rng.randbytes(3000 * scale), 1000 * scale)
+            await f.fsync()  # log
+            assert fs.vol.log_root
+            await rec.persisted()
+            async with fs.open("/A/bar", "w") as g:  # a new name: this fsync commits, the log goes
+                await g.write(rng.randbytes(5000 * scale))
+                await g.fsync()
+            assert not fs.vol.log_root
+            await rec.persisted()
+            for _ in range(2):  # the same range twice: the log's items of it replaced
+                await f.pwrite(rng.randbytes(4000 * scale), 2000 * scale)
+                await f.fsync()
+                assert fs.vol.log_root
+                await rec.persisted()
+            await f.punch_hole(4096 * scale, 4096 * scale)
+            await f.fsync()  # a hole: commits
+            assert not fs.vol.log_root
+            await rec.persisted()
+            await f.pwrite(rng.randbytes(2000 * scale), 8000 * scale)
+            await f.fsync()
+            assert fs.vol.log_root
+            await rec.persisted()
+    return run
+
+
+@pytest.mark.parametrize("write_path", [PRODUCTION, FAST], ids=lambda p: p.name)
+async def test_log_fsyncs_around_full_commits(tmp_path, write_path):
+    log, models = await record(log_then_commit_workload(write_path.scale), str(tmp_path / "w.img"),
+                               str(tmp_path / "base.img"), write_path=write_path)
+    result = CampaignResult()
+    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(1), 2, "log+commit", result, write_path)
+    assert result.states >= 30 and not result.failures, (result.states, result.failures[:3])
+
+
+def two_logged_one_unlinked_workload(scale: int):
+    """Two files logged in one transaction; one is unlinked and the next sync commits while the
+    durable log still names the unlinked file's extents (freed, pinned). With encryption the
+    key is then removed (its write back commits) and added again."""
+    async def run(fs, rec: Recorder) -> None:
+        rng = random.Random(8)
+        await rec.mkdir("/A")
+        for name in ("foo", "bar"):
+            async with fs.open(f"/A/{name}", "w") as f:
+                await f.write(rng.randbytes(6000 * scale))
+        await fs.sync()
+        await rec.persisted()
+        for name in ("foo", "bar"):
+            async with fs.open(f"/A/{name}", "r+") as f:
+                await f.pwrite(rng.randbytes(5000 * scale), 500 * scale)
+                await f.fsync()
+                assert fs.vol.log_root
+            await rec.persisted()
+        await fs.unlink("/A/bar")
+        await fs.sync()
+        await rec.persisted()
+        async with fs.open("/A/foo", "r+") as f:
+            await f.pwrite(rng.randbytes(7000 * scale), 3000 * scale)
+            await f.fsync()
+            assert fs.vol.log_root
+        await rec.persisted()
+        if rec.kid is not None:
+            await fs.remove_key(rec.kid)  # writes back and commits: the log goes
+            assert not fs.vol.log_root
+            await fs.add_key(KEY)
+            await rec.persisted()
+    return run
+
+
+@pytest.mark.parametrize("write_path", [PRODUCTION, FAST], ids=lambda p: p.name)
+async def test_two_logged_files_one_unlinked_then_commits(tmp_path, write_path):
+    log, models = await record(two_logged_one_unlinked_workload(write_path.scale), str(tmp_path / "w.img"),
+                               str(tmp_path / "base.img"), write_path=write_path)
+    result = CampaignResult()
+    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(2), 2, "unlink", result, write_path)
+    assert result.states >= 30 and not result.failures, (result.states, result.failures[:3])
