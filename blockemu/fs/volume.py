@@ -66,6 +66,7 @@ class Volume:
         engine.store.on_change = self._note_change
         self.log = TreeLog(engine)
         self.log_root = engine.sb.log_root  # the log the durable superblock points at (0: none)
+        self.replayed = False  # open replayed a log (and, read-write, committed it)
 
     @classmethod
     async def open(cls, path: str, *, readonly: bool = False, faults: FaultPlan | None = None,
@@ -83,6 +84,7 @@ class Volume:
             dev.close_sync()
             raise
         vol = cls(dev, engine)
+        vol.replayed = replayed
         if replayed and not readonly:
             try:
                 await vol.commit(force=True)  # durable, and the log cleared, before anything else
