@@ -17,7 +17,9 @@ import blockemu
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.writelog import sparse_copy
+from blockemu.engine.treelog import read_log
 from blockemu.ondisk import structs as S
+from blockemu.ondisk.items import FileExtent
 from blockemu.ondisk.superblock import decode_super, encode_super
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, check_states, record
 from blockemu.workload.writepath import FAST, KEY, PRODUCTION, WritePath
@@ -265,3 +267,45 @@ async def test_a_hole_punched_while_an_fsync_waits_for_the_log_is_not_lost(tmp_p
             head = await f.pread(4096, 0)
             assert head in (b"n" * 4096, bytes(4096)), head[:8]  # the write fsynced, or the hole after it
             assert await f.pread(4096, 4096) == b"n" * 4096
+
+
+async def test_a_durable_log_stays_unallocatable_until_a_superblock_supersedes_it(tmp_path, monkeypatch):
+    """The protocol's pin rule, checked where it matters rather than by luck of the allocator's
+    cursor: whenever a superblock is written (a log sync, the commit that drops the log), no
+    block of the log the durable superblock names and no extent that log names may be free to
+    allocate -- the writes before that superblock would overwrite what a crash replays. The
+    overwrites free logged extents whole, and COW the log's blocks."""
+    img = str(tmp_path / "a.img")
+    await blockemu.mkfs(img, size="64M", force=True)
+    async with blockemu.mount(img, interval=3600) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(random.Random(5).randbytes(300 << 10))
+        await fs.sync()
+        vol = fs.vol
+        write, checked = vol.device.write, []
+
+        def free_but_named() -> list[tuple[int, int]]:
+            at = S.SUPER_OFFSETS[0]
+            sb = decode_super(vol.device.read_sync(at, S.SUPER_INFO_SIZE), at)  # the durable one
+            if not sb.log_root:
+                return []
+            blocks, items = read_log(vol.device.read_sync, sb)
+            named = [(b, sb.nodesize) for b in blocks]
+            named += [(fe.disk_bytenr, fe.disk_num_bytes) for fe in
+                      (FileExtent.unpack(body) for key, body in items if key[1] == S.EXTENT_DATA)]
+            checked.append(len(named))
+            return [r for r in named if vol.engine.allocator.overlaps_free(*r)]
+
+        async def watched(offset: int, data: bytes, *, fua: bool = False) -> None:
+            if offset == S.SUPER_OFFSETS[0] and fua:
+                assert not free_but_named()
+            await write(offset, data, fua=fua)
+
+        monkeypatch.setattr(vol.device, "write", watched)
+        async with fs.open("/f", "r+") as f:
+            for off in (0, 100 << 10, 0, 0, 4096):
+                await f.pwrite(random.Random(off).randbytes(64 << 10), off)
+                await f.fsync()
+                assert vol.log_root
+        await fs.sync()
+        assert len(checked) == 5  # the four log syncs after the first, and the commit
