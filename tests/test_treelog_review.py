@@ -312,3 +312,34 @@ async def test_a_durable_log_stays_unallocatable_until_a_superblock_supersedes_i
                 assert vol.log_root
         await fs.sync()
         assert len(checked) == 5  # the four log syncs after the first, and the commit
+
+
+async def test_an_fsync_that_finds_no_room_for_the_log_fails_and_keeps_the_durable_log(tmp_path):
+    """No room left at all (another allocation took it): the log cannot COW its blocks, so the
+    fsync falls back to a commit, which finds no room either. The fsync must fail (never report
+    success), and the image keep what the earlier log fsync made durable, fsck-clean."""
+    img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
+    await blockemu.mkfs(img, size="64M", force=True)
+    async with blockemu.mount(img, interval=3600) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"o" * 65536)
+        await fs.sync()
+        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        async with fs.open("/f", "r+") as f:
+            await f.pwrite(b"a" * 8192, 0)
+            await f.fsync()
+            assert fs.vol.log_root
+            await f.pwrite(b"b" * 8192, 16384)
+            await fs.writeback.flush_inode(f.inode)  # the data has its extent; the log needs blocks
+            alloc = fs.vol.engine.allocator
+            while alloc.node_room:
+                alloc.alloc(fs.vol.sb.nodesize)
+            with pytest.raises(OSError):
+                await f.fsync()
+            log.crash_image(crash, len(log.entries))
+        with pytest.raises(OSError):
+            await fs.unmount()
+    assert check(crash, check_data=True).clean
+    async with blockemu.mount(crash) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == b"a" * 8192 + b"o" * (65536 - 8192)
