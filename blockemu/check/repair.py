@@ -56,6 +56,11 @@ async def repair(path: str, report: FsckReport) -> int:
         restore_primary_super(path)
     vol = await Volume.open(path, rebuild_free_space=True)
     try:
+        if vol.replayed:
+            # opening replayed the fsync log and committed it, free-space record rebuilt: the
+            # report's fixes are of the trees before the replay, stale now (a logged inode item
+            # replaced), so the caller checks again and the next round repairs from that
+            return sum(e.code in REBUILT for e in report.errors)
         if vol.generation != report.generation:
             # the check ran under a shared lock, released before this exclusive one: a writer
             # in between makes the report's fixes stale, and applying them would do harm

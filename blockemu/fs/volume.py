@@ -66,6 +66,7 @@ class Volume:
         engine.store.on_change = self._note_change
         self.log = TreeLog(engine)
         self.log_root = engine.sb.log_root  # the log the durable superblock points at (0: none)
+        self.replayed = False  # open replayed a log (and, read-write, committed it)
 
     @classmethod
     async def open(cls, path: str, *, readonly: bool = False, faults: FaultPlan | None = None,
@@ -83,6 +84,7 @@ class Volume:
             dev.close_sync()
             raise
         vol = cls(dev, engine)
+        vol.replayed = replayed
         if replayed and not readonly:
             try:
                 await vol.commit(force=True)  # durable, and the log cleared, before anything else
@@ -179,15 +181,21 @@ class Volume:
         """Make inode ``ino``'s changes in the running transaction durable: through the log
         tree when the log can say them (DESIGN §9), else -- or when the log finds no room --
         by a full commit."""
-        if self.log.can_log(ino) and await self._log_sync(ino):
+        if await self._log_sync(ino):
             return
         await self.commit()
 
     async def _log_sync(self, ino: int) -> bool:
+        """Log ``ino`` and write the log; False if the log cannot say its change or finds no
+        room. Decided under the commit lock: a hole punched, or a name changed, while this
+        waited for the lock must make it commit -- logged, the hole has no item, and replay
+        would bring back the committed data from before the write being fsynced."""
         async with self.commit_lock:
             self._check_aborted()
             if not self.engine.is_dirty():
                 return True  # the last commit holds everything
+            if not self.log.can_log(ino):
+                return False
             try:
                 self.log.log_inode(ino)
                 todo = self.log.prepare_sync()

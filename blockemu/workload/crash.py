@@ -83,8 +83,10 @@ Workload = Callable[[Filesystem, Recorder], Awaitable[None]]
 
 
 async def record(workload: Workload, image: str, base: str, *, faults: FaultPlan | None = None,
-                 write_path: WritePath = PRODUCTION) -> tuple[WriteLog, dict]:
-    await mkfs(image, "64M", node_size="4K", force=True)
+                 write_path: WritePath = PRODUCTION, size: str = "64M") -> tuple[WriteLog, dict]:
+    """Run ``workload`` on a fresh image of ``size`` (small: a workload that fills it makes
+    every allocation reuse freed space) with the write log on; returns the log and the oracle."""
+    await mkfs(image, size, node_size="4K", force=True)
     fs = await mount(image, faults=faults, interval=3600, **write_path.mount_options())
     kid = await fs.add_key(KEY) if write_path.encrypt else None
     log = fs.vol.device.start_log(base_copy=base)
