@@ -14,6 +14,8 @@ import blockemu
 from blockemu.device.faultplan import FaultPlan
 from blockemu.engine.btree import BTree
 from blockemu.ondisk import structs as S
+from blockemu.workload.crash import ace_space, ace_workload, record
+from blockemu.workload.writepath import PRODUCTION
 from tests.util import assert_fsck_clean, encrypted_dir
 
 MIB = 1 << 20
@@ -151,3 +153,14 @@ async def test_extents_are_placed_in_the_order_they_were_taken(tmp_path):
     in_order = await layout_after_flush(str(tmp_path / "a.img"), reverse=False)
     reversed_ = await layout_after_flush(str(tmp_path / "b.img"), reverse=True)
     assert len(in_order) == 3 and reversed_ == in_order
+
+
+async def test_a_batch_that_collapses_the_root_gives_the_tree_a_root_of_its_own(tmp_path):
+    """Found by the full ``crash --max-ops 3`` campaign (workload 325: write /A/foo, creat /B/foo,
+    unlink /A/foo): the unlink's batch emptied all but one child of the checksum tree's root,
+    and the surviving child -- still the committed block -- became the root uncopied, so the
+    commit recorded a root of this generation it never wrote. The image was corrupt after a
+    clean unmount (parent transid verify failed)."""
+    img = str(tmp_path / "w.img")
+    await record(ace_workload(ace_space(3, 0, None)[325], 325), img, str(tmp_path / "base.img"), write_path=PRODUCTION)
+    assert_fsck_clean(img)

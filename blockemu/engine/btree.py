@@ -227,7 +227,7 @@ class BTree:
             pieces = [parent, *self._split_node_many(parent)]
         root = pieces[0]
         while root.level and len(root.keys) == 1:
-            child = self._child(root, 0)
+            child = self._writable_child(root, 0)  # the new root must be this transaction's own block
             self.store.free_block(root)
             root = child
         self.root, self.level = root.bytenr, root.level
