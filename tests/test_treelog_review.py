@@ -234,6 +234,14 @@ async def test_repair_of_an_image_holding_a_log_replays_it_then_repairs(tmp_path
             assert await f.read(5001) == b"L" * 5000 + b"\0"
 
 
+async def committed_file_then_log(fs, tmp_path):
+    """/f, 64 KiB of "o", committed; then the write log starts (the crash images' base)."""
+    async with fs.open("/f", "w") as f:
+        await f.write(b"o" * 65536)
+    await fs.sync()
+    return fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+
+
 async def test_a_hole_punched_while_an_fsync_waits_for_the_log_is_not_lost(tmp_path, monkeypatch):
     """An fsync decides to log, then waits for the commit lock (another fsync's log sync holds
     it); a hole punched meanwhile makes that inode's fsync a commit. If the waiting fsync logs
@@ -242,10 +250,7 @@ async def test_a_hole_punched_while_an_fsync_waits_for_the_log_is_not_lost(tmp_p
     img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
     await blockemu.mkfs(img, size="64M", force=True)
     async with blockemu.mount(img, interval=3600) as fs:
-        async with fs.open("/f", "w") as f:
-            await f.write(b"o" * 65536)
-        await fs.sync()
-        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        log = await committed_file_then_log(fs, tmp_path)
         waiting, go = asyncio.Event(), asyncio.Event()
         log_sync = fs.vol._log_sync
 
@@ -321,10 +326,7 @@ async def test_an_fsync_that_finds_no_room_for_the_log_fails_and_keeps_the_durab
     img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
     await blockemu.mkfs(img, size="64M", force=True)
     async with blockemu.mount(img, interval=3600) as fs:
-        async with fs.open("/f", "w") as f:
-            await f.write(b"o" * 65536)
-        await fs.sync()
-        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        log = await committed_file_then_log(fs, tmp_path)
         async with fs.open("/f", "r+") as f:
             await f.pwrite(b"a" * 8192, 0)
             await f.fsync()
