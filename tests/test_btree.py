@@ -40,6 +40,41 @@ def check_invariants(tree: BTree) -> None:
     walk(root, None, None, True)
 
 
+class Commits:
+    """Commits ``tree`` as the real one does and checks what it names can be read back.
+
+    A real commit records a tree's root in its RootItem with the commit's own transid when the
+    root moved, else with the generation recorded before (``_sync_root_items``); fsck then reads
+    every block through its parent's pointer and rejects one whose header generation differs
+    ("parent transid verify failed"). So after each commit this walks the committed bytes alone
+    (a fresh reader, nothing cached) from the recorded root: every block the commit names must
+    have been written by it or be one an earlier commit wrote and still names the same way. A
+    new root that is a block of an earlier generation -- the root-collapse bug -- fails here
+    even though its items are all still right."""
+
+    def __init__(self, img: MemoryImage, tree: BTree) -> None:
+        self.img, self.tree = img, tree
+        self.recorded: tuple[int, int, int] | None = None  # root, level, generation
+
+    def commit(self) -> None:
+        transid = self.img.store.transid
+        self.img.commit()
+        if self.recorded is None or self.recorded[:2] != (self.tree.root, self.tree.level):
+            self.recorded = (self.tree.root, self.tree.level, transid)
+        reader = MemoryImage(self.img.store.nodesize)
+        reader.blocks = self.img.blocks
+        reader.store.allocator = None  # a reader: its fresh allocator would call the committed blocks free
+        root, level, generation = self.recorded
+
+        def walk(bytenr: int, generation: int, level: int) -> None:
+            block = reader.store.get(bytenr, generation=generation, level=level)
+            assert block.generation <= transid
+            for child, child_gen in block.ptrs:
+                walk(child, child_gen, level - 1)
+
+        walk(root, generation, level)
+
+
 def assert_matches(tree: BTree, model: dict) -> None:
     assert list(tree.items()) == sorted(model.items())
 
@@ -47,6 +82,7 @@ def assert_matches(tree: BTree, model: dict) -> None:
 def run_ops(nodesize: int, ops: list[tuple], commit_every: int = 50) -> None:
     img = MemoryImage(nodesize)
     tree = img.new_tree()
+    commits = Commits(img, tree)
     model: dict = {}
     committed_root = None
     for n, (op, k, size) in enumerate(ops):
@@ -64,7 +100,7 @@ def run_ops(nodesize: int, ops: list[tuple], commit_every: int = 50) -> None:
         else:
             assert tree.get(key) == model.get(key)
         if n % commit_every == commit_every - 1:
-            img.commit()
+            commits.commit()
             committed_root = (tree.root, tree.level, dict(model))
     check_invariants(tree)
     assert_matches(tree, model)
@@ -171,12 +207,16 @@ def run_batches(nodesize: int, batches: list[list[tuple]], commit_every: int = 3
     same items after every batch, and the batched tree keeps every invariant."""
     img = MemoryImage(nodesize)
     batched, single = img.new_tree(), img.new_tree(owner=6)
+    commits = Commits(img, batched)
     model: dict = {}
-    for n, (deletes, batch) in enumerate(batches):
+    for n, (deletes, batch, cut) in enumerate(batches):
         changes: dict = {}
         for k, size, roll in batch:
             key = (k, 1, k * 7 % 13)
             changes[key] = None if roll < deletes else bytes([k % 256]) * size
+        if cut is not None:  # a key range emptied: whole leaves and subtrees go, their neighbours stay untouched
+            lo, hi = sorted(cut)
+            changes.update((key, None) for key in model if lo <= key[0] <= hi)
         for key, value in changes.items():
             if value is None:
                 if key in model:
@@ -191,7 +231,7 @@ def run_batches(nodesize: int, batches: list[list[tuple]], commit_every: int = 3
         assert_matches(batched, model)
         assert list(batched.items()) == list(single.items())
         if n % commit_every == commit_every - 1:
-            img.commit()
+            commits.commit()
             # read back from the committed bytes alone: a committed block changed in place
             # (not copied first) would be right in the cache and wrong here
             reader = MemoryImage(nodesize)
@@ -202,10 +242,13 @@ def run_batches(nodesize: int, batches: list[list[tuple]], commit_every: int = 3
 
 
 def batch_strategy(max_size: int, max_key: int):
-    """Batches of changes, each batch with its own share of deletes (percent): some grow the
-    tree, some hollow it out."""
+    """Batches of changes, each batch with its own share of deletes (percent) and maybe a key
+    range it empties: some grow the tree, some hollow it out, some cut away all of it but a
+    committed leaf or subtree nothing else touches (which may then become the root)."""
     change = st.tuples(st.integers(0, max_key), st.integers(0, max_size), st.integers(0, 99))
-    batch = st.tuples(st.sampled_from([0, 30, 90, 100]), st.lists(change, max_size=400))
+    end = st.integers(0, max_key)
+    cut = st.none() | st.tuples(st.just(0) | end, st.just(max_key) | end)
+    batch = st.tuples(st.sampled_from([0, 30, 90, 100]), st.lists(change, max_size=400), cut)
     return st.lists(batch, min_size=1, max_size=12)
 
 
@@ -216,19 +259,42 @@ def test_batched_apply_equals_one_by_one(nodesize, data):
     """Model check of ``BTree.apply``: batches that grow the tree by several levels at once,
     empty whole leaves and subtrees, and shrink it back, equal the one-by-one operations."""
     max_key = data.draw(st.sampled_from([50, 400, 3000]))
-    run_batches(nodesize, data.draw(batch_strategy(max_item_size(nodesize) // 4, max_key)))
+    run_batches(nodesize, data.draw(batch_strategy(max_item_size(nodesize) // 4, max_key)),
+                commit_every=data.draw(st.sampled_from([1, 3])))
+
+
+@pytest.mark.parametrize("n", [200, 20000])
+def test_a_root_cut_down_to_one_committed_child_is_rewritten(n):
+    """Deleting all but the root's last child (a leaf, or a whole subtree when n makes the tree
+    three levels deep), untouched since the commit, leaves the root one child: the new root must
+    be this generation's copy of it, or the commit names as its root a block of the last
+    generation (what fsck reports as "parent transid verify failed")."""
+    img = MemoryImage(4096)
+    tree = img.new_tree()
+    commits = Commits(img, tree)
+    keys = [(i, 1, 0) for i in range(n)]
+    tree.apply([(k, b"x" * 40) for k in keys])
+    commits.commit()
+    root = img.store.get(tree.root)
+    kept = [k for k in keys if k >= root.keys[-1]]
+    tree.apply([(k, None) for k in keys if k < root.keys[-1]])
+    assert tree.level == root.level - 1
+    commits.commit()
+    assert [k for k, _ in tree.items()] == kept
 
 
 def test_batched_apply_builds_and_empties_a_deep_tree():
     """One batch that makes a three-level tree from nothing, and one that deletes it all."""
     img = MemoryImage(4096)
     tree = img.new_tree()
+    commits = Commits(img, tree)
     keys = [(i, 1, 0) for i in range(20000)]
     tree.apply([(k, b"x" * 40) for k in keys])
     check_invariants(tree)
     assert tree.level >= 2 and [k for k, _ in tree.items()] == keys
-    img.commit()
+    commits.commit()
     tree.apply([(k, None) for k in keys[:-3]])
+    commits.commit()
     check_invariants(tree)
     assert tree.level == 0 and [k for k, _ in tree.items()] == keys[-3:]
     tree.apply([(k, None) for k in keys[-3:]])
