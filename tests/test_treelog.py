@@ -276,3 +276,70 @@ async def test_a_log_written_without_barriers_is_caught(tmp_path):
     result = CampaignResult()
     await check_states(log, models, str(tmp_path / "crash.img"), random.Random(5), 3, "nobarrier", result, FAST)
     assert result.failures
+
+
+def _log_items(path: str):
+    from blockemu.engine.treelog import read_log
+    sb = _super(path)
+    with ImageFile.open(path) as img:
+        return sb, *read_log(img.read, sb)
+
+
+def _flip(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+async def test_fsck_check_data_reads_the_logged_data(tmp_path):
+    """--check-data checks the data the log's new extents hold against the log's checksums, as
+    it checks committed data: a damaged sector there would replay and then fail every read."""
+    crash, _ = await _crash_after_fsyncs(tmp_path, [(4096, 8192)])
+    _, _, items = _log_items(crash)
+    sector = next(key[2] for key, _ in items if key[:2] == (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM))
+    _flip(crash, sector + 100)
+    assert check(crash).clean  # without reading data nothing says so
+    report = check(crash, check_data=True)
+    assert [(e.code, e.bytenr) for e in report.errors] == [("CSUM_MISMATCH", sector)], [e.message for e in report.errors]
+    assert "log tree" in report.errors[0].message
+    assert not any("zero-log" in n for n in report.notes)  # the log itself is sound: replay is the way
+
+
+async def test_a_damaged_log_fails_the_mount_and_rescue_zero_log_drops_it(tmp_path, capsys):
+    from blockemu.cli.main import main
+    from blockemu.errors import CorruptionError
+    img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
+    await _fresh(img)
+    committed = os.urandom(64 << 10)
+    async with blockemu.mount(img, interval=3600) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(committed)
+        await fs.sync()
+        gen = fs.vol.generation
+        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        async with fs.open("/f", "r+") as f:
+            await f.pwrite(b"L" * 4096, 0)
+            await f.fsync()
+        _crash_now(log, crash)
+    sb, blocks, _ = _log_items(crash)
+    _flip(crash, blocks[0] + sb.nodesize // 2)  # the log's leaf fails its checksum
+
+    report = check(crash)
+    assert not report.clean and any("zero-log" in n for n in report.notes), report.notes
+    for readonly in (False, True):  # a reader fails too: what the log holds is part of the image's state
+        with pytest.raises(CorruptionError, match="rescue zero-log"):
+            async with blockemu.mount(crash, readonly=readonly):
+                pass
+    assert main(["rescue", "zero-log", crash]) == 0
+    assert "dropped the fsync log" in capsys.readouterr().out
+    sb = _super(crash)
+    assert not sb.log_root and not sb.incompat_flags & S.INCOMPAT_TREE_LOG and sb.generation == gen
+    assert check(crash, check_data=True).clean
+    async with blockemu.mount(crash) as fs:  # the last full commit: the logged write is gone, as btrfs's zero-log
+        async with fs.open("/f") as f:
+            assert await f.read() == committed
+    before = _digest(crash)
+    assert main(["rescue", "zero-log", crash]) == 0 and "no fsync log" in capsys.readouterr().out
+    assert _digest(crash) == before

@@ -298,7 +298,7 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         ck.check_trees(sb)
         extents = ck.check_extents(sb)
         ck.check_free_space(sb, extents)
-        fsck_log.check_log(ck, sb, extents)
+        fsck_log.check_log(ck, sb, extents, img.read if check_data else None)
         ck.progress(5, PHASES[4])
         items = fsck_fs.collect(ck)
         fsck_fs.check_inodes(ck, items)

@@ -2,11 +2,15 @@
 read-write mount replays it -- so it is reported as a note; but replay trusts it, so its
 blocks must be readable tree blocks of the log, and what it names must be replayable: blocks
 and new extents in space the committed trees leave free (the committed free-space record
-calls them free, by design), inodes the fs tree holds, checksums for every new extent."""
+calls them free, by design), inodes the fs tree holds, checksums for every new extent -- and,
+with ``--check-data``, the new extents' data matching those checksums, as the committed data is
+checked. A damaged log (one replay would refuse) makes the read-write mount fail; ``blockemu
+rescue zero-log`` drops it, and with it what was fsynced since the last commit, as ``btrfs
+rescue zero-log`` does, so the note says so."""
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Any
+from typing import Any, Callable
 
 from blockemu.engine.treelog import read_log
 from blockemu.errors import CorruptionError
@@ -25,15 +29,28 @@ def _overlaps(taken: list[tuple[int, int]], starts: list[int], start: int, lengt
     return False
 
 
-def check_log(ck: Any, sb: Any, extents: list[tuple[int, int]]) -> None:
-    """``extents``: every extent the committed extent tree records, (start, length)."""
+ZERO_LOG = ("the log is damaged: `blockemu rescue zero-log` drops it, and what was fsynced since the last commit "
+            "with it")
+
+
+def check_log(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int, int], bytes] | None = None) -> None:
+    """``extents``: every extent the committed extent tree records, (start, length). ``read``
+    (``--check-data``): also read every logged data sector and compare it with its checksum."""
     if not sb.log_root:
         return
+    before = len(ck.report.errors)
+    bad_data = _check(ck, sb, extents, read)
+    if len(ck.report.errors) - before > bad_data:  # damaged data replays (and fails its reads); a damaged log does not
+        ck.report.notes.append(ZERO_LOG)
+
+
+def _check(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int, int], bytes] | None) -> int:
+    """Reports what is wrong; returns how many of those reports are data sectors (with ``read``)."""
     try:
         blocks, items = read_log(ck.img.read, sb)
     except CorruptionError as e:
         ck.error(e.kind, f"log tree: {e}", LOG, e.bytenr)
-        return
+        return 0
     taken = sorted(extents)
     starts = [s for s, _ in taken]
     for bytenr in blocks:
@@ -41,10 +58,13 @@ def check_log(ck: Any, sb: Any, extents: list[tuple[int, int]]) -> None:
             ck.error("LOG_OVERLAP", f"log tree block {bytenr} lies in space the committed trees use", LOG, bytenr)
     fs_inodes = {k[0] for k, _ in ck.items.get(S.FS_TREE_OBJECTID, []) if k[1] == S.INODE_ITEM}
     csummed: dict[int, int] = {}
+    size = csums.csum_size(sb.csum_type)
+    bad_data = 0
     for key, body in items:
         if key[:2] == (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM):
             csummed[key[2]] = len(body)
-    size = csums.csum_size(sb.csum_type)
+            if read is not None:
+                bad_data += _check_data(ck, sb, key[2], body, size, read)
     new_extents: dict[int, int] = {}
     inodes = set()
     for key, body in items:
@@ -79,3 +99,24 @@ def check_log(ck: Any, sb: Any, extents: list[tuple[int, int]]) -> None:
     ck.report.notes.append(f"log tree: {len(items)} items of {len(inodes)} fsynced inodes in {len(blocks)} blocks, "
                            f"replayed at the next read-write mount")
     ck.report.stats["log_items"] = len(items)
+    return bad_data
+
+
+def _check_data(ck: Any, sb: Any, start: int, body: bytes, size: int, read: Callable[[int, int], bytes]) -> int:
+    """The sectors one logged checksum item covers, read and digested (a damaged sector makes
+    replay bring back bytes that fail their checksum at the first read). Returns how many are bad."""
+    bad = 0
+    for i in range(len(body) // size):
+        sector = start + i * S.SECTOR_SIZE
+        want = body[i * size:(i + 1) * size]
+        try:
+            got = csums.digest(sb.csum_type, read(sector, S.SECTOR_SIZE))
+        except CorruptionError as e:
+            ck.error("CSUM_MISMATCH", f"log tree: data sector {sector}: {e}", LOG, sector)
+            bad += 1
+            continue
+        if got != want:
+            ck.error("CSUM_MISMATCH", f"log tree: data sector {sector}: checksum {got.hex()}, expected {want.hex()}",
+                     LOG, sector)
+            bad += 1
+    return bad

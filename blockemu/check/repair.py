@@ -7,11 +7,15 @@ record to match); inode link counts, directory sizes and nbytes, data-extent
 reference counts and back references, and checksum items for space no extent
 holds are set to what the checker found. Each repair is the ``fix`` the
 checker attached to an error; an error without one is left for a human.
+
+``zero_log`` (``blockemu rescue zero-log``) is not a repair fsck makes by itself: dropping a
+damaged fsync log loses what was fsynced since the last commit, so the user asks for it.
 """
 from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
 
 from blockemu.check.fsck import FsckReport
 from blockemu.device.blockdev import open_image
@@ -21,7 +25,7 @@ from blockemu.fs.volume import Volume
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import InodeItem, name_hash, pack_dir_entries, unpack_dir_entries
 from blockemu.ondisk.structs import SUPER_OFFSETS
-from blockemu.ondisk.superblock import encode_super
+from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
 
 # classes the rebuild-and-commit path fixes without a per-error ``fix``
 REBUILT = {"FREE_SPACE_MISMATCH", "USED_BYTES_MISMATCH", "SUPERBLOCK"}
@@ -47,6 +51,31 @@ def restore_primary_super(path: str) -> bool:
     finally:
         os.close(fd)
     return SUPER_OFFSETS[0] in targets
+
+
+def zero_log(path: str) -> SuperInfo | None:
+    """Drop the fsync log, as ``btrfs rescue zero-log``: the primary superblock is rewritten
+    without it (the log blocks and their new extents lie in space the committed free-space
+    record already calls free, so nothing else changes) and the image is the last full commit
+    again. Returns the superblock that named the log, None if there was none. Only the primary
+    names a log (a log sync writes no mirror), so only the primary is rewritten; a bad primary
+    is fsck --repair's to restore first."""
+    fd = open_image(path, readonly=False)  # exclusive: never under a mount
+    try:
+        at = SUPER_OFFSETS[0]
+        try:
+            sb = decode_super(os.pread(fd, S.SUPER_INFO_SIZE, at), at)
+        except CorruptionError as e:
+            raise CorruptionError(f"{path}: {e}; restore it with blockemu fsck --repair first", e.kind, at) from None
+        if not sb.log_root:
+            return None
+        new = replace(sb, log_root=0, log_root_transid=0, log_root_level=0,
+                      incompat_flags=sb.incompat_flags & ~S.INCOMPAT_TREE_LOG)
+        os.pwrite(fd, encode_super(new, at), at)
+        os.fsync(fd)
+        return sb
+    finally:
+        os.close(fd)
 
 
 async def repair(path: str, report: FsckReport) -> int:

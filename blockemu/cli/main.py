@@ -24,7 +24,7 @@ from blockemu import display
 from blockemu.check import heatmap
 from blockemu.check import inspect as inspect_mod
 from blockemu.check.fsck import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE, PHASES, check
-from blockemu.check.repair import repairable, run_repair
+from blockemu.check.repair import repairable, run_repair, zero_log
 from blockemu.crypto import fscrypt
 from blockemu.crypto.fscrypt import MAX_KEY_SIZE, MIN_KEY_SIZE
 from blockemu.crypto.keyring import MODES
@@ -227,6 +227,12 @@ def build_parser() -> Parser:
     hm.add_argument("image")
     hm.add_argument("out", help="the PNG to write")
     hm.add_argument("--json", action="store_true", help="also print the map as data (counts, run-length classes)")
+
+    rs = sub.add_parser("rescue", help="last-resort fixes fsck --repair does not make by itself (btrfs rescue)")
+    rsub = rs.add_subparsers(dest="what", required=True, parser_class=Parser)
+    zl = rsub.add_parser("zero-log", help="drop the fsync log (what was fsynced since the last commit is lost)")
+    zl.add_argument("image")
+    zl.add_argument("--json", action="store_true")
     return p
 
 
@@ -742,6 +748,20 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rescue(a: argparse.Namespace) -> int:
+    """Only ``zero-log`` so far: a damaged log makes every read-write mount fail, and only the
+    user can decide to lose what it fsynced (btrfs leaves that to ``btrfs rescue`` too)."""
+    sb = zero_log(a.image)
+    if a.json:
+        emit_json({"image": a.image, "log_root": sb.log_root if sb else 0, "zeroed": sb is not None})
+    elif sb is None:
+        print(f"{a.image}: no fsync log; nothing to do")
+    else:
+        print(f"{a.image}: dropped the fsync log at {sb.log_root} (generation {sb.log_root_transid}); "
+              f"the image is its last full commit, generation {sb.generation}")
+    return 0
+
+
 def inspect_heatmap(a: argparse.Namespace) -> int:
     hm = heatmap.build(a.image)
     heatmap.draw(hm, a.image, a.out)
@@ -760,6 +780,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "mkfs": cmd_mkfs, "fsck": cmd_fsck, "inspect": cmd_inspect, "ls": cmd_ls, "cat": cmd_cat, "put": cmd_put,
     "mkdir": cmd_mkdir, "extents": cmd_extents, "key-id": cmd_key_id, "stress": cmd_stress,
     "run": cmd_run, "crash": cmd_crash, "mount": cmd_mount, "umount": cmd_umount, "key": cmd_key, "fuzz": cmd_fuzz,
+    "rescue": cmd_rescue,
 }
 # fsck follows e2fsck's exit codes: 8 operational error, 16 usage error
 FAILURE_CODES = {"fsck": (EXIT_OPERATIONAL, EXIT_USAGE)}

@@ -77,7 +77,11 @@ class Volume:
             # replaying a log needs an allocator even read-only: the replay COWs, in memory
             engine = Engine(sb, dev.read_sync, writable=not readonly or bool(sb.log_root),
                             rebuild_free_space=rebuild_free_space)
-            replayed = replay(engine)
+            try:
+                replayed = replay(engine)
+            except CorruptionError as e:
+                raise CorruptionError(f"fsync log: {e}; `blockemu rescue zero-log {path}` drops the log, losing what "
+                                      "was fsynced since the last commit", e.kind, e.bytenr) from None
             if readonly:
                 engine.store.allocator = None  # ls/cat see the logged state; nothing is written
         except BaseException:
