@@ -15,6 +15,7 @@ from blockemu.device.image import ImageFile
 from blockemu.ondisk import structs as S
 from blockemu.workload.crash import CampaignResult, Recorder, check_states, record
 from blockemu.workload.writepath import FAST, PRODUCTION
+from tests.util import flip
 
 MiB = 1 << 20
 
@@ -285,21 +286,13 @@ def _log_items(path: str):
         return sb, *read_log(img.read, sb)
 
 
-def _flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x5A]))
-
-
 async def test_fsck_check_data_reads_the_logged_data(tmp_path):
     """--check-data checks the data the log's new extents hold against the log's checksums, as
     it checks committed data: a damaged sector there would replay and then fail every read."""
     crash, _ = await _crash_after_fsyncs(tmp_path, [(4096, 8192)])
     _, _, items = _log_items(crash)
     sector = next(key[2] for key, _ in items if key[:2] == (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM))
-    _flip(crash, sector + 100)
+    flip(crash, sector + 100)
     assert check(crash).clean  # without reading data nothing says so
     report = check(crash, check_data=True)
     assert [(e.code, e.bytenr) for e in report.errors] == [("CSUM_MISMATCH", sector)], [e.message for e in report.errors]
@@ -324,7 +317,7 @@ async def test_a_damaged_log_fails_the_mount_and_rescue_zero_log_drops_it(tmp_pa
             await f.fsync()
         _crash_now(log, crash)
     sb, blocks, _ = _log_items(crash)
-    _flip(crash, blocks[0] + sb.nodesize // 2)  # the log's leaf fails its checksum
+    flip(crash, blocks[0] + sb.nodesize // 2)  # the log's leaf fails its checksum
 
     report = check(crash)
     assert not report.clean and any("zero-log" in n for n in report.notes), report.notes

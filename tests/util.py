@@ -13,6 +13,15 @@ def assert_fsck_clean(path: str, *, check_data: bool = True) -> None:
     assert report.clean, [e.message for e in report.errors]
 
 
+def flip(path: str, offset: int) -> None:
+    """Damage one byte of an image in place (XOR 0x5A: never a no-op)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
 KEY = bytes(range(1, 65))  # the test master key; KID is its fscrypt identifier
 KID = "69b2f6edeee720cce0577937eb8a6751"
 

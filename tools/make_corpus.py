@@ -33,6 +33,7 @@ from blockemu.ondisk import csum as csums  # noqa: E402
 from blockemu.ondisk import structs as S  # noqa: E402
 from blockemu.ondisk.items import ExtentItem, FileExtent, InodeItem, name_hash, unpack_dir_entries  # noqa: E402
 from blockemu.ondisk.superblock import decode_super, encode_super  # noqa: E402
+from tests.util import flip  # noqa: E402
 
 OUT = ROOT / "tests" / "corpus"
 KEY = bytes(range(1, 65))
@@ -107,14 +108,6 @@ def patch_super(path: str, **fields: int) -> None:
             setattr(sb, k, v)
         f.seek(65536)
         f.write(encode_super(sb, 65536))
-
-
-def flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x5A]))
 
 
 def data_bytenr(path: str, file: str) -> int:
