@@ -209,6 +209,34 @@ async def test_close_kills_a_stopped_worker_within_its_timeout(pool, arena, monk
         await inflight
 
 
+async def test_close_while_a_replacement_starts_stops_it_too(pool, arena, monkeypatch):
+    """close() during a respawn: the worker still starting must be stopped with the pool, not
+    join it afterwards and outlive the mount (a leaked process, its reader a task the loop's
+    shutdown then waits on)."""
+    sealer = await pool()
+    victim = sealer._workers[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    await victim.reader
+    started: list[int] = []
+    real = _Worker.__init__
+
+    def init(self, proc, *args):
+        real(self, proc, *args)
+        started.append(proc.pid)
+
+    monkeypatch.setattr(_Worker, "__init__", init)
+    user = asyncio.create_task(seal(sealer, arena, 1))  # tops the pool up: a replacement starts
+    while not started:
+        await asyncio.sleep(0)
+    assert sealer._starting.locked() and started[0] not in sealer.pids  # started, not ready yet
+    survivor = sealer.pids
+    await asyncio.wait_for(sealer.close(), 30)
+    for pid in started + survivor:
+        assert reaped(pid)
+    await asyncio.gather(user, return_exceptions=True)
+    assert sealer.pids == []
+
+
 async def test_close_after_an_error_inside_sealed(pool, arena):
     """An error raised inside ``sealed()`` keeps the caller's frame -- and its view of the
     slot -- alive in the traceback (writeback keeps ENOSPC on the inode until fsync):
@@ -307,3 +335,15 @@ async def test_unmount_after_an_encrypted_enospc(tmp_path):
         assert reaped(pid)
     report = check(image)
     assert report.clean, [e.message for e in report.errors]
+
+
+async def test_ctrl_c_leaves_the_workers_to_their_parent(pool, arena, capfd):
+    """Ctrl-C at a terminal signals the whole process group, sealing workers too: the command
+    handles it and closes them; a worker must neither die of it nor print a traceback."""
+    sealer = await pool()
+    pids = list(sealer.pids)
+    for pid in pids:
+        os.kill(pid, signal.SIGINT)
+    await asyncio.gather(*(seal(sealer, arena, i) for i in range(RUNS)))  # a round trip to each after the signal
+    assert sealer.pids == pids
+    assert "Traceback" not in capfd.readouterr().err

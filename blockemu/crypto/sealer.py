@@ -234,6 +234,8 @@ class Sealer:
             raise DeviceIOError("sealing after the sealer was closed (unmounted)")
         if len(self._workers) < self.workers:
             async with self._starting:
+                if self._closed:  # closed while this waited for a start to finish
+                    raise DeviceIOError("sealing after the sealer was closed (unmounted)")
                 missing = self.workers - len(self._workers)
                 if self._slots is None:  # the first start
                     size = self.workers * DEPTH * self.slot
@@ -361,7 +363,8 @@ class Sealer:
         """Stop the workers: each finishes what it holds and exits when its pipe closes;
         one that has not within ``close_timeout`` (hung, or stopped) is killed. None starts again."""
         self._closed = True
-        workers, self._workers = self._workers, []
+        async with self._starting:  # a worker still starting joins the pool first, and is stopped with it
+            workers, self._workers = self._workers, []
         for w in workers:
             assert w.proc.stdin is not None
             w.proc.stdin.close()

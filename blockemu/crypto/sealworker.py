@@ -35,7 +35,12 @@ RESPONSE = struct.Struct("<I")  # bytes of digests that follow
 # sequential throughput on two cores at nice 10).
 NICE = 10
 
+# A worker's life is its parent's to end: it exits when its stdin closes (close, or the parent's
+# death). Ctrl-C reaches the terminal's whole process group, workers included, and must stop
+# the command -- which closes them -- not kill them mid-import with a traceback each, so a
+# worker ignores SIGINT from its first line on.
 BOOT = (
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
     "import sys, types\n"
     "pkg = types.ModuleType('blockemu'); pkg.__path__ = [sys.argv[1]]; sys.modules['blockemu'] = pkg\n"
     "from blockemu.crypto.sealworker import worker_main\n"
@@ -78,11 +83,14 @@ def worker_main(arena_fd: int, arena_size: int, slots_fd: int, slots_size: int) 
     arena = memoryview(mmap.mmap(arena_fd, arena_size))
     slots = memoryview(mmap.mmap(slots_fd, slots_size))
     rd, wr = sys.stdin.buffer, sys.stdout.buffer
-    wr.write(RESPONSE.pack(0))
-    wr.flush()
-    while req := rd.read(REQUEST.size):
-        off, count, cap, ctype = REQUEST.unpack(req)
-        frames = struct.unpack(f"<{count}i", rd.read(count * FRAME.size))
-        out = seal_slot(arena, slots, off, frames, cap, ctype)
-        wr.write(RESPONSE.pack(len(out)) + out)
+    try:
+        wr.write(RESPONSE.pack(0))
         wr.flush()
+        while req := rd.read(REQUEST.size):
+            off, count, cap, ctype = REQUEST.unpack(req)
+            frames = struct.unpack(f"<{count}i", rd.read(count * FRAME.size))
+            out = seal_slot(arena, slots, off, frames, cap, ctype)
+            wr.write(RESPONSE.pack(len(out)) + out)
+            wr.flush()
+    except BrokenPipeError:  # the parent died before reading the answer: nobody is left to tell
+        os._exit(0)
