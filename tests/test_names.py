@@ -430,6 +430,8 @@ async def test_encrypted_symlink_without_the_key_and_with_it_back(image):
                 await fs.open(f"/e/{n}")
             with ErrnoCheck(errno.ENOENT):  # what following it would look up: its no-key form names nothing
                 await fs.stat(f"/e/{await fs.readlink(f'/e/{n}')}")
+        with ErrnoCheck(errno.ENOKEY):  # as Linux (fscrypt_policy_to_inherit): the key, before the length counts
+            await fs.symlink("x" * 4048, "/e/long-and-locked")
         await fs.add_key(KEY)
         assert await fs.readlink("/e/s") == TARGET and await fs.readlink("/e/long") == LONG_TARGET
         assert (await fs.stat("/e/long")).st_size == len(LONG_TARGET)

@@ -667,6 +667,8 @@ class Filesystem:
         as fscrypt_symlink_data in an FSCRYPT_SYMLINK item -- inline, as btrfs stores targets,
         so item, inode and name land in one commit and no plaintext ever reaches the disk.
         i_size is what is stored (2 + ciphertext), as on ext4; stat reports the target's length."""
+        if not self.keyring.is_present(parent.key_id):  # fscrypt_policy_to_inherit: the key before the length
+            raise NoKeyError("Required key not available")
         limit = symlink_ciphertext_max(self.tree.max_item)
         if len(data) > limit:
             raise NameTooLong(f"{path}: symbolic link target longer than {limit} bytes (encrypted)")
