@@ -56,7 +56,8 @@ def test_manifest_covers_the_classes_fsck_reports():
     codes = {c["code"] for c in MANIFEST.values()}
     for code in ("CSUM_MISMATCH", "BAD_TREE_BLOCK", "KEY_ORDER", "EXTENT_REF_MISMATCH", "NLINK_MISMATCH",
                  "ISIZE_MISMATCH", "DIR_ITEM_MISMATCH", "MISSING_CSUM", "NONCE_REUSE",
-                 "UNENCRYPTED_EXTENT_IN_ENCRYPTED_FILE", "SUPERBLOCK", "FREE_SPACE_MISMATCH"):
+                 "UNENCRYPTED_EXTENT_IN_ENCRYPTED_FILE", "SUPERBLOCK", "FREE_SPACE_MISMATCH", "BAD_ENCRYPTED_SYMLINK",
+                 "LOG_OVERLAP"):
         assert code in codes, code
 
 

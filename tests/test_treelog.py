@@ -208,34 +208,6 @@ async def test_a_directory_fsync_commits(tmp_path):
         assert fs.vol.generation == gen + 1 and not fs.vol.log_root
 
 
-async def test_fsck_reports_a_log_extent_over_committed_space(tmp_path):
-    """fsck checks what replay would trust: a logged extent must lie in space the committed
-    trees leave free."""
-    crash, _ = await _crash_after_fsyncs(tmp_path, [(0, 4096)])
-    sb = _super(crash)
-    from blockemu.engine.transaction import Engine
-    from blockemu.engine.treelog import read_log
-    with ImageFile.open(crash) as img:
-        blocks, items = read_log(img.read, sb)
-        committed = Engine(sb, img.read, writable=False).trees[S.FS_TREE_OBJECTID]
-        old = next(body for key, body in committed.items() if key[1] == S.EXTENT_DATA)
-    # make the logged item point at the committed extent: rewrite it in its leaf
-    from blockemu.ondisk.block import decode_block, encode_block
-    from blockemu.ondisk.items import FileExtent
-    with open(crash, "r+b") as f:
-        for b in blocks:
-            f.seek(b)
-            block = decode_block(f.read(sb.nodesize), bytenr=b, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid)
-            for i, key in enumerate(block.keys):
-                if key[1] == S.EXTENT_DATA:
-                    fe, was = FileExtent.unpack(old), FileExtent.unpack(block.values[i])
-                    block.values[i] = was._replace(disk_bytenr=fe.disk_bytenr, disk_num_bytes=was.disk_num_bytes).pack()
-            f.seek(b)
-            f.write(encode_block(block, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid))
-    report = check(crash)
-    assert {"LOG_OVERLAP"} <= {e.code for e in report.errors}, [e.message for e in report.errors]
-
-
 def log_fsync_workload(scale: int):
     """write; fsync (log); write; fsync (log) -- and the crash comes before any interval commit."""
     async def run(fs, rec: Recorder) -> None:

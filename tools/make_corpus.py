@@ -3,7 +3,7 @@
 carrying one known corruption, gzip-compressed into tests/corpus/, with manifest.json
 saying which error class fsck must report and whether --repair must fix it.
 
-    python tools/make_corpus.py
+    python tools/make_corpus.py [CASE ...]   # every case, or only these (the others kept)
 
 Corruptions are made two ways: surgically through the engine's own tree code (the
 image stays structurally valid and only the logic is wrong), or as raw byte edits
@@ -31,7 +31,8 @@ from blockemu.engine.transaction import Engine  # noqa: E402
 from blockemu.fs.volume import Volume  # noqa: E402
 from blockemu.ondisk import csum as csums  # noqa: E402
 from blockemu.ondisk import structs as S  # noqa: E402
-from blockemu.ondisk.items import ExtentItem, FileExtent, InodeItem, name_hash, unpack_dir_entries  # noqa: E402
+from blockemu.ondisk.items import (ExtentItem, FileExtent, InodeItem, name_hash, pack_symlink_data,  # noqa: E402
+                                   unpack_dir_entries, unpack_symlink_data)
 from blockemu.ondisk.superblock import decode_super, encode_super  # noqa: E402
 from tests.util import flip  # noqa: E402
 
@@ -53,6 +54,23 @@ async def base_image(path: str) -> None:
                 await f.write(bytes([len(p)]) * n)
         async with fs.open("/plain/b", "r+") as f:
             await f.pwrite(b"\x01" * 4096, 8192)  # a split extent: refs 2
+        await fs.symlink("../plain/a", "/secret/link")  # an inline encrypted target (FSCRYPT_SYMLINK)
+
+
+async def with_log(path: str, change: Callable[[str], None]) -> None:
+    """Leave an fsync log in the image -- a crash right after an fsync that went through it --
+    then ``change`` the image (the log lies in space the committed trees call free)."""
+    crash = path + ".crash"
+    async with blockemu.mount(path, interval=3600) as fs:
+        log = fs.vol.device.start_log(base_copy=path + ".base")
+        async with fs.open("/plain/a", "r+") as f:
+            await f.pwrite(b"\x02" * 4096, 0)
+            await f.fsync()
+        assert fs.vol.log_root, "the fsync went through the log"
+        log.crash_image(crash, len(log.entries))
+    os.replace(crash, path)
+    os.unlink(path + ".base")
+    change(path)
 
 
 def ino_of(engine: Engine, path: str) -> int:
@@ -114,6 +132,28 @@ def data_bytenr(path: str, file: str) -> int:
     with ImageFile.open(path) as img:
         engine = Engine(img.best_super(), img.read, writable=False)
         return first_extent(engine, ino_of(engine, file))[1].disk_bytenr
+
+
+def log_over_committed_data(path: str) -> None:
+    """The logged extent item names the committed extent of /plain/b: replay would take
+    space the committed trees use."""
+    from blockemu.engine.treelog import read_log
+    from blockemu.ondisk.block import decode_block, encode_block
+
+    with ImageFile.open(path) as img:
+        sb = img.best_super()
+        blocks, _ = read_log(img.read, sb)
+    committed = data_bytenr(path, "/plain/b")
+    with open(path, "r+b") as f:
+        for bytenr in blocks:
+            f.seek(bytenr)
+            block = decode_block(f.read(sb.nodesize), bytenr=bytenr, nodesize=sb.nodesize, csum_type=sb.csum_type,
+                                 fsid=sb.fsid)
+            for i, key in enumerate(block.keys):
+                if key[1] == S.EXTENT_DATA:
+                    block.values[i] = FileExtent.unpack(block.values[i])._replace(disk_bytenr=committed).pack()
+            f.seek(bytenr)
+            f.write(encode_block(block, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid))
 
 
 def swap_first_keys(buf: bytearray) -> None:
@@ -208,7 +248,18 @@ def cases() -> dict[str, Case]:
         e.free_items.discard((start, length))
         e.allocator.reserve(start, length)  # the engine must not write it back at commit
 
+    def symlink_ciphertext(e: Engine) -> None:
+        """A target one byte short of a padded length, its length field and i_size agreeing."""
+        # the only one there is (its name in /secret is encrypted: no lookup by it)
+        key = next(k for k, _ in e.trees[FS].items() if k[1] == S.FSCRYPT_SYMLINK_ITEM)
+        ino = key[0]
+        ciphertext = unpack_symlink_data(e.trees[FS][key])[:-1]
+        e.trees[FS].update(key, pack_symlink_data(ciphertext))
+        set_inode(e, ino, size=len(ciphertext) + 2)
+
     return {
+        "encrypted-symlink": ("BAD_ENCRYPTED_SYMLINK", False, False, with_engine(symlink_ciphertext)),
+        "log-overlap": ("LOG_OVERLAP", False, False, lambda p: with_log(p, log_over_committed_data)),
         "superblock-csum": ("SUPERBLOCK", True, False, lambda p: sync(lambda q: flip(q, 65536 + 0x100), p)),
         "tree-block-csum": ("CSUM_MISMATCH", False, False,
                             lambda p: sync(lambda q: patch_block(q, "fs", lambda b: b.__setitem__(300, b[300] ^ 1), recsum=False), p)),
@@ -237,13 +288,22 @@ def cases() -> dict[str, Case]:
     }
 
 
-async def main() -> None:
+async def main(only: list[str]) -> None:
+    """Build every case, or (``only``) just the named ones, keeping the other images as they
+    are: a rebuild changes every image's bytes (fresh nonces and keys), and a corpus is most
+    useful when its files change only when their case does."""
     OUT.mkdir(parents=True, exist_ok=True)
-    manifest = {}
+    every = cases()
+    unknown = sorted(set(only) - set(every))
+    if unknown:
+        raise SystemExit(f"make_corpus: no such case: {', '.join(unknown)}")
+    manifest = json.loads((OUT / "manifest.json").read_text()) if only else {}
     with tempfile.TemporaryDirectory() as d:
         base = os.path.join(d, "base.img")
         await base_image(base)
-        for name, (code, repairable, check_data, corrupt) in cases().items():
+        for name, (code, repairable, check_data, corrupt) in every.items():
+            if only and name not in only:
+                continue
             img = os.path.join(d, f"{name}.img")
             shutil.copy(base, img)
             await corrupt(img)
@@ -251,8 +311,8 @@ async def main() -> None:
                 shutil.copyfileobj(src, dst)
             manifest[name] = {"code": code, "repairable": repairable, "check_data": check_data}
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {len(manifest)} corrupted images to {OUT.relative_to(ROOT)}")
+    print(f"wrote {len(only) or len(manifest)} corrupted images to {OUT.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(sys.argv[1:]))
