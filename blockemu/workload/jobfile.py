@@ -542,8 +542,6 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
         else:
             scope[name] = converted
             jf.globals = scope
-    if errors:
-        raise InvalidArgument("; ".join(errors))
     for job in jf.jobs:
         errors += [f"{path}:{job.line}: job {job.name}: {e}" for e in _count_zones(job)]
     if errors:
