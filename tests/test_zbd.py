@@ -54,11 +54,12 @@ def test_zones_against_a_model(ops, max_open, job_max, capacity, freq, verify, r
     for op, j, offset, blocks in ops:
         zr = ranges[j]
         offset = zr.start + offset % zr.length
-        before = sum(r.resets for r in ranges)
+        before, resets = sum(r.resets for r in ranges), 0  # the resets of zones with data this op makes
         if op == "begin":
             zr.begin()
-            if verify and zr.verify:
+            if zr.verify:
                 for i in range(zr.lo, zr.hi):
+                    resets += wp[zf.zones[i].start] > zf.zones[i].start
                     wp[zf.zones[i].start] = zf.zones[i].start
         elif op == "write":
             placed = zr.write(offset, blocks * 512)
@@ -68,27 +69,30 @@ def test_zones_against_a_model(ops, max_open, job_max, capacity, freq, verify, r
                 assert zr.lo <= zf.index(at) < zr.hi and n % 512 == 0 and 0 < n <= blocks * 512
                 assert at == wp[zone.start] or at == zone.start and wp[zone.start] > zone.start  # at the wp, or reset
                 assert at + n <= zone.start + capacity
+                resets += at == zone.start < wp[zone.start]
                 wp[zone.start] = at + n
         elif op == "read":
             placed = zr.read(offset, blocks * 512)
             if placed is not None:
                 at, n = placed
                 zone = zf.zones[zf.index(at)]
-                assert zone.start <= at and at + n <= wp[zone.start] and n > 0
+                assert zone.start <= at and at + n <= wp[zone.start] and n > 0 and zr.lo <= zf.index(at) < zr.hi
             else:  # nothing to read: no zone of the region (from here on, for a sequential reader) has data
                 later = range(zr.lo if zr.random else zf.index(offset) + 1, zr.hi)
                 assert all(wp[zf.zones[i].start] - zf.zones[i].start < 512 for i in later)
         else:
             at = zr.trim(zf.start_of(zf.index(offset)))
             if at is not None:
+                assert zr.lo <= zf.index(at) < zr.hi
+                resets += wp[at] > at
                 wp[at] = at
         assert {z.start: z.wp for z in zf.zones} == wp
-        resets = sum(r.resets for r in ranges) - before
-        assert resets <= (zr.hi - zr.lo if op == "begin" else 1)
+        assert sum(r.resets for r in ranges) - before == resets
         assert zf.valid == sum(w - s for s, w in wp.items())
         assert len(zf.open) <= max_open if max_open else not zf.open
         assert all(r.opened <= r.job_max_open for r in ranges if r.job_max_open)
         assert sorted(zf.open) == sorted(i for i, z in enumerate(zf.zones) if z.opener is not None)
+        assert all(zf.zones[i].wp < zf.zones[i].capacity_end for i in zf.open)  # a zone is closed once full
         assert all(z.opener.lo <= i < z.opener.hi for i, z in enumerate(zf.zones) if z.opener is not None)
         assert sum(r.opened for r in ranges) == len(zf.open)
 
