@@ -295,3 +295,45 @@ size=1m
     text = run("run", str(job), "--seed", "1").stdout
     assert "zone resets" in text.splitlines()[[i for i, line in enumerate(text.splitlines())
                                                 if line.strip().startswith("write:")][0]]
+
+
+async def test_a_write_after_a_reset_lands_after_the_older_write_to_those_bytes(tmp_path, monkeypatch):
+    """Two writes in flight (libaio, iodepth=2) to the one zone: the second comes after the
+    zone was reset, to the bytes the first is still writing. The first is held until the
+    second has landed -- unless the second waits for it, as it must: the zone then holds
+    the second write's bytes, as its write pointer says."""
+    from blockemu.fs.filesystem import File
+    from blockemu.workload.fio import RunContext
+    from blockemu.workload.runner import run_workload
+    job = tmp_path / "z.fio"
+    job.write_text("[w]\nzonemode=zbd\nzonesize=16k\nfilename=/dev/z\nrw=randwrite\nbs=16k\nsize=16k\nio_size=32k\n"
+                   "ioengine=libaio\niodepth=2\n")
+    released, calls, data = asyncio.Event(), [], []
+    write, issued, made = File.pwrite, RunContext.issued, Clone._buffer
+
+    async def pwrite(self, buf, offset):
+        calls.append(offset)
+        if len(calls) == 1:  # the first write: held
+            await released.wait()
+        n = await write(self, buf, offset)
+        if len(calls) == 2:
+            released.set()
+        return n
+
+    def issue(self, io, task):
+        issued(self, io, task)
+        if io.after:  # the second write waits for the first: nothing to hold the first for
+            released.set()
+
+    def buffer(self, io):
+        data.append(made(self, io))
+        return data[-1]
+    monkeypatch.setattr(File, "pwrite", pwrite)
+    monkeypatch.setattr(RunContext, "issued", issue)
+    monkeypatch.setattr(Clone, "_buffer", buffer)
+    image = str(tmp_path / "z.img")
+    out = (await run_workload(str(job), image=image, seed=1)).as_json()
+    assert out["blockemu"]["ok"] and out["jobs"][0]["blockemu"]["zone_resets"] == 1 and len(data) == 2
+    async with mount(image) as fs:
+        async with fs.open("/dev/z") as f:
+            assert await f.pread(16 << 10, 0) == data[1]
