@@ -337,3 +337,16 @@ async def test_a_write_after_a_reset_lands_after_the_older_write_to_those_bytes(
     async with mount(image) as fs:
         async with fs.open("/dev/z") as f:
             assert await f.pread(16 << 10, 0) == data[1]
+
+
+async def test_a_mixed_job_writes_until_there_is_data_to_read_and_a_short_region_wraps(tmp_path):
+    """rw=randrw on empty zones: a read with nothing to read becomes a write (fio's
+    zbd_adjust_ddir), so the job does its whole budget; a sequential writer whose region
+    ends before the file's end wraps, resetting the zone it comes back to, as fio does."""
+    from tests.test_fio import run_job
+    out, _ = await run_job(tmp_path, "[m]\nzonemode=zbd\nzonesize=64k\nfilename=/dev/z\nbs=4k\nrw=randrw\nsize=1m\n")
+    m = out["jobs"][0]
+    assert m["read"]["io_bytes"] > 0 and m["read"]["io_bytes"] + m["write"]["io_bytes"] == 1 << 20
+    out, _ = await run_job(tmp_path, "[global]\nzonemode=zbd\nzonesize=64k\nfilename=/dev/y\nbs=16k\n[big]\nrw=write\n"
+                                     "size=256k\nio_size=16k\n[w]\nstonewall\nrw=write\nsize=64k\nio_size=128k\n")
+    assert out["jobs"][1]["write"]["io_bytes"] == 128 << 10 and out["jobs"][1]["blockemu"]["zone_resets"] == 2  # as fio

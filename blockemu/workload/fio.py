@@ -1005,9 +1005,12 @@ class Clone:
             return None
         region = self._pick_region()
         ddir = TRIM if self.trims else READ if self.rng.randrange(100) < self.read_pct else WRITE
+        if ddir == READ and region.zoned is not None and self.writer and not region.zoned.readable():
+            ddir = WRITE  # fio's zbd_adjust_ddir: a mixed job writes until there is data to read
         length = self.sizes[ddir].pick(self.rng)
-        if region.zoned is not None and not timed and not self.rw.random and region.next_pos[ddir] >= region.length:
-            return None  # a sequential pass over the zones is over: fio's file is done
+        if region.zoned is not None and not timed and not self.rw.random and region.next_pos[ddir] >= region.length \
+                and region.start + region.length >= region.zoned.zf.size:
+            return None  # a sequential pass reached the file's end: fio's file is done (a shorter region wraps)
         pos, length = self._offset(region, ddir, length)
         if region.zoned is not None:
             placed = self._place(region, ddir, pos, length)

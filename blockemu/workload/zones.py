@@ -72,7 +72,7 @@ class ZonedFile:
             raise InvalidArgument(f"job parameter zonecapacity {capacity} is larger than zone size {zone_size}")
         if file_size < zone_size:
             raise InvalidArgument(f"file/device size {file_size} is smaller than zone size {zone_size}")
-        self.zone_size, self.max_open = zone_size, max_open
+        self.size, self.zone_size, self.max_open = file_size, zone_size, max_open
         count = -(-file_size // zone_size)
         self.zones = [Zone(i * zone_size, capacity or zone_size, i * zone_size) for i in range(count)]
         self.open: list[int] = []  # fio's open_zones[]: the order picks among them
@@ -238,6 +238,10 @@ class ZoneRange:
                 return zones[down]
             up, down = up + 1, down - 1
         return None
+
+    def readable(self) -> bool:
+        """Is there anything to read: data below a write pointer of the file, or reads beyond them?"""
+        return self.read_beyond_wp or self.zf.valid > 0
 
     def read(self, offset: int, length: int) -> tuple[int, int] | None:
         """Where a read goes: below the write pointer of its zone or of the next (nearest) zone
