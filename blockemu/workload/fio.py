@@ -31,6 +31,11 @@ writes each block right after trimming it; ``fill_device`` sizes the job by the 
 space and ends at ENOSPC without an error; ``size=N%`` is a share of the files' size, or of
 the free space for files not there yet. ``continue_on_error`` goes past the errors of its
 types that ``ignore_error`` lists (fio's EIO/EILSEQ by default), counting them.
+
+``zonemode=zbd`` is fio's emulation of a zoned device in a regular file: ``zones.py`` keeps
+the zones (shared by every job on a file) and places each I/O -- writes at write pointers,
+reads below them, trims as zone resets that leave the data where it is; the file is
+extended sparse, never laid out, and I/Os on the same bytes land in the order issued.
 """
 from __future__ import annotations
 
@@ -890,6 +895,8 @@ class Clone:
             raise InvalidArgument(f"{region.path}: 'job_max_open_zones' cannot be used without a global open zones "
                                   f"limit")
         end = min(region.start + region.length, len(zf.zones) * zf.zone_size)
+        if end <= region.start:
+            raise InvalidArgument(f"{region.path}: offset {region.start} is past the end of its {len(zf.zones)} zones")
         start, length, notes = region_in_zones(zf.zone_size, len(zf.zones), region.start, end - region.start,
                                                self.rw.pattern == "read", region.path)
         region.start, region.length, region.blocks = start, length, max(1, length // region.unit)
@@ -898,6 +905,7 @@ class Clone:
                                  self.verifier is not None, job.get("read_beyond_wp", False),
                                  job.get("job_max_open_zones", 0), job.get("zone_reset_threshold", 0.0),
                                  job.get("zone_reset_frequency", 0.0))
+        self._budget()
 
     async def layout(self) -> None:
         """Create the files (and their directories); fill what a read will need. Not timed.
