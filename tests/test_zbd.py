@@ -350,3 +350,13 @@ async def test_a_mixed_job_writes_until_there_is_data_to_read_and_a_short_region
     out, _ = await run_job(tmp_path, "[global]\nzonemode=zbd\nzonesize=64k\nfilename=/dev/y\nbs=16k\n[big]\nrw=write\n"
                                      "size=256k\nio_size=16k\n[w]\nstonewall\nrw=write\nsize=64k\nio_size=128k\n")
     assert out["jobs"][1]["write"]["io_bytes"] == 128 << 10 and out["jobs"][1]["blockemu"]["zone_resets"] == 2  # as fio
+
+
+def test_a_writer_off_zone_boundaries_is_cut_to_whole_zones_and_says_so_as_fio_does(tmp_path):
+    job = tmp_path / "q.fio"
+    job.write_text("[w]\nfilename=/dev/q\nzonemode=zbd\nzonesize=64k\nbs=4k\nrw=randwrite\noffset=100k\nsize=500k\n")
+    lines = run("run", str(job), "--seed", "1").stdout.splitlines()
+    at = lines.index("/dev/q: rounded up offset from 102400 to 131072")  # fio's lines, in fio's order
+    assert lines[at + 1] == "/dev/q: rounded down io_size from 483328 to 458752"
+    assert any(line.strip().startswith("write: IOPS=") and "(448KiB/" in line and line.endswith("; 0 zone resets")
+               for line in lines)

@@ -1551,7 +1551,7 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
         if r.describe and r.name not in seen:
             seen.add(r.name)
             lines.append(r.describe)
-    lines += sorted({n for r in results for n in r.notes})
+    lines += dict.fromkeys(n for r in results for n in r.notes)  # in the order fio prints them
     lines.append(f"Starting {sum(r.jobs for r in results)} process{'es' if len(results) != 1 else ''}\n")
     for r in results:
         lines.append(f"{r.name}: (groupid={r.group}, jobs={r.jobs}): err={r.error:2d}: pid={os.getpid()}: "
