@@ -360,3 +360,14 @@ def test_a_writer_off_zone_boundaries_is_cut_to_whole_zones_and_says_so_as_fio_d
     assert lines[at + 1] == "/dev/q: rounded down io_size from 483328 to 458752"
     assert any(line.strip().startswith("write: IOPS=") and "(448KiB/" in line and line.endswith("; 0 zone resets")
                for line in lines)
+
+
+async def test_a_trim_resets_its_zone_and_leaves_the_bytes_as_fio_leaves_them_in_a_regular_file(tmp_path):
+    from tests.test_fio import run_job
+    out, image = await run_job(tmp_path, "[global]\nfilename=/dev/t\nzonemode=zbd\nzonesize=64k\n[w]\nrw=write\nbs=16k\n"
+                                         "size=256k\nbuffer_pattern=0x5a\n[t]\nstonewall\nrw=trim\nbs=64k\nsize=256k\n")
+    assert out["jobs"][1]["trim"]["total_ios"] == 4 and out["jobs"][1]["blockemu"]["zone_resets"] == 4
+    assert out["blockemu"]["zones"]["/dev/t"]["written"] == {}  # every write pointer back at its zone's start
+    async with mount(image) as fs:
+        async with fs.open("/dev/t") as f:
+            assert await f.pread(256 << 10, 0) == b"\x5a" * (256 << 10)  # not punched: a reset moves the pointer only
