@@ -182,11 +182,12 @@ def test_zone_counts_and_zbd_options_parse():
 def test_zbd_jobs_fio_refuses_are_refused_at_once(tmp_path):
     bad = tmp_path / "z.fio"
     bad.write_text("[global]\nzonemode=zbd\nfilename=/dev/z\nsize=1m\n[a]\nrw=randwrite\n[t]\nrw=randtrim\nzonesize=64k\n"
-                   "bs=4k\n[v]\nrw=write\nzonesize=64k\nbs=24k\nverify=crc32c\njob_max_open_zones=2\n")
+                   "bs=4k\n[v]\nrw=write\nzonesize=64k\nbs=24k\nverify=crc32c\njob_max_open_zones=2\nzoneskip=24k\n")
     p = run("run", str(bad), "--parse-only", check_rc=1)
     for why in ("job a: Specifying the zone size is mandatory", "job t: trim block size 4096 is not the zone size "
                 "65536", "job v: block size 24576 is not a divisor of the zone size 65536",
-                "job v: 'job_max_open_zones' cannot be used without a global open zones limit"):
+                "job v: 'job_max_open_zones' cannot be used without a global open zones limit",
+                "job v: zoneskip 24576 is not a multiple of the device zone size 65536"):
         assert why in p.stderr
     assert p.stderr.count("\n") == 1
 
@@ -371,3 +372,25 @@ async def test_a_trim_resets_its_zone_and_leaves_the_bytes_as_fio_leaves_them_in
     async with mount(image) as fs:
         async with fs.open("/dev/t") as f:
             assert await f.pread(256 << 10, 0) == b"\x5a" * (256 << 10)  # not punched: a reset moves the pointer only
+
+
+async def test_zoneskip_walks_the_zones_as_fio_does(tmp_path, monkeypatch):
+    """Sequential zbd jobs with zoneskip: the offsets fio 3.33 issues for this job file
+    (recorded with write_iolog on a 512 KiB host file) -- a zone, a zone skipped, wrapping at
+    the end and resetting the zones it comes back to; a reader skipping two zones lands on
+    the next zone with data."""
+    from tests.test_fio import run_job
+    issued: list[tuple[str, int]] = []
+    do = Clone._do
+
+    async def recorded(self, io, data):
+        issued.append((self.job.name, io.offset >> 10))
+        return await do(self, io, data)
+    monkeypatch.setattr(Clone, "_do", recorded)
+    out, _ = await run_job(tmp_path, "[global]\nfilename=/dev/s\nzonemode=zbd\nzonesize=64k\nbs=16k\nzoneskip=64k\n"
+                                     "[w]\nrw=write\nsize=512k\nio_size=384k\n[r]\nstonewall\nrw=read\nsize=512k\n"
+                                     "zoneskip=128k\nio_size=256k\n")
+    assert [o for n, o in issued if n == "w"] == [0, 16, 32, 48, 128, 144, 160, 176, 256, 272, 288, 304, 384, 400, 416,
+                                                  432, 0, 16, 32, 48, 128, 144, 160, 176]
+    assert [o for n, o in issued if n == "r"] == [0, 16, 32, 48, 256, 272, 288, 304, 384, 400, 416, 432, 0, 16, 32, 48]
+    assert out["jobs"][0]["blockemu"]["zone_resets"] == 2

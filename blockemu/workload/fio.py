@@ -594,7 +594,7 @@ class Region:
         self.cursor = 0
         self.run_left = 0  # sequential I/Os left before the next random offset (rw=randread:N)
         self.last = 0  # the last I/O's position (rw_sequencer=identical repeats it)
-        self.zone = self.zone_bytes = 0  # zonemode=strided: where the zone starts, what it has had
+        self.zone = self.zone_bytes = 0  # zonemode=strided, zbd's zoneskip: where the zone starts, what it has had
         self.zipf: list[float] | None = None
         self.file: File | None = None
         self.zoned: ZoneRange | None = None  # zonemode=zbd: this region's view of its file's zones
@@ -815,6 +815,7 @@ class Clone:
         self.zones = (zsize, job.get("zonerange") or zsize, job.get("zoneskip", 0)) \
             if job.get("zonemode", "none") == "strided" and zsize else None
         self.zbd = job.get("zonemode") == "zbd"
+        self.zbd_skip = 0 if self.rw.random else job.get("zoneskip", 0)  # zbd's zoneskip: sequential jobs only
         self.pass_ios = 0  # I/Os since the regions' pass began (a zoned pass with none ends the job)
         vkind = job.get("verify", "0")
         if job.get("verify_pattern") and vkind in ("0", "null"):
@@ -1016,6 +1017,8 @@ class Clone:
         if ddir == READ and region.zoned is not None and self.writer and not region.zoned.readable():
             ddir = WRITE  # fio's zbd_adjust_ddir: a mixed job writes until there is data to read
         length = self.sizes[ddir].pick(self.rng)
+        if region.zoned is not None and self.zbd_skip:
+            self._zone_skip(region, ddir)
         if region.zoned is not None and not timed and not self.rw.random and region.next_pos[ddir] >= region.length \
                 and region.start + region.length >= region.zoned.zf.size:
             return None  # a sequential pass reached the file's end: fio's file is done (a shorter region wraps)
@@ -1032,6 +1035,7 @@ class Clone:
                 return None  # no zone to do it in: the job ends
             pos, length = placed
             region.next_pos[ddir] = pos + length
+            region.zone_bytes += length
         self.pass_ios += 1
         region.last = pos
         io = IO(region, ddir, region.start + pos, length, self.numberio + 1)
@@ -1072,6 +1076,22 @@ class Clone:
         else:
             pos, length = region.sequential(ddir, length, self.rw.modifier)
         return pos, length
+
+    def _zone_skip(self, region: Region, ddir: int) -> None:
+        """zonemode=zbd's zoneskip (setup_zbd_zone_mode): once a zone's worth has been done, or
+        the position has left its zone, or a read has reached the write pointer, the next zone
+        is zonesize + zoneskip past the last one's start, wrapping at the region's end."""
+        zr = region.zoned
+        assert zr is not None
+        at = region.start + region.next_pos[ddir]
+        zone = zr.zf.zones[min(zr.zf.index(at), len(zr.zf.zones) - 1)]
+        if region.zone_bytes >= zr.zf.zone_size or at >= zone.start + zr.zf.zone_size or \
+                ddir == READ and not zr.read_beyond_wp and at >= zone.wp:
+            region.zone_bytes = 0
+            region.zone += zr.zf.zone_size + self.zbd_skip
+            if region.zone >= region.length:
+                region.zone = 0
+            region.next_pos[ddir] = region.zone  # (fio does not count zbd's skipped bytes towards io_size)
 
     def _place(self, region: Region, ddir: int, pos: int, length: int) -> tuple[int, int] | None:
         """zonemode=zbd: where the zones put an I/O generated at ``pos`` (a write at a write
@@ -1450,8 +1470,8 @@ def zbd_problems(job: Job, rw: RW) -> list[str]:
         problems.append("'job_max_open_zones' cannot be used without a global open zones limit")
     if rw.pattern in ("trimwrite", "randtrimwrite"):
         problems.append(f"rw={rw.pattern} with zonemode=zbd is not supported")
-    if job.get("zoneskip"):
-        problems.append("zoneskip with zonemode=zbd is not supported")
+    if job.get("zoneskip", 0) % zone:
+        problems.append(f"zoneskip {job.get('zoneskip')} is not a multiple of the device zone size {zone}")
     return problems
 
 

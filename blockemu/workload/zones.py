@@ -27,6 +27,8 @@ issued, as ``zbd_adjust_block`` does:
   moves to the nearest zone with data. For a regular file fio's reset moves the write
   pointer only: the data stays in the file (it does not discard or punch), so neither
   does the caller.
+* a sequential job with ``zoneskip`` moves on, after a zone's worth (or at a read's write
+  pointer), ``zoneskip`` bytes past the zone (the caller walks it, ``Clone._zone_skip``).
 * a job that writes first re-arms the reset frequency and, with ``verify``, resets every
   zone of its region, so that no reset is needed (and no verified data lost) later;
   with ``verify`` a full zone is never reused.
