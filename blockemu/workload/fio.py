@@ -1222,7 +1222,9 @@ class Clone:
             self.backlog.append(key)
             if self.job.get("trim_backlog"):
                 self.trim_due.append(key)
-        elif io.ddir == TRIM:
+        elif io.ddir == TRIM and io.region.zoned is None:
+            self.written.pop((self.regions.index(io.region), io.offset), None)
+        elif io.ddir == TRIM:  # a zone reset: what was written in the zone is gone for verify's purposes
             ri = self.regions.index(io.region)
             for key in [k for k in self.written if k[0] == ri and io.offset <= k[1] < io.offset + io.length]:
                 del self.written[key]
