@@ -1222,12 +1222,8 @@ class Clone:
             self.backlog.append(key)
             if self.job.get("trim_backlog"):
                 self.trim_due.append(key)
-        elif io.ddir == TRIM and io.region.zoned is None:
+        elif io.ddir == TRIM:
             self.written.pop((self.regions.index(io.region), io.offset), None)
-        elif io.ddir == TRIM:  # a zone reset: what was written in the zone is gone for verify's purposes
-            ri = self.regions.index(io.region)
-            for key in [k for k in self.written if k[0] == ri and io.offset <= k[1] < io.offset + io.length]:
-                del self.written[key]
         elif got is not None and self.verifier is not None:
             w = self.written.get((self.regions.index(io.region), io.offset))
             self._verify(got, io.offset, w[1] if w and w[0] == io.length else None, io.region)
