@@ -1572,6 +1572,8 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
     lines += dict.fromkeys(n for r in results for n in r.notes)  # in the order fio prints them
     lines.append(f"Starting {sum(r.jobs for r in results)} process{'es' if len(results) != 1 else ''}\n")
     for r in results:
+        if not r.ios_issued:
+            continue  # fio shows no block for a job that issued nothing (zbd-seq-read on empty zones)
         lines.append(f"{r.name}: (groupid={r.group}, jobs={r.jobs}): err={r.error:2d}: pid={os.getpid()}: "
                      f"{time.strftime('%a %b %e %H:%M:%S %Y')}")
         for i, label in enumerate(DDIR_NAMES):
