@@ -31,6 +31,11 @@ writes each block right after trimming it; ``fill_device`` sizes the job by the 
 space and ends at ENOSPC without an error; ``size=N%`` is a share of the files' size, or of
 the free space for files not there yet. ``continue_on_error`` goes past the errors of its
 types that ``ignore_error`` lists (fio's EIO/EILSEQ by default), counting them.
+
+``zonemode=zbd`` is fio's emulation of a zoned device in a regular file: ``zones.py`` keeps
+the zones (shared by every job on a file) and places each I/O -- writes at write pointers,
+reads below them, trims as zone resets that leave the data where it is; the file is
+extended sparse, never laid out, and I/Os on the same bytes land in the order issued.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ from blockemu.errors import BlockemuError, InvalidArgument, NoSpaceError, NotFou
 from blockemu.fs.filesystem import File, Filesystem
 from blockemu.workload.buffers import Buffers, WorkingSet, repeat
 from blockemu.workload.jobfile import ASYNC_ENGINES, ERROR_KINDS, RW, Job, Share, SteadyState, fixed
+from blockemu.workload.zones import ZonedFile, ZoneRange, region_in_zones
 
 PERCENTILES = (1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99)
 READ, WRITE, TRIM = 0, 1, 2
@@ -309,6 +315,7 @@ class JobResult:
     first_error: int = 0
     error_log: list[str] = field(default_factory=list)  # error_dump: each error gone past
     describe: str = ""  # fio's first line for the job: rw, bs, ioengine, iodepth
+    zone_resets: int | None = None  # zonemode=zbd: fio's nr_zone_resets
 
     @property
     def read(self) -> Direction:
@@ -336,6 +343,8 @@ class JobResult:
         self.first_error = self.first_error or other.first_error
         self.error_log += other.error_log
         self.ignored = sorted(set(self.ignored) | set(other.ignored))
+        if other.zone_resets is not None:
+            self.zone_resets = (self.zone_resets or 0) + other.zone_resets
 
     def count_error(self, code: int, line: str | None) -> None:
         """An I/O error the job went on past (continue_on_error): counted, and logged unless
@@ -409,7 +418,7 @@ class JobResult:
             out["sync"]["lat_ns"]["bins"] = bins(self.sync)
         ours = {"error": self.error_text, "verify_errors": self.verify_errors,
                 "first_verify_error": self.verify_first, "rate_shortfall": self.rate_shortfall,
-                "errors": self.error_log}
+                "errors": self.error_log, "zone_resets": self.zone_resets}
         if any(ours.values()):
             out["blockemu"] = {k: v for k, v in ours.items() if v}
         return out
@@ -476,6 +485,23 @@ class RunContext:
     flows: dict[int, list[int]] = field(default_factory=dict)  # flow_id -> [I/Os issued, total weight]
     dedupe: dict[int, WorkingSet] = field(default_factory=dict)  # dedupe_global's working set (key 0)
     gate: LayoutGate = field(default_factory=lambda: LayoutGate(0))  # the jobs that start with this one
+    zoned: dict[str, ZonedFile] = field(default_factory=dict)  # zonemode=zbd: each file's zones, run-wide
+    inflight: dict[str, list["InFlight"]] = field(default_factory=dict)  # zoned files' I/Os in flight
+
+    def ordered(self, io: "IO") -> tuple[asyncio.Task, ...]:
+        """The I/Os in flight on ``io``'s bytes that it must follow (a write, or a read after a
+        write): a zone reset lets a write land where an older one is still on its way, and data
+        must land in the order the write pointer handed it out, as fio's zone locks keep it."""
+        end = io.offset + io.length
+        return tuple(f.task for f in self.inflight.get(io.region.path, ())
+                     if f.offset < end and io.offset < f.end and WRITE in (io.ddir, f.ddir))
+
+    def issued(self, io: "IO", task: asyncio.Task) -> None:
+        """``io`` is in flight as ``task`` until it completes."""
+        entries = self.inflight.setdefault(io.region.path, [])
+        entry = InFlight(io.offset, io.offset + io.length, io.ddir, task)
+        entries.append(entry)
+        task.add_done_callback(lambda _: entries.remove(entry))
 
     @property
     def stopped(self) -> bool:
@@ -524,6 +550,14 @@ async def makedirs(fs: Filesystem, path: str) -> None:
             await fs.mkdir(d)
 
 
+@dataclass
+class InFlight:
+    offset: int
+    end: int
+    ddir: int
+    task: asyncio.Task
+
+
 class Sizes:
     """A direction's block sizes: ``bs``, ``bsrange`` or ``bssplit``, as fio picks them."""
 
@@ -560,9 +594,10 @@ class Region:
         self.cursor = 0
         self.run_left = 0  # sequential I/Os left before the next random offset (rw=randread:N)
         self.last = 0  # the last I/O's position (rw_sequencer=identical repeats it)
-        self.zone = self.zone_bytes = 0  # zonemode=strided: where the zone starts, what it has had
+        self.zone = self.zone_bytes = 0  # zonemode=strided, zbd's zoneskip: where the zone starts, what it has had
         self.zipf: list[float] | None = None
         self.file: File | None = None
+        self.zoned: ZoneRange | None = None  # zonemode=zbd: this region's view of its file's zones
 
     def sequential(self, ddir: int, length: int, add: int) -> tuple[int, int]:
         pos = self.next_pos[ddir]
@@ -739,7 +774,7 @@ class IO:
     offset: int  # within the file
     length: int
     numberio: int
-    after: "asyncio.Task | None" = None  # trimwrite: the trim this write must follow, even when queued deep
+    after: tuple[asyncio.Task, ...] = ()  # what it must follow: trimwrite's trim, a zoned file's I/Os on its bytes
 
 
 class Clone:
@@ -779,6 +814,9 @@ class Clone:
         zsize = job.get("zonesize")
         self.zones = (zsize, job.get("zonerange") or zsize, job.get("zoneskip", 0)) \
             if job.get("zonemode", "none") == "strided" and zsize else None
+        self.zbd = job.get("zonemode") == "zbd"
+        self.zbd_skip = 0 if self.rw.random else job.get("zoneskip", 0)  # zbd's zoneskip: sequential jobs only
+        self.pass_ios = 0  # I/Os since the regions' pass began (a zoned pass with none ends the job)
         vkind = job.get("verify", "0")
         if job.get("verify_pattern") and vkind in ("0", "null"):
             vkind = "pattern"
@@ -818,6 +856,9 @@ class Clone:
 
     def _size_regions(self, sizes: list[int]) -> None:
         self.regions = [Region(p, self.offset, n - n % self.unit, self.unit) for p, n in zip(self.paths, sizes)]
+        self._budget()
+
+    def _budget(self) -> None:
         total = sum(r.length for r in self.regions)
         io_size = self.job.get("io_size")
         io_size = io_size.of(total, self.unit) if isinstance(io_size, Share) else io_size  # a share of size
@@ -826,6 +867,46 @@ class Clone:
     @property
     def reads(self) -> bool:
         return self.read_pct > 0
+
+    @property
+    def writer(self) -> bool:
+        """fio's td_write: the pattern writes (trimwrite too; a plain trim does not)."""
+        return "write" in self.rw.pattern or self.rw.pattern in ("rw", "readwrite", "randrw")
+
+    async def _zone(self, region: Region) -> None:
+        """zonemode=zbd: the file is an emulated zoned device. The first job to open it makes its
+        zones (sized by the file, extended sparse to the job's end: nothing is laid out, every
+        zone starts empty); each job's region is then cut to whole zones, as fio says it does."""
+        job, f = self.job, region.file
+        assert f is not None
+        zf = self.ctx.zoned.get(region.path)
+        if zf is None:
+            need = region.start + region.length
+            if f.inode.size < need:
+                await f.truncate(need)
+            zf = ZonedFile(f.inode.size, job.get("zonesize"), job.get("zonecapacity", 0),
+                           job.get("max_open_zones", 0))
+            self.ctx.zoned[region.path] = zf
+        elif zf.zone_size != job.get("zonesize"):
+            raise InvalidArgument(f"{region.path}: job parameter zonesize {job.get('zonesize')} does not match disk "
+                                  f"zone size {zf.zone_size}")
+        elif job.get("max_open_zones", 0) and job.get("max_open_zones") != zf.max_open:
+            raise InvalidArgument(f"{region.path}: Different 'max_open_zones' values")
+        if job.get("job_max_open_zones") and not zf.max_open:
+            raise InvalidArgument(f"{region.path}: 'job_max_open_zones' cannot be used without a global open zones "
+                                  f"limit")
+        end = min(region.start + region.length, len(zf.zones) * zf.zone_size)
+        if end <= region.start:
+            raise InvalidArgument(f"{region.path}: offset {region.start} is past the end of its {len(zf.zones)} zones")
+        start, length, notes = region_in_zones(zf.zone_size, len(zf.zones), region.start, end - region.start,
+                                               self.rw.pattern == "read", region.path)
+        region.start, region.length, region.blocks = start, length, max(1, length // region.unit)
+        self.result.notes = self.result.notes + [n for n in notes if n not in self.result.notes]
+        region.zoned = ZoneRange(zf, start, length, tuple(s.lo for s in self.sizes), self.rw.random,
+                                 self.verifier is not None, job.get("read_beyond_wp", False),
+                                 job.get("job_max_open_zones", 0), job.get("zone_reset_threshold", 0.0),
+                                 job.get("zone_reset_frequency", 0.0))
+        self._budget()
 
     async def layout(self) -> None:
         """Create the files (and their directories); fill what a read will need. Not timed.
@@ -850,6 +931,9 @@ class Clone:
                 raise NotFoundError(f"job {self.job.name}: {region.path} does not exist and allow_file_create=0")
             await makedirs(fs, region.path)
             region.file = await fs.open(region.path, "r+" if exists else "w+")
+            if self.zbd:
+                await self._zone(region)
+                continue
             need = region.start + region.length
             have = region.file.inode.size
             laid = self.reads or self.job.get("overwrite") or self.rw.pattern in ("trim", "randtrim")
@@ -924,13 +1008,47 @@ class Clone:
             self.bytes_done += io.length
             self.ios += 1
             self.numberio += 1
-            return IO(io.region, WRITE, io.offset, io.length, self.numberio, self.trim_task)
+            return IO(io.region, WRITE, io.offset, io.length, self.numberio, (self.trim_task,) if self.trim_task else ())
         timed = self.job.get("time_based") and self.job.get("runtime")
         if not timed and (self.bytes_done >= self.budget or self.number_ios and self.ios >= self.number_ios):
             return None
         region = self._pick_region()
         ddir = TRIM if self.trims else READ if self.rng.randrange(100) < self.read_pct else WRITE
+        if ddir == READ and region.zoned is not None and self.writer and not region.zoned.readable():
+            ddir = WRITE  # fio's zbd_adjust_ddir: a mixed job writes until there is data to read
         length = self.sizes[ddir].pick(self.rng)
+        if region.zoned is not None and self.zbd_skip:
+            self._zone_skip(region, ddir)
+        if region.zoned is not None and not timed and not self.rw.random and region.next_pos[ddir] >= region.length \
+                and region.start + region.length >= region.zoned.zf.size:
+            return None  # a sequential pass reached the file's end: fio's file is done (a shorter region wraps)
+        pos, length = self._offset(region, ddir, length)
+        if region.zoned is not None:
+            placed = self._place(region, ddir, pos, length)
+            if placed is None and timed and self.pass_ios:  # fio: a pass that did I/O is followed by another
+                self.pass_ios = 0
+                for r in self.regions:
+                    r.next_pos = [0, 0, 0]
+                    r.new_pass()
+                placed = self._place(region, ddir, *self._offset(region, ddir, length))
+            if placed is None:
+                return None  # no zone to do it in: the job ends
+            pos, length = placed
+            region.next_pos[ddir] = pos + length
+            region.zone_bytes += length
+        self.pass_ios += 1
+        region.last = pos
+        io = IO(region, ddir, region.start + pos, length, self.numberio + 1)
+        if "write" in self.rw.pattern and ddir == TRIM:  # fio counts a trimwrite's writes, not its trims
+            self.then_write = io
+        else:
+            self.bytes_done += length
+        self.ios += 1
+        self.numberio += 1
+        return io
+
+    def _offset(self, region: Region, ddir: int, length: int) -> tuple[int, int]:
+        """Where in the region the next I/O of ``length`` goes, as the job's pattern says."""
         if self.zones is not None:
             pos, length = self._strided(region, ddir, length)
         elif self.rw.random and region.run_left > 0:  # within rw=randread:N's run
@@ -957,15 +1075,42 @@ class Clone:
             region.next_pos[ddir] = pos + length
         else:
             pos, length = region.sequential(ddir, length, self.rw.modifier)
-        region.last = pos
-        io = IO(region, ddir, region.start + pos, length, self.numberio + 1)
-        if "write" in self.rw.pattern and ddir == TRIM:  # fio counts a trimwrite's writes, not its trims
-            self.then_write = io
+        return pos, length
+
+    def _zone_skip(self, region: Region, ddir: int) -> None:
+        """zonemode=zbd's zoneskip (setup_zbd_zone_mode): once a zone's worth has been done, or
+        the position has left its zone, or a read has reached the write pointer, the next zone
+        is zonesize + zoneskip past the last one's start, wrapping at the region's end."""
+        zr = region.zoned
+        assert zr is not None
+        at = region.start + region.next_pos[ddir]
+        zone = zr.zf.zones[min(zr.zf.index(at), len(zr.zf.zones) - 1)]
+        if region.zone_bytes >= zr.zf.zone_size or at >= zone.start + zr.zf.zone_size or \
+                ddir == READ and not zr.read_beyond_wp and at >= zone.wp:
+            region.zone_bytes = 0
+            region.zone += zr.zf.zone_size + self.zbd_skip
+            if region.zone >= region.length:
+                region.zone = 0
+            region.next_pos[ddir] = region.zone  # (fio does not count zbd's skipped bytes towards io_size)
+
+    def _place(self, region: Region, ddir: int, pos: int, length: int) -> tuple[int, int] | None:
+        """zonemode=zbd: where the zones put an I/O generated at ``pos`` (a write at a write
+        pointer, a read below one, a trim at a zone with data), or None if nowhere."""
+        zr = region.zoned
+        assert zr is not None
+        offset = region.start + pos
+        if ddir == WRITE:
+            if not self.rw.random:
+                offset = zr.skip_capacity_gap(offset)
+                if offset >= region.start + region.length:
+                    offset = region.start
+            placed = zr.write(offset, length)
+        elif ddir == READ:
+            placed = zr.read(offset, length)
         else:
-            self.bytes_done += length
-        self.ios += 1
-        self.numberio += 1
-        return io
+            at = zr.trim(offset)
+            placed = None if at is None else (at, length)
+        return None if placed is None else (placed[0] - region.start, placed[1])
 
     def _strided(self, region: Region, ddir: int, length: int) -> tuple[int, int]:
         """zonemode=strided: zonesize bytes inside a zonerange-long zone, then zoneskip bytes
@@ -1041,15 +1186,16 @@ class Clone:
     async def _do(self, io: IO, data: bytes | None) -> tuple[int, bytes | None]:
         f = io.region.file
         assert f is not None
-        if io.after is not None:
-            await asyncio.wait([io.after])  # its trim's error, if any, is that I/O's
+        if io.after:
+            await asyncio.wait(io.after)  # their errors, if any, are theirs
         if self.engine == "ftruncate":
             await f.truncate(io.offset)
             got = None
         elif io.ddir == READ:
             got = await f.pread(io.length, io.offset)
-        elif io.ddir == TRIM:  # a file's discard: fallocate(PUNCH_HOLE | KEEP_SIZE)
-            await f.punch_hole(io.offset, io.length)
+        elif io.ddir == TRIM:  # a file's discard: fallocate(PUNCH_HOLE | KEEP_SIZE); a zone's reset moved its
+            if io.region.zoned is None:  # write pointer only (zones.py): the data stays, as in fio
+                await f.punch_hole(io.offset, io.length)
             got = None
         else:
             await f.pwrite(data, io.offset)
@@ -1113,6 +1259,9 @@ class Clone:
             self.deadline = now + self.job.get("runtime")
         t_cpu, ru = os.times(), resource.getrusage(resource.RUSAGE_SELF)
         inflight: dict[asyncio.Task, tuple[IO, int, int]] = {}
+        zoned = [r.zoned for r in self.regions if r.zoned is not None]
+        for zr in zoned if self.writer else ():
+            zr.begin()
         try:
             while True:
                 while len(inflight) < (self.latency.qd if self.latency else self.depth) and \
@@ -1121,7 +1270,11 @@ class Clone:
                     await self._pace(io)
                     t_prep = time.perf_counter_ns()
                     data = self._buffer(io) if io.ddir == WRITE else None
+                    if io.region.zoned is not None:
+                        io.after += self.ctx.ordered(io)
                     task = asyncio.ensure_future(self._do(io, data))
+                    if io.region.zoned is not None:
+                        self.ctx.issued(io, task)
                     if self.then_write is io:  # the trim of a trimwrite: its write follows it
                         self.trim_task = task
                     inflight[task] = (io, t_prep, time.perf_counter_ns())
@@ -1160,6 +1313,8 @@ class Clone:
             for task in inflight:
                 task.cancel()
             self.result.runtime_s = time.monotonic() - self.measure_from
+            if zoned:
+                self.result.zone_resets = sum(zr.resets for zr in zoned)
             t_end, ru_end = os.times(), resource.getrusage(resource.RUSAGE_SELF)
             self.result.usr_s, self.result.sys_s = t_end.user - t_cpu.user, t_end.system - t_cpu.system
             self.result.ctx = ru_end.ru_nvcsw + ru_end.ru_nivcsw - ru.ru_nvcsw - ru.ru_nivcsw
@@ -1286,6 +1441,35 @@ def check_job(job: Job) -> list[str]:
         per = job.get("filesize") or fixed(job.get("size")) // max(1, len(job_files(job, "/", 0)))
         if per < smallest:
             problems.append(f"size {per} per file is smaller than the block size {smallest}")
+    if job.get("zonemode") == "zbd":
+        problems += zbd_problems(job, rw)
+    return problems
+
+
+def zbd_problems(job: Job, rw: RW) -> list[str]:
+    """What fio refuses in a zonemode=zbd job on a regular file (zbd_verify_bs, init_zone_info),
+    in its words, and what blockemu does not emulate."""
+    zone = job.get("zonesize", 0)
+    if not zone:
+        return ["Specifying the zone size is mandatory for regular file/block device with --zonemode=zbd"]
+    problems = []
+    if job.get("zonecapacity", 0) > zone:
+        problems.append(f"job parameter zonecapacity {job.get('zonecapacity')} is larger than zone size {zone}")
+    if "trim" in rw.pattern:
+        trim = Sizes(job, TRIM)
+        if trim.lo != trim.hi or trim.split:
+            problems.append("bsrange and bssplit are not allowed for trim with zonemode=zbd")
+        elif trim.lo != zone:
+            problems.append(f"trim block size {trim.lo} is not the zone size {zone}")
+    if job.get("verify", "0") not in ("0", "null"):
+        problems += [f"block size {bs} is not a divisor of the zone size {zone}"
+                     for bs in dict.fromkeys(Sizes(job, d).hi for d in (READ, WRITE, TRIM)) if zone % bs]
+    if job.get("job_max_open_zones") and not job.get("max_open_zones"):
+        problems.append("'job_max_open_zones' cannot be used without a global open zones limit")
+    if rw.pattern in ("trimwrite", "randtrimwrite"):
+        problems.append(f"rw={rw.pattern} with zonemode=zbd is not supported")
+    if job.get("zoneskip", 0) % zone:
+        problems.append(f"zoneskip {job.get('zoneskip')} is not a multiple of the device zone size {zone}")
     return problems
 
 
@@ -1385,9 +1569,11 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
         if r.describe and r.name not in seen:
             seen.add(r.name)
             lines.append(r.describe)
-    lines += sorted({n for r in results for n in r.notes})
+    lines += dict.fromkeys(n for r in results for n in r.notes)  # in the order fio prints them
     lines.append(f"Starting {sum(r.jobs for r in results)} process{'es' if len(results) != 1 else ''}\n")
     for r in results:
+        if not r.ios_issued:
+            continue  # fio shows no block for a job that issued nothing (zbd-seq-read on empty zones)
         lines.append(f"{r.name}: (groupid={r.group}, jobs={r.jobs}): err={r.error:2d}: pid={os.getpid()}: "
                      f"{time.strftime('%a %b %e %H:%M:%S %Y')}")
         for i, label in enumerate(DDIR_NAMES):
@@ -1395,8 +1581,9 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
             if not d.clat:
                 continue
             j = d.as_json(r.runtime_s, r.report, group_bw[r.group][i], False)
+            resets = f"; {r.zone_resets} zone resets" if i == WRITE and r.zone_resets is not None else ""
             lines.append(f"  {label}: IOPS={_count(j['iops'])}, BW={bin_size(j['bw_bytes'])}/s "
-                         f"({dec_size(j['bw_bytes'])}/s)({bin_size(d.io_bytes)}/{j['runtime']}msec)")
+                         f"({dec_size(j['bw_bytes'])}/s)({bin_size(d.io_bytes)}/{j['runtime']}msec){resets}")
             for lab, vals in (("    slat", d.slat), ("    clat", d.clat), ("     lat", d.lat)):
                 if vals:
                     lines.append(_lat_line(lab, vals))

@@ -67,6 +67,13 @@ def size(text: str) -> int:
 
 
 @dataclass(frozen=True)
+class Zones:
+    """``size=128z``: a number of zones, made bytes once the job's ``zonesize`` is known (fio
+    takes the zone size of the file, which for an emulated zoned file is ``zonesize``)."""
+    count: int
+
+
+@dataclass(frozen=True)
 class Share:
     """``size=30%``: a share of what the job's files offer -- the existing files' size, or the
     image's free space for files not there yet (fio takes the files' or the device's size)."""
@@ -78,12 +85,17 @@ class Share:
         return n - n % unit
 
 
-def size_or_share(text: str) -> int | Share:
-    """A size, or fio's percentage form (``30%``, between 1 and 100)."""
+def size_or_zones(text: str) -> int | Zones:
+    """A size, or a number of zones (``524z``)."""
+    m = re.fullmatch(r"\s*(\d+)\s*z\s*", text)
+    return Zones(int(m[1])) if m else size(text)
+
+
+def size_or_share(text: str) -> int | Share | Zones:
+    """A size, a number of zones (``128z``), or fio's percentage form (``30%``, between 1 and 100)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", text)
-    if re.fullmatch(r"\s*\d+\s*z\s*", text):
-        raise Unsupported(f"{text} is a number of zones, which only zonemode=zbd (not supported) gives")
     if not m:
+        return size_or_zones(text)
         return size(text)
     if not 0 < float(m[1]) <= 100:
         raise ValueError(f"{text!r} (a percentage is between 1 and 100)")
@@ -283,11 +295,22 @@ def steadystate(text: str) -> SteadyState:
     return SteadyState(m[1], bool(m[2]), float(m[3]), bool(m[4]))
 
 
-def zonemode(text: str) -> str:
-    if text == "zbd":
-        raise Unsupported("zonemode=zbd is not supported (zoned-device semantics -- write pointers, zone resets, "
-                          "open-zone limits -- are not emulated; zonemode=strided is)")
-    return choice("none", "strided")(text)
+def fraction(text: str) -> float:
+    """fio's zone_reset_threshold/zone_reset_frequency: a float between 0 and 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError(f"{text!r} (between 0 and 1)")
+    return value
+
+
+MAX_OPEN_ZONES = 4096  # fio's own limit on max_open_zones (ZBD_MAX_OPEN_ZONES)
+
+
+def open_zones(text: str) -> int:
+    value = integer(text)
+    if not 0 <= value <= MAX_OPEN_ZONES:
+        raise ValueError(f"{text!r} (between 0 and {MAX_OPEN_ZONES})")
+    return value
 
 
 ERROR_KINDS = ("read", "write", "verify")  # fio's error types: continue_on_error and ignore_error lists
@@ -342,7 +365,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "bs_unaligned": parse_bool, "ba": per_direction(size), "thinktime": parse_usec, "thinktime_spin": parse_usec,
     "thinktime_blocks": integer, "size": size_or_share, "filesize": size, "io_size": size_or_share,
     "offset": size_or_share,
-    "offset_increment": size, "number_ios": integer, "nrfiles": integer, "file_service_type": choice(
+    "offset_increment": size_or_zones, "number_ios": integer, "nrfiles": integer, "file_service_type": choice(
         "roundrobin", "random", "sequential"),
     "numjobs": integer, "iodepth": integer, "ioengine": engine, "runtime": parse_time, "time_based": parse_bool,
     "ramp_time": parse_time, "startdelay": parse_time, "loops": integer, "fsync": integer, "fdatasync": integer,
@@ -356,7 +379,10 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "fill_device": parse_bool, "steadystate": steadystate, "steadystate_duration": parse_time,
     "steadystate_ramp_time": parse_time, "latency_target": parse_usec, "latency_window": parse_usec,
     "latency_percentile": float, "latency_run": parse_bool, "max_latency": per_direction(parse_usec),
-    "zonemode": zonemode, "zonesize": size, "zonerange": size, "zoneskip": size, "flow": integer,
+    "zonemode": choice("none", "strided", "zbd"), "zonesize": size, "zonerange": size, "zoneskip": size_or_zones,
+    "zonecapacity": size, "read_beyond_wp": parse_bool, "max_open_zones": open_zones,
+    "job_max_open_zones": open_zones, "ignore_zone_limits": parse_bool, "zone_reset_threshold": fraction,
+    "zone_reset_frequency": fraction, "flow": integer,
     "flow_id": integer, "flow_sleep": parse_usec, "sync": choice("0", "1", "none", "sync", "dsync"),
     "stonewall": parse_bool, "new_group": parse_bool, "group_reporting": parse_bool, "thread": parse_bool,
     "exitall": parse_bool, "exit_what": choice("group", "stonewall", "all"), "unlink": parse_bool,
@@ -411,9 +437,7 @@ lockfile unique_filename opendir serialize_overlap file_append offset_align perc
 openfiles write_barrier sync_file_range verify_only verify_offset experimental_verify verify_state_load
 verify_state_save write_iolog read_iolog
 read_iolog_chunked replay_no_stall replay_redirect replay_scale replay_align replay_time_scale replay_skip
-merge_blktrace_file merge_blktrace_scalars merge_blktrace_iters exec_prerun exec_postrun zonecapacity
-read_beyond_wp max_open_zones job_max_open_zones ignore_zone_limits zone_reset_threshold zone_reset_frequency
-thinktime_blocks_type thinktime_iotime rate_cycle rate_ignore_thinktime allow_mounted_write exitall_on_error
+merge_blktrace_file merge_blktrace_scalars merge_blktrace_iters exec_prerun exec_postrun thinktime_blocks_type thinktime_iotime rate_cycle rate_ignore_thinktime allow_mounted_write exitall_on_error
 profile rwmixcycle
 """.split())
 
@@ -518,6 +542,8 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
         else:
             scope[name] = converted
             jf.globals = scope
+    for job in jf.jobs:
+        errors += [f"{path}:{job.line}: job {job.name}: {e}" for e in _count_zones(job)]
     if errors:
         raise InvalidArgument("; ".join(errors))
     group = barrier = 0
@@ -530,6 +556,24 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
     if not jf.jobs and not _depth:
         raise InvalidArgument(f"{path}: no jobs")
     return jf
+
+
+ZONE_SIZED = ("size", "io_size", "offset", "offset_increment", "zoneskip")  # the options fio takes in zones
+
+
+def _count_zones(job: Job) -> list[str]:
+    """``524z`` in bytes: the count times the job's zone size (fio does it once the zones are
+    known; an emulated zoned file's zones are ``zonesize`` long). Without a zone size, why not."""
+    problems = []
+    for key in ZONE_SIZED:
+        value = job.options.get(key)
+        if isinstance(value, Zones):
+            if job.get("zonemode", "none") == "none" or not job.get("zonesize"):
+                problems.append(f"{key}={value.count}z is a number of zones, which needs zonemode=zbd (or strided) "
+                                f"and zonesize=")
+            else:
+                job.options[key] = value.count * job.get("zonesize")
+    return problems
 
 
 def load(path: str) -> JobFile:

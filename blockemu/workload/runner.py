@@ -35,6 +35,7 @@ from blockemu.workload.buffers import WorkingSet
 from blockemu.workload.campaign import Campaign, Shard
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, record
 from blockemu.workload.fio import (
+    InFlight,
     JobResult,
     LayoutGate,
     RunContext,
@@ -49,6 +50,7 @@ from blockemu.workload.jobfile import Job, JobFile, fixed, load, parse
 from blockemu.workload.keyrace import run_race, unexpected
 from blockemu.workload.mix import DEFAULT_OPS, MixResult, Task, run_mix, verify_ledger, verify_mix
 from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS, WritePath
+from blockemu.workload.zones import ZonedFile
 
 SCENARIO_PACKAGE = "blockemu.workload.scenarios"
 PRODUCER = f"blockemu-{version('blockemu')}"  # fio's "fio version" slot names what wrote the report
@@ -81,6 +83,7 @@ class RunReport:
     group_reporting: set[int] = field(default_factory=set)
     started: float = field(default_factory=time.time)
     interrupted: str | None = None  # the signal that stopped the run early
+    zones: dict[str, ZonedFile] = field(default_factory=dict)  # zonemode=zbd: each file's zones at the end
 
     @property
     def ok(self) -> bool:
@@ -102,7 +105,10 @@ class RunReport:
                 "blockemu": {"seed": self.seed, "image": self.image, "fsck_clean": self.fsck_clean,
                              "failures": self.failures, "ok": self.ok, "interrupted": self.interrupted,
                              "ignored_options": ignored,
-                             "notes": sorted({n for r in entries for n in r.notes})}}
+                             "notes": sorted({n for r in entries for n in r.notes}),
+                             **({"zones": {path: {"zone_size": zf.zone_size, "written": {
+                                 str(start): n for start, n in zf.written().items()}}
+                                 for path, zf in self.zones.items()}} if self.zones else {})}}
 
     def text(self, fmt: str) -> list[str]:
         """fio's ``normal`` or ``terse`` output for the fio jobs, then blockemu's own lines."""
@@ -124,7 +130,9 @@ def _image_size(jf: JobFile) -> int:
     size = jf.globals.get("image_size")
     if size:
         return size
-    need = sum((fixed(j.get("size")) or j.get("filesize", 0) * max(1, j.get("nrfiles", 1))) + fixed(j.get("offset"))
+    # a zoned file (zonemode=zbd) is sparse up to its offset: only what the job writes takes space
+    need = sum((fixed(j.get("size")) or j.get("filesize", 0) * max(1, j.get("nrfiles", 1)))
+               + (0 if j.get("zonemode") == "zbd" else fixed(j.get("offset")))
                for j in jf.jobs for _ in range(max(1, j.get("numjobs", 1))))
     return max(256 << 20, 3 * need)
 
@@ -134,6 +142,7 @@ class Runner:
         self.jf, self.image, self.seed = jf, image, seed
         self.report = RunReport(seed, image, global_options=dict(jf.global_raw),
                                 group_reporting={j.group for j in jf.jobs if j.get("group_reporting")})
+        self.zoned = self.report.zones  # zonemode=zbd: a file's zones span the run's jobs, as in fio
         self.fs: Filesystem | None = None
         self.directory = "/jobs"
         self.mixes: list[tuple[str, MixResult]] = []  # checked after the run, on a fresh mount
@@ -142,6 +151,7 @@ class Runner:
         self.flows: dict[int, list[int]] = {}  # fio's flow groups span the run's jobs
         self.dedupe: dict[int, WorkingSet] = {}  # dedupe_global's working set spans them too
         self.halts = {j.name: asyncio.Event() for j in jf.jobs}  # exitall's, per job
+        self.inflight: dict[str, list[InFlight]] = {}
 
     def interrupt(self, signum: int) -> None:
         """SIGINT/SIGTERM: jobs stop issuing I/O and report what they did, as fio does."""
@@ -218,7 +228,8 @@ class Runner:
         assert self.fs is not None
         try:
             if kind == "fio":
-                ctx = RunContext(self.fs, self.directory, self.stop, self.halts[job.name], self.flows, self.dedupe, gate)
+                ctx = RunContext(self.fs, self.directory, self.stop, self.halts[job.name], self.flows, self.dedupe, gate,
+                                 self.zoned, self.inflight)
                 results = await run_fio(ctx, job, seed)
                 for r in results:
                     r.order = self.jf.jobs.index(job)
