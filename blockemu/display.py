@@ -1,6 +1,7 @@
 """What a person sees of long work and of results: progress bars on a terminal (silent
 when piped or with --json) and plain-text tables, both drawn by rich -- one mechanism for
-every command, so they look alike and nothing formats columns by hand."""
+every command, so they look alike and nothing formats columns by hand. rich is imported
+when something is drawn: a command that draws nothing (``fsck --json``) does not pay for it."""
 from __future__ import annotations
 
 import errno
@@ -9,10 +10,6 @@ import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Protocol
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from blockemu.errors import BlockemuError
 
@@ -32,6 +29,9 @@ def bar(description: str, total: int | None, enabled: bool) -> Iterator[Advance]
     if not enabled:
         yield lambda n=1, description=None: None
         return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True)) as p:
         task = p.add_task(description, total=total)
@@ -45,6 +45,9 @@ def bar(description: str, total: int | None, enabled: bool) -> Iterator[Advance]
 def table(headers: list[str], rows: list[list[str]]) -> str:
     """Right-aligned columns, no box and no colour: it reads the same on a terminal, in a
     pipe and in a test that splits it into words."""
+    from rich.console import Console
+    from rich.table import Table
+
     t = Table(box=None, pad_edge=False, show_edge=False, header_style="", collapse_padding=True)
     for h in headers:
         t.add_column(h, justify="right", no_wrap=True)
@@ -85,6 +88,9 @@ def tally(description: str, shards: int, enabled: bool, start: tuple[int, int, i
     if not enabled:
         yield lambda shards, states, failures: None
         return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("shards  {task.fields[states]} states  {task.fields[failures]} failures  "

@@ -12,13 +12,13 @@ once, and a block reached twice is reported, not followed again.
 """
 from __future__ import annotations
 
-import asyncio
 import gc
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from blockemu.check import fsck_fs, fsck_log
+from blockemu.check.exitcodes import EXIT_CLEAN, EXIT_UNCORRECTED
 from blockemu.check.forked import CAN_FORK, Forked
 from blockemu.device.image import ImageFile
 from blockemu.engine.transaction import SUBTREES, TreeStore, usable_ranges
@@ -26,7 +26,6 @@ from blockemu.errors import BlockemuError, CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import ExtentItem, RootItem, unpack_extent_items
 
-EXIT_CLEAN, EXIT_CORRECTED, EXIT_UNCORRECTED, EXIT_OPERATIONAL, EXIT_USAGE = 0, 1, 4, 8, 16
 PHASES = ("superblock", "tree blocks", "extents", "free space", "fs roots", "csums", "encryption")
 
 
@@ -371,6 +370,8 @@ def fs_findings(ck: Checker, sb: Any, key: bytes | None) -> tuple[list[FsckError
 
 async def fsck(path: str, *, check_data: bool = False) -> FsckReport:
     """The Python API: the check runs in a thread so the caller's loop keeps going."""
+    import asyncio  # here: the command's fsck has no event loop, and importing asyncio takes a tenth of its start
+
     return await asyncio.to_thread(check, path, check_data=check_data)
 
 

@@ -18,7 +18,7 @@ import os
 from dataclasses import replace
 
 from blockemu.check.fsck import FsckReport
-from blockemu.device.blockdev import open_image
+from blockemu.device.imagelock import open_image
 from blockemu.device.image import ImageFile
 from blockemu.errors import Busy, CorruptionError
 from blockemu.fs.volume import Volume

@@ -6,7 +6,6 @@ errors as text on stderr, and a pipeline parsing stdout then gets valid JSON too
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import errno
 import json
@@ -18,36 +17,18 @@ import textwrap
 import time
 import uuid
 from importlib.metadata import version
-from typing import Any, Awaitable, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn
 
-from blockemu import display
-from blockemu.check import heatmap
-from blockemu.check import inspect as inspect_mod
-from blockemu.check.fsck import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE, PHASES, check
-from blockemu.check.repair import repairable, run_repair, zero_log
-from blockemu.crypto import fscrypt
-from blockemu.crypto.fscrypt import MAX_KEY_SIZE, MIN_KEY_SIZE
-from blockemu.crypto.keyring import MODES
-from blockemu.device.faultplan import FaultPlan
-from blockemu.display import bar as progress_bar
+from blockemu.check.exitcodes import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE
 from blockemu.display import wanted as progress_wanted
 from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, NoKeyError, NotFoundError
-from blockemu.fs.filesystem import mount
-from blockemu.fs.mkfs import mkfs
-from blockemu.fuse import control
-from blockemu.fuse import serve as fuse_serve
 from blockemu.units import human, parse_size
-from blockemu.workload.campaign import Campaign, RayMissing, Summary, parse_range, run_campaign
-from blockemu.workload.campaign import executor as campaign_executor
-from blockemu.workload.crash import crash_campaign
-from blockemu.workload.jobfile import parse_time
-from blockemu.workload.jobfile import size as fio_size
-from blockemu.workload.kernelpeer import Unavailable, run_kernel_race
-from blockemu.workload.keyrace import RaceResult, run_race, unexpected
-from blockemu.workload.keyrace import table as race_table
-from blockemu.workload.report import hard_sweep, write_report
-from blockemu.workload.runner import prepare, run_workload, scenarios, stress_campaign, stress_mix
-from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS
+
+# Each command imports the layers it runs where it runs (``fsck`` needs no event loop, no
+# workload, no FUSE, no Ray): this module itself imports nothing heavy.
+if TYPE_CHECKING:
+    from blockemu.workload.campaign import Campaign, Summary
+    from blockemu.workload.keyrace import RaceResult
 
 # every command but fsck: 1 failure, 2 usage error (argparse's convention)
 CMD_FAILURE, CMD_USAGE = 1, 2
@@ -68,12 +49,20 @@ def add_progress_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def build_parser() -> Parser:
+def build_parser(command: str | None = None) -> Parser:
+    """The parser. With ``command``, only that subcommand's arguments are declared (the others are
+    listed, for --help): declaring some imports their layer, and a command imports only its own."""
     p = Parser(prog="blockemu", description="Block-device emulator with a btrfs-like encrypted COW filesystem.")
     p.add_argument("--version", action="version", version=f"blockemu {version('blockemu')}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for name, (text, declare) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=text)
+        if command is None or command == name:
+            declare(sp)
+    return p
 
-    m = sub.add_parser("mkfs", help="create a filesystem image")
+
+def args_mkfs(m: argparse.ArgumentParser) -> None:
     m.add_argument("image")
     m.add_argument("--size", required=True, help="image size, K/M/G/T suffixes")
     m.add_argument("--node-size", default="16K")
@@ -86,7 +75,8 @@ def build_parser() -> Parser:
     m.add_argument("--key-file", help="raw key bytes (16-64) for --encrypt")
     add_progress_flags(m)
 
-    f = sub.add_parser("fsck", help="check an image (read-only unless --repair)")
+
+def args_fsck(f: argparse.ArgumentParser) -> None:
     f.add_argument("image")
     f.add_argument("--json", action="store_true")
     f.add_argument("--check-data", action="store_true", help="verify every data sector against its checksum")
@@ -94,40 +84,50 @@ def build_parser() -> Parser:
     f.add_argument("--key-file", help="also check that the names this key encrypts decrypt to legal names")
     add_progress_flags(f)
 
-    ls = sub.add_parser("ls", help="list a directory inside an image")
+
+def args_ls(ls: argparse.ArgumentParser) -> None:
     ls.add_argument("image")
     ls.add_argument("path", nargs="?", default="/")
     ls.add_argument("-l", dest="long", action="store_true")
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--key-file", help="show real names in directories this key encrypts (else no-key names)")
 
-    cat = sub.add_parser("cat", help="write a file of the image to stdout")
+
+def args_cat(cat: argparse.ArgumentParser) -> None:
     cat.add_argument("image")
     cat.add_argument("path")
     cat.add_argument("--key-file")
 
-    put = sub.add_parser("put", help="copy a host file into the image")
+
+def args_put(put: argparse.ArgumentParser) -> None:
     put.add_argument("image")
     put.add_argument("hostfile")
     put.add_argument("path")
     put.add_argument("--key-file")
 
-    mk = sub.add_parser("mkdir", help="make a directory, optionally encrypted")
+
+def args_mkdir(mk: argparse.ArgumentParser) -> None:
     mk.add_argument("image")
     mk.add_argument("path")
     mk.add_argument("--encrypt", action="store_true")
     mk.add_argument("--key-file")
 
-    ex = sub.add_parser("extents", help="show a file's extents")
+
+def args_extents(ex: argparse.ArgumentParser) -> None:
     ex.add_argument("image")
     ex.add_argument("path")
     ex.add_argument("--key-file", help="to name a file by its real name in an encrypted directory (else its no-key name)")
     ex.add_argument("--json", action="store_true")
 
-    kid = sub.add_parser("key-id", help="print the fscrypt v2 identifier of a raw key")
+
+def args_key_id(kid: argparse.ArgumentParser) -> None:
     kid.add_argument("--key-file", required=True)
 
-    rn = sub.add_parser("run", help="run a workload: an fio job file or a built-in scenario")
+
+def args_run(rn: argparse.ArgumentParser) -> None:
+    from blockemu.workload.jobfile import parse_time
+    from blockemu.workload.jobfile import size as fio_size
+
     rn.add_argument("workload", nargs="?")
     rn.add_argument("--image", help="image to run on (created if missing); default: a scratch image")
     rn.add_argument("--seed", type=int)
@@ -139,7 +139,11 @@ def build_parser() -> Parser:
     rn.add_argument("--list", action="store_true", help="list the built-in scenarios")
     rn.add_argument("--parse-only", action="store_true", help="check the job file (as fio --parse-only), run nothing")
 
-    sp = sub.add_parser("stress", help="hammer an image with a seeded random mix (or the key-removal race)")
+
+def args_stress(sp: argparse.ArgumentParser) -> None:
+    from blockemu.crypto.keyring import MODES
+    from blockemu.workload.campaign import parse_range
+
     sp.add_argument("image", nargs="?", help="the image to stress (created if missing; not with --seeds)")
     sp.add_argument("--scenario", choices=["mix", "key-removal-race"], default="mix")
     sp.add_argument("--seed", type=int)
@@ -163,7 +167,10 @@ def build_parser() -> Parser:
     sp.add_argument("--json", action="store_true")
     add_campaign_flags(sp, jobs=1)
 
-    cr = sub.add_parser("crash", help="crash-consistency campaign over Ace-style bounded workloads")
+
+def args_crash(cr: argparse.ArgumentParser) -> None:
+    from blockemu.workload.campaign import parse_range
+
     cr.add_argument("--max-ops", type=int, default=3, help="longest operation sequence (Ace's bound)")
     cr.add_argument("--seed", type=int, default=0)
     cr.add_argument("--subsets", type=int, default=2, help="random in-doubt write subsets per crash point")
@@ -176,7 +183,10 @@ def build_parser() -> Parser:
     cr.add_argument("--json", action="store_true")
     add_campaign_flags(cr, jobs=os.cpu_count() or 1)
 
-    mo = sub.add_parser("mount", help="mount an image through FUSE (backgrounds once mounted)")
+
+def args_mount(mo: argparse.ArgumentParser) -> None:
+    from blockemu.crypto.keyring import MODES
+
     mo.add_argument("image")
     mo.add_argument("mountpoint")
     mo.add_argument("--key-file", action="append", default=[], help="add this key at mount (repeatable)")
@@ -186,10 +196,12 @@ def build_parser() -> Parser:
                          "cache_limit=, seal_workers=, seal_timeout=")
     mo.add_argument("--foreground", "-f", action="store_true", help="serve in this process until unmounted")
 
-    um = sub.add_parser("umount", help="unmount a blockemu mount: flush, commit, release the image")
+
+def args_umount(um: argparse.ArgumentParser) -> None:
     um.add_argument("mountpoint")
 
-    ky = sub.add_parser("key", help="add, remove or query an fscrypt key of a mounted image (xfs_io's texts)")
+
+def args_key(ky: argparse.ArgumentParser) -> None:
     ksub = ky.add_subparsers(dest="action", required=True, parser_class=Parser)
     for action in ("add", "remove", "status"):
         kp = ksub.add_parser(action)
@@ -201,7 +213,10 @@ def build_parser() -> Parser:
             kp.add_argument("--all-users", action="store_true")
         kp.add_argument("--user", type=int, default=os.getuid(), help="the claiming user (default: you)")
 
-    fz = sub.add_parser("fuzz", help="fuzz campaign: byte flips (or --structural mutations) against fsck and the CLI")
+
+def args_fuzz(fz: argparse.ArgumentParser) -> None:
+    from blockemu.workload.campaign import parse_range
+
     fz.add_argument("--structural", action="store_true",
                     help="valid checksums over hostile structures, each image through ls, cat, mkdir, inspect, fsck")
     fz.add_argument("--trials", type=int, default=2000, help="byte flips")
@@ -214,7 +229,10 @@ def build_parser() -> Parser:
     fz.add_argument("--json", action="store_true")
     add_campaign_flags(fz, jobs=os.cpu_count() or 1)
 
-    i = sub.add_parser("inspect", help="dump on-disk structures")
+
+def args_inspect(i: argparse.ArgumentParser) -> None:
+    from blockemu.check import inspect as inspect_mod
+
     isub = i.add_subparsers(dest="what", required=True, parser_class=Parser)
     ds = isub.add_parser("dump-super")
     ds.add_argument("image")
@@ -228,15 +246,38 @@ def build_parser() -> Parser:
     hm.add_argument("out", help="the PNG to write")
     hm.add_argument("--json", action="store_true", help="also print the map as data (counts, run-length classes)")
 
-    rs = sub.add_parser("rescue", help="last-resort fixes fsck --repair does not make by itself (btrfs rescue)")
+
+def args_rescue(rs: argparse.ArgumentParser) -> None:
     rsub = rs.add_subparsers(dest="what", required=True, parser_class=Parser)
     zl = rsub.add_parser("zero-log", help="drop the fsync log (what was fsynced since the last commit is lost)")
     zl.add_argument("image")
     zl.add_argument("--json", action="store_true")
-    return p
+
+
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "mkfs": ("create a filesystem image", args_mkfs),
+    "fsck": ("check an image (read-only unless --repair)", args_fsck),
+    "ls": ("list a directory inside an image", args_ls),
+    "cat": ("write a file of the image to stdout", args_cat),
+    "put": ("copy a host file into the image", args_put),
+    "mkdir": ("make a directory, optionally encrypted", args_mkdir),
+    "extents": ("show a file's extents", args_extents),
+    "key-id": ("print the fscrypt v2 identifier of a raw key", args_key_id),
+    "run": ("run a workload: an fio job file or a built-in scenario", args_run),
+    "stress": ("hammer an image with a seeded random mix (or the key-removal race)", args_stress),
+    "crash": ("crash-consistency campaign over Ace-style bounded workloads", args_crash),
+    "mount": ("mount an image through FUSE (backgrounds once mounted)", args_mount),
+    "umount": ("unmount a blockemu mount: flush, commit, release the image", args_umount),
+    "key": ("add, remove or query an fscrypt key of a mounted image (xfs_io's texts)", args_key),
+    "fuzz": ("fuzz campaign: byte flips (or --structural mutations) against fsck and the CLI", args_fuzz),
+    "inspect": ("dump on-disk structures", args_inspect),
+    "rescue": ("last-resort fixes fsck --repair does not make by itself (btrfs rescue)", args_rescue),
+}
 
 
 def add_write_path(p: argparse.ArgumentParser, what: str) -> None:
+    from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS
+
     p.add_argument("--write-path", choices=list(WRITE_PATHS), default=PRODUCTION.name,
                    help=f"production (default): the {what} writes large encrypted files through sealing workers "
                         "into 1 MiB extents; fast: 16 KiB extents sealed in a thread, small plain files")
@@ -255,6 +296,9 @@ def add_campaign_flags(p: argparse.ArgumentParser, jobs: int) -> None:
 
 def run_campaign_cli(a: argparse.Namespace, campaign: Campaign) -> Summary:
     """``--jobs`` processes or ``--ray``; without Ray installed, one usage line saying how to get it."""
+    from blockemu.workload.campaign import RayMissing, run_campaign
+    from blockemu.workload.campaign import executor as campaign_executor
+
     try:
         ex = campaign_executor(a.jobs, a.ray)
     except RayMissing as e:
@@ -286,6 +330,8 @@ def print_failures(s: Summary, limit: int = 20) -> None:
 
 def write_path_flag(a: argparse.Namespace) -> str:
     """The option to repeat in a reproduce line: only when it is not the default."""
+    from blockemu.workload.writepath import PRODUCTION
+
     return "" if a.write_path == PRODUCTION.name else f" --write-path {a.write_path}"
 
 
@@ -295,6 +341,8 @@ def emit_json(obj: Any) -> None:
 
 
 def read_key(path: str | None) -> bytes | None:
+    from blockemu.crypto.fscrypt import MAX_KEY_SIZE, MIN_KEY_SIZE
+
     if path is None:
         return None
     try:
@@ -310,6 +358,10 @@ def read_key(path: str | None) -> bytes | None:
 def on_image(a: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *, readonly: bool = False) -> int:
     """Mount the image (adding --key-file's key if given), run ``body(fs)``, unmount.
     ``readonly``: the image is opened O_RDONLY under a shared lock (device/imagelock.py)."""
+    import asyncio
+
+    from blockemu.fs.filesystem import mount
+
     async def go() -> int:
         key = read_key(getattr(a, "key_file", None))
         fs = await mount(a.image, interval=3600, readonly=readonly)
@@ -413,6 +465,8 @@ def cmd_put(a: argparse.Namespace) -> int:
 
 
 def cmd_mkdir(a: argparse.Namespace) -> int:
+    from blockemu.crypto import fscrypt
+
     if a.encrypt and not a.key_file:
         raise UsageError("mkdir --encrypt needs --key-file")
 
@@ -468,6 +522,10 @@ def fio_value(conv: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from blockemu.workload.runner import prepare, run_workload, scenarios
+
     if a.list:
         for name, text in sorted(scenarios().items()):
             print(textwrap.fill(describe(text), 100, initial_indent=f"{name:<22} ", subsequent_indent=" " * 23,
@@ -510,6 +568,13 @@ def describe(jobfile: str) -> str:
 
 
 def cmd_stress(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from blockemu.device.faultplan import FaultPlan
+    from blockemu.display import bar as progress_bar
+    from blockemu.workload.runner import stress_mix
+    from blockemu.workload.writepath import WRITE_PATHS
+
     if a.seeds is not None:
         return stress_seeds(a)
     if a.image is None:
@@ -545,6 +610,14 @@ def cmd_stress(a: argparse.Namespace) -> int:
 
 
 def stress_race(a: argparse.Namespace, seed: int) -> int:
+    import asyncio
+
+    from blockemu.crypto.keyring import MODES
+    from blockemu.workload.kernelpeer import Unavailable, run_kernel_race
+    from blockemu.workload.keyrace import run_race, unexpected
+    from blockemu.workload.keyrace import table as race_table
+    from blockemu.workload.report import hard_sweep, write_report
+
     if os.path.exists(a.image) and os.path.getsize(a.image) and not a.force:
         raise ExistsError(f"{a.image} exists and is not empty (the race makes a fresh image; use --force)")
     modes = list(MODES) if a.compare_modes else [a.key_removal]
@@ -591,6 +664,9 @@ def stress_race(a: argparse.Namespace, seed: int) -> int:
 
 def stress_seeds(a: argparse.Namespace) -> int:
     """Many stress seeds as one campaign, each seed a shard on its own fresh image."""
+    from blockemu.workload.runner import stress_campaign
+    from blockemu.workload.writepath import WRITE_PATHS
+
     if a.scenario != "mix":
         raise UsageError("blockemu stress: --seeds runs the mix scenario")
     s = run_campaign_cli(a, stress_campaign(a.seeds, tasks=a.tasks, ops=a.ops, duration=a.duration,
@@ -602,6 +678,9 @@ def stress_seeds(a: argparse.Namespace) -> int:
 
 
 def cmd_crash(a: argparse.Namespace) -> int:
+    from blockemu.workload.crash import crash_campaign
+    from blockemu.workload.writepath import WRITE_PATHS
+
     s = run_campaign_cli(a, crash_campaign(a.max_ops, seed=a.seed, subsets=a.subsets, nobarrier=a.nobarrier,
                                            limit=a.limit, write_path=WRITE_PATHS[a.write_path],
                                            workloads=a.workloads, shard_size=a.shard_size))
@@ -638,11 +717,16 @@ def mount_options(options: list[str]) -> dict[str, Any]:
 
 
 def cmd_mount(a: argparse.Namespace) -> int:
+    from blockemu.fuse import serve as fuse_serve
+
     return fuse_serve.run(a.image, a.mountpoint, foreground=a.foreground, keys=[read_key(k) for k in a.key_file],
                           key_removal=a.key_removal, **mount_options(a.options))
 
 
 def cmd_umount(a: argparse.Namespace) -> int:
+    from blockemu.fuse import control
+    from blockemu.fuse import serve as fuse_serve
+
     try:
         control.request(a.mountpoint, "umount")
     except control.NotServed:
@@ -655,6 +739,9 @@ def cmd_umount(a: argparse.Namespace) -> int:
 
 
 def cmd_key(a: argparse.Namespace) -> int:
+    from blockemu.crypto import fscrypt
+    from blockemu.fuse import control
+
     if a.action == "add":
         text = control.request(a.mountpoint, "key-add", key=read_key(a.key_file).hex(), user=a.user)
     else:
@@ -679,11 +766,17 @@ def cmd_fuzz(a: argparse.Namespace) -> int:
 
 
 def cmd_key_id(a: argparse.Namespace) -> int:
+    from blockemu.crypto import fscrypt
+
     print(fscrypt.key_identifier(read_key(a.key_file)).hex())
     return 0
 
 
 def cmd_mkfs(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from blockemu.fs.mkfs import mkfs
+
     sb = asyncio.run(mkfs(a.image, a.size, node_size=a.node_size, csum=a.csum, label=a.label, uuid=a.uuid, force=a.force,
                           rootdir=a.rootdir, encrypt=a.encrypt, key=read_key(a.key_file),
                           progress=progress_wanted(a.progress)))
@@ -697,25 +790,16 @@ def cmd_mkfs(a: argparse.Namespace) -> int:
 
 
 def cmd_fsck(a: argparse.Namespace) -> int:
+    from blockemu.check.fsck import PHASES, check
+    from blockemu.display import bar as progress_bar
+
     key = read_key(a.key_file)
     with progress_bar("fsck", len(PHASES), progress_wanted(a.progress, a.json)) as advance:
         report = check(a.image, check_data=a.check_data, key=key,
                        progress=lambda n, phase: advance(1 if n > 1 else 0, f"[{n}/{len(PHASES)}] checking {phase}"))
     code = report.exit_code
-    if a.repair and not report.clean and repairable(report):
-        # a repair can expose the next fix (a dropped entry changes its directory's size),
-        # so repair and check again, a few rounds at most
-        repaired, fixed = [], 0
-        for _ in range(4):
-            before = report
-            fixed += run_repair(a.image, before)
-            report = check(a.image, check_data=a.check_data, key=key)
-            repaired += [e.as_json() for e in before.errors if e not in report.errors]
-            if report.clean or not repairable(report):
-                break
-        report.stats["repaired"] = fixed
-        report.repaired = repaired
-        code = EXIT_CORRECTED if report.clean else EXIT_UNCORRECTED
+    if a.repair and not report.clean:
+        report, code = repair(a, report, key)
     if a.json:
         emit_json(report.as_json())
     else:
@@ -725,7 +809,31 @@ def cmd_fsck(a: argparse.Namespace) -> int:
     return code
 
 
+def repair(a: argparse.Namespace, report: Any, key: bytes | None) -> tuple[Any, int]:
+    """--repair on what ``report`` found: the report after, and the exit code. A repair can expose
+    the next fix (a dropped entry changes its directory's size), so repair and check again, a few
+    rounds at most. Imported here: repair writes through the fs layer, which a check never needs."""
+    from blockemu.check.fsck import check
+    from blockemu.check.repair import repairable, run_repair
+
+    if not repairable(report):
+        return report, report.exit_code
+    repaired, fixed = [], 0
+    for _ in range(4):
+        before = report
+        fixed += run_repair(a.image, before)
+        report = check(a.image, check_data=a.check_data, key=key)
+        repaired += [e.as_json() for e in before.errors if e not in report.errors]
+        if report.clean or not repairable(report):
+            break
+    report.stats["repaired"] = fixed
+    report.repaired = repaired
+    return report, EXIT_CORRECTED if report.clean else EXIT_UNCORRECTED
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
+    from blockemu.check import inspect as inspect_mod
+
     if a.what == "dump-super":
         d = inspect_mod.dump_super(a.image)
         if a.json:
@@ -751,6 +859,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_rescue(a: argparse.Namespace) -> int:
     """Only ``zero-log`` so far: a damaged log makes every read-write mount fail, and only the
     user can decide to lose what it fsynced (btrfs leaves that to ``btrfs rescue`` too)."""
+    from blockemu.check.repair import zero_log
+
     sb = zero_log(a.image)
     if a.json:
         emit_json({"image": a.image, "log_root": sb.log_root if sb else 0, "zeroed": sb is not None})
@@ -763,6 +873,9 @@ def cmd_rescue(a: argparse.Namespace) -> int:
 
 
 def inspect_heatmap(a: argparse.Namespace) -> int:
+    from blockemu import display
+    from blockemu.check import heatmap
+
     hm = heatmap.build(a.image)
     heatmap.draw(hm, a.image, a.out)
     if a.json:
@@ -793,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("BLOCKEMU_DEBUG"))
     args = None
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(command).parse_args(argv)
         return COMMANDS[args.command](args)
     except UsageError as e:
         print(f"blockemu: usage: {e}", file=sys.stderr)

@@ -17,45 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import stat
 import time
 from dataclasses import dataclass, field
 
 import aiofiles.os
 
 from blockemu.device.faultplan import FaultPlan
-from blockemu.device.imagelock import lock_image
+from blockemu.device.imagelock import open_image
 from blockemu.device.writelog import SECTOR, WriteLog, sparse_copy
-from blockemu.errors import DeviceIOError, InvalidArgument, IsADirectory, NotFoundError, PermissionDenied
+from blockemu.errors import DeviceIOError, InvalidArgument
 
 IOV_MAX = 1024
-
-
-def open_image(path: str, readonly: bool, *, create: bool = False) -> int:
-    """The image's file descriptor, locked (imagelock.py: exclusive for read-write, shared for
-    read-only), or one clear error naming the image. A read-only open needs only read permission
-    (a 0444 image). ``create``: make the file if it is missing (mkfs), and lock it before the
-    caller writes anything, so an image another process holds is never touched."""
-    flags = os.O_RDONLY if readonly else os.O_RDWR | (os.O_CREAT if create else 0)
-    try:
-        fd = os.open(path, flags, 0o644)
-    except FileNotFoundError:
-        raise NotFoundError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise IsADirectory(f"{path}: is a directory") from None
-    except PermissionError:
-        raise PermissionDenied(f"{path}: permission denied" + ("" if readonly else " (opening it for writing)")) from None
-    try:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):  # O_RDONLY opens a directory without complaint
-            raise IsADirectory(f"{path}: is a directory")
-        # writers exclusive, readers shared: a reader is refused while a writer holds the image
-        # rather than served its last committed generation, whose blocks the writer's next
-        # commit may reuse (imagelock.py, README "One writer per image")
-        lock_image(fd, path, exclusive=not readonly)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from blockemu.device.blockdev import open_image
+from blockemu.device.imagelock import open_image
 from blockemu.errors import CorruptionError
 from blockemu.ondisk.structs import MAGIC, SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super

@@ -26,9 +26,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import struct
 
-from blockemu.errors import ImageInUse
+from blockemu.errors import ImageInUse, IsADirectory, NotFoundError, PermissionDenied
 
 # struct flock as Linux lays it out on 64-bit machines: l_type, l_whence, l_start, l_len, l_pid
 FLOCK = struct.Struct("hhqqi4x")
@@ -59,3 +60,30 @@ def holder(fd: int, path: str) -> ImageInUse:
     # a holder between its two locks has no pid byte yet; one that just let go, neither
     pid = start - PID_BASE if found != fcntl.F_UNLCK else None
     return ImageInUse(path, pid, writing=held != fcntl.F_RDLCK)
+
+
+def open_image(path: str, readonly: bool, *, create: bool = False) -> int:
+    """The image's file descriptor, locked (as above: exclusive for read-write, shared for
+    read-only), or one clear error naming the image. A read-only open needs only read permission
+    (a 0444 image). ``create``: make the file if it is missing (mkfs), and lock it before the
+    caller writes anything, so an image another process holds is never touched."""
+    flags = os.O_RDONLY if readonly else os.O_RDWR | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise IsADirectory(f"{path}: is a directory") from None
+    except PermissionError:
+        raise PermissionDenied(f"{path}: permission denied" + ("" if readonly else " (opening it for writing)")) from None
+    try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # O_RDONLY opens a directory without complaint
+            raise IsADirectory(f"{path}: is a directory")
+        # writers exclusive, readers shared: a reader is refused while a writer holds the image
+        # rather than served its last committed generation, whose blocks the writer's next
+        # commit may reuse (imagelock.py, README "One writer per image")
+        lock_image(fd, path, exclusive=not readonly)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

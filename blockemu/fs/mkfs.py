@@ -8,7 +8,8 @@ import sys
 import time
 import uuid as uuidlib
 
-from blockemu.device.blockdev import BlockDevice, open_image
+from blockemu.device.blockdev import BlockDevice
+from blockemu.device.imagelock import open_image
 from blockemu.display import bar
 from blockemu.engine.transaction import Engine
 from blockemu.errors import ExistsError, ImageInUse, InvalidArgument, IsADirectory, NotADirectory
