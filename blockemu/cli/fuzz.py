@@ -85,9 +85,10 @@ async def populated(path: str, seed: int, *, size: str = "96M", files: int = 60,
                     await f.write(rng.randbytes(rng.randrange(1, max_file)))
 
 
-def trial(base: str, work: str, blocks: list[int], nodesize: int, csum_type: int, rng: random.Random,
-          recsum: bool) -> tuple[str, str]:
-    """One flip; returns (outcome, detail): detected / operational / missed / crash."""
+def flip(base: str, work: str, blocks: list[int], nodesize: int, csum_type: int, rng: random.Random,
+         recsum: bool) -> tuple[int, int]:
+    """``work``: ``base`` with one bit of one of its tree ``blocks`` flipped (and with ``recsum``,
+    the block's checksum made right again); returns (block, byte)."""
     shutil.copy(base, work)
     bytenr = rng.choice(blocks)
     pos = rng.randrange(nodesize)
@@ -99,6 +100,13 @@ def trial(base: str, work: str, blocks: list[int], nodesize: int, csum_type: int
             buf[:32] = csums.field(csum_type, bytes(buf[32:]))
         f.seek(bytenr)
         f.write(buf)
+    return bytenr, pos
+
+
+def trial(base: str, work: str, blocks: list[int], nodesize: int, csum_type: int, rng: random.Random,
+          recsum: bool) -> tuple[str, str]:
+    """One flip; returns (outcome, detail): detected / operational / missed / crash."""
+    bytenr, pos = flip(base, work, blocks, nodesize, csum_type, rng, recsum)
     try:
         report = check(work)
     except BlockemuError as e:
