@@ -89,6 +89,7 @@ class Checker:
         self.progress = progress or (lambda n, p: None)
         self.blocks: dict[int, tuple[int, int]] = {}  # bytenr -> (owner, level) of every block found
         self.items: dict[int, list[tuple[tuple[int, int, int], bytes]]] = {}
+        self.keep: dict[int, frozenset[int]] = {}  # tree -> the only item types its walk keeps
 
     def error(self, code: str, message: str, tree: int | None = None, bytenr: int | None = None,
               key: tuple[int, int, int] | None = None, fix: dict[str, Any] | None = None) -> None:
@@ -150,7 +151,9 @@ class Checker:
             if block.level == 0:
                 if not block.keys and lo is not None:
                     self.error("BAD_TREE_BLOCK", f"tree block {bytenr}: empty leaf below a node", tid, bytenr)
-                self.items.setdefault(tid, []).extend(zip(block.keys, block.values))
+                pairs = zip(block.keys, block.values)
+                keep = self.keep.get(tid)
+                self.items.setdefault(tid, []).extend(pairs if keep is None else [p for p in pairs if p[0][1] in keep])
                 self.report.stats["items"] = self.report.stats.get("items", 0) + len(block.keys)
                 continue
             for i in reversed(range(len(block.ptrs))):
@@ -294,7 +297,7 @@ def _no_cycle_collection() -> Iterator[None]:
 # a second process: below, a fork and the second process's walk of the fs tree cost about what
 # they save (measured with tools/bench.py fsck and cProfile; 45,000 files make 47,000 items)
 PARALLEL_ITEMS = 5_000
-FILE_EXTENT_TYPES = frozenset((S.INODE_ITEM, S.EXTENT_DATA))  # what check_file_extents reads
+FILE_EXTENT_TYPES = frozenset((S.INODE_ITEM, S.EXTENT_DATA))  # what check_file_extents (and check_log) read
 Findings = tuple[list[FsckError], list[FsckError], int]  # fs_findings' problems and inode count
 
 
@@ -316,6 +319,8 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         parallel = CAN_FORK and parallel_items is not None and \
             len(ck.items.get(S.EXTENT_TREE_OBJECTID, ())) >= parallel_items
         with Forked(lambda: _fs_side(ck, sb, roots, key)) if parallel else nullcontext() as side:
+            if side is not None:  # the fs items this process reads: fewer to make, and to free
+                ck.keep[S.FS_TREE_OBJECTID] = FILE_EXTENT_TYPES
             ck.check_subtrees(sb, roots, SUBTREES[split:])
             extents = ck.check_extents(sb)
             ck.check_free_space(sb, extents)
@@ -325,7 +330,7 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
                 *findings, items = fs_findings(ck, sb, key)
             else:  # the child reports the fs items' problems: here they are decoded only to be used
                 mark = len(report.errors)
-                items = fsck_fs.collect(ck, only=FILE_EXTENT_TYPES)
+                items = fsck_fs.collect(ck)
                 del report.errors[mark:]
             mark = len(report.errors)
             fsck_fs.check_file_extents(ck, items, ck.data_extents)
