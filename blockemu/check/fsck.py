@@ -89,7 +89,12 @@ class Checker:
         self.progress = progress or (lambda n, p: None)
         self.blocks: dict[int, tuple[int, int]] = {}  # bytenr -> (owner, level) of every block found
         self.items: dict[int, list[tuple[tuple[int, int, int], bytes]]] = {}
-        self.keep: dict[int, frozenset[int]] = {}  # tree -> the only item types its walk keeps
+
+    def release(self) -> None:
+        """Let go of the trees' items and what the passes built from them."""
+        self.items.clear()
+        self.blocks.clear()
+        self.data_extents.clear()
 
     def error(self, code: str, message: str, tree: int | None = None, bytenr: int | None = None,
               key: tuple[int, int, int] | None = None, fix: dict[str, Any] | None = None) -> None:
@@ -151,9 +156,7 @@ class Checker:
             if block.level == 0:
                 if not block.keys and lo is not None:
                     self.error("BAD_TREE_BLOCK", f"tree block {bytenr}: empty leaf below a node", tid, bytenr)
-                pairs = zip(block.keys, block.values)
-                keep = self.keep.get(tid)
-                self.items.setdefault(tid, []).extend(pairs if keep is None else [p for p in pairs if p[0][1] in keep])
+                self.items.setdefault(tid, []).extend(zip(block.keys, block.values))
                 self.report.stats["items"] = self.report.stats.get("items", 0) + len(block.keys)
                 continue
             for i in reversed(range(len(block.ptrs))):
@@ -293,11 +296,10 @@ def _no_cycle_collection() -> Iterator[None]:
             gc.enable()
 
 
-# extent tree items (one per data extent and per tree block) from which the fs-tree passes run in
-# a second process: below, a fork and the second process's walk of the fs tree cost about what
-# they save (measured with tools/bench.py fsck and cProfile; 45,000 files make 47,000 items)
-PARALLEL_ITEMS = 5_000
-FILE_EXTENT_TYPES = frozenset((S.INODE_ITEM, S.EXTENT_DATA))  # what check_file_extents (and check_log) read
+# fs tree items from which the fs-tree passes run in a second process: below, a fork costs
+# about what it saves (measured with tools/bench.py fsck and cProfile: 45,000 files make 270,000)
+PARALLEL_ITEMS = 20_000
+FILE_EXTENT_TYPES = frozenset((S.INODE_ITEM, S.EXTENT_DATA))  # what check_file_extents reads
 Findings = tuple[list[FsckError], list[FsckError], int]  # fs_findings' problems and inode count
 
 
@@ -305,22 +307,20 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
           key: bytes | None = None, parallel_items: int | None = PARALLEL_ITEMS) -> FsckReport:
     """Check ``path`` without writing. Raises BlockemuError only for operational errors (exit 8).
     ``key``: a master key, to check that the names it encrypts decrypt to legal names.
-    ``parallel_items``: when the extent tree holds this many items (None: never), a forked process
-    walks the fs tree too and runs the passes over its items, while this one walks the other trees
-    and cross-checks extents, free space, file extents and checksums. The findings, and their
-    order, are the single process's: both processes walk the fs tree from the same state."""
+    ``parallel_items``: when the fs tree holds this many items (None: never), a forked process
+    runs the passes over them while this one walks the other trees and cross-checks extents,
+    free space, file extents and checksums. The findings, and their order, are the single
+    process's: the child starts from everything the walk found, and only the problems return."""
     report = FsckReport(image=path)
     with ImageFile.open(path) as img, _no_cycle_collection():
         ck = Checker(img, report, progress)
         sb = ck.check_supers()
         roots = ck.check_root_tree(sb)
-        split = SUBTREES.index(S.EXTENT_TREE_OBJECTID) + 1  # the extent tree is walked first: its size decides
+        split = SUBTREES.index(S.FS_TREE_OBJECTID) + 1  # the trees up to the fs tree, then the rest
         ck.check_subtrees(sb, roots, SUBTREES[:split])
         parallel = CAN_FORK and parallel_items is not None and \
-            len(ck.items.get(S.EXTENT_TREE_OBJECTID, ())) >= parallel_items
-        with Forked(lambda: _fs_side(ck, sb, roots, key)) if parallel else nullcontext() as side:
-            if side is not None:  # the fs items this process reads: fewer to make, and to free
-                ck.keep[S.FS_TREE_OBJECTID] = FILE_EXTENT_TYPES
+            len(ck.items.get(S.FS_TREE_OBJECTID, ())) >= parallel_items
+        with Forked(lambda: fs_findings(ck, sb, key)[:3]) if parallel else nullcontext() as side:
             ck.check_subtrees(sb, roots, SUBTREES[split:])
             extents = ck.check_extents(sb)
             ck.check_free_space(sb, extents)
@@ -330,7 +330,7 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
                 *findings, items = fs_findings(ck, sb, key)
             else:  # the child reports the fs items' problems: here they are decoded only to be used
                 mark = len(report.errors)
-                items = fsck_fs.collect(ck)
+                items = fsck_fs.collect(ck, only=FILE_EXTENT_TYPES)
                 del report.errors[mark:]
             mark = len(report.errors)
             fsck_fs.check_file_extents(ck, items, ck.data_extents)
@@ -338,22 +338,19 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
             fsck_fs.check_csums(ck, sb, ck.data_extents, img.read if check_data else None, lambda n: None)
             ck.progress(7, PHASES[6])
             if side is not None:
-                findings = side.result() or fs_findings(ck, sb, key)[:3]  # the child failed: here, then
+                # what this side made is freed while the child finishes (freeing a large check's
+                # millions of small objects takes a good part of a second)
+                del items, extents
+                ck.release()
+                findings = side.result()
+                if findings is None:  # the child failed (killed, out of memory): once more, in one process
+                    return check(path, check_data=check_data, progress=progress, key=key, parallel_items=None)
         inodes_and_dirs, encryption, inodes = findings
         # in the order of the passes: inodes and directories come before file extents, encryption last
         report.errors[mark:mark] = inodes_and_dirs
         report.errors += encryption
         report.stats["inodes"] = inodes
     return report
-
-
-def _fs_side(ck: Checker, sb: Any, roots: dict[tuple[int, int, int], bytes], key: bytes | None) -> Findings:
-    """In the forked process: the fs tree's walk (its problems are the other process's to
-    report), then the passes over its items."""
-    mark = len(ck.report.errors)
-    ck.check_subtrees(sb, roots, (S.FS_TREE_OBJECTID,))
-    del ck.report.errors[mark:]
-    return fs_findings(ck, sb, key)[:3]
 
 
 def fs_findings(ck: Checker, sb: Any, key: bytes | None) -> tuple[list[FsckError], list[FsckError], int, fsck_fs.FsItems]:

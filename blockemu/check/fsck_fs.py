@@ -65,12 +65,14 @@ class FsItems:
     owners: set[int] = field(default_factory=set)  # every objectid with any item
 
 
-def collect(ck: "Checker") -> FsItems:
+def collect(ck: "Checker", only: frozenset[int] | None = None) -> FsItems:
     """Decode the fs tree's items by type, each type in bulk where its bodies have the common
     shape (the rest one by one, which names what is wrong). Problems are reported in key order,
-    as a walk item by item would."""
+    as a walk item by item would. ``only``: decode just these item types (what one pass reads)."""
     fi = FsItems()
     items = ck.items.get(FS, [])
+    if only is not None:
+        items = [kv for kv in items if kv[0][1] in only]
     keys = [k for k, _ in items]
     bodies = [v for _, v in items]
     problems: list[tuple[int, CorruptionError]] = []
