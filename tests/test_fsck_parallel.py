@@ -8,6 +8,7 @@ import asyncio
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,20 @@ def test_the_fsck_command_imports_only_what_a_check_runs(base):
 
 def test_an_image_too_small_to_share_is_checked_in_one_process(base, forks):
     assert check(base.path).clean and not forks
+
+
+def test_a_child_that_dies_costs_one_more_check_in_one_process(tmp_path, monkeypatch):
+    """Killed (the OOM killer, say) before it sends its findings: the check's result is still the
+    single process's, never a report without the child's part."""
+    image = str(unpack("nlink", tmp_path))
+    parent, real = os.getpid(), fsck_mod.fs_findings
+
+    def dies_in_the_child(*args):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
+
+    monkeypatch.setattr(fsck_mod, "fs_findings", dies_in_the_child)
+    report = check(image, parallel_items=0)
+    assert report.as_json() == check(image, parallel_items=None).as_json()
+    assert "NLINK_MISMATCH" in {e.code for e in report.errors}
