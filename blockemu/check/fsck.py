@@ -296,9 +296,13 @@ def _no_cycle_collection() -> Iterator[None]:
             gc.enable()
 
 
-# fs tree items from which the fs-tree passes run in a second process: below, a fork costs
-# about what it saves (measured with tools/bench.py fsck and cProfile: 45,000 files make 270,000)
-PARALLEL_ITEMS = 20_000
+# fs tree items from which the fs-tree passes run in a second process. The fork costs ~17 ms
+# (a small image: 11 ms in one process, 28 ms in two), and the two processes spend more CPU
+# than one (copy-on-write faults, inodes and file extents decoded on both sides): some 0.4 s
+# more of ~3 s for 45,000 files (270,000 items). That pays only with enough work to share and
+# a core to spare: at 15,000 items the check took 178 ms in two processes, 159 ms in one, on
+# this 2-core machine while others kept the second core busy (tools/bench.py fsck; DESIGN §6)
+PARALLEL_ITEMS = 50_000
 FILE_EXTENT_TYPES = frozenset((S.INODE_ITEM, S.EXTENT_DATA))  # what check_file_extents reads
 Findings = tuple[list[FsckError], list[FsckError], int]  # fs_findings' problems and inode count
 
