@@ -1,4 +1,4 @@
-"""fsck on two cores: from ``parallel_items`` extent items on, a forked process runs the fs-tree
+"""fsck on two cores: on a large image, with a core to spare, a forked process runs the fs-tree
 passes (check/forked.py). Its findings -- their order, fixes and the exit code -- are the single
 process's, on the corruption corpus, on byte flips and on structural mutations; and the
 ``blockemu fsck`` command imports only what a check runs."""
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from blockemu.check import fsck as fsck_mod
-from blockemu.check.forked import Forked
+from blockemu.check.forked import Forked, spare_core
 from blockemu.check.fsck import FsckReport, check
 from blockemu.cli import fuzz
 from tests.test_fsck_corpus import MANIFEST, unpack
@@ -37,8 +37,8 @@ def forks(monkeypatch) -> list[int]:
 
 
 def same_findings(path: str, **kw) -> FsckReport:
-    one = check(path, parallel_items=None, **kw)
-    two = check(path, parallel_items=0, **kw)
+    one = check(path, parallel=False, **kw)
+    two = check(path, parallel=True, **kw)
     assert two.as_json() == one.as_json()
     assert [e.fix for e in two.errors] == [e.fix for e in one.errors]
     assert two.exit_code == one.exit_code
@@ -73,7 +73,7 @@ def test_byte_flips_give_the_same_findings_on_two_cores(base, tmp_path, forks):
             flagged += not same_findings(work, key=fuzz.KEY).clean
         except OSError as e:  # an operational error: the same from both paths
             with pytest.raises(type(e), match=re.escape(str(e))):
-                check(work, parallel_items=0)
+                check(work, parallel=True)
     assert flagged > 10 and len(forks) > 10
 
 
@@ -89,7 +89,7 @@ def test_structural_mutations_give_the_same_findings_on_two_cores(base, tmp_path
             flagged += not same_findings(work, key=fuzz.KEY, check_data=i % 4 == 0).clean
         except OSError as e:
             with pytest.raises(type(e), match=re.escape(str(e))):
-                check(work, parallel_items=0)
+                check(work, parallel=True)
     assert flagged > 20 and len(forks) > 20
 
 
@@ -100,7 +100,7 @@ def test_a_clean_image_checks_the_same_on_two_cores(base, forks):
 
 def test_the_check_never_writes_the_image(base, tmp_path):
     before = Path(base.path).read_bytes()
-    check(base.path, parallel_items=0, check_data=True)
+    check(base.path, parallel=True, check_data=True)
     assert Path(base.path).read_bytes() == before
 
 
@@ -157,6 +157,19 @@ def test_a_child_that_dies_costs_one_more_check_in_one_process(tmp_path, monkeyp
         return real(*args)
 
     monkeypatch.setattr(fsck_mod, "fs_findings", dies_in_the_child)
-    report = check(image, parallel_items=0)
-    assert report.as_json() == check(image, parallel_items=None).as_json()
+    report = check(image, parallel=True)
+    assert report.as_json() == check(image, parallel=False).as_json()
     assert "NLINK_MISMATCH" in {e.code for e in report.errors}
+
+
+def test_a_second_process_only_with_a_core_to_spare(monkeypatch):
+    """The 1-minute load average says whether the other cores are busy: a second process on a
+    machine others keep busy only shares their cores, and adds its own overhead."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 2.0, 2.0))
+    assert spare_core()
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 0.0, 0.0))
+    assert not spare_core()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert not spare_core()

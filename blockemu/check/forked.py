@@ -21,6 +21,14 @@ T = TypeVar("T")
 CAN_FORK = hasattr(os, "fork")
 
 
+def spare_core() -> bool:
+    """Whether a second process would find a core of its own: more than one is usable, and the
+    runnable processes (the 1-minute load average) leave one free. On a machine others keep
+    busy, a second process only shares their cores and adds its own overhead."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores > 1 and hasattr(os, "getloadavg") and os.getloadavg()[0] <= cores - 1
+
+
 class Forked(Generic[T]):
     """``with Forked(call) as side: ...; side.result()``: ``call()`` runs in a child from the
     ``with`` on; leaving the block reaps the child (killing it if its result was not wanted)."""

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 from blockemu.check import fsck_fs, fsck_log
 from blockemu.check.exitcodes import EXIT_CLEAN, EXIT_UNCORRECTED
-from blockemu.check.forked import CAN_FORK, Forked
+from blockemu.check.forked import CAN_FORK, Forked, spare_core
 from blockemu.device.image import ImageFile
 from blockemu.engine.transaction import SUBTREES, TreeStore, usable_ranges
 from blockemu.errors import BlockemuError, CorruptionError
@@ -296,24 +296,25 @@ def _no_cycle_collection() -> Iterator[None]:
             gc.enable()
 
 
-# fs tree items from which the fs-tree passes run in a second process. The fork costs ~17 ms
-# (a small image: 11 ms in one process, 28 ms in two), and the two processes spend more CPU
-# than one (copy-on-write faults, inodes and file extents decoded on both sides): some 0.4 s
-# more of ~3 s for 45,000 files (270,000 items). That pays only with enough work to share and
-# a core to spare: at 15,000 items the check took 178 ms in two processes, 159 ms in one, on
-# this 2-core machine while others kept the second core busy (tools/bench.py fsck; DESIGN §6)
+# fs tree items from which the fs-tree passes run in a second process (when a core is spare).
+# The fork costs ~17 ms (a small image: 11 ms in one process, 28 ms in two), and the two
+# processes spend more CPU than one (copy-on-write faults, inodes and file extents decoded on
+# both sides): some 0.5 s more of ~3 s for 45,000 files (270,000 items). That pays only with
+# enough work to share (at 15,000 items: 178 ms in two processes, 159 ms in one, on this
+# 2-core machine while others kept the second core busy; tools/bench.py fsck, DESIGN §6)
 PARALLEL_ITEMS = 50_000
 FILE_EXTENT_TYPES = frozenset((S.INODE_ITEM, S.EXTENT_DATA))  # what check_file_extents reads
 Findings = tuple[list[FsckError], list[FsckError], int]  # fs_findings' problems and inode count
 
 
 def check(path: str, *, check_data: bool = False, progress: Progress | None = None,
-          key: bytes | None = None, parallel_items: int | None = PARALLEL_ITEMS) -> FsckReport:
+          key: bytes | None = None, parallel: bool | None = None) -> FsckReport:
     """Check ``path`` without writing. Raises BlockemuError only for operational errors (exit 8).
     ``key``: a master key, to check that the names it encrypts decrypt to legal names.
-    ``parallel_items``: when the fs tree holds this many items (None: never), a forked process
-    runs the passes over them while this one walks the other trees and cross-checks extents,
-    free space, file extents and checksums. The findings, and their order, are the single
+    ``parallel``: a forked process runs the passes over the fs tree's items while this one walks
+    the other trees and cross-checks extents, free space, file extents and checksums -- by
+    default (None) when the fs tree holds PARALLEL_ITEMS items and a core is spare; True
+    whenever the platform can fork; False never. The findings, and their order, are the single
     process's: the child starts from everything the walk found, and only the problems return."""
     report = FsckReport(image=path)
     with ImageFile.open(path) as img, _no_cycle_collection():
@@ -322,8 +323,9 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         roots = ck.check_root_tree(sb)
         split = SUBTREES.index(S.FS_TREE_OBJECTID) + 1  # the trees up to the fs tree, then the rest
         ck.check_subtrees(sb, roots, SUBTREES[:split])
-        parallel = CAN_FORK and parallel_items is not None and \
-            len(ck.items.get(S.FS_TREE_OBJECTID, ())) >= parallel_items
+        if parallel is None:
+            parallel = len(ck.items.get(S.FS_TREE_OBJECTID, ())) >= PARALLEL_ITEMS and spare_core()
+        parallel = parallel and CAN_FORK
         with Forked(lambda: fs_findings(ck, sb, key)[:3]) if parallel else nullcontext() as side:
             ck.check_subtrees(sb, roots, SUBTREES[split:])
             extents = ck.check_extents(sb)
@@ -348,7 +350,7 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
                 ck.release()
                 findings = side.result()
                 if findings is None:  # the child failed (killed, out of memory): once more, in one process
-                    return check(path, check_data=check_data, progress=progress, key=key, parallel_items=None)
+                    return check(path, check_data=check_data, progress=progress, key=key, parallel=False)
         inodes_and_dirs, encryption, inodes = findings
         # in the order of the passes: inodes and directories come before file extents, encryption last
         report.errors[mark:mark] = inodes_and_dirs
