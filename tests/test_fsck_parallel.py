@@ -1,4 +1,4 @@
-"""fsck on two cores: on a large image, with a core to spare, a forked process runs the fs-tree
+"""fsck on two cores: on a large image, given a second core, a forked process runs the fs-tree
 passes (check/forked.py). Its findings -- their order, fixes and the exit code -- are the single
 process's, on the corruption corpus, on byte flips and on structural mutations; and the
 ``blockemu fsck`` command imports only what a check runs."""
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from blockemu.check import fsck as fsck_mod
-from blockemu.check.forked import Forked, spare_core
+from blockemu.check.forked import Forked, second_core
 from blockemu.check.fsck import FsckReport, check
 from blockemu.cli import fuzz
 from tests.test_fsck_corpus import MANIFEST, unpack
@@ -162,14 +162,9 @@ def test_a_child_that_dies_costs_one_more_check_in_one_process(tmp_path, monkeyp
     assert "NLINK_MISMATCH" in {e.code for e in report.errors}
 
 
-def test_a_second_process_only_with_a_core_to_spare(monkeypatch):
-    """The 1-minute load average says whether the other cores are busy: a second process on a
-    machine others keep busy only shares their cores, and adds its own overhead."""
+def test_a_second_process_only_with_a_second_core(monkeypatch):
+    """Pinned to one core (taskset), a second process would only take turns with the first."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 2.0, 2.0))
-    assert spare_core()
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 0.0, 0.0))
-    assert not spare_core()
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert not spare_core()
+    assert second_core()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    assert not second_core()

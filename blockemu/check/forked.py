@@ -21,12 +21,12 @@ T = TypeVar("T")
 CAN_FORK = hasattr(os, "fork")
 
 
-def spare_core() -> bool:
-    """Whether a second process would find a core of its own: more than one is usable, and the
-    runnable processes (the 1-minute load average) leave one free. On a machine others keep
-    busy, a second process only shares their cores and adds its own overhead."""
+def second_core() -> bool:
+    """Whether this process may run on more than one core (its CPU affinity): on one, a second
+    process only takes turns with the first. A machine others keep busy still gains: the
+    scheduler shares the cores among processes, and two of them get more turns than one."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores > 1 and hasattr(os, "getloadavg") and os.getloadavg()[0] <= cores - 1
+    return cores > 1
 
 
 class Forked(Generic[T]):

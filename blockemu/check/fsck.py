@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 from blockemu.check import fsck_fs, fsck_log
 from blockemu.check.exitcodes import EXIT_CLEAN, EXIT_UNCORRECTED
-from blockemu.check.forked import CAN_FORK, Forked, spare_core
+from blockemu.check.forked import CAN_FORK, Forked, second_core
 from blockemu.device.image import ImageFile
 from blockemu.engine.transaction import SUBTREES, TreeStore, usable_ranges
 from blockemu.errors import BlockemuError, CorruptionError
@@ -296,7 +296,7 @@ def _no_cycle_collection() -> Iterator[None]:
             gc.enable()
 
 
-# fs tree items from which the fs-tree passes run in a second process (when a core is spare).
+# fs tree items from which the fs-tree passes run in a second process (with a second core).
 # The fork costs ~17 ms (a small image: 11 ms in one process, 28 ms in two), and the two
 # processes spend more CPU than one (copy-on-write faults, inodes and file extents decoded on
 # both sides): some 0.5 s more of ~3 s for 45,000 files (270,000 items). That pays only with
@@ -313,7 +313,7 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
     ``key``: a master key, to check that the names it encrypts decrypt to legal names.
     ``parallel``: a forked process runs the passes over the fs tree's items while this one walks
     the other trees and cross-checks extents, free space, file extents and checksums -- by
-    default (None) when the fs tree holds PARALLEL_ITEMS items and a core is spare; True
+    default (None) when the fs tree holds PARALLEL_ITEMS items and a second core is there; True
     whenever the platform can fork; False never. The findings, and their order, are the single
     process's: the child starts from everything the walk found, and only the problems return."""
     report = FsckReport(image=path)
@@ -324,7 +324,7 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         split = SUBTREES.index(S.FS_TREE_OBJECTID) + 1  # the trees up to the fs tree, then the rest
         ck.check_subtrees(sb, roots, SUBTREES[:split])
         if parallel is None:
-            parallel = len(ck.items.get(S.FS_TREE_OBJECTID, ())) >= PARALLEL_ITEMS and spare_core()
+            parallel = len(ck.items.get(S.FS_TREE_OBJECTID, ())) >= PARALLEL_ITEMS and second_core()
         parallel = parallel and CAN_FORK
         with Forked(lambda: fs_findings(ck, sb, key)[:3]) if parallel else nullcontext() as side:
             ck.check_subtrees(sb, roots, SUBTREES[split:])
