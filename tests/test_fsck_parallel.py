@@ -168,3 +168,12 @@ def test_a_second_process_only_with_a_second_core(monkeypatch):
     assert second_core()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
     assert not second_core()
+
+
+def test_no_fork_by_default_beside_other_threads(base, forks, monkeypatch):
+    """The async ``fsck()`` runs the check in a thread of the caller's loop: a fork there could
+    leave the child waiting for ever on a lock another thread held. Only a lone thread forks."""
+    monkeypatch.setattr(fsck_mod, "PARALLEL_ITEMS", 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert check(base.path).clean and len(forks) == 1
+    assert asyncio.run(fsck_mod.fsck(base.path)).clean and len(forks) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import threading
 from types import TracebackType
 from typing import Callable, Generic, TypeVar
 
@@ -27,6 +28,14 @@ def second_core() -> bool:
     scheduler shares the cores among processes, and two of them get more turns than one."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return cores > 1
+
+
+def alone() -> bool:
+    """Whether this process runs no other thread: only then is a fork safe by default. A thread
+    holding a lock at the fork (an import, a logging handler, the allocator of a C library)
+    leaves the child's copy held for ever; the async ``fsck()`` API runs the check in a thread
+    of the caller's loop, beside whatever threads the caller has."""
+    return threading.active_count() == 1
 
 
 class Forked(Generic[T]):

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 from blockemu.check import fsck_fs, fsck_log
 from blockemu.check.exitcodes import EXIT_CLEAN, EXIT_UNCORRECTED
-from blockemu.check.forked import CAN_FORK, Forked, second_core
+from blockemu.check.forked import CAN_FORK, Forked, alone, second_core
 from blockemu.device.image import ImageFile
 from blockemu.engine.transaction import SUBTREES, TreeStore, usable_ranges
 from blockemu.errors import BlockemuError, CorruptionError
@@ -313,7 +313,8 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
     ``key``: a master key, to check that the names it encrypts decrypt to legal names.
     ``parallel``: a forked process runs the passes over the fs tree's items while this one walks
     the other trees and cross-checks extents, free space, file extents and checksums -- by
-    default (None) when the fs tree holds PARALLEL_ITEMS items and a second core is there; True
+    default (None) when the fs tree holds PARALLEL_ITEMS items, a second core is there and no
+    other thread runs (a fork beside threads is unsafe: ``forked.alone``); True
     whenever the platform can fork; False never. The findings, and their order, are the single
     process's: the child starts from everything the walk found, and only the problems return."""
     report = FsckReport(image=path)
@@ -324,7 +325,7 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         split = SUBTREES.index(S.FS_TREE_OBJECTID) + 1  # the trees up to the fs tree, then the rest
         ck.check_subtrees(sb, roots, SUBTREES[:split])
         if parallel is None:
-            parallel = len(ck.items.get(S.FS_TREE_OBJECTID, ())) >= PARALLEL_ITEMS and second_core()
+            parallel = len(ck.items.get(S.FS_TREE_OBJECTID, ())) >= PARALLEL_ITEMS and second_core() and alone()
         parallel = parallel and CAN_FORK
         with Forked(lambda: fs_findings(ck, sb, key)[:3]) if parallel else nullcontext() as side:
             ck.check_subtrees(sb, roots, SUBTREES[split:])
