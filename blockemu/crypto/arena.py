@@ -8,6 +8,8 @@ from __future__ import annotations
 import mmap
 import os
 
+from blockemu.crypto import fscrypt
+
 PAGE = 4096
 ZERO_PAGE = bytes(PAGE)
 
@@ -34,7 +36,7 @@ class Arena:
         consecutive frames is zeroed in one go."""
         view = self.view
         if len(frames) > 1 and max(frames) - (lo := min(frames)) == len(frames) - 1:  # no frame is freed twice
-            view[lo * PAGE : (lo + len(frames)) * PAGE] = bytes(len(frames) * PAGE)
+            fscrypt.wipe(view[lo * PAGE : (lo + len(frames)) * PAGE])
         else:
             for f in frames:
                 view[f * PAGE : (f + 1) * PAGE] = ZERO_PAGE
