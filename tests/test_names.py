@@ -165,6 +165,49 @@ async def test_names_come_back_with_the_key(image):
         assert await fs.readdir("/e") == ["b.txt"]
 
 
+async def test_a_directory_derives_its_names_key_once_while_unlocked(image, monkeypatch):
+    """Lookups, creates and readdirs in an unlocked directory reuse its names key (the kernel keeps
+    an inode's fscrypt_info while it is unlocked); an HKDF per path component was a tenth of the
+    stress mix. The key is zeroed when the directory is locked, and a new one derived after."""
+    derived: list[bytearray] = []
+
+    def counting(master, nonce):
+        derived.append(real(master, nonce))
+        return derived[-1]
+
+    real = fscrypt.names_key
+    monkeypatch.setattr(fscrypt, "names_key", counting)
+    async with blockemu.mount(image, interval=3600) as fs:
+        kid = await encrypted_dir(fs, "/e")
+        for i in range(20):
+            async with fs.open(f"/e/f{i}", "w") as f:
+                await f.write(b"x")
+            await fs.stat(f"/e/f{i}")
+        assert len(await fs.readdir("/e")) == 20
+        assert len(derived) == 1, f"{len(derived)} names keys derived for one directory"
+        await fs.remove_key(kid)  # nothing open: the directory locks, its names key is zeroed
+        assert derived[0] == bytes(len(derived[0]))
+        await fs.add_key(KEY)
+        assert sorted(await fs.readdir("/e")) == sorted(f"f{i}" for i in range(20))
+        assert len(derived) == 2
+    assert derived[1] == bytes(len(derived[1])), "unmount left a names key behind"
+
+
+async def test_hard_removal_zeroes_a_held_directorys_names_key(image, monkeypatch):
+    """A directory held by an open file keeps its lease after a hard removal wiped the secret;
+    the names key derived from that secret must go with it, not wait for the lock."""
+    derived: list[bytearray] = []
+    real = fscrypt.names_key
+    monkeypatch.setattr(fscrypt, "names_key", lambda m, n: derived.append(real(m, n)) or derived[-1])
+    async with blockemu.mount(image, interval=3600, key_removal="hard") as fs:
+        kid = await encrypted_dir(fs, "/e")
+        held = await fs.open("/e/open.txt", "w")
+        assert len(derived) == 1 and any(derived[0])
+        await fs.remove_key(kid)
+        assert derived[0] == bytes(len(derived[0]))
+        await held.close()
+
+
 async def test_soft_removal_keeps_a_held_directory_real_names(image):
     """A file open in the directory holds it (as a dentry pins its parent): real names stay until
     that file is closed, then the directory locks and shows no-key names."""

@@ -304,7 +304,9 @@ def wipe(buf: bytearray | memoryview) -> None:
     processes' memory for any other). A memset where the bytes are: assigning ``bytes(n)``
     would first allocate -- and fault in -- n fresh bytes of zeros, which for an extent's
     frames cost more than sealing them."""
-    if len(buf):
+    if len(buf) < 1 << 14:  # a key, a name: a C call to find the buffer would cost more
+        buf[:] = bytes(len(buf))
+    else:
         ctypes.memset(_buffer_address(buf if type(buf) is memoryview else memoryview(buf)), 0, len(buf))
 
 

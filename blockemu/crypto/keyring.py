@@ -190,6 +190,9 @@ class Keyring:
         # that one retry is owed a success, so generic/580's "close, remove again" reads the same.
         self.completed: set[bytes] = set()
         self.wipe_delays: list[float] = []  # seconds from removal start to wipe, per wipe
+        # called with a key's identifier once its secret is zeroed: whoever caches keys derived
+        # from it (a directory's names key) zeroes them too
+        self.on_wipe: list[Callable[[bytes], None]] = []
 
     @property
     def removal_steps(self) -> tuple[Step, ...]:
@@ -228,6 +231,8 @@ class Keyring:
             mk.secret = None
             if mk.removal_started is not None:
                 self.wipe_delays.append(time.monotonic() - mk.removal_started)
+            for hook in self.on_wipe:
+                hook(mk.identifier)
 
     # ------------------------------------------------------------------ ioctls
 

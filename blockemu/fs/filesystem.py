@@ -136,6 +136,7 @@ class Inode:
     reported_lost: int = 0  # of those, how many an fsync/close error has reported
     data_changed_ns: int = 0  # a write's mtime/ctime, folded into the item when it is saved
     epoch: int = 0  # bumped whenever the extent mappings change: see Filesystem._fill
+    names_key: tuple[bytearray, bytearray] | None = None  # (the secret it came from, the key): Filesystem._names_key
 
     @property
     def is_dir(self) -> bool:
@@ -168,6 +169,7 @@ class Filesystem:
         # images made before names were encrypted keep them as given (SPEC "Names")
         self.encrypted_names = bool(vol.sb.incompat_flags & S.INCOMPAT_ENCRYPTED_NAMES)
         self.mounted = True
+        keyring.on_wipe.append(self._forget_names_keys)
 
     @property
     def tree(self):
@@ -319,6 +321,7 @@ class Filesystem:
         if inode.is_dir and any(c.key_id is not None and self.keyring.holds(c.key_id, c.ino) for c in self._children(inode)):
             return
         self.cache.drop(inode.pages)
+        self._forget_names_key(inode)
         self.keyring.release(inode.key_id, inode.ino)
         for parent in self._cached_parents(inode):
             self.lock_if_idle(parent)
@@ -345,9 +348,12 @@ class Filesystem:
 
     @contextlib.contextmanager
     def _names_key(self, d: Inode, nonce: bytes) -> Iterator[bytearray | None]:
-        """The directory's names key, wiped after use; None when it is locked and its key is not
-        present (no-key names). Using a directory's names unlocks it, as a lookup does in Linux:
-        it then holds a lease until ``lock_if_idle`` locks it."""
+        """The directory's names key; None when it is locked and its key is not present (no-key
+        names). Using a directory's names unlocks it, as a lookup does in Linux: it then holds a
+        lease until ``lock_if_idle`` locks it. The key is derived once per unlock, as the kernel
+        keeps an inode's fscrypt_info while it is unlocked (an HKDF-SHA512 per path component
+        was a tenth of the stress mix's time), and zeroed when the inode is locked or the
+        secret it came from is zeroed (``_forget_names_key``)."""
         assert d.key_id is not None
         if not self.keyring.holds(d.key_id, d.ino):
             if not self.keyring.is_present(d.key_id):
@@ -357,13 +363,24 @@ class Filesystem:
         try:
             secret = self.keyring.secret_for(d.key_id, d.ino)
         except NoKeyError:  # a lease whose secret a hard removal wiped
+            self._forget_names_key(d)
             yield None
             return
-        key = fscrypt.names_key(secret, nonce)
-        try:
-            yield key
-        finally:
-            fscrypt.wipe(key)
+        if d.names_key is None or d.names_key[0] is not secret:
+            self._forget_names_key(d)
+            d.names_key = (secret, fscrypt.names_key(secret, nonce))
+        yield d.names_key[1]
+
+    def _forget_names_key(self, inode: Inode) -> None:
+        if inode.names_key is not None:
+            fscrypt.wipe(inode.names_key[1])
+            inode.names_key = None
+
+    def _forget_names_keys(self, key_id: bytes) -> None:
+        """The keyring zeroed this key's secret: every names key derived from it goes too."""
+        for inode in self.inodes.values():
+            if inode.key_id == key_id:
+                self._forget_names_key(inode)
 
     def _disk_name(self, d: Inode, name: bytes) -> bytes | None:
         """What directory ``d`` stores for a name a caller gave: the name itself outside encrypted
@@ -414,6 +431,7 @@ class Filesystem:
         if orphan in self.tree:
             self.tree.delete(orphan)
         if inode.key_id is not None:
+            self._forget_names_key(inode)
             self.keyring.release(inode.key_id, inode.ino)
         self.inodes.pop(inode.ino, None)
 
