@@ -193,6 +193,29 @@ async def test_a_directory_derives_its_names_key_once_while_unlocked(image, monk
     assert derived[1] == bytes(len(derived[1])), "unmount left a names key behind"
 
 
+async def test_an_unlocked_directory_encrypts_each_name_once(image, monkeypatch):
+    """Path lookups reuse a name's ciphertext while the directory is unlocked (a CBC per path
+    component per operation was the next cost of the stress mix); locking forgets them."""
+    encrypted: list[bytes] = []
+    real = fscrypt.encrypt_name
+    monkeypatch.setattr(fscrypt, "encrypt_name", lambda k, n, *a: encrypted.append(n) or real(k, n, *a))
+    async with blockemu.mount(image, interval=3600) as fs:
+        kid = await encrypted_dir(fs, "/e")
+        await fs.mkdir("/e/d")
+        async with fs.open("/e/d/f", "w") as f:
+            await f.write(b"x")
+        for _ in range(5):
+            await fs.stat("/e/d/f")
+            async with fs.open("/e/d/f") as f:
+                assert await f.read() == b"x"
+        assert sorted(encrypted) == [b"d", b"f"]
+        await fs.remove_key(kid)
+        assert all(not i.stored_names for i in fs.inodes.values())
+        await fs.add_key(KEY)
+        await fs.stat("/e/d/f")
+        assert sorted(encrypted) == [b"d", b"d", b"f", b"f"]
+
+
 async def test_hard_removal_zeroes_a_held_directorys_names_key(image, monkeypatch):
     """A directory held by an open file keeps its lease after a hard removal wiped the secret;
     the names key derived from that secret must go with it, not wait for the lock."""

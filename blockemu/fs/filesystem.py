@@ -119,6 +119,9 @@ class Stat:
         return self.st_ctime_ns / 1e9
 
 
+STORED_NAMES = 4096  # ciphertexts of names an unlocked directory keeps (then it starts afresh)
+
+
 @dataclass(eq=False)
 class Inode:
     ino: int
@@ -137,6 +140,7 @@ class Inode:
     data_changed_ns: int = 0  # a write's mtime/ctime, folded into the item when it is saved
     epoch: int = 0  # bumped whenever the extent mappings change: see Filesystem._fill
     names_key: tuple[bytearray, bytearray] | None = None  # (the secret it came from, the key): Filesystem._names_key
+    stored_names: dict[bytes, bytes] = field(default_factory=dict)  # name -> its ciphertext, while unlocked
 
     @property
     def is_dir(self) -> bool:
@@ -372,9 +376,12 @@ class Filesystem:
         yield d.names_key[1]
 
     def _forget_names_key(self, inode: Inode) -> None:
+        """The inode is locked (or its key's secret zeroed): its names key and the names it
+        encrypted go."""
         if inode.names_key is not None:
             fscrypt.wipe(inode.names_key[1])
             inode.names_key = None
+        inode.stored_names.clear()
 
     def _forget_names_keys(self, key_id: bytes) -> None:
         """The keyring zeroed this key's secret: every names key derived from it goes too."""
@@ -392,7 +399,15 @@ class Filesystem:
         flags, nonce = policy
         with self._names_key(d, nonce) as key:
             if key is not None:
-                return fscrypt.encrypt_name(key, name, flags)
+                # a name's ciphertext is a function of the key and the name (fscrypt's zero IV), so
+                # an unlocked directory keeps the ones it has computed, as the kernel's dentries
+                # keep plaintext names: path lookups then cost no CBC per component
+                stored = d.stored_names.get(name)
+                if stored is None:
+                    if len(d.stored_names) >= STORED_NAMES:
+                        d.stored_names.clear()
+                    stored = d.stored_names[name] = fscrypt.encrypt_name(key, name, flags)
+                return stored
         parsed = fscrypt.parse_nokey_name(name)
         if parsed is None:
             return None
