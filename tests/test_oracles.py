@@ -238,3 +238,38 @@ def test_cli_crash_and_stress_default_to_the_production_write_path():
     assert "production (default)" in run("crash", "--help").stdout
     out = json.loads(run("crash", "--max-ops", "1", "--limit", "1", "--jobs", "1", "--json").stdout)
     assert out["write_path"] == "production" and out["states"] > 0 and not out["failures"]
+
+
+async def test_a_sync_ledger_copies_no_model_and_stays_right_after_later_changes(tmp_path):
+    """A sync records every unchanged file's model in the ledger without copying it (copying
+    every task's files on each sync cost the stress mix more than the sync's writeback); a
+    file changed afterwards leaves the ledger before its model changes, and an fsync records
+    its own copy."""
+    import tracemalloc
+
+    img = str(tmp_path / "l.img")
+    await blockemu.mkfs(img, size="64M")
+    async with blockemu.mount(img, interval=3600) as fs:
+        result = MixResult()
+        task = Task(fs, "/t", random.Random(7), result, scale=16)
+        result.tasks = [task]
+        await fs.mkdir(task.root)
+        for _ in range(12):
+            await task.step("create")
+        await fs.sync()
+        models = sum(len(m) for m in task.files.values())
+        assert models > 1 << 20
+        tracemalloc.start()
+        try:
+            await task.step("sync")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < models // 4, f"a sync of clean files allocated {peak} bytes for {models} bytes of models"
+        assert {p: bytes(m) for p, m in result.durable.items()} == {p: bytes(m) for p, m in task.files.items()}
+        synced = {p: bytes(m) for p, m in task.files.items()}
+        for op in ("write", "append", "truncate"):
+            await task.step(op)
+        changed = {p for p in synced if bytes(task.files.get(p, b"")) != synced[p]}
+        assert changed and not changed & set(result.durable)
+        assert all(bytes(m) == synced[p] for p, m in result.durable.items())

@@ -30,8 +30,9 @@ class MixResult:
     acknowledged_writes: int = 0
     divergent: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # operations the (faulty) device made fail
-    # the ledger: what an fsync or sync acknowledged as durable and nothing changed since
-    durable: dict[str, bytes] = field(default_factory=dict)
+    # the ledger: what an fsync or sync acknowledged as durable and nothing changed since (a
+    # sync records a file's model itself, which no change touches before dropping the entry)
+    durable: dict[str, bytes | bytearray] = field(default_factory=dict)
     tasks: list["Task"] = field(default_factory=list)
 
 
@@ -119,13 +120,17 @@ class Task:
         elif op == "sync":
             # what was acknowledged when sync() was called is durable when it returns; paths
             # another task is changing (an operation begun, not yet acknowledged: it may land
-            # in this sync or not) or changes meanwhile may land either way: not recorded
-            before = [(t, q, bytes(m), t.version.get(q, 0)) for t in self.r.tasks for q, m in t.files.items()
+            # in this sync or not) or changes meanwhile may land either way: not recorded. A
+            # path whose version did not move still holds what it held at the call, so the
+            # ledger takes its model as it is, uncopied: every later change to it goes through
+            # ``_changing``, which drops the ledger's entry first (copying every file of every
+            # task on each sync cost more than the sync's own writeback)
+            before = [(t, q, t.version.get(q, 0)) for t in self.r.tasks for q in t.files
                       if q not in t.tainted and q not in t.busy]
             await fs.sync()
-            for t, q, content, ver in before:
+            for t, q, ver in before:
                 if t.version.get(q, 0) == ver and q in t.files:
-                    self.r.durable[q] = content
+                    self.r.durable[q] = t.files[q]
         elif op == "rename":
             src = rng.choice(list(files))
             dst = self._name("r") if rng.random() < 0.7 or len(files) < 2 else rng.choice(list(files))
