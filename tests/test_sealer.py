@@ -347,3 +347,23 @@ async def test_ctrl_c_leaves_the_workers_to_their_parent(pool, arena, capfd):
     await asyncio.gather(*(seal(sealer, arena, i) for i in range(RUNS)))  # a round trip to each after the signal
     assert sealer.pids == pids
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_worker_starts_without_cryptography_or_package_metadata():
+    """A mount's first large write waits for its workers to start: a worker loads the XTS and
+    checksum modules only -- not the cryptography package, nor the importlib.metadata lookup
+    crc32c's __init__ makes (together over half of a start) -- and still checksums right."""
+    import subprocess
+    import sys
+
+    import blockemu.crypto.sealworker
+    from blockemu.crypto.sealworker import BOOT
+    from blockemu.ondisk import csum
+
+    probe = BOOT.replace("worker_main(*map(int, sys.argv[2:]))",
+                         "from blockemu.ondisk import csum\n"
+                         "print(sorted(m for m in ('cryptography', 'importlib.metadata', 'blockemu.crypto.fscrypt')"
+                         " if m in sys.modules), csum.field(0, b'abc').hex())")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(blockemu.crypto.sealworker.__file__)))
+    out = subprocess.run([sys.executable, "-c", probe, package], check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["[]", csum.field(0, b"abc").hex()]

@@ -23,13 +23,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-DATA_UNIT = 4096
+from blockemu.crypto import xts
+from blockemu.crypto.xts import DATA_UNIT, XTS_KEY_SIZE, Buffer
+
 HKDF_CONTEXT_KEY_IDENTIFIER = 1
 HKDF_CONTEXT_PER_FILE_ENC_KEY = 2
 HKDF_CONTEXT_PER_EXTENT_ENC_KEY = 9
 KEY_IDENTIFIER_SIZE = 16
 NONCE_SIZE = 16
-XTS_KEY_SIZE = 64
 MIN_KEY_SIZE, MAX_KEY_SIZE = 16, 64
 
 
@@ -114,7 +115,6 @@ def extent_key(master: bytes | bytearray, nonce: bytes) -> bytearray:
     return hkdf(master, HKDF_CONTEXT_PER_EXTENT_ENC_KEY, nonce, XTS_KEY_SIZE)
 
 
-Buffer = bytes | bytearray | memoryview
 
 
 def _units(data: Buffer) -> list[memoryview]:
@@ -177,85 +177,6 @@ def _xts_by_cipher(key: bytes | bytearray, units: Sequence[Buffer], first_unit: 
         context.update_into(unit, omv[a : a + DATA_UNIT + 15])
 
 
-class _PyBuffer(ctypes.Structure):
-    """CPython's Py_buffer, to learn where any buffer's bytes are (read-only ones too)."""
-
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-
-
-def _buffer_address(buf: Buffer) -> int:
-    """Where a contiguous buffer's bytes start. The caller keeps ``buf`` (a memoryview holds
-    its object's export) for as long as it uses the address, so they cannot move meanwhile."""
-    if type(buf) is memoryview and not buf.readonly:  # the common case, in one C call
-        return ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    view = _PyBuffer()
-    if _get_buffer(buf, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE: contiguous bytes, or it raises
-        raise ValueError("not a contiguous buffer")
-    try:
-        return view.buf or 0
-    finally:
-        _release_buffer(ctypes.byref(view))
-
-
-@functools.cache
-def _libcrypto_xts() -> Callable[[bytes | bytearray, Sequence[int], int, int, bool], None] | None:
-    """AES-256-XTS per data unit through OpenSSL 3's EVP API: one cipher context per call, its
-    key schedule built once, and per unit only the tweak set again and the unit encrypted
-    (two C calls). cryptography offers no way to change a context's IV, so its path rebuilds
-    the key schedule per unit -- 4 KiB at a time that costs ~4x the AES itself (tools/bench.py).
-    The key is read where it is; OpenSSL cleanses its key schedules when the context is freed."""
-    try:
-        lib = ctypes.CDLL("libcrypto.so.3")
-        fetch, new, free = lib.EVP_CIPHER_fetch, lib.EVP_CIPHER_CTX_new, lib.EVP_CIPHER_CTX_free
-        init, update = lib.EVP_CipherInit_ex2, lib.EVP_CipherUpdate
-    except (OSError, AttributeError):  # no OpenSSL 3 libcrypto
-        return None
-    fetch.restype = ctypes.c_void_p
-    fetch.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
-    new.restype = ctypes.c_void_p
-    free.argtypes = [ctypes.c_void_p]
-    init.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-    update.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    cipher = fetch(None, b"AES-256-XTS", None)
-    if not cipher:
-        return None
-    tweaks = bytearray()  # tweak i at 16 * i; grown (replaced) when an extent is longer
-
-    def xts(key: bytes | bytearray, sources: Sequence[int], first_unit: int, out: int, encrypt: bool) -> None:
-        nonlocal tweaks
-        if len(tweaks) < 16 * (first_unit + len(sources)):
-            tweaks = bytearray().join(i.to_bytes(16, "little") for i in range(max(first_unit + len(sources), 256)))
-        table = tweaks  # kept alive (a thread may grow the table) while its address is used
-        at = _buffer_address(table) + 16 * first_unit
-        enc = int(encrypt)
-        outl = ctypes.c_int()  # this call's own: threads seal and decrypt concurrently
-        outl_at = ctypes.addressof(outl)
-        ctx = new()
-        if not ctx:
-            raise MemoryError("EVP_CIPHER_CTX_new failed")
-        try:
-            if init(ctx, cipher, _address(key), at, enc, None) != 1:
-                raise ValueError("AES-256-XTS: OpenSSL refused the key (its halves must differ)")
-            for i, src in enumerate(sources):
-                if i and init(ctx, None, None, at + 16 * i, enc, None) != 1:
-                    raise ValueError("AES-256-XTS: setting the tweak failed in libcrypto")
-                if update(ctx, out + i * DATA_UNIT, outl_at, src, DATA_UNIT) != 1:
-                    raise ValueError("AES-256-XTS failed in libcrypto")
-        finally:
-            free(ctx)
-
-    return xts
-
-
 def _xts(key: bytes | bytearray, data: Buffer | Sequence[Buffer], first_unit: int, encrypt: bool,
          out: bytearray | memoryview | None = None) -> bytearray | memoryview:
     """``data``: one buffer of whole units, or a sequence of 4 KiB units wherever they live."""
@@ -268,17 +189,9 @@ def _xts(key: bytes | bytearray, data: Buffer | Sequence[Buffer], first_unit: in
     if trim:
         out = bytearray(n + 15)
     omv = memoryview(out)  # type: ignore[arg-type]
-    fast = _libcrypto_xts() if len(key) == XTS_KEY_SIZE and not omv.readonly else None
     try:
-        if fast is None or not units:
+        if not xts.crypt(key, data if one else units, first_unit, encrypt, omv):  # type: ignore[arg-type]
             _xts_by_cipher(key, units, first_unit, encrypt, omv)
-        elif one:
-            base = _buffer_address(data)  # type: ignore[arg-type]
-            fast(key, range(base, base + n, DATA_UNIT), first_unit, _buffer_address(omv), encrypt)
-        else:
-            if any(len(u) != DATA_UNIT for u in units):
-                raise ValueError(f"data units are {DATA_UNIT} bytes each")
-            fast(key, [_buffer_address(u) for u in units], first_unit, _buffer_address(omv), encrypt)
     finally:
         omv.release()
     if trim:
@@ -301,13 +214,8 @@ def decrypt_units(key: bytes | bytearray, ciphertext: Buffer, first_unit: int = 
 def wipe(buf: bytearray | memoryview) -> None:
     """Overwrite a secret (or plaintext) in place. It zeroes only this buffer: every copy
     blockemu makes is a bytearray its owner wipes this way (tests/test_wipe.py scans the
-    processes' memory for any other). A memset where the bytes are: assigning ``bytes(n)``
-    would first allocate -- and fault in -- n fresh bytes of zeros, which for an extent's
-    frames cost more than sealing them."""
-    if len(buf) < 1 << 14:  # a key, a name: a C call to find the buffer would cost more
-        buf[:] = bytes(len(buf))
-    else:
-        ctypes.memset(_buffer_address(buf if type(buf) is memoryview else memoryview(buf)), 0, len(buf))
+    processes' memory for any other)."""
+    xts.zero(buf)
 
 
 # ---------------------------------------------------------------------- filenames

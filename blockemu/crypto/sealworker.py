@@ -1,7 +1,7 @@
 """The sealing worker process: encrypt an extent and checksum its ciphertext, in shared memory.
 
 Kept apart from ``sealer.py`` (the asyncio side) so that a worker imports only the
-crypto and checksum modules: ``BOOT`` loads this module without running the
+XTS and checksum modules (``xts``, not ``fscrypt`` and the cryptography package): ``BOOT`` loads this module without running the
 package's ``__init__``, which would import the whole filesystem into every worker.
 
 A worker maps two memfds it inherits: the page cache's arena of page frames and
@@ -19,11 +19,11 @@ import os
 import struct
 import sys
 
-from blockemu.crypto import fscrypt
+from blockemu.crypto import xts
 from blockemu.ondisk import csum as csums
 
-PAGE = fscrypt.DATA_UNIT
-KEY = fscrypt.XTS_KEY_SIZE
+PAGE = xts.DATA_UNIT
+KEY = xts.XTS_KEY_SIZE
 SLACK = 15  # update_into wants a block's worth (less one byte) of room after the output
 IN_SLOT = -1
 REQUEST = struct.Struct("<QIIH")  # slot offset, units, slot capacity, checksum type; then int32 frames
@@ -39,10 +39,21 @@ NICE = 10
 # death). Ctrl-C reaches the terminal's whole process group, workers included, and must stop
 # the command -- which closes them -- not kill them mid-import with a traceback each, so a
 # worker ignores SIGINT from its first line on.
+#
+# A worker's start delays a mount's first large write, so it loads as little as it can: the
+# package without its __init__, and crc32c's extension without the package's __init__, which
+# reads crc32c's version through importlib.metadata (60 % of the start; the real package is
+# imported if the extension is not where it was)
 BOOT = (
     "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-    "import sys, types\n"
+    "import sys, types, importlib.util\n"
     "pkg = types.ModuleType('blockemu'); pkg.__path__ = [sys.argv[1]]; sys.modules['blockemu'] = pkg\n"
+    "try:\n"
+    "    crc = types.ModuleType('crc32c'); crc.__path__ = list(importlib.util.find_spec('crc32c').submodule_search_locations)\n"
+    "    sys.modules['crc32c'] = crc\n"
+    "    from crc32c._crc32c import crc32c as fn; crc.crc32c = fn\n"
+    "except Exception:\n"
+    "    sys.modules.pop('crc32c', None); sys.modules.pop('crc32c._crc32c', None)\n"
     "from blockemu.crypto.sealworker import worker_main\n"
     "worker_main(*map(int, sys.argv[2:]))\n"
 )
@@ -71,9 +82,12 @@ def seal_slot(arena: memoryview, slots: memoryview, off: int, frames: tuple[int,
     key = bytearray(slots[off : off + KEY])
     slots[off : off + KEY] = bytes(KEY)
     try:
-        fscrypt.encrypt_units(key, units, out=slots[out : out + n + SLACK])
+        if not xts.crypt(key, units, 0, True, slots[out : out + n + SLACK]):
+            from blockemu.crypto import fscrypt  # no OpenSSL 3 libcrypto: cryptography's path
+
+            fscrypt.encrypt_units(key, units, out=slots[out : out + n + SLACK])
     finally:
-        fscrypt.wipe(key)
+        xts.zero(key)
     return digests(slots[out : out + n], csum_type)
 
 

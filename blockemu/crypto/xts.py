@@ -1,0 +1,125 @@
+"""AES-256-XTS per 4 KiB data unit through OpenSSL 3's libcrypto, by ctypes, and the zeroing
+of buffers in place. Apart from ``fscrypt`` (which uses it) because the sealing workers import
+only this and the checksums: not cryptography, whose import was half of a worker's start, and a
+mount's first large write waits for its workers to start."""
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable, Sequence
+
+DATA_UNIT = 4096
+XTS_KEY_SIZE = 64
+Buffer = bytes | bytearray | memoryview
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's Py_buffer, to learn where any buffer's bytes are (read-only ones too)."""
+
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+
+
+def buffer_address(buf: Buffer) -> int:
+    """Where a contiguous buffer's bytes start. The caller keeps ``buf`` (a memoryview holds
+    its object's export) for as long as it uses the address, so they cannot move meanwhile."""
+    if type(buf) is memoryview and not buf.readonly:  # the common case, in one C call
+        return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    view = _PyBuffer()
+    if _get_buffer(buf, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE: contiguous bytes, or it raises
+        raise ValueError("not a contiguous buffer")
+    try:
+        return view.buf or 0
+    finally:
+        _release_buffer(ctypes.byref(view))
+
+
+@functools.cache
+def libcrypto_xts() -> Callable[[bytes | bytearray, Sequence[int], int, int, bool], None] | None:
+    """AES-256-XTS per data unit through OpenSSL 3's EVP API: one cipher context per call, its
+    key schedule built once, and per unit only the tweak set again and the unit encrypted
+    (two C calls). cryptography offers no way to change a context's IV, so its path rebuilds
+    the key schedule per unit -- 4 KiB at a time that costs ~4x the AES itself (tools/bench.py).
+    The key is read where it is; OpenSSL cleanses its key schedules when the context is freed."""
+    try:
+        lib = ctypes.CDLL("libcrypto.so.3")
+        fetch, new, free = lib.EVP_CIPHER_fetch, lib.EVP_CIPHER_CTX_new, lib.EVP_CIPHER_CTX_free
+        init, update = lib.EVP_CipherInit_ex2, lib.EVP_CipherUpdate
+    except (OSError, AttributeError):  # no OpenSSL 3 libcrypto
+        return None
+    fetch.restype = ctypes.c_void_p
+    fetch.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+    new.restype = ctypes.c_void_p
+    free.argtypes = [ctypes.c_void_p]
+    init.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    update.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    cipher = fetch(None, b"AES-256-XTS", None)
+    if not cipher:
+        return None
+    tweaks = bytearray()  # tweak i at 16 * i; grown (replaced) when an extent is longer
+
+    def xts(key: bytes | bytearray, sources: Sequence[int], first_unit: int, out: int, encrypt: bool) -> None:
+        nonlocal tweaks
+        if len(tweaks) < 16 * (first_unit + len(sources)):
+            tweaks = bytearray().join(i.to_bytes(16, "little") for i in range(max(first_unit + len(sources), 256)))
+        table = tweaks  # kept alive (a thread may grow the table) while its address is used
+        at = buffer_address(table) + 16 * first_unit
+        enc = int(encrypt)
+        outl = ctypes.c_int()  # this call's own: threads seal and decrypt concurrently
+        outl_at = ctypes.addressof(outl)
+        ctx = new()
+        if not ctx:
+            raise MemoryError("EVP_CIPHER_CTX_new failed")
+        try:
+            if init(ctx, cipher, buffer_address(key), at, enc, None) != 1:
+                raise ValueError("AES-256-XTS: OpenSSL refused the key (its halves must differ)")
+            for i, src in enumerate(sources):
+                if i and init(ctx, None, None, at + 16 * i, enc, None) != 1:
+                    raise ValueError("AES-256-XTS: setting the tweak failed in libcrypto")
+                if update(ctx, out + i * DATA_UNIT, outl_at, src, DATA_UNIT) != 1:
+                    raise ValueError("AES-256-XTS failed in libcrypto")
+        finally:
+            free(ctx)
+
+    return xts
+
+
+def crypt(key: bytes | bytearray, data: Buffer | Sequence[Buffer], first_unit: int, encrypt: bool,
+          out: memoryview) -> bool:
+    """En- or decrypt ``data`` (one buffer of whole units, or a sequence of 4 KiB units wherever
+    they live) into ``out``, the tweak of unit i being ``first_unit + i``; False (nothing done)
+    when libcrypto cannot: no OpenSSL 3, a key that is not AES-256-XTS's, a read-only ``out``."""
+    fast = libcrypto_xts() if len(key) == XTS_KEY_SIZE and not out.readonly else None
+    if fast is None or not len(data):
+        return False
+    if isinstance(data, (list, tuple)):
+        if any(len(u) != DATA_UNIT for u in data):
+            raise ValueError(f"data units are {DATA_UNIT} bytes each")
+        sources: Sequence[int] = [buffer_address(u) for u in data]
+    else:
+        if len(data) % DATA_UNIT:
+            raise ValueError(f"{len(data)} bytes is not a whole number of {DATA_UNIT}-byte data units")
+        base = buffer_address(data)
+        sources = range(base, base + len(data), DATA_UNIT)
+    if len(out) < len(sources) * DATA_UNIT:
+        raise ValueError("the output is shorter than the data")
+    fast(key, sources, first_unit, buffer_address(out), encrypt)
+    return True
+
+
+def zero(buf: bytearray | memoryview) -> None:
+    """Overwrite ``buf`` with zeros where it is. A memset: assigning ``bytes(n)`` would first
+    allocate -- and fault in -- n fresh bytes of zeros, which for an extent's frames cost more
+    than sealing them; small buffers (a key, a name) keep the assignment, cheaper than a C call."""
+    if len(buf) < 1 << 14:
+        buf[:] = bytes(len(buf))
+    else:
+        ctypes.memset(buffer_address(buf if type(buf) is memoryview else memoryview(buf)), 0, len(buf))
