@@ -43,6 +43,15 @@ def buffer_address(buf: Buffer) -> int:
 
 
 @functools.cache
+def library() -> ctypes.PyDLL:
+    """OpenSSL 3's libcrypto, loaded as a PyDLL: its calls keep the GIL. A unit's call takes a
+    microsecond or two; a thread sealing small runs beside a busy event loop, which as a CDLL
+    drops and retakes the GIL around every call, spent 2.7x its CPU time in wall time in the
+    stress mix (1.5x keeping the GIL). OSError when there is no such library."""
+    return ctypes.PyDLL("libcrypto.so.3")
+
+
+@functools.cache
 def libcrypto_xts() -> Callable[[bytes | bytearray, Sequence[int], int, int, bool], None] | None:
     """AES-256-XTS per data unit through OpenSSL 3's EVP API: one cipher context per call, its
     key schedule built once, and per unit only the tweak set again and the unit encrypted
@@ -50,7 +59,7 @@ def libcrypto_xts() -> Callable[[bytes | bytearray, Sequence[int], int, int, boo
     the key schedule per unit -- 4 KiB at a time that costs ~4x the AES itself (tools/bench.py).
     The key is read where it is; OpenSSL cleanses its key schedules when the context is freed."""
     try:
-        lib = ctypes.CDLL("libcrypto.so.3")
+        lib = library()
         fetch, new, free = lib.EVP_CIPHER_fetch, lib.EVP_CIPHER_CTX_new, lib.EVP_CIPHER_CTX_free
         init, update = lib.EVP_CipherInit_ex2, lib.EVP_CipherUpdate
     except (OSError, AttributeError):  # no OpenSSL 3 libcrypto
