@@ -2,7 +2,7 @@
 """Benchmarks: every figure is printed with its ratio to a reference measured in the same run,
 so numbers compare across machines and noisy runs.
 
-    python tools/bench.py [table] [btree] [fs] [writeback] [rss] [fsck] [fuse] [--rounds N] [--mib N] [--files N] ...
+    python tools/bench.py [table] [seq] [stress] [btree] [fs] [writeback] [rss] [fsck] [fuse] [--rounds N] [--mib N] ...
 
 table (the default): issue 16's figures in one table -- figure, blockemu, reference, ratio,
 target. Method, for every figure: blockemu and its reference run ``--rounds`` times each in
@@ -25,9 +25,12 @@ writes pay). A reference tool that is not installed prints "n/a (not installed)"
   raw pwrite + fsync;
 * ``blockemu fsck`` vs ``btrfs check --readonly``, both as commands, on images each tool's mkfs
   made with ``--rootdir`` from one host directory of ``--files`` files (every 50th 1 MiB);
-* the stress mix (4 tasks): no ceiling can run here (fsstress on kernel btrfs needs root), so
-  the reference is issue 16's ~400 ops/s baseline and the ratio reads as "x today".
+* the stress mix (4 tasks, the median of ``--rounds`` runs on fresh images): no ceiling can run
+  here (fsstress on kernel btrfs needs root), so the reference is issue 16's ~400 ops/s baseline
+  and the ratio reads as "x today".
 
+seq, stress: the table's sequential-write rows, or its stress row, alone (a minute, not the
+table's many: fsck's content alone takes minutes to make).
 fs: buffered writes under the background threshold (against aiofiles), 10,000 small files
 (against the host filesystem), and write-call latency during a flush and a sequential run.
 fsck: the table's fsck figure alone. writeback: see bench_writeback.
@@ -616,16 +619,22 @@ def fig_fsck(d: str, files: int, rounds: int) -> list[Figure]:
                    med([t[0] for t in theirs if t]), "s", False, target, note)]
 
 
-def fig_stress(d: str, seconds: float) -> list[Figure]:
-    """The stress mix, 4 tasks: ops/s. No ceiling runs here (fsstress on kernel btrfs needs root
-    and a loop mount); the reference is issue 16's baseline, so its ratio is the 'x today'."""
+def fig_stress(d: str, seconds: float, rounds: int = 1) -> list[Figure]:
+    """The stress mix, 4 tasks: ops/s, the median of ``rounds`` runs, each on a fresh image (one
+    run moves by 2x with this shared machine's load). No ceiling runs here (fsstress on kernel
+    btrfs needs root and a loop mount); the reference is issue 16's baseline, so its ratio is
+    the 'x today'."""
     import json
     import subprocess
 
-    out = subprocess.run([sys.executable, "-m", "blockemu", "stress", os.path.join(d, "stress.img"), "--tasks", "4",
-                          "--duration", str(seconds), "--json", "--no-progress", "--seed", "1"],
-                         check=True, capture_output=True, text=True).stdout
-    ops = json.loads(out)["ops"] / seconds
+    def one(r: int) -> float:
+        out = subprocess.run([sys.executable, "-m", "blockemu", "stress", os.path.join(d, f"stress{r}.img"), "--tasks",
+                              "4", "--duration", str(seconds), "--json", "--no-progress", "--seed", "1"],
+                             check=True, capture_output=True, text=True).stdout
+        os.unlink(os.path.join(d, f"stress{r}.img"))
+        return json.loads(out)["ops"] / seconds
+
+    ops = med([one(r) for r in range(rounds)])
     return [Figure("stress mix, 4 tasks (reference: issue 16's ~400)", ops, 400.0, "ops/s", True, ">= 5x today")]
 
 
@@ -640,8 +649,13 @@ def bench_table(a: argparse.Namespace) -> None:
         figures += fig_random(d, a.rounds, "4 KiB random overwrites of 64 MiB, fsync every 64", 4096, 64 << 20, 64,
                               "(reported)")
         figures += fig_fsck(d, a.files, a.rounds)
-        figures += fig_stress(d, a.stress_seconds)
+        figures += fig_stress(d, a.stress_seconds, a.rounds)
     print_table(figures)
+
+
+def bench_rows(a: argparse.Namespace, which: str) -> None:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
+        print_table(fig_sequential(d, a.mib, a.rounds) if which == "seq" else fig_stress(d, a.stress_seconds, a.rounds))
 
 
 def bench_fsck(a: argparse.Namespace) -> None:
@@ -701,7 +715,8 @@ def bench_fuse() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", choices=[[], "table", "btree", "fs", "writeback", "rss", "fsck", "fuse"],
+    ap.add_argument("what", nargs="*", choices=[[], "table", "seq", "stress", "btree", "fs", "writeback", "rss", "fsck",
+                                                "fuse"],
                     default=[])
     ap.add_argument("--gib", type=int, default=1)
     ap.add_argument("--files", type=int, default=45_000)
@@ -713,6 +728,9 @@ def main() -> None:
     what = a.what or ["table"]
     if "table" in what:
         bench_table(a)
+    for which in ("seq", "stress"):
+        if which in what:
+            bench_rows(a, which)
     if "fs" in what:
         asyncio.run(bench_fs(a.mib))
     if "writeback" in what:
