@@ -472,3 +472,41 @@ async def test_a_failed_mount_releases_what_it_took(image, monkeypatch, fails):
     with pytest.raises((OSError, TypeError)):
         await blockemu.mount(image, **opts)
     assert set(os.listdir("/proc/self/fd")) <= fds  # the image and the arena's memfd are closed
+
+
+async def test_commits_called_during_a_commit_share_the_next_one(image, monkeypatch):
+    """Group commit. A and B call commit while C1 runs, and Y waits to change the tree; A then
+    commits Y's change (C2), and X changes the tree while C2 runs. B's changes were all in C2's
+    transaction: B shares C2 instead of committing X's change in a third commit of its own (the
+    stress mix's syncs did that)."""
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        await fs.mkdir("/c1")
+        real, held = fs.vol.device.flush, {1: asyncio.Event(), 3: asyncio.Event()}
+        entered = {n: asyncio.Event() for n in held}
+        calls = 0
+
+        async def flush() -> None:
+            nonlocal calls
+            calls += 1
+            if calls in held:
+                entered[calls].set()
+                await held[calls].wait()
+            await real()
+
+        monkeypatch.setattr(fs.vol.device, "flush", flush)
+        generation = fs.vol.generation
+        c1 = asyncio.ensure_future(fs.vol.commit())
+        await entered[1].wait()
+        a, b = asyncio.ensure_future(fs.vol.commit()), asyncio.ensure_future(fs.vol.commit())
+        y = asyncio.ensure_future(fs.mkdir("/y"))  # waits for C1, then changes the tree
+        await asyncio.sleep(0)  # all three have called
+        held[1].set()
+        await entered[3].wait()  # A's commit, C2, is at its first flush
+        x = asyncio.ensure_future(fs.mkdir("/x"))  # waits for C2, then changes the tree
+        await asyncio.sleep(0)
+        held[3].set()
+        assert await asyncio.gather(c1, a, b, x, y) == [True, True, True, None, None]
+        assert fs.vol.generation == generation + 2, "B committed again instead of sharing C2"
+        assert fs.vol.engine.is_dirty()  # X's change waits for the next commit
+    async with blockemu.mount(image) as fs:
+        assert await fs.exists("/c1") and await fs.exists("/x") and await fs.exists("/y")
