@@ -135,7 +135,7 @@ class TreeLog:
         a, b = bisect_left(offs, lo), bisect_right(offs, end)
         for off in offs[a:b]:
             if off not in keep:  # stale: what the log said of this range is no longer so
-                tree.delete((ino, S.EXTENT_DATA, off))
+                tree.drop((ino, S.EXTENT_DATA, off))
                 del self.extent_lens[(ino, off)]
         offs[a:b] = sorted(keep)  # every current item starts in [lo, end]
 
