@@ -164,3 +164,35 @@ async def test_a_batch_that_collapses_the_root_gives_the_tree_a_root_of_its_own(
     img = str(tmp_path / "w.img")
     await record(ace_workload(ace_space(3, 0, None)[325], 325), img, str(tmp_path / "base.img"), write_path=PRODUCTION)
     assert_fsck_clean(img)
+
+
+async def test_a_commit_rewrites_the_free_space_record_in_one_pass(image, monkeypatch):
+    """Scattered overwrites fragment free space: the commit that releases their old extents
+    moves dozens of free-space items, applied in one pass over the tree rather than one
+    descent each -- and the record equals the allocator's extents, fsck clean."""
+    per_item: list[str] = []
+    for name in ("insert", "delete"):
+        real = getattr(BTree, name)
+
+        def counted(self, key, *args, _real=real, _name=name, **kw):
+            if self.owner == S.FREE_SPACE_TREE_OBJECTID:
+                per_item.append(_name)
+            return _real(self, key, *args, **kw)
+
+        monkeypatch.setattr(BTree, name, counted)
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/f", "w+") as f:
+            for idx in range(64):  # 64 extents of a page, side by side on disk
+                await f.pwrite(os.urandom(PAGE), idx * PAGE)
+                await fs.writeback.flush_inode(f.inode)
+            await fs.sync()
+            for idx in range(0, 64, 2):
+                await f.pwrite(os.urandom(PAGE), idx * PAGE)
+            before = set(fs.vol.engine.free_items)
+            await fs.sync()  # every other old extent is freed: the record gains each as a hole
+            engine = fs.vol.engine
+            assert len(before ^ engine.free_items) > 20
+            fst = engine.trees[S.FREE_SPACE_TREE_OBJECTID]
+            assert {(k[0], k[2]) for k, _ in fst.items()} == engine.free_items
+    assert per_item == []
+    assert_fsck_clean(image)
