@@ -2,7 +2,7 @@
 """Benchmarks: every figure is printed with its ratio to a reference measured in the same run,
 so numbers compare across machines and noisy runs.
 
-    python tools/bench.py [table] [btree] [fs] [writeback] [rss] [fsck] [fuse] [--rounds N] [--mib N] [--files N] ...
+    python tools/bench.py [table] [fio] [btree] [fs] [writeback] [rss] [fsck] [fuse] [--rounds N] [--mib N] [--files N] ...
 
 table (the default): issue 16's figures in one table -- figure, blockemu, reference, ratio,
 target. Method, for every figure: blockemu and its reference run ``--rounds`` times each in
@@ -28,6 +28,7 @@ writes pay). A reference tool that is not installed prints "n/a (not installed)"
 * the stress mix (4 tasks): no ceiling can run here (fsstress on kernel btrfs needs root), so
   the reference is issue 16's ~400 ops/s baseline and the ratio reads as "x today".
 
+fio: the table's two fio rows alone (IOPS and median fsync latency against real fio).
 fs: buffered writes under the background threshold (against aiofiles), 10,000 small files
 (against the host filesystem), and write-call latency during a flush and a sequential run.
 fsck: the table's fsck figure alone. writeback: see bench_writeback.
@@ -644,6 +645,11 @@ def bench_table(a: argparse.Namespace) -> None:
     print_table(figures)
 
 
+def bench_fio(a: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
+        print_table(fig_fio(d, a.rounds))
+
+
 def bench_fsck(a: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
         print_table(fig_fsck(d, a.files, a.rounds))
@@ -701,7 +707,7 @@ def bench_fuse() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", choices=[[], "table", "btree", "fs", "writeback", "rss", "fsck", "fuse"],
+    ap.add_argument("what", nargs="*", choices=[[], "table", "fio", "btree", "fs", "writeback", "rss", "fsck", "fuse"],
                     default=[])
     ap.add_argument("--gib", type=int, default=1)
     ap.add_argument("--files", type=int, default=45_000)
@@ -721,6 +727,8 @@ def main() -> None:
         asyncio.run(bench_btree(a.keys))
     if "rss" in what:
         bench_rss(a.gib)
+    if "fio" in what:
+        bench_fio(a)
     if "fsck" in what:
         bench_fsck(a)
     if "fuse" in what:
