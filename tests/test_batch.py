@@ -101,6 +101,7 @@ async def test_small_runs_of_a_flush_are_one_batch(image, monkeypatch):
 
     want, lost = await scattered_writes(image, spy=spy)
     assert writevs[0] == 32  # then the commit's writes (tree blocks, superblock mirrors)
+    applies.pop(S.FREE_SPACE_TREE_OBJECTID, None)  # the unmount's commit (a pass per converging round)
     assert applies == {5: 1, 2: 1, 7: 1, S.TREE_LOG_OBJECTID: 1}  # and the fsync's one pass over its log
     assert lost == 0
     assert await read_back(image) == want
@@ -164,3 +165,57 @@ async def test_a_batch_that_collapses_the_root_gives_the_tree_a_root_of_its_own(
     img = str(tmp_path / "w.img")
     await record(ace_workload(ace_space(3, 0, None)[325], 325), img, str(tmp_path / "base.img"), write_path=PRODUCTION)
     assert_fsck_clean(img)
+
+
+async def test_a_commit_rewrites_the_free_space_record_in_one_pass(image, monkeypatch):
+    """Scattered overwrites fragment free space: the commit that releases their old extents
+    moves dozens of free-space items, applied in one pass over the tree rather than one
+    descent each -- and the record equals the allocator's extents, fsck clean."""
+    per_item: list[str] = []
+    for name in ("insert", "delete"):
+        real = getattr(BTree, name)
+
+        def counted(self, key, *args, _real=real, _name=name, **kw):
+            if self.owner == S.FREE_SPACE_TREE_OBJECTID:
+                per_item.append(_name)
+            return _real(self, key, *args, **kw)
+
+        monkeypatch.setattr(BTree, name, counted)
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/f", "w+") as f:
+            for idx in range(64):  # 64 extents of a page, side by side on disk
+                await f.pwrite(os.urandom(PAGE), idx * PAGE)
+                await fs.writeback.flush_inode(f.inode)
+            await fs.sync()
+            for idx in range(0, 64, 2):
+                await f.pwrite(os.urandom(PAGE), idx * PAGE)
+            before = set(fs.vol.engine.free_items)
+            await fs.sync()  # every other old extent is freed: the record gains each as a hole
+            engine = fs.vol.engine
+            assert len(before ^ engine.free_items) > 20
+            fst = engine.trees[S.FREE_SPACE_TREE_OBJECTID]
+            assert {(k[0], k[2]) for k, _ in fst.items()} == engine.free_items
+    assert per_item == []
+    assert_fsck_clean(image)
+
+
+async def test_a_batch_derives_its_extent_keys_off_the_loop(image, monkeypatch):
+    """Each run of an encrypted batch has its own key (HKDF-SHA512 from the master secret and
+    its nonce, ~35 us): derived in the sealing thread with the encryption, not on the event
+    loop, which the batch's 32 derivations held for over a millisecond."""
+    import threading
+
+    from blockemu.crypto import fscrypt
+
+    derived_on: list[str] = []
+    real = fscrypt.extent_key
+
+    def spy_key(master, nonce):
+        derived_on.append(threading.current_thread().name)
+        return real(master, nonce)
+
+    want, lost = await scattered_writes(image, spy=lambda fs: monkeypatch.setattr(fscrypt, "extent_key", spy_key))
+    assert len(derived_on) == 32 and threading.main_thread().name not in derived_on
+    assert lost == 0
+    monkeypatch.setattr(fscrypt, "extent_key", real)
+    assert await read_back(image) == want

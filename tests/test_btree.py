@@ -308,10 +308,11 @@ def model_neighbours(model: dict, lo, hi, reverse: bool):
 
 @settings(max_examples=40, deadline=None)
 @given(base=st.lists(st.integers(0, 2000), max_size=600), staged=st.lists(st.tuples(st.integers(0, 2000), st.booleans()), max_size=200),
-       probes=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 2000)), min_size=1, max_size=30))
+       probes=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 2000), st.integers(0, 2000)), min_size=1, max_size=30))
 def test_tree_batch_reads_through_its_staged_changes(base, staged, probes):
     """A TreeBatch reads as the tree would after its changes (get, ranges both ways, the
-    neighbour lookups the one-descent paths answer), and ``apply`` makes it so."""
+    neighbour lookups and floor ranges the one-descent paths answer; deletions staged with a
+    lookup or without, ``drop``), and ``apply`` makes it so."""
     from blockemu.engine.batch import TreeBatch
 
     img = MemoryImage(4096)
@@ -324,12 +325,24 @@ def test_tree_batch_reads_through_its_staged_changes(base, staged, probes):
     for k, delete in staged:
         if delete:
             if key(k) in model:
-                assert batch.delete(key(k)) == model.pop(key(k))
+                if k % 2:
+                    assert batch.delete(key(k)) == model.pop(key(k))
+                else:
+                    batch.drop(key(k))
+                    del model[key(k)]
         else:
             batch.insert(key(k), b"s%d" % k, replace=True)
             model[key(k)] = b"s%d" % k
-    for a, b in probes:
+    for a, b, c in probes:
         lo, hi = key(min(a, b)), key(max(a, b))
+        floor_lo, at = key(min(a, b, c)), key(min(max(c, min(a, b)), max(a, b)))  # floor_lo <= at <= hi
+
+        def floor_range(model):
+            below = model_neighbours(model, floor_lo, at, True)
+            return model_neighbours(model, below[0][0] if below else at, hi, False)
+
+        assert list(batch.floor_items(at, floor_lo, hi)) == floor_range(model)
+        assert list(tree.floor_items(at, floor_lo, hi)) == floor_range(dict(tree.items()))
         assert batch.get(lo) == model.get(lo)
         for reverse in (False, True):
             assert list(batch.items(lo, hi, reverse=reverse)) == model_neighbours(model, lo, hi, reverse)

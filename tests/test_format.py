@@ -83,6 +83,28 @@ def test_superblock_vector():
         decode_super(bytes(bad), 65536)
 
 
+def test_encode_super_packs_every_field_as_the_construct_definition_does():
+    """encode_super packs with the struct format derived from construct: every field, the
+    backup roots' and the log's included, lands where the construct definition puts it."""
+    from blockemu.ondisk.superblock import BACKUP_FIELDS, SuperInfo
+
+    n = iter(range(1, 10_000))
+    backups = [{f: next(n) for f in BACKUP_FIELDS} for _ in range(S.NUM_BACKUP_ROOTS)]
+    sb = SuperInfo(fsid=FSID, generation=next(n), root=next(n), root_level=2, total_bytes=next(n) << 30,
+                   bytes_used=next(n), nodesize=4096, csum_type=csum.XXHASH64, label="lbl", compat_flags=next(n),
+                   compat_ro_flags=next(n), incompat_flags=next(n), backup_roots=backups, log_root=next(n),
+                   log_root_transid=next(n), log_root_level=3)
+    raw = S.Superblock.build(dict(csum=bytes(S.CSUM_FIELD), fsid=sb.fsid, bytenr=65536, flags=sb.flags,
+                                  generation=sb.generation, root=sb.root, total_bytes=sb.total_bytes,
+                                  bytes_used=sb.bytes_used, root_dir_objectid=sb.root_dir_objectid,
+                                  sectorsize=sb.sectorsize, nodesize=sb.nodesize, csum_type=sb.csum_type,
+                                  root_level=sb.root_level, compat_flags=sb.compat_flags,
+                                  compat_ro_flags=sb.compat_ro_flags, incompat_flags=sb.incompat_flags,
+                                  label=b"lbl".ljust(256, b"\0"), backup_roots=backups, log_root=sb.log_root,
+                                  log_root_transid=sb.log_root_transid, log_root_level=sb.log_root_level))
+    assert encode_super(sb, 65536) == csum.field(sb.csum_type, raw[S.CSUM_FIELD:]) + raw[S.CSUM_FIELD:]
+
+
 def test_checksum_known_answers():
     assert csum.digest(csum.CRC32C, b"123456789") == (0xE3069283).to_bytes(4, "little")
     assert csum.digest(csum.XXHASH64, b"") == (0xEF46DB3751D8E999).to_bytes(8, "little")

@@ -367,3 +367,25 @@ def test_a_worker_starts_without_cryptography_or_package_metadata():
     package = os.path.dirname(os.path.dirname(os.path.abspath(blockemu.crypto.sealworker.__file__)))
     out = subprocess.run([sys.executable, "-c", probe, package], check=True, capture_output=True, text=True).stdout
     assert out.split() == ["[]", csum.field(0, b"abc").hex()]
+
+
+async def test_seal_many_checksums_keyless_runs_on_the_loop_and_keyed_ones_in_one_thread_trip(arena, monkeypatch):
+    """A batch of small runs (an fsync after scattered writes): without a key sealing is only
+    checksumming, done on the loop -- no thread round trip; with keys, the runs share one trip
+    to a thread. Either way each result is what sealing the run here gives."""
+    trips: list[int] = []
+    real = asyncio.to_thread
+
+    async def counted(func, jobs, *args):
+        trips.append(len(jobs))
+        return await real(func, jobs, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    sealer = Sealer(arena=arena, max_extent=EXTENT, workers=0)
+    runs = [[i * PAGES + 3, i * PAGES + 5] for i in range(RUNS)]  # two scattered frames each
+    plain = [bytes(arena.page(runs[i][0])) + bytes(arena.page(runs[i][1])) for i in range(RUNS)]
+    got = await sealer.seal_many([(None, frames) for frames in runs], 0)
+    assert trips == [] and [(bytes(d), s) for d, s in got] == [seal_local(None, p, 0) for p in plain]
+    got = await sealer.seal_many([(run_key(i), frames) for i, frames in enumerate(runs)], 0)
+    assert trips == [RUNS] and [(bytes(d), s) for d, s in got] == [seal_local(run_key(i), p, 0) for i, p in enumerate(plain)]
+    await sealer.close()

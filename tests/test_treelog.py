@@ -196,6 +196,47 @@ async def test_changes_the_log_cannot_say_commit_and_are_durable(tmp_path, chang
             assert not await fs.exists("/d/old")
 
 
+async def test_an_fsync_commits_once_the_log_has_grown_past_its_limit(tmp_path):
+    """Scattered writes make every log leaf dirty on every fsync, so a log sync costs more with
+    every block the log has grown: past LOG_COMMIT_BLOCKS the fsync commits (a new generation,
+    the log emptied), the next one logs again into a fresh log, and both keep what they acked."""
+    from blockemu.engine.treelog import LOG_COMMIT_BLOCKS
+    img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
+    await blockemu.mkfs(img, size="64M", node_size="4K", force=True)  # small leaves: the log grows fast
+    rng = random.Random(7)
+    async with blockemu.mount(img, interval=3600) as fs:
+        want = bytearray(rng.randbytes(1 << 20))
+        async with fs.open("/f", "w") as f:
+            await f.write(want)
+        await fs.sync()
+        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        async with fs.open("/f", "r+") as f:
+            gens = []
+            while fs.vol.log.blocks() <= LOG_COMMIT_BLOCKS:
+                gen = fs.vol.generation
+                for page in rng.sample(range(256), 32):
+                    data = rng.randbytes(4096)
+                    await f.pwrite(data, page * 4096)
+                    want[page * 4096 : (page + 1) * 4096] = data
+                await f.fsync()
+                assert fs.vol.generation == gen and fs.vol.log_root, "below the limit, fsync logs"
+                gens.append(gen)
+            assert len(gens) > 1
+            await f.pwrite(b"c" * 4096, 0)
+            want[:4096] = b"c" * 4096
+            await f.fsync()
+            assert fs.vol.generation == gens[-1] + 1 and not fs.vol.log_root and fs.vol.log.blocks() == 0
+            await f.pwrite(b"l" * 4096, 8192)
+            want[8192:12288] = b"l" * 4096
+            await f.fsync()
+            assert fs.vol.generation == gens[-1] + 1 and fs.vol.log_root and fs.vol.log.blocks() == 1
+        _crash_now(log, crash)
+    assert check(crash, check_data=True).clean
+    async with blockemu.mount(crash) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+
+
 async def test_a_directory_fsync_commits(tmp_path):
     img = str(tmp_path / "a.img")
     await _fresh(img)

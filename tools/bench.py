@@ -2,7 +2,7 @@
 """Benchmarks: every figure is printed with its ratio to a reference measured in the same run,
 so numbers compare across machines and noisy runs.
 
-    python tools/bench.py [table] [seq] [stress] [btree] [fs] [writeback] [rss] [fsck] [fuse] [--rounds N] [--mib N] ...
+    python tools/bench.py [table] [seq] [stress] [fio] [btree] [fs] [writeback] [rss] [fsck] [fuse] [--rounds N] [--mib N] ...
 
 table (the default): issue 16's figures in one table -- figure, blockemu, reference, ratio,
 target. Method, for every figure: blockemu and its reference run ``--rounds`` times each in
@@ -29,8 +29,9 @@ writes pay). A reference tool that is not installed prints "n/a (not installed)"
   here (fsstress on kernel btrfs needs root), so the reference is issue 16's ~400 ops/s baseline
   and the ratio reads as "x today".
 
-seq, stress: the table's sequential-write rows, or its stress row, alone (a minute, not the
-table's many: fsck's content alone takes minutes to make).
+seq, stress, fio: the table's sequential-write rows, its stress row, or its two fio rows (IOPS and
+median fsync latency against real fio) alone (a minute, not the table's many: fsck's content
+alone takes minutes to make).
 fs: buffered writes under the background threshold (against aiofiles), 10,000 small files
 (against the host filesystem), and write-call latency during a flush and a sequential run.
 fsck: the table's fsck figure alone. writeback: see bench_writeback.
@@ -655,7 +656,9 @@ def bench_table(a: argparse.Namespace) -> None:
 
 def bench_rows(a: argparse.Namespace, which: str) -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
-        print_table(fig_sequential(d, a.mib, a.rounds) if which == "seq" else fig_stress(d, a.stress_seconds, a.rounds))
+        figures = {"seq": lambda: fig_sequential(d, a.mib, a.rounds), "stress": lambda: fig_stress(d, a.stress_seconds, a.rounds),
+                   "fio": lambda: fig_fio(d, a.rounds)}
+        print_table(figures[which]())
 
 
 def bench_fsck(a: argparse.Namespace) -> None:
@@ -715,8 +718,8 @@ def bench_fuse() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", choices=[[], "table", "seq", "stress", "btree", "fs", "writeback", "rss", "fsck",
-                                                "fuse"],
+    ap.add_argument("what", nargs="*", choices=[[], "table", "seq", "stress", "fio", "btree", "fs", "writeback", "rss",
+                                                "fsck", "fuse"],
                     default=[])
     ap.add_argument("--gib", type=int, default=1)
     ap.add_argument("--files", type=int, default=45_000)
@@ -728,7 +731,7 @@ def main() -> None:
     what = a.what or ["table"]
     if "table" in what:
         bench_table(a)
-    for which in ("seq", "stress"):
+    for which in ("seq", "stress", "fio"):
         if which in what:
             bench_rows(a, which)
     if "fs" in what:

@@ -12,6 +12,7 @@ half way (a corrupt back reference) leaves the tree as it was.
 """
 from __future__ import annotations
 
+from itertools import chain
 from typing import Iterator
 
 from sortedcontainers import SortedDict
@@ -70,6 +71,19 @@ class TreeBatch:
             return staged, self.changes[staged]
         return next(self.items(lo, key, reverse=True), None)
 
+    def floor_items(self, key: KeyT, lo: KeyT, hi: KeyT) -> Iterator[tuple[KeyT, bytes]]:
+        """``BTree.floor_items`` with the staged changes over it. The tree's answer stands when
+        nothing is staged from its floor (or from ``lo``, if it has none) to ``hi``: a staged key
+        below the tree's floor cannot be the floor, and none above it changes the range.
+        Otherwise the staged view's floor, then its items."""
+        base = self.tree.floor_items(key, lo, hi)
+        first = next(base, None)
+        start = first[0] if first is not None and first[0] <= key else lo
+        if not self._staged_in(start, hi):
+            return base if first is None else chain((first,), base)
+        found = self.last_at_or_before(key, lo)
+        return self.items(found[0] if found is not None else key, hi)
+
     def first_at_or_after(self, key: KeyT, hi: KeyT = MAX_KEY) -> tuple[KeyT, bytes] | None:
         found = self.tree.first_at_or_after(key, hi)
         i = self.changes.bisect_left(key)
@@ -98,6 +112,12 @@ class TreeBatch:
             raise NotFoundError(f"no item {key} in tree {self.tree.owner}")
         self.changes[key] = None
         return value
+
+    def drop(self, key: KeyT) -> None:
+        """Stage the deletion of an item the caller has just read through this batch: unlike
+        ``delete``, no lookup to check that it is there -- another descent of the tree, for
+        each of the items writeback replaces (a deletion of an absent key changes nothing)."""
+        self.changes[key] = None
 
     def apply(self) -> None:
         """Make the staged changes in the tree, in one pass, and start empty again."""

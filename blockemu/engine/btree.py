@@ -128,6 +128,23 @@ class BTree:
             return None
         return leaf.keys[i], leaf.values[i]
 
+    def floor_items(self, key: KeyT, lo: KeyT, hi: KeyT) -> Iterator[tuple[KeyT, bytes]]:
+        """``items(f, hi)``, where f is the last key <= ``key`` that is >= ``lo`` (``key`` if there
+        is none): a range plus the item reaching into it from before, which is what mapping a
+        file range asks, with one descent instead of two (``last_at_or_before``, then
+        ``items``) -- the leaf ``key`` falls in holds f, and usually the whole range. Do not
+        change the tree while iterating."""
+        leaf = self._leaf_for(key)
+        keys = leaf.keys
+        i = bisect_right(keys, key) - 1
+        if i < 0 or keys[i] < lo:
+            i += 1
+        j = bisect_right(keys, hi, i)
+        yield from zip(keys[i:j], leaf.values[i:j])
+        if j == len(keys) and keys and keys[-1] < hi:  # the range goes on past this leaf
+            last = keys[-1]
+            yield from (item for item in self.items(last, hi) if item[0] != last)
+
     def first_at_or_after(self, key: KeyT, hi: KeyT = MAX_KEY) -> tuple[KeyT, bytes] | None:
         leaf = self._leaf_for(key)
         i = bisect_left(leaf.keys, key)
@@ -290,7 +307,12 @@ class BTree:
 
     @staticmethod
     def _merge_leaf(leaf: TreeBlock, changes: list[tuple[KeyT, bytes | None]]) -> None:
-        """Merge sorted ``changes`` into a leaf's sorted items in one pass."""
+        """Merge sorted ``changes`` into a leaf's sorted items: a few in place (an fsync after
+        scattered writes changes one or two items in each of dozens of leaves, and rebuilding
+        a leaf's two lists around them cost more than the edits), many in one pass."""
+        if len(changes) * 16 <= len(leaf.keys):
+            BTree._edit_leaf(leaf, changes)
+            return
         keys, values = leaf.keys, leaf.values
         out_k: list[KeyT] = []
         out_v: list[bytes] = []
@@ -310,6 +332,30 @@ class BTree:
         out_k += keys[i:]
         out_v += values[i:]
         leaf.keys, leaf.values, leaf.used = out_k, out_v, used
+
+    @staticmethod
+    def _edit_leaf(leaf: TreeBlock, changes: list[tuple[KeyT, bytes | None]]) -> None:
+        """``_merge_leaf`` for a few changes: each a bisection and an edit in place (the leaf is
+        this transaction's own copy)."""
+        keys, values = leaf.keys, leaf.values
+        used, i = leaf.used, 0
+        for key, value in changes:
+            j = bisect_left(keys, key, i)
+            if j < len(keys) and keys[j] == key:
+                if value is None:
+                    used -= ITEM_SIZE + len(values[j])
+                    del keys[j], values[j]
+                else:
+                    used += len(value) - len(values[j])
+                    values[j] = value
+                    j += 1
+            elif value is not None:
+                keys.insert(j, key)
+                values.insert(j, value)
+                used += ITEM_SIZE + len(value)
+                j += 1
+            i = j
+        leaf.used = used
 
     def _split_leaf_many(self, leaf: TreeBlock) -> list[TreeBlock]:
         """Split an overfull leaf into as many evenly filled leaves as its bytes need."""

@@ -64,13 +64,11 @@ class NewExtent(NamedTuple):
 
 def file_mappings(fs: BTree | TreeBatch, ino: int, start: int, end: int) -> Iterator[Mapping]:
     """EXTENT_DATA items of ``ino`` overlapping [start, end), in file order."""
-    lo = (ino, S.EXTENT_DATA, 0)
-    first = fs.last_at_or_before((ino, S.EXTENT_DATA, start), lo)
-    begin = first[0] if first else (ino, S.EXTENT_DATA, start)
-    for key, body in fs.items(begin, (ino, S.EXTENT_DATA, max(end - 1, 0))):
-        m = Mapping(key[2], FileExtent.unpack(body))
-        if m.end > start and m.file_offset < end:
-            yield m
+    for key, body in fs.floor_items((ino, S.EXTENT_DATA, start), (ino, S.EXTENT_DATA, 0),
+                                    (ino, S.EXTENT_DATA, max(end - 1, 0))):
+        fe = FileExtent.unpack(body)
+        if key[2] + fe.num_bytes > start and key[2] < end:
+            yield Mapping(key[2], fe)
 
 
 class Extents:
@@ -169,7 +167,7 @@ class ExtentBatch:
         if total > 0:
             self.ext.insert(key, ExtentItem(total, item.generation, item.flags, tuple(refs)).pack(), replace=True)
             return
-        self.ext.delete(key)
+        self.ext.drop(key)
         self._drop_csums(fe.disk_bytenr, fe.disk_num_bytes)
         self.freed.append((fe.disk_bytenr, fe.disk_num_bytes))
 
@@ -177,7 +175,7 @@ class ExtentBatch:
         lo = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr)
         hi = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + length - 1)
         for key in [k for k, _ in self.csum.items(lo, hi)]:
-            self.csum.delete(key)
+            self.csum.drop(key)
 
     # ------------------------------------------------------------------ changing a file
 
@@ -201,7 +199,7 @@ class ExtentBatch:
             if keep_left:
                 self.fs.insert(key, fe._replace(num_bytes=start - m.file_offset).pack(), replace=True)
             else:
-                self.fs.delete(key)
+                self.fs.drop(key)
             if keep_right:
                 cut = end - m.file_offset
                 right = fe._replace(offset=fe.offset + cut, num_bytes=m.length - cut)

@@ -401,16 +401,21 @@ class Engine:
         return changed
 
     def _sync_free_space(self) -> bool:
-        fst = self.trees[FREE_SPACE_TREE_OBJECTID]
+        """Rewrite the free-space record to the allocator's extents once the pins are released:
+        the difference, applied in one pass (``BTree.apply``). Small writes fragment free space
+        and every commit moves hundreds of extents; one descent and COW each made this the
+        largest step of a commit after fsyncs of scattered 4 KiB writes. ``free_items`` mirrors
+        the tree's items, so what goes is there and what comes is not."""
         want = set(self.allocator.extents_after_commit())
-        gone, new = sorted(self.free_items - want), sorted(want - self.free_items)
-        for start, length in gone:
-            fst.delete((start, FREE_SPACE_EXTENT, length))
-            self.free_items.discard((start, length))
-        for start, length in new:
-            fst.insert((start, FREE_SPACE_EXTENT, length), b"")
-            self.free_items.add((start, length))
-        return bool(gone or new)
+        gone, new = self.free_items - want, want - self.free_items
+        if not (gone or new):
+            return False
+        changes: list[tuple[tuple[int, int, int], bytes | None]] = sorted(
+            [((start, FREE_SPACE_EXTENT, length), None) for start, length in gone]
+            + [((start, FREE_SPACE_EXTENT, length), b"") for start, length in new])
+        self.trees[FREE_SPACE_TREE_OBJECTID].apply(changes)
+        self.free_items = want
+        return True
 
     def prepare_commit(self) -> tuple[list[tuple[int, bytes]], SuperInfo]:
         """Converge the trees; return the tree-block writes and the superblock to write after them."""

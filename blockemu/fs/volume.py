@@ -205,8 +205,8 @@ class Volume:
         await self.commit()
 
     async def _log_sync(self, ino: int) -> bool:
-        """Log ``ino`` and write the log; False if the log cannot say its change or finds no
-        room. Decided under the commit lock: a hole punched, or a name changed, while this
+        """Log ``ino`` and write the log; False if the log cannot say its change, finds no room
+        or has grown too big to be worth syncing (``TreeLog.can_log``). Decided under the commit lock: a hole punched, or a name changed, while this
         waited for the lock must make it commit -- logged, the hole has no item, and replay
         would bring back the committed data from before the write being fsynced."""
         async with self.commit_lock:

@@ -31,7 +31,7 @@ from typing import Protocol
 
 from blockemu.crypto import fscrypt
 from blockemu.crypto.keyring import Keyring
-from blockemu.crypto.sealer import DEPTH, TIMEOUT, Sealer, worker_count
+from blockemu.crypto.sealer import DEPTH, TIMEOUT, RunKey, Sealer, worker_count
 from blockemu.engine.extents import Extents, NewExtent
 from blockemu.errors import DeviceIOError, NoKeyError, NoSpaceError
 from blockemu.fs.pagecache import PAGE, PageCache, Pages, Run
@@ -374,37 +374,37 @@ class Writeback:
     async def _write_batch(self, inode: Inode, runs: list[Run], turn: Turn) -> None:
         """Small runs sealed in one batch, each its own extent (its own nonce and key), placed
         and written with one writev, then mapped with one pass over each tree (``add_extents``).
-        Raises before any tree changes if a run cannot be placed or written."""
+        Raises before any tree changes if a run cannot be placed or written.
+
+        The extent keys are derived in the sealing thread, from the secret and each run's nonce
+        (``RunKey``), not here on the loop. A secret wiped meanwhile (hard removal) may have
+        given a run a wrong key: the check after sealing refuses the batch then, as it refuses
+        one whose secret went while it was being encrypted."""
         fs = self.fs
-        keys: list[bytearray | None] = [None] * len(runs)
+        keys: list[RunKey] = [None] * len(runs)
         nonces: list[bytes | None] = [None] * len(runs)
         secret = None
-        try:
-            if inode.key_id is not None:
-                secret = fs.keyring.secret_for(inode.key_id, inode.ino)
-                nonces = [os.urandom(fscrypt.NONCE_SIZE) for _ in runs]
-                keys = [fscrypt.extent_key(secret, nonce) for nonce in nonces]  # type: ignore[arg-type]
-            sealed = await self.sealer.seal_many([(k, run.entries) for k, run in zip(keys, runs)], fs.vol.sb.csum_type)
-            async with turn:
-                if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
-                    raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
-                async with fs.vol.join() as engine:
-                    keep, placed = engine.data_keep(), []
-                    try:
-                        for data, _ in sealed:
-                            placed.append(engine.allocator.alloc(len(data), keep=keep))
-                        await fs.vol.device.writev(list(zip(placed, (data for data, _ in sealed))))
-                    except BaseException:
-                        for bytenr, (data, _) in zip(placed, sealed):
-                            engine.allocator.release(bytenr, len(data))  # referenced by nothing, durable nowhere
-                        raise
-                    new = [NewExtent(run.first * PAGE, bytenr, len(data), len(data), self._context(inode, nonce), digests)
-                           for run, bytenr, (data, digests), nonce in zip(runs, placed, sealed, nonces)]
-                    self._mapped(inode, new)
-        finally:
-            for key in keys:
-                if key is not None:
-                    fscrypt.wipe(key)
+        if inode.key_id is not None:
+            secret = fs.keyring.secret_for(inode.key_id, inode.ino)
+            nonces = [os.urandom(fscrypt.NONCE_SIZE) for _ in runs]
+            keys = [(secret, nonce) for nonce in nonces]  # type: ignore[misc]
+        sealed = await self.sealer.seal_many([(k, run.entries) for k, run in zip(keys, runs)], fs.vol.sb.csum_type)
+        async with turn:
+            if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
+                raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
+            async with fs.vol.join() as engine:
+                keep, placed = engine.data_keep(), []
+                try:
+                    for data, _ in sealed:
+                        placed.append(engine.allocator.alloc(len(data), keep=keep))
+                    await fs.vol.device.writev(list(zip(placed, (data for data, _ in sealed))))
+                except BaseException:
+                    for bytenr, (data, _) in zip(placed, sealed):
+                        engine.allocator.release(bytenr, len(data))  # referenced by nothing, durable nowhere
+                    raise
+                new = [NewExtent(run.first * PAGE, bytenr, len(data), len(data), self._context(inode, nonce), digests)
+                       for run, bytenr, (data, digests), nonce in zip(runs, placed, sealed, nonces)]
+                self._mapped(inode, new)
 
     @staticmethod
     def _context(inode: Inode, nonce: bytes | None) -> ExtentContext | None:

@@ -1,4 +1,5 @@
-"""Superblock encode/decode and validation (construct: once per commit, not hot)."""
+"""Superblock encode/decode and validation (decode with construct: once per open, not hot;
+encode with the derived ``struct`` format: once per commit and per log sync)."""
 from __future__ import annotations
 
 import uuid
@@ -9,6 +10,7 @@ import construct as c
 
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
+from blockemu.ondisk import fast
 from blockemu.ondisk.structs import (
     CSUM_FIELD,
     INCOMPAT_TREE_LOG,
@@ -91,33 +93,51 @@ def mirror_offsets(total_bytes: int) -> list[int]:
     return [off for off in SUPER_OFFSETS if off + SUPER_INFO_SIZE <= total_bytes]
 
 
+def _super_fields() -> list[tuple[int | None, str]]:
+    """The fast superblock format's fields, in order: (backup root index, field) for a backup
+    root's, (None, field) for the others."""
+    out: list[tuple[int | None, str]] = []
+    for name in fast.FAST["Superblock"][1]:
+        if name.startswith("backup_roots["):
+            index, sub = name[len("backup_roots["):].split("].")
+            out.append((int(index), sub))
+        else:
+            out.append((None, name))
+    return out
+
+
+_SUPER_FIELDS = _super_fields()
+
+
 def encode_super(info: SuperInfo, at: int) -> bytes:
-    """The 4 KiB superblock copy for offset ``at``; each copy records its own bytenr, so csums differ."""
-    raw = Superblock.build(
-        dict(
-            csum=b"\0" * CSUM_FIELD,
-            fsid=info.fsid,
-            bytenr=at,
-            flags=info.flags,
-            generation=info.generation,
-            root=info.root,
-            total_bytes=info.total_bytes,
-            bytes_used=info.bytes_used,
-            root_dir_objectid=info.root_dir_objectid,
-            sectorsize=info.sectorsize,
-            nodesize=info.nodesize,
-            csum_type=info.csum_type,
-            root_level=info.root_level,
-            compat_flags=info.compat_flags,
-            compat_ro_flags=info.compat_ro_flags,
-            incompat_flags=info.incompat_flags,
-            label=info.label.encode().ljust(256, b"\0"),
-            backup_roots=info.backup_roots,
-            log_root=info.log_root,
-            log_root_transid=info.log_root_transid,
-            log_root_level=info.log_root_level,
-        )
-    )
+    """The 4 KiB superblock copy for offset ``at``; each copy records its own bytenr, so csums
+    differ. Packed with the ``struct`` format derived from the construct definition: every
+    fsync through the log writes a superblock, and construct's build took ~0.4 ms of it."""
+    top = {
+        "csum": b"",
+        "fsid": info.fsid,
+        "bytenr": at,
+        "flags": info.flags,
+        "magic": MAGIC,
+        "generation": info.generation,
+        "root": info.root,
+        "total_bytes": info.total_bytes,
+        "bytes_used": info.bytes_used,
+        "root_dir_objectid": info.root_dir_objectid,
+        "sectorsize": info.sectorsize,
+        "nodesize": info.nodesize,
+        "csum_type": info.csum_type,
+        "root_level": info.root_level,
+        "compat_flags": info.compat_flags,
+        "compat_ro_flags": info.compat_ro_flags,
+        "incompat_flags": info.incompat_flags,
+        "label": info.label.encode(),
+        "log_root": info.log_root,
+        "log_root_transid": info.log_root_transid,
+        "log_root_level": info.log_root_level,
+    }
+    backups = info.backup_roots
+    raw = fast.SUPERBLOCK.pack(*[top[name] if index is None else backups[index][name] for index, name in _SUPER_FIELDS])
     return csums.field(info.csum_type, raw[CSUM_FIELD:]) + raw[CSUM_FIELD:]
 
 
