@@ -4,6 +4,7 @@ unit gives, and must still be the paths in use."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import tracemalloc
@@ -100,3 +101,91 @@ def test_wipe_zeroes_in_place_without_allocating_zeros():
     fscrypt.wipe(secret)
     assert secret == bytes(64)
     view.release()
+
+
+def test_a_shorter_tweak_table_built_late_never_replaces_the_one_in_use(monkeypatch):
+    """Threads share the tweak table. A thread that started growing it for a short extent (B)
+    and finishes after a longer one grew it further must not leave the shorter table in place
+    for a thread (C) that checked the longer one was long enough: C would read tweaks past
+    the shorter table's end -- wrong ciphertext, silently. Driven by events: B's build (the
+    closure's ``range``) and C's window between its check and its use (its ``len`` of the
+    sources) block until the test lets them go."""
+    import builtins
+    import threading
+
+    xts.libcrypto_xts.cache_clear()  # a fresh table, empty: this test grows it
+    monkeypatch.setattr(xts, "libcrypto_xts", functools.cache(xts.libcrypto_xts.__wrapped__))
+    key, data = os.urandom(64), os.urandom(5 * UNIT)
+    b_building, b_go, c_waiting, c_go = (threading.Event() for _ in range(4))
+    names: dict[int, str] = {}
+
+    def blocking_range(*args):
+        if names.get(threading.get_ident()) == "B" and len(args) == 1:  # B's table build
+            b_building.set()
+            assert b_go.wait(10)
+        return builtins.range(*args)
+
+    checked: set[int] = set()
+
+    def blocking_len(x):
+        me = threading.get_ident()
+        if names.get(me) == "C":
+            if isinstance(x, bytearray) and builtins.len(x) >= 16 * 1000:
+                checked.add(me)  # C read the long table's length; its next len is the window
+            elif me in checked:
+                checked.discard(me)
+                c_waiting.set()
+                assert c_go.wait(10)
+        return builtins.len(x)
+
+    monkeypatch.setattr(xts, "range", blocking_range, raising=False)
+    monkeypatch.setattr(xts, "len", blocking_len, raising=False)
+    results: dict[str, bytes] = {}
+
+    def run(name: str, first_unit: int) -> None:
+        names[threading.get_ident()] = name
+        results[name] = bytes(fscrypt.encrypt_units(bytearray(key), data, first_unit))
+
+    b = threading.Thread(target=run, args=("B", 295))  # needs 300 tweaks
+    b.start()
+    assert b_building.wait(10)
+    run("A", 995)  # needs 1000: grows the table while B still builds its 300
+    c = threading.Thread(target=run, args=("C", 995))
+    c.start()
+    assert c_waiting.wait(10)  # C saw a table long enough
+    b_go.set()
+    b.join(10)  # B's table lands now
+    c_go.set()
+    c.join(10)
+    assert results["A"] == reference(key, data, 995)
+    assert results["B"] == reference(key, data, 295)
+    assert results["C"] == reference(key, data, 995), "C encrypted with tweaks read past a shorter table"
+
+
+def test_without_libcrypto_every_caller_falls_back_to_cryptography(monkeypatch):
+    """No OpenSSL 3 libcrypto (``library()`` raising OSError, as ctypes does when the .so is
+    absent): encryption, decryption and a sealing worker's slot all give the same bytes
+    through cryptography's path."""
+    from blockemu.crypto import sealworker
+    from blockemu.ondisk import csum
+
+    def absent():
+        raise OSError("libcrypto.so.3: cannot open shared object file")
+
+    monkeypatch.setattr(xts, "library", absent)
+    monkeypatch.setattr(xts, "libcrypto_xts", functools.cache(xts.libcrypto_xts.__wrapped__))
+    assert xts.libcrypto_xts() is None
+    key, data = os.urandom(64), os.urandom(3 * UNIT)
+    assert bytes(fscrypt.encrypt_units(bytearray(key), data, 300)) == reference(key, data, 300)
+    assert bytes(fscrypt.decrypt_units(bytearray(key), reference(key, data, 300), 300)) == data
+    arena = memoryview(bytearray(4 * UNIT))
+    arena[UNIT : 4 * UNIT] = data
+    cap = 3 * UNIT
+    slots = memoryview(bytearray(sealworker.slot_size(cap)))
+    slots[: sealworker.KEY] = key
+    ctype = next(iter(csum.ALGORITHMS))
+    digests = sealworker.seal_slot(arena, slots, 0, (1, 2, 3), cap, ctype)
+    out = sealworker.KEY + cap
+    assert bytes(slots[out : out + 3 * UNIT]) == reference(key, data, 0)
+    assert bytes(slots[: sealworker.KEY]) == bytes(sealworker.KEY), "the key stayed in the slot"
+    assert digests == sealworker.digests(reference(key, data, 0), ctype)

@@ -77,9 +77,14 @@ def libcrypto_xts() -> Callable[[bytes | bytearray, Sequence[int], int, int, boo
 
     def xts(key: bytes | bytearray, sources: Sequence[int], first_unit: int, out: int, encrypt: bool) -> None:
         nonlocal tweaks
-        if len(tweaks) < 16 * (first_unit + len(sources)):
-            tweaks = bytearray().join(i.to_bytes(16, "little") for i in range(max(first_unit + len(sources), 256)))
-        table = tweaks  # kept alive (a thread may grow the table) while its address is used
+        # this call's table, taken once: the shared one may be replaced meanwhile, and by a
+        # shorter one when a thread that began growing it for a short extent finishes after
+        # one that grew it further -- it is checked, and kept alive, only as this local
+        table = tweaks
+        if len(table) < 16 * (first_unit + len(sources)):
+            table = bytearray().join(i.to_bytes(16, "little") for i in range(max(first_unit + len(sources), 256)))
+            if len(table) > len(tweaks):
+                tweaks = table
         at = buffer_address(table) + 16 * first_unit
         enc = int(encrypt)
         outl = ctypes.c_int()  # this call's own: threads seal and decrypt concurrently
