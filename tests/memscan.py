@@ -8,7 +8,8 @@ used them), derives the extent keys itself from the nonces the test names, and k
 needle to itself.
 
 Protocol (stdin/stdout, binary): on start the scanner writes the 64-byte master key and the
-64-byte plaintext unit; then, per JSON line ``{"pids": [...], "nonces": [hex, ...]}`` read, it
+64-byte plaintext unit; then, per JSON line ``{"pids": [...], "nonces": [hex, ...], "name_nonces": [hex, ...]}`` read
+(extent nonces; directories' nonces, whose names keys are looked for too), it
 answers one JSON line ``{"hits": {"<needle> in pid <pid> <region>": [count, first address]},
 "scanned": bytes}``.
 """
@@ -37,9 +38,11 @@ def fscrypt_hkdf(master: bytes, context: int, info: bytes, length: int) -> tuple
     return prk, okm[:length]
 
 
-def needles(master: bytes, unit: bytes, nonces: list[str]) -> dict[str, bytes]:
+def needles(master: bytes, unit: bytes, nonces: list[str], name_nonces: list[str]) -> dict[str, bytes]:
     prk, _ = fscrypt_hkdf(master, 1, b"", 16)
     found = {"master key": master, "HKDF PRK of the master key": prk, "plaintext": unit}
+    for nonce in name_nonces:  # a directory's names key (AES-256-CTS, per-file context 2)
+        found[f"names key {nonce}"] = fscrypt_hkdf(master, 2, bytes.fromhex(nonce), 32)[1]
     for nonce in nonces:
         _, key = fscrypt_hkdf(master, 9, bytes.fromhex(nonce), 64)
         # each half: AES-256-XTS is two AES-256 keys, and an AES key schedule starts with its
@@ -104,7 +107,7 @@ def main() -> None:
     out.flush()
     for line in sys.stdin.buffer:
         req = json.loads(line)
-        found = needles(master, unit, req["nonces"])
+        found = needles(master, unit, req["nonces"], req.get("name_nonces", []))
         hits: dict[str, list] = {}
         seen: set[tuple[str, str]] = set()
         scanned = sum(scan(pid, found, hits, seen) for pid in req["pids"])

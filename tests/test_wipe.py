@@ -51,10 +51,12 @@ class Scanner:
             got += n
         view.release()
 
-    def scan(self, pids: list[int], nonces: list[str]) -> dict[str, list]:
-        """Where the secrets are: ``{"<needle> in pid <pid> <region>": [count, first address]}``."""
+    def scan(self, pids: list[int], nonces: list[str], name_nonces: list[str] = []) -> dict[str, list]:
+        """Where the secrets are: ``{"<needle> in pid <pid> <region>": [count, first address]}``;
+        ``name_nonces``: directories whose names keys are looked for too."""
         gc.collect()
-        self.proc.stdin.write(json.dumps({"pids": pids, "nonces": nonces}).encode() + b"\n")  # type: ignore[union-attr]
+        req = {"pids": pids, "nonces": nonces, "name_nonces": name_nonces}
+        self.proc.stdin.write(json.dumps(req).encode() + b"\n")  # type: ignore[union-attr]
         reply = json.loads(self.proc.stdout.readline())  # type: ignore[union-attr]
         assert reply["scanned"] > 0
         return reply["hits"]
@@ -127,11 +129,15 @@ async def test_no_key_or_plaintext_outlives_the_lock(tmp_path, mode):
         workers = fs.writeback.sealer.pids
         assert len(workers) == 2
 
+        names = [fs._policy(fs._resolve("/s"))[1].hex()]
+        # the directory's names key, derived once per unlock and kept: the needle finds it now
+        assert any(k.startswith("names key") for k in scanner.scan([os.getpid()], [], names))
+
         await fs.remove_key(kid)
         assert str(fs.key_status(kid)) == "Absent"
-        locked = scanner.scan([os.getpid(), *workers], nonces)
+        locked = scanner.scan([os.getpid(), *workers], nonces, names)
         await fs.unmount()
-        unmounted = scanner.scan([os.getpid()], nonces)
+        unmounted = scanner.scan([os.getpid()], nonces, names)
     finally:
         scanner.close()
     assert not locked, report(locked)
