@@ -13,7 +13,7 @@ import blockemu
 from blockemu.check.fsck import check
 from blockemu.device.image import ImageFile
 from blockemu.ondisk import structs as S
-from blockemu.workload.crash import CampaignResult, Recorder, check_states, record
+from blockemu.workload.crash import CampaignResult, Recorder, check_sample, check_states, expected_state, record
 from blockemu.workload.writepath import FAST, PRODUCTION
 from tests.util import flip
 
@@ -349,3 +349,68 @@ async def test_a_damaged_log_fails_the_mount_and_rescue_zero_log_drops_it(tmp_pa
     before = _digest(crash)
     assert main(["rescue", "zero-log", crash]) == 0 and "no fsync log" in capsys.readouterr().out
     assert _digest(crash) == before
+
+
+def log_cap_workload(scale: int, grew: list[int]):
+    """Three files, each rewritten in scattered pages and fsynced in turn, until the log has
+    crossed its cap (LOG_COMMIT_BLOCKS: the fsync commits instead) twice: states before,
+    at and after each cap-commit, with the log then started afresh. Every change is fsynced
+    before the next persistence point, so each durable state has its oracle. ``grew``
+    collects the generations the cap-commits made."""
+    from blockemu.engine.treelog import LOG_COMMIT_BLOCKS
+
+    async def run(fs, rec: Recorder) -> None:
+        rng = random.Random(11)
+        files = [f"/A/f{i}" for i in range(3)]
+        await rec.mkdir("/A")
+        for p in files:
+            async with fs.open(p, "w") as f:
+                await f.write(rng.randbytes(128 * 4096))
+        await fs.sync()
+        await rec.persisted()
+        handles = [await fs.open(p, "r+") for p in files]
+        try:
+            rounds = 0
+            while len(grew) < 2 and rounds < 40:
+                rounds += 1
+                for f in handles:
+                    if rounds == 2 and f is handles[0] and scale > 1:
+                        await f.pwrite(rng.randbytes(1 << 20), 0)  # a worker's extent too, on production
+                    for page in rng.sample(range(128), 12):
+                        await f.pwrite(rng.randbytes(4096), page * 4096)
+                    gen, over = fs.vol.generation, fs.vol.log.blocks() > LOG_COMMIT_BLOCKS
+                    await f.fsync()
+                    if over:
+                        assert fs.vol.generation == gen + 1 and not fs.vol.log_root, "past the cap, fsync commits"
+                        grew.append(fs.vol.generation)
+                    else:
+                        assert fs.vol.generation == gen and fs.vol.log_root, "below the cap, fsync logs"
+                    await rec.persisted()
+        finally:
+            for f in handles:
+                await f.close()
+    return run
+
+
+@pytest.mark.parametrize("write_path", [PRODUCTION, FAST], ids=lambda p: p.name)
+async def test_every_crash_state_across_the_log_cap(tmp_path, write_path):
+    """Crash states around fsyncs of several files that grow the log past its cap (a full
+    commit), then log again into a fresh log: each must mount as the last durable state."""
+    grew: list[int] = []
+    log, models = await record(log_cap_workload(write_path.scale, grew), str(tmp_path / "w.img"),
+                               str(tmp_path / "base.img"), write_path=write_path)
+    assert len(grew) == 2, grew
+    # the states whose last durable one is the log just before a cap-commit, that commit, or
+    # the fresh log after it, sampled (a state costs an fsck and a mount), and the last state
+    rng = random.Random(5)
+    states = list(log.crash_states(rng, subsets=1))
+    first = min(models)
+    wants = [expected_state(log, st.upto, first) for st in states]
+    order = list(dict.fromkeys(wants))
+    near = {d for g in grew for d in order[order.index((g, 0)) - 1 : order.index((g, 0)) + 2]}
+    around = [st for st, want in zip(states, wants) if want in near]
+    assert len(around) > 12
+    result = CampaignResult()
+    await check_sample(log, models, str(tmp_path / "crash.img"), rng.sample(around, 12) + states[-1:],
+                       result, "logcap", write_path)
+    assert not result.failures, result.failures[:3]
