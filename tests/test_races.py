@@ -510,3 +510,34 @@ async def test_commits_called_during_a_commit_share_the_next_one(image, monkeypa
         assert fs.vol.engine.is_dirty()  # X's change waits for the next commit
     async with blockemu.mount(image) as fs:
         assert await fs.exists("/c1") and await fs.exists("/x") and await fs.exists("/y")
+
+
+async def test_sync_includes_runs_a_background_flush_is_sealing(image, monkeypatch, tmp_path):
+    """syncfs: a write whose pages the background writeback has taken (no longer dirty) and is
+    sealing when ``sync`` is called must be in what that sync makes durable. The image is
+    cut the moment ``sync`` returns, then mounted: the write must be there."""
+    crash = str(tmp_path / "crash.img")
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        await encrypted_dir(fs, "/e")
+        f = await fs.open("/e/f", "w")
+        await fs.sync()
+        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        await f.write(b"a" * PAGE)
+        f.inode.wb_lock = lock = WatchedLock()
+        gate = Gate(fs.writeback.sealer._seal_in_thread)
+        monkeypatch.setattr(fs.writeback.sealer, "_seal_in_thread", gate)
+        background = asyncio.ensure_future(fs.writeback.flush_inode(f.inode))  # as the writeback task's
+        await gate.entered.wait()
+        assert not f.inode.pages.dirty
+        sync = asyncio.ensure_future(fs.sync())
+        sync.add_done_callback(lambda _: log.crash_image(crash, len(log.entries)))
+        contended = asyncio.ensure_future(lock.contended.wait())
+        await asyncio.wait([sync, contended], return_when=asyncio.FIRST_COMPLETED)
+        contended.cancel()
+        gate.release.set()
+        await asyncio.gather(sync, background)
+        await f.close()
+    async with blockemu.mount(crash) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/e/f") as f:
+            assert await f.read() == b"a" * PAGE, "sync returned before the write it covers was durable"

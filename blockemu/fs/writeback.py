@@ -225,8 +225,11 @@ class Writeback:
             self.kick()
 
     async def flush_all(self) -> None:
-        """Every dirty inode at once, so their small extents seal in shared batches."""
-        await asyncio.gather(*(self.flush_inode(i) for i in list(self.fs.inodes.values()) if i.pages.dirty))
+        """Every dirty inode at once, so their small extents seal in shared batches -- and every
+        inode another flush holds (its ``wb_lock``): the runs it took are no longer dirty but not
+        yet in the trees, and a sync that did not wait for them would commit without them."""
+        await asyncio.gather(*(self.flush_inode(i) for i in list(self.fs.inodes.values())
+                               if i.pages.dirty or i.wb_lock.locked()))
 
     async def flush_inode(self, inode: Inode) -> None:
         """Write back what is dirty now: its runs are taken at once (their dirty bits cleared;
