@@ -541,3 +541,50 @@ async def test_sync_includes_runs_a_background_flush_is_sealing(image, monkeypat
         await fs.add_key(KEY)
         async with fs.open("/e/f") as f:
             assert await f.read() == b"a" * PAGE, "sync returned before the write it covers was durable"
+
+
+async def test_hard_removal_while_a_batch_derives_its_keys_writes_nothing_and_wipes_them(image, monkeypatch):
+    """A batch of small runs derives its extent keys in the sealing thread from the secret
+    (``RunKey``). A hard removal that zeroes the secret before the thread derives them gives
+    keys of a zeroed secret -- which anyone can derive: the batch must be refused (nothing of
+    it mapped), the write reported lost, and every key the thread derived zeroed."""
+    import threading
+
+    from blockemu.crypto import fscrypt, sealer
+
+    derived: list[bytearray] = []
+    real_key, real_batch = fscrypt.extent_key, sealer.seal_batch
+    go, waiting = threading.Event(), asyncio.Event()
+
+    def extent_key(master, nonce):
+        derived.append(real_key(master, nonce))
+        return derived[-1]
+
+    async with blockemu.mount(image, key_removal="hard", interval=3600, seal_workers=0) as fs:
+        loop = asyncio.get_running_loop()
+
+        def held_batch(jobs, csum_type):  # the thread waits until the removal has wiped the secret
+            loop.call_soon_threadsafe(waiting.set)
+            assert go.wait(10)
+            return real_batch(jobs, csum_type)
+
+        await encrypted_dir(fs, "/e")
+        f = await fs.open("/e/f", "w")
+        for page in (0, 2, 4):
+            await f.pwrite(b"s" * PAGE, page * PAGE)
+        monkeypatch.setattr(fscrypt, "extent_key", extent_key)
+        monkeypatch.setattr(sealer, "seal_batch", held_batch)
+        fsync = asyncio.ensure_future(f.fsync())
+        await waiting.wait()
+        fs.keyring.on_wipe.append(lambda _: go.set())  # the thread goes on once the secret is zeroed
+        await fs.remove_key(KID)  # hard: wipes first, then waits for the write back
+        with ErrnoCheck(errno.ENOKEY):
+            await fsync
+        assert len(derived) == 3 and all(k == bytes(len(k)) for k in derived), "a derived key was left"
+        await f.close()  # the fsync reported the loss
+    assert_fsck_clean(image, check_data=True)
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/e/f") as f:
+            got = await f.read()
+        assert got in (b"", bytes(5 * PAGE)), "data sealed with a key of the zeroed secret reached the image"
