@@ -588,3 +588,33 @@ async def test_hard_removal_while_a_batch_derives_its_keys_writes_nothing_and_wi
         async with fs.open("/e/f") as f:
             got = await f.read()
         assert got in (b"", bytes(5 * PAGE)), "data sealed with a key of the zeroed secret reached the image"
+
+
+async def test_a_sync_whose_write_a_running_commit_waited_for_is_durable_when_it_returns(image, monkeypatch, tmp_path):
+    """Group commit. A sync's writeback is inside the transaction (at its data write) when a
+    commit C begins: C waits for it to leave, so C's snapshot holds the write; the sync then
+    shares C or commits again. Either way the image cut the moment sync returns has the write,
+    and a change made after C's snapshot (X, waiting to join) is not claimed by anyone."""
+    crash = str(tmp_path / "crash.img")
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        f = await fs.open("/f", "w")
+        await fs.sync()
+        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        await f.write(b"w" * 3 * PAGE)
+        gate = Gate(fs.vol.device.writev)
+        monkeypatch.setattr(fs.vol.device, "writev", gate)
+        sync = asyncio.ensure_future(fs.sync())
+        sync.add_done_callback(lambda _: log.crash_image(crash, len(log.entries)))
+        await gate.entered.wait()  # the sync's writeback is inside the transaction
+        assert fs.vol._writers == 1
+        commit = asyncio.ensure_future(fs.vol.commit())
+        await asyncio.sleep(0)
+        assert fs.vol._committing, "C began and waits for the writeback to leave"
+        x = asyncio.ensure_future(fs.mkdir("/x"))  # waits for C, then changes the tree
+        gate.release.set()
+        assert await commit
+        await asyncio.gather(sync, x)
+        await f.close()
+    async with blockemu.mount(crash) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == b"w" * 3 * PAGE, "sync returned before its write was durable"
