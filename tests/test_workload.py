@@ -181,7 +181,7 @@ def test_stress_power_cut_keeps_every_fsync_acknowledged_file(tmp_path):
     """A power cut mid-run (unflushed cache lost, half of it torn in): afterwards every file
     the ledger recorded as fsync/sync-acknowledged is on disk byte for byte, and fsck is clean."""
     out = json.loads(run("stress", str(tmp_path / "c.img"), "--seed", "61", "--tasks", "4", "--ops", "400",
-                         "--faults", "cut=1500,torn=0.5", "--json").stdout)
+                         "--faults", "cut=1000,torn=0.5", "--json").stdout)
     assert out["aborted"] and "power cut" in out["aborted"]
     assert out["ledger_files_checked_after_crash"] > 0
     assert out["lost_acknowledged_writes"] == 0 and out["fsck"] == "clean" and out["ok"]
