@@ -618,3 +618,51 @@ async def test_a_sync_whose_write_a_running_commit_waited_for_is_durable_when_it
     async with blockemu.mount(crash) as fs:
         async with fs.open("/f") as f:
             assert await f.read() == b"w" * 3 * PAGE, "sync returned before its write was durable"
+
+
+async def test_unmount_never_shares_a_commit_that_misses_a_later_change(image, monkeypatch):
+    """Group commit must not reach the unmount's commit. The unmount calls commit while C runs
+    and D waits; X changes the tree once D is done and before the unmount's turn. Sharing D
+    would close the volume with X's change never written -- an unmount that returns must have
+    lost nothing that returned successfully before it."""
+    fs = await blockemu.mount(image, interval=3600, seal_workers=0)
+    await fs.mkdir("/c")
+    real, held = fs.vol.device.flush, {1: asyncio.Event(), 3: asyncio.Event()}
+    entered = {n: asyncio.Event() for n in held}
+    calls = 0
+
+    async def flush() -> None:
+        nonlocal calls
+        calls += 1
+        if calls in held:
+            entered[calls].set()
+            await held[calls].wait()
+        await real()
+
+    monkeypatch.setattr(fs.vol.device, "flush", flush)
+    c = asyncio.ensure_future(fs.vol.commit())
+    await entered[1].wait()  # C is at its first flush
+    y = asyncio.ensure_future(fs.mkdir("/y"))  # joins once C is done: D's change
+    d = asyncio.ensure_future(fs.vol.commit())
+    closing = asyncio.Event()
+    real_commit = fs.vol.commit
+
+    async def close_commit(**kw):
+        closing.set()
+        return await real_commit(**kw)
+
+    monkeypatch.setattr(fs.vol, "commit", close_commit)  # what the unmount's close calls
+    unmount = asyncio.ensure_future(fs.unmount())
+    await closing.wait()  # the unmount's commit has been called, behind D
+    held[1].set()
+    await entered[3].wait()  # D is at its first flush
+    x = asyncio.ensure_future(fs.mkdir("/x"))  # waits for D, then changes the tree
+    held[3].set()
+    results = await asyncio.gather(c, d, y, x, unmount, return_exceptions=True)
+    assert results[:3] == [True, True, None]
+    async with blockemu.mount(image) as fs:
+        if results[3] is None:  # X's mkdir returned: the unmount after it must have written it
+            assert await fs.exists("/x"), "the unmount shared a commit taken before X's change"
+        else:  # or X was refused (the volume closed first)
+            assert isinstance(results[3], OSError) and not await fs.exists("/x")
+        assert await fs.exists("/y")

@@ -166,17 +166,19 @@ class Volume:
         self.aborted = self.aborted or err
         return err if isinstance(e, Exception) else e
 
-    async def commit(self, *, force: bool = False) -> bool:
+    async def commit(self, *, force: bool = False, share: bool = True) -> bool:
         """Make the running transaction durable; False when it changed nothing (unless ``force``:
         a new generation is written anyway, e.g. to record a rebuilt free-space record).
 
         Group commit: a caller that, once it holds the lock, finds that a commit begun after its
         call has completed shares that one -- everything the caller changed before calling was
         in that commit's transaction -- instead of committing again what others changed since
-        (with four stress tasks, most syncs waited behind another's commit, then ran their own)."""
+        (with four stress tasks, most syncs waited behind another's commit, then ran their own).
+        ``share=False`` (the unmount's): what others changed since must be written too, for
+        nothing is written after it."""
         called = self._begun
         async with self.commit_lock:
-            if self._completed > called and not force:
+            if self._completed > called and share and not force:
                 self._check_aborted()
                 return True
             async with self._cond:
@@ -275,7 +277,7 @@ class Volume:
         the commit raises it: what the transaction held is lost, and the caller must know."""
         try:
             if commit and not self.device.readonly and not self.device.dead:
-                await self.commit()
+                await self.commit(share=False)
         finally:
             self.closed = True
             await self.device.close()
