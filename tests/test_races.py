@@ -512,20 +512,24 @@ async def test_commits_called_during_a_commit_share_the_next_one(image, monkeypa
         assert await fs.exists("/c1") and await fs.exists("/x") and await fs.exists("/y")
 
 
-async def test_sync_includes_runs_a_background_flush_is_sealing(image, monkeypatch, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["thread", "sealing-workers"])
+async def test_sync_includes_runs_a_background_flush_is_sealing(image, monkeypatch, tmp_path, workers):
     """syncfs: a write whose pages the background writeback has taken (no longer dirty) and is
     sealing when ``sync`` is called must be in what that sync makes durable. The image is
-    cut the moment ``sync`` returns, then mounted: the write must be there."""
+    cut the moment ``sync`` returns, then mounted: the write must be there. A page sealed in
+    a thread, and a 1 MiB extent sealed by a worker process (the production path)."""
     crash = str(tmp_path / "crash.img")
-    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+    size = PAGE if not workers else 1 << 20
+    async with blockemu.mount(image, interval=3600, seal_workers=workers, max_extent=1 << 20) as fs:
         await encrypted_dir(fs, "/e")
         f = await fs.open("/e/f", "w")
         await fs.sync()
         log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
-        await f.write(b"a" * PAGE)
+        await f.write(b"a" * size)
         f.inode.wb_lock = lock = WatchedLock()
-        gate = Gate(fs.writeback.sealer._seal_in_thread)
-        monkeypatch.setattr(fs.writeback.sealer, "_seal_in_thread", gate)
+        where = "_pick" if workers else "_seal_in_thread"  # a worker's turn, or the thread's
+        gate = Gate(getattr(fs.writeback.sealer, where))
+        monkeypatch.setattr(fs.writeback.sealer, where, gate)
         background = asyncio.ensure_future(fs.writeback.flush_inode(f.inode))  # as the writeback task's
         await gate.entered.wait()
         assert not f.inode.pages.dirty
@@ -540,7 +544,7 @@ async def test_sync_includes_runs_a_background_flush_is_sealing(image, monkeypat
     async with blockemu.mount(crash) as fs:
         await fs.add_key(KEY)
         async with fs.open("/e/f") as f:
-            assert await f.read() == b"a" * PAGE, "sync returned before the write it covers was durable"
+            assert await f.read() == b"a" * size, "sync returned before the write it covers was durable"
 
 
 async def test_hard_removal_while_a_batch_derives_its_keys_writes_nothing_and_wipes_them(image, monkeypatch):
