@@ -231,6 +231,29 @@ async def test_hard_removal_zeroes_a_held_directorys_names_key(image, monkeypatc
         await held.close()
 
 
+async def test_a_removed_directory_zeroes_its_names_key(image, monkeypatch):
+    """An unlocked directory's names key lives on its inode: removing the directory (rmdir, or
+    rename over it) destroys the inode, and the key must be zeroed then, not left for a
+    removal of the master key that will never look at an inode no longer cached."""
+    derived: list[bytearray] = []
+    real = fscrypt.names_key
+    monkeypatch.setattr(fscrypt, "names_key", lambda m, n: derived.append(real(m, n)) or derived[-1])
+    async with blockemu.mount(image, interval=3600) as fs:
+        await encrypted_dir(fs, "/e")
+        for d in ("/e/d", "/e/r", "/e/target"):
+            await fs.mkdir(d)
+            async with fs.open(f"{d}/f", "w"):
+                pass
+            await fs.unlink(f"{d}/f")
+        keys = derived[1:]  # /e's own is the first
+        assert len(keys) == 3 and all(any(k) for k in keys)
+        await fs.rmdir("/e/d")
+        await fs.rename("/e/r", "/e/target")
+        assert keys[0] == bytes(len(keys[0])), "rmdir left the directory's names key"
+        assert keys[2] == bytes(len(keys[2])), "a rename over the directory left its names key"
+        assert any(keys[1]), "the renamed directory's key is still in use"
+
+
 async def test_soft_removal_keeps_a_held_directory_real_names(image):
     """A file open in the directory holds it (as a dentry pins its parent): real names stay until
     that file is closed, then the directory locks and shows no-key names."""
