@@ -474,6 +474,26 @@ async def test_a_failed_mount_releases_what_it_took(image, monkeypatch, fails):
     assert set(os.listdir("/proc/self/fd")) <= fds  # the image and the arena's memfd are closed
 
 
+def hold_flushes(fs: Filesystem, monkeypatch, *numbers: int) -> tuple[dict[int, asyncio.Event], dict[int, asyncio.Event]]:
+    """The device's flushes counted from now: the ones ``numbers`` name (a commit's first is its
+    data and tree blocks', its second the superblocks') set their ``entered`` event and wait
+    for their ``held`` one. Returns (entered, held)."""
+    real, held = fs.vol.device.flush, {n: asyncio.Event() for n in numbers}
+    entered = {n: asyncio.Event() for n in numbers}
+    calls = 0
+
+    async def flush() -> None:
+        nonlocal calls
+        calls += 1
+        if calls in held:
+            entered[calls].set()
+            await held[calls].wait()
+        await real()
+
+    monkeypatch.setattr(fs.vol.device, "flush", flush)
+    return entered, held
+
+
 async def test_commits_called_during_a_commit_share_the_next_one(image, monkeypatch):
     """Group commit. A and B call commit while C1 runs, and Y waits to change the tree; A then
     commits Y's change (C2), and X changes the tree while C2 runs. B's changes were all in C2's
@@ -481,19 +501,7 @@ async def test_commits_called_during_a_commit_share_the_next_one(image, monkeypa
     stress mix's syncs did that)."""
     async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
         await fs.mkdir("/c1")
-        real, held = fs.vol.device.flush, {1: asyncio.Event(), 3: asyncio.Event()}
-        entered = {n: asyncio.Event() for n in held}
-        calls = 0
-
-        async def flush() -> None:
-            nonlocal calls
-            calls += 1
-            if calls in held:
-                entered[calls].set()
-                await held[calls].wait()
-            await real()
-
-        monkeypatch.setattr(fs.vol.device, "flush", flush)
+        entered, held = hold_flushes(fs, monkeypatch, 1, 3)
         generation = fs.vol.generation
         c1 = asyncio.ensure_future(fs.vol.commit())
         await entered[1].wait()
@@ -631,19 +639,7 @@ async def test_unmount_never_shares_a_commit_that_misses_a_later_change(image, m
     lost nothing that returned successfully before it."""
     fs = await blockemu.mount(image, interval=3600, seal_workers=0)
     await fs.mkdir("/c")
-    real, held = fs.vol.device.flush, {1: asyncio.Event(), 3: asyncio.Event()}
-    entered = {n: asyncio.Event() for n in held}
-    calls = 0
-
-    async def flush() -> None:
-        nonlocal calls
-        calls += 1
-        if calls in held:
-            entered[calls].set()
-            await held[calls].wait()
-        await real()
-
-    monkeypatch.setattr(fs.vol.device, "flush", flush)
+    entered, held = hold_flushes(fs, monkeypatch, 1, 3)
     c = asyncio.ensure_future(fs.vol.commit())
     await entered[1].wait()  # C is at its first flush
     y = asyncio.ensure_future(fs.mkdir("/y"))  # joins once C is done: D's change
