@@ -98,6 +98,14 @@ def test_a_file_that_is_no_image_is_named(tmp_path, capsys, command):
         1, "", f"blockemu: {command[0]}: {junk}: superblock at 65536: bad magic, not a blockemu image\n")
 
 
+def test_rescue_zero_log_of_a_file_that_is_no_image_says_so(tmp_path, capsys):
+    """Not "restore it with fsck --repair first": there is no blockemu superblock to restore."""
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(os.urandom(1 << 20))
+    assert cli(capsys, "rescue", "zero-log", str(junk)) == (
+        1, "", f"blockemu: rescue: {junk}: superblock at 65536: bad magic, not a blockemu image\n")
+
+
 def test_run_list_gives_whole_descriptions(capsys):
     rc, out, err = cli(capsys, "run", "--list")
     assert rc == 0 and err == ""

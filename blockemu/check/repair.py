@@ -66,6 +66,8 @@ def zero_log(path: str) -> SuperInfo | None:
         try:
             sb = decode_super(os.pread(fd, S.SUPER_INFO_SIZE, at), at)
         except CorruptionError as e:
+            if e.kind == "BAD_MAGIC":  # no blockemu image at all: nothing fsck could restore
+                raise CorruptionError(f"{path}: {e}", e.kind, at) from None
             raise CorruptionError(f"{path}: {e}; restore it with blockemu fsck --repair first", e.kind, at) from None
         if not sb.log_root:
             return None
