@@ -39,6 +39,14 @@ def _super(path: str):
         return img.best_super()
 
 
+async def committed_then_log(fs, tmp_path, data: bytes, path: str = "/f"):
+    """``path`` holding ``data``, committed; then the write log starts (the crash images' base)."""
+    async with fs.open(path, "w") as f:
+        await f.write(data)
+    await fs.sync()
+    return fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+
+
 async def test_fsync_writes_the_log_with_one_flush_and_one_fua(tmp_path):
     img = str(tmp_path / "a.img")
     await _fresh(img)
@@ -72,10 +80,7 @@ async def _crash_after_fsyncs(tmp_path, writes: list[tuple[int, int]], *, size: 
     rng = random.Random(len(writes))
     async with blockemu.mount(img, interval=3600) as fs:
         want = bytearray(rng.randbytes(size))
-        async with fs.open("/f", "w") as f:
-            await f.write(want)
-        await fs.sync()
-        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        log = await committed_then_log(fs, tmp_path, want)
         async with fs.open("/f", "r+") as f:
             for off, n in writes:
                 data = rng.randbytes(n)
@@ -148,11 +153,8 @@ async def test_changes_the_log_cannot_say_commit_and_are_durable(tmp_path, chang
     await _fresh(img)
     async with blockemu.mount(img, interval=3600) as fs:
         await fs.mkdir("/d")
-        async with fs.open("/d/old", "w") as f:
-            await f.write(b"o" * 20000)
-        await fs.sync()
+        log = await committed_then_log(fs, tmp_path, b"o" * 20000, "/d/old")
         gen = fs.vol.generation
-        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
         path, size = "/d/old", 20000
         if change == "new":
             path = "/d/new"
@@ -206,10 +208,7 @@ async def test_an_fsync_commits_once_the_log_has_grown_past_its_limit(tmp_path):
     rng = random.Random(7)
     async with blockemu.mount(img, interval=3600) as fs:
         want = bytearray(rng.randbytes(1 << 20))
-        async with fs.open("/f", "w") as f:
-            await f.write(want)
-        await fs.sync()
-        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        log = await committed_then_log(fs, tmp_path, want)
         async with fs.open("/f", "r+") as f:
             gens = []
             while fs.vol.log.blocks() <= LOG_COMMIT_BLOCKS:
@@ -249,15 +248,22 @@ async def test_a_directory_fsync_commits(tmp_path):
         assert fs.vol.generation == gen + 1 and not fs.vol.log_root
 
 
+async def committed_files(fs, rec: Recorder, files: dict[str, bytes]) -> None:
+    """The crash workloads' start: /A holding ``files`` (name -> contents), committed, a
+    persistence point."""
+    await rec.mkdir("/A")
+    for name, data in files.items():
+        async with fs.open(f"/A/{name}", "w") as f:
+            await f.write(data)
+    await fs.sync()
+    await rec.persisted()
+
+
 def log_fsync_workload(scale: int):
     """write; fsync (log); write; fsync (log) -- and the crash comes before any interval commit."""
     async def run(fs, rec: Recorder) -> None:
         rng = random.Random(3)
-        await rec.mkdir("/A")
-        async with fs.open("/A/foo", "w") as f:
-            await f.write(rng.randbytes(8000 * scale))
-        await fs.sync()
-        await rec.persisted()
+        await committed_files(fs, rec, {"foo": rng.randbytes(8000 * scale)})
         async with fs.open("/A/foo", "r+") as f:
             for off, n in ((1000 * scale, 3000 * scale), (0, 9000 * scale)):
                 await f.pwrite(rng.randbytes(n), off)
@@ -320,11 +326,8 @@ async def test_a_damaged_log_fails_the_mount_and_rescue_zero_log_drops_it(tmp_pa
     await _fresh(img)
     committed = os.urandom(64 << 10)
     async with blockemu.mount(img, interval=3600) as fs:
-        async with fs.open("/f", "w") as f:
-            await f.write(committed)
-        await fs.sync()
+        log = await committed_then_log(fs, tmp_path, committed)
         gen = fs.vol.generation
-        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
         async with fs.open("/f", "r+") as f:
             await f.pwrite(b"L" * 4096, 0)
             await f.fsync()
@@ -362,12 +365,7 @@ def log_cap_workload(scale: int, grew: list[int]):
     async def run(fs, rec: Recorder) -> None:
         rng = random.Random(11)
         files = [f"/A/f{i}" for i in range(3)]
-        await rec.mkdir("/A")
-        for p in files:
-            async with fs.open(p, "w") as f:
-                await f.write(rng.randbytes(128 * 4096))
-        await fs.sync()
-        await rec.persisted()
+        await committed_files(fs, rec, {p.removeprefix("/A/"): rng.randbytes(128 * 4096) for p in files})
         handles = [await fs.open(p, "r+") for p in files]
         try:
             rounds = 0

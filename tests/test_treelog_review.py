@@ -23,6 +23,7 @@ from blockemu.ondisk.items import FileExtent
 from blockemu.ondisk.superblock import decode_super, encode_super
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, check_states, record
 from blockemu.workload.writepath import FAST, KEY, PRODUCTION, WritePath
+from tests.test_treelog import committed_files, committed_then_log
 
 
 def log_then_commit_workload(scale: int):
@@ -31,11 +32,7 @@ def log_then_commit_workload(scale: int):
     fsynced before the oracle is taken, so each persistence point is the whole namespace."""
     async def run(fs, rec: Recorder) -> None:
         rng = random.Random(7)
-        await rec.mkdir("/A")
-        async with fs.open("/A/foo", "w") as f:
-            await f.write(rng.randbytes(9000 * scale))
-        await fs.sync()
-        await rec.persisted()
+        await committed_files(fs, rec, {"foo": rng.randbytes(9000 * scale)})
         async with fs.open("/A/foo", "r+") as f:
             await f.pwrite(rng.randbytes(3000 * scale), 1000 * scale)
             await f.fsync()  # log
@@ -84,12 +81,7 @@ def two_logged_one_unlinked_workload(scale: int):
     key is then removed (its write back commits) and added again."""
     async def run(fs, rec: Recorder) -> None:
         rng = random.Random(8)
-        await rec.mkdir("/A")
-        for name in ("foo", "bar"):
-            async with fs.open(f"/A/{name}", "w") as f:
-                await f.write(rng.randbytes(6000 * scale))
-        await fs.sync()
-        await rec.persisted()
+        await committed_files(fs, rec, {name: rng.randbytes(6000 * scale) for name in ("foo", "bar")})
         for name in ("foo", "bar"):
             async with fs.open(f"/A/{name}", "r+") as f:
                 await f.pwrite(rng.randbytes(5000 * scale), 500 * scale)
@@ -170,10 +162,7 @@ async def test_a_power_cut_at_every_write_of_the_replays_commit(tmp_path):
     rng = random.Random(4)
     async with blockemu.mount(img, interval=3600) as fs:
         want = bytearray(rng.randbytes(200 << 10))
-        async with fs.open("/f", "w") as f:
-            await f.write(want)
-        await fs.sync()
-        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        log = await committed_then_log(fs, tmp_path, want)
         async with fs.open("/f", "r+") as f:
             for off, n in ((4096, 30000), (150 << 10, 90 << 10), (0, 5000)):
                 data = rng.randbytes(n)
@@ -208,10 +197,7 @@ async def test_repair_of_an_image_holding_a_log_replays_it_then_repairs(tmp_path
     img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
     await blockemu.mkfs(img, size="64M", force=True)
     async with blockemu.mount(img, interval=3600) as fs:
-        async with fs.open("/f", "w") as f:
-            await f.write(bytes(100000))
-        await fs.sync()
-        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        log = await committed_then_log(fs, tmp_path, bytes(100000))
         async with fs.open("/f", "r+") as f:
             await f.pwrite(b"L" * 5000, 0)
             await f.fsync()
@@ -234,14 +220,6 @@ async def test_repair_of_an_image_holding_a_log_replays_it_then_repairs(tmp_path
             assert await f.read(5001) == b"L" * 5000 + b"\0"
 
 
-async def committed_file_then_log(fs, tmp_path):
-    """/f, 64 KiB of "o", committed; then the write log starts (the crash images' base)."""
-    async with fs.open("/f", "w") as f:
-        await f.write(b"o" * 65536)
-    await fs.sync()
-    return fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
-
-
 async def test_a_hole_punched_while_an_fsync_waits_for_the_log_is_not_lost(tmp_path, monkeypatch):
     """An fsync decides to log, then waits for the commit lock (another fsync's log sync holds
     it); a hole punched meanwhile makes that inode's fsync a commit. If the waiting fsync logs
@@ -250,7 +228,7 @@ async def test_a_hole_punched_while_an_fsync_waits_for_the_log_is_not_lost(tmp_p
     img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
     await blockemu.mkfs(img, size="64M", force=True)
     async with blockemu.mount(img, interval=3600) as fs:
-        log = await committed_file_then_log(fs, tmp_path)
+        log = await committed_then_log(fs, tmp_path, b"o" * 65536)
         waiting, go = asyncio.Event(), asyncio.Event()
         log_sync = fs.vol._log_sync
 
@@ -326,7 +304,7 @@ async def test_an_fsync_that_finds_no_room_for_the_log_fails_and_keeps_the_durab
     img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
     await blockemu.mkfs(img, size="64M", force=True)
     async with blockemu.mount(img, interval=3600) as fs:
-        log = await committed_file_then_log(fs, tmp_path)
+        log = await committed_then_log(fs, tmp_path, b"o" * 65536)
         async with fs.open("/f", "r+") as f:
             await f.pwrite(b"a" * 8192, 0)
             await f.fsync()
