@@ -243,15 +243,17 @@ class Sealer:
         with contextlib.suppress(ValueError):  # close() has already let it go
             self._workers.remove(worker)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DeviceIOError("sealing after the sealer was closed (unmounted)")
+
     async def _pick(self) -> _Worker | None:
         """The live worker with the fewest requests in flight, after topping the pool up
         (replacements within the respawn budget); None when there is no worker to be had."""
-        if self._closed:
-            raise DeviceIOError("sealing after the sealer was closed (unmounted)")
+        self._check_open()
         if len(self._workers) < self.workers:
             async with self._starting:
-                if self._closed:  # closed while this waited for a start to finish
-                    raise DeviceIOError("sealing after the sealer was closed (unmounted)")
+                self._check_open()  # closed while this waited for a start to finish
                 missing = self.workers - len(self._workers)
                 if self._slots is None:  # the first start
                     size = self.workers * DEPTH * self.slot
@@ -348,10 +350,8 @@ class Sealer:
         checksums (an fsync after 32 scattered 4 KiB writes spent ~1.2 ms of the loop's CPU
         handing them over). Runs with a key share one trip to a thread, queued as futures --
         not a task per run -- where their keys are derived, when given as secret and nonce."""
-        page = self.arena.page
         if all(key is None for key, _ in runs):
-            return [seal_local(None, bytearray().join([page(p) if type(p) is int else p for p in pages]), csum_type)
-                    for _, pages in runs]
+            return [seal_local(None, self._joined(pages), csum_type) for _, pages in runs]
         queued = [self._queue(key, pages, csum_type) for key, pages in runs]
         try:
             return list(await asyncio.gather(*(fut for fut, _ in queued)))
@@ -368,10 +368,14 @@ class Sealer:
         fut = loop.create_future()
         if not self._batch:
             loop.call_soon(lambda: loop.create_task(self._run_batch()))
-        page = self.arena.page
-        data = bytearray().join([page(p) if type(p) is int else p for p in pages])
+        data = self._joined(pages)
         self._batch.append((key, data, csum_type, fut))
         return fut, data
+
+    def _joined(self, pages: Sequence[bytes | bytearray | int]) -> bytearray:
+        """A run's pages (arena frame numbers or heap pages) copied into one buffer."""
+        page = self.arena.page
+        return bytearray().join([page(p) if type(p) is int else p for p in pages])
 
     async def _seal_in_thread(self, key: bytearray | None, pages: Sequence[bytes | bytearray | int], csum_type: int) -> tuple[Buffer, bytes]:
         fut, data = self._queue(key, pages, csum_type)
