@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 
 import pytest
@@ -55,13 +56,14 @@ def test_an_interrupted_campaign_resumes_with_the_same_totals(tmp_path):
 
 
 def held_shard(args: tuple) -> dict:
-    """Shard 0 returns at once; the others note that they started, then wait for the lock the
-    test holds."""
+    """Shard 0 returns at once; the others note that they started and the temporary directory
+    they hold their images in, as a crash shard does, then wait for the lock the test holds."""
     lock, started, i = args
-    (started / str(i)).write_text(str(os.getpid()))
-    if i:
-        with open(lock) as f:
-            fcntl.flock(f, fcntl.LOCK_SH)
+    with tempfile.TemporaryDirectory() as tmp:
+        (started / str(i)).write_text(f"{os.getpid()} {tmp}")
+        if i:
+            with open(lock) as f:
+                fcntl.flock(f, fcntl.LOCK_SH)
     return {"units": 1, "states": 0, "failures": []}
 
 
@@ -86,7 +88,9 @@ def test_an_interrupted_local_campaign_stops_at_once(tmp_path):
     closer.join()
     ran = list(started.iterdir())
     assert len(ran) <= 4  # shard 0, the two in flight, one queued ahead
-    assert not any(alive(int(f.read_text())) for f in ran), "a worker outlived the interruption"
+    held = [f.read_text().split() for f in ran]
+    assert not any(alive(int(pid)) for pid, _ in held), "a worker outlived the interruption"
+    assert not any(os.path.exists(tmp) for _, tmp in held), "a killed shard left its temporary directory"
 
 
 def alive(pid: int) -> bool:

@@ -16,10 +16,12 @@ Ray is optional (``pip install 'blockemu[ray]'``): ``RayExecutor`` imports it on
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import resource
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -112,7 +114,11 @@ class LocalExecutor:
             for s in shards:
                 yield s, timed(fn, s.args)
             return
-        with ProcessPoolExecutor(self.jobs) as pool:
+        # A shard's images live in temporary directories it removes as it ends; a worker killed
+        # on an interruption never ends, so its workers make them in one directory of the
+        # driver's, removed after the pool is gone.
+        with tempfile.TemporaryDirectory(prefix="blockemu-shards-") as tmp, \
+                ProcessPoolExecutor(self.jobs, initializer=use_tempdir, initargs=(tmp,)) as pool:
             futures = {pool.submit(timed, fn, s.args): s for s in shards}
             try:
                 for f in as_completed(futures):
@@ -125,6 +131,11 @@ class LocalExecutor:
                 kill_workers(pool)  # first: shutdown() forgets them
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
+
+
+def use_tempdir(path: str) -> None:
+    """A pool worker's start: its temporary files go under ``path``."""
+    tempfile.tempdir = path
 
 
 def kill_workers(pool: ProcessPoolExecutor) -> None:
@@ -149,8 +160,10 @@ class RayExecutor:
     def run(self, fn: ShardFn, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, Any]]]:
         ray = self.ray
         started = not ray.is_initialized()
-        if started:  # else the caller's ray.init() holds (a test's num_cpus=2)
-            if self.address is None:
+        local = started and self.address is None
+        with contextlib.ExitStack() as cleanup:
+            options: dict[str, Any] = {}
+            if local:
                 # Ray runs its workers at nice 15 so its daemons stay responsive; on a machine
                 # shared with other work that starves the campaign (shards ran 2-3x slower here
                 # than under --jobs). A local instance started for a campaign runs it at the
@@ -159,24 +172,30 @@ class RayExecutor:
                 # Ray's usage statistics: a thread that reports to Ray's servers, nothing a
                 # campaign needs.
                 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(address=self.address, logging_level=logging.WARNING, include_dashboard=False)
-        try:
-            task = ray.remote(num_cpus=1, max_retries=2)(timed)
-            pending = {task.remote(fn, s.args): s for s in shards}
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for ref in done:
-                    shard = pending.pop(ref)
-                    try:
-                        r = ray.get(ref)
-                    except ray.exceptions.RayTaskError as e:
-                        # The shard's own error, as --jobs raises it (an OSError keeps its errno):
-                        # the CLI's one line, not Ray's wrapper with the remote traceback in it.
-                        raise e.cause from None
-                    yield shard, r
-        finally:
-            if started:
-                ray.shutdown()
+                # As LocalExecutor's: shards' temporary directories in one of the driver's,
+                # removed after the shutdown that kills the workers (an interruption's
+                # shards never remove their own).
+                tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="blockemu-shards-"))
+                options["runtime_env"] = {"env_vars": {"TMPDIR": tmp}}
+            if started:  # else the caller's ray.init() holds (a test's num_cpus=2)
+                ray.init(address=self.address, logging_level=logging.WARNING, include_dashboard=False)
+                cleanup.callback(ray.shutdown)
+            yield from self._gather(ray.remote(num_cpus=1, max_retries=2, **options)(timed), fn, shards)
+
+    def _gather(self, task: Any, fn: ShardFn, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, Any]]]:
+        ray = self.ray
+        pending = {task.remote(fn, s.args): s for s in shards}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                shard = pending.pop(ref)
+                try:
+                    r = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    # The shard's own error, as --jobs raises it (an OSError keeps its errno):
+                    # the CLI's one line, not Ray's wrapper with the remote traceback in it.
+                    raise e.cause from None
+                yield shard, r
 
 
 def executor(jobs: int, ray: str | None) -> Executor:
