@@ -132,13 +132,37 @@ class ExtentBatch:
         self.fs, self.ext, self.csum = TreeBatch(extents.fs), TreeBatch(extents.ext), TreeBatch(extents.csum)
         self.sectors_per_csum_item = extents.sectors_per_csum_item
         self.freed: list[tuple[int, int]] = []  # data extents left without references: pinned once applied
+        # for the fsync log (``Engine.changed_extents``, ``Engine.new_csums``), noted once applied
+        self.changed: list[tuple[int, int, tuple[FileExtent, bytes] | None]] = []
+        self.new_csums: dict[int, list[tuple[tuple[int, int, int], bytes]]] = {}
 
     def apply(self) -> None:
         for tree in (self.fs, self.ext, self.csum):
             tree.apply()
+        engine = self.engine
+        for ino, offset, item in self.changed:
+            engine.changed_extents.setdefault(ino, {})[offset] = item
+        engine.new_csums.update(self.new_csums)
         for bytenr, length in self.freed:
-            self.engine.allocator.pin(bytenr, length)
+            engine.allocator.pin(bytenr, length)
+            engine.new_csums.pop(bytenr, None)
         self.freed.clear()
+        self.changed.clear()
+        self.new_csums = {}
+
+    def _set(self, ino: int, offset: int, fe: FileExtent | None) -> None:
+        """Stage the file's EXTENT_DATA item at ``offset`` (None: none there), noted for the fsync
+        log, which logs from these notes rather than looking each changed range up again. The
+        key is known present (just read) or absent (inside a mapping, or a new extent's): no
+        lookup to check it, each would be another descent."""
+        key = (ino, S.EXTENT_DATA, offset)
+        if fe is None:
+            self.fs.drop(key)
+            self.changed.append((ino, offset, None))
+            return
+        body = fe.pack()
+        self.fs.insert(key, body, replace=True)
+        self.changed.append((ino, offset, (fe, body)))
 
     # ------------------------------------------------------------------ data extents
 
@@ -188,22 +212,15 @@ class ExtentBatch:
 
     def _unmap(self, ino: int, start: int, end: int) -> int:
         """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0)."""
-        self.engine.changed_ranges.setdefault(ino, []).append((start, end))  # for the fsync log
         freed = 0
         for m in list(file_mappings(self.fs, ino, start, end)):
-            fe, key = m.extent, (ino, S.EXTENT_DATA, m.file_offset)
+            fe = m.extent
             ref_offset = m.file_offset - fe.offset
             keep_left, keep_right = start > m.file_offset, end < m.end
-            # the keys changed here are known present (just read) or absent (inside the mapping,
-            # or a new extent's): no lookups to check it, each would be another descent
-            if keep_left:
-                self.fs.insert(key, fe._replace(num_bytes=start - m.file_offset).pack(), replace=True)
-            else:
-                self.fs.drop(key)
+            self._set(ino, m.file_offset, fe._replace(num_bytes=start - m.file_offset) if keep_left else None)
             if keep_right:
                 cut = end - m.file_offset
-                right = fe._replace(offset=fe.offset + cut, num_bytes=m.length - cut)
-                self.fs.insert((ino, S.EXTENT_DATA, end), right.pack(), replace=True)
+                self._set(ino, end, fe._replace(offset=fe.offset + cut, num_bytes=m.length - cut))
             freed += min(m.end, end) - max(m.file_offset, start)
             if keep_left and keep_right:
                 self._change_ref(fe, ino, ref_offset, +1)
@@ -217,15 +234,17 @@ class ExtentBatch:
         delta = self._unmap(ino, file_offset, file_offset + length)
         fe = FileExtent(self.engine.transid, new.ram_bytes, 0, S.ENCRYPTION_FSCRYPT if new.context else S.ENCRYPTION_NONE,
                         0, S.FILE_EXTENT_REG, bytenr, length, 0, length, new.context)
-        self.fs.insert((ino, S.EXTENT_DATA, file_offset), fe.pack(), replace=True)
+        self._set(ino, file_offset, fe)
         item = ExtentItem(1, self.engine.transid, S.EXTENT_FLAG_DATA, (("data", S.FS_TREE_OBJECTID, ino, file_offset, 1),))
         self.ext.insert((bytenr, S.EXTENT_ITEM, length), item.pack(), replace=True)
         digests = new.digests
         step = len(digests) // (length // PAGE)
         per = self.sectors_per_csum_item
-        for i in range(0, length // PAGE, per):
-            self.csum.insert((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), digests[i * step : (i + per) * step],
-                             replace=True)
+        items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), digests[i * step : (i + per) * step])
+                 for i in range(0, length // PAGE, per)]
+        for key, body in items:
+            self.csum.insert(key, body, replace=True)
+        self.new_csums[bytenr] = items
         return delta + length
 
     def map_logged(self, ino: int, file_offset: int, fe: FileExtent, csum_items: list[tuple[tuple[int, int, int], bytes]]) -> None:
@@ -234,7 +253,7 @@ class ExtentBatch:
         (new since the last commit): the first item naming it creates its EXTENT_ITEM and
         checksums (``csum_items``), the others (pieces of it split by later writes) add references."""
         self._unmap(ino, file_offset, file_offset + fe.num_bytes)
-        self.fs.insert((ino, S.EXTENT_DATA, file_offset), fe.pack(), replace=True)
+        self._set(ino, file_offset, fe)
         ref_offset = file_offset - fe.offset
         if self.ext.first_at_or_after((fe.disk_bytenr, S.EXTENT_ITEM, 0), (fe.disk_bytenr, S.EXTENT_ITEM, (1 << 64) - 1)):
             self._change_ref(fe, ino, ref_offset, +1)
@@ -243,3 +262,4 @@ class ExtentBatch:
         self.ext.insert((fe.disk_bytenr, S.EXTENT_ITEM, fe.disk_num_bytes), item.pack())
         for key, body in csum_items:
             self.csum.insert(key, body)
+        self.new_csums[fe.disk_bytenr] = csum_items

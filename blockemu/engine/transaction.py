@@ -27,10 +27,10 @@ from collections import OrderedDict
 from typing import Callable
 
 from blockemu.engine.alloc import Allocator, no_space
-from blockemu.engine.btree import BTree
+from blockemu.engine.btree import BTree, KeyT
 from blockemu.errors import CorruptionError, ReadOnlyError
 from blockemu.ondisk.block import TreeBlock, decode_block, encode_block
-from blockemu.ondisk.items import ExtentItem, RootItem
+from blockemu.ondisk.items import ExtentItem, FileExtent, RootItem
 from blockemu.ondisk.structs import (
     CSUM_TREE_OBJECTID,
     EXTENT_FLAG_TREE_BLOCK,
@@ -250,11 +250,14 @@ class Engine:
         self._reset_log_notes()
 
     def _reset_log_notes(self) -> None:
-        """What the fsync log (``treelog``) needs to know of the running transaction: the file
-        ranges whose extents changed, per inode (noted by ``Extents``), and the inodes whose
-        change the log cannot express (a name made, changed or removed, a truncate), whose
-        fsync must commit."""
-        self.changed_ranges: dict[int, list[tuple[int, int]]] = {}
+        """What the fsync log (``treelog``) needs to know of the running transaction, noted by
+        ``Extents`` as it changes the trees: each file's EXTENT_DATA items changed since the
+        file was last logged (file offset -> the item now there, unpacked and packed, or None),
+        the checksum items of every extent new in it that still has references (by bytenr),
+        and the inodes whose change the log cannot express (a name made, changed or removed,
+        a truncate), whose fsync must commit."""
+        self.changed_extents: dict[int, dict[int, tuple[FileExtent, bytes] | None]] = {}
+        self.new_csums: dict[int, list[tuple[KeyT, bytes]]] = {}
         self.needs_commit: set[int] = set()
 
     def _allocated(self) -> list[tuple[int, int]]:

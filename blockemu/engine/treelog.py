@@ -15,17 +15,20 @@ the log COWs its blocks, and the old ones are pinned, like every extent the tran
 until the next full commit is durable; that commit drops the log (its blocks pinned too, so
 its free-space record calls them free) and writes ``log_root`` 0.
 
-Which items. Every change to a file's extents goes through ``Extents.punch`` (``add_extent``
-punches first), which notes the file range in ``Engine.changed_ranges``. Logging an inode
-re-logs each noted range -- widened to the items overlapping its start, in the fs tree and in
-the log -- as the EXTENT_DATA items of this transaction's extents now there. Items of older
-extents need no logging: replaying the new ones over the committed tree trims those exactly
-as the overwrites did. A change the log cannot say (a name made, changed or removed, a new
-inode, a truncate: ``Engine.needs_commit``) makes that inode's fsync a full commit.
+Which items. Every change to a file's EXTENT_DATA items goes through ``ExtentBatch``, which
+notes the item it leaves at each changed key (``Engine.changed_extents``), and the checksum
+items of each extent it adds (``Engine.new_csums``). Logging an inode takes those notes as
+they are -- as btrfs logs from its in-memory extent maps -- with no lookup of the trees: each
+noted key holding an item of this transaction's extents is logged (with that extent's
+checksums, once per log), and each other noted key the log holds is dropped from it (stale:
+what the log said there is no longer so). Items of older extents need no logging: replaying
+the new ones over the committed tree trims those exactly as the overwrites did. A change the
+log cannot say (a name made, changed or removed, a new inode, a truncate:
+``Engine.needs_commit``) makes that inode's fsync a full commit.
 """
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from dataclasses import replace
 
 from blockemu.engine.batch import TreeBatch
@@ -49,16 +52,6 @@ Item = tuple[tuple[int, int, int], bytes]
 LOG_COMMIT_BLOCKS = 8
 
 
-def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for s, e in sorted(ranges):
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], e))
-        else:
-            out.append((s, e))
-    return out
-
-
 def _csum_range(bytenr: int, length: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     return (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr), (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + length - 1)
 
@@ -68,12 +61,11 @@ class TreeLog:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.extents = Extents(engine)
         self.store: TreeStore | None = None
         self.tree: BTree | None = None
         self.logged: dict[int, bytes] = {}  # ino -> the inode item the log holds
-        self.extent_offs: dict[int, list[int]] = {}  # ino -> file offsets of its logged EXTENT_DATA, sorted
-        self.extent_lens: dict[tuple[int, int], int] = {}  # (ino, offset) -> that item's num_bytes
+        self.held: dict[int, set[int]] = {}  # ino -> file offsets of the EXTENT_DATA items the log holds
+        self.csummed: set[int] = set()  # extents whose checksum items the log holds
 
     def can_log(self, ino: int) -> bool:
         """Whether an fsync of ``ino`` may go through the log: its change is one the log can say
@@ -105,39 +97,22 @@ class TreeLog:
         if self.logged.get(ino) != body:
             tree.insert((ino, S.INODE_ITEM, 0), body, replace=True)
             self.logged[ino] = body
-        csummed: set[int] = set()
-        for start, end in _merged(e.changed_ranges.pop(ino, [])):
-            self._relog(tree, ino, start, end, csummed)
+        held, transid, new_csums = self.held.setdefault(ino, set()), e.transid, e.new_csums
+        for offset, item in e.changed_extents.pop(ino, {}).items():
+            key = (ino, S.EXTENT_DATA, offset)
+            if item is None or item[0].generation != transid:
+                if offset in held:  # stale: what the log said here is no longer so
+                    tree.drop(key)
+                    held.remove(offset)
+                continue
+            fe, body = item
+            tree.insert(key, body, replace=True)
+            held.add(offset)
+            if fe.disk_bytenr not in self.csummed:
+                self.csummed.add(fe.disk_bytenr)
+                for ckey, cbody in new_csums[fe.disk_bytenr]:
+                    tree.insert(ckey, cbody, replace=True)
         tree.apply()
-
-    def _relog(self, tree: TreeBatch, ino: int, start: int, end: int, csummed: set[int]) -> None:
-        # the log's EXTENT_DATA items of this inode, as offsets and lengths kept beside the
-        # tree: finding the ones a range touches costs no descent of the log
-        offs = self.extent_offs.setdefault(ino, [])
-        i = bisect_left(offs, start)
-        lo = offs[i - 1] if i and offs[i - 1] + self.extent_lens[(ino, offs[i - 1])] > start else start
-        current = list(self.extents.mappings(ino, lo, min(end + 1, U64_MAX)))
-        if current:
-            lo = min(lo, current[0].file_offset)
-        transid, csum = self.engine.transid, self.extents.csum
-        keep: set[int] = set()
-        for m in current:
-            fe = m.extent
-            if fe.generation != transid:
-                continue  # an older extent, trimmed: replaying the new items trims it the same way
-            tree.insert((ino, S.EXTENT_DATA, m.file_offset), fe.pack(), replace=True)
-            keep.add(m.file_offset)
-            self.extent_lens[(ino, m.file_offset)] = fe.num_bytes
-            if fe.disk_bytenr not in csummed:
-                csummed.add(fe.disk_bytenr)
-                for key, body in list(csum.items(*_csum_range(fe.disk_bytenr, fe.disk_num_bytes))):
-                    tree.insert(key, body, replace=True)
-        a, b = bisect_left(offs, lo), bisect_right(offs, end)
-        for off in offs[a:b]:
-            if off not in keep:  # stale: what the log said of this range is no longer so
-                tree.drop((ino, S.EXTENT_DATA, off))
-                del self.extent_lens[(ino, off)]
-        offs[a:b] = sorted(keep)  # every current item starts in [lo, end]
 
     def prepare_sync(self) -> tuple[list[tuple[int, bytes]], SuperInfo] | None:
         """The log blocks to write, and the superblock pointing at them; None if the log on
@@ -163,7 +138,7 @@ class TreeLog:
             for block in [*self.store.dirty.values(), *self.store.clean.values()]:
                 self.store.free_block(block)
         self.tree = self.store = None
-        self.logged, self.extent_offs, self.extent_lens = {}, {}, {}
+        self.logged, self.held, self.csummed = {}, {}, set()
 
 
 def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
