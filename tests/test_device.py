@@ -55,6 +55,39 @@ async def test_fua_write_is_durable_alone_and_supersedes_cached_data(tmp_path):
     await dev.close()
 
 
+async def _trips(dev: BlockDevice, step) -> int:
+    """How many calls ``step`` sends to the I/O thread (the loop's executor)."""
+    import asyncio
+
+    loop, trips = asyncio.get_running_loop(), []
+    real = loop.run_in_executor
+    loop.run_in_executor = lambda *a: trips.append(a) or real(*a)  # type: ignore[method-assign]
+    try:
+        await step()
+    finally:
+        del loop.run_in_executor
+    return len(trips)
+
+
+@pytest.mark.parametrize("faults", [None, FaultPlan(cut_after_writes=2)], ids=["plain", "cut-at-the-fua"])
+async def test_flush_then_fua_is_a_flush_then_a_fua_write_in_one_trip(tmp_path, faults):
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path, faults=faults)
+    log = dev.start_log()
+    await dev.write(0, sector(1, 2))
+    await dev.write(4 * SECTOR, sector(5))
+    if faults is None:
+        assert await _trips(dev, lambda: dev.flush_then_fua(SECTOR, sector(2))) == 1
+        assert on_disk(path, 0, 5 * SECTOR) == sector(1) + sector(2) + bytes(2 * SECTOR) + sector(5)
+        assert [e.kind for e in log.entries] == ["write", "write", "flush", "fua"] and not dev.cached_bytes()
+    else:  # the power cut comes at the FUA write: the flush before it has happened, the FUA not
+        with pytest.raises(DeviceIOError):
+            await dev.flush_then_fua(SECTOR, sector(2))
+        assert on_disk(path, 0, 5 * SECTOR) == sector(1, 2) + bytes(2 * SECTOR) + sector(5)
+        assert [e.kind for e in log.entries] == ["write", "write", "flush"]
+    await dev.close()
+
+
 async def test_power_cut_loses_unflushed_writes_and_kills_the_device(tmp_path):
     path = make_image(tmp_path / "d.img")
     dev = await BlockDevice.open(path, faults=FaultPlan(cut_after_writes=2))

@@ -476,21 +476,25 @@ async def test_a_failed_mount_releases_what_it_took(image, monkeypatch, fails):
 
 def hold_flushes(fs: Filesystem, monkeypatch, *numbers: int) -> tuple[dict[int, asyncio.Event], dict[int, asyncio.Event]]:
     """The device's flushes counted from now: the ones ``numbers`` name (a commit's first is its
-    data and tree blocks', its second the superblocks') set their ``entered`` event and wait
-    for their ``held`` one. Returns (entered, held)."""
-    real, held = fs.vol.device.flush, {n: asyncio.Event() for n in numbers}
+    data and tree blocks', with the primary superblock after it (``flush_then_fua``), its
+    second the mirrors') set their ``entered`` event and wait for their ``held`` one. Returns
+    (entered, held)."""
+    device, held = fs.vol.device, {n: asyncio.Event() for n in numbers}
     entered = {n: asyncio.Event() for n in numbers}
     calls = 0
 
-    async def flush() -> None:
-        nonlocal calls
-        calls += 1
-        if calls in held:
-            entered[calls].set()
-            await held[calls].wait()
-        await real()
+    def holding(real):
+        async def flush(*args) -> None:
+            nonlocal calls
+            calls += 1
+            if calls in held:
+                entered[calls].set()
+                await held[calls].wait()
+            await real(*args)
+        return flush
 
-    monkeypatch.setattr(fs.vol.device, "flush", flush)
+    for name in ("flush", "flush_then_fua"):
+        monkeypatch.setattr(device, name, holding(getattr(device, name)))
     return entered, held
 
 

@@ -268,7 +268,7 @@ async def test_a_durable_log_stays_unallocatable_until_a_superblock_supersedes_i
             await f.write(random.Random(5).randbytes(300 << 10))
         await fs.sync()
         vol = fs.vol
-        write, checked = vol.device.write, []
+        flush_then_fua, checked = vol.device.flush_then_fua, []
 
         def free_but_named() -> list[tuple[int, int]]:
             at = S.SUPER_OFFSETS[0]
@@ -282,12 +282,12 @@ async def test_a_durable_log_stays_unallocatable_until_a_superblock_supersedes_i
             checked.append(len(named))
             return [r for r in named if vol.engine.allocator.overlaps_free(*r)]
 
-        async def watched(offset: int, data: bytes, *, fua: bool = False) -> None:
-            if offset == S.SUPER_OFFSETS[0] and fua:
+        async def watched(offset: int, data: bytes) -> None:
+            if offset == S.SUPER_OFFSETS[0]:  # the flush, then the primary superblock with FUA
                 assert not free_but_named()
-            await write(offset, data, fua=fua)
+            await flush_then_fua(offset, data)
 
-        monkeypatch.setattr(vol.device, "write", watched)
+        monkeypatch.setattr(vol.device, "flush_then_fua", watched)
         async with fs.open("/f", "r+") as f:
             for off in (0, 100 << 10, 0, 0, 4096):
                 await f.pwrite(random.Random(off).randbytes(64 << 10), off)

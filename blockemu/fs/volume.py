@@ -246,8 +246,7 @@ class Volume:
         """The log's blocks, one flush, then the primary superblock pointing at them with FUA:
         the superblock names only blocks already durable. The mirrors keep the last full commit."""
         await self.device.writev(writes)
-        await self.device.flush()
-        await self.device.write(SUPER_OFFSETS[0], encode_super(sb, SUPER_OFFSETS[0]), fua=True)
+        await self.device.flush_then_fua(SUPER_OFFSETS[0], encode_super(sb, SUPER_OFFSETS[0]))
         self.log.finish_sync()
         self.log_root = sb.log_root
 
@@ -262,9 +261,8 @@ class Volume:
         self.log.drop()  # this commit supersedes the log: its blocks are pinned, free after it
         writes, new_sb = engine.prepare_commit()
         await self.device.writev(writes)
-        await self.device.flush()
         supers = super_writes(new_sb)
-        await self.device.write(*supers[0], fua=True)
+        await self.device.flush_then_fua(*supers[0])
         self.log_root = 0
         if supers[1:]:
             await self.device.writev(supers[1:])
