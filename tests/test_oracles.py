@@ -273,3 +273,28 @@ async def test_a_sync_ledger_copies_no_model_and_stays_right_after_later_changes
         changed = {p for p in synced if bytes(task.files.get(p, b"")) != synced[p]}
         assert changed and not changed & set(result.durable)
         assert all(bytes(m) == synced[p] for p, m in result.durable.items())
+
+
+async def test_the_mix_draws_its_data_from_the_task_pool_and_the_disk_holds_it(tmp_path, monkeypatch):
+    """A task's writes are slices of its seeded pool (``randbytes`` per write was a tenth of the
+    mix's loop time), not one more big-integer draw per write; what they wrote is on disk after
+    a remount, every byte, and two writes' data differ."""
+    img = str(tmp_path / "d.img")
+    await blockemu.mkfs(img, size="64M")
+    result = MixResult()
+    async with blockemu.mount(img, interval=3600) as fs:
+        task = Task(fs, "/t", random.Random(5), result, scale=4)
+        result.tasks = [task]
+        await fs.mkdir(task.root)
+
+        def no_draws(n: int) -> bytes:
+            raise AssertionError("a write drew its data from randbytes")
+
+        monkeypatch.setattr(task.rng, "randbytes", no_draws)
+        for op in ["create"] * 4 + ["write", "overwrite", "append"] * 4:
+            await task.step(op)
+        assert len({bytes(m[:4096]) for m in task.files.values() if len(m) >= 4096}) == \
+            sum(len(m) >= 4096 for m in task.files.values())
+    async with blockemu.mount(img, interval=3600) as fs:
+        await task.verify(fs)
+    assert result.ops == 16 and not result.divergent, result.divergent
