@@ -57,9 +57,12 @@ def _libcrypto_hkdf() -> Callable[[bytes | bytearray, bytes, bytearray], None] |
     master key where it is and writing the derived key where it goes: OpenSSL cleanses its
     copies (the key in the KDF context, the pseudorandom key and each HMAC block) before it
     frees them. cryptography's ``HKDF.derive_into`` is no substitute: it leaves a freed
-    ``bytes`` holding the derived key behind (seen by tests/test_wipe.py's memory scan)."""
+    ``bytes`` holding the derived key behind (seen by tests/test_wipe.py's memory scan).
+    The library is ``xts.library()``, whose calls keep the GIL: a derivation takes tens of
+    microseconds, and on the event loop a CDLL's call gave the GIL to a sealing thread and
+    waited to get it back (the stress mix's loop spent ~5x a derivation's CPU time in it)."""
     try:
-        lib = ctypes.CDLL("libcrypto.so.3")
+        lib = xts.library()
         fetch = lib.EVP_KDF_fetch
     except (OSError, AttributeError):  # no OpenSSL 3 libcrypto
         return None

@@ -287,9 +287,10 @@ class Sealer:
         self._idle.put_nowait(off)
 
     @contextlib.asynccontextmanager
-    async def sealed(self, key: bytearray | None, pages: Sequence[bytes | bytearray | int], csum_type: int) -> AsyncIterator[tuple[Buffer, bytes]]:
+    async def sealed(self, key: RunKey, pages: Sequence[bytes | bytearray | int], csum_type: int) -> AsyncIterator[tuple[Buffer, bytes]]:
         """Seal a run of ``pages`` (each an arena frame number, or a heap page): yields its ciphertext (its contents when ``key`` is None) and the
-        per-sector checksums, concatenated. Ciphertext from a worker is a view of its slot,
+        per-sector checksums, concatenated. A key given as secret and nonce is derived where the
+        run seals: in the sealing thread for a small run, not on the loop. Ciphertext from a worker is a view of its slot,
         valid inside the ``async with`` only: the device copies it once, straight from there.
         The page cache keeps the run's frames stable until it is written; heap pages are
         copied without yielding to the loop, so a write lands wholly before or after.
@@ -310,7 +311,12 @@ class Sealer:
             return
         assert self._slots is not None
         buf = self._slots[2]
-        buf[off : off + KEY] = key
+        derived = fscrypt.extent_key(*key) if isinstance(key, tuple) else key
+        try:
+            buf[off : off + KEY] = derived
+        finally:
+            if derived is not key:
+                fscrypt.wipe(derived)
         plain = off + KEY
         frames = [p if type(p) is int else IN_SLOT for p in pages]
         copied = [k for k, p in enumerate(pages) if type(p) is not int]
@@ -377,7 +383,7 @@ class Sealer:
         page = self.arena.page
         return bytearray().join([page(p) if type(p) is int else p for p in pages])
 
-    async def _seal_in_thread(self, key: bytearray | None, pages: Sequence[bytes | bytearray | int], csum_type: int) -> tuple[Buffer, bytes]:
+    async def _seal_in_thread(self, key: RunKey, pages: Sequence[bytes | bytearray | int], csum_type: int) -> tuple[Buffer, bytes]:
         fut, data = self._queue(key, pages, csum_type)
         try:
             return await fut

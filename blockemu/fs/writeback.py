@@ -429,31 +429,28 @@ class Writeback:
 
     async def _write_run(self, inode: Inode, run: Run, turn: Turn) -> None:
         fs = self.fs
-        key = nonce = secret = None
+        key: RunKey = None
+        nonce = secret = None
         if inode.key_id is not None:
             secret = fs.keyring.secret_for(inode.key_id, inode.ino)  # ENOKEY once hard-wiped
             nonce = os.urandom(fscrypt.NONCE_SIZE)
-            key = fscrypt.extent_key(secret, nonce)
-        try:
-            async with self.sealer.sealed(key, run.entries, fs.vol.sb.csum_type) as (sealed, digests):
-                file_offset, length = run.first * PAGE, len(sealed)
-                async with turn:
-                    if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
-                        raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
-                    async with fs.vol.join() as engine:
-                        # the data goes first: items must never point at an extent whose write failed
-                        keep = engine.data_keep()
-                        try:
-                            bytenr = engine.allocator.alloc(length, keep=keep)
-                        except NoSpaceError as e:
-                            alloc = engine.allocator
-                            raise _NoFit(e, alloc.largest(keep) // PAGE * PAGE, bool(alloc.pinned)) from None
-                        try:
-                            await fs.vol.device.write(bytenr, sealed)  # the device copies it out of the slot
-                        except BaseException:
-                            engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
-                            raise
-                        self._mapped(inode, [NewExtent(file_offset, bytenr, length, length, self._context(inode, nonce), digests)])
-        finally:
-            if key is not None:
-                fscrypt.wipe(key)
+            key = (secret, nonce)  # derived where the run seals (as ``_write_batch``'s)
+        async with self.sealer.sealed(key, run.entries, fs.vol.sb.csum_type) as (sealed, digests):
+            file_offset, length = run.first * PAGE, len(sealed)
+            async with turn:
+                if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
+                    raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
+                async with fs.vol.join() as engine:
+                    # the data goes first: items must never point at an extent whose write failed
+                    keep = engine.data_keep()
+                    try:
+                        bytenr = engine.allocator.alloc(length, keep=keep)
+                    except NoSpaceError as e:
+                        alloc = engine.allocator
+                        raise _NoFit(e, alloc.largest(keep) // PAGE * PAGE, bool(alloc.pinned)) from None
+                    try:
+                        await fs.vol.device.write(bytenr, sealed)  # the device copies it out of the slot
+                    except BaseException:
+                        engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
+                        raise
+                    self._mapped(inode, [NewExtent(file_offset, bytenr, length, length, self._context(inode, nonce), digests)])
