@@ -120,6 +120,7 @@ class Stat:
 
 
 STORED_NAMES = 4096  # ciphertexts of names an unlocked directory keeps (then it starts afresh)
+DENTRIES = 4096  # entries a directory keeps from its lookups (then it starts afresh)
 
 
 @dataclass(eq=False)
@@ -141,6 +142,8 @@ class Inode:
     epoch: int = 0  # bumped whenever the extent mappings change: see Filesystem._fill
     names_key: tuple[bytearray, bytearray] | None = None  # (the secret it came from, the key): Filesystem._names_key
     stored_names: dict[bytes, bytes] = field(default_factory=dict)  # name -> its ciphertext, while unlocked
+    policy: tuple[int, bytes] | None = None  # (flags, nonce) of its encryption context, once read: Filesystem._policy
+    dentries: dict[bytes, DirEntry] = field(default_factory=dict)  # a directory's stored names looked up: _lookup_entry
 
     @property
     def is_dir(self) -> bool:
@@ -308,6 +311,8 @@ class Filesystem:
         ctx = INODE_ENCRYPTION_CONTEXT.pack(2, S.CONTENTS_MODE_AES_256_XTS, S.FILENAMES_MODE_AES_256_CTS,
                                             S.POLICY_FLAGS_PAD_32, 0, key_id, os.urandom(fscrypt.NONCE_SIZE))
         self.tree.insert((ino, S.FSCRYPT_CTXT_ITEM, 0), ctx, replace=True)
+        if (inode := self.inodes.get(ino)) is not None:
+            inode.policy = None
 
     def _unlock(self, inode: Inode) -> None:
         if inode.key_id is not None:
@@ -346,9 +351,12 @@ class Filesystem:
         return self._policy(d)
 
     def _policy(self, i: Inode) -> tuple[int, bytes]:
-        """(policy flags, nonce) of an encrypted inode's context."""
-        ctx = INODE_ENCRYPTION_CONTEXT.unpack(self.tree[(i.ino, S.FSCRYPT_CTXT_ITEM, 0)])
-        return ctx[3], ctx[6]
+        """(policy flags, nonce) of an encrypted inode's context: read once (``_store_policy``
+        forgets it), not a tree lookup per path component of every operation."""
+        if i.policy is None:
+            ctx = INODE_ENCRYPTION_CONTEXT.unpack(self.tree[(i.ino, S.FSCRYPT_CTXT_ITEM, 0)])
+            i.policy = ctx[3], ctx[6]
+        return i.policy
 
     @contextlib.contextmanager
     def _names_key(self, d: Inode, nonce: bytes) -> Iterator[bytearray | None]:
@@ -396,17 +404,20 @@ class Filesystem:
         policy = self._names_policy(d)
         if policy is None:
             return name
+        # a name's ciphertext is a function of the key and the name (fscrypt's zero IV), so an
+        # unlocked directory keeps the ones it has computed, as the kernel's dentries keep
+        # plaintext names: path lookups then cost no CBC per component. They are kept only while
+        # the directory holds its names key (``_forget_names_key`` drops both), so one found
+        # here is what the key would give
+        stored = d.stored_names.get(name)
+        if stored is not None:
+            return stored
         flags, nonce = policy
         with self._names_key(d, nonce) as key:
             if key is not None:
-                # a name's ciphertext is a function of the key and the name (fscrypt's zero IV), so
-                # an unlocked directory keeps the ones it has computed, as the kernel's dentries
-                # keep plaintext names: path lookups then cost no CBC per component
-                stored = d.stored_names.get(name)
-                if stored is None:
-                    if len(d.stored_names) >= STORED_NAMES:
-                        d.stored_names.clear()
-                    stored = d.stored_names[name] = fscrypt.encrypt_name(key, name, flags)
+                if len(d.stored_names) >= STORED_NAMES:
+                    d.stored_names.clear()
+                stored = d.stored_names[name] = fscrypt.encrypt_name(key, name, flags)
                 return stored
         parsed = fscrypt.parse_nokey_name(name)
         if parsed is None:
@@ -452,11 +463,23 @@ class Filesystem:
 
     # ------------------------------------------------------------------ directories
 
-    def _lookup_entry(self, dir_ino: int, name: bytes) -> DirEntry | None:
-        body = self.tree.get((dir_ino, S.DIR_ITEM, name_hash(name)))
+    def _lookup_entry(self, d: Inode, name: bytes) -> DirEntry | None:
+        """The entry directory ``d`` stores under ``name`` (as stored: the ciphertext in an
+        encrypted one). Entries found are kept on ``d`` (the dentry cache: a tree lookup and a
+        decode per path component of every operation were a twentieth of the stress mix),
+        and the one ``_add_entry`` or ``_remove_entry`` changes is dropped first."""
+        entry = d.dentries.get(name)
+        if entry is not None:
+            return entry
+        body = self.tree.get((d.ino, S.DIR_ITEM, name_hash(name)))
         if body is None:
             return None
-        return next((e for e in unpack_dir_entries(body) if e.name == name), None)
+        entry = next((e for e in unpack_dir_entries(body) if e.name == name), None)
+        if entry is not None:
+            if len(d.dentries) >= DENTRIES:
+                d.dentries.clear()
+            d.dentries[name] = entry
+        return entry
 
     def _resolve(self, path: str) -> Inode:
         inode = self._load(ROOT_INO)
@@ -464,7 +487,7 @@ class Filesystem:
             if not inode.is_dir:
                 raise NotADirectory(f"{path}: not a directory")
             stored = self._disk_name(inode, name)
-            entry = self._lookup_entry(inode.ino, stored) if stored is not None else None
+            entry = self._lookup_entry(inode, stored) if stored is not None else None
             if entry is None:
                 raise NotFoundError(f"{path}: no such file or directory")
             inode = self._load(entry.location[0])
@@ -497,6 +520,7 @@ class Filesystem:
 
     def _add_entry(self, parent: Inode, name: bytes, child: Inode) -> None:
         self._names_changed(parent, child)
+        parent.dentries.pop(name, None)
         tid = self.vol.engine.transid
         entry = DirEntry((child.ino, S.INODE_ITEM, 0), tid, file_type(child.item.mode), name)
         key = (parent.ino, S.DIR_ITEM, name_hash(name))
@@ -516,6 +540,7 @@ class Filesystem:
 
     def _remove_entry(self, parent: Inode, name: bytes, child: Inode) -> None:
         self._names_changed(parent, child)
+        parent.dentries.pop(name, None)
         key = (parent.ino, S.DIR_ITEM, name_hash(name))
         rest = [e for e in unpack_dir_entries(self.tree[key]) if e.name != name]
         if rest:
@@ -549,7 +574,7 @@ class Filesystem:
     async def mkdir(self, path: str, mode: int = 0o755) -> None:
         async with self.vol.join():
             parent, name = self._parent(path)
-            if name is not None and self._lookup_entry(parent.ino, name) is not None:
+            if name is not None and self._lookup_entry(parent, name) is not None:
                 raise ExistsError(f"{path}: file exists")
             child = self._new_inode(st.S_IFDIR | (mode & 0o7777), parent)  # ENOKEY in a locked directory
             assert name is not None
@@ -608,7 +633,7 @@ class Filesystem:
             self._require_names_key(dparent)
             self._check_policy_move(inode, dparent)
             assert sname is not None and dname is not None  # resolved, and both keys are here
-            entry = self._lookup_entry(dparent.ino, dname)
+            entry = self._lookup_entry(dparent, dname)
             if entry is not None:
                 victim = self._load(entry.location[0])
                 if victim.ino == inode.ino:
@@ -644,7 +669,7 @@ class Filesystem:
             if inode.is_dir:
                 raise NotPermitted(f"{src}: hard link not allowed for directory")
             dparent, dname = self._parent(dst)
-            if dname is not None and self._lookup_entry(dparent.ino, dname) is not None:
+            if dname is not None and self._lookup_entry(dparent, dname) is not None:
                 raise ExistsError(f"{dst}: file exists")
             self._require_names_key(dparent)
             self._check_policy_move(inode, dparent)
@@ -666,7 +691,7 @@ class Filesystem:
             raise NameTooLong(f"{path}: symbolic link target longer than {PAGE - 1} bytes")
         async with self.vol.join():
             parent, name = self._parent(path)
-            if name is not None and self._lookup_entry(parent.ino, name) is not None:
+            if name is not None and self._lookup_entry(parent, name) is not None:
                 raise ExistsError(f"{path}: file exists")
             if parent.key_id is not None:
                 self._encrypted_symlink(parent, name, data, path)
@@ -685,7 +710,7 @@ class Filesystem:
                 parent, name = self._parent(path)
                 self._check_policy_move(inode, parent)  # the path may name an encrypted directory by now
                 assert name is not None
-                if self._lookup_entry(parent.ino, name) is not None:
+                if self._lookup_entry(parent, name) is not None:
                     raise ExistsError(f"{path}: file exists")
                 self._add_entry(parent, name, inode)
                 inode.item = inode.item._replace(nlink=1)
