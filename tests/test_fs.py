@@ -327,6 +327,36 @@ async def test_checksum_mismatch_reads_as_eio(image):
                 await f.pread(4096, 4096)
 
 
+async def test_a_read_checks_its_sectors_with_one_csum_lookup_and_names_the_bad_one(image, monkeypatch):
+    """A read of 32 sectors of one extent takes their checksums from one descent of the csum
+    tree (one per sector was a thirtieth of the stress mix); a sector flipped in the middle
+    still reads as EIO, named by its file offset, and the sectors before it read fine."""
+    data = os.urandom(32 * 4096)
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/x", "w") as f:
+            await f.write(data)
+        await fs.sync()
+        ino = (await fs.stat("/x")).st_ino
+        (m,) = list(fs.extents.mappings(ino))
+        bytenr = m.extent.disk_bytenr
+    async with blockemu.mount(image) as fs:
+        csum_tree, descents = fs.extents.csum, []
+        real = csum_tree._leaf_for
+        monkeypatch.setattr(csum_tree, "_leaf_for", lambda key: descents.append(key) or real(key))
+        async with fs.open("/x") as f:
+            assert await f.read() == data
+        assert len(descents) == 1, descents
+    with open(image, "r+b") as raw:
+        raw.seek(bytenr + 17 * 4096 + 5)
+        raw.write(bytes([data[17 * 4096 + 5] ^ 1]))
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/x") as f:
+            assert await f.pread(17 * 4096, 0) == data[: 17 * 4096]
+            with pytest.raises(OSError) as e:
+                await f.pread(8 * 4096, 12 * 4096)
+            assert e.value.errno == errno.EIO and f"file offset {17 * 4096} " in str(e.value)
+
+
 async def test_pages_rewritten_while_being_sealed(image):
     """Stable pages: frames a worker is encrypting are never changed under it. Rewrites made
     while writeback has the whole file in flight go to fresh frames; the extents sealed meanwhile

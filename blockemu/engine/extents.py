@@ -89,16 +89,23 @@ class Extents:
         """EXTENT_DATA items of ``ino`` overlapping [start, end), in file order."""
         return file_mappings(self.fs, ino, start, end)
 
-    def sector_csum(self, bytenr: int) -> bytes | None:
-        hit = self.csum.last_at_or_before((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr),
-                                          (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, 0))
-        if hit is None:
-            return None
-        (_, _, start), body = hit
-        i = (bytenr - start) // PAGE
-        if (bytenr - start) % PAGE or (i + 1) * self.csum_size > len(body):
-            return None
-        return body[i * self.csum_size : (i + 1) * self.csum_size]
+    def sector_csums(self, bytenr: int, length: int) -> bytes:
+        """The checksums of the sectors of [bytenr, +length), concatenated, from one descent of
+        the csum tree (a read checked each sector with a descent of its own); they stop at the
+        first sector that has none, so a caller comparing sector by sector finds it there."""
+        oid, typ, size = S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, self.csum_size
+        at, end, out = bytenr, bytenr + length, []
+        for (_, _, start), body in self.csum.floor_items((oid, typ, bytenr), (oid, typ, 0), (oid, typ, end - 1)):
+            if start > at or (at - start) % PAGE:
+                break  # a gap, or an item not aligned with this sector
+            i = (at - start) // PAGE
+            n = min(len(body) // size - i, (end - at) // PAGE)
+            if n > 0:
+                out.append(body[i * size : (i + n) * size])
+                at += n * PAGE
+            if at >= end:
+                break
+        return b"".join(out)
 
     # ------------------------------------------------------------------ changing files
 

@@ -1136,10 +1136,10 @@ class Filesystem:
             inode.inflight -= 1
         if inode.epoch != epoch:
             return None
-        ctype = self.vol.sb.csum_type
-        for off in range(0, e - s, PAGE):
-            want = self.extents.sector_csum(disk + off)
-            if want is None or csums.digest(ctype, data[off : off + PAGE]) != want:
+        ctype, size = self.vol.sb.csum_type, self.extents.csum_size
+        wants = self.extents.sector_csums(disk, e - s)
+        for k, off in enumerate(range(0, e - s, PAGE)):
+            if csums.digest(ctype, data[off : off + PAGE]) != wants[k * size : (k + 1) * size]:
                 raise DeviceIOError(f"inode {inode.ino}: checksum mismatch at file offset {s + off} (disk {disk + off})")
         ctx = m.extent.context
         if ctx is None:
