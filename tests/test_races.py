@@ -233,16 +233,31 @@ def on_disk(dev: BlockDevice) -> bytes:
 
 async def test_device_read_racing_background_destage_is_never_stale(tmp_path, monkeypatch):
     """The pread sees the file before a destage lands; the destage then empties the cache before
-    the read looks at it. The read must still return the newest completed write."""
+    the read looks at it. The read must still return the newest completed write. (A read past
+    ``SYNC_READ``: a smaller one is a pread on the loop, with no await to race.)"""
     dev = await device_with_cached_write(tmp_path)
     gate = Gate(blockdev._a_pread, after=True)  # pread done, the read not yet finished
     monkeypatch.setattr(blockdev, "_a_pread", gate)
-    read = asyncio.ensure_future(dev.read(0, PAGE))
+    read = asyncio.ensure_future(dev.read(0, 2 * blockdev.SYNC_READ))
     await gate.entered.wait()
     await dev.destage_in_background()
     assert not dev.cached_bytes()
     gate.release.set()
-    assert await read == b"\x01" * PAGE
+    assert (await read)[:PAGE] == b"\x01" * PAGE
+    await dev.close()
+
+
+async def test_a_small_read_is_a_pread_on_the_loop_over_the_cache(tmp_path, monkeypatch):
+    """Reads up to ``SYNC_READ`` make no executor trip (the stress mix's partial-page reads spent
+    ~5 % of the loop in them) and still see the cached write over the file's older bytes."""
+    dev = await device_with_cached_write(tmp_path)
+
+    def no_trip(*args):
+        raise AssertionError("a small read went through the executor")
+
+    monkeypatch.setattr(blockdev, "_a_pread", no_trip)
+    assert await dev.read(0, 2 * PAGE) == b"\x01" * PAGE + bytes(PAGE)
+    assert await dev.read(PAGE // 2, blockdev.SYNC_READ) == b"\x01" * (PAGE // 2) + bytes(blockdev.SYNC_READ - PAGE // 2)
     await dev.close()
 
 
