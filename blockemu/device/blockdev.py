@@ -12,7 +12,7 @@ executor hop costs ~0.25 ms, so a flush destages the whole cache in one call
 (``pwritev`` per contiguous run). ``read_sync`` serves metadata-block misses
 of the B-tree's node cache: a 16 KiB pread from the page cache costs far less
 than the executor hop; the tree code gets it as a callable and opens no file itself.
-For the same reason an async ``read`` of up to 64 KiB (``SYNC_READ``) is a pread on the loop.
+For the same reason an async ``read`` of up to 256 KiB (``SYNC_READ``) is a pread on the loop.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from blockemu.device.writelog import SECTOR, WriteLog, sparse_copy
 from blockemu.errors import DeviceIOError, InvalidArgument
 
 IOV_MAX = 1024
-SYNC_READ = 64 << 10  # reads up to this size pread on the loop, not in the executor (``read``)
+SYNC_READ = 256 << 10  # reads up to this size pread on the loop, not in the executor (``read``)
 
 
 @dataclass
@@ -202,8 +202,10 @@ class BlockDevice:
 
     async def read(self, offset: int, length: int) -> bytes:
         """A read of up to ``SYNC_READ`` bytes is a pread on the loop, as ``read_sync``'s: from the
-        host's page cache it costs a fraction of the executor hop (the stress mix's
-        read-modify-writes of partial pages spent ~5 % of the loop in the hops)."""
+        host's page cache it costs a fraction of the executor hop (the stress mix's partial-page
+        read-modify-writes and reads of small files spent ~10 % of the loop in the hops). The
+        size is the one up to which a read is decrypted on the loop too (filesystem's
+        ``_read_extent_part``); larger reads overlap the executor's pread with the loop's work."""
         self._check(offset, length, "read")
         await self._delay()
         if length <= SYNC_READ:
