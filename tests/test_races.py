@@ -685,3 +685,35 @@ async def test_unmount_never_shares_a_commit_that_misses_a_later_change(image, m
         else:  # or X was refused (the volume closed first)
             assert isinstance(results[3], OSError) and not await fs.exists("/x")
         assert await fs.exists("/y")
+
+
+async def test_opening_an_existing_file_waits_for_no_commit(image, monkeypatch):
+    """Opening a file that exists changes no tree, so it joins no transaction (as stat does) and
+    does not wait for a commit in progress -- the stress mix's opens each paid for a join; a
+    create still waits, and every file opened reads and writes as usual once the commit is done."""
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        async with fs.open("/a", "w") as f:
+            await f.write(b"old")
+        entered, held = hold_flushes(fs, monkeypatch, 1)
+        commit = asyncio.ensure_future(fs.vol.commit())
+        await entered[1].wait()  # the commit holds the transaction
+        reading = asyncio.ensure_future(fs.open("/a"))
+        writing = asyncio.ensure_future(fs.open("/a", "r+"))
+        creating = asyncio.ensure_future(fs.open("/b", "x"))
+        try:
+            for _ in range(3):
+                await asyncio.sleep(0)
+            waited = [t.done() for t in (reading, writing, creating)]
+        finally:
+            held[1].set()
+            await commit
+        assert waited == [True, True, False]
+        r, w, c = reading.result(), writing.result(), await creating
+        await w.pwrite(b"new", 0)
+        assert await r.read() == b"new"
+        for f in (r, w, c):
+            await f.close()
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/a") as f:
+            assert await f.read() == b"new"
+        assert await fs.exists("/b")

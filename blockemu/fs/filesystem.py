@@ -937,24 +937,11 @@ class Filesystem:
         create, excl, trunc = base[0] in "wax", base[0] == "x", base[0] == "w"
         if base != "r" and self.vol.device.readonly:
             raise ReadOnlyError(f"{path}: read-only file system")
-        async with self.vol.join():
-            try:
-                inode = self._resolve(path)
-                if excl:
-                    raise ExistsError(f"{path}: file exists")
-            except NotFoundError:
-                if not create:
-                    raise
-                parent, name = self._parent(path)
-                inode = self._new_inode(st.S_IFREG | 0o644, parent)  # ENOKEY in a locked directory
-                assert name is not None
-                self._add_entry(parent, name, inode)
-            if inode.is_dir:
-                raise IsADirectory(f"{path}: is a directory")
-            if st.S_ISLNK(inode.item.mode):
-                raise SymlinkLoop(f"{path}: is a symbolic link (paths are never followed)")
-            self._unlock(inode)
-            inode.open_count += 1
+        if create:
+            async with self.vol.join():
+                inode = self._open_inode(path, create, excl)
+        else:
+            inode = self._open_inode(path, create, excl)  # changes no tree: no transaction to join, as stat
         f = File(self, inode, path, readable=base[0] == "r" or "+" in base, writable=base != "r", append=base[0] == "a")
         if trunc and inode.size:
             try:
@@ -963,6 +950,29 @@ class Filesystem:
                 await f.close()
                 raise
         return f
+
+    def _open_inode(self, path: str, create: bool, excl: bool) -> Inode:
+        """The inode ``path`` names, created if missing when ``create`` (inside ``vol.join``),
+        unlocked and counted open. No await: an unlink cannot come between the lookup and the
+        count that makes it keep the inode as an orphan."""
+        try:
+            inode = self._resolve(path)
+            if excl:
+                raise ExistsError(f"{path}: file exists")
+        except NotFoundError:
+            if not create:
+                raise
+            parent, name = self._parent(path)
+            inode = self._new_inode(st.S_IFREG | 0o644, parent)  # ENOKEY in a locked directory
+            assert name is not None
+            self._add_entry(parent, name, inode)
+        if inode.is_dir:
+            raise IsADirectory(f"{path}: is a directory")
+        if st.S_ISLNK(inode.item.mode):
+            raise SymlinkLoop(f"{path}: is a symbolic link (paths are never followed)")
+        self._unlock(inode)
+        inode.open_count += 1
+        return inode
 
     def room_for(self, n: int) -> bool:
         """Whether ``n`` more bytes of dirty data can get extents at writeback, with the dirty
