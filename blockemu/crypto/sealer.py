@@ -289,9 +289,10 @@ class Sealer:
     @contextlib.asynccontextmanager
     async def sealed(self, key: RunKey, pages: Sequence[bytes | bytearray | int], csum_type: int) -> AsyncIterator[tuple[Buffer, bytes]]:
         """Seal a run of ``pages`` (each an arena frame number, or a heap page): yields its ciphertext (its contents when ``key`` is None) and the
-        per-sector checksums, concatenated. A key given as secret and nonce is derived where the
-        run seals: in the sealing thread for a small run, not on the loop. Ciphertext from a worker is a view of its slot,
-        valid inside the ``async with`` only: the device copies it once, straight from there.
+        per-sector checksums, concatenated. A key given as secret and nonce (a ``RunKey``) is
+        derived where the run seals: in the sealing thread for a small run, not on the loop.
+        Ciphertext from a worker is a view of its slot, valid inside the ``async with`` only:
+        the device copies it once, straight from there.
         The page cache keeps the run's frames stable until it is written; heap pages are
         copied without yielding to the loop, so a write lands wholly before or after.
         A worker that dies or hangs fails the run with EIO (DeviceIOError)."""
