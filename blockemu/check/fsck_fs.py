@@ -15,7 +15,6 @@ from operator import itemgetter, le
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from blockemu.crypto import fscrypt
 from blockemu.engine.btree import max_item_size
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
@@ -398,6 +397,10 @@ def check_encrypted_names(ck: "Checker", fi: FsItems, master: bytes | None) -> N
     """Each name of an encrypted directory has a length its padding can give (no key needed:
     the hash checks are over the stored bytes already); with the directory's master key, it
     decrypts to a legal name: no ``/``, no NUL before the padding, not ``.`` or ``..``."""
+    if not fi.policies:
+        return  # nothing encrypted: the check needs no cipher (importing one is a tenth of the command's start)
+    from blockemu.crypto import fscrypt
+
     ident = fscrypt.key_identifier(master) if master is not None else None
     keys: dict[int, bytearray] = {}
     try:
@@ -425,6 +428,10 @@ def check_encrypted_symlinks(ck: "Checker", fi: FsItems, sb, master: bytes | Non
     says so, and is what fscrypt stores -- a length that says exactly what follows, a ciphertext
     length its padding can give, i_size the stored length, no extents beside it; with the master
     key, the ciphertext decrypts to a legal target: not empty, no NUL before the padding."""
+    if not fi.symlinks:
+        return
+    from blockemu.crypto import fscrypt
+
     limit = symlink_ciphertext_max(max_item_size(sb.nodesize))
     ident = fscrypt.key_identifier(master) if master is not None else None
     for ino, body in sorted(fi.symlinks.items()):

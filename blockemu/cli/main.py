@@ -341,10 +341,10 @@ def emit_json(obj: Any) -> None:
 
 
 def read_key(path: str | None) -> bytes | None:
+    if path is None:
+        return None  # before the import: fsck without a key loads no cipher
     from blockemu.crypto.fscrypt import MAX_KEY_SIZE, MIN_KEY_SIZE
 
-    if path is None:
-        return None
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_KEY_SIZE + 1)
