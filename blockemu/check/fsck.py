@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from blockemu.check import fsck_fs, fsck_log
+from blockemu.check import fsck_fast, fsck_fs, fsck_log
 from blockemu.check.exitcodes import EXIT_CLEAN, EXIT_UNCORRECTED
 from blockemu.check.forked import CAN_FORK, Forked, alone, second_core
 from blockemu.device.image import ImageFile
@@ -327,27 +327,23 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         if parallel is None:
             parallel = len(ck.items.get(S.FS_TREE_OBJECTID, ())) >= PARALLEL_ITEMS and second_core() and alone()
         parallel = parallel and CAN_FORK
-        with Forked(lambda: fs_findings(ck, sb, key)[:3]) if parallel else nullcontext() as side:
+        with Forked(lambda: fs_findings(ck, sb, key)) if parallel else nullcontext() as side:
             ck.check_subtrees(sb, roots, SUBTREES[split:])
             extents = ck.check_extents(sb)
             ck.check_free_space(sb, extents)
             fsck_log.check_log(ck, sb, extents, img.read if check_data else None)
             ck.progress(5, PHASES[4])
             if side is None:
-                *findings, items = fs_findings(ck, sb, key)
-            else:  # the child reports the fs items' problems: here they are decoded only to be used
-                mark = len(report.errors)
-                items = fsck_fs.collect(ck, only=FILE_EXTENT_TYPES)
-                del report.errors[mark:]
+                findings = fs_findings(ck, sb, key)
             mark = len(report.errors)
-            fsck_fs.check_file_extents(ck, items, ck.data_extents)
+            check_file_extents(ck)
             ck.progress(6, "csums against data" if check_data else "csums (without verifying data)")
             fsck_fs.check_csums(ck, sb, ck.data_extents, img.read if check_data else None, lambda n: None)
             ck.progress(7, PHASES[6])
             if side is not None:
                 # what this side made is freed while the child finishes (freeing a large check's
                 # millions of small objects takes a good part of a second)
-                del items, extents
+                del extents
                 ck.release()
                 findings = side.result()
                 if findings is None:  # the child failed (killed, out of memory): once more, in one process
@@ -360,10 +356,13 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
     return report
 
 
-def fs_findings(ck: Checker, sb: Any, key: bytes | None) -> tuple[list[FsckError], list[FsckError], int, fsck_fs.FsItems]:
+def fs_findings(ck: Checker, sb: Any, key: bytes | None) -> Findings:
     """The passes that need the fs tree's items only: (problems of the items, of inodes and
-    directories; of encryption; the inode count; the decoded items). The problems are taken
-    out of the report, for the caller to put in their place among the other passes'."""
+    directories; of encryption; the inode count). The problems are taken out of the report, for
+    the caller to put in their place among the other passes'."""
+    inodes = fsck_fast.inodes_clean(ck)
+    if inodes is not None:
+        return [], [], inodes
     mark = len(ck.report.errors)
     items = fsck_fs.collect(ck)
     fsck_fs.check_inodes(ck, items)
@@ -374,7 +373,18 @@ def fs_findings(ck: Checker, sb: Any, key: bytes | None) -> tuple[list[FsckError
     fsck_fs.check_encrypted_symlinks(ck, items, sb, key)
     found = ck.report.errors[mark:]
     del ck.report.errors[mark:]
-    return found[:middle - mark], found[middle - mark:], len(items.inodes), items
+    return found[:middle - mark], found[middle - mark:], len(items.inodes)
+
+
+def check_file_extents(ck: Checker) -> None:
+    """File extents against inodes and the extent tree. The items are decoded here for this pass
+    alone: what is wrong with them is the fs passes' to report (``fs_findings``)."""
+    if fsck_fast.file_extents_clean(ck, ck.data_extents):
+        return
+    mark = len(ck.report.errors)
+    items = fsck_fs.collect(ck, only=FILE_EXTENT_TYPES)
+    del ck.report.errors[mark:]
+    fsck_fs.check_file_extents(ck, items, ck.data_extents)
 
 
 async def fsck(path: str, *, check_data: bool = False) -> FsckReport:

@@ -15,42 +15,44 @@ import construct as c
 from blockemu.ondisk import structs as S
 
 
-def _flatten(con: Any, prefix: str = "") -> tuple[str, list[str]]:
-    """(struct format without byte order, flattened field names) of a fixed-size Struct."""
-    fmt: list[str] = []
-    names: list[str] = []
+def _pieces(con: Any, prefix: str = "") -> list[tuple[str, str | None]]:
+    """(struct format without byte order, flattened field name) per field of a fixed-size Struct,
+    in layout order; padding has no name."""
+    pieces: list[tuple[str, str | None]] = []
     for sub in con.subcons:
         name = f"{prefix}{sub.name}" if sub.name else ""
         inner = sub.subcon if isinstance(sub, c.Renamed) else sub
         if isinstance(inner, c.Const):
             inner = inner.subcon
         if isinstance(inner, c.Struct):
-            f, n = _flatten(inner, name + ".")
-            fmt.append(f)
-            names.extend(n)
+            pieces += _pieces(inner, name + ".")
         elif isinstance(inner, c.FormatField):
-            fmt.append(inner.fmtstr.lstrip("<>=!"))
-            names.append(name)
+            pieces.append((inner.fmtstr.lstrip("<>=!"), name))
         elif isinstance(inner, c.Bytes):
-            fmt.append(f"{inner.length}s")
-            names.append(name)
+            pieces.append((f"{inner.length}s", name))
         elif isinstance(inner, c.Padded) and not name:
-            fmt.append(f"{inner.length}x")
+            pieces.append((f"{inner.length}x", None))
         elif isinstance(inner, c.Array):
-            f, n = _flatten(inner.subcon)
             for i in range(inner.count):
-                fmt.append(f)
-                names.extend(f"{name}[{i}].{x}" for x in n)
+                pieces += [(f, None if n is None else f"{name}[{i}].{n}") for f, n in _pieces(inner.subcon)]
         else:  # pragma: no cover - a new construct type needs a rule here
             raise TypeError(f"no struct format for {inner!r}")
-    return "".join(fmt), names
+    return pieces
 
 
 def derive(con: Any) -> tuple[struct.Struct, list[str]]:
-    fmt, names = _flatten(con)
-    packed = struct.Struct("<" + fmt)
+    pieces = _pieces(con)
+    packed = struct.Struct("<" + "".join(f for f, _ in pieces))
     assert packed.size == con.sizeof(), (con, packed.size, con.sizeof())
-    return packed, names
+    return packed, [n for _, n in pieces if n is not None]
+
+
+def picked(con_name: str, fields: tuple[str, ...]) -> struct.Struct:
+    """A decoder of only ``fields`` (in layout order) of a struct: every other field is skipped
+    as padding, so a reader that needs four fields of twenty makes no object for the rest."""
+    pieces = _pieces(S.STRUCTS[con_name])
+    assert [n for _, n in pieces if n in fields] == list(fields), (con_name, fields)
+    return struct.Struct("<" + "".join(f if n in fields else f"{struct.calcsize('<' + f)}x" for f, n in pieces))
 
 
 FAST: dict[str, tuple[struct.Struct, list[str]]] = {name: derive(con) for name, con in S.STRUCTS.items()}

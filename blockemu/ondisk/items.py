@@ -124,12 +124,12 @@ def unpack_dir_entries(body: bytes) -> list[DirEntry]:
     return out
 
 
-_FILE_TYPES = {stat.S_IFREG: FT_REG_FILE, stat.S_IFDIR: FT_DIR, stat.S_IFLNK: FT_SYMLINK}
+FILE_TYPES = {stat.S_IFREG: FT_REG_FILE, stat.S_IFDIR: FT_DIR, stat.S_IFLNK: FT_SYMLINK}
 
 
 def file_type(mode: int) -> int:
     """The directory entry type of an inode of this mode; 0 for a kind the format does not hold."""
-    return _FILE_TYPES.get(stat.S_IFMT(mode), 0)
+    return FILE_TYPES.get(stat.S_IFMT(mode), 0)
 
 
 def name_hash(name: bytes) -> int:
