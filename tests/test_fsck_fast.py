@@ -1,0 +1,163 @@
+"""fsck's column proofs (check/fsck_fast.py): on a sound plain image each proof holds, so the
+passes it stands for are skipped; on structural mutations and byte flips of that image a proof
+holds only where the pass it stands for finds nothing -- a proof that passed a damaged image
+would hide what the pass reports."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blockemu.check import fsck as fsck_mod
+from blockemu.check import fsck_fast, fsck_fs
+from blockemu.check.fsck import Checker, FsckReport
+from blockemu.cli import fuzz
+from blockemu.device.image import ImageFile
+from blockemu.engine.transaction import SUBTREES
+from blockemu.ondisk import structs as S
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> fuzz.Base:
+    """A plain image from a host tree: nested directories, empty and multi-extent files,
+    symbolic links, long and short names, an empty directory (4 KiB nodes: many leaves)."""
+    d = tmp_path_factory.mktemp("plain")
+    root = d / "root"
+    rng = random.Random(11)
+    for i in range(4):
+        sub = root / f"dir{i}" / f"sub{i % 2}"
+        sub.mkdir(parents=True)
+        for j in range(25):
+            (sub / (f"f{j}-" + "n" * rng.randrange(30))).write_bytes(rng.randbytes(rng.choice([0, 10, 4096, 5000, 70000])))
+        os.symlink("../" * (i % 3) + "target" * (i + 1), sub / "link")
+    (root / "empty").mkdir()
+    image, key = d / "plain.img", d / "key"
+    key.write_bytes(fuzz.KEY)
+    subprocess.run([sys.executable, "-m", "blockemu", "mkfs", "--size", "48M", "--node-size", "4K", "--rootdir", str(root),
+                    str(image)], check=True, capture_output=True)
+    return fuzz.load_base(str(image), str(key))
+
+
+def walked(path: str) -> tuple[Checker, object]:
+    """A Checker after the walk and the extent pass, as the fs passes find it."""
+    with ImageFile.open(path) as img:
+        ck = Checker(img, FsckReport(image=path), None)
+        sb = ck.check_supers()
+        roots = ck.check_root_tree(sb)
+        ck.check_subtrees(sb, roots, SUBTREES)
+        ck.check_free_space(sb, ck.check_extents(sb))
+    return ck, sb
+
+
+def passes_find(ck: Checker, sb) -> tuple[bool, bool]:
+    """Whether the fs passes, and the file-extent pass, report anything (run as they are)."""
+    mark = len(ck.report.errors)
+    items = fsck_fs.collect(ck)
+    fsck_fs.check_inodes(ck, items)
+    fsck_fs.check_encryption(ck, items)
+    fsck_fs.check_encrypted_names(ck, items, None)
+    fsck_fs.check_encrypted_symlinks(ck, items, sb, None)
+    fs_found = len(ck.report.errors) > mark
+    mark = len(ck.report.errors)
+    fsck_fs.check_file_extents(ck, items, ck.data_extents)
+    return fs_found, len(ck.report.errors) > mark
+
+
+def test_a_sound_image_is_proved_clean_and_the_proofs_are_taken(plain, monkeypatch):
+    ck, sb = walked(plain.path)
+    assert passes_find(ck, sb) == (False, False)
+    assert fsck_fast.inodes_clean(ck) == len(fsck_fs.collect(ck).inodes) > 100
+    assert fsck_fast.file_extents_clean(ck, ck.data_extents)
+    ran = []
+    monkeypatch.setattr(fsck_fs, "check_inodes", lambda *a: ran.append("inodes"))
+    monkeypatch.setattr(fsck_fs, "check_file_extents", lambda *a: ran.append("file extents"))
+    assert fsck_mod.check(plain.path).clean and ran == []
+
+
+def _cases(plain: fuzz.Base, n: int) -> list[list[tuple[int, bytes]]]:
+    targeted = ["inode", "file_extent", "dir_entry", "key", "extent_item", "item_header"]
+    out = [fuzz.MUTATIONS[targeted[i % len(targeted)]](plain, random.Random(f"fast:{i}")) for i in range(n)]
+    blocks = plain.blocks_of(lambda tree, level: tree == "fs")
+    for i in range(n // 2):
+        rng = random.Random(f"fastflip:{i}")
+        bytenr = rng.choice(blocks)
+        buf = bytearray(plain.raw[bytenr])
+        buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
+        out.append([(bytenr, plain.recsum(buf))])
+    return out
+
+
+def test_a_proof_holds_only_where_its_pass_finds_nothing(plain, tmp_path):
+    work = str(tmp_path / "m.img")
+    proved = found = 0
+    for patches in _cases(plain, 120):
+        plain.write(work, patches)
+        try:
+            ck, sb = walked(work)
+        except OSError:
+            continue
+        inodes, extents = fsck_fast.inodes_clean(ck), fsck_fast.file_extents_clean(ck, ck.data_extents)
+        fs_found, extents_found = passes_find(ck, sb)
+        assert not (inodes is not None and fs_found), patches
+        assert not (extents and extents_found), patches
+        proved += inodes is not None
+        found += fs_found + extents_found
+    assert found > 60 and proved > 5  # both sides were met
+
+
+def test_a_check_of_a_mutated_image_reports_what_the_passes_do(plain, tmp_path):
+    """The whole report through ``check``, with the proofs and with every proof failing."""
+    work = str(tmp_path / "w.img")
+    for patches in _cases(plain, 30):
+        plain.write(work, patches)
+        try:
+            fast = fsck_mod.check(work, parallel=False)
+        except OSError:
+            continue
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(fsck_fast, "inodes_clean", lambda ck: None)
+            m.setattr(fsck_fast, "file_extents_clean", lambda ck, data: False)
+            slow = fsck_mod.check(work, parallel=False)
+        assert fast.as_json() == slow.as_json() and [e.fix for e in fast.errors] == [e.fix for e in slow.errors]
+
+
+def test_the_fsck_command_of_a_plain_image_loads_no_cipher(plain):
+    """Without a key and with nothing encrypted, no cipher module: importing one was a tenth of
+    the command's start."""
+    code = ("import contextlib, io, sys\nfrom blockemu.cli.main import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    rc = main(['fsck', '--json', sys.argv[1]])\n"
+            "print(rc, *sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, plain.path], capture_output=True, text=True, check=True).stdout
+    rc, *loaded = out.split()
+    assert rc == "0" and "blockemu.check.fsck" in loaded
+    assert [m for m in loaded if m.startswith(("cryptography", "blockemu.crypto"))] == []
+
+
+def test_key_order_is_what_lets_a_proof_trust_its_columns(plain, tmp_path):
+    """Items out of key order (a tree the walk calls damaged) are never proved clean."""
+    ck, _ = walked(plain.path)
+    pairs = ck.items[S.FS_TREE_OBJECTID]
+    pairs[1], pairs[2] = pairs[2], pairs[1]
+    assert fsck_fast.by_type(ck, fsck_fast.PLAIN_TYPES) is None
+    assert fsck_fast.inodes_clean(ck) is None and not fsck_fast.file_extents_clean(ck, ck.data_extents)
+
+
+def test_a_file_extent_that_disagrees_with_its_data_extent_in_length_alone_is_no_proof(plain, tmp_path):
+    """disk_num_bytes and ram_bytes both one sector longer: every field of the file extent agrees
+    with the others, only the extent tree's length says otherwise."""
+    from blockemu.ondisk.items import FileExtent
+
+    bytenr = next(b for b in plain.blocks_of(lambda tree, level: tree == "fs" and level == 0)
+                  if any(k[1] == S.EXTENT_DATA for k in plain.block(b).keys))
+    block = plain.block(bytenr)
+    i = next(i for i, k in enumerate(block.keys) if k[1] == S.EXTENT_DATA)
+    fe = FileExtent.unpack(block.values[i])
+    block.values[i] = fe._replace(ram_bytes=fe.ram_bytes + 4096, disk_num_bytes=fe.disk_num_bytes + 4096).pack()
+    work = str(tmp_path / "longer.img")
+    plain.write(work, [(bytenr, plain.encode(block))])
+    ck, sb = walked(work)
+    assert passes_find(ck, sb)[1] and not fsck_fast.file_extents_clean(ck, ck.data_extents)
