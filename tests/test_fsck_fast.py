@@ -70,8 +70,8 @@ def passes_find(ck: Checker, sb) -> tuple[bool, bool]:
 def test_a_sound_image_is_proved_clean_and_the_proofs_are_taken(plain, monkeypatch):
     ck, sb = walked(plain.path)
     assert passes_find(ck, sb) == (False, False)
-    assert fsck_fast.inodes_clean(ck) == len(fsck_fs.collect(ck).inodes) > 100
-    assert fsck_fast.file_extents_clean(ck, ck.data_extents)
+    assert fsck_fast.inodes_clean(fsck_fast.columns(ck)) == len(fsck_fs.collect(ck).inodes) > 100
+    assert fsck_fast.file_extents_clean(fsck_fast.columns(ck), ck.data_extents)
     ran = []
     monkeypatch.setattr(fsck_fs, "check_inodes", lambda *a: ran.append("inodes"))
     monkeypatch.setattr(fsck_fs, "check_file_extents", lambda *a: ran.append("file extents"))
@@ -100,7 +100,8 @@ def test_a_proof_holds_only_where_its_pass_finds_nothing(plain, tmp_path):
             ck, sb = walked(work)
         except OSError:
             continue
-        inodes, extents = fsck_fast.inodes_clean(ck), fsck_fast.file_extents_clean(ck, ck.data_extents)
+        cols = fsck_fast.columns(ck)
+        inodes, extents = fsck_fast.inodes_clean(cols), fsck_fast.file_extents_clean(cols, ck.data_extents)
         fs_found, extents_found = passes_find(ck, sb)
         assert not (inodes is not None and fs_found), patches
         assert not (extents and extents_found), patches
@@ -119,8 +120,8 @@ def test_a_check_of_a_mutated_image_reports_what_the_passes_do(plain, tmp_path):
         except OSError:
             continue
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(fsck_fast, "inodes_clean", lambda ck: None)
-            m.setattr(fsck_fast, "file_extents_clean", lambda ck, data: False)
+            m.setattr(fsck_fast, "inodes_clean", lambda cols: None)
+            m.setattr(fsck_fast, "file_extents_clean", lambda cols, data: False)
             slow = fsck_mod.check(work, parallel=False)
         assert fast.as_json() == slow.as_json() and [e.fix for e in fast.errors] == [e.fix for e in slow.errors]
 
@@ -142,8 +143,8 @@ def test_key_order_is_what_lets_a_proof_trust_its_columns(plain, tmp_path):
     ck, _ = walked(plain.path)
     pairs = ck.items[S.FS_TREE_OBJECTID]
     pairs[1], pairs[2] = pairs[2], pairs[1]
-    assert fsck_fast.by_type(ck, fsck_fast.PLAIN_TYPES) is None
-    assert fsck_fast.inodes_clean(ck) is None and not fsck_fast.file_extents_clean(ck, ck.data_extents)
+    assert fsck_fast.columns(ck) is None
+    assert fsck_fast.inodes_clean(None) is None and not fsck_fast.file_extents_clean(None, ck.data_extents)
 
 
 def test_a_file_extent_that_disagrees_with_its_data_extent_in_length_alone_is_no_proof(plain, tmp_path):
@@ -160,4 +161,4 @@ def test_a_file_extent_that_disagrees_with_its_data_extent_in_length_alone_is_no
     work = str(tmp_path / "longer.img")
     plain.write(work, [(bytenr, plain.encode(block))])
     ck, sb = walked(work)
-    assert passes_find(ck, sb)[1] and not fsck_fast.file_extents_clean(ck, ck.data_extents)
+    assert passes_find(ck, sb)[1] and not fsck_fast.file_extents_clean(fsck_fast.columns(ck), ck.data_extents)

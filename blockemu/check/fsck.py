@@ -13,8 +13,11 @@ once, and a block reached twice is reported, not followed again.
 from __future__ import annotations
 
 import gc
+from bisect import bisect_right
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import add, itemgetter, le
 from typing import Any, Callable, Iterator
 
 from blockemu.check import fsck_fast, fsck_fs, fsck_log
@@ -170,6 +173,18 @@ class Checker:
                 return True
         return False
 
+    def _all_usable(self, extents: list[tuple[int, int, Any]]) -> bool:
+        """Whether every (start, length) is sector-aligned and ``_in_usable``, decided over whole
+        columns: the usable ranges are few, sorted and disjoint, so the one that can hold a start
+        is the last beginning at or before it (a sentinel stands before the first)."""
+        starts = list(map(itemgetter(0), extents))
+        ends = list(map(add, starts, map(itemgetter(1), extents)))
+        if any(map(S.SECTOR_SIZE.__rmod__, starts)) or any(map(S.SECTOR_SIZE.__rmod__, ends)):
+            return False
+        firsts = [-1] + [s for s, _ in self.usable]
+        lasts = [-1, -1] + [s + n for s, n in self.usable]  # by bisect_right's index, one past the range's
+        return all(map(le, ends, map(lasts.__getitem__, map(bisect_right, repeat(firsts), starts))))
+
     def check_root_tree(self, sb: Any) -> dict[tuple[int, int, int], bytes]:
         """The root tree's walk; its items, by key (the subtrees' ROOT_ITEMs)."""
         self.progress(2, PHASES[1])
@@ -227,7 +242,7 @@ class Checker:
         for (s1, n1, k1), (s2, _, k2) in zip(extents, extents[1:]):
             if s2 < s1 + n1:
                 self.error("EXTENT_OVERLAP", f"extent {k1} overlaps extent {k2}", S.EXTENT_TREE_OBJECTID, s2, k2)
-        for start, length, key in extents:
+        for start, length, key in extents if not self._all_usable(extents) else ():
             if start % S.SECTOR_SIZE or length % S.SECTOR_SIZE or not self._in_usable(start, length):
                 self.error("EXTENT_BAD_RANGE", f"extent {key} is outside the usable device or unaligned",
                            S.EXTENT_TREE_OBJECTID, start, key)
@@ -327,23 +342,24 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         if parallel is None:
             parallel = len(ck.items.get(S.FS_TREE_OBJECTID, ())) >= PARALLEL_ITEMS and second_core() and alone()
         parallel = parallel and CAN_FORK
-        with Forked(lambda: fs_findings(ck, sb, key)) if parallel else nullcontext() as side:
+        cols = fsck_fast.columns(ck)  # here, for both processes
+        with Forked(lambda: fs_findings(ck, sb, key, cols)) if parallel else nullcontext() as side:
             ck.check_subtrees(sb, roots, SUBTREES[split:])
             extents = ck.check_extents(sb)
             ck.check_free_space(sb, extents)
             fsck_log.check_log(ck, sb, extents, img.read if check_data else None)
             ck.progress(5, PHASES[4])
             if side is None:
-                findings = fs_findings(ck, sb, key)
+                findings = fs_findings(ck, sb, key, cols)
             mark = len(report.errors)
-            check_file_extents(ck)
+            check_file_extents(ck, cols)
             ck.progress(6, "csums against data" if check_data else "csums (without verifying data)")
             fsck_fs.check_csums(ck, sb, ck.data_extents, img.read if check_data else None, lambda n: None)
             ck.progress(7, PHASES[6])
             if side is not None:
                 # what this side made is freed while the child finishes (freeing a large check's
                 # millions of small objects takes a good part of a second)
-                del extents
+                del extents, cols
                 ck.release()
                 findings = side.result()
                 if findings is None:  # the child failed (killed, out of memory): once more, in one process
@@ -356,11 +372,12 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
     return report
 
 
-def fs_findings(ck: Checker, sb: Any, key: bytes | None) -> Findings:
+def fs_findings(ck: Checker, sb: Any, key: bytes | None, cols: fsck_fast.Columns | None) -> Findings:
     """The passes that need the fs tree's items only: (problems of the items, of inodes and
     directories; of encryption; the inode count). The problems are taken out of the report, for
-    the caller to put in their place among the other passes'."""
-    inodes = fsck_fast.inodes_clean(ck)
+    the caller to put in their place among the other passes'. ``cols``: the items by type
+    (``fsck_fast.columns``), for the proof that spares the passes on a sound tree."""
+    inodes = fsck_fast.inodes_clean(cols)
     if inodes is not None:
         return [], [], inodes
     mark = len(ck.report.errors)
@@ -376,10 +393,10 @@ def fs_findings(ck: Checker, sb: Any, key: bytes | None) -> Findings:
     return found[:middle - mark], found[middle - mark:], len(items.inodes)
 
 
-def check_file_extents(ck: Checker) -> None:
+def check_file_extents(ck: Checker, cols: fsck_fast.Columns | None) -> None:
     """File extents against inodes and the extent tree. The items are decoded here for this pass
     alone: what is wrong with them is the fs passes' to report (``fs_findings``)."""
-    if fsck_fast.file_extents_clean(ck, ck.data_extents):
+    if fsck_fast.file_extents_clean(cols, ck.data_extents):
         return
     mark = len(ck.report.errors)
     items = fsck_fs.collect(ck, only=FILE_EXTENT_TYPES)

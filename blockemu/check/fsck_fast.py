@@ -38,23 +38,21 @@ ENCRYPTED_EXTENT_SIZE = FILE_EXTENT.size + fast.EXTENT_ENCRYPTION_CONTEXT.size
 Columns = dict[int, tuple[list[tuple[int, int, int]], list[bytes]]]
 
 
-def by_type(ck: "Checker", types: frozenset[int]) -> Columns | None:
-    """The fs tree's (keys, bodies) of each of ``types``, or None unless the tree's keys are in
-    strictly ascending order and of these types only."""
+def columns(ck: "Checker") -> Columns | None:
+    """The fs tree's items as (keys, bodies) per item type, each in key order; None unless the
+    tree's keys are in strictly ascending order (a tree the walk found sound), which the proofs
+    rely on: no key twice, an inode's items together, its extents by offset."""
     pairs = ck.items.get(FS, [])
     keys = list(map(itemgetter(0), pairs))
     if not all(map(lt, keys, islice(keys, 1, None))):
         return None
     kinds = list(map(itemgetter(1), keys))
-    if not set(kinds) <= types:
-        return None
     order = sorted(range(len(kinds)), key=kinds.__getitem__)  # stable: by type, each in key order
     kinds = list(map(kinds.__getitem__, order))
     keys = list(map(keys.__getitem__, order))
-    bodies = list(map(pairs.__getitem__, order))
-    bodies = list(map(itemgetter(1), bodies))
+    bodies = list(map(itemgetter(1), map(pairs.__getitem__, order)))
     out: Columns = {}
-    for typ in types:
+    for typ in set(kinds):
         lo, hi = bisect_left(kinds, typ), bisect_right(kinds, typ)
         out[typ] = (keys[lo:hi], bodies[lo:hi])
     return out
@@ -81,12 +79,13 @@ def _hashes(names: list[bytes]) -> list[int]:
     return list(map(xor, map(crc32c.crc32c, names, repeat(1)), repeat(0xFFFFFFFF)))
 
 
-def inodes_clean(ck: "Checker") -> int | None:
+def inodes_clean(cols: Columns | None) -> int | None:
     """The number of inodes, if ``collect``, ``check_inodes``, ``check_encryption`` and the
-    encrypted-name and symlink passes would report nothing; else None."""
-    cols = by_type(ck, PLAIN_TYPES)
-    if cols is None or not cols[S.INODE_ITEM][0]:
+    encrypted-name and symlink passes would report nothing on the tree of these ``columns``;
+    else None."""
+    if cols is None or not cols.keys() <= PLAIN_TYPES or S.INODE_ITEM not in cols:
         return None
+    cols = {typ: cols.get(typ, ([], [])) for typ in PLAIN_TYPES}
     ino_keys, ino_bodies = cols[S.INODE_ITEM]
     if any(map(INODE.size.__ne__, map(len, ino_bodies))):
         return None
@@ -164,15 +163,15 @@ def _columns(keys: list[tuple[int, int, int]]) -> tuple[tuple[int, ...], ...]:
     return tuple(zip(*keys)) if keys else ((), (), ())
 
 
-def file_extents_clean(ck: "Checker", data: dict[int, tuple[int, ExtentItem]]) -> bool:
-    """Whether ``check_file_extents`` (over what ``collect`` decodes) would report nothing: every
-    extent sound, inside its inode's size, adding up to its nbytes, and the one reference to a
-    data extent of its own, which that extent's one backref names."""
-    cols = by_type(ck, PLAIN_TYPES | {S.FSCRYPT_CTXT_ITEM, S.FSCRYPT_SYMLINK_ITEM, S.ORPHAN_ITEM})
+def file_extents_clean(cols: Columns | None, data: dict[int, tuple[int, ExtentItem]]) -> bool:
+    """Whether ``check_file_extents`` (over what ``collect`` decodes from the tree of these
+    ``columns``) would report nothing: every extent sound, inside its inode's size, adding up to
+    its nbytes, and the one reference to a data extent of its own, which that extent's one
+    backref names."""
     if cols is None:
         return False
-    ino_keys, ino_bodies = cols[S.INODE_ITEM]
-    ext_keys, ext_bodies = cols[S.EXTENT_DATA]
+    ino_keys, ino_bodies = cols.get(S.INODE_ITEM, ([], []))
+    ext_keys, ext_bodies = cols.get(S.EXTENT_DATA, ([], []))
     if any(map(INODE.size.__ne__, map(len, ino_bodies))):
         return False
     if not ext_keys:
