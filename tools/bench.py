@@ -26,6 +26,8 @@ writes pay). A reference tool that is not installed prints "n/a (not installed)"
   raw pwrite + fsync;
 * ``blockemu fsck`` vs ``btrfs check --readonly``, both as commands, on images each tool's mkfs
   made with ``--rootdir`` from one host directory of ``--files`` files (every 50th 1 MiB);
+  blockemu's modules compiled to bytecode as an installed package's are, and (a row of its own)
+  not compiled, as an editable checkout under PYTHONDONTWRITEBYTECODE runs;
 * the stress mix (4 tasks, the median of ``--rounds`` runs on fresh images): no ceiling can run
   here (fsstress on kernel btrfs needs root), so the reference is issue 16's ~400 ops/s baseline
   and the ratio reads as "x today".
@@ -637,12 +639,28 @@ def fig_fsck(d: str, files: int, rounds: int) -> list[Figure]:
             raise SystemExit(f"bench: {' '.join(argv)} exited {p.returncode}: {p.stderr.strip()[-300:]}")
         return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
-    def ours(r: int) -> tuple[float, float, float]:
+    def bytecode(compiled: bool) -> None:
+        """blockemu's modules compiled to bytecode, as pip leaves an installed package (and left
+        its dependencies here), or not: an editable checkout under PYTHONDONTWRITEBYTECODE (this
+        machine's sessions set it) compiles every module on every run, which a compiled btrfs
+        never pays. The command is timed both ways."""
+        package = Path(__file__).resolve().parent.parent / "blockemu"
+        if compiled:
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True, capture_output=True)
+        else:
+            for cache in package.rglob("__pycache__"):
+                shutil.rmtree(cache)
+
+    def ours(r: int) -> tuple[float, float, float, float]:
         from blockemu.check.fsck import check
         t = time.perf_counter()
         check(ours_img)
         inproc = time.perf_counter() - t
-        return (*timed([sys.executable, "-m", "blockemu", "fsck", "--no-progress", ours_img]), inproc)
+        command = [sys.executable, "-m", "blockemu", "fsck", "--no-progress", ours_img]
+        bytecode(False)
+        uncompiled, _ = timed(command)
+        bytecode(True)
+        return (*timed(command), inproc, uncompiled)
 
     mine, theirs = alternate(rounds, ours, lambda r: timed([btrfs, "check", "--readonly", btrfs_img]) if btrfs else None)
     note = "" if btrfs else "btrfs-progs not installed"
@@ -652,6 +670,8 @@ def fig_fsck(d: str, files: int, rounds: int) -> list[Figure]:
             Figure("  command, CPU (user + sys)", med([m[1] for m in mine]), med([t[1] for t in theirs if t]),
                    "s", False, target, note),
             Figure("  in-process check(), wall (no interpreter start)", med([m[2] for m in mine]),
+                   med([t[0] for t in theirs if t]), "s", False, target, note),
+            Figure("  command, wall, blockemu's modules not compiled", med([m[3] for m in mine]),
                    med([t[0] for t in theirs if t]), "s", False, target, note)]
 
 
