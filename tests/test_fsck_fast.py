@@ -20,6 +20,8 @@ from blockemu.device.image import ImageFile
 from blockemu.engine.transaction import SUBTREES
 from blockemu.ondisk import structs as S
 
+PAGE = S.SECTOR_SIZE
+
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory) -> fuzz.Base:
@@ -162,3 +164,31 @@ def test_a_file_extent_that_disagrees_with_its_data_extent_in_length_alone_is_no
     plain.write(work, [(bytenr, plain.encode(block))])
     ck, sb = walked(work)
     assert passes_find(ck, sb)[1] and not fsck_fast.file_extents_clean(fsck_fast.columns(ck), ck.data_extents)
+
+
+def test_column_checks_of_extents_and_free_space_agree_with_the_span_by_span_ones():
+    """``_all_usable`` is ``_in_usable`` (and sector alignment) of every extent; ``_tiles`` the
+    runs the span-by-span walk of free space builds, or None where that walk reports an overlap."""
+    ck = Checker.__new__(Checker)
+    ck.usable = [(1 << 20, 63 << 20), (65 << 20, 4031 << 20)]
+    rng = random.Random(3)
+    edges = [0, 1 << 20, 64 << 20, 65 << 20, 4 << 30]
+    for _ in range(3000):
+        extents = [(max(rng.choice(edges) + rng.choice((-8192, -4096, 0, 4096, 1)), 0),
+                    rng.choice((0, 4096, 8192, 1 << 20, 12345)), None) for _ in range(rng.randrange(1, 4))]
+        want = all(not s % PAGE and not n % PAGE and ck._in_usable(s, n) for s, n, _ in extents)
+        assert ck._all_usable(extents) == want, extents
+        spans, pos = [], rng.randrange(3) * PAGE
+        for _ in range(rng.randrange(8)):
+            pos = max(pos + rng.choice((0, 0, PAGE, -PAGE, 2 * PAGE)), 0)
+            spans.append((pos, rng.choice((0, PAGE, 2 * PAGE))))
+            pos += spans[-1][1]
+        spans.sort()
+        covered, overlap = [], False
+        for start, length in spans:
+            overlap |= bool(covered) and start < covered[-1][1]
+            if covered and start <= covered[-1][1]:
+                covered[-1][1] = max(covered[-1][1], start + length)
+            else:
+                covered.append([start, start + length])
+        assert Checker._tiles(spans) == (None if overlap else covered), spans

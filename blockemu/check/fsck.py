@@ -16,8 +16,8 @@ import gc
 from bisect import bisect_right
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import add, itemgetter, le
+from itertools import compress, islice, repeat
+from operator import add, itemgetter, le, ne
 from typing import Any, Callable, Iterator
 
 from blockemu.check import fsck_fast, fsck_fs, fsck_log
@@ -239,7 +239,9 @@ class Checker:
             else:
                 self.data_extents[bytenr] = (off, item)
         extents.sort()
-        for (s1, n1, k1), (s2, _, k2) in zip(extents, extents[1:]):
+        starts = list(map(itemgetter(0), extents))
+        disjoint = all(map(le, map(add, starts, map(itemgetter(1), extents)), islice(starts, 1, None)))
+        for (s1, n1, k1), (s2, _, k2) in zip(extents, extents[1:]) if not disjoint else ():
             if s2 < s1 + n1:
                 self.error("EXTENT_OVERLAP", f"extent {k1} overlaps extent {k2}", S.EXTENT_TREE_OBJECTID, s2, k2)
         for start, length, key in extents if not self._all_usable(extents) else ():
@@ -277,16 +279,17 @@ class Checker:
             free.append((key[0], key[2]))
         used = sum(n for _, n in extents)
         self.report.bytes_used = used
-        spans = sorted([(s, n, "free") for s, n in free] + [(s, n, "used") for s, n in extents])
-        covered: list[list[int]] = []
-        for start, length, what in spans:
-            if covered and start < covered[-1][1]:
-                self.error("FREE_SPACE_MISMATCH", f"{what} extent [{start}, +{length}) overlaps other space records",
-                           S.FREE_SPACE_TREE_OBJECTID, start)
-            if covered and start <= covered[-1][1]:
-                covered[-1][1] = max(covered[-1][1], start + length)
-            else:
-                covered.append([start, start + length])
+        covered = self._tiles(sorted(free + extents))
+        if covered is None:  # some records overlap: say which, span by span
+            covered = []
+            for start, length, what in sorted([(s, n, "free") for s, n in free] + [(s, n, "used") for s, n in extents]):
+                if covered and start < covered[-1][1]:
+                    self.error("FREE_SPACE_MISMATCH", f"{what} extent [{start}, +{length}) overlaps other space records",
+                               S.FREE_SPACE_TREE_OBJECTID, start)
+                if covered and start <= covered[-1][1]:
+                    covered[-1][1] = max(covered[-1][1], start + length)
+                else:
+                    covered.append([start, start + length])
         want = [[s, s + n] for s, n in self.usable]
         if covered != want:
             missing = next((w for w, c in zip(want, covered) if w != c), want[len(covered)] if len(want) > len(covered) else None)
@@ -295,6 +298,18 @@ class Checker:
         if sb.bytes_used != used:
             self.error("USED_BYTES_MISMATCH", f"superblock bytes_used {sb.bytes_used}, extents add up to {used}")
         self.report.stats["free_bytes"] = sum(n for _, n in free)
+
+
+    @staticmethod
+    def _tiles(spans: list[tuple[int, int]]) -> list[list[int]] | None:
+        """The [start, end) runs sorted (start, length) spans cover, joined where one ends as the
+        next starts; None if two overlap (the caller then says which, span by span)."""
+        starts = list(map(itemgetter(0), spans))
+        ends = list(map(add, starts, map(itemgetter(1), spans)))
+        if not all(map(le, ends, islice(starts, 1, None))):
+            return None
+        breaks = [i + 1 for i in compress(range(len(spans) - 1), map(ne, ends, islice(starts, 1, None)))]
+        return [[starts[a], ends[b - 1]] for a, b in zip([0] + breaks, breaks + [len(spans)])] if spans else []
 
 
 @contextmanager
