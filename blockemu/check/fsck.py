@@ -299,7 +299,6 @@ class Checker:
             self.error("USED_BYTES_MISMATCH", f"superblock bytes_used {sb.bytes_used}, extents add up to {used}")
         self.report.stats["free_bytes"] = sum(n for _, n in free)
 
-
     @staticmethod
     def _tiles(spans: list[tuple[int, int]]) -> list[list[int]] | None:
         """The [start, end) runs sorted (start, length) spans cover, joined where one ends as the
