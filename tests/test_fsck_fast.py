@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import subprocess
 import sys
 
@@ -191,3 +192,57 @@ def test_column_checks_of_extents_and_free_space_agree_with_the_span_by_span_one
             else:
                 covered.append([start, start + length])
         assert Checker._tiles(spans) == (None if overlap else covered), spans
+
+
+def _edited(plain: fuzz.Base, edit) -> list[tuple[int, bytes]]:
+    """Patches that apply ``edit(key, body) -> {key: body}`` (an empty dict drops the item, two
+    keys add one) to every fs leaf item, each leaf kept sorted and re-encoded."""
+    from blockemu.ondisk.block import body_size
+
+    patches = []
+    for bytenr in plain.blocks_of(lambda tree, level: tree == "fs" and level == 0):
+        b = plain.block(bytenr)
+        items: dict = {}
+        for k, v in zip(b.keys, b.values):
+            items.update(edit(k, v))
+        if list(items.items()) != list(zip(b.keys, b.values)):
+            b.keys, b.values = map(list, zip(*sorted(items.items())))
+            b.recount()
+            assert b.used <= body_size(plain.sb.nodesize)
+            patches.append((bytenr, plain.encode(b)))
+    return patches
+
+
+def _check_both(path: str) -> tuple[FsckReport, FsckReport]:
+    """``check`` as it runs, and with every proof failing (the passes themselves)."""
+    fast = fsck_mod.check(path, parallel=False)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(fsck_fast, "inodes_clean", lambda cols: None)
+        m.setattr(fsck_fast, "file_extents_clean", lambda cols, data: False)
+        slow = fsck_mod.check(path, parallel=False)
+    return fast, slow
+
+
+def test_a_second_inode_item_of_a_directory_is_no_proof(plain, tmp_path):
+    """An INODE_ITEM under offset 1 beside a directory's: the passes take the last item of an
+    objectid (a regular file here, which the parent's entry now says), so the directory's own
+    entries dangle and its parent has a subdirectory fewer; the proof must not pass it."""
+    from blockemu.ondisk.items import DirEntry, InodeItem, pack_dir_entries, unpack_dir_entries
+
+    ck, _ = walked(plain.path)
+    inodes = {k[0]: InodeItem.unpack(v) for k, v in ck.items[S.FS_TREE_OBJECTID] if k[1] == S.INODE_ITEM}
+    d = next(ino for ino, item in sorted(inodes.items()) if ino != fsck_fast.ROOT_INO and stat.S_ISDIR(item.mode))
+    as_file = inodes[d]._replace(mode=stat.S_IFREG | 0o644, nlink=1).pack()
+
+    def edit(k, v):
+        if k == (d, S.INODE_ITEM, 0):
+            return {k: v, (d, S.INODE_ITEM, 1): as_file}
+        if k[1] in (S.DIR_ITEM, S.DIR_INDEX):
+            v = pack_dir_entries([e._replace(type=S.FT_REG_FILE) if e.location[0] == d else e
+                                  for e in unpack_dir_entries(v)])
+        return {k: v}
+
+    work = str(tmp_path / "twice.img")
+    plain.write(work, _edited(plain, edit))
+    fast, slow = _check_both(work)
+    assert not slow.clean and fast.as_json() == slow.as_json()

@@ -92,6 +92,8 @@ def inodes_clean(cols: Columns | None) -> int | None:
     inos = list(map(itemgetter(0), ino_keys))
     sizes, _, nlinks, modes = zip(*INODE.iter_unpack(b"".join(ino_bodies)))
     inoset = set(inos)
+    if len(inoset) != len(inos):  # an objectid with two INODE_ITEMs: the passes take its last, the columns each
+        return None
     # every objectid with an item has an inode; the root is a directory
     if not set(map(itemgetter(0), chain.from_iterable(k for k, _ in cols.values()))) <= inoset or ROOT_INO not in inoset \
             or not st.S_ISDIR(modes[inos.index(ROOT_INO)]):
