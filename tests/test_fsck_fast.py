@@ -9,6 +9,7 @@ import random
 import stat
 import subprocess
 import sys
+from typing import Callable
 
 import pytest
 
@@ -246,3 +247,73 @@ def test_a_second_inode_item_of_a_directory_is_no_proof(plain, tmp_path):
     plain.write(work, _edited(plain, edit))
     fast, slow = _check_both(work)
     assert not slow.clean and fast.as_json() == slow.as_json()
+
+
+def _triangle_edits(ck: Checker) -> dict[str, Callable]:
+    """Edits of a sound tree's inode/directory triangle and file extents, each one a finding of
+    the passes a proof stands for: ``edit(key, body) -> {key: body}`` as ``_edited`` applies."""
+    from blockemu.ondisk.items import FileExtent, InodeItem, InodeRef, name_hash, pack_dir_entries, unpack_dir_entries
+
+    fs = dict(ck.items[S.FS_TREE_OBJECTID])
+    inodes = {k[0]: InodeItem.unpack(v) for k, v in fs.items() if k[1] == S.INODE_ITEM}
+    index = {k: unpack_dir_entries(v)[0] for k, v in fs.items() if k[1] == S.DIR_INDEX}
+    big = max((k for k in fs if k[1] == S.EXTENT_DATA), key=lambda k: FileExtent.unpack(fs[k]).num_bytes)
+    f = big[0]
+    (xk, entry), = [(k, e) for k, e in index.items() if e.location[0] == f]
+    d = next(k[0] for k, e in index.items() if stat.S_ISDIR(inodes[e.location[0]].mode) and k[0] != xk[0]
+             and e.location[0] != xk[0])
+    sub = next(e.location[0] for k, e in index.items() if k[0] == xk[0] and e.location[0] != f)  # f's sibling
+    dir_item = (xk[0], S.DIR_ITEM, name_hash(entry.name))
+
+    def one(key: tuple, change: Callable) -> Callable:
+        return lambda k, v: change(k, v) if k == key else {k: v}
+
+    def entries(key: tuple, **kw) -> Callable:
+        return one(key, lambda k, v: {k: pack_dir_entries([e._replace(**kw) for e in unpack_dir_entries(v)])})
+
+    def named_in_d(child: int, e) -> Callable:
+        """``child`` named ``e`` in ``d`` too: INODE_REF, DIR_ITEM, DIR_INDEX, d's size; not its nlink."""
+        name = b"also-" + e.name
+        def edit(k, v):
+            out = {k: v}
+            if k == (d, S.INODE_ITEM, 0):
+                item = InodeItem.unpack(v)
+                out = {k: item._replace(size=item.size + 2 * len(name)).pack(),
+                       (d, S.DIR_ITEM, name_hash(name)): pack_dir_entries([e._replace(name=name)]),
+                       (d, S.DIR_INDEX, 9999): pack_dir_entries([e._replace(name=name)])}
+            if k[0] == child and k[1] == S.INODE_ITEM:
+                out[(child, S.INODE_REF, d)] = InodeRef(9999, name).pack()
+            return out
+        return edit
+
+    fe = FileExtent.unpack(fs[big])
+    return {
+        "a file named in a second directory, nlink 1": named_in_d(f, entry),
+        "a directory named in a second directory": named_in_d(sub, next(e for e in index.values() if e.location[0] == sub)),
+        "DIR_ITEM names another inode": entries(dir_item, location=(sub, S.INODE_ITEM, 0)),
+        "DIR_ITEM another name than DIR_INDEX": entries(dir_item, name=entry.name + b"x"),
+        "DIR_INDEX type other than the mode's": entries(xk, type=S.FT_SYMLINK),
+        "INODE_REF index off by one": one((f, S.INODE_REF, xk[0]), lambda k, v: {k: InodeRef(xk[2] + 1, entry.name).pack()}),
+        "file extent past i_size": one((f, S.INODE_ITEM, 0), lambda k, v: {k: InodeItem.unpack(v)._replace(
+            size=fe.num_bytes - 2 * PAGE).pack()}),
+        "a data extent referenced twice": one(big, lambda k, v: {k: v, (f, S.EXTENT_DATA, 1 << 30): v}),
+        "a hole and nbytes short": one(big, lambda k, v: {(f, S.EXTENT_DATA, PAGE): v}),
+    }
+
+
+@pytest.fixture(scope="module")
+def triangle(plain) -> dict[str, Callable]:
+    return _triangle_edits(walked(plain.path)[0])
+
+
+@pytest.mark.parametrize("case", ["a file named in a second directory, nlink 1", "a directory named in a second directory",
+                                  "DIR_ITEM names another inode", "DIR_ITEM another name than DIR_INDEX",
+                                  "DIR_INDEX type other than the mode's", "INODE_REF index off by one",
+                                  "file extent past i_size", "a data extent referenced twice", "a hole and nbytes short"])
+def test_an_edit_of_the_triangle_or_the_extents_is_what_the_passes_say(plain, triangle, tmp_path, case):
+    """Hand-made damage each proof's conditions must see: the check with its proofs reports what
+    the passes do."""
+    work = str(tmp_path / "t.img")
+    plain.write(work, _edited(plain, triangle[case]))
+    fast, slow = _check_both(work)
+    assert not slow.clean and fast.as_json() == slow.as_json() and [e.fix for e in fast.errors] == [e.fix for e in slow.errors]
