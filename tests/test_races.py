@@ -717,3 +717,30 @@ async def test_opening_an_existing_file_waits_for_no_commit(image, monkeypatch):
         async with fs.open("/a") as f:
             assert await f.read() == b"new"
         assert await fs.exists("/b")
+
+
+async def test_opening_an_existing_file_is_refused_after_an_abort_or_unmount(image, monkeypatch):
+    """An open that joins no transaction still refuses, as the join did, a mount whose
+    transaction was aborted (a write through it would be acknowledged into the page cache
+    and never reach the disk) or that is unmounted (EIO, not a File on a closed image)."""
+    fs = await blockemu.mount(image, interval=3600)
+    for name in ("/a", "/c"):
+        async with fs.open(name, "w") as f:
+            await f.write(b"x")
+
+    def failing_add_entry(parent, name, child):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(fs, "_add_entry", failing_add_entry)
+    with ErrnoCheck(errno.EIO):
+        await fs.rename("/a", "/b")  # aborted half way
+    monkeypatch.undo()
+    for mode in ("r+", "r"):
+        with ErrnoCheck(errno.EIO):
+            await fs.open("/c", mode)
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    fs = await blockemu.mount(image, interval=3600)
+    await fs.unmount()
+    with ErrnoCheck(errno.EIO):
+        await fs.open("/c")

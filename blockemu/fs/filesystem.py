@@ -941,7 +941,10 @@ class Filesystem:
             async with self.vol.join():
                 inode = self._open_inode(path, create, excl)
         else:
-            inode = self._open_inode(path, create, excl)  # changes no tree: no transaction to join, as stat
+            # changes no tree: no transaction to join, as stat; but refused, as the join refused
+            # it, on a closed or aborted mount (a write through it would be acknowledged, then lost)
+            self.vol.check_aborted()
+            inode = self._open_inode(path, create, excl)
         f = File(self, inode, path, readable=base[0] == "r" or "+" in base, writable=base != "r", append=base[0] == "a")
         if trunc and inode.size:
             try:

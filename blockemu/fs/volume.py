@@ -125,7 +125,7 @@ class Volume:
             await self.commit()
         async with self._cond:
             await self._cond.wait_for(lambda: not self._committing)
-            self._check_aborted()
+            self.check_aborted()
             self._writers += 1
         task = asyncio.current_task()
         assert task is not None and task not in self._changed, "join() does not nest"
@@ -179,13 +179,13 @@ class Volume:
         called = self._begun
         async with self.commit_lock:
             if self._completed > called and share and not force:
-                self._check_aborted()
+                self.check_aborted()
                 return True
             async with self._cond:
                 self._committing = True
                 await self._cond.wait_for(lambda: self._writers == 0)
             try:
-                self._check_aborted()
+                self.check_aborted()
                 if not self.engine.is_dirty() and not force:
                     return False
                 self._begun += 1
@@ -212,7 +212,7 @@ class Volume:
         waited for the lock must make it commit -- logged, the hole has no item, and replay
         would bring back the committed data from before the write being fsynced."""
         async with self.commit_lock:
-            self._check_aborted()
+            self.check_aborted()
             if not self.engine.is_dirty():
                 return True  # the last commit holds everything
             if not self.log.can_log(ino):
@@ -250,7 +250,7 @@ class Volume:
         self.log.finish_sync()
         self.log_root = sb.log_root
 
-    def _check_aborted(self) -> None:
+    def check_aborted(self) -> None:
         if self.closed:
             raise DeviceIOError(f"{self.device.path}: not mounted (the volume is closed)")
         if self.aborted is not None:
