@@ -19,6 +19,7 @@ from blockemu.check.fsck import Checker, FsckReport
 from blockemu.cli import fuzz
 from blockemu.device.image import ImageFile
 from blockemu.engine.transaction import SUBTREES
+from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 
 PAGE = S.SECTOR_SIZE
@@ -195,13 +196,13 @@ def test_column_checks_of_extents_and_free_space_agree_with_the_span_by_span_one
         assert Checker._tiles(spans) == (None if overlap else covered), spans
 
 
-def _edited(plain: fuzz.Base, edit) -> list[tuple[int, bytes]]:
+def _edited(plain: fuzz.Base, edit, tree: str = "fs") -> list[tuple[int, bytes]]:
     """Patches that apply ``edit(key, body) -> {key: body}`` (an empty dict drops the item, two
-    keys add one) to every fs leaf item, each leaf kept sorted and re-encoded."""
+    keys add one) to every leaf item of ``tree``, each leaf kept sorted and re-encoded."""
     from blockemu.ondisk.block import body_size
 
     patches = []
-    for bytenr in plain.blocks_of(lambda tree, level: tree == "fs" and level == 0):
+    for bytenr in plain.blocks_of(lambda name, level: name == tree and level == 0):
         b = plain.block(bytenr)
         items: dict = {}
         for k, v in zip(b.keys, b.values):
@@ -317,3 +318,47 @@ def test_an_edit_of_the_triangle_or_the_extents_is_what_the_passes_say(plain, tr
     plain.write(work, _edited(plain, triangle[case]))
     fast, slow = _check_both(work)
     assert not slow.clean and fast.as_json() == slow.as_json() and [e.fix for e in fast.errors] == [e.fix for e in slow.errors]
+
+
+def test_a_data_backref_in_another_tree_is_a_ref_mismatch_the_repair_rewrites(plain, tmp_path):
+    """File data lives in the fs tree alone: a data extent whose one backref names tree 7 is
+    EXTENT_REF_MISMATCH (no pass looked at a backref's tree), its fix names the fs tree, and the
+    proof does not pass it."""
+    from blockemu.ondisk.items import ExtentItem
+
+    def edit(k, v):
+        if k[1] != S.EXTENT_ITEM:
+            return {k: v}
+        ei = ExtentItem.unpack(v)
+        if ei.refs and ei.refs[0][0] == "data" and not edit.done:
+            edit.done = k
+            return {k: ei._replace(refs=(("data", 7, *ei.refs[0][2:]),)).pack()}
+        return {k: v}
+    edit.done = None
+
+    work = str(tmp_path / "root7.img")
+    plain.write(work, _edited(plain, edit, "extent"))
+    fast, slow = _check_both(work)
+    assert fast.as_json() == slow.as_json()
+    (e,) = fast.errors
+    assert e.code == "EXTENT_REF_MISMATCH" and "in trees [7]" in e.message
+    assert {r[1] for r in e.fix["body"].refs} == {S.FS_TREE_OBJECTID}
+
+
+@pytest.mark.parametrize("field", ["compression", "other_encoding"])
+def test_an_encoded_file_extent_is_a_bad_item_not_data(plain, tmp_path, field):
+    """This format writes neither compression nor another encoding: an extent that says so is
+    refused where it is decoded (read as it is, its bytes would be handed out as the file's),
+    by fsck with the proofs as without them."""
+    from blockemu.ondisk.items import FileExtent
+
+    fs = dict(walked(plain.path)[0].items[S.FS_TREE_OBJECTID])
+    key = next(k for k in fs if k[1] == S.EXTENT_DATA)
+    fe = FileExtent.unpack(fs[key])
+    with pytest.raises(CorruptionError, match="compression"):
+        FileExtent.unpack(fe._replace(**{field: 1}).pack())
+    work = str(tmp_path / "encoded.img")
+    plain.write(work, _edited(plain, lambda k, v: {k: fe._replace(**{field: 1}).pack() if k == key else v}))
+    fast, slow = _check_both(work)
+    assert fast.as_json() == slow.as_json()
+    assert [e.code for e in fast.errors][:1] == ["BAD_ITEM"] and "compression" in fast.errors[0].message

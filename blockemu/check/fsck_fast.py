@@ -98,10 +98,12 @@ def inodes_clean(cols: Columns | None) -> int | None:
     if not set(map(itemgetter(0), chain.from_iterable(k for k, _ in cols.values()))) <= inoset or ROOT_INO not in inoset \
             or not st.S_ISDIR(modes[inos.index(ROOT_INO)]):
         return None
-    # file extents: each decodes, none encrypted (so no encryption pass has anything to say)
+    # file extents: each decodes (no compression, no other encoding), none encrypted (so no
+    # encryption pass has anything to say)
     ext_bodies = cols[S.EXTENT_DATA][1]
+    plain = (0, S.ENCRYPTION_NONE, 0)
     if any(map(FILE_EXTENT.size.__ne__, map(len, ext_bodies))) or \
-            any(map(S.ENCRYPTION_NONE.__ne__, map(itemgetter(3), FILE_EXTENT.iter_unpack(b"".join(ext_bodies))))):
+            any(map(plain.__ne__, map(itemgetter(2, 3, 4), FILE_EXTENT.iter_unpack(b"".join(ext_bodies))))):
         return None
     refs = _named(cols[S.INODE_REF][1], fast.INODE_REF_HEAD, 1, None)
     index = _named(cols[S.DIR_INDEX][1], fast.DIR_ITEM_HEAD, 5, 4)
@@ -180,9 +182,10 @@ def file_extents_clean(cols: Columns | None, data: dict[int, tuple[int, ExtentIt
         return not data
     if min(map(len, ext_bodies)) < FILE_EXTENT.size:
         return False
-    _, ram, _, enc, _, kind, bytenr, disk, offset, num = zip(*map(FILE_EXTENT.unpack_from, ext_bodies))
+    _, ram, compression, enc, other, kind, bytenr, disk, offset, num = zip(*map(FILE_EXTENT.unpack_from, ext_bodies))
     shapes = set(zip(map(len, ext_bodies), enc))
-    if not shapes <= {(FILE_EXTENT.size, S.ENCRYPTION_NONE), (ENCRYPTED_EXTENT_SIZE, S.ENCRYPTION_FSCRYPT)}:
+    if not shapes <= {(FILE_EXTENT.size, S.ENCRYPTION_NONE), (ENCRYPTED_EXTENT_SIZE, S.ENCRYPTION_FSCRYPT)} \
+            or any(compression) or any(other):
         return False
     e_ino, _, e_off = _columns(ext_keys)
     ends = list(map(add, e_off, num))
@@ -205,8 +208,8 @@ def file_extents_clean(cols: Columns | None, data: dict[int, tuple[int, ExtentIt
     backrefs = list(map(itemgetter(0), backrefs))
     if set(map(len, backrefs)) != {5}:
         return False
-    tags, _, r_ino, r_off, counts = zip(*backrefs)
-    return set(tags) == {"data"} and set(counts) == {1} and \
+    tags, roots, r_ino, r_off, counts = zip(*backrefs)
+    return set(tags) == {"data"} and set(roots) == {FS} and set(counts) == {1} and \
         dict(zip(data.keys(), zip(r_ino, r_off))) == dict(zip(bytenr, zip(e_ino, map(sub, e_off, offset))))
 
 

@@ -288,8 +288,9 @@ def check_file_extents(ck: "Checker", fi: FsItems, data: dict[int, tuple[int, Ex
         length, ei = data[bytenr]
         refs = found.get(bytenr, {})
         backrefs = {(r[2], r[3]): r[4] for r in ei.refs if r[0] == "data"}
+        roots = sorted({r[1] for r in ei.refs if r[0] == "data"} - {FS})  # file data lives in the fs tree alone
         total = sum(refs.values())
-        if total != ei.refs_count or backrefs != dict(refs):
+        if total != ei.refs_count or backrefs != dict(refs) or roots:
             fix: dict | None
             if any(not 0 <= off < 1 << 64 for _, off in refs):
                 fix = None  # a file extent with a wild ``offset`` makes a back reference no item can hold
@@ -299,7 +300,8 @@ def check_file_extents(ck: "Checker", fi: FsItems, data: dict[int, tuple[int, Ex
             else:  # nothing references it any more: free it (the free-space rebuild returns the space)
                 fix = {"drop_extent": (bytenr, length)}
             ck.error("EXTENT_REF_MISMATCH", f"data extent [{bytenr}, +{length}]: refs {ei.refs_count} backrefs "
-                     f"{sorted(backrefs.items())}, found {total} references {sorted(refs.items())}",
+                     f"{sorted(backrefs.items())}" + (f" in trees {roots}" if roots else "") +
+                     f", found {total} references {sorted(refs.items())}",
                      S.EXTENT_TREE_OBJECTID, bytenr, (bytenr, S.EXTENT_ITEM, length), fix=fix)
 
 
@@ -327,8 +329,8 @@ def _one_backref(ei: ExtentItem, refs: dict[tuple[int, int], int] | None) -> boo
     if refs is None or len(refs) != 1 or len(ei.refs) != 1 or len(ei.refs[0]) != 5:
         return False
     ((where, n),) = refs.items()
-    kind, _, ino, off, count = ei.refs[0]
-    return kind == "data" and (ino, off) == where and count == n == ei.refs_count
+    kind, root, ino, off, count = ei.refs[0]
+    return kind == "data" and root == FS and (ino, off) == where and count == n == ei.refs_count
 
 
 def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read: Callable[[int, int], bytes] | None,

@@ -209,6 +209,9 @@ class FileExtent(NamedTuple):
         if len(body) < head.size:
             raise CorruptionError("file extent: truncated", "BAD_ITEM")
         v = head.unpack_from(body, 0)
+        if v[2] or v[4]:  # read as they are, encoded bytes would be handed out as the file's
+            raise CorruptionError(f"file extent: compression {v[2]}, other encoding {v[4]} (this format writes "
+                                  "neither)", "BAD_ITEM")
         encryption = v[3]
         if encryption == ENCRYPTION_NONE:
             _need(body, head.size, "file extent")
@@ -322,11 +325,11 @@ def unpack_file_extents(bodies: list[bytes]) -> list[FileExtent | None]:
     out: list[FileExtent | None] = [None] * len(bodies)
     plain = _shape(bodies, fast.FILE_EXTENT_ITEM.size)
     for i, v in zip(plain, _joined(fast.FILE_EXTENT_ITEM, bodies, plain)):
-        if v[3] == ENCRYPTION_NONE:
+        if v[3] == ENCRYPTION_NONE and not (v[2] or v[4]):
             out[i] = FileExtent(*v)
     sealed = _shape(bodies, _ENCRYPTED_FILE_EXTENT.size)
     for i, v in zip(sealed, _joined(_ENCRYPTED_FILE_EXTENT, bodies, sealed)):
-        if v[3] == ENCRYPTION_FSCRYPT:
+        if v[3] == ENCRYPTION_FSCRYPT and not (v[2] or v[4]):
             out[i] = FileExtent(*v[:_FE_FIELDS], ExtentContext._make(v[_FE_FIELDS:]))
     return out
 
