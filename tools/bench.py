@@ -668,7 +668,7 @@ def fig_fsck(d: str, files: int, rounds: int) -> list[Figure]:
     return [Figure(f"fsck, {files:,} files: command, wall", med([m[0] for m in mine]), med([t[0] for t in theirs if t]),
                    "s", False, target, note),
             Figure("  command, CPU (user + sys)", med([m[1] for m in mine]), med([t[1] for t in theirs if t]),
-                   "s", False, target, note),
+                   "s", False, "(reported: fsck runs two processes)", note),
             Figure("  in-process check(), wall (no interpreter start)", med([m[2] for m in mine]),
                    med([t[0] for t in theirs if t]), "s", False, target, note),
             Figure("  command, wall, blockemu's modules not compiled", med([m[3] for m in mine]),
