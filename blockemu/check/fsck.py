@@ -326,12 +326,15 @@ def _no_cycle_collection() -> Iterator[None]:
 
 
 # fs tree items from which the fs-tree passes run in a second process (with a second core).
-# The fork costs ~17 ms (a small image: 11 ms in one process, 28 ms in two), and the two
-# processes spend more CPU than one (copy-on-write faults, inodes and file extents decoded on
-# both sides): some 0.5 s more of ~3 s for 45,000 files (270,000 items). That pays only with
-# enough work to share (at 15,000 items: 178 ms in two processes, 159 ms in one, on this
-# 2-core machine while others kept the second core busy; tools/bench.py fsck, DESIGN §6)
-PARALLEL_ITEMS = 50_000
+# The fork costs a few ms and the two processes spend more CPU than one (copy-on-write faults,
+# items split by type before the fork). Measured after the column proofs (fsck_fast), check()
+# in one process vs two, medians of 5 alternating runs on images of tools/bench.py's content:
+# on a quiet 2-core machine two win from ~8,000 items (2,900: 26 vs 24 ms; 7,900: 62 vs 82;
+# 15,400: 115 vs 147; 40,400: 245 vs 343; 45,000 files: 1.30 vs 2.15 s); with one other
+# process keeping a core busy they lose up to ~40,000 items (15,400: 119 vs 95 ms; 40,400:
+# 368 vs 363). The threshold favours the quiet machine a developer runs fsck on: the loss
+# under load is tens of ms, the gain on a quiet machine a quarter of the check.
+PARALLEL_ITEMS = 10_000
 FILE_EXTENT_TYPES = frozenset((S.INODE_ITEM, S.EXTENT_DATA))  # what check_file_extents reads
 Findings = tuple[list[FsckError], list[FsckError], int]  # fs_findings' problems and inode count
 
