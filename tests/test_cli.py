@@ -151,3 +151,33 @@ def test_console_scripts_exist():
     bindir = os.path.dirname(sys.executable)
     for name in ("blockemu", "mkfs.blockemu", "fsck.blockemu"):
         assert os.path.exists(os.path.join(bindir, name)), name
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["crash", "--limit", "1", "--shard-size", "0"], "--shard-size: 0 is out of range: at least 1"),
+    (["crash", "--limit", "-1"], "--limit: -1 is out of range: at least 1"),
+    (["crash", "--max-ops", "9", "--limit", "1"], "--max-ops: 9 is out of range: from 1 to 6"),
+    (["crash", "--jobs", "0"], "--jobs: 0 is out of range: at least 1"),
+    (["crash", "--workloads", "5..3"], "--workloads: empty range '5..3'"),
+    (["crash", "--workloads", "x"], "--workloads: 'x' is not A..B nor A"),
+    (["stress", "s.img", "--crash-points", "-1"], "--crash-points: -1 is out of range: at least 0"),
+    (["stress", "s.img", "--tasks", "0"], "--tasks: 0 is out of range: at least 1"),
+    (["stress", "s.img", "--duration", "0"], "--duration: 0 is out of range: more than 0 seconds"),
+    (["fuzz", "--trials", "-3"], "--trials: -3 is out of range: at least 1"),
+])
+def test_a_count_out_of_range_is_a_usage_line_not_a_traceback_nor_an_empty_run(tmp_path, argv, says):
+    """Counts checked where they are parsed: --shard-size 0 and --limit -1 were tracebacks deep in
+    the run, --max-ops 9 enumerated every workload until the kernel killed it, --jobs 0 and
+    --tasks 0 ran nothing and exited 0, --duration 0 ran the default op count."""
+    p = subprocess.run([sys.executable, "-m", "blockemu", *argv], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert (p.returncode, p.stdout) == (2, "") and p.stderr.count("\n") == 1 and says in p.stderr, p.stderr
+    assert not os.path.exists(tmp_path / "s.img")
+
+
+def test_heatmap_without_matplotlib_names_the_extra(image, tmp_path):
+    """numpy, which comes with matplotlib, was imported first: a ModuleNotFoundError traceback."""
+    code = ("import sys; sys.modules['matplotlib'] = sys.modules['numpy'] = None; from blockemu.cli.main import main; "
+            f"sys.exit(main(['inspect', 'heatmap', {image!r}, {str(tmp_path / 'h.png')!r}]))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert "pip install 'blockemu[report]'" in p.stderr and p.returncode != 0

@@ -206,13 +206,13 @@ DPI = 100  # so the PNG is always 1000 x 800 pixels
 
 def draw(hm: Heatmap, path: str, out: str) -> None:
     """The map as a PNG: the Hilbert-ordered cells, and a legend with each class's share."""
+    from blockemu.display import pyplot
+
+    plt = pyplot()  # first: without the `report` extra, its one line (numpy comes with matplotlib)
     import numpy as np
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from blockemu.display import pyplot
-
-    plt = pyplot()
     side = 1
     while side * side < len(hm.cells):
         side *= 2

@@ -43,6 +43,42 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def count(least: int, most: int | None = None, why: str = "") -> Callable[[str], int]:
+    """An integer flag within bounds: out of them, a usage line naming the bound -- not a
+    traceback deep in the run, nor a run that silently does nothing."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < least or (most is not None and n > most):
+            bound = f"at least {least}" if most is None else f"from {least} to {most}"
+            raise argparse.ArgumentTypeError(f"{n} is out of range: {bound}{why}")
+        return n
+    return parse
+
+
+def seconds(text: str) -> float:
+    """A positive duration (0 used to mean "not given", and ran the default op count)."""
+    try:
+        t = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not t > 0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: more than 0 seconds")
+    return t
+
+
+def span(text: str) -> tuple[int, int]:
+    """``A..B`` for --seeds, --workloads, --only: parse_range's complaint as the usage line."""
+    from blockemu.workload.campaign import parse_range
+
+    try:
+        return parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_progress_flags(p: argparse.ArgumentParser) -> None:
     """--progress/--no-progress; neither: a bar only on a terminal (and never with --json)."""
     p.add_argument("--progress", dest="progress", action="store_true", default=None)
@@ -142,19 +178,18 @@ def args_run(rn: argparse.ArgumentParser) -> None:
 
 def args_stress(sp: argparse.ArgumentParser) -> None:
     from blockemu.crypto.keyring import MODES
-    from blockemu.workload.campaign import parse_range
 
     sp.add_argument("image", nargs="?", help="the image to stress (created if missing; not with --seeds)")
     sp.add_argument("--scenario", choices=["mix", "key-removal-race"], default="mix")
     sp.add_argument("--seed", type=int)
-    sp.add_argument("--seeds", type=parse_range, metavar="A..B",
+    sp.add_argument("--seeds", type=span, metavar="A..B",
                     help="a campaign: seeds A up to B (excluded), each on a fresh image made by its worker")
-    sp.add_argument("--duration", type=float, help="seconds (instead of --ops)")
-    sp.add_argument("--ops", type=int, default=300, help="operations per task (mix) or steps (seeded race)")
-    sp.add_argument("--tasks", type=int, default=4)
+    sp.add_argument("--duration", type=seconds, help="seconds (instead of --ops)")
+    sp.add_argument("--ops", type=count(1), default=300, help="operations per task (mix) or steps (seeded race)")
+    sp.add_argument("--tasks", type=count(1), default=4)
     sp.add_argument("--key-removal", choices=list(MODES), default="soft")
     sp.add_argument("--faults", help="e.g. eio=200M-210M:w,latency=0.001,flip=0.0001,torn=0.5,cut=5000")
-    sp.add_argument("--crash-points", type=int, default=0, help="also check N crash states of a logged mix")
+    sp.add_argument("--crash-points", type=count(0), default=0, help="also check N crash states of a logged mix")
     add_write_path(sp, "mix")
     sp.add_argument("--compare-modes", action="store_true", help="key-removal-race: every removal mode, one table")
     sp.add_argument("--schedule", choices=["free", "seeded"], default="free", help="key-removal-race scheduling")
@@ -169,16 +204,14 @@ def args_stress(sp: argparse.ArgumentParser) -> None:
 
 
 def args_crash(cr: argparse.ArgumentParser) -> None:
-    from blockemu.workload.campaign import parse_range
-
-    cr.add_argument("--max-ops", type=int, default=3, help="longest operation sequence (Ace's bound)")
+    cr.add_argument("--max-ops", type=count(1, 6, " (7 operations make 11 million workloads, held in memory)"), default=3, help="longest operation sequence (Ace's bound)")
     cr.add_argument("--seed", type=int, default=0)
-    cr.add_argument("--subsets", type=int, default=2, help="random in-doubt write subsets per crash point")
-    cr.add_argument("--limit", type=int, help="check a random sample of this many workloads")
+    cr.add_argument("--subsets", type=count(0), default=2, help="random in-doubt write subsets per crash point")
+    cr.add_argument("--limit", type=count(1), help="check a random sample of this many workloads")
     cr.add_argument("--nobarrier", action="store_true", help="plant the ordering bug (flushes ignored)")
-    cr.add_argument("--workloads", type=parse_range, metavar="A..B",
+    cr.add_argument("--workloads", type=span, metavar="A..B",
                     help="only workloads A up to B (excluded) of the space (a failure's reproduce line names one)")
-    cr.add_argument("--shard-size", type=int, default=10, help="workloads per shard (a few seconds of work)")
+    cr.add_argument("--shard-size", type=count(1), default=10, help="workloads per shard (a few seconds of work)")
     add_write_path(cr, "campaign")
     cr.add_argument("--json", action="store_true")
     add_campaign_flags(cr, jobs=os.cpu_count() or 1)
@@ -215,17 +248,15 @@ def args_key(ky: argparse.ArgumentParser) -> None:
 
 
 def args_fuzz(fz: argparse.ArgumentParser) -> None:
-    from blockemu.workload.campaign import parse_range
-
     fz.add_argument("--structural", action="store_true",
                     help="valid checksums over hostile structures, each image through ls, cat, mkdir, inspect, fsck")
-    fz.add_argument("--trials", type=int, default=2000, help="byte flips")
-    fz.add_argument("--images", type=int, default=2000, help="--structural: mutated images")
+    fz.add_argument("--trials", type=count(1), default=2000, help="byte flips")
+    fz.add_argument("--images", type=count(1), default=2000, help="--structural: mutated images")
     fz.add_argument("--seed", type=int, default=1)
     fz.add_argument("--recsum", action="store_true", help="recompute the block checksum after each flip")
     fz.add_argument("--max-rss", type=float, default=300, help="MB; --structural fails an image whose commands grow the process by more")
-    fz.add_argument("--only", type=parse_range, metavar="A..B", help="only trials (or images) A up to B (excluded)")
-    fz.add_argument("--shard-size", type=int, help="trials (100) or images (20) per shard")
+    fz.add_argument("--only", type=span, metavar="A..B", help="only trials (or images) A up to B (excluded)")
+    fz.add_argument("--shard-size", type=count(1), help="trials (100) or images (20) per shard")
     fz.add_argument("--json", action="store_true")
     add_campaign_flags(fz, jobs=os.cpu_count() or 1)
 
@@ -285,7 +316,7 @@ def add_write_path(p: argparse.ArgumentParser, what: str) -> None:
 
 def add_campaign_flags(p: argparse.ArgumentParser, jobs: int) -> None:
     """Where a campaign's shards run, and where their results stream (DESIGN §6, campaigns)."""
-    p.add_argument("--jobs", type=int, default=jobs, help="local processes (without --ray)")
+    p.add_argument("--jobs", type=count(1), default=jobs, help="local processes (without --ray)")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run the shards on Ray: alone, a local instance; 'auto' or HOST:PORT joins a cluster "
                         "(pip install 'blockemu[ray]')")
@@ -917,9 +948,11 @@ def main(argv: list[str] | None = None) -> int:
         fail(command, str(e), e.errno, args)
         return failure
     except BrokenPipeError:
-        # the reader went away (``| head``): not an error worth a message
+        # the reader went away (``| head``): not an error worth a message, but no success either
+        # (0 made ``fsck --json | head`` of a damaged image look clean under pipefail): the
+        # status of a process SIGPIPE ended, as other tools give
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         print(f"blockemu: {command}: interrupted", file=sys.stderr)
         return 32 if command == "fsck" else 130

@@ -271,7 +271,10 @@ def ranges(n: int, size: int) -> list[tuple[int, int]]:
 def parse_range(text: str) -> tuple[int, int]:
     """``A..B`` (B excluded, like Python's range) or a single ``A``."""
     a, sep, b = text.partition("..")
-    lo, hi = int(a), int(b) if sep else int(a) + 1
+    try:
+        lo, hi = int(a), int(b) if sep else int(a) + 1
+    except ValueError:
+        raise ValueError(f"{text!r} is not A..B nor A (whole numbers)") from None
     if hi <= lo or lo < 0:
         raise ValueError(f"empty range {text!r} (A..B runs from A up to B, B excluded)")
     return lo, hi
