@@ -840,6 +840,13 @@ def cmd_fsck(a: argparse.Namespace) -> int:
     return code
 
 
+# why --repair wrote nothing, said rather than left to the unchanged exit code
+UNREPAIRED_TREES = ("--repair wrote nothing: tree blocks are damaged, and changing items around them would mean "
+                    "guessing (there is no tree rebuild); files the errors do not name can still be copied out "
+                    "with blockemu ls / cat")
+UNREPAIRED = "--repair wrote nothing: none of these findings has a repair"
+
+
 def repair(a: argparse.Namespace, report: Any, key: bytes | None) -> tuple[Any, int]:
     """--repair on what ``report`` found: the report after, and the exit code. A repair can expose
     the next fix (a dropped entry changes its directory's size), so repair and check again, a few
@@ -848,6 +855,7 @@ def repair(a: argparse.Namespace, report: Any, key: bytes | None) -> tuple[Any, 
     from blockemu.check.repair import repairable, run_repair
 
     if not repairable(report):
+        report.notes.append(UNREPAIRED_TREES if report.trees_damaged else UNREPAIRED)
         return report, report.exit_code
     repaired, fixed = [], 0
     for _ in range(4):
