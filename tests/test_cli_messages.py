@@ -88,6 +88,10 @@ def test_a_wrong_key_is_told_apart_from_no_key(tmp_path, capsys):
     assert cli(capsys, "cat", img, "/e/x") == (1, "", "blockemu: cat: /e/x: no such file or directory\n")
     rc, nokey, _ = cli(capsys, "ls", img, "/e")
     assert cli(capsys, "cat", img, f"/e/{nokey.strip()}") == (1, "", "blockemu: cat: Required key not available\n")
+    # ls lists no-key names with the wrong key too, and says the key is not the directory's (it was silent)
+    assert cli(capsys, "ls", img, "/e", "--key-file", wrong) == (
+        0, nokey, f"blockemu: ls: key {have} does not unlock /e (its encryption policy uses key {need}); no-key names shown\n")
+    assert cli(capsys, "ls", img, "/e", "--key-file", right) == (0, "x\n", "")
 
 
 @pytest.mark.parametrize("command", [["ls"], ["cat", "/x"]])

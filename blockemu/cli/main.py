@@ -434,6 +434,14 @@ def cmd_ls(a: argparse.Namespace) -> int:
         st = await fs.stat(a.path)
         names = await fs.readdir(a.path) if stat.S_ISDIR(st.st_mode) else [a.path.rsplit("/", 1)[-1]]
         base = a.path.rstrip("/") if stat.S_ISDIR(st.st_mode) else a.path.rsplit("/", 1)[0]
+        if a.key_file and stat.S_ISDIR(st.st_mode):
+            # the names are listed all the same (no-key names, as without a key), but a key
+            # given for them that is not theirs is said, as cat says it
+            from blockemu.crypto.fscrypt import key_identifier
+
+            why = await explain_no_key(fs, a.path, key_identifier(read_key(a.key_file)).hex())
+            if why is not None:
+                print(f"blockemu: ls: {why}; no-key names shown", file=sys.stderr)
         rows = []
         for name in names:
             s = await fs.stat(f"{base}/{name}")
