@@ -343,9 +343,7 @@ class BlockDevice:
         latency). The file sees the same calls in the same order, and the write log the same
         entries. A fault plan that acts on either step (no barriers, latency, flips, injected
         errors, a power cut due at this write) gets the two steps one by one, as they are."""
-        faults = self.faults
-        if (self.readonly or faults.nobarrier or faults.latency or faults.flip or faults.eio
-                or (faults.cut_after_writes is not None and self.writes >= faults.cut_after_writes)):
+        if self.readonly or not self.faults.barriers_plain(self.writes):
             await self.flush()
             await self.write(offset, data, fua=True)
             return

@@ -34,6 +34,13 @@ class FaultPlan:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
 
+    def barriers_plain(self, writes: int) -> bool:
+        """Whether no fault acts on a flush or the next write after ``writes`` writes (no
+        barriers dropped, no latency, flips or injected errors, no power cut due): only then may
+        a device fuse the two into one trip (``BlockDevice.flush_then_fua``)."""
+        return not (self.nobarrier or self.latency or self.flip or self.eio
+                    or (self.cut_after_writes is not None and writes >= self.cut_after_writes))
+
     def eio_hit(self, offset: int, length: int, op: str) -> bool:
         return any(op in ops and offset < end and start < offset + length for start, end, ops in self.eio)
 
