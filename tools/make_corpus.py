@@ -264,7 +264,8 @@ def cases() -> dict[str, Case]:
         "tree-block-csum": ("CSUM_MISMATCH", False, False,
                             lambda p: sync(lambda q: patch_block(q, "fs", lambda b: b.__setitem__(300, b[300] ^ 1), recsum=False), p)),
         "key-order": ("KEY_ORDER", False, False, lambda p: sync(lambda q: patch_block(q, "csum", swap_first_keys), p)),
-        "bad-bytenr": ("BAD_TREE_BLOCK", False, False,
+        # a free-space tree block: the repair rebuilds that tree from the extent tree
+        "bad-bytenr": ("BAD_TREE_BLOCK", True, False,
                        lambda p: sync(lambda q: patch_block(q, "free-space", lambda b: struct.pack_into("<Q", b, 0x30, 4096)), p)),
         "transid": ("TRANSID_MISMATCH", False, False, lambda p: sync(lambda q: patch_block(q, "root", bump_root_item_generation), p)),
         "used-bytes": ("USED_BYTES_MISMATCH", True, False, lambda p: sync(lambda q: patch_super(q, bytes_used=3 * 4096), p)),

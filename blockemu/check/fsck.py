@@ -54,8 +54,14 @@ class FsckReport:
     stats: dict[str, int] = field(default_factory=dict)
     bytes_used: int = 0
     repaired: list[dict[str, Any]] = field(default_factory=list)
-    trees_damaged: bool = False  # some tree block could not be read or trusted
+    # the trees (objectids) some block of which could not be read or trusted: --repair can
+    # rebuild only the free-space tree (repair.py)
+    damaged_trees: set[int] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)  # informational, not errors (a log to replay)
+
+    @property
+    def trees_damaged(self) -> bool:
+        return bool(self.damaged_trees)
 
     @property
     def clean(self) -> bool:
@@ -133,28 +139,28 @@ class Checker:
             bytenr, gen, lvl, lo, hi, first = stack.pop()
             if bytenr % S.SECTOR_SIZE or not self._in_usable(bytenr, store.nodesize):
                 self.error("BAD_BLOCKPTR", f"tree block pointer {bytenr} outside the usable device", tid, bytenr)
-                self.report.trees_damaged = True
+                self.report.damaged_trees.add(tid)
                 continue
             if bytenr in self.blocks:
                 self.error("SHARED_TREE_BLOCK", f"tree block {bytenr} reached twice (a shared or looped block, "
                                                 f"not a tree): not followed again", tid, bytenr)
-                self.report.trees_damaged = True
+                self.report.damaged_trees.add(tid)
                 continue
             try:
                 block = store.get(bytenr, generation=gen, level=lvl, owner=tid)
             except CorruptionError as e:
                 self.error(e.kind, str(e), tid, bytenr)
-                self.report.trees_damaged = True
+                self.report.damaged_trees.add(tid)
                 continue
             finally:
                 store.clean.pop(bytenr, None)  # each block is read once: no need to cache
             self.blocks[bytenr] = (tid, lvl)
             self.report.stats["tree_blocks"] = self.report.stats.get("tree_blocks", 0) + 1
             if first is not None and block.keys and block.keys[0] != first:
-                self.report.trees_damaged = True
+                self.report.damaged_trees.add(tid)
                 self.error("KEY_ORDER", f"tree block {bytenr}: first key {block.keys[0]} differs from its parent's {first}", tid, bytenr)
             if block.keys and (lo is not None and block.keys[0] < lo or hi is not None and block.keys[-1] >= hi):
-                self.report.trees_damaged = True
+                self.report.damaged_trees.add(tid)
                 self.error("KEY_ORDER", f"tree block {bytenr}: keys outside the parent's range", tid, bytenr)
             if block.level == 0:
                 if not block.keys and lo is not None:
@@ -198,7 +204,7 @@ class Checker:
         for tid in trees:
             key = (tid, S.ROOT_ITEM, 0)
             if key not in roots:
-                self.report.trees_damaged = True
+                self.report.damaged_trees.add(S.ROOT_TREE_OBJECTID)  # an item of its is missing
                 self.error("MISSING_ROOT", f"no ROOT_ITEM for the {S.TREE_NAMES[tid]} tree", S.ROOT_TREE_OBJECTID, key=key)
                 continue
             try:

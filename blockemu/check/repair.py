@@ -1,9 +1,9 @@
 """fsck --repair: fix what needs no guessing, leave the rest reported.
 
 Repairs: a bad primary superblock is rewritten from the best valid copy; the
-free-space record and ``bytes_used`` are rebuilt from the extent tree (the
-allocator is derived from what is allocated, and the commit rewrites the
-record to match); inode link counts, directory sizes and nbytes, data-extent
+free-space tree and ``bytes_used`` are rebuilt from the extent tree (the
+allocator is derived from what is allocated, and the commit writes the tree
+anew, so damaged blocks of it are no obstacle); inode link counts, directory sizes and nbytes, data-extent
 reference counts and back references, and checksum items for space no extent
 holds are set to what the checker found. Each repair is the ``fix`` the
 checker attached to an error; an error without one is left for a human.
@@ -31,9 +31,16 @@ from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
 REBUILT = {"FREE_SPACE_MISMATCH", "USED_BYTES_MISMATCH", "SUPERBLOCK"}
 
 
+# the tree the rebuild makes anew from the extent tree: damage to it is no obstacle
+REBUILT_TREE = S.TREE_NAMES[S.FREE_SPACE_TREE_OBJECTID]
+
+
 def repairable(report: FsckReport) -> bool:
-    """Damaged tree blocks rule repair out: changing items around them would mean guessing."""
-    return not report.trees_damaged and any(e.fix is not None or e.code in REBUILT for e in report.errors)
+    """Damaged tree blocks rule repair out, changing items around them would mean guessing --
+    except in the free-space tree, a cache of what the extent tree implies, which the repair
+    rebuilds whole without reading it (``Engine(rebuild_free_space=True)``)."""
+    return (report.damaged_trees <= {S.FREE_SPACE_TREE_OBJECTID}
+            and any(e.fix is not None or e.code in REBUILT or e.tree == REBUILT_TREE for e in report.errors))
 
 
 def restore_primary_super(path: str) -> bool:
@@ -91,7 +98,7 @@ async def repair(path: str, report: FsckReport) -> int:
             # opening replayed the fsync log and committed it, free-space record rebuilt: the
             # report's fixes are of the trees before the replay, stale now (a logged inode item
             # replaced), so the caller checks again and the next round repairs from that
-            return sum(e.code in REBUILT for e in report.errors)
+            return sum(e.code in REBUILT or e.tree == REBUILT_TREE for e in report.errors)
         if vol.generation != report.generation:
             # the check ran under a shared lock, released before this exclusive one: a writer
             # in between makes the report's fixes stale, and applying them would do harm
@@ -100,7 +107,7 @@ async def repair(path: str, report: FsckReport) -> int:
         async with vol.join() as engine:
             for e in report.errors:
                 if e.fix is None:
-                    fixed += e.code in REBUILT
+                    fixed += e.code in REBUILT or e.tree == REBUILT_TREE
                     continue
                 fix = e.fix
                 if "inode" in fix:

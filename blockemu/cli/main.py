@@ -850,8 +850,8 @@ def cmd_fsck(a: argparse.Namespace) -> int:
 
 # why --repair wrote nothing, said rather than left to the unchanged exit code
 UNREPAIRED_TREES = ("--repair wrote nothing: tree blocks are damaged, and changing items around them would mean "
-                    "guessing (there is no tree rebuild); files the errors do not name can still be copied out "
-                    "with blockemu ls / cat")
+                    "guessing (only the free-space tree is rebuilt); files the errors do not name can still be "
+                    "copied out with blockemu ls / cat")
 UNREPAIRED = "--repair wrote nothing: none of these findings has a repair"
 
 

@@ -239,13 +239,13 @@ class Engine:
             self.root_items[tid] = item
             self.trees[tid] = BTree(self.store, tid, item.bytenr, item.level)
         self.free_items: set[tuple[int, int]] = set()
-        if writable:
+        if writable and rebuild_free_space:
+            self.store.allocator = self._allocator_from_extents()
+            self._new_free_space_tree()
+        elif writable:
             fst = self.trees[FREE_SPACE_TREE_OBJECTID]
             self.free_items = {(k[0], k[2]) for k, _ in fst.items() if k[1] == FREE_SPACE_EXTENT}
-            if rebuild_free_space:
-                self.store.allocator = self._allocator_from_extents()
-            else:
-                self.store.allocator = Allocator(self._checked_free_space(), nodesize=sb.nodesize)
+            self.store.allocator = Allocator(self._checked_free_space(), nodesize=sb.nodesize)
         self._applied_new: set[int] = set()
         self._applied_freed: set[int] = set()
         self._reset_log_notes()
@@ -309,6 +309,18 @@ class Engine:
             length = self.sb.nodesize if typ == METADATA_ITEM else off
             alloc.reserve(bytenr, length)
         return alloc
+
+    def _new_free_space_tree(self) -> None:
+        """fsck --repair: the free-space tree starts empty and the commit fills it from the
+        allocator, without reading the old one -- a damaged block of it is then no obstacle. The
+        old tree's blocks are found through their METADATA_ITEMs' backrefs, not by walking it,
+        and freed as a COW frees a block."""
+        for (bytenr, typ, level), body in self.trees[EXTENT_TREE_OBJECTID].items():
+            if typ == METADATA_ITEM and ExtentItem.unpack(body).refs == (("tree", FREE_SPACE_TREE_OBJECTID),):
+                self.store.freed_blocks[bytenr] = (FREE_SPACE_TREE_OBJECTID, level)
+                self.allocator.pin(bytenr, self.sb.nodesize)
+        root = self.store.new_block(FREE_SPACE_TREE_OBJECTID, 0)
+        self.trees[FREE_SPACE_TREE_OBJECTID] = BTree(self.store, FREE_SPACE_TREE_OBJECTID, root.bytenr, 0)
 
     @classmethod
     def create(cls, sb: SuperInfo) -> "Engine":
