@@ -368,6 +368,7 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
             sums[sector] = body[i * size : (i + 1) * size]
     if not by_range:
         sectors = sorted(sums)
+    files = FileNames(ck)
     runs: list[list[int]] = []  # the data extents merged into disjoint [start, end)
     for bytenr, (length, _) in sorted(data.items()):
         end = bytenr + length
@@ -381,11 +382,12 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
             try:
                 got = csums.digest(sb.csum_type, read(sector, PAGE))
             except CorruptionError as e:
-                ck.error("CSUM_MISMATCH", f"data sector {sector}: {e}", S.CSUM_TREE_OBJECTID, sector)
+                ck.error("CSUM_MISMATCH", f"data sector {sector}{files.holding(data[bytenr][1], bytenr, sector)}: {e}",
+                         S.CSUM_TREE_OBJECTID, sector)
                 continue
             if got != want:
-                ck.error("CSUM_MISMATCH", f"data sector {sector}: checksum {got.hex()}, expected {want.hex()}",
-                         S.CSUM_TREE_OBJECTID, sector)
+                ck.error("CSUM_MISMATCH", f"data sector {sector}{files.holding(data[bytenr][1], bytenr, sector)}: "
+                         f"checksum {got.hex()}, expected {want.hex()}", S.CSUM_TREE_OBJECTID, sector)
         if runs and bytenr <= runs[-1][1]:
             runs[-1][1] = max(runs[-1][1], end)
         else:
@@ -408,6 +410,46 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
         whole = all(key[2] + i * PAGE in stray_set for i in range(len(bodies[key]) // size))
         ck.error("ORPHAN_CSUM", f"checksum for sector {sector}, which no data extent holds", S.CSUM_TREE_OBJECTID, sector,
                  key, fix={"delete": (S.CSUM_TREE_OBJECTID, key)} if whole else None)
+
+
+class FileNames:
+    """Which files hold a data sector, for a CSUM_MISMATCH to name them, not only the sector: the
+    extent's data backrefs give the inodes, their INODE_REF chains the paths (names as stored; in
+    an encrypted directory the no-key name ``ls`` shows). The names are decoded at the first
+    mismatch only: a sound image never pays for them."""
+
+    def __init__(self, ck: "Checker") -> None:
+        self.ck = ck
+        self.items: FsItems | None = None
+
+    def holding(self, item: ExtentItem, bytenr: int, sector: int) -> str:
+        """`` (inode 257 at file offset 8192: /d/f)``, one entry per referencing inode."""
+        where = [f"inode {ino} at file offset {off + sector - bytenr}{self.path(ino)}"
+                 for kind, root, ino, off, _ in (r for r in item.refs if r[0] == "data") if root == FS]
+        return f" ({'; '.join(where)})" if where else ""
+
+    def path(self, ino: int) -> str:
+        """``: /d/f``, or nothing when a name on the way up is missing (the inode passes say why)."""
+        if self.items is None:
+            mark = len(self.ck.report.errors)
+            self.items = collect(self.ck, only=frozenset((S.INODE_REF, S.FSCRYPT_CTXT_ITEM)))
+            del self.ck.report.errors[mark:]  # what is wrong with these items is the inode passes' to say
+        names: list[str] = []
+        while ino != ROOT_INO:
+            refs = self.items.refs.get(ino)
+            if not refs or len(names) > 4096:  # no name, or a loop
+                return ""
+            parent, ref = refs[0]
+            names.append(self.name(parent, ref.name))
+            ino = parent
+        return ": /" + "/".join(reversed(names))
+
+    def name(self, parent: int, stored: bytes) -> str:
+        if parent in self.items.policies:  # type: ignore[union-attr]
+            from blockemu.crypto.fscrypt import nokey_name  # a cipher import, for a damaged encrypted file only
+
+            return nokey_name(stored, name_hash(stored))
+        return stored.decode(errors="backslashreplace")
 
 
 def _one_item_per_extent(items: list[tuple[tuple[int, int, int], bytes]], size: int,

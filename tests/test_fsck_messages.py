@@ -1,0 +1,41 @@
+"""What fsck's findings say: where the damage is, in the words a user acts on."""
+from __future__ import annotations
+
+import asyncio
+
+import blockemu
+from blockemu.check.fsck import check
+from tests.util import encrypted_dir, flip
+
+
+async def two_files(path: str) -> dict:
+    """/d/plain and an encrypted /e/secret, 3 sectors each: each file's (inode, disk_bytenr), and
+    under "nokey" the name ls shows for /e/secret without the key."""
+    await blockemu.mkfs(path, size="32M")
+    out = {}
+    async with blockemu.mount(path) as fs:
+        await fs.mkdir("/d")
+        await encrypted_dir(fs, "/e")
+        for name in ("/d/plain", "/e/secret"):
+            async with fs.open(name, "w") as f:
+                await f.write(b"x" * 12288)
+            await fs.sync()  # written back: the extent is placed
+            ino = (await fs.stat(name)).st_ino
+            out[name] = (ino, next(iter(fs.extents.mappings(ino))).extent.disk_bytenr)
+    async with blockemu.mount(path) as fs:  # no key: the names ls shows
+        out["nokey"] = (await fs.readdir("/e"))[0]
+    return out
+
+
+def test_a_data_checksum_mismatch_names_the_file_not_only_the_sector(tmp_path):
+    """CSUM_MISMATCH said "data sector N": which file to restore was left to the user."""
+    img = str(tmp_path / "c.img")
+    files = asyncio.run(two_files(img))
+    for name in ("/d/plain", "/e/secret"):
+        flip(img, files[name][1] + 4096 + 10)  # the second sector of each
+    found = [e.message for e in check(img, check_data=True).errors if e.code == "CSUM_MISMATCH"]
+    (ino_p, at_p), (ino_s, at_s) = files["/d/plain"], files["/e/secret"]
+    assert len(found) == 2, found
+    assert found[0].startswith(f"data sector {at_p + 4096} (inode {ino_p} at file offset 4096: /d/plain): checksum ")
+    assert found[1].startswith(f"data sector {at_s + 4096} (inode {ino_s} at file offset 4096: "
+                               f"/e/{files['nokey']}): checksum ")
