@@ -167,6 +167,11 @@ def test_console_scripts_exist():
     (["stress", "s.img", "--tasks", "0"], "--tasks: 0 is out of range: at least 1"),
     (["stress", "s.img", "--duration", "0"], "--duration: 0 is out of range: more than 0 seconds"),
     (["fuzz", "--trials", "-3"], "--trials: -3 is out of range: at least 1"),
+    # the free race runs for a time, the seeded one for a number of steps: the other bound was ignored
+    (["stress", "s.img", "--scenario", "key-removal-race", "--ops", "10"],
+     "--ops counts the steps of --schedule seeded; the free race runs for --duration S (default 5)"),
+    (["stress", "s.img", "--scenario", "key-removal-race", "--schedule", "seeded", "--duration", "1"],
+     "--duration bounds the free race; --schedule seeded runs --ops N steps (default 300)"),
 ])
 def test_a_count_out_of_range_is_a_usage_line_not_a_traceback_nor_an_empty_run(tmp_path, argv, says):
     """Counts checked where they are parsed: --shard-size 0 and --limit -1 were tracebacks deep in
@@ -184,3 +189,4 @@ def test_heatmap_without_matplotlib_names_the_extra(image, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert "pip install 'blockemu[report]'" in p.stderr and p.returncode != 0
+

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 # every command but fsck: 1 failure, 2 usage error (argparse's convention)
 CMD_FAILURE, CMD_USAGE = 1, 2
+DEFAULT_OPS = 300  # stress --ops: a flag given is told from the default (the free race takes none)
 
 
 class UsageError(Exception):
@@ -185,7 +186,8 @@ def args_stress(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--seeds", type=span, metavar="A..B",
                     help="a campaign: seeds A up to B (excluded), each on a fresh image made by its worker")
     sp.add_argument("--duration", type=seconds, help="seconds (instead of --ops)")
-    sp.add_argument("--ops", type=count(1), default=300, help="operations per task (mix) or steps (seeded race)")
+    sp.add_argument("--ops", type=count(1), help=f"operations per task (mix, default {DEFAULT_OPS}) or steps "
+                    f"(key-removal-race with --schedule seeded, default {DEFAULT_OPS})")
     sp.add_argument("--tasks", type=count(1), default=4)
     sp.add_argument("--key-removal", choices=list(MODES), default="soft")
     sp.add_argument("--faults", help="e.g. eio=200M-210M:w,latency=0.001,flip=0.0001,torn=0.5,cut=5000")
@@ -614,6 +616,9 @@ def cmd_stress(a: argparse.Namespace) -> int:
     from blockemu.workload.runner import stress_mix
     from blockemu.workload.writepath import WRITE_PATHS
 
+    if a.scenario == "key-removal-race":
+        race_flags(a)
+    a.ops = DEFAULT_OPS if a.ops is None else a.ops
     if a.seeds is not None:
         return stress_seeds(a)
     if a.image is None:
@@ -646,6 +651,17 @@ def cmd_stress(a: argparse.Namespace) -> int:
             print(f"reproduce with: blockemu stress {a.image} --seed {seed} --tasks {a.tasks} {span}{extra}"
                   + (f" --crash-points {a.crash_points}" if a.crash_points else "") + write_path_flag(a))
     return 0 if ok else 1
+
+
+def race_flags(a: argparse.Namespace) -> None:
+    """The race's flags checked before it runs: the free schedule runs for --duration and the
+    seeded one for --ops steps, so the other bound would be ignored (a silent --ops was)."""
+    if a.schedule == "free" and a.ops is not None:
+        raise UsageError("blockemu stress: --ops counts the steps of --schedule seeded; the free race runs for "
+                         "--duration S (default 5)")
+    if a.schedule == "seeded" and a.duration is not None:
+        raise UsageError("blockemu stress: --duration bounds the free race; --schedule seeded runs --ops N steps "
+                         f"(default {DEFAULT_OPS})")
 
 
 def stress_race(a: argparse.Namespace, seed: int) -> int:
