@@ -190,3 +190,14 @@ def test_heatmap_without_matplotlib_names_the_extra(image, tmp_path):
     assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert "pip install 'blockemu[report]'" in p.stderr and p.returncode != 0
 
+
+def test_stress_report_without_matplotlib_is_refused_before_the_race(tmp_path):
+    """It ran the whole race (and made the image and DIR) before finding matplotlib missing."""
+    img, out = tmp_path / "r.img", tmp_path / "rep"
+    code = ("import sys; sys.modules['matplotlib'] = sys.modules['numpy'] = None; from blockemu.cli.main import main; "
+            f"sys.exit(main(['stress', {str(img)!r}, '--scenario', 'key-removal-race', '--duration', '0.5', "
+            f"'--report', {str(out)!r}]))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout, p.stderr) == (
+        2, "", "blockemu: usage: blockemu stress: --report: drawing needs matplotlib: pip install 'blockemu[report]'\n")
+    assert not img.exists() and not out.exists()

@@ -655,13 +655,21 @@ def cmd_stress(a: argparse.Namespace) -> int:
 
 def race_flags(a: argparse.Namespace) -> None:
     """The race's flags checked before it runs: the free schedule runs for --duration and the
-    seeded one for --ops steps, so the other bound would be ignored (a silent --ops was)."""
+    seeded one for --ops steps, so the other bound would be ignored (a silent --ops was); and
+    --report needs matplotlib, which used to be found missing only after the whole race."""
     if a.schedule == "free" and a.ops is not None:
         raise UsageError("blockemu stress: --ops counts the steps of --schedule seeded; the free race runs for "
                          "--duration S (default 5)")
     if a.schedule == "seeded" and a.duration is not None:
         raise UsageError("blockemu stress: --duration bounds the free race; --schedule seeded runs --ops N steps "
                          f"(default {DEFAULT_OPS})")
+    if a.report:
+        from blockemu.display import MissingExtra, pyplot
+
+        try:
+            pyplot()
+        except MissingExtra as e:
+            raise UsageError(f"blockemu stress: --report: {e}") from None
 
 
 def stress_race(a: argparse.Namespace, seed: int) -> int:
