@@ -87,7 +87,12 @@ def test_a_wrong_key_is_told_apart_from_no_key(tmp_path, capsys):
     # no key: the real name is not there (fscrypt shows no-key names); the no-key name needs the key
     assert cli(capsys, "cat", img, "/e/x") == (1, "", "blockemu: cat: /e/x: no such file or directory\n")
     rc, nokey, _ = cli(capsys, "ls", img, "/e")
-    assert cli(capsys, "cat", img, f"/e/{nokey.strip()}") == (1, "", "blockemu: cat: Required key not available\n")
+    wants = f"is encrypted with key {need}: give that key with --key-file)"
+    assert cli(capsys, "cat", img, f"/e/{nokey.strip()}") == (
+        1, "", f"blockemu: cat: /e/{nokey.strip()}: Required key not available (/e/{nokey.strip()} {wants}\n")
+    # put without a key named no path (it said only "Required key not available")
+    assert cli(capsys, "put", img, host, "/e/new") == (
+        1, "", f"blockemu: put: /e/new: Required key not available (/e {wants}\n")
     # ls lists no-key names with the wrong key too, and says the key is not the directory's (it was silent)
     assert cli(capsys, "ls", img, "/e", "--key-file", wrong) == (
         0, nokey, f"blockemu: ls: key {have} does not unlock /e (its encryption policy uses key {need}); no-key names shown\n")

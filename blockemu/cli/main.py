@@ -403,7 +403,7 @@ def on_image(a: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *, re
             try:
                 return await body(fs)
             except NoKeyError as e:
-                raise NoKeyError(await explain_no_key(fs, a.path, kid) or str(e)) from None
+                raise NoKeyError(await explain_no_key(fs, a.path, kid) or await no_key_given(fs, a.path, e)) from None
             except NotFoundError:
                 # with another key a locked directory's real names do not resolve: say which key it wants
                 why = await explain_no_key(fs, a.path, kid)
@@ -415,20 +415,31 @@ def on_image(a: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *, re
     return asyncio.run(go())
 
 
-async def explain_no_key(fs: Any, path: str, kid: str | None) -> str | None:
-    """Which key ``path`` needs when the one given is not it: the policy of the path, or of
-    its nearest existing parent for a file about to be made."""
+async def policy_of(fs: Any, path: str) -> tuple[str, str | None] | None:
+    """The encryption policy (key identifier, or None) of ``path``, or of its nearest existing
+    parent for a file about to be made, with the path it belongs to."""
     while True:
         try:
-            policy = await fs.get_policy(path)
-            break
+            return path, await fs.get_policy(path)
         except FileNotFoundError:
             if path.rstrip("/") in ("", "/"):
                 return None
             path = path.rstrip("/").rsplit("/", 1)[0] or "/"
-    if kid is None or policy is None or policy == kid:
-        return None  # no key given: the kernel's own text says it
-    return f"key {kid} does not unlock {path} (its encryption policy uses key {policy})"
+
+
+async def explain_no_key(fs: Any, path: str, kid: str | None) -> str | None:
+    """Which key ``path`` needs when the one given is not it."""
+    found = await policy_of(fs, path)
+    if kid is None or found is None or found[1] is None or found[1] == kid:
+        return None
+    return f"key {kid} does not unlock {found[0]} (its encryption policy uses key {found[1]})"
+
+
+async def no_key_given(fs: Any, path: str, e: OSError) -> str:
+    """ENOKEY without --key-file: the path, the kernel's text, and which key to give."""
+    found = await policy_of(fs, path)
+    wants = f" ({found[0]} is encrypted with key {found[1]}: give that key with --key-file)" if found and found[1] else ""
+    return f"{path}: {e.strerror or e}{wants}"
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
