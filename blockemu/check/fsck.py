@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 from blockemu.check import fsck_fast, fsck_fs, fsck_log
 from blockemu.check.exitcodes import EXIT_CLEAN, EXIT_UNCORRECTED
 from blockemu.check.forked import CAN_FORK, Forked, alone, second_core
-from blockemu.device.image import ImageFile
+from blockemu.device.image import ImageFile, truncated
 from blockemu.engine.transaction import SUBTREES, TreeStore, usable_ranges
 from blockemu.errors import BlockemuError, CorruptionError
 from blockemu.ondisk import structs as S
@@ -121,8 +121,8 @@ class Checker:
         for copy in self.img.supers[1:]:
             if copy.error is not None and copy.raw[0x40:0x48] == S.MAGIC:
                 self.error("SUPERBLOCK", f"superblock mirror: {copy.error}", bytenr=copy.offset)
-        if sb.total_bytes > self.img.size:
-            self.error("SUPERBLOCK", f"image truncated: superblock says {sb.total_bytes} bytes, file has {self.img.size}")
+        if short := truncated(sb, self.img.size):
+            self.error("SUPERBLOCK", short)
         backup = sb.backup_roots[sb.generation % S.NUM_BACKUP_ROOTS]
         if (backup["tree_root"], backup["tree_root_gen"]) != (sb.root, sb.generation):
             self.error("SUPERBLOCK", f"backup root slot {sb.generation % S.NUM_BACKUP_ROOTS} does not record generation "

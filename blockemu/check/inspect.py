@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from blockemu.device.image import ImageFile
+from blockemu.device.image import ImageFile, truncated
 from blockemu.engine.btree import BTree
 from blockemu.engine.transaction import Engine, TreeStore
 from blockemu.errors import CorruptionError
@@ -102,23 +102,33 @@ def block_text(b: dict[str, Any]) -> Iterator[str]:
 
 
 def dump_tree(path: str, trees: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every block of the named trees; a block that cannot be read ends the dump with an error
+    naming the image (and, when the file is shorter than its superblock says, that)."""
     with ImageFile.open(path) as img:
         sb = img.best_super()
-        engine = Engine(sb, img.read, writable=False)
-        out = []
-        for name in trees or list(TREE_BY_NAME):
-            tid = TREE_BY_NAME[name]
-            if tid == S.TREE_LOG_OBJECTID:
-                if not sb.log_root:
-                    continue  # no fsync log: nothing to show
-                # found from the superblock, not the root tree; its blocks carry the log's transid
-                store = TreeStore(img.read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
-                                  transid=sb.log_root_transid, cache_blocks=0)
-                tree: BTree = BTree(store, tid, sb.log_root, sb.log_root_level)
-            else:
-                tree = engine.tree(tid)
-            out.extend(block_json(name, b, sb.nodesize) for b in _bfs(tree))
-        return out
+        try:
+            return _dump_trees(img, sb, trees)
+        except CorruptionError as e:
+            short = truncated(sb, img.size)
+            raise CorruptionError(f"{path}: {e}{f' ({short})' if short else ''}", e.kind, e.bytenr) from None
+
+
+def _dump_trees(img: ImageFile, sb: Any, trees: list[str] | None) -> list[dict[str, Any]]:
+    engine = Engine(sb, img.read, writable=False)
+    out = []
+    for name in trees or list(TREE_BY_NAME):
+        tid = TREE_BY_NAME[name]
+        if tid == S.TREE_LOG_OBJECTID:
+            if not sb.log_root:
+                continue  # no fsync log: nothing to show
+            # found from the superblock, not the root tree; its blocks carry the log's transid
+            store = TreeStore(img.read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
+                              transid=sb.log_root_transid, cache_blocks=0)
+            tree: BTree = BTree(store, tid, sb.log_root, sb.log_root_level)
+        else:
+            tree = engine.tree(tid)
+        out.extend(block_json(name, b, sb.nodesize) for b in _bfs(tree))
+    return out
 
 
 def _bfs(tree: BTree) -> Iterator[TreeBlock]:

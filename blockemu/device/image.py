@@ -14,6 +14,13 @@ from blockemu.ondisk.structs import MAGIC, SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super
 
 
+def truncated(sb: SuperInfo, size: int) -> str | None:
+    """Why an image file of ``size`` bytes cannot hold what its superblock describes, if it cannot."""
+    if sb.total_bytes > size:
+        return f"image truncated: superblock says {sb.total_bytes} bytes, file has {size}"
+    return None
+
+
 @dataclass
 class SuperCopy:
     offset: int
