@@ -116,13 +116,17 @@ def test_rescue_zero_log_of_a_file_that_is_no_image_says_so(tmp_path, capsys):
 
 
 def test_a_truncated_image_is_named_and_said_truncated(tmp_path, capsys):
-    """inspect dump-tree named no image."""
+    """inspect dump-tree named no image; rescue zero-log said "no fsync log; nothing to do" and
+    exited 0, as for a sound image."""
     img, short = tmp_path / "a.img", tmp_path / "short.img"
     assert cli(capsys, "mkfs", str(img), "--size", "64M")[0] == 0
     short.write_bytes(img.read_bytes()[:1 << 20])
     why = "image truncated: superblock says 67108864 bytes, file has 1048576"
     rc, out, err = cli(capsys, "inspect", "dump-tree", str(short))
     assert (rc, out) == (1, "") and err.startswith(f"blockemu: inspect: {short}: read [") and err.endswith(f" ({why})\n")
+    before = short.read_bytes()
+    assert cli(capsys, "rescue", "zero-log", str(short)) == (1, "", f"blockemu: rescue: {short}: {why}; nothing written\n")
+    assert short.read_bytes() == before
 
 
 def test_run_list_gives_whole_descriptions(capsys):

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from blockemu.check.fsck import FsckReport
 from blockemu.device.imagelock import open_image
-from blockemu.device.image import ImageFile
+from blockemu.device.image import ImageFile, truncated
 from blockemu.errors import Busy, CorruptionError
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import structs as S
@@ -66,7 +66,8 @@ def zero_log(path: str) -> SuperInfo | None:
     record already calls free, so nothing else changes) and the image is the last full commit
     again. Returns the superblock that named the log, None if there was none. Only the primary
     names a log (a log sync writes no mirror), so only the primary is rewritten; a bad primary
-    is fsck --repair's to restore first."""
+    is fsck --repair's to restore first. A truncated image is refused, log or not: the log (and
+    anything else) may lie in the part that is missing, and "no log" would read as "sound"."""
     fd = open_image(path, readonly=False)  # exclusive: never under a mount
     try:
         at = SUPER_OFFSETS[0]
@@ -76,6 +77,9 @@ def zero_log(path: str) -> SuperInfo | None:
             if e.kind == "BAD_MAGIC":  # no blockemu image at all: nothing fsck could restore
                 raise CorruptionError(f"{path}: {e}", e.kind, at) from None
             raise CorruptionError(f"{path}: {e}; restore it with blockemu fsck --repair first", e.kind, at) from None
+        short = truncated(sb, os.fstat(fd).st_size)
+        if short:  # its log, if any, may lie in the missing part: nothing here is to be trusted
+            raise CorruptionError(f"{path}: {short}; nothing written", "SUPERBLOCK", at)
         if not sb.log_root:
             return None
         new = replace(sb, log_root=0, log_root_transid=0, log_root_level=0,
