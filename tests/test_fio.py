@@ -712,3 +712,11 @@ def test_zoned_device_jobs_parse_and_what_they_lack_is_named_at_once():
     for what in ("z.fio:7: bad value for max_open_zones", "z.fio:4: job w: size=128z is a number of zones",
                  "z.fio:4: job w: offset=524z is a number of zones"):
         assert what in str(e.value)
+
+
+def test_the_seqwrite_scenario_writes_sequentially():
+    """Its writes were rw=randwrite, under a name that says sequential."""
+    from blockemu.workload.runner import scenarios
+
+    text = scenarios()["seqwrite"]
+    assert [(o, n) for _, o, n in ios(text)] == [(o, 4096) for o in range(0, 16 << 20, 4096)]
