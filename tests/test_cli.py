@@ -167,6 +167,7 @@ def test_console_scripts_exist():
     (["stress", "s.img", "--tasks", "0"], "--tasks: 0 is out of range: at least 1"),
     (["stress", "s.img", "--duration", "0"], "--duration: 0 is out of range: more than 0 seconds"),
     (["fuzz", "--trials", "-3"], "--trials: -3 is out of range: at least 1"),
+    (["run", "seqwrite", "--size", "0"], "--size: 0 is out of range: more than 0"),  # it asked for --size
     # the free race runs for a time, the seeded one for a number of steps: the other bound was ignored
     (["stress", "s.img", "--scenario", "key-removal-race", "--ops", "10"],
      "--ops counts the steps of --schedule seeded; the free race runs for --duration S (default 5)"),

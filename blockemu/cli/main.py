@@ -172,7 +172,7 @@ def args_run(rn: argparse.ArgumentParser) -> None:
     rn.add_argument("--output-format", type=output_formats, default=["normal"],
                     help="normal, json, json+ or terse; several comma-separated, as fio")
     rn.add_argument("--runtime", type=fio_value(parse_time), help="override every job's runtime (fio's units)")
-    rn.add_argument("--size", type=fio_value(fio_size), help="override every job's size")
+    rn.add_argument("--size", type=fio_value(fio_size, positive=True), help="override every job's size")
     rn.add_argument("--list", action="store_true", help="list the built-in scenarios")
     rn.add_argument("--parse-only", action="store_true", help="check the job file (as fio --parse-only), run nothing")
 
@@ -564,12 +564,17 @@ def output_formats(text: str) -> list[str]:
     return out
 
 
-def fio_value(conv: Callable[[str], Any]) -> Callable[[str], Any]:
+def fio_value(conv: Callable[[str], Any], positive: bool = False) -> Callable[[str], Any]:
+    """A flag in fio's units; ``positive``: 0 is out of range too (``--size 0`` reached the jobs
+    as "no size given" and asked for the --size it had been given)."""
     def parse(text: str) -> Any:
         try:
-            return conv(text)
+            value = conv(text)
         except (ValueError, BlockemuError):
             raise argparse.ArgumentTypeError(f"bad value {text!r}") from None
+        if positive and not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: more than 0")
+        return value
     return parse
 
 
