@@ -129,6 +129,16 @@ def test_a_truncated_image_is_named_and_said_truncated(tmp_path, capsys):
     assert short.read_bytes() == before
 
 
+def test_encrypt_without_a_key_file_is_the_same_usage_error_for_mkfs_and_mkdir(tmp_path, capsys):
+    """mkfs exited 1, mkdir 2 (usage) for the same missing flag."""
+    img = str(tmp_path / "e.img")
+    assert cli(capsys, "mkfs", img, "--size", "32M", "--encrypt", "/e") == (
+        2, "", "blockemu: usage: mkfs --encrypt needs --key-file\n")
+    assert not os.path.exists(img)
+    assert cli(capsys, "mkfs", img, "--size", "32M")[0] == 0
+    assert cli(capsys, "mkdir", img, "/e", "--encrypt") == (2, "", "blockemu: usage: mkdir --encrypt needs --key-file\n")
+
+
 def test_run_list_gives_whole_descriptions(capsys):
     rc, out, err = cli(capsys, "run", "--list")
     assert rc == 0 and err == ""

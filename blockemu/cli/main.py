@@ -856,6 +856,8 @@ def cmd_mkfs(a: argparse.Namespace) -> int:
 
     from blockemu.fs.mkfs import mkfs
 
+    if a.encrypt and not a.key_file:  # a flag missing is a usage error, as mkdir --encrypt says it
+        raise UsageError("mkfs --encrypt needs --key-file")
     sb = asyncio.run(mkfs(a.image, a.size, node_size=a.node_size, csum=a.csum, label=a.label, uuid=a.uuid, force=a.force,
                           rootdir=a.rootdir, encrypt=a.encrypt, key=read_key(a.key_file),
                           progress=progress_wanted(a.progress)))
