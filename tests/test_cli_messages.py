@@ -157,6 +157,21 @@ def test_errors_with_json_are_json_on_stdout_too(tmp_path, capsys):
     assert json.loads(out) == {"error": {"command": "stress", "errno": 117, "code": "EUCLEAN", "message": why}}
 
 
+@pytest.mark.parametrize("argv, code, why", [
+    (["fsck", "--json"], 16, "blockemu fsck: the following arguments are required: image"),  # argparse's
+    (["run", "seqwrite", "--output-format=terse,json", "--size", "0"], 2,
+     "blockemu run: argument --size: 0 is out of range: more than 0"),
+    (["stress", "s.img", "--scenario", "key-removal-race", "--ops", "3", "--json"], 2,  # the command's own
+     "blockemu stress: --ops counts the steps of --schedule seeded; the free race runs for --duration S (default 5)"),
+])
+def test_usage_errors_with_json_are_json_on_stdout_too(tmp_path, capsys, argv, code, why):
+    """A usage error printed its line and no JSON, though --json promises JSON on every outcome."""
+    rc, out, err = cli(capsys, *argv)
+    assert (rc, err) == (code, f"blockemu: usage: {why}\n")
+    assert json.loads(out) == {"error": {"command": argv[0], "errno": 22, "code": "EINVAL", "message": why}}
+    assert cli(capsys, *[a for a in argv if "json" not in a])[1] == ""  # without it, nothing on stdout
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])

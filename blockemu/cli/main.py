@@ -999,6 +999,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UsageError as e:
         print(f"blockemu: usage: {e}", file=sys.stderr)
+        if wants_json(args, argv):  # the JSON contract holds for a usage error too
+            emit_json(error_json(command, str(e), errno.EINVAL))
         return usage
     except BlockemuError as e:
         if debug:
@@ -1024,9 +1026,24 @@ def main(argv: list[str] | None = None) -> int:
 def fail(command: str, why: str, err: int | None, args: argparse.Namespace | None) -> None:
     """The one line on stderr; with --json also the JSON error on stdout."""
     print(f"blockemu: {command}: {why}", file=sys.stderr)
-    formats = getattr(args, "output_format", None) or []
-    if args is not None and (getattr(args, "json", False) or any(f.startswith("json") for f in formats)):
-        emit_json({"error": {"command": command, "errno": err, "code": errno.errorcode.get(err or 0), "message": why}})
+    if wants_json(args, None):
+        emit_json(error_json(command, why, err))
+
+
+def error_json(command: str, why: str, err: int | None) -> dict[str, Any]:
+    return {"error": {"command": command, "errno": err, "code": errno.errorcode.get(err or 0), "message": why}}
+
+
+def wants_json(args: argparse.Namespace | None, argv: list[str] | None) -> bool:
+    """--json, or an --output-format with json in it: from the parsed flags, or, when parsing
+    itself failed (a usage error), from the words of the command line."""
+    if args is not None:
+        formats = getattr(args, "output_format", None) or []
+        return bool(getattr(args, "json", False)) or any(f.startswith("json") for f in formats)
+    words = argv or []
+    formats = [w.partition("=")[2] for w in words if w.startswith("--output-format=")]
+    formats += [nxt for w, nxt in zip(words, words[1:]) if w == "--output-format"]
+    return "--json" in words or any(f.startswith("json") for fmt in formats for f in fmt.split(","))
 
 
 def main_mkfs() -> int:
