@@ -106,6 +106,22 @@ def test_hard_mode_wipes_at_once_despite_leases():
     assert kr.secret_for(ident, 257) == KEY
 
 
+async def test_hard_removal_under_a_busy_file_says_the_key_is_wiped_in_one_line(tmp_path):
+    """xfs_io's "but files still busy" alone read as soft removal's promise that busy files keep
+    working; under hard removal their dirty data is lost at writeout."""
+    path = str(tmp_path / "h.img")
+    await blockemu.mkfs(path, size="32M")
+    async with blockemu.mount(path, interval=3600, key_removal="hard") as fs:
+        await encrypted_dir(fs, "/d")
+        f = await fs.open("/d/f", "w")
+        await f.write(b"x" * 10000)
+        r = await fs.remove_key(KID)
+        assert str(r) == (f"Removed encryption key with identifier {KID}, but files still busy; hard removal wiped "
+                          "the key under them: their writes can no longer reach the disk")
+        with ErrnoCheck(errno.ENOKEY):
+            await f.close()  # as it says: the dirty data did not reach the disk
+
+
 @pytest.mark.parametrize("mode", ["sync", "deny-writes"])
 def test_wiping_modes_write_back_before_they_wipe(mode):
     """The table orders the steps: the secret is zeroed only after the write back, leases or not."""

@@ -142,12 +142,18 @@ class RemovalResult:
     identifier: str
     files_busy: bool = False
     other_users: bool = False
+    wiped_by: str | None = None  # the removal mode that wiped the secret under busy files
 
     def __str__(self) -> str:
+        """xfs_io's text; when a wiping mode left busy files holding a dead key, one clause more:
+        xfs_io's "but files still busy" alone reads as soft removal's promise that they keep
+        working, the opposite of what hard removal does to their dirty data."""
         if self.other_users:
             return f"Removed user's claim to encryption key with identifier {self.identifier}"
         busy = ", but files still busy" if self.files_busy else ""
-        return f"Removed encryption key with identifier {self.identifier}{busy}"
+        wiped = (f"; {self.wiped_by} removal wiped the key under them: their writes can no longer reach the disk"
+                 if self.wiped_by else "")
+        return f"Removed encryption key with identifier {self.identifier}{busy}{wiped}"
 
 
 @dataclass(frozen=True)
@@ -288,7 +294,8 @@ class Keyring:
             raise AssertionError(f"keyring: {step} is the filesystem's step")
 
     def removal_result(self, mk: MasterKey) -> RemovalResult:
-        return RemovalResult(mk.identifier.hex(), files_busy=bool(mk.leases))
+        return RemovalResult(mk.identifier.hex(), files_busy=bool(mk.leases),
+                             wiped_by=self.mode if mk.state is St.WIPED else None)
 
     def key_status(self, key_id: str | bytes, user: int = 0) -> KeyStatus:
         mk = self.keys.get(parse_identifier(key_id))
