@@ -72,16 +72,19 @@ async def seal(sealer: Sealer, arena: Arena, i: int) -> None:
         assert (bytes(ciphertext), sums) == expected, f"run {i} sealed wrong"
 
 
-def on_send(monkeypatch, action: Callable[[_Worker, int], None]) -> list[int]:
-    """Call ``action(worker, n)`` as the n-th request (from 1) goes to ``worker``; returns
-    the pid each request went to."""
+def on_send(monkeypatch, action: Callable[[_Worker, int], None], before: bool = False) -> list[int]:
+    """Call ``action(worker, n)`` as the n-th request (from 1) goes to ``worker``: just after
+    it is in the pipe, or with ``before`` just before; returns the pid each request went to."""
     real = _Worker.send
     sent: list[int] = []
 
     def send(self: _Worker, *args):
         sent.append(self.proc.pid)
+        if before:
+            action(self, len(sent))
         fut = real(self, *args)
-        action(self, len(sent))
+        if not before:
+            action(self, len(sent))
         return fut
 
     monkeypatch.setattr(_Worker, "send", send)
@@ -89,8 +92,10 @@ def on_send(monkeypatch, action: Callable[[_Worker, int], None]) -> list[int]:
 
 
 def stop_first(stopped: list[_Worker]) -> Callable[[_Worker, int], None]:
-    """An action: SIGSTOP the worker the first request goes to. The signal is pending
-    before the worker can answer, so that request stays in flight until we act."""
+    """An action before the send (``on_send(..., before=True)``): SIGSTOP the worker the first
+    request goes to. The worker is stopped before the request reaches its pipe, so it stays in
+    flight until we act; stopped just after the send, an idle worker on the other core could
+    answer first (the test then saw a killed worker's request succeed)."""
     def action(worker: _Worker, n: int) -> None:
         if n == 1:
             os.kill(worker.proc.pid, signal.SIGSTOP)
@@ -110,7 +115,7 @@ def reaped(pid: int) -> bool:
 async def test_a_killed_worker_fails_its_requests_with_eio_and_is_replaced(pool, arena, monkeypatch):
     sealer = await pool()
     stopped: list[_Worker] = []
-    on_send(monkeypatch, stop_first(stopped))
+    on_send(monkeypatch, stop_first(stopped), before=True)
     inflight = asyncio.create_task(seal(sealer, arena, 1))
     while not stopped:
         await asyncio.sleep(0)
@@ -135,10 +140,9 @@ async def test_a_hung_worker_misses_its_deadline_and_is_replaced(pool, arena, mo
     def stop_with_short_deadline(worker: _Worker, n: int) -> None:
         stop(worker, n)
         if n == 1:
-            worker.timeout = 0.3
-            worker._arm()  # (the request went out under the default deadline)
+            worker.timeout = 0.3  # the send arms the deadline
 
-    on_send(monkeypatch, stop_with_short_deadline)
+    on_send(monkeypatch, stop_with_short_deadline, before=True)
     with pytest.raises(OSError) as caught:
         await seal(sealer, arena, 1)
     victim = stopped[0].proc.pid
@@ -194,7 +198,7 @@ async def test_a_cancelled_seal_keeps_its_slot_until_the_worker_answers(pool, ar
 async def test_close_kills_a_stopped_worker_within_its_timeout(pool, arena, monkeypatch):
     sealer = await pool(close_timeout=0.5)
     stopped: list[_Worker] = []
-    on_send(monkeypatch, stop_first(stopped))
+    on_send(monkeypatch, stop_first(stopped), before=True)
     inflight = asyncio.create_task(seal(sealer, arena, 1))
     while not stopped:
         await asyncio.sleep(0)
