@@ -396,10 +396,8 @@ class Writeback:
             if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
                 raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
             async with fs.vol.join() as engine:
-                keep, placed = engine.data_keep(), []
+                placed = engine.allocator.alloc_many([len(data) for data, _ in sealed], keep=engine.data_keep())
                 try:
-                    for data, _ in sealed:
-                        placed.append(engine.allocator.alloc(len(data), keep=keep))
                     await fs.vol.device.writev(list(zip(placed, (data for data, _ in sealed))))
                 except BaseException:
                     for bytenr, (data, _) in zip(placed, sealed):
