@@ -66,9 +66,8 @@ def file_mappings(fs: BTree | TreeBatch, ino: int, start: int, end: int) -> Iter
     """EXTENT_DATA items of ``ino`` overlapping [start, end), in file order."""
     for key, body in fs.floor_items((ino, S.EXTENT_DATA, start), (ino, S.EXTENT_DATA, 0),
                                     (ino, S.EXTENT_DATA, max(end - 1, 0))):
-        fe = FileExtent.unpack(body)
-        if key[2] + fe.num_bytes > start and key[2] < end:
-            yield Mapping(key[2], fe)
+        if key[2] < end and FileExtent.end_in_file(key[2], body) > start:
+            yield Mapping(key[2], FileExtent.unpack(body))
 
 
 class Extents:

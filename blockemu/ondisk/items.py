@@ -184,6 +184,9 @@ class ExtentContext(NamedTuple):
     nonce: bytes
 
 
+_FE_NUM_BYTES = struct.Struct("<Q")  # FileExtentItem's last field
+
+
 class FileExtent(NamedTuple):
     generation: int
     ram_bytes: int
@@ -202,6 +205,14 @@ class FileExtent(NamedTuple):
         if self.context is None:
             return head
         return head + fast.EXTENT_ENCRYPTION_CONTEXT.pack(*self.context)
+
+    @staticmethod
+    def end_in_file(offset: int, body: bytes) -> int:
+        """Where the item at file ``offset`` ends (offset + num_bytes), read without decoding the
+        rest: mapping a new extent looks at the item before it, which mostly ends before it."""
+        if len(body) < fast.FILE_EXTENT_ITEM.size:
+            raise CorruptionError("file extent: truncated", "BAD_ITEM")
+        return offset + _FE_NUM_BYTES.unpack_from(body, fast.FILE_EXTENT_ITEM.size - _FE_NUM_BYTES.size)[0]
 
     @classmethod
     def unpack(cls, body: bytes) -> "FileExtent":
