@@ -18,7 +18,7 @@ in one pass, so a leaf touched by many of them is reached and copied once.
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 from blockemu.engine.batch import TreeBatch
 from blockemu.engine.btree import BTree, max_item_size
@@ -62,12 +62,12 @@ class NewExtent(NamedTuple):
     digests: bytes
 
 
-def file_mappings(fs: BTree | TreeBatch, ino: int, start: int, end: int) -> Iterator[Mapping]:
+def file_mappings(fs: BTree | TreeBatch, ino: int, start: int, end: int) -> list[Mapping]:
     """EXTENT_DATA items of ``ino`` overlapping [start, end), in file order."""
-    for key, body in fs.floor_items((ino, S.EXTENT_DATA, start), (ino, S.EXTENT_DATA, 0),
-                                    (ino, S.EXTENT_DATA, max(end - 1, 0))):
-        if key[2] < end and FileExtent.end_in_file(key[2], body) > start:
-            yield Mapping(key[2], FileExtent.unpack(body))
+    return [Mapping(key[2], FileExtent.unpack(body))
+            for key, body in fs.floor_items((ino, S.EXTENT_DATA, start), (ino, S.EXTENT_DATA, 0),
+                                            (ino, S.EXTENT_DATA, max(end - 1, 0)))
+            if key[2] < end and FileExtent.end_in_file(key[2], body) > start]
 
 
 class Extents:
@@ -84,7 +84,7 @@ class Extents:
 
     # ------------------------------------------------------------------ reading
 
-    def mappings(self, ino: int, start: int = 0, end: int = (1 << 64) - 1) -> Iterator[Mapping]:
+    def mappings(self, ino: int, start: int = 0, end: int = (1 << 64) - 1) -> list[Mapping]:
         """EXTENT_DATA items of ``ino`` overlapping [start, end), in file order."""
         return file_mappings(self.fs, ino, start, end)
 
@@ -219,7 +219,7 @@ class ExtentBatch:
     def _unmap(self, ino: int, start: int, end: int) -> int:
         """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0)."""
         freed = 0
-        for m in list(file_mappings(self.fs, ino, start, end)):
+        for m in file_mappings(self.fs, ino, start, end):
             fe = m.extent
             ref_offset = m.file_offset - fe.offset
             keep_left, keep_right = start > m.file_offset, end < m.end
