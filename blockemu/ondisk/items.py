@@ -201,10 +201,9 @@ class FileExtent(NamedTuple):
     context: ExtentContext | None = None
 
     def pack(self) -> bytes:
-        head = fast.FILE_EXTENT_ITEM.pack(*self[:10])
         if self.context is None:
-            return head
-        return head + fast.EXTENT_ENCRYPTION_CONTEXT.pack(*self.context)
+            return fast.FILE_EXTENT_ITEM.pack(*self[:10])
+        return _ENCRYPTED_FILE_EXTENT.pack(*self[:10], *self.context)
 
     @staticmethod
     def end_in_file(offset: int, body: bytes) -> int:
@@ -246,6 +245,11 @@ class ExtentItem(NamedTuple):
     refs: tuple[tuple, ...]
 
     def pack(self) -> bytes:
+        if len(self.refs) == 1:  # what every writer makes (a tree block's, a new data extent's): one call
+            ref = self.refs[0]
+            if ref[0] == "tree":
+                return _ONE_TREE_REF.pack(self.refs_count, self.generation, self.flags, TREE_BLOCK_REF, ref[1])
+            return _ONE_DATA_REF.pack(self.refs_count, self.generation, self.flags, EXTENT_DATA_REF, *ref[1:])
         out = bytearray(fast.EXTENT_ITEM.pack(self.refs_count, self.generation, self.flags))
         for ref in self.refs:
             if ref[0] == "tree":
