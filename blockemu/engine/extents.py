@@ -204,7 +204,7 @@ class ExtentBatch:
     def _drop_csums(self, bytenr: int, length: int) -> None:
         lo = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr)
         hi = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + length - 1)
-        for key in [k for k, _ in self.csum.items(lo, hi)]:
+        for key, _ in self.csum.floor_items(lo, lo, hi):  # one descent: the items in [lo, hi]
             self.csum.drop(key)
 
     # ------------------------------------------------------------------ changing a file
