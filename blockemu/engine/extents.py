@@ -18,7 +18,7 @@ in one pass, so a leaf touched by many of them is reached and copied once.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 from blockemu.engine.batch import TreeBatch
 from blockemu.engine.btree import BTree, max_item_size
@@ -84,9 +84,9 @@ class Extents:
 
     # ------------------------------------------------------------------ reading
 
-    def mappings(self, ino: int, start: int = 0, end: int = (1 << 64) - 1) -> list[Mapping]:
+    def mappings(self, ino: int, start: int = 0, end: int = (1 << 64) - 1) -> Iterator[Mapping]:
         """EXTENT_DATA items of ``ino`` overlapping [start, end), in file order."""
-        return file_mappings(self.fs, ino, start, end)
+        return iter(file_mappings(self.fs, ino, start, end))
 
     def sector_csums(self, bytenr: int, length: int) -> bytes:
         """The checksums of the sectors of [bytenr, +length), concatenated, from one descent of
