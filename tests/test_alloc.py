@@ -75,3 +75,42 @@ def test_alloc_is_contiguous_for_consecutive_requests_and_fails_cleanly():
         raise AssertionError("fragmented space satisfied a too-large request")
     except NoSpaceError as e:
         assert e.errno == 28
+
+
+def _fragmented(ops: list[tuple[int, int]]) -> Allocator:
+    """An allocator over 64 sectors with holes: ``ops`` allocate (n > 0) or release a live extent."""
+    a = Allocator([(0, TOTAL * S)], nodesize=2 * S)
+    live: list[tuple[int, int]] = []
+    for n, pick in ops:
+        if n > 0:
+            try:
+                live.append((a.alloc(n * S), n * S))
+            except NoSpaceError:
+                pass
+        elif live:
+            a.release(*live.pop(pick % len(live)))
+    return a
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.integers(-3, 6), st.integers(0, 100)), max_size=30),
+       st.lists(st.integers(1, 6), min_size=1, max_size=12), st.integers(0, 8))
+def test_alloc_many_places_as_alloc_one_by_one(ops, pieces, keep):
+    """One call for a group of runs (an fsync's writeback) gives the places ``alloc`` would give
+    each run in turn and leaves the same free extents, room and cursor; if a piece does not fit,
+    it raises as that ``alloc`` would, with nothing taken."""
+    one, many = _fragmented(ops), _fragmented(ops)
+    before = dict(many.free)
+    lengths = [n * S for n in pieces]
+    try:
+        expected = [one.alloc(length, keep=keep) for length in lengths]
+    except NoSpaceError:
+        expected = None
+    try:
+        got = many.alloc_many(lengths, keep=keep)
+    except NoSpaceError:
+        assert expected is None, "alloc_many refused what alloc placed"
+        assert dict(many.free) == before and many.node_room == sum(n // many.nodesize for n in before.values())
+        return
+    assert got == expected
+    assert dict(many.free) == dict(one.free) and many.node_room == one.node_room and many.cursor == one.cursor

@@ -67,14 +67,14 @@ async def read_back(image: str) -> bytes:
             return await f.pread(8 * MIB, 0)
 
 
-def writev_spy(monkeypatch, writevs: list[int]):
-    """Counts the extents each device writev carries (and calls the real one)."""
+def writev_spy(monkeypatch, writevs: list[tuple[int, int]]):
+    """Counts the writes and pages each device writev carries (and calls the real one)."""
 
     def spy(fs):
         real_writev = fs.vol.device.writev
 
         async def counting_writev(writes, **kw):
-            writevs.append(len(writes))
+            writevs.append((len(writes), sum(len(data) for _, data in writes) // PAGE))
             return await real_writev(writes, **kw)
 
         monkeypatch.setattr(fs.vol.device, "writev", counting_writev)
@@ -83,10 +83,11 @@ def writev_spy(monkeypatch, writevs: list[int]):
 
 
 async def test_small_runs_of_a_flush_are_one_batch(image, monkeypatch):
-    """32 scattered pages: one device writev of 32 extents and one ``apply`` per tree changed
-    (fs, extent, csum), instead of a writev and a dozen root-to-leaf descents per run; the
-    file is the same after a remount and fsck finds nothing."""
-    writevs: list[int] = []
+    """32 scattered pages: one device writev of 32 extents, placed one after another and so
+    one write, and one ``apply`` per tree changed (fs, extent, csum), instead of a writev and a
+    dozen root-to-leaf descents per run; the file is the same after a remount and fsck finds
+    nothing."""
+    writevs: list[tuple[int, int]] = []
     applies: dict[int, int] = {}
     real_apply, real_prepare = BTree.apply, Engine.prepare_commit
     committing = False
@@ -112,7 +113,7 @@ async def test_small_runs_of_a_flush_are_one_batch(image, monkeypatch):
         monkeypatch.setattr(Engine, "prepare_commit", prepare_commit)
 
     want, lost = await scattered_writes(image, spy=spy)
-    assert writevs[0] == 32  # then the commit's writes (tree blocks, superblock mirrors)
+    assert writevs[0] == (1, 32)  # then the commit's writes (tree blocks, superblock mirrors)
     assert applies == {5: 1, 2: 1, 7: 1, S.TREE_LOG_OBJECTID: 1}  # and the fsync's one pass over its log
     assert lost == 0
     assert await read_back(image) == want
@@ -122,10 +123,10 @@ async def test_small_runs_of_a_flush_are_one_batch(image, monkeypatch):
 async def test_a_failed_batch_falls_back_to_the_runs(image, monkeypatch):
     """The batch's writev fails (EIO where its 5th extent lands): no tree changed, so each run
     is written again on its own, at new places -- none is lost, the file reads back whole."""
-    writevs: list[int] = []
+    writevs: list[tuple[int, int]] = []
     faults = FaultPlan(eio=[(4 * PAGE, 5 * PAGE, "w")])
     want, lost = await scattered_writes(image, faults=faults, spy=writev_spy(monkeypatch, writevs))
-    assert writevs[:33] == [32] + [1] * 32  # the batch, then each run on its own
+    assert writevs[:33] == [(1, 32)] + [(1, 1)] * 32  # the batch, then each run on its own
     assert lost == 0
     assert await read_back(image) == want
     assert_fsck_clean(image)

@@ -112,6 +112,42 @@ class Allocator:
                 return s
         raise no_space(length, self.free_bytes(), self.largest(), keep * ns)
 
+    def alloc_many(self, lengths: list[int], *, keep: int = 0) -> list[int]:
+        """``alloc`` of each length in turn -- the same places, the same free extents left -- with
+        the free extent the last piece came from held out of the map while the next pieces are
+        carved from its head: an fsync's writeback places dozens of small runs at once, nearly
+        always from one free extent, and each ``alloc`` popped and put back its remainder in the
+        sorted map. All or nothing: a piece that does not fit gives back those placed before it."""
+        out: list[int] = []
+        held_at = held = 0  # a free extent [held_at, +held), out of the map, carved from its head
+        ns = self.nodesize
+        try:
+            for length in lengths:
+                # the test ``alloc`` makes for this extent, whose room node_room does not count now
+                if held >= length > 0 and length % SECTOR == 0 and (not keep or self.node_room + (held - length) // ns >= keep):
+                    out.append(held_at)
+                    held_at, held = held_at + length, held - length
+                    self.cursor = held_at
+                    continue
+                if held:
+                    self._put(held_at, held)
+                    held = 0
+                out.append(self.alloc(length, keep=keep))
+                held_at = out[-1] + length
+                if held_at in self.free:
+                    held = self._pop(held_at)
+        except BaseException:
+            if held:
+                self._put(held_at, held)
+                held = 0
+            for start, length in zip(out, lengths):
+                self.release(start, length)
+            raise
+        finally:
+            if held:
+                self._put(held_at, held)
+        return out
+
     def _put(self, start: int, length: int) -> None:
         self.free[start] = length
         self.node_room += length // self.nodesize

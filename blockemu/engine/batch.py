@@ -13,7 +13,6 @@ half way (a corrupt back reference) leaves the tree as it was.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from itertools import chain
 from typing import Iterator
 
 from blockemu.engine.btree import MAX_KEY, MIN_KEY, BTree, KeyT
@@ -76,18 +75,17 @@ class TreeBatch:
             return staged, self.changes[staged]
         return next(self.items(lo, key, reverse=True), None)
 
-    def floor_items(self, key: KeyT, lo: KeyT, hi: KeyT) -> Iterator[tuple[KeyT, bytes]]:
+    def floor_items(self, key: KeyT, lo: KeyT, hi: KeyT) -> list[tuple[KeyT, bytes]]:
         """``BTree.floor_items`` with the staged changes over it. The tree's answer stands when
         nothing is staged from its floor (or from ``lo``, if it has none) to ``hi``: a staged key
         below the tree's floor cannot be the floor, and none above it changes the range.
         Otherwise the staged view's floor, then its items."""
         base = self.tree.floor_items(key, lo, hi)
-        first = next(base, None)
-        start = first[0] if first is not None and first[0] <= key else lo
+        start = base[0][0] if base and base[0][0] <= key else lo
         if not self._staged_in(start, hi):
-            return base if first is None else chain((first,), base)
+            return base
         found = self.last_at_or_before(key, lo)
-        return self.items(found[0] if found is not None else key, hi)
+        return list(self.items(found[0] if found is not None else key, hi))
 
     def first_at_or_after(self, key: KeyT, hi: KeyT = MAX_KEY) -> tuple[KeyT, bytes] | None:
         found = self.tree.first_at_or_after(key, hi)

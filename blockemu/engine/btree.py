@@ -128,22 +128,24 @@ class BTree:
             return None
         return leaf.keys[i], leaf.values[i]
 
-    def floor_items(self, key: KeyT, lo: KeyT, hi: KeyT) -> Iterator[tuple[KeyT, bytes]]:
-        """``items(f, hi)``, where f is the last key <= ``key`` that is >= ``lo`` (``key`` if there
-        is none): a range plus the item reaching into it from before, which is what mapping a
-        file range asks, with one descent instead of two (``last_at_or_before``, then
-        ``items``) -- the leaf ``key`` falls in holds f, and usually the whole range. Do not
-        change the tree while iterating."""
+    def floor_items(self, key: KeyT, lo: KeyT, hi: KeyT) -> list[tuple[KeyT, bytes]]:
+        """``list(items(f, hi))``, where f is the last key <= ``key`` that is >= ``lo`` (``key`` if
+        there is none): a range plus the item reaching into it from before, which is what mapping
+        a file range asks, with one descent instead of two (``last_at_or_before``, then
+        ``items``) -- the leaf ``key`` falls in holds f, and usually the whole range. A list, not
+        an iterator: writeback asks this once per new extent, and a generator's frames cost more
+        than the one or two items it yields."""
         leaf = self._leaf_for(key)
         keys = leaf.keys
         i = bisect_right(keys, key) - 1
         if i < 0 or keys[i] < lo:
             i += 1
         j = bisect_right(keys, hi, i)
-        yield from zip(keys[i:j], leaf.values[i:j])
+        found = list(zip(keys[i:j], leaf.values[i:j]))
         if j == len(keys) and keys and keys[-1] < hi:  # the range goes on past this leaf
             last = keys[-1]
-            yield from (item for item in self.items(last, hi) if item[0] != last)
+            found += (item for item in self.items(last, hi) if item[0] != last)
+        return found
 
     def first_at_or_after(self, key: KeyT, hi: KeyT = MAX_KEY) -> tuple[KeyT, bytes] | None:
         leaf = self._leaf_for(key)

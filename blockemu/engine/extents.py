@@ -62,13 +62,12 @@ class NewExtent(NamedTuple):
     digests: bytes
 
 
-def file_mappings(fs: BTree | TreeBatch, ino: int, start: int, end: int) -> Iterator[Mapping]:
+def file_mappings(fs: BTree | TreeBatch, ino: int, start: int, end: int) -> list[Mapping]:
     """EXTENT_DATA items of ``ino`` overlapping [start, end), in file order."""
-    for key, body in fs.floor_items((ino, S.EXTENT_DATA, start), (ino, S.EXTENT_DATA, 0),
-                                    (ino, S.EXTENT_DATA, max(end - 1, 0))):
-        fe = FileExtent.unpack(body)
-        if key[2] + fe.num_bytes > start and key[2] < end:
-            yield Mapping(key[2], fe)
+    return [Mapping(key[2], FileExtent.unpack(body))
+            for key, body in fs.floor_items((ino, S.EXTENT_DATA, start), (ino, S.EXTENT_DATA, 0),
+                                            (ino, S.EXTENT_DATA, max(end - 1, 0)))
+            if key[2] < end and FileExtent.end_in_file(key[2], body) > start]
 
 
 class Extents:
@@ -87,7 +86,7 @@ class Extents:
 
     def mappings(self, ino: int, start: int = 0, end: int = (1 << 64) - 1) -> Iterator[Mapping]:
         """EXTENT_DATA items of ``ino`` overlapping [start, end), in file order."""
-        return file_mappings(self.fs, ino, start, end)
+        return iter(file_mappings(self.fs, ino, start, end))
 
     def sector_csums(self, bytenr: int, length: int) -> bytes:
         """The checksums of the sectors of [bytenr, +length), concatenated, from one descent of
@@ -205,7 +204,7 @@ class ExtentBatch:
     def _drop_csums(self, bytenr: int, length: int) -> None:
         lo = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr)
         hi = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + length - 1)
-        for key in [k for k, _ in self.csum.items(lo, hi)]:
+        for key, _ in self.csum.floor_items(lo, lo, hi):  # one descent: the items in [lo, hi]
             self.csum.drop(key)
 
     # ------------------------------------------------------------------ changing a file
@@ -220,7 +219,7 @@ class ExtentBatch:
     def _unmap(self, ino: int, start: int, end: int) -> int:
         """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0)."""
         freed = 0
-        for m in list(file_mappings(self.fs, ino, start, end)):
+        for m in file_mappings(self.fs, ino, start, end):
             fe = m.extent
             ref_offset = m.file_offset - fe.offset
             keep_left, keep_right = start > m.file_offset, end < m.end

@@ -116,6 +116,20 @@ def arena_frames(dirty_limit: int, *, device_cache: int, clean_limit: int, max_e
     return max(rest, 4 * max_extent) // PAGE
 
 
+def joined(writes: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """Writes that continue one another as one write: a batch's extents are placed one after
+    another (``Allocator.alloc_many``), and the device spends as much per write as per byte
+    of a small one -- as the block layer merges contiguous bios into one request."""
+    spans: list[tuple[int, list[bytes]]] = []
+    end = -1
+    for offset, data in writes:
+        if offset != end:
+            spans.append((offset, []))
+        spans[-1][1].append(data)
+        end = offset + len(data)
+    return [(offset, parts[0] if len(parts) == 1 else b"".join(parts)) for offset, parts in spans]
+
+
 class Writeback:
     def __init__(
         self,
@@ -396,11 +410,9 @@ class Writeback:
             if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
                 raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
             async with fs.vol.join() as engine:
-                keep, placed = engine.data_keep(), []
+                placed = engine.allocator.alloc_many([len(data) for data, _ in sealed], keep=engine.data_keep())
                 try:
-                    for data, _ in sealed:
-                        placed.append(engine.allocator.alloc(len(data), keep=keep))
-                    await fs.vol.device.writev(list(zip(placed, (data for data, _ in sealed))))
+                    await fs.vol.device.writev(joined(list(zip(placed, (data for data, _ in sealed)))))
                 except BaseException:
                     for bytenr, (data, _) in zip(placed, sealed):
                         engine.allocator.release(bytenr, len(data))  # referenced by nothing, durable nowhere

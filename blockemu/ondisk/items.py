@@ -184,6 +184,9 @@ class ExtentContext(NamedTuple):
     nonce: bytes
 
 
+_FE_NUM_BYTES = struct.Struct("<Q")  # FileExtentItem's last field
+
+
 class FileExtent(NamedTuple):
     generation: int
     ram_bytes: int
@@ -198,10 +201,17 @@ class FileExtent(NamedTuple):
     context: ExtentContext | None = None
 
     def pack(self) -> bytes:
-        head = fast.FILE_EXTENT_ITEM.pack(*self[:10])
         if self.context is None:
-            return head
-        return head + fast.EXTENT_ENCRYPTION_CONTEXT.pack(*self.context)
+            return fast.FILE_EXTENT_ITEM.pack(*self[:10])
+        return _ENCRYPTED_FILE_EXTENT.pack(*self[:10], *self.context)
+
+    @staticmethod
+    def end_in_file(offset: int, body: bytes) -> int:
+        """Where the item at file ``offset`` ends (offset + num_bytes), read without decoding the
+        rest: mapping a new extent looks at the item before it, which mostly ends before it."""
+        if len(body) < fast.FILE_EXTENT_ITEM.size:
+            raise CorruptionError("file extent: truncated", "BAD_ITEM")
+        return offset + _FE_NUM_BYTES.unpack_from(body, fast.FILE_EXTENT_ITEM.size - _FE_NUM_BYTES.size)[0]
 
     @classmethod
     def unpack(cls, body: bytes) -> "FileExtent":
@@ -235,6 +245,11 @@ class ExtentItem(NamedTuple):
     refs: tuple[tuple, ...]
 
     def pack(self) -> bytes:
+        if len(self.refs) == 1:  # what every writer makes (a tree block's, a new data extent's): one call
+            ref = self.refs[0]
+            if ref[0] == "tree":
+                return _ONE_TREE_REF.pack(self.refs_count, self.generation, self.flags, TREE_BLOCK_REF, ref[1])
+            return _ONE_DATA_REF.pack(self.refs_count, self.generation, self.flags, EXTENT_DATA_REF, *ref[1:])
         out = bytearray(fast.EXTENT_ITEM.pack(self.refs_count, self.generation, self.flags))
         for ref in self.refs:
             if ref[0] == "tree":
