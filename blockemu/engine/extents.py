@@ -115,11 +115,14 @@ class Extents:
         batch.apply()
         return delta
 
-    def add_extents(self, ino: int, extents: Sequence[NewExtent]) -> int:
-        """Map each new extent (written by the caller) into the file, in one batch; returns the
-        change in nbytes."""
+    def add_extents(self, extents: Sequence[tuple[int, NewExtent]]) -> dict[int, int]:
+        """Map each new extent (written by the caller) into its file (the inode number it comes
+        with), in one batch: several files' extents share the passes over the trees. Returns
+        each file's change in nbytes."""
         batch = ExtentBatch(self)
-        delta = sum(batch.add_extent(ino, e) for e in extents)
+        delta: dict[int, int] = {}
+        for ino, e in extents:
+            delta[ino] = delta.get(ino, 0) + batch.add_extent(ino, e)
         batch.apply()
         return delta
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -56,6 +57,9 @@ class Inode(Protocol):
     wb_error: OSError | None
     lost_bytes: int
     epoch: int  # bumped when writeback changes the extent mappings (see Filesystem._fill)
+
+
+Piece = tuple[Inode, Run]  # a run taken for writeback, and the inode whose pages it holds
 
 
 class Turn:
@@ -239,99 +243,118 @@ class Writeback:
             self.kick()
 
     async def flush_all(self) -> None:
-        """Every dirty inode at once, so their small extents seal in shared batches -- and every
-        inode another flush holds (its ``wb_lock``): the runs it took are no longer dirty but not
-        yet in the trees, and a sync that did not wait for them would commit without them."""
-        await asyncio.gather(*(self.flush_inode(i) for i in list(self.fs.inodes.values())
-                               if i.pages.dirty or i.wb_lock.locked()))
+        """Every dirty inode at once, in one pipeline: small runs of different files share seal
+        batches, one allocation pass, one device writev and one pass over each tree (a sync
+        after writes to a dozen small files paid a dozen of each). Every inode another flush
+        holds is waited for too (its ``wb_lock``): the runs it took are no longer dirty but not
+        yet in the trees, and a sync that did not wait for them would commit without them.
+
+        The locks are taken in inode order: a flush holding one lock never waits for a lower
+        one, so two syncs (or a sync and an fsync) cannot wait for each other."""
+        inodes = sorted((i for i in list(self.fs.inodes.values()) if i.pages.dirty or i.wb_lock.locked()),
+                        key=lambda i: i.ino)
+        async with contextlib.AsyncExitStack() as held:
+            for inode in inodes:
+                await held.enter_async_context(inode.wb_lock)
+            await self._flush_locked(inodes)
 
     async def flush_inode(self, inode: Inode) -> None:
-        """Write back what is dirty now: its runs are taken at once (their dirty bits cleared;
-        a write landing meanwhile dirties a copy of its page, for the next flush) and written as
-        a pipeline, at most ``batch_pages`` worth in flight, so sealing never drains between
-        batches and memory stays bounded.
+        """Write back what is dirty in ``inode`` now (``_flush_locked``)."""
+        async with inode.wb_lock:
+            await self._flush_locked([inode])
+
+    async def _flush_locked(self, inodes: list[Inode]) -> None:
+        """Write back what is dirty in ``inodes`` (whose ``wb_lock`` the caller holds) now: their
+        runs are taken at once (their dirty bits cleared; a write landing meanwhile dirties a
+        copy of its page, for the next flush) and written as a pipeline, at most
+        ``batch_pages`` worth in flight, so sealing never drains between batches and memory
+        stays bounded.
 
         Cancelling it (a cancelled fsync) never drops dirty pages: runs taken and not yet
         started are dirty again, and runs in flight are waited for -- not cancelled half
         way, and never left running once the inode's ``wb_lock`` is free, where a later
         flush could write the same page's newer data before them."""
-        async with inode.wb_lock:
-            lanes = asyncio.Semaphore(max(1, self.batch_pages // self.max_pages))
+        lanes = asyncio.Semaphore(max(1, self.batch_pages // self.max_pages))
+        for inode in inodes:
             inode.inflight += 1
-            tasks: list[asyncio.Task] = []
-            groups = collections.deque(self._groups(self.cache.take_dirty(inode.pages, self.max_pages)))
-            before: asyncio.Event | None = None
+        tasks: list[asyncio.Task] = []
+        groups = collections.deque(self._groups([(inode, run) for inode in inodes
+                                                 for run in self.cache.take_dirty(inode.pages, self.max_pages)]))
+        before: asyncio.Event | None = None
+        try:
+            while groups:
+                await lanes.acquire()
+                group, turn = groups.popleft(), Turn(before)
+                before = turn.passed
+                tasks.append(asyncio.ensure_future(self._write_group(group, turn)))
+                tasks[-1].add_done_callback(lambda _t: lanes.release())
+        finally:
+            for inode, run in itertools.chain.from_iterable(groups):
+                self.cache.untake(inode.pages, run)
             try:
-                while groups:
-                    await lanes.acquire()
-                    group, turn = groups.popleft(), Turn(before)
-                    before = turn.passed
-                    tasks.append(asyncio.ensure_future(self._write_group(inode, group, turn)))
-                    tasks[-1].add_done_callback(lambda _t: lanes.release())
+                if await outlast_cancellation(tasks):
+                    raise asyncio.CancelledError
             finally:
-                for run in itertools.chain.from_iterable(groups):
-                    self.cache.untake(inode.pages, run)
-                try:
-                    if await outlast_cancellation(tasks):
-                        raise asyncio.CancelledError
-                finally:
+                for inode in inodes:
                     inode.inflight -= 1
-            for task in tasks:
-                task.result()
+        for task in tasks:
+            task.result()
+        for inode in inodes:
             self.fs.lock_if_idle(inode)
 
-    def _groups(self, runs: list[Run]) -> list[list[Run]]:
-        """Runs in the groups written together: neighbouring small runs (those sealed on a thread)
-        share one seal batch, one device writev and one pass over the trees, until the group is
-        as big as a run a worker would seal (or ``max_extent``), so that several groups still
-        fill the pipeline's lanes; a run big enough for a sealing worker goes on its own."""
-        groups: list[list[Run]] = []
+    def _groups(self, runs: list[Piece]) -> list[list[Piece]]:
+        """Runs in the groups written together: neighbouring small runs (those sealed on a thread),
+        of one file or several, share one seal batch, one device writev and one pass over the
+        trees, until the group is as big as a run a worker would seal (or ``max_extent``), so
+        that several groups still fill the pipeline's lanes; a run big enough for a sealing
+        worker goes on its own."""
+        groups: list[list[Piece]] = []
         pages = 0
-        for run in runs:
-            n = len(run.entries)
+        for piece in runs:
+            n = len(piece[1].entries)
             if self.sealer.pooled(n * PAGE) or not groups or pages + n > self.max_pages or self.sealer.pooled(pages * PAGE):
-                groups.append([run])
+                groups.append([piece])
                 pages = n
             else:
-                groups[-1].append(run)
+                groups[-1].append(piece)
                 pages += n
         return groups
 
-    async def _write_group(self, inode: Inode, runs: list[Run], turn: Turn) -> None:
+    async def _write_group(self, pieces: list[Piece], turn: Turn) -> None:
         try:
-            await self._write_group_in_turn(inode, runs, turn)
+            await self._write_group_in_turn(pieces, turn)
         finally:
             turn.passed.set()  # however it ended, the next group's placement need not wait for it
 
-    async def _write_group_in_turn(self, inode: Inode, runs: list[Run], turn: Turn) -> None:
+    async def _write_group_in_turn(self, pieces: list[Piece], turn: Turn) -> None:
         """Write a group of runs as one batch. If the batch fails (no room, no key, an I/O error)
         it has changed no tree, so each run is written again on its own, where a run that does
         not fit is split or waits for a commit, and a run that cannot be written is recorded as
-        lost: the batch is only the fast path."""
-        if len(runs) > 1:
+        lost on its inode: the batch is only the fast path."""
+        if len(pieces) > 1:
             try:
-                await self._write_batch(inode, runs, turn)
+                await self._write_batch(pieces, turn)
             except Exception as e:
-                if not isinstance(e, OSError):
-                    self._bug(f"writeback of inode {inode.ino}", e)  # the runs below then fail with EIO
+                if not isinstance(e, OSError):  # the runs below then fail with EIO
+                    self._bug(f"writeback of inode {', '.join(sorted({str(i.ino) for i, _ in pieces}))}", e)
             except BaseException:  # cancelled: the loss is recorded, the cancellation goes on
-                for run in runs:
+                for inode, run in pieces:
                     self._lose(inode, run, DeviceIOError("writeback interrupted"))
                     self.cache.written(inode.pages, run)
                 self._room.set()
                 raise
             else:
-                for run in runs:
+                for inode, run in pieces:
                     self.cache.written(inode.pages, run)
                 self._room.set()
                 return
-        for i, run in enumerate(runs):
+        for i, (inode, run) in enumerate(pieces):
             try:
                 await self._write_one(inode, run, turn)
             except BaseException:  # cancelled (_write_one has recorded its own run)
-                for rest in runs[i + 1 :]:
-                    self._lose(inode, rest, DeviceIOError("writeback interrupted"))
-                    self.cache.written(inode.pages, rest)
+                for other, rest in pieces[i + 1 :]:
+                    self._lose(other, rest, DeviceIOError("writeback interrupted"))
+                    self.cache.written(other.pages, rest)
                 raise
 
     async def _write_one(self, inode: Inode, run: Run, turn: Turn) -> None:
@@ -388,27 +411,27 @@ class Writeback:
         self.stats["lost_bytes"] += lost
         self.stats["errors"] += 1
 
-    async def _write_batch(self, inode: Inode, runs: list[Run], turn: Turn) -> None:
-        """Small runs sealed in one batch, each its own extent (its own nonce and key), placed
-        and written with one writev, then mapped with one pass over each tree (``add_extents``).
-        Raises before any tree changes if a run cannot be placed or written.
+    async def _write_batch(self, pieces: list[Piece], turn: Turn) -> None:
+        """Small runs (of one file or several) sealed in one batch, each its own extent (its own
+        nonce and key), placed and written with one writev, then mapped with one pass over each
+        tree (``add_extents``). Raises before any tree changes if a run cannot be placed or
+        written.
 
         The extent keys are derived in the sealing thread, from the secret and each run's nonce
         (``RunKey``), not here on the loop. A secret wiped meanwhile (hard removal) may have
         given a run a wrong key: the check after sealing refuses the batch then, as it refuses
         one whose secret went while it was being encrypted."""
         fs = self.fs
-        keys: list[RunKey] = [None] * len(runs)
-        nonces: list[bytes | None] = [None] * len(runs)
-        secret = None
-        if inode.key_id is not None:
-            secret = fs.keyring.secret_for(inode.key_id, inode.ino)
-            nonces = [os.urandom(fscrypt.NONCE_SIZE) for _ in runs]
-            keys = [(secret, nonce) for nonce in nonces]  # type: ignore[misc]
-        sealed = await self.sealer.seal_many([(k, run.entries) for k, run in zip(keys, runs)], fs.vol.sb.csum_type)
+        secrets = {inode.ino: (inode, fs.keyring.secret_for(inode.key_id, inode.ino))
+                   for inode, _ in pieces if inode.key_id is not None}
+        nonces = [None if inode.key_id is None else os.urandom(fscrypt.NONCE_SIZE) for inode, _ in pieces]
+        keys: list[RunKey] = [None if nonce is None else (secrets[inode.ino][1], nonce)
+                              for (inode, _), nonce in zip(pieces, nonces)]
+        sealed = await self.sealer.seal_many([(k, run.entries) for k, (_, run) in zip(keys, pieces)], fs.vol.sb.csum_type)
         async with turn:
-            if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
-                raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
+            for inode, secret in secrets.values():
+                if fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
+                    raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
             async with fs.vol.join() as engine:
                 placed = engine.allocator.alloc_many([len(data) for data, _ in sealed], keep=engine.data_keep())
                 try:
@@ -417,9 +440,9 @@ class Writeback:
                     for bytenr, (data, _) in zip(placed, sealed):
                         engine.allocator.release(bytenr, len(data))  # referenced by nothing, durable nowhere
                     raise
-                new = [NewExtent(run.first * PAGE, bytenr, len(data), len(data), self._context(inode, nonce), digests)
-                       for run, bytenr, (data, digests), nonce in zip(runs, placed, sealed, nonces)]
-                self._mapped(inode, new)
+                self._mapped([(inode, NewExtent(run.first * PAGE, bytenr, len(data), len(data),
+                                                self._context(inode, nonce), digests))
+                              for (inode, run), bytenr, (data, digests), nonce in zip(pieces, placed, sealed, nonces)])
 
     @staticmethod
     def _context(inode: Inode, nonce: bytes | None) -> ExtentContext | None:
@@ -427,17 +450,22 @@ class Writeback:
             return None
         return ExtentContext(1, S.CONTENTS_MODE_AES_256_XTS, 12, inode.key_id, nonce)
 
-    def _mapped(self, inode: Inode, new: list[NewExtent]) -> None:
-        """The new extents are written: map them into the file (inside the transaction)."""
+    def _mapped(self, new: list[tuple[Inode, NewExtent]]) -> None:
+        """The new extents are written: map them into their files (inside the transaction), all
+        in one pass over each tree, then save each file's inode item once."""
         fs = self.fs
-        delta = fs.extents.add_extents(inode.ino, new)
-        inode.epoch += 1  # a read that mapped the old extents discards what it read
-        inode.nbytes += delta
-        end = max(e.file_offset + e.length for e in new)
-        inode.disk_size = max(inode.disk_size, min(inode.size, end))
-        fs.save_inode(inode)
+        deltas = fs.extents.add_extents([(inode.ino, e) for inode, e in new])
+        ends: dict[int, tuple[Inode, int]] = {}
+        for inode, e in new:
+            end = ends.get(inode.ino, (inode, 0))[1]
+            ends[inode.ino] = (inode, max(end, e.file_offset + e.length))
+        for ino, (inode, end) in ends.items():
+            inode.epoch += 1  # a read that mapped the old extents discards what it read
+            inode.nbytes += deltas[ino]
+            inode.disk_size = max(inode.disk_size, min(inode.size, end))
+            fs.save_inode(inode)
         self.stats["extents"] += len(new)
-        self.stats["bytes"] += sum(e.length for e in new)
+        self.stats["bytes"] += sum(e.length for _, e in new)
 
     async def _write_run(self, inode: Inode, run: Run, turn: Turn) -> None:
         fs = self.fs
@@ -465,4 +493,4 @@ class Writeback:
                     except BaseException:
                         engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
                         raise
-                    self._mapped(inode, [NewExtent(file_offset, bytenr, length, length, self._context(inode, nonce), digests)])
+                    self._mapped([(inode, NewExtent(file_offset, bytenr, length, length, self._context(inode, nonce), digests))])
