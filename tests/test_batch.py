@@ -373,3 +373,46 @@ async def test_a_key_wiped_under_a_shared_batch_loses_only_its_own_files(image, 
             async with fs.open(path) as f:
                 assert await f.read() == data
     assert_fsck_clean(image)
+
+
+async def test_a_sync_writes_the_other_files_while_one_is_held_by_another_flush(image, monkeypatch):
+    """A sync finds one file's flush in progress (an fsync's, its sealing held here): the other
+    files go out meanwhile, as one batch, and the sync ends once the held flush has -- it waits
+    for no lock before writing what it can, and holds none while it waits."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        await fs.mkdir("/d")
+        a = await fs.open("/d/a", "w")  # the lowest inode number of the files
+        await a.write(os.urandom(PAGE + 1))
+        others = await small_files(fs, "/d", 3, random.Random(5))
+        sealer, wb = fs.writeback.sealer, fs.writeback
+        held, go, mapped = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        real_seal, real_mapped = sealer._seal_in_thread, wb._mapped
+
+        async def held_seal(*args):
+            held.set()
+            await go.wait()
+            return await real_seal(*args)
+
+        def noting_mapped(new):
+            real_mapped(new)
+            if {inode.ino for inode, _ in new} != {a.inode.ino}:
+                mapped.set()
+
+        monkeypatch.setattr(sealer, "_seal_in_thread", held_seal)
+        monkeypatch.setattr(wb, "_mapped", noting_mapped)
+        first = asyncio.ensure_future(wb.flush_inode(a.inode))
+        await held.wait()
+        monkeypatch.setattr(sealer, "_seal_in_thread", real_seal)
+        sync = asyncio.ensure_future(wb.flush_all())
+        await asyncio.wait_for(mapped.wait(), 10)  # the others, while /d/a's flush is held
+        assert not sync.done()
+        go.set()
+        await first
+        await sync
+        assert not a.inode.pages.dirty and a.inode.lost_bytes == 0
+        await a.close()
+    async with blockemu.mount(image, interval=3600) as fs:
+        for path, data in others.items():
+            async with fs.open(path) as f:
+                assert await f.read() == data
+    assert_fsck_clean(image)

@@ -246,13 +246,19 @@ class Writeback:
         """Every dirty inode at once, in one pipeline: small runs of different files share seal
         batches, one allocation pass, one device writev and one pass over each tree (a sync
         after writes to a dozen small files paid a dozen of each). Every inode another flush
-        holds is waited for too (its ``wb_lock``): the runs it took are no longer dirty but not
-        yet in the trees, and a sync that did not wait for them would commit without them.
-
-        The locks are taken in inode order: a flush holding one lock never waits for a lower
-        one, so two syncs (or a sync and an fsync) cannot wait for each other."""
+        holds (its ``wb_lock``) is flushed on its own once that flush is done -- meanwhile the
+        others are written: the runs it took are no longer dirty but not yet in the trees, and
+        a sync that did not wait for them would commit without them."""
         inodes = sorted((i for i in list(self.fs.inodes.values()) if i.pages.dirty or i.wb_lock.locked()),
                         key=lambda i: i.ino)
+        await asyncio.gather(self._flush_together([i for i in inodes if not i.wb_lock.locked()]),
+                             *(self.flush_inode(i) for i in inodes if i.wb_lock.locked()))
+
+    async def _flush_together(self, inodes: list[Inode]) -> None:
+        """Flush ``inodes`` in one pipeline. Their locks are taken in inode order (one taken by
+        another flush since it was found free is waited for): a flush holding a lock waits only
+        for a higher one, and ``flush_inode`` holds one lock, so no two flushes wait for each
+        other."""
         async with contextlib.AsyncExitStack() as held:
             for inode in inodes:
                 await held.enter_async_context(inode.wb_lock)
