@@ -295,6 +295,16 @@ async def small_files(fs, root: str, n: int, rng: random.Random) -> dict[str, by
     return files
 
 
+async def files_read_back(image: str, files: dict[str, bytes]) -> None:
+    """After a remount (the test key added) each file holds what was written; fsck clean."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        await fs.add_key(bytes(range(1, 65)))
+        for path, data in files.items():
+            async with fs.open(path) as f:
+                assert await f.read() == data
+    assert_fsck_clean(image)
+
+
 async def test_a_sync_writes_the_small_runs_of_many_files_as_one_batch(image, monkeypatch):
     """A sync after writes to eight small files (the stress mix's usual sync): their runs share
     one batch -- one device writev of eight extents and one pass over each tree -- where each
@@ -319,12 +329,7 @@ async def test_a_sync_writes_the_small_runs_of_many_files_as_one_batch(image, mo
         await fs.sync()
     assert writevs[0] == 8
     assert applies == {5: 1, 2: 1, 7: 1}
-    async with blockemu.mount(image, interval=3600) as fs:
-        await fs.add_key(bytes(range(1, 65)))
-        for path, data in files.items():
-            async with fs.open(path) as f:
-                assert await f.read() == data
-    assert_fsck_clean(image)
+    await files_read_back(image, files)
 
 
 async def test_a_key_wiped_under_a_shared_batch_loses_only_its_own_files(image, monkeypatch):
@@ -367,12 +372,7 @@ async def test_a_key_wiped_under_a_shared_batch_loses_only_its_own_files(image, 
             assert f.inode.lost_bytes > 0
             with ErrnoCheck(errno.ENOKEY):
                 await f.close()
-    async with blockemu.mount(image, interval=3600) as fs:
-        await fs.add_key(bytes(range(1, 65)))
-        for path, data in kept.items():
-            async with fs.open(path) as f:
-                assert await f.read() == data
-    assert_fsck_clean(image)
+    await files_read_back(image, kept)
 
 
 async def test_a_sync_writes_the_other_files_while_one_is_held_by_another_flush(image, monkeypatch):
@@ -411,8 +411,4 @@ async def test_a_sync_writes_the_other_files_while_one_is_held_by_another_flush(
         await sync
         assert not a.inode.pages.dirty and a.inode.lost_bytes == 0
         await a.close()
-    async with blockemu.mount(image, interval=3600) as fs:
-        for path, data in others.items():
-            async with fs.open(path) as f:
-                assert await f.read() == data
-    assert_fsck_clean(image)
+    await files_read_back(image, others)
