@@ -25,21 +25,32 @@ from tests.test_cli import run
 
 class SkipDataWrites:
     """The planted bug: writeback marks a run's pages clean without writing them (no device
-    write, no extent) -- while ``on`` and for the runs ``which`` selects. The pages stay in
-    the page cache, so a check that reads through it still sees the data."""
+    write, no extent) -- while ``on`` and for the runs ``which`` selects, whether written on
+    their own or in a batch (of one file's runs or several files'). The pages stay in the
+    page cache, so a check that reads through it still sees the data."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, which: Callable[[Run], bool] = lambda run: True) -> None:
         self.on = True
         self.skipped = 0
-        write_run = Writeback._write_run
+        write_run, write_batch = Writeback._write_run, Writeback._write_batch
 
-        async def planted(wb: Writeback, inode, run: Run, turn) -> None:
+        def skips(run: Run) -> bool:
             if self.on and which(run):
                 self.skipped += 1
-                return
-            await write_run(wb, inode, run, turn)
+                return True
+            return False
+
+        async def planted(wb: Writeback, inode, run: Run, turn) -> None:
+            if not skips(run):
+                await write_run(wb, inode, run, turn)
+
+        async def planted_batch(wb: Writeback, pieces, turn) -> None:
+            kept = [(inode, run) for inode, run in pieces if not skips(run)]
+            if kept:
+                await write_batch(wb, kept, turn)
 
         monkeypatch.setattr(Writeback, "_write_run", planted)
+        monkeypatch.setattr(Writeback, "_write_batch", planted_batch)
 
 
 def count_worker_seals(monkeypatch: pytest.MonkeyPatch) -> list[int]:
