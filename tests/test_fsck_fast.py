@@ -145,8 +145,8 @@ def test_the_fsck_command_of_a_plain_image_loads_no_cipher(plain):
 def test_key_order_is_what_lets_a_proof_trust_its_columns(plain, tmp_path):
     """Items out of key order (a tree the walk calls damaged) are never proved clean."""
     ck, _ = walked(plain.path)
-    pairs = ck.items[S.FS_TREE_OBJECTID]
-    pairs[1], pairs[2] = pairs[2], pairs[1]
+    for column in ck.keys[S.FS_TREE_OBJECTID], ck.bodies[S.FS_TREE_OBJECTID]:
+        column[1], column[2] = column[2], column[1]
     assert fsck_fast.columns(ck) is None
     assert fsck_fast.inodes_clean(None) is None and not fsck_fast.file_extents_clean(None, ck.data_extents)
 
@@ -232,7 +232,7 @@ def test_a_second_inode_item_of_a_directory_is_no_proof(plain, tmp_path):
     from blockemu.ondisk.items import DirEntry, InodeItem, pack_dir_entries, unpack_dir_entries
 
     ck, _ = walked(plain.path)
-    inodes = {k[0]: InodeItem.unpack(v) for k, v in ck.items[S.FS_TREE_OBJECTID] if k[1] == S.INODE_ITEM}
+    inodes = {k[0]: InodeItem.unpack(v) for k, v in ck.pairs(S.FS_TREE_OBJECTID) if k[1] == S.INODE_ITEM}
     d = next(ino for ino, item in sorted(inodes.items()) if ino != fsck_fast.ROOT_INO and stat.S_ISDIR(item.mode))
     as_file = inodes[d]._replace(mode=stat.S_IFREG | 0o644, nlink=1).pack()
 
@@ -255,7 +255,7 @@ def _triangle_edits(ck: Checker) -> dict[str, Callable]:
     the passes a proof stands for: ``edit(key, body) -> {key: body}`` as ``_edited`` applies."""
     from blockemu.ondisk.items import FileExtent, InodeItem, InodeRef, name_hash, pack_dir_entries, unpack_dir_entries
 
-    fs = dict(ck.items[S.FS_TREE_OBJECTID])
+    fs = dict(ck.pairs(S.FS_TREE_OBJECTID))
     inodes = {k[0]: InodeItem.unpack(v) for k, v in fs.items() if k[1] == S.INODE_ITEM}
     index = {k: unpack_dir_entries(v)[0] for k, v in fs.items() if k[1] == S.DIR_INDEX}
     big = max((k for k in fs if k[1] == S.EXTENT_DATA), key=lambda k: FileExtent.unpack(fs[k]).num_bytes)
@@ -352,7 +352,7 @@ def test_an_encoded_file_extent_is_a_bad_item_not_data(plain, tmp_path, field):
     by fsck with the proofs as without them."""
     from blockemu.ondisk.items import FileExtent
 
-    fs = dict(walked(plain.path)[0].items[S.FS_TREE_OBJECTID])
+    fs = dict(walked(plain.path)[0].pairs(S.FS_TREE_OBJECTID))
     key = next(k for k in fs if k[1] == S.EXTENT_DATA)
     fe = FileExtent.unpack(fs[key])
     with pytest.raises(CorruptionError, match="compression"):

@@ -97,11 +97,20 @@ class Checker:
         self.report = report
         self.progress = progress or (lambda n, p: None)
         self.blocks: dict[int, tuple[int, int]] = {}  # bytenr -> (owner, level) of every block found
-        self.items: dict[int, list[tuple[tuple[int, int, int], bytes]]] = {}
+        # each tree's items as two columns, keys and bodies, in the walk's order: the column
+        # proofs (fsck_fast) read them as they are; ``pairs`` zips them for a pass that walks
+        # item by item
+        self.keys: dict[int, list[tuple[int, int, int]]] = {}
+        self.bodies: dict[int, list[bytes]] = {}
+
+    def pairs(self, tid: int) -> list[tuple[tuple[int, int, int], bytes]]:
+        """The (key, body) of each item of tree ``tid`` the walk found."""
+        return list(zip(self.keys.get(tid, ()), self.bodies.get(tid, ())))
 
     def release(self) -> None:
         """Let go of the trees' items and what the passes built from them."""
-        self.items.clear()
+        self.keys.clear()
+        self.bodies.clear()
         self.blocks.clear()
         self.data_extents.clear()
 
@@ -165,7 +174,8 @@ class Checker:
             if block.level == 0:
                 if not block.keys and lo is not None:
                     self.error("BAD_TREE_BLOCK", f"tree block {bytenr}: empty leaf below a node", tid, bytenr)
-                self.items.setdefault(tid, []).extend(zip(block.keys, block.values))
+                self.keys.setdefault(tid, []).extend(block.keys)
+                self.bodies.setdefault(tid, []).extend(block.values)
                 self.report.stats["items"] = self.report.stats.get("items", 0) + len(block.keys)
                 continue
             for i in reversed(range(len(block.ptrs))):
@@ -198,7 +208,7 @@ class Checker:
         self.store = TreeStore(self.img.read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
                                transid=sb.generation + 1, cache_blocks=0)
         self.walk(self.store, S.ROOT_TREE_OBJECTID, sb.root, sb.root_level, sb.generation)
-        return dict(self.items.get(S.ROOT_TREE_OBJECTID, []))
+        return dict(self.pairs(S.ROOT_TREE_OBJECTID))
 
     def check_subtrees(self, sb: Any, roots: dict[tuple[int, int, int], bytes], trees: tuple[int, ...] = SUBTREES) -> None:
         for tid in trees:
@@ -225,8 +235,12 @@ class Checker:
         self.data_extents: dict[int, tuple[int, ExtentItem]] = {}
         recorded: dict[int, tuple[int, ExtentItem]] = {}
         extents: list[tuple[int, int, tuple]] = []
-        pairs = self.items.get(S.EXTENT_TREE_OBJECTID, [])
-        for (key, body), item in zip(pairs, unpack_extent_items([body for _, body in pairs])):
+        keys, bodies = self.keys.get(S.EXTENT_TREE_OBJECTID, []), self.bodies.get(S.EXTENT_TREE_OBJECTID, [])
+        decoded = unpack_extent_items(bodies)
+        sound = fsck_fast.extent_records(keys, decoded, sb.nodesize)
+        if sound is not None:
+            extents, recorded, self.data_extents = sound
+        for key, body, item in zip(keys, bodies, decoded) if sound is None else ():
             bytenr, typ, off = key
             if typ not in (S.METADATA_ITEM, S.EXTENT_ITEM):
                 self.error("UNKNOWN_KEY", f"unexpected item type {typ} in the extent tree", S.EXTENT_TREE_OBJECTID, key=key)
@@ -270,7 +284,7 @@ class Checker:
             if bytenr not in self.blocks:
                 self.error("EXTENT_REF_MISMATCH", f"METADATA_ITEM for block {bytenr}, which no tree references",
                            S.EXTENT_TREE_OBJECTID, bytenr, [bytenr, S.METADATA_ITEM, rlevel])
-        return [(s, n) for s, n, _ in extents]
+        return list(map(itemgetter(0, 1), extents))
 
     # ------------------------------------------------------------------ pass 4
 
@@ -278,7 +292,7 @@ class Checker:
         """Free extents + allocated extents tile the usable device exactly; bytes_used agrees."""
         self.progress(4, PHASES[3])
         free = []
-        for key, _ in self.items.get(S.FREE_SPACE_TREE_OBJECTID, []):
+        for key in self.keys.get(S.FREE_SPACE_TREE_OBJECTID, []):
             if key[1] != S.FREE_SPACE_EXTENT:
                 self.error("UNKNOWN_KEY", f"unexpected item type {key[1]} in the free-space tree", S.FREE_SPACE_TREE_OBJECTID, key=key)
                 continue
@@ -363,7 +377,7 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         split = SUBTREES.index(S.FS_TREE_OBJECTID) + 1  # the trees up to the fs tree, then the rest
         ck.check_subtrees(sb, roots, SUBTREES[:split])
         if parallel is None:
-            parallel = len(ck.items.get(S.FS_TREE_OBJECTID, ())) >= PARALLEL_ITEMS and second_core() and alone()
+            parallel = len(ck.keys.get(S.FS_TREE_OBJECTID, ())) >= PARALLEL_ITEMS and second_core() and alone()
         parallel = parallel and CAN_FORK
         cols = fsck_fast.columns(ck)  # here, for both processes
         with Forked(lambda: fs_findings(ck, sb, key, cols)) if parallel else nullcontext() as side:

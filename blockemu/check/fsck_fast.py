@@ -42,15 +42,14 @@ def columns(ck: "Checker") -> Columns | None:
     """The fs tree's items as (keys, bodies) per item type, each in key order; None unless the
     tree's keys are in strictly ascending order (a tree the walk found sound), which the proofs
     rely on: no key twice, an inode's items together, its extents by offset."""
-    pairs = ck.items.get(FS, [])
-    keys = list(map(itemgetter(0), pairs))
+    keys, bodies = ck.keys.get(FS, []), ck.bodies.get(FS, [])
     if not all(map(lt, keys, islice(keys, 1, None))):
         return None
     kinds = list(map(itemgetter(1), keys))
     order = sorted(range(len(kinds)), key=kinds.__getitem__)  # stable: by type, each in key order
     kinds = list(map(kinds.__getitem__, order))
     keys = list(map(keys.__getitem__, order))
-    bodies = list(map(itemgetter(1), map(pairs.__getitem__, order)))
+    bodies = list(map(bodies.__getitem__, order))
     out: Columns = {}
     for typ in set(kinds):
         lo, hi = bisect_left(kinds, typ), bisect_right(kinds, typ)
@@ -160,6 +159,27 @@ def inodes_clean(cols: Columns | None) -> int | None:
         if (n != 1 if ino != ROOT_INO else n) or size != names[ino] or nlink != 2 + subdirs[ino]:
             return None
     return len(inos)
+
+
+def extent_records(keys: list[tuple[int, int, int]], items: list[ExtentItem | None], nodesize: int) \
+        -> tuple[list[tuple[int, int, tuple]], dict[int, tuple[int, ExtentItem]], dict[int, tuple[int, ExtentItem]]] | None:
+    """What ``Checker.check_extents``' item loop builds -- the (start, length, key) of every
+    extent, the METADATA_ITEMs and the data extents by bytenr -- when that loop would report
+    nothing: each item a METADATA_ITEM or an EXTENT_ITEM flagged DATA, each decoded in bulk
+    (``items``, from ``unpack_extent_items``); else None, and the loop runs."""
+    if None in items:
+        return None
+    bytenrs, types, offs = _columns(keys)
+    meta = list(map(S.METADATA_ITEM.__eq__, types))
+    data = list(map(not_, meta))
+    if any(map(S.EXTENT_ITEM.__ne__, compress(types, data))) or \
+            not all(map(and_, map(itemgetter(2), compress(items, data)), repeat(S.EXTENT_FLAG_DATA))):
+        return None
+    # the later of two items of one bytenr stands in each dict, as the loop's assignments leave it
+    recorded = dict(zip(compress(bytenrs, meta), zip(compress(offs, meta), compress(items, meta))))
+    data_extents = dict(zip(compress(bytenrs, data), zip(compress(offs, data), compress(items, data))))
+    lengths = map(getitem, zip(offs, repeat(nodesize)), meta)  # a METADATA_ITEM's is the nodesize, not its offset
+    return list(zip(bytenrs, lengths, keys)), recorded, data_extents
 
 
 def _columns(keys: list[tuple[int, int, int]]) -> tuple[tuple[int, ...], ...]:

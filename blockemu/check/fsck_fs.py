@@ -10,7 +10,7 @@ from __future__ import annotations
 import stat as st
 from bisect import bisect_left
 from collections import defaultdict
-from itertools import groupby, islice
+from itertools import compress, groupby, islice
 from operator import add, itemgetter, le
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -69,11 +69,10 @@ def collect(ck: "Checker", only: frozenset[int] | None = None) -> FsItems:
     shape (the rest one by one, which names what is wrong). Problems are reported in key order,
     as a walk item by item would. ``only``: decode just these item types (what one pass reads)."""
     fi = FsItems()
-    items = ck.items.get(FS, [])
+    keys, bodies = ck.keys.get(FS, []), ck.bodies.get(FS, [])
     if only is not None:
-        items = [kv for kv in items if kv[0][1] in only]
-    keys = [k for k, _ in items]
-    bodies = [v for _, v in items]
+        wanted = list(map(only.__contains__, map(itemgetter(1), keys)))
+        keys, bodies = list(compress(keys, wanted)), list(compress(bodies, wanted))
     problems: list[tuple[int, CorruptionError]] = []
     types = [k[1] for k in keys]
     order = sorted(range(len(keys)), key=types.__getitem__)  # stable: by type, then in key order
@@ -341,12 +340,13 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
     without a checksum are counted by bisection and reported once per extent, so a hostile
     1 TiB extent costs what a small one does (only ``read`` touches every sector, by design)."""
     size = csums.csum_size(sb.csum_type)
-    items = ck.items.get(S.CSUM_TREE_OBJECTID, [])
-    if read is None and _one_item_per_extent(items, size, data):
-        for length, _ in data.values():
-            advance(length)
-        ck.report.stats["data_sectors"] = sum(length for length, _ in data.values()) // PAGE
+    if read is None and _one_item_per_extent(ck.keys.get(S.CSUM_TREE_OBJECTID, []), ck.bodies.get(S.CSUM_TREE_OBJECTID, []),
+                                             size, data):
+        total = sum(map(itemgetter(0), data.values()))
+        advance(total)  # at once: each extent is done with
+        ck.report.stats["data_sectors"] = total // PAGE
         return
+    items = ck.pairs(S.CSUM_TREE_OBJECTID)
     spans = [(key[2], key[2] + len(body) // size * PAGE) for key, body in items if _csum_item_ok(key, body, size)]
     # items in ascending order, none overlapping the next, as every writer leaves them: the sectors
     # are ranges, and only a data check needs each sector's checksum by itself
@@ -452,16 +452,15 @@ class FileNames:
         return stored.decode(errors="backslashreplace")
 
 
-def _one_item_per_extent(items: list[tuple[tuple[int, int, int], bytes]], size: int,
+def _one_item_per_extent(keys: list[tuple[int, int, int]], bodies: list[bytes], size: int,
                          data: dict[int, tuple[int, ExtentItem]]) -> bool:
     """Whether the checksum items are exactly what every writer leaves, which the check below
     would pass without a word: each well formed, and their ranges, in key order, the data
     extents' ranges one for one. Decided over whole columns (a few C-level passes instead of a
     Python loop per sector); anything else takes the general path, which names what is wrong."""
-    if not items:
+    if not keys:
         return not data
-    keys = list(map(itemgetter(0), items))
-    lens = list(map(len, map(itemgetter(1), items)))
+    lens = list(map(len, bodies))
     if set(map(itemgetter(0), keys)) != {S.EXTENT_CSUM_OBJECTID} or set(map(itemgetter(1), keys)) != {S.EXTENT_CSUM} \
             or not all(lens) \
             or any(map(size.__rmod__, lens)):

@@ -56,7 +56,7 @@ def _check(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int
     for bytenr in blocks:
         if not ck._in_usable(bytenr, sb.nodesize) or _overlaps(taken, starts, bytenr, sb.nodesize):
             ck.error("LOG_OVERLAP", f"log tree block {bytenr} lies in space the committed trees use", LOG, bytenr)
-    fs_inodes = {k[0] for k, _ in ck.items.get(S.FS_TREE_OBJECTID, []) if k[1] == S.INODE_ITEM}
+    fs_inodes = {k[0] for k in ck.keys.get(S.FS_TREE_OBJECTID, []) if k[1] == S.INODE_ITEM}
     csummed: dict[int, int] = {}
     size = csums.csum_size(sb.csum_type)
     bad_data = 0

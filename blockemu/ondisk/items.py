@@ -8,6 +8,7 @@ from __future__ import annotations
 import stat
 import struct
 from collections import namedtuple
+from itertools import compress, repeat
 from typing import Iterator, NamedTuple
 
 import crc32c
@@ -312,11 +313,11 @@ def symlink_ciphertext_max(max_item: int) -> int:
 # calls ``unpack`` on that body, which gives the general case or names what is wrong.
 
 def _joined(packed: struct.Struct, bodies: list[bytes], pick: list[int]) -> Iterator[tuple]:
-    return packed.iter_unpack(b"".join([bodies[i] for i in pick]))
+    return packed.iter_unpack(b"".join(map(bodies.__getitem__, pick)))
 
 
 def _shape(bodies: list[bytes], size: int) -> list[int]:
-    return [i for i, n in enumerate(map(len, bodies)) if n == size]
+    return list(compress(range(len(bodies)), map(size.__eq__, map(len, bodies))))
 
 
 InodeRow = namedtuple("InodeRow", [n.replace(".", "_") for n in fast.FAST["InodeItem"][1]])  # type: ignore[misc]
@@ -359,9 +360,14 @@ def unpack_extent_items(bodies: list[bytes]) -> list[ExtentItem | None]:
     out: list[ExtentItem | None] = [None] * len(bodies)
     for packed, kind, tag in ((_ONE_TREE_REF, TREE_BLOCK_REF, "tree"), (_ONE_DATA_REF, EXTENT_DATA_REF, "data")):
         pick = _shape(bodies, packed.size)
-        for i, v in zip(pick, _joined(packed, bodies, pick)):
-            if v[3] == kind:
-                out[i] = ExtentItem(v[0], v[1], v[2], ((tag, *v[4:]),))
+        if not pick:
+            continue
+        count, generation, flags, kinds, *ref = zip(*_joined(packed, bodies, pick))
+        # each made by tuple.__new__ from a C-level map: ExtentItem(...) is a Python call per item
+        made = map(tuple.__new__, repeat(ExtentItem), zip(count, generation, flags, zip(zip(repeat(tag), *ref))))
+        keep = list(map(kind.__eq__, kinds))
+        for i, item in zip(compress(pick, keep), compress(made, keep)):
+            out[i] = item
     return out
 
 
