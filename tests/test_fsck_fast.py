@@ -21,6 +21,7 @@ from blockemu.device.image import ImageFile
 from blockemu.engine.transaction import SUBTREES
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
+from blockemu.ondisk.items import unpack_extent_items
 
 PAGE = S.SECTOR_SIZE
 
@@ -126,8 +127,34 @@ def test_a_check_of_a_mutated_image_reports_what_the_passes_do(plain, tmp_path):
         with pytest.MonkeyPatch.context() as m:
             m.setattr(fsck_fast, "inodes_clean", lambda cols: None)
             m.setattr(fsck_fast, "file_extents_clean", lambda cols, data: False)
+            m.setattr(fsck_fast, "extent_records", lambda keys, items, nodesize: None)
             slow = fsck_mod.check(work, parallel=False)
         assert fast.as_json() == slow.as_json() and [e.fix for e in fast.errors] == [e.fix for e in slow.errors]
+
+
+def test_the_extent_records_over_columns_are_the_item_loops(plain, tmp_path):
+    """``extent_records`` stands for check_extents' item loop only where the loop reports nothing,
+    and then builds what the loop builds: the extents, the METADATA_ITEMs and the data extents."""
+    work = str(tmp_path / "x.img")
+    cases = [fuzz.MUTATIONS[("extent_item", "item_header", "key")[i % 3]](plain, random.Random(f"records:{i}")) for i in range(60)]
+    taken = 0
+    for patches in [[]] + cases:
+        plain.write(work, patches)
+        try:
+            fast_ck, sb = walked(work)
+        except OSError:
+            continue
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(fsck_fast, "extent_records", lambda keys, items, nodesize: None)
+            slow_ck, _ = walked(work)
+        keys, bodies = fast_ck.keys.get(S.EXTENT_TREE_OBJECTID, []), fast_ck.bodies.get(S.EXTENT_TREE_OBJECTID, [])
+        sound = fsck_fast.extent_records(keys, unpack_extent_items(bodies), sb.nodesize)
+        assert fast_ck.report == slow_ck.report and fast_ck.data_extents == slow_ck.data_extents, patches
+        assert fast_ck.check_extents(sb) == slow_ck.check_extents(sb)
+        loop_found = any(e.tree == "extent" and e.code in ("UNKNOWN_KEY", "BAD_ITEM") for e in slow_ck.report.errors)
+        assert not (sound is not None and loop_found), patches
+        taken += sound is not None
+    assert taken > 10
 
 
 def test_the_fsck_command_of_a_plain_image_loads_no_cipher(plain):
