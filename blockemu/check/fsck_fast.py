@@ -18,10 +18,9 @@ from itertools import chain, compress, islice, repeat
 from operator import add, and_, eq, getitem, itemgetter, le, lt, not_, or_, sub, xor
 from typing import TYPE_CHECKING, Any
 
-import crc32c
-
 from blockemu.ondisk import fast
 from blockemu.ondisk import structs as S
+from blockemu.ondisk.csum import crc32c
 from blockemu.ondisk.items import FILE_TYPES, ExtentItem
 
 if TYPE_CHECKING:
@@ -75,7 +74,7 @@ def _named(bodies: list[bytes], head: Any, name_len: int, tail_len: int | None) 
 
 def _hashes(names: list[bytes]) -> list[int]:
     """``items.name_hash`` of each name, without a Python call per name."""
-    return list(map(xor, map(crc32c.crc32c, names, repeat(1)), repeat(0xFFFFFFFF)))
+    return list(map(xor, map(crc32c, names, repeat(1)), repeat(0xFFFFFFFF)))
 
 
 def inodes_clean(cols: Columns | None) -> int | None:

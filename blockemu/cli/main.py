@@ -16,7 +16,6 @@ import sys
 import textwrap
 import time
 import uuid
-from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn
 
 from blockemu.check.exitcodes import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE
@@ -86,11 +85,22 @@ def add_progress_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+class _Version(argparse.Action):
+    """--version, looked up when asked for: importlib.metadata takes a good part of every
+    command's start (a tenth of a large fsck's wall over btrfs check's)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
+        from importlib.metadata import version
+
+        parser._print_message(f"blockemu {version('blockemu')}\n", sys.stdout)  # on stdout, as argparse's own action
+        parser.exit()
+
+
 def build_parser(command: str | None = None) -> Parser:
     """The parser. With ``command``, only that subcommand's arguments are declared (the others are
     listed, for --help): declaring some imports their layer, and a command imports only its own."""
     p = Parser(prog="blockemu", description="Block-device emulator with a btrfs-like encrypted COW filesystem.")
-    p.add_argument("--version", action="version", version=f"blockemu {version('blockemu')}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show program's version number and exit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, (text, declare) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=text)

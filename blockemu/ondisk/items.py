@@ -11,10 +11,10 @@ from collections import namedtuple
 from itertools import compress, repeat
 from typing import Iterator, NamedTuple
 
-import crc32c
 
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import fast
+from blockemu.ondisk.csum import crc32c
 from blockemu.ondisk.structs import (
     ENCRYPTION_FSCRYPT,
     ENCRYPTION_NONE,
@@ -135,7 +135,7 @@ def file_type(mode: int) -> int:
 
 def name_hash(name: bytes) -> int:
     """The DIR_ITEM key offset: btrfs_name_hash, crc32c seeded with ~1 and not inverted at the end."""
-    return ~crc32c.crc32c(name, value=1) & 0xFFFFFFFF
+    return ~crc32c(name, value=1) & 0xFFFFFFFF
 
 
 class InodeRef(NamedTuple):
