@@ -129,7 +129,7 @@ def _leaf_values(buf: bytes | memoryview, mv: memoryview, keys: list[KeyT], byte
     heads = mv[HEADER_SIZE:data_floor]
     keys.extend(ITEM_KEYS.iter_unpack(heads))
     spans = list(ITEM_SPANS.iter_unpack(heads))
-    starts = [HEADER_SIZE + doff for doff, _ in spans]
+    starts = list(map(HEADER_SIZE.__add__, map(itemgetter(0), spans)))  # C-level: a listcomp was a third of the decode
     ends = list(map(add, starts, map(itemgetter(1), spans)))
     if spans and (min(starts) < data_floor or max(ends) > nodesize):
         i = next(i for i, (s, e) in enumerate(zip(starts, ends)) if s < data_floor or e > nodesize)
