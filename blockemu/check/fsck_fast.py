@@ -14,8 +14,8 @@ from __future__ import annotations
 import stat as st
 from bisect import bisect_left, bisect_right
 from collections import Counter, defaultdict
-from itertools import chain, compress, islice, repeat
-from operator import add, and_, eq, getitem, itemgetter, le, lt, not_, or_, sub, xor
+from itertools import accumulate, chain, compress, islice, repeat
+from operator import add, and_, eq, getitem, itemgetter, le, lt, ne, not_, or_, sub, xor
 from typing import TYPE_CHECKING, Any
 
 from blockemu.ondisk import fast
@@ -68,6 +68,8 @@ def _named(bodies: list[bytes], head: Any, name_len: int, tail_len: int | None) 
     sizes = cols[name_len] if tail_len is None else list(map(add, cols[name_len], cols[tail_len]))
     if not all(cols[name_len]) or list(map(head.size.__add__, sizes)) != lens:
         return None
+    if tail_len is None or not any(cols[tail_len]):  # each name runs to its body's end: one slice serves all
+        return cols, list(map(getitem, bodies, repeat(slice(head.size, None))))
     names = list(map(getitem, bodies, map(slice, repeat(head.size), map(head.size.__add__, cols[name_len]))))
     return cols, names
 
@@ -149,13 +151,11 @@ def inodes_clean(cols: Columns | None) -> int | None:
     if link_sizes and (min(link_sizes) < 1 or max(link_sizes) >= PAGE):
         return None
     # directories: one name (the root none), 2 + subdirectories links, names adding up to the size
-    names: dict[int, int] = defaultdict(int)
-    for d, n in zip(x_d, map(len, x_names)):
-        names[d] += 2 * n
+    names = _sums(x_d, list(map(len, x_names)))
     subdirs = Counter(compress(x_d, map(dirs.__contains__, x_oid)))
     for ino, size, nlink in zip(compress(inos, isdir), compress(sizes, isdir), compress(nlinks, isdir)):
         n = links[ino]
-        if (n != 1 if ino != ROOT_INO else n) or size != names[ino] or nlink != 2 + subdirs[ino]:
+        if (n != 1 if ino != ROOT_INO else n) or size != 2 * names.get(ino, 0) or nlink != 2 + subdirs[ino]:
             return None
     return len(inos)
 
@@ -179,6 +179,16 @@ def extent_records(keys: list[tuple[int, int, int]], items: list[ExtentItem | No
     data_extents = dict(zip(compress(bytenrs, data), zip(compress(offs, data), compress(items, data))))
     lengths = map(getitem, zip(offs, repeat(nodesize)), meta)  # a METADATA_ITEM's is the nodesize, not its offset
     return list(zip(bytenrs, lengths, keys)), recorded, data_extents
+
+
+def _sums(groups: list[int], values: list[int]) -> dict[int, int]:
+    """The sum of ``values`` per group, ``groups`` non-decreasing (as a type's objectids are in
+    key order): cut where the group changes, without a Python step per value."""
+    if not groups:
+        return {}
+    total = list(accumulate(values, initial=0))
+    cuts = [0, *compress(range(1, len(groups)), map(ne, groups, islice(groups, 1, None))), len(groups)]
+    return {groups[a]: total[b] - total[a] for a, b in zip(cuts, islice(cuts, 1, None))}
 
 
 def _columns(keys: list[tuple[int, int, int]]) -> tuple[tuple[int, ...], ...]:
@@ -228,8 +238,11 @@ def file_extents_clean(cols: Columns | None, data: dict[int, tuple[int, ExtentIt
     if set(map(len, backrefs)) != {5}:
         return False
     tags, roots, r_ino, r_off, counts = zip(*backrefs)
+    # the extents' bytenrs are the data extents' keys, each once: the backref of each, in the file
+    # extents' order, against the file extent itself
+    named = dict(zip(data.keys(), zip(r_ino, r_off)))
     return set(tags) == {"data"} and set(roots) == {FS} and set(counts) == {1} and \
-        dict(zip(data.keys(), zip(r_ino, r_off))) == dict(zip(bytenr, zip(e_ino, map(sub, e_off, offset))))
+        list(map(named.__getitem__, bytenr)) == list(zip(e_ino, map(sub, e_off, offset)))
 
 
 def _inside_inodes(ino_keys: list[tuple[int, int, int]], ino_bodies: list[bytes], e_ino: tuple[int, ...],
