@@ -41,19 +41,12 @@ NICE = 10
 # worker ignores SIGINT from its first line on.
 #
 # A worker's start delays a mount's first large write, so it loads as little as it can: the
-# package without its __init__, and crc32c's extension without the package's __init__, which
-# reads crc32c's version through importlib.metadata (60 % of the start; the real package is
-# imported if the extension is not where it was)
+# package without its __init__ (and ondisk.csum loads crc32c's extension without that package's
+# __init__, which reads crc32c's version through importlib.metadata: 60 % of the start)
 BOOT = (
     "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-    "import sys, types, importlib.util\n"
+    "import sys, types\n"
     "pkg = types.ModuleType('blockemu'); pkg.__path__ = [sys.argv[1]]; sys.modules['blockemu'] = pkg\n"
-    "try:\n"
-    "    crc = types.ModuleType('crc32c'); crc.__path__ = list(importlib.util.find_spec('crc32c').submodule_search_locations)\n"
-    "    sys.modules['crc32c'] = crc\n"
-    "    from crc32c._crc32c import crc32c as fn; crc.crc32c = fn\n"
-    "except Exception:\n"
-    "    sys.modules.pop('crc32c', None); sys.modules.pop('crc32c._crc32c', None)\n"
     "from blockemu.crypto.sealworker import worker_main\n"
     "worker_main(*map(int, sys.argv[2:]))\n"
 )

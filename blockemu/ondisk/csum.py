@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import importlib.util
+import sys
 from typing import Any, Callable
 
 import xxhash
@@ -18,6 +19,9 @@ def _crc32c_function() -> Callable[..., int]:
     package's ``__init__``, which imports importlib.metadata to look up its own version: ~0.1 s
     of every command's start (a large fsck's wall is ~2 s). Anything unexpected in the package's
     layout loads it the ordinary way."""
+    loaded = sys.modules.get("crc32c")
+    if loaded is not None:  # imported already: its function
+        return loaded.crc32c
     package = importlib.util.find_spec("crc32c")
     where = list(package.submodule_search_locations or []) if package else []
     finder = importlib.machinery.FileFinder(where[0], (importlib.machinery.ExtensionFileLoader,
