@@ -212,3 +212,16 @@ def test_ctrl_c_in_fsck_exits_32_as_e2fsck(image):
             f"sys.exit(main(['fsck', {image!r}]))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (p.returncode, p.stdout, p.stderr) == (32, "", "blockemu: fsck: interrupted\n")
+
+
+def test_cat_into_a_pipe_closed_early_exits_141(image, tmp_path):
+    """A file under 1 MiB is one write to the pipe; the reader gone mid-write, the buffered writer
+    returned a short count without raising, and ``cat | head`` exited 0, not 141."""
+    host = tmp_path / "f"
+    host.write_bytes(os.urandom(300 << 10))  # more than a pipe holds, less than one 1 MiB chunk
+    run("put", image, str(host), "/f")
+    p = subprocess.Popen([sys.executable, "-m", "blockemu", "cat", image, "/f"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout.read(10) == host.read_bytes()[:10]  # the write is under way, the pipe full
+    p.stdout.close()  # as head exits
+    assert (p.wait(timeout=60), p.stderr.read()) == (141, b"")

@@ -492,11 +492,20 @@ def cmd_cat(a: argparse.Namespace) -> int:
         async with fs.open(a.path, "r") as f:
             pos = 0
             while chunk := await f.pread(1 << 20, pos):
-                sys.stdout.buffer.write(chunk)
+                write_all(sys.stdout.buffer, chunk)
                 pos += len(chunk)
         sys.stdout.buffer.flush()
         return 0
     return on_image(a, body, readonly=True)
+
+
+def write_all(out: Any, data: bytes) -> None:
+    """All of ``data``: a BufferedWriter hands a large write to the pipe as it is, and when the
+    reader goes away mid-write (``| head``) returns the short count without raising, so the
+    broken pipe went unseen and ``cat`` of a file under 1 MiB piped to head exited 0, not 141."""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view):]
 
 
 def cmd_put(a: argparse.Namespace) -> int:
