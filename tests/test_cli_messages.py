@@ -176,3 +176,19 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out == f"blockemu {version('blockemu')}\n"
+
+
+@pytest.mark.parametrize("argv, rc", [(["fsck", "{img}"], 8), (["ls", "{img}"], 1), (["mkfs", "{img}", "--size", "64M"], 1),
+                                      (["run", "seqwrite", "--image", "{img}"], 1)])
+def test_a_fifo_for_an_image_is_refused_by_name(tmp_path, argv, rc):
+    """A reader's open of a FIFO waited for a writer for ever (fsck, ls hung); mkfs and run said
+    only 'Invalid argument' (ftruncate's EINVAL), naming nothing."""
+    img = tmp_path / "fifo"
+    os.mkfifo(img)
+    try:
+        p = subprocess.run([sys.executable, "-m", "blockemu", *(a.format(img=img) for a in argv)],
+                           capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{argv[0]} waited on the FIFO")
+    assert (p.returncode, p.stdout, p.stderr) == (
+        rc, "", f"blockemu: {argv[0]}: {img}: not a regular file (a blockemu image is a file)\n")

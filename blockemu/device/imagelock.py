@@ -29,7 +29,7 @@ import os
 import stat
 import struct
 
-from blockemu.errors import ImageInUse, IsADirectory, NotFoundError, PermissionDenied
+from blockemu.errors import ImageInUse, InvalidArgument, IsADirectory, NotFoundError, PermissionDenied
 
 # struct flock as Linux lays it out on 64-bit machines: l_type, l_whence, l_start, l_len, l_pid
 FLOCK = struct.Struct("hhqqi4x")
@@ -67,7 +67,9 @@ def open_image(path: str, readonly: bool, *, create: bool = False) -> int:
     read-only), or one clear error naming the image. A read-only open needs only read permission
     (a 0444 image). ``create``: make the file if it is missing (mkfs), and lock it before the
     caller writes anything, so an image another process holds is never touched."""
-    flags = os.O_RDONLY if readonly else os.O_RDWR | (os.O_CREAT if create else 0)
+    # O_NONBLOCK: a read-only open of a FIFO waits for a writer (fsck of one hung for ever); on
+    # a regular file the flag changes nothing, and the descriptor is checked to be one below
+    flags = (os.O_RDONLY if readonly else os.O_RDWR | (os.O_CREAT if create else 0)) | os.O_NONBLOCK
     try:
         fd = os.open(path, flags, 0o644)
     except FileNotFoundError:
@@ -77,8 +79,12 @@ def open_image(path: str, readonly: bool, *, create: bool = False) -> int:
     except PermissionError:
         raise PermissionDenied(f"{path}: permission denied" + ("" if readonly else " (opening it for writing)")) from None
     try:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):  # O_RDONLY opens a directory without complaint
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):  # O_RDONLY opens a directory without complaint
             raise IsADirectory(f"{path}: is a directory")
+        if not stat.S_ISREG(mode):  # a FIFO, a device: no size to read, and ftruncate says only EINVAL
+            raise InvalidArgument(f"{path}: not a regular file (a blockemu image is a file)")
+        os.set_blocking(fd, True)
         # writers exclusive, readers shared: a reader is refused while a writer holds the image
         # rather than served its last committed generation, whose blocks the writer's next
         # commit may reuse (imagelock.py, README "One writer per image")
