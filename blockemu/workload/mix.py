@@ -71,7 +71,9 @@ class Task:
             if e.errno not in (errno.EIO, errno.ENOSPC, errno.EROFS):
                 raise
             self.r.errors.append(f"{op}: {e}")
-            self.tainted |= before ^ set(self.files) or before
+            # the paths the operation was changing (a create whose write failed left its file,
+            # empty, on disk: the model adds a file only once written) and any it added or removed
+            self.tainted |= (before ^ set(self.files) or before) | self.busy
         finally:
             self.busy.clear()
 
@@ -93,6 +95,7 @@ class Task:
         if op == "create":
             p = self._name("f")
             data = self._data(rng.randrange(0, 20_000 * scale))
+            self._changing(p)
             async with fs.open(p, "x") as f:
                 await f.write(data)
             files[p] = bytearray(data)
@@ -185,7 +188,7 @@ class Task:
                 except OSError as e:
                     if p not in self.tainted:
                         self.r.divergent.append(f"{p}: unreadable on disk: {e}")
-        for p in sorted(set(found) | set(self.files) - self.tainted):
+        for p in sorted((set(found) | set(self.files)) - self.tainted):
             if found.get(p) != (bytes(self.files[p]) if p in self.files else None):
                 self.r.divergent.append(f"{p}: on disk {len(found.get(p, b''))} bytes, model "
                                         f"{len(self.files[p]) if p in self.files else 'absent'}")
