@@ -184,12 +184,14 @@ def test_a_count_out_of_range_is_a_usage_line_not_a_traceback_nor_an_empty_run(t
 
 
 def test_heatmap_without_matplotlib_names_the_extra(image, tmp_path):
-    """numpy, which comes with matplotlib, was imported first: a ModuleNotFoundError traceback."""
+    """numpy, which comes with matplotlib, was imported first: a ModuleNotFoundError traceback.
+    Then it exited 1 after walking the whole image; now a usage error before it, as stress --report."""
     code = ("import sys; sys.modules['matplotlib'] = sys.modules['numpy'] = None; from blockemu.cli.main import main; "
             f"sys.exit(main(['inspect', 'heatmap', {image!r}, {str(tmp_path / 'h.png')!r}]))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
-    assert "pip install 'blockemu[report]'" in p.stderr and p.returncode != 0
+    assert p.stderr.startswith("blockemu: usage: blockemu inspect heatmap: drawing needs matplotlib")
+    assert "pip install 'blockemu[report]'" in p.stderr and p.returncode == 2
 
 
 def test_stress_report_without_matplotlib_is_refused_before_the_race(tmp_path):

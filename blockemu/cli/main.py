@@ -699,12 +699,18 @@ def race_flags(a: argparse.Namespace) -> None:
         raise UsageError("blockemu stress: --duration bounds the free race; --schedule seeded runs --ops N steps "
                          f"(default {DEFAULT_OPS})")
     if a.report:
-        from blockemu.display import MissingExtra, pyplot
+        need_pyplot("blockemu stress: --report")
 
-        try:
-            pyplot()
-        except MissingExtra as e:
-            raise UsageError(f"blockemu stress: --report: {e}") from None
+
+def need_pyplot(what: str) -> None:
+    """matplotlib (the `report` extra) found missing before any work, as a usage error (exit 2,
+    as --ray without Ray): found when drawing, it came after the whole race or image walk."""
+    from blockemu.display import MissingExtra, pyplot
+
+    try:
+        pyplot()
+    except MissingExtra as e:
+        raise UsageError(f"{what}: {e}") from None
 
 
 def stress_race(a: argparse.Namespace, seed: int) -> int:
@@ -984,6 +990,7 @@ def inspect_heatmap(a: argparse.Namespace) -> int:
     from blockemu import display
     from blockemu.check import heatmap
 
+    need_pyplot("blockemu inspect heatmap")
     hm = heatmap.build(a.image)
     heatmap.draw(hm, a.image, a.out)
     if a.json:
