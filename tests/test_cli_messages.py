@@ -192,3 +192,14 @@ def test_a_fifo_for_an_image_is_refused_by_name(tmp_path, argv, rc):
         pytest.fail(f"{argv[0]} waited on the FIFO")
     assert (p.returncode, p.stdout, p.stderr) == (
         rc, "", f"blockemu: {argv[0]}: {img}: not a regular file (a blockemu image is a file)\n")
+
+
+@pytest.mark.parametrize("argv", [["fsck", "{img}"], ["ls", "{img}"], ["cat", "{img}", "/x"],
+                                  ["inspect", "dump-super", "{img}"], ["rescue", "zero-log", "{img}"]])
+def test_a_file_too_small_for_a_superblock_is_said_so_in_one_text(tmp_path, capsys, argv):
+    """rescue zero-log told an empty file to 'restore it with blockemu fsck --repair first',
+    which fsck refuses (there is no superblock anywhere to restore); ls said it otherwise."""
+    small = tmp_path / "small.img"
+    small.write_bytes(bytes(4096))
+    assert cli(capsys, *(a.format(img=small) for a in argv)) == (
+        8 if argv[0] == "fsck" else 1, "", f"blockemu: {argv[0]}: {small}: too small to be a blockemu image (4096 bytes)\n")

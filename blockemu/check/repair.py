@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from blockemu.check.fsck import FsckReport
 from blockemu.device.imagelock import open_image
-from blockemu.device.image import ImageFile, truncated
+from blockemu.device.image import ImageFile, too_small, truncated
 from blockemu.errors import Busy, CorruptionError
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import structs as S
@@ -71,6 +71,8 @@ def zero_log(path: str) -> SuperInfo | None:
     fd = open_image(path, readonly=False)  # exclusive: never under a mount
     try:
         at = SUPER_OFFSETS[0]
+        if small := too_small(path, os.fstat(fd).st_size):
+            raise small
         try:
             sb = decode_super(os.pread(fd, S.SUPER_INFO_SIZE, at), at)
         except CorruptionError as e:

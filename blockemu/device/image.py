@@ -14,6 +14,14 @@ from blockemu.ondisk.structs import MAGIC, SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super
 
 
+def too_small(path: str, size: int) -> CorruptionError | None:
+    """A file that cannot hold the primary superblock is no image, nor anything fsck could
+    restore (the mirrors lie further on): one text for every command that opens one."""
+    if size < SUPER_OFFSETS[0] + SUPER_INFO_SIZE:
+        return CorruptionError(f"{path}: too small to be a blockemu image ({size} bytes)", "BAD_MAGIC")
+    return None
+
+
 def truncated(sb: SuperInfo, size: int) -> str | None:
     """Why an image file of ``size`` bytes cannot hold what its superblock describes, if it cannot."""
     if sb.total_bytes > size:
@@ -64,8 +72,8 @@ class ImageFile:
 
     def best_super(self) -> SuperInfo:
         """The primary if valid; a mirror otherwise (newest generation first). Raises if none is usable."""
-        if not self.supers:
-            raise CorruptionError(f"{self.path}: too small to be a blockemu image ({self.size} bytes)", "BAD_MAGIC")
+        if small := too_small(self.path, self.size):
+            raise small
         if not self.is_blockemu():
             raise CorruptionError(f"{self.path}: not a blockemu image (no superblock magic)", "BAD_MAGIC")
         good = [c for c in self.supers if c.info is not None]

@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator, Coroutine, TypeVar
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
+from blockemu.device.image import too_small
 from blockemu.engine.transaction import Engine, super_writes
 from blockemu.engine.treelog import TreeLog, replay
 from blockemu.errors import CorruptionError, DeviceIOError, NoSpaceError
@@ -33,8 +34,8 @@ async def outlast_cancellation(work: list[asyncio.Future]) -> bool:
 
 
 def read_primary_super(dev: BlockDevice) -> SuperInfo:
-    if dev.size < SUPER_OFFSETS[0] + SUPER_INFO_SIZE:
-        raise CorruptionError(f"{dev.path}: too small to hold a superblock ({dev.size} bytes)", "BAD_MAGIC")
+    if small := too_small(dev.path, dev.size):
+        raise small
     try:
         sb = decode_super(dev.read_sync(SUPER_OFFSETS[0], SUPER_INFO_SIZE), SUPER_OFFSETS[0])
     except CorruptionError as e:
