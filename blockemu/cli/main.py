@@ -414,12 +414,15 @@ def on_image(a: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *, re
                 return await body(fs)
             except NoKeyError as e:
                 raise NoKeyError(await explain_no_key(fs, a.path, kid) or await no_key_given(fs, a.path, e)) from None
-            except NotFoundError:
+            except NotFoundError as e:
                 # with another key a locked directory's real names do not resolve: say which key it wants
                 why = await explain_no_key(fs, a.path, kid)
-                if why is None:
-                    raise
-                raise NoKeyError(why) from None
+                if why is not None:
+                    raise NoKeyError(why) from None
+                # with none, ENOENT as on Linux (only no-key names are there), and the key that shows the real ones
+                if kid is None and (wants := await key_wanted(fs, a.path)):
+                    raise NotFoundError(f"{e}{wants}") from None
+                raise
         finally:
             await fs.unmount()
     return asyncio.run(go())
@@ -447,9 +450,14 @@ async def explain_no_key(fs: Any, path: str, kid: str | None) -> str | None:
 
 async def no_key_given(fs: Any, path: str, e: OSError) -> str:
     """ENOKEY without --key-file: the path, the kernel's text, and which key to give."""
+    return f"{path}: {e.strerror or e}{await key_wanted(fs, path)}"
+
+
+async def key_wanted(fs: Any, path: str) -> str:
+    """' (DIR is encrypted with key K: give that key with --key-file)' for a path in an
+    encrypted directory, '' for any other."""
     found = await policy_of(fs, path)
-    wants = f" ({found[0]} is encrypted with key {found[1]}: give that key with --key-file)" if found and found[1] else ""
-    return f"{path}: {e.strerror or e}{wants}"
+    return f" ({found[0]} is encrypted with key {found[1]}: give that key with --key-file)" if found and found[1] else ""
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
