@@ -168,6 +168,13 @@ def test_console_scripts_exist():
     (["stress", "s.img", "--duration", "0"], "--duration: 0 is out of range: more than 0 seconds"),
     (["fuzz", "--trials", "-3"], "--trials: -3 is out of range: at least 1"),
     (["run", "seqwrite", "--size", "0"], "--size: 0 is out of range: more than 0"),  # it asked for --size
+    # a fault spec: flip=2 flipped every sector and failed the mix, eio=5M-1M injected nothing, and a bad
+    # spec exited 1 once the image was made
+    (["stress", "s.img", "--faults", "flip=2"], "--faults: bad fault spec: 'flip=2': a probability from 0 to 1"),
+    (["stress", "s.img", "--faults", "torn=-0.5"], "--faults: bad fault spec: 'torn=-0.5': a probability from 0 to 1"),
+    (["stress", "s.img", "--faults", "eio=5M-1M:w"], "--faults: bad fault spec: 'eio=5M-1M:w': START must be below END"),
+    (["stress", "s.img", "--faults", "cut=-3"], "--faults: bad fault spec: 'cut=-3': a number of writes, 0 or more"),
+    (["stress", "s.img", "--faults", "bogus=1"], "--faults: bad fault spec: unknown fault 'bogus'"),
     # the free race runs for a time, the seeded one for a number of steps: the other bound was ignored
     (["stress", "s.img", "--scenario", "key-removal-race", "--ops", "10"],
      "--ops counts the steps of --schedule seeded; the free race runs for --duration S (default 5)"),

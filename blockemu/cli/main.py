@@ -69,6 +69,18 @@ def seconds(text: str) -> float:
     return t
 
 
+def fault_spec(text: str) -> str:
+    """--faults checked where it is parsed: a bad spec is a usage error (exit 2), as a count out
+    of range is, not a failure found once the image is made."""
+    from blockemu.device.faultplan import FaultPlan
+
+    try:
+        FaultPlan.parse(text)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def span(text: str) -> tuple[int, int]:
     """``A..B`` for --seeds, --workloads, --only: parse_range's complaint as the usage line."""
     from blockemu.workload.campaign import parse_range
@@ -200,7 +212,7 @@ def args_stress(sp: argparse.ArgumentParser) -> None:
                     f"(key-removal-race with --schedule seeded, default {DEFAULT_OPS})")
     sp.add_argument("--tasks", type=count(1), default=4)
     sp.add_argument("--key-removal", choices=list(MODES), default="soft")
-    sp.add_argument("--faults", help="e.g. eio=200M-210M:w,latency=0.001,flip=0.0001,torn=0.5,cut=5000")
+    sp.add_argument("--faults", type=fault_spec, help="e.g. eio=200M-210M:w,latency=0.001,flip=0.0001,torn=0.5,cut=5000")
     sp.add_argument("--crash-points", type=count(0), default=0, help="also check N crash states of a logged mix")
     add_write_path(sp, "mix")
     sp.add_argument("--compare-modes", action="store_true", help="key-removal-race: every removal mode, one table")

@@ -7,9 +7,12 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from blockemu.errors import InvalidArgument
 from blockemu.units import parse_size
+
+N = TypeVar("N", int, float)
 
 
 @dataclass
@@ -46,6 +49,8 @@ class FaultPlan:
 
     @classmethod
     def parse(cls, spec: str) -> "FaultPlan":
+        """The plan ``spec`` names; a value out of range is refused by name (flip=2 flipped a bit
+        in every sector and failed the run, eio=5M-1M injected nothing)."""
         plan = cls()
         for part in filter(None, (p.strip() for p in spec.split(","))):
             key, _, val = part.partition("=")
@@ -54,13 +59,16 @@ class FaultPlan:
                     m = re.fullmatch(r"([^-:]+)-([^:]+)(?::(r|w|rw))?", val)
                     if not m:
                         raise ValueError(val)
-                    plan.eio.append((parse_size(m[1]), parse_size(m[2]), m[3] or "rw"))
+                    start, end = parse_size(m[1]), parse_size(m[2])
+                    if not start < end:  # an empty range injects nothing: a run that tests no fault
+                        raise InvalidArgument(f"bad fault spec: {part!r}: START must be below END")
+                    plan.eio.append((start, end, m[3] or "rw"))
                 elif key == "latency":
-                    plan.latency = float(val.removesuffix("s"))
+                    plan.latency = in_range(part, float(val.removesuffix("s")), 0, None, "seconds, 0 or more")
                 elif key in ("flip", "torn"):
-                    setattr(plan, key, float(val))
+                    setattr(plan, key, in_range(part, float(val), 0, 1, "a probability from 0 to 1"))
                 elif key == "cut":
-                    plan.cut_after_writes = int(val)
+                    plan.cut_after_writes = in_range(part, int(val), 0, None, "a number of writes, 0 or more")
                 elif key == "nobarrier":
                     plan.nobarrier = True
                 elif key == "seed":
@@ -71,3 +79,10 @@ class FaultPlan:
                 raise InvalidArgument(f"bad fault spec: {part!r}") from None
         plan.rng = random.Random(plan.seed)
         return plan
+
+
+def in_range(part: str, value: N, low: float, high: float | None, what: str) -> N:
+    """``value`` if within [low, high]; the part of the spec and what it must be otherwise."""
+    if value < low or (high is not None and value > high):
+        raise InvalidArgument(f"bad fault spec: {part!r}: {what}")
+    return value
