@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+import blockemu
+
 from blockemu.errors import InvalidArgument
 from blockemu.workload.jobfile import RW, parse
 from tests.test_cli import run
@@ -185,3 +187,21 @@ def test_stress_power_cut_keeps_every_fsync_acknowledged_file(tmp_path):
     assert out["aborted"] and "power cut" in out["aborted"]
     assert out["ledger_files_checked_after_crash"] > 0
     assert out["lost_acknowledged_writes"] == 0 and out["fsck"] == "clean" and out["ok"]
+
+
+async def test_a_mix_runs_again_on_its_image_and_another_seed_is_told_its_key_differs(tmp_path):
+    """`run fsstress --image IMAGE` a second time failed with EEXIST (the mix's directories are
+    made afresh), and with another --seed with a bare 'Required key not available' (the run's
+    encrypted directory has the key of the first run's seed)."""
+    from blockemu.workload.runner import run_workload
+
+    job, img = tmp_path / "m.fio", str(tmp_path / "m.img")
+    job.write_text("[global]\nencrypt=1\n[m]\nkind=mix\nnumjobs=2\nnops=10\n")
+    for _ in range(2):
+        report = await run_workload(str(job), image=img, seed=4)
+        assert not report.failures and report.fsck_clean, report.failures
+    with pytest.raises(InvalidArgument, match=r"/enc-jobs holds an earlier run's files, encrypted with the key of its "
+                                              r"--seed .*: run with that --seed, or on a fresh image"):
+        await run_workload(str(job), image=img, seed=5)
+    async with blockemu.mount(img) as fs:  # unmounted by the refused run; the two runs' directories, m and m.2
+        assert len(await fs.readdir("/enc-jobs")) == 2

@@ -126,6 +126,16 @@ class RunReport:
         return lines
 
 
+async def fresh_dir(fs: Filesystem, path: str) -> str:
+    """``path``, or ``path.2``, ``path.3``, ... when an earlier run on the image left it: a mix
+    makes its directories afresh (a second run on an image failed with EEXIST)."""
+    free, n = path, 1
+    while await fs.exists(free):
+        n += 1
+        free = f"{path}.{n}"
+    return free
+
+
 def _image_size(jf: JobFile) -> int:
     size = jf.globals.get("image_size")
     if size:
@@ -168,6 +178,11 @@ class Runner:
             if not await fs.exists(self.directory):
                 await fs.mkdir(self.directory)
                 await fs.set_policy(self.directory, kid)
+            elif await fs.get_policy(self.directory) != kid:  # every job in it failed with a bare ENOKEY
+                await fs.unmount()
+                raise InvalidArgument(f"{self.image}: {self.directory} holds an earlier run's files, encrypted with "
+                                      "the key of its --seed (a run's key comes from its seed): run with that "
+                                      "--seed, or on a fresh image")
         elif not await fs.exists(self.directory):
             await fs.mkdir(self.directory)
         return fs
@@ -242,7 +257,7 @@ class Runner:
                     first = next(r.verify_first for r in results if r.verify_first)
                     self.report.failures.append(f"{job.name}: {bad} blocks failed verification, first: {first}")
             elif kind == "mix":
-                mix = await run_mix(self.fs, root=f"{self.directory}/{job.name}", tasks=job.get("numjobs", 1),
+                mix = await run_mix(self.fs, root=await fresh_dir(self.fs, f"{self.directory}/{job.name}"), tasks=job.get("numjobs", 1),
                                     nops=job.get("nops", 200), ops=job.get("ops"), seed=seed)
                 self.report.jobs.append({"jobname": job.name, "kind": "mix", "ops": mix.ops, "by_op": mix.by_op,
                                          "acknowledged_writes": mix.acknowledged_writes, "divergent": mix.divergent})
