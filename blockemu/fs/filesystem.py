@@ -335,6 +335,19 @@ class Filesystem:
         for parent in self._cached_parents(inode):
             self.lock_if_idle(parent)
 
+    async def settle(self, inode: Inode) -> None:
+        """Writeback is done with ``inode`` (it holds its ``wb_lock``). Unlinked while a flush
+        held it (``_drop_link`` leaves an orphan while I/O is in flight) and closed since, it
+        has no close left to delete it: delete it now, as close does -- else its extents stay
+        allocated until the next mount's orphan recovery. Otherwise lock it if it is idle. A
+        delete that cannot join (the volume aborted) leaves the orphan to that recovery."""
+        if inode.item.nlink or inode.open_count or inode.inflight or self.inodes.get(inode.ino) is not inode:
+            self.lock_if_idle(inode)
+            return
+        with contextlib.suppress(OSError):
+            async with self.vol.join():
+                self._destroy(inode)
+
     def _cached_parents(self, inode: Inode) -> list[Inode]:
         refs = self.tree.items((inode.ino, S.INODE_REF, 0), (inode.ino, S.INODE_REF, (1 << 64) - 1))
         return [p for (_, _, pino), _ in refs if pino != inode.ino and (p := self.inodes.get(pino)) is not None]
