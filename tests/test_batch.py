@@ -413,3 +413,34 @@ async def test_a_sync_writes_the_other_files_while_one_is_held_by_another_flush(
         assert not a.inode.pages.dirty and a.inode.lost_bytes == 0
         await a.close()
     await files_read_back(image, others)
+
+
+async def test_a_file_unlinked_while_a_sync_writes_it_is_deleted_by_this_mount(image, monkeypatch):
+    """A closed file unlinked while a sync's pipeline holds it (its runs taken, in flight) is
+    left an orphan by the unlink -- writeback still reads its pages -- and no close comes to
+    delete it later: the flush deletes it once its runs are done, as close does, so the sync's
+    commit frees its extents (they stayed allocated until the next mount's orphan recovery).
+    The other file reads back after a remount, fsck clean."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        await fs.mkdir("/d")
+        files = await small_files(fs, "/d", 2, random.Random(6))
+        victim = fs.inodes[max(fs.inodes)]  # /d/f1
+        wb, held, go = fs.writeback, asyncio.Event(), asyncio.Event()
+        real_group = wb._write_group
+
+        async def held_group(pieces, turn):
+            held.set()
+            await go.wait()
+            await real_group(pieces, turn)
+
+        monkeypatch.setattr(wb, "_write_group", held_group)
+        sync = asyncio.ensure_future(fs.sync())
+        await asyncio.wait_for(held.wait(), 10)
+        await fs.unlink("/d/f1")
+        go.set()
+        await sync
+        assert victim.ino not in fs.inodes
+        assert (S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, victim.ino) not in fs.tree
+        assert not list(fs.extents.mappings(victim.ino))
+    del files["/d/f1"]
+    await files_read_back(image, files)

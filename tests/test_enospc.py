@@ -313,3 +313,35 @@ async def test_sparse_small_writes_reserve_their_extents_metadata(tmp_path):
         want[2 * i * 4096 : 2 * i * 4096 + 4096] = b"z" * 4096
     await verify(image, {"/f": bytes(want)})
     assert_fsck_clean(image)
+
+
+async def test_punch_and_truncate_say_enospc_when_the_pages_they_zero_cannot_get_extents(tmp_path):
+    """A hole punched inside pages, or a truncate to inside a page, zeroes part of a page in
+    the cache: new dirty data, which needs an extent as a write does. Neither asked for room:
+    on a full filesystem 1,700 punches were acknowledged and the fsync lost 6.8 MB with ENOSPC
+    (the holes' pages back as they were). Now each is refused at the call, and what was
+    acknowledged is written back."""
+    image = str(tmp_path / "p.img")
+    await blockemu.mkfs(image, size="16M")
+    want = bytearray()
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        async with fs.open("/f", "w") as f:
+            with pytest.raises(NoSpaceError):
+                while True:  # full: every write is refused
+                    chunk = random.randbytes(S if len(want) > 12 << 20 else 64 * S)
+                    await f.pwrite(chunk, len(want))
+                    want += chunk
+            await f.fsync()
+            refused = 0
+            for i in range(0, len(want) // S - 1, 2):
+                try:
+                    await f.punch_hole(i * S + 100, 200)
+                    want[i * S + 100 : i * S + 300] = bytes(200)
+                except NoSpaceError:
+                    refused += 1
+            with pytest.raises(NoSpaceError):
+                await f.truncate(len(want) - 100)
+            await f.fsync()  # nothing acknowledged is lost
+            assert refused and f.inode.lost_bytes == 0
+    await verify(image, {"/f": bytes(want)})
+    assert_fsck_clean(image)

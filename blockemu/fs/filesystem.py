@@ -335,6 +335,19 @@ class Filesystem:
         for parent in self._cached_parents(inode):
             self.lock_if_idle(parent)
 
+    async def settle(self, inode: Inode) -> None:
+        """Writeback is done with ``inode`` (it holds its ``wb_lock``). Unlinked while a flush
+        held it (``_drop_link`` leaves an orphan while I/O is in flight) and closed since, it
+        has no close left to delete it: delete it now, as close does -- else its extents stay
+        allocated until the next mount's orphan recovery. Otherwise lock it if it is idle. A
+        delete that cannot join (the volume aborted) leaves the orphan to that recovery."""
+        if inode.item.nlink or inode.open_count or inode.inflight or self.inodes.get(inode.ino) is not inode:
+            self.lock_if_idle(inode)
+            return
+        with contextlib.suppress(OSError):
+            async with self.vol.join():
+                self._destroy(inode)
+
     def _cached_parents(self, inode: Inode) -> list[Inode]:
         refs = self.tree.items((inode.ino, S.INODE_REF, 0), (inode.ino, S.INODE_REF, (1 << 64) - 1))
         return [p for (_, _, pino), _ in refs if pino != inode.ino and (p := self.inodes.get(pino)) is not None]
@@ -1007,9 +1020,24 @@ class Filesystem:
         commits before it gives up. ``room_for`` counts every byte as new (a COW overwrite
         needs new space too) plus the partial pages at both ends."""
         await self.sync()
+        self.require_room(n)
+
+    def require_room(self, n: int) -> None:
+        """ENOSPC unless ``n`` more bytes of dirty data can get extents (``room_for``)."""
         if not self.room_for(n):
             alloc, engine = self.vol.engine.allocator, self.vol.engine
             raise no_space(n, alloc.free_bytes(), alloc.largest(), engine.data_keep() * self.vol.sb.nodesize)
+
+    def zero_partial(self, inode: Inode, idx: int, old: Page, lo: int, hi: int) -> None:
+        """Zero bytes [lo, hi) of page ``idx`` (holding ``old``), dirtying it: a truncate's tail, a
+        punched hole's ends. The page is new dirty data like a write's, so it must have room for
+        its extent -- checked here, after the caller's last await, as a write checks (room is
+        made before the caller takes the ``wb_lock``: ``make_room`` syncs, and a sync's flush
+        waits for that lock) -- or it is acknowledged now and lost at writeback with ENOSPC."""
+        self.check_dirtying(inode)
+        self.require_room(PAGE)
+        self.reserve_meta(inode, idx, PAGE)
+        self.cache.writable(inode.pages, idx, old)[lo:hi] = bytes(hi - lo)
 
     def check_dirtying(self, inode: Inode) -> None:
         """ENOKEY once removal of the file's key refuses new dirty data (``deny-writes``). A
@@ -1024,14 +1052,15 @@ class Filesystem:
             raise InvalidArgument("negative size")
         if size > S.MAX_FILE_SIZE:
             raise FileTooBig(f"size {size} exceeds the largest file size {S.MAX_FILE_SIZE}")
+        if size < inode.size and size % PAGE and not self.room_for(PAGE):
+            await self.make_room(PAGE)  # the tail page is rewritten (zero_partial)
         async with inode.wb_lock:
             if size < inode.size:
                 tail = size % PAGE
                 if tail:
                     idx = size // PAGE
                     old = (await self.read_pages(inode, idx, 1))[0]
-                    self.check_dirtying(inode)
-                    self.cache.writable(inode.pages, idx, old)[tail:] = bytes(PAGE - tail)
+                    self.zero_partial(inode, idx, old, tail, PAGE)
                 self.cache.drop(inode.pages, -(-size // PAGE))
                 async with self.vol.join():
                     inode.nbytes += self.extents.punch(inode.ino, -(-size // PAGE) * PAGE, (1 << 64) - 1)
@@ -1053,6 +1082,8 @@ class Filesystem:
         file there is nothing to punch: nothing is mapped there."""
         if offset < 0 or length <= 0:
             raise InvalidArgument(f"bad hole [{offset}, +{length})")
+        if (offset % PAGE or (offset + length) % PAGE) and not self.room_for(2 * PAGE):
+            await self.make_room(2 * PAGE)  # its partial end pages are rewritten (zero_partial)
         async with inode.wb_lock:
             end = min(offset + length, inode.size)
             if end <= offset:
@@ -1065,8 +1096,7 @@ class Filesystem:
                 if s < e:
                     idx = s // PAGE
                     old = (await self.read_pages(inode, idx, 1))[0]
-                    self.check_dirtying(inode)
-                    self.cache.writable(inode.pages, idx, old)[s - idx * PAGE : e - idx * PAGE] = bytes(e - s)
+                    self.zero_partial(inode, idx, old, s - idx * PAGE, e - idx * PAGE)
             self.cache.drop(inode.pages, lo, hi)
             async with self.vol.join():
                 if lo < hi:

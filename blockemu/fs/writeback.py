@@ -94,8 +94,9 @@ class Owner(Protocol):
     @property
     def inodes(self) -> Mapping[int, Inode]: ...
 
-    def lock_if_idle(self, inode: Inode) -> None:
-        """Once writeback leaves an inode clean, a key being removed may lock it."""
+    async def settle(self, inode: Inode) -> None:
+        """Writeback has left the inode (its ``wb_lock`` still held): delete it if it was
+        unlinked and closed meanwhile, else a key being removed may lock it."""
 
     def save_inode(self, inode: Inode) -> None:
         """Write the inode item (size, nbytes, times) into the running transaction."""
@@ -306,7 +307,7 @@ class Writeback:
         for task in tasks:
             task.result()
         for inode in inodes:
-            self.fs.lock_if_idle(inode)
+            await self.fs.settle(inode)
 
     def _groups(self, runs: list[Piece]) -> list[list[Piece]]:
         """Runs in the groups written together: neighbouring small runs (those sealed on a thread),
