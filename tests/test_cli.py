@@ -217,8 +217,11 @@ def test_ctrl_c_in_fsck_exits_32_as_e2fsck(image):
     """e2fsck's 32, "canceled by user request" (README, DESIGN §6): a real SIGINT, raised by the
     process in its own main thread halfway through the check (as the extents pass starts), not a
     timed kill. (``os.kill`` of its own pid let the kernel pick another thread, whose handler
-    could run after the pass had gone on: flaky under load.)"""
+    could run after the pass had gone on: flaky under load.) Python's own SIGINT handler is put
+    back first, as a terminal gives it: a suite run from a background job inherits SIGINT
+    ignored, and Python then installs none."""
     code = ("import signal, sys; from blockemu.check import fsck; from blockemu.cli.main import main; "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
             "fsck.Checker.check_extents = lambda self, sb: signal.raise_signal(signal.SIGINT); "
             f"sys.exit(main(['fsck', {image!r}]))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
