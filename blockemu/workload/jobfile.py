@@ -108,7 +108,12 @@ def fixed(value: int | Share | None) -> int:
 
 
 def integer(text: str) -> int:
-    return int(_arith(text))
+    """A whole number, or one of fio's expressions giving one; said in the job file's terms, not
+    Python's ('invalid literal for int() with base 10')."""
+    try:
+        return int(_arith(text))
+    except ValueError:
+        raise ValueError(f"{text!r} (expected a whole number)") from None
 
 
 def parse_time(text: str, bare: float = 1.0) -> float:
