@@ -345,3 +345,25 @@ async def test_punch_and_truncate_say_enospc_when_the_pages_they_zero_cannot_get
             assert refused and f.inode.lost_bytes == 0
     await verify(image, {"/f": bytes(want)})
     assert_fsck_clean(image)
+
+
+async def test_a_large_write_has_room_for_the_items_of_all_its_extents(tmp_path):
+    """A write of n bytes will be n // max_extent extents at writeback, each with its items:
+    write() reserved tree room for all of them (``reserve_meta``) but checked room for one
+    (``room_for``), so a large write on a nearly full filesystem with small extents was
+    acknowledged with room for its data and not its items, and the fsync lost it with ENOSPC."""
+    image = str(tmp_path / "m.img")
+    await blockemu.mkfs(image, size="16M")
+    async with blockemu.mount(image, interval=3600, seal_workers=0, max_extent=16 << 10) as fs:
+        largest = 0
+        for n in range(S, 16 << 20, S):  # the largest write room_for admits on the empty image
+            if not fs.room_for(n):
+                break
+            largest = n
+        data = random.randbytes(largest)
+        async with fs.open("/f", "w") as f:
+            await f.write(data)  # all of it admitted, or refused whole
+            await f.fsync()
+            assert f.inode.lost_bytes == 0
+    await verify(image, {"/f": data})
+    assert_fsck_clean(image)

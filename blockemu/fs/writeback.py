@@ -101,6 +101,9 @@ class Owner(Protocol):
     def save_inode(self, inode: Inode) -> None:
         """Write the inode item (size, nbytes, times) into the running transaction."""
 
+    def data_keep(self) -> int:
+        """Tree blocks of room a data allocation must leave (the reserve write() admitted under)."""
+
 
 class _NoFit(Exception):
     """A run found no free extent for itself (``error``): space freed in the running
@@ -440,7 +443,7 @@ class Writeback:
                 if fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
                     raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
             async with fs.vol.join() as engine:
-                placed = engine.allocator.alloc_many([len(data) for data, _ in sealed], keep=engine.data_keep())
+                placed = engine.allocator.alloc_many([len(data) for data, _ in sealed], keep=fs.data_keep())
                 try:
                     await fs.vol.device.writev(joined(list(zip(placed, (data for data, _ in sealed)))))
                 except BaseException:
@@ -489,7 +492,7 @@ class Writeback:
                     raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
                 async with fs.vol.join() as engine:
                     # the data goes first: items must never point at an extent whose write failed
-                    keep = engine.data_keep()
+                    keep = fs.data_keep()
                     try:
                         bytenr = engine.allocator.alloc(length, keep=keep)
                     except NoSpaceError as e:
