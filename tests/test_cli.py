@@ -58,6 +58,9 @@ def test_dump_tree_json_and_text(image):
         assert int.from_bytes(f.read(8), "little") == fs["bytenr"]
     text = run("inspect", "dump-tree", image, "--tree", "fs").stdout
     assert "leaf" in text and "(256 INODE_ITEM 0)" in text and "extent tree" not in text
+    # the log tree asked for on an image with no fsync log: said, not an empty output
+    assert run("inspect", "dump-tree", image, "--tree", "log").stdout == (
+        "log tree: none (no fsync log to replay: the image is its last full commit)\n")
 
 
 def test_fsck_clean_json_and_never_writes(image):

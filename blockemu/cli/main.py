@@ -987,6 +987,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                 current = b["tree"]
                 print(f"{current} tree")
             print("\n".join(inspect_mod.block_text(b)))
+        if "log" in (a.tree or ()) and not any(b["tree"] == "log" for b in blocks):
+            print("log tree: none (no fsync log to replay: the image is its last full commit)")  # not silence
     return 0
 
 
