@@ -1043,7 +1043,10 @@ class Filesystem:
         rather than reported at fsync or close. Short of room, write back and commit first (the
         space this transaction freed comes back at its commit), as btrfs flushes delalloc and
         commits before it gives up. ``room_for`` counts every byte as new (a COW overwrite
-        needs new space too) plus the partial pages at both ends."""
+        needs new space too) plus the partial pages at both ends. With room enough it returns at
+        once, without yielding to the loop."""
+        if self.room_for(n):
+            return
         await self.sync()
         self.require_room(n)
 
@@ -1077,7 +1080,7 @@ class Filesystem:
             raise InvalidArgument("negative size")
         if size > S.MAX_FILE_SIZE:
             raise FileTooBig(f"size {size} exceeds the largest file size {S.MAX_FILE_SIZE}")
-        if size < inode.size and size % PAGE and not self.room_for(PAGE):
+        if size < inode.size and size % PAGE:
             await self.make_room(PAGE)  # the tail page is rewritten (zero_partial)
         async with inode.wb_lock:
             if size < inode.size:
@@ -1107,7 +1110,7 @@ class Filesystem:
         file there is nothing to punch: nothing is mapped there."""
         if offset < 0 or length <= 0:
             raise InvalidArgument(f"bad hole [{offset}, +{length})")
-        if (offset % PAGE or (offset + length) % PAGE) and not self.room_for(2 * PAGE):
+        if offset % PAGE or (offset + length) % PAGE:
             await self.make_room(2 * PAGE)  # its partial end pages are rewritten (zero_partial)
         async with inode.wb_lock:
             end = min(offset + length, inode.size)
@@ -1329,8 +1332,7 @@ class File:
             return inode.size if offset is None else offset, 0
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
-        if not fs.room_for(n):
-            await fs.make_room(n)
+        await fs.make_room(n)
         at = inode.size if offset is None else offset
         end = at + n
         if n == PAGE and not at % PAGE and end <= S.MAX_FILE_SIZE:
