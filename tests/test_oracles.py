@@ -251,6 +251,15 @@ def test_cli_crash_and_stress_default_to_the_production_write_path():
     assert out["write_path"] == "production" and out["states"] > 0 and not out["failures"]
 
 
+async def lone_task(fs, seed: int, scale: int) -> tuple[Task, MixResult]:
+    """One mix task working in /t, and the result it reports to, as the mix makes them."""
+    result = MixResult()
+    task = Task(fs, "/t", random.Random(seed), result, scale=scale)
+    result.tasks = [task]
+    await fs.mkdir(task.root)
+    return task, result
+
+
 async def test_a_sync_ledger_copies_no_model_and_stays_right_after_later_changes(tmp_path):
     """A sync records every unchanged file's model in the ledger without copying it (copying
     every task's files on each sync cost the stress mix more than the sync's writeback); a
@@ -261,10 +270,7 @@ async def test_a_sync_ledger_copies_no_model_and_stays_right_after_later_changes
     img = str(tmp_path / "l.img")
     await blockemu.mkfs(img, size="64M")
     async with blockemu.mount(img, interval=3600) as fs:
-        result = MixResult()
-        task = Task(fs, "/t", random.Random(7), result, scale=16)
-        result.tasks = [task]
-        await fs.mkdir(task.root)
+        task, result = await lone_task(fs, seed=7, scale=16)
         for _ in range(12):
             await task.step("create")
         await fs.sync()
@@ -292,11 +298,8 @@ async def test_the_mix_draws_its_data_from_the_task_pool_and_the_disk_holds_it(t
     a remount, every byte, and two writes' data differ."""
     img = str(tmp_path / "d.img")
     await blockemu.mkfs(img, size="64M")
-    result = MixResult()
     async with blockemu.mount(img, interval=3600) as fs:
-        task = Task(fs, "/t", random.Random(5), result, scale=4)
-        result.tasks = [task]
-        await fs.mkdir(task.root)
+        task, result = await lone_task(fs, seed=5, scale=4)
 
         def no_draws(n: int) -> bytes:
             raise AssertionError("a write drew its data from randbytes")
@@ -318,11 +321,8 @@ async def test_a_create_refused_by_enospc_at_its_write_leaves_no_divergence(tmp_
     ``stress --ops 2000`` on its 256M image reported dozens of 'lost acknowledged writes'."""
     img = str(tmp_path / "full.img")
     await blockemu.mkfs(img, size="16M")
-    result = MixResult()
     async with blockemu.mount(img, interval=3600) as fs:
-        task = Task(fs, "/t", random.Random(3), result, scale=16)
-        result.tasks = [task]
-        await fs.mkdir(task.root)
+        task, result = await lone_task(fs, seed=3, scale=16)
         for _ in range(200):
             await task.step("create")
             if len(result.errors) >= 3:
