@@ -136,3 +136,17 @@ class SymlinkLoop(BlockemuError):
     """ELOOP: a path ends at a symbolic link where a file was wanted (the API never follows one)."""
 
     code = errno.ELOOP
+
+
+class TooManyLinks(BlockemuError):
+    """EMLINK: the names one inode has in one directory fill the INODE_REF item that holds
+    them (btrfs without extended refs says the same)."""
+
+    code = errno.EMLINK
+
+
+class NameOverflow(BlockemuError):
+    """EOVERFLOW: names whose hashes collide fill the DIR_ITEM that holds them, as btrfs's
+    insert_with_overflow says."""
+
+    code = errno.EOVERFLOW

@@ -86,6 +86,45 @@ async def test_link_errors(image):
     assert_fsck_clean(image)
 
 
+async def test_names_past_what_one_item_holds_are_refused_before_any_change(image):
+    """All of an inode's names in one directory live in one INODE_REF item, all names of one
+    hash in one DIR_ITEM. Past the largest item a leaf holds, link(2) found out halfway (the
+    tree refused the insert) and aborted the transaction: the mount went read-only. Now link
+    and rename say EMLINK (btrfs without extended refs says the same) and EOVERFLOW, before
+    any change, and the mount goes on."""
+    names = [("n%03d" % i).encode() + b"x" * 200 for i in range(40)]
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"data")
+        linked = 0
+        with ErrnoCheck(errno.EMLINK):
+            for name in names:
+                await fs.link("/f", "/" + name.decode())
+                linked += 1
+        assert 10 < linked < len(names)
+        with ErrnoCheck(errno.EMLINK):  # a rename that adds a name to the full item
+            await fs.rename("/f", "/" + "y" * 250)
+        await fs.rename("/f", "/g")  # one that swaps a name for a shorter one fits
+        # names of one hash (as a hostile image may hold): a DIR_ITEM a few bytes short of full
+        await fs.mkdir("/d")
+        async with fs.vol.join():
+            d = fs._resolve("/d")
+            key = (d.ino, S.DIR_ITEM, name_hash(b"a"))
+            entry = unpack_dir_entries(fs.tree[(fs._resolve("/").ino, S.DIR_ITEM, name_hash(b"g"))])[0]
+            filler = [entry._replace(name=b"%03d" % i + b"z" * (250 if i else 47)) for i in range(15)]
+            fs.tree.insert(key, pack_dir_entries(filler))
+        with ErrnoCheck(errno.EOVERFLOW):
+            await fs.mkdir("/d/a")
+        async with fs.vol.join():
+            fs.tree.delete(key)
+        await fs.mkdir("/d/a")  # the mount is still writable
+        assert len(await fs.readdir("/")) == linked + 2  # the links, /g and /d
+    async with blockemu.mount(image) as fs:
+        assert await read(fs, "/g") == b"data"
+        assert (await fs.stat("/g")).st_nlink == linked + 1
+    assert_fsck_clean(image)
+
+
 async def test_symlinks_plain_and_encrypted(image):
     async with blockemu.mount(image) as fs:
         await fs.symlink("../some/where", "/s")

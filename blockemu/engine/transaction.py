@@ -370,11 +370,21 @@ class Engine:
         alloc = self.store.allocator
         return alloc is not None and bool(alloc.pinned) and alloc.node_room < self.data_keep()
 
-    def check_room(self) -> None:
-        """ENOSPC before an operation that grows the metadata (a new inode) starts, rather
-        than halfway through it: it may not eat the reserve that keeps deletes possible."""
+    def meta_room(self, promised: int = 0) -> bool:
+        """Whether an operation that grows the metadata (a new inode, a name) may start: it
+        may not eat the reserve that keeps deletes possible, nor the ``promised`` tree blocks'
+        worth of room write() admitted dirty data under, which writeback has not yet taken.
+        With a promise it must also leave the most it may take itself (``op_blocks``): the
+        dirty data was admitted against the room as it was before this operation."""
         alloc = self.store.allocator
-        if alloc is not None and alloc.node_room < self.data_keep():
+        need = self.data_keep() + (promised + self.op_blocks() if promised else 0)
+        return alloc is None or alloc.node_room >= need
+
+    def check_room(self, promised: int = 0) -> None:
+        """ENOSPC before an operation that grows the metadata starts (``meta_room``), rather
+        than halfway through it."""
+        if not self.meta_room(promised):
+            alloc = self.allocator
             raise no_space(self.sb.nodesize, alloc.free_bytes(), alloc.largest(), self.data_keep() * self.sb.nodesize)
 
     def is_dirty(self) -> bool:
