@@ -3,6 +3,7 @@ the filesystem works after it (every call raises an OSError, and no worker start
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 
 import pytest
@@ -99,3 +100,47 @@ async def test_a_read_in_flight_when_its_file_closes_locks_the_inode_after(image
         release.set()
         assert await reading == b"z" * 8192
         assert str(fs.key_status(KID)) == "Absent" and not inode.pages.pages
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain-page", "sealing-worker-extent"])
+async def test_a_cancelled_unmount_waits_for_the_runs_still_out_before_freeing_the_arena(image, monkeypatch, encrypted):
+    """An fsync's run is still on its way to the trees when an unmount, cancelled (as a failed
+    stress task's siblings are at shutdown), gives up waiting for that file and goes on to drop
+    the page cache. The run then comes back, finds the volume closed and is recorded as lost --
+    and used to return its frames to the arena already unmapped: ``ValueError: operation
+    forbidden on released memoryview object`` out of the fsync (and at shutdown). Now the arena
+    stays until the last run is back: the fsync reports the loss as EIO."""
+    fs = await blockemu.mount(image, interval=3600, seal_workers=2)
+    path = "/d/f" if encrypted else "/f"
+    if encrypted:
+        await encrypted_dir(fs, "/d")
+    size = (1 << 20) if encrypted else 4096  # a 1 MiB encrypted run goes to a sealing worker
+    f = await fs.open(path, "w")
+    await f.write(b"q" * size)
+    real_join, real_close = fs.vol.join, fs.cache.close
+    at_gate, arena_let_go = asyncio.Event(), asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def held_join():
+        """The run, sealed, waits to join the transaction until the unmount has dropped the cache."""
+        at_gate.set()
+        await arena_let_go.wait()
+        async with real_join() as engine:
+            yield engine
+
+    def close_then_release():
+        real_close()
+        arena_let_go.set()
+
+    monkeypatch.setattr(fs.vol, "join", held_join)
+    monkeypatch.setattr(fs.cache, "close", close_then_release)
+    fsync = asyncio.ensure_future(f.fsync())
+    await at_gate.wait()
+    unmount = asyncio.ensure_future(fs.unmount())
+    await asyncio.sleep(0)  # the unmount starts its flush, which waits for the fsync's file
+    unmount.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await unmount
+    with ErrnoCheck(errno.EIO):  # was ValueError: operation forbidden on released memoryview object
+        await fsync
+    assert fs.cache.arena.closed  # unmapped once the run came back: no plaintext left mapped

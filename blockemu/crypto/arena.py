@@ -26,6 +26,7 @@ class Arena:
         # LIFO: the most recently freed frame is reused first, so the arena's touched
         # (resident) part is only as large as the most dirty data ever held at once
         self.free = list(range(frames - 1, -1, -1))
+        self.closed = False
 
     def page(self, frame: int) -> memoryview:
         return self.view[frame * PAGE : (frame + 1) * PAGE]
@@ -43,6 +44,7 @@ class Arena:
         self.free.extend(frames)
 
     def close(self) -> None:
+        self.closed = True
         unmap(self.map, self.view)
         os.close(self.fd)
 

@@ -68,10 +68,19 @@ class PageCache:
         self._orphans: set[int] = set()  # sealing frames whose page has moved on: free when written
         self._evicted: list[bytearray] = []  # clean pages to zero on the loop's next turn
         self._readers = 0  # reads gathering pages across awaits (see ``reading``)
+        self._closing = False  # closed, the arena to go once no run taken for writeback is out
 
     def close(self) -> None:
+        """Zero what is cached and let the arena go -- once every run taken for writeback is
+        back: a flush whose caller gave up on it (a cancelled unmount or sync) still returns its
+        frames, zeroed, to the arena, which then must still be mapped. The last one back closes it."""
         self.zero_evicted()
-        self.arena.close()
+        self._closing = True
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if self._closing and not self._sealing and not self.arena.closed:
+            self.arena.close()
 
     def buffer(self, entry: Entry) -> Page:
         return self.arena.page(entry) if type(entry) is int else entry  # type: ignore[return-value,arg-type]
@@ -214,6 +223,7 @@ class PageCache:
             for idx in span:  # streaming: the clean cache is full, so written-behind pages go first
                 del table[idx]
             self.arena.release(frames[::-1])
+            self._close_if_idle()
             return
         freed: list[int] = []
         for idx, entry in zip(span, entries):
@@ -241,6 +251,7 @@ class PageCache:
             if frame:
                 freed.append(entry)  # type: ignore[arg-type]
         self.arena.release(freed[::-1])
+        self._close_if_idle()
 
     def untake(self, pages: Pages, run: Run) -> None:
         """A run from ``take_dirty`` that will not be written (its flush was cancelled before
@@ -260,6 +271,7 @@ class PageCache:
                 self.dirty_bytes -= PAGE
                 continue
             dirty.add(idx)
+        self._close_if_idle()
 
     def drop(self, pages: Pages, first: int = 0, end: int | None = None) -> int:
         """Forget pages ≥ ``first`` (and < ``end``: a punched hole), dirty ones too: truncate,
