@@ -17,6 +17,7 @@ import blockemu
 from blockemu.cli.main import main
 from blockemu.engine.alloc import Allocator
 from blockemu.errors import NoSpaceError
+from blockemu.fs.filesystem import META_PER_RUN
 from tests.util import KEY, ErrnoCheck, assert_fsck_clean, encrypted_dir
 
 S = 4096
@@ -344,6 +345,44 @@ async def test_punch_and_truncate_say_enospc_when_the_pages_they_zero_cannot_get
             await f.fsync()  # nothing acknowledged is lost
             assert refused and f.inode.lost_bytes == 0
     await verify(image, {"/f": bytes(want)})
+    assert_fsck_clean(image)
+
+
+async def test_a_punch_whose_second_end_page_finds_no_room_zeroes_neither(image, monkeypatch):
+    """A hole with two partial end pages dirties both. Room for them was checked one page at a
+    time, the second after the first was zeroed: when another file's write took the room while
+    the punch read its first end page, the second found none and the punch failed with ENOSPC
+    -- its first end page already zeroed in the cache, and written back. Now both end pages are
+    read first and room for both is checked before either is zeroed: refused, the file is as
+    it was."""
+    data = random.randbytes(4 * S)
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        await put(fs, "/f", data)
+        f, g = await fs.open("/f", "r+"), await fs.open("/g", "w")
+        fs.cache.drop(f.inode.pages)  # the punch reads its end pages from the device
+        device, real_read = fs.vol.device, fs.vol.device.read
+        reading, release = asyncio.Event(), asyncio.Event()
+
+        async def first_read_held(offset, length):
+            if not reading.is_set():
+                reading.set()
+                await release.wait()
+            return await real_read(offset, length)
+
+        monkeypatch.setattr(device, "read", first_read_held)
+        punch = asyncio.ensure_future(f.punch_hole(100, 2 * S + 100))  # ends: [100, S) and [2S, 2S + 200)
+        await reading.wait()
+        # another writer leaves room for one zeroed page, not for two (each a run of its own:
+        # the second needs the first's page and its own extent's items, META_PER_RUN, more)
+        while fs.room_for(2 * S + META_PER_RUN):
+            await g.write(b"g" * S)
+        release.set()
+        with ErrnoCheck(errno.ENOSPC):
+            await punch
+        assert not f.inode.pages.dirty  # nothing of it is waiting to be written
+        await f.close()
+        await g.close()
+    await verify(image, {"/f": data})
     assert_fsck_clean(image)
 
 

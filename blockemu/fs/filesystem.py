@@ -1034,8 +1034,9 @@ class Filesystem:
         inode.open_count += 1
         return inode
 
-    def room_for(self, n: int) -> bool:
-        """Whether ``n`` more bytes of dirty data can get extents at writeback, with the dirty
+    def room_for(self, n: int, runs: int = 1) -> bool:
+        """Whether ``n`` more bytes of dirty data, in ``runs`` separate runs, can get extents at
+        writeback, with the dirty
         data already waiting for its own and the tree room its extents' items will take: the
         free space (whole tree blocks' worth, as the allocator counts it) less the metadata
         reserve. Every write asks, so the space is derived again only when the allocator has
@@ -1048,7 +1049,8 @@ class Filesystem:
         if not self.cache.dirty_bytes:
             # everything dirty has its extents: their items are in the trees
             self.meta_reserved, self.promised_keep = 0, None
-        if n + 2 * PAGE + self.meta_for(n) + self.cache.dirty_bytes + self.meta_reserved > self._room:
+        meta = self.meta_for(n) + (runs - 1) * META_PER_RUN
+        if n + 2 * PAGE + meta + self.cache.dirty_bytes + self.meta_reserved > self._room:
             return False
         self.promised_keep = self._room_keep if self.promised_keep is None else min(self.promised_keep, self._room_keep)
         return True
@@ -1079,7 +1081,7 @@ class Filesystem:
         if first - 1 not in inode.pages.dirty:
             self.meta_reserved += self.meta_for(n)
 
-    async def make_room(self, n: int) -> None:
+    async def make_room(self, n: int, runs: int = 1) -> None:
         """ENOSPC at write(), as btrfs reserves delayed-allocation space when a page is dirtied:
         a write that cannot get extents at writeback is refused now, before it is acknowledged,
         rather than reported at fsync or close. Short of room, write back and commit first (the
@@ -1087,10 +1089,10 @@ class Filesystem:
         commits before it gives up. ``room_for`` counts every byte as new (a COW overwrite
         needs new space too) plus the partial pages at both ends. With room enough it returns at
         once, without yielding to the loop."""
-        if self.room_for(n):
+        if self.room_for(n, runs):
             return
         await self.sync()
-        self.require_room(n)
+        self.require_room(n, runs)
 
     def promised_blocks(self) -> int:
         """Tree blocks' worth of room write() promised to dirty data (``room_for``) that
@@ -1113,9 +1115,9 @@ class Filesystem:
         if not self.vol.engine.meta_room(self.promised_blocks()):
             await self.sync()
 
-    def require_room(self, n: int) -> None:
+    def require_room(self, n: int, runs: int = 1) -> None:
         """ENOSPC unless ``n`` more bytes of dirty data can get extents (``room_for``)."""
-        if not self.room_for(n):
+        if not self.room_for(n, runs):
             alloc, engine = self.vol.engine.allocator, self.vol.engine
             raise no_space(n, alloc.free_bytes(), alloc.largest(), engine.data_keep() * self.vol.sb.nodesize)
 
@@ -1174,7 +1176,7 @@ class Filesystem:
         if offset < 0 or length <= 0:
             raise InvalidArgument(f"bad hole [{offset}, +{length})")
         if offset % PAGE or (offset + length) % PAGE:
-            await self.make_room(2 * PAGE)  # its partial end pages are rewritten (zero_partial)
+            await self.make_room(2 * PAGE, runs=2)  # its partial end pages are rewritten (zero_partial)
         async with inode.wb_lock:
             end = min(offset + length, inode.size)
             if end <= offset:
@@ -1182,12 +1184,20 @@ class Filesystem:
             lo, hi = -(-offset // PAGE), end // PAGE  # the whole pages [lo, hi)
             if lo >= hi:  # inside one page, or across one page boundary: zeroed, not unmapped
                 lo = hi = max(lo, offset // PAGE)
-            edges = [(offset, min(end, lo * PAGE)), (max(offset, hi * PAGE), end)]
-            for s, e in edges:
-                if s < e:
+            edges = [(s, e) for s, e in ((offset, min(end, lo * PAGE)), (max(offset, hi * PAGE), end)) if s < e]
+            # all or nothing: both end pages are read (copied: a page is valid only until the
+            # next await) and room for both is checked before either is zeroed -- the second
+            # refused after the first was zeroed left half a punch acknowledged by an ENOSPC
+            olds = [bytearray((await self.read_pages(inode, s // PAGE, 1))[0]) for s, _ in edges]
+            try:
+                self.check_dirtying(inode)
+                self.require_room(len(edges) * PAGE, runs=len(edges))
+                for (s, e), old in zip(edges, olds):
                     idx = s // PAGE
-                    old = (await self.read_pages(inode, idx, 1))[0]
                     self.zero_partial(inode, idx, old, s - idx * PAGE, e - idx * PAGE)
+            finally:
+                for old in olds:
+                    fscrypt.wipe(old)  # plaintext copies
             self.cache.drop(inode.pages, lo, hi)
             async with self.vol.join():
                 if lo < hi:
