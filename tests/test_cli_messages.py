@@ -207,3 +207,17 @@ def test_a_file_too_small_for_a_superblock_is_said_so_in_one_text(tmp_path, caps
     small.write_bytes(bytes(4096))
     assert cli(capsys, *(a.format(img=small) for a in argv)) == (
         8 if argv[0] == "fsck" else 1, "", f"blockemu: {argv[0]}: {small}: too small to be a blockemu image (4096 bytes)\n")
+
+
+def test_stress_on_a_full_image_without_faults_says_out_of_space_not_injected(tmp_path, capsys):
+    """No --faults: the operations a full image refused with ENOSPC were counted as 'injected
+    errors'. Nothing was injected; they are counted as what they are, and no injected line shows."""
+    img, big = tmp_path / "full.img", tmp_path / "big"
+    big.write_bytes(os.urandom(14 << 20))
+    assert cli(capsys, "mkfs", str(img), "--size", "16M")[0] == 0
+    assert cli(capsys, "put", str(img), str(big), "/big")[0] == 0
+    rc, out, err = cli(capsys, "stress", str(img), "--ops", "30", "--tasks", "1", "--seed", "1", "--no-progress")
+    lines = dict(line.rsplit(None, 1) for line in out.splitlines() if line and not line.startswith("seed"))
+    assert (rc, err) == (0, ""), out
+    assert int(lines["refused out of space"]) > 0 and lines["io errors"] == "0", out
+    assert "injected errors" not in lines, out

@@ -35,6 +35,7 @@ class MixResult:
     acknowledged_writes: int = 0
     divergent: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # operations the (faulty) device made fail
+    no_space: list[str] = field(default_factory=list)  # operations refused with ENOSPC: the image is full
     # the ledger: what an fsync or sync acknowledged as durable and nothing changed since (a
     # sync records a file's model itself, which no change touches before dropping the entry)
     durable: dict[str, bytes | bytearray] = field(default_factory=dict)
@@ -63,14 +64,15 @@ class Task:
         return f"{self.rng.choice(self.dirs)}/{kind}{self.n}"
 
     async def step(self, op: str) -> None:
-        """One operation; a failure the device injected (EIO, ENOSPC) taints the paths involved."""
+        """One operation; a failure the device injected (EIO, EROFS) or a full image (ENOSPC)
+        taints the paths involved."""
         before = set(self.files)
         try:
             await self._step(op)
         except OSError as e:
             if e.errno not in (errno.EIO, errno.ENOSPC, errno.EROFS):
                 raise
-            self.r.errors.append(f"{op}: {e}")
+            (self.r.no_space if e.errno == errno.ENOSPC else self.r.errors).append(f"{op}: {e}")
             # the paths the operation was changing (a create whose write failed left its file,
             # empty, on disk: the model adds a file only once written) and any it added or removed
             self.tainted |= (before ^ set(self.files) or before) | self.busy

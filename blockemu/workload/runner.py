@@ -401,7 +401,11 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
     summary: dict[str, Any] = {"seed": seed, "image": image, "ops": mix.ops, "by_op": mix.by_op,
                                "acknowledged_writes": mix.acknowledged_writes,
                                "lost_acknowledged_writes": len(mix.divergent), "divergent_files": len(mix.divergent),
-                               "injected_errors": len(mix.errors) + bool(aborted), "aborted": aborted,
+                               # ENOSPC is the image being full, never injected (no fault makes it); an
+                               # I/O error without --faults is the image file's own
+                               "refused_out_of_space": len(mix.no_space),
+                               "injected_errors" if faults else "io_errors": len(mix.errors) + bool(aborted),
+                               "aborted": aborted,
                                "ledger_files_checked_after_crash": len(mix.durable) if cut else None,
                                "fsck": "clean" if report.clean else
                                f"{len(report.errors)} errors", "fsck_errors": [e.as_json() for e in report.errors[:20]]}
@@ -457,7 +461,7 @@ def _stress_shard(args: tuple) -> dict[str, Any]:
                                    key_removal=key_removal, faults=FaultPlan.parse(faults) if faults else None,
                                    crash_points=crash_points, write_path=WRITE_PATHS[write_path]))
     counts = {k: s.get(k) or 0 for k in ("ops", "acknowledged_writes", "lost_acknowledged_writes", "injected_errors",
-                                         "crash_states_checked", "crash_failures")}
+                                         "io_errors", "refused_out_of_space", "crash_states_checked", "crash_failures")}
     counts["aborted"] = int(s["aborted"] is not None)
     problems = s["problems"] or ([] if s["ok"] else ["not ok"])
     return {"units": 1, "states": s["ops"] + (s.get("crash_states_checked") or 0), "counts": counts,
