@@ -137,10 +137,10 @@ def test_encrypt_without_a_key_file_is_the_same_usage_error_for_mkfs_and_mkdir(t
     """mkfs exited 1, mkdir 2 (usage) for the same missing flag."""
     img = str(tmp_path / "e.img")
     assert cli(capsys, "mkfs", img, "--size", "32M", "--encrypt", "/e") == (
-        2, "", "blockemu: usage: mkfs --encrypt needs --key-file\n")
+        2, "", "blockemu: usage: blockemu mkfs: --encrypt needs --key-file\n")
     assert not os.path.exists(img)
     assert cli(capsys, "mkfs", img, "--size", "32M")[0] == 0
-    assert cli(capsys, "mkdir", img, "/e", "--encrypt") == (2, "", "blockemu: usage: mkdir --encrypt needs --key-file\n")
+    assert cli(capsys, "mkdir", img, "/e", "--encrypt") == (2, "", "blockemu: usage: blockemu mkdir: --encrypt needs --key-file\n")
 
 
 def test_run_list_gives_whole_descriptions(capsys):
@@ -221,3 +221,44 @@ def test_stress_on_a_full_image_without_faults_says_out_of_space_not_injected(tm
     assert (rc, err) == (0, ""), out
     assert int(lines["refused out of space"]) > 0 and lines["io errors"] == "0", out
     assert "injected errors" not in lines, out
+
+
+@pytest.mark.parametrize("argv, code, line", [
+    # argparse's own form, which every usage line now takes
+    (["stress", "s.img", "--tasks", "0"], 2, "blockemu stress: argument --tasks: 0 is out of range: at least 1"),
+    (["fsck"], 16, "blockemu fsck: the following arguments are required: image"),
+    (["key", "add", "/mnt"], 2, "blockemu key add: the following arguments are required: --key-file"),
+    # the commands' own checks: these read 'mkdir --encrypt ...', 'run: ...', '--kernel-peer ...'
+    # (no command at all), 'blockemu stress: ...' -- four forms
+    (["mkdir", "x.img", "/e", "--encrypt"], 2, "blockemu mkdir: --encrypt needs --key-file"),
+    (["mkfs", "x.img", "--size", "16M", "--encrypt", "/e"], 2, "blockemu mkfs: --encrypt needs --key-file"),
+    (["run"], 2, "blockemu run: a job file or a scenario name is needed (or --list)"),
+    (["stress"], 2, "blockemu stress: IMAGE is required (unless --seeds)"),
+    (["stress", "s.img", "--report", "out"], 2,
+     "blockemu stress: --kernel-peer and --report belong to --scenario key-removal-race"),
+    (["stress", "--seeds", "0..2", "--scenario", "key-removal-race", "--duration", "1"], 2,
+     "blockemu stress: --seeds runs the mix scenario"),
+    (["key", "status", "/mnt"], 2, "blockemu key status: give one of --key-file or --id"),
+    (["mount", "x.img", "/mnt", "-o", "bogus"], 2, "blockemu mount: unknown mount option 'bogus' (known: ro, rw, "
+     "interval=, dirty_limit=, background_bytes=, max_extent=, cache_limit=, seal_workers=, seal_timeout=)"),
+])
+def test_every_usage_error_reads_as_argparse_words_its_own(tmp_path, capsys, monkeypatch, argv, code, line):
+    """One form for every usage line, argparse's: ``blockemu: usage: blockemu CMD [ACTION]: why``,
+    and the JSON error's message is that line."""
+    monkeypatch.chdir(tmp_path)
+    assert cli(capsys, *argv) == (code, "", f"blockemu: usage: {line}\n")
+    rc, out, _ = cli(capsys, *argv, "--json") if argv[0] in ("stress", "fsck") else (code, None, None)
+    if out is not None:
+        assert (rc, json.loads(out)["error"]["message"]) == (code, line)
+
+
+def test_stress_force_on_the_mix_is_refused_naming_the_scenario_it_belongs_to(tmp_path, capsys):
+    """--force (help: 'key-removal-race: overwrite IMAGE with a fresh image') was silently ignored by
+    the mix, which then ran on the old image; it is refused before anything runs."""
+    img = tmp_path / "s.img"
+    assert cli(capsys, "mkfs", str(img), "--size", "16M")[0] == 0
+    before = img.read_bytes()
+    assert cli(capsys, "stress", str(img), "--force", "--ops", "5") == (2, "", (
+        "blockemu: usage: blockemu stress: --force belongs to --scenario key-removal-race, which makes IMAGE "
+        "afresh; the mix runs on IMAGE as it is, in a directory of its own (making IMAGE only if it is missing)\n"))
+    assert img.read_bytes() == before

@@ -149,4 +149,4 @@ def test_report_from_a_seeded_run_matches_its_table(tmp_path):
 
 def test_race_only_flags_on_the_mix_are_a_usage_error(tmp_path):
     p = run("stress", str(tmp_path / "m.img"), "--report", str(tmp_path / "rep"), check_rc=2)
-    assert p.stderr.strip() == "blockemu: usage: --kernel-peer and --report belong to --scenario key-removal-race"
+    assert p.stderr.strip() == "blockemu: usage: blockemu stress: --kernel-peer and --report belong to --scenario key-removal-race"

@@ -35,12 +35,18 @@ DEFAULT_OPS = 300  # stress --ops: a flag given is told from the default (the fr
 
 
 class UsageError(Exception):
-    pass
+    """A command line blockemu will not run: ``why``, printed in argparse's one form, ``blockemu:
+    usage: blockemu CMD [ACTION]: why`` -- ``prog`` is the (sub)command's, which ``main`` fills
+    in for the checks the commands make themselves after parsing."""
+
+    def __init__(self, why: str, prog: str | None = None) -> None:
+        super().__init__(why)
+        self.why, self.prog = why, prog
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(message, self.prog)
 
 
 def count(least: int, most: int | None = None, why: str = "") -> Callable[[str], int]:
@@ -357,7 +363,7 @@ def run_campaign_cli(a: argparse.Namespace, campaign: Campaign) -> Summary:
     try:
         ex = campaign_executor(a.jobs, a.ray)
     except RayMissing as e:
-        raise UsageError(f"{a.command}: {e}") from None
+        raise UsageError(str(e)) from None
     return run_campaign(campaign, ex, results=a.results or a.resume, resume=a.resume,
                         progress=progress_wanted(a.progress, a.json))
 
@@ -559,7 +565,7 @@ def cmd_mkdir(a: argparse.Namespace) -> int:
     from blockemu.crypto import fscrypt
 
     if a.encrypt and not a.key_file:
-        raise UsageError("mkdir --encrypt needs --key-file")
+        raise UsageError("--encrypt needs --key-file")
 
     async def body(fs: Any) -> int:
         await fs.mkdir(a.path)
@@ -628,7 +634,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                                 break_on_hyphens=False))
         return 0
     if not a.workload:
-        raise UsageError("run: a job file or a scenario name is needed (or --list)")
+        raise UsageError("a job file or a scenario name is needed (or --list)")
     seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
     overrides = {k: v for k, v in (("runtime", a.runtime), ("size", a.size)) if v is not None}
     if a.parse_only:
@@ -673,11 +679,15 @@ def cmd_stress(a: argparse.Namespace) -> int:
 
     if a.scenario == "key-removal-race":
         race_flags(a)
+    elif a.force:
+        # silently ignored, it let a user believe the mix ran on a fresh image
+        raise UsageError("--force belongs to --scenario key-removal-race, which makes IMAGE afresh; the mix "
+                         "runs on IMAGE as it is, in a directory of its own (making IMAGE only if it is missing)")
     a.ops = DEFAULT_OPS if a.ops is None else a.ops
     if a.seeds is not None:
         return stress_seeds(a)
     if a.image is None:
-        raise UsageError("blockemu stress: IMAGE is required (unless --seeds)")
+        raise UsageError("IMAGE is required (unless --seeds)")
     seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
     if a.scenario == "key-removal-race":
         return stress_race(a, seed)
@@ -713,16 +723,16 @@ def race_flags(a: argparse.Namespace) -> None:
     seeded one for --ops steps, so the other bound would be ignored (a silent --ops was); and
     --report needs matplotlib, which used to be found missing only after the whole race."""
     if a.schedule == "free" and a.ops is not None:
-        raise UsageError("blockemu stress: --ops counts the steps of --schedule seeded; the free race runs for "
+        raise UsageError("--ops counts the steps of --schedule seeded; the free race runs for "
                          "--duration S (default 5)")
     if a.schedule == "seeded" and a.duration is not None:
-        raise UsageError("blockemu stress: --duration bounds the free race; --schedule seeded runs --ops N steps "
+        raise UsageError("--duration bounds the free race; --schedule seeded runs --ops N steps "
                          f"(default {DEFAULT_OPS})")
     if a.report:
-        need_pyplot("blockemu stress: --report")
+        need_pyplot("--report")
 
 
-def need_pyplot(what: str) -> None:
+def need_pyplot(flag: str | None = None) -> None:
     """matplotlib (the `report` extra) found missing before any work, as a usage error (exit 2,
     as --ray without Ray): found when drawing, it came after the whole race or image walk."""
     from blockemu.display import MissingExtra, pyplot
@@ -730,7 +740,7 @@ def need_pyplot(what: str) -> None:
     try:
         pyplot()
     except MissingExtra as e:
-        raise UsageError(f"{what}: {e}") from None
+        raise UsageError(f"{flag}: {e}" if flag else str(e)) from None
 
 
 def stress_race(a: argparse.Namespace, seed: int) -> int:
@@ -792,7 +802,7 @@ def stress_seeds(a: argparse.Namespace) -> int:
     from blockemu.workload.writepath import WRITE_PATHS
 
     if a.scenario != "mix":
-        raise UsageError("blockemu stress: --seeds runs the mix scenario")
+        raise UsageError("--seeds runs the mix scenario")
     s = run_campaign_cli(a, stress_campaign(a.seeds, tasks=a.tasks, ops=a.ops, duration=a.duration,
                                             key_removal=a.key_removal, faults=a.faults, crash_points=a.crash_points,
                                             write_path=WRITE_PATHS[a.write_path]))
@@ -833,9 +843,9 @@ def mount_options(options: list[str]) -> dict[str, Any]:
             try:
                 out[name] = MOUNT_OPTIONS[name](value)
             except (ValueError, InvalidArgument):
-                raise UsageError(f"blockemu mount: bad value for mount option {name}: {value!r}") from None
+                raise UsageError(f"bad value for mount option {name}: {value!r}") from None
         else:
-            raise UsageError(f"blockemu mount: unknown mount option {opt!r} (known: ro, rw, "
+            raise UsageError(f"unknown mount option {opt!r} (known: ro, rw, "
                              + ", ".join(f"{k}=" for k in MOUNT_OPTIONS) + ")")
     return out
 
@@ -870,7 +880,7 @@ def cmd_key(a: argparse.Namespace) -> int:
         text = control.request(a.mountpoint, "key-add", key=read_key(a.key_file).hex(), user=a.user)
     else:
         if (a.key_file is None) == (a.id is None):
-            raise UsageError(f"blockemu key {a.action}: give one of --key-file or --id")
+            raise UsageError("give one of --key-file or --id")
         kid = a.id if a.id is not None else fscrypt.key_identifier(read_key(a.key_file)).hex()
         extra = {"all_users": a.all_users} if a.action == "remove" else {}
         text = control.request(a.mountpoint, f"key-{a.action}", id=kid, user=a.user, **extra)
@@ -902,7 +912,7 @@ def cmd_mkfs(a: argparse.Namespace) -> int:
     from blockemu.fs.mkfs import mkfs
 
     if a.encrypt and not a.key_file:  # a flag missing is a usage error, as mkdir --encrypt says it
-        raise UsageError("mkfs --encrypt needs --key-file")
+        raise UsageError("--encrypt needs --key-file")
     sb = asyncio.run(mkfs(a.image, a.size, node_size=a.node_size, csum=a.csum, label=a.label, uuid=a.uuid, force=a.force,
                           rootdir=a.rootdir, encrypt=a.encrypt, key=read_key(a.key_file),
                           progress=progress_wanted(a.progress)))
@@ -1012,7 +1022,7 @@ def inspect_heatmap(a: argparse.Namespace) -> int:
     from blockemu import display
     from blockemu.check import heatmap
 
-    need_pyplot("blockemu inspect heatmap")
+    need_pyplot()
     hm = heatmap.build(a.image)
     heatmap.draw(hm, a.image, a.out)
     if a.json:
@@ -1046,9 +1056,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(command).parse_args(argv)
         return COMMANDS[args.command](args)
     except UsageError as e:
-        print(f"blockemu: usage: {e}", file=sys.stderr)
+        line = f"{e.prog or prog_of(args)}: {e.why}"
+        print(f"blockemu: usage: {line}", file=sys.stderr)
         if wants_json(args, argv):  # the JSON contract holds for a usage error too
-            emit_json(error_json(command, str(e), errno.EINVAL))
+            emit_json(error_json(command, line, errno.EINVAL))
         return usage
     except BlockemuError as e:
         if debug:
@@ -1069,6 +1080,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         fail(command, f"{e.strerror or e}{': ' + e.filename if e.filename else ''}", e.errno, args)
         return failure
+
+
+def prog_of(args: argparse.Namespace | None) -> str:
+    """``blockemu CMD [ACTION]``, as argparse names the (sub)command in its own usage errors."""
+    words = [getattr(args, k, None) for k in ("command", "action", "what")] if args is not None else []
+    return " ".join(["blockemu", *(w for w in words if isinstance(w, str))])
 
 
 def fail(command: str, why: str, err: int | None, args: argparse.Namespace | None) -> None:
