@@ -123,3 +123,74 @@ def test_put_mkdir_encrypt_and_key_errors(tmp_path):
     assert "no such file" in run("put", img, str(tmp_path / "missing"), "/m", check_rc=1).stderr.lower()
     assert b"payload" not in open(img, "rb").read()
     assert run("fsck", img).returncode == 0
+
+
+def test_rootdir_keeps_modes_owners_times_and_hard_links(tmp_path):
+    """As mkfs.btrfs --rootdir: every entry kept its name and bytes but took default modes (0644,
+    0755), owner 0 and the time of the copy, and hard links were copied as separate files."""
+    import asyncio
+    import stat
+
+    import blockemu
+
+    root = tmp_path / "root"
+    (root / "d" / "private").mkdir(parents=True)
+    (root / "d" / "run.sh").write_bytes(b"#!/bin/sh\n")
+    (root / "a").write_bytes(os.urandom(9000))
+    os.link(root / "a", root / "d" / "also-a")  # one inode, two names
+    os.symlink("a", root / "ln")
+    modes = {"/d/run.sh": 0o750, "/a": 0o640, "/d/private": 0o700, "/d": 0o711, "/": 0o755}
+    for path, mode in modes.items():
+        os.chmod(root / path.lstrip("/") if path != "/" else root, mode)
+    os.utime(root / "a", ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
+    for path in ("d/private", "d", ""):  # last, as the copy's own changes would move them
+        os.utime(root / path if path else root, ns=(1_400_000_000_000_000_000, 1_300_000_000_000_000_001))
+    img = str(tmp_path / "r.img")
+    assert run("mkfs", img, "--size", "32M", "--rootdir", str(root)).stderr == ""
+
+    async def stats() -> dict:
+        async with blockemu.mount(img, readonly=True) as fs:
+            return {p: await fs.stat(p) for p in [*modes, "/d/also-a", "/ln"]}
+
+    got = asyncio.run(stats())
+    for path, mode in modes.items():
+        assert stat.S_IMODE(got[path].st_mode) == mode, path
+    host = os.lstat(root / "a")
+    assert (got["/a"].st_uid, got["/a"].st_gid) == (host.st_uid, host.st_gid)
+    assert (got["/a"].st_mtime_ns, got["/d"].st_mtime_ns) == (1_500_000_000_987_654_321, 1_300_000_000_000_000_001)
+    assert got["/a"].st_ino == got["/d/also-a"].st_ino and got["/a"].st_nlink == 2
+    assert stat.S_ISLNK(got["/ln"].st_mode)
+    assert run_bytes("cat", img, "/d/also-a") == (root / "a").read_bytes()
+    assert run("fsck", img).returncode == 0
+
+
+def test_rootdir_hard_link_into_an_encrypted_directory_is_copied_and_said(tmp_path):
+    """fscrypt lets no hard link into an encrypted directory from outside it (EXDEV): the second
+    name is a copy, and mkfs says so rather than failing or copying silently."""
+    root = tmp_path / "root"
+    (root / "vault").mkdir(parents=True)
+    (root / "a").write_bytes(b"shared")
+    os.link(root / "a", root / "vault" / "b")
+    (tmp_path / "k").write_bytes(os.urandom(32))
+    img = str(tmp_path / "v.img")
+    p = run("mkfs", img, "--size", "32M", "--rootdir", str(root), "--encrypt", "/vault", "--key-file", str(tmp_path / "k"))
+    assert p.stderr == (f"blockemu mkfs: {root}/vault/b: copied, not linked to /a: a hard link cannot enter an "
+                        "encrypted directory from outside it\n")
+    assert run_bytes("cat", img, "/vault/b", "--key-file", str(tmp_path / "k")) == b"shared"
+
+
+def test_rootdir_too_big_names_the_host_file_that_did_not_fit(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "small").write_bytes(b"s" * 1000)
+    (root / "huge").write_bytes(os.urandom(20 << 20))
+    img = tmp_path / "h.img"
+    p = subprocess.run([sys.executable, "-m", "blockemu", "mkfs", str(img), "--size", "16M", "--rootdir", str(root)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"blockemu: mkfs: {root}/huge ({20 << 20} bytes) does not fit in the image: "
+                               "No space left on device"), p.stderr
+    assert not img.exists()

@@ -7,12 +7,13 @@ import stat
 import sys
 import time
 import uuid as uuidlib
+from typing import Any, Callable
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.imagelock import open_image
 from blockemu.display import bar
 from blockemu.engine.transaction import Engine
-from blockemu.errors import ExistsError, ImageInUse, InvalidArgument, IsADirectory, NotADirectory
+from blockemu.errors import CrossDevice, ExistsError, ImageInUse, InvalidArgument, IsADirectory, NoSpaceError, NotADirectory
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk.items import InodeItem, InodeRef, Timespec
@@ -70,13 +71,16 @@ def encrypt_target(encrypt: str) -> str:
 
 
 Plan = list[tuple[str, "str | None"]]  # (image path, host file or symlink, None for a directory), parents first
+Sources = list[tuple[str, str]]  # (image path, the host entry whose mode, owner and times it takes), parents first
 
 
-def plan_population(rootdir: str | None, encrypt: str | None) -> tuple[Plan, list[str]]:
-    """What ``populate`` will create, and the host entries it skips. Checked before mkfs writes
-    anything, so a bad ``--encrypt`` leaves no half-built image behind."""
+def plan_population(rootdir: str | None, encrypt: str | None) -> tuple[Plan, list[str], Sources]:
+    """What ``populate`` will create, the host entries it skips, and where each entry's metadata
+    comes from. Checked before mkfs writes anything, so a bad ``--encrypt`` leaves no half-built
+    image behind."""
     plan: Plan = []
     skipped: list[str] = []
+    sources: Sources = []
     if rootdir is not None:
         for top, dirs, files in os.walk(rootdir):
             dirs.sort()
@@ -84,6 +88,7 @@ def plan_population(rootdir: str | None, encrypt: str | None) -> tuple[Plan, lis
             base = "" if rel == "." else "/" + rel.replace(os.sep, "/")
             if base:
                 plan.append((base, None))
+            sources.append((base or "/", top))
             links = [d for d in dirs if os.path.islink(os.path.join(top, d))]  # os.walk lists, never enters them
             dirs[:] = [d for d in dirs if d not in links]
             for name in sorted(files + links):
@@ -92,6 +97,7 @@ def plan_population(rootdir: str | None, encrypt: str | None) -> tuple[Plan, lis
                     skipped.append(host)
                     continue
                 plan.append((f"{base}/{name}", host))
+                sources.append((f"{base}/{name}", host))
     if encrypt is not None:
         files = dict(plan)
         target = encrypt_target(encrypt)
@@ -102,7 +108,7 @@ def plan_population(rootdir: str | None, encrypt: str | None) -> tuple[Plan, lis
                 raise NotADirectory(f"--encrypt {encrypt}: {path} is not a directory (it is the file {files[path]})")
         # the encrypted directory, and any parent --rootdir lacks, made first
         plan[:0] = [(path, None) for path in chain if path not in files]
-    return plan, skipped
+    return plan, skipped, sources
 
 
 async def mkfs(
@@ -134,7 +140,7 @@ async def mkfs(
     except ValueError:
         raise InvalidArgument(f"bad uuid {uuid!r}") from None
     populating = rootdir is not None or encrypt is not None
-    plan, skipped = plan_population(rootdir, encrypt) if populating else ([], [])
+    plan, skipped, sources = plan_population(rootdir, encrypt) if populating else ([], [], [])
     check_target(path, force)
     fd = open_image(path, readonly=False, create=True)  # locked before anything is written
     try:
@@ -167,7 +173,7 @@ async def mkfs(
         await vol.close()
         if not populating:
             return vol.sb
-        await populate(path, plan, skipped, encrypt, key, progress)
+        await populate(path, plan, skipped, sources, encrypt, key, progress)
         return read_super(path)
     except ImageInUse:
         raise  # another process took the image between mkfs's write and populate's mount: theirs now
@@ -186,13 +192,17 @@ def read_super(path: str) -> SuperInfo:
         return img.best_super()
 
 
-async def populate(image: str, plan: Plan, skipped: list[str], encrypt: str | None, key: bytes | None,
-                   progress: bool) -> None:
-    """Copy a host tree into the image, top-down, so an encrypted directory gets its policy while empty."""
+async def populate(image: str, plan: Plan, skipped: list[str], sources: Sources, encrypt: str | None,
+                   key: bytes | None, progress: bool) -> None:
+    """Copy a host tree into the image, top-down, so an encrypted directory gets its policy while
+    empty; as mkfs.btrfs --rootdir, host files that are hard links of one another become one inode
+    with as many names, and every entry keeps its mode, owner and times -- set last, children
+    before parents, so the names added to a directory do not move its mtime after."""
     from blockemu.fs.filesystem import mount
 
     enc = encrypt_target(encrypt) if encrypt is not None else None
     total = sum(os.path.getsize(h) for _, h in plan if h and not os.path.islink(h)) or 1
+    copied: dict[tuple[int, int], str] = {}  # a host inode with several names -> its first image path
     async with mount(image, interval=3600) as fs:
         kid = await fs.add_key(key) if key is not None else None
         with bar("mkfs --rootdir", total, progress) as advance:
@@ -206,10 +216,32 @@ async def populate(image: str, plan: Plan, skipped: list[str], encrypt: str | No
                 if os.path.islink(host):  # copied as a link (its target encrypted in an encrypted directory)
                     await fs.symlink(os.readlink(host), target)
                     continue
-                async with fs.open(target, "w") as f:
-                    with open(host, "rb") as src:
-                        while chunk := src.read(1 << 20):
-                            await f.write(chunk)
-                            advance(len(chunk))
+                hst = os.stat(host)
+                if hst.st_nlink > 1 and (first := copied.get((hst.st_dev, hst.st_ino))) is not None:
+                    try:
+                        await fs.link(first, target)
+                        advance(hst.st_size)
+                        continue
+                    except CrossDevice:  # fscrypt lets no name into an encrypted directory from outside it
+                        print(f"blockemu mkfs: {host}: copied, not linked to {first}: a hard link cannot "
+                              f"enter an encrypted directory from outside it", file=sys.stderr)
+                await copy_in(fs, host, target, advance)
+                copied.setdefault((hst.st_dev, hst.st_ino), target)
+            for target, host in reversed(sources):
+                hst = os.lstat(host)
+                await fs.set_attrs(fs.inode((await fs.stat(target)).st_ino), mode=hst.st_mode, uid=hst.st_uid,
+                                   gid=hst.st_gid, atime_ns=hst.st_atime_ns, mtime_ns=hst.st_mtime_ns)
     for host in skipped:
         print(f"blockemu mkfs: skipped {host}: not a regular file, directory or symbolic link", file=sys.stderr)
+
+
+async def copy_in(fs: Any, host: str, target: str, advance: Callable[[int], None]) -> None:
+    """One host file into the image; a full image names the file that did not fit."""
+    try:
+        async with fs.open(target, "w") as f:
+            with open(host, "rb") as src:
+                while chunk := src.read(1 << 20):
+                    await f.write(chunk)
+                    advance(len(chunk))
+    except NoSpaceError as e:
+        raise NoSpaceError(f"{host} ({os.path.getsize(host)} bytes) does not fit in the image: {e}") from None
