@@ -514,15 +514,32 @@ def cmd_ls(a: argparse.Namespace) -> int:
 
 
 def cmd_cat(a: argparse.Namespace) -> int:
+    from blockemu.ondisk.structs import SECTOR_SIZE
+
     async def body(fs: Any) -> int:
         async with fs.open(a.path, "r") as f:
-            pos = 0
-            while chunk := await f.pread(1 << 20, pos):
+            pos, step = 0, CAT_CHUNK
+            while True:
+                try:
+                    chunk = await f.pread(step, pos)
+                except OSError as e:
+                    if e.errno != errno.EIO or step == SECTOR_SIZE:
+                        raise
+                    # as cat(1) gives what read() returned before an EIO: from here a sector at a
+                    # time, each good one printed, until the bad one raises (a 1 MiB read failed
+                    # whole, and a bad sector near the start printed nothing)
+                    step = SECTOR_SIZE
+                    continue
+                if not chunk:
+                    break
                 write_all(sys.stdout.buffer, chunk)
                 pos += len(chunk)
         sys.stdout.buffer.flush()
         return 0
     return on_image(a, body, readonly=True)
+
+
+CAT_CHUNK = 1 << 20
 
 
 def write_all(out: Any, data: bytes) -> None:
