@@ -262,3 +262,25 @@ def test_stress_force_on_the_mix_is_refused_naming_the_scenario_it_belongs_to(tm
         "blockemu: usage: blockemu stress: --force belongs to --scenario key-removal-race, which makes IMAGE "
         "afresh; the mix runs on IMAGE as it is, in a directory of its own (making IMAGE only if it is missing)\n"))
     assert img.read_bytes() == before
+
+
+def test_fsck_with_a_key_that_unlocks_nothing_says_so(tmp_path, capsys):
+    """fsck --key-file WRONG checked the encrypted names without it and said nothing, as if the key
+    had been used. One line on stderr now (the exit code stays the image's: clean is 0, as ls with
+    such a key), and the JSON carries it."""
+    img, right, wrong = (str(tmp_path / n) for n in ("k.img", "right", "wrong"))
+    open(right, "wb").write(bytes(range(32)))
+    open(wrong, "wb").write(bytes(range(1, 33)))
+    have, need = key_identifier(bytes(range(1, 33))).hex(), key_identifier(bytes(range(32))).hex()
+    assert cli(capsys, "mkfs", img, "--size", "32M")[0] == 0
+    plain = f"key {have} unlocks no encrypted directory on {img}: nothing on it is encrypted"
+    rc, out, err = cli(capsys, "fsck", img, "--key-file", wrong)
+    assert (rc, err) == (0, f"blockemu: fsck: {plain}\n") and "no error found" in out
+    assert cli(capsys, "mkdir", img, "/e", "--encrypt", "--key-file", right)[0] == 0
+    why = f"key {have} unlocks no encrypted directory on {img}: its encryption policies use key {need}; " \
+          "its encrypted names were checked without a key"
+    rc, out, err = cli(capsys, "fsck", img, "--key-file", wrong, "--json")
+    assert (rc, err) == (0, f"blockemu: fsck: {why}\n")
+    assert json.loads(out)["warnings"] == [why] and json.loads(out)["clean"]
+    rc, out, err = cli(capsys, "fsck", img, "--key-file", right, "--json")
+    assert (rc, err) == (0, "") and "warnings" not in json.loads(out)

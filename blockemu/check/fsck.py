@@ -58,6 +58,7 @@ class FsckReport:
     # rebuild only the free-space tree (repair.py)
     damaged_trees: set[int] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)  # informational, not errors (a log to replay)
+    warnings: list[str] = field(default_factory=list)  # about the check itself, not the image (a key that fits nothing)
 
     @property
     def trees_damaged(self) -> bool:
@@ -78,6 +79,8 @@ class FsckReport:
             out["repaired"] = self.repaired
         if self.notes:
             out["notes"] = self.notes
+        if self.warnings:
+            out["warnings"] = self.warnings
         return out
 
     def text(self) -> list[str]:
@@ -376,6 +379,8 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         roots = ck.check_root_tree(sb)
         split = SUBTREES.index(S.FS_TREE_OBJECTID) + 1  # the trees up to the fs tree, then the rest
         ck.check_subtrees(sb, roots, SUBTREES[:split])
+        if key is not None:
+            report.warnings += key_fits_nothing(ck, key)
         if parallel is None:
             parallel = len(ck.keys.get(S.FS_TREE_OBJECTID, ())) >= PARALLEL_ITEMS and second_core() and alone()
         parallel = parallel and CAN_FORK
@@ -407,6 +412,22 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         report.errors += encryption
         report.stats["inodes"] = inodes
     return report
+
+
+def key_fits_nothing(ck: Checker, key: bytes) -> list[str]:
+    """A key no encryption policy on the image names checks nothing (the names it would decrypt
+    are not its): said, as ``ls`` says a key that does not unlock its directory -- silence let a
+    wrong --key-file pass for a check of the encrypted names."""
+    from blockemu.crypto.fscrypt import key_identifier
+
+    used = fsck_fs.policy_key_ids(ck)
+    ident = key_identifier(key)
+    if ident in used:
+        return []
+    why = (f"its encryption policies use key{'s' if len(used) > 1 else ''} "
+           f"{', '.join(sorted(k.hex() for k in used))}; its encrypted names were checked without a key"
+           if used else "nothing on it is encrypted")
+    return [f"key {ident.hex()} unlocks no encrypted directory on {ck.img.path}: {why}"]
 
 
 def fs_findings(ck: Checker, sb: Any, key: bytes | None, cols: fsck_fast.Columns | None) -> Findings:

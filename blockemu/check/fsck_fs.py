@@ -139,6 +139,15 @@ def _file_policies(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]]
         fi.nonces[k[0]] = v[6]
 
 
+def policy_key_ids(ck: "Checker") -> set[bytes]:
+    """The master key identifiers the image's encryption policies name (sound ones: the passes
+    say what is wrong with the rest), from the fs tree's items as walked: no decoding pass."""
+    size = INODE_ENCRYPTION_CONTEXT.size
+    return {INODE_ENCRYPTION_CONTEXT.unpack(body)[5]
+            for k, body in zip(ck.keys.get(FS, ()), ck.bodies.get(FS, ()))
+            if k[1] == S.FSCRYPT_CTXT_ITEM and len(body) == size}
+
+
 def _inode_row(body: bytes) -> InodeRow:
     InodeItem.unpack(body)  # raises what is wrong: the bulk decoder takes every body of the right size
     raise AssertionError("an inode body of the right size was left to the single decoder")

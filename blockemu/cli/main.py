@@ -951,6 +951,8 @@ def cmd_fsck(a: argparse.Namespace) -> int:
         report = check(a.image, check_data=a.check_data, key=key,
                        progress=lambda n, phase: advance(1 if n > 1 else 0, f"[{n}/{len(PHASES)}] checking {phase}"))
     code = report.exit_code
+    for warning in report.warnings:  # the exit code is the image's: the check ran, as ls's with such a key
+        print(f"blockemu: fsck: {warning}", file=sys.stderr)
     if a.repair and not report.clean:
         report, code = repair(a, report, key)
     if a.json:
