@@ -332,3 +332,27 @@ async def test_a_create_refused_by_enospc_at_its_write_leaves_no_divergence(tmp_
     async with blockemu.mount(img, interval=3600) as fs:
         await task.verify(fs)
     assert not result.divergent, result.divergent
+
+
+async def test_a_mix_task_that_fails_stops_its_siblings_before_run_mix_raises(tmp_path, monkeypatch):
+    """One task's unexpected error left the others running (gather propagates the first error and
+    cancels nothing): stress then unmounted under them, and their writeback groups came back to a
+    page cache already released (``ValueError: operation forbidden on released memoryview object``
+    at shutdown). Now run_mix stops and waits for them before it raises."""
+    from blockemu.workload.mix import run_mix
+
+    img = str(tmp_path / "m.img")
+    await blockemu.mkfs(img, size="64M")
+    real_step = Task.step
+
+    async def step(self, op):
+        if self.root.endswith("/p0"):
+            raise RuntimeError("planted: an error no operation expects")
+        await real_step(self, op)
+
+    monkeypatch.setattr(Task, "step", step)
+    async with blockemu.mount(img, interval=3600) as fs:
+        with pytest.raises(RuntimeError, match="planted"):
+            await run_mix(fs, root="/m", tasks=2, nops=50, ops=None, seed=1)
+        left = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.endswith("<locals>.drive") and not t.done()]
+        assert not left, left

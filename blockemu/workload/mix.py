@@ -225,7 +225,15 @@ async def run_mix(fs: Filesystem, *, root: str, tasks: int, nops: int, ops: dict
             advance(1)
             n += 1
 
-    await asyncio.gather(*(drive(t) for t in workers))
+    drivers = [asyncio.ensure_future(drive(t)) for t in workers]
+    try:
+        await asyncio.gather(*drivers)
+    finally:
+        # one task failing stops the others before the caller goes on (gather cancels nothing):
+        # left running, they changed a filesystem being unmounted under them
+        for d in drivers:
+            d.cancel()
+        await asyncio.gather(*drivers, return_exceptions=True)
     return result
 
 
