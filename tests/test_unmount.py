@@ -144,3 +144,51 @@ async def test_a_cancelled_unmount_waits_for_the_runs_still_out_before_freeing_t
     with ErrnoCheck(errno.EIO):  # was ValueError: operation forbidden on released memoryview object
         await fsync
     assert fs.cache.arena.closed  # unmapped once the run came back: no plaintext left mapped
+
+
+async def test_a_cancelled_sync_waits_for_the_flushes_it_started(image, monkeypatch):
+    """sync() flushes every dirty file at once (one flush for the free files, one per file another
+    flush holds). Cancelled, it returned as soon as its wait for the held file was cancelled --
+    while its flush of the other files still had runs in flight, which then outlived it (an
+    unmount cancelled so went on to drop the page cache under them). Now it waits for them."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        fa, fb = await fs.open("/a", "w"), await fs.open("/b", "w")
+        await fa.write(b"a" * 4096)
+        await fb.write(b"b" * 4096)
+        device, real_write = fs.vol.device, fs.vol.device.write
+        a_held, a_go, b_held, found = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
+        waiter: list[asyncio.Task] = []  # the sync's wait for /a, which the fsync below holds
+
+        async def held_write(offset, data, **kw):
+            if bytes(data[:1]) == b"a":
+                a_held.set()
+                await a_go.wait()
+            elif bytes(data[:1]) == b"b":
+                b_held.set()
+                await found.wait()
+                await asyncio.wait(waiter)  # /b's run goes on once the sync's wait for /a is cancelled
+            return await real_write(offset, data, **kw)
+
+        monkeypatch.setattr(device, "write", held_write)
+        fsync = asyncio.ensure_future(fa.fsync())  # holds /a's writeback lock, its run held
+        await a_held.wait()
+        sync = asyncio.ensure_future(fs.sync())
+        await b_held.wait()
+        waiter += [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Writeback.flush_inode"]
+        assert len(waiter) == 1
+        found.set()
+        out_when_sync_ended: list[int] = []
+        sync.add_done_callback(lambda _t: out_when_sync_ended.append(fb.inode.inflight))
+        sync.cancel()
+        try:
+            with pytest.raises(asyncio.CancelledError):
+                await sync
+            assert out_when_sync_ended == [0]  # was 1: /b's flush still running after the sync had ended
+        finally:
+            a_go.set()
+            await fsync
+        await fa.close()
+        await fb.close()
+    async with blockemu.mount(image, readonly=True) as again:
+        async with again.open("/b") as f:
+            assert await f.read() == b"b" * 4096

@@ -255,8 +255,22 @@ class Writeback:
         a sync that did not wait for them would commit without them."""
         inodes = sorted((i for i in list(self.fs.inodes.values()) if i.pages.dirty or i.wb_lock.locked()),
                         key=lambda i: i.ino)
-        await asyncio.gather(self._flush_together([i for i in inodes if not i.wb_lock.locked()]),
-                             *(self.flush_inode(i) for i in inodes if i.wb_lock.locked()))
+        work = [asyncio.ensure_future(self._flush_together([i for i in inodes if not i.wb_lock.locked()])),
+                *(asyncio.ensure_future(self.flush_inode(i)) for i in inodes if i.wb_lock.locked())]
+        # every flush this started is done before it returns, however it ends: gather returned
+        # at the first flush cancelled (a wait for another's lock) while the rest still had runs
+        # in flight -- a cancelled unmount then dropped the page cache under them
+        try:
+            await asyncio.wait(work)
+        except asyncio.CancelledError:
+            for w in work:
+                w.cancel()  # each lets the runs it has in flight finish (``_flush_locked``)
+            await outlast_cancellation(work)
+            for w in work:
+                if not w.cancelled():
+                    w.exception()  # retrieved: the cancellation is what this raises
+            raise
+        await asyncio.gather(*work)  # all done: raises the first failure
 
     async def _flush_together(self, inodes: list[Inode]) -> None:
         """Flush ``inodes`` in one pipeline. Their locks are taken in inode order (one taken by
