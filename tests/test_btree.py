@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockemu.engine.btree import BTree, max_item_size
+from blockemu.engine.btree import BTree, Through, max_item_size
 from blockemu.errors import ExistsError, NotFoundError
 from blockemu.ondisk.block import body_size, max_ptrs
 from tests.conftest import MemoryImage
@@ -204,9 +204,11 @@ def check_filled(tree: BTree) -> None:
         assert block.bytenr == tree.root or not tree._underfull(block), f"underfull block at level {block.level}"
 
 
-def run_batches(nodesize: int, batches: list[list[tuple]], commit_every: int = 3) -> None:
+def run_batches(nodesize: int, batches: list[list[tuple]], commit_every: int = 3, through: bool = False) -> None:
     """``apply`` of each batch against the same changes made one by one on a second tree: the
-    same items after every batch, and the batched tree keeps every invariant."""
+    same items after every batch, and the batched tree keeps every invariant. ``through``: a
+    batch's emptied key range is one ``Through`` change (its other changes in the range left
+    out), not a deletion per key."""
     img = MemoryImage(nodesize)
     batched, single = img.new_tree(), img.new_tree(owner=6)
     commits = Commits(img, batched)
@@ -216,8 +218,12 @@ def run_batches(nodesize: int, batches: list[list[tuple]], commit_every: int = 3
         for k, size, roll in batch:
             key = (k, 1, k * 7 % 13)
             changes[key] = None if roll < deletes else bytes([k % 256]) * size
+        ranges = []
         if cut is not None:  # a key range emptied: whole leaves and subtrees go, their neighbours stay untouched
             lo, hi = sorted(cut)
+            if through:
+                changes = {key: value for key, value in changes.items() if not lo <= key[0] <= hi}
+                ranges.append(((lo, 0, 0), Through((hi, 255, (1 << 64) - 1))))
             changes.update((key, None) for key in model if lo <= key[0] <= hi)
         for key, value in changes.items():
             if value is None:
@@ -227,7 +233,9 @@ def run_batches(nodesize: int, batches: list[list[tuple]], commit_every: int = 3
             else:
                 single.insert(key, value, replace=True)
                 model[key] = value
-        batched.apply(sorted(changes.items()))
+        if ranges:  # the range's deletions are the Through's to make
+            changes = {key: value for key, value in changes.items() if not lo <= key[0] <= hi}
+        batched.apply(sorted([*changes.items(), *ranges]))
         check_invariants(batched)
         check_filled(batched)
         assert_matches(batched, model)
@@ -258,7 +266,7 @@ def test_batched_apply_equals_one_by_one(nodesize, data):
     empty whole leaves and subtrees, and shrink it back, equal the one-by-one operations."""
     max_key = data.draw(st.sampled_from([50, 400, 3000]))
     run_batches(nodesize, data.draw(batch_strategy(max_item_size(nodesize) // 4, max_key)),
-                commit_every=data.draw(st.sampled_from([1, 3])))
+                commit_every=data.draw(st.sampled_from([1, 3])), through=data.draw(st.booleans()))
 
 
 @pytest.mark.parametrize("n", [200, 20000])
@@ -352,3 +360,57 @@ def test_tree_batch_reads_through_its_staged_changes(base, staged, probes):
     batch.apply()
     check_invariants(tree)
     assert_matches(tree, model)
+
+
+@settings(max_examples=40, deadline=None)
+@given(base=st.lists(st.integers(0, 3000), max_size=1500), cuts=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 60)), max_size=20),
+       staged=st.lists(st.integers(0, 3000), max_size=100))
+def test_tree_batch_drops_ranges_in_its_apply(base, cuts, staged):
+    """``TreeBatch.drop_range``: every item in each range is gone after ``apply`` (ranges that
+    overlap, span leaves, hold staged deletions, or hold nothing), the rest as staged; and an
+    insert staged in a range is refused."""
+    from blockemu.engine.batch import TreeBatch
+
+    img = MemoryImage(4096)
+    tree = img.new_tree()
+    key = lambda k: (k, 1, k % 7)  # noqa: E731
+    model = {key(k): b"b%d" % k * 3 for k in base}
+    tree.apply(sorted(model.items()))
+    img.commit()
+    batch = TreeBatch(tree)
+    cut = lambda k: any(a <= k <= a + n for a, n in cuts)  # noqa: E731
+    for k in staged:
+        if cut(k):
+            batch.drop(key(k))
+        else:
+            batch.insert(key(k), b"s%d" % k, replace=True)
+            model[key(k)] = b"s%d" % k
+    for a, n in cuts:
+        batch.drop_range((a, 0, 0), (a + n, 255, 0))
+    model = {k: v for k, v in model.items() if not cut(k[0])}
+    batch.apply()
+    check_invariants(tree)
+    assert_matches(tree, model)
+    if cuts:
+        a, n = cuts[0]
+        batch.insert(key(a), b"x", replace=True)
+        batch.drop_range((a, 0, 0), (a + n, 255, 0))
+        with pytest.raises(ValueError):
+            batch.apply()
+
+
+@pytest.mark.parametrize("cut", [(100, 900), (0, 19999), (0, 5), (19990, 19999), (5000, 15000), (7, 7)])
+def test_a_through_range_goes_on_into_every_leaf_and_subtree_it_spans(cut):
+    """A ``Through`` reaching past the child its key falls in deletes on into the next ones (a
+    three-level tree; ranges over leaves, subtrees, the edges, all of it, one key)."""
+    img = MemoryImage(4096)
+    tree = img.new_tree()
+    keys = [(i, 1, 0) for i in range(20000)]
+    tree.apply([(k, b"x" * 40) for k in keys])
+    assert tree.level >= 2
+    img.commit()
+    lo, hi = cut
+    tree.apply([((lo, 0, 0), Through((hi, 255, 0)))])
+    check_invariants(tree)
+    check_filled(tree)
+    assert [k for k, _ in tree.items()] == [k for k in keys if not lo <= k[0] <= hi]

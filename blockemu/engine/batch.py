@@ -15,7 +15,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right, insort
 from typing import Iterator
 
-from blockemu.engine.btree import MAX_KEY, MIN_KEY, BTree, KeyT
+from blockemu.engine.btree import MAX_KEY, MIN_KEY, BTree, Change, KeyT, Through
 from blockemu.errors import ExistsError, NotFoundError
 
 
@@ -30,6 +30,7 @@ class TreeBatch:
         # was a tenth of mapping a batch of small extents
         self.changes: dict[KeyT, bytes | None] = {}
         self.order: list[KeyT] = []
+        self.ranges: list[tuple[KeyT, KeyT]] = []  # ``drop_range``'s, not read through
 
     def get(self, key: KeyT) -> bytes | None:
         if key in self.changes:
@@ -122,6 +123,13 @@ class TreeBatch:
         each of the items writeback replaces (a deletion of an absent key changes nothing)."""
         self._stage(key, None)
 
+    def drop_range(self, lo: KeyT, hi: KeyT) -> None:
+        """Stage the deletion of every item in [lo, hi] without looking for them: the apply
+        deletes them in the leaves it visits (``Through``). Unlike every other change, reads
+        through the batch do not see it, so stage it only for items nothing reads again -- the
+        checksums of an extent being freed -- and stage no insert in the range."""
+        self.ranges.append((lo, hi))
+
     def _stage(self, key: KeyT, value: bytes | None) -> None:
         if key not in self.changes:
             insort(self.order, key)
@@ -129,6 +137,26 @@ class TreeBatch:
 
     def apply(self) -> None:
         """Make the staged changes in the tree, in one pass, and start empty again."""
-        changes = [(key, self.changes[key]) for key in self.order]
-        self.changes, self.order = {}, []
+        changes: list[Change] = [(key, self.changes[key]) for key in self.order]
+        if self.ranges:
+            changes = self._with_ranges(changes)
+        self.changes, self.order, self.ranges = {}, [], []
         self.tree.apply(changes)
+
+    def _with_ranges(self, changes: list[Change]) -> list[Change]:
+        """The staged changes with each ``drop_range`` as a ``Through`` (ranges that overlap or
+        touch joined), a staged deletion inside one left to it (``BTree.apply`` allows no other
+        change in the range)."""
+        merged: list[tuple[KeyT, KeyT]] = []
+        for lo, hi in sorted(self.ranges):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        inside = set()
+        for lo, hi in merged:
+            for key in self.order[bisect_left(self.order, lo) : bisect_right(self.order, hi)]:
+                if self.changes[key] is not None:
+                    raise ValueError(f"item {key} staged in a range staged for deletion in tree {self.tree.owner}")
+                inside.add(key)
+        return sorted([c for c in changes if c[0] not in inside] + [(lo, Through(hi)) for lo, hi in merged])

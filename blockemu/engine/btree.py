@@ -21,7 +21,7 @@ No I/O here: ``store`` (transaction.TreeStore) supplies blocks from its cache.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from typing import Iterator, Protocol
+from typing import Iterator, NamedTuple, Protocol
 
 from blockemu.errors import CorruptionError, ExistsError, NotFoundError
 from blockemu.ondisk.block import TreeBlock, body_size, max_ptrs
@@ -30,6 +30,19 @@ from blockemu.ondisk.fast import ITEM_SIZE, KEY_PTR_SIZE
 KeyT = tuple[int, int, int]
 MIN_KEY: KeyT = (0, 0, 0)
 MAX_KEY: KeyT = ((1 << 64) - 1, 255, (1 << 64) - 1)
+
+
+class Through(NamedTuple):
+    """The value of a change to ``BTree.apply`` that deletes every item from the change's key
+    through ``hi`` (inclusive) -- found in the leaves the apply visits anyway, with no descent
+    of its own: writeback drops the checksum items of every extent it frees, and a lookup of
+    each, in a leaf nothing else had touched since the last commit, cost a third of mapping
+    the extent."""
+
+    hi: KeyT
+
+
+Change = tuple[KeyT, "bytes | None | Through"]
 
 
 class BlockStore(Protocol):
@@ -221,17 +234,18 @@ class BTree:
 
     # ------------------------------------------------------------------ batched writes
 
-    def apply(self, changes: list[tuple[KeyT, bytes | None]]) -> None:
+    def apply(self, changes: list[Change]) -> None:
         """Apply many changes at once: ``changes`` sorted by key, each key once, a value to insert
-        or replace, None to delete (a no-op if absent). Each block on the paths to the leaves the
-        changes touch is copied and visited once, not once per item as ``insert``/``delete`` do:
-        writeback changes dozens of neighbouring items per extent batch, and the descents and
-        COW lookups were most of its cost. The tree ends as if the changes were made one by one
-        (same items, same invariants), though not necessarily with the same block boundaries."""
+        or replace, None to delete (a no-op if absent), or ``Through(hi)`` to delete every item
+        from the key through ``hi`` (no other change may fall in that range). Each block on the paths to the leaves the changes touch is copied
+        and visited once, not once per item as ``insert``/``delete`` do: writeback changes dozens
+        of neighbouring items per extent batch, and the descents and COW lookups were most of
+        its cost. The tree ends as if the changes were made one by one (same items, same
+        invariants), though not necessarily with the same block boundaries."""
         if not changes:
             return
         for key, value in changes:
-            if value is not None and len(value) > self.max_item:
+            if value is not None and type(value) is not Through and len(value) > self.max_item:
                 raise ValueError(f"item of {len(value)} bytes exceeds the {self.max_item}-byte limit")
         root = self._writable_root()
         pieces = [root, *self._apply(root, changes)]
@@ -251,32 +265,38 @@ class BTree:
             root = child
         self.root, self.level = root.bytenr, root.level
 
-    def _apply(self, node: TreeBlock, changes: list[tuple[KeyT, bytes | None]]) -> list[TreeBlock]:
+    def _apply(self, node: TreeBlock, changes: list[Change]) -> list[TreeBlock]:
         """Apply ``changes`` (all inside ``node``'s range) below the writable ``node``; returns the
         new right siblings it split into. ``node`` may be left empty or underfull: its parent
-        mends that, as it sees all its children at once."""
+        mends that, as it sees all its children at once. A ``Through`` reaching past a child's
+        range goes on in the next child, from its first key."""
         if node.level == 0:
             self._merge_leaf(node, changes)
             return self._split_leaf_many(node) if node.used > self.body else []
         keys, touched = node.keys, set()
         new_keys: list[KeyT] = []
         new_ptrs: list[tuple[int, int]] = []
-        lo = 0
+        lo, rest = 0, None  # rest: a Through from a child before, reaching into this one
         for slot in range(len(keys)):
-            hi = len(changes) if slot + 1 == len(keys) else bisect_left(changes, (keys[slot + 1],), lo)
-            if lo == hi:
+            last = slot + 1 == len(keys)
+            hi = len(changes) if last else bisect_left(changes, (keys[slot + 1],), lo)
+            part = changes[lo:hi] if rest is None else [(keys[slot], rest), *changes[lo:hi]]
+            lo = hi
+            rest = part[-1][1] if part else None
+            if type(rest) is not Through or last or rest.hi < keys[slot + 1]:
+                rest = None
+            if not part:
                 new_keys.append(keys[slot])
                 new_ptrs.append(node.ptrs[slot])
                 continue
             child = self._writable_child(node, slot)
-            for c in (child, *self._apply(child, changes[lo:hi])):
+            for c in (child, *self._apply(child, part)):
                 if c.keys:
                     new_keys.append(c.keys[0])
                     new_ptrs.append((c.bytenr, c.generation))
                     touched.add(c.bytenr)
                 else:
                     self.store.free_block(c)
-            lo = hi
         node.keys, node.ptrs = new_keys, new_ptrs
         node.recount()
         self._mend(node, touched)
@@ -308,7 +328,7 @@ class BTree:
                 slot += 1
 
     @staticmethod
-    def _merge_leaf(leaf: TreeBlock, changes: list[tuple[KeyT, bytes | None]]) -> None:
+    def _merge_leaf(leaf: TreeBlock, changes: list[Change]) -> None:
         """Merge sorted ``changes`` into a leaf's sorted items: a few in place (an fsync after
         scattered writes changes one or two items in each of dozens of leaves, and rebuilding
         a leaf's two lists around them cost more than the edits), many in one pass."""
@@ -323,6 +343,10 @@ class BTree:
             j = bisect_left(keys, key, i)
             out_k += keys[i:j]
             out_v += values[i:j]
+            if type(value) is Through:
+                i = bisect_right(keys, value.hi, j)
+                used -= ITEM_SIZE * (i - j) + sum(map(len, values[j:i]))
+                continue
             if j < n and keys[j] == key:
                 used -= ITEM_SIZE + len(values[j])
                 j += 1
@@ -336,14 +360,18 @@ class BTree:
         leaf.keys, leaf.values, leaf.used = out_k, out_v, used
 
     @staticmethod
-    def _edit_leaf(leaf: TreeBlock, changes: list[tuple[KeyT, bytes | None]]) -> None:
+    def _edit_leaf(leaf: TreeBlock, changes: list[Change]) -> None:
         """``_merge_leaf`` for a few changes: each a bisection and an edit in place (the leaf is
         this transaction's own copy)."""
         keys, values = leaf.keys, leaf.values
         used, i = leaf.used, 0
         for key, value in changes:
             j = bisect_left(keys, key, i)
-            if j < len(keys) and keys[j] == key:
+            if type(value) is Through:
+                k = bisect_right(keys, value.hi, j)
+                used -= ITEM_SIZE * (k - j) + sum(map(len, values[j:k]))
+                del keys[j:k], values[j:k]
+            elif j < len(keys) and keys[j] == key:
                 if value is None:
                     used -= ITEM_SIZE + len(values[j])
                     del keys[j], values[j]
