@@ -444,3 +444,60 @@ async def test_a_file_unlinked_while_a_sync_writes_it_is_deleted_by_this_mount(i
         assert not list(fs.extents.mappings(victim.ino))
     del files["/d/f1"]
     await files_read_back(image, files)
+
+
+async def test_an_overwrite_finds_the_extent_item_it_changes_without_a_lookup(image, monkeypatch):
+    """The EXTENT_ITEMs of the extents writeback made are known to the filesystem's extent view
+    (``Extents.known``): overwriting pages of them, in two files, by scattered writes, a punch
+    and a truncate, changes their references with no lookup in the extent tree -- and what the
+    view knows is what the tree holds, before and after a commit; the files read back the same
+    after a remount, fsck clean."""
+    from blockemu.engine.batch import TreeBatch
+    from blockemu.ondisk.items import ExtentItem
+
+    lookups: list[int] = []
+    real = TreeBatch.first_at_or_after
+
+    def counted(batch, key, *args):
+        if batch.tree.owner == S.EXTENT_TREE_OBJECTID:
+            lookups.append(key[0])
+        return real(batch, key, *args)
+
+    def known_is_the_tree(fs):
+        ext = fs.vol.engine.trees[S.EXTENT_TREE_OBJECTID]
+        for bytenr, (key, item) in fs.extents.known.items():
+            assert ExtentItem.unpack(ext[key]) == item
+
+    rng = random.Random(3)
+    want = {"/a": bytearray(os.urandom(MIB)), "/b": bytearray(os.urandom(MIB))}
+    async with blockemu.mount(image, interval=3600) as fs:
+        files = {name: await fs.open(name, "w+") for name in want}
+        for name, f in files.items():
+            for off in range(0, MIB, 64 << 10):  # 16 extents of 64 KiB each
+                await f.pwrite(want[name][off : off + (64 << 10)], off)
+                await fs.writeback.flush_inode(f.inode)
+        await fs.sync()
+        monkeypatch.setattr(TreeBatch, "first_at_or_after", counted)
+        for rnd in range(3):
+            for name, f in files.items():
+                for idx in rng.sample(range(MIB // PAGE), 24):
+                    page = os.urandom(PAGE)
+                    want[name][idx * PAGE : (idx + 1) * PAGE] = page
+                    await f.pwrite(page, idx * PAGE)
+            await fs.sync() if rnd == 1 else await files["/a"].fsync()
+            known_is_the_tree(fs)
+        await files["/b"].punch_hole(8 * PAGE, 40 * PAGE)
+        want["/b"][8 * PAGE : 48 * PAGE] = bytes(40 * PAGE)
+        await files["/a"].truncate(MIB // 2 + 100)
+        del want["/a"][MIB // 2 + 100 :]
+        known_is_the_tree(fs)
+        await fs.sync()
+        known_is_the_tree(fs)
+        assert lookups == []
+        for f in files.values():
+            await f.close()
+    async with blockemu.mount(image, interval=3600) as fs:
+        for name, data in want.items():
+            async with fs.open(name) as f:
+                assert await f.pread(2 * MIB, 0) == data
+    assert_fsck_clean(image)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Iterator, NamedTuple, Sequence
 
 from blockemu.engine.batch import TreeBatch
-from blockemu.engine.btree import BTree, max_item_size
+from blockemu.engine.btree import BTree, KeyT, max_item_size
 from blockemu.engine.transaction import Engine
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
@@ -29,6 +29,7 @@ from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import ExtentContext, ExtentItem, FileExtent
 
 PAGE = S.SECTOR_SIZE
+KNOWN_EXTENTS = 1 << 16  # ``Extents.known`` holds at most this many items (~20 MiB)
 
 
 class Mapping(NamedTuple):
@@ -81,6 +82,13 @@ class Extents:
         self.csum_type = engine.sb.csum_type
         self.csum_size = csums.csum_size(self.csum_type)
         self.sectors_per_csum_item = max_item_size(engine.sb.nodesize) // self.csum_size
+        # The EXTENT_ITEMs of data extents this view made or changed, by bytenr: key and item as
+        # the extent tree holds them (every change to a data extent's item goes through an
+        # ExtentBatch of this view, which updates this once its trees are applied). An overwrite
+        # changes the references of the extent it replaces, nearly always one an earlier
+        # writeback made: its item is found here, not by a descent into an extent-tree leaf
+        # nothing else touched (a third of mapping a small extent). Bounded: emptied when full.
+        self.known: dict[int, tuple[KeyT, ExtentItem]] = {}
 
     # ------------------------------------------------------------------ reading
 
@@ -139,6 +147,8 @@ class ExtentBatch:
     def __init__(self, extents: Extents) -> None:
         self.engine = extents.engine
         self.fs, self.ext, self.csum = TreeBatch(extents.fs), TreeBatch(extents.ext), TreeBatch(extents.csum)
+        self.known = extents.known
+        self.staged_known: dict[int, tuple[KeyT, ExtentItem] | None] = {}  # this batch's changes to it (None: gone)
         self.sectors_per_csum_item = extents.sectors_per_csum_item
         self.freed: list[tuple[int, int]] = []  # data extents left without references: pinned once applied
         # for the fsync log (``Engine.changed_extents``, ``Engine.new_csums``), noted once applied
@@ -148,6 +158,15 @@ class ExtentBatch:
     def apply(self) -> None:
         for tree in (self.fs, self.ext, self.csum):
             tree.apply()
+        known = self.known
+        if len(known) + len(self.staged_known) > KNOWN_EXTENTS:
+            known.clear()
+        for bytenr, hit in self.staged_known.items():
+            if hit is None:
+                known.pop(bytenr, None)
+            else:
+                known[bytenr] = hit
+        self.staged_known = {}
         engine = self.engine
         for ino, offset, item in self.changed:
             engine.changed_extents.setdefault(ino, {})[offset] = item
@@ -176,10 +195,21 @@ class ExtentBatch:
     # ------------------------------------------------------------------ data extents
 
     def _extent_key(self, bytenr: int) -> tuple[tuple[int, int, int], ExtentItem]:
-        hit = self.ext.first_at_or_after((bytenr, S.EXTENT_ITEM, 0), (bytenr, S.EXTENT_ITEM, (1 << 64) - 1))
-        if hit is None:
+        """The EXTENT_ITEM of data extent ``bytenr`` as this batch sees it: its own change, what
+        the view knows, or the tree's."""
+        hit = self.staged_known[bytenr] if bytenr in self.staged_known else self.known.get(bytenr)
+        if hit is not None:
+            return hit
+        found = None if bytenr in self.staged_known else \
+            self.ext.first_at_or_after((bytenr, S.EXTENT_ITEM, 0), (bytenr, S.EXTENT_ITEM, (1 << 64) - 1))
+        if found is None:
             raise CorruptionError(f"data extent {bytenr} has no EXTENT_ITEM", "EXTENT_REF_MISMATCH", bytenr)
-        return hit[0], ExtentItem.unpack(hit[1])
+        return found[0], ExtentItem.unpack(found[1])
+
+    def _put_extent(self, key: KeyT, item: ExtentItem) -> None:
+        """Stage a data extent's EXTENT_ITEM, new or changed."""
+        self.ext.insert(key, item.pack(), replace=True)
+        self.staged_known[key[0]] = (key, item)
 
     def _change_ref(self, fe: FileExtent, ino: int, ref_offset: int, delta: int) -> None:
         key, item = self._extent_key(fe.disk_bytenr)
@@ -198,9 +228,10 @@ class ExtentBatch:
             refs.append(("data", S.FS_TREE_OBJECTID, ino, ref_offset, delta))
         total = item.refs_count + delta
         if total > 0:
-            self.ext.insert(key, ExtentItem(total, item.generation, item.flags, tuple(refs)).pack(), replace=True)
+            self._put_extent(key, ExtentItem(total, item.generation, item.flags, tuple(refs)))
             return
         self.ext.drop(key)
+        self.staged_known[key[0]] = None
         self._drop_csums(fe.disk_bytenr, fe.disk_num_bytes)
         self.freed.append((fe.disk_bytenr, fe.disk_num_bytes))
 
@@ -246,7 +277,7 @@ class ExtentBatch:
                         0, S.FILE_EXTENT_REG, bytenr, length, 0, length, new.context)
         self._set(ino, file_offset, fe)
         item = ExtentItem(1, self.engine.transid, S.EXTENT_FLAG_DATA, (("data", S.FS_TREE_OBJECTID, ino, file_offset, 1),))
-        self.ext.insert((bytenr, S.EXTENT_ITEM, length), item.pack(), replace=True)
+        self._put_extent((bytenr, S.EXTENT_ITEM, length), item)
         digests = new.digests
         step = len(digests) // (length // PAGE)
         per = self.sectors_per_csum_item
