@@ -49,7 +49,7 @@ class BlockStore(Protocol):
     nodesize: int
 
     def get(self, bytenr: int, *, generation: int | None = None, level: int | None = None, owner: int | None = None) -> TreeBlock: ...
-    def cow(self, block: TreeBlock) -> TreeBlock: ...
+    def cow(self, block: TreeBlock, *, note: bool = True) -> TreeBlock: ...
     def new_block(self, owner: int, level: int) -> TreeBlock: ...
     def free_block(self, block: TreeBlock) -> None: ...
 
@@ -187,7 +187,9 @@ class BTree:
         return root
 
     def _writable_child(self, node: TreeBlock, slot: int) -> TreeBlock:
-        child = self.store.cow(self._child(node, slot))
+        """Child ``slot`` of the writable ``node`` made writable (the change was reported with
+        the root's COW)."""
+        child = self.store.cow(self._child(node, slot), note=False)
         node.ptrs[slot] = (child.bytenr, child.generation)
         return child
 

@@ -167,12 +167,14 @@ class TreeStore:
         self.new_blocks[bytenr] = (owner, level)
         return block
 
-    def cow(self, block: TreeBlock) -> TreeBlock:
+    def cow(self, block: TreeBlock, *, note: bool = True) -> TreeBlock:
         """``block`` made writable: itself if already written this transaction, else a copy in
-        a new block. Every tree change starts here, so here it is reported to ``on_change``
-        -- once the copy exists: a change whose first COW fails (ENOSPC) has changed nothing.
-        Read-only (no allocator) refuses even a block already dirty: a read-only mount's log
-        replay leaves dirty blocks in memory that nothing may change."""
+        a new block. Every tree change starts here, with its root, so here it is reported to
+        ``on_change`` -- once the copy exists: a change whose first COW fails (ENOSPC) has
+        changed nothing. The blocks below the root (``note=False``) are part of a change the
+        root's COW reported already: an apply COWs dozens, and telling the volume of each was
+        a percent of an fsync's CPU. Read-only (no allocator) refuses even a block already
+        dirty: a read-only mount's log replay leaves dirty blocks in memory that nothing may change."""
         self._need_allocator()
         if block.bytenr not in self.dirty:
             new = self.new_block(block.owner, block.level)
@@ -182,7 +184,7 @@ class TreeStore:
             new.used = block.used
             self.free_block(block)
             block = new
-        if self.on_change is not None:
+        if note and self.on_change is not None:
             self.on_change()
         return block
 
