@@ -144,19 +144,25 @@ class TreeBatch:
         self.tree.apply(changes)
 
     def _with_ranges(self, changes: list[Change]) -> list[Change]:
-        """The staged changes with each ``drop_range`` as a ``Through`` (ranges that overlap or
-        touch joined), a staged deletion inside one left to it (``BTree.apply`` allows no other
-        change in the range)."""
+        """The staged changes (in ``order``'s order) with each ``drop_range`` as a ``Through``
+        in its place (ranges that overlap joined), a staged deletion inside one left to it
+        (``BTree.apply`` allows no other change in the range): bisections of the staged keys,
+        no sort of the whole list."""
         merged: list[tuple[KeyT, KeyT]] = []
         for lo, hi in sorted(self.ranges):
             if merged and lo <= merged[-1][1]:
                 merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
             else:
                 merged.append((lo, hi))
-        inside = set()
+        order, out, i = self.order, [], 0
         for lo, hi in merged:
-            for key in self.order[bisect_left(self.order, lo) : bisect_right(self.order, hi)]:
+            j = bisect_left(order, lo, i)
+            k = bisect_right(order, hi, j)
+            for key in order[j:k]:
                 if self.changes[key] is not None:
                     raise ValueError(f"item {key} staged in a range staged for deletion in tree {self.tree.owner}")
-                inside.add(key)
-        return sorted([c for c in changes if c[0] not in inside] + [(lo, Through(hi)) for lo, hi in merged])
+            out += changes[i:j]
+            out.append((lo, Through(hi)))
+            i = k
+        out += changes[i:]
+        return out
