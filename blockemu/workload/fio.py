@@ -1305,8 +1305,8 @@ class Clone:
                         # does it (a task and a wait cost more than the write they carry)
                         t_sub = time.perf_counter_ns()
                         sync_due, reaped = self._reap(io, t_prep, t_sub, await self._do(io, data)), 1
-                        if t_sub - yielded >= SLICE_NS:  # the others' turn: clones, the filesystem's tasks, signals
-                            await asyncio.sleep(0)
+                        if time.perf_counter_ns() - yielded >= SLICE_NS:  # the others' turn: clones, the
+                            await asyncio.sleep(0)  # filesystem's tasks (writeback's completions), signals
                             yielded = time.perf_counter_ns()
                         break
                     if io.region.zoned is not None:
