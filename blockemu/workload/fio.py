@@ -1296,10 +1296,10 @@ class Clone:
                         await self._flow_gate()
                     if self.paced:
                         await self._pace(io)
-                    t_prep = time.perf_counter_ns()
-                    data = self._buffer(io) if io.ddir == WRITE else None
                     self.result.depths[len(inflight) + 1] += 1
                     self.result.ios_issued += 1
+                    t_prep = time.perf_counter_ns()
+                    data = self._buffer(io) if io.ddir == WRITE else None
                     if self.depth == 1 and io.region.zoned is None:
                         # one I/O at a time, none to order it after: awaited here, as a sync engine
                         # does it (a task and a wait cost more than the write they carry)
