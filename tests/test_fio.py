@@ -5,11 +5,11 @@ import asyncio
 import errno
 import json
 import random
+import shutil
 import statistics
 import struct
-import zlib
-import shutil
 import subprocess
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,8 @@ import pytest
 import blockemu
 from blockemu.errors import InvalidArgument
 from blockemu.fs.filesystem import File, mount
-from blockemu.workload.fio import DIGESTS, SYNC_NOTE, Clone, JobResult, LatencyTarget, RunContext, SteadyWatch, Verifier
 from blockemu.workload.buffers import Buffers
+from blockemu.workload.fio import DIGESTS, SYNC_NOTE, Clone, JobResult, LatencyTarget, RunContext, SteadyWatch, Verifier
 from blockemu.workload.jobfile import Share, parse
 from blockemu.workload.runner import run_workload
 from tests.test_cli import run
