@@ -21,9 +21,10 @@ and fio's note says so when ``iodepth`` asks for more; libaio, io_uring and posi
 ``iodepth`` I/Os in flight as asyncio tasks. One I/O in flight (any engine at depth 1) is
 awaited in place, as a sync engine's thread does it -- a task and a wait per I/O cost more
 than a cached 4 KiB write -- and the clone lets the loop in at least every ``SLICE_NS`` so
-that clones run side by side; a zoned file's I/Os stay tasks (others wait on them). fio's latency clocks: ``slat`` from preparing an
-I/O to its submission (async engines only), ``clat`` from submission to completion, ``lat``
-both. ``ftruncate`` turns each write into ``ftruncate(offset)``.
+that clones run side by side; a zoned file's I/Os stay tasks (others wait on them). fio's
+latency clocks: ``slat`` from preparing an I/O to its submission (async engines only),
+``clat`` from submission to completion, ``lat`` both. ``ftruncate`` turns each write into
+``ftruncate(offset)``.
 
 ``verify`` writes blocks (or ``verify_interval`` chunks) that carry a header -- offset,
 write sequence number, and the chosen checksum of the rest -- and reads them back after
@@ -1235,7 +1236,7 @@ class Clone:
         d.done.append((time.monotonic() - self.measure_from, io.length))
         if self.remember:
             self._remember(io, got)
-        if self.latency is not None and self.latency.complete(time.monotonic(), t_done - t_prep):
+        if self.latency is not None and self.latency.complete(time.monotonic(), lat):
             self._reset_stats(time.monotonic())  # the final window's figures are the job's
 
     def _remember(self, io: IO, got: bytes | None) -> None:
