@@ -5,10 +5,12 @@ import asyncio
 import errno
 import json
 import random
-import statistics
-import zlib
 import shutil
+import statistics
+import struct
 import subprocess
+import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,8 @@ import pytest
 import blockemu
 from blockemu.errors import InvalidArgument
 from blockemu.fs.filesystem import File, mount
-from blockemu.workload.fio import DIGESTS, SYNC_NOTE, Clone, JobResult, LatencyTarget, RunContext, SteadyWatch, Verifier
 from blockemu.workload.buffers import Buffers
+from blockemu.workload.fio import DIGESTS, SYNC_NOTE, Clone, JobResult, LatencyTarget, RunContext, SteadyWatch, Verifier
 from blockemu.workload.jobfile import Share, parse
 from blockemu.workload.runner import run_workload
 from tests.test_cli import run
@@ -215,6 +217,54 @@ iodepth=8
     assert a["latency_depth"] == 8 and a["read"]["slat_ns"]["N"] == 64 and a["iodepth_level"]["8"] > 0
     assert out["blockemu"]["notes"] == [SYNC_NOTE]
     assert out["blockemu"]["ignored_options"] == {"s": ["cpus_allowed", "write_bw_log"]}
+
+
+async def test_one_io_in_flight_is_awaited_in_place_and_accounted_as_a_queue_is(tmp_path):
+    """A job with one I/O in flight (a sync engine, or any engine at iodepth=1) does each I/O in
+    place, as a sync engine's thread does: no asyncio task and wait per I/O (they cost the loop
+    several times the 4 KiB write they carried: issue 16). A deeper queue keeps its I/Os in
+    flight as tasks. Both are accounted alike: every I/O's latencies, the syncs fsync= asks for,
+    and a submission latency for the async engine only, as fio has it."""
+    loop = asyncio.get_running_loop()
+    made: Counter[str] = Counter()
+
+    def factory(loop, coro, **kw):
+        made[getattr(coro, "__qualname__", "")] += 1
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    loop.set_task_factory(factory)
+    try:
+        out, _ = await run_job(tmp_path, "[global]\nrw=randwrite\nsize=256k\nbs=4k\nfsync=8\n[s]\nioengine=psync\n"
+                                         "[one]\nstonewall\nioengine=libaio\n[deep]\nstonewall\nioengine=libaio\n"
+                                         "iodepth=4\n")
+    finally:
+        loop.set_task_factory(None)
+    assert made["Clone._do"] == 64  # the deep queue's I/Os, and no other job's
+    s, one, deep = out["jobs"]
+    for j in (s, one, deep):
+        w = j["write"]
+        assert w["total_ios"] == w["clat_ns"]["N"] == w["lat_ns"]["N"] == 64 and w["io_bytes"] == 256 << 10
+        assert j["sync"]["total_ios"] == 8 and w["lat_ns"]["min"] >= w["clat_ns"]["min"] > 0
+    assert s["write"]["slat_ns"]["N"] == 0 and one["write"]["slat_ns"]["N"] == deep["write"]["slat_ns"]["N"] == 64
+    assert s["iodepth_level"]["1"] == one["iodepth_level"]["1"] == 100.0 and deep["iodepth_level"]["4"] > 0
+
+
+async def test_clones_doing_their_io_in_place_take_turns_on_the_loop(tmp_path, monkeypatch):
+    """Clones that await their I/Os in place still run side by side, as fio's threads do: each
+    lets the loop in at least every SLICE_NS (here: after every I/O), so no clone does its
+    whole job before another starts -- and the filesystem's own tasks, a signal or a script
+    job get their turn too."""
+    monkeypatch.setattr("blockemu.workload.fio.SLICE_NS", 0)
+    order: list[int] = []
+    do = Clone._do
+
+    async def recorded(self, io, data):
+        order.append(self.n)
+        return await do(self, io, data)
+
+    monkeypatch.setattr(Clone, "_do", recorded)
+    await run_job(tmp_path, "[w]\nrw=write\nsize=64k\nbs=4k\nnumjobs=2\n")
+    assert order == [0, 1] * 16
 
 
 def test_non_file_engines_and_jobs_they_cannot_run_are_refused_by_name(tmp_path):
@@ -631,6 +681,8 @@ def test_buffer_contents_as_the_options_shape_them():
     assert len(set(make("scramble_buffers=0\n"))) == 1  # one buffer reused as it is
     scrambled = make("")  # fio's default: reused, but each 512-byte sector stamped with the offset
     assert len(set(scrambled)) == 64 and scrambled[0][16:512] == scrambled[1][16:512]
+    stamps = [struct.unpack_from("=QQ", scrambled[5], k) for k in range(0, 4096, 512)]
+    assert stamps == [(5 * 4096 + k, 6) for k in range(0, 4096, 512)]  # each sector: its offset, the write's number
     assert len(set(make("refill_buffers=1\n"))) == 64
     compressed = make("buffer_compress_percentage=75\nbuffer_compress_chunk=1k\n")[0]
     assert all(compressed[k + 256: k + 1024] == bytes(768) for k in range(0, 4096, 1024))

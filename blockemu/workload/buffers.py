@@ -52,7 +52,7 @@ class Buffers:
         self.seeds = shared if shared is not None else WorkingSet()
         self.seeds.limit += limit  # dedupe_global: the shared set is every participant's share
         self.last_seed: int | None = None
-        self.reused: dict[int, bytes] = {}
+        self.reused: dict[int, Reused] = {}
 
     def make(self, length: int, offset: int, numberio: int) -> bytes:
         if self.compress is not None or self.dedupe:
@@ -63,11 +63,12 @@ class Buffers:
             return bytes(length)
         if self.refill:
             return self.rng.randbytes(length)
-        if length not in self.reused:
-            self.reused[length] = self.rng.randbytes(length)
+        reused = self.reused.get(length)
+        if reused is None:
+            reused = self.reused[length] = Reused(self.rng.randbytes(length))
         if not self.scramble:
-            return self.reused[length]
-        return scramble(self.reused[length], offset, numberio)
+            return reused.data
+        return reused.scrambled(offset, numberio)
 
     def _seed(self) -> int:
         """A new seed, or -- for dedupe_percentage of the buffers -- one used before."""
@@ -96,18 +97,29 @@ class Buffers:
         return bytes(out)
 
 
-def scramble(buf: bytes, offset: int, numberio: int) -> bytes:
-    """A copy of ``buf`` with each 512-byte sector starting with the I/O's offset there and its
-    sequence number (native u64s): two strided copies, however large the buffer."""
-    words = len(buf) // 8
-    n = (words - 2) // 64 + 1 if words >= 2 else 0  # sectors with room for both
-    if not n:
-        return buf
-    out = bytearray(buf)
-    with memoryview(out)[: words * 8].cast("Q") as q:
-        q[0: 64 * (n - 1) + 1: 64] = array.array("Q", range(offset, offset + n * SECTOR, SECTOR))
-        q[1: 64 * (n - 1) + 2: 64] = array.array("Q", [numberio]) * n
-    return bytes(out)
+class Reused:
+    """A buffer made once and written again and again, and where scramble_buffers stamps it:
+    worked out once for its length, since a stamp is made for every write."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        words = len(data) // 8
+        n = (words - 2) // 64 + 1 if words >= 2 else 0  # sectors with room for both words
+        self.sectors, self.words = n, words
+        self.offsets, self.numbers = slice(0, 64 * (n - 1) + 1, 64), slice(1, 64 * (n - 1) + 2, 64)
+
+    def scrambled(self, offset: int, numberio: int) -> bytes:
+        """A copy with each 512-byte sector starting with the I/O's offset there and its
+        sequence number (native u64s): two strided copies, however large the buffer."""
+        n = self.sectors
+        if not n:
+            return self.data
+        out = bytearray(self.data)
+        q = memoryview(out)[: self.words * 8].cast("Q")
+        q[self.offsets] = array.array("Q", range(offset, offset + n * SECTOR, SECTOR))
+        q[self.numbers] = array.array("Q", [numberio]) * n
+        q.release()
+        return bytes(out)
 
 
 def repeat(pattern: bytes, n: int) -> bytes:

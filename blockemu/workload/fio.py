@@ -18,9 +18,13 @@ waits first.
 Engines: the sync family (sync, psync, vsync, pvsync, pvsync2, and mmap, whose mapped
 accesses are done as reads and writes of the same ranges) has one I/O in flight,
 and fio's note says so when ``iodepth`` asks for more; libaio, io_uring and posixaio keep
-``iodepth`` I/Os in flight as asyncio tasks. fio's latency clocks: ``slat`` from preparing an
-I/O to its submission (async engines only), ``clat`` from submission to completion, ``lat``
-both. ``ftruncate`` turns each write into ``ftruncate(offset)``.
+``iodepth`` I/Os in flight as asyncio tasks. One I/O in flight (any engine at depth 1) is
+awaited in place, as a sync engine's thread does it -- a task and a wait per I/O cost more
+than a cached 4 KiB write -- and the clone lets the loop in at least every ``SLICE_NS`` so
+that clones run side by side; a zoned file's I/Os stay tasks (others wait on them). fio's
+latency clocks: ``slat`` from preparing an I/O to its submission (async engines only),
+``clat`` from submission to completion, ``lat`` both. ``ftruncate`` turns each write into
+``ftruncate(offset)``.
 
 ``verify`` writes blocks (or ``verify_interval`` chunks) that carry a header -- offset,
 write sequence number, and the chosen checksum of the rest -- and reads them back after
@@ -73,6 +77,7 @@ DEPTH_BUCKETS = (1, 2, 4, 8, 16, 32)
 LAT_BUCKETS = (2, 4, 10, 20, 50, 100, 250, 500, 750, 1000)
 MS_BUCKETS = LAT_BUCKETS + (2000,)
 NON_FATAL = frozenset((errno.EIO, errno.EILSEQ))  # what continue_on_error goes past without ignore_error
+SLICE_NS = 500_000  # a clone doing its I/Os in place lets the loop in at least this often
 SYNC_NOTE = "note: both iodepth >= 1 and synchronous I/O engine are selected, queue depth will be capped at 1"
 
 
@@ -585,8 +590,9 @@ class Region:
     """One file's I/O region and where the next offset comes from: sequential positions per
     direction, or a random map (a shuffled pass over the blocks, each used once)."""
 
-    def __init__(self, path: str, start: int, length: int, unit: int) -> None:
+    def __init__(self, path: str, start: int, length: int, unit: int, index: int = 0) -> None:
         self.path, self.start, self.length, self.unit = path, start, length, unit
+        self.index = index  # its place among the clone's regions: the key of what was written in it
         self.blocks = max(1, length // unit)
         self.next_pos = [0, 0, 0]
         self.used = bytearray()  # the random map, made on first use (never, without one)
@@ -767,7 +773,7 @@ class SteadyWatch:
                          "iops": [int(v) for v in self.iops], "bw": [int(v) for v in self.bw]}}
 
 
-@dataclass
+@dataclass(slots=True)
 class IO:
     region: Region
     ddir: int
@@ -837,8 +843,16 @@ class Clone:
         self.filled = False  # fill_device: a write met ENOSPC
         self.rate = job.get("rate") or (0, 0, 0)
         self.rate_iops = job.get("rate_iops") or (0, 0, 0)
+        self.paced = any(self.rate) or any(self.rate_iops)
         self.fsync_every = job.get("fsync", 0) or job.get("fdatasync", 0)
         self.sync_writes = job.get("sync", "0") not in ("0", "none")
+        # what every I/O's accounting asks, settled once: the job's options do not change
+        self.timed = bool(job.get("time_based") and job.get("runtime"))
+        self.slat = self.engine in ASYNC_ENGINES  # fio has no submission latency for a sync engine
+        self.max_latency = job.get("max_latency") or (0, 0, 0)
+        self.remember = self.verifier is not None or bool(job.get("trim_backlog"))  # who reads self.written
+        self.verify_backlog = job.get("verify_backlog", 0) if self.verifier is not None else 0
+        self.trim_backlog = job.get("trim_backlog", 0)
         self.buffers: Buffers | None = None  # made at layout, once the region's size is known
         self.written: dict[tuple[int, int], tuple[int, int]] = {}  # (region, offset) -> (length, numberio)
         self.backlog: list[tuple[int, int]] = []  # written since the last verify_backlog check
@@ -851,11 +865,13 @@ class Clone:
             if ss is not None and job.get("steadystate_duration") else None
         result.steady = self.steady
         self.file_turn = 0
+        self.file_service = job.get("file_service_type", "roundrobin")
         self.measure_from = self.deadline = 0.0
         self.ramp_end: float | None = None
 
     def _size_regions(self, sizes: list[int]) -> None:
-        self.regions = [Region(p, self.offset, n - n % self.unit, self.unit) for p, n in zip(self.paths, sizes)]
+        self.regions = [Region(p, self.offset, n - n % self.unit, self.unit, i)
+                        for i, (p, n) in enumerate(zip(self.paths, sizes))]
         self._budget()
 
     def _budget(self) -> None:
@@ -981,7 +997,7 @@ class Clone:
         return self.buffers.make(io.length, io.offset, io.numberio)
 
     def _pick_region(self) -> Region:
-        kind = self.job.get("file_service_type", "roundrobin")
+        kind = self.file_service
         if kind == "random":
             return self.rng.choice(self.regions)
         if kind == "sequential":
@@ -1009,7 +1025,7 @@ class Clone:
             self.ios += 1
             self.numberio += 1
             return IO(io.region, WRITE, io.offset, io.length, self.numberio, (self.trim_task,) if self.trim_task else ())
-        timed = self.job.get("time_based") and self.job.get("runtime")
+        timed = self.timed
         if not timed and (self.bytes_done >= self.budget or self.number_ios and self.ios >= self.number_ios):
             return None
         region = self._pick_region()
@@ -1039,7 +1055,7 @@ class Clone:
         self.pass_ios += 1
         region.last = pos
         io = IO(region, ddir, region.start + pos, length, self.numberio + 1)
-        if "write" in self.rw.pattern and ddir == TRIM:  # fio counts a trimwrite's writes, not its trims
+        if ddir == TRIM and "write" in self.rw.pattern:  # fio counts a trimwrite's writes, not its trims
             self.then_write = io
         else:
             self.bytes_done += length
@@ -1157,8 +1173,6 @@ class Clone:
     async def _flow_gate(self) -> None:
         """flow=: hold this clone while its share of its flow group's I/Os is ahead of its
         share of the group's weight (fio's token-based flow control)."""
-        if not self.flow:
-            return
         group = self.ctx.flows[self.job.get("flow_id", 0)]
         while group[0] and self.flow_count / group[0] > self.flow / group[1] and not self.ctx.stopped:
             if self.job.get("flow_sleep"):
@@ -1183,52 +1197,63 @@ class Clone:
         self.issued_ios[io.ddir] += 1
         await self.ctx.nap(self.measure_from + due - time.monotonic())
 
-    async def _do(self, io: IO, data: bytes | None) -> tuple[int, bytes | None]:
+    async def _do(self, io: IO, data: bytes | None) -> tuple[int, bytes | None] | BlockemuError:
+        """Do one I/O: when it completed and what it read, or the error it met -- returned, not
+        raised, so one reaping takes it whether the I/O ran as a task or was awaited in place."""
         f = io.region.file
         assert f is not None
         if io.after:
             await asyncio.wait(io.after)  # their errors, if any, are theirs
-        if self.engine == "ftruncate":
-            await f.truncate(io.offset)
-            got = None
-        elif io.ddir == READ:
-            got = await f.pread(io.length, io.offset)
-        elif io.ddir == TRIM:  # a file's discard: fallocate(PUNCH_HOLE | KEEP_SIZE); a zone's reset moved its
-            if io.region.zoned is None:  # write pointer only (zones.py): the data stays, as in fio
-                await f.punch_hole(io.offset, io.length)
-            got = None
-        else:
-            await f.pwrite(data, io.offset)
-            if self.sync_writes:  # O_SYNC/O_DSYNC: the write returns once it is durable
-                await f.fsync()
-            got = None
+        got = None
+        try:
+            if self.engine == "ftruncate":
+                await f.truncate(io.offset)
+            elif io.ddir == READ:
+                got = await f.pread(io.length, io.offset)
+            elif io.ddir == TRIM:  # a file's discard: fallocate(PUNCH_HOLE | KEEP_SIZE); a zone's reset moved
+                if io.region.zoned is None:  # its write pointer only (zones.py): the data stays, as in fio
+                    await f.punch_hole(io.offset, io.length)
+            else:
+                await f.pwrite(data, io.offset)
+                if self.sync_writes:  # O_SYNC/O_DSYNC: the write returns once it is durable
+                    await f.fsync()
+        except BlockemuError as e:
+            return e
         return time.perf_counter_ns(), got
 
     def _complete(self, io: IO, t_prep: int, t_sub: int, t_done: int, got: bytes | None) -> None:
         d = self.result.dirs[io.ddir]
-        if self.engine in ASYNC_ENGINES:
+        if self.slat:
             d.slat.append(t_sub - t_prep)
         d.clat.append(t_done - t_sub)
-        d.lat.append(t_done - t_prep)
+        lat = t_done - t_prep
+        d.lat.append(lat)
         d.io_bytes += io.length
-        limit = (self.job.get("max_latency") or (0, 0, 0))[io.ddir]
-        if limit and t_done - t_prep > limit * 1e9 and not self.result.error:
+        limit = self.max_latency[io.ddir]
+        if limit and lat > limit * 1e9 and not self.result.error:
             self.result.error, self.result.error_text = errno.ETIMEDOUT, \
-                f"max_latency exceeded: {(t_done - t_prep) // 1000} usec > {int(limit * 1e6)} usec"
+                f"max_latency exceeded: {lat // 1000} usec > {int(limit * 1e6)} usec"
         d.done.append((time.monotonic() - self.measure_from, io.length))
+        if self.remember:
+            self._remember(io, got)
+        if self.latency is not None and self.latency.complete(time.monotonic(), lat):
+            self._reset_stats(time.monotonic())  # the final window's figures are the job's
+
+    def _remember(self, io: IO, got: bytes | None) -> None:
+        """Keep what verify and trim_backlog read back later: the last write of each block (a
+        trim forgets it); check what a read got against it."""
+        key = (io.region.index, io.offset)
         if io.ddir == WRITE:
-            key = (self.regions.index(io.region), io.offset)
             self.written[key] = (io.length, io.numberio)
-            self.backlog.append(key)
-            if self.job.get("trim_backlog"):
+            if self.verify_backlog:
+                self.backlog.append(key)
+            if self.trim_backlog:
                 self.trim_due.append(key)
         elif io.ddir == TRIM:
-            self.written.pop((self.regions.index(io.region), io.offset), None)
+            self.written.pop(key, None)
         elif got is not None and self.verifier is not None:
-            w = self.written.get((self.regions.index(io.region), io.offset))
+            w = self.written.get(key)
             self._verify(got, io.offset, w[1] if w and w[0] == io.length else None, io.region)
-        if self.latency is not None and self.latency.complete(time.monotonic(), t_done - t_prep):
-            self._reset_stats(time.monotonic())  # the final window's figures are the job's
 
     def _verify(self, data: bytes, offset: int, numberio: int | None, region: Region) -> None:
         assert self.verifier is not None
@@ -1262,14 +1287,29 @@ class Clone:
         zoned = [r.zoned for r in self.regions if r.zoned is not None]
         for zr in zoned if self.writer else ():
             zr.begin()
+        yielded = time.perf_counter_ns()
         try:
             while True:
+                sync_due, reaped = False, 0
                 while len(inflight) < (self.latency.qd if self.latency else self.depth) and \
                         (io := self.next_io()) is not None:
-                    await self._flow_gate()
-                    await self._pace(io)
+                    if self.flow:
+                        await self._flow_gate()
+                    if self.paced:
+                        await self._pace(io)
+                    self.result.depths[len(inflight) + 1] += 1
+                    self.result.ios_issued += 1
                     t_prep = time.perf_counter_ns()
                     data = self._buffer(io) if io.ddir == WRITE else None
+                    if self.depth == 1 and io.region.zoned is None:
+                        # one I/O at a time, none to order it after: awaited here, as a sync engine
+                        # does it (a task and a wait cost more than the write they carry)
+                        t_sub = time.perf_counter_ns()
+                        sync_due, reaped = self._reap(io, t_prep, t_sub, await self._do(io, data)), 1
+                        if time.perf_counter_ns() - yielded >= SLICE_NS:  # the others' turn: clones, the
+                            await asyncio.sleep(0)  # filesystem's tasks (writeback's completions), signals
+                            yielded = time.perf_counter_ns()
+                        break
                     if io.region.zoned is not None:
                         io.after += self.ctx.ordered(io)
                     task = asyncio.ensure_future(self._do(io, data))
@@ -1278,25 +1318,24 @@ class Clone:
                     if self.then_write is io:  # the trim of a trimwrite: its write follows it
                         self.trim_task = task
                     inflight[task] = (io, t_prep, time.perf_counter_ns())
-                    self.result.depths[len(inflight)] += 1
-                    self.result.ios_issued += 1
                     if self.depth == 1:  # a sync engine: this I/O completes before the next
                         break
-                if not inflight:
+                if inflight:
+                    done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        sync_due |= self._reap(*inflight.pop(task), task.result())
+                    reaped = len(done)
+                elif not reaped:
                     break
-                done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                sync_due = False
-                for task in done:
-                    sync_due |= self._reap(task, inflight.pop(task))
-                if self.think and self.completed % self.think_every < len(done):
+                if self.think and self.completed % self.think_every < reaped:
                     await self.ctx.nap(self.think)  # thinktime(_spin): slept, a spin would stall the loop
-                verify_due = self.verifier is not None and 0 < self.job.get("verify_backlog", 0) <= len(self.backlog)
-                trim_due = 0 < self.job.get("trim_backlog", 0) <= len(self.trim_due)
+                verify_due = 0 < self.verify_backlog <= len(self.backlog)
+                trim_due = 0 < self.trim_backlog <= len(self.trim_due)
                 if sync_due or verify_due or trim_due:  # fio drains the queue first: a read-back must not race its write
                     if inflight:
                         await asyncio.wait(inflight)
                     for task in list(inflight):
-                        self._reap(task, inflight.pop(task))
+                        self._reap(*inflight.pop(task), task.result())
                 if sync_due:
                     await self._sync()
                 if verify_due:
@@ -1320,14 +1359,12 @@ class Clone:
             self.result.ctx = ru_end.ru_nvcsw + ru_end.ru_nivcsw - ru.ru_nvcsw - ru.ru_nivcsw
             self.result.majf, self.result.minf = ru_end.ru_majflt - ru.ru_majflt, ru_end.ru_minflt - ru.ru_minflt
 
-    def _reap(self, task: asyncio.Task, started: tuple[IO, int, int]) -> bool:
-        """Account a completed I/O; True when fsync=N says a sync is due."""
-        io, t_prep, t_sub = started
-        try:
-            t_done, got = task.result()
-        except BlockemuError as e:
-            self._io_error(io, e)
+    def _reap(self, io: IO, t_prep: int, t_sub: int, outcome: tuple[int, bytes | None] | BlockemuError) -> bool:
+        """Account a completed I/O (``_do``'s outcome); True when fsync=N says a sync is due."""
+        if isinstance(outcome, BlockemuError):
+            self._io_error(io, outcome)
             return False
+        t_done, got = outcome
         self._complete(io, t_prep, t_sub, t_done, got)
         self.completed += 1
         self.completed_bytes += io.length

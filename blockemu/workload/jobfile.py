@@ -16,6 +16,7 @@ import operator
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -202,8 +203,8 @@ class RW:
     pattern: str
     modifier: int = 0
 
-    @property
-    def random(self) -> bool:
+    @cached_property
+    def random(self) -> bool:  # asked for every I/O: worked out once
         return self.pattern.startswith("rand")
 
 
