@@ -43,7 +43,8 @@ class MemoryImage:
             # overwrite freed blocks with garbage once unpinned: any stale reference would fail loudly
             self.blocks[bytenr] = b"\xff" * self.store.nodesize
         self.store.end_transaction()
-        self.alloc.unpin_all()
+        self.alloc.seal_pins()
+        self.alloc.unpin_sealed()
 
 
 @pytest.fixture

@@ -3,7 +3,10 @@
 Freed extents that the last durable commit still references are *pinned*:
 unusable until the commit that stops referencing them is durable, so a crash
 always finds the previous generation intact. Extents both allocated and freed
-within the running transaction were never durable and return at once.
+within the running transaction were never durable and return at once. While a
+commit's writes are in flight the next transaction already runs (DESIGN §9): the
+committing transaction's pins are *sealed* apart from the running one's, and only
+they come back when that commit is durable.
 
 Tree blocks and data share the space, so the allocator counts ``node_room``: how
 many tree blocks its free extents could hold. A caller that must not eat the
@@ -36,7 +39,8 @@ def no_space(length: int, free: int, largest: int, kept: int = 0) -> NoSpaceErro
 class Allocator:
     def __init__(self, free: list[tuple[int, int]] | None = None, *, nodesize: int = 16384) -> None:
         self.free = SortedDict()  # start -> length, disjoint, coalesced
-        self.pinned: list[tuple[int, int]] = []
+        self.pinned: list[tuple[int, int]] = []  # freed by the running transaction
+        self.sealed: list[tuple[int, int]] = []  # freed by the transaction whose commit is in flight
         self.cursor = 0
         self.nodesize = nodesize
         self.node_room = 0  # sum(length // nodesize) over the free extents: tree blocks that would fit
@@ -50,10 +54,16 @@ class Allocator:
         return sum(self.free.values())
 
     def pinned_bytes(self) -> int:
-        return sum(n for _, n in self.pinned)
+        return sum(n for _, n in self.pinned) + sum(n for _, n in self.sealed)
+
+    def holds_pinned(self) -> bool:
+        """Whether a commit would give space back (the running one's, or the one in flight's)."""
+        return bool(self.pinned or self.sealed)
 
     def extents_after_commit(self) -> list[tuple[int, int]]:
-        """The free extents once pinned ones are released: what the free-space record stores."""
+        """The free extents once pinned ones are released: what the free-space record stores.
+        Asked while no commit is in flight (commits are serialised): nothing is sealed."""
+        assert not self.sealed, "the previous commit is not durable yet"
         out: list[tuple[int, int]] = []
         for start, length in heapq.merge(self.free.items(), sorted(self.pinned)):
             if out and out[-1][0] + out[-1][1] == start:
@@ -197,8 +207,14 @@ class Allocator:
     def pin(self, start: int, length: int) -> None:
         self.pinned.append((start, length))
 
-    def unpin_all(self) -> None:
-        """The commit that stopped referencing the pinned extents is durable."""
-        pinned, self.pinned = self.pinned, []
-        for start, length in pinned:
+    def seal_pins(self) -> None:
+        """The running transaction has ended and its commit is being written: what it freed waits
+        for that commit; what the next transaction frees is pinned apart, for its own."""
+        assert not self.sealed, "the previous commit is not durable yet"
+        self.pinned, self.sealed = [], self.pinned
+
+    def unpin_sealed(self) -> None:
+        """The commit that stopped referencing the sealed extents is durable."""
+        sealed, self.sealed = self.sealed, []
+        for start, length in sealed:
             self.release(start, length)

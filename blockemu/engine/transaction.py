@@ -13,10 +13,12 @@ recorded in ``TreeStore``. A commit then:
    released. Each of these changes may COW more blocks, so the three steps
    repeat until a round changes nothing (a block COWed once is changed in
    place afterwards, so this ends within a few rounds);
-2. encodes the dirty blocks (``prepare_commit``); the caller writes them,
+2. encodes the dirty blocks and ends the transaction (``prepare_commit``): the
+   next one starts at once, and a block it changes is COWed again, the committing
+   transaction's pins sealed apart from its own; the caller writes the blocks,
    flushes, writes the superblock with FUA, writes the mirrors, flushes;
-3. ``finish_commit`` releases the pinned extents: only now may the blocks of
-   the previous generation be overwritten.
+3. ``finish_commit`` releases the committed transaction's pins: only now may the
+   blocks of the previous generation be overwritten.
 
 A crash before the superblock's FUA completes leaves the previous generation,
 whose blocks nothing has overwritten; after it, the new one.
@@ -117,6 +119,9 @@ class TreeStore:
         self.dirty: dict[int, TreeBlock] = {}
         self.new_blocks: dict[int, tuple[int, int]] = {}  # bytenr -> (owner, level), allocated this transaction
         self.freed_blocks: dict[int, tuple[int, int]] = {}  # committed blocks freed this transaction
+        # the blocks of a commit whose writes may not have landed: read from here, never from
+        # the disk, should the clean cache let them go meanwhile
+        self.unwritten: dict[int, TreeBlock] = {}
         # told of every tree change (see ``cow``): how the volume knows which participant of
         # the transaction changed something
         self.on_change: Callable[[], None] | None = None
@@ -126,18 +131,9 @@ class TreeStore:
         if block is None:
             block = self.clean.get(bytenr)
             if block is None:
-                block = decode_block(
-                    self.read(bytenr, self.nodesize),
-                    bytenr=bytenr,
-                    nodesize=self.nodesize,
-                    csum_type=self.csum_type,
-                    fsid=self.fsid,
-                    verify_csum=self.verify_csum,
-                )
-                if self.allocator is not None and self.allocator.overlaps_free(bytenr, self.nodesize):
-                    # a commit would hand this space out again and overwrite the block
-                    raise CorruptionError(f"tree block {bytenr} lies in space the free-space record calls free; "
-                                          f"run blockemu fsck --repair", "FREE_SPACE_MISMATCH", bytenr)
+                block = self.unwritten.get(bytenr)
+                if block is None:
+                    block = self._load(bytenr)
                 self.clean[bytenr] = block
                 if len(self.clean) > self.cache_blocks:
                     self.clean.popitem(last=False)
@@ -153,6 +149,21 @@ class TreeStore:
             raise CorruptionError(f"tree block {bytenr}: level {block.level}, expected {level}", "BAD_TREE_BLOCK", bytenr)
         if owner is not None and block.owner != owner:
             raise CorruptionError(f"tree block {bytenr}: owner {block.owner}, expected {owner}", "BAD_TREE_BLOCK", bytenr)
+        return block
+
+    def _load(self, bytenr: int) -> TreeBlock:
+        block = decode_block(
+            self.read(bytenr, self.nodesize),
+            bytenr=bytenr,
+            nodesize=self.nodesize,
+            csum_type=self.csum_type,
+            fsid=self.fsid,
+            verify_csum=self.verify_csum,
+        )
+        if self.allocator is not None and self.allocator.overlaps_free(bytenr, self.nodesize):
+            # a commit would hand this space out again and overwrite the block
+            raise CorruptionError(f"tree block {bytenr} lies in space the free-space record calls free; "
+                                  f"run blockemu fsck --repair", "FREE_SPACE_MISMATCH", bytenr)
         return block
 
     def _need_allocator(self) -> Allocator:
@@ -216,8 +227,15 @@ class TreeStore:
         self.freed_blocks.clear()
 
     def end_transaction(self) -> None:
+        """The transaction's blocks are encoded and go to the disk: the next transaction starts
+        now and COWs them (``written`` says when they have landed)."""
+        self.unwritten = dict(self.dirty)
         self.mark_written()
         self.transid += 1
+
+    def written(self) -> None:
+        """The ended transaction's blocks are on the disk: a block the cache lets go is read back."""
+        self.unwritten = {}
 
 
 class Engine:
@@ -370,7 +388,7 @@ class Engine:
         """Room is below what data must leave while space freed in this transaction waits,
         pinned, for its commit: committing would give it back."""
         alloc = self.store.allocator
-        return alloc is not None and bool(alloc.pinned) and alloc.node_room < self.data_keep()
+        return alloc is not None and alloc.holds_pinned() and alloc.node_room < self.data_keep()
 
     def meta_room(self, promised: int = 0) -> bool:
         """Whether an operation that grows the metadata (a new inode, a name) may start: it
@@ -488,16 +506,23 @@ class Engine:
             backup[name + "_gen"] = self.transid if tid == ROOT_TREE_OBJECTID else self.root_items[tid].generation
             backup[name + "_level"] = tree.level
         backup["total_bytes"], backup["bytes_used"] = new.total_bytes, new.bytes_used
-        return writes, new
-
-    def finish_commit(self, new: SuperInfo) -> None:
-        """The superblock ``new`` is durable: the previous generation's blocks may now be reused."""
-        self.sb = new
-        self.allocator.unpin_all()
+        # btrfs's unblocked transaction state: the blocks are encoded, so the next transaction
+        # may change the trees while they are written (it COWs them again, and pins apart)
         self.store.end_transaction()
+        self.allocator.seal_pins()
         self._applied_new.clear()
         self._applied_freed.clear()
         self._reset_log_notes()
+        return writes, new
+
+    def finish_commit(self, new: SuperInfo) -> None:
+        """The superblock ``new`` is durable: the previous generation's blocks may now be reused.
+        A feature bit the next transaction turned on meanwhile (``sb`` is still the old one's
+        until now) is kept for that transaction's commit."""
+        new.incompat_flags |= self.sb.incompat_flags & ~INCOMPAT_TREE_LOG
+        self.sb = new
+        self.allocator.unpin_sealed()
+        self.store.written()
 
 
 def super_writes(sb: SuperInfo) -> list[tuple[int, bytes]]:

@@ -195,9 +195,13 @@ class Volume:
                 self._completed = number
                 return done
             finally:
-                async with self._cond:
-                    self._committing = False
-                    self._cond.notify_all()
+                await self._unblock()
+
+    async def _unblock(self) -> None:
+        """Let participants into the (next) running transaction."""
+        async with self._cond:
+            self._committing = False
+            self._cond.notify_all()
 
     async def fsync(self, ino: int) -> None:
         """Make inode ``ino``'s changes in the running transaction durable: through the log
@@ -258,9 +262,15 @@ class Volume:
             raise DeviceIOError(f"{self.device.path}: read-only after an aborted transaction ({self.aborted})")
 
     async def _commit(self) -> bool:
+        """DESIGN §9. Once the blocks are encoded the next transaction runs beside the writes
+        (btrfs's unblocked state): it COWs what it changes, and pins what it frees for its own
+        commit, which -- holding the commit lock, as a log sync does -- comes after this one is
+        durable. Runs as its own task (``_durably``), so a cancelled caller cannot stop it
+        between ending the transaction and writing it."""
         engine = self.engine
         self.log.drop()  # this commit supersedes the log: its blocks are pinned, free after it
         writes, new_sb = engine.prepare_commit()
+        await self._unblock()
         await self.device.writev(writes)
         supers = super_writes(new_sb)
         await self.device.flush_then_fua(*supers[0])

@@ -511,7 +511,7 @@ class Writeback:
                         bytenr = engine.allocator.alloc(length, keep=keep)
                     except NoSpaceError as e:
                         alloc = engine.allocator
-                        raise _NoFit(e, alloc.largest(keep) // PAGE * PAGE, bool(alloc.pinned)) from None
+                        raise _NoFit(e, alloc.largest(keep) // PAGE * PAGE, alloc.holds_pinned()) from None
                     try:
                         await fs.vol.device.write(bytenr, sealed)  # the device copies it out of the slot
                     except BaseException:
