@@ -414,3 +414,21 @@ def test_a_through_range_goes_on_into_every_leaf_and_subtree_it_spans(cut):
     check_invariants(tree)
     check_filled(tree)
     assert [k for k, _ in tree.items()] == [k for k in keys if not lo <= k[0] <= hi]
+
+
+def test_a_commits_blocks_are_read_from_memory_until_they_are_written():
+    """The next transaction runs while a commit's blocks are written (DESIGN §9): a block the
+    clean cache lets go meanwhile is not on the disk yet, so it must come from memory, and from
+    the disk once ``written`` says it landed."""
+    img = MemoryImage(4096, cache_blocks=1)
+    tree = img.new_tree()
+    keys = [(i, 1, 0) for i in range(300)]
+    for k in keys:
+        tree.insert(k, b"x" * 24)
+    writes = img.store.encode_dirty()
+    img.store.end_transaction()  # in flight: nothing in img.blocks yet
+    assert [k for k, _ in tree.items()] == keys
+    img.blocks.update(writes)
+    img.store.written()
+    img.store.clean.clear()
+    assert [k for k, _ in tree.items()] == keys

@@ -2,14 +2,18 @@
 the Ace-style bounded campaign finds nothing; and a planted ordering bug is caught."""
 from __future__ import annotations
 
+import asyncio
 import random
+
+import pytest
 
 import blockemu
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
 from blockemu.workload.crash import (CampaignResult, Recorder, ace_workload, ace_workloads, check_states, record,
-                                     run_ace)
-from blockemu.workload.writepath import FAST
+                                     run_ace, snapshot)
+from blockemu.workload.writepath import FAST, PRODUCTION
+from tests.util import Gate
 
 
 def random_workload(commits: int, seed: int):
@@ -107,3 +111,57 @@ async def test_ace_write_fsyncs_go_through_the_log_and_every_crash_state_holds(t
     result = CampaignResult()
     await check_states(log, models, str(tmp_path / "crash.img"), random.Random(3), 4, "ace-log", result, FAST)
     assert result.states > 20 and not result.failures, result.failures[:3]
+
+
+def commit_in_flight(scale: int):
+    """A sync's commit held at its flush + superblock FUA -- its blocks written, the transaction
+    ended -- while the next transaction changes the trees (DESIGN §9): new files and directories,
+    an overwrite and an unlink that free what the held commit references, a rename; their data
+    reaches the device beside the held commit. Then more changes and data once it is durable,
+    before the next sync: what the held commit's transaction freed came back to the allocator,
+    what the next one freed must not have."""
+    async def run(fs, rec: Recorder) -> None:
+        rng = random.Random(11)
+
+        async def put(path: str, n: int) -> None:
+            async with fs.open(path, "w") as f:
+                await f.write(rng.randbytes(n * scale))
+
+        await rec.mkdir("/w")
+        for i in range(6):
+            await put(f"/w/f{i}", rng.randrange(1, 8000))
+        await fs.sync()
+        await rec.persisted()
+        async with fs.open("/w/f0", "r+") as f:
+            await f.pwrite(rng.randbytes(5000 * scale), 1000)
+        await fs.unlink("/w/f1")
+        await fs.mkdir("/w/d")
+        gate = Gate(fs.vol.device.flush_then_fua)
+        fs.vol.device.flush_then_fua = gate
+        sync = asyncio.ensure_future(fs.sync())
+        await gate.entered.wait()  # the held commit's blocks are written, its transaction ended
+        rec.models[(fs.vol.generation + 1, 0)] = await snapshot(fs)
+        nxt = asyncio.gather(put("/w/d/g", 6000), fs.rename("/w/f2", "/w/d/f2"), fs.unlink("/w/f3"), fs.mkdir("/w/e"))
+        done, _ = await asyncio.wait([nxt], timeout=30)  # a guard against a hang, not a wait for a race
+        assert done, "the next transaction waited for the commit being written"
+        async with fs.open("/w/f4", "r+") as f:
+            await f.pwrite(rng.randbytes(9000 * scale), 0)
+        await fs.writeback.flush_all()  # the next transaction's data, written beside the held commit
+        gate.release.set()
+        await sync
+        for i in range(3):
+            await put(f"/w/e/h{i}", rng.randrange(1, 8000))
+        await fs.writeback.flush_all()
+        await fs.sync()
+        await rec.persisted()
+    return run
+
+
+@pytest.mark.parametrize("write_path", [FAST, PRODUCTION], ids=lambda p: p.name)
+async def test_a_crash_while_a_commit_is_written_and_the_next_transaction_runs(tmp_path, write_path):
+    log, models = await record(commit_in_flight(write_path.scale), str(tmp_path / "w.img"), str(tmp_path / "base.img"),
+                               write_path=write_path)
+    assert len(models) == 4, sorted(models)  # mount, first sync, the held commit, the last sync
+    result = CampaignResult()
+    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(4), 4, "in-flight", result, write_path)
+    assert result.states > 30 and not result.failures, result.failures[:3]

@@ -16,7 +16,7 @@ from blockemu.device.blockdev import BlockDevice
 from blockemu.errors import NoSpaceError
 from blockemu.fs.filesystem import Filesystem
 from blockemu.fs.pagecache import PAGE
-from tests.util import KEY, KID, ErrnoCheck, assert_fsck_clean, encrypted_dir
+from tests.util import KEY, KID, ErrnoCheck, Gate, assert_fsck_clean, encrypted_dir
 
 
 @pytest.fixture
@@ -24,26 +24,6 @@ async def image(tmp_path) -> str:
     path = str(tmp_path / "fs.img")
     await blockemu.mkfs(path, size="32M")
     return path
-
-
-class Gate:
-    """Wraps an async callable: its first call signals ``entered`` and holds until ``release``
-    (before or after calling through, as ``after`` says); later calls pass straight through."""
-
-    def __init__(self, real, *, after: bool = False) -> None:
-        self.real, self.after = real, after
-        self.entered, self.release = asyncio.Event(), asyncio.Event()
-        self.calls = 0
-
-    async def __call__(self, *args, **kw):
-        self.calls += 1
-        if self.calls > 1:
-            return await self.real(*args, **kw)
-        if self.after:
-            result = await self.real(*args, **kw)
-        self.entered.set()
-        await self.release.wait()
-        return result if self.after else await self.real(*args, **kw)
 
 
 class WatchedLock(asyncio.Lock):
@@ -745,3 +725,31 @@ async def test_opening_an_existing_file_is_refused_after_an_abort_or_unmount(ima
     await fs.unmount()
     with ErrnoCheck(errno.EIO):
         await fs.open("/c")
+
+
+async def test_space_the_next_transaction_frees_stays_pinned_past_the_commit_being_written(image, monkeypatch):
+    """While a commit's blocks are written the next transaction runs (DESIGN §9) and may free
+    what that commit references (an unlink). Once the commit is durable only the space its own
+    transaction freed comes back; the unlinked file's stays pinned until the next commit, which
+    is the first that no longer references it."""
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        async with fs.open("/a", "w") as f:
+            await f.write(b"a" * 5 * PAGE)
+        await fs.sync()
+        alloc = fs.vol.engine.allocator
+        await fs.mkdir("/x")
+        gate = Gate(fs.vol.device.flush_then_fua)
+        monkeypatch.setattr(fs.vol.device, "flush_then_fua", gate)
+        commit = asyncio.ensure_future(fs.vol.commit())
+        await gate.entered.wait()  # the commit's blocks are written, its superblock not yet
+        unlink = asyncio.ensure_future(fs.unlink("/a"))
+        done, _ = await asyncio.wait([unlink], timeout=30)  # a guard against a hang, not a wait for a race
+        assert done, "the unlink waited for the commit being written"
+        freed = list(alloc.pinned)
+        assert freed
+        gate.release.set()
+        assert await commit
+        assert not any(alloc.is_free(start, n) for start, n in freed)
+        assert await fs.vol.commit()
+        assert all(alloc.is_free(start, n) for start, n in freed)
+    assert_fsck_clean(image)

@@ -1,6 +1,7 @@
 """Small helpers shared by the tests."""
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 
@@ -57,3 +58,23 @@ def obey_file_modes() -> None:
     for cap in (1, 2):
         if libc.prctl(24, cap, 0, 0, 0):
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+class Gate:
+    """Wraps an async callable: its first call signals ``entered`` and holds until ``release``
+    (before or after calling through, as ``after`` says); later calls pass straight through."""
+
+    def __init__(self, real, *, after: bool = False) -> None:
+        self.real, self.after = real, after
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+        self.calls = 0
+
+    async def __call__(self, *args, **kw):
+        self.calls += 1
+        if self.calls > 1:
+            return await self.real(*args, **kw)
+        if self.after:
+            result = await self.real(*args, **kw)
+        self.entered.set()
+        await self.release.wait()
+        return result if self.after else await self.real(*args, **kw)
