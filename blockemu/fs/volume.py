@@ -111,7 +111,8 @@ class Volume:
     @asynccontextmanager
     async def join(self) -> AsyncIterator[Engine]:
         """Take part in the running transaction: tree changes made inside land in one commit
-        whole. A commit waits for every participant to leave; new ones wait for the commit.
+        whole. A commit waits for every participant to leave; new ones wait until it has
+        encoded its blocks, then join the next transaction beside the commit's I/O.
 
         A participant that fails after changing a tree (a rename that removed the old entry and
         then failed to add the new one) leaves a half-done operation in the transaction, and
