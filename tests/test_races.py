@@ -753,3 +753,37 @@ async def test_space_the_next_transaction_frees_stays_pinned_past_the_commit_bei
         assert await fs.vol.commit()
         assert all(alloc.is_free(start, n) for start, n in freed)
     assert_fsck_clean(image)
+
+
+async def test_an_fsync_behind_a_commit_begun_after_its_call_shares_it(image, monkeypatch, tmp_path):
+    """Group commit reaches fsync: C1 holds the lock, C2 queues, then F fsyncs a file; C2 begins
+    after F's call, so once it is durable F's file is too, and F writes no log of its own though
+    X changed the next transaction meanwhile. The image cut when F returns holds F's data."""
+    crash = str(tmp_path / "crash.img")
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        f = await fs.open("/f", "w")
+        await fs.sync()
+        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        await fs.mkdir("/c1")
+        entered, held = hold_flushes(fs, monkeypatch, 1, 3)  # C1's superblock, then C2's
+        c1 = asyncio.ensure_future(fs.vol.commit())
+        await entered[1].wait()
+        await f.write(b"f" * 3 * PAGE)
+        c2 = asyncio.ensure_future(fs.vol.commit())
+        await asyncio.sleep(0)  # C2 queues for the lock
+        fsync = asyncio.ensure_future(f.fsync())
+        fsync.add_done_callback(lambda _: log.crash_image(crash, len(log.entries)))
+        logs = []
+        real_write_log = fs.vol._write_log
+        monkeypatch.setattr(fs.vol, "_write_log", lambda *a: logs.append(a) or real_write_log(*a))
+        held[1].set()
+        await entered[3].wait()  # C2 is written; the next transaction runs
+        await fs.mkdir("/x")
+        held[3].set()
+        assert await c1 and await c2
+        await fsync
+        assert not logs, "F wrote a log though C2 had made its file durable"
+        await f.close()
+    async with blockemu.mount(crash) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == b"f" * 3 * PAGE

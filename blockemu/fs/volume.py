@@ -207,20 +207,22 @@ class Volume:
     async def fsync(self, ino: int) -> None:
         """Make inode ``ino``'s changes in the running transaction durable: through the log
         tree when the log can say them (DESIGN §9), else -- or when the log finds no room --
-        by a full commit."""
-        if await self._log_sync(ino):
+        by a full commit. Group commit, as ``commit``: a full commit begun after the call and
+        completed by the time this one holds the lock holds everything the inode had."""
+        called = self._begun
+        if await self._log_sync(ino, called):
             return
         await self.commit()
 
-    async def _log_sync(self, ino: int) -> bool:
+    async def _log_sync(self, ino: int, called: int) -> bool:
         """Log ``ino`` and write the log; False if the log cannot say its change, finds no room
         or has grown too big to be worth syncing (``TreeLog.can_log``). Decided under the commit lock: a hole punched, or a name changed, while this
         waited for the lock must make it commit -- logged, the hole has no item, and replay
         would bring back the committed data from before the write being fsynced."""
         async with self.commit_lock:
             self.check_aborted()
-            if not self.engine.is_dirty():
-                return True  # the last commit holds everything
+            if self._completed > called or not self.engine.is_dirty():
+                return True  # a commit since the call (or the last one) holds everything
             if not self.log.can_log(ino):
                 return False
             try:
