@@ -787,3 +787,39 @@ async def test_an_fsync_behind_a_commit_begun_after_its_call_shares_it(image, mo
     async with blockemu.mount(crash) as fs:
         async with fs.open("/f") as f:
             assert await f.read() == b"f" * 3 * PAGE
+
+
+async def test_fsyncs_waiting_for_a_log_sync_share_the_next_one(image, monkeypatch, tmp_path):
+    """Log writers batched, as btrfs's: B and C fsync while A's log sync holds the lock; B's log
+    sync logs C's file too (its writeback is done), so C writes no log of its own -- two log
+    writes for three fsyncs -- and the image cut when C returns holds every file's data."""
+    crash = str(tmp_path / "crash.img")
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        files = {p: await fs.open(p, "w") for p in ("/a", "/b", "/c")}
+        await fs.sync()
+        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        for p, f in files.items():
+            await f.write(p[1:].encode() * 3 * PAGE)
+        logs = []
+        real_write_log = fs.vol._write_log
+        monkeypatch.setattr(fs.vol, "_write_log", lambda *a: logs.append(a) or real_write_log(*a))
+        gate = Gate(fs.vol.device.flush_then_fua)
+        monkeypatch.setattr(fs.vol.device, "flush_then_fua", gate)
+        a = asyncio.ensure_future(files["/a"].fsync())
+        await gate.entered.wait()  # A's log sync holds the lock
+        b = asyncio.ensure_future(files["/b"].fsync())
+        c = asyncio.ensure_future(files["/c"].fsync())
+        c.add_done_callback(lambda _: log.crash_image(crash, len(log.entries)))
+        for _ in range(1000):  # until B's and C's writeback is done and both wait for the lock
+            if fs.vol.commit_lock._waiters and len(fs.vol.commit_lock._waiters) == 2:
+                break
+            await asyncio.sleep(0)
+        gate.release.set()
+        await asyncio.gather(a, b, c)
+        assert fs.vol.log_root and len(logs) == 2, "C wrote a log though B's had made its file durable"
+        for f in files.values():
+            await f.close()
+    async with blockemu.mount(crash) as fs:
+        for p in files:
+            async with fs.open(p) as f:
+                assert await f.read() == p[1:].encode() * 3 * PAGE, p

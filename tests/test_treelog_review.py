@@ -232,10 +232,10 @@ async def test_a_hole_punched_while_an_fsync_waits_for_the_log_is_not_lost(tmp_p
         waiting, go = asyncio.Event(), asyncio.Event()
         log_sync = fs.vol._log_sync
 
-        async def held(ino: int) -> bool:  # the commit lock is busy: this fsync waits for it
+        async def held(ino: int, *called: int) -> bool:  # the commit lock is busy: this fsync waits for it
             waiting.set()
             await go.wait()
-            return await log_sync(ino)
+            return await log_sync(ino, *called)
 
         async with fs.open("/f", "r+") as f:
             await f.pwrite(b"n" * 8192, 0)

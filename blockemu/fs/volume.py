@@ -70,6 +70,9 @@ class Volume:
         self.replayed = False  # open replayed a log (and, read-write, committed it)
         self._begun = 0  # commits begun, numbered from 1
         self._completed = 0  # the number of the last commit that completed
+        self._fsyncs: dict[int, int] = {}  # inode -> its fsyncs waiting to log it
+        self._log_syncs = 0  # log syncs begun, numbered from 1
+        self._logged_by: dict[int, int] = {}  # inode -> the last log sync that made it durable
 
     @classmethod
     async def open(cls, path: str, *, readonly: bool = False, faults: FaultPlan | None = None,
@@ -209,29 +212,44 @@ class Volume:
         tree when the log can say them (DESIGN §9), else -- or when the log finds no room --
         by a full commit. Group commit, as ``commit``: a full commit begun after the call and
         completed by the time this one holds the lock holds everything the inode had."""
-        called = self._begun
-        if await self._log_sync(ino, called):
-            return
+        called = self._begun, self._log_syncs
+        self._fsyncs[ino] = self._fsyncs.get(ino, 0) + 1
+        try:
+            if await self._log_sync(ino, *called):
+                return
+        finally:
+            self._fsyncs[ino] -= 1
+            if not self._fsyncs[ino]:
+                del self._fsyncs[ino]
         await self.commit()
 
-    async def _log_sync(self, ino: int, called: int) -> bool:
+    async def _log_sync(self, ino: int, commits: int, log_syncs: int) -> bool:
         """Log ``ino`` and write the log; False if the log cannot say its change, finds no room
         or has grown too big to be worth syncing (``TreeLog.can_log``). Decided under the commit lock: a hole punched, or a name changed, while this
         waited for the lock must make it commit -- logged, the hole has no item, and replay
-        would bring back the committed data from before the write being fsynced."""
+        would bring back the committed data from before the write being fsynced.
+
+        Grouped, as btrfs batches log writers: the log sync also logs every inode whose fsync
+        waits for the lock (its writeback done) and the log can say, so one flush serves them
+        all; an fsync whose inode a log sync begun after its call made durable writes nothing."""
         async with self.commit_lock:
             self.check_aborted()
-            if self._completed > called or not self.engine.is_dirty():
-                return True  # a commit since the call (or the last one) holds everything
+            if self._completed > commits or self._logged_by.get(ino, 0) > log_syncs or not self.engine.is_dirty():
+                return True  # a commit or log sync since the call (or the last commit) holds everything
             if not self.log.can_log(ino):
                 return False
+            inos = [ino, *(i for i in self._fsyncs if i != ino and self.log.can_log(i))]
             try:
-                self.log.log_inode(ino)
+                for i in inos:
+                    self.log.log_inode(i)
                 todo = self.log.prepare_sync()
             except NoSpaceError:
                 return False  # the full commit drops the half-built log and gives back what it pinned
+            self._log_syncs += 1
+            number = self._log_syncs
             if todo is not None:
                 await self._durably(self._write_log(*todo), "log sync failed")
+            self._logged_by.update(dict.fromkeys(inos, number))
             return True
 
     async def _durably(self, step: Coroutine[Any, Any, T], why: str) -> T:
