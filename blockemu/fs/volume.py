@@ -300,6 +300,7 @@ class Volume:
             await self.device.writev(supers[1:])
         await self.device.flush()
         engine.finish_commit(new_sb)
+        self._logged_by.clear()  # an fsync that a log sync covered, this commit -- begun after it -- covers too
         return True
 
     async def close(self, *, commit: bool = True) -> None:
