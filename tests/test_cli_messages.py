@@ -228,6 +228,9 @@ def test_stress_on_a_full_image_without_faults_says_out_of_space_not_injected(tm
     (["stress", "s.img", "--tasks", "0"], 2, "blockemu stress: argument --tasks: 0 is out of range: at least 1"),
     (["fsck"], 16, "blockemu fsck: the following arguments are required: image"),
     (["key", "add", "/mnt"], 2, "blockemu key add: the following arguments are required: --key-file"),
+    # an unknown flag is the top-level parser's to report, which named no command ('blockemu: ...')
+    (["fsck", "x.img", "--bogus"], 16, "blockemu fsck: unrecognized arguments: --bogus"),
+    (["inspect", "dump-tree", "x.img", "--bogus", "y"], 2, "blockemu inspect dump-tree: unrecognized arguments: --bogus y"),
     # the commands' own checks: these read 'mkdir --encrypt ...', 'run: ...', '--kernel-peer ...'
     # (no command at all), 'blockemu stress: ...' -- four forms
     (["mkdir", "x.img", "/e", "--encrypt"], 2, "blockemu mkdir: --encrypt needs --key-file"),

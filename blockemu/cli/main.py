@@ -1072,7 +1072,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("BLOCKEMU_DEBUG"))
     args = None
     try:
-        args = build_parser(command).parse_args(argv)
+        args, extra = build_parser(command).parse_known_args(argv)
+        if extra:  # parse_args has the top-level parser say it, naming no command
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         return COMMANDS[args.command](args)
     except UsageError as e:
         line = f"{e.prog or prog_of(args)}: {e.why}"
