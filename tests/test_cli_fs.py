@@ -218,3 +218,23 @@ def test_cat_of_a_bad_sector_prints_the_bytes_before_it_then_the_error(tmp_path)
     p = subprocess.run([sys.executable, "-m", "blockemu", "cat", img, "/f"], capture_output=True, timeout=120)
     assert p.returncode == 1 and p.stdout == data[: 2 * 4096], (len(p.stdout), p.stderr)
     assert p.stderr.startswith(b"blockemu: cat: ") and p.stderr.count(b"\n") == 1, p.stderr
+
+
+def test_rootdir_keeps_a_sparse_files_holes(tmp_path):
+    """A 40 MiB host file holding 3 bytes was copied as 40 MiB of zeros: extents for all of it,
+    and a --size 16M image refused it with ENOSPC. Its holes stay holes; the bytes are the same."""
+    root = tmp_path / "root"
+    root.mkdir()
+    with open(root / "sparse", "wb") as f:
+        f.truncate(40 << 20)
+        f.seek(20 << 20)
+        f.write(b"mid")
+    (root / "tail").write_bytes(b"x" * 5000)
+    os.truncate(root / "tail", 3 << 20)  # a hole at the end
+    img = str(tmp_path / "s.img")
+    assert run("mkfs", img, "--size", "16M", "--rootdir", str(root)).stderr == ""
+    extents = json.loads(run("extents", img, "/sparse", "--json").stdout)
+    assert sum(e["length"] for e in extents) <= 1 << 20, extents
+    assert run_bytes("cat", img, "/sparse") == (root / "sparse").read_bytes()
+    assert run_bytes("cat", img, "/tail") == (root / "tail").read_bytes()
+    assert run("fsck", img).returncode == 0

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import sys
 import time
 import uuid as uuidlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.imagelock import open_image
@@ -236,12 +237,42 @@ async def populate(image: str, plan: Plan, skipped: list[str], sources: Sources,
 
 
 async def copy_in(fs: Any, host: str, target: str, advance: Callable[[int], None]) -> None:
-    """One host file into the image; a full image names the file that did not fit."""
+    """One host file into the image, its holes left holes (a 50 MiB sparse file took 50 MiB of
+    zeros in the image, as ``cp --sparse=never``); a full image names the file that did not fit."""
     try:
         async with fs.open(target, "w") as f:
             with open(host, "rb") as src:
-                while chunk := src.read(1 << 20):
-                    await f.write(chunk)
-                    advance(len(chunk))
+                size, copied = os.fstat(src.fileno()).st_size, 0
+                for start, end in data_runs(src.fileno(), size):
+                    src.seek(start)
+                    while start < end and (chunk := src.read(min(1 << 20, end - start))):
+                        await f.pwrite(chunk, start)
+                        start += len(chunk)
+                        copied += len(chunk)
+                        advance(len(chunk))
+                await f.truncate(size)
+                advance(size - copied)  # the holes: the bar counts the files' sizes
     except NoSpaceError as e:
         raise NoSpaceError(f"{host} ({os.path.getsize(host)} bytes) does not fit in the image: {e}") from None
+
+
+def data_runs(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The [start, end) runs of a host file's first ``size`` bytes that hold data (SEEK_DATA /
+    SEEK_HOLE); the whole file as one run where the host filesystem cannot tell."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but a hole from pos on
+                return
+            if e.errno != errno.EINVAL:
+                raise
+            start = pos
+            end = size
+        else:
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        if start >= size:
+            return
+        yield start, min(end, size)
+        pos = end
