@@ -287,3 +287,29 @@ def test_fsck_with_a_key_that_unlocks_nothing_says_so(tmp_path, capsys):
     assert json.loads(out)["warnings"] == [why] and json.loads(out)["clean"]
     rc, out, err = cli(capsys, "fsck", img, "--key-file", right, "--json")
     assert (rc, err) == (0, "") and "warnings" not in json.loads(out)
+
+
+def test_an_image_with_unknown_incompat_features_is_refused_by_fsck_and_rescue_too(tmp_path, capsys):
+    """SPEC: a reader must refuse unknown incompat bits. ls, cat and put did; fsck called such an
+    image clean (exit 0, 'no error found') and fsck --repair and rescue zero-log worked on it.
+    Now fsck cannot open it (exit 8, the one line the others print) and nothing writes it."""
+    import dataclasses
+
+    from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
+    from blockemu.ondisk.superblock import decode_super, encode_super
+
+    img = str(tmp_path / "new.img")
+    assert cli(capsys, "mkfs", img, "--size", "16M")[0] == 0
+    at = SUPER_OFFSETS[0]
+    with open(img, "r+b") as f:
+        f.seek(at)
+        sb = decode_super(f.read(SUPER_INFO_SIZE), at)
+        f.seek(at)
+        f.write(encode_super(dataclasses.replace(sb, incompat_flags=sb.incompat_flags | 0x80), at))
+    before = open(img, "rb").read()
+    line = f"{img}: unknown incompat features 0x80; a newer blockemu made this image\n"
+    assert cli(capsys, "ls", img) == (1, "", f"blockemu: ls: {line}")
+    assert cli(capsys, "fsck", img) == (8, "", f"blockemu: fsck: {line}")
+    assert cli(capsys, "fsck", img, "--repair") == (8, "", f"blockemu: fsck: {line}")
+    assert cli(capsys, "rescue", "zero-log", img) == (1, "", f"blockemu: rescue: {line}")
+    assert open(img, "rb").read() == before

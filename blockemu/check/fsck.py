@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 from blockemu.check import fsck_fast, fsck_fs, fsck_log
 from blockemu.check.exitcodes import EXIT_CLEAN, EXIT_UNCORRECTED
 from blockemu.check.forked import CAN_FORK, Forked, alone, second_core
-from blockemu.device.image import ImageFile, truncated
+from blockemu.device.image import ImageFile, truncated, unsupported
 from blockemu.engine.transaction import SUBTREES, TreeStore, usable_ranges
 from blockemu.errors import BlockemuError, CorruptionError
 from blockemu.ondisk import structs as S
@@ -127,6 +127,8 @@ class Checker:
     def check_supers(self) -> Any:
         self.progress(1, PHASES[0])
         sb = self.img.best_super()
+        if newer := unsupported(self.img.path, sb):  # its trees may mean what this check cannot tell
+            raise newer
         primary = self.img.supers[0]
         if primary.error is not None:
             self.error("SUPERBLOCK", f"primary superblock: {primary.error}; using a mirror", bytenr=primary.offset)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from blockemu.device.imagelock import open_image
 from blockemu.errors import CorruptionError
-from blockemu.ondisk.structs import MAGIC, SUPER_INFO_SIZE, SUPER_OFFSETS
+from blockemu.ondisk.structs import INCOMPAT_SUPPORTED, MAGIC, SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super
 
 
@@ -19,6 +19,16 @@ def too_small(path: str, size: int) -> CorruptionError | None:
     restore (the mirrors lie further on): one text for every command that opens one."""
     if size < SUPER_OFFSETS[0] + SUPER_INFO_SIZE:
         return CorruptionError(f"{path}: too small to be a blockemu image ({size} bytes)", "BAD_MAGIC")
+    return None
+
+
+def unsupported(path: str, sb: SuperInfo) -> CorruptionError | None:
+    """An image with incompat features this blockemu does not know (SPEC: a reader must refuse
+    them): one text for every command, fsck's and rescue's too -- fsck called such an image clean,
+    exit 0, that ls, cat and put refused."""
+    if unknown := sb.incompat_flags & ~INCOMPAT_SUPPORTED:
+        return CorruptionError(f"{path}: unknown incompat features {unknown:#x}; a newer blockemu made this image",
+                               "SUPERBLOCK")
     return None
 
 

@@ -8,11 +8,11 @@ from typing import Any, AsyncIterator, Coroutine, TypeVar
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
-from blockemu.device.image import too_small
+from blockemu.device.image import too_small, unsupported
 from blockemu.engine.transaction import Engine, super_writes
 from blockemu.engine.treelog import TreeLog, replay
 from blockemu.errors import CorruptionError, DeviceIOError, NoSpaceError
-from blockemu.ondisk.structs import INCOMPAT_SUPPORTED, SUPER_INFO_SIZE, SUPER_OFFSETS
+from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
 
 
@@ -44,9 +44,8 @@ def read_primary_super(dev: BlockDevice) -> SuperInfo:
         raise CorruptionError(
             f"{dev.path}: image truncated: superblock says {sb.total_bytes} bytes, file has {dev.size}", "SUPERBLOCK"
         )
-    if sb.incompat_flags & ~INCOMPAT_SUPPORTED:
-        raise CorruptionError(f"{dev.path}: unknown incompat features {sb.incompat_flags & ~INCOMPAT_SUPPORTED:#x}; "
-                              f"a newer blockemu made this image", "SUPERBLOCK")
+    if newer := unsupported(dev.path, sb):
+        raise newer
     return sb
 
 
