@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,29 @@ def test_an_interrupted_local_campaign_stops_at_once(tmp_path):
     held = [f.read_text().split() for f in ran]
     assert not any(alive(int(pid)) for pid, _ in held), "a worker outlived the interruption"
     assert not any(os.path.exists(tmp) for _, tmp in held), "a killed shard left its temporary directory"
+
+
+def interrupted_shard(args: tuple) -> dict:
+    """A worker that gets the Ctrl-C its driver's process group gets."""
+    signal.raise_signal(signal.SIGINT)
+    return {"units": 1, "states": 0, "failures": []}
+
+
+def test_a_pool_worker_leaves_ctrl_c_to_its_driver(capfd):
+    """Ctrl-C reaches every process of the group: a pool worker raised KeyboardInterrupt in its
+    shard, and multiprocessing wrote 'Process ForkProcess-2:' and a traceback on stderr (cut
+    short when the driver's kill came first) -- the driver alone stops the campaign, on its own
+    KeyboardInterrupt. Python's handler is put in place first: a suite run in the background
+    inherits SIGINT ignored, which the worker would inherit and the test could not fail."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = list(LocalExecutor(2).run(interrupted_shard, [Shard(str(i), ()) for i in range(2)]))
+    except KeyboardInterrupt:
+        pytest.fail("a worker's KeyboardInterrupt came back as its shard's result")
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert [r["units"] for _, r in done] == [1, 1]
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def alive(pid: int) -> bool:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -118,7 +119,7 @@ class LocalExecutor:
         # on an interruption never ends, so its workers make them in one directory of the
         # driver's, removed after the pool is gone.
         with tempfile.TemporaryDirectory(prefix="blockemu-shards-") as tmp, \
-                ProcessPoolExecutor(self.jobs, initializer=use_tempdir, initargs=(tmp,)) as pool:
+                ProcessPoolExecutor(self.jobs, initializer=start_worker, initargs=(tmp,)) as pool:
             futures = {pool.submit(timed, fn, s.args): s for s in shards}
             try:
                 for f in as_completed(futures):
@@ -133,9 +134,13 @@ class LocalExecutor:
                 raise
 
 
-def use_tempdir(path: str) -> None:
-    """A pool worker's start: its temporary files go under ``path``."""
+def start_worker(path: str) -> None:
+    """A pool worker's start: its temporary files go under ``path``, and Ctrl-C, which reaches
+    the whole process group, is left to the driver, which stops the campaign and kills the
+    workers (a worker's own KeyboardInterrupt came back as its shard's result, or, between
+    shards, as multiprocessing's 'Process ForkProcess-2:' and a traceback on stderr)."""
     tempfile.tempdir = path
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def kill_workers(pool: ProcessPoolExecutor) -> None:
