@@ -238,3 +238,23 @@ def test_rootdir_keeps_a_sparse_files_holes(tmp_path):
     assert run_bytes("cat", img, "/sparse") == (root / "sparse").read_bytes()
     assert run_bytes("cat", img, "/tail") == (root / "tail").read_bytes()
     assert run("fsck", img).returncode == 0
+
+
+def test_put_keeps_holes_and_names_the_file_that_does_not_fit(tmp_path):
+    """put copied a sparse host file as zeros (mkfs --rootdir's own copy, repeated) and its
+    ENOSPC named nothing ('blockemu: put: No space left on device: ...'); it shares mkfs's copy."""
+    sparse, big = tmp_path / "sparse", tmp_path / "big"
+    with open(sparse, "wb") as f:
+        f.truncate(40 << 20)
+        f.seek(30 << 20)
+        f.write(b"end")
+    big.write_bytes(os.urandom(20 << 20))
+    img = str(tmp_path / "p.img")
+    run("mkfs", img, "--size", "16M")
+    run("put", img, str(sparse), "/s")
+    assert run_bytes("cat", img, "/s") == sparse.read_bytes()
+    assert sum(e["length"] for e in json.loads(run("extents", img, "/s", "--json").stdout)) <= 1 << 20
+    err = run("put", img, str(big), "/s", check_rc=1).stderr
+    assert err.startswith(f"blockemu: put: {big} ({20 << 20} bytes) does not fit in the image: No space left"), err
+    assert run_bytes("cat", img, "/s") == sparse.read_bytes()  # all or nothing
+    assert run("fsck", img).returncode == 0

@@ -552,6 +552,8 @@ def write_all(out: Any, data: bytes) -> None:
 
 
 def cmd_put(a: argparse.Namespace) -> int:
+    from blockemu.fs.mkfs import copy_in
+
     async def body(fs: Any) -> int:
         try:
             src = open(a.hostfile, "rb")
@@ -566,8 +568,7 @@ def cmd_put(a: argparse.Namespace) -> int:
             f = await fs.open(tmp, "x")
             try:
                 async with f:
-                    while chunk := src.read(1 << 20):
-                        await f.write(chunk)
+                    await copy_in(f, src, a.hostfile)
                     await f.fsync()
                 await fs.rename(tmp, a.path)
             except BaseException:

@@ -8,7 +8,7 @@ import stat
 import sys
 import time
 import uuid as uuidlib
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.imagelock import open_image
@@ -226,7 +226,9 @@ async def populate(image: str, plan: Plan, skipped: list[str], sources: Sources,
                     except CrossDevice:  # fscrypt lets no name into an encrypted directory from outside it
                         print(f"blockemu mkfs: {host}: copied, not linked to {first}: a hard link cannot "
                               f"enter an encrypted directory from outside it", file=sys.stderr)
-                await copy_in(fs, host, target, advance)
+                async with fs.open(target, "w") as f:
+                    with open(host, "rb") as src:
+                        await copy_in(f, src, host, advance)
                 copied.setdefault((hst.st_dev, hst.st_ino), target)
             for target, host in reversed(sources):
                 hst = os.lstat(host)
@@ -236,24 +238,23 @@ async def populate(image: str, plan: Plan, skipped: list[str], sources: Sources,
         print(f"blockemu mkfs: skipped {host}: not a regular file, directory or symbolic link", file=sys.stderr)
 
 
-async def copy_in(fs: Any, host: str, target: str, advance: Callable[[int], None]) -> None:
-    """One host file into the image, its holes left holes (a 50 MiB sparse file took 50 MiB of
-    zeros in the image, as ``cp --sparse=never``); a full image names the file that did not fit."""
+async def copy_in(f: Any, src: BinaryIO, host: str, advance: Callable[[int], None] = lambda n: None) -> None:
+    """A host file's bytes into the image file ``f`` (mkfs --rootdir, put), its holes left holes
+    (a 50 MiB sparse file took 50 MiB of zeros in the image, as ``cp --sparse=never``); a full
+    image names the host file that did not fit."""
+    size, copied = os.fstat(src.fileno()).st_size, 0
     try:
-        async with fs.open(target, "w") as f:
-            with open(host, "rb") as src:
-                size, copied = os.fstat(src.fileno()).st_size, 0
-                for start, end in data_runs(src.fileno(), size):
-                    src.seek(start)
-                    while start < end and (chunk := src.read(min(1 << 20, end - start))):
-                        await f.pwrite(chunk, start)
-                        start += len(chunk)
-                        copied += len(chunk)
-                        advance(len(chunk))
-                await f.truncate(size)
-                advance(size - copied)  # the holes: the bar counts the files' sizes
+        for start, end in data_runs(src.fileno(), size):
+            src.seek(start)
+            while start < end and (chunk := src.read(min(1 << 20, end - start))):
+                await f.pwrite(chunk, start)
+                start += len(chunk)
+                copied += len(chunk)
+                advance(len(chunk))
+        await f.truncate(size)
     except NoSpaceError as e:
-        raise NoSpaceError(f"{host} ({os.path.getsize(host)} bytes) does not fit in the image: {e}") from None
+        raise NoSpaceError(f"{host} ({size} bytes) does not fit in the image: {e}") from None
+    advance(size - copied)  # the holes: the bar counts the files' sizes
 
 
 def data_runs(fd: int, size: int) -> Iterator[tuple[int, int]]:
