@@ -239,6 +239,12 @@ def test_stress_on_a_full_image_without_faults_says_out_of_space_not_injected(tm
     (["stress"], 2, "blockemu stress: IMAGE is required (unless --seeds)"),
     (["stress", "s.img", "--report", "out"], 2,
      "blockemu stress: --kernel-peer and --report belong to --scenario key-removal-race"),
+    (["stress", "s.img", "--key-removal", "hard"], 2,
+     "blockemu stress: --key-removal, --compare-modes and --schedule belong to --scenario key-removal-race: "
+     "the mix uses no encryption key, so no removal mode changes what it does"),
+    (["stress", "--seeds", "0..2", "--schedule", "seeded"], 2,
+     "blockemu stress: --key-removal, --compare-modes and --schedule belong to --scenario key-removal-race: "
+     "the mix uses no encryption key, so no removal mode changes what it does"),
     (["stress", "--seeds", "0..2", "--scenario", "key-removal-race", "--duration", "1"], 2,
      "blockemu stress: --seeds runs the mix scenario"),
     (["key", "status", "/mnt"], 2, "blockemu key status: give one of --key-file or --id"),

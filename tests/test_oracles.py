@@ -188,7 +188,7 @@ async def test_stress_mix_catches_pages_marked_clean_but_never_written(tmp_path,
     files are empty."""
     SkipDataWrites(monkeypatch)
     summary = await stress_mix(str(tmp_path / "s.img"), seed=3, tasks=2, nops=20, duration=None,
-                               key_removal="soft", faults=None, crash_points=0, write_path=FAST)
+                               faults=None, crash_points=0, write_path=FAST)
     assert summary["fsck"] == "clean"  # nothing points at unwritten data: only the oracle can tell
     assert not summary["ok"] and summary["lost_acknowledged_writes"] > 0
     assert any("on disk" in p for p in summary["problems"])
@@ -239,7 +239,7 @@ async def test_a_large_extent_bug_is_caught_only_on_the_production_path(monkeypa
 async def test_stress_runs_the_production_write_path(tmp_path, monkeypatch):
     seals = count_worker_seals(monkeypatch)
     summary = await stress_mix(str(tmp_path / "p.img"), seed=7, tasks=2, nops=25, duration=None,
-                               key_removal="soft", faults=None, crash_points=4, write_path=PRODUCTION)
+                               faults=None, crash_points=4, write_path=PRODUCTION)
     assert summary["ok"], summary["problems"]
     assert summary["crash_states_checked"] == 4
     assert seals[0] > 0

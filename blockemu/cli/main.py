@@ -217,12 +217,13 @@ def args_stress(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--ops", type=count(1), help=f"operations per task (mix, default {DEFAULT_OPS}) or steps "
                     f"(key-removal-race with --schedule seeded, default {DEFAULT_OPS})")
     sp.add_argument("--tasks", type=count(1), default=4)
-    sp.add_argument("--key-removal", choices=list(MODES), default="soft")
+    sp.add_argument("--key-removal", choices=list(MODES),
+                    help="key-removal-race: the removal mode (default soft; the mix uses no key)")
     sp.add_argument("--faults", type=fault_spec, help="e.g. eio=200M-210M:w,latency=0.001,flip=0.0001,torn=0.5,cut=5000")
     sp.add_argument("--crash-points", type=count(0), default=0, help="also check N crash states of a logged mix")
     add_write_path(sp, "mix")
     sp.add_argument("--compare-modes", action="store_true", help="key-removal-race: every removal mode, one table")
-    sp.add_argument("--schedule", choices=["free", "seeded"], default="free", help="key-removal-race scheduling")
+    sp.add_argument("--schedule", choices=["free", "seeded"], help="key-removal-race scheduling (default free)")
     sp.add_argument("--force", action="store_true", help="key-removal-race: overwrite IMAGE with a fresh image")
     sp.add_argument("--kernel-peer", nargs="?", const="", metavar="DIR",
                     help="key-removal-race: also race the real kernel, on DIR (an encryption-enabled filesystem) "
@@ -697,10 +698,8 @@ def cmd_stress(a: argparse.Namespace) -> int:
 
     if a.scenario == "key-removal-race":
         race_flags(a)
-    elif a.force:
-        # silently ignored, it let a user believe the mix ran on a fresh image
-        raise UsageError("--force belongs to --scenario key-removal-race, which makes IMAGE afresh; the mix "
-                         "runs on IMAGE as it is, in a directory of its own (making IMAGE only if it is missing)")
+    else:
+        mix_flags(a)
     a.ops = DEFAULT_OPS if a.ops is None else a.ops
     if a.seeds is not None:
         return stress_seeds(a)
@@ -709,13 +708,11 @@ def cmd_stress(a: argparse.Namespace) -> int:
     seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
     if a.scenario == "key-removal-race":
         return stress_race(a, seed)
-    if a.kernel_peer is not None or a.report:
-        raise UsageError("--kernel-peer and --report belong to --scenario key-removal-race")
     faults = FaultPlan.parse(a.faults) if a.faults else None
     total = None if a.duration else a.tasks * a.ops
     with progress_bar("stress", total, progress_wanted(None, a.json)) as advance:
         summary = asyncio.run(stress_mix(a.image, seed=seed, tasks=a.tasks, nops=a.ops, duration=a.duration,
-                                         key_removal=a.key_removal, faults=faults, crash_points=a.crash_points,
+                                         faults=faults, crash_points=a.crash_points,
                                          advance=advance, write_path=WRITE_PATHS[a.write_path]))
     ok = summary["ok"]
     if a.json:
@@ -736,10 +733,25 @@ def cmd_stress(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def mix_flags(a: argparse.Namespace) -> None:
+    """The race's own flags refused on the mix, which would ignore them: a silent --force let a
+    user believe the mix ran on a fresh image, a silent --key-removal that each mode had been
+    tried (the mix uses no encryption key, so every mode ran the same)."""
+    if a.force:
+        raise UsageError("--force belongs to --scenario key-removal-race, which makes IMAGE afresh; the mix "
+                         "runs on IMAGE as it is, in a directory of its own (making IMAGE only if it is missing)")
+    if a.key_removal is not None or a.compare_modes or a.schedule is not None:
+        raise UsageError("--key-removal, --compare-modes and --schedule belong to --scenario key-removal-race: "
+                         "the mix uses no encryption key, so no removal mode changes what it does")
+    if a.kernel_peer is not None or a.report:
+        raise UsageError("--kernel-peer and --report belong to --scenario key-removal-race")
+
+
 def race_flags(a: argparse.Namespace) -> None:
     """The race's flags checked before it runs: the free schedule runs for --duration and the
     seeded one for --ops steps, so the other bound would be ignored (a silent --ops was); and
     --report needs matplotlib, which used to be found missing only after the whole race."""
+    a.key_removal, a.schedule = a.key_removal or "soft", a.schedule or "free"
     if a.schedule == "free" and a.ops is not None:
         raise UsageError("--ops counts the steps of --schedule seeded; the free race runs for "
                          "--duration S (default 5)")
@@ -822,7 +834,7 @@ def stress_seeds(a: argparse.Namespace) -> int:
     if a.scenario != "mix":
         raise UsageError("--seeds runs the mix scenario")
     s = run_campaign_cli(a, stress_campaign(a.seeds, tasks=a.tasks, ops=a.ops, duration=a.duration,
-                                            key_removal=a.key_removal, faults=a.faults, crash_points=a.crash_points,
+                                            faults=a.faults, crash_points=a.crash_points,
                                             write_path=WRITE_PATHS[a.write_path]))
     return report_campaign(a, s, f"{s.units} stress seeds ({a.seeds[0]}..{a.seeds[1]}), {s.states} operations and "
                                  f"crash states in {s.seconds:.1f} s ({s.resumed} shards resumed): {len(s.failures)} failures",

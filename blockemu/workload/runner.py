@@ -347,17 +347,19 @@ async def run_workload(workload: str, *, image: str | None = None, seed: int = 0
                 loop.remove_signal_handler(sig)
 
 
-async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: float | None, key_removal: str,
+async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: float | None,
                      faults: FaultPlan | None, crash_points: int, advance: Callable[[int], None] = lambda n: None,
                      write_path: WritePath = PRODUCTION) -> dict[str, Any]:
     """``blockemu stress``: the fsstress-like mix on ``image`` (created if missing), with injected
     faults; then unmount, check the oracle on a fresh mount, and fsck; optionally a crash
-    campaign over a logged single-task mix."""
+    campaign over a logged single-task mix. Its directory is encrypted, and its key stays: key
+    removal under load is the key-removal race's (``keyrace``), whose oracle knows what each
+    removal mode may lose."""
     if not os.path.exists(image) or os.path.getsize(image) == 0:
         await mkfs(image, "256M")
     problems: list[str] = []
     mix, aborted = MixResult(), None
-    fs = await mount(image, key_removal=key_removal, faults=faults, interval=1.0, **write_path.mount_options())
+    fs = await mount(image, faults=faults, interval=1.0, **write_path.mount_options())
     try:
         key = random.Random(f"{seed}:key").randbytes(64)
         kid = await fs.add_key(key)
@@ -455,10 +457,10 @@ async def crash_mix(seed: int, points: int, write_path: WritePath = PRODUCTION) 
 
 def _stress_shard(args: tuple) -> dict[str, Any]:
     """One stress seed on a fresh image made here, in the worker, and thrown away after."""
-    seed, tasks, ops, duration, key_removal, faults, crash_points, write_path = args
+    seed, tasks, ops, duration, faults, crash_points, write_path = args
     with tempfile.TemporaryDirectory() as d:
         s = asyncio.run(stress_mix(os.path.join(d, "stress.img"), seed=seed, tasks=tasks, nops=ops, duration=duration,
-                                   key_removal=key_removal, faults=FaultPlan.parse(faults) if faults else None,
+                                   faults=FaultPlan.parse(faults) if faults else None,
                                    crash_points=crash_points, write_path=WRITE_PATHS[write_path]))
     counts = {k: s.get(k) or 0 for k in ("ops", "acknowledged_writes", "lost_acknowledged_writes", "injected_errors",
                                          "io_errors", "refused_out_of_space", "crash_states_checked", "crash_failures")}
@@ -468,17 +470,17 @@ def _stress_shard(args: tuple) -> dict[str, Any]:
             "failures": [{"unit": seed, "message": p} for p in problems[:10]]}
 
 
-def stress_campaign(seeds: tuple[int, int], *, tasks: int, ops: int, duration: float | None, key_removal: str,
+def stress_campaign(seeds: tuple[int, int], *, tasks: int, ops: int, duration: float | None,
                     faults: str | None, crash_points: int, write_path: WritePath) -> Campaign:
     """``blockemu stress --seeds A..B``: each seed a shard, each on its own fresh image."""
-    identity = {"seeds": list(seeds), "tasks": tasks, "ops": ops, "duration": duration, "key_removal": key_removal,
+    identity = {"seeds": list(seeds), "tasks": tasks, "ops": ops, "duration": duration,
                 "faults": faults, "crash_points": crash_points, "write_path": write_path.name}
-    shards = [Shard(f"seed {s}", (s, tasks, ops, duration, key_removal, faults, crash_points, write_path.name))
+    shards = [Shard(f"seed {s}", (s, tasks, ops, duration, faults, crash_points, write_path.name))
               for s in range(*seeds)]
 
     def reproduce(f: dict[str, Any]) -> str:
         span = f"--duration {duration}" if duration else f"--ops {ops}"
         return (f"blockemu stress stress-{f['unit']}.img --seed {f['unit']} --tasks {tasks} {span}"
-                f" --key-removal {key_removal}" + (f" --faults {faults}" if faults else "")
+                + (f" --faults {faults}" if faults else "")
                 + (f" --crash-points {crash_points}" if crash_points else "") + f" --write-path {write_path.name}")
     return Campaign("stress", identity, shards, _stress_shard, reproduce)
