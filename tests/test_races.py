@@ -823,3 +823,73 @@ async def test_fsyncs_waiting_for_a_log_sync_share_the_next_one(image, monkeypat
         for p in files:
             async with fs.open(p) as f:
                 assert await f.read() == p[1:].encode() * 3 * PAGE, p
+
+
+@pytest.mark.parametrize("fails", ["superblock", "final flush"])
+async def test_a_commit_failing_while_fsyncs_of_the_next_transaction_wait_acknowledges_none(image, monkeypatch, fails):
+    """A commit's I/O fails (its superblock's flush + FUA, or the flush after the mirrors, once
+    the primary landed) while the next transaction -- let in beside that I/O -- has written two
+    files and their fsyncs wait for the lock: the mount aborts, neither fsync returns as if
+    durable, and the image opens at a whole generation (the one before, with its fsync log, or
+    the failed commit's own) with fsck clean."""
+    fs = await blockemu.mount(image, interval=3600, seal_workers=0)
+    for i in range(3):
+        async with fs.open(f"/f{i}", "w") as f:
+            await f.write(bytes([i]) * 9000)
+    await fs.sync()
+    async with fs.open("/f0", "r+") as f:
+        await f.pwrite(b"A" * 5000, 0)
+        await f.fsync()  # through the log
+    dev, vol = fs.vol.device, fs.vol
+    real_ff, real_flush = dev.flush_then_fua, dev.flush
+    held, release, primary = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def fail(*_a, **_k):
+        held.set()
+        await release.wait()
+        raise OSError(errno.EIO, "injected")
+
+    async def flush_then_fua(*a, **k):
+        if fails == "superblock":
+            return await fail()
+        await real_ff(*a, **k)
+        primary.set()
+
+    async def flush(*a, **k):
+        return await (fail() if primary.is_set() else real_flush(*a, **k))
+    monkeypatch.setattr(dev, "flush_then_fua", flush_then_fua)
+    monkeypatch.setattr(dev, "flush", flush)
+    sync = asyncio.ensure_future(fs.sync())
+    await held.wait()  # the commit's transaction has ended; its I/O is held
+    waiting, real_fsync = asyncio.Event(), vol.fsync
+
+    async def fsync(ino):
+        if len(vol._fsyncs) == 1:
+            waiting.set()  # the second fsync: it goes on into the wait for the lock
+        return await real_fsync(ino)
+    monkeypatch.setattr(vol, "fsync", fsync)
+
+    async def next_transaction(i: int) -> bool:
+        async with fs.open(f"/f{i}", "r+") as f:
+            await f.pwrite(b"N" * 7000, 1000)
+            try:
+                await f.fsync()
+            except OSError as e:
+                assert e.errno == errno.EIO
+                return False
+            return True
+    acked = asyncio.gather(next_transaction(0), next_transaction(2))
+    await waiting.wait()
+    release.set()
+    with pytest.raises(OSError):
+        await sync
+    assert await acked == [False, False]
+    assert vol.aborted is not None
+    with pytest.raises(OSError):
+        await fs.unmount()
+    assert_fsck_clean(image)
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f0") as f:
+            assert await f.read() == b"A" * 5000 + bytes([0]) * 4000
+        async with fs.open("/f2") as f:
+            assert await f.read() == bytes([2]) * 9000
