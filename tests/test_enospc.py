@@ -230,7 +230,9 @@ def test_put_that_does_not_fit_leaves_nothing_behind(tmp_path, capsys, encrypted
     capsys.readouterr()
     assert main(["put", img, str(tmp_path / "big"), f"{top}big", *kf]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"blockemu: put: {NOSPC}"), err
+    host = tmp_path / "big"
+    assert err.count("\n") == 1 and err.startswith(f"blockemu: put: {host} ({20 << 20} bytes) does not fit in the "
+                                                     f"image: {NOSPC}"), err
     assert asyncio.run(listing(img, top, encrypted)) == (["big"], old)
     assert_fsck_clean(img)
 
