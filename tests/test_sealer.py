@@ -393,3 +393,27 @@ async def test_seal_many_checksums_keyless_runs_on_the_loop_and_keyed_ones_in_on
     got = await sealer.seal_many([(run_key(i), frames) for i, frames in enumerate(runs)], 0)
     assert trips == [RUNS] and [(bytes(d), s) for d, s in got] == [seal_local(run_key(i), p, 0) for i, p in enumerate(plain)]
     await sealer.close()
+
+
+@pytest.mark.timeout(60)  # turns the hang into a failure; the flush takes well under a second
+async def test_a_flush_with_more_groups_than_sealing_slots_finishes(tmp_path):
+    """A run holds its sealing slot until its turn to be placed, and turns go in group order.
+    With a 256 MiB dirty limit a flush put 32 one-extent groups in flight for 6 slots; a waiter
+    for a slot loses its place to a newcomer, so later groups came to hold every slot waiting
+    for the turn of a group that waited for a slot, and the fsync of 48 MiB never returned.
+    In-flight groups are now bounded by the slots."""
+    image = str(tmp_path / "lanes.img")
+    await blockemu.mkfs(image, size="256M")
+    data = random.Random(5).randbytes(64 << 20)
+    async with blockemu.mount(image, dirty_limit=256 << 20, background_bytes=64 << 20) as fs:
+        await encrypted_dir(fs, "/e")
+        assert fs.writeback.sealer.slots == 2 * DEPTH  # the production path: two sealing workers
+        async with fs.open("/e/f", "w") as f:
+            for at in range(0, len(data), 1 << 20):
+                await f.write(data[at : at + (1 << 20)])
+            await f.fsync()
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        async with fs.open("/e/f") as f:
+            assert await f.read() == data
+    assert check(image).clean

@@ -209,8 +209,9 @@ class Sealer:
         # DEPTH slots per worker: the next extent is already waiting when one is done, so a
         # worker never idles while this process is busy elsewhere. A slot belongs to no
         # worker: whoever holds its offset owns it until its request is answered or failed.
+        self.slots = workers * DEPTH if workers >= 2 else 0
         self._idle: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(workers * DEPTH if workers >= 2 else 0):
+        for i in range(self.slots):
             self._idle.put_nowait(i * self.slot)
         self._workers: list[_Worker] = []  # the live ones
         self._spawned: collections.deque[float] = collections.deque()  # when replacements started

@@ -298,7 +298,11 @@ class Writeback:
         started are dirty again, and runs in flight are waited for -- not cancelled half
         way, and never left running once the inode's ``wb_lock`` is free, where a later
         flush could write the same page's newer data before them."""
-        lanes = asyncio.Semaphore(max(1, self.batch_pages // self.max_pages))
+        # A run holds its sealing slot until its turn to be placed, and turns go in group
+        # order: with more groups in flight than slots, later groups (a queue's waiter loses
+        # its place to a newcomer) could hold every slot waiting for the turn of a group that
+        # waits for a slot -- a flush hung for ever (a 256 MiB dirty limit, 48 MiB written).
+        lanes = asyncio.Semaphore(max(1, min(self.batch_pages // self.max_pages, self.sealer.slots or 1 << 30)))
         for inode in inodes:
             inode.inflight += 1
         tasks: list[asyncio.Task] = []
