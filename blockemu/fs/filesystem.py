@@ -540,8 +540,8 @@ class Filesystem:
         """EMLINK or EOVERFLOW before any change, if naming ``child`` ``name`` in ``parent``
         would grow an item past the largest a leaf holds: the INODE_REF holding all of a hard
         link's names in one directory, the DIR_ITEM holding names whose hashes collide. Found
-        by the tree's insert halfway through, it aborted the transaction (thousands of links to
-        one file in one directory made the whole mount read-only). ``leaving``: the name a
+        by the tree's insert halfway through, it aborted the transaction (some 15 long-named
+        links to one file in one directory made the whole mount read-only). ``leaving``: the name a
         rename removes from ``parent`` first; a replaced entry at ``name`` goes too. ``child``
         None: a new inode, which has no names yet. ``name`` None: a locked directory's, where
         the create fails for want of its key first."""
@@ -613,8 +613,7 @@ class Filesystem:
         self._unlock(new_parent)
 
     async def mkdir(self, path: str, mode: int = 0o755) -> None:
-        await self.make_meta_room()
-        async with self.vol.join():
+        async with self.adding_items():
             parent, name = self._parent(path)
             if name is not None and self._lookup_entry(parent, name) is not None:
                 raise ExistsError(f"{path}: file exists")
@@ -664,8 +663,7 @@ class Filesystem:
 
     async def rename(self, src: str, dst: str) -> None:
         """rename(2): atomic, replacing an existing ``dst`` of a compatible type."""
-        await self.make_meta_room()
-        async with self.vol.join():
+        async with self.adding_items():
             self.check_meta_room()  # the new name's items, before the old name goes
             sparent, sname = self._parent(src)
             inode = self._resolve(src)
@@ -710,8 +708,7 @@ class Filesystem:
     async def link(self, src: str, dst: str) -> None:
         """link(2): another name for a file (not a directory: EPERM). Into an encrypted
         directory only with the same policy (EXDEV) and its key (ENOKEY), as fscrypt."""
-        await self.make_meta_room()
-        async with self.vol.join():
+        async with self.adding_items():
             self.check_meta_room()
             inode = self._resolve(src)
             if inode.is_dir:
@@ -738,8 +735,7 @@ class Filesystem:
             raise NotFoundError(f"{path}: empty symbolic link target")
         if len(data) >= PAGE:
             raise NameTooLong(f"{path}: symbolic link target longer than {PAGE - 1} bytes")
-        await self.make_meta_room()
-        async with self.vol.join():
+        async with self.adding_items():
             parent, name = self._parent(path)
             if name is not None and self._lookup_entry(parent, name) is not None:
                 raise ExistsError(f"{path}: file exists")
@@ -916,8 +912,7 @@ class Filesystem:
     async def set_policy(self, path: str, key_id: str | bytes, user: int = 0) -> None:
         """FS_IOC_SET_ENCRYPTION_POLICY (v2) on an empty directory; the caller must have added the key."""
         ident = parse_identifier(key_id)
-        await self.make_meta_room()
-        async with self.vol.join():
+        async with self.adding_items():
             self.check_meta_room()
             d = self._resolve(path)
             if not d.is_dir:
@@ -993,8 +988,7 @@ class Filesystem:
         if base != "r" and self.vol.device.readonly:
             raise ReadOnlyError(f"{path}: read-only file system")
         if create:
-            await self.make_meta_room()
-            async with self.vol.join():
+            async with self.adding_items():
                 inode = self._open_inode(path, create, excl)
         else:
             # changes no tree: no transaction to join, as stat; but refused, as the join refused
@@ -1108,12 +1102,16 @@ class Filesystem:
         them with ENOSPC (5 MB of 14 on a 16 MiB image under 3,000 mkdirs)."""
         self.vol.engine.check_room(self.promised_blocks())
 
-    async def make_meta_room(self) -> None:
-        """Before joining for an operation that adds items: short of room only because dirty
-        data holds it, write that data back and commit first (``make_room``'s sync), so the
-        operation fails with ENOSPC only when the disk is full of what is written."""
+    @contextlib.asynccontextmanager
+    async def adding_items(self) -> AsyncIterator[None]:
+        """Join the transaction for an operation that adds items (``check_meta_room`` then
+        guards its changes). Short of room only because dirty data holds it, that data is
+        written back and committed first (``make_room``'s sync), so the operation fails with
+        ENOSPC only when the disk is full of what is written."""
         if not self.vol.engine.meta_room(self.promised_blocks()):
             await self.sync()
+        async with self.vol.join():
+            yield
 
     def require_room(self, n: int, runs: int = 1) -> None:
         """ENOSPC unless ``n`` more bytes of dirty data can get extents (``room_for``)."""
