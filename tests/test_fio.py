@@ -22,6 +22,7 @@ from blockemu.fs.filesystem import File, mount
 from blockemu.workload.buffers import Buffers
 from blockemu.workload.fio import DIGESTS, SYNC_NOTE, Clone, JobResult, LatencyTarget, RunContext, SteadyWatch, Verifier
 from blockemu.workload.jobfile import Share, parse
+from blockemu.workload.lastwrites import LastWrites
 from blockemu.workload.runner import run_workload
 from tests.test_cli import run
 from tests.util import assert_fsck_clean
@@ -195,6 +196,28 @@ async def test_verify_types_run_clean(tmp_path):
     out, _ = await run_job(tmp_path, "[global]\nrw=randwrite\nsize=32k\nbs=4k\n" + jobs +
                            "[pat]\nverify=meta\nverify_pattern=0xaa555aa5\nverify_interval=512\nfilename=pat\n")
     assert all(j["error"] == 0 and j["write"]["io_bytes"] == 32 << 10 for j in out["jobs"])
+
+
+@pytest.mark.parametrize("pattern", ["rw=write\nloops=2", "rw=randwrite\nnorandommap", "rw=randwrite\nloops=3"])
+async def test_verify_reads_back_the_last_write_where_blocks_of_two_sizes_overlap(tmp_path, pattern):
+    """bssplit over a second pass (or without the random map) lands writes across earlier
+    ones of another size: fio verifies the newest and drops every write it overlaps; keeping
+    the older one read the newer's bytes as its bad block (fio itself runs these clean)."""
+    out, _ = await run_job(tmp_path, f"[w]\n{pattern}\nsize=512k\nbssplit=4k/50:64k/50\nverify=crc32c\n")
+    assert out["jobs"][0]["error"] == 0
+
+
+def test_a_write_drops_every_earlier_write_it_overlaps():
+    log = LastWrites()
+    log.record(0, 0, 65536, 1)
+    log.record(0, 65536, 4096, 2)
+    log.record(1, 0, 4096, 3)  # another region: untouched
+    log.pop((0, 65536))  # read back already: its offset lingers, skipped
+    log.record(0, 61440, 8192, 4)  # reaches into the first write and over the popped one
+    assert sorted(log) == [(0, 61440), (1, 0)]
+    log.record(0, 57344, 4096, 5)
+    log.forget(0, 60000, 4096)  # a trim across both
+    assert sorted(log) == [(1, 0)]
 
 
 # --- engines and options that change nothing here ---------------------------------------------

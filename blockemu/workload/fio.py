@@ -67,6 +67,7 @@ from blockemu.errors import BlockemuError, InvalidArgument, NoSpaceError, NotFou
 from blockemu.fs.filesystem import File, Filesystem
 from blockemu.workload.buffers import Buffers, WorkingSet, repeat
 from blockemu.workload.jobfile import ASYNC_ENGINES, ERROR_KINDS, RW, Job, Share, SteadyState, fixed
+from blockemu.workload.lastwrites import LastWrites
 from blockemu.workload.zones import ZonedFile, ZoneRange, region_in_zones
 
 PERCENTILES = (1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99)
@@ -854,7 +855,7 @@ class Clone:
         self.verify_backlog = job.get("verify_backlog", 0) if self.verifier is not None else 0
         self.trim_backlog = job.get("trim_backlog", 0)
         self.buffers: Buffers | None = None  # made at layout, once the region's size is known
-        self.written: dict[tuple[int, int], tuple[int, int]] = {}  # (region, offset) -> (length, numberio)
+        self.written = LastWrites()  # (region, offset) -> (length, numberio): what verify reads back
         self.backlog: list[tuple[int, int]] = []  # written since the last verify_backlog check
         self.issued = [0, 0, 0]  # bytes this measuring period, per direction (for rate=)
         self.issued_ios = [0, 0, 0]
@@ -1244,13 +1245,13 @@ class Clone:
         trim forgets it); check what a read got against it."""
         key = (io.region.index, io.offset)
         if io.ddir == WRITE:
-            self.written[key] = (io.length, io.numberio)
+            self.written.record(io.region.index, io.offset, io.length, io.numberio)
             if self.verify_backlog:
                 self.backlog.append(key)
             if self.trim_backlog:
                 self.trim_due.append(key)
         elif io.ddir == TRIM:
-            self.written.pop(key, None)
+            self.written.forget(io.region.index, io.offset, io.length)
         elif got is not None and self.verifier is not None:
             w = self.written.get(key)
             self._verify(got, io.offset, w[1] if w and w[0] == io.length else None, io.region)
