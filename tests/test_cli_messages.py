@@ -319,3 +319,27 @@ def test_an_image_with_unknown_incompat_features_is_refused_by_fsck_and_rescue_t
     assert cli(capsys, "fsck", img, "--repair") == (8, "", f"blockemu: fsck: {line}")
     assert cli(capsys, "rescue", "zero-log", img) == (1, "", f"blockemu: rescue: {line}")
     assert open(img, "rb").read() == before
+
+
+def test_every_command_action_and_option_says_in_help_what_it_does():
+    """--help is where a newcomer looks first: `inspect --help` listed heatmap alone (dump-super
+    and dump-tree had no line), `key --help` listed bare words, and 47 options (--repair,
+    --json, --tree ...) had no text at all."""
+    import argparse
+
+    from blockemu.cli.main import build_parser
+
+    bare: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                helped = {c.dest for c in a._choices_actions}
+                for sub, sp in a.choices.items():
+                    if sub not in helped:
+                        bare.append(f"{name} {sub}")
+                    walk(sp, f"{name} {sub}")
+            elif a.option_strings and a.help is None:
+                bare.append(f"{name} {a.option_strings[0]}")
+    walk(build_parser(), "blockemu")
+    assert bare == []

@@ -99,8 +99,15 @@ def span(text: str) -> tuple[int, int]:
 
 def add_progress_flags(p: argparse.ArgumentParser) -> None:
     """--progress/--no-progress; neither: a bar only on a terminal (and never with --json)."""
-    p.add_argument("--progress", dest="progress", action="store_true", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="draw a progress bar (default: only on a terminal, never with --json)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="draw no progress bar")
+
+
+def add_json_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """--json: every command says the same of it, so that a pipeline knows errors come as JSON too."""
+    p.add_argument("--json", action="store_true",
+                   help=f"print {what} as one JSON document on stdout (an error too: {{\"error\": ...}})")
 
 
 class _Version(argparse.Action):
@@ -130,10 +137,11 @@ def build_parser(command: str | None = None) -> Parser:
 def args_mkfs(m: argparse.ArgumentParser) -> None:
     m.add_argument("image")
     m.add_argument("--size", required=True, help="image size, K/M/G/T suffixes")
-    m.add_argument("--node-size", default="16K")
-    m.add_argument("--csum", default="crc32c", choices=["crc32c", "xxhash64", "sha256", "blake2b"])
-    m.add_argument("--label", default="")
-    m.add_argument("--uuid")
+    m.add_argument("--node-size", default="16K", help="tree block size, a power of two from 4K to 64K (default 16K)")
+    m.add_argument("--csum", default="crc32c", choices=["crc32c", "xxhash64", "sha256", "blake2b"],
+                   help="checksum of tree blocks and data sectors (default crc32c)")
+    m.add_argument("--label", default="", help="the filesystem's label")
+    m.add_argument("--uuid", help="the filesystem's UUID (default: a random one)")
     m.add_argument("--force", action="store_true", help="overwrite an existing non-empty image")
     m.add_argument("--rootdir", help="populate the image from this host directory")
     m.add_argument("--encrypt", metavar="PATH", help="directory inside the image to encrypt (needs --key-file)")
@@ -143,9 +151,10 @@ def args_mkfs(m: argparse.ArgumentParser) -> None:
 
 def args_fsck(f: argparse.ArgumentParser) -> None:
     f.add_argument("image")
-    f.add_argument("--json", action="store_true")
+    add_json_flag(f, "the findings")
     f.add_argument("--check-data", action="store_true", help="verify every data sector against its checksum")
-    f.add_argument("--repair", action="store_true")
+    f.add_argument("--repair", action="store_true", help="repair what can be repaired (writes the image; "
+                   "without it fsck only reads)")
     f.add_argument("--key-file", help="also check that the names this key encrypts decrypt to legal names")
     add_progress_flags(f)
 
@@ -153,40 +162,40 @@ def args_fsck(f: argparse.ArgumentParser) -> None:
 def args_ls(ls: argparse.ArgumentParser) -> None:
     ls.add_argument("image")
     ls.add_argument("path", nargs="?", default="/")
-    ls.add_argument("-l", dest="long", action="store_true")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("-l", dest="long", action="store_true", help="long listing: mode, links, size, time")
+    add_json_flag(ls, "the entries")
     ls.add_argument("--key-file", help="show real names in directories this key encrypts (else no-key names)")
 
 
 def args_cat(cat: argparse.ArgumentParser) -> None:
     cat.add_argument("image")
     cat.add_argument("path")
-    cat.add_argument("--key-file")
+    cat.add_argument("--key-file", help=KEY_TO_READ)
 
 
 def args_put(put: argparse.ArgumentParser) -> None:
     put.add_argument("image")
     put.add_argument("hostfile")
     put.add_argument("path")
-    put.add_argument("--key-file")
+    put.add_argument("--key-file", help=KEY_TO_READ)
 
 
 def args_mkdir(mk: argparse.ArgumentParser) -> None:
     mk.add_argument("image")
     mk.add_argument("path")
-    mk.add_argument("--encrypt", action="store_true")
-    mk.add_argument("--key-file")
+    mk.add_argument("--encrypt", action="store_true", help="make it an encrypted directory (needs --key-file)")
+    mk.add_argument("--key-file", help="raw key bytes (16-64): --encrypt's key, or that of an encrypted parent")
 
 
 def args_extents(ex: argparse.ArgumentParser) -> None:
     ex.add_argument("image")
     ex.add_argument("path")
     ex.add_argument("--key-file", help="to name a file by its real name in an encrypted directory (else its no-key name)")
-    ex.add_argument("--json", action="store_true")
+    add_json_flag(ex, "the extents")
 
 
 def args_key_id(kid: argparse.ArgumentParser) -> None:
-    kid.add_argument("--key-file", required=True)
+    kid.add_argument("--key-file", required=True, help="raw key bytes (16-64)")
 
 
 def args_run(rn: argparse.ArgumentParser) -> None:
@@ -195,7 +204,7 @@ def args_run(rn: argparse.ArgumentParser) -> None:
 
     rn.add_argument("workload", nargs="?")
     rn.add_argument("--image", help="image to run on (created if missing); default: a scratch image")
-    rn.add_argument("--seed", type=int)
+    rn.add_argument("--seed", type=int, help="seed of every random choice (default: a random one, printed)")
     rn.add_argument("--json", action="store_true", help="same as --output-format json")
     rn.add_argument("--output-format", type=output_formats, default=["normal"],
                     help="normal, json, json+ or terse; several comma-separated, as fio")
@@ -209,14 +218,16 @@ def args_stress(sp: argparse.ArgumentParser) -> None:
     from blockemu.crypto.keyring import MODES
 
     sp.add_argument("image", nargs="?", help="the image to stress (created if missing; not with --seeds)")
-    sp.add_argument("--scenario", choices=["mix", "key-removal-race"], default="mix")
-    sp.add_argument("--seed", type=int)
+    sp.add_argument("--scenario", choices=["mix", "key-removal-race"], default="mix",
+                    help="mix (default): a seeded random mix checked against an oracle; key-removal-race: "
+                         "generic/595's race")
+    sp.add_argument("--seed", type=int, help="seed of every random choice (default: a random one, printed)")
     sp.add_argument("--seeds", type=span, metavar="A..B",
                     help="a campaign: seeds A up to B (excluded), each on a fresh image made by its worker")
     sp.add_argument("--duration", type=seconds, help="seconds (instead of --ops)")
     sp.add_argument("--ops", type=count(1), help=f"operations per task (mix, default {DEFAULT_OPS}) or steps "
                     f"(key-removal-race with --schedule seeded, default {DEFAULT_OPS})")
-    sp.add_argument("--tasks", type=count(1), default=4)
+    sp.add_argument("--tasks", type=count(1), default=4, help="mix: concurrent tasks (default 4)")
     sp.add_argument("--key-removal", choices=list(MODES),
                     help="key-removal-race: the removal mode (default soft; the mix uses no key)")
     sp.add_argument("--faults", type=fault_spec, help="e.g. eio=200M-210M:w,latency=0.001,flip=0.0001,torn=0.5,cut=5000")
@@ -230,13 +241,13 @@ def args_stress(sp: argparse.ArgumentParser) -> None:
                          "or, as root, on a fresh loop-mounted ext4 image")
     sp.add_argument("--report", metavar="DIR", help="key-removal-race: also write the table (JSON, CSV) and plots into "
                     "DIR, with a sweep of append sizes under hard removal")
-    sp.add_argument("--json", action="store_true")
+    add_json_flag(sp, "the summary")
     add_campaign_flags(sp, jobs=1)
 
 
 def args_crash(cr: argparse.ArgumentParser) -> None:
     cr.add_argument("--max-ops", type=count(1, 6, " (7 operations make 11 million workloads, held in memory)"), default=3, help="longest operation sequence (Ace's bound)")
-    cr.add_argument("--seed", type=int, default=0)
+    cr.add_argument("--seed", type=int, default=0, help="seed of the sampling and write subsets (default 0)")
     cr.add_argument("--subsets", type=count(0), default=2, help="random in-doubt write subsets per crash point")
     cr.add_argument("--limit", type=count(1), help="check a random sample of this many workloads")
     cr.add_argument("--nobarrier", action="store_true", help="plant the ordering bug (flushes ignored)")
@@ -244,7 +255,7 @@ def args_crash(cr: argparse.ArgumentParser) -> None:
                     help="only workloads A up to B (excluded) of the space (a failure's reproduce line names one)")
     cr.add_argument("--shard-size", type=count(1), default=10, help="workloads per shard (a few seconds of work)")
     add_write_path(cr, "campaign")
-    cr.add_argument("--json", action="store_true")
+    add_json_flag(cr, "the counts and failures")
     add_campaign_flags(cr, jobs=os.cpu_count() or 1)
 
 
@@ -254,7 +265,8 @@ def args_mount(mo: argparse.ArgumentParser) -> None:
     mo.add_argument("image")
     mo.add_argument("mountpoint")
     mo.add_argument("--key-file", action="append", default=[], help="add this key at mount (repeatable)")
-    mo.add_argument("--key-removal", choices=list(MODES), default="soft")
+    mo.add_argument("--key-removal", choices=list(MODES), default="soft",
+                    help="what removing a key does to files still using it (default soft: they keep working)")
     mo.add_argument("-o", dest="options", action="append", default=[],
                     help="mount options: ro, rw, and the API's interval=, dirty_limit=, background_bytes=, max_extent=, "
                          "cache_limit=, seal_workers=, seal_timeout=")
@@ -265,16 +277,23 @@ def args_umount(um: argparse.ArgumentParser) -> None:
     um.add_argument("mountpoint")
 
 
+KEY_TO_READ = "raw key bytes (16-64) of an encrypted directory on the path"
+KEY_ACTIONS = {"add": "add a key to the mount's keyring (as FS_IOC_ADD_ENCRYPTION_KEY); prints its identifier",
+               "remove": "remove your (or --user's) claim to a key; the last claim's removal starts the "
+                          "--key-removal mode's steps",
+               "status": "print a key's status (Present, Incompletely removed, Absent)"}
+
+
 def args_key(ky: argparse.ArgumentParser) -> None:
     ksub = ky.add_subparsers(dest="action", required=True, parser_class=Parser)
-    for action in ("add", "remove", "status"):
-        kp = ksub.add_parser(action)
+    for action, text in KEY_ACTIONS.items():
+        kp = ksub.add_parser(action, help=text)
         kp.add_argument("mountpoint")
-        kp.add_argument("--key-file", required=action == "add")
+        kp.add_argument("--key-file", required=action == "add", help="raw key bytes (16-64)")
         if action != "add":
             kp.add_argument("--id", help="the key identifier (32 hex digits) instead of --key-file")
         if action == "remove":
-            kp.add_argument("--all-users", action="store_true")
+            kp.add_argument("--all-users", action="store_true", help="remove every user's claim, not only yours")
         kp.add_argument("--user", type=int, default=os.getuid(), help="the claiming user (default: you)")
 
 
@@ -283,12 +302,12 @@ def args_fuzz(fz: argparse.ArgumentParser) -> None:
                     help="valid checksums over hostile structures, each image through ls, cat, mkdir, inspect, fsck")
     fz.add_argument("--trials", type=count(1), default=2000, help="byte flips")
     fz.add_argument("--images", type=count(1), default=2000, help="--structural: mutated images")
-    fz.add_argument("--seed", type=int, default=1)
+    fz.add_argument("--seed", type=int, default=1, help="seed of the flips and mutations (default 1)")
     fz.add_argument("--recsum", action="store_true", help="recompute the block checksum after each flip")
     fz.add_argument("--max-rss", type=float, default=300, help="MB; --structural fails an image whose commands grow the process by more")
     fz.add_argument("--only", type=span, metavar="A..B", help="only trials (or images) A up to B (excluded)")
     fz.add_argument("--shard-size", type=count(1), help="trials (100) or images (20) per shard")
-    fz.add_argument("--json", action="store_true")
+    add_json_flag(fz, "the counts and failures")
     add_campaign_flags(fz, jobs=os.cpu_count() or 1)
 
 
@@ -296,13 +315,14 @@ def args_inspect(i: argparse.ArgumentParser) -> None:
     from blockemu.check import inspect as inspect_mod
 
     isub = i.add_subparsers(dest="what", required=True, parser_class=Parser)
-    ds = isub.add_parser("dump-super")
+    ds = isub.add_parser("dump-super", help="print the primary superblock's fields")
     ds.add_argument("image")
-    ds.add_argument("--json", action="store_true")
-    dt = isub.add_parser("dump-tree")
+    add_json_flag(ds, "every field")
+    dt = isub.add_parser("dump-tree", help="print tree blocks and their items (btrfs inspect-internal dump-tree)")
     dt.add_argument("image")
-    dt.add_argument("--tree", choices=list(inspect_mod.TREE_BY_NAME), action="append")
-    dt.add_argument("--json", action="store_true")
+    dt.add_argument("--tree", choices=list(inspect_mod.TREE_BY_NAME), action="append",
+                    help="only this tree (repeatable; default: every tree)")
+    add_json_flag(dt, "the blocks")
     hm = isub.add_parser("heatmap", help="draw what occupies each block (a Hilbert curve, like btrfs-heatmap)")
     hm.add_argument("image")
     hm.add_argument("out", help="the PNG to write")
@@ -313,7 +333,7 @@ def args_rescue(rs: argparse.ArgumentParser) -> None:
     rsub = rs.add_subparsers(dest="what", required=True, parser_class=Parser)
     zl = rsub.add_parser("zero-log", help="drop the fsync log (what was fsynced since the last commit is lost)")
     zl.add_argument("image")
-    zl.add_argument("--json", action="store_true")
+    add_json_flag(zl, "what was done")
 
 
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
