@@ -45,6 +45,13 @@ rw=read
     ("[j]\nioengine=null\n", "t.fio:2: ioengine=null is not supported (blockemu runs file engines: sync"),
     ("[j]\nexec_prerun=ls\n", "t.fio:2: fio option 'exec_prerun' is not supported"),
     ("[global]\nbs=4k\n", "t.fio: no jobs"),
+    # the run's mount is set up from [global]: in a job's section these were taken and ignored
+    # (encrypt=1 there wrote the job's files in plain)
+    ("[j]\nrw=write\nencrypt=1\n", "t.fio:3: encrypt= encrypts the run's directory, /enc-jobs, for every job: "
+                                    "put it in [global]"),
+    ("[j]\nimage_size=1G\n", "t.fio:2: image_size= sizes the image the run makes, for every job: put it in [global]"),
+    ("[j]\nrw=write\nkey_removal=hard\n", "t.fio:1: job j: key_removal= in a job's section sets a keyrace job's own "
+                                          "mode; the mount's, which every other job runs under, is set in [global]"),
 ])
 def test_parser_errors_name_file_and_line(text, msg):
     with pytest.raises(InvalidArgument, match=re.escape(msg)):

@@ -415,6 +415,11 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "image_size": parse_size, "check_data": parse_bool, "appends": int, "power_cut_after": int,
 }
 
+# blockemu's options that set up the run's one mount, read from [global] only: in a job's
+# section they would be taken and ignored (an encrypt=1 there wrote the job's files in plain)
+RUN_WIDE = {"encrypt": "encrypts the run's directory, /enc-jobs, for every job",
+            "image_size": "sizes the image the run makes, for every job"}
+
 ALIASES = {"readwrite": "rw", "blocksize": "bs", "blocksize_range": "bsrange", "io_limit": "io_size",
            "fileoffset": "offset", "nr_files": "nrfiles", "timeout": "runtime", "wait_for_previous": "stonewall",
            "blocksize_unaligned": "bs_unaligned", "iomem": "mem", "ratemin": "rate_min", "ratecycle": "rate_cycle",
@@ -543,6 +548,10 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
         raw_opts = current.raw if current is not None else jf.global_raw
         if "=" in line:  # fio's "job options" leave bare flags (stonewall, group_reporting) out
             raw_opts[key] = value
+        if current is not None and name in RUN_WIDE:
+            errors.append(f"{where}: {key}= {RUN_WIDE[name]}: put it in [global] (in a job's section it "
+                          "would change nothing)")
+            continue
         if current is not None:
             current.options[name] = converted
         else:
@@ -550,6 +559,9 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
             jf.globals = scope
     for job in jf.jobs:
         errors += [f"{path}:{job.line}: job {job.name}: {e}" for e in _count_zones(job)]
+        if "key_removal" in job.raw and job.get("kind", "fio") != "keyrace":
+            errors.append(f"{path}:{job.line}: job {job.name}: key_removal= in a job's section sets a keyrace job's "
+                          "own mode; the mount's, which every other job runs under, is set in [global]")
     if errors:
         raise InvalidArgument("; ".join(errors))
     group = barrier = 0
