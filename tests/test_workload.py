@@ -52,6 +52,14 @@ rw=read
     ("[j]\nimage_size=1G\n", "t.fio:2: image_size= sizes the image the run makes, for every job: put it in [global]"),
     ("[j]\nrw=write\nkey_removal=hard\n", "t.fio:1: job j: key_removal= in a job's section sets a keyrace job's own "
                                           "mode; the mount's, which every other job runs under, is set in [global]"),
+    # an option only another kind of job reads was taken and ignored: faults= on a fio job injected nothing
+    ("[j]\nrw=write\nfaults=eio=0-1G\n", "t.fio:1: job j: faults= is read by a kind=faults job"),
+    ("[m]\nkind=mix\nschedule=seeded\n", "t.fio:1: job m: schedule= is read by a kind=keyrace job"),
+    ("[j]\nrw=write\ncheck_data=1\n", "t.fio:1: job j: check_data= is read by a kind=fsck job"),
+    # and options nothing read at all are gone: kind=ledger ran nothing, and the run said it passed
+    ("[l]\nkind=ledger\n", "t.fio:2: bad value for kind"),
+    ("[l]\nrw=write\npower_cut_after=10\n", "t.fio:3: unknown option 'power_cut_after'"),
+    ("[l]\nrw=write\nappends=10\n", "t.fio:3: unknown option 'appends'"),
 ])
 def test_parser_errors_name_file_and_line(text, msg):
     with pytest.raises(InvalidArgument, match=re.escape(msg)):

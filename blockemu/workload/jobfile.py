@@ -409,16 +409,29 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "direct": parse_bool, "buffered": parse_bool, "invalidate": parse_bool, "fallocate": str,
     "fadvise_hint": str, "atomic": parse_bool, "random_generator": str, "kb_base": str, "unit_base": str,
     # blockemu
-    "kind": choice("fio", "mix", "keyrace", "ledger", "fsck", "script", "faults"),
+    "kind": choice("fio", "mix", "keyrace", "fsck", "script", "faults"),
     "ops": parse_ops, "nops": int, "key_removal": choice("soft", "hard", "sync", "deny-writes"),
     "schedule": choice("free", "seeded"), "encrypt": parse_bool, "script": str, "faults": str,
-    "image_size": parse_size, "check_data": parse_bool, "appends": int, "power_cut_after": int,
+    "image_size": parse_size, "check_data": parse_bool,
 }
 
 # blockemu's options that set up the run's one mount, read from [global] only: in a job's
 # section they would be taken and ignored (an encrypt=1 there wrote the job's files in plain)
 RUN_WIDE = {"encrypt": "encrypts the run's directory, /enc-jobs, for every job",
             "image_size": "sizes the image the run makes, for every job"}
+
+# blockemu's options that only one kind of job reads: in another kind's section they would be
+# taken and ignored (faults= on a fio job injected nothing)
+KIND_OPTIONS = {
+    "key_removal": (("keyrace",), "in a job's section sets a keyrace job's own mode; the mount's, which every "
+                                  "other job runs under, is set in [global]"),
+    "faults": (("faults",), "is read by a kind=faults job (it sets the device's faults for the jobs after it)"),
+    "script": (("script",), "is read by a kind=script job"),
+    "check_data": (("fsck",), "is read by a kind=fsck job"),
+    "schedule": (("keyrace",), "is read by a kind=keyrace job"),
+    "nops": (("mix", "keyrace"), "is read by kind=mix and kind=keyrace jobs"),
+    "ops": (("mix",), "is read by a kind=mix job"),
+}
 
 ALIASES = {"readwrite": "rw", "blocksize": "bs", "blocksize_range": "bsrange", "io_limit": "io_size",
            "fileoffset": "offset", "nr_files": "nrfiles", "timeout": "runtime", "wait_for_previous": "stonewall",
@@ -559,9 +572,9 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
             jf.globals = scope
     for job in jf.jobs:
         errors += [f"{path}:{job.line}: job {job.name}: {e}" for e in _count_zones(job)]
-        if "key_removal" in job.raw and job.get("kind", "fio") != "keyrace":
-            errors.append(f"{path}:{job.line}: job {job.name}: key_removal= in a job's section sets a keyrace job's "
-                          "own mode; the mount's, which every other job runs under, is set in [global]")
+        kind = job.get("kind", "fio")
+        errors += [f"{path}:{job.line}: job {job.name}: {key}= {why}" for key, (kinds, why) in KIND_OPTIONS.items()
+                   if key in job.raw and kind not in kinds]
     if errors:
         raise InvalidArgument("; ".join(errors))
     group = barrier = 0
