@@ -353,8 +353,12 @@ def test_kill_9_then_fsck_then_mount_clears_the_dead_mount(env, image, mnt) -> N
             for i in range(5):
                 fd = os.open("{mnt}/synced%d" % i, os.O_CREAT | os.O_WRONLY, 0o644)
                 os.write(fd, bytes([65 + i]) * (20000 * (i + 1))); os.fsync(fd); os.close(fd)
+            with open("{mnt}/dirsynced", "wb") as f:
+                f.write(b"d" * 30000)
+            d = os.open("{mnt}", os.O_RDONLY); os.fsync(d); os.close(d)  # commits everything (README)
             with open("{mnt}/unsynced", "wb") as f:
                 f.write(b"u" * 50000)
+            os.sync()  # never reaches the server: no SYNCFS for a FUSE daemon (README)
         """)
         r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
@@ -368,6 +372,7 @@ def test_kill_9_then_fsck_then_mount_clears_the_dead_mount(env, image, mnt) -> N
         try:
             for i in range(5):
                 assert (mnt / f"synced{i}").read_bytes() == bytes([65 + i]) * (20000 * (i + 1))
+            assert (mnt / "dirsynced").read_bytes() == b"d" * 30000
             assert not (mnt / "unsynced").exists()  # created after the last commit
         finally:
             blockemu(env, "umount", str(mnt))
