@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -569,3 +570,27 @@ def test_encrypted_symlinks_with_and_without_the_key(env, image, mnt, tmp_path, 
         assert os.readlink(mnt / "enc" / "m") == "made-through-the-mount"
     fsck_clean(env, image)
     assert check(str(image), key=key.read_bytes()).clean
+
+
+def test_a_read_that_fails_with_eio_says_why_in_the_servers_log(env, image, mnt) -> None:
+    """README: the server's stderr is where an EIO says why -- the reader gets a bare errno.
+    A sector whose checksum does not match failed the read with EIO and the log stayed empty."""
+    async def put() -> None:
+        async with mount(str(image)) as fs:
+            async with fs.open("/f", "w") as f:
+                await f.write(b"x" * 16384)
+    asyncio.run(put())
+    disk = json.loads(blockemu(env, "extents", str(image), "/f", "--json").stdout)[0]["disk_bytenr"]
+    with open(image, "r+b") as img:
+        img.seek(disk + 5000)
+        img.write(b"\xff")
+    s = Served(env, image, mnt)
+    try:
+        r = sh(f"cat {mnt}/f > /dev/null")
+        assert r.returncode == 1 and "Input/output error" in r.stderr, r.stderr
+    finally:
+        blockemu(env, "umount", str(mnt))
+        s.proc.wait(timeout=60)
+        log = s.proc.stderr.read()  # type: ignore[union-attr]
+        s.close()
+    assert "blockemu: mount: read: " in log and f"checksum mismatch at file offset 4096 (disk {disk + 4096})" in log, log

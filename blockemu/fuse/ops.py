@@ -34,7 +34,9 @@ T = TypeVar("T")
 
 
 def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """An OSError leaves as its errno; a bug is printed and leaves as EIO, never killing the loop."""
+    """An OSError leaves as its errno; a bug is printed and leaves as EIO, never killing the loop.
+    An I/O error or corruption (EIO, EUCLEAN) is said in one line on stderr (the server's log)
+    too: the caller gets a bare errno, and only the server knows which sector failed and why."""
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kw: Any) -> T:
         try:
@@ -42,6 +44,8 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
+            if e.errno in (errno.EIO, errno.EUCLEAN) or not e.errno:
+                print(f"blockemu: mount: {fn.__name__}: {e.strerror or e}", file=sys.stderr, flush=True)
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except UnicodeError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
