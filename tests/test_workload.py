@@ -204,6 +204,21 @@ def test_stress_power_cut_keeps_every_fsync_acknowledged_file(tmp_path):
     assert out["aborted"] and "power cut" in out["aborted"]
     assert out["ledger_files_checked_after_crash"] > 0
     assert out["lost_acknowledged_writes"] == 0 and out["fsck"] == "clean" and out["ok"]
+    assert "notes" not in out
+
+
+async def test_stress_says_when_the_power_cut_it_was_given_never_came(tmp_path):
+    """--faults cut=N past the run's last write: the run passed, with no word that it never
+    tested the power cut it was asked for (injected errors 0, aborted null)."""
+    from blockemu.device.faultplan import FaultPlan
+    from blockemu.workload.runner import stress_mix
+    from blockemu.workload.writepath import WRITE_PATHS
+
+    out = await stress_mix(str(tmp_path / "s.img"), seed=5, tasks=1, nops=10, duration=None,
+                           faults=FaultPlan.parse("cut=100000"), crash_points=0, write_path=WRITE_PATHS["fast"])
+    assert out["ok"] and out["aborted"] is None
+    assert len(out["notes"]) == 1 and out["notes"][0].startswith("cut=100000: the run made ")
+    assert "so no power cut happened" in out["notes"][0]
 
 
 async def test_a_mix_runs_again_on_its_image_and_another_seed_is_told_its_key_differs(tmp_path):

@@ -743,6 +743,8 @@ def cmd_stress(a: argparse.Namespace) -> int:
                   "fsck", "crash_states_checked", "crash_failures"):
             if summary.get(k) is not None:
                 print(f"{k.replace('_', ' '):<34}{summary[k]}")
+        for line in summary.get("notes", []):
+            print(f"note: {line}")
         for line in summary["problems"][:10]:
             print(f"FAILED: {line}")
         if not ok:

@@ -377,6 +377,7 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
             raise
         aborted = str(e)
     finally:
+        writes = fs.vol.device.writes
         fs.vol.device.faults = FaultPlan()
         try:
             await fs.unmount()
@@ -416,6 +417,11 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
         summary["crash_states_checked"] = camp.states
         summary["crash_failures"] = len(camp.failures)
         problems += camp.failures
+    due = faults.cut_after_writes if faults is not None else None
+    if due is not None and not fs.vol.device.dead:
+        # not a failure (nothing went wrong), but the run did not test what was asked
+        summary["notes"] = [f"cut={due}: the run made {writes} writes, so no power cut happened "
+                            f"(a smaller cut=, or more --ops)"]
     summary["problems"] = problems
     summary["ok"] = not problems
     return summary
