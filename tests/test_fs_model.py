@@ -1,5 +1,6 @@
 """Property test: the filesystem's file contents against a bytearray model, through the page
-cache, writeback (forced often by tiny limits), COW overwrites, truncates and remounts."""
+cache, writeback (forced often by tiny limits), COW overwrites, truncates, hole punches and
+remounts -- and the file's extent map (``Extents.maps``) against the fs tree's items after each."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 import blockemu
 from blockemu.check.fsck import check
+from tests.test_extent_map import maps_are_the_tree
 
 KEY = bytes(range(32))
 OPTS = dict(interval=3600, dirty_limit=64 << 10, background_bytes=16 << 10, cache_limit=32 << 10, max_extent=16 << 10)
@@ -19,6 +21,7 @@ ops = st.lists(
     st.one_of(
         st.tuples(st.just("pwrite"), st.integers(0, 80_000), st.integers(1, 20_000), st.integers(0, 255)),
         st.tuples(st.just("truncate"), st.integers(0, 90_000)),
+        st.tuples(st.just("punch"), st.integers(0, 90_000), st.integers(1, 40_000)),
         st.tuples(st.just("read"), st.integers(0, 90_000), st.integers(0, 30_000)),
         st.tuples(st.sampled_from(["fsync", "sync", "remount"])),
     ),
@@ -56,6 +59,12 @@ async def run(ops_list, encrypted: bool) -> None:
             elif op[0] == "truncate":
                 await f.truncate(op[1])
                 model = model[: op[1]] + bytes(max(0, op[1] - len(model)))
+            elif op[0] == "punch":
+                _, off, n = op
+                await f.punch_hole(off, n)
+                end = min(off + n, len(model))
+                if off < end:
+                    model[off:end] = bytes(end - off)
             elif op[0] == "read":
                 assert await f.pread(op[2], op[1]) == bytes(model[op[1] : op[1] + op[2]])
             elif op[0] == "fsync":
@@ -68,6 +77,7 @@ async def run(ops_list, encrypted: bool) -> None:
                 fs = await mount()
                 f = await fs.open(path, "r+")
             assert f.inode.size == len(model)
+            maps_are_the_tree(fs)
         assert await f.pread(1 << 20, 0) == bytes(model)
         await f.close()
         await fs.unmount()

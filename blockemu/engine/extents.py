@@ -18,7 +18,9 @@ in one pass, so a leaf touched by many of them is reached and copied once.
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Sequence
+from bisect import bisect_left, bisect_right, insort
+from itertools import islice
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from blockemu.engine.batch import TreeBatch
 from blockemu.engine.btree import BTree, KeyT, max_item_size
@@ -30,6 +32,7 @@ from blockemu.ondisk.items import ExtentContext, ExtentItem, FileExtent
 
 PAGE = S.SECTOR_SIZE
 KNOWN_EXTENTS = 1 << 16  # ``Extents.known`` holds at most this many items (~20 MiB)
+MAPPED_EXTENTS = 1 << 16  # ``Extents.maps`` hold at most this many items in all (~15 MiB)
 
 
 class Mapping(NamedTuple):
@@ -71,6 +74,48 @@ def file_mappings(fs: BTree | TreeBatch, ino: int, start: int, end: int) -> list
             if key[2] < end and FileExtent.end_in_file(key[2], body) > start]
 
 
+class ExtentMap:
+    """One file's EXTENT_DATA items in memory, as the fs tree holds them (btrfs's extent_map tree):
+    the offsets in order, and the extent at each. Writeback maps each new extent over the ones
+    it replaces, and finding those in the fs tree was a descent to a leaf nothing else had
+    touched since the last fsync -- the costliest lookup of mapping a small extent (the leaf's
+    key tuples, cold in the CPU's caches); here it is a bisection of the file's offsets."""
+
+    __slots__ = ("offsets", "extents")
+
+    def __init__(self, items: Iterable[tuple[int, FileExtent]]) -> None:
+        self.extents: dict[int, FileExtent] = dict(items)
+        self.offsets: list[int] = sorted(self.extents)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def overlapping(self, start: int, end: int) -> list[Mapping]:
+        """The mappings overlapping [start, end), in file order (``file_mappings``'s answer)."""
+        offsets, extents = self.offsets, self.extents
+        i = max(bisect_right(offsets, start) - 1, 0)
+        j = bisect_left(offsets, end, i)
+        found = [Mapping(o, extents[o]) for o in offsets[i:j]]
+        if found and found[0].end <= start:
+            del found[0]
+        return found
+
+    def set(self, offset: int, fe: FileExtent | None) -> int:
+        """The item at ``offset`` is now ``fe`` (None: gone); returns the change in items."""
+        extents = self.extents
+        if fe is None:
+            if extents.pop(offset, None) is None:
+                return 0
+            del self.offsets[bisect_left(self.offsets, offset)]
+            return -1
+        had = offset in extents
+        extents[offset] = fe
+        if had:
+            return 0
+        insort(self.offsets, offset)
+        return 1
+
+
 class Extents:
     """The file-extent view of one Engine's fs, extent and csum trees."""
 
@@ -89,6 +134,13 @@ class Extents:
         # writeback made: its item is found here, not by a descent into an extent-tree leaf
         # nothing else touched (a third of mapping a small extent). Bounded: emptied when full.
         self.known: dict[int, tuple[KeyT, ExtentItem]] = {}
+        # The EXTENT_DATA items of the files writeback maps extents into, by inode: each filled
+        # from the fs tree once, then changed with it by every ExtentBatch of this view (the only
+        # writer of those items), so an overwrite finds the items it replaces without a lookup.
+        # A batch that fails drops the maps of the files it touched (the tree is what stands);
+        # bounded: emptied when they hold more than MAPPED_EXTENTS items.
+        self.maps: dict[int, ExtentMap] = {}
+        self.mapped = 0  # items in ``maps``
 
     # ------------------------------------------------------------------ reading
 
@@ -118,27 +170,23 @@ class Extents:
 
     def punch(self, ino: int, start: int, end: int) -> int:
         """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0)."""
-        batch = ExtentBatch(self)
-        delta = batch.punch(ino, start, end)
-        batch.apply()
-        return delta
+        with ExtentBatch(self) as batch:
+            return batch.punch(ino, start, end)
 
     def add_extents(self, extents: Sequence[tuple[int, NewExtent]]) -> dict[int, int]:
         """Map each new extent (written by the caller) into its file (the inode number it comes
         with), in one batch: several files' extents share the passes over the trees. Returns
         each file's change in nbytes."""
-        batch = ExtentBatch(self)
         delta: dict[int, int] = {}
-        for ino, e in extents:
-            delta[ino] = delta.get(ino, 0) + batch.add_extent(ino, e)
-        batch.apply()
+        with ExtentBatch(self) as batch:
+            for ino, e in extents:
+                delta[ino] = delta.get(ino, 0) + batch.add_extent(ino, e)
         return delta
 
     def map_logged(self, ino: int, file_offset: int, fe: FileExtent, csum_items: list[tuple[tuple[int, int, int], bytes]]) -> None:
         """Log replay: one logged EXTENT_DATA item over the tree (``ExtentBatch.map_logged``)."""
-        batch = ExtentBatch(self)
-        batch.map_logged(ino, file_offset, fe, csum_items)
-        batch.apply()
+        with ExtentBatch(self) as batch:
+            batch.map_logged(ino, file_offset, fe, csum_items)
 
 
 class ExtentBatch:
@@ -147,7 +195,9 @@ class ExtentBatch:
     def __init__(self, extents: Extents) -> None:
         self.engine = extents.engine
         self.fs, self.ext, self.csum = TreeBatch(extents.fs), TreeBatch(extents.ext), TreeBatch(extents.csum)
+        self.extents = extents
         self.known = extents.known
+        self.touched: set[int] = set()  # inodes whose map this batch has changed
         self.staged_known: dict[int, tuple[KeyT, ExtentItem] | None] = {}  # this batch's changes to it (None: gone)
         self.sectors_per_csum_item = extents.sectors_per_csum_item
         self.freed: list[tuple[int, int]] = []  # data extents left without references: pinned once applied
@@ -155,9 +205,32 @@ class ExtentBatch:
         self.changed: list[tuple[int, int, tuple[FileExtent, bytes] | None]] = []
         self.new_csums: dict[int, list[tuple[tuple[int, int, int], bytes]]] = {}
 
+    def __enter__(self) -> "ExtentBatch":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """Applied if the changes were all staged; else (or if the apply fails) nothing of them
+        stays in the files' maps."""
+        if kind is not None:
+            self.forget()
+            return
+        try:
+            self.apply()
+        except BaseException:
+            self.forget()
+            raise
+
     def apply(self) -> None:
         for tree in (self.fs, self.ext, self.csum):
             tree.apply()
+        extents = self.extents
+        for ino in self.touched:
+            if not extents.maps.get(ino, True):  # emptied (a deleted file): no map kept for it
+                del extents.maps[ino]
+        self.touched.clear()
+        if extents.mapped > MAPPED_EXTENTS:
+            extents.maps.clear()
+            extents.mapped = 0
         known = self.known
         if len(known) + len(self.staged_known) > KNOWN_EXTENTS:
             known.clear()
@@ -184,6 +257,10 @@ class ExtentBatch:
         key is known present (just read) or absent (inside a mapping, or a new extent's): no
         lookup to check it, each would be another descent."""
         key = (ino, S.EXTENT_DATA, offset)
+        emap = self.extents.maps.get(ino)
+        if emap is not None:
+            self.touched.add(ino)
+            self.extents.mapped += emap.set(offset, fe)
         if fe is None:
             self.fs.drop(key)
             self.changed.append((ino, offset, None))
@@ -251,10 +328,40 @@ class ExtentBatch:
         self.engine.needs_commit.add(ino)
         return self._unmap(ino, start, end)
 
+    def _mappings(self, ino: int, start: int, end: int) -> list[Mapping]:
+        """``file_mappings`` through the batch, from the file's map (filled from the tree the
+        first time; a file whose items do not decode, or that alone would pass the bound, gets
+        none: the tree answers)."""
+        extents = self.extents
+        emap = extents.maps.get(ino)
+        if emap is None:
+            items = self.fs.items((ino, S.EXTENT_DATA, 0), (ino, S.EXTENT_DATA, (1 << 64) - 1))
+            try:
+                emap = ExtentMap((key[2], FileExtent.unpack(body)) for key, body in islice(items, MAPPED_EXTENTS))
+            except CorruptionError:
+                return file_mappings(self.fs, ino, start, end)
+            if len(emap) == MAPPED_EXTENTS:
+                return file_mappings(self.fs, ino, start, end)
+            extents.maps[ino] = emap
+            extents.mapped += len(emap)
+            self.touched.add(ino)  # filled through this batch's staged changes
+        return emap.overlapping(start, end)
+
+    def forget(self) -> None:
+        """The batch failed (or was dropped) before it applied everything: the maps of the files
+        it changed follow staged changes the trees may never see, so they go (refilled from the
+        tree on their next use)."""
+        extents = self.extents
+        for ino in self.touched:
+            emap = extents.maps.pop(ino, None)
+            if emap is not None:
+                extents.mapped -= len(emap)
+        self.touched.clear()
+
     def _unmap(self, ino: int, start: int, end: int) -> int:
         """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0)."""
         freed = 0
-        for m in file_mappings(self.fs, ino, start, end):
+        for m in self._mappings(ino, start, end):
             fe = m.extent
             ref_offset = m.file_offset - fe.offset
             keep_left, keep_right = start > m.file_offset, end < m.end

@@ -1,0 +1,176 @@
+"""The per-file extent maps (``Extents.maps``, engine/extents.py): writeback finds the items an
+overwrite replaces in the file's map, not in the fs tree, and every map stays what the fs tree
+holds -- through scattered overwrites, punches, truncates, commits, a batch that fails part way,
+log replay after a crash and random operations (tests/test_fs_model.py checks them too)."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+import blockemu
+from blockemu.engine.btree import BTree
+from blockemu.engine.extents import ExtentBatch
+from blockemu.ondisk import structs as S
+from blockemu.ondisk.items import FileExtent
+from tests.util import assert_fsck_clean
+
+MIB = 1 << 20
+PAGE = 4096
+U64 = (1 << 64) - 1
+
+
+def maps_are_the_tree(fs) -> None:
+    """Each file's map holds exactly the EXTENT_DATA items the fs tree holds for it, and the
+    count the bound is kept by is their number."""
+    ext = fs.extents
+    for ino, emap in ext.maps.items():
+        tree = [(k[2], FileExtent.unpack(v)) for k, v in fs.tree.items((ino, S.EXTENT_DATA, 0), (ino, S.EXTENT_DATA, U64))]
+        assert [(o, emap.extents[o]) for o in emap.offsets] == tree, ino
+        assert sorted(emap.extents) == emap.offsets
+    assert ext.mapped == sum(len(m) for m in ext.maps.values())
+
+
+@pytest.fixture
+async def image(tmp_path):
+    path = str(tmp_path / "fs.img")
+    await blockemu.mkfs(path, size="64M")
+    return path
+
+
+async def test_an_overwrite_finds_the_items_it_replaces_without_a_lookup_in_the_fs_tree(image, monkeypatch):
+    """Scattered overwrites of two files (fsyncs, a sync), a punch and a truncate: once a file's
+    map is filled, mapping a new extent over old ones reads no fs-tree leaf for them -- and the
+    maps are what the tree holds, before and after commits; the files read back the same after a
+    remount, fsck clean."""
+    lookups: list[tuple[int, int, int]] = []
+    real = BTree.floor_items
+
+    def counted(tree, key, *args):
+        if tree.owner == S.FS_TREE_OBJECTID:
+            lookups.append(key)
+        return real(tree, key, *args)
+
+    rng = random.Random(5)
+    want = {"/a": bytearray(os.urandom(MIB)), "/b": bytearray(os.urandom(MIB))}
+    async with blockemu.mount(image, interval=3600) as fs:
+        files = {name: await fs.open(name, "w+") for name in want}
+        for name, f in files.items():
+            for off in range(0, MIB, 64 << 10):  # 16 extents of 64 KiB each
+                await f.pwrite(want[name][off : off + (64 << 10)], off)
+                await fs.writeback.flush_inode(f.inode)
+        await fs.sync()
+        monkeypatch.setattr(BTree, "floor_items", counted)
+        for rnd in range(3):
+            for name, f in files.items():
+                for idx in rng.sample(range(MIB // PAGE), 24):
+                    page = os.urandom(PAGE)
+                    want[name][idx * PAGE : (idx + 1) * PAGE] = page
+                    await f.pwrite(page, idx * PAGE)
+            await fs.sync() if rnd == 1 else await files["/a"].fsync()
+            maps_are_the_tree(fs)
+        await files["/b"].punch_hole(8 * PAGE, 40 * PAGE)
+        want["/b"][8 * PAGE : 48 * PAGE] = bytes(40 * PAGE)
+        await files["/a"].truncate(MIB // 2)
+        del want["/a"][MIB // 2 :]
+        maps_are_the_tree(fs)
+        await fs.sync()
+        maps_are_the_tree(fs)
+        assert sorted(fs.extents.maps) == sorted(f.inode.ino for f in files.values())
+        assert lookups == []
+        for f in files.values():
+            await f.close()
+        await fs.unlink("/b")
+        maps_are_the_tree(fs)
+        assert files["/b"].inode.ino not in fs.extents.maps  # a deleted file keeps no map
+    async with blockemu.mount(image, interval=3600) as fs:
+        for name in ("/a",):
+            async with fs.open(name) as f:
+                assert await f.pread(2 * MIB, 0) == want[name]
+    assert_fsck_clean(image)
+
+
+async def test_a_batch_that_fails_part_way_leaves_the_maps_what_the_tree_holds(image, monkeypatch):
+    """A batch's staged changes reach the file's map as they are staged (later changes of the
+    batch read them); a batch that fails before it applies them -- or whose apply fails -- drops
+    the maps of the files it changed, so the next write refills them from the tree."""
+    fs = await blockemu.mount(image, interval=3600)
+    f = await fs.open("/f", "w+")
+    for off in range(0, 256 << 10, 16 << 10):
+        await f.pwrite(os.urandom(16 << 10), off)
+        await fs.writeback.flush_inode(f.inode)
+    ino = f.inode.ino
+    assert ino in fs.extents.maps
+    real = ExtentBatch._change_ref
+    calls = []
+
+    def fails_second(batch, *args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(5, "planted")
+        return real(batch, *args)
+
+    monkeypatch.setattr(ExtentBatch, "_change_ref", fails_second)
+    with pytest.raises(OSError, match="planted"):
+        fs.extents.punch(ino, 0, 64 << 10)  # four extents: fails at the second
+    assert ino not in fs.extents.maps
+    monkeypatch.undo()
+    fs.extents.punch(ino, 0, 8 << 10)  # refilled from the tree, and changed with it
+    assert ino in fs.extents.maps
+    maps_are_the_tree(fs)
+
+    real_apply = BTree.apply
+
+    def ext_apply_fails(tree, changes):
+        if tree.owner == S.EXTENT_TREE_OBJECTID:
+            raise OSError(5, "planted")
+        return real_apply(tree, changes)
+
+    monkeypatch.setattr(BTree, "apply", ext_apply_fails)
+    with pytest.raises(OSError, match="planted") as failed:
+        fs.extents.punch(ino, 16 << 10, 40 << 10)  # the fs tree's part is applied
+    monkeypatch.undo()
+    assert ino not in fs.extents.maps
+    fs.extents.punch(ino, 48 << 10, 56 << 10)
+    maps_are_the_tree(fs)  # refilled from the fs tree as the failed apply left it
+    fs.vol.abort(failed.value)  # the trees disagree now: this mount must not commit them
+    await f.close()  # nothing dirty: closing writes nothing
+    with pytest.raises(OSError):
+        await fs.unmount()  # its commit refused: EIO
+
+
+async def test_a_file_overwritten_after_log_replay_maps_over_the_replayed_items(tmp_path):
+    """Log replay maps the logged items with a view of its own; the mount's maps are filled
+    afterwards from the tree replay left, and overwrites after it land right."""
+    img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
+    await blockemu.mkfs(img, size="64M")
+    rng = random.Random(2)
+    want = bytearray(rng.randbytes(MIB))
+    async with blockemu.mount(img, interval=3600) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(want)
+        await fs.sync()
+        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        async with fs.open("/f", "r+") as f:
+            for _ in range(6):
+                off, n = rng.randrange(MIB - (64 << 10)), rng.randrange(1, 64 << 10)
+                data = rng.randbytes(n)
+                await f.pwrite(data, off)
+                want[off : off + n] = data
+                await f.fsync()
+            assert fs.vol.log_root
+            log.crash_image(crash, len(log.entries))
+    async with blockemu.mount(crash, interval=3600) as fs:
+        async with fs.open("/f", "r+") as f:
+            for idx in rng.sample(range(MIB // PAGE), 40):
+                page = rng.randbytes(PAGE)
+                want[idx * PAGE : (idx + 1) * PAGE] = page
+                await f.pwrite(page, idx * PAGE)
+            await f.fsync()
+            maps_are_the_tree(fs)
+            assert f.inode.ino in fs.extents.maps
+    async with blockemu.mount(crash) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+    assert_fsck_clean(crash)
