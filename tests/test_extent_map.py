@@ -10,6 +10,7 @@ import random
 import pytest
 
 import blockemu
+from blockemu.engine import extents as module
 from blockemu.engine.btree import BTree
 from blockemu.engine.extents import ExtentBatch
 from blockemu.ondisk import structs as S
@@ -174,3 +175,51 @@ async def test_a_file_overwritten_after_log_replay_maps_over_the_replayed_items(
         async with fs.open("/f") as f:
             assert await f.read() == want
     assert_fsck_clean(crash)
+
+
+async def test_the_maps_stay_within_their_bound(image, monkeypatch):
+    """A file with more items than the maps have room for gets none (the tree answers, and no
+    batch walks it again); maps grown past the bound are emptied. The files stay right."""
+    monkeypatch.setattr(module, "MAPPED_EXTENTS", 24)
+    rng = random.Random(9)
+    want = {"/a": bytearray(os.urandom(MIB)), "/b": bytearray(os.urandom(MIB))}
+    async with blockemu.mount(image, interval=3600) as fs:
+        for name, data in want.items():
+            async with fs.open(name, "w+") as f:
+                for off in range(0, MIB, 64 << 10):  # 16 extents each
+                    await f.pwrite(data[off : off + (64 << 10)], off)
+                    await fs.writeback.flush_inode(f.inode)
+
+    async def overwrite(name: str, pages: int) -> None:
+        for idx in rng.sample(range(MIB // PAGE), pages):
+            page = os.urandom(PAGE)
+            want[name][idx * PAGE : (idx + 1) * PAGE] = page
+            await files[name].pwrite(page, idx * PAGE)
+        await files[name].fsync()
+        maps_are_the_tree(fs)
+
+    async with blockemu.mount(image, interval=3600) as fs:
+        files = {name: await fs.open(name, "r+") for name in want}
+        ino = {name: f.inode.ino for name, f in files.items()}
+        await overwrite("/a", 1)
+        await overwrite("/b", 1)  # 16 items or more: no room left for them
+        assert list(fs.extents.maps) == [ino["/a"]] and fs.extents.unmapped == {ino["/b"]}
+        fills = []
+        real = module.ExtentMap.__init__
+
+        def counted(emap, items):
+            fills.append(emap)
+            real(emap, items)
+
+        monkeypatch.setattr(module.ExtentMap, "__init__", counted)
+        await overwrite("/b", 6)
+        await overwrite("/a", 6)  # /a grows past the bound: every map goes
+        assert fills == [] and not fs.extents.maps and not fs.extents.unmapped
+        monkeypatch.undo()
+        for f in files.values():
+            await f.close()
+    async with blockemu.mount(image, interval=3600) as fs:
+        for name, data in want.items():
+            async with fs.open(name) as f:
+                assert await f.pread(2 * MIB, 0) == data
+    assert_fsck_clean(image)

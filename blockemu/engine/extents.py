@@ -141,6 +141,7 @@ class Extents:
         # bounded: emptied when they hold more than MAPPED_EXTENTS items.
         self.maps: dict[int, ExtentMap] = {}
         self.mapped = 0  # items in ``maps``
+        self.unmapped: set[int] = set()  # files the maps had no room for (``ExtentBatch._mappings``)
 
     # ------------------------------------------------------------------ reading
 
@@ -231,6 +232,7 @@ class ExtentBatch:
         if extents.mapped > MAPPED_EXTENTS:
             extents.maps.clear()
             extents.mapped = 0
+            extents.unmapped.clear()
         known = self.known
         if len(known) + len(self.staged_known) > KNOWN_EXTENTS:
             known.clear()
@@ -330,17 +332,22 @@ class ExtentBatch:
 
     def _mappings(self, ino: int, start: int, end: int) -> list[Mapping]:
         """``file_mappings`` through the batch, from the file's map (filled from the tree the
-        first time; a file whose items do not decode, or that alone would pass the bound, gets
-        none: the tree answers)."""
+        first time). A file with more items than the maps have room for, or whose items cannot
+        be read, gets none until the maps are emptied: the tree answers, as it did before maps
+        (a fill that failed each time would walk the file each time)."""
         extents = self.extents
         emap = extents.maps.get(ino)
         if emap is None:
+            if ino in extents.unmapped:
+                return file_mappings(self.fs, ino, start, end)
+            room = max(MAPPED_EXTENTS - extents.mapped, 0)
             items = self.fs.items((ino, S.EXTENT_DATA, 0), (ino, S.EXTENT_DATA, (1 << 64) - 1))
             try:
-                emap = ExtentMap((key[2], FileExtent.unpack(body)) for key, body in islice(items, MAPPED_EXTENTS))
-            except CorruptionError:
-                return file_mappings(self.fs, ino, start, end)
-            if len(emap) == MAPPED_EXTENTS:
+                emap = ExtentMap((key[2], FileExtent.unpack(body)) for key, body in islice(items, room + 1))
+            except OSError:  # a block or an item that does not read: only a write over it fails
+                emap = None
+            if emap is None or len(emap) > room:
+                extents.unmapped.add(ino)
                 return file_mappings(self.fs, ino, start, end)
             extents.maps[ino] = emap
             extents.mapped += len(emap)
@@ -358,14 +365,20 @@ class ExtentBatch:
                 extents.mapped -= len(emap)
         self.touched.clear()
 
-    def _unmap(self, ino: int, start: int, end: int) -> int:
-        """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0)."""
+    def _unmap(self, ino: int, start: int, end: int, *, refill: bool = False) -> int:
+        """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0).
+        ``refill``: the caller maps the range anew, its item at ``start`` -- an item starting
+        there is left for that one to replace, not dropped first (an overwrite of whole extents
+        would stage the key twice and take it out of the file's map only to put it back)."""
         freed = 0
         for m in self._mappings(ino, start, end):
             fe = m.extent
             ref_offset = m.file_offset - fe.offset
             keep_left, keep_right = start > m.file_offset, end < m.end
-            self._set(ino, m.file_offset, fe._replace(num_bytes=start - m.file_offset) if keep_left else None)
+            if keep_left:
+                self._set(ino, m.file_offset, fe._replace(num_bytes=start - m.file_offset))
+            elif not refill or m.file_offset != start:
+                self._set(ino, m.file_offset, None)
             if keep_right:
                 cut = end - m.file_offset
                 self._set(ino, end, fe._replace(offset=fe.offset + cut, num_bytes=m.length - cut))
@@ -379,7 +392,7 @@ class ExtentBatch:
     def add_extent(self, ino: int, new: NewExtent) -> int:
         """Map [file_offset, +length) to the new extent; returns the change in nbytes."""
         file_offset, bytenr, length = new.file_offset, new.bytenr, new.length
-        delta = self._unmap(ino, file_offset, file_offset + length)
+        delta = self._unmap(ino, file_offset, file_offset + length, refill=True)
         fe = FileExtent(self.engine.transid, new.ram_bytes, 0, S.ENCRYPTION_FSCRYPT if new.context else S.ENCRYPTION_NONE,
                         0, S.FILE_EXTENT_REG, bytenr, length, 0, length, new.context)
         self._set(ino, file_offset, fe)
@@ -400,7 +413,7 @@ class ExtentBatch:
         the tree holds -- trimmed or dropped as the overwrite did. The extent is this log's own
         (new since the last commit): the first item naming it creates its EXTENT_ITEM and
         checksums (``csum_items``), the others (pieces of it split by later writes) add references."""
-        self._unmap(ino, file_offset, file_offset + fe.num_bytes)
+        self._unmap(ino, file_offset, file_offset + fe.num_bytes, refill=True)
         self._set(ino, file_offset, fe)
         ref_offset = file_offset - fe.offset
         if self.ext.first_at_or_after((fe.disk_bytenr, S.EXTENT_ITEM, 0), (fe.disk_bytenr, S.EXTENT_ITEM, (1 << 64) - 1)):
