@@ -446,27 +446,33 @@ async def test_a_file_unlinked_while_a_sync_writes_it_is_deleted_by_this_mount(i
     await files_read_back(image, files)
 
 
-async def test_an_overwrite_finds_the_extent_item_it_changes_without_a_lookup(image, monkeypatch):
+async def test_an_overwrite_finds_the_items_it_changes_without_a_lookup(image, monkeypatch):
     """The EXTENT_ITEMs of the extents writeback made are known to the filesystem's extent view
-    (``Extents.known``): overwriting pages of them, in two files, by scattered writes, a punch
-    and a truncate, changes their references with no lookup in the extent tree -- and what the
-    view knows is what the tree holds, before and after a commit; the files read back the same
-    after a remount, fsck clean."""
+    (``Extents.known``), and each file's EXTENT_DATA items are in its extent map
+    (``Extents.maps``): overwriting pages of them, in two files, by scattered writes, a punch
+    and a truncate, finds the items it replaces and changes their references with no lookup in
+    the extent tree or the fs tree -- and what the view knows is what the trees hold, before and
+    after a commit; a deleted file's map goes; the files read back the same after a remount,
+    fsck clean."""
     from blockemu.engine.batch import TreeBatch
     from blockemu.ondisk.items import ExtentItem
+    from tests.test_extent_map import maps_are_the_tree
 
-    lookups: list[int] = []
-    real = TreeBatch.first_at_or_after
+    lookups: list[tuple[int, int, int]] = []
+    first_at_or_after, floor_items = TreeBatch.first_at_or_after, TreeBatch.floor_items
 
-    def counted(batch, key, *args):
-        if batch.tree.owner == S.EXTENT_TREE_OBJECTID:
-            lookups.append(key[0])
-        return real(batch, key, *args)
+    def counted(real, tree):
+        def lookup(batch, key, *args):
+            if batch.tree.owner == tree:
+                lookups.append(key)
+            return real(batch, key, *args)
+        return lookup
 
     def known_is_the_tree(fs):
         ext = fs.vol.engine.trees[S.EXTENT_TREE_OBJECTID]
         for bytenr, (key, item) in fs.extents.known.items():
             assert ExtentItem.unpack(ext[key]) == item
+        maps_are_the_tree(fs)
 
     rng = random.Random(3)
     want = {"/a": bytearray(os.urandom(MIB)), "/b": bytearray(os.urandom(MIB))}
@@ -477,7 +483,8 @@ async def test_an_overwrite_finds_the_extent_item_it_changes_without_a_lookup(im
                 await f.pwrite(want[name][off : off + (64 << 10)], off)
                 await fs.writeback.flush_inode(f.inode)
         await fs.sync()
-        monkeypatch.setattr(TreeBatch, "first_at_or_after", counted)
+        monkeypatch.setattr(TreeBatch, "first_at_or_after", counted(first_at_or_after, S.EXTENT_TREE_OBJECTID))
+        monkeypatch.setattr(TreeBatch, "floor_items", counted(floor_items, S.FS_TREE_OBJECTID))
         for rnd in range(3):
             for name, f in files.items():
                 for idx in rng.sample(range(MIB // PAGE), 24):
@@ -494,8 +501,14 @@ async def test_an_overwrite_finds_the_extent_item_it_changes_without_a_lookup(im
         await fs.sync()
         known_is_the_tree(fs)
         assert lookups == []
+        assert sorted(fs.extents.maps) == sorted(f.inode.ino for f in files.values())
         for f in files.values():
             await f.close()
+        b = files["/b"].inode.ino
+        await fs.unlink("/b")
+        del want["/b"]
+        assert b not in fs.extents.maps  # a deleted file keeps no map
+        known_is_the_tree(fs)
     async with blockemu.mount(image, interval=3600) as fs:
         for name, data in want.items():
             async with fs.open(name) as f:

@@ -1,7 +1,8 @@
-"""The per-file extent maps (``Extents.maps``, engine/extents.py): writeback finds the items an
-overwrite replaces in the file's map, not in the fs tree, and every map stays what the fs tree
-holds -- through scattered overwrites, punches, truncates, commits, a batch that fails part way,
-log replay after a crash and random operations (tests/test_fs_model.py checks them too)."""
+"""The per-file extent maps (``Extents.maps``, engine/extents.py): every map stays what the fs
+tree holds -- through a batch that fails part way, log replay after a crash and the bound on
+their size. tests/test_batch.py checks that an overwrite finds the items it replaces in them,
+with no lookup in the fs tree, through scattered overwrites, punches, truncates and commits;
+tests/test_fs_model.py checks them after every one of its random operations."""
 from __future__ import annotations
 
 import os
@@ -38,58 +39,6 @@ async def image(tmp_path):
     path = str(tmp_path / "fs.img")
     await blockemu.mkfs(path, size="64M")
     return path
-
-
-async def test_an_overwrite_finds_the_items_it_replaces_without_a_lookup_in_the_fs_tree(image, monkeypatch):
-    """Scattered overwrites of two files (fsyncs, a sync), a punch and a truncate: once a file's
-    map is filled, mapping a new extent over old ones reads no fs-tree leaf for them -- and the
-    maps are what the tree holds, before and after commits; the files read back the same after a
-    remount, fsck clean."""
-    lookups: list[tuple[int, int, int]] = []
-    real = BTree.floor_items
-
-    def counted(tree, key, *args):
-        if tree.owner == S.FS_TREE_OBJECTID:
-            lookups.append(key)
-        return real(tree, key, *args)
-
-    rng = random.Random(5)
-    want = {"/a": bytearray(os.urandom(MIB)), "/b": bytearray(os.urandom(MIB))}
-    async with blockemu.mount(image, interval=3600) as fs:
-        files = {name: await fs.open(name, "w+") for name in want}
-        for name, f in files.items():
-            for off in range(0, MIB, 64 << 10):  # 16 extents of 64 KiB each
-                await f.pwrite(want[name][off : off + (64 << 10)], off)
-                await fs.writeback.flush_inode(f.inode)
-        await fs.sync()
-        monkeypatch.setattr(BTree, "floor_items", counted)
-        for rnd in range(3):
-            for name, f in files.items():
-                for idx in rng.sample(range(MIB // PAGE), 24):
-                    page = os.urandom(PAGE)
-                    want[name][idx * PAGE : (idx + 1) * PAGE] = page
-                    await f.pwrite(page, idx * PAGE)
-            await fs.sync() if rnd == 1 else await files["/a"].fsync()
-            maps_are_the_tree(fs)
-        await files["/b"].punch_hole(8 * PAGE, 40 * PAGE)
-        want["/b"][8 * PAGE : 48 * PAGE] = bytes(40 * PAGE)
-        await files["/a"].truncate(MIB // 2)
-        del want["/a"][MIB // 2 :]
-        maps_are_the_tree(fs)
-        await fs.sync()
-        maps_are_the_tree(fs)
-        assert sorted(fs.extents.maps) == sorted(f.inode.ino for f in files.values())
-        assert lookups == []
-        for f in files.values():
-            await f.close()
-        await fs.unlink("/b")
-        maps_are_the_tree(fs)
-        assert files["/b"].inode.ino not in fs.extents.maps  # a deleted file keeps no map
-    async with blockemu.mount(image, interval=3600) as fs:
-        for name in ("/a",):
-            async with fs.open(name) as f:
-                assert await f.pread(2 * MIB, 0) == want[name]
-    assert_fsck_clean(image)
 
 
 async def test_a_batch_that_fails_part_way_leaves_the_maps_what_the_tree_holds(image, monkeypatch):
