@@ -77,9 +77,9 @@ def file_mappings(fs: BTree | TreeBatch, ino: int, start: int, end: int) -> list
 class ExtentMap:
     """One file's EXTENT_DATA items in memory, as the fs tree holds them (btrfs's extent_map tree):
     the offsets in order, and the extent at each. Writeback maps each new extent over the ones
-    it replaces, and finding those in the fs tree was a descent to a leaf nothing else had
-    touched since the last fsync -- the costliest lookup of mapping a small extent (the leaf's
-    key tuples, cold in the CPU's caches); here it is a bisection of the file's offsets."""
+    it replaces: finding those in the fs tree was a descent and a decode of the items, per
+    extent; here it is a bisection of the file's offsets. (The apply still visits that leaf to
+    change the item, and now pays the first touch of it the lookup used to pay: DESIGN §5.)"""
 
     __slots__ = ("offsets", "extents")
 
@@ -227,6 +227,7 @@ class ExtentBatch:
         extents = self.extents
         for ino in self.touched:
             if not extents.maps.get(ino, True):  # emptied (a deleted file): no map kept for it
+                # (a file emptied and written again is refilled: an empty walk)
                 del extents.maps[ino]
         self.touched.clear()
         if extents.mapped > MAPPED_EXTENTS:
