@@ -52,10 +52,12 @@ class Task:
         self.tainted: set[str] = set()  # paths an injected fault left in an unknown state
         self.version: dict[str, int] = {}  # bumped whenever a path is about to change
         self.busy: set[str] = set()  # paths the operation in progress is changing
-        self.pool = rng.randbytes(POOL_WRITES * 20_000 * scale)
+        self.pool = memoryview(rng.randbytes(POOL_WRITES * 20_000 * scale))
 
-    def _data(self, n: int) -> bytes:
-        """``n`` bytes of seeded random data: a slice of the task's pool at a random offset."""
+    def _data(self, n: int) -> memoryview:
+        """``n`` bytes of seeded random data: a view of the task's (immutable) pool at a random
+        offset. A view, not a copy: a fresh ``bytes`` of up to 192 KiB per write was faulted in
+        page by page, ~2 % of the production mix's event-loop time."""
         off = self.rng.randrange(len(self.pool) - n + 1)
         return self.pool[off : off + n]
 
@@ -120,8 +122,9 @@ class Task:
             size = rng.randrange(0, len(files[p]) + 4096 * scale)
             async with fs.open(p, "r+") as f:
                 await f.truncate(size)
-            m = files[p]
-            files[p] = m[:size] + bytearray(max(0, size - len(m)))
+            m = files[p]  # in place, as a write changes it (``_changing`` dropped the ledger's entry)
+            del m[size:]
+            m.extend(bytes(size - len(m)))
         elif op == "read":
             p = rng.choice(list(files))
             async with fs.open(p, "r") as f:
