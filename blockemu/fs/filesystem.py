@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
 from blockemu.crypto import fscrypt
+from blockemu.crypto.extentkeys import ExtentKeys
 from blockemu.crypto.keyring import Keyring, KeyStatus, RemovalResult, Step, parse_identifier
 from blockemu.device.faultplan import FaultPlan
 from blockemu.engine.alloc import no_space
@@ -181,6 +182,8 @@ class Filesystem:
         self.encrypted_names = bool(vol.sb.incompat_flags & S.INCOMPAT_ENCRYPTED_NAMES)
         self.mounted = True
         keyring.on_wipe.append(self._forget_names_keys)
+        self.extent_keys = ExtentKeys()  # derived secrets kept: see crypto/extentkeys.py
+        keyring.on_wipe.append(self.extent_keys.forget)
 
     @property
     def tree(self):
@@ -1289,17 +1292,18 @@ class Filesystem:
         secret = self.keyring.secret_for(inode.key_id, inode.ino) if inode.key_id is not None else None
         if secret is None or ctx.key_identifier != inode.key_id:
             raise NoKeyError("Required key not available")
-        key = fscrypt.extent_key(secret, ctx.nonce)
+        key = self.extent_keys.get(secret, inode.key_id, ctx.nonce)
+        unit = (m.extent.offset + s - m.file_offset) // PAGE
+        if e - s <= 256 << 10:
+            return fscrypt.decrypt_units(key, data, unit)  # no await: no removal wipes the key meanwhile
+        key = bytearray(key)  # the thread's own copy: a removal while it runs wipes the cache's
         try:
-            unit = (m.extent.offset + s - m.file_offset) // PAGE
-            if e - s > 256 << 10:
-                job = asyncio.ensure_future(asyncio.to_thread(fscrypt.decrypt_units, key, data, unit))
-                try:
-                    return await asyncio.shield(job)
-                except asyncio.CancelledError:  # the thread goes on: wipe what it decrypts
-                    job.add_done_callback(lambda j: j.cancelled() or j.exception() or fscrypt.wipe(j.result()))
-                    raise
-            return fscrypt.decrypt_units(key, data, unit)
+            job = asyncio.ensure_future(asyncio.to_thread(fscrypt.decrypt_units, key, data, unit))
+            try:
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:  # the thread goes on: wipe what it decrypts
+                job.add_done_callback(lambda j: j.cancelled() or j.exception() or fscrypt.wipe(j.result()))
+                raise
         finally:
             fscrypt.wipe(key)
 
