@@ -1283,8 +1283,9 @@ class Filesystem:
             return None
         ctype, size = self.vol.sb.csum_type, self.extents.csum_size
         wants = self.extents.sector_csums(disk, e - s)
+        sectors = memoryview(data)  # sector by sector with no copy of each
         for k, off in enumerate(range(0, e - s, PAGE)):
-            if csums.digest(ctype, data[off : off + PAGE]) != wants[k * size : (k + 1) * size]:
+            if csums.digest(ctype, sectors[off : off + PAGE]) != wants[k * size : (k + 1) * size]:
                 raise DeviceIOError(f"inode {inode.ino}: checksum mismatch at file offset {s + off} (disk {disk + off})")
         ctx = m.extent.context
         if ctx is None:
