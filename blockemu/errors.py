@@ -28,6 +28,13 @@ class BlockemuError(OSError):
         return self.message
 
 
+def restate(err: OSError, text: str) -> OSError:
+    """A fresh error of ``err``'s class and errno saying ``text``: writeback reports one dropped
+    run's error to several callers (the file's fsync or close, a sync), each with its own words,
+    and a raised exception must not be shared between them (its traceback grows with each raise)."""
+    return type(err)(text) if isinstance(err, BlockemuError) else OSError(err.errno, text)
+
+
 class CorruptionError(BlockemuError):
     """The image contradicts its own format (EUCLEAN, as the kernel's tree-checker).
 

@@ -16,7 +16,7 @@ from blockemu.device.image import ImageFile
 from blockemu.engine.extents import ExtentBatch
 from blockemu.engine.transaction import Engine
 from blockemu.ondisk import structs as S
-from tests.util import KEY, KID, ErrnoCheck, encrypted_dir
+from tests.util import KEY, KID, ErrnoCheck, Gate, encrypted_dir
 
 
 @pytest.fixture
@@ -308,6 +308,60 @@ async def test_fsync_reports_an_io_error_once(image):
             assert f.inode.lost_bytes == 4096
             assert await f.pread(8192, 0) == b"1" * 4096 + bytes(4096)  # the lost page is a hole, not stale
     assert check(image).clean
+
+
+async def test_sync_reports_a_writeback_error_once_and_the_files_fsync_still_does(image):
+    """syncfs(2) since Linux 5.8: the sync whose writeback dropped data raises its error (it
+    returned success, and the error waited on the inode for a close that might never come), a
+    sync after it with nothing new fails succeeds, and the file's own fsync reports it too, once."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        f = await fs.open("/x", "w+")
+        await f.write(b"1" * 4096)
+        await f.fsync()
+        nxt = fs.vol.engine.allocator.cursor  # where the next data extent goes
+        fs.vol.device.faults = FaultPlan(eio=[(nxt, nxt + 4096, "w")])
+        await f.write(b"2" * 4096)
+        with ErrnoCheck(errno.EIO):
+            await fs.sync()
+        fs.vol.device.faults = FaultPlan()
+        await fs.sync()  # reported once; nothing new failed
+        with ErrnoCheck(errno.EIO):
+            await f.fsync()  # the file's own report is its own
+        await f.fsync()
+        await f.close()
+    assert check(image).clean
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/x") as f:
+            assert await f.read() == b"1" * 4096  # the lost write never reached the disk
+
+
+async def test_two_syncs_running_when_writeback_fails_both_report_it(image, monkeypatch):
+    """Each sync reports what failed since the last report: one sync taking the error must not
+    let another running beside it return success over the same loss (a stress oracle would
+    count the lost data durable). The first sync is held at its commit, its writeback already
+    failed, while the second starts; both raise, and a third, after them, does not."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/x", "w") as f:
+            await f.write(b"1" * 4096)
+        await fs.sync()
+        nxt = fs.vol.engine.allocator.cursor
+        fs.vol.device.faults = FaultPlan(eio=[(nxt, nxt + 4096, "w")])
+        async with fs.open("/x", "r+") as f:
+            await f.write(b"2" * 4096)
+            gate = Gate(fs.vol.commit)
+            monkeypatch.setattr(fs.vol, "commit", gate)
+            first = asyncio.ensure_future(fs.sync())
+            await gate.entered.wait()
+            fs.vol.device.faults = FaultPlan()
+            second = asyncio.ensure_future(fs.sync())
+            await asyncio.sleep(0)  # let it begin: it waits for nothing the gate holds
+            gate.release.set()
+            results = await asyncio.gather(first, second, return_exceptions=True)
+            assert [getattr(r, "errno", None) for r in results] == [errno.EIO, errno.EIO], results
+            await fs.sync()
+            with ErrnoCheck(errno.EIO):
+                await f.close()
+        assert not fs.writeback.errseq.noted  # nothing kept once every sync has seen it
 
 
 async def test_checksum_mismatch_reads_as_eio(image):

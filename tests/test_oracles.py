@@ -13,6 +13,8 @@ import pytest
 
 import blockemu
 from blockemu.crypto import sealer
+from blockemu.device.faultplan import FaultPlan
+from blockemu.errors import DeviceIOError
 from blockemu.fs.pagecache import PAGE, Run
 from blockemu.fs.writeback import Writeback
 from blockemu.workload.crash import CampaignResult, ace_workload, check_states, record, run_ace
@@ -166,6 +168,33 @@ async def test_a_sync_records_no_path_whose_write_is_still_in_flight(tmp_path, m
         assert path not in result.durable or result.durable[path] == bytes(b.files[path])
 
 
+async def test_a_sync_whose_writeback_lost_data_records_nothing_in_the_ledger(tmp_path):
+    """A sync that raises acknowledged nothing: the stress ledger must not take the files it
+    wrote back as durable. Before sync reported writeback errors (syncfs semantics) it
+    returned success after another task's acknowledged write was dropped with EIO, and the
+    ledger recorded that file's model -- data the disk never got."""
+    img = str(tmp_path / "l.img")
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img, interval=3600) as fs:
+        result = MixResult()
+        a, b = (Task(fs, f"/t{i}", random.Random(i), result) for i in range(2))
+        result.tasks = [a, b]
+        for t in (a, b):
+            await fs.mkdir(t.root)
+        await fs.sync()
+        await b.step("create")  # acknowledged, still dirty
+        (path,) = b.files
+        assert b.files[path]
+        nxt = fs.vol.engine.allocator.cursor  # where its extent goes: only that write fails
+        fs.vol.device.faults = FaultPlan(eio=[(nxt, nxt + len(b.files[path]), "w")])
+        await a.step("sync")
+        fs.vol.device.faults = FaultPlan()
+        assert len(result.errors) == 1 and result.errors[0].startswith("sync: ")
+        assert path not in result.durable
+        await b.step("read")  # the file's own close reports the loss too, and taints it
+        assert len(result.errors) == 2 and path in b.tainted
+
+
 def test_compare_modes_table_hard_loses_reported_soft_loses_nothing(tmp_path):
     out = run("stress", str(tmp_path / "race.img"), "--scenario", "key-removal-race", "--compare-modes",
               "--schedule", "seeded", "--ops", "800", "--seed", "5", "--force").stdout
@@ -202,6 +231,22 @@ async def test_run_mix_jobs_are_checked_from_disk(tmp_path, monkeypatch):
     report = await run_workload(str(job), image=str(tmp_path / "m.img"), seed=2)
     assert report.fsck_clean and not report.ok
     assert any("on disk" in f for f in report.failures), report.failures
+
+
+async def test_run_mix_jobs_report_the_operations_an_io_error_refused(tmp_path, monkeypatch):
+    """A mix job's operations that failed with EIO (a sync or close reporting writeback that
+    lost data) are counted in its report, not swallowed: the job's line said nothing of them."""
+    async def fails(self, *args, **kw):
+        raise DeviceIOError("planted write error")
+
+    monkeypatch.setattr(Writeback, "_write_run", fails)
+    monkeypatch.setattr(Writeback, "_write_batch", fails)
+    job = tmp_path / "m.fio"
+    job.write_text("[m]\nkind=mix\nnumjobs=1\nnops=30\n")
+    report = await run_workload(str(job), image=str(tmp_path / "m.img"), seed=2)
+    (mix,) = [j for j in report.jobs if j["kind"] == "mix"]
+    assert mix["io_errors"] > 0
+    assert f"io_errors={mix['io_errors']}" in "\n".join(report.text("normal"))
 
 
 # ------------------------------------------------------------------ the production write path

@@ -30,7 +30,6 @@ from blockemu.engine.alloc import no_space
 from blockemu.engine.extents import Extents
 from blockemu.errors import (
     BadFile,
-    BlockemuError,
     Busy,
     CorruptionError,
     CrossDevice,
@@ -49,6 +48,7 @@ from blockemu.errors import (
     ReadOnlyError,
     SymlinkLoop,
     TooManyLinks,
+    restate,
 )
 from blockemu.fs.pagecache import PAGE, Page, Pages
 from blockemu.fs.volume import Volume
@@ -1088,7 +1088,7 @@ class Filesystem:
         once, without yielding to the loop."""
         if self.room_for(n, runs):
             return
-        await self.sync()
+        await self.write_out()
         self.require_room(n, runs)
 
     def promised_blocks(self) -> int:
@@ -1112,7 +1112,7 @@ class Filesystem:
         written back and committed first (``make_room``'s sync), so the operation fails with
         ENOSPC only when the disk is full of what is written."""
         if not self.vol.engine.meta_room(self.promised_blocks()):
-            await self.sync()
+            await self.write_out()
         async with self.vol.join():
             yield
 
@@ -1309,6 +1309,22 @@ class Filesystem:
             fscrypt.wipe(key)
 
     async def sync(self) -> None:
+        """syncfs(2): write back every dirty file and commit, then raise the first writeback
+        error noted since the last sync reported one (``errseq``) -- a sync that returns lost
+        nothing acknowledged. The file's own fsync or close reports it too, as in Linux. The
+        error is taken even when the commit fails (whose error is then the one raised)."""
+        since = self.writeback.errseq.begin()
+        try:
+            await self.write_out()
+        finally:
+            err = self.writeback.errseq.end(since)
+        if err is not None:
+            raise err
+
+    async def write_out(self) -> None:
+        """Write back every dirty file and commit, reporting no writeback error: what a sync
+        does for its callers inside the filesystem (room for a write, a directory's fsync),
+        which must neither fail for another file's lost data nor take its report from a sync."""
         await self.writeback.flush_all()
         await self.vol.commit()
 
@@ -1337,8 +1353,7 @@ def report_writeback_error(inode: Inode) -> None:
         return
     lost, inode.reported_lost = inode.lost_bytes - inode.reported_lost, inode.lost_bytes
     # a fresh error per report: several inodes may have recorded the same one
-    text = f"{err} (writeback of inode {inode.ino} failed: {lost} bytes lost)"
-    report = type(err)(text) if isinstance(err, BlockemuError) else OSError(err.errno, text)
+    report = restate(err, f"{err} (writeback of inode {inode.ino} failed: {lost} bytes lost)")
     report.lost_bytes = lost  # type: ignore[attr-defined]
     raise report from err
 

@@ -12,7 +12,8 @@ in the running transaction is still pinned commits first to reclaim it; a run
 longer than the largest free extent is split, each piece its own extent with its
 own nonce (as btrfs does). A run that cannot be written (ENOKEY, EIO, ENOSPC) is
 dropped and its error recorded on the inode, to be raised by the next fsync or
-close: an acknowledged write is never lost silently.
+close, and on the mount, to be raised by the next sync (``errseq``): an acknowledged
+write is never lost silently.
 
 The background task is supervised: whatever a run raises, its pages are never
 marked clean without the loss recorded; an exception that is not an OSError
@@ -35,6 +36,7 @@ from blockemu.crypto.keyring import Keyring
 from blockemu.crypto.sealer import DEPTH, TIMEOUT, RunKey, Sealer, worker_count
 from blockemu.engine.extents import Extents, NewExtent
 from blockemu.errors import DeviceIOError, NoKeyError, NoSpaceError
+from blockemu.fs.errseq import ErrSeq
 from blockemu.fs.pagecache import PAGE, PageCache, Pages, Run
 from blockemu.fs.volume import Volume, outlast_cancellation
 from blockemu.ondisk import structs as S
@@ -172,6 +174,7 @@ class Writeback:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.stats = {"extents": 0, "bytes": 0, "lost_bytes": 0, "errors": 0}
+        self.errseq = ErrSeq()  # what ``sync`` reports: every drop is noted there as on its inode
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="blockemu-writeback")
@@ -436,6 +439,7 @@ class Writeback:
         lost = len(run.entries) * PAGE
         inode.wb_error = inode.wb_error or err
         inode.lost_bytes += lost
+        self.errseq.note(inode.ino, err, lost)
         self.stats["lost_bytes"] += lost
         self.stats["errors"] += 1
 

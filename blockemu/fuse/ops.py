@@ -288,8 +288,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        """A directory's entries are durable at the next commit; fsync of the directory makes one."""
-        await self.fs.sync()
+        """A directory's entries are durable at the next commit; fsync of the directory makes one.
+        It reports no other file's writeback error (``write_out``, not ``sync``): Linux's fsync
+        of a directory checks the directory's own errors, not the filesystem's as syncfs does."""
+        await self.fs.write_out()
 
     # ------------------------------------------------------------------ the rest
 

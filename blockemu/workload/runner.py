@@ -260,7 +260,11 @@ class Runner:
                 mix = await run_mix(self.fs, root=await fresh_dir(self.fs, f"{self.directory}/{job.name}"), tasks=job.get("numjobs", 1),
                                     nops=job.get("nops", 200), ops=job.get("ops"), seed=seed)
                 self.report.jobs.append({"jobname": job.name, "kind": "mix", "ops": mix.ops, "by_op": mix.by_op,
-                                         "acknowledged_writes": mix.acknowledged_writes, "divergent": mix.divergent})
+                                         "acknowledged_writes": mix.acknowledged_writes,
+                                         # operations a failed I/O or a full image refused (a sync
+                                         # reporting lost writeback among them): counted, not swallowed
+                                         "io_errors": len(mix.errors), "refused_out_of_space": len(mix.no_space),
+                                         "divergent": mix.divergent})
                 self.mixes.append((job.name, mix))
             elif kind == "keyrace":
                 mode = job.get("key_removal", self.jf.globals.get("key_removal", "soft"))
