@@ -10,8 +10,10 @@ import pytest
 import blockemu
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
-from blockemu.workload.crash import (CampaignResult, Recorder, ace_workload, ace_workloads, check_states, record,
-                                     run_ace, snapshot)
+from blockemu.ondisk.structs import SUPER_OFFSETS
+from blockemu.workload import crash
+from blockemu.workload.crash import (MIRRORED_SIZE, CampaignResult, Recorder, ace_workload, ace_workloads, check_sample,
+                                     check_states, record, run_ace, snapshot)
 from blockemu.workload.writepath import FAST, PRODUCTION
 from tests.util import Gate
 
@@ -165,3 +167,44 @@ async def test_a_crash_while_a_commit_is_written_and_the_next_transaction_runs(t
     result = CampaignResult()
     await check_states(log, models, str(tmp_path / "crash.img"), random.Random(4), 4, "in-flight", result, write_path)
     assert result.states > 30 and not result.failures, result.failures[:3]
+
+
+@pytest.mark.parametrize("write_path", [FAST, PRODUCTION], ids=lambda p: p.name)
+async def test_crash_states_of_an_image_with_a_superblock_mirror(tmp_path, write_path):
+    """The campaigns' 64 MiB images have no mirror, so a cut during a commit's mirror write was
+    never checked. On an image with one, every crash state around each commit -- the mirror
+    landed, not landed, or torn inside its sector beside the new primary -- opens to the last
+    durable state, fsck-clean."""
+    seq = (("write", "/A/foo"), ("rename", "/A/foo", "/B/foo"), ("creat", "/A/foo"))
+    log, models = await record(ace_workload(seq, 5), str(tmp_path / "w.img"), str(tmp_path / "base.img"),
+                               write_path=write_path, size=MIRRORED_SIZE)
+    mirror = SUPER_OFFSETS[1]
+    assert sum(e.offset == mirror for e in log.entries if e.kind == "write") >= 3  # every commit writes it
+    states = list(log.crash_states(random.Random(6), subsets=2))
+    tears = [st for st in states if st.split]
+    assert len(tears) >= 6 and all(log.entries[s].offset == mirror for st in tears for s in st.split)
+    result = CampaignResult()
+    await check_sample(log, models, str(tmp_path / "crash.img"), states, result, "mirror", write_path)
+    assert result.states == len(states) and not result.failures, result.failures[:3]
+
+
+def test_a_share_of_the_campaign_runs_on_images_with_a_mirror(monkeypatch):
+    """The campaign (``blockemu crash``) records every 4th workload on an image with a
+    superblock mirror, chosen by the workload's index (not by shard), and checks its tears."""
+    sizes, splits = {}, []
+    real_record, real_sample = crash.record, crash.check_sample
+
+    async def spy_record(workload, image, base, **kw):
+        sizes[len(sizes)] = kw["size"]
+        return await real_record(workload, image, base, **kw)
+
+    async def spy_sample(log, models, work, states, *args, **kw):
+        splits.extend(st for st in states if st.split)
+        return await real_sample(log, models, work, states, *args, **kw)
+
+    monkeypatch.setattr(crash, "record", spy_record)
+    monkeypatch.setattr(crash, "check_sample", spy_sample)
+    out = crash._crash_shard((1, 0, 1, False, None, "fast", 2, 6))
+    assert out["units"] == 4 and not out["failures"], out["failures"][:3]
+    assert [sizes[k] for k in sorted(sizes)] == ["64M", MIRRORED_SIZE, "64M", "64M"]  # workload 3 of 2..5
+    assert splits

@@ -134,7 +134,13 @@ class Checker:
             self.error("SUPERBLOCK", f"primary superblock: {primary.error}; using a mirror", bytenr=primary.offset)
         for copy in self.img.supers[1:]:
             if copy.error is not None and copy.raw[0x40:0x48] == S.MAGIC:
-                self.error("SUPERBLOCK", f"superblock mirror: {copy.error}", bytenr=copy.offset)
+                if primary.error is None:
+                    # what a cut during a commit's mirror write leaves (SPEC "Which copy wins"):
+                    # nothing reads a mirror beside a valid primary, and the next commit rewrites it
+                    self.report.notes.append(f"superblock mirror at {copy.offset}: {copy.error} (as a crash during "
+                                             f"a commit's mirror write leaves it; the next commit rewrites it)")
+                else:
+                    self.error("SUPERBLOCK", f"superblock mirror: {copy.error}", bytenr=copy.offset)
         if short := truncated(sb, self.img.size):
             self.error("SUPERBLOCK", short)
         backup = sb.backup_roots[sb.generation % S.NUM_BACKUP_ROOTS]

@@ -14,7 +14,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
+from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
+
 SECTOR = 4096
+TEAR = 512  # the device's logical sector: a power cut may land part of a 4 KiB write, as of a superblock
 Kind = Literal["write", "fua", "flush", "discard", "mark"]
 
 
@@ -54,10 +57,12 @@ class CrashState:
     upto: int
     keep: tuple[int, ...] = ()
     torn: dict[int, list[int]] = field(default_factory=dict)
+    split: dict[int, tuple[int, int]] = field(default_factory=dict)  # a kept write's bytes [a, b) only
 
     def __str__(self) -> str:
         torn = f" torn={self.torn}" if self.torn else ""
-        return f"upto={self.upto} keep={list(self.keep)}{torn}"
+        split = f" split={self.split}" if self.split else ""
+        return f"upto={self.upto} keep={list(self.keep)}{torn}{split}"
 
 
 @dataclass
@@ -95,7 +100,8 @@ class WriteLog:
     def crash_states(self, rng: random.Random, subsets: int = 4) -> Iterable[CrashState]:
         """Crash states worth checking, CrashMonkey-style: just before and just after every
         flush and FUA write (and at the end of the log), with the in-doubt writes none kept,
-        all kept, each alone, and ``subsets`` random subsets with random torn writes."""
+        all kept, each alone, and ``subsets`` random subsets with random torn writes; and each
+        superblock mirror write in doubt torn inside its one sector (``mirror_tears``)."""
         after = self.boundaries()
         points = sorted({len(self.entries), *after, *(p - 1 for p in after)})
         for upto in points:
@@ -105,6 +111,7 @@ class WriteLog:
             if not seqs:
                 continue
             yield CrashState(upto, tuple(seqs))
+            yield from mirror_tears(upto, doubt)
             if len(seqs) > 1:
                 yield from (CrashState(upto, (s,)) for s in seqs[:16])
             for _ in range(subsets):
@@ -122,12 +129,15 @@ class WriteLog:
         upto: int,
         keep: Iterable[int] = (),
         torn: dict[int, list[int]] | None = None,
+        split: dict[int, tuple[int, int]] | None = None,
     ) -> None:
         """Write to ``dest`` the image after a power cut once ``upto`` entries had completed.
 
         ``keep``: sequence numbers of in-doubt writes that reached the media anyway.
         ``torn``: for a kept write, which of its sectors (indices) reached the media.
+        ``split``: for a kept write, the byte range of it that reached the media.
         """
+        split = split or {}
         durable, doubt = self.split(upto)
         keep = set(keep)
         torn = torn or {}
@@ -142,8 +152,23 @@ class WriteLog:
             for e in chosen:
                 if e.kind == "discard":
                     os.pwrite(fd, bytes(len(e.data)), e.offset)
+                elif e.seq in split:
+                    a, b = split[e.seq]
+                    os.pwrite(fd, e.data[a:b], e.offset + a)
                 elif e.seq in torn:
                     for i in torn[e.seq]:
                         os.pwrite(fd, e.data[i * SECTOR : (i + 1) * SECTOR], e.offset + i * SECTOR)
                 else:
                     os.pwrite(fd, e.data, e.offset)
+
+
+def mirror_tears(upto: int, doubt: list[LogEntry]) -> Iterable[CrashState]:
+    """A commit writes the mirrors after the primary's FUA and before its last flush: a cut
+    there may land a mirror's 4 KiB in part (a device of 512-byte sectors tears it), new head
+    and old tail or the reverse -- a copy whose checksum fails beside a valid primary. The
+    other writes in doubt land (the worst case for the rest is covered by the states before)."""
+    seqs = tuple(e.seq for e in doubt)
+    for e in doubt:
+        if e.kind == "write" and e.offset in SUPER_OFFSETS[1:] and len(e.data) == SUPER_INFO_SIZE:
+            for part in ((0, TEAR), (TEAR, SUPER_INFO_SIZE)):
+                yield CrashState(upto, seqs, split={e.seq: part})
