@@ -16,6 +16,7 @@ import pytest
 from blockemu.cli.main import main
 from blockemu.crypto.fscrypt import key_identifier
 from blockemu.workload.runner import scenarios
+from tests.util import set_super
 from tests.util import obey_file_modes
 
 
@@ -299,19 +300,11 @@ def test_an_image_with_unknown_incompat_features_is_refused_by_fsck_and_rescue_t
     """SPEC: a reader must refuse unknown incompat bits. ls, cat and put did; fsck called such an
     image clean (exit 0, 'no error found') and fsck --repair and rescue zero-log worked on it.
     Now fsck cannot open it (exit 8, the one line the others print) and nothing writes it."""
-    import dataclasses
-
-    from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
-    from blockemu.ondisk.superblock import decode_super, encode_super
+    from blockemu.ondisk.structs import INCOMPAT_ENCRYPTED_NAMES
 
     img = str(tmp_path / "new.img")
     assert cli(capsys, "mkfs", img, "--size", "16M")[0] == 0
-    at = SUPER_OFFSETS[0]
-    with open(img, "r+b") as f:
-        f.seek(at)
-        sb = decode_super(f.read(SUPER_INFO_SIZE), at)
-        f.seek(at)
-        f.write(encode_super(dataclasses.replace(sb, incompat_flags=sb.incompat_flags | 0x80), at))
+    set_super(img, incompat_flags=INCOMPAT_ENCRYPTED_NAMES | 0x80)
     before = open(img, "rb").read()
     line = f"{img}: unknown incompat features 0x80; a newer blockemu made this image\n"
     assert cli(capsys, "ls", img) == (1, "", f"blockemu: ls: {line}")
@@ -343,3 +336,45 @@ def test_every_command_action_and_option_says_in_help_what_it_does():
                 bare.append(f"{name} {a.option_strings[0]}")
     walk(build_parser(), "blockemu")
     assert bare == []
+
+
+def test_an_image_with_unknown_compat_ro_features_is_read_but_never_written(tmp_path, capsys):
+    """SPEC "Feature bits": unknown compat_ro bits were not enforced (writes went on, fsck said
+    clean without a word). As btrfs mounts such an image read-only only: every command that
+    reads works, and every one that would write refuses with one line naming the bits, EROFS,
+    exit 1 (fsck --repair 8), the image untouched."""
+    import asyncio
+    import errno
+
+    import blockemu
+
+    img, host = str(tmp_path / "ro.img"), tmp_path / "h"
+    host.write_bytes(b"hello")
+    assert cli(capsys, "mkfs", img, "--size", "16M")[0] == 0
+    assert cli(capsys, "put", img, str(host), "/f")[0] == 0
+    set_super(img, compat_ro_flags=0x30)
+    before = open(img, "rb").read()
+    why = (f"{img}: unknown compat_ro features 0x30; a newer blockemu made this image, which this one may read "
+           f"(ls, cat, extents, inspect, fsck) but not write")
+    assert cli(capsys, "ls", img) == (0, "f\n", "")
+    assert cli(capsys, "cat", img, "/f") == (0, "hello", "")
+    assert cli(capsys, "extents", img, "/f")[0] == 0
+    assert cli(capsys, "inspect", "dump-super", img)[0] == 0
+    rc, out, err = cli(capsys, "fsck", img)
+    assert (rc, err) == (0, "") and f"note: {why}" in out
+    job = tmp_path / "j.fio"
+    job.write_text("[j]\nkind=mix\nnops=1\n")
+    for args, code in ((["put", img, str(host), "/g"], 1), (["mkdir", img, "/d"], 1), (["fsck", img, "--repair"], 8),
+                       (["rescue", "zero-log", img], 1), (["run", str(job), "--image", img], 1),
+                       (["stress", img, "--ops", "1"], 1)):
+        assert cli(capsys, *args) == (code, "", f"blockemu: {args[0]}: {why}\n"), args
+    assert open(img, "rb").read() == before
+
+    async def mounts() -> None:
+        with pytest.raises(OSError) as e:
+            await blockemu.mount(img)
+        assert e.value.errno == errno.EROFS and str(e.value) == why
+        async with blockemu.mount(img, readonly=True) as fs:
+            assert await fs.readdir("/") == ["f"]
+    asyncio.run(mounts())
+    assert open(img, "rb").read() == before

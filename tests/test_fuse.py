@@ -30,6 +30,7 @@ from blockemu import mkfs, mount
 from blockemu.check.fsck import check
 from blockemu.cli.main import main
 from blockemu.fuse.serve import mounted_fstype
+from tests.util import set_super
 
 PY = sys.executable
 
@@ -409,6 +410,12 @@ def test_mount_and_umount_errors_are_one_line(env, image, mnt, tmp_path, capsys,
         return err
 
     assert fails("umount", str(mnt)) == f"blockemu: umount: {mnt}: not a blockemu mount point (no blockemu server for it)\n"
+    newer = tmp_path / "newer.img"  # unknown compat_ro features: read, never written (SPEC "Feature bits")
+    shutil.copyfile(image, newer)
+    set_super(str(newer), compat_ro_flags=0x30)
+    assert fails("mount", str(newer), str(mnt), "--foreground") == (
+        f"blockemu: mount: {newer}: unknown compat_ro features 0x30; a newer blockemu made this image, which this "
+        f"one may read (ls, cat, extents, inspect, fsck) but not write\n")
     assert fails("key", "status", str(mnt), "--id", "0" * 32) == (
         f"blockemu: key: {mnt}: not a blockemu mount point (no blockemu server for it)\n")
     with Served(env, image, mnt) as s:

@@ -23,6 +23,22 @@ def flip(path: str, offset: int) -> None:
         f.write(bytes([b[0] ^ 0x5A]))
 
 
+def set_super(path: str, **fields: int) -> None:
+    """Change fields of an image's primary superblock in place, re-checksummed (a feature bit
+    this blockemu does not know, a bad root directory)."""
+    import dataclasses
+
+    from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
+    from blockemu.ondisk.superblock import decode_super, encode_super
+
+    at = SUPER_OFFSETS[0]
+    with open(path, "r+b") as f:
+        f.seek(at)
+        sb = decode_super(f.read(SUPER_INFO_SIZE), at)
+        f.seek(at)
+        f.write(encode_super(dataclasses.replace(sb, **fields), at))
+
+
 KEY = bytes(range(1, 65))  # the test master key; KID is its fscrypt identifier
 KID = "69b2f6edeee720cce0577937eb8a6751"
 

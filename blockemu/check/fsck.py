@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 from blockemu.check import fsck_fast, fsck_fs, fsck_log
 from blockemu.check.exitcodes import EXIT_CLEAN, EXIT_UNCORRECTED
 from blockemu.check.forked import CAN_FORK, Forked, alone, second_core
-from blockemu.device.image import ImageFile, truncated, unsupported
+from blockemu.device.image import ImageFile, read_only_features, truncated, unsupported
 from blockemu.engine.transaction import SUBTREES, TreeStore, usable_ranges
 from blockemu.errors import BlockemuError, CorruptionError
 from blockemu.ondisk import structs as S
@@ -59,6 +59,7 @@ class FsckReport:
     damaged_trees: set[int] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)  # informational, not errors (a log to replay)
     warnings: list[str] = field(default_factory=list)  # about the check itself, not the image (a key that fits nothing)
+    read_only: OSError | None = None  # why the image may not be written (unknown compat_ro features): --repair refuses
 
     @property
     def trees_damaged(self) -> bool:
@@ -129,6 +130,9 @@ class Checker:
         sb = self.img.best_super()
         if newer := unsupported(self.img.path, sb):  # its trees may mean what this check cannot tell
             raise newer
+        if ro := read_only_features(self.img.path, sb):  # readable: checked as any image, and said
+            self.report.read_only = ro
+            self.report.notes.append(str(ro))
         primary = self.img.supers[0]
         if primary.error is not None:
             self.error("SUPERBLOCK", f"primary superblock: {primary.error}; using a mirror", bytenr=primary.offset)

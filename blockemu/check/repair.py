@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from blockemu.check.fsck import FsckReport
 from blockemu.device.imagelock import open_image
-from blockemu.device.image import ImageFile, too_small, truncated, unsupported
+from blockemu.device.image import ImageFile, read_only_features, too_small, truncated, unsupported
 from blockemu.errors import Busy, CorruptionError
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import structs as S
@@ -79,8 +79,8 @@ def zero_log(path: str) -> SuperInfo | None:
             if e.kind == "BAD_MAGIC":  # no blockemu image at all: nothing fsck could restore
                 raise CorruptionError(f"{path}: {e}", e.kind, at) from None
             raise CorruptionError(f"{path}: {e}; restore it with blockemu fsck --repair first", e.kind, at) from None
-        if newer := unsupported(path, sb):  # its log may be more than this blockemu knows to drop
-            raise newer
+        if newer := unsupported(path, sb) or read_only_features(path, sb):  # its log may be more than
+            raise newer  # this blockemu knows to drop, or its features forbid our writing it
         short = truncated(sb, os.fstat(fd).st_size)
         if short:  # its log, if any, may lie in the missing part: nothing here is to be trusted
             raise CorruptionError(f"{path}: {short}; nothing written", "SUPERBLOCK", at)

@@ -988,6 +988,8 @@ def cmd_fsck(a: argparse.Namespace) -> int:
     code = report.exit_code
     for warning in report.warnings:  # the exit code is the image's: the check ran, as ls's with such a key
         print(f"blockemu: fsck: {warning}", file=sys.stderr)
+    if a.repair and report.read_only is not None:
+        raise report.read_only  # writes nothing, clean or not
     if a.repair and not report.clean:
         report, code = repair(a, report, key)
     if a.json:

@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass, field
 
 from blockemu.device.imagelock import open_image
-from blockemu.errors import CorruptionError
-from blockemu.ondisk.structs import INCOMPAT_SUPPORTED, MAGIC, SUPER_INFO_SIZE, SUPER_OFFSETS
+from blockemu.errors import CorruptionError, ReadOnlyError
+from blockemu.ondisk.structs import COMPAT_RO_SUPPORTED, INCOMPAT_SUPPORTED, MAGIC, SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super
 
 
@@ -29,6 +29,16 @@ def unsupported(path: str, sb: SuperInfo) -> CorruptionError | None:
     if unknown := sb.incompat_flags & ~INCOMPAT_SUPPORTED:
         return CorruptionError(f"{path}: unknown incompat features {unknown:#x}; a newer blockemu made this image",
                                "SUPERBLOCK")
+    return None
+
+
+def read_only_features(path: str, sb: SuperInfo) -> ReadOnlyError | None:
+    """An image with compat_ro features this blockemu does not know may be read, never written
+    (SPEC "Feature bits"; btrfs mounts such an image read-only only): one text for every command
+    that would write it -- a mount, put, run, stress, fsck --repair, rescue."""
+    if unknown := sb.compat_ro_flags & ~COMPAT_RO_SUPPORTED:
+        return ReadOnlyError(f"{path}: unknown compat_ro features {unknown:#x}; a newer blockemu made this image, "
+                             f"which this one may read (ls, cat, extents, inspect, fsck) but not write")
     return None
 
 

@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator, Coroutine, TypeVar
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
-from blockemu.device.image import too_small, unsupported
+from blockemu.device.image import read_only_features, too_small, unsupported
 from blockemu.engine.transaction import Engine, super_writes
 from blockemu.engine.treelog import TreeLog, replay
 from blockemu.errors import CorruptionError, DeviceIOError, NoSpaceError
@@ -79,6 +79,8 @@ class Volume:
         dev = await BlockDevice.open(path, readonly=readonly, faults=faults)
         try:
             sb = read_primary_super(dev)
+            if not readonly and (newer := read_only_features(path, sb)):
+                raise newer
             # replaying a log needs an allocator even read-only: the replay COWs, in memory
             engine = Engine(sb, dev.read_sync, writable=not readonly or bool(sb.log_root),
                             rebuild_free_space=rebuild_free_space)

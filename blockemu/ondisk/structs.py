@@ -106,6 +106,9 @@ INCOMPAT_ENCRYPTED_SYMLINKS = 1 << 1  # targets of encrypted symlinks are FSCRYP
 # log's blocks, which the free-space record calls free
 INCOMPAT_TREE_LOG = 1 << 2
 INCOMPAT_SUPPORTED = INCOMPAT_ENCRYPTED_NAMES | INCOMPAT_ENCRYPTED_SYMLINKS | INCOMPAT_TREE_LOG
+# Superblock compat_ro_flags: format v1 defines none. An image with a bit this blockemu does not
+# know is read but never written (SPEC "Feature bits"), as btrfs mounts it read-only only.
+COMPAT_RO_SUPPORTED = 0
 
 # ---------------------------------------------------------------- checksummed blocks
 
