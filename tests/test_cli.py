@@ -109,7 +109,12 @@ def test_bad_input_gets_one_line(tmp_path, image):
     assert run("fsck", str(tmp_path), check_rc=8).stderr.count("\n") == 1
     assert run("fsck", check_rc=16).stderr.startswith("blockemu: usage:")
     assert run("fsck", image, "--bogus", check_rc=16).returncode == 16
-    assert "bad size" in run("mkfs", str(tmp_path / "b.img"), "--size", "12Q", check_rc=1).stderr
+    # a size that does not parse is a usage error (DESIGN §6: exit 2), one out of range an error (exit 1)
+    for bad in ("12Q", "abc"):
+        assert run("mkfs", str(tmp_path / "b.img"), "--size", bad, check_rc=2).stderr == (
+            f"blockemu: usage: blockemu mkfs: argument --size: bad size {bad!r}: expected a number with an optional "
+            f"K/M/G/T suffix\n")
+    assert run("mkfs", str(tmp_path / "b.img"), "--size", "64M", "--node-size", "big", check_rc=2).returncode == 2
     assert "too small" in run("mkfs", str(tmp_path / "b.img"), "--size", "1M", check_rc=1).stderr
     assert "node size" in run("mkfs", str(tmp_path / "b.img"), "--size", "64M", "--node-size", "3K", check_rc=1).stderr
     assert "uuid" in run("mkfs", str(tmp_path / "b.img"), "--size", "64M", "--uuid", "nope", check_rc=1).stderr

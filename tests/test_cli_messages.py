@@ -378,3 +378,48 @@ def test_an_image_with_unknown_compat_ro_features_is_read_but_never_written(tmp_
             assert await fs.readdir("/") == ["f"]
     asyncio.run(mounts())
     assert open(img, "rb").read() == before
+
+
+def test_extents_of_a_directory_says_it_is_one(tmp_path, capsys):
+    """It printed an empty table and exited 0, as for an empty file."""
+    img = str(tmp_path / "d.img")
+    assert cli(capsys, "mkfs", img, "--size", "16M")[0] == 0
+    assert cli(capsys, "mkdir", img, "/d")[0] == 0
+    assert cli(capsys, "extents", img, "/d") == (1, "", "blockemu: extents: /d: is a directory\n")
+    rc, out, _ = cli(capsys, "extents", img, "/d", "--json")
+    assert rc == 1 and json.loads(out)["error"]["code"] == "EISDIR"
+
+
+@pytest.mark.parametrize("objectid", [0, 257])
+def test_a_superblock_whose_root_directory_is_not_inode_256_is_invalid(tmp_path, capsys, objectid):
+    """root_dir_objectid 0 was accepted: mounts went on (with inode 256 as the root whatever it
+    said) and fsck called the image clean. It makes the copy invalid (SPEC "Opening an image"):
+    mounts refuse in one line; fsck says so, falls back to a mirror and --repair restores it."""
+    import asyncio
+
+    import blockemu
+
+    img = str(tmp_path / "r.img")
+    assert cli(capsys, "mkfs", img, "--size", "72M")[0] == 0  # with a mirror at 64 MiB
+    set_super(img, root_dir_objectid=objectid)
+    why = f"superblock at 65536: root_dir_objectid {objectid} is not the root directory's inode 256"
+    assert cli(capsys, "ls", img) == (1, "", f"blockemu: ls: {img}: {why}\n")
+    async def mount() -> None:
+        await blockemu.mount(img)
+    with pytest.raises(OSError, match=why):
+        asyncio.run(mount())
+    rc, out, _ = cli(capsys, "fsck", img, "--json")
+    errors = json.loads(out)["errors"]
+    assert rc == 4 and [(e["code"], e["message"]) for e in errors] == [("SUPERBLOCK", f"primary superblock: {why}; "
+                                                                        "using a mirror")]
+    assert cli(capsys, "fsck", img, "--repair")[0] == 1
+    assert cli(capsys, "fsck", img)[0] == 0 and cli(capsys, "ls", img)[0] == 0
+
+
+def test_stress_says_its_ops_are_all_tasks_of_ops_per_task(tmp_path, capsys):
+    """--ops is per task (its help says so); the summary's "ops 6" for --ops 3 read as if the flag
+    had been ignored. The line now says what the total is made of."""
+    rc, out, err = cli(capsys, "stress", str(tmp_path / "s.img"), "--seed", "1", "--tasks", "2", "--ops", "3",
+                       "--write-path", "fast")
+    assert (rc, err) == (0, "")
+    assert out.splitlines()[1] == f"{'ops':<34}6 (2 tasks x 3 per task)"

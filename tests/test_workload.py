@@ -175,6 +175,7 @@ def test_stress_mix_and_crash_points(tmp_path):
                          "--json").stdout)
     assert out["ok"] and out["fsck"] == "clean" and out["lost_acknowledged_writes"] == 0
     assert out["ops"] == 240 and out["crash_states_checked"] == 25
+    assert (out["tasks"], out["ops_per_task"]) == (3, 80)  # --ops is per task; ops counts all tasks'
     again = json.loads(run("stress", img, "--seed", "4", "--tasks", "3", "--ops", "80", *fast, "--json").stdout)
     assert again["by_op"] == out["by_op"]  # the same seed replays the same operations
 

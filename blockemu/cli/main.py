@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn
 
 from blockemu.check.exitcodes import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE
 from blockemu.display import wanted as progress_wanted
-from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, NoKeyError, NotFoundError
+from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, IsADirectory, NoKeyError, NotFoundError
 from blockemu.units import human, parse_size
 
 # Each command imports the layers it runs where it runs (``fsck`` needs no event loop, no
@@ -134,10 +134,22 @@ def build_parser(command: str | None = None) -> Parser:
     return p
 
 
+def size_text(text: str) -> str:
+    """A SIZE flag that must parse (K/M/G/T): one that does not is a usage error (exit 2), as
+    any flag argparse cannot read -- ``mkfs --size abc`` exited 1. Kept as written, so that a
+    size out of range (too small, a node size not a power of two) is named as the user gave it."""
+    try:
+        parse_size(text)
+    except BlockemuError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def args_mkfs(m: argparse.ArgumentParser) -> None:
     m.add_argument("image")
-    m.add_argument("--size", required=True, help="image size, K/M/G/T suffixes")
-    m.add_argument("--node-size", default="16K", help="tree block size, a power of two from 4K to 64K (default 16K)")
+    m.add_argument("--size", required=True, type=size_text, help="image size, K/M/G/T suffixes")
+    m.add_argument("--node-size", type=size_text, default="16K",
+                   help="tree block size, a power of two from 4K to 64K (default 16K)")
     m.add_argument("--csum", default="crc32c", choices=["crc32c", "xxhash64", "sha256", "blake2b"],
                    help="checksum of tree blocks and data sectors (default crc32c)")
     m.add_argument("--label", default="", help="the filesystem's label")
@@ -225,8 +237,8 @@ def args_stress(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--seeds", type=span, metavar="A..B",
                     help="a campaign: seeds A up to B (excluded), each on a fresh image made by its worker")
     sp.add_argument("--duration", type=seconds, help="seconds (instead of --ops)")
-    sp.add_argument("--ops", type=count(1), help=f"operations per task (mix, default {DEFAULT_OPS}) or steps "
-                    f"(key-removal-race with --schedule seeded, default {DEFAULT_OPS})")
+    sp.add_argument("--ops", type=count(1), help=f"operations per task (mix, default {DEFAULT_OPS}; the summary's "
+                    f"ops are all tasks') or steps (key-removal-race with --schedule seeded, default {DEFAULT_OPS})")
     sp.add_argument("--tasks", type=count(1), default=4, help="mix: concurrent tasks (default 4)")
     sp.add_argument("--key-removal", choices=list(MODES),
                     help="key-removal-race: the removal mode (default soft; the mix uses no key)")
@@ -617,6 +629,8 @@ def cmd_mkdir(a: argparse.Namespace) -> int:
 def cmd_extents(a: argparse.Namespace) -> int:
     async def body(fs: Any) -> int:
         st = await fs.stat(a.path)
+        if stat.S_ISDIR(st.st_mode):  # a directory has no extents: an empty table read as an empty file
+            raise IsADirectory(f"{a.path}: is a directory")
         rows = []
         for m in fs.extents.mappings(st.st_ino):
             fe, ctx = m.extent, m.extent.context
@@ -742,7 +756,7 @@ def cmd_stress(a: argparse.Namespace) -> int:
         for k in ("ops", "acknowledged_writes", "lost_acknowledged_writes", "divergent_files", "refused_out_of_space", "injected_errors", "io_errors", "aborted", "ledger_files_checked_after_crash",
                   "fsck", "crash_states_checked", "crash_failures"):
             if summary.get(k) is not None:
-                print(f"{k.replace('_', ' '):<34}{summary[k]}")
+                print(f"{k.replace('_', ' '):<34}{summary[k]}{ops_split(a) if k == 'ops' else ''}")
         for line in summary.get("notes", []):
             print(f"note: {line}")
         for line in summary["problems"][:10]:
@@ -753,6 +767,13 @@ def cmd_stress(a: argparse.Namespace) -> int:
             print(f"reproduce with: blockemu stress {a.image} --seed {seed} --tasks {a.tasks} {span}{extra}"
                   + (f" --crash-points {a.crash_points}" if a.crash_points else "") + write_path_flag(a))
     return 0 if ok else 1
+
+
+def ops_split(a: argparse.Namespace) -> str:
+    """What the mix's total of operations is made of: --ops counts per task (the summary said
+    "ops 40" for --ops 10, as if --ops had been ignored)."""
+    per = "" if a.duration else f" x {a.ops} per task"
+    return f" ({a.tasks} task{'s' * (a.tasks > 1)}{per})"
 
 
 def mix_flags(a: argparse.Namespace) -> None:

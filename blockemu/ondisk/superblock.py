@@ -13,6 +13,7 @@ from blockemu.ondisk import csum as csums
 from blockemu.ondisk import fast
 from blockemu.ondisk.structs import (
     CSUM_FIELD,
+    FIRST_FREE_OBJECTID,
     INCOMPAT_TREE_LOG,
     MAGIC,
     MAX_LEVEL,
@@ -206,6 +207,9 @@ def validate_super(info: SuperInfo, at: int, raw: bytes) -> list[str]:
         problems.append(f"bytes_used {info.bytes_used} > total_bytes {info.total_bytes}")
     if info.generation == 0:
         problems.append("generation 0")
+    if info.root_dir_objectid != FIRST_FREE_OBJECTID:  # `/` is inode 256 in format v1: nothing else is read
+        problems.append(f"root_dir_objectid {info.root_dir_objectid} is not the root directory's inode "
+                        f"{FIRST_FREE_OBJECTID}")
     if info.log_root:
         if info.log_root % SECTOR_SIZE or not (0 < info.log_root < info.total_bytes):
             problems.append(f"log tree bytenr {info.log_root} outside the device")

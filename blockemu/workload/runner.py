@@ -405,7 +405,8 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
     report = check(image)
     if not report.clean:
         problems += [f"fsck: [{e.code}] {e.message}" for e in report.errors[:5]]
-    summary: dict[str, Any] = {"seed": seed, "image": image, "ops": mix.ops, "by_op": mix.by_op,
+    summary: dict[str, Any] = {"seed": seed, "image": image, "ops": mix.ops, "tasks": tasks,
+                               "ops_per_task": None if duration else nops, "by_op": mix.by_op,
                                "acknowledged_writes": mix.acknowledged_writes,
                                "lost_acknowledged_writes": len(mix.divergent), "divergent_files": len(mix.divergent),
                                # ENOSPC is the image being full, never injected (no fault makes it); an
