@@ -16,7 +16,7 @@ from blockemu.device.image import ImageFile
 from blockemu.engine.extents import ExtentBatch
 from blockemu.engine.transaction import Engine
 from blockemu.ondisk import structs as S
-from tests.util import KEY, KID, ErrnoCheck, Gate, encrypted_dir
+from tests.util import KEY, KID, ErrnoCheck, Gate, encrypted_dir, fail_next_data_write
 
 
 @pytest.fixture
@@ -298,8 +298,7 @@ async def test_fsync_reports_an_io_error_once(image):
         async with fs.open("/x", "w+") as f:
             await f.write(b"1" * 4096)
             await f.fsync()
-            nxt = fs.vol.engine.allocator.cursor  # where the next data extent goes
-            fs.vol.device.faults = FaultPlan(eio=[(nxt, nxt + 4096, "w")])
+            fail_next_data_write(fs)
             await f.write(b"2" * 4096)
             with ErrnoCheck(errno.EIO):
                 await f.fsync()
@@ -318,8 +317,7 @@ async def test_sync_reports_a_writeback_error_once_and_the_files_fsync_still_doe
         f = await fs.open("/x", "w+")
         await f.write(b"1" * 4096)
         await f.fsync()
-        nxt = fs.vol.engine.allocator.cursor  # where the next data extent goes
-        fs.vol.device.faults = FaultPlan(eio=[(nxt, nxt + 4096, "w")])
+        fail_next_data_write(fs)
         await f.write(b"2" * 4096)
         with ErrnoCheck(errno.EIO):
             await fs.sync()
@@ -344,8 +342,7 @@ async def test_two_syncs_running_when_writeback_fails_both_report_it(image, monk
         async with fs.open("/x", "w") as f:
             await f.write(b"1" * 4096)
         await fs.sync()
-        nxt = fs.vol.engine.allocator.cursor
-        fs.vol.device.faults = FaultPlan(eio=[(nxt, nxt + 4096, "w")])
+        fail_next_data_write(fs)
         async with fs.open("/x", "r+") as f:
             await f.write(b"2" * 4096)
             gate = Gate(fs.vol.commit)

@@ -23,6 +23,7 @@ from blockemu.workload.mix import MixResult, Task
 from blockemu.workload.runner import run_workload, stress_mix
 from blockemu.workload.writepath import FAST, KEY, PRODUCTION
 from tests.test_cli import run
+from tests.util import fail_next_data_write
 
 
 class SkipDataWrites:
@@ -135,6 +136,15 @@ async def test_race_judges_from_disk(tmp_path, monkeypatch):
     assert (result.acknowledged, result.lost, result.silent) == (3, 1, 1)
 
 
+async def mix_tasks(fs, n: int) -> tuple[MixResult, list[Task]]:
+    """``n`` mix tasks in /t0, /t1, ..., reporting to one result, as the mix makes them."""
+    result = MixResult()
+    result.tasks = [Task(fs, f"/t{i}", random.Random(i), result) for i in range(n)]
+    for t in result.tasks:
+        await fs.mkdir(t.root)
+    return result, result.tasks
+
+
 async def test_a_sync_records_no_path_whose_write_is_still_in_flight(tmp_path, monkeypatch):
     """The stress ledger after a sync holds only what was acknowledged when sync was called. A
     write another task has begun but not finished (here: held waiting for room) may land in
@@ -143,11 +153,7 @@ async def test_a_sync_records_no_path_whose_write_is_still_in_flight(tmp_path, m
     img = str(tmp_path / "l.img")
     await blockemu.mkfs(img, size="32M")
     async with blockemu.mount(img, interval=3600) as fs:
-        result = MixResult()
-        a, b = (Task(fs, f"/t{i}", random.Random(i), result) for i in range(2))
-        result.tasks = [a, b]
-        for t in (a, b):
-            await fs.mkdir(t.root)
+        result, (a, b) = await mix_tasks(fs, 2)
         await b.step("create")
         (path,) = b.files
         held, release = asyncio.Event(), asyncio.Event()
@@ -176,17 +182,12 @@ async def test_a_sync_whose_writeback_lost_data_records_nothing_in_the_ledger(tm
     img = str(tmp_path / "l.img")
     await blockemu.mkfs(img, size="32M")
     async with blockemu.mount(img, interval=3600) as fs:
-        result = MixResult()
-        a, b = (Task(fs, f"/t{i}", random.Random(i), result) for i in range(2))
-        result.tasks = [a, b]
-        for t in (a, b):
-            await fs.mkdir(t.root)
+        result, (a, b) = await mix_tasks(fs, 2)
         await fs.sync()
         await b.step("create")  # acknowledged, still dirty
         (path,) = b.files
         assert b.files[path]
-        nxt = fs.vol.engine.allocator.cursor  # where its extent goes: only that write fails
-        fs.vol.device.faults = FaultPlan(eio=[(nxt, nxt + len(b.files[path]), "w")])
+        fail_next_data_write(fs, len(b.files[path]))
         await a.step("sync")
         fs.vol.device.faults = FaultPlan()
         assert len(result.errors) == 1 and result.errors[0].startswith("sync: ")

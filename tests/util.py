@@ -39,6 +39,15 @@ def set_super(path: str, **fields: int) -> None:
         f.write(encode_super(dataclasses.replace(sb, **fields), at))
 
 
+def fail_next_data_write(fs, length: int = 4096) -> None:
+    """EIO on writes to the next ``length`` bytes the allocator hands out -- where the next data
+    extent goes -- and nowhere else: a run's write fails, the commit's blocks (placed after it) do not."""
+    from blockemu.device.faultplan import FaultPlan
+
+    nxt = fs.vol.engine.allocator.cursor
+    fs.vol.device.faults = FaultPlan(eio=[(nxt, nxt + length, "w")])
+
+
 KEY = bytes(range(1, 65))  # the test master key; KID is its fscrypt identifier
 KID = "69b2f6edeee720cce0577937eb8a6751"
 
