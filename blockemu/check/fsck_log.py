@@ -12,7 +12,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Any, Callable
 
-from blockemu.engine.treelog import read_log
+from blockemu.engine.treelog import extent_csums, read_log
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk import structs as S
@@ -57,12 +57,12 @@ def _check(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int
         if not ck._in_usable(bytenr, sb.nodesize) or _overlaps(taken, starts, bytenr, sb.nodesize):
             ck.error("LOG_OVERLAP", f"log tree block {bytenr} lies in space the committed trees use", LOG, bytenr)
     fs_inodes = {k[0] for k in ck.keys.get(S.FS_TREE_OBJECTID, []) if k[1] == S.INODE_ITEM}
-    csummed: dict[int, int] = {}
+    csummed: list[tuple[tuple[int, int, int], bytes]] = []  # in key order, as the log holds them
     size = csums.csum_size(sb.csum_type)
     bad_data = 0
     for key, body in items:
         if key[:2] == (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM):
-            csummed[key[2]] = len(body)
+            csummed.append((key, body))
             if read is not None:
                 bad_data += _check_data(ck, sb, key[2], body, size, read)
     new_extents: dict[int, int] = {}
@@ -87,12 +87,14 @@ def _check(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int
                 ck.error("BAD_LOG_ITEM", f"log tree: extent {fe.disk_bytenr} logged with two lengths", LOG, fe.disk_bytenr)
         elif typ != S.EXTENT_CSUM:
             ck.error("BAD_LOG_ITEM", f"log tree: unexpected item {key}", LOG, key=key)
+    starts_c = [k[2] for k, _ in csummed]
     for bytenr, length in sorted(new_extents.items()):
         if (bytenr % S.SECTOR_SIZE or length % S.SECTOR_SIZE or not ck._in_usable(bytenr, length)
                 or _overlaps(taken, starts, bytenr, length)):
             ck.error("LOG_OVERLAP", f"log tree: new extent [{bytenr}, +{length}) lies in space the committed trees use",
                      LOG, bytenr)
-        have = sum(n for start, n in csummed.items() if bytenr <= start < bytenr + length)
+        # as replay cuts them: an item may span several extents
+        have = sum(len(b) for _, b in extent_csums(csummed, starts_c, bytenr, length, size, length))
         if have != length // S.SECTOR_SIZE * size:
             ck.error("MISSING_CSUM", f"log tree: extent [{bytenr}, +{length}) has {have // size} of "
                      f"{length // S.SECTOR_SIZE} sector checksums", LOG, bytenr)
