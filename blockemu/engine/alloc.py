@@ -8,6 +8,15 @@ commit's writes are in flight the next transaction already runs (DESIGN §9): th
 committing transaction's pins are *sealed* apart from the running one's, and only
 they come back when that commit is durable.
 
+Where an allocation goes: small ones (below ``hole_max``, 1 MiB: a 4 KiB overwrite, a tree
+block) first fill the smallest *hole* -- a free extent below ``hole_max`` -- that holds them, as
+btrfs's free-space cache hands out the space its commits gave back; larger ones, and small
+ones when no hole fits, come next-fit from a roving cursor, so consecutive allocations come
+out contiguous (a sequential file's 1 MiB extents). Without hole reuse the cursor crossed the
+whole device before it came back to the 4 KiB an overwrite freed: the free-space record, which
+every commit rewrites, grew by a hole per overwrite. Holes are only ever free space: what the
+running or the committing transaction freed is pinned or sealed, outside ``free``.
+
 Tree blocks and data share the space, so the allocator counts ``node_room``: how
 many tree blocks its free extents could hold. A caller that must not eat the
 space metadata needs (data, see ``Engine.data_keep``) passes ``keep``: the tree
@@ -22,11 +31,13 @@ from __future__ import annotations
 
 import heapq
 
-from sortedcontainers import SortedDict
+from sortedcontainers import SortedDict, SortedList
 
 from blockemu.errors import CorruptionError, NoSpaceError
 
 SECTOR = 4096
+HOLE_MAX = 1 << 20  # free extents below this are holes, filled best-fit by allocations below it
+ADDRESS = (1 << 64) - 1  # a hole's start, in its key in ``Allocator.holes``
 
 
 def no_space(length: int, free: int, largest: int, kept: int = 0) -> NoSpaceError:
@@ -37,8 +48,11 @@ def no_space(length: int, free: int, largest: int, kept: int = 0) -> NoSpaceErro
 
 
 class Allocator:
-    def __init__(self, free: list[tuple[int, int]] | None = None, *, nodesize: int = 16384) -> None:
+    def __init__(self, free: list[tuple[int, int]] | None = None, *, nodesize: int = 16384,
+                 hole_max: int = HOLE_MAX) -> None:
         self.free = SortedDict()  # start -> length, disjoint, coalesced
+        self.hole_max = hole_max
+        self.holes = SortedList()  # length << 64 | start of each free extent shorter than hole_max
         self.pinned: list[tuple[int, int]] = []  # freed by the running transaction
         self.sealed: list[tuple[int, int]] = []  # freed by the transaction whose commit is in flight
         self.cursor = 0
@@ -101,12 +115,17 @@ class Allocator:
         return best
 
     def alloc(self, length: int, *, keep: int = 0) -> int:
-        """Next fit from a roving cursor: consecutive allocations come out contiguous. The
-        allocation leaves at least ``keep`` tree blocks of room (tree blocks pass 0: they may
-        use everything)."""
+        """The smallest hole that holds a small allocation, else next fit from a roving cursor
+        (the module's docstring says why). The allocation leaves at least ``keep`` tree blocks
+        of room (tree blocks pass 0: they may use everything)."""
         if length <= 0 or length % SECTOR:
             raise ValueError(f"allocation of {length} bytes is not a sector multiple")
         keys, ns = self.free.keys(), self.nodesize
+        if (hole := self._best_hole(length)) is not None:
+            start, n = hole
+            if not keep or self.node_room - n // ns + (n - length) // ns >= keep:
+                self._take(start, n, start, length)  # the cursor stays where large allocations go on
+                return start
         first = max(self.free.bisect_right(self.cursor) - 1, 0)
         for lo, indexes in ((self.cursor, range(first, len(keys))), (0, range(0, min(first + 1, len(keys))))):
             for idx in indexes:
@@ -133,8 +152,11 @@ class Allocator:
         ns = self.nodesize
         try:
             for length in lengths:
-                # the test ``alloc`` makes for this extent, whose room node_room does not count now
-                if held >= length > 0 and length % SECTOR == 0 and (not keep or self.node_room + (held - length) // ns >= keep):
+                # where ``alloc`` would put it: next fit into this extent (not a hole, nor would a
+                # hole take it), with the room test ``alloc`` makes -- node_room does not count it now
+                if (held >= length > 0 and length % SECTOR == 0
+                        and (length >= self.hole_max or held >= self.hole_max and self._best_hole(length) is None)
+                        and (not keep or self.node_room + (held - length) // ns >= keep)):
                     out.append(held_at)
                     held_at, held = held_at + length, held - length
                     self.cursor = held_at
@@ -144,7 +166,7 @@ class Allocator:
                     held = 0
                 out.append(self.alloc(length, keep=keep))
                 held_at = out[-1] + length
-                if held_at in self.free:
+                if self.free.get(held_at, 0) >= self.hole_max:
                     held = self._pop(held_at)
         except BaseException:
             if held:
@@ -158,15 +180,31 @@ class Allocator:
                 self._put(held_at, held)
         return out
 
+    def _best_hole(self, length: int) -> tuple[int, int] | None:
+        """The hole a small allocation fills: of the shortest holes that hold it, the first
+        (start, length); None for a large allocation or when none holds it."""
+        if length >= self.hole_max:
+            return None
+        holes = self.holes
+        i = holes.bisect_left(length << 64)
+        if i == len(holes):
+            return None
+        key = holes[i]
+        return key & ADDRESS, key >> 64
+
     def _put(self, start: int, length: int) -> None:
         self.free[start] = length
         self.node_room += length // self.nodesize
         self.changes += 1
+        if length < self.hole_max:
+            self.holes.add(length << 64 | start)
 
     def _pop(self, start: int) -> int:
         length = self.free.pop(start)
         self.node_room -= length // self.nodesize
         self.changes += 1
+        if length < self.hole_max:
+            self.holes.remove(length << 64 | start)
         return length
 
     def _take(self, start: int, n: int, s: int, length: int) -> None:
