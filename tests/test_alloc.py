@@ -3,9 +3,12 @@ until unpinned, the free-space record equal to free plus pinned, and the placeme
 a small allocation fills the shortest hole that holds it."""
 from __future__ import annotations
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sortedcontainers import SortedDict
 
+from blockemu.engine import alloc
 from blockemu.engine.alloc import Allocator
 from blockemu.errors import NoSpaceError
 
@@ -14,11 +17,14 @@ TOTAL = 64
 HOLE_MAX = 16 * S  # free extents shorter than this are holes (the allocator's 1 MiB, scaled down)
 
 
-@settings(max_examples=300)
-@given(st.lists(st.tuples(st.sampled_from(["alloc", "keep", "free", "pin", "unpin"]), st.integers(1, 8),
+@pytest.mark.parametrize("whole_above", [alloc.DIFF_WHOLE_ABOVE, 0])  # 0: the record never compared whole
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "keep", "free", "pin", "unpin", "record"]), st.integers(1, 8),
                           st.integers(0, 1000)), max_size=80))
-def test_allocator_matches_model(ops):
+def test_allocator_matches_model(whole_above, monkeypatch, ops):
+    monkeypatch.setattr(alloc, "DIFF_WHOLE_ABOVE", whole_above)
     a = Allocator([(0, TOTAL * S)], nodesize=2 * S, hole_max=HOLE_MAX)
+    record = SortedDict()  # the free-space record, kept as commits keep it: from record_changes
     free = set(range(TOTAL))
     live: list[tuple[int, int]] = []
     pinned: set[int] = set()
@@ -61,17 +67,24 @@ def test_allocator_matches_model(ops):
             else:
                 a.pin(start, length)
                 pinned |= sectors
-        elif op == "unpin":
-            a.seal_pins()
-            a.unpin_sealed()
-            free |= pinned
-            pinned = set()
+        elif op in ("unpin", "record"):  # a commit: its record, then (unpin) its pins released
+            gone, new = a.record_changes(record)
+            assert set(gone) <= set(record.items()) and not set(new) & set(record.items())
+            for start, _ in gone:
+                del record[start]
+            record.update(new)
+            assert list(record.items()) == a.extents_after_commit()
+            if op == "unpin":
+                a.seal_pins()
+                a.unpin_sealed()
+                free |= pinned
+                pinned = set()
         got = {s for start, length in a.free.items() for s in range(start // S, (start + length) // S)}
         assert got == free
         assert a.free_bytes() == len(free) * S and a.pinned_bytes() == len(pinned) * S
         assert a.node_room == sum(n // a.nodesize for n in a.free.values())
-        record = {s for start, length in a.extents_after_commit() for s in range(start // S, (start + length) // S)}
-        assert record == free | pinned
+        after = {s for start, length in a.extents_after_commit() for s in range(start // S, (start + length) // S)}
+        assert after == free | pinned
         starts = list(a.free.keys())
         assert all(starts[i] + a.free[starts[i]] < starts[i + 1] for i in range(len(starts) - 1)), "not coalesced"
 
