@@ -262,8 +262,8 @@ class Engine:
             self.trees[tid] = BTree(self.store, tid, item.bytenr, item.level)
         self.free_items = SortedDict()  # start -> length: the free-space tree's items
         if writable and rebuild_free_space:
+            # the new tree comes later (``new_free_space_tree``), once a log is replayed
             self.store.allocator = self._allocator_from_extents()
-            self._new_free_space_tree()
         elif writable:
             fst = self.trees[FREE_SPACE_TREE_OBJECTID]
             extents = self._checked_free_space([(k[0], k[2]) for k, _ in fst.items() if k[1] == FREE_SPACE_EXTENT])
@@ -336,11 +336,13 @@ class Engine:
             alloc.reserve(bytenr, length)
         return alloc
 
-    def _new_free_space_tree(self) -> None:
-        """fsck --repair: the free-space tree starts empty and the commit fills it from the
-        allocator, without reading the old one -- a damaged block of it is then no obstacle. The
-        old tree's blocks are found through their METADATA_ITEMs' backrefs, not by walking it,
-        and freed as a COW frees a block."""
+    def new_free_space_tree(self) -> None:
+        """fsck --repair (``Engine(rebuild_free_space=True)``): the free-space tree starts empty
+        and the commit fills it from the allocator, without reading the old one -- a damaged
+        block of it is then no obstacle. The old tree's blocks are found through their
+        METADATA_ITEMs' backrefs, not by walking it, and freed as a COW frees a block. Called
+        after a log's replay has taken its blocks and extents: the new root is allocated, and the
+        record calls that space free (the allocator fills the first hole that holds it)."""
         for (bytenr, typ, level), body in self.trees[EXTENT_TREE_OBJECTID].items():
             if typ == METADATA_ITEM and ExtentItem.unpack(body).refs == (("tree", FREE_SPACE_TREE_OBJECTID),):
                 self.store.freed_blocks[bytenr] = (FREE_SPACE_TREE_OBJECTID, level)
