@@ -3,6 +3,7 @@ directories, rename(2) semantics, persistence, orphans, and fsync error reportin
 from __future__ import annotations
 
 import asyncio
+import copy
 import errno
 import os
 import random
@@ -298,7 +299,7 @@ async def test_fsync_reports_an_io_error_once(image):
         async with fs.open("/x", "w+") as f:
             await f.write(b"1" * 4096)
             await f.fsync()
-            nxt = fs.vol.engine.allocator.cursor  # where the next data extent goes
+            nxt = copy.deepcopy(fs.vol.engine.allocator).alloc(4096)  # where the next data extent goes
             fs.vol.device.faults = FaultPlan(eio=[(nxt, nxt + 4096, "w")])
             await f.write(b"2" * 4096)
             with ErrnoCheck(errno.EIO):
