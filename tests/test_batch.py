@@ -5,6 +5,7 @@ the per-run path, which loses nothing it can write."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import errno
 import os
 import random
@@ -46,8 +47,9 @@ async def scattered_writes(image: str, *, faults: FaultPlan | None = None, spy=N
                 want[idx * PAGE : (idx + 1) * PAGE] = page
                 await f.pwrite(page, idx * PAGE)
             if faults is not None:
-                nxt = fs.vol.engine.allocator.cursor  # where the batch's extents go
-                fs.vol.device.faults = faults_at(faults, nxt)
+                # where the batch's 32 one-page extents go (the plan's offsets count from the 1st)
+                places = copy.deepcopy(fs.vol.engine.allocator).alloc_many([PAGE] * 32)
+                fs.vol.device.faults = faults_at(faults, places[4] - 4 * PAGE)
             if spy is not None:
                 spy(fs)
             await fs.writeback.flush_inode(f.inode)
