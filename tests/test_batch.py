@@ -14,6 +14,7 @@ import pytest
 
 import blockemu
 from blockemu.device.faultplan import FaultPlan
+from blockemu.engine.alloc import HOLE_MAX
 from blockemu.engine.btree import BTree
 from blockemu.engine.transaction import Engine
 from blockemu.ondisk import structs as S
@@ -32,9 +33,10 @@ async def image(tmp_path):
     return path
 
 
-async def scattered_writes(image: str, *, faults: FaultPlan | None = None, spy=None) -> tuple[bytearray, int]:
+async def scattered_writes(image: str, *, fail: int | None = None, spy=None) -> tuple[bytearray, int]:
     """A 4 MiB encrypted file, then 32 single pages rewritten at scattered places and written
-    back with one flush; returns the expected contents and the bytes writeback lost."""
+    back with one flush (with ``fail``, its writes to the place of the batch's extent number
+    ``fail`` fail with EIO); returns the expected contents and the bytes writeback lost."""
     rng = random.Random(7)
     want = bytearray(os.urandom(4 * MIB))
     async with blockemu.mount(image, interval=3600) as fs:
@@ -46,10 +48,10 @@ async def scattered_writes(image: str, *, faults: FaultPlan | None = None, spy=N
                 page = os.urandom(PAGE)
                 want[idx * PAGE : (idx + 1) * PAGE] = page
                 await f.pwrite(page, idx * PAGE)
-            if faults is not None:
-                # where the batch's 32 one-page extents go (the plan's offsets count from the 1st)
+            if fail is not None:
+                # where the batch's 32 one-page extents go
                 places = copy.deepcopy(fs.vol.engine.allocator).alloc_many([PAGE] * 32)
-                fs.vol.device.faults = faults_at(faults, places[4] - 4 * PAGE)
+                fs.vol.device.faults = FaultPlan(eio=[(places[fail], places[fail] + PAGE, "w")])
             if spy is not None:
                 spy(fs)
             await fs.writeback.flush_inode(f.inode)
@@ -57,10 +59,6 @@ async def scattered_writes(image: str, *, faults: FaultPlan | None = None, spy=N
             lost = f.inode.lost_bytes
             await f.fsync()
     return want, lost
-
-
-def faults_at(plan: FaultPlan, base: int) -> FaultPlan:
-    return FaultPlan(eio=[(base + s, base + e, ops) for s, e, ops in plan.eio])
 
 
 async def read_back(image: str) -> bytes:
@@ -126,12 +124,22 @@ async def test_small_runs_of_a_flush_are_one_batch(image, monkeypatch):
     assert_fsck_clean(image)
 
 
-async def test_a_failed_batch_falls_back_to_the_runs(image, monkeypatch):
-    """The batch's writev fails (EIO where its 5th extent lands): no tree changed, so each run
-    is written again on its own, at new places -- none is lost, the file reads back whole."""
+@pytest.mark.parametrize("fail", [4, 0], ids=["next fit", "hole"])
+async def test_a_failed_batch_falls_back_to_the_runs(image, monkeypatch, fail):
+    """The batch's writev fails (EIO where its 5th extent lands, or its 1st, in a hole an earlier
+    commit gave back): no tree changed, so each run is written again on its own, at new places
+    -- the failed places stay pinned until a commit, or the hole's run would go straight back
+    to its bad sector -- none is lost, the file reads back whole."""
     writevs: list[tuple[int, int]] = []
-    faults = FaultPlan(eio=[(4 * PAGE, 5 * PAGE, "w")])
-    want, lost = await scattered_writes(image, faults=faults, spy=writev_spy(monkeypatch, writevs))
+    in_hole: list[bool] = []
+
+    def spy(fs):
+        alloc = fs.vol.engine.allocator
+        in_hole.append(alloc.free.get(copy.deepcopy(alloc).alloc_many([PAGE] * 32)[fail], HOLE_MAX) < HOLE_MAX)
+        writev_spy(monkeypatch, writevs)(fs)
+
+    want, lost = await scattered_writes(image, fail=fail, spy=spy)
+    assert in_hole == [fail == 0]
     assert writevs[0][1] == 32 and writevs[1:33] == [(1, 1)] * 32  # the batch, then each run on its own
     assert lost == 0
     assert await read_back(image) == want
