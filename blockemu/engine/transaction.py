@@ -303,9 +303,9 @@ class Engine:
     def _checked_free_space(self, extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """The free-space record's extents (in key order), refused unless each extent is
         sector-aligned usable space (inside the device, off the superblock reserves), apart from
-        the others, and holds no extent the extent tree records: the allocator hands these extents out, so a wrong one would let a
-        commit overwrite live metadata or data. (A tree block missing from the extent tree is
-        caught when it is read: ``TreeStore.get``.)"""
+        the others, and holds no extent the extent tree records: the allocator hands these
+        extents out, so a wrong one would let a commit overwrite live metadata or data. (A tree
+        block missing from the extent tree is caught when it is read: ``TreeStore.get``.)"""
         usable = usable_ranges(self.sb.total_bytes)
         taken = self._allocated()
         prev_end, j = 0, 0
