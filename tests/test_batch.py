@@ -5,6 +5,7 @@ the per-run path, which loses nothing it can write."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import errno
 import os
 import random
@@ -13,6 +14,7 @@ import pytest
 
 import blockemu
 from blockemu.device.faultplan import FaultPlan
+from blockemu.engine.alloc import HOLE_MAX
 from blockemu.engine.btree import BTree
 from blockemu.engine.transaction import Engine
 from blockemu.ondisk import structs as S
@@ -31,9 +33,10 @@ async def image(tmp_path):
     return path
 
 
-async def scattered_writes(image: str, *, faults: FaultPlan | None = None, spy=None) -> tuple[bytearray, int]:
+async def scattered_writes(image: str, *, fail: int | None = None, spy=None) -> tuple[bytearray, int]:
     """A 4 MiB encrypted file, then 32 single pages rewritten at scattered places and written
-    back with one flush; returns the expected contents and the bytes writeback lost."""
+    back with one flush (with ``fail``, its writes to the place of the batch's extent number
+    ``fail`` fail with EIO); returns the expected contents and the bytes writeback lost."""
     rng = random.Random(7)
     want = bytearray(os.urandom(4 * MIB))
     async with blockemu.mount(image, interval=3600) as fs:
@@ -45,9 +48,10 @@ async def scattered_writes(image: str, *, faults: FaultPlan | None = None, spy=N
                 page = os.urandom(PAGE)
                 want[idx * PAGE : (idx + 1) * PAGE] = page
                 await f.pwrite(page, idx * PAGE)
-            if faults is not None:
-                nxt = fs.vol.engine.allocator.cursor  # where the batch's extents go
-                fs.vol.device.faults = faults_at(faults, nxt)
+            if fail is not None:
+                # where the batch's 32 one-page extents go
+                places = copy.deepcopy(fs.vol.engine.allocator).alloc_many([PAGE] * 32)
+                fs.vol.device.faults = FaultPlan(eio=[(places[fail], places[fail] + PAGE, "w")])
             if spy is not None:
                 spy(fs)
             await fs.writeback.flush_inode(f.inode)
@@ -55,10 +59,6 @@ async def scattered_writes(image: str, *, faults: FaultPlan | None = None, spy=N
             lost = f.inode.lost_bytes
             await f.fsync()
     return want, lost
-
-
-def faults_at(plan: FaultPlan, base: int) -> FaultPlan:
-    return FaultPlan(eio=[(base + s, base + e, ops) for s, e, ops in plan.eio])
 
 
 async def read_back(image: str) -> bytes:
@@ -85,7 +85,7 @@ def writev_spy(monkeypatch, writevs: list[tuple[int, int]]):
 
 async def test_small_runs_of_a_flush_are_one_batch(image, monkeypatch):
     """32 scattered pages: one device writev of 32 extents, placed one after another and so
-    one write, and one ``apply`` per tree changed (fs, extent, csum), instead of a writev and a
+    one write (but for those placed in holes), and one ``apply`` per tree changed (fs, extent, csum), instead of a writev and a
     dozen root-to-leaf descents per run; the file is the same after a remount and fsck finds
     nothing."""
     writevs: list[tuple[int, int]] = []
@@ -113,21 +113,34 @@ async def test_small_runs_of_a_flush_are_one_batch(image, monkeypatch):
         monkeypatch.setattr(BTree, "apply", counting_apply)
         monkeypatch.setattr(Engine, "prepare_commit", prepare_commit)
 
-    want, lost = await scattered_writes(image, spy=spy)
-    assert writevs[0] == (1, 32)  # then the commit's writes (tree blocks, superblock mirrors)
+    holes: list[int] = []
+    want, lost = await scattered_writes(image, spy=lambda fs: (holes.append(len(fs.vol.engine.allocator.holes)), spy(fs)))
+    # then the commit's writes (tree blocks, superblock mirrors); the runs that fill holes
+    # earlier commits gave back are apart, the others one after another
+    assert writevs[0][1] == 32 and writevs[0][0] <= 1 + holes[0]
     assert applies == {5: 1, 2: 1, 7: 1, S.TREE_LOG_OBJECTID: 1}  # and the fsync's one pass over its log
     assert lost == 0
     assert await read_back(image) == want
     assert_fsck_clean(image)
 
 
-async def test_a_failed_batch_falls_back_to_the_runs(image, monkeypatch):
-    """The batch's writev fails (EIO where its 5th extent lands): no tree changed, so each run
-    is written again on its own, at new places -- none is lost, the file reads back whole."""
+@pytest.mark.parametrize("fail", [4, 0], ids=["next fit", "hole"])
+async def test_a_failed_batch_falls_back_to_the_runs(image, monkeypatch, fail):
+    """The batch's writev fails (EIO where its 5th extent lands, or its 1st, in a hole an earlier
+    commit gave back): no tree changed, so each run is written again on its own, at new places
+    -- the failed places stay pinned until a commit, or the hole's run would go straight back
+    to its bad sector -- none is lost, the file reads back whole."""
     writevs: list[tuple[int, int]] = []
-    faults = FaultPlan(eio=[(4 * PAGE, 5 * PAGE, "w")])
-    want, lost = await scattered_writes(image, faults=faults, spy=writev_spy(monkeypatch, writevs))
-    assert writevs[:33] == [(1, 32)] + [(1, 1)] * 32  # the batch, then each run on its own
+    in_hole: list[bool] = []
+
+    def spy(fs):
+        alloc = fs.vol.engine.allocator
+        in_hole.append(alloc.free.get(copy.deepcopy(alloc).alloc_many([PAGE] * 32)[fail], HOLE_MAX) < HOLE_MAX)
+        writev_spy(monkeypatch, writevs)(fs)
+
+    want, lost = await scattered_writes(image, fail=fail, spy=spy)
+    assert in_hole == [fail == 0]
+    assert writevs[0][1] == 32 and writevs[1:33] == [(1, 1)] * 32  # the batch, then each run on its own
     assert lost == 0
     assert await read_back(image) == want
     assert_fsck_clean(image)
@@ -202,12 +215,12 @@ async def test_a_commit_rewrites_the_free_space_record_in_one_pass(image, monkey
             await fs.sync()
             for idx in range(0, 64, 2):
                 await f.pwrite(os.urandom(PAGE), idx * PAGE)
-            before = set(fs.vol.engine.free_items)
+            before = set(fs.vol.engine.free_items.items())
             await fs.sync()  # every other old extent is freed: the record gains each as a hole
             engine = fs.vol.engine
-            assert len(before ^ engine.free_items) > 20
+            assert len(before ^ set(engine.free_items.items())) > 20
             fst = engine.trees[S.FREE_SPACE_TREE_OBJECTID]
-            assert {(k[0], k[2]) for k, _ in fst.items()} == engine.free_items
+            assert [(k[0], k[2]) for k, _ in fst.items()] == list(engine.free_items.items())
     assert per_item == []
     assert_fsck_clean(image)
 

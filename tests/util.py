@@ -42,9 +42,12 @@ def set_super(path: str, **fields: int) -> None:
 def fail_next_data_write(fs, length: int = 4096) -> None:
     """EIO on writes to the next ``length`` bytes the allocator hands out -- where the next data
     extent goes -- and nowhere else: a run's write fails, the commit's blocks (placed after it) do not."""
+    import copy
+
     from blockemu.device.faultplan import FaultPlan
 
-    nxt = fs.vol.engine.allocator.cursor
+    length = -(-length // 4096) * 4096  # a run of whole pages
+    nxt = copy.deepcopy(fs.vol.engine.allocator).alloc(length)  # small ones fill holes first
     fs.vol.device.faults = FaultPlan(eio=[(nxt, nxt + length, "w")])
 
 

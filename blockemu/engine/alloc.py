@@ -8,6 +8,15 @@ commit's writes are in flight the next transaction already runs (DESIGN §9): th
 committing transaction's pins are *sealed* apart from the running one's, and only
 they come back when that commit is durable.
 
+Where an allocation goes: small ones (below ``hole_max``, 1 MiB: a 4 KiB overwrite, a tree
+block) first fill the smallest *hole* -- a free extent below ``hole_max`` -- that holds them, as
+btrfs's free-space cache hands out the space its commits gave back; larger ones, and small
+ones when no hole fits, come next-fit from a roving cursor, so consecutive allocations come
+out contiguous (a sequential file's 1 MiB extents). Without hole reuse the cursor crossed the
+whole device before it came back to the 4 KiB an overwrite freed: the free-space record, which
+every commit rewrites, grew by a hole per overwrite. Holes are only ever free space: what the
+running or the committing transaction freed is pinned or sealed, outside ``free``.
+
 Tree blocks and data share the space, so the allocator counts ``node_room``: how
 many tree blocks its free extents could hold. A caller that must not eat the
 space metadata needs (data, see ``Engine.data_keep``) passes ``keep``: the tree
@@ -20,13 +29,17 @@ references to one extent): CorruptionError, which fsck --repair can rebuild.
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 
-from sortedcontainers import SortedDict
+from sortedcontainers import SortedDict, SortedList
 
 from blockemu.errors import CorruptionError, NoSpaceError
 
 SECTOR = 4096
+HOLE_MAX = 1 << 20  # free extents below this are holes, filled best-fit by allocations below it
+ADDRESS = (1 << 64) - 1  # a hole's start, in its key in ``Allocator.holes``
+DIFF_WHOLE_ABOVE = 4  # the record is compared whole when the ranges touched pass 1/4 of its extents
 
 
 def no_space(length: int, free: int, largest: int, kept: int = 0) -> NoSpaceError:
@@ -37,14 +50,20 @@ def no_space(length: int, free: int, largest: int, kept: int = 0) -> NoSpaceErro
 
 
 class Allocator:
-    def __init__(self, free: list[tuple[int, int]] | None = None, *, nodesize: int = 16384) -> None:
+    def __init__(self, free: list[tuple[int, int]] | None = None, *, nodesize: int = 16384,
+                 hole_max: int = HOLE_MAX) -> None:
         self.free = SortedDict()  # start -> length, disjoint, coalesced
+        self.hole_max = hole_max
+        self.holes = SortedList()  # length << 64 | start of each free extent shorter than hole_max
         self.pinned: list[tuple[int, int]] = []  # freed by the running transaction
         self.sealed: list[tuple[int, int]] = []  # freed by the transaction whose commit is in flight
         self.cursor = 0
         self.nodesize = nodesize
         self.node_room = 0  # sum(length // nodesize) over the free extents: tree blocks that would fit
         self.changes = 0  # counts every change of the free extents: lets callers cache what they derive
+        # [start, end) of each range allocated or given up since ``record_changes`` last ran (None:
+        # everything -- no record matches this allocator yet)
+        self.touched: list[tuple[int, int]] | None = None
         for start, length in free or ():
             self.release(start, length)
 
@@ -71,6 +90,62 @@ class Allocator:
             else:
                 out.append((start, length))
         return out
+
+    def record_changes(self, record: SortedDict) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """What the free-space record ``record`` (start -> length, as the commit before left it)
+        must lose and gain, as (start, length) lists, to equal ``extents_after_commit``. Work in
+        proportion to what changed since the last call, not to the record's size: only the
+        record's extents that reach a range allocated or given up since then are compared
+        (a commit converges in several rounds, and the later ones change a few tree blocks).
+        Asked while no commit is in flight, as ``extents_after_commit``."""
+        assert not self.sealed, "the previous commit is not durable yet"
+        touched, self.touched = self.touched, []
+        if touched is None or len(touched) * DIFF_WHOLE_ABOVE > len(record):
+            # nearly everything moved: one pass over both is cheaper than a look-up per range
+            want = set(self.extents_after_commit())
+            have = set(record.items())
+            return sorted(have - want), sorted(want - have)
+        pins = sorted(self.pinned)
+        pin_starts = [start for start, _ in pins]
+        gone: list[tuple[int, int]] = []
+        new: list[tuple[int, int]] = []
+        for lo, hi in self._spans(touched, record):
+            have = [(start, record[start]) for start in record.irange(lo, hi - 1)]
+            pieces = heapq.merge([(start, self.free[start]) for start in self.free.irange(lo, hi - 1)],
+                                 pins[bisect.bisect_left(pin_starts, lo):bisect.bisect_left(pin_starts, hi)])
+            want: list[tuple[int, int]] = []
+            for start, length in pieces:
+                if want and want[-1][0] + want[-1][1] == start:
+                    want[-1] = (want[-1][0], want[-1][1] + length)
+                else:
+                    want.append((start, length))
+            if have != want:
+                kept = set(have) & set(want)
+                gone += (e for e in have if e not in kept)
+                new += (e for e in want if e not in kept)
+        return gone, new
+
+    @staticmethod
+    def _spans(touched: list[tuple[int, int]], record: SortedDict) -> list[tuple[int, int]]:
+        """The touched ranges, merged, each widened to the record's extents that overlap or adjoin
+        it: outside them nothing changed, and their ends stay allocated in the record before and
+        after, so the extents inside can be compared alone."""
+        spans: list[tuple[int, int]] = []
+        keys = record.keys()
+        for lo, hi in sorted(touched):
+            if spans and lo <= spans[-1][1]:
+                lo = spans[-1][0]
+                hi = max(hi, spans.pop()[1])
+            i = record.bisect_right(lo) - 1
+            if i >= 0 and keys[i] + record[keys[i]] >= lo:
+                lo = keys[i]
+            i = record.bisect_right(hi) - 1
+            if i >= 0 and keys[i] + record[keys[i]] > hi:
+                hi = keys[i] + record[keys[i]]
+            while spans and lo <= spans[-1][1]:
+                lo, hi = min(lo, spans[-1][0]), max(hi, spans.pop()[1])
+            spans.append((lo, hi))
+        return spans
 
     def is_free(self, start: int, length: int) -> bool:
         i = self.free.bisect_right(start) - 1
@@ -101,12 +176,17 @@ class Allocator:
         return best
 
     def alloc(self, length: int, *, keep: int = 0) -> int:
-        """Next fit from a roving cursor: consecutive allocations come out contiguous. The
-        allocation leaves at least ``keep`` tree blocks of room (tree blocks pass 0: they may
-        use everything)."""
+        """The smallest hole that holds a small allocation, else next fit from a roving cursor
+        (the module's docstring says why). The allocation leaves at least ``keep`` tree blocks
+        of room (tree blocks pass 0: they may use everything)."""
         if length <= 0 or length % SECTOR:
             raise ValueError(f"allocation of {length} bytes is not a sector multiple")
         keys, ns = self.free.keys(), self.nodesize
+        if (hole := self._best_hole(length)) is not None:
+            start, n = hole
+            if not keep or self.node_room - n // ns + (n - length) // ns >= keep:
+                self._take(start, n, start, length)  # the cursor stays where large allocations go on
+                return start
         first = max(self.free.bisect_right(self.cursor) - 1, 0)
         for lo, indexes in ((self.cursor, range(first, len(keys))), (0, range(0, min(first + 1, len(keys))))):
             for idx in indexes:
@@ -133,9 +213,13 @@ class Allocator:
         ns = self.nodesize
         try:
             for length in lengths:
-                # the test ``alloc`` makes for this extent, whose room node_room does not count now
-                if held >= length > 0 and length % SECTOR == 0 and (not keep or self.node_room + (held - length) // ns >= keep):
+                # where ``alloc`` would put it: next fit into this extent (not a hole, nor would a
+                # hole take it), with the room test ``alloc`` makes -- node_room does not count it now
+                if (held >= length > 0 and length % SECTOR == 0
+                        and (length >= self.hole_max or held >= self.hole_max and self._best_hole(length) is None)
+                        and (not keep or self.node_room + (held - length) // ns >= keep)):
                     out.append(held_at)
+                    self._touch(held_at, held_at + length)
                     held_at, held = held_at + length, held - length
                     self.cursor = held_at
                     continue
@@ -144,7 +228,7 @@ class Allocator:
                     held = 0
                 out.append(self.alloc(length, keep=keep))
                 held_at = out[-1] + length
-                if held_at in self.free:
+                if self.free.get(held_at, 0) >= self.hole_max:
                     held = self._pop(held_at)
         except BaseException:
             if held:
@@ -158,18 +242,41 @@ class Allocator:
                 self._put(held_at, held)
         return out
 
+    def _best_hole(self, length: int) -> tuple[int, int] | None:
+        """The hole a small allocation fills: of the shortest holes that hold it, the first
+        (start, length); None for a large allocation or when none holds it."""
+        if length >= self.hole_max:
+            return None
+        holes = self.holes
+        i = holes.bisect_left(length << 64)
+        if i == len(holes):
+            return None
+        key = holes[i]
+        return key & ADDRESS, key >> 64
+
     def _put(self, start: int, length: int) -> None:
         self.free[start] = length
         self.node_room += length // self.nodesize
         self.changes += 1
+        if length < self.hole_max:
+            self.holes.add(length << 64 | start)
 
     def _pop(self, start: int) -> int:
         length = self.free.pop(start)
         self.node_room -= length // self.nodesize
         self.changes += 1
+        if length < self.hole_max:
+            self.holes.remove(length << 64 | start)
         return length
 
+    def _touch(self, start: int, end: int) -> None:
+        """[start, end) was allocated or given up: the record may differ there (``record_changes``)."""
+        if self.touched is not None:
+            self.touched.append((start, end))
+
     def _take(self, start: int, n: int, s: int, length: int) -> None:
+        """Allocate [s, +length) from the free extent [start, +n)."""
+        self._touch(s, s + length)
         self._pop(start)
         if s > start:
             self._put(start, s - start)
@@ -188,8 +295,12 @@ class Allocator:
 
     def release(self, start: int, length: int) -> None:
         """Return an extent for immediate reuse, merging with its neighbours."""
-        if length <= 0:
-            return
+        if length > 0:
+            self._touch(start, start + length)
+            self._free(start, length)
+
+    def _free(self, start: int, length: int) -> None:
+        """``release`` of space the record already counts free (a durable commit's pins)."""
         end = start + length
         i = self.free.bisect_right(start) - 1
         j = self.free.bisect_left(start)
@@ -205,6 +316,7 @@ class Allocator:
         self._put(start, end - start)
 
     def pin(self, start: int, length: int) -> None:
+        self._touch(start, start + length)
         self.pinned.append((start, length))
 
     def seal_pins(self) -> None:
@@ -217,4 +329,4 @@ class Allocator:
         """The commit that stopped referencing the sealed extents is durable."""
         sealed, self.sealed = self.sealed, []
         for start, length in sealed:
-            self.release(start, length)
+            self._free(start, length)

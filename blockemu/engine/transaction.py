@@ -28,6 +28,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable
 
+from sortedcontainers import SortedDict
+
 from blockemu.engine.alloc import Allocator, no_space
 from blockemu.engine.batch import TreeBatch
 from blockemu.engine.btree import BTree, KeyT
@@ -258,15 +260,19 @@ class Engine:
             item = RootItem.unpack(body)
             self.root_items[tid] = item
             self.trees[tid] = BTree(self.store, tid, item.bytenr, item.level)
-        self.free_items: set[tuple[int, int]] = set()
+        self.free_items = SortedDict()  # start -> length: the free-space tree's items
         if writable and rebuild_free_space:
+            # the new tree comes later (``new_free_space_tree``), once a log is replayed
             self.store.allocator = self._allocator_from_extents()
-            self._new_free_space_tree()
         elif writable:
             fst = self.trees[FREE_SPACE_TREE_OBJECTID]
-            self.free_items = {(k[0], k[2]) for k, _ in fst.items() if k[1] == FREE_SPACE_EXTENT}
-            self.store.allocator = Allocator(self._checked_free_space(), nodesize=sb.nodesize)
-        self._applied_new: set[int] = set()
+            extents = self._checked_free_space([(k[0], k[2]) for k, _ in fst.items() if k[1] == FREE_SPACE_EXTENT])
+            self.free_items = SortedDict(extents)
+            self.store.allocator = Allocator(extents, nodesize=sb.nodesize)
+            if len(self.store.allocator.free) == len(extents):
+                # built from the record, coalesced: the two differ only where the allocator changes
+                self.store.allocator.touched = []
+        self._applied_new: dict[int, tuple[int, int]] = {}  # bytenr -> (owner, level) its METADATA_ITEM says
         self._applied_freed: set[int] = set()
         self._reset_log_notes()
 
@@ -294,16 +300,16 @@ class Engine:
                 runs.append((start, end))
         return runs
 
-    def _checked_free_space(self) -> list[tuple[int, int]]:
-        """The free-space record, refused unless each extent is sector-aligned usable space (inside
-        the device, off the superblock reserves), apart from the others, and holds no extent the
-        extent tree records: the allocator hands these extents out, so a wrong one would let a
-        commit overwrite live metadata or data. (A tree block missing from the extent tree is
-        caught when it is read: ``TreeStore.get``.)"""
+    def _checked_free_space(self, extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The free-space record's extents (in key order), refused unless each extent is
+        sector-aligned usable space (inside the device, off the superblock reserves), apart from
+        the others, and holds no extent the extent tree records: the allocator hands these
+        extents out, so a wrong one would let a commit overwrite live metadata or data. (A tree
+        block missing from the extent tree is caught when it is read: ``TreeStore.get``.)"""
         usable = usable_ranges(self.sb.total_bytes)
         taken = self._allocated()
         prev_end, j = 0, 0
-        for start, length in sorted(self.free_items):
+        for start, length in extents:
             end = start + length
             while j < len(taken) and taken[j][1] <= start:
                 j += 1
@@ -320,7 +326,7 @@ class Engine:
                 continue
             raise CorruptionError(f"free-space record: extent [{start}, +{length}) {why}; run blockemu fsck --repair "
                                   f"to rebuild it", "FREE_SPACE_MISMATCH", start)
-        return sorted(self.free_items)
+        return extents
 
     def _allocator_from_extents(self) -> Allocator:
         """Free space as the extent tree implies it (fsck --repair): usable minus everything allocated."""
@@ -330,11 +336,13 @@ class Engine:
             alloc.reserve(bytenr, length)
         return alloc
 
-    def _new_free_space_tree(self) -> None:
-        """fsck --repair: the free-space tree starts empty and the commit fills it from the
-        allocator, without reading the old one -- a damaged block of it is then no obstacle. The
-        old tree's blocks are found through their METADATA_ITEMs' backrefs, not by walking it,
-        and freed as a COW frees a block."""
+    def new_free_space_tree(self) -> None:
+        """fsck --repair (``Engine(rebuild_free_space=True)``): the free-space tree starts empty
+        and the commit fills it from the allocator, without reading the old one -- a damaged
+        block of it is then no obstacle. The old tree's blocks are found through their
+        METADATA_ITEMs' backrefs, not by walking it, and freed as a COW frees a block. Called
+        after a log's replay has taken its blocks and extents: the new root is allocated, and the
+        record calls that space free (the allocator fills the first hole that holds it)."""
         for (bytenr, typ, level), body in self.trees[EXTENT_TREE_OBJECTID].items():
             if typ == METADATA_ITEM and ExtentItem.unpack(body).refs == (("tree", FREE_SPACE_TREE_OBJECTID),):
                 self.store.freed_blocks[bytenr] = (FREE_SPACE_TREE_OBJECTID, level)
@@ -357,8 +365,8 @@ class Engine:
         for tid in SUBTREES:
             block = self.store.new_block(tid, 0)
             self.trees[tid] = BTree(self.store, tid, block.bytenr, 0)
-        self.free_items = set()
-        self._applied_new, self._applied_freed = set(), set()
+        self.free_items = SortedDict()
+        self._applied_new, self._applied_freed = {}, set()
         self._reset_log_notes()
         return self
 
@@ -416,19 +424,21 @@ class Engine:
         """Give each tree block new in this transaction its METADATA_ITEM and drop those of the
         blocks it freed (committed ones, and new ones freed again): staged, then applied in one
         pass (``TreeBatch``), not a descent with COW per block -- a commit after a few dozen
-        operations adds and drops dozens."""
+        operations adds and drops dozens. A new block freed again may be allocated again, to
+        another tree or at another level (the allocator fills the hole it left at once): its
+        item is made anew."""
         batch, store, changed = TreeBatch(self.trees[EXTENT_TREE_OBJECTID]), self.store, False
-        for bytenr in sorted(self._applied_new - store.new_blocks.keys()):
-            # allocated, recorded, then freed within this transaction
-            self._applied_new.discard(bytenr)
+        new_blocks = store.new_blocks
+        for bytenr in sorted(b for b, made in self._applied_new.items() if new_blocks.get(b) != made):
+            # allocated, recorded, then freed within this transaction (and perhaps allocated again)
+            del self._applied_new[bytenr]
             for key, _ in list(batch.items((bytenr, METADATA_ITEM, 0), (bytenr, METADATA_ITEM, 255))):
                 batch.drop(key)
             changed = True
-        for bytenr in sorted(store.new_blocks.keys() - self._applied_new):
-            owner, level = store.new_blocks[bytenr]
+        for bytenr in sorted(new_blocks.keys() - self._applied_new.keys()):
+            owner, level = self._applied_new[bytenr] = new_blocks[bytenr]
             item = ExtentItem(1, self.transid, EXTENT_FLAG_TREE_BLOCK, (("tree", owner),))
             batch.insert((bytenr, METADATA_ITEM, level), item.pack())
-            self._applied_new.add(bytenr)
             changed = True
         for bytenr in sorted(store.freed_blocks.keys() - self._applied_freed):
             _, level = store.freed_blocks[bytenr]
@@ -454,17 +464,20 @@ class Engine:
         """Rewrite the free-space record to the allocator's extents once the pins are released:
         the difference, applied in one pass (``BTree.apply``). Small writes fragment free space
         and every commit moves hundreds of extents; one descent and COW each made this the
-        largest step of a commit after fsyncs of scattered 4 KiB writes. ``free_items`` mirrors
-        the tree's items, so what goes is there and what comes is not."""
-        want = set(self.allocator.extents_after_commit())
-        gone, new = self.free_items - want, want - self.free_items
+        largest step of a commit after fsyncs of scattered 4 KiB writes. The difference comes
+        from what the allocator saw change (``Allocator.record_changes``), not from comparing
+        the whole record, each of the commit's rounds. ``free_items`` mirrors the tree's items,
+        so what goes is there and what comes is not."""
+        gone, new = self.allocator.record_changes(self.free_items)
         if not (gone or new):
             return False
         changes: list[tuple[tuple[int, int, int], bytes | None]] = sorted(
             [((start, FREE_SPACE_EXTENT, length), None) for start, length in gone]
             + [((start, FREE_SPACE_EXTENT, length), b"") for start, length in new])
         self.trees[FREE_SPACE_TREE_OBJECTID].apply(changes)
-        self.free_items = want
+        for start, _ in gone:
+            del self.free_items[start]
+        self.free_items.update(new)
         return True
 
     def prepare_commit(self) -> tuple[list[tuple[int, bytes]], SuperInfo]:
@@ -482,7 +495,7 @@ class Engine:
             raise RuntimeError("commit did not converge")
         writes = self.store.encode_dirty()
         sb = self.sb
-        free_after = sum(n for _, n in self.free_items)
+        free_after = sum(self.free_items.values())
         usable = sum(n for _, n in usable_ranges(sb.total_bytes))
         new = SuperInfo(
             fsid=sb.fsid,

@@ -89,6 +89,8 @@ class Volume:
             except CorruptionError as e:
                 raise CorruptionError(f"fsync log: {e}; `blockemu rescue zero-log {path}` drops the log, losing what "
                                       "was fsynced since the last commit", e.kind, e.bytenr) from None
+            if rebuild_free_space and not readonly:
+                engine.new_free_space_tree()
             if readonly:
                 engine.store.allocator = None  # ls/cat see the logged state; nothing is written
         except BaseException:

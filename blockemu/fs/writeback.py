@@ -470,7 +470,9 @@ class Writeback:
                     await fs.vol.device.writev(joined(list(zip(placed, (data for data, _ in sealed)))))
                 except BaseException:
                     for bytenr, (data, _) in zip(placed, sealed):
-                        engine.allocator.release(bytenr, len(data))  # referenced by nothing, durable nowhere
+                        # referenced by nothing; pinned, not released: the runs' retry must not
+                        # be handed the place that failed (the allocator refills holes at once)
+                        engine.allocator.pin(bytenr, len(data))
                     raise
                 self._mapped([(inode, NewExtent(run.first * PAGE, bytenr, len(data), len(data),
                                                 self._context(inode, nonce), digests))
@@ -523,6 +525,6 @@ class Writeback:
                     try:
                         await fs.vol.device.write(bytenr, sealed)  # the device copies it out of the slot
                     except BaseException:
-                        engine.allocator.release(bytenr, length)  # referenced by nothing, durable nowhere
+                        engine.allocator.pin(bytenr, length)  # referenced by nothing; not handed out again before a commit
                         raise
                     self._mapped([(inode, NewExtent(file_offset, bytenr, length, length, self._context(inode, nonce), digests))])
