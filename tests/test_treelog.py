@@ -273,16 +273,23 @@ def log_fsync_workload(scale: int):
     return run
 
 
+async def crash_states(tmp_path, workload, write_path, subsets: int, tag: str, **record_options):
+    """Record ``workload`` and check every crash state of its log (``subsets`` orderings of the
+    writes in doubt at each cut): the models recorded, and the campaign's result."""
+    log, models = await record(workload, str(tmp_path / "w.img"), str(tmp_path / "base.img"),
+                               write_path=write_path, **record_options)
+    result = CampaignResult()
+    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(5), subsets, tag, result, write_path)
+    return models, result
+
+
 @pytest.mark.parametrize("write_path", [PRODUCTION, FAST], ids=lambda p: p.name)
 async def test_every_crash_state_around_log_fsyncs(tmp_path, write_path):
-    log, models = await record(log_fsync_workload(write_path.scale), str(tmp_path / "w.img"),
-                               str(tmp_path / "base.img"), write_path=write_path)
+    models, result = await crash_states(tmp_path, log_fsync_workload(write_path.scale), write_path, 3, "log")
     gens = {}
     for gen, root in models:
         gens.setdefault(gen, []).append(root)
     assert any(len([r for r in roots if r]) == 2 for roots in gens.values()), models.keys()  # two log states
-    result = CampaignResult()
-    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(5), 3, "log", result, write_path)
     assert result.states >= 20 and not result.failures, result.failures[:3]
 
 
@@ -291,10 +298,8 @@ async def test_a_log_written_without_barriers_is_caught(tmp_path):
     """With flushes ignored (nobarrier) the log's superblock can land before its blocks: the
     crash states of the same workload must then show failures (the checker can fail)."""
     from blockemu.device.faultplan import FaultPlan
-    log, models = await record(log_fsync_workload(FAST.scale), str(tmp_path / "w.img"), str(tmp_path / "base.img"),
-                               faults=FaultPlan(nobarrier=True), write_path=FAST)
-    result = CampaignResult()
-    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(5), 3, "nobarrier", result, FAST)
+    _, result = await crash_states(tmp_path, log_fsync_workload(FAST.scale), FAST, 3, "nobarrier",
+                                   faults=FaultPlan(nobarrier=True))
     assert result.failures
 
 
@@ -447,10 +452,7 @@ def logged_notes_workload(scale: int):
 async def test_every_crash_state_around_fsyncs_logged_from_notes(tmp_path, write_path):
     """Crash states cut around each log write, flush and FUA of ``logged_notes_workload``:
     every one must open (replaying the log) to the last state fsync acknowledged."""
-    log, models = await record(logged_notes_workload(write_path.scale), str(tmp_path / "w.img"),
-                               str(tmp_path / "base.img"), write_path=write_path)
-    result = CampaignResult()
-    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(5), 1, "notes", result, write_path)
+    _, result = await crash_states(tmp_path, logged_notes_workload(write_path.scale), write_path, 1, "notes")
     assert result.states >= 20 and not result.failures, result.failures[:3]
 
 
@@ -513,10 +515,7 @@ def joined_csums_workload(scale: int):
 
 @pytest.mark.parametrize("write_path", [PRODUCTION, FAST], ids=lambda p: p.name)
 async def test_every_crash_state_around_log_syncs_that_join_checksum_items(tmp_path, write_path):
-    log, models = await record(joined_csums_workload(write_path.scale), str(tmp_path / "w.img"),
-                               str(tmp_path / "base.img"), write_path=write_path)
-    result = CampaignResult()
-    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(5), 1, "joined", result, write_path)
+    _, result = await crash_states(tmp_path, joined_csums_workload(write_path.scale), write_path, 1, "joined")
     assert result.states >= 15 and not result.failures, result.failures[:3]
 
 
