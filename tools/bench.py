@@ -559,7 +559,8 @@ def fig_random(d: str, rounds: int, name: str, writes: int, span: int, fsync_eve
     a plain os.pwrite loop on a fresh host file."""
     import blockemu
 
-    offsets = [random.Random(4).randrange(span >> 12) << 12 for _ in range(writes)]
+    rng = random.Random(4)  # one generator: a fresh Random(4) per offset gave every write the same page
+    offsets = [rng.randrange(span >> 12) << 12 for _ in range(writes)]
     block = os.urandom(4096)
     every = fsync_every or writes + 1
 
