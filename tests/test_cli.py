@@ -119,6 +119,10 @@ def test_bad_input_gets_one_line(tmp_path, image):
     assert "node size" in run("mkfs", str(tmp_path / "b.img"), "--size", "64M", "--node-size", "3K", check_rc=1).stderr
     assert "uuid" in run("mkfs", str(tmp_path / "b.img"), "--size", "64M", "--uuid", "nope", check_rc=1).stderr
     assert run("inspect", "dump-super", str(tmp_path / "missing.img"), check_rc=1).stderr.count("\n") == 1
+    # a host file the command cannot make is named first, as put's and --key-file's are
+    out = str(tmp_path / "no-dir" / "map.png")
+    assert run("inspect", "heatmap", image, out, check_rc=1).stderr == (
+        f"blockemu: inspect: {out}: No such file or directory\n")
 
 
 def test_mkfs_refuses_to_overwrite_without_force(image):

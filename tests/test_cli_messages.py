@@ -68,7 +68,7 @@ def test_mkfs_that_fails_while_populating_leaves_no_image(tmp_path):
     p = subprocess.run([sys.executable, "-m", "blockemu", "mkfs", str(img), "--size", "32M", "--rootdir", str(root)],
                        capture_output=True, text=True, timeout=60,
                        preexec_fn=obey_file_modes if os.geteuid() == 0 else None)
-    assert (p.returncode, p.stderr) == (1, f"blockemu: mkfs: Permission denied: {root}/secret\n")
+    assert (p.returncode, p.stderr) == (1, f"blockemu: mkfs: {root}/secret: Permission denied\n")
     assert not img.exists()
 
 

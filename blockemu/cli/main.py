@@ -1157,7 +1157,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if debug:
             raise
-        fail(command, f"{e.strerror or e}{': ' + e.filename if e.filename else ''}", e.errno, args)
+        why = e.strerror or str(e)
+        fail(command, f"{e.filename}: {why}" if e.filename else why, e.errno, args)  # path first, as cp(1)
         return failure
 
 
