@@ -134,6 +134,11 @@ def build_parser(command: str | None = None) -> Parser:
     return p
 
 
+KEY_BYTES = "raw key bytes (16-64)"
+KEY_TO_READ = f"{KEY_BYTES} of an encrypted directory on the path"
+SEED_HELP = "seed of every random choice (default: a random one, printed)"
+
+
 def size_text(text: str) -> str:
     """A SIZE flag that must parse (K/M/G/T): one that does not is a usage error (exit 2), as
     any flag argparse cannot read -- ``mkfs --size abc`` exited 1. Kept as written, so that a
@@ -157,7 +162,7 @@ def args_mkfs(m: argparse.ArgumentParser) -> None:
     m.add_argument("--force", action="store_true", help="overwrite an existing non-empty image")
     m.add_argument("--rootdir", help="populate the image from this host directory")
     m.add_argument("--encrypt", metavar="PATH", help="directory inside the image to encrypt (needs --key-file)")
-    m.add_argument("--key-file", help="raw key bytes (16-64) for --encrypt")
+    m.add_argument("--key-file", help=f"{KEY_BYTES} for --encrypt")
     add_progress_flags(m)
 
 
@@ -196,7 +201,7 @@ def args_mkdir(mk: argparse.ArgumentParser) -> None:
     mk.add_argument("image")
     mk.add_argument("path")
     mk.add_argument("--encrypt", action="store_true", help="make it an encrypted directory (needs --key-file)")
-    mk.add_argument("--key-file", help="raw key bytes (16-64): --encrypt's key, or that of an encrypted parent")
+    mk.add_argument("--key-file", help=f"{KEY_BYTES}: --encrypt's key, or that of an encrypted parent")
 
 
 def args_extents(ex: argparse.ArgumentParser) -> None:
@@ -207,7 +212,7 @@ def args_extents(ex: argparse.ArgumentParser) -> None:
 
 
 def args_key_id(kid: argparse.ArgumentParser) -> None:
-    kid.add_argument("--key-file", required=True, help="raw key bytes (16-64)")
+    kid.add_argument("--key-file", required=True, help=KEY_BYTES)
 
 
 def args_run(rn: argparse.ArgumentParser) -> None:
@@ -216,7 +221,7 @@ def args_run(rn: argparse.ArgumentParser) -> None:
 
     rn.add_argument("workload", nargs="?")
     rn.add_argument("--image", help="image to run on (created if missing); default: a scratch image")
-    rn.add_argument("--seed", type=int, help="seed of every random choice (default: a random one, printed)")
+    rn.add_argument("--seed", type=int, help=SEED_HELP)
     rn.add_argument("--json", action="store_true", help="same as --output-format json")
     rn.add_argument("--output-format", type=output_formats, default=["normal"],
                     help="normal, json, json+ or terse; several comma-separated, as fio")
@@ -233,7 +238,7 @@ def args_stress(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--scenario", choices=["mix", "key-removal-race"], default="mix",
                     help="mix (default): a seeded random mix checked against an oracle; key-removal-race: "
                          "generic/595's race")
-    sp.add_argument("--seed", type=int, help="seed of every random choice (default: a random one, printed)")
+    sp.add_argument("--seed", type=int, help=SEED_HELP)
     sp.add_argument("--seeds", type=span, metavar="A..B",
                     help="a campaign: seeds A up to B (excluded), each on a fresh image made by its worker")
     sp.add_argument("--duration", type=seconds, help="seconds (instead of --ops)")
@@ -289,7 +294,6 @@ def args_umount(um: argparse.ArgumentParser) -> None:
     um.add_argument("mountpoint")
 
 
-KEY_TO_READ = "raw key bytes (16-64) of an encrypted directory on the path"
 KEY_ACTIONS = {"add": "add a key to the mount's keyring (as FS_IOC_ADD_ENCRYPTION_KEY); prints its identifier",
                "remove": "remove your (or --user's) claim to a key; the last claim's removal starts the "
                           "--key-removal mode's steps",
@@ -301,7 +305,7 @@ def args_key(ky: argparse.ArgumentParser) -> None:
     for action, text in KEY_ACTIONS.items():
         kp = ksub.add_parser(action, help=text)
         kp.add_argument("mountpoint")
-        kp.add_argument("--key-file", required=action == "add", help="raw key bytes (16-64)")
+        kp.add_argument("--key-file", required=action == "add", help=KEY_BYTES)
         if action != "add":
             kp.add_argument("--id", help="the key identifier (32 hex digits) instead of --key-file")
         if action == "remove":
