@@ -423,3 +423,18 @@ def test_stress_says_its_ops_are_all_tasks_of_ops_per_task(tmp_path, capsys):
                        "--write-path", "fast")
     assert (rc, err) == (0, "")
     assert out.splitlines()[1] == f"{'ops':<34}6 (2 tasks x 3 per task)"
+
+
+def test_run_on_a_scratch_image_names_no_path_that_is_gone(tmp_path, capsys):
+    """Without --image the run's image is deleted when it ends: the report says so rather than
+    naming a path that no longer exists, and a failure says how to keep the image."""
+    job = tmp_path / "j.fio"
+    job.write_text("[j]\nrw=read\nsize=64k\nallow_file_create=0\n")
+    rc, out, err = cli(capsys, "run", str(job), "--json", "--seed", "1")
+    assert rc == 1 and json.loads(out)["blockemu"]["image"] == "scratch image (deleted)"
+    assert err == (f"blockemu: run: j: job j: /jobs/j.0.0 does not exist and allow_file_create=0 (err=2) "
+                   f"(reproduce with: blockemu run {job} --seed 1; add --image PATH to keep the image)\n")
+    img = tmp_path / "kept.img"
+    rc, out, err = cli(capsys, "run", str(job), "--json", "--seed", "1", "--image", str(img))
+    assert rc == 1 and json.loads(out)["blockemu"]["image"] == str(img) and img.exists()
+    assert err.endswith(f"(reproduce with: blockemu run {job} --image {img} --seed 1)\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import random
 import shutil
 import statistics
@@ -216,14 +217,76 @@ async def test_the_reads_of_a_read_write_mix_are_not_verified(tmp_path):
     assert out["jobs"][0]["error"] == 0 and out["jobs"][0]["read"]["io_bytes"] > 0
 
 
+BAD = [blk * 4096 + 100 for blk in (10, 20, 30)]  # spoiled bytes in a 1 MiB file of 4 KiB verify blocks
+
+
+@pytest.mark.parametrize("options, blocks_read, bad", [
+    ("", 11, 1),  # fio ends the job at the first bad block (err=84), verify_fatal=0 or not
+    ("verify_fatal=1", 11, 1),
+    ("continue_on_error=verify", 256, 3),  # goes on, counting them
+    ("continue_on_error=verify\nverify_fatal=1", 11, 1),
+])
+async def test_a_bad_block_ends_a_read_verify_job_as_in_fio(tmp_path, options, blocks_read, bad):
+    """A read-only verify job over a file with three spoiled blocks, beside the OS's fio on a
+    host file made and spoiled the same way: the bytes read and err= agree (ours read on to
+    the end whatever the options, reporting every bad block)."""
+    write = "[v]\nrw=write\nbs=4k\nsize=1m\nverify=crc32c\ndo_verify=0\nfilename=v\n"
+    read = f"[v]\nrw=read\nbs=4k\nsize=1m\nverify=crc32c\nfilename=v\n{options}\n"
+    _, image = await run_job(tmp_path, write)
+    async with mount(image) as fs, fs.open("/jobs/v", "r+") as f:
+        for off in BAD:
+            await f.pwrite(b"\xff" * 16, off)
+    (tmp_path / "r.fio").write_text(read)
+    job = (await run_workload(str(tmp_path / "r.fio"), image=image, seed=1)).as_json()["jobs"][0]
+    ours = (job["read"]["io_bytes"], job["error"], job["blockemu"]["verify_errors"])
+    assert ours == (blocks_read * 4096, errno.EILSEQ, bad)
+    if FIO:
+        host = tmp_path / "host"
+        host.mkdir()
+        (tmp_path / "w.fio").write_text(write)
+        subprocess.run([FIO, str(tmp_path / "w.fio")], cwd=host, capture_output=True, check=True, timeout=60)
+        fd = os.open(host / "v", os.O_RDWR)
+        for off in BAD:
+            os.pwrite(fd, b"\xff" * 16, off)
+        os.close(fd)
+        done = subprocess.run([FIO, "--output-format=json", str(tmp_path / "r.fio")], cwd=host,
+                              capture_output=True, text=True, timeout=60)
+        theirs = json.loads(done.stdout[done.stdout.index("{"):])["jobs"][0]
+        assert (theirs["read"]["io_bytes"], theirs["error"]) == ours[:2]
+
+
+@pytest.mark.parametrize("rw, written_order", [("randwrite", True), ("randwrite\nnorandommap", False),
+                                               ("randwrite\nrandom_distribution=zipf:1.2", False), ("write", False)])
+async def test_the_verify_phase_reads_back_in_fios_order(tmp_path, monkeypatch, rw, written_order):
+    """fio's get_next_verify: a job with a random map reads its writes back in the order it
+    wrote them (io_hist_list); any other sorts them by offset (io_hist_tree)."""
+    wrote: list[int] = []
+    read: list[int] = []
+    real_record, real_verify = LastWrites.record, Clone._verify
+
+    def record(self, region, offset, length, numberio):
+        wrote.append(offset)
+        return real_record(self, region, offset, length, numberio)
+
+    def verify(self, data, offset, numberio, region):
+        read.append(offset)
+        return real_verify(self, data, offset, numberio, region)
+    monkeypatch.setattr(LastWrites, "record", record)
+    monkeypatch.setattr(Clone, "_verify", verify)
+    await run_job(tmp_path, f"[w]\nrw={rw}\nsize=64k\nbs=4k\nverify=crc32c\n")
+    last = list(dict.fromkeys(reversed(wrote)))[::-1]  # each offset where it was last written
+    assert read == (last if written_order else sorted(last))
+    assert last != sorted(last) or rw == "write"  # so the two orders differ
+
+
 def test_a_write_drops_every_earlier_write_it_overlaps():
     log = LastWrites()
     log.record(0, 0, 65536, 1)
     log.record(0, 65536, 4096, 2)
     log.record(1, 0, 4096, 3)  # another region: untouched
-    log.pop((0, 65536))  # read back already: its offset lingers, skipped
-    log.record(0, 61440, 8192, 4)  # reaches into the first write and over the popped one
-    assert sorted(log) == [(0, 61440), (1, 0)]
+    log.pop((0, 65536))  # read back already
+    log.record(0, 61440, 8192, 4)  # reaches into the first write and over where the popped one was
+    assert list(log) == [(1, 0), (0, 61440)] and log.by_offset() == [(0, 61440), (1, 0)]
     log.record(0, 57344, 4096, 5)
     log.forget(0, 60000, 4096)  # a trim across both
     assert sorted(log) == [(1, 0)]

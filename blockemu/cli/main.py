@@ -220,7 +220,8 @@ def args_run(rn: argparse.ArgumentParser) -> None:
     from blockemu.workload.jobfile import size as fio_size
 
     rn.add_argument("workload", nargs="?")
-    rn.add_argument("--image", help="image to run on (created if missing); default: a scratch image")
+    rn.add_argument("--image", help="image to run on (created if missing), kept afterwards; default: a scratch "
+                                    "image, deleted after the run (the report says \"scratch image (deleted)\")")
     rn.add_argument("--seed", type=int, help=SEED_HELP)
     rn.add_argument("--json", action="store_true", help="same as --output-format json")
     rn.add_argument("--output-format", type=output_formats, default=["normal"],
@@ -709,8 +710,9 @@ def cmd_run(a: argparse.Namespace) -> int:
             print(note, file=sys.stderr)
     if not report.ok:  # one line on stderr whatever the output format
         image = f" --image {a.image}" if a.image else ""
+        keep = "" if a.image else "; add --image PATH to keep the image"
         print(f"blockemu: run: {'; '.join(report.failures)} (reproduce with: blockemu run {a.workload}{image} "
-              f"--seed {seed})", file=sys.stderr)
+              f"--seed {seed}{keep})", file=sys.stderr)
     if report.interrupted:
         return 128 + int(signal.Signals[report.interrupted])
     return 0 if report.ok else 1

@@ -28,7 +28,9 @@ latency clocks: ``slat`` from preparing an I/O to its submission (async engines 
 
 ``verify`` writes blocks (or ``verify_interval`` chunks) that carry a header -- offset,
 write sequence number, and the chosen checksum of the rest -- and reads them back after
-writing; read jobs check what they read.
+writing; read jobs check what they read. The first bad block ends the job (err=84), as in
+fio whatever ``verify_fatal`` says; with ``continue_on_error=verify`` the job reads on,
+counting them, and ``verify_fatal=1`` stops it at the first.
 
 Where fio would use the device: a trim punches a hole (``File.punch_hole``), ``trimwrite``
 writes each block right after trimming it; ``fill_device`` sizes the job by the image's free
@@ -138,6 +140,12 @@ DIGESTS: dict[str, Callable[[bytes], bytes]] = {
 }
 HEADER = struct.Struct("<4sQQI")  # magic, offset, numberio, crc32 of the header fields
 MAGIC = b"bEvF"
+
+
+class VerifyFailed(BlockemuError):
+    """A block read back is not what was written: fio's err=84."""
+
+    code = errno.EILSEQ
 
 
 class Verifier:
@@ -1262,9 +1270,17 @@ class Clone:
         assert self.verifier is not None
         why = self.verifier.check(data, offset, numberio)
         if why:
-            self.result.verify_errors += 1
-            self.result.verify_first = self.result.verify_first or \
-                f"{why}; verify failed at file {region.path} offset {offset}, length {len(data)}"
+            self._bad_block(f"{why}; verify failed at file {region.path} offset {offset}, length {len(data)}")
+
+    def _bad_block(self, line: str) -> None:
+        """fio's rule for a block that does not verify (fio 3.33, checked): it ends the job with
+        err=84 (EILSEQ), whatever ``verify_fatal`` says, unless continue_on_error names verify
+        (and ignore_error's verify list holds EILSEQ, as by default); then it is counted and the
+        job reads on -- up to this first bad block with ``verify_fatal=1``."""
+        self.result.verify_errors += 1
+        self.result.verify_first = self.result.verify_first or line
+        if not self._goes_past("verify", errno.EILSEQ, line) or self.job.get("verify_fatal"):
+            raise VerifyFailed(line)
 
     async def _sync(self) -> None:
         t = time.perf_counter_ns()
@@ -1384,14 +1400,18 @@ class Clone:
         if self.fill and io.ddir == WRITE and code in (errno.ENOSPC, errno.EDQUOT):
             self.filled = True
             return
-        kind = "read" if io.ddir == READ else "write"
-        if self.continue_on:
-            line = f"fio: io_u error on file {io.region.path}: {os.strerror(code)}: {DDIR_NAMES[io.ddir]} " \
-                   f"offset={io.offset}, buflen={io.length}" if self.job.get("error_dump", True) else None
-            self.result.count_error(code, line)
-            if kind in self.continue_on and code in (self.ignore[ERROR_KINDS.index(kind)] or NON_FATAL):
-                return
-        raise e
+        line = f"fio: io_u error on file {io.region.path}: {os.strerror(code)}: {DDIR_NAMES[io.ddir]} " \
+               f"offset={io.offset}, buflen={io.length}"
+        if not self._goes_past("read" if io.ddir == READ else "write", code, line):
+            raise e
+
+    def _goes_past(self, kind: str, code: int, line: str) -> bool:
+        """continue_on_error: the error is counted (and logged unless error_dump=0); True if the
+        job goes on past it -- its type is named and its errno is in that type's list."""
+        if not self.continue_on:
+            return False
+        self.result.count_error(code, line if self.job.get("error_dump", True) else None)
+        return kind in self.continue_on and code in (self.ignore[ERROR_KINDS.index(kind)] or NON_FATAL)
 
     async def _trim_backlog(self) -> None:
         """trim_backlog=N: after N writes, trim trim_percentage of (trim_backlog_batch of) them;
@@ -1415,22 +1435,20 @@ class Clone:
             region = self.regions[ri]
             assert region.file is not None
             self._verify(await region.file.pread(length, off), off, numberio, region)
-            if self.result.verify_errors and self.job.get("verify_fatal"):
-                return
 
     async def verify_phase(self) -> None:
         """do_verify: read back every block this clone wrote (the last write of each) that
         verify_backlog has not checked already."""
         if self.verifier is not None and self.job.get("do_verify", True):
-            await self._verify_written(sorted(self.written))
+            # fio's order (lastwrites.py): as written where a random map kept the writes apart
+            await self._verify_written(list(self.written) if self.randommap else self.written.by_offset())
             if self.job.get("trim_verify_zero", True):
                 for (ri, off), length in sorted(self.trimmed.items()):
                     region = self.regions[ri]
                     assert region.file is not None
                     if any(await region.file.pread(length, off)):
-                        self.result.verify_errors += 1
-                        self.result.verify_first = self.result.verify_first or \
-                            f"verify: trimmed block not zero at file {region.path} offset {off}, length {length}"
+                        self._bad_block(f"verify: trimmed block not zero at file {region.path} offset {off}, "
+                                        f"length {length}")
 
     async def _backlog(self) -> None:
         """verify_backlog=N: after N writes, verify (verify_backlog_batch of) them."""
@@ -1544,7 +1562,10 @@ async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
         if not ctx.stopped:  # a stopped job is not verified, as in fio
             for c in clones:
                 if not c.result.error:
-                    await c.verify_phase()
+                    try:
+                        await c.verify_phase()
+                    except VerifyFailed as e:  # this clone's bad block ends this clone's job
+                        c.result.fail(e)
         await _close(clones)
         if job.get("unlink") or job.get("unlink_each_loop"):
             for path in dict.fromkeys(r.path for c in clones for r in c.regions):

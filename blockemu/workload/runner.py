@@ -71,6 +71,9 @@ def load_workload(arg: str) -> JobFile:
     raise InvalidArgument(f"{arg}: no such job file or built-in scenario (see blockemu run --list)")
 
 
+SCRATCH_IMAGE = "scratch image (deleted)"  # what a report without --image says the image was
+
+
 @dataclass
 class RunReport:
     seed: int
@@ -341,6 +344,8 @@ async def run_workload(workload: str, *, image: str | None = None, seed: int = 0
     jf = prepare(workload, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         runner = Runner(jf, image if image is not None else os.path.join(tmp, "run.img"), seed)
+        if image is None:  # the report must not name a file that is gone once it is read
+            runner.report.image = SCRATCH_IMAGE
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, runner.interrupt, sig)
