@@ -601,3 +601,25 @@ def test_a_read_that_fails_with_eio_says_why_in_the_servers_log(env, image, mnt)
         log = s.proc.stderr.read()  # type: ignore[union-attr]
         s.close()
     assert "blockemu: mount: read: " in log and f"checksum mismatch at file offset 4096 (disk {disk + 4096})" in log, log
+
+
+def test_a_clean_unmount_removes_an_empty_log_and_keeps_one_that_says_something(env, image, mnt) -> None:
+    """The background server's logs were never removed: one more in the runtime directory for
+    every mount point ever mounted. A clean unmount drops an empty one; one that explains an
+    EIO stays, and the next mount of that mount point appends to it."""
+    run = Path(env["BLOCKEMU_RUNTIME_DIR"])
+    blockemu(env, "mount", str(image), str(mnt))
+    (mnt / "f").write_bytes(b"x" * 16384)
+    blockemu(env, "umount", str(mnt))
+    assert list(run.iterdir()) == []
+    disk = json.loads(blockemu(env, "extents", str(image), "/f", "--json").stdout)[0]["disk_bytenr"]
+    with open(image, "r+b") as img:
+        img.seek(disk + 5000)
+        img.write(b"\xff")
+    blockemu(env, "mount", str(image), str(mnt))
+    try:
+        assert sh(f"cat {mnt}/f > /dev/null").returncode == 1
+    finally:
+        blockemu(env, "umount", str(mnt))
+    [log] = run.iterdir()
+    assert log.suffix == ".log" and "checksum mismatch at file offset 4096" in log.read_text()

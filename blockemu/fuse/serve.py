@@ -225,6 +225,17 @@ def run(image: str, mountpoint: str, *, foreground: bool, **kw: Any) -> int:
     _daemon(image, mountpoint, w, kw)
 
 
+def drop_quiet_log(path: str) -> None:
+    """After a clean unmount, a log with nothing in it goes: one was left per mount point ever
+    mounted. One that holds anything -- why a request failed with EIO, a traceback, an earlier
+    server's lines (each mount of a mount point appends to its one log) -- stays to be read."""
+    try:
+        if os.path.getsize(path) == 0:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _daemon(image: str, mountpoint: str, w: int, kw: dict[str, Any]) -> None:
     """The serving process: tell the first process how mounting went, then detach from its terminal."""
     os.chdir("/")
@@ -246,6 +257,9 @@ def _daemon(image: str, mountpoint: str, w: int, kw: dict[str, Any]) -> None:
     code = 0
     try:
         asyncio.run(serve(image, mountpoint, ready=ready, **kw))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        drop_quiet_log(log_path)
     except BaseException as e:  # noqa: BLE001 -- whatever it is, the first process must hear of it
         code = 1
         try:
