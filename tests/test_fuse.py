@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -623,3 +624,37 @@ def test_a_clean_unmount_removes_an_empty_log_and_keeps_one_that_says_something(
         blockemu(env, "umount", str(mnt))
     [log] = run.iterdir()
     assert log.suffix == ".log" and "checksum mismatch at file offset 4096" in log.read_text()
+
+
+async def test_a_missing_name_is_a_negative_entry_the_kernel_keeps_except_where_a_key_changes_names(tmp_path,
+                                                                                                   monkeypatch) -> None:
+    """Every stat of a missing name was a request to the server (an ENOENT answer is not
+    cached: 100 stats, 100 lookups); a negative entry is kept for ATTR_TIMEOUT (1 lookup). In an
+    encrypted directory adding the key makes names appear, so there a missing name stays ENOENT;
+    readdir still skips a name gone since opendir."""
+    try:
+        from blockemu.fuse.ops import ATTR_TIMEOUT, Operations
+    except ImportError as e:
+        pytest.skip(f"pyfuse3 is not installed ({e}): pip install -e '.[fuse]'")
+    import pyfuse3
+
+    img = str(tmp_path / "a.img")
+    await mkfs(img, "64M")
+    async with mount(img) as fs:
+        ops = Operations(fs)
+        await fs.mkdir("/enc")
+        await fs.set_policy("/enc", await fs.add_key(bytes(range(32))))
+        async with fs.open("/here", "w"):
+            pass
+        missing = await ops.lookup(pyfuse3.ROOT_INODE, b"missing")
+        assert (missing.st_ino, missing.entry_timeout) == (0, ATTR_TIMEOUT)
+        assert (await ops.lookup(pyfuse3.ROOT_INODE, b"here")).st_ino == (await fs.stat("/here")).st_ino
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.lookup((await fs.stat("/enc")).st_ino, b"missing")
+        assert e.value.errno == errno.ENOENT
+        fh = await ops.opendir(pyfuse3.ROOT_INODE, None)
+        await fs.unlink("/here")  # gone between opendir and readdir: not listed
+        listed: list[bytes] = []
+        monkeypatch.setattr(pyfuse3, "readdir_reply", lambda token, name, attrs, nxt: listed.append(name) or True)
+        await ops.readdir(fh, 0, None)
+        assert listed == [b".", b"..", b"enc"]

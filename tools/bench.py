@@ -35,8 +35,9 @@ writes pay). A reference tool that is not installed prints "n/a (not installed)"
 seq, stress, fio: the table's sequential-write rows, its stress row, or its fio rows (IOPS and
 median fsync latency against real fio on the host directory and on kernel btrfs) alone (a minute, not the table's many: fsck's content
 alone takes minutes to make).
-fs: buffered writes under the background threshold (against aiofiles), 10,000 small files
-(against the host filesystem), and write-call latency during a flush and a sequential run.
+fs: buffered writes under the background threshold (against aiofiles), 10,000 small files and
+10,000 renames of them (against the host filesystem), and write-call latency during a flush and
+a sequential run.
 fsck: the table's fsck figure alone. writeback: see bench_writeback.
 
 btree: 1M-key insert and lookup in the COW B-tree (16 KiB nodes, sans-I/O over a
@@ -226,6 +227,19 @@ async def bench_fs(mib: int) -> None:
             await fs.sync()
             created = 10_000 / (time.perf_counter() - t)
             row("10,000 small files + sync", created, "files/s", host_create, "of host fs")
+
+            # rename, as rsync and editors use it: each file written under a temporary name, then
+            # moved to its own (the names of the small files above, moved to new ones)
+            t = time.perf_counter()
+            for i in range(10_000):
+                os.rename(os.path.join(d, "many", str(i)), os.path.join(d, "many", f"r{i}"))
+            host_rename = 10_000 / (time.perf_counter() - t)
+            row("ceiling: host fs, 10,000 renames", host_rename, "renames/s")
+            t = time.perf_counter()
+            for i in range(10_000):
+                await fs.rename(f"/many/{i}", f"/many/r{i}")
+            renamed = 10_000 / (time.perf_counter() - t)
+            row("10,000 renames (no sync)", renamed, "renames/s", host_rename, "of host fs")
 
             # write-call latency while a flush of 64 MiB runs
             flush_lat: list[float] = []

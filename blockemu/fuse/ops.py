@@ -123,12 +123,26 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        """A name that is not there is answered as a negative entry the kernel keeps for
+        ``ATTR_TIMEOUT`` (an ENOENT answer is not kept): probes of a missing name (a shell's
+        PATH search, a build's or git's stat of files not there) cost one request, not one
+        each (100 stats: 1 lookup instead of 100). The kernel still asks for a rename's target
+        and an O_EXCL create's name every time (LOOKUP_RENAME_TARGET, LOOKUP_EXCL). Not in an
+        encrypted directory: adding its key (on the control socket, unseen by the kernel)
+        makes names appear there."""
         if name == b".":
             return entry(self.fs.stat_inode(self._inode(parent_inode)))
         if name == b"..":
             path = self._path(parent_inode)
             return await self._entry_at(path.rsplit("/", 1)[0] or "/")
-        return await self._entry_at(child(self._path(parent_inode), name))
+        try:
+            return await self._entry_at(child(self._path(parent_inode), name))
+        except FileNotFoundError:
+            if self._inode(parent_inode).key_id is not None:
+                raise
+            missing = pyfuse3.EntryAttributes()
+            missing.st_ino, missing.entry_timeout = 0, ATTR_TIMEOUT
+            return missing
 
     @fuse_errors
     async def forget(self, inode_list: Any) -> None:
@@ -279,6 +293,8 @@ class Operations(pyfuse3.Operations):
                 attrs = await self.lookup(inode, names[i])
             except pyfuse3.FUSEError:
                 continue  # removed since opendir
+            if not attrs.st_ino:
+                continue  # the same, in a directory where a missing name is a negative entry
             if not pyfuse3.readdir_reply(token, names[i], attrs, i + 1):
                 return
 
