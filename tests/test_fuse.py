@@ -488,21 +488,28 @@ def test_real_fio_verify_on_the_mount(env, image, mnt) -> None:
     fsck_clean(env, image)
 
 
+@contextlib.asynccontextmanager
+async def in_process_ops(tmp_path: Path):
+    """A fresh image mounted in this process with its FUSE operations, no kernel mount: requests
+    are called as coroutines, so an interleaving is driven step by step."""
+    try:
+        from blockemu.fuse.ops import Operations
+    except ImportError as e:
+        pytest.skip(f"pyfuse3 is not installed ({e}): pip install -e '.[fuse]'")
+    img = str(tmp_path / "a.img")
+    await mkfs(img, "64M")
+    async with mount(img) as fs:
+        yield fs, Operations(fs)
+
+
 async def test_a_rename_landing_while_a_create_waits_cannot_misplace_the_file(tmp_path) -> None:
     """The kernel names the parent by inode; the path made of it must still name that directory
     when the filesystem resolves it. Driven in-process through the FUSE operations: the create
     waits in vol.join (for a commit, say) while a rename moves its directory and a new one takes
     the old name; the file must land in the moved directory."""
-    try:
-        from blockemu.fuse.ops import Operations
-    except ImportError as e:
-        pytest.skip(f"pyfuse3 is not installed ({e}): pip install -e '.[fuse]'")
-    import pyfuse3
+    async with in_process_ops(tmp_path) as (fs, ops):
+        import pyfuse3
 
-    img = str(tmp_path / "a.img")
-    await mkfs(img, "64M")
-    async with mount(img) as fs:
-        ops = Operations(fs)
         await fs.mkdir("/a")
         a = (await fs.stat("/a")).st_ino
         join, gate, entered = fs.vol.join, asyncio.Event(), asyncio.Event()
@@ -632,16 +639,11 @@ async def test_a_missing_name_is_a_negative_entry_the_kernel_keeps_except_where_
     cached: 100 stats, 100 lookups); a negative entry is kept for ATTR_TIMEOUT (1 lookup). In an
     encrypted directory adding the key makes names appear, so there a missing name stays ENOENT;
     readdir still skips a name gone since opendir."""
-    try:
-        from blockemu.fuse.ops import ATTR_TIMEOUT, Operations
-    except ImportError as e:
-        pytest.skip(f"pyfuse3 is not installed ({e}): pip install -e '.[fuse]'")
-    import pyfuse3
+    async with in_process_ops(tmp_path) as (fs, ops):
+        import pyfuse3
 
-    img = str(tmp_path / "a.img")
-    await mkfs(img, "64M")
-    async with mount(img) as fs:
-        ops = Operations(fs)
+        from blockemu.fuse.ops import ATTR_TIMEOUT
+
         await fs.mkdir("/enc")
         await fs.set_policy("/enc", await fs.add_key(bytes(range(32))))
         async with fs.open("/here", "w"):
