@@ -12,7 +12,7 @@ half way (a corrupt back reference) leaves the tree as it was.
 """
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, bisect_right
 from typing import Iterator
 
 from blockemu.engine.btree import MAX_KEY, MIN_KEY, BTree, Change, KeyT, Through
@@ -24,12 +24,13 @@ class TreeBatch:
 
     def __init__(self, tree: BTree) -> None:
         self.tree = tree
-        # key -> new value, or None: deleted; and the staged keys in order. A plain dict and
-        # list: writeback stages each change once and reads a few back, mostly in key order
-        # (an insort at the end is a bisection), where a SortedDict's Python-level upkeep
-        # was a tenth of mapping a batch of small extents
+        # key -> new value, or None: deleted; and the staged keys, put in order only when read
+        # in order (``_ordered``). Writeback stages each change once and reads few back in key
+        # order (its maps answer its reads): a sort of the list when one comes is a pass over
+        # runs already in order, where keeping it sorted was a bisection per staged change
         self.changes: dict[KeyT, bytes | None] = {}
         self.order: list[KeyT] = []
+        self.in_order = True  # ``order`` is sorted
         self.ranges: list[tuple[KeyT, KeyT]] = []  # ``drop_range``'s, not read through
 
     def get(self, key: KeyT) -> bytes | None:
@@ -43,7 +44,8 @@ class TreeBatch:
         base = self.tree.items(lo, hi, reverse=reverse)
         if not self._staged_in(lo, hi):
             return base
-        staged = self.order[bisect_left(self.order, lo) : bisect_right(self.order, hi)]
+        order = self._ordered()
+        staged = order[bisect_left(order, lo) : bisect_right(order, hi)]
         return self._merged(base, iter(reversed(staged) if reverse else staged), reverse)
 
     def _merged(self, base: Iterator[tuple[KeyT, bytes]], staged: Iterator[KeyT], reverse: bool) -> Iterator[tuple[KeyT, bytes]]:
@@ -60,16 +62,25 @@ class TreeBatch:
                 yield s, value
             s = next(staged, None)
 
+    def _ordered(self) -> list[KeyT]:
+        """The staged keys, sorted."""
+        if not self.in_order:
+            self.order.sort()
+            self.in_order = True
+        return self.order
+
     def _staged_in(self, lo: KeyT, hi: KeyT) -> bool:
-        i = bisect_left(self.order, lo)
-        return i < len(self.order) and self.order[i] <= hi
+        order = self._ordered()
+        i = bisect_left(order, lo)
+        return i < len(order) and order[i] <= hi
 
     def last_at_or_before(self, key: KeyT, lo: KeyT = MIN_KEY) -> tuple[KeyT, bytes] | None:
         """One descent of the tree and one bisection of the staged keys: the later of the two
         answers wins, unless it is a staged deletion (then the merged walk decides)."""
         found = self.tree.last_at_or_before(key, lo)
-        i = bisect_right(self.order, key) - 1
-        staged = self.order[i] if i >= 0 else None
+        order = self._ordered()
+        i = bisect_right(order, key) - 1
+        staged = order[i] if i >= 0 else None
         if staged is None or staged < lo or (found is not None and found[0] > staged):
             return found  # no staged key in (found, key]: found stands as it is
         if self.changes[staged] is not None:
@@ -90,8 +101,9 @@ class TreeBatch:
 
     def first_at_or_after(self, key: KeyT, hi: KeyT = MAX_KEY) -> tuple[KeyT, bytes] | None:
         found = self.tree.first_at_or_after(key, hi)
-        i = bisect_left(self.order, key)
-        staged = self.order[i] if i < len(self.order) else None
+        order = self._ordered()
+        i = bisect_left(order, key)
+        staged = order[i] if i < len(order) else None
         if staged is None or staged > hi or (found is not None and found[0] < staged):
             return found
         if self.changes[staged] is not None:
@@ -131,13 +143,16 @@ class TreeBatch:
         self.ranges.append((lo, hi))
 
     def _stage(self, key: KeyT, value: bytes | None) -> None:
-        if key not in self.changes:
-            insort(self.order, key)
-        self.changes[key] = value
+        changes = self.changes
+        if key not in changes:
+            self.order.append(key)
+            self.in_order = False
+        changes[key] = value
 
     def apply(self) -> None:
         """Make the staged changes in the tree, in one pass, and start empty again."""
-        changes: list[Change] = [(key, self.changes[key]) for key in self.order]
+        staged = self.changes
+        changes: list[Change] = [(key, staged[key]) for key in self._ordered()]
         if self.ranges:
             changes = self._with_ranges(changes)
         self.changes, self.order, self.ranges = {}, [], []

@@ -321,7 +321,11 @@ class BTree:
         """Merge or even out every changed child of ``node`` left underfull, as ``delete`` does. A
         merge may leave the merged block underfull still, so the scan steps back to look at it;
         each step merges (one child fewer), evens out (both then past a quarter) or moves right.
-        Every block on the path is written already (COWed by ``_apply`` or ``_rebalance``)."""
+        Every block on the path is written already (COWed by ``_apply`` or ``_rebalance``).
+        Mostly no changed child is underfull: then no scan of the node's hundreds of slots."""
+        get = self.store.get
+        if not any(self._underfull(get(bytenr)) for bytenr in touched):
+            return
         slot = 0
         while slot < len(node.ptrs) and len(node.ptrs) > 1:
             bytenr = node.ptrs[slot][0]

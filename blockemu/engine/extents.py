@@ -90,15 +90,15 @@ class ExtentMap:
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def overlapping(self, start: int, end: int) -> list[Mapping]:
-        """The mappings overlapping [start, end), in file order (``file_mappings``'s answer)."""
+    def overlapping(self, start: int, end: int) -> list[tuple[int, FileExtent]]:
+        """The (file offset, extent) pairs overlapping [start, end), in file order
+        (``file_mappings``'s answer, as plain pairs: a Mapping each was a Python-level call)."""
         offsets, extents = self.offsets, self.extents
         i = max(bisect_right(offsets, start) - 1, 0)
-        j = bisect_left(offsets, end, i)
-        found = [Mapping(o, extents[o]) for o in offsets[i:j]]
-        if found and found[0].end <= start:
-            del found[0]
-        return found
+        if i < len(offsets) and offsets[i] + extents[offsets[i]].num_bytes <= start:
+            i += 1  # the item before ``start`` ends at or before it
+        found = offsets[i : bisect_left(offsets, end, i)]
+        return list(zip(found, map(extents.__getitem__, found)))
 
     def set(self, offset: int, fe: FileExtent | None) -> int:
         """The item at ``offset`` is now ``fe`` (None: gone); returns the change in items."""
@@ -294,8 +294,8 @@ class ExtentBatch:
     def _change_ref(self, fe: FileExtent, ino: int, ref_offset: int, delta: int) -> None:
         key, item = self._extent_key(fe.disk_bytenr)
         refs = list(item.refs)
-        for i, r in enumerate(refs):
-            if r[0] == "data" and r[1:4] == (S.FS_TREE_OBJECTID, ino, ref_offset):
+        for i, r in enumerate(refs):  # field by field: a slice compared would be a tuple made per ref
+            if r[3] == ref_offset and r[2] == ino and r[0] == "data" and r[1] == S.FS_TREE_OBJECTID:
                 count = r[4] + delta
                 if count:
                     refs[i] = ("data", S.FS_TREE_OBJECTID, ino, ref_offset, count)
@@ -331,7 +331,7 @@ class ExtentBatch:
         self.engine.needs_commit.add(ino)
         return self._unmap(ino, start, end)
 
-    def _mappings(self, ino: int, start: int, end: int) -> list[Mapping]:
+    def _mappings(self, ino: int, start: int, end: int) -> list[tuple[int, FileExtent]]:
         """``file_mappings`` through the batch, from the file's map (filled from the tree the
         first time). A file with more items than the maps have room for, or whose items cannot
         be read, gets none until the maps are emptied: the tree answers, as it did before maps
@@ -372,18 +372,18 @@ class ExtentBatch:
         there is left for that one to replace, not dropped first (an overwrite of whole extents
         would stage the key twice and take it out of the file's map only to put it back)."""
         freed = 0
-        for m in self._mappings(ino, start, end):
-            fe = m.extent
-            ref_offset = m.file_offset - fe.offset
-            keep_left, keep_right = start > m.file_offset, end < m.end
+        for at, fe in self._mappings(ino, start, end):
+            length = fe.num_bytes
+            ref_offset = at - fe.offset
+            keep_left, keep_right = start > at, end < at + length
             if keep_left:
-                self._set(ino, m.file_offset, fe._replace(num_bytes=start - m.file_offset))
-            elif not refill or m.file_offset != start:
-                self._set(ino, m.file_offset, None)
+                self._set(ino, at, fe._replace(num_bytes=start - at))
+            elif not refill or at != start:
+                self._set(ino, at, None)
             if keep_right:
-                cut = end - m.file_offset
-                self._set(ino, end, fe._replace(offset=fe.offset + cut, num_bytes=m.length - cut))
-            freed += min(m.end, end) - max(m.file_offset, start)
+                cut = end - at
+                self._set(ino, end, fe._replace(offset=fe.offset + cut, num_bytes=length - cut))
+            freed += min(at + length, end) - max(at, start)
             if keep_left and keep_right:
                 self._change_ref(fe, ino, ref_offset, +1)
             elif not keep_left and not keep_right:
