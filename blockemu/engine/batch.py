@@ -24,13 +24,12 @@ class TreeBatch:
 
     def __init__(self, tree: BTree) -> None:
         self.tree = tree
-        # key -> new value, or None: deleted; and the staged keys, put in order only when read
-        # in order (``_ordered``). Writeback stages each change once and reads few back in key
-        # order (its maps answer its reads): a sort of the list when one comes is a pass over
-        # runs already in order, where keeping it sorted was a bisection per staged change
+        # key -> new value, or None: deleted; the keys are sorted only when read in order
+        # (``_ordered``, kept until the next change). Writeback stages each change once and
+        # reads few back in key order (its maps answer its reads): staging is one dict store,
+        # where keeping the keys sorted was a bisection and two more hashes of the key per change
         self.changes: dict[KeyT, bytes | None] = {}
-        self.order: list[KeyT] = []
-        self.in_order = True  # ``order`` is sorted
+        self.order: list[KeyT] | None = []  # None: changed since last sorted
         self.ranges: list[tuple[KeyT, KeyT]] = []  # ``drop_range``'s, not read through
 
     def get(self, key: KeyT) -> bytes | None:
@@ -64,9 +63,8 @@ class TreeBatch:
 
     def _ordered(self) -> list[KeyT]:
         """The staged keys, sorted."""
-        if not self.in_order:
-            self.order.sort()
-            self.in_order = True
+        if self.order is None:
+            self.order = sorted(self.changes)
         return self.order
 
     def _staged_in(self, lo: KeyT, hi: KeyT) -> bool:
@@ -143,23 +141,20 @@ class TreeBatch:
         self.ranges.append((lo, hi))
 
     def _stage(self, key: KeyT, value: bytes | None) -> None:
-        changes = self.changes
-        if key not in changes:
-            self.order.append(key)
-            self.in_order = False
-        changes[key] = value
+        self.changes[key] = value
+        self.order = None
 
     def apply(self) -> None:
         """Make the staged changes in the tree, in one pass, and start empty again."""
-        staged = self.changes
-        changes: list[Change] = [(key, staged[key]) for key in self._ordered()]
+        # sorted by key: keys are unique, so no two values are ever compared
+        changes: list[Change] = sorted(self.changes.items())  # type: ignore[arg-type]
         if self.ranges:
             changes = self._with_ranges(changes)
         self.changes, self.order, self.ranges = {}, [], []
         self.tree.apply(changes)
 
     def _with_ranges(self, changes: list[Change]) -> list[Change]:
-        """The staged changes (in ``order``'s order) with each ``drop_range`` as a ``Through``
+        """The staged changes (sorted) with each ``drop_range`` as a ``Through``
         in its place (ranges that overlap joined), a staged deletion inside one left to it
         (``BTree.apply`` allows no other change in the range): bisections of the staged keys,
         no sort of the whole list."""
@@ -169,12 +164,12 @@ class TreeBatch:
                 merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
             else:
                 merged.append((lo, hi))
-        order, out, i = self.order, [], 0
+        order, out, i = [key for key, _ in changes], [], 0
         for lo, hi in merged:
             j = bisect_left(order, lo, i)
             k = bisect_right(order, hi, j)
-            for key in order[j:k]:
-                if self.changes[key] is not None:
+            for key, value in changes[j:k]:
+                if value is not None:
                     raise ValueError(f"item {key} staged in a range staged for deletion in tree {self.tree.owner}")
             out += changes[i:j]
             out.append((lo, Through(hi)))
