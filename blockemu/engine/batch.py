@@ -113,7 +113,8 @@ class TreeBatch:
             raise ValueError(f"item of {len(value)} bytes exceeds the {self.tree.max_item}-byte limit")
         if not replace and self.get(key) is not None:
             raise ExistsError(f"item {key} already in tree {self.tree.owner}")
-        self._stage(key, bytes(value))
+        self.changes[key] = bytes(value)  # (``_stage``, written out: a call per staged item)
+        self.order = None
 
     def update(self, key: KeyT, value: bytes) -> None:
         if self.get(key) is None:
@@ -131,7 +132,8 @@ class TreeBatch:
         """Stage the deletion of an item the caller has just read through this batch: unlike
         ``delete``, no lookup to check that it is there -- another descent of the tree, for
         each of the items writeback replaces (a deletion of an absent key changes nothing)."""
-        self._stage(key, None)
+        self.changes[key] = None  # (``_stage``, written out)
+        self.order = None
 
     def drop_range(self, lo: KeyT, hi: KeyT) -> None:
         """Stage the deletion of every item in [lo, hi] without looking for them: the apply

@@ -246,10 +246,11 @@ class ExtentBatch:
         engine = self.engine
         for ino, offset, item in self.changed:
             engine.changed_extents.setdefault(ino, {})[offset] = item
-        engine.new_csums.update(self.new_csums)
+        new_csums, pin = engine.new_csums, engine.allocator.pin
+        new_csums.update(self.new_csums)
         for bytenr, length in self.freed:
-            engine.allocator.pin(bytenr, length)
-            engine.new_csums.pop(bytenr, None)
+            pin(bytenr, length)
+            new_csums.pop(bytenr, None)
         self.freed.clear()
         self.changed.clear()
         self.new_csums = {}
@@ -394,16 +395,19 @@ class ExtentBatch:
         """Map [file_offset, +length) to the new extent; returns the change in nbytes."""
         file_offset, bytenr, length = new.file_offset, new.bytenr, new.length
         delta = self._unmap(ino, file_offset, file_offset + length, refill=True)
-        fe = FileExtent(self.engine.transid, new.ram_bytes, 0, S.ENCRYPTION_FSCRYPT if new.context else S.ENCRYPTION_NONE,
+        transid = self.engine.transid
+        fe = FileExtent(transid, new.ram_bytes, 0, S.ENCRYPTION_FSCRYPT if new.context else S.ENCRYPTION_NONE,
                         0, S.FILE_EXTENT_REG, bytenr, length, 0, length, new.context)
         self._set(ino, file_offset, fe)
-        item = ExtentItem(1, self.engine.transid, S.EXTENT_FLAG_DATA, (("data", S.FS_TREE_OBJECTID, ino, file_offset, 1),))
+        item = ExtentItem(1, transid, S.EXTENT_FLAG_DATA, (("data", S.FS_TREE_OBJECTID, ino, file_offset, 1),))
         self._put_extent((bytenr, S.EXTENT_ITEM, length), item)
-        digests = new.digests
-        step = len(digests) // (length // PAGE)
-        per = self.sectors_per_csum_item
-        items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), digests[i * step : (i + per) * step])
-                 for i in range(0, length // PAGE, per)]
+        digests, sectors, per = new.digests, length // PAGE, self.sectors_per_csum_item
+        if sectors <= per:  # one item (every small extent): no slicing of the digests
+            items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr), digests)]
+        else:
+            step = len(digests) // sectors
+            items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), digests[i * step : (i + per) * step])
+                     for i in range(0, sectors, per)]
         for key, body in items:
             self.csum.insert(key, body, replace=True)
         self.new_csums[bytenr] = items
