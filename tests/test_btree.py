@@ -318,7 +318,8 @@ def model_neighbours(model: dict, lo, hi, reverse: bool):
 def test_tree_batch_reads_through_its_staged_changes(base, staged, probes):
     """A TreeBatch reads as the tree would after its changes (get, ranges both ways, the
     neighbour lookups and floor ranges the one-descent paths answer; deletions staged with a
-    lookup or without, ``drop``), and ``apply`` makes it so."""
+    lookup or without, ``drop``), also when changes are staged after reads (the batch sorts its
+    keys for a read and keeps them until the next change), and ``apply`` makes it so."""
     from blockemu.engine.batch import TreeBatch
 
     img = MemoryImage(4096)
@@ -328,35 +329,37 @@ def test_tree_batch_reads_through_its_staged_changes(base, staged, probes):
     tree.apply(sorted(model.items()))
     img.commit()
     batch = TreeBatch(tree)
-    for k, delete in staged:
-        if delete:
-            if key(k) in model:
-                if k % 2:
-                    assert batch.delete(key(k)) == model.pop(key(k))
-                else:
-                    batch.drop(key(k))
-                    del model[key(k)]
-        else:
-            batch.insert(key(k), b"s%d" % k, replace=True)
-            model[key(k)] = b"s%d" % k
-    for a, b, c in probes:
-        lo, hi = key(min(a, b)), key(max(a, b))
-        floor_lo, at = key(min(a, b, c)), key(min(max(c, min(a, b)), max(a, b)))  # floor_lo <= at <= hi
+    half = len(staged) // 2
+    for part in (staged[:half], staged[half:]):
+        for k, delete in part:
+            if delete:
+                if key(k) in model:
+                    if k % 2:
+                        assert batch.delete(key(k)) == model.pop(key(k))
+                    else:
+                        batch.drop(key(k))
+                        del model[key(k)]
+            else:
+                batch.insert(key(k), b"s%d" % k, replace=True)
+                model[key(k)] = b"s%d" % k
+        for a, b, c in probes:
+            lo, hi = key(min(a, b)), key(max(a, b))
+            floor_lo, at = key(min(a, b, c)), key(min(max(c, min(a, b)), max(a, b)))  # floor_lo <= at <= hi
 
-        def floor_range(model):
-            below = model_neighbours(model, floor_lo, at, True)
-            return model_neighbours(model, below[0][0] if below else at, hi, False)
+            def floor_range(model):
+                below = model_neighbours(model, floor_lo, at, True)
+                return model_neighbours(model, below[0][0] if below else at, hi, False)
 
-        assert list(batch.floor_items(at, floor_lo, hi)) == floor_range(model)
-        assert list(tree.floor_items(at, floor_lo, hi)) == floor_range(dict(tree.items()))
-        assert batch.get(lo) == model.get(lo)
-        for reverse in (False, True):
-            assert list(batch.items(lo, hi, reverse=reverse)) == model_neighbours(model, lo, hi, reverse)
-        assert batch.last_at_or_before(hi, lo) == next(iter(model_neighbours(model, lo, hi, True)), None)
-        assert batch.first_at_or_after(lo, hi) == next(iter(model_neighbours(model, lo, hi, False)), None)
-        committed = dict(tree.items())
-        assert tree.first_at_or_after(lo, hi) == next(iter(model_neighbours(committed, lo, hi, False)), None)
-        assert tree.last_at_or_before(hi, lo) == next(iter(model_neighbours(committed, lo, hi, True)), None)
+            assert list(batch.floor_items(at, floor_lo, hi)) == floor_range(model)
+            assert list(tree.floor_items(at, floor_lo, hi)) == floor_range(dict(tree.items()))
+            assert batch.get(lo) == model.get(lo)
+            for reverse in (False, True):
+                assert list(batch.items(lo, hi, reverse=reverse)) == model_neighbours(model, lo, hi, reverse)
+            assert batch.last_at_or_before(hi, lo) == next(iter(model_neighbours(model, lo, hi, True)), None)
+            assert batch.first_at_or_after(lo, hi) == next(iter(model_neighbours(model, lo, hi, False)), None)
+            committed = dict(tree.items())
+            assert tree.first_at_or_after(lo, hi) == next(iter(model_neighbours(committed, lo, hi, False)), None)
+            assert tree.last_at_or_before(hi, lo) == next(iter(model_neighbours(committed, lo, hi, True)), None)
     batch.apply()
     check_invariants(tree)
     assert_matches(tree, model)
