@@ -39,7 +39,7 @@ from blockemu.engine.transaction import Engine, ReadFn, TreeStore
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.csum import csum_size
-from blockemu.ondisk.items import FileExtent
+from blockemu.ondisk.items import FileExtent, RootItem
 from blockemu.ondisk.superblock import SuperInfo
 
 U64_MAX = (1 << 64) - 1
@@ -65,6 +65,14 @@ Item = tuple[tuple[int, int, int], bytes]
 # What did pay: the leaves a sync encoded held ~357 EXTENT_DATA and ~327 checksum items, one
 # per 4 KiB extent; joined (``_joined``), ~15 checksum items, and the log fills more slowly.
 LOG_COMMIT_BLOCKS = 8
+# The log is two trees (SPEC "Log tree"): the superblock names a small one, the delta, holding
+# what was logged since the last fold and BASE_KEY, naming the base, which holds the rest; the
+# delta's items win. A sync re-encodes the delta (one leaf) and no block of the base, until the
+# delta outgrows its leaf and is folded into the base (that sync encodes what one did before).
+# Why: every log sync re-encoded every leaf its scattered items touched -- all of a one-tree
+# log's -- so a sync cost grew with the log, not with what it logged.
+BASE_KEY = (S.TREE_LOG_OBJECTID, S.ROOT_ITEM, 0)
+DROPPED = b""  # a delta's EXTENT_DATA item saying the base's item at its key is stale
 
 
 def extent_csums(csums: list[Item], starts: list[int], bytenr: int, length: int, size: int, per: int) -> list[Item]:
@@ -94,7 +102,8 @@ class TreeLog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.store: TreeStore | None = None
-        self.tree: BTree | None = None
+        self.tree: BTree | None = None  # the delta: what the superblock names
+        self.base: BTree | None = None  # what the delta's BASE_KEY names, once a delta was folded
         self.logged: dict[int, bytes] = {}  # ino -> the inode item the log holds
         self.held: dict[int, set[int]] = {}  # ino -> file offsets of the EXTENT_DATA items the log holds
         self.csummed: set[int] = set()  # extents whose checksum items the log holds
@@ -136,7 +145,10 @@ class TreeLog:
             key = (ino, S.EXTENT_DATA, offset)
             if item is None or item[0].generation != transid:
                 if offset in held:  # stale: what the log said here is no longer so
-                    tree.drop(key)
+                    if self.base is not None and self.base.get(key) is not None:
+                        tree.insert(key, DROPPED, replace=True)
+                    else:
+                        tree.drop(key)
                     held.remove(offset)
                 continue
             fe, body = item
@@ -174,10 +186,37 @@ class TreeLog:
         disk already says everything (nothing was logged since the last sync)."""
         if self.tree is None or self.store is None or not self.store.dirty:
             return None
+        if self.tree.level:
+            self._fold()
         sb = self.engine.sb
         new = replace(sb, log_root=self.tree.root, log_root_level=self.tree.level, log_root_transid=self.engine.transid,
                       incompat_flags=sb.incompat_flags | S.INCOMPAT_TREE_LOG)
         return self.store.encode_dirty(), new
+
+    def _fold(self) -> None:
+        """The delta outgrew its leaf: its items go into the base (the first delta becomes the
+        base as it is), and a new delta holds only BASE_KEY."""
+        assert self.tree is not None and self.store is not None
+        delta, base = self.tree, self.base
+        if base is None:
+            base = delta
+        else:
+            batch = TreeBatch(base)
+            for key, body in delta.items():
+                if key == BASE_KEY:
+                    continue
+                if body == DROPPED:
+                    batch.drop(key)
+                else:
+                    batch.insert(key, body, replace=True)
+            batch.apply()
+            for block in list(delta.blocks()):
+                self.store.free_block(block)
+        self.base = base
+        root = self.store.new_block(S.TREE_LOG_OBJECTID, 0)
+        self.tree = BTree(self.store, S.TREE_LOG_OBJECTID, root.bytenr, 0)
+        self.tree.insert(BASE_KEY, RootItem(generation=self.engine.transid, root_dirid=0, bytenr=base.root,
+                                            bytes_used=0, last_snapshot=0, flags=0, refs=1, level=base.level).pack())
 
     def finish_sync(self) -> None:
         """The log's superblock is durable: later changes to the log COW (and pin) its blocks."""
@@ -192,7 +231,7 @@ class TreeLog:
             # reaches: an insert that failed half way (ENOSPC) may have allocated others
             for block in [*self.store.dirty.values(), *self.store.clean.values()]:
                 self.store.free_block(block)
-        self.tree = self.store = None
+        self.tree = self.base = self.store = None
         self.logged, self.held, self.csummed, self.csum_ends = {}, {}, set(), {}
 
 
@@ -201,10 +240,19 @@ def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
     the log's blocks lie in space the committed free-space record calls free."""
     store = TreeStore(read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
                       transid=sb.log_root_transid, cache_blocks=0)
-    store.get(sb.log_root, generation=sb.log_root_transid, level=sb.log_root_level, owner=S.TREE_LOG_OBJECTID)
-    tree = BTree(store, S.TREE_LOG_OBJECTID, sb.log_root, sb.log_root_level)
-    blocks = [b.bytenr for b in tree.blocks()]
-    return blocks, list(tree.items())
+
+    def tree(bytenr: int, level: int) -> BTree:
+        store.get(bytenr, generation=sb.log_root_transid, level=level, owner=S.TREE_LOG_OBJECTID)
+        return BTree(store, S.TREE_LOG_OBJECTID, bytenr, level)
+
+    delta = tree(sb.log_root, sb.log_root_level)
+    blocks, items = [b.bytenr for b in delta.blocks()], dict(delta.items())
+    if BASE_KEY in items:
+        root = RootItem.unpack(items.pop(BASE_KEY))
+        base = tree(root.bytenr, root.level)
+        blocks += [b.bytenr for b in base.blocks()]
+        items = {**dict(base.items()), **items}
+    return blocks, sorted((key, body) for key, body in items.items() if body != DROPPED)
 
 
 def replay(engine: Engine) -> bool:
