@@ -5,7 +5,8 @@ from typing import Any, Iterator
 
 from blockemu.device.image import ImageFile, truncated
 from blockemu.engine.btree import BTree
-from blockemu.engine.transaction import Engine, TreeStore
+from blockemu.engine.transaction import Engine
+from blockemu.engine.treelog import log_trees
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.block import TreeBlock, body_size
@@ -52,6 +53,8 @@ def describe_item(key: tuple[int, int, int], body: bytes) -> dict[str, Any]:
                                  "name": e.name.decode(errors="replace"), "name_hex": e.name.hex()}
                                 for e in unpack_dir_entries(body)]}
         if t == S.EXTENT_DATA:
+            if not body:  # only in a log's delta (SPEC "Log tree")
+                return {"stale": "the log's base holds an item here that replay does not apply"}
             f = FileExtent.unpack(body)
             d = f._asdict()
             if f.context is not None:
@@ -121,13 +124,11 @@ def _dump_trees(img: ImageFile, sb: Any, trees: list[str] | None) -> list[dict[s
         if tid == S.TREE_LOG_OBJECTID:
             if not sb.log_root:
                 continue  # no fsync log: nothing to show
-            # found from the superblock, not the root tree; its blocks carry the log's transid
-            store = TreeStore(img.read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
-                              transid=sb.log_root_transid, cache_blocks=0)
-            tree: BTree = BTree(store, tid, sb.log_root, sb.log_root_level)
+            # found from the superblock, not the root tree: the delta, then its base
+            trees = log_trees(img.read, sb)
         else:
-            tree = engine.tree(tid)
-        out.extend(block_json(name, b, sb.nodesize) for b in _bfs(tree))
+            trees = [engine.tree(tid)]
+        out.extend(block_json(name, b, sb.nodesize) for tree in trees for b in _bfs(tree))
     return out
 
 

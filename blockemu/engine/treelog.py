@@ -26,6 +26,11 @@ what the log said there is no longer so). Items of older extents need no logging
 the new ones over the committed tree trims those exactly as the overwrites did. A change the
 log cannot say (a name made, changed or removed, a new inode, a truncate:
 ``Engine.needs_commit``) makes that inode's fsync a full commit.
+
+Two trees. What a sync logs goes into the delta (the tree the superblock names), a leaf
+whose items win over the base's; a stale item the base holds is marked in the delta
+(``DROPPED``). A sync writes the delta's leaf -- and, once the delta has outgrown it, folds
+it into the base (``_fold``). ``read_log`` gives replay and fsck the two as one list.
 """
 from __future__ import annotations
 
@@ -235,8 +240,8 @@ class TreeLog:
         self.logged, self.held, self.csummed, self.csum_ends = {}, {}, set(), {}
 
 
-def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
-    """The log tree's blocks and items (for replay and fsck), read through a store of its own:
+def log_trees(read: ReadFn, sb: SuperInfo) -> list[BTree]:
+    """The log's trees, the delta then its base (if any), read through a store of their own:
     the log's blocks lie in space the committed free-space record calls free."""
     store = TreeStore(read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
                       transid=sb.log_root_transid, cache_blocks=0)
@@ -246,12 +251,21 @@ def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
         return BTree(store, S.TREE_LOG_OBJECTID, bytenr, level)
 
     delta = tree(sb.log_root, sb.log_root_level)
-    blocks, items = [b.bytenr for b in delta.blocks()], dict(delta.items())
-    if BASE_KEY in items:
-        root = RootItem.unpack(items.pop(BASE_KEY))
-        base = tree(root.bytenr, root.level)
-        blocks += [b.bytenr for b in base.blocks()]
-        items = {**dict(base.items()), **items}
+    body = delta.get(BASE_KEY)
+    if body is None:
+        return [delta]
+    root = RootItem.unpack(body)
+    return [delta, tree(root.bytenr, root.level)]
+
+
+def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
+    """The log's blocks and items (for replay and fsck): the base's items, each replaced by the
+    delta's at its key, without the stale ones (``DROPPED``) and the delta's BASE_KEY."""
+    trees = log_trees(read, sb)
+    blocks, items = [b.bytenr for t in trees for b in t.blocks()], {}
+    for t in reversed(trees):
+        items.update(t.items())
+    items.pop(BASE_KEY, None)
     return blocks, sorted((key, body) for key, body in items.items() if body != DROPPED)
 
 
