@@ -602,7 +602,7 @@ def stale_in_base_workload(scale: int):
                     page = next(p for p in logged if p > 0 and p - 1 not in logged and p + 1 not in logged)
                     await f.pwrite(rng.randbytes(2 * u), (page - 1) * u)
                 else:
-                    for page in rng.sample(range(0, 128, 3), 8):
+                    for page in rng.sample(range(0, 128, 3), 16):
                         await f.pwrite(rng.randbytes(u), page * u)
                         logged.append(page)
                 gen = fs.vol.generation
