@@ -37,7 +37,6 @@ from __future__ import annotations
 from bisect import bisect_right
 from dataclasses import replace
 
-from blockemu.engine.batch import TreeBatch
 from blockemu.engine.btree import BTree
 from blockemu.engine.extents import Extents
 from blockemu.engine.transaction import Engine, ReadFn, TreeStore
@@ -135,14 +134,16 @@ class TreeLog:
 
     def log_inode(self, ino: int) -> None:
         """Bring inode ``ino``'s items in the log up to the running transaction's. The changes
-        are staged and applied to the log in one pass (``TreeBatch``): an fsync after scattered
-        writes re-logs many ranges, and each would otherwise be its own descents and COWs."""
-        tree, e = TreeBatch(self._tree()), self.engine
+        are applied to the delta in one pass (``BTree.apply``): an fsync after scattered writes
+        re-logs many ranges, and each would otherwise be its own descents and COWs. Gathered in
+        a dict, not a ``TreeBatch``: nothing reads them back before they are applied."""
+        tree, e = self._tree(), self.engine
+        changes: dict[tuple[int, int, int], bytes | None] = {}
         body = e.trees[S.FS_TREE_OBJECTID].get((ino, S.INODE_ITEM, 0))
         if body is None:
             raise CorruptionError(f"inode {ino} has no INODE_ITEM to log", "MISSING_INODE")
         if self.logged.get(ino) != body:
-            tree.insert((ino, S.INODE_ITEM, 0), body, replace=True)
+            changes[(ino, S.INODE_ITEM, 0)] = body
             self.logged[ino] = body
         held, transid, new_csums = self.held.setdefault(ino, set()), e.transid, e.new_csums
         csums: list[Item] = []  # of the extents logged here for the first time
@@ -150,21 +151,18 @@ class TreeLog:
             key = (ino, S.EXTENT_DATA, offset)
             if item is None or item[0].generation != transid:
                 if offset in held:  # stale: what the log said here is no longer so
-                    if self.base is not None and self.base.get(key) is not None:
-                        tree.insert(key, DROPPED, replace=True)
-                    else:
-                        tree.drop(key)
+                    in_base = self.base is not None and self.base.get(key) is not None
+                    changes[key] = DROPPED if in_base else None
                     held.remove(offset)
                 continue
             fe, body = item
-            tree.insert(key, body, replace=True)
+            changes[key] = body
             held.add(offset)
             if fe.disk_bytenr not in self.csummed:
                 self.csummed.add(fe.disk_bytenr)
                 csums.extend(new_csums[fe.disk_bytenr])
-        for ckey, cbody in self._joined(csums):
-            tree.insert(ckey, cbody, replace=True)
-        tree.apply()
+        changes.update(self._joined(csums))
+        tree.apply(sorted(changes.items()))
 
     def _joined(self, items: list[Item]) -> list[Item]:
         """Checksum items for the log, each joined to the one that ends where it starts -- this
@@ -206,15 +204,7 @@ class TreeLog:
         if base is None:
             base = delta
         else:
-            batch = TreeBatch(base)
-            for key, body in delta.items():
-                if key == BASE_KEY:
-                    continue
-                if body == DROPPED:
-                    batch.drop(key)
-                else:
-                    batch.insert(key, body, replace=True)
-            batch.apply()
+            base.apply([(key, None if body == DROPPED else body) for key, body in delta.items() if key != BASE_KEY])
             for block in list(delta.blocks()):
                 self.store.free_block(block)
         self.base = base
