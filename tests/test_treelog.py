@@ -199,8 +199,8 @@ async def test_changes_the_log_cannot_say_commit_and_are_durable(tmp_path, chang
 
 
 async def test_an_fsync_commits_once_the_log_has_grown_past_its_limit(tmp_path):
-    """Scattered writes make every log leaf dirty on every fsync, so a log sync costs more with
-    every block the log has grown: past LOG_COMMIT_BLOCKS the fsync commits (a new generation,
+    """Scattered writes make every leaf of the log's base dirty at every fold, so a log sync
+    costs more with every block the log has grown: past LOG_COMMIT_BLOCKS the fsync commits (a new generation,
     the log emptied), the next one logs again into a fresh log, and both keep what they acked."""
     from blockemu.engine.treelog import LOG_COMMIT_BLOCKS
     img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
