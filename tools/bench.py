@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sortedcontainers import SortedDict  # noqa: E402
 
+from blockemu.cli.collector import collect_less  # noqa: E402
 from blockemu.fs.mkfs import mkfs  # noqa: E402
 from blockemu.fs.volume import Volume  # noqa: E402
 from blockemu.ondisk.structs import FS_TREE_OBJECTID  # noqa: E402
@@ -787,6 +788,7 @@ def bench_fuse() -> None:
 
 
 def main() -> None:
+    collect_less()  # the collector's schedule blockemu's programs run with (blockemu/cli/collector.py)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", nargs="*", choices=[[], "table", "seq", "stress", "fio", "btree", "fs", "writeback", "rss",
                                                 "fsck", "fuse"],

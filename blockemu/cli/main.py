@@ -19,6 +19,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn
 
 from blockemu.check.exitcodes import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE
+from blockemu.cli.collector import collect_less
 from blockemu.display import wanted as progress_wanted
 from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, IsADirectory, NoKeyError, NotFoundError
 from blockemu.units import human, parse_size
@@ -1131,6 +1132,7 @@ FAILURE_CODES = {"fsck": (EXIT_OPERATIONAL, EXIT_USAGE)}
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    collect_less()
     command = next((x for x in argv if not x.startswith("-")), "")
     failure, usage = FAILURE_CODES.get(command, (CMD_FAILURE, CMD_USAGE))
     debug = bool(os.environ.get("BLOCKEMU_DEBUG"))
