@@ -142,6 +142,24 @@ def test_truncated_image_is_reported_not_crashed(image, tmp_path):
     assert "truncated" in p.stdout
 
 
+def test_repair_of_a_truncated_image_restores_its_size_or_says_why_not(image, tmp_path):
+    """An image one byte short (only free space cut off) made --repair loop four rounds, write
+    nothing and exit 4 with "repaired: 0" and no word why. Now it restores the file's size (the
+    cut-off space was free: nothing is guessed), and fsck is clean; an image cut through its tree
+    blocks is left as it is, and the note says so."""
+    short = tmp_path / "short.img"
+    os.truncate(image, (96 << 20) - 1)
+    p = run("fsck", image, "--repair", check_rc=1)
+    assert "repaired: [SUPERBLOCK] image truncated" in p.stdout, p.stdout
+    assert os.path.getsize(image) == 96 << 20
+    run("fsck", image)
+    short.write_bytes(open(image, "rb").read(1 << 20))
+    before = sha(short)
+    p = run("fsck", str(short), "--repair", check_rc=4)
+    assert "note: --repair wrote nothing: the image is truncated" in p.stdout, p.stdout
+    assert sha(short) == before
+
+
 def test_one_tib_sparse_image_is_fast_and_small(tmp_path):
     path = tmp_path / "big.img"
     t = time.perf_counter()

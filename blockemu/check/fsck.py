@@ -146,7 +146,9 @@ class Checker:
                 else:
                     self.error("SUPERBLOCK", f"superblock mirror: {copy.error}", bytenr=copy.offset)
         if short := truncated(sb, self.img.size):
-            self.error("SUPERBLOCK", short)
+            # --repair restores the size only when nothing the trees reach was cut off (the repair
+            # is refused while a tree is damaged): the space beyond the end was free, zeros in it guess nothing
+            self.error("SUPERBLOCK", short, fix={"extend_to": sb.total_bytes})
         backup = sb.backup_roots[sb.generation % S.NUM_BACKUP_ROOTS]
         if (backup["tree_root"], backup["tree_root_gen"]) != (sb.root, sb.generation):
             self.error("SUPERBLOCK", f"backup root slot {sb.generation % S.NUM_BACKUP_ROOTS} does not record generation "

@@ -1033,6 +1033,8 @@ UNREPAIRED_TREES = ("--repair wrote nothing: tree blocks are damaged, and changi
                     "guessing (only the free-space tree is rebuilt); files the errors do not name can still be "
                     "copied out with blockemu ls / cat")
 UNREPAIRED = "--repair wrote nothing: none of these findings has a repair"
+UNREPAIRED_SHORT = ("--repair wrote nothing: the image is truncated, and tree blocks the cut took are lost; the "
+                    "other commands refuse a truncated image too")
 
 
 def repair(a: argparse.Namespace, report: Any, key: bytes | None) -> tuple[Any, int]:
@@ -1043,7 +1045,9 @@ def repair(a: argparse.Namespace, report: Any, key: bytes | None) -> tuple[Any, 
     from blockemu.check.repair import repairable, run_repair
 
     if not repairable(report):
-        report.notes.append(UNREPAIRED_TREES if report.trees_damaged else UNREPAIRED)
+        short = any(e.fix is not None and "extend_to" in e.fix for e in report.errors)
+        report.notes.append(UNREPAIRED_SHORT if short and report.trees_damaged
+                            else UNREPAIRED_TREES if report.trees_damaged else UNREPAIRED)
         return report, report.exit_code
     repaired, fixed = [], 0
     for _ in range(4):
