@@ -123,6 +123,11 @@ def test_bad_input_gets_one_line(tmp_path, image):
     out = str(tmp_path / "no-dir" / "map.png")
     assert run("inspect", "heatmap", image, out, check_rc=1).stderr == (
         f"blockemu: inspect: {out}: No such file or directory\n")
+    # a suffix matplotlib cannot write was a traceback once the image was walked: now a usage line first
+    txt = str(tmp_path / "map.txt")
+    err = run("inspect", "heatmap", image, txt, check_rc=2).stderr
+    assert err.startswith(f"blockemu: usage: blockemu inspect heatmap: {txt}: matplotlib cannot write .txt pictures")
+    assert not os.path.exists(txt)
 
 
 def test_mkfs_refuses_to_overwrite_without_force(image):
@@ -197,6 +202,8 @@ def test_console_scripts_exist():
     (["stress", "s.img", "--tasks", "0"], "--tasks: 0 is out of range: at least 1"),
     (["stress", "s.img", "--duration", "0"], "--duration: 0 is out of range: more than 0 seconds"),
     (["fuzz", "--trials", "-3"], "--trials: -3 is out of range: at least 1"),
+    # every image failed, "grew the process by 0 MB ..., over -1.0 MB"
+    (["fuzz", "--structural", "--max-rss", "-1"], "--max-rss: -1 is out of range: more than 0 MB"),
     (["run", "seqwrite", "--size", "0"], "--size: 0 is out of range: more than 0"),  # it asked for --size
     # a fault spec: flip=2 flipped every sector and failed the mix, eio=5M-1M injected nothing, and a bad
     # spec exited 1 once the image was made

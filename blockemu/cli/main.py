@@ -75,6 +75,17 @@ def seconds(text: str) -> float:
     return t
 
 
+def megabytes(text: str) -> float:
+    """A positive memory bound (--max-rss -1 failed every image, each 'over -1 MB')."""
+    try:
+        mb = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of megabytes") from None
+    if not mb > 0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: more than 0 MB")
+    return mb
+
+
 def fault_spec(text: str) -> str:
     """--faults checked where it is parsed: a bad spec is a usage error (exit 2), as a count out
     of range is, not a failure found once the image is made."""
@@ -321,7 +332,7 @@ def args_fuzz(fz: argparse.ArgumentParser) -> None:
     fz.add_argument("--images", type=count(1), default=2000, help="--structural: mutated images")
     fz.add_argument("--seed", type=int, default=1, help="seed of the flips and mutations (default 1)")
     fz.add_argument("--recsum", action="store_true", help="recompute the block checksum after each flip")
-    fz.add_argument("--max-rss", type=float, default=300, help="MB; --structural fails an image whose commands grow the process by more")
+    fz.add_argument("--max-rss", type=megabytes, default=300, help="MB; --structural fails an image whose commands grow the process by more")
     fz.add_argument("--only", type=span, metavar="A..B", help="only trials (or images) A up to B (excluded)")
     fz.add_argument("--shard-size", type=count(1), help="trials (100) or images (20) per shard")
     add_json_flag(fz, "the counts and failures")
@@ -1105,11 +1116,23 @@ def cmd_rescue(a: argparse.Namespace) -> int:
     return 0
 
 
+def picture_format(out: str) -> None:
+    """OUT's suffix picks the format matplotlib writes: one it cannot write (`map.txt`) is a usage
+    error before the image is walked, not a traceback after it (no suffix: PNG)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = os.path.splitext(out)[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise UsageError(f"{out}: matplotlib cannot write .{suffix} pictures (it writes {', '.join(sorted(formats))})")
+
+
 def inspect_heatmap(a: argparse.Namespace) -> int:
     from blockemu import display
     from blockemu.check import heatmap
 
     need_pyplot()
+    picture_format(a.out)
     hm = heatmap.build(a.image)
     heatmap.draw(hm, a.image, a.out)
     if a.json:
