@@ -438,6 +438,9 @@ def key_fits_nothing(ck: Checker, key: bytes) -> list[str]:
     ident = key_identifier(key)
     if ident in used:
         return []
+    if ck.report.damaged_trees & {S.ROOT_TREE_OBJECTID, S.FS_TREE_OBJECTID}:  # no policy read is not none there
+        return [f"key {ident.hex()} unlocks no encrypted directory fsck could read on {ck.img.path}: its fs tree is "
+                f"damaged, and what could not be read may hold one"]
     why = (f"its encryption policies use key{'s' if len(used) > 1 else ''} "
            f"{', '.join(sorted(k.hex() for k in used))}; its encrypted names were checked without a key"
            if used else "nothing on it is encrypted")
