@@ -844,6 +844,8 @@ def stress_race(a: argparse.Namespace, seed: int) -> int:
 
     if os.path.exists(a.image) and os.path.getsize(a.image) and not a.force:
         raise ExistsError(f"{a.image} exists and is not empty (the race makes a fresh image; use --force)")
+    if a.report:  # made now: found unmakeable after the race and the sweep, it lost their table
+        os.makedirs(a.report, exist_ok=True)
     modes = list(MODES) if a.compare_modes else [a.key_removal]
 
     async def go() -> list[RaceResult]:
