@@ -64,26 +64,22 @@ def count(least: int, most: int | None = None, why: str = "") -> Callable[[str],
     return parse
 
 
-def seconds(text: str) -> float:
-    """A positive duration (0 used to mean "not given", and ran the default op count)."""
-    try:
-        t = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not t > 0:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: more than 0 seconds")
-    return t
+def above_zero(unit: str, short: str) -> Callable[[str], float]:
+    """A positive number of ``unit``: --duration 0 used to mean "not given" (and ran the default op
+    count), --max-rss -1 failed every image ("over -1 MB")."""
+    def parse(text: str) -> float:
+        try:
+            n = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
+        if not n > 0:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: more than 0 {short}")
+        return n
+    return parse
 
 
-def megabytes(text: str) -> float:
-    """A positive memory bound (--max-rss -1 failed every image, each 'over -1 MB')."""
-    try:
-        mb = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of megabytes") from None
-    if not mb > 0:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: more than 0 MB")
-    return mb
+seconds = above_zero("seconds", "seconds")
+megabytes = above_zero("megabytes", "MB")
 
 
 def fault_spec(text: str) -> str:
