@@ -123,6 +123,11 @@ def test_bad_input_gets_one_line(tmp_path, image):
     out = str(tmp_path / "no-dir" / "map.png")
     assert run("inspect", "heatmap", image, out, check_rc=1).stderr == (
         f"blockemu: inspect: {out}: No such file or directory\n")
+    # a suffix matplotlib cannot write was a traceback once the image was walked: now a usage line first
+    txt = str(tmp_path / "map.txt")
+    err = run("inspect", "heatmap", image, txt, check_rc=2).stderr
+    assert err.startswith(f"blockemu: usage: blockemu inspect heatmap: {txt}: matplotlib cannot write .txt pictures")
+    assert not os.path.exists(txt)
 
 
 def test_mkfs_refuses_to_overwrite_without_force(image):
@@ -140,6 +145,24 @@ def test_truncated_image_is_reported_not_crashed(image, tmp_path):
     short.write_bytes(open(image, "rb").read(2 << 20))
     p = run("fsck", str(short), "--json", check_rc=4)
     assert "truncated" in p.stdout
+
+
+def test_repair_of_a_truncated_image_restores_its_size_or_says_why_not(image, tmp_path):
+    """An image one byte short (only free space cut off) made --repair loop four rounds, write
+    nothing and exit 4 with "repaired: 0" and no word why. Now it restores the file's size (the
+    cut-off space was free: nothing is guessed), and fsck is clean; an image cut through its tree
+    blocks is left as it is, and the note says so."""
+    short = tmp_path / "short.img"
+    os.truncate(image, (96 << 20) - 1)
+    p = run("fsck", image, "--repair", check_rc=1)
+    assert "repaired: [SUPERBLOCK] image truncated" in p.stdout, p.stdout
+    assert os.path.getsize(image) == 96 << 20
+    run("fsck", image)
+    short.write_bytes(open(image, "rb").read(1 << 20))
+    before = sha(short)
+    p = run("fsck", str(short), "--repair", check_rc=4)
+    assert "note: --repair wrote nothing: the image is truncated" in p.stdout, p.stdout
+    assert sha(short) == before
 
 
 def test_one_tib_sparse_image_is_fast_and_small(tmp_path):
@@ -179,6 +202,8 @@ def test_console_scripts_exist():
     (["stress", "s.img", "--tasks", "0"], "--tasks: 0 is out of range: at least 1"),
     (["stress", "s.img", "--duration", "0"], "--duration: 0 is out of range: more than 0 seconds"),
     (["fuzz", "--trials", "-3"], "--trials: -3 is out of range: at least 1"),
+    # every image failed, "grew the process by 0 MB ..., over -1.0 MB"
+    (["fuzz", "--structural", "--max-rss", "-1"], "--max-rss: -1 is out of range: more than 0 MB"),
     (["run", "seqwrite", "--size", "0"], "--size: 0 is out of range: more than 0"),  # it asked for --size
     # a fault spec: flip=2 flipped every sector and failed the mix, eio=5M-1M injected nothing, and a bad
     # spec exited 1 once the image was made

@@ -296,6 +296,23 @@ def test_fsck_with_a_key_that_unlocks_nothing_says_so(tmp_path, capsys):
     assert (rc, err) == (0, "") and "warnings" not in json.loads(out)
 
 
+def test_fsck_with_a_key_on_an_image_whose_fs_tree_is_damaged_does_not_say_nothing_is_encrypted(tmp_path, capsys):
+    """With the fs tree's block damaged, fsck --key-file RIGHT said "nothing on it is encrypted":
+    it had read no policy because it could read no fs item, not because there is none."""
+    img, key = str(tmp_path / "d.img"), str(tmp_path / "k")
+    open(key, "wb").write(bytes(range(32)))
+    assert cli(capsys, "mkfs", img, "--size", "32M")[0] == 0
+    assert cli(capsys, "mkdir", img, "/e", "--encrypt", "--key-file", key)[0] == 0
+    sb = json.loads(cli(capsys, "inspect", "dump-super", img, "--json")[1])
+    with open(img, "r+b") as f:
+        f.seek(sb["backup_roots"][sb["generation"] % 4]["fs_root"] + 200)
+        f.write(b"\xff\x00\xff")
+    rc, out, err = cli(capsys, "fsck", img, "--key-file", key)
+    assert rc == 4 and "nothing on it is encrypted" not in err
+    assert err == (f"blockemu: fsck: key {key_identifier(bytes(range(32))).hex()} unlocks no encrypted directory "
+                   f"fsck could read on {img}: its fs tree is damaged, and what could not be read may hold one\n")
+
+
 def test_an_image_with_unknown_incompat_features_is_refused_by_fsck_and_rescue_too(tmp_path, capsys):
     """SPEC: a reader must refuse unknown incompat bits. ls, cat and put did; fsck called such an
     image clean (exit 0, 'no error found') and fsck --repair and rescue zero-log worked on it.

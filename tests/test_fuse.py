@@ -660,3 +660,24 @@ async def test_a_missing_name_is_a_negative_entry_the_kernel_keeps_except_where_
         monkeypatch.setattr(pyfuse3, "readdir_reply", lambda token, name, attrs, nxt: listed.append(name) or True)
         await ops.readdir(fh, 0, None)
         assert listed == [b".", b"..", b"enc"]
+
+
+def test_names_that_are_not_utf8_through_the_mount(env, image, mnt) -> None:
+    """Linux names are bytes. The mount decoded each name strictly, so creating b'bad\\xff'
+    failed and a directory holding one (made by mkfs --rootdir) could not be listed; now
+    names go through as bytes, and a fresh mount sees them."""
+    name = b"bad\xff\xfe"
+    with Served(env, image, mnt):
+        base = os.fsencode(mnt)
+        os.mkdir(base + b"/d\xe9")
+        with open(base + b"/d\xe9/" + name, "wb") as f:
+            f.write(b"payload")
+        assert os.listdir(base + b"/d\xe9") == [name]
+        assert sorted(os.listdir(base)) == [b"d\xe9"]
+    fsck_clean(env, image)
+
+    async def oracle() -> None:
+        async with mount(str(image), readonly=True) as fs:
+            async with fs.open(os.fsdecode(b"/d\xe9/" + name)) as f:
+                assert await f.read() == b"payload"
+    asyncio.run(oracle())

@@ -150,3 +150,14 @@ def test_report_from_a_seeded_run_matches_its_table(tmp_path):
 def test_race_only_flags_on_the_mix_are_a_usage_error(tmp_path):
     p = run("stress", str(tmp_path / "m.img"), "--report", str(tmp_path / "rep"), check_rc=2)
     assert p.stderr.strip() == "blockemu: usage: blockemu stress: --kernel-peer and --report belong to --scenario key-removal-race"
+
+
+def test_a_report_dir_that_cannot_be_made_is_said_before_the_race(tmp_path):
+    """--report FILE (a file, not a directory) ran the whole race and the hard sweep, then died on
+    makedirs: the table was never printed. Now it is said before the race makes its image."""
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    img = tmp_path / "r.img"
+    p = run("stress", str(img), "--scenario", "key-removal-race", "--duration", "1", "--report", str(taken),
+            check_rc=1)
+    assert p.stderr == f"blockemu: stress: {taken}: File exists\n" and not img.exists()

@@ -146,7 +146,9 @@ class Checker:
                 else:
                     self.error("SUPERBLOCK", f"superblock mirror: {copy.error}", bytenr=copy.offset)
         if short := truncated(sb, self.img.size):
-            self.error("SUPERBLOCK", short)
+            # --repair restores the size only when nothing the trees reach was cut off (the repair
+            # is refused while a tree is damaged): the space beyond the end was free, zeros in it guess nothing
+            self.error("SUPERBLOCK", short, fix={"extend_to": sb.total_bytes})
         backup = sb.backup_roots[sb.generation % S.NUM_BACKUP_ROOTS]
         if (backup["tree_root"], backup["tree_root_gen"]) != (sb.root, sb.generation):
             self.error("SUPERBLOCK", f"backup root slot {sb.generation % S.NUM_BACKUP_ROOTS} does not record generation "
@@ -436,6 +438,9 @@ def key_fits_nothing(ck: Checker, key: bytes) -> list[str]:
     ident = key_identifier(key)
     if ident in used:
         return []
+    if ck.report.damaged_trees & {S.ROOT_TREE_OBJECTID, S.FS_TREE_OBJECTID}:  # no policy read is not none there
+        return [f"key {ident.hex()} unlocks no encrypted directory fsck could read on {ck.img.path}: its fs tree is "
+                f"damaged, and what could not be read may hold one"]
     why = (f"its encryption policies use key{'s' if len(used) > 1 else ''} "
            f"{', '.join(sorted(k.hex() for k in used))}; its encrypted names were checked without a key"
            if used else "nothing on it is encrypted")

@@ -1,6 +1,7 @@
 """fsck --repair: fix what needs no guessing, leave the rest reported.
 
-Repairs: a bad primary superblock is rewritten from the best valid copy; the
+Repairs: a bad primary superblock is rewritten from the best valid copy; a truncated
+image file whose cut-off tail held nothing the trees reach is extended back to its size; the
 free-space tree and ``bytes_used`` are rebuilt from the extent tree (the
 allocator is derived from what is allocated, and the commit writes the tree
 anew, so damaged blocks of it are no obstacle); inode link counts, directory sizes and nbytes, data-extent
@@ -60,6 +61,17 @@ def restore_primary_super(path: str) -> bool:
     return SUPER_OFFSETS[0] in targets
 
 
+def restore_size(path: str, size: int) -> None:
+    """Extend a truncated image file back to the size its superblock gives (a sparse tail)."""
+    fd = open_image(path, readonly=False)
+    try:
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def zero_log(path: str) -> SuperInfo | None:
     """Drop the fsync log, as ``btrfs rescue zero-log``: the primary superblock is rewritten
     without it (the log blocks and their new extents lie in space the committed free-space
@@ -98,6 +110,9 @@ def zero_log(path: str) -> SuperInfo | None:
 async def repair(path: str, report: FsckReport) -> int:
     """Apply every fix; returns how many errors it addressed."""
     fixed = 0
+    for e in report.errors:
+        if e.fix is not None and "extend_to" in e.fix:
+            restore_size(path, e.fix["extend_to"])
     if any(e.code == "SUPERBLOCK" for e in report.errors):
         restore_primary_super(path)
     vol = await Volume.open(path, rebuild_free_space=True)
@@ -132,6 +147,8 @@ async def repair(path: str, report: FsckReport) -> int:
                     _drop_items(engine.trees[S.FS_TREE_OBJECTID], fix["drop_inode"])
                 elif "drop_entry" in fix:
                     _drop_entry(engine.trees[S.FS_TREE_OBJECTID], *fix["drop_entry"])
+                elif "extend_to" in fix:
+                    pass  # restored before the volume opened: it refuses a truncated image
                 elif "drop_extent" in fix:
                     bytenr, length = fix["drop_extent"]
                     engine.trees[S.EXTENT_TREE_OBJECTID].delete((bytenr, S.EXTENT_ITEM, length))

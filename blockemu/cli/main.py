@@ -65,15 +65,22 @@ def count(least: int, most: int | None = None, why: str = "") -> Callable[[str],
     return parse
 
 
-def seconds(text: str) -> float:
-    """A positive duration (0 used to mean "not given", and ran the default op count)."""
-    try:
-        t = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not t > 0:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: more than 0 seconds")
-    return t
+def above_zero(unit: str, short: str) -> Callable[[str], float]:
+    """A positive number of ``unit``: --duration 0 used to mean "not given" (and ran the default op
+    count), --max-rss -1 failed every image ("over -1 MB")."""
+    def parse(text: str) -> float:
+        try:
+            n = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
+        if not n > 0:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: more than 0 {short}")
+        return n
+    return parse
+
+
+seconds = above_zero("seconds", "seconds")
+megabytes = above_zero("megabytes", "MB")
 
 
 def fault_spec(text: str) -> str:
@@ -322,7 +329,7 @@ def args_fuzz(fz: argparse.ArgumentParser) -> None:
     fz.add_argument("--images", type=count(1), default=2000, help="--structural: mutated images")
     fz.add_argument("--seed", type=int, default=1, help="seed of the flips and mutations (default 1)")
     fz.add_argument("--recsum", action="store_true", help="recompute the block checksum after each flip")
-    fz.add_argument("--max-rss", type=float, default=300, help="MB; --structural fails an image whose commands grow the process by more")
+    fz.add_argument("--max-rss", type=megabytes, default=300, help="MB; --structural fails an image whose commands grow the process by more")
     fz.add_argument("--only", type=span, metavar="A..B", help="only trials (or images) A up to B (excluded)")
     fz.add_argument("--shard-size", type=count(1), help="trials (100) or images (20) per shard")
     add_json_flag(fz, "the counts and failures")
@@ -834,6 +841,8 @@ def stress_race(a: argparse.Namespace, seed: int) -> int:
 
     if os.path.exists(a.image) and os.path.getsize(a.image) and not a.force:
         raise ExistsError(f"{a.image} exists and is not empty (the race makes a fresh image; use --force)")
+    if a.report:  # made now: found unmakeable after the race and the sweep, it lost their table
+        os.makedirs(a.report, exist_ok=True)
     modes = list(MODES) if a.compare_modes else [a.key_removal]
 
     async def go() -> list[RaceResult]:
@@ -1034,6 +1043,8 @@ UNREPAIRED_TREES = ("--repair wrote nothing: tree blocks are damaged, and changi
                     "guessing (only the free-space tree is rebuilt); files the errors do not name can still be "
                     "copied out with blockemu ls / cat")
 UNREPAIRED = "--repair wrote nothing: none of these findings has a repair"
+UNREPAIRED_SHORT = ("--repair wrote nothing: the image is truncated, and tree blocks the cut took are lost; the "
+                    "other commands refuse a truncated image too")
 
 
 def repair(a: argparse.Namespace, report: Any, key: bytes | None) -> tuple[Any, int]:
@@ -1044,7 +1055,9 @@ def repair(a: argparse.Namespace, report: Any, key: bytes | None) -> tuple[Any, 
     from blockemu.check.repair import repairable, run_repair
 
     if not repairable(report):
-        report.notes.append(UNREPAIRED_TREES if report.trees_damaged else UNREPAIRED)
+        short = any(e.fix is not None and "extend_to" in e.fix for e in report.errors)
+        report.notes.append(UNREPAIRED_SHORT if short and report.trees_damaged
+                            else UNREPAIRED_TREES if report.trees_damaged else UNREPAIRED)
         return report, report.exit_code
     repaired, fixed = [], 0
     for _ in range(4):
@@ -1102,11 +1115,23 @@ def cmd_rescue(a: argparse.Namespace) -> int:
     return 0
 
 
+def picture_format(out: str) -> None:
+    """OUT's suffix picks the format matplotlib writes: one it cannot write (`map.txt`) is a usage
+    error before the image is walked, not a traceback after it (no suffix: PNG)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = os.path.splitext(out)[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise UsageError(f"{out}: matplotlib cannot write .{suffix} pictures (it writes {', '.join(sorted(formats))})")
+
+
 def inspect_heatmap(a: argparse.Namespace) -> int:
     from blockemu import display
     from blockemu.check import heatmap
 
     need_pyplot()
+    picture_format(a.out)
     hm = heatmap.build(a.image)
     heatmap.draw(hm, a.image, a.out)
     if a.json:

@@ -86,7 +86,7 @@ YIELD_BYTES = 2 << 20
 def split_path(path: str) -> list[bytes]:
     if not path.startswith("/"):
         raise InvalidArgument(f"{path!r}: paths are absolute inside the image")
-    parts = [p.encode() for p in path.split("/") if p and p != "."]
+    parts = [p.encode(errors="surrogateescape") for p in path.split("/") if p and p != "."]
     if any(p == b".." for p in parts):
         raise InvalidArgument(f"{path!r}: '..' is not supported")
     for p in parts:
@@ -519,7 +519,7 @@ class Filesystem:
         parts = split_path(path)
         if not parts:
             raise InvalidArgument(f"{path!r}: the root has no parent")
-        parent = self._resolve("/" + "/".join(p.decode() for p in parts[:-1]))
+        parent = self._resolve("/" + "/".join(p.decode(errors="surrogateescape") for p in parts[:-1]))
         if not parent.is_dir:
             raise NotADirectory(f"{path}: not a directory")
         return parent, self._disk_name(parent, parts[-1])

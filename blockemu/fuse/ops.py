@@ -87,7 +87,7 @@ def entry(s: Stat) -> pyfuse3.EntryAttributes:
 
 
 def child(parent: str, name: bytes) -> str:
-    return parent.rstrip("/") + "/" + name.decode()
+    return parent.rstrip("/") + "/" + name.decode(errors="surrogateescape")
 
 
 def open_mode(flags: int) -> str:
@@ -282,7 +282,7 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any) -> int:
         names = await self.fs.readdir(self._path(inode))  # a snapshot: offsets stay stable while it is listed
         fh = self._fh()
-        self.dirs[fh] = (inode, [b".", b"..", *(n.encode() for n in names)])
+        self.dirs[fh] = (inode, [b".", b"..", *(n.encode(errors="surrogateescape") for n in names)])
         return fh
 
     @fuse_errors
