@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
+import time
 
 import pytest
 
@@ -204,3 +206,37 @@ def test_a_local_ray_instance_finds_what_two_jobs_find(monkeypatch):
     assert str(raised.value) == "[Errno 28] No space left on device: 'crash.img'"  # one line, no remote traceback
     assert local.failures, "the planted --nobarrier bug was not caught"
     assert (on_ray.units, on_ray.states, on_ray.failures) == (local.units, local.states, local.failures)
+
+
+def test_pool_workers_die_with_a_driver_killed_with_sigkill(tmp_path):
+    """A driver killed with SIGKILL cannot stop its workers: they ran their shards on as orphans
+    (a structural fuzz's for half an hour). Each worker now dies with it. The driver here runs
+    a pool whose one shard never ends and says its worker's pid."""
+    driver = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import os, sys, time
+        from blockemu.workload.campaign import LocalExecutor, Shard
+        from tests.test_campaign import never_ends
+        for _ in LocalExecutor(2).run(never_ends, [Shard("0", ())]):
+            pass
+        """)], stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        worker = int(driver.stdout.readline())
+        assert alive(worker)
+    finally:
+        driver.kill()
+        driver.wait()
+    deadline = time.monotonic() + 30
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)  # waiting for the kernel's signal to land, not for a race
+    orphan = alive(worker)
+    if orphan:
+        os.kill(worker, signal.SIGKILL)
+    assert not orphan, "a pool worker outlived its driver"
+
+
+def never_ends(args: tuple) -> dict:
+    """A shard that says its process's pid and then never ends (as a long fuzz shard, to the
+    driver's kill)."""
+    print(os.getpid(), flush=True)
+    threading.Event().wait()
+    return {}

@@ -17,6 +17,7 @@ Ray is optional (``pip install 'blockemu[ray]'``): ``RayExecutor`` imports it on
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from blockemu.display import tally
 from blockemu.errors import InvalidArgument
 
 RAY_HINT = "--ray needs Ray: pip install 'blockemu[ray]'"
+PR_SET_PDEATHSIG = 1  # prctl(2): a signal for this process when its parent ends
 
 
 class RayMissing(Exception):
@@ -119,7 +121,7 @@ class LocalExecutor:
         # on an interruption never ends, so its workers make them in one directory of the
         # driver's, removed after the pool is gone.
         with tempfile.TemporaryDirectory(prefix="blockemu-shards-") as tmp, \
-                ProcessPoolExecutor(self.jobs, initializer=start_worker, initargs=(tmp,)) as pool:
+                ProcessPoolExecutor(self.jobs, initializer=start_worker, initargs=(tmp, os.getpid())) as pool:
             futures = {pool.submit(timed, fn, s.args): s for s in shards}
             try:
                 for f in as_completed(futures):
@@ -134,13 +136,26 @@ class LocalExecutor:
                 raise
 
 
-def start_worker(path: str) -> None:
-    """A pool worker's start: its temporary files go under ``path``, and Ctrl-C, which reaches
+def start_worker(path: str, driver: int) -> None:
+    """A pool worker's start: its temporary files go under ``path``; Ctrl-C, which reaches
     the whole process group, is left to the driver, which stops the campaign and kills the
     workers (a worker's own KeyboardInterrupt came back as its shard's result, or, between
-    shards, as multiprocessing's 'Process ForkProcess-2:' and a traceback on stderr)."""
+    shards, as multiprocessing's 'Process ForkProcess-2:' and a traceback on stderr); and it
+    dies with the driver (pid ``driver``): a driver killed with SIGKILL cannot kill its workers,
+    which ran their shards on as orphans (a structural fuzz's for half an hour)."""
     tempfile.tempdir = path
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(driver)
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent ends (Linux's PR_SET_PDEATHSIG), or now if the
+    parent (pid ``parent``) has already gone -- before the call, nothing would send it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not Linux: the worker still ends when its shard does
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def kill_workers(pool: ProcessPoolExecutor) -> None:
