@@ -10,19 +10,23 @@ from sortedcontainers import SortedDict
 
 from blockemu.engine import alloc
 from blockemu.engine.alloc import Allocator
-from blockemu.errors import NoSpaceError
+from blockemu.errors import CorruptionError, NoSpaceError
 
 S = 4096
 TOTAL = 64
 HOLE_MAX = 16 * S  # free extents shorter than this are holes (the allocator's 1 MiB, scaled down)
 
 
-@pytest.mark.parametrize("whole_above", [alloc.DIFF_WHOLE_ABOVE, 0])  # 0: the record never compared whole
+# whole_above 0: the record never compared whole; rebuild_above 0: pins always merged one by one,
+# 1 << 20: the free maps always rebuilt
+@pytest.mark.parametrize("whole_above, rebuild_above", [(alloc.DIFF_WHOLE_ABOVE, alloc.UNPIN_REBUILD_ABOVE),
+                                                        (0, 0), (alloc.DIFF_WHOLE_ABOVE, 1 << 20)])
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from(["alloc", "keep", "free", "pin", "unpin", "record"]), st.integers(1, 8),
                           st.integers(0, 1000)), max_size=80))
-def test_allocator_matches_model(whole_above, monkeypatch, ops):
+def test_allocator_matches_model(whole_above, rebuild_above, monkeypatch, ops):
     monkeypatch.setattr(alloc, "DIFF_WHOLE_ABOVE", whole_above)
+    monkeypatch.setattr(alloc, "UNPIN_REBUILD_ABOVE", rebuild_above)
     a = Allocator([(0, TOTAL * S)], nodesize=2 * S, hole_max=HOLE_MAX)
     record = SortedDict()  # the free-space record, kept as commits keep it: from record_changes
     free = set(range(TOTAL))
@@ -83,6 +87,7 @@ def test_allocator_matches_model(whole_above, monkeypatch, ops):
         assert got == free
         assert a.free_bytes() == len(free) * S and a.pinned_bytes() == len(pinned) * S
         assert a.node_room == sum(n // a.nodesize for n in a.free.values())
+        assert list(a.holes) == sorted(n << 64 | s for s, n in a.free.items() if n < HOLE_MAX)
         after = {s for start, length in a.extents_after_commit() for s in range(start // S, (start + length) // S)}
         assert after == free | pinned
         starts = list(a.free.keys())
@@ -98,6 +103,22 @@ def test_alloc_is_contiguous_for_consecutive_requests_and_fails_cleanly():
         raise AssertionError("fragmented space satisfied a too-large request")
     except NoSpaceError as e:
         assert e.errno == 28
+
+
+@pytest.mark.parametrize("rebuild_above", [0, 1 << 20])  # pins merged one by one, the maps rebuilt
+@pytest.mark.parametrize("pin", [(4 * S, S), (3 * S, 2 * S), (9 * S, S)])  # in a free extent, across its end, twice
+def test_unpinning_space_already_free_is_corruption(monkeypatch, rebuild_above, pin):
+    monkeypatch.setattr(alloc, "UNPIN_REBUILD_ABOVE", rebuild_above)
+    a = Allocator([(4 * S, 4 * S), (20 * S, 4 * S)])  # [4, 8) and [20, 24) free
+    a.pin(*pin)
+    a.pin(9 * S, S)
+    a.seal_pins()
+    before = (dict(a.free), list(a.holes), a.node_room)
+    with pytest.raises(CorruptionError) as e:
+        a.unpin_sealed()
+    assert e.value.kind == "FREE_SPACE_MISMATCH"
+    if rebuild_above:  # rebuilt, nothing changed (one by one, the pins before the bad one are free)
+        assert (dict(a.free), list(a.holes), a.node_room) == before
 
 
 def _fragmented(ops: list[tuple[int, int]], hole_max: int) -> Allocator:
