@@ -120,7 +120,7 @@ class Allocator:
         if touched is None or len(touched) * DIFF_WHOLE_ABOVE > len(record):
             # nearly everything moved: one pass over both is cheaper than a look-up per range
             want = set(self.extents_after_commit())
-            have = set(record.items())
+            have = set(dict.items(record))  # the C view: SortedDict.items iterates in Python
             return sorted(have - want), sorted(want - have)
         pins = sorted(self.pinned)
         pin_starts = [start for start, _ in pins]
