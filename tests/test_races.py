@@ -306,16 +306,16 @@ async def test_cancelled_fsync_drops_no_dirty_pages(image, monkeypatch):
 
 
 async def test_fsync_cancelled_during_its_commit_lets_the_commit_finish(image, monkeypatch):
-    """Cancelled while its commit waits for the device's flush: the commit completes (the mount
-    is not aborted, the generation is durable: a power cut right after keeps the file), and the
-    caller sees the cancellation after."""
+    """Cancelled while its commit waits for the device's flush and superblock: the commit completes
+    (the mount is not aborted, the generation is durable: a power cut right after keeps the
+    file), and the caller sees the cancellation after."""
     data = os.urandom(3 * PAGE)
     async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
         f = await fs.open("/f", "w")
         await f.write(data)
         generation = fs.vol.generation
-        gate = Gate(fs.vol.device.flush)
-        monkeypatch.setattr(fs.vol.device, "flush", gate)
+        gate = Gate(fs.vol.device.flush_then_fua)
+        monkeypatch.setattr(fs.vol.device, "flush_then_fua", gate)
         fsync = asyncio.ensure_future(f.fsync())
         await gate.entered.wait()
         fsync.cancel()
@@ -326,6 +326,71 @@ async def test_fsync_cancelled_during_its_commit_lets_the_commit_finish(image, m
         fs.vol.device.power_cut()
         await f.close()
     assert_fsck_clean(image, check_data=False)
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == data
+
+
+async def test_fsync_that_commits_returns_at_the_superblock_and_the_next_sync_waits_for_the_tail(image, monkeypatch):
+    """An fsync that needs a full commit returns once the primary superblock is durable: the
+    mirrors' write and flush and the release of the pins (the commit's tail) go on without it,
+    under the commit lock, so the next fsync's log sync waits for them, and the space the commit
+    gives back comes back only once the tail's flush has landed."""
+    data = os.urandom(3 * PAGE)
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        f = await fs.open("/f", "w")  # created: its fsync commits
+        await f.write(data)
+        await f.fsync()
+        await f.pwrite(os.urandom(PAGE), 0)  # the overwrite pins the old extent
+        await fs.rename("/f", "/g")  # a name changed: the fsync commits
+        async with fs.vol.commit_lock:  # the first fsync's commit tail is done
+            generation, alloc = fs.vol.generation, fs.vol.engine.allocator
+        gate = Gate(fs.vol.device.flush)
+        monkeypatch.setattr(fs.vol.device, "flush", gate)
+        fsync = asyncio.ensure_future(f.fsync())
+        await gate.entered.wait()  # the tail's flush, after the mirrors
+        await asyncio.wait_for(fsync, 10)  # returned: its file is durable
+        assert fs.vol.generation == generation + 1 and fs.vol.commit_lock.locked()
+        assert alloc.sealed, "pins released before the tail's flush"
+        await f.pwrite(os.urandom(PAGE), PAGE)
+        asked, acquire = asyncio.Event(), fs.vol.commit_lock.acquire
+
+        async def acquire_noted():
+            asked.set()
+            return await acquire()
+        monkeypatch.setattr(fs.vol.commit_lock, "acquire", acquire_noted)
+        second = asyncio.ensure_future(f.fsync())  # through the log: it asks for the lock
+        await asked.wait()
+        for _ in range(100):  # it would pass a free lock within a few turns of the loop
+            await asyncio.sleep(0)
+        assert not second.done() and fs.vol.log_root == 0, "a log sync went ahead of the commit's tail"
+        gate.release.set()
+        await asyncio.wait_for(second, 10)
+        assert not alloc.sealed and not fs.vol.commit_lock.locked() and fs.vol.aborted is None
+        await f.close()
+    assert_fsck_clean(image, check_data=False)
+
+
+async def test_a_commit_tail_that_fails_aborts_the_mount_and_keeps_what_the_fsync_made_durable(image, monkeypatch):
+    """The tail of an fsync's commit fails after the fsync returned (its superblock durable):
+    the mount is aborted, as for any failed commit, and the file is there after a remount."""
+    data = os.urandom(3 * PAGE)
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        f = await fs.open("/f", "w")
+        await f.write(data)
+        async with fs.vol.commit_lock:  # the open's commit is done
+            gate = Gate(fs.vol.device.flush)
+        monkeypatch.setattr(fs.vol.device, "flush", gate)
+        await f.fsync()
+        await gate.entered.wait()
+        fs.vol.device.power_cut()
+        gate.release.set()
+        with pytest.raises(OSError) as e:
+            await f.pwrite(b"x", 0)
+            await f.fsync()
+        assert e.value.errno == errno.EIO and fs.vol.aborted is not None
+        with pytest.raises(OSError):
+            await f.close()
     async with blockemu.mount(image) as fs:
         async with fs.open("/f") as f:
             assert await f.read() == data

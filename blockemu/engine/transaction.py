@@ -17,8 +17,9 @@ recorded in ``TreeStore``. A commit then:
    next one starts at once, and a block it changes is COWed again, the committing
    transaction's pins sealed apart from its own; the caller writes the blocks,
    flushes, writes the superblock with FUA, writes the mirrors, flushes;
-3. ``finish_commit`` releases the committed transaction's pins: only now may the
-   blocks of the previous generation be overwritten.
+3. once the primary superblock is durable, ``committed`` makes it the image's; once the
+   mirrors are written and flushed too, ``finish_commit`` releases the committed
+   transaction's pins: only now may the blocks of the previous generation be overwritten.
 
 A crash before the superblock's FUA completes leaves the previous generation,
 whose blocks nothing has overwritten; after it, the new one.
@@ -528,14 +529,18 @@ class Engine:
         self._reset_log_notes()
         return writes, new
 
-    def finish_commit(self, new: SuperInfo) -> None:
-        """The superblock ``new`` is durable: the previous generation's blocks may now be reused.
-        A feature bit the next transaction turned on meanwhile (``sb`` is still the old one's
-        until now) is kept for that transaction's commit."""
+    def committed(self, new: SuperInfo) -> None:
+        """The superblock ``new`` is durable (its tree blocks were flushed before it): it is the
+        image's now, and a block the cache lets go may be read back. A feature bit the next
+        transaction turned on meanwhile (``sb`` is still the old one's until now) is kept for
+        that transaction's commit."""
         new.incompat_flags |= self.sb.incompat_flags & ~INCOMPAT_TREE_LOG
         self.sb = new
-        self.allocator.unpin_sealed()
         self.store.written()
+
+    def finish_commit(self) -> None:
+        """The commit is done, its mirrors too: the previous generation's blocks may now be reused."""
+        self.allocator.unpin_sealed()
 
 
 def super_writes(sb: SuperInfo) -> list[tuple[int, bytes]]:

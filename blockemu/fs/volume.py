@@ -174,7 +174,7 @@ class Volume:
         self.aborted = self.aborted or err
         return err if isinstance(e, Exception) else e
 
-    async def commit(self, *, force: bool = False, share: bool = True) -> bool:
+    async def commit(self, *, force: bool = False, share: bool = True, whole: bool = True) -> bool:
         """Make the running transaction durable; False when it changed nothing (unless ``force``:
         a new generation is written anyway, e.g. to record a rebuilt free-space record).
 
@@ -183,9 +183,16 @@ class Volume:
         in that commit's transaction -- instead of committing again what others changed since
         (with four stress tasks, most syncs waited behind another's commit, then ran their own).
         ``share=False`` (the unmount's): what others changed since must be written too, for
-        nothing is written after it."""
+        nothing is written after it.
+
+        ``whole=False`` (an fsync's): return once the primary superblock is durable -- all the
+        caller needs -- while the commit's tail (the mirrors, their flush, the pins released)
+        goes on under the commit lock, so the next commit or log sync still waits for it, as
+        btrfs's fsync waits for its transaction's superblock, not for the kthread's cleanup."""
         called = self._begun
-        async with self.commit_lock:
+        await self.commit_lock.acquire()
+        tail: asyncio.Future | None = None
+        try:
             if self._completed > called and share and not force:
                 self.check_aborted()
                 return True
@@ -198,11 +205,28 @@ class Volume:
                     return False
                 self._begun += 1
                 number = self._begun
-                done = await self._durably(self._commit(), "commit failed")
+                new_sb = await self._durably(self._commit(), "commit failed")
                 self._completed = number
-                return done
+                tail = asyncio.ensure_future(self._durably(self._commit_tail(new_sb), "commit failed"))
+                if whole and await outlast_cancellation([tail]):
+                    raise asyncio.CancelledError
+                if whole:
+                    tail.result()
+                return True
             finally:
                 await self._unblock()
+        finally:
+            if tail is None or tail.done():
+                self.commit_lock.release()
+            else:
+                tail.add_done_callback(self._tail_done)
+
+    def _tail_done(self, tail: asyncio.Future) -> None:
+        """A commit's tail that its caller did not wait for has ended: the lock is free. Its
+        failure has aborted the mount (``_durably``), and the next change or commit raises that."""
+        if not tail.cancelled():
+            tail.exception()  # retrieved: asyncio would log it as never retrieved
+        self.commit_lock.release()
 
     async def _unblock(self) -> None:
         """Let participants into the (next) running transaction."""
@@ -224,7 +248,7 @@ class Volume:
             self._fsyncs[ino] -= 1
             if not self._fsyncs[ino]:
                 del self._fsyncs[ino]
-        await self.commit()
+        await self.commit(whole=False)
 
     async def _log_sync(self, ino: int, commits: int, log_syncs: int) -> bool:
         """Log ``ino`` and write the log; False if the log cannot say its change, finds no room
@@ -285,9 +309,10 @@ class Volume:
         if self.aborted is not None:
             raise DeviceIOError(f"{self.device.path}: read-only after an aborted transaction ({self.aborted})")
 
-    async def _commit(self) -> bool:
-        """DESIGN §9. Once the blocks are encoded the next transaction runs beside the writes
-        (btrfs's unblocked state): it COWs what it changes, and pins what it frees for its own
+    async def _commit(self) -> SuperInfo:
+        """DESIGN §9 up to the primary superblock, which it returns (``_commit_tail`` does the
+        rest). Once the blocks are encoded the next transaction runs beside the writes (btrfs's
+        unblocked state): it COWs what it changes, and pins what it frees for its own
         commit, which -- holding the commit lock, as a log sync does -- comes after this one is
         durable. Runs as its own task (``_durably``), so a cancelled caller cannot stop it
         between ending the transaction and writing it."""
@@ -296,15 +321,19 @@ class Volume:
         writes, new_sb = engine.prepare_commit()
         await self._unblock()
         await self.device.writev(writes)
-        supers = super_writes(new_sb)
-        await self.device.flush_then_fua(*supers[0])
+        await self.device.flush_then_fua(*super_writes(new_sb)[0])
         self.log_root = 0
-        if supers[1:]:
-            await self.device.writev(supers[1:])
-        await self.device.flush()
-        engine.finish_commit(new_sb)
+        engine.committed(new_sb)
         self._logged_by.clear()  # an fsync that a log sync covered, this commit -- begun after it -- covers too
-        return True
+        return new_sb
+
+    async def _commit_tail(self, new_sb: SuperInfo) -> None:
+        """The rest of a commit once its primary superblock is durable (DESIGN §9 steps 4-5): the
+        mirrors, a flush, then the extents its transaction freed given back."""
+        if mirrors := super_writes(new_sb)[1:]:
+            await self.device.writev(mirrors)
+        await self.device.flush()
+        self.engine.finish_commit()
 
     async def close(self, *, commit: bool = True) -> None:
         """Commit and close the device -- the device even when the commit fails. After an abort
@@ -314,4 +343,5 @@ class Volume:
                 await self.commit(share=False)
         finally:
             self.closed = True
-            await self.device.close()
+            async with self.commit_lock:  # a commit's tail an fsync did not wait for (``commit``)
+                await self.device.close()
