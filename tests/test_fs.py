@@ -298,7 +298,7 @@ async def test_fsync_reports_an_io_error_once(image):
         async with fs.open("/x", "w+") as f:
             await f.write(b"1" * 4096)
             await f.fsync()
-            fail_next_data_write(fs)
+            await fail_next_data_write(fs)
             await f.write(b"2" * 4096)
             with ErrnoCheck(errno.EIO):
                 await f.fsync()
@@ -317,7 +317,7 @@ async def test_sync_reports_a_writeback_error_once_and_the_files_fsync_still_doe
         f = await fs.open("/x", "w+")
         await f.write(b"1" * 4096)
         await f.fsync()
-        fail_next_data_write(fs)
+        await fail_next_data_write(fs)
         await f.write(b"2" * 4096)
         with ErrnoCheck(errno.EIO):
             await fs.sync()
@@ -342,7 +342,7 @@ async def test_two_syncs_running_when_writeback_fails_both_report_it(image, monk
         async with fs.open("/x", "w") as f:
             await f.write(b"1" * 4096)
         await fs.sync()
-        fail_next_data_write(fs)
+        await fail_next_data_write(fs)
         async with fs.open("/x", "r+") as f:
             await f.write(b"2" * 4096)
             gate = Gate(fs.vol.commit)

@@ -187,7 +187,7 @@ async def test_a_sync_whose_writeback_lost_data_records_nothing_in_the_ledger(tm
         await b.step("create")  # acknowledged, still dirty
         (path,) = b.files
         assert b.files[path]
-        fail_next_data_write(fs, len(b.files[path]))
+        await fail_next_data_write(fs, len(b.files[path]))
         await a.step("sync")
         fs.vol.device.faults = FaultPlan()
         assert len(result.errors) == 1 and result.errors[0].startswith("sync: ")

@@ -39,15 +39,17 @@ def set_super(path: str, **fields: int) -> None:
         f.write(encode_super(dataclasses.replace(sb, **fields), at))
 
 
-def fail_next_data_write(fs, length: int = 4096) -> None:
+async def fail_next_data_write(fs, length: int = 4096) -> None:
     """EIO on writes to the next ``length`` bytes the allocator hands out -- where the next data
-    extent goes -- and nowhere else: a run's write fails, the commit's blocks (placed after it) do not."""
+    extent goes -- and nowhere else: a run's write fails, the commit's blocks (placed after it) do not.
+    Asked once no commit's tail runs (an fsync's commit returns before it gives back its pins)."""
     import copy
 
     from blockemu.device.faultplan import FaultPlan
 
     length = -(-length // 4096) * 4096  # a run of whole pages
-    nxt = copy.deepcopy(fs.vol.engine.allocator).alloc(length)  # small ones fill holes first
+    async with fs.vol.commit_lock:
+        nxt = copy.deepcopy(fs.vol.engine.allocator).alloc(length)  # small ones fill holes first
     fs.vol.device.faults = FaultPlan(eio=[(nxt, nxt + length, "w")])
 
 
