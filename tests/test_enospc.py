@@ -372,7 +372,8 @@ async def test_a_punch_whose_second_end_page_finds_no_room_zeroes_neither(image,
             return await real_read(offset, length)
 
         monkeypatch.setattr(device, "read", first_read_held)
-        punch = asyncio.ensure_future(f.punch_hole(100, 2 * S + 100))  # ends: [100, S) and [2S, 2S + 200)
+        async with fs.vol.commit_lock:  # put's commit has given its pins back: the room is settled
+            punch = asyncio.ensure_future(f.punch_hole(100, 2 * S + 100))  # ends: [100, S) and [2S, 2S + 200)
         await reading.wait()
         # another writer leaves room for one zeroed page, not for two (each a run of its own:
         # the second needs the first's page and its own extent's items, META_PER_RUN, more)
