@@ -22,6 +22,7 @@ from blockemu.check.exitcodes import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCO
 from blockemu.cli.collector import collect_less
 from blockemu.display import wanted as progress_wanted
 from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, IsADirectory, NoKeyError, NotFoundError
+from blockemu.ondisk.structs import CSUM_TREE_OBJECTID
 from blockemu.units import human, parse_size
 
 # Each command imports the layers it runs where it runs (``fsck`` needs no event loop, no
@@ -1040,8 +1041,11 @@ def cmd_fsck(a: argparse.Namespace) -> int:
 
 # why --repair wrote nothing, said rather than left to the unchanged exit code
 UNREPAIRED_TREES = ("--repair wrote nothing: tree blocks are damaged, and changing items around them would mean "
-                    "guessing (only the free-space tree is rebuilt); files the errors do not name can still be "
-                    "copied out with blockemu ls / cat")
+                    "guessing (only the free-space tree is rebuilt); ")
+# what can still be read, by whether the checksum tree (which every read of file data consults) is whole
+READABLE = "files the errors do not name can still be copied out with blockemu ls / cat"
+UNREADABLE = ("the checksum tree is among them, and every read of file data checks it: blockemu ls still lists "
+              "names, but cat of a file whose checksums it cannot reach fails")
 UNREPAIRED = "--repair wrote nothing: none of these findings has a repair"
 UNREPAIRED_SHORT = ("--repair wrote nothing: the image is truncated, and tree blocks the cut took are lost; the "
                     "other commands refuse a truncated image too")
@@ -1057,7 +1061,8 @@ def repair(a: argparse.Namespace, report: Any, key: bytes | None) -> tuple[Any, 
     if not repairable(report):
         short = any(e.fix is not None and "extend_to" in e.fix for e in report.errors)
         report.notes.append(UNREPAIRED_SHORT if short and report.trees_damaged
-                            else UNREPAIRED_TREES if report.trees_damaged else UNREPAIRED)
+                            else UNREPAIRED_TREES + (UNREADABLE if CSUM_TREE_OBJECTID in report.damaged_trees else READABLE)
+                            if report.trees_damaged else UNREPAIRED)
         return report, report.exit_code
     repaired, fixed = [], 0
     for _ in range(4):
