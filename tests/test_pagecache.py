@@ -80,7 +80,7 @@ class PageCacheMachine(RuleBasedStateMachine):
             for k in range(len(run.entries)):
                 if run.first + k not in self.pages[f].dirty:
                     self.model[f].pop(run.first + k, None)
-        self.cache.written(self.pages[f], run)
+        self.cache.written([(self.pages[f], run)])
 
     @rule(f=st.integers(0, 1), first=INDEXES)
     def drop(self, f: int, first: int) -> None:
