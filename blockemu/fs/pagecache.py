@@ -50,9 +50,10 @@ class Pages:
     dirty: set[int] = field(default_factory=set)
 
 
-@dataclass
+@dataclass(slots=True)
 class Run:
-    """Consecutive dirty pages taken for writeback, as the cache held them then."""
+    """Consecutive dirty pages taken for writeback, as the cache held them then (one per
+    scattered page of a random write load: slots make it cheaper to make and to read)."""
 
     first: int
     entries: list[Entry]
