@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from blockemu.crypto import fscrypt
 from blockemu.crypto.arena import Arena, unmap
 from blockemu.crypto.fscrypt import Buffer
-from blockemu.crypto.sealworker import BOOT, IN_SLOT, KEY, PAGE, RESPONSE, digests, request, slot_size
+from blockemu.crypto.sealworker import BOOT, IN_SLOT, KEY, PAGE, RESPONSE, digests, request, slot_size, unit_digests
 from blockemu.errors import DeviceIOError
 
 POOL_THRESHOLD = 256 << 10
@@ -359,7 +359,7 @@ class Sealer:
         handing them over). Runs with a key share one trip to a thread, queued as futures --
         not a task per run -- where their keys are derived, when given as secret and nonce."""
         if all(key is None for key, _ in runs):
-            return [seal_local(None, self._joined(pages), csum_type) for _, pages in runs]
+            return [self._plain(pages, csum_type) for _, pages in runs]
         queued = [self._queue(key, pages, csum_type) for key, pages in runs]
         try:
             return list(await asyncio.gather(*(fut for fut, _ in queued)))
@@ -379,6 +379,13 @@ class Sealer:
         data = self._joined(pages)
         self._batch.append((key, data, csum_type, fut))
         return fut, data
+
+    def _plain(self, pages: Sequence[bytes | bytearray | int], csum_type: int) -> tuple[bytes, bytes]:
+        """A run without a key: its pages as one ``bytes`` (what the device keeps, so it copies
+        them no more) and their checksums, each taken on the page where it lies."""
+        page = self.arena.page
+        units = [page(p) if type(p) is int else p for p in pages]
+        return b"".join(units), unit_digests(units, csum_type)
 
     def _joined(self, pages: Sequence[bytes | bytearray | int]) -> bytearray:
         """A run's pages (arena frame numbers or heap pages) copied into one buffer."""

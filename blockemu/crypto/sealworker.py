@@ -62,8 +62,13 @@ def request(off: int, frames: list[int], cap: int, csum_type: int) -> bytes:
 
 def digests(data: bytes | memoryview, csum_type: int) -> bytes:
     """The per-sector checksums of ``data``, concatenated (as the checksum items hold them)."""
-    mv, fn = memoryview(data), csums.ALGORITHMS[csum_type][2]
-    return b"".join([fn(mv[i : i + PAGE]) for i in range(0, len(mv), PAGE)])
+    mv = memoryview(data)
+    return unit_digests([mv[i : i + PAGE] for i in range(0, len(mv), PAGE)], csum_type)
+
+
+def unit_digests(units: list[bytes | bytearray | memoryview], csum_type: int) -> bytes:
+    """The checksums of ``units`` (4 KiB each), concatenated: ``digests`` of their concatenation."""
+    return b"".join(map(csums.ALGORITHMS[csum_type][2], units))
 
 
 def seal_slot(arena: memoryview, slots: memoryview, off: int, frames: tuple[int, ...], cap: int, csum_type: int) -> bytes:

@@ -1423,7 +1423,8 @@ class File:
             return inode.size if offset is None else offset, 0
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
-        await fs.make_room(n)
+        if not fs.room_for(n):  # (with room, make_room would return at once)
+            await fs.make_room(n)
         at = inode.size if offset is None else offset
         end = at + n
         if n == PAGE and not at % PAGE and end <= S.MAX_FILE_SIZE:

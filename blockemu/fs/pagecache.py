@@ -50,9 +50,10 @@ class Pages:
     dirty: set[int] = field(default_factory=set)
 
 
-@dataclass
+@dataclass(slots=True)
 class Run:
-    """Consecutive dirty pages taken for writeback, as the cache held them then."""
+    """Consecutive dirty pages taken for writeback, as the cache held them then (one per
+    scattered page of a random write load: slots make it cheaper to make and to read)."""
 
     first: int
     entries: list[Entry]
@@ -185,73 +186,81 @@ class PageCache:
 
     # ------------------------------------------------------------ writeback
 
-    def take_dirty(self, pages: Pages, max_run: int) -> list[Run]:
+    def take_dirty(self, pages: Pages, max_run: int) -> Iterator[Run]:
         """The dirty pages as runs of consecutive pages, each at most ``max_run`` long, with
-        their dirty bits cleared; a write landing meanwhile dirties (a copy of) its page
-        again. Until the caller reports a run ``written`` its frames stay as they are."""
+        their dirty bits cleared now; a write landing meanwhile dirties (a copy of) its page
+        again. Until the caller reports a run ``written`` (or ``untake``s it) its frames stay as
+        they are.
+
+        The pages are taken at once but cut into ``Run``s only as the caller iterates: a flush
+        of thousands of scattered pages no longer holds a Run per page from the start, and
+        those objects, alive across the whole flush, made the cyclic GC's full passes (each
+        over every object the mount holds) run during it. A caller that stops early must still
+        ``untake`` the rest."""
         idxs = sorted(pages.dirty)
         pages.dirty.clear()
-        if not idxs:
-            return []
-        if idxs[-1] - idxs[0] == len(idxs) - 1:  # one stretch: the streaming case
-            breaks = [0, len(idxs)]
-        else:
-            breaks = [0, *[k for k in range(1, len(idxs)) if idxs[k] != idxs[k - 1] + 1], len(idxs)]
-        runs: list[Run] = []
-        get = pages.pages.__getitem__
-        for a, b in zip(breaks, breaks[1:]):
-            for k in range(a, b, max_run):
-                first = idxs[k]
-                runs.append(Run(first, list(map(get, range(first, first + min(max_run, b - k))))))
-        self._sealing.update(entry for run in runs for entry in run.entries if type(entry) is int)
-        return runs
+        entries = list(map(pages.pages.__getitem__, idxs))
+        self._sealing.update([e for e in entries if type(e) is int])
+        return _runs(idxs, entries, max_run)
 
-    def written(self, pages: Pages, run: Run) -> None:
-        """A run from ``take_dirty`` is on its way to disk (or was dropped): its pages that
-        nobody rewrote meanwhile are clean now, and its frames go back to the arena."""
-        first, entries = run.first, run.entries
-        span = range(first, first + len(entries))
-        self.dirty_bytes -= len(entries) * PAGE
-        frames = [s for s in entries if type(s) is int]
-        self._sealing.difference_update(frames)
-        table, dirty, orphans = pages.pages, pages.dirty, self._orphans
-        room = self.clean_limit // PAGE - len(self._clean)
-        # a run's frames go back highest first, so the next streaming write takes them
-        # as one ascending slice (see put_dirty)
-        if (room <= 0 and len(frames) == len(entries) and orphans.isdisjoint(frames) and dirty.isdisjoint(span)
-                and list(map(table.get, span)) == entries):
-            for idx in span:  # streaming: the clean cache is full, so written-behind pages go first
-                del table[idx]
-            self.arena.release(frames[::-1])
-            self._close_if_idle()
-            return
+    def written(self, runs: Iterable[tuple[Pages, Run]]) -> None:
+        """Runs from ``take_dirty`` (each with its inode's pages) are on their way to disk (or
+        were dropped): their pages that nobody rewrote meanwhile are clean now, and their frames
+        go back to the arena -- in one pass for a whole batch of runs."""
         freed: list[int] = []
-        for idx, entry in zip(span, entries):
-            frame = type(entry) is int
-            if frame:
-                if entry in orphans:
-                    orphans.discard(entry)  # type: ignore[arg-type]
-                    freed.append(entry)  # type: ignore[arg-type]
-                    continue
-                # a frame still in use is still its page's: rewriting or dropping a page
-                # being sealed gives it a new entry and orphans this one
-                assert idx not in dirty and table.get(idx) == entry
-            elif idx in dirty or table.get(idx) is not entry:
-                entry[:] = ZERO_PAGE  # type: ignore[index]  # rewritten (or dropped) since: the newer page stays
+        orphans, sealing = self._orphans, self._sealing
+        room = self.clean_limit // PAGE - len(self._clean)
+        for pages, run in runs:
+            first, entries = run.first, run.entries
+            self.dirty_bytes -= len(entries) * PAGE
+            table, dirty = pages.pages, pages.dirty
+            if room <= 0 and len(entries) > 1 and self._streamed(pages, run):
                 continue
-            if room > 0:  # clean pages live on the heap; the arena is for dirty ones
+            for idx, entry in zip(range(first, first + len(entries)), entries):
+                frame = type(entry) is int
                 if frame:
-                    table[idx] = bytearray(self.arena.page(entry))  # type: ignore[arg-type]
-                self._clean[(pages.ino, idx)] = pages
-                room -= 1
-            else:  # cache full of clean pages: drop written-behind pages first, as streaming I/O wants
-                del table[idx]
-                if not frame:
-                    entry[:] = ZERO_PAGE  # type: ignore[index]
-            if frame:
-                freed.append(entry)  # type: ignore[arg-type]
+                    sealing.discard(entry)  # type: ignore[arg-type]
+                    if entry in orphans:
+                        orphans.discard(entry)  # type: ignore[arg-type]
+                        freed.append(entry)  # type: ignore[arg-type]
+                        continue
+                    # a frame still in use is still its page's: rewriting or dropping a page
+                    # being sealed gives it a new entry and orphans this one
+                    assert idx not in dirty and table.get(idx) == entry
+                elif idx in dirty or table.get(idx) is not entry:
+                    entry[:] = ZERO_PAGE  # type: ignore[index]  # rewritten (or dropped) since: the newer page stays
+                    continue
+                if room > 0:  # clean pages live on the heap; the arena is for dirty ones
+                    if frame:
+                        table[idx] = bytearray(self.arena.page(entry))  # type: ignore[arg-type]
+                    self._clean[(pages.ino, idx)] = pages
+                    room -= 1
+                else:  # cache full of clean pages: drop written-behind pages first, as streaming I/O wants
+                    del table[idx]
+                    if not frame:
+                        entry[:] = ZERO_PAGE  # type: ignore[index]
+                if frame:
+                    freed.append(entry)  # type: ignore[arg-type]
+        # a run's frames go back highest first, so the next streaming write takes them as one
+        # ascending slice (see put_dirty)
         self.arena.release(freed[::-1])
         self._close_if_idle()
+
+    def _streamed(self, pages: Pages, run: Run) -> bool:
+        """A streaming run, written while the clean cache is full: all frames, none rewritten or
+        dropped since. Its pages leave the cache (written-behind pages go first) and its frames
+        go back to the arena together, consecutive ones zeroed in one go."""
+        span = range(run.first, run.first + len(run.entries))
+        frames = run.entries
+        if (any(type(e) is not int for e in frames) or not self._orphans.isdisjoint(frames)
+                or not pages.dirty.isdisjoint(span) or list(map(pages.pages.get, span)) != frames):
+            return False
+        self._sealing.difference_update(frames)
+        table = pages.pages
+        for idx in span:
+            del table[idx]
+        self.arena.release(frames[::-1])  # type: ignore[arg-type]
+        return True
 
     def untake(self, pages: Pages, run: Run) -> None:
         """A run from ``take_dirty`` that will not be written (its flush was cancelled before
@@ -346,3 +355,23 @@ class PageCache:
         for page in self._evicted:
             page[:] = ZERO_PAGE
         self._evicted.clear()
+
+
+def _runs(idxs: list[int], entries: list[Entry], max_run: int) -> Iterator[Run]:
+    """Cut taken pages (sorted indexes, their entries) into runs of consecutive pages, each at
+    most ``max_run`` long, as the caller asks for them."""
+    n = len(idxs)
+    if not n:
+        return
+    if idxs[-1] - idxs[0] == n - 1:  # one stretch: the streaming case
+        starts = [0]
+    else:
+        starts = [k for k, (a, b) in enumerate(zip(idxs, idxs[1:]), 1) if b != a + 1]
+        starts.insert(0, 0)
+    starts.append(n)
+    for a, b in zip(starts, starts[1:]):
+        if b - a == 1:
+            yield Run(idxs[a], entries[a:b])
+            continue
+        for k in range(a, b, max_run):
+            yield Run(idxs[k], entries[k : min(k + max_run, b)])

@@ -23,12 +23,11 @@ is a bug, so it is logged with its traceback and aborts the mount read-only
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol
 
 from blockemu.crypto import fscrypt
@@ -309,18 +308,20 @@ class Writeback:
         for inode in inodes:
             inode.inflight += 1
         tasks: list[asyncio.Task] = []
-        groups = collections.deque(self._groups([(inode, run) for inode in inodes
-                                                 for run in self.cache.take_dirty(inode.pages, self.max_pages)]))
+        taken = [(inode, self.cache.take_dirty(inode.pages, self.max_pages)) for inode in inodes]  # all at once
+        groups = self._groups(itertools.chain.from_iterable(zip(itertools.repeat(inode), runs) for inode, runs in taken))
+        group: list[Piece] = []  # taken from ``groups``, not yet handed to a task
         before: asyncio.Event | None = None
         try:
-            while groups:
+            for group in groups:
                 await lanes.acquire()
-                group, turn = groups.popleft(), Turn(before)
+                turn = Turn(before)
                 before = turn.passed
                 tasks.append(asyncio.ensure_future(self._write_group(group, turn)))
                 tasks[-1].add_done_callback(lambda _t: lanes.release())
+                group = []
         finally:
-            for inode, run in itertools.chain.from_iterable(groups):
+            for inode, run in itertools.chain(group, itertools.chain.from_iterable(groups)):
                 self.cache.untake(inode.pages, run)
             try:
                 if await outlast_cancellation(tasks):
@@ -333,23 +334,24 @@ class Writeback:
         for inode in inodes:
             await self.fs.settle(inode)
 
-    def _groups(self, runs: list[Piece]) -> list[list[Piece]]:
-        """Runs in the groups written together: neighbouring small runs (those sealed on a thread),
-        of one file or several, share one seal batch, one device writev and one pass over the
-        trees, until the group is as big as a run a worker would seal (or ``max_extent``), so
-        that several groups still fill the pipeline's lanes; a run big enough for a sealing
-        worker goes on its own."""
-        groups: list[list[Piece]] = []
+    def _groups(self, runs: Iterable[Piece]) -> Iterator[list[Piece]]:
+        """Runs in the groups written together, each made as the pipeline asks for it:
+        neighbouring small runs (those sealed on a thread), of one file or several, share one
+        seal batch, one device writev and one pass over the trees, until the group is as big as
+        a run a worker would seal (or ``max_extent``), so that several groups still fill the
+        pipeline's lanes; a run big enough for a sealing worker goes on its own."""
+        group: list[Piece] = []
         pages = 0
+        pooled = self.sealer.pooled
         for piece in runs:
             n = len(piece[1].entries)
-            if self.sealer.pooled(n * PAGE) or not groups or pages + n > self.max_pages or self.sealer.pooled(pages * PAGE):
-                groups.append([piece])
-                pages = n
-            else:
-                groups[-1].append(piece)
-                pages += n
-        return groups
+            if group and (pooled(n * PAGE) or pages + n > self.max_pages or pooled(pages * PAGE)):
+                yield group
+                group, pages = [], 0
+            group.append(piece)
+            pages += n
+        if group:
+            yield group
 
     async def _write_group(self, pieces: list[Piece], turn: Turn) -> None:
         try:
@@ -371,12 +373,11 @@ class Writeback:
             except BaseException:  # cancelled: the loss is recorded, the cancellation goes on
                 for inode, run in pieces:
                     self._lose(inode, run, DeviceIOError("writeback interrupted"))
-                    self.cache.written(inode.pages, run)
+                self.cache.written([(inode.pages, run) for inode, run in pieces])
                 self._room.set()
                 raise
             else:
-                for inode, run in pieces:
-                    self.cache.written(inode.pages, run)
+                self.cache.written([(inode.pages, run) for inode, run in pieces])
                 self._room.set()
                 return
         for i, (inode, run) in enumerate(pieces):
@@ -385,7 +386,7 @@ class Writeback:
             except BaseException:  # cancelled (_write_one has recorded its own run)
                 for other, rest in pieces[i + 1 :]:
                     self._lose(other, rest, DeviceIOError("writeback interrupted"))
-                    self.cache.written(other.pages, rest)
+                self.cache.written([(other.pages, rest) for other, rest in pieces[i + 1 :]])
                 raise
 
     async def _write_one(self, inode: Inode, run: Run, turn: Turn) -> None:
@@ -423,7 +424,7 @@ class Writeback:
             if not isinstance(e, OSError):
                 self._bug(f"writeback of inode {inode.ino}", e)
         finally:
-            self.cache.written(inode.pages, run)
+            self.cache.written([(inode.pages, run)])
             self._room.set()
 
     def _bug(self, what: str, e: Exception) -> None:
