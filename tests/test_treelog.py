@@ -654,3 +654,37 @@ async def test_a_log_with_a_base_replays_and_inspect_shows_both_trees(tmp_path):
     async with blockemu.mount(crash) as fs:
         async with fs.open("/f") as f:
             assert await f.read() == want
+
+
+async def test_a_log_base_that_shares_the_deltas_block_is_damaged_for_fsck_and_mount(tmp_path):
+    """A hostile BASE_KEY naming the delta's own leaf: every block reads, so fsck said the log
+    was fine, while replay failed on reserving that block a second time. Both must say it."""
+    from blockemu.engine.treelog import BASE_KEY
+    from blockemu.errors import CorruptionError
+    from blockemu.ondisk.block import decode_block, encode_block
+    from blockemu.ondisk.items import RootItem
+    img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
+    await blockemu.mkfs(img, size="64M", node_size="4K", force=True)  # small leaves: the delta folds soon
+    rng = random.Random(8)
+    async with blockemu.mount(img, interval=3600) as fs:
+        log = await committed_then_log(fs, tmp_path, rng.randbytes(128 * 4096))
+        async with fs.open("/f", "r+") as f:
+            while fs.vol.log.base is None:
+                for page in rng.sample(range(0, 128, 2), 6):
+                    await f.pwrite(rng.randbytes(4096), page * 4096)
+                await f.fsync()
+        _crash_now(log, crash)
+    sb = _super(crash)
+    with open(crash, "r+b") as f:
+        f.seek(sb.log_root)
+        leaf = decode_block(f.read(sb.nodesize), bytenr=sb.log_root, nodesize=sb.nodesize, csum_type=sb.csum_type,
+                            fsid=sb.fsid)
+        i = leaf.keys.index(BASE_KEY)
+        leaf.values[i] = RootItem.unpack(leaf.values[i])._replace(bytenr=sb.log_root, level=0).pack()
+        f.seek(sb.log_root)
+        f.write(encode_block(leaf, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid))
+    report = check(crash)
+    assert not report.clean and any("zero-log" in n for n in report.notes), [e.message for e in report.errors]
+    with pytest.raises(CorruptionError, match="reached twice.*rescue zero-log"):
+        async with blockemu.mount(crash):
+            pass

@@ -256,6 +256,12 @@ def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
     delta's at its key, without the stale ones (``DROPPED``) and the delta's BASE_KEY."""
     trees = log_trees(read, sb)
     blocks, items = [b.bytenr for t in trees for b in t.blocks()], {}
+    if len(set(blocks)) != len(blocks):
+        # a base reaching the delta's leaf (or itself naming it): fsck found each block readable,
+        # and replay's reserve then failed on the second sight of one -- say what is wrong, once
+        shared = next(b for b in blocks if blocks.count(b) > 1)
+        raise CorruptionError(f"log tree: block {shared} is reached twice (the base shares it with the delta)",
+                              "BAD_LOG_ITEM", shared)
     for t in reversed(trees):
         items.update(t.items())
     items.pop(BASE_KEY, None)
