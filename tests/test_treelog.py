@@ -688,3 +688,34 @@ async def test_a_log_base_that_shares_the_deltas_block_is_damaged_for_fsck_and_m
     with pytest.raises(CorruptionError, match="reached twice.*rescue zero-log"):
         async with blockemu.mount(crash):
             pass
+
+
+async def test_a_log_missing_an_extents_checksums_fails_the_mount_as_fsck_says(tmp_path):
+    """fsck calls a log whose new extent has no checksum items damaged (MISSING_CSUM, "rescue
+    zero-log"); replay took it anyway and committed the extent without checksums -- the
+    committed trees then failed fsck and every read of those sectors."""
+    from blockemu.errors import CorruptionError
+    from blockemu.ondisk.block import decode_block, encode_block
+    img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
+    await _fresh(img)
+    async with blockemu.mount(img, interval=3600) as fs:
+        log = await committed_then_log(fs, tmp_path, os.urandom(64 << 10))
+        async with fs.open("/f", "r+") as f:
+            await f.pwrite(b"L" * 4096, 0)
+            await f.fsync()
+        _crash_now(log, crash)
+    sb = _super(crash)
+    with open(crash, "r+b") as f:
+        f.seek(sb.log_root)
+        leaf = decode_block(f.read(sb.nodesize), bytenr=sb.log_root, nodesize=sb.nodesize, csum_type=sb.csum_type,
+                            fsid=sb.fsid)
+        i = next(i for i, k in enumerate(leaf.keys) if k[1] == S.EXTENT_CSUM)
+        del leaf.keys[i], leaf.values[i]
+        f.seek(sb.log_root)
+        f.write(encode_block(leaf, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid))
+    report = check(crash)
+    assert any(e.code == "MISSING_CSUM" for e in report.errors) and any("zero-log" in n for n in report.notes)
+    with pytest.raises(CorruptionError, match="lacks sector checksums.*rescue zero-log"):
+        async with blockemu.mount(crash):
+            pass
+    assert check(crash).errors == report.errors  # nothing of it was committed

@@ -306,6 +306,10 @@ def replay(engine: Engine) -> bool:
         elif key[1] == S.EXTENT_DATA:
             fe = FileExtent.unpack(body)
             mine = extent_csums(csums, starts, fe.disk_bytenr, fe.disk_num_bytes, size, ext.sectors_per_csum_item)
+            if sum(len(b) for _, b in mine) != fe.disk_num_bytes // S.SECTOR_SIZE * size:
+                # as fsck says (MISSING_CSUM): replayed, the extent's sectors would fail every read
+                raise CorruptionError(f"log tree: extent [{fe.disk_bytenr}, +{fe.disk_num_bytes}) lacks sector "
+                                      "checksums", "MISSING_CSUM", fe.disk_bytenr)
             ext.map_logged(ino, key[2], fe, mine)
     for bytenr in blocks:
         alloc.pin(bytenr, sb.nodesize)  # free once the commit that ends the replay is durable
