@@ -331,6 +331,36 @@ async def test_fsync_cancelled_during_its_commit_lets_the_commit_finish(image, m
             assert await f.read() == data
 
 
+async def test_a_commit_whose_caller_is_cancelled_still_runs_its_tail(image, monkeypatch):
+    """Cancelled while its commit writes the primary superblock, an fsync or sync must still
+    leave the commit whole: the mirrors, their flush and the pins given back (the tail). The
+    tail was started only after the commit returned to the cancelled caller, so it never ran:
+    the pins stayed sealed, and the next commit failed (the mount aborted, losing what the
+    next sync was asked to make durable)."""
+    data, more = os.urandom(3 * PAGE), os.urandom(2 * PAGE)
+    for cancelled in ("fsync", "sync"):
+        async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+            f = await fs.open(f"/{cancelled}", "w")
+            await f.write(data)
+            gate = Gate(fs.vol.device.flush_then_fua)
+            monkeypatch.setattr(fs.vol.device, "flush_then_fua", gate)
+            call = asyncio.ensure_future(f.fsync() if cancelled == "fsync" else fs.sync())
+            await gate.entered.wait()
+            call.cancel()
+            gate.release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await f.pwrite(more, len(data))
+            await f.fsync()  # a log sync: waits for the tail, which gave the pins back
+            await f.close()
+            await fs.sync()
+            assert fs.vol.aborted is None and not fs.vol.engine.allocator.sealed
+        assert_fsck_clean(image, check_data=False)
+        async with blockemu.mount(image) as fs:
+            async with fs.open(f"/{cancelled}") as f:
+                assert await f.read() == data + more
+
+
 async def test_fsync_that_commits_returns_at_the_superblock_and_the_next_sync_waits_for_the_tail(image, monkeypatch):
     """An fsync that needs a full commit returns once the primary superblock is durable: the
     mirrors' write and flush and the release of the pins (the commit's tail) go on without it,

@@ -205,10 +205,14 @@ class Volume:
                     return False
                 self._begun += 1
                 number = self._begun
-                new_sb = await self._durably(self._commit(), "commit failed")
+                # a caller cancelled meanwhile still gets the commit whole: its tail is started
+                # before the cancellation is raised (and then runs on under the lock, as an fsync's)
+                head = asyncio.ensure_future(self._durably(self._commit(), "commit failed"))
+                cancelled = await outlast_cancellation([head])
+                new_sb = head.result()
                 self._completed = number
                 tail = asyncio.ensure_future(self._durably(self._commit_tail(new_sb), "commit failed"))
-                if whole and await outlast_cancellation([tail]):
+                if cancelled or whole and await outlast_cancellation([tail]):
                     raise asyncio.CancelledError
                 if whole:
                     tail.result()
