@@ -656,12 +656,24 @@ async def test_a_log_with_a_base_replays_and_inspect_shows_both_trees(tmp_path):
             assert await f.read() == want
 
 
+def _edit_log_leaf(path: str, edit) -> None:
+    """Re-encode the leaf ``log_root`` names after ``edit(leaf, sb)`` changed it (a hostile log)."""
+    from blockemu.ondisk.block import decode_block, encode_block
+    sb = _super(path)
+    with open(path, "r+b") as f:
+        f.seek(sb.log_root)
+        leaf = decode_block(f.read(sb.nodesize), bytenr=sb.log_root, nodesize=sb.nodesize, csum_type=sb.csum_type,
+                            fsid=sb.fsid)
+        edit(leaf, sb)
+        f.seek(sb.log_root)
+        f.write(encode_block(leaf, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid))
+
+
 async def test_a_log_base_that_shares_the_deltas_block_is_damaged_for_fsck_and_mount(tmp_path):
     """A hostile BASE_KEY naming the delta's own leaf: every block reads, so fsck said the log
     was fine, while replay failed on reserving that block a second time. Both must say it."""
     from blockemu.engine.treelog import BASE_KEY
     from blockemu.errors import CorruptionError
-    from blockemu.ondisk.block import decode_block, encode_block
     from blockemu.ondisk.items import RootItem
     img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
     await blockemu.mkfs(img, size="64M", node_size="4K", force=True)  # small leaves: the delta folds soon
@@ -674,15 +686,11 @@ async def test_a_log_base_that_shares_the_deltas_block_is_damaged_for_fsck_and_m
                     await f.pwrite(rng.randbytes(4096), page * 4096)
                 await f.fsync()
         _crash_now(log, crash)
-    sb = _super(crash)
-    with open(crash, "r+b") as f:
-        f.seek(sb.log_root)
-        leaf = decode_block(f.read(sb.nodesize), bytenr=sb.log_root, nodesize=sb.nodesize, csum_type=sb.csum_type,
-                            fsid=sb.fsid)
+
+    def at_itself(leaf, sb) -> None:
         i = leaf.keys.index(BASE_KEY)
         leaf.values[i] = RootItem.unpack(leaf.values[i])._replace(bytenr=sb.log_root, level=0).pack()
-        f.seek(sb.log_root)
-        f.write(encode_block(leaf, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid))
+    _edit_log_leaf(crash, at_itself)
     report = check(crash)
     assert not report.clean and any("zero-log" in n for n in report.notes), [e.message for e in report.errors]
     with pytest.raises(CorruptionError, match="reached twice.*rescue zero-log"):
@@ -695,7 +703,6 @@ async def test_a_log_missing_an_extents_checksums_fails_the_mount_as_fsck_says(t
     zero-log"); replay took it anyway and committed the extent without checksums -- the
     committed trees then failed fsck and every read of those sectors."""
     from blockemu.errors import CorruptionError
-    from blockemu.ondisk.block import decode_block, encode_block
     img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
     await _fresh(img)
     async with blockemu.mount(img, interval=3600) as fs:
@@ -704,15 +711,11 @@ async def test_a_log_missing_an_extents_checksums_fails_the_mount_as_fsck_says(t
             await f.pwrite(b"L" * 4096, 0)
             await f.fsync()
         _crash_now(log, crash)
-    sb = _super(crash)
-    with open(crash, "r+b") as f:
-        f.seek(sb.log_root)
-        leaf = decode_block(f.read(sb.nodesize), bytenr=sb.log_root, nodesize=sb.nodesize, csum_type=sb.csum_type,
-                            fsid=sb.fsid)
+
+    def without_checksums(leaf, sb) -> None:
         i = next(i for i, k in enumerate(leaf.keys) if k[1] == S.EXTENT_CSUM)
         del leaf.keys[i], leaf.values[i]
-        f.seek(sb.log_root)
-        f.write(encode_block(leaf, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid))
+    _edit_log_leaf(crash, without_checksums)
     report = check(crash)
     assert any(e.code == "MISSING_CSUM" for e in report.errors) and any("zero-log" in n for n in report.notes)
     with pytest.raises(CorruptionError, match="lacks sector checksums.*rescue zero-log"):
