@@ -5,7 +5,7 @@ import asyncio
 
 import blockemu
 from blockemu.check.fsck import check
-from tests.util import encrypted_dir, flip
+from tests.util import KEY, encrypted_dir, flip
 
 
 async def two_files(path: str) -> dict:
@@ -40,3 +40,15 @@ def test_a_data_checksum_mismatch_names_the_file_not_only_the_sector(tmp_path):
     assert found[0].startswith(f"data sector {at_p + 4096} (inode {ino_p} at file offset 4096: /d/plain): checksum ")
     assert found[1].startswith(f"data sector {at_s + 4096} (inode {ino_s} at file offset 4096: "
                                f"/e/{files['nokey']}): checksum ")
+
+
+def test_with_the_key_a_data_checksum_mismatch_names_the_encrypted_file_by_its_name(tmp_path):
+    """With the directory's key (fsck --key-file) the file is named as the user knows it, not by
+    its no-key name; another key names it as without one."""
+    img = str(tmp_path / "c.img")
+    files = asyncio.run(two_files(img))
+    flip(img, files["/e/secret"][1] + 4096 + 10)
+    named = [e.message for e in check(img, check_data=True, key=KEY).errors if e.code == "CSUM_MISMATCH"]
+    assert len(named) == 1 and ": /e/secret): checksum " in named[0], named
+    other = [e.message for e in check(img, check_data=True, key=bytes(64)).errors if e.code == "CSUM_MISMATCH"]
+    assert len(other) == 1 and f": /e/{files['nokey']}): checksum " in other[0], other

@@ -410,7 +410,7 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
             mark = len(report.errors)
             check_file_extents(ck, cols)
             ck.progress(6, "csums against data" if check_data else "csums (without verifying data)")
-            fsck_fs.check_csums(ck, sb, ck.data_extents, img.read if check_data else None, lambda n: None)
+            fsck_fs.check_csums(ck, sb, ck.data_extents, img.read if check_data else None, lambda n: None, key)
             ck.progress(7, PHASES[6])
             if side is not None:
                 # what this side made is freed while the child finishes (freeing a large check's

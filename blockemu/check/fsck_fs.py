@@ -342,8 +342,9 @@ def _one_backref(ei: ExtentItem, refs: dict[tuple[int, int], int] | None) -> boo
 
 
 def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read: Callable[[int, int], bytes] | None,
-                advance: Callable[[int], None]) -> None:
-    """Every data sector has exactly one checksum, and (with ``read``) matches it.
+                advance: Callable[[int], None], master: bytes | None = None) -> None:
+    """Every data sector has exactly one checksum, and (with ``read``) matches it; a mismatch
+    names the files holding the sector (with ``master``, their names in its directories decrypted).
 
     Work and memory follow the checksum items, not the extents' lengths: an extent's sectors
     without a checksum are counted by bisection and reported once per extent, so a hostile
@@ -377,7 +378,7 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
             sums[sector] = body[i * size : (i + 1) * size]
     if not by_range:
         sectors = sorted(sums)
-    files = FileNames(ck)
+    files = FileNames(ck, master)
     runs: list[list[int]] = []  # the data extents merged into disjoint [start, end)
     for bytenr, (length, _) in sorted(data.items()):
         end = bytenr + length
@@ -424,11 +425,13 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
 class FileNames:
     """Which files hold a data sector, for a CSUM_MISMATCH to name them, not only the sector: the
     extent's data backrefs give the inodes, their INODE_REF chains the paths (names as stored; in
-    an encrypted directory the no-key name ``ls`` shows). The names are decoded at the first
-    mismatch only: a sound image never pays for them."""
+    an encrypted directory the name decrypted with ``master`` when it is the directory's key, else
+    the no-key name ``ls`` shows). The names are decoded at the first mismatch only: a sound image
+    never pays for them."""
 
-    def __init__(self, ck: "Checker") -> None:
+    def __init__(self, ck: "Checker", master: bytes | None = None) -> None:
         self.ck = ck
+        self.master = master
         self.items: FsItems | None = None
 
     def holding(self, item: ExtentItem, bytenr: int, sector: int) -> str:
@@ -454,10 +457,22 @@ class FileNames:
         return ": /" + "/".join(reversed(names))
 
     def name(self, parent: int, stored: bytes) -> str:
-        if parent in self.items.policies:  # type: ignore[union-attr]
-            from blockemu.crypto.fscrypt import nokey_name  # a cipher import, for a damaged encrypted file only
+        items = self.items
+        assert items is not None
+        if parent in items.policies:
+            from blockemu.crypto import fscrypt  # a cipher import, for a damaged encrypted file only
 
-            return nokey_name(stored, name_hash(stored))
+            if self.master is not None and items.policies[parent] == fscrypt.key_identifier(self.master) \
+                    and parent in items.nonces:
+                key = fscrypt.names_key(self.master, items.nonces[parent])
+                try:
+                    stored = bytes(fscrypt.decrypt_name(key, stored))
+                except (OSError, ValueError):
+                    return fscrypt.nokey_name(stored, name_hash(stored))  # not a name this key made
+                finally:
+                    fscrypt.wipe(key)
+            else:
+                return fscrypt.nokey_name(stored, name_hash(stored))
         return stored.decode(errors="backslashreplace")
 
 
