@@ -2,6 +2,7 @@
 ``extents --json``: our own HKDF-SHA512 (hmac) and XTS (AES-ECB + GF(2^128)), not blockemu's."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -285,3 +286,10 @@ def test_rootdir_names_that_are_not_utf8_round_trip(tmp_path):
     run("put", img, str(key), "/" + os.fsdecode(b"k\xfe"))
     assert run_bytes("cat", img, "/" + os.fsdecode(b"k\xfe")) == key.read_bytes()
     assert run("fsck", img).returncode == 0
+    # --json: valid Unicode for every parser, the exact bytes beside it
+    rows = {base64.b64decode(r["name_base64"]) if "name_base64" in r else r["name"].encode(): r
+            for r in json.loads(run("ls", img, "/", "--json").stdout)}
+    assert set(rows) == {b"enc", b"k\xfe", *names}
+    assert rows[b"bad\xff\xfename"]["name"] == "bad\ufffd\ufffdname" and "name_base64" not in rows[b"enc"]
+    json.loads(run("ls", img, "/", "--json").stdout, strict=True)
+    assert "\\ud" not in run("ls", img, "/", "--json").stdout  # no lone surrogate escapes

@@ -6,6 +6,7 @@ errors as text on stderr, and a pipeline parsing stdout then gets valid JSON too
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import errno
 import json
@@ -448,6 +449,23 @@ def emit_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
+def json_bytes(row: dict[str, Any], *fields: str) -> dict[str, Any]:
+    """Names that are not UTF-8 (Linux names are bytes) in JSON every parser takes: the field as
+    text with U+FFFD for each byte that is no UTF-8, and ``FIELD_base64`` beside it holding the
+    bytes exactly, as ripgrep's JSON gives arbitrary bytes (a lone surrogate escape, Python's
+    view of such a name, is refused by strict parsers)."""
+    out: dict[str, Any] = {}
+    for name in fields:
+        value = row[name]
+        if value is None:
+            continue
+        raw = value.encode(errors="surrogateescape")
+        text = raw.decode(errors="replace")
+        if text != value:
+            out[name], out[f"{name}_base64"] = text, base64.b64encode(raw).decode()
+    return out
+
+
 def read_key(path: str | None) -> bytes | None:
     if path is None:
         return None  # before the import: fsck without a key loads no cipher
@@ -547,7 +565,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
                          # as ls -l: a link's target (its no-key form without the key)
                          "target": await fs.readlink(f"{base}/{name}") if stat.S_ISLNK(s.st_mode) else None})
         if a.json:
-            emit_json(rows)
+            emit_json([{**r, **json_bytes(r, "name", "target")} for r in rows])
         for r in rows if not a.json else ():
             if a.long:
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["mtime_ns"] / 1e9))
