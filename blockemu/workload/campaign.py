@@ -151,8 +151,8 @@ def start_worker(path: str, driver: int) -> None:
 def die_with_parent(parent: int) -> None:
     """SIGKILL this process when its parent ends (Linux's PR_SET_PDEATHSIG), or now if the
     parent (pid ``parent``) has already gone -- before the call, nothing would send it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is None or prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return  # not Linux: the worker still ends when its shard does
     if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGKILL)
