@@ -293,13 +293,20 @@ async def test_every_extent_has_its_own_nonce(fs):
     assert len(nonces) == 48 and len(set(nonces)) == 48
 
 
+async def a_page_whose_writeback_fails(fs):
+    """/x, open: a page written and fsynced, then a second page written whose writeback will
+    fail with EIO."""
+    f = await fs.open("/x", "w+")
+    await f.write(b"1" * 4096)
+    await f.fsync()
+    await fail_next_data_write(fs)
+    await f.write(b"2" * 4096)
+    return f
+
+
 async def test_fsync_reports_an_io_error_once(image):
     async with blockemu.mount(image, interval=3600) as fs:
-        async with fs.open("/x", "w+") as f:
-            await f.write(b"1" * 4096)
-            await f.fsync()
-            await fail_next_data_write(fs)
-            await f.write(b"2" * 4096)
+        async with await a_page_whose_writeback_fails(fs) as f:
             with ErrnoCheck(errno.EIO):
                 await f.fsync()
             fs.vol.device.faults = FaultPlan()
@@ -314,11 +321,7 @@ async def test_sync_reports_a_writeback_error_once_and_the_files_fsync_still_doe
     returned success, and the error waited on the inode for a close that might never come), a
     sync after it with nothing new fails succeeds, and the file's own fsync reports it too, once."""
     async with blockemu.mount(image, interval=3600) as fs:
-        f = await fs.open("/x", "w+")
-        await f.write(b"1" * 4096)
-        await f.fsync()
-        await fail_next_data_write(fs)
-        await f.write(b"2" * 4096)
+        f = await a_page_whose_writeback_fails(fs)
         with ErrnoCheck(errno.EIO):
             await fs.sync()
         fs.vol.device.faults = FaultPlan()

@@ -1069,6 +1069,15 @@ UNREPAIRED_SHORT = ("--repair wrote nothing: the image is truncated, and tree bl
                     "other commands refuse a truncated image too")
 
 
+def unrepaired(report: Any) -> str:
+    """Why --repair wrote nothing, and what can still be read."""
+    if not report.trees_damaged:
+        return UNREPAIRED
+    if any(e.fix is not None and "extend_to" in e.fix for e in report.errors):
+        return UNREPAIRED_SHORT
+    return UNREPAIRED_TREES + (UNREADABLE if CSUM_TREE_OBJECTID in report.damaged_trees else READABLE)
+
+
 def repair(a: argparse.Namespace, report: Any, key: bytes | None) -> tuple[Any, int]:
     """--repair on what ``report`` found: the report after, and the exit code. A repair can expose
     the next fix (a dropped entry changes its directory's size), so repair and check again, a few
@@ -1077,10 +1086,7 @@ def repair(a: argparse.Namespace, report: Any, key: bytes | None) -> tuple[Any, 
     from blockemu.check.repair import repairable, run_repair
 
     if not repairable(report):
-        short = any(e.fix is not None and "extend_to" in e.fix for e in report.errors)
-        report.notes.append(UNREPAIRED_SHORT if short and report.trees_damaged
-                            else UNREPAIRED_TREES + (UNREADABLE if CSUM_TREE_OBJECTID in report.damaged_trees else READABLE)
-                            if report.trees_damaged else UNREPAIRED)
+        report.notes.append(unrepaired(report))
         return report, report.exit_code
     repaired, fixed = [], 0
     for _ in range(4):

@@ -30,7 +30,6 @@ references to one extent): CorruptionError, which fsck --repair can rebuild.
 from __future__ import annotations
 
 import bisect
-import heapq
 
 from sortedcontainers import SortedDict, SortedList
 
@@ -128,14 +127,8 @@ class Allocator:
         new: list[tuple[int, int]] = []
         for lo, hi in self._spans(touched, record):
             have = [(start, record[start]) for start in record.irange(lo, hi - 1)]
-            pieces = heapq.merge([(start, self.free[start]) for start in self.free.irange(lo, hi - 1)],
-                                 pins[bisect.bisect_left(pin_starts, lo):bisect.bisect_left(pin_starts, hi)])
-            want: list[tuple[int, int]] = []
-            for start, length in pieces:
-                if want and want[-1][0] + want[-1][1] == start:
-                    want[-1] = (want[-1][0], want[-1][1] + length)
-                else:
-                    want.append((start, length))
+            want = list(zip(*coalesce([(start, self.free[start]) for start in self.free.irange(lo, hi - 1)]
+                                      + pins[bisect.bisect_left(pin_starts, lo):bisect.bisect_left(pin_starts, hi)])))
             if have != want:
                 kept = set(have) & set(want)
                 gone += (e for e in have if e not in kept)
