@@ -7,6 +7,7 @@ every step is a handshake, nothing waits on a timer.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import signal
 import subprocess
@@ -18,8 +19,9 @@ import blockemu
 from blockemu.check.fsck import check
 from blockemu.check.repair import repair
 from blockemu.device.image import ImageFile
+from blockemu.device.imagelock import open_image
 from blockemu.errors import Busy, ImageInUse, ReadOnlyError
-from tests.util import obey_file_modes
+from tests.util import flip, obey_file_modes
 
 HOLDER = """
 import asyncio, sys, blockemu
@@ -157,3 +159,80 @@ async def test_read_only_commands_work_on_a_0444_image(tmp_path):
     assert cli("cat", img, "/h", **as_reader).stdout == "read me" * 1000
     p = cli("put", img, str(host), "/g", **as_reader)
     assert (p.returncode, p.stderr) == (1, f"blockemu: put: {img}: permission denied (opening it for writing)\n")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def no_collector():
+    """The collector off, as in a long-lived program between its (rare: cli/collector.py)
+    collections: what only a collection would release stays held."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def test_failing_mounts_hold_no_descriptor_nor_the_lock_once_they_raise(tmp_path, image, no_collector):
+    """A mount server, a campaign worker keeps running after a failed mount, and often keeps its
+    error (a task's result, a shard's): the error's traceback holds every frame of the failure,
+    so whatever only the collector would close -- an image, its lock, the page arena's memfd --
+    must have been closed before it was raised."""
+    from blockemu.engine.btree import BTree
+    from blockemu.ondisk import structs as S
+    from blockemu.workload.crash import record
+    from blockemu.workload.writepath import PRODUCTION
+
+    damaged = str(tmp_path / "damaged.img")  # its fs tree's root block fails its checksum
+    await blockemu.mkfs(damaged, size="32M")
+    async with blockemu.mount(damaged, seal_workers=0) as fs:
+        fs_root = fs.vol.engine.trees[S.FS_TREE_OBJECTID]
+        assert isinstance(fs_root, BTree)
+        at = fs_root.root
+    flip(damaged, at + 200)
+
+    async def wrong_key(fs, rec) -> None:  # a workload that fails: a file under another key
+        await rec.mkdir("/A")
+        async with fs.open("/A/f", "w") as f:
+            await f.write(b"x" * 5000)
+        await fs.remove_key(rec.kid)
+        await fs.add_key(b"\x01" * 64)
+        await fs.stat("/A/f")  # ENOENT: under another key the name is not there
+
+    kept: list[BaseException] = []
+    fds = open_fds()
+    held = open_image(image, readonly=False)  # a writer holds the image: every mount is refused (EBUSY)
+    try:
+        for _ in range(4):
+            for attempt in (lambda: blockemu.mount(damaged, seal_workers=0),
+                            lambda: blockemu.mount(image, seal_workers=0),
+                            lambda: record(wrong_key, str(tmp_path / "w.img"), str(tmp_path / "base.img"),
+                                           write_path=PRODUCTION)):
+                with pytest.raises(OSError) as failed:
+                    await attempt()
+                kept.append(failed.value)  # kept, with its traceback: nothing collected
+    finally:
+        os.close(held)
+    assert {type(e).__name__ for e in kept} == {"CorruptionError", "ImageInUse", "NotFoundError"}, kept
+    assert open_fds() == fds
+    for path in (damaged, str(tmp_path / "w.img"), image):  # the lock is free at once
+        os.close(open_image(path, readonly=False))
+    async with blockemu.mount(image, seal_workers=0) as fs:
+        assert await fs.exists("/")
+
+
+def test_an_image_whose_superblock_read_fails_is_closed_at_once(image, monkeypatch, no_collector):
+    """ImageFile.open's descriptor is an int: if reading the superblocks fails (EIO from a
+    failing disk), nothing but the open itself can close it."""
+    def failing(fd: int, n: int, offset: int) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+    fds = open_fds()
+    monkeypatch.setattr(os, "pread", failing)
+    with pytest.raises(OSError):
+        ImageFile.open(image)
+    monkeypatch.undo()
+    assert open_fds() == fds
+    os.close(open_image(image, readonly=False))  # and its lock is free

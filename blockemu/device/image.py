@@ -69,17 +69,21 @@ class ImageFile:
     @classmethod
     def open(cls, path: str) -> "ImageFile":
         fd = open_image(path, readonly=True)
-        img = cls(path, fd, os.fstat(fd).st_size)
-        for off in SUPER_OFFSETS:
-            if off + SUPER_INFO_SIZE > img.size:
-                break
-            raw = os.pread(fd, SUPER_INFO_SIZE, off)
-            copy = SuperCopy(off, raw)
-            try:
-                copy.info = decode_super(raw, off)
-            except CorruptionError as e:
-                copy.error = e
-            img.supers.append(copy)
+        try:
+            img = cls(path, fd, os.fstat(fd).st_size)
+            for off in SUPER_OFFSETS:
+                if off + SUPER_INFO_SIZE > img.size:
+                    break
+                raw = os.pread(fd, SUPER_INFO_SIZE, off)
+                copy = SuperCopy(off, raw)
+                try:
+                    copy.info = decode_super(raw, off)
+                except CorruptionError as e:
+                    copy.error = e
+                img.supers.append(copy)
+        except BaseException:  # a read error (EIO): an int descriptor is closed by nobody else
+            os.close(fd)
+            raise
         return img
 
     def is_blockemu(self) -> bool:

@@ -165,6 +165,11 @@ class Filesystem:
     def __init__(self, vol: Volume, keyring: Keyring, **wb_opts: Any) -> None:
         self.vol = vol
         self.keyring = keyring
+        # first, before anything that holds a descriptor: reading the fs tree fails on a damaged
+        # image, and the page arena's memfd (Writeback's) is an int that no collector closes
+        fs_tree = vol.engine.trees[S.FS_TREE_OBJECTID]
+        last = fs_tree.last_at_or_before((S.ORPHAN_OBJECTID - 1, 255, (1 << 64) - 1))
+        self.next_ino = max(ROOT_INO + 1, (last[0][0] + 1) if last else 0)
         self.extents = Extents(vol.engine)
         self.inodes: dict[int, Inode] = {}
         self.writeback = Writeback(self, **wb_opts)
@@ -174,9 +179,6 @@ class Filesystem:
         self.meta_reserved = 0  # tree room promised to the extents of the dirty data (room_for)
         self._room_keep = 0  # the metadata reserve (tree blocks) ``_room`` leaves
         self.promised_keep: int | None = None  # the least reserve any dirty data was admitted under
-        fs_tree = vol.engine.trees[S.FS_TREE_OBJECTID]
-        last = fs_tree.last_at_or_before((S.ORPHAN_OBJECTID - 1, 255, (1 << 64) - 1))
-        self.next_ino = max(ROOT_INO + 1, (last[0][0] + 1) if last else 0)
         self.next_index: dict[int, int] = {}
         # images made before names were encrypted keep them as given (SPEC "Names")
         self.encrypted_names = bool(vol.sb.incompat_flags & S.INCOMPAT_ENCRYPTED_NAMES)

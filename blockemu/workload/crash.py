@@ -22,6 +22,7 @@ extents, encrypted directories, writes large enough to reach the workers) or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import random
@@ -101,15 +102,23 @@ async def record(workload: Workload, image: str, base: str, *, faults: FaultPlan
     and the oracle."""
     await mkfs(image, size, node_size="4K", force=True)
     fs = await mount(image, faults=faults, interval=3600, **write_path.mount_options())
-    kid = await fs.add_key(KEY) if write_path.encrypt else None
-    log = fs.vol.device.start_log(base_copy=base)
-    rec = Recorder(fs, write_path, kid)
-    await rec.persisted()
-    await workload(fs, rec)
-    # the unmount's commit is a durable state of its own when fsyncs went through the log
-    # (they left the running transaction uncommitted): record it as the commit it is
-    await fs.sync()
-    await rec.persisted()
+    try:
+        kid = await fs.add_key(KEY) if write_path.encrypt else None
+        log = fs.vol.device.start_log(base_copy=base)
+        rec = Recorder(fs, write_path, kid)
+        await rec.persisted()
+        await workload(fs, rec)
+        # the unmount's commit is a durable state of its own when fsyncs went through the log
+        # (they left the running transaction uncommitted): record it as the commit it is
+        await fs.sync()
+        await rec.persisted()
+    except BaseException:
+        # unmounted here, not by the collector: a campaign worker runs shard after shard, and a
+        # mount kept alive by the error's traceback holds its image, lock, arena and sealing
+        # workers; the error to raise is the workload's, not the clean-up's
+        with contextlib.suppress(Exception):
+            await fs.unmount()
+        raise
     await fs.unmount()
     return log, rec.models
 
