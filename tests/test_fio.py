@@ -21,7 +21,7 @@ import blockemu
 from blockemu.errors import InvalidArgument
 from blockemu.fs.filesystem import File, mount
 from blockemu.workload.buffers import Buffers
-from blockemu.workload.fio import DIGESTS, SYNC_NOTE, Clone, JobResult, LatencyTarget, RunContext, SteadyWatch, Verifier
+from blockemu.workload.fio import DIGESTS, SYNC_NOTE, WRITE, Clone, JobResult, LatencyTarget, RunContext, SteadyWatch, Verifier
 from blockemu.workload.jobfile import Share, parse
 from blockemu.workload.lastwrites import LastWrites
 from blockemu.workload.runner import run_workload
@@ -277,6 +277,67 @@ async def test_the_verify_phase_reads_back_in_fios_order(tmp_path, monkeypatch, 
     last = list(dict.fromkeys(reversed(wrote)))[::-1]  # each offset where it was last written
     assert read == (last if written_order else sorted(last))
     assert last != sorted(last) or rw == "write"  # so the two orders differ
+
+
+async def test_the_verify_phase_reads_back_in_issue_order_with_iodepth_4(tmp_path, monkeypatch):
+    """fio logs a write for verify as it issues it (backend.c, do_io: "Always log IO before
+    it's issued, so we know the specific order of it"), so with iodepth > 1 the verify phase
+    reads back in the order issued, whatever order the writes completed in. Here each pair of
+    writes completes swapped: the first of a pair waits until the second is done."""
+    issued: list[int] = []
+    completed: list[int] = []
+    read: list[int] = []
+    done: dict[int, asyncio.Event] = {}
+    real_do, real_verify = Clone._do, Clone._verify
+
+    async def do(self, io, data):
+        if io.ddir != WRITE:  # reads (the verify phase's among them) as they are
+            return await real_do(self, io, data)
+        n = len(issued)
+        issued.append(io.offset)
+        if n % 2 == 0:
+            await done.setdefault(n + 1, asyncio.Event()).wait()
+        out = await real_do(self, io, data)
+        completed.append(io.offset)
+        done.setdefault(n, asyncio.Event()).set()
+        return out
+
+    def verify(self, data, offset, numberio, region):
+        read.append(offset)
+        return real_verify(self, data, offset, numberio, region)
+    monkeypatch.setattr(Clone, "_do", do)
+    monkeypatch.setattr(Clone, "_verify", verify)
+    await run_job(tmp_path, "[w]\nrw=randwrite\nsize=64k\nbs=4k\niodepth=4\nioengine=libaio\nverify=crc32c\n")
+    assert len(issued) == 16 and completed != issued  # the pairs did complete swapped
+    assert read == issued
+
+
+async def test_a_write_that_fails_is_not_read_back(tmp_path, monkeypatch):
+    """Logged as it is issued, a write that then fails goes off the verify list again (fio's
+    unlog_io_piece): continue_on_error=write goes past it, and verify must not read back bytes
+    that were never written as a bad block."""
+    from blockemu.errors import DeviceIOError
+    issued: list[int] = []
+    read: list[int] = []
+    real_do, real_verify = Clone._do, Clone._verify
+
+    async def do(self, io, data):
+        if io.ddir != WRITE:
+            return await real_do(self, io, data)
+        issued.append(io.offset)
+        if len(issued) == 5:  # as an engine's EIO: nothing written
+            return DeviceIOError("injected write error")
+        return await real_do(self, io, data)
+
+    def verify(self, data, offset, numberio, region):
+        read.append(offset)
+        return real_verify(self, data, offset, numberio, region)
+    monkeypatch.setattr(Clone, "_do", do)
+    monkeypatch.setattr(Clone, "_verify", verify)
+    out, _ = await run_job(tmp_path, "[w]\nrw=randwrite\nsize=64k\nbs=4k\niodepth=4\nioengine=libaio\n"
+                                     "verify=crc32c\ncontinue_on_error=write\n")
+    assert out["jobs"][0]["total_err"] == 1 and out["blockemu"]["ok"]
+    assert read == issued[:4] + issued[5:]
 
 
 def test_a_write_drops_every_earlier_write_it_overlaps():

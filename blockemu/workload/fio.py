@@ -1248,20 +1248,27 @@ class Clone:
         if self.latency is not None and self.latency.complete(time.monotonic(), lat):
             self._reset_stats(time.monotonic())  # the final window's figures are the job's
 
-    def _remember(self, io: IO, got: bytes | None) -> None:
-        """Keep what verify and trim_backlog read back later: the last write of each block (a
-        trim forgets it); check what a read got against it -- in a job that only reads: as fio
-        (``!td_rw``), the reads a read/write mix issues are not verified, since they land
-        anywhere, across blocks of other sizes and inside a write still to come."""
-        key = (io.region.index, io.offset)
+    def _log_piece(self, io: IO) -> None:
+        """An I/O is issued: keep what verify reads back later, the last write of each block (a
+        trim forgets it). As fio's log_io_piece, at issue, "so we know the specific order of
+        it": with iodepth > 1 the I/Os complete in another order, and the verify phase reads
+        back in the order written, which is the order issued."""
         if io.ddir == WRITE:
             self.written.record(io.region.index, io.offset, io.length, io.numberio)
+        elif io.ddir == TRIM:
+            self.written.forget(io.region.index, io.offset, io.length)
+
+    def _remember(self, io: IO, got: bytes | None) -> None:
+        """A completed write is due for verify_backlog and trim_backlog; check what a read got
+        against the last write there -- in a job that only reads: as fio (``!td_rw``), the reads
+        a read/write mix issues are not verified, since they land anywhere, across blocks of
+        other sizes and inside a write still to come."""
+        key = (io.region.index, io.offset)
+        if io.ddir == WRITE:
             if self.verify_backlog:
                 self.backlog.append(key)
             if self.trim_backlog:
                 self.trim_due.append(key)
-        elif io.ddir == TRIM:
-            self.written.forget(io.region.index, io.offset, io.length)
         elif got is not None and self.verifier is not None and not self.writer:
             w = self.written.get(key)
             self._verify(got, io.offset, w[1] if w and w[0] == io.length else None, io.region)
@@ -1320,6 +1327,8 @@ class Clone:
                     self.result.ios_issued += 1
                     t_prep = time.perf_counter_ns()
                     data = self._buffer(io) if io.ddir == WRITE else None
+                    if self.remember:
+                        self._log_piece(io)
                     if self.depth == 1 and io.region.zoned is None:
                         # one I/O at a time, none to order it after: awaited here, as a sync engine
                         # does it (a task and a wait cost more than the write they carry)
@@ -1397,6 +1406,8 @@ class Clone:
         continue_on_error naming the I/O's type, an error in that type's list (ignore_error's,
         or fio's non-fatal EIO and EILSEQ) is counted and the job goes on; anything else ends it."""
         code = e.errno or errno.EIO
+        if io.ddir == WRITE and self.remember:  # off the verify list, as fio's unlog_io_piece
+            self.written.unlog(io.region.index, io.offset, io.numberio)
         if self.fill and io.ddir == WRITE and code in (errno.ENOSPC, errno.EDQUOT):
             self.filled = True
             return

@@ -1,7 +1,8 @@
 """What a clone's verify reads back: the last write of each block, with fio's overlap rule,
 in fio's order.
 
-fio logs each write it will verify (``log_io_piece``) and drops every logged write the new
+fio logs each write it will verify as it issues it (``log_io_piece``, in ``do_io``: "so we
+know the specific order of it"; one that then fails is unlogged) and drops every logged write the new
 one overlaps, whole, even when the overlap is partial: the bytes it wrote are no longer all
 there to read back. Blocks of different sizes overlap as soon as one write does not land on
 an earlier one's offset -- ``bssplit``/``bsrange`` over a second pass (``loops``,
@@ -26,7 +27,9 @@ Key = tuple[int, int]  # (region index, offset)
 
 
 class LastWrites:
-    """(region, offset) -> (length, numberio) of the last write there still whole."""
+    """(region, offset) -> (length, numberio) of the last write there still whole; a write is
+    recorded when it is issued, as fio logs it, so with iodepth > 1 "last" and "the order
+    written" are issue order, not completion order."""
 
     def __init__(self) -> None:
         self._entries: dict[Key, tuple[int, int]] = {}  # in the order written
@@ -51,6 +54,12 @@ class LastWrites:
         for off in lengths.keys()[first: lengths.bisect_left(offset + length)]:
             del lengths[off]
             del self._entries[(region, off)]
+
+    def unlog(self, region: int, offset: int, numberio: int) -> None:
+        """A write failed: drop its entry, if a newer write has not replaced it already (those it
+        dropped stay dropped: their bytes may be overwritten in part, as fio leaves them)."""
+        if self._entries.get((region, offset), (0, None))[1] == numberio:
+            self.pop((region, offset))
 
     def get(self, key: Key) -> tuple[int, int] | None:
         return self._entries.get(key)
