@@ -34,7 +34,7 @@ from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import ImageFile
 from blockemu.device.writelog import WriteLog
-from blockemu.fs.filesystem import Filesystem, mount
+from blockemu.fs.filesystem import File, Filesystem, mount
 from blockemu.fs.mkfs import mkfs
 from blockemu.workload.campaign import Campaign, Shard, ranges
 from blockemu.workload.writepath import KEY, PRODUCTION, WRITE_PATHS, WritePath
@@ -60,14 +60,67 @@ async def snapshot(fs: Filesystem) -> Snapshot:
     return out
 
 
+@dataclass
+class Version:
+    """One fsync of a file: what it makes durable, and where it was in the write log (entries
+    completed) when it was called and when it returned."""
+
+    content: bytes | None
+    called: int
+    returned: int = 1 << 62  # not yet
+
+
+class Models(dict[Durable, Snapshot]):
+    """The oracle of a workload: the whole namespace at each persistence point
+    (``Recorder.persisted``), by the durable state it was recorded under, and for files that
+    tasks fsync at once (``Recorder.fsync``), each fsync's version of the file.
+
+    Several tasks' fsyncs share one log sync (a group: DESIGN §9), and a crash while one is
+    in flight leaves a durable state no quiescent point recorded. What must hold there is what
+    fsync promises, per file (DESIGN §10): everything acknowledged before the crash, and for
+    each file the version its last acknowledged fsync made durable or that of an fsync in
+    flight -- whole: the log names a file's new items all or none. Nothing more is promised:
+    not which of the group's files went together (the log does land them in one superblock, but
+    btrfs's fsync promises each file its own), nor anything of a file not being fsynced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.points: list[tuple[int, Snapshot]] = []  # (write-log position, namespace) of each persisted()
+        self.versions: dict[str, list[Version]] = {}
+
+    def judge(self, got: Snapshot, state: Durable, upto: int) -> str | None:
+        """Why ``got``, read from a crash state with ``upto`` log entries completed whose
+        superblock names ``state``, breaks the oracle; None if it holds."""
+        want = self.get(state)
+        if want is not None:  # recorded at a quiescent point: the whole namespace, exactly
+            lost = sorted(set(want) ^ set(got)) or [p for p in got if got[p] != want.get(p)]
+            return f"contents differ from the oracle of (generation, log root) {state} ({lost[:3]})" if lost else None
+        if not self.versions:
+            return f"no oracle recorded for (generation, log root) {state}"
+        base = [snap for at, snap in self.points if at <= upto][-1]
+        # a file's fsyncs speak from the persistence point before its first one
+        fsynced = {p: versions for p, versions in self.versions.items() if versions[0].returned <= upto}
+        for p in sorted((set(base) | set(got)) - set(fsynced)):
+            if p not in got or p not in base or got[p] != base[p]:
+                return f"{p} differs from the last persistence point before the crash (no fsync of it was in flight)"
+        for p, versions in fsynced.items():
+            acked = max(i for i, v in enumerate(versions) if v.returned <= upto)
+            may = [versions[acked], *(v for v in versions[acked + 1:] if v.called < upto)]
+            if got.get(p) not in [v.content for v in may]:
+                return (f"{p} is neither what its last acknowledged fsync made durable nor what an fsync in "
+                        f"flight would ({len(may) - 1} in flight)")
+        return None
+
+
 class Recorder:
     """Runs a workload with the write log on and the oracle recorded at each persistence point."""
 
-    def __init__(self, fs: Filesystem, write_path: WritePath, kid: str | None) -> None:
+    def __init__(self, fs: Filesystem, write_path: WritePath, kid: str | None, log: WriteLog) -> None:
         self.fs = fs
         self.write_path = write_path
         self.kid = kid
-        self.models: dict[Durable, Snapshot] = {}
+        self.log = log
+        self.models = Models()
 
     async def mkdir(self, path: str) -> None:
         """A workload's top directory: encrypted when the write path says so."""
@@ -76,8 +129,25 @@ class Recorder:
             await self.fs.set_policy(path, self.kid)
 
     async def persisted(self) -> None:
-        """Call right after an fsync/sync: everything so far is one durable state."""
-        self.models[(self.fs.vol.generation, self.fs.vol.log_root)] = await snapshot(self.fs)
+        """Call right after an fsync/sync, with nothing else in flight: everything so far is one
+        durable state."""
+        now = await snapshot(self.fs)
+        self.models[(self.fs.vol.generation, self.fs.vol.log_root)] = now
+        self.models.points.append((len(self.log.entries), now))
+
+    async def fsync(self, f: File, path: str) -> None:
+        """fsync ``f`` (open at ``path``) -- while other tasks may be fsyncing theirs -- noting
+        the version it makes durable (``Models``): its content, as this task wrote it before the call."""
+        async with self.fs.open(path) as r:
+            content = await r.read()
+        versions = self.models.versions.setdefault(path, [])
+        if not versions:  # as the last persistence point left it, acknowledged then
+            at, then = self.models.points[-1]
+            versions.append(Version(then.get(path), at, at))
+        version = Version(content, len(self.log.entries))
+        versions.append(version)
+        await f.fsync()
+        version.returned = len(self.log.entries)
 
 
 Workload = Callable[[Filesystem, Recorder], Awaitable[None]]
@@ -97,7 +167,7 @@ def image_size(i: int) -> str:
 
 
 async def record(workload: Workload, image: str, base: str, *, faults: FaultPlan | None = None,
-                 write_path: WritePath = PRODUCTION, size: str = SIZE) -> tuple[WriteLog, dict]:
+                 write_path: WritePath = PRODUCTION, size: str = SIZE) -> tuple[WriteLog, Models]:
     """Run ``workload`` on a fresh image of ``size`` with the write log on; returns the log
     and the oracle."""
     await mkfs(image, size, node_size="4K", force=True)
@@ -105,7 +175,7 @@ async def record(workload: Workload, image: str, base: str, *, faults: FaultPlan
     try:
         kid = await fs.add_key(KEY) if write_path.encrypt else None
         log = fs.vol.device.start_log(base_copy=base)
-        rec = Recorder(fs, write_path, kid)
+        rec = Recorder(fs, write_path, kid, log)
         await rec.persisted()
         await workload(fs, rec)
         # the unmount's commit is a durable state of its own when fsyncs went through the log
@@ -139,12 +209,12 @@ class CampaignResult:
     failures: list[str] = field(default_factory=list)
 
 
-async def check_states(log: WriteLog, models: dict[Durable, Snapshot], work: str, rng: random.Random,
+async def check_states(log: WriteLog, models: Models, work: str, rng: random.Random,
                        subsets: int, name: str, result: CampaignResult, write_path: WritePath = PRODUCTION) -> None:
     await check_sample(log, models, work, list(log.crash_states(rng, subsets=subsets)), result, name, write_path)
 
 
-async def check_sample(log: WriteLog, models: dict[Durable, Snapshot], work: str, states: list, result: CampaignResult,
+async def check_sample(log: WriteLog, models: Models, work: str, states: list, result: CampaignResult,
                        name: str = "mix", write_path: WritePath = PRODUCTION) -> None:
     first = min(models)
     for st in states:
@@ -170,10 +240,8 @@ async def check_sample(log: WriteLog, models: dict[Durable, Snapshot], work: str
         except OSError as e:
             result.failures.append(f"{where}: reading the image back failed: {e}")
             continue
-        if got != models.get(gen):
-            lost = sorted(set(models.get(gen, {})) ^ set(got)) or [p for p in got if got[p] != models[gen].get(p)]
-            result.failures.append(f"{where}: contents differ from the oracle of (generation, log root) {gen} "
-                                   f"({lost[:3]})")
+        if why := models.judge(got, gen, st.upto):
+            result.failures.append(f"{where}: {why}")
 
 
 # ------------------------------------------------------------------ Ace's bounded workload space
