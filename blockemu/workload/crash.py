@@ -79,9 +79,12 @@ class Models(dict[Durable, Snapshot]):
     in flight leaves a durable state no quiescent point recorded. What must hold there is what
     fsync promises, per file (DESIGN §10): everything acknowledged before the crash, and for
     each file the version its last acknowledged fsync made durable or that of an fsync in
-    flight -- whole: the log names a file's new items all or none. Nothing more is promised:
-    not which of the group's files went together (the log does land them in one superblock, but
-    btrfs's fsync promises each file its own), nor anything of a file not being fsynced."""
+    flight -- whole: the log names a file's new items all or none (a full commit run while a
+    file's writeback is half done could make part of a version in flight durable, which fsync
+    does not forbid: a workload checked so writes each version in one writeback batch). Nothing
+    more is promised: not which of the group's files went together (the log does land them in
+    one superblock, but btrfs's fsync promises each file its own), nor anything of a file not
+    being fsynced."""
 
     def __init__(self) -> None:
         super().__init__()
