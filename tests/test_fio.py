@@ -400,7 +400,8 @@ async def test_one_io_in_flight_is_awaited_in_place_and_accounted_as_a_queue_is(
     for j in (s, one, deep):
         w = j["write"]
         assert w["total_ios"] == w["clat_ns"]["N"] == w["lat_ns"]["N"] == 64 and w["io_bytes"] == 256 << 10
-        assert j["sync"]["total_ios"] == 8 and w["lat_ns"]["min"] >= w["clat_ns"]["min"] > 0
+        # fsync=8: a sync before every 9th I/O, so none after the 64th (fio 3.33 counts 7 too)
+        assert j["sync"]["total_ios"] == 7 and w["lat_ns"]["min"] >= w["clat_ns"]["min"] > 0
     assert s["write"]["slat_ns"]["N"] == 0 and one["write"]["slat_ns"]["N"] == deep["write"]["slat_ns"]["N"] == 64
     assert s["iodepth_level"]["1"] == one["iodepth_level"]["1"] == 100.0 and deep["iodepth_level"]["4"] > 0
 
@@ -682,6 +683,72 @@ fsync=4
         assert keypaths(ours) - extra == keypaths(theirs) - {p for p in keypaths(theirs) if p.startswith("/disk_util/")}
         assert ours["jobs"][0]["job options"] == theirs["jobs"][0]["job options"]
         assert ours["global options"] == theirs["global options"]
+
+
+SYNC_AND_VERIFY_JOBS = """[global]
+ioengine=psync
+rw=write
+bs=4k
+[verify]
+size=64k
+verify=crc32c
+[backlog]
+size=64k
+rw=randwrite
+verify=md5
+verify_backlog=4
+[every4]
+size=64k
+fsync=4
+[every1]
+size=16k
+fsync=1
+[every5]
+size=64k
+fsync=5
+end_fsync=1
+[deep]
+size=16k
+ioengine=libaio
+iodepth=4
+fsync=1
+[closing]
+size=16k
+end_fsync=1
+fsync_on_close=1
+"""
+
+
+def io_counts(out: dict[str, Any]) -> list[tuple[str, int, int, int, int, int]]:
+    """Each job's (name, read I/Os, read bytes, write I/Os, write bytes, syncs): what fio counts."""
+    return [(j["jobname"], j["read"]["total_ios"], j["read"]["io_bytes"], j["write"]["total_ios"],
+             j["write"]["io_bytes"], j["sync"]["total_ios"]) for j in out["jobs"]]
+
+
+async def test_verify_reads_and_syncs_are_counted_as_fio_counts_them(tmp_path):
+    """fio counts a verify's read-backs as reads (bytes, I/Os, latencies; the verify phase's
+    time is the read runtime) and counts only fsync=N's syncs: an fsync=N sync is issued before
+    the next I/O, so none follows the last one, and end_fsync's, fsync_on_close's and the
+    sync before the verify phase are not counted (fio 3.33's numbers: the test below)."""
+    out, _ = await run_job(tmp_path, SYNC_AND_VERIFY_JOBS)
+    assert io_counts(out) == [("verify", 16, 64 << 10, 16, 64 << 10, 0), ("backlog", 16, 64 << 10, 16, 64 << 10, 0),
+                              ("every4", 0, 0, 16, 64 << 10, 3), ("every1", 0, 0, 4, 16 << 10, 3),
+                              ("every5", 0, 0, 16, 64 << 10, 3), ("deep", 0, 0, 4, 16 << 10, 1),
+                              ("closing", 0, 0, 4, 16 << 10, 0)]
+    verify = out["jobs"][0]
+    assert verify["read"]["bw"] > 0 and verify["read"]["iops"] > 0 and verify["read"]["clat_ns"]["N"] == 16
+
+
+@pytest.mark.skipif(FIO is None, reason="the OS's fio is not installed (apt-get install fio; .ci/run does)")
+def test_verify_reads_and_syncs_are_counted_as_the_real_fio_counts_them(tmp_path):
+    job = tmp_path / "c.fio"
+    job.write_text(SYNC_AND_VERIFY_JOBS.replace("[global]", f"[global]\ndirectory={tmp_path}"))
+    fio = subprocess.run([FIO, "--output-format=json", str(job)], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert fio.returncode == 0, fio.stderr
+    theirs = json.loads(fio.stdout[fio.stdout.index("{"):])
+    ours = json.loads(run("run", str(job), "--output-format", "json", "--seed", "1").stdout)
+    assert io_counts(ours) == io_counts(theirs)
 
 
 def test_parse_errors_come_all_at_once_from_the_cli(tmp_path):

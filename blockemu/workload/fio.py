@@ -235,6 +235,11 @@ class Direction:
     lat: list[int] = field(default_factory=list)
     io_bytes: int = 0
     done: list[tuple[float, int]] = field(default_factory=list)  # (seconds since measuring began, bytes)
+    # the verify phase's read-backs, counted as reads as fio counts them, and its time, which
+    # fio adds to the read runtime (update_runtime(td, ..., DDIR_READ) after do_verify)
+    verify_ios: int = 0
+    verify_bytes: int = 0
+    verify_s: float = 0.0
 
     def add(self, other: "Direction") -> None:
         self.slat += other.slat
@@ -242,6 +247,14 @@ class Direction:
         self.lat += other.lat
         self.io_bytes += other.io_bytes
         self.done += other.done
+        self.verify_ios += other.verify_ios
+        self.verify_bytes += other.verify_bytes
+        self.verify_s = max(self.verify_s, other.verify_s)
+
+    def runtime(self, job_s: float) -> float:
+        """This direction's runtime, as fio's: the job's run if it did I/O this way there, plus
+        the verify phase's time for its read-backs."""
+        return (job_s if len(self.clat) > self.verify_ios else 0.0) + self.verify_s if self.clat else 0.0
 
     def windows(self, runtime_s: float) -> tuple[list[float], list[float]]:
         """fio's bandwidth (KiB/s) and IOPS samples: one per full 500 ms of the run."""
@@ -256,7 +269,7 @@ class Direction:
 
     def as_json(self, runtime_s: float, opts: "ReportOptions", group_bw: float, plus: bool) -> dict[str, Any]:
         n = len(self.clat)
-        runtime = runtime_s if n else 0.0
+        runtime = self.runtime(runtime_s)
         out: dict[str, Any] = {
             "io_bytes": self.io_bytes, "io_kbytes": self.io_bytes // 1024,
             "bw_bytes": int(self.io_bytes / runtime) if runtime else 0,
@@ -458,8 +471,8 @@ def group_bandwidth(results: list[JobResult]) -> dict[int, list[float]]:
     for r in results:
         g = out.setdefault(r.group, [0.0, 0.0, 0.0])
         for i, d in enumerate(r.dirs):
-            if r.runtime_s and d.io_bytes:
-                g[i] += d.io_bytes / r.runtime_s / 1024
+            if d.runtime(r.runtime_s) and d.io_bytes:
+                g[i] += d.io_bytes / d.runtime(r.runtime_s) / 1024
     return out
 
 
@@ -869,6 +882,7 @@ class Clone:
         self.issued_ios = [0, 0, 0]
         self.arrival = [0.0, 0.0, 0.0]  # rate_process=poisson: the next arrival, per direction
         self.bytes_done = self.ios = self.writes = self.numberio = self.completed = self.completed_bytes = 0
+        self.writes_issued, self.last_was_sync = 0, False  # what fio's fsync=N decides by
         ss = job.get("steadystate")
         self.steady = SteadyWatch(ss, job.get("steadystate_duration", 0), job.get("steadystate_ramp_time", 0)) \
             if ss is not None and job.get("steadystate_duration") else None
@@ -1230,7 +1244,8 @@ class Clone:
             return e
         return time.perf_counter_ns(), got
 
-    def _complete(self, io: IO, t_prep: int, t_sub: int, t_done: int, got: bytes | None) -> None:
+    def _account(self, io: IO, t_prep: int, t_sub: int, t_done: int) -> int:
+        """Count a completed I/O in its direction's figures; its latency."""
         d = self.result.dirs[io.ddir]
         if self.slat:
             d.slat.append(t_sub - t_prep)
@@ -1238,11 +1253,15 @@ class Clone:
         lat = t_done - t_prep
         d.lat.append(lat)
         d.io_bytes += io.length
+        d.done.append((time.monotonic() - self.measure_from, io.length))
+        return lat
+
+    def _complete(self, io: IO, t_prep: int, t_sub: int, t_done: int, got: bytes | None) -> None:
+        lat = self._account(io, t_prep, t_sub, t_done)
         limit = self.max_latency[io.ddir]
         if limit and lat > limit * 1e9 and not self.result.error:
             self.result.error, self.result.error_text = errno.ETIMEDOUT, \
                 f"max_latency exceeded: {lat // 1000} usec > {int(limit * 1e6)} usec"
-        d.done.append((time.monotonic() - self.measure_from, io.length))
         if self.remember:
             self._remember(io, got)
         if self.latency is not None and self.latency.complete(time.monotonic(), lat):
@@ -1289,12 +1308,31 @@ class Clone:
         if not self._goes_past("verify", errno.EILSEQ, line) or self.job.get("verify_fatal"):
             raise VerifyFailed(line)
 
-    async def _sync(self) -> None:
+    async def _sync(self, counted: bool = True) -> None:
+        """Sync the clone's files. fio counts fsync=N's syncs only: end_fsync's and the one
+        before the verify phase run outside its running state (should_account), uncounted."""
         t = time.perf_counter_ns()
         for r in self.regions:
             assert r.file is not None
             await r.file.fsync()
-        self.result.sync.append(time.perf_counter_ns() - t)
+        if counted:
+            self.result.sync.append(time.perf_counter_ns() - t)
+            self.last_was_sync = True
+
+    def _fsync_due(self) -> bool:
+        """fio's get_rw_ddir: before the next I/O, a sync when the writes issued so far are a
+        multiple of fsync=N and the last I/O to complete was not a sync -- so none follows the
+        job's last I/O, and one may follow a read of a mix (fio 3.33 does both)."""
+        return bool(self.fsync_every and self.writes_issued and self.writes_issued % self.fsync_every == 0
+                    and not self.last_was_sync)
+
+    async def _drain(self, inflight: dict[asyncio.Task, tuple[IO, int, int]]) -> None:
+        """Wait for every I/O in flight and account it: fio drains the queue before a sync and a
+        read-back, which must not race the writes they follow."""
+        if inflight:
+            await asyncio.wait(inflight)
+        for task in list(inflight):
+            self._reap(*inflight.pop(task), task.result())
 
     async def run(self) -> None:
         now = time.monotonic()
@@ -1316,9 +1354,14 @@ class Clone:
         yielded = time.perf_counter_ns()
         try:
             while True:
-                sync_due, reaped = False, 0
+                reaped = 0
                 while len(inflight) < (self.latency.qd if self.latency else self.depth) and \
                         (io := self.next_io()) is not None:
+                    if self._fsync_due():
+                        await self._drain(inflight)
+                        await self._sync()
+                    if io.ddir == WRITE:
+                        self.writes_issued += 1
                     if self.flow:
                         await self._flow_gate()
                     if self.paced:
@@ -1333,7 +1376,8 @@ class Clone:
                         # one I/O at a time, none to order it after: awaited here, as a sync engine
                         # does it (a task and a wait cost more than the write they carry)
                         t_sub = time.perf_counter_ns()
-                        sync_due, reaped = self._reap(io, t_prep, t_sub, await self._do(io, data)), 1
+                        self._reap(io, t_prep, t_sub, await self._do(io, data))
+                        reaped = 1
                         if time.perf_counter_ns() - yielded >= SLICE_NS:  # the others' turn: clones, the
                             await asyncio.sleep(0)  # filesystem's tasks (writeback's completions), signals
                             yielded = time.perf_counter_ns()
@@ -1351,7 +1395,7 @@ class Clone:
                 if inflight:
                     done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                     for task in done:
-                        sync_due |= self._reap(*inflight.pop(task), task.result())
+                        self._reap(*inflight.pop(task), task.result())
                     reaped = len(done)
                 elif not reaped:
                     break
@@ -1359,19 +1403,14 @@ class Clone:
                     await self.ctx.nap(self.think)  # thinktime(_spin): slept, a spin would stall the loop
                 verify_due = 0 < self.verify_backlog <= len(self.backlog)
                 trim_due = 0 < self.trim_backlog <= len(self.trim_due)
-                if sync_due or verify_due or trim_due:  # fio drains the queue first: a read-back must not race its write
-                    if inflight:
-                        await asyncio.wait(inflight)
-                    for task in list(inflight):
-                        self._reap(*inflight.pop(task), task.result())
-                if sync_due:
-                    await self._sync()
+                if verify_due or trim_due:
+                    await self._drain(inflight)
                 if verify_due:
                     await self._backlog()
                 if trim_due:
                     await self._trim_backlog()
             if self.job.get("end_fsync") or self.verifier is not None:
-                await self._sync()
+                await self._sync(counted=False)
         except BlockemuError as e:  # the I/O error ends this clone, as in fio; the others go on
             self.result.fail(e)
         finally:
@@ -1387,19 +1426,18 @@ class Clone:
             self.result.ctx = ru_end.ru_nvcsw + ru_end.ru_nivcsw - ru.ru_nvcsw - ru.ru_nivcsw
             self.result.majf, self.result.minf = ru_end.ru_majflt - ru.ru_majflt, ru_end.ru_minflt - ru.ru_minflt
 
-    def _reap(self, io: IO, t_prep: int, t_sub: int, outcome: tuple[int, bytes | None] | BlockemuError) -> bool:
-        """Account a completed I/O (``_do``'s outcome); True when fsync=N says a sync is due."""
+    def _reap(self, io: IO, t_prep: int, t_sub: int, outcome: tuple[int, bytes | None] | BlockemuError) -> None:
+        """Account a completed I/O (``_do``'s outcome)."""
+        self.last_was_sync = False
         if isinstance(outcome, BlockemuError):
             self._io_error(io, outcome)
-            return False
+            return
         t_done, got = outcome
         self._complete(io, t_prep, t_sub, t_done, got)
         self.completed += 1
         self.completed_bytes += io.length
-        if io.ddir != WRITE:
-            return False
-        self.writes += 1
-        return bool(self.fsync_every) and self.writes % self.fsync_every == 0
+        if io.ddir == WRITE:
+            self.writes += 1
 
     def _io_error(self, io: IO, e: BlockemuError) -> None:
         """fio's error policy: fill_device ends at ENOSPC (or EDQUOT) without an error; with
@@ -1440,19 +1478,31 @@ class Clone:
             self.trimmed[key] = length
 
     async def _verify_written(self, keys: list[tuple[int, int]]) -> None:
-        """Read back written blocks and check them; each is then off the list to verify."""
+        """Read back written blocks and check them; each is then off the list to verify. Each
+        read-back is a read in the job's figures, as in fio."""
         for ri, off in keys:
             length, numberio = self.written.pop((ri, off))
             region = self.regions[ri]
             assert region.file is not None
-            self._verify(await region.file.pread(length, off), off, numberio, region)
+            t = time.perf_counter_ns()
+            data = await region.file.pread(length, off)
+            self._account(IO(region, READ, off, length, 0), t, t, time.perf_counter_ns())
+            self._verify(data, off, numberio, region)
 
     async def verify_phase(self) -> None:
         """do_verify: read back every block this clone wrote (the last write of each) that
         verify_backlog has not checked already."""
         if self.verifier is not None and self.job.get("do_verify", True):
-            # fio's order (lastwrites.py): as written where a random map kept the writes apart
-            await self._verify_written(list(self.written) if self.randommap else self.written.by_offset())
+            d = self.result.read
+            ios, io_bytes, start = len(d.clat), d.io_bytes, time.monotonic()
+            # the phase's completions are timed on from the read runtime's end, where fio's are
+            self.measure_from = start - d.runtime(self.result.runtime_s)
+            try:
+                # fio's order (lastwrites.py): as written where a random map kept the writes apart
+                await self._verify_written(list(self.written) if self.randommap else self.written.by_offset())
+            finally:
+                d.verify_ios, d.verify_bytes = len(d.clat) - ios, d.io_bytes - io_bytes
+                d.verify_s = time.monotonic() - start
             if self.job.get("trim_verify_zero", True):
                 for (ri, off), length in sorted(self.trimmed.items()):
                     region = self.regions[ri]
@@ -1480,10 +1530,10 @@ def rate_shortfall(job: Job, r: JobResult) -> str:
     """rate_min/rate_iops_min, judged over the whole measured run (fio judges each
     rate_cycle): the first direction that fell short, or ""."""
     for i, d in enumerate(r.dirs):
-        if not d.clat or not r.runtime_s:
-            continue
+        if len(d.clat) == d.verify_ios or not r.runtime_s:
+            continue  # fio judges the rates while the job runs, not in its verify phase
         floor, iops_floor = (job.get("rate_min") or (0, 0, 0))[i], (job.get("rate_iops_min") or (0, 0, 0))[i]
-        bw, iops = d.io_bytes / r.runtime_s, len(d.clat) / r.runtime_s
+        bw, iops = (d.io_bytes - d.verify_bytes) / r.runtime_s, (len(d.clat) - d.verify_ios) / r.runtime_s
         if floor and bw < floor:
             return f"{DDIR_NAMES[i]} bandwidth {bw:.0f} B/s is below rate_min {floor}"
         if iops_floor and iops < iops_floor:
@@ -1705,9 +1755,10 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
             if not active:
                 continue
             total = sum(r.dirs[i].io_bytes for r in active)
-            bws = [r.dirs[i].io_bytes / (r.runtime_s or 1e-9) for r in active]
-            runs = [int(r.runtime_s * 1000) for r in active]
-            agg = total / (max(r.runtime_s for r in active) or 1e-9)
+            times = [r.dirs[i].runtime(r.runtime_s) for r in active]
+            bws = [r.dirs[i].io_bytes / (t or 1e-9) for r, t in zip(active, times)]
+            runs = [int(t * 1000) for t in times]
+            agg = total / (max(times) or 1e-9)
             lines.append(f"  {label.upper():>5}: bw={bin_size(agg)}/s ({dec_size(agg)}/s), "
                          f"{bin_size(min(bws))}/s-{bin_size(max(bws))}/s ({dec_size(min(bws))}/s-{dec_size(max(bws))}/s), "
                          f"io={bin_size(total)} ({dec_size(total)}), run={min(runs)}-{max(runs)}msec")
