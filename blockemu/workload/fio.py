@@ -1703,7 +1703,7 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
             if not d.clat:
                 continue
             j = d.as_json(r.runtime_s, r.report, group_bw[r.group][i], False)
-            resets = f"; {r.zone_resets} zone resets" if i == WRITE and r.zone_resets is not None else ""
+            resets = f"; {r.zone_resets or 0} zone resets" if i == WRITE else ""  # fio 3.33's, zoned or not
             lines.append(f"  {label}: IOPS={_count(j['iops'])}, BW={bin_size(j['bw_bytes'])}/s "
                          f"({dec_size(j['bw_bytes'])}/s)({bin_size(d.io_bytes)}/{j['runtime']}msec){resets}")
             for lab, vals in (("    slat", d.slat), ("    clat", d.clat), ("     lat", d.lat)):
