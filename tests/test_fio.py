@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -618,6 +619,36 @@ def test_sigint_stops_the_jobs_and_reports_partial_results(tmp_path):
     out = json.loads(p.stdout)
     assert out["blockemu"]["interrupted"] == "SIGINT" and out["blockemu"]["fsck_clean"]
     assert out["jobs"][0]["jobname"] == "long" and out["jobs"][0]["job_runtime"] < 60_000
+
+
+async def test_sigint_during_the_layout_stops_it(tmp_path, monkeypatch):
+    """A job that reads lays its file out first (64 MiB here, 128 GiB in fio's
+    enospc-pressure.fio); SIGINT or SIGTERM then stops the layout, as fio's ``td->terminate``
+    does, rather than acting only once every byte is written (98 s for a 3 GiB layout)."""
+    from blockemu.workload.runner import Runner
+    handled = asyncio.Event()
+    real_interrupt, real_pwrite = Runner.interrupt, File.pwrite
+    writes = 0
+
+    def interrupt(self, signum):
+        real_interrupt(self, signum)
+        handled.set()
+
+    async def pwrite(self, data, offset):
+        nonlocal writes
+        writes += 1
+        if writes == 4:  # a few chunks in: the user presses Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+            await handled.wait()  # the loop has run the handler before the layout goes on
+        return await real_pwrite(self, data, offset)
+    monkeypatch.setattr(Runner, "interrupt", interrupt)
+    monkeypatch.setattr(File, "pwrite", pwrite)
+    job = tmp_path / "lay.fio"
+    job.write_text("[lay]\nrw=randread\nsize=64m\nbs=4k\n")
+    report = await run_workload(str(job), image=str(tmp_path / "lay.img"), seed=1)
+    out = report.as_json()
+    assert out["blockemu"]["interrupted"] == "SIGINT" and out["blockemu"]["fsck_clean"]
+    assert writes == 4 and out["jobs"][0]["read"]["total_ios"] == 0  # no more layout, and no I/O after it
 
 
 # --- fio's own kinds of example jobs, and fio itself as the oracle ----------------------------

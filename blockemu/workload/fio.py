@@ -980,7 +980,7 @@ class Clone:
                 chunk = max(self.sizes[READ].hi, self.sizes[WRITE].hi) if self.verifier else 1 << 20
                 pos = have - have % chunk if self.verifier else have
                 try:
-                    while pos < need:
+                    while pos < need and not self.ctx.stopped:  # SIGINT/SIGTERM stop a layout too, as fio's
                         n = min(chunk, need - pos)
                         data = self.verifier.make(pos, 0, n, self.data_rng) if self.verifier \
                             else self.data_rng.randbytes(n)
@@ -994,6 +994,8 @@ class Clone:
                 await region.file.fsync()
             if self.job.get("pre_read"):  # into the page cache before the clock starts
                 for pos in range(region.start, min(need, region.file.inode.size), 1 << 20):
+                    if self.ctx.stopped:
+                        break
                     await region.file.pread(min(1 << 20, need - pos), pos)
 
     async def _size_shares(self) -> None:
