@@ -238,3 +238,28 @@ async def test_a_mix_runs_again_on_its_image_and_another_seed_is_told_its_key_di
         await run_workload(str(job), image=img, seed=5)
     async with blockemu.mount(img) as fs:  # unmounted by the refused run; the two runs' directories, m and m.2
         assert len(await fs.readdir("/enc-jobs")) == 2
+
+
+async def test_a_scratch_image_never_outgrows_the_free_space_that_holds_it(tmp_path, monkeypatch):
+    """A run sizes the image it makes by its jobs (three times their sizes): fio's
+    enospc-pressure.fio asks for 3 x 999 GiB, and its 128 GiB layout filled the host's /tmp (a
+    sparse image takes what is written). The image is capped at 90 % of the free space of its
+    directory, so the emulated disk fills first (ENOSPC inside the run) and a note says why;
+    image_size= still sizes it as asked."""
+    from blockemu.workload import runner
+
+    real = os.statvfs
+
+    def small(path):  # this directory's filesystem has 400 MiB free
+        st = real(path)
+        return os.statvfs_result((st.f_bsize, 4096, st.f_blocks, 102400, 102400, *st[5:]))
+    monkeypatch.setattr(runner.os, "statvfs", small)
+    job = tmp_path / "big.fio"
+    job.write_text("[big]\nrw=write\nbs=1m\nsize=100g\nnumber_ios=2\n")  # asks for 100 GiB, writes 2 MiB
+    report = await runner.run_workload(str(job), image=str(tmp_path / "big.img"), seed=1)
+    assert report.ok and os.path.getsize(tmp_path / "big.img") == 360 << 20  # 90 % of 400 MiB
+    assert any("90% of the free space" in n for n in report.as_json()["blockemu"]["notes"])
+    assert any(line.startswith("note: the image is 360MiB") for line in report.text("normal"))
+    job.write_text("[global]\nimage_size=1g\n[big]\nrw=write\nbs=1m\nsize=100g\nnumber_ios=2\n")
+    report = await runner.run_workload(str(job), image=str(tmp_path / "asked.img"), seed=1)
+    assert report.ok and os.path.getsize(tmp_path / "asked.img") == 1 << 30 and not report.as_json()["blockemu"]["notes"]

@@ -39,6 +39,7 @@ from blockemu.workload.fio import (
     JobResult,
     LayoutGate,
     RunContext,
+    bin_size,
     check_job,
     group_bandwidth,
     group_results,
@@ -86,6 +87,7 @@ class RunReport:
     group_reporting: set[int] = field(default_factory=set)
     started: float = field(default_factory=time.time)
     interrupted: str | None = None  # the signal that stopped the run early
+    notes: list[str] = field(default_factory=list)  # the run's own, beside its jobs'
     zones: dict[str, ZonedFile] = field(default_factory=dict)  # zonemode=zbd: each file's zones at the end
 
     @property
@@ -108,7 +110,7 @@ class RunReport:
                 "blockemu": {"seed": self.seed, "image": self.image, "fsck_clean": self.fsck_clean,
                              "failures": self.failures, "ok": self.ok, "interrupted": self.interrupted,
                              "ignored_options": ignored,
-                             "notes": sorted({n for r in entries for n in r.notes}),
+                             "notes": self.notes + sorted({n for r in entries for n in r.notes}),
                              **({"zones": {path: {"zone_size": zf.zone_size, "written": {
                                  str(start): n for start, n in zf.written().items()}}
                                  for path, zf in self.zones.items()}} if self.zones else {})}}
@@ -119,7 +121,8 @@ class RunReport:
         bw = group_bandwidth(entries)
         if fmt == "terse":
             return terse_report(entries, bw, PRODUCER)
-        lines = [f"seed = {self.seed}"] + (text_report(entries, bw) if entries else [])
+        lines = [f"seed = {self.seed}"] + [f"note: {n}" for n in self.notes] + \
+            (text_report(entries, bw) if entries else [])
         for j in self.jobs:
             extra = {k: v for k, v in j.items() if k not in ("jobname", "kind", "errors", "stats", "divergent")}
             lines.append(f"{j['jobname']} ({j['kind']}): " + ", ".join(f"{k}={v}" for k, v in extra.items()))
@@ -139,15 +142,27 @@ async def fresh_dir(fs: Filesystem, path: str) -> str:
     return free
 
 
-def _image_size(jf: JobFile) -> int:
+def _image_size(jf: JobFile, where: str) -> tuple[int, str | None]:
+    """The size of the image a run makes, and a note when it is less than its jobs ask for.
+    The image is sparse, so what its jobs write is what it takes of the host: it is capped at
+    90 % of the free space of ``where``, its directory, so that the emulated disk is full
+    (ENOSPC, which jobs can expect) before the host's is (fio's enospc-pressure.fio lays out
+    128 GiB). ``image_size=`` is the user's own choice, taken as it is."""
     size = jf.globals.get("image_size")
     if size:
-        return size
+        return size, None
     # a zoned file (zonemode=zbd) is sparse up to its offset: only what the job writes takes space
     need = sum((fixed(j.get("size")) or j.get("filesize", 0) * max(1, j.get("nrfiles", 1)))
                + (0 if j.get("zonemode") == "zbd" else fixed(j.get("offset")))
                for j in jf.jobs for _ in range(max(1, j.get("numjobs", 1))))
-    return max(256 << 20, 3 * need)
+    want = max(256 << 20, 3 * need)
+    st = os.statvfs(where)
+    room = max(256 << 20, (st.f_bavail * st.f_frsize * 9 // 10) >> 20 << 20)
+    if want <= room:
+        return want, None
+    return room, (f"the image is {bin_size(room)}, not the {bin_size(want)} the jobs' sizes ask for: that is 90% of "
+                  f"the free space of {where} (a sparse image takes what is written); image_size= in [global] "
+                  "sizes it as asked")
 
 
 class Runner:
@@ -192,7 +207,9 @@ class Runner:
 
     async def run(self) -> RunReport:
         if not os.path.exists(self.image) or os.path.getsize(self.image) == 0:
-            await mkfs(self.image, _image_size(self.jf))
+            size, note = _image_size(self.jf, os.path.dirname(os.path.abspath(self.image)))
+            self.report.notes += [note] if note else []
+            await mkfs(self.image, size)
         self.fs = await self._mount()
         try:
             for barrier in sorted({j.barrier for j in self.jf.jobs}):
