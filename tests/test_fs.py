@@ -471,3 +471,31 @@ async def test_a_read_larger_than_the_clean_cache_returns_every_page(image):
         async with fs.open("/f") as f:
             assert await f.pread(500, 0) == data[:500]
             assert await f.pread(len(data), 0) == data
+
+
+async def test_fsync_dir_makes_a_rename_durable_as_fsync_of_the_directory_does(image):
+    """The POSIX way to replace a file atomically: write a temporary file, fsync it, rename it
+    over the old one, fsync the directory. DESIGN §9 says a directory's fsync commits, but the
+    API had no way to ask for one (``open`` of a directory is EISDIR); ``fs.fsync_dir`` is it."""
+    fs = await blockemu.mount(image, interval=3600)
+    async with fs.open("/a", "w") as f:
+        await f.write(b"old")
+        await f.fsync()
+    async with fs.open("/a.tmp", "w") as f:
+        await f.write(b"new")
+        await f.fsync()
+    await fs.mkdir("/d")
+    await fs.rename("/a.tmp", "/a")
+    await fs.fsync_dir("/")
+    with pytest.raises(NotADirectoryError):
+        await fs.fsync_dir("/a")
+    with pytest.raises(FileNotFoundError):
+        await fs.fsync_dir("/nope")
+    fs.vol.device.power_cut()  # the rename is durable only by fsync_dir's commit
+    await fs.writeback.stop()
+    await fs.vol.device.close()
+    async with blockemu.mount(image) as fs2:
+        assert sorted(await fs2.readdir("/")) == ["a", "d"]
+        async with fs2.open("/a") as f:
+            assert await f.read() == b"new"
+    assert check(image).clean

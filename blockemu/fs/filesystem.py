@@ -1323,6 +1323,16 @@ class Filesystem:
         if err is not None:
             raise err
 
+    async def fsync_dir(self, path: str) -> None:
+        """fsync(2) of a directory (``open(dir, O_RDONLY)`` + ``fsync``, which ``open`` cannot
+        give: it is EISDIR): its entries -- a rename into it, a new or removed name -- are
+        durable once it returns. It commits (DESIGN §9), and reports no other file's writeback
+        error, as Linux's fsync of a directory checks the directory's own."""
+        inode = self._resolve(path)
+        if not inode.is_dir:
+            raise NotADirectory(f"{path}: not a directory")
+        await self.fsync_inode(inode)
+
     async def write_out(self) -> None:
         """Write back every dirty file and commit, reporting no writeback error: what a sync
         does for its callers inside the filesystem (room for a write, a directory's fsync),
