@@ -263,3 +263,10 @@ async def test_a_scratch_image_never_outgrows_the_free_space_that_holds_it(tmp_p
     job.write_text("[global]\nimage_size=1g\n[big]\nrw=write\nbs=1m\nsize=100g\nnumber_ios=2\n")
     report = await runner.run_workload(str(job), image=str(tmp_path / "asked.img"), seed=1)
     assert report.ok and os.path.getsize(tmp_path / "asked.img") == 1 << 30 and not report.as_json()["blockemu"]["notes"]
+
+
+def test_fios_buffer_alignment_option_is_accepted_and_listed_as_ignored():
+    """mem_align (alias iomem_align) only aligns fio's I/O buffers in memory: fio accepts it, and
+    blockemu called it an "unknown option", as it says of a typo."""
+    jf = parse("[t]\nrw=write\nsize=64k\nmem_align=4096\n[u]\nrw=write\nsize=64k\niomem_align=4k\n", "t.fio")
+    assert [j.ignored for j in jf.jobs] == [["mem_align"], ["mem_align"]]

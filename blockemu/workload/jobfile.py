@@ -435,7 +435,7 @@ KIND_OPTIONS = {
 
 ALIASES = {"readwrite": "rw", "blocksize": "bs", "blocksize_range": "bsrange", "io_limit": "io_size",
            "fileoffset": "offset", "nr_files": "nrfiles", "timeout": "runtime", "wait_for_previous": "stonewall",
-           "blocksize_unaligned": "bs_unaligned", "iomem": "mem", "ratemin": "rate_min", "ratecycle": "rate_cycle",
+           "blocksize_unaligned": "bs_unaligned", "iomem": "mem", "iomem_align": "mem_align", "ratemin": "rate_min", "ratecycle": "rate_cycle",
            "disable_bw": "disable_bw_measurement", "blockalign": "ba", "fill_fs": "fill_device",
            "threads": "thread", "ss": "steadystate", "ss_dur": "steadystate_duration",
            "ss_ramp": "steadystate_ramp_time"}
@@ -447,7 +447,7 @@ write_bw_log write_lat_log write_iops_log write_hist_log bwavgtime iopsavgtime l
 log_hist_msec log_hist_coarseness log_max_value log_offset log_prio log_compression log_compression_cpus
 log_store_compressed log_unix_epoch log_alternate_epoch log_alternate_epoch_clock_id per_job_logs gtod_reduce
 gtod_cpu disable_lat disable_clat disable_slat disable_bw_measurement clocksource cpumask cpus_allowed
-cpus_allowed_policy numa_cpu_nodes numa_mem_policy nice prio prioclass ioscheduler lockmem mem hugepage-size
+cpus_allowed_policy numa_cpu_nodes numa_mem_policy nice prio prioclass ioscheduler lockmem mem mem_align hugepage-size
 disk_util significant_figures stats block_error_percentiles io_submit_mode iodepth_batch iodepth_batch_submit
 iodepth_batch_complete iodepth_batch_complete_min iodepth_batch_complete_max iodepth_low write_hint cgroup
 cgroup_nodelete cgroup_weight uid gid http_verbose hipri hipri_percentage fixedbufs registerfiles
