@@ -270,3 +270,12 @@ def test_fios_buffer_alignment_option_is_accepted_and_listed_as_ignored():
     blockemu called it an "unknown option", as it says of a typo."""
     jf = parse("[t]\nrw=write\nsize=64k\nmem_align=4096\n[u]\nrw=write\nsize=64k\niomem_align=4k\n", "t.fio")
     assert [j.ignored for j in jf.jobs] == [["mem_align"], ["mem_align"]]
+
+
+def test_a_filesize_range_is_refused_as_unsupported_not_as_a_bad_value():
+    """fio's filesize=1m-4m gives each file a random size in the range; blockemu does not, and
+    said "bad size '1m-4m': expected a number", as of a typo."""
+    with pytest.raises(InvalidArgument) as e:
+        parse("[t]\nrw=write\nnrfiles=2\nfilesize=1m-4m\n", "t.fio")
+    assert str(e.value) == ("t.fio:4: filesize=1m-4m: a range of sizes (fio picks each file's in it) is not "
+                            "supported: give one size")

@@ -67,6 +67,14 @@ def size(text: str) -> int:
     return parse_size(_arith(text))
 
 
+def file_size(text: str) -> int:
+    """filesize=: one size; fio's range (a random size per file) is refused by name."""
+    if re.fullmatch(r"\s*[\w.]+\s*-\s*[\w.]+\s*", text) and not text.lstrip().startswith("-"):
+        raise Unsupported(f"filesize={text}: a range of sizes (fio picks each file's in it) is not supported: "
+                          "give one size")
+    return size(text)
+
+
 @dataclass(frozen=True)
 class Zones:
     """``size=128z``: a number of zones, made bytes once the job's ``zonesize`` is known (fio
@@ -369,7 +377,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "wait_for": str, "rw": parse_rw, "rw_sequencer": choice("sequential", "identical"),
     "bs": per_direction(size), "bsrange": per_direction(bs_range), "bssplit": per_direction(bs_split),
     "bs_unaligned": parse_bool, "ba": per_direction(size), "thinktime": parse_usec, "thinktime_spin": parse_usec,
-    "thinktime_blocks": integer, "size": size_or_share, "filesize": size, "io_size": size_or_share,
+    "thinktime_blocks": integer, "size": size_or_share, "filesize": file_size, "io_size": size_or_share,
     "offset": size_or_share,
     "offset_increment": size_or_zones, "number_ios": integer, "nrfiles": integer, "file_service_type": choice(
         "roundrobin", "random", "sequential"),
