@@ -772,6 +772,21 @@ async def test_verify_reads_and_syncs_are_counted_as_fio_counts_them(tmp_path):
     assert verify["read"]["bw"] > 0 and verify["read"]["iops"] > 0 and verify["read"]["clat_ns"]["N"] == 16
 
 
+async def test_the_verify_phase_shares_the_runtime_and_fios_verify_warnings_are_given(tmp_path):
+    """As fio 3.33: the verify phase stops once the job's runtime is used up, so a time_based
+    job that only writes verifies nothing (and fio says so); jobs that share a file= and verify
+    get fio's warning that they may overwrite each other's blocks."""
+    job = tmp_path / "v.fio"
+    job.write_text("[tv]\nrw=randwrite\nbs=4k\nsize=256k\ntime_based\nruntime=0.3\nverify=crc32c\n"
+                   "[shared]\nstonewall\nrw=randwrite\nbs=4k\nsize=64k\nnumjobs=2\nfilename=s\nverify=crc32c\n")
+    out = (await run_workload(str(job), image=str(tmp_path / "v.img"), seed=1)).as_json()
+    tv = out["jobs"][0]  # the shared file's clones may or may not fail verification: fio's warning says so
+    assert tv["write"]["total_ios"] > 0 and tv["read"]["total_ios"] == 0
+    assert out["blockemu"]["notes"] == [
+        "fio: multiple writers may overwrite blocks that belong to other jobs. This can cause verification failures.",
+        "fio: verification read phase will never start because write phase uses all of runtime"]
+
+
 @pytest.mark.skipif(FIO is None, reason="the OS's fio is not installed (apt-get install fio; .ci/run does)")
 def test_verify_reads_and_syncs_are_counted_as_the_real_fio_counts_them(tmp_path):
     job = tmp_path / "c.fio"

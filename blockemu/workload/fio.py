@@ -82,6 +82,10 @@ MS_BUCKETS = LAT_BUCKETS + (2000,)
 NON_FATAL = frozenset((errno.EIO, errno.EILSEQ))  # what continue_on_error goes past without ignore_error
 SLICE_NS = 500_000  # a clone doing its I/Os in place lets the loop in at least this often
 SYNC_NOTE = "note: both iodepth >= 1 and synchronous I/O engine are selected, queue depth will be capped at 1"
+# fio's warnings about a verify job (fixup_options), given where fio gives them
+SHARED_VERIFY_NOTE = "fio: multiple writers may overwrite blocks that belong to other jobs. This can cause " \
+                     "verification failures."
+TIMED_VERIFY_NOTE = "fio: verification read phase will never start because write phase uses all of runtime"
 
 
 # --- checksums fio's verify= names ------------------------------------------------------------
@@ -1479,10 +1483,13 @@ class Clone:
             self._complete(IO(region, TRIM, key[1], length, 0), t, t, time.perf_counter_ns(), None)
             self.trimmed[key] = length
 
-    async def _verify_written(self, keys: list[tuple[int, int]]) -> None:
+    async def _verify_written(self, keys: list[tuple[int, int]], until: float = 0.0) -> None:
         """Read back written blocks and check them; each is then off the list to verify. Each
-        read-back is a read in the job's figures, as in fio."""
+        read-back is a read in the job's figures, as in fio. ``until``: the job's runtime ends
+        then, and so does the reading back (fio's do_verify stops at runtime_exceeded)."""
         for ri, off in keys:
+            if until and time.monotonic() >= until:
+                break
             length, numberio = self.written.pop((ri, off))
             region = self.regions[ri]
             assert region.file is not None
@@ -1501,7 +1508,8 @@ class Clone:
             self.measure_from = start - d.runtime(self.result.runtime_s)
             try:
                 # fio's order (lastwrites.py): as written where a random map kept the writes apart
-                await self._verify_written(list(self.written) if self.randommap else self.written.by_offset())
+                await self._verify_written(list(self.written) if self.randommap else self.written.by_offset(),
+                                           self.deadline)
             finally:
                 d.verify_ios, d.verify_bytes = len(d.clat) - ios, d.io_bytes - io_bytes
                 d.verify_s = time.monotonic() - start
@@ -1610,6 +1618,11 @@ async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
     clones = [Clone(ctx, job, n, seed, JobResult(job.name, job.group, dict(job.raw), ReportOptions.of(job)))
               for n in range(numjobs)]
     notes = [SYNC_NOTE] if job.get("iodepth", 1) > 1 and clones[0].engine not in ASYNC_ENGINES else []
+    if clones[0].verifier is not None and clones[0].writer and job.get("do_verify", True):
+        if numjobs > 1 and job.get("filename"):
+            notes.append(SHARED_VERIFY_NOTE)
+        if clones[0].timed and not clones[0].reads and not job.get("verify_backlog"):
+            notes.append(TIMED_VERIFY_NOTE)
     for c in clones:
         c.result.depth, c.result.ignored, c.result.notes = max(1, job.get("iodepth", 1)), job.ignored, notes
         c.result.describe = describe(job, c)
