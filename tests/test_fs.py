@@ -316,6 +316,22 @@ async def test_fsync_reports_an_io_error_once(image):
     assert check(image).clean
 
 
+async def test_the_bytes_lost_are_the_files_bytes_not_whole_pages(image):
+    """A lost write of a 1-byte tail (a 4097-byte file's second page) is 1 byte lost, as the
+    fsync's error says: a user compares it with what they wrote."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with await fs.open("/x", "w+") as f:
+            await f.write(b"1" * 4096)
+            await f.fsync()
+            await fail_next_data_write(fs)
+            await f.write(b"2")
+            with pytest.raises(OSError) as caught:
+                await f.fsync()
+            assert caught.value.errno == errno.EIO and "1 bytes lost" in str(caught.value)
+            assert f.inode.lost_bytes == 1
+            fs.vol.device.faults = FaultPlan()
+
+
 async def test_sync_reports_a_writeback_error_once_and_the_files_fsync_still_does(image):
     """syncfs(2) since Linux 5.8: the sync whose writeback dropped data raises its error (it
     returned success, and the error waited on the inode for a close that might never come), a

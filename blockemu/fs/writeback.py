@@ -437,7 +437,9 @@ class Writeback:
         """The run cannot reach the disk: drop it from the cache (unless rewritten since) and
         keep the error for the file's next fsync/close."""
         self.cache.forget(inode.pages, range(run.first, run.first + len(run.entries)))
-        lost = len(run.entries) * PAGE
+        # the file's bytes in those pages, not whole pages: a 1-byte file lost 1 byte, not 4096
+        start = run.first * PAGE
+        lost = max(min((run.first + len(run.entries)) * PAGE, inode.size) - start, 0)
         inode.wb_error = inode.wb_error or err
         inode.lost_bytes += lost
         self.errseq.note(inode.ino, err, lost)
