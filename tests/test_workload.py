@@ -222,6 +222,37 @@ async def test_stress_says_when_the_power_cut_it_was_given_never_came(tmp_path):
     assert "so no power cut happened" in out["notes"][0]
 
 
+async def test_stress_ops_per_second_is_over_the_mix_alone(tmp_path, monkeypatch):
+    """The stress figure (tools/bench.py's stress row) was ``ops / --duration``: the operations
+    still running at the deadline ended after it, uncounted in the time. The summary now gives
+    the mix's own seconds -- from its first operation to the end of its last, so at least the
+    duration, and none of mkfs, mount, the oracle's check or fsck around it -- and ops/s over them."""
+    import time
+
+    from blockemu.workload import runner
+    from blockemu.workload.writepath import FAST
+
+    spans = []
+    run_mix = runner.run_mix
+
+    async def timed(*args, **kw):
+        started = time.monotonic()
+        try:
+            return await run_mix(*args, **kw)
+        finally:
+            spans.append(time.monotonic() - started)
+
+    monkeypatch.setattr(runner, "run_mix", timed)
+    began = time.monotonic()
+    out = await runner.stress_mix(str(tmp_path / "s.img"), seed=2, tasks=2, nops=10_000, duration=0.3, faults=None,
+                                  crash_points=0, write_path=FAST)
+    whole = time.monotonic() - began
+    assert out["ok"]
+    (mix,) = spans
+    assert 0.3 <= out["seconds"] <= mix + 0.001 < whole
+    assert out["ops_per_second"] == pytest.approx(out["ops"] / out["seconds"], rel=0.01)
+
+
 async def test_a_mix_runs_again_on_its_image_and_another_seed_is_told_its_key_differs(tmp_path):
     """`run fsstress --image IMAGE` a second time failed with EEXIST (the mix's directories are
     made afresh), and with another --seed with a bare 'Required key not available' (the run's

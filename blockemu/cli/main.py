@@ -786,10 +786,11 @@ def cmd_stress(a: argparse.Namespace) -> int:
         emit_json(summary)
     else:
         print(f"seed = {seed}")
-        for k in ("ops", "acknowledged_writes", "lost_acknowledged_writes", "divergent_files", "refused_out_of_space", "injected_errors", "io_errors", "aborted", "ledger_files_checked_after_crash",
+        for k in ("ops", "ops_per_second", "acknowledged_writes", "lost_acknowledged_writes", "divergent_files", "refused_out_of_space", "injected_errors", "io_errors", "aborted", "ledger_files_checked_after_crash",
                   "fsck", "crash_states_checked", "crash_failures"):
             if summary.get(k) is not None:
-                print(f"{k.replace('_', ' '):<34}{summary[k]}{ops_split(a) if k == 'ops' else ''}")
+                print(f"{k.replace('_', ' '):<34}{summary[k]}{ops_split(a) if k == 'ops' else ''}"
+                      + (f" (over the mix's {summary['seconds']} s)" if k == "ops_per_second" else ""))
         for line in summary.get("notes", []):
             print(f"note: {line}")
         for line in summary["problems"][:10]:

@@ -31,6 +31,10 @@ DEFAULT_OPS = {"create": 4, "write": 4, "overwrite": 4, "append": 3, "truncate":
 @dataclass
 class MixResult:
     ops: int = 0
+    # wall seconds from the first operation to the end of the last (every task's last one,
+    # begun before a --duration deadline, ends after it): the mix's own time, the denominator
+    # of its ops/s -- not the making, mounting or checking around it
+    seconds: float = 0.0
     by_op: dict[str, int] = field(default_factory=dict)
     acknowledged_writes: int = 0
     divergent: list[str] = field(default_factory=list)
@@ -219,7 +223,8 @@ async def run_mix(fs: Filesystem, *, root: str, tasks: int, nops: int, ops: dict
         workers.append(Task(fs, sub, random.Random(f"{seed}:{i}"), result, scale))
     result.tasks = workers
 
-    deadline = time.monotonic() + duration if duration else None
+    started = time.monotonic()
+    deadline = started + duration if duration else None
 
     async def drive(t: Task) -> None:
         n = 0
@@ -237,6 +242,7 @@ async def run_mix(fs: Filesystem, *, root: str, tasks: int, nops: int, ops: dict
         for d in drivers:
             d.cancel()
         await asyncio.gather(*drivers, return_exceptions=True)
+        result.seconds = time.monotonic() - started
     return result
 
 

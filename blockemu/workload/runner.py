@@ -428,7 +428,12 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
     if not report.clean:
         problems += [f"fsck: [{e.code}] {e.message}" for e in report.errors[:5]]
     summary: dict[str, Any] = {"seed": seed, "image": image, "ops": mix.ops, "tasks": tasks,
-                               "ops_per_task": None if duration else nops, "by_op": mix.by_op,
+                               "ops_per_task": None if duration else nops,
+                               # the mix's own time (``MixResult.seconds``): making the image,
+                               # mounting and the checks after it are not the filesystem's ops/s
+                               "seconds": round(mix.seconds, 3),
+                               "ops_per_second": round(mix.ops / mix.seconds, 1) if mix.seconds else None,
+                               "by_op": mix.by_op,
                                "acknowledged_writes": mix.acknowledged_writes,
                                "lost_acknowledged_writes": len(mix.divergent), "divergent_files": len(mix.divergent),
                                # ENOSPC is the image being full, never injected (no fault makes it); an
