@@ -191,6 +191,14 @@ def test_console_scripts_exist():
         assert os.path.exists(os.path.join(bindir, name)), name
 
 
+@pytest.mark.parametrize("script", ["mkfs.blockemu", "fsck.blockemu"])
+def test_the_fsck_and_mkfs_scripts_name_themselves_in_their_usage(script):
+    """``fsck.blockemu --help`` said ``usage: blockemu fsck``, a command the user did not type."""
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), script), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith(f"usage: {script} ")
+
+
 @pytest.mark.parametrize("argv, says", [
     (["crash", "--limit", "1", "--shard-size", "0"], "--shard-size: 0 is out of range: at least 1"),
     (["crash", "--limit", "-1"], "--limit: -1 is out of range: at least 1"),

@@ -131,14 +131,15 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def build_parser(command: str | None = None) -> Parser:
+def build_parser(command: str | None = None, prog: str | None = None) -> Parser:
     """The parser. With ``command``, only that subcommand's arguments are declared (the others are
-    listed, for --help): declaring some imports their layer, and a command imports only its own."""
+    listed, for --help): declaring some imports their layer, and a command imports only its own.
+    ``prog`` names that command as it was run (``fsck.blockemu``), so its usage says so."""
     p = Parser(prog="blockemu", description="Block-device emulator with a btrfs-like encrypted COW filesystem.")
     p.add_argument("--version", action=_Version, nargs=0, help="show program's version number and exit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, (text, declare) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=text)
+        sp = sub.add_parser(name, help=text, **({"prog": prog} if prog and name == command else {}))
         if command is None or command == name:
             declare(sp)
     return p
@@ -1185,7 +1186,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 FAILURE_CODES = {"fsck": (EXIT_OPERATIONAL, EXIT_USAGE)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     collect_less()
     command = next((x for x in argv if not x.startswith("-")), "")
@@ -1193,7 +1194,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("BLOCKEMU_DEBUG"))
     args = None
     try:
-        args, extra = build_parser(command).parse_known_args(argv)
+        args, extra = build_parser(command, prog).parse_known_args(argv)
         if extra:  # parse_args has the top-level parser say it, naming no command
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         return COMMANDS[args.command](args)
@@ -1255,8 +1256,8 @@ def wants_json(args: argparse.Namespace | None, argv: list[str] | None) -> bool:
 
 
 def main_mkfs() -> int:
-    return main(["mkfs", *sys.argv[1:]])
+    return main(["mkfs", *sys.argv[1:]], "mkfs.blockemu")
 
 
 def main_fsck() -> int:
-    return main(["fsck", *sys.argv[1:]])
+    return main(["fsck", *sys.argv[1:]], "fsck.blockemu")
