@@ -222,6 +222,19 @@ async def test_stress_says_when_the_power_cut_it_was_given_never_came(tmp_path):
     assert "so no power cut happened" in out["notes"][0]
 
 
+async def test_the_stress_bar_names_the_checks_after_the_mix(tmp_path):
+    """The bar sat at 400/400 with no word while the unmount, the oracle and fsck ran (as long
+    as the mix itself on a big run): it is renamed for them once the operations are counted."""
+    from blockemu.workload.runner import stress_mix
+    from blockemu.workload.writepath import FAST
+
+    calls = []
+    out = await stress_mix(str(tmp_path / "s.img"), seed=5, tasks=2, nops=10, duration=None, faults=None,
+                           crash_points=0, write_path=FAST, advance=lambda n=1, description=None: calls.append((n, description)))
+    assert out["ok"] and sum(n for n, _ in calls) == out["ops"] == 20
+    assert calls[-1] == (0, "stress: checking (unmount, the oracle on a fresh mount, fsck)")
+
+
 async def test_stress_ops_per_second_is_over_the_mix_alone(tmp_path, monkeypatch):
     """The stress figure (tools/bench.py's stress row) was ``ops / --duration``: the operations
     still running at the deadline ended after it, uncounted in the time. The summary now gives

@@ -24,10 +24,11 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.metadata import version
-from typing import Any, Callable
+from typing import Any
 
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
+from blockemu.display import Advance
 from blockemu.errors import BlockemuError, InvalidArgument
 from blockemu.fs.filesystem import Filesystem, mount
 from blockemu.fs.mkfs import mkfs
@@ -374,7 +375,7 @@ async def run_workload(workload: str, *, image: str | None = None, seed: int = 0
 
 
 async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: float | None,
-                     faults: FaultPlan | None, crash_points: int, advance: Callable[[int], None] = lambda n: None,
+                     faults: FaultPlan | None, crash_points: int, advance: Advance = lambda n=1, description=None: None,
                      write_path: WritePath = PRODUCTION) -> dict[str, Any]:
     """``blockemu stress``: the fsstress-like mix on ``image`` (created if missing), with injected
     faults; then unmount, check the oracle on a fresh mount, and fsck; optionally a crash
@@ -403,6 +404,8 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
             raise
         aborted = str(e)
     finally:
+        # the bar has counted every operation; what follows can take as long as the mix did
+        advance(0, description="stress: checking (unmount, the oracle on a fresh mount, fsck)")
         writes = fs.vol.device.writes
         fs.vol.device.faults = FaultPlan()
         try:
