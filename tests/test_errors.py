@@ -1,6 +1,7 @@
 """Errors Python code can catch as it catches os's (issue 11, item 4)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
@@ -75,3 +76,26 @@ async def test_stat_has_the_float_times_of_os_stat_result(tmp_path):
         assert isinstance(getattr(s, name), float) and isinstance(getattr(host, name), float)
         assert getattr(s, name) == getattr(s, name + "_ns") / 1e9
     assert abs(s.st_mtime - host.st_mtime) < 60
+
+
+async def test_a_power_cut_planned_through_the_api(tmp_path):
+    """``blockemu.FaultPlan`` (the CLI's --faults SPEC) is part of the API, as DESIGN §8 shows:
+    the newcomer found ``faults=`` only by reading the source."""
+    img = str(tmp_path / "cut.img")
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img) as fs:
+        async with fs.open("/kept", "w") as f:
+            await f.write(b"acknowledged")
+            await f.fsync()
+    fs = await blockemu.mount(img, faults=blockemu.FaultPlan.parse("cut=0"))
+    f = await fs.open("/lost", "w")
+    await f.write(b"never durable")
+    with pytest.raises(OSError) as e:
+        await f.fsync()
+    assert e.value.errno == errno.EIO
+    with contextlib.suppress(OSError):
+        await fs.unmount()
+    async with blockemu.mount(img) as fs:
+        assert await (await fs.open("/kept")).read() == b"acknowledged"
+        assert not await fs.exists("/lost")
+    assert (await blockemu.fsck(img)).clean
