@@ -21,6 +21,7 @@ No I/O here: ``store`` (transaction.TreeStore) supplies blocks from its cache.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from itertools import accumulate
 from typing import Iterator, NamedTuple, Protocol
 
 from blockemu.errors import CorruptionError, ExistsError, NotFoundError
@@ -281,7 +282,7 @@ class BTree:
         if node.level == 0:
             self._merge_leaf(node, changes)
             return self._split_leaf_many(node) if node.used > self.body else []
-        keys, ptrs, touched = node.keys, node.ptrs, set()
+        keys, ptrs, touched, underfull = node.keys, node.ptrs, set(), False
         new_keys: list[KeyT] = []
         new_ptrs: list[tuple[int, int]] = []
         # only the children the changes fall in are visited, each found by a bisection of the
@@ -308,13 +309,15 @@ class BTree:
                     new_keys.append(c.keys[0])
                     new_ptrs.append((c.bytenr, c.generation))
                     touched.add(c.bytenr)
+                    underfull = underfull or self._underfull(c)
                 else:
                     self.store.free_block(c)
         new_keys += keys[done:]
         new_ptrs += ptrs[done:]
         node.keys, node.ptrs = new_keys, new_ptrs
         node.recount()
-        self._mend(node, touched)
+        if underfull:  # mostly none is: then no scan of the node's slots
+            self._mend(node, touched)
         return self._split_node_many(node) if len(node.keys) > self.fanout else []
 
     def _mend(self, node: TreeBlock, touched: set[int]) -> None:
@@ -322,10 +325,8 @@ class BTree:
         merge may leave the merged block underfull still, so the scan steps back to look at it;
         each step merges (one child fewer), evens out (both then past a quarter) or moves right.
         Every block on the path is written already (COWed by ``_apply`` or ``_rebalance``).
-        Mostly no changed child is underfull: then no scan of the node's hundreds of slots."""
-        get = self.store.get
-        if not any(self._underfull(get(bytenr)) for bytenr in touched):
-            return
+        ``_apply`` calls it only when a changed child is underfull, which it sees as it visits
+        them (a store lookup of each again cost more than the check)."""
         slot = 0
         while slot < len(node.ptrs) and len(node.ptrs) > 1:
             bytenr = node.ptrs[slot][0]
@@ -407,31 +408,30 @@ class BTree:
         leaf.used = used
 
     def _split_leaf_many(self, leaf: TreeBlock) -> list[TreeBlock]:
-        """Split an overfull leaf into as many evenly filled leaves as its bytes need."""
-        sizes = [ITEM_SIZE + len(v) for v in leaf.values]
-        parts = -(-sum(sizes) // self.body)
-        target = -(-sum(sizes) // parts)
-        cuts, acc = [0], 0
-        for i, size in enumerate(sizes):
-            if acc and acc + size > target:
-                cuts.append(i)
-                acc = 0
-            acc += size
-        if sum(sizes[cuts[-1]:]) < self.body // 4:  # a short tail: into the piece before, or share it evenly
-            if sum(sizes[cuts[-2]:]) <= self.body:
+        """Split an overfull leaf into as many evenly filled leaves as its bytes need. Each piece
+        takes its first item, then the next while they fit ``target``: where it ends is found
+        by a bisection of the items' running byte totals (C-level), not a step per item -- an
+        fsync's apply splits a leaf of hundreds of items every other cycle."""
+        ends = _item_ends(leaf.values)
+        total, n = ends[-1], len(leaf.values)
+        parts = -(-total // self.body)
+        target = -(-total // parts)
+        cuts = [0]
+        while (cut := max(bisect_right(ends, ends[cuts[-1]] + target) - 1, cuts[-1] + 1)) < n:
+            cuts.append(cut)
+        if total - ends[cuts[-1]] < self.body // 4:  # a short tail: into the piece before, or share it evenly
+            if total - ends[cuts[-2]] <= self.body:
                 cuts.pop()
             else:
                 cuts[-1] = cuts[-2] + _balanced_cut(leaf.values[cuts[-2]:])
-        cuts.append(len(sizes))
+        cuts.append(n)
         keys, values = leaf.keys, leaf.values
         out = []
         for a, b in zip(cuts[1:], cuts[2:]):
             right = self.store.new_block(self.owner, 0)
-            right.keys, right.values = keys[a:b], values[a:b]
-            right.recount()
+            right.keys, right.values, right.used = keys[a:b], values[a:b], ends[b] - ends[a]
             out.append(right)
-        leaf.keys, leaf.values = keys[: cuts[1]], values[: cuts[1]]
-        leaf.recount()
+        leaf.keys, leaf.values, leaf.used = keys[: cuts[1]], values[: cuts[1]], ends[cuts[1]]
         return out
 
     def _split_node_many(self, node: TreeBlock) -> list[TreeBlock]:
@@ -542,13 +542,21 @@ class BTree:
         right.recount()
 
 
+def _item_ends(values: list[bytes]) -> list[int]:
+    """Running byte totals of a leaf's items: element i is the bytes items [0, i) use."""
+    return list(accumulate(map(ITEM_SIZE.__add__, map(len, values)), initial=0))
+
+
 def _balanced_cut(values: list[bytes]) -> int:
-    """Split point (1..n-1) of a leaf's items that makes the larger half smallest."""
-    sizes = [ITEM_SIZE + len(v) for v in values]
-    total, acc, best, cut = sum(sizes), 0, None, 1
-    for i, size in enumerate(sizes[:-1]):
-        acc += size
-        worst = max(acc, total - acc)
-        if best is None or worst < best:
-            best, cut = worst, i + 1
+    """Split point (1..n-1) of a leaf's items that makes the larger half smallest (the first
+    such). The larger half, max(left, total - left), shrinks while the left one is under half
+    the total and grows after it: the best cut is one of the two around half, found by a
+    bisection of the running totals, not a step per item."""
+    ends = _item_ends(values)
+    total, n = ends[-1], len(values)
+    if n < 2:
+        return 1
+    cut = min(max(bisect_left(ends, (total + 1) // 2), 1), n - 1)  # the first whose left half is >= half
+    if cut > 1 and total - ends[cut - 1] <= max(ends[cut], total - ends[cut]):
+        cut -= 1
     return cut

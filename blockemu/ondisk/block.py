@@ -43,7 +43,7 @@ class TreeBlock:
 
     def recount(self) -> None:
         if self.level == 0:
-            self.used = ITEM_SIZE * len(self.keys) + sum(len(v) for v in self.values)
+            self.used = ITEM_SIZE * len(self.keys) + sum(map(len, self.values))
         else:
             self.used = KEY_PTR_SIZE * len(self.keys)
 
