@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockemu.engine.btree import BTree, Through, max_item_size
+from blockemu.engine.btree import BTree, Through, _balanced_cut, max_item_size
 from blockemu.errors import ExistsError, NotFoundError
 from blockemu.ondisk.block import body_size, max_ptrs
+from blockemu.ondisk.fast import ITEM_SIZE
 from tests.conftest import MemoryImage
 
 
@@ -267,6 +268,17 @@ def test_batched_apply_equals_one_by_one(nodesize, data):
     max_key = data.draw(st.sampled_from([50, 400, 3000]))
     run_batches(nodesize, data.draw(batch_strategy(max_item_size(nodesize) // 4, max_key)),
                 commit_every=data.draw(st.sampled_from([1, 3])), through=data.draw(st.booleans()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 4, 53, 300, 4000]) | st.integers(0, 4000), min_size=1, max_size=60))
+def test_a_balanced_cut_is_the_first_that_makes_the_larger_half_smallest(sizes):
+    """``_balanced_cut`` bisects the items' running byte totals: it must pick the cut a scan of
+    every split point would (the first of equals: ties are common, items being alike)."""
+    values = [bytes(n) for n in sizes]
+    halves = [(sum(map(len, values[:c])), sum(map(len, values[c:]))) for c in range(1, len(values))]
+    worst = [max(left + ITEM_SIZE * c, right + ITEM_SIZE * (len(values) - c)) for c, (left, right) in enumerate(halves, 1)]
+    assert _balanced_cut(values) == (worst.index(min(worst)) + 1 if worst else 1)
 
 
 @pytest.mark.parametrize("n", [200, 20000])
