@@ -11,6 +11,7 @@ import signal
 import statistics
 import struct
 import subprocess
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -62,6 +63,24 @@ def test_random_map_touches_every_block_once_per_loop():
     assert offs[:16] != sorted(offs[:16])  # random order, each block once in the first pass
     free = [o for _, o, _ in ios("[w]\nrw=randread\nsize=64k\nbs=4k\nnorandommap\n")]
     assert len(free) == 16 and len(set(free)) < 16  # norandommap: repeats allowed, as in fio
+
+
+def test_a_job_of_one_direction_draws_no_random_number_for_it():
+    """fio's get_rw_ddir draws a direction only for a mixed job (rw, randrw): a job that only
+    writes or only reads spends its random numbers on its offsets alone, so each pass of its
+    random map is the clone's generator's next shuffle, with nothing drawn between them (a
+    draw per I/O was ~5 % of the runner's own work in the fio job of issue 16)."""
+    rng = random.Random(1)  # the clone's generator (seed 1, clone 0)
+    rng.random()  # the data generator's seed
+    passes = [list(range(16)), list(range(16))]
+    for p in passes:
+        rng.shuffle(p)
+    for rw in ("randwrite", "randread"):
+        offsets = [o for _, o, _ in ios(f"[w]\nrw={rw}\nsize=64k\nbs=4k\nloops=2\n")]
+        assert offsets == [b * 4096 for b in passes[0] + passes[1]]
+    mixed = [o for _, o, _ in ios("[w]\nrw=randrw\nsize=64k\nbs=4k\nloops=2\n")]
+    assert sorted(mixed) == sorted(list(range(0, 64 << 10, 4096)) * 2)  # a whole map each pass too,
+    assert mixed[16:] != [b * 4096 for b in passes[1]]  # but drawn after its directions were
 
 
 def test_sequential_modifiers_random_runs_and_block_sizes():
@@ -405,6 +424,34 @@ async def test_one_io_in_flight_is_awaited_in_place_and_accounted_as_a_queue_is(
         assert j["sync"]["total_ios"] == 7 and w["lat_ns"]["min"] >= w["clat_ns"]["min"] > 0
     assert s["write"]["slat_ns"]["N"] == 0 and one["write"]["slat_ns"]["N"] == deep["write"]["slat_ns"]["N"] == 64
     assert s["iodepth_level"]["1"] == one["iodepth_level"]["1"] == 100.0 and deep["iodepth_level"]["4"] > 0
+
+
+async def test_an_io_done_in_place_reads_the_clock_four_times(tmp_path, monkeypatch):
+    """The runner's own work per I/O is what fio's accounting needs: the runtime check and the
+    I/O's prep, submission and completion times. Completions are dated for the IOPS samples,
+    and the turn-taking judged, by those same readings, not by clock reads of their own (two
+    more per I/O before; issue 16: the runner was ~25 % of the fio job's CPU)."""
+    import blockemu.workload.fio as fio_module
+    reads = Counter()
+
+    class Clock:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def monotonic(self):
+            reads["monotonic"] += 1
+            return time.monotonic()
+
+        def perf_counter_ns(self):
+            reads["perf_counter_ns"] += 1
+            return time.perf_counter_ns()
+
+    monkeypatch.setattr(fio_module, "time", Clock())
+    monkeypatch.setattr(fio_module, "SLICE_NS", 1 << 62)  # no turn to take: its one read is not counted here
+    out, _ = await run_job(tmp_path, "[w]\nrw=randwrite\nsize=256k\nbs=4k\n")
+    w = out["jobs"][0]["write"]
+    assert w["total_ios"] == w["clat_ns"]["N"] == 64
+    assert sum(reads.values()) <= 4 * 64 + 16, reads
 
 
 async def test_clones_doing_their_io_in_place_take_turns_on_the_loop(tmp_path, monkeypatch):
@@ -945,7 +992,7 @@ def test_buffer_contents_as_the_options_shape_them():
     def make(opts: str, n: int = 64) -> list[bytes]:
         job = parse(f"[j]\nrw=write\nbs=4k\n{opts}", "t.fio").jobs[0]
         b = Buffers(job, random.Random(1), n * 4096, None)
-        return [b.make(4096, i * 4096, i + 1) for i in range(n)]
+        return [bytes(b.make(4096, i * 4096, i + 1)) for i in range(n)]
     repeat = make("dedupe_percentage=25\n", 400)  # repeat mode: the previous unique buffer again
     assert 0.68 < len(set(repeat)) / 400 < 0.82
     assert set(make("buffer_pattern=\"ab\"\n")) == {b"ab" * 2048}

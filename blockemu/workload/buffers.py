@@ -54,7 +54,7 @@ class Buffers:
         self.last_seed: int | None = None
         self.reused: dict[int, Reused] = {}
 
-    def make(self, length: int, offset: int, numberio: int) -> bytes:
+    def make(self, length: int, offset: int, numberio: int) -> bytes | bytearray:
         if self.compress is not None or self.dedupe:
             return self._from_seed(self._seed(), length)
         if self.pattern:
@@ -108,9 +108,10 @@ class Reused:
         self.sectors, self.words = n, words
         self.offsets, self.numbers = slice(0, 64 * (n - 1) + 1, 64), slice(1, 64 * (n - 1) + 2, 64)
 
-    def scrambled(self, offset: int, numberio: int) -> bytes:
+    def scrambled(self, offset: int, numberio: int) -> bytes | bytearray:
         """A copy with each 512-byte sector starting with the I/O's offset there and its
-        sequence number (native u64s): two strided copies, however large the buffer."""
+        sequence number (native u64s): two strided copies, however large the buffer. The copy
+        is the I/O's own, so it is handed over as it is, not copied again into a bytes."""
         n = self.sectors
         if not n:
             return self.data
@@ -119,7 +120,7 @@ class Reused:
         q[self.offsets] = array.array("Q", range(offset, offset + n * SECTOR, SECTOR))
         q[self.numbers] = array.array("Q", [numberio]) * n
         q.release()
-        return bytes(out)
+        return out
 
 
 def repeat(pattern: bytes, n: int) -> bytes:

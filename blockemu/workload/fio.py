@@ -74,8 +74,10 @@ from blockemu.workload.zones import ZonedFile, ZoneRange, region_in_zones
 
 PERCENTILES = (1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99)
 READ, WRITE, TRIM = 0, 1, 2
+MIXED = ("rw", "readwrite", "randrw")  # the patterns that read and write
 DDIR_NAMES = ("read", "write", "trim")
 SAMPLE_S = 0.5  # fio's bwavgtime/iopsavgtime default: one bandwidth/IOPS sample every 500 ms
+SAMPLE_NS = int(SAMPLE_S * 1e9)
 DEPTH_BUCKETS = (1, 2, 4, 8, 16, 32)
 LAT_BUCKETS = (2, 4, 10, 20, 50, 100, 250, 500, 750, 1000)
 MS_BUCKETS = LAT_BUCKETS + (2000,)
@@ -238,7 +240,7 @@ class Direction:
     clat: list[int] = field(default_factory=list)
     lat: list[int] = field(default_factory=list)
     io_bytes: int = 0
-    done: list[tuple[float, int]] = field(default_factory=list)  # (seconds since measuring began, bytes)
+    done: list[tuple[int, int]] = field(default_factory=list)  # (ns since measuring began, bytes)
     # the verify phase's read-backs, counted as reads as fio counts them, and its time, which
     # fio adds to the read runtime (update_runtime(td, ..., DDIR_READ) after do_verify)
     verify_ios: int = 0
@@ -265,7 +267,7 @@ class Direction:
         nwin = int(runtime_s / SAMPLE_S)
         byts, ios = [0] * nwin, [0] * nwin
         for t, b in self.done:
-            i = int(t / SAMPLE_S)
+            i = t // SAMPLE_NS
             if i < nwin:
                 byts[i] += b
                 ios[i] += 1
@@ -855,8 +857,10 @@ class Clone:
         self.verifier = Verifier(vkind, job.get("verify_pattern"), job.get("verify_interval")) \
             if vkind not in ("0", "null") else None
         mix = job.get("rwmixread", 100 - job.get("rwmixwrite", 50))
-        self.read_pct = {"read": 100, "randread": 100}.get(self.rw.pattern, 0 if "write" in self.rw.pattern
-                                                            or "trim" in self.rw.pattern else mix)
+        # a mixed job draws each I/O's direction; any other does one kind, and draws nothing for
+        # it (fio's get_rw_ddir): the random numbers go to its offsets alone
+        self.mixed = self.rw.pattern in MIXED
+        self.read_pct = mix if self.mixed else 100 if self.rw.pattern in ("read", "randread") else 0
         # rw=trim/randtrim trim; trimwrite/randtrimwrite trim a block, then write that block
         self.trims = "trim" in self.rw.pattern
         self.then_write: IO | None = None  # trimwrite: the trim just issued, whose block is written next
@@ -894,6 +898,7 @@ class Clone:
         self.file_turn = 0
         self.file_service = job.get("file_service_type", "roundrobin")
         self.measure_from = self.deadline = 0.0
+        self.measure_ns = 0  # measure_from on the I/Os' own clock (perf_counter_ns), which dates their completions
         self.ramp_end: float | None = None
 
     def _size_regions(self, sizes: list[int]) -> None:
@@ -914,7 +919,7 @@ class Clone:
     @property
     def writer(self) -> bool:
         """fio's td_write: the pattern writes (trimwrite too; a plain trim does not)."""
-        return "write" in self.rw.pattern or self.rw.pattern in ("rw", "readwrite", "randrw")
+        return "write" in self.rw.pattern or self.mixed
 
     async def _zone(self, region: Region) -> None:
         """zonemode=zbd: the file is an emulated zoned device. The first job to open it makes its
@@ -1017,7 +1022,7 @@ class Clone:
             job.get("filesize") or (size // len(self.paths) if size else whole - self.offset)
         self._size_regions([per] * len(self.paths))
 
-    def _buffer(self, io: IO) -> bytes:
+    def _buffer(self, io: IO) -> bytes | bytearray:
         if self.verifier is not None:
             return self.verifier.make(io.offset, io.numberio, io.length, self.data_rng)
         if self.buffers is None:
@@ -1058,7 +1063,8 @@ class Clone:
         if not timed and (self.bytes_done >= self.budget or self.number_ios and self.ios >= self.number_ios):
             return None
         region = self._pick_region()
-        ddir = TRIM if self.trims else READ if self.rng.randrange(100) < self.read_pct else WRITE
+        ddir = TRIM if self.trims else (READ if self.rng.randrange(100) < self.read_pct else WRITE) if self.mixed \
+            else READ if self.read_pct else WRITE
         if ddir == READ and region.zoned is not None and self.writer and not region.zoned.readable():
             ddir = WRITE  # fio's zbd_adjust_ddir: a mixed job writes until there is data to read
         length = self.sizes[ddir].pick(self.rng)
@@ -1191,7 +1197,7 @@ class Clone:
             self.deadline = now + runtime
 
     def _reset_stats(self, now: float) -> None:
-        self.measure_from = now
+        self.measure_from, self.measure_ns = now, time.perf_counter_ns()
         self.result.dirs = [Direction(), Direction(), Direction()]
         self.result.sync.clear()
         self.result.depths.clear()
@@ -1226,7 +1232,7 @@ class Clone:
         self.issued_ios[io.ddir] += 1
         await self.ctx.nap(self.measure_from + due - time.monotonic())
 
-    async def _do(self, io: IO, data: bytes | None) -> tuple[int, bytes | None] | BlockemuError:
+    async def _do(self, io: IO, data: bytes | bytearray | None) -> tuple[int, bytes | None] | BlockemuError:
         """Do one I/O: when it completed and what it read, or the error it met -- returned, not
         raised, so one reaping takes it whether the I/O ran as a task or was awaited in place."""
         f = io.region.file
@@ -1259,7 +1265,7 @@ class Clone:
         lat = t_done - t_prep
         d.lat.append(lat)
         d.io_bytes += io.length
-        d.done.append((time.monotonic() - self.measure_from, io.length))
+        d.done.append((t_done - self.measure_ns, io.length))
         return lat
 
     def _complete(self, io: IO, t_prep: int, t_sub: int, t_done: int, got: bytes | None) -> None:
@@ -1343,7 +1349,7 @@ class Clone:
     async def run(self) -> None:
         now = time.monotonic()
         ramp = self.job.get("ramp_time", 0)
-        self.measure_from = now
+        self.measure_from, self.measure_ns = now, time.perf_counter_ns()
         if self.steady is not None:
             self.steady.start(now + ramp)
         if self.latency is not None:
@@ -1384,9 +1390,9 @@ class Clone:
                         t_sub = time.perf_counter_ns()
                         self._reap(io, t_prep, t_sub, await self._do(io, data))
                         reaped = 1
-                        if time.perf_counter_ns() - yielded >= SLICE_NS:  # the others' turn: clones, the
-                            await asyncio.sleep(0)  # filesystem's tasks (writeback's completions), signals
-                            yielded = time.perf_counter_ns()
+                        if t_sub - yielded >= SLICE_NS:  # the others' turn (clones, the filesystem's tasks:
+                            await asyncio.sleep(0)  # writeback's completions, signals), judged by the clock
+                            yielded = time.perf_counter_ns()  # the I/O read anyway, not one more read
                         break
                     if io.region.zoned is not None:
                         io.after += self.ctx.ordered(io)
@@ -1506,6 +1512,7 @@ class Clone:
             ios, io_bytes, start = len(d.clat), d.io_bytes, time.monotonic()
             # the phase's completions are timed on from the read runtime's end, where fio's are
             self.measure_from = start - d.runtime(self.result.runtime_s)
+            self.measure_ns = time.perf_counter_ns() - int(d.runtime(self.result.runtime_s) * 1e9)
             try:
                 # fio's order (lastwrites.py): as written where a random map kept the writes apart
                 await self._verify_written(list(self.written) if self.randommap else self.written.by_offset(),
