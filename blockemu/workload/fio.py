@@ -267,7 +267,7 @@ class Direction:
         nwin = int(runtime_s / SAMPLE_S)
         byts, ios = [0] * nwin, [0] * nwin
         for t, b in self.done:
-            i = t // SAMPLE_NS
+            i = max(0, t) // SAMPLE_NS  # (done before a reset of the statistics, reaped after it: the first)
             if i < nwin:
                 byts[i] += b
                 ios[i] += 1
