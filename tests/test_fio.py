@@ -698,6 +698,42 @@ async def test_sigint_during_the_layout_stops_it(tmp_path, monkeypatch):
     assert writes == 4 and out["jobs"][0]["read"]["total_ios"] == 0  # no more layout, and no I/O after it
 
 
+
+def test_run_workload_leaves_an_applications_signals_alone(tmp_path):
+    """run_workload is library code: a SIGTERM handler the application installed is still
+    its own after a run (the run left SIG_DFL behind, and the application's next SIGTERM
+    killed it), and a run from a thread other than the main one works (it raised asyncio's
+    RuntimeError: set_wakeup_fd only works in main thread)."""
+    import threading
+    job = tmp_path / "j.fio"
+    job.write_text("[j]\nrw=write\nsize=64k\nbs=16k\n")
+    seen: list[int] = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        report = asyncio.run(run_workload(str(job), image=str(tmp_path / "a.img"), seed=1))
+        assert report.ok and signal.getsignal(signal.SIGTERM) is handler
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.getsignal(signal.SIGTERM)  # a few bytecodes: Python runs the handler before this returns
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    outcome: list[object] = []
+
+    def in_a_thread():
+        try:
+            outcome.append(asyncio.run(run_workload(str(job), image=str(tmp_path / "b.img"), seed=1)).ok)
+        except BaseException as e:  # noqa: BLE001 -- handed to the test's thread
+            outcome.append(e)
+    t = threading.Thread(target=in_a_thread)
+    t.start()
+    t.join()
+    assert outcome == [True]
+
+
 # --- fio's own kinds of example jobs, and fio itself as the oracle ----------------------------
 
 EXPECTED_ENTRIES = {"rand-rw": 4, "seq-rw": 4, "ssd-test": 4, "tiobench": 4, "depths": 3, "clients": 3,

@@ -15,16 +15,19 @@ what they did.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import importlib
 import os
 import random
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.metadata import version
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
@@ -364,14 +367,39 @@ async def run_workload(workload: str, *, image: str | None = None, seed: int = 0
         runner = Runner(jf, image if image is not None else os.path.join(tmp, "run.img"), seed)
         if image is None:  # the report must not name a file that is gone once it is read
             runner.report.image = SCRATCH_IMAGE
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, runner.interrupt, sig)
-        try:
+        with _stopped_by_signals(runner.interrupt):
             return await runner.run()
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+
+
+def _free(handler: Any) -> bool:
+    """A signal's handler is nobody's own: the default (SIG_DFL, Python's KeyboardInterrupt) or
+    the one asyncio.run puts on SIGINT, which cancels the main task."""
+    return handler in (signal.SIG_DFL, signal.default_int_handler) or \
+        (isinstance(handler, functools.partial) and isinstance(getattr(handler.func, "__self__", None), asyncio.Runner))
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(interrupt: Callable[[int], None]) -> Iterator[None]:
+    """SIGINT/SIGTERM stop the run (``interrupt``), as Ctrl-C stops fio -- where they are
+    free to take (``_free``): ``run_workload`` is also called by applications, and a signal an
+    application handles (or ignores, as a shell's background job does SIGINT) stays its own,
+    during the run and after it; each handler taken is put back after the run (the loop's
+    remove_signal_handler leaves SIG_DFL, which a later SIGTERM would kill the process by).
+    Off the main thread no signal can be taken (add_signal_handler raises RuntimeError
+    there), and the run goes on without."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    taken = {sig: h for sig in (signal.SIGINT, signal.SIGTERM) if _free(h := signal.getsignal(sig))}
+    for sig in taken:
+        loop.add_signal_handler(sig, interrupt, sig)
+    try:
+        yield
+    finally:
+        for sig, handler in taken.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
 
 
 async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: float | None,
