@@ -1,6 +1,7 @@
 """Job files (fio syntax), blockemu run / stress / crash from the command line."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -323,3 +324,26 @@ def test_a_filesize_range_is_refused_as_unsupported_not_as_a_bad_value():
         parse("[t]\nrw=write\nnrfiles=2\nfilesize=1m-4m\n", "t.fio")
     assert str(e.value) == ("t.fio:4: filesize=1m-4m: a range of sizes (fio picks each file's in it) is not "
                             "supported: give one size")
+
+
+async def test_a_scratch_image_on_little_free_space_is_capped_too(tmp_path, monkeypatch):
+    """The 90 % cap holds below 256 MiB: with 100 MiB free the image was 256 MiB (the jobs'
+    floor won over the cap), the host's disk to fill; it is 90 MiB, and with too little free
+    for any image the run says so with ENOSPC before it makes one."""
+    from blockemu.workload import runner
+
+    real, free = os.statvfs, [25600]  # 4 KiB blocks: 100 MiB
+
+    def small(path):
+        st = real(path)
+        return os.statvfs_result((st.f_bsize, 4096, st.f_blocks, free[0], free[0], *st[5:]))
+    monkeypatch.setattr(runner.os, "statvfs", small)
+    job = tmp_path / "j.fio"
+    job.write_text("[j]\nrw=write\nbs=1m\nsize=8m\n")
+    report = await runner.run_workload(str(job), image=str(tmp_path / "a.img"), seed=1)
+    assert report.ok and os.path.getsize(tmp_path / "a.img") == 90 << 20
+    free[0] = 2560  # 10 MiB
+    with pytest.raises(OSError) as e:
+        await runner.run_workload(str(job), image=str(tmp_path / "b.img"), seed=1)
+    assert e.value.errno == errno.ENOSPC and "too little for the image" in str(e.value)
+    assert not os.path.exists(tmp_path / "b.img")

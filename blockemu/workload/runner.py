@@ -32,9 +32,9 @@ from typing import Any, Callable, Iterator
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
 from blockemu.display import Advance
-from blockemu.errors import BlockemuError, InvalidArgument
+from blockemu.errors import BlockemuError, InvalidArgument, NoSpaceError
 from blockemu.fs.filesystem import Filesystem, mount
-from blockemu.fs.mkfs import mkfs
+from blockemu.fs.mkfs import MIN_SIZE, mkfs
 from blockemu.workload.buffers import WorkingSet
 from blockemu.workload.campaign import Campaign, Shard
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, record
@@ -161,9 +161,13 @@ def _image_size(jf: JobFile, where: str) -> tuple[int, str | None]:
                for j in jf.jobs for _ in range(max(1, j.get("numjobs", 1))))
     want = max(256 << 20, 3 * need)
     st = os.statvfs(where)
-    room = max(256 << 20, (st.f_bavail * st.f_frsize * 9 // 10) >> 20 << 20)
+    # no floor above the cap: with less than 284 MiB free, a floor of 256 MiB was the host's to fill
+    room = (st.f_bavail * st.f_frsize * 9 // 10) >> 20 << 20
     if want <= room:
         return want, None
+    if room < MIN_SIZE:
+        raise NoSpaceError(f"{where}: {bin_size(st.f_bavail * st.f_frsize)} free, too little for the "
+                           f"image a run makes (90% of it is under the {bin_size(MIN_SIZE)} an image needs)")
     return room, (f"the image is {bin_size(room)}, not the {bin_size(want)} the jobs' sizes ask for: that is 90% of "
                   f"the free space of {where} (a sparse image takes what is written); image_size= in [global] "
                   "sizes it as asked")
