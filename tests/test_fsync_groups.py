@@ -12,7 +12,7 @@ import pytest
 from blockemu.device.faultplan import FaultPlan
 from blockemu.engine.treelog import TreeLog
 from blockemu.fs.volume import Volume
-from blockemu.workload.crash import CampaignResult, Recorder, check_states, expected_state, record
+from blockemu.workload.crash import CampaignResult, Models, Recorder, Version, check_states, expected_state, record
 from blockemu.workload.writepath import FAST, PRODUCTION
 
 
@@ -129,3 +129,50 @@ async def test_the_oracle_catches_fsyncs_acknowledged_before_they_are_durable(tm
     result = await _check(tmp_path, fsync_groups(3), FAST)
     assert result.failures and all("neither what its last acknowledged fsync made durable" in f
                                    for f in result.failures), result.failures[:3]
+
+
+def test_a_persistence_point_after_a_files_fsyncs_is_what_it_must_keep():
+    """/a is fsynced (A1), rewritten (A2) and synced at a persistence point; then /b's fsync
+    is in flight when the power is cut. /a must be A2 there: the oracle took A1 -- its last
+    acknowledged *fsync* -- as what /a must keep, so it passed a state that lost the synced A2
+    and failed the legal one that kept it."""
+    models = Models()
+    models.points += [(10, {"/a": b"A0", "/b": b"B0"}), (20, {"/a": b"A2", "/b": b"B0"})]
+    models.versions["/a"] = [Version(b"A0", 10, 10), Version(b"A1", 12, 15)]
+    models.versions["/b"] = [Version(b"B0", 20, 20), Version(b"B1", 22)]  # in flight at 25
+    unrecorded = (7, 1234)
+    assert models.judge({"/a": b"A2", "/b": b"B1"}, unrecorded, 25) is None
+    assert models.judge({"/a": b"A2", "/b": b"B0"}, unrecorded, 25) is None
+    assert "/a is neither" in (models.judge({"/a": b"A1", "/b": b"B1"}, unrecorded, 25) or "")
+    # before the persistence point, A1 is what /a's fsync promised
+    assert models.judge({"/a": b"A1", "/b": b"B0"}, unrecorded, 16) is None
+
+
+async def test_fsyncs_after_a_sync_of_a_file_fsynced_before(tmp_path):
+    """The same through a workload, every crash state checked: the oracle failed the legal
+    states of /b's and /c's fsyncs, where /a holds what the sync made durable."""
+    def workload(scale: int):
+        async def run(fs, rec: Recorder) -> None:
+            await rec.mkdir("/A")
+            for p in ("/A/a", "/A/b", "/A/c"):
+                async with fs.open(p, "w") as f:
+                    await f.write(b"0" * 3000 * scale)
+            await fs.sync()
+            await rec.persisted()
+            async with fs.open("/A/a", "r+") as f:
+                await f.pwrite(b"1" * 1000 * scale, 0)
+                await rec.fsync(f, "/A/a")
+            async with fs.open("/A/a", "r+") as f:
+                await f.pwrite(b"2" * 1000 * scale, 0)
+            await fs.sync()
+            await rec.persisted()
+
+            async def one(p: str) -> None:
+                async with fs.open(p, "r+") as f:
+                    await f.pwrite(b"3" * 1000 * scale, 500 * scale)
+                    await rec.fsync(f, p)
+            await asyncio.gather(one("/A/b"), one("/A/c"))
+        return run
+    workload.__name__ = "fsync_after_sync"
+    result = await _check(tmp_path, workload, FAST)
+    assert result.states >= 10 and not result.failures, (result.states, result.failures[:3])

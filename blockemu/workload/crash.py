@@ -78,7 +78,7 @@ class Models(dict[Durable, Snapshot]):
     Several tasks' fsyncs share one log sync (a group: DESIGN §9), and a crash while one is
     in flight leaves a durable state no quiescent point recorded. What must hold there is what
     fsync promises, per file (DESIGN §10): everything acknowledged before the crash, and for
-    each file the version its last acknowledged fsync made durable or that of an fsync in
+    each file the version its last acknowledged fsync (or a later persistence point) made durable or that of an fsync in
     flight -- whole: the log names a file's new items all or none (a full commit run while a
     file's writeback is half done could make part of a version in flight durable, which fsync
     does not forbid: a workload checked so writes each version in one writeback batch). Nothing
@@ -100,7 +100,7 @@ class Models(dict[Durable, Snapshot]):
             return f"contents differ from the oracle of (generation, log root) {state} ({lost[:3]})" if lost else None
         if not self.versions:
             return f"no oracle recorded for (generation, log root) {state}"
-        base = [snap for at, snap in self.points if at <= upto][-1]
+        base_at, base = [(at, snap) for at, snap in self.points if at <= upto][-1]
         # a file's fsyncs speak from the persistence point before its first one
         fsynced = {p: versions for p, versions in self.versions.items() if versions[0].returned <= upto}
         for p in sorted((set(base) | set(got)) - set(fsynced)):
@@ -108,8 +108,11 @@ class Models(dict[Durable, Snapshot]):
                 return f"{p} differs from the last persistence point before the crash (no fsync of it was in flight)"
         for p, versions in fsynced.items():
             acked = max(i for i, v in enumerate(versions) if v.returned <= upto)
-            may = [versions[acked], *(v for v in versions[acked + 1:] if v.called < upto)]
-            if got.get(p) not in [v.content for v in may]:
+            # a sync and persistence point after the file's last acknowledged fsync made its
+            # content then durable, whatever the fsyncs of it before said
+            durable = versions[acked].content if versions[acked].returned > base_at else base.get(p)
+            may = [durable, *(v.content for v in versions[acked + 1:] if v.called < upto)]
+            if got.get(p) not in may:
                 return (f"{p} is neither what its last acknowledged fsync made durable nor what an fsync in "
                         f"flight would ({len(may) - 1} in flight)")
         return None
