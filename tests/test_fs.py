@@ -333,12 +333,10 @@ async def test_the_bytes_lost_are_the_files_bytes_not_whole_pages(image):
 
 
 
-@pytest.mark.xfail(strict=True, reason="review11: _lose bounds the lost bytes by the size at the failure, "
-                   "not the size the run was taken at (needs the size carried with the Run)")
 async def test_the_bytes_lost_do_not_count_what_the_file_grew_by_since(image):
     """A 1-byte write whose writeback fails while the user writes past the end (at 8192) lost
-    1 byte; it reports 4096 -- the page's bytes under the size at the failure, not under the
-    size the run was taken at: the newcomer's '1 byte written, 4096 lost' again."""
+    1 byte: the page's bytes under the size when writeback took it, not under the size at the
+    failure (that said 4096: the newcomer's '1 byte written, 4096 lost' again; review11)."""
     async with blockemu.mount(image, interval=3600) as fs:
         async with await fs.open("/x", "w+") as f:
             await fail_next_data_write(fs)

@@ -139,7 +139,10 @@ class Inode:
     inflight: int = 0
     wb_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wb_error: OSError | None = None
-    lost_bytes: int = 0  # page bytes writeback had to drop
+    lost_bytes: int = 0  # file bytes writeback had to drop
+    # the size when writeback last took its dirty pages: the bytes a run it fails to write can
+    # hold (a write past the end meanwhile adds a page's zeros to that run, not data)
+    wb_size: int = 0
     reported_lost: int = 0  # of those, how many an fsync/close error has reported
     data_changed_ns: int = 0  # a write's mtime/ctime, folded into the item when it is saved
     epoch: int = 0  # bumped whenever the extent mappings change: see Filesystem._fill

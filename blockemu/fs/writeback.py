@@ -308,6 +308,8 @@ class Writeback:
         for inode in inodes:
             inode.inflight += 1
         tasks: list[asyncio.Task] = []
+        for inode in inodes:
+            inode.wb_size = inode.size  # what the runs taken next can hold (``_lose``)
         taken = [(inode, self.cache.take_dirty(inode.pages, self.max_pages)) for inode in inodes]  # all at once
         groups = self._groups(itertools.chain.from_iterable(zip(itertools.repeat(inode), runs) for inode, runs in taken))
         group: list[Piece] = []  # taken from ``groups``, not yet handed to a task
@@ -437,9 +439,10 @@ class Writeback:
         """The run cannot reach the disk: drop it from the cache (unless rewritten since) and
         keep the error for the file's next fsync/close."""
         self.cache.forget(inode.pages, range(run.first, run.first + len(run.entries)))
-        # the file's bytes in those pages, not whole pages: a 1-byte file lost 1 byte, not 4096
+        # the file's bytes in those pages when they were taken, not whole pages: a 1-byte file
+        # lost 1 byte, not 4096, even if a write past its end came meanwhile
         start = run.first * PAGE
-        lost = max(min((run.first + len(run.entries)) * PAGE, inode.size) - start, 0)
+        lost = max(min((run.first + len(run.entries)) * PAGE, inode.wb_size) - start, 0)
         inode.wb_error = inode.wb_error or err
         inode.lost_bytes += lost
         self.errseq.note(inode.ino, err, lost)
