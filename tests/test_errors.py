@@ -99,3 +99,22 @@ async def test_a_power_cut_planned_through_the_api(tmp_path):
         assert await (await fs.open("/kept")).read() == b"acknowledged"
         assert not await fs.exists("/lost")
     assert (await blockemu.fsck(img)).clean
+
+
+@pytest.mark.parametrize("opts, says", [
+    ({"seal_workers": -1}, "bad value for mount option seal_workers: -1 (must be at least 0)"),
+    ({"dirty_limit": -5}, "bad value for mount option dirty_limit: -5 (must be at least 4096)"),
+    ({"interval": 0}, "bad value for mount option interval: 0 (must be more than 0)"),
+    ({"cache_limit": "8M"}, "bad value for mount option cache_limit: '8M'"),
+    ({"dirty_limt": 1 << 20}, "unknown mount option 'dirty_limt'"),
+])
+async def test_a_bad_mount_option_is_einval_naming_it_and_opens_nothing(tmp_path, opts, says):
+    """``mount(seal_workers=-1)`` and ``dirty_limit=-5`` mounted (review11), and a misspelt
+    keyword was a TypeError: each is the OSError a caller catches, before the image is opened."""
+    img = str(tmp_path / "o.img")
+    await blockemu.mkfs(img, size="32M")
+    with pytest.raises(OSError) as e:
+        await blockemu.mount(img, **opts)
+    assert e.value.errno == errno.EINVAL and says in str(e.value)
+    async with blockemu.mount(img, seal_workers=0):  # nothing left held: it mounts at once
+        pass

@@ -52,7 +52,7 @@ from blockemu.errors import (
 )
 from blockemu.fs.pagecache import PAGE, Page, Pages
 from blockemu.fs.volume import Volume
-from blockemu.fs.writeback import Writeback
+from blockemu.fs.writeback import Writeback, check_options
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.fast import INODE_ENCRYPTION_CONTEXT
@@ -201,6 +201,7 @@ class Filesystem:
                     readonly: bool = False, **opts: Any) -> "Filesystem":
         """``readonly``: open the image O_RDONLY under a shared lock (a 0444 image mounts; a
         writer elsewhere refuses it) and refuse every change with EROFS."""
+        check_options(opts)
         keyring = Keyring(key_removal)
         vol = await Volume.open(path, readonly=readonly, faults=faults)
         try:

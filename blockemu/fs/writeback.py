@@ -28,13 +28,13 @@ import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from blockemu.crypto import fscrypt
 from blockemu.crypto.keyring import Keyring
 from blockemu.crypto.sealer import DEPTH, TIMEOUT, RunKey, Sealer, worker_count
 from blockemu.engine.extents import Extents, NewExtent
-from blockemu.errors import DeviceIOError, NoKeyError, NoSpaceError
+from blockemu.errors import DeviceIOError, InvalidArgument, NoKeyError, NoSpaceError
 from blockemu.fs.errseq import ErrSeq
 from blockemu.fs.pagecache import PAGE, PageCache, Pages, Run
 from blockemu.fs.volume import Volume, outlast_cancellation
@@ -137,6 +137,27 @@ def joined(writes: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
         spans[-1][1].append(data)
         end = offset + len(data)
     return [(offset, parts[0] if len(parts) == 1 else b"".join(parts)) for offset, parts in spans]
+
+
+# the mount options (``Writeback``'s keywords) and the least each may be, with whether that least
+# is allowed: ``mount(seal_workers=-1)`` or ``dirty_limit=-5`` mounted and misbehaved later, and an
+# unknown keyword was a TypeError, not the EINVAL a caller catches as an OSError
+OPTION_FLOORS: dict[str, tuple[float, bool]] = {
+    "interval": (0, False), "seal_timeout": (0, False), "background_bytes": (0, True), "cache_limit": (0, True),
+    "dirty_limit": (PAGE, True), "max_extent": (PAGE, True), "batch_bytes": (PAGE, True), "seal_workers": (0, True),
+}
+
+
+def check_options(opts: dict[str, Any]) -> None:
+    """Refuse an unknown or out-of-range mount option (EINVAL, naming it) before the image opens."""
+    for name, value in opts.items():
+        if name not in OPTION_FLOORS:
+            raise InvalidArgument(f"unknown mount option {name!r} (known: {', '.join(sorted(OPTION_FLOORS))})")
+        if value is None and name in ("seal_workers", "batch_bytes"):
+            continue  # chosen from the machine / the dirty limit
+        low, inclusive = OPTION_FLOORS[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (value == low and not inclusive):
+            raise InvalidArgument(f"bad value for mount option {name}: {value!r} (must be {'at least' if inclusive else 'more than'} {low})")
 
 
 class Writeback:
