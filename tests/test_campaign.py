@@ -23,6 +23,7 @@ from blockemu.cli.main import main
 from blockemu.workload.campaign import Campaign, LocalExecutor, RayExecutor, Shard, run_campaign
 from blockemu.workload.crash import crash_campaign
 from blockemu.workload.writepath import FAST
+from tests.util import sigint_as_a_terminal_gives
 
 
 def planted(shard_size: int = 1):
@@ -108,13 +109,11 @@ def test_a_pool_worker_leaves_ctrl_c_to_its_driver(capfd):
     short when the driver's kill came first) -- the driver alone stops the campaign, on its own
     KeyboardInterrupt. Python's handler is put in place first: a suite run in the background
     inherits SIGINT ignored, which the worker would inherit and the test could not fail."""
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        done = list(LocalExecutor(2).run(interrupted_shard, [Shard(str(i), ()) for i in range(2)]))
+        with sigint_as_a_terminal_gives():
+            done = list(LocalExecutor(2).run(interrupted_shard, [Shard(str(i), ()) for i in range(2)]))
     except KeyboardInterrupt:
         pytest.fail("a worker's KeyboardInterrupt came back as its shard's result")
-    finally:
-        signal.signal(signal.SIGINT, old)
     assert [r["units"] for _, r in done] == [1, 1]
     assert "Traceback" not in capfd.readouterr().err
 

@@ -28,7 +28,7 @@ from blockemu.workload.jobfile import Share, parse
 from blockemu.workload.lastwrites import LastWrites
 from blockemu.workload.runner import run_workload
 from tests.test_cli import run
-from tests.util import assert_fsck_clean
+from tests.util import assert_fsck_clean, sigint_as_a_terminal_gives
 
 JOBS = Path(__file__).parent / "fio_jobs"
 FIO = shutil.which("fio")
@@ -662,7 +662,8 @@ def test_sigint_stops_the_jobs_and_reports_partial_results(tmp_path):
     job = tmp_path / "long.fio"
     job.write_text("[long]\nrw=randread\nsize=64k\ntime_based\nruntime=600\n"
                    "[kill]\nkind=script\nscript=tests.scripted:interrupt_when_laid_out\n")
-    p = run("run", str(job), "--output-format", "json", check_rc=130)
+    with sigint_as_a_terminal_gives():
+        p = run("run", str(job), "--output-format", "json", check_rc=130)
     out = json.loads(p.stdout)
     assert out["blockemu"]["interrupted"] == "SIGINT" and out["blockemu"]["fsck_clean"]
     assert out["jobs"][0]["jobname"] == "long" and out["jobs"][0]["job_runtime"] < 60_000
@@ -692,7 +693,8 @@ async def test_sigint_during_the_layout_stops_it(tmp_path, monkeypatch):
     monkeypatch.setattr(File, "pwrite", pwrite)
     job = tmp_path / "lay.fio"
     job.write_text("[lay]\nrw=randread\nsize=64m\nbs=4k\n")
-    report = await run_workload(str(job), image=str(tmp_path / "lay.img"), seed=1)
+    with sigint_as_a_terminal_gives():
+        report = await run_workload(str(job), image=str(tmp_path / "lay.img"), seed=1)
     out = report.as_json()
     assert out["blockemu"]["interrupted"] == "SIGINT" and out["blockemu"]["fsck_clean"]
     assert writes == 4 and out["jobs"][0]["read"]["total_ios"] == 0  # no more layout, and no I/O after it
@@ -713,14 +715,15 @@ def test_run_workload_leaves_an_applications_signals_alone(tmp_path):
         seen.append(signum)
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        report = asyncio.run(run_workload(str(job), image=str(tmp_path / "a.img"), seed=1))
-        assert report.ok and signal.getsignal(signal.SIGTERM) is handler
+        with sigint_as_a_terminal_gives():  # free, so the run takes it: and puts it back
+            report = asyncio.run(run_workload(str(job), image=str(tmp_path / "a.img"), seed=1))
+            assert report.ok and signal.getsignal(signal.SIGTERM) is handler
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         os.kill(os.getpid(), signal.SIGTERM)
         signal.getsignal(signal.SIGTERM)  # a few bytecodes: Python runs the handler before this returns
         assert seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     outcome: list[object] = []
 
     def in_a_thread():

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
+import signal
+from collections.abc import Iterator
 
 
 def assert_fsck_clean(path: str, *, check_data: bool = True) -> None:
@@ -108,3 +111,16 @@ class Gate:
         self.entered.set()
         await self.release.wait()
         return result if self.after else await self.real(*args, **kw)
+
+
+@contextlib.contextmanager
+def sigint_as_a_terminal_gives() -> Iterator[None]:
+    """Python's own SIGINT handler, as a process started from a terminal has it (and a child
+    started meanwhile gets SIG_DFL): a suite run from a background job inherits SIGINT ignored,
+    Python then installs no handler, and blockemu leaves an ignored signal ignored, as a program
+    started in the background should -- so a test of Ctrl-C could not pass there."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
