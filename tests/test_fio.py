@@ -203,7 +203,7 @@ async def test_verify_backlog_checks_while_writing(tmp_path, monkeypatch):
     real = Clone._verify
 
     def spy(self, data, offset, numberio, region):
-        checked.append((self.writes, offset))
+        checked.append((len(self.result.write.clat), offset))  # writes completed
         return real(self, data, offset, numberio, region)
     monkeypatch.setattr(Clone, "_verify", spy)
     out, _ = await run_job(tmp_path, "[w]\nrw=randwrite\nsize=64k\nbs=4k\nverify=md5\nverify_backlog=8\n"

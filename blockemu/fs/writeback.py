@@ -328,9 +328,8 @@ class Writeback:
         lanes = asyncio.Semaphore(max(1, min(self.batch_pages // self.max_pages, self.sealer.slots or 1 << 30)))
         for inode in inodes:
             inode.inflight += 1
-        tasks: list[asyncio.Task] = []
-        for inode in inodes:
             inode.wb_size = inode.size  # what the runs taken next can hold (``_lose``)
+        tasks: list[asyncio.Task] = []
         taken = [(inode, self.cache.take_dirty(inode.pages, self.max_pages)) for inode in inodes]  # all at once
         groups = self._groups(itertools.chain.from_iterable(zip(itertools.repeat(inode), runs) for inode, runs in taken))
         group: list[Piece] = []  # taken from ``groups``, not yet handed to a task

@@ -861,8 +861,9 @@ class Clone:
         # it (fio's get_rw_ddir): the random numbers go to its offsets alone
         self.mixed = self.rw.pattern in MIXED
         self.read_pct = mix if self.mixed else 100 if self.rw.pattern in ("read", "randread") else 0
-        # rw=trim/randtrim trim; trimwrite/randtrimwrite trim a block, then write that block
-        self.trims = "trim" in self.rw.pattern
+        # the one direction of a job that is not mixed (None: drawn per I/O). rw=trim/randtrim
+        # trim; trimwrite/randtrimwrite trim a block, then write that block
+        self.ddir = None if self.mixed else TRIM if "trim" in self.rw.pattern else READ if self.read_pct else WRITE
         self.then_write: IO | None = None  # trimwrite: the trim just issued, whose block is written next
         self.trim_task: asyncio.Task | None = None  # ... and its I/O, which that write waits for
         self.continue_on: frozenset[str] = job.get("continue_on_error", frozenset())
@@ -889,7 +890,7 @@ class Clone:
         self.issued = [0, 0, 0]  # bytes this measuring period, per direction (for rate=)
         self.issued_ios = [0, 0, 0]
         self.arrival = [0.0, 0.0, 0.0]  # rate_process=poisson: the next arrival, per direction
-        self.bytes_done = self.ios = self.writes = self.numberio = self.completed = self.completed_bytes = 0
+        self.bytes_done = self.ios = self.numberio = self.completed = self.completed_bytes = 0
         self.writes_issued, self.last_was_sync = 0, False  # what fio's fsync=N decides by
         ss = job.get("steadystate")
         self.steady = SteadyWatch(ss, job.get("steadystate_duration", 0), job.get("steadystate_ramp_time", 0)) \
@@ -1063,8 +1064,7 @@ class Clone:
         if not timed and (self.bytes_done >= self.budget or self.number_ios and self.ios >= self.number_ios):
             return None
         region = self._pick_region()
-        ddir = TRIM if self.trims else (READ if self.rng.randrange(100) < self.read_pct else WRITE) if self.mixed \
-            else READ if self.read_pct else WRITE
+        ddir = self.ddir if self.ddir is not None else READ if self.rng.randrange(100) < self.read_pct else WRITE
         if ddir == READ and region.zoned is not None and self.writer and not region.zoned.readable():
             ddir = WRITE  # fio's zbd_adjust_ddir: a mixed job writes until there is data to read
         length = self.sizes[ddir].pick(self.rng)
@@ -1448,8 +1448,6 @@ class Clone:
         self._complete(io, t_prep, t_sub, t_done, got)
         self.completed += 1
         self.completed_bytes += io.length
-        if io.ddir == WRITE:
-            self.writes += 1
 
     def _io_error(self, io: IO, e: BlockemuError) -> None:
         """fio's error policy: fill_device ends at ENOSPC (or EDQUOT) without an error; with
