@@ -293,3 +293,27 @@ def test_rootdir_names_that_are_not_utf8_round_trip(tmp_path):
     assert rows[b"bad\xff\xfename"]["name"] == "bad\ufffd\ufffdname" and "name_base64" not in rows[b"enc"]
     json.loads(run("ls", img, "/", "--json").stdout, strict=True)
     assert "\\ud" not in run("ls", img, "/", "--json").stdout  # no lone surrogate escapes
+
+
+def test_ls_lists_a_directory_whose_link_target_is_unreadable(tmp_path):
+    """ls read every symbolic link's target, -l or not, and a target that did not read (a bad
+    sector under a plain link's target, or the checksum tree damaged) failed the whole listing:
+    no name at all, where names never need the target -- though fsck --repair's note promises
+    that ls still lists names. Now plain ls does not read targets, and ls -l says the one it
+    cannot read and lists the rest (exit 1), as ls(1) does."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a").write_bytes(b"data")
+    os.symlink("a", root / "link")
+    img = str(tmp_path / "l.img")
+    run("mkfs", img, "--size", "32M", "--rootdir", str(root))
+    (extent,) = json.loads(run("extents", img, "/link", "--json").stdout)
+    with open(img, "r+b") as raw:
+        raw.seek(extent["disk_bytenr"])
+        raw.write(b"Z")
+    assert sorted(run("ls", img, "/").stdout.split()) == ["a", "link"]
+    p = run("ls", img, "/", "-l", check_rc=1)
+    assert [line.split()[-1] for line in p.stdout.splitlines()] == ["a", "link"], p.stdout
+    assert p.stderr.startswith("blockemu: ls: /link: cannot read symbolic link: ") and p.stderr.count("\n") == 1
+    rows = json.loads(run("ls", img, "/", "--json", check_rc=1).stdout)
+    assert {r["name"]: r["target"] for r in rows} == {"a": None, "link": None}

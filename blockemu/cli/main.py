@@ -557,14 +557,22 @@ def cmd_ls(a: argparse.Namespace) -> int:
             why = await explain_no_key(fs, a.path, key_identifier(read_key(a.key_file)).hex())
             if why is not None:
                 print(f"blockemu: ls: {why}; no-key names shown", file=sys.stderr)
-        rows = []
+        rows, unreadable = [], 0
         for name in names:
             s = await fs.stat(f"{base}/{name}")
+            target = None
+            if stat.S_ISLNK(s.st_mode) and (a.long or a.json):
+                # as ls -l: a link's target (its no-key form without the key); one that cannot be
+                # read (a bad sector under a plain link's target) is said and the listing goes on,
+                # as ls(1) does -- it used to fail the whole listing, which names alone never need
+                try:
+                    target = await fs.readlink(f"{base}/{name}")
+                except OSError as e:
+                    print(f"blockemu: ls: {base}/{name}: cannot read symbolic link: {e.strerror or e}", file=sys.stderr)
+                    unreadable += 1
             rows.append({"name": name, "ino": s.st_ino, "mode": stat.filemode(s.st_mode), "nlink": s.st_nlink,
                          "size": s.st_size, "mtime_ns": s.st_mtime_ns,
-                         "encrypted": await fs.get_policy(f"{base}/{name}") is not None,
-                         # as ls -l: a link's target (its no-key form without the key)
-                         "target": await fs.readlink(f"{base}/{name}") if stat.S_ISLNK(s.st_mode) else None})
+                         "encrypted": await fs.get_policy(f"{base}/{name}") is not None, "target": target})
         if a.json:
             emit_json([{**r, **json_bytes(r, "name", "target")} for r in rows])
         for r in rows if not a.json else ():
@@ -575,7 +583,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
                 print(f"{r['mode']} {r['nlink']:>3} {r['size']:>12} {when} {r['name']}{arrow}{lock}")
             else:
                 print(r["name"])
-        return 0
+        return 1 if unreadable else 0
     return on_image(a, body, readonly=True)
 
 
