@@ -273,3 +273,18 @@ async def test_generic_595_race_free_running(mode):
     r = await run_race(mode, seed=3, schedule="free", duration=1.0)
     assert r.lost == 0 and r.silent == 0 and not r.other_errors, r
     assert r.acknowledged > 10
+
+
+async def test_a_removal_that_completes_owes_no_second_success(fs):
+    """A removal whose own lock step released the last lease (a closed, clean file) said
+    "Removed" and the status "Absent", yet a second removal said "Removed" again instead of
+    ENOKEY -- the success owed only to the retry after a "files still busy" (generic/580's
+    "close, remove again") was owed here too. As the kernel: ENOKEY, "Trying to remove absent key"."""
+    kid = await encrypted_dir(fs, "/dir")
+    async with fs.open("/dir/f", "w") as f:
+        await f.write(b"x")
+    await fs.sync()
+    r = await fs.remove_key(kid)
+    assert str(r) == f"Removed encryption key with identifier {kid}" and str(fs.key_status(kid)) == "Absent"
+    with ErrnoCheck(errno.ENOKEY):
+        await fs.remove_key(kid)

@@ -294,6 +294,12 @@ class Keyring:
             raise AssertionError(f"keyring: {step} is the filesystem's step")
 
     def removal_result(self, mk: MasterKey) -> RemovalResult:
+        """The removal's result, taken once its steps are done. A removal that leaves no busy file
+        owes no retry a success: its own lock step released the last lease (so ``completed``
+        holds the key), but the kernel would have dropped the key within the call, and a second
+        removal is ENOKEY there -- it succeeded here, with the status already ``Absent``."""
+        if not mk.leases:
+            self.completed.discard(mk.identifier)
         return RemovalResult(mk.identifier.hex(), files_busy=bool(mk.leases),
                              wiped_by=self.mode if mk.state is St.WIPED else None)
 
