@@ -196,3 +196,47 @@ async def test_write_log_rebuilds_crash_states(tmp_path):
     log.crash_image(out, upto=1)  # before the first flush completed: nothing of ours is durable
     assert on_disk(out, 0, 2 * SECTOR) == sector(9) + bytes(SECTOR)
     assert os.path.getsize(out) == 4 * MiB
+
+
+HOST_FULL = """
+import asyncio, gc, resource, signal, sys
+from blockemu.device.blockdev import BlockDevice
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, no signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+async def main(path):
+    dev = await BlockDevice.open(path, cache_limit=64 << 10)
+    try:
+        await dev.write((1 << 20) - 8192, bytes(16384))  # straddles the limit: a short write
+        for i in range(8):  # past the cache limit: background destages, which fail; a write
+            await dev.write((2 << 20) + i * 16384, bytes(16384))  # the full cache stalls fails too
+            await asyncio.sleep(0)
+            gc.collect()
+        await dev.flush()
+    except OSError as e:
+        print(e.errno, e.filename)
+    try:
+        await dev.close()
+    except OSError as e:
+        print(e.errno, e.filename)
+    gc.collect()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_write_the_host_refuses_names_the_image_and_its_errno(tmp_path):
+    """The host's file system full under the image (here a file size limit, RLIMIT_FSIZE: the
+    kernel cuts the write short, then fails it with EFBIG, as a full disk does with ENOSPC) was
+    raised as "short write at N: M of K" -- no errno, no file -- and a failed background destage
+    nobody awaited printed asyncio's "Task exception was never retrieved" traceback. Now the
+    flush fails with the host's errno, naming the image, and nothing else reaches stderr."""
+    import errno
+    import subprocess
+    import sys
+
+    path = make_image(tmp_path / "h.img")
+    p = subprocess.run([sys.executable, "-c", HOST_FULL, path], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert p.stdout == f"{errno.EFBIG} {path}\n" * 2

@@ -17,8 +17,11 @@ For the same reason an async ``read`` of up to 256 KiB (``SYNC_READ``) is a prea
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import aiofiles.os
@@ -64,9 +67,20 @@ def _pwrite_runs(fd: int, runs: list[tuple[int, list[memoryview]]]) -> None:
             chunk = bufs[i : i + IOV_MAX]
             n = os.pwritev(fd, chunk, off)
             want = sum(len(b) for b in chunk)
-            if n != want:  # pragma: no cover - short writes on a regular file mean ENOSPC on the host
-                raise OSError(f"short write at {off}: {n} of {want}")
+            if n != want:
+                _pwrite_rest(fd, memoryview(b"".join(chunk))[n:], off + n)
             off += want
+
+
+def _pwrite_rest(fd: int, rest: memoryview, off: int) -> None:
+    """The rest of a short write. On a regular file one means the host's file system is full
+    (or a quota or file size limit): writing on makes the kernel say which, with its errno --
+    the bare "short write" this used to raise had none, and read as a bug of ours."""
+    while rest:
+        n = os.pwrite(fd, rest, off)
+        if not n:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        rest, off = rest[n:], off + n
 
 
 def _destage(fd: int, runs: list[tuple[int, list[memoryview]]], sync: bool) -> None:
@@ -259,7 +273,8 @@ class BlockDevice:
                 cache = self._cache
                 older = {s: cache[s] for s in range(first, first + len(data) // SECTOR) if s in cache}
                 async with self._destage_lock:  # a destage of the older copies must not land after it
-                    await _a_fua(self.fd, offset, data)
+                    with self._host_write():
+                        await _a_fua(self.fd, offset, data)
                 for s, entry in older.items():  # superseded only now: until then reads still see them
                     if cache.get(s) is entry:
                         del cache[s]
@@ -272,9 +287,13 @@ class BlockDevice:
             self.destage_in_background()  # the disk writes its cache back on its own, while the host keeps issuing
 
     def destage_in_background(self) -> asyncio.Task:
-        """Start writing the cache back (not a flush: nothing becomes durable); the task doing it."""
+        """Start writing the cache back (not a flush: nothing becomes durable); the task doing it.
+        Its failure (the host's file system full) is not lost when nobody awaits it: the sectors
+        stay cached, and the next flush writes them again and raises it. So it is taken as seen,
+        not left to asyncio's "Task exception was never retrieved" traceback on stderr."""
         if self._background is None or self._background.done():
             self._background = asyncio.get_running_loop().create_task(self._destage_cache(sync=False))
+            self._background.add_done_callback(lambda t: t.cancelled() or t.exception())
         return self._background
 
     async def settle(self) -> None:
@@ -311,10 +330,23 @@ class BlockDevice:
             runs[-1][1].append(_part(entry, start, prev + 1))
         return runs
 
+    @contextlib.contextmanager
+    def _host_write(self) -> Iterator[None]:
+        """A write of the image file that the host refuses names the image, as cp(1) names the
+        file it could not write: "a.img: No space left on device", not a bare strerror that
+        reads as the emulated filesystem's own ENOSPC."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None and type(e) is OSError:
+                raise OSError(e.errno, e.strerror, self.path) from e
+            raise
+
     async def _destage_cache(self, *, sync: bool) -> None:
         async with self._destage_lock:
             snapshot = dict(self._cache)
-            await _a_destage(self.fd, self._runs(snapshot), sync)
+            with self._host_write():
+                await _a_destage(self.fd, self._runs(snapshot), sync)
             self._destaged(snapshot)
 
     def _destaged(self, snapshot: dict[int, Entry]) -> None:
@@ -353,7 +385,8 @@ class BlockDevice:
         data = bytes(data)
         async with self._destage_lock:
             snapshot = dict(self._cache)  # older copies of the superblock's sectors too: destaged first
-            await _a_flush_fua(self.fd, self._runs(snapshot), offset, data)
+            with self._host_write():
+                await _a_flush_fua(self.fd, self._runs(snapshot), offset, data)
             self._destaged(snapshot)
         if self.log is not None:
             self.log.append("flush")
