@@ -248,6 +248,19 @@ def test_stress_on_a_full_image_without_faults_says_out_of_space_not_injected(tm
      "the mix uses no encryption key, so no removal mode changes what it does"),
     (["stress", "--seeds", "0..2", "--scenario", "key-removal-race", "--duration", "1"], 2,
      "blockemu stress: --seeds runs the mix scenario"),
+    # flags one form of stress would ignore, refused (each was silently ignored)
+    (["stress", "x.img", "--seeds", "0..2"], 2,
+     "blockemu stress: --seeds runs each seed on a fresh image its worker makes: give no IMAGE"),
+    (["stress", "--seeds", "0..2", "--seed", "4"], 2,
+     "blockemu stress: --seed is one run's; --seeds A..B names the campaign's seeds"),
+    (["stress", "s.img", "--jobs", "2", "--results", "r.jsonl"], 2,
+     "blockemu stress: --jobs, --results belong to a campaign (--seeds A..B); a run on IMAGE is one run, in this process"),
+    (["stress", "s.img", "--scenario", "key-removal-race", "--faults", "cut=10"], 2,
+     "blockemu stress: --faults belongs to the mix (--scenario mix, the default); the race runs its own two tasks, "
+     "without faults"),
+    (["stress", "s.img", "--scenario", "key-removal-race", "--tasks", "2", "--write-path", "fast"], 2,
+     "blockemu stress: --tasks, --write-path belong to the mix (--scenario mix, the default); the race runs its own "
+     "two tasks, without faults"),
     (["key", "status", "/mnt"], 2, "blockemu key status: give one of --key-file or --id"),
     (["mount", "x.img", "/mnt", "-o", "bogus"], 2, "blockemu mount: unknown mount option 'bogus' (known: ro, rw, "
      "interval=, dirty_limit=, background_bytes=, max_extent=, cache_limit=, seal_workers=, seal_timeout=)"),

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 # every command but fsck: 1 failure, 2 usage error (argparse's convention)
 CMD_FAILURE, CMD_USAGE = 1, 2
 DEFAULT_OPS = 300  # stress --ops: a flag given is told from the default (the free race takes none)
+MIX_TASKS = 4  # stress --tasks, told from the default in the same way (the race takes none)
 
 
 class UsageError(Exception):
@@ -256,12 +257,12 @@ def args_stress(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--duration", type=seconds, help="seconds (instead of --ops)")
     sp.add_argument("--ops", type=count(1), help=f"operations per task (mix, default {DEFAULT_OPS}; the summary's "
                     f"ops are all tasks') or steps (key-removal-race with --schedule seeded, default {DEFAULT_OPS})")
-    sp.add_argument("--tasks", type=count(1), default=4, help="mix: concurrent tasks (default 4)")
+    sp.add_argument("--tasks", type=count(1), help=f"mix: concurrent tasks (default {MIX_TASKS})")
     sp.add_argument("--key-removal", choices=list(MODES),
                     help="key-removal-race: the removal mode (default soft; the mix uses no key)")
     sp.add_argument("--faults", type=fault_spec, help="e.g. eio=200M-210M:w,latency=0.001,flip=0.0001,torn=0.5,cut=5000")
-    sp.add_argument("--crash-points", type=count(0), default=0, help="also check N crash states of a logged mix")
-    add_write_path(sp, "mix")
+    sp.add_argument("--crash-points", type=count(0), help="also check N crash states of a logged mix")
+    add_write_path(sp, "mix", told_apart=True)
     sp.add_argument("--compare-modes", action="store_true", help="key-removal-race: every removal mode, one table")
     sp.add_argument("--schedule", choices=["free", "seeded"], help="key-removal-race scheduling (default free)")
     sp.add_argument("--force", action="store_true", help="key-removal-race: overwrite IMAGE with a fresh image")
@@ -271,7 +272,7 @@ def args_stress(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--report", metavar="DIR", help="key-removal-race: also write the table (JSON, CSV) and plots into "
                     "DIR, with a sweep of append sizes under hard removal")
     add_json_flag(sp, "the summary")
-    add_campaign_flags(sp, jobs=1)
+    add_campaign_flags(sp, jobs=None)
 
 
 def args_crash(cr: argparse.ArgumentParser) -> None:
@@ -385,16 +386,19 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
 }
 
 
-def add_write_path(p: argparse.ArgumentParser, what: str) -> None:
+def add_write_path(p: argparse.ArgumentParser, what: str, *, told_apart: bool = False) -> None:
+    """``told_apart``: no default (None), so that the command can tell the flag given from
+    its default and refuse it where it would be ignored; the command then sets production."""
     from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS
 
-    p.add_argument("--write-path", choices=list(WRITE_PATHS), default=PRODUCTION.name,
+    p.add_argument("--write-path", choices=list(WRITE_PATHS), default=None if told_apart else PRODUCTION.name,
                    help=f"production (default): the {what} writes large encrypted files through sealing workers "
                         "into 1 MiB extents; fast: 16 KiB extents sealed in a thread, small plain files")
 
 
-def add_campaign_flags(p: argparse.ArgumentParser, jobs: int) -> None:
-    """Where a campaign's shards run, and where their results stream (DESIGN §6, campaigns)."""
+def add_campaign_flags(p: argparse.ArgumentParser, jobs: int | None) -> None:
+    """Where a campaign's shards run, and where their results stream (DESIGN §6, campaigns).
+    ``jobs`` None: the command tells a --jobs given from none, and sets the default itself."""
     p.add_argument("--jobs", type=count(1), default=jobs, help="local processes (without --ray)")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run the shards on Ray: alone, a local instance; 'auto' or HOST:PORT joins a cluster "
@@ -770,13 +774,17 @@ def cmd_stress(a: argparse.Namespace) -> int:
     from blockemu.device.faultplan import FaultPlan
     from blockemu.display import bar as progress_bar
     from blockemu.workload.runner import stress_mix
-    from blockemu.workload.writepath import WRITE_PATHS
+    from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS
 
     if a.scenario == "key-removal-race":
         race_flags(a)
     else:
         mix_flags(a)
+    campaign_flags(a)
     a.ops = DEFAULT_OPS if a.ops is None else a.ops
+    a.tasks = MIX_TASKS if a.tasks is None else a.tasks
+    a.crash_points = a.crash_points or 0
+    a.write_path = a.write_path or PRODUCTION.name
     if a.seeds is not None:
         return stress_seeds(a)
     if a.image is None:
@@ -833,10 +841,34 @@ def mix_flags(a: argparse.Namespace) -> None:
         raise UsageError("--kernel-peer and --report belong to --scenario key-removal-race")
 
 
+def campaign_flags(a: argparse.Namespace) -> None:
+    """What one run and a campaign each ignore, refused: IMAGE and --seed with --seeds (each seed
+    runs on its worker's own fresh image), and the campaign's --jobs, --ray, --results and
+    --resume without it (no results file was written, and a --resume FILE went unread)."""
+    if a.seeds is not None:
+        if a.image is not None:
+            raise UsageError("--seeds runs each seed on a fresh image its worker makes: give no IMAGE")
+        if a.seed is not None:
+            raise UsageError("--seed is one run's; --seeds A..B names the campaign's seeds")
+        a.jobs = 1 if a.jobs is None else a.jobs
+        return
+    given = [flag for flag, value in (("--jobs", a.jobs), ("--ray", a.ray), ("--results", a.results),
+                                      ("--resume", a.resume)) if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} belong{'s' * (len(given) == 1)} to a campaign (--seeds A..B); "
+                         "a run on IMAGE is one run, in this process")
+
+
 def race_flags(a: argparse.Namespace) -> None:
     """The race's flags checked before it runs: the free schedule runs for --duration and the
     seeded one for --ops steps, so the other bound would be ignored (a silent --ops was); and
-    --report needs matplotlib, which used to be found missing only after the whole race."""
+    --report needs matplotlib, which used to be found missing only after the whole race. The
+    mix's own flags are refused: a silent --faults let a user believe the race ran under them."""
+    mixes = [flag for flag, value in (("--tasks", a.tasks), ("--faults", a.faults), ("--crash-points", a.crash_points),
+                                      ("--write-path", a.write_path)) if value is not None]
+    if mixes:
+        raise UsageError(f"{', '.join(mixes)} belong{'s' * (len(mixes) == 1)} to the mix (--scenario mix, the "
+                         "default); the race runs its own two tasks, without faults")
     a.key_removal, a.schedule = a.key_removal or "soft", a.schedule or "free"
     if a.schedule == "free" and a.ops is not None:
         raise UsageError("--ops counts the steps of --schedule seeded; the free race runs for "
@@ -903,7 +935,8 @@ def stress_race(a: argparse.Namespace, seed: int) -> int:
         elif a.kernel_peer is not None:
             print("kernel: ENOKEY counts ENOENT too (without the key the plaintext name is gone); "
                   "remove->wipe is REMOVE until the key status reads ABSENT")
-        print("losses in hard and sync mode are what those semantics cost: expected, but never silent")
+        if any(r.mode in ("hard", "sync") for r in results):  # the table's legend, where it has those rows
+            print("losses in hard and sync mode are what those semantics cost: expected, but never silent")
         if written:
             print(f"report: {', '.join(written)}")
         if bad:
