@@ -317,3 +317,18 @@ def test_ls_lists_a_directory_whose_link_target_is_unreadable(tmp_path):
     assert p.stderr.startswith("blockemu: ls: /link: cannot read symbolic link: ") and p.stderr.count("\n") == 1
     rows = json.loads(run("ls", img, "/", "--json", check_rc=1).stdout)
     assert {r["name"]: r["target"] for r in rows} == {"a": None, "link": None}
+
+
+def test_put_takes_any_legal_name_and_names_a_parent_that_is_no_directory(tmp_path):
+    """put's temporary file was PATH's name with '.' before and '.put-XXXXXXXX' after, so a legal
+    name of 242 to 255 bytes failed with ENAMETOOLONG naming that temporary file; and a parent
+    that is a file was said as '/f/.x.put-1bd19ea6: not a directory'."""
+    (tmp_path / "host").write_bytes(b"contents")
+    img = str(tmp_path / "n.img")
+    run("mkfs", img, "--size", "16M")
+    name = "n" * 255
+    run("put", img, str(tmp_path / "host"), f"/{name}")
+    assert run("ls", img, "/").stdout.split() == [name]
+    assert run_bytes("cat", img, f"/{name}") == b"contents"
+    err = run("put", img, str(tmp_path / "host"), f"/{name}/x", check_rc=1).stderr
+    assert err == f"blockemu: put: /{name}: not a directory\n", err

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn
 from blockemu.check.exitcodes import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE
 from blockemu.cli.collector import collect_less
 from blockemu.display import wanted as progress_wanted
-from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, IsADirectory, NoKeyError, NotFoundError
+from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, IsADirectory, NoKeyError, NotADirectory, NotFoundError
 from blockemu.ondisk.structs import CSUM_TREE_OBJECTID
 from blockemu.units import human, parse_size
 
@@ -640,8 +640,11 @@ def cmd_put(a: argparse.Namespace) -> int:
         # atomic, as rsync and editors do: the data goes to a new name in the same directory
         # (same encryption policy) and only a complete, fsynced file is renamed over PATH; on
         # any failure (ENOSPC above all) the temporary file goes and PATH is as it was
-        parent, _, name = a.path.rpartition("/")
-        tmp = f"{parent}/.{name}.put-{os.urandom(4).hex()}"
+        parent = a.path.rpartition("/")[0]
+        if not stat.S_ISDIR((await fs.stat(parent or "/")).st_mode):  # named, not the temporary file in it
+            raise NotADirectory(f"{parent}: not a directory")
+        # a name of its own, not PATH's with a suffix: that made a legal name of 242-255 bytes too long
+        tmp = f"{parent}/.put-{os.urandom(4).hex()}"
         with src:
             f = await fs.open(tmp, "x")
             try:
