@@ -198,6 +198,9 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
     hashed = {(d, h, e): name_hash(e.name) for (d, h), entries in fi.dir_items.items() for e in entries}
     dir_items = {(d, h, e.name, e.location) for d, h, e in hashed}
     hash_of = {e.name: h for (_, _, e), h in hashed.items()}
+    # inodes without a single INODE_REF that a directory's entry names whole (DIR_INDEX and DIR_ITEM
+    # agree): their back reference is rebuilt from that entry, not the inode dropped as nameless
+    named: set[int] = set()
     for (d, idx), e in sorted(fi.dir_index.items()):
         child = e.location[0]
         names[d] += 2 * len(e.name)
@@ -212,10 +215,13 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
         if e.type != kinds[child]:
             ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} in {d} has type {e.type}, inode {child} has mode "
                      f"{oct(fi.inodes[child].mode)}", FS, key=(d, S.DIR_INDEX, idx))
-        if (child, d, idx, e.name) not in ref_names:
-            ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} (index {idx}) in {d} has no matching INODE_REF in {child}",
-                     FS, key=(child, S.INODE_REF, d))
         h = hash_of.get(e.name) or name_hash(e.name)
+        if (child, d, idx, e.name) not in ref_names:
+            whole = d in dirs and e.type == kinds[child] and (d, h, e.name, e.location) in dir_items
+            rebuild = whole and not fi.refs.get(child) and child not in named
+            named |= {child} if rebuild else set()
+            ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} (index {idx}) in {d} has no matching INODE_REF in {child}",
+                     FS, key=(child, S.INODE_REF, d), fix={"add_ref": (child, d, idx, e.name)} if rebuild else None)
         if (d, h, e.name, e.location) not in dir_items:
             ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} in {d} has a DIR_INDEX but no DIR_ITEM", FS,
                      key=(d, S.DIR_ITEM, h))
@@ -251,7 +257,7 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
         if item.nlink != want:
             ck.error("NLINK_MISMATCH", f"inode {ino} nlink {item.nlink}, found {want}", FS, key=(ino, S.INODE_ITEM, 0),
                      fix={"inode": ino, "nlink": want} if want else None)
-        if not refs and ino != ROOT_INO and ino not in fi.orphans:
+        if not refs and ino != ROOT_INO and ino not in fi.orphans and ino not in named:
             ck.error("ORPHAN", f"inode {ino} has no name and no orphan item", FS, key=(ino, S.INODE_ITEM, 0),
                      fix={"drop_inode": ino})
         if item.size > S.MAX_FILE_SIZE:

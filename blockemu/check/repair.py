@@ -4,7 +4,9 @@ Repairs: a bad primary superblock is rewritten from the best valid copy; a trunc
 image file whose cut-off tail held nothing the trees reach is extended back to its size; the
 free-space tree and ``bytes_used`` are rebuilt from the extent tree (the
 allocator is derived from what is allocated, and the commit writes the tree
-anew, so damaged blocks of it are no obstacle); inode link counts, directory sizes and nbytes, data-extent
+anew, so damaged blocks of it are no obstacle); an inode's missing back reference (INODE_REF) is
+rebuilt from the directory entry that names it whole, rather than the inode dropped as nameless;
+inode link counts, directory sizes and nbytes, data-extent
 reference counts and back references, and checksum items for space no extent
 holds are set to what the checker found. Each repair is the ``fix`` the
 checker attached to an error; an error without one is left for a human.
@@ -24,7 +26,7 @@ from blockemu.device.image import ImageFile, read_only_features, too_small, trun
 from blockemu.errors import Busy, CorruptionError
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import structs as S
-from blockemu.ondisk.items import InodeItem, name_hash, pack_dir_entries, unpack_dir_entries
+from blockemu.ondisk.items import InodeItem, InodeRef, name_hash, pack_dir_entries, unpack_dir_entries
 from blockemu.ondisk.structs import SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
 
@@ -147,6 +149,9 @@ async def repair(path: str, report: FsckReport) -> int:
                     _drop_items(engine.trees[S.FS_TREE_OBJECTID], fix["drop_inode"])
                 elif "drop_entry" in fix:
                     _drop_entry(engine.trees[S.FS_TREE_OBJECTID], *fix["drop_entry"])
+                elif "add_ref" in fix:
+                    ino, parent, index, name = fix["add_ref"]
+                    engine.trees[S.FS_TREE_OBJECTID].insert((ino, S.INODE_REF, parent), InodeRef(index, name).pack())
                 elif "extend_to" in fix:
                     pass  # restored before the volume opened: it refuses a truncated image
                 elif "drop_extent" in fix:
