@@ -137,3 +137,28 @@ def test_a_lost_back_reference_is_rebuilt_from_the_entry_not_the_file_dropped(tm
             assert (await fs.stat(what)).st_ino == ino
 
     asyncio.run(read_back())
+
+
+def test_an_orphan_checksum_item_of_several_sectors_is_deleted_once(tmp_path, capsys):
+    """Each orphan sector of one checksum item carries the fix that deletes the item; the repair
+    deleted it at the first sector's and failed at the second's ('blockemu: fsck: no item (...)
+    in tree 7', exit 8), writing nothing."""
+    from blockemu.fs.volume import Volume
+    from blockemu.ondisk import structs as S
+
+    img = str(tmp_path / "c.img")
+
+    async def make() -> None:
+        await blockemu.mkfs(img, size="32M")
+        vol = await Volume.open(img)
+        async with vol.join() as engine:
+            start = next(iter(engine.free_items))
+            engine.trees[S.CSUM_TREE_OBJECTID].insert((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, start + (1 << 20)),
+                                                      bytes(4 * 4))
+        await vol.close()
+
+    asyncio.run(make())
+    assert [e.code for e in check(img).errors] == ["ORPHAN_CSUM"] * 4
+    assert main(["fsck", img, "--repair"]) == 1
+    assert capsys.readouterr().out.count("repaired: [ORPHAN_CSUM]") == 4
+    assert_fsck_clean(img)

@@ -144,7 +144,8 @@ async def repair(path: str, report: FsckReport) -> int:
                     engine.trees[S.EXTENT_TREE_OBJECTID].update(tuple(fix["extent_item"]), fix["body"].pack())
                 elif "delete" in fix:
                     tid, key = fix["delete"]
-                    engine.trees[tid].delete(tuple(key))
+                    if tuple(key) in engine.trees[tid]:  # findings may share an item: each orphan sector
+                        engine.trees[tid].delete(tuple(key))  # of one checksum item names it
                 elif "drop_inode" in fix:
                     _drop_items(engine.trees[S.FS_TREE_OBJECTID], fix["drop_inode"])
                 elif "drop_entry" in fix:
