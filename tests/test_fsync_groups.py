@@ -11,6 +11,7 @@ import pytest
 
 from blockemu.device.faultplan import FaultPlan
 from blockemu.engine.treelog import TreeLog
+from blockemu.fs.filesystem import File
 from blockemu.fs.volume import Volume
 from blockemu.workload.crash import CampaignResult, Models, Recorder, Version, check_states, expected_state, record
 from blockemu.workload.writepath import FAST, PRODUCTION
@@ -176,3 +177,97 @@ async def test_fsyncs_after_a_sync_of_a_file_fsynced_before(tmp_path):
     workload.__name__ = "fsync_after_sync"
     result = await _check(tmp_path, workload, FAST)
     assert result.states >= 10 and not result.failures, (result.states, result.failures[:3])
+
+
+async def test_a_commit_while_the_recorder_reads_the_version(tmp_path, monkeypatch):
+    """A commit that runs while ``Recorder.fsync`` reads the content it is about to fsync (the
+    interval's, or another task's sync) makes that content durable before ``f.fsync()`` is
+    called. The oracle noted the call after the read, so the state right after that commit --
+    legal, the file's writes were done -- failed as "neither what its last acknowledged fsync
+    made durable nor what an fsync in flight would"."""
+    def workload(scale: int):
+        async def run(fs, rec: Recorder) -> None:
+            await rec.mkdir("/A")
+            for p in ("/A/a", "/A/b"):
+                async with fs.open(p, "w") as f:
+                    await f.write(b"0" * 3000 * scale)
+            await fs.sync()
+            await rec.persisted()
+            real = File.read
+
+            async def read_beside_a_commit(self, size: int = -1) -> bytes:
+                monkeypatch.setattr(File, "read", real)
+                await fs.sync()  # not a persistence point: a commit the workload did not ask for
+                return await real(self, size)
+            async with fs.open("/A/a", "r+") as f:
+                await f.pwrite(b"1" * 1000 * scale, 0)
+                monkeypatch.setattr(File, "read", read_beside_a_commit)
+                await rec.fsync(f, "/A/a")
+            assert File.read is real, "the recorder no longer reads the file: this test drives nothing"
+
+            async def one(p: str) -> None:  # a group after it, so the commit's state is judged per file
+                async with fs.open(p, "r+") as f:
+                    await f.pwrite(b"2" * 1000 * scale, 500 * scale)
+                    await rec.fsync(f, p)
+            await asyncio.gather(one("/A/a"), one("/A/b"))
+        return run
+    workload.__name__ = "commit_while_reading"
+    result = await _check(tmp_path, workload, FAST)
+    assert result.states >= 10 and not result.failures, (result.states, result.failures[:3])
+
+
+async def test_an_fsync_counts_as_acknowledged_from_the_superblock_that_made_it_durable(tmp_path, monkeypatch):
+    """Other tasks' writes logged after the FUA that acknowledged an fsync and before its task
+    resumed (here: another file's writeback) used to count as the fsync still in flight, where
+    the oracle accepts the file's older content -- a loss there passed. The version is
+    acknowledged from right after that FUA."""
+    def workload(scale: int):
+        async def run(fs, rec: Recorder) -> None:
+            await rec.mkdir("/A")
+            for p in ("/A/a", "/A/b"):
+                async with fs.open(p, "w") as f:
+                    await f.write(b"0" * 3000 * scale)
+            await fs.sync()
+            await rec.persisted()
+            real = fs.vol.fsync
+            async with fs.open("/A/b", "r+") as fb, fs.open("/A/a", "r+") as fa:
+                async def resumed_late(ino: int) -> None:
+                    await real(ino)
+                    if ino != fb.inode.ino:
+                        await fs.writeback.flush_inode(fb.inode)  # runs before the fsync's task resumes
+                fs.vol.fsync = resumed_late
+                await fb.pwrite(b"b" * 1000 * scale, 0)
+                await fa.pwrite(b"a" * 1000 * scale, 0)
+                await rec.fsync(fa, "/A/a")
+                await rec.fsync(fb, "/A/b")
+            del fs.vol.fsync
+        return run
+    workload.__name__ = "resumed_late"
+    log, models = await record(workload(FAST.scale), str(tmp_path / "w.img"), str(tmp_path / "base.img"),
+                               write_path=FAST)
+    fua = max(e.seq + 1 for e in log.entries[:models.versions["/A/a"][1].returned + 1]
+              if e.kind == "fua" and e.offset == 65536)
+    a = models.versions["/A/a"][1]
+    assert any(e.kind == "write" for e in log.entries[fua:models.versions["/A/b"][1].called]), \
+        "nothing was logged between /A/a's FUA and its task's resumption: this test drives nothing"
+    assert a.returned == fua, (a, fua)
+
+
+async def test_a_persistence_point_is_refused_while_a_recorded_fsync_is_in_flight(tmp_path):
+    """Its snapshot would hold the fsync's new content under a durable state that need not, and
+    every crash state naming that state would be held to it exactly: a false failure, or a
+    model that hides what the fsync failed to make durable."""
+    def workload(scale: int):
+        async def run(fs, rec: Recorder) -> None:
+            async with fs.open("/a", "w") as f:
+                await f.write(b"1" * 3000 * scale)
+                fsync = asyncio.ensure_future(rec.fsync(f, "/a"))
+                await asyncio.sleep(0)  # the fsync has started: it is in flight
+                with pytest.raises(RuntimeError, match="1 recorded fsync"):
+                    await rec.persisted()
+                await fsync
+            await rec.persisted()  # and taken once it returned
+        return run
+    log, models = await record(workload(FAST.scale), str(tmp_path / "w.img"), str(tmp_path / "base.img"),
+                               write_path=FAST)
+    assert len(models.points) == 3

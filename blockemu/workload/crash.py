@@ -33,9 +33,10 @@ from typing import Awaitable, Callable
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import ImageFile
-from blockemu.device.writelog import WriteLog
+from blockemu.device.writelog import LogEntry, WriteLog
 from blockemu.fs.filesystem import File, Filesystem, mount
 from blockemu.fs.mkfs import mkfs
+from blockemu.ondisk.structs import SUPER_OFFSETS
 from blockemu.workload.campaign import Campaign, Shard, ranges
 from blockemu.workload.writepath import KEY, PRODUCTION, WRITE_PATHS, WritePath
 
@@ -127,6 +128,7 @@ class Recorder:
         self.kid = kid
         self.log = log
         self.models = Models()
+        self.in_flight = 0  # fsyncs (``fsync``) not yet returned
 
     async def mkdir(self, path: str) -> None:
         """A workload's top directory: encrypted when the write path says so."""
@@ -136,24 +138,50 @@ class Recorder:
 
     async def persisted(self) -> None:
         """Call right after an fsync/sync, with nothing else in flight: everything so far is one
-        durable state."""
+        durable state. An fsync in flight would put its file's new content in the snapshot under
+        a durable state that need not hold it (and the crash states after it would be judged
+        by that model, exactly): refused."""
+        if self.in_flight:
+            raise RuntimeError(f"a persistence point with {self.in_flight} recorded fsync(s) in flight")
         now = await snapshot(self.fs)
         self.models[(self.fs.vol.generation, self.fs.vol.log_root)] = now
         self.models.points.append((len(self.log.entries), now))
 
     async def fsync(self, f: File, path: str) -> None:
         """fsync ``f`` (open at ``path``) -- while other tasks may be fsyncing theirs -- noting
-        the version it makes durable (``Models``): its content, as this task wrote it before the call."""
-        async with self.fs.open(path) as r:
-            content = await r.read()
-        versions = self.models.versions.setdefault(path, [])
-        if not versions:  # as the last persistence point left it, acknowledged then
-            at, then = self.models.points[-1]
-            versions.append(Version(then.get(path), at, at))
-        version = Version(content, len(self.log.entries))
-        versions.append(version)
-        await f.fsync()
-        version.returned = len(self.log.entries)
+        the version it makes durable (``Models``): its content, as this task wrote it before the call.
+
+        In flight from the start, before the read: the writes are done, so a commit while the
+        read awaits (the interval's, another task's sync, one for room) may already make the
+        content durable. Acknowledged from the superblock that made it durable: the last primary
+        FUA before the fsync returned (or the call, if it wrote none: the content was durable),
+        not from when this task resumed -- other tasks' writes logged meanwhile would leave the
+        fsync in flight there, where the oracle accepts the file's older content."""
+        called = len(self.log.entries)
+        self.in_flight += 1
+        try:
+            async with self.fs.open(path) as r:
+                content = await r.read()
+            versions = self.models.versions.setdefault(path, [])
+            if not versions:  # as the last persistence point left it, acknowledged then
+                at, then = self.models.points[-1]
+                versions.append(Version(then.get(path), at, at))
+            version = Version(content, called)
+            versions.append(version)
+            await f.fsync()
+        finally:
+            self.in_flight -= 1
+        version.returned = max(called, superblock_written(self.log, len(self.log.entries)))
+
+
+def superblock_written(log: WriteLog, upto: int) -> int:
+    """The log position right after the last primary superblock FUA among the first ``upto``
+    entries (0 if none): from there on, every crash state names that superblock."""
+    return next((e.seq + 1 for e in reversed(log.entries[:upto]) if is_primary_super(e)), 0)
+
+
+def is_primary_super(e: LogEntry) -> bool:
+    return e.kind == "fua" and e.offset == SUPER_OFFSETS[0]
 
 
 Workload = Callable[[Filesystem, Recorder], Awaitable[None]]
@@ -203,7 +231,7 @@ def expected_state(log: WriteLog, upto: int, first: Durable) -> Durable:
     """What the newest primary superblock whose FUA write completed in the prefix names."""
     state = first
     for e in log.entries[:upto]:
-        if e.kind == "fua" and e.offset == 65536:
+        if is_primary_super(e):
             state = (int.from_bytes(e.data[0x48:0x50], "little"), int.from_bytes(e.data[0x334:0x33c], "little"))
     return state
 
