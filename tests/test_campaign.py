@@ -28,7 +28,8 @@ from tests.util import sigint_as_a_terminal_gives
 
 def planted(shard_size: int = 1):
     """Four two-operation workloads with flushes ignored: a campaign that must fail."""
-    return crash_campaign(2, seed=3, subsets=1, nobarrier=True, limit=4, write_path=FAST, shard_size=shard_size)
+    return crash_campaign(2, seed=3, subsets=1, nobarrier=True, limit=4, groups=0, write_path=FAST,
+                          shard_size=shard_size)
 
 
 class Recording(LocalExecutor):

@@ -5,6 +5,7 @@ against its fsyncs: what the last acknowledged one made durable, or what one in 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 
 import pytest
@@ -13,13 +14,26 @@ from blockemu.device.faultplan import FaultPlan
 from blockemu.engine.treelog import TreeLog
 from blockemu.fs.filesystem import File
 from blockemu.fs.volume import Volume
-from blockemu.workload.crash import CampaignResult, Models, Recorder, Version, check_states, expected_state, record
+from blockemu.workload.campaign import LocalExecutor, run_campaign
+from blockemu.workload.crash import (
+    CampaignResult,
+    Models,
+    Recorder,
+    Version,
+    check_states,
+    crash_campaign,
+    expected_state,
+    fsync_together,
+    group_workload,
+    record,
+)
 from blockemu.workload.writepath import FAST, PRODUCTION
 
 
 def fsync_groups(n: int):
     """``n`` files in an encrypted directory (production) overwritten and fsynced by ``n``
-    tasks at once, three times: (1) every fsync waits for the commit lock, held until all have
+    tasks at once, three times (the campaign's ``group_workload`` has the same shapes, its
+    members' writebacks in turn; here they run in parallel): (1) every fsync waits for the commit lock, held until all have
     done their writeback, so one log sync logs them all -- deterministic, whatever the loop's
     scheduling; (2) as they come; (3) held as in (1), one of the files cut shorter, whose fsync
     must commit (the log cannot say a hole) while the others log or share the commit."""
@@ -41,23 +55,9 @@ def fsync_groups(n: int):
                         await f.truncate(1000 * scale)
                     await rec.fsync(f, p)
 
-            arrived: list[int] = []
-            all_in = asyncio.Event()
-            real = fs.vol.fsync
-
-            async def arriving(ino: int) -> None:  # an fsync whose writeback is done
-                arrived.append(ino)
-                if len(arrived) % n == 0:
-                    all_in.set()
-                await real(ino)  # registers at once, then waits for the lock
-            fs.vol.fsync = arriving
-
-            async def grouped(shrink: int | None = None) -> None:
-                all_in.clear()
-                async with fs.vol.commit_lock:
-                    tasks = [asyncio.ensure_future(one(p, i == shrink)) for i, p in enumerate(paths)]
-                    await all_in.wait()
-                await asyncio.gather(*tasks)
+            async def grouped(shrink: int | None = None) -> None:  # writebacks in parallel
+                await fsync_together(fs, [functools.partial(one, p, i == shrink) for i, p in enumerate(paths)],
+                                     in_turn=False)
 
             log_syncs = fs.vol._log_syncs
             await grouped()
@@ -66,7 +66,6 @@ def fsync_groups(n: int):
             generation = fs.vol.generation
             await grouped(shrink=1)
             workload.seen["the shrunk file's fsync committed"] = fs.vol.generation == generation + 1
-            del fs.vol.fsync  # the class's again
         return run
     workload.__name__ = f"fsync_groups_{n}"
     workload.seen = {}  # what the run did, for the test to check (a planted bug may change it)
@@ -271,3 +270,31 @@ async def test_a_persistence_point_is_refused_while_a_recorded_fsync_is_in_fligh
     log, models = await record(workload(FAST.scale), str(tmp_path / "w.img"), str(tmp_path / "base.img"),
                                write_path=FAST)
     assert len(models.points) == 3
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+async def test_the_campaigns_group_workloads_have_crash_states_inside_groups(tmp_path, seed):
+    """Seed 0: groups of 3 and 4 with a member whose fsync must commit beside members one log
+    sync takes; seed 3: groups of 2 that one log sync each takes whole."""
+    workload = group_workload(seed)
+    workload.__name__ = f"group_workload({seed})"
+    result = await _check(tmp_path, lambda scale: workload, FAST)
+    assert result.states >= 40 and not result.failures, (result.states, result.failures[:3])
+
+
+def test_a_crash_campaign_runs_group_workloads_after_aces(monkeypatch):
+    """Unit 0 is Ace's only one-operation sample, 1 and 2 the group workloads; the same counts
+    on a second run, and the planted bug caught in the group units alone, each failure naming
+    the command that reruns its unit."""
+    campaign = crash_campaign(1, limit=1, groups=2, write_path=FAST, subsets=1)
+    first = run_campaign(campaign, LocalExecutor(1))
+    assert (first.units, first.failures) == (3, []) and first.states > 80
+    groups = crash_campaign(1, limit=1, groups=2, write_path=FAST, subsets=1, workloads=(1, 3))
+    again = run_campaign(groups, LocalExecutor(1))
+    assert again.units == 2 and again.states == first.states - run_campaign(
+        crash_campaign(1, limit=1, groups=2, write_path=FAST, subsets=1, workloads=(0, 1)), LocalExecutor(1)).states
+    plant_unlogged_members(monkeypatch)
+    bad = run_campaign(groups, LocalExecutor(1))
+    assert {f["unit"] for f in bad.failures} == {1, 2}, bad.failures[:3]
+    assert all("[fsync groups " in f["message"] and "--workloads " + str(f["unit"]) + " --limit 1 --groups 2"
+               in f["reproduce"] for f in bad.failures), bad.failures[:2]

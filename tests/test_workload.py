@@ -192,7 +192,7 @@ def test_stress_with_injected_faults_reports_and_checks(tmp_path):
 
 def test_crash_campaign_cli_finds_nothing_and_catches_a_planted_bug():
     out = json.loads(run("crash", "--max-ops", "1", "--jobs", "1", "--write-path", "fast", "--json").stdout)
-    assert out["workloads"] == 10 and out["states"] > 50 and out["failures"] == []
+    assert out["workloads"] == 11 and out["states"] > 50 and out["failures"] == []
     bad = run("crash", "--max-ops", "2", "--limit", "4", "--jobs", "1", "--nobarrier", "--write-path", "fast", check_rc=1)
     assert "FAILED:" in bad.stdout and "reproduce with: blockemu crash" in bad.stdout
     assert "--write-path fast" in bad.stdout

@@ -280,6 +280,8 @@ def args_crash(cr: argparse.ArgumentParser) -> None:
     cr.add_argument("--seed", type=int, default=0, help="seed of the sampling and write subsets (default 0)")
     cr.add_argument("--subsets", type=count(0), default=2, help="random in-doubt write subsets per crash point")
     cr.add_argument("--limit", type=count(1), help="check a random sample of this many workloads")
+    cr.add_argument("--groups", type=count(0), help="also N workloads of tasks fsyncing files at once (their fsyncs "
+                    "share log syncs), after Ace's (default: one per 10 of those, at least one)")
     cr.add_argument("--nobarrier", action="store_true", help="plant the ordering bug (flushes ignored)")
     cr.add_argument("--workloads", type=span, metavar="A..B",
                     help="only workloads A up to B (excluded) of the space (a failure's reproduce line names one)")
@@ -970,10 +972,10 @@ def cmd_crash(a: argparse.Namespace) -> int:
     from blockemu.workload.writepath import WRITE_PATHS
 
     s = run_campaign_cli(a, crash_campaign(a.max_ops, seed=a.seed, subsets=a.subsets, nobarrier=a.nobarrier,
-                                           limit=a.limit, write_path=WRITE_PATHS[a.write_path],
+                                           limit=a.limit, groups=a.groups, write_path=WRITE_PATHS[a.write_path],
                                            workloads=a.workloads, shard_size=a.shard_size))
-    return report_campaign(a, s, f"{s.units} workloads (Ace, up to {a.max_ops} operations each, {a.write_path} write "
-                                 f"path), {s.states} crash states checked in {s.seconds:.1f} s ({s.shards} shards, "
+    return report_campaign(a, s, f"{s.units} workloads (Ace, up to {a.max_ops} operations each, and fsync groups; "
+                                 f"{a.write_path} write path), {s.states} crash states checked in {s.seconds:.1f} s ({s.shards} shards, "
                                  f"{s.resumed} resumed, {'Ray' if a.ray is not None else f'{a.jobs} jobs'}): "
                                  f"{len(s.failures)} failures",
                            json_extra={"workloads": s.units, "write_path": a.write_path}, counts=False)

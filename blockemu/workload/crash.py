@@ -347,18 +347,29 @@ def ace_workload(seq: tuple[tuple[str, ...], ...], seed: int) -> Workload:
     return run
 
 
+def ace_unit(seq: tuple[tuple[str, ...], ...], seed: int) -> tuple[str, Workload]:
+    """An Ace workload and the name its failures carry."""
+    return f"[{' ; '.join(' '.join(op) for op in seq)}]", ace_workload(seq, seed)
+
+
 async def run_ace(seqs: list, *, seed: int = 0, subsets: int = 2, faults: FaultPlan | None = None,
                   write_path: WritePath = PRODUCTION, first: int = 0) -> CampaignResult:
     """``seqs`` are the campaign's workloads ``first``, ``first + 1``, ... (their image sizes
     follow from that: ``image_size``)."""
+    return await run_workloads([ace_unit(seq, seed + i) for i, seq in enumerate(seqs)], seed=seed, subsets=subsets, faults=faults, write_path=write_path, first=first)
+
+
+async def run_workloads(named: list[tuple[str, Workload]], *, seed: int, subsets: int, faults: FaultPlan | None,
+                        write_path: WritePath, first: int) -> CampaignResult:
+    """Record each of the campaign's workloads ``first``, ``first + 1``, ... and check its crash
+    states (the ``i``-th's random subsets drawn from ``seed + i``)."""
     result = CampaignResult()
     with tempfile.TemporaryDirectory() as d:
         image, base, work = (os.path.join(d, n) for n in ("w.img", "base.img", "crash.img"))
-        for i, seq in enumerate(seqs):
-            name = " ; ".join(" ".join(op) for op in seq)
-            log, models = await record(ace_workload(seq, seed + i), image, base, faults=faults, write_path=write_path,
+        for i, (name, workload) in enumerate(named):
+            log, models = await record(workload, image, base, faults=faults, write_path=write_path,
                                        size=image_size(first + i))
-            await check_states(log, models, work, random.Random(seed + i), subsets, f"[{name}]", result, write_path)
+            await check_states(log, models, work, random.Random(seed + i), subsets, name, result, write_path)
             result.workloads += 1
     return result
 
@@ -370,16 +381,108 @@ def ace_space(max_len: int, seed: int, limit: int | None) -> list[tuple[tuple[st
     return seqs if limit is None else random.Random(seed).sample(seqs, min(limit, len(seqs)))
 
 
+# ------------------------------------------------------------------ fsyncs at once
+
+async def fsync_together(fs: Filesystem, jobs: list[Callable[[], Awaitable[None]]], *, in_turn: bool = True) -> None:
+    """Run ``jobs`` -- each changes a file and fsyncs it (``Recorder.fsync``) -- as tasks whose
+    fsyncs all wait for the commit lock, held until every one has done its writeback: then one
+    log sync takes them all (DESIGN §9's group), or a commit when a member's change is one the
+    log cannot say, which the others share or follow -- the same group on every run, whatever
+    the loop's scheduling. ``in_turn``: each job starts once the one before has reached the lock,
+    so their writebacks, too, land in the same order and places on every run (in parallel,
+    they are placed as their sealing workers finish): a campaign's crash-state counts must not
+    move."""
+    arrived = 0
+    news = asyncio.Event()  # an arrival, or a job that ended without one (it failed)
+    real = fs.vol.fsync
+    tasks: list[asyncio.Future] = []
+
+    async def arriving(ino: int) -> None:
+        nonlocal arrived
+        arrived += 1
+        news.set()
+        await real(ino)  # registers the fsync at once, then waits for the lock
+
+    async def until(n: int) -> None:
+        while arrived < n and not any(t.done() for t in tasks):
+            news.clear()
+            await news.wait()
+    fs.vol.fsync = arriving  # type: ignore[method-assign]
+    try:
+        async with fs.vol.commit_lock:
+            for job in jobs:
+                tasks.append(asyncio.ensure_future(job()))
+                tasks[-1].add_done_callback(lambda _: news.set())
+                if in_turn:
+                    await until(len(tasks))
+            await until(len(tasks))
+    finally:
+        del fs.vol.fsync
+    await asyncio.gather(*tasks)
+
+
+GROUPS = 3  # groups of fsyncs per workload
+GROUP_SHARE = 10  # a campaign adds one group workload per this many of Ace's
+
+
+def group_workload(seed: int) -> Workload:
+    """Groups of tasks fsyncing files at once (``fsync_together``), seeded: 2-4 files of a
+    directory (encrypted on the production write path); in each of ``GROUPS`` groups, 2 or more
+    of them overwritten, appended to, extended, or cut shorter (that fsync must commit: the
+    log cannot say a hole), and maybe a new file (a commit too: a name); after some groups a
+    sync, a persistence point. Every crash state inside the groups' log syncs and commits is
+    judged file by file (``Models``)."""
+    async def run(fs: Filesystem, rec: Recorder) -> None:
+        rng = random.Random(seed)
+        scale = rec.write_path.scale
+        await rec.mkdir("/A")
+        paths = [f"/A/f{i}" for i in range(rng.randint(2, 4))]
+        for p in paths:
+            async with fs.open(p, "w") as f:
+                await f.write(rng.randbytes(2000 * scale))
+        await fs.sync()
+        await rec.persisted()
+
+        def job(p: str, mode: str, change: str) -> Callable[[], Awaitable[None]]:
+            data, at = rng.randbytes(1200 * scale), rng.randrange(0, 1500 * scale)
+            cut = rng.randrange(0, 1000 * scale)
+
+            async def one() -> None:
+                async with fs.open(p, mode) as f:
+                    if change == "extend":
+                        await f.truncate(f.inode.size + len(data))
+                    else:
+                        await f.pwrite(data, f.inode.size if change == "append" else at)
+                    if change == "shrink":
+                        await f.truncate(cut)
+                    await rec.fsync(f, p)
+            return one
+        for g in range(GROUPS):
+            jobs = [job(p, "r+", rng.choice(("write", "write", "append", "extend", "shrink")))
+                    for p in rng.sample(paths, rng.randint(2, len(paths)))]
+            if rng.random() < 0.3:
+                paths.append(f"/A/n{g}")
+                jobs.insert(rng.randint(0, len(jobs)), job(paths[-1], "x", "write"))
+            await fsync_together(fs, jobs)
+            if rng.random() < 0.3:
+                await fs.sync()
+                await rec.persisted()
+    return run
+
+
 def _crash_shard(args: tuple) -> dict:
-    """Workloads [lo, hi) of the space; workload ``i`` is seeded with ``seed + i``."""
+    """Workloads [lo, hi) of the space: Ace's, then the group workloads (``group_workload``);
+    workload ``i`` is seeded with ``seed + i``."""
     max_ops, seed, subsets, nobarrier, limit, write_path, lo, hi = args
     seqs = ace_space(max_ops, seed, limit)
 
     async def go() -> dict:
         out: dict = {"units": 0, "states": 0, "failures": []}
         for i in range(lo, hi):
-            r = await run_ace([seqs[i]], seed=seed + i, subsets=subsets, faults=FaultPlan(nobarrier=nobarrier),
-                              write_path=WRITE_PATHS[write_path], first=i)
+            unit = ace_unit(seqs[i], seed + i) if i < len(seqs) else (f"[fsync groups {seed + i}]",
+                                                                       group_workload(seed + i))
+            r = await run_workloads([unit], seed=seed + i, subsets=subsets, faults=FaultPlan(nobarrier=nobarrier),
+                                    write_path=WRITE_PATHS[write_path], first=i)
             out["units"] += r.workloads
             out["states"] += r.states
             out["failures"] += [{"unit": i, "message": m} for m in r.failures]
@@ -388,20 +491,22 @@ def _crash_shard(args: tuple) -> dict:
 
 
 def crash_campaign(max_ops: int, *, seed: int = 0, subsets: int = 2, nobarrier: bool = False, limit: int | None = None,
-                   write_path: WritePath = PRODUCTION, workloads: tuple[int, int] | None = None,
-                   shard_size: int = 10) -> Campaign:
-    """Ace's bounded space as shards of ``shard_size`` consecutive workloads (a few seconds each),
-    optionally only the workloads in ``[A, B)``."""
+                   groups: int | None = None, write_path: WritePath = PRODUCTION,
+                   workloads: tuple[int, int] | None = None, shard_size: int = 10) -> Campaign:
+    """Ace's bounded space, then ``groups`` group workloads (by default one per ``GROUP_SHARE``
+    of Ace's, at least one), as shards of ``shard_size`` consecutive workloads (a few seconds
+    each), optionally only the workloads in ``[A, B)``."""
     n = len(ace_space(max_ops, seed, limit))
-    lo, hi = workloads if workloads else (0, n)
-    hi = min(hi, n)
+    groups = -(-n // GROUP_SHARE) if groups is None else groups
+    lo, hi = workloads if workloads else (0, n + groups)
+    hi = min(hi, n + groups)
     identity = {"max_ops": max_ops, "seed": seed, "subsets": subsets, "nobarrier": nobarrier, "limit": limit,
-                "write_path": write_path.name, "workloads": [lo, hi]}
+                "groups": groups, "write_path": write_path.name, "workloads": [lo, hi]}
     shards = [Shard(f"workloads {a}..{b}", (max_ops, seed, subsets, nobarrier, limit, write_path.name, a, b))
               for a, b in ((lo + a, lo + b) for a, b in ranges(hi - lo, shard_size))]
 
     def reproduce(f: dict) -> str:
         return (f"blockemu crash --max-ops {max_ops} --seed {seed} --subsets {subsets} --workloads {f['unit']}"
-                + (f" --limit {limit}" if limit is not None else "") + (" --nobarrier" if nobarrier else "")
-                + f" --write-path {write_path.name} --jobs 1")
+                + (f" --limit {limit}" if limit is not None else "") + f" --groups {groups}"
+                + (" --nobarrier" if nobarrier else "") + f" --write-path {write_path.name} --jobs 1")
     return Campaign("crash", identity, shards, _crash_shard, reproduce)
