@@ -456,6 +456,24 @@ def test_mount_options_are_checked_before_anything_is_mounted(capsys) -> None:
         assert capsys.readouterr().err.startswith("blockemu: usage: blockemu mount: ")
 
 
+def test_the_cli_takes_every_mount_option_the_library_does() -> None:
+    """``-o`` knows the options ``mount`` checks its keywords against (batch_bytes was missing
+    from a list of the CLI's own), each parsed to the type its ``Writeback`` keyword is
+    annotated with, so that the library takes the value."""
+    import inspect
+
+    from blockemu.cli.main import mount_options
+    from blockemu.fs.writeback import OPTION_FLOORS, Writeback, check_options
+
+    params = inspect.signature(Writeback.__init__).parameters
+    assert sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY) == sorted(OPTION_FLOORS)
+    for name in OPTION_FLOORS:
+        got = mount_options([f"{name}=8192"])  # above every floor, and whole: every parser takes it
+        assert type(got[name]).__name__ in params[name].annotation.split(" | "), (name, got, params[name].annotation)
+        check_options({k: v for k, v in got.items() if k != "readonly"})
+    assert mount_options(["batch_bytes=64K"])["batch_bytes"] == 64 << 10
+
+
 def test_read_only_mount_and_sigterm(env, image, mnt) -> None:
     """-o ro: writes fail with EROFS; SIGTERM unmounts cleanly and releases the image."""
 

@@ -300,8 +300,7 @@ def args_mount(mo: argparse.ArgumentParser) -> None:
     mo.add_argument("--key-removal", choices=list(MODES), default="soft",
                     help="what removing a key does to files still using it (default soft: they keep working)")
     mo.add_argument("-o", dest="options", action="append", default=[],
-                    help="mount options: ro, rw, and the API's interval=, dirty_limit=, background_bytes=, max_extent=, "
-                         "cache_limit=, seal_workers=, seal_timeout=")
+                    help="mount options: ro, rw, and the API's " + ", ".join(f"{k}=" for k in mount_option_parsers()))
     mo.add_argument("--foreground", "-f", action="store_true", help="serve in this process until unmounted")
 
 
@@ -981,28 +980,36 @@ def cmd_crash(a: argparse.Namespace) -> int:
                            json_extra={"workloads": s.units, "write_path": a.write_path}, counts=False)
 
 
-# -o NAME=VALUE: the Python API's mount options (Writeback's), with their value parsers
-MOUNT_OPTIONS: dict[str, Callable[[str], Any]] = {
-    "interval": float, "dirty_limit": parse_size, "background_bytes": parse_size, "max_extent": parse_size,
-    "cache_limit": parse_size, "seal_workers": int, "seal_timeout": float,
-}
+# -o NAME=VALUE takes every mount option the library does: their one list is fs/writeback.py's
+# OPTION_FLOORS. Values are sizes (K/M/G/T suffixes) but for these; tests/test_fuse.py holds each
+# option's parser to the type its Writeback keyword is annotated with
+NOT_SIZES: dict[str, Callable[[str], Any]] = {"interval": float, "seal_timeout": float, "seal_workers": int}
+
+
+def mount_option_parsers() -> dict[str, Callable[[str], Any]]:
+    """The library's mount options, each with its value's parser (imported when a command
+    mounts: the fs layer is no import of the others)."""
+    from blockemu.fs.writeback import OPTION_FLOORS
+
+    return {name: NOT_SIZES.get(name, parse_size) for name in OPTION_FLOORS}
 
 
 def mount_options(options: list[str]) -> dict[str, Any]:
     """``-o ro,interval=1,dirty_limit=128M`` -> the keywords of ``blockemu.mount``."""
+    parsers = mount_option_parsers()
     out: dict[str, Any] = {"readonly": False}
     for opt in filter(None, ",".join(options).split(",")):
         name, eq, value = opt.partition("=")
         if not eq and name in ("ro", "rw"):
             out["readonly"] = name == "ro"
-        elif eq and name in MOUNT_OPTIONS:
+        elif eq and name in parsers:
             try:
-                out[name] = MOUNT_OPTIONS[name](value)
+                out[name] = parsers[name](value)
             except (ValueError, InvalidArgument):
                 raise UsageError(f"bad value for mount option {name}: {value!r}") from None
         else:
             raise UsageError(f"unknown mount option {opt!r} (known: ro, rw, "
-                             + ", ".join(f"{k}=" for k in MOUNT_OPTIONS) + ")")
+                             + ", ".join(f"{k}=" for k in parsers) + ")")
     return out
 
 
