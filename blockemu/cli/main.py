@@ -325,6 +325,7 @@ def args_key(ky: argparse.ArgumentParser) -> None:
         if action == "remove":
             kp.add_argument("--all-users", action="store_true", help="remove every user's claim, not only yours")
         kp.add_argument("--user", type=int, default=os.getuid(), help="the claiming user (default: you)")
+        add_json_flag(kp, "the result's fields and xfs_io's line")
 
 
 def args_fuzz(fz: argparse.ArgumentParser) -> None:
@@ -1040,14 +1041,17 @@ def cmd_key(a: argparse.Namespace) -> int:
     from blockemu.fuse import control
 
     if a.action == "add":
-        text = control.request(a.mountpoint, "key-add", key=read_key(a.key_file).hex(), user=a.user)
+        reply = control.request(a.mountpoint, "key-add", key=read_key(a.key_file).hex(), user=a.user)
     else:
         if (a.key_file is None) == (a.id is None):
             raise UsageError("give one of --key-file or --id")
         kid = a.id if a.id is not None else fscrypt.key_identifier(read_key(a.key_file)).hex()
         extra = {"all_users": a.all_users} if a.action == "remove" else {}
-        text = control.request(a.mountpoint, f"key-{a.action}", id=kid, user=a.user, **extra)
-    print(text)
+        reply = control.request(a.mountpoint, f"key-{a.action}", id=kid, user=a.user, **extra)
+    if a.json:
+        emit_json({"action": a.action, **reply})
+    else:
+        print(reply["text"])
     return 0
 
 

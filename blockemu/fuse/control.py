@@ -6,7 +6,8 @@ socket named after the mount point, in a runtime directory only its owner can en
 socket itself 0600), and also checks each peer's credentials (SO_PEERCRED): root or the
 mounting user. One request per connection, a JSON line each way:
 ``{"op": "key-add"|"key-remove"|"key-status"|"umount", ...}`` -> ``{"ok": true, "text": ...}``
-or ``{"ok": false, "errno": N, "message": ...}``.
+(a key request's result's fields beside its text: ``blockemu key --json`` prints them) or
+``{"ok": false, "errno": N, "message": ...}``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any, Awaitable, Callable
 
 from blockemu.errors import BlockemuError
 
-Handler = Callable[[dict[str, Any]], Awaitable[str]]
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]  # a request -> its reply's "text" and fields
 
 
 def runtime_dir() -> str:
@@ -83,7 +84,7 @@ class ControlServer:
             else:
                 try:
                     request = json.loads(await reader.readline())
-                    reply = {"ok": True, "text": await self.handler(request)}
+                    reply = {"ok": True, **await self.handler(request)}
                 except OSError as e:
                     reply = {"ok": False, "errno": e.errno, "message": str(e) if e.strerror is None else e.strerror}
                 except (ValueError, KeyError, TypeError) as e:
@@ -117,8 +118,9 @@ class NotServed(BlockemuError):
     code = errno.ENOTCONN
 
 
-def request(mountpoint: str, op: str, **args: Any) -> str:
-    """Send one request to the mount at ``mountpoint``; its text, or its error as an OSError."""
+def request(mountpoint: str, op: str, **args: Any) -> dict[str, Any]:
+    """Send one request to the mount at ``mountpoint``; its reply (``text`` and the result's
+    fields), or its error as an OSError."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(socket_path(mountpoint))
@@ -132,6 +134,6 @@ def request(mountpoint: str, op: str, **args: Any) -> str:
                 raise ConnectionResetError(errno.ECONNRESET, f"{mountpoint}: the mount's process closed the channel")
             buf += chunk
     reply = json.loads(buf)
-    if not reply["ok"]:
+    if not reply.pop("ok"):
         raise OSError(reply["errno"], reply["message"])
-    return reply["text"]
+    return reply

@@ -8,6 +8,7 @@ so ``blockemu mount ... && cp ...`` never races the mount.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from typing import Any, Callable
 
+from blockemu.crypto.keyring import parse_identifier
 from blockemu.errors import Busy, NotADirectory, NotFoundError
 from blockemu.fs.filesystem import Filesystem
 from blockemu.fuse import control
@@ -123,15 +125,10 @@ class Server:
         self.unmounted = asyncio.Event()
         self.unmount_error: OSError | None = None  # the image's last flush or commit failed
 
-    async def handle(self, req: dict[str, Any]) -> str:
-        op, user = req["op"], int(req.get("user", 0))
-        if op == "key-add":
-            kid = await self.fs.add_key(bytes.fromhex(req["key"]), user=user)
-            return f"Added encryption key with identifier {kid}"
-        if op == "key-remove":
-            return str(await self.fs.remove_key(req["id"], user=user, all_users=bool(req.get("all_users"))))
-        if op == "key-status":
-            return str(self.fs.key_status(req["id"], user=user))
+    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req["op"]
+        if op in KEY_OPS:
+            return await answer_key(self.fs, req)
         if op == "umount":
             # the kernel's unmount, not a lazy one: it alone knows whether a process still uses
             # the mount (an open file, a cwd; a close's release reaches us only later). It runs
@@ -148,8 +145,26 @@ class Server:
             await self.unmounted.wait()  # main() returns, then the image is flushed, committed, unlocked
             if self.unmount_error is not None:
                 raise self.unmount_error
-            return f"unmounted {self.mountpoint}"
+            return {"text": f"unmounted {self.mountpoint}"}
         raise ValueError(f"unknown op {op!r}")
+
+
+KEY_OPS = ("key-add", "key-remove", "key-status")
+
+
+async def answer_key(fs: Filesystem, req: dict[str, Any]) -> dict[str, Any]:
+    """A ``blockemu key`` request: xfs_io's line, and beside it the result's fields, which
+    ``--json`` prints (the API's ``add_key``, ``RemovalResult``, ``KeyStatus``)."""
+    op, user = req["op"], int(req.get("user", 0))
+    if op == "key-add":
+        kid = await fs.add_key(bytes.fromhex(req["key"]), user=user)
+        return {"text": f"Added encryption key with identifier {kid}", "identifier": kid}
+    if op == "key-remove":
+        removed = await fs.remove_key(req["id"], user=user, all_users=bool(req.get("all_users")))
+        return {"text": str(removed), **dataclasses.asdict(removed)}
+    status = fs.key_status(req["id"], user=user)
+    return {"text": str(status), "identifier": parse_identifier(req["id"]).hex(), "state": status.state.value,
+            "user_count": status.user_count, "added_by_self": status.added_by_self}
 
 
 async def serve(image: str, mountpoint: str, *, keys: list[bytes], readonly: bool, ready: Callable[[], None],
