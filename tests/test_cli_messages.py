@@ -263,7 +263,8 @@ def test_stress_on_a_full_image_without_faults_says_out_of_space_not_injected(tm
      "two tasks, without faults"),
     (["key", "status", "/mnt"], 2, "blockemu key status: give one of --key-file or --id"),
     (["mount", "x.img", "/mnt", "-o", "bogus"], 2, "blockemu mount: unknown mount option 'bogus' (known: ro, rw, "
-     "interval=, dirty_limit=, background_bytes=, max_extent=, cache_limit=, seal_workers=, seal_timeout=)"),
+     "interval=, seal_timeout=, background_bytes=, cache_limit=, dirty_limit=, max_extent=, batch_bytes=, "
+     "seal_workers=)"),
 ])
 def test_every_usage_error_reads_as_argparse_words_its_own(tmp_path, capsys, monkeypatch, argv, code, line):
     """One form for every usage line, argparse's: ``blockemu: usage: blockemu CMD [ACTION]: why``,
