@@ -240,3 +240,34 @@ def test_a_write_the_host_refuses_names_the_image_and_its_errno(tmp_path):
     p = subprocess.run([sys.executable, "-c", HOST_FULL, path], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stderr == "", p.stderr
     assert p.stdout == f"{errno.EFBIG} {path}\n" * 2
+
+
+def test_stats_count_time_in_requests_and_time_with_one_in_flight(monkeypatch):
+    """``busy`` is the union of the requests' spans (a disk's io_ticks, fio's util), not their
+    sum (``seconds``, in_queue): two overlapping requests are busy once."""
+    from blockemu.device import blockdev
+
+    clock = iter([0.0, 1.0, 3.0, 5.0, 10.0, 11.0])
+    monkeypatch.setattr(blockdev.time, "perf_counter", lambda: next(clock))
+    stats = blockdev.DeviceStats()
+    a = stats.begin()
+    b = stats.begin()
+    stats.done("read", SECTOR, a)  # at 3
+    stats.done("write", SECTOR, b)  # at 5: the device was busy from 0 to 5
+    stats.done("fua", SECTOR, stats.begin())  # 10 to 11
+    assert stats.busy == 6.0 and stats.in_flight == 0
+    assert stats.seconds == {"read": 3.0, "write": 4.0, "fua": 1.0, "flush": 0.0, "discard": 0.0}
+
+
+async def test_a_failed_request_ends_too(tmp_path):
+    """A write the power cut refuses, a flush on a dead device: counted, and in flight no more
+    (else the device looks busy for the rest of the run)."""
+    dev = await BlockDevice.open(make_image(tmp_path / "d.img"), faults=FaultPlan(cut_after_writes=1))
+    await dev.write(0, sector(1))
+    with pytest.raises(DeviceIOError):
+        await dev.write(SECTOR, sector(2), fua=True)
+    with pytest.raises(DeviceIOError):
+        await dev.flush_then_fua(0, sector(3))
+    assert dev.stats.in_flight == 0
+    assert (dev.stats.ops["write"], dev.stats.ops["fua"]) == (1, 1)
+    await dev.close()

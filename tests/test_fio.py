@@ -765,6 +765,47 @@ def keypaths(obj: Any, at: str = "") -> set[str]:
     return set()
 
 
+async def test_disk_util_counts_the_images_device_over_the_runs_mounts(tmp_path):
+    """fio's disk_util is the image's device, counted as a disk's /sys/block stat: 16 writes each
+    fsynced (a FUA superblock each: write_ios), then a kind=fsck job -- the run unmounts and
+    mounts again -- and a read job on a cold cache (device reads, on the second mount)."""
+    out, image = await run_job(tmp_path, """[w]
+rw=write
+size=64k
+bs=4k
+fsync=1
+[check]
+stonewall
+kind=fsck
+[r]
+stonewall
+rw=read
+size=64k
+bs=4k
+""")
+    [disk] = out["disk_util"]
+    assert list(disk) == ["name", "read_ios", "write_ios", "read_merges", "write_merges", "read_ticks", "write_ticks",
+                          "in_queue", "util"]
+    assert disk["name"] == "j.img" and disk["read_merges"] == disk["write_merges"] == 0
+    assert disk["write_ios"] >= 16 and disk["read_ios"] >= 1, disk
+    assert disk["in_queue"] >= disk["read_ticks"] + disk["write_ticks"] and 0 < disk["util"] <= 100, disk
+    async with mount(image) as fs:  # what one mount's device counts, to compare with the two the run had
+        async with fs.open("/jobs/r.0.0") as f:
+            await f.read()
+        reads_of_one_mount = fs.vol.device.stats.ops["read"]
+    assert disk["read_ios"] > reads_of_one_mount > 0, (disk, reads_of_one_mount)
+
+
+def same_layout(ours: dict, theirs: dict) -> tuple[set[str], set[str]]:
+    """Both reports' key paths, to compare: ours without the ``blockemu`` objects, and without
+    ``disk_util`` where fio found no block device under the job's directory (a tmpfs) and
+    reported none."""
+    mine = {p for p in keypaths(ours) if "/blockemu" not in p}
+    if not theirs["disk_util"]:
+        mine = {p for p in mine if not p.startswith("/disk_util/")}
+    return mine, keypaths(theirs)
+
+
 @pytest.mark.skipif(FIO is None, reason="the OS's fio is not installed (apt-get install fio; .ci/run does)")
 def test_json_keys_match_the_real_fio(tmp_path):
     """The same job file through the OS's fio (on a host directory) and through blockemu: every
@@ -798,8 +839,10 @@ fsync=4
         theirs = json.loads(fio.stdout[fio.stdout.index("{"):])  # fio may print notes before the JSON
         ours = json.loads(run("run", str(job), "--output-format", fmt, "--seed", "1").stdout)
         assert [j["jobname"] for j in ours["jobs"]] == [j["jobname"] for j in theirs["jobs"]]
-        extra = {p for p in keypaths(ours) if "/blockemu" in p}
-        assert keypaths(ours) - extra == keypaths(theirs) - {p for p in keypaths(theirs) if p.startswith("/disk_util/")}
+        mine, fios = same_layout(ours, theirs)
+        assert mine == fios, (mine ^ fios)
+        assert [type(v) for v in ours["disk_util"][0].values()] == [type(v) for v in theirs["disk_util"][0].values()] \
+            if theirs["disk_util"] else ours["disk_util"]
         assert ours["jobs"][0]["job options"] == theirs["jobs"][0]["job options"]
         assert ours["global options"] == theirs["global options"]
 

@@ -35,19 +35,46 @@ IOV_MAX = 1024
 SYNC_READ = 256 << 10  # reads up to this size pread on the loop, not in the executor (``read``)
 
 
+OPS = ("read", "write", "fua", "flush", "discard")
+
+
 @dataclass
 class DeviceStats:
-    ops: dict[str, int] = field(default_factory=lambda: {"read": 0, "write": 0, "fua": 0, "flush": 0, "discard": 0})
+    """The device's requests as a disk's ``/sys/block/*/stat`` counts them (fio's disk_util reads
+    that): each kind's count, bytes and time from taking a request to its end, and the time some
+    request was in flight (``io_ticks``). A request that fails ends too, and counts, as in the kernel."""
+
+    ops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OPS, 0))
     bytes: dict[str, int] = field(default_factory=lambda: {"read": 0, "write": 0})
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(OPS, 0.0))
     # latency histogram: bucket i counts ops that took [2**(i-1), 2**i) microseconds
     latency_us: list[int] = field(default_factory=lambda: [0] * 32)
+    in_flight: int = 0
+    busy: float = 0.0  # seconds with a request in flight, up to the last time none was
+    busy_since: float = 0.0
 
-    def record(self, op: str, nbytes: int, started: float) -> None:
+    def begin(self, n: int = 1) -> float:
+        """``n`` requests taken now; the time, for each one's ``done``."""
+        t = time.perf_counter()
+        if not self.in_flight:
+            self.busy_since = t
+        self.in_flight += n
+        return t
+
+    def done(self, op: str, nbytes: int, started: float) -> None:
+        now = time.perf_counter()
         self.ops[op] += 1
         if op in self.bytes:
             self.bytes[op] += nbytes
-        us = int((time.perf_counter() - started) * 1e6)
-        self.latency_us[min(us.bit_length(), 31)] += 1
+        self.seconds[op] += now - started
+        self.latency_us[min(int((now - started) * 1e6).bit_length(), 31)] += 1
+        self.in_flight -= 1
+        if not self.in_flight:
+            self.busy += now - self.busy_since
+
+    def busy_seconds(self) -> float:
+        """Seconds some request was in flight, up to now."""
+        return self.busy + (time.perf_counter() - self.busy_since if self.in_flight else 0.0)
 
 
 
@@ -209,10 +236,11 @@ class BlockDevice:
 
     def read_sync(self, offset: int, length: int) -> bytes:
         self._check(offset, length, "read")
-        t = time.perf_counter()
-        data = self._overlay(offset, os.pread(self.fd, length, offset), self._cached(offset, length))
-        self.stats.record("read", length, t)
-        return data
+        t = self.stats.begin()
+        try:
+            return self._overlay(offset, os.pread(self.fd, length, offset), self._cached(offset, length))
+        finally:
+            self.stats.done("read", length, t)
 
     async def read(self, offset: int, length: int) -> bytes:
         """A read of up to ``SYNC_READ`` bytes is a pread on the loop, as ``read_sync``'s: from the
@@ -224,11 +252,12 @@ class BlockDevice:
         await self._delay()
         if length <= SYNC_READ:
             return self.read_sync(offset, length)
-        t = time.perf_counter()
-        hits = self._cached(offset, length)
-        data = self._overlay(offset, await _a_pread(self.fd, length, offset), hits)
-        self.stats.record("read", length, t)
-        return data
+        t = self.stats.begin()
+        try:
+            hits = self._cached(offset, length)
+            return self._overlay(offset, await _a_pread(self.fd, length, offset), hits)
+        finally:
+            self.stats.done("read", length, t)
 
     # ------------------------------------------------------------ write
 
@@ -263,26 +292,28 @@ class BlockDevice:
             # a full cache stalls the host, as a real one does: the write is accepted once it fits
             await asyncio.shield(self.destage_in_background())
         for offset, data in writes:
-            t = time.perf_counter()
-            self._count_write()
-            data = bytes(data)
-            if self.faults.flip:
-                data = self._flip(data)
-            first = offset // SECTOR
-            if fua:
-                cache = self._cache
-                older = {s: cache[s] for s in range(first, first + len(data) // SECTOR) if s in cache}
-                async with self._destage_lock:  # a destage of the older copies must not land after it
-                    with self._host_write():
-                        await _a_fua(self.fd, offset, data)
-                for s, entry in older.items():  # superseded only now: until then reads still see them
-                    if cache.get(s) is entry:
-                        del cache[s]
-            else:
-                self._cache.update(dict.fromkeys(range(first, first + len(data) // SECTOR), (data, first)))
-            if self.log is not None:
-                self.log.append("fua" if fua else "write", offset, data)
-            self.stats.record("fua" if fua else "write", len(data), t)
+            t = self.stats.begin()
+            try:
+                self._count_write()
+                data = bytes(data)
+                if self.faults.flip:
+                    data = self._flip(data)
+                first = offset // SECTOR
+                if fua:
+                    cache = self._cache
+                    older = {s: cache[s] for s in range(first, first + len(data) // SECTOR) if s in cache}
+                    async with self._destage_lock:  # a destage of the older copies must not land after it
+                        with self._host_write():
+                            await _a_fua(self.fd, offset, data)
+                    for s, entry in older.items():  # superseded only now: until then reads still see them
+                        if cache.get(s) is entry:
+                            del cache[s]
+                else:
+                    self._cache.update(dict.fromkeys(range(first, first + len(data) // SECTOR), (data, first)))
+                if self.log is not None:
+                    self.log.append("fua" if fua else "write", offset, data)
+            finally:
+                self.stats.done("fua" if fua else "write", len(data), t)
         if len(self._cache) * SECTOR > self.cache_limit:
             self.destage_in_background()  # the disk writes its cache back on its own, while the host keeps issuing
 
@@ -304,12 +335,12 @@ class BlockDevice:
     async def discard(self, offset: int, length: int) -> None:
         """Discarded sectors read back as zeros (deterministic, like dm-thin in generic/482)."""
         self._check(offset, length, "discard")
-        t = time.perf_counter()
+        t = self.stats.begin()  # nothing here awaits or fails: it ends at once
         first = offset // SECTOR
         self._cache.update({s: (ZERO_SECTOR, s) for s in range(first, first + length // SECTOR)})
         if self.log is not None:
             self.log.append("discard", offset, bytes(length))
-        self.stats.record("discard", length, t)
+        self.stats.done("discard", length, t)
 
     # ------------------------------------------------------------ flush
 
@@ -362,11 +393,13 @@ class BlockDevice:
         if self.readonly or self.faults.nobarrier:
             return
         await self._delay()
-        t = time.perf_counter()
-        await self._destage_cache(sync=True)
-        if self.log is not None:
-            self.log.append("flush")
-        self.stats.record("flush", 0, t)
+        t = self.stats.begin()
+        try:
+            await self._destage_cache(sync=True)
+            if self.log is not None:
+                self.log.append("flush")
+        finally:
+            self.stats.done("flush", 0, t)
 
     async def flush_then_fua(self, offset: int, data: bytes) -> None:
         """``flush()``, then ``write(offset, data, fua=True)`` -- a commit's or a log sync's last
@@ -380,19 +413,21 @@ class BlockDevice:
             await self.write(offset, data, fua=True)
             return
         self._check(offset, len(data), "write")
-        t = time.perf_counter()
-        self._count_write()
-        data = bytes(data)
-        async with self._destage_lock:
-            snapshot = dict(self._cache)  # older copies of the superblock's sectors too: destaged first
-            with self._host_write():
-                await _a_flush_fua(self.fd, self._runs(snapshot), offset, data)
-            self._destaged(snapshot)
-        if self.log is not None:
-            self.log.append("flush")
-            self.log.append("fua", offset, data)
-        self.stats.record("flush", 0, t)
-        self.stats.record("fua", len(data), t)
+        t = self.stats.begin(2)  # a flush and a FUA write, as the kernel would issue them
+        try:
+            self._count_write()
+            data = bytes(data)
+            async with self._destage_lock:
+                snapshot = dict(self._cache)  # older copies of the superblock's sectors too: destaged first
+                with self._host_write():
+                    await _a_flush_fua(self.fd, self._runs(snapshot), offset, data)
+                self._destaged(snapshot)
+            if self.log is not None:
+                self.log.append("flush")
+                self.log.append("fua", offset, data)
+        finally:
+            self.stats.done("flush", 0, t)
+            self.stats.done("fua", len(data), t)
 
     # ------------------------------------------------------------ power and close
 

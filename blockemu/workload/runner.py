@@ -38,6 +38,7 @@ from blockemu.fs.mkfs import MIN_SIZE, mkfs
 from blockemu.workload.buffers import WorkingSet
 from blockemu.workload.campaign import Campaign, Shard
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, record
+from blockemu.workload.diskutil import DiskUtil
 from blockemu.workload.fio import (
     InFlight,
     JobResult,
@@ -93,6 +94,10 @@ class RunReport:
     interrupted: str | None = None  # the signal that stopped the run early
     notes: list[str] = field(default_factory=list)  # the run's own, beside its jobs'
     zones: dict[str, ZonedFile] = field(default_factory=dict)  # zonemode=zbd: each file's zones at the end
+    disk: DiskUtil = field(init=False)  # the image's device over the run's mounts
+
+    def __post_init__(self) -> None:
+        self.disk = DiskUtil(self.image)
 
     @property
     def ok(self) -> bool:
@@ -110,7 +115,7 @@ class RunReport:
         return {"fio version": PRODUCER, "timestamp": int(self.started),
                 "timestamp_ms": int(self.started * 1000), "time": time.ctime(self.started),
                 "global options": self.global_options,
-                "jobs": [r.as_json(bw[r.group], plus) for r in entries] + self.jobs, "disk_util": [],
+                "jobs": [r.as_json(bw[r.group], plus) for r in entries] + self.jobs, "disk_util": self.disk.as_json(),
                 "blockemu": {"seed": self.seed, "image": self.image, "fsck_clean": self.fsck_clean,
                              "failures": self.failures, "ok": self.ok, "interrupted": self.interrupted,
                              "ignored_options": ignored,
@@ -197,6 +202,7 @@ class Runner:
     async def _mount(self) -> Filesystem:
         g = self.jf.globals
         fs = await mount(self.image, key_removal=g.get("key_removal", "soft"), interval=5.0)
+        self.report.disk.mounted()
         if g.get("encrypt"):
             key = random.Random(f"{self.seed}:key").randbytes(64)
             kid = await fs.add_key(key)
@@ -227,7 +233,7 @@ class Runner:
         finally:
             if self.fs is not None:
                 try:
-                    await self.fs.unmount()
+                    await self._unmount()
                 except BlockemuError as e:  # read-only after a failed commit: the run still reports
                     self.report.failures.append(f"unmount: {e}")
         if self.mixes:
@@ -238,6 +244,15 @@ class Runner:
             self.report.failures.append(f"fsck: {len(report.errors)} errors, first: [{report.errors[0].code}] "
                                         f"{report.errors[0].message}")
         return self.report
+
+    async def _unmount(self) -> None:
+        """Unmount the run's filesystem; its device's requests join the report's disk_util."""
+        assert self.fs is not None
+        try:
+            await self.fs.unmount()
+        finally:
+            self.report.disk.unmounted(self.fs.vol.device.stats)
+        self.fs = None
 
     async def _job(self, job: Job, gate: LayoutGate) -> None:
         """``gate``: the fio jobs that start together lay out their files before any starts (a
@@ -303,8 +318,7 @@ class Runner:
                     self.report.failures.append(f"{job.name}: {r.lost} acknowledged appends lost ({r.silent} silently)"
                                                 f" under {mode} removal")
             elif kind == "fsck":
-                await self.fs.unmount()
-                self.fs = None
+                await self._unmount()
                 rep = check(self.image, check_data=job.get("check_data", False))
                 self.report.jobs.append({"jobname": job.name, "kind": "fsck", **rep.as_json()})
                 if not rep.clean:
