@@ -236,3 +236,56 @@ def test_an_image_whose_superblock_read_fails_is_closed_at_once(image, monkeypat
     monkeypatch.undo()
     assert open_fds() == fds
     os.close(open_image(image, readonly=False))  # and its lock is free
+
+
+async def test_a_run_whose_mount_fails_half_way_releases_the_image(tmp_path, image, monkeypatch, no_collector):
+    """``blockemu run`` mounts, then makes its jobs' directory: a failure there (ENOSPC on a full
+    image, here injected) left the mount open, held by the error's traceback -- its descriptors
+    and the image's lock, so the next run on the image was refused (EBUSY)."""
+    from blockemu.errors import NoSpaceError
+    from blockemu.fs.filesystem import Filesystem
+    from blockemu.workload.runner import run_workload
+
+    job = tmp_path / "j.fio"
+    job.write_text("[w]\nrw=write\nsize=64k\n")
+
+    async def full(self, path: str) -> None:
+        raise NoSpaceError("No space left on device")
+    monkeypatch.setattr(Filesystem, "mkdir", full)
+    fds = open_fds()
+    kept = []
+    for _ in range(3):
+        with pytest.raises(NoSpaceError) as failed:
+            await run_workload(str(job), image=image, seed=1)
+        kept.append(failed.value)  # kept, with its traceback: nothing collected
+    assert open_fds() == fds
+    os.close(open_image(image, readonly=False))  # the lock is free at once
+    monkeypatch.undo()
+    assert (await run_workload(str(job), image=image, seed=1)).ok
+
+
+def test_a_campaign_that_fails_before_its_first_shard_closes_its_results_file(tmp_path, monkeypatch, no_collector):
+    """``--resume F --results F`` opens F to append, then reads its last byte (an interrupted
+    run's half line gets a newline): a failing read there left the appending descriptor open."""
+    import builtins
+
+    from blockemu.workload.campaign import Campaign, LocalExecutor, Shard, run_campaign
+
+    results = str(tmp_path / "r.jsonl")
+    with open(results, "w") as f:
+        f.write('{"half a line')
+    real = builtins.open
+
+    def failing(path, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if path == results and mode == "rb":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", failing)
+    campaign = Campaign("c", {}, [Shard("0", ())], lambda args: {"units": 1, "states": 0, "failures": []}, str)
+    fds = open_fds()
+    kept = []
+    for _ in range(3):
+        with pytest.raises(OSError, match="Input/output error") as failed:
+            run_campaign(campaign, LocalExecutor(1), results=results, resume=results)
+        kept.append(failed.value)  # kept, with its traceback: its frames' locals too
+    assert open_fds() == fds

@@ -249,12 +249,12 @@ def run_campaign(campaign: Campaign, ex: Executor, *, results: str | None = None
     done = read_results(resume, campaign) if resume else {}
     todo = [s for s in campaign.shards if s.key not in done]
     out = open(results, "a" if results == resume else "w") if results else None
-    if out and out.tell():
-        with open(results, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":  # an interrupted run's half line: ours start on a line of their own
-                out.write("\n")
-    try:
+    try:  # closed however this ends: a driver that goes on (a test, a notebook) keeps no descriptor
+        if out and out.tell():
+            with open(results, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # an interrupted run's half line: ours start on a line of their own
+                    out.write("\n")
         start = (len(done), sum(r["states"] for r in done.values()), sum(len(r["failures"]) for r in done.values()))
         with tally(campaign.name, len(campaign.shards), progress, start) as advance:
             for shard, r in ex.run(campaign.run, todo):

@@ -203,7 +203,21 @@ class Runner:
         g = self.jf.globals
         fs = await mount(self.image, key_removal=g.get("key_removal", "soft"), interval=5.0)
         self.report.disk.mounted()
-        if g.get("encrypt"):
+        try:
+            await self._jobs_directory(fs)
+        except BaseException:
+            # unmounted here, not by the collector: the error's traceback keeps the mount alive, and
+            # with it the image's lock (the next run on the image refused) and the page arena; the
+            # error to raise is this one, not the clean-up's
+            with contextlib.suppress(Exception):
+                await fs.unmount()
+            raise
+        return fs
+
+    async def _jobs_directory(self, fs: Filesystem) -> None:
+        """The directory the jobs' files go in, made on the first run on the image: encrypted, with
+        the run's key added, under ``encrypt=1``."""
+        if self.jf.globals.get("encrypt"):
             key = random.Random(f"{self.seed}:key").randbytes(64)
             kid = await fs.add_key(key)
             self.directory = "/enc-jobs"
@@ -211,13 +225,11 @@ class Runner:
                 await fs.mkdir(self.directory)
                 await fs.set_policy(self.directory, kid)
             elif await fs.get_policy(self.directory) != kid:  # every job in it failed with a bare ENOKEY
-                await fs.unmount()
                 raise InvalidArgument(f"{self.image}: {self.directory} holds an earlier run's files, encrypted with "
                                       "the key of its --seed (a run's key comes from its seed): run with that "
                                       "--seed, or on a fresh image")
         elif not await fs.exists(self.directory):
             await fs.mkdir(self.directory)
-        return fs
 
     async def run(self) -> RunReport:
         if not os.path.exists(self.image) or os.path.getsize(self.image) == 0:
