@@ -148,34 +148,44 @@ def test_a_persistence_point_after_a_files_fsyncs_is_what_it_must_keep():
     assert models.judge({"/a": b"A1", "/b": b"B0"}, unrecorded, 16) is None
 
 
+async def passes(tmp_path, workload) -> None:
+    """Every crash state of ``workload``, on the fast write path, passes the oracle (there are some)."""
+    result = await _check(tmp_path, workload, FAST)
+    assert result.states >= 10 and not result.failures, (result.states, result.failures[:3])
+
+
+async def synced(fs, rec: Recorder, paths: list[str], size: int) -> None:
+    """``paths`` in the directory /A, ``size`` zeros each, synced: the persistence point to start from."""
+    await rec.mkdir("/A")
+    for p in paths:
+        async with fs.open(p, "w") as f:
+            await f.write(b"0" * size)
+    await fs.sync()
+    await rec.persisted()
+
+
+async def rewrite(fs, rec: Recorder, p: str, data: bytes, at: int) -> None:
+    """``data`` written at ``at`` of ``p``, and fsynced through the recorder."""
+    async with fs.open(p, "r+") as f:
+        await f.pwrite(data, at)
+        await rec.fsync(f, p)
+
+
 async def test_fsyncs_after_a_sync_of_a_file_fsynced_before(tmp_path):
     """The same through a workload, every crash state checked: the oracle failed the legal
     states of /b's and /c's fsyncs, where /a holds what the sync made durable."""
     def workload(scale: int):
         async def run(fs, rec: Recorder) -> None:
-            await rec.mkdir("/A")
-            for p in ("/A/a", "/A/b", "/A/c"):
-                async with fs.open(p, "w") as f:
-                    await f.write(b"0" * 3000 * scale)
-            await fs.sync()
-            await rec.persisted()
-            async with fs.open("/A/a", "r+") as f:
-                await f.pwrite(b"1" * 1000 * scale, 0)
-                await rec.fsync(f, "/A/a")
+            await synced(fs, rec, ["/A/a", "/A/b", "/A/c"], 3000 * scale)
+            await rewrite(fs, rec, "/A/a", b"1" * 1000 * scale, 0)
             async with fs.open("/A/a", "r+") as f:
                 await f.pwrite(b"2" * 1000 * scale, 0)
             await fs.sync()
             await rec.persisted()
-
-            async def one(p: str) -> None:
-                async with fs.open(p, "r+") as f:
-                    await f.pwrite(b"3" * 1000 * scale, 500 * scale)
-                    await rec.fsync(f, p)
-            await asyncio.gather(one("/A/b"), one("/A/c"))
+            await asyncio.gather(*(rewrite(fs, rec, p, b"3" * 1000 * scale, 500 * scale) for p in ("/A/b", "/A/c")))
         return run
     workload.__name__ = "fsync_after_sync"
-    result = await _check(tmp_path, workload, FAST)
-    assert result.states >= 10 and not result.failures, (result.states, result.failures[:3])
+    await passes(tmp_path, workload)
 
 
 async def test_a_commit_while_the_recorder_reads_the_version(tmp_path, monkeypatch):
@@ -186,12 +196,7 @@ async def test_a_commit_while_the_recorder_reads_the_version(tmp_path, monkeypat
     made durable nor what an fsync in flight would"."""
     def workload(scale: int):
         async def run(fs, rec: Recorder) -> None:
-            await rec.mkdir("/A")
-            for p in ("/A/a", "/A/b"):
-                async with fs.open(p, "w") as f:
-                    await f.write(b"0" * 3000 * scale)
-            await fs.sync()
-            await rec.persisted()
+            await synced(fs, rec, ["/A/a", "/A/b"], 3000 * scale)
             real = File.read
 
             async def read_beside_a_commit(self, size: int = -1) -> bytes:
@@ -203,16 +208,11 @@ async def test_a_commit_while_the_recorder_reads_the_version(tmp_path, monkeypat
                 monkeypatch.setattr(File, "read", read_beside_a_commit)
                 await rec.fsync(f, "/A/a")
             assert File.read is real, "the recorder no longer reads the file: this test drives nothing"
-
-            async def one(p: str) -> None:  # a group after it, so the commit's state is judged per file
-                async with fs.open(p, "r+") as f:
-                    await f.pwrite(b"2" * 1000 * scale, 500 * scale)
-                    await rec.fsync(f, p)
-            await asyncio.gather(one("/A/a"), one("/A/b"))
+            # a group after it, so the commit's state is judged per file
+            await asyncio.gather(*(rewrite(fs, rec, p, b"2" * 1000 * scale, 500 * scale) for p in ("/A/a", "/A/b")))
         return run
     workload.__name__ = "commit_while_reading"
-    result = await _check(tmp_path, workload, FAST)
-    assert result.states >= 10 and not result.failures, (result.states, result.failures[:3])
+    await passes(tmp_path, workload)
 
 
 async def test_an_fsync_counts_as_acknowledged_from_the_superblock_that_made_it_durable(tmp_path, monkeypatch):
@@ -222,12 +222,7 @@ async def test_an_fsync_counts_as_acknowledged_from_the_superblock_that_made_it_
     acknowledged from right after that FUA."""
     def workload(scale: int):
         async def run(fs, rec: Recorder) -> None:
-            await rec.mkdir("/A")
-            for p in ("/A/a", "/A/b"):
-                async with fs.open(p, "w") as f:
-                    await f.write(b"0" * 3000 * scale)
-            await fs.sync()
-            await rec.persisted()
+            await synced(fs, rec, ["/A/a", "/A/b"], 3000 * scale)
             real = fs.vol.fsync
             async with fs.open("/A/b", "r+") as fb, fs.open("/A/a", "r+") as fa:
                 async def resumed_late(ino: int) -> None:
