@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum, fast, items
 from blockemu.ondisk import structs as S
-from blockemu.ondisk.block import decode_block, encode_block
+from blockemu.ondisk.block import TreeBlock, decode_block, encode_block
 from blockemu.ondisk.superblock import decode_super, encode_super
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +97,29 @@ def test_block_vectors_decode_and_reencode(name, nodesize, csum_type):
     for i, key in enumerate(block.keys):
         e = entry.parse(raw[fast.HEADER_SIZE + i * entry.sizeof():])
         assert (e.key.objectid, e.key.type, e.key.offset) == key
+
+
+@pytest.mark.parametrize("n", [2, 63, 64, 65, 128, 300])
+@pytest.mark.parametrize("level", [0, 1])
+def test_encode_block_packs_every_row_as_the_construct_definition_reads_it(n, level):
+    """Item headers and key pointers are packed in runs of ``PACK_ROWS``: every row, each side
+    of a run's edge, lands where the construct definition reads it, and decodes back."""
+    rng = random.Random(n)
+    keys = sorted({(rng.randrange(1 << 40), rng.randrange(256), rng.randrange(1 << 62)) for _ in range(n)})
+    block = TreeBlock(bytenr=1 << 20, generation=7, owner=5, level=level, keys=keys,
+                      values=[rng.randbytes(rng.randrange(4, 40)) for _ in keys] if level == 0 else [],
+                      ptrs=[] if level == 0 else [(rng.randrange(1 << 50) << 12, rng.randrange(1 << 40)) for _ in keys])
+    raw = encode_block(block, nodesize=16384, csum_type=0, fsid=FSID)
+    entry = S.Item if level == 0 else S.KeyPtr
+    for i, key in enumerate(keys):
+        e = entry.parse(raw[fast.HEADER_SIZE + i * entry.sizeof():])
+        assert (e.key.objectid, e.key.type, e.key.offset) == key
+        if level:
+            assert (e.blockptr, e.generation) == block.ptrs[i]
+        else:
+            assert raw[fast.HEADER_SIZE + e.offset:][:e.size] == block.values[i]
+    back = decode_block(raw, bytenr=1 << 20, nodesize=16384, csum_type=0, fsid=FSID)
+    assert (back.keys, back.values, back.ptrs) == (keys, block.values, block.ptrs)
 
 
 def test_superblock_vector():

@@ -7,8 +7,8 @@ against the block it sits in before it is used, so a hostile image raises a
 from __future__ import annotations
 
 import struct
-
 from dataclasses import dataclass, field
+from functools import cache
 from itertools import chain, islice
 from operator import add, gt, itemgetter, le, lt, sub
 
@@ -145,6 +145,36 @@ def _leaf_values(buf: bytes | memoryview, mv: memoryview, keys: list[KeyT], byte
     return list(map(raw.__getitem__, map(slice, starts, ends))), data_floor - HEADER_SIZE + sum(map(sub, ends, starts))
 
 
+PACK_ROWS = 64  # item headers (or key pointers) per pack_into call
+
+
+@cache
+def _rows_struct(row: struct.Struct, n: int) -> struct.Struct:
+    """``n`` of ``row`` one after another, as one Struct."""
+    return struct.Struct("<" + row.format.lstrip("<") * n)
+
+
+def _pack_rows(row: struct.Struct, buf: bytearray, pos: int, flat: list[int]) -> None:
+    """Rows of ``row``'s fields, flattened in ``flat``, packed into ``buf`` from ``pos`` by
+    Structs of ``PACK_ROWS`` rows and one for the rest, each compiled once. Not one Struct of
+    all the rows (``struct.pack_into`` with a format per row count): struct's cache keeps 100
+    formats and a block's row count varies, so each encode compiled a format of hundreds of
+    rows anew -- 1.1 M instructions of the ~27.5 M of an fio fsync cycle (callgrind)."""
+    fields = _FIELDS[row]
+    per = PACK_ROWS * fields
+    whole = len(flat) - len(flat) % per
+    if whole:
+        rows = _rows_struct(row, PACK_ROWS)
+        for i in range(0, whole, per):
+            rows.pack_into(buf, pos, *flat[i:i + per])
+            pos += rows.size
+    if whole < len(flat):
+        _rows_struct(row, (len(flat) - whole) // fields).pack_into(buf, pos, *flat[whole:])
+
+
+_FIELDS = {row: len(row.unpack(bytes(row.size))) for row in (ITEM, KEY_PTR)}
+
+
 def encode_block(block: TreeBlock, *, nodesize: int, csum_type: int, fsid: bytes) -> bytes:
     buf = bytearray(nodesize)
     n = len(block.keys)
@@ -165,8 +195,8 @@ def encode_block(block: TreeBlock, *, nodesize: int, csum_type: int, fsid: bytes
         for key, value in zip(block.keys, values):
             off -= len(value)
             flat += (key[0], key[1], key[2], off, len(value))
-        struct.pack_into("<" + ITEM.format[1:] * n, buf, pos, *flat)
+        _pack_rows(ITEM, buf, pos, flat)
     else:
-        struct.pack_into("<" + KEY_PTR.format[1:] * n, buf, pos, *chain.from_iterable(map(add, block.keys, block.ptrs)))
+        _pack_rows(KEY_PTR, buf, pos, list(chain.from_iterable(map(add, block.keys, block.ptrs))))
     buf[0:CSUM_FIELD] = csums.field(csum_type, memoryview(buf)[CSUM_FIELD:])
     return bytes(buf)
