@@ -180,7 +180,7 @@ def encode_block(block: TreeBlock, *, nodesize: int, csum_type: int, fsid: bytes
     n = len(block.keys)
     HEADER.pack_into(buf, 0, b"", fsid, block.bytenr, block.flags, block.generation, block.owner, n, block.level)
     pos = HEADER_SIZE
-    # every item header (or key pointer) in one pack_into call, the leaf's data in one copy: a
+    # the item headers (or key pointers) by a few pack_into calls (``_pack_rows``), the leaf's data in one copy: a
     # commit or a log sync encodes each dirty block, and a block holds hundreds of items. A node's
     # fields are flattened by C-level maps (a third fewer instructions than a listcomp, callgrind);
     # a leaf's loop below measured no dearer than maps building the same list.
