@@ -16,12 +16,16 @@ import time
 from collections.abc import Callable
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import blockemu
 from blockemu.check.fsck import check
 from blockemu.crypto import fscrypt
 from blockemu.crypto.arena import Arena
 from blockemu.crypto.sealer import DEPTH, Sealer, _Worker, seal_local
+from blockemu.crypto.sealworker import IN_SLOT, PAGE, seal_slot, slot_size
+from blockemu.crypto.sealworker import KEY as KEY_SIZE
 from blockemu.errors import NoSpaceError
 from tests.util import KEY, ErrnoCheck, encrypted_dir
 
@@ -417,3 +421,50 @@ async def test_a_flush_with_more_groups_than_sealing_slots_finishes(tmp_path):
         async with fs.open("/e/f") as f:
             assert await f.read() == data
     assert check(image).clean
+
+
+UNITS = st.lists(st.one_of(st.integers(0, RUNS * PAGES - 1), st.just(IN_SLOT)), min_size=1, max_size=24)
+
+
+# the arena is only read, so sharing it across examples is safe
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(units=UNITS, start=st.integers(0, RUNS * PAGES - 24), consecutive=st.booleans())
+def test_seal_slot_seals_consecutive_scattered_and_in_slot_units_alike(arena, units, start, consecutive):
+    """A worker seals a run of consecutive frames (a streaming write's) as one buffer and any
+    other run unit by unit (scattered frames, pages copied into the slot): each the same
+    ciphertext and checksums as sealing the run's plaintext here."""
+    if consecutive:
+        units = list(range(start, start + len(units)))
+    elif len({f for f in units if f != IN_SLOT}) < len([f for f in units if f != IN_SLOT]):
+        units = list(dict.fromkeys(units))  # a frame is in a run at most once
+    cap = len(units) * PAGE
+    slots = memoryview(bytearray(slot_size(cap)))
+    rng = random.Random(len(units))
+    plain = []
+    for i, f in enumerate(units):
+        if f == IN_SLOT:
+            slots[KEY_SIZE + i * PAGE : KEY_SIZE + (i + 1) * PAGE] = page = rng.randbytes(PAGE)
+        else:
+            page = bytes(arena.page(f))
+        plain.append(page)
+    slots[:KEY_SIZE] = run_key(1)
+    sums = seal_slot(arena.view, slots, 0, tuple(units), cap, 0)
+    assert (bytes(slots[KEY_SIZE + cap : KEY_SIZE + 2 * cap]), sums) == seal_local(run_key(1), b"".join(plain), 0)
+    assert slots[:KEY_SIZE] == bytes(KEY_SIZE), "the key stayed in the slot"
+
+
+async def test_a_pooled_run_with_heap_pages_is_sealed_from_the_slot(pool, arena):
+    """A run a worker seals may hold heap pages (the arena was full): those are copied into the
+    slot and sealed from there, and wiped from it once the run is done; the frames beside them
+    are read where they are."""
+    sealer = await pool()
+    frames: list[int | bytearray] = list(run_frames(1))
+    heap = {3: bytearray(random.Random(3).randbytes(PAGE)), PAGES - 1: bytearray(random.Random(4).randbytes(PAGE))}
+    for k, page in heap.items():
+        frames[k] = page
+    plain = b"".join(bytes(p) if isinstance(p, bytearray) else bytes(arena.page(p)) for p in frames)
+    async with sealer.sealed(run_key(1), frames, 0) as (ciphertext, sums):
+        assert (bytes(ciphertext), sums) == seal_local(run_key(1), plain, 0)
+    assert sealer._slots is not None
+    slots = bytes(sealer._slots[1])
+    assert all(bytes(page) not in slots for page in heap.values()), "a heap page's plaintext stayed in a slot"

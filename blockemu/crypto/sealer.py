@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import mmap
 import os
 import sys
@@ -320,8 +321,11 @@ class Sealer:
             if derived is not key:
                 fscrypt.wipe(derived)
         plain = off + KEY
-        frames = [p if type(p) is int else IN_SLOT for p in pages]
-        copied = [k for k, p in enumerate(pages) if type(p) is not int]
+        if all(map(isinstance, pages, itertools.repeat(int))):  # all frames (a C-level scan): the common case
+            frames, copied = list(pages), []
+        else:
+            frames = [p if type(p) is int else IN_SLOT for p in pages]
+            copied = [k for k, p in enumerate(pages) if type(p) is not int]
         for k in copied:  # a heap page: into the slot
             buf[plain + k * PAGE : plain + (k + 1) * PAGE] = pages[k]  # type: ignore[assignment]
         fut = worker.send(off, frames, self.max_extent, csum_type)
