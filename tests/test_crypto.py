@@ -73,6 +73,8 @@ def test_every_path_equals_a_cipher_per_unit(monkeypatch, path, first_unit):
     sealed = fscrypt.encrypt_units(bytearray(key), data, first_unit)
     assert bytes(sealed) == reference(key, data, first_unit)
     assert bytes(fscrypt.decrypt_units(bytearray(key), bytes(sealed), first_unit)) == data
+    pages = fscrypt.decrypt_pages(bytearray(key), bytes(sealed), first_unit)  # a cold read's: a page per unit
+    assert [len(p) for p in pages] == [UNIT] * 5 and b"".join(pages) == data
 
 
 def test_units_wherever_they_live_into_a_shared_mapping():
@@ -199,6 +201,7 @@ def test_without_libcrypto_every_caller_falls_back_to_cryptography(monkeypatch):
     key, data = os.urandom(64), os.urandom(3 * UNIT)
     assert bytes(fscrypt.encrypt_units(bytearray(key), data, 300)) == reference(key, data, 300)
     assert bytes(fscrypt.decrypt_units(bytearray(key), reference(key, data, 300), 300)) == data
+    assert b"".join(fscrypt.decrypt_pages(bytearray(key), reference(key, data, 300), 300)) == data
     arena = memoryview(bytearray(4 * UNIT))
     arena[UNIT : 4 * UNIT] = data
     cap = 3 * UNIT
@@ -209,4 +212,4 @@ def test_without_libcrypto_every_caller_falls_back_to_cryptography(monkeypatch):
     out = sealworker.KEY + cap
     assert bytes(slots[out : out + 3 * UNIT]) == reference(key, data, 0)
     assert bytes(slots[: sealworker.KEY]) == bytes(sealworker.KEY), "the key stayed in the slot"
-    assert digests == sealworker.digests(reference(key, data, 0), ctype)
+    assert digests == csum.digests(reference(key, data, 0), ctype)

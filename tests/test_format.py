@@ -164,6 +164,17 @@ def test_checksum_known_answers():
     assert len(csum.field(csum.BLAKE2B, b"x")) == 32 and csum.csum_size(csum.BLAKE2B) == 32
 
 
+@pytest.mark.parametrize("ctype", sorted(csum.ALGORITHMS))
+def test_digests_of_a_range_are_its_sectors_digests(ctype):
+    """A range's checksums in one call (a cold read verifies each part with it, the sealer
+    checksums each extent) are exactly the per-sector digests the checksum items hold."""
+    data = bytes(range(256)) * 16 * 3 + b"\x01" * 4096
+    sectors = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+    want = b"".join(csum.digest(ctype, s) for s in sectors)
+    assert csum.digests(data, ctype) == want and csum.unit_digests(sectors, ctype) == want
+    assert csum.digests(b"", ctype) == b""
+
+
 def test_decode_rejects_bad_checksum_and_location():
     raw = bytearray((VECTORS / "leaf_4k_crc32c.bin").read_bytes())
     with pytest.raises(CorruptionError) as e:

@@ -203,12 +203,11 @@ async def test_an_evicted_page_is_zeroed_once_its_reader_has_awaited():
     cache = PageCache(clean_limit=2 * PAGE, dirty_frames=4)
     pages = Pages(1)
     filled = [bytearray([i + 1]) * PAGE for i in range(3)]
-    for idx, page in enumerate(filled):
-        cache.put_clean(pages, idx, page)
+    cache.put_clean(pages, dict(enumerate(filled)))
     assert cache.get(pages, 0) is None and filled[0] == bytes([1]) * PAGE
     await asyncio.sleep(0)
     assert filled[0] == ZERO_PAGE and cache.get(pages, 1) == bytes([2]) * PAGE
-    cache.put_clean(pages, 1, page := bytearray(b"x" * PAGE))  # already cached: the cache's copy is newer
+    cache.put_clean(pages, {1: (page := bytearray(b"x" * PAGE))})  # already cached: the cache's copy is newer
     assert page == ZERO_PAGE
     cache.close()
 

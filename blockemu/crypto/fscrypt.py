@@ -219,6 +219,24 @@ def decrypt_units(key: bytes | bytearray, ciphertext: Buffer, first_unit: int = 
     return _xts(key, ciphertext, first_unit, False)  # type: ignore[return-value]
 
 
+def decrypt_pages(key: bytes | bytearray, ciphertext: Buffer, first_unit: int = 0) -> list[bytearray]:
+    """Whole data units decrypted into a fresh 4 KiB ``bytearray`` each, as the page cache keeps
+    them: a cold read decrypts straight into the pages it caches, not into a buffer of the whole
+    range that it then copies page by page and zeroes. On failure the pages are zeroed."""
+    pages = [bytearray(DATA_UNIT) for _ in range(len(ciphertext) // DATA_UNIT)]
+    try:
+        if not xts.crypt(key, ciphertext, first_unit, False, pages):  # no OpenSSL 3: cryptography's path
+            whole = decrypt_units(key, ciphertext, first_unit)
+            for k, page in enumerate(pages):
+                page[:] = memoryview(whole)[k * DATA_UNIT : (k + 1) * DATA_UNIT]
+            wipe(whole)
+    except BaseException:
+        for page in pages:
+            wipe(page)
+        raise
+    return pages
+
+
 def wipe(buf: bytearray | memoryview) -> None:
     """Overwrite a secret (or plaintext) in place. It zeroes only this buffer: every copy
     blockemu makes is a bytearray its owner wipes this way (tests/test_wipe.py scans the

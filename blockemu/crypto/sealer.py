@@ -35,8 +35,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from blockemu.crypto import fscrypt
 from blockemu.crypto.arena import Arena, unmap
 from blockemu.crypto.fscrypt import Buffer
-from blockemu.crypto.sealworker import BOOT, IN_SLOT, KEY, PAGE, RESPONSE, digests, request, slot_size, unit_digests
+from blockemu.crypto.sealworker import BOOT, IN_SLOT, KEY, PAGE, RESPONSE, request, slot_size
 from blockemu.errors import DeviceIOError
+from blockemu.ondisk.csum import digests, unit_digests
 
 POOL_THRESHOLD = 256 << 10
 DEPTH = 3  # requests in flight per worker

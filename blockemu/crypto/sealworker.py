@@ -60,17 +60,6 @@ def request(off: int, frames: list[int], cap: int, csum_type: int) -> bytes:
     return REQUEST.pack(off, len(frames), cap, csum_type) + struct.pack(f"<{len(frames)}i", *frames)
 
 
-def digests(data: bytes | memoryview, csum_type: int) -> bytes:
-    """The per-sector checksums of ``data``, concatenated (as the checksum items hold them)."""
-    mv = memoryview(data)
-    return unit_digests([mv[i : i + PAGE] for i in range(0, len(mv), PAGE)], csum_type)
-
-
-def unit_digests(units: list[bytes | bytearray | memoryview], csum_type: int) -> bytes:
-    """The checksums of ``units`` (4 KiB each), concatenated: ``digests`` of their concatenation."""
-    return b"".join(map(csums.ALGORITHMS[csum_type][2], units))
-
-
 def seal_slot(arena: memoryview, slots: memoryview, off: int, frames: tuple[int, ...], cap: int, csum_type: int) -> bytes:
     """Seal into the slot at ``off`` the units ``frames`` name; returns the digests."""
     n = len(frames) * PAGE
@@ -93,7 +82,7 @@ def seal_slot(arena: memoryview, slots: memoryview, off: int, frames: tuple[int,
             fscrypt.encrypt_units(key, units, out=slots[out : out + n + SLACK])
     finally:
         xts.zero(key)
-    return digests(slots[out : out + n], csum_type)
+    return csums.digests(slots[out : out + n], csum_type)
 
 
 def worker_main(arena_fd: int, arena_size: int, slots_fd: int, slots_size: int) -> None:

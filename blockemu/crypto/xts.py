@@ -63,7 +63,7 @@ def library() -> ctypes.PyDLL:
 
 
 @functools.cache
-def libcrypto_xts() -> Callable[[bytes | bytearray, Sequence[int], int, int, bool], None] | None:
+def libcrypto_xts() -> Callable[[bytes | bytearray, Sequence[int], int, Sequence[int], bool], None] | None:
     """AES-256-XTS per data unit through OpenSSL 3's EVP API: one cipher context per call, its
     key schedule built once, and per unit only the tweak set again and the unit encrypted
     (two C calls). cryptography offers no way to change a context's IV, so its path rebuilds
@@ -86,7 +86,7 @@ def libcrypto_xts() -> Callable[[bytes | bytearray, Sequence[int], int, int, boo
         return None
     tweaks = bytearray()  # tweak i at 16 * i; grown (replaced) when an extent is longer
 
-    def xts(key: bytes | bytearray, sources: Sequence[int], first_unit: int, out: int, encrypt: bool) -> None:
+    def xts(key: bytes | bytearray, sources: Sequence[int], first_unit: int, outs: Sequence[int], encrypt: bool) -> None:
         nonlocal tweaks
         # this call's table, taken once: the shared one may be replaced meanwhile, and by a
         # shorter one when a thread that began growing it for a short extent finishes after
@@ -106,10 +106,10 @@ def libcrypto_xts() -> Callable[[bytes | bytearray, Sequence[int], int, int, boo
         try:
             if init(ctx, cipher, buffer_address(key), at, enc, None) != 1:
                 raise ValueError("AES-256-XTS: OpenSSL refused the key (its halves must differ)")
-            for i, src in enumerate(sources):
+            for i, (src, out) in enumerate(zip(sources, outs)):
                 if i and init(ctx, None, None, at + 16 * i, enc, None) != 1:
                     raise ValueError("AES-256-XTS: setting the tweak failed in libcrypto")
-                if update(ctx, out + i * DATA_UNIT, outl_at, src, DATA_UNIT) != 1:
+                if update(ctx, out, outl_at, src, DATA_UNIT) != 1:
                     raise ValueError("AES-256-XTS failed in libcrypto")
         finally:
             free(ctx)
@@ -118,11 +118,14 @@ def libcrypto_xts() -> Callable[[bytes | bytearray, Sequence[int], int, int, boo
 
 
 def crypt(key: bytes | bytearray, data: Buffer | Sequence[Buffer], first_unit: int, encrypt: bool,
-          out: memoryview) -> bool:
+          out: memoryview | Sequence[bytearray]) -> bool:
     """En- or decrypt ``data`` (one buffer of whole units, or a sequence of 4 KiB units wherever
-    they live) into ``out``, the tweak of unit i being ``first_unit + i``; False (nothing done)
-    when libcrypto cannot: no OpenSSL 3, a key that is not AES-256-XTS's, a read-only ``out``."""
-    fast = libcrypto_xts() if len(key) == XTS_KEY_SIZE and not out.readonly else None
+    they live) into ``out`` (one buffer, or a 4 KiB bytearray per unit: a cold read's pages, each
+    cached on its own, with no buffer of the whole range to copy them out of and zero), the
+    tweak of unit i being ``first_unit + i``; False (nothing done) when libcrypto cannot: no
+    OpenSSL 3, a key that is not AES-256-XTS's, a read-only ``out``."""
+    one_out = type(out) is memoryview
+    fast = libcrypto_xts() if len(key) == XTS_KEY_SIZE and (not one_out or not out.readonly) else None  # type: ignore[union-attr]
     if fast is None or not len(data):
         return False
     if isinstance(data, (list, tuple)):
@@ -134,9 +137,16 @@ def crypt(key: bytes | bytearray, data: Buffer | Sequence[Buffer], first_unit: i
             raise ValueError(f"{len(data)} bytes is not a whole number of {DATA_UNIT}-byte data units")
         base = buffer_address(data)
         sources = range(base, base + len(data), DATA_UNIT)
-    if len(out) < len(sources) * DATA_UNIT:
-        raise ValueError("the output is shorter than the data")
-    fast(key, sources, first_unit, buffer_address(out), encrypt)
+    if one_out:
+        if len(out) < len(sources) * DATA_UNIT:
+            raise ValueError("the output is shorter than the data")
+        base = buffer_address(out)  # type: ignore[arg-type]
+        outs: Sequence[int] = range(base, base + len(sources) * DATA_UNIT, DATA_UNIT)
+    else:
+        if len(out) != len(sources) or any(type(o) is not bytearray or len(o) != DATA_UNIT for o in out):
+            raise ValueError(f"one {DATA_UNIT}-byte bytearray per data unit")
+        outs = [ctypes.addressof(ctypes.c_char.from_buffer(o)) for o in out]  # type: ignore[arg-type]
+    fast(key, sources, first_unit, outs, encrypt)
     return True
 
 

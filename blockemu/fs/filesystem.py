@@ -20,7 +20,7 @@ import os
 import stat as st
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, NoReturn
 
 from blockemu.crypto import fscrypt
 from blockemu.crypto.extentkeys import ExtentKeys
@@ -1236,50 +1236,41 @@ class Filesystem:
         (``inode.epoch`` moved), what was read may be older than the page now on disk -- which
         may have been rewritten, written back and dropped from the cache meanwhile -- or come
         from an extent freed since, whose checksums are gone. Such a fill is discarded (nothing
-        is returned or cached) and ``read_pages`` tries again from the cache."""
+        is returned or cached) and ``read_pages`` tries again from the cache.
+
+        Each extent's part is read, verified and decrypted straight into the pages it fills
+        (``_read_extent_part``), holes are fresh zeroed pages, and the pages are cached in one
+        go: per page, a cold read used to copy out of a buffer of the whole range (itself
+        filled by a copy of the decrypted range) and zero both, at ~20 us a page."""
         epoch = inode.epoch
-        runs: list[list[int]] = []
-        for i in missing:
-            if runs and runs[-1][-1] + 1 == i:
-                runs[-1].append(i)
-            else:
-                runs.append([i])
         filled: dict[int, bytearray] = {}
         try:
-            for run in runs:
-                start, end = run[0] * PAGE, (run[-1] + 1) * PAGE
-                buf = bytearray(end - start)
-                view = memoryview(buf)
-                try:
-                    for m in list(self.extents.mappings(inode.ino, start, end)):
-                        s, e = max(start, m.file_offset), min(end, m.end)
-                        part = await self._read_extent_part(inode, m, s, e, epoch)
-                        if part is None:
-                            break
-                        view[s - start : e - start] = part
-                        if m.extent.context is not None:
-                            fscrypt.wipe(part)  # type: ignore[arg-type]  # decrypted: a plaintext copy
-                    else:
-                        for k, i in enumerate(run):
-                            filled[i] = bytearray(view[k * PAGE : (k + 1) * PAGE])
-                finally:
-                    view.release()
-                    fscrypt.wipe(buf)  # the pages are copies now (or the read failed)
-        except BaseException:  # a later run failed (EIO, ENOKEY, cancelled): the earlier runs'
-            wipe_all(filled)  # copies are neither returned nor cached
+            for first, end in _stretches(missing):
+                for m in list(self.extents.mappings(inode.ino, first * PAGE, end * PAGE)):
+                    s, e = max(first * PAGE, m.file_offset), min(end * PAGE, m.end)
+                    part = await self._read_extent_part(inode, m, s, e, epoch)
+                    if part is None:  # stale: discarded below
+                        break
+                    filled.update(zip(range(s // PAGE, e // PAGE), part))
+                for i in range(first, end):
+                    if i not in filled:  # a hole
+                        filled[i] = bytearray(PAGE)
+        except BaseException:  # a later part failed (EIO, ENOKEY, cancelled): the earlier parts'
+            wipe_all(filled)  # pages are neither returned nor cached
             raise
         if inode.epoch != epoch:  # stale: what was read is discarded, and its plaintext with it
             wipe_all(filled)
             return {}
-        for i, page in filled.items():
-            self.cache.put_clean(inode.pages, i, page)  # kept, or zeroed if a write filled it meanwhile
+        self.cache.put_clean(inode.pages, filled)  # each kept, or zeroed if a write filled it meanwhile
         return filled
 
-    async def _read_extent_part(self, inode: Inode, m, s: int, e: int, epoch: int) -> bytes | bytearray | None:
-        """File bytes [s, e) of mapping ``m``, verified and -- for an encrypted extent -- decrypted
-        into a ``bytearray`` the caller zeroes once it has copied it; None when the inode's
-        mappings changed (from ``epoch``) while the device read them: ``m`` may be stale."""
+    async def _read_extent_part(self, inode: Inode, m, s: int, e: int, epoch: int) -> list[bytearray] | None:
+        """File bytes [s, e) of mapping ``m`` as fresh pages, verified and -- for an encrypted
+        extent -- decrypted; None when the inode's mappings changed (from ``epoch``) while the
+        device read them: ``m`` may be stale."""
         disk = m.disk_at(s)
+        if (s | e | disk) % PAGE:  # only a corrupt item maps part of a sector: it cannot be verified
+            raise DeviceIOError(f"inode {inode.ino}: extent at file offset {m.file_offset} is not sector-aligned")
         inode.inflight += 1
         try:
             data = await self.vol.device.read(disk, e - s)
@@ -1287,32 +1278,39 @@ class Filesystem:
             inode.inflight -= 1
         if inode.epoch != epoch:
             return None
-        ctype, size = self.vol.sb.csum_type, self.extents.csum_size
         wants = self.extents.sector_csums(disk, e - s)
-        sectors = memoryview(data)  # sector by sector with no copy of each
-        for k, off in enumerate(range(0, e - s, PAGE)):
-            if csums.digest(ctype, sectors[off : off + PAGE]) != wants[k * size : (k + 1) * size]:
-                raise DeviceIOError(f"inode {inode.ino}: checksum mismatch at file offset {s + off} (disk {disk + off})")
+        if csums.digests(data, self.vol.sb.csum_type) != wants:
+            self._checksum_mismatch(inode, data, wants, s, disk)
         ctx = m.extent.context
         if ctx is None:
-            return data
+            sectors = memoryview(data)
+            return [bytearray(sectors[off : off + PAGE]) for off in range(0, e - s, PAGE)]
         secret = self.keyring.secret_for(inode.key_id, inode.ino) if inode.key_id is not None else None
         if secret is None or ctx.key_identifier != inode.key_id:
             raise NoKeyError("Required key not available")
         key = self.extent_keys.get(secret, inode.key_id, ctx.nonce)
         unit = (m.extent.offset + s - m.file_offset) // PAGE
         if e - s <= 256 << 10:
-            return fscrypt.decrypt_units(key, data, unit)  # no await: no removal wipes the key meanwhile
+            return fscrypt.decrypt_pages(key, data, unit)  # no await: no removal wipes the key meanwhile
         key = bytearray(key)  # the thread's own copy: a removal while it runs wipes the cache's
         try:
-            job = asyncio.ensure_future(asyncio.to_thread(fscrypt.decrypt_units, key, data, unit))
+            job = asyncio.ensure_future(asyncio.to_thread(fscrypt.decrypt_pages, key, data, unit))
             try:
                 return await asyncio.shield(job)
             except asyncio.CancelledError:  # the thread goes on: wipe what it decrypts
-                job.add_done_callback(lambda j: j.cancelled() or j.exception() or fscrypt.wipe(j.result()))
+                job.add_done_callback(_wipe_result)
                 raise
         finally:
             fscrypt.wipe(key)
+
+    def _checksum_mismatch(self, inode: Inode, data: bytes, wants: bytes, s: int, disk: int) -> NoReturn:
+        """EIO naming the first sector of a part read whose checksum is not the one recorded
+        (or has none: the checksums stop at a gap)."""
+        ctype, size = self.vol.sb.csum_type, self.extents.csum_size
+        sectors = memoryview(data)
+        off = next((off for k, off in enumerate(range(0, len(data), PAGE))
+                    if csums.digest(ctype, sectors[off : off + PAGE]) != wants[k * size : (k + 1) * size]), 0)
+        raise DeviceIOError(f"inode {inode.ino}: checksum mismatch at file offset {s + off} (disk {disk + off})")
 
     async def sync(self) -> None:
         """syncfs(2): write back every dirty file and commit, then raise the first writeback
@@ -1353,6 +1351,28 @@ class Filesystem:
         else:
             await self.vol.commit()
         report_writeback_error(inode)
+
+
+def _stretches(idxs: list[int]) -> Iterator[tuple[int, int]]:
+    """[first, end) of each stretch of consecutive indexes in ``idxs`` (sorted): one at once for
+    the common case, a whole cold file."""
+    if idxs[-1] - idxs[0] == len(idxs) - 1:
+        yield idxs[0], idxs[-1] + 1
+        return
+    first = prev = idxs[0]
+    for i in idxs[1:]:
+        if i != prev + 1:
+            yield first, prev + 1
+            first = i
+        prev = i
+    yield first, prev + 1
+
+
+def _wipe_result(job: asyncio.Future[list[bytearray]]) -> None:
+    """A decryption in a thread whose reader gave up on it: its pages are zeroed once it is done."""
+    if not job.cancelled() and job.exception() is None:
+        for page in job.result():
+            fscrypt.wipe(page)
 
 
 def wipe_all(pages: dict[int, bytearray]) -> None:

@@ -99,13 +99,17 @@ class PageCache:
             self._clean.move_to_end((pages.ino, idx))
         return entry  # type: ignore[return-value]
 
-    def put_clean(self, pages: Pages, idx: int, data: bytearray) -> None:
-        """Cache a page read from disk; the cache owns ``data`` from now on."""
-        if idx in pages.pages:  # a write got there first: it is newer
-            data[:] = ZERO_PAGE
-            return
-        pages.pages[idx] = data
-        self._clean[(pages.ino, idx)] = pages
+    def put_clean(self, pages: Pages, read: dict[int, bytearray]) -> None:
+        """Cache pages read from disk (by index); the cache owns them from now on. The clean
+        pages past the limit are evicted once, after them all: a cold read of a few MiB put
+        page by page paid an eviction pass per page."""
+        table, clean, ino = pages.pages, self._clean, pages.ino
+        for idx, data in read.items():
+            if idx in table:  # a write got there first: it is newer
+                data[:] = ZERO_PAGE
+                continue
+            table[idx] = data
+            clean[(ino, idx)] = pages
         self._shrink()
 
     # ------------------------------------------------------------ writing
