@@ -84,14 +84,17 @@ YIELD_BYTES = 2 << 20
 
 
 def split_path(path: str) -> list[bytes]:
+    """The components of an absolute path, as bytes. The path is encoded once and split as bytes
+    (no UTF-8 sequence, and no surrogate-escaped byte, contains a b"/"), and checked with C-level
+    calls: every operation splits its path, encoding and testing each component on its own
+    cost as much as resolving them."""
     if not path.startswith("/"):
         raise InvalidArgument(f"{path!r}: paths are absolute inside the image")
-    parts = [p.encode(errors="surrogateescape") for p in path.split("/") if p and p != "."]
-    if any(p == b".." for p in parts):
+    parts = [p for p in path.encode(errors="surrogateescape").split(b"/") if p and p != b"."]
+    if b".." in parts:
         raise InvalidArgument(f"{path!r}: '..' is not supported")
-    for p in parts:
-        if len(p) > NAME_MAX:
-            raise NameTooLong(f"{path!r}: name longer than {NAME_MAX} bytes")
+    if parts and max(map(len, parts)) > NAME_MAX:
+        raise NameTooLong(f"{path!r}: name longer than {NAME_MAX} bytes")
     return parts
 
 
@@ -508,15 +511,24 @@ class Filesystem:
         return entry
 
     def _resolve(self, path: str) -> Inode:
-        inode = self._load(ROOT_INO)
-        for name in split_path(path):
-            if not inode.is_dir:
+        return self._walk(split_path(path), path)
+
+    def _walk(self, parts: list[bytes], path: str) -> Inode:
+        """The inode the components ``parts`` of ``path`` name, from the root. Per component the
+        directory's own caches are asked inline -- the name's ciphertext (``stored_names``), its
+        entry (``dentries``), the child (``inodes``) -- and the methods that fill them only on a
+        miss: at four calls a component, resolving paths was ~5 % of the stress mix's CPU."""
+        inodes = self.inodes
+        inode = inodes.get(ROOT_INO) or self._load(ROOT_INO)
+        for name in parts:
+            if not st.S_ISDIR(inode.item.mode):
                 raise NotADirectory(f"{path}: not a directory")
-            stored = self._disk_name(inode, name)
-            entry = self._lookup_entry(inode, stored) if stored is not None else None
+            stored = inode.stored_names.get(name) or self._disk_name(inode, name)
+            entry = (inode.dentries.get(stored) or self._lookup_entry(inode, stored)) if stored is not None else None
             if entry is None:
                 raise NotFoundError(f"{path}: no such file or directory")
-            inode = self._load(entry.location[0])
+            ino = entry.location[0]
+            inode = inodes.get(ino) or self._load(ino)
         return inode
 
     def _parent(self, path: str) -> tuple[Inode, bytes | None]:
@@ -525,7 +537,7 @@ class Filesystem:
         parts = split_path(path)
         if not parts:
             raise InvalidArgument(f"{path!r}: the root has no parent")
-        parent = self._resolve("/" + "/".join(p.decode(errors="surrogateescape") for p in parts[:-1]))
+        parent = self._walk(parts[:-1], path)
         if not parent.is_dir:
             raise NotADirectory(f"{path}: not a directory")
         return parent, self._disk_name(parent, parts[-1])
@@ -677,9 +689,10 @@ class Filesystem:
             sparent, sname = self._parent(src)
             inode = self._resolve(src)
             dparent, dname = self._parent(dst)
-            if split_path(src) == split_path(dst):
+            sparts, dparts = split_path(src), split_path(dst)
+            if sparts == dparts:
                 return
-            if inode.is_dir and split_path(dst)[: len(split_path(src))] == split_path(src):
+            if inode.is_dir and dparts[: len(sparts)] == sparts:
                 raise InvalidArgument(f"{src} -> {dst}: cannot move a directory into itself")
             self._require_names_key(sparent)
             self._require_names_key(dparent)
