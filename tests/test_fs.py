@@ -8,6 +8,8 @@ import os
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import blockemu
 from blockemu.check.fsck import check
@@ -15,6 +17,7 @@ from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import ImageFile
 from blockemu.engine.extents import ExtentBatch
 from blockemu.engine.transaction import Engine
+from blockemu.fs.filesystem import split_path
 from blockemu.ondisk import structs as S
 from tests.util import KEY, KID, ErrnoCheck, Gate, encrypted_dir, fail_next_data_write
 
@@ -33,6 +36,32 @@ async def fs(image):
     await f.unmount()
     report = check(image)
     assert report.clean, [e.message for e in report.errors]
+
+
+# path components: the special ones, names at and past NAME_MAX (in bytes: é is two), and any
+# text without "/" -- surrogate-escaped bytes (U+DC80..U+DCFF, how Linux byte names arrive) included
+COMPONENTS = st.one_of(
+    st.sampled_from(["", ".", "..", "a" * 255, "a" * 256, "\u00e9" * 127, "\u00e9" * 128, "\udcff", "b\udce9d"]),
+    st.text(st.characters(blacklist_characters="/", blacklist_categories=("Cs",))
+            | st.sampled_from([chr(c) for c in range(0xDC80, 0xDD00)]), min_size=1, max_size=12))
+
+
+@given(st.lists(COMPONENTS, max_size=6), st.booleans())
+def test_split_path_against_its_components(components, absolute):
+    """A path is its components joined by "/" (empty ones and "." dropped): each comes back as
+    its bytes; ".." is EINVAL, a component longer than NAME_MAX bytes ENAMETOOLONG, and a
+    relative path EINVAL -- whatever the others hold."""
+    path = ("/" if absolute else "") + "/".join(components)
+    want = [c.encode(errors="surrogateescape") for c in components if c not in ("", ".")]
+    if not path.startswith("/") or ".." in components:
+        code = errno.EINVAL
+    elif any(len(c) > 255 for c in want):
+        code = errno.ENAMETOOLONG
+    else:
+        assert split_path(path) == want
+        return
+    with ErrnoCheck(code):
+        split_path(path)
 
 
 async def test_api_round_trip_plain_and_encrypted(image):
@@ -188,6 +217,10 @@ async def test_rmdir_unlink_errors(fs):
         await fs.unlink("/d")
     with ErrnoCheck(errno.ENOTDIR):
         await fs.rmdir("/d/f")
+    # a file in the middle of a path: ENOTDIR (lookups in it found nothing: ENOENT), at any depth
+    for through_a_file in (fs.stat("/d/f/x"), fs.open("/d/f/x/y", "w"), fs.mkdir("/d/f/x/y"), fs.unlink("/d/f/x")):
+        with ErrnoCheck(errno.ENOTDIR):
+            await through_a_file
     with ErrnoCheck(errno.EEXIST):
         await fs.mkdir("/d")
     with ErrnoCheck(errno.EBUSY):
