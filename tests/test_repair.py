@@ -162,3 +162,44 @@ def test_an_orphan_checksum_item_of_several_sectors_is_deleted_once(tmp_path, ca
     assert main(["fsck", img, "--repair"]) == 1
     assert capsys.readouterr().out.count("repaired: [ORPHAN_CSUM]") == 4
     assert_fsck_clean(img)
+
+
+def test_no_back_reference_is_rebuilt_into_a_directory_the_repair_drops(tmp_path, capsys):
+    """A nameless directory (its INODE_REF and its entry lost) is dropped as ORPHAN with its
+    items; a file it names whose own INODE_REF was lost too must go with it, not get a back
+    reference rebuilt into the dropped directory: that left the file with a reference nothing
+    names, which no later repair fixes (fsck never came back clean)."""
+    from blockemu.check.repair import _drop_entry
+    from blockemu.fs.volume import Volume
+    from blockemu.ondisk import structs as S
+    from blockemu.ondisk.items import unpack_inode_refs
+
+    img = str(tmp_path / "n.img")
+
+    async def make() -> None:
+        await blockemu.mkfs(img, size="32M")
+        async with blockemu.mount(img) as fs:
+            await fs.mkdir("/d")
+            await fs.mkdir("/d/sub")
+            async with fs.open("/d/sub/f", "w") as f:
+                await f.write(os.urandom(5000))
+            d, sub, f_ino = [(await fs.stat(p)).st_ino for p in ("/d", "/d/sub", "/d/sub/f")]
+        vol = await Volume.open(img)
+        async with vol.join() as engine:
+            tree = engine.trees[S.FS_TREE_OBJECTID]
+            (r,) = unpack_inode_refs(tree.get((sub, S.INODE_REF, d)))
+            tree.delete((sub, S.INODE_REF, d))
+            _drop_entry(tree, d, r.index, r.name)
+            tree.delete((f_ino, S.INODE_REF, sub))
+        await vol.close()
+
+    asyncio.run(make())
+    assert main(["fsck", img, "--repair"]) == 1
+    assert "repaired: [ORPHAN] inode" in capsys.readouterr().out
+    assert_fsck_clean(img)
+
+    async def read_back() -> None:
+        async with blockemu.mount(img, readonly=True) as fs:
+            assert await fs.readdir("/d") == []
+
+    asyncio.run(read_back())

@@ -182,6 +182,30 @@ _FILE: dict[int, Filed] = {
 }
 
 
+def _refs_to_rebuild(fi: FsItems, dirs: set[int], kinds: dict[int, int], dir_items: set, hash_of: dict[bytes, int]
+                     ) -> dict[int, tuple[int, int]]:
+    """Inodes without a single INODE_REF that a directory's entry names whole (DIR_INDEX and
+    DIR_ITEM agree, the entry's type the inode's): the entry (directory, index) their back
+    reference is rebuilt from, rather than the inode dropped as nameless. Only from a directory
+    that keeps a name itself (the root, one with a reference, or one rebuilt so, grown from the
+    root until nothing changes): a nameless one is dropped with its entries, and a reference
+    into it would name nothing -- nor does a directory become its own or its descendant's name."""
+    whole: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    nameless = [(at, e) for at, e in fi.dir_index.items() if not fi.refs.get(e.location[0])]  # rare: sorted alone
+    for (d, idx), e in sorted(nameless):
+        child = e.location[0]
+        if child in kinds and d in dirs and e.type == kinds[child] \
+                and (d, hash_of.get(e.name), e.name, e.location) in dir_items:
+            whole[child].append((d, idx))
+    kept = {ROOT_INO} | {ino for ino, refs in fi.refs.items() if refs and ino in kinds}
+    rebuilt: dict[int, tuple[int, int]] = {}
+    while grown := {child: next(at for at in ats if at[0] in kept) for child, ats in whole.items()
+                    if child not in rebuilt and any(d in kept for d, _ in ats)}:
+        rebuilt |= grown
+        kept |= grown.keys()
+    return rebuilt
+
+
 def check_inodes(ck: "Checker", fi: FsItems) -> None:
     """The INODE_ITEM / INODE_REF / DIR_ITEM / DIR_INDEX triangle, link counts and sizes."""
     if ROOT_INO not in fi.inodes or not st.S_ISDIR(fi.inodes[ROOT_INO].mode):
@@ -198,9 +222,7 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
     hashed = {(d, h, e): name_hash(e.name) for (d, h), entries in fi.dir_items.items() for e in entries}
     dir_items = {(d, h, e.name, e.location) for d, h, e in hashed}
     hash_of = {e.name: h for (_, _, e), h in hashed.items()}
-    # inodes without a single INODE_REF that a directory's entry names whole (DIR_INDEX and DIR_ITEM
-    # agree): their back reference is rebuilt from that entry, not the inode dropped as nameless
-    named: set[int] = set()
+    rebuilt = _refs_to_rebuild(fi, dirs, kinds, dir_items, hash_of)
     for (d, idx), e in sorted(fi.dir_index.items()):
         child = e.location[0]
         names[d] += 2 * len(e.name)
@@ -217,9 +239,7 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
                      f"{oct(fi.inodes[child].mode)}", FS, key=(d, S.DIR_INDEX, idx))
         h = hash_of.get(e.name) or name_hash(e.name)
         if (child, d, idx, e.name) not in ref_names:
-            whole = d in dirs and e.type == kinds[child] and (d, h, e.name, e.location) in dir_items
-            rebuild = whole and not fi.refs.get(child) and child not in named
-            named |= {child} if rebuild else set()
+            rebuild = rebuilt.get(child) == (d, idx)
             ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} (index {idx}) in {d} has no matching INODE_REF in {child}",
                      FS, key=(child, S.INODE_REF, d), fix={"add_ref": (child, d, idx, e.name)} if rebuild else None)
         if (d, h, e.name, e.location) not in dir_items:
@@ -257,7 +277,7 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
         if item.nlink != want:
             ck.error("NLINK_MISMATCH", f"inode {ino} nlink {item.nlink}, found {want}", FS, key=(ino, S.INODE_ITEM, 0),
                      fix={"inode": ino, "nlink": want} if want else None)
-        if not refs and ino != ROOT_INO and ino not in fi.orphans and ino not in named:
+        if not refs and ino != ROOT_INO and ino not in fi.orphans and ino not in rebuilt:
             ck.error("ORPHAN", f"inode {ino} has no name and no orphan item", FS, key=(ino, S.INODE_ITEM, 0),
                      fix={"drop_inode": ino})
         if item.size > S.MAX_FILE_SIZE:
