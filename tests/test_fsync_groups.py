@@ -121,7 +121,24 @@ def plant_covered_by_an_earlier_sync(monkeypatch) -> None:
     monkeypatch.setattr(Volume, "_log_sync", off_by_one)
 
 
-@pytest.mark.parametrize("plant", [plant_unlogged_members, plant_covered_by_an_earlier_sync], ids=lambda p: p.__name__)
+def plant_acknowledged_before_the_superblock(monkeypatch) -> None:
+    """An fsync returns as soon as its log sync is under way, before the superblock naming the
+    log is written: the oracle acknowledges a version from the last primary superblock written
+    before the return (``superblock_written``), and none of this fsync's is -- its file's older
+    content in the states up to that superblock must not pass."""
+    real = Volume.fsync
+    running: set[asyncio.Task] = set()
+
+    async def early(self, ino):
+        task = asyncio.ensure_future(real(self, ino))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        await asyncio.sleep(0)  # the log sync started, not done
+    monkeypatch.setattr(Volume, "fsync", early)
+
+
+@pytest.mark.parametrize("plant", [plant_unlogged_members, plant_covered_by_an_earlier_sync,
+                                   plant_acknowledged_before_the_superblock], ids=lambda p: p.__name__)
 async def test_the_oracle_catches_fsyncs_acknowledged_before_they_are_durable(tmp_path, monkeypatch, plant):
     """fsck finds nothing wrong in these states -- the log is sound, it just lacks what was
     acknowledged: only the oracle of each file's fsyncs sees it."""
