@@ -203,3 +203,37 @@ def test_no_back_reference_is_rebuilt_into_a_directory_the_repair_drops(tmp_path
             assert await fs.readdir("/d") == []
 
     asyncio.run(read_back())
+
+
+def test_the_root_gets_no_back_reference_from_an_entry_naming_it(tmp_path, capsys):
+    """A hostile entry in /d naming the root directory (whose ".." reference is gone): the root
+    is never nameless, so no INODE_REF is rebuilt for it -- that put the root inside its own
+    subdirectory (a cycle fsck then passed). The entry is left for a human."""
+    from blockemu.fs.volume import Volume
+    from blockemu.ondisk import structs as S
+    from blockemu.ondisk.items import DirEntry, name_hash, pack_dir_entries, unpack_dir_entries
+
+    img = str(tmp_path / "loop.img")
+
+    async def make() -> None:
+        await blockemu.mkfs(img, size="32M")
+        async with blockemu.mount(img) as fs:
+            await fs.mkdir("/d")
+            d = (await fs.stat("/d")).st_ino
+        vol = await Volume.open(img)
+        async with vol.join() as engine:
+            tree = engine.trees[S.FS_TREE_OBJECTID]
+            (_, body), = tree.items((256, S.DIR_INDEX, 0), (256, S.DIR_INDEX, (1 << 64) - 1))
+            (entry,) = unpack_dir_entries(body)
+            loop = DirEntry((256, entry.location[1], 0), entry.transid, entry.type, b"loop")
+            tree.insert((d, S.DIR_INDEX, 2), pack_dir_entries([loop]))
+            tree.insert((d, S.DIR_ITEM, name_hash(b"loop")), pack_dir_entries([loop]))
+            if (256, S.INODE_REF, 256) in tree:
+                tree.delete((256, S.INODE_REF, 256))
+        await vol.close()
+
+    asyncio.run(make())
+    main(["fsck", img, "--repair"])
+    assert not [line for line in capsys.readouterr().out.splitlines() if "INODE_REF in 256" in line
+                and line.startswith("repaired:")]
+    assert [e for e in check(img).errors if e.code == "DIR_ITEM_MISMATCH" and "b'loop'" in e.message]

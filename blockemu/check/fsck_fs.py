@@ -189,9 +189,11 @@ def _refs_to_rebuild(fi: FsItems, dirs: set[int], kinds: dict[int, int], dir_ite
     reference is rebuilt from, rather than the inode dropped as nameless. Only from a directory
     that keeps a name itself (the root, one with a reference, or one rebuilt so, grown from the
     root until nothing changes): a nameless one is dropped with its entries, and a reference
-    into it would name nothing -- nor does a directory become its own or its descendant's name."""
+    into it would name nothing -- nor does a directory, the root above all, become its own or
+    its descendant's name."""
     whole: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    nameless = [(at, e) for at, e in fi.dir_index.items() if not fi.refs.get(e.location[0])]  # rare: sorted alone
+    # rare, so sorted alone; never the root: it has no name, and one would put it inside itself
+    nameless = [(at, e) for at, e in fi.dir_index.items() if not fi.refs.get(e.location[0]) and e.location[0] != ROOT_INO]
     for (d, idx), e in sorted(nameless):
         child = e.location[0]
         if child in kinds and d in dirs and e.type == kinds[child] \
