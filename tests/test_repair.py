@@ -205,35 +205,65 @@ def test_no_back_reference_is_rebuilt_into_a_directory_the_repair_drops(tmp_path
     asyncio.run(read_back())
 
 
-def test_the_root_gets_no_back_reference_from_an_entry_naming_it(tmp_path, capsys):
-    """A hostile entry in /d naming the root directory (whose ".." reference is gone): the root
-    is never nameless, so no INODE_REF is rebuilt for it -- that put the root inside its own
-    subdirectory (a cycle fsck then passed). The entry is left for a human."""
+def plant_entry(tree, d: int, index: int, name: bytes, target: int) -> None:
+    """A hostile entry, whole (DIR_INDEX and DIR_ITEM agree), in directory ``d`` naming the
+    directory ``target``."""
+    from blockemu.ondisk import structs as S
+    from blockemu.ondisk.items import DirEntry, name_hash, pack_dir_entries
+
+    body = pack_dir_entries([DirEntry((target, S.INODE_ITEM, 0), 1, S.FT_DIR, name)])
+    tree.insert((d, S.DIR_INDEX, index), body)
+    tree.insert((d, S.DIR_ITEM, name_hash(name)), body)
+
+
+@pytest.mark.parametrize("hostile", ["root in /d", "/d/x in /d/x/y"])
+def test_no_back_reference_is_rebuilt_that_makes_a_cycle(tmp_path, capsys, hostile):
+    """A hostile whole entry naming a directory without a back reference, in a directory below
+    it: the root in /d (its ".." reference gone), or /d/x (nameless: its reference and entry
+    lost) in its own child /d/x/y. The rebuilt reference put the directory inside itself (fsck
+    then passed the root's cycle); now no reference comes from anywhere the root does not reach
+    by references, and the entry is left for a human."""
+    from blockemu.check.repair import _drop_entry
     from blockemu.fs.volume import Volume
     from blockemu.ondisk import structs as S
-    from blockemu.ondisk.items import DirEntry, name_hash, pack_dir_entries, unpack_dir_entries
+    from blockemu.ondisk.items import unpack_inode_refs
 
     img = str(tmp_path / "loop.img")
 
-    async def make() -> None:
+    async def make() -> int:
         await blockemu.mkfs(img, size="32M")
         async with blockemu.mount(img) as fs:
             await fs.mkdir("/d")
-            d = (await fs.stat("/d")).st_ino
+            await fs.mkdir("/d/x")
+            await fs.mkdir("/d/x/y")
+            d, x, y = [(await fs.stat(p)).st_ino for p in ("/d", "/d/x", "/d/x/y")]
         vol = await Volume.open(img)
         async with vol.join() as engine:
             tree = engine.trees[S.FS_TREE_OBJECTID]
-            (_, body), = tree.items((256, S.DIR_INDEX, 0), (256, S.DIR_INDEX, (1 << 64) - 1))
-            (entry,) = unpack_dir_entries(body)
-            loop = DirEntry((256, entry.location[1], 0), entry.transid, entry.type, b"loop")
-            tree.insert((d, S.DIR_INDEX, 2), pack_dir_entries([loop]))
-            tree.insert((d, S.DIR_ITEM, name_hash(b"loop")), pack_dir_entries([loop]))
-            if (256, S.INODE_REF, 256) in tree:
-                tree.delete((256, S.INODE_REF, 256))
+            if hostile == "root in /d":
+                target = 256
+                plant_entry(tree, d, 9, b"loop", target)
+                if (256, S.INODE_REF, 256) in tree:
+                    tree.delete((256, S.INODE_REF, 256))
+            else:
+                target = x
+                (r,) = unpack_inode_refs(tree.get((x, S.INODE_REF, d)))
+                tree.delete((x, S.INODE_REF, d))
+                _drop_entry(tree, d, r.index, r.name)
+                plant_entry(tree, y, 9, b"loop", target)
         await vol.close()
+        return target
 
-    asyncio.run(make())
+    target = asyncio.run(make())
     main(["fsck", img, "--repair"])
-    assert not [line for line in capsys.readouterr().out.splitlines() if "INODE_REF in 256" in line
-                and line.startswith("repaired:")]
-    assert [e for e in check(img).errors if e.code == "DIR_ITEM_MISMATCH" and "b'loop'" in e.message]
+
+    async def refs_of_target() -> list:
+        vol = await Volume.open(img, readonly=True)
+        try:
+            async with vol.join() as engine:
+                return [k for k, _ in engine.trees[S.FS_TREE_OBJECTID].items((target, S.INODE_REF, 0),
+                                                                              (target, S.INODE_REF, (1 << 64) - 1))]
+        finally:
+            await vol.close()
+
+    assert asyncio.run(refs_of_target()) == []

@@ -187,24 +187,37 @@ def _refs_to_rebuild(fi: FsItems, dirs: set[int], kinds: dict[int, int], dir_ite
     """Inodes without a single INODE_REF that a directory's entry names whole (DIR_INDEX and
     DIR_ITEM agree, the entry's type the inode's): the entry (directory, index) their back
     reference is rebuilt from, rather than the inode dropped as nameless. Only from a directory
-    that keeps a name itself (the root, one with a reference, or one rebuilt so, grown from the
-    root until nothing changes): a nameless one is dropped with its entries, and a reference
-    into it would name nothing -- nor does a directory, the root above all, become its own or
-    its descendant's name."""
-    whole: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    # rare, so sorted alone; never the root: it has no name, and one would put it inside itself
+    the root reaches by back references (or by ones rebuilt so): a nameless one is dropped with
+    its entries, and a reference into it would name nothing; one reached from nowhere but the
+    inode itself (its own entry, a descendant's) would make a cycle -- the root above all,
+    which has no name to rebuild."""
+    found: dict[int, list[tuple[int, int]]] = defaultdict(list)  # directory -> (inode, index) it names whole
+    # rare, so sorted alone, and the walk below taken only when there is one
     nameless = [(at, e) for at, e in fi.dir_index.items() if not fi.refs.get(e.location[0]) and e.location[0] != ROOT_INO]
     for (d, idx), e in sorted(nameless):
         child = e.location[0]
         if child in kinds and d in dirs and e.type == kinds[child] \
                 and (d, hash_of.get(e.name), e.name, e.location) in dir_items:
-            whole[child].append((d, idx))
-    kept = {ROOT_INO} | {ino for ino, refs in fi.refs.items() if refs and ino in kinds}
+            found[d].append((child, idx))
+    if not found:
+        return {}
+    named_in: dict[int, list[int]] = defaultdict(list)
+    for ino, refs in fi.refs.items():
+        for parent, _ in refs:
+            named_in[parent].append(ino)
     rebuilt: dict[int, tuple[int, int]] = {}
-    while grown := {child: next(at for at in ats if at[0] in kept) for child, ats in whole.items()
-                    if child not in rebuilt and any(d in kept for d, _ in ats)}:
-        rebuilt |= grown
-        kept |= grown.keys()
+    reached, todo = {ROOT_INO}, [ROOT_INO]
+    while todo:
+        d = todo.pop()
+        for child in named_in.get(d, ()):
+            if child not in reached:
+                reached.add(child)
+                todo.append(child)
+        for child, idx in found.get(d, ()):
+            if child not in reached:
+                reached.add(child)
+                todo.append(child)
+                rebuilt[child] = (d, idx)
     return rebuilt
 
 
