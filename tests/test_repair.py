@@ -164,34 +164,56 @@ def test_an_orphan_checksum_item_of_several_sectors_is_deleted_once(tmp_path, ca
     assert_fsck_clean(img)
 
 
+async def image_with(img: str, dirs: list[str], files: tuple[str, ...] = ()) -> list[int]:
+    """A fresh image holding ``dirs`` and ``files`` (5000 random bytes each); their inodes, in order."""
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img) as fs:
+        for d in dirs:
+            await fs.mkdir(d)
+        for p in files:
+            async with fs.open(p, "w") as f:
+                await f.write(os.urandom(5000))
+        return [(await fs.stat(p)).st_ino for p in (*dirs, *files)]
+
+
+async def edit_fs_tree(img: str, change) -> None:
+    """``change(tree)`` on the image's fs tree, committed: damage no filesystem call makes."""
+    from blockemu.fs.volume import Volume
+    from blockemu.ondisk import structs as S
+
+    vol = await Volume.open(img)
+    async with vol.join() as engine:
+        change(engine.trees[S.FS_TREE_OBJECTID])
+    await vol.close()
+
+
+def unname(tree, ino: int, parent: int) -> None:
+    """``ino``'s name in directory ``parent`` lost on both sides: its INODE_REF and the entry."""
+    from blockemu.check.repair import _drop_entry
+    from blockemu.ondisk import structs as S
+    from blockemu.ondisk.items import unpack_inode_refs
+
+    (r,) = unpack_inode_refs(tree.get((ino, S.INODE_REF, parent)))
+    tree.delete((ino, S.INODE_REF, parent))
+    _drop_entry(tree, parent, r.index, r.name)
+
+
 def test_no_back_reference_is_rebuilt_into_a_directory_the_repair_drops(tmp_path, capsys):
     """A nameless directory (its INODE_REF and its entry lost) is dropped as ORPHAN with its
     items; a file it names whose own INODE_REF was lost too must go with it, not get a back
     reference rebuilt into the dropped directory: that left the file with a reference nothing
     names, which no later repair fixes (fsck never came back clean)."""
-    from blockemu.check.repair import _drop_entry
-    from blockemu.fs.volume import Volume
     from blockemu.ondisk import structs as S
-    from blockemu.ondisk.items import unpack_inode_refs
 
     img = str(tmp_path / "n.img")
 
     async def make() -> None:
-        await blockemu.mkfs(img, size="32M")
-        async with blockemu.mount(img) as fs:
-            await fs.mkdir("/d")
-            await fs.mkdir("/d/sub")
-            async with fs.open("/d/sub/f", "w") as f:
-                await f.write(os.urandom(5000))
-            d, sub, f_ino = [(await fs.stat(p)).st_ino for p in ("/d", "/d/sub", "/d/sub/f")]
-        vol = await Volume.open(img)
-        async with vol.join() as engine:
-            tree = engine.trees[S.FS_TREE_OBJECTID]
-            (r,) = unpack_inode_refs(tree.get((sub, S.INODE_REF, d)))
-            tree.delete((sub, S.INODE_REF, d))
-            _drop_entry(tree, d, r.index, r.name)
+        d, sub, f_ino = await image_with(img, ["/d", "/d/sub"], ("/d/sub/f",))
+
+        def damage(tree) -> None:
+            unname(tree, sub, d)
             tree.delete((f_ino, S.INODE_REF, sub))
-        await vol.close()
+        await edit_fs_tree(img, damage)
 
     asyncio.run(make())
     assert main(["fsck", img, "--repair"]) == 1
@@ -223,35 +245,24 @@ def test_no_back_reference_is_rebuilt_that_makes_a_cycle(tmp_path, capsys, hosti
     lost) in its own child /d/x/y. The rebuilt reference put the directory inside itself (fsck
     then passed the root's cycle); now no reference comes from anywhere the root does not reach
     by references, and the entry is left for a human."""
-    from blockemu.check.repair import _drop_entry
     from blockemu.fs.volume import Volume
     from blockemu.ondisk import structs as S
-    from blockemu.ondisk.items import unpack_inode_refs
 
     img = str(tmp_path / "loop.img")
 
     async def make() -> int:
-        await blockemu.mkfs(img, size="32M")
-        async with blockemu.mount(img) as fs:
-            await fs.mkdir("/d")
-            await fs.mkdir("/d/x")
-            await fs.mkdir("/d/x/y")
-            d, x, y = [(await fs.stat(p)).st_ino for p in ("/d", "/d/x", "/d/x/y")]
-        vol = await Volume.open(img)
-        async with vol.join() as engine:
-            tree = engine.trees[S.FS_TREE_OBJECTID]
-            if hostile == "root in /d":
-                target = 256
+        d, x, y = await image_with(img, ["/d", "/d/x", "/d/x/y"])
+        target = 256 if hostile == "root in /d" else x
+
+        def damage(tree) -> None:
+            if target == 256:
                 plant_entry(tree, d, 9, b"loop", target)
                 if (256, S.INODE_REF, 256) in tree:
                     tree.delete((256, S.INODE_REF, 256))
             else:
-                target = x
-                (r,) = unpack_inode_refs(tree.get((x, S.INODE_REF, d)))
-                tree.delete((x, S.INODE_REF, d))
-                _drop_entry(tree, d, r.index, r.name)
+                unname(tree, x, d)
                 plant_entry(tree, y, 9, b"loop", target)
-        await vol.close()
+        await edit_fs_tree(img, damage)
         return target
 
     target = asyncio.run(make())
