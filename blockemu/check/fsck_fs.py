@@ -191,12 +191,14 @@ def _refs_to_rebuild(fi: FsItems, dirs: set[int], kinds: dict[int, int], dir_ite
     its entries, and a reference into it would name nothing; one reached from nowhere but the
     inode itself (its own entry, a descendant's) would make a cycle -- the root above all,
     which has no name to rebuild."""
+    lost = kinds.keys() - fi.refs.keys() - {ROOT_INO}  # by C-level set difference: a sound tree has none
+    if not lost:
+        return {}
     found: dict[int, list[tuple[int, int]]] = defaultdict(list)  # directory -> (inode, index) it names whole
-    # rare, so sorted alone, and the walk below taken only when there is one
-    nameless = [(at, e) for at, e in fi.dir_index.items() if not fi.refs.get(e.location[0]) and e.location[0] != ROOT_INO]
+    nameless = [(at, e) for at, e in fi.dir_index.items() if e.location[0] in lost]  # rare: sorted alone
     for (d, idx), e in sorted(nameless):
         child = e.location[0]
-        if child in kinds and d in dirs and e.type == kinds[child] \
+        if d in dirs and e.type == kinds[child] \
                 and (d, hash_of.get(e.name), e.name, e.location) in dir_items:
             found[d].append((child, idx))
     if not found:
