@@ -9,6 +9,8 @@ import os
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import blockemu
 from blockemu.engine import extents as module
@@ -172,3 +174,17 @@ async def test_the_maps_stay_within_their_bound(image, monkeypatch):
             async with fs.open(name) as f:
                 assert await f.pread(2 * MIB, 0) == data
     assert_fsck_clean(image)
+
+
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(1, 4)), max_size=12), st.integers(0, 40), st.integers(1, 8))
+def test_overlapping_is_every_item_the_range_touches(pieces, start, length):
+    """``ExtentMap.overlapping`` against a scan of every item: whatever the shortcuts (an item
+    at ``start`` that reaches ``end``), the answer is the items overlapping [start, end), in order."""
+    items, at = [], 0
+    for gap, size in pieces:  # non-overlapping items, in pages, with holes between some
+        at += gap
+        items.append((at * PAGE, FileExtent(1, size * PAGE, 0, 0, 0, 1, (at + 1) * PAGE, size * PAGE, 0, size * PAGE)))
+        at += size
+    start, end = start * PAGE, (start + length) * PAGE
+    model = [(o, fe) for o, fe in items if o < end and o + fe.num_bytes > start]
+    assert module.ExtentMap(items).overlapping(start, end) == model
