@@ -204,7 +204,26 @@ def test_a_share_of_the_campaign_runs_on_images_with_a_mirror(monkeypatch):
 
     monkeypatch.setattr(crash, "record", spy_record)
     monkeypatch.setattr(crash, "check_sample", spy_sample)
-    out = crash._crash_shard((1, 0, 1, False, None, "fast", 2, 6))
+    out = crash._crash_shard((1, 0, 1, False, None, "fast", 2, 6, None))
     assert out["units"] == 4 and not out["failures"], out["failures"][:3]
     assert [sizes[k] for k in sorted(sizes)] == ["64M", MIRRORED_SIZE, "64M", "64M"]  # workload 3 of 2..5
     assert splits
+
+
+def test_a_failure_names_each_path_and_how_it_differs():
+    """A failure said 'contents differ from the oracle ... (['/A/foo'])': neither what was
+    expected nor what was found. Now each path, with sizes and the first differing offset, or
+    which side lacks it."""
+    models = crash.Models()
+    models[(5, 0)] = {"/A": None, "/A/foo": b"abcdef", "/A/bar": b"x", "/B": None}
+    got = {"/A": None, "/A/foo": b"abXdefgh", "/B/foo": b"yy", "/B": b""}
+    why = models.judge(got, (5, 0), 0)
+    assert "(generation, log root) (5, 0)" in why
+    assert "/A/foo: expected 6 bytes, found 8, first difference at offset 2" in why
+    assert "/A/bar missing (expected a file of 1 bytes)" in why
+    assert "/B: expected a directory, found a file of 0 bytes" in why
+    assert "; and 1 more paths" in why  # /B/foo, past the first three
+    assert models.judge({**got, "/A/foo": b"abcdef"}, (5, 0), 0) != why
+    assert models.judge(dict(models[(5, 0)]), (5, 0), 0) is None
+    shorter = crash.difference("/f", {"/f": b"abc"}, {"/f": b"ab"})
+    assert shorter == "/f: expected 3 bytes, found 2, first difference at offset 2"

@@ -198,6 +198,24 @@ def test_crash_campaign_cli_finds_nothing_and_catches_a_planted_bug():
     assert "--write-path fast" in bad.stdout
 
 
+def test_crash_campaign_reports_failures_by_workload_and_keeps_their_images(tmp_path):
+    """Hundreds of failures of one workload's crash states hid how many workloads failed: the
+    report counts the failing workloads and gives each one's first failure; --keep-failed
+    writes that crash state's image, named by the reproduce line's --workloads."""
+    kept = tmp_path / "kept"
+    bad = run("crash", "--max-ops", "2", "--limit", "3", "--groups", "0", "--jobs", "1", "--nobarrier", "--write-path", "fast",
+              "--keep-failed", str(kept), check_rc=1).stdout
+    assert "3 of 3 workloads failed:" in bad
+    firsts = [line for line in bad.splitlines() if line.startswith("FAILED:")]
+    assert len(firsts) == 3 and all("more failures of it)" in line for line in firsts)
+    for n in range(3):
+        image = kept / f"workload-{n}.img"
+        assert f"(its image: {image})" in bad and f"--workloads {n} " in bad
+        assert run("fsck", str(image), check_rc=None).returncode == 4  # the state as the crash left it
+    assert sorted(os.listdir(kept)) == [f"workload-{n}.img" for n in range(3)]
+    assert "upto=N is the number of write-log entries" in run("crash", "--help").stdout
+
+
 def test_stress_power_cut_keeps_every_fsync_acknowledged_file(tmp_path):
     """A power cut mid-run (unflushed cache lost, half of it torn in): afterwards every file
     the ledger recorded as fsync/sync-acknowledged is on disk byte for byte, and fsck is clean."""

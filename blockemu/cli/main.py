@@ -286,6 +286,14 @@ def args_crash(cr: argparse.ArgumentParser) -> None:
     cr.add_argument("--workloads", type=span, metavar="A..B",
                     help="only workloads A up to B (excluded) of the space (a failure's reproduce line names one)")
     cr.add_argument("--shard-size", type=count(1), default=10, help="workloads per shard (a few seconds of work)")
+    cr.add_argument("--keep-failed", metavar="DIR",
+                    help="write the first failing crash state of each failing workload to DIR/workload-N.img "
+                         "(N: its reproduce line's --workloads), for inspect and fsck")
+    cr.epilog = ("A failure names its crash state: upto=N is the number of write-log entries (writes, "
+                 "flushes) completed before the power cut; keep=[...] the in-doubt writes among them "
+                 "(sequence numbers: not yet made durable by a flush) that landed anyway, the others "
+                 "lost; torn={write: [sectors]} a kept write of which only those sectors landed; "
+                 "split={write: (a, b)} one of which only bytes [a, b) landed.")
     add_write_path(cr, "campaign")
     add_json_flag(cr, "the counts and failures")
     add_campaign_flags(cr, jobs=os.cpu_count() or 1)
@@ -423,25 +431,36 @@ def run_campaign_cli(a: argparse.Namespace, campaign: Campaign) -> Summary:
                         progress=progress_wanted(a.progress, a.json))
 
 
-def report_campaign(a: argparse.Namespace, s: Summary, headline: str, *, json_extra: dict | None = None,
-                    counts: bool = True) -> int:
+def report_campaign(a: argparse.Namespace, s: Summary, headline: str, unit: str, *,
+                    json_extra: dict | None = None, counts: bool = True) -> int:
     """A finished campaign, as every campaign command reports it: JSON, or the headline, the
-    counts and the failures with their reproduce lines; exit 1 when anything failed."""
+    counts and the failures with their reproduce lines; exit 1 when anything failed. ``unit``
+    names what the campaign's units are (workloads, seeds, trials)."""
     if a.json:
         emit_json({**s.as_json(), **(json_extra or {})})
     else:
         print(headline)
         if counts:
             print("  ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.counts.items()))
-        print_failures(s)
+        print_failures(s, unit)
     return 1 if s.failures else 0
 
 
-def print_failures(s: Summary, limit: int = 20) -> None:
-    for f in s.failures[:limit]:
-        print(f"FAILED: {f['message']}\n  reproduce with: {f['reproduce']}")
-    if len(s.failures) > limit:
-        print(f"... and {len(s.failures) - limit} more (every one, with its reproduce line, in --results or --json)")
+def print_failures(s: Summary, unit: str, limit: int = 20) -> None:
+    """How many units failed, then the first failure of each of the first ``limit``: printed in
+    order, a thousand failures of one workload's crash states hid how many workloads failed."""
+    by_unit: dict[Any, list[dict[str, Any]]] = {}
+    for f in s.failures:
+        by_unit.setdefault(f["unit"], []).append(f)
+    if not by_unit:
+        return
+    print(f"{len(by_unit)} of {s.units} {unit} failed:")
+    for fails in list(by_unit.values())[:limit]:
+        more = f" (and {len(fails) - 1} more failures of it)" if len(fails) > 1 else ""
+        print(f"FAILED: {fails[0]['message']}{more}\n  reproduce with: {fails[0]['reproduce']}")
+    if len(by_unit) > limit:
+        print(f"... and {len(by_unit) - limit} more {unit} (every failure, with its reproduce line, in --results "
+              "or --json)")
 
 
 def write_path_flag(a: argparse.Namespace) -> str:
@@ -964,6 +983,7 @@ def stress_seeds(a: argparse.Namespace) -> int:
                                             write_path=WRITE_PATHS[a.write_path]))
     return report_campaign(a, s, f"{s.units} stress seeds ({a.seeds[0]}..{a.seeds[1]}), {s.states} operations and "
                                  f"crash states in {s.seconds:.1f} s ({s.resumed} shards resumed): {len(s.failures)} failures",
+                           "stress seeds",
                            json_extra={"seeds": list(a.seeds), "write_path": a.write_path})
 
 
@@ -971,13 +991,16 @@ def cmd_crash(a: argparse.Namespace) -> int:
     from blockemu.workload.crash import crash_campaign
     from blockemu.workload.writepath import WRITE_PATHS
 
+    keep = os.path.abspath(a.keep_failed) if a.keep_failed else None  # the workers' cwd may differ (Ray)
+    if keep:
+        os.makedirs(keep, exist_ok=True)
     s = run_campaign_cli(a, crash_campaign(a.max_ops, seed=a.seed, subsets=a.subsets, nobarrier=a.nobarrier,
                                            limit=a.limit, groups=a.groups, write_path=WRITE_PATHS[a.write_path],
-                                           workloads=a.workloads, shard_size=a.shard_size))
+                                           workloads=a.workloads, shard_size=a.shard_size, keep_failed=keep))
     return report_campaign(a, s, f"{s.units} workloads (Ace, up to {a.max_ops} operations each, and fsync groups; "
                                  f"{a.write_path} write path), {s.states} crash states checked in {s.seconds:.1f} s ({s.shards} shards, "
                                  f"{s.resumed} resumed, {'Ray' if a.ray is not None else f'{a.jobs} jobs'}): "
-                                 f"{len(s.failures)} failures",
+                                 f"{len(s.failures)} failures", "workloads",
                            json_extra={"workloads": s.units, "write_path": a.write_path}, counts=False)
 
 
@@ -1063,7 +1086,7 @@ def cmd_fuzz(a: argparse.Namespace) -> int:
     s = run_campaign_cli(a, campaign)
     what = "images" if a.structural else "trials"
     return report_campaign(a, s, f"{s.units} {what} ({campaign.identity['mode']}), {s.states} checks in "
-                                 f"{s.seconds:.1f} s ({s.resumed} shards resumed): {len(s.failures)} failures")
+                                 f"{s.seconds:.1f} s ({s.resumed} shards resumed): {len(s.failures)} failures", what)
 
 
 def cmd_key_id(a: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from typing import Awaitable, Callable
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import ImageFile
-from blockemu.device.writelog import LogEntry, WriteLog
+from blockemu.device.writelog import CrashState, LogEntry, WriteLog
 from blockemu.fs.filesystem import File, Filesystem, mount
 from blockemu.fs.mkfs import mkfs
 from blockemu.ondisk.structs import SUPER_OFFSETS
@@ -97,8 +97,10 @@ class Models(dict[Durable, Snapshot]):
         superblock names ``state``, breaks the oracle; None if it holds."""
         want = self.get(state)
         if want is not None:  # recorded at a quiescent point: the whole namespace, exactly
-            lost = sorted(set(want) ^ set(got)) or [p for p in got if got[p] != want.get(p)]
-            return f"contents differ from the oracle of (generation, log root) {state} ({lost[:3]})" if lost else None
+            wrong = [p for p in sorted(set(want) | set(got)) if p not in want or p not in got or got[p] != want[p]]
+            return (f"differs from the oracle of (generation, log root) {state}: "
+                    + "; ".join(difference(p, want, got) for p in wrong[:3])
+                    + (f"; and {len(wrong) - 3} more paths" if len(wrong) > 3 else "")) if wrong else None
         if not self.versions:
             return f"no oracle recorded for (generation, log root) {state}"
         base_at, base = [(at, snap) for at, snap in self.points if at <= upto][-1]
@@ -106,7 +108,8 @@ class Models(dict[Durable, Snapshot]):
         fsynced = {p: versions for p, versions in self.versions.items() if versions[0].returned <= upto}
         for p in sorted((set(base) | set(got)) - set(fsynced)):
             if p not in got or p not in base or got[p] != base[p]:
-                return f"{p} differs from the last persistence point before the crash (no fsync of it was in flight)"
+                return (f"differs from the last persistence point before the crash (no fsync of {p} was in "
+                        f"flight): {difference(p, base, got)}")
         for p, versions in fsynced.items():
             acked = max(i for i, v in enumerate(versions) if v.returned <= upto)
             # a sync and persistence point after the file's last acknowledged fsync made its
@@ -114,9 +117,29 @@ class Models(dict[Durable, Snapshot]):
             durable = versions[acked].content if versions[acked].returned > base_at else base.get(p)
             may = [durable, *(v.content for v in versions[acked + 1:] if v.called < upto)]
             if got.get(p) not in may:
+                last = {} if durable is None else {p: durable}  # None: the file did not exist
                 return (f"{p} is neither what its last acknowledged fsync made durable nor what an fsync in "
-                        f"flight would ({len(may) - 1} in flight)")
+                        f"flight would ({len(may) - 1} in flight): {difference(p, last, got)}")
         return None
+
+
+def difference(path: str, want: Snapshot, got: Snapshot) -> str:
+    """How ``path`` read back differs from the oracle, in words a user can act on: which side
+    lacks it, or what kind each side holds, or both sizes and the first byte that differs --
+    a list of paths said neither what was expected nor what was found."""
+    if path not in got:
+        return f"{path} missing (expected {describe(want[path])})"
+    if path not in want:
+        return f"{path} unexpected (found {describe(got[path])})"
+    w, g = want[path], got[path]
+    if w is None or g is None:
+        return f"{path}: expected {describe(w)}, found {describe(g)}"
+    at = next((i for i, (a, b) in enumerate(zip(w, g)) if a != b), min(len(w), len(g)))
+    return f"{path}: expected {len(w)} bytes, found {len(g)}, first difference at offset {at}"
+
+
+def describe(content: bytes | None) -> str:
+    return "a directory" if content is None else f"a file of {len(content)} bytes"
 
 
 class Recorder:
@@ -244,38 +267,49 @@ class CampaignResult:
 
 
 async def check_states(log: WriteLog, models: Models, work: str, rng: random.Random,
-                       subsets: int, name: str, result: CampaignResult, write_path: WritePath = PRODUCTION) -> None:
-    await check_sample(log, models, work, list(log.crash_states(rng, subsets=subsets)), result, name, write_path)
+                       subsets: int, name: str, result: CampaignResult, write_path: WritePath = PRODUCTION,
+                       keep: str | None = None) -> None:
+    await check_sample(log, models, work, list(log.crash_states(rng, subsets=subsets)), result, name, write_path,
+                       keep)
 
 
 async def check_sample(log: WriteLog, models: Models, work: str, states: list, result: CampaignResult,
-                       name: str = "mix", write_path: WritePath = PRODUCTION) -> None:
+                       name: str = "mix", write_path: WritePath = PRODUCTION, keep: str | None = None) -> None:
+    """``keep``: where to write the first failing crash state's image, as the crash left it
+    (rebuilt from the log: fsck and the mount have changed ``work`` by then), for ``inspect``
+    and ``fsck``."""
     first = min(models)
     for st in states:
         result.states += 1
         log.crash_image(work, st.upto, st.keep, st.torn, st.split)
-        where = f"{name} at crash state {st}"
-        report = check(work, check_data=True)
-        if not report.clean:
-            result.failures.append(f"{where}: fsck: [{report.errors[0].code}] {report.errors[0].message}")
-            continue
-        with ImageFile.open(work) as img:
-            sb = img.best_super()
-            gen = (sb.generation, sb.log_root)
-        want = expected_state(log, st.upto, first)
-        if gen != want:
-            result.failures.append(f"{where}: mounted (generation, log root) {gen}, the last durable one was {want}")
-            continue
-        try:
-            async with mount(work, interval=3600, **write_path.mount_options()) as fs:
-                if write_path.encrypt:
-                    await fs.add_key(KEY)
-                got = await snapshot(fs)
-        except OSError as e:
-            result.failures.append(f"{where}: reading the image back failed: {e}")
-            continue
-        if why := models.judge(got, gen, st.upto):
-            result.failures.append(f"{where}: {why}")
+        if why := await check_state(log, models, work, st, first, write_path):
+            result.failures.append(f"{name} at crash state {st}: {why}")
+            if keep is not None:
+                log.crash_image(keep, st.upto, st.keep, st.torn, st.split)
+                result.failures[-1] += f" (its image: {keep})"
+                keep = None
+
+
+async def check_state(log: WriteLog, models: Models, work: str, st: CrashState, first: Durable,
+                      write_path: WritePath) -> str | None:
+    """Why crash state ``st``, rebuilt in ``work``, breaks the oracle; None if it holds."""
+    report = check(work, check_data=True)
+    if not report.clean:
+        return f"fsck: [{report.errors[0].code}] {report.errors[0].message}"
+    with ImageFile.open(work) as img:
+        sb = img.best_super()
+        gen = (sb.generation, sb.log_root)
+    want = expected_state(log, st.upto, first)
+    if gen != want:
+        return f"mounted (generation, log root) {gen}, the last durable one was {want}"
+    try:
+        async with mount(work, interval=3600, **write_path.mount_options()) as fs:
+            if write_path.encrypt:
+                await fs.add_key(KEY)
+            got = await snapshot(fs)
+    except OSError as e:
+        return f"reading the image back failed: {e}"
+    return models.judge(got, gen, st.upto)
 
 
 # ------------------------------------------------------------------ Ace's bounded workload space
@@ -360,18 +394,26 @@ async def run_ace(seqs: list, *, seed: int = 0, subsets: int = 2, faults: FaultP
 
 
 async def run_workloads(named: list[tuple[str, Workload]], *, seed: int, subsets: int, faults: FaultPlan | None,
-                        write_path: WritePath, first: int) -> CampaignResult:
+                        write_path: WritePath, first: int, keep_failed: str | None = None) -> CampaignResult:
     """Record each of the campaign's workloads ``first``, ``first + 1``, ... and check its crash
-    states (the ``i``-th's random subsets drawn from ``seed + i``)."""
+    states (the ``i``-th's random subsets drawn from ``seed + i``). ``keep_failed``: a directory
+    that gets the first failing crash state of each failing workload (``kept_image``)."""
     result = CampaignResult()
     with tempfile.TemporaryDirectory() as d:
         image, base, work = (os.path.join(d, n) for n in ("w.img", "base.img", "crash.img"))
         for i, (name, workload) in enumerate(named):
             log, models = await record(workload, image, base, faults=faults, write_path=write_path,
                                        size=image_size(first + i))
-            await check_states(log, models, work, random.Random(seed + i), subsets, name, result, write_path)
+            keep = kept_image(keep_failed, first + i) if keep_failed else None
+            await check_states(log, models, work, random.Random(seed + i), subsets, name, result, write_path, keep)
             result.workloads += 1
     return result
+
+
+def kept_image(directory: str, workload: int) -> str:
+    """Where ``--keep-failed DIR`` puts workload ``workload``'s first failing crash state: named
+    by the number its reproduce line's ``--workloads`` gives."""
+    return os.path.join(directory, f"workload-{workload}.img")
 
 
 def ace_space(max_len: int, seed: int, limit: int | None) -> list[tuple[tuple[str, ...], ...]]:
@@ -473,7 +515,7 @@ def group_workload(seed: int) -> Workload:
 def _crash_shard(args: tuple) -> dict:
     """Workloads [lo, hi) of the space: Ace's, then the group workloads (``group_workload``);
     workload ``i`` is seeded with ``seed + i``."""
-    max_ops, seed, subsets, nobarrier, limit, write_path, lo, hi = args
+    max_ops, seed, subsets, nobarrier, limit, write_path, lo, hi, keep_failed = args
     seqs = ace_space(max_ops, seed, limit)
 
     async def go() -> dict:
@@ -482,7 +524,7 @@ def _crash_shard(args: tuple) -> dict:
             unit = ace_unit(seqs[i], seed + i) if i < len(seqs) else (f"[fsync groups {seed + i}]",
                                                                        group_workload(seed + i))
             r = await run_workloads([unit], seed=seed + i, subsets=subsets, faults=FaultPlan(nobarrier=nobarrier),
-                                    write_path=WRITE_PATHS[write_path], first=i)
+                                    write_path=WRITE_PATHS[write_path], first=i, keep_failed=keep_failed)
             out["units"] += r.workloads
             out["states"] += r.states
             out["failures"] += [{"unit": i, "message": m} for m in r.failures]
@@ -492,21 +534,25 @@ def _crash_shard(args: tuple) -> dict:
 
 def crash_campaign(max_ops: int, *, seed: int = 0, subsets: int = 2, nobarrier: bool = False, limit: int | None = None,
                    groups: int | None = None, write_path: WritePath = PRODUCTION,
-                   workloads: tuple[int, int] | None = None, shard_size: int = 10) -> Campaign:
+                   workloads: tuple[int, int] | None = None, shard_size: int = 10,
+                   keep_failed: str | None = None) -> Campaign:
     """Ace's bounded space, then ``groups`` group workloads (by default one per ``GROUP_SHARE``
     of Ace's, at least one), as shards of ``shard_size`` consecutive workloads (a few seconds
-    each), optionally only the workloads in ``[A, B)``."""
+    each), optionally only the workloads in ``[A, B)``. ``keep_failed`` is no part of the
+    identity: a resumed run may keep images where the first did not."""
     n = len(ace_space(max_ops, seed, limit))
     groups = -(-n // GROUP_SHARE) if groups is None else groups
     lo, hi = workloads if workloads else (0, n + groups)
     hi = min(hi, n + groups)
     identity = {"max_ops": max_ops, "seed": seed, "subsets": subsets, "nobarrier": nobarrier, "limit": limit,
                 "groups": groups, "write_path": write_path.name, "workloads": [lo, hi]}
-    shards = [Shard(f"workloads {a}..{b}", (max_ops, seed, subsets, nobarrier, limit, write_path.name, a, b))
+    shards = [Shard(f"workloads {a}..{b}", (max_ops, seed, subsets, nobarrier, limit, write_path.name, a, b,
+                                           keep_failed))
               for a, b in ((lo + a, lo + b) for a, b in ranges(hi - lo, shard_size))]
 
     def reproduce(f: dict) -> str:
         return (f"blockemu crash --max-ops {max_ops} --seed {seed} --subsets {subsets} --workloads {f['unit']}"
                 + (f" --limit {limit}" if limit is not None else "") + f" --groups {groups}"
-                + (" --nobarrier" if nobarrier else "") + f" --write-path {write_path.name} --jobs 1")
+                + (" --nobarrier" if nobarrier else "") + f" --write-path {write_path.name} --jobs 1"
+                + (f" --keep-failed {keep_failed}" if keep_failed else ""))
     return Campaign("crash", identity, shards, _crash_shard, reproduce)
