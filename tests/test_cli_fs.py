@@ -332,3 +332,19 @@ def test_put_takes_any_legal_name_and_names_a_parent_that_is_no_directory(tmp_pa
     assert run_bytes("cat", img, f"/{name}") == b"contents"
     err = run("put", img, str(tmp_path / "host"), f"/{name}/x", check_rc=1).stderr
     assert err == f"blockemu: put: /{name}: not a directory\n", err
+
+
+def test_a_trailing_slash_on_a_file_is_not_a_directory(tmp_path):
+    """``cat IMG /a.txt/`` and ``extents IMG /a.txt/`` printed the file; Linux gives ENOTDIR
+    for a trailing slash (or '/.') after a non-directory, and takes it after a directory."""
+    (tmp_path / "host").write_bytes(b"contents")
+    img = str(tmp_path / "s.img")
+    run("mkfs", img, "--size", "16M")
+    run("mkdir", img, "/d")
+    run("put", img, str(tmp_path / "host"), "/d/a.txt")
+    for cmd in ("cat", "extents", "ls"):
+        for path in ("/d/a.txt/", "/d/a.txt/."):
+            err = run(cmd, img, path, check_rc=1).stderr
+            assert err == f"blockemu: {cmd}: {path}: not a directory\n", err
+    assert run("cat", img, "/d/a.txt").stdout == "contents"
+    assert run("ls", img, "/d/").stdout.split() == ["a.txt"]

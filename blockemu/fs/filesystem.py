@@ -511,7 +511,10 @@ class Filesystem:
         return entry
 
     def _resolve(self, path: str) -> Inode:
-        return self._walk(split_path(path), path)
+        inode = self._walk(split_path(path), path)
+        if path.endswith(("/", "/.")) and not st.S_ISDIR(inode.item.mode):  # as Linux: 'f/' names a directory
+            raise NotADirectory(f"{path}: not a directory")
+        return inode
 
     def _walk(self, parts: list[bytes], path: str) -> Inode:
         """The inode the components ``parts`` of ``path`` name, from the root. Per component the
