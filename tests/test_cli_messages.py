@@ -109,7 +109,7 @@ def test_a_file_that_is_no_image_is_named(tmp_path, capsys, command):
     junk = tmp_path / "junk.img"
     junk.write_bytes(os.urandom(1 << 20))
     assert cli(capsys, command[0], str(junk), *command[1:]) == (
-        1, "", f"blockemu: {command[0]}: {junk}: superblock at 65536: bad magic, not a blockemu image\n")
+        1, "", f"blockemu: {command[0]}: {junk}: not a blockemu image (no superblock magic)\n")
 
 
 def test_rescue_zero_log_of_a_file_that_is_no_image_says_so(tmp_path, capsys):
@@ -117,7 +117,7 @@ def test_rescue_zero_log_of_a_file_that_is_no_image_says_so(tmp_path, capsys):
     junk = tmp_path / "junk.img"
     junk.write_bytes(os.urandom(1 << 20))
     assert cli(capsys, "rescue", "zero-log", str(junk)) == (
-        1, "", f"blockemu: rescue: {junk}: superblock at 65536: bad magic, not a blockemu image\n")
+        1, "", f"blockemu: rescue: {junk}: not a blockemu image (no superblock magic)\n")
 
 
 def test_a_truncated_image_is_named_and_said_truncated(tmp_path, capsys):
@@ -156,7 +156,7 @@ def test_run_list_gives_whole_descriptions(capsys):
 def test_errors_with_json_are_json_on_stdout_too(tmp_path, capsys):
     junk = tmp_path / "junk.img"
     junk.write_bytes(os.urandom(1 << 20))
-    why = f"{junk}: superblock at 65536: bad magic, not a blockemu image"
+    why = f"{junk}: not a blockemu image (no superblock magic)"
     rc, out, err = cli(capsys, "stress", str(junk), "--json")
     assert (rc, err) == (1, f"blockemu: stress: {why}\n")
     assert json.loads(out) == {"error": {"command": "stress", "errno": 117, "code": "EUCLEAN", "message": why}}
@@ -434,7 +434,8 @@ def test_a_superblock_whose_root_directory_is_not_inode_256_is_invalid(tmp_path,
     assert cli(capsys, "mkfs", img, "--size", "72M")[0] == 0  # with a mirror at 64 MiB
     set_super(img, root_dir_objectid=objectid)
     why = f"superblock at 65536: root_dir_objectid {objectid} is not the root directory's inode 256"
-    assert cli(capsys, "ls", img) == (1, "", f"blockemu: ls: {img}: {why}\n")
+    hint = f"; the mirror at {64 << 20} is sound: `blockemu fsck --repair {img}` restores it"
+    assert cli(capsys, "ls", img) == (1, "", f"blockemu: ls: {img}: {why}{hint}\n")
     async def mount() -> None:
         await blockemu.mount(img)
     with pytest.raises(OSError, match=why):
@@ -469,3 +470,31 @@ def test_run_on_a_scratch_image_names_no_path_that_is_gone(tmp_path, capsys):
     rc, out, err = cli(capsys, "run", str(job), "--json", "--seed", "1", "--image", str(img))
     assert rc == 1 and json.loads(out)["blockemu"]["image"] == str(img) and img.exists()
     assert err.endswith(f"(reproduce with: blockemu run {job} --image {img} --seed 1)\n")
+
+
+def test_a_bad_primary_superblock_names_the_sound_mirror_and_the_repair(tmp_path, capsys):
+    """ls, cat and mount said "superblock at 65536: checksum mismatch" and no more, while
+    fsck --repair restores the primary from the mirror: the message says so when a mirror is
+    sound, and not when none is; a primary without its magic beside a sound mirror is a damaged
+    image, not "no blockemu image"."""
+    img, host = tmp_path / "m.img", tmp_path / "x"
+    host.write_bytes(b"x")
+    assert cli(capsys, "mkfs", str(img), "--size", "72M")[0] == 0
+    assert cli(capsys, "put", str(img), str(host), "/x")[0] == 0
+    mirror = 64 << 20
+    for offset, why in ((0x100, "checksum mismatch"), (0x40, "bad magic, not a blockemu image")):
+        with open(img, "r+b") as f:
+            f.seek(65536 + offset)
+            f.write(b"\xff")
+        hint = (f"{img}: superblock at 65536: {why}; the mirror at {mirror} is sound: "
+                f"`blockemu fsck --repair {img}` restores it\n")
+        for argv in (["ls", str(img), "/"], ["cat", str(img), "/x"], ["rescue", "zero-log", str(img)]):
+            assert cli(capsys, *argv) == (1, "", f"blockemu: {argv[0]}: {hint}")
+        assert cli(capsys, "fsck", str(img), "--repair")[0] == 1
+        assert cli(capsys, "cat", str(img), "/x") == (0, "x", "")
+    with open(img, "r+b") as f:  # the mirror broken too: nothing to name
+        f.seek(65536 + 0x100)
+        f.write(b"\xff")
+        f.seek(mirror + 0x100)
+        f.write(b"\xff")
+    assert cli(capsys, "ls", str(img), "/") == (1, "", f"blockemu: ls: {img}: superblock at 65536: checksum mismatch\n")

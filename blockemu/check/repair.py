@@ -21,8 +21,8 @@ import os
 from dataclasses import replace
 
 from blockemu.check.fsck import FsckReport
+from blockemu.device.image import ImageFile, bad_primary, read_only_features, too_small, truncated, unsupported
 from blockemu.device.imagelock import open_image
-from blockemu.device.image import ImageFile, read_only_features, too_small, truncated, unsupported
 from blockemu.errors import Busy, CorruptionError
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import structs as S
@@ -89,10 +89,8 @@ def zero_log(path: str) -> SuperInfo | None:
             raise small
         try:
             sb = decode_super(os.pread(fd, S.SUPER_INFO_SIZE, at), at)
-        except CorruptionError as e:
-            if e.kind == "BAD_MAGIC":  # no blockemu image at all: nothing fsck could restore
-                raise CorruptionError(f"{path}: {e}", e.kind, at) from None
-            raise CorruptionError(f"{path}: {e}; restore it with blockemu fsck --repair first", e.kind, at) from None
+        except CorruptionError as e:  # fsck --repair's to restore from a sound mirror, if there is one
+            raise bad_primary(path, e, os.fstat(fd).st_size, lambda m: os.pread(fd, S.SUPER_INFO_SIZE, m)) from None
         if newer := unsupported(path, sb) or read_only_features(path, sb):  # its log may be more than
             raise newer  # this blockemu knows to drop, or its features forbid our writing it
         short = truncated(sb, os.fstat(fd).st_size)

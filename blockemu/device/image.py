@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 from blockemu.device.imagelock import open_image
 from blockemu.errors import CorruptionError, ReadOnlyError
@@ -40,6 +41,31 @@ def read_only_features(path: str, sb: SuperInfo) -> ReadOnlyError | None:
         return ReadOnlyError(f"{path}: unknown compat_ro features {unknown:#x}; a newer blockemu made this image, "
                              f"which this one may read (ls, cat, extents, inspect, fsck) but not write")
     return None
+
+
+def not_blockemu(path: str) -> CorruptionError:
+    """No superblock copy bears the magic: one text for every command (fsck said "no superblock
+    magic", the others "superblock at 65536: bad magic, not a blockemu image")."""
+    return CorruptionError(f"{path}: not a blockemu image (no superblock magic)", "BAD_MAGIC")
+
+
+def bad_primary(path: str, error: CorruptionError, size: int, read: Callable[[int], bytes]) -> CorruptionError:
+    """The error for a primary superblock that does not decode (``error``), for the commands
+    that read only the primary: naming a sound mirror and the command that restores the primary
+    from it ("checksum mismatch" alone left the user without the fix fsck had); and, when no
+    mirror bears the magic either, a file that is no image. ``read(at)`` reads the copy at ``at``."""
+    magic = error.kind != "BAD_MAGIC"
+    for at in SUPER_OFFSETS[1:]:
+        if at + SUPER_INFO_SIZE > size:
+            break
+        try:
+            decode_super(read(at), at)
+        except CorruptionError as e:
+            magic = magic or e.kind != "BAD_MAGIC"
+            continue
+        return CorruptionError(f"{path}: {error}; the mirror at {at} is sound: `blockemu fsck --repair {path}` "
+                               "restores it", error.kind, error.bytenr)
+    return CorruptionError(f"{path}: {error}", error.kind, error.bytenr) if magic else not_blockemu(path)
 
 
 def truncated(sb: SuperInfo, size: int) -> str | None:
@@ -99,7 +125,7 @@ class ImageFile:
         if small := too_small(self.path, self.size):
             raise small
         if not self.is_blockemu():
-            raise CorruptionError(f"{self.path}: not a blockemu image (no superblock magic)", "BAD_MAGIC")
+            raise not_blockemu(self.path)
         good = [c for c in self.supers if c.info is not None]
         if not good:
             raise CorruptionError(f"{self.path}: no valid superblock: {self.supers[0].error}", "SUPERBLOCK")

@@ -8,13 +8,12 @@ from typing import Any, AsyncIterator, Coroutine, TypeVar
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
-from blockemu.device.image import read_only_features, too_small, unsupported
+from blockemu.device.image import bad_primary, read_only_features, too_small, unsupported
 from blockemu.engine.transaction import Engine, super_writes
 from blockemu.engine.treelog import TreeLog, replay
 from blockemu.errors import CorruptionError, DeviceIOError, NoSpaceError
 from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
-
 
 T = TypeVar("T")
 
@@ -39,7 +38,7 @@ def read_primary_super(dev: BlockDevice) -> SuperInfo:
     try:
         sb = decode_super(dev.read_sync(SUPER_OFFSETS[0], SUPER_INFO_SIZE), SUPER_OFFSETS[0])
     except CorruptionError as e:
-        raise CorruptionError(f"{dev.path}: {e}", e.kind, e.bytenr) from None
+        raise bad_primary(dev.path, e, dev.size, lambda at: dev.read_sync(at, SUPER_INFO_SIZE)) from None
     if sb.total_bytes > dev.size:
         raise CorruptionError(
             f"{dev.path}: image truncated: superblock says {sb.total_bytes} bytes, file has {dev.size}", "SUPERBLOCK"
