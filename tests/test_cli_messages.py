@@ -498,3 +498,25 @@ def test_a_bad_primary_superblock_names_the_sound_mirror_and_the_repair(tmp_path
         f.seek(mirror + 0x100)
         f.write(b"\xff")
     assert cli(capsys, "ls", str(img), "/") == (1, "", f"blockemu: ls: {img}: superblock at 65536: checksum mismatch\n")
+
+
+def test_rescue_zero_log_on_an_image_it_cannot_write_with_no_log_has_nothing_to_do(tmp_path, capsys, monkeypatch):
+    """It failed with EROFS on an image on a read-only file system (or a 0444 image of another
+    user) though the docs say "no log: nothing to do, exit 0"; a command that must write says
+    it in one line."""
+    import errno
+
+    from blockemu.device import imagelock
+
+    img = str(tmp_path / "ro.img")
+    assert cli(capsys, "mkfs", img, "--size", "16M")[0] == 0
+    real_open = imagelock.os.open
+
+    def read_only_fs(path, flags, *args):
+        if path == img and flags & (os.O_RDWR | os.O_WRONLY):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(imagelock.os, "open", read_only_fs)
+    assert cli(capsys, "rescue", "zero-log", img) == (0, f"{img}: no fsync log; nothing to do\n", "")
+    assert cli(capsys, "mkdir", img, "/d") == (
+        1, "", f"blockemu: mkdir: {img}: read-only file system (opening it for writing)\n")

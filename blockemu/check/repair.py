@@ -23,7 +23,7 @@ from dataclasses import replace
 from blockemu.check.fsck import FsckReport
 from blockemu.device.image import ImageFile, bad_primary, read_only_features, too_small, truncated, unsupported
 from blockemu.device.imagelock import open_image
-from blockemu.errors import Busy, CorruptionError
+from blockemu.errors import Busy, CorruptionError, ReadOnlyError
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import InodeItem, InodeRef, name_hash, pack_dir_entries, unpack_dir_entries
@@ -82,7 +82,10 @@ def zero_log(path: str) -> SuperInfo | None:
     names a log (a log sync writes no mirror), so only the primary is rewritten; a bad primary
     is fsck --repair's to restore first. A truncated image is refused, log or not: the log (and
     anything else) may lie in the part that is missing, and "no log" would read as "sound"."""
-    fd = open_image(path, readonly=False)  # exclusive: never under a mount
+    try:
+        fd, unwritable = open_image(path, readonly=False), None  # exclusive: never under a mount
+    except (PermissionError, ReadOnlyError) as e:  # a 0444 image, one on a read-only file system
+        fd, unwritable = open_image(path, readonly=True), e  # an image with no log is still "nothing to do"
     try:
         at = SUPER_OFFSETS[0]
         if small := too_small(path, os.fstat(fd).st_size):
@@ -98,6 +101,8 @@ def zero_log(path: str) -> SuperInfo | None:
             raise CorruptionError(f"{path}: {short}; nothing written", "SUPERBLOCK", at)
         if not sb.log_root:
             return None
+        if unwritable is not None:
+            raise unwritable
         new = replace(sb, log_root=0, log_root_transid=0, log_root_level=0,
                       incompat_flags=sb.incompat_flags & ~S.INCOMPAT_TREE_LOG)
         os.pwrite(fd, encode_super(new, at), at)

@@ -29,7 +29,7 @@ import os
 import stat
 import struct
 
-from blockemu.errors import ImageInUse, InvalidArgument, IsADirectory, NotFoundError, PermissionDenied
+from blockemu.errors import ImageInUse, InvalidArgument, IsADirectory, NotFoundError, PermissionDenied, ReadOnlyError
 
 # struct flock as Linux lays it out on 64-bit machines: l_type, l_whence, l_start, l_len, l_pid
 FLOCK = struct.Struct("hhqqi4x")
@@ -78,6 +78,10 @@ def open_image(path: str, readonly: bool, *, create: bool = False) -> int:
         raise IsADirectory(f"{path}: is a directory") from None
     except PermissionError:
         raise PermissionDenied(f"{path}: permission denied" + ("" if readonly else " (opening it for writing)")) from None
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        raise ReadOnlyError(f"{path}: read-only file system (opening it for writing)") from None
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):  # O_RDONLY opens a directory without complaint
