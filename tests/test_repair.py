@@ -148,19 +148,56 @@ def test_an_orphan_checksum_item_of_several_sectors_is_deleted_once(tmp_path, ca
 
     img = str(tmp_path / "c.img")
 
-    async def make() -> None:
+    async def make() -> int:
         await blockemu.mkfs(img, size="32M")
         vol = await Volume.open(img)
         async with vol.join() as engine:
-            start = next(iter(engine.free_items))
-            engine.trees[S.CSUM_TREE_OBJECTID].insert((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, start + (1 << 20)),
-                                                      bytes(4 * 4))
+            sector = next(iter(engine.free_items)) + (1 << 20)
+            engine.trees[S.CSUM_TREE_OBJECTID].insert((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, sector), bytes(4 * 4))
         await vol.close()
+        return sector
 
-    asyncio.run(make())
-    assert [e.code for e in check(img).errors] == ["ORPHAN_CSUM"] * 4
+    sector = asyncio.run(make())
+    # one finding for the item's four sectors (it printed one line per sector: 144 for an extent)
+    assert [(e.code, e.message) for e in check(img).errors] == [
+        ("ORPHAN_CSUM", f"checksums for 4 sectors [{sector}, +16384), which no data extent holds")]
     assert main(["fsck", img, "--repair"]) == 1
-    assert capsys.readouterr().out.count("repaired: [ORPHAN_CSUM]") == 4
+    out = capsys.readouterr().out
+    assert out.count("repaired: [ORPHAN_CSUM]") == 1
+    assert (f"-- removed item ({S.EXTENT_CSUM_OBJECTID}, {S.EXTENT_CSUM}, {sector}) of the "
+            f"{S.TREE_NAMES[S.CSUM_TREE_OBJECTID]} tree") in out
+    assert_fsck_clean(img)
+
+
+def test_a_repair_says_what_it_removed(tmp_path, capsys):
+    """--repair printed "repaired: [ORPHAN] inode N has no name ..." when the fix deleted the
+    inode and its data: each repaired line says what the fix did."""
+    from blockemu.check.repair import _drop_entry
+    from blockemu.fs.volume import Volume
+    from blockemu.ondisk import structs as S
+
+    img = str(tmp_path / "o.img")
+
+    async def make() -> tuple[int, int]:
+        await blockemu.mkfs(img, size="32M")
+        async with blockemu.mount(img) as fs:
+            await fs.mkdir("/d")
+            async with fs.open("/d/f", "w") as f:
+                await f.write(bytes(50_000))
+            d, ino = (await fs.stat("/d")).st_ino, (await fs.stat("/d/f")).st_ino
+        vol = await Volume.open(img)
+        async with vol.join() as engine:  # every name of /d/f gone, the inode and its data left
+            tree = engine.trees[S.FS_TREE_OBJECTID]
+            _drop_entry(tree, d, next(k[2] for k, _ in tree.items((d, S.DIR_INDEX, 0), (d, S.DIR_INDEX, 1 << 63))), b"f")
+            tree.delete((ino, S.INODE_REF, d))
+        await vol.close()
+        return d, ino
+
+    d, ino = asyncio.run(make())
+    assert main(["fsck", img, "--repair"]) == 1
+    out = capsys.readouterr().out
+    assert f"repaired: [ORPHAN] inode {ino} has no name and no orphan item -- removed inode {ino} (50000 bytes)" in out
+    assert f"-- set inode {d}'s size to 0" in out
     assert_fsck_clean(img)
 
 

@@ -41,9 +41,11 @@ class FsckError:
     key: list[int] | None = None
     # what --repair would do, when that needs no guessing (see repair.py); not part of the JSON
     fix: dict[str, Any] | None = field(default=None, compare=False)
+    done: str | None = field(default=None, compare=False)  # what --repair's fix did, in words
 
     def as_json(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "tree": self.tree, "bytenr": self.bytenr, "key": self.key}
+        return {"code": self.code, "message": self.message, "tree": self.tree, "bytenr": self.bytenr, "key": self.key,
+                **({"action": self.done} if self.done else {})}
 
 
 @dataclass

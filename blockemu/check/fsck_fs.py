@@ -455,13 +455,21 @@ def check_csums(ck: "Checker", sb, data: dict[int, tuple[int, ExtentItem]], read
             r += 1
         if r == len(runs) or sector < runs[r][0]:
             stray.append(sector)
-    stray_set = set(stray)
     bodies = dict(items)
     item_of = {key[2] + i * PAGE: key for key, body in bodies.items() for i in range(len(body) // size)}
+    # one finding per run of stray sectors within one item (one an extent's worth of sectors
+    # printed a line each): a run that is the whole item carries the fix that deletes it
+    runs_of: list[tuple[tuple, int, int]] = []  # (item, first sector, sectors)
     for sector in stray:
         key = item_of[sector]
-        whole = all(key[2] + i * PAGE in stray_set for i in range(len(bodies[key]) // size))
-        ck.error("ORPHAN_CSUM", f"checksum for sector {sector}, which no data extent holds", S.CSUM_TREE_OBJECTID, sector,
+        if runs_of and runs_of[-1][0] == key and runs_of[-1][1] + runs_of[-1][2] * PAGE == sector:
+            runs_of[-1] = (key, runs_of[-1][1], runs_of[-1][2] + 1)
+        else:
+            runs_of.append((key, sector, 1))
+    for key, first, n in runs_of:
+        whole = n == len(bodies[key]) // size
+        what = f"sector {first}" if n == 1 else f"{n} sectors [{first}, +{n * PAGE})"
+        ck.error("ORPHAN_CSUM", f"checksums for {what}, which no data extent holds", S.CSUM_TREE_OBJECTID, first,
                  key, fix={"delete": (S.CSUM_TREE_OBJECTID, key)} if whole else None)
 
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import replace
+from typing import Any
 
 from blockemu.check.fsck import FsckReport
 from blockemu.device.image import ImageFile, bad_primary, read_only_features, too_small, truncated, unsupported
 from blockemu.device.imagelock import open_image
+from blockemu.engine.transaction import Engine
 from blockemu.errors import Busy, CorruptionError, ReadOnlyError
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import structs as S
@@ -137,39 +139,54 @@ async def repair(path: str, report: FsckReport) -> int:
                 if e.fix is None:
                     fixed += e.code in REBUILT or e.tree == REBUILT_TREE
                     continue
-                fix = e.fix
-                if "inode" in fix:
-                    fs = engine.trees[S.FS_TREE_OBJECTID]
-                    key = (fix["inode"], S.INODE_ITEM, 0)
-                    item = InodeItem.unpack(fs[key])
-                    fs.update(key, item._replace(**{k: v for k, v in fix.items() if k != "inode"}).pack())
-                elif "extent_item" in fix:
-                    engine.trees[S.EXTENT_TREE_OBJECTID].update(tuple(fix["extent_item"]), fix["body"].pack())
-                elif "delete" in fix:
-                    tid, key = fix["delete"]
-                    if tuple(key) in engine.trees[tid]:  # findings may share an item: each orphan sector
-                        engine.trees[tid].delete(tuple(key))  # of one checksum item names it
-                elif "drop_inode" in fix:
-                    _drop_items(engine.trees[S.FS_TREE_OBJECTID], fix["drop_inode"])
-                elif "drop_entry" in fix:
-                    _drop_entry(engine.trees[S.FS_TREE_OBJECTID], *fix["drop_entry"])
-                elif "add_ref" in fix:
-                    ino, parent, index, name = fix["add_ref"]
-                    engine.trees[S.FS_TREE_OBJECTID].insert((ino, S.INODE_REF, parent), InodeRef(index, name).pack())
-                elif "extend_to" in fix:
-                    pass  # restored before the volume opened: it refuses a truncated image
-                elif "drop_extent" in fix:
-                    bytenr, length = fix["drop_extent"]
-                    engine.trees[S.EXTENT_TREE_OBJECTID].delete((bytenr, S.EXTENT_ITEM, length))
-                    csum = engine.trees[S.CSUM_TREE_OBJECTID]
-                    lo = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr)
-                    for key in [k for k, _ in csum.items(lo, (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + length - 1))]:
-                        csum.delete(key)
+                e.done = _apply(engine, e.fix)
                 fixed += 1
         await vol.commit(force=True)
     finally:
         await vol.close(commit=False)
     return fixed
+
+
+def _apply(engine: Engine, fix: dict[str, Any]) -> str:
+    """Make one finding's fix; returns what it did, in words: "repaired" alone hid that a fix
+    removed an inode (and its data) or a name."""
+    fs = engine.trees[S.FS_TREE_OBJECTID]
+    if "inode" in fix:
+        key = (fix["inode"], S.INODE_ITEM, 0)
+        changes = {k: v for k, v in fix.items() if k != "inode"}
+        fs.update(key, InodeItem.unpack(fs[key])._replace(**changes).pack())
+        return f"set inode {fix['inode']}'s " + ", ".join(f"{k} to {v}" for k, v in changes.items())
+    if "extent_item" in fix:
+        bytenr, _, length = fix["extent_item"]
+        engine.trees[S.EXTENT_TREE_OBJECTID].update(tuple(fix["extent_item"]), fix["body"].pack())
+        return f"set extent [{bytenr}, +{length})'s references to {fix['body'].refs_count}"
+    if "delete" in fix:
+        tid, key = fix["delete"]
+        if tuple(key) in engine.trees[tid]:  # another finding's fix (an inode's removal) may have taken it
+            engine.trees[tid].delete(tuple(key))
+        return f"removed item {tuple(key)} of the {S.TREE_NAMES[tid]} tree"
+    if "drop_inode" in fix:
+        ino = fix["drop_inode"]
+        size = InodeItem.unpack(fs[(ino, S.INODE_ITEM, 0)]).size if (ino, S.INODE_ITEM, 0) in fs else 0
+        _drop_items(fs, ino)
+        return f"removed inode {ino} ({size} bytes)"
+    if "drop_entry" in fix:
+        d, idx, name = fix["drop_entry"]
+        _drop_entry(fs, d, idx, name)
+        return f"removed entry {name.decode(errors='backslashreplace')!r} (index {idx}) of directory inode {d}"
+    if "add_ref" in fix:
+        ino, parent, index, name = fix["add_ref"]
+        fs.insert((ino, S.INODE_REF, parent), InodeRef(index, name).pack())
+        return f"added inode {ino}'s reference to its name {name.decode(errors='backslashreplace')!r} in directory inode {parent}"
+    if "extend_to" in fix:  # restored before the volume opened: it refuses a truncated image
+        return f"extended the image file to {fix['extend_to']} bytes"
+    bytenr, length = fix["drop_extent"]
+    engine.trees[S.EXTENT_TREE_OBJECTID].delete((bytenr, S.EXTENT_ITEM, length))
+    csum = engine.trees[S.CSUM_TREE_OBJECTID]
+    lo = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr)
+    for key in [k for k, _ in csum.items(lo, (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + length - 1))]:
+        csum.delete(key)
+    return f"removed extent [{bytenr}, +{length}) and its checksums"
 
 
 def _drop_items(fs, ino: int) -> None:

@@ -1134,7 +1134,8 @@ def cmd_fsck(a: argparse.Namespace) -> int:
         emit_json(report.as_json())
     else:
         if a.repair and report.repaired:
-            print("\n".join(f"repaired: [{e['code']}] {e['message']}" for e in report.repaired))
+            print("\n".join(f"repaired: [{e['code']}] {e['message']}" + (f" -- {e['action']}" if "action" in e else "")
+                             for e in report.repaired))
         print("\n".join(report.text()))
     return code
 
