@@ -56,6 +56,11 @@ class DeviceIOError(BlockemuError):
     code = errno.EIO
 
 
+class ChecksumError(DeviceIOError):
+    """Data read back failed its checksum: EIO, as a disk's bit rot gives. Its own class so a
+    run with injected bit flips can tell corruption detected apart from data silently wrong."""
+
+
 class NoSpaceError(BlockemuError):
     code = errno.ENOSPC
 

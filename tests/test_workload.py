@@ -190,6 +190,19 @@ def test_stress_with_injected_faults_reports_and_checks(tmp_path):
     assert "fsck" in out and "reproduce" not in out
 
 
+def test_stress_with_flips_counts_detected_corruption_apart_from_loss(tmp_path):
+    """Flipped sectors read back as checksum errors (EIO) were counted as lost acknowledged
+    writes (twice: unreadable, then 0 bytes against the model) and the run exited 1: detected
+    corruption is what flips should give, counted apart, and no failure."""
+    img = str(tmp_path / "f.img")
+    run("mkfs", img, "--size", "64M")
+    p = run("stress", img, "--seed", "1", "--tasks", "2", "--ops", "100", "--faults", "flip=0.05",
+            "--write-path", "fast", "--json", check_rc=None)
+    out = json.loads(p.stdout)
+    assert out["detected_corruption"] > 0 and all("checksum mismatch" in d for d in out["detected"]), out
+    assert out["lost_acknowledged_writes"] == 0 and out["problems"] == [] and p.returncode == 0
+
+
 def test_crash_campaign_cli_finds_nothing_and_catches_a_planted_bug():
     out = json.loads(run("crash", "--max-ops", "1", "--jobs", "1", "--write-path", "fast", "--json").stdout)
     assert out["workloads"] == 11 and out["states"] > 50 and out["failures"] == []

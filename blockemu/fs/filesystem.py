@@ -31,6 +31,7 @@ from blockemu.engine.extents import Extents
 from blockemu.errors import (
     BadFile,
     Busy,
+    ChecksumError,
     CorruptionError,
     CrossDevice,
     DeviceIOError,
@@ -1326,7 +1327,7 @@ class Filesystem:
         sectors = memoryview(data)
         off = next((off for k, off in enumerate(range(0, len(data), PAGE))
                     if csums.digest(ctype, sectors[off : off + PAGE]) != wants[k * size : (k + 1) * size]), 0)
-        raise DeviceIOError(f"inode {inode.ino}: checksum mismatch at file offset {s + off} (disk {disk + off})")
+        raise ChecksumError(f"inode {inode.ino}: checksum mismatch at file offset {s + off} (disk {disk + off})")
 
     async def sync(self) -> None:
         """syncfs(2): write back every dirty file and commit, then raise the first writeback

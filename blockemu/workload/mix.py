@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from blockemu.errors import ChecksumError, CorruptionError
 from blockemu.fs.filesystem import Filesystem
 
 # a task's data is drawn from one seeded buffer of this many of its largest writes: slices at
@@ -38,6 +39,9 @@ class MixResult:
     by_op: dict[str, int] = field(default_factory=dict)
     acknowledged_writes: int = 0
     divergent: list[str] = field(default_factory=list)
+    # reads after the run that failed their checksum (or a tree block's): corruption detected,
+    # which injected bit flips make and a sound run without them never shows
+    detected: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # operations the (faulty) device made fail
     no_space: list[str] = field(default_factory=list)  # operations refused with ENOSPC: the image is full
     # the ledger: what an fsync or sync acknowledged as durable and nothing changed since (a
@@ -183,6 +187,7 @@ class Task:
         """The subtree as ``fs`` (a fresh mount of the image) holds it is exactly the model:
         every name, every byte."""
         found: dict[str, bytes] = {}
+        unreadable: set[str] = set()
         todo = [self.root]
         while todo:
             d = todo.pop()
@@ -195,9 +200,10 @@ class Task:
                     async with fs.open(p) as f:
                         found[p] = await f.read()
                 except OSError as e:
+                    unreadable.add(p)
                     if p not in self.tainted:
-                        self.r.divergent.append(f"{p}: unreadable on disk: {e}")
-        for p in sorted((set(found) | set(self.files)) - self.tainted):
+                        (self.r.detected if detected(e) else self.r.divergent).append(f"{p}: unreadable on disk: {e}")
+        for p in sorted((set(found) | set(self.files)) - self.tainted - unreadable):
             if found.get(p) != (bytes(self.files[p]) if p in self.files else None):
                 self.r.divergent.append(f"{p}: on disk {len(found.get(p, b''))} bytes, model "
                                         f"{len(self.files[p]) if p in self.files else 'absent'}")
@@ -252,16 +258,20 @@ async def verify_mix(fs: Filesystem, result: MixResult) -> None:
         await t.verify(fs)
 
 
-async def verify_ledger(fs: Filesystem, durable: dict[str, bytes]) -> list[str]:
-    """After a crash: every file the ledger holds must be on disk, byte for byte."""
-    lost = []
-    for p, want in sorted(durable.items()):
+async def verify_ledger(fs: Filesystem, result: MixResult) -> None:
+    """After a crash: every file the ledger holds must be on disk, byte for byte (a read that
+    fails its checksum is corruption detected, not silent loss: ``result.detected``)."""
+    for p, want in sorted(result.durable.items()):
         try:
             async with fs.open(p) as f:
                 got = await f.read()
         except OSError as e:
-            lost.append(f"{p}: fsync-acknowledged, now {e.strerror or e}")
+            (result.detected if detected(e) else result.divergent).append(f"{p}: fsync-acknowledged, now {e}")
             continue
         if got != want:
-            lost.append(f"{p}: fsync-acknowledged {len(want)} bytes, after the crash {len(got)} differ")
-    return lost
+            result.divergent.append(f"{p}: fsync-acknowledged {len(want)} bytes, after the crash {len(got)} differ")
+
+
+def detected(e: OSError) -> bool:
+    """A read refused because what it read failed a checksum: data (EIO) or a tree block (EUCLEAN)."""
+    return isinstance(e, (ChecksumError, CorruptionError))
