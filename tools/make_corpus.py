@@ -3,7 +3,10 @@
 carrying one known corruption, gzip-compressed into tests/corpus/, with manifest.json
 saying which error class fsck must report and whether --repair must fix it.
 
-    python tools/make_corpus.py [CASE ...]   # every case, or only these (the others kept)
+    python tools/make_corpus.py [--out DIR] [CASE ...]   # every case, or only these (the others kept)
+
+``--out`` writes elsewhere than tests/corpus (tests/test_fsck_corpus.py runs the generator
+into a temporary directory, so that it cannot rot as the engine changes).
 
 Corruptions are made two ways: surgically through the engine's own tree code (the
 image stays structurally valid and only the logic is wrong), or as raw byte edits
@@ -42,6 +45,9 @@ FS, EXT, CSUM, FST, RT = (S.FS_TREE_OBJECTID, S.EXTENT_TREE_OBJECTID, S.CSUM_TRE
                           S.FREE_SPACE_TREE_OBJECTID, S.ROOT_TREE_OBJECTID)
 
 
+INOS: dict[str, int] = {}  # the base image's inode numbers, by path (every case is a copy of it)
+
+
 async def base_image(path: str) -> None:
     await blockemu.mkfs(path, size="80M", node_size="4K", uuid="0c0c0c0c-1111-2222-3333-444444444444")
     async with blockemu.mount(path, interval=3600) as fs:
@@ -55,6 +61,8 @@ async def base_image(path: str) -> None:
         async with fs.open("/plain/b", "r+") as f:
             await f.pwrite(b"\x01" * 4096, 8192)  # a split extent: refs 2
         await fs.symlink("../plain/a", "/secret/link")  # an inline encrypted target (FSCRYPT_SYMLINK)
+        for p in ("/plain", "/secret", "/plain/a", "/plain/b", "/secret/s1", "/secret/s2"):
+            INOS[p] = (await fs.stat(p)).st_ino
 
 
 async def with_log(path: str, change: Callable[[str], None]) -> None:
@@ -73,12 +81,10 @@ async def with_log(path: str, change: Callable[[str], None]) -> None:
     change(path)
 
 
-def ino_of(engine: Engine, path: str) -> int:
-    ino = S.FIRST_FREE_OBJECTID
-    for name in path.strip("/").split("/"):
-        entries = unpack_dir_entries(engine.trees[FS][(ino, S.DIR_ITEM, name_hash(name.encode()))])
-        ino = next(e.location[0] for e in entries if e.name == name.encode())
-    return ino
+def ino_of(path: str) -> int:
+    """From the mounted base image, not by looking names up in the trees: a name in /secret
+    is stored encrypted (looking '/secret/s1' up by its plaintext failed)."""
+    return INOS[path]
 
 
 async def edit(path: str, change: Callable[[Engine], None]) -> None:
@@ -131,7 +137,7 @@ def patch_super(path: str, **fields: int) -> None:
 def data_bytenr(path: str, file: str) -> int:
     with ImageFile.open(path) as img:
         engine = Engine(img.best_super(), img.read, writable=False)
-        return first_extent(engine, ino_of(engine, file))[1].disk_bytenr
+        return first_extent(engine, ino_of(file))[1].disk_bytenr
 
 
 def log_over_committed_data(path: str) -> None:
@@ -182,17 +188,17 @@ def cases() -> dict[str, Case]:
         return lambda p: edit(p, change)
 
     def drop_dir_item(e: Engine) -> None:
-        ino = ino_of(e, "/plain")
+        ino = ino_of("/plain")
         e.trees[FS].delete((ino, S.DIR_ITEM, name_hash(b"a")))
 
     def dangling(e: Engine) -> None:
-        ino = ino_of(e, "/plain/a")
+        ino = ino_of("/plain/a")
         for k in [k for k, _ in e.trees[FS].items((ino, 0, 0), (ino, 255, (1 << 64) - 1))]:
             if k[1] != S.EXTENT_DATA:
                 e.trees[FS].delete(k)
 
     def orphan(e: Engine) -> None:
-        parent, ino = ino_of(e, "/plain"), ino_of(e, "/plain/a")
+        parent, ino = ino_of("/plain"), ino_of("/plain/a")
         fs = e.trees[FS]
         idx = next(k[2] for k, body in fs.items((parent, S.DIR_INDEX, 0), (parent, S.DIR_INDEX, (1 << 64) - 1))
                    if unpack_dir_entries(body)[0].name == b"a")
@@ -202,7 +208,7 @@ def cases() -> dict[str, Case]:
         set_inode(e, parent, size=InodeItem.unpack(fs[(parent, S.INODE_ITEM, 0)]).size - 2)
 
     def data_refs(e: Engine) -> None:
-        key, fe = first_extent(e, ino_of(e, "/plain/b"))
+        key, fe = first_extent(e, ino_of("/plain/b"))
         k = (fe.disk_bytenr, S.EXTENT_ITEM, fe.disk_num_bytes)
         ei = ExtentItem.unpack(e.trees[EXT][k])
         e.trees[EXT].update(k, ei._replace(refs_count=ei.refs_count + 1).pack())
@@ -212,40 +218,40 @@ def cases() -> dict[str, Case]:
         e.trees[EXT].delete((fs_root, S.METADATA_ITEM, e.trees[FS].level))
 
     def overlap(e: Engine) -> None:
-        ino = ino_of(e, "/plain/b")
+        ino = ino_of("/plain/b")
         key, fe = first_extent(e, ino)
         e.trees[FS].insert((ino, S.EXTENT_DATA, 4096), fe._replace(offset=4096, num_bytes=4096).pack())
 
     def missing_csum(e: Engine) -> None:
-        key, fe = first_extent(e, ino_of(e, "/plain/a"))
+        key, fe = first_extent(e, ino_of("/plain/a"))
         e.trees[CSUM].delete((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, fe.disk_bytenr))
 
     def orphan_csum(e: Engine) -> None:
-        start, _ = next(iter(sorted(e.free_items)))
+        start = next(iter(e.free_items))  # start -> length, sorted
         e.trees[CSUM].insert((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, start + (1 << 20)), b"\0\0\0\0")
 
     def plaintext_extent(e: Engine) -> None:
-        ino = ino_of(e, "/secret/s1")
+        ino = ino_of("/secret/s1")
         key, fe = first_extent(e, ino)
         e.trees[FS].update(key, fe._replace(encryption=S.ENCRYPTION_NONE, context=None).pack())
 
     def nonce_reuse(e: Engine) -> None:
-        k1, f1 = first_extent(e, ino_of(e, "/secret/s1"))
-        k2, f2 = first_extent(e, ino_of(e, "/secret/s2"))
+        k1, f1 = first_extent(e, ino_of("/secret/s1"))
+        k2, f2 = first_extent(e, ino_of("/secret/s2"))
         e.trees[FS].update(k2, f2._replace(context=f2.context._replace(nonce=f1.context.nonce)).pack())
 
     def wrong_key(e: Engine) -> None:
-        k, f = first_extent(e, ino_of(e, "/secret/s1"))
+        k, f = first_extent(e, ino_of("/secret/s1"))
         e.trees[FS].update(k, f._replace(context=f.context._replace(key_identifier=b"\x99" * 16)).pack())
 
     def bad_context(e: Engine) -> None:
-        k, f = first_extent(e, ino_of(e, "/secret/s1"))
+        k, f = first_extent(e, ino_of("/secret/s1"))
         e.trees[FS].update(k, f._replace(context=f.context._replace(version=7)).pack())
 
     def drop_free_space(e: Engine) -> None:
-        start, length = max(e.free_items, key=lambda x: x[1])
+        start, length = max(e.free_items.items(), key=lambda x: x[1])
         e.trees[FST].delete((start, S.FREE_SPACE_EXTENT, length))
-        e.free_items.discard((start, length))
+        del e.free_items[start]
         e.allocator.reserve(start, length)  # the engine must not write it back at commit
 
     def symlink_ciphertext(e: Engine) -> None:
@@ -272,9 +278,9 @@ def cases() -> dict[str, Case]:
         "free-space": ("FREE_SPACE_MISMATCH", True, False, with_engine(drop_free_space)),
         "metadata-ref": ("EXTENT_REF_MISMATCH", False, False, with_engine(meta_ref)),
         "data-refcount": ("EXTENT_REF_MISMATCH", True, False, with_engine(data_refs)),
-        "nlink": ("NLINK_MISMATCH", True, False, with_engine(lambda e: set_inode(e, ino_of(e, "/plain/a"), nlink=5))),
-        "dir-isize": ("ISIZE_MISMATCH", True, False, with_engine(lambda e: set_inode(e, ino_of(e, "/plain"), size=99))),
-        "nbytes": ("NBYTES_MISMATCH", True, False, with_engine(lambda e: set_inode(e, ino_of(e, "/plain/b"), nbytes=1))),
+        "nlink": ("NLINK_MISMATCH", True, False, with_engine(lambda e: set_inode(e, ino_of("/plain/a"), nlink=5))),
+        "dir-isize": ("ISIZE_MISMATCH", True, False, with_engine(lambda e: set_inode(e, ino_of("/plain"), size=99))),
+        "nbytes": ("NBYTES_MISMATCH", True, False, with_engine(lambda e: set_inode(e, ino_of("/plain/b"), nbytes=1))),
         "dir-item": ("DIR_ITEM_MISMATCH", False, False, with_engine(drop_dir_item)),
         "dangling-entry": ("DANGLING_ENTRY", True, False, with_engine(dangling)),
         "orphan-inode": ("ORPHAN", True, False, with_engine(orphan)),
@@ -289,16 +295,17 @@ def cases() -> dict[str, Case]:
     }
 
 
-async def main(only: list[str]) -> None:
+async def main(only: list[str], out: Path = OUT) -> None:
     """Build every case, or (``only``) just the named ones, keeping the other images as they
     are: a rebuild changes every image's bytes (fresh nonces and keys), and a corpus is most
     useful when its files change only when their case does."""
-    OUT.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     every = cases()
     unknown = sorted(set(only) - set(every))
     if unknown:
         raise SystemExit(f"make_corpus: no such case: {', '.join(unknown)}")
-    manifest = json.loads((OUT / "manifest.json").read_text()) if only else {}
+    kept = out / "manifest.json"
+    manifest = json.loads(kept.read_text()) if only and kept.exists() else {}
     with tempfile.TemporaryDirectory() as d:
         base = os.path.join(d, "base.img")
         await base_image(base)
@@ -308,12 +315,14 @@ async def main(only: list[str]) -> None:
             img = os.path.join(d, f"{name}.img")
             shutil.copy(base, img)
             await corrupt(img)
-            with open(img, "rb") as src, gzip.open(OUT / f"{name}.img.gz", "wb", compresslevel=9) as dst:
+            with open(img, "rb") as src, gzip.open(out / f"{name}.img.gz", "wb", compresslevel=9) as dst:
                 shutil.copyfileobj(src, dst)
             manifest[name] = {"code": code, "repairable": repairable, "check_data": check_data}
-    (OUT / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {len(only) or len(manifest)} corrupted images to {OUT.relative_to(ROOT)}")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(only) or len(manifest)} corrupted images to {out}")
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1:]))
+    args = sys.argv[1:]
+    where = Path(args.pop(args.index("--out") + 1)) if "--out" in args else OUT
+    asyncio.run(main([a for a in args if a != "--out"], where))
