@@ -206,6 +206,9 @@ def test_the_fsck_and_mkfs_scripts_name_themselves_in_their_usage(script):
     (["crash", "--jobs", "0"], "--jobs: 0 is out of range: at least 1"),
     (["crash", "--workloads", "5..3"], "--workloads: empty range '5..3'"),
     (["crash", "--workloads", "x"], "--workloads: 'x' is not A..B nor A"),
+    # past the campaign's end: 0 workloads checked, exit 0 -- a typo passed for a clean campaign
+    (["crash", "--max-ops", "1", "--workloads", "500..600"],
+     "--workloads 500..600: this campaign has workloads 0..11 (10 of Ace's, 1 of fsync groups)"),
     (["stress", "s.img", "--crash-points", "-1"], "--crash-points: -1 is out of range: at least 0"),
     (["stress", "s.img", "--tasks", "0"], "--tasks: 0 is out of range: at least 1"),
     (["stress", "s.img", "--duration", "0"], "--duration: 0 is out of range: more than 0 seconds"),

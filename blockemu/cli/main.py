@@ -999,10 +999,15 @@ def cmd_crash(a: argparse.Namespace) -> int:
     keep = os.path.abspath(a.keep_failed) if a.keep_failed else None  # the workers' cwd may differ (Ray)
     if keep:
         os.makedirs(keep, exist_ok=True)
-    s = run_campaign_cli(a, crash_campaign(a.max_ops, seed=a.seed, subsets=a.subsets, nobarrier=a.nobarrier,
-                                           limit=a.limit, groups=a.groups, write_path=WRITE_PATHS[a.write_path],
-                                           workloads=a.workloads, shard_size=a.shard_size, keep_failed=keep))
-    return report_campaign(a, s, f"{s.units} workloads (Ace, up to {a.max_ops} operations each, and fsync groups; "
+    try:
+        campaign = crash_campaign(a.max_ops, seed=a.seed, subsets=a.subsets, nobarrier=a.nobarrier, limit=a.limit,
+                                  groups=a.groups, write_path=WRITE_PATHS[a.write_path], workloads=a.workloads,
+                                  shard_size=a.shard_size, keep_failed=keep)
+    except InvalidArgument as e:  # --workloads past the campaign's end
+        raise UsageError(e.strerror or str(e)) from None
+    s = run_campaign_cli(a, campaign)
+    groups = "" if a.groups == 0 else ", and fsync groups"
+    return report_campaign(a, s, f"{s.units} workloads (Ace, up to {a.max_ops} operations each{groups}; "
                                  f"{a.write_path} write path), {s.states} crash states checked in {s.seconds:.1f} s ({s.shards} shards, "
                                  f"{s.resumed} resumed, {'Ray' if a.ray is not None else f'{a.jobs} jobs'}): "
                                  f"{len(s.failures)} failures", "workloads",

@@ -34,6 +34,7 @@ from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import ImageFile
 from blockemu.device.writelog import CrashState, LogEntry, WriteLog
+from blockemu.errors import InvalidArgument
 from blockemu.fs.filesystem import File, Filesystem, mount
 from blockemu.fs.mkfs import mkfs
 from blockemu.ondisk.structs import SUPER_OFFSETS
@@ -543,6 +544,9 @@ def crash_campaign(max_ops: int, *, seed: int = 0, subsets: int = 2, nobarrier: 
     n = len(ace_space(max_ops, seed, limit))
     groups = -(-n // GROUP_SHARE) if groups is None else groups
     lo, hi = workloads if workloads else (0, n + groups)
+    if lo >= n + groups:  # checked nothing and said so by exit 0: a typo passed for a clean campaign
+        raise InvalidArgument(f"--workloads {lo}..{hi}: this campaign has workloads 0..{n + groups} "
+                              f"({n} of Ace's, {groups} of fsync groups)")
     hi = min(hi, n + groups)
     identity = {"max_ops": max_ops, "seed": seed, "subsets": subsets, "nobarrier": nobarrier, "limit": limit,
                 "groups": groups, "write_path": write_path.name, "workloads": [lo, hi]}
