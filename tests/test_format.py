@@ -223,6 +223,28 @@ def test_item_bodies_round_trip():
     assert items.unpack_dir_entries(items.pack_dir_entries(entries)) == entries
 
 
+U64 = st.integers(0, (1 << 64) - 1)
+CONTEXTS = st.none() | st.builds(items.ExtentContext, st.integers(0, 255), st.integers(0, 255), st.integers(0, 255),
+                                 st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16))
+
+
+@settings(max_examples=200)
+@given(U64, U64, U64, U64, U64, U64, CONTEXTS)
+def test_new_data_extent_items_are_the_general_ones(generation, ram_bytes, bytenr, length, ino, file_offset, context):
+    """The straight-line builders of a new extent's two items (``ExtentBatch.add_extent`` stages
+    every written extent through them) give what the NamedTuples and their general pack give:
+    the same objects and the same bytes, for every field value the format can hold."""
+    fe = items.FileExtent(generation, ram_bytes, 0, S.ENCRYPTION_FSCRYPT if context else S.ENCRYPTION_NONE,
+                          0, S.FILE_EXTENT_REG, bytenr, length, 0, length, context)
+    got_fe, body = items.new_data_extent(generation, ram_bytes, bytenr, length, context)
+    assert type(got_fe) is items.FileExtent and got_fe == fe and body == fe.pack()
+    assert items.FileExtent.unpack(body) == fe
+    ei = items.ExtentItem(1, generation, S.EXTENT_FLAG_DATA, (("data", S.FS_TREE_OBJECTID, ino, file_offset, 1),))
+    got_ei, body = items.new_data_extent_item(generation, ino, file_offset)
+    assert type(got_ei) is items.ExtentItem and got_ei == ei and body == ei.pack()
+    assert items.ExtentItem.unpack(body) == ei
+
+
 def _one_by_one(unpack, body):
     try:
         return unpack(body)

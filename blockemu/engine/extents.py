@@ -28,7 +28,7 @@ from blockemu.engine.transaction import Engine
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk import structs as S
-from blockemu.ondisk.items import ExtentContext, ExtentItem, FileExtent
+from blockemu.ondisk.items import ExtentContext, ExtentItem, FileExtent, new_data_extent, new_data_extent_item
 
 PAGE = S.SECTOR_SIZE
 KNOWN_EXTENTS = 1 << 16  # ``Extents.known`` holds at most this many items (~20 MiB)
@@ -261,11 +261,12 @@ class ExtentBatch:
         self.changed.clear()
         self.new_csums = {}
 
-    def _set(self, ino: int, offset: int, fe: FileExtent | None) -> None:
+    def _set(self, ino: int, offset: int, fe: FileExtent | None, body: bytes | None = None) -> None:
         """Stage the file's EXTENT_DATA item at ``offset`` (None: none there), noted for the fsync
         log, which logs from these notes rather than looking each changed range up again. The
         key is known present (just read) or absent (inside a mapping, or a new extent's): no
-        lookup to check it, each would be another descent."""
+        lookup to check it, each would be another descent. ``body``: ``fe`` packed, if the caller
+        made it already."""
         key = (ino, S.EXTENT_DATA, offset)
         emap = self.extents.maps.get(ino)
         if emap is not None:
@@ -275,7 +276,8 @@ class ExtentBatch:
             self.fs.drop(key)
             self.changed.append((ino, offset, None))
             return
-        body = fe.pack()
+        if body is None:
+            body = fe.pack()
         self.fs.insert(key, body, replace=True)
         self.changed.append((ino, offset, (fe, body)))
 
@@ -293,9 +295,9 @@ class ExtentBatch:
             raise CorruptionError(f"data extent {bytenr} has no EXTENT_ITEM", "EXTENT_REF_MISMATCH", bytenr)
         return found[0], ExtentItem.unpack(found[1])
 
-    def _put_extent(self, key: KeyT, item: ExtentItem) -> None:
-        """Stage a data extent's EXTENT_ITEM, new or changed."""
-        self.ext.insert(key, item.pack(), replace=True)
+    def _put_extent(self, key: KeyT, item: ExtentItem, body: bytes | None = None) -> None:
+        """Stage a data extent's EXTENT_ITEM, new or changed (``body``: ``item`` packed, if made already)."""
+        self.ext.insert(key, item.pack() if body is None else body, replace=True)
         self.staged_known[key[0]] = (key, item)
 
     def _change_ref(self, fe: FileExtent, ino: int, ref_offset: int, delta: int) -> None:
@@ -402,11 +404,10 @@ class ExtentBatch:
         file_offset, bytenr, length = new.file_offset, new.bytenr, new.length
         delta = self._unmap(ino, file_offset, file_offset + length, refill=True)
         transid = self.engine.transid
-        fe = FileExtent(transid, new.ram_bytes, 0, S.ENCRYPTION_FSCRYPT if new.context else S.ENCRYPTION_NONE,
-                        0, S.FILE_EXTENT_REG, bytenr, length, 0, length, new.context)
-        self._set(ino, file_offset, fe)
-        item = ExtentItem(1, transid, S.EXTENT_FLAG_DATA, (("data", S.FS_TREE_OBJECTID, ino, file_offset, 1),))
-        self._put_extent((bytenr, S.EXTENT_ITEM, length), item)
+        fe, body = new_data_extent(transid, new.ram_bytes, bytenr, length, new.context)
+        self._set(ino, file_offset, fe, body)
+        item, body = new_data_extent_item(transid, ino, file_offset)
+        self._put_extent((bytenr, S.EXTENT_ITEM, length), item, body)
         digests, sectors, per = new.digests, length // PAGE, self.sectors_per_csum_item
         if sectors <= per:  # one item (every small extent): no slicing of the digests
             items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr), digests)]

@@ -19,6 +19,9 @@ from blockemu.ondisk.structs import (
     ENCRYPTION_FSCRYPT,
     ENCRYPTION_NONE,
     EXTENT_DATA_REF,
+    EXTENT_FLAG_DATA,
+    FILE_EXTENT_REG,
+    FS_TREE_OBJECTID,
     FT_DIR,
     FT_REG_FILE,
     FT_SYMLINK,
@@ -352,6 +355,25 @@ def unpack_file_extents(bodies: list[bytes]) -> list[FileExtent | None]:
 
 _ONE_TREE_REF = struct.Struct(fast.EXTENT_ITEM.format + fast.TREE_BLOCK_REF.format.lstrip("<"))
 _ONE_DATA_REF = struct.Struct(fast.EXTENT_ITEM.format + fast.EXTENT_DATA_REF.format.lstrip("<"))
+
+
+def new_data_extent(generation: int, ram_bytes: int, bytenr: int, length: int,
+                    context: ExtentContext | None) -> tuple[FileExtent, bytes]:
+    """A newly written extent's EXTENT_DATA item mapping all of it, with its body: the same as
+    ``FileExtent(...)`` and its ``pack()``, made in one struct call and without the Python-level
+    NamedTuple constructor -- every written extent is staged through here (``ExtentBatch.add_extent``)."""
+    if context is None:
+        fields = (generation, ram_bytes, 0, ENCRYPTION_NONE, 0, FILE_EXTENT_REG, bytenr, length, 0, length)
+        return tuple.__new__(FileExtent, (*fields, None)), fast.FILE_EXTENT_ITEM.pack(*fields)
+    fields = (generation, ram_bytes, 0, ENCRYPTION_FSCRYPT, 0, FILE_EXTENT_REG, bytenr, length, 0, length)
+    return tuple.__new__(FileExtent, (*fields, context)), _ENCRYPTED_FILE_EXTENT.pack(*fields, *context)
+
+
+def new_data_extent_item(generation: int, ino: int, file_offset: int) -> tuple[ExtentItem, bytes]:
+    """A newly written extent's EXTENT_ITEM (one reference, from the file that wrote it) and its
+    body: ``ExtentItem(...)`` and its ``pack()`` without the generic pack's shape checks."""
+    item = tuple.__new__(ExtentItem, (1, generation, EXTENT_FLAG_DATA, (("data", FS_TREE_OBJECTID, ino, file_offset, 1),)))
+    return item, _ONE_DATA_REF.pack(1, generation, EXTENT_FLAG_DATA, EXTENT_DATA_REF, FS_TREE_OBJECTID, ino, file_offset, 1)
 
 
 def unpack_extent_items(bodies: list[bytes]) -> list[ExtentItem | None]:
