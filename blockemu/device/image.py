@@ -54,17 +54,11 @@ def bad_primary(path: str, error: CorruptionError, size: int, read: Callable[[in
     that read only the primary: naming a sound mirror and the command that restores the primary
     from it ("checksum mismatch" alone left the user without the fix fsck had); and, when no
     mirror bears the magic either, a file that is no image. ``read(at)`` reads the copy at ``at``."""
-    magic = error.kind != "BAD_MAGIC"
-    for at in SUPER_OFFSETS[1:]:
-        if at + SUPER_INFO_SIZE > size:
-            break
-        try:
-            decode_super(read(at), at)
-        except CorruptionError as e:
-            magic = magic or e.kind != "BAD_MAGIC"
-            continue
-        return CorruptionError(f"{path}: {error}; the mirror at {at} is sound: `blockemu fsck --repair {path}` "
+    mirrors = super_copies(size, read, SUPER_OFFSETS[1:])
+    if sound := next((c for c in mirrors if c.info is not None), None):
+        return CorruptionError(f"{path}: {error}; the mirror at {sound.offset} is sound: `blockemu fsck --repair {path}` "
                                "restores it", error.kind, error.bytenr)
+    magic = any(e.kind != "BAD_MAGIC" for e in (error, *(c.error for c in mirrors)) if e is not None)
     return CorruptionError(f"{path}: {error}", error.kind, error.bytenr) if magic else not_blockemu(path)
 
 
@@ -83,6 +77,22 @@ class SuperCopy:
     error: CorruptionError | None = None
 
 
+def super_copies(size: int, read: Callable[[int], bytes], offsets: tuple[int, ...] = SUPER_OFFSETS) -> list[SuperCopy]:
+    """The superblock copies at ``offsets`` that fit in an image of ``size`` bytes, each decoded
+    or with the reason it does not (``read(at)`` reads the copy at ``at``)."""
+    copies = []
+    for at in offsets:
+        if at + SUPER_INFO_SIZE > size:
+            break
+        copy = SuperCopy(at, read(at))
+        try:
+            copy.info = decode_super(copy.raw, at)
+        except CorruptionError as e:
+            copy.error = e
+        copies.append(copy)
+    return copies
+
+
 @dataclass
 class ImageFile:
     """An image opened for reading; ``read`` never returns past the end silently."""
@@ -97,16 +107,7 @@ class ImageFile:
         fd = open_image(path, readonly=True)
         try:
             img = cls(path, fd, os.fstat(fd).st_size)
-            for off in SUPER_OFFSETS:
-                if off + SUPER_INFO_SIZE > img.size:
-                    break
-                raw = os.pread(fd, SUPER_INFO_SIZE, off)
-                copy = SuperCopy(off, raw)
-                try:
-                    copy.info = decode_super(raw, off)
-                except CorruptionError as e:
-                    copy.error = e
-                img.supers.append(copy)
+            img.supers = super_copies(img.size, lambda at: os.pread(fd, SUPER_INFO_SIZE, at))
         except BaseException:  # a read error (EIO): an int descriptor is closed by nobody else
             os.close(fd)
             raise

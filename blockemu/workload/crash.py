@@ -391,7 +391,8 @@ async def run_ace(seqs: list, *, seed: int = 0, subsets: int = 2, faults: FaultP
                   write_path: WritePath = PRODUCTION, first: int = 0) -> CampaignResult:
     """``seqs`` are the campaign's workloads ``first``, ``first + 1``, ... (their image sizes
     follow from that: ``image_size``)."""
-    return await run_workloads([ace_unit(seq, seed + i) for i, seq in enumerate(seqs)], seed=seed, subsets=subsets, faults=faults, write_path=write_path, first=first)
+    return await run_workloads([ace_unit(seq, seed + i) for i, seq in enumerate(seqs)], seed=seed, subsets=subsets,
+                               faults=faults, write_path=write_path, first=first)
 
 
 async def run_workloads(named: list[tuple[str, Workload]], *, seed: int, subsets: int, faults: FaultPlan | None,
