@@ -881,11 +881,15 @@ def campaign_flags(a: argparse.Namespace) -> None:
             raise UsageError("--seed is one run's; --seeds A..B names the campaign's seeds")
         a.jobs = 1 if a.jobs is None else a.jobs
         return
-    given = [flag for flag, value in (("--jobs", a.jobs), ("--ray", a.ray), ("--results", a.results),
-                                      ("--resume", a.resume)) if value is not None]
+    refuse_given([("--jobs", a.jobs), ("--ray", a.ray), ("--results", a.results), ("--resume", a.resume)],
+                 "a campaign (--seeds A..B); a run on IMAGE is one run, in this process")
+
+
+def refuse_given(flags: list[tuple[str, Any]], owner: str) -> None:
+    """Refuse the flags given (not None: told from their defaults) that belong to ``owner``."""
+    given = [flag for flag, value in flags if value is not None]
     if given:
-        raise UsageError(f"{', '.join(given)} belong{'s' * (len(given) == 1)} to a campaign (--seeds A..B); "
-                         "a run on IMAGE is one run, in this process")
+        raise UsageError(f"{', '.join(given)} belong{'s' * (len(given) == 1)} to {owner}")
 
 
 def race_flags(a: argparse.Namespace) -> None:
@@ -893,11 +897,9 @@ def race_flags(a: argparse.Namespace) -> None:
     seeded one for --ops steps, so the other bound would be ignored (a silent --ops was); and
     --report needs matplotlib, which used to be found missing only after the whole race. The
     mix's own flags are refused: a silent --faults let a user believe the race ran under them."""
-    mixes = [flag for flag, value in (("--tasks", a.tasks), ("--faults", a.faults), ("--crash-points", a.crash_points),
-                                      ("--write-path", a.write_path)) if value is not None]
-    if mixes:
-        raise UsageError(f"{', '.join(mixes)} belong{'s' * (len(mixes) == 1)} to the mix (--scenario mix, the "
-                         "default); the race runs its own two tasks, without faults")
+    refuse_given([("--tasks", a.tasks), ("--faults", a.faults), ("--crash-points", a.crash_points),
+                  ("--write-path", a.write_path)],
+                 "the mix (--scenario mix, the default); the race runs its own two tasks, without faults")
     a.key_removal, a.schedule = a.key_removal or "soft", a.schedule or "free"
     if a.schedule == "free" and a.ops is not None:
         raise UsageError("--ops counts the steps of --schedule seeded; the free race runs for "
