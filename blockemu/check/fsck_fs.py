@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import stat as st
 from bisect import bisect_left
-from collections import defaultdict
+from collections import Counter, defaultdict
 from itertools import compress, groupby, islice
 from operator import add, itemgetter, le
 from dataclasses import dataclass, field
@@ -182,32 +182,34 @@ _FILE: dict[int, Filed] = {
 }
 
 
-def _refs_to_rebuild(fi: FsItems, dirs: set[int], kinds: dict[int, int], dir_items: set, hash_of: dict[bytes, int]
-                     ) -> dict[int, tuple[int, int]]:
-    """Inodes without a single INODE_REF that a directory's entry names whole (DIR_INDEX and
-    DIR_ITEM agree, the entry's type the inode's): the entry (directory, index) their back
-    reference is rebuilt from, rather than the inode dropped as nameless. Only from a directory
-    the root reaches by back references (or by ones rebuilt so): a nameless one is dropped with
-    its entries, and a reference into it would name nothing; one reached from nowhere but the
-    inode itself (its own entry, a descendant's) would make a cycle -- the root above all,
-    which has no name to rebuild."""
-    lost = kinds.keys() - fi.refs.keys() - {ROOT_INO}  # by C-level set difference: a sound tree has none
-    if not lost:
-        return {}
+def _refs_to_rebuild(fi: FsItems, dirs: set[int], kinds: dict[int, int], dir_items: set, hash_of: dict[bytes, int],
+                     ref_names: set) -> set[tuple[int, int, int]]:
+    """The entries (inode, directory, index) whose lost INODE_REF is rebuilt, rather than the
+    inode dropped as nameless or a hard link's other names left without theirs: each names its
+    inode whole (DIR_INDEX and DIR_ITEM agree, the entry's type the inode's). Only from a
+    directory the root reaches by back references (or by ones rebuilt so): a nameless one is
+    dropped with its entries, and a reference into it would name nothing; one reached from
+    nowhere but the inode itself (its own entry, a descendant's) would make a cycle -- the root
+    above all, which has no name to rebuild. A directory gets one name back, and only if it has
+    none (a second would be a hard-linked directory); a file, every entry naming it in every
+    directory reached (a file names nothing, so makes no cycle), unless its reference item there
+    already gives that index or that name to another entry. Called only once an entry was found
+    without its reference: a sound tree pays nothing."""
     found: dict[int, list[tuple[int, int]]] = defaultdict(list)  # directory -> (inode, index) it names whole
-    nameless = [(at, e) for at, e in fi.dir_index.items() if e.location[0] in lost]  # rare: sorted alone
-    for (d, idx), e in sorted(nameless):
+    for (d, idx), e in sorted(fi.dir_index.items()):
         child = e.location[0]
-        if d in dirs and e.type == kinds[child] \
-                and (d, hash_of.get(e.name), e.name, e.location) in dir_items:
-            found[d].append((child, idx))
-    if not found:
-        return {}
+        if (child, d, idx, e.name) in ref_names or d not in dirs or kinds.get(child) != e.type \
+                or (d, hash_of.get(e.name), e.name, e.location) not in dir_items:
+            continue
+        if child in dirs and child in fi.refs or child == ROOT_INO \
+                or any(p == d and (r.index == idx or r.name == e.name) for p, r in fi.refs.get(child, ())):
+            continue
+        found[d].append((child, idx))
     named_in: dict[int, list[int]] = defaultdict(list)
     for ino, refs in fi.refs.items():
         for parent, _ in refs:
             named_in[parent].append(ino)
-    rebuilt: dict[int, tuple[int, int]] = {}
+    rebuilt: set[tuple[int, int, int]] = set()
     reached, todo = {ROOT_INO}, [ROOT_INO]
     while todo:
         d = todo.pop()
@@ -216,10 +218,11 @@ def _refs_to_rebuild(fi: FsItems, dirs: set[int], kinds: dict[int, int], dir_ite
                 reached.add(child)
                 todo.append(child)
         for child, idx in found.get(d, ()):
-            if child not in reached:
-                reached.add(child)
-                todo.append(child)
-                rebuilt[child] = (d, idx)
+            if child in dirs and child in reached:
+                continue
+            reached.add(child)
+            todo.append(child)
+            rebuilt.add((child, d, idx))
     return rebuilt
 
 
@@ -239,7 +242,7 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
     hashed = {(d, h, e): name_hash(e.name) for (d, h), entries in fi.dir_items.items() for e in entries}
     dir_items = {(d, h, e.name, e.location) for d, h, e in hashed}
     hash_of = {e.name: h for (_, _, e), h in hashed.items()}
-    rebuilt = _refs_to_rebuild(fi, dirs, kinds, dir_items, hash_of)
+    rebuilt: set[tuple[int, int, int]] | None = None  # found on the first entry without its INODE_REF
     for (d, idx), e in sorted(fi.dir_index.items()):
         child = e.location[0]
         names[d] += 2 * len(e.name)
@@ -256,9 +259,11 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
                      f"{oct(fi.inodes[child].mode)}", FS, key=(d, S.DIR_INDEX, idx))
         h = hash_of.get(e.name) or name_hash(e.name)
         if (child, d, idx, e.name) not in ref_names:
-            rebuild = rebuilt.get(child) == (d, idx)
-            ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} (index {idx}) in {d} has no matching INODE_REF in {child}",
-                     FS, key=(child, S.INODE_REF, d), fix={"add_ref": (child, d, idx, e.name)} if rebuild else None)
+            if rebuilt is None:
+                rebuilt = _refs_to_rebuild(fi, dirs, kinds, dir_items, hash_of, ref_names)
+            ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} (index {idx}) in directory {d} names inode {child}, "
+                     f"but no INODE_REF in inode {child} names it back", FS, key=(child, S.INODE_REF, d),
+                     fix={"add_ref": (child, d, idx, e.name)} if (child, d, idx) in rebuilt else None)
         if (d, h, e.name, e.location) not in dir_items:
             ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} in {d} has a DIR_INDEX but no DIR_ITEM", FS,
                      key=(d, S.DIR_ITEM, h))
@@ -270,6 +275,8 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
                          FS, key=(d, S.DIR_ITEM, h))
             elif (d, e.name) not in indexed:
                 ck.error("DIR_ITEM_MISMATCH", f"DIR_ITEM {e.name!r} in {d} has no DIR_INDEX", FS, key=(d, S.DIR_ITEM, h))
+    # each inode's names the repair gives back, counted as names: its link count is judged by them too
+    regained = Counter(ino for ino, _, _ in rebuilt or ())
     for ino, item in sorted(fi.inodes.items()):
         refs = fi.refs.get(ino, [])
         if ino == ROOT_INO:  # the root's ".." reference to itself, as btrfs keeps it
@@ -288,13 +295,13 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
         if ino == ROOT_INO:
             want = 2 + subdirs[ino]
         elif is_dir:
-            want = (2 + subdirs[ino]) if refs else 0
+            want = (2 + subdirs[ino]) if refs or regained[ino] else 0
         else:
-            want = len(refs)
+            want = len(refs) + regained[ino]
         if item.nlink != want:
             ck.error("NLINK_MISMATCH", f"inode {ino} nlink {item.nlink}, found {want}", FS, key=(ino, S.INODE_ITEM, 0),
                      fix={"inode": ino, "nlink": want} if want else None)
-        if not refs and ino != ROOT_INO and ino not in fi.orphans and ino not in rebuilt:
+        if not refs and ino != ROOT_INO and ino not in fi.orphans and not regained[ino]:
             ck.error("ORPHAN", f"inode {ino} has no name and no orphan item", FS, key=(ino, S.INODE_ITEM, 0),
                      fix={"drop_inode": ino})
         if item.size > S.MAX_FILE_SIZE:

@@ -4,8 +4,9 @@ Repairs: a bad primary superblock is rewritten from the best valid copy; a trunc
 image file whose cut-off tail held nothing the trees reach is extended back to its size; the
 free-space tree and ``bytes_used`` are rebuilt from the extent tree (the
 allocator is derived from what is allocated, and the commit writes the tree
-anew, so damaged blocks of it are no obstacle); an inode's missing back reference (INODE_REF) is
-rebuilt from the directory entry that names it whole, rather than the inode dropped as nameless;
+anew, so damaged blocks of it are no obstacle); an inode's missing back references (INODE_REF) are
+rebuilt from the directory entries that name it whole -- every name of a hard link -- rather than
+the inode dropped as nameless;
 inode link counts, directory sizes and nbytes, data-extent
 reference counts and back references, and checksum items for space no extent
 holds are set to what the checker found. Each repair is the ``fix`` the
@@ -176,7 +177,9 @@ def _apply(engine: Engine, fix: dict[str, Any]) -> str:
         return f"removed entry {name.decode(errors='backslashreplace')!r} (index {idx}) of directory inode {d}"
     if "add_ref" in fix:
         ino, parent, index, name = fix["add_ref"]
-        fs.insert((ino, S.INODE_REF, parent), InodeRef(index, name).pack())
+        key = (ino, S.INODE_REF, parent)
+        old = fs.get(key)  # a hard link's other names in that directory, kept or rebuilt before this one
+        fs.insert(key, (b"" if old is None else old) + InodeRef(index, name).pack(), replace=True)
         return f"added inode {ino}'s reference to its name {name.decode(errors='backslashreplace')!r} in directory inode {parent}"
     if "extend_to" in fix:  # restored before the volume opened: it refuses a truncated image
         return f"extended the image file to {fix['extend_to']} bytes"
