@@ -203,6 +203,56 @@ def test_stress_with_flips_counts_detected_corruption_apart_from_loss(tmp_path):
     assert out["lost_acknowledged_writes"] == 0 and out["problems"] == [] and p.returncode == 0
 
 
+@pytest.mark.parametrize("bug", [False, True], ids=["flips only", "a wrong link count too"])
+def test_under_flips_only_the_fsck_findings_the_flips_explain_count_as_detected(tmp_path, monkeypatch, bug):
+    """Under flip= every fsck finding counted as detected corruption, so a consistency bug (here a
+    planted one: mkdir counts one link too many in its parent) hid behind the flips and the run
+    passed. Now a finding counts as detected only if it goes away with the flips undone: a flipped
+    tree block the run never rewrote (planted through the device, so that every run has one)
+    makes many findings, all explained; the wrong link count fails the run."""
+    import asyncio
+
+    from blockemu.device.faultplan import FaultPlan
+    from blockemu.fs.filesystem import Filesystem
+    from blockemu.ondisk import structs as S
+    from blockemu.workload import runner
+    from blockemu.workload.writepath import WRITE_PATHS
+
+    real_mix, real_mkdir = runner.run_mix, Filesystem.mkdir
+
+    async def mix_then_flip_a_leaf(fs, **kw):
+        result = await real_mix(fs, **kw)
+        await fs.sync()
+        dev, plan = fs.vol.device, fs.vol.device.faults
+        leaf = next(b for b in fs.vol.engine.trees[S.FS_TREE_OBJECTID].blocks() if b.level == 0)
+        raw = await dev.read(leaf.bytenr, fs.vol.engine.store.nodesize)
+        dev.faults = FaultPlan(flip=1.0)
+        await dev.write(leaf.bytenr, raw)
+        dev.faults = plan
+        return result
+
+    async def mkdir_one_link_too_many(self, path, *a, **kw):
+        await real_mkdir(self, path, *a, **kw)
+        parent = self._resolve(path.rsplit("/", 1)[0] or "/")
+        parent.item = parent.item._replace(nlink=parent.item.nlink + 1)
+        self.save_inode(parent)
+
+    monkeypatch.setattr(runner, "run_mix", mix_then_flip_a_leaf)
+    if bug:
+        monkeypatch.setattr(Filesystem, "mkdir", mkdir_one_link_too_many)
+    out = asyncio.run(runner.stress_mix(str(tmp_path / "f.img"), seed=1, tasks=2, nops=60, duration=None,
+                                        faults=FaultPlan.parse("flip=0.01"), crash_points=0,
+                                        write_path=WRITE_PATHS["fast"]))
+    assert out["fsck"] != "clean" and any(d.startswith("fsck: [CSUM_MISMATCH] tree block") for d in out["detected"])
+    if bug:
+        assert not out["ok"] and out["fsck_flips_undone"] != "clean", out
+        assert out["problems"] and all(p.startswith("fsck (the flips undone): [NLINK_MISMATCH]")
+                                       for p in out["problems"]), out["problems"]
+        assert not any("NLINK_MISMATCH" in d for d in out["detected"])
+    else:
+        assert out["ok"] and out["fsck_flips_undone"] == "clean" and out["problems"] == [], out
+
+
 def test_crash_campaign_cli_finds_nothing_and_catches_a_planted_bug():
     out = json.loads(run("crash", "--max-ops", "1", "--jobs", "1", "--write-path", "fast", "--json").stdout)
     assert out["workloads"] == 11 and out["states"] > 50 and out["failures"] == []

@@ -262,8 +262,10 @@ def args_stress(sp: argparse.ArgumentParser) -> None:
                     help="key-removal-race: the removal mode (default soft; the mix uses no key)")
     sp.add_argument("--faults", type=fault_spec,
                     help="e.g. eio=200M-210M:w,latency=0.001,flip=0.0001,torn=0.5,cut=5000; flip= is injected "
-                         "corruption: reads (and fsck) that catch it by checksum count as detected corruption, "
-                         "listed, not failures; only data read back wrong without an error fails the run (exit 1)")
+                         "corruption: reads that catch it by checksum, and fsck findings that go away with the "
+                         "flips undone (fsck of a copy with each flipped bit set back), count as detected "
+                         "corruption, listed, not failures; data read back wrong without an error, or any other "
+                         "fsck finding, fails the run (exit 1)")
     sp.add_argument("--crash-points", type=count(0), help="also check N crash states of a logged mix")
     add_write_path(sp, "mix", told_apart=True)
     sp.add_argument("--compare-modes", action="store_true", help="key-removal-race: every removal mode, one table")
@@ -831,7 +833,7 @@ def cmd_stress(a: argparse.Namespace) -> int:
     else:
         print(f"seed = {seed}")
         for k in ("ops", "ops_per_second", "acknowledged_writes", "lost_acknowledged_writes", "divergent_files", "detected_corruption", "refused_out_of_space", "injected_errors", "io_errors", "aborted", "ledger_files_checked_after_crash",
-                  "fsck", "crash_states_checked", "crash_failures"):
+                  "fsck", "fsck_flips_undone", "crash_states_checked", "crash_failures"):
             if summary.get(k) is not None:
                 print(f"{k.replace('_', ' '):<34}{summary[k]}{ops_split(a) if k == 'ops' else ''}"
                       + (f" (over the mix's {summary['seconds']} s)" if k == "ops_per_second" else ""))

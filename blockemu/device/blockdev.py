@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import aiofiles.os
 
-from blockemu.device.faultplan import FaultPlan
+from blockemu.device.faultplan import FaultPlan, Flip, sector_digest
 from blockemu.device.imagelock import open_image
 from blockemu.device.writelog import SECTOR, WriteLog, sparse_copy
 from blockemu.errors import DeviceIOError, InvalidArgument
@@ -161,6 +161,7 @@ class BlockDevice:
         self.log: WriteLog | None = None
         self.dead = False
         self.writes = 0
+        self.flipped: list[Flip] = []  # every bit the fault plan's flip= flipped, in order
         # sector index -> the newest completed, not yet destaged write covering it, as
         # (its data, its first sector): one entry object per write, shared by its sectors
         self._cache: dict[int, Entry] = {}
@@ -268,15 +269,19 @@ class BlockDevice:
             self.power_cut()
             raise DeviceIOError(f"{self.path}: power cut after {cut} writes")
 
-    def _flip(self, data: bytes) -> bytes:
-        """Silent corruption: each sector may get one bit flipped on its way to the media."""
+    def _flip(self, offset: int, data: bytes) -> bytes:
+        """Silent corruption: each sector may get one bit flipped on its way to the media, and
+        recorded in ``flipped`` (what the flips explain is told from a bug by undoing them)."""
         rng, p = self.faults.rng, self.faults.flip
         buf = None
         for s in range(len(data) // SECTOR):
             if rng.random() < p:
                 buf = buf or bytearray(data)
                 bit = rng.randrange(SECTOR * 8)
-                buf[s * SECTOR + bit // 8] ^= 1 << (bit % 8)
+                at, mask = s * SECTOR + bit // 8, 1 << (bit % 8)
+                buf[at] ^= mask
+                self.flipped.append(Flip(offset + s * SECTOR, offset + at, mask,
+                                         sector_digest(buf[s * SECTOR:(s + 1) * SECTOR])))
         return bytes(buf) if buf else data
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
@@ -297,7 +302,7 @@ class BlockDevice:
                 self._count_write()
                 data = bytes(data)
                 if self.faults.flip:
-                    data = self._flip(data)
+                    data = self._flip(offset, data)
                 first = offset // SECTOR
                 if fua:
                     cache = self._cache
