@@ -310,3 +310,44 @@ def test_a_crash_campaign_runs_group_workloads_after_aces(monkeypatch):
     assert {f["unit"] for f in bad.failures} == {1, 2}, bad.failures[:3]
     assert all("[fsync groups " in f["message"] and "--workloads " + str(f["unit"]) + " --limit 1 --groups 2"
                in f["reproduce"] for f in bad.failures), bad.failures[:2]
+
+
+@pytest.mark.parametrize("in_turn", [True, False], ids=["in turn", "in parallel"])
+async def test_a_member_whose_writeback_commits_for_room_does_not_hang_the_group(tmp_path, in_turn):
+    """A near-full image whose free space is mostly pinned (a file unlinked in the running
+    transaction): a member of an fsync group whose writeback needs that room commits to get it
+    back -- and waited for ever on the commit lock, which the group held until every member had
+    written back. Bounded by a timeout that fails the test rather than hanging it: the group's
+    work takes well under a second."""
+    import os
+
+    import blockemu
+    from tests.util import assert_fsck_clean
+
+    img = str(tmp_path / "full.img")
+    data = {"/a": os.urandom(8 << 20), "/b": os.urandom(4096)}
+    await blockemu.mkfs(img, size="16M")
+    async with blockemu.mount(img, interval=3600) as fs:
+        async with fs.open("/big", "w") as f:
+            await f.write(os.urandom(11 << 20))
+        for p in data:
+            async with fs.open(p, "w") as f:
+                await f.write(b"x" * 4096)
+        await fs.sync()
+        await fs.unlink("/big")  # its 11 MiB pinned until the next commit: /a's 8 MiB needs them
+
+        def job(p: str):
+            async def one() -> None:
+                async with fs.open(p, "r+") as f:
+                    await f.pwrite(data[p], 0)
+                    await f.fsync()
+            return one
+        generation, log_syncs = fs.vol.generation, fs.vol._log_syncs
+        await asyncio.wait_for(fsync_together(fs, [job(p) for p in data], in_turn=in_turn), 60)
+        assert fs.vol.generation == generation + 1  # /a's writeback committed to get the room back
+        assert fs.vol._log_syncs == log_syncs + 1  # and the two fsyncs still went in one log sync
+    assert_fsck_clean(img)
+    async with blockemu.mount(img, readonly=True) as fs:
+        for p, want in data.items():
+            async with fs.open(p) as f:
+                assert await f.read() == want, p

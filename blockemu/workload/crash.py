@@ -429,38 +429,58 @@ def ace_space(max_len: int, seed: int, limit: int | None) -> list[tuple[tuple[st
 
 async def fsync_together(fs: Filesystem, jobs: list[Callable[[], Awaitable[None]]], *, in_turn: bool = True) -> None:
     """Run ``jobs`` -- each changes a file and fsyncs it (``Recorder.fsync``) -- as tasks whose
-    fsyncs all wait for the commit lock, held until every one has done its writeback: then one
+    fsyncs all wait together for the commit lock once every one has done its writeback: then one
     log sync takes them all (DESIGN §9's group), or a commit when a member's change is one the
     log cannot say, which the others share or follow -- the same group on every run, whatever
-    the loop's scheduling. ``in_turn``: each job starts once the one before has reached the lock,
-    so their writebacks, too, land in the same order and places on every run (in parallel,
-    they are placed as their sealing workers finish): a campaign's crash-state counts must not
-    move."""
-    arrived = 0
-    news = asyncio.Event()  # an arrival, or a job that ended without one (it failed)
+    the loop's scheduling. ``in_turn``: each job starts once the one before has reached its
+    fsync, so their writebacks, too, land in the same order and places on every run (in
+    parallel, they are placed as their sealing workers finish): a campaign's crash-state counts
+    must not move.
+
+    The members' fsyncs wait at a gate until all have arrived, not on the commit lock: held while
+    they wrote back, it made a member whose writeback needs a commit to find room (the space
+    freed in the running transaction is pinned until one) wait for ever. The lock is taken once
+    before the first member starts, so that the commit tail of an fsync before the group is over
+    first, as it was when the group held it; and once all have arrived, to let the gated fsyncs
+    in: each registers and waits for it, and the first to hold it logs them all."""
+    arrived = entered = 0
+    news = asyncio.Event()  # an arrival, an fsync let in, or a job that ended without one (it failed)
+    gate = asyncio.Event()
     real = fs.vol.fsync
     tasks: list[asyncio.Future] = []
 
     async def arriving(ino: int) -> None:
-        nonlocal arrived
+        nonlocal arrived, entered
         arrived += 1
         news.set()
-        await real(ino)  # registers the fsync at once, then waits for the lock
+        await gate.wait()
+        entered += 1
+        news.set()
+        await real(ino)  # registers the fsync at once, then waits for the lock the group holds
 
-    async def until(n: int) -> None:
-        while arrived < n and not any(t.done() for t in tasks):
+    async def until(done: Callable[[], bool]) -> None:
+        while not done():
             news.clear()
             await news.wait()
+
+    def all_arrived() -> bool:  # or one failed: the others go on without it
+        return arrived == len(tasks) or any(t.done() for t in tasks)
     fs.vol.fsync = arriving  # type: ignore[method-assign]
     try:
         async with fs.vol.commit_lock:
-            for job in jobs:
-                tasks.append(asyncio.ensure_future(job()))
-                tasks[-1].add_done_callback(lambda _: news.set())
-                if in_turn:
-                    await until(len(tasks))
-            await until(len(tasks))
+            pass
+        for job in jobs:
+            tasks.append(asyncio.ensure_future(job()))
+            tasks[-1].add_done_callback(lambda _: news.set())
+            if in_turn:
+                await until(all_arrived)
+        await until(all_arrived)
+        async with fs.vol.commit_lock:
+            gate.set()
+            waiting = arrived  # each goes in, once woken, without another await before the lock
+            await until(lambda: entered == waiting or any(t.cancelled() for t in tasks))
     finally:
+        gate.set()
         del fs.vol.fsync
     await asyncio.gather(*tasks)
 
