@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -794,6 +795,25 @@ bs=4k
             await f.read()
         reads_of_one_mount = fs.vol.device.stats.ops["read"]
     assert disk["read_ios"] > reads_of_one_mount > 0, (disk, reads_of_one_mount)
+
+
+async def test_the_normal_output_ends_fios_way_with_the_disk_stats_of_the_json(tmp_path):
+    """fio's normal output ends with ``Disk stats (read/write):`` and a line per disk; ours had
+    the JSON's disk_util only. The text's numbers are the JSON's, after the last group's lines."""
+    path = tmp_path / "j.fio"
+    path.write_text("[w]\nrw=write\nsize=64k\nbs=4k\nfsync=1\n")
+    report = await run_workload(str(path), image=str(tmp_path / "j.img"), seed=1)
+    [disk] = report.as_json()["disk_util"]
+    lines = report.text("normal")
+    at = lines.index("Disk stats (read/write):")
+    assert lines[at - 2].startswith("  WRITE: bw=") and lines[at - 1] == ""  # after fio's "Run status group"
+    m = re.fullmatch(r"  (\S+): ios=(\d+)/(\d+), merge=(\d+)/(\d+), ticks=(\d+)/(\d+), in_queue=(\d+), "
+                     r"util=(\d+\.\d\d)%", lines[at + 1])
+    assert m, lines[at + 1]
+    assert m[1] == disk["name"] == "j.img" and [int(v) for v in m.groups()[1:8]] == [
+        disk[k] for k in ("read_ios", "write_ios", "read_merges", "write_merges", "read_ticks", "write_ticks",
+                          "in_queue")]
+    assert m[9] == f"{disk['util']:.2f}" and disk["write_ios"] >= 16
 
 
 def same_layout(ours: dict, theirs: dict) -> tuple[set[str], set[str]]:

@@ -46,3 +46,13 @@ class DiskUtil:
         return [{"name": os.path.basename(self.image), "read_ios": ops["read"], "write_ios": ops["write"] + ops["fua"],
                  "read_merges": 0, "write_merges": 0, "read_ticks": ms["read"], "write_ticks": ms["write"] + ms["fua"],
                  "in_queue": sum(ms.values()), "util": min(100.0, 100 * busy / run) if run > 0 else 0.0}]
+
+    def text(self) -> list[str]:
+        """fio's normal output's last lines, ``Disk stats (read/write):`` and a line per disk (fio's
+        ``print_disk_util``), from ``as_json``'s values: the two forms cannot disagree. Nothing if
+        the run never got to unmount the image, as fio prints nothing without disk stats."""
+        disks = self.as_json()
+        return ["Disk stats (read/write):"] * bool(disks) + [
+            f"  {d['name']}: ios={d['read_ios']}/{d['write_ios']}, merge={d['read_merges']}/{d['write_merges']}, "
+            f"ticks={d['read_ticks']}/{d['write_ticks']}, in_queue={d['in_queue']}, util={d['util']:3.2f}%"
+            for d in disks]

@@ -132,7 +132,7 @@ class RunReport:
         if fmt == "terse":
             return terse_report(entries, bw, PRODUCER)
         lines = [f"seed = {self.seed}"] + [f"note: {n}" for n in self.notes] + \
-            (text_report(entries, bw) if entries else [])
+            (text_report(entries, bw) if entries else []) + self.disk.text()
         for j in self.jobs:
             extra = {k: v for k, v in j.items() if k not in ("jobname", "kind", "errors", "stats", "divergent")}
             lines.append(f"{j['jobname']} ({j['kind']}): " + ", ".join(f"{k}={v}" for k, v in extra.items()))
