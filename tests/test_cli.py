@@ -209,6 +209,9 @@ def test_the_fsck_and_mkfs_scripts_name_themselves_in_their_usage(script):
     # past the campaign's end: 0 workloads checked, exit 0 -- a typo passed for a clean campaign
     (["crash", "--max-ops", "1", "--workloads", "500..600"],
      "--workloads 500..600: this campaign has workloads 0..11 (10 of Ace's, 1 of fsync groups)"),
+    # each Ray worker writes its images on its own node, from a cwd of Ray's: a relative DIR names no shared place
+    (["crash", "--ray", "--keep-failed", "kept"], "--keep-failed kept with --ray: give an absolute DIR that every "
+                                                  "node reaches (a shared file system)"),
     (["stress", "s.img", "--crash-points", "-1"], "--crash-points: -1 is out of range: at least 0"),
     (["stress", "s.img", "--tasks", "0"], "--tasks: 0 is out of range: at least 1"),
     (["stress", "s.img", "--duration", "0"], "--duration: 0 is out of range: more than 0 seconds"),
@@ -235,7 +238,7 @@ def test_a_count_out_of_range_is_a_usage_line_not_a_traceback_nor_an_empty_run(t
     --tasks 0 ran nothing and exited 0, --duration 0 ran the default op count."""
     p = subprocess.run([sys.executable, "-m", "blockemu", *argv], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert (p.returncode, p.stdout) == (2, "") and p.stderr.count("\n") == 1 and says in p.stderr, p.stderr
-    assert not os.path.exists(tmp_path / "s.img")
+    assert not os.path.exists(tmp_path / "s.img") and not os.path.exists(tmp_path / "kept")
 
 
 def test_heatmap_without_matplotlib_names_the_extra(image, tmp_path):

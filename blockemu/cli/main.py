@@ -293,7 +293,9 @@ def args_crash(cr: argparse.ArgumentParser) -> None:
     cr.add_argument("--shard-size", type=count(1), default=10, help="workloads per shard (a few seconds of work)")
     cr.add_argument("--keep-failed", metavar="DIR",
                     help="write the first failing crash state of each failing workload to DIR/workload-N.img "
-                         "(N: its reproduce line's --workloads), for inspect and fsck")
+                         "(N: its reproduce line's --workloads), for inspect and fsck; with --ray, DIR must be an "
+                         "absolute path every node reaches (a shared file system): each shard's worker writes "
+                         "there, on its own node")
     cr.epilog = ("A failure names its crash state: upto=N is the number of write-log entries (writes, "
                  "flushes) completed before the power cut; keep=[...] the in-doubt writes among them "
                  "(sequence numbers: not yet made durable by a flush) that landed anyway, the others "
@@ -1000,7 +1002,12 @@ def cmd_crash(a: argparse.Namespace) -> int:
     from blockemu.workload.crash import crash_campaign
     from blockemu.workload.writepath import WRITE_PATHS
 
-    keep = os.path.abspath(a.keep_failed) if a.keep_failed else None  # the workers' cwd may differ (Ray)
+    if a.keep_failed and a.ray is not None and not os.path.isabs(a.keep_failed):
+        # Ray's workers write the images on the node that ran the shard, from a cwd of Ray's: a
+        # relative DIR, resolved here, names a place only this machine is sure to have
+        raise UsageError(f"--keep-failed {a.keep_failed} with --ray: give an absolute DIR that every node reaches "
+                         f"(a shared file system): each shard's worker writes its images on its own node")
+    keep = os.path.abspath(a.keep_failed) if a.keep_failed else None
     if keep:
         os.makedirs(keep, exist_ok=True)
     try:
