@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import stat as st
 from bisect import bisect_left
-from collections import Counter, defaultdict
+from collections import defaultdict
 from itertools import compress, groupby, islice
 from operator import add, itemgetter, le
 from dataclasses import dataclass, field
@@ -276,7 +276,9 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
             elif (d, e.name) not in indexed:
                 ck.error("DIR_ITEM_MISMATCH", f"DIR_ITEM {e.name!r} in {d} has no DIR_INDEX", FS, key=(d, S.DIR_ITEM, h))
     # each inode's names the repair gives back, counted as names: its link count is judged by them too
-    regained = Counter(ino for ino, _, _ in rebuilt or ())
+    regained: dict[int, int] = defaultdict(int)
+    for ino, _, _ in rebuilt or ():
+        regained[ino] += 1
     for ino, item in sorted(fi.inodes.items()):
         refs = fi.refs.get(ino, [])
         if ino == ROOT_INO:  # the root's ".." reference to itself, as btrfs keeps it
