@@ -33,9 +33,9 @@ from blockemu.workload.writepath import FAST, PRODUCTION
 def fsync_groups(n: int):
     """``n`` files in an encrypted directory (production) overwritten and fsynced by ``n``
     tasks at once, three times (the campaign's ``group_workload`` has the same shapes, its
-    members' writebacks in turn; here they run in parallel): (1) every fsync waits for the commit lock, held until all have
-    done their writeback, so one log sync logs them all -- deterministic, whatever the loop's
-    scheduling; (2) as they come; (3) held as in (1), one of the files cut shorter, whose fsync
+    members' writebacks in turn; here they run in parallel): (1) every fsync waits at the group's gate until all have
+    done their writeback, then for the commit lock, so one log sync logs them all -- deterministic, whatever the
+    loop's scheduling; (2) as they come; (3) gated as in (1), one of the files cut shorter, whose fsync
     must commit (the log cannot say a hole) while the others log or share the commit."""
     def workload(scale: int):
         async def run(fs, rec: Recorder) -> None:
