@@ -141,6 +141,9 @@ class Inode:
     pages: Pages
     open_count: int = 0
     inflight: int = 0
+    # bytes of pages a flush took for writeback and has not mapped yet: with the dirty pages,
+    # counted in st_blocks as btrfs counts delalloc (stat_inode)
+    flushing: int = 0
     wb_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wb_error: OSError | None = None
     lost_bytes: int = 0  # file bytes writeback had to drop
@@ -869,11 +872,16 @@ class Filesystem:
 
     def stat_inode(self, i: Inode) -> Stat:
         """lstat. An encrypted symlink's size is the length readlink returns (the target, or
-        its no-key form), as fscrypt_symlink_getattr makes it, not the stored length."""
+        its no-key form), as fscrypt_symlink_getattr makes it, not the stored length.
+
+        st_blocks counts the data not yet written back too, as btrfs and ext4 add their
+        delayed-allocation bytes: a freshly written file with st_blocks 0 looks all holes to
+        ``tar --sparse``, which then archives zeros without reading it."""
         it, size = i.item, i.size
         if st.S_ISLNK(it.mode) and (stored := self._stored_target(i)) is not None:
             size = len(self._target(i, stored).encode(errors="surrogateescape"))
-        return Stat(it.mode, i.ino, it.nlink, it.uid, it.gid, size, i.nbytes // 512,
+        blocks = (i.nbytes + i.flushing + len(i.pages.dirty) * PAGE) // 512
+        return Stat(it.mode, i.ino, it.nlink, it.uid, it.gid, size, blocks,
                     _ns(it.atime), _ns(it.mtime), _ns(it.ctime))
 
     # ------------------------------------------------------------------ by inode number

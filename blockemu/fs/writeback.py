@@ -329,6 +329,7 @@ class Writeback:
         for inode in inodes:
             inode.inflight += 1
             inode.wb_size = inode.size  # what the runs taken next can hold (``_lose``)
+            inode.flushing = len(inode.pages.dirty) * PAGE  # in st_blocks until mapped (``_mapped``)
         tasks: list[asyncio.Task] = []
         taken = [(inode, self.cache.take_dirty(inode.pages, self.max_pages)) for inode in inodes]  # all at once
         groups = self._groups(itertools.chain.from_iterable(zip(itertools.repeat(inode), runs) for inode, runs in taken))
@@ -351,6 +352,7 @@ class Writeback:
             finally:
                 for inode in inodes:
                     inode.inflight -= 1
+                    inode.flushing = 0  # mapped, lost or dirty again
         for task in tasks:
             task.result()
         for inode in inodes:
@@ -515,13 +517,14 @@ class Writeback:
         in one pass over each tree, then save each file's inode item once."""
         fs = self.fs
         deltas = fs.extents.add_extents([(inode.ino, e) for inode, e in new])
-        ends: dict[int, tuple[Inode, int]] = {}
+        ends: dict[int, tuple[Inode, int, int]] = {}  # ino -> (inode, end of its new extents, their bytes)
         for inode, e in new:
-            end = ends.get(inode.ino, (inode, 0))[1]
-            ends[inode.ino] = (inode, max(end, e.file_offset + e.length))
-        for ino, (inode, end) in ends.items():
+            _, end, length = ends.get(inode.ino, (inode, 0, 0))
+            ends[inode.ino] = (inode, max(end, e.file_offset + e.length), length + e.length)
+        for ino, (inode, end, length) in ends.items():
             inode.epoch += 1  # a read that mapped the old extents discards what it read
             inode.nbytes += deltas[ino]
+            inode.flushing = max(inode.flushing - length, 0)
             inode.disk_size = max(inode.disk_size, min(inode.size, end))
             fs.save_inode(inode)
         self.stats["extents"] += len(new)
