@@ -451,7 +451,7 @@ def test_mount_options_are_checked_before_anything_is_mounted(capsys) -> None:
 
     assert mount_options(["ro,interval=0.5", "dirty_limit=32M"]) == {"readonly": True, "interval": 0.5,
                                                                      "dirty_limit": 32 << 20}
-    for bad in ("bogus", "dirty_limit=zz", "interval"):
+    for bad in ("bogus", "dirty_limit=zz", "interval", "interval=0", "dirty_limit=1K"):  # unparsed or out of range
         assert main(["mount", "a.img", "mnt", "-o", bad]) == 2
         assert capsys.readouterr().err.startswith("blockemu: usage: blockemu mount: ")
 

@@ -1040,7 +1040,10 @@ def mount_option_parsers() -> dict[str, Callable[[str], Any]]:
 
 
 def mount_options(options: list[str]) -> dict[str, Any]:
-    """``-o ro,interval=1,dirty_limit=128M`` -> the keywords of ``blockemu.mount``."""
+    """``-o ro,interval=1,dirty_limit=128M`` -> the keywords of ``blockemu.mount``; a value the
+    library would refuse (``interval=0``) is a usage error here, as one that does not parse."""
+    from blockemu.fs.writeback import check_options
+
     parsers = mount_option_parsers()
     out: dict[str, Any] = {"readonly": False}
     for opt in filter(None, ",".join(options).split(",")):
@@ -1055,6 +1058,10 @@ def mount_options(options: list[str]) -> dict[str, Any]:
         else:
             raise UsageError(f"unknown mount option {opt!r} (known: ro, rw, "
                              + ", ".join(f"{k}=" for k in parsers) + ")")
+    try:
+        check_options({k: v for k, v in out.items() if k != "readonly"})
+    except InvalidArgument as e:
+        raise UsageError(str(e)) from None
     return out
 
 
