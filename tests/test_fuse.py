@@ -435,6 +435,38 @@ def test_mount_and_umount_errors_are_one_line(env, image, mnt, tmp_path, capsys,
         assert s.proc.poll() is None  # a refused umount leaves the mount serving
 
 
+def test_umount_whose_commit_the_full_host_refuses_says_the_mount_is_gone(env, mnt, tmp_path) -> None:
+    """The host's file system under the image fills up (a 16 MiB tmpfs): the fsync that hits
+    it fails, the unmount's commit fails too, and ``blockemu umount`` says that the mount is
+    gone and which image's write failed -- not a bare "No space left on device" (exit 1)."""
+    host = tmp_path / "host"
+    host.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(host)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        img = host / "t.img"
+        asyncio.run(mkfs(str(img), "1G"))
+        s = Served(env, img, mnt)
+        try:
+            r = sh(f"dd if=/dev/urandom of={mnt}/ok bs=64k count=16 conv=fsync status=none && "
+                   f"dd if=/dev/urandom of={mnt}/big bs=1M count=24 conv=fsync status=none")
+            assert r.returncode == 1 and "No space left on device" in r.stderr, r.stderr
+            r = blockemu(env, "umount", str(mnt), check=False)
+            assert r.returncode == 1
+            assert r.stderr == (f"blockemu: umount: {mnt}: unmounted, but its last flush or commit failed (what was "
+                                f"fsynced before it stays): {img}: No space left on device\n")
+            assert s.proc.wait(timeout=60) != 0 and mounted_fstype(str(mnt)) is None
+        finally:
+            s.close()
+
+        async def oracle() -> None:
+            async with mount(str(img), readonly=True) as fs:
+                assert (await fs.stat("/ok")).st_size == 1 << 20
+        asyncio.run(oracle())
+    finally:
+        subprocess.run(["umount", "-l", str(host)], capture_output=True)
+
+
 def test_no_fuse_binding_is_one_line(tmp_path) -> None:
     """Where pyfuse3 is not installed, mount says what to install (runs everywhere)."""
     code = ("import sys; sys.modules['pyfuse3'] = None\n"

@@ -143,8 +143,13 @@ class Server:
                     raise Busy(f"{self.mountpoint}: target is busy")
                 raise OSError(errno.EIO, f"{self.mountpoint}: unmount failed: {why}")
             await self.unmounted.wait()  # main() returns, then the image is flushed, committed, unlocked
-            if self.unmount_error is not None:
-                raise self.unmount_error
+            if (e := self.unmount_error) is not None:
+                # the mount is gone either way: say so, and name the image whose write failed
+                # (a bare "No space left on device" left the user asking what was full, and
+                # whether the mount was still there)
+                why = f"{e.filename}: {e.strerror}" if e.filename else str(e) if e.strerror is None else e.strerror
+                raise OSError(e.errno, f"{self.mountpoint}: unmounted, but its last flush or commit failed "
+                                       f"(what was fsynced before it stays): {why}")
             return {"text": f"unmounted {self.mountpoint}"}
         raise ValueError(f"unknown op {op!r}")
 
