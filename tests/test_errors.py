@@ -105,7 +105,8 @@ async def test_a_power_cut_planned_through_the_api(tmp_path):
     ({"seal_workers": -1}, "bad value for mount option seal_workers: -1 (must be at least 0)"),
     ({"dirty_limit": -5}, "bad value for mount option dirty_limit: -5 (must be at least 4096)"),
     ({"interval": 0}, "bad value for mount option interval: 0 (must be more than 0)"),
-    ({"cache_limit": "8M"}, "bad value for mount option cache_limit: '8M'"),
+    ({"cache_limit": "8M"}, "bad value for mount option cache_limit: '8M' (must be a number, not str)"),
+    ({"interval": True}, "bad value for mount option interval: True (must be a number, not bool)"),
     ({"dirty_limt": 1 << 20}, "unknown mount option 'dirty_limt'"),
 ])
 async def test_a_bad_mount_option_is_einval_naming_it_and_opens_nothing(tmp_path, opts, says):

@@ -156,7 +156,10 @@ def check_options(opts: dict[str, Any]) -> None:
         if value is None and name in ("seal_workers", "batch_bytes"):
             continue  # chosen from the machine / the dirty limit
         low, inclusive = OPTION_FLOORS[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (value == low and not inclusive):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # max_extent="16K" was told it "must be at least 4096": only the CLI's -o parses sizes
+            raise InvalidArgument(f"bad value for mount option {name}: {value!r} (must be a number, not {type(value).__name__})")
+        if value < low or (value == low and not inclusive):
             raise InvalidArgument(f"bad value for mount option {name}: {value!r} (must be {'at least' if inclusive else 'more than'} {low})")
 
 
