@@ -262,6 +262,11 @@ def test_stress_on_a_full_image_without_faults_says_out_of_space_not_injected(tm
      "blockemu stress: --tasks, --write-path belong to the mix (--scenario mix, the default); the race runs its own "
      "two tasks, without faults"),
     (["key", "status", "/mnt"], 2, "blockemu key status: give one of --key-file or --id"),
+    # a uid out of range and a malformed identifier were taken (-5 claimed the key) or failed as a run's error
+    (["key", "add", "/mnt", "--key-file", "k", "--user", "-5"], 2,
+     "blockemu key add: argument --user: -5 is out of range: from 0 to 4294967294 (a uid)"),
+    (["key", "status", "/mnt", "--id", "0123"], 2, "blockemu key status: argument --id: '0123' is not a key identifier "
+     "(32 hex digits)"),
     (["mount", "x.img", "/mnt", "-o", "bogus"], 2, "blockemu mount: unknown mount option 'bogus' (known: ro, rw, "
      "interval=, seal_timeout=, background_bytes=, cache_limit=, dirty_limit=, max_extent=, batch_bytes=, "
      "seal_workers=)"),

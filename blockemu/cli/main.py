@@ -68,6 +68,17 @@ def count(least: int, most: int | None = None, why: str = "") -> Callable[[str],
     return parse
 
 
+def key_identifier_arg(text: str) -> str:
+    """``--id``: 32 hex digits, checked as the other flags are (a usage line, exit 2), before
+    the command asks the mount."""
+    from blockemu.crypto.keyring import parse_identifier
+
+    try:
+        return parse_identifier(text).hex()
+    except InvalidArgument:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a key identifier (32 hex digits)") from None
+
+
 def above_zero(unit: str, short: str) -> Callable[[str], float]:
     """A positive number of ``unit``: --duration 0 used to mean "not given" (and ran the default op
     count), --max-rss -1 failed every image ("over -1 MB")."""
@@ -336,10 +347,11 @@ def args_key(ky: argparse.ArgumentParser) -> None:
         kp.add_argument("mountpoint")
         kp.add_argument("--key-file", required=action == "add", help=KEY_BYTES)
         if action != "add":
-            kp.add_argument("--id", help="the key identifier (32 hex digits) instead of --key-file")
+            kp.add_argument("--id", type=key_identifier_arg, help="the key identifier (32 hex digits) instead of --key-file")
         if action == "remove":
             kp.add_argument("--all-users", action="store_true", help="remove every user's claim, not only yours")
-        kp.add_argument("--user", type=int, default=os.getuid(), help="the claiming user (default: you)")
+        kp.add_argument("--user", type=count(0, 0xFFFFFFFE, " (a uid)"), default=os.getuid(),
+                        help="the claiming user (default: you)")
         add_json_flag(kp, "the result's fields and xfs_io's line")
 
 
