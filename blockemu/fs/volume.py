@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Coroutine, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
@@ -71,6 +71,11 @@ class Volume:
         self._fsyncs: dict[int, int] = {}  # inode -> its fsyncs waiting to log it
         self._log_syncs = 0  # log syncs begun, numbered from 1
         self._logged_by: dict[int, int] = {}  # inode -> the last log sync that made it durable
+        # awaited before a commit's tail that its caller does not wait for (an fsync's) starts:
+        # None in use, the tail runs at once beside what comes next, its flush racing the next
+        # operation's writeback on thread timing; the crash recorder's seam to hold it until a
+        # point it picks, so its write log is the same on every run (workload/crash.py, DESIGN §10)
+        self.tail_gate: Callable[[], Awaitable[None]] | None = None
 
     @classmethod
     async def open(cls, path: str, *, readonly: bool = False, faults: FaultPlan | None = None,
@@ -210,7 +215,8 @@ class Volume:
                 cancelled = await outlast_cancellation([head])
                 new_sb = head.result()
                 self._completed = number
-                tail = asyncio.ensure_future(self._durably(self._commit_tail(new_sb), "commit failed"))
+                gate = None if whole else self.tail_gate
+                tail = asyncio.ensure_future(self._durably(self._commit_tail(new_sb, gate), "commit failed"))
                 if cancelled or whole and await outlast_cancellation([tail]):
                     raise asyncio.CancelledError
                 if whole:
@@ -330,9 +336,12 @@ class Volume:
         self._logged_by.clear()  # an fsync that a log sync covered, this commit -- begun after it -- covers too
         return new_sb
 
-    async def _commit_tail(self, new_sb: SuperInfo) -> None:
+    async def _commit_tail(self, new_sb: SuperInfo, gate: Callable[[], Awaitable[None]] | None) -> None:
         """The rest of a commit once its primary superblock is durable (DESIGN §9 steps 4-5): the
-        mirrors, a flush, then the extents its transaction freed given back."""
+        mirrors, a flush, then the extents its transaction freed given back -- once ``gate``, if
+        any (``tail_gate``), lets it start."""
+        if gate is not None:
+            await gate()
         if mirrors := super_writes(new_sb)[1:]:
             await self.device.writev(mirrors)
         await self.device.flush()

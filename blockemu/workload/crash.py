@@ -28,7 +28,7 @@ import os
 import random
 import tempfile
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Literal
 
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
@@ -143,16 +143,65 @@ def describe(content: bytes | None) -> str:
     return "a directory" if content is None else f"a file of {len(content)} bytes"
 
 
-class Recorder:
-    """Runs a workload with the write log on and the oracle recorded at each persistence point."""
+class WantedLock(asyncio.Lock):
+    """A volume's commit lock that notes when a task waits for it: a recorder holding commit
+    tails (``Recorder``) lets each go once the next commit or log sync wants the lock."""
 
-    def __init__(self, fs: Filesystem, write_path: WritePath, kid: str | None, log: WriteLog) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0  # tasks inside ``acquire``
+        self._news = asyncio.Event()
+
+    async def acquire(self) -> Literal[True]:
+        self.waiting += 1
+        self._news.set()
+        try:
+            return await super().acquire()
+        finally:
+            self.waiting -= 1
+
+    async def wanted(self) -> None:
+        """Return once a task waits for the lock (at once if one does)."""
+        while not self.waiting:
+            self._news.clear()
+            await self._news.wait()
+
+
+class Recorder:
+    """Runs a workload with the write log on and the oracle recorded at each persistence point.
+
+    An fsync that commits returns once its primary superblock is durable, and the commit's tail
+    (mirrors, a flush, the freed extents given back: DESIGN §9) runs on under the commit lock; in
+    use, whether its flush lands before the next operation's data, and whether that operation's
+    allocations see the freed space, is thread timing -- a log recorded so would differ from
+    run to run, and a failure's reproduce line replay another. So the recorder puts each such
+    tail at one point, in one of two orders (DESIGN §10): ``hold_tails`` False, the tail first --
+    each persistence point (a workload has one after every fsync) starts by waiting for the
+    commit lock, so the workload goes on once the tail is done; True, the tail last -- held
+    (``Volume.tail_gate``) until a commit or log sync wants the lock, the next operation's
+    writeback done. ``overtaken`` says whether the workload wrote or changed a tree while a tail
+    was held: only then do the two orders record different logs."""
+
+    def __init__(self, fs: Filesystem, write_path: WritePath, kid: str | None, log: WriteLog, *,
+                 hold_tails: bool = True) -> None:
         self.fs = fs
         self.write_path = write_path
         self.kid = kid
         self.log = log
         self.models = Models()
         self.in_flight = 0  # fsyncs (``fsync``) not yet returned
+        self.hold_tails = hold_tails
+        self.overtaken = False
+        if hold_tails:
+            fs.vol.commit_lock = WantedLock()  # free: no commit runs before the workload
+            fs.vol.tail_gate = self._hold_tail
+
+    async def _hold_tail(self) -> None:
+        lock = self.fs.vol.commit_lock
+        assert isinstance(lock, WantedLock)
+        at = len(self.log.entries)
+        await lock.wanted()
+        self.overtaken |= len(self.log.entries) > at or self.fs.vol.engine.is_dirty()
 
     async def mkdir(self, path: str) -> None:
         """A workload's top directory: encrypted when the write path says so."""
@@ -167,6 +216,9 @@ class Recorder:
         by that model, exactly): refused."""
         if self.in_flight:
             raise RuntimeError(f"a persistence point with {self.in_flight} recorded fsync(s) in flight")
+        if not self.hold_tails:
+            async with self.fs.vol.commit_lock:  # the tail of a commit an fsync did not wait for ends
+                pass
         now = await snapshot(self.fs)
         self.models[(self.fs.vol.generation, self.fs.vol.log_root)] = now
         self.models.points.append((len(self.log.entries), now))
@@ -224,16 +276,24 @@ def image_size(i: int) -> str:
     return MIRRORED_SIZE if i % MIRRORED_SHARE == MIRRORED_SHARE - 1 else SIZE
 
 
-async def record(workload: Workload, image: str, base: str, *, faults: FaultPlan | None = None,
-                 write_path: WritePath = PRODUCTION, size: str = SIZE) -> tuple[WriteLog, Models]:
-    """Run ``workload`` on a fresh image of ``size`` with the write log on; returns the log
+async def record(workload: Workload, image: str, base: str, **kw) -> tuple[WriteLog, Models]:
+    """Run ``workload`` on a fresh image with the write log on (``run_recorded``); returns the log
     and the oracle."""
+    rec = await run_recorded(workload, image, base, **kw)
+    return rec.log, rec.models
+
+
+async def run_recorded(workload: Workload, image: str, base: str, *, faults: FaultPlan | None = None,
+                       write_path: WritePath = PRODUCTION, size: str = SIZE, hold_tails: bool = True) -> Recorder:
+    """Run ``workload`` on a fresh image of ``size`` with the write log on, commit tails in the
+    order ``hold_tails`` says (``Recorder``); returns the recorder: its log, oracle, and whether
+    the other order records another log (``overtaken``)."""
     await mkfs(image, size, node_size="4K", force=True)
     fs = await mount(image, faults=faults, interval=3600, **write_path.mount_options())
     try:
         kid = await fs.add_key(KEY) if write_path.encrypt else None
         log = fs.vol.device.start_log(base_copy=base)
-        rec = Recorder(fs, write_path, kid, log)
+        rec = Recorder(fs, write_path, kid, log, hold_tails=hold_tails)
         await rec.persisted()
         await workload(fs, rec)
         # the unmount's commit is a durable state of its own when fsyncs went through the log
@@ -248,7 +308,7 @@ async def record(workload: Workload, image: str, base: str, *, faults: FaultPlan
             await fs.unmount()
         raise
     await fs.unmount()
-    return log, rec.models
+    return rec
 
 
 def expected_state(log: WriteLog, upto: int, first: Durable) -> Durable:
@@ -395,19 +455,32 @@ async def run_ace(seqs: list, *, seed: int = 0, subsets: int = 2, faults: FaultP
                                faults=faults, write_path=write_path, first=first)
 
 
+# the orders a campaign records commit tails in (``Recorder``): held until the next commit or log
+# sync (as a tail usually ends in use, after the next operation's writeback), then -- where the
+# workload wrote meanwhile -- each run before the workload goes on; and what a failure's name adds
+TAIL_ORDERS = ((True, ""), (False, " (commit tails first)"))
+
+
 async def run_workloads(named: list[tuple[str, Workload]], *, seed: int, subsets: int, faults: FaultPlan | None,
                         write_path: WritePath, first: int, keep_failed: str | None = None) -> CampaignResult:
-    """Record each of the campaign's workloads ``first``, ``first + 1``, ... and check its crash
-    states (the ``i``-th's random subsets drawn from ``seed + i``). ``keep_failed``: a directory
+    """Record each of the campaign's workloads ``first``, ``first + 1``, ... (in both
+    ``TAIL_ORDERS`` where they differ) and check its crash states (the ``i``-th's random subsets
+    drawn from ``seed + i``). ``keep_failed``: a directory
     that gets the first failing crash state of each failing workload (``kept_image``)."""
     result = CampaignResult()
     with tempfile.TemporaryDirectory() as d:
         image, base, work = (os.path.join(d, n) for n in ("w.img", "base.img", "crash.img"))
         for i, (name, workload) in enumerate(named):
-            log, models = await record(workload, image, base, faults=faults, write_path=write_path,
-                                       size=image_size(first + i))
             keep = kept_image(keep_failed, first + i) if keep_failed else None
-            await check_states(log, models, work, random.Random(seed + i), subsets, name, result, write_path, keep)
+            for hold_tails, order in TAIL_ORDERS:
+                rec = await run_recorded(workload, image, base, faults=faults, write_path=write_path,
+                                         size=image_size(first + i), hold_tails=hold_tails)
+                failed = len(result.failures)
+                await check_states(rec.log, rec.models, work, random.Random(seed + i), subsets, name + order, result,
+                                   write_path, keep)
+                keep = keep if len(result.failures) == failed else None
+                if not rec.overtaken:
+                    break  # the other order records the same log
             result.workloads += 1
     return result
 
