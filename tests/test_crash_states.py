@@ -192,7 +192,7 @@ def test_a_share_of_the_campaign_runs_on_images_with_a_mirror(monkeypatch):
     """The campaign (``blockemu crash``) records every 4th workload on an image with a
     superblock mirror, chosen by the workload's index (not by shard), and checks its tears."""
     sizes, splits = {}, []
-    real_record, real_sample = crash.record, crash.check_sample
+    real_record, real_sample = crash.run_recorded, crash.check_sample
 
     async def spy_record(workload, image, base, **kw):
         sizes[len(sizes)] = kw["size"]
@@ -202,7 +202,7 @@ def test_a_share_of_the_campaign_runs_on_images_with_a_mirror(monkeypatch):
         splits.extend(st for st in states if st.split)
         return await real_sample(log, models, work, states, *args, **kw)
 
-    monkeypatch.setattr(crash, "record", spy_record)
+    monkeypatch.setattr(crash, "run_recorded", spy_record)
     monkeypatch.setattr(crash, "check_sample", spy_sample)
     out = crash._crash_shard((1, 0, 1, False, None, "fast", 2, 6, None))
     assert out["units"] == 4 and not out["failures"], out["failures"][:3]

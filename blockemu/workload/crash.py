@@ -28,7 +28,7 @@ import os
 import random
 import tempfile
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Literal
+from typing import Any, Awaitable, Callable, Literal
 
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
@@ -176,11 +176,12 @@ class Recorder:
     allocations see the freed space, is thread timing -- a log recorded so would differ from
     run to run, and a failure's reproduce line replay another. So the recorder puts each such
     tail at one point, in one of two orders (DESIGN §10): ``hold_tails`` False, the tail first --
-    each persistence point (a workload has one after every fsync) starts by waiting for the
-    commit lock, so the workload goes on once the tail is done; True, the tail last -- held
-    (``Volume.tail_gate``) until a commit or log sync wants the lock, the next operation's
-    writeback done. ``overtaken`` says whether the workload wrote or changed a tree while a tail
-    was held: only then do the two orders record different logs."""
+    each persistence point starts by waiting for the commit lock (Ace's workloads have one after
+    every fsync; a group, ``fsync_together``, takes the lock first), so the workload goes on once
+    the tail is done; True, the tail last -- held (``Volume.tail_gate``) until a commit or log
+    sync wants the lock, the next operation's writeback done. ``overtaken``: where in the log the
+    workload first wrote or changed a tree while a tail was held (None: never) -- the two orders
+    log the same entries up to there, and differ only from there on."""
 
     def __init__(self, fs: Filesystem, write_path: WritePath, kid: str | None, log: WriteLog, *,
                  hold_tails: bool = True) -> None:
@@ -191,7 +192,7 @@ class Recorder:
         self.models = Models()
         self.in_flight = 0  # fsyncs (``fsync``) not yet returned
         self.hold_tails = hold_tails
-        self.overtaken = False
+        self.overtaken: int | None = None
         if hold_tails:
             fs.vol.commit_lock = WantedLock()  # free: no commit runs before the workload
             fs.vol.tail_gate = self._hold_tail
@@ -201,7 +202,8 @@ class Recorder:
         assert isinstance(lock, WantedLock)
         at = len(self.log.entries)
         await lock.wanted()
-        self.overtaken |= len(self.log.entries) > at or self.fs.vol.engine.is_dirty()
+        if self.overtaken is None and (len(self.log.entries) > at or self.fs.vol.engine.is_dirty()):
+            self.overtaken = at
 
     async def mkdir(self, path: str) -> None:
         """A workload's top directory: encrypted when the write path says so."""
@@ -276,7 +278,7 @@ def image_size(i: int) -> str:
     return MIRRORED_SIZE if i % MIRRORED_SHARE == MIRRORED_SHARE - 1 else SIZE
 
 
-async def record(workload: Workload, image: str, base: str, **kw) -> tuple[WriteLog, Models]:
+async def record(workload: Workload, image: str, base: str, **kw: Any) -> tuple[WriteLog, Models]:
     """Run ``workload`` on a fresh image with the write log on (``run_recorded``); returns the log
     and the oracle."""
     rec = await run_recorded(workload, image, base, **kw)
@@ -286,8 +288,8 @@ async def record(workload: Workload, image: str, base: str, **kw) -> tuple[Write
 async def run_recorded(workload: Workload, image: str, base: str, *, faults: FaultPlan | None = None,
                        write_path: WritePath = PRODUCTION, size: str = SIZE, hold_tails: bool = True) -> Recorder:
     """Run ``workload`` on a fresh image of ``size`` with the write log on, commit tails in the
-    order ``hold_tails`` says (``Recorder``); returns the recorder: its log, oracle, and whether
-    the other order records another log (``overtaken``)."""
+    order ``hold_tails`` says (``Recorder``); returns the recorder: its log, oracle, and where
+    the other order's log would part from this one (``overtaken``)."""
     await mkfs(image, size, node_size="4K", force=True)
     fs = await mount(image, faults=faults, interval=3600, **write_path.mount_options())
     try:
@@ -456,31 +458,34 @@ async def run_ace(seqs: list, *, seed: int = 0, subsets: int = 2, faults: FaultP
 
 
 # the orders a campaign records commit tails in (``Recorder``): held until the next commit or log
-# sync (as a tail usually ends in use, after the next operation's writeback), then -- where the
+# sync (as a tail mostly ends in use, after the next operation's writeback), then -- if the
 # workload wrote meanwhile -- each run before the workload goes on; and what a failure's name adds
 TAIL_ORDERS = ((True, ""), (False, " (commit tails first)"))
 
 
 async def run_workloads(named: list[tuple[str, Workload]], *, seed: int, subsets: int, faults: FaultPlan | None,
                         write_path: WritePath, first: int, keep_failed: str | None = None) -> CampaignResult:
-    """Record each of the campaign's workloads ``first``, ``first + 1``, ... (in both
-    ``TAIL_ORDERS`` where they differ) and check its crash states (the ``i``-th's random subsets
-    drawn from ``seed + i``). ``keep_failed``: a directory
-    that gets the first failing crash state of each failing workload (``kept_image``)."""
+    """Record each of the campaign's workloads ``first``, ``first + 1``, ... and check its crash
+    states (the ``i``-th's random subsets drawn from ``seed + i``): in both ``TAIL_ORDERS`` where
+    they differ, the second's only past the entries both log alike (the states up to there are
+    the first's). ``keep_failed``: a directory that gets the first failing crash state of each
+    failing workload (``kept_image``)."""
     result = CampaignResult()
     with tempfile.TemporaryDirectory() as d:
         image, base, work = (os.path.join(d, n) for n in ("w.img", "base.img", "crash.img"))
         for i, (name, workload) in enumerate(named):
             keep = kept_image(keep_failed, first + i) if keep_failed else None
+            checked = -1  # the states up to this many entries are checked
             for hold_tails, order in TAIL_ORDERS:
                 rec = await run_recorded(workload, image, base, faults=faults, write_path=write_path,
                                          size=image_size(first + i), hold_tails=hold_tails)
+                states = [st for st in rec.log.crash_states(random.Random(seed + i), subsets) if st.upto > checked]
                 failed = len(result.failures)
-                await check_states(rec.log, rec.models, work, random.Random(seed + i), subsets, name + order, result,
-                                   write_path, keep)
-                keep = keep if len(result.failures) == failed else None
-                if not rec.overtaken:
-                    break  # the other order records the same log
+                await check_sample(rec.log, rec.models, work, states, result, name + order, write_path, keep)
+                keep = keep if len(result.failures) == failed else None  # the workload's first failure only
+                if rec.overtaken is None:
+                    break  # the other order logs the same entries
+                checked = rec.overtaken
             result.workloads += 1
     return result
 
