@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Literal
+from typing import Any, Awaitable, Literal
 
 import pytest
 
+from blockemu.device.writelog import WriteLog
+from blockemu.fs.filesystem import Filesystem
 from blockemu.fs.volume import Volume
 from blockemu.workload import crash
 from blockemu.workload.crash import Recorder, Workload, ace_workload, group_workload, run_recorded
@@ -55,7 +57,7 @@ class TailTiming:
         await self.real_writev(writes, fua=fua)
         self.news.set()
 
-    async def waited(self, step):
+    async def waited(self, step: Awaitable[Any]) -> Any:
         self.waiting += 1
         self.news.set()
         try:
@@ -63,7 +65,7 @@ class TailTiming:
         finally:
             self.waiting -= 1
 
-    async def commit(self, **kw) -> bool:
+    async def commit(self, **kw: Any) -> bool:
         return await self.waited(self.real_commit(**kw))
 
     async def acquire(self) -> Literal[True]:
@@ -71,13 +73,13 @@ class TailTiming:
 
 
 def timed(workload: Workload, timing: Timing) -> Workload:
-    async def run(fs, rec: Recorder) -> None:
+    async def run(fs: Filesystem, rec: Recorder) -> None:
         TailTiming(fs.vol, timing)
         await workload(fs, rec)
     return run
 
 
-def shape(log) -> list[tuple[str, int, int]]:
+def shape(log: WriteLog) -> list[tuple[str, int, int]]:
     """What the crash states are made of: each entry's kind, offset and length (file contents
     carry timestamps, which differ from run to run)."""
     return [(e.kind, e.offset, len(e.data)) for e in log.entries]
