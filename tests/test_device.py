@@ -1,14 +1,18 @@
 """BlockDevice: volatile cache, flush/FUA durability, faults, and the write log."""
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 
 import pytest
 
+from blockemu.device import blockdev
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.writelog import SECTOR
 from blockemu.errors import DeviceIOError, InvalidArgument
+from tests.util import Gate
 
 MiB = 1 << 20
 
@@ -85,6 +89,48 @@ async def test_flush_then_fua_is_a_flush_then_a_fua_write_in_one_trip(tmp_path, 
             await dev.flush_then_fua(SECTOR, sector(2))
         assert on_disk(path, 0, 5 * SECTOR) == sector(1, 2) + bytes(2 * SECTOR) + sector(5)
         assert [e.kind for e in log.entries] == ["write", "write", "flush"]
+    await dev.close()
+
+
+@pytest.mark.parametrize("how", ["flush", "flush_then_fua"])
+async def test_a_write_completed_during_a_flush_stays_in_doubt_after_it(tmp_path, monkeypatch, how):
+    """The flush's snapshot of the cache is what it makes durable: a write that completes while
+    the host syncs is logged after the flush, so the crash states keep it in doubt (logged at
+    the flush's completion, it was counted durable)."""
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path)
+    log = dev.start_log()
+    await dev.write(0, sector(1))
+    name = "_a_destage" if how == "flush" else "_a_flush_fua"
+    gate = Gate(getattr(blockdev, name))
+    monkeypatch.setattr(blockdev, name, gate)
+    flushing = asyncio.ensure_future(dev.flush() if how == "flush" else dev.flush_then_fua(SECTOR, sector(2)))
+    await gate.entered.wait()  # the snapshot is taken, the host call not made
+    await dev.write(4 * SECTOR, sector(5))
+    gate.release.set()
+    await flushing
+    kinds = [e.kind for e in log.entries]
+    assert kinds == (["write", "flush", "write"] if how == "flush" else ["write", "flush", "write", "fua"])
+    durable, doubt = log.split(len(log.entries))
+    assert [e.offset for e in durable if e.kind == "write"] == [0] and [e.offset for e in doubt] == [4 * SECTOR]
+    assert dev.cached_bytes() == SECTOR  # and the device agrees: the later write is still only cached
+    await dev.close()
+
+
+async def test_a_failed_flush_leaves_a_mark_not_a_flush(tmp_path, monkeypatch):
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path)
+    log = dev.start_log()
+    await dev.write(0, sector(1))
+
+    async def refused(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(blockdev, "_a_destage", refused)
+    with pytest.raises(OSError):
+        await dev.flush()
+    assert [(e.kind, e.name) for e in log.entries] == [("write", ""), ("mark", "flush failed")]
+    assert [e.offset for e in log.split(2)[1]] == [0]  # still in doubt
+    monkeypatch.undo()
     await dev.close()
 
 

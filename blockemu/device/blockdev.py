@@ -381,9 +381,25 @@ class BlockDevice:
     async def _destage_cache(self, *, sync: bool) -> None:
         async with self._destage_lock:
             snapshot = dict(self._cache)
-            with self._host_write():
+            with self._flush_logged(sync), self._host_write():
                 await _a_destage(self.fd, self._runs(snapshot), sync)
             self._destaged(snapshot)
+
+    @contextlib.contextmanager
+    def _flush_logged(self, flush: bool = True) -> Iterator[None]:
+        """Log a flush where it takes its snapshot of the cache, not where it completes: a write
+        completed while the host syncs is not in the snapshot, so it stays in doubt after the
+        flush -- logged after it. (Logged at completion, it came before the flush entry, and
+        the crash states treated it as durable: a filesystem that trusted such a write would
+        have passed.) A flush that fails leaves its entry as a mark, so positions already noted
+        (a recorder's) stay where they were."""
+        entry = self.log.append("flush") if flush and self.log is not None else None
+        try:
+            yield
+        except BaseException:
+            if entry is not None:
+                entry.kind, entry.name = "mark", "flush failed"
+            raise
 
     def _destaged(self, snapshot: dict[int, Entry]) -> None:
         for s, entry in snapshot.items():
@@ -401,8 +417,6 @@ class BlockDevice:
         t = self.stats.begin()
         try:
             await self._destage_cache(sync=True)
-            if self.log is not None:
-                self.log.append("flush")
         finally:
             self.stats.done("flush", 0, t)
 
@@ -424,11 +438,10 @@ class BlockDevice:
             data = bytes(data)
             async with self._destage_lock:
                 snapshot = dict(self._cache)  # older copies of the superblock's sectors too: destaged first
-                with self._host_write():
+                with self._flush_logged(), self._host_write():
                     await _a_flush_fua(self.fd, self._runs(snapshot), offset, data)
                 self._destaged(snapshot)
             if self.log is not None:
-                self.log.append("flush")
                 self.log.append("fua", offset, data)
         finally:
             self.stats.done("flush", 0, t)
