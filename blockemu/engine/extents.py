@@ -18,7 +18,7 @@ in one pass, so a leaf touched by many of them is reached and copied once.
 """
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, bisect_right
 from itertools import islice
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
@@ -118,7 +118,11 @@ class ExtentMap:
         extents[offset] = fe
         if had:
             return 0
-        insort(self.offsets, offset)
+        # a slice assignment, not ``insort``: list.insert moves the later offsets up one by one
+        # (~2 instructions each, ~20k to add one to a 20k-item map), a slice assignment with one
+        # memmove (~5k); random writes over a big file add an offset per extent
+        i = bisect_right(self.offsets, offset)
+        self.offsets[i:i] = (offset,)
         return 1
 
 
