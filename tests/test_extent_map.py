@@ -188,3 +188,20 @@ def test_overlapping_is_every_item_the_range_touches(pieces, start, length):
     start, end = start * PAGE, (start + length) * PAGE
     model = [(o, fe) for o, fe in items if o < end and o + fe.num_bytes > start]
     assert module.ExtentMap(items).overlapping(start, end) == model
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.booleans()), max_size=60))
+def test_set_keeps_the_offsets_sorted_and_counts_the_items(changes):
+    """``ExtentMap.set`` against a dict: after any sequence of items put and removed (offsets new
+    or already there), ``offsets`` is the model's keys in order, each offset's extent is the
+    model's, and each call returned the change in the number of items."""
+    emap, model = module.ExtentMap([]), {}
+    for page, put in changes:
+        fe = FileExtent(1, PAGE, 0, 0, 0, 1, (page + 1) * PAGE, PAGE, 0, PAGE) if put else None
+        before = len(model)
+        if fe is None:
+            model.pop(page * PAGE, None)
+        else:
+            model[page * PAGE] = fe
+        assert emap.set(page * PAGE, fe) == len(model) - before
+        assert emap.offsets == sorted(model) and emap.extents == model
