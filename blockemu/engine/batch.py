@@ -116,6 +116,13 @@ class TreeBatch:
         self.changes[key] = bytes(value)  # (``_stage``, written out: a call per staged item)
         self.order = None
 
+    def put(self, key: KeyT, value: bytes) -> None:
+        """``insert(replace=True)`` of a value the caller knows is bytes within the item limit (a
+        file extent's, a checksum item's): none of insert's checks, for writeback stages a few
+        of these per extent it maps."""
+        self.changes[key] = value
+        self.order = None
+
     def update(self, key: KeyT, value: bytes) -> None:
         if self.get(key) is None:
             raise NotFoundError(f"no item {key} in tree {self.tree.owner}")

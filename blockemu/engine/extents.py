@@ -29,6 +29,7 @@ from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import ExtentContext, ExtentItem, FileExtent, new_data_extent, new_data_extent_item
+from blockemu.ondisk.structs import EXTENT_DATA
 
 PAGE = S.SECTOR_SIZE
 KNOWN_EXTENTS = 1 << 16  # ``Extents.known`` holds at most this many items (~20 MiB)
@@ -200,6 +201,9 @@ class Extents:
             batch.map_logged(ino, file_offset, fe, csum_items)
 
 
+Notes = dict[int, "tuple[FileExtent, bytes] | None"]  # a file's changed EXTENT_DATA items, by offset: item and body, or None
+
+
 class ExtentBatch:
     """File-extent changes staged over the three trees (``TreeBatch``), applied together."""
 
@@ -212,8 +216,9 @@ class ExtentBatch:
         self.staged_known: dict[int, tuple[KeyT, ExtentItem] | None] = {}  # this batch's changes to it (None: gone)
         self.sectors_per_csum_item = extents.sectors_per_csum_item
         self.freed: list[tuple[int, int]] = []  # data extents left without references: pinned once applied
-        # for the fsync log (``Engine.changed_extents``, ``Engine.new_csums``), noted once applied
-        self.changed: list[tuple[int, int, tuple[FileExtent, bytes] | None]] = []
+        # for the fsync log (``Engine.changed_extents``, ``Engine.new_csums``), noted once applied;
+        # by inode, then offset, as the engine keeps them: one update per file when applied
+        self.changed: dict[int, Notes] = {}
         self.new_csums: dict[int, list[tuple[tuple[int, int, int], bytes]]] = {}
 
     def __enter__(self) -> "ExtentBatch":
@@ -254,36 +259,47 @@ class ExtentBatch:
                 known[bytenr] = hit
         self.staged_known = {}
         engine = self.engine
-        for ino, offset, item in self.changed:
-            engine.changed_extents.setdefault(ino, {})[offset] = item
+        for ino, notes in self.changed.items():
+            engine.changed_extents.setdefault(ino, {}).update(notes)
         new_csums, pin = engine.new_csums, engine.allocator.pin
         new_csums.update(self.new_csums)
         for bytenr, length in self.freed:
             pin(bytenr, length)
             new_csums.pop(bytenr, None)
         self.freed.clear()
-        self.changed.clear()
+        self.changed = {}
         self.new_csums = {}
 
-    def _set(self, ino: int, offset: int, fe: FileExtent | None, body: bytes | None = None) -> None:
+    def _file(self, ino: int) -> tuple[ExtentMap | None, Notes]:
+        """The file's map (None: it has none) and this batch's notes of its changed items, found
+        once for all the items one change of the file stages (``_set``)."""
+        emap = self.extents.maps.get(ino)
+        if emap is not None:
+            self.touched.add(ino)
+        notes = self.changed.get(ino)
+        if notes is None:
+            notes = self.changed[ino] = {}
+        return emap, notes
+
+    def _set(self, ino: int, file: tuple[ExtentMap | None, Notes], offset: int, fe: FileExtent | None,
+             body: bytes | None = None) -> None:
         """Stage the file's EXTENT_DATA item at ``offset`` (None: none there), noted for the fsync
         log, which logs from these notes rather than looking each changed range up again. The
         key is known present (just read) or absent (inside a mapping, or a new extent's): no
         lookup to check it, each would be another descent. ``body``: ``fe`` packed, if the caller
-        made it already."""
-        key = (ino, S.EXTENT_DATA, offset)
-        emap = self.extents.maps.get(ino)
+        made it already; ``file``: ``_file(ino)``."""
+        key = (ino, EXTENT_DATA, offset)
+        emap, notes = file
         if emap is not None:
-            self.touched.add(ino)
             self.extents.mapped += emap.set(offset, fe)
         if fe is None:
             self.fs.drop(key)
-            self.changed.append((ino, offset, None))
+            notes[offset] = None
             return
         if body is None:
             body = fe.pack()
-        self.fs.insert(key, body, replace=True)
-        self.changed.append((ino, offset, (fe, body)))
+        self.fs.put(key, body)  # of a fixed size, far below an item's limit
+        notes[offset] = (fe, body)
 
     # ------------------------------------------------------------------ data extents
 
@@ -342,7 +358,7 @@ class ExtentBatch:
         in nbytes (≤ 0). The fsync log replays items over the committed tree and has no item
         for "nothing here", so that inode's fsync commits until the transaction does."""
         self.engine.needs_commit.add(ino)
-        return self._unmap(ino, start, end)
+        return self._unmap(ino, start, end)[0]
 
     def _mappings(self, ino: int, start: int, end: int) -> list[tuple[int, FileExtent]]:
         """``file_mappings`` through the batch, from the file's map (filled from the tree the
@@ -379,37 +395,40 @@ class ExtentBatch:
                 extents.mapped -= len(emap)
         self.touched.clear()
 
-    def _unmap(self, ino: int, start: int, end: int, *, refill: bool = False) -> int:
-        """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0).
+    def _unmap(self, ino: int, start: int, end: int, *, refill: bool = False) -> tuple[int, tuple[ExtentMap | None, Notes]]:
+        """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0), and
+        the file's map and notes (``_file``) for the caller's item there.
         ``refill``: the caller maps the range anew, its item at ``start`` -- an item starting
         there is left for that one to replace, not dropped first (an overwrite of whole extents
         would stage the key twice and take it out of the file's map only to put it back)."""
         freed = 0
-        for at, fe in self._mappings(ino, start, end):
+        found = self._mappings(ino, start, end)
+        f = self._file(ino)
+        for at, fe in found:
             length = fe.num_bytes
             ref_offset = at - fe.offset
             keep_left, keep_right = start > at, end < at + length
             if keep_left:
-                self._set(ino, at, fe._replace(num_bytes=start - at))
+                self._set(ino, f, at, fe.piece(fe.offset, start - at))
             elif not refill or at != start:
-                self._set(ino, at, None)
+                self._set(ino, f, at, None)
             if keep_right:
                 cut = end - at
-                self._set(ino, end, fe._replace(offset=fe.offset + cut, num_bytes=length - cut))
+                self._set(ino, f, end, fe.piece(fe.offset + cut, length - cut))
             freed += min(at + length, end) - max(at, start)
             if keep_left and keep_right:
                 self._change_ref(fe, ino, ref_offset, +1)
             elif not keep_left and not keep_right:
                 self._change_ref(fe, ino, ref_offset, -1)
-        return -freed
+        return -freed, f
 
     def add_extent(self, ino: int, new: NewExtent) -> int:
         """Map [file_offset, +length) to the new extent; returns the change in nbytes."""
         file_offset, bytenr, length = new.file_offset, new.bytenr, new.length
-        delta = self._unmap(ino, file_offset, file_offset + length, refill=True)
+        delta, f = self._unmap(ino, file_offset, file_offset + length, refill=True)
         transid = self.engine.transid
         fe, body = new_data_extent(transid, new.ram_bytes, bytenr, length, new.context)
-        self._set(ino, file_offset, fe, body)
+        self._set(ino, f, file_offset, fe, body)
         item, body = new_data_extent_item(transid, ino, file_offset)
         self._put_extent((bytenr, S.EXTENT_ITEM, length), item, body)
         digests, sectors, per = new.digests, length // PAGE, self.sectors_per_csum_item
@@ -420,7 +439,7 @@ class ExtentBatch:
             items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), digests[i * step : (i + per) * step])
                      for i in range(0, sectors, per)]
         for key, body in items:
-            self.csum.insert(key, body, replace=True)
+            self.csum.put(key, body)  # at most an item's worth of digests (``sectors_per_csum_item``)
         self.new_csums[bytenr] = items
         return delta + length
 
@@ -429,8 +448,7 @@ class ExtentBatch:
         the tree holds -- trimmed or dropped as the overwrite did. The extent is this log's own
         (new since the last commit): the first item naming it creates its EXTENT_ITEM and
         checksums (``csum_items``), the others (pieces of it split by later writes) add references."""
-        self._unmap(ino, file_offset, file_offset + fe.num_bytes, refill=True)
-        self._set(ino, file_offset, fe)
+        self._set(ino, self._unmap(ino, file_offset, file_offset + fe.num_bytes, refill=True)[1], file_offset, fe)
         ref_offset = file_offset - fe.offset
         if self.ext.first_at_or_after((fe.disk_bytenr, S.EXTENT_ITEM, 0), (fe.disk_bytenr, S.EXTENT_ITEM, (1 << 64) - 1)):
             self._change_ref(fe, ino, ref_offset, +1)

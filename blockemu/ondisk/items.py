@@ -209,6 +209,12 @@ class FileExtent(NamedTuple):
             return fast.FILE_EXTENT_ITEM.pack(*self[:10])
         return _ENCRYPTED_FILE_EXTENT.pack(*self[:10], *self.context)
 
+    def piece(self, offset: int, num_bytes: int) -> "FileExtent":
+        """This item narrowed to [offset, +num_bytes) of its extent (what is left of it beside an
+        overwrite): ``_replace(offset=, num_bytes=)`` without its dict and its per-field map, for
+        writeback trims or splits an item for nearly every extent it maps over an older one."""
+        return tuple.__new__(FileExtent, (*self[:8], offset, num_bytes, self[10]))
+
     @staticmethod
     def end_in_file(offset: int, body: bytes) -> int:
         """Where the item at file ``offset`` ends (offset + num_bytes), read without decoding the
