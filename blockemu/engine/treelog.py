@@ -37,6 +37,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from dataclasses import replace
 
+from blockemu.engine.batch import in_key_order
 from blockemu.engine.btree import BTree
 from blockemu.engine.extents import Extents
 from blockemu.engine.transaction import Engine, ReadFn, TreeStore
@@ -165,7 +166,7 @@ class TreeLog:
                 self.csummed.add(fe.disk_bytenr)
                 csums.extend(new_csums[fe.disk_bytenr])
         changes.update(self._joined(csums))
-        tree.apply(sorted(changes.items()))
+        tree.apply(in_key_order(changes))
 
     def _joined(self, items: list[Item]) -> list[Item]:
         """Checksum items for the log, each joined to the one that ends where it starts -- this
