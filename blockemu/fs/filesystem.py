@@ -197,6 +197,13 @@ class Filesystem:
         self.extent_keys = ExtentKeys()  # derived secrets kept: see crypto/extentkeys.py
         keyring.on_wipe.append(self.extent_keys.forget)
 
+    def check_mounted(self) -> None:
+        """The first step of every public call (DESIGN §8): after ``unmount`` nothing answers,
+        not even a stat or a readdir the cache could serve -- what a closed image would say is
+        unknown, and a key added now would never be wiped."""
+        if not self.mounted:
+            raise self.vol.not_mounted()
+
     @property
     def tree(self):
         return self.vol.engine.trees[S.FS_TREE_OBJECTID]
@@ -515,6 +522,7 @@ class Filesystem:
         return entry
 
     def _resolve(self, path: str) -> Inode:
+        self.check_mounted()
         inode = self._walk(split_path(path), path)
         if path.endswith(("/", "/.")) and not st.S_ISDIR(inode.item.mode):  # as Linux: 'f/' names a directory
             raise NotADirectory(f"{path}: not a directory")
@@ -541,6 +549,7 @@ class Filesystem:
     def _parent(self, path: str) -> tuple[Inode, bytes | None]:
         """The parent directory and the name it stores for the last component (None: a
         locked directory has no such no-key name; creating it needs the key)."""
+        self.check_mounted()
         parts = split_path(path)
         if not parts:
             raise InvalidArgument(f"{path!r}: the root has no parent")
@@ -889,11 +898,13 @@ class Filesystem:
     def inode(self, ino: int) -> Inode:
         """The inode numbered ``ino``: a FUSE request names inodes, not paths. An inode unlinked
         while open stays reachable until its last close."""
+        self.check_mounted()
         return self._load(ino)
 
     def path_of(self, ino: int) -> str:
         """A path naming ``ino``, walked up its INODE_REFs to the root (btrfs's ino_paths): how a
         front end that is handed inode numbers reaches the path-based calls."""
+        self.check_mounted()
         names: list[str] = []
         while ino != ROOT_INO:
             ref = self.tree.first_at_or_after((ino, S.INODE_REF, 0), (ino, S.INODE_REF, (1 << 64) - 1))
@@ -907,6 +918,7 @@ class Filesystem:
     async def set_attrs(self, inode: Inode, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
                         atime_ns: int | None = None, mtime_ns: int | None = None) -> None:
         """chmod, chown and utimensat in one transaction; the file type bits of ``mode`` are kept."""
+        self.check_mounted()
         if self.vol.device.readonly:
             raise ReadOnlyError("read-only file system")
         async with self.vol.join():
@@ -927,6 +939,7 @@ class Filesystem:
         """(total, free) bytes of the image, for statfs: free as the allocator sees it once this
         transaction's pinned extents are released (what the next commit makes free), less the
         dirty data still on its way to disk (as btrfs counts delalloc), so df moves with writes."""
+        self.check_mounted()
         engine = self.vol.engine
         total = engine.sb.total_bytes
         alloc = engine.allocator
@@ -970,6 +983,7 @@ class Filesystem:
         return d.key_id.hex() if d.key_id is not None else None
 
     async def add_key(self, raw: bytes, user: int = 0) -> str:
+        self.check_mounted()
         return self.keyring.add_key(raw, user)
 
     async def remove_key(self, key_id: str | bytes, user: int = 0, all_users: bool = False) -> RemovalResult:
@@ -977,6 +991,7 @@ class Filesystem:
         mode's steps (``keyring.REMOVAL``): the keyring's own (refuse dirtying, wipe) and ours --
         write the key's dirty data back (as fscrypt's sync_filesystem), then lock every inode
         that is closed and clean."""
+        self.check_mounted()
         ident = parse_identifier(key_id)
         mk, started = self.keyring.begin_removal(ident, user, all_users)
         if mk is None:
@@ -1007,6 +1022,7 @@ class Filesystem:
         return self.keyring.removal_result(mk)
 
     def key_status(self, key_id: str | bytes, user: int = 0) -> KeyStatus:
+        self.check_mounted()
         return self.keyring.key_status(key_id, user)
 
     # ------------------------------------------------------------------ files
@@ -1342,6 +1358,7 @@ class Filesystem:
         error noted since the last sync reported one (``errseq``) -- a sync that returns lost
         nothing acknowledged. The file's own fsync or close reports it too, as in Linux. The
         error is taken even when the commit fails (whose error is then the one raised)."""
+        self.check_mounted()
         since = self.writeback.errseq.begin()
         try:
             await self.write_out()
@@ -1452,10 +1469,9 @@ class File:
         self.closed = False
 
     def _check(self, write: bool) -> None:
+        self.fs.check_mounted()
         if self.closed:
             raise BadFile(f"{self.name}: I/O on a closed file")
-        if not self.fs.mounted:
-            raise DeviceIOError(f"{self.name}: the filesystem is unmounted")
         if write and not self.writable or not write and not self.readable:
             raise BadFile(f"{self.name}: file not open for {'writing' if write else 'reading'}")
 
@@ -1596,6 +1612,7 @@ class File:
                 self.fs.lock_if_idle(inode)
 
     async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.fs.check_mounted()
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.inode.size}.get(whence)
         if base is None or base + offset < 0:
             raise InvalidArgument("bad seek")
@@ -1603,6 +1620,7 @@ class File:
         return self.pos
 
     async def tell(self) -> int:
+        self.fs.check_mounted()
         return self.pos
 
     async def truncate(self, size: int | None = None) -> int:
@@ -1619,17 +1637,25 @@ class File:
     async def fsync(self) -> None:
         """Returns when this file's data and metadata are durable; raises the writeback error
         (ENOKEY, EIO, ENOSPC) recorded since the last fsync, so a lost write is never silent."""
+        self.fs.check_mounted()
         if self.closed:
             raise BadFile(f"{self.name}: I/O on a closed file")
         await self.fs.fsync_inode(self.inode)
 
     async def flush(self) -> None:
         """Python-level flush: nothing is buffered above the page cache."""
+        self.fs.check_mounted()
 
     async def close(self) -> None:
+        """The one call an unmount leaves working: the handle is let go (as close(2) of a
+        descriptor whose filesystem was detached); the unmount did the rest: it reported what
+        writeback lost, and an unlinked file still open is left to the next mount's orphan
+        recovery."""
         if self.closed:
             return
         self.closed = True
+        if not self.fs.mounted:
+            return
         inode, fs = self.inode, self.fs
         inode.open_count -= 1
         if inode.item.nlink == 0 and not inode.open_count:

@@ -312,9 +312,14 @@ class Volume:
         self.log.finish_sync()
         self.log_root = sb.log_root
 
+    def not_mounted(self) -> DeviceIOError:
+        """The one error every call on an unmounted filesystem raises, reads and key calls
+        included: a stat answered from the cache of a closed image is no answer."""
+        return DeviceIOError(f"{self.device.path}: not mounted")
+
     def check_aborted(self) -> None:
         if self.closed:
-            raise DeviceIOError(f"{self.device.path}: not mounted (the volume is closed)")
+            raise self.not_mounted()
         if self.aborted is not None:
             raise DeviceIOError(f"{self.device.path}: read-only after an aborted transaction ({self.aborted})")
 
