@@ -81,6 +81,24 @@ def test_keep_leaves_room_for_tree_blocks():
     assert a.node_room == 9 == sum(n // node for n in a.free.values())
 
 
+async def after_an_abort(fs, path: str, data: bytes, f) -> None:
+    """What btrfs does once a transaction aborted: changes fail with EROFS (used to be EIO,
+    the errno of a failing disk), reads go on; the abort's own error went to the caller that
+    met it. ``f``: ``path`` opened for writing before the abort."""
+    assert fs.vol.aborted is not None
+    assert (await fs.stat(path)).st_size == len(data) and "d" not in await fs.readdir("/")
+    async with fs.open(path) as r:
+        assert await r.read() == data
+    changes = (lambda: fs.mkdir("/d"), lambda: fs.unlink(path), lambda: fs.rename(path, "/moved"),
+               lambda: fs.symlink("t", "/l"), lambda: fs.open("/new", "w"), lambda: fs.open(path, "a"),
+               lambda: fs.set_attrs(f.inode, mode=0o600), lambda: f.pwrite(b"y", 0), lambda: f.truncate(0),
+               lambda: f.fsync(), lambda: fs.sync(), lambda: fs.fsync_dir("/"))
+    for change in changes:
+        with ErrnoCheck(errno.EROFS):
+            await change()
+    await f.close()
+
+
 # ---------------------------------------------------------------------- writeback
 
 
@@ -96,6 +114,7 @@ async def test_a_bug_in_writeback_is_reported_logged_and_aborts_the_mount(image,
         def bug(*args, **kw):
             raise RuntimeError("planted bug")
 
+        kept = await fs.open("/kept", "r+")
         fs.extents.add_extents = bug
         f = await fs.open("/lost", "w")
         await f.write(b"x" * 8192)
@@ -112,10 +131,36 @@ async def test_a_bug_in_writeback_is_reported_logged_and_aborts_the_mount(image,
         with ErrnoCheck(errno.EIO):
             await f.close()
         fs.extents.add_extents = real
-        with ErrnoCheck(errno.EIO):  # read-only: nothing more is changed
-            await fs.mkdir("/d")
+        await after_an_abort(fs, "/kept", b"k" * 8192, kept)
     finally:
-        with ErrnoCheck(errno.EIO):  # and the unmount says the transaction was lost
+        with ErrnoCheck(errno.EROFS):  # and the unmount says the transaction was lost
+            await fs.unmount()
+    await verify(image, {"/kept": b"k" * 8192})
+    assert_fsck_clean(image)
+
+
+async def test_a_host_disk_full_during_a_commit_aborts_then_changes_are_erofs(image, monkeypatch):
+    """The host file system fills up under the image as a commit writes: the commit's caller
+    gets ENOSPC, the transaction aborts, later changes get EROFS and reads still work."""
+    fs = await blockemu.mount(image, interval=3600)
+    try:
+        await put(fs, "/kept", b"k" * 8192)
+        await fs.mkdir("/gone")
+        kept = await fs.open("/kept", "r+")
+
+        async def host_full(writes, **kw):
+            raise OSError(errno.ENOSPC, f"{image}: No space left on device")
+
+        monkeypatch.setattr(fs.vol.device, "writev", host_full)
+        with ErrnoCheck(errno.ENOSPC):
+            await fs.sync()
+        monkeypatch.undo()
+        assert "gone" in await fs.readdir("/")  # what the lost transaction held is in the cache
+        with ErrnoCheck(errno.EROFS):
+            await fs.rmdir("/gone")
+        await after_an_abort(fs, "/kept", b"k" * 8192, kept)
+    finally:
+        with ErrnoCheck(errno.EROFS):
             await fs.unmount()
     await verify(image, {"/kept": b"k" * 8192})
     assert_fsck_clean(image)
@@ -443,3 +488,20 @@ async def test_names_made_after_writes_filled_the_disk_leave_those_writes_their_
         assert refused
     await verify(image, {"/f": data})
     assert_fsck_clean(image)
+
+
+def test_the_cli_says_an_aborted_commit_in_one_line(image, tmp_path, capsys, monkeypatch):
+    """``put`` whose commit the full host disk fails: one line naming the read-only mount and
+    the abort's cause (the unmount's EROFS, which carries it), exit 1, no traceback."""
+    from blockemu.device.blockdev import BlockDevice
+
+    async def host_full(self, writes, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    src = tmp_path / "src"
+    src.write_bytes(b"s" * 8192)
+    monkeypatch.setattr(BlockDevice, "writev", host_full)
+    assert main(["put", image, str(src), "/f"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.endswith(f"{image}: read-only after an aborted transaction (No space left on device)\n"), err

@@ -5,7 +5,7 @@ its tree updates, so each lands whole in one transaction. One that fails half
 way (after its first tree update) cannot be undone -- the updates land in place
 in the blocks this transaction COWed -- so it aborts the transaction instead:
 the image keeps its last durable generation, the mount turns read-only and
-every later change, commit and the unmount raise EIO (``Volume.join``). File
+every later change, commit and the unmount raise EROFS (``Volume.join``). File
 data goes through the page cache and reaches the trees only through writeback.
 
 Locking an encrypted inode (dropping its plaintext and its key lease) happens
@@ -1041,9 +1041,10 @@ class Filesystem:
             async with self.adding_items():
                 inode = self._open_inode(path, create, excl)
         else:
-            # changes no tree: no transaction to join, as stat; but refused, as the join refused
-            # it, on a closed or aborted mount (a write through it would be acknowledged, then lost)
-            self.vol.check_aborted()
+            # changes no tree: no transaction to join, as stat; but open for writing it is
+            # refused, as the join refused it, on an aborted mount (EROFS: reads go on)
+            if base != "r":
+                self.vol.check_aborted()
             inode = self._open_inode(path, create, excl)
         f = File(self, inode, path, readable=base[0] == "r" or "+" in base, writable=base != "r", append=base[0] == "a")
         if trunc and inode.size:
@@ -1474,6 +1475,8 @@ class File:
             raise BadFile(f"{self.name}: I/O on a closed file")
         if write and not self.writable or not write and not self.readable:
             raise BadFile(f"{self.name}: file not open for {'writing' if write else 'reading'}")
+        if write:  # EROFS after an abort, as btrfs_do_write_iter: acknowledged, it would be lost
+            self.fs.vol.check_aborted()
 
     async def write(self, data: bytes) -> int:
         offset, n = await self._write(data, None if self.append else self.pos)

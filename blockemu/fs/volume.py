@@ -11,7 +11,7 @@ from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import bad_primary, read_only_features, too_small, unsupported
 from blockemu.engine.transaction import Engine, super_writes
 from blockemu.engine.treelog import TreeLog, replay
-from blockemu.errors import CorruptionError, DeviceIOError, NoSpaceError
+from blockemu.errors import BlockemuError, CorruptionError, DeviceIOError, NoSpaceError, ReadOnlyError
 from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
 
@@ -128,9 +128,10 @@ class Volume:
         then failed to add the new one) leaves a half-done operation in the transaction, and
         the trees have no undo: changes land in place in the blocks COWed this transaction.
         So the transaction is aborted, as btrfs does: nothing of it is committed, the image
-        keeps its last durable generation, and this mount refuses further changes (EIO). The
-        failure is raised -- as an OSError with its own errno, or EIO for an unexpected
-        exception -- and every later change, commit and the unmount raise the abort."""
+        keeps its last durable generation, and this mount turns read-only. The failure is
+        raised -- as an OSError with its own errno, or EIO for an unexpected exception -- and
+        every later change, commit and the unmount raise EROFS naming it (``check_aborted``);
+        reads go on."""
         if self.engine.short_of_room() and self.aborted is None:
             # the space this transaction freed stays pinned until it commits: near full, commit
             # first, as btrfs commits to reclaim pinned space before it gives up with ENOSPC
@@ -321,7 +322,11 @@ class Volume:
         if self.closed:
             raise self.not_mounted()
         if self.aborted is not None:
-            raise DeviceIOError(f"{self.device.path}: read-only after an aborted transaction ({self.aborted})")
+            # EROFS, as btrfs: an abort (btrfs_handle_fs_error) makes the mount read-only, and
+            # start_transaction then refuses every change with -EROFS; the abort's own cause
+            # went to the caller that met it
+            cause = self.aborted if isinstance(self.aborted, BlockemuError) else self.aborted.strerror
+            raise ReadOnlyError(f"{self.device.path}: read-only after an aborted transaction ({cause or self.aborted})")
 
     async def _commit(self) -> SuperInfo:
         """DESIGN §9 up to the primary superblock, which it returns (``_commit_tail`` does the
