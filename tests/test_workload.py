@@ -199,7 +199,8 @@ def test_stress_with_flips_counts_detected_corruption_apart_from_loss(tmp_path):
     p = run("stress", img, "--seed", "1", "--tasks", "2", "--ops", "100", "--faults", "flip=0.05",
             "--write-path", "fast", "--json", check_rc=None)
     out = json.loads(p.stdout)
-    assert out["detected_corruption"] > 0 and all("checksum mismatch" in d for d in out["detected"]), out
+    assert out["detected_corruption"] > 0, out
+    assert all("checksum mismatch" in d or d.startswith("fsck: [CSUM_MISMATCH]") for d in out["detected"]), out
     assert out["lost_acknowledged_writes"] == 0 and out["problems"] == [] and p.returncode == 0
 
 
@@ -251,6 +252,60 @@ def test_under_flips_only_the_fsck_findings_the_flips_explain_count_as_detected(
         assert not any("NLINK_MISMATCH" in d for d in out["detected"])
     else:
         assert out["ok"] and out["fsck_flips_undone"] == "clean" and out["problems"] == [], out
+
+
+@pytest.mark.parametrize("bug", [False, True], ids=["a flipped data sector", "a bad data sector no flip made"])
+def test_under_flips_the_closing_fsck_checks_data(tmp_path, monkeypatch, bug):
+    """The closing fsck did not check data, so a flipped data sector the mix never read back
+    left "fsck clean" (``fsck --check-data`` found it). Now it is found and, explained by the
+    flips (gone once they are undone), counted as detected; a bad data sector no flip made
+    (written behind the device's back) stays bad with the flips undone and fails the run."""
+    import asyncio
+
+    from blockemu.device.faultplan import FaultPlan
+    from blockemu.workload import runner
+    from blockemu.workload.writepath import WRITE_PATHS
+
+    real_mix = runner.run_mix
+    image = str(tmp_path / "f.img")
+
+    async def mix_then_spoil_a_data_sector(fs, **kw):
+        """Flip a bit of /victim's first sector through the device (recorded); with ``bug``,
+        one of its second sector behind the device's back (no flip explains it)."""
+        result = await real_mix(fs, **kw)
+        async with fs.open("/victim", "w") as f:  # outside the mix's tree: never read back
+            await f.write(b"v" * 8192)
+            await f.fsync()
+        where = next(fs.extents.mappings(f.inode.ino)).disk_at(0)
+        dev, plan = fs.vol.device, fs.vol.device.faults
+        raw = await dev.read(where, 8192)
+        dev.faults = FaultPlan(flip=1.0)
+        await dev.write(where, raw[:4096])
+        await dev.flush()
+        dev.faults = plan
+        if bug:
+            fd = os.open(image, os.O_WRONLY)
+            try:
+                os.pwrite(fd, bytes([raw[4096] ^ 1]), where + 4096)
+            finally:
+                os.close(fd)
+        return result
+
+    monkeypatch.setattr(runner, "run_mix", mix_then_spoil_a_data_sector)
+    out = asyncio.run(runner.stress_mix(image, seed=1, tasks=2, nops=40, duration=None,
+                                        faults=FaultPlan.parse("flip=0.001"), crash_points=0,
+                                        write_path=WRITE_PATHS["fast"]))
+    assert out["fsck"] != "clean", out
+    victim = [e for e in out["fsck_errors"] if e["code"] == "CSUM_MISMATCH" and "/victim)" in e["message"]]
+    assert len(victim) == 1 + bug, out["fsck_errors"]
+    if bug:
+        assert not out["ok"] and out["fsck_flips_undone"] != "clean", out
+        assert [p for p in out["problems"] if p.startswith("fsck (the flips undone): [CSUM_MISMATCH]")
+                and "at file offset 4096: /victim)" in p], out
+        assert any("at file offset 0: /victim)" in d for d in out["detected"]), out
+    else:
+        assert out["ok"] and out["fsck_flips_undone"] == "clean" and out["problems"] == [], out
+        assert any(d.startswith("fsck: [CSUM_MISMATCH] data sector") and "/victim)" in d for d in out["detected"]), out
 
 
 def test_crash_campaign_cli_finds_nothing_and_catches_a_planted_bug():

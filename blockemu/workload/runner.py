@@ -486,13 +486,15 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
     except BlockemuError as e:
         (mix.detected if detected(e) else mix.divergent).append(f"after the run the image does not mount: {e}")
     problems += mix.divergent
-    report = check(image)
+    flips = fs.vol.device.flipped
+    # under flip= the data's checksums are checked too: a flipped data sector the mix never read
+    # back is corruption only they show, and without them the run said "fsck clean" over it
+    report = check(image, check_data=bool(flips) or faults is not None and faults.flip > 0)
     # flipped bits are injected corruption: a checksum (a read's, a mount's) that catches them is
     # the filesystem doing its job, listed but no failure; only wrong data read back without an
     # error is. What fsck finds counts as detected only if the flips explain it -- gone once they
     # are undone; the rest (a wrong link count, a dangling entry) is a bug the flips would hide.
     # Without flips, any of it is a failure.
-    flips = fs.vol.device.flipped
     unexplained = check_flips_undone(image, flips).errors if flips and not report.clean else report.errors
     found = mix.detected + [f"fsck: [{e.code}] {e.message}" for e in report.errors if e not in unexplained][:5]
     problems += ([] if flips else mix.detected) + [f"fsck{' (the flips undone)' * bool(flips)}: [{e.code}] {e.message}"
@@ -541,7 +543,7 @@ def check_flips_undone(image: str, flips: list[Flip]) -> FsckReport:
         copy = os.path.join(d, "flips-undone.img")
         sparse_copy(image, copy)
         undo_flips(copy, flips)
-        return check(copy)
+        return check(copy, check_data=True)
 
 
 def mix_scale(write_path: WritePath) -> int:
