@@ -1139,10 +1139,14 @@ def cmd_key_id(a: argparse.Namespace) -> int:
 def cmd_mkfs(a: argparse.Namespace) -> int:
     import asyncio
 
-    from blockemu.fs.mkfs import mkfs
+    from blockemu.fs.mkfs import check_options, mkfs
 
     if a.encrypt and not a.key_file:  # a flag missing is a usage error, as mkdir --encrypt says it
         raise UsageError("--encrypt needs --key-file")
+    try:  # a value out of range is too, as one that does not parse (``size_text``)
+        check_options(a.size, a.node_size, a.csum, a.label, a.uuid)
+    except InvalidArgument as e:
+        raise UsageError(str(e)) from None
     sb = asyncio.run(mkfs(a.image, a.size, node_size=a.node_size, csum=a.csum, label=a.label, uuid=a.uuid, force=a.force,
                           rootdir=a.rootdir, encrypt=a.encrypt, key=read_key(a.key_file),
                           progress=progress_wanted(a.progress)))

@@ -8,7 +8,7 @@ import stat
 import sys
 import time
 import uuid as uuidlib
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.imagelock import open_image
@@ -42,8 +42,21 @@ def new_inode(mode: int, transid: int, now_ns: int, nlink: int = 1, size: int = 
     return InodeItem(transid, transid, size, 0, 0, nlink, 0, 0, mode, 0, 0, 0, ts, ts, ts, ts)
 
 
-def check_options(size: str | int, nbytes: int, nodesize: int, csum: str, label: str) -> int:
-    """Validate mkfs options (``size`` as given, ``nbytes`` what it makes); return the checksum type id."""
+class Options(NamedTuple):
+    """mkfs's values as the image takes them."""
+
+    nbytes: int
+    nodesize: int
+    csum_type: int
+    fsid: bytes
+
+
+def check_options(size: str | int, node_size: str | int, csum: str, label: str, uuid: str | None) -> Options:
+    """Validate mkfs's values (``size`` as given) before anything is touched: every one refused
+    is InvalidArgument, which the CLI says as a usage error (exit 2) -- a bad value, as one
+    that does not parse, is the command line's fault."""
+    nbytes = parse_size(size) // SECTOR_SIZE * SECTOR_SIZE
+    nodesize = parse_size(node_size)
     if nbytes < MIN_SIZE:
         raise InvalidArgument(f"size {size} is too small: the minimum is {MIN_SIZE >> 20}M ({MIN_SIZE} bytes)")
     if nodesize < MIN_NODE_SIZE or nodesize > MAX_NODE_SIZE or nodesize & (nodesize - 1):
@@ -52,7 +65,11 @@ def check_options(size: str | int, nbytes: int, nodesize: int, csum: str, label:
         raise InvalidArgument(f"unknown checksum {csum!r}: choose one of {', '.join(csums.BY_NAME)}")
     if len(label.encode()) >= LABEL_SIZE or "\n" in label:
         raise InvalidArgument(f"label must be under {LABEL_SIZE} bytes and on one line")
-    return csums.BY_NAME[csum]
+    try:
+        fsid = uuidlib.UUID(uuid).bytes if uuid else uuidlib.uuid4().bytes
+    except ValueError:
+        raise InvalidArgument(f"bad uuid {uuid!r}") from None
+    return Options(nbytes, nodesize, csums.BY_NAME[csum], fsid)
 
 
 def check_target(path: str, force: bool) -> None:
@@ -133,13 +150,7 @@ async def mkfs(
         raise InvalidArgument("--encrypt needs --key-file")
     if rootdir is not None and not os.path.isdir(rootdir):
         raise InvalidArgument(f"--rootdir {rootdir}: not a directory")
-    nbytes = parse_size(size) // SECTOR_SIZE * SECTOR_SIZE
-    nodesize = parse_size(node_size)
-    csum_type = check_options(size, nbytes, nodesize, csum, label)
-    try:
-        fsid = uuidlib.UUID(uuid).bytes if uuid else uuidlib.uuid4().bytes
-    except ValueError:
-        raise InvalidArgument(f"bad uuid {uuid!r}") from None
+    nbytes, nodesize, csum_type, fsid = check_options(size, node_size, csum, label, uuid)
     populating = rootdir is not None or encrypt is not None
     plan, skipped, sources = plan_population(rootdir, encrypt) if populating else ([], [], [])
     check_target(path, force)
