@@ -29,7 +29,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 def test_mkfs_too_small_names_the_size_given_and_the_minimum(tmp_path, capsys):
     img = tmp_path / "s.img"
     assert cli(capsys, "mkfs", str(img), "--size", "1K") == (
-        1, "", "blockemu: mkfs: size 1K is too small: the minimum is 16M (16777216 bytes)\n")
+        2, "", "blockemu: usage: blockemu mkfs: size 1K is too small: the minimum is 16M (16777216 bytes)\n")
     assert not img.exists()
 
 

@@ -257,6 +257,7 @@ async def test_generic_595_race_deterministic(mode, seed):
     assert r.silent == 0, r  # a lost acknowledged write is never silent
     assert not r.other_errors, r.other_errors
     assert r.acknowledged > 0 and r.removals > 0
+    assert r.attempted == r.acknowledged + r.refused + r.failed + r.cut_off, r  # each append in one column
     if mode in ("soft", "deny-writes"):
         assert r.lost == 0, r
 
@@ -272,7 +273,7 @@ async def test_hard_mode_loses_what_soft_keeps():
 async def test_generic_595_race_free_running(mode):
     r = await run_race(mode, seed=3, schedule="free", duration=1.0)
     assert r.lost == 0 and r.silent == 0 and not r.other_errors, r
-    assert r.acknowledged > 10
+    assert r.acknowledged > 10 and r.attempted == r.acknowledged + r.refused + r.failed + r.cut_off, r
 
 
 async def test_a_removal_that_completes_owes_no_second_success(fs):

@@ -201,13 +201,18 @@ def test_compare_modes_table_hard_loses_reported_soft_loses_nothing(tmp_path):
               "--schedule", "seeded", "--ops", "800", "--seed", "5", "--force").stdout
     lines = out.splitlines()
     header = lines[1].split()
-    assert header[:7] == ["mode", "attempted", "acked", "ENOKEY", "acked+lost", "lost,reported", "lost,silent"]
-    rows = {cells[0]: dict(zip(header[1:7], map(int, cells[1:7]))) for cells in map(str.split, lines[2:6])}
+    assert header[:9] == ["mode", "attempted", "acked", "ENOKEY", "failed", "cut-off", "acked+lost", "lost,reported",
+                          "lost,silent"]
+    rows = {cells[0]: dict(zip(header[1:9], map(int, cells[1:9]))) for cells in map(str.split, lines[2:6])}
     assert set(rows) == {"soft", "hard", "sync", "deny-writes"}
     assert rows["soft"]["acked+lost"] == 0 and rows["soft"]["acked"] > 0
     assert rows["hard"]["acked+lost"] > 0
     assert rows["hard"]["lost,reported"] == rows["hard"]["acked+lost"] and rows["hard"]["lost,silent"] == 0
     assert all(r["lost,silent"] == 0 for r in rows.values())
+    # the columns add up: hard mode's 117 attempted vs 28 acked + 83 ENOKEY left out the appends
+    # whose own close reported a loss, and the one the end cut off
+    assert all(r["attempted"] == r["acked"] + r["ENOKEY"] + r["failed"] + r["cut-off"] for r in rows.values()), rows
+    assert rows["hard"]["failed"] > 0
 
 
 # ------------------------------------------------------------------ the stress mix

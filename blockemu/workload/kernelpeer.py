@@ -38,6 +38,7 @@ from blockemu.workload.keyrace import KEY, AppendLedger, RaceResult
 
 # include/uapi/linux/fscrypt.h
 FS_IOC_SET_ENCRYPTION_POLICY = 0x800C6613
+REFUSALS = (errno.ENOKEY, errno.ENOENT)  # an append refused for want of the key: see _note_error
 FS_IOC_ADD_ENCRYPTION_KEY = 0xC0506617
 FS_IOC_REMOVE_ENCRYPTION_KEY = 0xC0406618
 FS_IOC_GET_ENCRYPTION_KEY_STATUS = 0xC080661A
@@ -131,12 +132,11 @@ class KernelRace:
 
     def _note_error(self, e: OSError, ledger: AppendLedger | None = None) -> None:
         """ENOENT counts as refused: once the key is fully removed the kernel evicts the
-        directory's dentries and the plaintext name no longer resolves (no-key names)."""
-        if e.errno in (errno.ENOKEY, errno.ENOENT):
-            self.r.refused += 1
-        elif e.errno == errno.EIO and ledger is not None:
+        directory's dentries and the plaintext name no longer resolves (no-key names). An
+        append's refusal is counted by ``RaceResult.settle``, once per append."""
+        if e.errno == errno.EIO and ledger is not None:
             ledger.reported()  # the kernel's way of reporting lost writeback for this file
-        else:
+        elif e.errno not in REFUSALS or ledger is None:
             self.r.other_errors.append(f"{type(e).__name__}: {e}")
 
     def appender(self) -> Iterator[None]:
@@ -146,13 +146,16 @@ class KernelRace:
             self.r.attempted += 1
             chunk = bytes([0x41 + n % 26]) * self.r.append_size
             n += 1
+            errors: list[OSError] = []
             try:
                 fd = os.open(self.file, os.O_WRONLY | os.O_APPEND)
             except OSError as e:
+                errors.append(e)
                 self._note_error(e, self.ledger)
+                self.r.settle(errors, REFUSALS)
                 yield
                 continue
-            ok, off = True, -1
+            off = -1
             try:
                 yield
                 try:
@@ -160,17 +163,19 @@ class KernelRace:
                         raise OSError(errno.EIO, "short append")
                     off = os.lseek(fd, 0, os.SEEK_CUR) - len(chunk)
                 except OSError as e:
+                    errors.append(e)
                     self._note_error(e, self.ledger)
-                    ok = False
                 yield
+            except GeneratorExit:  # the race ended between open and close: nothing is acknowledged
+                self.r.cut_off += 1
+                raise
             finally:
                 try:
                     os.close(fd)
                 except OSError as e:
+                    errors.append(e)
                     self._note_error(e, self.ledger)
-                    ok = False
-            if ok:
-                self.r.acknowledged += 1
+            if self.r.settle(errors, REFUSALS):
                 self.ledger.acked(off, chunk)
             yield
 

@@ -42,6 +42,8 @@ class RaceResult:
     attempted: int = 0
     acknowledged: int = 0
     refused: int = 0  # appends that failed with ENOKEY (open or write): refused, not lost
+    failed: int = 0  # appends whose own write or close said a loss (or another error): not acknowledged
+    cut_off: int = 0  # the append the race's end caught between open and close
     lost: int = 0  # acknowledged appends missing from the file at the end
     lost_reported: int = 0  # of those, how many a close/fsync error for the file reported in time
     removals: int = 0
@@ -55,6 +57,20 @@ class RaceResult:
     @property
     def silent(self) -> int:
         return self.lost - self.lost_reported
+
+    def settle(self, errors: list[OSError], refusals: tuple[int, ...] = (errno.ENOKEY,)) -> bool:
+        """File one finished append under exactly one column, so that attempted = acknowledged +
+        refused + failed + cut_off (the table's columns used not to add up: an append whose own
+        close reported a loss was in none). Refused: every error it met was a refusal that lost
+        nothing. True if it was acknowledged."""
+        if not errors:
+            self.acknowledged += 1
+            return True
+        if all(e.errno in refusals and not getattr(e, "lost_bytes", 0) for e in errors):
+            self.refused += 1
+        else:
+            self.failed += 1
+        return False
 
     def as_json(self) -> dict:
         d = {**asdict(self), "silent": self.silent}
@@ -127,15 +143,14 @@ class Race:
             pass
 
     def _note_error(self, e: OSError, ledger: AppendLedger | None = None) -> None:
-        """``ledger``: the file the failed operation was on; a loss report counts only there."""
+        """``ledger``: the file the failed operation was on; a loss report counts only there.
+        An append's refusal is counted by ``RaceResult.settle``, once per append."""
         if getattr(e, "lost_bytes", 0):
             if ledger is not None:
                 ledger.reported()
             else:
                 self.r.other_errors.append(f"a loss reported for no file: {type(e).__name__}: {e}")
-        elif e.errno == errno.ENOKEY:
-            self.r.refused += 1
-        else:
+        elif e.errno != errno.ENOKEY or ledger is None:
             self.r.other_errors.append(f"{type(e).__name__}: {e}")
 
     async def appender(self) -> AsyncIterator[None]:
@@ -145,30 +160,34 @@ class Race:
             self.r.attempted += 1
             chunk = bytes([0x41 + n % 26]) * self.r.append_size
             n += 1
+            errors: list[OSError] = []
             try:
                 f = await self.fs.open(PATH, "a")
             except OSError as e:
+                errors.append(e)
                 self._note_error(e, ledger)
+                self.r.settle(errors)
                 yield
                 continue
-            ok = True
             try:
                 yield
                 try:
                     off = f.inode.size
                     await f.write(chunk)
                 except OSError as e:
+                    errors.append(e)
                     self._note_error(e, ledger)
-                    ok = False
                 yield
-            finally:  # also when the race ends between open and close: then nothing is acknowledged
+            except GeneratorExit:  # the race ended between open and close: nothing is acknowledged
+                self.r.cut_off += 1
+                raise
+            finally:
                 try:
                     await f.close()
                 except OSError as e:
+                    errors.append(e)
                     self._note_error(e, ledger)
-                    ok = False
-            if ok:
-                self.r.acknowledged += 1
+            if self.r.settle(errors):
                 ledger.acked(off, chunk)
             yield
 
@@ -277,7 +296,9 @@ def unexpected(r: RaceResult) -> bool:
     return r.silent > 0 or (r.lost > 0 and r.mode not in LOSSY_MODES) or bool(r.other_errors)
 
 
+# attempted = acked + ENOKEY + failed + cut off (``RaceResult.settle``)
 COLUMNS = [("mode", "mode"), ("attempted", "attempted"), ("acknowledged", "acked"), ("refused", "ENOKEY"),
+           ("failed", "failed"), ("cut_off", "cut-off"),
            ("lost", "acked+lost"), ("lost_reported", "lost,reported"), ("silent", "lost,silent"),
            ("wipe_delay_max_ms", "remove->wipe max ms")]
 

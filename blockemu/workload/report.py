@@ -16,8 +16,8 @@ from typing import Any
 from blockemu.display import pyplot
 from blockemu.workload.keyrace import RaceResult, run_race
 
-TABLE_FIELDS = ["mode", "schedule", "seed", "attempted", "acknowledged", "refused", "lost", "lost_reported", "silent",
-                "removals", "wipes", "wipe_delay_max_ms", "wipe_delay_mean_ms"]
+TABLE_FIELDS = ["mode", "schedule", "seed", "attempted", "acknowledged", "refused", "failed", "cut_off", "lost",
+                "lost_reported", "silent", "removals", "wipes", "wipe_delay_max_ms", "wipe_delay_mean_ms"]
 SWEEP_SIZES = (1, 1024, 4096, 16384, 65536)
 FILES = ("race.json", "race.csv", "outcomes.png", "wipe-latency.png", "hard-loss-vs-dirty.png")
 
