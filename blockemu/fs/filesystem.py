@@ -522,7 +522,8 @@ class Filesystem:
         return entry
 
     def _resolve(self, path: str) -> Inode:
-        self.check_mounted()
+        if not self.mounted:  # check_mounted, inline: every path call comes here
+            raise self.vol.not_mounted()
         inode = self._walk(split_path(path), path)
         if path.endswith(("/", "/.")) and not st.S_ISDIR(inode.item.mode):  # as Linux: 'f/' names a directory
             raise NotADirectory(f"{path}: not a directory")
@@ -549,7 +550,8 @@ class Filesystem:
     def _parent(self, path: str) -> tuple[Inode, bytes | None]:
         """The parent directory and the name it stores for the last component (None: a
         locked directory has no such no-key name; creating it needs the key)."""
-        self.check_mounted()
+        if not self.mounted:  # check_mounted, inline, as _resolve
+            raise self.vol.not_mounted()
         parts = split_path(path)
         if not parts:
             raise InvalidArgument(f"{path!r}: the root has no parent")
@@ -1470,13 +1472,17 @@ class File:
         self.closed = False
 
     def _check(self, write: bool) -> None:
-        self.fs.check_mounted()
+        """Before every read and write, so inline: as calls, the checks here and in ``_resolve``
+        added 2.7 % to a stat + 4 KiB pwrite (callgrind), inline 0.3 %."""
+        fs = self.fs
+        if not fs.mounted:
+            raise fs.vol.not_mounted()
         if self.closed:
             raise BadFile(f"{self.name}: I/O on a closed file")
         if write and not self.writable or not write and not self.readable:
             raise BadFile(f"{self.name}: file not open for {'writing' if write else 'reading'}")
-        if write:  # EROFS after an abort, as btrfs_do_write_iter: acknowledged, it would be lost
-            self.fs.vol.check_aborted()
+        if write and fs.vol.aborted is not None:  # EROFS, as btrfs_do_write_iter: acknowledged, it would be lost
+            fs.vol.check_aborted()
 
     async def write(self, data: bytes) -> int:
         offset, n = await self._write(data, None if self.append else self.pos)
