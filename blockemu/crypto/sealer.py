@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import mmap
 import os
@@ -198,7 +199,8 @@ class _Worker:
 
 class Sealer:
     def __init__(self, *, arena: Arena, max_extent: int, workers: int, timeout: float = TIMEOUT,
-                 close_timeout: float = CLOSE_TIMEOUT, respawns: int = RESPAWNS) -> None:
+                 close_timeout: float = CLOSE_TIMEOUT, respawns: int = RESPAWNS, lendable: int = 0) -> None:
+        """``lendable``: slots that may be lent out (``loan``) on top of the ones sealing needs."""
         self.workers = workers
         self.arena = arena
         self.max_extent = max_extent
@@ -212,8 +214,13 @@ class Sealer:
         # worker never idles while this process is busy elsewhere. A slot belongs to no
         # worker: whoever holds its offset owns it until its request is answered or failed.
         self.slots = workers * DEPTH if workers >= 2 else 0
+        # and ``lendable`` more, which only loans take from sealing: a ciphertext lent to the
+        # device stays in its slot until destaged, and the slots left always suffice to seal on
+        self._lendable = lendable if self.slots else 0
+        self._lent = 0
+        self._yielded: dict[int, int | None] = {}  # id of a ciphertext view ``sealed`` yields now -> its slot (None: lent)
         self._idle: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(self.slots):
+        for i in range(self.slots + self._lendable):
             self._idle.put_nowait(i * self.slot)
         self._workers: list[_Worker] = []  # the live ones
         self._spawned: collections.deque[float] = collections.deque()  # when replacements started
@@ -259,7 +266,7 @@ class Sealer:
                 self._check_open()  # closed while this waited for a start to finish
                 missing = self.workers - len(self._workers)
                 if self._slots is None:  # the first start
-                    size = self.workers * DEPTH * self.slot
+                    size = (self.slots + self._lendable) * self.slot
                     fd = os.memfd_create("blockemu-seal", os.MFD_CLOEXEC)
                     os.ftruncate(fd, size)
                     mapping = mmap.mmap(fd, size)
@@ -277,16 +284,36 @@ class Sealer:
         return min(self._workers, key=lambda w: len(w.waiting), default=None)
 
     def _release(self, off: int, answer: asyncio.Future[bytes] | None = None, copied: Sequence[int] = ()) -> None:
-        """The slot's request is answered or its worker dead: wipe the key and the plaintext
-        pages ``copied`` into it (the workers map the slots too), make it idle. (An answer
+        """The slot's request is answered or its worker dead: wipe it, make it idle. (An answer
         nobody awaits any more is consumed here.)"""
         if answer is not None and not answer.cancelled():
             answer.exception()
+        self._wipe_slot(off, copied)
+        self._idle.put_nowait(off)
+
+    def _wipe_slot(self, off: int, copied: Sequence[int]) -> None:
+        """Zero the slot's key and the plaintext pages ``copied`` into it (the workers map the
+        slots too); its ciphertext may stay."""
         if self._slots is not None:
             buf = self._slots[2]
             buf[off : off + KEY] = bytes(KEY)
             for k in copied:
                 buf[off + KEY + k * PAGE : off + KEY + (k + 1) * PAGE] = bytes(PAGE)
+
+    def loan(self, view: Buffer) -> Callable[[], None] | None:
+        """Let the caller keep ``sealed``'s ciphertext ``view`` past the ``async with`` -- the
+        device keeps it in its cache rather than a copy (a MiB's memcpy and fresh heap pages
+        per extent) -- and the slot with it. Returns the call that gives the slot back, or None
+        (copy it then) when ``view`` is no slot's or ``lendable`` slots are already out."""
+        off = self._yielded.get(id(view))
+        if off is None or self._lent >= self._lendable:
+            return None
+        self._yielded[id(view)] = None
+        self._lent += 1
+        return functools.partial(self._repay, off)
+
+    def _repay(self, off: int) -> None:
+        self._lent -= 1
         self._idle.put_nowait(off)
 
     @contextlib.asynccontextmanager
@@ -294,8 +321,8 @@ class Sealer:
         """Seal a run of ``pages`` (each an arena frame number, or a heap page): yields its ciphertext (its contents when ``key`` is None) and the
         per-sector checksums, concatenated. A key given as secret and nonce (a ``RunKey``) is
         derived where the run seals: in the sealing thread for a small run, not on the loop.
-        Ciphertext from a worker is a view of its slot, valid inside the ``async with`` only:
-        the device copies it once, straight from there.
+        Ciphertext from a worker is a view of its slot, valid inside the ``async with`` only --
+        unless lent (``loan``): the device then keeps the view itself until it is destaged.
         The page cache keeps the run's frames stable until it is written; heap pages are
         copied without yielding to the loop, so a write lands wholly before or after.
         A worker that dies or hangs fails the run with EIO (DeviceIOError)."""
@@ -339,13 +366,17 @@ class Sealer:
             raise
         out = off + KEY + self.max_extent
         view = buf[out : out + n]
+        self._yielded[id(view)] = off
         try:
             yield view, sums
         finally:
-            # our export of the mapping ends here, even if the caller's frame (kept alive by
-            # an exception's traceback) still names the view
-            view.release()
-            self._release(off, copied=copied)
+            if self._yielded.pop(id(view)) is None:  # lent: the slot is idle again once repaid
+                self._wipe_slot(off, copied)
+            else:
+                # our export of the mapping ends here, even if the caller's frame (kept alive
+                # by an exception's traceback) still names the view
+                view.release()
+                self._release(off, copied=copied)
 
     def pooled(self, nbytes: int) -> bool:
         """Whether ``sealed`` would hand a run of ``nbytes`` (with a key) to a worker; smaller

@@ -21,7 +21,7 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import aiofiles.os
@@ -30,6 +30,8 @@ from blockemu.device.faultplan import FaultPlan, Flip, sector_digest
 from blockemu.device.imagelock import open_image
 from blockemu.device.writelog import SECTOR, WriteLog, sparse_copy
 from blockemu.errors import DeviceIOError, InvalidArgument
+
+Buffer = bytes | memoryview
 
 IOV_MAX = 1024
 SYNC_READ = 256 << 10  # reads up to this size pread on the loop, not in the executor (``read``)
@@ -78,14 +80,52 @@ class DeviceStats:
 
 
 
-Entry = tuple[bytes, int]  # a cached write: its data and its first sector
+class Entry:
+    """A completed write in the cache: its data and first sector, how many cached sectors still
+    name it (``live``), and how many destages or reads use its data across an await (``pins``).
+    A write whose buffer was lent to the device (``release``: a sealing slot's ciphertext, kept
+    rather than copied) gives it back once neither is left -- the owner then reuses it."""
+
+    __slots__ = ("data", "first", "live", "pins", "release")
+
+    def __init__(self, data: Buffer, first: int, live: int, release: Callable[[], None] | None = None) -> None:
+        self.data, self.first, self.live, self.pins, self.release = data, first, live, 0, release
+
+
 ZERO_SECTOR = bytes(SECTOR)
 
 
 def _part(entry: Entry, start: int, end: int) -> memoryview:
     """Sectors [start, end) of a cached write."""
-    data, first = entry
-    return memoryview(data)[(start - first) * SECTOR : (end - first) * SECTOR]
+    return memoryview(entry.data)[(start - entry.first) * SECTOR : (end - entry.first) * SECTOR]
+
+
+def _let_go(entry: Entry) -> None:
+    """Give a lent buffer back once no cached sector names it and nothing is using it."""
+    if not entry.live and not entry.pins and entry.release is not None:
+        release, entry.release = entry.release, None
+        release()
+
+
+def _unref(entry: Entry) -> None:
+    """One cached sector of ``entry`` is gone (superseded, destaged, dropped)."""
+    entry.live -= 1
+    _let_go(entry)
+
+
+@contextlib.contextmanager
+def _pinned(entries: Iterable[Entry]) -> Iterator[None]:
+    """Keep the entries' buffers while their data is used across an await (a destage in the
+    executor, a read's overlay after its pread), even if their sectors leave the cache meanwhile."""
+    held = set(entries)  # identity: one per write, however many of its sectors there are
+    for e in held:
+        e.pins += 1
+    try:
+        yield
+    finally:
+        for e in held:
+            e.pins -= 1
+            _let_go(e)
 
 
 def _pwrite_runs(fd: int, runs: list[tuple[int, list[memoryview]]]) -> None:
@@ -230,9 +270,9 @@ class BlockDevice:
         if not hits:
             return data
         buf = bytearray(data)
-        for s, (src, base) in hits.items():
+        for s, e in hits.items():
             lo, hi = max(s * SECTOR, offset), min((s + 1) * SECTOR, offset + len(data))
-            buf[lo - offset : hi - offset] = src[lo - base * SECTOR : hi - base * SECTOR]
+            buf[lo - offset : hi - offset] = e.data[lo - e.first * SECTOR : hi - e.first * SECTOR]
         return bytes(buf)
 
     def read_sync(self, offset: int, length: int) -> bytes:
@@ -256,7 +296,8 @@ class BlockDevice:
         t = self.stats.begin()
         try:
             hits = self._cached(offset, length)
-            return self._overlay(offset, await _a_pread(self.fd, length, offset), hits)
+            with _pinned(hits.values()):  # a lent buffer must not be reused before the overlay
+                return self._overlay(offset, await _a_pread(self.fd, length, offset), hits)
         finally:
             self.stats.done("read", length, t)
 
@@ -284,43 +325,69 @@ class BlockDevice:
                                          sector_digest(buf[s * SECTOR:(s + 1) * SECTOR])))
         return bytes(buf) if buf else data
 
-    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
-        await self.writev([(offset, data)], fua=fua)
+    async def write(self, offset: int, data: Buffer, *, fua: bool = False, release: Callable[[], None] | None = None) -> None:
+        """One write. With ``release``, ``data`` is lent: the device keeps the buffer itself, not
+        a copy, while its sectors are cached, and calls ``release`` once it is done with it --
+        exactly once, whatever happens (at once when the write fails or goes out as FUA)."""
+        await self._writev([(offset, data, release)], fua)
 
     async def writev(self, writes: list[tuple[int, bytes]], *, fua: bool = False) -> None:
         """Several writes completing together; one log entry each, in order."""
-        for offset, data in writes:
-            self._check(offset, len(data), "write")
-        await self._delay()
-        incoming = sum(len(data) for _, data in writes)
-        while not fua and self._cache and len(self._cache) * SECTOR + incoming > 2 * self.cache_limit:
-            # a full cache stalls the host, as a real one does: the write is accepted once it fits
-            await asyncio.shield(self.destage_in_background())
-        for offset, data in writes:
-            t = self.stats.begin()
-            try:
-                self._count_write()
-                data = bytes(data)
-                if self.faults.flip:
-                    data = self._flip(offset, data)
-                first = offset // SECTOR
-                if fua:
-                    cache = self._cache
-                    older = {s: cache[s] for s in range(first, first + len(data) // SECTOR) if s in cache}
-                    async with self._destage_lock:  # a destage of the older copies must not land after it
-                        with self._host_write():
-                            await _a_fua(self.fd, offset, data)
-                    for s, entry in older.items():  # superseded only now: until then reads still see them
-                        if cache.get(s) is entry:
-                            del cache[s]
-                else:
-                    self._cache.update(dict.fromkeys(range(first, first + len(data) // SECTOR), (data, first)))
-                if self.log is not None:
-                    self.log.append("fua" if fua else "write", offset, data)
-            finally:
-                self.stats.done("fua" if fua else "write", len(data), t)
+        await self._writev([(offset, data, None) for offset, data in writes], fua)
+
+    async def _writev(self, writes: list[tuple[int, Buffer, Callable[[], None] | None]], fua: bool) -> None:
+        cached: set[int] = set()  # the lent writes the cache took: their buffers are its to give back
+        try:
+            for offset, data, _ in writes:
+                self._check(offset, len(data), "write")
+            await self._delay()
+            incoming = sum(len(data) for _, data, _ in writes)
+            while not fua and self._cache and len(self._cache) * SECTOR + incoming > 2 * self.cache_limit:
+                # a full cache stalls the host, as a real one does: the write is accepted once it fits
+                await asyncio.shield(self.destage_in_background())
+            for i, (offset, data, release) in enumerate(writes):
+                t = self.stats.begin()
+                try:
+                    self._count_write()
+                    if release is None or fua or self.faults.flip:
+                        data = bytes(data)  # the device's own copy (the caller's buffer is given back)
+                        if self.faults.flip:
+                            data = self._flip(offset, data)
+                    first = offset // SECTOR
+                    if fua:
+                        cache = self._cache
+                        older = {s: cache[s] for s in range(first, first + len(data) // SECTOR) if s in cache}
+                        async with self._destage_lock:  # a destage of the older copies must not land after it
+                            with self._host_write():
+                                await _a_fua(self.fd, offset, data)
+                        for s, entry in older.items():  # superseded only now: until then reads still see them
+                            if cache.get(s) is entry:
+                                del cache[s]
+                                _unref(entry)
+                    else:
+                        lent = type(data) is not bytes
+                        self._cache_write(first, Entry(data, first, len(data) // SECTOR, release if lent else None))
+                        if lent:
+                            cached.add(i)
+                    if self.log is not None:  # the log keeps what was written for ever: never a lent buffer
+                        self.log.append("fua" if fua else "write", offset, bytes(data))
+                finally:
+                    self.stats.done("fua" if fua else "write", len(data), t)
+        finally:
+            for i, (_, _, release) in enumerate(writes):
+                if release is not None and i not in cached:
+                    release()
         if len(self._cache) * SECTOR > self.cache_limit:
             self.destage_in_background()  # the disk writes its cache back on its own, while the host keeps issuing
+
+    def _cache_write(self, first: int, entry: Entry) -> None:
+        cache = self._cache
+        sectors = range(first, first + entry.live)
+        if not cache.keys().isdisjoint(sectors):  # (a scan in C: a fresh extent's sectors are not cached)
+            for s in sectors:
+                if (old := cache.get(s)) is not None:
+                    _unref(old)
+        cache.update(dict.fromkeys(sectors, entry))
 
     def destage_in_background(self) -> asyncio.Task:
         """Start writing the cache back (not a flush: nothing becomes durable); the task doing it.
@@ -342,7 +409,8 @@ class BlockDevice:
         self._check(offset, length, "discard")
         t = self.stats.begin()  # nothing here awaits or fails: it ends at once
         first = offset // SECTOR
-        self._cache.update({s: (ZERO_SECTOR, s) for s in range(first, first + length // SECTOR)})
+        for s in range(first, first + length // SECTOR):
+            self._cache_write(s, Entry(ZERO_SECTOR, s, 1))
         if self.log is not None:
             self.log.append("discard", offset, bytes(length))
         self.stats.done("discard", length, t)
@@ -381,9 +449,9 @@ class BlockDevice:
     async def _destage_cache(self, *, sync: bool) -> None:
         async with self._destage_lock:
             snapshot = dict(self._cache)
-            with self._flush_logged(sync), self._host_write():
+            with self._flush_logged(sync), self._host_write(), _pinned(snapshot.values()):
                 await _a_destage(self.fd, self._runs(snapshot), sync)
-            self._destaged(snapshot)
+                self._destaged(snapshot)
 
     @contextlib.contextmanager
     def _flush_logged(self, flush: bool = True) -> Iterator[None]:
@@ -406,6 +474,7 @@ class BlockDevice:
             # a newer write to the sector while we destaged stays cached
             if self._cache.get(s) is entry:
                 del self._cache[s]
+                _unref(entry)
 
     async def flush(self) -> None:
         """Every write completed before this call is durable when it returns."""
@@ -438,9 +507,9 @@ class BlockDevice:
             data = bytes(data)
             async with self._destage_lock:
                 snapshot = dict(self._cache)  # older copies of the superblock's sectors too: destaged first
-                with self._flush_logged(), self._host_write():
+                with self._flush_logged(), self._host_write(), _pinned(snapshot.values()):
                     await _a_flush_fua(self.fd, self._runs(snapshot), offset, data)
-                self._destaged(snapshot)
+                    self._destaged(snapshot)
             if self.log is not None:
                 self.log.append("fua", offset, data)
         finally:
@@ -454,8 +523,16 @@ class BlockDevice:
         rng, p = self.faults.rng, self.faults.torn
         landed = {s: d for s, d in sorted(self._cache.items()) if p and rng.random() < p}
         _pwrite_runs(self.fd, self._runs(landed))
-        self._cache.clear()
+        self._drop_cache()
         self.dead = True
+
+    def _drop_cache(self) -> None:
+        """Empty the cache, giving back the buffers lent to it (once no destage or read uses them)."""
+        entries = set(self._cache.values())
+        self._cache.clear()
+        for e in entries:
+            e.live = 0
+            _let_go(e)
 
     def cached_bytes(self) -> int:
         return len(self._cache) * SECTOR
@@ -469,7 +546,8 @@ class BlockDevice:
             try:
                 if not self.dead and not self.readonly and self._cache:
                     await self._destage_cache(sync=False)
-            finally:  # the descriptor goes even when the destage fails
+            finally:  # the descriptor goes even when the destage fails, and the lent buffers go back
+                self._drop_cache()
                 fd, self.fd = self.fd, -1
                 await _a_close(fd)
 
@@ -477,6 +555,6 @@ class BlockDevice:
         if self.fd >= 0:
             if not self.dead and not self.readonly and self._cache:
                 _pwrite_runs(self.fd, self._runs(self._cache))
-                self._cache.clear()
+                self._drop_cache()
             os.close(self.fd)
             self.fd = -1

@@ -191,7 +191,10 @@ class Writeback:
         self.dirty_limit = dirty_limit
         self.max_pages = max(1, max_extent // PAGE)
         self.batch_pages = max(self.max_pages, (batch_bytes or max(dirty_limit // 8, max_extent)) // PAGE)
-        self.sealer = Sealer(arena=self.cache.arena, max_extent=self.max_pages * PAGE, workers=workers, timeout=seal_timeout)
+        # the device may keep a sealed extent in its slot rather than copy it: as many slots as
+        # extents its cache holds before writes stall (the budget above counts that cache already)
+        self.sealer = Sealer(arena=self.cache.arena, max_extent=self.max_pages * PAGE, workers=workers, timeout=seal_timeout,
+                             lendable=2 * self.device.cache_limit // (self.max_pages * PAGE))
         self._kick = asyncio.Event()
         self._room = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -555,7 +558,8 @@ class Writeback:
                         alloc = engine.allocator
                         raise _NoFit(e, alloc.largest(keep) // PAGE * PAGE, alloc.holds_pinned()) from None
                     try:
-                        await fs.vol.device.write(bytenr, sealed)  # the device copies it out of the slot
+                        # the device keeps the slot's ciphertext until destaged (or copies it)
+                        await fs.vol.device.write(bytenr, sealed, release=self.sealer.loan(sealed))
                     except BaseException:
                         engine.allocator.pin(bytenr, length)  # referenced by nothing; not handed out again before a commit
                         raise
