@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -417,21 +418,35 @@ class BlockDevice:
 
     # ------------------------------------------------------------ flush
 
-    def _runs(self, snapshot: dict[int, Entry]) -> list[tuple[int, list[memoryview]]]:
-        """Contiguous sectors as (offset, buffers): one buffer per stretch of one write."""
+    @staticmethod
+    def _runs(snapshot: dict[int, Entry], census: Counter[Entry] | None = None) -> list[tuple[int, list[memoryview]]]:
+        """Contiguous sectors as (offset, buffers): one buffer per stretch of one write. A write
+        whose sectors are all in ``snapshot`` (``census``: how many of each write's are) is one
+        buffer without a step per sector -- a MiB's extent is 256 sectors."""
+        pieces: list[tuple[int, int, Entry]] = []  # first sector, end sector, write
+        for e, count in (census or Counter(snapshot.values())).items():
+            end = e.first + len(e.data) // SECTOR
+            if count == end - e.first:
+                pieces.append((e.first, end, e))
+                continue
+            start = prev = -2
+            for s in range(e.first, end):  # a write partly superseded or destaged: its stretches
+                if snapshot.get(s) is e:
+                    if s != prev + 1:
+                        if start >= 0:
+                            pieces.append((start, prev + 1, e))
+                        start = s
+                    prev = s
+            if start >= 0:
+                pieces.append((start, prev + 1, e))
+        pieces.sort(key=lambda p: p[0])
         runs: list[tuple[int, list[memoryview]]] = []
-        prev, start, entry = -2, 0, None
-        for s in sorted(snapshot):
-            e = snapshot[s]
-            if s != prev + 1 or e is not entry:
-                if entry is not None:
-                    runs[-1][1].append(_part(entry, start, prev + 1))
-                if s != prev + 1:
-                    runs.append((s * SECTOR, []))
-                start, entry = s, e
-            prev = s
-        if entry is not None:
-            runs[-1][1].append(_part(entry, start, prev + 1))
+        at = -1
+        for first, end, e in pieces:
+            if first != at:
+                runs.append((first * SECTOR, []))
+            runs[-1][1].append(_part(e, first, end))
+            at = end
         return runs
 
     @contextlib.contextmanager
@@ -449,9 +464,10 @@ class BlockDevice:
     async def _destage_cache(self, *, sync: bool) -> None:
         async with self._destage_lock:
             snapshot = dict(self._cache)
-            with self._flush_logged(sync), self._host_write(), _pinned(snapshot.values()):
-                await _a_destage(self.fd, self._runs(snapshot), sync)
-                self._destaged(snapshot)
+            census = Counter(snapshot.values())
+            with self._flush_logged(sync), self._host_write(), _pinned(census):
+                await _a_destage(self.fd, self._runs(snapshot, census), sync)
+                self._destaged(snapshot, census)
 
     @contextlib.contextmanager
     def _flush_logged(self, flush: bool = True) -> Iterator[None]:
@@ -469,12 +485,23 @@ class BlockDevice:
                 entry.kind, entry.name = "mark", "flush failed"
             raise
 
-    def _destaged(self, snapshot: dict[int, Entry]) -> None:
-        for s, entry in snapshot.items():
-            # a newer write to the sector while we destaged stays cached
-            if self._cache.get(s) is entry:
-                del self._cache[s]
-                _unref(entry)
+    def _destaged(self, snapshot: dict[int, Entry], census: Counter[Entry]) -> None:
+        """The snapshot's sectors are written: out of the cache -- but for those a newer write
+        took meanwhile. A write none of whose sectors was superseded since it was made (its
+        ``live`` count, which only falls, is still all of them) goes without a step per sector."""
+        cache = self._cache
+        for e, count in census.items():
+            n = len(e.data) // SECTOR
+            if count == n == e.live:
+                for s in range(e.first, e.first + n):
+                    del cache[s]
+                e.live = 0
+                _let_go(e)
+                continue
+            for s in range(e.first, e.first + n):
+                if cache.get(s) is e and snapshot.get(s) is e:
+                    del cache[s]
+                    _unref(e)
 
     async def flush(self) -> None:
         """Every write completed before this call is durable when it returns."""
@@ -507,9 +534,10 @@ class BlockDevice:
             data = bytes(data)
             async with self._destage_lock:
                 snapshot = dict(self._cache)  # older copies of the superblock's sectors too: destaged first
-                with self._flush_logged(), self._host_write(), _pinned(snapshot.values()):
-                    await _a_flush_fua(self.fd, self._runs(snapshot), offset, data)
-                    self._destaged(snapshot)
+                census = Counter(snapshot.values())
+                with self._flush_logged(), self._host_write(), _pinned(census):
+                    await _a_flush_fua(self.fd, self._runs(snapshot, census), offset, data)
+                    self._destaged(snapshot, census)
             if self.log is not None:
                 self.log.append("fua", offset, data)
         finally:
