@@ -4,8 +4,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from blockemu.device import blockdev
 from blockemu.device.blockdev import BlockDevice
@@ -316,4 +319,172 @@ async def test_a_failed_request_ends_too(tmp_path):
         await dev.flush_then_fua(0, sector(3))
     assert dev.stats.in_flight == 0
     assert (dev.stats.ops["write"], dev.stats.ops["fua"]) == (1, 1)
+    await dev.close()
+
+
+class Lender:
+    """Buffers lent to the device as a sealer lends its slots: each given back exactly once, and
+    then reused at once -- overwritten with a pattern no write carries -- so a device still
+    reading a buffer it gave back reads garbage, as it would from a slot sealed into again."""
+
+    def __init__(self) -> None:
+        self.out: dict[int, bytearray] = {}
+        self.back = 0
+
+    def lend(self, data: bytes) -> tuple[memoryview, Callable[[], None]]:
+        buf = bytearray(data)
+        key = len(self.out) + self.back
+
+        def release() -> None:
+            assert self.out.pop(key) is buf, "a lent buffer given back twice"
+            buf[:] = b"\xee" * len(buf)
+            self.back += 1
+
+        self.out[key] = buf
+        return memoryview(buf), release
+
+    async def write(self, dev: BlockDevice, offset: int, data: bytes, *, fua: bool = False) -> None:
+        view, release = self.lend(data)
+        await dev.write(offset, view, fua=fua, release=release)
+
+
+async def test_a_lent_buffer_is_kept_not_copied_and_given_back_after_a_destage_reading_it(tmp_path, monkeypatch):
+    """A write superseding a lent one while a flush writes the lent one out: the buffer goes back
+    only once that destage is done with it, and the flush lands what it snapshotted."""
+    import asyncio
+
+    from blockemu.device import blockdev
+
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path)
+    lender = Lender()
+    data, release = lender.lend(sector(1, 4))
+    await dev.write(0, data, release=release)
+    data[:SECTOR] = sector(9)  # kept, not copied: the cache reads the lent buffer itself
+    assert await dev.read(0, SECTOR) == sector(9)
+    data[:SECTOR] = sector(1)
+    gate, entered = asyncio.Event(), asyncio.Event()
+    real = blockdev._a_destage
+
+    async def held(*args):
+        entered.set()
+        await gate.wait()
+        return await real(*args)
+
+    monkeypatch.setattr(blockdev, "_a_destage", held)
+    flush = asyncio.ensure_future(dev.flush())
+    await entered.wait()
+    await dev.write(0, sector(2, 4))  # supersedes every sector of the lent write
+    assert lender.out, "given back while a destage still reads it"
+    gate.set()
+    await flush
+    assert not lender.out and lender.back == 1
+    assert on_disk(path, 0, 4 * SECTOR) == sector(1, 4)  # what the flush snapshotted
+    await dev.flush()
+    assert on_disk(path, 0, 4 * SECTOR) == sector(2, 4)
+    await dev.close()
+
+
+async def test_a_lent_buffer_goes_back_at_once_when_its_write_fails_or_is_fua_and_the_log_keeps_a_copy(tmp_path):
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path)
+    log = dev.start_log()
+    lender = Lender()
+    with pytest.raises(DeviceIOError):
+        await lender.write(dev, dev.size, sector(1))  # beyond the end
+    await lender.write(dev, 0, sector(3), fua=True)
+    assert not lender.out and lender.back == 2
+    await lender.write(dev, SECTOR, sector(4))
+    await dev.close()  # an orderly close destages: the buffer is back
+    assert not lender.out and lender.back == 3
+    assert [bytes(e.data) for e in log.entries] == [sector(3), sector(4)]  # not the reused buffers
+
+
+cache_ops = st.lists(st.one_of(
+    st.tuples(st.sampled_from(["write", "lend", "fua"]), st.integers(0, 15), st.integers(1, 6), st.integers(1, 250)),
+    st.tuples(st.just("discard"), st.integers(0, 15), st.integers(1, 4)),
+    st.tuples(st.sampled_from(["flush", "destage", "read"]), st.integers(0, 15), st.integers(1, 8)),
+), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cache_ops)
+def test_the_cache_against_a_model(tmp_path_factory, ops):
+    """Writes (copied, lent, FUA), discards, flushes, background destages and reads against a model
+    of what each sector holds and what is durable: reads and the image agree with it, lent buffers
+    (poisoned when given back) are read only while the device holds them, and all are back at close."""
+    import asyncio
+
+    path = make_image(tmp_path_factory.mktemp("m") / "d.img", 24 * SECTOR)
+
+    async def run() -> None:
+        dev = await BlockDevice.open(path, cache_limit=8 * SECTOR)
+        lender = Lender()
+        now: dict[int, bytes] = {}  # sector -> what it holds
+        durable: dict[int, bytes] = {}
+        for op, start, n, *byte in ops:
+            n = min(n, 24 - start)
+            if op in ("write", "lend", "fua"):
+                data = b"".join(sector((byte[0] + k) % 256) for k in range(n))
+                if op == "lend":
+                    await lender.write(dev, start * SECTOR, data)
+                else:
+                    await dev.write(start * SECTOR, data, fua=op == "fua")
+                now.update({start + k: data[k * SECTOR : (k + 1) * SECTOR] for k in range(n)})
+                if op == "fua":
+                    durable.update({start + k: now[start + k] for k in range(n)})
+            elif op == "discard":
+                await dev.discard(start * SECTOR, n * SECTOR)
+                now.update({start + k: bytes(SECTOR) for k in range(n)})
+            elif op == "flush":
+                await dev.flush()
+                durable = dict(now)
+            elif op == "destage":
+                await dev.destage_in_background()
+            got = await dev.read(start * SECTOR, n * SECTOR)
+            assert got == b"".join(now.get(start + k, bytes(SECTOR)) for k in range(n))
+        await dev.settle()
+        image = on_disk(path, 0, 24 * SECTOR)
+        for s, data in durable.items():
+            # a durable sector holds what was flushed, or a newer write destaged since
+            assert image[s * SECTOR : (s + 1) * SECTOR] in (data, now[s])
+        await dev.close()
+        assert not lender.out, "a lent buffer never given back"
+        image = on_disk(path, 0, 24 * SECTOR)
+        assert all(image[s * SECTOR : (s + 1) * SECTOR] == data for s, data in now.items())
+
+    asyncio.run(run())
+
+
+async def test_a_large_read_keeps_the_lent_buffers_it_overlays_until_it_has(tmp_path, monkeypatch):
+    """A read past SYNC_READ takes the cached writes it covers, then awaits the executor's pread: a
+    lent one superseded and destaged meanwhile must not go back (and be sealed into) before the
+    read has copied from it."""
+    import asyncio
+
+    from blockemu.device import blockdev
+
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path)
+    lender = Lender()
+    n = blockdev.SYNC_READ // SECTOR + 1
+    await lender.write(dev, 0, sector(1, n))
+    gate, entered = asyncio.Event(), asyncio.Event()
+    real = blockdev._a_pread
+
+    async def held(*args):
+        entered.set()
+        await gate.wait()
+        return await real(*args)
+
+    monkeypatch.setattr(blockdev, "_a_pread", held)
+    read = asyncio.ensure_future(dev.read(0, n * SECTOR))
+    await entered.wait()
+    await dev.write(0, sector(2, n))
+    monkeypatch.setattr(blockdev, "_a_pread", real)
+    await dev.flush()
+    assert lender.out, "given back while a read still overlays it"
+    gate.set()
+    assert await read == sector(1, n)
+    assert not lender.out
     await dev.close()

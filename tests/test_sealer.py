@@ -468,3 +468,28 @@ async def test_a_pooled_run_with_heap_pages_is_sealed_from_the_slot(pool, arena)
     assert sealer._slots is not None
     slots = bytes(sealer._slots[1])
     assert all(bytes(page) not in slots for page in heap.values()), "a heap page's plaintext stayed in a slot"
+
+
+async def test_a_lent_slot_keeps_its_ciphertext_until_repaid_and_loans_stay_within_budget(pool, arena):
+    """``loan`` lets the device keep a slot's ciphertext past ``sealed``: sealing goes on in the
+    other slots and never writes into the lent one before it is repaid; past ``lendable`` loans
+    the caller must copy (None); a heap page copied into a lent slot is wiped at once."""
+    sealer = await pool(lendable=1)
+    frames: list[int | bytearray] = list(run_frames(1))
+    frames[2] = heap = bytearray(random.Random(5).randbytes(PAGE))
+    async with sealer.sealed(run_key(1), frames, 0) as (ciphertext, _):
+        repay = sealer.loan(ciphertext)
+        assert repay is not None
+        kept = bytes(ciphertext)
+    assert sealer._slots is not None and bytes(heap) not in bytes(sealer._slots[1])
+    for k in range(sealer.slots + 1):  # every other slot, and one again
+        i = 2 + k % (RUNS - 2)
+        async with sealer.sealed(run_key(i), run_frames(i), 0) as (other, _):
+            assert sealer.loan(other) is None  # the one loan allowed is out
+    assert bytes(ciphertext) == kept, "a lent slot was sealed into"
+    repay()
+    async with sealer.sealed(run_key(2), run_frames(2), 0) as (other, _):
+        again = sealer.loan(other)
+        assert again is not None
+    again()
+    assert sealer._idle.qsize() == sealer.slots + 1
