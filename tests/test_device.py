@@ -348,13 +348,24 @@ class Lender:
         await dev.write(offset, view, fua=fua, release=release)
 
 
+def hold(monkeypatch, name: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """The device's executor call ``name`` waits for the first event to be set; the second is set
+    once one is waiting: the test drives what happens while it is in flight."""
+    gate, entered = asyncio.Event(), asyncio.Event()
+    real = getattr(blockdev, name)
+
+    async def held(*args):
+        entered.set()
+        await gate.wait()
+        return await real(*args)
+
+    monkeypatch.setattr(blockdev, name, held)
+    return gate, entered
+
+
 async def test_a_lent_buffer_is_kept_not_copied_and_given_back_after_a_destage_reading_it(tmp_path, monkeypatch):
     """A write superseding a lent one while a flush writes the lent one out: the buffer goes back
     only once that destage is done with it, and the flush lands what it snapshotted."""
-    import asyncio
-
-    from blockemu.device import blockdev
-
     path = make_image(tmp_path / "d.img")
     dev = await BlockDevice.open(path)
     lender = Lender()
@@ -363,15 +374,7 @@ async def test_a_lent_buffer_is_kept_not_copied_and_given_back_after_a_destage_r
     data[:SECTOR] = sector(9)  # kept, not copied: the cache reads the lent buffer itself
     assert await dev.read(0, SECTOR) == sector(9)
     data[:SECTOR] = sector(1)
-    gate, entered = asyncio.Event(), asyncio.Event()
-    real = blockdev._a_destage
-
-    async def held(*args):
-        entered.set()
-        await gate.wait()
-        return await real(*args)
-
-    monkeypatch.setattr(blockdev, "_a_destage", held)
+    gate, entered = hold(monkeypatch, "_a_destage")
     flush = asyncio.ensure_future(dev.flush())
     await entered.wait()
     await dev.write(0, sector(2, 4))  # supersedes every sector of the lent write
@@ -413,8 +416,6 @@ def test_the_cache_against_a_model(tmp_path_factory, ops):
     """Writes (copied, lent, FUA), discards, flushes, background destages and reads against a model
     of what each sector holds and what is durable: reads and the image agree with it, lent buffers
     (poisoned when given back) are read only while the device holds them, and all are back at close."""
-    import asyncio
-
     path = make_image(tmp_path_factory.mktemp("m") / "d.img", 24 * SECTOR)
 
     async def run() -> None:
@@ -460,28 +461,15 @@ async def test_a_large_read_keeps_the_lent_buffers_it_overlays_until_it_has(tmp_
     """A read past SYNC_READ takes the cached writes it covers, then awaits the executor's pread: a
     lent one superseded and destaged meanwhile must not go back (and be sealed into) before the
     read has copied from it."""
-    import asyncio
-
-    from blockemu.device import blockdev
-
     path = make_image(tmp_path / "d.img")
     dev = await BlockDevice.open(path)
     lender = Lender()
     n = blockdev.SYNC_READ // SECTOR + 1
     await lender.write(dev, 0, sector(1, n))
-    gate, entered = asyncio.Event(), asyncio.Event()
-    real = blockdev._a_pread
-
-    async def held(*args):
-        entered.set()
-        await gate.wait()
-        return await real(*args)
-
-    monkeypatch.setattr(blockdev, "_a_pread", held)
+    gate, entered = hold(monkeypatch, "_a_pread")
     read = asyncio.ensure_future(dev.read(0, n * SECTOR))
     await entered.wait()
     await dev.write(0, sector(2, n))
-    monkeypatch.setattr(blockdev, "_a_pread", real)
     await dev.flush()
     assert lender.out, "given back while a read still overlays it"
     gate.set()
