@@ -22,7 +22,7 @@ import errno
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import aiofiles.os
@@ -327,26 +327,25 @@ class BlockDevice:
         return bytes(buf) if buf else data
 
     async def write(self, offset: int, data: Buffer, *, fua: bool = False, release: Callable[[], None] | None = None) -> None:
-        """One write. With ``release``, ``data`` is lent: the device keeps the buffer itself, not
-        a copy, while its sectors are cached, and calls ``release`` once it is done with it --
-        exactly once, whatever happens (at once when the write fails or goes out as FUA)."""
-        await self._writev([(offset, data, release)], fua)
+        await self.writev([(offset, data)], fua=fua, releases=[release])
 
-    async def writev(self, writes: list[tuple[int, bytes]], *, fua: bool = False) -> None:
-        """Several writes completing together; one log entry each, in order."""
-        await self._writev([(offset, data, None) for offset, data in writes], fua)
-
-    async def _writev(self, writes: list[tuple[int, Buffer, Callable[[], None] | None]], fua: bool) -> None:
+    async def writev(self, writes: Sequence[tuple[int, Buffer]], *, fua: bool = False,
+                     releases: Sequence[Callable[[], None] | None] = ()) -> None:
+        """Several writes completing together; one log entry each, in order. A write given a
+        release (``releases``, in the same order) is lent: the device keeps its buffer itself,
+        not a copy, while its sectors are cached, and calls the release once it is done with it
+        -- exactly once, whatever happens (at once when the write fails or goes out as FUA)."""
+        lends = list(releases) + [None] * (len(writes) - len(releases))
         cached: set[int] = set()  # the lent writes the cache took: their buffers are its to give back
         try:
-            for offset, data, _ in writes:
+            for offset, data in writes:
                 self._check(offset, len(data), "write")
             await self._delay()
-            incoming = sum(len(data) for _, data, _ in writes)
+            incoming = sum(len(data) for _, data in writes)
             while not fua and self._cache and len(self._cache) * SECTOR + incoming > 2 * self.cache_limit:
                 # a full cache stalls the host, as a real one does: the write is accepted once it fits
                 await asyncio.shield(self.destage_in_background())
-            for i, (offset, data, release) in enumerate(writes):
+            for i, ((offset, data), release) in enumerate(zip(writes, lends)):
                 t = self.stats.begin()
                 try:
                     self._count_write()
@@ -375,7 +374,7 @@ class BlockDevice:
                 finally:
                     self.stats.done("fua" if fua else "write", len(data), t)
         finally:
-            for i, (_, _, release) in enumerate(writes):
+            for i, release in enumerate(lends):
                 if release is not None and i not in cached:
                     release()
         if len(self._cache) * SECTOR > self.cache_limit:
