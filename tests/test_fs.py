@@ -567,6 +567,34 @@ async def test_dirty_memory_stays_bounded(image):
             assert await f.pread(len(chunk), 5 << 20) == chunk
 
 
+async def test_a_writer_waiting_for_frames_asks_no_destage_one_over_the_byte_limit_does(image, monkeypatch):
+    """A streaming writer outruns writeback and waits for free frames: writeback frees those,
+    a destage of the device's cache does not, so it asks for none (it asked for a small one,
+    a trip to the I/O thread, about every other MiB). Over the byte limit the device's cached
+    bytes count, and the waiting writer must have them destaged or wait for ever."""
+    async def stream(fs, mib: int) -> int:
+        """Writes ``mib`` MiB; how many destages were asked for below the device's own threshold."""
+        device, small = fs.vol.device, []
+        real = device.destage_in_background
+        monkeypatch.setattr(device, "destage_in_background",
+                            lambda: small.append(device.cached_bytes() <= device.cache_limit) or real())
+        chunk = os.urandom(1 << 20)
+        async with fs.open(f"/e/f{mib}", "w") as f:
+            for _ in range(mib):
+                await f.write(chunk)
+            asked = sum(small)
+            await f.fsync()
+        return asked
+
+    async with blockemu.mount(image, interval=3600) as fs:
+        await encrypted_dir(fs, "/e")
+        assert fs.writeback.cache.arena.size < 32 << 20  # frames run out long before the bytes do
+        assert await stream(fs, 48) == 0
+    async with blockemu.mount(image, interval=3600, dirty_limit=2 << 20, background_bytes=1 << 20) as fs:
+        await fs.add_key(KEY)
+        assert await asyncio.wait_for(stream(fs, 8), 60) > 0
+
+
 async def test_a_read_larger_than_the_clean_cache_returns_every_page(image):
     """A read of 16 pages through an 8-page clean cache that held its first page: the fill of
     pages 1..15 evicted page 0 and pages 1..7, so page 0 was filled again -- an await, on which

@@ -253,21 +253,26 @@ class Writeback:
         frames are left for a write of ``nbytes``: dirty pages then wait for writeback rather
         than spill onto the heap. (Only a write larger than the whole arena spills, and only
         its excess.) The arena and the sealing slots are fixed in size."""
-        cache = self.cache
-        if cache.dirty_bytes + self.device.cached_bytes() > self.dirty_limit:
+        if self._over_bytes():
             return True
-        arena = cache.arena
+        cache, arena = self.cache, self.cache.arena
         return len(arena.free) < min(nbytes, arena.size) // PAGE and cache.dirty_bytes > 0
+
+    def _over_bytes(self) -> bool:
+        return self.cache.dirty_bytes + self.device.cached_bytes() > self.dirty_limit
 
     async def wait_for_room(self, nbytes: int = 0) -> None:
         """Backpressure: writers wait here while writeback's memory is over the hard limit.
         Writeback drains the dirty pages; the device's cache drains once it passes its own
-        threshold -- and on request here, or a small limit would wait on it forever."""
+        threshold -- and on request here when its bytes count towards the limit passed, or a
+        small limit would wait on it forever. Not when the writer waits for free frames:
+        writeback frees those, a destage does not (a streaming writer always waits for frames,
+        and asked for a small destage -- a trip to the I/O thread -- about every other MiB)."""
         device = self.device
         while self.over_limit(nbytes):
             self._room.clear()
             self.kick()
-            if device.cached_bytes():
+            if device.cached_bytes() and self._over_bytes():
                 device.destage_in_background().add_done_callback(lambda _t: self._room.set())
             await self._room.wait()
 
