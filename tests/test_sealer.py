@@ -493,3 +493,21 @@ async def test_a_lent_slot_keeps_its_ciphertext_until_repaid_and_loans_stay_with
         assert again is not None
     again()
     assert sealer._idle.qsize() == sealer.slots + 1
+
+
+async def test_a_slot_repaid_inside_sealed_is_not_wiped_again_at_its_exit(pool, arena):
+    """A device write that fails gives its lent slot back at once, still inside ``sealed``:
+    another run may take the slot and put its key there before the ``async with`` is left,
+    and leaving it must not zero that key (the lent slot was wiped when lent)."""
+    sealer = await pool(lendable=1)
+    async with sealer.sealed(run_key(1), run_frames(1), 0) as (ciphertext, _):
+        repay = sealer.loan(ciphertext)
+        assert repay is not None
+        repay()
+        taken = [sealer._idle.get_nowait() for _ in range(sealer._idle.qsize())]
+        assert sealer._slots is not None
+        buf, off = sealer._slots[2], taken[-1]  # the one given back (the queue is FIFO)
+        buf[off : off + KEY_SIZE] = run_key(2)  # the next run's key
+    assert buf[off : off + KEY_SIZE] == run_key(2), "the next user's key was wiped"
+    for off in taken:
+        sealer._idle.put_nowait(off)

@@ -218,7 +218,8 @@ class Sealer:
         # device stays in its slot until destaged, and the slots left always suffice to seal on
         self._lendable = lendable if self.slots else 0
         self._lent = 0
-        self._yielded: dict[int, int | None] = {}  # id of a ciphertext view ``sealed`` yields now -> its slot (None: lent)
+        # id of a ciphertext view ``sealed`` yields now -> its slot and the pages copied into it (None: lent)
+        self._yielded: dict[int, tuple[int, Sequence[int]] | None] = {}
         self._idle: asyncio.Queue[int] = asyncio.Queue()
         for i in range(self.slots + self._lendable):
             self._idle.put_nowait(i * self.slot)
@@ -304,13 +305,16 @@ class Sealer:
         """Let the caller keep ``sealed``'s ciphertext ``view`` past the ``async with`` -- the
         device keeps it in its cache rather than a copy (a MiB's memcpy and fresh heap pages
         per extent) -- and the slot with it. Returns the call that gives the slot back, or None
-        (copy it then) when ``view`` is no slot's or ``lendable`` slots are already out."""
-        off = self._yielded.get(id(view))
-        if off is None or self._lent >= self._lendable:
+        (copy it then) when ``view`` is no slot's or ``lendable`` slots are already out. The slot
+        is wiped now: the borrower may give it back -- and another run take it -- before the
+        ``async with`` is left (a device write that fails gives it back at once)."""
+        held = self._yielded.get(id(view))
+        if held is None or self._lent >= self._lendable:
             return None
         self._yielded[id(view)] = None
+        self._wipe_slot(*held)
         self._lent += 1
-        return functools.partial(self._repay, off)
+        return functools.partial(self._repay, held[0])
 
     def _repay(self, off: int) -> None:
         self._lent -= 1
@@ -366,13 +370,11 @@ class Sealer:
             raise
         out = off + KEY + self.max_extent
         view = buf[out : out + n]
-        self._yielded[id(view)] = off
+        self._yielded[id(view)] = (off, copied)
         try:
             yield view, sums
         finally:
-            if self._yielded.pop(id(view)) is None:  # lent: the slot is idle again once repaid
-                self._wipe_slot(off, copied)
-            else:
+            if self._yielded.pop(id(view)) is not None:  # (lent: wiped, and idle again once repaid)
                 # our export of the mapping ends here, even if the caller's frame (kept alive
                 # by an exception's traceback) still names the view
                 view.release()
