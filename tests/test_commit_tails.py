@@ -51,10 +51,10 @@ class TailTiming:
         finally:
             self.flushed.set()
 
-    async def writev(self, writes: list[tuple[int, bytes]], *, fua: bool = False) -> None:
+    async def writev(self, writes: list[tuple[int, bytes]], **kw: Any) -> None:
         if self.timing == "early" and self.flushed is not None:
             await self.flushed.wait()
-        await self.real_writev(writes, fua=fua)
+        await self.real_writev(writes, **kw)  # fua=, releases= (lent buffers)
         self.news.set()
 
     async def waited(self, step: Awaitable[Any]) -> Any:
