@@ -444,7 +444,7 @@ async def test_rename_failing_half_way_aborts_the_transaction(image, monkeypatch
     fs = await blockemu.mount(image, interval=3600)
     await fs.mkdir("/uncommitted")  # joins the transaction the abort throws away
 
-    def failing_add_entry(parent, name, child):
+    def failing_add_entry(parent, name, child, **links):
         raise failure
 
     monkeypatch.setattr(fs, "_add_entry", failing_add_entry)
@@ -805,7 +805,7 @@ async def test_opening_an_existing_file_for_writing_is_refused_after_an_abort_or
         async with fs.open(name, "w") as f:
             await f.write(b"x")
 
-    def failing_add_entry(parent, name, child):
+    def failing_add_entry(parent, name, child, **links):
         raise KeyError("bug")
 
     monkeypatch.setattr(fs, "_add_entry", failing_add_entry)

@@ -27,6 +27,7 @@ whose blocks nothing has overwritten; after it, the new one.
 from __future__ import annotations
 
 from collections import OrderedDict
+from operator import attrgetter
 from typing import Callable
 
 from sortedcontainers import SortedDict
@@ -78,6 +79,7 @@ MIRROR_RESERVE = 1 << 20
 # 48 MiB), in one commit allocates 5 to 8 new tree blocks; the reserve then holds 40 to 56
 # (3% of 32 MiB at 16 KiB nodes).
 RESERVE_PATHS = 4
+_LEVEL = attrgetter("level")
 
 
 def usable_ranges(total_bytes: int) -> list[tuple[int, int]]:
@@ -385,13 +387,16 @@ class Engine:
     # ------------------------------------------------------------------ space for metadata
 
     def op_blocks(self) -> int:
-        """Tree blocks one operation may need: a path per tree, each possibly split at every level."""
-        return sum(2 * (t.level + 1) for t in (self.roots, *self.trees.values()))
+        """Tree blocks one operation may need: a path per tree, each possibly split at every level.
+        Summed by C-level calls: every operation asks (``meta_room``, ``short_of_room``), and a
+        generator over the trees was ~1 % of the stress mix (py-spy)."""
+        trees = self.trees
+        return 2 * (self.roots.level + sum(map(_LEVEL, trees.values())) + 1 + len(trees))
 
     def data_keep(self) -> int:
         """Tree blocks of room a data allocation must leave: the metadata reserve, kept for
         deletes and commits, plus the items of the extent being placed."""
-        return RESERVE_PATHS * self.op_blocks() + self.op_blocks()
+        return (RESERVE_PATHS + 1) * self.op_blocks()
 
     def short_of_room(self) -> bool:
         """Room is below what data must leave while space freed in this transaction waits,

@@ -303,17 +303,21 @@ class Filesystem:
         return inode
 
     def save_inode(self, inode: Inode) -> None:
-        """Write the inode item as it should be on disk (size = what writeback has made durable)."""
+        """Write the inode item as it should be on disk (size = what writeback has made durable).
+        One ``_replace`` a save: each costs a dict and a tuple, and saves come several an operation."""
+        tid = self.vol.engine.transid
         if inode.data_changed_ns:
             now = _ts(inode.data_changed_ns)
-            inode.item = inode.item._replace(mtime=now, ctime=now)
+            inode.item = inode.item._replace(size=inode.disk_size, nbytes=inode.nbytes, transid=tid, mtime=now, ctime=now)
             inode.data_changed_ns = 0
-        inode.item = inode.item._replace(size=inode.disk_size, nbytes=inode.nbytes, transid=self.vol.engine.transid)
+        else:
+            inode.item = inode.item._replace(size=inode.disk_size, nbytes=inode.nbytes, transid=tid)
         self.tree.insert((inode.ino, S.INODE_ITEM, 0), inode.item.pack(), replace=True)
 
-    def _touch(self, inode: Inode, *, mtime: bool = True) -> None:
-        now = _ts(time.time_ns())
-        inode.item = inode.item._replace(ctime=now, mtime=now if mtime else inode.item.mtime)
+    def _touch(self, inode: Inode, *, mtime: bool = True, links: int = 0) -> None:
+        """ctime (and mtime) now; ``links`` added to nlink in the same ``_replace``."""
+        now, item = _ts(time.time_ns()), inode.item
+        inode.item = item._replace(ctime=now, mtime=now if mtime else item.mtime, nlink=item.nlink + links)
 
     def _new_inode(self, mode: int, parent: Inode) -> Inode:
         self.check_meta_room()  # before any change: a create must not eat the delete reserve
@@ -598,7 +602,9 @@ class Filesystem:
         if len(pack_inode_refs([*refs, InodeRef(0, name)])) > self.tree.max_item:
             raise TooManyLinks(f"{name!r}: too many links to inode {child.ino} in directory inode {parent.ino}")
 
-    def _add_entry(self, parent: Inode, name: bytes, child: Inode) -> None:
+    def _add_entry(self, parent: Inode, name: bytes, child: Inode, *, links: int = 0) -> None:
+        """Name ``child`` ``name`` in ``parent``; ``links``: the parent's nlink change (a
+        subdirectory's ".."), saved with the entry's other changes to it."""
         self._names_changed(parent, child)
         parent.dentries.pop(name, None)
         tid = self.vol.engine.transid
@@ -615,10 +621,11 @@ class Filesystem:
         self.tree.insert(ref_key, pack_inode_refs(refs), replace=True)
         parent.size += 2 * len(name)
         parent.disk_size = parent.size
-        self._touch(parent)
+        self._touch(parent, links=links)
         self.save_inode(parent)
 
-    def _remove_entry(self, parent: Inode, name: bytes, child: Inode) -> None:
+    def _remove_entry(self, parent: Inode, name: bytes, child: Inode, *, links: int = 0) -> None:
+        """Remove the entry ``name`` of ``child`` from ``parent``; ``links`` as ``_add_entry``'s."""
         self._names_changed(parent, child)
         parent.dentries.pop(name, None)
         key = (parent.ino, S.DIR_ITEM, name_hash(name))
@@ -637,7 +644,7 @@ class Filesystem:
         self.tree.delete((parent.ino, S.DIR_INDEX, ref.index))
         parent.size -= 2 * len(name)
         parent.disk_size = parent.size
-        self._touch(parent)
+        self._touch(parent, links=links)
         self.save_inode(parent)
 
     def _is_empty(self, d: Inode) -> bool:
@@ -659,9 +666,7 @@ class Filesystem:
             self._check_entry_fits(parent, name, None)
             child = self._new_inode(st.S_IFDIR | (mode & 0o7777), parent)  # ENOKEY in a locked directory
             assert name is not None
-            self._add_entry(parent, name, child)
-            parent.item = parent.item._replace(nlink=parent.item.nlink + 1)
-            self.save_inode(parent)
+            self._add_entry(parent, name, child, links=1)
 
     async def rmdir(self, path: str) -> None:
         async with self.vol.join():
@@ -674,9 +679,7 @@ class Filesystem:
             if not self._is_empty(d):
                 raise NotEmpty(f"{path}: directory not empty")
             assert name is not None  # it resolved
-            self._remove_entry(parent, name, d)
-            parent.item = parent.item._replace(nlink=parent.item.nlink - 1)
-            self.save_inode(parent)
+            self._remove_entry(parent, name, d, links=-1)
             self._destroy(d)
 
     async def unlink(self, path: str) -> None:
@@ -728,20 +731,14 @@ class Filesystem:
                     raise NotADirectory(f"{dst}: not a directory")
                 if victim.is_dir and not self._is_empty(victim):
                     raise NotEmpty(f"{dst}: directory not empty")
-                self._remove_entry(dparent, dname, victim)
+                self._remove_entry(dparent, dname, victim, links=-victim.is_dir)
                 if victim.is_dir:
-                    dparent.item = dparent.item._replace(nlink=dparent.item.nlink - 1)
-                    self.save_inode(dparent)
                     self._destroy(victim)
                 else:
                     self._drop_link(victim)
-            self._remove_entry(sparent, sname, inode)
-            self._add_entry(dparent, dname, inode)
-            if inode.is_dir and sparent.ino != dparent.ino:
-                sparent.item = sparent.item._replace(nlink=sparent.item.nlink - 1)
-                dparent.item = dparent.item._replace(nlink=dparent.item.nlink + 1)
-                self.save_inode(sparent)
-                self.save_inode(dparent)
+            moved = int(inode.is_dir and sparent.ino != dparent.ino)  # its ".." changes directory
+            self._remove_entry(sparent, sname, inode, links=-moved)
+            self._add_entry(dparent, dname, inode, links=moved)
             self._touch(inode, mtime=False)
             self.save_inode(inode)
 

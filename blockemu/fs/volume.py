@@ -136,10 +136,12 @@ class Volume:
             # the space this transaction freed stays pinned until it commits: near full, commit
             # first, as btrfs commits to reclaim pinned space before it gives up with ENOSPC
             await self.commit()
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._committing)
-            self.check_aborted()
-            self._writers += 1
+        if self._committing:  # a commit encodes its blocks: join the next transaction after it
+            async with self._cond:
+                await self._cond.wait_for(lambda: not self._committing)
+        # no await from the check to the count: a commit that begins later waits for this one
+        self.check_aborted()
+        self._writers += 1
         task = asyncio.current_task()
         assert task is not None and task not in self._changed, "join() does not nest"
         self._changed[task] = False
@@ -151,9 +153,10 @@ class Volume:
             raise
         finally:
             del self._changed[task]
-            async with self._cond:
-                self._writers -= 1
-                self._cond.notify_all()
+            self._writers -= 1
+            if self._committing and not self._writers:  # only a commit waits for the count
+                async with self._cond:
+                    self._cond.notify_all()
 
     def set_incompat(self, flag: int) -> None:
         """Turn a feature bit on at its first use, as btrfs_set_fs_incompat: called inside ``join``
