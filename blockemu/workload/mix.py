@@ -15,6 +15,7 @@ import errno
 import random
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Callable
 
 from blockemu.errors import ChecksumError, CorruptionError
@@ -218,7 +219,9 @@ async def run_mix(fs: Filesystem, *, root: str, tasks: int, nops: int, ops: dict
     unknown = set(weights) - set(DEFAULT_OPS)
     if unknown:
         raise ValueError(f"unknown mix operations: {', '.join(sorted(unknown))} (known: {', '.join(DEFAULT_OPS)})")
-    names, w = list(weights), list(weights.values())
+    # the cumulative weights once, not per draw (``choices`` accumulates ``weights`` each call):
+    # the same draws, as ``choices`` computes them from these
+    names, cum = list(weights), list(accumulate(weights.values()))
     result = result if result is not None else MixResult()  # the caller's, so a failed run keeps its counts
     if not await fs.exists(root):
         await fs.mkdir(root)
@@ -235,7 +238,7 @@ async def run_mix(fs: Filesystem, *, root: str, tasks: int, nops: int, ops: dict
     async def drive(t: Task) -> None:
         n = 0
         while (n < nops) if deadline is None else (time.monotonic() < deadline):
-            await t.step(t.rng.choices(names, w)[0])
+            await t.step(t.rng.choices(names, cum_weights=cum)[0])
             advance(1)
             n += 1
 
