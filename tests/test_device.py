@@ -98,8 +98,8 @@ async def test_flush_then_fua_is_a_flush_then_a_fua_write_in_one_trip(tmp_path, 
 @pytest.mark.parametrize("how", ["flush", "flush_then_fua"])
 async def test_a_write_completed_during_a_flush_stays_in_doubt_after_it(tmp_path, monkeypatch, how):
     """The flush's snapshot of the cache is what it makes durable: a write that completes while
-    the host syncs is logged after the flush, so the crash states keep it in doubt (logged at
-    the flush's completion, it was counted durable)."""
+    the host syncs is not what the flush covers, so the crash states keep it in doubt (logged
+    at the flush's completion without that, it was counted durable)."""
     path = make_image(tmp_path / "d.img")
     dev = await BlockDevice.open(path)
     log = dev.start_log()
@@ -113,10 +113,40 @@ async def test_a_write_completed_during_a_flush_stays_in_doubt_after_it(tmp_path
     gate.release.set()
     await flushing
     kinds = [e.kind for e in log.entries]
-    assert kinds == (["write", "flush", "write"] if how == "flush" else ["write", "flush", "write", "fua"])
+    assert kinds == (["write", "write", "flush"] if how == "flush" else ["write", "write", "flush", "fua"])
+    assert log.entries[2].covers == 1  # its snapshot: the first write only
     durable, doubt = log.split(len(log.entries))
     assert [e.offset for e in durable if e.kind == "write"] == [0] and [e.offset for e in doubt] == [4 * SECTOR]
     assert dev.cached_bytes() == SECTOR  # and the device agrees: the later write is still only cached
+    await dev.close()
+
+
+async def test_a_power_cut_during_a_flush_leaves_a_crash_state_of_the_log(tmp_path, monkeypatch):
+    """A flush makes its snapshot durable only when it completes: a power cut while the host
+    syncs may land a write completed meanwhile (here torn lands it) but not the snapshot's
+    writes. The log must name that image among its crash states; logged as a flush at the
+    snapshot, every state with the later write had the earlier one durable."""
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path, faults=FaultPlan(torn=0.5, seed=10))  # lands sector 4, not 0
+    log = dev.start_log()
+    await dev.write(0, sector(1))
+    gate = Gate(blockdev._a_destage)
+    monkeypatch.setattr(blockdev, "_a_destage", gate)
+    flushing = asyncio.ensure_future(dev.flush())
+    await gate.entered.wait()  # the snapshot is taken, the host call not made
+    await dev.write(4 * SECTOR, sector(5))
+    dev.power_cut()
+    left = on_disk(path, 0, 8 * SECTOR)
+    assert left == bytes(4 * SECTOR) + sector(5) + bytes(3 * SECTOR)
+    gate.release.set()
+    await asyncio.gather(flushing, return_exceptions=True)
+    states = []
+    for upto in range(len(log.entries) + 1):
+        doubt = [e.seq for e in log.split(upto)[1]]
+        for mask in range(1 << len(doubt)):
+            log.crash_image(str(tmp_path / "s.img"), upto, [s for i, s in enumerate(doubt) if mask >> i & 1])
+            states.append(on_disk(str(tmp_path / "s.img"), 0, 8 * SECTOR))
+    assert left in states
     await dev.close()
 
 

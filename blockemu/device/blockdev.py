@@ -470,19 +470,23 @@ class BlockDevice:
 
     @contextlib.contextmanager
     def _flush_logged(self, flush: bool = True) -> Iterator[None]:
-        """Log a flush where it takes its snapshot of the cache, not where it completes: a write
-        completed while the host syncs is not in the snapshot, so it stays in doubt after the
-        flush -- logged after it. (Logged at completion, it came before the flush entry, and
-        the crash states treated it as durable: a filesystem that trusted such a write would
-        have passed.) A flush that fails leaves its entry as a mark, so positions already noted
-        (a recorder's) stay where they were."""
-        entry = self.log.append("flush") if flush and self.log is not None else None
+        """Log a flush where it completes, covering what was logged where it took its snapshot of
+        the cache (``LogEntry.covers``): a write completed while the host syncs is not in the
+        snapshot, so it stays in doubt after the flush; and until the flush completes, a power
+        cut may land such a write but not the snapshot's. (Logged at completion alone, the
+        crash states counted such a write durable; logged at the snapshot, they counted the
+        snapshot durable from there on, so no state had the later write without the earlier.)
+        A flush that fails leaves a mark."""
+        log = self.log if flush else None
+        start = len(log.entries) if log is not None else 0
         try:
             yield
         except BaseException:
-            if entry is not None:
-                entry.kind, entry.name = "mark", "flush failed"
+            if log is not None:
+                log.append("mark", name="flush failed")
             raise
+        if log is not None:
+            log.append("flush", covers=start)
 
     def _destaged(self, snapshot: dict[int, Entry], census: Counter[Entry]) -> None:
         """The snapshot's sectors are written: out of the cache -- but for those a newer write

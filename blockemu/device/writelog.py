@@ -28,6 +28,9 @@ class LogEntry:
     offset: int = 0
     data: bytes = b""
     name: str = ""
+    # a flush: the entries before this one were in its snapshot of the cache -- what it made
+    # durable; those logged between (completed while the host synced) stay in doubt
+    covers: int = 0
 
 
 def sparse_copy(src: str, dst: str) -> None:
@@ -73,8 +76,11 @@ class WriteLog:
     size: int = 0
     entries: list[LogEntry] = field(default_factory=list)
 
-    def append(self, kind: Kind, offset: int = 0, data: bytes = b"", name: str = "") -> LogEntry:
-        e = LogEntry(len(self.entries), kind, offset, bytes(data), name)
+    def append(self, kind: Kind, offset: int = 0, data: bytes = b"", name: str = "",
+               covers: int | None = None) -> LogEntry:
+        """``covers``: a flush's snapshot position (``LogEntry.covers``); None: this entry's own."""
+        seq = len(self.entries)
+        e = LogEntry(seq, kind, offset, bytes(data), name, seq if covers is None else covers)
         self.entries.append(e)
         return e
 
@@ -88,13 +94,13 @@ class WriteLog:
     def split(self, upto: int) -> tuple[list[LogEntry], list[LogEntry]]:
         """(durable, in-doubt) writes among the first ``upto`` entries.
 
-        Durable: writes completed before the last flush, and FUA writes.
-        In doubt: ordinary writes and discards after the last flush.
+        Durable: writes in the snapshot of a completed flush (logged before the point it
+        ``covers``), and FUA writes. In doubt: the other ordinary writes and discards.
         """
         head = self.entries[:upto]
-        last_flush = max((e.seq for e in head if e.kind == "flush"), default=-1)
-        durable = [e for e in head if e.kind in ("write", "discard") and e.seq < last_flush or e.kind == "fua"]
-        doubt = [e for e in head if e.kind in ("write", "discard") and e.seq > last_flush]
+        covered = max((e.covers for e in head if e.kind == "flush"), default=0)
+        durable = [e for e in head if e.kind in ("write", "discard") and e.seq < covered or e.kind == "fua"]
+        doubt = [e for e in head if e.kind in ("write", "discard") and e.seq >= covered]
         return durable, doubt
 
     def crash_states(self, rng: random.Random, subsets: int = 4) -> Iterable[CrashState]:
