@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from itertools import accumulate
+from operator import itemgetter
 from typing import Iterator, NamedTuple, Protocol
 
 from blockemu.errors import CorruptionError, ExistsError, NotFoundError
@@ -31,6 +32,9 @@ from blockemu.ondisk.fast import ITEM_SIZE, KEY_PTR_SIZE
 KeyT = tuple[int, int, int]
 MIN_KEY: KeyT = (0, 0, 0)
 MAX_KEY: KeyT = ((1 << 64) - 1, 255, (1 << 64) - 1)
+# a change's key, for bisecting changes by key alone: comparing (key, value) pairs against a
+# 1-tuple compares the keys twice (for equality, then for order)
+_change_key = itemgetter(0)
 
 
 class Through(NamedTuple):
@@ -283,6 +287,8 @@ class BTree:
             self._merge_leaf(node, changes)
             return self._split_leaf_many(node) if node.used > self.body else []
         keys, ptrs, touched, underfull = node.keys, node.ptrs, set(), False
+        leaves, body = node.level == 1, self.body
+        quarter = body // 4  # _underfull of a leaf
         new_keys: list[KeyT] = []
         new_ptrs: list[tuple[int, int]] = []
         # only the children the changes fall in are visited, each found by a bisection of the
@@ -297,19 +303,24 @@ class BTree:
             new_ptrs += ptrs[done:slot]
             done = slot + 1
             last = done == n
-            hi = len(changes) if last else bisect_left(changes, (keys[done],), lo)
+            hi = len(changes) if last else bisect_left(changes, keys[done], lo, key=_change_key)
             part = changes[lo:hi] if rest is None else [(keys[slot], rest), *changes[lo:hi]]
             lo = hi
             rest = part[-1][1]
             if type(rest) is not Through or last or rest.hi < keys[done]:
                 rest = None
             child = self._writable_child(node, slot)
-            for c in (child, *self._apply(child, part)):
+            if leaves:  # the leaf case of _apply inline: a frame fewer for each of dozens of leaves
+                self._merge_leaf(child, part)
+                pieces = (child, *self._split_leaf_many(child)) if child.used > body else (child,)
+            else:
+                pieces = (child, *self._apply(child, part))
+            for c in pieces:
                 if c.keys:
                     new_keys.append(c.keys[0])
                     new_ptrs.append((c.bytenr, c.generation))
                     touched.add(c.bytenr)
-                    underfull = underfull or self._underfull(c)
+                    underfull = underfull or (c.used < quarter if leaves else self._underfull(c))
                 else:
                     self.store.free_block(c)
         new_keys += keys[done:]
