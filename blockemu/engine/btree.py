@@ -360,40 +360,14 @@ class BTree:
 
     @staticmethod
     def _merge_leaf(leaf: TreeBlock, changes: list[Change]) -> None:
-        """Merge sorted ``changes`` into a leaf's sorted items: a few in place (an fsync after
-        scattered writes changes one or two items in each of dozens of leaves, and rebuilding
-        a leaf's two lists around them cost more than the edits), many in one pass."""
-        if len(changes) * 16 <= len(leaf.keys):
-            BTree._edit_leaf(leaf, changes)
-            return
-        keys, values = leaf.keys, leaf.values
-        out_k: list[KeyT] = []
-        out_v: list[bytes] = []
-        i, n, used = 0, len(keys), leaf.used
-        for key, value in changes:
-            j = bisect_left(keys, key, i)
-            out_k += keys[i:j]
-            out_v += values[i:j]
-            if type(value) is Through:
-                i = bisect_right(keys, value.hi, j)
-                used -= ITEM_SIZE * (i - j) + sum(map(len, values[j:i]))
-                continue
-            if j < n and keys[j] == key:
-                used -= ITEM_SIZE + len(values[j])
-                j += 1
-            i = j
-            if value is not None:
-                out_k.append(key)
-                out_v.append(value)
-                used += ITEM_SIZE + len(value)
-        out_k += keys[i:]
-        out_v += values[i:]
-        leaf.keys, leaf.values, leaf.used = out_k, out_v, used
-
-    @staticmethod
-    def _edit_leaf(leaf: TreeBlock, changes: list[Change]) -> None:
-        """``_merge_leaf`` for a few changes: each a bisection and an edit in place (the leaf is
-        this transaction's own copy)."""
+        """Merge sorted ``changes`` into a leaf's sorted items, each a bisection and an edit in
+        place (the leaf is this transaction's own copy) -- however many there are. Rebuilding
+        the two lists in one pass around them (slices between the changes) cost more in every
+        case measured (callgrind: -37 % instructions for 10 changes into 140 items, -24 % for
+        60, -2 % and equal CPU for 1,000 into 600): each change is a bisection and a few opcodes
+        either way, and the pass added its slices and appends. An insert or delete in place moves only the items after it that were there
+        before (the changes come in key order, so the ones made already are all before it): at
+        most a leaf's worth of pointers (a few hundred), a memmove, however long the batch."""
         keys, values = leaf.keys, leaf.values
         used, i = leaf.used, 0
         for key, value in changes:
