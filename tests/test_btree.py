@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from blockemu.engine.btree import BTree, Through, _balanced_cut, max_item_size
 from blockemu.errors import ExistsError, NotFoundError
-from blockemu.ondisk.block import body_size, max_ptrs
+from blockemu.ondisk.block import TreeBlock, body_size, max_ptrs
 from blockemu.ondisk.fast import ITEM_SIZE
 from tests.conftest import MemoryImage
 
@@ -268,6 +268,49 @@ def test_batched_apply_equals_one_by_one(nodesize, data):
     max_key = data.draw(st.sampled_from([50, 400, 3000]))
     run_batches(nodesize, data.draw(batch_strategy(max_item_size(nodesize) // 4, max_key)),
                 commit_every=data.draw(st.sampled_from([1, 3])), through=data.draw(st.booleans()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=st.dictionaries(st.integers(10, 290), st.integers(0, 60), max_size=250),
+       staged=st.dictionaries(st.integers(0, 300), st.none() | st.integers(0, 60) | st.integers(1, 40).map(Through),
+                              max_size=300),
+       same=st.booleans())
+def test_merge_leaf_matches_a_dict_model(items, staged, same):
+    """``_merge_leaf``, the in-place edit of one leaf, against a dict: any number of changes
+    (up to twice the leaf's items), inserts before its first and after its last item, deletes of
+    absent keys, ``Through`` ranges, and (``same``) replacements all of the old value's size --
+    the items, their order and the leaf's byte count all match."""
+    def key(k: int) -> tuple[int, int, int]:
+        return (k, 1, 0)
+
+    def value(k: int, size: int) -> bytes:
+        return bytes([k % 251]) * size
+
+    leaf = TreeBlock(bytenr=1, generation=1, owner=5, level=0)
+    leaf.keys = [key(k) for k in sorted(items)]
+    leaf.values = [value(k, items[k]) for k in sorted(items)]
+    leaf.recount()
+    model = {key(k): value(k, size) for k, size in items.items()}
+    changes, reach = [], -1
+    for k in sorted(staged):
+        if k <= reach:  # no change may fall in a Through's range
+            continue
+        change = staged[k]
+        if type(change) is Through:
+            reach = k + change.hi
+            for m in [m for m in model if k <= m[0] <= reach]:
+                del model[m]
+            changes.append((key(k), Through((reach, 255, 0))))
+        elif change is None:
+            model.pop(key(k), None)
+            changes.append((key(k), None))
+        else:
+            size = items.get(k, change) if same else change
+            model[key(k)] = value(k + 1, size)
+            changes.append((key(k), value(k + 1, size)))
+    BTree._merge_leaf(leaf, changes)
+    assert list(zip(leaf.keys, leaf.values)) == sorted(model.items())
+    assert leaf.used == sum(ITEM_SIZE + len(v) for v in model.values())  # kept by the edits, not recounted
 
 
 @settings(max_examples=300, deadline=None)
