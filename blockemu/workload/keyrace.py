@@ -23,7 +23,7 @@ import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from blockemu import display
 from blockemu.crypto.keyring import MODES
@@ -241,9 +241,13 @@ async def run_race(
     steps: int = 2000,
     duration: float = 2.0,
     append_size: int = 1,
+    min_removals: int = 0,
 ) -> RaceResult:
     """Run the race on ``image`` (a fresh temporary one by default) under removal ``mode``;
-    each append writes ``append_size`` bytes (the dirty data a removal can catch)."""
+    each append writes ``append_size`` bytes (the dirty data a removal can catch). A free run
+    goes on past ``duration`` until the key has been removed ``min_removals`` times: how many
+    cycles a second holds is the host's speed (a removal waits for the file's writeback), and a
+    loaded machine managed four -- too few for the run to say anything (a minute at most more)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -261,7 +265,7 @@ async def run_race(
                 for _ in range(steps):
                     await anext(rng.choice(actors))
             else:
-                await _free_run(actors, duration, rng)
+                await _free_run(actors, duration, rng, lambda: result.removals >= min_removals)
             for a in actors:
                 await a.aclose()
             await race.finish()
@@ -269,11 +273,13 @@ async def run_race(
         return result
 
 
-async def _free_run(actors: list[AsyncIterator[None]], duration: float, rng: random.Random) -> None:
+async def _free_run(actors: list[AsyncIterator[None]], duration: float, rng: random.Random,
+                    enough: Callable[[], bool]) -> None:
     deadline = time.monotonic() + duration
+    cap = deadline + 60  # a removal that no longer completes ends the run, not a hang
 
     async def drive(actor: AsyncIterator[None]) -> None:
-        while time.monotonic() < deadline:
+        while (now := time.monotonic()) < deadline or not enough() and now < cap:
             await anext(actor)
             for _ in range(rng.randrange(3)):  # let the other actor and writeback interleave, unevenly
                 await asyncio.sleep(0)
