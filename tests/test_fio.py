@@ -647,10 +647,19 @@ def test_output_formats_and_failures_on_stderr(tmp_path):
     both = run("run", str(job), "--seed", "3", "--output-format", "terse,json+").stdout
     terse, _, js = both.partition("\n")
     fields = terse.split(";")
-    assert fields[0] == "3" and fields[2] == "w" and len(fields) == 121  # fio's v3 fields but disk stats
+    assert fields[0] == "3" and fields[2] == "w" and len(fields) == 130  # fio 3.33's v3 fields
+    disk = fields[121:]  # the disk stats end the line as fio's do: the image, its requests, util
+    assert disk[0].endswith(".img") and int(disk[2]) > 0 and disk[8].endswith("%")
+    assert disk[1:8] == [str(v) for v in list(json.loads(js)["disk_util"][0].values())[1:8]]
     assert sum(json.loads(js)["jobs"][0]["write"]["clat_ns"]["bins"].values()) == 16
+    job.write_text("[w]\nrw=randwrite\nsize=64k\nbs=4k\ndescription=my job\ncontinue_on_error=all\n")
+    both = run("run", str(job), "--seed", "3", "--output-format", "terse,json").stdout
+    terse, _, js = both.partition("\n")
+    assert terse.split(";")[130:] == ["0", "0", "my job"]  # then the error count, first error, description
+    assert json.loads(js)["jobs"][0]["desc"] == "my job"
     text = run("run", str(job), "--seed", "3", "--size", "32k").stdout
     assert "w: (groupid=0, jobs=1): err= 0" in text and "clat percentiles (usec):" in text
+    assert "\n  Description  : [my job]\n" in text
     assert "WRITE: bw=" in text and "io=32KiB (33kB)" in text
     # fio 3.33 ends every write line so, zoned or not
     assert any(line.startswith("  write: IOPS=") and line.endswith("; 0 zone resets") for line in text.splitlines())

@@ -348,6 +348,7 @@ class JobResult:
     first_error: int = 0
     error_log: list[str] = field(default_factory=list)  # error_dump: each error gone past
     describe: str = ""  # fio's first line for the job: rw, bs, ioengine, iodepth
+    description: str = ""  # the job's description=: fio shows it in every output format
     zone_resets: int | None = None  # zonemode=zbd: fio's nr_zone_resets
 
     @property
@@ -444,6 +445,7 @@ class JobResult:
             "latency_percentile": self.latency.percentile if self.latency else 100.0,
             "latency_window": self.latency.window_us if self.latency else 0,
             **({"total_err": self.total_err, "first_error": self.first_error} if self.continue_on else {}),
+            **({"desc": self.description} if self.description else {}),
         }
         if self.steady is not None:
             out["steadystate"] = self.steady.as_json()
@@ -1620,7 +1622,8 @@ async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
     """All clones of one job: layout first (untimed), then the clones concurrently after
     ``startdelay``, then verification, ``unlink``; one result per clone."""
     numjobs = max(1, job.get("numjobs", 1))
-    clones = [Clone(ctx, job, n, seed, JobResult(job.name, job.group, dict(job.raw), ReportOptions.of(job)))
+    clones = [Clone(ctx, job, n, seed, JobResult(job.name, job.group, dict(job.raw), ReportOptions.of(job),
+                                                 description=job.get("description", "")))
               for n in range(numjobs)]
     notes = [SYNC_NOTE] if job.get("iodepth", 1) > 1 and clones[0].engine not in ASYNC_ENGINES else []
     if clones[0].verifier is not None and clones[0].writer and job.get("do_verify", True):
@@ -1718,6 +1721,8 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
             continue  # fio shows no block for a job that issued nothing (zbd-seq-read on empty zones)
         lines.append(f"{r.name}: (groupid={r.group}, jobs={r.jobs}): err={r.error:2d}: pid={os.getpid()}: "
                      f"{time.strftime('%a %b %e %H:%M:%S %Y')}")
+        if r.description:
+            lines.append(f"  Description  : [{r.description}]")
         for i, label in enumerate(DDIR_NAMES):
             d = r.dirs[i]
             if not d.clat:
@@ -1786,8 +1791,14 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
     return lines
 
 
-def terse_report(results: list[JobResult], group_bw: dict[int, list[float]], version: str) -> list[str]:
-    """fio's terse format, version 3: one semicolon-separated line per job, latencies in usec."""
+def terse_report(results: list[JobResult], group_bw: dict[int, list[float]], version: str,
+                 disks: list[dict[str, Any]]) -> list[str]:
+    """fio's terse format, version 3: one semicolon-separated line per job, latencies in usec;
+    each line ends as fio 3.33's does, with the disk stats (``disks``: the run's ``disk_util``),
+    then continue_on_error's error count and first error, then the description, each if any."""
+    tail = [field for d in disks for field in (
+        *(str(d[k]) for k in ("name", "read_ios", "write_ios", "read_merges", "write_merges", "read_ticks",
+                              "write_ticks", "in_queue")), f"{d['util']:3.2f}%")]
     lines = []
     for r in results:
         f: list[str] = ["3", version, r.name, str(r.group), str(r.error)]
@@ -1810,5 +1821,7 @@ def terse_report(results: list[JobResult], group_bw: dict[int, list[float]], ver
         _, us, ms = r.lat_buckets()
         f += [f"{v:.2f}%" for v in us.values()]
         f += [f"{v:.2f}%" for v in ms.values()]
+        f += tail
+        f += [str(r.total_err), str(r.first_error)] * r.continue_on + [r.description] * bool(r.description)
         lines.append(";".join(f))
     return lines

@@ -130,7 +130,7 @@ class RunReport:
         entries = self.entries
         bw = group_bandwidth(entries)
         if fmt == "terse":
-            return terse_report(entries, bw, PRODUCER)
+            return terse_report(entries, bw, PRODUCER, self.disk.as_json())
         lines = [f"seed = {self.seed}"] + [f"note: {n}" for n in self.notes] + \
             (text_report(entries, bw) if entries else []) + self.disk.text()
         for j in self.jobs:
