@@ -361,7 +361,7 @@ async def test_the_mix_draws_its_data_from_the_task_pool_and_the_disk_holds_it(t
         assert len({bytes(m[:4096]) for m in task.files.values() if len(m) >= 4096}) == \
             sum(len(m) >= 4096 for m in task.files.values())
     async with blockemu.mount(img, interval=3600) as fs:
-        await task.verify(fs)
+        await task.verify(fs, result)
     assert result.ops == 16 and not result.divergent, result.divergent
 
 
@@ -381,7 +381,7 @@ async def test_a_create_refused_by_enospc_at_its_write_leaves_no_divergence(tmp_
     assert result.no_space and all("No space left on device" in e for e in result.no_space), result.no_space
     assert not result.errors, result.errors
     async with blockemu.mount(img, interval=3600) as fs:
-        await task.verify(fs)
+        await task.verify(fs, result)
     assert not result.divergent, result.divergent
 
 

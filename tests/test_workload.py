@@ -254,6 +254,53 @@ def test_under_flips_only_the_fsck_findings_the_flips_explain_count_as_detected(
         assert out["ok"] and out["fsck_flips_undone"] == "clean" and out["problems"] == [], out
 
 
+@pytest.mark.parametrize("bug", [False, True], ids=["a flipped leaf", "a lost write behind it"])
+def test_under_flips_a_read_the_flips_explain_must_read_right_with_them_undone(tmp_path, monkeypatch, bug):
+    """Under flip= every read the oracle found failing its checksum counted as detected, so a file
+    whose content was wrong (here a planted lost write: the model holds a byte the disk never got)
+    passed whenever a flipped block made its read fail. Now the image with the flips undone is
+    mounted and checked against the model too: the flipped leaf alone passes, the lost write
+    behind it fails the run."""
+    import asyncio
+
+    from blockemu.device.faultplan import FaultPlan
+    from blockemu.ondisk import structs as S
+    from blockemu.workload import runner
+    from blockemu.workload.writepath import WRITE_PATHS
+
+    real_mix = runner.run_mix
+    victim = []
+
+    async def mix_then_flip_a_files_leaf(fs, **kw):
+        result = await real_mix(fs, **kw)
+        task = result.tasks[0]
+        p = next(p for p, m in sorted(task.files.items()) if m and p not in task.tainted)
+        ino = (await fs.stat(p)).st_ino
+        if bug:
+            task.files[p][0] ^= 1  # acknowledged, says the model; never on disk
+        await fs.sync()
+        dev, plan = fs.vol.device, fs.vol.device.faults
+        leaf = next(b for b in fs.vol.engine.trees[S.FS_TREE_OBJECTID].blocks()
+                    if b.level == 0 and any(k[0] == ino for k in b.keys))
+        raw = await dev.read(leaf.bytenr, fs.vol.engine.store.nodesize)
+        dev.faults = FaultPlan(flip=1.0)
+        await dev.write(leaf.bytenr, raw)
+        dev.faults = plan
+        victim.append(p)
+        return result
+
+    monkeypatch.setattr(runner, "run_mix", mix_then_flip_a_files_leaf)
+    out = asyncio.run(runner.stress_mix(str(tmp_path / "f.img"), seed=1, tasks=2, nops=40, duration=None,
+                                        faults=FaultPlan.parse("flip=0.001"), crash_points=0,
+                                        write_path=WRITE_PATHS["fast"]))
+    assert out["detected_corruption"] > 0, out  # the oracle's read of the flipped leaf failed
+    if bug:
+        assert not out["ok"], out
+        assert [p for p in out["problems"] if p.startswith(f"the oracle (the flips undone): {victim[0]}: on disk")], out
+    else:
+        assert out["ok"] and out["problems"] == [], out
+
+
 @pytest.mark.parametrize("bug", [False, True], ids=["a flipped data sector", "a bad data sector no flip made"])
 def test_under_flips_the_closing_fsck_checks_data(tmp_path, monkeypatch, bug):
     """The closing fsck did not check data, so a flipped data sector the mix never read back

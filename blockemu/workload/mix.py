@@ -184,9 +184,9 @@ class Task:
                 return
             self.dirs.remove(d)
 
-    async def verify(self, fs: Filesystem) -> None:
+    async def verify(self, fs: Filesystem, into: MixResult) -> None:
         """The subtree as ``fs`` (a fresh mount of the image) holds it is exactly the model:
-        every name, every byte."""
+        every name, every byte; what differs or fails to read goes to ``into``."""
         found: dict[str, bytes] = {}
         unreadable: set[str] = set()
         todo = [self.root]
@@ -203,10 +203,10 @@ class Task:
                 except OSError as e:
                     unreadable.add(p)
                     if p not in self.tainted:
-                        (self.r.detected if detected(e) else self.r.divergent).append(f"{p}: unreadable on disk: {e}")
+                        (into.detected if detected(e) else into.divergent).append(f"{p}: unreadable on disk: {e}")
         for p in sorted((set(found) | set(self.files)) - self.tainted - unreadable):
             if found.get(p) != (bytes(self.files[p]) if p in self.files else None):
-                self.r.divergent.append(f"{p}: on disk {len(found.get(p, b''))} bytes, model "
+                into.divergent.append(f"{p}: on disk {len(found.get(p, b''))} bytes, model "
                                         f"{len(self.files[p]) if p in self.files else 'absent'}")
 
 
@@ -255,24 +255,28 @@ async def run_mix(fs: Filesystem, *, root: str, tasks: int, nops: int, ops: dict
     return result
 
 
-async def verify_mix(fs: Filesystem, result: MixResult) -> None:
-    """Every task's subtree on ``fs`` -- a fresh mount, so what the disk holds -- against its model."""
+async def verify_mix(fs: Filesystem, result: MixResult, into: MixResult | None = None) -> None:
+    """Every task's subtree on ``fs`` -- a fresh mount, so what the disk holds -- against its model.
+    Findings go to ``into`` (``result`` itself by default): a second image judged against the
+    same model (the run's, its bit flips undone) keeps its findings apart."""
     for t in result.tasks:
-        await t.verify(fs)
+        await t.verify(fs, into or result)
 
 
-async def verify_ledger(fs: Filesystem, result: MixResult) -> None:
+async def verify_ledger(fs: Filesystem, result: MixResult, into: MixResult | None = None) -> None:
     """After a crash: every file the ledger holds must be on disk, byte for byte (a read that
-    fails its checksum is corruption detected, not silent loss: ``result.detected``)."""
+    fails its checksum is corruption detected, not silent loss: ``into.detected``; ``into`` as
+    ``verify_mix``'s)."""
+    into = into or result
     for p, want in sorted(result.durable.items()):
         try:
             async with fs.open(p) as f:
                 got = await f.read()
         except OSError as e:
-            (result.detected if detected(e) else result.divergent).append(f"{p}: fsync-acknowledged, now {e}")
+            (into.detected if detected(e) else into.divergent).append(f"{p}: fsync-acknowledged, now {e}")
             continue
         if got != want:
-            result.divergent.append(f"{p}: fsync-acknowledged {len(want)} bytes, after the crash {len(got)} differ")
+            into.divergent.append(f"{p}: fsync-acknowledged {len(want)} bytes, after the crash {len(got)} differ")
 
 
 def detected(e: OSError) -> bool:
