@@ -311,6 +311,50 @@ async def lone_task(fs, seed: int, scale: int) -> tuple[Task, MixResult]:
     return task, result
 
 
+async def test_a_read_the_device_refused_taints_its_own_file_at_most(tmp_path):
+    """A read the device refused tainted every file of its task, as a failed sync must: the check
+    after the run then skipped them all, though a read changes nothing. An injected EIO now
+    taints the file read alone (its error may be the file's close reporting a lost writeback); a
+    checksum's refusal (a flipped sector under flip=) taints nothing."""
+    import os
+
+    async def read_until_refused(task: Task, result: MixResult) -> None:
+        result.errors.clear()
+        for _ in range(30):
+            await task.step("read")
+            if result.errors:
+                return
+        raise AssertionError("no read was refused")
+
+    img = str(tmp_path / "r.img")
+    await blockemu.mkfs(img, size="64M")
+    async with blockemu.mount(img, interval=3600) as fs:
+        task, result = await lone_task(fs, seed=4, scale=1)
+        for _ in range(6):
+            await task.step("create")
+        await fs.sync()
+        where = [m.disk_at(0) for p, data in task.files.items() if data
+                 for m in list(fs.extents.mappings((await fs.stat(p)).st_ino))[:1]]
+    assert len(where) == sum(bool(d) for d in task.files.values()) > 1
+    async with blockemu.mount(img, interval=3600) as fs:  # a cold cache: reads go to the device
+        task.fs = fs
+        fs.vol.device.faults = FaultPlan.parse("eio=0-64M:r")
+        await read_until_refused(task, result)
+        fs.vol.device.faults = FaultPlan()
+    assert result.errors[0].startswith("read: ") and len(task.tainted) == 1, (result.errors, task.tainted)
+    task.tainted.clear()
+    fd = os.open(img, os.O_RDWR)
+    try:
+        for at in where:  # every file's first data sector fails its checksum
+            os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 1]), at)
+    finally:
+        os.close(fd)
+    async with blockemu.mount(img, interval=3600) as fs:
+        task.fs = fs
+        await read_until_refused(task, result)
+    assert "checksum" in result.errors[0] and not task.tainted, (result.errors, task.tainted)
+
+
 async def test_a_sync_ledger_copies_no_model_and_stays_right_after_later_changes(tmp_path):
     """A sync records every unchanged file's model in the ledger without copying it (copying
     every task's files on each sync cost the stress mix more than the sync's writeback); a

@@ -61,6 +61,7 @@ class Task:
         self.tainted: set[str] = set()  # paths an injected fault left in an unknown state
         self.version: dict[str, int] = {}  # bumped whenever a path is about to change
         self.busy: set[str] = set()  # paths the operation in progress is changing
+        self.reading: str | None = None  # the path the operation in progress reads, if a read
         self.pool = memoryview(rng.randbytes(POOL_WRITES * 20_000 * scale))
 
     def _data(self, n: int) -> memoryview:
@@ -85,10 +86,19 @@ class Task:
                 raise
             (self.r.no_space if e.errno == errno.ENOSPC else self.r.errors).append(f"{op}: {e}")
             # the paths the operation was changing (a create whose write failed left its file,
-            # empty, on disk: the model adds a file only once written) and any it added or removed
-            self.tainted |= (before ^ set(self.files) or before) | self.busy
+            # empty, on disk: the model adds a file only once written) and any it added or
+            # removed -- else all (a failed sync leaves every file unknown); but a read changed
+            # nothing: its file only, as its error may be the file's close reporting a lost
+            # writeback, and not even that when a checksum refused what it read (a flip: the
+            # file is checked after the run like any other)
+            if self.reading is None:
+                self.tainted |= before ^ set(self.files) or before
+            elif not detected(e):
+                self.tainted.add(self.reading)
+            self.tainted |= self.busy
         finally:
             self.busy.clear()
+            self.reading = None
 
     def _changing(self, *paths: str) -> None:
         """These paths are about to change: what the ledger held for them is no longer certain."""
@@ -135,7 +145,7 @@ class Task:
             del m[size:]
             m.extend(bytes(size - len(m)))
         elif op == "read":
-            p = rng.choice(list(files))
+            p = self.reading = rng.choice(list(files))
             async with fs.open(p, "r") as f:
                 got = await f.read()
             if got != files[p] and p not in self.tainted:
