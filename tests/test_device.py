@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import random
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from blockemu.device import blockdev
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
+from blockemu.device.power import Power
 from blockemu.device.writelog import SECTOR
 from blockemu.errors import DeviceIOError, InvalidArgument
 from tests.util import Gate
@@ -139,7 +142,9 @@ async def test_a_power_cut_during_a_flush_leaves_a_crash_state_of_the_log(tmp_pa
     left = on_disk(path, 0, 8 * SECTOR)
     assert left == bytes(4 * SECTOR) + sector(5) + bytes(3 * SECTOR)
     gate.release.set()
-    await asyncio.gather(flushing, return_exceptions=True)
+    with pytest.raises(DeviceIOError, match="power cut"):
+        await flushing
+    assert on_disk(path, 0, 8 * SECTOR) == left  # the host call, let go after the cut, wrote nothing
     states = []
     for upto in range(len(log.entries) + 1):
         doubt = [e.seq for e in log.split(upto)[1]]
@@ -147,6 +152,79 @@ async def test_a_power_cut_during_a_flush_leaves_a_crash_state_of_the_log(tmp_pa
             log.crash_image(str(tmp_path / "s.img"), upto, [s for i, s in enumerate(doubt) if mask >> i & 1])
             states.append(on_disk(str(tmp_path / "s.img"), 0, 8 * SECTOR))
     assert left in states
+    await dev.close()
+
+
+def crash_images(log, path: str, length: int) -> list[bytes]:
+    """The first ``length`` bytes of every crash state the log names (``crash_states``)."""
+    out = []
+    for state in log.crash_states(random.Random(0), subsets=0):
+        log.crash_image(path, state.upto, state.keep, state.torn, state.split)
+        out.append(on_disk(path, 0, length))
+    return out
+
+
+@pytest.mark.parametrize("call", ["flush", "flush_then_fua", "fua", "background"])
+async def test_a_host_call_the_power_cut_overtook_writes_nothing(tmp_path, monkeypatch, call):
+    """A host call submitted before a power cut but not yet run (held here between the loop and
+    the I/O thread) must not write the image once it runs: the cut froze it. It used to write
+    and sync its snapshot or FUA data after the cut, racing whoever looked at the image then."""
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path)
+    log = dev.start_log()
+    await dev.write(0, sector(1))
+    name = {"flush": "_a_destage", "background": "_a_destage", "flush_then_fua": "_a_flush_fua", "fua": "_a_fua"}[call]
+    gate = Gate(getattr(blockdev, name))
+    monkeypatch.setattr(blockdev, name, gate)
+    running = asyncio.ensure_future({"flush": dev.flush, "background": dev.destage_in_background,
+                                     "flush_then_fua": lambda: dev.flush_then_fua(SECTOR, sector(2)),
+                                     "fua": lambda: dev.write(SECTOR, sector(2), fua=True)}[call]())
+    await gate.entered.wait()
+    dev.power_cut()
+    gate.release.set()
+    with pytest.raises(DeviceIOError, match="power cut"):
+        await running
+    assert on_disk(path, 0, 4 * SECTOR) == bytes(4 * SECTOR)
+    assert [e.kind for e in log.entries] in (["write"], ["write", "mark"])  # no flush or FUA completed
+    await dev.close()
+
+
+class HeldPower(Power):
+    """Holds the I/O thread before its ``at``-th piece (outside the switch) until ``go``."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.pieces = at, 0
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def __enter__(self) -> None:
+        self.pieces += 1
+        if self.pieces == self.at:
+            self.reached.set()
+            self.go.wait()
+        super().__enter__()
+
+
+async def test_a_power_cut_between_a_flushs_pieces_leaves_a_torn_snapshot_and_a_frozen_image(tmp_path):
+    """The I/O thread is held after the first of a flush's two runs: the cut lands that run and
+    refuses the second, for good -- the image is the same after the thread goes on -- and that
+    torn snapshot is one of the write log's crash states (the flush never completed)."""
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path)
+    log = dev.start_log()
+    await dev.write(0, sector(1, 2))
+    await dev.write(8 * SECTOR, sector(2))
+    dev.power = HeldPower(2)
+    flushing = asyncio.ensure_future(dev.flush())
+    await asyncio.to_thread(dev.power.reached.wait)  # the first run is written, the second not begun
+    dev.power_cut()
+    left = on_disk(path, 0, 12 * SECTOR)
+    dev.power.go.set()
+    with pytest.raises(DeviceIOError, match="power cut"):
+        await flushing
+    assert left == sector(1, 2) + bytes(10 * SECTOR)
+    assert on_disk(path, 0, 12 * SECTOR) == left
+    assert left in crash_images(log, str(tmp_path / "s.img"), 12 * SECTOR)
     await dev.close()
 
 

@@ -3,9 +3,10 @@
 A completed write lands in the device's cache, not the image: it is visible to
 reads at once but reaches the file only when a flush destages it (then the
 file is fsync'ed for real), when the cache passes its size limit (destaged,
-still not durable), or as a FUA write. A power cut drops the cache, so the
-image file itself is left in a genuine crash state; the write log (``writelog``)
-can rebuild every other one.
+still not durable), or as a FUA write. A power cut drops the cache and freezes
+the image (``power``: a host call in flight stops at the cut), so the image file
+itself is left in a genuine crash state; the write log (``writelog``) can rebuild
+every other one.
 
 Blocking file I/O runs in the executor through ``aiofiles.os.wrap``. One
 executor hop costs ~0.25 ms, so a flush destages the whole cache in one call
@@ -22,13 +23,15 @@ import errno
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import aiofiles.os
 
 from blockemu.device.faultplan import FaultPlan, Flip, sector_digest
 from blockemu.device.imagelock import open_image
+from blockemu.device.power import Power, PowerCut
 from blockemu.device.writelog import SECTOR, WriteLog, sparse_copy
 from blockemu.errors import DeviceIOError, InvalidArgument
 
@@ -129,14 +132,16 @@ def _pinned(entries: Iterable[Entry]) -> Iterator[None]:
             _let_go(e)
 
 
-def _pwrite_runs(fd: int, runs: list[tuple[int, list[memoryview]]]) -> None:
+def _pwrite_runs(fd: int, runs: list[tuple[int, list[memoryview]]], piece: AbstractContextManager[None]) -> None:
+    """The runs, each (up to ``IOV_MAX`` buffers of it) one piece: a power cut lands a prefix of them."""
     for off, bufs in runs:
         for i in range(0, len(bufs), IOV_MAX):
             chunk = bufs[i : i + IOV_MAX]
-            n = os.pwritev(fd, chunk, off)
             want = sum(len(b) for b in chunk)
-            if n != want:
-                _pwrite_rest(fd, memoryview(b"".join(chunk))[n:], off + n)
+            with piece:
+                n = os.pwritev(fd, chunk, off)
+                if n != want:
+                    _pwrite_rest(fd, memoryview(b"".join(chunk))[n:], off + n)
             off += want
 
 
@@ -151,8 +156,8 @@ def _pwrite_rest(fd: int, rest: memoryview, off: int) -> None:
         rest, off = rest[n:], off + n
 
 
-def _destage(fd: int, runs: list[tuple[int, list[memoryview]]], sync: bool) -> None:
-    _pwrite_runs(fd, runs)
+def _destage(fd: int, runs: list[tuple[int, list[memoryview]]], sync: bool, piece: AbstractContextManager[None]) -> None:
+    _pwrite_runs(fd, runs, piece)
     if sync:
         os.fsync(fd)
     else:
@@ -163,14 +168,16 @@ def _destage(fd: int, runs: list[tuple[int, list[memoryview]]], sync: bool) -> N
             os.posix_fadvise(fd, off, sum(map(len, bufs)), os.POSIX_FADV_DONTNEED)
 
 
-def _fua(fd: int, offset: int, data: bytes) -> None:
-    os.pwrite(fd, data, offset)
+def _fua(fd: int, offset: int, data: bytes, piece: AbstractContextManager[None]) -> None:
+    with piece:
+        os.pwrite(fd, data, offset)
     os.fdatasync(fd)
 
 
-def _flush_fua(fd: int, runs: list[tuple[int, list[memoryview]]], offset: int, data: bytes) -> None:
-    _destage(fd, runs, True)
-    _fua(fd, offset, data)
+def _flush_fua(fd: int, runs: list[tuple[int, list[memoryview]]], offset: int, data: bytes,
+               piece: AbstractContextManager[None]) -> None:
+    _destage(fd, runs, True, piece)
+    _fua(fd, offset, data, piece)
 
 
 _a_destage = aiofiles.os.wrap(_destage)
@@ -201,6 +208,7 @@ class BlockDevice:
         self.stats = DeviceStats()
         self.log: WriteLog | None = None
         self.dead = False
+        self.power = Power()  # what the I/O thread's writes of the image check (``power_cut``)
         self.writes = 0
         self.flipped: list[Flip] = []  # every bit the fault plan's flip= flipped, in order
         # sector index -> the newest completed, not yet destaged write covering it, as
@@ -235,9 +243,12 @@ class BlockDevice:
 
     # ------------------------------------------------------------ checks
 
+    def _gone(self) -> DeviceIOError:
+        return DeviceIOError(f"{self.path}: device is gone (power cut)")
+
     def _check(self, offset: int, length: int, op: str) -> None:
         if self.dead:
-            raise DeviceIOError(f"{self.path}: device is gone (power cut)")
+            raise self._gone()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise DeviceIOError(f"{self.path}: {op} [{offset}, +{length}) beyond the device end {self.size}")
         if op != "read" and self.readonly:
@@ -358,8 +369,7 @@ class BlockDevice:
                         cache = self._cache
                         older = {s: cache[s] for s in range(first, first + len(data) // SECTOR) if s in cache}
                         async with self._destage_lock:  # a destage of the older copies must not land after it
-                            with self._host_write():
-                                await _a_fua(self.fd, offset, data)
+                            await self._host(_a_fua, offset, data)
                         for s, entry in older.items():  # superseded only now: until then reads still see them
                             if cache.get(s) is entry:
                                 del cache[s]
@@ -448,13 +458,19 @@ class BlockDevice:
             at = end
         return runs
 
-    @contextlib.contextmanager
-    def _host_write(self) -> Iterator[None]:
-        """A write of the image file that the host refuses names the image, as cp(1) names the
+    async def _host(self, call: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run a host call that writes the image (``_a_destage``, ``_a_fua``, ``_a_flush_fua``)
+        in the I/O thread, in pieces a power cut stops (``Power``): one the cut stopped raises
+        the cut's error, its later pieces never written; one whose every piece landed before the
+        cut completes, as a disk completes a command it finished before the power went.
+
+        A write of the image file that the host refuses names the image, as cp(1) names the
         file it could not write: "a.img: No space left on device", not a bare strerror that
         reads as the emulated filesystem's own ENOSPC."""
         try:
-            yield
+            await call(self.fd, *args, self.power)
+        except PowerCut:
+            raise self._gone() from None
         except OSError as e:
             if e.filename is None and type(e) is OSError:
                 raise OSError(e.errno, e.strerror, self.path) from e
@@ -464,8 +480,8 @@ class BlockDevice:
         async with self._destage_lock:
             snapshot = dict(self._cache)
             census = Counter(snapshot.values())
-            with self._flush_logged(sync), self._host_write(), _pinned(census):
-                await _a_destage(self.fd, self._runs(snapshot, census), sync)
+            with self._flush_logged(sync), _pinned(census):
+                await self._host(_a_destage, self._runs(snapshot, census), sync)
                 self._destaged(snapshot, census)
 
     @contextlib.contextmanager
@@ -509,7 +525,7 @@ class BlockDevice:
     async def flush(self) -> None:
         """Every write completed before this call is durable when it returns."""
         if self.dead:
-            raise DeviceIOError(f"{self.path}: device is gone (power cut)")
+            raise self._gone()
         if self.readonly or self.faults.nobarrier:
             return
         await self._delay()
@@ -538,8 +554,8 @@ class BlockDevice:
             async with self._destage_lock:
                 snapshot = dict(self._cache)  # older copies of the superblock's sectors too: destaged first
                 census = Counter(snapshot.values())
-                with self._flush_logged(), self._host_write(), _pinned(census):
-                    await _a_flush_fua(self.fd, self._runs(snapshot, census), offset, data)
+                with self._flush_logged(), _pinned(census):
+                    await self._host(_a_flush_fua, self._runs(snapshot, census), offset, data)
                     self._destaged(snapshot, census)
             if self.log is not None:
                 self.log.append("fua", offset, data)
@@ -550,10 +566,15 @@ class BlockDevice:
     # ------------------------------------------------------------ power and close
 
     def power_cut(self) -> None:
-        """Drop the volatile cache, except sectors the ``torn`` fault lets land; the device then refuses all I/O."""
+        """Drop the volatile cache, except sectors the ``torn`` fault lets land; the device then
+        refuses all I/O. The image is frozen once this returns: a host call in flight (a flush,
+        a FUA write, the cache's own writeback) has landed the piece it was writing and writes
+        no other (``Power``) -- its request fails, a flush's snapshot torn between the pieces
+        that landed and those that did not, as the write log's crash states allow."""
         rng, p = self.faults.rng, self.faults.torn
-        landed = {s: d for s, d in sorted(self._cache.items()) if p and rng.random() < p}
-        _pwrite_runs(self.fd, self._runs(landed))
+        with self.power.cut():
+            landed = {s: d for s, d in sorted(self._cache.items()) if p and rng.random() < p}
+            _pwrite_runs(self.fd, self._runs(landed), contextlib.nullcontext())
         self._drop_cache()
         self.dead = True
 
@@ -585,7 +606,7 @@ class BlockDevice:
     def close_sync(self) -> None:
         if self.fd >= 0:
             if not self.dead and not self.readonly and self._cache:
-                _pwrite_runs(self.fd, self._runs(self._cache))
+                _pwrite_runs(self.fd, self._runs(self._cache), self.power)
                 self._drop_cache()
             os.close(self.fd)
             self.fd = -1
