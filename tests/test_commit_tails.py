@@ -16,6 +16,7 @@ from blockemu.fs.volume import Volume
 from blockemu.workload import crash
 from blockemu.workload.crash import Recorder, Workload, ace_workload, group_workload, run_recorded
 from blockemu.workload.writepath import PRODUCTION
+from tests.util import Gate
 
 Timing = Literal["early", "late"]
 WORKLOAD_22 = (("creat", "/B/foo"), ("write", "/A/foo"))  # `crash --max-ops 2`'s workload 22: 55 or 52 states
@@ -129,3 +130,50 @@ async def test_a_campaign_checks_both_orders_where_they_differ(monkeypatch):
     assert [n for n, _ in checked] == ["[creat /A/foo]", "[creat /B/foo ; write /A/foo]",
                                        "[creat /B/foo ; write /A/foo] (commit tails first)"]
     assert parts[0] is None and parts[1] is not None and checked[1][1] <= parts[1] < checked[2][1], (parts, checked)
+
+
+async def overwrite_stalled_while_the_lock_is_wanted(fs: Filesystem, rec: Recorder) -> None:
+    """A new file's fsync commits (a name), returning before its tail; then an overwrite's
+    writeback allocates its extent and its device write stalls (held at the device) until
+    another task -- as a group of fsyncs starts by doing -- has waited for and taken the commit
+    lock, which is what lets a held tail go."""
+    await rec.mkdir("/A")
+    async with fs.open("/A/f", "w") as f:
+        await f.write(bytes(4096))
+    await fs.sync()
+    await rec.persisted()
+    async with fs.open("/A/g", "x") as g:
+        await g.write(bytes(4096))
+        await g.fsync()
+    await rec.persisted()
+    stall = Gate(fs.vol.device.writev)
+    fs.vol.device.writev = stall  # type: ignore[method-assign]
+
+    async def wants_the_lock() -> None:
+        await stall.entered.wait()  # the overwrite's extent is allocated, its write not logged
+        async with fs.vol.commit_lock:
+            pass
+        stall.release.set()
+    try:
+        async with fs.open("/A/f", "r+") as f:
+            await f.pwrite(b"x" * 4096, 0)
+            await asyncio.gather(f.fsync(), wants_the_lock())
+    finally:
+        del fs.vol.device.writev
+    await rec.persisted()
+
+
+async def test_an_allocation_whose_write_stalls_overtakes_a_held_tail(tmp_path):
+    """When the lock is wanted, the held tail's freed extents are still pinned, and the
+    overwrite has been placed without them: nothing logged since the hold and no tree changed,
+    yet in the other order (the tail first) the write fills the hole they leave and the logs
+    part there. The recorder judged by log growth and dirty trees alone, called it not
+    overtaken, and a campaign would never have checked the other order; it must say where the
+    logs may part (the allocator changed), and they must be the same up to there."""
+    recs = [await run_recorded(overwrite_stalled_while_the_lock_is_wanted, str(tmp_path / "w.img"),
+                               str(tmp_path / "base.img"), write_path=PRODUCTION, hold_tails=hold_tails)
+            for hold_tails in (True, False)]
+    held, first = (shape(rec.log) for rec in recs)
+    assert held != first  # the premise: the orders place the overwrite differently
+    at = recs[0].overtaken
+    assert at is not None and held[:at] == first[:at], (at, held, first)

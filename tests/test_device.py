@@ -190,17 +190,20 @@ async def test_a_host_call_the_power_cut_overtook_writes_nothing(tmp_path, monke
 
 
 class HeldPower(Power):
-    """Holds the I/O thread before its ``at``-th piece (outside the switch) until ``go``."""
+    """Holds the I/O thread before its ``at``-th piece (outside the switch) until ``go``, having
+    told the loop (``reached``)."""
 
     def __init__(self, at: int) -> None:
         super().__init__()
         self.at, self.pieces = at, 0
-        self.reached, self.go = threading.Event(), threading.Event()
+        self.loop = asyncio.get_running_loop()
+        self.reached: asyncio.Future[None] = self.loop.create_future()
+        self.go = threading.Event()
 
     def __enter__(self) -> None:
         self.pieces += 1
         if self.pieces == self.at:
-            self.reached.set()
+            self.loop.call_soon_threadsafe(self.reached.set_result, None)
             self.go.wait()
         super().__enter__()
 
@@ -214,12 +217,15 @@ async def test_a_power_cut_between_a_flushs_pieces_leaves_a_torn_snapshot_and_a_
     log = dev.start_log()
     await dev.write(0, sector(1, 2))
     await dev.write(8 * SECTOR, sector(2))
-    dev.power = HeldPower(2)
+    dev.power = held = HeldPower(2)
     flushing = asyncio.ensure_future(dev.flush())
-    await asyncio.to_thread(dev.power.reached.wait)  # the first run is written, the second not begun
-    dev.power_cut()
-    left = on_disk(path, 0, 12 * SECTOR)
-    dev.power.go.set()
+    try:
+        await asyncio.wait([held.reached, flushing], return_when=asyncio.FIRST_COMPLETED)
+        assert held.reached.done()  # the first run is written, the second not begun
+        dev.power_cut()
+        left = on_disk(path, 0, 12 * SECTOR)
+    finally:
+        held.go.set()
     with pytest.raises(DeviceIOError, match="power cut"):
         await flushing
     assert left == sector(1, 2) + bytes(10 * SECTOR)
