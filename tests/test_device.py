@@ -189,6 +189,34 @@ async def test_a_host_call_the_power_cut_overtook_writes_nothing(tmp_path, monke
     await dev.close()
 
 
+class CountedPower(Power):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces = 0
+
+    def __enter__(self) -> None:
+        self.pieces += 1
+        super().__enter__()
+
+
+def test_the_image_is_written_in_pieces_of_up_to_iov_max_runs(tmp_path, monkeypatch):
+    """The switch is taken per piece of runs, not per run (per run, it cost a flush of scattered
+    4 KiB writes 39 % more instructions than their pwritev), and every byte still lands where it
+    belongs, a run longer than ``IOV_MAX`` buffers too."""
+    monkeypatch.setattr(blockdev, "IOV_MAX", 2)
+    path = make_image(tmp_path / "d.img")
+    runs = [(0, [memoryview(sector(1))]), (2 * SECTOR, [memoryview(sector(k)) for k in (2, 3, 4)]),
+            (6 * SECTOR, [memoryview(sector(5))])]
+    power = CountedPower()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        blockdev._pwrite_runs(fd, runs, power)
+    finally:
+        os.close(fd)
+    assert power.pieces == 2  # the first two runs, then the third
+    assert on_disk(path, 0, 7 * SECTOR) == sector(1) + bytes(SECTOR) + sector(2) + sector(3) + sector(4) + bytes(SECTOR) + sector(5)
+
+
 class HeldPower(Power):
     """Holds the I/O thread before its ``at``-th piece (outside the switch) until ``go``, having
     told the loop (``reached``)."""
@@ -208,10 +236,12 @@ class HeldPower(Power):
         super().__enter__()
 
 
-async def test_a_power_cut_between_a_flushs_pieces_leaves_a_torn_snapshot_and_a_frozen_image(tmp_path):
-    """The I/O thread is held after the first of a flush's two runs: the cut lands that run and
-    refuses the second, for good -- the image is the same after the thread goes on -- and that
-    torn snapshot is one of the write log's crash states (the flush never completed)."""
+async def test_a_power_cut_between_a_flushs_pieces_leaves_a_torn_snapshot_and_a_frozen_image(tmp_path, monkeypatch):
+    """The I/O thread is held after the first of a flush's two runs, each a piece here (a piece
+    is up to ``IOV_MAX`` runs): the cut lands that run and refuses the second, for good -- the
+    image is the same after the thread goes on -- and that torn snapshot is one of the write
+    log's crash states (the flush never completed)."""
+    monkeypatch.setattr(blockdev, "IOV_MAX", 1)
     path = make_image(tmp_path / "d.img")
     dev = await BlockDevice.open(path)
     log = dev.start_log()

@@ -132,17 +132,21 @@ def _pinned(entries: Iterable[Entry]) -> Iterator[None]:
             _let_go(e)
 
 
-def _pwrite_runs(fd: int, runs: list[tuple[int, list[memoryview]]], piece: AbstractContextManager[None]) -> None:
-    """The runs, each (up to ``IOV_MAX`` buffers of it) one piece: a power cut lands a prefix of them."""
-    for off, bufs in runs:
-        for i in range(0, len(bufs), IOV_MAX):
-            chunk = bufs[i : i + IOV_MAX]
-            want = sum(len(b) for b in chunk)
-            with piece:
-                n = os.pwritev(fd, chunk, off)
-                if n != want:
-                    _pwrite_rest(fd, memoryview(b"".join(chunk))[n:], off + n)
-            off += want
+def _pwrite_runs(fd: int, runs: list[tuple[int, list[memoryview]]], power: AbstractContextManager[None]) -> None:
+    """A ``pwritev`` per run (per ``IOV_MAX`` buffers of a longer one), in *pieces* of up to
+    ``IOV_MAX`` runs: a power cut lands a prefix of the pieces (``Power``). The switch is taken
+    per piece, not per run: per run it cost the flush of a thousand scattered 4 KiB writes
+    2,900 instructions a run, 39 % more than the run's own ``pwritev`` (callgrind)."""
+    for first in range(0, len(runs), IOV_MAX):
+        with power:
+            for off, bufs in runs[first : first + IOV_MAX]:
+                for i in range(0, len(bufs), IOV_MAX):
+                    chunk = bufs[i : i + IOV_MAX]
+                    n = os.pwritev(fd, chunk, off)
+                    want = sum(len(b) for b in chunk)
+                    if n != want:
+                        _pwrite_rest(fd, memoryview(b"".join(chunk))[n:], off + n)
+                    off += want
 
 
 def _pwrite_rest(fd: int, rest: memoryview, off: int) -> None:
@@ -156,8 +160,8 @@ def _pwrite_rest(fd: int, rest: memoryview, off: int) -> None:
         rest, off = rest[n:], off + n
 
 
-def _destage(fd: int, runs: list[tuple[int, list[memoryview]]], sync: bool, piece: AbstractContextManager[None]) -> None:
-    _pwrite_runs(fd, runs, piece)
+def _destage(fd: int, runs: list[tuple[int, list[memoryview]]], sync: bool, power: AbstractContextManager[None]) -> None:
+    _pwrite_runs(fd, runs, power)
     if sync:
         os.fsync(fd)
     else:
@@ -168,16 +172,16 @@ def _destage(fd: int, runs: list[tuple[int, list[memoryview]]], sync: bool, piec
             os.posix_fadvise(fd, off, sum(map(len, bufs)), os.POSIX_FADV_DONTNEED)
 
 
-def _fua(fd: int, offset: int, data: bytes, piece: AbstractContextManager[None]) -> None:
-    with piece:
+def _fua(fd: int, offset: int, data: bytes, power: AbstractContextManager[None]) -> None:
+    with power:  # one piece
         os.pwrite(fd, data, offset)
     os.fdatasync(fd)
 
 
 def _flush_fua(fd: int, runs: list[tuple[int, list[memoryview]]], offset: int, data: bytes,
-               piece: AbstractContextManager[None]) -> None:
-    _destage(fd, runs, True, piece)
-    _fua(fd, offset, data, piece)
+               power: AbstractContextManager[None]) -> None:
+    _destage(fd, runs, True, power)
+    _fua(fd, offset, data, power)
 
 
 _a_destage = aiofiles.os.wrap(_destage)

@@ -4,7 +4,7 @@ A flush, a FUA write or the cache's own writeback runs its host calls (``pwritev
 in the executor's thread, while a power cut comes on the event loop: without a switch both
 see, a call in flight at the cut went on writing the image after it -- a copy, a check or a
 second mount of the image taken right after the cut raced the thread. So the thread writes
-in *pieces* (a contiguous run of the cache, a FUA write), each inside ``with power:``, and the
+in *pieces* (up to ``IOV_MAX`` runs of the cache, a FUA write), each inside ``with power:``, and the
 cut (``cut()``) waits for a piece in progress and refuses every later one: once it has
 returned, no byte of the image changes. A flush cut so leaves a torn snapshot -- some runs
 landed, the rest not -- which a real disk's interrupted destage leaves too, and which the
@@ -24,9 +24,7 @@ class PowerCut(Exception):
 
 class Power:
     """On until ``cut()``; a piece of a host write runs whole before the cut or not at all.
-    ``with power:`` is a piece (any thread): refused, ``PowerCut``, once the power is cut. (A
-    context manager of its own, not a generator's: a flush of scattered writes has a piece per
-    run, thousands of them.)"""
+    ``with power:`` is a piece (any thread): refused, ``PowerCut``, once the power is cut."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
