@@ -573,8 +573,8 @@ class BlockDevice:
         """Drop the volatile cache, except sectors the ``torn`` fault lets land; the device then
         refuses all I/O. The image is frozen once this returns: a host call in flight (a flush,
         a FUA write, the cache's own writeback) has landed the piece it was writing and writes
-        no other (``Power``) -- its request fails, a flush's snapshot torn between the pieces
-        that landed and those that did not, as the write log's crash states allow."""
+        no other (``Power``) -- its request fails (``_host``), a flush's snapshot torn between
+        the pieces that landed and those that did not, as the write log's crash states allow."""
         rng, p = self.faults.rng, self.faults.torn
         with self.power.cut():
             landed = {s: d for s, d in sorted(self._cache.items()) if p and rng.random() < p}
