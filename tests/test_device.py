@@ -620,3 +620,47 @@ async def test_a_large_read_keeps_the_lent_buffers_it_overlays_until_it_has(tmp_
     assert await read == sector(1, n)
     assert not lender.out
     await dev.close()
+
+
+@pytest.mark.parametrize("call", ["fua", "flush_then_fua"])
+async def test_a_torn_cut_after_a_fua_landed_does_not_land_the_older_cached_copy_over_it(tmp_path, monkeypatch, call):
+    """A FUA write whose piece landed before the cut completes (``_host``), so its data must be
+    what the image holds: the torn fault lands cached sectors at the cut, and the cache still
+    holds the older copy the FUA write superseded (taken out only once the call is back on the
+    loop) -- landed after the FUA data, it put the older write over an acknowledged one, a state
+    no prefix of the write log names."""
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path, faults=FaultPlan(torn=1.0))
+    log = dev.start_log()
+    await dev.write(SECTOR, sector(1))
+    name = {"fua": "_a_fua", "flush_then_fua": "_a_flush_fua"}[call]
+    gate = Gate(getattr(blockdev, name), after=True)  # the host call done, the loop not yet back
+    monkeypatch.setattr(blockdev, name, gate)
+    running = asyncio.ensure_future(dev.write(SECTOR, sector(2), fua=True) if call == "fua"
+                                    else dev.flush_then_fua(SECTOR, sector(2)))
+    await gate.entered.wait()
+    dev.power_cut()
+    gate.release.set()
+    await running  # every piece landed before the cut: acknowledged
+    assert on_disk(path, SECTOR, SECTOR) == sector(2)
+    assert on_disk(path, 0, 4 * SECTOR) in crash_images(log, str(tmp_path / "s.img"), 4 * SECTOR)
+    await dev.close()
+
+
+async def test_a_flush_the_cut_overtook_before_its_snapshot_fails(tmp_path, monkeypatch):
+    """A flush called before a cut but taking its snapshot after it (here held at its latency
+    wait) finds the cache the cut dropped empty: it must fail, not report durable the writes
+    completed before it was called, which the cut lost."""
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path)
+    await dev.write(0, sector(1))
+    gate = Gate(dev._delay)
+    monkeypatch.setattr(dev, "_delay", gate)
+    flushing = asyncio.ensure_future(dev.flush())
+    await gate.entered.wait()
+    dev.power_cut()
+    gate.release.set()
+    with pytest.raises(DeviceIOError, match="power cut"):
+        await flushing
+    assert on_disk(path, 0, SECTOR) == bytes(SECTOR)
+    await dev.close()

@@ -219,6 +219,9 @@ class BlockDevice:
         # (its data, its first sector): one entry object per write, shared by its sectors
         self._cache: dict[int, Entry] = {}
         self._destage_lock = asyncio.Lock()
+        # the sectors of the FUA write whose host call is under way (one at a time: it holds the
+        # destage lock), until the cache lets go of their older copies (``_host``, ``power_cut``)
+        self._fua_sectors = range(0)
         self._background: asyncio.Task | None = None
 
     @classmethod
@@ -373,7 +376,7 @@ class BlockDevice:
                         cache = self._cache
                         older = {s: cache[s] for s in range(first, first + len(data) // SECTOR) if s in cache}
                         async with self._destage_lock:  # a destage of the older copies must not land after it
-                            await self._host(_a_fua, offset, data)
+                            await self._host(_a_fua, offset, data, fua_sectors=range(first, first + len(data) // SECTOR))
                         for s, entry in older.items():  # superseded only now: until then reads still see them
                             if cache.get(s) is entry:
                                 del cache[s]
@@ -462,7 +465,7 @@ class BlockDevice:
             at = end
         return runs
 
-    async def _host(self, call: Callable[..., Awaitable[None]], *args: object) -> None:
+    async def _host(self, call: Callable[..., Awaitable[None]], *args: object, fua_sectors: range = range(0)) -> None:
         """Run a host call that writes the image (``_a_destage``, ``_a_fua``, ``_a_flush_fua``)
         in the I/O thread, in pieces a power cut stops (``Power``): one the cut stopped raises
         the cut's error, its later pieces never written; one whose every piece landed before the
@@ -470,7 +473,13 @@ class BlockDevice:
 
         A write of the image file that the host refuses names the image, as cp(1) names the
         file it could not write: "a.img: No space left on device", not a bare strerror that
-        reads as the emulated filesystem's own ENOSPC."""
+        reads as the emulated filesystem's own ENOSPC.
+
+        ``fua_sectors``: a FUA write's, which a cut from here until the caller drops the older
+        copies the cache holds of them (synchronously, once this returns) must not land from the
+        cache (``power_cut``): the FUA data may be on the image already, and an older copy landed
+        over it would lose a write the call acknowledges."""
+        self._fua_sectors = fua_sectors
         try:
             await call(self.fd, *args, self.power)
         except PowerCut:
@@ -479,9 +488,13 @@ class BlockDevice:
             if e.filename is None and type(e) is OSError:
                 raise OSError(e.errno, e.strerror, self.path) from e
             raise
+        finally:
+            self._fua_sectors = range(0)
 
     async def _destage_cache(self, *, sync: bool) -> None:
         async with self._destage_lock:
+            if self.dead:  # cut while this waited (the lock, a flush's latency): the cache it would sync is gone
+                raise self._gone()
             snapshot = dict(self._cache)
             census = Counter(snapshot.values())
             with self._flush_logged(sync), _pinned(census):
@@ -559,7 +572,8 @@ class BlockDevice:
                 snapshot = dict(self._cache)  # older copies of the superblock's sectors too: destaged first
                 census = Counter(snapshot.values())
                 with self._flush_logged(), _pinned(census):
-                    await self._host(_a_flush_fua, self._runs(snapshot, census), offset, data)
+                    await self._host(_a_flush_fua, self._runs(snapshot, census), offset, data,
+                                     fua_sectors=range(offset // SECTOR, (offset + len(data)) // SECTOR))
                     self._destaged(snapshot, census)
             if self.log is not None:
                 self.log.append("fua", offset, data)
@@ -575,9 +589,9 @@ class BlockDevice:
         a FUA write, the cache's own writeback) has landed the piece it was writing and writes
         no other (``Power``) -- its request fails (``_host``), a flush's snapshot torn between
         the pieces that landed and those that did not, as the write log's crash states allow."""
-        rng, p = self.faults.rng, self.faults.torn
-        with self.power.cut():
-            landed = {s: d for s, d in sorted(self._cache.items()) if p and rng.random() < p}
+        rng, p, fua = self.faults.rng, self.faults.torn, self._fua_sectors
+        with self.power.cut():  # (not the sectors of a FUA write under way: its data may be newer on the image)
+            landed = {s: d for s, d in sorted(self._cache.items()) if p and s not in fua and rng.random() < p}
             _pwrite_runs(self.fd, self._runs(landed), contextlib.nullcontext())
         self._drop_cache()
         self.dead = True
