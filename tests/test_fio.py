@@ -641,6 +641,18 @@ runtime=0.3
     assert 250 <= ramp["job_runtime"] < 500  # the 300 ms of ramp are not in it either
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["numjobs=2", "numjobs=2 group_reporting"])
+def test_the_normal_output_announces_clones_as_fio_does(tmp_path, grouped):
+    """fio 3.33 marks a job's clones with a "..." line under its description line and counts
+    "Starting 2 processes" -- with group_reporting too, where one result stands for both and the
+    line read "Starting 2 process"."""
+    job = tmp_path / "c.fio"
+    job.write_text("[w]\nrw=randwrite\nsize=16k\nbs=4k\nnumjobs=2\n" + "group_reporting\n" * grouped)
+    lines = run("run", str(job), "--seed", "3").stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("w: (g=0): rw=randwrite"))
+    assert lines[at + 1] == "..." and "Starting 2 processes" in lines, lines[:6]
+
+
 def test_output_formats_and_failures_on_stderr(tmp_path):
     job = tmp_path / "o.fio"
     job.write_text("[w]\nrw=randwrite\nsize=64k\nbs=4k\n")

@@ -1694,7 +1694,7 @@ def _count(n: float) -> str:
 def describe(job: Job, c: Clone) -> str:
     bs = ", ".join(f"({k}) {c.sizes[i].lo}B-{c.sizes[i].hi}B" for i, k in enumerate("RWT"))
     return f"{job.name}: (g={job.group}): rw={c.rw.pattern}, bs={bs}, ioengine={c.engine}, " \
-           f"iodepth={max(1, job.get('iodepth', 1))}"
+           f"iodepth={max(1, job.get('iodepth', 1))}" + "\n..." * (job.get("numjobs", 1) > 1)  # fio's mark of the clones
 
 
 def _lat_line(label: str, ns: list[int]) -> str:
@@ -1715,7 +1715,8 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
             seen.add(r.name)
             lines.append(r.describe)
     lines += dict.fromkeys(n for r in results for n in r.notes)  # in the order fio prints them
-    lines.append(f"Starting {sum(r.jobs for r in results)} process{'es' if len(results) != 1 else ''}\n")
+    started = sum(r.jobs for r in results)  # (group_reporting: one result for them all)
+    lines.append(f"Starting {started} process{'es' if started > 1 else ''}\n")
     for r in results:
         if not r.ios_issued:
             continue  # fio shows no block for a job that issued nothing (zbd-seq-read on empty zones)
