@@ -315,14 +315,14 @@ async def test_a_read_the_device_refused_taints_its_own_file_at_most(tmp_path):
     """A read the device refused tainted every file of its task, as a failed sync must: the check
     after the run then skipped them all, though a read changes nothing. An injected EIO now
     taints the file read alone (its error may be the file's close reporting a lost writeback); a
-    checksum's refusal (a flipped sector under flip=) taints nothing."""
+    checksum's refusal (a flipped sector under flip=) taints nothing and is corruption detected."""
     import os
 
     async def read_until_refused(task: Task, result: MixResult) -> None:
         result.errors.clear()
         for _ in range(30):
             await task.step("read")
-            if result.errors:
+            if result.errors or result.detected:
                 return
         raise AssertionError("no read was refused")
 
@@ -352,7 +352,8 @@ async def test_a_read_the_device_refused_taints_its_own_file_at_most(tmp_path):
     async with blockemu.mount(img, interval=3600) as fs:
         task.fs = fs
         await read_until_refused(task, result)
-    assert "checksum" in result.errors[0] and not task.tainted, (result.errors, task.tainted)
+    # corruption detected (a sound device's run fails on it), not an I/O error
+    assert not result.errors and "checksum" in result.detected[0] and not task.tainted, (result, task.tainted)
 
 
 async def test_a_sync_ledger_copies_no_model_and_stays_right_after_later_changes(tmp_path):

@@ -40,8 +40,8 @@ class MixResult:
     by_op: dict[str, int] = field(default_factory=dict)
     acknowledged_writes: int = 0
     divergent: list[str] = field(default_factory=list)
-    # reads after the run that failed their checksum (or a tree block's): corruption detected,
-    # which injected bit flips make and a sound run without them never shows
+    # operations, and reads after the run, that a checksum (data's or a tree block's) refused:
+    # corruption detected, which injected bit flips make and a sound run without them never shows
     detected: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # operations the (faulty) device made fail
     no_space: list[str] = field(default_factory=list)  # operations refused with ENOSPC: the image is full
@@ -76,15 +76,20 @@ class Task:
         return f"{self.rng.choice(self.dirs)}/{kind}{self.n}"
 
     async def step(self, op: str) -> None:
-        """One operation; a failure the device injected (EIO, EROFS) or a full image (ENOSPC)
-        taints the paths involved."""
+        """One operation; a failure the device injected (EIO, EROFS), a full image (ENOSPC) or a
+        checksum's refusal taints the paths involved. A checksum's refusal (of data: EIO, of a
+        tree block: EUCLEAN) is corruption detected -- a flip's under flip=, else the run's
+        failure -- not an I/O error."""
         before = set(self.files)
         try:
             await self._step(op)
         except OSError as e:
-            if e.errno not in (errno.EIO, errno.ENOSPC, errno.EROFS):
+            if detected(e):
+                self.r.detected.append(f"{op}: {e}")
+            elif e.errno not in (errno.EIO, errno.ENOSPC, errno.EROFS):
                 raise
-            (self.r.no_space if e.errno == errno.ENOSPC else self.r.errors).append(f"{op}: {e}")
+            else:
+                (self.r.no_space if e.errno == errno.ENOSPC else self.r.errors).append(f"{op}: {e}")
             # the paths the operation was changing (a create whose write failed left its file,
             # empty, on disk: the model adds a file only once written) and any it added or
             # removed -- else all (a failed sync leaves every file unknown); but a read changed
