@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import random
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -165,6 +166,34 @@ async def test_st_blocks_counts_data_not_yet_written_back(image, monkeypatch):
                 gate.release.set()  # a failure must not leave the unmount waiting for the write
                 await fsync
             assert (await fs.stat("/d")).st_blocks * 512 == size  # both mapped
+
+
+async def test_a_writes_times_show_at_once_and_a_later_ctime_outlives_them(image, monkeypatch):
+    """A write marks mtime and ctime (POSIX: stat sees them at once), but the filesystem folds the
+    write's time into the inode item only when the inode is saved: stat showed the time before the
+    write until writeback, and a rename after the write had its ctime replaced by the write's older
+    time at that save -- on disk too. Driven by a clock of our own, no sleeps."""
+    from blockemu.fs import filesystem
+
+    clock = [1_700_000_000 * 10**9]
+    monkeypatch.setattr(filesystem, "time", SimpleNamespace(time_ns=lambda: clock[0]))
+    t_write, t_rename = clock[0] + 10**9, clock[0] + 2 * 10**9
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"old")
+        await fs.sync()
+        clock[0] = t_write
+        async with fs.open("/f", "r+") as f:
+            await f.pwrite(b"new", 0)
+        s = await fs.stat("/f")
+        assert (s.st_mtime_ns, s.st_ctime_ns) == (t_write, t_write)  # not yet written back
+        clock[0] = t_rename
+        await fs.rename("/f", "/g")
+        s = await fs.stat("/g")
+        assert (s.st_mtime_ns, s.st_ctime_ns) == (t_write, t_rename)
+    async with blockemu.mount(image, readonly=True) as fs:
+        s = await fs.stat("/g")
+        assert (s.st_mtime_ns, s.st_ctime_ns) == (t_write, t_rename)
 
 
 async def test_truncate_down_and_up(fs):

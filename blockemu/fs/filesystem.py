@@ -308,8 +308,11 @@ class Filesystem:
         One ``_replace`` a save: each costs a dict and a tuple, and saves come several an operation."""
         tid = self.vol.engine.transid
         if inode.data_changed_ns:
-            now = _ts(inode.data_changed_ns)
-            inode.item = inode.item._replace(size=inode.disk_size, nbytes=inode.nbytes, transid=tid, mtime=now, ctime=now)
+            # the write's time is the mtime; the ctime only if nothing changed the inode since
+            # (a rename or chmod after the write, before this save, keeps its later ctime)
+            now, item = _ts(inode.data_changed_ns), inode.item
+            inode.item = item._replace(size=inode.disk_size, nbytes=inode.nbytes, transid=tid, mtime=now,
+                                       ctime=max(item.ctime, now))
             inode.data_changed_ns = 0
         else:
             inode.item = inode.item._replace(size=inode.disk_size, nbytes=inode.nbytes, transid=tid)
@@ -890,8 +893,10 @@ class Filesystem:
         if st.S_ISLNK(it.mode) and (stored := self._stored_target(i)) is not None:
             size = len(self._target(i, stored).encode(errors="surrogateescape"))
         blocks = (i.nbytes + i.flushing + len(i.pages.dirty) * PAGE) // 512
-        return Stat(it.mode, i.ino, it.nlink, it.uid, it.gid, size, blocks,
-                    _ns(it.atime), _ns(it.mtime), _ns(it.ctime))
+        mtime, ctime = _ns(it.mtime), _ns(it.ctime)
+        if i.data_changed_ns:  # a write not yet folded into the item: stat shows its time at once, as POSIX asks
+            mtime, ctime = i.data_changed_ns, max(ctime, i.data_changed_ns)
+        return Stat(it.mode, i.ino, it.nlink, it.uid, it.gid, size, blocks, _ns(it.atime), mtime, ctime)
 
     # ------------------------------------------------------------------ by inode number
 
