@@ -984,6 +984,21 @@ def test_parse_errors_come_all_at_once_from_the_cli(tmp_path):
         parse("[j]\nsize=(1+\n", "t.fio")
 
 
+
+def test_values_fio_fails_parsing_are_refused_not_clamped():
+    """fio's minval/maxval: ``iodepth=0``, ``bs=0``, ``numjobs=0`` and percentages past 100 fail
+    fio's parsing; blockemu ran them (iodepth 1, bs 4 KiB, one job, a mix of 150 % reads).
+    The bounds themselves still parse."""
+    bad = {"numjobs": "0", "iodepth": "0", "bs": "4k,0", "rwmixread": "101", "rwmixwrite": "-1",
+           "trim_percentage": "101", "buffer_compress_percentage": "101", "dedupe_percentage": "101",
+           "dedupe_working_set_percentage": "101"}
+    with pytest.raises(InvalidArgument) as e:
+        parse("[j]\nrw=randrw\nsize=1m\n" + "".join(f"{k}={v}\n" for k, v in bad.items()), "b.fio")
+    for line, (key, value) in enumerate(bad.items(), start=4):
+        assert f"b.fio:{line}: bad value for {key}: '{value.split(',')[-1]}' (" in str(e.value)  # bs: the write's
+    ok = parse("[j]\nrw=randrw\nsize=1m\nnumjobs=1\niodepth=1\nbs=1\nrwmixread=100\nrwmixwrite=0\n", "o.fio")
+    assert [ok.jobs[0].get(k) for k in ("numjobs", "iodepth", "rwmixread", "rwmixwrite")] == [1, 1, 100, 0]
+
 # --- fill_device, trim, error policy, buffer contents, percentage sizes ------------------------
 
 async def test_fill_device_writes_until_enospc_and_that_is_success(tmp_path):

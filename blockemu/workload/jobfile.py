@@ -317,14 +317,21 @@ def fraction(text: str) -> float:
     return value
 
 
+def bounded(lo: int, hi: int | None = None, conv: Callable[[str], int] = integer) -> Callable[[str], int]:
+    """fio's minval/maxval: fio fails parsing a value outside them (``failed parsing iodepth=0``),
+    so it is refused here too -- taken, it ran clamped (``iodepth=0`` as 1, ``bs=0`` as 4 KiB) or
+    drew from a mix no job file can mean (``rwmixread=150``)."""
+    def parse(text: str) -> int:
+        value = conv(text)
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError(f"{text!r} ({f'at least {lo}' if hi is None else f'between {lo} and {hi}'})")
+        return value
+    return parse
+
+
 MAX_OPEN_ZONES = 4096  # fio's own limit on max_open_zones (ZBD_MAX_OPEN_ZONES)
-
-
-def open_zones(text: str) -> int:
-    value = integer(text)
-    if not 0 <= value <= MAX_OPEN_ZONES:
-        raise ValueError(f"{text!r} (between 0 and {MAX_OPEN_ZONES})")
-    return value
+open_zones = bounded(0, MAX_OPEN_ZONES)
+percentage = bounded(0, 100)
 
 
 ERROR_KINDS = ("read", "write", "verify")  # fio's error types: continue_on_error and ignore_error lists
@@ -375,19 +382,19 @@ VERIFY_TYPES = ("0", "null", "md5", "crc64", "crc32c", "crc32c-intel", "crc32", 
 OPTIONS: dict[str, Callable[[str], Any]] = {
     "name": str, "description": str, "filename": str, "directory": str, "filename_format": str,
     "wait_for": str, "rw": parse_rw, "rw_sequencer": choice("sequential", "identical"),
-    "bs": per_direction(size), "bsrange": per_direction(bs_range), "bssplit": per_direction(bs_split),
+    "bs": per_direction(bounded(1, conv=size)), "bsrange": per_direction(bs_range), "bssplit": per_direction(bs_split),
     "bs_unaligned": parse_bool, "ba": per_direction(size), "thinktime": parse_usec, "thinktime_spin": parse_usec,
     "thinktime_blocks": integer, "size": size_or_share, "filesize": file_size, "io_size": size_or_share,
     "offset": size_or_share,
     "offset_increment": size_or_zones, "number_ios": integer, "nrfiles": integer, "file_service_type": choice(
         "roundrobin", "random", "sequential"),
-    "numjobs": integer, "iodepth": integer, "ioengine": engine, "runtime": parse_time, "time_based": parse_bool,
+    "numjobs": bounded(1), "iodepth": bounded(1), "ioengine": engine, "runtime": parse_time, "time_based": parse_bool,
     "ramp_time": parse_time, "startdelay": parse_time, "loops": integer, "fsync": integer, "fdatasync": integer,
     "end_fsync": parse_bool, "fsync_on_close": parse_bool, "randseed": integer, "randrepeat": parse_bool,
     "allrandrepeat": parse_bool, "norandommap": parse_bool, "random_distribution": distribution,
     "verify": choice(*VERIFY_TYPES), "do_verify": parse_bool, "verify_fatal": parse_bool,
     "verify_pattern": verify_pattern, "verify_interval": size, "verify_backlog": integer,
-    "verify_backlog_batch": integer, "rwmixread": integer, "rwmixwrite": integer,
+    "verify_backlog_batch": integer, "rwmixread": percentage, "rwmixwrite": percentage,
     "rate": per_direction(size), "rate_iops": per_direction(integer), "rate_min": per_direction(size),
     "rate_iops_min": per_direction(integer), "rate_process": choice("linear", "poisson"),
     "fill_device": parse_bool, "steadystate": steadystate, "steadystate_duration": parse_time,
@@ -407,11 +414,11 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "create_fsync": parse_bool, "percentile_list": str, "clat_percentiles": parse_bool,
     "lat_percentiles": parse_bool, "slat_percentiles": parse_bool, "continue_on_error": continue_on,
     "ignore_error": ignore_errors, "error_dump": parse_bool,
-    "trim_percentage": integer, "trim_verify_zero": parse_bool, "trim_backlog": integer,
+    "trim_percentage": percentage, "trim_verify_zero": parse_bool, "trim_backlog": integer,
     "trim_backlog_batch": integer,
-    "buffer_pattern": verify_pattern, "buffer_compress_percentage": integer, "buffer_compress_chunk": size,
-    "dedupe_percentage": integer, "dedupe_mode": choice("repeat", "working_set"),
-    "dedupe_working_set_percentage": integer, "dedupe_global": parse_bool,
+    "buffer_pattern": verify_pattern, "buffer_compress_percentage": percentage, "buffer_compress_chunk": size,
+    "dedupe_percentage": percentage, "dedupe_mode": choice("repeat", "working_set"),
+    "dedupe_working_set_percentage": percentage, "dedupe_global": parse_bool,
     # documented no-ops: the emulated filesystem has no page cache bypass, no preallocation and
     # no readahead to advise, and asyncio tasks are neither threads nor processes
     "direct": parse_bool, "buffered": parse_bool, "invalidate": parse_bool, "fallocate": str,
