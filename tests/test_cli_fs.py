@@ -319,6 +319,34 @@ def test_ls_lists_a_directory_whose_link_target_is_unreadable(tmp_path):
     assert {r["name"]: r["target"] for r in rows} == {"a": None, "link": None}
 
 
+def test_ls_lists_the_names_whose_inodes_sit_in_a_damaged_tree_block(tmp_path):
+    """ls stat'ed every entry, -l or not, so one bad fs-tree leaf holding some children's inodes
+    (not the directory's entries) failed the whole listing -- fsck --repair's note sends the user
+    to ls to find the files still readable. Plain ls now needs names only; ls -l and --json say
+    each entry they cannot stat and list the rest, exit 1, as ls(1) does."""
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    names = [f"f{i:03}" for i in range(200)]
+    for name in names:
+        (root / "d" / name).write_bytes(b"x")
+    img = str(tmp_path / "d.img")
+    run("mkfs", img, "--size", "32M", "--rootdir", str(root))
+    leaves = [b for b in json.loads(run("inspect", "dump-tree", img, "--tree", "fs", "--json").stdout) if b["level"] == 0]
+    d_ino = json.loads(run("ls", img, "/", "--json").stdout)[0]["ino"]
+    bad = leaves[-2]  # children's items only (the last leaf holds what a mount's orphan scan reads)
+    assert all(d_ino < item["key"][0] < 1 << 32 for item in bad["items"])
+    lost = {it["key"][0] for it in bad["items"] if it["type"] == "INODE_ITEM"}
+    with open(img, "r+b") as raw:
+        raw.seek(bad["bytenr"])
+        raw.write(bytes(4096))
+    assert run("ls", img, "/d").stdout.split() == names
+    p = run("ls", img, "/d", "-l", check_rc=1)
+    listed = [line.split()[-1] for line in p.stdout.splitlines()]
+    assert 0 < len(listed) == len(names) - len(lost) and p.stderr.count("cannot access") == len(lost), p.stderr
+    rows = json.loads(run("ls", img, "/d", "--json", check_rc=1).stdout)
+    assert [r["name"] for r in rows] == listed and not {r["ino"] for r in rows} & lost
+
+
 def test_put_takes_any_legal_name_and_names_a_parent_that_is_no_directory(tmp_path):
     """put's temporary file was PATH's name with '.' before and '.put-XXXXXXXX' after, so a legal
     name of 242 to 255 bytes failed with ENAMETOOLONG naming that temporary file; and a parent

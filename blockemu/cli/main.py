@@ -601,9 +601,20 @@ def cmd_ls(a: argparse.Namespace) -> int:
             why = await explain_no_key(fs, a.path, key_identifier(read_key(a.key_file)).hex())
             if why is not None:
                 print(f"blockemu: ls: {why}; no-key names shown", file=sys.stderr)
+        if not (a.long or a.json):
+            # names alone need no inode: a bad tree block under some of the directory's inodes
+            # failed the whole listing, where fsck --repair's note promises ls lists the rest
+            for name in names:
+                print(name)
+            return 0
         rows, unreadable = [], 0
         for name in names:
-            s = await fs.stat(f"{base}/{name}")
+            try:
+                s = await fs.stat(f"{base}/{name}")
+            except OSError as e:  # as ls -l: said, and the listing goes on without it (exit 1)
+                print(f"blockemu: ls: {base}/{name}: cannot access: {e.strerror or e}", file=sys.stderr)
+                unreadable += 1
+                continue
             target = None
             if stat.S_ISLNK(s.st_mode) and (a.long or a.json):
                 # as ls -l: a link's target (its no-key form without the key); one that cannot be
@@ -620,13 +631,10 @@ def cmd_ls(a: argparse.Namespace) -> int:
         if a.json:
             emit_json([{**r, **json_bytes(r, "name", "target")} for r in rows])
         for r in rows if not a.json else ():
-            if a.long:
-                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["mtime_ns"] / 1e9))
-                lock = " (encrypted)" if r["encrypted"] else ""
-                arrow = f" -> {r['target']}" if r["target"] is not None else ""
-                print(f"{r['mode']} {r['nlink']:>3} {r['size']:>12} {when} {r['name']}{arrow}{lock}")
-            else:
-                print(r["name"])
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["mtime_ns"] / 1e9))
+            lock = " (encrypted)" if r["encrypted"] else ""
+            arrow = f" -> {r['target']}" if r["target"] is not None else ""
+            print(f"{r['mode']} {r['nlink']:>3} {r['size']:>12} {when} {r['name']}{arrow}{lock}")
         return 1 if unreadable else 0
     return on_image(a, body, readonly=True)
 
