@@ -661,6 +661,44 @@ def test_a_read_that_fails_with_eio_says_why_in_the_servers_log(env, image, mnt)
     assert "blockemu: mount: read: " in log and f"checksum mismatch at file offset 4096 (disk {disk + 4096})" in log, log
 
 
+def test_a_directory_listing_says_the_entries_a_damaged_tree_block_hides(env, mnt, tmp_path) -> None:
+    """readdir looks each entry up for its attributes and skipped every entry whose lookup
+    failed, as if removed since opendir: with a bad fs-tree leaf under some files' inodes,
+    ``ls`` showed the rest and ``cp -a`` of the directory exited 0 without those files. The
+    listing now gives every other entry, then fails with the entries' error (EUCLEAN)."""
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    for i in range(200):
+        (root / "d" / f"f{i:03}").write_bytes(b"x")
+    image = tmp_path / "d.img"
+    blockemu(env, "mkfs", str(image), "--size", "32M", "--rootdir", str(root))
+    inos = {r["ino"]: r["name"] for r in json.loads(blockemu(env, "ls", str(image), "/d", "--json").stdout)}
+    leaves = [b for b in json.loads(blockemu(env, "inspect", "dump-tree", str(image), "--tree", "fs", "--json").stdout)
+              if b["level"] == 0]
+    bad = leaves[-2]  # children's inodes only (the last leaf holds what a mount's orphan scan reads)
+    lost = {inos[it["key"][0]] for it in bad["items"] if it["type"] == "INODE_ITEM"}
+    assert lost and all(it["key"][0] in inos for it in bad["items"])
+    with open(image, "r+b") as raw:
+        raw.seek(bad["bytenr"])
+        raw.write(bytes(4096))
+    with Served(env, image, mnt, "-o", "ro"):
+        script = tmp_path / "list.py"
+        script.write_text(textwrap.dedent(f"""
+            import json, os
+            seen, err = [], None
+            try:
+                for e in os.scandir({str(mnt / "d")!r}):
+                    seen.append(e.name)
+            except OSError as e:
+                err = e.errno
+            print(json.dumps([err, sorted(seen)]))
+            """))
+        err, names = json.loads(sh(f"{PY} {script}").stdout)
+        assert err == errno.EUCLEAN and names == sorted(set(inos.values()) - lost)
+        copy = sh(f"cp -a {mnt}/d {tmp_path}/copy")
+        assert copy.returncode == 1 and "Structure needs cleaning" in copy.stderr, copy.stderr
+
+
 def test_a_clean_unmount_removes_an_empty_log_and_keeps_one_that_says_something(env, image, mnt) -> None:
     """The background server's logs were never removed: one more in the runtime directory for
     every mount point ever mounted. A clean unmount drops an empty one; one that explains an

@@ -103,6 +103,7 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.files: dict[int, File] = {}
         self.dirs: dict[int, tuple[int, list[bytes]]] = {}
+        self.dir_errors: dict[int, int] = {}  # an open directory's first unreadable entry's errno (readdir)
         self.next_fh = 1
         self.names = asyncio.Lock()  # see by_path
 
@@ -287,20 +288,31 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        """An entry whose inode does not read (a damaged tree block: EUCLEAN, EIO) is left out, and
+        its error ends the listing once every other entry is given: skipped silently, it made
+        ``cp -a`` of a damaged directory exit 0 without the files. The kernel drops the
+        entries of a reply that fails, so the error waits for a call that would give none."""
         inode, names = self.dirs[fh]
+        given = False
         for i in range(start_id, len(names)):
             try:
                 attrs = await self.lookup(inode, names[i])
-            except pyfuse3.FUSEError:
-                continue  # removed since opendir
+            except pyfuse3.FUSEError as e:
+                if e.errno in (errno.EIO, errno.EUCLEAN):  # else removed (or locked) since opendir
+                    self.dir_errors.setdefault(fh, e.errno)
+                continue
             if not attrs.st_ino:
                 continue  # the same, in a directory where a missing name is a negative entry
             if not pyfuse3.readdir_reply(token, names[i], attrs, i + 1):
                 return
+            given = True
+        if not given and fh in self.dir_errors:
+            raise pyfuse3.FUSEError(self.dir_errors.pop(fh))
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
         del self.dirs[fh]
+        self.dir_errors.pop(fh, None)
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
