@@ -24,7 +24,20 @@ import blockemu
 from blockemu.errors import InvalidArgument
 from blockemu.fs.filesystem import File, mount
 from blockemu.workload.buffers import Buffers
-from blockemu.workload.fio import DIGESTS, SYNC_NOTE, WRITE, Clone, JobResult, LatencyTarget, RunContext, SteadyWatch, Verifier
+from blockemu.workload.fio import (
+    DIGESTS,
+    SYNC_NOTE,
+    WRITE,
+    Clone,
+    JobResult,
+    LatencyTarget,
+    RunContext,
+    SteadyWatch,
+    Verifier,
+    _lat_line,
+    _percentile_lines,
+    num2str,
+)
 from blockemu.workload.jobfile import Share, parse
 from blockemu.workload.lastwrites import LastWrites
 from blockemu.workload.runner import run_workload
@@ -653,6 +666,29 @@ def test_the_normal_output_announces_clones_as_fio_does(tmp_path, grouped):
     assert lines[at + 1] == "..." and "Starting 2 processes" in lines, lines[:6]
 
 
+def test_figures_are_written_as_fio_writes_them():
+    """The text output wrote sizes, rates and counts with 3 significant figures where fio 3.33's
+    num2str gives 4 (``16MiB`` for fio's ``16.0MiB``, ``2.1MiB/s`` for ``2148KiB/s``, ``4.5k``
+    IOPS for ``4541``), and chose a latency line's unit by its maximum alone, so a 34 ms worst
+    case printed ``slat (msec): min=0, max=34, avg=0.01`` where fio keeps nanoseconds unless
+    the minimum, the maximum and the spread all call for more. The expected strings are real
+    fio 3.33's, from runs on a host directory (and fio's show_clat_percentiles)."""
+    cases = [((16 << 20, 4, True, "B"), "16.0MiB"), ((16383 << 10, 4, True, "B"), "16.0MiB"),
+             ((32768, 4, True, "B"), "32.0KiB"), ((32768, 4, False, "B"), "32.8kB"),
+             ((2_200_000, 4, True, "B/s"), "2148KiB/s"), ((4541,), "4541"), ((12_345,), "12.3k"),
+             ((23_056_123, 6), "23056k"), ((458_752, 4, True, "B"), "448KiB"), ((0,), "0")]
+    assert [num2str(*args) for args, _ in cases] == [want for _, want in cases]
+    fast_min = [635, 2_000, 5_000, 23_056_123]  # a fast minimum keeps nanoseconds
+    assert _lat_line("    clat", fast_min).startswith("    clat (nsec): min=635, max=23056k, avg=")
+    assert _lat_line("    slat", [3_100, 4_000, 1_872_000]).startswith("    slat (usec): min=3, max=1872, avg=")
+    assert _lat_line("     lat", [3_000_000, 250_000_000]).startswith("     lat (msec): min=3, max=250, avg=")
+    pct = {"1.000000": 11_584, "50.000000": 12_608, "99.990000": 58_112}
+    assert _percentile_lines("clat", pct) == ["    clat percentiles (nsec):",
+                                              "     |  1.00th=[11584], 50.00th=[12608], 99.99th=[58112]"]
+    pct = {"1.000000": 137_000, "99.990000": 22_911_001}  # rounded up to the unit, as fio does
+    assert _percentile_lines("clat", pct)[1] == "     |  1.00th=[  137], 99.99th=[22912]"
+
+
 def test_output_formats_and_failures_on_stderr(tmp_path):
     job = tmp_path / "o.fio"
     job.write_text("[w]\nrw=randwrite\nsize=64k\nbs=4k\n")
@@ -670,14 +706,14 @@ def test_output_formats_and_failures_on_stderr(tmp_path):
     assert terse.split(";")[130:] == ["0", "0", "my job"]  # then the error count, first error, description
     assert json.loads(js)["jobs"][0]["desc"] == "my job"
     text = run("run", str(job), "--seed", "3", "--size", "32k").stdout
-    assert "w: (groupid=0, jobs=1): err= 0" in text and "clat percentiles (usec):" in text
+    assert "w: (groupid=0, jobs=1): err= 0" in text and re.search(r"clat percentiles \((n|u|m)sec\):", text)
     assert "\n  Description  : [my job]\n" in text
-    assert "WRITE: bw=" in text and "io=32KiB (33kB)" in text
+    assert "WRITE: bw=" in text and "io=32.0KiB (32.8kB)" in text  # fio 3.33's figures (real fio's, same job)
     # fio 3.33 ends every write line so, zoned or not
     assert any(line.startswith("  write: IOPS=") and line.endswith("; 0 zone resets") for line in text.splitlines())
     job.write_text("[f]\nrw=write\nfilesize=1g\nbs=4k\n")  # sized by filesize= only (mobile-storage.fio)
     text = run("run", str(job), "--seed", "3", "--size", "32k").stdout
-    assert "io=32KiB (33kB)" in text  # --size caps it: it used to lay out 1 GiB
+    assert "io=32.0KiB (32.8kB)" in text  # --size caps it: it used to lay out 1 GiB
     job.write_text("[s]\nkind=script\nscript=tests.scripted:no_such_function\n")
     p = run("run", str(job), "--seed", "3", "--output-format", "json", check_rc=1)
     assert json.loads(p.stdout)["blockemu"]["failures"]

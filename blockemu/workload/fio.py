@@ -1670,25 +1670,31 @@ async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
 
 # --- text output ------------------------------------------------------------------------------
 
-def _units(n: float, base: int, suffixes: tuple[str, ...]) -> str:
-    for s in suffixes[:-1]:
-        if abs(n) < base:
-            return f"{n:.0f}{s}" if s in ("B", "") else f"{n:.{max(0, 2 - len(str(int(n))))}f}{s}" \
-                if n < 100 else f"{n:.0f}{s}"
-        n /= base
-    return f"{n:.1f}{suffixes[-1]}"
+def num2str(num: float, maxlen: int = 4, pow2: bool = False, unit: str = "") -> str:
+    """fio 3.33's num2str: divided by 1000 (1024) until at most ``maxlen`` digits are left, then
+    as many decimals as ``maxlen`` leaves room for -- ``16.0MiB``, ``2148KiB/s``, ``4541`` IOPS,
+    ``12.3k``; fio's text output gives every size, rate and count so (4 significant figures,
+    latencies' min and max 6), and a parser of it reads them in those forms."""
+    prefixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi") if pow2 else ("", "k", "M", "G", "T", "P")
+    thousand = 1024 if pow2 else 1000
+    num, post, modulo, carry = int(num), 0, -1, False
+    while post < len(prefixes) and len(str(num)) > maxlen:
+        modulo, num = num % thousand, num // thousand
+        carry, post = modulo >= thousand // 2, post + 1
+    post = post if post < len(prefixes) else 0
+    room = maxlen - len(str(num)) - 1
+    if modulo < 0 or room < 1:
+        return f"{num + (modulo >= 0 and carry)}{prefixes[post]}{unit}"
+    frac = f"{modulo / thousand:.{room}f}"
+    return f"{num + (frac[0] == '1')}.{frac[2:]}{prefixes[post]}{unit}"
 
 
 def bin_size(n: float) -> str:
-    return _units(n, 1024, ("B", "KiB", "MiB", "GiB", "TiB"))
+    return num2str(n, pow2=True, unit="B")
 
 
 def dec_size(n: float) -> str:
-    return _units(n, 1000, ("B", "kB", "MB", "GB", "TB"))
-
-
-def _count(n: float) -> str:
-    return _units(n, 1000, ("", "k", "M", "G")) if n >= 1000 else f"{n:.0f}"
+    return num2str(n, unit="B")
 
 
 def describe(job: Job, c: Clone) -> str:
@@ -1698,12 +1704,34 @@ def describe(job: Job, c: Clone) -> str:
 
 
 def _lat_line(label: str, ns: list[int]) -> str:
+    """fio's display_lat: nanoseconds unless the smallest, the largest and the spread all call for
+    micro- (or milli-) seconds, so a fast minimum keeps its digits (``min=635, max=23056k``)."""
     if not ns:
         return ""
     lo, hi, avg = min(ns), max(ns), statistics.fmean(ns)
     dev = statistics.stdev(ns) if len(ns) > 1 else 0.0
-    unit, div = ("nsec", 1) if hi < 10_000 else ("usec", 1000) if hi < 10_000_000 else ("msec", 1_000_000)
-    return f"{label} ({unit}): min={lo // div}, max={hi // div}, avg={avg / div:.2f}, stdev={dev / div:.2f}"
+    unit, div = ("msec", 1_000_000) if lo > 2_000_000 and hi > 99_999_999 and dev > 1e6 else \
+        ("usec", 1000) if lo > 2000 and hi > 99_999 and dev > 1000 else ("nsec", 1)
+    return f"{label} ({unit}): min={num2str(lo // div, 6)}, max={num2str(hi // div, 6)}, " \
+           f"avg={avg / div:5.2f}, stdev={dev / div:5.2f}"
+
+
+def _percentile_lines(label: str, pct: dict[str, int]) -> list[str]:
+    """fio's show_clat_percentiles: the unit from the smallest and largest value shown, each
+    rounded up to it, in columns as wide as the largest needs."""
+    lo, hi = min(pct.values()), max(pct.values())
+    unit, steps = ("msec", 2) if lo > 2_000_000 and hi > 99_999_999 else ("usec", 1) if lo > 2000 and hi > 99_999 \
+        else ("nsec", 0)
+    width = max(5, len(str(hi // 1000 ** steps)))
+    per_line = 73 // (12 + width)
+    cells = []
+    for k, v in pct.items():
+        for _ in range(steps):
+            v = (v + 999) // 1000
+        cells.append(f"{float(k):5.2f}th=[{v:{width}d}]")
+    return [f"    {label} percentiles ({unit}):"] + [
+        "     | " + ", ".join(cells[k: k + per_line]) + ("," if k + per_line < len(cells) else "")
+        for k in range(0, len(cells), per_line)]
 
 
 def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> list[str]:
@@ -1730,17 +1758,14 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
                 continue
             j = d.as_json(r.runtime_s, r.report, group_bw[r.group][i], False)
             resets = f"; {r.zone_resets or 0} zone resets" if i == WRITE else ""  # fio 3.33's, zoned or not
-            lines.append(f"  {label}: IOPS={_count(j['iops'])}, BW={bin_size(j['bw_bytes'])}/s "
+            lines.append(f"  {label}: IOPS={num2str(j['iops'])}, BW={bin_size(j['bw_bytes'])}/s "
                          f"({dec_size(j['bw_bytes'])}/s)({bin_size(d.io_bytes)}/{j['runtime']}msec){resets}")
             for lab, vals in (("    slat", d.slat), ("    clat", d.clat), ("     lat", d.lat)):
                 if vals:
                     lines.append(_lat_line(lab, vals))
             pct = j["clat_ns"].get("percentile")
             if pct:
-                lines.append("    clat percentiles (usec):")
-                cells = [f"{float(k):5.2f}th=[{v // 1000:5d}]" for k, v in pct.items()]
-                for k in range(0, len(cells), 4):
-                    lines.append("     | " + ", ".join(cells[k: k + 4]) + ("," if k + 4 < len(cells) else ""))
+                lines += _percentile_lines("clat", pct)
             if j["bw_samples"]:
                 lines.append(f"   bw (  KiB/s): min={j['bw_min']}, max={j['bw_max']}, per={j['bw_agg']:.2f}%, "
                              f"avg={j['bw_mean']:.2f}, stdev={j['bw_dev']:.2f}, samples={j['bw_samples']}")
