@@ -355,6 +355,46 @@ def test_under_flips_the_closing_fsck_checks_data(tmp_path, monkeypatch, bug):
         assert any(d.startswith("fsck: [CSUM_MISMATCH] data sector") and "/victim)" in d for d in out["detected"]), out
 
 
+def test_under_flips_a_finding_names_an_encrypted_file_as_the_mix_does(tmp_path, monkeypatch):
+    """The closing fsck ran without the mix's key, so a flipped sector of a file in an encrypted
+    directory was listed as ``/ChQVTw.../suFQ...`` -- its no-key names -- beside the mix's own
+    line naming the same file ``/p1/f1``. It gets the key now (and so does the check of the copy
+    with the flips undone, whose findings are matched to it by their text)."""
+    import asyncio
+    import random
+
+    from blockemu.device.faultplan import FaultPlan
+    from blockemu.workload import runner
+    from blockemu.workload.writepath import WRITE_PATHS
+
+    real_mix = runner.run_mix
+
+    async def mix_then_flip_an_encrypted_sector(fs, **kw):
+        result = await real_mix(fs, **kw)
+        kid = await fs.add_key(random.Random("1:key").randbytes(64))  # the mix's key (seed 1)
+        await fs.mkdir("/sealed")
+        await fs.set_policy("/sealed", kid)
+        async with fs.open("/sealed/victim", "w") as f:  # outside the mix's tree: never read back
+            await f.write(b"v" * 4096)
+            await f.fsync()
+        where = next(fs.extents.mappings(f.inode.ino)).disk_at(0)
+        dev, plan = fs.vol.device, fs.vol.device.faults
+        raw = await dev.read(where, 4096)
+        dev.faults = FaultPlan(flip=1.0)
+        await dev.write(where, raw)
+        await dev.flush()
+        dev.faults = plan
+        return result
+
+    monkeypatch.setattr(runner, "run_mix", mix_then_flip_an_encrypted_sector)
+    out = asyncio.run(runner.stress_mix(str(tmp_path / "f.img"), seed=1, tasks=2, nops=40, duration=None,
+                                        faults=FaultPlan.parse("flip=0.001"), crash_points=0,
+                                        write_path=WRITE_PATHS["fast"]))
+    assert any(d.startswith("fsck: [CSUM_MISMATCH] data sector") and "/sealed/victim)" in d
+               for d in out["detected"]), out["detected"]
+    assert out["ok"] and out["fsck_flips_undone"] == "clean", out
+
+
 def test_crash_campaign_cli_finds_nothing_and_catches_a_planted_bug():
     out = json.loads(run("crash", "--max-ops", "1", "--jobs", "1", "--write-path", "fast", "--json").stdout)
     assert out["workloads"] == 11 and out["states"] > 50 and out["failures"] == []

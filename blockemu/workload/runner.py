@@ -489,7 +489,8 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
     flips = fs.vol.device.flipped
     # under flip= the data's checksums are checked too: a flipped data sector the mix never read
     # back is corruption only they show, and without them the run said "fsck clean" over it
-    report = check(image, check_data=faults is not None and faults.flip > 0)  # (flips come only from flip=)
+    # with the mix's key, so a finding names a file as the mix's own lines do (/p1/f1, not its no-key name)
+    report = check(image, check_data=faults is not None and faults.flip > 0, key=key)  # (flips come only from flip=)
     # flipped bits are injected corruption: a checksum (a read's, a mount's) that catches them is
     # the filesystem doing its job, listed but no failure; only wrong data read back without an
     # error is. What fsck finds counts as detected only if the flips explain it -- gone once they
@@ -556,7 +557,8 @@ async def check_flips_undone(image: str, flips: list[Flip], key: bytes, mix: Mix
         copy = os.path.join(d, "flips-undone.img")
         sparse_copy(image, copy)
         undo_flips(copy, flips)
-        report = check(copy, check_data=True)  # before the mount, which may replay its log into it
+        # the key of the report its findings are matched to; before the mount, which may replay its log into it
+        report = check(copy, check_data=True, key=key)
         again = MixResult()
         try:
             async with mount(copy, interval=3600) as after:
