@@ -1024,7 +1024,8 @@ def test_parse_errors_come_all_at_once_from_the_cli(tmp_path):
 def test_values_fio_fails_parsing_are_refused_not_clamped():
     """fio's minval/maxval: ``iodepth=0``, ``bs=0``, ``numjobs=0`` and percentages past 100 fail
     fio's parsing; blockemu ran them (iodepth 1, bs 4 KiB, one job, a mix of 150 % reads).
-    The bounds themselves still parse."""
+    The bounds themselves still parse, and a reversed ``bsrange``, which fio takes, is no
+    longer refused."""
     bad = {"numjobs": "0", "iodepth": "0", "bs": "4k,0", "rwmixread": "101", "rwmixwrite": "-1",
            "trim_percentage": "101", "buffer_compress_percentage": "101", "dedupe_percentage": "101",
            "dedupe_working_set_percentage": "101"}
@@ -1034,6 +1035,8 @@ def test_values_fio_fails_parsing_are_refused_not_clamped():
         assert f"b.fio:{line}: bad value for {key}: '{value.split(',')[-1]}' (" in str(e.value)  # bs: the write's
     ok = parse("[j]\nrw=randrw\nsize=1m\nnumjobs=1\niodepth=1\nbs=1\nrwmixread=100\nrwmixwrite=0\n", "o.fio")
     assert [ok.jobs[0].get(k) for k in ("numjobs", "iodepth", "rwmixread", "rwmixwrite")] == [1, 1, 100, 0]
+    # and the other way: a reversed bsrange fio runs smallest first (its job line: bs=(R) 4096B-8192B)
+    assert parse("[j]\nrw=randrw\nsize=1m\nbsrange=8k-4k\n", "r.fio").jobs[0].get("bsrange") == ((4096, 8192),) * 3
 
 # --- fill_device, trim, error policy, buffer contents, percentage sizes ------------------------
 
