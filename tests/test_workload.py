@@ -301,6 +301,25 @@ def test_under_flips_a_read_the_flips_explain_must_read_right_with_them_undone(t
         assert out["ok"] and out["problems"] == [], out
 
 
+async def write_then_flip_its_first_sector(fs, path: str, size: int) -> tuple[int, bytes]:
+    """Write ``size`` bytes to ``path`` (outside the mix's tree: never read back) and rewrite its
+    first sector through the device with a bit flipped (recorded, as flip= records it): its disk
+    offset and its bytes as written."""
+    from blockemu.device.faultplan import FaultPlan
+
+    async with fs.open(path, "w") as f:
+        await f.write(b"v" * size)
+        await f.fsync()
+    where = next(fs.extents.mappings(f.inode.ino)).disk_at(0)
+    dev, plan = fs.vol.device, fs.vol.device.faults
+    raw = await dev.read(where, size)
+    dev.faults = FaultPlan(flip=1.0)
+    await dev.write(where, raw[:4096])
+    await dev.flush()
+    dev.faults = plan
+    return where, raw
+
+
 @pytest.mark.parametrize("bug", [False, True], ids=["a flipped data sector", "a bad data sector no flip made"])
 def test_under_flips_the_closing_fsck_checks_data(tmp_path, monkeypatch, bug):
     """The closing fsck did not check data, so a flipped data sector the mix never read back
@@ -320,16 +339,7 @@ def test_under_flips_the_closing_fsck_checks_data(tmp_path, monkeypatch, bug):
         """Flip a bit of /victim's first sector through the device (recorded); with ``bug``,
         one of its second sector behind the device's back (no flip explains it)."""
         result = await real_mix(fs, **kw)
-        async with fs.open("/victim", "w") as f:  # outside the mix's tree: never read back
-            await f.write(b"v" * 8192)
-            await f.fsync()
-        where = next(fs.extents.mappings(f.inode.ino)).disk_at(0)
-        dev, plan = fs.vol.device, fs.vol.device.faults
-        raw = await dev.read(where, 8192)
-        dev.faults = FaultPlan(flip=1.0)
-        await dev.write(where, raw[:4096])
-        await dev.flush()
-        dev.faults = plan
+        where, raw = await write_then_flip_its_first_sector(fs, "/victim", 8192)
         if bug:
             fd = os.open(image, os.O_WRONLY)
             try:
@@ -374,16 +384,7 @@ def test_under_flips_a_finding_names_an_encrypted_file_as_the_mix_does(tmp_path,
         kid = await fs.add_key(random.Random("1:key").randbytes(64))  # the mix's key (seed 1)
         await fs.mkdir("/sealed")
         await fs.set_policy("/sealed", kid)
-        async with fs.open("/sealed/victim", "w") as f:  # outside the mix's tree: never read back
-            await f.write(b"v" * 4096)
-            await f.fsync()
-        where = next(fs.extents.mappings(f.inode.ino)).disk_at(0)
-        dev, plan = fs.vol.device, fs.vol.device.faults
-        raw = await dev.read(where, 4096)
-        dev.faults = FaultPlan(flip=1.0)
-        await dev.write(where, raw)
-        await dev.flush()
-        dev.faults = plan
+        await write_then_flip_its_first_sector(fs, "/sealed/victim", 4096)
         return result
 
     monkeypatch.setattr(runner, "run_mix", mix_then_flip_an_encrypted_sector)
