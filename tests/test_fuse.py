@@ -346,6 +346,52 @@ def test_soft_key_removal_with_a_shell_holding_the_file_open(env, image, mnt, tm
         assert (mnt / "enc" / "other").read_text() == "secret\n"
 
 
+def test_a_key_change_takes_the_names_it_made_stale_out_of_the_kernel_at_once(env, image, mnt, tmp_path, capsys,
+                                                                               monkeypatch) -> None:
+    """fscrypt evicts what a key removal locks, so a plaintext name is looked up again and not
+    found: ENOENT, and ls shows no-key names. The kernel kept the server's entries for a second:
+    right after ``blockemu key remove`` a plaintext name still resolved, and cat said ENOKEY.
+    Adding the key back makes the no-key names stale in the same way (fscrypt_d_revalidate)."""
+    key = tmp_path / "k.key"
+    key.write_bytes(os.urandom(32))
+
+    async def setup() -> None:
+        async with mount(str(image)) as fs:
+            kid = await fs.add_key(key.read_bytes())
+            await fs.mkdir("/enc")
+            await fs.set_policy("/enc", kid)
+            await fs.mkdir("/enc/sub")
+            for path in ("/enc/f", "/enc/sub/g"):
+                async with fs.open(path, "w") as f:
+                    await f.write(b"secret\n")
+    asyncio.run(setup())
+    monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
+    enc = mnt / "enc"
+    plain = [enc / "f", enc / "sub", enc / "sub" / "g"]
+    with Served(env, image, mnt, "--key-file", str(key)):
+        assert sorted(os.listdir(enc)) == ["f", "sub"]
+        assert all(p.exists() for p in plain) and (enc / "sub" / "g").read_text() == "secret\n"
+        assert main(["key", "remove", str(mnt), "--key-file", str(key)]) == 0  # in-process: well within the second
+        assert capsys.readouterr().out.startswith("Removed encryption key with identifier ")
+        for p in plain:
+            with pytest.raises(FileNotFoundError):
+                os.stat(p)
+        r = sh(f"cat {enc}/f", env)
+        assert r.returncode == 1 and r.stderr == f"cat: {enc}/f: No such file or directory\n", r.stderr
+        nokey = sorted(os.listdir(enc))
+        assert len(nokey) == 2 and not {"f", "sub"} & set(nokey)
+        [nokey_file] = [n for n in nokey if (enc / n).is_file()]
+        with pytest.raises(OSError) as e:
+            (enc / nokey_file).read_bytes()
+        assert e.value.errno == errno.ENOKEY
+        assert main(["key", "add", str(mnt), "--key-file", str(key)]) == 0
+        capsys.readouterr()
+        for n in nokey:
+            with pytest.raises(FileNotFoundError):
+                os.stat(enc / n)
+        assert (enc / "sub" / "g").read_text() == "secret\n" and sorted(os.listdir(enc)) == ["f", "sub"]
+
+
 def test_kill_9_then_fsck_then_mount_clears_the_dead_mount(env, image, mnt) -> None:
     """kill -9 of the server: the image opens to its last commit, every fsynced file is there,
     fsck is clean, and the next ``blockemu mount`` on that mount point detaches the dead mount."""
@@ -539,7 +585,7 @@ def test_real_fio_verify_on_the_mount(env, image, mnt) -> None:
 
 
 @contextlib.asynccontextmanager
-async def in_process_ops(tmp_path: Path):
+async def in_process_ops(tmp_path: Path, **mount_opts: object):
     """A fresh image mounted in this process with its FUSE operations, no kernel mount: requests
     are called as coroutines, so an interleaving is driven step by step."""
     try:
@@ -548,7 +594,7 @@ async def in_process_ops(tmp_path: Path):
         pytest.skip(f"pyfuse3 is not installed ({e}): pip install -e '.[fuse]'")
     img = str(tmp_path / "a.img")
     await mkfs(img, "64M")
-    async with mount(img) as fs:
+    async with mount(img, **mount_opts) as fs:
         yield fs, Operations(fs)
 
 
@@ -748,6 +794,65 @@ async def test_a_missing_name_is_a_negative_entry_the_kernel_keeps_except_where_
         monkeypatch.setattr(pyfuse3, "readdir_reply", lambda token, name, attrs, nxt: listed.append(name) or True)
         await ops.readdir(fh, 0, None)
         assert listed == [b".", b"..", b"enc"]
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+async def test_the_kernel_is_told_to_forget_exactly_what_a_key_change_made_stale(tmp_path, monkeypatch, mode) -> None:
+    """In-process, the notifications recorded: the names of an encrypted directory handed to the
+    kernel (create, mkdir, a rename's target; not an unlinked one, nor a plain directory's) are
+    invalidated when the directory's names change, and a locked inode's attributes and pages.
+    Soft removal: a file held open keeps its directory's real names (the kernel's dentries pin
+    it), so they go when it closes; hard removal wipes the names key at once, so they go at the
+    removal. Adding the key back invalidates the no-key names a readdir handed out."""
+    async with in_process_ops(tmp_path, key_removal=mode) as (fs, ops):
+        import pyfuse3
+
+        sent: list[tuple[int, bytes | None]] = []
+        monkeypatch.setattr(pyfuse3, "invalidate_entry", lambda ino, name: sent.append((ino, name)))
+        monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino: sent.append((ino, None)))
+        ops.kernel.live = True
+        kid = await fs.add_key(bytes(range(32)))
+        await fs.mkdir("/enc")
+        await fs.set_policy("/enc", kid)
+        await fs.mkdir("/plain")
+        enc, plain = (await fs.stat("/enc")).st_ino, (await fs.stat("/plain")).st_ino
+        ctx = types.SimpleNamespace(uid=0, gid=0, umask=0o022)
+
+        async def create(parent: int, name: bytes) -> int:
+            fi, _ = await ops.create(parent, name, 0o100644, os.O_WRONLY | os.O_CREAT, ctx)
+            return fi.fh
+        held = await create(enc, b"held")
+        for parent, name in ((enc, b"a"), (enc, b"gone"), (plain, b"p")):
+            await ops.release(await create(parent, name))
+        sub = (await ops.mkdir(enc, b"sub", 0o755, ctx)).st_ino
+        await ops.unlink(enc, b"gone", ctx)
+        await ops.rename(enc, b"a", enc, b"b", 0, ctx)
+        b = (await ops.lookup(enc, b"b")).st_ino
+        assert ops.kernel.names == {enc: {b"held", b"b", b"sub"}}
+
+        await fs.remove_key(kid)
+        await ops.kernel.settled()
+        if mode == "soft":
+            assert sorted(sent) == sorted([(b, None), (sub, None)])  # locked; enc is held, its names stay
+            await ops.release(held)
+            await ops.kernel.settled()
+        entries = {(ino, name) for ino, name in sent if name is not None}
+        assert entries == {(enc, b"held"), (enc, b"b"), (enc, b"sub")}
+        assert {b, sub, enc} <= {ino for ino, name in sent if name is None}
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.lookup(enc, b"b")
+        assert e.value.errno == errno.ENOENT and enc not in ops.kernel.names
+
+        listed: list[bytes] = []
+        monkeypatch.setattr(pyfuse3, "readdir_reply", lambda token, name, attrs, nxt: listed.append(name) or True)
+        await ops.readdir(await ops.opendir(enc, None), 0, None)
+        nokey = set(listed) - {b".", b".."}
+        assert len(nokey) == 3 and ops.kernel.names == {enc: nokey}
+        sent.clear()
+        await fs.add_key(bytes(range(32)))
+        ops.key_added(bytes.fromhex(kid))
+        await ops.kernel.settled()
+        assert {(ino, name) for ino, name in sent if name is not None} == {(enc, n) for n in nokey}
 
 
 def test_names_that_are_not_utf8_through_the_mount(env, image, mnt) -> None:

@@ -20,7 +20,7 @@ import os
 import stat as st
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, NoReturn
+from typing import Any, AsyncIterator, Callable, Iterator, NoReturn
 
 from blockemu.crypto import fscrypt
 from blockemu.crypto.extentkeys import ExtentKeys
@@ -197,6 +197,11 @@ class Filesystem:
         keyring.on_wipe.append(self._forget_names_keys)
         self.extent_keys = ExtentKeys()  # derived secrets kept: see crypto/extentkeys.py
         keyring.on_wipe.append(self.extent_keys.forget)
+        # a front end that keeps what encrypted inodes showed -- FUSE: the kernel's entries for a
+        # directory's names, a file's pages -- hears when a key change makes that stale: the
+        # inode was locked (lock_if_idle), or a wipe took a directory's names key while it was
+        # still held (its names are no-key names from then on)
+        self.on_view_change: list[Callable[[Inode], None]] = []
 
     def check_mounted(self) -> None:
         """The first step of every public call (DESIGN §8): after ``unmount`` nothing answers,
@@ -367,6 +372,8 @@ class Filesystem:
         self.cache.drop(inode.pages)
         self._forget_names_key(inode)
         self.keyring.release(inode.key_id, inode.ino)
+        for hook in self.on_view_change:
+            hook(inode)
         for parent in self._cached_parents(inode):
             self.lock_if_idle(parent)
 
@@ -443,7 +450,11 @@ class Filesystem:
         """The keyring zeroed this key's secret: every names key derived from it goes too."""
         for inode in self.inodes.values():
             if inode.key_id == key_id:
+                showed_names = inode.names_key is not None
                 self._forget_names_key(inode)
+                if showed_names:
+                    for hook in self.on_view_change:
+                        hook(inode)
 
     def _disk_name(self, d: Inode, name: bytes) -> bytes | None:
         """What directory ``d`` stores for a name a caller gave: the name itself outside encrypted

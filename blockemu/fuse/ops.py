@@ -16,17 +16,19 @@ answer EINVAL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import os
 import stat as st
 import sys
 import traceback
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import pyfuse3
 
 from blockemu.fs.filesystem import ROOT_INO, File, Filesystem, Inode, Stat
+from blockemu.fuse.kernelcache import KernelCache
 
 BLOCK = 4096
 ATTR_TIMEOUT = 1.0  # the mount has the image's writer lock: nothing else changes what we answered
@@ -106,6 +108,8 @@ class Operations(pyfuse3.Operations):
         self.dir_errors: dict[int, int] = {}  # an open directory's first unreadable entry's errno (readdir)
         self.next_fh = 1
         self.names = asyncio.Lock()  # see by_path
+        self.kernel = KernelCache()  # names handed out in encrypted directories, forgotten on a key change
+        fs.on_view_change.append(self._view_changed)
 
     def _fh(self) -> int:
         self.next_fh += 1
@@ -119,6 +123,35 @@ class Operations(pyfuse3.Operations):
 
     async def _entry_at(self, path: str) -> pyfuse3.EntryAttributes:
         return entry(await self.fs.stat(path))
+
+    def _view_changed(self, inode: Inode) -> None:
+        """A key change made what the kernel keeps of ``inode`` stale (``Filesystem.on_view_change``)."""
+        self.kernel.forget(to_fuse(inode.ino), inode.is_dir)
+
+    def key_added(self, key_id: bytes) -> None:
+        """The no-key names of this key's directories that the kernel keeps are stale now."""
+        self.kernel.key_added({to_fuse(i.ino) for i in list(self.fs.inodes.values()) if i.key_id == key_id and i.is_dir})
+
+    @contextlib.contextmanager
+    def _naming(self, parent: Inode, name: bytes) -> Iterator[None]:
+        """A request that may hand the kernel an entry for ``name`` in ``parent``: in an encrypted
+        directory the name is remembered (``KernelCache``) before the answer is made -- a key
+        change while it waits then forgets it too -- and let go if the request fails."""
+        if parent.key_id is None:
+            yield
+            return
+        ino = to_fuse(parent.ino)
+        new = self.kernel.handed(ino, name)
+        try:
+            yield
+        except BaseException:
+            if new:
+                self.kernel.dropped(ino, name)
+            raise
+
+    def _unnamed(self, parent_inode: int, name: bytes) -> None:
+        """The kernel dropped the entry itself (unlink, rmdir, a rename's source)."""
+        self.kernel.dropped(parent_inode, name)
 
     # ------------------------------------------------------------------ names
 
@@ -136,11 +169,14 @@ class Operations(pyfuse3.Operations):
         if name == b"..":
             path = self._path(parent_inode)
             return await self._entry_at(path.rsplit("/", 1)[0] or "/")
+        d = self._inode(parent_inode)
+        path = child(self.fs.path_of(d.ino), name)
+        if d.key_id is not None:
+            with self._naming(d, name):
+                return await self._entry_at(path)
         try:
-            return await self._entry_at(child(self._path(parent_inode), name))
+            return await self._entry_at(path)
         except FileNotFoundError:
-            if self._inode(parent_inode).key_id is not None:
-                raise
             missing = pyfuse3.EntryAttributes()
             missing.st_ino, missing.entry_timeout = 0, ATTR_TIMEOUT
             return missing
@@ -172,21 +208,25 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     @by_path
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        path = child(self._path(parent_inode), name)
-        await self.fs.mkdir(path, mode & 0o7777)
-        node = self.fs.inode((await self.fs.stat(path)).st_ino)
-        await self.fs.set_attrs(node, uid=ctx.uid, gid=ctx.gid)
-        return entry(self.fs.stat_inode(node))
+        d = self._inode(parent_inode)
+        path = child(self.fs.path_of(d.ino), name)
+        with self._naming(d, name):
+            await self.fs.mkdir(path, mode & 0o7777)
+            node = self.fs.inode((await self.fs.stat(path)).st_ino)
+            await self.fs.set_attrs(node, uid=ctx.uid, gid=ctx.gid)
+            return entry(self.fs.stat_inode(node))
 
     @fuse_errors
     @by_path
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         await self.fs.rmdir(child(self._path(parent_inode), name))
+        self._unnamed(parent_inode, name)
 
     @fuse_errors
     @by_path
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         await self.fs.unlink(child(self._path(parent_inode), name))
+        self._unnamed(parent_inode, name)
 
     @fuse_errors
     @by_path
@@ -195,10 +235,13 @@ class Operations(pyfuse3.Operations):
         if flags & ~pyfuse3.RENAME_NOREPLACE:
             raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT: not implemented
         src = child(self._path(parent_inode_old), name_old)
-        dst = child(self._path(parent_inode_new), name_new)
+        d = self._inode(parent_inode_new)
+        dst = child(self.fs.path_of(d.ino), name_new)
         if flags & pyfuse3.RENAME_NOREPLACE and await self.fs.exists(dst):
             raise pyfuse3.FUSEError(errno.EEXIST)
-        await self.fs.rename(src, dst)
+        with self._naming(d, name_new):  # the kernel moves the source's entry to this name
+            await self.fs.rename(src, dst)
+        self._unnamed(parent_inode_old, name_old)
 
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
@@ -211,17 +254,21 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     @by_path
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        await self.fs.link(self._path(inode), child(self._path(new_parent_inode), new_name))
-        return entry(self.fs.stat_inode(self._inode(inode)))
+        d = self._inode(new_parent_inode)
+        with self._naming(d, new_name):
+            await self.fs.link(self._path(inode), child(self.fs.path_of(d.ino), new_name))
+            return entry(self.fs.stat_inode(self._inode(inode)))
 
     @fuse_errors
     @by_path
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        path = child(self._path(parent_inode), name)
-        await self.fs.symlink(target.decode(errors="surrogateescape"), path)
-        node = self.fs.inode((await self.fs.stat(path)).st_ino)
-        await self.fs.set_attrs(node, uid=ctx.uid, gid=ctx.gid)
-        return entry(self.fs.stat_inode(node))
+        d = self._inode(parent_inode)
+        path = child(self.fs.path_of(d.ino), name)
+        with self._naming(d, name):
+            await self.fs.symlink(target.decode(errors="surrogateescape"), path)
+            node = self.fs.inode((await self.fs.stat(path)).st_ino)
+            await self.fs.set_attrs(node, uid=ctx.uid, gid=ctx.gid)
+            return entry(self.fs.stat_inode(node))
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: Any) -> bytes:
@@ -232,13 +279,15 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     @by_path
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> tuple[Any, Any]:
-        path = child(self._path(parent_inode), name)
-        f = await self.fs.open(path, "x+")
-        try:
-            await self.fs.set_attrs(f.inode, mode=mode, uid=ctx.uid, gid=ctx.gid)
-        except BaseException:
-            await f.close()
-            raise
+        d = self._inode(parent_inode)
+        path = child(self.fs.path_of(d.ino), name)
+        with self._naming(d, name):
+            f = await self.fs.open(path, "x+")
+            try:
+                await self.fs.set_attrs(f.inode, mode=mode, uid=ctx.uid, gid=ctx.gid)
+            except BaseException:
+                await f.close()
+                raise
         fh = self._fh()
         self.files[fh] = f
         return pyfuse3.FileInfo(fh=fh), entry(self.fs.stat_inode(f.inode))

@@ -128,7 +128,13 @@ class Server:
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req["op"]
         if op in KEY_OPS:
-            return await answer_key(self.fs, req)
+            reply = await answer_key(self.fs, req)
+            if op == "key-add":
+                self.ops.key_added(bytes.fromhex(reply["identifier"]))
+            # answered once the kernel forgot the names the change made stale: a script's next
+            # command must not reach a plaintext name of a directory the removal locked
+            await self.ops.kernel.settled()
+            return reply
         if op == "umount":
             # the kernel's unmount, not a lazy one: it alone knows whether a process still uses
             # the mount (an open file, a cwd; a close's release reaches us only later). It runs
@@ -194,6 +200,7 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytes], readonly: boo
             pyfuse3.init(server.ops, mountpoint, options)
         except RuntimeError as e:
             raise OSError(errno.EIO, f"{mountpoint}: FUSE mount failed: {e}") from None
+        server.ops.kernel.live = True
         try:
             await server.control.start()
             loop = asyncio.get_running_loop()
@@ -203,6 +210,7 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytes], readonly: boo
             await pyfuse3.main()
         finally:
             server.control.close()
+            await server.ops.kernel.close()  # nothing is sent to a session being closed
             pyfuse3.close(unmount=True)
     finally:
         try:
