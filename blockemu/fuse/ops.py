@@ -33,6 +33,7 @@ from blockemu.fuse.kernelcache import KernelCache
 BLOCK = 4096
 ATTR_TIMEOUT = 1.0  # the mount has the image's writer lock: nothing else changes what we answered
 T = TypeVar("T")
+NOT_REMEMBERED = contextlib.nullcontext()  # a plain directory's names: no key changes them (Operations._naming)
 
 
 def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -121,6 +122,13 @@ class Operations(pyfuse3.Operations):
     def _inode(self, ino: int) -> Inode:
         return self.fs.inode(to_fs(ino))
 
+    def _dir(self, ino: int) -> tuple[Inode, str]:
+        """A directory the kernel names, and a path to it. ``path_of`` checked the mount, and the
+        inode is cached (loaded when it was handed out): a dict lookup, on every lookup's path."""
+        ino = to_fs(ino)
+        path = self.fs.path_of(ino)
+        return self.fs.inodes.get(ino) or self.fs.inode(ino), path
+
     async def _entry_at(self, path: str) -> pyfuse3.EntryAttributes:
         return entry(await self.fs.stat(path))
 
@@ -132,15 +140,14 @@ class Operations(pyfuse3.Operations):
         """The no-key names of this key's directories that the kernel keeps are stale now."""
         self.kernel.key_added({to_fuse(i.ino) for i in list(self.fs.inodes.values()) if i.key_id == key_id and i.is_dir})
 
-    @contextlib.contextmanager
-    def _naming(self, parent: Inode, name: bytes) -> Iterator[None]:
+    def _naming(self, parent: Inode, name: bytes) -> contextlib.AbstractContextManager[None]:
         """A request that may hand the kernel an entry for ``name`` in ``parent``: in an encrypted
         directory the name is remembered (``KernelCache``) before the answer is made -- a key
         change while it waits then forgets it too -- and let go if the request fails."""
-        if parent.key_id is None:
-            yield
-            return
-        ino = to_fuse(parent.ino)
+        return NOT_REMEMBERED if parent.key_id is None else self._remembering(to_fuse(parent.ino), name)
+
+    @contextlib.contextmanager
+    def _remembering(self, ino: int, name: bytes) -> Iterator[None]:
         new = self.kernel.handed(ino, name)
         try:
             yield
@@ -151,7 +158,8 @@ class Operations(pyfuse3.Operations):
 
     def _unnamed(self, parent_inode: int, name: bytes) -> None:
         """The kernel dropped the entry itself (unlink, rmdir, a rename's source)."""
-        self.kernel.dropped(parent_inode, name)
+        if parent_inode in self.kernel.names:  # a plain directory's never is: no call
+            self.kernel.dropped(parent_inode, name)
 
     # ------------------------------------------------------------------ names
 
@@ -169,10 +177,10 @@ class Operations(pyfuse3.Operations):
         if name == b"..":
             path = self._path(parent_inode)
             return await self._entry_at(path.rsplit("/", 1)[0] or "/")
-        d = self._inode(parent_inode)
-        path = child(self.fs.path_of(d.ino), name)
-        if d.key_id is not None:
-            with self._naming(d, name):
+        ino = to_fs(parent_inode)  # _dir inline: this is the hot path, a plain directory's lookup costs as before
+        path = child(self.fs.path_of(ino), name)
+        if (self.fs.inodes.get(ino) or self.fs.inode(ino)).key_id is not None:
+            with self._remembering(parent_inode, name):
                 return await self._entry_at(path)
         try:
             return await self._entry_at(path)
@@ -208,8 +216,8 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     @by_path
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        d = self._inode(parent_inode)
-        path = child(self.fs.path_of(d.ino), name)
+        d, path = self._dir(parent_inode)
+        path = child(path, name)
         with self._naming(d, name):
             await self.fs.mkdir(path, mode & 0o7777)
             node = self.fs.inode((await self.fs.stat(path)).st_ino)
@@ -235,8 +243,8 @@ class Operations(pyfuse3.Operations):
         if flags & ~pyfuse3.RENAME_NOREPLACE:
             raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT: not implemented
         src = child(self._path(parent_inode_old), name_old)
-        d = self._inode(parent_inode_new)
-        dst = child(self.fs.path_of(d.ino), name_new)
+        d, dst = self._dir(parent_inode_new)
+        dst = child(dst, name_new)
         if flags & pyfuse3.RENAME_NOREPLACE and await self.fs.exists(dst):
             raise pyfuse3.FUSEError(errno.EEXIST)
         with self._naming(d, name_new):  # the kernel moves the source's entry to this name
@@ -254,16 +262,16 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     @by_path
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        d = self._inode(new_parent_inode)
+        d, path = self._dir(new_parent_inode)
         with self._naming(d, new_name):
-            await self.fs.link(self._path(inode), child(self.fs.path_of(d.ino), new_name))
+            await self.fs.link(self._path(inode), child(path, new_name))
             return entry(self.fs.stat_inode(self._inode(inode)))
 
     @fuse_errors
     @by_path
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        d = self._inode(parent_inode)
-        path = child(self.fs.path_of(d.ino), name)
+        d, path = self._dir(parent_inode)
+        path = child(path, name)
         with self._naming(d, name):
             await self.fs.symlink(target.decode(errors="surrogateescape"), path)
             node = self.fs.inode((await self.fs.stat(path)).st_ino)
@@ -279,8 +287,8 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     @by_path
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> tuple[Any, Any]:
-        d = self._inode(parent_inode)
-        path = child(self.fs.path_of(d.ino), name)
+        d, path = self._dir(parent_inode)
+        path = child(path, name)
         with self._naming(d, name):
             f = await self.fs.open(path, "x+")
             try:
