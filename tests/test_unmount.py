@@ -261,3 +261,42 @@ async def test_a_cancelled_sync_waits_for_the_flushes_it_started(image, monkeypa
     async with blockemu.mount(image, readonly=True) as again:
         async with again.open("/b") as f:
             assert await f.read() == b"b" * 4096
+
+
+async def test_an_unmount_after_an_abort_says_so_and_still_releases_everything(image, monkeypatch):
+    """The unmount's commit raises the abort (EROFS naming its cause): what the aborted
+    transaction held -- a mkdir acknowledged before it -- is lost, and an unmount that returns
+    lost nothing (§5). Raising must not leak the mount: the device is closed and the image lock
+    dropped (it mounts again), the keys and names keys are zeroed, the sealing workers have
+    exited and the writeback task is gone, the page arena closed."""
+    fs = await blockemu.mount(image, interval=3600)
+    await encrypted_dir(fs, "/d")
+    f = await fs.open("/d/f", "w")
+    await f.write(b"x" * (3 << 20))  # a worker's size: the sealing processes start
+    await f.fsync()
+    await fs.mkdir("/d/lost")  # joins the transaction the abort throws away
+    secret = fs.keyring.keys[bytes.fromhex(KID)].secret
+    d = fs.inode((await fs.stat("/d")).st_ino)
+    assert secret is not None and d.names_key is not None
+    names_key = d.names_key[1]
+    workers = [w.proc for w in fs.writeback.sealer._workers]
+    assert workers
+
+    def failing_add_entry(parent, name, child, **links):
+        raise KeyError("planted bug")
+
+    monkeypatch.setattr(fs, "_add_entry", failing_add_entry)
+    with ErrnoCheck(errno.EIO):
+        await fs.rename("/d/f", "/d/g")  # aborts half way
+    monkeypatch.undo()
+    with pytest.raises(OSError) as raised:
+        await fs.unmount()
+    assert raised.value.errno == errno.EROFS and "planted bug" in str(raised.value)
+    assert fs.vol.device.fd == -1 and fs.cache.arena.closed and fs.writeback._task is None
+    assert secret == bytes(len(secret)) and names_key == bytes(len(names_key)) and fs.keyring.keys == {}
+    assert all(p.returncode is not None for p in workers)
+    await f.close()
+    async with blockemu.mount(image) as again:  # the lock is free
+        await again.add_key(KEY)
+        assert await again.readdir("/d") == ["f"]
+        assert (await again.stat("/d/f")).st_size == 3 << 20
