@@ -130,6 +130,26 @@ def fsck_clean(env: dict[str, str], image: Path) -> None:
     assert report.clean, report.text()
 
 
+def encrypted_image(image: Path, tmp_path: Path, files: dict[str, bytes], dirs: tuple[str, ...] = ()) -> Path:
+    """A fresh key, and /enc encrypted with it on the unmounted image holding ``dirs`` and
+    ``files`` (set-up in-process: a mount cannot set a policy); returns the key's file."""
+    key = tmp_path / "k.key"
+    key.write_bytes(os.urandom(32))
+
+    async def setup() -> None:
+        async with mount(str(image)) as fs:
+            kid = await fs.add_key(key.read_bytes())
+            await fs.mkdir("/enc")
+            await fs.set_policy("/enc", kid)
+            for d in dirs:
+                await fs.mkdir(d)
+            for path, data in files.items():
+                async with fs.open(path, "w") as f:
+                    await f.write(data)
+    asyncio.run(setup())
+    return key
+
+
 def make_tree(root: Path) -> None:
     (root / "sub" / "deeper").mkdir(parents=True)
     (root / "empty").mkdir()
@@ -299,17 +319,7 @@ def test_posix_surface_through_real_processes(env, image, mnt) -> None:
 def test_soft_key_removal_with_a_shell_holding_the_file_open(env, image, mnt, tmp_path, capsys, monkeypatch) -> None:
     """xfs_io's sequence with real processes: a shell's open descriptor keeps appending after
     ``blockemu key remove``; a new ``cat`` gets ENOKEY; the appends survive a remount with the key."""
-    key = tmp_path / "k.key"
-    key.write_bytes(os.urandom(32))
-
-    async def setup() -> None:
-        async with mount(str(image)) as fs:
-            kid = await fs.add_key(key.read_bytes())
-            await fs.mkdir("/enc")
-            await fs.set_policy("/enc", kid)
-            async with fs.open("/enc/other", "w") as f:
-                await f.write(b"secret\n")
-    asyncio.run(setup())
+    key = encrypted_image(image, tmp_path, {"/enc/other": b"secret\n"})
     b = f"{PY} -m blockemu"
     with Served(env, image, mnt):
         monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
@@ -352,19 +362,7 @@ def test_a_key_change_takes_the_names_it_made_stale_out_of_the_kernel_at_once(en
     found: ENOENT, and ls shows no-key names. The kernel kept the server's entries for a second:
     right after ``blockemu key remove`` a plaintext name still resolved, and cat said ENOKEY.
     Adding the key back makes the no-key names stale in the same way (fscrypt_d_revalidate)."""
-    key = tmp_path / "k.key"
-    key.write_bytes(os.urandom(32))
-
-    async def setup() -> None:
-        async with mount(str(image)) as fs:
-            kid = await fs.add_key(key.read_bytes())
-            await fs.mkdir("/enc")
-            await fs.set_policy("/enc", kid)
-            await fs.mkdir("/enc/sub")
-            for path in ("/enc/f", "/enc/sub/g"):
-                async with fs.open(path, "w") as f:
-                    await f.write(b"secret\n")
-    asyncio.run(setup())
+    key = encrypted_image(image, tmp_path, {"/enc/f": b"secret\n", "/enc/sub/g": b"secret\n"}, dirs=("/enc/sub",))
     monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
     enc = mnt / "enc"
     plain = [enc / "f", enc / "sub", enc / "sub" / "g"]

@@ -16,7 +16,7 @@ from blockemu.device.blockdev import BlockDevice
 from blockemu.errors import NoSpaceError
 from blockemu.fs.filesystem import Filesystem
 from blockemu.fs.pagecache import PAGE
-from tests.util import KEY, KID, ErrnoCheck, Gate, assert_fsck_clean, encrypted_dir
+from tests.util import KEY, KID, ErrnoCheck, Gate, abort_by_a_half_done_rename, assert_fsck_clean, encrypted_dir
 
 
 @pytest.fixture
@@ -795,7 +795,7 @@ async def test_opening_or_creating_a_file_waits_for_no_commit_being_written(imag
         assert await fs.exists("/b")
 
 
-async def test_opening_an_existing_file_for_writing_is_refused_after_an_abort_or_unmount(image, monkeypatch):
+async def test_opening_an_existing_file_for_writing_is_refused_after_an_abort_or_unmount(image):
     """An open that joins no transaction still refuses, as the join did, to open for writing
     on a mount whose transaction was aborted (EROFS: a write through it would be acknowledged
     into the page cache and never reach the disk), while reads go on; on an unmounted one
@@ -804,14 +804,7 @@ async def test_opening_an_existing_file_for_writing_is_refused_after_an_abort_or
     for name in ("/a", "/c"):
         async with fs.open(name, "w") as f:
             await f.write(b"x")
-
-    def failing_add_entry(parent, name, child, **links):
-        raise KeyError("bug")
-
-    monkeypatch.setattr(fs, "_add_entry", failing_add_entry)
-    with ErrnoCheck(errno.EIO):
-        await fs.rename("/a", "/b")  # aborted half way
-    monkeypatch.undo()
+    await abort_by_a_half_done_rename(fs, "/a", "/b")
     with ErrnoCheck(errno.EROFS):
         await fs.open("/c", "r+")
     async with fs.open("/c") as f:

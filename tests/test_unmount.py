@@ -13,7 +13,7 @@ import pytest
 import blockemu
 from blockemu.crypto.keyring import State
 from blockemu.fs.filesystem import File, Filesystem
-from tests.util import KEY, KID, ErrnoCheck, encrypted_dir
+from tests.util import KEY, KID, ErrnoCheck, abort_by_a_half_done_rename, encrypted_dir
 
 
 @pytest.fixture
@@ -263,7 +263,7 @@ async def test_a_cancelled_sync_waits_for_the_flushes_it_started(image, monkeypa
             assert await f.read() == b"b" * 4096
 
 
-async def test_an_unmount_after_an_abort_says_so_and_still_releases_everything(image, monkeypatch):
+async def test_an_unmount_after_an_abort_says_so_and_still_releases_everything(image):
     """The unmount's commit raises the abort (EROFS naming its cause): what the aborted
     transaction held -- a mkdir acknowledged before it -- is lost, and an unmount that returns
     lost nothing (§5). Raising must not leak the mount: the device is closed and the image lock
@@ -281,14 +281,7 @@ async def test_an_unmount_after_an_abort_says_so_and_still_releases_everything(i
     names_key = d.names_key[1]
     workers = [w.proc for w in fs.writeback.sealer._workers]
     assert workers
-
-    def failing_add_entry(parent, name, child, **links):
-        raise KeyError("planted bug")
-
-    monkeypatch.setattr(fs, "_add_entry", failing_add_entry)
-    with ErrnoCheck(errno.EIO):
-        await fs.rename("/d/f", "/d/g")  # aborts half way
-    monkeypatch.undo()
+    await abort_by_a_half_done_rename(fs, "/d/f", "/d/g")
     with pytest.raises(OSError) as raised:
         await fs.unmount()
     assert raised.value.errno == errno.EROFS and "planted bug" in str(raised.value)

@@ -124,3 +124,17 @@ def sigint_as_a_terminal_gives() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+async def abort_by_a_half_done_rename(fs, src: str, dst: str) -> None:
+    """Abort the mount's transaction the way a bug does: a rename whose new entry fails (a planted
+    KeyError) after its old one went. The rename raises EIO; the mount is read-only after."""
+    def failing_add_entry(parent, name, child, **links):
+        raise KeyError("planted bug")
+
+    fs._add_entry = failing_add_entry
+    try:
+        with ErrnoCheck(errno.EIO):
+            await fs.rename(src, dst)
+    finally:
+        del fs._add_entry
