@@ -38,7 +38,7 @@ from blockemu.crypto.arena import Arena, unmap
 from blockemu.crypto.fscrypt import Buffer
 from blockemu.crypto.sealworker import BOOT, IN_SLOT, KEY, PAGE, RESPONSE, request, slot_size
 from blockemu.errors import DeviceIOError
-from blockemu.ondisk.csum import digests, unit_digests
+from blockemu.ondisk.csum import csum_size, digests, unit_digests
 
 POOL_THRESHOLD = 256 << 10
 DEPTH = 3  # requests in flight per worker
@@ -66,6 +66,9 @@ def seal_local(key: bytearray | None, data: bytes | bytearray, csum_type: int) -
 # to derive it from in the sealing thread (HKDF-SHA512 costs ~35 us a run: 1.1 ms of the loop
 # for an fsync of 32 scattered pages) -- or None, no key.
 RunKey = bytearray | tuple[bytearray, bytes] | None
+# A sealed run's bytes as ``seal_many`` gives them: in parts, which the caller joins where it
+# writes them (one copy for a stretch of runs placed one after another)
+Parts = list[Buffer]
 
 
 def seal_batch(jobs: list[tuple[RunKey, bytearray]], csum_type: int) -> list[tuple[bytes | bytearray, bytes]]:
@@ -386,10 +389,10 @@ class Sealer:
         return self.workers >= 2 and POOL_THRESHOLD <= nbytes <= self.max_extent
 
     async def seal_many(self, runs: Sequence[tuple[RunKey, Sequence[bytes | bytearray | int]]],
-                        csum_type: int) -> list[tuple[Buffer, bytes]]:
+                        csum_type: int) -> list[tuple[Parts, bytes]]:
         """Seal several runs (each a ``RunKey`` and its pages) in one batch: for small runs,
-        where a worker's round trip costs more than the sealing. Each result is the caller's
-        own buffer (not a slot's view) and the run's checksums.
+        where a worker's round trip costs more than the sealing. Each result is the run's bytes
+        in parts (its ciphertext, the caller's own buffer, not a slot's view) and its checksums.
 
         Runs without a key are only checksummed, here on the loop: a group is at most a few
         hundred KiB (``pooled``'s threshold), and the thread's round trip cost more than the
@@ -397,12 +400,12 @@ class Sealer:
         handing them over). Runs with a key share one trip to a thread, queued as futures --
         not a task per run -- where their keys are derived, when given as secret and nonce."""
         if all(key is None for key, _ in runs):
-            return [self._plain(pages, csum_type) for _, pages in runs]
+            return self._checksummed([pages for _, pages in runs], csum_type)
         copies: list[tuple[RunKey, bytearray]] = []
         try:
             for key, pages in runs:
                 copies.append((key, self._joined(pages)))
-            return await self._queue(copies, csum_type)
+            return [([data], sums) for data, sums in await self._queue(copies, csum_type)]
         finally:
             self._wipe(copies)
 
@@ -424,12 +427,23 @@ class Sealer:
             if key is not None:
                 fscrypt.wipe(data)  # a plaintext copy; without a key it is what gets written
 
-    def _plain(self, pages: Sequence[bytes | bytearray | int], csum_type: int) -> tuple[bytes, bytes]:
-        """A run without a key: its pages as one ``bytes`` (what the device keeps, so it copies
-        them no more) and their checksums, each taken on the page where it lies."""
+    def _checksummed(self, runs: list[Sequence[bytes | bytearray | int]], csum_type: int) -> list[tuple[Parts, bytes]]:
+        """Runs without a key: each as its pages where they lie (arena views, heap pages: the
+        page cache keeps them as they are until the runs are written, and the caller copies
+        them once, where it writes them) and their checksums -- all the runs' in one call. A
+        ``bytes`` per run here, then one per stretch of runs placed together, copied each page
+        twice, and a scattered write load's runs are a page each: a join and a checksum call
+        per page."""
         page = self.arena.page
-        units = [page(p) if type(p) is int else p for p in pages]
-        return b"".join(units), unit_digests(units, csum_type)
+        units = [page(p) if type(p) is int else p for pages in runs for p in pages]
+        sums, size = unit_digests(units, csum_type), csum_size(csum_type)
+        out: list[tuple[Parts, bytes]] = []
+        at = 0
+        for pages in runs:
+            end = at + len(pages)
+            out.append((units[at:end], sums[at * size : end * size]))
+            at = end
+        return out
 
     def _joined(self, pages: Sequence[bytes | bytearray | int]) -> bytearray:
         """A run's pages (arena frame numbers or heap pages) copied into one buffer."""

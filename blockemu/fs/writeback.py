@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from blockemu.crypto import fscrypt
 from blockemu.crypto.keyring import Keyring
-from blockemu.crypto.sealer import DEPTH, TIMEOUT, RunKey, Sealer, worker_count
+from blockemu.crypto.sealer import DEPTH, TIMEOUT, Parts, RunKey, Sealer, worker_count
 from blockemu.engine.extents import Extents, NewExtent
 from blockemu.errors import DeviceIOError, InvalidArgument, NoKeyError, NoSpaceError
 from blockemu.fs.errseq import ErrSeq
@@ -125,18 +125,21 @@ def arena_frames(dirty_limit: int, *, device_cache: int, clean_limit: int, max_e
     return max(rest, 4 * max_extent) // PAGE
 
 
-def joined(writes: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-    """Writes that continue one another as one write: a batch's extents are placed one after
-    another (``Allocator.alloc_many``), and the device spends as much per write as per byte
-    of a small one -- as the block layer merges contiguous bios into one request."""
-    spans: list[tuple[int, list[bytes]]] = []
+def joined(writes: Iterable[tuple[int, int, Parts]]) -> list[tuple[int, bytes]]:
+    """Writes (each its offset, length and parts) that continue one another as one write, its
+    parts copied into one ``bytes`` -- the device keeps what it is given, and a run without a
+    key comes as its pages: this is their one copy. A batch's extents are placed one after
+    another (``Allocator.alloc_many``), and the device spends as much per write as per byte of a
+    small one -- as the block layer merges contiguous bios into one request."""
+    spans: list[tuple[int, Parts]] = []
     end = -1
-    for offset, data in writes:
+    for offset, length, parts in writes:
         if offset != end:
             spans.append((offset, []))
-        spans[-1][1].append(data)
-        end = offset + len(data)
-    return [(offset, parts[0] if len(parts) == 1 else b"".join(parts)) for offset, parts in spans]
+        spans[-1][1].extend(parts)
+        end = offset + length
+    return [(offset, parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts))
+            for offset, parts in spans]
 
 
 # the mount options (``Writeback``'s keywords) and the least each may be, with whether that least
@@ -503,19 +506,21 @@ class Writeback:
             for inode, secret in secrets.values():
                 if fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
                     raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
+            lengths = [len(run.entries) * PAGE for _, run in pieces]  # (sealing keeps a run's length)
             async with fs.vol.join() as engine:
-                placed = engine.allocator.alloc_many([len(data) for data, _ in sealed], keep=fs.data_keep())
+                placed = engine.allocator.alloc_many(lengths, keep=fs.data_keep())
                 try:
-                    await fs.vol.device.writev(joined(list(zip(placed, (data for data, _ in sealed)))))
+                    await fs.vol.device.writev(joined(zip(placed, lengths, (parts for parts, _ in sealed))))
                 except BaseException:
-                    for bytenr, (data, _) in zip(placed, sealed):
+                    for bytenr, length in zip(placed, lengths):
                         # referenced by nothing; pinned, not released: the runs' retry must not
                         # be handed the place that failed (the allocator refills holes at once)
-                        engine.allocator.pin(bytenr, len(data))
+                        engine.allocator.pin(bytenr, length)
                     raise
-                self._mapped([(inode, NewExtent(run.first * PAGE, bytenr, len(data), len(data),
+                self._mapped([(inode, NewExtent(run.first * PAGE, bytenr, length, length,
                                                 self._context(inode, nonce), digests))
-                              for (inode, run), bytenr, (data, digests), nonce in zip(pieces, placed, sealed, nonces)])
+                              for (inode, run), bytenr, length, (_, digests), nonce
+                              in zip(pieces, placed, lengths, sealed, nonces)])
 
     @staticmethod
     def _context(inode: Inode, nonce: bytes | None) -> ExtentContext | None:
