@@ -379,8 +379,10 @@ def test_a_worker_starts_without_cryptography_or_package_metadata():
 
 async def test_seal_many_checksums_keyless_runs_on_the_loop_and_keyed_ones_in_one_thread_trip(arena, monkeypatch):
     """A batch of small runs (an fsync after scattered writes): without a key sealing is only
-    checksumming, done on the loop -- no thread round trip; with keys, the runs share one trip
-    to a thread. Either way each result is what sealing the run here gives."""
+    checksumming, done on the loop -- no thread round trip, and no copy: the parts are the
+    run's pages where they lie, copied once where they are written; with keys, the runs share
+    one trip to a thread. Either way each result, its parts joined, is what sealing the run
+    here gives."""
     trips: list[int] = []
     real = asyncio.to_thread
 
@@ -393,9 +395,10 @@ async def test_seal_many_checksums_keyless_runs_on_the_loop_and_keyed_ones_in_on
     runs = [[i * PAGES + 3, i * PAGES + 5] for i in range(RUNS)]  # two scattered frames each
     plain = [bytes(arena.page(runs[i][0])) + bytes(arena.page(runs[i][1])) for i in range(RUNS)]
     got = await sealer.seal_many([(None, frames) for frames in runs], 0)
-    assert trips == [] and [(bytes(d), s) for d, s in got] == [seal_local(None, p, 0) for p in plain]
+    assert trips == [] and [(b"".join(d), s) for d, s in got] == [seal_local(None, p, 0) for p in plain]
+    assert all(isinstance(part, memoryview) and part.obj is arena.map for parts, _ in got for part in parts)
     got = await sealer.seal_many([(run_key(i), frames) for i, frames in enumerate(runs)], 0)
-    assert trips == [RUNS] and [(bytes(d), s) for d, s in got] == [seal_local(run_key(i), p, 0) for i, p in enumerate(plain)]
+    assert trips == [RUNS] and [(b"".join(d), s) for d, s in got] == [seal_local(run_key(i), p, 0) for i, p in enumerate(plain)]
     await sealer.close()
 
 

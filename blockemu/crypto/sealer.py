@@ -205,6 +205,8 @@ class Sealer:
                  close_timeout: float = CLOSE_TIMEOUT, respawns: int = RESPAWNS, lendable: int = 0) -> None:
         """``lendable``: slots that may be lent out (``loan``) on top of the ones sealing needs."""
         self.workers = workers
+        # the smallest run (in bytes) a worker seals (``pooled``); none without two workers
+        self.pool_from = POOL_THRESHOLD if workers >= 2 else max_extent + 1
         self.arena = arena
         self.max_extent = max_extent
         self.slot = slot_size(max_extent)
@@ -386,7 +388,7 @@ class Sealer:
     def pooled(self, nbytes: int) -> bool:
         """Whether ``sealed`` would hand a run of ``nbytes`` (with a key) to a worker; smaller
         runs are sealed on a thread, in batches, and ``seal_many`` takes several at once."""
-        return self.workers >= 2 and POOL_THRESHOLD <= nbytes <= self.max_extent
+        return self.pool_from <= nbytes <= self.max_extent
 
     async def seal_many(self, runs: Sequence[tuple[RunKey, Sequence[bytes | bytearray | int]]],
                         csum_type: int) -> list[tuple[Parts, bytes]]:

@@ -221,13 +221,12 @@ class PageCache:
             table, dirty = pages.pages, pages.dirty
             if room <= 0 and len(entries) > 1 and self._streamed(pages, run):
                 continue
-            for idx, entry in zip(range(first, first + len(entries)), entries):
+            for idx, entry in enumerate(entries, first):
                 frame = type(entry) is int
                 if frame:
-                    sealing.discard(entry)  # type: ignore[arg-type]
+                    freed.append(entry)  # type: ignore[arg-type]  # every frame goes back (and stops sealing)
                     if entry in orphans:
                         orphans.discard(entry)  # type: ignore[arg-type]
-                        freed.append(entry)  # type: ignore[arg-type]
                         continue
                     # a frame still in use is still its page's: rewriting or dropping a page
                     # being sealed gives it a new entry and orphans this one
@@ -244,8 +243,7 @@ class PageCache:
                     del table[idx]
                     if not frame:
                         entry[:] = ZERO_PAGE  # type: ignore[index]
-                if frame:
-                    freed.append(entry)  # type: ignore[arg-type]
+        sealing.difference_update(freed)  # (one call for the batch, not one per page)
         # a run's frames go back highest first, so the next streaming write takes them as one
         # ascending slice (see put_dirty)
         self.arena.release(freed[::-1])

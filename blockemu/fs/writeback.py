@@ -379,11 +379,13 @@ class Writeback:
         a run a worker would seal (or ``max_extent``), so that several groups still fill the
         pipeline's lanes; a run big enough for a sealing worker goes on its own."""
         group: list[Piece] = []
-        pages = 0
-        pooled = self.sealer.pooled
+        pages, most = 0, self.max_pages
+        # the pages from which a run (or a group) is a worker's (``Sealer.pooled``: a run is never
+        # over ``max_extent``), worked out once, not asked for twice per run
+        big = min(-(-self.sealer.pool_from // PAGE), most + 1)
         for piece in runs:
             n = len(piece[1].entries)
-            if group and (pooled(n * PAGE) or pages + n > self.max_pages or pooled(pages * PAGE)):
+            if group and (n >= big or pages >= big or pages + n > most):
                 yield group
                 group, pages = [], 0
             group.append(piece)
