@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from blockemu.crypto import fscrypt
+from blockemu.crypto.fscrypt import Buffer
 from blockemu.crypto.keyring import Keyring
 from blockemu.crypto.sealer import DEPTH, TIMEOUT, Parts, RunKey, Sealer, worker_count
 from blockemu.engine.extents import Extents, NewExtent
@@ -125,12 +126,12 @@ def arena_frames(dirty_limit: int, *, device_cache: int, clean_limit: int, max_e
     return max(rest, 4 * max_extent) // PAGE
 
 
-def joined(writes: Iterable[tuple[int, int, Parts]]) -> list[tuple[int, bytes]]:
+def joined(writes: Iterable[tuple[int, int, Parts]]) -> list[tuple[int, Buffer]]:
     """Writes (each its offset, length and parts) that continue one another as one write, its
-    parts copied into one ``bytes`` -- the device keeps what it is given, and a run without a
-    key comes as its pages: this is their one copy. A batch's extents are placed one after
-    another (``Allocator.alloc_many``), and the device spends as much per write as per byte of a
-    small one -- as the block layer merges contiguous bios into one request."""
+    parts joined: a batch's extents are placed one after another (``Allocator.alloc_many``), and
+    the device spends as much per write as per byte of a small one -- as the block layer merges
+    contiguous bios into one request. That join is the one copy of a run without a key, which
+    comes as its pages (the device copies what it is not lent, unless it is ``bytes`` already)."""
     spans: list[tuple[int, Parts]] = []
     end = -1
     for offset, length, parts in writes:
@@ -138,8 +139,7 @@ def joined(writes: Iterable[tuple[int, int, Parts]]) -> list[tuple[int, bytes]]:
             spans.append((offset, []))
         spans[-1][1].extend(parts)
         end = offset + length
-    return [(offset, parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts))
-            for offset, parts in spans]
+    return [(offset, parts[0] if len(parts) == 1 else b"".join(parts)) for offset, parts in spans]
 
 
 # the mount options (``Writeback``'s keywords) and the least each may be, with whether that least
