@@ -529,3 +529,30 @@ async def test_an_overwrite_finds_the_items_it_changes_without_a_lookup(image, m
             async with fs.open(name) as f:
                 assert await f.pread(2 * MIB, 0) == data
     assert_fsck_clean(image)
+
+
+@pytest.mark.parametrize("workers, groups", [(2, [[1, 1, 1], [64], [1, 1]]), (0, [[1, 1, 1, 64, 1, 1]])])
+async def test_a_run_a_sealing_worker_takes_goes_in_a_group_of_its_own(tmp_path, monkeypatch, workers, groups):
+    """A flush's runs in file order, grouped: the small ones together, and a run as big as a
+    sealing worker takes (256 KiB) on its own, closing the group before it and starting none
+    after it -- so the small runs after it share the next group; without workers nothing is
+    pooled, and one group takes them all (up to ``max_extent``)."""
+    image = str(tmp_path / "groups.img")
+    await blockemu.mkfs(image, size="64M")
+    async with blockemu.mount(image, interval=3600, seal_workers=workers) as fs:
+        seen: list[list[int]] = []
+        real = fs.writeback._groups
+
+        def spy(runs):
+            for group in real(runs):
+                seen.append([len(run.entries) for _, run in group])
+                yield group
+
+        monkeypatch.setattr(fs.writeback, "_groups", spy)
+        await encrypted_dir(fs, "/e")
+        async with fs.open("/e/f", "w+") as f:
+            for idx in (0, 10, 20, 300, 310):
+                await f.pwrite(os.urandom(PAGE), idx * PAGE)
+            await f.pwrite(os.urandom(64 * PAGE), 100 * PAGE)
+            await fs.writeback.flush_inode(f.inode)
+    assert seen == groups
