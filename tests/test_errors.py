@@ -101,11 +101,22 @@ async def test_a_power_cut_planned_through_the_api(tmp_path):
     assert (await blockemu.fsck(img)).clean
 
 
+async def test_a_size_mount_option_takes_a_size_as_mkfs_does(tmp_path):
+    """``mkfs(size="64M")`` took a size and ``mount(dirty_limit="1M")`` was refused as "not str"
+    (a newcomer's trial): the options that are byte counts take sizes too."""
+    img = str(tmp_path / "s.img")
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img, dirty_limit="2M", max_extent="64K", cache_limit="1m") as fs:
+        assert (fs.writeback.dirty_limit, fs.writeback.max_pages) == (2 << 20, 16)
+
+
 @pytest.mark.parametrize("opts, says", [
     ({"seal_workers": -1}, "bad value for mount option seal_workers: -1 (must be at least 0)"),
     ({"dirty_limit": -5}, "bad value for mount option dirty_limit: -5 (must be at least 4096)"),
     ({"interval": 0}, "bad value for mount option interval: 0 (must be more than 0)"),
-    ({"cache_limit": "8M"}, "bad value for mount option cache_limit: '8M' (must be a number, not str)"),
+    ({"cache_limit": "8Q"}, "bad value for mount option cache_limit: '8Q' (must be a size, as 128M)"),
+    ({"interval": "5"}, "bad value for mount option interval: '5' (must be a number, not str)"),
+    ({"dirty_limit": "1K"}, "bad value for mount option dirty_limit: 1024 (must be at least 4096)"),
     ({"interval": True}, "bad value for mount option interval: True (must be a number, not bool)"),
     ({"dirty_limt": 1 << 20}, "unknown mount option 'dirty_limt'"),
 ])

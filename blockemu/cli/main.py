@@ -1046,17 +1046,17 @@ def cmd_crash(a: argparse.Namespace) -> int:
 
 
 # -o NAME=VALUE takes every mount option the library does: their one list is fs/writeback.py's
-# OPTION_FLOORS. Values are sizes (K/M/G/T suffixes) but for these; tests/test_fuse.py holds each
-# option's parser to the type its Writeback keyword is annotated with
+# OPTION_FLOORS. Values are sizes (K/M/G/T suffixes: its SIZE_OPTIONS) but for these;
+# tests/test_fuse.py holds each option's parser to the type its Writeback keyword is annotated with
 NOT_SIZES: dict[str, Callable[[str], Any]] = {"interval": float, "seal_timeout": float, "seal_workers": int}
 
 
 def mount_option_parsers() -> dict[str, Callable[[str], Any]]:
     """The library's mount options, each with its value's parser (imported when a command
     mounts: the fs layer is no import of the others)."""
-    from blockemu.fs.writeback import OPTION_FLOORS
+    from blockemu.fs.writeback import OPTION_FLOORS, SIZE_OPTIONS
 
-    return {name: NOT_SIZES.get(name, parse_size) for name in OPTION_FLOORS}
+    return {name: parse_size if name in SIZE_OPTIONS else NOT_SIZES[name] for name in OPTION_FLOORS}
 
 
 def mount_options(options: list[str]) -> dict[str, Any]:

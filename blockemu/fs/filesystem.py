@@ -221,7 +221,7 @@ class Filesystem:
                     readonly: bool = False, **opts: Any) -> "Filesystem":
         """``readonly``: open the image O_RDONLY under a shared lock (a 0444 image mounts; a
         writer elsewhere refuses it) and refuse every change with EROFS."""
-        check_options(opts)
+        opts = check_options(opts)
         keyring = Keyring(key_removal)
         vol = await Volume.open(path, readonly=readonly, faults=faults)
         try:

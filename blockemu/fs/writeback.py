@@ -39,6 +39,7 @@ from blockemu.errors import DeviceIOError, InvalidArgument, NoKeyError, NoSpaceE
 from blockemu.fs.errseq import ErrSeq
 from blockemu.fs.pagecache import PAGE, PageCache, Pages, Run
 from blockemu.fs.volume import Volume, outlast_cancellation
+from blockemu.units import parse_size
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import ExtentContext
 
@@ -151,19 +152,32 @@ OPTION_FLOORS: dict[str, tuple[float, bool]] = {
 }
 
 
-def check_options(opts: dict[str, Any]) -> None:
-    """Refuse an unknown or out-of-range mount option (EINVAL, naming it) before the image opens."""
+# the options that are byte counts: written as sizes too (``dirty_limit="128M"``), as mkfs's size is
+SIZE_OPTIONS = frozenset({"background_bytes", "cache_limit", "dirty_limit", "max_extent", "batch_bytes"})
+
+
+def check_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """Refuse an unknown or out-of-range mount option (EINVAL, naming it) before the image opens;
+    the options, a size written as text parsed."""
+    out = {}
     for name, value in opts.items():
+        out[name] = value
         if name not in OPTION_FLOORS:
             raise InvalidArgument(f"unknown mount option {name!r} (known: {', '.join(sorted(OPTION_FLOORS))})")
         if value is None and name in ("seal_workers", "batch_bytes"):
             continue  # chosen from the machine / the dirty limit
         low, inclusive = OPTION_FLOORS[name]
+        if name in SIZE_OPTIONS and isinstance(value, str):
+            try:
+                out[name] = value = parse_size(value)
+            except InvalidArgument as e:
+                raise InvalidArgument(f"bad value for mount option {name}: {value!r} (must be a size, as 128M)") from e
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # max_extent="16K" was told it "must be at least 4096": only the CLI's -o parses sizes
+            # max_extent="16K" was told it "must be at least 4096"; a size is parsed above
             raise InvalidArgument(f"bad value for mount option {name}: {value!r} (must be a number, not {type(value).__name__})")
         if value < low or (value == low and not inclusive):
             raise InvalidArgument(f"bad value for mount option {name}: {value!r} (must be {'at least' if inclusive else 'more than'} {low})")
+    return out
 
 
 class Writeback:
