@@ -184,8 +184,9 @@ async def test_generic_580_v2_sequence(fs):
     r = await fs.remove_key(kid)
     assert str(r) == f"Removed encryption key with identifier {kid}"
     assert str(fs.key_status(kid)) == "Absent"
-    with ErrnoCheck(errno.ENOKEY):
-        await fs.remove_key(kid)  # "Error removing encryption key: Required key not available"
+    with pytest.raises(OSError) as e:  # xfs_io: "Error removing encryption key: Required key not available"
+        await fs.remove_key(kid)
+    assert e.value.errno == errno.ENOKEY and f"key {kid} is not on this mount's keyring" in str(e.value)
     with ErrnoCheck(errno.ENOENT):
         await fs.open("/dir/file", "r")  # the plaintext name is gone with the key
     nokey = sorted(await fs.readdir("/dir"))
@@ -201,8 +202,9 @@ async def test_generic_581_claims(fs):
     await fs.mkdir("/d")
     with ErrnoCheck(errno.ENOKEY):
         await fs.set_policy("/d", kid, user=1000)  # the user has no claim
-    with ErrnoCheck(errno.ENOKEY):
+    with pytest.raises(OSError) as e:
         await fs.remove_key(kid, user=1000)
+    assert e.value.errno == errno.ENOKEY and f"user 1000 has no claim to key {kid} (users 0 have" in str(e.value)
     assert str(fs.key_status(kid, user=1000)) == "Present (user_count=1)"
     await fs.add_key(KEY, user=1000)
     assert str(fs.key_status(kid, user=1000)) == "Present (user_count=2, added_by_self)"

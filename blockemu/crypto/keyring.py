@@ -271,9 +271,10 @@ class Keyring:
             self.completed.discard(ident)
             return None, True
         if mk is None:
-            raise NoKeyError("Required key not available")
+            raise NoKeyError(f"Required key not available: key {ident.hex()} is not on this mount's keyring")
         if mk.users and not all_users and user not in mk.users:
-            raise NoKeyError("Required key not available")
+            raise NoKeyError(f"Required key not available: user {user} has no claim to key {ident.hex()} "
+                             f"(users {', '.join(map(str, sorted(mk.users)))} have: all_users removes theirs)")
         if mk.users and not all_users and mk.users - {user}:
             self._transition(mk, Ev.REMOVE_CLAIM, lambda: mk.users.discard(user), bool(mk.leases))
             return mk, False
