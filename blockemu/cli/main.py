@@ -990,8 +990,10 @@ def stress_race(a: argparse.Namespace, seed: int) -> int:
         elif a.kernel_peer is not None:
             print("kernel: ENOKEY counts ENOENT too (without the key the plaintext name is gone); "
                   "remove->wipe is REMOVE until the key status reads ABSENT")
-        if any(r.mode in ("hard", "sync") for r in results):  # the table's legend, where it has those rows
-            print("losses in hard and sync mode are what those semantics cost: expected, but never silent")
+        lossy = [r.mode for r in results if r.mode in ("hard", "sync") and r.lost]
+        if lossy:  # the table's legend, for the rows it explains (sync mode often loses nothing)
+            print(f"the losses in {' and '.join(lossy)} mode are what {'those semantics' if len(lossy) > 1 else 'its semantics'}"
+                  " cost: expected, but never silent")
         if written:
             print(f"report: {', '.join(written)}")
         if bad:
