@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from blockemu.engine.btree import BTree, Through, _balanced_cut, max_item_size
 from blockemu.errors import ExistsError, NotFoundError
-from blockemu.ondisk.block import TreeBlock, body_size, key_ints, max_ptrs
+from blockemu.ondisk.block import TreeBlock, body_size, max_ptrs
 from blockemu.ondisk.fast import ITEM_SIZE
 from tests.conftest import MemoryImage
 
@@ -22,8 +22,6 @@ def check_invariants(tree: BTree) -> None:
 
     def walk(node, lo, hi, is_root):
         assert node.keys == sorted(node.keys) and len(set(node.keys)) == len(node.keys)
-        # the leaf edit bisects these: one stale int (an edit that kept the keys and not them) misplaces items
-        assert node.ikeys is None or node.ikeys == key_ints(node.keys)
         if node.keys:
             assert lo is None or node.keys[0] >= lo
             assert hi is None or node.keys[-1] < hi
@@ -276,8 +274,8 @@ def test_batched_apply_equals_one_by_one(nodesize, data):
 @given(items=st.dictionaries(st.integers(10, 290), st.integers(0, 60), max_size=250),
        staged=st.dictionaries(st.integers(0, 300), st.none() | st.integers(0, 60) | st.integers(1, 40).map(Through),
                               max_size=300),
-       same=st.booleans(), built=st.booleans())
-def test_merge_leaf_matches_a_dict_model(items, staged, same, built):
+       same=st.booleans())
+def test_merge_leaf_matches_a_dict_model(items, staged, same):
     """``_merge_leaf``, the in-place edit of one leaf, against a dict: any number of changes
     (up to twice the leaf's items), inserts before its first and after its last item, deletes of
     absent keys, ``Through`` ranges, and (``same``) replacements all of the old value's size --
@@ -310,11 +308,8 @@ def test_merge_leaf_matches_a_dict_model(items, staged, same, built):
             size = items.get(k, change) if same else change
             model[key(k)] = value(k + 1, size)
             changes.append((key(k), value(k + 1, size)))
-    if built:  # the leaf's ints made by an earlier edit, not by this one
-        leaf.ikeys = key_ints(leaf.keys)
-    BTree._merge_leaf(leaf, changes, key_ints([k for k, _ in changes]))
+    BTree._merge_leaf(leaf, changes)
     assert list(zip(leaf.keys, leaf.values)) == sorted(model.items())
-    assert leaf.ikeys == key_ints(leaf.keys)  # kept in step with the edits
     assert leaf.used == sum(ITEM_SIZE + len(v) for v in model.values())  # kept by the edits, not recounted
 
 

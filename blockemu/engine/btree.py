@@ -26,7 +26,7 @@ from operator import itemgetter
 from typing import Iterator, NamedTuple, Protocol
 
 from blockemu.errors import CorruptionError, ExistsError, NotFoundError
-from blockemu.ondisk.block import TreeBlock, body_size, key_int, key_ints, max_ptrs
+from blockemu.ondisk.block import TreeBlock, body_size, max_ptrs
 from blockemu.ondisk.fast import ITEM_SIZE, KEY_PTR_SIZE
 
 KeyT = tuple[int, int, int]
@@ -233,7 +233,6 @@ class BTree:
                 node.keys.insert(i, key)
                 node.values.insert(i, value)
                 node.used += ITEM_SIZE + len(value)
-                node.ikeys = None
             return self._split_leaf(node) if node.used > self.body else None
         slot = self._slot(node, key)
         child = self._writable_child(node, slot)
@@ -262,7 +261,7 @@ class BTree:
             if value is not None and type(value) is not Through and len(value) > self.max_item:
                 raise ValueError(f"item of {len(value)} bytes exceeds the {self.max_item}-byte limit")
         root = self._writable_root()
-        pieces = [root, *self._apply(root, changes, key_ints([key for key, _ in changes]))]
+        pieces = [root, *self._apply(root, changes)]
         if not root.keys and root.level:  # every item deleted: the tree is one empty leaf again
             self.store.free_block(root)
             pieces = [self.store.new_block(self.owner, 0)]
@@ -279,13 +278,13 @@ class BTree:
             root = child
         self.root, self.level = root.bytenr, root.level
 
-    def _apply(self, node: TreeBlock, changes: list[Change], ikeys: list[int]) -> list[TreeBlock]:
-        """Apply ``changes`` (all inside ``node``'s range; ``ikeys``: their keys' ``key_int``)
-        below the writable ``node``; returns the new right siblings it split into. ``node`` may
-        be left empty or underfull: its parent mends that, as it sees all its children at once.
-        A ``Through`` reaching past a child's range goes on in the next child, from its first key."""
+    def _apply(self, node: TreeBlock, changes: list[Change]) -> list[TreeBlock]:
+        """Apply ``changes`` (all inside ``node``'s range) below the writable ``node``; returns the
+        new right siblings it split into. ``node`` may be left empty or underfull: its parent
+        mends that, as it sees all its children at once. A ``Through`` reaching past a child's
+        range goes on in the next child, from its first key."""
         if node.level == 0:
-            self._merge_leaf(node, changes, ikeys)
+            self._merge_leaf(node, changes)
             return self._split_leaf_many(node) if node.used > self.body else []
         keys, ptrs, touched, underfull = node.keys, node.ptrs, set(), False
         leaves, body = node.level == 1, self.body
@@ -305,20 +304,17 @@ class BTree:
             done = slot + 1
             last = done == n
             hi = len(changes) if last else bisect_left(changes, keys[done], lo, key=_change_key)
-            if rest is None:
-                part, ipart = changes[lo:hi], ikeys[lo:hi]
-            else:
-                part, ipart = [(keys[slot], rest), *changes[lo:hi]], [key_int(keys[slot]), *ikeys[lo:hi]]
+            part = changes[lo:hi] if rest is None else [(keys[slot], rest), *changes[lo:hi]]
             lo = hi
             rest = part[-1][1]
             if type(rest) is not Through or last or rest.hi < keys[done]:
                 rest = None
             child = self._writable_child(node, slot)
             if leaves:  # the leaf case of _apply inline: a frame fewer for each of dozens of leaves
-                self._merge_leaf(child, part, ipart)
+                self._merge_leaf(child, part)
                 pieces = (child, *self._split_leaf_many(child)) if child.used > body else (child,)
             else:
-                pieces = (child, *self._apply(child, part, ipart))
+                pieces = (child, *self._apply(child, part))
             for c in pieces:
                 if c.keys:
                     new_keys.append(c.keys[0])
@@ -363,7 +359,7 @@ class BTree:
                 slot += 1
 
     @staticmethod
-    def _merge_leaf(leaf: TreeBlock, changes: list[Change], ikeys: list[int]) -> None:
+    def _merge_leaf(leaf: TreeBlock, changes: list[Change]) -> None:
         """Merge sorted ``changes`` into a leaf's sorted items, each a bisection and an edit in
         place (the leaf is this transaction's own copy) -- however many there are. Rebuilding
         the two lists in one pass around them (slices between the changes) cost more in every
@@ -371,24 +367,19 @@ class BTree:
         60, -2 % and equal CPU for 1,000 into 600): each change is a bisection and a few opcodes
         either way, and the pass added its slices and appends. An insert or delete in place moves only the items after it that were there
         before (the changes come in key order, so the ones made already are all before it): at
-        most a leaf's worth of pointers (a few hundred), a memmove, however long the batch.
-        The bisections and the equality tests are of the keys as ints (``ikeys``, the changes'
-        keys as ``key_int``; the leaf's ``TreeBlock.ikeys``, built here the first time and kept
-        in step with every edit here): a comparison of two key tuples walks their fields."""
-        keys, values, ik = leaf.keys, leaf.values, leaf.ikeys
-        if ik is None:
-            ik = leaf.ikeys = key_ints(keys)
+        most a leaf's worth of pointers (a few hundred), a memmove, however long the batch."""
+        keys, values = leaf.keys, leaf.values
         used, i = leaf.used, 0
-        for (key, value), c in zip(changes, ikeys):
-            j = bisect_left(ik, c, i)
+        for key, value in changes:
+            j = bisect_left(keys, key, i)
             if type(value) is Through:
-                k = bisect_right(ik, key_int(value.hi), j)
+                k = bisect_right(keys, value.hi, j)
                 used -= ITEM_SIZE * (k - j) + sum(map(len, values[j:k]))
-                del keys[j:k], values[j:k], ik[j:k]
-            elif j < len(ik) and ik[j] == c:
+                del keys[j:k], values[j:k]
+            elif j < len(keys) and keys[j] == key:
                 if value is None:
                     used -= ITEM_SIZE + len(values[j])
-                    del keys[j], values[j], ik[j]
+                    del keys[j], values[j]
                 else:
                     used += len(value) - len(values[j])
                     values[j] = value
@@ -396,7 +387,6 @@ class BTree:
             elif value is not None:
                 keys.insert(j, key)
                 values.insert(j, value)
-                ik.insert(j, c)
                 used += ITEM_SIZE + len(value)
                 j += 1
             i = j
@@ -420,17 +410,13 @@ class BTree:
             else:
                 cuts[-1] = cuts[-2] + _balanced_cut(leaf.values[cuts[-2]:])
         cuts.append(n)
-        keys, values, ik = leaf.keys, leaf.values, leaf.ikeys
+        keys, values = leaf.keys, leaf.values
         out = []
         for a, b in zip(cuts[1:], cuts[2:]):
             right = self.store.new_block(self.owner, 0)
             right.keys, right.values, right.used = keys[a:b], values[a:b], ends[b] - ends[a]
-            if ik is not None:  # the pieces' ints cut as their keys are: none built again
-                right.ikeys = ik[a:b]
             out.append(right)
         leaf.keys, leaf.values, leaf.used = keys[: cuts[1]], values[: cuts[1]], ends[cuts[1]]
-        if ik is not None:
-            leaf.ikeys = ik[: cuts[1]]
         return out
 
     def _split_node_many(self, node: TreeBlock) -> list[TreeBlock]:
@@ -455,7 +441,6 @@ class BTree:
         right = self.store.new_block(self.owner, 0)
         right.keys, leaf.keys = leaf.keys[cut:], leaf.keys[:cut]
         right.values, leaf.values = leaf.values[cut:], leaf.values[:cut]
-        leaf.ikeys = None
         leaf.recount()
         right.recount()
         return right
@@ -486,7 +471,6 @@ class BTree:
         if node.level == 0:
             i = bisect_left(node.keys, key)
             del node.keys[i]
-            node.ikeys = None
             value = node.values.pop(i)
             node.used -= ITEM_SIZE + len(value)
             return value
@@ -516,7 +500,6 @@ class BTree:
             left.keys += right.keys
             if left.level == 0:
                 left.values += right.values
-                left.ikeys = None
             else:
                 left.ptrs += right.ptrs
             left.used += right.used
@@ -540,7 +523,6 @@ class BTree:
             cut = len(keys) // 2
             left.ptrs, right.ptrs = ptrs[:cut], ptrs[cut:]
         left.keys, right.keys = keys[:cut], keys[cut:]
-        left.ikeys = right.ikeys = None
         left.recount()
         right.recount()
 

@@ -195,7 +195,6 @@ class TreeStore:
         if block.bytenr not in self.dirty:
             new = self.new_block(block.owner, block.level)
             new.keys = list(block.keys)
-            new.ikeys = None if block.ikeys is None else list(block.ikeys)
             new.values = list(block.values)
             new.ptrs = list(block.ptrs)
             new.used = block.used

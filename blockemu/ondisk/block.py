@@ -20,29 +20,11 @@ from blockemu.ondisk.structs import CSUM_FIELD, HEADER_FLAG_WRITTEN, MAX_LEVEL
 KeyT = tuple[int, int, int]
 
 
-def key_int(key: KeyT) -> int:
-    """A key as one int that orders as the keys do (objectid, then type, then offset): the
-    17-byte key read big-endian. Two of these compare in one C-level step, two key tuples in a
-    walk of their fields (~270 instructions a comparison in a bisection, callgrind): the B-tree
-    bisects a leaf's keys in this form (``TreeBlock.ikeys``). Never stored: the disk holds keys
-    field by field, little-endian (format/SPEC.md)."""
-    return key[0] << 72 | key[1] << 64 | key[2]
-
-
-def key_ints(keys: list[KeyT]) -> list[int]:
-    """``key_int`` of each key, in one comprehension (a call per key cost as much again)."""
-    return [objectid << 72 | typ << 64 | offset for objectid, typ, offset in keys]
-
-
 @dataclass(slots=True, eq=False)
 class TreeBlock:
     """A decoded node or leaf. Leaves use ``values``; internal nodes ``ptrs``.
 
     ``used`` tracks the bytes the body occupies so fullness checks are O(1).
-    ``ikeys`` is derived from a leaf's ``keys`` (``key_ints``), or None: built by the B-tree's
-    leaf edit (``BTree._merge_leaf``), which keeps it in step with its own edits, so it serves
-    the many batches that edit a leaf between two commits; every other change to a leaf's keys
-    drops it (None), and a COW copies it with the keys.
     """
 
     bytenr: int
@@ -54,7 +36,6 @@ class TreeBlock:
     ptrs: list[tuple[int, int]] = field(default_factory=list)
     flags: int = HEADER_FLAG_WRITTEN
     used: int = 0
-    ikeys: list[int] | None = None
 
     @property
     def is_leaf(self) -> bool:
