@@ -374,7 +374,7 @@ def log_cap_workload(scale: int, grew: list[int]):
         handles = [await fs.open(p, "r+") for p in files]
         try:
             rounds = 0
-            while len(grew) < 2 and rounds < 40:
+            while len(grew) < 2 and rounds < 8 * LOG_COMMIT_BLOCKS:  # the fast path crosses a cap of 16 at rounds 35 and 71
                 rounds += 1
                 for f in handles:
                     if rounds == 2 and f is handles[0] and scale > 1:

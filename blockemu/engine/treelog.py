@@ -72,7 +72,16 @@ Item = tuple[tuple[int, int, int], bytes]
 # Since the log is two trees (below) only a fold re-encodes the leaves the log has grown: the
 # cap then measured (log7, 300 and 600 cycles, machine loaded to 4x its cores): 8, 16, 32 and
 # 64 blocks within each other's spread (9.0-13.1 ms per cycle, the order changing run to run).
-LOG_COMMIT_BLOCKS = 8
+# Counted in instructions instead (keys14: callgrind, PYTHONHASHSEED=0, the same seeded job --
+# mkfs, a 16 MiB encrypted file, 30 warm-up cycles, then N cycles -- with only the cap changed):
+# 8 -> 16 blocks takes the job from 4,200 to 4,039 M instructions at N=120 and from 8,266 to
+# 7,848 M at N=300 (-5 %; over cycles 121-300, 22.6 -> 21.2 M each: a commit re-encodes every
+# leaf the scattered writes dirtied, and the trees grow as the file fragments, so commits cost
+# more with time while a log sync does not); device writes 7,784 -> 5,843.
+# Process CPU, alternated, 3 runs of 300 cycles each: 7.9-8.6 ms per cycle at 8, 6.1-7.6 at 16.
+# 32 and 64 blocks: 4,070 and 4,006 M at N=120, CPU within 16's spread -- not clearly better,
+# and replay reads the whole log, so the cap stays at the smallest that measured the gain.
+LOG_COMMIT_BLOCKS = 16
 # The log is two trees (SPEC "Log tree"): the superblock names a small one, the delta, holding
 # what was logged since the last fold and BASE_KEY, naming the base, which holds the rest; the
 # delta's items win. A sync re-encodes the delta (one leaf) and no block of the base, until the
