@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 
 import pytest
 
@@ -95,6 +96,12 @@ async def test_a_planted_ordering_bug_is_caught(tmp_path):
     seqs = [s for s in ace_workloads(2) if len(s) == 2][:6]
     result = await run_ace(seqs, seed=2, subsets=2, faults=FaultPlan(nobarrier=True), write_path=FAST)
     assert result.failures
+    # a failure says where in the workload its crash falls, in the workload's words (a newcomer
+    # read only 'upto=9' and '(generation, log root) (2, 0)')
+    where = re.compile(r"^\[(.*)\] at crash state upto=\d+ .*\(after '([^']*)' returned(?:, during '([^']*)')?\): ")
+    said = [where.match(f) for f in result.failures]
+    assert all(said), [f for f, m in zip(result.failures, said) if not m][:3]
+    assert any(m[3] and m[3].split("; ")[0] in m[1].split(" ; ") for m in said), said[:3]  # one of its ops
     log, models = await record(random_workload(3, seed=9), str(tmp_path / "w.img"), str(tmp_path / "base.img"),
                                faults=FaultPlan(nobarrier=True), write_path=FAST)
     planted = CampaignResult()

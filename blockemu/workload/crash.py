@@ -91,7 +91,16 @@ class Models(dict[Durable, Snapshot]):
     def __init__(self) -> None:
         super().__init__()
         self.points: list[tuple[int, Snapshot]] = []  # (write-log position, namespace) of each persisted()
+        self.labels: list[str] = []  # what each of them made durable, as a failure names it
         self.versions: dict[str, list[Version]] = {}
+
+    def where(self, upto: int) -> str:
+        """Where in the workload a crash state with ``upto`` log entries completed falls, in its
+        own words: the last persistence point it is past (whose operations returned: what they
+        made durable must be there), and the one it comes before."""
+        done = sum(at <= upto for at, _ in self.points)
+        after = f"after {self.labels[done - 1]} returned" if done else "before any persistence point"
+        return after + (f", during {self.labels[done]}" if done < len(self.labels) else "")
 
     def judge(self, got: Snapshot, state: Durable, upto: int) -> str | None:
         """Why ``got``, read from a crash state with ``upto`` log entries completed whose
@@ -220,11 +229,12 @@ class Recorder:
         if self.kid is not None:
             await self.fs.set_policy(path, self.kid)
 
-    async def persisted(self) -> None:
+    async def persisted(self, what: str = "") -> None:
         """Call right after an fsync/sync, with nothing else in flight: everything so far is one
-        durable state. An fsync in flight would put its file's new content in the snapshot under
-        a durable state that need not hold it (and the crash states after it would be judged
-        by that model, exactly): refused."""
+        durable state (``what``: the operations that made it, as a failure report names them).
+        An fsync in flight would put its file's new content in the snapshot under a durable
+        state that need not hold it (and the crash states after it would be judged by that
+        model, exactly): refused."""
         if self.in_flight:
             raise RuntimeError(f"a persistence point with {self.in_flight} recorded fsync(s) in flight")
         if not self.hold_tails:
@@ -233,6 +243,7 @@ class Recorder:
         now = await snapshot(self.fs)
         self.models[(self.fs.vol.generation, self.fs.vol.log_root)] = now
         self.models.points.append((len(self.log.entries), now))
+        self.models.labels.append(f"'{what}'" if what else f"persistence point {len(self.models.points)}")
 
     async def fsync(self, f: File, path: str) -> None:
         """fsync ``f`` (open at ``path``) -- while other tasks may be fsyncing theirs -- noting
@@ -305,12 +316,12 @@ async def run_recorded(workload: Workload, image: str, base: str, *, faults: Fau
         kid = await fs.add_key(KEY) if write_path.encrypt else None
         log = fs.vol.device.start_log(base_copy=base)
         rec = Recorder(fs, write_path, kid, log, hold_tails=hold_tails)
-        await rec.persisted()
+        await rec.persisted("mkfs")
         await workload(fs, rec)
         # the unmount's commit is a durable state of its own when fsyncs went through the log
         # (they left the running transaction uncommitted): record it as the commit it is
         await fs.sync()
-        await rec.persisted()
+        await rec.persisted("the closing sync")
     except BaseException:
         # unmounted here, not by the collector: a campaign worker runs shard after shard, and a
         # mount kept alive by the error's traceback holds its image, lock, arena and sealing
@@ -355,7 +366,7 @@ async def check_sample(log: WriteLog, models: Models, work: str, states: list, r
         result.states += 1
         log.crash_image(work, st.upto, st.keep, st.torn, st.split)
         if why := await check_state(log, models, work, st, first, write_path):
-            result.failures.append(f"{name} at crash state {st}: {why}")
+            result.failures.append(f"{name} at crash state {st} ({models.where(st.upto)}): {why}")
             if keep is not None:
                 log.crash_image(keep, st.upto, st.keep, st.torn, st.split)
                 result.failures[-1] += f" (its image: {keep})"
@@ -439,7 +450,7 @@ def ace_workload(seq: tuple[tuple[str, ...], ...], seed: int) -> Workload:
         async with fs.open("/A/foo", "w") as f:
             await f.write(rng.randbytes(7000 * scale))
         await fs.sync()
-        await rec.persisted()
+        await rec.persisted("mkdir /A /B; write /A/foo; sync")
         for op in seq:
             target = await apply(fs, op, rng, scale)
             if target is None:
@@ -447,9 +458,10 @@ def ace_workload(seq: tuple[tuple[str, ...], ...], seed: int) -> Workload:
             if await fs.exists(target) and not (await fs.stat(target)).st_mode & 0o040000:
                 async with fs.open(target, "r") as f:
                     await f.fsync()
+                await rec.persisted(f"{' '.join(op)}; fsync {target}")
             else:
                 await fs.sync()
-            await rec.persisted()
+                await rec.persisted(f"{' '.join(op)}; sync")
     return run
 
 
