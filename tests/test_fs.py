@@ -453,6 +453,42 @@ async def test_the_bytes_lost_do_not_count_what_the_file_grew_by_since(image):
             assert caught.value.errno == errno.EIO and f.inode.lost_bytes == 1, (str(caught.value), f.inode.lost_bytes)
 
 
+async def test_sync_visits_the_inodes_dirtied_in_every_way_and_only_those(image):
+    """A sync writes back the inodes the page cache noted as dirtied, not every cached one: each
+    way of dirtying a page -- whole pages, a partial write, a truncate's tail, a punched hole's
+    ends -- notes its inode, a clean cached file is not visited, and the sync prunes the note.
+    From disk, on a fresh mount, every change the sync acknowledged is there."""
+    model = {name: bytearray(os.urandom(3 * 4096 + 100)) for name in ("whole", "partial", "truncated", "punched", "clean")}
+    async with blockemu.mount(image, interval=3600) as fs:
+        for name, data in model.items():
+            async with fs.open(f"/{name}", "w") as f:
+                await f.write(data)
+        await fs.sync()
+        assert fs.writeback.dirty_inodes() == [] and fs.cache.dirtied == set()
+        inos = {name: (await fs.stat(f"/{name}")).st_ino for name in model}
+        async with fs.open("/whole", "r+") as f:
+            await f.pwrite(b"W" * 8192, 4096)
+        model["whole"][4096:12288] = b"W" * 8192
+        async with fs.open("/partial", "r+") as f:
+            await f.pwrite(b"P" * 10, 5000)
+        model["partial"][5000:5010] = b"P" * 10
+        async with fs.open("/truncated", "r+") as f:
+            await f.truncate(6000)
+        del model["truncated"][6000:]
+        async with fs.open("/punched", "r+") as f:
+            await f.punch_hole(1000, 2000)
+        model["punched"][1000:3000] = bytes(2000)
+        dirty = {i.ino for i in fs.writeback.dirty_inodes()}
+        assert dirty == {inos[n] for n in ("whole", "partial", "truncated", "punched")}
+        await fs.sync()
+        assert fs.writeback.dirty_inodes() == [] and fs.cache.dirtied == set()
+    async with blockemu.mount(image, interval=3600) as fs:
+        for name, data in model.items():
+            async with fs.open(f"/{name}") as f:
+                assert await f.read() == data, name
+    assert check(image).clean
+
+
 async def test_sync_reports_a_writeback_error_once_and_the_files_fsync_still_does(image):
     """syncfs(2) since Linux 5.8: the sync whose writeback dropped data raises its error (it
     returned success, and the error waited on the inode for a close that might never come), a

@@ -9,7 +9,8 @@ small, so writes also spill onto heap pages when it is full. And nothing the cac
 keeps its plaintext: a free frame, and a heap page no longer cached nor in flight, is zeros.
 Runs are cut from what ``take_dirty`` took only as they are asked for (writes landing
 meanwhile must not change them), completed several at once (one ``written`` per batch), and
-some are handed back unwritten (``untake``: a cancelled flush).
+some are handed back unwritten (``untake``: a cancelled flush). Every inode with a dirty page
+is in the cache's note of dirtied inodes, which writeback prunes, whichever way it got dirty.
 """
 from __future__ import annotations
 
@@ -132,6 +133,20 @@ class PageCacheMachine(RuleBasedStateMachine):
         self.cache.drop(self.pages[f], first)
         for idx in [i for i in self.model[f] if i >= first]:
             del self.model[f][idx]
+
+    @rule()
+    def forget_clean(self) -> None:
+        """Writeback drops the inodes it finds clean from the cache's note of dirtied ones
+        (``Writeback.dirty_inodes``; here nothing holds a ``wb_lock``)."""
+        for pages in self.pages:
+            if not pages.dirty:
+                self.cache.dirtied.discard(pages.ino)
+
+    @invariant()
+    def dirty_inodes_are_noted(self) -> None:
+        """A sync visits only the inodes the cache noted as dirtied: one with a dirty page
+        missing there would be left out of the sync, its acknowledged data not made durable."""
+        assert {p.ino for p in self.pages if p.dirty} <= self.cache.dirtied, "a dirty inode is not noted"
 
     @invariant()
     def cached_pages_read_back(self) -> None:

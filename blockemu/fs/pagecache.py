@@ -71,6 +71,11 @@ class PageCache:
         self._evicted: list[bytearray] = []  # clean pages to zero on the loop's next turn
         self._readers = 0  # reads gathering pages across awaits (see ``reading``)
         self._closing = False  # closed, the arena to go once no run taken for writeback is out
+        # the inodes (by number) whose pages were dirtied since writeback last found them clean,
+        # as the kernel's per-bdi dirty inode list: every page made dirty here adds its inode, and
+        # only writeback removes one (``Writeback.dirty_inodes``), so a sync visits these, not
+        # every cached inode (a scan of all of them was ~2 % of the stress mix's CPU)
+        self.dirtied: set[int] = set()
 
     def close(self) -> None:
         """Zero what is cached and let the arena go -- once every run taken for writeback is
@@ -134,6 +139,7 @@ class PageCache:
         if settled and type(old) is not int:
             old[:] = ZERO_PAGE  # type: ignore[index]  # the clean page this one replaces
         pages.dirty.add(idx)
+        self.dirtied.add(pages.ino)
         self.dirty_bytes += PAGE
         return page
 
@@ -164,6 +170,7 @@ class PageCache:
         for idx in fresh[n:]:  # the arena is full: heap pages
             table[idx] = bytearray(data[(idx - first) * PAGE : (idx - first + 1) * PAGE])
         pages.dirty.update(fresh)
+        self.dirtied.add(pages.ino)
         self.dirty_bytes += len(fresh) * PAGE
 
     def _new_page(self, pages: Pages, idx: int) -> Page:
@@ -284,6 +291,7 @@ class PageCache:
                 self.dirty_bytes -= PAGE
                 continue
             dirty.add(idx)
+            self.dirtied.add(pages.ino)
         self._close_if_idle()
 
     def drop(self, pages: Pages, first: int = 0, end: int | None = None) -> int:

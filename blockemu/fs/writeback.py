@@ -28,6 +28,7 @@ import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from operator import attrgetter
 from typing import Any, Protocol
 
 from blockemu.crypto import fscrypt
@@ -44,6 +45,7 @@ from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import ExtentContext
 
 log = logging.getLogger(__name__)
+_INO = attrgetter("ino")
 
 
 class Inode(Protocol):
@@ -303,9 +305,10 @@ class Writeback:
         after writes to a dozen small files paid a dozen of each). Every inode another flush
         holds (its ``wb_lock``) is flushed on its own once that flush is done -- meanwhile the
         others are written: the runs it took are no longer dirty but not yet in the trees, and
-        a sync that did not wait for them would commit without them."""
-        inodes = sorted((i for i in list(self.fs.inodes.values()) if i.pages.dirty or i.wb_lock.locked()),
-                        key=lambda i: i.ino)
+        a sync that did not wait for them would commit without them. (A clean inode a truncate,
+        a punch or a delete holds is not waited for: what it does is not acknowledged yet.) The
+        inodes come from the page cache's note of dirtied ones, not a scan of every cached inode."""
+        inodes = self.dirty_inodes()
         work = [asyncio.ensure_future(self._flush_together([i for i in inodes if not i.wb_lock.locked()])),
                 *(asyncio.ensure_future(self.flush_inode(i)) for i in inodes if i.wb_lock.locked())]
         # every flush this started is done before it returns, however it ends: gather returned
@@ -322,6 +325,22 @@ class Writeback:
                     w.exception()  # retrieved: the cancellation is what this raises
             raise
         await asyncio.gather(*work)  # all done: raises the first failure
+
+    def dirty_inodes(self) -> list[Inode]:
+        """The cached inodes, in inode order, that have dirty pages or are held by a flush (its
+        runs may be in flight): found among those the page cache noted as dirtied
+        (``PageCache.dirtied``), which are dropped from that note here once they are neither.
+        An inode's runs are in flight only while a flush holds its ``wb_lock``, and only pages
+        it dirtied were taken, so every inode that has either is still noted."""
+        noted, inodes, found = self.cache.dirtied, self.fs.inodes, []
+        for ino in list(noted):
+            inode = inodes.get(ino)
+            if inode is not None and (inode.pages.dirty or inode.wb_lock.locked()):
+                found.append(inode)
+            else:
+                noted.discard(ino)
+        found.sort(key=_INO)
+        return found
 
     async def _flush_together(self, inodes: list[Inode]) -> None:
         """Flush ``inodes`` in one pipeline. Their locks are taken in inode order (one taken by
