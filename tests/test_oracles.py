@@ -307,12 +307,17 @@ def test_cli_crash_and_stress_default_to_the_production_write_path():
     assert out["write_path"] == "production" and out["states"] > 0 and not out["failures"]
 
 
-async def lone_task(fs, seed: int, scale: int) -> tuple[Task, MixResult]:
-    """One mix task working in /t, and the result it reports to, as the mix makes them."""
+async def lone_task(fs, seed: int, scale: int, files: int = 0) -> tuple[Task, MixResult]:
+    """One mix task working in /t, and the result it reports to, as the mix makes them; with
+    ``files``, after it created that many, synced."""
     result = MixResult()
     task = Task(fs, "/t", random.Random(seed), result, scale=scale)
     result.tasks = [task]
     await fs.mkdir(task.root)
+    if files:
+        for _ in range(files):
+            await task.step("create")
+        await fs.sync()
     return task, result
 
 
@@ -334,10 +339,7 @@ async def test_a_read_the_device_refused_taints_its_own_file_at_most(tmp_path):
     img = str(tmp_path / "r.img")
     await blockemu.mkfs(img, size="64M")
     async with blockemu.mount(img, interval=3600) as fs:
-        task, result = await lone_task(fs, seed=4, scale=1)
-        for _ in range(6):
-            await task.step("create")
-        await fs.sync()
+        task, result = await lone_task(fs, seed=4, scale=1, files=6)
         where = [m.disk_at(0) for p, data in task.files.items() if data
                  for m in list(fs.extents.mappings((await fs.stat(p)).st_ino))[:1]]
     assert len(where) == sum(bool(d) for d in task.files.values()) > 1
@@ -371,10 +373,7 @@ async def test_a_sync_ledger_copies_no_model_and_stays_right_after_later_changes
     img = str(tmp_path / "l.img")
     await blockemu.mkfs(img, size="64M")
     async with blockemu.mount(img, interval=3600) as fs:
-        task, result = await lone_task(fs, seed=7, scale=16)
-        for _ in range(12):
-            await task.step("create")
-        await fs.sync()
+        task, result = await lone_task(fs, seed=7, scale=16, files=12)
         models = sum(len(m) for m in task.files.values())
         assert models > 1 << 20
         tracemalloc.start()
