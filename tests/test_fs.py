@@ -196,6 +196,33 @@ async def test_a_writes_times_show_at_once_and_a_later_ctime_outlives_them(image
         assert (s.st_mtime_ns, s.st_ctime_ns) == (t_write, t_rename)
 
 
+@pytest.mark.parametrize("change", ["truncate", "punch_hole"])
+async def test_a_truncate_or_punch_after_a_write_keeps_its_later_mtime(image, monkeypatch, change):
+    """A truncate or a hole punch marks mtime and ctime now and saves the inode -- which folded
+    the earlier write's time in over them, so the file's mtime went back to that write's, in stat
+    and on disk (make(1) saw an older file). Driven by a clock of our own, no sleeps."""
+    from blockemu.fs import filesystem
+
+    clock = [1_700_000_000 * 10**9]
+    monkeypatch.setattr(filesystem, "time", SimpleNamespace(time_ns=lambda: clock[0]))
+    t_write, t_change = clock[0] + 10**9, clock[0] + 2 * 10**9
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(bytes(3 * 4096))
+        await fs.sync()
+        async with fs.open("/f", "r+") as f:
+            clock[0] = t_write
+            await f.pwrite(b"new", 0)
+            clock[0] = t_change
+            await (f.truncate(4096) if change == "truncate" else f.punch_hole(4096, 4096))
+            await f.fsync()
+        s = await fs.stat("/f")
+        assert (s.st_mtime_ns, s.st_ctime_ns) == (t_change, t_change)
+    async with blockemu.mount(image, readonly=True) as fs:
+        s = await fs.stat("/f")
+        assert (s.st_mtime_ns, s.st_ctime_ns) == (t_change, t_change)
+
+
 async def test_truncate_down_and_up(fs):
     async with fs.open("/t", "w+") as f:
         await f.write(os.urandom(3 * 4096 + 100) + b"END")

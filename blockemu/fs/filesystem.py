@@ -324,8 +324,12 @@ class Filesystem:
         self.tree.insert((inode.ino, S.INODE_ITEM, 0), inode.item.pack(), replace=True)
 
     def _touch(self, inode: Inode, *, mtime: bool = True, links: int = 0) -> None:
-        """ctime (and mtime) now; ``links`` added to nlink in the same ``_replace``."""
+        """ctime (and mtime) now; ``links`` added to nlink in the same ``_replace``. A new mtime
+        supersedes a pending write's time (``data_changed_ns``): folded in at the save, that older
+        time took a truncate's or a punch's mtime back to the write's."""
         now, item = _ts(time.time_ns()), inode.item
+        if mtime:
+            inode.data_changed_ns = 0
         inode.item = item._replace(ctime=now, mtime=now if mtime else item.mtime, nlink=item.nlink + links)
 
     def _new_inode(self, mode: int, parent: Inode) -> Inode:
