@@ -1133,18 +1133,27 @@ class Filesystem:
         return keep if self.promised_keep is None else min(keep, self.promised_keep)
 
     def meta_for(self, n: int) -> int:
-        """Tree room for the items of a new dirty run of ``n`` bytes: ``META_PER_RUN`` for each
-        extent it may become at writeback (one per ``max_extent``). ``room_for`` checks exactly
-        what ``reserve_meta`` then reserves: checking one run's worth let a large write with
-        small extents be acknowledged with room for its data and not its items."""
-        return META_PER_RUN * (1 + n // (self.writeback.max_pages * PAGE))
+        """Tree room for the items of a new dirty run of ``n`` bytes: ``META_PER_RUN`` for the
+        run, plus ``_extends_for``. ``room_for`` checks exactly what ``reserve_meta`` then
+        reserves: checking one run's worth let a large write with small extents be acknowledged
+        with room for its data and not its items."""
+        return META_PER_RUN + self._extends_for(n)
+
+    def _extends_for(self, n: int) -> int:
+        """Tree room ``n`` more bytes of a dirty run take at writeback: their share of the
+        extents the run becomes (``META_PER_RUN`` per ``max_extent``, rounded up) and their
+        checksums (one per sector), both doubled as leaves are half full after a split. A
+        file written in 64 KiB appends is one run: reserving only for the run's first write
+        left 20 MB of appends with 512 bytes of tree room, while their 20 extents and 5,000
+        checksums grew the trees by 5 tree blocks, and the fsync lost the last 32 KiB with ENOSPC."""
+        return -(-META_PER_RUN * n // (self.writeback.max_pages * PAGE)) + 2 * self.extents.csum_size * -(-n // PAGE)
 
     def reserve_meta(self, inode: Inode, first: int, n: int) -> None:
-        """A write that starts a new dirty run (its first page does not extend one) will be at
-        least one more extent at writeback, each with its items (EXTENT_DATA, EXTENT_ITEM, its
-        checksums): ``meta_for``, kept until no dirty data is left."""
-        if first - 1 not in inode.pages.dirty:
-            self.meta_reserved += self.meta_for(n)
+        """Reserve the tree room of ``n`` bytes dirtied from page ``first``, kept until no dirty
+        data is left: a write that starts a new dirty run (its first page does not extend one)
+        will be at least one more extent at writeback, each with its items (EXTENT_DATA,
+        EXTENT_ITEM, its checksums): ``meta_for``; one that extends a run, ``_extends_for``."""
+        self.meta_reserved += self.meta_for(n) if first - 1 not in inode.pages.dirty else self._extends_for(n)
 
     async def make_room(self, n: int, runs: int = 1) -> None:
         """ENOSPC at write(), as btrfs reserves delayed-allocation space when a page is dirtied:

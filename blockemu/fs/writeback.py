@@ -471,10 +471,15 @@ class Writeback:
                 piece = pending.pop()
                 try:
                     await self._write_run(inode, piece, turn)
+                    # the items just written COWed tree blocks, pinning their old copies: the next
+                    # piece may commit again for them. Once per run was not enough: pieces split
+                    # across scattered holes each COW leaves of the extent and checksum trees, and
+                    # the last pieces of an acknowledged write found their room pinned (ENOSPC)
+                    reclaim = True
                 except _NoFit as e:
                     if e.pinned and reclaim:
-                        # as btrfs, commit to get back what this transaction freed; once: a
-                        # commit gives back all that is pinned
+                        # as btrfs, commit to get back what this transaction freed; once until a
+                        # piece is written: a commit gives back all that is pinned
                         pending.append(piece)
                         reclaim = False
                         await self.fs.vol.commit()
