@@ -474,17 +474,7 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
     if aborted is None and fs.vol.aborted is not None:
         aborted = str(fs.vol.aborted)  # a failed commit a task took as its own EIO: read-only all the same
     cut = fs.vol.device.dead or aborted is not None
-    # from disk, on a fresh mount: after a crash what was acknowledged durable must be there (the
-    # rest of the model is moot); otherwise everything the model holds
-    try:
-        async with mount(image, interval=3600) as after:
-            await after.add_key(key)
-            if cut:
-                await verify_ledger(after, mix)
-            else:
-                await verify_mix(after, mix)
-    except BlockemuError as e:
-        (mix.detected if detected(e) else mix.divergent).append(f"after the run the image does not mount: {e}")
+    await check_model(image, key, mix, cut, mix)
     problems += mix.divergent
     flips = fs.vol.device.flipped
     # under flip= the data's checksums are checked too: a flipped data sector the mix never read
@@ -560,13 +550,20 @@ async def check_flips_undone(image: str, flips: list[Flip], key: bytes, mix: Mix
         # the key of the report its findings are matched to; before the mount, which may replay its log into it
         report = check(copy, check_data=True, key=key)
         again = MixResult()
-        try:
-            async with mount(copy, interval=3600) as after:
-                await after.add_key(key)
-                await (verify_ledger if cut else verify_mix)(after, mix, into=again)
-        except BlockemuError as e:
-            again.divergent.append(f"the image does not mount: {e}")
+        await check_model(copy, key, mix, cut, again)
         return report, again.divergent + again.detected
+
+
+async def check_model(image: str, key: bytes, mix: MixResult, cut: bool, into: MixResult) -> None:
+    """The mix's model against ``image`` on a fresh mount -- from disk: after a crash what was
+    acknowledged durable must be there (the rest of the model is moot), otherwise everything the
+    model holds; findings (an image that does not mount too) go to ``into``."""
+    try:
+        async with mount(image, interval=3600) as after:
+            await after.add_key(key)
+            await (verify_ledger if cut else verify_mix)(after, mix, into)
+    except BlockemuError as e:
+        (into.detected if detected(e) else into.divergent).append(f"after the run the image does not mount: {e}")
 
 
 def mix_scale(write_path: WritePath) -> int:
