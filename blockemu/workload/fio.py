@@ -1703,6 +1703,16 @@ def describe(job: Job, c: Clone) -> str:
            f"iodepth={max(1, job.get('iodepth', 1))}" + "\n..." * (job.get("numjobs", 1) > 1)  # fio's mark of the clones
 
 
+def _lat_unit(lo: int, hi: int, dev: float = math.inf) -> tuple[str, int]:
+    """fio's unit for nanosecond figures, and how many times 1000 it is: micro- or milliseconds
+    only when the smallest, the largest (and for a latency line the spread) all call for it."""
+    if lo > 2_000_000 and hi > 99_999_999 and dev > 1e6:
+        return "msec", 2
+    if lo > 2000 and hi > 99_999 and dev > 1000:
+        return "usec", 1
+    return "nsec", 0
+
+
 def _lat_line(label: str, ns: list[int]) -> str:
     """fio's display_lat: nanoseconds unless the smallest, the largest and the spread all call for
     micro- (or milli-) seconds, so a fast minimum keeps its digits (``min=635, max=23056k``)."""
@@ -1710,8 +1720,8 @@ def _lat_line(label: str, ns: list[int]) -> str:
         return ""
     lo, hi, avg = min(ns), max(ns), statistics.fmean(ns)
     dev = statistics.stdev(ns) if len(ns) > 1 else 0.0
-    unit, div = ("msec", 1_000_000) if lo > 2_000_000 and hi > 99_999_999 and dev > 1e6 else \
-        ("usec", 1000) if lo > 2000 and hi > 99_999 and dev > 1000 else ("nsec", 1)
+    unit, steps = _lat_unit(lo, hi, dev)
+    div = 1000 ** steps
     return f"{label} ({unit}): min={num2str(lo // div, 6)}, max={num2str(hi // div, 6)}, " \
            f"avg={avg / div:5.2f}, stdev={dev / div:5.2f}"
 
@@ -1719,9 +1729,7 @@ def _lat_line(label: str, ns: list[int]) -> str:
 def _percentile_lines(label: str, pct: dict[str, int]) -> list[str]:
     """fio's show_clat_percentiles: the unit from the smallest and largest value shown, each
     rounded up to it, in columns as wide as the largest needs."""
-    lo, hi = min(pct.values()), max(pct.values())
-    unit, steps = ("msec", 2) if lo > 2_000_000 and hi > 99_999_999 else ("usec", 1) if lo > 2000 and hi > 99_999 \
-        else ("nsec", 0)
+    unit, steps = _lat_unit(min(pct.values()), hi := max(pct.values()))
     width = max(5, len(str(hi // 1000 ** steps)))
     per_line = 73 // (12 + width)
     cells = []
