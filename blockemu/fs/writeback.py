@@ -40,9 +40,9 @@ from blockemu.errors import DeviceIOError, InvalidArgument, NoKeyError, NoSpaceE
 from blockemu.fs.errseq import ErrSeq
 from blockemu.fs.pagecache import PAGE, PageCache, Pages, Run
 from blockemu.fs.volume import Volume, outlast_cancellation
-from blockemu.units import parse_size
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import ExtentContext
+from blockemu.units import parse_size
 
 log = logging.getLogger(__name__)
 _INO = attrgetter("ino")

@@ -38,7 +38,6 @@ from blockemu.workload.keyrace import KEY, AppendLedger, RaceResult
 
 # include/uapi/linux/fscrypt.h
 FS_IOC_SET_ENCRYPTION_POLICY = 0x800C6613
-REFUSALS = (errno.ENOKEY, errno.ENOENT)  # an append refused for want of the key: see _note_error
 FS_IOC_ADD_ENCRYPTION_KEY = 0xC0506617
 FS_IOC_REMOVE_ENCRYPTION_KEY = 0xC0406618
 FS_IOC_GET_ENCRYPTION_KEY_STATUS = 0xC080661A
@@ -47,6 +46,8 @@ KEY_REMOVAL_STATUS_FLAG_FILES_BUSY = 0x1
 KEY_STATUS_ABSENT, KEY_STATUS_PRESENT, KEY_STATUS_INCOMPLETELY_REMOVED = 1, 2, 3
 MODE_AES_256_XTS, MODE_AES_256_CTS, POLICY_FLAGS_PAD_32 = 1, 4, 0x3
 KEY_SPEC = struct.Struct("=II32s")  # type, __reserved, u.identifier (padded to 32)
+
+REFUSALS = (errno.ENOKEY, errno.ENOENT)  # an append refused for want of the key: see _note_error
 
 
 class Unavailable(Exception):
