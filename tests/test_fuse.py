@@ -30,7 +30,7 @@ import pytest
 from blockemu import mkfs, mount
 from blockemu.check.fsck import check
 from blockemu.cli.main import main
-from blockemu.fuse.serve import mounted_fstype
+from blockemu.fuse.serve import abort_connection, connection, mounted_fstype
 from tests.util import set_super
 
 PY = sys.executable
@@ -78,9 +78,11 @@ def detach(mnt: Path) -> None:
 class Served:
     """``blockemu mount --foreground`` in a child process, ready once it prints its line."""
 
-    def __init__(self, env: dict[str, str], image: Path, mnt: Path, *args: str) -> None:
+    def __init__(self, env: dict[str, str], image: Path, mnt: Path, *args: str,
+                 run: tuple[str, ...] = ("-m", "blockemu")) -> None:
+        """``run``: how python starts the command (``-c`` and a script that patches the server first)."""
         self.mnt, self.env = mnt, env
-        self.proc = subprocess.Popen([PY, "-m", "blockemu", "mount", str(image), str(mnt), "--foreground", *args],
+        self.proc = subprocess.Popen([PY, *run, "mount", str(image), str(mnt), "--foreground", *args],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
@@ -567,6 +569,68 @@ def test_read_only_mount_and_sigterm(env, image, mnt) -> None:
         assert mounted_fstype(str(mnt)) is None
         fsck_clean(env, image)
     finally:
+        s.close()
+
+
+# The server with one lookup that is never answered (of the name "blocker": it waits until the
+# loop stops, then goes unanswered, as a request the stopped loop never reads) and notifications
+# that say when they start; each prints a line the test waits for.
+STALLED_SERVER = textwrap.dedent("""
+    import asyncio, sys
+    import pyfuse3
+    from blockemu.cli.main import main
+    from blockemu.fuse.ops import Operations
+
+    answer, stop, stalled = Operations.lookup, pyfuse3.terminate, []
+    async def lookup(self, parent, name, ctx=None):
+        if name == b"blocker":
+            stalled.append(asyncio.current_task())
+            print("lookup stalled", flush=True)
+            await asyncio.get_running_loop().create_future()
+        return await answer(self, parent, name, ctx)
+    def terminate():
+        stop()
+        for task in stalled:
+            task.cancel()
+    notify = pyfuse3.invalidate_entry
+    def invalidate_entry(ino, name):
+        print("notifying", flush=True)
+        notify(ino, name)
+    Operations.lookup, pyfuse3.terminate, pyfuse3.invalidate_entry = lookup, terminate, invalidate_entry
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigterm_while_a_notification_waits_on_a_lookup_never_answered_exits(env, image, mnt, tmp_path) -> None:
+    """The kernel takes a directory's name notification only once the lookups in flight there are
+    answered; after SIGTERM the loop answers none, so the notifying thread waited for ever and
+    so did the exit, joining it (the image already unmounted). Now the server aborts the
+    connection when its notifications outlive the unmount's wait: it exits, the lookup fails,
+    the mount is gone and the image is clean."""
+    key = encrypted_image(image, tmp_path, {"/enc/f": b"secret\n"})
+    s = Served(env, image, mnt, "--key-file", str(key), run=("-c", STALLED_SERVER))
+    number = connection(str(mnt))
+    assert number is not None
+    waiting: list[subprocess.Popen] = []
+    try:
+        assert os.listdir(mnt / "enc") == ["f"]  # handed to the kernel: a key removal invalidates it
+        waiting.append(subprocess.Popen(["stat", str(mnt / "enc" / "blocker")], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+        assert s.proc.stdout.readline() == "lookup stalled\n"  # type: ignore[union-attr]
+        waiting.append(subprocess.Popen([PY, "-m", "blockemu", "key", "remove", str(mnt), "--key-file", str(key)],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        assert s.proc.stdout.readline() == "notifying\n"  # type: ignore[union-attr]
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=60) == 0, s.proc.stderr.read()  # type: ignore[union-attr]
+        assert waiting[0].wait(timeout=30) != 0  # the lookup fails: its server is gone
+        assert mounted_fstype(str(mnt)) is None
+        fsck_clean(env, image)
+    finally:
+        if s.proc.poll() is None:
+            abort_connection(number)  # else neither the server nor the stat (which SIGKILL does not end) exit
+        for proc in waiting:
+            proc.kill()
+            proc.wait(timeout=30)
         s.close()
 
 

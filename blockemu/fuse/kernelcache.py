@@ -18,7 +18,8 @@ notifications go from a thread while the loop answers those requests. That same 
 lookup the server answered before the change: its entry is in place before the notification
 removes it. ``settled`` waits until all are sent: a key removal answers only then, so the next
 command of a script finds ENOENT. A walk that passed the entry just before that still opens the
-inode: ENOKEY, as a lookup racing the removal ioctl in Linux.
+inode: ENOKEY, as a lookup racing the removal ioctl in Linux. After SIGTERM the loop answers no
+request, so a notification may wait for ever: ``close`` says so, and ``serve`` aborts the connection.
 """
 from __future__ import annotations
 
@@ -76,14 +77,15 @@ class KernelCache:
         while self.sending is not None:
             await asyncio.shield(self.sending)
 
-    async def close(self) -> None:
+    async def close(self) -> bool:
         """The mount is going: send nothing more. A notification in flight is waited for, but not
         for ever -- one blocked on a request the stopped loop will never answer (a SIGTERM) would
-        hold the unmount."""
+        hold the unmount. False if one is still in flight: the caller aborts the connection."""
         self.live = False
         self.stale.clear()
         if self.sending is not None:
             await asyncio.wait([self.sending], timeout=CLOSE_WAIT)
+        return self.sending is None
 
     async def _send(self) -> None:
         try:

@@ -60,17 +60,46 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def mounted_fstype(mountpoint: str) -> str | None:
-    """The filesystem type mounted at ``mountpoint``, from /proc/self/mountinfo (os.path.ismount
-    says False on a dead FUSE mount: stat fails with ENOTCONN)."""
+def _mounted(mountpoint: str) -> tuple[str, int] | None:
+    """The filesystem type mounted at ``mountpoint`` and its device's minor number, from
+    /proc/self/mountinfo, which no FUSE request answers (os.path.ismount says False on a dead
+    FUSE mount: stat fails with ENOTCONN)."""
     target = os.path.abspath(mountpoint)
     found = None
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            if _unescape(left.split()[4]) == target:
-                found = right.split()[0]  # the last mount on a point is the one that shows
+            fields = left.split()
+            if _unescape(fields[4]) == target:  # the last mount on a point is the one that shows
+                found = right.split()[0], int(fields[2].partition(":")[2])
     return found
+
+
+def mounted_fstype(mountpoint: str) -> str | None:
+    """The filesystem type mounted at ``mountpoint``, None if nothing is."""
+    found = _mounted(mountpoint)
+    return None if found is None else found[0]
+
+
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def connection(mountpoint: str) -> int | None:
+    """The FUSE connection serving the blockemu mount at ``mountpoint`` (None: there is none):
+    its directory under fusectl is named by the mount's device minor."""
+    found = _mounted(mountpoint)
+    return found[1] if found is not None and found[0] == FSTYPE else None
+
+
+def abort_connection(number: int) -> None:
+    """End every request of FUSE connection ``number`` (fusectl's abort, as the kernel does when
+    the server's /dev/fuse closes): what waits on the kernel for those requests -- a notification
+    waiting for a directory a lookup holds -- goes on. fusectl is mounted first where it is not
+    (root only; systemd mounts it on most systems)."""
+    if not os.path.ismount(FUSECTL):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], capture_output=True)
+    with open(f"{FUSECTL}/{number}/abort", "w") as f:
+        f.write("1")
 
 
 def is_dead(mountpoint: str) -> bool:
@@ -178,6 +207,21 @@ async def answer_key(fs: Filesystem, req: dict[str, Any]) -> dict[str, Any]:
             "user_count": status.user_count, "added_by_self": status.added_by_self}
 
 
+def abort_stuck(number: int | None) -> None:
+    """A notification still waits on a request the stopped loop will never answer (a lookup in
+    the directory it names, after SIGTERM): the connection lives on in that wait after the
+    unmount, and the exit would wait for the notifying thread for ever. Abort the connection:
+    the request fails (ECONNABORTED), the notification returns."""
+    try:
+        if number is None:
+            raise NotFoundError("the mount was not found in /proc/self/mountinfo")
+        abort_connection(number)
+    except OSError as e:
+        print(f"blockemu: mount: a notification to the kernel waits on a request this server will not "
+              f"answer, and aborting its FUSE connection failed ({e.strerror or e}): "
+              f"echo 1 > {FUSECTL}/{'N' if number is None else number}/abort ends it", file=sys.stderr, flush=True)
+
+
 async def serve(image: str, mountpoint: str, *, keys: list[bytes], readonly: bool, ready: Callable[[], None],
                 **mount_opts: Any) -> None:
     """Mount ``image`` at ``mountpoint`` and serve until unmounted, SIGINT or SIGTERM."""
@@ -201,6 +245,7 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytes], readonly: boo
         except RuntimeError as e:
             raise OSError(errno.EIO, f"{mountpoint}: FUSE mount failed: {e}") from None
         server.ops.kernel.live = True
+        number = connection(mountpoint)
         try:
             await server.control.start()
             loop = asyncio.get_running_loop()
@@ -210,8 +255,10 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytes], readonly: boo
             await pyfuse3.main()
         finally:
             server.control.close()
-            await server.ops.kernel.close()  # nothing is sent to a session being closed
+            sent = await server.ops.kernel.close()  # nothing is sent to a session being closed
             pyfuse3.close(unmount=True)
+            if not sent:
+                abort_stuck(number)
     finally:
         try:
             await fs.unmount()
