@@ -456,3 +456,53 @@ async def test_a_mix_task_that_fails_stops_its_siblings_before_run_mix_raises(tm
             await run_mix(fs, root="/m", tasks=2, nops=50, ops=None, seed=1)
         left = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.endswith("<locals>.drive") and not t.done()]
         assert not left, left
+
+
+# what each operation calls that the planted fault refuses, and how many of the task's six
+# files (two in each of /t, /t/a, /t/b) its failure may leave unknown
+REFUSED = {"write": ("File", "pwrite", 1), "truncate": ("File", "truncate", 1), "fsync": ("File", "fsync", 1),
+           "unlink": ("Filesystem", "unlink", 1), "rename": ("Filesystem", "rename", 2),
+           "mkdir": ("Filesystem", "mkdir", 2), "rmdir": ("Filesystem", "rmdir", 4)}
+
+
+@pytest.mark.parametrize("op", sorted(REFUSED))
+async def test_a_changing_operation_that_fails_taints_what_it_may_change_and_no_other_file(tmp_path, monkeypatch,
+                                                                                             op):
+    """A changing operation that an injected fault failed tainted every file of its task (as a
+    failed sync must), so the check after the run skipped them all: a real loss in another of
+    the task's files went unseen. Now it taints its own file(s) -- both names of a rename, the
+    entries of a directory it made or removed -- and a loss planted in another file (an append
+    acknowledged, its pages marked clean, never written) is caught on the fresh mount."""
+    from blockemu.fs import filesystem
+
+    img = str(tmp_path / "t.img")
+    await blockemu.mkfs(img, size="64M")
+    async with blockemu.mount(img, interval=3600) as fs:
+        task, result = await lone_task(fs, seed=1, scale=1)
+        for d in (f"{task.root}/a", f"{task.root}/b"):
+            await fs.mkdir(d)
+            task.dirs.append(d)
+        for i, d in enumerate(task.dirs * 2):
+            p = f"{d}/g{i}"
+            async with fs.open(p, "x") as f:
+                await f.write(bytes([i + 1]) * 5000)
+            task.files[p] = bytearray(bytes([i + 1]) * 5000)
+        await fs.sync()
+        owner, name, count = REFUSED[op]
+
+        async def refused(*args, **kw):
+            raise DeviceIOError("planted: the device refused it")
+
+        monkeypatch.setattr(getattr(filesystem, owner), name, refused)
+        await task.step(op)
+        monkeypatch.undo()
+        assert result.errors == [f"{op}: planted: the device refused it"], result.errors
+        assert len(task.tainted) == count, task.tainted
+        lost = sorted(set(task.files) - task.tainted)[0]
+        SkipDataWrites(monkeypatch)
+        async with fs.open(lost, "r+") as f:
+            await f.pwrite(b"lost", len(task.files[lost]))
+        task.files[lost] += b"lost"
+    async with blockemu.mount(img, interval=3600) as fs:
+        await task.verify(fs, result)
+    assert [d.partition(":")[0] for d in result.divergent] == [lost], result.divergent

@@ -62,6 +62,8 @@ class Task:
         self.version: dict[str, int] = {}  # bumped whenever a path is about to change
         self.busy: set[str] = set()  # paths the operation in progress is changing
         self.reading: str | None = None  # the path the operation in progress reads, if a read
+        # the files a failure of the operation in progress may leave unknown; None: every one
+        self.scope: set[str] | None = None
         self.pool = memoryview(rng.randbytes(POOL_WRITES * 20_000 * scale))
 
     def _data(self, n: int) -> memoryview:
@@ -90,27 +92,36 @@ class Task:
                 raise
             else:
                 (self.r.no_space if e.errno == errno.ENOSPC else self.r.errors).append(f"{op}: {e}")
-            # the paths the operation was changing (a create whose write failed left its file,
-            # empty, on disk: the model adds a file only once written) and any it added or
-            # removed -- else all (a failed sync leaves every file unknown); but a read changed
-            # nothing: its file only, as its error may be the file's close reporting a lost
-            # writeback, and not even that when a checksum refused what it read (a flip: the
-            # file is checked after the run like any other)
+            # what the operation may have changed: the paths it was changing (a create whose
+            # write failed left its file, empty, on disk: the model adds a file only once
+            # written), an fsync's file, a directory operation's entries -- not the task's
+            # other files, whose loss the check after the run must still see (another file's
+            # lost writeback is reported by its own next close, or else by the unmount, which
+            # leaves the check to the ledger); every file only for a failed sync, which may
+            # report any file's loss. A read changed nothing: its file only, as its error may
+            # be the file's close reporting a lost writeback, and not even that when a checksum
+            # refused what it read (a flip: the file is checked after the run like any other).
             if self.reading is None:
-                self.tainted |= before ^ set(self.files) or before
+                self.tainted |= before if self.scope is None else self.scope
             elif not detected(e):
                 self.tainted.add(self.reading)
             self.tainted |= self.busy
         finally:
             self.busy.clear()
             self.reading = None
+            self.scope = None
 
     def _changing(self, *paths: str) -> None:
         """These paths are about to change: what the ledger held for them is no longer certain."""
+        self.scope = set()  # a failure leaves unknown these (``busy``) and nothing else
         for p in paths:
             self.r.durable.pop(p, None)
             self.version[p] = self.version.get(p, 0) + 1
             self.busy.add(p)
+
+    def _entries(self, *dirs: str) -> set[str]:
+        """The files directly in these directories: what a failed mkdir or rmdir may leave unknown."""
+        return {p for p in self.files if p.rpartition("/")[0] in dirs}
 
     async def _step(self, op: str) -> None:
         fs, rng, files, scale = self.fs, self.rng, self.files, self.scale
@@ -157,6 +168,7 @@ class Task:
                 self.r.divergent.append(f"{p}: read {len(got)} bytes, model has {len(files[p])}")
         elif op == "fsync":
             p = rng.choice(list(files))
+            self.scope = {p}
             async with fs.open(p, "r+") as f:
                 await f.fsync()
             self.r.durable[p] = bytes(files[p])
@@ -187,10 +199,12 @@ class Task:
             del files[p]
         elif op == "mkdir":
             d = self._name("d")
+            self.scope = self._entries(d.rpartition("/")[0])
             await fs.mkdir(d)
             self.dirs.append(d)
         elif op == "rmdir":
             d = rng.choice(self.dirs[1:])
+            self.scope = self._entries(d.rpartition("/")[0], d)
             try:
                 await fs.rmdir(d)
             except OSError as e:
