@@ -635,14 +635,17 @@ def test_sigterm_while_a_notification_waits_on_a_lookup_never_answered_exits(env
 
 
 @pytest.mark.skipif(not shutil.which("fio"), reason="fio is not installed (apt-get install fio)")
-def test_real_fio_verify_on_the_mount(env, image, mnt) -> None:
-    """The OS's fio with verify=crc32c writes and reads back through the mount."""
+def test_real_fio_verify_on_the_mount(env, image, mnt, tmp_path) -> None:
+    """The OS's fio with verify=crc32c writes and reads back through the mount. It runs in the
+    test's directory: a verify job saves its state (for verify_state_load) in fio's working
+    directory, and run from the checkout it left local-v-0-verify.state there."""
     with Served(env, image, mnt):
         r = subprocess.run(["fio", "--name=v", f"--directory={mnt}", "--rw=randwrite", "--bs=4k", "--size=4m",
                             "--ioengine=psync", "--verify=crc32c", "--do_verify=1", "--fsync=16", "--randseed=7",
-                            "--output-format=terse"], capture_output=True, text=True, timeout=120)
+                            "--output-format=terse"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "verify" not in r.stderr
+    assert (tmp_path / "local-v-0-verify.state").exists()  # here, not in the checkout
     fsck_clean(env, image)
 
 
