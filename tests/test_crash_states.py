@@ -234,3 +234,43 @@ def test_a_failure_names_each_path_and_how_it_differs():
     assert models.judge(dict(models[(5, 0)]), (5, 0), 0) is None
     shorter = crash.difference("/f", {"/f": b"abc"}, {"/f": b"ab"})
     assert shorter == "/f: expected 3 bytes, found 2, first difference at offset 2"
+
+
+async def test_the_campaign_never_comes_near_a_full_image(tmp_path, monkeypatch):
+    """DESIGN §10: a room decision -- a commit for room, a metadata ENOSPC, a data extent that
+    does not fit -- could differ between a held commit tail's two orders without logging,
+    allocating or changing a tree, unseen by ``Recorder.overtaken``; but only near full, where
+    the space the tail still pins decides it. Each compares free space with at most the metadata
+    reserve and one extent. The campaign's heaviest workloads on the production path (six
+    overwrites, --max-ops' bound; group workloads), tails held as a campaign records them, keep
+    over half the image free at every allocation, and the largest free extent as long."""
+    from blockemu.engine.alloc import Allocator
+
+    low = {"free": 1 << 62, "largest": 1 << 62}
+    keeps: list[int] = []
+
+    def watching(real):
+        def placed(self: Allocator, *args, **kw):
+            at = real(self, *args, **kw)
+            low["free"] = min(low["free"], self.free_bytes())
+            low["largest"] = min(low["largest"], self.largest())
+            return at
+        return placed
+
+    for name in ("alloc", "alloc_many"):
+        monkeypatch.setattr(Allocator, name, watching(getattr(Allocator, name)))
+
+    def reserve_noted(workload: crash.Workload) -> crash.Workload:
+        async def run(fs, rec: Recorder) -> None:
+            await workload(fs, rec)
+            keeps.append(fs.data_keep() * fs.vol.sb.nodesize)
+        return run
+
+    overwrite = ("write", "/A/foo")
+    for size, workload in ((crash.SIZE, ace_workload((overwrite,) * 6, 1)),
+                           (crash.SIZE, crash.group_workload(112)), (MIRRORED_SIZE, crash.group_workload(111))):
+        await crash.run_recorded(reserve_noted(workload), str(tmp_path / "w.img"), str(tmp_path / "b.img"),
+                                 write_path=PRODUCTION, size=size)
+    near_full = max(keeps) + PRODUCTION.max_extent  # the most any room decision compares free space with
+    assert near_full < 2 << 20, keeps
+    assert low["free"] >= 32 << 20 and low["largest"] >= 32 << 20, low
