@@ -209,9 +209,9 @@ async def answer_key(fs: Filesystem, req: dict[str, Any]) -> dict[str, Any]:
 
 def abort_stuck(number: int | None) -> None:
     """A notification still waits on a request the stopped loop will never answer (a lookup in
-    the directory it names, after SIGTERM): the connection lives on in that wait after the
-    unmount, and the exit would wait for the notifying thread for ever. Abort the connection:
-    the request fails (ECONNABORTED), the notification returns."""
+    the directory it names, after SIGTERM): the connection would live on in that wait after the
+    unmount, and the exit wait for the notifying thread for ever. Abort the connection: the
+    request fails (ECONNABORTED), the notification returns."""
     try:
         if number is None:
             raise NotFoundError("the mount was not found in /proc/self/mountinfo")
@@ -256,9 +256,11 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytes], readonly: boo
         finally:
             server.control.close()
             sent = await server.ops.kernel.close()  # nothing is sent to a session being closed
-            pyfuse3.close(unmount=True)
-            if not sent:
+            if not sent:  # aborted while the session is open: the connection is surely this mount's
                 abort_stuck(number)
+            pyfuse3.close(unmount=True)
+            if not sent:  # libfuse unmounts no aborted connection: its dead mount is detached here
+                clear_dead_mount(mountpoint)
     finally:
         try:
             await fs.unmount()
