@@ -574,3 +574,60 @@ async def test_appends_reserve_the_tree_room_of_their_extents_and_checksums(tmp_
         assert not alloc.holds_pinned()
         grown = (before - alloc.node_room) * nodesize - (6 << 20)
         assert 0 < grown <= reserved
+
+
+async def test_writeback_commits_again_when_room_is_pinned_anew_before_its_retry(tmp_path, monkeypatch):
+    """Near full, a run that finds the room it was admitted under pinned (the old copies of
+    tree blocks COWed since the last commit) commits and retries. Writeback retried once:
+    the groups placed while it committed mapped their extents meanwhile, COWing tree blocks
+    again, and the retry found the room pinned anew and lost an acknowledged write at the
+    sync (enospc_fuzz: 11 of 62 runs). Here chmods of files in distinct fs-tree leaves stand
+    for those groups, run right after the first commit, before the retry: the schedule is
+    driven, not raced."""
+    image = str(tmp_path / "pin.img")
+    await blockemu.mkfs(image, size="16M")
+    async with blockemu.mount(image, interval=3600, seal_workers=0, max_extent=16 << 10,
+                              background_bytes=1 << 30) as fs:
+        files = {f"/s{i}": bytes([i % 251]) * S for i in range(400)}  # leaves for chmod to COW
+        for path, data in files.items():
+            async with fs.open(path, "w") as f:
+                await f.write(data)
+        async with fs.open("/pad", "w") as f:
+            await f.write(b"p" * (64 << 10))
+        files["/big"] = bytearray()
+        async with fs.open("/big", "w") as f:
+            with pytest.raises(NoSpaceError):
+                for i in range(1000):
+                    await f.write(bytes([i % 251]) * (64 << 10))
+                    files["/big"] += bytes([i % 251]) * (64 << 10)
+        await fs.unlink("/pad")
+        await fs.sync()  # the pad's room is free: room for one 16 KiB run
+        alloc = fs.vol.engine.allocator
+        inodes = [(await fs.open(path)).inode for path in files if path.startswith("/s")]
+
+        async def cow_down_to_the_keep() -> None:
+            """chmod files until the free room is exactly what data must leave: a 16 KiB
+            extent no longer fits, while a new participant has no cause to commit first."""
+            for inode in inodes:
+                if alloc.node_room <= fs.data_keep():
+                    break
+                await fs.set_attrs(inode, mode=0o600)
+            assert alloc.node_room == fs.data_keep() and alloc.holds_pinned()
+
+        files["/last"] = b"L" * (16 << 10)
+        async with fs.open("/last", "w") as f:
+            await f.write(files["/last"])  # admitted: the room is there, once the pins are back
+        await cow_down_to_the_keep()
+        commit, commits = fs.vol.commit, []
+
+        async def commit_then_others_cow(**kw: bool) -> bool:
+            done = await commit(**kw)
+            commits.append(done)
+            if len(commits) == 1:
+                await cow_down_to_the_keep()
+            return done
+
+        monkeypatch.setattr(fs.vol, "commit", commit_then_others_cow)
+        await fs.sync()  # lost /last with ENOSPC when writeback committed once per piece
+        assert len(commits) >= 3  # writeback's two commits, the sync's own
+    await verify(image, {p: bytes(d) for p, d in files.items()})

@@ -465,24 +465,15 @@ class Writeback:
     async def _write_one(self, inode: Inode, run: Run, turn: Turn) -> None:
         """Write a run, split across free extents if it must be; whatever fails is recorded as
         lost on the inode before its pages stop being dirty."""
-        pending, reclaim = [run], True
+        pending = [run]
         try:
             while pending:
                 piece = pending.pop()
                 try:
                     await self._write_run(inode, piece, turn)
-                    # the items just written COWed tree blocks, pinning their old copies: the next
-                    # piece may commit again for them. Once per run was not enough: pieces split
-                    # across scattered holes each COW leaves of the extent and checksum trees, and
-                    # the last pieces of an acknowledged write found their room pinned (ENOSPC)
-                    reclaim = True
                 except _NoFit as e:
-                    if e.pinned and reclaim:
-                        # as btrfs, commit to get back what this transaction freed; once until a
-                        # piece is written: a commit gives back all that is pinned
+                    if e.pinned and await self._reclaim():
                         pending.append(piece)
-                        reclaim = False
-                        await self.fs.vol.commit()
                     elif 0 < e.fit < len(piece.entries) * PAGE:
                         head = e.fit // PAGE  # the largest piece that fits, then the rest
                         pending += [Run(piece.first + head, piece.entries[head:]), Run(piece.first, piece.entries[:head])]
@@ -504,6 +495,17 @@ class Writeback:
         finally:
             self.cache.written([(inode.pages, run)])
             self._room.set()
+
+    async def _reclaim(self) -> bool:
+        """Commit to get back the space pinned when a piece found no room, as btrfs commits
+        to reclaim pinned space before it gives up; whether that space is free now. Asked each
+        time a piece finds room pinned anew, not once per piece: the groups placed while it
+        committed map their extents meanwhile, COWing tree blocks and pinning their old copies
+        (six of them took back the room, and the retry lost an acknowledged write). So each
+        retry follows someone else's progress. A commit with nothing to write still waits for
+        the one in flight, whose pins it may free; pins that stay (a failed write's, with no
+        tree change to commit) end the retries."""
+        return await self.fs.vol.commit() or not self.fs.vol.engine.allocator.holds_pinned()
 
     def _bug(self, what: str, e: Exception) -> None:
         """An exception no layer raises on purpose: log it whole and stop changing the image, as
