@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib.util
 import logging
 import random
+from pathlib import Path
 
 import pytest
 
@@ -631,3 +633,28 @@ async def test_writeback_commits_again_when_room_is_pinned_anew_before_its_retry
         await fs.sync()  # lost /last with ENOSPC when writeback committed once per piece
         assert len(commits) >= 3  # writeback's two commits, the sync's own
     await verify(image, {p: bytes(d) for p, d in files.items()})
+
+
+def enospc_fuzz():
+    """tools/enospc_fuzz.py, loaded from its file (tools is a folder, not a package)."""
+    spec = importlib.util.spec_from_file_location("enospc_fuzz", Path(__file__).parent.parent / "tools" / "enospc_fuzz.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SEEDS = (1, 3, 7)
+
+
+async def test_a_seeded_fill_delete_scribble_loses_no_acknowledged_write(tmp_path):
+    """A slice of tools/enospc_fuzz.py: fill a 16 MiB image, delete most files, append and
+    overwrite until write() says ENOSPC; every write() that succeeded is on disk after a
+    fresh mount, and no sync reports a loss. Background writeback and the commit interval
+    are off, so only the run's own syncs and write()'s room-making write back. On main this
+    seed lost 16 to 65 KiB at the scribbling phase's sync in 12 of 12 runs (16 KiB extents,
+    writeback retrying a piece once after a commit)."""
+    fuzz = enospc_fuzz()
+    for seed in SEEDS:
+        why = await fuzz.one(str(tmp_path / "fuzz.img"), seed, False, max_extent=16 << 10,
+                             interval=3600, background_bytes=1 << 30)
+        assert why is None, seed

@@ -65,14 +65,15 @@ async def scribble(fs: blockemu.Filesystem, d: str, rng: random.Random, model: d
     model.update((p, bytes(m)) for p, m in files.items())
 
 
-async def one(image: str, seed: int, encrypted: bool) -> str | None:
-    """One seed's run; what it lost, or None."""
+async def one(image: str, seed: int, encrypted: bool, **opts: int) -> str | None:
+    """One seed's run; what it lost, or None. ``opts``: mount options over the seed's own (a
+    test turns the interval and background writeback off, which time alone would start)."""
     rng = random.Random(f"{seed}:{encrypted}")
     await blockemu.mkfs(image, size="16M", force=True)
     model: dict[str, bytes] = {}
     phase = "filling"
     try:
-        async with blockemu.mount(image, max_extent=rng.choice([16384, 65536, 1 << 20])) as fs:
+        async with blockemu.mount(image, **{"max_extent": rng.choice([16384, 65536, 1 << 20]), **opts}) as fs:
             d = "/"
             if encrypted:
                 kid = await fs.add_key(KEY)
