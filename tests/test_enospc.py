@@ -11,9 +11,12 @@ import errno
 import importlib.util
 import logging
 import random
+import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import blockemu
 from blockemu.cli.main import main
@@ -658,3 +661,91 @@ async def test_a_seeded_fill_delete_scribble_loses_no_acknowledged_write(tmp_pat
         why = await fuzz.one(str(tmp_path / "fuzz.img"), seed, False, max_extent=16 << 10,
                              interval=3600, background_bytes=1 << 30)
         assert why is None, seed
+
+
+# ---------------------------------------------------------------------- a property: room promised is placeable
+
+FULL_OPTS = dict(interval=3600, background_bytes=1 << 30, seal_workers=0, max_extent=16 << 10)
+near_full_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("pwrite"), st.integers(0, 5), st.integers(0, 96 << 10), st.integers(1, 80 << 10)),
+        st.tuples(st.sampled_from(["unlink", "chmod", "fsync"]), st.integers(0, 39)),
+        st.tuples(st.just("sync")),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@pytest.fixture(scope="module")
+def full_image(tmp_path_factory):
+    """A 16 MiB image with 4 KiB tree blocks (more of them to COW, a finer keep) holding 40
+    files of 300 KiB, then a last file written until write() said ENOSPC: each example starts
+    from a copy, at the edge of full."""
+    path = str(tmp_path_factory.mktemp("full") / "template.img")
+
+    async def make() -> None:
+        await blockemu.mkfs(path, size="16M", node_size="4K")
+        async with blockemu.mount(path, **FULL_OPTS) as fs:
+            for i in range(40):
+                async with fs.open(f"/f{i}", "w") as f:
+                    await f.write(bytes([i]) * (300 << 10))
+            async with fs.open("/rest", "w") as f:
+                with pytest.raises(NoSpaceError):
+                    while True:
+                        await f.write(b"r" * (64 << 10))
+
+    asyncio.run(make())
+    return path
+
+
+@settings(max_examples=25)
+@given(near_full_ops)
+def test_writes_acknowledged_near_full_all_reach_the_disk(full_image, tmp_path_factory, ops):
+    """Writes (new files, appends and overwrites), deletes, chmods (tree blocks COWed, their old
+    copies pinned), fsyncs and syncs on a full image: what write() promised room for, writeback
+    can place -- no fsync or sync fails, nothing is lost, and after a fresh mount every file
+    holds what its acknowledged writes put there. A write may be refused (ENOSPC) and then
+    changed nothing."""
+    image = str(tmp_path_factory.mktemp("ex") / "full.img")
+    shutil.copyfile(full_image, image)
+
+    async def run() -> dict[str, bytes]:
+        async with blockemu.mount(image, **FULL_OPTS) as fs:
+            model = {}
+            for i in range(40):
+                async with fs.open(f"/f{i}") as f:
+                    model[f"/f{i}"] = bytearray(await f.read())
+            for op in ops:
+                if op[0] == "pwrite":
+                    _, k, off, n = op
+                    path = f"/n{k}"
+                    m = model.setdefault(path, bytearray())
+                    async with fs.open(path, "r+" if await fs.exists(path) else "w") as f:
+                        data = bytes([len(m) % 251 + 1]) * n
+                        try:
+                            await f.pwrite(data, off)
+                        except NoSpaceError:
+                            continue
+                    m.extend(bytes(max(0, off - len(m))))
+                    m[off : off + n] = data
+                elif op[0] == "sync":
+                    await fs.sync()
+                else:
+                    path = f"/f{op[1]}" if op[1] % 2 else f"/n{op[1] % 6}"
+                    if path not in model:
+                        continue
+                    if op[0] == "unlink":
+                        await fs.unlink(path)
+                        del model[path]
+                    elif op[0] == "chmod":
+                        async with fs.open(path) as f:
+                            await fs.set_attrs(f.inode, mode=0o600)
+                    else:
+                        async with fs.open(path, "r+") as f:
+                            await f.fsync()
+            await fs.sync()
+            assert fs.writeback.stats["lost_bytes"] == 0
+            return {path: bytes(m) for path, m in model.items()}
+
+    asyncio.run(verify(image, asyncio.run(run())))
