@@ -11,7 +11,8 @@ loss: write() must refuse what writeback cannot place (DESIGN §5, "space").
     python tools/enospc_fuzz.py --seeds 0..8          # plain and encrypted per seed
 
 Exit 0 if no seed lost anything, 1 otherwise. Runs are not fully deterministic: writeback's
-timing against the writer decides which write meets the full image.
+timing against the writer decides which write meets the full image. tests/test_enospc.py runs
+a few seeds with background writeback off (``one``'s mount options).
 """
 from __future__ import annotations
 
