@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import random
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 import blockemu
 from blockemu.cli.main import main
 from blockemu.engine.alloc import Allocator
-from blockemu.errors import NoSpaceError
+from blockemu.errors import DeviceIOError, NoSpaceError
 from blockemu.fs.filesystem import META_PER_RUN
 from tests.util import KEY, ErrnoCheck, assert_fsck_clean, encrypted_dir
 
@@ -581,7 +582,50 @@ async def test_appends_reserve_the_tree_room_of_their_extents_and_checksums(tmp_
         assert 0 < grown <= reserved
 
 
-async def test_writeback_commits_again_when_room_is_pinned_anew_before_its_retry(tmp_path, monkeypatch):
+async def at_the_keep(fs, files: dict[str, bytes]) -> Callable[[], Awaitable[None]]:
+    """Fill ``fs`` (its files put in ``files``), free one 64 KiB file, write ``/last``: one
+    16 KiB run, admitted and dirty. Returns the step that then chmods files until the free room
+    is exactly what data must leave (``data_keep``): the run no longer fits, its room pinned
+    in the old copies of the fs-tree leaves the chmods COWed, while a new participant has no
+    cause to commit first. Run first by this, then by the tests' commit hooks."""
+    for i in range(400):  # leaves for the chmods to COW
+        files[f"/s{i}"] = bytes([i % 251]) * S
+        async with fs.open(f"/s{i}", "w") as f:
+            await f.write(files[f"/s{i}"])
+    async with fs.open("/pad", "w") as f:
+        await f.write(b"p" * (64 << 10))
+    big = bytearray()
+    async with fs.open("/big", "w") as f:
+        with pytest.raises(NoSpaceError):
+            for i in range(1000):
+                await f.write(bytes([i % 251]) * (64 << 10))
+                big += bytes([i % 251]) * (64 << 10)
+    files["/big"] = bytes(big)
+    await fs.unlink("/pad")
+    await fs.sync()  # the pad's room is free: room for one 16 KiB run
+    alloc = fs.vol.engine.allocator
+    inodes = []
+    for i in range(400):
+        async with fs.open(f"/s{i}") as f:
+            inodes.append(f.inode)
+
+    async def cow_down_to_the_keep() -> None:
+        for inode in inodes:
+            if alloc.node_room <= fs.data_keep():
+                break
+            await fs.set_attrs(inode, mode=0o600)
+        assert alloc.node_room == fs.data_keep() and alloc.holds_pinned()
+
+    async with fs.open("/last", "w") as f:
+        await f.write(b"L" * (16 << 10))  # admitted: the room is there, once the pins are back
+    await cow_down_to_the_keep()
+    return cow_down_to_the_keep
+
+
+PINNED_OPTS = dict(interval=3600, seal_workers=0, max_extent=16 << 10, background_bytes=1 << 30)
+
+
+async def test_writeback_commits_again_when_room_is_pinned_anew_before_its_retry(image, monkeypatch):
     """Near full, a run that finds the room it was admitted under pinned (the old copies of
     tree blocks COWed since the last commit) commits and retries. Writeback retried once:
     the groups placed while it committed mapped their extents meanwhile, COWing tree blocks
@@ -589,40 +633,9 @@ async def test_writeback_commits_again_when_room_is_pinned_anew_before_its_retry
     sync (enospc_fuzz: 11 of 62 runs). Here chmods of files in distinct fs-tree leaves stand
     for those groups, run right after the first commit, before the retry: the schedule is
     driven, not raced."""
-    image = str(tmp_path / "pin.img")
-    await blockemu.mkfs(image, size="16M")
-    async with blockemu.mount(image, interval=3600, seal_workers=0, max_extent=16 << 10,
-                              background_bytes=1 << 30) as fs:
-        files = {f"/s{i}": bytes([i % 251]) * S for i in range(400)}  # leaves for chmod to COW
-        for path, data in files.items():
-            async with fs.open(path, "w") as f:
-                await f.write(data)
-        async with fs.open("/pad", "w") as f:
-            await f.write(b"p" * (64 << 10))
-        files["/big"] = bytearray()
-        async with fs.open("/big", "w") as f:
-            with pytest.raises(NoSpaceError):
-                for i in range(1000):
-                    await f.write(bytes([i % 251]) * (64 << 10))
-                    files["/big"] += bytes([i % 251]) * (64 << 10)
-        await fs.unlink("/pad")
-        await fs.sync()  # the pad's room is free: room for one 16 KiB run
-        alloc = fs.vol.engine.allocator
-        inodes = [(await fs.open(path)).inode for path in files if path.startswith("/s")]
-
-        async def cow_down_to_the_keep() -> None:
-            """chmod files until the free room is exactly what data must leave: a 16 KiB
-            extent no longer fits, while a new participant has no cause to commit first."""
-            for inode in inodes:
-                if alloc.node_room <= fs.data_keep():
-                    break
-                await fs.set_attrs(inode, mode=0o600)
-            assert alloc.node_room == fs.data_keep() and alloc.holds_pinned()
-
-        files["/last"] = b"L" * (16 << 10)
-        async with fs.open("/last", "w") as f:
-            await f.write(files["/last"])  # admitted: the room is there, once the pins are back
-        await cow_down_to_the_keep()
+    files: dict[str, bytes] = {}
+    async with blockemu.mount(image, **PINNED_OPTS) as fs:
+        cow_down_to_the_keep = await at_the_keep(fs, files)
         commit, commits = fs.vol.commit, []
 
         async def commit_then_others_cow(**kw: bool) -> bool:
@@ -635,7 +648,31 @@ async def test_writeback_commits_again_when_room_is_pinned_anew_before_its_retry
         monkeypatch.setattr(fs.vol, "commit", commit_then_others_cow)
         await fs.sync()  # lost /last with ENOSPC when writeback committed once per piece
         assert len(commits) >= 3  # writeback's two commits, the sync's own
-    await verify(image, {p: bytes(d) for p, d in files.items()})
+    await verify(image, {**files, "/last": b"L" * (16 << 10)})
+
+
+async def test_a_failed_commit_to_reclaim_room_records_the_run_lost(image, monkeypatch):
+    """The commit a run makes to get its pinned room back fails: the run is recorded lost on
+    its file, and the sync reports it, as the unmount does for the file that never reported
+    it (no fsync, no close since) -- never dropped in silence with its pages marked clean."""
+    files: dict[str, bytes] = {}
+    fs = await blockemu.mount(image, **PINNED_OPTS)
+    await at_the_keep(fs, files)
+    commit, calls = fs.vol.commit, []
+
+    async def first_commit_fails(**kw: bool) -> bool:
+        calls.append(kw)
+        if len(calls) == 1:
+            raise DeviceIOError("the reclaiming commit failed")
+        return await commit(**kw)
+
+    monkeypatch.setattr(fs.vol, "commit", first_commit_fails)
+    with ErrnoCheck(errno.EIO):
+        await fs.sync()
+    assert fs.writeback.stats["lost_bytes"] == 16 << 10
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    await verify(image, files)
 
 
 def enospc_fuzz():

@@ -472,14 +472,13 @@ class Writeback:
                 try:
                     await self._write_run(inode, piece, turn)
                 except _NoFit as e:
+                    pending.append(piece)  # retried, split or lost: recorded below if the commit fails
                     if e.pinned and await self._reclaim():
-                        pending.append(piece)
-                    elif 0 < e.fit < len(piece.entries) * PAGE:
-                        head = e.fit // PAGE  # the largest piece that fits, then the rest
-                        pending += [Run(piece.first + head, piece.entries[head:]), Run(piece.first, piece.entries[:head])]
-                    else:
-                        pending.append(piece)
+                        continue
+                    if not 0 < e.fit < len(piece.entries) * PAGE:
                         raise e.error from None
+                    head = e.fit // PAGE  # the largest piece that fits, then the rest
+                    pending[-1:] = [Run(piece.first + head, piece.entries[head:]), Run(piece.first, piece.entries[:head])]
                 except BaseException:
                     pending.append(piece)
                     raise
