@@ -6,7 +6,9 @@ run is written (stable pages: a worker in another process reads it with no lock)
 is lost, shared by two pages or free while in use; ``dirty_bytes`` is the dirty pages plus
 the pages in flight; once everything is written every frame is free again. The arena is
 small, so writes also spill onto heap pages when it is full. And nothing the cache lets go of
-keeps its plaintext: a free frame, and a heap page no longer cached nor in flight, is zeros.
+keeps its plaintext: a free frame, and a heap page no longer cached nor in flight, is zeros --
+but a *stale* one (a streaming run's, freed unzeroed for the next whole-page write to
+overwrite), which no page that needs zeros gets as it is, and which every drop zeroes.
 Runs are cut from what ``take_dirty`` took only as they are asked for (writes landing
 meanwhile must not change them), completed several at once (one ``written`` per batch), and
 some are handed back unwritten (``untake``: a cancelled flush). Every inode with a dirty page
@@ -54,7 +56,8 @@ class PageCacheMachine(RuleBasedStateMachine):
     def partial_write(self, f: int, idx: int, off: int, size: int) -> None:
         size = min(size, PAGE - off)
         data = self._content()[:size]
-        page = self.cache.writable(self.pages[f], idx, self._fill(f, idx))
+        # no fill where the file holds zeros: the cache must give a page of zeros itself
+        page = self.cache.writable(self.pages[f], idx, self.model[f].get(idx))
         page[off : off + size] = data
         new = bytearray(self._fill(f, idx))
         new[off : off + size] = data
@@ -131,6 +134,7 @@ class PageCacheMachine(RuleBasedStateMachine):
     @rule(f=st.integers(0, 1), first=INDEXES)
     def drop(self, f: int, first: int) -> None:
         self.cache.drop(self.pages[f], first)
+        assert not self.cache.arena.stale, "a drop left stale frames unzeroed"
         for idx in [i for i in self.model[f] if i >= first]:
             del self.model[f][idx]
 
@@ -163,7 +167,7 @@ class PageCacheMachine(RuleBasedStateMachine):
         used = [s for p in self.pages for s in p.pages.values() if type(s) is int]
         sealing = {s for _, run, _ in self.inflight for s in run.entries if type(s) is int}
         sealing |= {e for _, _, taken, _ in self.pending for e, _ in taken.values() if type(e) is int}
-        free = cache.arena.free
+        free = cache.arena.free + cache.arena.stale
         assert len(set(used)) == len(used), "two pages share a frame"
         assert len(set(free)) == len(free) and not set(free) & (set(used) | sealing), "a frame in use is free"
         assert set(free) | set(used) | sealing == set(range(FRAMES)), "a frame was lost"
@@ -198,7 +202,7 @@ class PageCacheMachine(RuleBasedStateMachine):
         while self.inflight:
             self.complete(0, 1, False)
         assert self.cache.dirty_bytes == 0
-        assert sorted(self.cache.arena.free) == list(range(FRAMES)), "frames leaked"
+        assert sorted(self.cache.arena.free + self.cache.arena.stale) == list(range(FRAMES)), "frames leaked"
 
 
 class DrainingMachine(PageCacheMachine):
@@ -259,3 +263,24 @@ async def test_a_flush_of_scattered_pages_cuts_its_runs_as_it_writes_them(tmp_pa
             await f.fsync()
             assert fs.writeback.stats["extents"] == 2048
     assert alive and max(alive) <= 512, max(alive)
+
+
+def test_a_streamed_run_s_frames_go_back_unzeroed_for_whole_page_writes_only():
+    """A streaming run written while the clean cache is full leaves its frames stale: the next
+    streaming write overwrites them whole, so zeroing them first would be a memset of every
+    byte streamed. A page that must start as zeros never gets one as it is, and a drop -- what
+    locking an inode or unmounting does -- zeroes them all, whoever's they were."""
+    cache = PageCache(clean_limit=0, dirty_frames=4)
+    a, b = Pages(1), Pages(2)
+    cache.put_dirty(a, 0, memoryview(b"a" * 4 * PAGE))
+    cache.written([(a, run) for run in cache.take_dirty(a, 4)])
+    arena = cache.arena
+    assert not a.pages and sorted(arena.stale) == [0, 1, 2, 3] and not arena.free
+    cache.put_dirty(b, 0, memoryview(b"b" * 2 * PAGE))  # into two stale frames, one copy
+    assert b.pages == {0: 0, 1: 1} and cache.get(b, 1) == b"b" * PAGE
+    assert cache.writable(b, 9) == ZERO_PAGE  # a new page past what was written: zeros
+    stale = list(arena.stale)
+    assert stale and all(arena.page(f) == b"a" * PAGE for f in stale)
+    cache.drop(a)  # a has no pages left; the stale frames held its plaintext all the same
+    assert not arena.stale and all(arena.page(f) == ZERO_PAGE for f in stale)
+    cache.close()

@@ -26,15 +26,29 @@ class Arena:
         # LIFO: the most recently freed frame is reused first, so the arena's touched
         # (resident) part is only as large as the most dirty data ever held at once
         self.free = list(range(frames - 1, -1, -1))
+        # frames freed with their plaintext still in them (``release(wipe=False)``): a streaming
+        # write's written runs, which the next streaming write overwrites whole -- zeroing them
+        # on the way was a memset of every byte written, for nothing. Only ``take`` hands them
+        # out, to a caller that overwrites every byte; ``wipe_stale`` zeroes the rest. Also LIFO
+        self.stale: list[int] = []
         self.closed = False
+
+    def available(self) -> int:
+        """Free frames, zeroed or not."""
+        return len(self.free) + len(self.stale)
 
     def page(self, frame: int) -> memoryview:
         return self.view[frame * PAGE : (frame + 1) * PAGE]
 
-    def release(self, frames: list[int]) -> None:
+    def release(self, frames: list[int], *, wipe: bool = True) -> None:
         """Frames go back to the free list zeroed -- they held plaintext, in memory every
-        sealing worker maps too -- so a free frame is always a page of zeros. A run of
-        consecutive frames is zeroed in one go."""
+        sealing worker maps too -- so a frame in ``free`` is always a page of zeros. A run of
+        consecutive frames is zeroed in one go. Unless not to ``wipe``: then they go to
+        ``stale`` as they are, and the caller sees to it that ``wipe_stale`` runs before the
+        plaintext they hold must be gone (the page cache: whenever it drops pages)."""
+        if not wipe:
+            self.stale.extend(frames)
+            return
         view = self.view
         if len(frames) > 1 and max(frames) - (lo := min(frames)) == len(frames) - 1:  # no frame is freed twice
             fscrypt.wipe(view[lo * PAGE : (lo + len(frames)) * PAGE])
@@ -42,6 +56,44 @@ class Arena:
             for f in frames:
                 view[f * PAGE : (f + 1) * PAGE] = ZERO_PAGE
         self.free.extend(frames)
+
+    def take(self, n: int) -> list[int]:
+        """Up to ``n`` free frames for pages the caller overwrites whole: stale ones first, then
+        zeroed ones, each list's most recently freed first -- so a run freed highest frame first
+        comes back as one ascending slice."""
+        frames: list[int] = []
+        for pool in (self.stale, self.free):
+            k = min(n - len(frames), len(pool))
+            if k:
+                frames += pool[len(pool) - k :][::-1]
+                del pool[len(pool) - k :]
+        return frames
+
+    def take_zeroed(self) -> int | None:
+        """A free frame that reads as zeros (a stale one is zeroed first), or None: none is free."""
+        if self.free:
+            return self.free.pop()
+        if self.stale:
+            frame = self.stale.pop()
+            fscrypt.wipe(self.page(frame))
+            return frame
+        return None
+
+    def wipe_stale(self) -> None:
+        """Zero the stale frames -- each stretch of consecutive ones in one go -- and make them
+        free like any other."""
+        stale = self.stale
+        if not stale:
+            return
+        stale.sort(reverse=True)  # (descending, as ``release`` keeps a run for ``take``)
+        start = 0
+        for k in range(1, len(stale) + 1):
+            if k == len(stale) or stale[k] != stale[k - 1] - 1:
+                hi, lo = stale[start], stale[k - 1]
+                fscrypt.wipe(self.view[lo * PAGE : (hi + 1) * PAGE])
+                start = k
+        self.free.extend(stale)
+        stale.clear()
 
     def close(self) -> None:
         self.closed = True

@@ -23,7 +23,12 @@ zeroed when it goes back to the arena (``Arena.release``), a heap page when the
 cache drops it -- or, if a run being written still reads it, when that run is
 ``written``; a clean page evicted to make room is zeroed on the event loop's
 next turn, as a reader may still use it until it next awaits (and not while a read that
-gathers pages across awaits is running: ``reading``). So once an
+gathers pages across awaits is running: ``reading``). One exception, kept in
+the cache's own hands: a streaming run's frames (``_streamed``) go back *stale*,
+unzeroed, because the next streaming write overwrites them whole (``put_dirty``
+takes stale frames first; a page that needs zeros gets a stale frame zeroed
+first) -- zeroing them was a memset of every byte streamed. Every ``drop`` (and
+``close``) zeroes whatever is stale, whichever inode it came from. So once an
 inode's pages are dropped (when it is locked, or at unmount), no copy remains.
 """
 from __future__ import annotations
@@ -87,6 +92,7 @@ class PageCache:
 
     def _close_if_idle(self) -> None:
         if self._closing and not self._sealing and not self.arena.closed:
+            self.arena.wipe_stale()
             self.arena.close()
 
     def buffer(self, entry: Entry) -> Page:
@@ -155,10 +161,8 @@ class PageCache:
                 if idx in table:
                     self.writable(pages, idx)[:] = data[k * PAGE : (k + 1) * PAGE]
             fresh = [i for i in fresh if i not in table]  # type: ignore[assignment]
-        free = self.arena.free
-        n = min(len(fresh), len(free))
-        frames = free[len(free) - n :][::-1]
-        del free[len(free) - n :]
+        frames = self.arena.take(len(fresh))  # (stale ones too: each is overwritten whole)
+        n = len(frames)
         view = self.arena.view
         if n and fresh[n - 1] - fresh[0] == n - 1 and frames == list(range(frames[0], frames[0] + n)):
             k = fresh[0] - first
@@ -174,9 +178,9 @@ class PageCache:
         self.dirty_bytes += len(fresh) * PAGE
 
     def _new_page(self, pages: Pages, idx: int) -> Page:
-        free = self.arena.free
-        if free:
-            frame = pages.pages[idx] = free.pop()
+        frame = self.arena.take_zeroed()  # (the caller may change only part of it)
+        if frame is not None:
+            pages.pages[idx] = frame
             return self.arena.page(frame)
         page = pages.pages[idx] = bytearray(PAGE)
         return page
@@ -259,7 +263,8 @@ class PageCache:
     def _streamed(self, pages: Pages, run: Run) -> bool:
         """A streaming run, written while the clean cache is full: all frames, none rewritten or
         dropped since. Its pages leave the cache (written-behind pages go first) and its frames
-        go back to the arena together, consecutive ones zeroed in one go."""
+        go back to the arena together, stale: the next streaming write takes them and overwrites
+        them whole, and ``drop`` zeroes any it has not."""
         span = range(run.first, run.first + len(run.entries))
         frames = run.entries
         # every test a scan in C, none a Python step per page: a MiB's run is 256 of them
@@ -270,7 +275,7 @@ class PageCache:
         table = pages.pages
         for idx in span:
             del table[idx]
-        self.arena.release(frames[::-1])  # type: ignore[arg-type]
+        self.arena.release(frames[::-1], wipe=False)  # type: ignore[arg-type]
         return True
 
     def untake(self, pages: Pages, run: Run) -> None:
@@ -298,9 +303,10 @@ class PageCache:
         """Forget pages ≥ ``first`` (and < ``end``: a punched hole), dirty ones too: truncate,
         unlink, hole punch, lost writeback, a key going away; returns dirty bytes dropped. Every
         page is zeroed as it goes (or, if a run being written still reads it, when that run is
-        written): they held plaintext. So are the clean pages evicted so far: a caller dropping
-        pages is not in the middle of a read."""
+        written): they held plaintext. So are the clean pages evicted so far (a caller dropping
+        pages is not in the middle of a read) and the arena's stale frames, whoever's they were."""
         self.zero_evicted()
+        self.arena.wipe_stale()
         gone = [i for i in pages.pages if first <= i and (end is None or i < end)]
         dirty = 0
         for i in gone:

@@ -275,7 +275,7 @@ class Writeback:
         if self._over_bytes():
             return True
         cache, arena = self.cache, self.cache.arena
-        return len(arena.free) < min(nbytes, arena.size) // PAGE and cache.dirty_bytes > 0
+        return arena.available() < min(nbytes, arena.size) // PAGE and cache.dirty_bytes > 0
 
     def _over_bytes(self) -> bool:
         return self.cache.dirty_bytes + self.device.cached_bytes() > self.dirty_limit
