@@ -31,9 +31,11 @@ ZERO_PAGE = bytes(PAGE)
 
 
 class PageCacheMachine(RuleBasedStateMachine):
+    CLEAN = 4  # clean pages the cache keeps
+
     def __init__(self) -> None:
         super().__init__()
-        self.cache = PageCache(clean_limit=4 * PAGE, dirty_frames=FRAMES)
+        self.cache = PageCache(clean_limit=self.CLEAN * PAGE, dirty_frames=FRAMES)
         self.pages = [Pages(1), Pages(2)]
         self.model: list[dict[int, bytes]] = [{}, {}]  # what each file holds, page by page
         self.inflight: list[tuple[int, Run, list[bytes]]] = []  # (file, run, contents when taken)
@@ -180,7 +182,7 @@ class PageCacheMachine(RuleBasedStateMachine):
         sealing |= {e for _, _, taken, _ in self.pending for e, _ in taken.values() if type(e) is int}
         clean = [p.pages[i] for p in self.pages for i in p.pages if i not in p.dirty]
         assert all(type(s) is not int or s in sealing for s in clean), "a clean page holds a frame after its run was written"
-        assert len(self.cache._clean) <= 4
+        assert len(self.cache._clean) <= self.CLEAN
 
     @invariant()
     def nothing_let_go_keeps_plaintext(self) -> None:
@@ -213,6 +215,18 @@ class DrainingMachine(PageCacheMachine):
 
 TestPageCache = DrainingMachine.TestCase
 TestPageCache.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
+
+
+class StreamingMachine(DrainingMachine):
+    """No clean pages kept: every run of several pages written is a streaming run (``_streamed``),
+    whose pages leave the cache and whose frames go back stale -- unless a page of it was
+    rewritten or dropped while it was being written."""
+
+    CLEAN = 0
+
+
+TestStreaming = StreamingMachine.TestCase
+TestStreaming.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
 
 
 async def test_an_evicted_page_is_zeroed_once_its_reader_has_awaited():

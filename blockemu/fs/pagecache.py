@@ -265,16 +265,20 @@ class PageCache:
         dropped since. Its pages leave the cache (written-behind pages go first) and its frames
         go back to the arena together, stale: the next streaming write takes them and overwrites
         them whole, and ``drop`` zeroes any it has not."""
-        span = range(run.first, run.first + len(run.entries))
         frames = run.entries
-        # every test a scan in C, none a Python step per page: a MiB's run is 256 of them
-        if (not all(map(isinstance, frames, itertools.repeat(int))) or not self._orphans.isdisjoint(frames)
-                or not pages.dirty.isdisjoint(span) or list(map(pages.pages.get, span)) != frames):
+        if not all(map(isinstance, frames, itertools.repeat(int))):  # (a scan in C: a MiB's run is 256 pages)
+            return False
+        # Its pages are taken out as they are, and put back if any is not the run's frame: a page
+        # rewritten since it was taken has a new entry (its frame, being sealed, could not be
+        # reused), so does one dropped and written again, and a dropped one has none -- so the
+        # entries alone say what the dirty set and the orphans would (each test a pass in C)
+        span = range(run.first, run.first + len(frames))
+        table = pages.pages
+        held = list(map(table.pop, span, itertools.repeat(None)))
+        if held != frames:
+            table.update((idx, entry) for idx, entry in zip(span, held) if entry is not None)
             return False
         self._sealing.difference_update(frames)
-        table = pages.pages
-        for idx in span:
-            del table[idx]
         self.arena.release(frames[::-1], wipe=False)  # type: ignore[arg-type]
         return True
 
