@@ -687,6 +687,25 @@ async def test_a_writer_waiting_for_frames_asks_no_destage_one_over_the_byte_lim
         assert await asyncio.wait_for(stream(fs, 8), 60) > 0
 
 
+async def test_stale_frames_are_room_for_a_streaming_writer_and_gone_once_the_file_is_dropped(image):
+    """A streaming run's frames go back stale -- unzeroed, for the next streaming write to
+    overwrite -- and count as free for a writer asking for room: one that counted only zeroed
+    frames waited, with stale frames enough, until writeback had written everything dirty. A
+    page drop (here the file's delete) zeroes the stale frames, whoever's they were."""
+    chunk = bytes(range(256)) * 4096
+    async with blockemu.mount(image, interval=3600, cache_limit=0) as fs:
+        arena, wb = fs.cache.arena, fs.writeback
+        async with fs.open("/f", "w") as f:
+            for _ in range(8):
+                await f.write(chunk)
+            await f.fsync()
+            assert arena.stale and all(arena.page(n) == chunk[:4096] for n in arena.stale[-1:])
+            await f.pwrite(b"x", 0)  # something dirty: a writer that finds no frame waits
+            assert not wb.over_limit(arena.available() * 4096)
+        await fs.unlink("/f")
+        assert not arena.stale and all(arena.page(n) == bytes(4096) for n in arena.free)
+
+
 async def test_a_read_larger_than_the_clean_cache_returns_every_page(image):
     """A read of 16 pages through an 8-page clean cache that held its first page: the fill of
     pages 1..15 evicted page 0 and pages 1..7, so page 0 was filled again -- an await, on which
