@@ -151,8 +151,9 @@ class SymlinkLoop(BlockemuError):
 
 
 class TooManyLinks(BlockemuError):
-    """EMLINK: the names one inode has in one directory fill the INODE_REF item that holds
-    them (btrfs without extended refs says the same)."""
+    """EMLINK: a file has the most names it may (65,535, btrfs's BTRFS_LINK_MAX), or -- on an
+    image without extended references -- its names in one directory fill the INODE_REF item
+    that holds them (btrfs without extended refs says the same)."""
 
     code = errno.EMLINK
 

@@ -62,7 +62,7 @@ def passes_find(ck: Checker, sb) -> tuple[bool, bool]:
     """Whether the fs passes, and the file-extent pass, report anything (run as they are)."""
     mark = len(ck.report.errors)
     items = fsck_fs.collect(ck)
-    fsck_fs.check_inodes(ck, items)
+    fsck_fs.check_inodes(ck, items, sb)
     fsck_fs.check_encryption(ck, items)
     fsck_fs.check_encrypted_names(ck, items, None)
     fsck_fs.check_encrypted_symlinks(ck, items, sb, None)

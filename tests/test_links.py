@@ -22,7 +22,7 @@ from blockemu.ondisk.items import (
     unpack_dir_entries,
     unpack_inode_refs,
 )
-from tests.util import KEY, ErrnoCheck, assert_fsck_clean, encrypted_dir
+from tests.util import KEY, ErrnoCheck, assert_fsck_clean, encrypted_dir, set_super
 
 
 @pytest.fixture
@@ -87,12 +87,14 @@ async def test_link_errors(image):
 
 
 async def test_names_past_what_one_item_holds_are_refused_before_any_change(image):
-    """All of an inode's names in one directory live in one INODE_REF item, all names of one
-    hash in one DIR_ITEM. Past the largest item a leaf holds, link(2) found out halfway (the
-    tree refused the insert) and aborted the transaction: the mount went read-only. Now link
-    and rename say EMLINK (btrfs without extended refs says the same) and EOVERFLOW, before
-    any change, and the mount goes on."""
+    """On an image without EXTENDED_IREF (made before mkfs set it) all of an inode's names in
+    one directory live in one INODE_REF item; on any image all names of one hash live in one
+    DIR_ITEM. Past the largest item a leaf holds, link(2) found out halfway (the tree refused
+    the insert) and aborted the transaction: the mount went read-only. Now link and rename say
+    EMLINK (btrfs without extended refs says the same) and EOVERFLOW, before any change, and
+    the mount goes on -- and, as btrfs, nothing turns the bit on by itself."""
     names = [("n%03d" % i).encode() + b"x" * 200 for i in range(40)]
+    set_super(image, incompat_flags=S.INCOMPAT_ENCRYPTED_NAMES)
     async with blockemu.mount(image) as fs:
         async with fs.open("/f", "w") as f:
             await f.write(b"data")
@@ -122,6 +124,7 @@ async def test_names_past_what_one_item_holds_are_refused_before_any_change(imag
     async with blockemu.mount(image) as fs:
         assert await read(fs, "/g") == b"data"
         assert (await fs.stat("/g")).st_nlink == linked + 1
+        assert not fs.vol.sb.incompat_flags & S.INCOMPAT_EXTENDED_IREF
     assert_fsck_clean(image)
 
 

@@ -200,7 +200,8 @@ class SpecReader:
             (incompat,) = struct.unpack_from("<Q", raw, 0x8C)  # SPEC § Superblock
             if at == SUPER_OFFSETS[0]:
                 assert valid, "the primary superblock must be valid here (nothing was corrupted)"
-                assert incompat in (1, 3), "ENCRYPTED_NAMES (and ENCRYPTED_SYMLINKS), no bit this reader does not know"
+                # EXTENDED_IREF: back references, which a reader looking names up by DIR_ITEM never reads
+                assert incompat & ~0x8 in (1, 3), "ENCRYPTED_NAMES (and ENCRYPTED_SYMLINKS), no bit this reader does not know"
                 return dict(fsid=fsid, generation=generation, root=root, root_level=root_level, nodesize=nodesize,
                             csum_type=csum_type, root_dir_objectid=root_dir, total_bytes=total_bytes)
         raise AssertionError("no valid primary superblock")
@@ -407,6 +408,9 @@ def test_worked_example_in_spec():
         assert xts_decrypt(key, ct, unit) == bytes(UNIT)
     # SPEC § Directories, name hash table; § Checksums, crc32c check value
     assert [name_hash(n) for n in (b"f", b"hello", b"file.txt")] == [0x188E5B27, 0x5D9F2B1F, 0xEBD4CC02]
+    # SPEC § Directories, extended reference hash table: the register starts at the parent's low 32 bits
+    assert [crc32c_register(n, d & 0xFFFFFFFF) for d, n in ((256, b"f"), (257, b"hello"), (256, b"file.txt"))] \
+        == [0x4767748B, 0x3A57086D, 0xB93CD098]
     assert checksum(0, b"123456789") == (0xE3069283).to_bytes(4, "little")
     # SPEC § Names in encrypted directories, worked example
     names_key = hkdf_sha512(MASTER, 2, bytes(range(16)), 32)

@@ -34,8 +34,18 @@ from blockemu.engine.transaction import Engine  # noqa: E402
 from blockemu.fs.volume import Volume  # noqa: E402
 from blockemu.ondisk import csum as csums  # noqa: E402
 from blockemu.ondisk import structs as S  # noqa: E402
-from blockemu.ondisk.items import (ExtentItem, FileExtent, InodeItem, name_hash, pack_symlink_data,  # noqa: E402
-                                   unpack_dir_entries, unpack_symlink_data)
+from blockemu.ondisk.items import (  # noqa: E402
+    ExtentItem,
+    FileExtent,
+    InodeExtref,
+    InodeItem,
+    extref_hash,
+    name_hash,
+    pack_inode_extrefs,
+    pack_symlink_data,
+    unpack_dir_entries,
+    unpack_symlink_data,
+)
 from blockemu.ondisk.superblock import decode_super, encode_super  # noqa: E402
 from tests.util import flip  # noqa: E402
 
@@ -207,6 +217,26 @@ def cases() -> dict[str, Case]:
         fs.delete((ino, S.INODE_REF, parent))
         set_inode(e, parent, size=InodeItem.unpack(fs[(parent, S.INODE_ITEM, 0)]).size - 2)
 
+    async def hard_linked(path: str, change: Callable[[Engine, int, int], None]) -> None:
+        """/plain/a given 8 more names of 240 bytes in /plain (most past its full INODE_REF, in
+        INODE_EXTREF items), then ``change(engine, its inode, /plain's)``."""
+        async with blockemu.mount(path, interval=3600) as fs:
+            for i in range(8):
+                await fs.link("/plain/a", f"/plain/{i:04d}" + "y" * 236)
+        await edit(path, lambda e: change(e, ino_of("/plain/a"), ino_of("/plain")))
+
+    def first_extref(e: Engine, ino: int) -> tuple[tuple[int, int, int], bytes]:
+        return next(e.trees[FS].items((ino, S.INODE_EXTREF, 0), (ino, S.INODE_EXTREF, (1 << 64) - 1)))
+
+    def dangling_extref(e: Engine, ino: int, parent: int) -> None:
+        """A name in an INODE_EXTREF that no entry of the directory has."""
+        name = b"gone" + b"y" * 236
+        e.trees[FS].insert((ino, S.INODE_EXTREF, extref_hash(parent, name)),
+                           pack_inode_extrefs([InodeExtref(parent, 9999, name)]))
+
+    def lost_extref(e: Engine, ino: int, parent: int) -> None:
+        e.trees[FS].delete(first_extref(e, ino)[0])
+
     def data_refs(e: Engine) -> None:
         key, fe = first_extent(e, ino_of("/plain/b"))
         k = (fe.disk_bytenr, S.EXTENT_ITEM, fe.disk_num_bytes)
@@ -282,6 +312,8 @@ def cases() -> dict[str, Case]:
         "dir-isize": ("ISIZE_MISMATCH", True, False, with_engine(lambda e: set_inode(e, ino_of("/plain"), size=99))),
         "nbytes": ("NBYTES_MISMATCH", True, False, with_engine(lambda e: set_inode(e, ino_of("/plain/b"), nbytes=1))),
         "dir-item": ("DIR_ITEM_MISMATCH", False, False, with_engine(drop_dir_item)),
+        "dangling-extref": ("DIR_ITEM_MISMATCH", True, False, lambda p: hard_linked(p, dangling_extref)),
+        "lost-extref": ("DIR_ITEM_MISMATCH", True, False, lambda p: hard_linked(p, lost_extref)),
         "dangling-entry": ("DANGLING_ENTRY", True, False, with_engine(dangling)),
         "orphan-inode": ("ORPHAN", True, False, with_engine(orphan)),
         "file-extent-overlap": ("FILE_EXTENT_OVERLAP", False, False, with_engine(overlap)),

@@ -459,7 +459,7 @@ def fs_findings(ck: Checker, sb: Any, key: bytes | None, cols: fsck_fast.Columns
         return [], [], inodes
     mark = len(ck.report.errors)
     items = fsck_fs.collect(ck)
-    fsck_fs.check_inodes(ck, items)
+    fsck_fs.check_inodes(ck, items, sb)
     middle = len(ck.report.errors)
     fsck_fs.check_encryption(ck, items)
     if sb.incompat_flags & S.INCOMPAT_ENCRYPTED_NAMES:

@@ -3,7 +3,8 @@
 A sound fs tree is nearly all of a large check's items, and the passes in ``fsck_fs`` look at
 each item through a Python object (an InodeRow, a DirEntry, a FileExtent) and a few dict
 lookups. Here the same conditions are decided for the common shape of a sound tree -- keys in
-order, one name per INODE_REF / DIR_ITEM / DIR_INDEX body, no orphan or encryption item --
+order, one name per INODE_REF / DIR_ITEM / DIR_INDEX body, no INODE_EXTREF (names past a full
+INODE_REF: hard links by the dozen in one directory, left to the passes), no orphan or encryption item --
 with each item type's fields unpacked into columns (one ``iter_unpack`` or C-level ``map`` per
 field) and compared as lists and sets. Each proof returns True only when the pass it stands for
 would report nothing; anything else (a finding, or a shape it does not cover) returns False,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import stat as st
 from bisect import bisect_left
 from collections import defaultdict
+from dataclasses import dataclass, field
 from itertools import compress, groupby, islice
 from operator import add, itemgetter, le
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from blockemu.engine.btree import max_item_size
@@ -27,12 +27,14 @@ from blockemu.ondisk.items import (
     InodeItem,
     InodeRef,
     InodeRow,
+    extref_hash,
     file_type,
     name_hash,
     symlink_ciphertext_max,
     unpack_dir_entries,
     unpack_dir_entries_one,
     unpack_file_extents,
+    unpack_inode_extrefs,
     unpack_inode_refs,
     unpack_inode_refs_one,
     unpack_inode_rows,
@@ -52,7 +54,8 @@ class FsItems:
     """The fs tree, decoded and indexed for cross-checks."""
 
     inodes: dict[int, InodeRow] = field(default_factory=dict)
-    refs: dict[int, list[tuple[int, InodeRef]]] = field(default_factory=lambda: defaultdict(list))
+    refs: dict[int, list[tuple[int, InodeRef]]] = field(default_factory=lambda: defaultdict(list))  # both kinds
+    extrefs: dict[tuple[int, int, bytes], int] = field(default_factory=dict)  # (ino, dir, name) in an INODE_EXTREF: its key offset
     dir_items: dict[tuple[int, int], list[DirEntry]] = field(default_factory=dict)
     dir_index: dict[tuple[int, int], DirEntry] = field(default_factory=dict)
     extents: dict[int, list[tuple[int, FileExtent]]] = field(default_factory=lambda: defaultdict(list))
@@ -112,6 +115,14 @@ def _file_refs(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]], re
         fi.refs[k[0]].extend([(k[2], r) for r in v])
 
 
+def _file_extrefs(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]], refs: list, problems: list) -> None:
+    """An INODE_EXTREF's names count as the inode's names, filed as an INODE_REF's are (the
+    triangle and the link count see one kind); where each came from is kept for the messages."""
+    for k, v in zip(keys, refs):
+        fi.refs[k[0]].extend([(r.parent, InodeRef(r.index, r.name)) for r in v])
+        fi.extrefs.update(((k[0], r.parent, r.name), k[2]) for r in v)
+
+
 def _file_extents(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]], extents: list, problems: list) -> None:
     for k, v in zip(keys, extents):
         fi.extents[k[0]].append((k[2], v))
@@ -165,6 +176,7 @@ def _refs_one(bodies: list[bytes]) -> list[list[InodeRef] | None]:
 _DECODERS: dict[int, tuple[Callable | None, Callable]] = {
     S.INODE_ITEM: (unpack_inode_rows, _inode_row),
     S.INODE_REF: (_refs_one, unpack_inode_refs),
+    S.INODE_EXTREF: (None, unpack_inode_extrefs),
     S.DIR_ITEM: (_entries_one, unpack_dir_entries),
     S.DIR_INDEX: (_entries_one, unpack_dir_entries),
     S.EXTENT_DATA: (unpack_file_extents, FileExtent.unpack),
@@ -174,6 +186,7 @@ _DECODERS: dict[int, tuple[Callable | None, Callable]] = {
 _FILE: dict[int, Filed] = {
     S.INODE_ITEM: lambda fi, pos, keys, rows, problems: fi.inodes.update(zip([k[0] for k in keys], rows)),
     S.INODE_REF: _file_refs,
+    S.INODE_EXTREF: _file_extrefs,
     S.DIR_ITEM: lambda fi, pos, keys, entries, problems: fi.dir_items.update(zip([(k[0], k[2]) for k in keys], entries)),
     S.DIR_INDEX: _file_dir_index,
     S.EXTENT_DATA: _file_extents,
@@ -226,8 +239,28 @@ def _refs_to_rebuild(fi: FsItems, dirs: set[int], kinds: dict[int, int], dir_ite
     return rebuilt
 
 
-def check_inodes(ck: "Checker", fi: FsItems) -> None:
-    """The INODE_ITEM / INODE_REF / DIR_ITEM / DIR_INDEX triangle, link counts and sizes."""
+def _ref_item(fi: FsItems, ino: int, parent: int, name: bytes) -> tuple[str, tuple[int, int, int]]:
+    """The kind and key of the item holding ``ino``'s name ``name`` in ``parent``."""
+    offset = fi.extrefs.get((ino, parent, name))
+    return ("INODE_REF", (ino, S.INODE_REF, parent)) if offset is None else ("INODE_EXTREF", (ino, S.INODE_EXTREF, offset))
+
+
+def _check_extref_keys(ck: "Checker", fi: FsItems, sb) -> None:
+    """Each INODE_EXTREF name under its (directory, name) hash, on an image whose superblock
+    allows extended references."""
+    if fi.extrefs and not sb.incompat_flags & S.INCOMPAT_EXTENDED_IREF:
+        ck.error("DIR_ITEM_MISMATCH", f"{len(fi.extrefs)} names in INODE_EXTREF items, but the superblock lacks "
+                 "EXTENDED_IREF", FS, key=_ref_item(fi, *min(fi.extrefs))[1])
+    for (ino, parent, name), offset in sorted(fi.extrefs.items()):
+        if offset != extref_hash(parent, name):
+            ck.error("DIR_ITEM_MISMATCH", f"INODE_EXTREF {offset} of {ino} holds {name!r} in {parent}, whose hash is "
+                     f"{extref_hash(parent, name)}", FS, key=(ino, S.INODE_EXTREF, offset))
+
+
+def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
+    """The INODE_ITEM / INODE_REF (and INODE_EXTREF) / DIR_ITEM / DIR_INDEX triangle, link
+    counts and sizes."""
+    _check_extref_keys(ck, fi, sb)
     if ROOT_INO not in fi.inodes or not st.S_ISDIR(fi.inodes[ROOT_INO].mode):
         ck.error("MISSING_INODE", "the root directory (inode 256) is missing or not a directory", FS, key=(ROOT_INO, 1, 0))
     for oid in sorted(fi.owners - fi.inodes.keys()):
@@ -268,6 +301,7 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
             ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} in {d} has a DIR_INDEX but no DIR_ITEM", FS,
                      key=(d, S.DIR_ITEM, h))
     indexed = {(d, e.name) for (d, _), e in fi.dir_index.items()}
+    entry_names = {(d, e.name, e.location[0]) for (d, _), e in fi.dir_index.items()}
     for (d, h), entries in sorted(fi.dir_items.items()):
         for e in entries:
             if hashed[(d, h, e)] != h:
@@ -283,14 +317,31 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
         refs = fi.refs.get(ino, [])
         if ino == ROOT_INO:  # the root's ".." reference to itself, as btrfs keeps it
             refs = [(p, r) for p, r in refs if not (p == ROOT_INO and r.name == b"..")]
-        for parent, r in refs:
-            if fi.dir_index.get((parent, r.index), None) is None:
-                ck.error("DIR_ITEM_MISMATCH", f"INODE_REF of {ino} names {r.name!r} in {parent}, which has no such entry",
-                         FS, key=(ino, S.INODE_REF, parent))
+        wrong = [(parent, r, e) for parent, r in refs
+                 if (e := fi.dir_index.get((parent, r.index))) is None or e.name != r.name or e.location[0] != ino]
+        # names no entry gives the inode at all (a misplaced extref excepted: the repair would not
+        # find it) are dropped -- only while the inode keeps another name, so that a lost entry
+        # never costs a file its data
+        dangling = {(parent, r.name) for parent, r, _ in wrong
+                    if (parent, r.name, ino) not in entry_names
+                    and (parent, name_hash(r.name), r.name, (ino, S.INODE_ITEM, 0)) not in dir_items
+                    and (_ref_item(fi, ino, parent, r.name)[0] == "INODE_REF"
+                         or fi.extrefs[(ino, parent, r.name)] == extref_hash(parent, r.name))}
+        if len(refs) + regained[ino] <= len(dangling):
+            dangling = set()
+        for parent, r, e in wrong:
+            kind, key = _ref_item(fi, ino, parent, r.name)
+            fix = {"drop_ref": (ino, parent, r.name)} if (parent, r.name) in dangling else None
+            if e is None:
+                ck.error("DIR_ITEM_MISMATCH", f"{kind} of {ino} names {r.name!r} in {parent}, which has no such entry",
+                         FS, key=key, fix=fix)
+            else:
+                ck.error("DIR_ITEM_MISMATCH", f"{kind} of {ino} names {r.name!r} (index {r.index}) in {parent}, whose "
+                         f"DIR_INDEX {r.index} names {e.name!r} (inode {e.location[0]})", FS, key=key, fix=fix)
         is_dir = st.S_ISDIR(item.mode)
         if is_dir and len(refs) > 1:
             ck.error("NLINK_MISMATCH", f"directory {ino} has {len(refs)} names (a hard-linked directory)", FS,
-                     key=(ino, S.INODE_REF, refs[1][0]))
+                     key=_ref_item(fi, ino, refs[1][0], refs[1][1].name)[1])
         if st.S_ISLNK(item.mode) and not 0 < item.size < PAGE and ino not in fi.orphans:
             ck.error("ISIZE_MISMATCH", f"symbolic link {ino} has size {item.size}: a target is 1 to {PAGE - 1} bytes",
                      FS, key=(ino, S.INODE_ITEM, 0))
@@ -299,7 +350,7 @@ def check_inodes(ck: "Checker", fi: FsItems) -> None:
         elif is_dir:
             want = (2 + subdirs[ino]) if refs or regained[ino] else 0
         else:
-            want = len(refs) + regained[ino]
+            want = len(refs) + regained[ino] - len(dangling)
         if item.nlink != want:
             ck.error("NLINK_MISMATCH", f"inode {ino} nlink {item.nlink}, found {want}", FS, key=(ino, S.INODE_ITEM, 0),
                      fix={"inode": ino, "nlink": want} if want else None)
@@ -504,7 +555,7 @@ class FileNames:
         """``: /d/f``, or nothing when a name on the way up is missing (the inode passes say why)."""
         if self.items is None:
             mark = len(self.ck.report.errors)
-            self.items = collect(self.ck, only=frozenset((S.INODE_REF, S.FSCRYPT_CTXT_ITEM)))
+            self.items = collect(self.ck, only=frozenset((S.INODE_REF, S.INODE_EXTREF, S.FSCRYPT_CTXT_ITEM)))
             del self.ck.report.errors[mark:]  # what is wrong with these items is the inode passes' to say
         names: list[str] = []
         while ino != ROOT_INO:

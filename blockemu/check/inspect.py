@@ -16,6 +16,7 @@ from blockemu.ondisk.items import (
     InodeItem,
     RootItem,
     unpack_dir_entries,
+    unpack_inode_extrefs,
     unpack_inode_refs,
     unpack_symlink_data,
 )
@@ -48,6 +49,9 @@ def describe_item(key: tuple[int, int, int], body: bytes) -> dict[str, Any]:
         if t == S.INODE_REF:
             return {"refs": [{"index": r.index, "name": r.name.decode(errors="replace"), "name_hex": r.name.hex()}
                              for r in unpack_inode_refs(body)]}
+        if t == S.INODE_EXTREF:
+            return {"refs": [{"parent": r.parent, "index": r.index, "name": r.name.decode(errors="replace"),
+                              "name_hex": r.name.hex()} for r in unpack_inode_extrefs(body)]}
         if t in (S.DIR_ITEM, S.DIR_INDEX):
             return {"entries": [{"location": list(e.location), "transid": e.transid, "type": e.type,
                                  "name": e.name.decode(errors="replace"), "name_hex": e.name.hex()}

@@ -4,9 +4,10 @@ Repairs: a bad primary superblock is rewritten from the best valid copy; a trunc
 image file whose cut-off tail held nothing the trees reach is extended back to its size; the
 free-space tree and ``bytes_used`` are rebuilt from the extent tree (the
 allocator is derived from what is allocated, and the commit writes the tree
-anew, so damaged blocks of it are no obstacle); an inode's missing back references (INODE_REF) are
+anew, so damaged blocks of it are no obstacle); an inode's missing back references (INODE_REF, or INODE_EXTREF where the INODE_REF is full) are
 rebuilt from the directory entries that name it whole -- every name of a hard link -- rather than
-the inode dropped as nameless;
+the inode dropped as nameless, and a back reference no entry names is removed while the inode
+keeps another name;
 inode link counts, directory sizes and nbytes, data-extent
 reference counts and back references, and checksum items for space no extent
 holds are set to what the checker found. Each repair is the ``fix`` the
@@ -27,9 +28,10 @@ from blockemu.device.image import ImageFile, bad_primary, read_only_features, to
 from blockemu.device.imagelock import open_image
 from blockemu.engine.transaction import Engine
 from blockemu.errors import Busy, CorruptionError, ReadOnlyError
+from blockemu.fs import backrefs
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import structs as S
-from blockemu.ondisk.items import InodeItem, InodeRef, name_hash, pack_dir_entries, unpack_dir_entries
+from blockemu.ondisk.items import InodeItem, name_hash, pack_dir_entries, unpack_dir_entries
 from blockemu.ondisk.structs import SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
 
@@ -175,12 +177,15 @@ def _apply(engine: Engine, fix: dict[str, Any]) -> str:
         d, idx, name = fix["drop_entry"]
         _drop_entry(fs, d, idx, name)
         return f"removed entry {name.decode(errors='backslashreplace')!r} (index {idx}) of directory inode {d}"
-    if "add_ref" in fix:
+    if "add_ref" in fix:  # where the filesystem would put it: its INODE_REF, or an INODE_EXTREF once that is full
         ino, parent, index, name = fix["add_ref"]
-        key = (ino, S.INODE_REF, parent)
-        old = fs.get(key)  # a hard link's other names in that directory, kept or rebuilt before this one
-        fs.insert(key, (b"" if old is None else old) + InodeRef(index, name).pack(), replace=True)
+        backrefs.add(fs, ino, parent, index, name, bool(engine.sb.incompat_flags & S.INCOMPAT_EXTENDED_IREF))
         return f"added inode {ino}'s reference to its name {name.decode(errors='backslashreplace')!r} in directory inode {parent}"
+    if "drop_ref" in fix:
+        ino, parent, name = fix["drop_ref"]
+        backrefs.remove(fs, ino, parent, name)
+        return (f"removed inode {ino}'s reference to the name {name.decode(errors='backslashreplace')!r} in directory "
+                f"inode {parent}, which no entry has")
     if "extend_to" in fix:  # restored before the volume opened: it refuses a truncated image
         return f"extended the image file to {fix['extend_to']} bytes"
     bytenr, length = fix["drop_extent"]

@@ -52,6 +52,7 @@ from blockemu.errors import (
     TooManyLinks,
     restate,
 )
+from blockemu.fs import backrefs
 from blockemu.fs.pagecache import PAGE, Page, Pages
 from blockemu.fs.volume import Volume
 from blockemu.fs.writeback import Writeback, check_options
@@ -61,16 +62,13 @@ from blockemu.ondisk.fast import INODE_ENCRYPTION_CONTEXT
 from blockemu.ondisk.items import (
     DirEntry,
     InodeItem,
-    InodeRef,
     Timespec,
     file_type,
     name_hash,
     pack_dir_entries,
-    pack_inode_refs,
     pack_symlink_data,
     symlink_ciphertext_max,
     unpack_dir_entries,
-    unpack_inode_refs,
     unpack_symlink_data,
 )
 
@@ -193,6 +191,9 @@ class Filesystem:
         self.next_index: dict[int, int] = {}
         # images made before names were encrypted keep them as given (SPEC "Names")
         self.encrypted_names = bool(vol.sb.incompat_flags & S.INCOMPAT_ENCRYPTED_NAMES)
+        # images made without extended references keep a hard link's names in one directory to
+        # one INODE_REF item (SPEC "Directories"), as btrfs without EXTENDED_IREF
+        self.extended_iref = bool(vol.sb.incompat_flags & S.INCOMPAT_EXTENDED_IREF)
         self.mounted = True
         keyring.on_wipe.append(self._forget_names_keys)
         self.extent_keys = ExtentKeys()  # derived secrets kept: see crypto/extentkeys.py
@@ -395,11 +396,11 @@ class Filesystem:
                 self._destroy(inode)
 
     def _cached_parents(self, inode: Inode) -> list[Inode]:
-        refs = self.tree.items((inode.ino, S.INODE_REF, 0), (inode.ino, S.INODE_REF, (1 << 64) - 1))
-        return [p for (_, _, pino), _ in refs if pino != inode.ino and (p := self.inodes.get(pino)) is not None]
+        return [p for pino in backrefs.parents(self.tree, inode.ino)
+                if pino != inode.ino and (p := self.inodes.get(pino)) is not None]
 
     def _children(self, d: Inode) -> list[Inode]:
-        return [i for i in self.inodes.values() if i is not d and (i.ino, S.INODE_REF, d.ino) in self.tree]
+        return [i for i in self.inodes.values() if i is not d and backrefs.named_in(self.tree, i.ino, d.ino)]
 
     # ------------------------------------------------------------------ names
 
@@ -600,8 +601,9 @@ class Filesystem:
     def _check_entry_fits(self, parent: Inode, name: bytes | None, child: Inode | None,
                           leaving: bytes | None = None) -> None:
         """EMLINK or EOVERFLOW before any change, if naming ``child`` ``name`` in ``parent``
-        would grow an item past the largest a leaf holds: the INODE_REF holding all of a hard
-        link's names in one directory, the DIR_ITEM holding names whose hashes collide. Found
+        would grow an item past the largest a leaf holds: the DIR_ITEM holding names whose
+        hashes collide, or the item the inode's back reference goes to (``backrefs.check_fits``:
+        a full INODE_REF on an image without extended references). Found
         by the tree's insert halfway through, it aborted the transaction (some 15 long-named
         links to one file in one directory made the whole mount read-only). ``leaving``: the name a
         rename removes from ``parent`` first; a replaced entry at ``name`` goes too. ``child``
@@ -614,12 +616,8 @@ class Filesystem:
         entries = [e for e in (unpack_dir_entries(old) if old is not None else []) if e.name != name]
         if len(pack_dir_entries([*entries, entry])) > self.tree.max_item:
             raise NameOverflow(f"{name!r}: too many names with its hash in directory inode {parent.ino}")
-        if child is None:
-            return
-        old_refs = self.tree.get((child.ino, S.INODE_REF, parent.ino))
-        refs = [r for r in (unpack_inode_refs(old_refs) if old_refs is not None else []) if r.name != leaving]
-        if len(pack_inode_refs([*refs, InodeRef(0, name)])) > self.tree.max_item:
-            raise TooManyLinks(f"{name!r}: too many links to inode {child.ino} in directory inode {parent.ino}")
+        if child is not None:
+            backrefs.check_fits(self.tree, child.ino, parent.ino, name, self.extended_iref, leaving)
 
     def _add_entry(self, parent: Inode, name: bytes, child: Inode, *, links: int = 0) -> None:
         """Name ``child`` ``name`` in ``parent``; ``links``: the parent's nlink change (a
@@ -634,10 +632,7 @@ class Filesystem:
         self.tree.insert(key, pack_dir_entries(entries), replace=True)
         index = self._dir_index(parent.ino)
         self.tree.insert((parent.ino, S.DIR_INDEX, index), pack_dir_entries([entry]))
-        ref_key = (child.ino, S.INODE_REF, parent.ino)
-        old_refs = self.tree.get(ref_key)  # a hard link's other names in this directory
-        refs = (unpack_inode_refs(old_refs) if old_refs is not None else []) + [InodeRef(index, name)]
-        self.tree.insert(ref_key, pack_inode_refs(refs), replace=True)
+        backrefs.add(self.tree, child.ino, parent.ino, index, name, self.extended_iref)
         parent.size += 2 * len(name)
         parent.disk_size = parent.size
         self._touch(parent, links=links)
@@ -653,14 +648,7 @@ class Filesystem:
             self.tree.update(key, pack_dir_entries(rest))
         else:
             self.tree.delete(key)
-        ref_key = (child.ino, S.INODE_REF, parent.ino)
-        refs = unpack_inode_refs(self.tree[ref_key])
-        ref = next(r for r in refs if r.name == name)
-        if len(refs) > 1:
-            self.tree.update(ref_key, pack_inode_refs([r for r in refs if r is not ref]))
-        else:
-            self.tree.delete(ref_key)
-        self.tree.delete((parent.ino, S.DIR_INDEX, ref.index))
+        self.tree.delete((parent.ino, S.DIR_INDEX, backrefs.remove(self.tree, child.ino, parent.ino, name)))
         parent.size -= 2 * len(name)
         parent.disk_size = parent.size
         self._touch(parent, links=links)
@@ -769,6 +757,8 @@ class Filesystem:
             inode = self._resolve(src)
             if inode.is_dir:
                 raise NotPermitted(f"{src}: hard link not allowed for directory")
+            if inode.item.nlink >= S.LINK_MAX:  # btrfs_link's BTRFS_LINK_MAX
+                raise TooManyLinks(f"{src}: too many links ({inode.item.nlink})")
             dparent, dname = self._parent(dst)
             if dname is not None and self._lookup_entry(dparent, dname) is not None:
                 raise ExistsError(f"{dst}: file exists")
@@ -922,16 +912,17 @@ class Filesystem:
         return self._load(ino)
 
     def path_of(self, ino: int) -> str:
-        """A path naming ``ino``, walked up its INODE_REFs to the root (btrfs's ino_paths): how a
-        front end that is handed inode numbers reaches the path-based calls."""
+        """A path naming ``ino``, walked up its first names (INODE_REF, else INODE_EXTREF) to the
+        root (btrfs's ino_paths): how a front end that is handed inode numbers reaches the
+        path-based calls."""
         self.check_mounted()
         names: list[str] = []
         while ino != ROOT_INO:
-            ref = self.tree.first_at_or_after((ino, S.INODE_REF, 0), (ino, S.INODE_REF, (1 << 64) - 1))
-            if ref is None:
+            first = next(backrefs.names(self.tree, ino), None)
+            if first is None:
                 raise NotFoundError(f"inode {ino} has no name")
-            parent = self._load(ref[0][2])
-            names += self._user_names(parent, [unpack_inode_refs(ref[1])[0].name])  # as readdir shows it
+            parent = self._load(first[0])
+            names += self._user_names(parent, [first[1]])  # as readdir shows it
             ino = parent.ino
         return "/" + "/".join(reversed(names))
 

@@ -22,6 +22,7 @@ from blockemu.ondisk.structs import (
     FIRST_FREE_OBJECTID,
     FS_TREE_OBJECTID,
     INCOMPAT_ENCRYPTED_NAMES,
+    INCOMPAT_EXTENDED_IREF,
     INODE_ITEM,
     INODE_REF,
     LABEL_SIZE,
@@ -174,7 +175,7 @@ async def mkfs(
             nodesize=nodesize,
             csum_type=csum_type,
             label=label,
-            incompat_flags=INCOMPAT_ENCRYPTED_NAMES,
+            incompat_flags=INCOMPAT_ENCRYPTED_NAMES | INCOMPAT_EXTENDED_IREF,
         )
         engine = Engine.create(sb)
         now = time.time_ns()

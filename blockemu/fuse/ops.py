@@ -1,7 +1,7 @@
 """FUSE requests -> ``Filesystem`` calls (pyfuse3's low-level, inode-numbered interface).
 
 The kernel names inodes; the filesystem's namespace calls take paths, so a request on a
-directory reaches them through ``fs.path_of`` (the inode's INODE_REF chain). Open files are
+directory reaches them through ``fs.path_of`` (the inode's back references). Open files are
 ``File`` handles: they hold their inode, so an unlinked-but-open file keeps working and a
 file opened before a soft key removal keeps its key lease, exactly as through the Python API.
 

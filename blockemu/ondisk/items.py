@@ -180,6 +180,42 @@ def unpack_inode_refs(body: bytes) -> list[InodeRef]:
     return out
 
 
+class InodeExtref(NamedTuple):
+    """One name of an INODE_EXTREF item: the directory is in the body, the key's offset being
+    ``extref_hash(parent, name)``."""
+    parent: int
+    index: int
+    name: bytes
+
+
+def extref_hash(parent: int, name: bytes) -> int:
+    """The INODE_EXTREF key offset: btrfs_extref_hash, crc32c seeded with the parent's low 32 bits
+    and not inverted at the end (``name_hash`` is the same CRC seeded with ~1)."""
+    return ~crc32c(name, value=~parent & 0xFFFFFFFF) & 0xFFFFFFFF
+
+
+def pack_inode_extrefs(refs: list[InodeExtref]) -> bytes:
+    """An INODE_EXTREF body: one InodeExtrefHead + name per name whose (parent, name) hash is the key's."""
+    head = fast.INODE_EXTREF_HEAD
+    return b"".join(head.pack(r.parent, r.index, len(r.name)) + r.name for r in refs)
+
+
+def unpack_inode_extrefs(body: bytes) -> list[InodeExtref]:
+    out, pos, head = [], 0, fast.INODE_EXTREF_HEAD
+    while pos < len(body):
+        if pos + head.size > len(body):
+            raise CorruptionError("inode extref: truncated", "BAD_ITEM")
+        parent, index, name_len = head.unpack_from(body, pos)
+        pos += head.size
+        if name_len == 0 or pos + name_len > len(body):
+            raise CorruptionError(f"inode extref: name_len {name_len} overruns the item", "BAD_ITEM")
+        out.append(InodeExtref(parent, index, bytes(body[pos : pos + name_len])))
+        pos += name_len
+    if not out:
+        raise CorruptionError("inode extref: empty", "BAD_ITEM")
+    return out
+
+
 class ExtentContext(NamedTuple):
     version: int
     contents_mode: int

@@ -40,6 +40,8 @@ TREE_LOG_OBJECTID = U64 - 6  # the fsync log tree (btrfs's BTRFS_TREE_LOG_OBJECT
 # Item types (btrfs numbers where a twin exists).
 INODE_ITEM = 1
 INODE_REF = 12
+# a name that did not fit in its INODE_REF item, keyed by extref_hash(parent, name) (btrfs's INODE_EXTREF)
+INODE_EXTREF = 13
 FSCRYPT_CTXT_ITEM = 41  # from the btrfs fscrypt series
 FSCRYPT_SYMLINK_ITEM = 42  # an encrypted symlink's target, inline: fscrypt_symlink_data (SPEC "Symbolic links")
 ORPHAN_ITEM = 48
@@ -57,6 +59,7 @@ FREE_SPACE_EXTENT = 199
 ITEM_TYPE_NAMES = {
     INODE_ITEM: "INODE_ITEM",
     INODE_REF: "INODE_REF",
+    INODE_EXTREF: "INODE_EXTREF",
     FSCRYPT_CTXT_ITEM: "FSCRYPT_CTXT",
     FSCRYPT_SYMLINK_ITEM: "FSCRYPT_SYMLINK",
     ORPHAN_ITEM: "ORPHAN_ITEM",
@@ -105,7 +108,12 @@ INCOMPAT_ENCRYPTED_SYMLINKS = 1 << 1  # targets of encrypted symlinks are FSCRYP
 # ignored the log would lose what fsync acknowledged, and its first commit could overwrite the
 # log's blocks, which the free-space record calls free
 INCOMPAT_TREE_LOG = 1 << 2
-INCOMPAT_SUPPORTED = INCOMPAT_ENCRYPTED_NAMES | INCOMPAT_ENCRYPTED_SYMLINKS | INCOMPAT_TREE_LOG
+# the image may hold INODE_EXTREF items (btrfs's EXTENDED_IREF): mkfs sets it; without it a
+# hard link's names in one directory end where their INODE_REF item is full (EMLINK)
+INCOMPAT_EXTENDED_IREF = 1 << 3
+INCOMPAT_SUPPORTED = INCOMPAT_ENCRYPTED_NAMES | INCOMPAT_ENCRYPTED_SYMLINKS | INCOMPAT_TREE_LOG | INCOMPAT_EXTENDED_IREF
+# the most names one inode has (btrfs's BTRFS_LINK_MAX): link(2) past it is EMLINK
+LINK_MAX = 65535
 # Superblock compat_ro_flags: format v1 defines none. An image with a bit this blockemu does not
 # know is read but never written (SPEC "Feature bits"), as btrfs mounts it read-only only.
 COMPAT_RO_SUPPORTED = 0
@@ -223,6 +231,14 @@ InodeRefHead = Struct(
     "name_len" / Int16ul,
 )
 
+# INODE_EXTREF's entries: as InodeRefHead, with the parent directory in the body, since the
+# key's offset holds the hash (btrfs_inode_extref)
+InodeExtrefHead = Struct(
+    "parent" / Int64ul,
+    "index" / Int64ul,
+    "name_len" / Int16ul,
+)
+
 DirItemHead = Struct(
     "location" / Key,
     "transid" / Int64ul,
@@ -315,6 +331,7 @@ STRUCTS = {
     "Timespec": Timespec,
     "InodeItem": InodeItem,
     "InodeRefHead": InodeRefHead,
+    "InodeExtrefHead": InodeExtrefHead,
     "DirItemHead": DirItemHead,
     "FileExtentItem": FileExtentItem,
     "ExtentEncryptionContext": ExtentEncryptionContext,
