@@ -97,21 +97,19 @@ def remove(tree: BTree, ino: int, parent: int, name: bytes) -> int:
 
 def names(tree: BTree, ino: int) -> Iterator[tuple[int, bytes]]:
     """(directory, name as stored) of each name ``ino`` has: its INODE_REFs', then its
-    INODE_EXTREFs'."""
-    for (_, _, parent), body in tree.items((ino, S.INODE_REF, 0), (ino, S.INODE_REF, LAST)):
-        yield from ((parent, r.name) for r in unpack_inode_refs(body))
-    for _, body in tree.items((ino, S.INODE_EXTREF, 0), (ino, S.INODE_EXTREF, LAST)):
-        yield from ((r.parent, r.name) for r in unpack_inode_extrefs(body))
+    INODE_EXTREFs' (types 12 and 13: one range of keys)."""
+    for (_, typ, offset), body in tree.items((ino, S.INODE_REF, 0), (ino, S.INODE_EXTREF, LAST)):
+        if typ == S.INODE_REF:
+            yield from ((offset, r.name) for r in unpack_inode_refs(body))
+        else:
+            yield from ((r.parent, r.name) for r in unpack_inode_extrefs(body))
 
 
 def parents(tree: BTree, ino: int) -> set[int]:
-    """The directories ``ino`` has a name in (read from the keys alone where they say it)."""
-    out = {parent for (_, _, parent), _ in tree.items((ino, S.INODE_REF, 0), (ino, S.INODE_REF, LAST))}
-    for _, body in tree.items((ino, S.INODE_EXTREF, 0), (ino, S.INODE_EXTREF, LAST)):
-        out.update(r.parent for r in unpack_inode_extrefs(body))
-    return out
+    """The directories ``ino`` has a name in."""
+    return {parent for parent, _ in names(tree, ino)}
 
 
 def named_in(tree: BTree, ino: int, parent: int) -> bool:
-    """Whether ``ino`` has a name in ``parent`` (one lookup where its INODE_REF says so)."""
-    return (ino, S.INODE_REF, parent) in tree or parent in parents(tree, ino)
+    """Whether ``ino`` has a name in ``parent``."""
+    return any(p == parent for p, _ in names(tree, ino))
