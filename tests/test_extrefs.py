@@ -365,3 +365,21 @@ def extref_items_of(image: str) -> int:
     """How many INODE_EXTREF items the image's fs tree holds (read back from disk)."""
     ck, _ = walked(image)
     return sum(k[1] == S.INODE_EXTREF for k in ck.keys.get(S.FS_TREE_OBJECTID, []))
+
+
+async def test_unlink_of_a_name_without_its_back_reference_is_euclean(image):
+    """A damaged image: an entry whose back reference is in neither item. The unlink cannot
+    finish what it started (the DIR_ITEM went first), so the transaction aborts -- as btrfs
+    aborts one on a missing inode ref -- and says what is wrong: EUCLEAN, not a bare lookup
+    failure; the image keeps its last commit."""
+    ino, root = await linked_file(image)
+    name = long_name(7).encode()
+    await edit(image, lambda tree: tree.delete((ino, S.INODE_EXTREF, extref_hash(root, name))))
+    fs = await blockemu.mount(image)
+    with ErrnoCheck(errno.EUCLEAN):
+        await fs.unlink("/" + name.decode())
+    with ErrnoCheck(errno.EROFS):  # the abort made the mount read-only, its unmount too
+        await fs.unlink("/f")
+    with ErrnoCheck(errno.EROFS):
+        await fs.unmount()
+    assert any(f"no INODE_REF in inode {ino}" in m for _, m in codes_and_messages(image))

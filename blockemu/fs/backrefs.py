@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from blockemu.engine.btree import BTree
-from blockemu.errors import NameOverflow, TooManyLinks
+from blockemu.errors import CorruptionError, NameOverflow, TooManyLinks
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import (
     InodeExtref,
@@ -86,7 +86,10 @@ def remove(tree: BTree, ino: int, parent: int, name: bytes) -> int:
         return ref.index
     key = (ino, S.INODE_EXTREF, extref_hash(parent, name))
     ext = _extrefs(tree, key)
-    found = next(r for r in ext if (r.parent, r.name) == (parent, name))
+    found = next((r for r in ext if (r.parent, r.name) == (parent, name)), None)
+    if found is None:  # a damaged image: the entry's back reference is in neither item
+        raise CorruptionError(f"inode {ino} has no back reference to its name {name!r} in directory inode {parent}",
+                              "DIR_ITEM_MISMATCH")
     rest = [r for r in ext if r is not found]
     if rest:
         tree.update(key, pack_inode_extrefs(rest))
