@@ -25,6 +25,7 @@ from blockemu.ondisk.items import (
     extref_hash,
     pack_inode_extrefs,
     unpack_inode_extrefs,
+    unpack_inode_refs,
 )
 from tests.test_fsck_fast import walked
 from tests.util import KEY, ErrnoCheck, assert_fsck_clean, encrypted_dir, set_super
@@ -114,7 +115,7 @@ async def test_names_only_in_extrefs_give_a_path_and_count_in_fsck(image):
             await fs.link("/" + long_name(0), "/" + long_name(i))
         ino = (await fs.stat("/" + long_name(0))).st_ino
         root = (await fs.stat("/")).st_ino
-        in_ref = [r.name.decode() for r in backrefs._refs(fs.tree, ino, root)]
+        in_ref = [r.name.decode() for r in unpack_inode_refs(fs.tree[(ino, S.INODE_REF, root)])]
         assert len(in_ref) == 3
         for name in in_ref:
             await fs.unlink("/" + name)
@@ -138,6 +139,25 @@ async def test_emlink_only_at_the_link_count_limit(image):
         with ErrnoCheck(errno.EMLINK):
             await fs.link("/f", "/h")
         assert sorted(await fs.readdir("/")) == ["f", "g"]
+
+
+async def test_an_extref_full_of_colliding_names_is_eoverflow_before_any_change(image):
+    """Names whose (directory, name) hashes collide share an INODE_EXTREF, as a DIR_ITEM's do: one
+    more than it holds is EOVERFLOW (btrfs's insert says the same), found before any change, so
+    the mount goes on. The filler stands for colliding names a hostile image may hold."""
+    ino, root = await linked_file(image)
+    name = long_name(50).encode()
+    key = (ino, S.INODE_EXTREF, extref_hash(root, name))
+    async with blockemu.mount(image) as fs:
+        async with fs.vol.join():
+            fs.tree.insert(key, pack_inode_extrefs([InodeExtref(root, 9000 + i, b"%03d" % i + b"z" * 230) for i in range(3)]))
+        with ErrnoCheck(errno.EOVERFLOW):
+            await fs.link("/f", "/" + name.decode())
+        async with fs.vol.join():
+            fs.tree.delete(key)
+        await fs.link("/f", "/" + name.decode())  # the mount is still writable
+        assert (await fs.stat("/f")).st_nlink == 10
+    assert_fsck_clean(image)
 
 
 async def test_extrefs_in_an_encrypted_directory(image):
