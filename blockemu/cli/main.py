@@ -119,10 +119,11 @@ def span(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_progress_flags(p: argparse.ArgumentParser) -> None:
-    """--progress/--no-progress; neither: a bar only on a terminal (and never with --json)."""
+def add_progress_flags(p: argparse.ArgumentParser, *, json: bool = True) -> None:
+    """--progress/--no-progress; neither: a bar only on a terminal (and never with --json).
+    ``json`` False: the command has no --json, so its help does not name one (mkfs's did)."""
     p.add_argument("--progress", dest="progress", action="store_true", default=None,
-                   help="draw a progress bar (default: only on a terminal, never with --json)")
+                   help=f"draw a progress bar (default: only on a terminal{', never with --json' * json})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="draw no progress bar")
 
 
@@ -186,7 +187,7 @@ def args_mkfs(m: argparse.ArgumentParser) -> None:
     m.add_argument("--rootdir", help="populate the image from this host directory")
     m.add_argument("--encrypt", metavar="PATH", help="directory inside the image to encrypt (needs --key-file)")
     m.add_argument("--key-file", help=f"{KEY_BYTES} for --encrypt")
-    add_progress_flags(m)
+    add_progress_flags(m, json=False)
 
 
 def args_fsck(f: argparse.ArgumentParser) -> None:
