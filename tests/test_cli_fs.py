@@ -7,6 +7,8 @@ import hashlib
 import hmac
 import json
 import os
+import subprocess
+import sys
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -124,6 +126,28 @@ def test_put_mkdir_encrypt_and_key_errors(tmp_path):
     assert "no such file" in run("put", img, str(tmp_path / "missing"), "/m", check_rc=1).stderr.lower()
     assert b"payload" not in open(img, "rb").read()
     assert run("fsck", img).returncode == 0
+
+
+def test_key_file_dash_reads_the_key_from_standard_input(tmp_path):
+    """As fscryptctl add_key reads it: a key piped from a secret store need not land in a file.
+    ``ls`` reads its key twice (the second time to say which key a directory wants): stdin is
+    read once, or the second read found the pipe empty ('this file has 0')."""
+    img, key, other = str(tmp_path / "s.img"), os.urandom(32), os.urandom(32)
+    (tmp_path / "k").write_bytes(key)
+    run("mkfs", img, "--size", "64M")
+
+    def piped(data: bytes, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
+        p = subprocess.run([sys.executable, "-m", "blockemu", *args], input=data, capture_output=True, timeout=120)
+        assert p.returncode == rc, p.stderr
+        return p
+    ident = run("key-id", "--key-file", str(tmp_path / "k")).stdout.strip()
+    assert piped(key, "key-id", "--key-file", "-").stdout.decode().strip() == ident
+    piped(key, "mkdir", img, "/e", "--encrypt", "--key-file", "-")
+    piped(key, "mkdir", img, "/e/plain-name", "--key-file", "-")
+    assert piped(key, "ls", img, "/e", "--key-file", "-").stdout == b"plain-name\n"
+    wrong = piped(other, "ls", img, "/e", "--key-file", "-").stderr.decode()
+    assert f"does not unlock /e (its encryption policy uses key {ident})" in wrong
+    assert "16 to 64 bytes, this file has 5" in piped(b"short", "key-id", "--key-file", "-", rc=1).stderr.decode()
 
 
 def test_rootdir_keeps_modes_owners_times_and_hard_links(tmp_path):

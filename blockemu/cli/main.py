@@ -9,6 +9,7 @@ import argparse
 import base64
 import contextlib
 import errno
+import functools
 import json
 import os
 import signal
@@ -158,7 +159,7 @@ def build_parser(command: str | None = None, prog: str | None = None) -> Parser:
     return p
 
 
-KEY_BYTES = "raw key bytes (16-64)"
+KEY_BYTES = "raw key bytes (16-64; -: standard input)"
 KEY_TO_READ = f"{KEY_BYTES} of an encrypted directory on the path"
 SEED_HELP = "seed of every random choice (default: a random one, printed)"
 
@@ -513,18 +514,30 @@ def json_bytes(row: dict[str, Any], *fields: str) -> dict[str, Any]:
 
 
 def read_key(path: str | None) -> bytes | None:
+    """The raw key in ``--key-file PATH``; ``-``: standard input, as fscryptctl add_key reads it
+    (a key piped from a secret store never lands in a file)."""
     if path is None:
         return None  # before the import: fsck without a key loads no cipher
     from blockemu.crypto.fscrypt import MAX_KEY_SIZE, MIN_KEY_SIZE
 
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_KEY_SIZE + 1)
+        if path == "-":
+            raw = stdin_key(MAX_KEY_SIZE + 1)
+        else:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_KEY_SIZE + 1)
     except OSError as e:
         raise BlockemuError(f"--key-file {path}: {e.strerror}") from None
     if not MIN_KEY_SIZE <= len(raw) <= MAX_KEY_SIZE:
         raise BlockemuError(f"--key-file {path}: a raw key is {MIN_KEY_SIZE} to {MAX_KEY_SIZE} bytes, this file has {len(raw)}")
     return raw
+
+
+@functools.cache
+def stdin_key(limit: int) -> bytes:
+    """Standard input, read once: a command reads its key more than once (``ls`` again to say
+    which key a directory wants), and a second read of a pipe would find it empty."""
+    return sys.stdin.buffer.read(limit)
 
 
 def on_image(a: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *, readonly: bool = False) -> int:
