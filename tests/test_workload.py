@@ -433,6 +433,16 @@ def test_stress_power_cut_keeps_every_fsync_acknowledged_file(tmp_path):
     assert "notes" not in out
 
 
+def test_a_stress_campaign_counts_the_files_it_checked_after_each_power_cut():
+    """Each seed's ledger files checked after its cut are summed with the other counts: a
+    campaign whose cuts checked nothing (the ledger emptied after the cut) looked the same as
+    one that checked every fsynced file."""
+    out = json.loads(run("stress", "--seeds", "61..62", "--tasks", "4", "--ops", "400", "--faults", "cut=1000",
+                         "--jobs", "1", "--json").stdout)
+    assert out["counts"]["aborted"] == 1 and out["counts"]["ledger_files_checked_after_crash"] > 0
+    assert not out["failures"]
+
+
 async def test_stress_says_when_the_power_cut_it_was_given_never_came(tmp_path):
     """--faults cut=N past the run's last write: the run passed, with no word that it never
     tested the power cut it was asked for (injected errors 0, aborted null)."""
