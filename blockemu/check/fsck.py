@@ -103,6 +103,9 @@ class Checker:
         self.report = report
         self.progress = progress or (lambda n, p: None)
         self.blocks: dict[int, tuple[int, int]] = {}  # bytenr -> (owner, level) of every block found
+        # blocks a tree points to that did not decode (reported so): their METADATA_ITEMs are
+        # referenced, not the "which no tree references" their absence from ``blocks`` suggests
+        self.unreadable: set[int] = set()
         # each tree's items as two columns, keys and bodies, in the walk's order: the column
         # proofs (fsck_fast) read them as they are; ``pairs`` zips them for a pass that walks
         # item by item
@@ -118,6 +121,7 @@ class Checker:
         self.keys.clear()
         self.bodies.clear()
         self.blocks.clear()
+        self.unreadable.clear()
         self.data_extents.clear()
 
     def error(self, code: str, message: str, tree: int | None = None, bytenr: int | None = None,
@@ -179,6 +183,7 @@ class Checker:
             except CorruptionError as e:
                 self.error(e.kind, str(e), tid, bytenr)
                 self.report.damaged_trees.add(tid)
+                self.unreadable.add(bytenr)
                 continue
             finally:
                 store.clean.pop(bytenr, None)  # each block is read once: no need to cache
@@ -300,7 +305,7 @@ class Checker:
                            f"backrefs {list(item.refs)}, block is level {level} of tree {owner}",
                            S.EXTENT_TREE_OBJECTID, bytenr, [bytenr, S.METADATA_ITEM, rlevel])
         for bytenr, (rlevel, _) in sorted(recorded.items()):
-            if bytenr not in self.blocks:
+            if bytenr not in self.blocks and bytenr not in self.unreadable:
                 self.error("EXTENT_REF_MISMATCH", f"METADATA_ITEM for block {bytenr}, which no tree references",
                            S.EXTENT_TREE_OBJECTID, bytenr, [bytenr, S.METADATA_ITEM, rlevel])
         return list(map(itemgetter(0, 1), extents))
