@@ -529,3 +529,12 @@ def test_rescue_zero_log_on_an_image_it_cannot_write_with_no_log_has_nothing_to_
     assert cli(capsys, "rescue", "zero-log", img) == (0, f"{img}: no fsync log; nothing to do\n", "")
     assert cli(capsys, "mkdir", img, "/d") == (
         1, "", f"blockemu: mkdir: {img}: read-only file system (opening it for writing)\n")
+
+
+@pytest.mark.parametrize("command, actions", [("inspect", "{dump-super,dump-tree,heatmap}"),
+                                              ("key", "{add,remove,status}"), ("rescue", "{zero-log}")])
+def test_a_missing_action_is_named_by_its_choices(capsys, command, actions):
+    """`blockemu inspect` alone said 'the following arguments are required: what' -- argparse's
+    internal name -- where the newcomer needs the actions to choose from."""
+    assert cli(capsys, command) == (
+        2, "", f"blockemu: usage: blockemu {command}: the following arguments are required: {actions}\n")

@@ -128,6 +128,12 @@ def add_progress_flags(p: argparse.ArgumentParser, *, json: bool = True) -> None
     p.add_argument("--no-progress", dest="progress", action="store_false", help="draw no progress bar")
 
 
+def name_actions(sub: Any) -> None:
+    """A missing action is named by its choices, '{dump-super,dump-tree,heatmap}': argparse names
+    it by its dest, and `blockemu inspect` said 'the following arguments are required: what'."""
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
+
+
 def add_json_flag(p: argparse.ArgumentParser, what: str) -> None:
     """--json: every command says the same of it, so that a pipeline knows errors come as JSON too."""
     p.add_argument("--json", action="store_true",
@@ -355,6 +361,7 @@ def args_key(ky: argparse.ArgumentParser) -> None:
         kp.add_argument("--user", type=count(0, 0xFFFFFFFE, " (a uid)"), default=os.getuid(),
                         help="the claiming user (default: you)")
         add_json_flag(kp, "the result's fields and xfs_io's line")
+    name_actions(ksub)
 
 
 def args_fuzz(fz: argparse.ArgumentParser) -> None:
@@ -387,6 +394,7 @@ def args_inspect(i: argparse.ArgumentParser) -> None:
     hm.add_argument("image")
     hm.add_argument("out", help="the PNG to write")
     hm.add_argument("--json", action="store_true", help="also print the map as data (counts, run-length classes)")
+    name_actions(isub)
 
 
 def args_rescue(rs: argparse.ArgumentParser) -> None:
@@ -394,6 +402,7 @@ def args_rescue(rs: argparse.ArgumentParser) -> None:
     zl = rsub.add_parser("zero-log", help="drop the fsync log (what was fsynced since the last commit is lost)")
     zl.add_argument("image")
     add_json_flag(zl, "what was done")
+    name_actions(rsub)
 
 
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
