@@ -457,6 +457,18 @@ async def test_stress_says_when_the_power_cut_it_was_given_never_came(tmp_path):
     assert "so no power cut happened" in out["notes"][0]
 
 
+def test_run_says_when_the_power_cut_its_faults_job_asked_for_never_came(tmp_path):
+    """A job file's ``kind=faults`` ``cut=N`` past its jobs' last write: ``run`` passed in
+    silence (stress said so already), and the tester took the crash for tested."""
+    job = tmp_path / "cut.fio"
+    job.write_text("[global]\nimage_size=64m\n[cut]\nkind=faults\nfaults=cut=100000\n"
+                   "[w]\nrw=write\nbs=64k\nsize=1m\nfsync=4\n")
+    out = run("run", str(job), "--seed", "1").stdout
+    assert re.search(r"^note: cut=100000: the run made \d+ writes, so no power cut happened", out, re.M), out
+    job.write_text(job.read_text().replace("cut=100000", "cut=5"))
+    assert "no power cut happened" not in run("run", str(job), "--seed", "1", check_rc=1).stdout
+
+
 async def test_the_stress_bar_names_the_checks_after_the_mix(tmp_path):
     """The bar sat at 400/400 with no word while the unmount, the oracle and fsck ran (as long
     as the mix itself on a big run): it is renamed for them once the operations are counted."""

@@ -261,6 +261,9 @@ class Runner:
     async def _unmount(self) -> None:
         """Unmount the run's filesystem; its device's requests join the report's disk_util."""
         assert self.fs is not None
+        dev = self.fs.vol.device
+        if note := missed_cut(dev.faults, dev.dead, dev.writes, "larger jobs"):
+            self.report.notes.append(note)
         try:
             await self.fs.unmount()
         finally:
@@ -524,17 +527,24 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
         summary["crash_states_checked"] = camp.states
         summary["crash_failures"] = len(camp.failures)
         problems += camp.failures
-    due = faults.cut_after_writes if faults is not None else None
-    if due is not None and not fs.vol.device.dead:
-        # not a failure (nothing went wrong), but the run did not test what was asked
-        summary["notes"] = [f"cut={due}: the run made {writes} writes, so no power cut happened "
-                            f"(a smaller cut=, or more --ops)"]
+    if note := missed_cut(faults, fs.vol.device.dead, writes, "more --ops"):
+        summary["notes"] = [note]
     summary["problems"] = problems
     summary["detected"] = found if flips else []
     if flips:
         summary["fsck_flips_undone"] = "clean" if not unexplained else f"{len(unexplained)} errors"
     summary["ok"] = not problems
     return summary
+
+
+def missed_cut(faults: FaultPlan | None, dead: bool, writes: int, more: str) -> str | None:
+    """The note for a ``cut=N`` that never came -- the run made fewer writes -- else None. Not a
+    failure (nothing went wrong), but the run did not test what was asked: ``run`` said nothing
+    of it while ``stress`` did, and a job file's cut past its jobs' writes passed in silence."""
+    due = faults.cut_after_writes if faults is not None else None
+    if due is None or dead:
+        return None
+    return f"cut={due}: the run made {writes} writes, so no power cut happened (a smaller cut=, or {more})"
 
 
 async def check_flips_undone(image: str, flips: list[Flip], key: bytes, mix: MixResult,
