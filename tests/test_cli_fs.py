@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -148,6 +149,26 @@ def test_key_file_dash_reads_the_key_from_standard_input(tmp_path):
     wrong = piped(other, "ls", img, "/e", "--key-file", "-").stderr.decode()
     assert f"does not unlock /e (its encryption policy uses key {ident})" in wrong
     assert "16 to 64 bytes, this file has 5" in piped(b"short", "key-id", "--key-file", "-", rc=1).stderr.decode()
+
+
+def test_rootdir_copies_a_hard_link_its_inode_has_no_room_for(tmp_path):
+    """400 host names of one file in one directory: the INODE_REF holding them fills (no extended
+    refs), and mkfs --rootdir failed halfway with "b'link314': too many links to inode 258 in
+    directory inode 257". A name that does not fit is copied, said on stderr, and the names after
+    it link to the copy."""
+    host = tmp_path / "h" / "d"
+    host.mkdir(parents=True)
+    (host / "f").write_bytes(b"hello")
+    for i in range(400):
+        os.link(host / "f", host / f"link{i}")
+    img = str(tmp_path / "r.img")
+    p = run("mkfs", img, "--size", "64M", "--rootdir", str(tmp_path / "h"))
+    assert re.search(r"blockemu mkfs: \S+/d/link\d+: copied, not linked to /d/f: /d/f has as many names in /d "
+                     r"as one inode can$", p.stderr, re.M), p.stderr
+    rows = json.loads(run("ls", img, "/d", "--json").stdout)
+    links = {r["ino"]: r["nlink"] for r in rows}
+    assert len(rows) == 401 and len(links) == 2 and sum(links.values()) == 401  # the copy took the names after it
+    assert all(r["size"] == 5 for r in rows) and run("fsck", img).returncode == 0
 
 
 def test_rootdir_keeps_modes_owners_times_and_hard_links(tmp_path):

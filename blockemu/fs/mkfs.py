@@ -14,7 +14,16 @@ from blockemu.device.blockdev import BlockDevice
 from blockemu.device.imagelock import open_image
 from blockemu.display import bar
 from blockemu.engine.transaction import Engine
-from blockemu.errors import CrossDevice, ExistsError, ImageInUse, InvalidArgument, IsADirectory, NoSpaceError, NotADirectory
+from blockemu.errors import (
+    CrossDevice,
+    ExistsError,
+    ImageInUse,
+    InvalidArgument,
+    IsADirectory,
+    NoSpaceError,
+    NotADirectory,
+    TooManyLinks,
+)
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk.items import InodeItem, InodeRef, Timespec
@@ -238,6 +247,12 @@ async def populate(image: str, plan: Plan, skipped: list[str], sources: Sources,
                     except CrossDevice:  # fscrypt lets no name into an encrypted directory from outside it
                         print(f"blockemu mkfs: {host}: copied, not linked to {first}: a hard link cannot "
                               f"enter an encrypted directory from outside it", file=sys.stderr)
+                    except TooManyLinks:
+                        # its names in this directory fill an INODE_REF (no extended refs): a copy
+                        # takes this name and the next ones -- mkfs failed halfway, at the 314th
+                        print(f"blockemu mkfs: {host}: copied, not linked to {first}: {first} has as many "
+                              f"names in {target.rsplit('/', 1)[0] or '/'} as one inode can", file=sys.stderr)
+                        copied.pop((hst.st_dev, hst.st_ino))
                 async with fs.open(target, "w") as f:
                     with open(host, "rb") as src:
                         await copy_in(f, src, host, advance)
