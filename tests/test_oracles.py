@@ -5,9 +5,10 @@ time, and the crash campaigns and stress run the production write path (sealing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
-from typing import Callable
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 
@@ -196,6 +197,15 @@ async def test_a_sync_whose_writeback_lost_data_records_nothing_in_the_ledger(tm
         assert len(result.errors) == 2 and path in b.tainted
 
 
+@contextlib.asynccontextmanager
+async def fresh_mix(tmp_path, n: int) -> AsyncIterator[tuple[Any, MixResult, list[Task]]]:
+    """A fresh image, mounted, with ``n`` mix tasks on it."""
+    img = str(tmp_path / "l.img")
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img, interval=3600) as fs:
+        yield (fs, *await mix_tasks(fs, n))
+
+
 async def lost_write(fs, t: Task) -> str:
     """``t`` creates a file whose writeback then fails: its data is lost, the loss not yet
     reported to anyone. Returns its path."""
@@ -214,10 +224,7 @@ async def test_a_sync_after_another_task_s_failed_sync_vouches_for_none_of_its_l
     b's lost file, b's own sync returns success over it. Only a's files were tainted, so b's
     sync put the file in the ledger with data the disk never got (``stress --faults
     eio=30M-60M:w``: 'fsync-acknowledged 260387 bytes, after the crash 0 differ')."""
-    img = str(tmp_path / "l.img")
-    await blockemu.mkfs(img, size="32M")
-    async with blockemu.mount(img, interval=3600) as fs:
-        result, (a, b) = await mix_tasks(fs, 2)
+    async with fresh_mix(tmp_path, 2) as (fs, result, (a, b)):
         path = await lost_write(fs, b)
         await a.step("sync")
         assert len(result.errors) == 1 and path in b.tainted
@@ -229,10 +236,7 @@ async def test_a_sync_after_another_task_s_failed_sync_vouches_for_none_of_its_l
 async def test_an_fsync_after_the_loss_was_reported_vouches_for_nothing(tmp_path):
     """A file's lost writeback is reported once (its close, here a read's): the next fsync
     returns success, and recorded the model -- with the lost data -- in the ledger."""
-    img = str(tmp_path / "l.img")
-    await blockemu.mkfs(img, size="32M")
-    async with blockemu.mount(img, interval=3600) as fs:
-        result, (t,) = await mix_tasks(fs, 1)
+    async with fresh_mix(tmp_path, 1) as (fs, result, (t,)):
         path = await lost_write(fs, t)
         await t.step("read")
         assert len(result.errors) == 1 and path in t.tainted
@@ -244,10 +248,7 @@ async def test_a_renamed_file_keeps_its_taint(tmp_path):
     """A fault left a file's content unknown; renamed, the model moved to the new name and the
     taint stayed on the old one, so a read of the new name was judged against the model
     ('read 67774 bytes, model has 47903' under ``eio=30M-60M:w``)."""
-    img = str(tmp_path / "l.img")
-    await blockemu.mkfs(img, size="32M")
-    async with blockemu.mount(img, interval=3600) as fs:
-        result, (t,) = await mix_tasks(fs, 1)
+    async with fresh_mix(tmp_path, 1) as (fs, result, (t,)):
         path = await lost_write(fs, t)
         await t.step("read")
         await t.step("rename")
