@@ -151,6 +151,23 @@ def test_key_file_dash_reads_the_key_from_standard_input(tmp_path):
     assert "16 to 64 bytes, this file has 5" in piped(b"short", "key-id", "--key-file", "-", rc=1).stderr.decode()
 
 
+def test_put_reads_a_pipe_or_a_device_to_its_end(tmp_path):
+    """``echo hello | blockemu put IMG /dev/stdin /x`` made an empty /x and exited 0: put copied
+    the source's size, which a pipe's or a device's is (0). Now it reads them to their end, as
+    cp does; ``-`` is standard input; /dev/zero fills the image and leaves PATH as it was."""
+    img = str(tmp_path / "p.img")
+    run("mkfs", img, "--size", "32M")
+    data = os.urandom(3 << 20)
+    for hostfile, path in (("-", "/a"), ("/dev/stdin", "/b")):
+        p = subprocess.run([sys.executable, "-m", "blockemu", "put", img, hostfile, path], input=data,
+                           capture_output=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert run_bytes("cat", img, path) == data
+    err = run("put", img, "/dev/zero", "/z", check_rc=1).stderr
+    assert err.startswith("blockemu: put: /dev/zero (") and "bytes read) does not fit in the image" in err, err
+    assert "z" not in run("ls", img).stdout.split() and run("fsck", img).returncode == 0
+
+
 def test_rootdir_copies_a_hard_link_its_inode_has_no_room_for(tmp_path):
     """400 host names of one file in one directory: the INODE_REF holding them fills (no extended
     refs), and mkfs --rootdir failed halfway with "b'link314': too many links to inode 258 in

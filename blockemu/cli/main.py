@@ -223,8 +223,8 @@ def args_cat(cat: argparse.ArgumentParser) -> None:
 
 def args_put(put: argparse.ArgumentParser) -> None:
     put.add_argument("image")
-    put.add_argument("hostfile")
-    put.add_argument("path")
+    put.add_argument("hostfile", help="the file to copy; - (or a pipe, a device): read to its end")
+    put.add_argument("path", help="its path in the image (replaced whole, atomically)")
     put.add_argument("--key-file", help=KEY_TO_READ)
 
 
@@ -705,7 +705,7 @@ def cmd_put(a: argparse.Namespace) -> int:
 
     async def body(fs: Any) -> int:
         try:
-            src = open(a.hostfile, "rb")
+            src = os.fdopen(os.dup(sys.stdin.fileno()), "rb") if a.hostfile == "-" else open(a.hostfile, "rb")
         except OSError as e:
             raise BlockemuError(f"{a.hostfile}: {e.strerror}") from None
         # atomic, as rsync and editors do: the data goes to a new name in the same directory

@@ -268,20 +268,31 @@ async def populate(image: str, plan: Plan, skipped: list[str], sources: Sources,
 async def copy_in(f: Any, src: BinaryIO, host: str, advance: Callable[[int], None] = lambda n: None) -> None:
     """A host file's bytes into the image file ``f`` (mkfs --rootdir, put), its holes left holes
     (a 50 MiB sparse file took 50 MiB of zeros in the image, as ``cp --sparse=never``); a full
-    image names the host file that did not fit."""
-    size, copied = os.fstat(src.fileno()).st_size, 0
+    image names the host file that did not fit. A pipe or a device (``put - PATH``, ``put
+    /dev/stdin PATH``) is read to its end, as cp reads it: its size, 0, made an empty file."""
+    st, copied = os.fstat(src.fileno()), 0
+    regular = stat.S_ISREG(st.st_mode)
+
+    async def run(start: int, end: int | None) -> None:
+        """[start, end) of the source, read from where it stands; ``end`` None: to its end."""
+        nonlocal copied
+        while (n := 1 << 20 if end is None else min(1 << 20, end - start)) > 0 and (chunk := src.read(n)):
+            await f.pwrite(chunk, start)
+            start += len(chunk)
+            copied += len(chunk)
+            advance(len(chunk))
     try:
-        for start, end in data_runs(src.fileno(), size):
+        if not regular:
+            await run(0, None)
+        for start, end in data_runs(src.fileno(), st.st_size) if regular else ():
             src.seek(start)
-            while start < end and (chunk := src.read(min(1 << 20, end - start))):
-                await f.pwrite(chunk, start)
-                start += len(chunk)
-                copied += len(chunk)
-                advance(len(chunk))
-        await f.truncate(size)
+            await run(start, end)
+        if regular:
+            await f.truncate(st.st_size)
     except NoSpaceError as e:
-        raise NoSpaceError(f"{host} ({size} bytes) does not fit in the image: {e}") from None
-    advance(size - copied)  # the holes: the bar counts the files' sizes
+        what = f"{st.st_size} bytes" if regular else f"{copied} bytes read"
+        raise NoSpaceError(f"{host} ({what}) does not fit in the image: {e}") from None
+    advance(st.st_size - copied if regular else 0)  # the holes: the bar counts the files' sizes
 
 
 def data_runs(fd: int, size: int) -> Iterator[tuple[int, int]]:
