@@ -168,6 +168,18 @@ def test_put_reads_a_pipe_or_a_device_to_its_end(tmp_path):
     assert "z" not in run("ls", img).stdout.split() and run("fsck", img).returncode == 0
 
 
+def test_put_names_the_path_it_was_given(tmp_path):
+    """``put f d1/x`` said "'d1': paths are absolute inside the image" -- the parent it looked up,
+    not the path given -- and ``put f /`` "the root has no parent" where cp says it is a directory."""
+    img, host = str(tmp_path / "p.img"), tmp_path / "h"
+    host.write_bytes(b"x")
+    run("mkfs", img, "--size", "32M")
+    run("mkdir", img, "/d1")
+    assert run("put", img, str(host), "d1/x", check_rc=1).stderr == \
+        "blockemu: put: 'd1/x': paths are absolute inside the image\n"
+    assert run("put", img, str(host), "/", check_rc=1).stderr == "blockemu: put: /: is a directory\n"
+
+
 def test_rootdir_copies_a_hard_link_its_inode_has_no_room_for(tmp_path):
     """400 host names of one file in one directory: the INODE_REF holding them fills (no extended
     refs), and mkfs --rootdir failed halfway with "b'link314': too many links to inode 258 in

@@ -701,9 +701,14 @@ def write_all(out: Any, data: bytes) -> None:
 
 
 def cmd_put(a: argparse.Namespace) -> int:
+    from blockemu.fs.filesystem import split_path
     from blockemu.fs.mkfs import copy_in
 
     async def body(fs: Any) -> int:
+        # PATH as given in its errors, not its parent ('put f d1/x' said "'d1': paths are
+        # absolute"); the root is a directory ('put f /' said "the root has no parent")
+        if not split_path(a.path):
+            raise IsADirectory(f"{a.path}: is a directory")
         try:
             src = os.fdopen(os.dup(sys.stdin.fileno()), "rb") if a.hostfile == "-" else open(a.hostfile, "rb")
         except OSError as e:
