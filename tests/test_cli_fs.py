@@ -2,6 +2,7 @@
 ``extents --json``: our own HKDF-SHA512 (hmac) and XTS (AES-ECB + GF(2^128)), not blockemu's."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -13,6 +14,8 @@ import sys
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from blockemu.fs.mkfs import mkfs
+from blockemu.ondisk import structs as S
 from tests.test_cli import run
 
 
@@ -180,23 +183,40 @@ def test_put_names_the_path_it_was_given(tmp_path):
     assert run("put", img, str(host), "/", check_rc=1).stderr == "blockemu: put: /: is a directory\n"
 
 
-def test_rootdir_copies_a_hard_link_its_inode_has_no_room_for(tmp_path):
-    """400 host names of one file in one directory: the INODE_REF holding them fills (no extended
-    refs), and mkfs --rootdir failed halfway with "b'link314': too many links to inode 258 in
-    directory inode 257". A name that does not fit is copied, said on stderr, and the names after
-    it link to the copy."""
+def _link_farm(tmp_path, names: int) -> str:
+    """A host tree /d holding file f and ``names`` more names of it."""
     host = tmp_path / "h" / "d"
     host.mkdir(parents=True)
     (host / "f").write_bytes(b"hello")
-    for i in range(400):
+    for i in range(names):
         os.link(host / "f", host / f"link{i}")
+    return str(tmp_path / "h")
+
+
+def test_rootdir_links_400_names_of_one_file_in_one_directory(tmp_path):
+    """400 host names of one file in one directory: they fill an INODE_REF, and mkfs --rootdir
+    failed halfway with "b'link314': too many links to inode 258 in directory inode 257"; the
+    names past it now live in INODE_EXTREFs, one inode with 401 names."""
     img = str(tmp_path / "r.img")
-    p = run("mkfs", img, "--size", "64M", "--rootdir", str(tmp_path / "h"))
-    assert re.search(r"blockemu mkfs: \S+/d/link\d+: copied, not linked to /d/f: /d/f has as many names in /d "
-                     r"as one inode can$", p.stderr, re.M), p.stderr
+    p = run("mkfs", img, "--size", "64M", "--rootdir", _link_farm(tmp_path, 400))
+    assert "copied" not in p.stderr, p.stderr
+    rows = json.loads(run("ls", img, "/d", "--json").stdout)
+    assert len(rows) == 401 and {(r["ino"], r["nlink"], r["size"]) for r in rows} == {(rows[0]["ino"], 401, 5)}
+    assert run("fsck", img).returncode == 0
+
+
+def test_rootdir_copies_a_hard_link_past_the_link_limit(tmp_path, monkeypatch, capsys):
+    """A name past the most one inode may have (65,535; lowered here) is copied, said on stderr,
+    and the names after it link to the copy -- not a failure halfway through the tree."""
+    monkeypatch.setattr(S, "LINK_MAX", 50)
+    img = str(tmp_path / "r.img")
+    asyncio.run(mkfs(img, "64M", rootdir=_link_farm(tmp_path, 80)))
+    assert re.search(r"blockemu mkfs: \S+/d/link\d+: copied, not linked to /d/f: /d/f has as many names "
+                     r"as one inode can$", capsys.readouterr().err, re.M)
+    monkeypatch.undo()
     rows = json.loads(run("ls", img, "/d", "--json").stdout)
     links = {r["ino"]: r["nlink"] for r in rows}
-    assert len(rows) == 401 and len(links) == 2 and sum(links.values()) == 401  # the copy took the names after it
+    assert len(rows) == 81 and sorted(links.values()) == [31, 50]  # the copy took the names after it
     assert all(r["size"] == 5 for r in rows) and run("fsck", img).returncode == 0
 
 

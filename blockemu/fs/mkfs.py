@@ -248,10 +248,10 @@ async def populate(image: str, plan: Plan, skipped: list[str], sources: Sources,
                         print(f"blockemu mkfs: {host}: copied, not linked to {first}: a hard link cannot "
                               f"enter an encrypted directory from outside it", file=sys.stderr)
                     except TooManyLinks:
-                        # its names in this directory fill an INODE_REF (no extended refs): a copy
-                        # takes this name and the next ones (mkfs failed there, halfway through the tree)
+                        # it has the most names one inode may: a copy takes this name and the next
+                        # ones (mkfs failed there, halfway through the tree)
                         print(f"blockemu mkfs: {host}: copied, not linked to {first}: {first} has as many "
-                              f"names in {target.rsplit('/', 1)[0] or '/'} as one inode can", file=sys.stderr)
+                              f"names as one inode can", file=sys.stderr)
                         copied.pop((hst.st_dev, hst.st_ino))
                 async with fs.open(target, "w") as f:
                     with open(host, "rb") as src:
