@@ -64,6 +64,30 @@ async def test_the_api_raises_what_os_would(tmp_path):
         await blockemu.mount(str(tmp_path))
 
 
+async def test_the_root_as_a_name_to_make_or_remove_fails_as_on_linux(tmp_path):
+    """mkdir("/") said EINVAL "the root has no parent"; Linux says EEXIST for what would create
+    "/", EISDIR for unlink, EBUSY for rename (checked against os on the host's own root)."""
+    img = str(tmp_path / "r.img")
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img, seal_workers=0) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"x")
+        for call, err, host in [(fs.mkdir("/"), FileExistsError, lambda: os.mkdir("/")),
+                                (fs.link("/f", "/"), FileExistsError, None),
+                                (fs.symlink("f", "/"), FileExistsError, lambda: os.symlink("f", "/")),
+                                (fs.unlink("/"), IsADirectoryError, None),
+                                (fs.rename("/", "/x"), OSError, None),
+                                (fs.rename("/f", "/"), OSError, None)]:
+            with pytest.raises(err) as e:
+                await call
+            if host is not None:
+                with pytest.raises(err) as h:
+                    host()
+                assert e.value.errno == h.value.errno
+        assert e.value.errno == errno.EBUSY and str(e.value) == "/: device or resource busy"
+        assert await fs.readdir("/") == ["f"]
+
+
 async def test_stat_has_the_float_times_of_os_stat_result(tmp_path):
     img = str(tmp_path / "s.img")
     await blockemu.mkfs(img, size="32M")

@@ -8,7 +8,7 @@ returned success and that writeback then could not place (the sync, or the unmou
 "writeback ... failed: N bytes lost"), or a file whose bytes differ after a fresh mount, is a
 loss: write() must refuse what writeback cannot place (DESIGN §5, "space").
 
-    python tools/enospc_fuzz.py --seeds 0..8          # plain and encrypted per seed
+    python tools/enospc_fuzz.py --seeds 0..8          # seeds 0 to 7, plain and encrypted each
 
 Exit 0 if no seed lost anything, 1 otherwise. Runs are not fully deterministic: writeback's
 timing against the writer decides which write meets the full image. tests/test_enospc.py runs
@@ -23,6 +23,7 @@ import random
 import sys
 
 import blockemu
+from blockemu.workload.campaign import parse_range
 
 KEY = bytes(range(64))
 
@@ -106,13 +107,16 @@ async def one(image: str, seed: int, encrypted: bool, **opts: int) -> str | None
 
 
 def seed_range(text: str) -> range:
-    a, _, b = text.partition("..")
-    return range(int(a), int(b or a) + 1)
+    """``A..B`` as every blockemu command reads it: B excluded."""
+    try:
+        return range(*parse_range(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=seed_range, default=seed_range("0..7"), help="A..B (inclusive)")
+    ap.add_argument("--seeds", type=seed_range, default=seed_range("0..8"), help="A..B, B excluded (as blockemu stress --seeds)")
     ap.add_argument("--image", default="images/enospc-fuzz.img")
     a = ap.parse_args()
     lost = 0

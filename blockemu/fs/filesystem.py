@@ -31,6 +31,7 @@ from blockemu.engine.btree import Through
 from blockemu.engine.extents import Extents
 from blockemu.errors import (
     BadFile,
+    BlockemuError,
     Busy,
     ChecksumError,
     CorruptionError,
@@ -571,14 +572,16 @@ class Filesystem:
             inode = inodes.get(ino) or self._load(ino)
         return inode
 
-    def _parent(self, path: str) -> tuple[Inode, bytes | None]:
+    def _parent(self, path: str, at_root: type[BlockemuError] = ExistsError) -> tuple[Inode, bytes | None]:
         """The parent directory and the name it stores for the last component (None: a
-        locked directory has no such no-key name; creating it needs the key)."""
+        locked directory has no such no-key name; creating it needs the key). The root has
+        none: the call fails with the errno Linux gives for "/" -- EEXIST for what would create
+        it (mkdir, link, symlink), EISDIR for unlink, EBUSY for rename (``at_root``)."""
         if not self.mounted:  # check_mounted, inline, as _resolve
             raise self.vol.not_mounted()
         parts = split_path(path)
         if not parts:
-            raise InvalidArgument(f"{path!r}: the root has no parent")
+            raise at_root(f"{path}: {os.strerror(at_root.code).lower()}")
         parent = self._walk(parts[:-1], path)
         if not parent.is_dir:
             raise NotADirectory(f"{path}: not a directory")
@@ -691,7 +694,7 @@ class Filesystem:
 
     async def unlink(self, path: str) -> None:
         async with self.vol.join():
-            parent, name = self._parent(path)
+            parent, name = self._parent(path, IsADirectory)
             inode = self._resolve(path)
             if inode.is_dir:
                 raise IsADirectory(f"{path}: is a directory")
@@ -714,9 +717,9 @@ class Filesystem:
         """rename(2): atomic, replacing an existing ``dst`` of a compatible type."""
         async with self.adding_items():
             self.check_meta_room()  # the new name's items, before the old name goes
-            sparent, sname = self._parent(src)
+            sparent, sname = self._parent(src, Busy)
             inode = self._resolve(src)
-            dparent, dname = self._parent(dst)
+            dparent, dname = self._parent(dst, Busy)
             sparts, dparts = split_path(src), split_path(dst)
             if sparts == dparts:
                 return
