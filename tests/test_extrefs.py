@@ -23,6 +23,7 @@ from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import (
     InodeExtref,
     extref_hash,
+    name_hash,
     pack_inode_extrefs,
     unpack_inode_extrefs,
     unpack_inode_refs,
@@ -403,3 +404,25 @@ async def test_unlink_of_a_name_without_its_back_reference_is_euclean(image):
     with ErrnoCheck(errno.EROFS):
         await fs.unmount()
     assert any(f"no INODE_REF in inode {ino}" in m for _, m in codes_and_messages(image))
+
+
+async def test_repair_keeps_a_name_when_the_only_one_is_dangling_in_both_items(image):
+    """A damaged image: a file's one name lost its entry, and the same (directory, name) is
+    also in an INODE_EXTREF. The two back references are one name, not two: "the inode keeps
+    another name" must count references, not distinct names, or the repair drops both and the
+    file is left with none (its data unreachable) -- what the rule is there to prevent."""
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/g", "w") as f:
+            await f.write(b"keep me")
+        ino, root = (await fs.stat("/g")).st_ino, (await fs.stat("/")).st_ino
+        (ref,) = unpack_inode_refs(fs.tree[(ino, S.INODE_REF, root)])
+
+    def lose_the_entry_and_double_the_ref(tree) -> None:
+        tree.delete((root, S.DIR_INDEX, ref.index))
+        tree.delete((root, S.DIR_ITEM, name_hash(b"g")))
+        tree.insert((ino, S.INODE_EXTREF, extref_hash(root, b"g")), pack_inode_extrefs([InodeExtref(root, 999, b"g")]))
+
+    await edit(image, lose_the_entry_and_double_the_ref)
+    await repair(image, check(image))
+    async with blockemu.mount(image) as fs:
+        assert disk_names(fs, ino) == {(root, b"g")}  # not dropped: it was the file's only name

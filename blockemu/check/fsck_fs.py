@@ -327,8 +327,11 @@ def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
                     and (parent, name_hash(r.name), r.name, (ino, S.INODE_ITEM, 0)) not in dir_items
                     and (_ref_item(fi, ino, parent, r.name)[0] == "INODE_REF"
                          or fi.extrefs[(ino, parent, r.name)] == extref_hash(parent, r.name))}
-        if len(refs) + regained[ino] <= len(dangling):
-            dangling = set()
+        # counted as references, not as names: one name held twice (an INODE_REF and an
+        # INODE_EXTREF) is one name, and both copies would go
+        dropped = sum((parent, r.name) in dangling for parent, r, _ in wrong)
+        if len(refs) + regained[ino] <= dropped:
+            dangling, dropped = set(), 0
         for parent, r, e in wrong:
             kind, key = _ref_item(fi, ino, parent, r.name)
             fix = {"drop_ref": (ino, parent, r.name)} if (parent, r.name) in dangling else None
@@ -350,7 +353,7 @@ def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
         elif is_dir:
             want = (2 + subdirs[ino]) if refs or regained[ino] else 0
         else:
-            want = len(refs) + regained[ino] - len(dangling)
+            want = len(refs) + regained[ino] - dropped
         if item.nlink != want:
             ck.error("NLINK_MISMATCH", f"inode {ino} nlink {item.nlink}, found {want}", FS, key=(ino, S.INODE_ITEM, 0),
                      fix={"inode": ino, "nlink": want} if want else None)
