@@ -426,3 +426,32 @@ async def test_repair_keeps_a_name_when_the_only_one_is_dangling_in_both_items(i
     await repair(image, check(image))
     async with blockemu.mount(image) as fs:
         assert disk_names(fs, ino) == {(root, b"g")}  # not dropped: it was the file's only name
+
+
+async def test_a_damaged_inode_ref_body_stops_no_key_removal(image):
+    """Locking needs only which directories an inode is named in: an INODE_REF's key says
+    that, with no body to read. A damaged body (a name overrunning the item) of one file made
+    every lock that asked about its directory's children fail with EUCLEAN, so the key removal
+    stopped halfway: the other files kept their leases, and the key's secret was never wiped."""
+    async with blockemu.mount(image) as fs:
+        kid = await encrypted_dir(fs, "/s")
+        for name in ("a", "b"):
+            async with fs.open(f"/s/{name}", "w") as f:
+                await f.write(b"secret")
+        ino = (await fs.stat("/s/b")).st_ino
+        s = (await fs.stat("/s")).st_ino
+
+    def damage(tree) -> None:
+        body = bytearray(tree[(ino, S.INODE_REF, s)])
+        body[8:10] = (len(body) + 1).to_bytes(2, "little")  # name_len past the item
+        tree.update((ino, S.INODE_REF, s), bytes(body))
+
+    await edit(image, damage)
+    async with blockemu.mount(image) as fs:
+        await fs.add_key(KEY)
+        for name in ("a", "b"):
+            async with fs.open(f"/s/{name}") as f:
+                assert await f.read() == b"secret"
+        await fs.remove_key(kid)
+        assert str(fs.key_status(kid)) == "Absent"
+        assert not fs.keyring.keys  # every lease let go: the secret is wiped
