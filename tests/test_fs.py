@@ -2,6 +2,7 @@
 directories, rename(2) semantics, persistence, orphans, and fsync error reporting."""
 from __future__ import annotations
 
+import array
 import asyncio
 import errno
 import os
@@ -704,6 +705,30 @@ async def test_stale_frames_are_room_for_a_streaming_writer_and_gone_once_the_fi
             assert not wb.over_limit(arena.available() * 4096)
         await fs.unlink("/f")
         assert not arena.stale and all(arena.page(n) == bytes(4096) for n in arena.free)
+
+
+async def test_a_typed_buffer_is_written_as_its_bytes_and_no_frame_is_lost(image):
+    """A write of a buffer whose items are not bytes (an ``array('H')``'s memoryview, as
+    os.write takes any buffer): its bytes land, and it returns how many. The whole pages in its
+    middle were copied into frames taken from the arena first -- stale ones first, holding
+    another file's plaintext -- and the copy raised ValueError (not an OSError) with the frames
+    taken and never given back: neither reused nor ever zeroed, so that plaintext outlived
+    every page drop, a key removal's included."""
+    chunk = bytes(range(256)) * 4096
+    data = array.array("H", bytes(range(1, 256)) * 100)
+    async with blockemu.mount(image, interval=3600, cache_limit=0) as fs:
+        arena = fs.cache.arena
+        async with fs.open("/f", "w") as f:
+            await f.write(chunk)
+            await f.fsync()
+        assert arena.stale  # the streamed run's frames, unzeroed
+        frames = arena.available()
+        async with fs.open("/g", "w") as f:
+            assert await f.pwrite(memoryview(data), 0) == len(data) * data.itemsize
+            await f.fsync()
+        assert arena.available() == frames
+        async with fs.open("/g") as f:
+            assert await f.read() == data.tobytes()
 
 
 async def test_a_read_larger_than_the_clean_cache_returns_every_page(image):

@@ -1479,6 +1479,19 @@ class OpenContext:
         await self._file.close()
 
 
+def _bytes_of(data: bytearray | memoryview) -> bytearray | memoryview | bytes:
+    """A buffer to write, as bytes: one whose items are not bytes (an array's, or a view with
+    more than one dimension) counted items, not bytes, and its whole pages' copy into frames
+    taken from the arena raised ValueError with the frames taken -- stale ones hold another
+    file's plaintext, which nothing then zeroed."""
+    if type(data) is bytearray:
+        return data
+    view = memoryview(data)
+    if view.format == "B" and view.ndim == 1:
+        return view
+    return view.cast("B") if view.c_contiguous else view.tobytes()
+
+
 class File:
     """An open file: an aiofiles-like handle over the page cache."""
 
@@ -1525,6 +1538,8 @@ class File:
         if offset is not None and offset < 0:
             raise InvalidArgument("negative offset")
         fs.check_dirtying(inode)
+        if type(data) is not bytes:
+            data = _bytes_of(data)
         n = len(data)
         if not n:
             return inode.size if offset is None else offset, 0
