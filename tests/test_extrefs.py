@@ -22,6 +22,7 @@ from blockemu.fs import backrefs
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import (
     InodeExtref,
+    InodeItem,
     extref_hash,
     name_hash,
     pack_inode_extrefs,
@@ -455,3 +456,31 @@ async def test_a_damaged_inode_ref_body_stops_no_key_removal(image):
         await fs.remove_key(kid)
         assert str(fs.key_status(kid)) == "Absent"
         assert not fs.keyring.keys  # every lease let go: the secret is wiped
+
+
+async def test_repair_rebuilds_a_back_reference_over_an_undecodable_item(image):
+    """An INODE_REF body that does not decode (a name overrunning the item): fsck counts none of
+    its names, offers each entry's back reference rebuilt, and the repair puts it where the
+    filesystem would -- which reads the item there first, and raised, so the whole repair
+    stopped with nothing repaired (another file's link count too). The undecodable item is
+    replaced by the names rebuilt."""
+    async with blockemu.mount(image) as fs:
+        for name in ("a", "b"):
+            async with fs.open(f"/{name}", "w") as f:
+                await f.write(b"x")
+        a, b, root = [(await fs.stat(p)).st_ino for p in ("/a", "/b", "/")]
+
+    def damage(tree) -> None:
+        body = bytearray(tree[(b, S.INODE_REF, root)])
+        body[8:10] = (len(body) + 1).to_bytes(2, "little")  # name_len past the item
+        tree.update((b, S.INODE_REF, root), bytes(body))
+        item = InodeItem.unpack(tree[(a, S.INODE_ITEM, 0)])
+        tree.update((a, S.INODE_ITEM, 0), item._replace(nlink=5).pack())
+
+    await edit(image, damage)
+    report = check(image)
+    assert {e.code for e in report.errors} == {"BAD_ITEM", "DIR_ITEM_MISMATCH", "NLINK_MISMATCH"}
+    await repair(image, report)
+    assert_fsck_clean(image)
+    async with blockemu.mount(image) as fs:
+        assert disk_names(fs, b) == {(root, b"b")} and (await fs.stat("/a")).st_nlink == 1

@@ -31,7 +31,15 @@ from blockemu.errors import Busy, CorruptionError, ReadOnlyError
 from blockemu.fs import backrefs
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import structs as S
-from blockemu.ondisk.items import InodeItem, name_hash, pack_dir_entries, unpack_dir_entries
+from blockemu.ondisk.items import (
+    InodeItem,
+    extref_hash,
+    name_hash,
+    pack_dir_entries,
+    unpack_dir_entries,
+    unpack_inode_extrefs,
+    unpack_inode_refs,
+)
 from blockemu.ondisk.structs import SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
 
@@ -179,6 +187,15 @@ def _apply(engine: Engine, fix: dict[str, Any]) -> str:
         return f"removed entry {name.decode(errors='backslashreplace')!r} (index {idx}) of directory inode {d}"
     if "add_ref" in fix:  # where the filesystem would put it: its INODE_REF, or an INODE_EXTREF once that is full
         ino, parent, index, name = fix["add_ref"]
+        # an item there that does not decode gave fsck none of its names, and each entry naming
+        # the inode has its own add_ref: it goes, and they rebuild it (read, it stopped the repair)
+        for key, unpack in (((ino, S.INODE_REF, parent), unpack_inode_refs),
+                            ((ino, S.INODE_EXTREF, extref_hash(parent, name)), unpack_inode_extrefs)):
+            if (body := fs.get(key)) is not None:
+                try:
+                    unpack(body)
+                except CorruptionError:
+                    fs.delete(key)
         backrefs.add(fs, ino, parent, index, name, bool(engine.sb.incompat_flags & S.INCOMPAT_EXTENDED_IREF))
         return f"added inode {ino}'s reference to its name {name.decode(errors='backslashreplace')!r} in directory inode {parent}"
     if "drop_ref" in fix:
