@@ -484,3 +484,24 @@ async def test_repair_rebuilds_a_back_reference_over_an_undecodable_item(image):
     assert_fsck_clean(image)
     async with blockemu.mount(image) as fs:
         assert disk_names(fs, b) == {(root, b"b")} and (await fs.stat("/a")).st_nlink == 1
+
+
+async def test_a_misfiled_copy_of_a_dangling_extref_is_found_and_repair_still_runs(image):
+    """The same dangling name in two INODE_EXTREFs, one under its hash and a copy under another
+    key before it. fsck kept one key per (inode, directory, name) -- the last -- so the copy was
+    never called misfiled, both were offered for removal as dangling under their hash, and the
+    second removal found nothing: the repair raised EUCLEAN with nothing repaired."""
+    ino, root = await linked_file(image)
+    name = long_name(99).encode()
+    h = extref_hash(root, name)
+
+    def dangle_twice(tree) -> None:
+        body = pack_inode_extrefs([InodeExtref(root, 999, name)])
+        tree.insert((ino, S.INODE_EXTREF, h), body)
+        tree.insert((ino, S.INODE_EXTREF, h - 1), body)
+
+    await edit(image, dangle_twice)
+    report = check(image)
+    assert any(tuple(e.key) == (ino, S.INODE_EXTREF, h - 1) and "whose hash is" in e.message for e in report.errors), \
+        [(e.key, e.message[:60]) for e in report.errors]
+    await repair(image, report)  # raised CorruptionError

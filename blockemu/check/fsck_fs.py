@@ -120,7 +120,12 @@ def _file_extrefs(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]],
     triangle and the link count see one kind); where each came from is kept for the messages."""
     for k, v in zip(keys, refs):
         fi.refs[k[0]].extend([(r.parent, InodeRef(r.index, r.name)) for r in v])
-        fi.extrefs.update(((k[0], r.parent, r.name), k[2]) for r in v)
+        # a name in two items is kept under the misfiled one's key: that copy is reported, and
+        # neither is offered for removal under its hash (the second removal found nothing)
+        for r in v:
+            at = (k[0], r.parent, r.name)
+            if at not in fi.extrefs or k[2] != extref_hash(r.parent, r.name):
+                fi.extrefs[at] = k[2]
 
 
 def _file_extents(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]], extents: list, problems: list) -> None:
