@@ -63,8 +63,11 @@ def _unescape(field: str) -> str:
 def _mounted(mountpoint: str) -> tuple[str, int] | None:
     """The filesystem type mounted at ``mountpoint`` and its device's minor number, from
     /proc/self/mountinfo, which no FUSE request answers (os.path.ismount says False on a dead
-    FUSE mount: stat fails with ENOTCONN)."""
-    target = os.path.abspath(mountpoint)
+    FUSE mount: stat fails with ENOTCONN). It names the real path: the parent's symlinks are
+    resolved, not the mount point's own -- stat-ing it is a request to its server, which one
+    not serving yet (``connection``, right after the mount) would never answer."""
+    parent, name = os.path.split(os.path.abspath(mountpoint))
+    target = os.path.join(os.path.realpath(parent), name)
     found = None
     with open("/proc/self/mountinfo") as f:
         for line in f:
