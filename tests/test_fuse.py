@@ -574,9 +574,10 @@ def test_read_only_mount_and_sigterm(env, image, mnt) -> None:
 
 # The server with one lookup that is never answered (of the name "blocker": it waits until the
 # loop stops, then goes unanswered, as a request the stopped loop never reads) and notifications
-# that say when they start; each prints a line the test waits for.
+# that say when they start; each prints a line the test waits for. At its exit it says how many
+# notifications started once the session was being closed (each used a session freed under it).
 STALLED_SERVER = textwrap.dedent("""
-    import asyncio, sys
+    import asyncio, atexit, sys
     import pyfuse3
     from blockemu.cli.main import main
     from blockemu.fuse.ops import Operations
@@ -592,11 +593,20 @@ STALLED_SERVER = textwrap.dedent("""
         stop()
         for task in stalled:
             task.cancel()
-    notify = pyfuse3.invalidate_entry
-    def invalidate_entry(ino, name):
-        print("notifying", flush=True)
-        notify(ino, name)
-    Operations.lookup, pyfuse3.terminate, pyfuse3.invalidate_entry = lookup, terminate, invalidate_entry
+    late, closing, close = [], [], pyfuse3.close
+    def notifying(notify):
+        def call(*args):
+            print("notifying", flush=True)
+            if closing:
+                late.append(args)
+            notify(*args)
+        return call
+    def closed(unmount=True):
+        closing.append(True)
+        close(unmount)
+    Operations.lookup, pyfuse3.terminate, pyfuse3.close = lookup, terminate, closed
+    pyfuse3.invalidate_entry, pyfuse3.invalidate_inode = map(notifying, (pyfuse3.invalidate_entry, pyfuse3.invalidate_inode))
+    atexit.register(lambda: print(f"late notifications: {len(late)}", flush=True))
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -606,14 +616,17 @@ def test_sigterm_while_a_notification_waits_on_a_lookup_never_answered_exits(env
     answered; after SIGTERM the loop answers none, so the notifying thread waited for ever and
     so did the exit, joining it (the image already unmounted). Now the server aborts the
     connection when its notifications outlive the unmount's wait: it exits, the lookup fails,
-    the mount is gone and the image is clean."""
-    key = encrypted_image(image, tmp_path, {"/enc/f": b"secret\n"})
+    the mount is gone and the image is clean. The notifications the abort let go on (here the
+    rest of 200 names) end before the session is destroyed: they ran into its close, using the
+    session as it was freed."""
+    names = {f"/enc/f{i}": b"secret\n" for i in range(200)}
+    key = encrypted_image(image, tmp_path, names)
     s = Served(env, image, mnt, "--key-file", str(key), run=("-c", STALLED_SERVER))
     number = connection(str(mnt))
     assert number is not None
     waiting: list[subprocess.Popen] = []
     try:
-        assert os.listdir(mnt / "enc") == ["f"]  # handed to the kernel: a key removal invalidates it
+        assert len(os.listdir(mnt / "enc")) == len(names)  # handed to the kernel: a key removal invalidates them
         waiting.append(subprocess.Popen(["stat", str(mnt / "enc" / "blocker")], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL))
         assert s.proc.stdout.readline() == "lookup stalled\n"  # type: ignore[union-attr]
@@ -624,6 +637,7 @@ def test_sigterm_while_a_notification_waits_on_a_lookup_never_answered_exits(env
         assert s.proc.wait(timeout=60) == 0, s.proc.stderr.read()  # type: ignore[union-attr]
         assert waiting[0].wait(timeout=30) != 0  # the lookup fails: its server is gone
         assert mounted_fstype(str(mnt)) is None
+        assert s.proc.stdout.read().endswith("late notifications: 0\n")  # type: ignore[union-attr]
         fsck_clean(env, image)
     finally:
         if s.proc.poll() is None:

@@ -261,6 +261,9 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytes], readonly: boo
             sent = await server.ops.kernel.close()  # nothing is sent to a session being closed
             if not sent:  # aborted while the session is open: the connection is surely this mount's
                 abort_stuck(number)
+                # the notifications it let go on end before the session goes: one running into
+                # pyfuse3.close used the session as it was freed
+                await server.ops.kernel.close()
             pyfuse3.close(unmount=True)
             if not sent:  # libfuse unmounts no aborted connection: its dead mount is detached here
                 clear_dead_mount(mountpoint)
