@@ -31,6 +31,7 @@ from blockemu import mkfs, mount
 from blockemu.check.fsck import check
 from blockemu.cli.main import main
 from blockemu.fuse.serve import abort_connection, connection, mounted_fstype
+from tests.test_wipe import Scanner, report, zero
 from tests.util import set_super
 
 PY = sys.executable
@@ -390,6 +391,30 @@ def test_a_key_change_takes_the_names_it_made_stale_out_of_the_kernel_at_once(en
             with pytest.raises(FileNotFoundError):
                 os.stat(enc / n)
         assert (enc / "sub" / "g").read_text() == "secret\n" and sorted(os.listdir(enc)) == ["f", "sub"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="reads the server's memory through /proc")
+def test_the_server_keeps_no_copy_of_a_key_file_key_once_it_is_removed(env, image, mnt, tmp_path) -> None:
+    """``mount --key-file`` read the key into a ``bytes`` the server kept for the life of the
+    mount: after ``key remove`` wiped the keyring's copy, the master key was still in the
+    server's memory. The scanner (tests/memscan.py) makes the key; this process writes it to the
+    key file from a bytearray it zeroes, so a hit is the server's."""
+    scanner = Scanner()
+    try:
+        key, unit = bytearray(64), bytearray(64)
+        scanner.receive(key)
+        scanner.receive(unit)  # the plaintext unit it also looks for: nothing here writes it
+        fd = os.open(tmp_path / "key", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, key)
+        os.close(fd)
+        zero(key)
+        with Served(env, image, mnt, "--key-file", str(tmp_path / "key")) as served:
+            r = blockemu(env, "key", "remove", str(mnt), "--key-file", str(tmp_path / "key"))
+            assert r.stdout.startswith("Removed encryption key"), r.stdout
+            hits = scanner.scan([served.proc.pid], [])
+            assert not hits, report(hits)
+    finally:
+        scanner.close()
 
 
 def test_kill_9_then_fsck_then_mount_clears_the_dead_mount(env, image, mnt) -> None:

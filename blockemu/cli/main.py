@@ -522,9 +522,11 @@ def json_bytes(row: dict[str, Any], *fields: str) -> dict[str, Any]:
     return out
 
 
-def read_key(path: str | None) -> bytes | None:
+def read_key(path: str | None) -> bytearray | None:
     """The raw key in ``--key-file PATH``; ``-``: standard input, as fscryptctl add_key reads it
-    (a key piped from a secret store never lands in a file)."""
+    (a key piped from a secret store never lands in a file). A ``bytearray`` read with no
+    buffer in between, so whoever keeps it -- the mount's server, for the life of the mount --
+    can wipe it once the keyring holds its own copy: a ``bytes`` key outlived its removal."""
     if path is None:
         return None  # before the import: fsck without a key loads no cipher
     from blockemu.crypto.fscrypt import MAX_KEY_SIZE, MIN_KEY_SIZE
@@ -533,8 +535,8 @@ def read_key(path: str | None) -> bytes | None:
         if path == "-":
             raw = stdin_key(MAX_KEY_SIZE + 1)
         else:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_KEY_SIZE + 1)
+            with open(path, "rb", buffering=0) as f:
+                raw = read_secret(f, MAX_KEY_SIZE + 1)
     except OSError as e:
         raise BlockemuError(f"--key-file {path}: {e.strerror}") from None
     if not MIN_KEY_SIZE <= len(raw) <= MAX_KEY_SIZE:
@@ -542,11 +544,24 @@ def read_key(path: str | None) -> bytes | None:
     return raw
 
 
+def read_secret(f: Any, limit: int) -> bytearray:
+    """Up to ``limit`` bytes of the unbuffered file ``f``, into a ``bytearray`` of exactly what
+    was read; the one read into is wiped (shrinking it in place could leave a copy behind)."""
+    from blockemu.crypto.fscrypt import wipe
+
+    buf, n = bytearray(limit), 0
+    while n < limit and (k := f.readinto(memoryview(buf)[n:])):
+        n += k
+    out = buf[:n]
+    wipe(buf)
+    return out
+
+
 @functools.cache
-def stdin_key(limit: int) -> bytes:
+def stdin_key(limit: int) -> bytearray:
     """Standard input, read once: a command reads its key more than once (``ls`` again to say
     which key a directory wants), and a second read of a pipe would find it empty."""
-    return sys.stdin.buffer.read(limit)
+    return read_secret(sys.stdin.buffer.raw, limit)
 
 
 def on_image(a: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *, readonly: bool = False) -> int:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from typing import Any, Callable
 
+from blockemu.crypto import fscrypt
 from blockemu.crypto.keyring import parse_identifier
 from blockemu.errors import Busy, NotADirectory, NotFoundError
 from blockemu.fs.filesystem import Filesystem
@@ -225,7 +226,7 @@ def abort_stuck(number: int | None) -> None:
               f"echo 1 > {FUSECTL}/{'N' if number is None else number}/abort ends it", file=sys.stderr, flush=True)
 
 
-async def serve(image: str, mountpoint: str, *, keys: list[bytes], readonly: bool, ready: Callable[[], None],
+async def serve(image: str, mountpoint: str, *, keys: list[bytearray], readonly: bool, ready: Callable[[], None],
                 **mount_opts: Any) -> None:
     """Mount ``image`` at ``mountpoint`` and serve until unmounted, SIGINT or SIGTERM."""
     import pyfuse3
@@ -237,6 +238,7 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytes], readonly: boo
     try:
         for raw in keys:
             await fs.add_key(raw)
+            fscrypt.wipe(raw)  # the keyring holds its own copy, wiped when the key is removed
         server = Server(fs, mountpoint)
         pyfuse3.asyncio.enable()
         options = {"subtype=blockemu", "default_permissions",

@@ -105,7 +105,7 @@ class Task:
             # lost writeback, and not even that when a checksum refused what it read (a flip:
             # the file is checked after the run like any other).
             if op == "sync":
-                for t in self.r.tasks:
+                for t in self.r.tasks or [self]:  # (crash_mix runs a Task of its own, in no list)
                     t.tainted |= set(t.files)
             elif self.reading is None:
                 self.tainted |= before if self.scope is None else self.scope
