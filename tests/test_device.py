@@ -548,22 +548,25 @@ async def test_a_lent_buffer_goes_back_at_once_when_its_write_fails_or_is_fua_an
 
 
 cache_ops = st.lists(st.one_of(
-    st.tuples(st.sampled_from(["write", "lend", "fua"]), st.integers(0, 15), st.integers(1, 6), st.integers(1, 250)),
+    st.tuples(st.sampled_from(["write", "lend", "fua", "during"]), st.integers(0, 15), st.integers(1, 6), st.integers(1, 250)),
     st.tuples(st.just("discard"), st.integers(0, 15), st.integers(1, 4)),
-    st.tuples(st.sampled_from(["flush", "destage", "read"]), st.integers(0, 15), st.integers(1, 8)),
+    st.tuples(st.sampled_from(["flush", "destage", "read", "cut"]), st.integers(0, 15), st.integers(1, 8)),
 ), max_size=40)
 
 
 @settings(max_examples=150, deadline=None)
 @given(cache_ops)
 def test_the_cache_against_a_model(tmp_path_factory, ops):
-    """Writes (copied, lent, FUA), discards, flushes, background destages and reads against a model
-    of what each sector holds and what is durable: reads and the image agree with it, lent buffers
-    (poisoned when given back) are read only while the device holds them, and all are back at close."""
+    """Writes (copied, lent, FUA, or made while a destage is in the host's hands), discards,
+    flushes, background destages, reads and a torn power cut against a model of what each sector
+    holds and what is durable: reads and the image agree with it, lent buffers (poisoned when
+    given back) are read only while the device holds them, and all are back at close or cut.
+    The writes overlap in every way (inside, across and over cached ranges: the cache keeps
+    ranges, which a newer write cuts)."""
     path = make_image(tmp_path_factory.mktemp("m") / "d.img", 24 * SECTOR)
 
     async def run() -> None:
-        dev = await BlockDevice.open(path, cache_limit=8 * SECTOR)
+        dev = await BlockDevice.open(path, cache_limit=8 * SECTOR, faults=FaultPlan(torn=0.5, seed=len(ops)))
         lender = Lender()
         now: dict[int, bytes] = {}  # sector -> what it holds
         # sector -> what the image may hold there: what the last flush or FUA made durable, or
@@ -571,9 +574,17 @@ def test_the_cache_against_a_model(tmp_path_factory, ops):
         since: dict[int, list[bytes]] = {}
         for op, start, n, *byte in ops:
             n = min(n, 24 - start)
-            if op in ("write", "lend", "fua", "discard"):
+            if op == "cut":  # the image holds, sector by sector, any version the cache may have landed
+                dev.power_cut()
+                break
+            if op in ("write", "lend", "fua", "discard", "during"):
                 data = b"".join(sector((byte[0] + k) % 256) for k in range(n)) if byte else bytes(n * SECTOR)
-                if op == "lend":
+                if op == "during":  # the destage has its snapshot and is in the executor: the write lands after it
+                    destage = dev.destage_in_background()
+                    await asyncio.sleep(0)
+                    await lender.write(dev, start * SECTOR, data)
+                    await destage
+                elif op == "lend":
                     await lender.write(dev, start * SECTOR, data)
                 elif op == "discard":
                     await dev.discard(start * SECTOR, n * SECTOR)
@@ -589,10 +600,14 @@ def test_the_cache_against_a_model(tmp_path_factory, ops):
                 await dev.destage_in_background()
             got = await dev.read(start * SECTOR, n * SECTOR)
             assert got == b"".join(now.get(start + k, bytes(SECTOR)) for k in range(n))
-        await dev.settle()
+        else:
+            await dev.settle()
         image = on_disk(path, 0, 24 * SECTOR)
         for s in range(24):
             assert image[s * SECTOR : (s + 1) * SECTOR] in since.get(s, [bytes(SECTOR)])
+        if dev.dead:
+            assert not lender.out, "a lent buffer never given back"
+            return
         await dev.close()
         assert not lender.out, "a lent buffer never given back"
         image = on_disk(path, 0, 24 * SECTOR)

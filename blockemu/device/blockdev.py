@@ -22,8 +22,7 @@ import contextlib
 import errno
 import os
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -32,10 +31,9 @@ import aiofiles.os
 from blockemu.device.faultplan import FaultPlan, Flip, sector_digest
 from blockemu.device.imagelock import open_image
 from blockemu.device.power import Power, PowerCut
+from blockemu.device.writecache import Buffer, Entry, Runs, Segment, WriteCache, pinned, runs
 from blockemu.device.writelog import SECTOR, WriteLog, sparse_copy
 from blockemu.errors import DeviceIOError, InvalidArgument
-
-Buffer = bytes | memoryview
 
 IOV_MAX = 1024
 SYNC_READ = 256 << 10  # reads up to this size pread on the loop, not in the executor (``read``)
@@ -84,55 +82,7 @@ class DeviceStats:
 
 
 
-class Entry:
-    """A completed write in the cache: its data and first sector, how many cached sectors still
-    name it (``live``), and how many destages or reads use its data across an await (``pins``).
-    A write whose buffer was lent to the device (``release``: a sealing slot's ciphertext, kept
-    rather than copied) gives it back once neither is left -- the owner then reuses it."""
-
-    __slots__ = ("data", "first", "live", "pins", "release")
-
-    def __init__(self, data: Buffer, first: int, live: int, release: Callable[[], None] | None = None) -> None:
-        self.data, self.first, self.live, self.pins, self.release = data, first, live, 0, release
-
-
-ZERO_SECTOR = bytes(SECTOR)
-
-
-def _part(entry: Entry, start: int, end: int) -> memoryview:
-    """Sectors [start, end) of a cached write."""
-    return memoryview(entry.data)[(start - entry.first) * SECTOR : (end - entry.first) * SECTOR]
-
-
-def _let_go(entry: Entry) -> None:
-    """Give a lent buffer back once no cached sector names it and nothing is using it."""
-    if not entry.live and not entry.pins and entry.release is not None:
-        release, entry.release = entry.release, None
-        release()
-
-
-def _unref(entry: Entry) -> None:
-    """One cached sector of ``entry`` is gone (superseded, destaged, dropped)."""
-    entry.live -= 1
-    _let_go(entry)
-
-
-@contextlib.contextmanager
-def _pinned(entries: Iterable[Entry]) -> Iterator[None]:
-    """Keep the entries' buffers while their data is used across an await (a destage in the
-    executor, a read's overlay after its pread), even if their sectors leave the cache meanwhile."""
-    held = set(entries)  # identity: one per write, however many of its sectors there are
-    for e in held:
-        e.pins += 1
-    try:
-        yield
-    finally:
-        for e in held:
-            e.pins -= 1
-            _let_go(e)
-
-
-def _pwrite_runs(fd: int, runs: list[tuple[int, list[memoryview]]], power: AbstractContextManager[None]) -> None:
+def _pwrite_runs(fd: int, runs: Runs, power: AbstractContextManager[None]) -> None:
     """A ``pwritev`` per run (per ``IOV_MAX`` buffers of a longer one), in *pieces* of up to
     ``IOV_MAX`` runs: a power cut lands a prefix of the pieces (``Power``). The switch is taken
     per piece, not per run: per run it cost the flush of a thousand scattered 4 KiB writes
@@ -160,7 +110,7 @@ def _pwrite_rest(fd: int, rest: memoryview, off: int) -> None:
         rest, off = rest[n:], off + n
 
 
-def _destage(fd: int, runs: list[tuple[int, list[memoryview]]], sync: bool, power: AbstractContextManager[None]) -> None:
+def _destage(fd: int, runs: Runs, sync: bool, power: AbstractContextManager[None]) -> None:
     _pwrite_runs(fd, runs, power)
     if sync:
         os.fsync(fd)
@@ -178,7 +128,7 @@ def _fua(fd: int, offset: int, data: bytes, power: AbstractContextManager[None])
     os.fdatasync(fd)
 
 
-def _flush_fua(fd: int, runs: list[tuple[int, list[memoryview]]], offset: int, data: bytes,
+def _flush_fua(fd: int, runs: Runs, offset: int, data: bytes,
                power: AbstractContextManager[None]) -> None:
     _destage(fd, runs, True, power)
     _fua(fd, offset, data, power)
@@ -215,9 +165,8 @@ class BlockDevice:
         self.power = Power()  # what the I/O thread's writes of the image check (``power_cut``)
         self.writes = 0
         self.flipped: list[Flip] = []  # every bit the fault plan's flip= flipped, in order
-        # sector index -> the newest completed, not yet destaged write covering it, as
-        # (its data, its first sector): one entry object per write, shared by its sectors
-        self._cache: dict[int, Entry] = {}
+        # the newest completed, not yet destaged write of each cached sector, by range
+        self._cache = WriteCache()
         self._destage_lock = asyncio.Lock()
         # the sectors of the FUA write whose host call is under way (one at a time: it holds the
         # destage lock), until the cache lets go of their older copies (``_host``, ``power_cut``)
@@ -271,27 +220,23 @@ class BlockDevice:
 
     # ------------------------------------------------------------ read
 
-    def _cached(self, offset: int, length: int) -> dict[int, Entry]:
+    def _cached(self, offset: int, length: int) -> list[Segment]:
         """The cached writes covering [offset, offset + length), taken *before* the file is read:
         a sector missing from the cache then is in the file already, while one taken out of it
         later (destaged during the pread) might have reached the file only after the pread
         read it."""
         if not self._cache or not length:
-            return {}
-        cache = self._cache
-        first, last = offset // SECTOR, (offset + length - 1) // SECTOR
-        if last - first < 4096:
-            return {s: cache[s] for s in range(first, last + 1) if s in cache}
-        return {s: e for s, e in cache.items() if first <= s <= last}
+            return []
+        return self._cache.covering(offset // SECTOR, (offset + length - 1) // SECTOR + 1)
 
     @staticmethod
-    def _overlay(offset: int, data: bytes, hits: dict[int, Entry]) -> bytes:
+    def _overlay(offset: int, data: bytes, hits: list[Segment]) -> bytes:
         if not hits:
             return data
         buf = bytearray(data)
-        for s, e in hits.items():
-            lo, hi = max(s * SECTOR, offset), min((s + 1) * SECTOR, offset + len(data))
-            buf[lo - offset : hi - offset] = e.data[lo - e.first * SECTOR : hi - e.first * SECTOR]
+        for first, end, e in hits:
+            lo, hi = max(first * SECTOR, offset), min(end * SECTOR, offset + len(data))
+            buf[lo - offset : hi - offset] = memoryview(e.data)[lo - e.first * SECTOR : hi - e.first * SECTOR]
         return bytes(buf)
 
     def read_sync(self, offset: int, length: int) -> bytes:
@@ -315,7 +260,7 @@ class BlockDevice:
         t = self.stats.begin()
         try:
             hits = self._cached(offset, length)
-            with _pinned(hits.values()):  # a lent buffer must not be reused before the overlay
+            with pinned(e for _, _, e in hits):  # a lent buffer must not be reused before the overlay
                 return self._overlay(offset, await _a_pread(self.fd, length, offset), hits)
         finally:
             self.stats.done("read", length, t)
@@ -360,7 +305,7 @@ class BlockDevice:
                 self._check(offset, len(data), "write")
             await self._delay()
             incoming = sum(len(data) for _, data in writes)
-            while not fua and self._cache and len(self._cache) * SECTOR + incoming > 2 * self.cache_limit:
+            while not fua and self._cache and self._cache.sectors * SECTOR + incoming > 2 * self.cache_limit:
                 # a full cache stalls the host, as a real one does: the write is accepted once it fits
                 await asyncio.shield(self.destage_in_background())
             for i, ((offset, data), release) in enumerate(zip(writes, lends)):
@@ -371,19 +316,15 @@ class BlockDevice:
                         data = bytes(data)  # the device's own copy (the caller's buffer is given back)
                         if self.faults.flip:
                             data = self._flip(offset, data)
-                    first = offset // SECTOR
+                    first, end = offset // SECTOR, (offset + len(data)) // SECTOR
                     if fua:
-                        cache = self._cache
-                        older = {s: cache[s] for s in range(first, first + len(data) // SECTOR) if s in cache}
+                        older = self._cache.covering(first, end)
                         async with self._destage_lock:  # a destage of the older copies must not land after it
-                            await self._host(_a_fua, offset, data, fua_sectors=range(first, first + len(data) // SECTOR))
-                        for s, entry in older.items():  # superseded only now: until then reads still see them
-                            if cache.get(s) is entry:
-                                del cache[s]
-                                _unref(entry)
+                            await self._host(_a_fua, offset, data, fua_sectors=range(first, end))
+                        self._cache.drop(older)  # superseded only now: until then reads still see them
                     else:
                         lent = type(data) is not bytes
-                        self._cache_write(first, Entry(data, first, len(data) // SECTOR, release if lent else None))
+                        self._cache.put(first, Entry(data, first, end - first, release if lent else None))
                         if lent:
                             cached.add(i)
                     if self.log is not None:  # the log keeps what was written for ever: never a lent buffer
@@ -394,17 +335,8 @@ class BlockDevice:
             for i, release in enumerate(lends):
                 if release is not None and i not in cached:
                     release()
-        if len(self._cache) * SECTOR > self.cache_limit:
+        if self._cache.sectors * SECTOR > self.cache_limit:
             self.destage_in_background()  # the disk writes its cache back on its own, while the host keeps issuing
-
-    def _cache_write(self, first: int, entry: Entry) -> None:
-        cache = self._cache
-        sectors = range(first, first + entry.live)
-        if not cache.keys().isdisjoint(sectors):  # (a scan in C: a fresh extent's sectors are not cached)
-            for s in sectors:
-                if (old := cache.get(s)) is not None:
-                    _unref(old)
-        cache.update(dict.fromkeys(sectors, entry))
 
     def destage_in_background(self) -> asyncio.Task:
         """Start writing the cache back (not a flush: nothing becomes durable); the task doing it.
@@ -426,44 +358,12 @@ class BlockDevice:
         self._check(offset, length, "discard")
         t = self.stats.begin()  # nothing here awaits or fails: it ends at once
         first = offset // SECTOR
-        for s in range(first, first + length // SECTOR):
-            self._cache_write(s, Entry(ZERO_SECTOR, s, 1))
+        self._cache.put(first, Entry(bytes(length), first, length // SECTOR))
         if self.log is not None:
             self.log.append("discard", offset, bytes(length))
         self.stats.done("discard", length, t)
 
     # ------------------------------------------------------------ flush
-
-    @staticmethod
-    def _runs(snapshot: dict[int, Entry], census: Counter[Entry] | None = None) -> list[tuple[int, list[memoryview]]]:
-        """Contiguous sectors as (offset, buffers): one buffer per stretch of one write. A write
-        whose sectors are all in ``snapshot`` (``census``: how many of each write's are) is one
-        buffer without a step per sector -- a MiB's extent is 256 sectors."""
-        pieces: list[tuple[int, int, Entry]] = []  # first sector, end sector, write
-        for e, count in (census or Counter(snapshot.values())).items():
-            end = e.first + len(e.data) // SECTOR
-            if count == end - e.first:
-                pieces.append((e.first, end, e))
-                continue
-            start = prev = -2
-            for s in range(e.first, end):  # a write partly superseded or destaged: its stretches
-                if snapshot.get(s) is e:
-                    if s != prev + 1:
-                        if start >= 0:
-                            pieces.append((start, prev + 1, e))
-                        start = s
-                    prev = s
-            if start >= 0:
-                pieces.append((start, prev + 1, e))
-        pieces.sort(key=lambda p: p[0])
-        runs: list[tuple[int, list[memoryview]]] = []
-        at = -1
-        for first, end, e in pieces:
-            if first != at:
-                runs.append((first * SECTOR, []))
-            runs[-1][1].append(_part(e, first, end))
-            at = end
-        return runs
 
     async def _host(self, call: Callable[..., Awaitable[None]], *args: object, fua_sectors: range = range(0)) -> None:
         """Run a host call that writes the image (``_a_destage``, ``_a_fua``, ``_a_flush_fua``)
@@ -495,11 +395,10 @@ class BlockDevice:
         async with self._destage_lock:
             if self.dead:  # cut while this waited (the lock, a flush's latency): the cache it would sync is gone
                 raise self._gone()
-            snapshot = dict(self._cache)
-            census = Counter(snapshot.values())
-            with self._flush_logged(sync), _pinned(census):
-                await self._host(_a_destage, self._runs(snapshot, census), sync)
-                self._destaged(snapshot, census)
+            snapshot, version = self._cache.snapshot(), self._cache.version
+            with self._flush_logged(sync), pinned(e for _, _, e in snapshot):
+                await self._host(_a_destage, runs(snapshot), sync)
+                self._cache.destaged(snapshot, version)
 
     @contextlib.contextmanager
     def _flush_logged(self, flush: bool = True) -> Iterator[None]:
@@ -520,24 +419,6 @@ class BlockDevice:
             raise
         if log is not None:
             log.append("flush", covers=start)
-
-    def _destaged(self, snapshot: dict[int, Entry], census: Counter[Entry]) -> None:
-        """The snapshot's sectors are written: out of the cache -- but for those a newer write
-        took meanwhile. A write none of whose sectors was superseded since it was made (its
-        ``live`` count, which only falls, is still all of them) goes without a step per sector."""
-        cache = self._cache
-        for e, count in census.items():
-            n = len(e.data) // SECTOR
-            if count == n == e.live:
-                for s in range(e.first, e.first + n):
-                    del cache[s]
-                e.live = 0
-                _let_go(e)
-                continue
-            for s in range(e.first, e.first + n):
-                if cache.get(s) is e and snapshot.get(s) is e:
-                    del cache[s]
-                    _unref(e)
 
     async def flush(self) -> None:
         """Every write completed before this call is durable when it returns."""
@@ -569,12 +450,12 @@ class BlockDevice:
             self._count_write()
             data = bytes(data)
             async with self._destage_lock:
-                snapshot = dict(self._cache)  # older copies of the superblock's sectors too: destaged first
-                census = Counter(snapshot.values())
-                with self._flush_logged(), _pinned(census):
-                    await self._host(_a_flush_fua, self._runs(snapshot, census), offset, data,
+                # older copies of the superblock's sectors too: destaged first
+                snapshot, version = self._cache.snapshot(), self._cache.version
+                with self._flush_logged(), pinned(e for _, _, e in snapshot):
+                    await self._host(_a_flush_fua, runs(snapshot), offset, data,
                                      fua_sectors=range(offset // SECTOR, (offset + len(data)) // SECTOR))
-                    self._destaged(snapshot, census)
+                    self._cache.destaged(snapshot, version)
             if self.log is not None:
                 self.log.append("fua", offset, data)
         finally:
@@ -591,21 +472,13 @@ class BlockDevice:
         the pieces that landed and those that did not, as the write log's crash states allow."""
         rng, p, fua = self.faults.rng, self.faults.torn, self._fua_sectors
         with self.power.cut():  # (not the sectors of a FUA write under way: its data may be newer on the image)
-            landed = {s: d for s, d in sorted(self._cache.items()) if p and s not in fua and rng.random() < p}
-            _pwrite_runs(self.fd, self._runs(landed), contextlib.nullcontext())
-        self._drop_cache()
+            landed = [(s, s + 1, e) for s, e in self._cache.sector_items() if s not in fua and rng.random() < p] if p else []
+            _pwrite_runs(self.fd, runs(landed), contextlib.nullcontext())
+        self._cache.clear()
         self.dead = True
 
-    def _drop_cache(self) -> None:
-        """Empty the cache, giving back the buffers lent to it (once no destage or read uses them)."""
-        entries = set(self._cache.values())
-        self._cache.clear()
-        for e in entries:
-            e.live = 0
-            _let_go(e)
-
     def cached_bytes(self) -> int:
-        return len(self._cache) * SECTOR
+        return self._cache.sectors * SECTOR
 
     async def close(self) -> None:
         """An orderly close destages the cache without fsync, as a disk writes its cache back at an
@@ -617,14 +490,14 @@ class BlockDevice:
                 if not self.dead and not self.readonly and self._cache:
                     await self._destage_cache(sync=False)
             finally:  # the descriptor goes even when the destage fails, and the lent buffers go back
-                self._drop_cache()
+                self._cache.clear()
                 fd, self.fd = self.fd, -1
                 await _a_close(fd)
 
     def close_sync(self) -> None:
         if self.fd >= 0:
             if not self.dead and not self.readonly and self._cache:
-                _pwrite_runs(self.fd, self._runs(self._cache), self.power)
-                self._drop_cache()
+                _pwrite_runs(self.fd, runs(self._cache.snapshot()), self.power)
+                self._cache.clear()
             os.close(self.fd)
             self.fd = -1
