@@ -130,6 +130,8 @@ class WriteCache:
     def covering(self, lo: int, hi: int) -> list[Segment]:
         """The cached ranges within [lo, hi), clipped to it, in order."""
         starts, ranges = self._starts, self._ranges
+        if hi <= lo:
+            return []
         i = bisect_right(starts, lo)
         if i and ranges[starts[i - 1]][0] > lo:
             i -= 1
