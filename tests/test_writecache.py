@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockemu.device.writecache import Entry, Segment, WriteCache, pinned, runs
+from blockemu.device.writecache import Entry, Segment, WriteCache, as_runs, pinned
 from blockemu.device.writelog import SECTOR
 
 ops = st.lists(st.one_of(
@@ -70,6 +70,6 @@ def test_the_ranges_against_a_dict_of_sectors(ops):
 
 def test_runs_join_adjacent_ranges_a_buffer_each():
     a, b = Entry(b"a" * 4 * SECTOR, 0, 4), Entry(b"b" * SECTOR, 9, 1)
-    got = runs([(1, 3, a), (3, 4, a), (9, 10, b)])
+    got = as_runs([(1, 3, a), (3, 4, a), (9, 10, b)])
     assert [(off, [bytes(v) for v in bufs]) for off, bufs in got] == \
         [(SECTOR, [b"a" * 2 * SECTOR, b"a" * SECTOR]), (9 * SECTOR, [b"b" * SECTOR])]

@@ -14,6 +14,7 @@ executor hop costs ~0.25 ms, so a flush destages the whole cache in one call
 of the B-tree's node cache: a 16 KiB pread from the page cache costs far less
 than the executor hop; the tree code gets it as a callable and opens no file itself.
 For the same reason an async ``read`` of up to 256 KiB (``SYNC_READ``) is a pread on the loop.
+The cache itself (``writecache``) keeps sector ranges, so its cost is per write, not per sector.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import aiofiles.os
 from blockemu.device.faultplan import FaultPlan, Flip, sector_digest
 from blockemu.device.imagelock import open_image
 from blockemu.device.power import Power, PowerCut
-from blockemu.device.writecache import Buffer, Entry, Runs, Segment, WriteCache, pinned, runs
+from blockemu.device.writecache import Buffer, Entry, Runs, Segment, WriteCache, as_runs, pinned
 from blockemu.device.writelog import SECTOR, WriteLog, sparse_copy
 from blockemu.errors import DeviceIOError, InvalidArgument
 
@@ -397,7 +398,7 @@ class BlockDevice:
                 raise self._gone()
             snapshot, version = self._cache.snapshot(), self._cache.version
             with self._flush_logged(sync), pinned(e for _, _, e in snapshot):
-                await self._host(_a_destage, runs(snapshot), sync)
+                await self._host(_a_destage, as_runs(snapshot), sync)
                 self._cache.destaged(snapshot, version)
 
     @contextlib.contextmanager
@@ -453,7 +454,7 @@ class BlockDevice:
                 # older copies of the superblock's sectors too: destaged first
                 snapshot, version = self._cache.snapshot(), self._cache.version
                 with self._flush_logged(), pinned(e for _, _, e in snapshot):
-                    await self._host(_a_flush_fua, runs(snapshot), offset, data,
+                    await self._host(_a_flush_fua, as_runs(snapshot), offset, data,
                                      fua_sectors=range(offset // SECTOR, (offset + len(data)) // SECTOR))
                     self._cache.destaged(snapshot, version)
             if self.log is not None:
@@ -473,7 +474,7 @@ class BlockDevice:
         rng, p, fua = self.faults.rng, self.faults.torn, self._fua_sectors
         with self.power.cut():  # (not the sectors of a FUA write under way: its data may be newer on the image)
             landed = [(s, s + 1, e) for s, e in self._cache.sector_items() if s not in fua and rng.random() < p] if p else []
-            _pwrite_runs(self.fd, runs(landed), contextlib.nullcontext())
+            _pwrite_runs(self.fd, as_runs(landed), contextlib.nullcontext())
         self._cache.clear()
         self.dead = True
 
@@ -497,7 +498,7 @@ class BlockDevice:
     def close_sync(self) -> None:
         if self.fd >= 0:
             if not self.dead and not self.readonly and self._cache:
-                _pwrite_runs(self.fd, runs(self._cache.snapshot()), self.power)
+                _pwrite_runs(self.fd, as_runs(self._cache.snapshot()), self.power)
                 self._cache.clear()
             os.close(self.fd)
             self.fd = -1

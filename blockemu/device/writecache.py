@@ -56,7 +56,7 @@ def pinned(entries: Iterable[Entry]) -> Iterator[None]:
             let_go(e)
 
 
-def runs(segments: Iterable[Segment]) -> Runs:
+def as_runs(segments: Iterable[Segment]) -> Runs:
     """Ranges in sector order as (offset, buffers): adjacent ranges make one run, a buffer each."""
     out: Runs = []
     at = -1
