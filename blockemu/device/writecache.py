@@ -82,13 +82,17 @@ class WriteCache:
     def __bool__(self) -> bool:
         return bool(self._starts)
 
+    def _reaching(self, lo: int) -> int:
+        """The index in ``_starts`` of the first range that ends past sector ``lo``."""
+        starts = self._starts
+        i = bisect_right(starts, lo)
+        return i - 1 if i and self._ranges[starts[i - 1]][0] > lo else i
+
     def _cut(self, lo: int, hi: int, only: Entry | None = None) -> int:
         """Take [lo, hi) out of the cache (only the ranges naming ``only``, if given), trimming the
         ranges it cuts through; where in ``_starts`` a range starting at ``lo`` now goes."""
         starts, ranges = self._starts, self._ranges
-        i = bisect_right(starts, lo)
-        if i and ranges[starts[i - 1]][0] > lo:
-            i -= 1
+        i = self._reaching(lo)
         j, n = i, len(starts)
         kept: list[int] = []
         at = i
@@ -132,9 +136,7 @@ class WriteCache:
         starts, ranges = self._starts, self._ranges
         if hi <= lo:
             return []
-        i = bisect_right(starts, lo)
-        if i and ranges[starts[i - 1]][0] > lo:
-            i -= 1
+        i = self._reaching(lo)
         out: list[Segment] = []
         n = len(starts)
         while i < n and (s := starts[i]) < hi:
