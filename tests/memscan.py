@@ -40,7 +40,9 @@ def fscrypt_hkdf(master: bytes, context: int, info: bytes, length: int) -> tuple
 
 def needles(master: bytes, unit: bytes, nonces: list[str], name_nonces: list[str]) -> dict[str, bytes]:
     prk, _ = fscrypt_hkdf(master, 1, b"", 16)
-    found = {"master key": master, "HKDF PRK of the master key": prk, "plaintext": unit}
+    # the key's hex too: ``blockemu key add`` once sent it to the server as hex in a JSON line
+    found = {"master key": master, "master key's tail": master[16:], "master key (hex)": master.hex().encode(),
+             "HKDF PRK of the master key": prk, "plaintext": unit}
     for nonce in name_nonces:  # a directory's names key (AES-256-CTS, per-file context 2)
         found[f"names key {nonce}"] = fscrypt_hkdf(master, 2, bytes.fromhex(nonce), 32)[1]
     for nonce in nonces:

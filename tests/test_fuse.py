@@ -394,22 +394,36 @@ def test_a_key_change_takes_the_names_it_made_stale_out_of_the_kernel_at_once(en
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="reads the server's memory through /proc")
-def test_the_server_keeps_no_copy_of_a_key_file_key_once_it_is_removed(env, image, mnt, tmp_path) -> None:
-    """``mount --key-file`` read the key into a ``bytes`` the server kept for the life of the
-    mount: after ``key remove`` wiped the keyring's copy, the master key was still in the
-    server's memory. The scanner (tests/memscan.py) makes the key; this process writes it to the
-    key file from a bytearray it zeroes, so a hit is the server's."""
+@pytest.mark.parametrize("arrives", ["mount --key-file", "key add"])
+def test_the_server_keeps_no_copy_of_a_key_once_it_is_removed(env, image, mnt, tmp_path, arrives) -> None:
+    """Either way a key reaches the server, the keyring's is its one copy, and none outlives
+    ``key remove``: ``mount --key-file`` read it into a ``bytes`` kept for the life of the mount,
+    and ``key add`` sent it as hex in the control request's JSON line (the stream's buffer, the
+    line, the str, the bytes: none wiped). The scanner (tests/memscan.py) makes the key and looks
+    for it raw, by its tail (what a freed, unwiped copy keeps: the allocator reuses its first
+    bytes) and as hex; this process writes it to the key file from a bytearray it zeroes, so a
+    hit is the server's. The count while the key is present catches a copy left unwiped that
+    later work would overwrite before the scan after the removal."""
     scanner = Scanner()
     try:
         key, unit = bytearray(64), bytearray(64)
         scanner.receive(key)
         scanner.receive(unit)  # the plaintext unit it also looks for: nothing here writes it
-        fd = os.open(tmp_path / "key", os.O_WRONLY | os.O_CREAT, 0o600)
+        key_file = str(tmp_path / "key")
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600)
         os.write(fd, key)
         os.close(fd)
         zero(key)
-        with Served(env, image, mnt, "--key-file", str(tmp_path / "key")) as served:
-            r = blockemu(env, "key", "remove", str(mnt), "--key-file", str(tmp_path / "key"))
+        at_mount = ("--key-file", key_file) if arrives == "mount --key-file" else ()
+        with Served(env, image, mnt, *at_mount) as served:
+            if not at_mount:
+                r = blockemu(env, "key", "add", str(mnt), "--key-file", key_file)
+                assert r.stdout.startswith("Added encryption key"), r.stdout
+            hits = scanner.scan([served.proc.pid], [])
+            copies = {what: sum(n for where, (n, _) in hits.items() if where.startswith(f"{what} in "))
+                      for what in ("master key", "master key's tail", "master key (hex)")}
+            assert copies == {"master key": 1, "master key's tail": 1, "master key (hex)": 0}, report(hits)
+            r = blockemu(env, "key", "remove", str(mnt), "--key-file", key_file)
             assert r.stdout.startswith("Removed encryption key"), r.stdout
             hits = scanner.scan([served.proc.pid], [])
             assert not hits, report(hits)

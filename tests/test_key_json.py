@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,3 +114,22 @@ def test_key_json_errors(served, capsys, tmp_path) -> None:
     assert main(["key", "status", mnt, "--json"]) == 2  # neither --id nor --key-file: a usage error, as JSON too
     got, err = capsys.readouterr()
     assert json.loads(got)["error"]["errno"] == errno.EINVAL and err.startswith("blockemu: usage: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("sent, why", [
+    # the raw key goes before the line, never in it: a "key" there is not taken for one
+    (b"\0" + json.dumps({"op": "key-add", "key": KEY.hex()}).encode() + b"\n", "raw key must be 16 to 64 bytes, got 0"),
+    # the line first, as blockemu sent it before: refused at once ("{" is no key's length), not waited on
+    (json.dumps({"op": "key-status", "id": KID}).encode() + b"\n", "bad request: a key of 123 bytes"),
+    (b"\x40" + KEY[:10], "bad request: the request ended after 10 of its 64 bytes of key"),
+], ids=["key in the line", "line first", "key cut short"])
+def test_the_channel_takes_a_key_only_raw_before_the_line(served, capsys, sent, why) -> None:
+    s, mnt, _ = served
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(30)
+        c.connect(control.socket_path(mnt))
+        c.sendall(sent)
+        c.shutdown(socket.SHUT_WR)
+        reply = json.loads(c.makefile("rb").readline())
+    assert reply["ok"] is False and reply["errno"] == errno.EINVAL and reply["message"].startswith(why), reply
+    assert key_json(capsys, "status", mnt, "--id", KID)["state"] == "absent"

@@ -1157,7 +1157,11 @@ def cmd_key(a: argparse.Namespace) -> int:
     from blockemu.fuse import control
 
     if a.action == "add":
-        reply = control.request(a.mountpoint, "key-add", key=read_key(a.key_file).hex(), user=a.user)
+        key = read_key(a.key_file)
+        try:
+            reply = control.request(a.mountpoint, "key-add", key=key, user=a.user)
+        finally:
+            fscrypt.wipe(key)
     else:
         if (a.key_file is None) == (a.id is None):
             raise UsageError("give one of --key-file or --id")

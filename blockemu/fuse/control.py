@@ -4,10 +4,17 @@ FUSE passes only fixed-size ioctls, so ``FS_IOC_ADD_ENCRYPTION_KEY`` cannot carr
 through the mount (DESIGN: keys need another channel). The serving process listens on a Unix
 socket named after the mount point, in a runtime directory only its owner can enter (0700; the
 socket itself 0600), and also checks each peer's credentials (SO_PEERCRED): root or the
-mounting user. One request per connection, a JSON line each way:
-``{"op": "key-add"|"key-remove"|"key-status"|"umount", ...}`` -> ``{"ok": true, "text": ...}``
-(a key request's result's fields beside its text: ``blockemu key --json`` prints them) or
-``{"ok": false, "errno": N, "message": ...}``.
+mounting user. One request per connection. The client sends one byte, the length of the raw
+key that follows (0: none; ``key-add`` only sends one), the key's bytes, then a JSON line
+``{"op": "key-add"|"key-remove"|"key-status"|"umount", ...}``; the server answers one JSON line
+``{"ok": true, "text": ...}`` (a key request's result's fields beside its text: ``blockemu key
+--json`` prints them) or ``{"ok": false, "errno": N, "message": ...}``.
+
+The key travels raw and first because every copy of it the server makes must be wiped when
+the key is removed: it is read with ``recv_into`` straight into one ``bytearray`` -- no stream
+buffer has read ahead, no line, JSON string or hex holds it -- handed to the request's handler
+as ``request["key"]``, and wiped once the handler returns (the keyring keeps its own copy).
+A key once sent as hex in the JSON line stayed in the server's memory after ``key remove``.
 """
 from __future__ import annotations
 
@@ -18,11 +25,16 @@ import json
 import os
 import socket
 import struct
+import sys
 from typing import Any, Awaitable, Callable
 
+from blockemu.crypto.fscrypt import MAX_KEY_SIZE, wipe
 from blockemu.errors import BlockemuError
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]  # a request -> its reply's "text" and fields
+# a request (its line's fields, and "key": the bytearray sent before it, wiped after) -> its
+# reply's "text" and fields
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+MAX_LINE = 1 << 16  # a request line longer than this is refused (EINVAL)
 
 
 def runtime_dir() -> str:
@@ -58,50 +70,116 @@ def _peer_uid(sock: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
+async def _recv_exactly(sock: socket.socket, buf: bytearray) -> None:
+    """Fill ``buf`` from ``sock`` with ``recv_into``: the bytes land in it and nowhere else."""
+    loop, view, got = asyncio.get_running_loop(), memoryview(buf), 0
+    while got < len(buf):
+        n = await loop.sock_recv_into(sock, view[got:])
+        if not n:
+            raise ValueError(f"the request ended after {got} of its {len(buf)} bytes of key")
+        got += n
+
+
+async def _recv_line(sock: socket.socket) -> bytes:
+    """The request's JSON line: the last thing the client sends before it waits for the reply."""
+    loop, line = asyncio.get_running_loop(), b""
+    while not line.endswith(b"\n"):
+        chunk = await loop.sock_recv(sock, MAX_LINE)
+        if not chunk:
+            raise ValueError("the request ended before its line did")
+        line += chunk
+        if len(line) > MAX_LINE:
+            raise ValueError(f"request line longer than {MAX_LINE} bytes")
+    return line
+
+
 class ControlServer:
+    """The socket's listener. It uses raw sockets and the loop's socket calls, not asyncio
+    streams: a stream reads ahead into buffers of its own, where a key would stay (see above)."""
+
     def __init__(self, mountpoint: str, handler: Handler) -> None:
         self.path = socket_path(mountpoint)
         self.handler = handler
-        self.server: asyncio.AbstractServer | None = None
+        self.listener: socket.socket | None = None
         self.tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         private_dir(os.path.dirname(self.path))
         if os.path.exists(self.path):
             os.unlink(self.path)  # a killed server's; the mount point was checked free before
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            self.server = await asyncio.start_unix_server(self._serve, self.path)
+            listener.bind(self.path)
+            listener.listen()
+        except BaseException:
+            listener.close()
+            raise
         finally:
             os.umask(old)
+        listener.setblocking(False)
+        self.listener = listener
+        self._listen()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.tasks.add(asyncio.current_task())  # type: ignore[arg-type]
-        try:
-            uid = _peer_uid(writer.get_extra_info("socket"))
-            if uid not in (0, os.geteuid()):
-                reply = {"ok": False, "errno": errno.EPERM, "message": "permission denied"}
-            else:
-                try:
-                    request = json.loads(await reader.readline())
-                    reply = {"ok": True, **await self.handler(request)}
-                except OSError as e:
-                    reply = {"ok": False, "errno": e.errno, "message": str(e) if e.strerror is None else e.strerror}
-                except (ValueError, KeyError, TypeError) as e:
-                    reply = {"ok": False, "errno": errno.EINVAL, "message": f"bad request: {e}"}
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass  # the client went away: nothing to tell it
-        finally:
-            writer.close()
-            self.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+    def _listen(self) -> None:
+        if self.listener is not None:  # not closed meanwhile
+            asyncio.get_running_loop().add_reader(self.listener, self._accept)
+
+    def _accept(self) -> None:
+        """The listener is readable: serve each waiting connection in its own task."""
+        assert self.listener is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return  # none left (the reader calls again when one comes)
+            except OSError as e:
+                # out of descriptors or memory: the listener stays readable, so rather than
+                # spin, try again in a second (as asyncio's own servers do)
+                print(f"blockemu: control socket {self.path}: accept failed: {e}", file=sys.stderr, flush=True)
+                loop.remove_reader(self.listener)
+                loop.call_later(1.0, self._listen)
+                return
+            conn.setblocking(False)
+            task = loop.create_task(self._serve(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        key = bytearray()
+        with conn:
+            try:
+                if _peer_uid(conn) not in (0, os.geteuid()):
+                    reply = {"ok": False, "errno": errno.EPERM, "message": "permission denied"}
+                else:
+                    try:
+                        size = bytearray(1)
+                        await _recv_exactly(conn, size)
+                        if size[0] > MAX_KEY_SIZE:  # a JSON line's "{": a blockemu from before the key went raw
+                            raise ValueError(f"a key of {size[0]} bytes (the most is {MAX_KEY_SIZE})")
+                        key = bytearray(size[0])
+                        await _recv_exactly(conn, key)
+                        request = json.loads(await _recv_line(conn))
+                        request["key"] = key  # never a key from the line: one there would stay
+                        reply = {"ok": True, **await self.handler(request)}
+                    except OSError as e:
+                        reply = {"ok": False, "errno": e.errno, "message": str(e) if e.strerror is None else e.strerror}
+                    except (ValueError, KeyError, TypeError) as e:
+                        reply = {"ok": False, "errno": errno.EINVAL, "message": f"bad request: {e}"}
+                await loop.sock_sendall(conn, json.dumps(reply).encode() + b"\n")
+            except (ConnectionError, OSError):
+                pass  # the client went away: nothing to tell it
+            finally:
+                wipe(key)  # the keyring holds its own copy, wiped when the key is removed
 
     def close(self) -> None:
         """Stop accepting; requests already taken (an ``umount`` waiting for the unmount) finish."""
-        if self.server is not None:
-            self.server.close()
-            self.server = None
+        if self.listener is not None:
+            asyncio.get_running_loop().remove_reader(self.listener)
+            self.listener.close()
+            self.listener = None
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
@@ -118,14 +196,17 @@ class NotServed(BlockemuError):
     code = errno.ENOTCONN
 
 
-def request(mountpoint: str, op: str, **args: Any) -> dict[str, Any]:
-    """Send one request to the mount at ``mountpoint``; its reply (``text`` and the result's
-    fields), or its error as an OSError."""
+def request(mountpoint: str, op: str, key: bytearray | None = None, **args: Any) -> dict[str, Any]:
+    """Send one request to the mount at ``mountpoint``, with ``key`` raw before its line (the
+    caller wipes it); its reply (``text`` and the result's fields), or its error as an OSError."""
+    key = key if key is not None else bytearray()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(socket_path(mountpoint))
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotServed(f"{mountpoint}: not a blockemu mount point (no blockemu server for it)") from None
+        s.sendall(bytes([len(key)]))
+        s.sendall(key)  # from the caller's buffer: no copy to wipe
         s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):

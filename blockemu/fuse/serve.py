@@ -201,7 +201,7 @@ async def answer_key(fs: Filesystem, req: dict[str, Any]) -> dict[str, Any]:
     ``--json`` prints (the API's ``add_key``, ``RemovalResult``, ``KeyStatus``)."""
     op, user = req["op"], int(req.get("user", 0))
     if op == "key-add":
-        kid = await fs.add_key(bytes.fromhex(req["key"]), user=user)
+        kid = await fs.add_key(req["key"], user=user)  # the raw key the channel wipes once this returns
         return {"text": f"Added encryption key with identifier {kid}", "identifier": kid}
     if op == "key-remove":
         removed = await fs.remove_key(req["id"], user=user, all_users=bool(req.get("all_users")))
