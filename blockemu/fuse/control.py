@@ -28,7 +28,6 @@ import struct
 import sys
 from typing import Any, Awaitable, Callable
 
-from blockemu.crypto.fscrypt import MAX_KEY_SIZE, wipe
 from blockemu.errors import BlockemuError
 
 # a request (its line's fields, and "key": the bytearray sent before it, wiped after) -> its
@@ -147,6 +146,9 @@ class ControlServer:
             task.add_done_callback(self.tasks.discard)
 
     async def _serve(self, conn: socket.socket) -> None:
+        # imported here: a client (``blockemu umount``) need not load the cipher library
+        from blockemu.crypto.fscrypt import MAX_KEY_SIZE, wipe
+
         loop = asyncio.get_running_loop()
         key = bytearray()
         with conn:
