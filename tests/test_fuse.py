@@ -371,9 +371,14 @@ def test_a_key_change_takes_the_names_it_made_stale_out_of_the_kernel_at_once(en
     plain = [enc / "f", enc / "sub", enc / "sub" / "g"]
     with Served(env, image, mnt, "--key-file", str(key)):
         assert sorted(os.listdir(enc)) == ["f", "sub"]
-        assert all(p.exists() for p in plain) and (enc / "sub" / "g").read_text() == "secret\n"
+        # looked up, not opened: the kernel sends a file's release after close(2) has returned,
+        # so a file just read could still count as open when the removal runs (then it keeps
+        # its directories unlocked: "files still busy"), 1 in 8 runs once the control channel
+        # answered sooner
+        assert all(p.exists() for p in plain)
         assert main(["key", "remove", str(mnt), "--key-file", str(key)]) == 0  # in-process: well within the second
-        assert capsys.readouterr().out.startswith("Removed encryption key with identifier ")
+        out = capsys.readouterr().out
+        assert out.startswith("Removed encryption key with identifier ") and "busy" not in out, out
         for p in plain:
             with pytest.raises(FileNotFoundError):
                 os.stat(p)
