@@ -675,6 +675,50 @@ async def test_a_failed_commit_to_reclaim_room_records_the_run_lost(image, monke
     await verify(image, files)
 
 
+async def test_a_task_that_keeps_cowing_down_to_the_keep_cannot_starve_writeback(image):
+    """Near full, another task keeps changing metadata while a run waits for its pinned room:
+    whenever the room is above what data must leave, it chmods a file of its own (a tree block
+    COWed, its old copy pinned), stopping exactly at the keep -- so it never commits for room
+    itself, and it runs whenever writeback awaits. Writeback's retry re-sealed its run after each
+    commit to reclaim: the task took the room back meanwhile, the run found it pinned anew, and
+    the sync committed without end (a reviewer's commit hook showed it; here a real task does).
+    A run waiting for room now goes first: others wait to join until it is placed. Bounded by
+    commits, not time: the task stops at the bound, so on failure the sync ends and the count says it."""
+    files: dict[str, bytes] = {}
+    bound = 20
+    async with blockemu.mount(image, **PINNED_OPTS) as fs:
+        await at_the_keep(fs, files)
+        alloc, commits, commit = fs.vol.engine.allocator, [], fs.vol.commit
+
+        async def counted(**kw: bool) -> bool:
+            commits.append(await commit(**kw))
+            return commits[-1]
+
+        fs.vol.commit = counted  # counts only: the schedule is the two tasks'
+        others = []
+        for i in range(399, 0, -1):  # files whose leaves at_the_keep did not COW
+            async with fs.open(f"/s{i}") as f:
+                others.append(f.inode)
+
+        async def cow_while_above_the_keep() -> int:
+            chmods = 0
+            while len(commits) < bound:
+                while alloc.node_room > fs.data_keep():  # chmods never await here: one burst
+                    await fs.set_attrs(others[chmods % len(others)], mode=0o600)
+                    chmods += 1
+                await asyncio.sleep(0)  # a yield, not a wait: the loop runs whenever writeback awaits
+            return chmods
+
+        other = asyncio.ensure_future(cow_while_above_the_keep())
+        await fs.sync()
+        synced_after = len(commits)
+        commits.extend([True] * bound)  # ends the other task
+        chmods = await other
+        assert synced_after < bound, f"the sync made {synced_after} commits"
+        assert chmods > 0  # the other task did run beside the sync
+    await verify(image, {**files, "/last": b"L" * (16 << 10)})
+
+
 def enospc_fuzz():
     """tools/enospc_fuzz.py, loaded from its file (tools is a folder, not a package)."""
     spec = importlib.util.spec_from_file_location("enospc_fuzz", Path(__file__).parent.parent / "tools" / "enospc_fuzz.py")

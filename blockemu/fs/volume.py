@@ -3,8 +3,8 @@ of the commit protocol (the half with no I/O is ``transaction.Engine``)."""
 from __future__ import annotations
 
 import asyncio
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, TypeVar
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
@@ -62,6 +62,9 @@ class Volume:
         self.aborted: OSError | None = None
         self.closed = False  # every later change or commit is refused with EIO
         self._changed: dict[asyncio.Task, bool] = {}  # participants -> whether they changed a tree
+        self._first: set[asyncio.Task] = set()  # runs waiting for room a commit gives back (``first_for_space``)
+        self._served = asyncio.Event()  # set while no run waits for room: others may join
+        self._served.set()
         engine.store.on_change = self._note_change
         self.log = TreeLog(engine)
         self.log_root = engine.sb.log_root  # the log the durable superblock points at (0: none)
@@ -136,13 +139,16 @@ class Volume:
             # the space this transaction freed stays pinned until it commits: near full, commit
             # first, as btrfs commits to reclaim pinned space before it gives up with ENOSPC
             await self.commit()
-        if self._committing:  # a commit encodes its blocks: join the next transaction after it
-            async with self._cond:
-                await self._cond.wait_for(lambda: not self._committing)
+        task = asyncio.current_task()
+        while self._committing or self._first and task not in self._first:
+            if self._committing:  # a commit encodes its blocks: join the next transaction after it
+                async with self._cond:
+                    await self._cond.wait_for(lambda: not self._committing)
+            else:  # a run waits for the room a commit gives back: it goes first
+                await self._served.wait()
         # no await from the check to the count: a commit that begins later waits for this one
         self.check_aborted()
         self._writers += 1
-        task = asyncio.current_task()
         assert task is not None and task not in self._changed, "join() does not nest"
         self._changed[task] = False
         try:
@@ -157,6 +163,24 @@ class Volume:
             if self._committing and not self._writers:  # only a commit waits for the count
                 async with self._cond:
                     self._cond.notify_all()
+
+    @contextmanager
+    def first_for_space(self) -> Iterator[None]:
+        """While the calling task (a run of writeback that found its room pinned) commits to get
+        that room back and tries again, no other task joins the transaction: space a commit frees
+        goes first to the runs queued for it, as btrfs's reservation tickets. Otherwise a task
+        that kept changing metadata took the room back after each commit (a tree block COWed,
+        its old copy pinned) and the run committed and retried for as long as it went on."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._first.add(task)
+        self._served.clear()
+        try:
+            yield
+        finally:
+            self._first.discard(task)
+            if not self._first:
+                self._served.set()
 
     def set_incompat(self, flag: int) -> None:
         """Turn a feature bit on at its first use, as btrfs_set_fs_incompat: called inside ``join``

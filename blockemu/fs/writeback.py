@@ -73,8 +73,11 @@ class Turn:
     which extent lands where, the order of writes and of tree updates -- depends on the data
     alone, not on which sealing finished first: a crash campaign records a workload's writes
     and must count the same crash states on every run, executor and machine. Only a group's
-    first placement is ordered: a piece retried after a commit or a split goes when it can (a
-    later group may hold the sealing slot it needs while waiting for its own turn)."""
+    first placement is ordered: a piece retried after a split goes when it can (a later group
+    may hold the sealing slot it needs while waiting for its own turn). A piece retried after
+    a commit for pinned room keeps its ciphertext and its turn: it needs no slot, and it
+    queues for the room (``Volume.first_for_space``), which must not wait for a slot others
+    hold while they wait to join behind it."""
 
     def __init__(self, before: asyncio.Event | None) -> None:
         self._before = before
@@ -472,9 +475,7 @@ class Writeback:
                 try:
                     await self._write_run(inode, piece, turn)
                 except _NoFit as e:
-                    pending.append(piece)  # retried, split or lost: recorded below if the commit fails
-                    if e.pinned and await self._reclaim():
-                        continue
+                    pending.append(piece)  # split or lost: recorded below
                     if not 0 < e.fit < len(piece.entries) * PAGE:
                         raise e.error from None
                     head = e.fit // PAGE  # the largest piece that fits, then the rest
@@ -498,12 +499,13 @@ class Writeback:
     async def _reclaim(self) -> bool:
         """Commit to get back the space pinned when a piece found no room, as btrfs commits
         to reclaim pinned space before it gives up; whether that space is free now. Asked each
-        time a piece finds room pinned anew, not once per piece: the groups placed while it
-        committed map their extents meanwhile, COWing tree blocks and pinning their old copies
-        (six of them took back the room, and the retry lost an acknowledged write). So each
-        retry follows someone else's progress. A commit with nothing to write still waits for
-        the one in flight, whose pins it may free; pins that stay (a failed write's, with no
-        tree change to commit) end the retries."""
+        time the piece finds room pinned anew, not once per piece: participants inside the
+        transaction when it queued (``first_for_space``) -- the groups placed while it committed
+        -- map their extents meanwhile, COWing tree blocks and pinning their old copies (six of
+        them took back the room, and the retry lost an acknowledged write). Queued, no one else
+        joins, so the retries end: a commit with nothing to write still waits for the one in
+        flight, whose pins it may free; pins that stay (a failed write's, with no tree change to
+        commit) end them."""
         return await self.fs.vol.commit() or not self.fs.vol.engine.allocator.holds_pinned()
 
     def _bug(self, what: str, e: Exception) -> None:
@@ -596,22 +598,42 @@ class Writeback:
             nonce = os.urandom(fscrypt.NONCE_SIZE)
             key = (secret, nonce)  # derived where the run seals (as ``_write_batch``'s)
         async with self.sealer.sealed(key, run.entries, fs.vol.sb.csum_type) as (sealed, digests):
-            file_offset, length = run.first * PAGE, len(sealed)
+            new = NewExtent(run.first * PAGE, 0, len(sealed), len(sealed), self._context(inode, nonce), digests)
             async with turn:
-                if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
-                    raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
-                async with fs.vol.join() as engine:
-                    # the data goes first: items must never point at an extent whose write failed
-                    keep = fs.data_keep()
-                    try:
-                        bytenr = engine.allocator.alloc(length, keep=keep)
-                    except NoSpaceError as e:
-                        alloc = engine.allocator
-                        raise _NoFit(e, alloc.largest(keep) // PAGE * PAGE, alloc.holds_pinned()) from None
-                    try:
-                        # the device keeps the slot's ciphertext until destaged (or copies it)
-                        await fs.vol.device.write(bytenr, sealed, release=self.sealer.loan(sealed))
-                    except BaseException:
-                        engine.allocator.pin(bytenr, length)  # referenced by nothing; not handed out again before a commit
-                        raise
-                    self._mapped([(inode, NewExtent(file_offset, bytenr, length, length, self._context(inode, nonce), digests))])
+                with contextlib.ExitStack() as first:
+                    queued = False
+                    while True:
+                        if secret is not None and fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
+                            raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
+                        try:
+                            return await self._place(inode, new, sealed)
+                        except _NoFit as e:
+                            if not e.pinned:
+                                raise
+                            # sealed still, it commits for that room and, until placed, goes first for it
+                            if not queued:
+                                first.enter_context(fs.vol.first_for_space())
+                                queued = True
+                            if not await self._reclaim():
+                                raise
+
+    async def _place(self, inode: Inode, new: NewExtent, sealed: Buffer) -> None:
+        """Allocate a sealed run's extent, write it and map it, in the running transaction; raises
+        ``_NoFit`` if it found no room."""
+        fs = self.fs
+        length = new.length
+        async with fs.vol.join() as engine:
+            # the data goes first: items must never point at an extent whose write failed
+            keep = fs.data_keep()
+            try:
+                bytenr = engine.allocator.alloc(length, keep=keep)
+            except NoSpaceError as e:
+                alloc = engine.allocator
+                raise _NoFit(e, alloc.largest(keep) // PAGE * PAGE, alloc.holds_pinned()) from None
+            try:
+                # the device keeps the slot's ciphertext until destaged (or copies it)
+                await fs.vol.device.write(bytenr, sealed, release=self.sealer.loan(sealed))
+            except BaseException:
+                engine.allocator.pin(bytenr, length)  # referenced by nothing; not handed out again before a commit
+                raise
+            self._mapped([(inode, new._replace(bytenr=bytenr))])
