@@ -259,7 +259,7 @@ def test_a_second_inode_item_of_a_directory_is_no_proof(plain, tmp_path):
     """An INODE_ITEM under offset 1 beside a directory's: the passes take the last item of an
     objectid (a regular file here, which the parent's entry now says), so the directory's own
     entries dangle and its parent has a subdirectory fewer; the proof must not pass it."""
-    from blockemu.ondisk.items import DirEntry, InodeItem, pack_dir_entries, unpack_dir_entries
+    from blockemu.ondisk.items import InodeItem, pack_dir_entries, unpack_dir_entries
 
     ck, _ = walked(plain.path)
     inodes = {k[0]: InodeItem.unpack(v) for k, v in ck.pairs(S.FS_TREE_OBJECTID) if k[1] == S.INODE_ITEM}
