@@ -478,6 +478,52 @@ async def test_failures_before_any_change_abort_nothing(image):
         assert sorted(await fs.readdir("/")) == ["d", "e"]
 
 
+async def settled(task: asyncio.Future, turns: int = 20) -> bool:
+    """Whether ``task`` ends within a few turns of the loop (a schedule driven, not a timeout)."""
+    for _ in range(turns):
+        if task.done():
+            return True
+        await asyncio.sleep(0)
+    return task.done()
+
+
+@pytest.mark.parametrize("ends", ["cancelled", "aborted"])
+async def test_joiners_held_behind_a_run_queued_for_room_are_let_go_however_it_ends(image, ends):
+    """While a writeback run is queued for pinned room (``Volume.first_for_space``) no one else
+    joins the transaction. Cancelled (an unmount, a cancelled fsync), the run must let them in;
+    the mount aborted while they wait, they must wake with its error, not wait for ever."""
+    fs = await blockemu.mount(image, interval=3600)
+    vol, go, queued = fs.vol, asyncio.Event(), asyncio.Event()
+
+    async def run_queued_for_room() -> None:
+        with vol.first_for_space():
+            queued.set()
+            await go.wait()
+            await vol.commit()  # the run's commit to reclaim its room
+
+    run = asyncio.ensure_future(run_queued_for_room())
+    await queued.wait()
+    joiner = asyncio.ensure_future(fs.mkdir("/d"))
+    assert not await settled(joiner)  # held: the queued run goes first
+    if ends == "cancelled":
+        run.cancel()
+        assert await settled(joiner)
+        await joiner
+        await fs.unmount()
+        async with blockemu.mount(image) as fs:
+            assert await fs.readdir("/") == ["d"]
+        return
+    vol.abort(OSError(errno.EIO, "injected"))
+    go.set()
+    assert await settled(joiner)
+    with ErrnoCheck(errno.EROFS):
+        await joiner
+    with ErrnoCheck(errno.EROFS):
+        await run
+    with ErrnoCheck(errno.EROFS):
+        await fs.unmount()
+
+
 async def test_enospc_before_any_change_aborts_nothing(image, monkeypatch):
     """A namespace operation whose very first COW finds no space has changed nothing: it fails
     with ENOSPC and the mount carries on (deleting to make room must stay possible)."""
