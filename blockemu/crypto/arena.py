@@ -80,20 +80,11 @@ class Arena:
         return None
 
     def wipe_stale(self) -> None:
-        """Zero the stale frames -- each stretch of consecutive ones in one go -- and make them
-        free like any other."""
-        stale = self.stale
-        if not stale:
-            return
-        stale.sort(reverse=True)  # (descending, as ``release`` keeps a run for ``take``)
-        start = 0
-        for k in range(1, len(stale) + 1):
-            if k == len(stale) or stale[k] != stale[k - 1] - 1:
-                hi, lo = stale[start], stale[k - 1]
-                fscrypt.wipe(self.view[lo * PAGE : (hi + 1) * PAGE])
-                start = k
-        self.free.extend(stale)
-        stale.clear()
+        """Zero the stale frames and make them free like any other (``release``), highest first
+        as ``release`` keeps a run for ``take``."""
+        if self.stale:
+            stale, self.stale = sorted(self.stale, reverse=True), []
+            self.release(stale)
 
     def close(self) -> None:
         self.closed = True
