@@ -61,12 +61,9 @@ def check_fits(tree: BTree, ino: int, parent: int, name: bytes, extended: bool, 
 def add(tree: BTree, ino: int, parent: int, index: int, name: bytes, extended: bool) -> None:
     """Record that ``ino`` is named ``name`` (DIR_INDEX ``index``) in ``parent``: in the
     INODE_REF while the name fits there, else in its INODE_EXTREF (``check_fits`` said one does)."""
-    ref_key = (ino, S.INODE_REF, parent)
-    old = tree.get(ref_key)  # a hard link's other names in this directory
-    refs = (unpack_inode_refs(old) if old is not None else []) + [InodeRef(index, name)]
-    body = pack_inode_refs(refs)
+    body = pack_inode_refs([*_refs(tree, ino, parent), InodeRef(index, name)])  # with its other names here
     if len(body) <= tree.max_item or not extended:
-        tree.insert(ref_key, body, replace=True)
+        tree.insert((ino, S.INODE_REF, parent), body, replace=True)
         return
     key = (ino, S.INODE_EXTREF, extref_hash(parent, name))
     tree.insert(key, pack_inode_extrefs([*_extrefs(tree, key), InodeExtref(parent, index, name)]), replace=True)
@@ -122,5 +119,9 @@ def parents(tree: BTree, ino: int) -> set[int]:
 
 
 def named_in(tree: BTree, ino: int, parent: int) -> bool:
-    """Whether ``ino`` has a name in ``parent``."""
-    return parent in parents(tree, ino)
+    """Whether ``ino`` has a name in ``parent``: its INODE_REF there by key, as before extended
+    references (a key removal's lock asks this of every cached inode), else its INODE_EXTREFs."""
+    if (ino, S.INODE_REF, parent) in tree:
+        return True
+    return any(r.parent == parent for _, body in tree.items((ino, S.INODE_EXTREF, 0), (ino, S.INODE_EXTREF, LAST))
+               for r in unpack_inode_extrefs(body))
