@@ -155,10 +155,13 @@ async def test_a_power_cut_during_a_flush_leaves_a_crash_state_of_the_log(tmp_pa
     await dev.close()
 
 
-def crash_images(log, path: str, length: int) -> list[bytes]:
-    """The first ``length`` bytes of every crash state the log names (``crash_states``)."""
+def crash_images(log, path: str, length: int, completed: int = 0) -> list[bytes]:
+    """The first ``length`` bytes of every crash state the log names (``crash_states``) once
+    ``completed`` entries have completed."""
     out = []
     for state in log.crash_states(random.Random(0), subsets=0):
+        if state.upto < completed:
+            continue
         log.crash_image(path, state.upto, state.keep, state.torn, state.split)
         out.append(on_disk(path, 0, length))
     return out
@@ -678,4 +681,46 @@ async def test_a_flush_the_cut_overtook_before_its_snapshot_fails(tmp_path, monk
     with pytest.raises(DeviceIOError, match="power cut"):
         await flushing
     assert on_disk(path, 0, SECTOR) == bytes(SECTOR)
+    await dev.close()
+
+
+@pytest.mark.parametrize("end", ["flush", "cut"])
+@pytest.mark.parametrize("call, held", [("fua", "host call"), ("fua", "destage lock"), ("flush_then_fua", "host call")])
+async def test_a_plain_write_completing_while_a_fua_write_is_in_flight_is_ordered_as_the_log_orders_it(
+        tmp_path, monkeypatch, call, held, end):
+    """A FUA write and a plain write to the same sector in flight together, the plain one
+    completing first (while the FUA write waits for the destage lock or its host call): the log
+    records them in completion order, the FUA write last, so every crash state from there on
+    holds the FUA data. The device must agree: reads then, and the image after a flush, give the
+    FUA data, and a torn cut lands no cached plain copy over it. (The cache used to keep the
+    plain write as the newest copy: reads and the flush gave the plain data, a state no crash
+    state of the log names.)"""
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path, faults=FaultPlan(torn=1.0))
+    log = dev.start_log()
+    await dev.write(SECTOR, sector(1))
+    name = "_a_destage" if held == "destage lock" else {"fua": "_a_fua", "flush_then_fua": "_a_flush_fua"}[call]
+    gate = Gate(getattr(blockdev, name))
+    monkeypatch.setattr(blockdev, name, gate)
+    destage = dev.destage_in_background() if held == "destage lock" else None
+    running = asyncio.ensure_future(dev.write(SECTOR, sector(2), fua=True) if call == "fua"
+                                    else dev.flush_then_fua(SECTOR, sector(2)))
+    await (gate.entered.wait() if destage is None else asyncio.sleep(0))  # the FUA write waits for the lock
+    await dev.write(SECTOR, sector(3))  # completes first
+    gate.release.set()
+    await running
+    if destage is not None:
+        await destage
+    order = [(e.kind, e.data[:1]) for e in log.entries if e.kind in ("write", "fua")]
+    assert order[-2:] == [("write", b"\x03"), ("fua", b"\x02")]
+    assert await dev.read(SECTOR, SECTOR) == sector(2)
+    if end == "flush":
+        await dev.flush()
+        assert on_disk(path, SECTOR, SECTOR) == sector(2)
+        assert set(crash_images(log, str(tmp_path / "s.img"), 2 * SECTOR, len(log.entries))) == {
+            bytes(SECTOR) + sector(2)}
+    else:  # torn=1.0: every cached sector lands
+        completed = len(log.entries)
+        dev.power_cut()
+        assert on_disk(path, 0, 2 * SECTOR) in crash_images(log, str(tmp_path / "s.img"), 2 * SECTOR, completed)
     await dev.close()

@@ -298,7 +298,13 @@ class BlockDevice:
         """Several writes completing together; one log entry each, in order. A write given a
         release (``releases``, in the same order) is lent: the device keeps its buffer itself,
         not a copy, while its sectors are cached, and calls the release once it is done with it
-        -- exactly once, whatever happens (at once when the write fails or goes out as FUA)."""
+        -- exactly once, whatever happens (at once when the write fails or goes out as FUA).
+
+        Writes to the same sectors in flight together take effect in the order they complete,
+        the order the log records them in (DESIGN §10): a FUA write supersedes, when it
+        completes, every cached copy of its sectors -- a plain write's that completed while the
+        FUA write was in flight too, else reads (and the next flush) kept the plain data where
+        the log's crash states put the FUA data over it."""
         lends = list(releases) + [None] * (len(writes) - len(releases))
         cached: set[int] = set()  # the lent writes the cache took: their buffers are its to give back
         try:
@@ -319,10 +325,9 @@ class BlockDevice:
                             data = self._flip(offset, data)
                     first, end = offset // SECTOR, (offset + len(data)) // SECTOR
                     if fua:
-                        older = self._cache.covering(first, end)
                         async with self._destage_lock:  # a destage of the older copies must not land after it
                             await self._host(_a_fua, offset, data, fua_sectors=range(first, end))
-                        self._cache.drop(older)  # superseded only now: until then reads still see them
+                        self._cache.evict(first, end)  # superseded only now: until then reads still see them
                     else:
                         lent = type(data) is not bytes
                         self._cache.put(first, Entry(data, first, end - first, release if lent else None))
@@ -454,9 +459,10 @@ class BlockDevice:
                 # older copies of the superblock's sectors too: destaged first
                 snapshot, version = self._cache.snapshot(), self._cache.version
                 with self._flush_logged(), pinned(e for _, _, e in snapshot):
-                    await self._host(_a_flush_fua, as_runs(snapshot), offset, data,
-                                     fua_sectors=range(offset // SECTOR, (offset + len(data)) // SECTOR))
+                    first, end = offset // SECTOR, (offset + len(data)) // SECTOR
+                    await self._host(_a_flush_fua, as_runs(snapshot), offset, data, fua_sectors=range(first, end))
                     self._cache.destaged(snapshot, version)
+                    self._cache.evict(first, end)  # a write that completed during the call is older too
             if self.log is not None:
                 self.log.append("fua", offset, data)
         finally:

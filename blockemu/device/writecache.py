@@ -162,6 +162,12 @@ class WriteCache:
         for first, end, e in segments:
             self._cut(first, end, e)
 
+    def evict(self, lo: int, hi: int) -> None:
+        """Take [lo, hi) out of the cache, whichever writes hold it: a FUA write that has just
+        completed there supersedes them all, a write that completed while it was in flight too
+        (the write log orders writes by completion: ``BlockDevice.writev``)."""
+        self._cut(lo, hi)
+
     def destaged(self, snapshot: list[Segment], version: int) -> None:
         """``snapshot`` (taken at ``version``) is written: out of the cache, but for what a newer
         write took meanwhile. Unchanged since, the cache is the snapshot: emptied in one step."""
