@@ -90,6 +90,42 @@ async def test_ace_single_operations_and_a_sample_of_pairs():
     assert not result.failures, result.failures[:3]
 
 
+LINK = ("link", "/A/foo", "/B/bar")
+
+
+async def test_the_campaign_links_a_file_and_unlinks_one_of_its_names(tmp_path):
+    """Ace's space has a hard link (``crash.OPS``): the oracle holds both names, one content
+    and a link count of 2, then the name left with 1; every crash state matches, and so do the
+    link's pairs with the operations on the first name (written through, cut, renamed beside
+    the link in /B)."""
+    assert (LINK, ("unlink", "/A/foo")) in ace_workloads(2)  # in the campaign's space
+    workload = ace_workload((LINK, ("unlink", "/A/foo")), 4)
+    log, models = await record(workload, str(tmp_path / "w.img"), str(tmp_path / "base.img"), write_path=FAST)
+    linked, unlinked = [snap for _, snap in models.points][2:4]
+    assert linked["/A/foo"] == linked["/B/bar"] and linked["/B/bar"].nlink == 2
+    assert "/A/foo" not in unlinked and unlinked["/B/bar"] == linked["/B/bar"]._replace(nlink=1)
+    result = CampaignResult()
+    await check_states(log, models, str(tmp_path / "crash.img"), random.Random(4), 2, "link", result, FAST)
+    assert result.states > 10 and not result.failures, result.failures[:3]
+    seqs = [(LINK, ("write", "/A/foo")), (LINK, ("truncate", "/A/foo")), (LINK, ("rename", "/A/foo", "/B/foo"))]
+    result = await run_ace(seqs, seed=4, subsets=1, write_path=FAST)
+    assert result.workloads == 3 and not result.failures, result.failures[:3]
+
+
+async def test_a_link_count_the_unlink_leaves_unsaved_is_caught(tmp_path, monkeypatch):
+    """A planted bug: unlinking one name of a linked file keeps the count in memory only. The
+    live filesystem (the oracle) looks right; the crash states after it must fail."""
+    from blockemu.fs.filesystem import Filesystem
+
+    def drop_link(self, inode) -> None:
+        inode.item = inode.item._replace(nlink=inode.item.nlink - 1)
+        if inode.item.nlink == 0:
+            self._destroy(inode)
+    monkeypatch.setattr(Filesystem, "_drop_link", drop_link)
+    result = await run_ace([(LINK, ("unlink", "/A/foo"))], seed=4, subsets=1, write_path=FAST)
+    assert result.failures and all("NLINK_MISMATCH" in f for f in result.failures), result.failures[:3]
+
+
 async def test_a_planted_ordering_bug_is_caught(tmp_path):
     """With flushes ignored (nobarrier), superblocks can land before their trees: the campaign
     must report failures. Proves the crash checker itself can fail."""
@@ -221,19 +257,22 @@ def test_a_failure_names_each_path_and_how_it_differs():
     """A failure said 'contents differ from the oracle ... (['/A/foo'])': neither what was
     expected nor what was found. Now each path, with sizes and the first differing offset, or
     which side lacks it."""
+    N = crash.Node
     models = crash.Models()
-    models[(5, 0)] = {"/A": None, "/A/foo": b"abcdef", "/A/bar": b"x", "/B": None}
-    got = {"/A": None, "/A/foo": b"abXdefgh", "/B/foo": b"yy", "/B": b""}
+    models[(5, 0)] = {"/A": None, "/A/foo": N(b"abcdef"), "/A/bar": N(b"x", 2), "/B": None}
+    got = {"/A": None, "/A/foo": N(b"abXdefgh"), "/B/foo": N(b"yy"), "/B": N(b"")}
     why = models.judge(got, (5, 0), 0)
     assert "(generation, log root) (5, 0)" in why
     assert "/A/foo: expected 6 bytes, found 8, first difference at offset 2" in why
-    assert "/A/bar missing (expected a file of 1 bytes)" in why
+    assert "/A/bar missing (expected a file of 1 bytes with 2 links)" in why
     assert "/B: expected a directory, found a file of 0 bytes" in why
     assert "; and 1 more paths" in why  # /B/foo, past the first three
-    assert models.judge({**got, "/A/foo": b"abcdef"}, (5, 0), 0) != why
+    assert models.judge({**got, "/A/foo": N(b"abcdef")}, (5, 0), 0) != why
     assert models.judge(dict(models[(5, 0)]), (5, 0), 0) is None
-    shorter = crash.difference("/f", {"/f": b"abc"}, {"/f": b"ab"})
+    shorter = crash.difference("/f", {"/f": N(b"abc")}, {"/f": N(b"ab")})
     assert shorter == "/f: expected 3 bytes, found 2, first difference at offset 2"
+    # a hard link's names kept, the link lost: two files of one name each, fsck-clean
+    assert crash.difference("/f", {"/f": N(b"abc", 2)}, {"/f": N(b"abc")}) == "/f: expected 2 link(s), found 1"
 
 
 async def test_the_campaign_never_comes_near_a_full_image(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from blockemu.workload.campaign import LocalExecutor, run_campaign
 from blockemu.workload.crash import (
     CampaignResult,
     Models,
+    Node,
     Recorder,
     Version,
     check_states,
@@ -153,16 +154,17 @@ def test_a_persistence_point_after_a_files_fsyncs_is_what_it_must_keep():
     is in flight when the power is cut. /a must be A2 there: the oracle took A1 -- its last
     acknowledged *fsync* -- as what /a must keep, so it passed a state that lost the synced A2
     and failed the legal one that kept it."""
+    N = Node
     models = Models()
-    models.points += [(10, {"/a": b"A0", "/b": b"B0"}), (20, {"/a": b"A2", "/b": b"B0"})]
-    models.versions["/a"] = [Version(b"A0", 10, 10), Version(b"A1", 12, 15)]
-    models.versions["/b"] = [Version(b"B0", 20, 20), Version(b"B1", 22)]  # in flight at 25
+    models.points += [(10, {"/a": N(b"A0"), "/b": N(b"B0")}), (20, {"/a": N(b"A2"), "/b": N(b"B0")})]
+    models.versions["/a"] = [Version(N(b"A0"), 10, 10), Version(N(b"A1"), 12, 15)]
+    models.versions["/b"] = [Version(N(b"B0"), 20, 20), Version(N(b"B1"), 22)]  # in flight at 25
     unrecorded = (7, 1234)
-    assert models.judge({"/a": b"A2", "/b": b"B1"}, unrecorded, 25) is None
-    assert models.judge({"/a": b"A2", "/b": b"B0"}, unrecorded, 25) is None
-    assert "/a is neither" in (models.judge({"/a": b"A1", "/b": b"B1"}, unrecorded, 25) or "")
+    assert models.judge({"/a": N(b"A2"), "/b": N(b"B1")}, unrecorded, 25) is None
+    assert models.judge({"/a": N(b"A2"), "/b": N(b"B0")}, unrecorded, 25) is None
+    assert "/a is neither" in (models.judge({"/a": N(b"A1"), "/b": N(b"B1")}, unrecorded, 25) or "")
     # before the persistence point, A1 is what /a's fsync promised
-    assert models.judge({"/a": b"A1", "/b": b"B0"}, unrecorded, 16) is None
+    assert models.judge({"/a": N(b"A1"), "/b": N(b"B0")}, unrecorded, 16) is None
 
 
 async def passes(tmp_path, workload) -> None:

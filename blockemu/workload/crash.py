@@ -12,8 +12,8 @@ through the log tree makes a state durable without a new generation. Any differe
 reported with the workload and the state that reproduce it.
 
 ``ace_workloads`` enumerates Ace's bounded space: every sequence of up to
-three operations over a small file set (dirs A, B; files foo, bar), each
-followed by fsync of what it touched.
+three operations over a small file set (dirs A, B; files foo, bar; a hard link
+of /A/foo as /B/bar), each followed by fsync of what it touched.
 
 Both run on a ``WritePath``: ``production`` (the default: sealing workers, 1 MiB
 extents, encrypted directories, writes large enough to reach the workers) or
@@ -28,7 +28,7 @@ import os
 import random
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Literal
+from typing import Any, Awaitable, Callable, Literal, NamedTuple
 
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
@@ -41,24 +41,35 @@ from blockemu.ondisk.structs import SUPER_OFFSETS
 from blockemu.workload.campaign import Campaign, Shard, ranges
 from blockemu.workload.writepath import KEY, PRODUCTION, WRITE_PATHS, WritePath
 
-Snapshot = dict[str, bytes | None]
+
+class Node(NamedTuple):
+    """A file as the oracle knows it: its content and its link count. The count tells a hard
+    link's names -- each holding the content -- from copies: a crash state that kept the
+    names but lost the link would be fsck-clean, two inodes of one name each."""
+
+    content: bytes
+    nlink: int = 1
+
+
+Snapshot = dict[str, Node | None]  # None: a directory
 Durable = tuple[int, int]  # what a superblock names: (generation, log root or 0)
 
 
 async def snapshot(fs: Filesystem) -> Snapshot:
-    """The namespace and every file's contents (None for a directory)."""
+    """The namespace and every file's contents and link count (None for a directory)."""
     out: Snapshot = {}
     todo = ["/"]
     while todo:
         d = todo.pop()
         for name in await fs.readdir(d):
             p = d.rstrip("/") + "/" + name
-            if (await fs.stat(p)).st_mode & 0o040000:
+            st = await fs.stat(p)
+            if st.st_mode & 0o040000:
                 out[p] = None
                 todo.append(p)
             else:
                 async with fs.open(p) as f:
-                    out[p] = await f.read()
+                    out[p] = Node(await f.read(), st.st_nlink)
     return out
 
 
@@ -67,7 +78,7 @@ class Version:
     """One fsync of a file: what it makes durable, and where it was in the write log (entries
     completed) when it was called and when it returned."""
 
-    content: bytes | None
+    content: Node | None
     called: int
     returned: int = 1 << 62  # not yet
 
@@ -144,12 +155,16 @@ def difference(path: str, want: Snapshot, got: Snapshot) -> str:
     w, g = want[path], got[path]
     if w is None or g is None:
         return f"{path}: expected {describe(w)}, found {describe(g)}"
-    at = next((i for i, (a, b) in enumerate(zip(w, g)) if a != b), min(len(w), len(g)))
-    return f"{path}: expected {len(w)} bytes, found {len(g)}, first difference at offset {at}"
+    if w.content == g.content:
+        return f"{path}: expected {w.nlink} link(s), found {g.nlink}"
+    at = next((i for i, (a, b) in enumerate(zip(w.content, g.content)) if a != b), min(len(w.content), len(g.content)))
+    return f"{path}: expected {len(w.content)} bytes, found {len(g.content)}, first difference at offset {at}"
 
 
-def describe(content: bytes | None) -> str:
-    return "a directory" if content is None else f"a file of {len(content)} bytes"
+def describe(node: Node | None) -> str:
+    if node is None:
+        return "a directory"
+    return f"a file of {len(node.content)} bytes" + (f" with {node.nlink} links" if node.nlink != 1 else "")
 
 
 class WantedLock(asyncio.Lock):
@@ -259,7 +274,7 @@ class Recorder:
         self.in_flight += 1
         try:
             async with self.fs.open(path) as r:
-                content = await r.read()
+                content = Node(await r.read(), (await self.fs.stat(path)).st_nlink)
             versions = self.models.versions.setdefault(path, [])
             if not versions:  # as the last persistence point left it, acknowledged then
                 at, then = self.models.points[-1]
@@ -401,7 +416,7 @@ FILES = ["/A/foo", "/A/bar", "/B/foo"]
 OPS = [
     ("creat", "/A/foo"), ("creat", "/B/foo"), ("write", "/A/foo"), ("append", "/A/foo"), ("truncate", "/A/foo"),
     ("unlink", "/A/foo"), ("rename", "/A/foo", "/A/bar"), ("rename", "/A/foo", "/B/foo"), ("mkdir", "/A/C"),
-    ("rmdir", "/A/C"),
+    ("rmdir", "/A/C"), ("link", "/A/foo", "/B/bar"),
 ]
 
 
@@ -426,6 +441,9 @@ async def apply(fs: Filesystem, op: tuple[str, ...], rng: random.Random, scale: 
         return os.path.dirname(path)
     elif kind == "rename" and exists:
         await fs.rename(path, op[2])
+        return op[2]
+    elif kind == "link" and exists and not await fs.exists(op[2]):
+        await fs.link(path, op[2])
         return op[2]
     elif kind == "mkdir" and not exists:
         await fs.mkdir(path)
