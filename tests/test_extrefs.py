@@ -225,9 +225,11 @@ async def test_fsck_finds_a_dangling_extref_and_repair_removes_it(image):
         assert (await fs.stat("/f")).st_nlink == 9 and len(disk_names(fs, ino)) == 9
 
 
-async def test_fsck_finds_an_extref_naming_another_entry(image):
+async def test_fsck_finds_an_extref_naming_another_entry_and_repair_rebuilds_it_from_the_entry(image):
     """An extref whose index is another name's DIR_INDEX: mismatched, not dangling (its name is
-    still an entry of the directory), so the check says so and the repair leaves it."""
+    still an entry of the directory), so it is not dropped by itself; the entry it fails to name
+    back gets its reference rebuilt in its place (it used to be left: the extref already gave
+    that name). Every name is the file's again."""
     ino, root = await linked_file(image)
 
     def swap(tree) -> None:
@@ -240,6 +242,12 @@ async def test_fsck_finds_an_extref_naming_another_entry(image):
     assert any(code == "DIR_ITEM_MISMATCH" and f"INODE_EXTREF of {ino} names" in m and "whose DIR_INDEX" in m
                for code, m in found), found
     assert all(e.fix is None for e in check(image).errors if "INODE_EXTREF" in e.message)
+    await repair(image, check(image))
+    assert_fsck_clean(image)
+    async with blockemu.mount(image) as fs:
+        assert (await fs.stat("/f")).st_nlink == 9 and len(disk_names(fs, ino)) == 9
+        for i in range(8):
+            assert (await fs.stat("/" + long_name(i))).st_ino == ino
 
 
 async def test_a_lost_extref_is_rebuilt_where_the_filesystem_puts_it(image):

@@ -370,3 +370,65 @@ def test_every_name_of_a_hard_link_gets_its_back_reference_rebuilt(tmp_path, cap
                     assert await f.read() == data
 
     asyncio.run(read_back())
+
+
+@pytest.mark.parametrize("damage", ["index", "name"])
+@pytest.mark.parametrize("what", ["/d/f", "/d/sub"])
+def test_a_back_reference_at_odds_with_its_entry_is_rebuilt_from_the_entry(tmp_path, capsys, what, damage):
+    """The entry (DIR_INDEX and DIR_ITEM) names the inode whole, but its INODE_REF there gives
+    the name another index, or the entry's index another name (the name missing): fsck
+    reported both sides and --repair left them, as a reference already there for that name or
+    index stopped the rebuild. The stale reference is replaced by one rebuilt from the entry,
+    as btrfs check does: fsck is clean, and every name reads the file (a hard link's other
+    names, one beside it in the same INODE_REF item, keep theirs)."""
+    from blockemu.ondisk import structs as S
+    from blockemu.ondisk.items import InodeRef, pack_inode_refs, unpack_inode_refs
+
+    img = str(tmp_path / "r.img")
+    data = os.urandom(30_000)
+    names = ["/d/f", "/d/g", "/e/h"] if what == "/d/f" else [what]
+
+    async def make() -> tuple[int, int]:
+        await blockemu.mkfs(img, size="32M")
+        async with blockemu.mount(img) as fs:
+            for d in ("/d", "/e", "/d/sub"):
+                await fs.mkdir(d)
+            async with fs.open("/d/f", "w") as f:
+                await f.write(data)
+            for n in ("/d/g", "/e/h"):
+                await fs.link("/d/f", n)
+            return (await fs.stat("/d")).st_ino, (await fs.stat(what)).st_ino
+
+    parent, ino = asyncio.run(make())
+
+    def damage_ref(tree) -> None:
+        key = (ino, S.INODE_REF, parent)
+        refs = unpack_inode_refs(tree.get(key))
+        (r,) = [r for r in refs if r.name == what.rsplit("/", 1)[1].encode()]
+        bad = InodeRef(r.index + 100, r.name) if damage == "index" else InodeRef(r.index, b"x")
+        tree.update(key, pack_inode_refs([bad if q is r else q for q in refs]))
+
+    asyncio.run(edit_fs_tree(img, damage_ref))
+    before = check(img).errors
+    assert before and {e.code for e in before} == {"DIR_ITEM_MISMATCH"}, [e.message for e in before]
+    assert [e for e in before if e.fix and "stale" in e.fix], [e.message for e in before]
+    assert main(["fsck", img, "--repair"]) == 1
+    out = capsys.readouterr().out
+    old = f"'{what.rsplit('/', 1)[1]}' (index" if damage == "index" else "'x' (index"
+    assert f"added inode {ino}'s reference" in out and f"in place of the one naming {old}" in out, out
+    assert_fsck_clean(img)
+
+    async def read_back() -> None:
+        async with blockemu.mount(img) as fs:
+            assert sorted(await fs.readdir("/d")) == ["f", "g", "sub"]
+            for n in names:
+                st = await fs.stat(n)
+                assert (st.st_ino, st.st_nlink) == (ino, 3 if what == "/d/f" else 2)
+                if what == "/d/f":
+                    async with fs.open(n, "r") as f:
+                        assert await f.read() == data
+            await fs.rename(what, "/e/moved")  # the rebuilt reference is the one the filesystem finds
+            assert (await fs.stat("/e/moved")).st_ino == ino
+
+    asyncio.run(read_back())
+    assert_fsck_clean(img)

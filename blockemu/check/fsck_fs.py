@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import compress, groupby, islice
 from operator import add, itemgetter, le
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from blockemu.engine.btree import max_item_size
 from blockemu.errors import CorruptionError
@@ -200,8 +200,11 @@ _FILE: dict[int, Filed] = {
 }
 
 
+Stale = list[tuple[bytes, int]]  # (name, index) of references a rebuilt one replaces
+
+
 def _refs_to_rebuild(fi: FsItems, dirs: set[int], kinds: dict[int, int], dir_items: set, hash_of: dict[bytes, int],
-                     ref_names: set) -> set[tuple[int, int, int]]:
+                     ref_names: set) -> dict[tuple[int, int, int], Stale]:
     """The entries (inode, directory, index) whose lost INODE_REF is rebuilt, rather than the
     inode dropped as nameless or a hard link's other names left without theirs: each names its
     inode whole (DIR_INDEX and DIR_ITEM agree, the entry's type the inode's). Only from a
@@ -210,24 +213,34 @@ def _refs_to_rebuild(fi: FsItems, dirs: set[int], kinds: dict[int, int], dir_ite
     nowhere but the inode itself (its own entry, a descendant's) would make a cycle -- the root
     above all, which has no name to rebuild. A directory gets one name back, and only if it has
     none (a second would be a hard-linked directory); a file, every entry naming it in every
-    directory reached (a file names nothing, so makes no cycle), unless its reference item there
-    already gives that index or that name to another entry. Called only once an entry was found
-    without its reference: a sound tree pays nothing."""
-    found: dict[int, list[tuple[int, int]]] = defaultdict(list)  # directory -> (inode, index) it names whole
+    directory reached (a file names nothing, so makes no cycle).
+
+    A reference of the inode in the entry's directory that gives the entry's index another
+    name, or its name another index, is *stale* if no entry names it whole (and the repair can
+    find it to take out: not a misplaced INODE_EXTREF): the rebuilt reference replaces it, as
+    btrfs check rebuilds an inode ref from the dir item and dir index (each stale copy for one
+    entry only: another entry it clashes with waits for the next round) -- for a directory too,
+    if those are all its references (its one name, mis-recorded). A whole one there leaves the
+    entry reported. The value: the stale references, (name, index) each. Called only once an
+    entry was found without its reference: a sound tree pays nothing."""
+    found: dict[int, list[tuple[int, int, Stale]]] = defaultdict(list)  # directory -> what it names whole
     for (d, idx), e in sorted(fi.dir_index.items()):
         child = e.location[0]
         if (child, d, idx, e.name) in ref_names or d not in dirs or kinds.get(child) != e.type \
-                or (d, hash_of.get(e.name), e.name, e.location) not in dir_items:
+                or (d, hash_of.get(e.name), e.name, e.location) not in dir_items or child == ROOT_INO:
             continue
-        if child in dirs and child in fi.refs or child == ROOT_INO \
-                or any(p == d and (r.index == idx or r.name == e.name) for p, r in fi.refs.get(child, ())):
+        refs = fi.refs.get(child, [])
+        clashing = [r for p, r in refs if p == d and (r.index == idx or r.name == e.name)]
+        if any(_whole(fi, child, d, r) or not _removable(fi, child, d, r.name) for r in clashing) \
+                or child in dirs and len(clashing) < len(refs):
             continue
-        found[d].append((child, idx))
+        found[d].append((child, idx, [(r.name, r.index) for r in clashing]))
     named_in: dict[int, list[int]] = defaultdict(list)
     for ino, refs in fi.refs.items():
         for parent, _ in refs:
             named_in[parent].append(ino)
-    rebuilt: set[tuple[int, int, int]] = set()
+    rebuilt: dict[tuple[int, int, int], Stale] = {}
+    claimed: set[tuple[int, int, bytes, int]] = set()
     reached, todo = {ROOT_INO}, [ROOT_INO]
     while todo:
         d = todo.pop()
@@ -235,13 +248,34 @@ def _refs_to_rebuild(fi: FsItems, dirs: set[int], kinds: dict[int, int], dir_ite
             if child not in reached:
                 reached.add(child)
                 todo.append(child)
-        for child, idx in found.get(d, ()):
-            if child in dirs and child in reached:
+        for child, idx, stale in found.get(d, ()):
+            mine = {(child, d, *ref) for ref in stale}
+            if child in dirs and child in reached and not stale or mine & claimed:
                 continue
-            reached.add(child)
-            todo.append(child)
-            rebuilt.add((child, d, idx))
+            claimed |= mine
+            if child not in reached:
+                reached.add(child)
+                todo.append(child)
+            rebuilt[(child, d, idx)] = stale
     return rebuilt
+
+
+def _whole(fi: FsItems, ino: int, parent: int, r: InodeRef) -> bool:
+    """Whether the entry at ``r``'s index in ``parent`` is ``r``'s name, naming ``ino``."""
+    e = fi.dir_index.get((parent, r.index))
+    return e is not None and e.name == r.name and e.location[0] == ino
+
+
+def _removable(fi: FsItems, ino: int, parent: int, name: bytes) -> bool:
+    """Whether the repair finds ``ino``'s name ``name`` in ``parent`` where the filesystem looks
+    for it (``backrefs.remove``): in the INODE_REF, or an INODE_EXTREF under its hash."""
+    return _ref_item(fi, ino, parent, name)[0] == "INODE_REF" or fi.extrefs[(ino, parent, name)] == extref_hash(parent, name)
+
+
+def _add_ref(ino: int, parent: int, index: int, name: bytes, stale: Stale) -> dict[str, Any]:
+    """The fix that gives ``ino`` its reference to the entry (``index``, ``name``) in
+    ``parent``, taking out the stale ones in its place first (``repair._apply``)."""
+    return {"add_ref": (ino, parent, index, name), **({"stale": stale} if stale else {})}
 
 
 def _ref_item(fi: FsItems, ino: int, parent: int, name: bytes) -> tuple[str, tuple[int, int, int]]:
@@ -280,7 +314,7 @@ def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
     hashed = {(d, h, e): name_hash(e.name) for (d, h), entries in fi.dir_items.items() for e in entries}
     dir_items = {(d, h, e.name, e.location) for d, h, e in hashed}
     hash_of = {e.name: h for (_, _, e), h in hashed.items()}
-    rebuilt: set[tuple[int, int, int]] | None = None  # found on the first entry without its INODE_REF
+    rebuilt: dict[tuple[int, int, int], Stale] | None = None  # found on the first entry without its INODE_REF
     for (d, idx), e in sorted(fi.dir_index.items()):
         child = e.location[0]
         names[d] += 2 * len(e.name)
@@ -301,7 +335,7 @@ def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
                 rebuilt = _refs_to_rebuild(fi, dirs, kinds, dir_items, hash_of, ref_names)
             ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} (index {idx}) in directory {d} names inode {child}, "
                      f"but no INODE_REF in inode {child} names it back", FS, key=(child, S.INODE_REF, d),
-                     fix={"add_ref": (child, d, idx, e.name)} if (child, d, idx) in rebuilt else None)
+                     fix=_add_ref(child, d, idx, e.name, rebuilt[(child, d, idx)]) if (child, d, idx) in rebuilt else None)
         if (d, h, e.name, e.location) not in dir_items:
             ck.error("DIR_ITEM_MISMATCH", f"entry {e.name!r} in {d} has a DIR_INDEX but no DIR_ITEM", FS,
                      key=(d, S.DIR_ITEM, h))
@@ -316,8 +350,10 @@ def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
                 ck.error("DIR_ITEM_MISMATCH", f"DIR_ITEM {e.name!r} in {d} has no DIR_INDEX", FS, key=(d, S.DIR_ITEM, h))
     # each inode's names the repair gives back, counted as names: its link count is judged by them too
     regained: dict[int, int] = defaultdict(int)
-    for ino, _, _ in rebuilt or ():
+    replaced: set[tuple[int, int, bytes, int]] = set()  # the stale references those replace
+    for (ino, d, _), stale in (rebuilt or {}).items():
         regained[ino] += 1
+        replaced.update((ino, d, name, index) for name, index in stale)
     for ino, item in sorted(fi.inodes.items()):
         refs = fi.refs.get(ino, [])
         if ino == ROOT_INO:  # the root's ".." reference to itself, as btrfs keeps it
@@ -327,15 +363,16 @@ def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
         # names no entry gives the inode at all (a misplaced extref excepted: the repair would not
         # find it) are dropped -- only while the inode keeps another name, so that a lost entry
         # never costs a file its data
+        # (a stale one a rebuilt reference replaces goes with that fix, not by its own)
+        stale = sum((ino, parent, r.name, r.index) in replaced for parent, r, _ in wrong)
         dangling = {(parent, r.name) for parent, r, _ in wrong
                     if (parent, r.name, ino) not in entry_names
                     and (parent, name_hash(r.name), r.name, (ino, S.INODE_ITEM, 0)) not in dir_items
-                    and (_ref_item(fi, ino, parent, r.name)[0] == "INODE_REF"
-                         or fi.extrefs[(ino, parent, r.name)] == extref_hash(parent, r.name))}
+                    and _removable(fi, ino, parent, r.name) and (ino, parent, r.name, r.index) not in replaced}
         # counted as references, not as names: one name held twice (an INODE_REF and an
         # INODE_EXTREF) is one name, and both copies would go
         dropped = sum((parent, r.name) in dangling for parent, r, _ in wrong)
-        if len(refs) + regained[ino] <= dropped:
+        if len(refs) - stale + regained[ino] <= dropped:
             dangling, dropped = set(), 0
         for parent, r, e in wrong:
             kind, key = _ref_item(fi, ino, parent, r.name)
@@ -358,7 +395,7 @@ def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
         elif is_dir:
             want = (2 + subdirs[ino]) if refs or regained[ino] else 0
         else:
-            want = len(refs) + regained[ino] - dropped
+            want = len(refs) + regained[ino] - dropped - stale
         if item.nlink != want:
             ck.error("NLINK_MISMATCH", f"inode {ino} nlink {item.nlink}, found {want}", FS, key=(ino, S.INODE_ITEM, 0),
                      fix={"inode": ino, "nlink": want} if want else None)

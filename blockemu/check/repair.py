@@ -6,8 +6,9 @@ free-space tree and ``bytes_used`` are rebuilt from the extent tree (the
 allocator is derived from what is allocated, and the commit writes the tree
 anew, so damaged blocks of it are no obstacle); an inode's missing back references (INODE_REF, or INODE_EXTREF where the INODE_REF is full) are
 rebuilt from the directory entries that name it whole -- every name of a hard link -- rather than
-the inode dropped as nameless, and a back reference no entry names is removed while the inode
-keeps another name;
+the inode dropped as nameless (in place of a stale reference there that gives the entry's name
+another index, or its index another name), and a back reference no entry names is removed while
+the inode keeps another name;
 inode link counts, directory sizes and nbytes, data-extent
 reference counts and back references, and checksum items for space no extent
 holds are set to what the checker found. Each repair is the ``fix`` the
@@ -196,8 +197,16 @@ def _apply(engine: Engine, fix: dict[str, Any]) -> str:
                     unpack(body)
                 except CorruptionError:
                     fs.delete(key)
+        # stale references in its place -- its name under another index, or its index under
+        # another name, which no entry gives the inode -- go first, as btrfs check rebuilds an
+        # inode ref from the dir item and index
+        stale = fix.get("stale", [])
+        for old, at in stale:
+            backrefs.remove(fs, ino, parent, old, at)
         backrefs.add(fs, ino, parent, index, name, bool(engine.sb.incompat_flags & S.INCOMPAT_EXTENDED_IREF))
-        return f"added inode {ino}'s reference to its name {name.decode(errors='backslashreplace')!r} in directory inode {parent}"
+        return (f"added inode {ino}'s reference to its name {name.decode(errors='backslashreplace')!r} in directory "
+                f"inode {parent}" + "".join(f", in place of the one naming {old.decode(errors='backslashreplace')!r} "
+                                            f"(index {at})" for old, at in stale))
     if "drop_ref" in fix:
         ino, parent, name = fix["drop_ref"]
         backrefs.remove(fs, ino, parent, name)

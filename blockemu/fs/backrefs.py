@@ -69,12 +69,13 @@ def add(tree: BTree, ino: int, parent: int, index: int, name: bytes, extended: b
     tree.insert(key, pack_inode_extrefs([*_extrefs(tree, key), InodeExtref(parent, index, name)]), replace=True)
 
 
-def remove(tree: BTree, ino: int, parent: int, name: bytes) -> int:
+def remove(tree: BTree, ino: int, parent: int, name: bytes, index: int | None = None) -> int:
     """Remove the name ``name`` of ``ino`` in ``parent`` from whichever item holds it; its
-    DIR_INDEX index."""
+    DIR_INDEX index. ``index``: only the copy of the name giving that index (repair drops a
+    stale copy of a name that another copy, or the rebuilt one, holds rightly)."""
     ref_key = (ino, S.INODE_REF, parent)
     refs = _refs(tree, ino, parent)
-    ref = next((r for r in refs if r.name == name), None)
+    ref = next((r for r in refs if r.name == name and index in (None, r.index)), None)
     if ref is not None:
         if len(refs) > 1:
             tree.update(ref_key, pack_inode_refs([r for r in refs if r is not ref]))
@@ -83,7 +84,7 @@ def remove(tree: BTree, ino: int, parent: int, name: bytes) -> int:
         return ref.index
     key = (ino, S.INODE_EXTREF, extref_hash(parent, name))
     ext = _extrefs(tree, key)
-    found = next((r for r in ext if (r.parent, r.name) == (parent, name)), None)
+    found = next((r for r in ext if (r.parent, r.name) == (parent, name) and index in (None, r.index)), None)
     if found is None:  # a damaged image: the entry's back reference is in neither item
         raise CorruptionError(f"inode {ino} has no back reference to its name {name!r} in directory inode {parent}",
                               "DIR_ITEM_MISMATCH")
