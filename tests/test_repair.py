@@ -372,15 +372,17 @@ def test_every_name_of_a_hard_link_gets_its_back_reference_rebuilt(tmp_path, cap
     asyncio.run(read_back())
 
 
-@pytest.mark.parametrize("damage", ["index", "name"])
-@pytest.mark.parametrize("what", ["/d/f", "/d/sub"])
+@pytest.mark.parametrize("what, damage", [(w, d) for w in ("/d/f", "/d/sub") for d in ("index", "name")]
+                         + [("/d/f", "both")])
 def test_a_back_reference_at_odds_with_its_entry_is_rebuilt_from_the_entry(tmp_path, capsys, what, damage):
     """The entry (DIR_INDEX and DIR_ITEM) names the inode whole, but its INODE_REF there gives
     the name another index, or the entry's index another name (the name missing): fsck
     reported both sides and --repair left them, as a reference already there for that name or
     index stopped the rebuild. The stale reference is replaced by one rebuilt from the entry,
     as btrfs check does: fsck is clean, and every name reads the file (a hard link's other
-    names, one beside it in the same INODE_REF item, keep theirs)."""
+    names, one beside it in the same INODE_REF item, keep theirs). ``both``: one stale copy
+    gives f's name g's index, g's name gone -- both entries are rebuilt in one round, the link
+    count never cut."""
     from blockemu.ondisk import structs as S
     from blockemu.ondisk.items import InodeRef, pack_inode_refs, unpack_inode_refs
 
@@ -405,6 +407,10 @@ def test_a_back_reference_at_odds_with_its_entry_is_rebuilt_from_the_entry(tmp_p
         key = (ino, S.INODE_REF, parent)
         refs = unpack_inode_refs(tree.get(key))
         (r,) = [r for r in refs if r.name == what.rsplit("/", 1)[1].encode()]
+        if damage == "both":
+            (g,) = [q for q in refs if q.name == b"g"]
+            tree.update(key, pack_inode_refs([InodeRef(g.index, r.name)]))
+            return
         bad = InodeRef(r.index + 100, r.name) if damage == "index" else InodeRef(r.index, b"x")
         tree.update(key, pack_inode_refs([bad if q is r else q for q in refs]))
 
@@ -414,8 +420,9 @@ def test_a_back_reference_at_odds_with_its_entry_is_rebuilt_from_the_entry(tmp_p
     assert [e for e in before if e.fix and "stale" in e.fix], [e.message for e in before]
     assert main(["fsck", img, "--repair"]) == 1
     out = capsys.readouterr().out
-    old = f"'{what.rsplit('/', 1)[1]}' (index" if damage == "index" else "'x' (index"
+    old = "'x' (index" if damage == "name" else f"'{what.rsplit('/', 1)[1]}' (index"
     assert f"added inode {ino}'s reference" in out and f"in place of the one naming {old}" in out, out
+    assert "nlink" not in out, out  # judged by the names the repair gives back
     assert_fsck_clean(img)
 
     async def read_back() -> None:

@@ -218,11 +218,13 @@ def _refs_to_rebuild(fi: FsItems, dirs: set[int], kinds: dict[int, int], dir_ite
     A reference of the inode in the entry's directory that gives the entry's index another
     name, or its name another index, is *stale* if no entry names it whole (and the repair can
     find it to take out: not a misplaced INODE_EXTREF): the rebuilt reference replaces it, as
-    btrfs check rebuilds an inode ref from the dir item and dir index (each stale copy for one
-    entry only: another entry it clashes with waits for the next round) -- for a directory too,
-    if those are all its references (its one name, mis-recorded). A whole one there leaves the
-    entry reported. The value: the stale references, (name, index) each. Called only once an
-    entry was found without its reference: a sound tree pays nothing."""
+    btrfs check rebuilds an inode ref from the dir item and dir index (a stale copy two entries
+    clash with -- one's name, the other's index -- goes with the first's fix, and the second's
+    is rebuilt beside it: deferred to the next round, the link count was cut to one name in
+    between) -- for a directory too, if those are all its references (its one name,
+    mis-recorded). A whole one there leaves the entry reported. The value: the stale references
+    each fix takes out, (name, index) each. Called only once an entry was found without its
+    reference: a sound tree pays nothing."""
     found: dict[int, list[tuple[int, int, Stale]]] = defaultdict(list)  # directory -> what it names whole
     for (d, idx), e in sorted(fi.dir_index.items()):
         child = e.location[0]
@@ -248,11 +250,12 @@ def _refs_to_rebuild(fi: FsItems, dirs: set[int], kinds: dict[int, int], dir_ite
             if child not in reached:
                 reached.add(child)
                 todo.append(child)
-        for child, idx, stale in found.get(d, ()):
-            mine = {(child, d, *ref) for ref in stale}
-            if child in dirs and child in reached and not stale or mine & claimed:
+        for child, idx, clashing in found.get(d, ()):
+            # a copy another entry's fix takes out (it comes first: both are in ``d``) is not this one's
+            stale = [ref for ref in clashing if (child, d, *ref) not in claimed]
+            if child in dirs and child in reached and not stale:
                 continue
-            claimed |= mine
+            claimed.update((child, d, *ref) for ref in stale)
             if child not in reached:
                 reached.add(child)
                 todo.append(child)
