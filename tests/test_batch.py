@@ -18,7 +18,7 @@ from blockemu.engine.alloc import HOLE_MAX
 from blockemu.engine.btree import BTree
 from blockemu.engine.transaction import Engine
 from blockemu.ondisk import structs as S
-from blockemu.workload.crash import ace_space, ace_workload, record
+from blockemu.workload.crash import ace_workload, record
 from blockemu.workload.writepath import PRODUCTION
 from tests.util import assert_fsck_clean, encrypted_dir
 
@@ -191,7 +191,8 @@ async def test_a_batch_that_collapses_the_root_gives_the_tree_a_root_of_its_own(
     commit recorded a root of this generation it never wrote. The image was corrupt after a
     clean unmount (parent transid verify failed)."""
     img = str(tmp_path / "w.img")
-    await record(ace_workload(ace_space(3, 0, None)[325], 325), img, str(tmp_path / "base.img"), write_path=PRODUCTION)
+    seq = (("write", "/A/foo"), ("creat", "/B/foo"), ("unlink", "/A/foo"))  # (its index moved with the link operation)
+    await record(ace_workload(seq, 325), img, str(tmp_path / "base.img"), write_path=PRODUCTION)
     assert_fsck_clean(img)
 
 

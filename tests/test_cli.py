@@ -222,7 +222,7 @@ def test_the_fsck_and_mkfs_scripts_name_themselves_in_their_usage(script):
     (["crash", "--workloads", "x"], "--workloads: 'x' is not A..B nor A"),
     # past the campaign's end: 0 workloads checked, exit 0 -- a typo passed for a clean campaign
     (["crash", "--max-ops", "1", "--workloads", "500..600"],
-     "--workloads 500..600: this campaign has workloads 0..11 (10 of Ace's, 1 of fsync groups)"),
+     "--workloads 500..600: this campaign has workloads 0..13 (11 of Ace's, 2 of fsync groups)"),
     # each Ray worker writes its images on its own node, from a cwd of Ray's: a relative DIR names no shared place
     (["crash", "--ray", "--keep-failed", "kept"], "--keep-failed kept with --ray: give an absolute DIR that every "
                                                   "node reaches (a shared file system)"),

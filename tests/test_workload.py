@@ -398,7 +398,7 @@ def test_under_flips_a_finding_names_an_encrypted_file_as_the_mix_does(tmp_path,
 
 def test_crash_campaign_cli_finds_nothing_and_catches_a_planted_bug():
     out = json.loads(run("crash", "--max-ops", "1", "--jobs", "1", "--write-path", "fast", "--json").stdout)
-    assert out["workloads"] == 11 and out["states"] > 50 and out["failures"] == []
+    assert out["workloads"] == 13 and out["states"] > 50 and out["failures"] == []
     bad = run("crash", "--max-ops", "2", "--limit", "4", "--jobs", "1", "--nobarrier", "--write-path", "fast", check_rc=1)
     assert "FAILED:" in bad.stdout and "reproduce with: blockemu crash" in bad.stdout
     assert "--write-path fast" in bad.stdout
