@@ -29,6 +29,7 @@ import pyfuse3
 
 from blockemu.fs.filesystem import ROOT_INO, File, Filesystem, Inode, Stat
 from blockemu.fuse.kernelcache import KernelCache
+from blockemu.fuse.releases import Releases
 
 BLOCK = 4096
 ATTR_TIMEOUT = 1.0  # the mount has the image's writer lock: nothing else changes what we answered
@@ -110,6 +111,7 @@ class Operations(pyfuse3.Operations):
         self.next_fh = 1
         self.names = asyncio.Lock()  # see by_path
         self.kernel = KernelCache()  # names handed out in encrypted directories, forgotten on a key change
+        self.releases = Releases()  # what a key removal waits for before it judges "busy"
         fs.on_view_change.append(self._view_changed)
 
     def _fh(self) -> int:
@@ -316,7 +318,11 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.files[fh].pread(size, off)
+        running = self.releases.begin()  # a readahead's READ holds its file's release back
+        try:
+            return await self.files[fh].pread(size, off)
+        finally:
+            self.releases.end(running)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -328,7 +334,11 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh: int) -> None:
-        await self.files.pop(fh).close()
+        running = self.releases.begin()
+        try:
+            await self.files.pop(fh).close()
+        finally:
+            self.releases.end(running)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -338,8 +348,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
-        names = await self.fs.readdir(self._path(inode))  # a snapshot: offsets stay stable while it is listed
         fh = self._fh()
+        if ctx is not None and self.releases.opened(ctx.pid, fh):  # the server's own barrier (fuse/releases.py): nothing to list
+            return fh
+        names = await self.fs.readdir(self._path(inode))  # a snapshot: offsets stay stable while it is listed
         self.dirs[fh] = (inode, [b".", b"..", *(n.encode(errors="surrogateescape") for n in names)])
         return fh
 
@@ -368,6 +380,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
+        if self.releases.passed(fh):
+            return
         del self.dirs[fh]
         self.dir_errors.pop(fh, None)
 

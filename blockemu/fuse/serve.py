@@ -160,6 +160,10 @@ class Server:
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req["op"]
+        if op == "key-remove":
+            # "files still busy" only for files open now: the kernel sends a release after
+            # close(2) has returned, so hear every release of a file closed before this request
+            await self.ops.releases.settle(self.mountpoint)
         if op in KEY_OPS:
             reply = await answer_key(self.fs, req)
             if op == "key-add":
@@ -260,6 +264,7 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytearray], readonly:
             await pyfuse3.main()
         finally:
             server.control.close()
+            server.ops.releases.close()  # no request is read any more: a barrier would never pass
             sent = await server.ops.kernel.close()  # nothing is sent to a session being closed
             if not sent:  # aborted while the session is open: the connection is surely this mount's
                 abort_stuck(number)

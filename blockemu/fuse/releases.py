@@ -1,0 +1,107 @@
+"""Hearing every close(2) made before a key removal before the removal judges "files still busy".
+
+close(2) returns before the server hears of it. The kernel sends FUSE_RELEASE as a *background*
+request (``fuse_file_put`` in fs/fuse/file.c: the caller does not wait for it), and while async
+READs of the file are outstanding -- readahead past what the reader asked for -- it does not
+even queue it: the reply to the last of those READs does, as its end callback drops the file's
+last reference. So ``cat f; blockemu key remove`` could find ``f`` still open and answer "files
+still busy" (2 runs in 50 of a read-then-remove loop) though nothing had it open any more.
+
+A *barrier* orders the removal behind those releases without sleeping. The server opens and
+closes its own mount's root directory from a thread, while the loop goes on serving: the close
+queues a FUSE_RELEASEDIR, a background request like RELEASE and readahead's READs, so it comes
+after each of them that was queued before it -- the kernel's background queue (``fc->bg_queue``)
+and its input queue are both first in, first out, and pyfuse3 reads one request at a time and
+starts its handler before it reads the next. When the RELEASEDIR's handler starts (``passed``),
+every release queued before the barrier has started, and so has every READ of a file closed
+before it (a process's reads are queued inside its read(2) calls); the barrier then waits for the
+READs and releases running at that moment (``begin``, ``end``). Once a READ's handler has
+returned its reply is written, and writing it queued any release that READ held back -- but that
+may have been after the barrier was queued. So a second barrier follows the first: every READ of
+a closed file is answered by the time it starts, every release they held back is queued ahead
+of it, and it waits for them.
+
+Writes hold no such reference: without the kernel's writeback cache (``ops.Operations``) a
+write(2) waits for its WRITE. A file mapped, or with async direct I/O in flight, is not closed
+yet: the kernel holds it, and busy is the right answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+Snapshot = list["asyncio.Future[None]"]  # the READ and RELEASE handlers running as a barrier passed
+
+
+class Releases:
+    """The READ and RELEASE handlers running now, and the barriers on their way through the kernel."""
+
+    def __init__(self) -> None:
+        self.running: set[asyncio.Future[None]] = set()
+        self.waiting: dict[int, asyncio.Future[Snapshot]] = {}  # a barrier's thread id -> what it waits for
+        self.passing: dict[int, asyncio.Future[Snapshot]] = {}  # a barrier's directory handle -> the same
+
+    def begin(self) -> asyncio.Future[None]:
+        """A READ or RELEASE handler starts; ``end`` it once its answer is made."""
+        running = asyncio.get_running_loop().create_future()
+        self.running.add(running)
+        return running
+
+    def end(self, running: asyncio.Future[None]) -> None:
+        self.running.discard(running)
+        running.set_result(None)
+
+    def opened(self, pid: int, fh: int) -> bool:
+        """An OPENDIR from thread ``pid``: True if it is a barrier's (its handle ``fh`` then lists nothing)."""
+        passed = self.waiting.pop(pid, None)
+        if passed is None:
+            return False
+        self.passing[fh] = passed
+        return True
+
+    def passed(self, fh: int) -> bool:
+        """A RELEASEDIR: True if it is a barrier's, which now knows what it waits for."""
+        passed = self.passing.pop(fh, None)
+        if passed is None:
+            return False
+        if not passed.done():
+            passed.set_result(list(self.running))
+        return True
+
+    async def settle(self, mountpoint: str) -> None:
+        """Every release of a file closed before this call has been handled."""
+        await self._barrier(mountpoint)  # the READs of closed files answered: their releases queued
+        await self._barrier(mountpoint)  # and handled
+
+    def close(self) -> None:
+        """No more requests are read: a barrier on its way would wait for ever. Let it go on --
+        no release can come any more."""
+        for passed in [*self.waiting.values(), *self.passing.values()]:
+            if not passed.done():
+                passed.set_result([])
+        self.waiting.clear()
+        self.passing.clear()
+
+    async def _barrier(self, mountpoint: str) -> None:
+        """Every READ and release queued before this call has been answered."""
+        passed: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
+        if await asyncio.to_thread(self._open_and_close, mountpoint, passed):
+            running = await passed
+            if running:
+                await asyncio.wait(running)
+
+    def _open_and_close(self, mountpoint: str, passed: asyncio.Future[Snapshot]) -> bool:
+        """In a thread: open and close the mount's root. False if that did not reach this mount --
+        it is gone or going (no release can come), or something is mounted over it (nothing
+        better can be done: the removal goes on without the barrier)."""
+        tid = threading.get_native_id()  # what the kernel names as the request's pid
+        self.waiting[tid] = passed
+        try:
+            fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return False
+        finally:
+            ours = self.waiting.pop(tid, None) is None  # our OPENDIR's handler took it
+        os.close(fd)
+        return ours
