@@ -395,6 +395,38 @@ def test_a_key_change_takes_the_names_it_made_stale_out_of_the_kernel_at_once(en
         assert (enc / "sub" / "g").read_text() == "secret\n" and sorted(os.listdir(enc)) == ["f", "sub"]
 
 
+def test_a_key_no_encrypted_directory_uses_is_added_and_said_to_unlock_nothing(env, image, mnt, tmp_path, capsys,
+                                                                             monkeypatch) -> None:
+    """fscrypt adds a key no policy uses (its identifier comes from the key alone), and so do
+    ``mount --key-file`` and ``key add``, exit 0 -- but a wrong key mounted with every encrypted
+    directory still locked and said nothing. Now one line on stderr names the key and says so
+    (``key add --json``: ``"in_use": false``); the right key says nothing."""
+    from blockemu.crypto.fscrypt import key_identifier
+
+    key = encrypted_image(image, tmp_path, {"/enc/f": b"secret\n"})
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(os.urandom(32))
+    wid = key_identifier(wrong.read_bytes()).hex()
+    unused = "key {} unlocks nothing: no encrypted directory on {} uses it (added all the same)\n"
+    monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
+    s = Served(env, image, mnt, "--key-file", str(wrong))
+    with s:
+        assert sh(f"cat {mnt}/enc/f", env).returncode == 1  # still locked
+        assert main(["key", "add", str(mnt), "--key-file", str(wrong), "--json"]) == 0
+        out, err = capsys.readouterr()
+        assert err == "blockemu: key: " + unused.format(wid, "the mounted image")
+        reply = json.loads(out)
+        assert (reply["identifier"], reply["in_use"]) == (wid, False)
+        assert main(["key", "add", str(mnt), "--key-file", str(key)]) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("Added encryption key with identifier ") and err == ""
+    assert s.proc.stderr.read() == "blockemu: mount: " + unused.format(wid, image)  # type: ignore[union-attr]
+    s = Served(env, image, mnt, "--key-file", str(key))
+    with s:
+        assert (mnt / "enc" / "f").read_bytes() == b"secret\n"
+    assert s.proc.stderr.read() == ""  # type: ignore[union-attr]
+
+
 def removal_text(capsys: pytest.CaptureFixture[str], mnt: Path, key: Path) -> str:
     """``blockemu key remove`` in this process (no interpreter start between a close and it), its line."""
     assert main(["key", "remove", str(mnt), "--key-file", str(key)]) == 0

@@ -522,11 +522,16 @@ def json_bytes(row: dict[str, Any], *fields: str) -> dict[str, Any]:
     return out
 
 
+KEYS_READ: list[bytearray] = []  # every key this command read: ``main`` wipes them when it ends
+
+
 def read_key(path: str | None) -> bytearray | None:
     """The raw key in ``--key-file PATH``; ``-``: standard input, as fscryptctl add_key reads it
     (a key piped from a secret store never lands in a file). A ``bytearray`` read with no
     buffer in between, so whoever keeps it -- the mount's server, for the life of the mount --
-    can wipe it once the keyring holds its own copy: a ``bytes`` key outlived its removal."""
+    can wipe it once the keyring holds its own copy: a ``bytes`` key outlived its removal. Every
+    command reads its keys here, and ``main`` wipes each one when the command ends, however it
+    ends (``wipe_keys_read``): one-shot commands and the ``key`` client kept theirs unwiped."""
     if path is None:
         return None  # before the import: fsck without a key loads no cipher
     from blockemu.crypto.fscrypt import MAX_KEY_SIZE, MIN_KEY_SIZE
@@ -539,6 +544,7 @@ def read_key(path: str | None) -> bytearray | None:
                 raw = read_secret(f, MAX_KEY_SIZE + 1)
     except OSError as e:
         raise BlockemuError(f"--key-file {path}: {e.strerror}") from None
+    KEYS_READ.append(raw)
     if not MIN_KEY_SIZE <= len(raw) <= MAX_KEY_SIZE:
         raise BlockemuError(f"--key-file {path}: a raw key is {MIN_KEY_SIZE} to {MAX_KEY_SIZE} bytes, this file has {len(raw)}")
     return raw
@@ -562,6 +568,17 @@ def stdin_key(limit: int) -> bytearray:
     """Standard input, read once: a command reads its key more than once (``ls`` again to say
     which key a directory wants), and a second read of a pipe would find it empty."""
     return read_secret(sys.stdin.buffer.raw, limit)
+
+
+def wipe_keys_read() -> None:
+    """The command is over: zero every key it read (``read_key``). Standard input's is
+    forgotten too -- a zeroed key would pass for a key of the same length."""
+    if KEYS_READ:
+        from blockemu.crypto.fscrypt import wipe
+
+        while KEYS_READ:
+            wipe(KEYS_READ.pop())
+    stdin_key.cache_clear()
 
 
 def on_image(a: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *, readonly: bool = False) -> int:
@@ -1157,17 +1174,15 @@ def cmd_key(a: argparse.Namespace) -> int:
     from blockemu.fuse import control
 
     if a.action == "add":
-        key = read_key(a.key_file)
-        try:
-            reply = control.request(a.mountpoint, "key-add", key=key, user=a.user)
-        finally:
-            fscrypt.wipe(key)
+        reply = control.request(a.mountpoint, "key-add", key=read_key(a.key_file), user=a.user)
     else:
         if (a.key_file is None) == (a.id is None):
             raise UsageError("give one of --key-file or --id")
         kid = a.id if a.id is not None else fscrypt.key_identifier(read_key(a.key_file)).hex()
         extra = {"all_users": a.all_users} if a.action == "remove" else {}
         reply = control.request(a.mountpoint, f"key-{a.action}", id=kid, user=a.user, **extra)
+    if "note" in reply:  # a key no encryption policy uses: added, but it unlocks nothing
+        print(f"blockemu: key: {reply['note']}", file=sys.stderr)
     if a.json:
         emit_json({"action": a.action, **reply})
     else:
@@ -1406,6 +1421,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         why = e.strerror or str(e)
         fail(command, f"{e.filename}: {why}" if e.filename else why, e.errno, args)  # path first, as cp(1)
         return failure
+    finally:
+        wipe_keys_read()
 
 
 def prog_of(args: argparse.Namespace | None) -> str:

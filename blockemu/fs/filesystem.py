@@ -996,6 +996,15 @@ class Filesystem:
         d = self._resolve(path)
         return d.key_id.hex() if d.key_id is not None else None
 
+    def key_in_use(self, key_id: str | bytes) -> bool:
+        """Whether an encrypted inode on the image names key ``key_id``. Adding a key no policy
+        uses is allowed -- fscrypt computes the identifier from the key alone -- but unlocks
+        nothing, and a mount given a wrong key said nothing: the command line asks this to say
+        so. A walk of the fs tree, which stops at the first such inode."""
+        ident = parse_identifier(key_id)
+        return any(k[1] == S.FSCRYPT_CTXT_ITEM and INODE_ENCRYPTION_CONTEXT.unpack(v)[5] == ident
+                   for k, v in self.tree.items())
+
     async def add_key(self, raw: bytes, user: int = 0) -> str:
         self.check_mounted()
         return self.keyring.add_key(raw, user)

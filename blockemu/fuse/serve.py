@@ -206,13 +206,21 @@ async def answer_key(fs: Filesystem, req: dict[str, Any]) -> dict[str, Any]:
     op, user = req["op"], int(req.get("user", 0))
     if op == "key-add":
         kid = await fs.add_key(req["key"], user=user)  # the raw key the channel wipes once this returns
-        return {"text": f"Added encryption key with identifier {kid}", "identifier": kid}
+        in_use = fs.key_in_use(kid)
+        return {"text": f"Added encryption key with identifier {kid}", "identifier": kid, "in_use": in_use,
+                **({} if in_use else {"note": unused_key(kid, "the mounted image")})}
     if op == "key-remove":
         removed = await fs.remove_key(req["id"], user=user, all_users=bool(req.get("all_users")))
         return {"text": str(removed), **dataclasses.asdict(removed)}
     status = fs.key_status(req["id"], user=user)
     return {"text": str(status), "identifier": parse_identifier(req["id"]).hex(), "state": status.state.value,
             "user_count": status.user_count, "added_by_self": status.added_by_self}
+
+
+def unused_key(kid: str, image: str) -> str:
+    """What adding a key no encryption policy uses is told (fscrypt allows it: the identifier comes
+    from the key alone): a wrong ``--key-file`` mounted with every encrypted directory locked, silently."""
+    return f"key {kid} unlocks nothing: no encrypted directory on {image} uses it (added all the same)"
 
 
 def abort_stuck(number: int | None) -> None:
@@ -240,9 +248,14 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytearray], readonly:
     fs = await Filesystem.mount(image, readonly=readonly, **mount_opts)
     server = None
     try:
-        for raw in keys:
-            await fs.add_key(raw)
-            fscrypt.wipe(raw)  # the keyring holds its own copy, wiped when the key is removed
+        try:
+            for raw in keys:
+                kid = await fs.add_key(raw)
+                if not fs.key_in_use(kid):
+                    print(f"blockemu: mount: {unused_key(kid, image)}", file=sys.stderr, flush=True)
+        finally:
+            for raw in keys:
+                fscrypt.wipe(raw)  # the keyring holds its own copy, wiped when the key is removed
         server = Server(fs, mountpoint)
         pyfuse3.asyncio.enable()
         options = {"subtype=blockemu", "default_permissions",
