@@ -470,3 +470,42 @@ def test_a_trailing_slash_on_a_file_is_not_a_directory(tmp_path):
             assert err == f"blockemu: {cmd}: {path}: not a directory\n", err
     assert run("cat", img, "/d/a.txt").stdout == "contents"
     assert run("ls", img, "/d/").stdout.split() == ["a.txt"]
+
+
+def test_every_key_a_command_reads_is_wiped_when_it_ends(tmp_path, monkeypatch, capsys):
+    """One-shot commands kept the key they read in a bytearray nobody wiped, and the ``key``
+    client's remove and status never wiped theirs: every key read through ``read_key`` is now
+    zeroed when ``main`` returns, whether the command succeeded or failed (a missing file, no
+    server at the mount point, a key of the wrong length), and standard input's is forgotten."""
+    import io
+    import types
+
+    from blockemu.cli import main as cli
+
+    img, hostfile, key = str(tmp_path / "w.img"), tmp_path / "host", os.urandom(32)
+    (tmp_path / "k").write_bytes(key)
+    (tmp_path / "short").write_bytes(b"short")
+    hostfile.write_bytes(b"payload\n")
+    read: list[bytearray] = []
+    real = cli.read_secret
+
+    def recorded(f: object, limit: int) -> bytearray:
+        read.append(real(f, limit))
+        return read[-1]
+    monkeypatch.setattr(cli, "read_secret", recorded)
+    k = ("--key-file", str(tmp_path / "k"))
+    commands = [(0, "mkfs", img, "--size", "64M"), (0, "mkdir", img, "/e", "--encrypt", *k),
+                (0, "put", img, str(hostfile), "/e/f", *k), (0, "cat", img, "/e/f", *k), (0, "ls", img, "/e", *k),
+                (0, "extents", img, "/e/f", *k), (0, "fsck", img, *k), (0, "key-id", *k),
+                (1, "cat", img, "/e/missing", *k), (1, "key", "status", str(tmp_path), *k),
+                (1, "key", "remove", str(tmp_path), *k), (1, "key-id", "--key-file", str(tmp_path / "short"))]
+    for rc, *args in commands:
+        read.clear()
+        assert cli.main(list(args)) == rc, (args, capsys.readouterr())
+        assert all(not any(buf) for buf in read) and (read or args[0] == "mkfs"), args
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=types.SimpleNamespace(raw=io.BytesIO(key))))
+    read.clear()
+    capsys.readouterr()
+    assert cli.main(["ls", img, "/e", "--key-file", "-"]) == 0  # reads it twice: from the one read of stdin
+    assert capsys.readouterr().out == "f\n"
+    assert len(read) == 1 and not any(read[0]) and cli.stdin_key.cache_info().currsize == 0
