@@ -914,7 +914,7 @@ def cmd_stress(a: argparse.Namespace) -> int:
         emit_json(summary)
     else:
         print(f"seed = {seed}")
-        for k in ("ops", "ops_per_second", "acknowledged_writes", "lost_acknowledged_writes", "divergent_files", "detected_corruption", "refused_out_of_space", "injected_errors", "io_errors", "aborted", "ledger_files_checked_after_crash",
+        for k in ("ops", "ops_per_second", "acknowledged_writes", "lost_acknowledged_writes", "divergent_files", "detected_corruption", "refused_out_of_space", "io_errors", "aborted", "ledger_files_checked_after_crash",
                   "fsck", "fsck_flips_undone", "crash_states_checked", "crash_failures"):
             if summary.get(k) is not None:
                 print(f"{k.replace('_', ' '):<34}{summary[k]}{ops_split(a) if k == 'ops' else ''}"

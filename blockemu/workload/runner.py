@@ -514,10 +514,11 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
                                "acknowledged_writes": mix.acknowledged_writes,
                                "lost_acknowledged_writes": len(mix.divergent), "divergent_files": len(mix.divergent),
                                "detected_corruption": len(mix.detected),
-                               # ENOSPC is the image being full, never injected (no fault makes it); an
-                               # I/O error without --faults is the image file's own
+                               # ENOSPC is the image being full, never injected (no fault makes it). One
+                               # name with or without --faults (injected ones, else the image file's
+                               # own), as run's mix jobs name it: it was "injected_errors" under --faults
                                "refused_out_of_space": len(mix.no_space),
-                               "injected_errors" if faults else "io_errors": len(mix.errors) + bool(aborted),
+                               "io_errors": len(mix.errors) + bool(aborted),
                                "aborted": aborted,
                                "ledger_files_checked_after_crash": len(mix.durable) if cut else None,
                                "fsck": "clean" if report.clean else
@@ -618,7 +619,7 @@ def _stress_shard(args: tuple) -> dict[str, Any]:
                                    faults=FaultPlan.parse(faults) if faults else None,
                                    crash_points=crash_points, write_path=WRITE_PATHS[write_path]))
     # the files checked after a power cut too: a cut= campaign that checked none said nothing of it
-    counts = {k: s.get(k) or 0 for k in ("ops", "acknowledged_writes", "lost_acknowledged_writes", "injected_errors",
+    counts = {k: s.get(k) or 0 for k in ("ops", "acknowledged_writes", "lost_acknowledged_writes",
                                          "io_errors", "refused_out_of_space", "ledger_files_checked_after_crash",
                                          "crash_states_checked", "crash_failures")}
     counts["aborted"] = int(s["aborted"] is not None)
