@@ -318,11 +318,11 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        running = self.releases.begin()  # a readahead's READ holds its file's release back
+        started = self.releases.begin()  # a readahead's READ holds its file's release back
         try:
             return await self.files[fh].pread(size, off)
         finally:
-            self.releases.end(running)
+            self.releases.end(started)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -334,11 +334,11 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh: int) -> None:
-        running = self.releases.begin()
+        started = self.releases.begin()
         try:
             await self.files.pop(fh).close()
         finally:
-            self.releases.end(running)
+            self.releases.end(started)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
