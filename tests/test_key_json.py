@@ -72,17 +72,26 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Se
         s.loop.close()
 
 
-def key_json(capsys: pytest.CaptureFixture[str], *argv: str, rc: int = 0) -> dict:
+def key_json(capsys: pytest.CaptureFixture[str], *argv: str, rc: int = 0, note: str | None = None) -> dict:
+    """The command's JSON; its stderr is one line on failure, else ``note``'s line or nothing."""
     assert main(["key", *argv, "--json"]) == rc
     out, err = capsys.readouterr()
-    assert err.count("\n") == (rc != 0) and err.startswith("blockemu: key: ") == (rc != 0), err
+    if rc == 0:
+        assert err == ("" if note is None else f"blockemu: key: {note}\n"), err
+    else:
+        assert err.count("\n") == 1 and err.startswith("blockemu: key: "), err
     return json.loads(out)
+
+
+UNUSED = f"key {KID} unlocks nothing: no encrypted directory on the mounted image uses it (added all the same)"
 
 
 def test_key_json_gives_each_results_fields(served, capsys) -> None:
     s, mnt, key = served
-    assert key_json(capsys, "add", mnt, "--key-file", str(key)) == {
-        "action": "add", "identifier": KID, "text": f"Added encryption key with identifier {KID}"}
+    # no encrypted directory uses the key yet: added all the same, and said (as no policy names it)
+    assert key_json(capsys, "add", mnt, "--key-file", str(key), note=UNUSED) == {
+        "action": "add", "identifier": KID, "in_use": False, "note": UNUSED,
+        "text": f"Added encryption key with identifier {KID}"}
     assert key_json(capsys, "status", mnt, "--id", KID) == {
         "action": "status", "identifier": KID, "state": "present", "user_count": 1, "added_by_self": True,
         "text": "Present (user_count=1, added_by_self)"}
@@ -102,6 +111,8 @@ def test_key_json_gives_each_results_fields(served, capsys) -> None:
         "action": "status", "identifier": KID, "state": "absent", "user_count": 0, "added_by_self": False,
         "text": "Absent"}
     assert main(["key", "status", mnt, "--id", KID]) == 0 and capsys.readouterr().out == "Absent\n"  # text as before
+    assert key_json(capsys, "add", mnt, "--key-file", str(key)) == {  # /enc uses it now: nothing said
+        "action": "add", "identifier": KID, "in_use": True, "text": f"Added encryption key with identifier {KID}"}
 
 
 def test_key_json_errors(served, capsys, tmp_path) -> None:
