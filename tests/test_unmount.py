@@ -60,6 +60,7 @@ AFTER_UNMOUNT: dict[str, Callable[[Any, Any, Any], Any]] = {
     "Filesystem.add_key": lambda fs, w, r: fs.add_key(KEY),
     "Filesystem.remove_key": lambda fs, w, r: fs.remove_key(KID),
     "Filesystem.key_status": lambda fs, w, r: fs.key_status(KID),
+    "Filesystem.key_in_use": lambda fs, w, r: fs.key_in_use(KID),
     "Filesystem.open": lambda fs, w, r: fs.open("/f", "r"),
     "Filesystem.sync": lambda fs, w, r: fs.sync(),
     "Filesystem.fsync_dir": lambda fs, w, r: fs.fsync_dir("/"),

@@ -1003,6 +1003,7 @@ class Filesystem:
         so. A walk of the fs tree, which stops at the first such inode: on a key added at mount or
         through ``blockemu key add`` only (160,000 items, 40,000 files, none encrypted: 0.3 s of
         CPU with the tree's blocks read from the image, 0.04 s with them cached)."""
+        self.check_mounted()
         ident = parse_identifier(key_id)
         return any(k[1] == S.FSCRYPT_CTXT_ITEM and INODE_ENCRYPTION_CONTEXT.unpack(v)[5] == ident
                    for k, v in self.tree.items())
