@@ -114,8 +114,9 @@ class Releases:
 
     def _open_and_close(self, mountpoint: str, passed: asyncio.Future[int]) -> bool:
         """In a thread: open and close the mount's root. False if that did not reach this mount --
-        it is gone or going (no release can come), or something is mounted over it (nothing
-        better can be done: the removal goes on without the barrier)."""
+        it is gone or going (no release can come), or something is mounted over it, or its root
+        is not readable by the server's user (nothing better can be done: the removal goes on
+        without the barrier, as before it)."""
         tid = threading.get_native_id()  # what the kernel names as the request's pid
         self.waiting[tid] = passed
         try:
