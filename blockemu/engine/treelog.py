@@ -27,10 +27,12 @@ the new ones over the committed tree trims those exactly as the overwrites did. 
 log cannot say (a name made, changed or removed, a new inode, a truncate:
 ``Engine.needs_commit``) makes that inode's fsync a full commit.
 
-Two trees. What a sync logs goes into the delta (the tree the superblock names), a leaf
-whose items win over the base's; a stale item the base holds is marked in the delta
-(``DROPPED``). A sync writes the delta's leaf -- and, once the delta has outgrown it, folds
-it into the base (``_fold``). ``read_log`` gives replay and fsck the two as one list.
+A chain of trees. What a sync logs goes into the delta (the tree the superblock names), a
+leaf whose items win over those of the trees behind it; a stale item an older tree holds is
+marked in the delta (``DROPPED``). A sync writes the delta's leaf. Once what a sync logs no
+longer fits in that leaf, the delta is left as it is -- on disk already, never encoded
+again -- and a new delta names it (``_freeze``): the log is the delta, then the trees each
+names in turn. ``read_log`` gives replay and fsck the chain as one list.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from blockemu.engine.transaction import Engine, ReadFn, TreeStore
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.csum import csum_size
+from blockemu.ondisk.fast import ITEM_SIZE
 from blockemu.ondisk.items import FileExtent, RootItem
 from blockemu.ondisk.superblock import SuperInfo
 
@@ -69,8 +72,8 @@ Item = tuple[tuple[int, int, int], bytes]
 # with each stretch checked by comparing it, 0.97-0.99 vs 1.06-1.07 trusting the changed keys.
 # What did pay: the leaves a sync encoded held ~357 EXTENT_DATA and ~327 checksum items, one
 # per 4 KiB extent; joined (``_joined``), ~15 checksum items, and the log fills more slowly.
-# Since the log is two trees (below) only a fold re-encodes the leaves the log has grown: the
-# cap then measured (log7, 300 and 600 cycles, machine loaded to 4x its cores): 8, 16, 32 and
+# Once the log was two trees (a delta folded into a base) only a fold re-encoded the leaves the log had
+# grown: the cap then measured (log7, 300 and 600 cycles, machine loaded to 4x its cores): 8, 16, 32 and
 # 64 blocks within each other's spread (9.0-13.1 ms per cycle, the order changing run to run).
 # Counted in instructions instead (keys14: callgrind, PYTHONHASHSEED=0, the same seeded job --
 # mkfs, a 16 MiB encrypted file, 30 warm-up cycles, then N cycles -- with only the cap changed):
@@ -82,12 +85,18 @@ Item = tuple[tuple[int, int, int], bytes]
 # 32 and 64 blocks: 4,070 and 4,006 M at N=120, CPU within 16's spread -- not clearly better,
 # and replay reads the whole log, so the cap stays at the smallest that measured the gain.
 LOG_COMMIT_BLOCKS = 16
-# The log is two trees (SPEC "Log tree"): the superblock names a small one, the delta, holding
-# what was logged since the last fold and BASE_KEY, naming the base, which holds the rest; the
-# delta's items win. A sync re-encodes the delta (one leaf) and no block of the base, until the
-# delta outgrows its leaf and is folded into the base (that sync encodes what one did before).
-# Why: every log sync re-encoded every leaf its scattered items touched -- all of a one-tree
-# log's -- so a sync cost grew with the log, not with what it logged.
+# The log is a chain of trees (SPEC "Log tree"): the superblock names the delta, which holds what
+# was logged since it began and, once an older tree stands behind it, LINK_KEY naming that one
+# (which may name one older still); a newer tree's items win. A sync encodes the delta (one
+# leaf) and no block behind it; a delta that has no room for what a sync logs is left as it
+# is, written already, and a new delta names it. Why: every log sync re-encoded every leaf its
+# scattered items touched -- all of a one-tree log's; then, with two trees, every fold
+# re-encoded each leaf of the base its items touched (all of them again: 2.45 blocks encoded
+# per sync on the fio-like cycle, of which the fold's ~1.5; fsync16).
+LINK_KEY = (S.TREE_LOG_OBJECTID, S.ROOT_ITEM, 1)
+# where an older build's two-tree log named its base; read still, never written: a build that
+# knows only BASE_KEY refuses LINK_KEY ("unexpected item") rather than reading two trees of a
+# longer chain and missing the rest
 BASE_KEY = (S.TREE_LOG_OBJECTID, S.ROOT_ITEM, 0)
 DROPPED = b""  # a delta's EXTENT_DATA item saying the base's item at its key is stale
 
@@ -120,7 +129,8 @@ class TreeLog:
         self.engine = engine
         self.store: TreeStore | None = None
         self.tree: BTree | None = None  # the delta: what the superblock names
-        self.base: BTree | None = None  # what the delta's BASE_KEY names, once a delta was folded
+        self.base: BTree | None = None  # the tree the delta's LINK_KEY names, once a delta was frozen
+        self.older: set[tuple[int, int, int]] = set()  # the keys of the trees behind the delta
         self.logged: dict[int, bytes] = {}  # ino -> the inode item the log holds
         self.held: dict[int, set[int]] = {}  # ino -> file offsets of the EXTENT_DATA items the log holds
         self.csummed: set[int] = set()  # extents whose checksum items the log holds
@@ -149,8 +159,9 @@ class TreeLog:
         """Bring inode ``ino``'s items in the log up to the running transaction's. The changes
         are applied to the delta in one pass (``BTree.apply``): an fsync after scattered writes
         re-logs many ranges, and each would otherwise be its own descents and COWs. Gathered in
-        a dict, not a ``TreeBatch``: nothing reads them back before they are applied."""
-        tree, e = self._tree(), self.engine
+        a dict, not a ``TreeBatch``: nothing reads them back before they are applied. If they
+        do not fit in the delta's leaf, a new delta takes them (``_freeze``)."""
+        e = self.engine
         changes: dict[tuple[int, int, int], bytes | None] = {}
         body = e.trees[S.FS_TREE_OBJECTID].get((ino, S.INODE_ITEM, 0))
         if body is None:
@@ -164,8 +175,7 @@ class TreeLog:
             key = (ino, S.EXTENT_DATA, offset)
             if item is None or item[0].generation != transid:
                 if offset in held:  # stale: what the log said here is no longer so
-                    in_base = self.base is not None and self.base.get(key) is not None
-                    changes[key] = DROPPED if in_base else None
+                    changes[key] = DROPPED if key in self.older else None
                     held.remove(offset)
                 continue
             fe, body = item
@@ -175,7 +185,36 @@ class TreeLog:
                 self.csummed.add(fe.disk_bytenr)
                 csums.extend(new_csums[fe.disk_bytenr])
         changes.update(self._joined(csums))
-        tree.apply(in_key_order(changes))
+        if self._full(changes):
+            self._freeze()
+            # a key the delta held (to be removed from it) is now one an older tree holds
+            changes = {key: DROPPED if body is None else body for key, body in changes.items()}
+        self._tree().apply(in_key_order(changes))
+
+    def _full(self, changes: dict[tuple[int, int, int], bytes | None]) -> bool:
+        """Whether the delta should be left as it is and a new one take ``changes``: they may
+        not fit in its leaf (counted as if every item were new), or it has outgrown its leaf
+        already. A delta holding nothing but its link is never left: the next would be the same."""
+        tree = self._tree()
+        if tree.level:
+            return True
+        assert self.store is not None
+        leaf = self.store.get(tree.root)
+        if len(leaf.keys) <= (self.base is not None):
+            return False
+        return leaf.used + sum(ITEM_SIZE + len(body) for body in changes.values() if body is not None) > tree.body
+
+    def _freeze(self) -> None:
+        """Leave the delta as it is (written already, or written with this sync: encoded once)
+        and start a new delta naming it: its keys are from now on an older tree's."""
+        assert self.tree is not None and self.store is not None
+        frozen = self.tree
+        self.older.update(key for key, _ in frozen.items() if key[1] == S.EXTENT_DATA)
+        root = self.store.new_block(S.TREE_LOG_OBJECTID, 0)
+        self.tree = BTree(self.store, S.TREE_LOG_OBJECTID, root.bytenr, 0)
+        self.tree.insert(LINK_KEY, RootItem(generation=self.engine.transid, root_dirid=0, bytenr=frozen.root,
+                                            bytes_used=0, last_snapshot=0, flags=0, refs=1, level=frozen.level).pack())
+        self.base = frozen
 
     def _joined(self, items: list[Item]) -> list[Item]:
         """Checksum items for the log, each joined to the one that ends where it starts -- this
@@ -202,29 +241,10 @@ class TreeLog:
         disk already says everything (nothing was logged since the last sync)."""
         if self.tree is None or self.store is None or not self.store.dirty:
             return None
-        if self.tree.level:
-            self._fold()
         sb = self.engine.sb
         new = replace(sb, log_root=self.tree.root, log_root_level=self.tree.level, log_root_transid=self.engine.transid,
                       incompat_flags=sb.incompat_flags | S.INCOMPAT_TREE_LOG)
         return self.store.encode_dirty(), new
-
-    def _fold(self) -> None:
-        """The delta outgrew its leaf: its items go into the base (the first delta becomes the
-        base as it is), and a new delta holds only BASE_KEY."""
-        assert self.tree is not None and self.store is not None
-        delta, base = self.tree, self.base
-        if base is None:
-            base = delta
-        else:
-            base.apply([(key, None if body == DROPPED else body) for key, body in delta.items() if key != BASE_KEY])
-            for block in list(delta.blocks()):
-                self.store.free_block(block)
-        self.base = base
-        root = self.store.new_block(S.TREE_LOG_OBJECTID, 0)
-        self.tree = BTree(self.store, S.TREE_LOG_OBJECTID, root.bytenr, 0)
-        self.tree.insert(BASE_KEY, RootItem(generation=self.engine.transid, root_dirid=0, bytenr=base.root,
-                                            bytes_used=0, last_snapshot=0, flags=0, refs=1, level=base.level).pack())
 
     def finish_sync(self) -> None:
         """The log's superblock is durable: later changes to the log COW (and pin) its blocks."""
@@ -240,40 +260,44 @@ class TreeLog:
             for block in [*self.store.dirty.values(), *self.store.clean.values()]:
                 self.store.free_block(block)
         self.tree = self.base = self.store = None
-        self.logged, self.held, self.csummed, self.csum_ends = {}, {}, set(), {}
+        self.logged, self.held, self.csummed, self.csum_ends, self.older = {}, {}, set(), {}, set()
 
 
 def log_trees(read: ReadFn, sb: SuperInfo) -> list[BTree]:
-    """The log's trees, the delta then its base (if any), read through a store of their own:
-    the log's blocks lie in space the committed free-space record calls free."""
+    """The log's trees, the delta first, then each tree the one before names (its LINK_KEY, or
+    an older build's BASE_KEY), read through a store of their own: the log's blocks lie in
+    space the committed free-space record calls free."""
     store = TreeStore(read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
                       transid=sb.log_root_transid, cache_blocks=0)
-
-    def tree(bytenr: int, level: int) -> BTree:
+    trees: list[BTree] = []
+    bytenr, level = sb.log_root, sb.log_root_level
+    while True:
+        if any(t.root == bytenr for t in trees):
+            raise CorruptionError(f"log tree: block {bytenr} is reached twice (a tree of the log names one before it)",
+                                  "BAD_LOG_ITEM", bytenr)
         store.get(bytenr, generation=sb.log_root_transid, level=level, owner=S.TREE_LOG_OBJECTID)
-        return BTree(store, S.TREE_LOG_OBJECTID, bytenr, level)
-
-    delta = tree(sb.log_root, sb.log_root_level)
-    body = delta.get(BASE_KEY)
-    if body is None:
-        return [delta]
-    root = RootItem.unpack(body)
-    return [delta, tree(root.bytenr, root.level)]
+        trees.append(BTree(store, S.TREE_LOG_OBJECTID, bytenr, level))
+        body = trees[-1].get(LINK_KEY) or trees[-1].get(BASE_KEY)
+        if body is None:
+            return trees
+        root = RootItem.unpack(body)
+        bytenr, level = root.bytenr, root.level
 
 
 def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
-    """The log's blocks and items (for replay and fsck): the base's items, each replaced by the
-    delta's at its key, without the stale ones (``DROPPED``) and the delta's BASE_KEY."""
+    """The log's blocks and items (for replay and fsck): each tree's items replaced by those of
+    the newer trees at their keys, without the stale ones (``DROPPED``) and the links."""
     trees = log_trees(read, sb)
     blocks, items = [b.bytenr for t in trees for b in t.blocks()], {}
     if len(set(blocks)) != len(blocks):
-        # a base reaching the delta's leaf (or itself naming it): fsck found each block readable,
-        # and replay's reserve then failed on the second sight of one -- say what is wrong, once
+        # a tree reaching a newer one's block: fsck found each block readable, and replay's
+        # reserve then failed on the second sight of one -- say what is wrong, once
         shared = next(b for b in blocks if blocks.count(b) > 1)
-        raise CorruptionError(f"log tree: block {shared} is reached twice (the base shares it with the delta)",
+        raise CorruptionError(f"log tree: block {shared} is reached twice (two trees of the log share it)",
                               "BAD_LOG_ITEM", shared)
     for t in reversed(trees):
         items.update(t.items())
+    items.pop(LINK_KEY, None)
     items.pop(BASE_KEY, None)
     return blocks, sorted((key, body) for key, body in items.items() if body != DROPPED)
 
