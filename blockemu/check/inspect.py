@@ -128,7 +128,7 @@ def _dump_trees(img: ImageFile, sb: Any, trees: list[str] | None) -> list[dict[s
         if tid == S.TREE_LOG_OBJECTID:
             if not sb.log_root:
                 continue  # no fsync log: nothing to show
-            # found from the superblock, not the root tree: the delta, then its base
+            # found from the superblock, not the root tree: the delta, then each tree it names in turn
             trees = log_trees(img.read, sb)
         else:
             trees = [engine.tree(tid)]
