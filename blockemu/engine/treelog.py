@@ -84,6 +84,11 @@ Item = tuple[tuple[int, int, int], bytes]
 # Process CPU, alternated, 3 runs of 300 cycles each: 7.9-8.6 ms per cycle at 8, 6.1-7.6 at 16.
 # 32 and 64 blocks: 4,070 and 4,006 M at N=120, CPU within 16's spread -- not clearly better,
 # and replay reads the whole log, so the cap stays at the smallest that measured the gain.
+# With the log a chain of trees (below) a sync's cost no longer grows with the log, and only
+# the commits change with the cap (fsync16: the same job, plain file, N=800): 16 blocks 12.33 M
+# instructions a cycle (10 commits), 32 blocks 11.36 M (5), 64 blocks 10.64 M (2). Not raised
+# yet: the log's blocks come out of the metadata reserve (``Engine.data_keep``) and stay pinned
+# through the commit that drops them, so a larger cap needs the ENOSPC accounting to count them.
 LOG_COMMIT_BLOCKS = 16
 # The log is a chain of trees (SPEC "Log tree"): the superblock names the delta, which holds what
 # was logged since it began and, once an older tree stands behind it, LINK_KEY naming that one
@@ -98,7 +103,7 @@ LINK_KEY = (S.TREE_LOG_OBJECTID, S.ROOT_ITEM, 1)
 # knows only BASE_KEY refuses LINK_KEY ("unexpected item") rather than reading two trees of a
 # longer chain and missing the rest
 BASE_KEY = (S.TREE_LOG_OBJECTID, S.ROOT_ITEM, 0)
-DROPPED = b""  # a delta's EXTENT_DATA item saying the base's item at its key is stale
+DROPPED = b""  # a newer tree's EXTENT_DATA item saying an older tree's item at its key is stale
 
 
 def extent_csums(csums: list[Item], starts: list[int], bytenr: int, length: int, size: int, per: int) -> list[Item]:
