@@ -701,6 +701,71 @@ async def test_a_log_base_that_shares_the_deltas_block_is_damaged_for_fsck_and_m
             pass
 
 
+async def test_an_item_gone_stale_in_the_sync_that_starts_a_new_delta_stays_dropped(tmp_path):
+    """A page logged in the delta, then, in one sync, covered by a write starting a page before
+    it (its item is gone: stale) along with enough other writes that the delta has no room and
+    is left behind a new one: the new delta must mark the item stale, for the old delta -- now
+    an older tree -- still holds it, and replayed it would bring back the page's old data."""
+    img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
+    await blockemu.mkfs(img, size="64M", node_size="4K", force=True)  # small leaves: the delta fills soon
+    rng = random.Random(11)
+    u = 4096
+    async with blockemu.mount(img, interval=3600) as fs:
+        want = bytearray(rng.randbytes(256 * u))
+        log = await committed_then_log(fs, tmp_path, want)
+
+        async def write(page: int, n: int = 1) -> None:
+            data = rng.randbytes(n * u)
+            await f.pwrite(data, page * u)
+            want[page * u:(page + n) * u] = data
+        async with fs.open("/f", "r+") as f:
+            await write(101)
+            await f.fsync()
+            assert fs.vol.log_root and fs.vol.log.base is None, "logged, in the delta alone"
+            await write(100, 2)  # the item at page 101 is gone
+            for page in range(0, 256, 4):
+                if page not in (100, 104):
+                    await write(page)
+            gen = fs.vol.generation
+            await f.fsync()
+            assert fs.vol.generation == gen and fs.vol.log.base is not None, "a new delta, in the same sync"
+        _crash_now(log, crash)
+    async with blockemu.mount(crash) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+
+
+async def test_a_two_tree_log_of_an_older_build_still_replays(tmp_path):
+    """The two-tree writer named its base at BASE_KEY (offset 0); such a log, left by a crash
+    before an upgrade, must still read: the same log with its link moved to BASE_KEY replays
+    to what fsync acknowledged, and fsck calls it clean."""
+    from blockemu.engine.treelog import BASE_KEY, LINK_KEY
+    img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
+    await blockemu.mkfs(img, size="64M", node_size="4K", force=True)  # small leaves: the delta fills soon
+    rng = random.Random(9)
+    async with blockemu.mount(img, interval=3600) as fs:
+        want = bytearray(rng.randbytes(128 * 4096))
+        log = await committed_then_log(fs, tmp_path, want)
+        async with fs.open("/f", "r+") as f:
+            while fs.vol.log.base is None:
+                for page in rng.sample(range(0, 128, 2), 6):
+                    data = rng.randbytes(4096)
+                    await f.pwrite(data, page * 4096)
+                    want[page * 4096:(page + 1) * 4096] = data
+                await f.fsync()
+            assert fs.vol.log.blocks() == 2, "a delta and the one tree it names"
+        _crash_now(log, crash)
+
+    def as_base(leaf, sb) -> None:
+        leaf.keys[leaf.keys.index(LINK_KEY)] = BASE_KEY  # last in key order either way
+    _edit_log_leaf(crash, as_base)
+    report = check(crash, check_data=True)
+    assert report.clean, [e.message for e in report.errors]
+    async with blockemu.mount(crash) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+
+
 async def test_a_log_missing_an_extents_checksums_fails_the_mount_as_fsck_says(tmp_path):
     """fsck calls a log whose new extent has no checksum items damaged (MISSING_CSUM, "rescue
     zero-log"); replay took it anyway and committed the extent without checksums -- the
