@@ -625,19 +625,18 @@ async def test_every_crash_state_around_new_deltas_and_a_stale_item_in_an_older_
     assert result.states >= 20 and not result.failures, result.failures[:3]
 
 
-async def test_a_log_chain_replays_and_inspect_shows_every_tree(tmp_path):
-    """A log of three trees or more (a delta, the one it names, and that one's), crashed: fsck
-    reads them all (clean), inspect's dump of the log shows every block of each, and the mount
-    replays them to what fsync acknowledged."""
-    from blockemu.check.inspect import dump_tree
+async def _crashed_after_scattered_fsyncs(tmp_path, seed: int, done) -> tuple[str, bytearray]:
+    """A 4K-node image (small leaves: the delta fills soon) whose 512 KiB file is committed, then
+    six scattered one-page writes at a time fsynced, each through the log, until
+    ``done(fs.vol.log)``; then a power cut. The crash image, and the bytes fsync acknowledged."""
     img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
-    await blockemu.mkfs(img, size="64M", node_size="4K", force=True)  # small leaves: the delta fills soon
-    rng = random.Random(8)
+    await blockemu.mkfs(img, size="64M", node_size="4K", force=True)
+    rng = random.Random(seed)
     async with blockemu.mount(img, interval=3600) as fs:
         want = bytearray(rng.randbytes(128 * 4096))
         log = await committed_then_log(fs, tmp_path, want)
         async with fs.open("/f", "r+") as f:
-            while fs.vol.log.blocks() < 3 or len(list(fs.vol.log.tree.items())) < 4:
+            while not done(fs.vol.log):
                 for page in rng.sample(range(0, 128, 2), 6):
                     data = rng.randbytes(4096)
                     await f.pwrite(data, page * 4096)
@@ -646,6 +645,16 @@ async def test_a_log_chain_replays_and_inspect_shows_every_tree(tmp_path):
                 await f.fsync()
                 assert fs.vol.generation == gen and fs.vol.log_root, "the fsync went through the log"
         _crash_now(log, crash)
+    return crash, want
+
+
+async def test_a_log_chain_replays_and_inspect_shows_every_tree(tmp_path):
+    """A log of three trees or more (a delta, the one it names, and that one's), crashed: fsck
+    reads them all (clean), inspect's dump of the log shows every block of each, and the mount
+    replays them to what fsync acknowledged."""
+    from blockemu.check.inspect import dump_tree
+    crash, want = await _crashed_after_scattered_fsyncs(
+        tmp_path, 8, lambda log: log.blocks() >= 3 and len(list(log.tree.items())) >= 4)
     _, blocks, items = _log_items(crash)
     dumped = dump_tree(crash, ["log"])
     assert sorted(b["bytenr"] for b in dumped) == sorted(blocks) and len(blocks) > 2
@@ -740,21 +749,8 @@ async def test_a_two_tree_log_of_an_older_build_still_replays(tmp_path):
     before an upgrade, must still read: the same log with its link moved to BASE_KEY replays
     to what fsync acknowledged, and fsck calls it clean."""
     from blockemu.engine.treelog import BASE_KEY, LINK_KEY
-    img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
-    await blockemu.mkfs(img, size="64M", node_size="4K", force=True)  # small leaves: the delta fills soon
-    rng = random.Random(9)
-    async with blockemu.mount(img, interval=3600) as fs:
-        want = bytearray(rng.randbytes(128 * 4096))
-        log = await committed_then_log(fs, tmp_path, want)
-        async with fs.open("/f", "r+") as f:
-            while fs.vol.log.base is None:
-                for page in rng.sample(range(0, 128, 2), 6):
-                    data = rng.randbytes(4096)
-                    await f.pwrite(data, page * 4096)
-                    want[page * 4096:(page + 1) * 4096] = data
-                await f.fsync()
-            assert fs.vol.log.blocks() == 2, "a delta and the one tree it names"
-        _crash_now(log, crash)
+    crash, want = await _crashed_after_scattered_fsyncs(tmp_path, 9, lambda log: log.base is not None)
+    assert len(_log_items(crash)[1]) == 2, "a delta and the one tree it names"
 
     def as_base(leaf, sb) -> None:
         leaf.keys[leaf.keys.index(LINK_KEY)] = BASE_KEY  # last in key order either way
