@@ -72,6 +72,24 @@ def test_mkfs_that_fails_while_populating_leaves_no_image(tmp_path):
     assert not img.exists()
 
 
+def test_a_key_too_short_for_aes_256_makes_no_encrypted_directory(tmp_path, capsys):
+    """fscrypt needs a v2 master key of AES-256's strength, 32 bytes; Linux sets the policy and then
+    refuses every unlock under it (ENOKEY), so a 16-byte key made a directory Linux could never
+    open. mkdir --encrypt and mkfs --encrypt refuse it, and leave no plain directory or image."""
+    img, short, root = tmp_path / "s.img", tmp_path / "short", tmp_path / "D"
+    short.write_bytes(bytes(range(16)))
+    (root / "enc").mkdir(parents=True)
+    kid = key_identifier(bytes(range(16))).hex()
+    why = "is 16 bytes, too short to encrypt /enc: AES-256-XTS needs a key of at least 32 bytes\n"
+    assert cli(capsys, "mkfs", str(img), "--size", "32M")[0] == 0
+    assert cli(capsys, "mkdir", str(img), "/enc", "--encrypt", "--key-file", str(short)) == (
+        1, "", f"blockemu: mkdir: key {kid} {why}")
+    assert cli(capsys, "ls", str(img), "/") == (0, "", "")
+    assert cli(capsys, "mkfs", str(tmp_path / "r.img"), "--size", "32M", "--rootdir", str(root), "--encrypt", "/enc",
+               "--key-file", str(short)) == (1, "", f"blockemu: mkfs: key {kid} {why}")
+    assert not (tmp_path / "r.img").exists()
+
+
 def test_a_wrong_key_is_told_apart_from_no_key(tmp_path, capsys):
     img, right, wrong, host = (str(tmp_path / n) for n in ("k.img", "right", "wrong", "host"))
     open(right, "wb").write(bytes(range(32)))

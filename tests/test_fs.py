@@ -374,6 +374,12 @@ async def test_policies_and_exdev(fs):
     await fs.mkdir("/empty")
     with ErrnoCheck(errno.ENOKEY):
         await fs.set_policy("/empty", "00" * 16)
+    for size in (16, 31):  # a valid add_key, but shorter than AES-256's 32 bytes: no policy
+        short = await fs.add_key(bytes(range(size)))
+        with ErrnoCheck(errno.EINVAL):
+            await fs.set_policy("/empty", short)
+        assert await fs.get_policy("/empty") is None
+    await fs.set_policy("/empty", await fs.add_key(bytes(range(32))))
 
 
 async def test_no_plaintext_reaches_the_image(image):

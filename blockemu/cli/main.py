@@ -777,7 +777,11 @@ def cmd_mkdir(a: argparse.Namespace) -> int:
     async def body(fs: Any) -> int:
         await fs.mkdir(a.path)
         if a.encrypt:
-            await fs.set_policy(a.path, fscrypt.key_identifier(read_key(a.key_file)))
+            try:
+                await fs.set_policy(a.path, fscrypt.key_identifier(read_key(a.key_file)))
+            except OSError:
+                await fs.rmdir(a.path)  # a refused policy (a key too short) leaves no plain directory behind
+                raise
         return 0
     return on_image(a, body)
 

@@ -33,6 +33,10 @@ HKDF_CONTEXT_PER_EXTENT_ENC_KEY = 9
 KEY_IDENTIFIER_SIZE = 16
 NONCE_SIZE = 16
 MIN_KEY_SIZE, MAX_KEY_SIZE = 16, 64
+# A v2 policy's master key must be at least as long as its modes' security strength: 32 bytes
+# for AES-256-XTS and AES-256-CTS (fscrypt_valid_master_key_size). A shorter key is a valid
+# add_key (16 bytes suffice there) but protects nothing fscrypt would unlock.
+MIN_POLICY_KEY_SIZE = 32
 
 
 class _Param(ctypes.Structure):

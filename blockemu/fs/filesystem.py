@@ -987,6 +987,10 @@ class Filesystem:
             mk = self.keyring.keys.get(ident)
             if mk is None or user not in mk.users:
                 raise NoKeyError("Required key not available")
+            if mk.secret is not None and len(mk.secret) < fscrypt.MIN_POLICY_KEY_SIZE:
+                # Linux sets such a policy, then every unlock under it fails with ENOKEY: refused here
+                raise InvalidArgument(f"key {ident.hex()} is {len(mk.secret)} bytes, too short to encrypt {path}: "
+                                      f"AES-256-XTS needs a key of at least {fscrypt.MIN_POLICY_KEY_SIZE} bytes")
             self._store_policy(d.ino, ident)
             d.key_id = ident
             d.item = d.item._replace(flags=d.item.flags | INODE_FLAG_ENCRYPT)
