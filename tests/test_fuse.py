@@ -252,6 +252,11 @@ POSIX = textwrap.dedent("""
             f.write("line\\n"); f.flush(); os.fsync(f.fileno())
     assert open(f"{m}/log").read() == "line\\nline\\n"
 
+    # reads leave atime alone, and the mount says so (noatime, not the kernel's default relatime)
+    os.utime(f"{m}/log", ns=(1_000_000_000, os.stat(f"{m}/log").st_mtime_ns))
+    assert open(f"{m}/log").read() and os.stat(f"{m}/log").st_atime_ns == 1_000_000_000
+    assert "noatime" in next(line.split()[3] for line in open("/proc/mounts") if line.split()[1] == m).split(",")
+
     # chmod, utime, directories
     os.chmod(f"{m}/t", 0o751); os.utime(f"{m}/t", ns=(5, 6_000_000_007))
     s = os.stat(f"{m}/t")

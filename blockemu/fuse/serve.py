@@ -258,7 +258,9 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytearray], readonly:
                 fscrypt.wipe(raw)  # the keyring holds its own copy, wiped when the key is removed
         server = Server(fs, mountpoint)
         pyfuse3.asyncio.enable()
-        options = {"subtype=blockemu", "default_permissions",
+        # noatime: no read updates atime (Filesystem has no such path), so the mount says it
+        # rather than the kernel's default relatime, which find -atime and mail tools would trust
+        options = {"subtype=blockemu", "default_permissions", "noatime",
                    f"fsname={image}" if "," not in image else "fsname=blockemu"}
         if readonly:
             options.add("ro")
