@@ -5,6 +5,7 @@ point, minus a second of interpreter start-up each -- and compare stdout and std
 whole."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -88,6 +89,22 @@ def test_a_key_too_short_for_aes_256_makes_no_encrypted_directory(tmp_path, caps
     assert cli(capsys, "mkfs", str(tmp_path / "r.img"), "--size", "32M", "--rootdir", str(root), "--encrypt", "/enc",
                "--key-file", str(short)) == (1, "", f"blockemu: mkfs: key {kid} {why}")
     assert not (tmp_path / "r.img").exists()
+
+
+def test_a_key_file_that_does_not_read_gives_its_own_errno_in_json(tmp_path, capsys):
+    """--json's errno is the key file's own (ENOENT, EISDIR), and EINVAL for a key of the wrong
+    size, as add_key says it: every one was EIO, whatever the line on stderr said."""
+    img, short = tmp_path / "k.img", tmp_path / "short"
+    short.write_bytes(bytes(8))
+    assert cli(capsys, "mkfs", str(img), "--size", "32M")[0] == 0
+    for key, code, why in ((tmp_path / "none", "ENOENT", "No such file or directory"), (tmp_path, "EISDIR", "Is a directory"),
+                           (short, "EINVAL", "a raw key is 16 to 64 bytes, this file has 8")):
+        line = f"--key-file {key}: {why}"
+        for command, failed in (("ls", 1), ("fsck", 8)):
+            rc, out, err = cli(capsys, command, str(img), "--key-file", str(key), "--json")
+            assert (rc, err) == (failed, f"blockemu: {command}: {line}\n")
+            assert json.loads(out) == {"error": {"command": command, "errno": getattr(errno, code), "code": code,
+                                                 "message": line}}
 
 
 def test_a_wrong_key_is_told_apart_from_no_key(tmp_path, capsys):

@@ -542,11 +542,11 @@ def read_key(path: str | None) -> bytearray | None:
         else:
             with open(path, "rb", buffering=0) as f:
                 raw = read_secret(f, MAX_KEY_SIZE + 1)
-    except OSError as e:
-        raise BlockemuError(f"--key-file {path}: {e.strerror}") from None
+    except OSError as e:  # its own errno (ENOENT, EACCES, EISDIR), which --json reports: it said EIO
+        raise OSError(e.errno, f"--key-file {path}: {e.strerror}") from None
     KEYS_READ.append(raw)
     if not MIN_KEY_SIZE <= len(raw) <= MAX_KEY_SIZE:
-        raise BlockemuError(f"--key-file {path}: a raw key is {MIN_KEY_SIZE} to {MAX_KEY_SIZE} bytes, this file has {len(raw)}")
+        raise InvalidArgument(f"--key-file {path}: a raw key is {MIN_KEY_SIZE} to {MAX_KEY_SIZE} bytes, this file has {len(raw)}")
     return raw
 
 
