@@ -430,7 +430,7 @@ def test_stress_power_cut_keeps_every_fsync_acknowledged_file(tmp_path):
     assert out["aborted"] and "power cut" in out["aborted"]
     assert out["ledger_files_checked_after_crash"] > 0
     assert out["lost_acknowledged_writes"] == 0 and out["fsck"] == "clean" and out["ok"]
-    assert "notes" not in out
+    assert out["notes"] == []
 
 
 def test_a_stress_campaign_counts_the_files_it_checked_after_each_power_cut():
@@ -467,6 +467,25 @@ def test_run_says_when_the_power_cut_its_faults_job_asked_for_never_came(tmp_pat
     assert re.search(r"^note: cut=100000: the run made \d+ writes, so no power cut happened", out, re.M), out
     job.write_text(job.read_text().replace("cut=100000", "cut=5"))
     assert "no power cut happened" not in run("run", str(job), "--seed", "1", check_rc=1).stdout
+
+
+async def test_the_stress_summary_has_the_same_keys_whatever_the_flags(tmp_path):
+    """A script reading ``stress --json`` of runs with and without --faults met a KeyError: the
+    ``notes``, ``crash_states_checked``
+    or ``fsck_flips_undone`` came only with the flags that fill them. Every key is always there,
+    null (or an empty list) where the run has no figure for it."""
+    from blockemu.device.faultplan import FaultPlan
+    from blockemu.workload.runner import stress_mix
+    from blockemu.workload.writepath import FAST
+
+    runs = [await stress_mix(str(tmp_path / f"{n}.img"), seed=5, tasks=1, nops=10, duration=None,
+                             faults=FaultPlan.parse(faults) if faults else None, crash_points=points, write_path=FAST)
+            for n, (faults, points) in enumerate(((None, 0), ("latency=0.0001", 0), (None, 2)))]
+    assert [sorted(r) for r in runs[1:]] == [sorted(runs[0])] * 2
+    plain, faulted, crashed = runs
+    assert (plain["io_errors"], faulted["io_errors"]) == (0, 0)
+    assert (plain["crash_states_checked"], plain["fsck_flips_undone"], plain["notes"]) == (None, None, [])
+    assert crashed["crash_states_checked"] == 2 and all(r["ok"] for r in runs)
 
 
 async def test_the_stress_bar_names_the_checks_after_the_mix(tmp_path):
