@@ -30,6 +30,7 @@ import pytest
 from blockemu import mkfs, mount
 from blockemu.check.fsck import check
 from blockemu.cli.main import main
+from blockemu.fuse import control
 from blockemu.fuse.serve import abort_connection, connection, mounted_fstype
 from tests.test_wipe import Scanner, report, zero
 from tests.util import set_super
@@ -597,16 +598,23 @@ def test_kill_9_then_fsck_then_mount_clears_the_dead_mount(env, image, mnt) -> N
         s.close()
 
 
-def test_umount_of_a_killed_server_detaches_the_dead_mount(env, image, mnt) -> None:
-    s = Served(env, image, mnt)
-    try:
-        os.kill(s.proc.pid, signal.SIGKILL)
-        s.proc.wait(timeout=30)
-        r = blockemu(env, "umount", str(mnt))
-        assert "detached the dead mount" in r.stdout
-        assert mounted_fstype(str(mnt)) is None
-    finally:
-        s.close()
+def test_umount_of_a_killed_server_detaches_the_dead_mount(env, image, mnt, monkeypatch) -> None:
+    """... and clears what the server left in the runtime directory: its stale socket, and its
+    log if that is empty (a kill -9 leaves no last words); a log that says something stays."""
+    run = Path(env["BLOCKEMU_RUNTIME_DIR"])
+    monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", str(run))
+    for words in ("", "last words\n"):
+        s = Served(env, image, mnt)
+        try:
+            os.kill(s.proc.pid, signal.SIGKILL)
+            s.proc.wait(timeout=30)
+            Path(control.log_path(str(mnt))).write_text(words)  # as a background server's log
+            r = blockemu(env, "umount", str(mnt))
+            assert "detached the dead mount" in r.stdout
+            assert mounted_fstype(str(mnt)) is None
+            assert [p.read_text() for p in run.iterdir()] == ([words] if words else [])
+        finally:
+            s.close()
 
 
 def test_mount_and_umount_errors_are_one_line(env, image, mnt, tmp_path, capsys, monkeypatch) -> None:

@@ -8,6 +8,7 @@ so ``blockemu mount ... && cp ...`` never races the mount.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import os
@@ -123,13 +124,18 @@ def unmount_command(mountpoint: str, *, lazy: bool) -> list[str]:
 
 
 def clear_dead_mount(mountpoint: str) -> bool:
-    """A killed server leaves "Transport endpoint is not connected": detach it. True if it did."""
+    """A killed server leaves "Transport endpoint is not connected": detach it. True if it did.
+    Its socket goes too, and its log if that is empty (a kill -9 leaves no last words): both
+    stayed in the runtime directory, an empty log where a log left there should say something."""
     if mounted_fstype(mountpoint) is None or not is_dead(mountpoint):
         return False
     cmd = unmount_command(mountpoint, lazy=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise Busy(f"{mountpoint}: a dead mount is in the way and {' '.join(cmd)} failed: {done.stderr.strip()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(control.socket_path(mountpoint))
+    drop_quiet_log(control.log_path(mountpoint))
     return True
 
 
