@@ -86,9 +86,13 @@ def test_a_key_too_short_for_aes_256_makes_no_encrypted_directory(tmp_path, caps
     assert cli(capsys, "mkdir", str(img), "/enc", "--encrypt", "--key-file", str(short)) == (
         1, "", f"blockemu: mkdir: key {kid} {why}")
     assert cli(capsys, "ls", str(img), "/") == (0, "", "")
-    assert cli(capsys, "mkfs", str(tmp_path / "r.img"), "--size", "32M", "--rootdir", str(root), "--encrypt", "/enc",
-               "--key-file", str(short)) == (1, "", f"blockemu: mkfs: key {kid} {why}")
+    mkfs = ["mkfs", str(tmp_path / "r.img"), "--size", "32M", "--rootdir", str(root), "--encrypt", "/enc",
+            "--key-file", str(short)]
+    assert cli(capsys, *mkfs) == (1, "", f"blockemu: mkfs: key {kid} {why}")
     assert not (tmp_path / "r.img").exists()
+    before = img.read_bytes()
+    assert cli(capsys, *mkfs[:1], str(img), *mkfs[2:], "--force") == (1, "", f"blockemu: mkfs: key {kid} {why}")
+    assert img.read_bytes() == before  # refused before --force truncated the old image
 
 
 def test_a_key_file_that_does_not_read_gives_its_own_errno_in_json(tmp_path, capsys):

@@ -182,6 +182,14 @@ def parse_identifier(key_id: str | bytes) -> bytes:
     return raw
 
 
+def check_policy_key(secret: bytes | bytearray, where: str) -> None:
+    """EINVAL unless ``secret`` is long enough to encrypt ``where`` under a v2 policy
+    (``fscrypt.MIN_POLICY_KEY_SIZE``). set_policy checks it, and mkfs before it touches the image."""
+    if len(secret) < fscrypt.MIN_POLICY_KEY_SIZE:
+        raise InvalidArgument(f"key {fscrypt.key_identifier(secret).hex()} is {len(secret)} bytes, too short to encrypt "
+                              f"{where}: AES-256-XTS needs a key of at least {fscrypt.MIN_POLICY_KEY_SIZE} bytes")
+
+
 class Keyring:
     """One per mounted filesystem. Owns every master secret and every lease."""
 

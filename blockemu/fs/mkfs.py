@@ -158,6 +158,10 @@ async def mkfs(
     encryption policy for ``key`` before its contents are copied. Returns the superblock."""
     if encrypt is not None and key is None:
         raise InvalidArgument("--encrypt needs --key-file")
+    if encrypt is not None and key is not None:  # refused here, not by set_policy after --force truncated the image
+        from blockemu.crypto.keyring import check_policy_key  # only here: a plain mkfs loads no cipher
+
+        check_policy_key(key, encrypt_target(encrypt))
     if rootdir is not None and not os.path.isdir(rootdir):
         raise InvalidArgument(f"--rootdir {rootdir}: not a directory")
     nbytes, nodesize, csum_type, fsid = check_options(size, node_size, csum, label, uuid)
