@@ -335,6 +335,17 @@ def test_rootdir_keeps_a_sparse_files_holes(tmp_path):
     assert run("fsck", img).returncode == 0
 
 
+def test_put_reads_a_regular_file_past_its_size_as_cp_does(tmp_path):
+    """/proc's files are regular files of size 0: ``put IMG /proc/version /v`` made an empty /v and
+    exited 0, where cp copies the text. A regular file is read on past its size, to its end."""
+    img = str(tmp_path / "p.img")
+    run("mkfs", img, "--size", "32M")
+    assert os.stat("/proc/version").st_size == 0
+    run("put", img, "/proc/version", "/v")
+    want = open("/proc/version", "rb").read()
+    assert want and run_bytes("cat", img, "/v") == want
+
+
 def test_put_keeps_holes_and_names_the_file_that_does_not_fit(tmp_path):
     """put copied a sparse host file as zeros (mkfs --rootdir's own copy, repeated) and its
     ENOSPC named nothing ('blockemu: put: No space left on device: ...'); it shares mkfs's copy."""

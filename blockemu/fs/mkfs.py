@@ -273,18 +273,22 @@ async def copy_in(f: Any, src: BinaryIO, host: str, advance: Callable[[int], Non
     """A host file's bytes into the image file ``f`` (mkfs --rootdir, put), its holes left holes
     (a 50 MiB sparse file took 50 MiB of zeros in the image, as ``cp --sparse=never``); a full
     image names the host file that did not fit. A pipe or a device (``put - PATH``, ``put
-    /dev/stdin PATH``) is read to its end, as cp reads it: its size, 0, made an empty file."""
+    /dev/stdin PATH``) is read to its end, as cp reads it: its size, 0, made an empty file. So
+    is a regular file past its size: /proc's and sysfs's files say 0 (``put /proc/cpuinfo``
+    made an empty file), and one still growing holds more than fstat said."""
     st, copied = os.fstat(src.fileno()), 0
     regular = stat.S_ISREG(st.st_mode)
 
-    async def run(start: int, end: int | None) -> None:
-        """[start, end) of the source, read from where it stands; ``end`` None: to its end."""
+    async def run(start: int, end: int | None) -> int:
+        """[start, end) of the source, read from where it stands; ``end`` None: to its end.
+        Returns where it stopped."""
         nonlocal copied
         while (n := 1 << 20 if end is None else min(1 << 20, end - start)) > 0 and (chunk := src.read(n)):
             await f.pwrite(chunk, start)
             start += len(chunk)
             copied += len(chunk)
             advance(len(chunk))
+        return start
     try:
         if not regular:
             await run(0, None)
@@ -292,11 +296,12 @@ async def copy_in(f: Any, src: BinaryIO, host: str, advance: Callable[[int], Non
             src.seek(start)
             await run(start, end)
         if regular:
-            await f.truncate(st.st_size)
+            src.seek(st.st_size)
+            await f.truncate(await run(st.st_size, None))  # the size: a trailing hole's end, or past it
     except NoSpaceError as e:
         what = f"{st.st_size} bytes" if regular else f"{copied} bytes read"
         raise NoSpaceError(f"{host} ({what}) does not fit in the image: {e}") from None
-    advance(st.st_size - copied if regular else 0)  # the holes: the bar counts the files' sizes
+    advance(max(0, st.st_size - copied) if regular else 0)  # the holes: the bar counts the files' sizes
 
 
 def data_runs(fd: int, size: int) -> Iterator[tuple[int, int]]:
