@@ -9,6 +9,7 @@ import hmac
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -344,6 +345,27 @@ def test_put_reads_a_regular_file_past_its_size_as_cp_does(tmp_path):
     run("put", img, "/proc/version", "/v")
     want = open("/proc/version", "rb").read()
     assert want and run_bytes("cat", img, "/v") == want
+
+
+def test_put_gives_the_permissions_cp_gives(tmp_path):
+    """Every put made a 0644 file, so a script put into the image did not run on the mount. As cp:
+    a new PATH takes the host file's permissions less the umask, an existing PATH keeps its own,
+    and standard input (no regular file) gives the default."""
+    img, script, private = str(tmp_path / "p.img"), tmp_path / "s.sh", tmp_path / "private"
+    script.write_text("#!/bin/sh\necho hi\n")
+    private.write_text("secret")
+    os.chmod(script, 0o755)
+    os.chmod(private, 0o600)
+    umask = os.umask(0)
+    os.umask(umask)
+    run("mkfs", img, "--size", "32M")
+    run("put", img, str(script), "/s.sh")
+    run("put", img, str(private), "/p")
+    run("put", img, str(private), "/s.sh")  # over an existing PATH: its permissions stay
+
+    modes = {e["name"]: e["mode"] for e in json.loads(run("ls", img, "--json").stdout)}
+    assert modes == {"s.sh": stat.filemode(stat.S_IFREG | 0o755 & ~umask), "p": stat.filemode(stat.S_IFREG | 0o600 & ~umask)}
+    assert run_bytes("cat", img, "/s.sh") == b"secret"
 
 
 def test_put_keeps_holes_and_names_the_file_that_does_not_fit(tmp_path):

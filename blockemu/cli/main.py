@@ -753,11 +753,14 @@ def cmd_put(a: argparse.Namespace) -> int:
             raise NotADirectory(f"{parent}: not a directory")
         # a name of its own, not PATH's with a suffix: that made a legal name of 242-255 bytes too long
         tmp = f"{parent}/.put-{os.urandom(4).hex()}"
+        mode = await put_mode(fs, a.path, src)
         with src:
             f = await fs.open(tmp, "x")
             try:
                 async with f:
                     await copy_in(f, src, a.hostfile)
+                    if mode is not None:
+                        await fs.set_attrs(f.inode, mode=mode)
                     await f.fsync()
                 await fs.rename(tmp, a.path)
             except BaseException:
@@ -766,6 +769,21 @@ def cmd_put(a: argparse.Namespace) -> int:
                 raise
         return 0
     return on_image(a, body)
+
+
+async def put_mode(fs: Any, path: str, src: Any) -> int | None:
+    """The permissions put gives PATH, as cp gives them: an existing PATH keeps its own, a new one
+    takes a regular host file's less the umask (None: the default, for a pipe or a device). Every
+    put made 0644, so a script put into the image did not run on the mount."""
+    try:
+        return stat.S_IMODE((await fs.stat(path)).st_mode)
+    except FileNotFoundError:
+        host = os.fstat(src.fileno())
+        if not stat.S_ISREG(host.st_mode):
+            return None
+        umask = os.umask(0)
+        os.umask(umask)
+        return stat.S_IMODE(host.st_mode) & ~umask
 
 
 def cmd_mkdir(a: argparse.Namespace) -> int:
