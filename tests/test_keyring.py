@@ -291,3 +291,29 @@ async def test_a_removal_that_completes_owes_no_second_success(fs):
     assert str(r) == f"Removed encryption key with identifier {kid}" and str(fs.key_status(kid)) == "Absent"
     with ErrnoCheck(errno.ENOKEY):
         await fs.remove_key(kid)
+
+
+async def test_key_in_use_walks_a_chunk_at_a_time_and_finds_the_key_wherever_they_end(fs, monkeypatch):
+    """A key no inode names (a wrong ``--key-file``) makes ``key_in_use`` walk the whole fs tree:
+    1,000,000 items (250,000 files) took 1.7 s of CPU, 2-5 s wall, in one step of the loop, so a
+    mount's server answered no request while ``blockemu key add`` ran. It now walks a chunk of
+    items at a time and lets the loop run between -- and still finds the one inode naming the
+    key (the last one made), however the chunks fall."""
+    import asyncio
+
+    from blockemu.crypto.fscrypt import key_identifier
+    from blockemu.fs import filesystem
+
+    for i in range(10):
+        await fs.mkdir(f"/p{i}")
+    kid = await encrypted_dir(fs, "/z")
+    other = key_identifier(bytes(range(100, 164))).hex()
+    items = sum(1 for _ in fs.tree.items())
+    for chunk in (1, 2, 3, 5, items - 1, items, items + 1):
+        monkeypatch.setattr(filesystem, "KEY_WALK_CHUNK", chunk)
+        assert await fs.key_in_use(kid) and not await fs.key_in_use(other), chunk
+    monkeypatch.setattr(filesystem, "KEY_WALK_CHUNK", 4)
+    walk = asyncio.create_task(fs.key_in_use(other))
+    await asyncio.sleep(0)  # the walk's first chunk
+    assert not walk.done()  # it gave the loop its turn
+    assert await walk is False

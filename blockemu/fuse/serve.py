@@ -212,7 +212,7 @@ async def answer_key(fs: Filesystem, req: dict[str, Any]) -> dict[str, Any]:
     op, user = req["op"], int(req.get("user", 0))
     if op == "key-add":
         kid = await fs.add_key(req["key"], user=user)  # the raw key the channel wipes once this returns
-        in_use = fs.key_in_use(kid)
+        in_use = await fs.key_in_use(kid)
         return {"text": f"Added encryption key with identifier {kid}", "identifier": kid, "in_use": in_use,
                 **({} if in_use else {"note": unused_key(kid, "the mounted image")})}
     if op == "key-remove":
@@ -257,7 +257,7 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytearray], readonly:
         try:
             for raw in keys:
                 kid = await fs.add_key(raw)
-                if not fs.key_in_use(kid):
+                if not await fs.key_in_use(kid):
                     print(f"blockemu: mount: {unused_key(kid, image)}", file=sys.stderr, flush=True)
         finally:
             for raw in keys:
