@@ -439,3 +439,53 @@ def test_a_back_reference_at_odds_with_its_entry_is_rebuilt_from_the_entry(tmp_p
 
     asyncio.run(read_back())
     assert_fsck_clean(img)
+
+
+def test_a_stale_name_held_at_two_indexes_goes_once_with_the_rebuilt_reference(tmp_path, capsys):
+    """Entry g's INODE_REF gives g's index the name z, and a second copy of z sits at an index no
+    entry has. The rebuilt reference for g takes out the first copy (its ``stale``); the second
+    is dangling and dropped on its own. The first copy used to count -- and carry a ``drop_ref``
+    -- as dangling too: the link count was judged one short (f, g and h would be left nlink 2)
+    and the repair removed a name three times where two copies were, failing every round."""
+    from blockemu.ondisk import structs as S
+    from blockemu.ondisk.items import InodeRef, pack_inode_refs, unpack_inode_refs
+
+    img = str(tmp_path / "r.img")
+    data = os.urandom(3000)
+
+    async def make() -> tuple[int, int]:
+        await blockemu.mkfs(img, size="32M")
+        async with blockemu.mount(img) as fs:
+            for d in ("/d", "/e"):
+                await fs.mkdir(d)
+            async with fs.open("/d/f", "w") as f:
+                await f.write(data)
+            for n in ("/d/g", "/e/h"):
+                await fs.link("/d/f", n)
+            return (await fs.stat("/d")).st_ino, (await fs.stat("/d/f")).st_ino
+
+    parent, ino = asyncio.run(make())
+
+    def damage(tree) -> None:
+        key = (ino, S.INODE_REF, parent)
+        refs = unpack_inode_refs(tree.get(key))
+        (g,) = [r for r in refs if r.name == b"g"]
+        tree.update(key, pack_inode_refs([r for r in refs if r is not g]
+                                         + [InodeRef(g.index, b"z"), InodeRef(g.index + 100, b"z")]))
+
+    asyncio.run(edit_fs_tree(img, damage))
+    before = check(img).errors
+    assert not [e for e in before if e.code == "NLINK_MISMATCH"], [e.message for e in before]
+    assert main(["fsck", img, "--repair"]) == 1, capsys.readouterr()
+    assert_fsck_clean(img)
+    assert main(["fsck", img, "--repair"]) == 0  # nothing left to change
+
+    async def read_back() -> None:
+        async with blockemu.mount(img) as fs:
+            for n in ("/d/f", "/d/g", "/e/h"):
+                st = await fs.stat(n)
+                assert (st.st_ino, st.st_nlink) == (ino, 3)
+                async with fs.open(n, "r") as f:
+                    assert await f.read() == data
+
+    asyncio.run(read_back())

@@ -368,18 +368,20 @@ def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
         # never costs a file its data
         # (a stale one a rebuilt reference replaces goes with that fix, not by its own)
         stale = sum((ino, parent, r.name, r.index) in replaced for parent, r, _ in wrong)
-        dangling = {(parent, r.name) for parent, r, _ in wrong
+        # -- each copy by its index: a stale copy a rebuilt reference replaces may share its name
+        # with a dangling one, and counted (and removed) twice it cut the link count by one too many
+        dangling = {(parent, r.name, r.index) for parent, r, _ in wrong
                     if (parent, r.name, ino) not in entry_names
                     and (parent, name_hash(r.name), r.name, (ino, S.INODE_ITEM, 0)) not in dir_items
                     and _removable(fi, ino, parent, r.name) and (ino, parent, r.name, r.index) not in replaced}
         # counted as references, not as names: one name held twice (an INODE_REF and an
         # INODE_EXTREF) is one name, and both copies would go
-        dropped = sum((parent, r.name) in dangling for parent, r, _ in wrong)
+        dropped = sum((parent, r.name, r.index) in dangling for parent, r, _ in wrong)
         if len(refs) - stale + regained[ino] <= dropped:
             dangling, dropped = set(), 0
         for parent, r, e in wrong:
             kind, key = _ref_item(fi, ino, parent, r.name)
-            fix = {"drop_ref": (ino, parent, r.name)} if (parent, r.name) in dangling else None
+            fix = {"drop_ref": (ino, parent, r.name, r.index)} if (parent, r.name, r.index) in dangling else None
             if e is None:
                 ck.error("DIR_ITEM_MISMATCH", f"{kind} of {ino} names {r.name!r} in {parent}, which has no such entry",
                          FS, key=key, fix=fix)

@@ -208,8 +208,8 @@ def _apply(engine: Engine, fix: dict[str, Any]) -> str:
                 f"inode {parent}" + "".join(f", in place of the one naming {old.decode(errors='backslashreplace')!r} "
                                             f"(index {at})" for old, at in stale))
     if "drop_ref" in fix:
-        ino, parent, name = fix["drop_ref"]
-        backrefs.remove(fs, ino, parent, name)
+        ino, parent, name, index = fix["drop_ref"]
+        backrefs.remove(fs, ino, parent, name, index)
         return (f"removed inode {ino}'s reference to the name {name.decode(errors='backslashreplace')!r} in directory "
                 f"inode {parent}, which no entry has")
     if "extend_to" in fix:  # restored before the volume opened: it refuses a truncated image
