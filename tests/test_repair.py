@@ -489,3 +489,55 @@ def test_a_stale_name_held_at_two_indexes_goes_once_with_the_rebuilt_reference(t
                     assert await f.read() == data
 
     asyncio.run(read_back())
+
+
+@pytest.mark.parametrize("where", ["INODE_REF", "INODE_EXTREF"])
+def test_a_back_reference_held_twice_is_one_link_and_the_copy_goes(tmp_path, capsys, where):
+    """A hard link's name held twice -- the same name and index again in its INODE_REF, or in an
+    INODE_EXTREF beside it. It is one name: fsck counted two links for it, found nlink one short,
+    and --repair raised the count to match, so unlinking every name left the inode alive with no
+    entry (and a reference fsck then reports but keeps). Now the copy is reported and removed, the
+    count judged by the names."""
+    from blockemu.ondisk import structs as S
+    from blockemu.ondisk.items import InodeExtref, extref_hash, pack_inode_extrefs, pack_inode_refs, unpack_inode_refs
+
+    img = str(tmp_path / "r.img")
+
+    async def make() -> tuple[int, int]:
+        await blockemu.mkfs(img, size="32M")
+        async with blockemu.mount(img) as fs:
+            await fs.mkdir("/d")
+            async with fs.open("/d/a", "w") as f:
+                await f.write(b"x" * 3000)
+            await fs.link("/d/a", "/d/b")
+            return (await fs.stat("/d")).st_ino, (await fs.stat("/d/a")).st_ino
+
+    parent, ino = asyncio.run(make())
+
+    def damage(tree) -> None:
+        key = (ino, S.INODE_REF, parent)
+        refs = unpack_inode_refs(tree.get(key))
+        if where == "INODE_REF":
+            tree.update(key, pack_inode_refs([*refs, refs[0]]))
+        else:
+            r = refs[0]
+            tree.insert((ino, S.INODE_EXTREF, extref_hash(parent, r.name)),
+                        pack_inode_extrefs([InodeExtref(parent, r.index, r.name)]))
+
+    asyncio.run(edit_fs_tree(img, damage))
+    before = check(img).errors
+    assert [e.code for e in before] == ["DIR_ITEM_MISMATCH"] and "a second time" in before[0].message, \
+        [e.message for e in before]
+    assert main(["fsck", img, "--repair"]) == 1
+    assert "nlink" not in capsys.readouterr().out
+    assert_fsck_clean(img)
+
+    async def unlink_all() -> None:
+        async with blockemu.mount(img) as fs:
+            assert (await fs.stat("/d/a")).st_nlink == 2
+            await fs.unlink("/d/a")
+            await fs.unlink("/d/b")
+
+    asyncio.run(unlink_all())
+    assert_fsck_clean(img)
+    assert check(img).stats["inodes"] == 2  # the root and /d: the file went with its last name

@@ -363,6 +363,22 @@ def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
             refs = [(p, r) for p, r in refs if not (p == ROOT_INO and r.name == b"..")]
         wrong = [(parent, r, e) for parent, r in refs
                  if (e := fi.dir_index.get((parent, r.index))) is None or e.name != r.name or e.location[0] != ino]
+        # a name held twice -- its name and index again, in the INODE_REF or an INODE_EXTREF beside
+        # it -- is one link: the copy is reported and goes. (Counted as a second link, the repair
+        # raised nlink to match, and the file outlived its last name.)
+        wrong_at = {(parent, r.name, r.index) for parent, r, _ in wrong}
+        seen: set[tuple[int, bytes, int]] = set()
+        twice: list[tuple[int, InodeRef]] = []
+        for parent, r in refs:
+            if (parent, r.name, r.index) in seen and (parent, r.name, r.index) not in wrong_at:
+                twice.append((parent, r))
+            seen.add((parent, r.name, r.index))
+        for parent, r in twice:
+            kind, key = _ref_item(fi, ino, parent, r.name)
+            ck.error("DIR_ITEM_MISMATCH", f"{kind} of {ino} names {r.name!r} (index {r.index}) in {parent} a second "
+                     "time", FS, key=key, fix={"drop_ref": (ino, parent, r.name, r.index), "copy": True}
+                     if _removable(fi, ino, parent, r.name) else None)
+        names_held = len(refs) - len(twice)
         # names no entry gives the inode at all (a misplaced extref excepted: the repair would not
         # find it) are dropped -- only while the inode keeps another name, so that a lost entry
         # never costs a file its data
@@ -377,7 +393,7 @@ def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
         # counted as references, not as names: one name held twice (an INODE_REF and an
         # INODE_EXTREF) is one name, and both copies would go
         dropped = sum((parent, r.name, r.index) in dangling for parent, r, _ in wrong)
-        if len(refs) - stale + regained[ino] <= dropped:
+        if names_held - stale + regained[ino] <= dropped:
             dangling, dropped = set(), 0
         for parent, r, e in wrong:
             kind, key = _ref_item(fi, ino, parent, r.name)
@@ -389,8 +405,8 @@ def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
                 ck.error("DIR_ITEM_MISMATCH", f"{kind} of {ino} names {r.name!r} (index {r.index}) in {parent}, whose "
                          f"DIR_INDEX {r.index} names {e.name!r} (inode {e.location[0]})", FS, key=key, fix=fix)
         is_dir = st.S_ISDIR(item.mode)
-        if is_dir and len(refs) > 1:
-            ck.error("NLINK_MISMATCH", f"directory {ino} has {len(refs)} names (a hard-linked directory)", FS,
+        if is_dir and names_held > 1:
+            ck.error("NLINK_MISMATCH", f"directory {ino} has {names_held} names (a hard-linked directory)", FS,
                      key=_ref_item(fi, ino, refs[1][0], refs[1][1].name)[1])
         if st.S_ISLNK(item.mode) and not 0 < item.size < PAGE and ino not in fi.orphans:
             ck.error("ISIZE_MISMATCH", f"symbolic link {ino} has size {item.size}: a target is 1 to {PAGE - 1} bytes",
@@ -400,7 +416,7 @@ def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
         elif is_dir:
             want = (2 + subdirs[ino]) if refs or regained[ino] else 0
         else:
-            want = len(refs) + regained[ino] - dropped - stale
+            want = names_held + regained[ino] - dropped - stale
         if item.nlink != want:
             ck.error("NLINK_MISMATCH", f"inode {ino} nlink {item.nlink}, found {want}", FS, key=(ino, S.INODE_ITEM, 0),
                      fix={"inode": ino, "nlink": want} if want else None)

@@ -210,8 +210,9 @@ def _apply(engine: Engine, fix: dict[str, Any]) -> str:
     if "drop_ref" in fix:
         ino, parent, name, index = fix["drop_ref"]
         backrefs.remove(fs, ino, parent, name, index)
+        why = "a second copy" if fix.get("copy") else "which no entry has"
         return (f"removed inode {ino}'s reference to the name {name.decode(errors='backslashreplace')!r} in directory "
-                f"inode {parent}, which no entry has")
+                f"inode {parent}, {why}")
     if "extend_to" in fix:  # restored before the volume opened: it refuses a truncated image
         return f"extended the image file to {fix['extend_to']} bytes"
     bytenr, length = fix["drop_extent"]
