@@ -214,6 +214,18 @@ async def image_with(img: str, dirs: list[str], files: tuple[str, ...] = ()) -> 
         return [(await fs.stat(p)).st_ino for p in (*dirs, *files)]
 
 
+async def linked_image(img: str, dirs: list[str], path: str, links: tuple[str, ...]) -> tuple[int, int, bytes]:
+    """A fresh image holding ``dirs`` and the file ``path`` (``image_with``) hard-linked as
+    ``links``: the inodes of its directory and itself, and its data."""
+    *inos, ino = await image_with(img, dirs, (path,))
+    async with blockemu.mount(img) as fs:
+        for n in links:
+            await fs.link(path, n)
+        async with fs.open(path, "r") as f:
+            data = await f.read()
+    return inos[dirs.index(os.path.dirname(path))], ino, data
+
+
 async def edit_fs_tree(img: str, change) -> None:
     """``change(tree)`` on the image's fs tree, committed: damage no filesystem call makes."""
     from blockemu.fs.volume import Volume
@@ -451,20 +463,7 @@ def test_a_stale_name_held_at_two_indexes_goes_once_with_the_rebuilt_reference(t
     from blockemu.ondisk.items import InodeRef, pack_inode_refs, unpack_inode_refs
 
     img = str(tmp_path / "r.img")
-    data = os.urandom(3000)
-
-    async def make() -> tuple[int, int]:
-        await blockemu.mkfs(img, size="32M")
-        async with blockemu.mount(img) as fs:
-            for d in ("/d", "/e"):
-                await fs.mkdir(d)
-            async with fs.open("/d/f", "w") as f:
-                await f.write(data)
-            for n in ("/d/g", "/e/h"):
-                await fs.link("/d/f", n)
-            return (await fs.stat("/d")).st_ino, (await fs.stat("/d/f")).st_ino
-
-    parent, ino = asyncio.run(make())
+    parent, ino, data = asyncio.run(linked_image(img, ["/d", "/e"], "/d/f", ("/d/g", "/e/h")))
 
     def damage(tree) -> None:
         key = (ino, S.INODE_REF, parent)
@@ -502,17 +501,7 @@ def test_a_back_reference_held_twice_is_one_link_and_the_copy_goes(tmp_path, cap
     from blockemu.ondisk.items import InodeExtref, extref_hash, pack_inode_extrefs, pack_inode_refs, unpack_inode_refs
 
     img = str(tmp_path / "r.img")
-
-    async def make() -> tuple[int, int]:
-        await blockemu.mkfs(img, size="32M")
-        async with blockemu.mount(img) as fs:
-            await fs.mkdir("/d")
-            async with fs.open("/d/a", "w") as f:
-                await f.write(b"x" * 3000)
-            await fs.link("/d/a", "/d/b")
-            return (await fs.stat("/d")).st_ino, (await fs.stat("/d/a")).st_ino
-
-    parent, ino = asyncio.run(make())
+    parent, ino, _ = asyncio.run(linked_image(img, ["/d"], "/d/a", ("/d/b",)))
 
     def damage(tree) -> None:
         key = (ino, S.INODE_REF, parent)
