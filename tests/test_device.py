@@ -438,6 +438,44 @@ def test_a_write_the_host_refuses_names_the_image_and_its_errno(tmp_path):
     assert p.stdout == f"{errno.EFBIG} {path}\n" * 2
 
 
+FUA_HOST_FULL = """
+import asyncio, resource, signal, sys
+from blockemu.device.blockdev import BlockDevice
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+async def main(path, how):
+    dev = await BlockDevice.open(path)
+    try:  # straddles the limit: the host writes the first sector, then refuses
+        if how == "fua":
+            await dev.write((1 << 20) - 4096, bytes([7]) * 8192, fua=True)
+        else:
+            await dev.flush_then_fua((1 << 20) - 4096, bytes([7]) * 8192)
+        print("acknowledged")
+    except OSError as e:
+        print(e.errno, e.filename)
+    await dev.close()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("how", ["fua", "flush_then_fua"])
+def test_a_fua_write_the_host_cuts_short_fails(tmp_path, how):
+    """A FUA write the host's file system wrote only part of (full, or a file size limit: the
+    kernel cuts the write short) was acknowledged: durable, the caller told, with its tail never
+    written. It fails now, with the host's errno, naming the image, as a destage does."""
+    import errno
+    import subprocess
+    import sys
+
+    path = make_image(tmp_path / "h.img")
+    p = subprocess.run([sys.executable, "-c", FUA_HOST_FULL, path, how], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert p.stdout == f"{errno.EFBIG} {path}\n"
+
+
 def test_stats_count_time_in_requests_and_time_with_one_in_flight(monkeypatch):
     """``busy`` is the union of the requests' spans (a disk's io_ticks, fio's util), not their
     sum (``seconds``, in_queue): two overlapping requests are busy once."""

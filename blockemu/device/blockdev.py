@@ -124,8 +124,12 @@ def _destage(fd: int, runs: Runs, sync: bool, power: AbstractContextManager[None
 
 
 def _fua(fd: int, offset: int, data: bytes, power: AbstractContextManager[None]) -> None:
+    """A short write goes on (``_pwrite_rest``) until the host says why it stops: unchecked, a FUA
+    write the host cut short was acknowledged durable with its tail never written."""
     with power:  # one piece
-        os.pwrite(fd, data, offset)
+        n = os.pwrite(fd, data, offset)
+        if n != len(data):
+            _pwrite_rest(fd, memoryview(data)[n:], offset + n)
     os.fdatasync(fd)
 
 
