@@ -12,7 +12,9 @@ import pytest
 
 import blockemu
 from blockemu.check.fsck import check
-from tests.test_treelog import _crash_now, committed_then_log
+from blockemu.workload.crash import CampaignResult, Recorder, check_sample, record
+from blockemu.workload.writepath import FAST, PRODUCTION
+from tests.test_treelog import _crash_now, committed_files, committed_then_log
 
 U = 4096
 PAGES = 48
@@ -50,9 +52,18 @@ async def _fsync_together(fs, files: list) -> None:
     one between two inodes of the same sync."""
     async with fs.vol.commit_lock:
         tasks = [asyncio.ensure_future(f.fsync()) for f in files]
-        while len(fs.vol._fsyncs) < len(files):
-            await asyncio.sleep(0)  # yield to the fsyncs: each writes back, then queues for the lock
+        await _queued(fs, len(files))
     await asyncio.gather(*tasks)
+
+
+async def _queued(fs, n: int) -> None:
+    """Yield to the fsyncs started (the caller holds the commit lock) until ``n`` of them wait
+    for it, each having written its file back."""
+    for _ in range(10_000):
+        if len(fs.vol._fsyncs) == n:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the fsyncs never queued for the commit lock")
 
 
 async def _run(tmp_path, seed: int, steps: int) -> int:
@@ -111,3 +122,45 @@ async def _run(tmp_path, seed: int, steps: int) -> int:
 @pytest.mark.parametrize("seed", range(3))
 async def test_random_fsyncs_against_a_model_of_what_fsync_acknowledged(tmp_path, seed):
     assert await _run(tmp_path, seed, 60) > 5
+
+
+def random_fsyncs_workload(seed: int, rounds: int, stats: list[bool]):
+    """Three files; each round, random pwrites to one or two of them (``_change``), fsynced
+    together (one log sync logs both), then a persistence point (the recorder reads what the
+    files hold: no model of our own). ``stats``: whether the log was a chain, each round."""
+    async def run(fs, rec: Recorder) -> None:
+        rng = random.Random(seed)
+        names = ["f0", "f1", "f2"]
+        await committed_files(fs, rec, {n: rng.randbytes(PAGES * U) for n in names})
+        files = {n: await fs.open(f"/A/{n}", "r+") for n in names}
+        try:
+            for _ in range(rounds):
+                synced = rng.sample(names, 1 if rng.random() < 0.6 else 2)
+                for n in synced:
+                    await _change(rng, files[n], bytearray(), False)  # pwrites only: every fsync logs
+                async with fs.vol.commit_lock:
+                    tasks = [asyncio.ensure_future(rec.fsync(files[n], f"/A/{n}")) for n in synced]
+                    await _queued(fs, len(synced))
+                await asyncio.gather(*tasks)
+                stats.append(fs.vol.log.base is not None)
+                await rec.persisted()
+        finally:
+            for f in files.values():
+                await f.close()
+    return run
+
+
+@pytest.mark.parametrize("write_path", [PRODUCTION, FAST], ids=lambda p: p.name)
+async def test_crash_states_of_random_fsyncs_through_a_chain_of_log_trees(tmp_path, write_path):
+    """Crash states (sampled) around random log syncs of one or two files, the log growing into
+    a chain of trees: each mounts as the last durable state's oracle."""
+    stats: list[bool] = []
+    log, models = await record(random_fsyncs_workload(3, 30, stats), str(tmp_path / "w.img"),
+                               str(tmp_path / "base.img"), write_path=write_path)
+    assert sum(stats) > 10, stats
+    rng = random.Random(5)
+    states = list(log.crash_states(rng, subsets=1))
+    result = CampaignResult()
+    await check_sample(log, models, str(tmp_path / "crash.img"), rng.sample(states, 40) + states[-1:], result,
+                       "chain", write_path)
+    assert not result.failures, result.failures[:3]
