@@ -213,6 +213,39 @@ def test_the_fsck_and_mkfs_scripts_name_themselves_in_their_usage(script):
     assert out.startswith(f"usage: {script} ")
 
 
+def fsck_blockemu(*args: str, check_rc: int) -> subprocess.CompletedProcess:
+    """The ``fsck.blockemu`` script, as fsck(8) runs it."""
+    p = subprocess.run([os.path.join(os.path.dirname(sys.executable), "fsck.blockemu"), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in p.stderr and p.returncode == check_rc, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+@pytest.mark.parametrize("flags", [["-y"], ["-p"], ["-a"], ["-fy"], ["-f", "-p"]])
+def test_fsck_blockemu_takes_e2fscks_repairing_flags(image, flags):
+    """fsck(8) runs ``fsck.TYPE -a`` / ``-p`` at boot: they were usage errors (16). Each repairs
+    as --repair does (an image one byte short: its size restored, exit 1), ``-f`` with them."""
+    os.truncate(image, (96 << 20) - 1)
+    p = fsck_blockemu(*flags, image, check_rc=1)
+    assert "repaired: [SUPERBLOCK] image truncated" in p.stdout and os.path.getsize(image) == 96 << 20
+    fsck_blockemu("-f", image, check_rc=0)
+
+
+def test_fsck_blockemu_n_only_checks_and_refuses_a_repairing_flag(image):
+    """``-n`` checks and never writes (exit 4, the image's bytes as they were); ``-n`` with
+    ``-y`` (or --repair) is e2fsck's usage error, 16, before the image is opened."""
+    os.truncate(image, (96 << 20) - 1)
+    before = sha(image)
+    for flags in (["-n"], ["-fn"]):
+        assert "truncated" in fsck_blockemu(*flags, image, check_rc=4).stdout
+    for flags in (["-n", "-y"], ["-ny"], ["-n", "--repair"], ["-p", "-n"]):
+        p = fsck_blockemu(*flags, image, check_rc=16)
+        assert p.stderr == ("blockemu: usage: fsck.blockemu: only one of the options -p/-a, -n or -y (--repair) "
+                            "may be specified\n"), p.stderr
+    assert sha(image) == before
+    assert "unrecognized arguments: -y" in run("fsck", image, "-y", check_rc=16).stderr  # blockemu fsck: its own only
+
+
 @pytest.mark.parametrize("argv, says", [
     (["crash", "--limit", "1", "--shard-size", "0"], "--shard-size: 0 is out of range: at least 1"),
     (["crash", "--limit", "-1"], "--limit: -1 is out of range: at least 1"),
@@ -233,6 +266,7 @@ def test_the_fsck_and_mkfs_scripts_name_themselves_in_their_usage(script):
     # every image failed, "grew the process by 0 MB ..., over -1.0 MB"
     (["fuzz", "--structural", "--max-rss", "-1"], "--max-rss: -1 is out of range: more than 0 MB"),
     (["run", "seqwrite", "--size", "0"], "--size: 0 is out of range: more than 0"),  # it asked for --size
+    (["run", "seqwrite", "--runtime", "-1"], "--runtime: bad value '-1' (a time is at least 0)"),  # no reason given
     # a fault spec: flip=2 flipped every sector and failed the mix, eio=5M-1M injected nothing, and a bad
     # spec exited 1 once the image was made
     (["stress", "s.img", "--faults", "flip=2"], "--faults: bad fault spec: 'flip=2': a probability from 0 to 1"),

@@ -542,3 +542,22 @@ def test_every_key_a_command_reads_is_wiped_when_it_ends(tmp_path, monkeypatch, 
     assert cli.main(["ls", img, "/e", "--key-file", "-"]) == 0  # reads it twice: from the one read of stdin
     assert capsys.readouterr().out == "f\n"
     assert len(read) == 1 and not any(read[0]) and cli.stdin_key.cache_info().currsize == 0
+
+
+def test_ls_long_and_json_show_each_entrys_owner_and_group(tmp_path):
+    """``ls -l`` and ``ls --json`` showed no owner or group: two files of distinct owners, and a
+    directory of a third, each listed with its own numbers (``ls -l`` as ``ls -n`` shows them)."""
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    owners = {"alice": (1001, 2001), "bob": (1002, 2002), "d": (1003, 2003)}
+    for name, (uid, gid) in owners.items():
+        if name != "d":
+            (root / name).write_bytes(name.encode())
+        os.chown(root / name, uid, gid)
+    img = str(tmp_path / "o.img")
+    run("mkfs", img, "--size", "32M", "--rootdir", str(root))
+    rows = {r["name"]: (r["uid"], r["gid"]) for r in json.loads(run("ls", img, "/", "--json").stdout)}
+    assert rows == owners
+    lines = {line.split()[-1]: line.split() for line in run("ls", img, "/", "-l").stdout.splitlines()}
+    assert {name: (int(f[2]), int(f[3])) for name, f in lines.items()} == owners
+    assert lines["alice"][4] == "5"  # the size still follows them

@@ -1038,6 +1038,20 @@ def test_values_fio_fails_parsing_are_refused_not_clamped():
     # and the other way: a reversed bsrange fio runs smallest first (its job line: bs=(R) 4096B-8192B)
     assert parse("[j]\nrw=randrw\nsize=1m\nbsrange=8k-4k\n", "r.fio").jobs[0].get("bsrange") == ((4096, 8192),) * 3
 
+
+def test_a_refused_time_or_triple_says_why_as_fio_does(tmp_path):
+    """``runtime=-1`` and four comma values of ``rate=`` / ``bs=`` were refused with the bare
+    value and no reason; fio's triples are read,write,trim (three at most)."""
+    bad = tmp_path / "why.fio"
+    bad.write_text("[j]\nrw=write\nsize=1m\nruntime=-1\nrate=1m,1m,1m,1m\nbs=4k,4k,4k,4k\nruntime=soon\n")
+    p = run("run", str(bad), check_rc=1)
+    assert p.stderr == (f"blockemu: run: {bad}:4: bad value for runtime: '-1' (a time is at least 0); "
+                        f"{bad}:5: bad value for rate: '1m,1m,1m,1m' (at most three values: read,write,trim); "
+                        f"{bad}:6: bad value for bs: '4k,4k,4k,4k' (at most three values: read,write,trim); "
+                        f"{bad}:7: bad value for runtime: 'soon' (expected a number, optionally with a unit: "
+                        f"us, ms, s, m, h or d)\n"), p.stderr
+
+
 # --- fill_device, trim, error policy, buffer contents, percentage sizes ------------------------
 
 async def test_fill_device_writes_until_enospc_and_that_is_success(tmp_path):

@@ -144,3 +144,18 @@ def test_the_channel_takes_a_key_only_raw_before_the_line(served, capsys, sent, 
         reply = json.loads(c.makefile("rb").readline())
     assert reply["ok"] is False and reply["errno"] == errno.EINVAL and reply["message"].startswith(why), reply
     assert key_json(capsys, "status", mnt, "--id", KID)["state"] == "absent"
+
+
+def test_key_remove_by_a_user_without_a_claim_names_the_cli_flag(served, capsys) -> None:
+    """The keyring's hint named the API's keyword (``all_users removes theirs``) on the CLI,
+    whose flag is ``--all-users``: the line names the flag, and the flag does what it says."""
+    s, mnt, key = served
+    assert main(["key", "add", mnt, "--key-file", str(key), "--user", "1000"]) == 0
+    capsys.readouterr()
+    assert main(["key", "remove", mnt, "--id", KID, "--user", "1001"]) == 1
+    _, err = capsys.readouterr()
+    assert err == (f"blockemu: key: Required key not available: user 1001 has no claim to key {KID} "
+                   f"(users 1000 have: --all-users removes theirs)\n"), err
+    assert main(["key", "remove", mnt, "--id", KID, "--user", "1001", "--all-users"]) == 0
+    capsys.readouterr()
+    assert key_json(capsys, "status", mnt, "--id", KID)["state"] == "absent"

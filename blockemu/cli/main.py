@@ -162,6 +162,8 @@ def build_parser(command: str | None = None, prog: str | None = None) -> Parser:
         sp = sub.add_parser(name, help=text, **({"prog": prog} if prog and name == command else {}))
         if command is None or command == name:
             declare(sp)
+            if prog in PROG_FLAGS and command == name:
+                PROG_FLAGS[prog](sp)
     return p
 
 
@@ -207,10 +209,24 @@ def args_fsck(f: argparse.ArgumentParser) -> None:
     add_progress_flags(f)
 
 
+def args_e2fsck(f: argparse.ArgumentParser) -> None:
+    """e2fsck's flags, as fsck(8) passes them to ``fsck.TYPE`` (``-a``/``-p`` at boot, ``-n`` to
+    check): ``fsck.blockemu`` copies e2fsck's name and exit codes, so it takes them too (they were
+    usage errors). ``blockemu fsck`` keeps its own flags only."""
+    f.add_argument("-y", "-p", "-a", dest="repair", action="store_true", help="same as --repair (e2fsck's)")
+    f.add_argument("-n", dest="no_changes", action="store_true", help="check only, never write (the default)")
+    f.add_argument("-f", dest="force", action="store_true", help="accepted: every check is full")
+
+
+# the commands' extra flags under another name: fsck(8)'s fsck.TYPE calling convention
+PROG_FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"fsck.blockemu": args_e2fsck}
+
+
 def args_ls(ls: argparse.ArgumentParser) -> None:
     ls.add_argument("image")
     ls.add_argument("path", nargs="?", default="/")
-    ls.add_argument("-l", dest="long", action="store_true", help="long listing: mode, links, size, time")
+    ls.add_argument("-l", dest="long", action="store_true", help="long listing: mode, links, owner and group "
+                    "(numbers, as ls -n), size, time")
     add_json_flag(ls, "the entries")
     ls.add_argument("--key-file", help="show real names in directories this key encrypts (else no-key names)")
 
@@ -681,7 +697,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
                     print(f"blockemu: ls: {base}/{name}: cannot read symbolic link: {e.strerror or e}", file=sys.stderr)
                     unreadable += 1
             rows.append({"name": name, "ino": s.st_ino, "mode": stat.filemode(s.st_mode), "nlink": s.st_nlink,
-                         "size": s.st_size, "mtime_ns": s.st_mtime_ns,
+                         "uid": s.st_uid, "gid": s.st_gid, "size": s.st_size, "mtime_ns": s.st_mtime_ns,
                          "encrypted": await fs.get_policy(f"{base}/{name}") is not None, "target": target})
         if a.json:
             emit_json([{**r, **json_bytes(r, "name", "target")} for r in rows])
@@ -689,7 +705,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["mtime_ns"] / 1e9))
             lock = " (encrypted)" if r["encrypted"] else ""
             arrow = f" -> {r['target']}" if r["target"] is not None else ""
-            print(f"{r['mode']} {r['nlink']:>3} {r['size']:>12} {when} {r['name']}{arrow}{lock}")
+            print(f"{r['mode']} {r['nlink']:>3} {r['uid']:>5} {r['gid']:>5} {r['size']:>12} {when} {r['name']}{arrow}{lock}")
         return 1 if unreadable else 0
     return on_image(a, body, readonly=True)
 
@@ -846,8 +862,9 @@ def fio_value(conv: Callable[[str], Any], positive: bool = False) -> Callable[[s
     def parse(text: str) -> Any:
         try:
             value = conv(text)
-        except (ValueError, BlockemuError):
-            raise argparse.ArgumentTypeError(f"bad value {text!r}") from None
+        except (ValueError, BlockemuError) as e:  # with the parser's reason, where it gives one
+            said = str(e)
+            raise argparse.ArgumentTypeError(f"bad value {said if said.startswith(repr(text)) else repr(text)}") from None
         if positive and not value > 0:
             raise argparse.ArgumentTypeError(f"{text} is out of range: more than 0")
         return value
@@ -1193,6 +1210,7 @@ def cmd_umount(a: argparse.Namespace) -> int:
 
 def cmd_key(a: argparse.Namespace) -> int:
     from blockemu.crypto import fscrypt
+    from blockemu.crypto.keyring import OTHERS_HOLD
     from blockemu.fuse import control
 
     if a.action == "add":
@@ -1202,7 +1220,12 @@ def cmd_key(a: argparse.Namespace) -> int:
             raise UsageError("give one of --key-file or --id")
         kid = a.id if a.id is not None else fscrypt.key_identifier(read_key(a.key_file)).hex()
         extra = {"all_users": a.all_users} if a.action == "remove" else {}
-        reply = control.request(a.mountpoint, f"key-{a.action}", id=kid, user=a.user, **extra)
+        try:
+            reply = control.request(a.mountpoint, f"key-{a.action}", id=kid, user=a.user, **extra)
+        except OSError as e:  # the keyring's hint, in this command's words: the flag, not the API's keyword
+            if e.strerror is None or OTHERS_HOLD not in e.strerror:
+                raise
+            raise OSError(e.errno, e.strerror.replace(OTHERS_HOLD, "--all-users removes theirs")) from None
     if "note" in reply:  # a key no encryption policy uses: added, but it unlocks nothing
         print(f"blockemu: key: {reply['note']}", file=sys.stderr)
     if a.json:
@@ -1257,6 +1280,8 @@ def cmd_fsck(a: argparse.Namespace) -> int:
     from blockemu.check.fsck import PHASES, check
     from blockemu.display import bar as progress_bar
 
+    if getattr(a, "no_changes", False) and a.repair:  # fsck.blockemu -n -y: e2fsck refuses it so
+        raise UsageError("only one of the options -p/-a, -n or -y (--repair) may be specified")
     key = read_key(a.key_file)
     with progress_bar("fsck", len(PHASES), progress_wanted(a.progress, a.json)) as advance:
         report = check(a.image, check_data=a.check_data, key=key,
@@ -1418,7 +1443,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         return COMMANDS[args.command](args)
     except UsageError as e:
-        line = f"{e.prog or prog_of(args)}: {e.why}"
+        line = f"{e.prog or prog or prog_of(args)}: {e.why}"  # fsck.blockemu's as its parser's
         print(f"blockemu: usage: {line}", file=sys.stderr)
         if wants_json(args, argv):  # the JSON contract holds for a usage error too
             emit_json(error_json(command, line, errno.EINVAL))

@@ -45,6 +45,9 @@ from blockemu.crypto import fscrypt
 from blockemu.errors import InvalidArgument, NoKeyError
 
 MODES = ("soft", "hard", "sync", "deny-writes")
+# how a caller without a claim removes the others' anyway, in no front end's words (the API's
+# keyword is all_users, the CLI's flag --all-users): a front end that names its own may restate it
+OTHERS_HOLD = "removing it for all users removes theirs"
 
 
 class State(enum.Enum):
@@ -282,7 +285,7 @@ class Keyring:
             raise NoKeyError(f"Required key not available: key {ident.hex()} is not on this mount's keyring")
         if mk.users and not all_users and user not in mk.users:
             raise NoKeyError(f"Required key not available: user {user} has no claim to key {ident.hex()} "
-                             f"(users {', '.join(map(str, sorted(mk.users)))} have: all_users removes theirs)")
+                             f"(users {', '.join(map(str, sorted(mk.users)))} have: {OTHERS_HOLD})")
         if mk.users and not all_users and mk.users - {user}:
             self._transition(mk, Ev.REMOVE_CLAIM, lambda: mk.users.discard(user), bool(mk.leases))
             return mk, False

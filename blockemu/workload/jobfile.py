@@ -105,7 +105,6 @@ def size_or_share(text: str) -> int | Share | Zones:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", text)
     if not m:
         return size_or_zones(text)
-        return size(text)
     if not 0 < float(m[1]) <= 100:
         raise ValueError(f"{text!r} (a percentage is between 1 and 100)")
     return Share(float(m[1]))
@@ -128,9 +127,12 @@ def integer(text: str) -> int:
 def parse_time(text: str, bare: float = 1.0) -> float:
     """fio time values in seconds: a bare number is in ``bare`` seconds (seconds for most
     options); suffixes us, ms, s, m, h, d."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|min|h|d)?\s*", _arith(text))
-    if not m:
-        raise ValueError(text)
+    value = _arith(text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|min|h|d)?\s*", value)
+    if not m:  # the reason said, as fio says it: ``runtime=-1`` gave only the bare value
+        why = ("a time is at least 0" if value.strip().startswith("-")
+               else "expected a number, optionally with a unit: us, ms, s, m, h or d")
+        raise ValueError(f"{text!r} ({why})")
     scale = {None: bare, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}[m[2]]
     return float(m[1]) * scale
 
@@ -174,8 +176,8 @@ def per_direction(conv: Callable[[str], Any]) -> Callable[[str], tuple[Any, Any,
     read one, a missing trim value the write one; an empty field keeps the default (None)."""
     def parse3(text: str) -> tuple[Any, Any, Any]:
         parts = text.split(",")
-        if len(parts) > 3:
-            raise ValueError(text)
+        if len(parts) > 3:  # as fio refuses it; the bare value gave no reason
+            raise ValueError(f"{text!r} (at most three values: read,write,trim)")
         vals = [conv(p) if p.strip() else None for p in parts]
         if len(vals) == 1:
             vals *= 2
