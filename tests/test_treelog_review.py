@@ -323,3 +323,40 @@ async def test_an_fsync_that_finds_no_room_for_the_log_fails_and_keeps_the_durab
     async with blockemu.mount(crash) as fs:
         async with fs.open("/f") as f:
             assert await f.read() == b"a" * 8192 + b"o" * (65536 - 8192)
+
+
+async def test_a_log_sync_leaves_the_metadata_reserve_and_the_room_promised_to_dirty_data(tmp_path):
+    """The log's blocks stay taken until the commit that drops the log is durable, so they must
+    come out of free room as data does: never the reserve that commit needs for its own blocks,
+    nor the room write() promised to another file's dirty data. With free room squeezed to
+    exactly those two, a file's fsync that would log commits instead, and the dirty data's own
+    fsync then gets its extents: both files read back after a remount."""
+    img = str(tmp_path / "a.img")
+    await blockemu.mkfs(img, size="64M", force=True)
+    rng = random.Random(5)
+    a_data, b_data = rng.randbytes(1 << 20), rng.randbytes(2 << 20)
+    async with blockemu.mount(img, interval=3600) as fs:
+        async with fs.open("/a", "w") as a, fs.open("/b", "w") as b:
+            await a.write(a_data)
+            await b.write(b_data)
+            await fs.sync()
+            b_data = bytearray(b_data)
+            for off in rng.sample(range(0, len(b_data), 4096), 300):  # scattered: ~2 log blocks of items
+                page = rng.randbytes(4096)
+                await b.pwrite(page, off)
+                b_data[off:off + 4096] = page
+            await fs.writeback.flush_inode(b.inode)  # b's extents placed: its fsync needs only the log
+            page = rng.randbytes(65536)
+            await a.pwrite(page, 4096)  # acknowledged, dirty: write() promised it room
+            a_data = a_data[:4096] + page + a_data[4096 + 65536:]
+            engine, alloc = fs.vol.engine, fs.vol.engine.allocator
+            while alloc.node_room > engine.data_keep() + fs.promised_blocks():
+                alloc.alloc(fs.vol.sb.nodesize)
+            generation = fs.vol.generation
+            await b.fsync()
+            assert fs.vol.generation > generation and not fs.vol.log_root  # it committed, logging nothing
+            await a.fsync()
+    async with blockemu.mount(img) as fs:
+        for path, data in (("/a", a_data), ("/b", bytes(b_data))):
+            async with fs.open(path) as f:
+                assert await f.read() == data

@@ -118,6 +118,9 @@ class TreeStore:
         self.fsid = fsid
         self.transid = transid
         self.allocator = allocator
+        # tree blocks of room each new block must leave: 0 (trees may use the metadata reserve),
+        # but the fsync log's store sets what it may not take (``TreeLog.sync_keep``)
+        self.keep = 0
         self.cache_blocks = cache_blocks
         self.verify_csum = verify_csum
         self.clean: OrderedDict[int, TreeBlock] = OrderedDict()
@@ -177,7 +180,7 @@ class TreeStore:
         return self.allocator
 
     def new_block(self, owner: int, level: int) -> TreeBlock:
-        bytenr = self._need_allocator().alloc(self.nodesize)
+        bytenr = self._need_allocator().alloc(self.nodesize, keep=self.keep)
         block = TreeBlock(bytenr=bytenr, generation=self.transid, owner=owner, level=level)
         self.dirty[bytenr] = block
         self.new_blocks[bytenr] = (owner, level)

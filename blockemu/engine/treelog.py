@@ -37,6 +37,7 @@ names in turn. ``read_log`` gives replay and fsck the chain as one list.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import replace
 
 from blockemu.engine.batch import in_key_order
@@ -89,7 +90,7 @@ Item = tuple[tuple[int, int, int], bytes]
 # instructions a cycle (10 commits), 32 blocks 11.36 M (5), 64 blocks 10.64 M (2). Not raised
 # yet: the log's blocks come out of the metadata reserve (``Engine.data_keep``) and stay pinned
 # through the commit that drops them, so a larger cap needs the ENOSPC accounting to count them.
-LOG_COMMIT_BLOCKS = 16
+LOG_COMMIT_BLOCKS = 64
 # The log is a chain of trees (SPEC "Log tree"): the superblock names the delta, which holds what
 # was logged since it began and, once an older tree stands behind it, LINK_KEY naming that one
 # (which may name one older still); a newer tree's items win. A sync encodes the delta (one
@@ -140,6 +141,9 @@ class TreeLog:
         self.held: dict[int, set[int]] = {}  # ino -> file offsets of the EXTENT_DATA items the log holds
         self.csummed: set[int] = set()  # extents whose checksum items the log holds
         self.csum_ends: dict[int, Item] = {}  # the log's checksum items, by where their sectors end
+        # tree blocks' worth of room the layer above promised to dirty data and writeback has not
+        # taken yet (``Filesystem.promised_blocks``): the log may not take it (``_keep``)
+        self.promised: Callable[[], int] = lambda: 0
 
     def can_log(self, ino: int) -> bool:
         """Whether an fsync of ``ino`` may go through the log: its change is one the log can say
@@ -156,9 +160,22 @@ class TreeLog:
             # every block of the log stays cached: it is never read back while mounted
             self.store = TreeStore(e.store.read, nodesize=e.sb.nodesize, csum_type=e.sb.csum_type, fsid=e.sb.fsid,
                                    transid=e.transid, allocator=e.allocator, cache_blocks=U64_MAX)
+            self._keep()
             root = self.store.new_block(S.TREE_LOG_OBJECTID, 0)
             self.tree = BTree(self.store, S.TREE_LOG_OBJECTID, root.bytenr, 0)
         return self.tree
+
+    def _keep(self) -> None:
+        """Make each new block of the log leave the metadata reserve (``Engine.data_keep``) and
+        the room promised to dirty data. The log's blocks are in no tree a commit frees, and
+        every one -- the live ones, and the old copy of each COWed since (pinned) -- stays taken
+        until the commit that drops the log is durable: so the log is paid for from the free
+        room as data is, never from the reserve that commit needs for its own blocks, nor from
+        the room writeback needs for data ``write()`` acknowledged. A block that would take
+        either fails with ENOSPC, and the fsync commits instead (``Volume._log_sync``). Set for
+        each inode logged: nothing between here and the sync's write changes either amount."""
+        assert self.store is not None
+        self.store.keep = self.engine.data_keep() + self.promised()
 
     def log_inode(self, ino: int) -> None:
         """Bring inode ``ino``'s items in the log up to the running transaction's. The changes
@@ -168,6 +185,8 @@ class TreeLog:
         do not fit in the delta's leaf, a new delta takes them (``_freeze``)."""
         e = self.engine
         changes: dict[tuple[int, int, int], bytes | None] = {}
+        if self.store is not None:
+            self._keep()
         body = e.trees[S.FS_TREE_OBJECTID].get((ino, S.INODE_ITEM, 0))
         if body is None:
             raise CorruptionError(f"inode {ino} has no INODE_ITEM to log", "MISSING_INODE")

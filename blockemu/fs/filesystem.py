@@ -190,6 +190,7 @@ class Filesystem:
         self.meta_reserved = 0  # tree room promised to the extents of the dirty data (room_for)
         self._room_keep = 0  # the metadata reserve (tree blocks) ``_room`` leaves
         self.promised_keep: int | None = None  # the least reserve any dirty data was admitted under
+        vol.log.promised = self.promised_blocks  # the fsync log leaves that room to writeback
         self.next_index: dict[int, int] = {}
         # images made before names were encrypted keep them as given (SPEC "Names")
         self.encrypted_names = bool(vol.sb.incompat_flags & S.INCOMPAT_ENCRYPTED_NAMES)
