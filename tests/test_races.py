@@ -531,7 +531,7 @@ async def test_enospc_before_any_change_aborts_nothing(image, monkeypatch):
         await fs.mkdir("/d")
         await fs.sync()  # every tree block clean: the next change must COW, i.e. allocate
 
-        def full(length: int) -> int:
+        def full(length: int, *, keep: int = 0) -> int:
             raise NoSpaceError("No space left on device")
 
         monkeypatch.setattr(fs.vol.engine.allocator, "alloc", full)

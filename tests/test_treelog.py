@@ -374,7 +374,7 @@ def log_cap_workload(scale: int, grew: list[int]):
         handles = [await fs.open(p, "r+") for p in files]
         try:
             rounds = 0
-            while len(grew) < 2 and rounds < 8 * LOG_COMMIT_BLOCKS:  # the fast path crosses a cap of 16 at rounds 35 and 71
+            while len(grew) < 2 and rounds < 8 * LOG_COMMIT_BLOCKS:  # a cap of 64: crossed at rounds 62 and 124 (fast), 41 and 84 (production)
                 rounds += 1
                 for f in handles:
                     if rounds == 2 and f is handles[0] and scale > 1:
