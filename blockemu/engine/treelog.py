@@ -145,6 +145,9 @@ class TreeLog:
         self.logged: dict[int, bytes] = {}  # ino -> the inode item the log holds
         self.held: dict[int, set[int]] = {}  # ino -> file offsets of the EXTENT_DATA items the log holds
         self.csummed: set[int] = set()  # extents whose checksum items the log holds
+        # a log_inode failed (ENOSPC) after marking items logged that it never applied: no log
+        # sync until the commit that drops the log (``spoil``)
+        self.spoiled = False
         self.csum_ends: dict[int, Item] = {}  # the log's checksum items, by where their sectors end
         # tree blocks' worth of room the layer above promised to dirty data and writeback has not
         # taken yet (``Filesystem.promised_blocks``): the log may not take it (``_keep``)
@@ -153,7 +156,15 @@ class TreeLog:
     def can_log(self, ino: int) -> bool:
         """Whether an fsync of ``ino`` may go through the log: its change is one the log can say
         (``Engine.needs_commit``), and the log is still small enough to be worth syncing."""
-        return ino not in self.engine.needs_commit and self.blocks() <= LOG_COMMIT_BLOCKS
+        return not self.spoiled and ino not in self.engine.needs_commit and self.blocks() <= LOG_COMMIT_BLOCKS
+
+    def spoil(self) -> None:
+        """A ``log_inode`` failed: it may have marked items logged (``logged``, ``held``,
+        ``csummed``, the changes taken from ``Engine.changed_extents``) that the log does not
+        hold. A later sync would then write the log without them and acknowledge an fsync whose
+        inode it lacks (an fsync grouped into the failed sync, next at the lock before the
+        fallback commit, lost its data to a power cut). Every fsync commits until ``drop``."""
+        self.spoiled = True
 
     def blocks(self) -> int:
         """The log tree's blocks (its store keeps every one: its cache is unbounded)."""
@@ -290,6 +301,7 @@ class TreeLog:
                 self.store.free_block(block)
         self.tree = self.base = self.store = None
         self.logged, self.held, self.csummed, self.csum_ends, self.older = {}, {}, set(), {}, set()
+        self.spoiled = False
 
 
 def log_trees(read: ReadFn, sb: SuperInfo) -> list[BTree]:

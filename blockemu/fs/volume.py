@@ -308,6 +308,7 @@ class Volume:
                     self.log.log_inode(i)
                 todo = self.log.prepare_sync()
             except NoSpaceError:
+                self.log.spoil()  # its bookkeeping may name items it lacks: no log sync before the commit
                 return False  # the full commit drops the half-built log and gives back what it pinned
             self._log_syncs += 1
             number = self._log_syncs
