@@ -119,7 +119,7 @@ class TreeStore:
         self.transid = transid
         self.allocator = allocator
         # tree blocks of room each new block must leave: 0 (trees may use the metadata reserve),
-        # but the fsync log's store sets what it may not take (``TreeLog.sync_keep``)
+        # but the fsync log's store sets what it may not take (``TreeLog._keep``)
         self.keep = 0
         self.cache_blocks = cache_blocks
         self.verify_csum = verify_csum

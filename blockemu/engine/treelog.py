@@ -86,15 +86,14 @@ Item = tuple[tuple[int, int, int], bytes]
 # 32 and 64 blocks: 4,070 and 4,006 M at N=120, CPU within 16's spread -- not clearly better,
 # and replay reads the whole log, so the cap stays at the smallest that measured the gain.
 # With the log a chain of trees (below) a sync's cost no longer grows with the log, and only
-# the commits change with the cap (fsync16: the same job, plain file, N=800): 16 blocks 12.33 M
-# instructions a cycle (10 commits), 32 blocks 11.36 M (5), 64 blocks 10.64 M (2). It stayed at 16
-# while the log's blocks came out of the metadata reserve (they stay taken through the commit that
-# drops them); now they leave the reserve and the room promised to dirty data (``TreeLog._keep``),
-# so the log's size cannot cost an ENOSPC anywhere else, and the cap bounds only what replay reads
-# and the log's blocks in memory (64: 1 MiB at 16 KiB nodes). Not scaled with the image: near
-# full, the keep already makes an fsync commit rather than log. Measured (logcap16, the same job,
-# callgrind, N=800 less N=0): 16 blocks 12.31 M instructions a cycle (10 commits), 64 blocks 10.61 M
-# (2); process CPU alternated, 4 runs each: 4.17-4.71 ms a cycle at 16, 3.96-4.21 at 64.
+# the commits change with the cap (fsync16, logcap16: the same job, plain file, callgrind, N=800
+# less N=0): 16 blocks 12.31 M instructions a cycle (10 commits), 32 blocks 11.36 M (5), 64 blocks
+# 10.61 M (2); process CPU alternated, 4 runs each: 4.17-4.71 ms a cycle at 16, 3.96-4.21 at 64.
+# It stayed at 16 while the log's blocks came out of the metadata reserve (they stay taken
+# through the commit that drops them); now they leave the reserve and the room promised to dirty
+# data (``TreeLog._keep``), so the log's size cannot cost an ENOSPC anywhere else, and the cap
+# bounds only what replay reads and the log's blocks in memory (64: 1 MiB at 16 KiB nodes). Not
+# scaled with the image: near full, the keep already makes an fsync commit rather than log.
 LOG_COMMIT_BLOCKS = 64
 # The log is a chain of trees (SPEC "Log tree"): the superblock names the delta, which holds what
 # was logged since it began and, once an older tree stands behind it, LINK_KEY naming that one
