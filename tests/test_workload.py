@@ -167,6 +167,8 @@ def test_script_jobs_and_errors(tmp_path):
     bad.write_text("[j]\nrw=write\nsize=1m\nfrobnicate=3\n")
     p = run("run", str(bad), check_rc=1)
     assert p.stderr.strip() == f"blockemu: run: {bad}:4: unknown option 'frobnicate'"
+    missing = json.loads(run("run", str(tmp_path / "none.fio"), "--json", check_rc=1).stdout)["error"]
+    assert missing["code"] == "ENOENT", missing  # was EINVAL: a missing job file is a missing file
 
 
 def test_stress_mix_and_crash_points(tmp_path):
@@ -202,6 +204,17 @@ def test_stress_with_flips_counts_detected_corruption_apart_from_loss(tmp_path):
     assert out["detected_corruption"] > 0, out
     assert all("checksum mismatch" in d or d.startswith("fsck: [CSUM_MISMATCH]") for d in out["detected"]), out
     assert out["lost_acknowledged_writes"] == 0 and out["problems"] == [] and p.returncode == 0
+    assert any("flipped bits in" in n for n in out["notes"]), out  # the damage it leaves is said
+    # A rerun on that image failed, blaming itself for the first run's flipped sectors: it is now
+    # refused before it writes, one line, EUCLEAN, the image untouched.
+    before = open(img, "rb").read()
+    again = run("stress", img, "--seed", "1", "--tasks", "2", "--ops", "100", "--faults", "flip=0.05",
+                "--write-path", "fast", check_rc=1)
+    assert again.stderr.startswith(f"blockemu: stress: {img}: not clean before the run (fsck: "), again.stderr
+    assert again.stderr.count("\n") == 1 and "[CSUM_MISMATCH]" in again.stderr
+    assert open(img, "rb").read() == before
+    err = json.loads(run("stress", img, "--seed", "2", "--faults", "flip=0.01", "--json", check_rc=1).stdout)["error"]
+    assert err["code"] == "EUCLEAN", err
 
 
 @pytest.mark.parametrize("bug", [False, True], ids=["flips only", "a wrong link count too"])

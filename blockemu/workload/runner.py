@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import importlib
 import os
@@ -33,7 +34,7 @@ from blockemu.check.fsck import FsckReport, check
 from blockemu.device.faultplan import FaultPlan, Flip, undo_flips
 from blockemu.device.writelog import sparse_copy
 from blockemu.display import Advance
-from blockemu.errors import BlockemuError, InvalidArgument, NoSpaceError
+from blockemu.errors import BlockemuError, InvalidArgument, NoSpaceError, NotFoundError
 from blockemu.fs.filesystem import Filesystem, mount
 from blockemu.fs.mkfs import MIN_SIZE, mkfs
 from blockemu.workload.buffers import WorkingSet
@@ -75,7 +76,7 @@ def load_workload(arg: str) -> JobFile:
     builtin = scenarios()
     if arg in builtin:
         return parse(builtin[arg], f"<built-in {arg}>")
-    raise InvalidArgument(f"{arg}: no such job file or built-in scenario (see blockemu run --list)")
+    raise NotFoundError(f"{arg}: no such job file or built-in scenario (see blockemu run --list)")
 
 
 SCRATCH_IMAGE = "scratch image (deleted)"  # what a report without --image says the image was
@@ -338,7 +339,7 @@ class Runner:
                 rep = check(self.image, check_data=job.get("check_data", False))
                 self.report.jobs.append({"jobname": job.name, "kind": "fsck", **rep.as_json()})
                 if not rep.clean:
-                    self.report.failures.append(f"{job.name}: fsck found {len(rep.errors)} errors")
+                    self.report.failures.append(f"{job.name}: fsck found {len(rep.errors)} error{'s' * (len(rep.errors) > 1)}")
                 self.fs = await self._mount()
             elif kind == "faults":
                 self.fs.vol.device.faults = FaultPlan.parse(job.get("faults", ""))
@@ -444,8 +445,11 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
     campaign over a logged single-task mix. Its directory is encrypted, and its key stays: key
     removal under load is the key-removal race's (``keyrace``), whose oracle knows what each
     removal mode may lose."""
+    check_data = faults is not None and faults.flip > 0
     if not os.path.exists(image) or os.path.getsize(image) == 0:
         await mkfs(image, "256M")
+    else:
+        refuse_unclean(image, check_data)
     problems: list[str] = []
     mix, aborted = MixResult(), None
     fs = await mount(image, faults=faults, interval=1.0, **write_path.mount_options())
@@ -483,7 +487,7 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
     # under flip= the data's checksums are checked too: a flipped data sector the mix never read
     # back is corruption only they show, and without them the run said "fsck clean" over it
     # with the mix's key, so a finding names a file as the mix's own lines do (/p1/f1, not its no-key name)
-    report = check(image, check_data=faults is not None and faults.flip > 0, key=key)  # (flips come only from flip=)
+    report = check(image, check_data=check_data, key=key)  # (flips come only from flip=)
     # flipped bits are injected corruption: a checksum (a read's, a mount's) that catches them is
     # the filesystem doing its job, listed but no failure; only wrong data read back without an
     # error is. What fsck finds counts as detected only if the flips explain it -- gone once they
@@ -522,7 +526,7 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
                                "aborted": aborted,
                                "ledger_files_checked_after_crash": len(mix.durable) if cut else None,
                                "fsck": "clean" if report.clean else
-                               f"{len(report.errors)} errors", "fsck_errors": [e.as_json() for e in report.errors[:20]],
+                               f"{len(report.errors)} error{'s' * (len(report.errors) > 1)}", "fsck_errors": [e.as_json() for e in report.errors[:20]],
                                # every key is always there, null where the run's flags give it no figure: a
                                # script reading the JSON of runs with and without --faults met a KeyError
                                "crash_states_checked": None, "crash_failures": None, "fsck_flips_undone": None}
@@ -533,12 +537,28 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
         problems += camp.failures
     note = missed_cut(faults, fs.vol.device.dead, writes, "more --ops")
     summary["notes"] = [note] if note else []
+    if flips:  # left as a failing disk leaves them: said, since a rerun on this image is refused
+        summary["notes"].append(f"the run flipped bits in {len(flips)} sector(s) and leaves them on the image: "
+                                "fsck reports those still in use, and a next stress run needs a fresh image")
     summary["problems"] = problems
     summary["detected"] = found if flips else []
     if flips:
-        summary["fsck_flips_undone"] = "clean" if not unexplained else f"{len(unexplained)} errors"
+        summary["fsck_flips_undone"] = "clean" if not unexplained else \
+            f"{len(unexplained)} error{'s' * (len(unexplained) > 1)}"
     summary["ok"] = not problems
     return summary
+
+
+def refuse_unclean(image: str, check_data: bool) -> None:
+    """Refuse a run on an image fsck does not find clean (EUCLEAN): the run's own checks would
+    blame it for damage it found there -- a rerun on the image an earlier ``flip=`` run left
+    failed with that run's flipped sectors as its own corruption."""
+    before = check(image, check_data=check_data)
+    if not before.clean:
+        first = before.errors[0]
+        n = len(before.errors)
+        raise OSError(errno.EUCLEAN, f"{image}: not clean before the run (fsck: {n} error{'s' * (n > 1)}, first "
+                              f"[{first.code}] {first.message}); run stress on a fresh image (mkfs)")
 
 
 def missed_cut(faults: FaultPlan | None, dead: bool, writes: int, more: str) -> str | None:
