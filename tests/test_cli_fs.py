@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 
+import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from blockemu.fs.mkfs import mkfs
@@ -542,6 +543,33 @@ def test_every_key_a_command_reads_is_wiped_when_it_ends(tmp_path, monkeypatch, 
     assert cli.main(["ls", img, "/e", "--key-file", "-"]) == 0  # reads it twice: from the one read of stdin
     assert capsys.readouterr().out == "f\n"
     assert len(read) == 1 and not any(read[0]) and cli.stdin_key.cache_info().currsize == 0
+
+
+def test_a_key_read_that_fails_part_way_leaves_no_partial_key_behind():
+    """A key file whose read fails after the key's first bytes (EIO half way): ``read_secret``
+    raised before wiping its buffer, so those bytes stayed in memory. The buffer read into is
+    zeroed however the read ends."""
+    import errno
+    import io
+
+    from blockemu.cli import main as cli
+
+    class FailingReader(io.RawIOBase):
+        def __init__(self) -> None:
+            self.bufs: list[memoryview] = []
+
+        def readinto(self, b: memoryview) -> int:
+            self.bufs.append(b)
+            if len(self.bufs) > 1:
+                raise OSError(errno.EIO, "Input/output error")
+            b[:16] = b"\xa5" * 16
+            return 16
+
+    reader = FailingReader()
+    with pytest.raises(OSError) as e:
+        cli.read_secret(reader, 65)
+    assert e.value.errno == errno.EIO and len(reader.bufs) == 2
+    assert not any(reader.bufs[0].obj)  # the bytearray both reads went into
 
 
 def test_ls_long_and_json_show_each_entrys_owner_and_group(tmp_path):

@@ -568,15 +568,17 @@ def read_key(path: str | None) -> bytearray | None:
 
 def read_secret(f: Any, limit: int) -> bytearray:
     """Up to ``limit`` bytes of the unbuffered file ``f``, into a ``bytearray`` of exactly what
-    was read; the one read into is wiped (shrinking it in place could leave a copy behind)."""
+    was read; the one read into is wiped (shrinking it in place could leave a copy behind) --
+    also when a read fails part way, which would otherwise leave the key's first bytes behind."""
     from blockemu.crypto.fscrypt import wipe
 
     buf, n = bytearray(limit), 0
-    while n < limit and (k := f.readinto(memoryview(buf)[n:])):
-        n += k
-    out = buf[:n]
-    wipe(buf)
-    return out
+    try:
+        while n < limit and (k := f.readinto(memoryview(buf)[n:])):
+            n += k
+        return buf[:n]
+    finally:
+        wipe(buf)
 
 
 @functools.cache
