@@ -23,7 +23,7 @@ from blockemu.ondisk.items import FileExtent
 from blockemu.ondisk.superblock import decode_super, encode_super
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, check_states, record
 from blockemu.workload.writepath import FAST, KEY, PRODUCTION, WritePath
-from tests.test_treelog import committed_files, committed_then_log
+from tests.test_treelog import _log_items, committed_files, committed_then_log
 
 
 def log_then_commit_workload(scale: int):
@@ -360,3 +360,82 @@ async def test_a_log_sync_leaves_the_metadata_reserve_and_the_room_promised_to_d
         for path, data in (("/a", a_data), ("/b", bytes(b_data))):
             async with fs.open(path) as f:
                 assert await f.read() == data
+
+
+async def _log_at_its_cap(tmp_path, fill: int | None) -> tuple[int, int, bytes]:
+    """A 4 MiB file committed, then scattered pages of it overwritten and fsynced through the
+    log until the log has ``LOG_COMMIT_BLOCKS`` blocks (4K nodes: a leaf holds few items). With
+    ``fill``, another file first takes the free room down to ``fill`` tree blocks, and once the
+    log is at its cap one more overwrite (fsynced, logged) takes it to within a few blocks of
+    the keep, ``crash.img`` being then the image after a power cut. Returns the room the
+    rounds took plus the keep they left, what is left beyond the keep (``TreeLog._keep``), and
+    the file's contents."""
+    from blockemu.engine.treelog import LOG_COMMIT_BLOCKS
+
+    img = str(tmp_path / "a.img")
+    await blockemu.mkfs(img, size="32M", node_size="4K", force=True)
+    rng, size = random.Random(12), 4 << 20
+    want = bytearray(rng.randbytes(size))
+    async with blockemu.mount(img, interval=3600) as fs:
+        vol, ns = fs.vol, fs.vol.sb.nodesize
+        alloc, engine = vol.engine.allocator, vol.engine
+        async with fs.open("/t", "w") as f:
+            await f.write(want)
+        async with fs.open("/fill", "w") as g:
+            while fill is not None and alloc.node_room > fill + 2:
+                await g.write(bytes(max(alloc.node_room - fill, 2) // 2 * ns))
+                await fs.sync()
+        await fs.sync()
+        start, gen = alloc.node_room, vol.generation
+        log = vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        async with fs.open("/t", "r+") as f:
+            while vol.log.blocks() < LOG_COMMIT_BLOCKS:
+                for off in rng.sample(range(0, size, 4096), 24):
+                    want[off:off + 4096] = page = rng.randbytes(4096)
+                    await f.pwrite(page, off)
+                await f.fsync()
+                assert vol.generation == gen, "every fsync went through the log"
+            used = start - alloc.node_room + engine.data_keep()
+            while fill is not None and alloc.node_room - engine.data_keep() > 3:
+                page = rng.randbytes((alloc.node_room - engine.data_keep() - 3) * ns)
+                want[8192:8192 + len(page)] = page
+                await f.pwrite(page, 8192)
+                await f.fsync()
+            assert vol.generation == gen and vol.log_root, "every fsync went through the log"
+        log.crash_image(str(tmp_path / "crash.img"), len(log.entries))
+        return used, alloc.node_room - engine.data_keep(), bytes(want)
+
+
+async def test_a_log_at_its_cap_on_an_image_full_to_the_keep_replays_at_mount(tmp_path):
+    """The largest log there can be (``LOG_COMMIT_BLOCKS``) on an image whose free room is the
+    keep and no more: the log's blocks and extents stay taken until the commit that drops it,
+    so mount's replay reserves them all and its commit must fit in what is left -- the metadata
+    reserve. The power cut's image mounts with every fsynced write, fsck-clean."""
+    from blockemu.engine.treelog import LOG_COMMIT_BLOCKS
+
+    used, _, _ = await _log_at_its_cap(tmp_path, None)  # what the rounds take, on room to spare
+    _, left, want = await _log_at_its_cap(tmp_path, used + 40)  # the rounds, then the top-up, fill the rest
+    crash = str(tmp_path / "crash.img")
+    _, blocks, _ = _log_items(crash)
+    assert 0 <= left <= 3 and len(blocks) >= LOG_COMMIT_BLOCKS, (left, len(blocks))
+    assert check(crash, check_data=True).clean
+    work = str(tmp_path / "work.img")
+    sparse_copy(crash, work)
+    async with blockemu.mount(work) as fs:
+        assert fs.vol.replayed and not fs.vol.log_root
+        writes = fs.vol.device.writes  # the replay's commit
+        async with fs.open("/t") as f:
+            assert await f.read() == want
+    report = check(work, check_data=True)
+    assert report.clean, [e.message for e in report.errors]
+    # a power cut in that commit (torn writes too): the log still replays, in the room left
+    for cut in sorted({1, writes // 4, writes // 2, writes - 2, writes - 1}):
+        sparse_copy(crash, work)
+        with pytest.raises(OSError):
+            async with blockemu.mount(work, faults=FaultPlan(cut_after_writes=cut, torn=0.5, seed=cut)):
+                pass
+        report = check(work, check_data=True)
+        assert report.clean, (cut, [e.message for e in report.errors])
+        async with blockemu.mount(work) as fs:
+            async with fs.open("/t") as f:
+                assert await f.read() == want, cut

@@ -63,8 +63,6 @@ def _check(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int
     for key, body in items:
         if key[:2] == (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM):
             csummed.append((key, body))
-            if read is not None:
-                bad_data += _check_data(ck, sb, key[2], body, size, read)
     new_extents: dict[int, int] = {}
     inodes = set()
     for key, body in items:
@@ -94,7 +92,10 @@ def _check(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int
             ck.error("LOG_OVERLAP", f"log tree: new extent [{bytenr}, +{length}) lies in space the committed trees use",
                      LOG, bytenr)
         # as replay cuts them: an item may span several extents
-        have = sum(len(b) for _, b in extent_csums(csummed, starts_c, bytenr, length, size, length))
+        mine = extent_csums(csummed, starts_c, bytenr, length, size, length)
+        if read is not None:  # replay uses these digests only: of an extent overwritten again, none
+            bad_data += sum(_check_data(ck, sb, key[2], body, size, read) for key, body in mine)
+        have = sum(len(b) for _, b in mine)
         if have != length // S.SECTOR_SIZE * size:
             ck.error("MISSING_CSUM", f"log tree: extent [{bytenr}, +{length}) has {have // size} of "
                      f"{length // S.SECTOR_SIZE} sector checksums", LOG, bytenr)
@@ -106,8 +107,12 @@ def _check(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int
 
 
 def _check_data(ck: Any, sb: Any, start: int, body: bytes, size: int, read: Callable[[int, int], bytes]) -> int:
-    """The sectors one logged checksum item covers, read and digested (a damaged sector makes
-    replay bring back bytes that fail their checksum at the first read). Returns how many are bad."""
+    """The sectors of a logged extent one checksum item covers, read and digested (a damaged
+    sector makes replay bring back bytes that fail their checksum at the first read). Only the
+    extents the log's EXTENT_DATA items name: a sector overwritten again in the logged
+    transaction keeps its checksum in the log, but replay neither maps nor reserves it, so its
+    commit may reuse it -- a power cut there left a clean image that fsck called damaged.
+    Returns how many are bad."""
     bad = 0
     for i in range(len(body) // size):
         sector = start + i * S.SECTOR_SIZE
