@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -708,6 +710,35 @@ async def test_a_log_base_that_shares_the_deltas_block_is_damaged_for_fsck_and_m
     with pytest.raises(CorruptionError, match="reached twice.*rescue zero-log"):
         async with blockemu.mount(crash):
             pass
+
+
+@pytest.mark.parametrize("damage", ["link past the end", "delta unreadable"])
+async def test_every_log_read_failure_at_mount_gives_the_rescue_hint(tmp_path, damage):
+    """A log whose link names a block past the device's end, or whose delta does not read
+    (EIO): mount refused with one line, as for a damaged log, but without the hint fsck gives
+    (``blockemu rescue zero-log``). Every failure to read the log at mount now gives it."""
+    from blockemu.device.faultplan import FaultPlan
+    from blockemu.engine.treelog import LINK_KEY
+    from blockemu.errors import DeviceIOError
+    from blockemu.ondisk.items import RootItem
+    crash, _ = await _crashed_after_scattered_fsyncs(tmp_path, 9, lambda log: log.base is not None)
+    sb = _super(crash)
+    faults = None
+    if damage == "link past the end":
+        def past_the_end(leaf, sb) -> None:
+            i = leaf.keys.index(LINK_KEY)
+            leaf.values[i] = RootItem.unpack(leaf.values[i])._replace(bytenr=sb.total_bytes + sb.nodesize).pack()
+        _edit_log_leaf(crash, past_the_end)
+        assert any("zero-log" in n for n in check(crash).notes)  # as fsck says
+    else:
+        faults = FaultPlan(eio=[(sb.log_root, sb.log_root + sb.nodesize, "r")])
+    for readonly in (False, True):
+        with pytest.raises(DeviceIOError, match=r"^fsync log: .*`blockemu rescue zero-log .*` drops the log"):
+            async with blockemu.mount(crash, readonly=readonly, faults=faults):
+                pass
+    if faults is None:
+        p = subprocess.run([sys.executable, "-m", "blockemu", "ls", crash, "/"], capture_output=True, text=True)
+        assert (p.returncode, p.stdout, p.stderr.count("\n")) == (1, "", 1) and "rescue zero-log" in p.stderr, p.stderr
 
 
 async def test_an_item_gone_stale_in_the_sync_that_starts_a_new_delta_stays_dropped(tmp_path):

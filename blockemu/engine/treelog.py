@@ -342,16 +342,14 @@ def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
     return blocks, sorted((key, body) for key, body in items.items() if body != DROPPED)
 
 
-def replay(engine: Engine) -> bool:
-    """Apply the superblock's log, if any, to the running transaction (mount does this before
-    anything allocates; a full commit then makes it durable and clears the log). For each
-    logged inode: its inode item; each logged EXTENT_DATA item over what the tree maps there
-    (references released, extents at zero references freed); the new extents' EXTENT_ITEMs
-    and checksums. Returns whether there was a log."""
+def replay(engine: Engine, blocks: list[int], items: list[Item]) -> bool:
+    """Apply the superblock's log (``read_log``'s ``blocks`` and ``items``: mount reads it first,
+    to tell a log that does not read from a committed tree that does not) to the running
+    transaction (mount does this before anything allocates; a full commit then makes it durable
+    and clears the log). For each logged inode: its inode item; each logged EXTENT_DATA item
+    over what the tree maps there (references released, extents at zero references freed); the
+    new extents' EXTENT_ITEMs and checksums. Returns True: there was a log."""
     sb = engine.sb
-    if not sb.log_root:
-        return False
-    blocks, items = read_log(engine.store.read, sb)
     alloc = engine.allocator
     csums: list[Item] = []
     extents: dict[int, int] = {}

@@ -10,8 +10,8 @@ from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import bad_primary, read_only_features, too_small, unsupported
 from blockemu.engine.transaction import Engine, super_writes
-from blockemu.engine.treelog import TreeLog, replay
-from blockemu.errors import BlockemuError, CorruptionError, DeviceIOError, NoSpaceError, ReadOnlyError
+from blockemu.engine.treelog import TreeLog, read_log, replay
+from blockemu.errors import BlockemuError, CorruptionError, DeviceIOError, NoSpaceError, ReadOnlyError, restate
 from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
 
@@ -46,6 +46,15 @@ def read_primary_super(dev: BlockDevice) -> SuperInfo:
     if newer := unsupported(dev.path, sb):
         raise newer
     return sb
+
+
+def damaged_log(e: CorruptionError | DeviceIOError, path: str) -> OSError:
+    """``e`` (its class and errno kept) saying what fsck says of a log that stops a mount: it
+    can be dropped. Every failure to read the log or replay what it holds fails each mount,
+    read-only ones too, and only ``rescue zero-log`` gets the image mounting again -- a log link
+    past the device's end said nothing of it, as any other EIO reading the log did not."""
+    text = f"fsync log: {e}; `blockemu rescue zero-log {path}` drops the log, losing what was fsynced since the last commit"
+    return CorruptionError(text, e.kind, e.bytenr) if isinstance(e, CorruptionError) else restate(e, text)
 
 
 class Volume:
@@ -92,10 +101,13 @@ class Volume:
             engine = Engine(sb, dev.read_sync, writable=not readonly or bool(sb.log_root),
                             rebuild_free_space=rebuild_free_space)
             try:
-                replayed = replay(engine)
-            except CorruptionError as e:
-                raise CorruptionError(f"fsync log: {e}; `blockemu rescue zero-log {path}` drops the log, losing what "
-                                      "was fsynced since the last commit", e.kind, e.bytenr) from None
+                log = read_log(engine.store.read, sb) if sb.log_root else None
+            except (CorruptionError, DeviceIOError) as e:  # damaged, past the device's end, EIO
+                raise damaged_log(e, path) from None
+            try:
+                replayed = log is not None and replay(engine, *log)
+            except CorruptionError as e:  # what it holds cannot be replayed (a committed tree's EIO is not its fault)
+                raise damaged_log(e, path) from None
             if rebuild_free_space and not readonly:
                 engine.new_free_space_tree()
             if readonly:
