@@ -221,7 +221,7 @@ def fsck_blockemu(*args: str, check_rc: int) -> subprocess.CompletedProcess:
     return p
 
 
-@pytest.mark.parametrize("flags", [["-y"], ["-p"], ["-a"], ["-fy"], ["-f", "-p"]])
+@pytest.mark.parametrize("flags", [["-y"], ["-p"], ["-a"], ["-fy"], ["-f", "-p"], ["-p", "-a"], ["-y", "-y"]])
 def test_fsck_blockemu_takes_e2fscks_repairing_flags(image, flags):
     """fsck(8) runs ``fsck.TYPE -a`` / ``-p`` at boot: they were usage errors (16). Each repairs
     as --repair does (an image one byte short: its size restored, exit 1), ``-f`` with them."""
@@ -233,17 +233,38 @@ def test_fsck_blockemu_takes_e2fscks_repairing_flags(image, flags):
 
 def test_fsck_blockemu_n_only_checks_and_refuses_a_repairing_flag(image):
     """``-n`` checks and never writes (exit 4, the image's bytes as they were); ``-n`` with
-    ``-y`` (or --repair) is e2fsck's usage error, 16, before the image is opened."""
+    ``-y`` (or --repair) is e2fsck's usage error, 16, before the image is opened -- and so is
+    ``-p`` (or ``-a``) with ``-y``, which repaired."""
     os.truncate(image, (96 << 20) - 1)
     before = sha(image)
     for flags in (["-n"], ["-fn"]):
         assert "truncated" in fsck_blockemu(*flags, image, check_rc=4).stdout
-    for flags in (["-n", "-y"], ["-ny"], ["-n", "--repair"], ["-p", "-n"]):
+    for flags in (["-n", "-y"], ["-ny"], ["-n", "--repair"], ["-p", "-n"], ["-p", "-y"], ["-ya"], ["-p", "--repair"]):
         p = fsck_blockemu(*flags, image, check_rc=16)
         assert p.stderr == ("blockemu: usage: fsck.blockemu: only one of the options -p/-a, -n or -y (--repair) "
                             "may be specified\n"), p.stderr
     assert sha(image) == before
     assert "unrecognized arguments: -y" in run("fsck", image, "-y", check_rc=16).stderr  # blockemu fsck: its own only
+
+
+@pytest.mark.parametrize("flags, drawn", [([], True), (["-C", "0"], True), (["-C0"], True), (["-C", "3"], False),
+                                           (["-C", "-3"], False)])
+def test_fsck_blockemu_takes_fsck8s_progress_fd(image, monkeypatch, capsys, flags, drawn):
+    """fsck(8) passes ``-C FD`` for progress (it was a usage error): FD 0 asks for e2fsck's bar,
+    drawn as without the flag (stderr a terminal here); any other FD -- e2fsck's progress lines
+    for a program, which fsck.blockemu does not write -- draws none."""
+    import blockemu.display
+    from blockemu.cli.main import main
+
+    bars, bar = [], blockemu.display.bar
+
+    def recorded(description: str, total: int | None, enabled: bool):
+        bars.append(enabled)
+        return bar(description, total, False)
+    monkeypatch.setattr(blockemu.display, "bar", recorded)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["fsck", *flags, image], "fsck.blockemu") == 0
+    assert bars == [drawn] and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -211,11 +211,28 @@ def args_fsck(f: argparse.ArgumentParser) -> None:
 
 def args_e2fsck(f: argparse.ArgumentParser) -> None:
     """e2fsck's flags, as fsck(8) passes them to ``fsck.TYPE`` (``-a``/``-p`` at boot, ``-n`` to
-    check): ``fsck.blockemu`` copies e2fsck's name and exit codes, so it takes them too (they were
-    usage errors). ``blockemu fsck`` keeps its own flags only."""
-    f.add_argument("-y", "-p", "-a", dest="repair", action="store_true", help="same as --repair (e2fsck's)")
-    f.add_argument("-n", dest="no_changes", action="store_true", help="check only, never write (the default)")
+    check, ``-C FD`` for progress): ``fsck.blockemu`` copies e2fsck's name and exit codes, so it
+    takes them too (they were usage errors). Each mode is recorded apart, for e2fsck refuses two
+    of them (``e2fsck_modes``). ``blockemu fsck`` keeps its own flags only."""
+    f.add_argument("-y", dest="modes", action="append_const", const="-y", help="same as --repair (e2fsck's)")
+    f.add_argument("-p", "-a", dest="modes", action="append_const", const="-p", help="same as --repair (e2fsck's preen)")
+    f.add_argument("-n", dest="modes", action="append_const", const="-n", help="check only, never write (the default)")
     f.add_argument("-f", dest="force", action="store_true", help="accepted: every check is full")
+    f.add_argument("-C", dest="progress_fd", type=int, metavar="FD",
+                   help="0: a progress bar, if stderr is a terminal; any other: none (e2fsck's progress lines are not written)")
+
+
+def e2fsck_modes(a: argparse.Namespace) -> None:
+    """Fold ``fsck.blockemu``'s e2fsck flags into ``fsck``'s: ``-y`` and ``-p``/``-a`` repair,
+    ``-n`` only checks, and at most one of the three may be given, as e2fsck says (``--repair``
+    counts as ``-y``): ``-p -y`` repaired, while e2fsck refuses it (exit 16). ``-C FD``: fsck(8)
+    passes it for progress; a bar only for FD 0 (on a terminal, as without it), else none."""
+    modes = set(getattr(a, "modes", None) or ()) | ({"-y"} if a.repair else set())
+    if len(modes) > 1:
+        raise UsageError("only one of the options -p/-a, -n or -y (--repair) may be specified")
+    a.repair = bool(modes - {"-n"})
+    if getattr(a, "progress_fd", None) not in (None, 0) and a.progress is None:
+        a.progress = False
 
 
 # the commands' extra flags under another name: fsck(8)'s fsck.TYPE calling convention
@@ -1282,8 +1299,7 @@ def cmd_fsck(a: argparse.Namespace) -> int:
     from blockemu.check.fsck import PHASES, check
     from blockemu.display import bar as progress_bar
 
-    if getattr(a, "no_changes", False) and a.repair:  # fsck.blockemu -n -y: e2fsck refuses it so
-        raise UsageError("only one of the options -p/-a, -n or -y (--repair) may be specified")
+    e2fsck_modes(a)
     key = read_key(a.key_file)
     with progress_bar("fsck", len(PHASES), progress_wanted(a.progress, a.json)) as advance:
         report = check(a.image, check_data=a.check_data, key=key,
