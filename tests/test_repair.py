@@ -498,9 +498,17 @@ def test_a_back_reference_held_twice_is_one_link_and_the_copy_goes(tmp_path, cap
     INODE_EXTREF beside it. It is one name: fsck counted two links for it, found nlink one short,
     and --repair raised the count to match, so unlinking every name left the inode alive with no
     entry (and a reference fsck then reports but keeps). Now the copy is reported and removed, the
-    count judged by the names."""
+    count judged by the names. The item the finding names is the one the fix takes the copy from,
+    and the repair's line says which (it said INODE_EXTREF, and the INODE_REF's copy went)."""
     from blockemu.ondisk import structs as S
-    from blockemu.ondisk.items import InodeExtref, extref_hash, pack_inode_extrefs, pack_inode_refs, unpack_inode_refs
+    from blockemu.ondisk.items import (
+        InodeExtref,
+        extref_hash,
+        pack_inode_extrefs,
+        pack_inode_refs,
+        unpack_inode_extrefs,
+        unpack_inode_refs,
+    )
 
     img = str(tmp_path / "r.img")
     parent, ino, _ = asyncio.run(linked_image(img, ["/d"], "/d/a", ("/d/b",)))
@@ -520,8 +528,17 @@ def test_a_back_reference_held_twice_is_one_link_and_the_copy_goes(tmp_path, cap
     assert [e.code for e in before] == ["DIR_ITEM_MISMATCH"] and "a second time" in before[0].message, \
         [e.message for e in before]
     assert main(["fsck", img, "--repair"]) == 1
-    assert "nlink" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nlink" not in out and f"] {where} of {ino} names " in out and f"a second copy, from its {where}\n" in out, out
     assert_fsck_clean(img)
+    held: list[tuple[int, list[bytes]]] = []
+
+    def names_held(tree) -> None:
+        for key, body in tree.items((ino, S.INODE_REF, 0), (ino, S.INODE_EXTREF, (1 << 64) - 1)):
+            unpack = unpack_inode_refs if key[1] == S.INODE_REF else unpack_inode_extrefs
+            held.append((key[1], sorted(r.name for r in unpack(body))))
+    asyncio.run(edit_fs_tree(img, names_held))
+    assert held == [(S.INODE_REF, [b"a", b"b"])], held  # an INODE_EXTREF copy went, not the INODE_REF's
 
     async def unlink_all() -> None:
         async with blockemu.mount(img) as fs:

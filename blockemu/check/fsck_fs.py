@@ -376,7 +376,7 @@ def check_inodes(ck: "Checker", fi: FsItems, sb) -> None:
         for parent, r in twice:
             kind, key = _ref_item(fi, ino, parent, r.name)
             ck.error("DIR_ITEM_MISMATCH", f"{kind} of {ino} names {r.name!r} (index {r.index}) in {parent} a second "
-                     "time", FS, key=key, fix={"drop_ref": (ino, parent, r.name, r.index), "copy": True}
+                     "time", FS, key=key, fix={"drop_ref": (ino, parent, r.name, r.index), "copy": kind}
                      if _removable(fi, ino, parent, r.name) else None)
         names_held = len(refs) - len(twice)
         # names no entry gives the inode at all (a misplaced extref excepted: the repair would not

@@ -208,9 +208,12 @@ def _apply(engine: Engine, fix: dict[str, Any]) -> str:
                 f"inode {parent}" + "".join(f", in place of the one naming {old.decode(errors='backslashreplace')!r} "
                                             f"(index {at})" for old, at in stale))
     if "drop_ref" in fix:
+        # a copy: the item fsck named holding it again goes (it said INODE_EXTREF, and the
+        # INODE_REF's went, while the message did not say which)
         ino, parent, name, index = fix["drop_ref"]
-        backrefs.remove(fs, ino, parent, name, index)
-        why = "a second copy" if fix.get("copy") else "which no entry has"
+        copy = fix.get("copy")
+        backrefs.remove(fs, ino, parent, name, index, extref_first=copy == "INODE_EXTREF")
+        why = f"a second copy, from its {copy}" if copy else "which no entry has"
         return (f"removed inode {ino}'s reference to the name {name.decode(errors='backslashreplace')!r} in directory "
                 f"inode {parent}, {why}")
     if "extend_to" in fix:  # restored before the volume opened: it refuses a truncated image

@@ -69,25 +69,41 @@ def add(tree: BTree, ino: int, parent: int, index: int, name: bytes, extended: b
     tree.insert(key, pack_inode_extrefs([*_extrefs(tree, key), InodeExtref(parent, index, name)]), replace=True)
 
 
-def remove(tree: BTree, ino: int, parent: int, name: bytes, index: int | None = None) -> int:
+def remove(tree: BTree, ino: int, parent: int, name: bytes, index: int | None = None, *,
+           extref_first: bool = False) -> int:
     """Remove the name ``name`` of ``ino`` in ``parent`` from whichever item holds it; its
     DIR_INDEX index. ``index``: only the copy of the name giving that index (repair drops a
-    stale copy of a name that another copy, or the rebuilt one, holds rightly)."""
+    stale copy of a name that another copy, or the rebuilt one, holds rightly).
+    ``extref_first``: of a name held in both items, the INODE_EXTREF's copy goes (repair
+    removes the copy fsck named: the INODE_REF is where the name belongs while it fits)."""
+    order = (_remove_extref, _remove_ref) if extref_first else (_remove_ref, _remove_extref)
+    for take in order:
+        if (at := take(tree, ino, parent, name, index)) is not None:
+            return at
+    # a damaged image: the entry's back reference is in neither item
+    raise CorruptionError(f"inode {ino} has no back reference to its name {name!r} in directory inode {parent}",
+                          "DIR_ITEM_MISMATCH")
+
+
+def _remove_ref(tree: BTree, ino: int, parent: int, name: bytes, index: int | None) -> int | None:
     ref_key = (ino, S.INODE_REF, parent)
     refs = _refs(tree, ino, parent)
     ref = next((r for r in refs if r.name == name and index in (None, r.index)), None)
-    if ref is not None:
-        if len(refs) > 1:
-            tree.update(ref_key, pack_inode_refs([r for r in refs if r is not ref]))
-        else:
-            tree.delete(ref_key)
-        return ref.index
+    if ref is None:
+        return None
+    if len(refs) > 1:
+        tree.update(ref_key, pack_inode_refs([r for r in refs if r is not ref]))
+    else:
+        tree.delete(ref_key)
+    return ref.index
+
+
+def _remove_extref(tree: BTree, ino: int, parent: int, name: bytes, index: int | None) -> int | None:
     key = (ino, S.INODE_EXTREF, extref_hash(parent, name))
     ext = _extrefs(tree, key)
     found = next((r for r in ext if (r.parent, r.name) == (parent, name) and index in (None, r.index)), None)
-    if found is None:  # a damaged image: the entry's back reference is in neither item
-        raise CorruptionError(f"inode {ino} has no back reference to its name {name!r} in directory inode {parent}",
-                              "DIR_ITEM_MISMATCH")
+    if found is None:
+        return None
     rest = [r for r in ext if r is not found]
     if rest:
         tree.update(key, pack_inode_extrefs(rest))
