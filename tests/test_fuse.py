@@ -522,6 +522,59 @@ def test_a_release_a_readahead_holds_back_is_heard_before_the_removal_judges(env
     assert "readahead held" in s.proc.stdout.read(), "no readahead was unanswered at the close: nothing was tested"
 
 
+# The server with every FUSE_RELEASE held until the server next sends a request through its own
+# mount (a barrier: an OPENDIR from one of its threads) or is asked to unmount, as the kernel
+# holds one back behind an unanswered readahead or has it queued and not yet read. It prints a
+# line when it holds one.
+HELD_RELEASE_SERVER = textwrap.dedent("""
+    import asyncio, os, sys
+    from blockemu.cli.main import main
+    from blockemu.fuse import serve
+    from blockemu.fuse.ops import Operations
+
+    release, opendir, handle, held = Operations.release, Operations.opendir, serve.Server.handle, []
+    def let_go():
+        while held:
+            held.pop().set()
+    async def holding(self, fh):
+        print("release held", flush=True)
+        held.append(asyncio.Event())
+        await held[-1].wait()
+        return await release(self, fh)
+    async def opened(self, inode, ctx):
+        if os.path.exists(f"/proc/self/task/{ctx.pid}"):
+            let_go()
+        return await opendir(self, inode, ctx)
+    async def handled(self, req):
+        if req["op"] == "umount":
+            let_go()
+        return await handle(self, req)
+    Operations.release, Operations.opendir, serve.Server.handle = holding, opened, handled
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_key_status_right_after_a_close_hears_its_release_first(env, image, mnt, tmp_path, capsys,
+                                                                 monkeypatch) -> None:
+    """A key removed while a file is open stays "Incompletely removed" until that file's
+    release; ``key status`` right after the close judged before the release was heard (the
+    barrier ran for ``key remove`` only), and said so though nothing had the file open. Status
+    now hears every release of a file closed before it, as removal does."""
+    key = encrypted_image(image, tmp_path, {"/enc/f": b"secret\n"})
+    monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
+    s = Served(env, image, mnt, "--key-file", str(key), run=("-c", HELD_RELEASE_SERVER))
+    with s:
+        fd = os.open(mnt / "enc" / "f", os.O_RDONLY)
+        try:
+            assert os.read(fd, 100) == b"secret\n"
+            assert removal_text(capsys, mnt, key).endswith(", but files still busy\n")
+        finally:
+            os.close(fd)
+        assert main(["key", "status", str(mnt), "--key-file", str(key)]) == 0
+        assert capsys.readouterr().out == "Absent\n"
+    assert "release held" in s.proc.stdout.read(), "no release was held at the status: nothing was tested"
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="reads the server's memory through /proc")
 @pytest.mark.parametrize("arrives", ["mount --key-file", "key add"])
 def test_the_server_keeps_no_copy_of_a_key_once_it_is_removed(env, image, mnt, tmp_path, arrives) -> None:

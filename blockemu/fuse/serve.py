@@ -166,9 +166,10 @@ class Server:
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req["op"]
-        if op == "key-remove":
-            # "files still busy" only for files open now: the kernel sends a release after
-            # close(2) has returned, so hear every release of a file closed before this request
+        if op in ("key-remove", "key-status"):
+            # "files still busy" (a status's "Incompletely removed") only for files open now: the
+            # kernel sends a release after close(2) has returned, so hear every release of a file
+            # closed before this request -- the last one's completes a removal busy files held back
             await self.ops.releases.settle(self.mountpoint)
         if op in KEY_OPS:
             reply = await answer_key(self.fs, req)
