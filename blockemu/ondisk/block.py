@@ -187,15 +187,18 @@ def encode_block(block: TreeBlock, *, nodesize: int, csum_type: int, fsid: bytes
     # a leaf's loop below measured no dearer than maps building the same list.
     if block.level == 0:
         values = block.values
-        end = nodesize - sum(map(len, values))
+        # one len per item and the key unpacked by the loop, not indexed: a commit encodes ~30
+        # leaves of ~100 items (the stress mix), and a 100-item leaf took 381k instructions with
+        # each length taken twice and the key indexed thrice, 342k now (callgrind)
+        flat: list[int] = []
+        off = nodesize - HEADER_SIZE
+        for (objectid, typ, offset), size in zip(block.keys, map(len, values)):
+            off -= size
+            flat += (objectid, typ, offset, off, size)
+        end = HEADER_SIZE + off  # where the data of the last item starts
         if end < pos + n * ITEM_SIZE:
             raise ValueError(f"leaf {block.bytenr} overfull")
         buf[end:] = b"".join(reversed(values))  # item 0's data last, at the very end
-        flat: list[int] = []
-        off = nodesize - HEADER_SIZE
-        for key, value in zip(block.keys, values):
-            off -= len(value)
-            flat += (key[0], key[1], key[2], off, len(value))
         _pack_rows(ITEM, buf, pos, flat)
     else:
         _pack_rows(KEY_PTR, buf, pos, list(chain.from_iterable(map(add, block.keys, block.ptrs))))
