@@ -233,15 +233,16 @@ def test_fsck_blockemu_takes_e2fscks_repairing_flags(image, flags):
 
 def test_fsck_blockemu_n_only_checks_and_refuses_a_repairing_flag(image):
     """``-n`` checks and never writes (exit 4, the image's bytes as they were); ``-n`` with
-    ``-y`` (or --repair) is e2fsck's usage error, 16, before the image is opened -- and so is
-    ``-p`` (or ``-a``) with ``-y``, which repaired."""
+    ``-y`` (or --repair) is refused before the image is opened -- and so is ``-p`` (or ``-a``)
+    with ``-y``, which repaired -- with e2fsck's exit for it, 8: its "only one of the options"
+    is a ``fatal_error`` (FSCK_ERROR), not its ``usage()`` (16)."""
     os.truncate(image, (96 << 20) - 1)
     before = sha(image)
     for flags in (["-n"], ["-fn"]):
         assert "truncated" in fsck_blockemu(*flags, image, check_rc=4).stdout
     for flags in (["-n", "-y"], ["-ny"], ["-n", "--repair"], ["-p", "-n"], ["-p", "-y"], ["-ya"], ["-p", "--repair"]):
-        p = fsck_blockemu(*flags, image, check_rc=16)
-        assert p.stderr == ("blockemu: usage: fsck.blockemu: only one of the options -p/-a, -n or -y (--repair) "
+        p = fsck_blockemu(*flags, image, check_rc=8)
+        assert p.stderr == ("blockemu: fsck: only one of the options -p/-a, -n or -y (--repair) "
                             "may be specified\n"), p.stderr
     assert sha(image) == before
     assert "unrecognized arguments: -y" in run("fsck", image, "-y", check_rc=16).stderr  # blockemu fsck: its own only

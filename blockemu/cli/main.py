@@ -225,11 +225,13 @@ def args_e2fsck(f: argparse.ArgumentParser) -> None:
 def e2fsck_modes(a: argparse.Namespace) -> None:
     """Fold ``fsck.blockemu``'s e2fsck flags into ``fsck``'s: ``-y`` and ``-p``/``-a`` repair,
     ``-n`` only checks, and at most one of the three may be given, as e2fsck says (``--repair``
-    counts as ``-y``): ``-p -y`` repaired, while e2fsck refuses it (exit 16). ``-C FD``: fsck(8)
-    passes it for progress; a bar only for FD 0 (on a terminal, as without it), else none."""
+    counts as ``-y``): ``-p -y`` repaired, while e2fsck refuses it. Its exit then is 8, not its
+    usage error's 16: e2fsck says it through ``fatal_error``, which exits FSCK_ERROR (e2fsprogs
+    ``e2fsck/unix.c`` PRS, ``util.c``). ``-C FD``: fsck(8) passes it for progress; a bar only for
+    FD 0 (on a terminal, as without it), else none."""
     modes = set(getattr(a, "modes", None) or ()) | ({"-y"} if a.repair else set())
     if len(modes) > 1:
-        raise UsageError("only one of the options -p/-a, -n or -y (--repair) may be specified")
+        raise InvalidArgument("only one of the options -p/-a, -n or -y (--repair) may be specified")
     a.repair = bool(modes - {"-n"})
     if getattr(a, "progress_fd", None) not in (None, 0) and a.progress is None:
         a.progress = False
