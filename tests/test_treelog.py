@@ -741,6 +741,46 @@ async def test_every_log_read_failure_at_mount_gives_the_rescue_hint(tmp_path, d
         assert (p.returncode, p.stdout, p.stderr.count("\n")) == (1, "", 1) and "rescue zero-log" in p.stderr, p.stderr
 
 
+async def test_a_committed_tree_block_the_replay_meets_damaged_is_not_blamed_on_the_log(tmp_path):
+    """A committed checksum or extent tree leaf that fails its checksum when the replay reads it
+    refused the mount with "fsync log: tree block N: ..." -- the log blamed, and fsck (rightly)
+    gave no zero-log note. The log is sound; the line names the committed tree and fsck, and
+    still how to mount without the log."""
+    import shutil
+
+    from blockemu.check.inspect import dump_tree
+    from blockemu.errors import CorruptionError
+    img, crash = str(tmp_path / "a.img"), str(tmp_path / "crash.img")
+    await blockemu.mkfs(img, size="64M", node_size="4K", force=True)
+    async with blockemu.mount(img, interval=3600) as fs:
+        for i in range(200):  # enough checksums and extents for several leaves
+            async with fs.open(f"/n{i:04d}", "w") as f:
+                await f.write(os.urandom(8192))
+        async with fs.open("/f", "w") as f:
+            await f.write(os.urandom(64 << 10))
+        await fs.sync()
+        log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+        async with fs.open("/f", "r+") as f:
+            await f.pwrite(b"L" * 4096, 0)
+            await f.fsync()
+        log.crash_image(crash, len(log.entries))
+    met = []
+    for b in dump_tree(crash, ["extent", "csum"]):
+        work = str(tmp_path / "w.img")
+        shutil.copy(crash, work)
+        flip(work, b["bytenr"] + 2000)
+        try:
+            async with blockemu.mount(work, readonly=True):
+                continue  # a leaf the replay does not read
+        except CorruptionError as e:
+            met.append(str(e))
+            assert not any("zero-log" in n for n in check(work).notes)  # fsck: the log is fine
+    assert all(not line.startswith("fsync log") for line in met), met  # (some fail before the replay)
+    replayed = [line for line in met if "(a committed tree, read replaying the fsync log;" in line]
+    assert replayed, met  # a leaf the replay reads
+    assert all("blockemu rescue zero-log" in line for line in replayed), replayed
+
+
 async def test_an_item_gone_stale_in_the_sync_that_starts_a_new_delta_stays_dropped(tmp_path):
     """A page logged in the delta, then, in one sync, covered by a write starting a page before
     it (its item is gone: stale) along with enough other writes that the delta has no room and

@@ -48,12 +48,16 @@ def read_primary_super(dev: BlockDevice) -> SuperInfo:
     return sb
 
 
-def damaged_log(e: CorruptionError | DeviceIOError, path: str) -> OSError:
+def damaged_log(e: CorruptionError | DeviceIOError, path: str, committed: bool = False) -> OSError:
     """``e`` (its class and errno kept) saying what fsck says of a log that stops a mount: it
     can be dropped. Every failure to read the log or replay what it holds fails each mount,
     read-only ones too, and only ``rescue zero-log`` gets the image mounting again -- a log link
-    past the device's end said nothing of it, as any other EIO reading the log did not."""
-    text = f"fsync log: {e}; `blockemu rescue zero-log {path}` drops the log, losing what was fsynced since the last commit"
+    past the device's end said nothing of it, as any other EIO reading the log did not.
+    ``committed``: the block that failed is a committed tree's, met by the replay: the log is
+    not what is damaged (it was blamed), but dropping it is still what lets the image mount."""
+    drop = f"`blockemu rescue zero-log {path}` drops the log, losing what was fsynced since the last commit"
+    text = f"{e} (a committed tree, read replaying the fsync log; `blockemu fsck {path}` shows the damage); {drop}" \
+        if committed else f"fsync log: {e}; {drop}"
     return CorruptionError(text, e.kind, e.bytenr) if isinstance(e, CorruptionError) else restate(e, text)
 
 
@@ -107,7 +111,7 @@ class Volume:
             try:
                 replayed = log is not None and replay(engine, *log)
             except CorruptionError as e:  # what it holds cannot be replayed (a committed tree's EIO is not its fault)
-                raise damaged_log(e, path) from None
+                raise damaged_log(e, path, committed=e.bytenr is not None and e.bytenr not in log[0]) from None
             if rebuild_free_space and not readonly:
                 engine.new_free_space_tree()
             if readonly:
