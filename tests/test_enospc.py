@@ -513,8 +513,9 @@ def test_the_cli_says_an_aborted_commit_in_one_line(image, tmp_path, capsys, mon
     assert err.endswith(f"{image}: read-only after an aborted transaction (No space left on device)\n"), err
 
 
+@pytest.mark.parametrize("max_extent", [256 << 10, 1 << 20, 2 << 20, 4 << 20], ids=["256K", "1M", "2M", "4M"])
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
-async def test_appends_into_fragmented_free_space_all_reach_the_disk(tmp_path, encrypted):
+async def test_appends_into_fragmented_free_space_all_reach_the_disk(tmp_path, encrypted, max_extent):
     """A file appended to in 64 KiB writes is one dirty run, which write() reserved tree room
     for once, at its first write: its extents -- one per 1 MiB, more where writeback splits
     the run across holes -- and their checksums (one per sector) went unreserved, and grew the
@@ -523,10 +524,12 @@ async def test_appends_into_fragmented_free_space_all_reach_the_disk(tmp_path, e
     48 KiB). And pieces split across scattered holes each COW leaves of the extent and checksum
     trees: writeback committed once per run to get their pinned old copies back, and the last
     pieces found no room. Each file of the fill is committed with sync, so the holes are the
-    same in every run."""
+    same in every run. With ``max_extent=2M`` the last 16 KiB were lost in one run of five: a
+    tree split (whole blocks) during the last flush took more than the items' bytes reserved
+    (``Filesystem.promised_blocks``)."""
     image = str(tmp_path / "frag.img")
     await blockemu.mkfs(image, size="16M")
-    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+    async with blockemu.mount(image, interval=3600, seal_workers=0, max_extent=max_extent) as fs:
         top = "/"
         if encrypted:
             await encrypted_dir(fs, "/e")
@@ -553,8 +556,10 @@ async def test_appends_into_fragmented_free_space_all_reach_the_disk(tmp_path, e
                     written += chunk
             await f.fsync()  # everything write() acknowledged is written back without error
             assert f.inode.lost_bytes == 0
-        # refused only when what is left is the metadata reserve (and a few runs' items)
-        assert len(written) > free - fs.vol.engine.data_keep() * fs.vol.sb.nodesize - (256 << 10)
+        # refused only when what is left is the metadata reserve, the trees' room to split (and
+        # a few runs' items)
+        engine = fs.vol.engine
+        assert len(written) > free - (engine.data_keep() + engine.op_blocks()) * fs.vol.sb.nodesize - (256 << 10)
     await verify(image, {**files, f"{top}new": bytes(written)}, encrypted=encrypted)
     assert_fsck_clean(image)
 
@@ -582,18 +587,22 @@ async def test_appends_reserve_the_tree_room_of_their_extents_and_checksums(tmp_
         assert 0 < grown <= reserved
 
 
+SMALL = 1200  # files whose fs-tree leaves the chmods COW: enough to pin the room ``at_the_keep`` frees
+
+
 async def at_the_keep(fs, files: dict[str, bytes]) -> Callable[[], Awaitable[None]]:
-    """Fill ``fs`` (its files put in ``files``), free one 64 KiB file, write ``/last``: one
+    """Fill ``fs`` (its files put in ``files``), free one file of 64 KiB (and a path per tree: the
+    room write() leaves the trees to split into, ``promised_blocks``), write ``/last``: one
     16 KiB run, admitted and dirty. Returns the step that then chmods files until the free room
     is exactly what data must leave (``data_keep``): the run no longer fits, its room pinned
     in the old copies of the fs-tree leaves the chmods COWed, while a new participant has no
     cause to commit first. Run first by this, then by the tests' commit hooks."""
-    for i in range(400):  # leaves for the chmods to COW
+    for i in range(SMALL):  # leaves for the chmods to COW
         files[f"/s{i}"] = bytes([i % 251]) * S
         async with fs.open(f"/s{i}", "w") as f:
             await f.write(files[f"/s{i}"])
-    async with fs.open("/pad", "w") as f:
-        await f.write(b"p" * (64 << 10))
+    async with fs.open("/pad", "w") as f:  # and the room write() leaves the trees to split into
+        await f.write(b"p" * ((64 << 10) + fs.vol.engine.op_blocks() * fs.vol.sb.nodesize))
     big = bytearray()
     async with fs.open("/big", "w") as f:
         with pytest.raises(NoSpaceError):
@@ -605,7 +614,7 @@ async def at_the_keep(fs, files: dict[str, bytes]) -> Callable[[], Awaitable[Non
     await fs.sync()  # the pad's room is free: room for one 16 KiB run
     alloc = fs.vol.engine.allocator
     inodes = []
-    for i in range(400):
+    for i in range(SMALL):
         async with fs.open(f"/s{i}") as f:
             inodes.append(f.inode)
 
@@ -696,7 +705,7 @@ async def test_a_task_that_keeps_cowing_down_to_the_keep_cannot_starve_writeback
 
         fs.vol.commit = counted  # counts only: the schedule is the two tasks'
         others = []
-        for i in range(399, 0, -1):  # files whose leaves at_the_keep did not COW
+        for i in range(SMALL - 1, 0, -1):  # files whose leaves at_the_keep did not COW
             async with fs.open(f"/s{i}") as f:
                 others.append(f.inode)
 

@@ -1131,11 +1131,16 @@ class Filesystem:
         free space (whole tree blocks' worth, as the allocator counts it) less the metadata
         reserve. Every write asks, so the space is derived again only when the allocator has
         changed since. A write asks again after its last await: concurrent writers must not
-        all pass on the same room."""
-        alloc = self.vol.engine.allocator
+        all pass on the same room.
+
+        It also leaves the trees room to split, a path per tree (``op_blocks``; why:
+        ``promised_blocks``): the items' bytes pay for the leaves they fill, not for the whole
+        block a split takes at once."""
+        engine = self.vol.engine
+        alloc = engine.allocator
         if alloc.changes != self._room_seen:
-            self._room_seen, self._room_keep = alloc.changes, self.vol.engine.data_keep()
-            self._room = (alloc.node_room - self._room_keep) * self.vol.sb.nodesize
+            self._room_seen, self._room_keep = alloc.changes, engine.data_keep()
+            self._room = (alloc.node_room - self._room_keep - engine.op_blocks()) * self.vol.sb.nodesize
         if not self.cache.dirty_bytes:
             # everything dirty has its extents: their items are in the trees
             self.meta_reserved, self.promised_keep = 0, None
@@ -1195,10 +1200,16 @@ class Filesystem:
 
     def promised_blocks(self) -> int:
         """Tree blocks' worth of room write() promised to dirty data (``room_for``) that
-        writeback has not yet taken: its bytes and the items of its extents."""
+        writeback has not yet taken: its bytes, the items of its extents and the room the
+        trees may split into as they take those items (a path per tree, split at every level:
+        ``Engine.op_blocks``). A tree block splits whole: the extent tree's root leaf, full,
+        took two blocks (its new sibling and the new root) for the first of five extents a
+        320 KiB run became in 64 KiB holes, whose items write() had reserved 1,232 bytes for,
+        and the fsync lost the run's last 16 KiB with ENOSPC (``max_extent=2M``, one run in five:
+        the split came during the last flush only when the lanes' pieces fell so)."""
         if not self.cache.dirty_bytes:
             return 0
-        return -(-(self.cache.dirty_bytes + self.meta_reserved) // self.vol.sb.nodesize)
+        return -(-(self.cache.dirty_bytes + self.meta_reserved) // self.vol.sb.nodesize) + self.vol.engine.op_blocks()
 
     def check_meta_room(self) -> None:
         """ENOSPC before an operation that adds items (a new inode, a name) changes anything:
