@@ -524,9 +524,11 @@ async def test_appends_into_fragmented_free_space_all_reach_the_disk(tmp_path, e
     48 KiB). And pieces split across scattered holes each COW leaves of the extent and checksum
     trees: writeback committed once per run to get their pinned old copies back, and the last
     pieces found no room. Each file of the fill is committed with sync, so the holes are the
-    same in every run. With ``max_extent=2M`` the last 16 KiB were lost in one run of five: a
-    tree split (whole blocks) during the last flush took more than the items' bytes reserved
-    (``Filesystem.promised_blocks``)."""
+    same in every run. The extent tree's root leaf, full, split during the last flush -- two
+    whole blocks, for items write() had reserved under a block for (``Filesystem.promised_blocks``)
+    -- and the fsync lost the last 16 KiB: plain with ``max_extent=4M`` in every run (names and
+    schedule are the same each time), encrypted with 2M in one run of five (the policy's nonce
+    changes the names' hashes, so the leaves)."""
     image = str(tmp_path / "frag.img")
     await blockemu.mkfs(image, size="16M")
     async with blockemu.mount(image, interval=3600, seal_workers=0, max_extent=max_extent) as fs:
