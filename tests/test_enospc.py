@@ -513,6 +513,21 @@ def test_the_cli_says_an_aborted_commit_in_one_line(image, tmp_path, capsys, mon
     assert err.endswith(f"{image}: read-only after an aborted transaction (No space left on device)\n"), err
 
 
+async def append_until_full(fs, path: str) -> bytes:
+    """Append 64 KiB writes to a new file ``path`` until write() refuses with ENOSPC, then
+    fsync: everything write() acknowledged must be written back without error. Returns it."""
+    written = bytearray()
+    async with fs.open(path, "w") as f:
+        with pytest.raises(NoSpaceError):
+            for i in range(100_000):
+                chunk = bytes([i % 251]) * (64 << 10)
+                await f.write(chunk)
+                written += chunk
+        await f.fsync()
+        assert f.inode.lost_bytes == 0
+    return bytes(written)
+
+
 @pytest.mark.parametrize("max_extent", [256 << 10, 1 << 20, 2 << 20, 4 << 20], ids=["256K", "1M", "2M", "4M"])
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 async def test_appends_into_fragmented_free_space_all_reach_the_disk(tmp_path, encrypted, max_extent):
@@ -549,20 +564,12 @@ async def test_appends_into_fragmented_free_space_all_reach_the_disk(tmp_path, e
                 del files[path]
         await fs.sync()  # the holes are free once the deletes are durable
         free = fs.vol.engine.allocator.free_bytes()
-        written = bytearray()
-        async with fs.open(f"{top}new", "w") as f:
-            with pytest.raises(NoSpaceError):
-                for i in range(1000):
-                    chunk = bytes([i % 251]) * (64 << 10)
-                    await f.write(chunk)
-                    written += chunk
-            await f.fsync()  # everything write() acknowledged is written back without error
-            assert f.inode.lost_bytes == 0
+        written = await append_until_full(fs, f"{top}new")
         # refused only when what is left is the metadata reserve, the trees' room to split (and
         # a few runs' items)
         engine = fs.vol.engine
         assert len(written) > free - (engine.data_keep() + engine.op_blocks()) * fs.vol.sb.nodesize - (256 << 10)
-    await verify(image, {**files, f"{top}new": bytes(written)}, encrypted=encrypted)
+    await verify(image, {**files, f"{top}new": written}, encrypted=encrypted)
     assert_fsck_clean(image)
 
 
@@ -879,16 +886,8 @@ async def test_appends_into_small_scattered_holes_all_reach_the_disk(tmp_path):
     await blockemu.mkfs(image, size="48M", node_size="4K")
     async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
         await fill_and_free_every_other(fs, S, sync_unlinks=True)
-        written = bytearray()
-        async with fs.open("/new", "w") as f:
-            with pytest.raises(NoSpaceError):
-                for i in range(100_000):
-                    chunk = bytes([i % 251]) * (64 << 10)
-                    await f.write(chunk)
-                    written += chunk
-            await f.fsync()  # everything write() acknowledged is written back without error
-            assert f.inode.lost_bytes == 0
-    await verify(image, {"/new": bytes(written)})
+        written = await append_until_full(fs, "/new")
+    await verify(image, {"/new": written})
 
 
 @pytest.mark.xfail(strict=True, reason="review25: unlinks on a full image defer their extent-tree changes "
