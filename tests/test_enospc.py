@@ -890,8 +890,6 @@ async def test_appends_into_small_scattered_holes_all_reach_the_disk(tmp_path):
     await verify(image, {"/new": written})
 
 
-@pytest.mark.xfail(strict=True, reason="review25: unlinks on a full image defer their extent-tree changes "
-                   "to a commit that finds no room; the transaction aborts (pre-existing, not enospc16)")
 async def test_unlinks_on_a_full_image_of_small_files_never_abort(tmp_path):
     """Freeing space always works. On a 48 MiB image with 4 KiB tree blocks full of 4 KiB
     files, unlinking every other file in one go aborted the transaction: the commit's COW of

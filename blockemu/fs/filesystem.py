@@ -681,7 +681,7 @@ class Filesystem:
             self._add_entry(parent, name, child, links=1)
 
     async def rmdir(self, path: str) -> None:
-        async with self.vol.join():
+        async with self.vol.join(deleting=True):
             d = self._resolve(path)
             if d.ino == ROOT_INO:
                 raise Busy(f"{path}: device or resource busy")
@@ -695,7 +695,7 @@ class Filesystem:
             self._destroy(d)
 
     async def unlink(self, path: str) -> None:
-        async with self.vol.join():
+        async with self.vol.join(deleting=True):
             parent, name = self._parent(path, IsADirectory)
             inode = self._resolve(path)
             if inode.is_dir:

@@ -138,7 +138,7 @@ class Volume:
         return self.engine.sb.generation
 
     @asynccontextmanager
-    async def join(self) -> AsyncIterator[Engine]:
+    async def join(self, deleting: bool = False) -> AsyncIterator[Engine]:
         """Take part in the running transaction: tree changes made inside land in one commit
         whole. A commit waits for every participant to leave; new ones wait until it has
         encoded its blocks, then join the next transaction beside the commit's I/O.
@@ -150,8 +150,11 @@ class Volume:
         keeps its last durable generation, and this mount turns read-only. The failure is
         raised -- as an OSError with its own errno, or EIO for an unexpected exception -- and
         every later change, commit and the unmount raise EROFS naming it (``check_aborted``);
-        reads go on."""
-        if self.engine.short_of_room() and self.aborted is None:
+        reads go on.
+
+        ``deleting``: the participant frees space (unlink, rmdir), which near full must commit
+        sooner (``Engine.short_of_room``)."""
+        if self.engine.short_of_room(deleting) and self.aborted is None:
             # the space this transaction freed stays pinned until it commits: near full, commit
             # first, as btrfs commits to reclaim pinned space before it gives up with ENOSPC
             await self.commit()
