@@ -717,7 +717,7 @@ class Filesystem:
 
     async def rename(self, src: str, dst: str) -> None:
         """rename(2): atomic, replacing an existing ``dst`` of a compatible type."""
-        async with self.adding_items():
+        async with self.adding_items(deleting=True):
             self.check_meta_room()  # the new name's items, before the old name goes
             sparent, sname = self._parent(src, Busy)
             inode = self._resolve(src)
@@ -1219,14 +1219,15 @@ class Filesystem:
         self.vol.engine.check_room(self.promised_blocks())
 
     @contextlib.asynccontextmanager
-    async def adding_items(self) -> AsyncIterator[None]:
+    async def adding_items(self, deleting: bool = False) -> AsyncIterator[None]:
         """Join the transaction for an operation that adds items (``check_meta_room`` then
         guards its changes). Short of room only because dirty data holds it, that data is
         written back and committed first (``make_room``'s sync), so the operation fails with
-        ENOSPC only when the disk is full of what is written."""
+        ENOSPC only when the disk is full of what is written. ``deleting``: it may also free space
+        (a rename over a file destroys it), so near full it commits sooner (``Volume.join``)."""
         if not self.vol.engine.meta_room(self.promised_blocks()):
             await self.write_out()
-        async with self.vol.join():
+        async with self.vol.join(deleting):
             yield
 
     def require_room(self, n: int, runs: int = 1) -> None:
