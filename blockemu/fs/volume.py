@@ -152,8 +152,8 @@ class Volume:
         every later change, commit and the unmount raise EROFS naming it (``check_aborted``);
         reads go on.
 
-        ``deleting``: the participant frees space (unlink, rmdir), which near full must commit
-        sooner (``Engine.short_of_room``)."""
+        ``deleting``: the participant may free space (unlink, rmdir, a rename over a file),
+        which near full must commit sooner (``Engine.short_of_room``)."""
         if self.engine.short_of_room(deleting) and self.aborted is None:
             # the space this transaction freed stays pinned until it commits: near full, commit
             # first, as btrfs commits to reclaim pinned space before it gives up with ENOSPC
