@@ -937,16 +937,19 @@ async def test_a_rename_landing_while_a_create_waits_cannot_misplace_the_file(tm
         join, gate, entered = fs.vol.join, asyncio.Event(), asyncio.Event()
 
         @contextlib.asynccontextmanager
-        async def held_join():
+        async def held_join(*args, **kwargs):
             fs.vol.join = join  # only the create's first join waits
             entered.set()
             await gate.wait()
-            async with join() as engine:
+            async with join(*args, **kwargs) as engine:
                 yield engine
         fs.vol.join = held_join
         ctx = types.SimpleNamespace(uid=0, gid=0, umask=0o022)
         create = asyncio.create_task(ops.create(a, b"x", 0o100644, os.O_WRONLY | os.O_CREAT, ctx))
-        await entered.wait()
+        # the create's failure before it joins is raised here: waiting on ``entered`` alone hung
+        await asyncio.wait([create, asyncio.ensure_future(entered.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if create.done():
+            create.result()
 
         async def moves() -> None:
             await ops.rename(pyfuse3.ROOT_INODE, b"a", pyfuse3.ROOT_INODE, b"b", 0, ctx)

@@ -1227,7 +1227,7 @@ class Filesystem:
         (a rename over a file destroys it), so near full it commits sooner (``Volume.join``)."""
         if not self.vol.engine.meta_room(self.promised_blocks()):
             await self.write_out()
-        async with self.vol.join(deleting):
+        async with self.vol.join(deleting=deleting):
             yield
 
     def require_room(self, n: int, runs: int = 1) -> None:
