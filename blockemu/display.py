@@ -18,6 +18,11 @@ class Advance(Protocol):
     def __call__(self, n: int = 1, description: str | None = None) -> None: ...
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 error``, ``3 errors``: a count in a message, the noun singular for one."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def wanted(flag: bool | None, json_out: bool = False) -> bool:
     """--progress/--no-progress win; otherwise only when stderr is a terminal and output is not JSON."""
     return flag if flag is not None else (sys.stderr.isatty() and not json_out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Any, Callable
 
+from blockemu.display import counted
 from blockemu.engine.treelog import extent_csums, read_log
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
@@ -99,9 +100,8 @@ def _check(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int
         if have != length // S.SECTOR_SIZE * size:
             ck.error("MISSING_CSUM", f"log tree: extent [{bytenr}, +{length}) has {have // size} of "
                      f"{length // S.SECTOR_SIZE} sector checksums", LOG, bytenr)
-    ck.report.notes.append(f"log tree: {len(items)} item{'s' * (len(items) > 1)} of {len(inodes)} fsynced "
-                           f"inode{'s' * (len(inodes) > 1)} in {len(blocks)} block{'s' * (len(blocks) > 1)}, "
-                           f"replayed at the next read-write mount")
+    ck.report.notes.append(f"log tree: {counted(len(items), 'item')} of {counted(len(inodes), 'fsynced inode')} in "
+                           f"{counted(len(blocks), 'block')}, replayed at the next read-write mount")
     ck.report.stats["log_items"] = len(items)
     return bad_data
 

@@ -342,13 +342,13 @@ def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
     return blocks, sorted((key, body) for key, body in items.items() if body != DROPPED)
 
 
-def replay(engine: Engine, blocks: list[int], items: list[Item]) -> bool:
+def replay(engine: Engine, blocks: list[int], items: list[Item]) -> None:
     """Apply the superblock's log (``read_log``'s ``blocks`` and ``items``: mount reads it first,
     to tell a log that does not read from a committed tree that does not) to the running
     transaction (mount does this before anything allocates; a full commit then makes it durable
     and clears the log). For each logged inode: its inode item; each logged EXTENT_DATA item
     over what the tree maps there (references released, extents at zero references freed); the
-    new extents' EXTENT_ITEMs and checksums. Returns True: there was a log."""
+    new extents' EXTENT_ITEMs and checksums."""
     sb = engine.sb
     alloc = engine.allocator
     csums: list[Item] = []
@@ -385,4 +385,3 @@ def replay(engine: Engine, blocks: list[int], items: list[Item]) -> bool:
             ext.map_logged(ino, key[2], fe, mine)
     for bytenr in blocks:
         alloc.pin(bytenr, sb.nodesize)  # free once the commit that ends the replay is durable
-    return True

@@ -109,7 +109,8 @@ class Volume:
             except (CorruptionError, DeviceIOError) as e:  # damaged, past the device's end, EIO
                 raise damaged_log(e, path) from None
             try:
-                replayed = log is not None and replay(engine, *log)
+                if log is not None:
+                    replay(engine, *log)
             except CorruptionError as e:  # what it holds cannot be replayed (a committed tree's EIO is not its fault)
                 raise damaged_log(e, path, committed=e.bytenr is not None and e.bytenr not in log[0]) from None
             if rebuild_free_space and not readonly:
@@ -120,7 +121,7 @@ class Volume:
             dev.close_sync()
             raise
         vol = cls(dev, engine)
-        vol.replayed = replayed
+        vol.replayed = replayed = log is not None
         if replayed and not readonly:
             try:
                 await vol.commit(force=True)  # durable, and the log cleared, before anything else

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 from blockemu.check.fsck import FsckReport, check
 from blockemu.device.faultplan import FaultPlan, Flip, undo_flips
 from blockemu.device.writelog import sparse_copy
-from blockemu.display import Advance
+from blockemu.display import Advance, counted
 from blockemu.errors import BlockemuError, InvalidArgument, NoSpaceError, NotFoundError
 from blockemu.fs.filesystem import Filesystem, mount
 from blockemu.fs.mkfs import MIN_SIZE, mkfs
@@ -339,7 +339,7 @@ class Runner:
                 rep = check(self.image, check_data=job.get("check_data", False))
                 self.report.jobs.append({"jobname": job.name, "kind": "fsck", **rep.as_json()})
                 if not rep.clean:
-                    self.report.failures.append(f"{job.name}: fsck found {len(rep.errors)} error{'s' * (len(rep.errors) > 1)}")
+                    self.report.failures.append(f"{job.name}: fsck found {counted(len(rep.errors), 'error')}")
                 self.fs = await self._mount()
             elif kind == "faults":
                 self.fs.vol.device.faults = FaultPlan.parse(job.get("faults", ""))
@@ -526,7 +526,7 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
                                "aborted": aborted,
                                "ledger_files_checked_after_crash": len(mix.durable) if cut else None,
                                "fsck": "clean" if report.clean else
-                               f"{len(report.errors)} error{'s' * (len(report.errors) > 1)}", "fsck_errors": [e.as_json() for e in report.errors[:20]],
+                               counted(len(report.errors), "error"), "fsck_errors": [e.as_json() for e in report.errors[:20]],
                                # every key is always there, null where the run's flags give it no figure: a
                                # script reading the JSON of runs with and without --faults met a KeyError
                                "crash_states_checked": None, "crash_failures": None, "fsck_flips_undone": None}
@@ -543,8 +543,7 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
     summary["problems"] = problems
     summary["detected"] = found if flips else []
     if flips:
-        summary["fsck_flips_undone"] = "clean" if not unexplained else \
-            f"{len(unexplained)} error{'s' * (len(unexplained) > 1)}"
+        summary["fsck_flips_undone"] = "clean" if not unexplained else counted(len(unexplained), "error")
     summary["ok"] = not problems
     return summary
 
@@ -556,9 +555,8 @@ def refuse_unclean(image: str, check_data: bool) -> None:
     before = check(image, check_data=check_data)
     if not before.clean:
         first = before.errors[0]
-        n = len(before.errors)
-        raise OSError(errno.EUCLEAN, f"{image}: not clean before the run (fsck: {n} error{'s' * (n > 1)}, first "
-                              f"[{first.code}] {first.message}); run stress on a fresh image (mkfs)")
+        raise OSError(errno.EUCLEAN, f"{image}: not clean before the run (fsck: {counted(len(before.errors), 'error')}, "
+                      f"first [{first.code}] {first.message}); run stress on a fresh image (mkfs)")
 
 
 def missed_cut(faults: FaultPlan | None, dead: bool, writes: int, more: str) -> str | None:
