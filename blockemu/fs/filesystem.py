@@ -283,13 +283,18 @@ class Filesystem:
         await self.unmount()
 
     async def _recover_orphans(self) -> None:
-        """Inodes unlinked while open when the last commit happened: finish deleting them."""
+        """Inodes unlinked while open when the last commit happened: finish deleting them, each
+        as a delete of its own (``join(deleting=True)``), so near full the cleanup commits in
+        steps, as unlinks do. All in one transaction, ~2,400 orphans on a full 48 MiB image
+        with 4 KiB tree blocks COWed more leaves than there was room for and every mount failed
+        with ENOSPC. Each step deletes whole inodes with their orphan items, so a crash between
+        two leaves the rest orphans, for the next mount to finish."""
         lo = (S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, 0)
         orphans = [k[2] for k, _ in self.tree.items(lo, (S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, (1 << 64) - 1))]
         if not orphans:
             return
-        async with self.vol.join():
-            for ino in orphans:
+        for ino in orphans:
+            async with self.vol.join(deleting=True):
                 self._destroy(self._load(ino))
         await self.vol.commit()
 
