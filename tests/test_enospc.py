@@ -944,7 +944,7 @@ def orphans_on_disk(image: str) -> int:
 
 async def test_orphan_cleanup_on_a_full_image_finishes_and_survives_a_cut_part_way(tmp_path):
     """Freeing space always works, at mount too. Every other file of a full 48 MiB image with
-    4 KiB tree blocks unlinked while open, then a power cut: ~2,400 orphans scattered over
+    4 KiB tree blocks unlinked while open, then a power cut: ~4,900 orphans scattered over
     every leaf of the fs, extent and checksum trees. Recovery destroyed them all in one
     transaction, whose COWs found no room: the mount failed with ENOSPC (0 bytes free), for
     good. It now deletes them as unlinks do, committing in steps near full; a power cut
