@@ -700,6 +700,9 @@ class Filesystem:
             self._destroy(d)
 
     async def unlink(self, path: str) -> None:
+        """unlink(2). Joins as a delete even when the file is open and frees nothing until its
+        last close: never refused for room, its orphan item and COWs as a plain participant
+        gathered until a commit found no room (DESIGN §5)."""
         async with self.vol.join(deleting=True):
             parent, name = self._parent(path, IsADirectory)
             inode = self._resolve(path)
