@@ -712,6 +712,28 @@ async def test_a_log_base_that_shares_the_deltas_block_is_damaged_for_fsck_and_m
             pass
 
 
+async def test_an_empty_log_link_is_damage_for_fsck_and_mount_not_the_chain_end(tmp_path):
+    """A delta whose LINK_KEY item has an empty body under a valid checksum (an edit, not a bit
+    flip: review24) read as the end of the chain -- an empty body is falsy -- so mount replayed
+    the delta alone, silently dropping what the older trees held, and fsck called the log clean.
+    Both must say the log is damaged, with the rescue hint, in one line (exit 1)."""
+    from blockemu.engine.treelog import LINK_KEY
+    from blockemu.errors import CorruptionError
+    crash, _ = await _crashed_after_scattered_fsyncs(tmp_path, 9, lambda log: log.base is not None)
+
+    def emptied(leaf, sb) -> None:
+        leaf.values[leaf.keys.index(LINK_KEY)] = b""
+    _edit_log_leaf(crash, emptied)
+    report = check(crash)
+    assert not report.clean and any("zero-log" in n for n in report.notes), [e.message for e in report.errors]
+    for readonly in (False, True):
+        with pytest.raises(CorruptionError, match=r"^fsync log: .*link to an older tree.*`blockemu rescue zero-log .*` drops"):
+            async with blockemu.mount(crash, readonly=readonly):
+                pass
+    p = subprocess.run([sys.executable, "-m", "blockemu", "ls", crash, "/"], capture_output=True, text=True)
+    assert (p.returncode, p.stdout, p.stderr.count("\n")) == (1, "", 1) and "rescue zero-log" in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("damage", ["link past the end", "delta unreadable"])
 async def test_every_log_read_failure_at_mount_gives_the_rescue_hint(tmp_path, damage):
     """A log whose link names a block past the device's end, or whose delta does not read

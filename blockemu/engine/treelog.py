@@ -317,10 +317,16 @@ def log_trees(read: ReadFn, sb: SuperInfo) -> list[BTree]:
                                   "BAD_LOG_ITEM", bytenr)
         store.get(bytenr, generation=sb.log_root_transid, level=level, owner=S.TREE_LOG_OBJECTID)
         trees.append(BTree(store, S.TREE_LOG_OBJECTID, bytenr, level))
-        body = trees[-1].get(LINK_KEY) or trees[-1].get(BASE_KEY)
+        # ``is None``, not falsiness: an empty body (an edit under a valid checksum) is damage,
+        # and read as the chain's end it silently dropped what the older trees hold
+        body = next((b for b in (trees[-1].get(LINK_KEY), trees[-1].get(BASE_KEY)) if b is not None), None)
         if body is None:
             return trees
-        root = RootItem.unpack(body)
+        try:
+            root = RootItem.unpack(body)
+        except CorruptionError as e:
+            raise CorruptionError(f"log tree: block {bytenr}: its link to an older tree is damaged ({e})",
+                                  "BAD_LOG_ITEM", bytenr) from None
         bytenr, level = root.bytenr, root.level
 
 
