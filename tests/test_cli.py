@@ -268,6 +268,18 @@ def test_fsck_blockemu_takes_fsck8s_progress_fd(image, monkeypatch, capsys, flag
     assert bars == [drawn] and capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("fd", ["9", "-9"])
+def test_fsck_blockemu_refuses_a_progress_fd_that_is_not_open(image, fd):
+    """``-C FD`` naming a descriptor that is not open was taken silently; e2fsck validates it
+    (a ``dup`` of its absolute value, a negative FD only turning the progress off) and refuses
+    with ``fatal_error``: exit 8, before the image is opened."""
+    before = sha(image)
+    p = fsck_blockemu("-n", "-C", fd, image, check_rc=8)
+    assert p.stderr == ("blockemu: fsck: -C " + fd + ": invalid completion information file descriptor: "
+                        "descriptor 9 is not open (Bad file descriptor)\n"), p.stderr
+    assert sha(image) == before
+
+
 @pytest.mark.parametrize("argv, says", [
     (["crash", "--limit", "1", "--shard-size", "0"], "--shard-size: 0 is out of range: at least 1"),
     (["crash", "--limit", "-1"], "--limit: -1 is out of range: at least 1"),

@@ -228,13 +228,22 @@ def e2fsck_modes(a: argparse.Namespace) -> None:
     counts as ``-y``): ``-p -y`` repaired, while e2fsck refuses it. Its exit then is 8, not its
     usage error's 16: e2fsck says it through ``fatal_error``, which exits FSCK_ERROR (e2fsprogs
     ``e2fsck/unix.c`` PRS, ``util.c``). ``-C FD``: fsck(8) passes it for progress; a bar only for
-    FD 0 (on a terminal, as without it), else none."""
+    FD 0 (on a terminal, as without it), else none; another FD must be open (its absolute value:
+    a negative one only turns e2fsck's progress off), or e2fsck refuses it, with ``fatal_error``
+    too ("Invalid completion information file descriptor")."""
     modes = set(getattr(a, "modes", None) or ()) | ({"-y"} if a.repair else set())
     if len(modes) > 1:
         raise InvalidArgument("only one of the options -p/-a, -n or -y (--repair) may be specified")
     a.repair = bool(modes - {"-n"})
-    if getattr(a, "progress_fd", None) not in (None, 0) and a.progress is None:
-        a.progress = False
+    fd = getattr(a, "progress_fd", None)
+    if fd:
+        try:
+            os.fstat(abs(fd))
+        except OSError as e:
+            raise InvalidArgument(f"-C {fd}: invalid completion information file descriptor: "
+                                  f"descriptor {abs(fd)} is not open ({e.strerror})") from None
+        if a.progress is None:
+            a.progress = False
 
 
 # the commands' extra flags under another name: fsck(8)'s fsck.TYPE calling convention
