@@ -575,6 +575,65 @@ def test_key_status_right_after_a_close_hears_its_release_first(env, image, mnt,
     assert "release held" in s.proc.stdout.read(), "no release was held at the status: nothing was tested"
 
 
+# The server with a key removal's barrier held inside its open of the mount's root (its OPENDIR
+# unanswered: the mount is in use by the server's own thread) until an unmount has been tried --
+# its command ran and the request ended -- or waits for the barrier (``Releases.quiet``, if the
+# server has it). It prints a line when it holds one.
+HELD_BARRIER_SERVER = textwrap.dedent("""
+    import asyncio, os, sys
+    from blockemu.cli.main import main
+    from blockemu.fuse import serve
+    from blockemu.fuse.ops import Operations
+    from blockemu.fuse.releases import Releases
+
+    opendir, handle, quiet, tried = Operations.opendir, serve.Server.handle, getattr(Releases, "quiet", None), []
+    def unmount_tried():
+        if not tried:
+            tried.append(asyncio.Event())
+        return tried[0]
+    async def opened(self, inode, ctx):
+        if os.path.exists(f"/proc/self/task/{ctx.pid}"):
+            print("barrier held", flush=True)
+            await unmount_tried().wait()
+        return await opendir(self, inode, ctx)
+    async def handled(self, req):
+        try:
+            return await handle(self, req)
+        finally:
+            if req["op"] == "umount":
+                unmount_tried().set()
+    def waiting(self):
+        unmount_tried().set()
+        return quiet(self)
+    Operations.opendir, serve.Server.handle = opened, handled
+    if quiet is not None:
+        Releases.quiet = waiting
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_umount_waits_for_a_key_removals_barrier_rather_than_say_busy(env, image, mnt, tmp_path) -> None:
+    """A key removal's barrier opens the mount's root from a server thread (fuse/releases.py);
+    ``blockemu umount`` arriving meanwhile ran the kernel's unmount while the server itself used
+    the mount, and said "target is busy" though no process of the user's did. The unmount now
+    waits for the barrier: exit 0; the removal, answered after the unmount, says the mount is gone."""
+    key = encrypted_image(image, tmp_path, {"/enc/f": b"secret\n"})
+    s = Served(env, image, mnt, "--key-file", str(key), run=("-c", HELD_BARRIER_SERVER))
+    try:
+        removal = subprocess.Popen([PY, "-m", "blockemu", "key", "remove", str(mnt), "--key-file", str(key)],
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert s.proc.stdout.readline() == "barrier held\n"  # type: ignore[union-attr]
+        done = subprocess.run([PY, "-m", "blockemu", "umount", str(mnt)], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+        assert s.proc.wait(timeout=60) == 0, s.proc.stderr.read()  # type: ignore[union-attr]
+        out, err = removal.communicate(timeout=60)
+        # its answer came after the unmount (which wipes every key): the mount is gone, in one line
+        assert (removal.returncode, out) == (1, "") and err.endswith(": not mounted\n") and err.count("\n") == 1, err
+    finally:
+        s.close()
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="reads the server's memory through /proc")
 @pytest.mark.parametrize("arrives", ["mount --key-file", "key add"])
 def test_the_server_keeps_no_copy_of_a_key_once_it_is_removed(env, image, mnt, tmp_path, arrives) -> None:

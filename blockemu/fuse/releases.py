@@ -22,6 +22,12 @@ may have been after the barrier was queued. So a second barrier follows the firs
 a closed file is answered by the time it starts, every release they held back is queued ahead
 of it, and it waits for them.
 
+While a barrier's thread has the root open the mount is in use -- by the server itself -- and the
+kernel's unmount refuses it ("target is busy"): an ``umount`` racing a key removal failed. So the
+barriers' opens and the unmount take turns (``quiet``): the unmount waits for a barrier's open and
+close, and a barrier that comes while the unmount runs waits for it (once it is done, the open no
+longer reaches this mount, and the barrier passes at once).
+
 Writes hold no such reference: without the kernel's writeback cache (``ops.Operations``) a
 write(2) waits for its WRITE. A file mapped, or with async direct I/O in flight, is not closed
 yet: the kernel holds it, and busy is the right answer.
@@ -31,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from contextlib import AbstractAsyncContextManager
 
 
 class Releases:
@@ -46,6 +53,12 @@ class Releases:
         self.waiters: list[tuple[int, asyncio.Future[None]]] = []  # (a barrier's mark, woken once all up to it ended)
         self.waiting: dict[int, asyncio.Future[int]] = {}  # a barrier's thread id -> its mark, when it passes
         self.passing: dict[int, asyncio.Future[int]] = {}  # a barrier's directory handle -> the same
+        self._root = asyncio.Lock()  # held while a barrier has the mount's root open, or the unmount runs
+
+    def quiet(self) -> AbstractAsyncContextManager[None]:
+        """Held, no barrier has the mount's root open: the kernel's unmount runs inside it, which
+        said "target is busy" for a root the server's own thread had open."""
+        return self._root
 
     def begin(self) -> int:
         """A READ or RELEASE handler starts; ``end`` it once its answer is made."""
@@ -104,8 +117,9 @@ class Releases:
     async def _barrier(self, mountpoint: str) -> None:
         """Every READ and release queued before this call has been answered."""
         passed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if not await asyncio.to_thread(self._open_and_close, mountpoint, passed):
-            return
+        async with self._root:
+            if not await asyncio.to_thread(self._open_and_close, mountpoint, passed):
+                return
         mark = await passed
         if any(n <= mark for n in self.running):
             woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -182,11 +182,13 @@ class Server:
         if op == "umount":
             # the kernel's unmount, not a lazy one: it alone knows whether a process still uses
             # the mount (an open file, a cwd; a close's release reaches us only later). It runs
-            # beside the loop, which answers the requests the unmount sends meanwhile.
-            proc = await asyncio.create_subprocess_exec(*unmount_command(self.mountpoint, lazy=False),
-                                                        stdout=asyncio.subprocess.DEVNULL,
-                                                        stderr=asyncio.subprocess.PIPE)
-            _, err = await proc.communicate()
+            # beside the loop, which answers the requests the unmount sends meanwhile -- once no
+            # key removal's barrier has the root open (the server's own use of it was "busy")
+            async with self.ops.releases.quiet():
+                proc = await asyncio.create_subprocess_exec(*unmount_command(self.mountpoint, lazy=False),
+                                                            stdout=asyncio.subprocess.DEVNULL,
+                                                            stderr=asyncio.subprocess.PIPE)
+                _, err = await proc.communicate()
             if proc.returncode:
                 why = err.decode(errors="replace").strip()
                 if "busy" in why.lower():
