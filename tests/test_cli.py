@@ -268,15 +268,16 @@ def test_fsck_blockemu_takes_fsck8s_progress_fd(image, monkeypatch, capsys, flag
     assert bars == [drawn] and capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("fd", ["9", "-9"])
+@pytest.mark.parametrize("fd", ["9", "-9", "99999999999", "-99999999999"])
 def test_fsck_blockemu_refuses_a_progress_fd_that_is_not_open(image, fd):
     """``-C FD`` naming a descriptor that is not open was taken silently; e2fsck validates it
     (a ``dup`` of its absolute value, a negative FD only turning the progress off) and refuses
-    with ``fatal_error``: exit 8, before the image is opened."""
+    with ``fatal_error``: exit 8, before the image is opened. A number past a C int names no
+    descriptor either: ``os.fstat`` raised OverflowError, a traceback (review27)."""
     before = sha(image)
     p = fsck_blockemu("-n", "-C", fd, image, check_rc=8)
     assert p.stderr == ("blockemu: fsck: -C " + fd + ": invalid completion information file descriptor: "
-                        "descriptor 9 is not open (Bad file descriptor)\n"), p.stderr
+                        f"descriptor {fd.lstrip('-')} is not open (Bad file descriptor)\n"), p.stderr
     assert sha(image) == before
 
 

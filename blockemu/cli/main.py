@@ -239,9 +239,9 @@ def e2fsck_modes(a: argparse.Namespace) -> None:
     if fd:
         try:
             os.fstat(abs(fd))
-        except OSError as e:
+        except (OSError, OverflowError):  # a number past a C int names no descriptor either (a traceback)
             raise InvalidArgument(f"-C {fd}: invalid completion information file descriptor: "
-                                  f"descriptor {abs(fd)} is not open ({e.strerror})") from None
+                                  f"descriptor {abs(fd)} is not open ({os.strerror(errno.EBADF)})") from None
         if a.progress is None:
             a.progress = False
 
