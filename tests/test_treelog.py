@@ -726,6 +726,8 @@ async def test_an_empty_log_link_is_damage_for_fsck_and_mount_not_the_chain_end(
     _edit_log_leaf(crash, emptied)
     report = check(crash)
     assert not report.clean and any("zero-log" in n for n in report.notes), [e.message for e in report.errors]
+    # the chain's error names the log once: fsck used to prefix it again ("log tree: log tree: ...")
+    assert [e.message.count("log tree") for e in report.errors] == [1], [e.message for e in report.errors]
     for readonly in (False, True):
         with pytest.raises(CorruptionError, match=r"^fsync log: .*link to an older tree.*`blockemu rescue zero-log .*` drops"):
             async with blockemu.mount(crash, readonly=readonly):

@@ -49,8 +49,9 @@ def _check(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int
     """Reports what is wrong; returns how many of those reports are data sectors (with ``read``)."""
     try:
         blocks, items = read_log(ck.img.read, sb)
-    except CorruptionError as e:
-        ck.error(e.kind, f"log tree: {e}", LOG, e.bytenr)
+    except CorruptionError as e:  # the chain's own errors name the log already; a block's do not
+        text = str(e)
+        ck.error(e.kind, text if text.startswith("log tree") else f"log tree: {text}", LOG, e.bytenr)
         return 0
     taken = sorted(extents)
     starts = [s for s, _ in taken]
