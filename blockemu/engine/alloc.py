@@ -30,6 +30,7 @@ references to one extent): CorruptionError, which fsck --repair can rebuild.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 
 from sortedcontainers import SortedDict, SortedList
 
@@ -86,6 +87,11 @@ class Allocator:
         # [start, end) of each range allocated or given up since ``record_changes`` last ran (None:
         # everything -- no record matches this allocator yet)
         self.touched: list[tuple[int, int]] | None = None
+        # ``fills``' cache: the change count it was built at, the running sums of the free
+        # extents' lengths smallest first so far, and the lengths not summed yet
+        self._fills_seen = -1
+        self._fills_sums: list[int] = []
+        self._fills_rest: Iterator[int] = iter(())
         for start, length in free or ():
             self.release(start, length)
 
@@ -156,6 +162,34 @@ class Allocator:
                 lo, hi = min(lo, spans[-1][0]), max(hi, spans.pop()[1])
             spans.append((lo, hi))
         return spans
+
+    def fills(self, nbytes: int) -> int:
+        """How many free extents, the smallest first, ``nbytes`` of allocations could fill whole:
+        the most extents a writeback of that many bytes can fill, however it places them. A run
+        that fits nowhere is split, each piece but its last filling a free extent whole (the
+        largest there is: ``largest``), so the pieces a flush makes beyond one per run are at most
+        this many -- thousands where free space is small scattered holes, each piece an extent
+        with its own items, which write() must reserve tree room for (``Filesystem.room_for``).
+        The running sums are built per change of the free extents, and only as far as asked:
+        on an image with large free extents the first of them ends the walk."""
+        if self._fills_seen != self.changes:
+            self._fills_seen, self._fills_sums, self._fills_rest = self.changes, [], self._smallest_first()
+        sums = self._fills_sums
+        if not sums or sums[-1] <= nbytes:
+            total = sums[-1] if sums else 0
+            for length in self._fills_rest:
+                total += length
+                sums.append(total)
+                if total > nbytes:
+                    break
+        return bisect.bisect_right(sums, nbytes)
+
+    def _smallest_first(self) -> Iterator[int]:
+        """The free extents' lengths, shortest first: the holes in their sorted order, then the
+        (few) large extents, sorted only if the walk gets that far."""
+        for key in self.holes:
+            yield key >> 64
+        yield from sorted(n for n in self.free.values() if n >= self.hole_max)
 
     def is_free(self, start: int, length: int) -> bool:
         i = self.free.bisect_right(start) - 1

@@ -1143,7 +1143,8 @@ class Filesystem:
 
         It also leaves the trees room to split, a path per tree (``op_blocks``; why:
         ``promised_blocks``): the items' bytes pay for the leaves they fill, not for the whole
-        block a split takes at once."""
+        block a split takes at once; and room for the items of the extents writeback may split
+        the runs into where free space is small holes (``_split_room``)."""
         engine = self.vol.engine
         alloc = engine.allocator
         if alloc.changes != self._room_seen:
@@ -1152,11 +1153,25 @@ class Filesystem:
         if not self.cache.dirty_bytes:
             # everything dirty has its extents: their items are in the trees
             self.meta_reserved, self.promised_keep = 0, None
-        meta = self.meta_for(n) + (runs - 1) * META_PER_RUN
-        if n + 2 * PAGE + meta + self.cache.dirty_bytes + self.meta_reserved > self._room:
+        need = n + 2 * PAGE + self.meta_for(n) + (runs - 1) * META_PER_RUN + self.cache.dirty_bytes + self.meta_reserved
+        if need + self._split_room(need) > self._room:
             return False
         self.promised_keep = self._room_keep if self.promised_keep is None else min(self.promised_keep, self._room_keep)
         return True
+
+    def _split_room(self, nbytes: int) -> int:
+        """Tree room for the extents beyond one per run that writeback may make of ``nbytes`` --
+        the dirty data and the tree blocks of its items, all taken from free space -- when it
+        splits runs across free extents: each piece but a run's last fills a free extent whole, so
+        there are at most as many as the smallest free extents those bytes fill
+        (``Allocator.fills``), and as many as the pinned extents a commit meanwhile may free
+        (each at least a page). Reserving one extent's items per ``max_extent`` alone, 20 MB of
+        appends into 4-32 KiB holes became 2,719 extents whose items outgrew the reserve, and
+        the fsync lost the last 53-57 KiB with ENOSPC. On an image whose free space is large
+        extents this is 0 (and a few pinned extents)."""
+        alloc = self.vol.engine.allocator
+        pins = min(len(alloc.pinned) + len(alloc.sealed), nbytes // PAGE)
+        return META_PER_RUN * (alloc.fills(nbytes) + pins)
 
     def data_keep(self) -> int:
         """Tree blocks of room writeback's data allocations leave: the engine's metadata
@@ -1217,7 +1232,8 @@ class Filesystem:
         the split came during the last flush only when the lanes' pieces fell so)."""
         if not self.cache.dirty_bytes:
             return 0
-        return -(-(self.cache.dirty_bytes + self.meta_reserved) // self.vol.sb.nodesize) + self.vol.engine.op_blocks()
+        need = self.cache.dirty_bytes + self.meta_reserved
+        return -(-(need + self._split_room(need)) // self.vol.sb.nodesize) + self.vol.engine.op_blocks()
 
     def check_meta_room(self) -> None:
         """ENOSPC before an operation that adds items (a new inode, a name) changes anything:
