@@ -3,6 +3,9 @@ until unpinned, the free-space record equal to free plus pinned, and the placeme
 a small allocation fills the shortest hole that holds it."""
 from __future__ import annotations
 
+import bisect
+import itertools
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -92,6 +95,28 @@ def test_allocator_matches_model(whole_above, rebuild_above, monkeypatch, ops):
         assert after == free | pinned
         starts = list(a.free.keys())
         assert all(starts[i] + a.free[starts[i]] < starts[i + 1] for i in range(len(starts) - 1)), "not coalesced"
+        # how many free extents, shortest first, ``pick`` sectors fill whole (asked twice: the
+        # second answer comes from the running sums the first built)
+        sums = list(itertools.accumulate(sorted(a.free.values())))
+        for nbytes in (pick * S, pick * S // 3):
+            assert a.fills(nbytes) == bisect.bisect_right(sums, nbytes)
+        for keep in range(6):
+            assert a.largest(keep) == max([0, *(m if a.node_room - m // (2 * S) >= keep else
+                                               m - (keep - (a.node_room - m // (2 * S))) * 2 * S for m in a.free.values())])
+
+
+def test_only_holes_free_largest_and_fills():
+    """Free space all holes (the fast paths: the widest hole is the longest free extent): the
+    longest allocation that leaves ``keep`` tree blocks, and how many extents, shortest first, a
+    number of bytes fills whole."""
+    a = Allocator([(0, 4 * S), (8 * S, 8 * S), (20 * S, 2 * S)], nodesize=2 * S, hole_max=16 * S)
+    assert a.node_room == 7
+    assert [a.largest(keep) for keep in (0, 3, 4, 5, 7)] == [8 * S, 8 * S, 6 * S, 4 * S, 0]
+    assert [a.fills(n) for n in (0, 2 * S, 5 * S, 6 * S, 13 * S, 14 * S, 1 << 30)] == [0, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(NoSpaceError):
+        a.alloc(10 * S)  # longer than any hole
+    a.alloc(8 * S, keep=3)  # leaves exactly 3
+    assert (a.fills(1 << 30), a.largest(0)) == (2, 4 * S)  # asked again after a change: built anew
 
 
 def test_alloc_is_contiguous_for_consecutive_requests_and_fails_cleanly():
