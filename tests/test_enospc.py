@@ -854,27 +854,27 @@ def test_writes_acknowledged_near_full_all_reach_the_disk(full_image, tmp_path_f
     asyncio.run(verify(image, asyncio.run(run())))
 
 
-async def fill_with_files(fs, size: int) -> list[str]:
-    """Fill ``fs`` with files of ``size`` bytes, synced every 32 so their extents interleave
-    with the tree blocks of each commit. Returns the files, in creation order."""
+async def fill_with_files(fs, size: int, top: str = "/") -> list[str]:
+    """Fill ``fs`` with files of ``size`` bytes in directory ``top``, synced every 32 so their
+    extents interleave with the tree blocks of each commit. Returns the files, in creation order."""
     files = []
     with pytest.raises(NoSpaceError):
         for i in range(100_000):
-            async with fs.open(f"/f{i}", "w") as f:
+            async with fs.open(f"{top}f{i}", "w") as f:
                 await f.write(bytes([i % 251]) * size)
-            files.append(f"/f{i}")
+            files.append(f"{top}f{i}")
             if i % 32 == 31:
                 await fs.sync()
     await fs.sync()
     return files
 
 
-async def fill_and_free_every_other(fs, size: int, *, sync_unlinks: bool) -> tuple[list[str], list[str]]:
-    """Fill ``fs`` with files of ``size`` bytes (synced every 32, so their extents interleave
-    with the tree blocks of each commit), then unlink every other one: the free space is holes
+async def fill_and_free_every_other(fs, size: int, *, sync_unlinks: bool, top: str = "/") -> tuple[list[str], list[str]]:
+    """Fill ``fs`` with files of ``size`` bytes in directory ``top`` (synced every 32, so their
+    extents interleave with the tree blocks of each commit), then unlink every other one: the free space is holes
     of a few KiB all over the disk. Returns the files kept and those unlinked. ``sync_unlinks`` syncs every 64
     unlinks, as the unlinks must also work without it (freeing space always works)."""
-    files = await fill_with_files(fs, size)
+    files = await fill_with_files(fs, size, top)
     for n, path in enumerate(files):
         if n % 2:
             await fs.unlink(path)
@@ -884,21 +884,33 @@ async def fill_and_free_every_other(fs, size: int, *, sync_unlinks: bool) -> tup
     return files[::2], files[1::2]
 
 
-@pytest.mark.xfail(strict=True, reason="review25: a run split across small scattered holes is one extent "
-                   "per hole, whose items write() reserved per max_extent; the fsync loses ~56 KiB")
-async def test_appends_into_small_scattered_holes_all_reach_the_disk(tmp_path):
-    """The default ``max_extent`` (1 MiB), 4 KiB tree blocks, free space in 4-32 KiB holes (1,871
-    of 4 KiB, 549 of 8 KiB, ...): 20 MB of 64 KiB appends become one extent per hole at
-    writeback, each with an EXTENT_DATA, an EXTENT_ITEM and a checksum item, while write()
-    reserved the items of one extent per MiB. The trees outgrow the reserve and the split room
-    (``op_blocks``), and writeback's last pieces find no room: measured on main after enospc16,
-    the fsync lost 53-57 KiB with ENOSPC in 3 runs of 3."""
+@pytest.mark.parametrize("encrypted, seal_workers", [(False, 0), (True, None)],
+                         ids=["plain-thread", "encrypted-workers"])
+async def test_appends_into_small_scattered_holes_all_reach_the_disk(tmp_path, encrypted, seal_workers):
+    """The default ``max_extent`` (1 MiB), 4 KiB tree blocks, a 48 MiB image filled with 4 KiB
+    files, every other one unlinked: free space is ~2,900 holes of 4-32 KiB all over the disk
+    (1,871 of 4 KiB, 549 of 8 KiB, ...). 20 MB of 64 KiB appends become one extent per hole at
+    writeback (2,684 of them), each with an EXTENT_DATA, an EXTENT_ITEM and a checksum item,
+    while write() reserved the items of one extent per MiB. The trees outgrew the reserve and
+    the split room (``op_blocks``), and writeback's last pieces found no room: the fsync lost
+    53-57 KiB with ENOSPC (plain, 3 runs of 3), 180 KiB encrypted. write() now reserves the items
+    of as many extents as the smallest free extents the dirty data could fill
+    (``Filesystem._split_room``). (Each case costs ~15 s of CPU, so two: sealing on a thread and
+    in the workers.)"""
     image = str(tmp_path / "holes.img")
     await blockemu.mkfs(image, size="48M", node_size="4K")
+    top = "/e/" if encrypted else "/"
     async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
-        await fill_and_free_every_other(fs, S, sync_unlinks=True)
-        written = await append_until_full(fs, "/new")
-    await verify(image, {"/new": written})
+        if encrypted:
+            await encrypted_dir(fs, "/e")
+        await fill_and_free_every_other(fs, S, sync_unlinks=True, top=top)
+    opts = {} if seal_workers is None else {"seal_workers": seal_workers}
+    async with blockemu.mount(image, interval=3600, **opts) as fs:
+        if encrypted:
+            await fs.add_key(KEY)
+        written = await append_until_full(fs, f"{top}new")
+        assert fs.writeback.stats["extents"] > 2000  # it was split across the holes
+    await verify(image, {f"{top}new": written}, encrypted=encrypted)
 
 
 async def test_unlinks_on_a_full_image_of_small_files_never_abort(tmp_path):
