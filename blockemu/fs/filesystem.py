@@ -26,7 +26,7 @@ from blockemu.crypto import fscrypt
 from blockemu.crypto.extentkeys import ExtentKeys
 from blockemu.crypto.keyring import Keyring, KeyStatus, RemovalResult, Step, check_policy_key, parse_identifier
 from blockemu.device.faultplan import FaultPlan
-from blockemu.engine.alloc import no_space
+from blockemu.engine.alloc import Allocator, no_space
 from blockemu.engine.btree import Through
 from blockemu.engine.extents import Extents
 from blockemu.errors import (
@@ -1154,12 +1154,14 @@ class Filesystem:
             # everything dirty has its extents: their items are in the trees
             self.meta_reserved, self.promised_keep = 0, None
         need = n + 2 * PAGE + self.meta_for(n) + (runs - 1) * META_PER_RUN + self.cache.dirty_bytes + self.meta_reserved
-        if need + self._split_room(need) > self._room:
+        # the split room is at most a quarter of ``need`` (two extents' items, 1 KiB, a page): asked only
+        # when that could decide, so an image with room to spare never counts its free extents
+        if need + need // 4 > self._room and need + self._split_room(alloc, need) > self._room:
             return False
         self.promised_keep = self._room_keep if self.promised_keep is None else min(self.promised_keep, self._room_keep)
         return True
 
-    def _split_room(self, nbytes: int) -> int:
+    def _split_room(self, alloc: Allocator, nbytes: int) -> int:
         """Tree room for the extents beyond one per run that writeback may make of ``nbytes`` --
         the dirty data and the tree blocks of its items, all taken from free space -- when it
         splits runs across free extents: each piece but a run's last fills a free extent whole, so
@@ -1169,7 +1171,6 @@ class Filesystem:
         appends into 4-32 KiB holes became 2,719 extents whose items outgrew the reserve, and
         the fsync lost the last 53-57 KiB with ENOSPC. On an image whose free space is large
         extents this is 0 (and a few pinned extents)."""
-        alloc = self.vol.engine.allocator
         pins = min(len(alloc.pinned) + len(alloc.sealed), nbytes // PAGE)
         return META_PER_RUN * (alloc.fills(nbytes) + pins)
 
@@ -1232,8 +1233,8 @@ class Filesystem:
         the split came during the last flush only when the lanes' pieces fell so)."""
         if not self.cache.dirty_bytes:
             return 0
-        need = self.cache.dirty_bytes + self.meta_reserved
-        return -(-(need + self._split_room(need)) // self.vol.sb.nodesize) + self.vol.engine.op_blocks()
+        engine, need = self.vol.engine, self.cache.dirty_bytes + self.meta_reserved
+        return -(-(need + self._split_room(engine.allocator, need)) // self.vol.sb.nodesize) + engine.op_blocks()
 
     def check_meta_room(self) -> None:
         """ENOSPC before an operation that adds items (a new inode, a name) changes anything:
