@@ -913,6 +913,38 @@ async def test_appends_into_small_scattered_holes_all_reach_the_disk(tmp_path, e
     await verify(image, {f"{top}new": written}, encrypted=encrypted)
 
 
+@pytest.mark.xfail(strict=True, reason="holes17: writeback's COW of one leaf per scattered inode (and the "
+                   "commit's records of those blocks) is reserved nowhere; the transaction aborts")
+async def test_small_writes_to_many_scattered_files_reach_the_disk(tmp_path):
+    """review25's second finding, built: a 48 MiB image with 4 KiB tree blocks full of 4 KiB
+    files, the first tenth unlinked (5 MB free, 1,289 tree blocks' room); then a 4 KiB write past
+    the end of every 16th file, so each lands in a leaf of the fs tree of its own. write()
+    reserved 4 KiB and 512 bytes of items for each and acknowledged all 547; writeback COWs a
+    leaf per file (its old copy pinned until the commit) and the commit records every new block,
+    which nothing reserved: the tree allocations found 0 bytes free and the transaction aborted
+    (read-only mount: every one of those writes lost). Measured on main and on holes17."""
+    image = str(tmp_path / "many.img")
+    await blockemu.mkfs(image, size="48M", node_size="4K")
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        files = await fill_with_files(fs, S)
+        for n, path in enumerate(files[: len(files) // 10]):
+            await fs.unlink(path)
+            if n % 64 == 63:
+                await fs.sync()
+        await fs.sync()
+        written = []
+        with pytest.raises(NoSpaceError):
+            for path in files[len(files) // 10 :: 16] + files[len(files) // 10 + 1 :: 16]:
+                async with fs.open(path, "r+") as f:
+                    await f.pwrite(b"w" * S, S)
+                written.append(path)
+        await fs.sync()
+    async with blockemu.mount(image) as fs:
+        for path in written:
+            async with fs.open(path) as f:
+                assert await f.pread(S, S) == b"w" * S, path
+
+
 async def test_unlinks_on_a_full_image_of_small_files_never_abort(tmp_path):
     """Freeing space always works. On a 48 MiB image with 4 KiB tree blocks full of 4 KiB
     files, unlinking every other file in one go aborted the transaction: the commit's COW of
