@@ -99,7 +99,7 @@ def test_allocator_matches_model(whole_above, rebuild_above, monkeypatch, ops):
         # second answer comes from the running sums the first built)
         sums = list(itertools.accumulate(sorted(a.free.values())))
         for nbytes in (pick * S, pick * S // 3):
-            assert a.fills(nbytes) == bisect.bisect_right(sums, nbytes)
+            assert a.fills(nbytes) == (0 if max(a.free.values(), default=0) >= nbytes else bisect.bisect_right(sums, nbytes))
         for keep in range(6):
             assert a.largest(keep) == max([0, *(m if a.node_room - m // (2 * S) >= keep else
                                                m - (keep - (a.node_room - m // (2 * S))) * 2 * S for m in a.free.values())])
@@ -112,11 +112,11 @@ def test_only_holes_free_largest_and_fills():
     a = Allocator([(0, 4 * S), (8 * S, 8 * S), (20 * S, 2 * S)], nodesize=2 * S, hole_max=16 * S)
     assert a.node_room == 7
     assert [a.largest(keep) for keep in (0, 3, 4, 5, 7)] == [8 * S, 8 * S, 6 * S, 4 * S, 0]
-    assert [a.fills(n) for n in (0, 2 * S, 5 * S, 6 * S, 13 * S, 14 * S, 1 << 30)] == [0, 1, 1, 2, 2, 3, 3]
+    assert [a.fills(n) for n in (0, 8 * S, 9 * S, 13 * S, 14 * S, 1 << 30)] == [0, 0, 2, 2, 3, 3]  # none if 8 KiB holds it
     with pytest.raises(NoSpaceError):
         a.alloc(10 * S)  # longer than any hole
     a.alloc(8 * S, keep=3)  # leaves exactly 3
-    assert (a.fills(1 << 30), a.largest(0)) == (2, 4 * S)  # asked again after a change: built anew
+    assert (a.fills(1 << 30), a.fills(4 * S), a.largest(0)) == (2, 0, 4 * S)  # asked again after a change: built anew
 
 
 def test_alloc_is_contiguous_for_consecutive_requests_and_fails_cleanly():

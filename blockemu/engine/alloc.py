@@ -92,6 +92,7 @@ class Allocator:
         self._fills_seen = -1
         self._fills_sums: list[int] = []
         self._fills_rest: Iterator[int] = iter(())
+        self._fills_widest = 0
         for start, length in free or ():
             self.release(start, length)
 
@@ -164,16 +165,19 @@ class Allocator:
         return spans
 
     def fills(self, nbytes: int) -> int:
-        """How many free extents, the smallest first, ``nbytes`` of allocations could fill whole:
-        the most extents a writeback of that many bytes can fill, however it places them. A run
-        that fits nowhere is split, each piece but its last filling a free extent whole (the
+        """How many free extents ``nbytes`` of allocations could fill whole by splitting runs: a
+        run that fits nowhere is split, each piece but its last filling a free extent whole (the
         largest there is: ``largest``), so the pieces a flush makes beyond one per run are at most
-        this many -- thousands where free space is small scattered holes, each piece an extent
-        with its own items, which write() must reserve tree room for (``Filesystem.room_for``).
-        The running sums are built per change of the free extents, and only as far as asked:
-        on an image with large free extents the first of them ends the walk."""
+        as many as the free extents, the smallest first, those bytes fill -- thousands where free
+        space is small scattered holes, each piece an extent with its own items, which write()
+        must reserve tree room for (``Filesystem.room_for``). None when the widest free extent
+        holds them all: every run then fits somewhere. The running sums are built per change of
+        the free extents, and only as far as asked."""
         if self._fills_seen != self.changes:
             self._fills_seen, self._fills_sums, self._fills_rest = self.changes, [], self._smallest_first()
+            self._fills_widest = max(dict.values(self.free), default=0)  # the C view: one pass
+        if self._fills_widest >= nbytes:
+            return 0
         sums = self._fills_sums
         if not sums or sums[-1] <= nbytes:
             total = sums[-1] if sums else 0

@@ -1154,9 +1154,9 @@ class Filesystem:
             # everything dirty has its extents: their items are in the trees
             self.meta_reserved, self.promised_keep = 0, None
         need = n + 2 * PAGE + self.meta_for(n) + (runs - 1) * META_PER_RUN + self.cache.dirty_bytes + self.meta_reserved
-        # the split room is at most a quarter of ``need`` (two extents' items, 1 KiB, a page): asked only
-        # when that could decide, so an image with room to spare never counts its free extents
-        if need + need // 4 > self._room and need + self._split_room(alloc, need) > self._room:
+        # the split room is at most an eighth of ``need`` (an extent's items, 512 bytes, a page): asked
+        # only when that could decide, so an image with room to spare never counts its free extents
+        if need + need // 8 > self._room and need + self._split_room(alloc, need) > self._room:
             return False
         self.promised_keep = self._room_keep if self.promised_keep is None else min(self.promised_keep, self._room_keep)
         return True
@@ -1166,13 +1166,14 @@ class Filesystem:
         the dirty data and the tree blocks of its items, all taken from free space -- when it
         splits runs across free extents: each piece but a run's last fills a free extent whole, so
         there are at most as many as the smallest free extents those bytes fill
-        (``Allocator.fills``), and as many as the pinned extents a commit meanwhile may free
-        (each at least a page). Reserving one extent's items per ``max_extent`` alone, 20 MB of
+        (``Allocator.fills``). Reserving one extent's items per ``max_extent`` alone, 20 MB of
         appends into 4-32 KiB holes became 2,719 extents whose items outgrew the reserve, and
-        the fsync lost the last 53-57 KiB with ENOSPC. On an image whose free space is large
-        extents this is 0 (and a few pinned extents)."""
-        pins = min(len(alloc.pinned) + len(alloc.sealed), nbytes // PAGE)
-        return META_PER_RUN * (alloc.fills(nbytes) + pins)
+        the fsync lost the last 53-57 KiB with ENOSPC. None when the widest free extent holds it
+        all (a fresh image): counting a hole a commit had left beside it refused the write that
+        fills such an image exactly. Pinned extents a commit during the flush may give back are
+        not counted: the flush fills the largest free extents first, the count assumes the
+        smallest, and that slack covered them in every case measured."""
+        return META_PER_RUN * alloc.fills(nbytes)
 
     def data_keep(self) -> int:
         """Tree blocks of room writeback's data allocations leave: the engine's metadata
