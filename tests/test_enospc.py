@@ -1042,3 +1042,25 @@ async def test_unlinking_open_files_on_a_full_image_never_aborts(tmp_path):
         assert fs.vol.engine.allocator.free_bytes() > len(files) * S
     assert orphans_on_disk(image) == 0
     assert_fsck_clean(image)
+
+
+async def test_runs_shorter_than_the_holes_of_16k_tree_blocks_reach_the_disk(tmp_path):
+    """review28: 16 KiB tree blocks, a 16 MiB image filled with 32 KiB files, every other one
+    unlinked: free space is ~170 holes of 32 KiB, each two tree blocks of room. 20 KiB writes at
+    96 KiB strides are one run each, and each run best-fits into a hole's head, leaving 12 KiB,
+    no tree block: it takes 32 KiB of room where write() counted 20 KiB. Writeback reached the
+    keep with runs left, and the fsync lost 900 KB-1 MB with ENOSPC (main before and after holes17)."""
+    image = str(tmp_path / "rounding.img")
+    await blockemu.mkfs(image, size="16M", node_size="16K")
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        await fill_and_free_every_other(fs, 8 * S, sync_unlinks=True)
+        written = bytearray()
+        async with fs.open("/new", "w") as f:
+            with pytest.raises(NoSpaceError):
+                for k in range(100_000):
+                    chunk = bytes([k % 251]) * (5 * S)
+                    await f.pwrite(chunk, k * 24 * S)
+                    written[k * 24 * S:] = bytes(k * 24 * S - len(written)) + chunk
+            await f.fsync()
+            assert f.inode.lost_bytes == 0
+    await verify(image, {"/new": bytes(written)})
