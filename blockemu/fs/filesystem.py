@@ -1153,7 +1153,7 @@ class Filesystem:
         if not self.cache.dirty_bytes:
             # everything dirty has its extents: their items are in the trees
             self.meta_reserved, self.promised_keep = 0, None
-        need = n + 2 * PAGE + self.meta_for(n) + (runs - 1) * META_PER_RUN + self.cache.dirty_bytes + self.meta_reserved
+        need = n + 2 * PAGE + self.meta_for(n) + (runs - 1) * self._per_extent() + self.cache.dirty_bytes + self.meta_reserved
         # the split room is at most an eighth of ``need`` (an extent's items, 512 bytes, a page): asked
         # only when that could decide, so an image with room to spare never counts its free extents
         if need + need // 8 > self._room and need + self._split_room(alloc, need) > self._room:
@@ -1192,7 +1192,17 @@ class Filesystem:
         run, plus ``_extends_for``. ``room_for`` checks exactly what ``reserve_meta`` then
         reserves: checking one run's worth let a large write with small extents be acknowledged
         with room for its data and not its items."""
-        return META_PER_RUN + self._extends_for(n)
+        return self._per_extent() + self._extends_for(n)
+
+    def _per_extent(self) -> int:
+        """What an extent writeback makes takes beyond its data's bytes: its items
+        (``META_PER_RUN``), and with tree blocks larger than a page, up to a tree block less a
+        page of room -- an extent placed at a free extent's head leaves a remainder that holds
+        whole tree blocks only (the room ``room_for`` counts is whole tree blocks'): 20 KiB runs
+        into 32 KiB holes with 16 KiB tree blocks each left 12 KiB, no tree block, and took
+        32 KiB of room for 20 KiB counted; writeback reached the keep with 1.67 MB of
+        acknowledged runs left, lost at fsync."""
+        return META_PER_RUN + self.vol.sb.nodesize - PAGE
 
     def _extends_for(self, n: int) -> int:
         """Tree room ``n`` more bytes of a dirty run take at writeback: their share of the
@@ -1201,7 +1211,7 @@ class Filesystem:
         file written in 64 KiB appends is one run: reserving only for the run's first write
         left 20 MB of appends with 512 bytes of tree room, while their 20 extents and 5,000
         checksums grew the trees by 5 tree blocks, and the fsync lost the last 32 KiB with ENOSPC."""
-        return -(-META_PER_RUN * n // (self.writeback.max_pages * PAGE)) + 2 * self.extents.csum_size * -(-n // PAGE)
+        return -(-self._per_extent() * n // (self.writeback.max_pages * PAGE)) + 2 * self.extents.csum_size * -(-n // PAGE)
 
     def reserve_meta(self, inode: Inode, first: int, n: int) -> None:
         """Reserve the tree room of ``n`` bytes dirtied from page ``first``, kept until no dirty
