@@ -21,16 +21,18 @@ HOLE_MAX = 16 * S  # free extents shorter than this are holes (the allocator's 1
 
 
 # whole_above 0: the record never compared whole; rebuild_above 0: pins always merged one by one,
-# 1 << 20: the free maps always rebuilt
-@pytest.mark.parametrize("whole_above, rebuild_above", [(alloc.DIFF_WHOLE_ABOVE, alloc.UNPIN_REBUILD_ABOVE),
-                                                        (0, 0), (alloc.DIFF_WHOLE_ABOVE, 1 << 20)])
+# 1 << 20: the free maps always rebuilt; hole_max past the whole space: every free extent is a hole
+# (``alloc``'s and ``largest``'s walk-free paths; with 16 sectors 1 step in 100 reached them)
+@pytest.mark.parametrize("whole_above, rebuild_above, hole_max", [
+    (alloc.DIFF_WHOLE_ABOVE, alloc.UNPIN_REBUILD_ABOVE, HOLE_MAX), (0, 0, HOLE_MAX),
+    (alloc.DIFF_WHOLE_ABOVE, 1 << 20, HOLE_MAX), (alloc.DIFF_WHOLE_ABOVE, alloc.UNPIN_REBUILD_ABOVE, (TOTAL + 1) * S)])
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from(["alloc", "keep", "free", "pin", "unpin", "record"]), st.integers(1, 8),
                           st.integers(0, 1000)), max_size=80))
-def test_allocator_matches_model(whole_above, rebuild_above, monkeypatch, ops):
+def test_allocator_matches_model(whole_above, rebuild_above, hole_max, monkeypatch, ops):
     monkeypatch.setattr(alloc, "DIFF_WHOLE_ABOVE", whole_above)
     monkeypatch.setattr(alloc, "UNPIN_REBUILD_ABOVE", rebuild_above)
-    a = Allocator([(0, TOTAL * S)], nodesize=2 * S, hole_max=HOLE_MAX)
+    a = Allocator([(0, TOTAL * S)], nodesize=2 * S, hole_max=hole_max)
     record = SortedDict()  # the free-space record, kept as commits keep it: from record_changes
     free = set(range(TOTAL))
     live: list[tuple[int, int]] = []
@@ -45,12 +47,12 @@ def test_allocator_matches_model(whole_above, rebuild_above, monkeypatch, ops):
                 continue
             sectors = set(range(start // S, start // S + n))
             assert start % S == 0 and sectors <= free, "allocated space that was not free"
-            fits = sorted((m, s) for s, m in extents.items() if n * S <= m < HOLE_MAX)
-            if n * S < HOLE_MAX and fits:
+            fits = sorted((m, s) for s, m in extents.items() if n * S <= m < hole_max)
+            if n * S < hole_max and fits:
                 assert start == fits[0][1], "a small allocation did not fill the shortest hole holding it"
             else:
-                assert extents.get(start, 0) >= HOLE_MAX or any(
-                    s < start < s + m and m >= HOLE_MAX for s, m in extents.items()), "next fit took a hole"
+                assert extents.get(start, 0) >= hole_max or any(
+                    s < start < s + m and m >= hole_max for s, m in extents.items()), "next fit took a hole"
             free -= sectors
             live.append((start, n * S))
         elif op == "keep":  # data: leave ``keep`` tree blocks (2 sectors each) of room
@@ -90,7 +92,7 @@ def test_allocator_matches_model(whole_above, rebuild_above, monkeypatch, ops):
         assert got == free
         assert a.free_bytes() == len(free) * S and a.pinned_bytes() == len(pinned) * S
         assert a.node_room == sum(n // a.nodesize for n in a.free.values())
-        assert list(a.holes) == sorted(n << 64 | s for s, n in a.free.items() if n < HOLE_MAX)
+        assert list(a.holes) == sorted(n << 64 | s for s, n in a.free.items() if n < hole_max)
         after = {s for start, length in a.extents_after_commit() for s in range(start // S, (start + length) // S)}
         assert after == free | pinned
         starts = list(a.free.keys())
@@ -100,7 +102,7 @@ def test_allocator_matches_model(whole_above, rebuild_above, monkeypatch, ops):
         sums = list(itertools.accumulate(sorted(a.free.values())))
         for nbytes in (pick * S, pick * S // 3):
             assert a.fills(nbytes) == (0 if max(a.free.values(), default=0) >= nbytes else bisect.bisect_right(sums, nbytes))
-        for keep in range(6):
+        for keep in {*range(6), a.node_room, a.node_room + 1}:  # near node_room too: taking the widest whole may not leave it
             assert a.largest(keep) == max([0, *(m if a.node_room - m // (2 * S) >= keep else
                                                m - (keep - (a.node_room - m // (2 * S))) * 2 * S for m in a.free.values())])
 
