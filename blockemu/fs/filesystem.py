@@ -1291,11 +1291,33 @@ class Filesystem:
         if inode.key_id is not None and not self.keyring.dirtying_allowed(inode.key_id):
             raise NoKeyError("Required key not available")
 
+    async def zero_past_eof(self, inode: Inode) -> None:
+        """Before the file grows past its end: zero what the block holding the end has past it,
+        and write that block back, as btrfs_cont_expand zeroes it (btrfs_truncate_block). Past
+        the end those bytes are never read, but a truncate's commit may land before its zeroed
+        tail block does (another file's fsync commits it), and a crash then leaves the old bytes
+        on disk: a truncate up, or a write past the end, showed the truncated data again, live
+        and after the next crash. Written back here, not only dirtied, so that no commit names
+        the larger size over the stale block. A block is stale only after such a crash or a
+        failed writeback: otherwise the page is read, found zero past the end, and left alone."""
+        idx, tail = divmod(inode.size, PAGE)
+        if not tail or (await self.read_pages(inode, idx, 1))[0][tail:] == bytes(PAGE - tail):
+            return
+        await self.make_room(PAGE)
+        async with inode.wb_lock:
+            idx, tail = divmod(inode.size, PAGE)
+            if tail:  # (a truncate may have moved the end meanwhile)
+                self.zero_partial(inode, idx, (await self.read_pages(inode, idx, 1))[0], tail, PAGE)
+        await self.writeback.flush_inode(inode)
+        report_writeback_error(inode)  # not written: growing now would show the stale bytes
+
     async def truncate_inode(self, inode: Inode, size: int) -> None:
         if size < 0:
             raise InvalidArgument("negative size")
         if size > S.MAX_FILE_SIZE:
             raise FileTooBig(f"size {size} exceeds the largest file size {S.MAX_FILE_SIZE}")
+        if size > inode.size:
+            await self.zero_past_eof(inode)
         if size < inode.size and size % PAGE:
             await self.make_room(PAGE)  # the tail page is rewritten (zero_partial)
         async with inode.wb_lock:
@@ -1622,6 +1644,8 @@ class File:
         n = len(data)
         if not n:
             return inode.size if offset is None else offset, 0
+        if offset is not None and offset > inode.size:
+            await fs.zero_past_eof(inode)
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
         if not fs.room_for(n):  # (with room, make_room would return at once)
