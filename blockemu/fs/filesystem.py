@@ -83,6 +83,7 @@ NAME_MAX = 255
 META_PER_RUN = 512
 YIELD_BYTES = 2 << 20
 KEY_WALK_CHUNK = 4096  # fs tree items key_in_use reads between turns of the loop (~7 ms of CPU)
+ZEROS = bytes(PAGE)  # what a page's bytes past the end of its file must be (zero_past_eof)
 
 
 def split_path(path: str) -> list[bytes]:
@@ -1301,7 +1302,11 @@ class Filesystem:
         the larger size over the stale block. A block is stale only after such a crash or a
         failed writeback: otherwise the page is read, found zero past the end, and left alone."""
         idx, tail = divmod(inode.size, PAGE)
-        if not tail or (await self.read_pages(inode, idx, 1))[0][tail:] == bytes(PAGE - tail):
+        if not tail:
+            return
+        page = self.cache.get(inode.pages, idx)  # cached, the common case: no coroutine to await
+        # as bytes: an arena page is a memoryview, which compares byte by byte in Python's loop
+        if bytes((page if page is not None else (await self.read_pages(inode, idx, 1))[0])[tail:]) == ZEROS[tail:]:
             return
         await self.make_room(PAGE)
         async with inode.wb_lock:
@@ -1316,7 +1321,7 @@ class Filesystem:
             raise InvalidArgument("negative size")
         if size > S.MAX_FILE_SIZE:
             raise FileTooBig(f"size {size} exceeds the largest file size {S.MAX_FILE_SIZE}")
-        if size > inode.size:
+        if size > inode.size and inode.size % PAGE:
             await self.zero_past_eof(inode)
         if size < inode.size and size % PAGE:
             await self.make_room(PAGE)  # the tail page is rewritten (zero_partial)
@@ -1644,7 +1649,7 @@ class File:
         n = len(data)
         if not n:
             return inode.size if offset is None else offset, 0
-        if offset is not None and offset > inode.size:
+        if offset is not None and offset > inode.size and inode.size % PAGE:
             await fs.zero_past_eof(inode)
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
