@@ -77,6 +77,22 @@ AFTER_UNMOUNT: dict[str, Callable[[Any, Any, Any], Any]] = {
 }
 
 
+async def test_unmount_says_a_background_commit_met_the_power_cut(image):
+    """The interval's commit, which no caller waits for, ran into a power cut: the mount aborted
+    with nobody told, and the unmount -- skipping its commit on the dead device -- returned, the
+    mkdir acknowledged before it gone (a newcomer's crash loop: a round's namespace changes lost
+    after a clean unmount). It raises the abort's EROFS, as after any abort (DESIGN §9)."""
+    fs = await blockemu.mount(image, interval=3600, faults=blockemu.FaultPlan.parse("cut=0"))
+    await fs.mkdir("/acknowledged")
+    with contextlib.suppress(OSError):
+        await fs.vol.commit()  # standing in for the interval's: its error reaches no one
+    assert fs.vol.device.dead and fs.vol.aborted is not None
+    with ErrnoCheck(errno.EROFS):
+        await fs.unmount()
+    async with blockemu.mount(image) as fs:
+        assert await fs.readdir("/") == []  # lost, as the unmount now says
+
+
 def test_every_public_call_is_listed():
     """A public method added later is added above too, or this fails. Methods the API's
     callers do not make (the ones writeback and the page cache call back) are left out."""

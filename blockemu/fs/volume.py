@@ -409,8 +409,13 @@ class Volume:
         """Commit and close the device -- the device even when the commit fails. After an abort
         the commit raises it: what the transaction held is lost, and the caller must know."""
         try:
-            if commit and not self.device.readonly and not self.device.dead:
-                await self.commit(share=False)
+            if commit and not self.device.readonly:
+                if not self.device.dead:
+                    await self.commit(share=False)
+                else:
+                    # a commit no caller waited for (the interval's) met the power cut: aborted, and
+                    # its transaction lost with no one told -- an unmount returning now lost a mkdir
+                    self.check_aborted()
         finally:
             self.closed = True
             async with self.commit_lock:  # a commit's tail an fsync did not wait for (``commit``)
