@@ -93,6 +93,19 @@ async def test_unmount_says_a_background_commit_met_the_power_cut(image):
         assert await fs.readdir("/") == []  # lost, as the unmount now says
 
 
+async def test_unmount_on_a_dead_device_says_what_the_transaction_held_is_lost(image):
+    """A background writeback met the power cut (no commit: nothing aborted; its own file's
+    close is told). The mkdir before it was in no commit, and the unmount skipped its own on the
+    dead device and returned: lost, unreported. It raises EIO."""
+    fs = await blockemu.mount(image, interval=3600)
+    await fs.mkdir("/acknowledged")
+    fs.vol.device.power_cut()  # standing in for the writeback's write that the cut refused
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    async with blockemu.mount(image) as fs:
+        assert await fs.readdir("/") == []
+
+
 def test_every_public_call_is_listed():
     """A public method added later is added above too, or this fails. Methods the API's
     callers do not make (the ones writeback and the page cache call back) are left out."""

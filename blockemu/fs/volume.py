@@ -413,9 +413,14 @@ class Volume:
                 if not self.device.dead:
                     await self.commit(share=False)
                 else:
-                    # a commit no caller waited for (the interval's) met the power cut: aborted, and
-                    # its transaction lost with no one told -- an unmount returning now lost a mkdir
+                    # the power is cut: what the running transaction holds is lost, and only this
+                    # unmount can say so -- a commit no caller waited for (the interval's) aborted
+                    # on the cut, or a background writeback met it (its file's close is told, not
+                    # of a mkdir): returning quietly lost that mkdir
                     self.check_aborted()
+                    if self.engine.is_dirty():
+                        raise DeviceIOError(f"{self.device.path}: device is gone (power cut): "
+                                            "changes since the last commit are lost")
         finally:
             self.closed = True
             async with self.commit_lock:  # a commit's tail an fsync did not wait for (``commit``)
