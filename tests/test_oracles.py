@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import random
 from typing import Any, AsyncIterator, Callable
@@ -267,7 +268,8 @@ async def test_the_ledger_keeps_what_was_fsynced_before_the_power_cut(tmp_path):
     place: the frozen entry must not change with it."""
     img = str(tmp_path / "l.img")
     await blockemu.mkfs(img, size="32M")
-    async with blockemu.mount(img, interval=3600) as fs:
+    fs = await blockemu.mount(img, interval=3600)
+    try:
         result, (t,) = await mix_tasks(fs, 1)
         await t.step("create")
         await t.step("fsync")
@@ -279,6 +281,10 @@ async def test_the_ledger_keeps_what_was_fsynced_before_the_power_cut(tmp_path):
         for op in ("overwrite", "append", "truncate", "fsync", "sync", "unlink"):
             await t.step(op)  # each fails (or is acknowledged into the page cache only)
         assert result.durable == {path: fsynced} and result.errors
+    finally:  # the device is dead and the mount aborted: the unmount says what the mix lost
+        with pytest.raises(OSError) as lost:
+            await fs.unmount()
+    assert lost.value.errno in (errno.EROFS, errno.EIO), lost.value
     async with blockemu.mount(img, interval=3600) as after:
         async with after.open(path) as f:
             assert await f.read() == fsynced  # what the ledger holds is what the crash left

@@ -325,6 +325,10 @@ async def test_fsync_cancelled_during_its_commit_lets_the_commit_finish(image, m
         assert fs.vol.aborted is None and fs.vol.generation == generation + 1
         fs.vol.device.power_cut()
         await f.close()
+        # the cut device aborts the mount at the close's inode update: the unmount says so
+        with pytest.raises(OSError) as cut:
+            await fs.unmount()
+        assert cut.value.errno in (errno.EROFS, errno.EIO), cut.value
     assert_fsck_clean(image, check_data=False)
     async with blockemu.mount(image) as fs:
         async with fs.open("/f") as f:
@@ -421,6 +425,9 @@ async def test_a_commit_tail_that_fails_aborts_the_mount_and_keeps_what_the_fsyn
         assert e.value.errno == errno.EROFS and fs.vol.aborted is not None  # read-only now
         with pytest.raises(OSError):
             await f.close()
+        with pytest.raises(OSError) as aborted:  # the unmount reports the abort too
+            await fs.unmount()
+        assert aborted.value.errno == errno.EROFS
     async with blockemu.mount(image) as fs:
         async with fs.open("/f") as f:
             assert await f.read() == data
