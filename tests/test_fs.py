@@ -245,6 +245,21 @@ async def crash(fs) -> None:
         await fs.unmount()
 
 
+async def leave_a_truncated_tail(image) -> None:
+    """/g on disk: 2047 bytes of "A", and the truncated "A"s still past them in its block (a
+    truncate committed by another file's fsync before its zeroed tail block was written back,
+    then a power cut)."""
+    fs = await blockemu.mount(image, interval=3600)
+    async with fs.open("/g", "w") as f:
+        await f.write(b"A" * 4096)
+    await fs.sync()
+    async with fs.open("/g", "r+") as f:
+        await f.truncate(2047)
+    async with fs.open("/commit", "w") as f:  # a new file's fsync commits the size, not /g's tail
+        await f.fsync()
+    await crash(fs)
+
+
 GROW = {  # a way to grow the file past its end (2047), and what it then holds past 2047
     "truncate up": (lambda f: f.truncate(7047), bytes(5000)),
     "write in the end's block": (lambda f: f.pwrite(b"B", 3000), bytes(953) + b"B"),
@@ -260,15 +275,7 @@ async def test_growing_a_file_reads_zeros_where_a_crash_left_a_truncated_tail(im
     again (a newcomer's crash loop, seed 69: 2,049 bytes of old data in an fsynced file), live
     and after the next crash; they read as zeros, and a commit that lands before the file's
     own writeback does not bring them back (``Filesystem.zero_past_eof``)."""
-    fs = await blockemu.mount(image, interval=3600)
-    async with fs.open("/g", "w") as f:
-        await f.write(b"A" * 4096)
-    await fs.sync()
-    async with fs.open("/g", "r+") as f:
-        await f.truncate(2047)
-    async with fs.open("/commit", "w") as f:  # a new file's fsync commits the size, not /g's tail
-        await f.fsync()
-    await crash(fs)
+    await leave_a_truncated_tail(image)
     step, past = GROW[grow]
     want = b"A" * 2047 + past
     fs = await blockemu.mount(image, interval=3600)
@@ -283,6 +290,25 @@ async def test_growing_a_file_reads_zeros_where_a_crash_left_a_truncated_tail(im
             got = await f.read()
     # a truncate's size is committed at once; a write's only once writeback has placed it
     assert got == want or (grow != "truncate up" and got == b"A" * 2047)
+
+
+async def test_growing_past_a_stale_tail_leaves_a_lost_write_for_fsync_to_report(image):
+    """Growing past a stale tail writes the zeroed block back first (``zero_past_eof``); when
+    that writeback fails, it drops the file's other dirty pages too -- an acknowledged write
+    among them. The grow fails with the EIO, but the loss is the fsync's to report: taken by
+    the grow, it left the next fsync returning success over the lost write."""
+    await leave_a_truncated_tail(image)
+    fs = await blockemu.mount(image, interval=3600)
+    async with fs.open("/g", "r+") as f:
+        await f.pwrite(b"D" * 100, 0)  # acknowledged, not yet written back
+        fs.vol.device.faults = FaultPlan(eio=[(0, 1 << 40, "w")])
+        with ErrnoCheck(errno.EIO):
+            await f.pwrite(b"B", 7046)
+        fs.vol.device.faults = FaultPlan()
+        assert await f.pread(8192, 0) == b"A" * 2047  # not grown over the stale bytes
+        with ErrnoCheck(errno.EIO):
+            await f.fsync()
+    await fs.unmount()
 
 
 async def test_overwrites_are_copy_on_write(fs, image):

@@ -1313,8 +1313,15 @@ class Filesystem:
             idx, tail = divmod(inode.size, PAGE)
             if tail:  # (a truncate may have moved the end meanwhile)
                 self.zero_partial(inode, idx, (await self.read_pages(inode, idx, 1))[0], tail, PAGE)
+        lost = inode.lost_bytes
         await self.writeback.flush_inode(inode)
-        report_writeback_error(inode)  # not written: growing now would show the stale bytes
+        if inode.lost_bytes != lost:  # not written: growing now would show the stale bytes
+            # refused, but the loss left for the file's fsync (or close) to report: the flush
+            # dropped the file's other dirty pages too, and an error taken here left the next
+            # fsync returning success over an acknowledged write among them
+            err = inode.wb_error or DeviceIOError("writeback failed")
+            raise restate(err, f"{err} (inode {inode.ino}: its end block, zeroed past the end, was not "
+                               "written back; the file was not grown)")
 
     async def truncate_inode(self, inode: Inode, size: int) -> None:
         if size < 0:
