@@ -420,7 +420,7 @@ class Volume:
                     self.check_aborted()
                     if self.engine.is_dirty():
                         raise DeviceIOError(f"{self.device.path}: device is gone (power cut): "
-                                            "changes since the last commit are lost")
+                                            "changes made since the last commit and not fsynced are lost")
         finally:
             self.closed = True
             async with self.commit_lock:  # a commit's tail an fsync did not wait for (``commit``)
