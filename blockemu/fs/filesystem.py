@@ -81,6 +81,11 @@ NAME_MAX = 255
 # about 80, a checksum item header 25 plus 4-32 bytes a sector), doubled: leaves are at least
 # half full after a split. Reserved per dirty run at write() (Filesystem.room_for).
 META_PER_RUN = 512
+# Tree leaves writeback copies (COW) for each file it maps: the fs tree's leaf holding the
+# file's items, and the extent and checksum trees' leaves its new extents' items land in.
+# Reserved per dirty file at write() (Filesystem.reserve_meta), as btrfs reserves a
+# nodesize-sized path per item of a delalloc inode.
+LEAVES_PER_INODE = 3
 YIELD_BYTES = 2 << 20
 KEY_WALK_CHUNK = 4096  # fs tree items key_in_use reads between turns of the loop (~7 ms of CPU)
 ZEROS = bytes(PAGE)  # what a page's bytes past the end of its file must be (zero_past_eof)
@@ -189,6 +194,7 @@ class Filesystem:
         self.unyielded = 0  # bytes written since a writer last let the loop run
         self._room_seen, self._room = -1, 0  # room_for's cache: the allocator's change count, and bytes
         self.meta_reserved = 0  # tree room promised to the extents of the dirty data (room_for)
+        self.leaf_holders: set[int] = set()  # inodes whose leaves' COW meta_reserved holds (reserve_meta)
         self._room_keep = 0  # the metadata reserve (tree blocks) ``_room`` leaves
         self.promised_keep: int | None = None  # the least reserve any dirty data was admitted under
         vol.log.promised = self.promised_blocks  # the fsync log leaves that room to writeback
@@ -1133,7 +1139,7 @@ class Filesystem:
         inode.open_count += 1
         return inode
 
-    def room_for(self, n: int, runs: int = 1) -> bool:
+    def room_for(self, n: int, runs: int = 1, inode: Inode | None = None) -> bool:
         """Whether ``n`` more bytes of dirty data, in ``runs`` separate runs, can get extents at
         writeback, with the dirty
         data already waiting for its own and the tree room its extents' items will take: the
@@ -1145,7 +1151,8 @@ class Filesystem:
         It also leaves the trees room to split, a path per tree (``op_blocks``; why:
         ``promised_blocks``): the items' bytes pay for the leaves they fill, not for the whole
         block a split takes at once; and room for the items of the extents writeback may split
-        the runs into where free space is small holes (``_split_room``)."""
+        the runs into where free space is small holes (``_split_room``); and, for ``inode``'s
+        first dirty data, the leaves writeback will COW for it (``_leaves_for``)."""
         engine = self.vol.engine
         alloc = engine.allocator
         if alloc.changes != self._room_seen:
@@ -1154,7 +1161,9 @@ class Filesystem:
         if not self.cache.dirty_bytes:
             # everything dirty has its extents: their items are in the trees
             self.meta_reserved, self.promised_keep = 0, None
-        need = n + 2 * PAGE + self.meta_for(n) + (runs - 1) * self._per_extent() + self.cache.dirty_bytes + self.meta_reserved
+            self.leaf_holders.clear()
+        need = (n + 2 * PAGE + self.meta_for(n) + (runs - 1) * self._per_extent() + self.cache.dirty_bytes + self.meta_reserved
+                + self._leaves_for(inode))
         # the split room is at most an eighth of ``need`` (an extent's items, 512 bytes, a page): asked
         # only when that could decide, so an image with room to spare never counts its free extents
         if need + need // 8 > self._room and need + self._split_room(alloc, need) > self._room:
@@ -1218,10 +1227,34 @@ class Filesystem:
         """Reserve the tree room of ``n`` bytes dirtied from page ``first``, kept until no dirty
         data is left: a write that starts a new dirty run (its first page does not extend one)
         will be at least one more extent at writeback, each with its items (EXTENT_DATA,
-        EXTENT_ITEM, its checksums): ``meta_for``; one that extends a run, ``_extends_for``."""
+        EXTENT_ITEM, its checksums): ``meta_for``; one that extends a run, ``_extends_for``.
+        The first dirty data of a file also reserves the leaves writeback COWs for it
+        (``_leaves_for``), until writeback has mapped it (``release_leaves``)."""
         self.meta_reserved += self.meta_for(n) if first - 1 not in inode.pages.dirty else self._extends_for(n)
+        if inode.ino not in self.leaf_holders:
+            self.meta_reserved += self._leaves_for(inode)
+            self.leaf_holders.add(inode.ino)
 
-    async def make_room(self, n: int, runs: int = 1) -> None:
+    def _leaves_for(self, inode: Inode | None) -> int:
+        """Tree room writeback's copies of ``inode``'s leaves take (``LEAVES_PER_INODE`` tree
+        blocks), unless its dirty data holds them already: a second run of a dirty file COWs
+        the same leaves. The items' bytes pay for the room they fill, not for the copy of a
+        whole leaf each file touches: 547 4 KiB writes to files each in a leaf of its own, on
+        a full image with 4 KiB tree blocks, were acknowledged with 2.5 MB reserved; their
+        copies (the old ones pinned until the commit) and the commit's records of them took
+        the rest, the transaction aborted and all 547 were lost."""
+        if inode is None or inode.ino in self.leaf_holders:
+            return 0
+        return LEAVES_PER_INODE * self.vol.sb.nodesize
+
+    def release_leaves(self, inode: Inode) -> None:
+        """Writeback has mapped ``inode``'s data, its leaves are copied: their room is in use
+        now, no longer promised -- unless the file holds dirty data still (written meanwhile)."""
+        if inode.ino in self.leaf_holders and not inode.pages.dirty and not inode.flushing:
+            self.leaf_holders.discard(inode.ino)
+            self.meta_reserved -= LEAVES_PER_INODE * self.vol.sb.nodesize
+
+    async def make_room(self, n: int, runs: int = 1, inode: Inode | None = None) -> None:
         """ENOSPC at write(), as btrfs reserves delayed-allocation space when a page is dirtied:
         a write that cannot get extents at writeback is refused now, before it is acknowledged,
         rather than reported at fsync or close. Short of room, write back and commit first (the
@@ -1229,10 +1262,10 @@ class Filesystem:
         commits before it gives up. ``room_for`` counts every byte as new (a COW overwrite
         needs new space too) plus the partial pages at both ends. With room enough it returns at
         once, without yielding to the loop."""
-        if self.room_for(n, runs):
+        if self.room_for(n, runs, inode):
             return
         await self.write_out()
-        self.require_room(n, runs)
+        self.require_room(n, runs, inode)
 
     def promised_blocks(self) -> int:
         """Tree blocks' worth of room write() promised to dirty data (``room_for``) that
@@ -1267,9 +1300,9 @@ class Filesystem:
         async with self.vol.join(deleting=deleting):
             yield
 
-    def require_room(self, n: int, runs: int = 1) -> None:
+    def require_room(self, n: int, runs: int = 1, inode: Inode | None = None) -> None:
         """ENOSPC unless ``n`` more bytes of dirty data can get extents (``room_for``)."""
-        if not self.room_for(n, runs):
+        if not self.room_for(n, runs, inode):
             alloc, engine = self.vol.engine.allocator, self.vol.engine
             raise no_space(n, alloc.free_bytes(), alloc.largest(), engine.data_keep() * self.vol.sb.nodesize)
 
@@ -1280,7 +1313,7 @@ class Filesystem:
         made before the caller takes the ``wb_lock``: ``make_room`` syncs, and a sync's flush
         waits for that lock) -- or it is acknowledged now and lost at writeback with ENOSPC."""
         self.check_dirtying(inode)
-        self.require_room(PAGE)
+        self.require_room(PAGE, inode=inode)
         self.reserve_meta(inode, idx, PAGE)
         self.cache.writable(inode.pages, idx, old)[lo:hi] = bytes(hi - lo)
 
@@ -1308,7 +1341,7 @@ class Filesystem:
         # as bytes: an arena page is a memoryview, which compares byte by byte in Python's loop
         if bytes((page if page is not None else (await self.read_pages(inode, idx, 1))[0])[tail:]) == ZEROS[tail:]:
             return
-        await self.make_room(PAGE)
+        await self.make_room(PAGE, inode=inode)
         async with inode.wb_lock:
             idx, tail = divmod(inode.size, PAGE)
             if tail:  # (a truncate may have moved the end meanwhile)
@@ -1331,7 +1364,7 @@ class Filesystem:
         if size > inode.size and inode.size % PAGE:
             await self.zero_past_eof(inode)
         if size < inode.size and size % PAGE:
-            await self.make_room(PAGE)  # the tail page is rewritten (zero_partial)
+            await self.make_room(PAGE, inode=inode)  # the tail page is rewritten (zero_partial)
         async with inode.wb_lock:
             if size < inode.size:
                 tail = size % PAGE
@@ -1361,7 +1394,7 @@ class Filesystem:
         if offset < 0 or length <= 0:
             raise InvalidArgument(f"bad hole [{offset}, +{length})")
         if offset % PAGE or (offset + length) % PAGE:
-            await self.make_room(2 * PAGE, runs=2)  # its partial end pages are rewritten (zero_partial)
+            await self.make_room(2 * PAGE, runs=2, inode=inode)  # its partial end pages are rewritten (zero_partial)
         async with inode.wb_lock:
             end = min(offset + length, inode.size)
             if end <= offset:
@@ -1376,7 +1409,7 @@ class Filesystem:
             olds = [bytearray((await self.read_pages(inode, s // PAGE, 1))[0]) for s, _ in edges]
             try:
                 self.check_dirtying(inode)
-                self.require_room(len(edges) * PAGE, runs=len(edges))
+                self.require_room(len(edges) * PAGE, runs=len(edges), inode=inode)
                 for (s, e), old in zip(edges, olds):
                     idx = s // PAGE
                     self.zero_partial(inode, idx, old, s - idx * PAGE, e - idx * PAGE)
@@ -1660,8 +1693,8 @@ class File:
             await fs.zero_past_eof(inode)
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
-        if not fs.room_for(n):  # (with room, make_room would return at once)
-            await fs.make_room(n)
+        if not fs.room_for(n, 1, inode):  # (with room, make_room would return at once)
+            await fs.make_room(n, 1, inode)
         at = inode.size if offset is None else offset
         end = at + n
         if n == PAGE and not at % PAGE and end <= S.MAX_FILE_SIZE:
@@ -1700,8 +1733,8 @@ class File:
                 missing = [i for i in self._partial_pages(at, end) if i not in fills]
                 if missing:
                     await self._read_partial(missing, fills)
-                elif not fs.room_for(n):  # others took the room while this write read its pages
-                    await fs.make_room(n)
+                elif not fs.room_for(n, 1, inode):  # others took the room while this write read its pages
+                    await fs.make_room(n, 1, inode)
                 else:
                     break
             if end > S.MAX_FILE_SIZE:

@@ -586,6 +586,7 @@ class Writeback:
             inode.flushing = max(inode.flushing - length, 0)
             inode.disk_size = max(inode.disk_size, min(inode.size, end))
             fs.save_inode(inode)
+            fs.release_leaves(inode)
         self.stats["extents"] += len(new)
         self.stats["bytes"] += sum(e.length for _, e in new)
 
