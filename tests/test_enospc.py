@@ -453,13 +453,13 @@ async def test_a_large_write_has_room_for_the_items_of_all_its_extents(tmp_path)
     image = str(tmp_path / "m.img")
     await blockemu.mkfs(image, size="16M")
     async with blockemu.mount(image, interval=3600, seal_workers=0, max_extent=16 << 10) as fs:
-        largest = 0
-        for n in range(S, 16 << 20, S):  # the largest write room_for admits on the empty image
-            if not fs.room_for(n):
-                break
-            largest = n
-        data = random.randbytes(largest)
         async with fs.open("/f", "w") as f:
+            largest = 0
+            for n in range(S, 16 << 20, S):  # the largest write room_for admits on the empty image
+                if not fs.room_for(n, 1, f.inode):
+                    break
+                largest = n
+            data = random.randbytes(largest)
             await f.write(data)  # all of it admitted, or refused whole
             await f.fsync()
             assert f.inode.lost_bytes == 0
@@ -477,9 +477,9 @@ async def test_names_made_after_writes_filled_the_disk_leave_those_writes_their_
     image = str(tmp_path / "m.img")
     await blockemu.mkfs(image, size="16M")
     async with blockemu.mount(image, interval=3600, seal_workers=0, max_extent=1 << 20) as fs:
-        largest = max(n for n in range(S, 16 << 20, S) if fs.room_for(n))
-        data = random.randbytes(largest)
         async with fs.open("/f", "w") as f:
+            largest = max(n for n in range(S, 16 << 20, S) if fs.room_for(n, 1, f.inode))
+            data = random.randbytes(largest)
             await f.write(data)
             await fs.mkdir("/d")
             refused = False
