@@ -602,13 +602,15 @@ async def test_appends_reserve_the_tree_room_of_their_extents_and_checksums(tmp_
 
 
 # files whose fs-tree leaves the chmods COW: enough to pin the room ``at_the_keep`` frees (1,200 left
-# 3 tree blocks above the keep once each extent reserved a tree block less a page)
+# 3 tree blocks above the keep once each extent reserved a tree block less a page, and it frees the
+# leaves /last's writes reserved too)
 SMALL = 1600
 
 
 async def at_the_keep(fs, files: dict[str, bytes]) -> Callable[[], Awaitable[None]]:
     """Fill ``fs`` (its files put in ``files``), free one file of 64 KiB (and a path per tree: the
-    room write() leaves the trees to split into, ``promised_blocks``), write ``/last``: one
+    room write() leaves the trees to split into, ``promised_blocks``; and the leaves writeback
+    COWs for /last, ``Filesystem.inode_leaves``), write ``/last``: one
     16 KiB run, admitted and dirty. Returns the step that then chmods files until the free room
     is exactly what data must leave (``data_keep``): the run no longer fits, its room pinned
     in the old copies of the fs-tree leaves the chmods COWed, while a new participant has no
@@ -617,8 +619,8 @@ async def at_the_keep(fs, files: dict[str, bytes]) -> Callable[[], Awaitable[Non
         files[f"/s{i}"] = bytes([i % 251]) * S
         async with fs.open(f"/s{i}", "w") as f:
             await f.write(files[f"/s{i}"])
-    async with fs.open("/pad", "w") as f:  # and the room write() leaves the trees to split into
-        await f.write(b"p" * ((64 << 10) + fs.vol.engine.op_blocks() * fs.vol.sb.nodesize))
+    async with fs.open("/pad", "w") as f:  # and the room write() leaves the trees to split into, and /last's leaves
+        await f.write(b"p" * ((64 << 10) + fs.vol.engine.op_blocks() * fs.vol.sb.nodesize + fs.inode_leaves))
     big = bytearray()
     async with fs.open("/big", "w") as f:
         with pytest.raises(NoSpaceError):

@@ -195,6 +195,7 @@ class Filesystem:
         self._room_seen, self._room = -1, 0  # room_for's cache: the allocator's change count, and bytes
         self.meta_reserved = 0  # tree room promised to the extents of the dirty data (room_for)
         self.leaf_holders: set[int] = set()  # inodes whose leaves' COW meta_reserved holds (reserve_meta)
+        self.inode_leaves = LEAVES_PER_INODE * vol.sb.nodesize  # what each holds (reserve_meta)
         self._room_keep = 0  # the metadata reserve (tree blocks) ``_room`` leaves
         self.promised_keep: int | None = None  # the least reserve any dirty data was admitted under
         vol.log.promised = self.promised_blocks  # the fsync log leaves that room to writeback
@@ -1152,7 +1153,7 @@ class Filesystem:
         ``promised_blocks``): the items' bytes pay for the leaves they fill, not for the whole
         block a split takes at once; and room for the items of the extents writeback may split
         the runs into where free space is small holes (``_split_room``); and, for ``inode``'s
-        first dirty data, the leaves writeback will COW for it (``_leaves_for``)."""
+        first dirty data, the leaves writeback will COW for it (``reserve_meta``)."""
         engine = self.vol.engine
         alloc = engine.allocator
         if alloc.changes != self._room_seen:
@@ -1162,8 +1163,9 @@ class Filesystem:
             # everything dirty has its extents: their items are in the trees
             self.meta_reserved, self.promised_keep = 0, None
             self.leaf_holders.clear()
-        need = (n + 2 * PAGE + self.meta_for(n) + (runs - 1) * self._per_extent() + self.cache.dirty_bytes + self.meta_reserved
-                + self._leaves_for(inode))
+        need = n + 2 * PAGE + self.meta_for(n) + (runs - 1) * self._per_extent() + self.cache.dirty_bytes + self.meta_reserved
+        if inode is not None and inode.ino not in self.leaf_holders:  # (inline: every write asks)
+            need += self.inode_leaves
         # the split room is at most an eighth of ``need`` (an extent's items, 512 bytes, a page): asked
         # only when that could decide, so an image with room to spare never counts its free extents
         if need + need // 8 > self._room and need + self._split_room(alloc, need) > self._room:
@@ -1229,30 +1231,23 @@ class Filesystem:
         will be at least one more extent at writeback, each with its items (EXTENT_DATA,
         EXTENT_ITEM, its checksums): ``meta_for``; one that extends a run, ``_extends_for``.
         The first dirty data of a file also reserves the leaves writeback COWs for it
-        (``_leaves_for``), until writeback has mapped it (``release_leaves``)."""
+        (``inode_leaves``), until writeback has mapped it (``release_leaves``); a second run of
+        a dirty file COWs the same leaves. The items' bytes pay for the room they fill, not for
+        the copy of a whole leaf each file touches: 547 4 KiB writes to files each in a leaf of
+        its own, on a full image with 4 KiB tree blocks, were acknowledged with 2.5 MB reserved;
+        their copies (the old ones pinned until the commit) and the commit's records of them
+        took the rest, the transaction aborted and all 547 were lost."""
         self.meta_reserved += self.meta_for(n) if first - 1 not in inode.pages.dirty else self._extends_for(n)
         if inode.ino not in self.leaf_holders:
-            self.meta_reserved += self._leaves_for(inode)
+            self.meta_reserved += self.inode_leaves
             self.leaf_holders.add(inode.ino)
-
-    def _leaves_for(self, inode: Inode | None) -> int:
-        """Tree room writeback's copies of ``inode``'s leaves take (``LEAVES_PER_INODE`` tree
-        blocks), unless its dirty data holds them already: a second run of a dirty file COWs
-        the same leaves. The items' bytes pay for the room they fill, not for the copy of a
-        whole leaf each file touches: 547 4 KiB writes to files each in a leaf of its own, on
-        a full image with 4 KiB tree blocks, were acknowledged with 2.5 MB reserved; their
-        copies (the old ones pinned until the commit) and the commit's records of them took
-        the rest, the transaction aborted and all 547 were lost."""
-        if inode is None or inode.ino in self.leaf_holders:
-            return 0
-        return LEAVES_PER_INODE * self.vol.sb.nodesize
 
     def release_leaves(self, inode: Inode) -> None:
         """Writeback has mapped ``inode``'s data, its leaves are copied: their room is in use
         now, no longer promised -- unless the file holds dirty data still (written meanwhile)."""
         if inode.ino in self.leaf_holders and not inode.pages.dirty and not inode.flushing:
             self.leaf_holders.discard(inode.ino)
-            self.meta_reserved -= LEAVES_PER_INODE * self.vol.sb.nodesize
+            self.meta_reserved -= self.inode_leaves
 
     async def make_room(self, n: int, runs: int = 1, inode: Inode | None = None) -> None:
         """ENOSPC at write(), as btrfs reserves delayed-allocation space when a page is dirtied:
