@@ -331,7 +331,7 @@ async def test_unmount_after_an_encrypted_enospc(tmp_path):
     fs = await blockemu.mount(image, seal_workers=2)
     await encrypted_dir(fs, "/enc")
 
-    fs.room_for = lambda n, runs=1: True  # write() would refuse it first: reach writeback's ENOSPC
+    fs.room_for = lambda n, runs=1, inode=None: True  # write() would refuse it first: reach writeback's ENOSPC
     with ErrnoCheck(errno.ENOSPC):
         async with fs.open("/enc/big", "w") as f:
             await f.write(random.Random(16).randbytes(24 << 20))
