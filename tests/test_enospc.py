@@ -926,7 +926,7 @@ async def test_small_writes_to_many_scattered_files_reach_the_disk(tmp_path):
     leaf per file (its old copy pinned until the commit) and the commit records every new block,
     which nothing reserved: the tree allocations found 0 bytes free and the transaction aborted
     (read-only mount: every one of those writes lost). Now write() reserves the leaves writeback
-    COWs per dirty file (``Filesystem._leaves_for``) and, short of room, writes back and commits
+    COWs per dirty file (``LEAVES_PER_INODE``, ``Filesystem.reserve_meta``) and, short of room, writes back and commits
     first: all 1,094 writes fit, each reaches the disk."""
     image = str(tmp_path / "many.img")
     await blockemu.mkfs(image, size="48M", node_size="4K")

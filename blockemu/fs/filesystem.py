@@ -86,6 +86,7 @@ META_PER_RUN = 512
 # Reserved per dirty file at write() (Filesystem.reserve_meta), as btrfs reserves a
 # nodesize-sized path per item of a delalloc inode.
 LEAVES_PER_INODE = 3
+WRITE_OUT_TRIES = 4  # write-outs an operation that adds items tries before ENOSPC (adding_items)
 YIELD_BYTES = 2 << 20
 KEY_WALK_CHUNK = 4096  # fs tree items key_in_use reads between turns of the loop (~7 ms of CPU)
 ZEROS = bytes(PAGE)  # what a page's bytes past the end of its file must be (zero_past_eof)
@@ -1289,8 +1290,13 @@ class Filesystem:
         guards its changes). Short of room only because dirty data holds it, that data is
         written back and committed first (``make_room``'s sync), so the operation fails with
         ENOSPC only when the disk is full of what is written. ``deleting``: it may also free space
-        (a rename over a file destroys it), so near full it commits sooner (``Volume.join``)."""
-        if not self.vol.engine.meta_room(self.promised_blocks()):
+        (a rename over a file destroys it), so near full it commits sooner (``Volume.join``).
+        Written out up to ``WRITE_OUT_TRIES`` times: other tasks may dirty new files -- each
+        reserving its leaves -- while one write-out runs, and a create among 4-32 writers of small
+        files on a roomy image was refused after a single one (review30)."""
+        for _ in range(WRITE_OUT_TRIES):
+            if self.vol.engine.meta_room(self.promised_blocks()):
+                break
             await self.write_out()
         async with self.vol.join(deleting=deleting):
             yield
