@@ -221,7 +221,10 @@ def test_pool_workers_die_with_a_driver_killed_with_sigkill(tmp_path):
         from tests.test_campaign import never_ends
         for _ in LocalExecutor(2).run(never_ends, [Shard("0", ())]):
             pass
-        """)], stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        """)], stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        # The killed driver cannot remove its shards' directory: make it under tmp_path (each
+        # suite run left one in /tmp).
+        env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         worker = int(driver.stdout.readline())
         assert alive(worker)
