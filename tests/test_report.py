@@ -86,6 +86,22 @@ def test_hilbert_curve_visits_each_cell_once_with_unit_steps():
     assert all(abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1 for a, b in zip(pts, pts[1:]))
 
 
+@pytest.mark.parametrize("cells", [1 << 19, 1 << 20, (1 << 18) + 1, 5])
+def test_heatmap_grid_is_the_part_the_curve_reaches_on_its_long_side(cells):
+    """A 2 GiB image's 2^19 cells fill half the 1024 x 1024 square; drawn whole it was a narrow
+    strip beside an empty half. The grid holds every cell once and, for a half, nothing else."""
+    import numpy as np
+
+    hm = heatmap.Heatmap(cells * 4096, 4096)
+    hm.cells[:] = bytes(i % len(heatmap.CLASSES) for i in range(cells))
+    g = heatmap.grid(hm)
+    assert g.shape[1] >= g.shape[0]
+    assert np.count_nonzero(~np.isnan(g)) == cells
+    assert sorted(np.bincount(g[~np.isnan(g)].astype(int))) == sorted(np.bincount(np.frombuffer(bytes(hm.cells), np.uint8)))
+    if cells == 1 << 19:
+        assert g.shape == (512, 1024)
+
+
 @pytest.mark.parametrize("schedule", ["seeded", "free"])
 def test_kernel_peer_loses_nothing(schedule):
     """generic/595 on the real kernel (root, loop devices: CI): every acknowledged append survives."""

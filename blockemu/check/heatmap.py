@@ -200,6 +200,22 @@ def hilbert_xy(n: int, d: Any) -> tuple[Any, Any]:
     return x, y
 
 
+def grid(hm: Heatmap) -> Any:
+    """The cells as a 2-D numpy array along the Hilbert curve (NaN where it has no cell), cut to
+    the part the curve reaches and laid on its long side: the cells fill a quarter to all of
+    the smallest power-of-two square, and the curve's first half is one half of it, so a 2 GiB
+    image (2^19 cells of a 1024 x 1024 square) drew as a narrow strip beside an empty half."""
+    import numpy as np
+
+    side = 1
+    while side * side < len(hm.cells):
+        side *= 2
+    x, y = hilbert_xy(side, np.arange(len(hm.cells), dtype=np.int64))
+    out = np.full((int(y.max()) + 1, int(x.max()) + 1), np.nan)
+    out[y, x] = np.frombuffer(bytes(hm.cells), dtype=np.uint8)
+    return out.T if out.shape[0] > out.shape[1] else out
+
+
 FIGSIZE = (10.0, 8.0)
 DPI = 100  # so the PNG is always 1000 x 800 pixels
 
@@ -209,18 +225,12 @@ def draw(hm: Heatmap, path: str, out: str) -> None:
     from blockemu.display import pyplot
 
     plt = pyplot()  # first: without the `report` extra, its one line (numpy comes with matplotlib)
-    import numpy as np
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    side = 1
-    while side * side < len(hm.cells):
-        side *= 2
-    grid = np.full((side, side), np.nan)
-    x, y = hilbert_xy(side, np.arange(len(hm.cells), dtype=np.int64))
-    grid[y, x] = np.frombuffer(bytes(hm.cells), dtype=np.uint8)
+    image = grid(hm)
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
-    ax.imshow(grid, cmap=ListedColormap([COLOURS[c] for c in CLASSES]), vmin=-0.5, vmax=len(CLASSES) - 0.5,
+    ax.imshow(image, cmap=ListedColormap([COLOURS[c] for c in CLASSES]), vmin=-0.5, vmax=len(CLASSES) - 0.5,
               interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(f"{path}: {len(hm.cells)} cells of {hm.cell_bytes // 1024} KiB along a Hilbert curve")
