@@ -84,9 +84,10 @@ META_PER_RUN = 512
 # Tree leaves writeback copies (COW) for each file it maps: the fs tree's leaf holding the
 # file's items, and the extent and checksum trees' leaves its new extents' items land in.
 # Reserved per dirty file at write() (Filesystem.reserve_meta), as btrfs reserves a
-# nodesize-sized path per item of a delalloc inode.
+# nodesize-sized path per item of a delalloc inode; the interior nodes above them, shared by
+# every file, are COWed once per transaction and counted in the path per tree that
+# promised_blocks adds (Engine.op_blocks).
 LEAVES_PER_INODE = 3
-WRITE_OUT_TRIES = 4  # write-outs an operation that adds items tries before ENOSPC (adding_items)
 YIELD_BYTES = 2 << 20
 KEY_WALK_CHUNK = 4096  # fs tree items key_in_use reads between turns of the loop (~7 ms of CPU)
 ZEROS = bytes(PAGE)  # what a page's bytes past the end of its file must be (zero_past_eof)
@@ -155,6 +156,10 @@ class Inode:
     wb_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wb_error: OSError | None = None
     lost_bytes: int = 0  # file bytes writeback had to drop
+    # tree room write() reserved for what writeback will add for this file's dirty data -- its
+    # runs' items and the leaves it COWs (Filesystem.reserve_meta) -- held until none of that data
+    # is left dirty or in flight, then released whole (Filesystem.release_meta)
+    reserved: int = 0
     # the size when writeback last took its dirty pages: the bytes a run it fails to write can
     # hold (a write past the end meanwhile adds a page's zeros to that run, not data)
     wb_size: int = 0
@@ -194,9 +199,8 @@ class Filesystem:
         self.cache = self.writeback.cache
         self.unyielded = 0  # bytes written since a writer last let the loop run
         self._room_seen, self._room = -1, 0  # room_for's cache: the allocator's change count, and bytes
-        self.meta_reserved = 0  # tree room promised to the extents of the dirty data (room_for)
-        self.leaf_holders: set[int] = set()  # inodes whose leaves' COW meta_reserved holds (reserve_meta)
-        self.inode_leaves = LEAVES_PER_INODE * vol.sb.nodesize  # what each holds (reserve_meta)
+        self.meta_reserved = 0  # the dirty files' ``Inode.reserved``, summed (room_for)
+        self.inode_leaves = LEAVES_PER_INODE * vol.sb.nodesize  # what a dirty file reserves first (reserve_meta)
         self._room_keep = 0  # the metadata reserve (tree blocks) ``_room`` leaves
         self.promised_keep: int | None = None  # the least reserve any dirty data was admitted under
         vol.log.promised = self.promised_blocks  # the fsync log leaves that room to writeback
@@ -530,7 +534,7 @@ class Filesystem:
 
     def _destroy(self, inode: Inode) -> None:
         """Delete an inode with no names left: its extents, items and cached pages."""
-        self.cache.drop(inode.pages)
+        self.drop_pages(inode)
         self.extents.punch(inode.ino, 0, (1 << 64) - 1)
         # its items in one pass, not a listing then a lookup and a descent per item (unlink: ~4 % less CPU)
         self.tree.apply([((inode.ino, 0, 0), Through((inode.ino, 255, (1 << 64) - 1)))])
@@ -1154,18 +1158,18 @@ class Filesystem:
         ``promised_blocks``): the items' bytes pay for the leaves they fill, not for the whole
         block a split takes at once; and room for the items of the extents writeback may split
         the runs into where free space is small holes (``_split_room``); and, for ``inode``'s
-        first dirty data, the leaves writeback will COW for it (``reserve_meta``)."""
+        first dirty data, the leaves writeback will COW for it (``reserve_meta``). What earlier
+        writes reserved comes back per file, once writeback has mapped (or lost) the file's
+        dirty data or a truncate or unlink dropped it (``release_meta``)."""
         engine = self.vol.engine
         alloc = engine.allocator
         if alloc.changes != self._room_seen:
             self._room_seen, self._room_keep = alloc.changes, engine.data_keep()
             self._room = (alloc.node_room - self._room_keep - engine.op_blocks()) * self.vol.sb.nodesize
         if not self.cache.dirty_bytes:
-            # everything dirty has its extents: their items are in the trees
-            self.meta_reserved, self.promised_keep = 0, None
-            self.leaf_holders.clear()
+            self.promised_keep = None  # everything dirty has its extents
         need = n + 2 * PAGE + self.meta_for(n) + (runs - 1) * self._per_extent() + self.cache.dirty_bytes + self.meta_reserved
-        if inode is not None and inode.ino not in self.leaf_holders:  # (inline: every write asks)
+        if inode is not None and not inode.reserved:  # (inline: every write asks)
             need += self.inode_leaves
         # the split room is at most an eighth of ``need`` (an extent's items, 512 bytes, a page): asked
         # only when that could decide, so an image with room to spare never counts its free extents
@@ -1227,28 +1231,41 @@ class Filesystem:
         return -(-self._per_extent() * n // (self.writeback.max_pages * PAGE)) + 2 * self.extents.csum_size * -(-n // PAGE)
 
     def reserve_meta(self, inode: Inode, first: int, n: int) -> None:
-        """Reserve the tree room of ``n`` bytes dirtied from page ``first``, kept until no dirty
-        data is left: a write that starts a new dirty run (its first page does not extend one)
-        will be at least one more extent at writeback, each with its items (EXTENT_DATA,
-        EXTENT_ITEM, its checksums): ``meta_for``; one that extends a run, ``_extends_for``.
-        The first dirty data of a file also reserves the leaves writeback COWs for it
-        (``inode_leaves``), until writeback has mapped it (``release_leaves``); a second run of
-        a dirty file COWs the same leaves. The items' bytes pay for the room they fill, not for
-        the copy of a whole leaf each file touches: 547 4 KiB writes to files each in a leaf of
-        its own, on a full image with 4 KiB tree blocks, were acknowledged with 2.5 MB reserved;
-        their copies (the old ones pinned until the commit) and the commit's records of them
-        took the rest, the transaction aborted and all 547 were lost."""
-        self.meta_reserved += self.meta_for(n) if first - 1 not in inode.pages.dirty else self._extends_for(n)
-        if inode.ino not in self.leaf_holders:
-            self.meta_reserved += self.inode_leaves
-            self.leaf_holders.add(inode.ino)
+        """Add to ``inode``'s account the tree room of ``n`` bytes dirtied from page ``first``:
+        a write that starts a new dirty run (its first page does not extend one) will be at
+        least one more extent at writeback, each with its items (EXTENT_DATA, EXTENT_ITEM, its
+        checksums): ``meta_for``; one that extends a run, ``_extends_for``. The first dirty data
+        of a file also reserves the leaves writeback COWs for it (``inode_leaves``); a second
+        run of a dirty file COWs the same leaves. The items' bytes pay for the room they fill,
+        not for the copy of a whole leaf each file touches: 547 4 KiB writes to files each in a
+        leaf of its own, on a full image with 4 KiB tree blocks, were acknowledged with 2.5 MB
+        reserved; their copies (the old ones pinned until the commit) and the commit's records
+        of them took the rest, the transaction aborted and all 547 were lost. One account per
+        file, released at one point (``release_meta``), as btrfs keeps a delalloc inode's
+        metadata reservation until its ordered extents finish."""
+        cost = self.meta_for(n) if first - 1 not in inode.pages.dirty else self._extends_for(n)
+        if not inode.reserved:
+            cost += self.inode_leaves
+        inode.reserved += cost
+        self.meta_reserved += cost
 
-    def release_leaves(self, inode: Inode) -> None:
-        """Writeback has mapped ``inode``'s data, its leaves are copied: their room is in use
-        now, no longer promised -- unless the file holds dirty data still (written meanwhile)."""
-        if inode.ino in self.leaf_holders and not inode.pages.dirty and not inode.flushing:
-            self.leaf_holders.discard(inode.ino)
-            self.meta_reserved -= self.inode_leaves
+    def release_meta(self, inode: Inode) -> None:
+        """None of ``inode``'s dirty data is left, dirty or in flight: writeback mapped it (its
+        items are in the trees, its leaves copied: that room is in use now, no longer promised),
+        lost it, or a truncate or unlink dropped it -- give its account back whole
+        (``btrfs_delalloc_release_metadata``). Data written meanwhile keeps it for the next
+        flush. Released only when each holder's data went, its items and leaves came back
+        on different schedules, and those of a file unlinked, truncated or failed while others
+        stayed dirty were held until nothing in the mount was (review30)."""
+        if inode.reserved and not inode.pages.dirty and not inode.flushing:
+            self.meta_reserved -= inode.reserved
+            inode.reserved = 0
+
+    def drop_pages(self, inode: Inode, first: int = 0, end: int | None = None) -> None:
+        """Drop ``inode``'s cached pages from ``first`` (to ``end``), dirty ones too, and with the
+        last of its dirty data the room reserved for it (``release_meta``)."""
+        self.cache.drop(inode.pages, first, end)
+        self.release_meta(inode)
 
     async def make_room(self, n: int, runs: int = 1, inode: Inode | None = None) -> None:
         """ENOSPC at write(), as btrfs reserves delayed-allocation space when a page is dirtied:
@@ -1258,10 +1275,24 @@ class Filesystem:
         commits before it gives up. ``room_for`` counts every byte as new (a COW overwrite
         needs new space too) plus the partial pages at both ends. With room enough it returns at
         once, without yielding to the loop."""
-        if self.room_for(n, runs, inode):
-            return
-        await self.write_out()
+        await self._write_out_while(lambda: not self.room_for(n, runs, inode))
         self.require_room(n, runs, inode)
+
+    async def _write_out_while(self, short: Callable[[], bool]) -> None:
+        """Write back and commit (``write_out``) while ``short()`` and the last write-out took
+        some dirty data off the promises (wrote or lost it), as btrfs flushes for a reservation
+        ticket while flushing makes progress: other tasks may dirty new files -- each reserving
+        its runs' items and leaves -- while one write-out runs, and a fixed number of write-outs
+        refused creates on a roomy image (review30: 8 tasks x 1,500 new 4 KiB files on 64M/16K,
+        3 refused after four write-outs, 1 once each file's reserve came back as it was
+        mapped). A write-out that takes nothing leaves the room as it is: the caller's check
+        decides then. With room it returns at once, without yielding to the loop."""
+        stats = self.writeback.stats
+        while short():
+            done = stats["bytes"] + stats["lost_bytes"]
+            await self.write_out()
+            if stats["bytes"] + stats["lost_bytes"] == done:
+                return
 
     def promised_blocks(self) -> int:
         """Tree blocks' worth of room write() promised to dirty data (``room_for``) that
@@ -1272,9 +1303,9 @@ class Filesystem:
         320 KiB run became in 64 KiB holes, whose items write() had reserved 1,232 bytes for,
         and the fsync lost the run's last 16 KiB with ENOSPC (``max_extent=2M``, one run in five:
         the split came during the last flush only when the lanes' pieces fell so)."""
-        if not self.cache.dirty_bytes:
-            return 0
         engine, need = self.vol.engine, self.cache.dirty_bytes + self.meta_reserved
+        if not need:
+            return 0
         return -(-(need + self._split_room(engine.allocator, need)) // self.vol.sb.nodesize) + engine.op_blocks()
 
     def check_meta_room(self) -> None:
@@ -1288,16 +1319,10 @@ class Filesystem:
     async def adding_items(self, deleting: bool = False) -> AsyncIterator[None]:
         """Join the transaction for an operation that adds items (``check_meta_room`` then
         guards its changes). Short of room only because dirty data holds it, that data is
-        written back and committed first (``make_room``'s sync), so the operation fails with
+        written back and committed first (``_write_out_while``), so the operation fails with
         ENOSPC only when the disk is full of what is written. ``deleting``: it may also free space
-        (a rename over a file destroys it), so near full it commits sooner (``Volume.join``).
-        Written out up to ``WRITE_OUT_TRIES`` times: other tasks may dirty new files -- each
-        reserving its leaves -- while one write-out runs, and a create among 4-32 writers of small
-        files on a roomy image was refused after a single one (review30)."""
-        for _ in range(WRITE_OUT_TRIES):
-            if self.vol.engine.meta_room(self.promised_blocks()):
-                break
-            await self.write_out()
+        (a rename over a file destroys it), so near full it commits sooner (``Volume.join``)."""
+        await self._write_out_while(lambda: not self.vol.engine.meta_room(self.promised_blocks()))
         async with self.vol.join(deleting=deleting):
             yield
 
@@ -1373,7 +1398,7 @@ class Filesystem:
                     idx = size // PAGE
                     old = (await self.read_pages(inode, idx, 1))[0]
                     self.zero_partial(inode, idx, old, tail, PAGE)
-                self.cache.drop(inode.pages, -(-size // PAGE))
+                self.drop_pages(inode, -(-size // PAGE))
                 async with self.vol.join():
                     inode.nbytes += self.extents.punch(inode.ino, -(-size // PAGE) * PAGE, (1 << 64) - 1)
                     inode.epoch += 1
@@ -1417,7 +1442,7 @@ class Filesystem:
             finally:
                 for old in olds:
                     fscrypt.wipe(old)  # plaintext copies
-            self.cache.drop(inode.pages, lo, hi)
+            self.drop_pages(inode, lo, hi)
             async with self.vol.join():
                 if lo < hi:
                     inode.nbytes += self.extents.punch(inode.ino, lo * PAGE, hi * PAGE)

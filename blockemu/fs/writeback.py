@@ -403,6 +403,7 @@ class Writeback:
                 for inode in inodes:
                     inode.inflight -= 1
                     inode.flushing = 0  # mapped, lost or dirty again
+                    self.fs.release_meta(inode)  # (lost runs: what _mapped did not release)
         for task in tasks:
             task.result()
         for inode in inodes:
@@ -586,7 +587,7 @@ class Writeback:
             inode.flushing = max(inode.flushing - length, 0)
             inode.disk_size = max(inode.disk_size, min(inode.size, end))
             fs.save_inode(inode)
-            fs.release_leaves(inode)
+            fs.release_meta(inode)
         self.stats["extents"] += len(new)
         self.stats["bytes"] += sum(e.length for _, e in new)
 

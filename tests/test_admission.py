@@ -1,0 +1,115 @@
+"""Write admission's per-file account of tree room (``Filesystem.reserve_meta``): what a dirty
+file's data will cost writeback -- its runs' items and the leaves it COWs -- is reserved when the
+file dirties and given back whole at one point, once none of its data is dirty or in flight
+(``release_meta``): written back, lost, or dropped by an unlink or a truncate. Its items' share
+and its leaves' came back on different schedules, and a file unlinked, truncated or failed
+while another stayed dirty held both until nothing in the mount was (review30)."""
+from __future__ import annotations
+
+import asyncio
+import errno
+
+import pytest
+
+import blockemu
+from blockemu.device.faultplan import FaultPlan
+from blockemu.errors import NoSpaceError
+from blockemu.fs.filesystem import Filesystem
+from tests.util import ErrnoCheck
+
+S = 4096
+
+
+def accounts_agree(fs: Filesystem) -> None:
+    """The mount's total is its files' accounts, and a file with nothing dirty or in flight
+    holds none (the invariant ``tests/test_fs_model.py`` checks after every step too)."""
+    assert fs.meta_reserved == sum(i.reserved for i in fs.inodes.values())
+    assert all(not i.reserved for i in fs.inodes.values() if not i.pages.dirty and not i.flushing)
+
+
+@pytest.fixture
+async def image(tmp_path):
+    path = str(tmp_path / "a.img")
+    await blockemu.mkfs(path, size="32M")
+    return path
+
+
+@pytest.mark.parametrize("how", ["unlink", "truncate", "failed writeback"])
+async def test_a_files_reserve_comes_back_when_its_dirty_data_goes(image, how):
+    """/keep stays dirty throughout, so nothing in the mount is clean: /gone's account must come
+    back the moment its dirty data goes, and /keep's once it is written back -- with no write
+    after it to notice that nothing is dirty."""
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        async with fs.open("/keep", "w") as keep:
+            await keep.write(b"k" * S)
+            held = fs.meta_reserved
+            assert held == keep.inode.reserved >= fs.inode_leaves
+            gone = await fs.open("/gone", "w")
+            await gone.write(b"g" * 3 * S)
+            await gone.pwrite(b"h" * S, 8 * S)  # a second run: its items, not its leaves again
+            assert gone.inode.reserved > fs.inode_leaves + fs.meta_for(S)
+            assert fs.meta_reserved == held + gone.inode.reserved
+            if how == "unlink":
+                await gone.close()
+                await fs.unlink("/gone")
+            elif how == "truncate":
+                await gone.truncate(0)
+                await gone.close()
+            else:
+                # its data's write fails (no commit meanwhile: the trees' writes are not refused)
+                fs.vol.device.faults = FaultPlan(eio=[(0, 1 << 40, "w")])
+                await fs.writeback.flush_inode(gone.inode)
+                fs.vol.device.faults = FaultPlan()
+                assert gone.inode.lost_bytes == 4 * S
+                with ErrnoCheck(errno.EIO):
+                    await gone.close()
+            assert keep.inode.pages.dirty
+            accounts_agree(fs)
+            assert fs.meta_reserved == held
+            await keep.fsync()
+            accounts_agree(fs)
+            assert fs.meta_reserved == 0
+
+
+async def test_a_file_dirtied_during_its_writeback_keeps_its_reserve_for_the_next(image):
+    """A write landing while the file's flush is in flight dirties it again: the flush's end
+    must not give back the room the new data was admitted under."""
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"a" * 4 * S)
+            flush = asyncio.ensure_future(f.fsync())
+            await asyncio.sleep(0)  # the flush has taken the pages; now a write lands
+            assert f.inode.flushing
+            await f.pwrite(b"b" * S, 16 * S)
+            await flush
+            assert f.inode.pages.dirty and f.inode.reserved >= fs.inode_leaves
+            accounts_agree(fs)
+            await f.fsync()
+            accounts_agree(fs)
+            assert fs.meta_reserved == 0
+
+
+async def test_many_tasks_creating_small_files_on_a_roomy_image_are_never_refused(tmp_path):
+    """Each new file reserves its leaves (three 16 KiB tree blocks for 4 KiB of data), so the
+    room fills with promises long before the disk does; an operation short of room writes out
+    and commits, and others dirty new files meanwhile. A create refused after a fixed number of
+    write-outs (review30: 8 tasks x 1,500 files on 64 MiB, 3 refused with tens of MB free) now
+    writes out for as long as writing out takes dirty data off the promises."""
+    image = str(tmp_path / "m.img")
+    await blockemu.mkfs(image, size="24M", node_size="16K")
+    refused = 0
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        async def creator(t: int) -> None:
+            nonlocal refused
+            for i in range(300):
+                try:
+                    async with fs.open(f"/f{t}_{i}", "w") as f:
+                        await f.write(b"x" * S)
+                except NoSpaceError:
+                    refused += 1
+
+        await asyncio.gather(*(creator(t) for t in range(8)))
+        free = fs.vol.engine.allocator.free_bytes()
+        accounts_agree(fs)
+    assert free > 4 << 20  # room to spare: none of them should have been refused
+    assert refused == 0
