@@ -89,26 +89,28 @@ async def test_a_file_dirtied_during_its_writeback_keeps_its_reserve_for_the_nex
             assert fs.meta_reserved == 0
 
 
-async def test_many_tasks_creating_small_files_on_a_roomy_image_are_never_refused(tmp_path):
-    """Each new file reserves its leaves (three 16 KiB tree blocks for 4 KiB of data), so the
-    room fills with promises long before the disk does; an operation short of room writes out
-    and commits, and others dirty new files meanwhile. A create refused after a fixed number of
-    write-outs (review30: 8 tasks x 1,500 files on 64 MiB, 3 refused with tens of MB free) now
-    writes out for as long as writing out takes dirty data off the promises."""
+@pytest.mark.parametrize(("size", "node", "tasks", "files"), [("24M", "64K", 16, 150), ("32M", "16K", 8, 600)])
+async def test_many_tasks_creating_small_files_on_a_roomy_image_are_never_refused(tmp_path, size, node, tasks, files):
+    """Each new file reserves its leaves (three tree blocks for 4 KiB of data), so the room
+    fills with promises long before the disk does; an operation short of room writes out and
+    commits, and the other tasks dirty new files meanwhile. After a fixed number of write-outs
+    creates were refused with megabytes free (4 write-outs: 9 and 2 refused here; review30: 8
+    tasks x 1,500 files on 64 MiB, 3 refused): it writes out for as long as that takes dirty
+    data off the promises."""
     image = str(tmp_path / "m.img")
-    await blockemu.mkfs(image, size="24M", node_size="16K")
+    await blockemu.mkfs(image, size=size, node_size=node)
     refused = 0
     async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
         async def creator(t: int) -> None:
             nonlocal refused
-            for i in range(300):
+            for i in range(files):
                 try:
                     async with fs.open(f"/f{t}_{i}", "w") as f:
                         await f.write(b"x" * S)
                 except NoSpaceError:
                     refused += 1
 
-        await asyncio.gather(*(creator(t) for t in range(8)))
+        await asyncio.gather(*(creator(t) for t in range(tasks)))
         free = fs.vol.engine.allocator.free_bytes()
         accounts_agree(fs)
     assert free > 4 << 20  # room to spare: none of them should have been refused

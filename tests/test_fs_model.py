@@ -1,6 +1,7 @@
 """Property test: the filesystem's file contents against a bytearray model, through the page
 cache, writeback (forced often by tiny limits), COW overwrites, truncates, hole punches and
-remounts -- and the file's extent map (``Extents.maps``) against the fs tree's items after each."""
+remounts -- and the file's extent map (``Extents.maps``) against the fs tree's items after each,
+and write admission's per-file reserves (``accounts_agree``)."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 import blockemu
 from blockemu.check.fsck import check
+from tests.test_admission import accounts_agree
 from tests.test_extent_map import maps_are_the_tree
 
 KEY = bytes(range(32))
@@ -78,6 +80,7 @@ async def run(ops_list, encrypted: bool) -> None:
                 f = await fs.open(path, "r+")
             assert f.inode.size == len(model)
             maps_are_the_tree(fs)
+            accounts_agree(fs)  # no write admission reserve leaked by a truncate, punch or writeback
         assert await f.pread(1 << 20, 0) == bytes(model)
         await f.close()
         await fs.unmount()
