@@ -1254,9 +1254,9 @@ class Filesystem:
         items are in the trees, its leaves copied: that room is in use now, no longer promised),
         lost it, or a truncate or unlink dropped it -- give its account back whole
         (``btrfs_delalloc_release_metadata``). Data written meanwhile keeps it for the next
-        flush. Released only when each holder's data went, its items and leaves came back
-        on different schedules, and those of a file unlinked, truncated or failed while others
-        stayed dirty were held until nothing in the mount was (review30)."""
+        flush. The items' share came back only once nothing in the mount was dirty, the
+        leaves' as writeback mapped the file: a file unlinked, truncated or failed while others
+        stayed dirty held both, and forced flushes for them (review30)."""
         if inode.reserved and not inode.pages.dirty and not inode.flushing:
             self.meta_reserved -= inode.reserved
             inode.reserved = 0
@@ -1280,18 +1280,18 @@ class Filesystem:
 
     async def _write_out_while(self, short: Callable[[], bool]) -> None:
         """Write back and commit (``write_out``) while ``short()`` and the last write-out took
-        some dirty data off the promises (wrote or lost it), as btrfs flushes for a reservation
-        ticket while flushing makes progress: other tasks may dirty new files -- each reserving
-        its runs' items and leaves -- while one write-out runs, and a fixed number of write-outs
-        refused creates on a roomy image (review30: 8 tasks x 1,500 new 4 KiB files on 64M/16K,
-        3 refused after four write-outs, 1 once each file's reserve came back as it was
-        mapped). A write-out that takes nothing leaves the room as it is: the caller's check
-        decides then. With room it returns at once, without yielding to the loop."""
+        some dirty data off the promises (wrote or lost a run), as btrfs flushes for a
+        reservation ticket while flushing makes progress: other tasks may dirty new files -- each
+        reserving its runs' items and leaves -- while one write-out runs, and four write-outs
+        refused creates on roomy images (review30: 8 tasks x 1,500 new 4 KiB files on 64M/16K,
+        2-3 refused, 1 once each file's reserve came back as it was mapped; 16 x 150 on 24M/64K,
+        9). A write-out that takes nothing leaves the room as it is: the caller's check decides
+        then. With room it returns at once, without yielding to the loop."""
         stats = self.writeback.stats
         while short():
-            done = stats["bytes"] + stats["lost_bytes"]
+            runs = stats["extents"] + stats["errors"]
             await self.write_out()
-            if stats["bytes"] + stats["lost_bytes"] == done:
+            if stats["extents"] + stats["errors"] == runs:
                 return
 
     def promised_blocks(self) -> int:
