@@ -1358,20 +1358,26 @@ class Filesystem:
         tail block does (another file's fsync commits it), and a crash then leaves the old bytes
         on disk: a truncate up, or a write past the end, showed the truncated data again, live
         and after the next crash. Written back here, not only dirtied, so that no commit names
-        the larger size over the stale block. A block is stale only after such a crash or a
-        failed writeback: otherwise the page is read, found zero past the end, and left alone."""
+        the larger size over the stale block. Only a clean cached page (``_end_on_disk``) says
+        what the disk holds: a dirty or in-flight one, zeroed by the truncate, may yet fail its
+        writeback and be dropped, and reads then fall through to the stale block (review29)."""
         idx, tail = divmod(inode.size, PAGE)
         if not tail:
             return
         page = self.cache.get(inode.pages, idx)  # cached, the common case: no coroutine to await
-        # as bytes: an arena page is a memoryview, which compares byte by byte in Python's loop
-        if bytes((page if page is not None else (await self.read_pages(inode, idx, 1))[0])[tail:]) == ZEROS[tail:]:
+        if page is None:
+            page = (await self.read_pages(inode, idx, 1))[0]
+        if not inode.wb_lock.locked() and self._end_on_disk(inode, idx, tail, page):
             return
         await self.make_room(PAGE, inode=inode)
-        async with inode.wb_lock:
+        async with inode.wb_lock:  # a flush holding the end page is done: written, or lost and dropped
             idx, tail = divmod(inode.size, PAGE)
-            if tail:  # (a truncate may have moved the end meanwhile)
-                self.zero_partial(inode, idx, (await self.read_pages(inode, idx, 1))[0], tail, PAGE)
+            if not tail:  # (a truncate may have moved the end meanwhile)
+                return
+            page = (await self.read_pages(inode, idx, 1))[0]
+            if self._end_on_disk(inode, idx, tail, page):
+                return
+            self.zero_partial(inode, idx, page, tail, PAGE)
         lost = inode.lost_bytes
         await self.writeback.flush_inode(inode)
         if inode.lost_bytes != lost:  # not written: growing now would show the stale bytes
@@ -1381,6 +1387,13 @@ class Filesystem:
             err = inode.wb_error or DeviceIOError("writeback failed")
             raise restate(err, f"{err} (inode {inode.ino}: its end block, zeroed past the end, was not "
                                "written back; the file was not grown)")
+
+    @staticmethod
+    def _end_on_disk(inode: Inode, idx: int, tail: int, page: Page) -> bool:
+        """Whether the disk's end block is zero past the end: its page ``page`` is clean (no flush
+        holds it -- the caller checks the ``wb_lock``) and zero there."""
+        # as bytes: an arena page is a memoryview, which compares byte by byte in Python's loop
+        return idx not in inode.pages.dirty and bytes(page[tail:]) == ZEROS[tail:]
 
     async def truncate_inode(self, inode: Inode, size: int) -> None:
         if size < 0:
