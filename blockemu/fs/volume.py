@@ -73,6 +73,9 @@ class Volume:
         self._writers = 0
         self._committing = False
         self.aborted: OSError | None = None
+        # whether an abort may have dropped what was not yet durable: every abort but a commit's
+        # tail failing once its superblock was durable (an fsync's tail meeting a power cut)
+        self.abort_dropped = False
         self.closed = False  # every later change or commit is refused with EIO
         self._changed: dict[asyncio.Task, bool] = {}  # participants -> whether they changed a tree
         self._first: set[asyncio.Task] = set()  # runs waiting for room a commit gives back (``first_for_space``)
@@ -214,10 +217,12 @@ class Volume:
             if task in self._changed:
                 self._changed[task] = True
 
-    def abort(self, e: BaseException, why: str = "aborted") -> BaseException:
+    def abort(self, e: BaseException, why: str = "aborted", *, dropped: bool = True) -> BaseException:
         """Abort the running transaction for good (see ``join``): every further change fails and
         the image stays at its last durable generation; the first reason is kept. Returns what
-        to raise for ``e``: itself if it is an OSError or a cancellation, else an EIO caused by it."""
+        to raise for ``e``: itself if it is an OSError or a cancellation, else an EIO caused by it.
+        ``dropped=False``: nothing that was not durable was thrown away (``close``)."""
+        self.abort_dropped = self.abort_dropped or dropped
         if isinstance(e, OSError):
             self.aborted = self.aborted or e
             return e
@@ -264,7 +269,7 @@ class Volume:
                 new_sb = head.result()
                 self._completed = number
                 gate = None if whole else self.tail_gate
-                tail = asyncio.ensure_future(self._durably(self._commit_tail(new_sb, gate), "commit failed"))
+                tail = asyncio.ensure_future(self._durably(self._commit_tail(new_sb, gate), "commit failed", dropped=False))
                 if cancelled or whole and await outlast_cancellation([tail]):
                     raise asyncio.CancelledError
                 if whole:
@@ -337,18 +342,19 @@ class Volume:
             self._logged_by.update(dict.fromkeys(inos, number))
             return True
 
-    async def _durably(self, step: Coroutine[Any, Any, T], why: str) -> T:
+    async def _durably(self, step: Coroutine[Any, Any, T], why: str, *, dropped: bool = True) -> T:
         """Run a step that writes a superblock (a commit, a log sync) to its end: never left
         half done, a caller cancelled meanwhile sees the cancellation once it has finished.
         As btrfs aborts a transaction whose commit failed, however it failed, a failure aborts
         the mount: the image keeps its last durable state (or the new one, if its superblock
-        landed) and this mount refuses further changes."""
+        landed) and this mount refuses further changes. ``dropped=False``: a step after the
+        superblock, whose failure loses nothing (``abort``)."""
         work = asyncio.ensure_future(step)
         cancelled = await outlast_cancellation([work])
         try:
             done = work.result()
         except BaseException as e:
-            raise self.abort(e, why)
+            raise self.abort(e, why, dropped=dropped)
         if cancelled:
             raise asyncio.CancelledError
         return done
@@ -407,9 +413,13 @@ class Volume:
 
     async def close(self, *, commit: bool = True) -> None:
         """Commit and close the device -- the device even when the commit fails. After an abort
-        the commit raises it: what the transaction held is lost, and the caller must know."""
+        the commit raises it: what the transaction held is lost, and the caller must know. Not
+        when only a commit's tail failed and nothing joined since: the commit was durable (its
+        superblock landed), and an unmount that raises says something may be lost (review29: a
+        power cut right after an fsync's commit made every unmount report a loss)."""
+        quiet = self.aborted is not None and not self.abort_dropped and not self.engine.is_dirty()
         try:
-            if commit and not self.device.readonly:
+            if commit and not self.device.readonly and not quiet:
                 if not self.device.dead:
                     await self.commit(share=False)
                 else:
