@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Callable
 
-from blockemu.errors import ChecksumError, CorruptionError
+from blockemu.errors import ChecksumError, CorruptionError, NotFoundError
 from blockemu.fs.filesystem import Filesystem
 
 # a task's data is drawn from one seeded buffer of this many of its largest writes: slices at
@@ -244,7 +244,12 @@ class Task:
         todo = [self.root]
         while todo:
             d = todo.pop()
-            for name in await fs.readdir(d):
+            try:
+                names = await fs.readdir(d)
+            except NotFoundError as e:  # the task's directory gone: a finding (its files follow), not the run's error
+                into.divergent.append(f"{d}: missing on disk: {e}")
+                continue
+            for name in names:
                 p = f"{d}/{name}"
                 if (await fs.stat(p)).st_mode & 0o040000:
                     todo.append(p)

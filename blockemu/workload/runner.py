@@ -189,6 +189,7 @@ class Runner:
         self.fs: Filesystem | None = None
         self.directory = "/jobs"
         self.mixes: list[tuple[str, MixResult]] = []  # checked after the run, on a fresh mount
+        self.crashed: set[str] = set()  # the mixes a power cut met (during or after them): ledger-checked
         self.stop = asyncio.Event()
         self.done = {j.name: asyncio.Event() for j in jf.jobs}
         self.flows: dict[int, list[int]] = {}  # fio's flow groups span the run's jobs
@@ -241,6 +242,8 @@ class Runner:
         self.fs = await self._mount()
         try:
             for barrier in sorted({j.barrier for j in self.jf.jobs}):
+                if self.fs.vol.device.dead:
+                    await self._mount_again()
                 jobs = [j for j in self.jf.jobs if j.barrier == barrier]
                 gate = LayoutGate(sum(1 for j in jobs if j.get("kind", "fio") == "fio" and not j.get("wait_for")))
                 await asyncio.gather(*(self._job(j, gate) for j in jobs))
@@ -260,16 +263,37 @@ class Runner:
         return self.report
 
     async def _unmount(self) -> None:
-        """Unmount the run's filesystem; its device's requests join the report's disk_util."""
+        """Unmount the run's filesystem; its device's requests join the report's disk_util. After
+        a power cut (a ``faults`` job's ``cut=``, met by the jobs or by this unmount's own writes)
+        the unmount's error is the cut's, said in a note: what the cut may take is every change
+        not yet durable, and the mixes it met are judged by their ledgers (``_verify_mixes``)."""
         assert self.fs is not None
         dev = self.fs.vol.device
-        if note := missed_cut(dev.faults, dev.dead, dev.writes, "larger jobs"):
-            self.report.notes.append(note)
         try:
             await self.fs.unmount()
+        except BlockemuError as e:
+            if not dev.dead:
+                raise
+            self.report.notes.append(f"unmount after the power cut: {e}")
         finally:
-            self.report.disk.unmounted(self.fs.vol.device.stats)
+            self.report.disk.unmounted(dev.stats)
+            if dev.dead:
+                self.crashed.update(name for name, _ in self.mixes)
+            # judged after the unmount: its own writes may be the ones the cut waited for
+            elif note := missed_cut(dev.faults, dev.dead, dev.writes, "larger jobs"):
+                self.report.notes.append(note)
         self.fs = None
+
+    async def _mount_again(self) -> None:
+        """The power was cut: as after a real crash, the image is mounted again (its log replayed)
+        and the next jobs run on that mount, with no faults (the plan ended with the cut). The
+        jobs running at the cut failed on the dead device and said so; the first dead request
+        ended a mix's ledger (``Task._frozen``)."""
+        assert self.fs is not None
+        self.report.notes.append("the power was cut: the next jobs run on the image mounted again; a mix the cut "
+                                 "met is checked against what its fsyncs and syncs made durable")
+        await self._unmount()
+        self.fs = await self._mount()
 
     async def _job(self, job: Job, gate: LayoutGate) -> None:
         """``gate``: the fio jobs that start together lay out their files before any starts (a
@@ -317,15 +341,16 @@ class Runner:
                     first = next(r.verify_first for r in results if r.verify_first)
                     self.report.failures.append(f"{job.name}: {bad} blocks failed verification, first: {first}")
             elif kind == "mix":
-                mix = await run_mix(self.fs, root=await fresh_dir(self.fs, f"{self.directory}/{job.name}"), tasks=job.get("numjobs", 1),
-                                    nops=job.get("nops", 200), ops=job.get("ops"), seed=seed)
+                mix = MixResult()
+                self.mixes.append((job.name, mix))  # before it runs: one the cut stopped is checked too
+                await run_mix(self.fs, root=await fresh_dir(self.fs, f"{self.directory}/{job.name}"), tasks=job.get("numjobs", 1),
+                              nops=job.get("nops", 200), ops=job.get("ops"), seed=seed, result=mix)
                 self.report.jobs.append({"jobname": job.name, "kind": "mix", "ops": mix.ops, "by_op": mix.by_op,
                                          "acknowledged_writes": mix.acknowledged_writes,
                                          # operations a failed I/O or a full image refused (a sync
                                          # reporting lost writeback among them): counted, not swallowed
                                          "io_errors": len(mix.errors), "refused_out_of_space": len(mix.no_space),
                                          "divergent": mix.divergent})
-                self.mixes.append((job.name, mix))
             elif kind == "keyrace":
                 mode = job.get("key_removal", self.jf.globals.get("key_removal", "soft"))
                 r = await run_race(mode, seed=seed, schedule=job.get("schedule", "free"), steps=job.get("nops", 3000),
@@ -347,15 +372,26 @@ class Runner:
             elif kind == "script":
                 await self._script(job, seed)
         except BlockemuError as e:
-            self.report.failures.append(f"{job.name}: {e}")
+            if self.fs is not None and self.fs.vol.device.dead and e.errno in (errno.EIO, errno.EROFS):
+                # the cut the run asked for, not the filesystem failing: what it lost is judged after
+                self.report.notes.append(f"{job.name}: stopped by the power cut: {e}")
+            else:
+                self.report.failures.append(f"{job.name}: {e}")
 
     async def _verify_mixes(self) -> None:
         """The mix jobs' models against the image, unmounted and mounted afresh: what the disk
-        holds, not what the page cache of the run still had."""
+        holds, not what the page cache of the run still had. A mix a power cut met is held to
+        its ledger alone (as ``stress``'s after a cut): what it wrote and never made durable may
+        be gone, a file or its whole directory."""
         fs = await self._mount()
         try:
             for name, mix in self.mixes:
-                await verify_mix(fs, mix)
+                if name in self.crashed:
+                    await verify_ledger(fs, mix)
+                    self.report.notes.append(f"{name}: the power cut met it: only the {counted(len(mix.durable), 'file')} "
+                                             "its fsyncs and syncs made durable were checked")
+                else:
+                    await verify_mix(fs, mix)
                 self.report.failures += [f"{name}: {d}" for d in mix.divergent]
         finally:
             await fs.unmount()
