@@ -49,6 +49,7 @@ AFTER_UNMOUNT: dict[str, Callable[[Any, Any, Any], Any]] = {
     "Filesystem.symlink": lambda fs, w, r: fs.symlink("t", "/s"),
     "Filesystem.readlink": lambda fs, w, r: fs.readlink("/l"),
     "Filesystem.readdir": lambda fs, w, r: fs.readdir("/"),
+    "Filesystem.power_cut": lambda fs, w, r: fs.power_cut(),
     "Filesystem.stat": lambda fs, w, r: fs.stat("/f"),
     "Filesystem.exists": lambda fs, w, r: fs.exists("/f"),
     "Filesystem.inode": lambda fs, w, r: fs.inode(w.inode.ino),
@@ -137,6 +138,31 @@ async def test_an_fsyncs_commit_tail_meeting_a_power_cut_alone_loses_nothing(ima
     async with blockemu.mount(image) as fs:
         async with fs.open("/f") as f:
             assert await f.read() == b"x" * 5000
+
+
+async def test_a_power_cut_through_the_api_keeps_what_was_durable_and_nothing_else(image):
+    """``fs.power_cut()``: the public way to cut the power at a point of the caller's choosing
+    (only ``FaultPlan(cut=N)``, a count of device writes, was documented). The fsynced file
+    survives whole; the write and the mkdir made after its fsync, never made durable, are gone;
+    an fsync after the cut fails."""
+    fs = await blockemu.mount(image, interval=3600)
+    async with fs.open("/kept", "w") as f:
+        await f.write(b"k" * 5000)
+        await f.fsync()
+    await fs.mkdir("/not-durable")
+    f = await fs.open("/kept", "r+")
+    await f.pwrite(b"z" * 100, 0)
+    fs.power_cut()
+    assert fs.vol.device.dead
+    with pytest.raises(OSError) as failed:  # EIO from the device, or EROFS once that aborted the mount
+        await f.fsync()
+    assert failed.value.errno in (errno.EIO, errno.EROFS)
+    with pytest.raises(OSError):  # the mkdir and the write were not durable: the unmount says so
+        await fs.unmount()
+    async with blockemu.mount(image) as fs:
+        assert await fs.readdir("/") == ["kept"]
+        async with fs.open("/kept") as f:
+            assert await f.read() == b"k" * 5000
 
 
 def test_every_public_call_is_listed():

@@ -258,6 +258,16 @@ class Filesystem:
         fs.writeback.start()
         return fs
 
+    def power_cut(self) -> None:
+        """Cut the power now: the device drops its volatile write cache (but for the sectors a
+        ``torn=`` fault lets land) and fails every later I/O with EIO, so the image holds what
+        was durable at this instant. ``FaultPlan(cut=N)`` cuts after the Nth device write; this
+        is the same cut at a point the caller picks (after an fsync returns, between two calls).
+        Then unmount -- it raises if the cut took something not yet durable -- and mount again
+        to see what survived (DESIGN §8, §10)."""
+        self.check_mounted()
+        self.vol.device.power_cut()
+
     async def unmount(self) -> None:
         """Write back, stop writeback and the sealing workers, commit and close the image, drop
         the plaintext pages and wipe the keys. Every step runs even when one before it failed
