@@ -281,6 +281,22 @@ def test_fsck_blockemu_refuses_a_progress_fd_that_is_not_open(image, fd):
     assert sha(image) == before
 
 
+@pytest.mark.parametrize("fd", ["abc", "", "x1"])
+def test_fsck_blockemu_refuses_a_non_numeric_progress_fd_as_e2fsck_does(image, fd):
+    """``-C abc`` was argparse's usage error, exit 16; e2fsck reads ``-C`` with sscanf("%d") and
+    refuses what has no number with "Invalid non-numeric argument to -C", exit(1) (e2fsprogs
+    ``e2fsck/unix.c``, PRS's sscanf_err), before the image is opened."""
+    before = sha(image)
+    p = fsck_blockemu("-n", "-C", fd, image, check_rc=1)
+    assert p.stderr == f'blockemu: usage: fsck.blockemu: invalid non-numeric argument to -C ("{fd}")\n', p.stderr
+    assert sha(image) == before
+
+
+def test_fsck_blockemu_reads_the_progress_fds_leading_number_as_e2fsck_does(image):
+    """sscanf("%d") takes the number a ``-C`` argument starts with: ``-C 0x`` is FD 0 (a check)."""
+    assert "no error found" in fsck_blockemu("-n", "-C", " 0x", image, check_rc=0).stdout
+
+
 @pytest.mark.parametrize("argv, says", [
     (["crash", "--limit", "1", "--shard-size", "0"], "--shard-size: 0 is out of range: at least 1"),
     (["crash", "--limit", "-1"], "--limit: -1 is out of range: at least 1"),

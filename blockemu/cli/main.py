@@ -12,6 +12,7 @@ import errno
 import functools
 import json
 import os
+import re
 import signal
 import stat
 import sys
@@ -42,11 +43,12 @@ MIX_TASKS = 4  # stress --tasks, told from the default in the same way (the race
 class UsageError(Exception):
     """A command line blockemu will not run: ``why``, printed in argparse's one form, ``blockemu:
     usage: blockemu CMD [ACTION]: why`` -- ``prog`` is the (sub)command's, which ``main`` fills
-    in for the checks the commands make themselves after parsing."""
+    in for the checks the commands make themselves after parsing. ``code``: the exit status when
+    it is not the command's usage error's (a program whose status blockemu copies says so)."""
 
-    def __init__(self, why: str, prog: str | None = None) -> None:
+    def __init__(self, why: str, prog: str | None = None, code: int | None = None) -> None:
         super().__init__(why)
-        self.why, self.prog = why, prog
+        self.why, self.prog, self.code = why, prog, code
 
 
 class Parser(argparse.ArgumentParser):
@@ -218,8 +220,20 @@ def args_e2fsck(f: argparse.ArgumentParser) -> None:
     f.add_argument("-p", "-a", dest="modes", action="append_const", const="-p", help="same as --repair (e2fsck's preen)")
     f.add_argument("-n", dest="modes", action="append_const", const="-n", help="check only, never write (the default)")
     f.add_argument("-f", dest="force", action="store_true", help="accepted: every check is full")
-    f.add_argument("-C", dest="progress_fd", type=int, metavar="FD",
+    f.add_argument("-C", dest="progress_fd", type=progress_fd, metavar="FD",
                    help="0: a progress bar, if stderr is a terminal; any other: none (e2fsck's progress lines are not written)")
+
+
+class NonNumeric(str):
+    """``-C``'s argument with no number to read: refused after parsing (``e2fsck_modes``)."""
+
+
+def progress_fd(text: str) -> int | NonNumeric:
+    """``-C FD`` as e2fsck reads it, ``sscanf("%d")``: the leading number, blanks and a sign
+    before it, anything after it ignored (``-C 3x`` is FD 3); none at all is e2fsck's own
+    refusal, not argparse's usage error (exit 16, where e2fsck exits 1)."""
+    digits = re.match(r"\s*[+-]?\d+", text)
+    return int(digits[0]) if digits else NonNumeric(text)
 
 
 def e2fsck_modes(a: argparse.Namespace) -> None:
@@ -236,6 +250,8 @@ def e2fsck_modes(a: argparse.Namespace) -> None:
         raise InvalidArgument("only one of the options -p/-a, -n or -y (--repair) may be specified")
     a.repair = bool(modes - {"-n"})
     fd = getattr(a, "progress_fd", None)
+    if isinstance(fd, NonNumeric):  # e2fsck's PRS: "Invalid non-numeric argument to -C", exit(1)
+        raise UsageError(f'invalid non-numeric argument to -C ("{fd}")', code=1)
     if fd:
         try:
             os.fstat(abs(fd))
@@ -1476,7 +1492,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"blockemu: usage: {line}", file=sys.stderr)
         if wants_json(args, argv):  # the JSON contract holds for a usage error too
             emit_json(error_json(command, line, errno.EINVAL))
-        return usage
+        return usage if e.code is None else e.code
     except BlockemuError as e:
         if debug:
             raise
