@@ -325,10 +325,9 @@ async def test_fsync_cancelled_during_its_commit_lets_the_commit_finish(image, m
         assert fs.vol.aborted is None and fs.vol.generation == generation + 1
         fs.vol.device.power_cut()
         await f.close()
-        # the cut device aborts the mount at the close's inode update: the unmount says so
-        with pytest.raises(OSError) as cut:
-            await fs.unmount()
-        assert cut.value.errno in (errno.EROFS, errno.EIO), cut.value
+        # only the commit's tail met the cut (its superblock had landed): nothing acknowledged is
+        # lost, and the unmount returns (it raised EROFS, a false alarm: review29)
+        await fs.unmount()
     assert_fsck_clean(image, check_data=False)
     async with blockemu.mount(image) as fs:
         async with fs.open("/f") as f:
@@ -407,7 +406,8 @@ async def test_fsync_that_commits_returns_at_the_superblock_and_the_next_sync_wa
 
 async def test_a_commit_tail_that_fails_aborts_the_mount_and_keeps_what_the_fsync_made_durable(image, monkeypatch):
     """The tail of an fsync's commit fails after the fsync returned (its superblock durable):
-    the mount is aborted, as for any failed commit, and the file is there after a remount."""
+    the mount is aborted, as for any failed commit (later changes refused with EROFS), the
+    unmount returns (nothing it held was lost), and the file is there after a remount."""
     data = os.urandom(3 * PAGE)
     async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
         f = await fs.open("/f", "w")
@@ -425,9 +425,9 @@ async def test_a_commit_tail_that_fails_aborts_the_mount_and_keeps_what_the_fsyn
         assert e.value.errno == errno.EROFS and fs.vol.aborted is not None  # read-only now
         with pytest.raises(OSError):
             await f.close()
-        with pytest.raises(OSError) as aborted:  # the unmount reports the abort too
-            await fs.unmount()
-        assert aborted.value.errno == errno.EROFS
+        # the pwrite was refused, the fsync's commit durable: the tail's abort lost nothing, and
+        # the unmount returns (it raised EROFS, a false alarm: review29)
+        await fs.unmount()
     async with blockemu.mount(image) as fs:
         async with fs.open("/f") as f:
             assert await f.read() == data
