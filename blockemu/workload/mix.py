@@ -82,7 +82,6 @@ class Task:
         checksum's refusal taints the paths involved. A checksum's refusal (of data: EIO, of a
         tree block: EUCLEAN) is corruption detected -- a flip's under flip=, else the run's
         failure -- not an I/O error."""
-        before = set(self.files)
         try:
             await self._step(op)
         except OSError as e:
@@ -108,7 +107,11 @@ class Task:
                 for t in self.r.tasks or [self]:  # (crash_mix runs a Task of its own, in no list)
                     t.tainted |= set(t.files)
             elif self.reading is None:
-                self.tainted |= before if self.scope is None else self.scope
+                # no scope: it failed before naming one, so before its first filesystem call and
+                # before it changed the model (each changes it only once its calls succeeded):
+                # the files now are the files it began with -- not copied up front, a set of
+                # every file per operation that almost never failed
+                self.tainted |= set(self.files) if self.scope is None else self.scope
             elif not detected(e):
                 self.tainted.add(self.reading)
             self.tainted |= self.busy
@@ -192,7 +195,9 @@ class Task:
             async with fs.open(p, "r+") as f:
                 await f.fsync()
             if not self._frozen() and p not in self.tainted:  # its lost write, reported, is in the model
-                self.r.durable[p] = bytes(files[p])
+                # the model itself, uncopied, as a sync records it: every change to it goes
+                # through ``_changing``, which drops (or, frozen, copies) the entry first
+                self.r.durable[p] = files[p]
         elif op == "sync":
             # what was acknowledged when sync() was called is durable when it returns; paths
             # another task is changing (an operation begun, not yet acknowledged: it may land
