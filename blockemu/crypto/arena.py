@@ -40,6 +40,10 @@ class Arena:
     def page(self, frame: int) -> memoryview:
         return self.view[frame * PAGE : (frame + 1) * PAGE]
 
+    def frames(self, first: int, count: int) -> memoryview:
+        """``count`` consecutive frames from ``first``, as one view."""
+        return self.view[first * PAGE : (first + count) * PAGE]
+
     def release(self, frames: list[int], *, wipe: bool = True) -> None:
         """Frames go back to the free list zeroed -- they held plaintext, in memory every
         sealing worker maps too -- so a frame in ``free`` is always a page of zeros. A run of
