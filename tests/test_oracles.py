@@ -460,8 +460,8 @@ async def test_a_read_the_device_refused_taints_its_own_file_at_most(tmp_path):
 async def test_a_sync_ledger_copies_no_model_and_stays_right_after_later_changes(tmp_path):
     """A sync records every unchanged file's model in the ledger without copying it (copying
     every task's files on each sync cost the stress mix more than the sync's writeback); a
-    file changed afterwards leaves the ledger before its model changes, and an fsync records
-    its own copy."""
+    file changed afterwards leaves the ledger before its model changes. An fsync records its
+    file's model uncopied too, and the next change takes it out of the ledger first."""
     import tracemalloc
 
     img = str(tmp_path / "l.img")
@@ -484,6 +484,12 @@ async def test_a_sync_ledger_copies_no_model_and_stays_right_after_later_changes
         changed = {p for p in synced if bytes(task.files.get(p, b"")) != synced[p]}
         assert changed and not changed & set(result.durable)
         assert all(bytes(m) == synced[p] for p, m in result.durable.items())
+        fsynced = min(changed & set(task.files))
+        task.rng.choice = lambda seq: fsynced  # the fsync and the append below take this file
+        await task.step("fsync")
+        assert result.durable[fsynced] is task.files[fsynced]
+        await task.step("append")
+        assert fsynced not in result.durable
 
 
 async def test_the_mix_draws_its_data_from_the_task_pool_and_the_disk_holds_it(tmp_path, monkeypatch):
