@@ -533,6 +533,9 @@ async def test_exitall_ends_its_group_or_the_run(tmp_path, what):
 async def test_thinktime_caps_depth_and_block_alignment(tmp_path):
     offs = {o for _, o, _ in ios("[j]\nrw=randread\nnorandommap\nsize=1m\nbs=4k\nba=64k\nnumber_ios=50\n")}
     assert all(o % 65536 == 0 for o in offs)
+    # an empty field is that direction's bs, as fio leaves it unset (it was None: a TypeError traceback)
+    offs = {o for _, o, _ in ios("[j]\nrw=randwrite\nnorandommap\nsize=1m\nbs=16k\nba=,,64k\nnumber_ios=50\n")}
+    assert all(o % 16384 == 0 for o in offs) and any(o % 65536 for o in offs)
     out, _ = await run_job(tmp_path, "[t]\nrw=read\nsize=16k\nbs=4k\nthinktime=50ms\nthinktime_blocks=2\n"
                                      "ioengine=libaio\niodepth=8\nstartdelay=0.1\n")
     t = out["jobs"][0]
@@ -1026,7 +1029,7 @@ def test_values_fio_fails_parsing_are_refused_not_clamped():
     fio's parsing; blockemu ran them (iodepth 1, bs 4 KiB, one job, a mix of 150 % reads).
     The bounds themselves still parse, and a reversed ``bsrange``, which fio takes, is no
     longer refused."""
-    bad = {"numjobs": "0", "iodepth": "0", "bs": "4k,0", "rwmixread": "101", "rwmixwrite": "-1",
+    bad = {"numjobs": "0", "iodepth": "0", "bs": "4k,0", "ba": "4k,0", "rwmixread": "101", "rwmixwrite": "-1",
            "trim_percentage": "101", "buffer_compress_percentage": "101", "dedupe_percentage": "101",
            "dedupe_working_set_percentage": "101"}
     with pytest.raises(InvalidArgument) as e:

@@ -836,7 +836,8 @@ class Clone:
         self.data_rng = random.Random(self.rng.random())
         self.paths = job_files(job, ctx.directory, n)
         self.offset = fixed(job.get("offset")) + job.get("offset_increment", 0) * n
-        self.unit = min(a for a in job.get("ba") or ()) if job.get("ba") else min(s.lo for s in self.sizes)
+        # fio's ba per direction; an empty field (``ba=,64k``) is that direction's block size, as unset
+        self.unit = min(s.lo if a is None else a for a, s in zip(job.get("ba") or (None,) * 3, self.sizes))
         self.regions: list[Region] = []
         self.budget = 0
         self.fill = job.get("fill_device", False)  # writes until ENOSPC: sized at layout, by the free space

@@ -387,7 +387,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "name": str, "description": str, "filename": str, "directory": str, "filename_format": str,
     "wait_for": str, "rw": parse_rw, "rw_sequencer": choice("sequential", "identical"),
     "bs": per_direction(bounded(1, conv=size)), "bsrange": per_direction(bs_range), "bssplit": per_direction(bs_split),
-    "bs_unaligned": parse_bool, "ba": per_direction(size), "thinktime": parse_usec, "thinktime_spin": parse_usec,
+    "bs_unaligned": parse_bool, "ba": per_direction(bounded(1, conv=size)), "thinktime": parse_usec, "thinktime_spin": parse_usec,
     "thinktime_blocks": integer, "size": size_or_share, "filesize": file_size, "io_size": size_or_share,
     "offset": size_or_share,
     "offset_increment": size_or_zones, "number_ios": integer, "nrfiles": integer, "file_service_type": choice(
