@@ -1042,6 +1042,30 @@ def test_values_fio_fails_parsing_are_refused_not_clamped():
     assert parse("[j]\nrw=randrw\nsize=1m\nbsrange=8k-4k\n", "r.fio").jobs[0].get("bsrange") == ((4096, 8192),) * 3
 
 
+def test_values_that_failed_only_once_the_run_began_are_refused_with_their_line(tmp_path):
+    """A mix's ``ops=`` with an unknown name or no weight, ``percentile_list=`` past 100 or not a
+    number, and a job file (or an include) that is not UTF-8 were tracebacks from ``blockemu run``
+    -- the percentile list's only after the whole run, when the report was written."""
+    bad = {"[m]\nkind=mix\nops=0\n": "t.fio:3: bad value for ops: unknown mix operations: 0 (known: create,",
+           "[m]\nkind=mix\nops=write:0,fsync:0\n": "t.fio:3: bad value for ops: 'write:0,fsync:0' (weights are 0",
+           "[m]\nkind=mix\nops=write:-1,sync\n": "t.fio:3: bad value for ops: 'write:-1,sync' (weights are 0",
+           "[j]\nrw=write\nsize=64k\npercentile_list=1:200\n": "t.fio:4: bad value for percentile_list: '200' (between",
+           "[j]\nrw=write\nsize=64k\npercentile_list=1:abc\n": "t.fio:4: bad value for percentile_list: could not",
+           "[j]\nrw=write\nsize=64k\nlatency_percentile=101\n": "t.fio:4: bad value for latency_percentile: '101' ("}
+    for text, why in bad.items():
+        with pytest.raises(InvalidArgument, match=re.escape(why)):
+            parse(text, "t.fio")
+    ok = parse("[m]\nkind=mix\nops=write:3,fsync\n[j]\nrw=write\nsize=64k\npercentile_list=99:1:50\n", "o.fio")
+    assert ok.jobs[0].get("ops") == {"write": 3, "fsync": 1}
+    assert ok.jobs[1].get("percentile_list") == (1.0, 50.0, 99.0)  # sorted, as fio's stat.c sorts it
+    binary = tmp_path / "b.fio"
+    binary.write_bytes(b"[j]\nrw=write\nsize=64k\nfilename=\xff\n")
+    (tmp_path / "inc.fio").write_text(f"include {binary.name}\n")
+    for job in (binary, tmp_path / "inc.fio"):
+        p = run("run", str(job), check_rc=1)
+        assert p.stderr.count("\n") == 1 and "not a text file (byte 31 is not UTF-8)" in p.stderr, p.stderr
+
+
 def test_a_refused_time_or_triple_says_why_as_fio_does(tmp_path):
     """``runtime=-1`` and four comma values of ``rate=`` / ``bs=`` were refused with the bare
     value and no reason; fio's triples are read,write,trim (three at most)."""

@@ -307,10 +307,8 @@ class ReportOptions:
 
     @classmethod
     def of(cls, job: Job) -> "ReportOptions":
-        plist = job.get("percentile_list")
-        pct = tuple(float(p) for p in plist.split(":")) if plist else PERCENTILES
-        return cls(pct, job.get("clat_percentiles", True), job.get("lat_percentiles", False),
-                   job.get("slat_percentiles", False))
+        return cls(job.get("percentile_list") or PERCENTILES, job.get("clat_percentiles", True),
+                   job.get("lat_percentiles", False), job.get("slat_percentiles", False))
 
 
 @dataclass

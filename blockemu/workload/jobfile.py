@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from blockemu.errors import InvalidArgument
 from blockemu.units import parse_size
+from blockemu.workload.mix import DEFAULT_OPS
 
 _KEYWORDS = {
     "$pagesize": lambda: str(os.sysconf("SC_PAGE_SIZE")),
@@ -151,11 +152,17 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_ops(text: str) -> dict[str, int]:
-    """fsstress-like weights: ``write:10,fsync:2,rename:1``."""
+    """fsstress-like weights: ``write:10,fsync:2,rename:1``. Checked here, with the file's line:
+    an unknown name or a weight the mix cannot draw from was a traceback once the run started."""
     out = {}
     for part in text.split(","):
         name, _, weight = part.partition(":")
         out[name.strip()] = int(weight) if weight else 1
+    unknown = set(out) - set(DEFAULT_OPS)
+    if unknown:
+        raise ValueError(f"unknown mix operations: {', '.join(sorted(unknown))} (known: {', '.join(DEFAULT_OPS)})")
+    if min(out.values()) < 0 or not any(out.values()):
+        raise ValueError(f"{text!r} (weights are 0 or more, and one at least is more)")
     return out
 
 
@@ -313,6 +320,26 @@ def steadystate(text: str) -> SteadyState:
     return SteadyState(m[1], bool(m[2]), float(m[3]), bool(m[4]))
 
 
+def percent(text: str) -> float:
+    """fio's FLOAT_LIST bounds for percentiles (minfp 0, maxfp 100)."""
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise ValueError(f"{text!r} (between 0 and 100)")
+    return value
+
+
+def percentiles(text: str) -> tuple[float, ...]:
+    """``percentile_list=1:50:99.9``: fio's colon-separated list, at most 20 values; it was read
+    only when the report was written, so a bad value was a traceback after the whole run."""
+    values = tuple(sorted(percent(p) for p in text.split(":")))  # fio sorts it (stat.c)
+    if len(values) > PERCENTILE_LIST_MAX:
+        raise ValueError(f"{text!r} (at most {PERCENTILE_LIST_MAX} values)")
+    return values
+
+
+PERCENTILE_LIST_MAX = 20  # fio's FIO_IO_U_LIST_MAX_LEN
+
+
 def fraction(text: str) -> float:
     """fio's zone_reset_threshold/zone_reset_frequency: a float between 0 and 1."""
     value = float(text)
@@ -403,7 +430,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "rate_iops_min": per_direction(integer), "rate_process": choice("linear", "poisson"),
     "fill_device": parse_bool, "steadystate": steadystate, "steadystate_duration": parse_time,
     "steadystate_ramp_time": parse_time, "latency_target": parse_usec, "latency_window": parse_usec,
-    "latency_percentile": float, "latency_run": parse_bool, "max_latency": per_direction(parse_usec),
+    "latency_percentile": percent, "latency_run": parse_bool, "max_latency": per_direction(parse_usec),
     "zonemode": choice("none", "strided", "zbd"), "zonesize": size, "zonerange": size, "zoneskip": size_or_zones,
     "zonecapacity": size, "read_beyond_wp": parse_bool, "max_open_zones": open_zones,
     "job_max_open_zones": open_zones, "ignore_zone_limits": parse_bool, "zone_reset_threshold": fraction,
@@ -415,7 +442,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "refill_buffers": parse_bool, "zero_buffers": parse_bool, "scramble_buffers": parse_bool,
     "overwrite": parse_bool, "create_on_open": parse_bool, "create_only": parse_bool, "pre_read": parse_bool,
     "allow_file_create": parse_bool, "create_serialize": parse_bool,
-    "create_fsync": parse_bool, "percentile_list": str, "clat_percentiles": parse_bool,
+    "create_fsync": parse_bool, "percentile_list": percentiles, "clat_percentiles": parse_bool,
     "lat_percentiles": parse_bool, "slat_percentiles": parse_bool, "continue_on_error": continue_on,
     "ignore_error": ignore_errors, "error_dump": parse_bool,
     "trim_percentage": percentage, "trim_verify_zero": parse_bool, "trim_backlog": integer,
@@ -548,10 +575,7 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
             inc = Path(path).parent / line[8:].strip()
             if _depth > 8:
                 raise InvalidArgument(f"{where}: include nested too deeply")
-            try:
-                included = inc.read_text()
-            except OSError as e:
-                raise InvalidArgument(f"{where}: include {inc}: {e.strerror}") from None
+            included = read_text(inc, f"{where}: include {inc}")
             sub = parse(included, str(inc), _depth + 1)
             scope.update(sub.globals)
             jf.global_raw.update(sub.global_raw)
@@ -626,9 +650,16 @@ def _count_zones(job: Job) -> list[str]:
     return problems
 
 
-def load(path: str) -> JobFile:
+def read_text(path: str | Path, what: str) -> str:
+    """A job file's text, or one line saying why not: a file that is not UTF-8 (a binary given
+    by mistake, a name in Latin-1) was a UnicodeDecodeError traceback."""
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text()
     except OSError as e:
-        raise InvalidArgument(f"{path}: {e.strerror}") from None
-    return parse(text, path)
+        raise InvalidArgument(f"{what}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"{what}: not a text file (byte {e.start} is not UTF-8)") from None
+
+
+def load(path: str) -> JobFile:
+    return parse(read_text(path, path), path)
