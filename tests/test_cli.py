@@ -142,6 +142,13 @@ def test_bad_input_gets_one_line(tmp_path, image):
     err = run("inspect", "heatmap", image, txt, check_rc=2).stderr
     assert err.startswith(f"blockemu: usage: blockemu inspect heatmap: {txt}: matplotlib cannot write .txt pictures")
     assert not os.path.exists(txt)
+    # no suffix: savefig appended ".png" and drew beside the name given (even /dev/full.png), a directory too
+    bare = tmp_path / "map"
+    run("inspect", "heatmap", image, str(bare))
+    assert bare.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not os.path.exists(f"{bare}.png")
+    assert run("inspect", "heatmap", image, str(tmp_path), check_rc=1).stderr == (
+        f"blockemu: inspect: {tmp_path}: Is a directory\n")
+    assert not os.path.exists(f"{tmp_path}.png")
 
 
 def test_mkfs_refuses_to_overwrite_without_force(image):

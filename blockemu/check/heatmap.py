@@ -15,6 +15,7 @@ COW-churned tree shows up as speckle rather than as one long stripe.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator
 
 from blockemu.device.image import ImageFile
@@ -238,5 +239,7 @@ def draw(hm: Heatmap, path: str, out: str) -> None:
     ax.legend(handles=[Patch(color=COLOURS[c], label=f"{c}: {counts[c]}") for c in CLASSES if counts[c]],
               loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.subplots_adjust(left=0.02, right=0.72, top=0.94, bottom=0.02)
-    fig.savefig(out, dpi=DPI)
+    # the format named, never guessed: given a name without a suffix, savefig appended ".png" and
+    # drew beside it (``OUT.png``, even ``/dev/full.png``), while the command reported OUT
+    fig.savefig(out, dpi=DPI, format=os.path.splitext(out)[1][1:].lower() or "png")
     plt.close(fig)
