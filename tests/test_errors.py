@@ -138,6 +138,8 @@ async def test_a_size_mount_option_takes_a_size_as_mkfs_does(tmp_path):
     ({"seal_workers": -1}, "bad value for mount option seal_workers: -1 (must be at least 0)"),
     ({"dirty_limit": -5}, "bad value for mount option dirty_limit: -5 (must be at least 4096)"),
     ({"interval": 0}, "bad value for mount option interval: 0 (must be more than 0)"),
+    ({"interval": float("nan")}, "bad value for mount option interval: nan (must be more than 0)"),
+    ({"seal_timeout": float("nan")}, "bad value for mount option seal_timeout: nan (must be more than 0)"),
     ({"cache_limit": "8Q"}, "bad value for mount option cache_limit: '8Q' (must be a size, as 128M)"),
     ({"interval": "5"}, "bad value for mount option interval: '5' (must be a number, not str)"),
     ({"dirty_limit": "1K"}, "bad value for mount option dirty_limit: 1024 (must be at least 4096)"),

@@ -180,7 +180,9 @@ def check_options(opts: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             # max_extent="16K" was told it "must be at least 4096"; a size is parsed above
             raise InvalidArgument(f"bad value for mount option {name}: {value!r} (must be a number, not {type(value).__name__})")
-        if value < low or (value == low and not inclusive):
+        # said as what is allowed, so a NaN is refused too: interval=nan passed ``value <= 0``, and the
+        # writeback task's wait, max(0, nan) = 0 s, spun and never committed on the interval
+        if not (value > low or (value == low and inclusive)):
             raise InvalidArgument(f"bad value for mount option {name}: {value!r} (must be {'at least' if inclusive else 'more than'} {low})")
     return out
 
