@@ -329,6 +329,8 @@ def test_fsck_blockemu_reads_the_progress_fds_leading_number_as_e2fsck_does(imag
     # spec exited 1 once the image was made
     (["stress", "s.img", "--faults", "flip=2"], "--faults: bad fault spec: 'flip=2': a probability from 0 to 1"),
     (["stress", "s.img", "--faults", "torn=-0.5"], "--faults: bad fault spec: 'torn=-0.5': a probability from 0 to 1"),
+    (["stress", "s.img", "--faults", "flip=nan"], "--faults: bad fault spec: 'flip=nan': a probability from 0 to 1"),
+    (["stress", "s.img", "--faults", "latency=inf"], "--faults: bad fault spec: 'latency=inf': seconds, 0 or more"),
     (["stress", "s.img", "--faults", "eio=5M-1M:w"], "--faults: bad fault spec: 'eio=5M-1M:w': START must be below END"),
     (["stress", "s.img", "--faults", "cut=-3"], "--faults: bad fault spec: 'cut=-3': a number of writes, 0 or more"),
     (["stress", "s.img", "--faults", "bogus=1"], "--faults: bad fault spec: unknown fault 'bogus'"),

@@ -5,6 +5,7 @@ log (``writelog``) records what it did."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import re
@@ -121,7 +122,9 @@ def undo_flips(path: str, flips: list[Flip]) -> int:
 
 
 def in_range(part: str, value: N, low: float, high: float | None, what: str) -> N:
-    """``value`` if within [low, high]; the part of the spec and what it must be otherwise."""
-    if value < low or (high is not None and value > high):
+    """``value`` if within [low, high]; the part of the spec and what it must be otherwise. A NaN
+    or an infinity is neither: ``latency=nan`` and ``flip=nan`` ran as no fault at all, and
+    ``latency=inf`` held every device request for ever."""
+    if not math.isfinite(value) or value < low or (high is not None and value > high):
         raise InvalidArgument(f"bad fault spec: {part!r}: {what}")
     return value
