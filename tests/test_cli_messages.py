@@ -306,6 +306,10 @@ def test_stress_on_a_full_image_without_faults_says_out_of_space_not_injected(tm
      "blockemu key add: argument --user: -5 is out of range: from 0 to 4294967294 (a uid)"),
     (["key", "status", "/mnt", "--id", "0123"], 2, "blockemu key status: argument --id: '0123' is not a key identifier "
      "(32 hex digits)"),
+    # an empty MOUNTPOINT ("$MNT" unset) was the working directory: mount served the image over it
+    *[(argv, 2, f"blockemu {' '.join(argv[:-1] if argv[0] != 'mount' else argv[:1])}: argument mountpoint: '' is "
+       "no mount point (an empty argument; mount(8) refuses it too)")
+      for argv in (["mount", "x.img", ""], ["umount", ""], ["key", "status", ""])],
     (["mount", "x.img", "/mnt", "-o", "bogus"], 2, "blockemu mount: unknown mount option 'bogus' (known: ro, rw, "
      "interval=, seal_timeout=, background_bytes=, cache_limit=, dirty_limit=, max_extent=, batch_bytes=, "
      "seal_workers=)"),

@@ -71,6 +71,15 @@ def count(least: int, most: int | None = None, why: str = "") -> Callable[[str],
     return parse
 
 
+def mountpoint_arg(text: str) -> str:
+    """MOUNTPOINT of mount, umount and key: an empty one (``"$MNT"`` unset) was made absolute as the
+    working directory, so ``mount`` served the image over it and ``umount``/``key`` acted on its
+    mount; mount(8) refuses it as a mount point that does not exist."""
+    if not text:
+        raise argparse.ArgumentTypeError("'' is no mount point (an empty argument; mount(8) refuses it too)")
+    return text
+
+
 def key_identifier_arg(text: str) -> str:
     """``--id``: 32 hex digits, checked as the other flags are (a usage line, exit 2), before
     the command asks the mount."""
@@ -389,7 +398,7 @@ def args_mount(mo: argparse.ArgumentParser) -> None:
     from blockemu.crypto.keyring import MODES
 
     mo.add_argument("image")
-    mo.add_argument("mountpoint")
+    mo.add_argument("mountpoint", type=mountpoint_arg)
     mo.add_argument("--key-file", action="append", default=[], help="add this key at mount (repeatable)")
     mo.add_argument("--key-removal", choices=list(MODES), default="soft",
                     help="what removing a key does to files still using it (default soft: they keep working)")
@@ -399,7 +408,7 @@ def args_mount(mo: argparse.ArgumentParser) -> None:
 
 
 def args_umount(um: argparse.ArgumentParser) -> None:
-    um.add_argument("mountpoint")
+    um.add_argument("mountpoint", type=mountpoint_arg)
 
 
 KEY_ACTIONS = {"add": "add a key to the mount's keyring (as FS_IOC_ADD_ENCRYPTION_KEY); prints its identifier",
@@ -412,7 +421,7 @@ def args_key(ky: argparse.ArgumentParser) -> None:
     ksub = ky.add_subparsers(dest="action", required=True, parser_class=Parser)
     for action, text in KEY_ACTIONS.items():
         kp = ksub.add_parser(action, help=text)
-        kp.add_argument("mountpoint")
+        kp.add_argument("mountpoint", type=mountpoint_arg)
         kp.add_argument("--key-file", required=action == "add", help=KEY_BYTES)
         if action != "add":
             kp.add_argument("--id", type=key_identifier_arg, help="the key identifier (32 hex digits) instead of --key-file")
