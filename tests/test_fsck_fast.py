@@ -392,3 +392,17 @@ def test_an_encoded_file_extent_is_a_bad_item_not_data(plain, tmp_path, field):
     fast, slow = _check_both(work)
     assert fast.as_json() == slow.as_json()
     assert [e.code for e in fast.errors][:1] == ["BAD_ITEM"] and "compression" in fast.errors[0].message
+
+
+def test_an_inode_item_off_offset_zero_is_a_bad_item_not_the_inode(plain, tmp_path):
+    """The filesystem looks an inode up at (ino, INODE_ITEM, 0), and btrfs's tree-checker refuses
+    any other offset: a flipped bit of the key's offset (a newcomer's trial, checksum made right)
+    left fsck saying clean, exit 0, while ls, cat and mount failed on the image."""
+    fs = dict(walked(plain.path)[0].pairs(S.FS_TREE_OBJECTID))
+    key = next(k for k in sorted(fs) if k[1] == S.INODE_ITEM and k[0] != fsck_fast.ROOT_INO)
+    work = str(tmp_path / "offset.img")
+    plain.write(work, _edited(plain, lambda k, v: {(k[0], k[1], 1 << 54) if k == key else k: v}))
+    fast, slow = _check_both(work)
+    assert fast.as_json() == slow.as_json()
+    assert (fast.errors[0].code, fast.errors[0].message) == (
+        "BAD_ITEM", f"fs tree item {(key[0], S.INODE_ITEM, 1 << 54)}: INODE_ITEM key offset {1 << 54}, not 0")

@@ -88,8 +88,8 @@ def inodes_clean(cols: Columns | None) -> int | None:
         return None
     cols = {typ: cols.get(typ, ([], [])) for typ in PLAIN_TYPES}
     ino_keys, ino_bodies = cols[S.INODE_ITEM]
-    if any(map(INODE.size.__ne__, map(len, ino_bodies))):
-        return None
+    if any(map(INODE.size.__ne__, map(len, ino_bodies))) or any(map(itemgetter(2), ino_keys)):
+        return None  # a body of another size, or a key offset other than 0 (the pass names it)
     inos = list(map(itemgetter(0), ino_keys))
     sizes, _, nlinks, modes = zip(*INODE.iter_unpack(b"".join(ino_bodies)))
     inoset = set(inos)

@@ -128,6 +128,17 @@ def _file_extrefs(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]],
                 fi.extrefs[at] = k[2]
 
 
+def _file_inodes(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]], rows: list, problems: list) -> None:
+    """An INODE_ITEM's key offset is 0 (btrfs's tree-checker refuses any other): the filesystem
+    looks the inode up at (ino, INODE_ITEM, 0), so one filed elsewhere is no inode to it -- fsck
+    took it as the inode, said clean, and ls, cat and mount failed on the image."""
+    for i, k, row in zip(pos, keys, rows):
+        if k[2]:
+            problems.append((i, CorruptionError(f"INODE_ITEM key offset {k[2]}, not 0", "BAD_ITEM")))
+        else:
+            fi.inodes[k[0]] = row
+
+
 def _file_extents(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]], extents: list, problems: list) -> None:
     for k, v in zip(keys, extents):
         fi.extents[k[0]].append((k[2], v))
@@ -189,7 +200,7 @@ _DECODERS: dict[int, tuple[Callable | None, Callable]] = {
     S.FSCRYPT_SYMLINK_ITEM: (None, bytes),
 }
 _FILE: dict[int, Filed] = {
-    S.INODE_ITEM: lambda fi, pos, keys, rows, problems: fi.inodes.update(zip([k[0] for k in keys], rows)),
+    S.INODE_ITEM: _file_inodes,
     S.INODE_REF: _file_refs,
     S.INODE_EXTREF: _file_extrefs,
     S.DIR_ITEM: lambda fi, pos, keys, entries, problems: fi.dir_items.update(zip([(k[0], k[2]) for k in keys], entries)),
