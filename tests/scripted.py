@@ -19,3 +19,8 @@ async def interrupt_when_laid_out(fs, rng):
         await asyncio.sleep(0.01)  # polls a condition, not a timing guess
     os.kill(os.getpid(), signal.SIGINT)
     return "sent SIGINT"
+
+
+async def divide_by_zero(fs, rng):
+    """A script's own bug: the run reports it as the job's failure, in one line."""
+    return 1 // 0

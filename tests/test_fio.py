@@ -721,6 +721,12 @@ def test_output_formats_and_failures_on_stderr(tmp_path):
     p = run("run", str(job), "--seed", "3", "--output-format", "json", check_rc=1)
     assert json.loads(p.stdout)["blockemu"]["failures"]
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("blockemu: run: s: job s: cannot load")
+    # a script that raises (its bug, or a function of other arguments) was a traceback that ended the run
+    job.write_text("[s]\nkind=script\nscript=tests.scripted:divide_by_zero\n")
+    p = run("run", str(job), "--seed", "3", check_rc=1)
+    assert p.stderr == ("blockemu: run: s: job s: script tests.scripted:divide_by_zero raised ZeroDivisionError: "
+                        f"integer division or modulo by zero (reproduce with: blockemu run {job} --seed 3; add --image "
+                        "PATH to keep the image)\n")
 
 
 def test_sigint_stops_the_jobs_and_reports_partial_results(tmp_path):

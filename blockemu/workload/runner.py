@@ -405,7 +405,13 @@ class Runner:
             fn = getattr(importlib.import_module(mod), func)
         except (ImportError, AttributeError) as e:
             raise InvalidArgument(f"job {job.name}: cannot load {spec}: {e}") from None
-        out = await fn(self.fs, random.Random(seed))
+        try:
+            out = await fn(self.fs, random.Random(seed))
+        except (BlockemuError, OSError):
+            raise
+        except Exception as e:  # the script's own bug (or not an async function of (fs, rng)): the run's
+            # failure line, as a job's other failures are, not a traceback that ended the run unreported
+            raise InvalidArgument(f"job {job.name}: script {spec} raised {type(e).__name__}: {e}") from e
         self.report.jobs.append({"jobname": job.name, "kind": "script", "result": out})
 
 
