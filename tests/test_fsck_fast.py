@@ -4,6 +4,7 @@ holds only where the pass it stands for finds nothing -- a proof that passed a d
 would hide what the pass reports."""
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import stat
@@ -394,15 +395,27 @@ def test_an_encoded_file_extent_is_a_bad_item_not_data(plain, tmp_path, field):
     assert [e.code for e in fast.errors][:1] == ["BAD_ITEM"] and "compression" in fast.errors[0].message
 
 
-def test_an_inode_item_off_offset_zero_is_a_bad_item_not_the_inode(plain, tmp_path):
-    """The filesystem looks an inode up at (ino, INODE_ITEM, 0), and btrfs's tree-checker refuses
-    any other offset: a flipped bit of the key's offset (a newcomer's trial, checksum made right)
-    left fsck saying clean, exit 0, while ls, cat and mount failed on the image."""
-    fs = dict(walked(plain.path)[0].pairs(S.FS_TREE_OBJECTID))
-    key = next(k for k in sorted(fs) if k[1] == S.INODE_ITEM and k[0] != fsck_fast.ROOT_INO)
+@pytest.fixture(scope="module")
+def encrypted(tmp_path_factory) -> fuzz.Base:
+    """fuzz's populated image: an encrypted directory /e and a plain one /p (4 KiB nodes)."""
+    d = tmp_path_factory.mktemp("encrypted")
+    image, key = d / "e.img", d / "key"
+    key.write_bytes(fuzz.KEY)
+    asyncio.run(fuzz.populated(str(image), 3, size="32M", files=4, max_file=20_000))
+    return fuzz.load_base(str(image), str(key))
+
+
+@pytest.mark.parametrize("typ, name", [(S.INODE_ITEM, "INODE_ITEM"), (S.FSCRYPT_CTXT_ITEM, "FSCRYPT_CTXT")])
+def test_an_item_off_offset_zero_is_a_bad_item_not_the_inodes(encrypted, tmp_path, typ, name):
+    """The filesystem looks an inode and its encryption context up at offset 0 (btrfs's
+    tree-checker refuses an INODE_ITEM anywhere else): a flipped bit of the key's offset (a
+    newcomer's trial, checksum made right) left fsck saying clean, exit 0, while ls, cat and mount
+    failed on the image (the inode) or reading the file was ENOKEY with its key added (the context)."""
+    fs = dict(walked(encrypted.path)[0].pairs(S.FS_TREE_OBJECTID))
+    key = next(k for k in sorted(fs) if k[1] == typ and k[0] != fsck_fast.ROOT_INO)
     work = str(tmp_path / "offset.img")
-    plain.write(work, _edited(plain, lambda k, v: {(k[0], k[1], 1 << 54) if k == key else k: v}))
+    encrypted.write(work, _edited(encrypted, lambda k, v: {(k[0], k[1], 1 << 54) if k == key else k: v}))
     fast, slow = _check_both(work)
     assert fast.as_json() == slow.as_json()
     assert (fast.errors[0].code, fast.errors[0].message) == (
-        "BAD_ITEM", f"fs tree item {(key[0], S.INODE_ITEM, 1 << 54)}: INODE_ITEM key offset {1 << 54}, not 0")
+        "BAD_ITEM", f"fs tree item {(key[0], typ, 1 << 54)}: {name} key offset {1 << 54}, not 0")

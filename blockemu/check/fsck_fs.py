@@ -154,6 +154,9 @@ def _file_dir_index(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]
 
 def _file_policies(fi: FsItems, pos: list[int], keys: list[tuple[int, int, int]], bodies: list, problems: list) -> None:
     for i, k, body in zip(pos, keys, bodies):
+        if k[2]:  # looked up at (ino, FSCRYPT_CTXT, 0), as the INODE_ITEM (_file_inodes): elsewhere it is no policy
+            problems.append((i, CorruptionError(f"FSCRYPT_CTXT key offset {k[2]}, not 0", "BAD_ITEM")))
+            continue
         if len(body) != INODE_ENCRYPTION_CONTEXT.size:
             problems.append((i, CorruptionError(f"encryption context of {len(body)} bytes", "BAD_ENCRYPTION_CONTEXT")))
             continue
