@@ -58,7 +58,7 @@ def _check(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int
     for bytenr in blocks:
         if not ck._in_usable(bytenr, sb.nodesize) or _overlaps(taken, starts, bytenr, sb.nodesize):
             ck.error("LOG_OVERLAP", f"log tree block {bytenr} lies in space the committed trees use", LOG, bytenr)
-    fs_inodes = {k[0] for k in ck.keys.get(S.FS_TREE_OBJECTID, []) if k[1] == S.INODE_ITEM}
+    fs_inodes = {k[0] for k in ck.keys.get(S.FS_TREE_OBJECTID, []) if k[1] == S.INODE_ITEM and not k[2]}
     csummed: list[tuple[tuple[int, int, int], bytes]] = []  # in key order, as the log holds them
     size = csums.csum_size(sb.csum_type)
     bad_data = 0
@@ -71,7 +71,9 @@ def _check(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int
         ino, typ, off = key
         if typ == S.INODE_ITEM:
             inodes.add(ino)
-            if ino not in fs_inodes:
+            if off:  # replay, as the filesystem, takes the inode at (ino, INODE_ITEM, 0) (fsck_fs._file_inodes)
+                ck.error("BAD_LOG_ITEM", f"log tree: {key}: INODE_ITEM key offset {off}, not 0", LOG, key=key)
+            elif ino not in fs_inodes:
                 ck.error("BAD_LOG_ITEM", f"log tree: inode {ino} is not in the fs tree", LOG, key=key)
         elif typ == S.EXTENT_DATA:
             try:
@@ -83,6 +85,9 @@ def _check(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int
                 ck.error("BAD_LOG_ITEM", f"log tree: extent item {key} of an inode the log does not hold", LOG, key=key)
             if fe.offset + fe.num_bytes > fe.disk_num_bytes or fe.num_bytes % S.SECTOR_SIZE:
                 ck.error("BAD_LOG_ITEM", f"log tree: extent item {key} reaches past its extent", LOG, key=key)
+            if off % S.SECTOR_SIZE:  # replayed, every read of the file failed on it (fsck said clean)
+                ck.error("BAD_LOG_ITEM", f"log tree: extent item {key} is not at a sector-aligned file offset", LOG,
+                         key=key)
             if new_extents.setdefault(fe.disk_bytenr, fe.disk_num_bytes) != fe.disk_num_bytes:
                 ck.error("BAD_LOG_ITEM", f"log tree: extent {fe.disk_bytenr} logged with two lengths", LOG, fe.disk_bytenr)
         elif typ != S.EXTENT_CSUM:
