@@ -288,11 +288,13 @@ def test_fsck_blockemu_refuses_a_progress_fd_that_is_not_open(image, fd):
     assert sha(image) == before
 
 
-@pytest.mark.parametrize("fd", ["abc", "", "x1"])
+@pytest.mark.parametrize("fd", ["abc", "", "x1", "\u0663", "\u00a05"])
 def test_fsck_blockemu_refuses_a_non_numeric_progress_fd_as_e2fsck_does(image, fd):
     """``-C abc`` was argparse's usage error, exit 16; e2fsck reads ``-C`` with sscanf("%d") and
     refuses what has no number with "Invalid non-numeric argument to -C", exit(1) (e2fsprogs
-    ``e2fsck/unix.c``, PRS's sscanf_err), before the image is opened."""
+    ``e2fsck/unix.c``, PRS's sscanf_err), before the image is opened. Its digits and blanks are
+    ASCII ones: an Arabic-Indic three, or a no-break space before a 5, was read as a number
+    (Python's ``\\d``, ``\\s``) and refused as a closed FD 3 or 5, exit 8 (review32)."""
     before = sha(image)
     p = fsck_blockemu("-n", "-C", fd, image, check_rc=1)
     assert p.stderr == f'blockemu: usage: fsck.blockemu: invalid non-numeric argument to -C ("{fd}")\n', p.stderr

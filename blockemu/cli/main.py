@@ -240,8 +240,10 @@ class NonNumeric(str):
 def progress_fd(text: str) -> int | NonNumeric:
     """``-C FD`` as e2fsck reads it, ``sscanf("%d")``: the leading number, blanks and a sign
     before it, anything after it ignored (``-C 3x`` is FD 3); none at all is e2fsck's own
-    refusal, not argparse's usage error (exit 16, where e2fsck exits 1)."""
-    digits = re.match(r"\s*[+-]?\d+", text)
+    refusal, not argparse's usage error (exit 16, where e2fsck exits 1). ASCII blanks and digits
+    only (``re.ASCII``), as C's isspace and %d know them: Python's ``\\d`` took ``-C`` U+0663 (an
+    Arabic-Indic three) for FD 3."""
+    digits = re.match(r"\s*[+-]?\d+", text, re.ASCII)
     return int(digits[0]) if digits else NonNumeric(text)
 
 
