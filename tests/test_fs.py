@@ -21,6 +21,7 @@ from blockemu.device.image import ImageFile
 from blockemu.engine.extents import ExtentBatch
 from blockemu.engine.transaction import Engine
 from blockemu.fs.filesystem import split_path
+from blockemu.fs.pagecache import PAGE
 from blockemu.ondisk import structs as S
 from tests.util import KEY, KID, ErrnoCheck, Gate, encrypted_dir, fail_next_data_write
 
@@ -364,6 +365,39 @@ async def test_growing_over_a_tail_zeroed_only_in_the_cache_never_shows_the_trun
             got = await f.read()
     # a write's new size is committed only once writeback placed it: before, the file is 2047
     assert got == want or (got == b"A" * 2047 and (when == "failing" or grow != "truncate up"))
+
+
+@pytest.mark.parametrize("size", [10, PAGE])
+async def test_a_write_past_the_end_checks_the_end_page_after_waiting_for_room(image, monkeypatch, size):
+    """A write past the end zeroed the end page before it waited for room (the dirty limit); a
+    truncate down meanwhile left a new end page zeroed only in the cache, and the write grew the
+    file over it: once that page's writeback failed (dropped), 2,049 truncated bytes read back
+    inside the file (review32). The write checks the end page after its last await."""
+    fs = await blockemu.mount(image, interval=3600)
+    async with fs.open("/g", "w") as f:
+        await f.write(b"A" * 5000)
+    await fs.sync()
+    f = await fs.open("/g", "r+")
+    room = asyncio.Event()
+
+    async def wait_for_room(n: int) -> None:
+        await room.wait()
+    monkeypatch.setattr(fs.writeback, "over_limit", lambda n: True)
+    monkeypatch.setattr(fs.writeback, "wait_for_room", wait_for_room)
+    write = asyncio.ensure_future(f.pwrite(b"x" * size, 2 * PAGE))
+    await asyncio.sleep(0)  # the write waits for room, the end (5000) clean and zero past it
+    await f.truncate(2047)  # the end page zeroed past 2047 in the cache only
+    monkeypatch.undo()
+    room.set()
+    await write
+    await fail_next_data_write(fs, 3 * PAGE)
+    with ErrnoCheck(errno.EIO):  # the write's page lost, and reported
+        await f.fsync()
+    fs.vol.device.faults = FaultPlan()
+    assert await f.pread(PAGE, 0) == b"A" * 2047 + bytes(PAGE - 2047)
+    with contextlib.suppress(OSError):
+        await f.close()
+        await fs.unmount()
 
 
 async def test_overwrites_are_copy_on_write(fs, image):

@@ -1398,6 +1398,16 @@ class Filesystem:
             raise restate(err, f"{err} (inode {inode.ino}: its end block, zeroed past the end, was not "
                                "written back; the file was not grown)")
 
+    def end_settled(self, inode: Inode) -> bool:
+        """Whether the file may grow past its end with no ``zero_past_eof`` first: the end is
+        page-aligned, or its page is cached, clean, not in a flush and zero past the end. No
+        await: a write checks it right before it copies."""
+        idx, tail = divmod(inode.size, PAGE)
+        if not tail:
+            return True
+        page = self.cache.get(inode.pages, idx)
+        return page is not None and not inode.wb_lock.locked() and self._end_on_disk(inode, idx, tail, page)
+
     @staticmethod
     def _end_on_disk(inode: Inode, idx: int, tail: int, page: Page) -> bool:
         """Whether the disk's end block is zero past the end: its page ``page`` is clean (no flush
@@ -1738,15 +1748,14 @@ class File:
         n = len(data)
         if not n:
             return inode.size if offset is None else offset, 0
-        if offset is not None and offset > inode.size and inode.size % PAGE:
-            await fs.zero_past_eof(inode)
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
         if not fs.room_for(n, 1, inode):  # (with room, make_room would return at once)
             await fs.make_room(n, 1, inode)
         at = inode.size if offset is None else offset
         end = at + n
-        if n == PAGE and not at % PAGE and end <= S.MAX_FILE_SIZE:
+        if n == PAGE and not at % PAGE and end <= S.MAX_FILE_SIZE and (offset is None or offset <= inode.size
+                                                                       or fs.end_settled(inode)):
             # one whole page, the commonest write: nothing to read or split, and no await since
             # the checks above but for the key removal they may have waited across
             fs.check_dirtying(inode)
@@ -1784,6 +1793,11 @@ class File:
                     await self._read_partial(missing, fills)
                 elif not fs.room_for(n, 1, inode):  # others took the room while this write read its pages
                     await fs.make_room(n, 1, inode)
+                elif offset is not None and offset > inode.size and not fs.end_settled(inode):
+                    # past the end: checked here, after the last await -- checked before the
+                    # waits for room, a truncate down meanwhile left a new end page zeroed only
+                    # in the cache, and a failed writeback then showed its old bytes (review32)
+                    await fs.zero_past_eof(inode)
                 else:
                     break
             if end > S.MAX_FILE_SIZE:
