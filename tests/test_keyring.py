@@ -142,6 +142,30 @@ def test_wiping_modes_write_back_before_they_wipe(mode):
     assert kr.key_status(KID).state is State.ABSENT
 
 
+@pytest.mark.parametrize("mode", ["sync", "deny-writes"])
+def test_a_removal_whose_key_went_and_came_back_during_its_write_back_leaves_the_new_key(mode):
+    """While a removal waits for its write back, the last busy file lets go (the key is wiped and
+    gone) and the key is added anew: the removal's own steps then belong to a key that no longer
+    exists. They checked only that a key with that identifier was there, took the new one's
+    presence for the old one's and raised AssertionError (ABSENT --WIPE-->) out of remove_key
+    (review31: a randomized mix of key removals, re-adds and closes in sync mode)."""
+    kr = Keyring(mode)
+    ident = bytes.fromhex(kr.add_key(KEY))
+    kr.lease(ident, 257)
+    mk, started = kr.begin_removal(KID)
+    assert started
+    for step in kr.removal_steps:
+        if step is Step.WRITE_BACK:  # the removal awaits here; meanwhile:
+            kr.release(ident, 257)  # the busy file closes: the old key is wiped and gone
+            kr.add_key(KEY)  # and the key comes back
+        elif step is not Step.LOCK_IDLE:
+            kr.step(mk, step)
+    assert kr.key_status(KID).state is State.PRESENT
+    assert kr.dirtying_allowed(ident) is not False
+    kr.lease(ident, 258)  # the new key unlocks files, its secret whole
+    assert kr.secret_for(ident, 258) == KEY
+
+
 def test_soft_mode_has_no_wipe_step():
     """Soft removal's only wipe is the last lease's release (the table's INCOMPLETELY_REMOVED -> ABSENT row)."""
     assert Step.WIPE not in Keyring("soft").removal_steps

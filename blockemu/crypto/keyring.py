@@ -296,7 +296,7 @@ class Keyring:
 
     def step(self, mk: MasterKey, step: Step) -> None:
         """The keyring's own removal steps; the filesystem does WRITE_BACK and LOCK_IDLE."""
-        if mk.identifier not in self.keys:  # the last lease went meanwhile: wiped and gone
+        if self.keys.get(mk.identifier) is not mk:  # the last lease went meanwhile: wiped and gone (and maybe added anew)
             return
         if step is Step.DENY_DIRTYING:
             mk.deny_dirtying = mk.state is not St.PRESENT
