@@ -115,3 +115,43 @@ async def test_many_tasks_creating_small_files_on_a_roomy_image_are_never_refuse
         accounts_agree(fs)
     assert free > 4 << 20  # room to spare: none of them should have been refused
     assert refused == 0
+
+
+async def test_a_write_that_cannot_fit_ends_while_another_task_keeps_writing(tmp_path, monkeypatch):
+    """An operation short of room writes out while that takes dirty data; counting another
+    task's new data as progress, a write that could never fit wrote out once per write of the
+    other, for as long as it wrote (review31: 401 write-outs for 400 writes). While one writes
+    out, every other admission waits its turn (``room_queue``): it ends after two."""
+    image = str(tmp_path / "s.img")
+    await blockemu.mkfs(image, size="24M", node_size="16K")
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        async with fs.open("/fill", "w") as f:
+            while fs.vol.engine.allocator.free_bytes() > 8 << 20:
+                await f.write(b"F" * (64 * S))
+                await f.fsync()
+        outs, real = 0, fs.write_out
+        tick = asyncio.Event()
+
+        async def write_out() -> None:
+            nonlocal outs
+            outs += 1
+            tick.set()  # the other task writes once per write-out
+            await real()
+        monkeypatch.setattr(fs, "write_out", write_out)
+        a = await fs.open("/a", "w")
+        writing = asyncio.ensure_future(a.write(b"A" * (16 << 20)))  # more than is free
+
+        async def other() -> int:
+            async with fs.open("/b", "w") as f:
+                for n in range(200):
+                    if writing.done():
+                        return n
+                    tick.clear()
+                    await tick.wait()
+                    await f.pwrite(b"b" * S, n % 4 * S)
+            return 200
+        writes = asyncio.ensure_future(other())
+        with ErrnoCheck(errno.ENOSPC):
+            await writing
+        assert outs <= 2 and await writes <= 2
+        await a.close()

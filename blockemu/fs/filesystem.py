@@ -199,6 +199,9 @@ class Filesystem:
         self.cache = self.writeback.cache
         self.unyielded = 0  # bytes written since a writer last let the loop run
         self._room_seen, self._room = -1, 0  # room_for's cache: the allocator's change count, and bytes
+        # operations short of room write out in turn, first come first served, and while one
+        # does every other admission queues behind it (``_write_out_while``): btrfs's tickets
+        self.room_queue = asyncio.Lock()
         self.meta_reserved = 0  # the dirty files' ``Inode.reserved``, summed (room_for)
         self.inode_leaves = LEAVES_PER_INODE * vol.sb.nodesize  # what a dirty file reserves first (reserve_meta)
         self._room_keep = 0  # the metadata reserve (tree blocks) ``_room`` leaves
@@ -1291,18 +1294,26 @@ class Filesystem:
     async def _write_out_while(self, short: Callable[[], bool]) -> None:
         """Write back and commit (``write_out``) while ``short()`` and the last write-out took
         some dirty data off the promises (wrote or lost a run), as btrfs flushes for a
-        reservation ticket while flushing makes progress: other tasks may dirty new files -- each
-        reserving its runs' items and leaves -- while one write-out runs, and four write-outs
-        refused creates on roomy images (review30: 8 tasks x 1,500 new 4 KiB files on 64M/16K,
-        2-3 refused, 1 once each file's reserve came back as it was mapped; 16 x 150 on 24M/64K,
-        9). A write-out that takes nothing leaves the room as it is: the caller's check decides
-        then. With room it returns at once, without yielding to the loop."""
+        reservation ticket while flushing makes progress. One operation at a time, in the order
+        they came (``room_queue``), and while one writes out every other admission -- a write's
+        too (``File._write``) -- waits its turn, as btrfs queues new reservations behind the
+        tickets: otherwise the others dirtied new files -- each reserving its runs' items and
+        leaves -- during each write-out, and either a fixed number of write-outs refused creates
+        on roomy images (4: review30's 8 tasks x 1,500 new 4 KiB files on 64M/16K, 2-3 refused;
+        16 x 150 on 24M/64K, 9) or, counting their data as progress, an operation that could
+        never fit wrote out once per write of another task for as long as it wrote (review31: 401
+        write-outs for 400 writes). A write-out that takes nothing leaves the room as it is: the
+        caller's check decides then. With room and no one waiting it returns at once, without
+        yielding to the loop."""
+        if not self.room_queue.locked() and not short():
+            return
         stats = self.writeback.stats
-        while short():
-            runs = stats["extents"] + stats["errors"]
-            await self.write_out()
-            if stats["extents"] + stats["errors"] == runs:
-                return
+        async with self.room_queue:
+            while short():
+                runs = stats["extents"] + stats["errors"]
+                await self.write_out()
+                if stats["extents"] + stats["errors"] == runs:
+                    return
 
     def promised_blocks(self) -> int:
         """Tree blocks' worth of room write() promised to dirty data (``room_for``) that
@@ -1755,7 +1766,7 @@ class File:
             return inode.size if offset is None else offset, 0
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
-        if not fs.room_for(n, 1, inode):  # (with room, make_room would return at once)
+        if fs.room_queue.locked() or not fs.room_for(n, 1, inode):  # (else make_room would return at once)
             await fs.make_room(n, 1, inode)
         at = inode.size if offset is None else offset
         end = at + n
@@ -1796,7 +1807,7 @@ class File:
                 missing = [i for i in self._partial_pages(at, end) if i not in fills]
                 if missing:
                     await self._read_partial(missing, fills)
-                elif not fs.room_for(n, 1, inode):  # others took the room while this write read its pages
+                elif fs.room_queue.locked() or not fs.room_for(n, 1, inode):  # others took the room meanwhile
                     await fs.make_room(n, 1, inode)
                 elif offset is not None and offset > inode.size and not fs.end_settled(inode):
                     # past the end: checked here, after the last await -- checked before the
