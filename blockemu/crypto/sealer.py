@@ -334,8 +334,9 @@ class Sealer:
         derived where the run seals: in the sealing thread for a small run, not on the loop.
         Ciphertext from a worker is a view of its slot, valid inside the ``async with`` only --
         unless lent (``loan``): the device then keeps the view itself until it is destaged.
-        The page cache keeps the run's frames stable until it is written; heap pages are
-        copied without yielding to the loop, so a write lands wholly before or after.
+        The page cache keeps the run's pages stable until it is written (a write to one gets a
+        fresh page): a worker's heap pages are copied into its slot, a thread reads them where
+        they lie.
         A worker that dies or hangs fails the run with EIO (DeviceIOError)."""
         n = len(pages) * PAGE
         if key is None or not self.pooled(n):
@@ -451,12 +452,14 @@ class Sealer:
         made on the loop and zeroed there after, was ~3 % of the stress mix's loop time (its
         runs are mostly under the workers' threshold), and the copy held plaintext besides.
         If the caller gives up before the thread is done, the pages may be reused while the
-        thread reads them: what it makes of them is ciphertext nobody takes."""
+        thread reads them: what it makes of them is ciphertext nobody takes. A heap page goes
+        as a view too: the export pins it while the thread's C call reads it with no lock, so a
+        resize would be a BufferError, not a read of freed memory (review33)."""
         first = pages[0]
-        if type(first) is int and pages == list(range(first, first + len(pages))):
+        if type(first) is int and list(pages) == list(range(first, first + len(pages))):
             return self.arena.frames(first, len(pages))
         page = self.arena.page
-        return [page(p) if type(p) is int else p for p in pages]
+        return [page(p) if type(p) is int else memoryview(p) for p in pages]
 
     async def _seal_in_thread(self, key: RunKey, pages: Sequence[bytes | bytearray | int], csum_type: int) -> tuple[Buffer, bytes]:
         jobs = [(key, self._joined(pages) if key is None else self._in_place(pages))]

@@ -13,7 +13,8 @@ no lock, so nothing may change it until writeback reports the run
 ``written``. A write to such a page gets a fresh frame (copy-on-write) and the
 old frame is freed when its run completes. Writers wait for free frames (see
 ``Writeback.over_limit``); only a write larger than the whole arena spills its
-excess onto heap ``bytearray``s, which the sealer copies into its slot.
+excess onto heap ``bytearray``s, as stable: the sealer copies them into a
+worker's slot, or its thread reads them where they lie.
 
 Pages handed out by ``get`` are valid until the caller next awaits: a frame
 can be reused once its page is cleaned or dropped.
