@@ -10,6 +10,12 @@ key that follows (0: none; ``key-add`` only sends one), the key's bytes, then a 
 ``{"ok": true, "text": ...}`` (a key request's result's fields beside its text: ``blockemu key
 --json`` prints them) or ``{"ok": false, "errno": N, "message": ...}``.
 
+While the request runs the server sends an empty line every ``HEARTBEAT`` seconds, and the
+client gives up (ETIMEDOUT, naming the mount point) when ``TIMEOUT`` seconds pass with nothing
+from the server: a stopped (SIGSTOP) or wedged server made ``blockemu umount`` and ``blockemu
+key`` wait for ever, silently, while a long request (an umount writing back GBs, a key removal's
+sync before its wipe) keeps its client waiting as long as it lives.
+
 The key travels raw and first because every copy of it the server makes must be wiped when
 the key is removed: it is read with ``recv_into`` straight into one ``bytearray`` -- no stream
 buffer has read ahead, no line, JSON string or hex holds it -- handed to the request's handler
@@ -34,6 +40,8 @@ from blockemu.errors import BlockemuError
 # reply's "text" and fields
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_LINE = 1 << 16  # a request line longer than this is refused (EINVAL)
+HEARTBEAT = 2.0  # seconds between the empty lines that say a running request's server lives
+TIMEOUT = 30.0  # seconds of silence after which a client gives the server up: many heartbeats
 
 
 def runtime_dir() -> str:
@@ -90,6 +98,25 @@ async def _recv_line(sock: socket.socket) -> bytes:
         if len(line) > MAX_LINE:
             raise ValueError(f"request line longer than {MAX_LINE} bytes")
     return line
+
+
+async def _heartbeating(conn: socket.socket, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """``work``'s result, sending the client an empty line every ``HEARTBEAT`` seconds until it
+    comes: the client's timeout then measures the server's silence, not the request's length. A
+    client gone away stops the heartbeats, never the work (an umount under way finishes)."""
+    loop, task, listening = asyncio.get_running_loop(), asyncio.ensure_future(work), True
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=HEARTBEAT)
+            if listening and not task.done():
+                try:
+                    await loop.sock_sendall(conn, b"\n")
+                except OSError:
+                    listening = False
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    return task.result()
 
 
 class ControlServer:
@@ -165,7 +192,7 @@ class ControlServer:
                         await _recv_exactly(conn, key)
                         request = json.loads(await _recv_line(conn))
                         request["key"] = key  # never a key from the line: one there would stay
-                        reply = {"ok": True, **await self.handler(request)}
+                        reply = {"ok": True, **await _heartbeating(conn, self.handler(request))}
                     except OSError as e:
                         reply = {"ok": False, "errno": e.errno, "message": str(e) if e.strerror is None else e.strerror}
                     except (ValueError, KeyError, TypeError) as e:
@@ -192,6 +219,13 @@ class ControlServer:
             await asyncio.wait(list(self.tasks), timeout=timeout)
 
 
+def _silent(mountpoint: str) -> TimeoutError:
+    return TimeoutError(
+        errno.ETIMEDOUT,
+        f"{mountpoint}: the mount's server does not answer (stopped, wedged or too busy): nothing from it in {TIMEOUT:g} s",
+    )
+
+
 class NotServed(BlockemuError):
     """No blockemu server listens for this mount point (never mounted, unmounted, or killed)."""
 
@@ -200,22 +234,30 @@ class NotServed(BlockemuError):
 
 def request(mountpoint: str, op: str, key: bytearray | None = None, **args: Any) -> dict[str, Any]:
     """Send one request to the mount at ``mountpoint``, with ``key`` raw before its line (the
-    caller wipes it); its reply (``text`` and the result's fields), or its error as an OSError."""
+    caller wipes it); its reply (``text`` and the result's fields), or its error as an OSError:
+    TimeoutError (ETIMEDOUT) when the server says nothing, not even a heartbeat, for ``TIMEOUT``
+    seconds."""
     key = key if key is not None else bytearray()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(TIMEOUT)  # each connect, send and recv: a stopped server accepts nothing
         try:
             s.connect(socket_path(mountpoint))
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotServed(f"{mountpoint}: not a blockemu mount point (no blockemu server for it)") from None
-        s.sendall(bytes([len(key)]))
-        s.sendall(key)  # from the caller's buffer: no copy to wipe
-        s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        except TimeoutError:
+            raise _silent(mountpoint) from None
         buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                raise ConnectionResetError(errno.ECONNRESET, f"{mountpoint}: the mount's process closed the channel")
-            buf += chunk
+        try:
+            s.sendall(bytes([len(key)]))
+            s.sendall(key)  # from the caller's buffer: no copy to wipe
+            s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionResetError(errno.ECONNRESET, f"{mountpoint}: the mount's process closed the channel")
+                buf = (buf + chunk).lstrip(b"\n")  # heartbeats come only before the reply
+        except TimeoutError:
+            raise _silent(mountpoint) from None
     reply = json.loads(buf)
     if not reply.pop("ok"):
         raise OSError(reply["errno"], reply["message"])
