@@ -765,6 +765,28 @@ async def test_every_log_read_failure_at_mount_gives_the_rescue_hint(tmp_path, d
         assert (p.returncode, p.stdout, p.stderr.count("\n")) == (1, "", 1) and "rescue zero-log" in p.stderr, p.stderr
 
 
+def test_fsck_repair_says_the_log_replay_stopped_it(tmp_path, capsys):
+    """``fsck --repair`` opens the image read-write, which replays the fsync log first; a replay
+    that fails stopped the repair silently ("repaired: 0", exit 4, no note of its own). The note
+    says the repair stopped, why, and how to drop the log; the exit stays 4 (errors left)."""
+    import asyncio
+    import json
+
+    from blockemu.check.inspect import dump_tree
+    from blockemu.cli.main import main
+    crash, _ = asyncio.run(_crash_after_fsyncs(tmp_path, [(4096, 8192)]))  # main runs its own loop
+    sb, blocks, _ = _log_items(crash)
+    flip(crash, blocks[0] + sb.nodesize // 2)  # the log's leaf fails its checksum: no replay
+    flip(crash, dump_tree(crash, ["free-space"])[0]["bytenr"] + 2000)  # something to repair
+    assert main(["fsck", "--repair", crash]) == 4
+    out = capsys.readouterr().out
+    stopped = [line for line in out.splitlines() if line.startswith("note: the repair stopped")]
+    assert len(stopped) == 1 and f"`blockemu rescue zero-log {crash}` drops the log" in stopped[0], out
+    assert main(["fsck", "--repair", crash, "--json"]) == 4
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert sum(n.startswith("the repair stopped") and "fsync log" in n for n in notes) == 1, notes
+
+
 async def test_a_committed_tree_block_the_replay_meets_damaged_is_not_blamed_on_the_log(tmp_path):
     """A committed checksum or extent tree leaf that fails its checksum when the replay reads it
     refused the mount with "fsync log: tree block N: ..." -- the log blamed, and fsck (rightly)

@@ -249,11 +249,14 @@ def _drop_entry(fs, d: int, idx: int, name: bytes) -> None:
             fs.delete(key)
 
 
-def run_repair(path: str, report: FsckReport) -> int:
-    """Repair, or report that it could not finish (the check afterwards says what is left): the
-    image may contradict itself beyond what the check saw (two extents claiming the same space).
+def run_repair(path: str, report: FsckReport) -> tuple[int, str | None]:
+    """Repair: how many errors it addressed, and, when it could not finish, the note saying why
+    (the check afterwards says what is left): the image may contradict itself beyond what the
+    check saw (two extents claiming the same space), or the fsync log's replay, which opening
+    the image read-write does first, fails -- its error says how to drop the log. Swallowed,
+    that left "repaired: 0" and exit 4 with nothing saying what was not done, or what to do.
     Anything else -- the image busy or changed since the check -- is the user's to see."""
     try:
-        return asyncio.run(repair(path, report))
-    except CorruptionError:
-        return 0
+        return asyncio.run(repair(path, report)), None
+    except CorruptionError as e:
+        return 0, f"the repair stopped, nothing more repaired: {e}"

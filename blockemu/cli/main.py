@@ -1393,10 +1393,13 @@ def repair(a: argparse.Namespace, report: Any, key: bytes | None) -> tuple[Any, 
     repaired, fixed = [], 0
     for _ in range(4):
         before = report
-        fixed += run_repair(a.image, before)
+        done, stopped = run_repair(a.image, before)
+        fixed += done
         report = check(a.image, check_data=a.check_data, key=key)
         repaired += [e.as_json() for e in before.errors if e not in report.errors]
-        if report.clean or not repairable(report):
+        if stopped is not None:
+            report.notes.append(stopped)
+        if stopped is not None or report.clean or not repairable(report):
             break
     report.stats["repaired"] = fixed
     report.repaired = repaired
