@@ -1318,3 +1318,19 @@ def test_the_seqwrite_scenario_writes_sequentially():
 
     text = scenarios()["seqwrite"]
     assert [(o, n) for _, o, n in ios(text)] == [(o, 4096) for o in range(0, 16 << 20, 4096)]
+
+
+@pytest.mark.parametrize("option", ["nrfiles", "loops", "fsync", "fdatasync", "number_ios", "rate_iops",
+                                    "rate_iops_min"])
+def test_a_negative_count_is_refused_with_its_line(option):
+    """fio has no minval for these counts (it stores -1 as 4294967295); blockemu took -1 as none
+    -- one file, no fsync, no IOPS limit -- and the run reported clean."""
+    with pytest.raises(InvalidArgument, match=f"^n.fio:4: bad value for {option}: '-1' \\(at least 0\\)$"):
+        parse(f"[j]\nrw=write\nsize=64k\n{option}=-1\n", "n.fio")
+    assert parse(f"[j]\nrw=write\nsize=64k\n{option}=0\n", "z.fio").jobs[0].get(option) in (0, (0, 0, 0))
+
+
+def test_a_mix_of_negative_nops_is_refused_with_its_line():
+    with pytest.raises(InvalidArgument, match=r"^m.fio:3: bad value for nops: '-1' \(at least 0\)$"):
+        parse("[m]\nkind=mix\nnops=-1\n", "m.fio")
+    assert parse("[m]\nkind=mix\nnops=7\n", "m.fio").jobs[0].get("nops") == 7

@@ -363,6 +363,9 @@ def bounded(lo: int, hi: int | None = None, conv: Callable[[str], int] = integer
 MAX_OPEN_ZONES = 4096  # fio's own limit on max_open_zones (ZBD_MAX_OPEN_ZONES)
 open_zones = bounded(0, MAX_OPEN_ZONES)
 percentage = bounded(0, 100)
+# a count: fio gives these no minval, and stores -1 as 4294967295 files, loops or IOPS; blockemu
+# took it as none (nrfiles=-1 as one file, fsync=-1 as never) and the run reported clean
+nonnegative = bounded(0)
 
 
 ERROR_KINDS = ("read", "write", "verify")  # fio's error types: continue_on_error and ignore_error lists
@@ -417,17 +420,17 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "bs_unaligned": parse_bool, "ba": per_direction(bounded(1, conv=size)), "thinktime": parse_usec, "thinktime_spin": parse_usec,
     "thinktime_blocks": integer, "size": size_or_share, "filesize": file_size, "io_size": size_or_share,
     "offset": size_or_share,
-    "offset_increment": size_or_zones, "number_ios": integer, "nrfiles": integer, "file_service_type": choice(
+    "offset_increment": size_or_zones, "number_ios": nonnegative, "nrfiles": nonnegative, "file_service_type": choice(
         "roundrobin", "random", "sequential"),
     "numjobs": bounded(1), "iodepth": bounded(1), "ioengine": engine, "runtime": parse_time, "time_based": parse_bool,
-    "ramp_time": parse_time, "startdelay": parse_time, "loops": integer, "fsync": integer, "fdatasync": integer,
+    "ramp_time": parse_time, "startdelay": parse_time, "loops": nonnegative, "fsync": nonnegative, "fdatasync": nonnegative,
     "end_fsync": parse_bool, "fsync_on_close": parse_bool, "randseed": integer, "randrepeat": parse_bool,
     "allrandrepeat": parse_bool, "norandommap": parse_bool, "random_distribution": distribution,
     "verify": choice(*VERIFY_TYPES), "do_verify": parse_bool, "verify_fatal": parse_bool,
     "verify_pattern": verify_pattern, "verify_interval": size, "verify_backlog": integer,
     "verify_backlog_batch": integer, "rwmixread": percentage, "rwmixwrite": percentage,
-    "rate": per_direction(size), "rate_iops": per_direction(integer), "rate_min": per_direction(size),
-    "rate_iops_min": per_direction(integer), "rate_process": choice("linear", "poisson"),
+    "rate": per_direction(size), "rate_iops": per_direction(nonnegative), "rate_min": per_direction(size),
+    "rate_iops_min": per_direction(nonnegative), "rate_process": choice("linear", "poisson"),
     "fill_device": parse_bool, "steadystate": steadystate, "steadystate_duration": parse_time,
     "steadystate_ramp_time": parse_time, "latency_target": parse_usec, "latency_window": parse_usec,
     "latency_percentile": percent, "latency_run": parse_bool, "max_latency": per_direction(parse_usec),
@@ -456,7 +459,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "fadvise_hint": str, "atomic": parse_bool, "random_generator": str, "kb_base": str, "unit_base": str,
     # blockemu
     "kind": choice("fio", "mix", "keyrace", "fsck", "script", "faults"),
-    "ops": parse_ops, "nops": int, "key_removal": choice("soft", "hard", "sync", "deny-writes"),
+    "ops": parse_ops, "nops": nonnegative, "key_removal": choice("soft", "hard", "sync", "deny-writes"),
     "schedule": choice("free", "seeded"), "encrypt": parse_bool, "script": str, "faults": str,
     "image_size": parse_size, "check_data": parse_bool,
 }
