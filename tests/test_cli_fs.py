@@ -589,3 +589,42 @@ def test_ls_long_and_json_show_each_entrys_owner_and_group(tmp_path):
     lines = {line.split()[-1]: line.split() for line in run("ls", img, "/", "-l").stdout.splitlines()}
     assert {name: (int(f[2]), int(f[3])) for name, f in lines.items()} == owners
     assert lines["alice"][4] == "5"  # the size still follows them
+
+
+def test_put_refuses_the_image_itself(tmp_path, capsys):
+    """``put IMG IMG /x`` (or a hard link of IMG, or IMG on standard input) copied the image, half
+    written by the copy, into itself; now it is one line, exit 1, and the image as it was."""
+    from blockemu.cli.main import main
+    img, link = tmp_path / "p.img", tmp_path / "link"
+    assert main(["mkfs", str(img), "--size", "32M"]) == 0
+    os.link(img, link)
+    for name in (img, link):
+        capsys.readouterr()
+        assert main(["put", str(img), str(name), "/x"]) == 1
+        assert capsys.readouterr().err == \
+            f"blockemu: put: {name}: is the image itself (a copy would read it as it is written)\n"
+    with open(img, "rb") as stdin:
+        p = subprocess.run([sys.executable, "-m", "blockemu", "put", str(img), "-", "/x"], stdin=stdin,
+                           capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stderr) == (1, "blockemu: put: -: is the image itself (a copy would read it as it is "
+                                           "written)\n")
+    assert "x" not in run("ls", str(img)).stdout.split() and run("fsck", str(img)).returncode == 0
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["empty image file", "--force over an image"])
+def test_mkfs_rootdir_skips_the_image_it_makes(tmp_path, capsys, force):
+    """``mkfs --rootdir DIR DIR/a.img`` copied the image, half built, into itself when the file was
+    there before the walk (empty, or overwritten with --force); made there by mkfs it was never
+    in the walk. Either way it is skipped now, with a line saying so."""
+    from blockemu.cli.main import main
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f").write_bytes(b"data")
+    img = root / "a.img"
+    img.touch()
+    if force:
+        assert main(["mkfs", str(img), "--size", "32M"]) == 0
+    capsys.readouterr()
+    assert main(["mkfs", str(img), "--size", "32M", "--rootdir", str(root)] + ["--force"] * force) == 0
+    assert capsys.readouterr().err == f"blockemu mkfs: skipped {img}: the image being made\n"
+    assert run("ls", str(img)).stdout.split() == ["f"] and run("fsck", str(img)).returncode == 0

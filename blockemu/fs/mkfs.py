@@ -100,14 +100,27 @@ def encrypt_target(encrypt: str) -> str:
 
 Plan = list[tuple[str, "str | None"]]  # (image path, host file or symlink, None for a directory), parents first
 Sources = list[tuple[str, str]]  # (image path, the host entry whose mode, owner and times it takes), parents first
+Skipped = list[tuple[str, str]]  # (host entry, why populate leaves it out)
 
 
-def plan_population(rootdir: str | None, encrypt: str | None) -> tuple[Plan, list[str], Sources]:
-    """What ``populate`` will create, the host entries it skips, and where each entry's metadata
-    comes from. Checked before mkfs writes anything, so a bad ``--encrypt`` leaves no half-built
-    image behind."""
+def same_file(host: os.stat_result, image: str) -> bool:
+    """Whether ``host`` is ``image`` (any name of it): its copy into the image would read the
+    image while writing it -- a half-written image copied into itself."""
+    try:
+        own = os.stat(image)
+    except OSError:
+        return False
+    return (host.st_dev, host.st_ino) == (own.st_dev, own.st_ino)
+
+
+def plan_population(rootdir: str | None, encrypt: str | None, image: str) -> tuple[Plan, Skipped, Sources]:
+    """What ``populate`` will create, the host entries it skips (and why), and where each entry's
+    metadata comes from. Checked before mkfs writes anything, so a bad ``--encrypt`` leaves no
+    half-built image behind. ``image`` itself, when it is in ``rootdir`` already (``--force``, or
+    an empty file), is skipped as it is when mkfs creates it there, after this walk: copied, it
+    was the image read half-written into itself."""
     plan: Plan = []
-    skipped: list[str] = []
+    skipped: Skipped = []
     sources: Sources = []
     if rootdir is not None:
         for top, dirs, files in os.walk(rootdir):
@@ -122,7 +135,10 @@ def plan_population(rootdir: str | None, encrypt: str | None) -> tuple[Plan, lis
             for name in sorted(files + links):
                 host = os.path.join(top, name)
                 if not os.path.islink(host) and not os.path.isfile(host):
-                    skipped.append(host)
+                    skipped.append((host, "not a regular file, directory or symbolic link"))
+                    continue
+                if not os.path.islink(host) and same_file(os.stat(host), image):
+                    skipped.append((host, "the image being made"))
                     continue
                 plan.append((f"{base}/{name}", host))
                 sources.append((f"{base}/{name}", host))
@@ -166,7 +182,7 @@ async def mkfs(
         raise InvalidArgument(f"--rootdir {rootdir}: not a directory")
     nbytes, nodesize, csum_type, fsid = check_options(size, node_size, csum, label, uuid)
     populating = rootdir is not None or encrypt is not None
-    plan, skipped, sources = plan_population(rootdir, encrypt) if populating else ([], [], [])
+    plan, skipped, sources = plan_population(rootdir, encrypt, path) if populating else ([], [], [])
     check_target(path, force)
     fd = open_image(path, readonly=False, create=True)  # locked before anything is written
     try:
@@ -218,7 +234,7 @@ def read_super(path: str) -> SuperInfo:
         return img.best_super()
 
 
-async def populate(image: str, plan: Plan, skipped: list[str], sources: Sources, encrypt: str | None,
+async def populate(image: str, plan: Plan, skipped: Skipped, sources: Sources, encrypt: str | None,
                    key: bytes | None, progress: bool) -> None:
     """Copy a host tree into the image, top-down, so an encrypted directory gets its policy while
     empty; as mkfs.btrfs --rootdir, host files that are hard links of one another become one inode
@@ -265,8 +281,8 @@ async def populate(image: str, plan: Plan, skipped: list[str], sources: Sources,
                 hst = os.lstat(host)
                 await fs.set_attrs(fs.inode((await fs.stat(target)).st_ino), mode=hst.st_mode, uid=hst.st_uid,
                                    gid=hst.st_gid, atime_ns=hst.st_atime_ns, mtime_ns=hst.st_mtime_ns)
-    for host in skipped:
-        print(f"blockemu mkfs: skipped {host}: not a regular file, directory or symbolic link", file=sys.stderr)
+    for host, why in skipped:
+        print(f"blockemu mkfs: skipped {host}: {why}", file=sys.stderr)
 
 
 async def copy_in(f: Any, src: BinaryIO, host: str, advance: Callable[[int], None] = lambda n: None) -> None:
