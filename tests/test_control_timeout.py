@@ -51,7 +51,8 @@ def mnt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def assert_gives_up(capsys: pytest.CaptureFixture[str], mnt: str) -> None:
     """``umount``, ``key status`` and ``key status --json`` each end with the one line."""
-    line = f"{mnt}: the mount's server does not answer (stopped, wedged or too busy): nothing from it in {QUICK:g} s"
+    line = f"{mnt}: the mount's server does not answer (stopped, wedged or too busy): nothing from it in {QUICK:g} s " \
+           "(it may still carry the request out if it resumes)"
     assert main(["umount", mnt]) == 1
     assert capsys.readouterr().err == f"blockemu: umount: {line}\n"
     assert main(["key", "status", mnt, "--id", "0" * 32]) == 1
@@ -108,6 +109,7 @@ def slow(mnt: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Slow]:
     try:
         yield s
     finally:
+        asyncio.run_coroutine_threadsafe(s.server.drain(), s.loop).result()  # the requests' tasks end first
         s.loop.call_soon_threadsafe(s.server.close)
         s.loop.call_soon_threadsafe(s.loop.stop)
         s.thread.join()
@@ -126,3 +128,23 @@ def test_a_client_gone_away_does_not_stop_the_request(mnt: str, slow: Slow) -> N
         c.sendall(b"\0" + json.dumps({"op": "umount"}).encode() + b"\n")
         assert c.recv(1) == b"\n"  # a heartbeat: the request runs
     assert slow.finished.wait(30), "the request stopped with its client"
+
+
+def test_the_socket_is_found_without_a_stat_of_the_mount_point(mnt: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stat of a FUSE mount's root asks its server: stopped, it held the client in the kernel
+    (uninterruptible) before any timeout. The name is still the real path: a symbolic link to
+    the mount point finds the same socket."""
+    (tmp_path / "via").symlink_to(mnt)
+    want = control.socket_path(mnt)
+    for name in ("stat", "lstat"):
+        monkeypatch.setattr(os, name, _not_of(mnt, getattr(os, name)))
+    assert control.socket_path(mnt) == control.socket_path(str(tmp_path / "via")) == want
+
+
+def _not_of(path: str, real: Any) -> Any:
+    """``real`` (os.stat or os.lstat), failing the test when called on ``path``."""
+    def call(p: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        assert os.fspath(p) != path, f"{path} was {real.__name__}()ed"
+        return real(p, *args, **kwargs)
+    return call

@@ -56,8 +56,22 @@ def runtime_dir() -> str:
 def socket_path(mountpoint: str) -> str:
     """The socket of the mount at ``mountpoint`` (its real path hashed: a path can be longer
     than a socket address allows)."""
-    digest = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:32]
+    digest = hashlib.sha256(_real_mountpoint(mountpoint).encode()).hexdigest()[:32]
     return os.path.join(runtime_dir(), f"{digest}.sock")
+
+
+def _real_mountpoint(mountpoint: str, links: int = 40) -> str:
+    """``os.path.realpath(mountpoint)`` without a stat of the mount point itself: that is a FUSE
+    GETATTR to the server, and a stopped server left ``blockemu umount`` in it, uninterruptible,
+    before any timeout could start. ``readlink`` of it asks the server nothing."""
+    path = os.path.abspath(mountpoint)
+    try:
+        target = os.readlink(path)
+    except OSError:  # EINVAL: not a symbolic link (a directory, the mount's root); or not there
+        return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    if not links:
+        raise OSError(errno.ELOOP, f"{mountpoint}: too many levels of symbolic links")
+    return _real_mountpoint(os.path.join(os.path.dirname(path), target), links - 1)
 
 
 def log_path(mountpoint: str) -> str:
@@ -222,7 +236,8 @@ class ControlServer:
 def _silent(mountpoint: str) -> TimeoutError:
     return TimeoutError(
         errno.ETIMEDOUT,
-        f"{mountpoint}: the mount's server does not answer (stopped, wedged or too busy): nothing from it in {TIMEOUT:g} s",
+        f"{mountpoint}: the mount's server does not answer (stopped, wedged or too busy): nothing from it in "
+        f"{TIMEOUT:g} s (it may still carry the request out if it resumes)",
     )
 
 
