@@ -807,7 +807,7 @@ def write_all(out: Any, data: bytes) -> None:
 
 def cmd_put(a: argparse.Namespace) -> int:
     from blockemu.fs.filesystem import split_path
-    from blockemu.fs.mkfs import copy_in, same_file
+    from blockemu.fs.mkfs import copy_in, file_id
 
     async def body(fs: Any) -> int:
         # PATH as given in its errors, not its parent ('put f d1/x' said "'d1': paths are
@@ -818,7 +818,8 @@ def cmd_put(a: argparse.Namespace) -> int:
             src = os.fdopen(os.dup(sys.stdin.fileno()), "rb") if a.hostfile == "-" else open(a.hostfile, "rb")
         except OSError as e:
             raise BlockemuError(f"{a.hostfile}: {e.strerror}") from None
-        if same_file(os.fstat(src.fileno()), a.image):  # `put IMG IMG`, or IMG on standard input
+        st = os.fstat(src.fileno())
+        if (st.st_dev, st.st_ino) == file_id(a.image):  # `put IMG IMG`, or IMG on standard input
             src.close()
             raise InvalidArgument(f"{a.hostfile}: is the image itself (a copy would read it as it is written)")
         # atomic, as rsync and editors do: the data goes to a new name in the same directory

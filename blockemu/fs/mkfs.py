@@ -103,14 +103,15 @@ Sources = list[tuple[str, str]]  # (image path, the host entry whose mode, owner
 Skipped = list[tuple[str, str]]  # (host entry, why populate leaves it out)
 
 
-def same_file(host: os.stat_result, image: str) -> bool:
-    """Whether ``host`` is ``image`` (any name of it): its copy into the image would read the
-    image while writing it -- a half-written image copied into itself."""
+def file_id(path: str) -> tuple[int, int] | None:
+    """The (device, inode) of the file ``path`` names, None if there is none: ``put`` and
+    ``--rootdir`` compare a host file's with the image's -- copied in, the image was read
+    half-written into itself."""
     try:
-        own = os.stat(image)
+        st = os.stat(path)
     except OSError:
-        return False
-    return (host.st_dev, host.st_ino) == (own.st_dev, own.st_ino)
+        return None
+    return st.st_dev, st.st_ino
 
 
 def plan_population(rootdir: str | None, encrypt: str | None, image: str) -> tuple[Plan, Skipped, Sources]:
@@ -123,6 +124,7 @@ def plan_population(rootdir: str | None, encrypt: str | None, image: str) -> tup
     skipped: Skipped = []
     sources: Sources = []
     if rootdir is not None:
+        own = file_id(image)  # once, not per entry
         for top, dirs, files in os.walk(rootdir):
             dirs.sort()
             rel = os.path.relpath(top, rootdir)
@@ -134,10 +136,14 @@ def plan_population(rootdir: str | None, encrypt: str | None, image: str) -> tup
             dirs[:] = [d for d in dirs if d not in links]
             for name in sorted(files + links):
                 host = os.path.join(top, name)
-                if not os.path.islink(host) and not os.path.isfile(host):
+                try:
+                    st = os.lstat(host)  # one stat an entry: a link is copied as a link
+                except OSError:  # gone since the walk listed it
+                    st = None
+                if st is None or not stat.S_ISLNK(st.st_mode) and not stat.S_ISREG(st.st_mode):
                     skipped.append((host, "not a regular file, directory or symbolic link"))
                     continue
-                if not os.path.islink(host) and same_file(os.stat(host), image):
+                if not stat.S_ISLNK(st.st_mode) and (st.st_dev, st.st_ino) == own:
                     skipped.append((host, "the image being made"))
                     continue
                 plan.append((f"{base}/{name}", host))
