@@ -1243,6 +1243,12 @@ class Filesystem:
         checksums grew the trees by 5 tree blocks, and the fsync lost the last 32 KiB with ENOSPC."""
         return -(-self._per_extent() * n // (self.writeback.max_pages * PAGE)) + 2 * self.extents.csum_size * -(-n // PAGE)
 
+    def admits(self, n: int, inode: Inode) -> bool:
+        """Whether a write of ``n`` bytes to ``inode`` may dirty its pages now, without
+        ``make_room``: there is room, and no operation short of room is writing out (a write
+        then waits its turn behind it, ``_write_out_while``)."""
+        return not self.room_queue.locked() and self.room_for(n, 1, inode)
+
     def reserve_meta(self, inode: Inode, first: int, n: int) -> None:
         """Add to ``inode``'s account the tree room of ``n`` bytes dirtied from page ``first``:
         a write that starts a new dirty run (its first page does not extend one) will be at
@@ -1766,7 +1772,7 @@ class File:
             return inode.size if offset is None else offset, 0
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
-        if fs.room_queue.locked() or not fs.room_for(n, 1, inode):  # (else make_room would return at once)
+        if not fs.admits(n, inode):  # (else make_room would return at once)
             await fs.make_room(n, 1, inode)
         at = inode.size if offset is None else offset
         end = at + n
@@ -1807,7 +1813,7 @@ class File:
                 missing = [i for i in self._partial_pages(at, end) if i not in fills]
                 if missing:
                     await self._read_partial(missing, fills)
-                elif fs.room_queue.locked() or not fs.room_for(n, 1, inode):  # others took the room meanwhile
+                elif not fs.admits(n, inode):  # others took the room meanwhile
                     await fs.make_room(n, 1, inode)
                 elif offset is not None and offset > inode.size and not fs.end_settled(inode):
                     # past the end: checked here, after the last await -- checked before the
