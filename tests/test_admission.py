@@ -155,3 +155,30 @@ async def test_a_write_that_cannot_fit_ends_while_another_task_keeps_writing(tmp
             await writing
         assert outs <= 2 and await writes <= 2
         await a.close()
+
+
+async def test_a_create_that_met_a_commits_pins_waits_for_them_rather_than_refuse(tmp_path):
+    """A create checks its room, then waits in ``Volume.join`` while a commit encodes its
+    blocks: the commit COWs tree blocks whose old copies stay pinned until its tail, so the
+    room the create checked is gone when it joins, and it was refused with megabytes pinned
+    (review34: 7-10 creates per seed of a near-full stress). The commit gives that room back:
+    the create waits for it, as btrfs's tickets wait for a transaction commit before ENOSPC."""
+    image = str(tmp_path / "p.img")
+    await blockemu.mkfs(image, size="32M", node_size="4K")
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        engine = fs.vol.engine
+        alloc = engine.allocator
+        for i in range(20):  # a dirty transaction: its commit COWs and pins tree blocks
+            await fs.mkdir(f"/d{i}")
+        hogs = []
+        while alloc.node_room > engine.data_keep():  # the room a create needs, and not a block more
+            hogs.append(alloc.alloc(fs.vol.sb.nodesize))
+        assert engine.meta_room()
+        committing = asyncio.ensure_future(fs.vol.commit())
+        await asyncio.sleep(0)  # the commit has begun: the create waits for it in join
+        await fs.mkdir("/new")  # ENOSPC, with the commit's pins to come back
+        await committing
+        for start in hogs:
+            alloc.release(start, fs.vol.sb.nodesize)
+    async with blockemu.mount(image) as fs:
+        assert "new" in await fs.readdir("/")

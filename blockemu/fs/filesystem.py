@@ -1348,10 +1348,28 @@ class Filesystem:
         guards its changes). Short of room only because dirty data holds it, that data is
         written back and committed first (``_write_out_while``), so the operation fails with
         ENOSPC only when the disk is full of what is written. ``deleting``: it may also free space
-        (a rename over a file destroys it), so near full it commits sooner (``Volume.join``)."""
-        await self._write_out_while(lambda: not self.vol.engine.meta_room(self.promised_blocks()))
-        async with self.vol.join(deleting=deleting):
-            yield
+        (a rename over a file destroys it), so near full it commits sooner (``Volume.join``).
+
+        Room checked before the join may be gone once joined: a commit encoding its blocks
+        meanwhile (``join`` waits for it) COWed tree blocks whose old copies stay pinned until
+        its tail, and creates were refused with megabytes pinned (review34: 7-10 per seed of a
+        near-full stress). Then the operation leaves the transaction unchanged and writes out
+        once more -- its commit waits for that tail and gives back what the transaction pinned
+        -- before it joins for good, as btrfs's tickets commit the transaction as the last
+        resort before ENOSPC; only what that leaves short is refused (``check_meta_room``)."""
+        await self._write_out_while(self._meta_short)
+        retried = False
+        while True:
+            async with self.vol.join(deleting=deleting):
+                if retried or not self.vol.engine.allocator.holds_pinned() or not self._meta_short():
+                    yield
+                    return
+            retried = True
+            await self._write_out_while(self._meta_short)
+
+    def _meta_short(self) -> bool:
+        """Whether an operation that adds items would be refused now (``check_meta_room``)."""
+        return not self.vol.engine.meta_room(self.promised_blocks())
 
     def require_room(self, n: int, runs: int = 1, inode: Inode | None = None) -> None:
         """ENOSPC unless ``n`` more bytes of dirty data can get extents (``room_for``)."""
