@@ -285,7 +285,8 @@ class Engine:
     def _reset_log_notes(self) -> None:
         """What the fsync log (``treelog``) needs to know of the running transaction, noted by
         ``Extents`` as it changes the trees: each file's EXTENT_DATA items changed since the
-        file was last logged (file offset -> the item now there, unpacked and packed, or None),
+        file was last logged (an empty map for a file whose inode item alone was saved since:
+        ``Filesystem.save_inode``) (file offset -> the item now there, unpacked and packed, or None),
         the checksum items of every extent new in it that still has references (by bytenr),
         and the inodes whose change the log cannot express (a name made, changed or removed,
         a truncate), whose fsync must commit."""

@@ -345,8 +345,12 @@ class Filesystem:
 
     def save_inode(self, inode: Inode) -> None:
         """Write the inode item as it should be on disk (size = what writeback has made durable).
-        One ``_replace`` a save: each costs a dict and a tuple, and saves come several an operation."""
-        tid = self.vol.engine.transid
+        One ``_replace`` a save: each costs a dict and a tuple, and saves come several an operation.
+        The inode is noted changed for the fsync log (``Engine.changed_extents``): until it is
+        logged again, a power cut loses its item's change (``Volume._logged_whole``)."""
+        engine = self.vol.engine
+        tid = engine.transid
+        engine.changed_extents.setdefault(inode.ino, {})
         if inode.data_changed_ns:
             # the write's time is the mtime; the ctime only if nothing changed the inode since
             # (a rename or chmod after the write, before this save, keeps its later ctime)
