@@ -182,3 +182,46 @@ async def test_a_create_that_met_a_commits_pins_waits_for_them_rather_than_refus
             alloc.release(start, fs.vol.sb.nodesize)
     async with blockemu.mount(image) as fs:
         assert "new" in await fs.readdir("/")
+
+
+async def test_a_partial_write_that_waited_its_turn_does_not_queue_again(image, monkeypatch):
+    """A write waits its turn behind an operation writing out (``room_queue``), then reads its
+    partial page from disk; another operation began writing out during that read, and the
+    write checked ``admits`` again and queued a second time behind it -- under cache pressure
+    every partial page is such a read (latency, not a hang). Its turn came once: after it only
+    the room is checked again, never the queue."""
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"o" * S)
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:  # the page is on disk only
+        queued, real_make_room, real_read = 0, fs.make_room, fs.read_pages
+        holders: list[asyncio.Event] = []
+
+        async def other() -> None:  # standing in for an operation short of room, writing out
+            holders.append(done := asyncio.Event())
+            async with fs.room_queue:
+                await done.wait()
+
+        async def make_room(n: int, runs: int = 1, inode=None) -> None:
+            nonlocal queued
+            queued += 1
+            for done in holders:  # each write-out ends once the write waits behind it
+                done.set()
+            await real_make_room(n, runs, inode)
+
+        async def read_pages(inode, first: int, count: int):
+            asyncio.ensure_future(other())  # begins writing out while the write reads
+            await asyncio.sleep(0)
+            return await real_read(inode, first, count)
+        monkeypatch.setattr(fs, "make_room", make_room)
+        monkeypatch.setattr(fs, "read_pages", read_pages)
+        first = asyncio.ensure_future(other())
+        await asyncio.sleep(0)  # it holds the queue: the write waits its turn
+        assert fs.room_queue.locked()
+        async with fs.open("/f", "r+") as f:
+            await f.pwrite(b"n" * 100, 10)
+        await first
+        assert queued == 1
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == b"o" * 10 + b"n" * 100 + b"o" * (S - 110)

@@ -1794,7 +1794,7 @@ class File:
             return inode.size if offset is None else offset, 0
         if fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
-        if not fs.admits(n, inode):  # (else make_room would return at once)
+        if queued := not fs.admits(n, inode):  # (else make_room would return at once)
             await fs.make_room(n, 1, inode)
         at = inode.size if offset is None else offset
         end = at + n
@@ -1806,7 +1806,7 @@ class File:
             fs.reserve_meta(inode, at // PAGE, n)
             fs.cache.writable(inode.pages, at // PAGE, overwrite=True)[:] = data
         else:
-            at, end = await self._write_partial(data, offset)
+            at, end = await self._write_partial(data, offset, queued)
         if end > inode.size:
             inode.size = end
         inode.data_changed_ns = time.time_ns()
@@ -1819,9 +1819,13 @@ class File:
             await asyncio.sleep(0)
         return at, n
 
-    async def _write_partial(self, data: bytes | bytearray | memoryview, offset: int | None) -> tuple[int, int]:
+    async def _write_partial(self, data: bytes | bytearray | memoryview, offset: int | None,
+                             queued: bool) -> tuple[int, int]:
         """A write that is not one whole aligned page: read the partial pages at its ends, then
-        copy with no await in between; returns where it landed, [at, end)."""
+        copy with no await in between; returns where it landed, [at, end). Once the write has
+        had its turn in the room queue (``queued``: ``make_room``), room is checked again after
+        each read, not the queue: an operation that began writing out during the read made it
+        queue a second time (under cache pressure every partial page is read from disk)."""
         inode, fs, n = self.inode, self.fs, len(data)
         fills: dict[int, bytearray] = {}  # plaintext copies of partial pages: zeroed however this ends
         epoch = inode.epoch
@@ -1835,8 +1839,9 @@ class File:
                 missing = [i for i in self._partial_pages(at, end) if i not in fills]
                 if missing:
                     await self._read_partial(missing, fills)
-                elif not fs.admits(n, inode):  # others took the room meanwhile
+                elif not (fs.room_for(n, 1, inode) if queued else fs.admits(n, inode)):  # others took it meanwhile
                     await fs.make_room(n, 1, inode)
+                    queued = True
                 elif offset is not None and offset > inode.size and not fs.end_settled(inode):
                     # past the end: checked here, after the last await -- checked before the
                     # waits for room, a truncate down meanwhile left a new end page zeroed only
