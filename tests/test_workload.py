@@ -685,3 +685,49 @@ async def test_a_scratch_image_on_little_free_space_is_capped_too(tmp_path, monk
         await runner.run_workload(str(job), image=str(tmp_path / "b.img"), seed=1)
     assert e.value.errno == errno.ENOSPC and "too little for the image" in str(e.value)
     assert not os.path.exists(tmp_path / "b.img")
+
+
+CUT_INSIDE_FIO = """[global]
+image_size=64m
+[cut]
+kind=faults
+faults=cut=30
+[w]
+stonewall
+rw=randwrite
+bs=4k
+size=1m
+fsync=4
+[after]
+stonewall
+rw=write
+size=64k
+"""
+
+
+@pytest.mark.parametrize("fsync", ["honest", "lying"])
+async def test_a_power_cut_inside_an_fio_job_is_a_crash_its_fsyncs_checked_after(tmp_path, monkeypatch, fsync):
+    """A ``kind=faults`` cut inside an fio job failed the run with fio's ``err=5`` while a mix the
+    cut stopped was a note (review32). A cut is a crash: the fio job it stops says so in a note,
+    and what its fsyncs made durable is checked on the image mounted again -- a loss there (an
+    fsync that returned without making anything durable) fails the run."""
+    from blockemu.fs.volume import Volume
+    from blockemu.workload.runner import run_workload
+
+    if fsync == "lying":
+        async def lie(self, ino: int) -> None:
+            return None
+        monkeypatch.setattr(Volume, "fsync", lie)
+    job = tmp_path / "cut.fio"
+    job.write_text(CUT_INSIDE_FIO)
+    report = await run_workload(str(job), image=str(tmp_path / "cut.img"), seed=1)
+    assert any(n.startswith("w: stopped by the power cut:") for n in report.notes), report.notes
+    assert any(n.startswith("fio jobs: the bytes their fsyncs made durable in 1 file were checked") for n in report.notes)
+    if fsync == "honest":
+        assert report.ok and report.fsck_clean, report.failures
+        (after,) = [j for j in report.as_json()["jobs"] if j["jobname"] == "after"]
+        assert after["error"] == 0 and after["write"]["io_bytes"] == 64 << 10
+    else:
+        assert not report.ok
+        assert any("though an fsync made them durable" in f or "missing after the power cut" in f
+                   for f in report.failures), report.failures

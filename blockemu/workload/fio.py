@@ -68,6 +68,7 @@ import xxhash
 from blockemu.errors import BlockemuError, InvalidArgument, NoSpaceError, NotFoundError
 from blockemu.fs.filesystem import File, Filesystem
 from blockemu.workload.buffers import Buffers, WorkingSet, repeat
+from blockemu.workload.fioledger import FsyncLedger
 from blockemu.workload.jobfile import ASYNC_ENGINES, ERROR_KINDS, RW, Job, Share, SteadyState, fixed
 from blockemu.workload.lastwrites import LastWrites
 from blockemu.workload.zones import ZonedFile, ZoneRange, region_in_zones
@@ -520,6 +521,7 @@ class RunContext:
     gate: LayoutGate = field(default_factory=lambda: LayoutGate(0))  # the jobs that start with this one
     zoned: dict[str, ZonedFile] = field(default_factory=dict)  # zonemode=zbd: each file's zones, run-wide
     inflight: dict[str, list["InFlight"]] = field(default_factory=dict)  # zoned files' I/Os in flight
+    ledger: FsyncLedger | None = None  # what the jobs' fsyncs made durable, while the run plans a power cut
 
     def ordered(self, io: "IO") -> tuple[asyncio.Task, ...]:
         """The I/Os in flight on ``io``'s bytes that it must follow (a write, or a read after a
@@ -981,6 +983,8 @@ class Clone:
                 raise NotFoundError(f"job {self.job.name}: {region.path} does not exist and allow_file_create=0")
             await makedirs(fs, region.path)
             region.file = await fs.open(region.path, "r+" if exists else "w+")
+            if self.ctx.ledger is not None:
+                region.file = self.ctx.ledger.wrap(region.path, region.file, self.job.name)
             if self.zbd:
                 await self._zone(region)
                 continue
@@ -1654,6 +1658,8 @@ async def run_fio(ctx: RunContext, job: Job, seed: int) -> list[JobResult]:
             for path in dict.fromkeys(r.path for c in clones for r in c.regions):
                 if await ctx.fs.exists(path):
                     await ctx.fs.unlink(path)
+                if ctx.ledger is not None:
+                    ctx.ledger.forget(path)
     except BlockemuError as e:  # layout, verification, close or unlink: the whole job failed
         for c in clones:
             c.result.fail(e)

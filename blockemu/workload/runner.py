@@ -54,6 +54,7 @@ from blockemu.workload.fio import (
     terse_report,
     text_report,
 )
+from blockemu.workload.fioledger import FsyncLedger
 from blockemu.workload.jobfile import Job, JobFile, fixed, load, parse
 from blockemu.workload.keyrace import run_race, unexpected
 from blockemu.workload.mix import DEFAULT_OPS, MixResult, Task, detected, run_mix, verify_ledger, verify_mix
@@ -190,12 +191,17 @@ class Runner:
         self.directory = "/jobs"
         self.mixes: list[tuple[str, MixResult]] = []  # checked after the run, on a fresh mount
         self.crashed: set[str] = set()  # the mixes a power cut met (during or after them): ledger-checked
+        self.crashed_last = False  # the last mount unmounted ended with the power cut
         self.stop = asyncio.Event()
         self.done = {j.name: asyncio.Event() for j in jf.jobs}
         self.flows: dict[int, list[int]] = {}  # fio's flow groups span the run's jobs
         self.dedupe: dict[int, WorkingSet] = {}  # dedupe_global's working set spans them too
         self.halts = {j.name: asyncio.Event() for j in jf.jobs}  # exitall's, per job
         self.inflight: dict[str, list[InFlight]] = {}
+        # a power cut planned: what the fio jobs' fsyncs made durable, checked once it came
+        self.ledger = FsyncLedger() if any(j.get("kind", "fio") == "faults" and
+                                           FaultPlan.parse(j.get("faults", "")).cut_after_writes is not None
+                                           for j in jf.jobs) else None
 
     def interrupt(self, signum: int) -> None:
         """SIGINT/SIGTERM: jobs stop issuing I/O and report what they did, as fio does."""
@@ -255,6 +261,12 @@ class Runner:
                     self.report.failures.append(f"unmount: {e}")
         if self.mixes:
             await self._verify_mixes()
+        if self.crashed_last and self.ledger is not None and self.ledger.files:  # the cut met the last jobs
+            fs = await self._mount()
+            try:
+                await self._check_ledger(fs)
+            finally:
+                await fs.unmount()
         report = check(self.image)
         self.report.fsck_clean = report.clean
         if not report.clean:
@@ -277,6 +289,7 @@ class Runner:
             self.report.notes.append(f"unmount after the power cut: {e}")
         finally:
             self.report.disk.unmounted(dev.stats)
+            self.crashed_last = dev.dead
             if dev.dead:
                 self.crashed.update(name for name, _ in self.mixes)
             # judged after the unmount: its own writes may be the ones the cut waited for
@@ -294,6 +307,7 @@ class Runner:
                                  "met is checked against what its fsyncs and syncs made durable")
         await self._unmount()
         self.fs = await self._mount()
+        await self._check_ledger(self.fs)
 
     async def _job(self, job: Job, gate: LayoutGate) -> None:
         """``gate``: the fio jobs that start together lay out their files before any starts (a
@@ -328,13 +342,17 @@ class Runner:
         try:
             if kind == "fio":
                 ctx = RunContext(self.fs, self.directory, self.stop, self.halts[job.name], self.flows, self.dedupe, gate,
-                                 self.zoned, self.inflight)
+                                 self.zoned, self.inflight, self.ledger)
                 results = await run_fio(ctx, job, seed)
                 for r in results:
                     r.order = self.jf.jobs.index(job)
                 self.report.fio += results
+                cut = [r for r in results if r.error_text and self._the_cuts(r.error)]
+                # stopped by the cut the run asked for, as a mix is: its fsyncs are checked after (``FsyncLedger``)
+                self.report.notes += list(dict.fromkeys(f"{job.name}: stopped by the power cut: {r.error_text} "
+                                                        f"(err={r.error})" for r in cut))
                 self.report.failures += list(dict.fromkeys(f"{job.name}: {r.error_text} (err={r.error})"
-                                                           for r in results if r.error_text))
+                                                           for r in results if r.error_text and r not in cut))
                 self.report.failures += [f"{job.name}: {r.rate_shortfall}" for r in results if r.rate_shortfall]
                 bad = sum(r.verify_errors for r in results)
                 if bad:
@@ -372,11 +390,27 @@ class Runner:
             elif kind == "script":
                 await self._script(job, seed)
         except BlockemuError as e:
-            if self.fs is not None and self.fs.vol.device.dead and e.errno in (errno.EIO, errno.EROFS):
+            if self._the_cuts(e.errno):
                 # the cut the run asked for, not the filesystem failing: what it lost is judged after
                 self.report.notes.append(f"{job.name}: stopped by the power cut: {e}")
             else:
                 self.report.failures.append(f"{job.name}: {e}")
+
+    def _the_cuts(self, err: int | None) -> bool:
+        """Whether a job's error ``err`` is the power cut's: the device is dead, and the error is
+        its EIO or the EROFS of the mount it aborted."""
+        return self.fs is not None and self.fs.vol.device.dead and err in (errno.EIO, errno.EROFS)
+
+    async def _check_ledger(self, fs: Filesystem) -> None:
+        """After a power cut, on the image mounted again: the bytes the fio jobs' fsyncs made
+        durable must all be there; a loss fails the run."""
+        if self.ledger is None or not self.ledger.files:
+            return
+        checked, lost = await self.ledger.check(fs)
+        self.report.failures += lost
+        if checked:
+            self.report.notes.append(f"fio jobs: the bytes their fsyncs made durable in {counted(checked, 'file')} "
+                                     "were checked after the power cut")
 
     async def _verify_mixes(self) -> None:
         """The mix jobs' models against the image, unmounted and mounted afresh: what the disk

@@ -1,0 +1,159 @@
+"""What a run's fio jobs made durable, for a power cut inside them (DESIGN §7).
+
+A ``kind=faults`` job's ``cut=`` is a crash: a fio job running when the power goes fails on
+the dead device, and that failure is the cut's, not the filesystem's. What the filesystem
+owes it is what its fsyncs made durable, so that is what is checked once the image is
+mounted again, as a mix's ledger is (``workload/mix.py``). Each file of the run's fio jobs
+is shadowed byte for byte while the run has a cut planned (only then: three bytes of memory
+per byte written): the latest bytes acknowledged, the bytes the last successful fsync made
+durable, and per byte whether it is durable and unchanged since (checked), written since
+(either version may be on disk: not checked) or never made durable by this mount (not
+checked). Jobs sharing a file share its shadow, so one job's overwrite is never taken for
+another's loss.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from blockemu.errors import BlockemuError, NotFoundError
+from blockemu.fs.filesystem import File, Filesystem
+
+UNKNOWN, DURABLE, CHANGED = 0, 1, 2
+_DURABLE_RUNS = re.compile(rb"\x01+")
+
+
+class FileShadow:
+    """One file's shadow (see the module docstring)."""
+
+    def __init__(self, job: str) -> None:
+        self.job = job  # the first job that wrote it: named in a loss
+        self.current = bytearray()
+        self.durable = bytearray()
+        self.state = bytearray()
+        self.pending: list[tuple[int, int]] = []  # [start, end) changed since the last fsync began
+
+    def _grow(self, end: int) -> None:
+        if end > len(self.state):
+            more = end - len(self.state)
+            self.current += bytes(more)
+            self.durable += bytes(more)
+            self.state += bytes(more)
+
+    def changed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """``data`` is what the file holds at ``offset`` now (a write, zeros a punch or a grow left)."""
+        end = offset + len(data)
+        self._grow(end)
+        self.current[offset:end] = data
+        self.state[offset:end] = bytes([CHANGED]) * (end - offset)
+        self.pending.append((offset, end))
+
+    def truncated(self, size: int) -> None:
+        """A truncate: bytes past ``size`` are gone, or back after a cut (it was not durable yet):
+        unknown either way; a grow reads as zeros, changed."""
+        if size < len(self.state):
+            self.state[size:] = bytes(len(self.state) - size)
+        else:
+            self.changed(len(self.state), bytes(size - len(self.state)))
+
+    def syncing(self) -> list[tuple[int, int]]:
+        taken, self.pending = self.pending, []
+        return taken
+
+    def synced(self, taken: list[tuple[int, int]]) -> None:
+        """The fsync that took ``taken`` returned: those bytes are durable, but for what was
+        changed again while it ran (pending anew: either version may be on disk)."""
+        for start, end in taken:
+            end = min(end, len(self.state))  # a truncate meanwhile
+            self.durable[start:end] = self.current[start:end]
+            self.state[start:end] = bytes([DURABLE]) * max(0, end - start)
+        for start, end in self.pending:
+            self.state[start:end] = bytes([CHANGED]) * (end - start)
+
+    def unsynced(self, taken: list[tuple[int, int]]) -> None:
+        """The fsync failed: what it took is still to be made durable."""
+        self.pending = taken + self.pending
+
+    def losses(self, path: str, on_disk: bytes | None) -> list[str]:
+        """Each durable stretch the disk does not hold, as the run's finding."""
+        found = []
+        for m in _DURABLE_RUNS.finditer(self.state):
+            start, end = m.span()
+            if on_disk is None:
+                return [f"{self.job}: {path}: missing after the power cut, though fsync made {end - start} bytes "
+                        f"at {start} durable"]
+            if on_disk[start:end] != self.durable[start:end]:
+                bad = next(i for i in range(start, end) if i >= len(on_disk) or on_disk[i] != self.durable[i])
+                found.append(f"{self.job}: {path}: bytes [{bad}, {end}) differ after the power cut, though an "
+                             "fsync made them durable")
+        return found
+
+
+class LedgeredFile:
+    """A fio job's open file whose changes and fsyncs go into its shadow; everything else is
+    the file's own."""
+
+    def __init__(self, file: File, shadow: FileShadow) -> None:
+        self._file, self._shadow = file, shadow
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+    async def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        n = await self._file.pwrite(data, offset)
+        self._shadow.changed(offset, memoryview(data)[:n])
+        return n
+
+    async def punch_hole(self, offset: int, length: int) -> None:
+        await self._file.punch_hole(offset, length)
+        end = min(offset + length, len(self._shadow.state))
+        if end > offset:
+            self._shadow.changed(offset, bytes(end - offset))
+
+    async def truncate(self, size: int | None = None) -> int:
+        done = await self._file.truncate(size)
+        self._shadow.truncated(self._file.inode.size)
+        return done
+
+    async def fsync(self) -> None:
+        taken = self._shadow.syncing()
+        try:
+            await self._file.fsync()
+        except BaseException:
+            self._shadow.unsynced(taken)
+            raise
+        self._shadow.synced(taken)
+
+
+class FsyncLedger:
+    """The run's shadows, by path, for the mount a cut may end (``forget``: the file is gone)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, FileShadow] = {}
+
+    def wrap(self, path: str, file: File, job: str) -> File:
+        shadow = self.files.setdefault(path, FileShadow(job))
+        return LedgeredFile(file, shadow)  # type: ignore[return-value]  # a File to every caller
+
+    def forget(self, path: str) -> None:
+        self.files.pop(path, None)
+
+    async def check(self, fs: Filesystem) -> tuple[int, list[str]]:
+        """The files with durable bytes, and each loss, on ``fs`` (the image mounted again); the
+        shadows are dropped after: the jobs that follow start on what the disk held."""
+        checked, found = 0, []
+        for path, shadow in self.files.items():
+            if DURABLE not in shadow.state:
+                continue
+            checked += 1
+            try:
+                async with fs.open(path) as f:
+                    on_disk: bytes | None = await f.read()
+            except NotFoundError:
+                on_disk = None
+            except BlockemuError as e:
+                found.append(f"{shadow.job}: {path}: unreadable after the power cut: {e}")
+                continue
+            found += shadow.losses(path, on_disk)
+        self.files.clear()
+        return checked, found
