@@ -52,7 +52,7 @@ class FileShadow:
         """A truncate: bytes past ``size`` are gone, or back after a cut (it was not durable yet):
         unknown either way; a grow reads as zeros, changed."""
         if size < len(self.state):
-            self.state[size:] = bytes(len(self.state) - size)
+            del self.current[size:], self.durable[size:], self.state[size:]
         else:
             self.changed(len(self.state), bytes(size - len(self.state)))
 
