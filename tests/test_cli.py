@@ -389,6 +389,19 @@ def test_ctrl_c_in_fsck_exits_32_as_e2fsck(image):
     assert (p.returncode, p.stdout, p.stderr) == (32, "", "blockemu: fsck: interrupted\n")
 
 
+def test_ctrl_c_with_json_prints_the_error_object(image):
+    """--json's contract holds on Ctrl-C too (DESIGN §6): the error object on stdout, as for any
+    other failure -- an interrupted ``fsck --json`` (or ``crash --json``) printed nothing, so the
+    reader's parse failed instead of reading why."""
+    code = ("import signal, sys; from blockemu.check import fsck; from blockemu.cli.main import main; "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "fsck.Checker.check_extents = lambda self, sb: signal.raise_signal(signal.SIGINT); "
+            f"sys.exit(main(['fsck', {image!r}, '--json']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stderr) == (32, "blockemu: fsck: interrupted\n")
+    assert json.loads(p.stdout) == {"error": {"command": "fsck", "errno": 4, "code": "EINTR", "message": "interrupted"}}
+
+
 def test_cat_into_a_pipe_closed_early_exits_141(image, tmp_path):
     """A file under 1 MiB is one write to the pipe; the reader gone mid-write, the buffered writer
     returned a short count without raising, and ``cat | head`` exited 0, not 141."""

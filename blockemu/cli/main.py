@@ -1523,7 +1523,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
-        print(f"blockemu: {command}: interrupted", file=sys.stderr)
+        # one error path among the others: with --json a reader of stdout gets the error object,
+        # not an empty stream it fails to parse
+        fail(command, "interrupted", errno.EINTR, args)
         return 32 if command == "fsck" else 130
     except OSError as e:
         if debug:
