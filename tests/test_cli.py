@@ -427,3 +427,14 @@ def test_blockemus_programs_collect_young_objects_less_often():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     before, after = json.loads(out.stdout.splitlines()[-1])
     assert tuple(before) != (YOUNG, OLDER, OLDER) and tuple(after) == (YOUNG, OLDER, OLDER)
+
+
+def test_mkfs_the_host_refuses_the_size_of_names_the_image_and_leaves_none(tmp_path):
+    """A file size limit (ulimit -f) makes the host refuse the sparse image's size, EFBIG: mkfs
+    said a bare "File too large" and left an empty file, no image, where the image was asked."""
+    import resource
+    img = tmp_path / "a.img"
+    p = subprocess.run([sys.executable, "-m", "blockemu", "mkfs", str(img), "--size", "256M"], capture_output=True,
+                       text=True, timeout=60, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)))
+    assert (p.returncode, p.stderr) == (1, f"blockemu: mkfs: {img}: File too large\n")
+    assert not img.exists()

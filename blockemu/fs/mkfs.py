@@ -194,10 +194,20 @@ async def mkfs(
     try:
         # drop any old contents, then extend: the image stays sparse
         os.ftruncate(fd, 0)
-        os.ftruncate(fd, nbytes)
-        dev = BlockDevice(path, fd)
     except BaseException:
         os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, nbytes)
+        dev = BlockDevice(path, fd)
+    except BaseException as e:
+        # the host refused the size (a file size limit: EFBIG): the empty file left was no image,
+        # and the bare "File too large" named no file
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        if type(e) is OSError and e.filename is None:
+            raise OSError(e.errno, e.strerror, path) from e
         raise
     try:
         sb = SuperInfo(
