@@ -438,3 +438,13 @@ def test_mkfs_the_host_refuses_the_size_of_names_the_image_and_leaves_none(tmp_p
                        text=True, timeout=60, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)))
     assert (p.returncode, p.stderr) == (1, f"blockemu: mkfs: {img}: File too large\n")
     assert not img.exists()
+
+
+def test_a_file_size_limit_below_the_page_arena_is_named(image):
+    """The dirty pages' memfd counts against ulimit -f as any file: a mount under a small limit
+    failed with a bare "File too large", which read as the image's."""
+    import resource
+    p = subprocess.run([sys.executable, "-m", "blockemu", "ls", image], capture_output=True, text=True, timeout=60,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)))
+    assert p.returncode == 1 and p.stderr.startswith("blockemu: ls: File too large: the page arena, a memfd of ")
+    assert "ulimit -f" in p.stderr and p.stderr.count("\n") == 1

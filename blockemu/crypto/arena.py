@@ -20,7 +20,14 @@ class Arena:
     def __init__(self, frames: int) -> None:
         self.size = frames * PAGE
         self.fd = os.memfd_create("blockemu-pages", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, max(frames, 1) * PAGE)
+        try:
+            os.ftruncate(self.fd, max(frames, 1) * PAGE)
+        except OSError as e:
+            os.close(self.fd)
+            # a memfd counts against the file size limit (ulimit -f) as any file does: the bare
+            # "File too large" a mount failed with read as the image's
+            raise OSError(e.errno, f"{e.strerror}: the page arena, a memfd of {self.size >> 20} MiB "
+                          "for dirty pages (the file size limit, ulimit -f; a smaller dirty_limit)") from None
         self.map = mmap.mmap(self.fd, max(frames, 1) * PAGE)
         self.view = memoryview(self.map)
         # LIFO: the most recently freed frame is reused first, so the arena's touched
