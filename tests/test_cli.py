@@ -448,3 +448,14 @@ def test_a_file_size_limit_below_the_page_arena_is_named(image):
                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)))
     assert p.returncode == 1 and p.stderr.startswith("blockemu: ls: File too large: the page arena, a memfd of ")
     assert "ulimit -f" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_ls_prints_a_name_that_is_not_utf8_under_a_strict_utf8_locale(image):
+    """Under ``LANG=en_US.UTF-8`` Python's stdout is strict (PYTHONIOENCODING stands in for the
+    locale here): ``ls`` of a name that is not UTF-8 ended in a UnicodeEncodeError traceback;
+    it prints the name's bytes, as ls(1) does."""
+    subprocess.run([sys.executable, "-m", "blockemu", "put", image, "/etc/hostname", b"/bad\xff\xfe"], check=True,
+                   capture_output=True, timeout=60)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    p = subprocess.run([sys.executable, "-m", "blockemu", "ls", image], capture_output=True, timeout=60, env=env)
+    assert (p.returncode, p.stdout, p.stderr) == (0, b"bad\xff\xfe\n", b"")

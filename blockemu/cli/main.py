@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn
 
 from blockemu.check.exitcodes import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE
 from blockemu.cli.collector import collect_less
+from blockemu.cli.textout import print_any_name
 from blockemu.display import wanted as progress_wanted
 from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, IsADirectory, NoKeyError, NotADirectory, NotFoundError
 from blockemu.ondisk.structs import CSUM_TREE_OBJECTID
@@ -1496,6 +1497,7 @@ FAILURE_CODES = {"fsck": (EXIT_OPERATIONAL, EXIT_USAGE)}
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     collect_less()
+    print_any_name()
     command = next((x for x in argv if not x.startswith("-")), "")
     failure, usage = FAILURE_CODES.get(command, (CMD_FAILURE, CMD_USAGE))
     debug = bool(os.environ.get("BLOCKEMU_DEBUG"))
