@@ -459,3 +459,29 @@ def test_ls_prints_a_name_that_is_not_utf8_under_a_strict_utf8_locale(image):
     env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
     p = subprocess.run([sys.executable, "-m", "blockemu", "ls", image], capture_output=True, timeout=60, env=env)
     assert (p.returncode, p.stdout, p.stderr) == (0, b"bad\xff\xfe\n", b"")
+
+
+def test_sigterm_in_mkfs_rootdir_removes_the_half_built_image(tmp_path):
+    """SIGTERM (timeout, systemd, kill) stops mkfs as Ctrl-C does: the half-built image goes. It
+    ended the process on the spot, exit 143 and no line, leaving an image that mounted with part
+    of the tree. A real SIGTERM, raised by the process itself as the copy starts."""
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "f").write_bytes(b"x" * 10000)
+    img = tmp_path / "a.img"
+    code = ("import signal, sys; import blockemu.fs.mkfs as m; from blockemu.cli.main import main\n"
+            "async def populate(*args, **kw):\n"
+            "    signal.raise_signal(signal.SIGTERM)\n"
+            "m.populate = populate\n"
+            f"sys.exit(main(['mkfs', {str(img)!r}, '--size', '64M', '--rootdir', {str(tmp_path / 'tree')!r}]))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stderr) == (143, "blockemu: mkfs: terminated\n")
+    assert not img.exists()
+
+
+def test_sigterm_in_fsck_exits_32_as_e2fsck(image):
+    """e2fsck cancels on SIGTERM as on SIGINT, exit 32; the default action ended fsck with 143."""
+    code = ("import signal, sys; from blockemu.check import fsck; from blockemu.cli.main import main; "
+            "fsck.Checker.check_extents = lambda self, sb: signal.raise_signal(signal.SIGTERM); "
+            f"sys.exit(main(['fsck', {image!r}]))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout, p.stderr) == (32, "", "blockemu: fsck: terminated\n")

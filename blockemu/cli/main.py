@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn
 
 from blockemu.check.exitcodes import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE
 from blockemu.cli.collector import collect_less
+from blockemu.cli.terminate import Terminated, terminated_as_interrupted
 from blockemu.cli.textout import print_any_name
 from blockemu.display import wanted as progress_wanted
 from blockemu.errors import BlockemuError, ExistsError, InvalidArgument, IsADirectory, NoKeyError, NotADirectory, NotFoundError
@@ -1506,7 +1507,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         args, extra = build_parser(command, prog).parse_known_args(argv)
         if extra:  # parse_args has the top-level parser say it, naming no command
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
-        return COMMANDS[args.command](args)
+        with terminated_as_interrupted(args.command):
+            return COMMANDS[args.command](args)
     except UsageError as e:
         line = f"{e.prog or prog or prog_of(args)}: {e.why}"  # fsck.blockemu's as its parser's
         print(f"blockemu: usage: {line}", file=sys.stderr)
@@ -1524,11 +1526,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         # status of a process SIGPIPE ended, as other tools give
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # one error path among the others: with --json a reader of stdout gets the error object,
-        # not an empty stream it fails to parse
-        fail(command, "interrupted", errno.EINTR, args)
-        return 32 if command == "fsck" else 130
+        # not an empty stream it fails to parse. fsck exits e2fsck's 32 for either signal, as
+        # e2fsck cancels on both; the others 128 + the signal, as the shell reports one that ended them
+        term = isinstance(e, Terminated)
+        fail(command, "terminated" if term else "interrupted", errno.EINTR, args)
+        return 32 if command == "fsck" else 128 + (signal.SIGTERM if term else signal.SIGINT)
     except OSError as e:
         if debug:
             raise
