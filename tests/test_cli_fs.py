@@ -628,3 +628,25 @@ def test_mkfs_rootdir_skips_the_image_it_makes(tmp_path, capsys, force):
     assert main(["mkfs", str(img), "--size", "32M", "--rootdir", str(root)] + ["--force"] * force) == 0
     assert capsys.readouterr().err == f"blockemu mkfs: skipped {img}: the image being made\n"
     assert run("ls", str(img)).stdout.split() == ["f"] and run("fsck", str(img)).returncode == 0
+
+
+def test_rootdir_a_directory_the_walk_cannot_list_fails_mkfs(tmp_path, monkeypatch):
+    """A directory mkfs may not read (mode 000 as non-root; the suite runs as root, so its listing
+    is refused here) fails mkfs before the image is made, naming it, as a file it cannot read
+    does: os.walk skipped it silently, and the image lacked it and all under it, exit 0."""
+    tree = tmp_path / "tree"
+    (tree / "noperm" / "sub").mkdir(parents=True)
+    (tree / "noperm" / "f").write_bytes(b"data")
+    (tree / "ok").write_bytes(b"ok")
+    real = os.scandir
+
+    def scandir(path):
+        if os.fspath(path).endswith("noperm"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    img = tmp_path / "r.img"
+    with pytest.raises(PermissionError) as e:
+        asyncio.run(mkfs(str(img), "64M", rootdir=str(tree)))
+    assert e.value.filename == str(tree / "noperm") and not img.exists()

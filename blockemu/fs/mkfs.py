@@ -8,7 +8,7 @@ import stat
 import sys
 import time
 import uuid as uuidlib
-from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, NoReturn
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.imagelock import open_image
@@ -114,6 +114,13 @@ def file_id(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def refuse(e: OSError) -> NoReturn:
+    """A directory the walk cannot list (permission denied, gone) fails mkfs, as a file it cannot
+    read does: os.walk leaves it out by default, and ``--rootdir`` made an image without it, and
+    everything under it, exit 0, no word."""
+    raise e
+
+
 def plan_population(rootdir: str | None, encrypt: str | None, image: str) -> tuple[Plan, Skipped, Sources]:
     """What ``populate`` will create, the host entries it skips (and why), and where each entry's
     metadata comes from. Checked before mkfs writes anything, so a bad ``--encrypt`` leaves no
@@ -125,7 +132,7 @@ def plan_population(rootdir: str | None, encrypt: str | None, image: str) -> tup
     sources: Sources = []
     if rootdir is not None:
         own = file_id(image)  # once, not per entry
-        for top, dirs, files in os.walk(rootdir):
+        for top, dirs, files in os.walk(rootdir, onerror=refuse):
             dirs.sort()
             rel = os.path.relpath(top, rootdir)
             base = "" if rel == "." else "/" + rel.replace(os.sep, "/")
