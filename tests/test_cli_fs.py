@@ -650,3 +650,20 @@ def test_rootdir_a_directory_the_walk_cannot_list_fails_mkfs(tmp_path, monkeypat
     with pytest.raises(PermissionError) as e:
         asyncio.run(mkfs(str(img), "64M", rootdir=str(tree)))
     assert e.value.filename == str(tree / "noperm") and not img.exists()
+
+
+def test_mkfs_failing_through_a_symbolic_link_removes_the_image_not_the_link(tmp_path, monkeypatch):
+    """A failed ``mkfs --rootdir`` removes the half-built image it wrote. Given a symbolic link as
+    IMAGE it removed the link and left the half-built image at the link's target."""
+    import blockemu.fs.mkfs as m
+
+    async def populate(*args, **kw):
+        raise OSError(5, "Input/output error", "tree/f")
+
+    monkeypatch.setattr(m, "populate", populate)
+    (tmp_path / "tree").mkdir()
+    link, target = tmp_path / "link.img", tmp_path / "target.img"
+    link.symlink_to(target.name)
+    with pytest.raises(OSError):
+        asyncio.run(mkfs(str(link), "64M", rootdir=str(tmp_path / "tree")))
+    assert link.is_symlink() and not target.exists()

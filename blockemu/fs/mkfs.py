@@ -198,6 +198,9 @@ async def mkfs(
     plan, skipped, sources = plan_population(rootdir, encrypt, path) if populating else ([], [], [])
     check_target(path, force)
     fd = open_image(path, readonly=False, create=True)  # locked before anything is written
+    # what a failure removes: the file written, not a symbolic link to it (removing the link left
+    # the half-built image at its target)
+    made = os.path.realpath(path)
     try:
         # drop any old contents, then extend: the image stays sparse
         os.ftruncate(fd, 0)
@@ -212,7 +215,7 @@ async def mkfs(
         # and the bare "File too large" named no file
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            os.unlink(made)
         if type(e) is OSError and e.filename is None:
             raise OSError(e.errno, e.strerror, path) from e
         raise
@@ -246,7 +249,7 @@ async def mkfs(
         # a half-built image is worse than none: what was there is gone already (truncated)
         dev.close_sync()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            os.unlink(made)
         raise
 
 
