@@ -485,3 +485,17 @@ def test_sigterm_in_fsck_exits_32_as_e2fsck(image):
             f"sys.exit(main(['fsck', {image!r}]))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (p.returncode, p.stdout, p.stderr) == (32, "", "blockemu: fsck: terminated\n")
+
+
+def test_json_names_a_path_that_is_not_utf8_in_text_strict_parsers_take(image, tmp_path):
+    """An image path that is not UTF-8 went into the JSON as lone surrogate escapes
+    (``"\\udcff"``), which strict parsers (serde_json) refuse: U+FFFD stands for each such byte,
+    as in ``ls --json``'s names -- in the result and in an error's message."""
+    odd = os.path.join(os.fsencode(tmp_path), b"d\xff")
+    os.mkdir(odd)
+    os.rename(image, os.path.join(odd, b"a.img"))
+    for args, field in ((["fsck", os.path.join(odd, b"a.img")], lambda d: d["image"]),
+                        (["ls", os.path.join(odd, b"none.img")], lambda d: d["error"]["message"])):
+        p = subprocess.run([sys.executable, "-m", "blockemu", *args, "--json"], capture_output=True, timeout=60)
+        assert b"\\udc" not in p.stdout
+        assert f"{tmp_path}/d\ufffd/" in field(json.loads(p.stdout))

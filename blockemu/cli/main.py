@@ -574,8 +574,31 @@ def write_path_flag(a: argparse.Namespace) -> str:
 
 
 def emit_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
+    text = json.dumps(obj, indent=2, default=str)
+    if "\\udc" in text:  # perhaps a lone surrogate (else a pair's low half): rare, so checked only then
+        text = json.dumps(valid_text(obj), indent=2, default=str)
+    sys.stdout.write(text + "\n")
+
+
+def valid_text(obj: Any) -> Any:
+    """``obj`` with every string made text strict parsers take: a path given as bytes that are
+    not UTF-8 (an image named so, a file named in a message) is a str with lone surrogate
+    escapes in Python, dumped as ``\\udcff``, which strict parsers (serde_json) refuse -- U+FFFD
+    stands for each such byte, as in ``json_bytes``'s text (whose ``_base64`` keeps a name's
+    exact bytes)."""
+    if isinstance(obj, str):
+        if obj.isascii():
+            return obj
+        try:
+            obj.encode()
+        except UnicodeEncodeError:
+            return obj.encode(errors="surrogateescape").decode(errors="replace")
+        return obj
+    if isinstance(obj, dict):
+        return {valid_text(k): valid_text(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [valid_text(v) for v in obj]
+    return obj
 
 
 def json_bytes(row: dict[str, Any], *fields: str) -> dict[str, Any]:
