@@ -415,6 +415,23 @@ def test_cat_into_a_pipe_closed_early_exits_141(image, tmp_path):
     assert (p.wait(timeout=60), p.stderr.read()) == (141, b"")
 
 
+def test_json_into_a_pipe_closed_early_exits_141(tmp_path):
+    """JSON larger than a pipe holds, its reader gone after a few bytes: 141, as SIGPIPE ends a
+    process -- not 0, which one large write cut short gave (it returned the short count)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(300):
+        (tree / f"f{i:03}").write_bytes(b"x")
+    img = str(tmp_path / "a.img")
+    run("mkfs", img, "--size", "64M", "--rootdir", str(tree))
+    assert len(run("inspect", "dump-tree", img, "--json").stdout) > 1 << 19  # many times a pipe's 64 KiB
+    p = subprocess.Popen([sys.executable, "-m", "blockemu", "inspect", "dump-tree", img, "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.read(2) == b"[\n"
+    p.stdout.close()
+    assert (p.wait(timeout=60), p.stderr.read()) == (141, b"")
+
+
 def test_blockemus_programs_collect_young_objects_less_often():
     """The CLI (every command, the mount server) runs with blockemu/cli/collector.py's schedule:
     with CPython's default the collector took ~7 % of an fsync cycle's CPU."""

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import errno
 import functools
+import io
 import json
 import os
 import re
@@ -577,7 +578,12 @@ def emit_json(obj: Any) -> None:
     text = json.dumps(obj, indent=2, default=str)
     if "\\udc" in text:  # perhaps a lone surrogate (else a pair's low half): rare, so checked only then
         text = json.dumps(valid_text(obj), indent=2, default=str)
-    sys.stdout.write(text + "\n")
+    text += "\n"
+    # in pieces the buffered writer takes in, never one large write: handed to the pipe as it is,
+    # one cut short by a reader gone away (``| head``) returned the short count without raising,
+    # and the command exited 0, not 141 (``write_all``)
+    for i in range(0, len(text), io.DEFAULT_BUFFER_SIZE):
+        sys.stdout.write(text[i : i + io.DEFAULT_BUFFER_SIZE])
 
 
 def valid_text(obj: Any) -> Any:
