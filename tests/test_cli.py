@@ -351,6 +351,20 @@ def test_a_count_out_of_range_is_a_usage_line_not_a_traceback_nor_an_empty_run(t
     assert not os.path.exists(tmp_path / "s.img") and not os.path.exists(tmp_path / "kept")
 
 
+def test_heatmap_refuses_to_draw_over_the_image(image, tmp_path):
+    """A read-only inspection never writes the image: ``heatmap disk.raw disk.raw`` (matplotlib
+    writes .raw pictures) or an OUT that is a link to the image drew the picture over it, and the
+    image was gone. Refused before drawing, EINVAL, exit 1; the image is as it was."""
+    raw = tmp_path / "disk.raw"
+    os.rename(image, raw)
+    (tmp_path / "link.png").symlink_to(raw)
+    before = sha(raw)
+    for out in (raw, tmp_path / "link.png"):
+        assert run("inspect", "heatmap", str(raw), str(out), check_rc=1).stderr == (
+            f"blockemu: inspect: {out}: is the image itself (the picture would overwrite it)\n")
+    assert sha(raw) == before
+
+
 def test_heatmap_without_matplotlib_names_the_extra(image, tmp_path):
     """numpy, which comes with matplotlib, was imported first: a ModuleNotFoundError traceback.
     Then it exited 1 after walking the whole image; now a usage error before it, as stress --report."""

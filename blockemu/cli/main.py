@@ -1498,9 +1498,12 @@ def picture_format(out: str) -> None:
 def inspect_heatmap(a: argparse.Namespace) -> int:
     from blockemu import display
     from blockemu.check import heatmap
+    from blockemu.fs.mkfs import file_id
 
     need_pyplot()
     picture_format(a.out)
+    if (own := file_id(a.image)) is not None and file_id(a.out) == own:  # `heatmap disk.raw disk.raw`, a link to it
+        raise InvalidArgument(f"{a.out}: is the image itself (the picture would overwrite it)")
     hm = heatmap.build(a.image)
     heatmap.draw(hm, a.image, a.out)
     if a.json:
