@@ -3,6 +3,7 @@ read-only opens, fsck, the full-commit fallbacks, and every crash state around t
 writes, flushes and FUAs on the production write path."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -39,6 +40,34 @@ def _digest(path: str) -> str:
 def _super(path: str):
     with ImageFile.open(path) as img:
         return img.best_super()
+
+
+def _log_super(path: str):
+    """The superblock as mount reads it: ``log_root`` the newest log that landed whole (a log
+    slot's, or the superblock's own)."""
+    from blockemu.engine.treelog import choose_log
+    with ImageFile.open(path) as img:
+        return choose_log(img.read, img.best_super())[0]
+
+
+def _resign_slots(path: str) -> None:
+    """After a test's edit of log blocks: each log slot of the image records the checksum field
+    its blocks now have, as if the edited log had been written so (a hostile log that landed
+    whole, not one a power cut tore)."""
+    from blockemu.ondisk.logslot import decode_slot, encode_slot
+    sb = _super(path)
+    with open(path, "r+b") as f:
+        for at in S.LOG_SLOT_OFFSETS:
+            f.seek(at)
+            slot = decode_slot(f.read(S.LOG_SLOT_SIZE), at, sb.fsid, sb.csum_type)
+            if slot is None:
+                continue
+            blocks = []
+            for bytenr, _ in slot.blocks:
+                f.seek(bytenr)
+                blocks.append((bytenr, f.read(S.CSUM_FIELD)))
+            f.seek(at)
+            f.write(encode_slot(dataclasses.replace(slot, blocks=tuple(blocks)), sb.fsid, sb.csum_type, at))
 
 
 async def committed_then_log(fs, tmp_path, data: bytes, path: str = "/f"):
@@ -307,7 +336,7 @@ async def test_a_log_written_without_barriers_is_caught(tmp_path):
 
 def _log_items(path: str):
     from blockemu.engine.treelog import read_log
-    sb = _super(path)
+    sb = _log_super(path)
     with ImageFile.open(path) as img:
         return sb, *read_log(img.read, sb)
 
@@ -489,10 +518,12 @@ async def test_a_file_written_before_another_files_log_sync_is_logged_at_its_own
 
 
 def _durable_log(fs) -> tuple[list[int], list]:
-    """The blocks and items of the log the durable superblock names, read through the device."""
-    from blockemu.engine.treelog import read_log
+    """The blocks and items of the log the durable superblock (or log slot) names, read through
+    the device."""
+    from blockemu.engine.treelog import choose_log, read_log
     from blockemu.fs.volume import read_primary_super
-    return read_log(fs.vol.device.read_sync, read_primary_super(fs.vol.device))
+    read = fs.vol.device.read_sync
+    return read_log(read, choose_log(read, read_primary_super(fs.vol.device))[0])
 
 
 def _log_csum_items(fs) -> list:
@@ -670,9 +701,10 @@ async def test_a_log_chain_replays_and_inspect_shows_every_tree(tmp_path):
 
 
 def _edit_log_leaf(path: str, edit) -> None:
-    """Re-encode the leaf ``log_root`` names after ``edit(leaf, sb)`` changed it (a hostile log)."""
+    """Re-encode the leaf ``log_root`` names after ``edit(leaf, sb)`` changed it (a hostile log,
+    its log slot re-signed: ``_resign_slots``)."""
     from blockemu.ondisk.block import decode_block, encode_block
-    sb = _super(path)
+    sb = _log_super(path)
     with open(path, "r+b") as f:
         f.seek(sb.log_root)
         leaf = decode_block(f.read(sb.nodesize), bytenr=sb.log_root, nodesize=sb.nodesize, csum_type=sb.csum_type,
@@ -680,6 +712,7 @@ def _edit_log_leaf(path: str, edit) -> None:
         edit(leaf, sb)
         f.seek(sb.log_root)
         f.write(encode_block(leaf, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid))
+    _resign_slots(path)
 
 
 async def test_a_log_base_that_shares_the_deltas_block_is_damaged_for_fsck_and_mount(tmp_path):
@@ -746,7 +779,7 @@ async def test_every_log_read_failure_at_mount_gives_the_rescue_hint(tmp_path, d
     from blockemu.errors import DeviceIOError
     from blockemu.ondisk.items import RootItem
     crash, _ = await _crashed_after_scattered_fsyncs(tmp_path, 9, lambda log: log.base is not None)
-    sb = _super(crash)
+    sb = _log_super(crash)
     faults = None
     if damage == "link past the end":
         def past_the_end(leaf, sb) -> None:

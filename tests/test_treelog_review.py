@@ -17,7 +17,7 @@ import blockemu
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.writelog import sparse_copy
-from blockemu.engine.treelog import read_log
+from blockemu.engine.treelog import choose_log, read_log
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import FileExtent
 from blockemu.ondisk.superblock import decode_super, encode_super
@@ -268,11 +268,12 @@ async def test_a_durable_log_stays_unallocatable_until_a_superblock_supersedes_i
             await f.write(random.Random(5).randbytes(300 << 10))
         await fs.sync()
         vol = fs.vol
-        flush_then_fua, checked = vol.device.flush_then_fua, []
+        flush_then_fua, writev, checked = vol.device.flush_then_fua, vol.device.writev, []
 
         def free_but_named() -> list[tuple[int, int]]:
             at = S.SUPER_OFFSETS[0]
-            sb = decode_super(vol.device.read_sync(at, S.SUPER_INFO_SIZE), at)  # the durable one
+            # the durable one, and the log slot written by the last completed flush, if any
+            sb, _ = choose_log(vol.device.read_sync, decode_super(vol.device.read_sync(at, S.SUPER_INFO_SIZE), at))
             if not sb.log_root:
                 return []
             blocks, items = read_log(vol.device.read_sync, sb)
@@ -287,7 +288,13 @@ async def test_a_durable_log_stays_unallocatable_until_a_superblock_supersedes_i
                 assert not free_but_named()
             await flush_then_fua(offset, data)
 
+        async def watched_writev(writes, **kw) -> None:
+            if any(at in S.LOG_SLOT_OFFSETS for at, _ in writes):  # a later log sync's blocks and slot
+                assert not free_but_named()
+            await writev(writes, **kw)
+
         monkeypatch.setattr(vol.device, "flush_then_fua", watched)
+        monkeypatch.setattr(vol.device, "writev", watched_writev)
         async with fs.open("/f", "r+") as f:
             for off in (0, 100 << 10, 0, 0, 4096):
                 await f.pwrite(random.Random(off).randbytes(64 << 10), off)

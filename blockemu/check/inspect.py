@@ -6,7 +6,7 @@ from typing import Any, Iterator
 from blockemu.device.image import ImageFile, truncated
 from blockemu.engine.btree import BTree
 from blockemu.engine.transaction import Engine
-from blockemu.engine.treelog import log_trees
+from blockemu.engine.treelog import choose_log, log_trees
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.block import TreeBlock, body_size
@@ -129,7 +129,7 @@ def _dump_trees(img: ImageFile, sb: Any, trees: list[str] | None) -> list[dict[s
             if not sb.log_root:
                 continue  # no fsync log: nothing to show
             # found from the superblock, not the root tree: the delta, then each tree it names in turn
-            trees = log_trees(img.read, sb)
+            trees = log_trees(img.read, choose_log(img.read, sb)[0])  # the newest that landed whole
         else:
             trees = [engine.tree(tid)]
         out.extend(block_json(name, b, sb.nodesize) for tree in trees for b in _bfs(tree))

@@ -118,7 +118,13 @@ def zero_log(path: str) -> SuperInfo | None:
         if unwritable is not None:
             raise unwritable
         new = replace(sb, log_root=0, log_root_transid=0, log_root_level=0,
-                      incompat_flags=sb.incompat_flags & ~S.INCOMPAT_TREE_LOG)
+                      incompat_flags=sb.incompat_flags & ~S.INCOMPAT_LOG_BITS)
+        if sb.incompat_flags & S.INCOMPAT_LOG_SLOTS:
+            # wiped first: the generation stays, and a later log's superblock must not find
+            # these slots its own (SPEC "Log slots")
+            for slot in S.LOG_SLOT_OFFSETS:
+                os.pwrite(fd, bytes(S.LOG_SLOT_SIZE), slot)
+            os.fsync(fd)
         os.pwrite(fd, encode_super(new, at), at)
         os.fsync(fd)
         return sb

@@ -14,10 +14,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
-from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
+from blockemu.ondisk.structs import LOG_SLOT_OFFSETS, SUPER_INFO_SIZE, SUPER_OFFSETS
 
 SECTOR = 4096
 TEAR = 512  # the device's logical sector: a power cut may land part of a 4 KiB write, as of a superblock
+TORN_COPIES = (*SUPER_OFFSETS[1:], *LOG_SLOT_OFFSETS)  # 4 KiB copies written in doubt (``mirror_tears``)
 Kind = Literal["write", "fua", "flush", "discard", "mark"]
 
 
@@ -169,12 +170,13 @@ class WriteLog:
 
 
 def mirror_tears(upto: int, doubt: list[LogEntry]) -> Iterable[CrashState]:
-    """A commit writes the mirrors after the primary's FUA and before its last flush: a cut
-    there may land a mirror's 4 KiB in part (a device of 512-byte sectors tears it), new head
-    and old tail or the reverse -- a copy whose checksum fails beside a valid primary. The
-    other writes in doubt land (the worst case for the rest is covered by the states before)."""
+    """A commit writes the mirrors after the primary's FUA and before its last flush, and a log
+    sync its log slot before its flush: a cut there may land the copy's 4 KiB in part (a device
+    of 512-byte sectors tears it), new head and old tail or the reverse -- a mirror whose
+    checksum fails beside a valid primary, a slot whose checksum fails beside the one before.
+    The other writes in doubt land (the worst case for the rest is covered by the states before)."""
     seqs = tuple(e.seq for e in doubt)
     for e in doubt:
-        if e.kind == "write" and e.offset in SUPER_OFFSETS[1:] and len(e.data) == SUPER_INFO_SIZE:
+        if e.kind == "write" and e.offset in TORN_COPIES and len(e.data) == SUPER_INFO_SIZE:
             for part in ((0, TEAR), (TEAR, SUPER_INFO_SIZE)):
                 yield CrashState(upto, seqs, split={e.seq: part})

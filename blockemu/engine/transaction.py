@@ -45,7 +45,7 @@ from blockemu.ondisk.structs import (
     FREE_SPACE_EXTENT,
     FREE_SPACE_TREE_OBJECTID,
     FS_TREE_OBJECTID,
-    INCOMPAT_TREE_LOG,
+    INCOMPAT_LOG_BITS,
     METADATA_ITEM,
     NUM_BACKUP_ROOTS,
     RESERVED_START,
@@ -530,7 +530,7 @@ class Engine:
             label=sb.label,
             compat_flags=sb.compat_flags,
             compat_ro_flags=sb.compat_ro_flags,
-            incompat_flags=sb.incompat_flags & ~INCOMPAT_TREE_LOG,  # a full commit supersedes the log
+            incompat_flags=sb.incompat_flags & ~INCOMPAT_LOG_BITS,  # a full commit supersedes the log
             backup_roots=[dict(b) for b in sb.backup_roots],
         )
         backup = new.backup_roots[self.transid % NUM_BACKUP_ROOTS]
@@ -554,7 +554,7 @@ class Engine:
         image's now, and a block the cache lets go may be read back. A feature bit the next
         transaction turned on meanwhile (``sb`` is still the old one's until now) is kept for
         that transaction's commit."""
-        new.incompat_flags |= self.sb.incompat_flags & ~INCOMPAT_TREE_LOG
+        new.incompat_flags |= self.sb.incompat_flags & ~INCOMPAT_LOG_BITS
         self.sb = new
         self.store.written()
 

@@ -47,8 +47,11 @@ from blockemu.engine.transaction import Engine, ReadFn, TreeStore
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.csum import csum_size
+from blockemu.ondisk.csum import digests as all_digests
 from blockemu.ondisk.fast import ITEM_SIZE
 from blockemu.ondisk.items import FileExtent, RootItem
+from blockemu.ondisk.logslot import SlotInfo, decode_slot
+from blockemu.ondisk.structs import CSUM_FIELD
 from blockemu.ondisk.superblock import SuperInfo
 
 U64_MAX = (1 << 64) - 1
@@ -151,6 +154,8 @@ class TreeLog:
         # tree blocks' worth of room the layer above promised to dirty data and writeback has not
         # taken yet (``Filesystem.promised_blocks``): the log may not take it (``_keep``)
         self.promised: Callable[[], int] = lambda: 0
+        self.sequence = 0  # log syncs durable in this transaction (a slot's number is the next)
+        self.base_root = 0  # the log root the durable primary superblock names (0: none yet)
 
     def can_log(self, ino: int) -> bool:
         """Whether an fsync of ``ino`` may go through the log: its change is one the log can say
@@ -275,20 +280,33 @@ class TreeLog:
             ends[key[2] + len(body) // size * S.SECTOR_SIZE] = (key, body)
         return list(out.items())
 
-    def prepare_sync(self) -> tuple[list[tuple[int, bytes]], SuperInfo] | None:
-        """The log blocks to write, and the superblock pointing at them; None if the log on
-        disk already says everything (nothing was logged since the last sync)."""
+    def prepare_sync(self) -> tuple[list[tuple[int, bytes]], SuperInfo, SlotInfo | None] | None:
+        """The log blocks to write, the superblock pointing at them, and -- once a superblock
+        naming the log is durable (``base_root``) and the blocks fit a slot's list -- the log
+        slot to write instead of that superblock; None if the log on disk already says
+        everything (nothing was logged since the last sync)."""
         if self.tree is None or self.store is None or not self.store.dirty:
             return None
         sb = self.engine.sb
         new = replace(sb, log_root=self.tree.root, log_root_level=self.tree.level, log_root_transid=self.engine.transid,
-                      incompat_flags=sb.incompat_flags | S.INCOMPAT_TREE_LOG)
-        return self.store.encode_dirty(), new
+                      incompat_flags=sb.incompat_flags | S.INCOMPAT_LOG_BITS)
+        writes = self.store.encode_dirty()
+        slot = None
+        if self.base_root and len(writes) <= S.LOG_SLOT_BLOCKS:
+            slot = SlotInfo(sb.generation, self.base_root, self.sequence + 1, self.tree.root, self.tree.level,
+                            tuple((bytenr, raw[:CSUM_FIELD]) for bytenr, raw in writes))
+        return writes, new, slot
 
-    def finish_sync(self) -> None:
-        """The log's superblock is durable: later changes to the log COW (and pin) its blocks."""
-        assert self.store is not None
+    def finish_sync(self, slot: SlotInfo | None) -> None:
+        """The log sync is durable (its superblock, or its ``slot`` and everything the slot
+        names): later changes to the log COW (and pin) its blocks, so no block a durable log
+        names is written over before the commit that drops the log -- the fallback of a later
+        sync whose slot landed without its blocks (``choose_log``) needs them as they are."""
+        assert self.store is not None and self.tree is not None
         self.store.mark_written()
+        self.sequence += 1
+        if slot is None:
+            self.base_root = self.tree.root
 
     def drop(self) -> None:
         """A full commit supersedes the log: its blocks are freed -- pinned until that commit is
@@ -301,6 +319,7 @@ class TreeLog:
         self.tree = self.base = self.store = None
         self.logged, self.held, self.csummed, self.csum_ends, self.older = {}, {}, set(), {}, set()
         self.spoiled = False
+        self.sequence = self.base_root = 0
 
 
 def log_trees(read: ReadFn, sb: SuperInfo) -> list[BTree]:
@@ -346,6 +365,55 @@ def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
     items.pop(LINK_KEY, None)
     items.pop(BASE_KEY, None)
     return blocks, sorted((key, body) for key, body in items.items() if body != DROPPED)
+
+
+def choose_log(read: ReadFn, sb: SuperInfo) -> tuple[SuperInfo, list[str]]:
+    """The superblock as the newest log that landed whole makes it (its ``log_root`` that log's),
+    and a line for each newer log slot passed over. A slot is written in the same flush as the
+    blocks and data it names (SPEC "Log slots"), so a power cut may land it without them: its
+    log counts only if every block the sync wrote reads back with the checksum field the slot
+    recorded and every data sector the log names matches the log's checksum -- else that sync
+    was never acknowledged, and the slot before it (made durable by a completed flush, its
+    blocks and data never reused before the next commit: ``TreeLog.finish_sync``), or the
+    superblock's own log, is the log. A log whose blocks all landed but that does not read (a
+    broken chain) is damage, raised as ``read_log`` raises it, and so is an EIO: neither says
+    the sync did not complete. A superblock without LOG_SLOTS (an older build's log) has none."""
+    if not sb.log_root or not sb.incompat_flags & S.INCOMPAT_LOG_SLOTS:
+        return sb, []
+    slots = [decode_slot(read(at, S.LOG_SLOT_SIZE), at, sb.fsid, sb.csum_type) for at in S.LOG_SLOT_OFFSETS]
+    mine = sorted((s for s in slots if s is not None and s.generation == sb.generation and s.base_root == sb.log_root),
+                  key=lambda s: -s.sequence)
+    passed: list[str] = []
+    for slot in mine:
+        new = replace(sb, log_root=slot.log_root, log_root_level=slot.log_root_level)
+        why = _not_landed(read, new, slot)
+        if why is None:
+            return new, passed
+        passed.append(f"log sync {slot.sequence + 1} (its log slot names log root {slot.log_root}) did not land "
+                      f"whole and was never acknowledged: {why}; the log before it replays")
+    return sb, passed
+
+
+def _not_landed(read: ReadFn, sb: SuperInfo, slot: SlotInfo) -> str | None:
+    """What the log sync of ``slot`` wrote and is not on disk (None: all of it is)."""
+    for bytenr, csum in slot.blocks:
+        if read(bytenr, sb.nodesize)[:CSUM_FIELD] != csum:
+            return f"log block {bytenr} is not the one it wrote"
+    _, items = read_log(read, sb)
+    csums = [(key, body) for key, body in items if key[:2] == (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM)]
+    starts, size, seen = [k[2] for k, _ in csums], csum_size(sb.csum_type), set()
+    for key, body in items:
+        if key[1] != S.EXTENT_DATA:
+            continue
+        fe = FileExtent.unpack(body)
+        if fe.disk_bytenr in seen:
+            continue
+        seen.add(fe.disk_bytenr)
+        for (_, _, first), digests in extent_csums(csums, starts, fe.disk_bytenr, fe.disk_num_bytes, size,
+                                                   fe.disk_num_bytes // S.SECTOR_SIZE):
+            if all_digests(read(first, len(digests) // size * S.SECTOR_SIZE), sb.csum_type) != digests:
+                return f"the data of extent [{fe.disk_bytenr}, +{fe.disk_num_bytes}) does not match its checksums"
+    return None
 
 
 def replay(engine: Engine, blocks: list[int], items: list[Item]) -> None:

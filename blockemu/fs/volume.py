@@ -10,9 +10,10 @@ from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import bad_primary, read_only_features, too_small, unsupported
 from blockemu.engine.transaction import Engine, super_writes
-from blockemu.engine.treelog import TreeLog, read_log, replay
+from blockemu.engine.treelog import TreeLog, choose_log, read_log, replay
 from blockemu.errors import BlockemuError, CorruptionError, DeviceIOError, NoSpaceError, ReadOnlyError, restate
-from blockemu.ondisk.structs import SUPER_INFO_SIZE, SUPER_OFFSETS
+from blockemu.ondisk.logslot import SlotInfo, encode_slot
+from blockemu.ondisk.structs import LOG_SLOT_OFFSETS, SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
 
 T = TypeVar("T")
@@ -108,7 +109,8 @@ class Volume:
             engine = Engine(sb, dev.read_sync, writable=not readonly or bool(sb.log_root),
                             rebuild_free_space=rebuild_free_space)
             try:
-                log = read_log(engine.store.read, sb) if sb.log_root else None
+                # the newest log sync that landed whole (SPEC "Log slots")
+                log = read_log(engine.store.read, choose_log(engine.store.read, sb)[0]) if sb.log_root else None
             except (CorruptionError, DeviceIOError) as e:  # damaged, past the device's end, EIO
                 raise damaged_log(e, path) from None
             try:
@@ -359,12 +361,21 @@ class Volume:
             raise asyncio.CancelledError
         return done
 
-    async def _write_log(self, writes: list[tuple[int, bytes]], sb: SuperInfo) -> None:
-        """The log's blocks, one flush, then the primary superblock pointing at them with FUA:
-        the superblock names only blocks already durable. The mirrors keep the last full commit."""
-        await self.device.writev(writes)
-        await self.device.flush_then_fua(SUPER_OFFSETS[0], encode_super(sb, SUPER_OFFSETS[0]))
-        self.log.finish_sync()
+    async def _write_log(self, writes: list[tuple[int, bytes]], sb: SuperInfo, slot: SlotInfo | None) -> None:
+        """The first log sync of a transaction: the log's blocks, one flush, then the primary
+        superblock pointing at them with FUA (with INCOMPAT_LOG_SLOTS: later syncs may write
+        slots), so the superblock names only blocks already durable. A later one: the blocks and
+        the ``slot`` naming them (alternate slots, the last sync's left intact) and one flush --
+        the slot may land without them, and mount then replays the log of the slot or superblock
+        before it (``choose_log``). The mirrors keep the last full commit."""
+        if slot is None:
+            await self.device.writev(writes)
+            await self.device.flush_then_fua(SUPER_OFFSETS[0], encode_super(sb, SUPER_OFFSETS[0]))
+        else:
+            at = LOG_SLOT_OFFSETS[slot.sequence % 2]
+            await self.device.writev([*writes, (at, encode_slot(slot, sb.fsid, sb.csum_type, at))])
+            await self.device.flush()
+        self.log.finish_sync(slot)
         self.log_root = sb.log_root
 
     def not_mounted(self) -> DeviceIOError:

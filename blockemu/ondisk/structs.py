@@ -111,7 +111,12 @@ INCOMPAT_TREE_LOG = 1 << 2
 # the image may hold INODE_EXTREF items (btrfs's EXTENDED_IREF): mkfs sets it; without it a
 # hard link's names in one directory end where their INODE_REF item is full (EMLINK)
 INCOMPAT_EXTENDED_IREF = 1 << 3
-INCOMPAT_SUPPORTED = INCOMPAT_ENCRYPTED_NAMES | INCOMPAT_ENCRYPTED_SYMLINKS | INCOMPAT_TREE_LOG | INCOMPAT_EXTENDED_IREF
+# set with TREE_LOG when later log syncs of the transaction may have written log slots (SPEC "Log
+# slots"): a reader that knew only TREE_LOG would replay the superblock's log and miss theirs
+INCOMPAT_LOG_SLOTS = 1 << 4
+INCOMPAT_LOG_BITS = INCOMPAT_TREE_LOG | INCOMPAT_LOG_SLOTS  # what a commit (or zero-log) clears with the log
+INCOMPAT_SUPPORTED = (INCOMPAT_ENCRYPTED_NAMES | INCOMPAT_ENCRYPTED_SYMLINKS | INCOMPAT_TREE_LOG
+                      | INCOMPAT_EXTENDED_IREF | INCOMPAT_LOG_SLOTS)
 # the most names one inode has (btrfs's BTRFS_LINK_MAX): link(2) past it is EMLINK
 LINK_MAX = 65535
 # Superblock compat_ro_flags: format v1 defines none. An image with a bit this blockemu does not
@@ -172,6 +177,34 @@ Superblock = Struct(
     "log_root_transid" / Int64ul,  # 0x33c: the transaction the log belongs to (generation + 1)
     "log_root_level" / Int8ul,  # 0x344
     Padding(SUPER_INFO_SIZE - 0x194 - NUM_BACKUP_ROOTS * 104 - 17),
+)
+
+# The two log slots (SPEC "Log slots"): the 4 KiB after the primary superblock, alternated per
+# log sync, so the one the last sync wrote is intact while the next one's write is in doubt.
+LOG_SLOT_SIZE = 4096
+LOG_SLOT_OFFSETS = (SUPER_OFFSETS[0] + SUPER_INFO_SIZE, SUPER_OFFSETS[0] + 2 * SUPER_INFO_SIZE)
+LOG_SLOT_MAGIC = b"_BEmULOG"
+LOG_SLOT_BLOCKS = 96  # a log sync writing more blocks than a slot lists writes the superblock instead
+
+LogSlotBlock = Struct(
+    "bytenr" / Int64ul,
+    "csum" / Bytes(CSUM_FIELD),  # the block's header csum field as the sync wrote it
+)
+
+LogSlot = Struct(
+    "csum" / Bytes(CSUM_FIELD),
+    "fsid" / Bytes(16),
+    "bytenr" / Int64ul,  # 0x030: offset of this slot
+    "magic" / Const(LOG_SLOT_MAGIC),
+    "generation" / Int64ul,  # 0x040: the superblock generation the log extends
+    "base_root" / Int64ul,  # 0x048: the superblock's log_root when the slot was written
+    "sequence" / Int64ul,  # 0x050: the log sync's number in its transaction; the higher slot is newer
+    "log_root" / Int64ul,  # 0x058
+    "log_root_level" / Int8ul,  # 0x060
+    Padding(1),
+    "nblocks" / Int16ul,  # 0x062
+    "blocks" / LogSlotBlock[LOG_SLOT_BLOCKS],  # 0x064
+    Padding(LOG_SLOT_SIZE - 0x64 - LOG_SLOT_BLOCKS * 40),
 )
 
 Header = Struct(
@@ -325,6 +358,8 @@ STRUCTS = {
     "Key": Key,
     "BackupRoot": BackupRoot,
     "Superblock": Superblock,
+    "LogSlot": LogSlot,
+    "LogSlotBlock": LogSlotBlock,
     "Header": Header,
     "Item": Item,
     "KeyPtr": KeyPtr,

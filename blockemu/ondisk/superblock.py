@@ -14,6 +14,7 @@ from blockemu.ondisk import fast
 from blockemu.ondisk.structs import (
     CSUM_FIELD,
     FIRST_FREE_OBJECTID,
+    INCOMPAT_LOG_SLOTS,
     INCOMPAT_TREE_LOG,
     MAGIC,
     MAX_LEVEL,
@@ -219,4 +220,6 @@ def validate_super(info: SuperInfo, at: int, raw: bytes) -> list[str]:
             problems.append(f"log tree of transaction {info.log_root_transid}, not {info.generation + 1}")
         if not info.incompat_flags & INCOMPAT_TREE_LOG:
             problems.append("a log tree without the TREE_LOG incompat flag")
+    elif info.incompat_flags & INCOMPAT_LOG_SLOTS:
+        problems.append("the LOG_SLOTS incompat flag without a log tree")
     return problems

@@ -34,10 +34,11 @@ from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import ImageFile
 from blockemu.device.writelog import CrashState, LogEntry, WriteLog
+from blockemu.engine.treelog import choose_log
 from blockemu.errors import InvalidArgument
 from blockemu.fs.filesystem import File, Filesystem, mount
 from blockemu.fs.mkfs import mkfs
-from blockemu.ondisk.structs import SUPER_OFFSETS
+from blockemu.ondisk.structs import LOG_SLOT_OFFSETS, SUPER_OFFSETS
 from blockemu.workload.campaign import Campaign, Shard, ranges
 from blockemu.workload.writepath import KEY, PRODUCTION, WRITE_PATHS, WritePath
 
@@ -288,13 +289,42 @@ class Recorder:
 
 
 def superblock_written(log: WriteLog, upto: int) -> int:
-    """The log position right after the last primary superblock FUA among the first ``upto``
-    entries (0 if none): from there on, every crash state names that superblock."""
-    return next((e.seq + 1 for e in reversed(log.entries[:upto]) if is_primary_super(e)), 0)
+    """The log position right after the last durable point among the first ``upto`` entries (0
+    if none): from there on, every crash state names that superblock or log slot."""
+    points = durable_points(log, upto)
+    return points[-1][0] if points else 0
+
+
+def durable_points(log: WriteLog, upto: int) -> list[tuple[int, Durable]]:
+    """Each point among the first ``upto`` entries from which every crash state names a newer
+    durable state, with that state: right after a primary superblock's FUA write, and right
+    after the flush that made a log slot durable (SPEC "Log slots": written with the log's
+    blocks, made durable by the one flush after them)."""
+    out: list[tuple[int, Durable]] = []
+    slot: LogEntry | None = None  # a slot write no completed flush covers yet
+    for e in log.entries[:upto]:
+        if is_primary_super(e):
+            out.append((e.seq + 1, (int.from_bytes(e.data[0x48:0x50], "little"),
+                                    int.from_bytes(e.data[0x334:0x33c], "little"))))
+        elif is_log_slot(e):
+            slot = e
+        elif e.kind == "flush" and slot is not None and e.covers > slot.seq:
+            out.append((e.seq + 1, slot_state(slot)))
+            slot = None
+    return out
 
 
 def is_primary_super(e: LogEntry) -> bool:
     return e.kind == "fua" and e.offset == SUPER_OFFSETS[0]
+
+
+def is_log_slot(e: LogEntry) -> bool:
+    return e.kind == "write" and e.offset in LOG_SLOT_OFFSETS
+
+
+def slot_state(e: LogEntry) -> Durable:
+    """(generation, log root) a log slot write names (SPEC "LogSlot")."""
+    return int.from_bytes(e.data[0x40:0x48], "little"), int.from_bytes(e.data[0x58:0x60], "little")
 
 
 Workload = Callable[[Filesystem, Recorder], Awaitable[None]]
@@ -349,12 +379,9 @@ async def run_recorded(workload: Workload, image: str, base: str, *, faults: Fau
 
 
 def expected_state(log: WriteLog, upto: int, first: Durable) -> Durable:
-    """What the newest primary superblock whose FUA write completed in the prefix names."""
-    state = first
-    for e in log.entries[:upto]:
-        if is_primary_super(e):
-            state = (int.from_bytes(e.data[0x48:0x50], "little"), int.from_bytes(e.data[0x334:0x33c], "little"))
-    return state
+    """What the newest durable point in the prefix names (``durable_points``)."""
+    points = durable_points(log, upto)
+    return points[-1][1] if points else first
 
 
 @dataclass
@@ -394,11 +421,16 @@ async def check_state(log: WriteLog, models: Models, work: str, st: CrashState, 
     report = check(work, check_data=True)
     if not report.clean:
         return f"fsck: [{report.errors[0].code}] {report.errors[0].message}"
+    _, doubt = log.split(st.upto)
     with ImageFile.open(work) as img:
-        sb = img.best_super()
+        sb, _ = choose_log(img.read, img.best_super())
         gen = (sb.generation, sb.log_root)
+        # a log slot whose flush had not completed may have landed (byte for byte: a torn one
+        # whose old tail equals its new one did too) with what it names: that log sync's state,
+        # its fsyncs in flight, which the oracle judges as such
+        landed = {slot_state(e) for e in doubt if is_log_slot(e) and img.read(e.offset, len(e.data)) == e.data}
     want = expected_state(log, st.upto, first)
-    if gen != want:
+    if gen != want and gen not in landed:
         return f"mounted (generation, log root) {gen}, the last durable one was {want}"
     try:
         async with mount(work, interval=3600, **write_path.mount_options()) as fs:

@@ -1,0 +1,54 @@
+"""Log slot encode/decode (SPEC "Log slots"): what a log sync after the first of a transaction
+writes instead of the primary superblock, so that the sync needs one host flush, not a flush
+and a FUA write. A slot is only a claim: the log it names is replayed only once its blocks and
+data verify (``treelog.choose_log``), for the slot lands in the same flush as them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from blockemu.ondisk import csum as csums
+from blockemu.ondisk import fast
+from blockemu.ondisk.structs import CSUM_FIELD, LOG_SLOT_BLOCKS, LOG_SLOT_MAGIC, LOG_SLOT_SIZE
+
+_PACK, _ = fast.FAST["LogSlot"]
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """One log sync's record: the superblock it extends (``generation``, ``base_root``), its
+    number, the log's root, and every block the sync wrote with its checksum field."""
+
+    generation: int
+    base_root: int
+    sequence: int
+    log_root: int
+    log_root_level: int
+    blocks: tuple[tuple[int, bytes], ...] = field(default=())
+
+
+def encode_slot(info: SlotInfo, fsid: bytes, csum_type: int, at: int) -> bytes:
+    """The 4 KiB slot for offset ``at``."""
+    assert len(info.blocks) <= LOG_SLOT_BLOCKS
+    blocks = list(info.blocks) + [(0, bytes(CSUM_FIELD))] * (LOG_SLOT_BLOCKS - len(info.blocks))
+    flat = [b"", fsid, at, LOG_SLOT_MAGIC, info.generation, info.base_root, info.sequence, info.log_root,
+            info.log_root_level, len(info.blocks)]
+    for bytenr, csum in blocks:
+        flat += [bytenr, csum]
+    raw = _PACK.pack(*flat)
+    return csums.field(csum_type, raw[CSUM_FIELD:]) + raw[CSUM_FIELD:]
+
+
+def decode_slot(raw: bytes, at: int, fsid: bytes, csum_type: int) -> SlotInfo | None:
+    """The slot at ``at``, or None if it holds none of this image's: never written, wiped, or
+    torn by a power cut (its checksum fails) -- a slot is written without a barrier after it."""
+    if len(raw) < LOG_SLOT_SIZE or raw[0x38:0x40] != LOG_SLOT_MAGIC:
+        return None
+    if csums.field(csum_type, raw[CSUM_FIELD:LOG_SLOT_SIZE]) != raw[:CSUM_FIELD]:
+        return None
+    v = _PACK.unpack(raw[:LOG_SLOT_SIZE])
+    _, got_fsid, bytenr, _, generation, base_root, sequence, log_root, level, n = v[:10]
+    if got_fsid != fsid or bytenr != at or n > LOG_SLOT_BLOCKS:
+        return None
+    pairs = v[10:10 + 2 * n]
+    return SlotInfo(generation, base_root, sequence, log_root, level,
+                    tuple((pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)))
