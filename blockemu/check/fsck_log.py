@@ -55,7 +55,7 @@ def check_log(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[
 def _log_error(ck: Any, e: OSError) -> None:
     """The log does not read: the chain's own errors name the log already; a block's do not."""
     text = str(e)
-    ck.error(getattr(e, "kind", "EIO"), text if text.startswith("log tree") else f"log tree: {text}", LOG,
+    ck.error(getattr(e, "kind", "BAD_LOG_ITEM"), text if text.startswith("log tree") else f"log tree: {text}", LOG,
              getattr(e, "bytenr", None))
 
 
