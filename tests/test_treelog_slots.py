@@ -11,6 +11,7 @@ import pytest
 
 import blockemu
 from blockemu.check.fsck import check
+from blockemu.check.inspect import dump_super, super_text
 from blockemu.check.repair import zero_log
 from blockemu.device.image import ImageFile
 from blockemu.engine.treelog import choose_log
@@ -139,6 +140,9 @@ async def test_zero_log_wipes_the_slots_and_an_older_builds_log_still_replays(tm
     assert check(older, check_data=True).clean
     assert await _read_back(older) == after[0]  # the first sync's log: the superblock names it
     assert await _read_back(done) == after[2]
+    slots = dump_super(done)["log_slots"]
+    assert sorted((s["sequence"], s["current"], s["replayed"]) for s in slots) == [(2, True, False), (3, True, True)]
+    assert "(replayed)" in "\n".join(super_text(dump_super(done)))
     assert zero_log(done) is not None
     with open(done, "rb") as f:
         for at in S.LOG_SLOT_OFFSETS:

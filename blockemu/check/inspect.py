@@ -20,6 +20,7 @@ from blockemu.ondisk.items import (
     unpack_inode_refs,
     unpack_symlink_data,
 )
+from blockemu.ondisk.logslot import decode_slot
 from blockemu.ondisk.superblock import BACKUP_TREES, decode_super, validate_super
 
 TREE_BY_NAME = {"root": S.ROOT_TREE_OBJECTID, "extent": S.EXTENT_TREE_OBJECTID, "fs": S.FS_TREE_OBJECTID,
@@ -156,7 +157,29 @@ def dump_super(path: str) -> dict[str, Any]:
         out["csum_match"] = not any("checksum" in p for p in validate_super(info, copy.offset, copy.raw))
         out["problems"] = validate_super(info, copy.offset, copy.raw)
         out["device"] = path
+        out["log_slots"] = log_slots(img, info)
         return out
+
+
+def log_slots(img: ImageFile, sb: Any) -> list[dict[str, Any]]:
+    """The log slots (SPEC "Log slots") that decode, each with whether it belongs to this
+    superblock's log and whether mount replays its log (the newest that landed whole)."""
+    if not sb.incompat_flags & S.INCOMPAT_LOG_SLOTS:
+        return []
+    try:
+        chosen = choose_log(img.read, sb)[0].log_root
+    except OSError:  # the log does not read (fsck says why): no slot's is replayed
+        chosen = None
+    out = []
+    for at in S.LOG_SLOT_OFFSETS:
+        slot = decode_slot(img.read(at, S.LOG_SLOT_SIZE), at, sb.fsid, sb.csum_type)
+        if slot is not None:
+            out.append({"bytenr": at, "generation": slot.generation, "base_root": slot.base_root,
+                        "sequence": slot.sequence, "log_root": slot.log_root, "log_root_level": slot.log_root_level,
+                        "blocks": len(slot.blocks),
+                        "current": slot.generation == sb.generation and slot.base_root == sb.log_root,
+                        "replayed": slot.log_root == chosen})
+    return out
 
 
 def super_text(d: dict[str, Any]) -> Iterator[str]:
@@ -180,5 +203,9 @@ def super_text(d: dict[str, Any]) -> Iterator[str]:
             yield f"\t\tbackup_{t}:\t{b[t]}\tgen: {b[t + '_gen']}\tlevel: {b[t + '_level']}"
         yield f"\t\tbackup_total_bytes:\t{b['total_bytes']}"
         yield f"\t\tbackup_bytes_used:\t{b['bytes_used']}"
+    for slot in d.get("log_slots", []):
+        state = "replayed" if slot["replayed"] else "current" if slot["current"] else "stale"
+        yield (f"log slot {slot['bytenr']}:	sequence {slot['sequence']} log_root {slot['log_root']} "
+               f"level {slot['log_root_level']} blocks {slot['blocks']} generation {slot['generation']} ({state})")
     for p in d["problems"]:
         yield f"WARNING: {p}"

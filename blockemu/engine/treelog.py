@@ -389,7 +389,7 @@ def choose_log(read: ReadFn, sb: SuperInfo) -> tuple[SuperInfo, list[str]]:
         why = _not_landed(read, new, slot)
         if why is None:
             return new, passed
-        passed.append(f"log sync {slot.sequence + 1} (its log slot names log root {slot.log_root}) did not land "
+        passed.append(f"log sync {slot.sequence} (its log slot names log root {slot.log_root}) did not land "
                       f"whole and was never acknowledged: {why}; the log before it replays")
     return sb, passed
 
