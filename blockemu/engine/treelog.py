@@ -9,8 +9,10 @@ item, the EXTENT_DATA items written since the last commit, and the checksums of 
 extents. ``TreeLog`` keeps those items, for every inode fsynced in this transaction, in a tree
 of its own (owner TREE_LOG_OBJECTID) whose blocks come from the same allocator as everything
 else but are never entered in the extent tree: the committed free-space record calls them
-free. A log sync writes the log's dirty blocks, flushes once, and writes the primary
-superblock -- the committed trees unchanged, plus ``log_root`` -- with FUA. A later change to
+free. The transaction's first log sync writes the log's dirty blocks, flushes once, and writes
+the primary superblock -- the committed trees unchanged, plus ``log_root`` -- with FUA; each
+later one writes its blocks and a log slot naming them, and flushes once (SPEC "Log slots":
+mount believes a slot only once what it names verifies, ``choose_log``). A later change to
 the log COWs its blocks, and the old ones are pinned, like every extent the transaction frees,
 until the next full commit is durable; that commit drops the log (its blocks pinned too, so
 its free-space record calls them free) and writes ``log_root`` 0.
