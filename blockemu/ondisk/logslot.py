@@ -8,10 +8,15 @@ from dataclasses import dataclass, field
 
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk import fast
-from blockemu.ondisk.structs import CSUM_FIELD, LOG_SLOT_BLOCKS, LOG_SLOT_MAGIC, LOG_SLOT_SIZE
+from blockemu.ondisk.structs import CSUM_FIELD, LOG_SLOT_BLOCKS, LOG_SLOT_MAGIC, LOG_SLOT_SIZE, LogSlot
 
 _PACK, _ = fast.FAST["LogSlot"]
-
+# a slot is encoded at every log sync but the first of a transaction: the head packed alone (the
+# rest zero) and each used block entry spliced in -- packing all 96 entries took ~45 us a sync
+_HEAD = fast.picked("LogSlot", ("csum", "fsid", "bytenr", "magic", "generation", "base_root", "sequence", "log_root",
+                                "log_root_level", "nblocks"))
+_BLOCK, _ = fast.FAST["LogSlotBlock"]
+_BLOCKS_AT = next(at for at, _, name in fast.layout(LogSlot) if name == "blocks")
 
 @dataclass(frozen=True)
 class SlotInfo:
@@ -29,13 +34,11 @@ class SlotInfo:
 def encode_slot(info: SlotInfo, fsid: bytes, csum_type: int, at: int) -> bytes:
     """The 4 KiB slot for offset ``at``."""
     assert len(info.blocks) <= LOG_SLOT_BLOCKS
-    blocks = list(info.blocks) + [(0, bytes(CSUM_FIELD))] * (LOG_SLOT_BLOCKS - len(info.blocks))
-    flat = [b"", fsid, at, LOG_SLOT_MAGIC, info.generation, info.base_root, info.sequence, info.log_root,
-            info.log_root_level, len(info.blocks)]
-    for bytenr, csum in blocks:
-        flat += [bytenr, csum]
-    raw = _PACK.pack(*flat)
-    return csums.field(csum_type, raw[CSUM_FIELD:]) + raw[CSUM_FIELD:]
+    raw = bytearray(_HEAD.pack(b"", fsid, at, LOG_SLOT_MAGIC, info.generation, info.base_root, info.sequence,
+                               info.log_root, info.log_root_level, len(info.blocks)))
+    entries = b"".join(_BLOCK.pack(bytenr, csum) for bytenr, csum in info.blocks)
+    raw[_BLOCKS_AT:_BLOCKS_AT + len(entries)] = entries
+    return csums.field(csum_type, memoryview(raw)[CSUM_FIELD:]) + bytes(raw[CSUM_FIELD:])
 
 
 def decode_slot(raw: bytes, at: int, fsid: bytes, csum_type: int) -> SlotInfo | None:
