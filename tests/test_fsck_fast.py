@@ -25,6 +25,7 @@ from blockemu.engine.transaction import SUBTREES
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import unpack_extent_items
+from tests.test_treelog import _resign_slots
 
 PAGE = S.SECTOR_SIZE
 
@@ -458,5 +459,6 @@ def test_a_log_item_replay_cannot_use_is_a_finding(logged, tmp_path, typ, offset
     assert fsck_mod.check(logged.path, parallel=False).clean
     work = str(tmp_path / "log.img")
     logged.write(work, _edited(logged, lambda k, v: {(k[0], k[1], k[2] + offset) if k == key else k: v}, tree="log"))
+    _resign_slots(work)  # the edited log is the one replay uses, not a log sync that did not land whole
     report = fsck_mod.check(work, parallel=False)
     assert [e.code for e in report.errors] == ["BAD_LOG_ITEM"] and says in report.errors[0].message
