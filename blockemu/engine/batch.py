@@ -34,8 +34,9 @@ def in_key_order(changes: dict[KeyT, bytes | None]) -> list[Change]:
 class TreeBatch:
     """The tree-like interface ``extents`` uses (get, items, insert, update, delete), staged."""
 
-    def __init__(self, tree: BTree) -> None:
-        self.tree = tree
+    def __init__(self, tree: "BTree | TreeBatch") -> None:
+        self.tree = tree  # a tree, or another batch: changes staged over changes (``pending``)
+        self.owner, self.max_item = tree.owner, tree.max_item
         # key -> new value, or None: deleted; the keys are sorted only when read in order
         # (``_ordered``, kept until the next change). Writeback stages each change once and
         # reads few back in key order (its maps answer its reads): staging is one dict store,
@@ -121,10 +122,10 @@ class TreeBatch:
         return next(self.items(key, hi), None)
 
     def insert(self, key: KeyT, value: bytes, *, replace: bool = False) -> None:
-        if len(value) > self.tree.max_item:
-            raise ValueError(f"item of {len(value)} bytes exceeds the {self.tree.max_item}-byte limit")
+        if len(value) > self.max_item:
+            raise ValueError(f"item of {len(value)} bytes exceeds the {self.max_item}-byte limit")
         if not replace and self.get(key) is not None:
-            raise ExistsError(f"item {key} already in tree {self.tree.owner}")
+            raise ExistsError(f"item {key} already in tree {self.owner}")
         self.changes[key] = bytes(value)  # (``_stage``, written out: a call per staged item)
         self.order = None
 
@@ -137,13 +138,13 @@ class TreeBatch:
 
     def update(self, key: KeyT, value: bytes) -> None:
         if self.get(key) is None:
-            raise NotFoundError(f"no item {key} in tree {self.tree.owner}")
+            raise NotFoundError(f"no item {key} in tree {self.owner}")
         self.insert(key, value, replace=True)
 
     def delete(self, key: KeyT) -> bytes:
         value = self.get(key)
         if value is None:
-            raise NotFoundError(f"no item {key} in tree {self.tree.owner}")
+            raise NotFoundError(f"no item {key} in tree {self.owner}")
         self._stage(key, None)
         return value
 
@@ -190,7 +191,7 @@ class TreeBatch:
             k = bisect_right(order, hi, j)
             for key, value in changes[j:k]:
                 if value is not None:
-                    raise ValueError(f"item {key} staged in a range staged for deletion in tree {self.tree.owner}")
+                    raise ValueError(f"item {key} staged in a range staged for deletion in tree {self.owner}")
             out += changes[i:j]
             out.append((lo, Through(hi)))
             i = k

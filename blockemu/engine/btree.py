@@ -185,6 +185,19 @@ class BTree:
     def __len__(self) -> int:
         return sum(len(b.keys) for b in self.blocks() if b.level == 0)
 
+    def block_count(self) -> int:
+        """How many blocks the tree has, counted from its interior nodes alone (each leaf is a
+        pointer of a level-1 node): no leaf is read, for ``PendingTrees.bound`` asks after
+        every change of the tree's root."""
+        nodes = [self._root_block()]
+        count = 1
+        while nodes[0].level:
+            count += sum(len(n.ptrs) for n in nodes)
+            if nodes[0].level == 1:
+                break
+            nodes = [self._child(n, s) for n in nodes for s in range(len(n.ptrs))]
+        return count
+
     # ------------------------------------------------------------------ writes
 
     def _writable_root(self) -> TreeBlock:

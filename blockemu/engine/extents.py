@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from blockemu.engine.batch import TreeBatch
 from blockemu.engine.btree import BTree, KeyT, max_item_size
+from blockemu.engine.pending import MAX_PENDING
 from blockemu.engine.transaction import Engine
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
@@ -133,8 +134,10 @@ class Extents:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.fs: BTree = engine.trees[S.FS_TREE_OBJECTID]
-        self.ext: BTree = engine.trees[S.EXTENT_TREE_OBJECTID]
-        self.csum: BTree = engine.trees[S.CSUM_TREE_OBJECTID]
+        # the extent and checksum trees as this transaction has them: the trees with the changes
+        # held for its commit over them (``PendingTrees``), which every reader must see
+        self.ext: TreeBatch = engine.pending.ext
+        self.csum: TreeBatch = engine.pending.csum
         self.csum_type = engine.sb.csum_type
         self.csum_size = csums.csum_size(self.csum_type)
         self.sectors_per_csum_item = max_item_size(engine.sb.nodesize) // self.csum_size
@@ -181,16 +184,19 @@ class Extents:
     # ------------------------------------------------------------------ changing files
 
     def punch(self, ino: int, start: int, end: int) -> int:
-        """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0)."""
+        """Remove [start, end) from the file's mapping; returns the change in nbytes (≤ 0).
+        Its changes are applied at once, with those held (``PendingTrees``): a caller that
+        frees space has no room to spare."""
         with ExtentBatch(self) as batch:
             return batch.punch(ino, start, end)
 
-    def add_extents(self, extents: Sequence[tuple[int, NewExtent]]) -> dict[int, int]:
+    def add_extents(self, extents: Sequence[tuple[int, NewExtent]], spare: int = 0) -> dict[int, int]:
         """Map each new extent (written by the caller) into its file (the inode number it comes
         with), in one batch: several files' extents share the passes over the trees. Returns
-        each file's change in nbytes."""
+        each file's change in nbytes. ``spare``: tree blocks of room the caller can leave to
+        the transaction's held changes (``ExtentBatch.spare``)."""
         delta: dict[int, int] = {}
-        with ExtentBatch(self) as batch:
+        with ExtentBatch(self, spare) as batch:
             for ino, e in extents:
                 delta[ino] = delta.get(ino, 0) + batch.add_extent(ino, e)
         return delta
@@ -207,9 +213,14 @@ Notes = dict[int, "tuple[FileExtent, bytes] | None"]  # a file's changed EXTENT_
 class ExtentBatch:
     """File-extent changes staged over the three trees (``TreeBatch``), applied together."""
 
-    def __init__(self, extents: Extents) -> None:
+    def __init__(self, extents: Extents, spare: int = 0) -> None:
         self.engine = extents.engine
-        self.fs, self.ext, self.csum = TreeBatch(extents.fs), TreeBatch(extents.ext), TreeBatch(extents.csum)
+        # the extent and checksum trees' changes are staged over the transaction's held ones and
+        # join them once applied; ``spare`` bounds what those may then reserve (``PendingTrees``),
+        # beyond which they are applied with this batch's
+        self.pending, self.spare = extents.engine.pending, spare
+        self.fs, self.ext, self.csum = TreeBatch(extents.fs), TreeBatch(self.pending.ext), TreeBatch(self.pending.csum)
+        self.fresh: set[KeyT] = set()  # the items this batch makes for new extents (``PendingTrees.fresh``)
         self.extents = extents
         self.known = extents.known
         self.touched: set[int] = set()  # inodes whose map this batch has changed
@@ -237,8 +248,11 @@ class ExtentBatch:
             raise
 
     def apply(self) -> None:
-        for tree in (self.fs, self.ext, self.csum):
-            tree.apply()
+        self.fs.apply()
+        pending = self.pending
+        pending.absorb(self.ext, self.csum, self.fresh)
+        if pending.blocks > self.spare or len(pending) > MAX_PENDING:
+            pending.apply()
         extents = self.extents
         for ino in self.touched:
             if not extents.maps.get(ino, True):  # emptied (a deleted file): no map kept for it
@@ -341,7 +355,15 @@ class ExtentBatch:
             return
         self.ext.drop(key)
         self.staged_known[key[0]] = None
-        self._drop_csums(fe.disk_bytenr, fe.disk_num_bytes)
+        if key in self.pending.fresh or key in self.fresh:
+            # made in this transaction, its items not yet in the trees: its checksum items are
+            # those it was made with, dropped one by one (a range is not read through, and
+            # would find nothing in the tree)
+            bytenr = fe.disk_bytenr
+            for ckey, _ in self.new_csums.get(bytenr) or self.engine.new_csums[bytenr]:
+                self.csum.drop(ckey)
+        else:
+            self._drop_csums(fe.disk_bytenr, fe.disk_num_bytes)
         self.freed.append((fe.disk_bytenr, fe.disk_num_bytes))
 
     def _drop_csums(self, bytenr: int, length: int) -> None:
@@ -430,7 +452,9 @@ class ExtentBatch:
         fe, body = new_data_extent(transid, new.ram_bytes, bytenr, length, new.context)
         self._set(ino, f, file_offset, fe, body)
         item, body = new_data_extent_item(transid, ino, file_offset)
-        self._put_extent((bytenr, S.EXTENT_ITEM, length), item, body)
+        key = (bytenr, S.EXTENT_ITEM, length)
+        self._put_extent(key, item, body)
+        self.fresh.add(key)
         digests, sectors, per = new.digests, length // PAGE, self.sectors_per_csum_item
         if sectors <= per:  # one item (every small extent): no slicing of the digests
             items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr), digests)]
@@ -438,8 +462,9 @@ class ExtentBatch:
             step = len(digests) // sectors
             items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), digests[i * step : (i + per) * step])
                      for i in range(0, sectors, per)]
-        for key, body in items:
-            self.csum.put(key, body)  # at most an item's worth of digests (``sectors_per_csum_item``)
+        for ckey, cbody in items:
+            self.csum.put(ckey, cbody)  # at most an item's worth of digests (``sectors_per_csum_item``)
+            self.fresh.add(ckey)
         self.new_csums[bytenr] = items
         return delta + length
 
@@ -454,7 +479,10 @@ class ExtentBatch:
             self._change_ref(fe, ino, ref_offset, +1)
             return
         item = ExtentItem(1, fe.generation, S.EXTENT_FLAG_DATA, (("data", S.FS_TREE_OBJECTID, ino, ref_offset, 1),))
-        self.ext.insert((fe.disk_bytenr, S.EXTENT_ITEM, fe.disk_num_bytes), item.pack())
-        for key, body in csum_items:
-            self.csum.insert(key, body)
+        key = (fe.disk_bytenr, S.EXTENT_ITEM, fe.disk_num_bytes)
+        self.ext.insert(key, item.pack())
+        self.fresh.add(key)
+        for ckey, body in csum_items:
+            self.csum.insert(ckey, body)
+            self.fresh.add(ckey)
         self.new_csums[fe.disk_bytenr] = csum_items

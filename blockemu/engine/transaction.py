@@ -35,8 +35,10 @@ from sortedcontainers import SortedDict
 from blockemu.engine.alloc import Allocator, no_space
 from blockemu.engine.batch import TreeBatch
 from blockemu.engine.btree import BTree, KeyT
+from blockemu.engine.pending import PendingTrees
 from blockemu.errors import CorruptionError, ReadOnlyError
 from blockemu.ondisk.block import TreeBlock, decode_block, encode_block
+from blockemu.ondisk.csum import csum_size
 from blockemu.ondisk.items import ExtentItem, FileExtent, RootItem
 from blockemu.ondisk.structs import (
     CSUM_TREE_OBJECTID,
@@ -280,6 +282,7 @@ class Engine:
                 self.store.allocator.touched = []
         self._applied_new: dict[int, tuple[int, int]] = {}  # bytenr -> (owner, level) its METADATA_ITEM says
         self._applied_freed: set[int] = set()
+        self._new_pending()
         self._reset_log_notes()
 
     def _reset_log_notes(self) -> None:
@@ -374,8 +377,14 @@ class Engine:
             self.trees[tid] = BTree(self.store, tid, block.bytenr, 0)
         self.free_items = SortedDict()
         self._applied_new, self._applied_freed = {}, set()
+        self._new_pending()
         self._reset_log_notes()
         return self
+
+    def _new_pending(self) -> None:
+        """The extent and checksum trees' changes held until the commit (``PendingTrees``)."""
+        self.pending = PendingTrees(self.trees[EXTENT_TREE_OBJECTID], self.trees[CSUM_TREE_OBJECTID],
+                                    self.sb.nodesize, csum_size(self.sb.csum_type))
 
     @property
     def transid(self) -> int:
@@ -399,8 +408,9 @@ class Engine:
 
     def data_keep(self) -> int:
         """Tree blocks of room a data allocation must leave: the metadata reserve, kept for
-        deletes and commits, plus the items of the extent being placed."""
-        return (RESERVE_PATHS + 1) * self.op_blocks()
+        deletes and commits, plus the items of the extent being placed, plus what applying the
+        held extent- and checksum-tree changes may take (``PendingTrees.blocks``)."""
+        return (RESERVE_PATHS + 1) * self.op_blocks() + self.pending.blocks
 
     def short_of_room(self, deleting: bool = False) -> bool:
         """Room is below what data must leave while space freed in this transaction waits,
@@ -506,6 +516,7 @@ class Engine:
         # the root tree's root always carries the superblock's generation (fsck checks it), so a
         # commit that changed nothing else (a forced one) still copies it
         self.roots._writable_root()
+        self.pending.apply()
         for _ in range(100):
             changed = self._sync_extent_refs()
             changed |= self._sync_root_items()

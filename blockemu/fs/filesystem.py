@@ -205,6 +205,7 @@ class Filesystem:
         self.meta_reserved = 0  # the dirty files' ``Inode.reserved``, summed (room_for)
         self.inode_leaves = LEAVES_PER_INODE * vol.sb.nodesize  # what a dirty file reserves first (reserve_meta)
         self._room_keep = 0  # the metadata reserve (tree blocks) ``_room`` leaves
+        self._room_pending = 0  # the held tree changes' part of it (``PendingTrees.blocks``)
         self.promised_keep: int | None = None  # the least reserve any dirty data was admitted under
         vol.log.promised = self.promised_blocks  # the fsync log leaves that room to writeback
         self.next_index: dict[int, int] = {}
@@ -1180,8 +1181,8 @@ class Filesystem:
         dirty data or a truncate or unlink dropped it (``release_meta``)."""
         engine = self.vol.engine
         alloc = engine.allocator
-        if alloc.changes != self._room_seen:
-            self._room_seen, self._room_keep = alloc.changes, engine.data_keep()
+        if alloc.changes != self._room_seen or engine.pending.blocks != self._room_pending:
+            self._room_seen, self._room_keep, self._room_pending = alloc.changes, engine.data_keep(), engine.pending.blocks
             self._room = (alloc.node_room - self._room_keep - engine.op_blocks()) * self.vol.sb.nodesize
         if not self.cache.dirty_bytes:
             self.promised_keep = None  # everything dirty has its extents
@@ -1338,6 +1339,19 @@ class Filesystem:
         if not need:
             return 0
         return -(-(need + self._split_room(engine.allocator, need)) // self.vol.sb.nodesize) + engine.op_blocks()
+
+    def pending_room(self) -> int:
+        """Tree blocks of room the transaction's held extent- and checksum-tree changes may keep
+        back (``PendingTrees``): half of what is left once the metadata reserve and the room
+        promised to dirty data are kept, so holding them never refuses a write that committing
+        them would admit by much; short of room, none (each batch's changes are applied at once)."""
+        engine = self.vol.engine
+        keep = engine.data_keep() - engine.pending.blocks + engine.op_blocks()
+        # ``promised_blocks`` with its split room at its most, an eighth (``room_for``): counting the
+        # free extents it fills was ~10 % of a mapped batch
+        need = self.cache.dirty_bytes + self.meta_reserved
+        promised = -(-(need + need // 8) // self.vol.sb.nodesize)
+        return (engine.allocator.node_room - keep - promised) // 2
 
     def check_meta_room(self) -> None:
         """ENOSPC before an operation that adds items (a new inode, a name) changes anything:

@@ -578,7 +578,7 @@ class Writeback:
         """The new extents are written: map them into their files (inside the transaction), all
         in one pass over each tree, then save each file's inode item once."""
         fs = self.fs
-        deltas = fs.extents.add_extents([(inode.ino, e) for inode, e in new])
+        deltas = fs.extents.add_extents([(inode.ino, e) for inode, e in new], fs.pending_room())
         ends: dict[int, tuple[Inode, int, int]] = {}  # ino -> (inode, end of its new extents, their bytes)
         for inode, e in new:
             _, end, length = ends.get(inode.ino, (inode, 0, 0))
