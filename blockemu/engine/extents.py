@@ -24,7 +24,6 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from blockemu.engine.batch import TreeBatch
 from blockemu.engine.btree import BTree, KeyT, max_item_size
-from blockemu.engine.pending import MAX_PENDING
 from blockemu.engine.transaction import Engine
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
@@ -251,7 +250,7 @@ class ExtentBatch:
         self.fs.apply()
         pending = self.pending
         pending.absorb(self.ext, self.csum, self.fresh)
-        if pending.blocks > self.spare or len(pending) > MAX_PENDING:
+        if not pending.hold(self.spare):
             pending.apply()
         extents = self.extents
         for ino in self.touched:

@@ -43,7 +43,7 @@ class PendingTrees:
         self.fresh: set[KeyT] = set()
         self.added = 0  # bytes of items staged (replacements counted again: the growth's bound)
         self.range_leaves = 0  # leaves the staged ranges (a freed extent's checksums) may reach
-        self.blocks = 0  # tree blocks applying the set may take (``bound``)
+        self.blocks = 0  # tree blocks applying the set may take (``bound``), kept back while it is held
         self._sizes: dict[int, tuple[int, int, int]] = {}  # tree owner -> (root, blocks, level)
 
     def __len__(self) -> int:
@@ -71,7 +71,18 @@ class PendingTrees:
                     self.range_leaves += 2 + 2 * ((hi[2] - lo[2]) // SECTOR_SIZE * self.csum_size) // self.nodesize
             mine.order = None
         self.added += added
-        self.blocks = self.bound()
+
+    def hold(self, spare: int) -> bool:
+        """Whether the set may stay held (else the caller applies it): no larger than
+        ``MAX_PENDING``, its bound within ``spare`` tree blocks -- kept back from then on
+        (``blocks``: ``Engine.data_keep``)."""
+        if spare <= 0 or len(self) > MAX_PENDING:
+            return False
+        blocks = self.bound()
+        if blocks > spare:
+            return False
+        self.blocks = blocks
+        return True
 
     def bound(self) -> int:
         """Tree blocks applying the set may take: each change or range COWs at most its leaf and a

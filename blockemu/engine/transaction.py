@@ -447,7 +447,7 @@ class Engine:
             raise no_space(self.sb.nodesize, alloc.free_bytes(), alloc.largest(), self.data_keep() * self.sb.nodesize)
 
     def is_dirty(self) -> bool:
-        return bool(self.store.dirty or self.store.freed_blocks)
+        return bool(self.store.dirty or self.store.freed_blocks or len(self.pending))
 
     # ------------------------------------------------------------------ commit
 

@@ -1,0 +1,220 @@
+"""The extent- and checksum-tree changes held until the commit (engine/pending.py) against a dict
+model of each tree: read through they are the trees as changed; a batch that fails leaves them as
+they were; applied, the trees are the model; and applying never takes more tree blocks than the
+bound the engine keeps back for it (``PendingTrees.blocks``)."""
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import blockemu
+from blockemu.engine import pending as pending_mod
+from blockemu.engine.batch import TreeBatch
+from blockemu.engine.extents import ExtentBatch
+from blockemu.engine.pending import PendingTrees
+from blockemu.engine.transaction import RESERVE_PATHS
+from blockemu.ondisk import structs as S
+from tests.conftest import MemoryImage
+from tests.util import assert_fsck_clean
+
+EXT, CSUM = 2, 7
+Op = st.tuples(st.sampled_from(["new", "change", "drop", "range"]), st.sampled_from([EXT, CSUM]),
+               st.integers(0, 3000), st.integers(1, 200))
+Batch = st.tuples(st.lists(Op, max_size=40), st.booleans(), st.booleans())  # ops, fails, then applied
+
+
+@settings(max_examples=60, deadline=None)
+@given(base=st.lists(st.integers(0, 3000), max_size=800), batches=st.lists(Batch, max_size=12),
+       nodesize=st.sampled_from([4096, 16384]))
+def test_held_changes_read_and_apply_as_the_model(base, batches, nodesize):
+    img = MemoryImage(nodesize)
+    trees = {EXT: img.new_tree(EXT), CSUM: img.new_tree(CSUM)}
+    key = {EXT: lambda k: (k * 4096, 168, 4096), CSUM: lambda k: ((1 << 64) - 10, 128, k * 4096)}
+    model = {t: {key[t](k): b"b%d" % k * 5 for k in base} for t in trees}
+    for t, tree in trees.items():
+        tree.apply(sorted(model[t].items()))
+    img.commit()
+    pending = PendingTrees(trees[EXT], trees[CSUM], nodesize, 4)
+    held = {EXT: pending.ext, CSUM: pending.csum}
+    fresh: set = set()  # keys made through the held set, not in the trees
+    ranged: set = set()  # keys a range drops: reads do not see that (nothing reads them again)
+    made = 10_000
+    for ops, fails, applied in batches:
+        batch = {t: TreeBatch(held[t]) for t in trees}
+        staged = {t: dict(model[t]) for t in trees}
+        new: set = set()
+        for op, t, k, n in ops:
+            live = sorted(set(staged[t]) - ranged)
+            if op == "new":
+                made += 1
+                batch[t].put(key[t](made), b"n%d" % made)
+                staged[t][key[t](made)] = b"n%d" % made
+                new.add(key[t](made))
+            elif op in ("change", "drop") and live:
+                k = live[k % len(live)]
+                if op == "change":
+                    batch[t].put(k, b"c%d" % n)
+                    staged[t][k] = b"c%d" % n
+                else:
+                    batch[t].drop(k)
+                    del staged[t][k]
+            elif op == "range" and t == CSUM:
+                lo, hi = key[t](k), key[t](k + n)
+                inside = [x for x in staged[t] if lo <= x <= hi]
+                if any(x in fresh or x in new or x in batch[t].changes or x in held[t].changes for x in inside):
+                    continue  # only a committed extent's items go by range, none staged in it
+                batch[t].drop_range(lo, hi)
+                for x in inside:
+                    del staged[t][x]
+                ranged.update(inside)
+        for t in trees:  # read through the batch: the model as staged (but what a range drops)
+            for k in list(staged[t])[:50]:
+                assert batch[t].get(k) == staged[t][k]
+            assert [x for x in batch[t].items() if x[0] not in ranged] == sorted(staged[t].items())
+        if fails:  # never absorbed: the held set and the model stay as they were
+            ranged -= {x for t in trees for x in set(model[t]) - set(staged[t])}
+            continue
+        pending.absorb(batch[EXT], batch[CSUM], new)
+        fresh |= new
+        model = staged
+        for t in trees:
+            assert [x for x in held[t].items() if x[0] not in ranged] == sorted(model[t].items())
+        if applied:
+            bound, before = pending.bound(), len(img.store.new_blocks)
+            pending.apply()
+            assert len(img.store.new_blocks) - before <= bound
+            for t, tree in trees.items():
+                assert list(tree.items()) == sorted(model[t].items())
+            img.commit()
+            fresh, ranged = set(), set()
+    pending.apply()
+    for t, tree in trees.items():
+        assert list(tree.items()) == sorted(model[t].items())
+    assert not pending.fresh and not pending.ext.changes and not pending.csum.changes
+
+
+# ---------------------------------------------------------------------- through the filesystem
+
+MIB, PAGE = 1 << 20, 4096
+
+
+@pytest.fixture
+async def image(tmp_path):
+    path = str(tmp_path / "fs.img")
+    await blockemu.mkfs(path, size="64M")
+    return path
+
+
+async def rewrite(f, rng: random.Random, want: bytearray, n: int = 32) -> None:
+    for _ in range(n):
+        idx, page = rng.randrange(len(want) // PAGE), rng.randbytes(PAGE)
+        want[idx * PAGE : (idx + 1) * PAGE] = page
+        await f.pwrite(page, idx * PAGE)
+
+
+async def test_a_transactions_extent_changes_reach_the_trees_at_its_commit_only(image, monkeypatch):
+    """Between commits the extent and checksum trees are left as committed, the changes held
+    for the commit read through (``Extents.ext``/``csum``); an extent made and replaced inside
+    the transaction never reaches either tree; the commit applies the rest, and the image reads
+    back after a remount, fsck clean."""
+    rng, want = random.Random(5), bytearray(os.urandom(MIB))
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/f", "w+") as f:
+            await f.pwrite(want, 0)
+            await fs.sync()
+            ext_tree = fs.vol.engine.trees[S.EXTENT_TREE_OBJECTID]
+            committed = list(ext_tree.items())
+            await f.pwrite(b"x" * PAGE, 0)
+            await f.fsync()  # the log: no commit
+            (m,) = list(fs.extents.mappings(f.inode.ino, 0, PAGE))
+            first = (m.extent.disk_bytenr, S.EXTENT_ITEM, PAGE)
+            assert fs.extents.ext.get(first) is not None and ext_tree.get(first) is None
+            assert fs.extents.sector_csums(m.extent.disk_bytenr, PAGE)  # read through: held
+            await f.pwrite(b"y" * PAGE, 0)  # replaces the extent just made
+            await f.fsync()
+            want[:PAGE] = b"y" * PAGE
+            assert list(ext_tree.items()) == committed
+            assert fs.extents.ext.get(first) is None
+            applied: list = []
+            real = type(ext_tree).apply
+            monkeypatch.setattr(type(ext_tree), "apply", lambda tree, changes: applied.extend(changes) or real(tree, changes))
+            await rewrite(f, rng, want)
+            await fs.sync()
+            monkeypatch.undo()
+            assert first not in [c[0] for c in applied]
+            assert [k for k, _ in fs.vol.engine.pending.ext.changes.items()] == []
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+    assert_fsck_clean(image)
+
+
+async def test_a_batch_that_fails_after_staging_leaves_the_held_changes_as_they_were(image, monkeypatch):
+    """A mapped batch that fails once its changes are staged has joined nothing to the changes
+    held for the commit: those stay as the earlier batches left them, and everything fsynced
+    before reads back after a remount, fsck clean."""
+    rng, want = random.Random(6), bytearray(os.urandom(MIB))
+    async with blockemu.mount(image, interval=3600) as fs:
+        f = await fs.open("/f", "w+")
+        if True:  # the file's block (closed below, where the failure is reported)
+            await f.pwrite(want, 0)
+            await fs.sync()
+            await rewrite(f, rng, want)
+            await f.fsync()
+            pending = fs.vol.engine.pending
+            held = (dict(pending.ext.changes), dict(pending.csum.changes), set(pending.fresh), pending.blocks)
+            assert held[0] and held[1]
+            staged = []
+
+            def fails(batch):  # every extent of the batch staged, then the apply fails
+                staged.append(len(batch.ext.changes) + len(batch.csum.changes))
+                raise OSError(errno.EIO, "injected")
+
+            monkeypatch.setattr(ExtentBatch, "apply", fails)
+            for off in (0, 8 * PAGE):
+                await f.pwrite(b"z" * PAGE, off)
+            await fs.writeback.flush_inode(f.inode)
+            monkeypatch.undo()
+            assert staged and all(staged)
+            assert (dict(pending.ext.changes), dict(pending.csum.changes), set(pending.fresh), pending.blocks) == held
+            lost = f.inode.lost_bytes
+        with pytest.raises(OSError) as e:  # reported once, at close
+            await f.close()
+        assert e.value.errno == errno.EIO
+    assert lost == 2 * PAGE  # the injected failure cost both runs (the old data stands)
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+    # (no fsck: on main too, the failed runs' space, pinned, is then neither free nor allocated in
+    # the record -- "free and allocated extents do not tile the device"; reported, not this change's)
+
+
+async def test_the_held_changes_are_bounded(image, monkeypatch):
+    """Past ``MAX_PENDING`` changes, or the room it may keep back, the held set is applied in the
+    middle of the transaction: a long run without a commit never holds more; the room it keeps
+    back is the engine's (``data_keep``)."""
+    monkeypatch.setattr(pending_mod, "MAX_PENDING", 200)
+    rng, want = random.Random(7), bytearray(os.urandom(2 * MIB))
+    sizes = []
+    async with blockemu.mount(image, interval=3600) as fs:
+        async with fs.open("/f", "w+") as f:
+            await f.pwrite(want, 0)
+            await fs.sync()
+            engine = fs.vol.engine
+            gen = fs.vol.generation
+            for _ in range(20):
+                await rewrite(f, rng, want)
+                await f.fsync()
+                sizes.append(len(engine.pending))
+                assert engine.data_keep() == (RESERVE_PATHS + 1) * engine.op_blocks() + engine.pending.blocks > 0
+            assert fs.vol.generation == gen  # no commit meanwhile
+    assert 0 < max(sizes) <= 200 and len(set(sizes)) > 2
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == want
+    assert_fsck_clean(image)
