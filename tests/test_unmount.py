@@ -171,7 +171,7 @@ def test_every_public_call_is_listed():
     internal = {"Filesystem.mount", "Filesystem.unmount", "Filesystem.check_mounted", "File.close"}
     internal |= {f"Filesystem.{n}" for n in (
         "save_inode", "lock_if_idle", "settle", "stat_inode", "room_for", "admits", "data_keep", "meta_for",
-        "reserve_meta", "release_meta", "drop_pages", "make_room", "promised_blocks", "check_meta_room", "adding_items",
+        "reserve_meta", "release_meta", "drop_pages", "make_room", "promised_blocks", "pending_room", "apply_held", "check_meta_room", "adding_items",
         "require_room", "zero_partial", "zero_past_eof", "end_settled", "check_dirtying", "truncate_inode", "punch_inode",
         "read_pages", "write_out", "fsync_inode")}
     public = {f"{cls.__name__}.{n}" for cls in (Filesystem, File) for n in vars(cls)

@@ -1318,6 +1318,7 @@ class Filesystem:
         yielding to the loop."""
         if not self.room_queue.locked() and not short():
             return
+        self.apply_held()
         stats = self.writeback.stats
         async with self.room_queue:
             while short():
@@ -1340,6 +1341,20 @@ class Filesystem:
             return 0
         return -(-(need + self._split_room(engine.allocator, need)) // self.vol.sb.nodesize) + engine.op_blocks()
 
+    def apply_held(self) -> None:
+        """Apply the extent- and checksum-tree changes held for the commit (``PendingTrees``):
+        they keep back the most they may take, their bound, which near full is room an operation
+        short of it would otherwise commit for -- applied, they take only what they need, as
+        each batch's did before they were held. A failure half way aborts the transaction."""
+        engine = self.vol.engine
+        if not engine.pending.blocks:
+            return
+        self.vol.check_aborted()
+        try:
+            engine.pending.apply()
+        except BaseException as e:
+            raise self.vol.abort(e, "applying the held extent and checksum changes failed")
+
     def pending_room(self) -> int:
         """Tree blocks of room the transaction's held extent- and checksum-tree changes may keep
         back (``PendingTrees``): half of what is left once the metadata reserve and the room
@@ -1347,8 +1362,8 @@ class Filesystem:
         them would admit by much; short of room, none (each batch's changes are applied at once)."""
         engine = self.vol.engine
         keep = engine.data_keep() - engine.pending.blocks + engine.op_blocks()
-        # ``promised_blocks`` with its split room at its most, an eighth (``room_for``): counting the
-        # free extents it fills was ~10 % of a mapped batch
+        # ``promised_blocks`` with its split room at its most, an eighth (``room_for``), not the count
+        # of the free extents it fills (``Allocator.fills``: a walk of the free extents per batch)
         need = self.cache.dirty_bytes + self.meta_reserved
         promised = -(-(need + need // 8) // self.vol.sb.nodesize)
         return (engine.allocator.node_room - keep - promised) // 2
