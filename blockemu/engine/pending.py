@@ -32,11 +32,38 @@ from blockemu.ondisk.structs import SECTOR_SIZE
 MAX_PENDING = 1 << 14
 
 
+class HeldBatch(TreeBatch):
+    """The held changes to one tree: a ``TreeBatch`` changed only by ``PendingTrees.absorb``,
+    which keeps its sorted keys across changes -- the keys a batch adds are merged in at the next
+    read (the sort finds the sorted run and merges the few new keys into it), not sorted anew
+    with all the others: a read's checksum check after each mapped batch sorted up to 16,384
+    held keys (~6 ms; merging 100 new ones ~0.6 ms)."""
+
+    def __init__(self, tree: BTree) -> None:
+        super().__init__(tree)
+        self.added: list[KeyT] = []  # keys staged since ``order`` was sorted
+        self.removed = False  # a key gone since
+
+    def _ordered(self) -> list[KeyT]:
+        if self.added or self.removed:
+            changes = self.changes
+            order = (self.order or []) + self.added
+            if self.removed:
+                order = [key for key in order if key in changes]
+            order.sort()
+            self.order, self.added, self.removed = order, [], False
+        return super()._ordered()
+
+    def forget(self) -> None:
+        """Start empty (applied, or dropped)."""
+        self.changes, self.order, self.ranges, self.added, self.removed = {}, [], [], [], False
+
+
 class PendingTrees:
     """The running transaction's held changes to the extent and checksum trees."""
 
     def __init__(self, ext: BTree, csum: BTree, nodesize: int, csum_size: int) -> None:
-        self.ext, self.csum = TreeBatch(ext), TreeBatch(csum)
+        self.ext, self.csum = HeldBatch(ext), HeldBatch(csum)
         self.nodesize, self.csum_size = nodesize, csum_size
         # keys staged as new items (a new extent's EXTENT_ITEM and checksums: the tree holds none):
         # one set for both trees, whose key types differ; such a key dropped again is forgotten
@@ -55,12 +82,16 @@ class PendingTrees:
         held.update(fresh)
         added = 0
         for mine, theirs in ((self.ext, ext), (self.csum, csum)):
-            changes = mine.changes
+            changes, new = mine.changes, mine.added
             for key, value in theirs.changes.items():
                 if value is None and key in held:
-                    changes.pop(key, None)  # made and gone in this transaction: nothing to apply
+                    if key in changes:  # made and gone in this transaction: nothing to apply
+                        del changes[key]
+                        mine.removed = True
                     held.discard(key)
                 else:
+                    if key not in changes:
+                        new.append(key)
                     changes[key] = value
                     if value is not None:
                         added += len(value) + ITEM_SIZE
@@ -69,7 +100,6 @@ class PendingTrees:
                 for lo, hi in theirs.ranges:
                     # its checksums' bytes, in leaves at least half full, and the two it starts and ends in
                     self.range_leaves += 2 + 2 * ((hi[2] - lo[2]) // SECTOR_SIZE * self.csum_size) // self.nodesize
-            mine.order = None
         self.added += added
 
     def hold(self, spare: int) -> bool:
@@ -112,8 +142,8 @@ class PendingTrees:
 
     def drop(self) -> None:
         """Forget the held changes (applied, or the transaction aborted)."""
-        for batch in (self.ext, self.csum):
-            batch.changes, batch.order, batch.ranges = {}, [], []
+        self.ext.forget()
+        self.csum.forget()
         self.fresh = set()
         self.added = self.range_leaves = self.blocks = 0
         self._sizes.clear()
