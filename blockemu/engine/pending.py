@@ -133,7 +133,12 @@ class PendingTrees:
         return total + self.range_leaves + 2 * (-(-self.added // half))
 
     def apply(self) -> None:
-        """Make the held changes in the trees (the commit, or the set has outgrown its room)."""
+        """Make the held changes in the trees (the commit, or the set has outgrown its room). One
+        that fails half way (an I/O error reading a leaf) leaves the trees with part of the
+        transaction's extent items; every caller then aborts the transaction -- a mapped batch's
+        and ``Filesystem.apply_held``'s failure inside ``Volume.join`` after changes, the
+        commit's in ``Volume._durably`` -- so nothing of it is committed, and the fsync log
+        replays what was fsynced."""
         try:
             self.ext.apply()
             self.csum.apply()
