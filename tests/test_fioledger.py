@@ -19,22 +19,31 @@ op = st.one_of(
     st.tuples(st.just("truncate"), st.integers(0, 14 * S)),
     st.tuples(st.just("punch"), st.integers(0, 12 * S), st.integers(1, 3 * S)),
     st.tuples(st.just("fsync")),
+    # the same file opened by another job that spells its path another way
+    st.tuples(st.just("pwrite"), st.integers(0, 12 * S), st.integers(1, 3 * S), st.integers(0, 255), st.just(1)),
+    st.tuples(st.just("fsync"), st.just(1)),
 )
 
 
-async def cut_after(ops: list[tuple], fsync_works: bool = True) -> list[str]:
-    """Run ``ops`` on a file through the ledger, cut the power, mount again: the ledger's losses."""
+async def cut_after(ops: list[tuple], fsync_works: bool = True, before: bytes = b"") -> list[str]:
+    """Run ``ops`` on a file through the ledger, cut the power, mount again: the ledger's losses.
+    ``before``: what the file holds, durable, before the ledger opens it; an op whose last
+    element is 1 goes through a second handle on the file, opened as ``/./f``."""
     with tempfile.TemporaryDirectory() as d:
         image = f"{d}/l.img"
         await blockemu.mkfs(image, size="32M")
+        async with blockemu.mount(image) as fs, fs.open("/f", "w") as f:
+            await f.write(before)
         ledger = FsyncLedger()
         fs = await blockemu.mount(image, interval=3600)
-        f = ledger.wrap("/f", await fs.open("/f", "w+"), "job")
+        handles = [ledger.wrap(path, await fs.open(path, "r+"), job) for path, job in (("/f", "job"), ("/./f", "other"))]
         if not fsync_works:
             async def lie() -> None:
                 return None
-            f._file.fsync = lie  # type: ignore[attr-defined]
+            for f in handles:
+                f._file.fsync = lie  # type: ignore[attr-defined]
         for o in ops:
+            f = handles[o[-1] if o[0] in ("pwrite", "fsync") and len(o) in (2, 5) else 0]
             if o[0] == "pwrite":
                 await f.pwrite(bytes([o[3]]) * o[2], o[1])
             elif o[0] == "truncate":
@@ -44,8 +53,9 @@ async def cut_after(ops: list[tuple], fsync_works: bool = True) -> list[str]:
             else:
                 await f.fsync()
         fs.power_cut()
-        with contextlib.suppress(OSError):
-            await f.close()
+        for f in handles:
+            with contextlib.suppress(OSError):
+                await f.close()
         with contextlib.suppress(OSError):  # what was not durable is lost, and the unmount may say so
             await fs.unmount()
         async with blockemu.mount(image) as fs:
@@ -62,3 +72,15 @@ def test_a_lost_fsync_is_caught():
     """The check breaks when the filesystem does: an fsync that makes nothing durable."""
     lost = asyncio.run(cut_after([("pwrite", 0, 3 * S, 7), ("fsync",)], fsync_works=False))
     assert lost and ("missing after the power cut" in lost[0] or "differ after the power cut" in lost[0])
+
+
+def test_bytes_the_ledger_never_saw_are_not_called_durable_zeros_by_a_grow():
+    """A file holding bytes before its job opened it, grown by a truncate (ftruncate's I/O) and
+    fsynced: the ledger called the old bytes durable zeros, and the check a loss."""
+    assert asyncio.run(cut_after([("truncate", 8 * S), ("fsync",)], before=b"old!" * S)) == []
+
+
+def test_two_spellings_of_a_path_share_a_shadow():
+    """Jobs naming one file ``f`` and ``./f``: the second's overwrite, fsynced, was the first's
+    loss while each had its own shadow."""
+    assert asyncio.run(cut_after([("pwrite", 0, 2 * S, 1), ("fsync",), ("pwrite", 0, 2 * S, 2, 1), ("fsync", 1)])) == []

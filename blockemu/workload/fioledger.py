@@ -17,10 +17,15 @@ import re
 from typing import Any
 
 from blockemu.errors import BlockemuError, NotFoundError
-from blockemu.fs.filesystem import File, Filesystem
+from blockemu.fs.filesystem import File, Filesystem, split_path
 
 UNKNOWN, DURABLE, CHANGED = 0, 1, 2
 _DURABLE_RUNS = re.compile(rb"\x01+")
+
+
+def canonical(path: str) -> str:
+    """``path`` as the filesystem resolves it (``split_path``: no empty or ``.`` component)."""
+    return "/" + b"/".join(split_path(path)).decode(errors="surrogateescape")
 
 
 class FileShadow:
@@ -48,13 +53,16 @@ class FileShadow:
         self.state[offset:end] = bytes([CHANGED]) * (end - offset)
         self.pending.append((offset, end))
 
-    def truncated(self, size: int) -> None:
-        """A truncate: bytes past ``size`` are gone, or back after a cut (it was not durable yet):
-        unknown either way; a grow reads as zeros, changed."""
+    def truncated(self, old: int, size: int) -> None:
+        """A truncate from ``old`` bytes to ``size``: bytes past ``size`` are gone, or back after a
+        cut (it was not durable yet): unknown either way; a grow reads as zeros past ``old``,
+        changed. The file may hold bytes the shadow never saw (written before it was opened
+        here), up to ``old``: they stay unknown -- counted as zeros from the shadow's end, the
+        fsync after the grow called them durable zeros, and the check a loss (review35)."""
         if size < len(self.state):
             del self.current[size:], self.durable[size:], self.state[size:]
-        else:
-            self.changed(len(self.state), bytes(size - len(self.state)))
+        elif size > old:
+            self.changed(old, bytes(size - old))
 
     def syncing(self) -> list[tuple[int, int]]:
         taken, self.pending = self.pending, []
@@ -111,8 +119,9 @@ class LedgeredFile:
             self._shadow.changed(offset, bytes(end - offset))
 
     async def truncate(self, size: int | None = None) -> int:
+        old = self._file.inode.size
         done = await self._file.truncate(size)
-        self._shadow.truncated(self._file.inode.size)
+        self._shadow.truncated(old, self._file.inode.size)
         return done
 
     async def fsync(self) -> None:
@@ -126,17 +135,20 @@ class LedgeredFile:
 
 
 class FsyncLedger:
-    """The run's shadows, by path, for the mount a cut may end (``forget``: the file is gone)."""
+    """The run's shadows, by path, for the mount a cut may end (``forget``: the file is gone).
+    Keyed by the path as the filesystem resolves it (``canonical``): two jobs naming one file
+    ``f`` and ``./f`` had a shadow each, and the second's overwrite, fsynced, was the first's
+    loss (review35)."""
 
     def __init__(self) -> None:
         self.files: dict[str, FileShadow] = {}
 
     def wrap(self, path: str, file: File, job: str) -> File:
-        shadow = self.files.setdefault(path, FileShadow(job))
+        shadow = self.files.setdefault(canonical(path), FileShadow(job))
         return LedgeredFile(file, shadow)  # type: ignore[return-value]  # a File to every caller
 
     def forget(self, path: str) -> None:
-        self.files.pop(path, None)
+        self.files.pop(canonical(path), None)
 
     async def check(self, fs: Filesystem) -> tuple[int, list[str]]:
         """The files with durable bytes, and each loss, on ``fs`` (the image mounted again); the
