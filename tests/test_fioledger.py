@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import blockemu
-from blockemu.workload.fioledger import FsyncLedger
+from blockemu.workload.fioledger import FileShadow, FsyncLedger
 
 S = 4096
 op = st.one_of(
@@ -84,3 +84,32 @@ def test_two_spellings_of_a_path_share_a_shadow():
     """Jobs naming one file ``f`` and ``./f``: the second's overwrite, fsynced, was the first's
     loss while each had its own shadow."""
     assert asyncio.run(cut_after([("pwrite", 0, 2 * S, 1), ("fsync",), ("pwrite", 0, 2 * S, 2, 1), ("fsync", 1)])) == []
+
+
+def test_a_change_another_fsync_took_is_not_called_durable_by_one_begun_before_it():
+    """Fsync A begins, the byte changes, fsync B begins (taking the change), A returns, and the
+    power cut fails B: the disk holds the byte as A found it. A called the new byte durable
+    (it read "changed while I ran" from what was pending, which B had taken) -- a false loss
+    three clones sharing a file hit at fsync=3."""
+    shadow = FileShadow("job")
+    shadow.changed(0, b"ax")
+    a = shadow.syncing()
+    shadow.changed(0, b"b")
+    b = shadow.syncing()
+    shadow.synced(a)
+    shadow.unsynced(b)
+    assert shadow.losses("/f", b"ax") == []
+    assert shadow.losses("/f", b"a?")  # what A made durable, and nothing changed since, stays checked
+
+
+def test_a_truncate_while_an_fsync_runs_cuts_what_it_took():
+    """An fsync takes [0, 10), a truncate to 2 runs meanwhile, a write at 5 grows the file again:
+    the fsync's return called [2, 5) -- a hole the truncate left, never written -- durable."""
+    shadow = FileShadow("job")
+    shadow.changed(0, b"x" * 10)
+    a = shadow.syncing()
+    shadow.truncated(10, 2)
+    shadow.changed(5, b"y")
+    shadow.synced(a)
+    assert shadow.losses("/f", b"xx") == []
+    assert shadow.losses("/f", b"x?")

@@ -37,6 +37,9 @@ class FileShadow:
         self.durable = bytearray()
         self.state = bytearray()
         self.pending: list[tuple[int, int]] = []  # [start, end) changed since the last fsync began
+        # each running fsync's ranges, by its number (``syncing``): those it took, and those changed since it began
+        self.running: dict[int, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}
+        self.syncs = 0
 
     def _grow(self, end: int) -> None:
         if end > len(self.state):
@@ -52,6 +55,8 @@ class FileShadow:
         self.current[offset:end] = data
         self.state[offset:end] = bytes([CHANGED]) * (end - offset)
         self.pending.append((offset, end))
+        for _, since in self.running.values():
+            since.append((offset, end))
 
     def truncated(self, old: int, size: int) -> None:
         """A truncate from ``old`` bytes to ``size``: bytes past ``size`` are gone, or back after a
@@ -61,26 +66,46 @@ class FileShadow:
         fsync after the grow called them durable zeros, and the check a loss (review35)."""
         if size < len(self.state):
             del self.current[size:], self.durable[size:], self.state[size:]
+            # what is still to be made durable ends there too: a range an fsync running now
+            # took, past the end, was marked durable over what a later write grew the file to
+            # (review35: a job's ftruncates beside another's writes and fsyncs)
+            for ranges in (self.pending, *(taken for taken, _ in self.running.values())):
+                ranges[:] = [(start, min(end, size)) for start, end in ranges if start < size]
         elif size > old:
             self.changed(old, bytes(size - old))
 
-    def syncing(self) -> list[tuple[int, int]]:
+    def syncing(self) -> int:
+        """An fsync begins: it takes what is pending, and what changes while it runs is noted
+        for it (``synced``)."""
         taken, self.pending = self.pending, []
-        return taken
+        self.syncs += 1
+        self.running[self.syncs] = taken, []
+        return self.syncs
 
-    def synced(self, taken: list[tuple[int, int]]) -> None:
-        """The fsync that took ``taken`` returned: those bytes are durable, but for what was
-        changed again while it ran (pending anew: either version may be on disk)."""
-        for start, end in taken:
-            end = min(end, len(self.state))  # a truncate meanwhile
-            self.durable[start:end] = self.current[start:end]
-            self.state[start:end] = bytes([DURABLE]) * max(0, end - start)
-        for start, end in self.pending:
-            self.state[start:end] = bytes([CHANGED]) * (end - start)
+    def synced(self, sync: int) -> None:
+        """The fsync numbered ``sync`` returned: what it took is durable, but for what was changed again
+        after it began (either version may be on disk). Noted for each fsync, not read from
+        ``pending``: another fsync that began meanwhile took those changes from there, and the
+        first to return called them durable -- while the other one, which had them, failed
+        on the power cut (review35: three clones of a job sharing a file, fsync=3)."""
+        taken, since = self.running.pop(sync)
+        self._mark(taken, DURABLE)
+        self._mark(since, CHANGED)
 
-    def unsynced(self, taken: list[tuple[int, int]]) -> None:
+    def unsynced(self, sync: int) -> None:
         """The fsync failed: what it took is still to be made durable."""
+        taken, _ = self.running.pop(sync)
         self.pending = taken + self.pending
+
+    def _mark(self, ranges: list[tuple[int, int]], state: int) -> None:
+        """Give ``ranges`` ``state`` (DURABLE: with the bytes they hold now), cut at the shadow's
+        end (a change noted while an fsync ran may lie past a truncate since)."""
+        for start, end in ranges:
+            end = min(end, len(self.state))
+            if end > start:
+                if state == DURABLE:
+                    self.durable[start:end] = self.current[start:end]
+                self.state[start:end] = bytes([state]) * (end - start)
 
     def losses(self, path: str, on_disk: bytes | None) -> list[str]:
         """Each durable stretch the disk does not hold, as the run's finding."""
@@ -125,13 +150,13 @@ class LedgeredFile:
         return done
 
     async def fsync(self) -> None:
-        taken = self._shadow.syncing()
+        sync = self._shadow.syncing()
         try:
             await self._file.fsync()
         except BaseException:
-            self._shadow.unsynced(taken)
+            self._shadow.unsynced(sync)
             raise
-        self._shadow.synced(taken)
+        self._shadow.synced(sync)
 
 
 class FsyncLedger:
