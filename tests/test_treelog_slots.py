@@ -38,11 +38,11 @@ def test_a_slot_round_trips_and_a_torn_or_foreign_one_is_none():
     assert decode_slot(bytes(S.LOG_SLOT_SIZE), at, FSID, 0) is None  # never written / wiped
 
 
-async def _three_syncs(tmp_path):
+async def _three_syncs(tmp_path, node_size: str = "4K"):
     """/f committed, then three fsyncs of scattered overwrites: the first writes the superblock,
     the second and third a slot each. Returns the write log and /f after each fsync."""
     img = str(tmp_path / "a.img")
-    await blockemu.mkfs(img, size="64M", node_size="4K", force=True)
+    await blockemu.mkfs(img, size="64M", node_size=node_size, force=True)
     rng = random.Random(3)
     async with blockemu.mount(img, interval=3600) as fs:
         want = bytearray(rng.randbytes(64 * 4096))
@@ -111,6 +111,22 @@ async def test_a_slot_that_landed_without_what_it_names_falls_back_to_the_sync_b
     passed = [n for n in report.notes if "did not land whole" in n]
     assert len(passed) == (lost != "nothing"), report.notes
     assert await _read_back(crash) == after[1 if drop else 2]
+
+
+async def test_a_log_block_torn_after_its_checksum_falls_back_to_the_sync_before(tmp_path):
+    """A 16 KiB log block of the third fsync's sync torn at 4 KiB sectors: its first sector --
+    the checksum field the slot recorded -- landed, the rest did not. That sync was never
+    acknowledged: mount and fsck take the second's log, not fail on the block's checksum (the
+    crash campaign's 4 KiB nodes never tear a block). Fails if only the checksum field is
+    compared: mount refused the log (checksum mismatch) and the second fsync was lost."""
+    log, after = await _three_syncs(tmp_path, node_size="16K")
+    slot, blocks, _ = _last_sync(log)
+    crash = str(tmp_path / "crash.img")
+    log.crash_image(crash, slot.seq + 1, [e.seq for e in log.split(slot.seq + 1)[1]], torn={blocks[0]: [0]})
+    report = check(crash, check_data=True)
+    assert report.clean, [e.message for e in report.errors]
+    assert [n for n in report.notes if "did not land whole" in n], report.notes
+    assert await _read_back(crash) == after[1]
 
 
 async def test_the_crash_oracle_makes_each_slot_durable_at_its_flush(tmp_path):

@@ -50,6 +50,7 @@ from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.csum import csum_size
 from blockemu.ondisk.csum import digests as all_digests
+from blockemu.ondisk.csum import field as block_csum
 from blockemu.ondisk.fast import ITEM_SIZE
 from blockemu.ondisk.items import FileExtent, RootItem
 from blockemu.ondisk.logslot import SlotInfo, decode_slot
@@ -399,7 +400,10 @@ def choose_log(read: ReadFn, sb: SuperInfo) -> tuple[SuperInfo, list[str]]:
 def _not_landed(read: ReadFn, sb: SuperInfo, slot: SlotInfo) -> str | None:
     """What the log sync of ``slot`` wrote and is not on disk (None: all of it is)."""
     for bytenr, csum in slot.blocks:
-        if read(bytenr, sb.nodesize)[:CSUM_FIELD] != csum:
+        raw = read(bytenr, sb.nodesize)
+        # the whole block, not only its checksum field: a block larger than a sector may land
+        # torn, its first sector (the field) new and the rest old -- a sync that did not complete
+        if raw[:CSUM_FIELD] != csum or block_csum(sb.csum_type, memoryview(raw)[CSUM_FIELD:]) != csum:
             return f"log block {bytenr} is not the one it wrote"
     _, items = read_log(read, sb)
     csums = [(key, body) for key, body in items if key[:2] == (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM)]
