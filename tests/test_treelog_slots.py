@@ -12,7 +12,7 @@ import pytest
 import blockemu
 from blockemu.check.fsck import check
 from blockemu.check.inspect import dump_super, super_text
-from blockemu.check.repair import zero_log
+from blockemu.check.repair import restore_primary_super, zero_log
 from blockemu.device.image import ImageFile
 from blockemu.engine.treelog import choose_log
 from blockemu.ondisk import structs as S
@@ -38,11 +38,11 @@ def test_a_slot_round_trips_and_a_torn_or_foreign_one_is_none():
     assert decode_slot(bytes(S.LOG_SLOT_SIZE), at, FSID, 0) is None  # never written / wiped
 
 
-async def _three_syncs(tmp_path, node_size: str = "4K"):
+async def _three_syncs(tmp_path, node_size: str = "4K", size: str = "64M"):
     """/f committed, then three fsyncs of scattered overwrites: the first writes the superblock,
     the second and third a slot each. Returns the write log and /f after each fsync."""
     img = str(tmp_path / "a.img")
-    await blockemu.mkfs(img, size="64M", node_size=node_size, force=True)
+    await blockemu.mkfs(img, size=size, node_size=node_size, force=True)
     rng = random.Random(3)
     async with blockemu.mount(img, interval=3600) as fs:
         want = bytearray(rng.randbytes(64 * 4096))
@@ -170,6 +170,39 @@ async def test_zero_log_wipes_the_slots_and_an_older_builds_log_still_replays(tm
         assert choose_log(img.read, sb)[0] is sb
     assert check(done).clean
     assert len(await _read_back(done)) == len(after[0])  # the committed /f
+
+
+async def test_restoring_the_primary_from_a_mirror_wipes_the_slots(tmp_path):
+    """fsck --repair restores a damaged primary from a mirror: the same generation, no log, and
+    the lost log's slots behind it until the repair's commit moves the generation on. A crash
+    before that commit, and the next mount's first log sync writes a superblock of that
+    generation whose log root may be the lost log's (the allocator starts from the same free
+    space): the stale slots -- blocks and data still on disk -- would read as its own, and their
+    log replay over the one it acknowledged. Fails if the restore leaves the slots."""
+    await _three_syncs(tmp_path, size="128M")
+    done = str(tmp_path / "done.img")
+    with ImageFile.open(done) as img:
+        lost = img.best_super()
+    assert choose_log(_reader(done), lost)[0].log_root != lost.log_root, "a slot's log is the log"
+    with open(done, "r+b") as f:  # media damage: the primary's checksum fails
+        f.seek(S.SUPER_OFFSETS[0] + 0x200)
+        f.write(b"\xff")
+    assert restore_primary_super(done)
+    with ImageFile.open(done) as img:
+        restored = img.best_super()
+    assert restored.generation == lost.generation and not restored.log_root
+    # the next mount's first log sync, its root where the lost log's was
+    again = dataclasses.replace(restored, log_root=lost.log_root, log_root_level=lost.log_root_level,
+                                log_root_transid=lost.log_root_transid, incompat_flags=lost.incompat_flags)
+    assert choose_log(_reader(done), again)[0].log_root == lost.log_root, "a stale slot's log was chosen"
+
+
+def _reader(path: str):
+    def read(at: int, n: int) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(at)
+            return f.read(n)
+    return read
 
 
 async def test_a_commit_clears_both_bits_and_the_slots_go_stale(tmp_path):

@@ -69,12 +69,26 @@ def restore_primary_super(path: str) -> bool:
         targets = [c.offset for c in img.supers if c.info is None]
     fd = open_image(path, readonly=False)
     try:
+        if SUPER_OFFSETS[0] in targets:
+            # a mirror names no log, yet has the lost primary's generation until the repair's
+            # commit: a crash before it, and the next first log sync would find the lost log's
+            # slots its own should its log root land where that log's was
+            wipe_slots(fd)
         for off in targets:
             os.pwrite(fd, encode_super(sb, off), off)
         os.fsync(fd)
     finally:
         os.close(fd)
     return SUPER_OFFSETS[0] in targets
+
+
+def wipe_slots(fd: int) -> None:
+    """Zero both log slots, durably, before a superblock that keeps its generation but names
+    no log is written: a later log's superblock of that generation must not find them its own
+    (SPEC "Log slots")."""
+    for slot in S.LOG_SLOT_OFFSETS:
+        os.pwrite(fd, bytes(S.LOG_SLOT_SIZE), slot)
+    os.fsync(fd)
 
 
 def restore_size(path: str, size: int) -> None:
@@ -120,11 +134,7 @@ def zero_log(path: str) -> SuperInfo | None:
         new = replace(sb, log_root=0, log_root_transid=0, log_root_level=0,
                       incompat_flags=sb.incompat_flags & ~S.INCOMPAT_LOG_BITS)
         if sb.incompat_flags & S.INCOMPAT_LOG_SLOTS:
-            # wiped first: the generation stays, and a later log's superblock must not find
-            # these slots its own (SPEC "Log slots")
-            for slot in S.LOG_SLOT_OFFSETS:
-                os.pwrite(fd, bytes(S.LOG_SLOT_SIZE), slot)
-            os.fsync(fd)
+            wipe_slots(fd)  # first: the generation stays
         os.pwrite(fd, encode_super(new, at), at)
         os.fsync(fd)
         return sb
