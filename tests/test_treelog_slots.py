@@ -18,7 +18,7 @@ from blockemu.engine.treelog import choose_log
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.logslot import SlotInfo, decode_slot, encode_slot
 from blockemu.ondisk.superblock import encode_super
-from tests.test_treelog import committed_then_log
+from tests.test_treelog import _super, committed_then_log
 
 FSID = bytes(range(16))
 
@@ -172,6 +172,27 @@ async def test_zero_log_wipes_the_slots_and_an_older_builds_log_still_replays(tm
     assert len(await _read_back(done)) == len(after[0])  # the committed /f
 
 
+async def test_inspect_calls_a_stale_slot_stale_whatever_its_log_root(tmp_path):
+    """A slot of an earlier generation whose log root is the replayed log's (a commit freed the
+    old log's blocks and the next log took them) is stale, not replayed. Fails if ``replayed``
+    compares the log root alone."""
+    await _three_syncs(tmp_path)
+    done = str(tmp_path / "done.img")
+    sb = _super(done)
+    with open(done, "r+b") as f:
+        slots = []
+        for at in S.LOG_SLOT_OFFSETS:
+            f.seek(at)
+            slots.append(decode_slot(f.read(S.LOG_SLOT_SIZE), at, sb.fsid, sb.csum_type))
+        older, newer = sorted(slots, key=lambda s: s.sequence)
+        at = S.LOG_SLOT_OFFSETS[slots.index(older)]
+        stale = dataclasses.replace(older, generation=sb.generation - 1, log_root=newer.log_root)
+        f.seek(at)
+        f.write(encode_slot(stale, sb.fsid, sb.csum_type, at))
+    states = {s["sequence"]: (s["current"], s["replayed"]) for s in dump_super(done)["log_slots"]}
+    assert states == {older.sequence: (False, False), newer.sequence: (True, True)}, states
+
+
 async def test_restoring_the_primary_from_a_mirror_wipes_the_slots(tmp_path):
     """fsck --repair restores a damaged primary from a mirror: the same generation, no log, and
     the lost log's slots behind it until the repair's commit moves the generation on. A crash
@@ -183,26 +204,18 @@ async def test_restoring_the_primary_from_a_mirror_wipes_the_slots(tmp_path):
     done = str(tmp_path / "done.img")
     with ImageFile.open(done) as img:
         lost = img.best_super()
-    assert choose_log(_reader(done), lost)[0].log_root != lost.log_root, "a slot's log is the log"
+        assert choose_log(img.read, lost)[0].log_root != lost.log_root, "a slot's log is the log"
     with open(done, "r+b") as f:  # media damage: the primary's checksum fails
         f.seek(S.SUPER_OFFSETS[0] + 0x200)
         f.write(b"\xff")
     assert restore_primary_super(done)
     with ImageFile.open(done) as img:
         restored = img.best_super()
-    assert restored.generation == lost.generation and not restored.log_root
-    # the next mount's first log sync, its root where the lost log's was
-    again = dataclasses.replace(restored, log_root=lost.log_root, log_root_level=lost.log_root_level,
-                                log_root_transid=lost.log_root_transid, incompat_flags=lost.incompat_flags)
-    assert choose_log(_reader(done), again)[0].log_root == lost.log_root, "a stale slot's log was chosen"
-
-
-def _reader(path: str):
-    def read(at: int, n: int) -> bytes:
-        with open(path, "rb") as f:
-            f.seek(at)
-            return f.read(n)
-    return read
+        assert restored.generation == lost.generation and not restored.log_root
+        # the next mount's first log sync, its root where the lost log's was
+        again = dataclasses.replace(restored, log_root=lost.log_root, log_root_level=lost.log_root_level,
+                                    log_root_transid=lost.log_root_transid, incompat_flags=lost.incompat_flags)
+        assert choose_log(img.read, again)[0].log_root == lost.log_root, "a stale slot's log was chosen"
 
 
 async def test_a_commit_clears_both_bits_and_the_slots_go_stale(tmp_path):

@@ -174,11 +174,11 @@ def log_slots(img: ImageFile, sb: Any) -> list[dict[str, Any]]:
     for at in S.LOG_SLOT_OFFSETS:
         slot = decode_slot(img.read(at, S.LOG_SLOT_SIZE), at, sb.fsid, sb.csum_type)
         if slot is not None:
+            # a stale slot's log root may be the chosen one's: the allocator reuses a dropped log's blocks
+            current = slot.generation == sb.generation and slot.base_root == sb.log_root
             out.append({"bytenr": at, "generation": slot.generation, "base_root": slot.base_root,
                         "sequence": slot.sequence, "log_root": slot.log_root, "log_root_level": slot.log_root_level,
-                        "blocks": len(slot.blocks),
-                        "current": slot.generation == sb.generation and slot.base_root == sb.log_root,
-                        "replayed": slot.log_root == chosen})
+                        "blocks": len(slot.blocks), "current": current, "replayed": current and slot.log_root == chosen})
     return out
 
 
