@@ -15,6 +15,7 @@ from blockemu.check.inspect import dump_super, super_text
 from blockemu.check.repair import restore_primary_super, zero_log
 from blockemu.device.image import ImageFile
 from blockemu.engine.treelog import choose_log
+from blockemu.errors import CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.logslot import SlotInfo, decode_slot, encode_slot
 from blockemu.ondisk.superblock import encode_super
@@ -127,6 +128,28 @@ async def test_a_log_block_torn_after_its_checksum_falls_back_to_the_sync_before
     assert report.clean, [e.message for e in report.errors]
     assert [n for n in report.notes if "did not land whole" in n], report.notes
     assert await _read_back(crash) == after[1]
+
+
+async def test_a_durable_slot_that_does_not_read_whole_is_damage(tmp_path):
+    """Only the newest log sync can be in flight at a power cut: the one before it flushed before
+    the newer slot was written. With both slots' logs failing (a block of each flipped: media
+    damage), mount and fsck say the log is damaged -- not replay the superblock's log and drop the
+    second fsync, acknowledged, as if it never landed. Fails if every failing slot is passed over."""
+    await _three_syncs(tmp_path)
+    done = str(tmp_path / "done.img")
+    sb = _super(done)
+    with open(done, "r+b") as f:
+        for at in S.LOG_SLOT_OFFSETS:
+            f.seek(at)
+            bytenr = decode_slot(f.read(S.LOG_SLOT_SIZE), at, sb.fsid, sb.csum_type).blocks[0][0]
+            f.seek(bytenr + 200)
+            byte = f.read(1)[0]
+            f.seek(bytenr + 200)
+            f.write(bytes([byte ^ 1]))
+    report = check(done)
+    assert any("was durable before log sync 3 began" in e.message for e in report.errors), report.errors
+    with pytest.raises(CorruptionError, match="zero-log"):
+        await _read_back(done)
 
 
 async def test_the_crash_oracle_makes_each_slot_durable_at_its_flush(tmp_path):

@@ -392,6 +392,13 @@ def choose_log(read: ReadFn, sb: SuperInfo) -> tuple[SuperInfo, list[str]]:
         why = _not_landed(read, new, slot)
         if why is None:
             return new, passed
+        if passed:
+            # only the newest sync can be in flight: this one's flush completed before the newer
+            # slot (the same superblock's log) was written -- damage, not a power cut, and
+            # replaying the log before it would drop fsyncs it acknowledged
+            raise CorruptionError(f"log tree: log sync {slot.sequence} (its log slot names log root {slot.log_root}) "
+                                  f"was durable before log sync {slot.sequence + 1} began, yet does not read "
+                                  f"whole: {why}", "BAD_LOG_ITEM", slot.log_root)
         passed.append(f"log sync {slot.sequence} (its log slot names log root {slot.log_root}) did not land "
                       f"whole and was never acknowledged: {why}; the log before it replays")
     return sb, passed
