@@ -140,7 +140,7 @@ def full_fs_workload(scale: int):
 
 
 # plain data in extents of up to 1 MiB: the fill is few extents, quick to write and to check
-FULL = WritePath("full", 1 << 20, 0, encrypt=False, scale=1)
+FULL = WritePath("full", 1 << 20, 0, encrypt=False, scale=1, node_size="4K")
 
 
 async def test_log_fsyncs_on_a_full_image_reuse_space_safely(tmp_path):

@@ -355,7 +355,7 @@ async def run_recorded(workload: Workload, image: str, base: str, *, faults: Fau
     """Run ``workload`` on a fresh image of ``size`` with the write log on, commit tails in the
     order ``hold_tails`` says (``Recorder``); returns the recorder: its log, oracle, and where
     the other order's log would part from this one (``overtaken``)."""
-    await mkfs(image, size, node_size="4K", force=True)
+    await mkfs(image, size, node_size=write_path.node_size, force=True)
     fs = await mount(image, faults=faults, interval=3600, **write_path.mount_options())
     try:
         kid = await fs.add_key(KEY) if write_path.encrypt else None
