@@ -219,20 +219,10 @@ async def test_the_held_changes_are_bounded(image, monkeypatch):
     assert_fsck_clean(image)
 
 
-async def test_a_held_apply_that_fails_half_way_aborts_the_transaction(image, monkeypatch):
-    """The held changes' apply fails (EIO) in the middle of the transaction -- a batch found no
-    room to keep holding them -- after the extent tree took its part: the commit fails with it
-    and the transaction aborts, never committing file items without their extents' items;
-    after a remount the log replays every fsynced write, fsck clean."""
-    rng, want = random.Random(8), bytearray(os.urandom(MIB))
-    fs = await blockemu.mount(image, interval=3600)
-    f = await fs.open("/f", "w+")
-    await f.pwrite(want, 0)
-    await fs.sync()
-    await rewrite(f, rng, want)
-    await f.fsync()
+async def fail_held_apply_half_way(fs: blockemu.Filesystem, f, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write to ``f`` whose mapped batch finds no room to keep holding, and applies the held
+    set: the extent tree takes its part, the checksum tree's apply fails (EIO)."""
     held = fs.vol.engine.pending
-    assert len(held)
     real = type(held.csum).apply
 
     def fails(batch):
@@ -245,6 +235,22 @@ async def test_a_held_apply_that_fails_half_way_aborts_the_transaction(image, mo
     await f.pwrite(b"z" * PAGE, 0)
     await fs.writeback.flush_inode(f.inode)
     monkeypatch.undo()
+
+
+async def test_a_held_apply_that_fails_half_way_aborts_the_transaction(image, monkeypatch):
+    """The held changes' apply fails (EIO) in the middle of the transaction -- a batch found no
+    room to keep holding them -- after the extent tree took its part: the commit fails with it
+    and the transaction aborts, never committing file items without their extents' items;
+    after a remount the log replays every fsynced write, fsck clean."""
+    rng, want = random.Random(8), bytearray(os.urandom(MIB))
+    fs = await blockemu.mount(image, interval=3600)
+    f = await fs.open("/f", "w+")
+    await f.pwrite(want, 0)
+    await fs.sync()
+    await rewrite(f, rng, want)
+    await f.fsync()
+    assert len(fs.vol.engine.pending)
+    await fail_held_apply_half_way(fs, f, monkeypatch)
     assert f.inode.lost_bytes
     with pytest.raises(OSError):
         await fs.sync()
@@ -258,3 +264,24 @@ async def test_a_held_apply_that_fails_half_way_aborts_the_transaction(image, mo
         async with fs.open("/f") as f:
             assert await f.read() == want
     assert_fsck_clean(image)
+
+
+async def test_after_a_held_apply_fails_half_way_the_aborted_mount_still_reads_the_transactions_data(image, monkeypatch):
+    """Reads go on after an abort (``Volume.join``): a page fsynced in the aborted transaction,
+    read cold, still finds its checksums -- the held changes that did not reach their tree stay
+    held, read through (forgotten, every extent of the transaction read as a checksum error)."""
+    want = os.urandom(PAGE)
+    fs = await blockemu.mount(image, interval=3600)
+    f = await fs.open("/f", "w+")
+    await f.pwrite(os.urandom(MIB), 0)
+    await fs.sync()
+    await f.pwrite(want, 100 * PAGE)
+    await f.fsync()
+    await fail_held_apply_half_way(fs, f, monkeypatch)
+    assert fs.vol.aborted is not None
+    fs.cache.forget(f.inode.pages, [100])  # read from the device, checked against its checksums
+    assert await f.pread(PAGE, 100 * PAGE) == want
+    with pytest.raises(OSError):
+        await f.close()  # the lost page's error
+    with pytest.raises(OSError):
+        await fs.unmount()

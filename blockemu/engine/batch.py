@@ -168,11 +168,14 @@ class TreeBatch:
 
     def apply(self) -> None:
         """Make the staged changes in the tree, in one pass, and start empty again."""
-        changes = in_key_order(self.changes)
-        if self.ranges:
-            changes = self._with_ranges(changes)
+        changes = self.staged()
         self.changes, self.order, self.ranges = {}, [], []
         self.tree.apply(changes)
+
+    def staged(self) -> list[Change]:
+        """The staged changes as ``BTree.apply`` takes them: in key order, ranges in place."""
+        changes = in_key_order(self.changes)
+        return self._with_ranges(changes) if self.ranges else changes
 
     def _with_ranges(self, changes: list[Change]) -> list[Change]:
         """The staged changes (sorted) with each ``drop_range`` as a ``Through``

@@ -54,6 +54,14 @@ class HeldBatch(TreeBatch):
             self.order, self.added, self.removed = order, [], False
         return super()._ordered()
 
+    def apply(self) -> None:
+        """Make the held changes in the tree, then forget them -- not before: an apply that fails
+        half way aborts the transaction, and the mount's reads go on through what is held (the
+        tree took part of it; the staged values stand over that part as over the rest), where a
+        set forgotten first left every extent of the transaction without its checksums (EIO)."""
+        self.tree.apply(self.staged())
+        self.forget()
+
     def forget(self) -> None:
         """Start empty (applied, or dropped)."""
         self.changes, self.order, self.ranges, self.added, self.removed = {}, [], [], [], False
@@ -138,12 +146,11 @@ class PendingTrees:
         transaction's extent items; every caller then aborts the transaction -- a mapped batch's
         and ``Filesystem.apply_held``'s failure inside ``Volume.join`` after changes, the
         commit's in ``Volume._durably`` -- so nothing of it is committed, and the fsync log
-        replays what was fsynced."""
-        try:
-            self.ext.apply()
-            self.csum.apply()
-        finally:
-            self.drop()
+        replays what was fsynced. What did not reach its tree stays held (``HeldBatch.apply``),
+        for the aborted mount's reads."""
+        self.ext.apply()
+        self.csum.apply()
+        self.drop()
 
     def drop(self) -> None:
         """Forget the held changes (applied, or the transaction aborted)."""
