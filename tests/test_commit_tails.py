@@ -16,7 +16,7 @@ from blockemu.fs.volume import Volume
 from blockemu.workload import crash
 from blockemu.workload.crash import Recorder, Workload, ace_workload, group_workload, run_recorded
 from blockemu.workload.writepath import PRODUCTION
-from tests.util import Gate
+from tests.util import PRODUCTION_4K, Gate
 
 Timing = Literal["early", "late"]
 # `crash --max-ops 2`'s workload 22 (24 since the link operation; seeded 22 here): 55 or 52 states
@@ -172,7 +172,7 @@ async def test_an_allocation_whose_write_stalls_overtakes_a_held_tail(tmp_path):
     overtaken, and a campaign would never have checked the other order; it must say where the
     logs may part (the allocator changed), and they must be the same up to there."""
     recs = [await run_recorded(overwrite_stalled_while_the_lock_is_wanted, str(tmp_path / "w.img"),
-                               str(tmp_path / "base.img"), write_path=PRODUCTION, hold_tails=hold_tails)
+                               str(tmp_path / "base.img"), write_path=PRODUCTION_4K, hold_tails=hold_tails)
             for hold_tails in (True, False)]
     held, first = (shape(rec.log) for rec in recs)
     assert held != first  # the premise: the orders place the overwrite differently

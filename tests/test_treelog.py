@@ -18,7 +18,7 @@ from blockemu.device.image import ImageFile
 from blockemu.ondisk import structs as S
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, check_states, expected_state, record
 from blockemu.workload.writepath import FAST, PRODUCTION
-from tests.util import flip
+from tests.util import PRODUCTION_4K, flip
 
 MiB = 1 << 20
 
@@ -649,7 +649,7 @@ def stale_in_base_workload(scale: int):
     return run
 
 
-@pytest.mark.parametrize("write_path", [PRODUCTION, FAST], ids=lambda p: p.name)
+@pytest.mark.parametrize("write_path", [PRODUCTION_4K, FAST], ids=lambda p: p.name)
 async def test_every_crash_state_around_new_deltas_and_a_stale_item_in_an_older_tree(tmp_path, write_path):
     """Each crash state around the log writes, flushes and FUAs of syncs that start a new delta
     and that mark an item of an older tree stale mounts as what fsync acknowledged:

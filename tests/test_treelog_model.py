@@ -13,8 +13,9 @@ import pytest
 import blockemu
 from blockemu.check.fsck import check
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, record
-from blockemu.workload.writepath import FAST, PRODUCTION
+from blockemu.workload.writepath import FAST
 from tests.test_treelog import _crash_now, committed_files, committed_then_log
+from tests.util import PRODUCTION_4K
 
 U = 4096
 PAGES = 48
@@ -150,7 +151,7 @@ def random_fsyncs_workload(seed: int, rounds: int, stats: list[bool]):
     return run
 
 
-@pytest.mark.parametrize("write_path", [PRODUCTION, FAST], ids=lambda p: p.name)
+@pytest.mark.parametrize("write_path", [PRODUCTION_4K, FAST], ids=lambda p: p.name)
 async def test_crash_states_of_random_fsyncs_through_a_chain_of_log_trees(tmp_path, write_path):
     """Crash states (sampled) around random log syncs of one or two files, the log growing into
     a chain of trees: each mounts as the last durable state's oracle."""

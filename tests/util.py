@@ -4,9 +4,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import signal
 from collections.abc import Iterator
+
+from blockemu.workload.writepath import PRODUCTION
+
+# the production write path on 4 KiB tree blocks, for workloads built to fill a leaf in a few
+# items (new deltas, a chain of log trees, a hole just the size of a block): the default 16 KiB
+# blocks never reach those states
+PRODUCTION_4K = dataclasses.replace(PRODUCTION, node_size="4K")
 
 
 def assert_fsck_clean(path: str, *, check_data: bool = True) -> None:
