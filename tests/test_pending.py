@@ -189,8 +189,7 @@ async def test_a_batch_that_fails_after_staging_leaves_the_held_changes_as_they_
     async with blockemu.mount(image) as fs:
         async with fs.open("/f") as f:
             assert await f.read() == want
-    # (no fsck: on main too, the failed runs' space, pinned, is then neither free nor allocated in
-    # the record -- "free and allocated extents do not tile the device"; reported, not this change's)
+    assert_fsck_clean(image)  # the failed runs' space went back to free, not committed as allocated
 
 
 async def test_the_held_changes_are_bounded(image, monkeypatch):

@@ -557,16 +557,16 @@ class Writeback:
                 placed = engine.allocator.alloc_many(lengths, keep=fs.data_keep())
                 try:
                     await fs.vol.device.writev(joined(zip(placed, lengths, (parts for parts, _ in sealed))))
+                    self._mapped([(inode, NewExtent(run.first * PAGE, bytenr, length, length,
+                                                    self._context(inode, nonce), digests))
+                                  for (inode, run), bytenr, length, (_, digests), nonce
+                                  in zip(pieces, placed, lengths, sealed, nonces)])
                 except BaseException:
                     for bytenr, length in zip(placed, lengths):
-                        # referenced by nothing; pinned, not released: the runs' retry must not
-                        # be handed the place that failed (the allocator refills holes at once)
+                        # referenced by nothing (``_place``); pinned, not released: the runs' retry
+                        # must not be handed the place that failed (the allocator refills holes at once)
                         engine.allocator.pin(bytenr, length)
                     raise
-                self._mapped([(inode, NewExtent(run.first * PAGE, bytenr, length, length,
-                                                self._context(inode, nonce), digests))
-                              for (inode, run), bytenr, length, (_, digests), nonce
-                              in zip(pieces, placed, lengths, sealed, nonces)])
 
     @staticmethod
     def _context(inode: Inode, nonce: bytes | None) -> ExtentContext | None:
@@ -637,7 +637,11 @@ class Writeback:
             try:
                 # the device keeps the slot's ciphertext until destaged (or copies it)
                 await fs.vol.device.write(bytenr, sealed, release=self.sealer.loan(sealed))
+                self._mapped([(inode, new._replace(bytenr=bytenr))])
             except BaseException:
-                engine.allocator.pin(bytenr, length)  # referenced by nothing; not handed out again before a commit
+                # referenced by nothing: the write failed, or the mapping did before it changed a
+                # tree (an I/O error reading a leaf to stage it) -- pinned, the space is free again
+                # at the commit and not handed out before it; a mapping that failed after changing
+                # a tree aborts the transaction (``Volume.join``), so nothing of it is committed
+                engine.allocator.pin(bytenr, length)
                 raise
-            self._mapped([(inode, new._replace(bytenr=bytenr))])
