@@ -446,6 +446,24 @@ def test_json_into_a_pipe_closed_early_exits_141(tmp_path):
     assert (p.wait(timeout=60), p.stderr.read()) == (141, b"")
 
 
+@pytest.mark.parametrize("args, closing, code, said", [
+    (["put", "{img}", "-", "/y"], "<&-", 1, "put: -: Bad file descriptor"),
+    (["ls", "{img}", "--key-file", "-"], "<&-", 1, "ls: --key-file -: Bad file descriptor"),
+    (["fsck", "--json", "{img}"], ">&-", 8, "fsck: standard output: Bad file descriptor"),
+    (["ls", "{img}"], ">&-", 1, "ls: standard output: Bad file descriptor"),
+])
+def test_a_closed_standard_stream_is_one_line_and_the_failure_exit(image, args, closing, code, said):
+    """A command started with stdin or stdout closed (blockemu/cli/stdio.py): reading ``-`` or
+    writing its output fails with EBADF in one line and the command's failure exit, as
+    ``cat >&-`` does -- an AttributeError traceback before, and ``ls >&-`` lost its listing
+    and exited 0."""
+    run("put", image, "/dev/null", "/x")
+    argv = [sys.executable, "-m", "blockemu", *(a.format(img=image) for a in args)]
+    p = subprocess.run(["sh", "-c", f'exec "$@" {closing}', "sh", *argv], capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stderr) == (code, f"blockemu: {said}\n")
+    assert run("fsck", image).returncode == 0  # nothing of the command landed in the image
+
+
 def test_blockemus_programs_collect_young_objects_less_often():
     """The CLI (every command, the mount server) runs with blockemu/cli/collector.py's schedule:
     with CPython's default the collector took ~7 % of an fsync cycle's CPU."""

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn
 
 from blockemu.check.exitcodes import EXIT_CORRECTED, EXIT_OPERATIONAL, EXIT_UNCORRECTED, EXIT_USAGE
 from blockemu.cli.collector import collect_less
+from blockemu.cli.stdio import hold_closed, is_closed
 from blockemu.cli.terminate import Terminated, terminated_as_interrupted
 from blockemu.cli.textout import print_any_name
 from blockemu.display import wanted as progress_wanted
@@ -1530,6 +1531,7 @@ FAILURE_CODES = {"fsck": (EXIT_OPERATIONAL, EXIT_USAGE)}
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     collect_less()
+    hold_closed()
     print_any_name()
     command = next((x for x in argv if not x.startswith("-")), "")
     failure, usage = FAILURE_CODES.get(command, (CMD_FAILURE, CMD_USAGE))
@@ -1584,7 +1586,7 @@ def prog_of(args: argparse.Namespace | None) -> str:
 def fail(command: str, why: str, err: int | None, args: argparse.Namespace | None) -> None:
     """The one line on stderr; with --json also the JSON error on stdout."""
     print(f"blockemu: {command}: {why}", file=sys.stderr)
-    if wants_json(args, None):
+    if wants_json(args, None) and not is_closed(sys.stdout):  # (closed: nowhere to put it)
         emit_json(error_json(command, why, err))
 
 
