@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import re
 import stat
+import struct
 import subprocess
 import sys
 
@@ -609,6 +611,38 @@ def test_put_refuses_the_image_itself(tmp_path, capsys):
     assert (p.returncode, p.stderr) == (1, "blockemu: put: -: is the image itself (a copy would read it as it is "
                                            "written)\n")
     assert "x" not in run("ls", str(img)).stdout.split() and run("fsck", str(img)).returncode == 0
+
+
+def test_mkfs_rootdir_says_each_kind_of_xattr_it_drops_once(tmp_path):
+    """The image keeps no xattrs (blockemu/fs/hostxattrs.py): the host entries' ACLs, file
+    capabilities and other xattrs are each said in one line per run -- counted, not a line per
+    entry -- and a tree without any is said nothing about."""
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    for name in ("a", "b", "d/c"):
+        (root / name).write_bytes(b"x")
+    try:
+        for name in ("a", "d/c", "d"):
+            os.setxattr(root / name, "user.note", b"1")
+    except OSError as e:
+        pytest.skip(f"the host's filesystem keeps no user xattrs: {e}")
+    anyone = 0xFFFFFFFF  # an ACL entry's id where the tag names none: owner, group, mask, other; and one user's
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, ident) for tag, perm, ident in
+                                          [(1, 6, anyone), (2, 6, 1000), (4, 4, anyone), (0x10, 6, anyone), (0x20, 4, anyone)])
+    said = ["extended attributes of 3 host entries"]
+    with contextlib.suppress(OSError):  # (no ACLs, or not root for a capability: the kinds it can make)
+        os.setxattr(root / "b", "system.posix_acl_access", acl)
+        said.append(f"POSIX ACLs of 1 host entry (first {root / 'b'})")
+    with contextlib.suppress(OSError):
+        os.setxattr(root / "b", "security.capability", bytes.fromhex("0000000200200000000000000000000000000000"))
+        said.append("file capabilities of 1 host entry")
+    p = run("mkfs", str(tmp_path / "x.img"), "--size", "64M", "--rootdir", str(root))
+    lines = [line for line in p.stderr.splitlines() if "not copied" in line]
+    assert len(lines) == len(said) and all(any(s in line for line in lines) for s in said), p.stderr
+    for name in ("a", "d/c", "d", "b"):
+        for attr in os.listxattr(root / name):
+            os.removexattr(root / name, attr)
+    assert "not copied" not in run("mkfs", str(tmp_path / "y.img"), "--size", "64M", "--rootdir", str(root)).stderr
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["empty image file", "--force over an image"])

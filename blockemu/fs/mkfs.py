@@ -24,6 +24,7 @@ from blockemu.errors import (
     NotADirectory,
     TooManyLinks,
 )
+from blockemu.fs import hostxattrs
 from blockemu.fs.volume import Volume
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk.items import InodeItem, InodeRef, Timespec
@@ -309,6 +310,8 @@ async def populate(image: str, plan: Plan, skipped: Skipped, sources: Sources, e
                                    gid=hst.st_gid, atime_ns=hst.st_atime_ns, mtime_ns=hst.st_mtime_ns)
     for host, why in skipped:
         print(f"blockemu mkfs: skipped {host}: {why}", file=sys.stderr)
+    for line in hostxattrs.lines(hostxattrs.dropped(host for _, host in sources)):
+        print(line, file=sys.stderr)
 
 
 async def copy_in(f: Any, src: BinaryIO, host: str, advance: Callable[[int], None] = lambda n: None) -> None:
