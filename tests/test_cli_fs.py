@@ -701,3 +701,32 @@ def test_mkfs_failing_through_a_symbolic_link_removes_the_image_not_the_link(tmp
     with pytest.raises(OSError):
         asyncio.run(mkfs(str(link), "64M", rootdir=str(tmp_path / "tree")))
     assert link.is_symlink() and not target.exists()
+
+
+@pytest.mark.timeout(60, method="signal")  # (the bug blocked in open() for good: this ends it as a failure)
+def test_rootdir_a_file_swapped_for_a_fifo_after_the_walk_is_skipped_not_waited_on(tmp_path, monkeypatch, capsys):
+    """A regular file the walk planned, replaced by a fifo before it is copied: opened
+    O_NOFOLLOW | O_NONBLOCK and checked by fstat, as tar and rsync do, it is skipped with a
+    line -- open() blocked mkfs waiting for a writer -- and the rest is copied. Nor is a link
+    swapped in followed (a link to a secret would have copied the secret)."""
+    from blockemu.fs import mkfs as mkfs_mod
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a").write_bytes(b"a")
+    (root / "b").write_bytes(b"b")
+    planned = mkfs_mod.plan_population
+
+    def then_swapped(*args):
+        out = planned(*args)
+        (root / "b").unlink()
+        os.mkfifo(root / "b")
+        return out
+    monkeypatch.setattr(mkfs_mod, "plan_population", then_swapped)
+    img = str(tmp_path / "s.img")
+    asyncio.run(mkfs(img, "64M", rootdir=str(root)))
+    assert f"skipped {root / 'b'}: no longer a regular file" in capsys.readouterr().err
+    assert run("ls", img, "/").stdout.split() == ["a"] and run("cat", img, "/a").stdout == "a"
+    assert run("fsck", img).returncode == 0
+    os.symlink(root / "a", tmp_path / "link")
+    assert mkfs_mod.open_regular(str(tmp_path / "link")) is None

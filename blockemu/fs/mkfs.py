@@ -272,6 +272,7 @@ async def populate(image: str, plan: Plan, skipped: Skipped, sources: Sources, e
     enc = encrypt_target(encrypt) if encrypt is not None else None
     total = sum(os.path.getsize(h) for _, h in plan if h and not os.path.islink(h)) or 1
     copied: dict[tuple[int, int], str] = {}  # a host inode with several names -> its first image path
+    gone: set[str] = set()  # planned files the host swapped for something else since the walk
     async with mount(image, interval=3600) as fs:
         kid = await fs.add_key(key) if key is not None else None
         with bar("mkfs --rootdir", total, progress) as advance:
@@ -285,26 +286,16 @@ async def populate(image: str, plan: Plan, skipped: Skipped, sources: Sources, e
                 if os.path.islink(host):  # copied as a link (its target encrypted in an encrypted directory)
                     await fs.symlink(os.readlink(host), target)
                     continue
-                hst = os.stat(host)
-                if hst.st_nlink > 1 and (first := copied.get((hst.st_dev, hst.st_ino))) is not None:
-                    try:
-                        await fs.link(first, target)
-                        advance(hst.st_size)
-                        continue
-                    except CrossDevice:  # fscrypt lets no name into an encrypted directory from outside it
-                        print(f"blockemu mkfs: {host}: copied, not linked to {first}: a hard link cannot "
-                              f"enter an encrypted directory from outside it", file=sys.stderr)
-                    except TooManyLinks:
-                        # it has the most names one inode may: a copy takes this name and the next
-                        # ones (mkfs failed there, halfway through the tree)
-                        print(f"blockemu mkfs: {host}: copied, not linked to {first}: {first} has as many "
-                              f"names as one inode can", file=sys.stderr)
-                        copied.pop((hst.st_dev, hst.st_ino))
-                async with fs.open(target, "w") as f:
-                    with open(host, "rb") as src:
-                        await copy_in(f, src, host, advance)
-                copied.setdefault((hst.st_dev, hst.st_ino), target)
+                src = open_regular(host)
+                if src is None:
+                    skipped.append((host, "no longer a regular file (replaced since the walk)"))
+                    gone.add(target)
+                    continue
+                with src:
+                    await copy_file(fs, src, host, target, copied, advance)
             for target, host in reversed(sources):
+                if target in gone:
+                    continue
                 hst = os.lstat(host)
                 await fs.set_attrs(fs.inode((await fs.stat(target)).st_ino), mode=hst.st_mode, uid=hst.st_uid,
                                    gid=hst.st_gid, atime_ns=hst.st_atime_ns, mtime_ns=hst.st_mtime_ns)
@@ -312,6 +303,48 @@ async def populate(image: str, plan: Plan, skipped: Skipped, sources: Sources, e
         print(f"blockemu mkfs: skipped {host}: {why}", file=sys.stderr)
     for line in hostxattrs.lines(hostxattrs.dropped(host for _, host in sources)):
         print(line, file=sys.stderr)
+
+
+def open_regular(host: str) -> BinaryIO | None:
+    """The host file the walk found regular, opened for reading -- None if it no longer is one.
+    Opened as tar and rsync open it, O_NOFOLLOW | O_NONBLOCK, then checked by fstat: a file
+    swapped for a fifo since the walk blocked mkfs in open() waiting for a writer, and one
+    swapped for a link was followed (ELOOP, or a fifo's open without a reader, is no longer one)."""
+    try:
+        fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # a link now; a socket (ENXIO)
+            return None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
+
+
+async def copy_file(fs: Any, src: BinaryIO, host: str, target: str, copied: dict[tuple[int, int], str],
+                    advance: Callable[[int], None]) -> None:
+    """One planned regular file into the image at ``target``: a further name of a host inode
+    already copied (``copied``) is linked to it, as mkfs.btrfs --rootdir does, unless the image
+    refuses the link; else its bytes are copied."""
+    hst = os.fstat(src.fileno())
+    if hst.st_nlink > 1 and (first := copied.get((hst.st_dev, hst.st_ino))) is not None:
+        try:
+            await fs.link(first, target)
+            advance(hst.st_size)
+            return
+        except CrossDevice:  # fscrypt lets no name into an encrypted directory from outside it
+            print(f"blockemu mkfs: {host}: copied, not linked to {first}: a hard link cannot "
+                  f"enter an encrypted directory from outside it", file=sys.stderr)
+        except TooManyLinks:
+            # it has the most names one inode may: a copy takes this name and the next
+            # ones (mkfs failed there, halfway through the tree)
+            print(f"blockemu mkfs: {host}: copied, not linked to {first}: {first} has as many "
+                  f"names as one inode can", file=sys.stderr)
+            copied.pop((hst.st_dev, hst.st_ino))
+    async with fs.open(target, "w") as f:
+        await copy_in(f, src, host, advance)
+    copied.setdefault((hst.st_dev, hst.st_ino), target)
 
 
 async def copy_in(f: Any, src: BinaryIO, host: str, advance: Callable[[int], None] = lambda n: None) -> None:
