@@ -1,20 +1,23 @@
-"""The mount's writeback-error sequence: what ``sync`` reports, as syncfs(2) does since Linux 5.8.
+"""Writeback-error sequences: what an open file's ``fsync``/``close`` and the mount's ``sync``
+report, as Linux's ``errseq_t`` (per file since 4.13, per superblock for syncfs(2) since 5.8).
 
-Linux keeps an ``errseq_t`` on the superblock besides each file's: a writeback error sets
-both, an fsync or close of the file reports the file's, a syncfs reports the superblock's
--- each caller once, an error that happened since it last checked. Before this a sync
-returned success after writeback had dropped acknowledged data (the error waited on the
-inode for a close that might never come), so a harness that took a returned sync for
-"everything acknowledged is durable" counted lost data as safe.
+Linux keeps an ``errseq_t`` on each inode's mapping and on the superblock: a writeback error
+advances both; each open file description samples the inode's at open and its fsync (or here
+close) reports what was noted since its sample, then advances it; a syncfs reports the
+superblock's. Every caller hears each error once -- not the first caller alone: when the
+error was cleared at the first report, a second descriptor's fsync returned success although
+a write it had acknowledged was gone (two handles on one file, a power cut between).
 
-Each ``Filesystem.sync`` is a caller here: it starts from the errors no sync has reported
-yet and, once its flush and commit are done, raises the first error noted since then. Two
-syncs running at once therefore both report an error that happened while both ran (neither
-may return success over it), and a sync after them reports nothing new.
+An ``ErrSeq`` numbers the errors noted and keeps each until no cursor that may still report
+it is left. A cursor is a sequence number: the errors past it are the holder's to report.
+``open`` holds one (an open ``File``: from now on; a ``sync``: from ``seen``, the last error
+any caller reported, so that a loss is raised by the next sync, whoever else saw it); ``take``
+lets it go and returns what was noted past it. Two syncs running at once therefore both
+report an error that happened while both ran (neither may return success over it), and a
+sync after them reports nothing new; a file opened after an error does not report it.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 from blockemu.errors import restate
@@ -30,34 +33,72 @@ class Noted:
 
 @dataclass
 class ErrSeq:
-    noted: list[Noted] = field(default_factory=list)  # errors some sync may still have to report
-    seen: int = 0  # every error up to this sequence number some sync has reported
-    _next: itertools.count = field(default_factory=lambda: itertools.count(1))
-    _since: list[int] = field(default_factory=list)  # where each sync in progress started
+    noted: list[Noted] = field(default_factory=list)  # errors some cursor may still have to report
+    last: int = 0  # the sequence number of the latest error noted
+    seen: int = 0  # every error up to this sequence number some caller has reported
+    _held: list[int] = field(default_factory=list)  # the cursors open now
 
     def note(self, ino: int, error: OSError, lost: int) -> None:
         """Writeback dropped ``lost`` bytes of inode ``ino`` with ``error``."""
-        self.noted.append(Noted(next(self._next), ino, error, lost))
+        self.last += 1
+        self.noted.append(Noted(self.last, ino, error, lost))
+
+    def latest(self) -> OSError | None:
+        """The error noted last, while some cursor keeps it."""
+        return self.noted[-1].error if self.noted else None
+
+    def open(self, since: int | None = None) -> int:
+        """Hold a cursor that will report what is noted after ``since`` (default: from now on)."""
+        cursor = self.last if since is None else since
+        self._held.append(cursor)
+        return cursor
+
+    def take(self, cursor: int) -> list[Noted]:
+        """Let ``cursor`` go: what was noted after it, now reported (``seen``)."""
+        self._held.remove(cursor)
+        mine = [n for n in self.noted if n.seq > cursor]
+        if mine:
+            self.seen = max(self.seen, mine[-1].seq)
+        keep = min(self._held, default=self.seen)
+        self.noted = [n for n in self.noted if n.seq > min(keep, self.seen)]
+        return mine
+
+    def unreported(self) -> list[Noted]:
+        """What no caller has reported yet, now reported (an unmount's last word)."""
+        return self.take(self.open(self.seen))
 
     def begin(self) -> int:
         """A sync starts: it will report what was noted after the last report."""
-        self._since.append(self.seen)
-        return self.seen
+        return self.open(self.seen)
 
     def end(self, since: int) -> OSError | None:
         """The sync that began at ``since`` is done: the error to raise for what was noted after
         that, if anything was (the first such error, counting every byte and file lost since)."""
-        self._since.remove(since)
-        mine = [n for n in self.noted if n.seq > since]
-        if mine:
-            self.seen = max(self.seen, mine[-1].seq)
-        keep = min(self._since, default=self.seen)
-        self.noted = [n for n in self.noted if n.seq > keep]
+        mine = self.take(since)
         if not mine:
             return None
         first, files = mine[0], len({n.ino for n in mine})
-        err = restate(first.error, f"{first.error} (writeback failed since the last sync: "
-                                   f"{sum(n.lost for n in mine)} bytes of {files} file{'s' * (files > 1)} lost, "
-                                   f"inode {first.ino} first)")
-        err.lost_bytes = sum(n.lost for n in mine)  # type: ignore[attr-defined]
-        return err
+        return _lost(mine, f"{first.error} (writeback failed since the last sync: {_bytes(mine)} bytes of "
+                           f"{files} file{'s' * (files > 1)} lost, inode {first.ino} first)")
+
+
+def file_error(ino: int, mine: list[Noted]) -> OSError | None:
+    """What an fsync or close of inode ``ino`` raises for the errors ``mine`` its handle took:
+    the first, with the bytes lost since the handle last reported one."""
+    if not mine:
+        return None
+    err = mine[0].error
+    return _lost(mine, f"{err} (writeback of inode {ino} failed: {_bytes(mine)} bytes lost)")
+
+
+def _bytes(mine: list[Noted]) -> int:
+    return sum(n.lost for n in mine)
+
+
+def _lost(mine: list[Noted], message: str) -> OSError:
+    """A fresh error per report (several inodes and callers may report the same one), caused
+    by the first, with ``lost_bytes`` for the harnesses that count them."""
+    err = restate(mine[0].error, message)
+    err.lost_bytes = _bytes(mine)  # type: ignore[attr-defined]
+    err.__cause__ = mine[0].error
+    return err

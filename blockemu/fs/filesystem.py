@@ -54,6 +54,7 @@ from blockemu.errors import (
     restate,
 )
 from blockemu.fs import backrefs
+from blockemu.fs.errseq import ErrSeq, file_error
 from blockemu.fs.pagecache import PAGE, Page, Pages
 from blockemu.fs.volume import Volume
 from blockemu.fs.writeback import Writeback, check_options
@@ -154,7 +155,9 @@ class Inode:
     # counted in st_blocks as btrfs counts delalloc (stat_inode)
     flushing: int = 0
     wb_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    wb_error: OSError | None = None
+    # the errors writeback dropped its data with, each reported once to every handle open when
+    # it happened (File._wb_seen), and by the unmount if no handle did: fs/errseq.py
+    errs: ErrSeq = field(default_factory=ErrSeq)
     lost_bytes: int = 0  # file bytes writeback had to drop
     # tree room write() reserved for what writeback will add for this file's dirty data -- its
     # runs' items and the leaves it COWs (Filesystem.reserve_meta) -- held until none of that data
@@ -163,7 +166,6 @@ class Inode:
     # the size when writeback last took its dirty pages: the bytes a run it fails to write can
     # hold (a write past the end meanwhile adds a page's zeros to that run, not data)
     wb_size: int = 0
-    reported_lost: int = 0  # of those, how many an fsync/close error has reported
     data_changed_ns: int = 0  # a write's mtime/ctime, folded into the item when it is saved
     epoch: int = 0  # bumped whenever the extent mappings change: see Filesystem._fill
     names_key: tuple[bytearray, bytearray] | None = None  # (the secret it came from, the key): Filesystem._names_key
@@ -296,7 +298,9 @@ class Filesystem:
 
     def _report_unreported(self) -> None:
         for inode in self.inodes.values():
-            report_writeback_error(inode)
+            err = file_error(inode.ino, inode.errs.unreported())
+            if err is not None:
+                raise err
 
     def _drop_pages(self) -> None:
         for inode in self.inodes.values():
@@ -841,7 +845,7 @@ class Filesystem:
         try:
             await f.pwrite(data, 0)
             await self.writeback.flush_inode(inode)
-            report_writeback_error(inode)
+            f.report_writeback()
             async with self.vol.join():
                 self.check_meta_room()
                 parent, name = self._parent(path)
@@ -1462,7 +1466,7 @@ class Filesystem:
             # refused, but the loss left for the file's fsync (or close) to report: the flush
             # dropped the file's other dirty pages too, and an error taken here left the next
             # fsync returning success over an acknowledged write among them
-            err = inode.wb_error or DeviceIOError("writeback failed")
+            err = inode.errs.latest() or DeviceIOError("writeback failed")
             raise restate(err, f"{err} (inode {inode.ino}: its end block, zeroed past the end, was not "
                                "written back; the file was not grown)")
 
@@ -1688,13 +1692,14 @@ class Filesystem:
 
     async def fsync_inode(self, inode: Inode) -> None:
         """A regular file's fsync goes through the log tree unless the log cannot say its change
-        (``_names_changed``, a truncate); a directory's or a symlink's commits (DESIGN §9)."""
+        (``_names_changed``, a truncate); a directory's or a symlink's commits (DESIGN §9). It
+        reports no writeback error: each handle reports its own (``File.report_writeback``), and
+        a directory opened to be fsynced has seen nothing (Linux samples at open)."""
         await self.writeback.flush_inode(inode)
         if st.S_ISREG(inode.item.mode):
             await self.vol.fsync(inode.ino)
         else:
             await self.vol.commit()
-        report_writeback_error(inode)
 
 
 def _stretches(idxs: list[int]) -> Iterator[tuple[int, int]]:
@@ -1724,18 +1729,6 @@ def wipe_all(pages: dict[int, bytearray]) -> None:
     for page in pages.values():
         fscrypt.wipe(page)
     pages.clear()
-
-
-def report_writeback_error(inode: Inode) -> None:
-    """Raise (once) the error that made writeback drop some of this file's acknowledged data."""
-    err, inode.wb_error = inode.wb_error, None
-    if err is None:
-        return
-    lost, inode.reported_lost = inode.lost_bytes - inode.reported_lost, inode.lost_bytes
-    # a fresh error per report: several inodes may have recorded the same one
-    report = restate(err, f"{err} (writeback of inode {inode.ino} failed: {lost} bytes lost)")
-    report.lost_bytes = lost  # type: ignore[attr-defined]
-    raise report from err
 
 
 class OpenContext:
@@ -1782,6 +1775,7 @@ class File:
         self.append = append
         self.pos = 0
         self.closed = False
+        self._wb_seen = inode.errs.open()  # errors noted before the open are not this handle's
 
     def _check(self, write: bool) -> None:
         """Before every read and write, so inline: as calls, the checks here and in ``_resolve``
@@ -1975,6 +1969,20 @@ class File:
         if self.closed:
             raise BadFile(f"{self.name}: I/O on a closed file")
         await self.fs.fsync_inode(self.inode)
+        self.report_writeback()
+
+    def report_writeback(self, *, closing: bool = False) -> None:
+        """Raise the first writeback error of the file noted since this handle last reported
+        one (or was opened), with the bytes lost since: every open handle reports each error
+        once, as Linux's per-file errseq -- a second handle's fsync never returns success over
+        a loss the first one reported. ``closing`` lets the handle's cursor go."""
+        errs = self.inode.errs
+        mine = errs.take(self._wb_seen)
+        if not closing:
+            self._wb_seen = errs.open()
+        err = file_error(self.inode.ino, mine)
+        if err is not None:
+            raise err
 
     async def flush(self) -> None:
         """Python-level flush: nothing is buffered above the page cache."""
@@ -1997,7 +2005,7 @@ class File:
                 fs._destroy(inode)
         else:
             fs.lock_if_idle(inode)
-        report_writeback_error(inode)
+        self.report_writeback(closing=True)
 
     async def __aenter__(self) -> "File":
         return self

@@ -12,7 +12,7 @@ in the running transaction is still pinned commits first to reclaim it; a run
 longer than the largest free extent is split, each piece its own extent with its
 own nonce (as btrfs does). A run that cannot be written (ENOKEY, EIO, ENOSPC) is
 dropped and its error recorded on the inode, to be raised by the next fsync or
-close, and on the mount, to be raised by the next sync (``errseq``): an acknowledged
+close of each handle open on it, and on the mount, to be raised by the next sync (``errseq``): an acknowledged
 write is never lost silently.
 
 The background task is supervised: whatever a run raises, its pages are never
@@ -59,7 +59,7 @@ class Inode(Protocol):
     pages: Pages
     inflight: int  # I/O in flight: the key's lease is held while it is non-zero
     wb_lock: asyncio.Lock
-    wb_error: OSError | None
+    errs: ErrSeq  # the file's writeback errors, for each of its open handles to report
     lost_bytes: int
     epoch: int  # bumped when writeback changes the extent mappings (see Filesystem._fill)
 
@@ -519,13 +519,13 @@ class Writeback:
 
     def _lose(self, inode: Inode, run: Run, err: OSError) -> None:
         """The run cannot reach the disk: drop it from the cache (unless rewritten since) and
-        keep the error for the file's next fsync/close."""
+        keep the error for the next fsync/close of each of the file's handles."""
         self.cache.forget(inode.pages, range(run.first, run.first + len(run.entries)))
         # the file's bytes in those pages when they were taken, not whole pages: a 1-byte file
         # lost 1 byte, not 4096, even if a write past its end came meanwhile
         start = run.first * PAGE
         lost = max(min((run.first + len(run.entries)) * PAGE, inode.wb_size) - start, 0)
-        inode.wb_error = inode.wb_error or err
+        inode.errs.note(inode.ino, err, lost)
         inode.lost_bytes += lost
         self.errseq.note(inode.ino, err, lost)
         self.stats["lost_bytes"] += lost
