@@ -845,7 +845,7 @@ class Filesystem:
         try:
             await f.pwrite(data, 0)
             await self.writeback.flush_inode(inode)
-            f.report_writeback()
+            f._report_writeback()
             async with self.vol.join():
                 self.check_meta_room()
                 parent, name = self._parent(path)
@@ -1693,7 +1693,7 @@ class Filesystem:
     async def fsync_inode(self, inode: Inode) -> None:
         """A regular file's fsync goes through the log tree unless the log cannot say its change
         (``_names_changed``, a truncate); a directory's or a symlink's commits (DESIGN §9). It
-        reports no writeback error: each handle reports its own (``File.report_writeback``), and
+        reports no writeback error: each handle reports its own (``File._report_writeback``), and
         a directory opened to be fsynced has seen nothing (Linux samples at open)."""
         await self.writeback.flush_inode(inode)
         if st.S_ISREG(inode.item.mode):
@@ -1969,9 +1969,9 @@ class File:
         if self.closed:
             raise BadFile(f"{self.name}: I/O on a closed file")
         await self.fs.fsync_inode(self.inode)
-        self.report_writeback()
+        self._report_writeback()
 
-    def report_writeback(self, *, closing: bool = False) -> None:
+    def _report_writeback(self, *, closing: bool = False) -> None:
         """Raise the first writeback error of the file noted since this handle last reported
         one (or was opened), with the bytes lost since: every open handle reports each error
         once, as Linux's per-file errseq -- a second handle's fsync never returns success over
@@ -2005,7 +2005,7 @@ class File:
                 fs._destroy(inode)
         else:
             fs.lock_if_idle(inode)
-        self.report_writeback(closing=True)
+        self._report_writeback(closing=True)
 
     async def __aenter__(self) -> "File":
         return self
