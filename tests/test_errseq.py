@@ -15,9 +15,8 @@ from hypothesis import strategies as st
 
 import blockemu
 from blockemu.device.faultplan import FaultPlan
+from blockemu.fs.pagecache import PAGE
 from tests.util import ErrnoCheck, fail_next_data_write
-
-PAGE = 4096
 
 
 @pytest.fixture
