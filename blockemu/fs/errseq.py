@@ -10,11 +10,13 @@ a write it had acknowledged was gone (two handles on one file, a power cut betwe
 
 An ``ErrSeq`` numbers the errors noted and keeps each until no cursor that may still report
 it is left. A cursor is a sequence number: the errors past it are the holder's to report.
-``open`` holds one (an open ``File``: from now on; a ``sync``: from ``seen``, the last error
-any caller reported, so that a loss is raised by the next sync, whoever else saw it); ``take``
-lets it go and returns what was noted past it. Two syncs running at once therefore both
-report an error that happened while both ran (neither may return success over it), and a
-sync after them reports nothing new; a file opened after an error does not report it.
+``open`` holds one from ``seen``, the last error any caller reported -- an error no one has
+reported yet is the new holder's too, as Linux's ``errseq_sample`` gives 0 for an unseen error
+(4.14: "always report a writeback error once"), so a file opened and fsynced after a
+background writeback failed with no handle open still raises it; ``take`` lets the cursor go
+and returns what was noted past it. Two syncs running at once therefore both report an error
+that happened while both ran (neither may return success over it), and a sync after them
+reports nothing new; a file opened after an error some caller reported does not report it.
 """
 from __future__ import annotations
 
@@ -47,11 +49,11 @@ class ErrSeq:
         """The error noted last, while some cursor keeps it."""
         return self.noted[-1].error if self.noted else None
 
-    def open(self, since: int | None = None) -> int:
-        """Hold a cursor that will report what is noted after ``since`` (default: from now on)."""
-        cursor = self.last if since is None else since
-        self._held.append(cursor)
-        return cursor
+    def open(self) -> int:
+        """Hold a cursor that will report what no caller has reported yet and what comes next:
+        an open file's, or a sync's (``end``)."""
+        self._held.append(self.seen)
+        return self.seen
 
     def take(self, cursor: int) -> list[Noted]:
         """Let ``cursor`` go: what was noted after it, now reported (``seen``)."""
@@ -65,11 +67,7 @@ class ErrSeq:
 
     def unreported(self) -> list[Noted]:
         """What no caller has reported yet, now reported (an unmount's last word)."""
-        return self.take(self.open(self.seen))
-
-    def begin(self) -> int:
-        """A sync starts: it will report what was noted after the last report."""
-        return self.open(self.seen)
+        return self.take(self.open())
 
     def end(self, since: int) -> OSError | None:
         """The sync that began at ``since`` is done: the error to raise for what was noted after

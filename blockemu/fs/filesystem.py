@@ -156,7 +156,8 @@ class Inode:
     flushing: int = 0
     wb_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # the errors writeback dropped its data with, each reported once to every handle open when
-    # it happened (File._wb_seen), and by the unmount if no handle did: fs/errseq.py
+    # it happened or opened before any reported it (File._wb_seen), and by the unmount if no
+    # handle did: fs/errseq.py
     errs: ErrSeq = field(default_factory=ErrSeq)
     lost_bytes: int = 0  # file bytes writeback had to drop
     # tree room write() reserved for what writeback will add for this file's dirty data -- its
@@ -1665,7 +1666,7 @@ class Filesystem:
         nothing acknowledged. The file's own fsync or close reports it too, as in Linux. The
         error is taken even when the commit fails (whose error is then the one raised)."""
         self.check_mounted()
-        since = self.writeback.errseq.begin()
+        since = self.writeback.errseq.open()
         try:
             await self.write_out()
         finally:
@@ -1775,7 +1776,7 @@ class File:
         self.append = append
         self.pos = 0
         self.closed = False
-        self._wb_seen = inode.errs.open()  # errors noted before the open are not this handle's
+        self._wb_seen = inode.errs.open()  # errors a handle reported before the open are not this one's
 
     def _check(self, write: bool) -> None:
         """Before every read and write, so inline: as calls, the checks here and in ``_resolve``
