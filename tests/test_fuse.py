@@ -30,10 +30,11 @@ import pytest
 from blockemu import mkfs, mount
 from blockemu.check.fsck import check
 from blockemu.cli.main import main
+from blockemu.device.faultplan import FaultPlan
 from blockemu.fuse import control
 from blockemu.fuse.serve import abort_connection, connection, mounted_fstype
 from tests.test_wipe import Scanner, report, zero
-from tests.util import set_super
+from tests.util import fail_next_data_write, set_super
 
 PY = sys.executable
 
@@ -1021,6 +1022,31 @@ async def test_a_rename_landing_while_a_create_waits_cannot_misplace_the_file(tm
         await mover
         await ops.release(fi.fh)
         assert await fs.readdir("/b") == ["x"] and await fs.readdir("/a") == []
+
+
+async def test_each_fuse_file_handle_reports_a_writeback_loss_on_its_fsync(tmp_path) -> None:
+    """Two opens of one file are two FUSE handles, each its own File: a loss a background
+    writeback took is raised by the FSYNC of each (the kernel hands it to the calling fd), once;
+    a handle opened after they reported it does not see it."""
+    async with in_process_ops(tmp_path, interval=3600) as (fs, ops):
+        import pyfuse3
+
+        await (await fs.open("/f", "w")).close()
+        ino = (await fs.stat("/f")).st_ino
+        ctx = types.SimpleNamespace(uid=0, gid=0, umask=0o022)
+        a, b = [(await ops.open(ino, os.O_RDWR, ctx)).fh for _ in range(2)]
+        await fail_next_data_write(fs)
+        await ops.write(b, 0, b"L" * 4096)
+        await fs.writeback.flush_inode(ops.files[b].inode)
+        fs.vol.device.faults = FaultPlan()
+        for fh in (a, b):
+            with pytest.raises(pyfuse3.FUSEError) as caught:
+                await ops.fsync(fh, False)
+            assert caught.value.errno == errno.EIO
+        c = (await ops.open(ino, os.O_RDWR, ctx)).fh
+        for fh in (a, b, c):
+            await ops.fsync(fh, False)
+            await ops.release(fh)
 
 
 def test_encrypted_symlinks_with_and_without_the_key(env, image, mnt, tmp_path, capsys, monkeypatch) -> None:
