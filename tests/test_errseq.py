@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import blockemu
 from blockemu.device.faultplan import FaultPlan
 from blockemu.fs.pagecache import PAGE
-from tests.util import ErrnoCheck, fail_next_data_write
+from tests.util import KID, ErrnoCheck, encrypted_dir, fail_next_data_write
 
 
 @pytest.fixture
@@ -121,6 +121,21 @@ async def test_two_handles_and_a_power_cut_neither_fsync_returns_over_the_loss(i
             await fs.unmount()  # the dead device's
     async with blockemu.mount(image) as fs, fs.open("/f") as f:
         assert (await f.read())[PAGE:] != b"B" * PAGE  # the loss both reported
+
+
+async def test_a_hard_key_wipe_that_lost_writes_is_enokey_to_each_handle(tmp_path):
+    """Hard removal under two busy handles: writeout cannot seal their dirty data, and each
+    handle's close says so (ENOKEY), not the first alone."""
+    path = str(tmp_path / "h.img")
+    await blockemu.mkfs(path, size="32M")
+    async with blockemu.mount(path, interval=3600, key_removal="hard") as fs:
+        await encrypted_dir(fs, "/d")
+        a, b = await fs.open("/d/f", "w"), await fs.open("/d/f", "r+")
+        await b.pwrite(b"x" * 10000, 0)
+        await fs.remove_key(KID)
+        for h in (a, b):
+            with ErrnoCheck(errno.ENOKEY):
+                await h.close()
 
 
 HANDLES = 3
