@@ -1695,7 +1695,7 @@ class Filesystem:
         """A regular file's fsync goes through the log tree unless the log cannot say its change
         (``_names_changed``, a truncate); a directory's or a symlink's commits (DESIGN §9). It
         reports no writeback error: each handle reports its own (``File._report_writeback``), and
-        a directory opened to be fsynced has seen nothing (Linux samples at open)."""
+        writeback drops no directory data."""
         await self.writeback.flush_inode(inode)
         if st.S_ISREG(inode.item.mode):
             await self.vol.fsync(inode.ino)
