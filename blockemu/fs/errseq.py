@@ -58,6 +58,8 @@ class ErrSeq:
     def take(self, cursor: int) -> list[Noted]:
         """Let ``cursor`` go: what was noted after it, now reported (``seen``)."""
         self._held.remove(cursor)
+        if not self.noted:  # nothing failed: every close of every file comes here
+            return []
         mine = [n for n in self.noted if n.seq > cursor]
         if mine:
             self.seen = max(self.seen, mine[-1].seq)
@@ -80,11 +82,9 @@ class ErrSeq:
                            f"{files} file{'s' * (files > 1)} lost, inode {first.ino} first)")
 
 
-def file_error(ino: int, mine: list[Noted]) -> OSError | None:
-    """What an fsync or close of inode ``ino`` raises for the errors ``mine`` its handle took:
-    the first, with the bytes lost since the handle last reported one."""
-    if not mine:
-        return None
+def file_error(ino: int, mine: list[Noted]) -> OSError:
+    """What an fsync or close of inode ``ino`` raises for the errors ``mine`` (some) its handle
+    took: the first, with the bytes lost since the handle last reported one."""
     err = mine[0].error
     return _lost(mine, f"{err} (writeback of inode {ino} failed: {_bytes(mine)} bytes lost)")
 

@@ -299,9 +299,9 @@ class Filesystem:
 
     def _report_unreported(self) -> None:
         for inode in self.inodes.values():
-            err = file_error(inode.ino, inode.errs.unreported())
-            if err is not None:
-                raise err
+            mine = inode.errs.unreported()
+            if mine:
+                raise file_error(inode.ino, mine)
 
     def _drop_pages(self) -> None:
         for inode in self.inodes.values():
@@ -1981,9 +1981,8 @@ class File:
         mine = errs.take(self._wb_seen)
         if not closing:
             self._wb_seen = errs.open()
-        err = file_error(self.inode.ino, mine)
-        if err is not None:
-            raise err
+        if mine:
+            raise file_error(self.inode.ino, mine)
 
     async def flush(self) -> None:
         """Python-level flush: nothing is buffered above the page cache."""
