@@ -97,6 +97,15 @@ class FileShadow:
         taken, _ = self.running.pop(sync)
         self.pending = taken + self.pending
 
+    def lost(self) -> None:
+        """An fsync or close reported that writeback dropped some of the file's data: what is
+        still to be made durable may be gone, and no later fsync says otherwise -- each handle
+        hears a loss once (DESIGN §5, Linux's errseq), so a handle's next fsync, or one opened
+        after the report, returns success over it. Unknown until written again; kept pending,
+        the next fsync to return called the lost bytes durable (review38)."""
+        self._mark(self.pending, UNKNOWN)
+        self.pending = []
+
     def _mark(self, ranges: list[tuple[int, int]], state: int) -> None:
         """Give ``ranges`` ``state`` (DURABLE: with the bytes they hold now), cut at the shadow's
         end (a change noted while an fsync ran may lie past a truncate since)."""
@@ -153,10 +162,20 @@ class LedgeredFile:
         sync = self._shadow.syncing()
         try:
             await self._file.fsync()
-        except BaseException:
+        except BaseException as e:
             self._shadow.unsynced(sync)
+            if hasattr(e, "lost_bytes"):
+                self._shadow.lost()
             raise
         self._shadow.synced(sync)
+
+    async def close(self) -> None:
+        try:
+            await self._file.close()
+        except OSError as e:
+            if hasattr(e, "lost_bytes"):  # a writeback loss no fsync of this handle reported
+                self._shadow.lost()
+            raise
 
 
 class FsyncLedger:
