@@ -206,3 +206,23 @@ def test_an_fsync_that_returns_leaves_every_write_since_its_handle_opened_durabl
         return {slot: data for slot, data in vouched.items() if disk[slot * PAGE : (slot + 1) * PAGE] != data}
 
     assert asyncio.run(run()) == {}
+
+
+async def test_a_close_while_the_handles_fsync_runs_leaves_the_other_handles_cursor(image):
+    """The close lets the handle's cursor go (and reports the loss); the fsync begun before it
+    then let the cursor go again -- taking the other handle's, whose fsync and close raised
+    ValueError, never the loss of its own acknowledged write (review38). The fsync of a handle
+    closed under it is EBADF: not a success over the loss the close reported."""
+    async with blockemu.mount(image, interval=3600) as fs:
+        a, b = await fs.open("/f", "w+"), await fs.open("/f", "r+")
+        await lose_a_write(fs, b, 0)
+        fsync = asyncio.ensure_future(a.fsync())
+        await asyncio.sleep(0)  # a scheduling point: the fsync is inside its flush
+        with ErrnoCheck(errno.EIO):
+            await a.close()
+        with ErrnoCheck(errno.EBADF):
+            await fsync
+        with ErrnoCheck(errno.EIO):
+            await b.fsync()
+        await b.close()
+        assert not a.inode.errs._held  # no cursor left behind

@@ -1970,6 +1970,8 @@ class File:
         if self.closed:
             raise BadFile(f"{self.name}: I/O on a closed file")
         await self.fs.fsync_inode(self.inode)
+        if self.closed:  # closed meanwhile: the close let the cursor go and reported what it held
+            raise BadFile(f"{self.name}: closed while its fsync ran")
         self._report_writeback()
 
     def _report_writeback(self, *, closing: bool = False) -> None:
