@@ -63,8 +63,9 @@ class ErrSeq:
         mine = [n for n in self.noted if n.seq > cursor]
         if mine:
             self.seen = max(self.seen, mine[-1].seq)
+        # every cursor was opened at some ``seen`` and ``seen`` only grows: none is past it
         keep = min(self._held, default=self.seen)
-        self.noted = [n for n in self.noted if n.seq > min(keep, self.seen)]
+        self.noted = [n for n in self.noted if n.seq > keep]
         return mine
 
     def unreported(self) -> list[Noted]:
