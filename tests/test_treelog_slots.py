@@ -216,6 +216,23 @@ async def test_inspect_calls_a_stale_slot_stale_whatever_its_log_root(tmp_path):
     assert states == {older.sequence: (False, False), newer.sequence: (True, True)}, states
 
 
+@pytest.mark.parametrize("cut", [S.LOG_SLOT_OFFSETS[0] + 100, S.LOG_SLOT_OFFSETS[1] + 100])
+async def test_dump_super_of_an_image_cut_inside_the_slots_prints_the_superblock(tmp_path, capsys, cut):
+    """A file cut short after its primary superblock, inside the log slots: dump-super failed
+    with "read [69632, +4096) beyond the image end" (no image named) instead of printing the
+    superblock it holds; it prints it, the slots the file holds, and the truncation fsck names."""
+    from blockemu.cli.main import main
+
+    await _three_syncs(tmp_path)
+    done = str(tmp_path / "done.img")
+    os.truncate(done, cut)
+    assert main(["inspect", "dump-super", done]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith(f"superblock: bytenr={S.SUPER_OFFSETS[0]}, device={done}\n")
+    assert out.endswith(f"WARNING: image truncated: superblock says {64 << 20} bytes, file has {cut}\n")
+    assert [s["bytenr"] for s in dump_super(done)["log_slots"]] == [at for at in S.LOG_SLOT_OFFSETS if at < cut - 100]
+
+
 async def test_restoring_the_primary_from_a_mirror_wipes_the_slots(tmp_path):
     """fsck --repair restores a damaged primary from a mirror: the same generation, no log, and
     the lost log's slots behind it until the repair's commit moves the generation on. A crash

@@ -147,7 +147,8 @@ def _bfs(tree: BTree) -> Iterator[TreeBlock]:
 
 
 def dump_super(path: str) -> dict[str, Any]:
-    """The primary superblock's fields, reported even when its checksum is wrong."""
+    """The primary superblock's fields, reported even when its checksum is wrong -- or when
+    the file is cut short after it (a warning says so, as fsck does)."""
     with ImageFile.open(path) as img:
         if not img.is_blockemu():
             img.best_super()  # raises the right error
@@ -156,6 +157,8 @@ def dump_super(path: str) -> dict[str, Any]:
         out = info.as_json()
         out["csum_match"] = not any("checksum" in p for p in validate_super(info, copy.offset, copy.raw))
         out["problems"] = validate_super(info, copy.offset, copy.raw)
+        if short := truncated(info, img.size):
+            out["problems"].append(short)
         out["device"] = path
         out["log_slots"] = log_slots(img, info)
         return out
@@ -163,7 +166,9 @@ def dump_super(path: str) -> dict[str, Any]:
 
 def log_slots(img: ImageFile, sb: Any) -> list[dict[str, Any]]:
     """The log slots (SPEC "Log slots") that decode, each with whether it belongs to this
-    superblock's log and whether mount replays its log (the newest that landed whole)."""
+    superblock's log and whether mount replays its log (the newest that landed whole). A slot
+    the file is too short to hold is none: dump-super of an image cut inside the slots failed
+    with the slot's read error instead of printing the superblock it had."""
     if not sb.incompat_flags & S.INCOMPAT_LOG_SLOTS:
         return []
     try:
@@ -172,6 +177,8 @@ def log_slots(img: ImageFile, sb: Any) -> list[dict[str, Any]]:
         chosen = None
     out = []
     for at in S.LOG_SLOT_OFFSETS:
+        if at + S.LOG_SLOT_SIZE > img.size:
+            continue
         slot = decode_slot(img.read(at, S.LOG_SLOT_SIZE), at, sb.fsid, sb.csum_type)
         if slot is not None:
             # a stale slot's log root may be the chosen one's: the allocator reuses a dropped log's blocks
