@@ -581,3 +581,28 @@ def test_a_missing_action_is_named_by_its_choices(capsys, command, actions):
     internal name -- where the newcomer needs the actions to choose from."""
     assert cli(capsys, command) == (
         2, "", f"blockemu: usage: blockemu {command}: the following arguments are required: {actions}\n")
+
+
+def test_a_checksum_field_damaged_past_its_digest_is_not_called_a_mismatch_of_equal_digests(tmp_path, capsys):
+    """A byte dd'ed into the zero fill of a checksum field (past crc32c's 4 bytes) made fsck say
+    "checksum mismatch (found edf6402e, wanted edf6402e)" of a tree block, and dump-super print the
+    right digest beside [DON'T MATCH]: the message says what is wrong, the fill."""
+    from blockemu.ondisk.structs import SUPER_OFFSETS
+
+    img = str(tmp_path / "f.img")
+    assert cli(capsys, "mkfs", img, "--size", "16M")[0] == 0
+    root = json.loads(cli(capsys, "inspect", "dump-super", img, "--json")[1])["root"]
+    with open(img, "r+b") as f:
+        f.seek(root + 30)
+        f.write(b"\x12\x34")
+    rc, out, err = cli(capsys, "fsck", img)
+    assert rc == 4 and err == ""
+    assert out.splitlines()[0] == (f"ERROR: [CSUM_MISMATCH] tree block {root}: checksum field not zero-filled "
+                                   f"past its 4-byte digest (found {'00' * 26}1234)")
+    with open(img, "r+b") as f:
+        f.seek(SUPER_OFFSETS[0] + 10)
+        f.write(b"\x01")
+    why = f"checksum field not zero-filled past its 4-byte digest (found {'00' * 6}01{'00' * 21})"
+    assert cli(capsys, "fsck", img) == (8, "", f"blockemu: fsck: {img}: no valid superblock: superblock at 65536: {why}\n")
+    rc, out, err = cli(capsys, "inspect", "dump-super", img)
+    assert (rc, err) == (0, "") and out.endswith(f"WARNING: {why}\n")

@@ -82,12 +82,9 @@ def decode_block(
     if verify_csum:
         want = csums.field(csum_type, mv[CSUM_FIELD:])
         if want != csum:
-            raise CorruptionError(
-                f"tree block {bytenr}: checksum mismatch (found {csum[:csums.csum_size(csum_type)].hex()}, "
-                f"wanted {want[:csums.csum_size(csum_type)].hex()})",
-                "CSUM_MISMATCH",
-                bytenr,
-            )
+            n = csums.csum_size(csum_type)
+            why = csums.unfilled(csum_type, csum, want) or f"checksum mismatch (found {csum[:n].hex()}, wanted {want[:n].hex()})"
+            raise CorruptionError(f"tree block {bytenr}: {why}", "CSUM_MISMATCH", bytenr)
     if bfsid != fsid:
         raise CorruptionError(f"tree block {bytenr}: fsid mismatch", "BAD_TREE_BLOCK", bytenr)
     if hbytenr != bytenr:

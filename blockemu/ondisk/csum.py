@@ -99,5 +99,15 @@ def field(csum_type: int, data: bytes | memoryview) -> bytes:
     return digest(csum_type, data).ljust(CSUM_FIELD, b"\0")
 
 
+def unfilled(csum_type: int, found: bytes, want: bytes) -> str | None:
+    """Why a checksum field ``found`` is not ``want`` (``field``) when its digest is right: the
+    field is the digest zero-filled to 32 bytes (SPEC), and a field whose fill alone was damaged
+    was reported as "checksum mismatch (found 9a..., wanted 9a...)" -- the same digest twice."""
+    n = csum_size(csum_type)
+    if found[:n] != want[:n]:
+        return None
+    return f"checksum field not zero-filled past its {n}-byte digest (found {found[n:].hex()})"
+
+
 def name_of(csum_type: int) -> str:
     return ALGORITHMS[csum_type][0] if csum_type in ALGORITHMS else f"unknown({csum_type})"

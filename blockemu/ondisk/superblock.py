@@ -189,8 +189,8 @@ def validate_super(info: SuperInfo, at: int, raw: bytes) -> list[str]:
     problems = []
     if info.csum_type not in csums.ALGORITHMS:
         return [f"unknown checksum type {info.csum_type}"]
-    if csums.field(info.csum_type, raw[CSUM_FIELD:SUPER_INFO_SIZE]) != info.csum:
-        problems.append("checksum mismatch")
+    if (want := csums.field(info.csum_type, raw[CSUM_FIELD:SUPER_INFO_SIZE])) != info.csum:
+        problems.append(csums.unfilled(info.csum_type, info.csum, want) or "checksum mismatch")
     if info.bytenr != at:
         problems.append(f"records bytenr {info.bytenr}")
     if info.sectorsize != SECTOR_SIZE:
