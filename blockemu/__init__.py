@@ -11,16 +11,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from blockemu.check.fsck import FsckReport, fsck
     from blockemu.device.faultplan import FaultPlan
+    from blockemu.device.writelog import CrashState, WriteLog
     from blockemu.errors import BlockemuError, CorruptionError, DeviceIOError, NoKeyError, NoSpaceError
     from blockemu.fs.filesystem import File, Filesystem, mount
     from blockemu.fs.mkfs import mkfs
 
 __version__ = "0.1.0"
-__all__ = ["mkfs", "mount", "fsck", "Filesystem", "File", "FsckReport", "FaultPlan", "BlockemuError", "CorruptionError", "DeviceIOError", "NoKeyError", "NoSpaceError"]
+__all__ = ["mkfs", "mount", "fsck", "Filesystem", "File", "FsckReport", "FaultPlan", "WriteLog", "CrashState", "BlockemuError", "CorruptionError", "DeviceIOError", "NoKeyError", "NoSpaceError"]
 
 # each name of the API -> the module that defines it
 _HOME = {"fsck": "blockemu.check.fsck", "FsckReport": "blockemu.check.fsck", "mkfs": "blockemu.fs.mkfs",
          "FaultPlan": "blockemu.device.faultplan",
+         **dict.fromkeys(("WriteLog", "CrashState"), "blockemu.device.writelog"),
          **dict.fromkeys(("mount", "Filesystem", "File"), "blockemu.fs.filesystem"),
          **dict.fromkeys(("BlockemuError", "CorruptionError", "DeviceIOError", "NoKeyError", "NoSpaceError"),
                          "blockemu.errors")}

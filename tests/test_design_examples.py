@@ -19,7 +19,7 @@ def examples() -> list[str]:
 
 
 def test_section_8_has_its_examples():
-    assert len(examples()) == 2
+    assert len(examples()) == 3
 
 
 @pytest.mark.parametrize("number", range(len(examples())))

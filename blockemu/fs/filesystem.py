@@ -26,6 +26,7 @@ from blockemu.crypto import fscrypt
 from blockemu.crypto.extentkeys import ExtentKeys
 from blockemu.crypto.keyring import Keyring, KeyStatus, RemovalResult, Step, check_policy_key, parse_identifier
 from blockemu.device.faultplan import FaultPlan
+from blockemu.device.writelog import WriteLog
 from blockemu.engine.alloc import Allocator, no_space
 from blockemu.engine.btree import Through
 from blockemu.engine.extents import Extents
@@ -264,6 +265,22 @@ class Filesystem:
                 raise
         fs.writeback.start()
         return fs
+
+    async def start_write_log(self, base_copy: str) -> WriteLog:
+        """Record every device write, flush and FUA write from now on, as dm-log-writes does, so
+        the crash states of the caller's own workload can be rebuilt and checked:
+        ``WriteLog.crash_states`` names them, ``crash_image`` writes one (DESIGN §8, §10). The
+        campaigns had this and the API did not (``vol.device.start_log`` alone, which refuses a
+        non-empty write cache). It syncs first -- a log starts on an empty cache -- then copies
+        the image, as it then is, to ``base_copy``: every crash image starts from that copy."""
+        await self.sync()
+        return self.vol.device.start_log(base_copy=base_copy)
+
+    async def mark(self, name: str) -> None:
+        """A named point in the write log (``WriteLog.marks()`` gives its position), e.g. where
+        an fsync returned: every crash state from there on must hold what it made durable."""
+        self.check_mounted()
+        await self.vol.device.mark(name)
 
     def power_cut(self) -> None:
         """Cut the power now: the device drops its volatile write cache (but for the sectors a
