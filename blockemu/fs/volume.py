@@ -62,6 +62,18 @@ def damaged_log(e: CorruptionError | DeviceIOError, path: str, committed: bool =
     return CorruptionError(text, e.kind, e.bytenr) if isinstance(e, CorruptionError) else restate(e, text)
 
 
+def replay_needs(e: CorruptionError, dev: BlockDevice, sb: SuperInfo, path: str) -> CorruptionError:
+    """``e``, met opening ``path`` read-only with a log to replay, which needs the allocator
+    (the extent and free-space trees): said as ``damaged_log`` says a committed tree the replay
+    met, when the image opens without the allocator -- ls and cat of an image whose extent tree
+    was damaged said only "tree block N: checksum mismatch", though zero-log lets them read it."""
+    try:
+        Engine(sb, dev.read_sync, writable=False)
+    except CorruptionError:
+        return e  # damage the log's replay is not what meets
+    return damaged_log(e, path, committed=True)  # type: ignore[return-value]
+
+
 class Volume:
     """Owner of one image's device and engine. All metadata changes happen on
     the event loop between ``await`` points; ``commit`` serialises itself."""
@@ -106,8 +118,11 @@ class Volume:
             if not readonly and (newer := read_only_features(path, sb)):
                 raise newer
             # replaying a log needs an allocator even read-only: the replay COWs, in memory
-            engine = Engine(sb, dev.read_sync, writable=not readonly or bool(sb.log_root),
-                            rebuild_free_space=rebuild_free_space)
+            try:
+                engine = Engine(sb, dev.read_sync, writable=not readonly or bool(sb.log_root),
+                                rebuild_free_space=rebuild_free_space)
+            except CorruptionError as e:
+                raise replay_needs(e, dev, sb, path) if readonly and sb.log_root else e from None
             try:
                 # the newest log sync that landed whole (SPEC "Log slots")
                 log = read_log(engine.store.read, choose_log(engine.store.read, sb)[0]) if sb.log_root else None
