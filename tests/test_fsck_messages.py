@@ -5,7 +5,7 @@ import asyncio
 
 import blockemu
 from blockemu.check.fsck import check
-from tests.util import KEY, encrypted_dir, flip
+from tests.util import KEY, encrypted_dir, flip, fsynced_then_cut
 
 
 async def two_files(path: str) -> dict:
@@ -76,20 +76,7 @@ def test_a_damaged_fs_tree_leaves_a_sound_fsync_log_sound(tmp_path):
     from blockemu.check.inspect import dump_tree
 
     img = str(tmp_path / "l.img")
-
-    async def fsynced_then_cut() -> None:
-        await blockemu.mkfs(img, size="32M")
-        async with blockemu.mount(img) as fs:
-            async with fs.open("/f", "w") as f:
-                await f.write(b"x" * 4096)
-        fs = await blockemu.mount(img)
-        async with fs.open("/f", "a") as f:
-            await f.write(b"y" * 4096)
-            await f.fsync()
-        fs.power_cut()
-        await fs.unmount()
-
-    asyncio.run(fsynced_then_cut())
+    asyncio.run(fsynced_then_cut(img))
     assert check(img).stats["log_items"] > 0
     (leaf,) = dump_tree(img, ["fs"])
     flip(img, leaf["bytenr"] + 300)

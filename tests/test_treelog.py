@@ -18,7 +18,7 @@ from blockemu.device.image import ImageFile
 from blockemu.ondisk import structs as S
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, check_states, expected_state, record
 from blockemu.workload.writepath import FAST, PRODUCTION
-from tests.util import PRODUCTION_4K, flip
+from tests.util import PRODUCTION_4K, flip, fsynced_then_cut
 
 MiB = 1 << 20
 
@@ -948,16 +948,7 @@ async def test_a_damaged_extent_tree_the_replay_needs_names_zero_log_as_other_co
     from blockemu.errors import CorruptionError
 
     img = str(tmp_path / "a.img")
-    await blockemu.mkfs(img, size="32M", force=True)
-    async with blockemu.mount(img) as fs:
-        async with fs.open("/f", "w") as f:
-            await f.write(b"x" * 4096)
-    fs = await blockemu.mount(img)
-    async with fs.open("/f", "a") as f:
-        await f.write(b"y" * 4096)
-        await f.fsync()
-    fs.power_cut()
-    await fs.unmount()
+    await fsynced_then_cut(img)
     (leaf,) = dump_tree(img, ["extent"])
     flip(img, leaf["bytenr"] + 2000)
     with pytest.raises(CorruptionError) as e:

@@ -50,6 +50,23 @@ def set_super(path: str, **fields: int) -> None:
         f.write(encode_super(dataclasses.replace(sb, **fields), at))
 
 
+async def fsynced_then_cut(img: str) -> None:
+    """A fresh 32 MiB ``img`` whose /f holds 4 KiB of "x" committed and 4 KiB of "y" appended and
+    fsynced (through the fsync log, no commit), then the power cut: an image with a log to replay."""
+    import blockemu
+
+    await blockemu.mkfs(img, size="32M", force=True)
+    async with blockemu.mount(img) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"x" * 4096)
+    fs = await blockemu.mount(img)
+    async with fs.open("/f", "a") as f:
+        await f.write(b"y" * 4096)
+        await f.fsync()
+    fs.power_cut()
+    await fs.unmount()
+
+
 async def fail_next_data_write(fs, length: int = 4096) -> None:
     """EIO on writes to the next ``length`` bytes the allocator hands out -- where the next data
     extent goes -- and nowhere else: a run's write fails, the commit's blocks (placed after it) do not.
