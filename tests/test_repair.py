@@ -13,7 +13,7 @@ import blockemu
 from blockemu.check.fsck import check
 from blockemu.check.inspect import dump_tree
 from blockemu.cli.main import main
-from tests.util import assert_fsck_clean, flip
+from tests.util import assert_fsck_clean, flip, fsynced_then_cut
 
 
 async def fragmented_image(path: str) -> dict[str, bytes]:
@@ -624,3 +624,22 @@ def test_repair_of_damaged_back_references_keeps_every_name_and_converges(hard_l
                 assert (s.st_ino, s.st_nlink) == (ino, len(LINKS)), path
 
     asyncio.run(names())
+
+
+def test_the_note_on_damaged_trees_says_zero_log_when_a_log_must_replay_first(tmp_path, capsys):
+    """With an fsync log on the image and its extent tree's leaf damaged, the note promised "files
+    the errors do not name can still be copied out with blockemu ls / cat" -- and both failed, as
+    the log's replay (which they run first) needs that tree. The note says how to read them."""
+    img = str(tmp_path / "l.img")
+    asyncio.run(fsynced_then_cut(img))
+    (leaf,) = dump_tree(img, ["extent"])
+    flip(img, leaf["bytenr"] + 2000)
+    assert main(["fsck", img, "--repair"]) == 4
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note: --repair wrote nothing"))
+    assert note.endswith("can still be copied out with blockemu ls / cat; with the fsync log on the image, ls and "
+                         "cat replay it first, and fail where the replay meets the damage: `blockemu rescue zero-log` "
+                         "then lets them read the last commit, dropping what was fsynced since"), note
+    assert main(["cat", img, "/f"]) == 1  # as the note says
+    assert main(["rescue", "zero-log", img]) == 0
+    capsys.readouterr()
+    assert main(["cat", img, "/f"]) == 0 and capsys.readouterr().out == "x" * 4096

@@ -1403,17 +1403,22 @@ READABLE = "files the errors do not name can still be copied out with blockemu l
 UNREADABLE = ("the checksum tree is among them, and every read of file data checks it: blockemu ls still lists "
               "names, but cat of a file whose checksums it cannot reach fails")
 UNREPAIRED = "--repair wrote nothing: none of these findings has a repair"
+# ls and cat replay an fsync log (in memory) before they read: through the damaged trees
+LOGGED = ("; with the fsync log on the image, ls and cat replay it first, and fail where the replay meets the "
+          "damage: `blockemu rescue zero-log` then lets them read the last commit, dropping what was fsynced since")
 UNREPAIRED_SHORT = ("--repair wrote nothing: the image is truncated, and tree blocks the cut took are lost; the "
                     "other commands refuse a truncated image too")
 
 
 def unrepaired(report: Any) -> str:
-    """Why --repair wrote nothing, and what can still be read."""
+    """Why --repair wrote nothing, and what can still be read: with a log to replay, READABLE alone
+    promised ls and cat to an image they refused (an extent tree leaf damaged: every one failed)."""
     if not report.trees_damaged:
         return UNREPAIRED
     if any(e.fix is not None and "extend_to" in e.fix for e in report.errors):
         return UNREPAIRED_SHORT
-    return UNREPAIRED_TREES + (UNREADABLE if CSUM_TREE_OBJECTID in report.damaged_trees else READABLE)
+    readable = UNREADABLE if CSUM_TREE_OBJECTID in report.damaged_trees else READABLE
+    return UNREPAIRED_TREES + readable + (LOGGED if report.stats.get("log_items") else "")
 
 
 def repair(a: argparse.Namespace, report: Any, key: bytes | None) -> tuple[Any, int]:
