@@ -606,3 +606,27 @@ def test_a_checksum_field_damaged_past_its_digest_is_not_called_a_mismatch_of_eq
     assert cli(capsys, "fsck", img) == (8, "", f"blockemu: fsck: {img}: no valid superblock: superblock at 65536: {why}\n")
     rc, out, err = cli(capsys, "inspect", "dump-super", img)
     assert (rc, err) == (0, "") and out.endswith(f"WARNING: {why}\n")
+
+
+def test_dump_tree_goes_on_past_a_block_that_does_not_read(tmp_path, capsys):
+    """One damaged leaf made dump-tree print nothing but its error: the one command that shows
+    the trees hid all of them. As btrfs inspect-internal dump-tree, it names the block (one line
+    on stderr) and prints the rest; exit 1, as any block that did not read."""
+    from blockemu.check.inspect import dump_tree
+    from tests.util import flip
+
+    img, host = str(tmp_path / "d.img"), tmp_path / "h"
+    host.write_bytes(b"hello")
+    assert cli(capsys, "mkfs", img, "--size", "16M")[0] == 0
+    assert cli(capsys, "put", img, str(host), "/f")[0] == 0
+    whole = {b["tree"] for b in dump_tree(img)}
+    (leaf,) = dump_tree(img, ["csum"])
+    flip(img, leaf["bytenr"] + 300)
+    rc, out, err = cli(capsys, "inspect", "dump-tree", img)
+    assert rc == 1 and err.startswith(f"blockemu: inspect: {img}: tree block {leaf['bytenr']}: checksum mismatch (")
+    assert err.count("\n") == 1
+    assert [line for line in out.splitlines() if line.endswith(" tree")] == [
+        f"{t} tree" for t in ("root", "extent", "fs", "free-space") if t in whole]
+    rc, out, err = cli(capsys, "inspect", "dump-tree", img, "--json")
+    assert rc == 1 and err.count("\n") == 1
+    assert {b["tree"] for b in json.loads(out)} == whole - {"csum"}

@@ -1,7 +1,7 @@
 """inspect dump-super / dump-tree, worded like ``btrfs inspect-internal``."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from blockemu.device.image import ImageFile, truncated
 from blockemu.engine.btree import BTree
@@ -109,41 +109,70 @@ def block_text(b: dict[str, Any]) -> Iterator[str]:
             yield f"\tkey {fmt_key(p['key'])} block {p['blockptr']} gen {p['generation']}"
 
 
-def dump_tree(path: str, trees: list[str] | None = None) -> list[dict[str, Any]]:
-    """Every block of the named trees; a block that cannot be read ends the dump with an error
-    naming the image (and, when the file is shorter than its superblock says, that)."""
+def dump_tree(path: str, trees: list[str] | None = None, problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every block of the named trees. A block that cannot be read ends the dump with an error
+    naming the image (and, when the file is shorter than its superblock says, that) -- unless
+    ``problems`` is given: then that error is put there and the dump goes on past the block and
+    what hangs off it, as ``btrfs inspect-internal dump-tree`` does (one bad leaf hid every other
+    tree of the image from the one command that shows them)."""
     with ImageFile.open(path) as img:
         sb = img.best_super()
+        short = truncated(sb, img.size)
+
+        def named(e: CorruptionError) -> CorruptionError:
+            return CorruptionError(f"{path}: {e}{f' ({short})' if short else ''}", e.kind, e.bytenr)
+
+        def unread(e: CorruptionError) -> None:
+            if problems is None:
+                raise named(e) from None
+            problems.append(str(named(e)))
+
         try:
-            return _dump_trees(img, sb, trees)
+            return _dump_trees(img, sb, trees, unread)
         except CorruptionError as e:
-            short = truncated(sb, img.size)
-            raise CorruptionError(f"{path}: {e}{f' ({short})' if short else ''}", e.kind, e.bytenr) from None
+            raise named(e) from None
 
 
-def _dump_trees(img: ImageFile, sb: Any, trees: list[str] | None) -> list[dict[str, Any]]:
+def _dump_trees(img: ImageFile, sb: Any, trees: list[str] | None,
+                unread: Callable[[CorruptionError], None]) -> list[dict[str, Any]]:
     engine = Engine(sb, img.read, writable=False)
     out = []
     for name in trees or list(TREE_BY_NAME):
         tid = TREE_BY_NAME[name]
-        if tid == S.TREE_LOG_OBJECTID:
-            if not sb.log_root:
-                continue  # no fsync log: nothing to show
-            # found from the superblock, not the root tree: the delta, then each tree it names in turn
-            trees = log_trees(img.read, choose_log(img.read, sb)[0])  # the newest that landed whole
-        else:
-            trees = [engine.tree(tid)]
-        out.extend(block_json(name, b, sb.nodesize) for tree in trees for b in _bfs(tree))
+        try:
+            if tid == S.TREE_LOG_OBJECTID:
+                if not sb.log_root:
+                    continue  # no fsync log: nothing to show
+                # found from the superblock, not the root tree: the delta, then each tree it names in turn
+                found = log_trees(img.read, choose_log(img.read, sb)[0])  # the newest that landed whole
+            else:
+                found = [engine.tree(tid)]
+        except CorruptionError as e:
+            unread(e)
+            continue
+        out.extend(block_json(name, b, sb.nodesize) for tree in found for b in _bfs(tree, unread))
     return out
 
 
-def _bfs(tree: BTree) -> Iterator[TreeBlock]:
+def _bfs(tree: BTree, unread: Callable[[CorruptionError], None]) -> Iterator[TreeBlock]:
     """Breadth-first, as btrfs inspect-internal prints by default; a block reached twice
-    raises SHARED_TREE_BLOCK (a DAG would otherwise print, and hold, exponentially many)."""
-    level, seen = [tree._root_block()], {tree.root}
+    raises SHARED_TREE_BLOCK (a DAG would otherwise print, and hold, exponentially many). A
+    block that does not read goes to ``unread``, with what hangs off it."""
+    try:
+        level, seen = [tree._root_block()], {tree.root}
+    except CorruptionError as e:
+        unread(e)
+        return
     while level:
         yield from level
-        level = [tree._child(b, s, seen) for b in level if b.level for s in range(len(b.ptrs))]
+        below = []
+        for b in level:
+            for s in range(len(b.ptrs)) if b.level else ():
+                try:
+                    below.append(tree._child(b, s, seen))
+                except CorruptionError as e:
+                    unread(e)
+        level = below
 
 
 def dump_super(path: str) -> dict[str, Any]:

@@ -1459,7 +1459,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         return 0
     if a.what == "heatmap":
         return inspect_heatmap(a)
-    blocks = inspect_mod.dump_tree(a.image, a.tree)
+    problems: list[str] = []
+    blocks = inspect_mod.dump_tree(a.image, a.tree, problems)
+    for why in problems:  # each block that did not read, as ls names each entry it could not stat
+        print(f"blockemu: inspect: {why}", file=sys.stderr)
     if a.json:
         emit_json(blocks)
     else:
@@ -1471,7 +1474,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             print("\n".join(inspect_mod.block_text(b)))
         if "log" in (a.tree or ()) and not any(b["tree"] == "log" for b in blocks):
             print("log tree: none (no fsync log to replay: the image is its last full commit)")  # not silence
-    return 0
+    return 1 if problems else 0
 
 
 def cmd_rescue(a: argparse.Namespace) -> int:
