@@ -313,3 +313,32 @@ async def test_the_campaign_never_comes_near_a_full_image(tmp_path, monkeypatch)
     near_full = max(keeps) + PRODUCTION.max_extent  # the most any room decision compares free space with
     assert near_full < 2 << 20, keeps
     assert low["free"] >= 32 << 20 and low["largest"] >= 32 << 20, low
+
+
+async def test_a_write_log_starts_after_writes_under_nobarrier_and_shows_the_bug(tmp_path):
+    """``Filesystem.start_write_log`` syncs, then starts the log. Under a nobarrier fault plan
+    the sync's flushes do nothing, the cache stayed full, and the log refused to start ("start
+    the write log with an empty write cache") after any write: a developer could not check that
+    their own crash harness catches the planted bug. It starts, and the bug shows: a crash
+    state after the fsync returned lacks what the fsync acknowledged."""
+    img, crash_img = str(tmp_path / "a.img"), str(tmp_path / "c.img")
+    await blockemu.mkfs(img, size="32M", force=True)
+    async with blockemu.mount(img, faults=FaultPlan.parse("nobarrier")) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"x" * 4096)
+        log = await fs.start_write_log(str(tmp_path / "base.img"))
+        async with fs.open("/f", "r+") as f:
+            await f.pwrite(b"y" * 4096, 0)
+            await f.fsync()
+        await fs.mark("fsynced")
+    acked, lost = log.marks()["fsynced"], 0
+    for st in log.crash_states(random.Random(0)):
+        if st.upto >= acked:
+            log.crash_image(crash_img, st.upto, st.keep, st.torn, st.split)
+            try:
+                async with blockemu.mount(crash_img, readonly=True) as fs:
+                    async with fs.open("/f") as f:
+                        lost += await f.read() != b"y" * 4096
+            except OSError:  # the bug's damage: the mount refuses the image
+                lost += 1
+    assert lost

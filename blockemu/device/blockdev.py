@@ -198,6 +198,15 @@ class BlockDevice:
         self.log = WriteLog(base=base_copy, size=self.size)
         return self.log
 
+    async def destage_all(self) -> None:
+        """Destage the cache to the image even where the fault plan ignores flushes (``nobarrier``),
+        so a write log can start (``start_log`` refuses a cache holding writes): its crash states
+        start from an image holding everything written before, as a campaign's start from the
+        image mkfs wrote. Under nobarrier a sync left the cache full, and a log could only start
+        before the mount's first write."""
+        while self._cache:
+            await self._destage_cache(sync=True)
+
     async def mark(self, name: str) -> None:
         if self.log is not None:
             self.log.append("mark", name=name)

@@ -272,8 +272,11 @@ class Filesystem:
         ``WriteLog.crash_states`` names them, ``crash_image`` writes one (DESIGN §8, §10). The
         campaigns had this and the API did not (``vol.device.start_log`` alone, which refuses a
         non-empty write cache). It syncs first -- a log starts on an empty cache -- then copies
-        the image, as it then is, to ``base_copy``: every crash image starts from that copy."""
+        the image, as it then is, to ``base_copy``: every crash image starts from that copy. Under
+        a ``nobarrier`` fault plan the sync's flushes do nothing, so the cache is destaged to the
+        image regardless (``destage_all``): the planted bug acts on what the log records."""
         await self.sync()
+        await self.vol.device.destage_all()
         return self.vol.device.start_log(base_copy=base_copy)
 
     async def mark(self, name: str) -> None:
