@@ -394,7 +394,8 @@ def args_crash(cr: argparse.ArgumentParser) -> None:
                  "flushes) completed before the power cut; keep=[...] the in-doubt writes among them "
                  "(sequence numbers: not yet made durable by a flush) that landed anyway, the others "
                  "lost; torn={write: [sectors]} a kept write of which only those sectors landed; "
-                 "split={write: (a, b)} one of which only bytes [a, b) landed.")
+                 "split={write: (a, b)} one of which only bytes [a, b) landed. The crash states of your "
+                 "own workload: Filesystem.start_write_log in the Python API (DESIGN.md section 8).")
     add_write_path(cr, "campaign")
     add_json_flag(cr, "the counts and failures")
     add_campaign_flags(cr, jobs=os.cpu_count() or 1)
