@@ -208,6 +208,10 @@ class Filesystem:
         self.room_queue = asyncio.Lock()
         self.meta_reserved = 0  # the dirty files' ``Inode.reserved``, summed (room_for)
         self.inode_leaves = LEAVES_PER_INODE * vol.sb.nodesize  # what a dirty file reserves first (reserve_meta)
+        # the admission's arithmetic for one page, worked out once: every 4 KiB write asks
+        # ``room_for`` and ``reserve_meta``, which derived these from the superblock, the
+        # writeback's extent size and the checksum size (five calls) per write
+        self._page_meta, self._page_extends = self.meta_for(PAGE), self._extends_for(PAGE)
         self._room_keep = 0  # the metadata reserve (tree blocks) ``_room`` leaves
         self._room_pending = 0  # the held tree changes' part of it (``PendingTrees.blocks``)
         self.promised_keep: int | None = None  # the least reserve any dirty data was admitted under
@@ -1211,7 +1215,10 @@ class Filesystem:
             self._room = (alloc.node_room - self._room_keep - engine.op_blocks()) * self.vol.sb.nodesize
         if not self.cache.dirty_bytes:
             self.promised_keep = None  # everything dirty has its extents
-        need = n + 2 * PAGE + self.meta_for(n) + (runs - 1) * self._per_extent() + self.cache.dirty_bytes + self.meta_reserved
+        meta = self._page_meta if n == PAGE else self.meta_for(n)
+        if runs != 1:
+            meta += (runs - 1) * self._per_extent()
+        need = n + 2 * PAGE + meta + self.cache.dirty_bytes + self.meta_reserved
         if inode is not None and not inode.reserved:  # (inline: every write asks)
             need += self.inode_leaves
         # the split room is at most an eighth of ``need`` (an extent's items, 512 bytes, a page): asked
@@ -1292,7 +1299,10 @@ class Filesystem:
         of them took the rest, the transaction aborted and all 547 were lost. One account per
         file, released at one point (``release_meta``), as btrfs keeps a delalloc inode's
         metadata reservation until its ordered extents finish."""
-        cost = self.meta_for(n) if first - 1 not in inode.pages.dirty else self._extends_for(n)
+        if n == PAGE:
+            cost = self._page_meta if first - 1 not in inode.pages.dirty else self._page_extends
+        else:
+            cost = self.meta_for(n) if first - 1 not in inode.pages.dirty else self._extends_for(n)
         if not inode.reserved:
             cost += self.inode_leaves
         inode.reserved += cost
