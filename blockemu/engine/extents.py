@@ -230,6 +230,7 @@ class ExtentBatch:
         # by inode, then offset, as the engine keeps them: one update per file when applied
         self.changed: dict[int, Notes] = {}
         self.new_csums: dict[int, list[tuple[tuple[int, int, int], bytes]]] = {}
+        self._last: tuple[int, tuple[ExtentMap | None, Notes]] | None = None  # ``_file``'s last answer
 
     def __enter__(self) -> "ExtentBatch":
         return self
@@ -247,6 +248,7 @@ class ExtentBatch:
             raise
 
     def apply(self) -> None:
+        self._last = None
         self.fs.apply()
         pending = self.pending
         pending.absorb(self.ext, self.csum, self.fresh)
@@ -285,13 +287,20 @@ class ExtentBatch:
 
     def _file(self, ino: int) -> tuple[ExtentMap | None, Notes]:
         """The file's map (None: it has none) and this batch's notes of its changed items, found
-        once for all the items one change of the file stages (``_set``)."""
+        once for all the items one change of the file stages (``_set``) -- and kept for the
+        next change if it is the same file's, as a batch of a file's runs is: asked after
+        ``_mappings``, which fills a file's map on its first use, the answer stays right until
+        the batch applies or is forgotten, which alone drop maps."""
+        last = self._last
+        if last is not None and last[0] == ino:
+            return last[1]
         emap = self.extents.maps.get(ino)
         if emap is not None:
             self.touched.add(ino)
         notes = self.changed.get(ino)
         if notes is None:
             notes = self.changed[ino] = {}
+        self._last = (ino, (emap, notes))
         return emap, notes
 
     def _set(self, ino: int, file: tuple[ExtentMap | None, Notes], offset: int, fe: FileExtent | None,
@@ -409,6 +418,7 @@ class ExtentBatch:
         """The batch failed (or was dropped) before it applied everything: the maps of the files
         it changed follow staged changes the trees may never see, so they go (refilled from the
         tree on their next use)."""
+        self._last = None
         extents = self.extents
         for ino in self.touched:
             emap = extents.maps.pop(ino, None)
@@ -452,7 +462,8 @@ class ExtentBatch:
         self._set(ino, f, file_offset, fe, body)
         item, body = new_data_extent_item(transid, ino, file_offset)
         key = (bytenr, S.EXTENT_ITEM, length)
-        self._put_extent(key, item, body)
+        self.ext.put(key, body)  # (``_put_extent``, written out: a fixed-size body, made above)
+        self.staged_known[bytenr] = (key, item)
         self.fresh.add(key)
         digests, sectors, per = new.digests, length // PAGE, self.sectors_per_csum_item
         if sectors <= per:  # one item (every small extent): no slicing of the digests
