@@ -96,25 +96,15 @@ class ExtentMap:
         (``file_mappings``'s answer, as plain pairs: a Mapping each was a Python-level call).
         An item at ``start`` reaching ``end`` is the whole answer (items do not overlap): an
         overwrite of what the last write there mapped -- every write of the fio cycle -- costs
-        a dict lookup, not two bisections of the file's offsets and the lists built from them.
-        The items starting before ``end`` are searched for among the next few after ``start``'s,
-        not the rest of the file: items do not overlap and are whole sectors, so at most one
-        starts in each sector of the range -- past that bound (only a corrupt item is shorter)
-        the search goes on. A second bisection of a big file's offsets, ~14 comparisons of
-        entries mostly cold in the CPU's caches, was paid per extent that random writes map."""
+        a dict lookup, not two bisections of the file's offsets and the lists built from them."""
         offsets, extents = self.offsets, self.extents
         at = extents.get(start)
         if at is not None and at.num_bytes >= end - start:
             return [(start, at)]
-        n = len(offsets)
         i = max(bisect_right(offsets, start) - 1, 0)
-        if i < n and offsets[i] + extents[offsets[i]].num_bytes <= start:
+        if i < len(offsets) and offsets[i] + extents[offsets[i]].num_bytes <= start:
             i += 1  # the item before ``start`` ends at or before it
-        hi = min(i + (end - start) // PAGE + 2, n)  # the item at i, then at most one per sector
-        j = bisect_left(offsets, end, i, hi)
-        if j == hi < n and offsets[hi] < end:
-            j = bisect_left(offsets, end, hi + 1)
-        found = offsets[i:j]
+        found = offsets[i : bisect_left(offsets, end, i)]
         return list(zip(found, map(extents.__getitem__, found)))
 
     def set(self, offset: int, fe: FileExtent | None) -> int:
