@@ -226,3 +226,44 @@ async def test_a_close_while_the_handles_fsync_runs_leaves_the_other_handles_cur
             await b.fsync()
         await b.close()
         assert not a.inode.errs._held  # no cursor left behind
+
+
+async def test_a_handle_dropped_without_a_close_lets_its_cursor_go(image):
+    """A handle collected unclosed -- as a process's exit closes its descriptors -- kept its
+    cursor for ever: 1,000 of them left 1,001 cursors, and every error past the lowest was kept
+    though each was reported by every handle left to report it."""
+    import gc
+
+    async with blockemu.mount(image, interval=3600) as fs:
+        a = await fs.open("/f", "w+")
+        for _ in range(1000):
+            await fs.open("/f", "r+")  # dropped at once
+        dropped = await fs.open("/f", "r+")
+        await lose_a_write(fs, a, 0)
+        del dropped
+        gc.collect()
+        with ErrnoCheck(errno.EIO):
+            await a.fsync()
+        errs = a.inode.errs
+        assert errs.noted == [] and sum(errs._held.values()) == 1  # a's alone
+        await a.close()
+        assert not errs._held
+
+
+async def test_a_close_whose_delete_fails_lets_its_cursor_go(image):
+    """The last close of an unlinked file deletes it; on an aborted mount that raises EROFS, and
+    the handle's cursor was never let go."""
+    from tests.util import abort_by_a_half_done_rename
+
+    fs = await blockemu.mount(image, interval=3600)
+    try:
+        f = await fs.open("/f", "w+")
+        await fs.unlink("/f")
+        await fs.mkdir("/d")
+        await abort_by_a_half_done_rename(fs, "/d", "/e")
+        with ErrnoCheck(errno.EROFS):
+            await f.close()
+        assert not f.inode.errs._held
+    finally:
+        with contextlib.suppress(OSError):  # the abort's EROFS
+            await fs.unmount()

@@ -17,6 +17,13 @@ background writeback failed with no handle open still raises it; ``take`` lets t
 and returns what was noted past it. Two syncs running at once therefore both report an error
 that happened while both ran (neither may return success over it), and a sync after them
 reports nothing new; a file opened after an error some caller reported does not report it.
+
+A cursor is a ``Cursor`` object, not its number: an open file moves its own along at each fsync
+(``advance``), and lets it go at close -- or, dropped without a close, when it is collected
+(``drop``, from the file's ``__del__``), as a process's exit closes its descriptors.
+Before, 1,000 handles dropped unclosed left 1,000 cursors for ever: every error past the
+lowest was kept, and each open and close paid for the list of them. The held cursors are
+counted by number, so an open and a close cost the same however many handles are open.
 """
 from __future__ import annotations
 
@@ -33,12 +40,24 @@ class Noted:
     lost: int  # bytes of acknowledged data this run dropped
 
 
+class Cursor:
+    """A holder's place in an ``ErrSeq``: the errors noted past ``seq`` are its to report."""
+
+    __slots__ = ("seq",)
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+
+
 @dataclass
 class ErrSeq:
     noted: list[Noted] = field(default_factory=list)  # errors some cursor may still have to report
     last: int = 0  # the sequence number of the latest error noted
     seen: int = 0  # every error up to this sequence number some caller has reported
-    _held: list[int] = field(default_factory=list)  # the cursors open now
+    _held: dict[int, int] = field(default_factory=dict)  # sequence number -> cursors held there
+    # cursors whose holders were collected (``drop``): let go at the next open or take, not by
+    # the collector, which may run in the middle of either
+    _dropped: list[Cursor] = field(default_factory=list)
 
     def note(self, ino: int, error: OSError, lost: int) -> None:
         """Writeback dropped ``lost`` bytes of inode ``ino`` with ``error``."""
@@ -49,18 +68,51 @@ class ErrSeq:
         """The error noted last, while some cursor keeps it."""
         return self.noted[-1].error if self.noted else None
 
-    def open(self) -> int:
+    def open(self) -> Cursor:
         """Hold a cursor that will report what no caller has reported yet and what comes next:
         an open file's, or a sync's (``end``)."""
-        self._held.append(self.seen)
-        return self.seen
+        self._let_dropped_go()
+        self._held[self.seen] = self._held.get(self.seen, 0) + 1
+        return Cursor(self.seen)
 
-    def take(self, cursor: int) -> list[Noted]:
+    def take(self, cursor: Cursor) -> list[Noted]:
         """Let ``cursor`` go: what was noted after it, now reported (``seen``)."""
-        self._held.remove(cursor)
+        self._let_dropped_go()
+        self._release(cursor)
+        return self._report(cursor)
+
+    def advance(self, cursor: Cursor) -> list[Noted]:
+        """What was noted after ``cursor``, now reported; the cursor then stands past it (an
+        fsync: its file still holds it)."""
+        self._let_dropped_go()
+        self._release(cursor)
+        mine = self._report(cursor)
+        self._held[self.seen] = self._held.get(self.seen, 0) + 1
+        cursor.seq = self.seen
+        return mine
+
+    def drop(self, cursor: Cursor) -> None:
+        """The holder of ``cursor`` was collected without letting it go: it goes at the next
+        open or take. Only appends -- it runs inside whatever the collector interrupted."""
+        self._dropped.append(cursor)
+
+    def _let_dropped_go(self) -> None:
+        while self._dropped:
+            self._release(self._dropped.pop())
+
+    def _release(self, cursor: Cursor) -> None:
+        n = self._held[cursor.seq] - 1
+        if n:
+            self._held[cursor.seq] = n
+        else:
+            del self._held[cursor.seq]
+
+    def _report(self, cursor: Cursor) -> list[Noted]:
+        """What was noted after ``cursor``, now reported; what no cursor held now may still
+        report is forgotten."""
         if not self.noted:  # nothing failed: every close of every file comes here
             return []
-        mine = [n for n in self.noted if n.seq > cursor]
+        mine = [n for n in self.noted if n.seq > cursor.seq]
         if mine:
             self.seen = max(self.seen, mine[-1].seq)
         # every cursor was opened at some ``seen`` and ``seen`` only grows: none is past it
@@ -72,7 +124,7 @@ class ErrSeq:
         """What no caller has reported yet, now reported (an unmount's last word)."""
         return self.take(self.open())
 
-    def end(self, since: int) -> OSError | None:
+    def end(self, since: Cursor) -> OSError | None:
         """The sync that began at ``since`` is done: the error to raise for what was noted after
         that, if anything was (the first such error, counting every byte and file lost since)."""
         mine = self.take(since)
