@@ -384,13 +384,9 @@ async def test_an_unmount_after_an_abort_says_so_and_still_releases_everything(i
         assert (await again.stat("/d/f")).st_size == 3 << 20
 
 
-@pytest.mark.parametrize("then", ["nothing", "a chmod of another file", "another file written back", "a truncate"])
-async def test_a_power_cut_after_a_log_sync_is_reported_only_if_the_log_lacks_something(image, then):
-    """An fsync through the log makes the file's change durable without a commit, so the running
-    transaction stays dirty: a power cut, then the unmount said EIO ("changes made since the
-    last commit ... are lost") over a file mount found whole (trust18's false alarm). Quiet now
-    when the log holds everything the transaction changed; a change after the log sync that no
-    log holds -- another file's inode item or extents, a truncate -- is still reported."""
+async def logged_write(image: str) -> tuple[Filesystem, File]:
+    """Files f and g committed, then a write to f made durable through the log (no commit): the
+    mount and f's handle."""
     async with blockemu.mount(image, interval=3600) as fs:
         for name in ("f", "g"):
             async with fs.open(f"/{name}", "w") as f:
@@ -400,6 +396,33 @@ async def test_a_power_cut_after_a_log_sync_is_reported_only_if_the_log_lacks_so
     await f.pwrite(b"new", 0)
     await f.fsync()
     assert fs.vol.log_root  # through the log, not a commit
+    return fs, f
+
+
+async def unmount_then_remount(fs: Filesystem, image: str, raises: int | None) -> None:
+    """Unmount ``logged_write``'s mount -- quietly, or raising errno ``raises`` -- and mount again:
+    f holds the logged write, g what was committed (what no log held is gone)."""
+    if raises is None:
+        await fs.unmount()
+    else:
+        with ErrnoCheck(raises):
+            await fs.unmount()
+    async with blockemu.mount(image) as fs:
+        async with fs.open("/f") as f:
+            assert await f.read() == b"new" + b"f" * 4997
+        async with fs.open("/g") as g:
+            assert await g.read() == b"g" * 5000
+        assert (await fs.stat("/g")).st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("then", ["nothing", "a chmod of another file", "another file written back", "a truncate"])
+async def test_a_power_cut_after_a_log_sync_is_reported_only_if_the_log_lacks_something(image, then):
+    """An fsync through the log makes the file's change durable without a commit, so the running
+    transaction stays dirty: a power cut, then the unmount said EIO ("changes made since the
+    last commit ... are lost") over a file mount found whole (trust18's false alarm). Quiet now
+    when the log holds everything the transaction changed; a change after the log sync that no
+    log holds -- another file's inode item or extents, a truncate -- is still reported."""
+    fs, f = await logged_write(image)
     if then == "a chmod of another file":
         await fs.set_attrs(fs._resolve("/g"), mode=0o600)
     elif then == "another file written back":
@@ -410,14 +433,26 @@ async def test_a_power_cut_after_a_log_sync_is_reported_only_if_the_log_lacks_so
         await f.truncate(4000)
     fs.power_cut()
     await f.close()
-    if then == "nothing":
-        await fs.unmount()
-    else:
-        with ErrnoCheck(errno.EIO):
-            await fs.unmount()
-    async with blockemu.mount(image) as fs:
-        async with fs.open("/f") as f:
-            assert await f.read() == b"new" + b"f" * 4997
-        async with fs.open("/g") as g:  # what no log held is gone
-            assert await g.read() == b"g" * 5000
-        assert (await fs.stat("/g")).st_mode & 0o777 == 0o644
+    await unmount_then_remount(fs, image, raises=None if then == "nothing" else errno.EIO)
+
+
+@pytest.mark.parametrize("then", ["nothing", "the commit failing before it encodes", "a chmod of another file"])
+async def test_the_interval_commit_meeting_the_cut_after_a_log_sync_drops_no_answer(image, then, monkeypatch):
+    """write, fsync through the log, a power cut, then the interval's commit starts: it drops the
+    log's notes (this commit supersedes the log) and fails on the dead device, aborting the
+    mount -- and the unmount said EROFS over a file mount found whole (review35). The commit
+    takes the answer first: a transaction the durable log held whole drops nothing when its
+    commit fails; one with a change no log holds still makes the unmount raise."""
+    fs, f = await logged_write(image)
+    if then == "a chmod of another file":
+        await fs.set_attrs(fs._resolve("/g"), mode=0o600)
+    fs.power_cut()
+    if then == "the commit failing before it encodes":  # reading a tree block it COWs, say
+        def refused() -> None:
+            raise blockemu.errors.DeviceIOError("device is gone (power cut)")
+        monkeypatch.setattr(fs.vol.engine, "prepare_commit", refused)
+    with contextlib.suppress(OSError):
+        await fs.vol.commit()  # standing in for the interval's: its error reaches no one
+    assert fs.vol.aborted is not None
+    await f.close()
+    await unmount_then_remount(fs, image, raises=errno.EROFS if then == "a chmod of another file" else None)

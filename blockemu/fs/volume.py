@@ -87,8 +87,12 @@ class Volume:
         self._committing = False
         self.aborted: OSError | None = None
         # whether an abort may have dropped what was not yet durable: every abort but a commit's
-        # tail failing once its superblock was durable (an fsync's tail meeting a power cut)
+        # tail failing once its superblock was durable (an fsync's tail meeting a power cut), or
+        # a commit failing whose whole transaction a durable log held (``abort_logged``)
         self.abort_dropped = False
+        # the abort was a commit's whose transaction the durable log held whole: what the engine
+        # still holds, part-converged, is all in the log, and nothing can join after an abort
+        self.abort_logged = False
         self.closed = False  # every later change or commit is refused with EIO
         self._changed: dict[asyncio.Task, bool] = {}  # participants -> whether they changed a tree
         self._first: set[asyncio.Task] = set()  # runs waiting for room a commit gives back (``first_for_space``)
@@ -279,10 +283,15 @@ class Volume:
                     return False
                 self._begun += 1
                 number = self._begun
+                # asked before the commit drops the log's notes: if the durable log holds the whole
+                # transaction, a commit that fails loses nothing (review35: the interval's commit
+                # meeting a power cut after a log sync made the unmount say EROFS over a whole file)
+                logged = self._logged_whole()
                 # a caller cancelled meanwhile still gets the commit whole: its tail is started
                 # before the cancellation is raised (and then runs on under the lock, as an fsync's)
-                head = asyncio.ensure_future(self._durably(self._commit(), "commit failed"))
+                head = asyncio.ensure_future(self._durably(self._commit(), "commit failed", dropped=not logged))
                 cancelled = await outlast_cancellation([head])
+                self.abort_logged = logged and head.exception() is not None
                 new_sb = head.result()
                 self._completed = number
                 gate = None if whole else self.tail_gate
@@ -442,8 +451,11 @@ class Volume:
         the commit raises it: what the transaction held is lost, and the caller must know. Not
         when only a commit's tail failed and nothing joined since: the commit was durable (its
         superblock landed), and an unmount that raises says something may be lost (review29: a
-        power cut right after an fsync's commit made every unmount report a loss)."""
-        quiet = self.aborted is not None and not self.abort_dropped and not self.engine.is_dirty()
+        power cut right after an fsync's commit made every unmount report a loss). Nor when a
+        commit failed whose whole transaction the durable log held (``abort_logged``): mount's
+        replay brings it all back (review35: the interval's commit meeting a power cut after a
+        log sync)."""
+        quiet = self.aborted is not None and not self.abort_dropped and (self.abort_logged or not self.engine.is_dirty())
         try:
             if commit and not self.device.readonly and not quiet:
                 if not self.device.dead:
