@@ -90,8 +90,9 @@ class Volume:
         # tail failing once its superblock was durable (an fsync's tail meeting a power cut), or
         # a commit failing whose whole transaction a durable log held (``abort_logged``)
         self.abort_dropped = False
-        # the abort was a commit's whose transaction the durable log held whole: what the engine
-        # still holds, part-converged, is all in the log, and nothing can join after an abort
+        # the abort was a commit's, failing before it let the next transaction in, whose
+        # transaction the durable log held whole: what the engine still holds, part-converged, is
+        # all in the log, and nothing can join after an abort
         self.abort_logged = False
         self.closed = False  # every later change or commit is refused with EIO
         self._changed: dict[asyncio.Task, bool] = {}  # participants -> whether they changed a tree
@@ -291,7 +292,9 @@ class Volume:
                 # before the cancellation is raised (and then runs on under the lock, as an fsync's)
                 head = asyncio.ensure_future(self._durably(self._commit(), "commit failed", dropped=not logged))
                 cancelled = await outlast_cancellation([head])
-                self.abort_logged = logged and head.exception() is not None
+                # only while it had let no one into the next transaction (``_unblock``): changes made
+                # there beside its I/O are in no log (test_races: the fsyncs of the next transaction)
+                self.abort_logged = logged and head.exception() is not None and self._committing
                 new_sb = head.result()
                 self._completed = number
                 gate = None if whole else self.tail_gate
