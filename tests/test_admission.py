@@ -7,6 +7,7 @@ while another stayed dirty held both until nothing in the mount was (review30)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 
 import pytest
@@ -180,6 +181,84 @@ async def test_a_create_that_met_a_commits_pins_waits_for_them_rather_than_refus
         await committing
         for start in hogs:
             alloc.release(start, fs.vol.sb.nodesize)
+    async with blockemu.mount(image) as fs:
+        assert "new" in await fs.readdir("/")
+
+
+async def test_a_create_whose_room_a_second_commit_pinned_waits_for_that_one_too(tmp_path, monkeypatch):
+    """As above, and once the create has written out for the first commit's pins, another task
+    writes and commits before it joins again: that commit's pins took the room once more (short
+    of what the new dirty data was promised, not of the delete reserve, so ``join`` does not
+    commit for it), and the create, allowed one retry, was refused (review34's near-full stress,
+    seed 5 of 0..9). It goes first for the room now, and waits for that commit too."""
+    image = str(tmp_path / "p.img")
+    await blockemu.mkfs(image, size="32M", node_size="4K")
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        vol, engine = fs.vol, fs.vol.engine
+        alloc, node = engine.allocator, fs.vol.sb.nodesize
+        for i in range(20):
+            await fs.mkdir(f"/d{i}")
+        g = await fs.open("/g", "w")
+        hogs: list[int] = []
+
+        def squeeze(room: int) -> None:  # node_room to ``room``, by taking or giving back blocks
+            while alloc.node_room > room:
+                hogs.append(alloc.alloc(node))
+            while alloc.node_room < room:
+                alloc.release(hogs.pop(), node)
+        squeeze(engine.data_keep())
+        at_gate, gate = asyncio.Event(), asyncio.Event()
+
+        async def tail_gate() -> None:  # the second commit's tail, its pins with it, waits here
+            at_gate.set()
+            await gate.wait()
+        vol.tail_gate = tail_gate
+        creator, joins, second = asyncio.current_task(), 0, None
+        real_join, real_commit = vol.join, vol.commit
+
+        def join(*args, **kw):
+            nonlocal joins, second
+            if asyncio.current_task() is not creator or second is not None:
+                return real_join(*args, **kw)
+            joins += 1
+            if joins < 2:
+                return real_join(*args, **kw)
+
+            async def another() -> None:  # written out for the first commit's pins: another task's turn
+                squeeze(engine.data_keep() + 64)  # room for its write (squeezed again below)
+                await g.pwrite(b"g" * S, 0)
+                await fs.set_attrs(fs._resolve("/d0"), mode=0o700)
+                await real_commit(whole=False)
+            second = asyncio.ensure_future(another())
+
+            @contextlib.asynccontextmanager
+            async def after_it():
+                await at_gate.wait()  # the other commit landed; its tail holds its pins
+                assert alloc.holds_pinned()
+                squeeze(engine.data_keep() + fs.promised_blocks() + engine.op_blocks() - 1)
+                async with real_join(*args, **kw) as e:
+                    yield e
+            return after_it()
+
+        async def commit(*args, **kw):
+            if second is not None:
+                gate.set()  # a commit for the room: the other commit's tail may end
+            return await real_commit(*args, **kw)
+        monkeypatch.setattr(vol, "join", join)
+        monkeypatch.setattr(vol, "commit", commit)
+        first = asyncio.ensure_future(real_commit())
+        await asyncio.sleep(0)  # the first commit has begun: the create waits for it in join
+        try:
+            await fs.mkdir("/new")
+        finally:
+            gate.set()
+            await first
+            if second is not None:
+                await second
+        assert joins == 2
+        for start in hogs:
+            alloc.release(start, node)
+        await g.close()
     async with blockemu.mount(image) as fs:
         assert "new" in await fs.readdir("/")
 

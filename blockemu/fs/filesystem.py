@@ -1427,16 +1427,29 @@ class Filesystem:
         near-full stress). Then the operation leaves the transaction unchanged and writes out
         once more -- its commit waits for that tail and gives back what the transaction pinned
         -- before it joins for good, as btrfs's tickets commit the transaction as the last
-        resort before ENOSPC; only what that leaves short is refused (``check_meta_room``)."""
+        resort before ENOSPC; only what that leaves short is refused (``check_meta_room``).
+
+        Pinned again after that -- a commit landed between the write-out and the join (review34's
+        near-full stress, seed 5: refused after its one retry) -- it goes first for the room
+        (``Volume.first_for_space``, as a writeback run that found its room pinned) and commits
+        until the room is back: no one else joins meanwhile, so the commits end -- each waits
+        for the one in flight, whose pins it frees -- and pins that stay (a failed write's, with
+        nothing to commit) end them."""
         await self._write_out_while(self._meta_short)
-        retried = False
-        while True:
-            async with self.vol.join(deleting=deleting):
-                if retried or not self.vol.engine.allocator.holds_pinned() or not self._meta_short():
-                    yield
-                    return
-            retried = True
-            await self._write_out_while(self._meta_short)
+        allocator, retries, gave_up = self.vol.engine.allocator, 0, False
+        with contextlib.ExitStack() as first:
+            while True:
+                async with self.vol.join(deleting=deleting):
+                    if gave_up or not allocator.holds_pinned() or not self._meta_short():
+                        yield
+                        return
+                retries += 1
+                if retries == 1:  # dirty data written since may hold the room too
+                    await self._write_out_while(self._meta_short)
+                    continue
+                if retries == 2:  # not before: others' writeback, which the write-out waits for, joins
+                    first.enter_context(self.vol.first_for_space())
+                gave_up = not await self.vol.commit() and allocator.holds_pinned()
 
     def _meta_short(self) -> bool:
         """Whether an operation that adds items would be refused now (``check_meta_room``)."""
