@@ -65,6 +65,8 @@ AFTER_UNMOUNT: dict[str, Callable[[Any, Any, Any], Any]] = {
     "Filesystem.open": lambda fs, w, r: fs.open("/f", "r"),
     "Filesystem.sync": lambda fs, w, r: fs.sync(),
     "Filesystem.fsync_dir": lambda fs, w, r: fs.fsync_dir("/"),
+    "Filesystem.start_write_log": lambda fs, w, r: fs.start_write_log("/nonexistent/base.img"),
+    "Filesystem.mark": lambda fs, w, r: fs.mark("after"),
     "File.write": lambda fs, w, r: w.write(b"x"),
     "File.pwrite": lambda fs, w, r: w.pwrite(b"x", 0),
     "File.read": lambda fs, w, r: r.read(),
