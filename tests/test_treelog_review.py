@@ -273,7 +273,7 @@ async def test_a_durable_log_stays_unallocatable_until_a_superblock_supersedes_i
         def free_but_named() -> list[tuple[int, int]]:
             at = S.SUPER_OFFSETS[0]
             # the durable one, and the log slot written by the last completed flush, if any
-            sb, _ = choose_log(vol.device.read_sync, decode_super(vol.device.read_sync(at, S.SUPER_INFO_SIZE), at))
+            sb = choose_log(vol.device.read_sync, decode_super(vol.device.read_sync(at, S.SUPER_INFO_SIZE), at))[0]
             if not sb.log_root:
                 return []
             blocks, items = read_log(vol.device.read_sync, sb)

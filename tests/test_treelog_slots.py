@@ -275,3 +275,26 @@ async def test_a_commit_clears_both_bits_and_the_slots_go_stale(tmp_path):
     with ImageFile.open(img) as im:
         sb = im.best_super()
         assert not sb.incompat_flags & S.INCOMPAT_LOG_BITS and not sb.log_root
+
+
+async def test_mount_and_fsck_read_a_slots_log_once(tmp_path, monkeypatch):
+    """Choosing a slot's log reads it (its items name the data to verify); mount replays that
+    log and fsck checks it as read there, not read and parsed again. Fails if ``choose_log``
+    does not hand back the log it read (mount and fsck each walked the log's chain twice)."""
+    from blockemu.engine import treelog
+
+    await _three_syncs(tmp_path)
+    done = str(tmp_path / "done.img")
+    walks, log_trees = [], treelog.log_trees
+    monkeypatch.setattr(treelog, "log_trees", lambda read, sb: walks.append(sb.log_root) or log_trees(read, sb))
+    with ImageFile.open(done) as img:
+        sb = img.best_super()
+        chosen, passed, log = choose_log(img.read, sb)
+        assert chosen.log_root != sb.log_root and not passed and log == treelog.read_log(img.read, chosen)
+    walks.clear()
+    assert check(done).clean
+    assert walks == [chosen.log_root], walks
+    walks.clear()
+    async with blockemu.mount(done, readonly=True):
+        pass
+    assert walks == [chosen.log_root], walks

@@ -13,7 +13,7 @@ from bisect import bisect_right
 from typing import Any, Callable
 
 from blockemu.display import counted
-from blockemu.engine.treelog import choose_log, extent_csums, read_log
+from blockemu.engine.treelog import Log, choose_log, extent_csums, read_log
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk import structs as S
@@ -40,14 +40,14 @@ def check_log(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[
     if not sb.log_root:
         return
     try:
-        sb, passed = choose_log(ck.img.read, sb)  # a newer log sync that did not land whole is no damage: a note
+        sb, passed, log = choose_log(ck.img.read, sb)  # a newer log sync that did not land whole is no damage: a note
     except OSError as e:  # a slot's log landed but does not read, or EIO: mount fails on it too
         _log_error(ck, e)
         ck.report.notes.append(ZERO_LOG)
         return
     ck.report.notes.extend(passed)
     before = len(ck.report.errors)
-    bad_data = _check(ck, sb, extents, read)
+    bad_data = _check(ck, sb, log, extents, read)
     if len(ck.report.errors) - before > bad_data:  # damaged data replays (and fails its reads); a damaged log does not
         ck.report.notes.append(ZERO_LOG)
 
@@ -59,10 +59,12 @@ def _log_error(ck: Any, e: OSError) -> None:
              getattr(e, "bytenr", None))
 
 
-def _check(ck: Any, sb: Any, extents: list[tuple[int, int]], read: Callable[[int, int], bytes] | None) -> int:
-    """Reports what is wrong; returns how many of those reports are data sectors (with ``read``)."""
+def _check(ck: Any, sb: Any, log: Log | None, extents: list[tuple[int, int]],
+           read: Callable[[int, int], bytes] | None) -> int:
+    """Reports what is wrong; returns how many of those reports are data sectors (with ``read``).
+    ``log``: the log as ``choose_log`` read it (None: read here)."""
     try:
-        blocks, items = read_log(ck.img.read, sb)
+        blocks, items = read_log(ck.img.read, sb) if log is None else log
     except CorruptionError as e:
         _log_error(ck, e)
         return 0

@@ -59,6 +59,7 @@ from blockemu.ondisk.superblock import SuperInfo
 
 U64_MAX = (1 << 64) - 1
 Item = tuple[tuple[int, int, int], bytes]
+Log = tuple[list[int], list[Item]]  # a log's blocks and items (``read_log``)
 # A log past this many blocks makes the next fsync a full commit (which empties it), as btrfs
 # commits when logging gets too costly. Every log sync re-encodes each log leaf its ranges
 # touch, and scattered writes touch them all, so a log sync costs more with every leaf the
@@ -352,7 +353,7 @@ def log_trees(read: ReadFn, sb: SuperInfo) -> list[BTree]:
         bytenr, level = root.bytenr, root.level
 
 
-def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
+def read_log(read: ReadFn, sb: SuperInfo) -> Log:
     """The log's blocks and items (for replay and fsck): each tree's items replaced by those of
     the newer trees at their keys, without the stale ones (``DROPPED``) and the links."""
     trees = log_trees(read, sb)
@@ -370,9 +371,11 @@ def read_log(read: ReadFn, sb: SuperInfo) -> tuple[list[int], list[Item]]:
     return blocks, sorted((key, body) for key, body in items.items() if body != DROPPED)
 
 
-def choose_log(read: ReadFn, sb: SuperInfo) -> tuple[SuperInfo, list[str]]:
+def choose_log(read: ReadFn, sb: SuperInfo) -> tuple[SuperInfo, list[str], Log | None]:
     """The superblock as the newest log that landed whole makes it (its ``log_root`` that log's),
-    and a line for each newer log slot passed over. A slot is written in the same flush as the
+    a line for each newer log slot passed over, and that log as ``read_log`` gives it when
+    choosing it read it (a slot's, whose items name the data to verify; None: the caller reads
+    it if it needs it) -- mount read and parsed the chosen log twice, here and for replay. A slot is written in the same flush as the
     blocks and data it names (SPEC "Log slots"), so a power cut may land it without them: its
     log counts only if every block the sync wrote reads back with the checksum field the slot
     recorded and every data sector the log names matches the log's checksum -- else that sync
@@ -382,16 +385,19 @@ def choose_log(read: ReadFn, sb: SuperInfo) -> tuple[SuperInfo, list[str]]:
     broken chain) is damage, raised as ``read_log`` raises it, and so is an EIO: neither says
     the sync did not complete. A superblock without LOG_SLOTS (an older build's log) has none."""
     if not sb.log_root or not sb.incompat_flags & S.INCOMPAT_LOG_SLOTS:
-        return sb, []
+        return sb, [], None
     slots = [decode_slot(read(at, S.LOG_SLOT_SIZE), at, sb.fsid, sb.csum_type) for at in S.LOG_SLOT_OFFSETS]
     mine = sorted((s for s in slots if s is not None and s.generation == sb.generation and s.base_root == sb.log_root),
                   key=lambda s: -s.sequence)
     passed: list[str] = []
     for slot in mine:
         new = replace(sb, log_root=slot.log_root, log_root_level=slot.log_root_level)
-        why = _not_landed(read, new, slot)
+        why, log = _blocks_missing(read, new, slot), None
         if why is None:
-            return new, passed
+            log = read_log(read, new)
+            why = _data_missing(read, new, log[1])
+        if why is None:
+            return new, passed, log
         if passed:
             # only the newest sync can be in flight: this one's flush completed before the newer
             # slot (the same superblock's log) was written -- damage, not a power cut, and
@@ -401,18 +407,23 @@ def choose_log(read: ReadFn, sb: SuperInfo) -> tuple[SuperInfo, list[str]]:
                                   f"whole: {why}", "BAD_LOG_ITEM", slot.log_root)
         passed.append(f"log sync {slot.sequence} (its log slot names log root {slot.log_root}) did not land "
                       f"whole and was never acknowledged: {why}; the log before it replays")
-    return sb, passed
+    return sb, passed, None
 
 
-def _not_landed(read: ReadFn, sb: SuperInfo, slot: SlotInfo) -> str | None:
-    """What the log sync of ``slot`` wrote and is not on disk (None: all of it is)."""
+def _blocks_missing(read: ReadFn, sb: SuperInfo, slot: SlotInfo) -> str | None:
+    """Which log block the log sync of ``slot`` wrote is not on disk (None: all of them are)."""
     for bytenr, csum in slot.blocks:
         raw = read(bytenr, sb.nodesize)
         # the whole block, not only its checksum field: a block larger than a sector may land
         # torn, its first sector (the field) new and the rest old -- a sync that did not complete
         if raw[:CSUM_FIELD] != csum or block_csum(sb.csum_type, memoryview(raw)[CSUM_FIELD:]) != csum:
             return f"log block {bytenr} is not the one it wrote"
-    _, items = read_log(read, sb)
+    return None
+
+
+def _data_missing(read: ReadFn, sb: SuperInfo, items: list[Item]) -> str | None:
+    """Which extent a log (its ``items``) names does not hold the data its checksums say (None:
+    every one does): a slot lands in the same flush as the data it names."""
     csums = [(key, body) for key, body in items if key[:2] == (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM)]
     starts, size, seen = [k[2] for k, _ in csums], csum_size(sb.csum_type), set()
     for key, body in items:

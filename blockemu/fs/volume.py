@@ -129,8 +129,12 @@ class Volume:
             except CorruptionError as e:
                 raise replay_needs(e, dev, sb, path) if readonly and sb.log_root else e from None
             try:
-                # the newest log sync that landed whole (SPEC "Log slots")
-                log = read_log(engine.store.read, choose_log(engine.store.read, sb)[0]) if sb.log_root else None
+                # the newest log sync that landed whole (SPEC "Log slots"), read once
+                log = None
+                if sb.log_root:
+                    chosen, _, log = choose_log(engine.store.read, sb)
+                    if log is None:
+                        log = read_log(engine.store.read, chosen)
             except (CorruptionError, DeviceIOError) as e:  # damaged, past the device's end, EIO
                 raise damaged_log(e, path) from None
             try:

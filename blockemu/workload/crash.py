@@ -423,7 +423,7 @@ async def check_state(log: WriteLog, models: Models, work: str, st: CrashState, 
         return f"fsck: [{report.errors[0].code}] {report.errors[0].message}"
     _, doubt = log.split(st.upto)
     with ImageFile.open(work) as img:
-        sb, _ = choose_log(img.read, img.best_super())
+        sb = choose_log(img.read, img.best_super())[0]
         gen = (sb.generation, sb.log_root)
         # a log slot whose flush had not completed may have landed (byte for byte: a torn one
         # whose old tail equals its new one did too) with what it names: that log sync's state,
