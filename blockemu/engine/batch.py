@@ -16,8 +16,6 @@ from bisect import bisect_left, bisect_right
 from operator import itemgetter
 from typing import Iterator
 
-from sortedcontainers import SortedList
-
 from blockemu.engine.btree import MAX_KEY, MIN_KEY, BTree, Change, KeyT, Through
 from blockemu.errors import ExistsError, NotFoundError
 
@@ -44,7 +42,7 @@ class TreeBatch:
         # reads few back in key order (its maps answer its reads): staging is one dict store,
         # where keeping the keys sorted was a bisection and two more hashes of the key per change
         self.changes: dict[KeyT, bytes | None] = {}
-        self.order: SortedList | None = SortedList()  # None: changed since last sorted
+        self.order: list[KeyT] | None = []  # None: changed since last sorted
         self.ranges: list[tuple[KeyT, KeyT]] = []  # ``drop_range``'s, not read through
 
     def get(self, key: KeyT) -> bytes | None:
@@ -58,8 +56,9 @@ class TreeBatch:
         base = self.tree.items(lo, hi, reverse=reverse)
         if not self._staged_in(lo, hi):
             return base
-        staged = self._ordered().irange(lo, hi, reverse=reverse)
-        return self._merged(base, staged, reverse)
+        order = self._ordered()
+        staged = order[bisect_left(order, lo) : bisect_right(order, hi)]
+        return self._merged(base, iter(reversed(staged) if reverse else staged), reverse)
 
     def _merged(self, base: Iterator[tuple[KeyT, bytes]], staged: Iterator[KeyT], reverse: bool) -> Iterator[tuple[KeyT, bytes]]:
         b, s = next(base, None), next(staged, None)
@@ -75,16 +74,15 @@ class TreeBatch:
                 yield s, value
             s = next(staged, None)
 
-    def _ordered(self) -> SortedList:
-        """The staged keys, sorted (a ``SortedList``: a held set, which keeps its order across
-        changes, bisects and adds to it in O(log n), ``pending.HeldBatch``)."""
+    def _ordered(self) -> list[KeyT]:
+        """The staged keys, sorted."""
         if self.order is None:
-            self.order = SortedList(self.changes)
+            self.order = sorted(self.changes)
         return self.order
 
     def _staged_in(self, lo: KeyT, hi: KeyT) -> bool:
         order = self._ordered()
-        i = order.bisect_left(lo)
+        i = bisect_left(order, lo)
         return i < len(order) and order[i] <= hi
 
     def last_at_or_before(self, key: KeyT, lo: KeyT = MIN_KEY) -> tuple[KeyT, bytes] | None:
@@ -92,7 +90,7 @@ class TreeBatch:
         answers wins, unless it is a staged deletion (then the merged walk decides)."""
         found = self.tree.last_at_or_before(key, lo)
         order = self._ordered()
-        i = order.bisect_right(key) - 1
+        i = bisect_right(order, key) - 1
         staged = order[i] if i >= 0 else None
         if staged is None or staged < lo or (found is not None and found[0] > staged):
             return found  # no staged key in (found, key]: found stands as it is
@@ -115,7 +113,7 @@ class TreeBatch:
     def first_at_or_after(self, key: KeyT, hi: KeyT = MAX_KEY) -> tuple[KeyT, bytes] | None:
         found = self.tree.first_at_or_after(key, hi)
         order = self._ordered()
-        i = order.bisect_left(key)
+        i = bisect_left(order, key)
         staged = order[i] if i < len(order) else None
         if staged is None or staged > hi or (found is not None and found[0] < staged):
             return found
@@ -171,7 +169,7 @@ class TreeBatch:
     def apply(self) -> None:
         """Make the staged changes in the tree, in one pass, and start empty again."""
         changes = self.staged()
-        self.changes, self.order, self.ranges = {}, SortedList(), []
+        self.changes, self.order, self.ranges = {}, [], []
         self.tree.apply(changes)
 
     def staged(self) -> list[Change]:
