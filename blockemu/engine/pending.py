@@ -45,19 +45,21 @@ class HeldBatch(TreeBatch):
 
     def __init__(self, tree: BTree) -> None:
         super().__init__(tree)
-        self.added: set[KeyT] = set()  # keys staged since the last read in order (maybe gone again)
-        self.removed: set[KeyT] = set()  # keys gone since (maybe staged again)
+        # keys staged since the last read in order (maybe gone again), and keys gone since (maybe
+        # staged again): lists, deduplicated at the read -- absorb appends, not a set's hash per key
+        self.added: list[KeyT] = []
+        self.removed: list[KeyT] = []
 
     def _ordered(self) -> list[KeyT]:
         order = self.order
         assert order is not None  # (absorb never leaves it unsorted)
         if self.removed:
-            order = _without(order, sorted(self.removed))
-            self.removed = set()
+            order = _without(order, sorted(set(self.removed)))
+            self.removed = []
         if self.added:
             changes = self.changes
-            order = _merged_in(order, sorted(key for key in self.added if key in changes))
-            self.added = set()
+            order = _merged_in(order, sorted({key for key in self.added if key in changes}))
+            self.added = []
         self.order = order
         return order
 
@@ -71,7 +73,7 @@ class HeldBatch(TreeBatch):
 
     def forget(self) -> None:
         """Start empty (applied, or dropped)."""
-        self.changes, self.order, self.ranges, self.added, self.removed = {}, [], [], set(), set()
+        self.changes, self.order, self.ranges, self.added, self.removed = {}, [], [], [], []
 
 
 def _merged_in(order: list[KeyT], new: list[KeyT]) -> list[KeyT]:
@@ -128,11 +130,11 @@ class PendingTrees:
                 if value is None and key in held:
                     if key in changes:  # made and gone in this transaction: nothing to apply
                         del changes[key]
-                        gone.add(key)
+                        gone.append(key)
                     held.discard(key)
                 else:
                     if key not in changes:
-                        new.add(key)
+                        new.append(key)
                     changes[key] = value
                     if value is not None:
                         added += len(value) + ITEM_SIZE
