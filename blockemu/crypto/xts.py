@@ -150,6 +150,16 @@ def crypt(key: bytes | bytearray, data: Buffer | Sequence[Buffer], first_unit: i
     return True
 
 
+def zero_bytes(data: bytes) -> None:
+    """Zero a ``bytes`` in place: one another library made, handed over and let go of
+    (pyfuse3's WRITE payload), which Python would free with its contents. Only for a ``bytes``
+    nothing else holds -- it is immutable to everyone else. One of fewer than two bytes is
+    skipped: those are CPython's shared constants (``b""`` and the 256 one-byte values, each
+    in memory anyway), not a copy."""
+    if len(data) > 1:
+        ctypes.memset(_bytes_address(data), 0, len(data))
+
+
 def zero(buf: bytearray | memoryview) -> None:
     """Overwrite ``buf`` with zeros where it is. A memset: assigning ``bytes(n)`` would first
     allocate -- and fault in -- n fresh bytes of zeros, which for an extent's frames cost more

@@ -20,7 +20,7 @@ import os
 import stat as st
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator, NoReturn
+from typing import Any, AsyncIterator, Callable, Iterator, NoReturn, TypeVar
 
 from blockemu.crypto import fscrypt
 from blockemu.crypto.extentkeys import ExtentKeys
@@ -1797,6 +1797,9 @@ class OpenContext:
         await self._file.close()
 
 
+B = TypeVar("B", bytes, bytearray)  # what a read returns (File._pread)
+
+
 def _bytes_of(data: bytearray | memoryview) -> bytearray | memoryview | bytes:
     """A buffer to write, as bytes: one whose items are not bytes (an array's, or a view with
     more than one dimension) counted items, not bytes, and its whole pages' copy into frames
@@ -1976,11 +1979,20 @@ class File:
         return data
 
     async def pread(self, size: int, offset: int) -> bytes:
+        return await self._pread(size, offset, b"")
+
+    async def pread_wipeable(self, size: int, offset: int) -> bytearray:
+        """``pread``, as a ``bytearray`` its caller zeroes once it is done with it: the FUSE
+        server's reply, which would otherwise be freed with the plaintext in it."""
+        return await self._pread(size, offset, bytearray())
+
+    async def _pread(self, size: int, offset: int, joiner: B) -> B:
+        """The bytes at [offset, +size), joined by ``joiner`` (so of its type)."""
         self._check(False)
         inode = self.inode
         end = min(offset + max(size, 0), inode.size)
         if end <= offset:
-            return b""
+            return joiner[:0]
         first, last = offset // PAGE, (end - 1) // PAGE
         try:
             pages = await self.fs.read_pages(inode, first, last - first + 1)
@@ -1988,7 +2000,7 @@ class File:
             # left behind in a discarded intermediate)
             pages[-1] = memoryview(pages[-1])[: end - last * PAGE]
             pages[0] = memoryview(pages[0])[offset - first * PAGE :]
-            return b"".join(pages)
+            return joiner.join(pages)
         finally:
             if self.closed:  # closed while this read was in flight: close could not lock then
                 self.fs.lock_if_idle(inode)

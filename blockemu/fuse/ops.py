@@ -27,6 +27,8 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import pyfuse3
 
+from blockemu.crypto.fscrypt import wipe
+from blockemu.crypto.xts import zero_bytes
 from blockemu.fs.filesystem import ROOT_INO, File, Filesystem, Inode, Stat
 from blockemu.fuse.kernelcache import KernelCache
 from blockemu.fuse.releases import Releases
@@ -317,16 +319,27 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh)
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytearray:
+        """The plaintext read is zeroed once pyfuse3 has replied with it: the reply is written
+        to /dev/fuse straight from this buffer (``fuse_reply_buf``, no copy) in the same task
+        step that this returns to, so a callback scheduled now runs after it."""
         started = self.releases.begin()  # a readahead's READ holds its file's release back
         try:
-            return await self.files[fh].pread(size, off)
+            data = await self.files[fh].pread_wipeable(size, off)
         finally:
             self.releases.end(started)
+        asyncio.get_running_loop().call_soon(wipe, data)
+        return data
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.files[fh].pwrite(buf, off)
+        """``buf`` is pyfuse3's copy of the request's payload, made for this call and let go of
+        after it: zeroed once the page cache has its own copy (whatever the write's outcome).
+        libfuse's request buffer, which it was copied from, is out of reach (DESIGN §4)."""
+        try:
+            return await self.files[fh].pwrite(buf, off)
+        finally:
+            zero_bytes(buf)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
