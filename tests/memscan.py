@@ -11,7 +11,9 @@ Protocol (stdin/stdout, binary): on start the scanner writes the 64-byte master 
 64-byte plaintext unit; then, per JSON line ``{"pids": [...], "nonces": [hex, ...], "name_nonces": [hex, ...]}`` read
 (extent nonces; directories' nonces, whose names keys are looked for too), it
 answers one JSON line ``{"hits": {"<needle> in pid <pid> <region>": [count, first address]},
-"scanned": bytes}``.
+"runs": {"<needle> in pid <pid> <region>": [[address, length], ...]}, "scanned": bytes}``;
+a run is a stretch of back-to-back copies of the needle (the plaintext repeats its unit), so
+a caller can tell one buffer from another by where it starts and how long it is.
 """
 from __future__ import annotations
 
@@ -78,8 +80,10 @@ def regions(pid: int, seen: set[tuple[str, str]]) -> list[tuple[int, int, str]]:
     return out
 
 
-def scan(pid: int, found: dict[str, bytes], hits: dict[str, list], seen: set[tuple[str, str]]) -> int:
-    """Count into ``hits`` where each needle occurs in ``pid``; returns the bytes scanned."""
+def scan(pid: int, found: dict[str, bytes], hits: dict[str, list], runs: dict[str, list[list[int]]],
+         seen: set[tuple[str, str]]) -> int:
+    """Count into ``hits`` where each needle occurs in ``pid``, and into ``runs`` the stretches
+    its copies make; returns the bytes scanned."""
     scanned = 0
     longest = max(map(len, found.values()))
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
@@ -96,7 +100,13 @@ def scan(pid: int, found: dict[str, bytes], hits: dict[str, list], seen: set[tup
                 for what, needle in found.items():
                     at = data.find(needle)
                     while 0 <= at < n:
-                        hits.setdefault(f"{what} in pid {pid} {name}", [0, hex(pos + at)])[0] += 1
+                        where = f"{what} in pid {pid} {name}"
+                        hits.setdefault(where, [0, hex(pos + at)])[0] += 1
+                        stretches = runs.setdefault(where, [])
+                        if stretches and stretches[-1][0] + stretches[-1][1] == pos + at:
+                            stretches[-1][1] += len(needle)
+                        else:
+                            stretches.append([pos + at, len(needle)])
                         at = data.find(needle, at + 1)
                 pos += n
     return scanned
@@ -111,9 +121,10 @@ def main() -> None:
         req = json.loads(line)
         found = needles(master, unit, req["nonces"], req.get("name_nonces", []))
         hits: dict[str, list] = {}
+        runs: dict[str, list[list[int]]] = {}
         seen: set[tuple[str, str]] = set()
-        scanned = sum(scan(pid, found, hits, seen) for pid in req["pids"])
-        out.write(json.dumps({"hits": hits, "scanned": scanned}).encode() + b"\n")
+        scanned = sum(scan(pid, found, hits, runs, seen) for pid in req["pids"])
+        out.write(json.dumps({"hits": hits, "runs": runs, "scanned": scanned}).encode() + b"\n")
         out.flush()
 
 

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -672,6 +673,60 @@ def test_the_server_keeps_no_copy_of_a_key_once_it_is_removed(env, image, mnt, t
     finally:
         scanner.close()
 
+
+# libfuse's request buffer: one per pyfuse3 worker task, malloc'd (1 MiB + 4 KiB: glibc maps it
+# on its own pages, its data 16 bytes into the first) and read into for every request; a WRITE's
+# payload follows the request's two headers (fuse_in_header, fuse_write_in: 40 bytes each)
+REQUEST_PAYLOAD_AT = 16 + 40 + 40
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="reads the server's memory through /proc")
+def test_the_server_keeps_no_plaintext_of_a_locked_file_but_in_libfuses_request_buffers(env, image, mnt, tmp_path,
+                                                                                        capsys, monkeypatch) -> None:
+    """Written and read through the mount, closed, key removed: once ``key status`` says Absent,
+    the server holds no copy of the plaintext blockemu could have zeroed. pyfuse3 hands each
+    WRITE's payload to ``Operations.write`` as a ``bytes`` and replies to a READ from the buffer
+    ``Operations.read`` returns; both were freed unzeroed, onto the heap (the sizes stay below
+    glibc's mmap threshold, 128 KiB, so a freed one is not unmapped). What stays is libfuse's
+    request buffer, which blockemu cannot reach (DESIGN section 4): a run of plaintext at
+    ``REQUEST_PAYLOAD_AT`` into a page of an anonymous mapping, no longer than a write."""
+    key = encrypted_image(image, tmp_path, {})
+    scanner = Scanner()
+    try:
+        secret_key, unit = bytearray(64), bytearray(64)
+        scanner.receive(secret_key)  # unused: the image's key is encrypted_image's
+        scanner.receive(unit)
+        sizes = [64 << 10] * 4 + [4096, 3000]  # whole pages and a partial one (read-modify-write)
+        plain = unit * (sum(sizes) // len(unit) + 1)
+        zero(unit)
+        with Served(env, image, mnt, "--key-file", str(key)) as served:
+            fd = os.open(mnt / "enc" / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+            at = 0
+            for size in sizes:
+                assert os.pwrite(fd, memoryview(plain)[at : at + size], at) == size
+                at += size
+            os.fsync(fd)
+            os.close(fd)
+            fd = os.open(mnt / "enc" / "f", os.O_RDONLY | os.O_DIRECT)  # each read a READ request
+            got = mmap.mmap(-1, 64 << 10)
+            same = all(os.preadv(fd, [got], off) == len(got) and got[:] == plain[off : off + len(got)]
+                       for off in range(0, 4 * len(got), len(got)))
+            os.close(fd)
+            zero(plain)
+            got.close()
+            assert same
+            monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
+            assert main(["key", "remove", str(mnt), "--key-file", str(key)]) == 0  # in-process: quicker
+            assert main(["key", "status", str(mnt), "--key-file", str(key)]) == 0
+            assert capsys.readouterr().out.endswith("\nAbsent\n")
+            answer = scanner.ask([served.proc.pid], [])
+    finally:
+        scanner.close()
+    left = {where: [[hex(a), n] for a, n in runs
+                    if not (where.endswith(" rw-p ") and a % mmap.PAGESIZE == REQUEST_PAYLOAD_AT and n <= max(sizes))]
+            for where, runs in answer["runs"].items()}
+    assert not any(left.values()), (left, report(answer["hits"]))
+    assert set(answer["hits"]) <= {f"plaintext in pid {served.proc.pid} rw-p "}, report(answer["hits"])
 
 def test_kill_9_then_fsck_then_mount_clears_the_dead_mount(env, image, mnt) -> None:
     """kill -9 of the server: the image opens to its last commit, every fsynced file is there,

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,12 +55,17 @@ class Scanner:
     def scan(self, pids: list[int], nonces: list[str], name_nonces: list[str] = []) -> dict[str, list]:
         """Where the secrets are: ``{"<needle> in pid <pid> <region>": [count, first address]}``;
         ``name_nonces``: directories whose names keys are looked for too."""
+        return self.ask(pids, nonces, name_nonces)["hits"]
+
+    def ask(self, pids: list[int], nonces: list[str], name_nonces: list[str] = []) -> dict[str, Any]:
+        """The scanner's whole answer: ``hits`` (``scan``'s), ``runs`` -- each needle's stretches
+        of back-to-back copies, ``[address, length]`` -- and ``scanned`` (tests/memscan.py)."""
         gc.collect()
         req = {"pids": pids, "nonces": nonces, "name_nonces": name_nonces}
         self.proc.stdin.write(json.dumps(req).encode() + b"\n")  # type: ignore[union-attr]
         reply = json.loads(self.proc.stdout.readline())  # type: ignore[union-attr]
         assert reply["scanned"] > 0
-        return reply["hits"]
+        return reply
 
     def close(self) -> None:
         self.proc.stdin.close()  # type: ignore[union-attr]
