@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -50,3 +54,16 @@ class MemoryImage:
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(1234)
+
+
+@pytest.fixture
+def runtime_dir() -> Iterator[Path]:
+    """A private ``BLOCKEMU_RUNTIME_DIR`` (not yet made: the server makes it) with a short path.
+    Not under ``tmp_path``: a socket address holds 107 bytes, and under pytest-xdist a test's
+    ``tmp_path`` (/tmp/pytest-of-root/pytest-N/popen-gw0/<test name>0/) leaves too few for the
+    socket's 37. blockemu's own runtime directories are short (/run/blockemu, $XDG_RUNTIME_DIR)."""
+    parent = tempfile.mkdtemp(prefix="be-")
+    try:
+        yield Path(parent) / "run"
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)

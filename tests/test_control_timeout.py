@@ -42,8 +42,8 @@ asyncio.run(serve())
 
 
 @pytest.fixture
-def mnt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", str(tmp_path / "run"))
+def mnt(tmp_path: Path, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", str(runtime_dir))
     monkeypatch.setattr(control, "TIMEOUT", QUICK)
     (tmp_path / "mnt").mkdir()
     return str(tmp_path / "mnt")

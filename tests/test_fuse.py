@@ -55,12 +55,11 @@ def fuse_unavailable() -> str | None:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
+def env(runtime_dir: Path) -> dict[str, str]:
     why = fuse_unavailable()
     if why:
         pytest.skip(why)
-    run = tmp_path / "run"
-    return {**os.environ, "BLOCKEMU_RUNTIME_DIR": str(run)}
+    return {**os.environ, "BLOCKEMU_RUNTIME_DIR": str(runtime_dir)}
 
 
 def blockemu(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:

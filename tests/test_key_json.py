@@ -53,8 +53,8 @@ class Served:
 
 
 @pytest.fixture
-def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Served, str, Path]]:
-    monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", str(tmp_path / "run"))
+def served(tmp_path: Path, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Served, str, Path]]:
+    monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", str(runtime_dir))
     image, mnt = str(tmp_path / "a.img"), tmp_path / "mnt"
     mnt.mkdir()
     asyncio.run(mkfs(image, "64M"))
