@@ -245,6 +245,24 @@ async def test_an_evicted_page_is_zeroed_once_its_reader_has_awaited():
     cache.close()
 
 
+async def test_a_read_loop_keeps_no_more_evicted_pages_than_one_read_evicts():
+    """Each read awaits the disk inside ``reading`` (the loop turns there, with a read running,
+    so the zeroing put off to that turn finds a reader and waits), and the next read starts as
+    soon as the last returns: a loop of reads never let the loop turn with no read running, and
+    every page it evicted stayed alive, unzeroed, beyond the cache's limit."""
+    cache = PageCache(clean_limit=2 * PAGE, dirty_frames=4)
+    pages = Pages(1)
+    filled = []
+    for i in range(64):
+        with cache.reading():
+            filled.append(page := bytearray([i + 1]) * PAGE)
+            cache.put_clean(pages, {i: page})
+            await asyncio.sleep(0)  # the read's own await, as a disk read's
+        assert len(cache._evicted) <= 1, f"read {i}: {len(cache._evicted)} evicted pages kept"
+    assert all(page == ZERO_PAGE for page in filled[:-3])
+    cache.close()
+
+
 async def test_a_flush_of_scattered_pages_cuts_its_runs_as_it_writes_them(tmp_path, monkeypatch):
     """A flush takes every dirty page at once but makes a Run of each stretch only as the
     pipeline reaches it: 2,048 scattered pages were 2,048 Runs (and their lists) alive from the
