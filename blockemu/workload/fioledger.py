@@ -20,7 +20,6 @@ told from the disk and is not checked -- a lost check, never a false loss.
 """
 from __future__ import annotations
 
-import asyncio
 import re
 from array import array
 from collections.abc import Iterator
@@ -417,10 +416,6 @@ class FsyncLedger:
                             c1 = min(b1, c0 + WINDOW // BLOCK)
                             if window is None or c0 * BLOCK < at or c1 * BLOCK > at + WINDOW:
                                 window, at = await f.pread(WINDOW, c0 * BLOCK), c0 * BLOCK
-                                # a read from the device need not suspend: the clean pages it evicts
-                                # are let go on the loop's next turn, and a check that never gave it
-                                # one kept them all (a 256 MiB file: 250 MB more RSS)
-                                await asyncio.sleep(0)
                             scan.blocks(c0, c1, memoryview(window)[c0 * BLOCK - at : c1 * BLOCK - at])
             except NotFoundError:
                 found += shadow.losses(path, None)
