@@ -365,3 +365,20 @@ async def test_a_write_log_whose_base_copy_is_the_image_itself_is_refused(tmp_pa
     async with blockemu.mount(str(img), readonly=True) as fs:
         async with fs.open("/g") as f:
             assert await f.read() == b"g" * 8192
+
+
+async def test_a_second_write_log_on_one_mount_is_refused(tmp_path):
+    """A second ``start_write_log`` replaced the device's log: the first, still in the caller's
+    hands, recorded nothing more, and its crash states -- of an empty workload -- all passed."""
+    img = str(tmp_path / "a.img")
+    await blockemu.mkfs(img, size="32M", force=True)
+    async with blockemu.mount(img) as fs:
+        log = await fs.start_write_log(str(tmp_path / "b1.img"))
+        with pytest.raises(OSError) as e:
+            await fs.start_write_log(str(tmp_path / "b2.img"))
+        assert e.value.errno == errno.EINVAL
+        async with fs.open("/f", "w") as f:
+            await f.write(b"x" * 4096)
+            await f.fsync()
+        await fs.mark("fsynced")
+    assert "fsynced" in log.marks() and any(e.kind == "write" for e in log.entries)
