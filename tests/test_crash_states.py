@@ -3,6 +3,7 @@ the Ace-style bounded campaign finds nothing; and a planted ordering bug is caug
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
 import re
 
@@ -342,3 +343,42 @@ async def test_a_write_log_starts_after_writes_under_nobarrier_and_shows_the_bug
             except OSError:  # the bug's damage: the mount refuses the image
                 lost += 1
     assert lost
+
+
+async def test_a_write_log_whose_base_copy_is_the_image_itself_is_refused(tmp_path):
+    """``start_write_log(base_copy)`` copies the image to ``base_copy``: given the mounted
+    image's own path (here through a symlink) the copy opened it for writing, which emptied it
+    before it was read, and /g's committed data read back as zeros (checksum mismatches) once
+    the later commit was all that stood. It is refused, and the image is left as it was."""
+    img, link = tmp_path / "a.img", tmp_path / "base.img"
+    await blockemu.mkfs(str(img), size="32M", force=True)
+    link.symlink_to(img)
+    async with blockemu.mount(str(img)) as fs:
+        async with fs.open("/g", "w") as f:
+            await f.write(b"g" * 8192)
+        with pytest.raises(OSError) as e:
+            await fs.start_write_log(str(link))
+        assert e.value.errno == errno.EINVAL
+        async with fs.open("/f", "w") as f:
+            await f.write(b"f" * 4096)
+    assert (await blockemu.fsck(str(img), check_data=True)).clean
+    async with blockemu.mount(str(img), readonly=True) as fs:
+        async with fs.open("/g") as f:
+            assert await f.read() == b"g" * 8192
+
+
+async def test_a_second_write_log_on_one_mount_is_refused(tmp_path):
+    """A second ``start_write_log`` replaced the device's log: the first, still in the caller's
+    hands, recorded nothing more, and its crash states -- of an empty workload -- all passed."""
+    img = str(tmp_path / "a.img")
+    await blockemu.mkfs(img, size="32M", force=True)
+    async with blockemu.mount(img) as fs:
+        log = await fs.start_write_log(str(tmp_path / "b1.img"))
+        with pytest.raises(OSError) as e:
+            await fs.start_write_log(str(tmp_path / "b2.img"))
+        assert e.value.errno == errno.EINVAL
+        async with fs.open("/f", "w") as f:
+            await f.write(b"x" * 4096)
+            await f.fsync()
+        await fs.mark("fsynced")
+    assert "fsynced" in log.marks() and any(e.kind == "write" for e in log.entries)

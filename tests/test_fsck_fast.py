@@ -462,3 +462,28 @@ def test_a_log_item_replay_cannot_use_is_a_finding(logged, tmp_path, typ, offset
     _resign_slots(work)  # the edited log is the one replay uses, not a log sync that did not land whole
     report = fsck_mod.check(work, parallel=False)
     assert [e.code for e in report.errors] == ["BAD_LOG_ITEM"] and says in report.errors[0].message
+
+
+def test_a_log_naming_an_inode_a_readable_fs_leaf_lacks_is_damaged_beside_a_damaged_leaf(logged, tmp_path):
+    """fsck excused every inode a log names that the fs tree walk did not find while any fs
+    tree block was damaged (an inode in a block it could not read is no fault of the log's). A
+    log naming an inode past the last file -- in the key range of a leaf that reads, and lacks
+    it -- beside a zeroed first fs leaf was judged sound: no finding of the log's, and no note
+    that replay refuses it (the read-write mount does: "inode is not in the fs tree"). Only an
+    inode in the key range of a block that does not read is excused."""
+    leaves = logged.blocks_of(lambda name, level: name == "fs" and level == 0)
+    assert len(leaves) > 1
+    keys = {k for b in leaves for k in logged.block(b).keys}
+    first = min(leaves, key=lambda b: logged.block(b).keys[0])
+    absent = max(k[0] for k in keys) + 100
+    logged_ino = next(k[0] for b in logged.blocks_of(lambda name, level: name == "log" and level == 0)
+                      for k in logged.block(b).keys if k[1] == S.INODE_ITEM)
+    edit = _edited(logged, lambda k, v: {k: v, (absent, S.INODE_ITEM, 0): v} if k == (logged_ino, S.INODE_ITEM, 0)
+                   else {k: v}, tree="log")
+    work = str(tmp_path / "both.img")
+    logged.write(work, [*edit, (first, bytes(logged.sb.nodesize))])
+    _resign_slots(work)
+    report = fsck_mod.check(work, parallel=False)
+    assert report.damaged_trees == {S.FS_TREE_OBJECTID}
+    assert f"log tree: inode {absent} is not in the fs tree" in [e.message for e in report.errors]
+    assert any("zero-log" in n for n in report.notes), report.notes

@@ -106,6 +106,10 @@ class Checker:
         # blocks a tree points to that did not decode (reported so): their METADATA_ITEMs are
         # referenced, not the "which no tree references" their absence from ``blocks`` suggests
         self.unreadable: set[int] = set()
+        # each tree's key ranges the walk could not read, [lo, hi) (None: open-ended): below a
+        # block that did not decode or a pointer not followed, or all of a tree whose root is
+        # unknown -- an item missing from ``keys`` may be there, and there alone (``fsck_log``)
+        self.lost: dict[int, list[tuple[Any, Any]]] = {}
         # each tree's items as two columns, keys and bodies, in the walk's order: the column
         # proofs (fsck_fast) read them as they are; ``pairs`` zips them for a pass that walks
         # item by item
@@ -122,6 +126,7 @@ class Checker:
         self.bodies.clear()
         self.blocks.clear()
         self.unreadable.clear()
+        self.lost.clear()
         self.data_extents.clear()
 
     def error(self, code: str, message: str, tree: int | None = None, bytenr: int | None = None,
@@ -172,11 +177,13 @@ class Checker:
             if bytenr % S.SECTOR_SIZE or not self._in_usable(bytenr, store.nodesize):
                 self.error("BAD_BLOCKPTR", f"tree block pointer {bytenr} outside the usable device", tid, bytenr)
                 self.report.damaged_trees.add(tid)
+                self.lost.setdefault(tid, []).append((lo, hi))
                 continue
             if bytenr in self.blocks:
                 self.error("SHARED_TREE_BLOCK", f"tree block {bytenr} reached twice (a shared or looped block, "
                                                 f"not a tree): not followed again", tid, bytenr)
                 self.report.damaged_trees.add(tid)
+                self.lost.setdefault(tid, []).append((lo, hi))
                 continue
             try:
                 block = store.get(bytenr, generation=gen, level=lvl, owner=tid)
@@ -184,6 +191,7 @@ class Checker:
                 self.error(e.kind, str(e), tid, bytenr)
                 self.report.damaged_trees.add(tid)
                 self.unreadable.add(bytenr)
+                self.lost.setdefault(tid, []).append((lo, hi))
                 continue
             finally:
                 store.clean.pop(bytenr, None)  # each block is read once: no need to cache
@@ -240,11 +248,13 @@ class Checker:
             if key not in roots:
                 self.report.damaged_trees.add(S.ROOT_TREE_OBJECTID)  # an item of its is missing
                 self.error("MISSING_ROOT", f"no ROOT_ITEM for the {S.TREE_NAMES[tid]} tree", S.ROOT_TREE_OBJECTID, key=key)
+                self.lost[tid] = [(None, None)]
                 continue
             try:
                 ri = RootItem.unpack(roots[key])
             except CorruptionError as e:
                 self.error("BAD_ITEM", f"ROOT_ITEM of tree {tid}: {e}", S.ROOT_TREE_OBJECTID, key=key)
+                self.lost[tid] = [(None, None)]
                 continue
             if ri.generation > sb.generation:
                 self.error("TRANSID_MISMATCH", f"ROOT_ITEM of tree {tid} has generation {ri.generation} > superblock {sb.generation}",

@@ -74,10 +74,11 @@ def _check(ck: Any, sb: Any, log: Log | None, extents: list[tuple[int, int]],
         if not ck._in_usable(bytenr, sb.nodesize) or _overlaps(taken, starts, bytenr, sb.nodesize):
             ck.error("LOG_OVERLAP", f"log tree block {bytenr} lies in space the committed trees use", LOG, bytenr)
     fs_inodes = {k[0] for k in ck.keys.get(S.FS_TREE_OBJECTID, []) if k[1] == S.INODE_ITEM and not k[2]}
-    # with the fs tree (or the root tree naming it) damaged, an inode the walk did not find may be
-    # in a block it could not read: "not in the fs tree" then called a sound log damaged, and its
-    # note pointed at zero-log, which drops the fsyncs and leaves the damage where it was
-    fs_whole = not ck.report.damaged_trees & {S.ROOT_TREE_OBJECTID, S.FS_TREE_OBJECTID}
+    # an inode the walk did not find may be in an fs tree block it could not read: "not in the fs
+    # tree" then called a sound log damaged, and its note pointed at zero-log, which drops the
+    # fsyncs and leaves the damage where it was. Only there: excusing every inode while any fs
+    # tree block was damaged judged sound a log naming an inode the readable leaves show absent
+    lost = ck.lost.get(S.FS_TREE_OBJECTID, [])
     csummed: list[tuple[tuple[int, int, int], bytes]] = []  # in key order, as the log holds them
     size = csums.csum_size(sb.csum_type)
     bad_data = 0
@@ -92,7 +93,8 @@ def _check(ck: Any, sb: Any, log: Log | None, extents: list[tuple[int, int]],
             inodes.add(ino)
             if off:  # replay, as the filesystem, takes the inode at (ino, INODE_ITEM, 0) (fsck_fs._file_inodes)
                 ck.error("BAD_LOG_ITEM", f"log tree: {key}: INODE_ITEM key offset {off}, not 0", LOG, key=key)
-            elif ino not in fs_inodes and fs_whole:
+            elif ino not in fs_inodes and not any((lo is None or key >= lo) and (hi is None or key < hi)
+                                                  for lo, hi in lost):
                 ck.error("BAD_LOG_ITEM", f"log tree: inode {ino} is not in the fs tree", LOG, key=key)
         elif typ == S.EXTENT_DATA:
             try:

@@ -190,7 +190,11 @@ class BlockDevice:
 
     def start_log(self, base_copy: str | None = None) -> WriteLog:
         """Record from now on. ``base_copy``: where to keep the image as it is now
-        (None: the image is all zeros now, e.g. freshly created)."""
+        (None: the image is all zeros now, e.g. freshly created). One log per device: a second
+        start replaced the first, which then recorded nothing more -- its crash states, checked
+        by the caller holding it, were those of an empty workload, every one passing."""
+        if self.log is not None:
+            raise InvalidArgument(f"{self.path}: a write log is already recording on this mount")
         if self._cache:
             raise InvalidArgument("start the write log with an empty write cache (after a flush)")
         if base_copy is not None:

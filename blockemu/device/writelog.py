@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
+from blockemu.errors import InvalidArgument
 from blockemu.ondisk.structs import LOG_SLOT_OFFSETS, SUPER_INFO_SIZE, SUPER_OFFSETS
 
 SECTOR = 4096
@@ -35,7 +36,13 @@ class LogEntry:
 
 
 def sparse_copy(src: str, dst: str) -> None:
-    """Copy an image keeping its holes (a 1 TiB sparse image copies in milliseconds)."""
+    """Copy an image keeping its holes (a 1 TiB sparse image copies in milliseconds). A ``dst``
+    that is ``src`` (the same path, a symlink, a hard link) is refused: opened for writing it
+    was emptied before it was read, and ``Filesystem.start_write_log`` given the mounted
+    image's own path as its base copy wiped the image under the mount (every committed block
+    the later commits did not rewrite read back as zeros)."""
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise InvalidArgument(f"{dst}: is {src} itself; the copy of an image must go elsewhere")
     size = os.path.getsize(src)
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         fo.truncate(size)

@@ -62,16 +62,24 @@ def damaged_log(e: CorruptionError | DeviceIOError, path: str, committed: bool =
     return CorruptionError(text, e.kind, e.bytenr) if isinstance(e, CorruptionError) else restate(e, text)
 
 
-def replay_needs(e: CorruptionError, dev: BlockDevice, sb: SuperInfo, path: str) -> CorruptionError:
-    """``e``, met opening ``path`` read-only with a log to replay, which needs the allocator
-    (the extent and free-space trees): said as ``damaged_log`` says a committed tree the replay
-    met, when the image opens without the allocator -- ls and cat of an image whose extent tree
-    was damaged said only "tree block N: checksum mismatch", though zero-log lets them read it."""
+def replay_engine(e: CorruptionError, dev: BlockDevice, sb: SuperInfo, path: str) -> Engine:
+    """An engine for a read-only open of ``path`` with a log to replay, whose allocator (the
+    replay COWs, in memory) did not build: ``e``. A damaged free-space tree is only a record of
+    what the extent tree implies, so the allocator is built from that instead, and ls and cat
+    read the fsynced data: told to run zero-log, they lost it, where ``fsck --repair`` (which
+    rebuilds that tree, replaying the log) kept it. Else ``e``, said as ``damaged_log`` says a
+    committed tree the replay met when the image opens without the allocator -- ls and cat of
+    an image whose extent tree was damaged said only "tree block N: checksum mismatch", though
+    zero-log lets them read it."""
+    try:
+        return Engine(sb, dev.read_sync, writable=True, rebuild_free_space=True)
+    except CorruptionError:
+        pass
     try:
         Engine(sb, dev.read_sync, writable=False)
     except CorruptionError:
-        return e  # damage the log's replay is not what meets
-    return damaged_log(e, path, committed=True)  # type: ignore[return-value]
+        raise e from None  # damage the log's replay is not what meets
+    raise damaged_log(e, path, committed=True) from None
 
 
 class Volume:
@@ -127,7 +135,9 @@ class Volume:
                 engine = Engine(sb, dev.read_sync, writable=not readonly or bool(sb.log_root),
                                 rebuild_free_space=rebuild_free_space)
             except CorruptionError as e:
-                raise replay_needs(e, dev, sb, path) if readonly and sb.log_root else e from None
+                if not (readonly and sb.log_root):
+                    raise
+                engine = replay_engine(e, dev, sb, path)
             try:
                 # the newest log sync that landed whole (SPEC "Log slots"), read once
                 log = None
