@@ -267,3 +267,24 @@ async def test_a_close_whose_delete_fails_lets_its_cursor_go(image):
     finally:
         with contextlib.suppress(OSError):  # the abort's EROFS
             await fs.unmount()
+
+
+async def test_a_cancelled_close_stays_cancelled_and_leaves_the_loss_to_the_unmount(image):
+    """A close cancelled while the delete of its unlinked file waits (the file's writeback lock)
+    let its cursor go in a ``finally`` that raised the loss the cursor held -- over the
+    cancellation, so the task ended with EIO, not cancelled (``asyncio.timeout`` and task groups
+    count on the cancellation). Its cursor goes as a dropped handle's does: the loss, which no
+    handle reported, is the unmount's to raise."""
+    fs = await blockemu.mount(image, interval=3600)
+    a = await fs.open("/f", "w+")
+    await lose_a_write(fs, a, 0)
+    await fs.unlink("/f")
+    async with a.inode.wb_lock:  # the delete waits here
+        closing = asyncio.ensure_future(a.close())
+        await asyncio.sleep(0)  # one turn: the close is waiting for the lock
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    assert not a.inode.errs._held

@@ -2059,8 +2059,15 @@ class File:
                     fs._destroy(inode)
             else:
                 fs.lock_if_idle(inode)
-        finally:  # a delete that failed (EROFS) still lets the cursor go; a loss it held outranks that
+        except Exception:  # a delete that failed (EROFS) still lets the cursor go; a loss it held outranks that
             self._report_writeback(closing=True)
+            raise
+        except BaseException:
+            # cancelled: raising the loss here swallowed the cancellation (the task ended with
+            # EIO); the cursor goes as a dropped handle's, and the unmount reports the loss
+            inode.errs.drop(self._wb_seen)
+            raise
+        self._report_writeback(closing=True)
 
     async def __aenter__(self) -> "File":
         return self
