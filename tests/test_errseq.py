@@ -267,3 +267,49 @@ async def test_a_close_whose_delete_fails_lets_its_cursor_go(image):
     finally:
         with contextlib.suppress(OSError):  # the abort's EROFS
             await fs.unmount()
+
+
+
+async def cancel_while_it_waits(lock: asyncio.Lock, call) -> None:
+    """Start ``call()`` while ``lock`` is held and cancel it once it waits for the lock: it must
+    end cancelled, not with a loss raised over the cancellation."""
+    async with lock:
+        task = asyncio.ensure_future(call())
+        while not lock._waiters:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_cancelled_close_stays_cancelled_and_leaves_the_loss_to_the_unmount(image):
+    """A close cancelled while the delete of its unlinked file waits (the file's writeback lock)
+    let its cursor go in a ``finally`` that raised the loss the cursor held -- over the
+    cancellation, so the task ended with EIO, not cancelled (``asyncio.timeout`` and task groups
+    count on the cancellation). Its cursor goes as a dropped handle's does: the loss, which no
+    handle reported, is the unmount's to raise."""
+    fs = await blockemu.mount(image, interval=3600)
+    a = await fs.open("/f", "w+")
+    await lose_a_write(fs, a, 0)
+    await fs.unlink("/f")
+    await cancel_while_it_waits(a.inode.wb_lock, a.close)
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    assert not a.inode.errs._held
+
+
+async def test_a_cancelled_truncating_open_stays_cancelled_and_reports_no_loss(image):
+    """open("w") cancelled while its truncate waits (the file's writeback lock) closed the
+    handle it had made, and that close raised a loss no handle had reported -- over the
+    cancellation, to a caller that never got the handle. The handle goes unreported now, as a
+    dropped one's: the loss is the unmount's to raise."""
+    fs = await blockemu.mount(image, interval=3600)
+    async with fs.open("/f", "w") as a:
+        await fail_next_data_write(fs)
+        await a.pwrite(b"L" * PAGE, 0)
+    await fs.writeback.flush_inode(a.inode)  # fails after the close: no handle reported it
+    fs.vol.device.faults = FaultPlan()
+    await cancel_while_it_waits(a.inode.wb_lock, lambda: fs.open("/f", "w"))
+    with ErrnoCheck(errno.EIO):
+        await fs.unmount()
+    assert not a.inode.errs._held

@@ -92,8 +92,10 @@ class ErrSeq:
         return mine
 
     def drop(self, cursor: Cursor) -> None:
-        """The holder of ``cursor`` was collected without letting it go: it goes at the next
-        open or take. Only appends -- it runs inside whatever the collector interrupted."""
+        """The holder of ``cursor`` was collected without letting it go, or its close was
+        cancelled: it goes at the next open or take, reporting nothing (what it held is the
+        other holders' and the unmount's to report). Only appends -- it runs inside whatever the
+        collector interrupted."""
         self._dropped.append(cursor)
 
     def _let_dropped_go(self) -> None:

@@ -1167,7 +1167,11 @@ class Filesystem:
             try:
                 await self.truncate_inode(inode, 0)
             except BaseException:
-                await f.close()
+                # the caller never gets the handle: it reports nothing (its close raised a loss no
+                # handle had reported over the truncate's error -- a cancellation too, review40),
+                # and the delete it may do (EROFS) is not the open's error either
+                with contextlib.suppress(Exception):
+                    await f.close(report=False)
                 raise
         return f
 
@@ -2053,11 +2057,13 @@ class File:
         """Python-level flush: nothing is buffered above the page cache."""
         self.fs.check_mounted()
 
-    async def close(self) -> None:
+    async def close(self, *, report: bool = True) -> None:
         """The one call an unmount leaves working: the handle is let go (as close(2) of a
         descriptor whose filesystem was detached); the unmount did the rest: it reported what
         writeback lost, and an unlinked file still open is left to the next mount's orphan
-        recovery."""
+        recovery. ``report=False`` (a handle its caller never got, or a close cancelled): the
+        cursor goes as a dropped handle's, what it held left to the other handles and the
+        unmount -- raised here, it took a cancellation's place (review40)."""
         if self.closed:
             return
         self.closed = True
@@ -2071,8 +2077,14 @@ class File:
                     fs._destroy(inode)
             else:
                 fs.lock_if_idle(inode)
-        finally:  # a delete that failed (EROFS) still lets the cursor go; a loss it held outranks that
-            self._report_writeback(closing=True)
+        except BaseException as e:  # a delete that failed (EROFS) still lets the cursor go; a loss it held outranks that
+            report = report and isinstance(e, Exception)
+            raise
+        finally:
+            if report:
+                self._report_writeback(closing=True)
+            else:
+                inode.errs.drop(self._wb_seen)
 
     async def __aenter__(self) -> "File":
         return self
