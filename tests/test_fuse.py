@@ -1090,7 +1090,7 @@ async def test_each_fuse_file_handle_reports_a_writeback_loss_on_its_fsync(tmp_p
         ctx = types.SimpleNamespace(uid=0, gid=0, umask=0o022)
         a, b = [(await ops.open(ino, os.O_RDWR, ctx)).fh for _ in range(2)]
         await fail_next_data_write(fs)
-        await ops.write(b, 0, b"L" * 4096)
+        await ops.write(b, 0, os.urandom(4096))  # not a constant: write zeroes its payload in place
         await fs.writeback.flush_inode(ops.files[b].inode)
         fs.vol.device.faults = FaultPlan()
         for fh in (a, b):
