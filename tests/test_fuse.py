@@ -34,6 +34,7 @@ from blockemu.cli.main import main
 from blockemu.device.faultplan import FaultPlan
 from blockemu.fuse import control
 from blockemu.fuse.serve import abort_connection, connection, mounted_fstype
+from tests.memscan import names
 from tests.test_wipe import Scanner, report, zero
 from tests.util import fail_next_data_write, set_super
 
@@ -727,6 +728,47 @@ def test_the_server_keeps_no_plaintext_of_a_locked_file_but_in_libfuses_request_
             for where, runs in answer["runs"].items()}
     assert not any(left.values()), (left, report(answer["hits"]))
     assert set(answer["hits"]) <= {f"plaintext in pid {served.proc.pid} rw-p "}, report(answer["hits"])
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="reads the server's memory through /proc")
+def test_the_server_keeps_no_name_of_a_locked_directory_but_in_libfuses_request_buffers(env, image, mnt, tmp_path,
+                                                                                       capsys, monkeypatch) -> None:
+    """Names made, listed, looked up, renamed, removed in an encrypted directory through the
+    mount, and a symlink's target read: once ``key status`` says Absent, the server holds none
+    of them (DESIGN section 4: nothing of a locked file stays in memory, its names included)
+    but in libfuse's request buffers, which blockemu cannot reach. The names are the hex of
+    the scanner's plaintext unit (tests/memscan.py ``names``); only the server is scanned."""
+    key = encrypted_image(image, tmp_path, {})
+    scanner = Scanner()
+    try:
+        secret_key, unit = bytearray(64), bytearray(64)
+        scanner.receive(secret_key)  # unused: the image's key is encrypted_image's
+        scanner.receive(unit)
+        file, gone, sub, link, target = names(unit)
+        zero(unit)
+        enc = mnt / "enc"
+        with Served(env, image, mnt, "--key-file", str(key)) as served:
+            (enc / file).write_bytes(b"x")
+            (enc / gone).write_bytes(b"y")
+            (enc / sub).mkdir()
+            os.symlink(target, enc / link)
+            os.rename(enc / file, enc / sub / file)
+            assert sorted(os.listdir(enc)) == sorted([gone, sub, link])
+            assert [p.name for p in (enc / sub).iterdir()] == [file]
+            assert (enc / sub / file).stat().st_size == 1
+            assert os.readlink(enc / link) == target
+            os.unlink(enc / gone)
+            listing = os.open(enc / sub, os.O_RDONLY | os.O_DIRECTORY)  # open across the removal, as ls -R's
+            assert os.listdir(listing) == [file]
+            monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
+            assert main(["key", "remove", str(mnt), "--key-file", str(key)]) == 0  # in-process: quicker
+            assert main(["key", "status", str(mnt), "--key-file", str(key)]) == 0
+            assert capsys.readouterr().out.endswith("\nAbsent\n")
+            answer = scanner.ask([served.proc.pid], [], names=True)
+            os.close(listing)
+    finally:
+        scanner.close()
+    assert not answer["hits"], report(answer["hits"])
+
 
 def test_kill_9_then_fsck_then_mount_clears_the_dead_mount(env, image, mnt) -> None:
     """kill -9 of the server: the image opens to its last commit, every fsynced file is there,
