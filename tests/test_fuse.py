@@ -1391,6 +1391,41 @@ async def test_the_kernel_is_told_to_forget_exactly_what_a_key_change_made_stale
         assert {(ino, name) for ino, name in sent if name is not None} == {(enc, n) for n in nokey}
 
 
+async def test_a_listing_whose_directory_a_key_removal_locks_mid_reply_goes_on_with_the_no_key_names(
+        tmp_path, monkeypatch) -> None:
+    """A hard removal lands while a READDIRPLUS waits on an entry's lookup: the listing's
+    plaintext names are zeroed then (``Operations._view_changed``), so the reply is built again
+    from the names the locked directory shows -- not from the zeroed buffers (a name of NULs:
+    EIO), and not, as before, from the stale plaintext names, which find nothing any more and
+    left the listing empty."""
+    async with in_process_ops(tmp_path, key_removal="hard") as (fs, ops):
+        import pyfuse3
+
+        monkeypatch.setattr(pyfuse3, "invalidate_entry", lambda ino, name: None)
+        monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino: None)
+        kid = await fs.add_key(bytes(range(32)))
+        await fs.mkdir("/enc")
+        await fs.set_policy("/enc", kid)
+        for name in ("a", "b", "c"):
+            await fs.mkdir(f"/enc/{name}")
+        enc = (await fs.stat("/enc")).st_ino
+        fh = await ops.opendir(enc, None)
+        lookup = ops.lookup
+
+        async def removal_during_the_first(parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+            attrs = await lookup(parent, name)
+            if ops.lookup is not lookup:
+                monkeypatch.setattr(ops, "lookup", lookup)
+                await fs.remove_key(kid)
+            return attrs
+        monkeypatch.setattr(ops, "lookup", removal_during_the_first)
+        listed: list[bytes] = []
+        monkeypatch.setattr(pyfuse3, "readdir_reply", lambda token, name, attrs, nxt: listed.append(name) or True)
+        await ops.readdir(fh, 0, None)
+        assert listed[:2] == [b".", b".."] and len(listed) == 5 and not {b"a", b"b", b"c"} & set(listed), listed
+        await ops.releasedir(fh)
+
+
 def test_names_that_are_not_utf8_through_the_mount(env, image, mnt) -> None:
     """Linux names are bytes. The mount decoded each name strictly, so creating b'bad\\xff'
     failed and a directory holding one (made by mkfs --rootdir) could not be listed; now
