@@ -8,8 +8,9 @@ used them), derives the extent keys itself from the nonces the test names, and k
 needle to itself.
 
 Protocol (stdin/stdout, binary): on start the scanner writes the 64-byte master key and the
-64-byte plaintext unit; then, per JSON line ``{"pids": [...], "nonces": [hex, ...], "name_nonces": [hex, ...]}`` read
-(extent nonces; directories' nonces, whose names keys are looked for too), it
+64-byte plaintext unit; then, per JSON line ``{"pids": [...], "nonces": [hex, ...], "name_nonces": [hex, ...],
+"names": true}`` read (extent nonces; directories' nonces, whose names keys are looked for too;
+whether the names ``names(unit)`` makes are looked for too), it
 answers one JSON line ``{"hits": {"<needle> in pid <pid> <region>": [count, first address]},
 "runs": {"<needle> in pid <pid> <region>": [[address, length], ...]}, "scanned": bytes}``;
 a run is a stretch of back-to-back copies of the needle (the plaintext repeats its unit), so
@@ -40,13 +41,27 @@ def fscrypt_hkdf(master: bytes, context: int, info: bytes, length: int) -> tuple
     return prk, okm[:length]
 
 
-def needles(master: bytes, unit: bytes, nonces: list[str], name_nonces: list[str]) -> dict[str, bytes]:
+NAMES = 5
+NAME_BYTES = 12
+
+
+def names(unit: bytes | bytearray) -> list[str]:
+    """Five file names, each the hex of 12 bytes of the unit: random, distinct, and no bytes a
+    caller has to zero -- the caller builds them from the unit the scanner handed it, which
+    is why they are not sent on their own."""
+    return [unit[i * NAME_BYTES : (i + 1) * NAME_BYTES].hex() for i in range(NAMES)]
+
+
+def needles(master: bytes, unit: bytes, nonces: list[str], name_nonces: list[str],
+            with_names: bool = False) -> dict[str, bytes]:
     prk, _ = fscrypt_hkdf(master, 1, b"", 16)
     # the key's hex too: ``blockemu key add`` once sent it to the server as hex in a JSON line
     found = {"master key": master, "master key's tail": master[16:], "master key (hex)": master.hex().encode(),
              "HKDF PRK of the master key": prk, "plaintext": unit}
     for nonce in name_nonces:  # a directory's names key (AES-256-CTS, per-file context 2)
         found[f"names key {nonce}"] = fscrypt_hkdf(master, 2, bytes.fromhex(nonce), 32)[1]
+    if with_names:  # as the names reach a process: bytes or str (UTF-8 or latin-1 compact ASCII: the same)
+        found.update({f"name {i}": name.encode() for i, name in enumerate(names(unit))})
     for nonce in nonces:
         _, key = fscrypt_hkdf(master, 9, bytes.fromhex(nonce), 64)
         # each half: AES-256-XTS is two AES-256 keys, and an AES key schedule starts with its
@@ -119,7 +134,7 @@ def main() -> None:
     out.flush()
     for line in sys.stdin.buffer:
         req = json.loads(line)
-        found = needles(master, unit, req["nonces"], req.get("name_nonces", []))
+        found = needles(master, unit, req["nonces"], req.get("name_nonces", []), req.get("names", False))
         hits: dict[str, list] = {}
         runs: dict[str, list[list[int]]] = {}
         seen: set[tuple[str, str]] = set()

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
@@ -34,6 +35,7 @@ from blockemu.cli.main import main
 from blockemu.device.faultplan import FaultPlan
 from blockemu.fuse import control
 from blockemu.fuse.serve import abort_connection, connection, mounted_fstype
+from tests.memscan import names
 from tests.test_wipe import Scanner, report, zero
 from tests.util import fail_next_data_write, set_super
 
@@ -673,6 +675,16 @@ def test_the_server_keeps_no_copy_of_a_key_once_it_is_removed(env, image, mnt, t
         scanner.close()
 
 
+def scanned_unit(scanner: Scanner) -> bytearray:
+    """The scanner's plaintext unit. The master key it sends first is not used (the image's
+    key is ``encrypted_image``'s): zeroed."""
+    secret_key, unit = bytearray(64), bytearray(64)
+    scanner.receive(secret_key)
+    scanner.receive(unit)
+    zero(secret_key)
+    return unit
+
+
 # libfuse's request buffer: one per pyfuse3 worker task, malloc'd (1 MiB + 4 KiB: glibc maps it
 # on its own pages, its data 16 bytes into the first) and read into for every request; a WRITE's
 # payload follows the request's two headers (fuse_in_header, fuse_write_in: 40 bytes each)
@@ -692,9 +704,7 @@ def test_the_server_keeps_no_plaintext_of_a_locked_file_but_in_libfuses_request_
     key = encrypted_image(image, tmp_path, {})
     scanner = Scanner()
     try:
-        secret_key, unit = bytearray(64), bytearray(64)
-        scanner.receive(secret_key)  # unused: the image's key is encrypted_image's
-        scanner.receive(unit)
+        unit = scanned_unit(scanner)
         sizes = [64 << 10] * 4 + [4096, 3000]  # whole pages and a partial one (read-modify-write)
         plain = unit * (sum(sizes) // len(unit) + 1)
         zero(unit)
@@ -726,6 +736,63 @@ def test_the_server_keeps_no_plaintext_of_a_locked_file_but_in_libfuses_request_
             for where, runs in answer["runs"].items()}
     assert not any(left.values()), (left, report(answer["hits"]))
     assert set(answer["hits"]) <= {f"plaintext in pid {served.proc.pid} rw-p "}, report(answer["hits"])
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="reads the server's memory through /proc")
+def test_the_server_keeps_no_name_of_a_locked_directory(env, image, mnt, tmp_path, capsys, monkeypatch) -> None:
+    """Names made, listed, looked up, renamed and removed in an encrypted directory through the
+    mount, a symlink's target read, and a listing left open across the key removal (as ``ls -R``
+    or ``find`` holds one): once ``key status`` says Absent, the server holds none of the names
+    (DESIGN section 4: nothing of a locked file stays in memory, its names included). The open
+    listing kept its plaintext names, a snapshot ``opendir`` took; read again, it shows the
+    no-key name. The names are the hex of the scanner's plaintext unit (tests/memscan.py
+    ``names``), so the scanner alone knows what to look for; only the server is scanned. What
+    stays is pyfuse3's READDIRPLUS reply buffers (``in_readdirplus_reply``). Copies freed
+    unzeroed are not found reliably (the removal's own work reuses that memory)."""
+    key = encrypted_image(image, tmp_path, {})
+    scanner = Scanner()
+    try:
+        unit = scanned_unit(scanner)
+        file, gone, sub, link, target = names(unit)
+        zero(unit)
+        enc = mnt / "enc"
+        with Served(env, image, mnt, "--key-file", str(key)) as served:
+            (enc / file).write_bytes(b"x")
+            (enc / gone).write_bytes(b"y")
+            (enc / sub).mkdir()
+            os.symlink(target, enc / link)
+            os.rename(enc / file, enc / sub / file)
+            assert sorted(os.listdir(enc)) == sorted([gone, sub, link])
+            assert [p.name for p in (enc / sub).iterdir()] == [file]
+            assert (enc / sub / file).stat().st_size == 1
+            assert os.readlink(enc / link) == target
+            os.unlink(enc / gone)
+            listing = os.open(enc / sub, os.O_RDONLY | os.O_DIRECTORY)  # open across the removal, as ls -R's
+            assert os.listdir(listing) == [file]
+            monkeypatch.setenv("BLOCKEMU_RUNTIME_DIR", env["BLOCKEMU_RUNTIME_DIR"])
+            assert main(["key", "remove", str(mnt), "--key-file", str(key)]) == 0  # in-process: quicker
+            assert main(["key", "status", str(mnt), "--key-file", str(key)]) == 0
+            assert capsys.readouterr().out.endswith("\nAbsent\n")
+            answer = scanner.ask([served.proc.pid], [], names=True)
+            left = {where: [hex(a) for a, n in runs if not in_readdirplus_reply(served.proc.pid, a, n)]
+                    for where, runs in answer["runs"].items()}
+            nokey = os.listdir(listing)  # read again: what the locked directory shows
+            os.close(listing)
+    finally:
+        scanner.close()
+    assert not any(left.values()), (left, report(answer["hits"]))
+    assert len(nokey) == 1 and nokey != [file], nokey  # main's listing kept the plaintext names, found nothing by them
+
+
+def in_readdirplus_reply(pid: int, at: int, length: int) -> bool:
+    """Whether the name at ``at`` in ``pid`` is one entry of a READDIRPLUS reply: right after
+    its ``struct fuse_dirent``'s ``namelen`` (u32, the name's length) and ``type`` (u32). pyfuse3
+    builds each reply in a buffer it mallocs and frees unzeroed once sent (``ReaddirToken``,
+    ``fuse_readdirplus_async``), out of blockemu's reach (DESIGN section 4)."""
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        mem.seek(at - 8)
+        namelen, kind = struct.unpack("<II", mem.read(8))
+    return namelen == length and kind in (stat.S_IFREG >> 12, stat.S_IFDIR >> 12, stat.S_IFLNK >> 12)
+
 
 def test_kill_9_then_fsck_then_mount_clears_the_dead_mount(env, image, mnt) -> None:
     """kill -9 of the server: the image opens to its last commit, every fsynced file is there,
@@ -1321,6 +1388,41 @@ async def test_the_kernel_is_told_to_forget_exactly_what_a_key_change_made_stale
         ops.key_added(bytes.fromhex(kid))
         await ops.kernel.settled()
         assert {(ino, name) for ino, name in sent if name is not None} == {(enc, n) for n in nokey}
+
+
+async def test_a_listing_whose_directory_a_key_removal_locks_mid_reply_goes_on_with_the_no_key_names(
+        tmp_path, monkeypatch) -> None:
+    """A hard removal lands while a READDIRPLUS waits on an entry's lookup: the listing's
+    plaintext names are zeroed then (``Operations._view_changed``), so the reply is built again
+    from the names the locked directory shows -- not from the zeroed buffers (a name of NULs:
+    EIO), and not, as before, from the stale plaintext names, which find nothing any more and
+    left the listing empty."""
+    async with in_process_ops(tmp_path, key_removal="hard") as (fs, ops):
+        import pyfuse3
+
+        monkeypatch.setattr(pyfuse3, "invalidate_entry", lambda ino, name: None)
+        monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino: None)
+        kid = await fs.add_key(bytes(range(32)))
+        await fs.mkdir("/enc")
+        await fs.set_policy("/enc", kid)
+        for name in ("a", "b", "c"):
+            await fs.mkdir(f"/enc/{name}")
+        enc = (await fs.stat("/enc")).st_ino
+        fh = await ops.opendir(enc, None)
+        lookup = ops.lookup
+
+        async def removal_during_the_first(parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+            attrs = await lookup(parent, name)
+            if ops.lookup is not lookup:
+                monkeypatch.setattr(ops, "lookup", lookup)
+                await fs.remove_key(kid)
+            return attrs
+        monkeypatch.setattr(ops, "lookup", removal_during_the_first)
+        listed: list[bytes] = []
+        monkeypatch.setattr(pyfuse3, "readdir_reply", lambda token, name, attrs, nxt: listed.append(name) or True)
+        await ops.readdir(fh, 0, None)
+        assert listed[:2] == [b".", b".."] and len(listed) == 5 and not {b"a", b"b", b"c"} & set(listed), listed
+        await ops.releasedir(fh)
 
 
 def test_names_that_are_not_utf8_through_the_mount(env, image, mnt) -> None:

@@ -57,11 +57,12 @@ class Scanner:
         ``name_nonces``: directories whose names keys are looked for too."""
         return self.ask(pids, nonces, name_nonces)["hits"]
 
-    def ask(self, pids: list[int], nonces: list[str], name_nonces: list[str] = []) -> dict[str, Any]:
+    def ask(self, pids: list[int], nonces: list[str], name_nonces: list[str] = [], names: bool = False) -> dict[str, Any]:
         """The scanner's whole answer: ``hits`` (``scan``'s), ``runs`` -- each needle's stretches
-        of back-to-back copies, ``[address, length]`` -- and ``scanned`` (tests/memscan.py)."""
+        of back-to-back copies, ``[address, length]`` -- and ``scanned`` (tests/memscan.py);
+        ``names``: look for the file names ``memscan.names`` makes of the unit too."""
         gc.collect()
-        req = {"pids": pids, "nonces": nonces, "name_nonces": name_nonces}
+        req = {"pids": pids, "nonces": nonces, "name_nonces": name_nonces, "names": names}
         self.proc.stdin.write(json.dumps(req).encode() + b"\n")  # type: ignore[union-attr]
         reply = json.loads(self.proc.stdout.readline())  # type: ignore[union-attr]
         assert reply["scanned"] > 0

@@ -96,6 +96,12 @@ def child(parent: str, name: bytes) -> str:
     return parent.rstrip("/") + "/" + name.decode(errors="surrogateescape")
 
 
+def forget_listing(names: list[bytearray] | None) -> None:
+    """Zero an open directory's snapshot of names (plaintext, in an encrypted directory)."""
+    for name in names or ():
+        wipe(name)
+
+
 def open_mode(flags: int) -> str:
     """The access mode; the kernel gives every write its offset (O_APPEND included)."""
     return "r" if flags & os.O_ACCMODE == os.O_RDONLY else "r+"
@@ -108,7 +114,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.files: dict[int, File] = {}
-        self.dirs: dict[int, tuple[int, list[bytes]]] = {}
+        self.dirs: dict[int, tuple[int, list[bytearray] | None]] = {}  # open listings; None: re-read (_view_changed)
         self.dir_errors: dict[int, int] = {}  # an open directory's first unreadable entry's errno (readdir)
         self.next_fh = 1
         self.names = asyncio.Lock()  # see by_path
@@ -137,8 +143,17 @@ class Operations(pyfuse3.Operations):
         return entry(await self.fs.stat(path))
 
     def _view_changed(self, inode: Inode) -> None:
-        """A key change made what the kernel keeps of ``inode`` stale (``Filesystem.on_view_change``)."""
+        """A key change made what the kernel keeps of ``inode`` stale (``Filesystem.on_view_change``).
+        A directory's open listings hold the names it showed: zeroed now -- a listing open across
+        a key removal kept its plaintext names after the key was Absent (Linux would call the
+        directory busy; here it is not) -- and read again by the next ``readdir``."""
         self.kernel.forget(to_fuse(inode.ino), inode.is_dir)
+        if inode.is_dir:
+            ino = to_fuse(inode.ino)
+            for fh, (listed, names) in list(self.dirs.items()):
+                if listed == ino:
+                    self.dirs[fh] = (listed, None)
+                    forget_listing(names)
 
     def key_added(self, key_id: bytes) -> None:
         """The no-key names of this key's directories that the kernel keeps are stale now."""
@@ -364,9 +379,14 @@ class Operations(pyfuse3.Operations):
         fh = self._fh()
         if ctx is not None and self.releases.opened(ctx.pid, fh):  # the server's own barrier (fuse/releases.py): nothing to list
             return fh
-        names = await self.fs.readdir(self._path(inode))  # a snapshot: offsets stay stable while it is listed
-        self.dirs[fh] = (inode, [b".", b"..", *(n.encode(errors="surrogateescape") for n in names)])
+        self.dirs[fh] = (inode, await self._listing(inode))
         return fh
+
+    async def _listing(self, inode: int) -> list[bytearray]:
+        """A snapshot of the directory's names (offsets stay stable while it is listed), in
+        buffers of its own that ``forget_listing`` zeroes."""
+        names = await self.fs.readdir(self._path(inode))
+        return [bytearray(b"."), bytearray(b".."), *(bytearray(n.encode(errors="surrogateescape")) for n in names)]
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
@@ -374,20 +394,31 @@ class Operations(pyfuse3.Operations):
         its error ends the listing once every other entry is given: skipped silently, it made
         ``cp -a`` of a damaged directory exit 0 without the files. The kernel drops the
         entries of a reply that fails, so the error waits for a call that would give none."""
-        inode, names = self.dirs[fh]
         given = False
-        for i in range(start_id, len(names)):
-            try:
-                attrs = await self.lookup(inode, names[i])
-            except pyfuse3.FUSEError as e:
-                if e.errno in (errno.EIO, errno.EUCLEAN):  # else removed (or locked) since opendir
-                    self.dir_errors.setdefault(fh, e.errno)
-                continue
-            if not attrs.st_ino:
-                continue  # the same, in a directory where a missing name is a negative entry
-            if not pyfuse3.readdir_reply(token, names[i], attrs, i + 1):
-                return
-            given = True
+        while fh in self.dirs and not given:
+            inode, names = self.dirs[fh]
+            if names is None:  # its names were zeroed at a key change (_view_changed): read what it shows now
+                names = await self._listing(inode)
+                if self.dirs.get(fh) != (inode, None):  # released, or read again, meanwhile
+                    forget_listing(names)
+                    continue
+                self.dirs[fh] = (inode, names)
+            for i in range(start_id, len(names)):
+                try:
+                    attrs = await self.lookup(inode, bytes(names[i]))
+                except pyfuse3.FUSEError as e:
+                    if e.errno in (errno.EIO, errno.EUCLEAN):  # else removed (or locked) since opendir
+                        self.dir_errors.setdefault(fh, e.errno)
+                    attrs = None
+                if self.dirs.get(fh, (0, None))[1] is not names:
+                    break  # zeroed while the lookup waited: given entries end this reply, else read again
+                if attrs is None or not attrs.st_ino:
+                    continue  # the same, in a directory where a missing name is a negative entry
+                if not pyfuse3.readdir_reply(token, bytes(names[i]), attrs, i + 1):
+                    return
+                given = True
+            else:
+                break
         if not given and fh in self.dir_errors:
             raise pyfuse3.FUSEError(self.dir_errors.pop(fh))
 
@@ -395,7 +426,7 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         if self.releases.passed(fh):
             return
-        del self.dirs[fh]
+        forget_listing(self.dirs.pop(fh)[1])
         self.dir_errors.pop(fh, None)
 
     @fuse_errors
