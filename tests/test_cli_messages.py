@@ -17,8 +17,7 @@ import pytest
 from blockemu.cli.main import main
 from blockemu.crypto.fscrypt import key_identifier
 from blockemu.workload.runner import scenarios
-from tests.util import set_super
-from tests.util import obey_file_modes
+from tests.util import obey_file_modes, set_super
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

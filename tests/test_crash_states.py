@@ -14,8 +14,18 @@ from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
 from blockemu.ondisk.structs import SUPER_OFFSETS
 from blockemu.workload import crash
-from blockemu.workload.crash import (MIRRORED_SIZE, CampaignResult, Recorder, ace_workload, ace_workloads, check_sample,
-                                     check_states, record, run_ace, snapshot)
+from blockemu.workload.crash import (
+    MIRRORED_SIZE,
+    CampaignResult,
+    Recorder,
+    ace_workload,
+    ace_workloads,
+    check_sample,
+    check_states,
+    record,
+    run_ace,
+    snapshot,
+)
 from blockemu.workload.writepath import FAST, PRODUCTION
 from tests.util import Gate
 
