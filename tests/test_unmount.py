@@ -71,6 +71,7 @@ AFTER_UNMOUNT: dict[str, Callable[[Any, Any, Any], Any]] = {
     "File.pwrite": lambda fs, w, r: w.pwrite(b"x", 0),
     "File.read": lambda fs, w, r: r.read(),
     "File.pread": lambda fs, w, r: r.pread(1, 0),
+    "File.pread_wipeable": lambda fs, w, r: r.pread_wipeable(1, 0),
     "File.seek": lambda fs, w, r: r.seek(0),
     "File.tell": lambda fs, w, r: r.tell(),
     "File.truncate": lambda fs, w, r: w.truncate(0),
