@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
@@ -629,3 +630,15 @@ def test_dump_tree_goes_on_past_a_block_that_does_not_read(tmp_path, capsys):
     rc, out, err = cli(capsys, "inspect", "dump-tree", img, "--json")
     assert rc == 1 and err.count("\n") == 1
     assert {b["tree"] for b in json.loads(out)} == whole - {"csum"}
+
+
+def test_python_m_blockemu_without_its_dependencies_says_which_in_one_line(tmp_path):
+    """From a checkout whose dependencies pip never installed, ``python3 -m blockemu`` died in a
+    traceback from deep inside the format layer (ModuleNotFoundError: construct)."""
+    code = ("import runpy, sys; sys.modules['construct'] = None; sys.argv = ['blockemu', 'fsck', 'x.img']; "
+            "runpy.run_module('blockemu', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr == ("blockemu: the Python package 'construct' is not installed: python3 -m venv .venv && "
+                           ".venv/bin/pip install -e . (the README's first command)\n")
