@@ -72,8 +72,7 @@ class ErrSeq:
         """Hold a cursor that will report what no caller has reported yet and what comes next:
         an open file's, or a sync's (``end``)."""
         self._let_dropped_go()
-        self._held[self.seen] = self._held.get(self.seen, 0) + 1
-        return Cursor(self.seen)
+        return self._hold(Cursor(self.seen))
 
     def take(self, cursor: Cursor) -> list[Noted]:
         """Let ``cursor`` go: what was noted after it, now reported (``seen``)."""
@@ -87,8 +86,8 @@ class ErrSeq:
         self._let_dropped_go()
         self._release(cursor)
         mine = self._report(cursor)
-        self._held[self.seen] = self._held.get(self.seen, 0) + 1
         cursor.seq = self.seen
+        self._hold(cursor)
         return mine
 
     def drop(self, cursor: Cursor) -> None:
@@ -101,6 +100,10 @@ class ErrSeq:
     def _let_dropped_go(self) -> None:
         while self._dropped:
             self._release(self._dropped.pop())
+
+    def _hold(self, cursor: Cursor) -> Cursor:
+        self._held[cursor.seq] = self._held.get(cursor.seq, 0) + 1
+        return cursor
 
     def _release(self, cursor: Cursor) -> None:
         n = self._held[cursor.seq] - 1

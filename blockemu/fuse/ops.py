@@ -404,8 +404,9 @@ class Operations(pyfuse3.Operations):
                     continue
                 self.dirs[fh] = (inode, names)
             for i in range(start_id, len(names)):
+                name = bytes(names[i])  # what pyfuse3 takes (a copy: the listing's buffer may be zeroed meanwhile)
                 try:
-                    attrs = await self.lookup(inode, bytes(names[i]))
+                    attrs = await self.lookup(inode, name)
                 except pyfuse3.FUSEError as e:
                     if e.errno in (errno.EIO, errno.EUCLEAN):  # else removed (or locked) since opendir
                         self.dir_errors.setdefault(fh, e.errno)
@@ -414,7 +415,7 @@ class Operations(pyfuse3.Operations):
                     break  # zeroed while the lookup waited: given entries end this reply, else read again
                 if attrs is None or not attrs.st_ino:
                     continue  # the same, in a directory where a missing name is a negative entry
-                if not pyfuse3.readdir_reply(token, bytes(names[i]), attrs, i + 1):
+                if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
                     return
                 given = True
             else:
