@@ -692,6 +692,23 @@ def test_figures_are_written_as_fio_writes_them():
     assert _percentile_lines("clat", pct)[1] == "     |  1.00th=[  137], 99.99th=[22912]"
 
 
+def test_text_output_shows_every_percentile_kind_asked_for(tmp_path):
+    """``lat_percentiles=1``/``slat_percentiles=1`` put their percentiles in the JSON, but the
+    normal output showed only clat's, and wrote ``percentile_list=50:99`` as ``50.00th`` where
+    fio 3.33 writes ``50th`` (its precision is the list's most precise value). Real fio 3.33 on
+    a host directory, same job: ``slat``, ``clat``, then ``lat percentiles`` blocks."""
+    assert _percentile_lines("lat", {"50.000000": 1_656, "99.000000": 16_192}) == [
+        "    lat percentiles (nsec):", "     |  50th=[ 1656],  99th=[16192]"]
+    assert _percentile_lines("clat", {"50.000000": 1_624, "99.500000": 6_368})[1] == \
+        "     | 50.0th=[ 1624], 99.5th=[ 6368]"
+    job = tmp_path / "p.fio"
+    job.write_text("[a]\nioengine=libaio\niodepth=4\nrw=randwrite\nbs=4k\nsize=64k\n"
+                   "lat_percentiles=1\nslat_percentiles=1\npercentile_list=50:99\n")
+    text = run("run", str(job), "--seed", "3").stdout
+    kinds = re.findall(r"^    (\w+) percentiles \((?:n|u|m)sec\):\n     \|  50th=", text, re.M)
+    assert kinds == ["slat", "clat", "lat"]
+
+
 def test_output_formats_and_failures_on_stderr(tmp_path):
     job = tmp_path / "o.fio"
     job.write_text("[w]\nrw=randwrite\nsize=64k\nbs=4k\n")

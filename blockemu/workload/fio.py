@@ -1733,15 +1733,18 @@ def _lat_line(label: str, ns: list[int]) -> str:
 
 def _percentile_lines(label: str, pct: dict[str, int]) -> list[str]:
     """fio's show_clat_percentiles: the unit from the smallest and largest value shown, each
-    rounded up to it, in columns as wide as the largest needs."""
+    rounded up to it, in columns as wide as the largest needs; each percentile with as many
+    decimals as the list's most precise one (fio's percentile_precision: ``50th`` for
+    ``percentile_list=50:99``, ``99.99th`` beside it for the default list)."""
     unit, steps = _lat_unit(min(pct.values()), hi := max(pct.values()))
     width = max(5, len(str(hi // 1000 ** steps)))
     per_line = 73 // (12 + width)
+    precision = max(len(k.partition(".")[2].rstrip("0")) for k in pct)  # keys as the JSON's: "99.500000"
     cells = []
     for k, v in pct.items():
         for _ in range(steps):
             v = (v + 999) // 1000
-        cells.append(f"{float(k):5.2f}th=[{v:{width}d}]")
+        cells.append(f"{float(k):{3 + precision}.{precision}f}th=[{v:{width}d}]")
     return [f"    {label} percentiles ({unit}):"] + [
         "     | " + ", ".join(cells[k: k + per_line]) + ("," if k + per_line < len(cells) else "")
         for k in range(0, len(cells), per_line)]
@@ -1776,9 +1779,10 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
             for lab, vals in (("    slat", d.slat), ("    clat", d.clat), ("     lat", d.lat)):
                 if vals:
                     lines.append(_lat_line(lab, vals))
-            pct = j["clat_ns"].get("percentile")
-            if pct:
-                lines += _percentile_lines("clat", pct)
+            for lab in ("slat", "clat", "lat"):  # fio's show_ddir_status: each kind asked for, in this order
+                pct = j[f"{lab}_ns"].get("percentile")
+                if pct:
+                    lines += _percentile_lines(lab, pct)
             if j["bw_samples"]:
                 lines.append(f"   bw (  KiB/s): min={j['bw_min']}, max={j['bw_max']}, per={j['bw_agg']:.2f}%, "
                              f"avg={j['bw_mean']:.2f}, stdev={j['bw_dev']:.2f}, samples={j['bw_samples']}")
