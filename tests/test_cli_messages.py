@@ -642,3 +642,21 @@ def test_python_m_blockemu_without_its_dependencies_says_which_in_one_line(tmp_p
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr == ("blockemu: the Python package 'construct' is not installed: python3 -m venv .venv && "
                            ".venv/bin/pip install -e . (the README's first command)\n")
+
+
+def test_stress_says_how_many_findings_its_text_report_left_out(tmp_path, capsys, monkeypatch):
+    """The text summary printed the first ten ``detected:`` and ``FAILED:`` lines and nothing
+    more, so 34 detected corruptions (or 13 failures) read as ten; the campaigns' reports say
+    ``... and N more``, and so does stress now, pointing at --json, which lists them all."""
+    import blockemu.workload.runner as runner
+
+    async def fake_mix(image: str, **_: object) -> dict[str, object]:
+        return {"ok": False, "ops": 8, "notes": [], "detected": [f"read: sector {i}" for i in range(12)],
+                "problems": [f"lost write {i}" for i in range(13)]}
+
+    monkeypatch.setattr(runner, "stress_mix", fake_mix)
+    code, out, _ = cli(capsys, "stress", str(tmp_path / "s.img"), "--seed", "1", "--no-progress")
+    lines = out.splitlines()
+    assert code == 1 and sum(x.startswith("FAILED: lost write") for x in lines) == 10
+    assert "detected: ... and 2 more (--json lists every one)" in lines
+    assert "FAILED: ... and 3 more (--json lists every one)" in lines

@@ -1012,6 +1012,15 @@ def describe(jobfile: str) -> str:
     return " ".join(lines)
 
 
+def print_first(label: str, lines: list[str], limit: int = 10) -> None:
+    """The first ``limit`` of a report's findings, one ``label: ...`` line each, then how many
+    were left out: a report that stopped at ten without saying so read as if ten were all."""
+    for line in lines[:limit]:
+        print(f"{label}: {line}")
+    if len(lines) > limit:
+        print(f"{label}: ... and {len(lines) - limit} more (--json lists every one)")
+
+
 def cmd_stress(a: argparse.Namespace) -> int:
     import asyncio
 
@@ -1054,10 +1063,8 @@ def cmd_stress(a: argparse.Namespace) -> int:
                       + (f" (over the mix's {summary['seconds']} s)" if k == "ops_per_second" else ""))
         for line in summary.get("notes", []):
             print(f"note: {line}")
-        for line in summary["detected"][:10]:  # injected flips caught by a checksum: the success case
-            print(f"detected: {line}")
-        for line in summary["problems"][:10]:
-            print(f"FAILED: {line}")
+        print_first("detected", summary["detected"])  # injected flips caught by a checksum: the success case
+        print_first("FAILED", summary["problems"])
         if not ok:
             extra = f" --faults {a.faults}" if a.faults else ""
             span = f"--duration {a.duration}" if a.duration else f"--ops {a.ops}"
@@ -1522,8 +1529,7 @@ def inspect_heatmap(a: argparse.Namespace) -> int:
         counts = hm.counts()
         print(f"{a.out}: {len(hm.cells)} cells of {hm.cell_bytes} bytes")
         print(display.table(["class", "cells"], [[c, str(n)] for c, n in counts.items() if n]))
-        for p in hm.problems[:10]:
-            print(f"WARNING: {p}")
+        print_first("WARNING", hm.problems)
     return 0
 
 
