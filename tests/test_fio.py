@@ -1351,3 +1351,18 @@ def test_a_mix_of_negative_nops_is_refused_with_its_line():
     with pytest.raises(InvalidArgument, match=r"^m.fio:3: bad value for nops: '-1' \(at least 0\)$"):
         parse("[m]\nkind=mix\nnops=-1\n", "m.fio")
     assert parse("[m]\nkind=mix\nnops=7\n", "m.fio").jobs[0].get("nops") == 7
+
+
+def test_an_empty_filename_and_unified_reporting_are_refused_as_fio_would_not_run_them():
+    """``filename=`` (empty) was taken as unset, so the job ran on ``NAME.0.0`` where fio 3.33
+    fails parsing it; ``unified_rw_reporting=mixed``/``both`` was listed as ignored, so a tool
+    reading fio's ``jobs[].mixed`` found none. ``none``/``0`` is what blockemu writes."""
+    with pytest.raises(InvalidArgument, match=r"t.fio:3: bad value for filename: '' \(a file name is needed\)"):
+        parse("[j]\nrw=write\nfilename=\nsize=64k\n", "t.fio")
+    for value in ("mixed", "both", "1", "2"):
+        with pytest.raises(InvalidArgument, match=f"t.fio:2: unified_rw_reporting={value} is not supported"):
+            parse(f"[j]\nunified_rw_reporting={value}\nrw=write\nsize=64k\n", "t.fio")
+    with pytest.raises(InvalidArgument, match="bad value for unified_rw_reporting: 'bogus'"):
+        parse("[j]\nunified_rw_reporting=bogus\nrw=write\nsize=64k\n", "t.fio")
+    job = parse("[j]\nunified_rw_reporting=none\nrw=write\nsize=64k\nfilename=a:b\n", "t.fio").jobs[0]
+    assert job.get("filename") == "a:b" and job.ignored == []

@@ -178,6 +178,24 @@ def ignored(text: str) -> str:
     return text
 
 
+def file_names(text: str) -> str:
+    """``filename=``: one name or more, ``:``-separated; empty, fio fails parsing it (an empty
+    one was taken as unset, so the job ran on files of its own name)."""
+    if not text:
+        raise ValueError("'' (a file name is needed)")
+    return text
+
+
+def unified_reporting(text: str) -> str:
+    """``unified_rw_reporting``: ``none`` (``0``) is what blockemu writes; ``mixed`` and ``both``
+    (``1``, ``2``) make fio report a ``mixed`` entry, the directions summed, which blockemu does
+    not write, so they are refused (ignored, they left a parser of the output without its ``mixed``)."""
+    choice("none", "mixed", "both", "0", "1", "2")(text)
+    if text not in ("none", "0"):
+        raise Unsupported(f"unified_rw_reporting={text} is not supported (each direction is reported apart: none)")
+    return text
+
+
 def per_direction(conv: Callable[[str], Any]) -> Callable[[str], tuple[Any, Any, Any]]:
     """fio's ``read,write,trim`` triples (``bs=4k,64k``): a missing write value repeats the
     read one, a missing trim value the write one; an empty field keeps the default (None)."""
@@ -414,7 +432,7 @@ VERIFY_TYPES = ("0", "null", "md5", "crc64", "crc32c", "crc32c-intel", "crc32", 
 
 # name -> converter: fio's options as blockemu runs them, then blockemu's own job kinds and knobs.
 OPTIONS: dict[str, Callable[[str], Any]] = {
-    "name": str, "description": str, "filename": str, "directory": str, "filename_format": str,
+    "name": str, "description": str, "filename": file_names, "directory": str, "filename_format": str,
     "wait_for": str, "rw": parse_rw, "rw_sequencer": choice("sequential", "identical"),
     "bs": per_direction(bounded(1, conv=size)), "bsrange": per_direction(bs_range), "bssplit": per_direction(bs_split),
     "bs_unaligned": parse_bool, "ba": per_direction(bounded(1, conv=size)), "thinktime": parse_usec, "thinktime_spin": parse_usec,
@@ -446,7 +464,8 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "overwrite": parse_bool, "create_on_open": parse_bool, "create_only": parse_bool, "pre_read": parse_bool,
     "allow_file_create": parse_bool, "create_serialize": parse_bool,
     "create_fsync": parse_bool, "percentile_list": percentiles, "clat_percentiles": parse_bool,
-    "lat_percentiles": parse_bool, "slat_percentiles": parse_bool, "continue_on_error": continue_on,
+    "lat_percentiles": parse_bool, "slat_percentiles": parse_bool, "unified_rw_reporting": unified_reporting,
+    "continue_on_error": continue_on,
     "ignore_error": ignore_errors, "error_dump": parse_bool,
     "trim_percentage": percentage, "trim_verify_zero": parse_bool, "trim_backlog": integer,
     "trim_backlog_batch": integer,
@@ -501,7 +520,7 @@ disk_util significant_figures stats block_error_percentiles io_submit_mode iodep
 iodepth_batch_complete iodepth_batch_complete_min iodepth_batch_complete_max iodepth_low write_hint cgroup
 cgroup_nodelete cgroup_weight uid gid http_verbose hipri hipri_percentage fixedbufs registerfiles
 sqthread_poll sqthread_poll_cpu nonvectored uncached nowait force_async userspace_reap cmdprio_percentage
-cmdprio_class cmdprio cmdprio_bssplit unified_rw_reporting verify_async verify_dump
+cmdprio_class cmdprio cmdprio_bssplit verify_async verify_dump
 """.split())
 
 # The rest of fio's options: known, and refused by name rather than as typos.
