@@ -657,6 +657,18 @@ runtime=0.3
     assert 250 <= ramp["job_runtime"] < 500  # the 300 ms of ramp are not in it either
 
 
+async def test_loops_with_verify_read_back_each_loop(tmp_path):
+    """fio 3.33 runs do_verify after each loop (thread_main, once per keep_running pass): with
+    ``rw=randwrite size=1m loops=2 verify=crc32c`` it reads back 2 MiB, 512 reads, and with
+    ``rw=write loops=3 iodepth=8`` 768. blockemu wrote all loops, then verified once: 256 reads."""
+    out, _ = await run_job(tmp_path, "[w]\nrw=randwrite\nbs=4k\nsize=64k\nloops=2\nverify=crc32c\n"
+                                     "[s]\nstonewall\nrw=write\nbs=4k\nsize=64k\nloops=3\nverify=md5\n"
+                                     "ioengine=libaio\niodepth=8\n")
+    w, seq = out["jobs"]
+    assert (w["read"]["total_ios"], w["write"]["total_ios"]) == (32, 32)
+    assert (seq["read"]["total_ios"], seq["write"]["total_ios"]) == (48, 48)
+
+
 async def test_ramp_time_io_counts_towards_a_jobs_size(tmp_path):
     """fio 3.33 ends ramp_time with reset_all_stats, which leaves io_issue_bytes alone: a job
     sized by ``size`` does that many bytes in all, and the ramp's are not measured

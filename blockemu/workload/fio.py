@@ -839,7 +839,7 @@ class Clone:
         # fio's ba per direction; an empty field (``ba=,64k``) is that direction's block size, as unset
         self.unit = min(s.lo if a is None else a for a, s in zip(job.get("ba") or (None,) * 3, self.sizes))
         self.regions: list[Region] = []
-        self.budget = 0
+        self.budget = self.loop_bytes = 0
         self.fill = job.get("fill_device", False)  # writes until ENOSPC: sized at layout, by the free space
         size = job.get("size")
         if (fixed(size) or job.get("filesize")) and not self.fill and not isinstance(job.get("offset"), Share):
@@ -885,6 +885,10 @@ class Clone:
         self.slat = self.engine in ASYNC_ENGINES  # fio has no submission latency for a sync engine
         self.max_latency = job.get("max_latency") or (0, 0, 0)
         self.remember = self.verifier is not None or bool(job.get("trim_backlog"))  # who reads self.written
+        # fio verifies each loop's writes before the next loop starts (thread_main: do_verify once
+        # per keep_running pass), so with loops=N a verifying job stops at each loop's end
+        self.loop_verify = self.verifier is not None and job.get("do_verify", True) and self.writer and not self.timed
+        self.loops_verified = 0
         self.verify_backlog = job.get("verify_backlog", 0) if self.verifier is not None else 0
         self.trim_backlog = job.get("trim_backlog", 0)
         self.buffers: Buffers | None = None  # made at layout, once the region's size is known
@@ -914,7 +918,8 @@ class Clone:
         total = sum(r.length for r in self.regions)
         io_size = self.job.get("io_size")
         io_size = io_size.of(total, self.unit) if isinstance(io_size, Share) else io_size  # a share of size
-        self.budget = (io_size or total) * max(1, self.job.get("loops", 1))
+        self.loop_bytes = io_size or total
+        self.budget = self.loop_bytes * max(1, self.job.get("loops", 1))
 
     @property
     def reads(self) -> bool:
@@ -1066,7 +1071,7 @@ class Clone:
             self.numberio += 1
             return IO(io.region, WRITE, io.offset, io.length, self.numberio, (self.trim_task,) if self.trim_task else ())
         timed = self.timed
-        if not timed and (self.bytes_done >= self.budget or self.number_ios and self.ios >= self.number_ios):
+        if not timed and (self.bytes_done >= self._loop_end() or self.number_ios and self.ios >= self.number_ios):
             return None
         region = self._pick_region()
         ddir = self.ddir if self.ddir is not None else READ if self.rng.randrange(100) < self.read_pct else WRITE
@@ -1417,7 +1422,9 @@ class Clone:
                         self._reap(*inflight.pop(task), task.result())
                     reaped = len(done)
                 elif not reaped:
-                    break
+                    if not await self._next_loop():
+                        break
+                    continue
                 if self.think and self.completed % self.think_every < reaped:
                     await self.ctx.nap(self.think)  # thinktime(_spin): slept, a spin would stall the loop
                 verify_due = 0 < self.verify_backlog <= len(self.backlog)
@@ -1509,6 +1516,26 @@ class Clone:
             self._account(IO(region, READ, off, length, 0), t, t, time.perf_counter_ns())
             self._verify(data, off, numberio, region)
 
+    def _verify_order(self) -> list[tuple[int, int]]:
+        """fio's order (lastwrites.py): as written where a random map kept the writes apart."""
+        return list(self.written) if self.randommap else self.written.by_offset()
+
+    def _loop_end(self) -> int:
+        """Where the I/O stops for now: the budget, or the end of this loop when each is verified."""
+        return min(self.budget, self.loop_bytes * (self.loops_verified + 1)) if self.loop_verify else self.budget
+
+    async def _next_loop(self) -> bool:
+        """A loop of loops=N (with verify) is done: read back what it wrote, as fio's do_verify
+        does between loops, and go on to the next; False once the last is done (the verify
+        phase reads that one's back). blockemu verified once, after all loops, so the job read
+        back a loop's worth where fio reads back every loop's."""
+        end = self._loop_end()
+        if not self.loop_verify or end >= self.budget or self.bytes_done < end or self.ctx.stopped:
+            return False
+        await self._verify_written(self._verify_order())
+        self.loops_verified += 1
+        return True
+
     async def verify_phase(self) -> None:
         """do_verify: read back every block this clone wrote (the last write of each) that
         verify_backlog has not checked already."""
@@ -1519,9 +1546,7 @@ class Clone:
             self.measure_from = start - d.runtime(self.result.runtime_s)
             self.measure_ns = time.perf_counter_ns() - int(d.runtime(self.result.runtime_s) * 1e9)
             try:
-                # fio's order (lastwrites.py): as written where a random map kept the writes apart
-                await self._verify_written(list(self.written) if self.randommap else self.written.by_offset(),
-                                           self.deadline)
+                await self._verify_written(self._verify_order(), self.deadline)
             finally:
                 d.verify_ios, d.verify_bytes = len(d.clat) - ios, d.io_bytes - io_bytes
                 d.verify_s = time.monotonic() - start
