@@ -660,3 +660,21 @@ def test_stress_says_how_many_findings_its_text_report_left_out(tmp_path, capsys
     assert code == 1 and sum(x.startswith("FAILED: lost write") for x in lines) == 10
     assert "detected: ... and 2 more (--json lists every one)" in lines
     assert "FAILED: ... and 3 more (--json lists every one)" in lines
+
+
+def test_run_reads_a_job_file_from_standard_input_as_fio_does(capsys, monkeypatch):
+    """``fio -`` reads its job file from standard input (a heredoc, a generated job);
+    ``blockemu run -`` said "-: no such job file or built-in scenario". Its problems are named
+    ``<stdin>:LINE``, as a file's are named by path."""
+    import io
+
+    def stdin(text: bytes) -> None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text)))
+
+    stdin(b"[x]\nrw=write\nsize=64k\nverify=crc32c\n")
+    code, out, _ = cli(capsys, "run", "-", "--seed", "1", "--json")
+    job = json.loads(out)["jobs"][0]
+    assert code == 0 and job["jobname"] == "x" and job["write"]["io_bytes"] == 65536 and job["error"] == 0
+    stdin(b"[x]\nrw=write\nsize=64k\nbogus=1\n")
+    code, _, err = cli(capsys, "run", "-", "--parse-only")
+    assert code == 1 and err == "blockemu: run: <stdin>:4: unknown option 'bogus'\n"

@@ -325,7 +325,8 @@ def args_run(rn: argparse.ArgumentParser) -> None:
     from blockemu.workload.jobfile import parse_time
     from blockemu.workload.jobfile import size as fio_size
 
-    rn.add_argument("workload", nargs="?")
+    rn.add_argument("workload", nargs="?", help="an fio job file (-: standard input, as fio -) or a built-in "
+                                                "scenario's name (--list)")
     rn.add_argument("--image", help="image to run on (created if missing), kept afterwards; default: a scratch "
                                     "image, deleted after the run (the report says \"scratch image (deleted)\")")
     rn.add_argument("--seed", type=int, help=SEED_HELP)
@@ -979,10 +980,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise UsageError("a job file or a scenario name is needed (or --list)")
     seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
     overrides = {k: v for k, v in (("runtime", a.runtime), ("size", a.size)) if v is not None}
+    text = job_file_from_stdin() if a.workload == "-" else None
+    name = STDIN_JOB_FILE if text is not None else a.workload
     if a.parse_only:
-        prepare(a.workload, overrides)
+        prepare(name, overrides, text)
         return 0
-    report = asyncio.run(run_workload(a.workload, image=a.image, seed=seed, overrides=overrides))
+    report = asyncio.run(run_workload(name, image=a.image, seed=seed, overrides=overrides, text=text))
     formats = ["json"] if a.json else a.output_format
     for fmt in formats:
         if fmt in ("json", "json+"):
@@ -1000,6 +1003,19 @@ def cmd_run(a: argparse.Namespace) -> int:
     if report.interrupted:
         return 128 + int(signal.Signals[report.interrupted])
     return 0 if report.ok else 1
+
+
+STDIN_JOB_FILE = "<stdin>"  # the name a job file read from standard input goes by in messages
+
+
+def job_file_from_stdin() -> str:
+    """``blockemu run -``: the job file on standard input, as ``fio -`` reads it (a heredoc, a
+    generated job); one that is not UTF-8 is one line, as a job file on disk."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"{STDIN_JOB_FILE}: not a text file (byte {e.start} is not UTF-8)") from None
 
 
 def describe(jobfile: str) -> str:

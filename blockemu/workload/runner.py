@@ -70,8 +70,11 @@ def scenarios() -> dict[str, str]:
     return {p.name[:-4]: p.read_text() for p in resources.files(SCENARIO_PACKAGE).iterdir() if p.name.endswith(".fio")}
 
 
-def load_workload(arg: str) -> JobFile:
-    """A path to a job file, or the name of a built-in scenario."""
+def load_workload(arg: str, text: str | None = None) -> JobFile:
+    """A path to a job file, or the name of a built-in scenario; ``text``: the job file itself,
+    read by the caller (``blockemu run -``: standard input, as ``fio -``), ``arg`` its name."""
+    if text is not None:
+        return parse(text, arg)
     if os.path.exists(arg):
         return load(arg)
     builtin = scenarios()
@@ -449,10 +452,10 @@ class Runner:
         self.report.jobs.append({"jobname": job.name, "kind": "script", "result": out})
 
 
-def prepare(workload: str, overrides: dict[str, Any] | None = None) -> JobFile:
+def prepare(workload: str, overrides: dict[str, Any] | None = None, text: str | None = None) -> JobFile:
     """The job file with the command line's overrides applied, checked whole: every job's
     problem is reported at once, before any image is touched (also ``--parse-only``)."""
-    jf = load_workload(workload)
+    jf = load_workload(workload, text)
     problems = []
     for i, job in enumerate(jf.jobs):
         job.options.update(overrides or {})
@@ -470,10 +473,10 @@ def prepare(workload: str, overrides: dict[str, Any] | None = None) -> JobFile:
 
 
 async def run_workload(workload: str, *, image: str | None = None, seed: int = 0,
-                       overrides: dict[str, Any] | None = None) -> RunReport:
+                       overrides: dict[str, Any] | None = None, text: str | None = None) -> RunReport:
     """Run a job file; ``overrides`` (the command line's ``--runtime``/``--size``) win over
-    every job's own values."""
-    jf = prepare(workload, overrides)
+    every job's own values; ``text``: the job file's text, ``workload`` then only names it."""
+    jf = prepare(workload, overrides, text)
     with tempfile.TemporaryDirectory() as tmp:
         runner = Runner(jf, image if image is not None else os.path.join(tmp, "run.img"), seed)
         if image is None:  # the report must not name a file that is gone once it is read
