@@ -284,32 +284,31 @@ class TreeLog:
             ends[key[2] + len(body) // size * S.SECTOR_SIZE] = (key, body)
         return list(out.items())
 
-    def prepare_sync(self) -> tuple[list[tuple[int, bytes]], SuperInfo, SlotInfo | None] | None:
-        """The log blocks to write, the superblock pointing at them, and -- once a superblock
-        naming the log is durable (``base_root``) and the blocks fit a slot's list -- the log
-        slot to write instead of that superblock; None if the log on disk already says
-        everything (nothing was logged since the last sync)."""
+    def prepare_sync(self) -> tuple[list[tuple[int, bytes]], SuperInfo | SlotInfo] | None:
+        """The log blocks to write and what names them: the superblock pointing at them, or --
+        once a superblock naming the log is durable (``base_root``) and the blocks fit a slot's
+        list -- the log slot written instead of it; None if the log on disk already says
+        everything (nothing was logged since the last sync). The superblock is only made when
+        it is the one written: a copy of its 21 fields cost ~20 us of every later sync."""
         if self.tree is None or self.store is None or not self.store.dirty:
             return None
         sb = self.engine.sb
-        new = replace(sb, log_root=self.tree.root, log_root_level=self.tree.level, log_root_transid=self.engine.transid,
-                      incompat_flags=sb.incompat_flags | S.INCOMPAT_LOG_BITS)
         writes = self.store.encode_dirty()
-        slot = None
         if self.base_root and len(writes) <= S.LOG_SLOT_BLOCKS:
-            slot = SlotInfo(sb.generation, self.base_root, self.sequence + 1, self.tree.root, self.tree.level,
-                            tuple((bytenr, raw[:CSUM_FIELD]) for bytenr, raw in writes))
-        return writes, new, slot
+            return writes, SlotInfo(sb.generation, self.base_root, self.sequence + 1, self.tree.root, self.tree.level,
+                                    tuple((bytenr, raw[:CSUM_FIELD]) for bytenr, raw in writes))
+        return writes, replace(sb, log_root=self.tree.root, log_root_level=self.tree.level,
+                               log_root_transid=self.engine.transid, incompat_flags=sb.incompat_flags | S.INCOMPAT_LOG_BITS)
 
-    def finish_sync(self, slot: SlotInfo | None) -> None:
-        """The log sync is durable (its superblock, or its ``slot`` and everything the slot
-        names): later changes to the log COW (and pin) its blocks, so no block a durable log
+    def finish_sync(self, head: SuperInfo | SlotInfo) -> None:
+        """The log sync is durable (its superblock, or its slot and everything the slot names:
+        ``head``, as ``prepare_sync`` gave it): later changes to the log COW (and pin) its blocks, so no block a durable log
         names is written over before the commit that drops the log -- the fallback of a later
         sync whose slot landed without its blocks (``choose_log``) needs them as they are."""
         assert self.store is not None and self.tree is not None
         self.store.mark_written()
         self.sequence += 1
-        if slot is None:
+        if isinstance(head, SuperInfo):
             self.base_root = self.tree.root
 
     def drop(self) -> None:

@@ -402,22 +402,22 @@ class Volume:
             raise asyncio.CancelledError
         return done
 
-    async def _write_log(self, writes: list[tuple[int, bytes]], sb: SuperInfo, slot: SlotInfo | None) -> None:
-        """The first log sync of a transaction: the log's blocks, one flush, then the primary
-        superblock pointing at them with FUA (with INCOMPAT_LOG_SLOTS: later syncs may write
-        slots), so the superblock names only blocks already durable. A later one: the blocks and
-        the ``slot`` naming them (alternate slots, the last sync's left intact) and one flush --
-        the slot may land without them, and mount then replays the log of the slot or superblock
-        before it (``choose_log``). The mirrors keep the last full commit."""
-        if slot is None:
+    async def _write_log(self, writes: list[tuple[int, bytes]], head: SuperInfo | SlotInfo) -> None:
+        """The first log sync of a transaction: the log's blocks, one flush, then ``head``, the
+        primary superblock pointing at them, with FUA (with INCOMPAT_LOG_SLOTS: later syncs may
+        write slots), so the superblock names only blocks already durable. A later one: the
+        blocks and ``head``, the slot naming them (alternate slots, the last sync's left intact),
+        and one flush -- the slot may land without them, and mount then replays the log of the
+        slot or superblock before it (``choose_log``). The mirrors keep the last full commit."""
+        if isinstance(head, SuperInfo):
             await self.device.writev(writes)
-            await self.device.flush_then_fua(SUPER_OFFSETS[0], encode_super(sb, SUPER_OFFSETS[0]))
+            await self.device.flush_then_fua(SUPER_OFFSETS[0], encode_super(head, SUPER_OFFSETS[0]))
         else:
-            at = LOG_SLOT_OFFSETS[slot.sequence % 2]
-            await self.device.writev([*writes, (at, encode_slot(slot, sb.fsid, sb.csum_type, at))])
+            at, sb = LOG_SLOT_OFFSETS[head.sequence % 2], self.sb
+            await self.device.writev([*writes, (at, encode_slot(head, sb.fsid, sb.csum_type, at))])
             await self.device.flush()
-        self.log.finish_sync(slot)
-        self.log_root = sb.log_root
+        self.log.finish_sync(head)
+        self.log_root = head.log_root
 
     def not_mounted(self) -> DeviceIOError:
         """The one error every call on an unmounted filesystem raises, reads and key calls
