@@ -293,14 +293,14 @@ class BlockDevice:
             raise DeviceIOError(f"{self.path}: power cut after {cut} writes")
 
     def _flip(self, offset: int, data: bytes) -> bytes:
-        """Silent corruption: each sector may get one bit flipped on its way to the media, and
-        recorded in ``flipped`` (what the flips explain is told from a bug by undoing them)."""
-        rng, p = self.faults.rng, self.faults.flip
+        """Silent corruption: each sector may get one bit flipped on its way to the media (as the
+        plan's ``flip_bit`` decides for that sector), and recorded in ``flipped`` (what the flips
+        explain is told from a bug by undoing them)."""
         buf = None
         for s in range(len(data) // SECTOR):
-            if rng.random() < p:
+            bit = self.faults.flip_bit(offset + s * SECTOR, data[s * SECTOR:(s + 1) * SECTOR])
+            if bit is not None:
                 buf = buf or bytearray(data)
-                bit = rng.randrange(SECTOR * 8)
                 at, mask = s * SECTOR + bit // 8, 1 << (bit % 8)
                 buf[at] ^= mask
                 self.flipped.append(Flip(offset + s * SECTOR, offset + at, mask,
