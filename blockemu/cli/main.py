@@ -1042,7 +1042,7 @@ def cmd_stress(a: argparse.Namespace) -> int:
 
     from blockemu.device.faultplan import FaultPlan
     from blockemu.display import bar as progress_bar
-    from blockemu.workload.runner import stress_mix
+    from blockemu.workload.runner import RERUN_REPEATS, stress_mix
     from blockemu.workload.writepath import PRODUCTION, WRITE_PATHS
 
     if a.scenario == "key-removal-race":
@@ -1084,8 +1084,13 @@ def cmd_stress(a: argparse.Namespace) -> int:
         if not ok:
             extra = f" --faults {a.faults}" if a.faults else ""
             span = f"--duration {a.duration}" if a.duration else f"--ops {a.ops}"
-            print(f"reproduce with: blockemu stress {a.image} --seed {seed} --tasks {a.tasks} {span}{extra}"
+            # on a fresh image: this one is the failure's evidence, and a rerun on it is refused
+            # (flips left on it) or runs in a directory of its own beside the first run's
+            fresh = f"{os.path.splitext(a.image)[0]}-rerun.img"
+            print(f"rerun with: blockemu stress {fresh} --seed {seed} --tasks {a.tasks} {span}{extra}"
                   + (f" --crash-points {a.crash_points}" if a.crash_points else "") + write_path_flag(a))
+            print(f"note: {RERUN_REPEATS}; this failure is {a.image} as the run left it "
+                  f"(blockemu fsck {a.image} --check-data)")
     return 0 if ok else 1
 
 
@@ -1222,7 +1227,7 @@ def stress_race(a: argparse.Namespace, seed: int) -> int:
 
 def stress_seeds(a: argparse.Namespace) -> int:
     """Many stress seeds as one campaign, each seed a shard on its own fresh image."""
-    from blockemu.workload.runner import stress_campaign
+    from blockemu.workload.runner import RERUN_REPEATS, stress_campaign
     from blockemu.workload.writepath import WRITE_PATHS
 
     if a.scenario != "mix":
@@ -1230,10 +1235,13 @@ def stress_seeds(a: argparse.Namespace) -> int:
     s = run_campaign_cli(a, stress_campaign(a.seeds, tasks=a.tasks, ops=a.ops, duration=a.duration,
                                             faults=a.faults, crash_points=a.crash_points,
                                             write_path=WRITE_PATHS[a.write_path]))
-    return report_campaign(a, s, f"{s.units} stress seeds ({a.seeds[0]}..{a.seeds[1]}), {s.states} operations and "
-                                 f"crash states in {s.seconds:.1f} s ({s.resumed} shards resumed): {len(s.failures)} failures",
-                           "stress seeds",
-                           json_extra={"seeds": list(a.seeds), "write_path": a.write_path})
+    rc = report_campaign(a, s, f"{s.units} stress seeds ({a.seeds[0]}..{a.seeds[1]}), {s.states} operations and "
+                               f"crash states in {s.seconds:.1f} s ({s.resumed} shards resumed): {len(s.failures)} failures",
+                         "stress seeds",
+                         json_extra={"seeds": list(a.seeds), "write_path": a.write_path})
+    if s.failures and not a.json:  # a seed's "reproduce with:" line is a rerun, no more
+        print(f"note: {RERUN_REPEATS} (each seed's image went with its shard)")
+    return rc
 
 
 def cmd_crash(a: argparse.Namespace) -> int:

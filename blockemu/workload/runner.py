@@ -516,6 +516,14 @@ def _stopped_by_signals(interrupt: Callable[[int], None]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+# What a rerun of one stress seed repeats, and what it does not (measured, DESIGN §7): said beside
+# every rerun line, which promised as "reproduce with:" a repetition that the run's timing denies
+# -- one seed gave 6, 33 and 37 detected corruptions on three fresh images, and trees differ without faults.
+RERUN_REPEATS = ("a rerun repeats each task's operations (until a fault changes their course) and the fault rule "
+                 "(flip=: a given write is flipped the same way), not the timing (the tasks' interleaving, commits, "
+                 "sealing workers, encryption nonces), so its writes, where faults land and whether it fails may differ")
+
+
 async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: float | None,
                      faults: FaultPlan | None, crash_points: int, advance: Advance = lambda n=1, description=None: None,
                      write_path: WritePath = PRODUCTION) -> dict[str, Any]:
