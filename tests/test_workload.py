@@ -203,6 +203,31 @@ def test_a_failing_stress_says_what_a_rerun_repeats_and_where_the_failure_is(tmp
     assert out.endswith(f"; this failure is {img} as the run left it (blockemu fsck {img} --check-data)\n")
 
 
+@pytest.mark.parametrize("schedule", ["free", "seeded"])
+def test_the_key_removal_race_reproduces_only_a_seeded_schedule(tmp_path, monkeypatch, capsys, schedule):
+    """The free race's interleaving is timing (one seed: 3308 then 3602 appends): its line is a
+    rerun that says so and names the schedule that does replay; the seeded one's reproduces."""
+    from blockemu.cli.main import main
+    from blockemu.workload import keyrace
+
+    async def silent_loss(mode, **kw):
+        return keyrace.RaceResult(mode, kw["seed"], kw["schedule"], attempted=1, acknowledged=1, lost=1)
+
+    monkeypatch.setattr(keyrace, "run_race", silent_loss)
+    span = ["--ops", "50"] if schedule == "seeded" else ["--duration", "1.0"]
+    img = str(tmp_path / "r.img")
+    argv = ["stress", img, "--scenario", "key-removal-race", "--seed", "5", "--schedule", schedule, *span]
+    assert main(argv) == 1
+    line = capsys.readouterr().out.splitlines()[-1]
+    again = f"blockemu stress {img} --scenario key-removal-race --force --seed 5 --schedule {schedule} {' '.join(span)}"
+    if schedule == "seeded":
+        assert line == f"UNEXPECTED LOSS in soft; reproduce with: {again} --key-removal soft"
+    else:
+        assert line == (f"UNEXPECTED LOSS in soft; rerun with: {again} --key-removal soft (the free schedule's "
+                        "interleaving is timing, so the loss may not recur; --schedule seeded --ops N replays an "
+                        "interleaving exactly)")
+
+
 def test_stress_with_injected_faults_reports_and_checks(tmp_path):
     img = str(tmp_path / "f.img")
     run("mkfs", img, "--size", "64M")
