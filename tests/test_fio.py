@@ -669,6 +669,22 @@ async def test_loops_with_verify_read_back_each_loop(tmp_path):
     assert (seq["read"]["total_ios"], seq["write"]["total_ios"]) == (48, 48)
 
 
+async def test_number_ios_counts_every_loop_and_the_read_backs(tmp_path):
+    """fio 3.33's exceeds_number_ios stops a job at ``number_ios`` times ``loops`` I/Os, the
+    verify reads among them (io_blocks counts every completion). Real fio on a host directory,
+    ``rw=write bs=4k``: ``size=64k number_ios=10 loops=2`` writes 20; ``size=256k number_ios=20
+    loops=3 verify=crc32c`` writes and reads back 60; ``size=64k number_ios=10 loops=3 verify``
+    16 and 16 (loop 1 and its read-back make 32, past 30); ``size=256k number_ios=20
+    verify_backlog=4`` 12 and 12. blockemu stopped at number_ios, whatever loops said, and left
+    the read-backs out: 10, 20/20, 10/10, 20/20."""
+    out, _ = await run_job(tmp_path, "[global]\nrw=write\nbs=4k\n[a]\nsize=64k\nnumber_ios=10\nloops=2\n"
+                                     "[b]\nsize=256k\nnumber_ios=20\nloops=3\nverify=crc32c\n"
+                                     "[c]\nsize=64k\nnumber_ios=10\nloops=3\nverify=crc32c\n"
+                                     "[d]\nsize=256k\nnumber_ios=20\nverify=crc32c\nverify_backlog=4\n")
+    assert [(j["read"]["total_ios"], j["write"]["total_ios"]) for j in out["jobs"]] == \
+        [(0, 20), (60, 60), (16, 16), (12, 12)]
+
+
 async def test_ramp_time_io_counts_towards_a_jobs_size(tmp_path):
     """fio 3.33 ends ramp_time with reset_all_stats, which leaves io_issue_bytes alone: a job
     sized by ``size`` does that many bytes in all, and the ramp's are not measured

@@ -845,7 +845,8 @@ class Clone:
         if (fixed(size) or job.get("filesize")) and not self.fill and not isinstance(job.get("offset"), Share):
             total = fixed(size) or job.get("filesize") * len(self.paths)
             self._size_regions([job.get("filesize") or total // len(self.paths)] * len(self.paths))
-        self.number_ios = job.get("number_ios", 0)
+        # fio's exceeds_number_ios: number_ios times loops, the job's whole run, verify reads in it
+        self.number_ios = job.get("number_ios", 0) * max(1, job.get("loops", 1))
         self.dist = job.get("random_distribution", ("random", 0.0))
         self.randommap = self.rw.random and not job.get("norandommap") and self.dist[0] == "random"
         zsize = job.get("zonesize")
@@ -1503,12 +1504,14 @@ class Clone:
 
     async def _verify_written(self, keys: list[tuple[int, int]], until: float = 0.0) -> None:
         """Read back written blocks and check them; each is then off the list to verify. Each
-        read-back is a read in the job's figures, as in fio. ``until``: the job's runtime ends
-        then, and so does the reading back (fio's do_verify stops at runtime_exceeded)."""
+        read-back is a read in the job's figures, as in fio, and counts towards number_ios (fio's
+        io_blocks counts it). ``until``: the job's runtime ends then, and so does the reading
+        back (fio's do_verify stops at runtime_exceeded)."""
         for ri, off in keys:
             if until and time.monotonic() >= until:
                 break
             length, numberio = self.written.pop((ri, off))
+            self.ios += 1
             region = self.regions[ri]
             assert region.file is not None
             t = time.perf_counter_ns()
