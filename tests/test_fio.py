@@ -735,9 +735,9 @@ def test_text_output_shows_every_percentile_kind_asked_for(tmp_path):
     normal output showed only clat's, and wrote ``percentile_list=50:99`` as ``50.00th`` where
     fio 3.33 writes ``50th`` (its precision is the list's most precise value). Real fio 3.33 on
     a host directory, same job: ``slat``, ``clat``, then ``lat percentiles`` blocks."""
-    assert _percentile_lines("lat", {"50.000000": 1_656, "99.000000": 16_192}) == [
+    assert _percentile_lines("lat", {"50.000000": 1_656, "99.000000": 16_192}, 0) == [
         "    lat percentiles (nsec):", "     |  50th=[ 1656],  99th=[16192]"]
-    assert _percentile_lines("clat", {"50.000000": 1_624, "99.500000": 6_368})[1] == \
+    assert _percentile_lines("clat", {"50.000000": 1_624, "99.500000": 6_368}, 1)[1] == \
         "     | 50.0th=[ 1624], 99.5th=[ 6368]"
     job = tmp_path / "p.fio"
     job.write_text("[a]\nioengine=libaio\niodepth=4\nrw=randwrite\nbs=4k\nsize=64k\n"
@@ -745,6 +745,26 @@ def test_text_output_shows_every_percentile_kind_asked_for(tmp_path):
     text = run("run", str(job), "--seed", "3").stdout
     kinds = re.findall(r"^    (\w+) percentiles \((?:n|u|m)sec\):\n     \|  50th=", text, re.M)
     assert kinds == ["slat", "clat", "lat"]
+
+
+def test_percentile_precision_is_as_the_list_was_written(tmp_path):
+    """fio 3.33 takes percentile_precision from percentile_list's text, trailing zeros
+    included, and fits (73 columns) / (precision + 10 + width) percentiles to a line. Real fio
+    on a host directory: ``percentile_list=50.00:99`` writes ``50.00th=[...], 99.00th=[...]``
+    (blockemu wrote ``50th``, the precision read back from the values), and
+    ``10.5:20:30:50.1234:90:99:99.9:99.99`` three to a line, ``10.5000th=[ 1384], 20.0000th=...``
+    (blockemu put four, sized for two decimals)."""
+    assert parse("[j]\nrw=write\nsize=64k\npercentile_list=50.00:99\n", "t.fio").jobs[0].get(
+        "percentile_list").precision == 2
+    pct = {f"{p:.6f}": 1_384 + i for i, p in enumerate((10.5, 20, 30, 50.1234, 90, 99, 99.9, 99.99))}
+    assert _percentile_lines("clat", pct, 4)[1:] == [
+        "     | 10.5000th=[ 1384], 20.0000th=[ 1385], 30.0000th=[ 1386],",
+        "     | 50.1234th=[ 1387], 90.0000th=[ 1388], 99.0000th=[ 1389],",
+        "     | 99.9000th=[ 1390], 99.9900th=[ 1391]"]
+    job = tmp_path / "p.fio"
+    job.write_text("[a]\nrw=randwrite\nbs=4k\nsize=64k\npercentile_list=50.00:99\n")
+    text = run("run", str(job), "--seed", "3").stdout
+    assert re.search(r"^     \| 50\.00th=\[ *\d+\], 99\.00th=\[ *\d+\]$", text, re.M), text
 
 
 def test_output_formats_and_failures_on_stderr(tmp_path):
@@ -1118,7 +1138,7 @@ def test_values_that_failed_only_once_the_run_began_are_refused_with_their_line(
             parse(text, "t.fio")
     ok = parse("[m]\nkind=mix\nops=write:3,fsync\n[j]\nrw=write\nsize=64k\npercentile_list=99:1:50\n", "o.fio")
     assert ok.jobs[0].get("ops") == {"write": 3, "fsync": 1}
-    assert ok.jobs[1].get("percentile_list") == (1.0, 50.0, 99.0)  # sorted, as fio's stat.c sorts it
+    assert ok.jobs[1].get("percentile_list").values == (1.0, 50.0, 99.0)  # sorted, as fio's stat.c sorts it
     binary = tmp_path / "b.fio"
     binary.write_bytes(b"[j]\nrw=write\nsize=64k\nfilename=\xff\n")
     (tmp_path / "inc.fio").write_text(f"include {binary.name}\n")

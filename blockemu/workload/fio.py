@@ -305,11 +305,14 @@ class ReportOptions:
     clat_percentiles: bool = True
     lat_percentiles: bool = False
     slat_percentiles: bool = False
+    precision: int = 2  # decimals of each percentile in the normal output: fio's for its default list
 
     @classmethod
     def of(cls, job: Job) -> "ReportOptions":
-        return cls(job.get("percentile_list") or PERCENTILES, job.get("clat_percentiles", True),
-                   job.get("lat_percentiles", False), job.get("slat_percentiles", False))
+        chosen = job.get("percentile_list")
+        return cls(chosen.values if chosen else PERCENTILES, job.get("clat_percentiles", True),
+                   job.get("lat_percentiles", False), job.get("slat_percentiles", False),
+                   chosen.precision if chosen else 2)
 
 
 @dataclass
@@ -1761,15 +1764,14 @@ def _lat_line(label: str, ns: list[int]) -> str:
            f"avg={avg / div:5.2f}, stdev={dev / div:5.2f}"
 
 
-def _percentile_lines(label: str, pct: dict[str, int]) -> list[str]:
+def _percentile_lines(label: str, pct: dict[str, int], precision: int = 2) -> list[str]:
     """fio's show_clat_percentiles: the unit from the smallest and largest value shown, each
-    rounded up to it, in columns as wide as the largest needs; each percentile with as many
-    decimals as the list's most precise one (fio's percentile_precision: ``50th`` for
-    ``percentile_list=50:99``, ``99.99th`` beside it for the default list)."""
+    rounded up to it, in columns as wide as the largest needs; each percentile with
+    ``precision`` decimals (fio's percentile_precision, as percentile_list was written:
+    ``50th`` for ``50:99``, ``50.00th`` for ``50.00:99``), as many to a line as fit 73 columns."""
     unit, steps = _lat_unit(min(pct.values()), hi := max(pct.values()))
     width = max(5, len(str(hi // 1000 ** steps)))
-    per_line = 73 // (12 + width)
-    precision = max(len(k.partition(".")[2].rstrip("0")) for k in pct)  # keys as the JSON's: "99.500000"
+    per_line = 73 // (precision + 10 + width)
     cells = []
     for k, v in pct.items():
         for _ in range(steps):
@@ -1812,7 +1814,7 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
             for lab in ("slat", "clat", "lat"):  # fio's show_ddir_status: each kind asked for, in this order
                 pct = j[f"{lab}_ns"].get("percentile")
                 if pct:
-                    lines += _percentile_lines(lab, pct)
+                    lines += _percentile_lines(lab, pct, r.report.precision)
             if j["bw_samples"]:
                 lines.append(f"   bw (  KiB/s): min={j['bw_min']}, max={j['bw_max']}, per={j['bw_agg']:.2f}%, "
                              f"avg={j['bw_mean']:.2f}, stdev={j['bw_dev']:.2f}, samples={j['bw_samples']}")

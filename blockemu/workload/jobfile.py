@@ -346,13 +346,22 @@ def percent(text: str) -> float:
     return value
 
 
-def percentiles(text: str) -> tuple[float, ...]:
+@dataclass(frozen=True)
+class PercentileList:
+    """``percentile_list``'s values, and fio's percentile_precision: the most decimals any of
+    them was written with, trailing zeros included (``50.00:99`` has 2), which the normal
+    output writes every percentile with -- the values alone cannot say it (50.00 is 50)."""
+    values: tuple[float, ...]
+    precision: int
+
+
+def percentiles(text: str) -> PercentileList:
     """``percentile_list=1:50:99.9``: fio's colon-separated list, at most 20 values; it was read
     only when the report was written, so a bad value was a traceback after the whole run."""
     values = tuple(sorted(percent(p) for p in text.split(":")))  # fio sorts it (stat.c)
     if len(values) > PERCENTILE_LIST_MAX:
         raise ValueError(f"{text!r} (at most {PERCENTILE_LIST_MAX} values)")
-    return values
+    return PercentileList(values, max(len(p.partition(".")[2]) for p in text.split(":")))
 
 
 PERCENTILE_LIST_MAX = 20  # fio's FIO_IO_U_LIST_MAX_LEN
