@@ -685,6 +685,23 @@ async def test_number_ios_counts_every_loop_and_the_read_backs(tmp_path):
         [(0, 20), (60, 60), (16, 16), (12, 12)]
 
 
+async def test_sequential_file_service_goes_through_the_files_each_loop(tmp_path):
+    """fio 3.33 (write_iolog, host directory) with ``nrfiles=2 file_service_type=sequential
+    loops=2`` writes file 0, file 1, file 0, file 1; blockemu split the whole budget, all
+    loops, between the files: file 0 twice, then file 1 twice. With verify, each loop's
+    read-back then found one file's blocks only: 32 reads where fio reads back 64. A
+    time_based job goes round the files too (fio: 0, 0, 1, 1, 0, 0, ...); blockemu stayed on
+    the last file once the size was done."""
+    job = "[a]\nrw=write\nbs=16k\nsize=128k\nnrfiles=2\nfile_service_type=sequential\nloops=2\n"
+    assert [(f[-1], o // 16384) for f, o, _ in ios(job)] == [
+        (f, b) for _ in range(2) for f in "01" for b in range(4)]
+    timed = parse(job.replace("loops=2", "time_based\nruntime=60"), "t.fio").jobs[0]
+    clone = Clone(RunContext(None, "/jobs"), timed, 0, 1, JobResult(timed.name, 0))  # type: ignore[arg-type]
+    assert "".join(clone.next_io().region.path[-1] for _ in range(24)) == "0000111100001111" + "00001111"
+    out, _ = await run_job(tmp_path, job.replace("bs=16k", "bs=4k") + "verify=crc32c\n")
+    assert (out["jobs"][0]["read"]["total_ios"], out["jobs"][0]["write"]["total_ios"]) == (64, 64)
+
+
 async def test_ramp_time_io_counts_towards_a_jobs_size(tmp_path):
     """fio 3.33 ends ramp_time with reset_all_stats, which leaves io_issue_bytes alone: a job
     sized by ``size`` does that many bytes in all, and the ramp's are not measured

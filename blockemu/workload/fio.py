@@ -1049,9 +1049,9 @@ class Clone:
         kind = self.file_service
         if kind == "random":
             return self.rng.choice(self.regions)
-        if kind == "sequential":
-            per = self.budget // len(self.regions) or 1
-            return self.regions[min(len(self.regions) - 1, self.bytes_done // per)]
+        if kind == "sequential":  # each loop goes through the files in turn, as fio's (write_iolog)
+            per = self.loop_bytes // len(self.regions) or 1
+            return self.regions[min(len(self.regions) - 1, self.bytes_done % (self.loop_bytes or 1) // per)]
         self.file_turn += 1
         return self.regions[self.file_turn % len(self.regions)]
 
