@@ -702,6 +702,23 @@ async def test_sequential_file_service_goes_through_the_files_each_loop(tmp_path
     assert (out["jobs"][0]["read"]["total_ios"], out["jobs"][0]["write"]["total_ios"]) == (64, 64)
 
 
+async def test_the_read_back_between_loops_stops_at_the_runtime(tmp_path, monkeypatch):
+    """fio's do_verify stops at runtime_exceeded, between loops as after the last; the
+    read-back between loops (9d1f4a4) was given no deadline, so a job with ``runtime`` could
+    read back a whole loop past it. Each read-back is now bounded by the job's runtime."""
+    untils: list[float] = []
+    real = Clone._verify_written
+
+    async def spy(self: Clone, keys: list[tuple[int, int]], until: float = 0.0) -> None:
+        untils.append(until)
+        await real(self, keys, until)
+
+    monkeypatch.setattr(Clone, "_verify_written", spy)
+    out, _ = await run_job(tmp_path, "[w]\nrw=write\nbs=4k\nsize=64k\nloops=3\nverify=crc32c\nruntime=60\n")
+    assert out["jobs"][0]["read"]["total_ios"] == 48
+    assert len(untils) == 3 and all(untils), untils
+
+
 async def test_ramp_time_io_counts_towards_a_jobs_size(tmp_path):
     """fio 3.33 ends ramp_time with reset_all_stats, which leaves io_issue_bytes alone: a job
     sized by ``size`` does that many bytes in all, and the ramp's are not measured

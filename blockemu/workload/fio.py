@@ -1538,7 +1538,7 @@ class Clone:
         end = self._loop_end()
         if not self.loop_verify or end >= self.budget or self.bytes_done < end or self.ctx.stopped:
             return False
-        await self._verify_written(self._verify_order())
+        await self._verify_written(self._verify_order(), self.deadline)  # as do_verify, to the runtime
         self.loops_verified += 1
         return True
 
