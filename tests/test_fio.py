@@ -1451,6 +1451,8 @@ def test_an_empty_filename_and_unified_reporting_are_refused_as_fio_would_not_ru
     reading fio's ``jobs[].mixed`` found none. ``none``/``0`` is what blockemu writes."""
     with pytest.raises(InvalidArgument, match=r"t.fio:3: bad value for filename: '' \(a file name is needed\)"):
         parse("[j]\nrw=write\nfilename=\nsize=64k\n", "t.fio")
+    with pytest.raises(InvalidArgument, match=r"t.fio:3: bad value for filename: '::' \(a file name is needed\)"):
+        parse("[j]\nrw=write\nfilename=::\nsize=64k\n", "t.fio")  # was a ZeroDivisionError when run
     for value in ("mixed", "both", "1", "2"):
         with pytest.raises(InvalidArgument, match=f"t.fio:2: unified_rw_reporting={value} is not supported"):
             parse(f"[j]\nunified_rw_reporting={value}\nrw=write\nsize=64k\n", "t.fio")

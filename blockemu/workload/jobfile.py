@@ -180,9 +180,11 @@ def ignored(text: str) -> str:
 
 def file_names(text: str) -> str:
     """``filename=``: one name or more, ``:``-separated; empty, fio fails parsing it (an empty
-    one was taken as unset, so the job ran on files of its own name)."""
-    if not text:
-        raise ValueError("'' (a file name is needed)")
+    one was taken as unset, so the job ran on files of its own name). One of separators only
+    (``filename=:``) names no file either: fio runs it doing nothing, blockemu divided the
+    size among no files (a traceback), so it is refused as the empty one is."""
+    if not any(text.split(":")):
+        raise ValueError(f"{text!r} (a file name is needed)")
     return text
 
 
