@@ -113,6 +113,19 @@ def test_include(tmp_path):
     assert load(str(tmp_path / "main.fio")).jobs[0].options["bs"] == (16384,) * 3
 
 
+def test_an_include_in_a_jobs_section_gives_that_job_its_options(tmp_path):
+    """fio's include is textual: in a job's section the file's options are that job's
+    (``fio --showcmd``: ``--name=x --rw=write --size=64k --bs=4k``). They went to the globals
+    of the jobs that followed, so the job itself had no size ("size= is needed"), and a job
+    after it got them without asking."""
+    from blockemu.workload.jobfile import load
+    (tmp_path / "sized.fio").write_text("size=64k\nbs=8k\n")
+    (tmp_path / "main.fio").write_text("[x]\nrw=write\ninclude sized.fio\n[y]\nrw=read\nsize=1m\n")
+    x, y = load(str(tmp_path / "main.fio")).jobs
+    assert (x.get("size"), x.get("bs"), x.raw.get("size")) == (65536, (8192,) * 3, "64k")
+    assert y.get("bs") is None
+
+
 def test_a_plain_fio_job_runs_unmodified(tmp_path):
     job = tmp_path / "plain.fio"
     job.write_text("""[global]

@@ -610,8 +610,12 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
                 raise InvalidArgument(f"{where}: include nested too deeply")
             included = read_text(inc, f"{where}: include {inc}")
             sub = parse(included, str(inc), _depth + 1)
-            scope.update(sub.globals)
-            jf.global_raw.update(sub.global_raw)
+            if current is not None:  # fio's include is textual: in a job's section, that job's options
+                current.options.update(sub.globals)
+                current.raw.update(sub.global_raw)
+            else:
+                scope.update(sub.globals)
+                jf.global_raw.update(sub.global_raw)
             jf.jobs.extend(sub.jobs)
             continue
         m = re.fullmatch(r"\[([^\]]+)\]", line)
