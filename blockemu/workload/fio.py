@@ -12,7 +12,8 @@ holes, ``rw=read:-8k`` walks backwards); random ones use a random map, so a pass
 ``size`` in ``bs`` blocks touches every block once (``norandommap`` drops it, and so does a
 non-uniform ``random_distribution``); ``rw=randread:8`` takes 8 sequential I/Os per random
 offset. Budgets are fio's: ``io_size`` (default ``size``) times ``loops``, or ``runtime``
-with ``time_based``, or ``number_ios``. ``ramp_time`` runs before measuring (its bytes count
+with ``time_based``, or ``number_ios`` times ``loops`` (verify's reads among them, as fio counts
+them). ``ramp_time`` runs before measuring (its bytes count
 towards ``size``, as in fio); ``startdelay`` waits first.
 
 Engines: the sync family (sync, psync, vsync, pvsync, pvsync2, and mmap, whose mapped
