@@ -181,6 +181,20 @@ def test_stress_seeds_each_shard_on_a_fresh_image(tmp_path, capsys):
     assert sorted(json.loads(x)["shard"] for x in f.read_text().splitlines()) == ["seed 5", "seed 6"]
 
 
+def test_stress_seeds_keep_a_failing_seeds_image(tmp_path, capsys):
+    """A rerun does not repeat a stress run's timing (DESIGN §7), so the image a failing seed
+    left is its one record: --keep-failed keeps it (it went with the shard's temp dir), and a
+    seed that passed leaves none."""
+    keep = tmp_path / "kept"
+    assert main(["stress", "--seeds", "61..62", "--tasks", "4", "--ops", "200", "--faults", "nobarrier,cut=100",
+                 "--write-path", "fast", "--jobs", "1", "--keep-failed", str(keep)]) == 1
+    assert f"each failing seed's image is kept in {keep}/seed-N.img" in capsys.readouterr().out
+    assert main(["fsck", str(keep / "seed-61.img")]) != 0  # the failure is in it: nobarrier lost tree blocks
+    assert main(["stress", "--seeds", "5..6", "--tasks", "2", "--ops", "30", "--write-path", "fast", "--jobs", "1",
+                 "--keep-failed", str(keep)]) == 0
+    assert sorted(os.listdir(keep)) == ["seed-61.img"]
+
+
 def test_fuzz_is_a_campaign_command(tmp_path, capsys):
     f = tmp_path / "f.jsonl"
     assert main(["fuzz", "--structural", "--images", "2", "--shard-size", "1", "--seed", "21", "--jobs", "1",

@@ -339,6 +339,27 @@ def args_run(rn: argparse.ArgumentParser) -> None:
     rn.add_argument("--parse-only", action="store_true", help="check the job file (as fio --parse-only), run nothing")
 
 
+def add_keep_failed(p: argparse.ArgumentParser, what: str) -> None:
+    """A campaign's --keep-failed DIR: ``what`` it writes there."""
+    p.add_argument("--keep-failed", metavar="DIR",
+                   help=f"write {what}, for inspect and fsck; with --ray, DIR must be an absolute path every node "
+                        "reaches (a shared file system): each shard's worker writes there, on its own node")
+
+
+def keep_failed_dir(a: argparse.Namespace) -> str | None:
+    """--keep-failed DIR as an absolute path, made; refused relative with --ray: Ray's workers
+    write the images on the node that ran the shard, from a cwd of Ray's, so a relative DIR,
+    resolved here, names a place only this machine is sure to have."""
+    if not a.keep_failed:
+        return None
+    if a.ray is not None and not os.path.isabs(a.keep_failed):
+        raise UsageError(f"--keep-failed {a.keep_failed} with --ray: give an absolute DIR that every node reaches "
+                         f"(a shared file system): each shard's worker writes its images on its own node")
+    keep = os.path.abspath(a.keep_failed)
+    os.makedirs(keep, exist_ok=True)
+    return keep
+
+
 def args_stress(sp: argparse.ArgumentParser) -> None:
     from blockemu.crypto.keyring import MODES
 
@@ -362,6 +383,8 @@ def args_stress(sp: argparse.ArgumentParser) -> None:
                          "corruption, listed, not failures; data read back wrong without an error, or any other "
                          "fsck finding, fails the run (exit 1)")
     sp.add_argument("--crash-points", type=count(0), help="also check N crash states of a logged mix")
+    add_keep_failed(sp, "each failing seed's image (as the run left it) to DIR/seed-N.img, with --seeds: a rerun "
+                        "does not repeat a run's timing, so the image is the failure's record")
     add_write_path(sp, "mix", told_apart=True)
     sp.add_argument("--compare-modes", action="store_true", help="key-removal-race: every removal mode, one table")
     sp.add_argument("--schedule", choices=["free", "seeded"], help="key-removal-race scheduling (default free)")
@@ -386,11 +409,8 @@ def args_crash(cr: argparse.ArgumentParser) -> None:
     cr.add_argument("--workloads", type=span, metavar="A..B",
                     help="only workloads A up to B (excluded) of the space (a failure's reproduce line names one)")
     cr.add_argument("--shard-size", type=count(1), default=10, help="workloads per shard (a few seconds of work)")
-    cr.add_argument("--keep-failed", metavar="DIR",
-                    help="write the first failing crash state of each failing workload to DIR/workload-N.img "
-                         "(N: its reproduce line's --workloads), for inspect and fsck; with --ray, DIR must be an "
-                         "absolute path every node reaches (a shared file system): each shard's worker writes "
-                         "there, on its own node")
+    add_keep_failed(cr, "the first failing crash state of each failing workload to DIR/workload-N.img "
+                        "(N: its reproduce line's --workloads)")
     cr.epilog = ("A failure names its crash state: upto=N is the number of write-log entries (writes, "
                  "flushes) completed before the power cut; keep=[...] the in-doubt writes among them "
                  "(sequence numbers: not yet made durable by a flush) that landed anyway, the others "
@@ -1237,15 +1257,18 @@ def stress_seeds(a: argparse.Namespace) -> int:
 
     if a.scenario != "mix":
         raise UsageError("--seeds runs the mix scenario")
+    keep = keep_failed_dir(a)
     s = run_campaign_cli(a, stress_campaign(a.seeds, tasks=a.tasks, ops=a.ops, duration=a.duration,
                                             faults=a.faults, crash_points=a.crash_points,
-                                            write_path=WRITE_PATHS[a.write_path]))
+                                            write_path=WRITE_PATHS[a.write_path], keep_failed=keep))
     rc = report_campaign(a, s, f"{s.units} stress seeds ({a.seeds[0]}..{a.seeds[1]}), {s.states} operations and "
                                f"crash states in {s.seconds:.1f} s ({s.resumed} shards resumed): {len(s.failures)} failures",
                          "stress seeds",
                          json_extra={"seeds": list(a.seeds), "write_path": a.write_path})
     if s.failures and not a.json:  # a seed's "reproduce with:" line is a rerun, no more
-        print(f"note: {RERUN_REPEATS} (each seed's image went with its shard)")
+        where = f"each failing seed's image is kept in {keep}/seed-N.img" if keep else \
+            "each seed's image went with its shard: --keep-failed DIR keeps a failing seed's"
+        print(f"note: {RERUN_REPEATS} ({where})")
     return rc
 
 
@@ -1253,14 +1276,7 @@ def cmd_crash(a: argparse.Namespace) -> int:
     from blockemu.workload.crash import crash_campaign
     from blockemu.workload.writepath import WRITE_PATHS
 
-    if a.keep_failed and a.ray is not None and not os.path.isabs(a.keep_failed):
-        # Ray's workers write the images on the node that ran the shard, from a cwd of Ray's: a
-        # relative DIR, resolved here, names a place only this machine is sure to have
-        raise UsageError(f"--keep-failed {a.keep_failed} with --ray: give an absolute DIR that every node reaches "
-                         f"(a shared file system): each shard's worker writes its images on its own node")
-    keep = os.path.abspath(a.keep_failed) if a.keep_failed else None
-    if keep:
-        os.makedirs(keep, exist_ok=True)
+    keep = keep_failed_dir(a)
     try:
         campaign = crash_campaign(a.max_ops, seed=a.seed, subsets=a.subsets, nobarrier=a.nobarrier, limit=a.limit,
                                   groups=a.groups, write_path=WRITE_PATHS[a.write_path], workloads=a.workloads,

@@ -720,12 +720,17 @@ async def crash_mix(seed: int, points: int, write_path: WritePath = PRODUCTION) 
 
 
 def _stress_shard(args: tuple) -> dict[str, Any]:
-    """One stress seed on a fresh image made here, in the worker, and thrown away after."""
-    seed, tasks, ops, duration, faults, crash_points, write_path = args
+    """One stress seed on a fresh image made here, in the worker, and thrown away after -- but
+    for a failing seed's with ``keep_failed``: a rerun does not repeat the run's timing (DESIGN
+    §7), so the image the run left is the one record of its failure."""
+    seed, tasks, ops, duration, faults, crash_points, write_path, keep_failed = args
     with tempfile.TemporaryDirectory() as d:
-        s = asyncio.run(stress_mix(os.path.join(d, "stress.img"), seed=seed, tasks=tasks, nops=ops, duration=duration,
+        image = os.path.join(d, "stress.img")
+        s = asyncio.run(stress_mix(image, seed=seed, tasks=tasks, nops=ops, duration=duration,
                                    faults=FaultPlan.parse(faults) if faults else None,
                                    crash_points=crash_points, write_path=WRITE_PATHS[write_path]))
+        if keep_failed and not s["ok"]:
+            sparse_copy(image, kept_seed_image(keep_failed, seed))  # DIR may be another file system
     # the files checked after a power cut too: a cut= campaign that checked none said nothing of it
     counts = {k: s.get(k) or 0 for k in ("ops", "acknowledged_writes", "lost_acknowledged_writes",
                                          "io_errors", "refused_out_of_space", "ledger_files_checked_after_crash",
@@ -736,12 +741,19 @@ def _stress_shard(args: tuple) -> dict[str, Any]:
             "failures": [{"unit": seed, "message": p} for p in problems[:10]]}
 
 
+def kept_seed_image(directory: str, seed: int) -> str:
+    """Where ``stress --seeds --keep-failed DIR`` puts a failing seed's image."""
+    return os.path.join(directory, f"seed-{seed}.img")
+
+
 def stress_campaign(seeds: tuple[int, int], *, tasks: int, ops: int, duration: float | None,
-                    faults: str | None, crash_points: int, write_path: WritePath) -> Campaign:
-    """``blockemu stress --seeds A..B``: each seed a shard, each on its own fresh image."""
+                    faults: str | None, crash_points: int, write_path: WritePath,
+                    keep_failed: str | None = None) -> Campaign:
+    """``blockemu stress --seeds A..B``: each seed a shard, each on its own fresh image (a failing
+    seed's kept in ``keep_failed``, no part of the identity, as crash's)."""
     identity = {"seeds": list(seeds), "tasks": tasks, "ops": ops, "duration": duration,
                 "faults": faults, "crash_points": crash_points, "write_path": write_path.name}
-    shards = [Shard(f"seed {s}", (s, tasks, ops, duration, faults, crash_points, write_path.name))
+    shards = [Shard(f"seed {s}", (s, tasks, ops, duration, faults, crash_points, write_path.name, keep_failed))
               for s in range(*seeds)]
 
     def reproduce(f: dict[str, Any]) -> str:
