@@ -16,7 +16,7 @@ from blockemu.device.blockdev import BlockDevice
 from blockemu.errors import NoSpaceError
 from blockemu.fs.filesystem import Filesystem
 from blockemu.fs.pagecache import PAGE
-from tests.util import KEY, KID, ErrnoCheck, Gate, abort_by_a_half_done_rename, assert_fsck_clean, encrypted_dir
+from tests.util import KEY, KID, ErrnoCheck, Gate, abort_by_a_half_done_rename, assert_fsck_clean, encrypted_dir, until
 
 
 @pytest.fixture
@@ -953,10 +953,8 @@ async def test_fsyncs_waiting_for_a_log_sync_share_the_next_one(image, monkeypat
         b = asyncio.ensure_future(files["/b"].fsync())
         c = asyncio.ensure_future(files["/c"].fsync())
         c.add_done_callback(lambda _: log.crash_image(crash, len(log.entries)))
-        for _ in range(1000):  # until B's and C's writeback is done and both wait for the lock
-            if fs.vol.commit_lock._waiters and len(fs.vol.commit_lock._waiters) == 2:
-                break
-            await asyncio.sleep(0)
+        lock = fs.vol.commit_lock
+        await until(lambda: len(lock._waiters or ()) == 2, "B's and C's fsyncs never waited for the lock")
         gate.release.set()
         await asyncio.gather(a, b, c)
         assert fs.vol.log_root and len(logs) == 2, "C wrote a log though B's had made its file durable"

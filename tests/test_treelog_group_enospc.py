@@ -8,6 +8,7 @@ import random
 
 import blockemu
 from blockemu.device.writelog import sparse_copy
+from tests.util import until
 
 
 async def test_an_fsync_after_its_group_found_no_room_still_logs_its_inode(tmp_path):
@@ -45,11 +46,9 @@ async def test_an_fsync_after_its_group_found_no_room_still_logs_its_inode(tmp_p
         vol.commit = held_commit
         await vol.commit_lock.acquire()
         fa = asyncio.ensure_future(handles["/a"].fsync())
-        while len(vol._fsyncs) < 1:
-            await asyncio.sleep(0)
+        await until(lambda: len(vol._fsyncs) >= 1, "a's fsync never waited for the commit lock")
         fb = asyncio.ensure_future(handles["/b"].fsync())
-        while len(vol._fsyncs) < 2:
-            await asyncio.sleep(0)
+        await until(lambda: len(vol._fsyncs) >= 2, "b's fsync never waited for the commit lock")
         while alloc.node_room > engine.data_keep() + fs.promised_blocks() + 1:  # room for the log's first block only
             alloc.alloc(vol.sb.nodesize)
         vol.commit_lock.release()

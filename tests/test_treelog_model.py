@@ -15,7 +15,7 @@ from blockemu.check.fsck import check
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, record
 from blockemu.workload.writepath import FAST
 from tests.test_treelog import _crash_now, committed_files, committed_then_log
-from tests.util import PRODUCTION_4K
+from tests.util import PRODUCTION_4K, until
 
 U = 4096
 PAGES = 48
@@ -58,15 +58,9 @@ async def _fsync_together(fs, files: list) -> None:
 
 
 async def _queued(fs, n: int) -> None:
-    """Yield to the fsyncs started (the caller holds the commit lock) until ``n`` of them wait
-    for it, each having written its file back. Bounded by a minute, not by a count of yields:
-    their write-back waits on I/O threads, and on a loaded machine 10,000 yields passed before
-    it was done (the test failed at a load of 13)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while len(fs.vol._fsyncs) != n:
-        assert loop.time() < deadline, "the fsyncs never queued for the commit lock"
-        await asyncio.sleep(0)
+    """Until ``n`` of the fsyncs started (the caller holds the commit lock) wait for it, each
+    having written its file back."""
+    await until(lambda: len(fs.vol._fsyncs) == n, "the fsyncs never queued for the commit lock")
 
 
 async def _run(tmp_path, seed: int, steps: int) -> int:

@@ -7,7 +7,7 @@ import ctypes
 import dataclasses
 import errno
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from blockemu.workload.writepath import PRODUCTION
 
@@ -136,6 +136,18 @@ class Gate:
         self.entered.set()
         await self.release.wait()
         return result if self.after else await self.real(*args, **kw)
+
+
+async def until(reached: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    """Yield to the loop until ``reached()`` holds: a state the code gets to only once work on
+    I/O threads is done (a file's writeback, a read). No count of yields measures that -- at a
+    load of 13, 10,000 yields passed first -- so the wait is bounded by wall-clock time and
+    fails naming ``what`` never happened, not with a later, puzzling assertion."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not reached():
+        assert loop.time() < deadline, f"{what}: not within {seconds:g} s"
+        await asyncio.sleep(0)
 
 
 @contextlib.contextmanager
