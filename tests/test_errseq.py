@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import blockemu
 from blockemu.device.faultplan import FaultPlan
 from blockemu.fs.pagecache import PAGE
-from tests.util import KID, ErrnoCheck, encrypted_dir, fail_next_data_write
+from tests.util import KID, ErrnoCheck, cancel_while_it_waits, encrypted_dir, fail_next_data_write
 
 
 @pytest.fixture
@@ -268,18 +268,6 @@ async def test_a_close_whose_delete_fails_lets_its_cursor_go(image):
         with contextlib.suppress(OSError):  # the abort's EROFS
             await fs.unmount()
 
-
-
-async def cancel_while_it_waits(lock: asyncio.Lock, call) -> None:
-    """Start ``call()`` while ``lock`` is held and cancel it once it waits for the lock: it must
-    end cancelled, not with a loss raised over the cancellation."""
-    async with lock:
-        task = asyncio.ensure_future(call())
-        while not lock._waiters:
-            await asyncio.sleep(0)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 async def test_a_cancelled_close_stays_cancelled_and_leaves_the_loss_to_the_unmount(image):

@@ -37,7 +37,7 @@ from blockemu.fuse import control
 from blockemu.fuse.serve import abort_connection, connection, mounted_fstype
 from tests.memscan import names
 from tests.test_wipe import Scanner, report, zero
-from tests.util import fail_next_data_write, set_super
+from tests.util import cancel_while_it_waits, fail_next_data_write, set_super
 
 PY = sys.executable
 
@@ -1168,6 +1168,26 @@ async def test_each_fuse_file_handle_reports_a_writeback_loss_on_its_fsync(tmp_p
         for fh in (a, b, c):
             await ops.fsync(fh, False)
             await ops.release(fh)
+
+
+async def test_an_open_truncating_that_is_cancelled_stays_cancelled_and_reports_no_loss(tmp_path) -> None:
+    """OPEN with O_TRUNC makes its handle, then truncates: cancelled there (the truncate waits
+    for the file's writeback lock), it closed the handle and that close raised a loss no handle
+    had reported -- over the cancellation, for a handle the kernel never got (review40 fixed the
+    same in Filesystem.open). The handle goes unreported, as a dropped one's: the loss is left
+    to the unmount."""
+    with pytest.raises(OSError) as unmount:
+        async with in_process_ops(tmp_path, interval=3600) as (fs, ops):
+            async with fs.open("/f", "w") as a:
+                await fail_next_data_write(fs)
+                await a.pwrite(b"L" * 4096, 0)
+            await fs.writeback.flush_inode(a.inode)  # fails after the close: no handle reported it
+            fs.vol.device.faults = FaultPlan()
+            ctx = types.SimpleNamespace(uid=0, gid=0, umask=0o022)
+            ino = (await fs.stat("/f")).st_ino
+            await cancel_while_it_waits(a.inode.wb_lock, lambda: ops.open(ino, os.O_RDWR | os.O_TRUNC, ctx))
+            assert not ops.files
+    assert unmount.value.errno == errno.EIO and not a.inode.errs._held
 
 
 def test_encrypted_symlinks_with_and_without_the_key(env, image, mnt, tmp_path, capsys, monkeypatch) -> None:

@@ -9,6 +9,8 @@ import errno
 import signal
 from collections.abc import Callable, Iterator
 
+import pytest
+
 from blockemu.workload.writepath import PRODUCTION
 
 # the production write path on 4 KiB tree blocks, for workloads built to fill a leaf in a few
@@ -148,6 +150,17 @@ async def until(reached: Callable[[], bool], what: str, seconds: float = 60) -> 
     while not reached():
         assert loop.time() < deadline, f"{what}: not within {seconds:g} s"
         await asyncio.sleep(0)
+
+
+async def cancel_while_it_waits(lock: asyncio.Lock, call) -> None:
+    """Start ``call()`` while ``lock`` is held and cancel it once it waits for the lock: it must
+    end cancelled, not with a loss raised over the cancellation."""
+    async with lock:
+        task = asyncio.ensure_future(call())
+        await until(lambda: bool(lock._waiters) or task.done(), "the call never waited for the lock")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 @contextlib.contextmanager

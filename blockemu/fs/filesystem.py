@@ -1164,15 +1164,8 @@ class Filesystem:
             inode = self._open_inode(path, create, excl)
         f = File(self, inode, path, readable=base[0] == "r" or "+" in base, writable=base != "r", append=base[0] == "a")
         if trunc and inode.size:
-            try:
+            async with dropped_on_failure(f):
                 await self.truncate_inode(inode, 0)
-            except BaseException:
-                # the caller never gets the handle: it reports nothing (its close raised a loss no
-                # handle had reported over the truncate's error -- a cancellation too, review40),
-                # and the delete it may do (EROFS) is not the open's error either
-                with contextlib.suppress(Exception):
-                    await f.close(report=False)
-                raise
         return f
 
     def _open_inode(self, path: str, create: bool, excl: bool) -> Inode:
@@ -1799,6 +1792,21 @@ class OpenContext:
     async def __aexit__(self, *exc: object) -> None:
         assert self._file is not None
         await self._file.close()
+
+
+@contextlib.asynccontextmanager
+async def dropped_on_failure(f: "File") -> AsyncIterator["File"]:
+    """The steps an open takes after making its handle (a truncate, the attributes of a file
+    it created): if one fails, the caller never gets the handle, so its close reports nothing
+    -- a loss no handle had reported would be raised over the step's error, a cancellation
+    too (review40) -- and the delete that close may do (EROFS) is not the open's error either.
+    The cursor goes as a dropped handle's: the loss is left to the other handles and the unmount."""
+    try:
+        yield f
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await f.close(report=False)
+        raise
 
 
 B = TypeVar("B", bytes, bytearray)  # what a read returns (File._pread)

@@ -29,7 +29,7 @@ import pyfuse3
 
 from blockemu.crypto.fscrypt import wipe
 from blockemu.crypto.xts import zero_bytes
-from blockemu.fs.filesystem import ROOT_INO, File, Filesystem, Inode, Stat
+from blockemu.fs.filesystem import ROOT_INO, File, Filesystem, Inode, Stat, dropped_on_failure
 from blockemu.fuse.kernelcache import KernelCache
 from blockemu.fuse.releases import Releases
 
@@ -310,11 +310,8 @@ class Operations(pyfuse3.Operations):
         path = child(path, name)
         with self._naming(d, name):
             f = await self.fs.open(path, "x+")
-            try:
+            async with dropped_on_failure(f):
                 await self.fs.set_attrs(f.inode, mode=mode, uid=ctx.uid, gid=ctx.gid)
-            except BaseException:
-                await f.close()
-                raise
         fh = self._fh()
         self.files[fh] = f
         return pyfuse3.FileInfo(fh=fh), entry(self.fs.stat_inode(f.inode))
@@ -324,11 +321,8 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         f = await self.fs.open(self._path(inode), open_mode(flags))
         if flags & os.O_TRUNC:
-            try:
+            async with dropped_on_failure(f):
                 await f.truncate(0)
-            except BaseException:
-                await f.close()
-                raise
         fh = self._fh()
         self.files[fh] = f
         return pyfuse3.FileInfo(fh=fh)
