@@ -392,3 +392,20 @@ async def test_a_second_write_log_on_one_mount_is_refused(tmp_path):
             await f.fsync()
         await fs.mark("fsynced")
     assert "fsynced" in log.marks() and any(e.kind == "write" for e in log.entries)
+
+
+async def test_a_mark_without_a_write_log_is_refused(tmp_path):
+    """``fs.mark`` before ``start_write_log`` went nowhere, silently: a harness that forgot to
+    start the log then found no mark (a KeyError far from the cause) or, worse, checked crash
+    states of a log started later against a mark it believed it had set. It is EINVAL saying
+    what to do, and changes nothing; the device's own mark refuses the same way."""
+    img = str(tmp_path / "a.img")
+    await blockemu.mkfs(img, size="32M", force=True)
+    async with blockemu.mount(img) as fs:
+        for mark in (fs.mark, fs.vol.device.mark):
+            with pytest.raises(OSError) as e:
+                await mark("fsynced")
+            assert e.value.errno == errno.EINVAL and "no write log" in str(e.value), e.value
+        log = await fs.start_write_log(str(tmp_path / "b.img"))
+        await fs.mark("started")
+    assert list(log.marks()) == ["started"]

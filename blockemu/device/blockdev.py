@@ -212,8 +212,12 @@ class BlockDevice:
             await self._destage_cache(sync=True)
 
     async def mark(self, name: str) -> None:
-        if self.log is not None:
-            self.log.append("mark", name=name)
+        """A named point in the write log. Without one it is refused, not dropped: a harness
+        that forgot to start the log (``Filesystem.start_write_log``, or ``start_log`` here)
+        would look for a mark that went nowhere, or judge a log started later by it."""
+        if self.log is None:
+            raise InvalidArgument(f"{self.path}: no write log: start_write_log first")
+        self.log.append("mark", name=name)
 
     # ------------------------------------------------------------ checks
 

@@ -285,7 +285,8 @@ class Filesystem:
 
     async def mark(self, name: str) -> None:
         """A named point in the write log (``WriteLog.marks()`` gives its position), e.g. where
-        an fsync returned: every crash state from there on must hold what it made durable."""
+        an fsync returned: every crash state from there on must hold what it made durable.
+        EINVAL before ``start_write_log``: the mark would go nowhere."""
         self.check_mounted()
         await self.vol.device.mark(name)
 
