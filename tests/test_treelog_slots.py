@@ -16,6 +16,7 @@ from blockemu.check.repair import restore_primary_super, zero_log
 from blockemu.device.image import ImageFile
 from blockemu.engine.treelog import choose_log
 from blockemu.errors import CorruptionError
+from blockemu.ondisk import csum as csums
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.logslot import SlotInfo, decode_slot, encode_slot
 from blockemu.ondisk.superblock import encode_super
@@ -150,6 +151,53 @@ async def test_a_durable_slot_that_does_not_read_whole_is_damage(tmp_path):
     assert any("was durable before log sync 3 began" in e.message for e in report.errors), report.errors
     with pytest.raises(CorruptionError, match="zero-log"):
         await _read_back(done)
+
+
+def _claim_blocks(path: str, at: int, n: int) -> None:
+    """Rewrite the slot at ``at`` to claim ``n`` blocks, checksummed again: no tear, no writer's
+    slot -- the crafted or buggy one a reader must not take for a sync that did not land."""
+    sb = _super(path)
+    with open(path, "r+b") as f:
+        f.seek(at)
+        raw = bytearray(f.read(S.LOG_SLOT_SIZE))
+        raw[0x62:0x64] = n.to_bytes(2, "little")
+        f.seek(at)
+        f.write(csums.field(sb.csum_type, memoryview(raw)[S.CSUM_FIELD:]) + bytes(raw[S.CSUM_FIELD:]))
+
+
+async def test_a_slot_claiming_more_blocks_than_it_holds_is_damage_not_skipped(tmp_path):
+    """The newest slot (the third fsync's) rewritten whole, its checksum good, to claim 97 blocks
+    (a slot holds 96): decode skipped it as if it never landed, so mount replayed the second
+    fsync's log -- dropping the third, acknowledged -- and fsck said clean. It is a damaged log:
+    fsck says so and points at zero-log, mount refuses it as any damaged log, dump-super warns.
+    A stale slot (another generation) claiming as much is still only stale: the log replays."""
+    log, after = await _three_syncs(tmp_path)
+    done, stale = str(tmp_path / "done.img"), str(tmp_path / "stale.img")
+    sb = _super(done)
+    with open(done, "rb") as f, open(stale, "wb") as g:
+        g.write(f.read())
+    newest = max(S.LOG_SLOT_OFFSETS, key=lambda at: _slot(done, at, sb).sequence)
+    _claim_blocks(done, newest, S.LOG_SLOT_BLOCKS + 1)
+    report = check(done)
+    assert any(f"log slot {newest} claims 97 blocks" in e.message for e in report.errors), report.errors
+    assert any("zero-log" in n for n in report.notes), report.notes
+    with pytest.raises(CorruptionError, match="zero-log"):
+        await _read_back(done)
+    assert any(f"log slot {newest} claims 97 blocks" in p for p in dump_super(done)["problems"])
+    older = min(S.LOG_SLOT_OFFSETS, key=lambda at: _slot(stale, at, sb).sequence)
+    info = _slot(stale, older, sb)
+    with open(stale, "r+b") as f:
+        f.seek(older)
+        f.write(encode_slot(dataclasses.replace(info, generation=sb.generation - 1), sb.fsid, sb.csum_type, older))
+    _claim_blocks(stale, older, 500)
+    assert check(stale, check_data=True).clean
+    assert await _read_back(stale) == after[2]
+
+
+def _slot(path: str, at: int, sb) -> SlotInfo:
+    with open(path, "rb") as f:
+        f.seek(at)
+        return decode_slot(f.read(S.LOG_SLOT_SIZE), at, sb.fsid, sb.csum_type)
 
 
 async def test_the_crash_oracle_makes_each_slot_durable_at_its_flush(tmp_path):

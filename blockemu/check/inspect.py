@@ -189,15 +189,16 @@ def dump_super(path: str) -> dict[str, Any]:
         if short := truncated(info, img.size):
             out["problems"].append(short)
         out["device"] = path
-        out["log_slots"] = log_slots(img, info)
+        out["log_slots"] = log_slots(img, info, out["problems"])
         return out
 
 
-def log_slots(img: ImageFile, sb: Any) -> list[dict[str, Any]]:
+def log_slots(img: ImageFile, sb: Any, problems: list[str]) -> list[dict[str, Any]]:
     """The log slots (SPEC "Log slots") that decode, each with whether it belongs to this
     superblock's log and whether mount replays its log (the newest that landed whole). A slot
     the file is too short to hold is none: dump-super of an image cut inside the slots failed
-    with the slot's read error instead of printing the superblock it had."""
+    with the slot's read error instead of printing the superblock it had. A whole slot that no
+    writer wrote (``SlotInfo.damage``) goes to ``problems``, not the list: it names no blocks."""
     if not sb.incompat_flags & S.INCOMPAT_LOG_SLOTS:
         return []
     try:
@@ -209,7 +210,9 @@ def log_slots(img: ImageFile, sb: Any) -> list[dict[str, Any]]:
         if at + S.LOG_SLOT_SIZE > img.size:
             continue
         slot = decode_slot(img.read(at, S.LOG_SLOT_SIZE), at, sb.fsid, sb.csum_type)
-        if slot is not None:
+        if slot is not None and slot.damage:
+            problems.append(slot.damage)
+        elif slot is not None:
             # a stale slot's log root may be the chosen one's: the allocator reuses a dropped log's blocks
             current = slot.generation == sb.generation and slot.base_root == sb.log_root
             out.append({"bytenr": at, "generation": slot.generation, "base_root": slot.base_root,

@@ -390,6 +390,8 @@ def choose_log(read: ReadFn, sb: SuperInfo) -> tuple[SuperInfo, list[str], Log |
                   key=lambda s: -s.sequence)
     passed: list[str] = []
     for slot in mine:
+        if slot.damage:  # whole, yet no sync's record: it cannot say whether its sync completed
+            raise CorruptionError(f"log tree: {slot.damage}", "BAD_LOG_ITEM", slot.log_root)
         new = replace(sb, log_root=slot.log_root, log_root_level=slot.log_root_level)
         why, log = _blocks_missing(read, new, slot), None
         if why is None:

@@ -29,6 +29,10 @@ class SlotInfo:
     log_root: int
     log_root_level: int
     blocks: tuple[tuple[int, bytes], ...] = field(default=())
+    # why a slot whose checksum verifies cannot be a log sync's record (it claims more blocks
+    # than it has room for): damage or a crafted slot, not a sync a power cut cut short -- so
+    # not passed over as one, which would drop the fsyncs of the log it names ("" if sound)
+    damage: str = ""
 
 
 def encode_slot(info: SlotInfo, fsid: bytes, csum_type: int, at: int) -> bytes:
@@ -43,15 +47,20 @@ def encode_slot(info: SlotInfo, fsid: bytes, csum_type: int, at: int) -> bytes:
 
 def decode_slot(raw: bytes, at: int, fsid: bytes, csum_type: int) -> SlotInfo | None:
     """The slot at ``at``, or None if it holds none of this image's: never written, wiped, or
-    torn by a power cut (its checksum fails) -- a slot is written without a barrier after it."""
+    torn by a power cut (its checksum fails) -- a slot is written without a barrier after it.
+    A whole slot claiming more blocks than it holds comes back with ``damage`` said and no
+    blocks: whether that is the log's damage depends on whose slot it is (``choose_log``)."""
     if len(raw) < LOG_SLOT_SIZE or raw[0x38:0x40] != LOG_SLOT_MAGIC:
         return None
     if csums.field(csum_type, raw[CSUM_FIELD:LOG_SLOT_SIZE]) != raw[:CSUM_FIELD]:
         return None
     v = _PACK.unpack(raw[:LOG_SLOT_SIZE])
     _, got_fsid, bytenr, _, generation, base_root, sequence, log_root, level, n = v[:10]
-    if got_fsid != fsid or bytenr != at or n > LOG_SLOT_BLOCKS:
+    if got_fsid != fsid or bytenr != at:
         return None
+    if n > LOG_SLOT_BLOCKS:
+        return SlotInfo(generation, base_root, sequence, log_root, level,
+                        damage=f"log slot {at} claims {n} blocks, more than the {LOG_SLOT_BLOCKS} a slot holds")
     pairs = v[10:10 + 2 * n]
     return SlotInfo(generation, base_root, sequence, log_root, level,
                     tuple((pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)))
