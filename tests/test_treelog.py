@@ -16,7 +16,7 @@ import blockemu
 from blockemu.check.fsck import check
 from blockemu.device.image import ImageFile
 from blockemu.ondisk import structs as S
-from blockemu.workload.crash import CampaignResult, Recorder, check_sample, check_states, expected_state, record
+from blockemu.workload.crash import CampaignResult, Recorder, check_sample, check_states, expected_states, record
 from blockemu.workload.writepath import FAST, PRODUCTION
 from tests.util import PRODUCTION_4K, flip, fsynced_then_cut
 
@@ -439,7 +439,7 @@ async def test_every_crash_state_across_the_log_cap(tmp_path, write_path):
     rng = random.Random(5)
     states = list(log.crash_states(rng, subsets=1))
     first = min(models)
-    wants = [expected_state(log, st.upto, first) for st in states]
+    wants = expected_states(log, (st.upto for st in states), first)
     order = list(dict.fromkeys(wants))
     near = {d for g in grew for d in order[order.index((g, 0)) - 1 : order.index((g, 0)) + 2]}
     around = [st for st, want in zip(states, wants) if want in near]

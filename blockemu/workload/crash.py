@@ -27,8 +27,9 @@ import itertools
 import os
 import random
 import tempfile
+from bisect import bisect_right
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Literal, NamedTuple
+from typing import Any, Awaitable, Callable, Iterable, Literal, NamedTuple
 
 from blockemu.check.fsck import check
 from blockemu.device.faultplan import FaultPlan
@@ -380,8 +381,17 @@ async def run_recorded(workload: Workload, image: str, base: str, *, faults: Fau
 
 def expected_state(log: WriteLog, upto: int, first: Durable) -> Durable:
     """What the newest durable point in the prefix names (``durable_points``)."""
-    points = durable_points(log, upto)
-    return points[-1][1] if points else first
+    return expected_states(log, [upto], first)[0]
+
+
+def expected_states(log: WriteLog, uptos: Iterable[int], first: Durable) -> list[Durable]:
+    """``expected_state`` of each prefix length in ``uptos``, the log scanned once: a prefix's
+    durable points are the whole log's up to its length. A test choosing its sample by the state
+    each crash state names (13,000 states of a 6,000-entry log) scanned the log once per state:
+    ~22 s of the log-cap test's 58."""
+    points = durable_points(log, len(log.entries))
+    at = [p for p, _ in points]
+    return [points[i - 1][1] if (i := bisect_right(at, upto)) else first for upto in uptos]
 
 
 @dataclass
