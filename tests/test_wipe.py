@@ -15,6 +15,7 @@ import ctypes
 import gc
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ import blockemu
 from blockemu.crypto.arena import PAGE
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import FileExtent
+from tests.memscan import Finder
 
 EXTENT = 1 << 20  # the default max_extent: a large write becomes extents of 1 MiB, each sealed by a worker
 LARGE = 5 << 20  # written at once, past the 4 MiB arena: the excess waits on heap pages, copied into a worker's slot
@@ -149,3 +151,33 @@ async def test_no_key_or_plaintext_outlives_the_lock(tmp_path, mode):
         scanner.close()
     assert not locked, report(locked)
     assert not unmounted, report(unmounted)
+
+
+def test_the_scanners_one_pass_finds_what_a_find_per_needle_finds():
+    """``memscan.Finder`` (one pass for all needles) against ``bytes.find`` per needle: needles
+    of 15 to 128 bytes (hex ones too) planted at every alignment, back to back, overlapping
+    themselves, and across the end the caller counts to; each occurrence found once, none
+    more. A needle it could miss (under 15 bytes) is refused."""
+    rng = random.Random(4)
+    needles = {f"n{n}": rng.randbytes(n) for n in (15, 16, 24, 32, 48, 64, 128)}
+    needles["hex"] = rng.randbytes(32).hex().encode()
+    needles["self-overlapping"] = b"ab" * 12
+    data = bytearray(rng.randbytes(1 << 18))
+    for k, needle in enumerate(needles.values()):
+        for align in range(8):
+            at = (k * 8 + align) * 512 + align
+            data[at:at + len(needle)] = needle
+        at = 100_000 + k * 1000
+        data[at:at + 3 * len(needle)] = needle * 3
+    n = len(data) - 20  # a needle starting past ``n`` is the next chunk's
+    data[n - 10:n + 54] = needles["n64"]
+    data[n + 1:n + 65] = needles["n64"]
+    want = []
+    for what, needle in needles.items():
+        at = data.find(needle)
+        while 0 <= at < n:
+            want.append((what, at))
+            at = data.find(needle, at + 1)
+    assert list(Finder(needles).find(bytes(data), n)) == sorted(want)
+    with pytest.raises(AssertionError):
+        Finder({"short": b"x" * 14})
