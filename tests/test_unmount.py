@@ -13,7 +13,7 @@ import pytest
 import blockemu
 from blockemu.crypto.keyring import State
 from blockemu.fs.filesystem import File, Filesystem
-from tests.util import KEY, KID, ErrnoCheck, abort_by_a_half_done_rename, encrypted_dir, fail_next_data_write
+from tests.util import KEY, KID, ErrnoCheck, abort_by_a_half_done_rename, encrypted_dir
 
 
 @pytest.fixture
@@ -37,32 +37,6 @@ async def test_unmount_reports_writeback_losses_no_fsync_or_close_reported(image
         await again.add_key(KEY)
         assert (await again.stat("/d/f")).st_size == 0
 
-
-@pytest.mark.parametrize("lost_by", ["hard key removal", "EIO"])
-async def test_a_loss_a_sync_reported_is_not_raised_again_by_the_unmount(image, lost_by):
-    """A write lost at writeout, its file still open: ``sync`` raised it, and the unmount raised
-    it again -- the same loss twice to a caller who had been told (the unmount speaks for what no
-    caller heard, errseq: once per cursor). The still-open handle keeps its own report (its
-    close after the unmount returns quietly: the unmount let it go), and a sync after that first
-    one returns, as before."""
-    fs = await blockemu.mount(image, interval=3600, key_removal="hard")
-    if lost_by == "EIO":
-        f = await fs.open("/f", "w")
-        await fail_next_data_write(fs)
-        await f.write(b"x" * 8192)
-        want = errno.EIO
-    else:
-        await encrypted_dir(fs, "/d")
-        f = await fs.open("/d/f", "w")
-        await f.write(b"x" * 8192)
-        await fs.remove_key(KID)
-        want = errno.ENOKEY
-    with ErrnoCheck(want):
-        await fs.sync()
-    fs.vol.device.faults = blockemu.FaultPlan()
-    await fs.sync()
-    await fs.unmount()
-    await f.close()
 
 # every public call of Filesystem and File, as made on an unmounted one (``fs``, a file open for
 # writing ``w``, one for reading ``r``); File.close alone is left working (its docstring says why)

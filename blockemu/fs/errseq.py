@@ -54,7 +54,6 @@ class ErrSeq:
     noted: list[Noted] = field(default_factory=list)  # errors some cursor may still have to report
     last: int = 0  # the sequence number of the latest error noted
     seen: int = 0  # every error up to this sequence number some caller has reported
-    told: int = 0  # every error up to here a sync reported (``told_all``): not the unmount's to say again
     _held: dict[int, int] = field(default_factory=dict)  # sequence number -> cursors held there
     # cursors whose holders were collected (``drop``): let go at the next open or take, not by
     # the collector, which may run in the middle of either
@@ -126,17 +125,9 @@ class ErrSeq:
         self.noted = [n for n in self.noted if n.seq > keep]
         return mine
 
-    def told_all(self) -> None:
-        """A sync has reported every error noted so far (on the mount's own ``ErrSeq``): the
-        unmount does not raise them again -- its caller was told once (``unreported``). The
-        cursors held keep them, and ``seen`` stays: each handle open, or opened before any
-        handle reported them, still reports each once, as Linux's fsync after a syncfs(2)."""
-        self.told = self.last
-
     def unreported(self) -> list[Noted]:
-        """What no caller has reported yet -- no handle, no sync (``told_all``) -- now reported
-        (an unmount's last word)."""
-        return [n for n in self.take(self.open()) if n.seq > self.told]
+        """What no caller has reported yet, now reported (an unmount's last word)."""
+        return self.take(self.open())
 
     def end(self, since: Cursor) -> OSError | None:
         """The sync that began at ``since`` is done: the error to raise for what was noted after

@@ -308,8 +308,8 @@ class Filesystem:
         and no fsync or close has reported yet (a file still open, dropped unclosed or never
         fsynced) is reported here, so an unmount that returns lost nothing no caller was told
         of: a loss some handle's fsync or close reported is not raised again (each error is
-        reported once per handle, fs/errseq.py), nor one a sync raised, and one another handle
-        still open never reported is not raised either -- its close after the unmount returns quietly."""
+        reported once per handle, fs/errseq.py), and one another handle still open never
+        reported is not raised either -- its close after the unmount returns quietly."""
         if not self.mounted:
             return
         self.mounted = False
@@ -1708,8 +1708,7 @@ class Filesystem:
         """syncfs(2): write back every dirty file and commit, then raise the first writeback
         error noted since the last sync reported one (``errseq``) -- a sync that returns lost
         nothing acknowledged. The file's own fsync or close reports it too, as in Linux. The
-        error is taken even when the commit fails (whose error is then the one raised). Raised,
-        every loss noted so far has been told to some sync: the unmount does not raise it again."""
+        error is taken even when the commit fails (whose error is then the one raised)."""
         self.check_mounted()
         since = self.writeback.errseq.open()
         try:
@@ -1717,8 +1716,6 @@ class Filesystem:
         finally:
             err = self.writeback.errseq.end(since)
         if err is not None:
-            for inode in self.inodes.values():
-                inode.errs.told_all()
             raise err
 
     async def fsync_dir(self, path: str) -> None:
