@@ -382,6 +382,11 @@ class Filesystem:
         One ``_replace`` a save: each costs a dict and a tuple, and saves come several an operation.
         The inode is noted changed for the fsync log (``Engine.changed_extents``): until it is
         logged again, a power cut loses its item's change (``Volume._logged_whole``)."""
+        self.tree.insert((inode.ino, S.INODE_ITEM, 0), self._item_to_save(inode), replace=True)
+
+    def _item_to_save(self, inode: Inode) -> bytes:
+        """``save_inode`` but the insert: the packed item, for a caller that applies it with the
+        other changes of its leaf (``_add_entry``, ``_remove_entry``: one descent, not three)."""
         engine = self.vol.engine
         tid = engine.transid
         engine.changed_extents.setdefault(inode.ino, {})
@@ -394,7 +399,7 @@ class Filesystem:
             inode.data_changed_ns = 0
         else:
             inode.item = inode.item._replace(size=inode.disk_size, nbytes=inode.nbytes, transid=tid)
-        self.tree.insert((inode.ino, S.INODE_ITEM, 0), inode.item.pack(), replace=True)
+        return inode.item.pack()
 
     def _touch(self, inode: Inode, *, mtime: bool = True, links: int = 0) -> None:
         """ctime (and mtime) now; ``links`` added to nlink in the same ``_replace``. A new mtime
@@ -716,14 +721,13 @@ class Filesystem:
         key = (parent.ino, S.DIR_ITEM, name_hash(name))
         old = self.tree.get(key)
         entries = (unpack_dir_entries(old) if old is not None else []) + [entry]
-        self.tree.insert(key, pack_dir_entries(entries), replace=True)
         index = self._dir_index(parent.ino)
-        self.tree.insert((parent.ino, S.DIR_INDEX, index), pack_dir_entries([entry]))
         backrefs.add(self.tree, child.ino, parent.ino, index, name, self.extended_iref)
         parent.size += 2 * len(name)
         parent.disk_size = parent.size
         self._touch(parent, links=links)
-        self.save_inode(parent)
+        self._apply_dir(parent, [(key, pack_dir_entries(entries)),
+                                 ((parent.ino, S.DIR_INDEX, index), pack_dir_entries([entry]))])
 
     def _remove_entry(self, parent: Inode, name: bytes, child: Inode, *, links: int = 0) -> None:
         """Remove the entry ``name`` of ``child`` from ``parent``; ``links`` as ``_add_entry``'s."""
@@ -731,15 +735,23 @@ class Filesystem:
         parent.dentries.pop(name, None)
         key = (parent.ino, S.DIR_ITEM, name_hash(name))
         rest = [e for e in unpack_dir_entries(self.tree[key]) if e.name != name]
+        # first: a back reference found missing next (a damaged image) then aborts the transaction
         if rest:
             self.tree.insert(key, pack_dir_entries(rest), replace=True)  # there: just read (``update`` looks again)
         else:
             self.tree.delete(key)
-        self.tree.delete((parent.ino, S.DIR_INDEX, backrefs.remove(self.tree, child.ino, parent.ino, name)))
+        index = backrefs.remove(self.tree, child.ino, parent.ino, name)
         parent.size -= 2 * len(name)
         parent.disk_size = parent.size
         self._touch(parent, links=links)
-        self.save_inode(parent)
+        self._apply_dir(parent, [((parent.ino, S.DIR_INDEX, index), None)])
+
+    def _apply_dir(self, parent: Inode, changes: list[tuple[tuple[int, int, int], bytes | None]]) -> None:
+        """``changes`` to ``parent``'s own items after its inode item (DIR_ITEM, DIR_INDEX: in
+        key order; None deletes) with the parent saved, in one pass over the tree: the keys share
+        the parent's objectid, so mostly one leaf, which an insert, a delete and a save descended
+        to one by one (and a delete looked its key up first)."""
+        self.tree.apply([((parent.ino, S.INODE_ITEM, 0), self._item_to_save(parent)), *changes])
 
     def _is_empty(self, d: Inode) -> bool:
         return self.tree.first_at_or_after((d.ino, S.DIR_INDEX, 0), (d.ino, S.DIR_INDEX, (1 << 64) - 1)) is None
