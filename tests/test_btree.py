@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockemu.engine.btree import BTree, Through, _balanced_cut, max_item_size
-from blockemu.errors import ExistsError, NotFoundError
+from blockemu.engine.btree import BTree, Must, Through, _balanced_cut, max_item_size
+from blockemu.errors import CorruptionError, ExistsError, NotFoundError
 from blockemu.ondisk.block import TreeBlock, body_size, max_ptrs
 from blockemu.ondisk.fast import ITEM_SIZE
 from tests.conftest import MemoryImage
@@ -360,6 +360,21 @@ def test_batched_apply_builds_and_empties_a_deep_tree():
     assert tree.level == 0 and [k for k, _ in tree.items()] == keys[-3:]
     tree.apply([(k, None) for k in keys[-3:]])
     assert tree.level == 0 and list(tree.items()) == []
+
+
+def test_must_changes_check_presence_as_insert_and_delete_do():
+    """``Must``: an insert of a key there already, or a delete of one missing, anywhere in a
+    multi-leaf apply, is CorruptionError (as ``insert``/``delete`` one by one refuse them);
+    present as required, it is a plain insert or delete."""
+    img = MemoryImage(4096)
+    tree = img.new_tree()
+    tree.apply([((i, 1, 0), b"x" * 40) for i in range(0, 4000, 2)])
+    assert tree.level >= 1
+    tree.apply([((1, 1, 0), Must(b"new")), ((2, 1, 0), Must(None)), ((3000, 1, 0), b"plain")])
+    assert tree[(1, 1, 0)] == b"new" and (2, 1, 0) not in dict(tree.items()) and tree[(3000, 1, 0)] == b"plain"
+    for bad in ([((2999, 1, 0), Must(None))], [((3998, 1, 0), Must(b"again"))]):
+        with pytest.raises(CorruptionError):
+            tree.apply([((5, 1, 0), None), *bad])
 
 
 def model_neighbours(model: dict, lo, hi, reverse: bool):

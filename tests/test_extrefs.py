@@ -415,6 +415,39 @@ async def test_unlink_of_a_name_without_its_back_reference_is_euclean(image):
     assert any(f"no INODE_REF in inode {ino}" in m for _, m in codes_and_messages(image))
 
 
+async def test_a_missing_dir_index_aborts_the_unlink_and_a_taken_one_the_create(image):
+    """A damaged image: a name's DIR_INDEX gone (the unlink's delete finds nothing), and a
+    directory's next index already taken (the create's insert finds an item). Both are
+    EUCLEAN and abort the transaction, as ``delete``/``insert`` refused them one item at a time
+    -- not a silent no-op or a replace (which would drop the other name from readdir) since
+    the directory's items go in one ``apply``."""
+    async with blockemu.mount(image) as fs:
+        for p in ("/a", "/b"):
+            async with fs.open(p, "w"):
+                pass
+        root = (await fs.stat("/")).st_ino
+    def indexes(tree) -> list:
+        return [k for k, _ in tree.items((root, S.DIR_INDEX, 0), (root, S.DIR_INDEX, (1 << 64) - 1))]
+
+    await edit(image, lambda tree: tree.delete(indexes(tree)[0]))  # /a's
+    fs = await blockemu.mount(image)
+    with ErrnoCheck(errno.EUCLEAN):
+        await fs.unlink("/a")
+    with ErrnoCheck(errno.EROFS):
+        await fs.unmount()
+    fs = await blockemu.mount(image)
+    async with fs.open("/c", "w"):  # the directory's next index is known now: the last one + 1
+        pass
+    async with fs.vol.join():  # the next one taken behind its back
+        last = indexes(fs.tree)[-1]
+        fs.tree.insert((root, S.DIR_INDEX, last[2] + 1), fs.tree[last])
+    with ErrnoCheck(errno.EUCLEAN):
+        async with fs.open("/d", "w"):
+            pass
+    with ErrnoCheck(errno.EROFS):
+        await fs.unmount()
+
+
 async def test_repair_keeps_a_name_when_the_only_one_is_dangling_in_both_items(image):
     """A damaged image: a file's one name lost its entry, and the same (directory, name) is
     also in an INODE_EXTREF. The two back references are one name, not two: "the inode keeps

@@ -47,7 +47,18 @@ class Through(NamedTuple):
     hi: KeyT
 
 
-Change = tuple[KeyT, "bytes | None | Through"]
+class Must(NamedTuple):
+    """The value of a change to ``BTree.apply`` that checks the item's presence: ``value`` bytes
+    are a new item (its key must be absent), None deletes one that must be there. A directory's
+    DIR_INDEX is both (a fresh index added, the index its back reference named removed): on a
+    damaged image the one there already, or the one missing, is CorruptionError (EUCLEAN, the
+    transaction aborts, as ``backrefs``' missing reference), not a silent replace or no-op --
+    as ``insert`` and ``delete`` refused them one item at a time."""
+
+    value: bytes | None
+
+
+Change = tuple[KeyT, "bytes | None | Through | Must"]
 
 
 class BlockStore(Protocol):
@@ -271,6 +282,8 @@ class BTree:
         if not changes:
             return
         for key, value in changes:
+            if type(value) is Must:
+                value = value.value
             if value is not None and type(value) is not Through and len(value) > self.max_item:
                 raise ValueError(f"item of {len(value)} bytes exceeds the {self.max_item}-byte limit")
         root = self._writable_root()
@@ -385,6 +398,12 @@ class BTree:
         used, i = leaf.used, 0
         for key, value in changes:
             j = bisect_left(keys, key, i)
+            if type(value) is Must:
+                if (j < len(keys) and keys[j] == key) == (value.value is not None):
+                    leaf.used = used  # what was merged so far stays consistent for the abort
+                    raise CorruptionError(f"tree {leaf.owner}: item {key} " + (
+                        "already present" if value.value is not None else "missing"))
+                value = value.value
             if type(value) is Through:
                 k = bisect_right(keys, value.hi, j)
                 used -= ITEM_SIZE * (k - j) + sum(map(len, values[j:k]))

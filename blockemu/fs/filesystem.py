@@ -28,7 +28,7 @@ from blockemu.crypto.keyring import Keyring, KeyStatus, RemovalResult, Step, che
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.writelog import WriteLog
 from blockemu.engine.alloc import Allocator, no_space
-from blockemu.engine.btree import Through
+from blockemu.engine.btree import Change, Must, Through
 from blockemu.engine.extents import Extents
 from blockemu.errors import (
     BadFile,
@@ -727,7 +727,7 @@ class Filesystem:
         parent.disk_size = parent.size
         self._touch(parent, links=links)
         self._apply_dir(parent, [(key, pack_dir_entries(entries)),
-                                 ((parent.ino, S.DIR_INDEX, index), pack_dir_entries([entry]))])
+                                 ((parent.ino, S.DIR_INDEX, index), Must(pack_dir_entries([entry])))])
 
     def _remove_entry(self, parent: Inode, name: bytes, child: Inode, *, links: int = 0) -> None:
         """Remove the entry ``name`` of ``child`` from ``parent``; ``links`` as ``_add_entry``'s."""
@@ -744,9 +744,9 @@ class Filesystem:
         parent.size -= 2 * len(name)
         parent.disk_size = parent.size
         self._touch(parent, links=links)
-        self._apply_dir(parent, [((parent.ino, S.DIR_INDEX, index), None)])
+        self._apply_dir(parent, [((parent.ino, S.DIR_INDEX, index), Must(None))])
 
-    def _apply_dir(self, parent: Inode, changes: list[tuple[tuple[int, int, int], bytes | None]]) -> None:
+    def _apply_dir(self, parent: Inode, changes: list[Change]) -> None:
         """``changes`` to ``parent``'s own items after its inode item (DIR_ITEM, DIR_INDEX: in
         key order; None deletes) with the parent saved, in one pass over the tree: the keys share
         the parent's objectid, so mostly one leaf, which an insert, a delete and a save descended
