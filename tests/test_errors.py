@@ -156,3 +156,20 @@ async def test_a_bad_mount_option_is_einval_naming_it_and_opens_nothing(tmp_path
     assert e.value.errno == errno.EINVAL and says in str(e.value)
     async with blockemu.mount(img, seal_workers=0):  # nothing left held: it mounts at once
         pass
+
+
+async def test_a_negative_offset_is_einval_for_pread_as_for_pwrite(tmp_path):
+    """``pread(4, -1)`` returned ``b"\\x00012"`` -- a zero from "page -1", then the file's
+    first bytes -- and ``pread(4, -5)`` four zeros, where pread(2) (and ``os.pread``, and this
+    API's own ``pwrite``) fail with EINVAL (a newcomer's trial)."""
+    img = str(tmp_path / "p.img")
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img, seal_workers=0) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"0123456789")
+        async with fs.open("/f", "r") as f:
+            for offset in (-1, -5, -4097):
+                with pytest.raises(OSError) as e:
+                    await f.pread(4, offset)
+                assert e.value.errno == errno.EINVAL and str(e.value) == "negative offset"
+            assert await f.pread(4, 0) == b"0123"

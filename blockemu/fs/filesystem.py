@@ -2028,6 +2028,8 @@ class File:
     async def _pread(self, size: int, offset: int, joiner: B) -> B:
         """The bytes at [offset, +size), joined by ``joiner`` (so of its type)."""
         self._check(False)
+        if offset < 0:  # pread(2)'s EINVAL, as pwrite's: else "page -1" read as zeros
+            raise InvalidArgument("negative offset")
         inode = self.inode
         end = min(offset + max(size, 0), inode.size)
         if end <= offset:
