@@ -54,10 +54,10 @@ COMPONENTS = st.one_of(
 def test_split_path_against_its_components(components, absolute):
     """A path is its components joined by "/" (empty ones and "." dropped): each comes back as
     its bytes; ".." is EINVAL, a component longer than NAME_MAX bytes ENAMETOOLONG, and a
-    relative path EINVAL -- whatever the others hold."""
+    relative path or a NUL byte EINVAL -- whatever the others hold."""
     path = ("/" if absolute else "") + "/".join(components)
     want = [c.encode(errors="surrogateescape") for c in components if c not in ("", ".")]
-    if not path.startswith("/") or ".." in components:
+    if not path.startswith("/") or ".." in components or "\0" in path:
         code = errno.EINVAL
     elif any(len(c) > 255 for c in want):
         code = errno.ENAMETOOLONG

@@ -102,6 +102,8 @@ def split_path(path: str) -> list[bytes]:
     cost as much as resolving them."""
     if not path.startswith("/"):
         raise InvalidArgument(f"{path!r}: paths are absolute inside the image")
+    if "\0" in path:  # no syscall can pass one (os.open: "embedded null byte"), nor a mount show it
+        raise InvalidArgument(f"{path!r}: embedded null byte")
     parts = [p for p in path.encode(errors="surrogateescape").split(b"/") if p and p != b"."]
     if b".." in parts:
         raise InvalidArgument(f"{path!r}: '..' is not supported")
