@@ -186,3 +186,26 @@ async def test_a_name_with_a_null_byte_is_einval(tmp_path):
                 await call
             assert e.value.errno == errno.EINVAL and "embedded null byte" in str(e.value)
         assert await fs.readdir("/") == []
+
+
+async def test_removing_or_moving_dot_fails_as_on_linux(tmp_path):
+    """``rmdir("/a/.")`` removed /a and ``rename("/a/.", "/c")`` moved it: the "." dropped
+    from the path left the directory's own name. Linux refuses both (rmdir: EINVAL, rename:
+    EBUSY, either side), checked here against os on the host (f-strings: pathlib drops ".")."""
+    img = str(tmp_path / "dot.img")
+    await blockemu.mkfs(img, size="32M")
+    host = tmp_path / "host"
+    (host / "a").mkdir(parents=True)
+    async with blockemu.mount(img, seal_workers=0) as fs:
+        await fs.mkdir("/a")
+        for call, hostcall in [(fs.rmdir("/a/."), lambda: os.rmdir(f"{host}/a/.")),
+                               (fs.rmdir("/a/./"), lambda: os.rmdir(f"{host}/a/./")),
+                               (fs.rename("/a/.", "/c"), lambda: os.rename(f"{host}/a/.", f"{host}/c")),
+                               (fs.rename("/a", "/a/."), lambda: os.rename(f"{host}/a", f"{host}/a/."))]:
+            with pytest.raises(OSError) as e:
+                await call
+            with pytest.raises(OSError) as h:
+                hostcall()
+            assert e.value.errno == h.value.errno
+        assert await fs.readdir("/") == ["a"]
+        assert sorted(os.listdir(host)) == ["a"]

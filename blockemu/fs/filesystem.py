@@ -112,6 +112,13 @@ def split_path(path: str) -> list[bytes]:
     return parts
 
 
+def ends_in_dot(path: str) -> bool:
+    """Whether the last component of ``path`` is "." (trailing slashes aside), which
+    ``split_path`` drops: Linux refuses to remove or move an entry by that name (rmdir's
+    EINVAL, rename's EBUSY) rather than act on the directory it stands for."""
+    return path.rstrip("/").endswith("/.")
+
+
 @dataclass
 class Stat:
     st_mode: int
@@ -778,6 +785,9 @@ class Filesystem:
 
     async def rmdir(self, path: str) -> None:
         async with self.vol.join(deleting=True):
+            if ends_in_dot(path):  # "/a/.": Linux's LAST_DOT, once the path up to it resolves
+                self._resolve(path)
+                raise InvalidArgument(f"{path}: invalid argument")
             parent, name = self._parent(path, Busy)  # the root: EBUSY
             d = self._named(parent, name, path)
             if not d.is_dir:
@@ -819,6 +829,8 @@ class Filesystem:
             sparent, sname = self._parent(src, Busy)
             inode = self._named(sparent, sname, src)
             dparent, dname = self._parent(dst, Busy)
+            if ends_in_dot(src) or ends_in_dot(dst):
+                raise Busy(f"{src} -> {dst}: device or resource busy")
             sparts, dparts = split_path(src), split_path(dst)
             if sparts == dparts:
                 return
