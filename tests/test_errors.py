@@ -209,3 +209,20 @@ async def test_removing_or_moving_dot_fails_as_on_linux(tmp_path):
             assert e.value.errno == h.value.errno
         assert await fs.readdir("/") == ["a"]
         assert sorted(os.listdir(host)) == ["a"]
+
+
+async def test_a_seek_past_the_largest_file_size_is_einval(tmp_path):
+    """``seek(2**63)`` returned 2**63 where lseek(2) fails with EINVAL past the file system's
+    largest size (``vfs_setpos``; os.lseek says so on the host); the write there then failed
+    with EFBIG instead."""
+    img = str(tmp_path / "s.img")
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img, seal_workers=0) as fs:
+        async with fs.open("/f", "w") as f:
+            await f.write(b"x")
+            for offset, whence in ((2**63, os.SEEK_SET), (2**63 - 1, os.SEEK_END)):
+                with pytest.raises(OSError) as e:
+                    await f.seek(offset, whence)
+                assert e.value.errno == errno.EINVAL
+            assert await f.seek(2**63 - 1) == 2**63 - 1
+            assert await f.tell() == 2**63 - 1

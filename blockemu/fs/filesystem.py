@@ -2063,7 +2063,7 @@ class File:
     async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         self.fs.check_mounted()
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.inode.size}.get(whence)
-        if base is None or base + offset < 0:
+        if base is None or not 0 <= base + offset <= S.MAX_FILE_SIZE:  # lseek(2)'s EINVAL both ways
             raise InvalidArgument("bad seek")
         self.pos = base + offset
         return self.pos
