@@ -1079,3 +1079,34 @@ async def test_runs_shorter_than_the_holes_of_16k_tree_blocks_reach_the_disk(tmp
             await f.fsync()
             assert f.inode.lost_bytes == 0
     await verify(image, {"/new": bytes(written)})
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+async def test_a_truncate_into_a_hole_needs_no_room(tmp_path, encrypted):
+    """A truncate to inside a page rewrites that page's tail as zeros -- unless it reads as
+    zeros already (a hole): on a full filesystem a truncate into a hole was ENOSPC ("cannot
+    allocate 4096 bytes"), though it writes no data (a newcomer's trial). Into data it still is."""
+    image = str(tmp_path / "h.img")
+    await blockemu.mkfs(image, size="16M")
+    top = "/e/" if encrypted else "/"
+    async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+        if encrypted:
+            await encrypted_dir(fs, "/e")
+        async with fs.open(f"{top}sparse", "w") as f:
+            await f.write(b"h" * S)
+            await f.pwrite(b"t" * S, 16 * S)
+            await f.fsync()
+        await fill_with_files(fs, 64 * S, top)
+        async with fs.open(f"{top}pad", "w") as f:
+            with pytest.raises(NoSpaceError):
+                while True:  # to the last page
+                    await f.write(b"p" * S)
+        async with fs.open(f"{top}sparse", "r+") as f:
+            with pytest.raises(NoSpaceError):
+                await f.truncate(16 * S + 100)  # into data: its page's tail is rewritten
+            await f.truncate(5 * S + 100)  # into the hole
+            await f.fsync()
+            assert await f.pread(3 * S, 0) == b"h" * S + bytes(2 * S)
+            await f.truncate(20 * S)  # grown again: zeros past the old end
+    await verify(image, {f"{top}sparse": b"h" * S + bytes(19 * S)}, encrypted=encrypted)
+    assert_fsck_clean(image)

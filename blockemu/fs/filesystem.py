@@ -1585,14 +1585,21 @@ class Filesystem:
         if size > inode.size and inode.size % PAGE:
             await self.zero_past_eof(inode)
         if size < inode.size and size % PAGE:
-            await self.make_room(PAGE, inode=inode)  # the tail page is rewritten (zero_partial)
+            # the new end page is rewritten (zero_partial) unless it reads as zeros past the new
+            # end already -- a hole, or zeros written -- which on a full filesystem made a
+            # truncate into a hole ENOSPC, as if it wrote data
+            idx, tail = divmod(size, PAGE)
+            page = (await self.read_pages(inode, idx, 1))[0]
+            if inode.wb_lock.locked() or not self._end_zeroed(inode, idx, tail, page):
+                await self.make_room(PAGE, inode=inode)
         async with inode.wb_lock:
             if size < inode.size:
                 tail = size % PAGE
                 if tail:
                     idx = size // PAGE
                     old = (await self.read_pages(inode, idx, 1))[0]
-                    self.zero_partial(inode, idx, old, tail, PAGE)
+                    if not self._end_zeroed(inode, idx, tail, old):  # (zero_partial checks room)
+                        self.zero_partial(inode, idx, old, tail, PAGE)
                 self.drop_pages(inode, -(-size // PAGE))
                 async with self.vol.join():
                     inode.nbytes += self.extents.punch(inode.ino, -(-size // PAGE) * PAGE, (1 << 64) - 1)
