@@ -158,7 +158,7 @@ async def test_a_bad_mount_option_is_einval_naming_it_and_opens_nothing(tmp_path
         pass
 
 
-async def test_a_negative_offset_is_einval_for_pread_as_for_pwrite(tmp_path):
+async def test_a_negative_offset_or_size_is_einval_for_pread(tmp_path):
     """``pread(4, -1)`` returned ``b"\\x00012"`` -- a zero from "page -1", then the file's
     first bytes -- and ``pread(4, -5)`` four zeros, where pread(2) (and ``os.pread``, and this
     API's own ``pwrite``) fail with EINVAL (a newcomer's trial)."""
@@ -173,6 +173,14 @@ async def test_a_negative_offset_is_einval_for_pread_as_for_pwrite(tmp_path):
                     await f.pread(4, offset)
                 assert e.value.errno == errno.EINVAL and str(e.value) == "negative offset"
             assert await f.pread(4, 0) == b"0123"
+            # pread(-1, 0) returned b"" where os.pread fails with EINVAL; read(-1) (any negative
+            # size) still reads to the end, as a Python file's read does
+            with pytest.raises(OSError) as e:
+                await f.pread(-1, 0)
+            assert e.value.errno == errno.EINVAL and str(e.value) == "negative size"
+            assert await f.read(-2) == b"0123456789"
+            await f.seek(20)  # past the end: nothing to read, not a negative size
+            assert await f.read() == b""
 
 
 async def test_a_name_with_a_null_byte_is_einval(tmp_path):

@@ -2034,7 +2034,8 @@ class File:
                 pos += take
 
     async def read(self, size: int = -1) -> bytes:
-        data = await self.pread(self.inode.size - self.pos if size < 0 else size, self.pos)
+        # -1: to the end, which a seek may have left the position past
+        data = await self.pread(max(self.inode.size - self.pos, 0) if size < 0 else size, self.pos)
         self.pos += len(data)
         return data
 
@@ -2051,8 +2052,10 @@ class File:
         self._check(False)
         if offset < 0:  # pread(2)'s EINVAL, as pwrite's: else "page -1" read as zeros
             raise InvalidArgument("negative offset")
+        if size < 0:  # as os.pread (read's -1, "to the end", is resolved before this)
+            raise InvalidArgument("negative size")
         inode = self.inode
-        end = min(offset + max(size, 0), inode.size)
+        end = min(offset + size, inode.size)
         if end <= offset:
             return joiner[:0]
         first, last = offset // PAGE, (end - 1) // PAGE
