@@ -32,8 +32,9 @@ writes pay). A reference tool that is not installed prints "n/a (not installed)"
   here (fsstress on kernel btrfs needs root), so the reference is issue 16's ~400 ops/s baseline
   and the ratio reads as "x today".
 
-seq, stress, fio: the table's sequential-write rows, its stress row, or its fio rows (IOPS and
-median fsync latency against real fio on the host directory and on kernel btrfs) alone (a minute, not the table's many: fsck's content
+seq, stress, fio, random: the table's sequential-write rows, its stress row, its fio rows (IOPS and
+median fsync latency against real fio on the host directory and on kernel btrfs), or its two random
+4 KiB write rows alone (a minute, not the table's many: fsck's content
 alone takes minutes to make).
 fs: buffered writes under the background threshold (against aiofiles), 10,000 small files and
 10,000 renames of them (against the host filesystem), and write-call latency during a flush and
@@ -614,6 +615,15 @@ def fig_random(d: str, rounds: int, name: str, writes: int, span: int, fsync_eve
     return [Figure(name, med(mine), med(theirs), "writes/s", True, target)]
 
 
+def fig_randoms(d: str, rounds: int) -> list[Figure]:
+    """The table's two random-write rows (``random`` alone runs just these)."""
+    # 80 MiB over 256 MiB: past the 64 MiB dirty limit, so writeback runs under the writes
+    return (fig_random(d, rounds, "random 4 KiB buffered pwrites, 80 MiB", 80 << 8, 256 << 20, None,
+                       ">= 0.3x the pwrite loop")
+            + fig_random(d, rounds, "4 KiB random overwrites of 64 MiB, fsync every 64", 4096, 64 << 20, 64,
+                         "(reported)"))
+
+
 def fsck_content(root: str, files: int) -> None:
     """``files`` files in 100 directories, every 50th 1 MiB, the rest 100 B to 8 KB (seeded)."""
     rng = random.Random(3)
@@ -717,11 +727,7 @@ def bench_table(a: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
         figures += fig_sequential(d, a.mib, a.rounds)
         figures += fig_fio(d, a.rounds)
-        # 80 MiB over 256 MiB: past the 64 MiB dirty limit, so writeback runs under the writes
-        figures += fig_random(d, a.rounds, "random 4 KiB buffered pwrites, 80 MiB", 80 << 8, 256 << 20, None,
-                              ">= 0.3x the pwrite loop")
-        figures += fig_random(d, a.rounds, "4 KiB random overwrites of 64 MiB, fsync every 64", 4096, 64 << 20, 64,
-                              "(reported)")
+        figures += fig_randoms(d, a.rounds)
         figures += fig_fsck(d, a.files, a.rounds)
         figures += fig_stress(d, a.stress_seconds, a.rounds)
     print_table(figures)
@@ -730,7 +736,7 @@ def bench_table(a: argparse.Namespace) -> None:
 def bench_rows(a: argparse.Namespace, which: str) -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
         figures = {"seq": lambda: fig_sequential(d, a.mib, a.rounds), "stress": lambda: fig_stress(d, a.stress_seconds, a.rounds),
-                   "fio": lambda: fig_fio(d, a.rounds)}
+                   "fio": lambda: fig_fio(d, a.rounds), "random": lambda: fig_randoms(d, a.rounds)}
         print_table(figures[which]())
 
 
@@ -792,7 +798,7 @@ def bench_fuse() -> None:
 def main() -> None:
     collect_less()  # the collector's schedule blockemu's programs run with (blockemu/cli/collector.py)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", choices=[[], "table", "seq", "stress", "fio", "btree", "fs", "writeback", "rss",
+    ap.add_argument("what", nargs="*", choices=[[], "table", "seq", "stress", "fio", "random", "btree", "fs", "writeback", "rss",
                                                 "fsck", "fuse"],
                     default=[])
     ap.add_argument("--gib", type=int, default=1)
@@ -805,7 +811,7 @@ def main() -> None:
     what = a.what or ["table"]
     if "table" in what:
         bench_table(a)
-    for which in ("seq", "stress", "fio"):
+    for which in ("seq", "stress", "fio", "random"):
         if which in what:
             bench_rows(a, which)
     if "fs" in what:
