@@ -179,7 +179,8 @@ async def test_the_maps_stay_within_their_bound(image, monkeypatch):
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(1, 4)), max_size=12), st.integers(0, 40), st.integers(1, 8))
 def test_overlapping_is_every_item_the_range_touches(pieces, start, length):
     """``ExtentMap.overlapping`` against a scan of every item: whatever the shortcuts (an item
-    at ``start`` that reaches ``end``), the answer is the items overlapping [start, end), in order."""
+    at ``start`` that reaches ``end``), the answer is the items overlapping [start, end), in order;
+    ``overlaps`` (one bisection, which writeback asks before it trims anything) is whether any does."""
     items, at = [], 0
     for gap, size in pieces:  # non-overlapping items, in pages, with holes between some
         at += gap
@@ -188,6 +189,7 @@ def test_overlapping_is_every_item_the_range_touches(pieces, start, length):
     start, end = start * PAGE, (start + length) * PAGE
     model = [(o, fe) for o, fe in items if o < end and o + fe.num_bytes > start]
     assert module.ExtentMap(items).overlapping(start, end) == model
+    assert module.ExtentMap(items).overlaps(start, end) == bool(model)
 
 
 @given(st.lists(st.tuples(st.integers(0, 40), st.booleans()), max_size=60))

@@ -231,7 +231,7 @@ CONTEXTS = st.none() | st.builds(items.ExtentContext, st.integers(0, 255), st.in
 @settings(max_examples=200)
 @given(U64, U64, U64, U64, U64, U64, CONTEXTS)
 def test_new_data_extent_items_are_the_general_ones(generation, ram_bytes, bytenr, length, ino, file_offset, context):
-    """The straight-line builders of a new extent's two items (``ExtentBatch.add_extent`` stages
+    """The straight-line builders of a new extent's two items (``ExtentBatch.add_extents`` stages
     every written extent through them) give what the NamedTuples and their general pack give:
     the same objects and the same bytes, for every field value the format can hold."""
     fe = items.FileExtent(generation, ram_bytes, 0, S.ENCRYPTION_FSCRYPT if context else S.ENCRYPTION_NONE,

@@ -136,6 +136,12 @@ class TreeBatch:
         self.changes[key] = value
         self.order = None
 
+    def put_many(self, items: list[tuple[KeyT, bytes]]) -> None:
+        """``put`` of each (key, value): one update for the many items an extent batch makes."""
+        if items:
+            self.changes.update(items)
+            self.order = None
+
     def update(self, key: KeyT, value: bytes) -> None:
         if self.get(key) is None:
             raise NotFoundError(f"no item {key} in tree {self.owner}")

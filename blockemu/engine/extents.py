@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from itertools import islice
+from operator import itemgetter
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from blockemu.engine.batch import TreeBatch
@@ -34,6 +35,7 @@ from blockemu.ondisk.structs import EXTENT_DATA
 PAGE = S.SECTOR_SIZE
 KNOWN_EXTENTS = 1 << 16  # ``Extents.known`` holds at most this many items (~20 MiB)
 MAPPED_EXTENTS = 1 << 16  # ``Extents.maps`` hold at most this many items in all (~15 MiB)
+_KEY = itemgetter(0)
 
 
 class Mapping(NamedTuple):
@@ -106,6 +108,14 @@ class ExtentMap:
             i += 1  # the item before ``start`` ends at or before it
         found = offsets[i : bisect_left(offsets, end, i)]
         return list(zip(found, map(extents.__getitem__, found)))
+
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether an item overlaps [start, end): only the last item starting before ``end`` can
+        (items do not overlap) -- one bisection, no list of them (a new extent in a sparse file,
+        every write of the random-write figure, overlaps nothing)."""
+        offsets = self.offsets
+        i = bisect_left(offsets, end)
+        return i > 0 and offsets[i - 1] + self.extents[offsets[i - 1]].num_bytes > start
 
     def set(self, offset: int, fe: FileExtent | None) -> int:
         """The item at ``offset`` is now ``fe`` (None: gone); returns the change in items."""
@@ -194,11 +204,8 @@ class Extents:
         with), in one batch: several files' extents share the passes over the trees. Returns
         each file's change in nbytes. ``spare``: tree blocks of room the caller can leave to
         the transaction's held changes (``ExtentBatch.spare``)."""
-        delta: dict[int, int] = {}
         with ExtentBatch(self, spare) as batch:
-            for ino, e in extents:
-                delta[ino] = delta.get(ino, 0) + batch.add_extent(ino, e)
-        return delta
+            return batch.add_extents(extents)
 
     def map_logged(self, ino: int, file_offset: int, fe: FileExtent, csum_items: list[tuple[tuple[int, int, int], bytes]]) -> None:
         """Log replay: one logged EXTENT_DATA item over the tree (``ExtentBatch.map_logged``)."""
@@ -453,30 +460,49 @@ class ExtentBatch:
                 self._change_ref(fe, ino, ref_offset, -1)
         return -freed, f
 
-    def add_extent(self, ino: int, new: NewExtent) -> int:
-        """Map [file_offset, +length) to the new extent; returns the change in nbytes."""
-        file_offset, bytenr, length = new.file_offset, new.bytenr, new.length
-        delta, f = self._unmap(ino, file_offset, file_offset + length, refill=True)
-        transid = self.engine.transid
-        fe, body = new_data_extent(transid, new.ram_bytes, bytenr, length, new.context)
-        self._set(ino, f, file_offset, fe, body)
-        item, body = new_data_extent_item(transid, ino, file_offset)
-        key = (bytenr, S.EXTENT_ITEM, length)
-        self.ext.put(key, body)  # (``_put_extent``, written out: a fixed-size body, made above)
-        self.staged_known[bytenr] = (key, item)
-        self.fresh.add(key)
-        digests, sectors, per = new.digests, length // PAGE, self.sectors_per_csum_item
-        if sectors <= per:  # one item (every small extent): no slicing of the digests
-            items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr), digests)]
-        else:
-            step = len(digests) // sectors
-            items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), digests[i * step : (i + per) * step])
-                     for i in range(0, sectors, per)]
-        for ckey, cbody in items:
-            self.csum.put(ckey, cbody)  # at most an item's worth of digests (``sectors_per_csum_item``)
-            self.fresh.add(ckey)
-        self.new_csums[bytenr] = items
-        return delta + length
+    def add_extents(self, extents: Iterable[tuple[int, NewExtent]]) -> dict[int, int]:
+        """Map each new extent (with the inode number of its file) over [file_offset, +length);
+        returns each file's change in nbytes. One loop for the batch, its names looked up once:
+        per extent, the file's items there are trimmed (``_unmap``, not entered where the file's
+        map holds nothing in the range -- a new extent in a sparse file), and its three items are
+        made as bytes and staged. The extent and checksum items go to their trees in one update
+        each at the end, as do the keys the batch makes (``fresh``): nothing in the loop reads
+        them back, for a batch's extents never overlap (each dirty page is in one run), so no
+        extent of the batch trims or frees another -- a call per item was ~1k instructions."""
+        transid, per = self.engine.transid, self.sectors_per_csum_item
+        maps, staged_known, new_csums = self.extents.maps, self.staged_known, self.new_csums
+        ext_items: list[tuple[KeyT, bytes]] = []
+        csum_items: list[tuple[KeyT, bytes]] = []
+        delta: dict[int, int] = {}
+        for ino, (file_offset, bytenr, length, ram_bytes, context, digests) in extents:
+            end = file_offset + length
+            emap = maps.get(ino)
+            if emap is None or emap.overlaps(file_offset, end):
+                freed, f = self._unmap(ino, file_offset, end, refill=True)
+            else:
+                freed, f = 0, self._file(ino)
+            delta[ino] = delta.get(ino, 0) + freed + length
+            fe, body = new_data_extent(transid, ram_bytes, bytenr, length, context)
+            self._set(ino, f, file_offset, fe, body)
+            item, body = new_data_extent_item(transid, ino, file_offset)
+            key = (bytenr, S.EXTENT_ITEM, length)
+            ext_items.append((key, body))  # (``_put_extent``, written out: a fixed-size body)
+            staged_known[bytenr] = (key, item)
+            sectors = length // PAGE
+            if sectors <= per:  # one item (every small extent): no slicing of the digests
+                items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr), digests)]
+            else:
+                step = len(digests) // sectors
+                items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), digests[i * step : (i + per) * step])
+                         for i in range(0, sectors, per)]
+            csum_items += items  # at most an item's worth of digests each (``sectors_per_csum_item``)
+            new_csums[bytenr] = items
+        self.ext.put_many(ext_items)
+        self.csum.put_many(csum_items)
+        fresh = self.fresh
+        fresh.update(map(_KEY, ext_items))
+        fresh.update(map(_KEY, csum_items))
+        return delta
 
     def map_logged(self, ino: int, file_offset: int, fe: FileExtent, csum_items: list[tuple[tuple[int, int, int], bytes]]) -> None:
         """Log replay (``treelog``): map the file range of ``fe`` as an fsync logged it, over what

@@ -403,7 +403,7 @@ def new_data_extent(generation: int, ram_bytes: int, bytenr: int, length: int,
                     context: ExtentContext | None) -> tuple[FileExtent, bytes]:
     """A newly written extent's EXTENT_DATA item mapping all of it, with its body: the same as
     ``FileExtent(...)`` and its ``pack()``, made in one struct call and without the Python-level
-    NamedTuple constructor -- every written extent is staged through here (``ExtentBatch.add_extent``)."""
+    NamedTuple constructor -- every written extent is staged through here (``ExtentBatch.add_extents``)."""
     if context is None:
         fields = (generation, ram_bytes, 0, ENCRYPTION_NONE, 0, FILE_EXTENT_REG, bytenr, length, 0, length)
         return tuple.__new__(FileExtent, (*fields, None)), fast.FILE_EXTENT_ITEM.pack(*fields)
