@@ -187,6 +187,16 @@ def test_alloc_many_places_as_alloc_one_by_one(ops, pieces, keep, hole_sectors):
     assert dict(many.free) == dict(one.free) and many.node_room == one.node_room and many.cursor == one.cursor
 
 
+def test_alloc_many_sees_a_hole_its_own_placing_made():
+    """``alloc_many`` asks once per length whether a hole would take it, while it carves pieces
+    from one free extent; a piece placed by ``alloc`` in between may leave a new hole (the rest of
+    that extent, put back), and the next small piece goes there, as ``alloc`` one by one puts it."""
+    lengths = [S, S, S, S, 2 * S, S]  # the fifth leaves [4S, 5S) a hole: the sixth fills it
+    one, many = (Allocator([(0, 5 * S), (10 * S, 10 * S)], nodesize=S, hole_max=2 * S) for _ in range(2))
+    assert [one.alloc(n) for n in lengths] == many.alloc_many(lengths) == [0, S, 2 * S, 3 * S, 10 * S, 4 * S]
+    assert dict(many.free) == dict(one.free)
+
+
 async def test_overwrites_reuse_the_holes_commits_gave_back(tmp_path):
     """Scattered 4 KiB overwrites free a 4 KiB hole each. Once the commit that freed them is
     durable the next transaction fills them, so the free-space record every commit rewrites
