@@ -180,7 +180,8 @@ async def test_the_maps_stay_within_their_bound(image, monkeypatch):
 def test_overlapping_is_every_item_the_range_touches(pieces, start, length):
     """``ExtentMap.overlapping`` against a scan of every item: whatever the shortcuts (an item
     at ``start`` that reaches ``end``), the answer is the items overlapping [start, end), in order;
-    ``overlaps`` (one bisection, which writeback asks before it trims anything) is whether any does."""
+    ``vacant`` (one bisection, which writeback asks before it trims anything) is None if any does,
+    else where an item at ``start`` goes among the offsets."""
     items, at = [], 0
     for gap, size in pieces:  # non-overlapping items, in pages, with holes between some
         at += gap
@@ -189,7 +190,11 @@ def test_overlapping_is_every_item_the_range_touches(pieces, start, length):
     start, end = start * PAGE, (start + length) * PAGE
     model = [(o, fe) for o, fe in items if o < end and o + fe.num_bytes > start]
     assert module.ExtentMap(items).overlapping(start, end) == model
-    assert module.ExtentMap(items).overlaps(start, end) == bool(model)
+    at = module.ExtentMap(items).vacant(start, end)
+    assert (at is None) == bool(model)
+    if at is not None:  # where an item at ``start`` goes: the offsets stay sorted
+        offsets = [o for o, _ in items]
+        assert sorted([*offsets, start]) == [*offsets[:at], start, *offsets[at:]]
 
 
 @given(st.lists(st.tuples(st.integers(0, 40), st.booleans()), max_size=60))

@@ -109,17 +109,25 @@ class ExtentMap:
         found = offsets[i : bisect_left(offsets, end, i)]
         return list(zip(found, map(extents.__getitem__, found)))
 
-    def overlaps(self, start: int, end: int) -> bool:
-        """Whether an item overlaps [start, end): only the last item starting before ``end`` can
-        (items do not overlap) -- one bisection, no list of them (a new extent in a sparse file,
-        every write of the random-write figure, overlaps nothing)."""
+    def vacant(self, start: int, end: int) -> int | None:
+        """Where an item at ``start`` goes among the offsets if no item overlaps [start, end), else
+        None. Only the last item starting before ``end`` can overlap (items do not overlap): one
+        bisection, no list of them (a new extent in a sparse file, every write of the random-write
+        figure, overlaps nothing), and ``set`` is given the place rather than bisecting again."""
         offsets = self.offsets
         i = bisect_left(offsets, end)
-        return i > 0 and offsets[i - 1] + self.extents[offsets[i - 1]].num_bytes > start
+        if i and offsets[i - 1] + self.extents[offsets[i - 1]].num_bytes > start:
+            return None
+        return i
 
-    def set(self, offset: int, fe: FileExtent | None) -> int:
-        """The item at ``offset`` is now ``fe`` (None: gone); returns the change in items."""
+    def set(self, offset: int, fe: FileExtent | None, at: int | None = None) -> int:
+        """The item at ``offset`` is now ``fe`` (None: gone); returns the change in items.
+        ``at``: ``vacant``'s answer for a new item at ``offset``."""
         extents = self.extents
+        if at is not None:
+            extents[offset] = fe  # type: ignore[assignment]
+            self.offsets[at:at] = (offset,)
+            return 1
         if fe is None:
             if extents.pop(offset, None) is None:
                 return 0
@@ -311,16 +319,16 @@ class ExtentBatch:
         return emap, notes
 
     def _set(self, ino: int, file: tuple[ExtentMap | None, Notes], offset: int, fe: FileExtent | None,
-             body: bytes | None = None) -> None:
+             body: bytes | None = None, at: int | None = None) -> None:
         """Stage the file's EXTENT_DATA item at ``offset`` (None: none there), noted for the fsync
         log, which logs from these notes rather than looking each changed range up again. The
         key is known present (just read) or absent (inside a mapping, or a new extent's): no
         lookup to check it, each would be another descent. ``body``: ``fe`` packed, if the caller
-        made it already; ``file``: ``_file(ino)``."""
+        made it already; ``file``: ``_file(ino)``; ``at``: where the map takes a new offset (``ExtentMap.vacant``)."""
         key = (ino, EXTENT_DATA, offset)
         emap, notes = file
         if emap is not None:
-            self.extents.mapped += emap.set(offset, fe)
+            self.extents.mapped += emap.set(offset, fe, at)
         if fe is None:
             self.fs.drop(key)
             notes[offset] = None
@@ -464,7 +472,7 @@ class ExtentBatch:
         """Map each new extent (with the inode number of its file) over [file_offset, +length);
         returns each file's change in nbytes. One loop for the batch, its names looked up once:
         per extent, the file's items there are trimmed (``_unmap``, not entered where the file's
-        map holds nothing in the range -- a new extent in a sparse file), and its three items are
+        map holds nothing in the range -- a new extent in a sparse file: ``ExtentMap.vacant``), and its three items are
         made as bytes and staged. The extent and checksum items go to their trees in one update
         each at the end, as do the keys the batch makes (``fresh``): nothing in the loop reads
         them back, for a batch's extents never overlap (each dirty page is in one run), so no
@@ -477,13 +485,14 @@ class ExtentBatch:
         for ino, (file_offset, bytenr, length, ram_bytes, context, digests) in extents:
             end = file_offset + length
             emap = maps.get(ino)
-            if emap is None or emap.overlaps(file_offset, end):
+            at = None if emap is None else emap.vacant(file_offset, end)
+            if at is None:
                 freed, f = self._unmap(ino, file_offset, end, refill=True)
             else:
                 freed, f = 0, self._file(ino)
             delta[ino] = delta.get(ino, 0) + freed + length
             fe, body = new_data_extent(transid, ram_bytes, bytenr, length, context)
-            self._set(ino, f, file_offset, fe, body)
+            self._set(ino, f, file_offset, fe, body, at)
             item, body = new_data_extent_item(transid, ino, file_offset)
             key = (bytenr, S.EXTENT_ITEM, length)
             ext_items.append((key, body))  # (``_put_extent``, written out: a fixed-size body)
