@@ -11,7 +11,6 @@ from collections import namedtuple
 from itertools import compress, repeat
 from typing import Iterator, NamedTuple
 
-
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import fast
 from blockemu.ondisk.csum import crc32c
