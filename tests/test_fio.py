@@ -669,6 +669,23 @@ async def test_loops_with_verify_read_back_each_loop(tmp_path):
     assert (seq["read"]["total_ios"], seq["write"]["total_ios"]) == (48, 48)
 
 
+async def test_io_size_past_size_runs_passes_of_size_counting_the_read_backs(tmp_path):
+    """fio 3.33 (backend.c) caps each pass at ``size`` (do_io's total_bytes) and, after
+    ``loops`` passes, runs another while the job has moved less than ``io_size``, its verify
+    reads counted (keep_running on io_bytes). Real fio on a host directory, ``rw=write bs=4k
+    size=64k io_size=128k``: ``loops=2`` writes 32; ``verify=crc32c`` 16 and 16; ``loops=2
+    verify`` 32 and 32; ``io_size=256k loops=2`` 64. blockemu wrote ``io_size`` times
+    ``loops``: 64, 32/16, 64/32 and 128."""
+    job = "[j]\nrw={rw}\nbs=4k\nsize=64k\nio_size={io}\n{more}\n"
+    assert len(ios(job.format(rw="write", io="128k", more="loops=2"))) == 32
+    assert len(ios(job.format(rw="randwrite", io="256k", more="loops=2"))) == 64
+    assert len(ios(job.format(rw="randwrite", io="256k", more="norandommap"))) == 64  # a pass is io_size
+    out, _ = await run_job(tmp_path, "".join(f"[{n}]\n" + job.format(rw=rw, io="128k", more=more)[4:]
+                                             for n, rw, more in [("a", "write", "verify=crc32c"),
+                                                                 ("b", "randwrite", "loops=2\nverify=md5")]))
+    assert [(j["write"]["total_ios"], j["read"]["total_ios"]) for j in out["jobs"]] == [(16, 16), (32, 32)]
+
+
 async def test_number_ios_counts_every_loop_and_the_read_backs(tmp_path):
     """fio 3.33's exceeds_number_ios stops a job at ``number_ios`` times ``loops`` I/Os, the
     verify reads among them (io_blocks counts every completion). Real fio on a host directory,

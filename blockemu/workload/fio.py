@@ -11,9 +11,11 @@ Offsets follow fio's rules: sequential patterns walk the region (``rw=write:112k
 holes, ``rw=read:-8k`` walks backwards); random ones use a random map, so a pass over
 ``size`` in ``bs`` blocks touches every block once (``norandommap`` drops it, and so does a
 non-uniform ``random_distribution``); ``rw=randread:8`` takes 8 sequential I/Os per random
-offset. Budgets are fio's: ``io_size`` (default ``size``) times ``loops``, or ``runtime``
-with ``time_based``, or ``number_ios`` times ``loops`` (verify's reads among them, as fio counts
-them). ``ramp_time`` runs before measuring (its bytes count
+offset. Budgets are fio's: passes (fio's keep_running) of at most ``size`` each, ``loops``
+of them and then more while the job has moved less than ``io_size`` (reads, writes and the
+verify's reads back), never issuing more than ``io_size`` (default ``size``) times ``loops``;
+or ``runtime`` with ``time_based``, or ``number_ios`` times ``loops`` (verify's reads among
+them, as fio counts them). ``ramp_time`` runs before measuring (its bytes count
 towards ``size``, as in fio); ``startdelay`` waits first.
 
 Engines: the sync family (sync, psync, vsync, pvsync, pvsync2, and mmap, whose mapped
@@ -842,8 +844,13 @@ class Clone:
         self.offset = fixed(job.get("offset")) + job.get("offset_increment", 0) * n
         # fio's ba per direction; an empty field (``ba=,64k``) is that direction's block size, as unset
         self.unit = min(s.lo if a is None else a for a, s in zip(job.get("ba") or (None,) * 3, self.sizes))
+        self.dist = job.get("random_distribution", ("random", 0.0))
+        self.randommap = self.rw.random and not job.get("norandommap") and self.dist[0] == "random"
+        # a mixed job draws each I/O's direction; any other does one kind, and draws nothing for
+        # it (fio's get_rw_ddir): the random numbers go to its offsets alone
+        self.mixed = self.rw.pattern in MIXED
         self.regions: list[Region] = []
-        self.budget = self.loop_bytes = 0
+        self.budget = self.loop_bytes = self.plan = self.pass_end = 0
         self.fill = job.get("fill_device", False)  # writes until ENOSPC: sized at layout, by the free space
         size = job.get("size")
         if (fixed(size) or job.get("filesize")) and not self.fill and not isinstance(job.get("offset"), Share):
@@ -851,8 +858,6 @@ class Clone:
             self._size_regions([job.get("filesize") or total // len(self.paths)] * len(self.paths))
         # fio's exceeds_number_ios: number_ios times loops, the job's whole run, verify reads in it
         self.number_ios = job.get("number_ios", 0) * max(1, job.get("loops", 1))
-        self.dist = job.get("random_distribution", ("random", 0.0))
-        self.randommap = self.rw.random and not job.get("norandommap") and self.dist[0] == "random"
         zsize = job.get("zonesize")
         self.zones = (zsize, job.get("zonerange") or zsize, job.get("zoneskip", 0)) \
             if job.get("zonemode", "none") == "strided" and zsize else None
@@ -865,9 +870,6 @@ class Clone:
         self.verifier = Verifier(vkind, job.get("verify_pattern"), job.get("verify_interval")) \
             if vkind not in ("0", "null") else None
         mix = job.get("rwmixread", 100 - job.get("rwmixwrite", 50))
-        # a mixed job draws each I/O's direction; any other does one kind, and draws nothing for
-        # it (fio's get_rw_ddir): the random numbers go to its offsets alone
-        self.mixed = self.rw.pattern in MIXED
         self.read_pct = mix if self.mixed else 100 if self.rw.pattern in ("read", "randread") else 0
         # the one direction of a job that is not mixed (None: drawn per I/O). rw=trim/randtrim
         # trim; trimwrite/randtrimwrite trim a block, then write that block
@@ -893,7 +895,7 @@ class Clone:
         # fio verifies each loop's writes before the next loop starts (thread_main: do_verify once
         # per keep_running pass), so with loops=N a verifying job stops at each loop's end
         self.loop_verify = self.verifier is not None and job.get("do_verify", True) and self.writer and not self.timed
-        self.loops_verified = 0
+        self.passes = 0  # passes done (fio's keep_running calls that went on), while each is verified
         self.verify_backlog = job.get("verify_backlog", 0) if self.verifier is not None else 0
         self.trim_backlog = job.get("trim_backlog", 0)
         self.buffers: Buffers | None = None  # made at layout, once the region's size is known
@@ -920,11 +922,31 @@ class Clone:
         self._budget()
 
     def _budget(self) -> None:
+        """fio's limits on a sized job: ``budget`` the bytes it may issue in all (io_bytes_exceeded
+        on io_issue_bytes), ``pass_bytes`` those of one pass (do_io's total_bytes: ``size``, or
+        ``io_size`` for a random write without a map, where ``size`` does not apply), ``plan``
+        the bytes a job without a read-back between passes issues (its passes move no other)."""
         total = sum(r.length for r in self.regions)
         io_size = self.job.get("io_size")
-        io_size = io_size.of(total, self.unit) if isinstance(io_size, Share) else io_size  # a share of size
-        self.loop_bytes = io_size or total
-        self.budget = self.loop_bytes * max(1, self.job.get("loops", 1))
+        self.io_limit = io_size.of(total, self.unit) if isinstance(io_size, Share) else io_size or 0  # of size
+        self.loop_bytes = self.io_limit or total
+        self.loops = max(1, self.job.get("loops", 1))
+        self.budget = self.loop_bytes * self.loops
+        self.max_bs = max(s.hi for s in self.sizes)
+        self.pass_bytes = max(total, self.io_limit) if self.writer and self.rw.random and not self.randommap \
+            else total
+        self.pass_end = min(self.budget, self.pass_bytes)
+        done = passes = 0
+        while done < self.budget and self._another_pass(passes, done):
+            done, passes = done + min(self.pass_bytes, self.budget - done), passes + 1
+        self.plan = done
+
+    def _another_pass(self, passes: int, moved: int) -> bool:
+        """fio's keep_running after ``passes`` passes that moved ``moved`` bytes (reads and
+        writes, the verify's reads back among them): ``loops`` passes, then more while
+        ``io_size`` is not reached by a whole block. (Without ``io_size`` fio goes on only for a
+        pass that fell short of ``size`` with its files not done: none here, a pass ends at ``size``.)"""
+        return passes < self.loops or self.io_limit - moved >= self.max_bs
 
     @property
     def reads(self) -> bool:
@@ -1528,19 +1550,24 @@ class Clone:
         return list(self.written) if self.randommap else self.written.by_offset()
 
     def _loop_end(self) -> int:
-        """Where the I/O stops for now: the budget, or the end of this loop when each is verified."""
-        return min(self.budget, self.loop_bytes * (self.loops_verified + 1)) if self.loop_verify else self.budget
+        """Where the I/O stops for now: the end of this pass when each is verified, else the plan."""
+        return self.pass_end if self.loop_verify else self.plan
 
     async def _next_loop(self) -> bool:
-        """A loop of loops=N (with verify) is done: read back what it wrote, as fio's do_verify
-        does between loops, and go on to the next; False once the last is done (the verify
-        phase reads that one's back). blockemu verified once, after all loops, so the job read
-        back a loop's worth where fio reads back every loop's."""
-        end = self._loop_end()
-        if not self.loop_verify or end >= self.budget or self.bytes_done < end or self.ctx.stopped:
+        """A pass (fio's do_io) of a job that verifies each is done: go on as fio's keep_running
+        would, after reading this pass's writes back, as fio's do_verify does between passes;
+        False at the end (the verify phase reads the last pass's back). Whether to go on counts
+        the read-back to come, which fio has done by then. blockemu went on to ``io_size`` times
+        ``loops`` written, each pass ``io_size`` long, where fio's passes stop at ``size`` and count
+        the read-backs (``size=64k io_size=128k verify``: 32 writes and 32 reads, not 64 and 32)."""
+        if not self.loop_verify or self.bytes_done < self.pass_end or self.ctx.stopped:
+            return False
+        self.passes += 1
+        moved = self.result.read.io_bytes + self.result.write.io_bytes + self.written.bytes()
+        if self.bytes_done >= self.budget or not self._another_pass(self.passes, moved):
             return False
         await self._verify_written(self._verify_order(), self.deadline)  # as do_verify, to the runtime
-        self.loops_verified += 1
+        self.pass_end = min(self.budget, self.bytes_done + self.pass_bytes)
         return True
 
     async def verify_phase(self) -> None:

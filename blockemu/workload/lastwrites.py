@@ -68,6 +68,10 @@ class LastWrites:
         del self._lengths[key[0]][key[1]]
         return self._entries.pop(key)
 
+    def bytes(self) -> int:
+        """What reading every entry back reads (fio's keep_running counts it as moved)."""
+        return sum(length for length, _ in self._entries.values())
+
     def by_offset(self) -> list[Key]:
         """fio's tree order: by region (fio's file), then offset."""
         return [(r, off) for r in sorted(self._lengths) for off in self._lengths[r]]
