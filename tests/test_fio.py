@@ -686,6 +686,27 @@ async def test_io_size_past_size_runs_passes_of_size_counting_the_read_backs(tmp
     assert [(j["write"]["total_ios"], j["read"]["total_ios"]) for j in out["jobs"]] == [(16, 16), (32, 32)]
 
 
+async def test_the_read_back_between_loops_is_the_verifys_and_restarts_the_backlog(tmp_path, monkeypatch):
+    """fio's do_verify between loops empties io_hist, so verify_backlog counts its writes
+    afresh (``size=64k bs=4k loops=2 verify_backlog=5``: the first check of loop 2 after its
+    5th write, at 84 KiB written); blockemu's pending list kept loop 1's last write and fired
+    after 4 (80 KiB). And those read-backs are the verify's, not the job's reads: a read-side
+    ``rate_iops_min`` failed a write job that only verifies, which fio does not judge."""
+    at: list[int] = []
+    real = Clone._backlog
+
+    async def spy(self: Clone) -> None:
+        at.append(self.bytes_done >> 10)
+        await real(self)
+
+    monkeypatch.setattr(Clone, "_backlog", spy)
+    out, _ = await run_job(tmp_path, "[w]\nrw=write\nbs=4k\nsize=64k\nloops=2\nverify=crc32c\nverify_backlog=5\n"
+                                     "[r]\nstonewall\nrw=write\nbs=4k\nsize=64k\nloops=3\nverify=crc32c\n"
+                                     "rate_iops_min=100000000,0\n")
+    assert at == [20, 40, 60, 84, 104, 124]
+    assert [j["read"]["total_ios"] for j in out["jobs"]] == [32, 48]
+
+
 async def test_number_ios_counts_every_loop_and_the_read_backs(tmp_path):
     """fio 3.33's exceeds_number_ios stops a job at ``number_ios`` times ``loops`` I/Os, the
     verify reads among them (io_blocks counts every completion). Real fio on a host directory,

@@ -1566,24 +1566,35 @@ class Clone:
         moved = self.result.read.io_bytes + self.result.write.io_bytes + self.written.bytes()
         if self.bytes_done >= self.budget or not self._another_pass(self.passes, moved):
             return False
-        await self._verify_written(self._verify_order(), self.deadline)  # as do_verify, to the runtime
+        await self._read_back()
         self.pass_end = min(self.budget, self.bytes_done + self.pass_bytes)
         return True
+
+    async def _read_back(self) -> None:
+        """fio's do_verify: read back what is left to verify, up to the runtime, counted as the
+        verify's reads (``verify_ios``, its time added to the read runtime), between passes as
+        after the last; verify_backlog's count starts afresh (fio's io_hist_len is 0 again).
+        The read-backs between passes counted as the job's own reads, and a read-side
+        ``rate_min`` judged them; the backlog kept the writes read back, and fired early."""
+        d = self.result.read
+        ios, io_bytes, start = len(d.clat), d.io_bytes, time.monotonic()
+        try:
+            await self._verify_written(self._verify_order(), self.deadline)
+        finally:
+            d.verify_ios += len(d.clat) - ios
+            d.verify_bytes += d.io_bytes - io_bytes
+            d.verify_s += time.monotonic() - start
+            self.backlog.clear()
 
     async def verify_phase(self) -> None:
         """do_verify: read back every block this clone wrote (the last write of each) that
         verify_backlog has not checked already."""
         if self.verifier is not None and self.job.get("do_verify", True):
             d = self.result.read
-            ios, io_bytes, start = len(d.clat), d.io_bytes, time.monotonic()
             # the phase's completions are timed on from the read runtime's end, where fio's are
-            self.measure_from = start - d.runtime(self.result.runtime_s)
+            self.measure_from = time.monotonic() - d.runtime(self.result.runtime_s)
             self.measure_ns = time.perf_counter_ns() - int(d.runtime(self.result.runtime_s) * 1e9)
-            try:
-                await self._verify_written(self._verify_order(), self.deadline)
-            finally:
-                d.verify_ios, d.verify_bytes = len(d.clat) - ios, d.io_bytes - io_bytes
-                d.verify_s = time.monotonic() - start
+            await self._read_back()
             if self.job.get("trim_verify_zero", True):
                 for (ri, off), length in sorted(self.trimmed.items()):
                     region = self.regions[ri]
