@@ -126,6 +126,20 @@ def test_an_include_in_a_jobs_section_gives_that_job_its_options(tmp_path):
     assert y.get("bs") is None
 
 
+def test_an_include_in_a_jobs_section_cannot_bring_in_global_only_options(tmp_path):
+    """encrypt= and image_size= set up the run's one mount, so a job's section refuses them;
+    brought in by an ``include`` there (fio's include is textual, cac56b2) they skipped that
+    check and were taken and ignored: an included encrypt=1 wrote the job's files in plain."""
+    from blockemu.workload.jobfile import load
+    (tmp_path / "enc.fio").write_text("encrypt=1\nsize=64k\n")
+    (tmp_path / "main.fio").write_text("[x]\nrw=write\ninclude enc.fio\n")
+    with pytest.raises(InvalidArgument, match=r"main.fio:3: include .*enc.fio: encrypt= encrypts the run's "
+                                              r"directory, /enc-jobs, for every job: put it in \[global\]"):
+        load(str(tmp_path / "main.fio"))
+    (tmp_path / "top.fio").write_text("include enc.fio\n[x]\nrw=write\n")  # before any job: [global]'s
+    assert load(str(tmp_path / "top.fio")).globals["encrypt"]
+
+
 def test_a_plain_fio_job_runs_unmodified(tmp_path):
     job = tmp_path / "plain.fio"
     job.write_text("""[global]

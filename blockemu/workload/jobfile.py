@@ -593,6 +593,12 @@ def _convert(key: str, value: str) -> tuple[str, Any]:
     raise InvalidArgument(f"unknown option {key!r}")
 
 
+def _run_wide(where: str, key: str, name: str) -> str:
+    """The refusal of a RUN_WIDE option (``key`` as written, ``name`` its canonical name) in a
+    job's section, where it would be taken and ignored."""
+    return f"{where}: {key}= {RUN_WIDE[name]}: put it in [global] (in a job's section it would change nothing)"
+
+
 def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
     """Every problem in the file is collected and reported at once, each with file:line."""
     jf = JobFile(path)
@@ -611,10 +617,13 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
             included = read_text(inc, f"{where}: include {inc}")
             sub = parse(included, str(inc), _depth + 1)
             if current is not None:  # fio's include is textual: in a job's section, that job's options
-                current.options.update(sub.globals)
+                # (what belongs in [global] alone is refused there as if written in the section)
+                errors += [_run_wide(f"{where}: include {inc}", name, name) for name in sub.globals if name in RUN_WIDE]
+                current.options.update((k, v) for k, v in sub.globals.items() if k not in RUN_WIDE)
                 current.raw.update(sub.global_raw)
             else:
                 scope.update(sub.globals)
+                jf.globals = scope  # the mount's options too (an included encrypt=1 was the jobs' alone)
                 jf.global_raw.update(sub.global_raw)
             jf.jobs.extend(sub.jobs)
             continue
@@ -642,8 +651,7 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
         if "=" in line:  # fio's "job options" leave bare flags (stonewall, group_reporting) out
             raw_opts[key] = value
         if current is not None and name in RUN_WIDE:
-            errors.append(f"{where}: {key}= {RUN_WIDE[name]}: put it in [global] (in a job's section it "
-                          "would change nothing)")
+            errors.append(_run_wide(where, key, name))
             continue
         if current is not None:
             current.options[name] = converted
