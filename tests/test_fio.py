@@ -132,6 +132,18 @@ def test_strided_zones():
     assert all(o // 65536 == i // 8 and o % 65536 < 16384 for i, o in enumerate(rnd[:64]))  # 8 I/Os per zone
 
 
+def test_a_random_mix_never_cuts_an_io_below_its_directions_block_size():
+    """fio's mark_random_map cuts an I/O to the free map in whole min_bs of its direction, so a
+    ``bs=4k,64k`` write is never shorter than 64k. blockemu's map works in the smallest block
+    size of all, and cut each write to the free blocks between the reads: ``rw=randrw
+    bs=4k,64k`` wrote 18.5 KiB on average. A block too fragmented for a write is passed over."""
+    for job in ("[j]\nrw=randrw\nbs=4k,64k\nsize=1m\n", "[j]\nrw=randrw\nbssplit=4k/100,64k/50:128k/50\nsize=1m\n"):
+        sel = ios(job)
+        writes = [n for _, o, n in sel if n > 4096]
+        assert 1 << 20 <= sum(n for *_, n in sel) < (1 << 20) + (128 << 10) and len(writes) > 4  # the last may pass
+        assert all(n % 65536 == 0 for n in writes), Counter(n for *_, n in sel)
+
+
 def test_offset_io_size_number_ios_and_files():
     sel = ios("[j]\nrw=randwrite\nsize=64k\noffset=64k\nio_size=128k\nbs=4k\n")
     assert sum(n for *_, n in sel) == 128 << 10 and all(64 << 10 <= o < 128 << 10 for _, o, _ in sel)

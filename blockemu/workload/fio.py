@@ -633,7 +633,7 @@ class Region:
         self.next_pos = [0, 0, 0]
         self.used = bytearray()  # the random map, made on first use (never, without one)
         self.order: list[int] = []
-        self.cursor = 0
+        self.cursors: dict[int, int] = {}  # run length -> where in ``order`` the search for one resumes
         self.run_left = 0  # sequential I/Os left before the next random offset (rw=randread:N)
         self.last = 0  # the last I/O's position (rw_sequencer=identical repeats it)
         self.zone = self.zone_bytes = 0  # zonemode=strided, zbd's zoneskip: where the zone starts, what it has had
@@ -682,31 +682,46 @@ class Region:
         return (min(rank, self.blocks - 1) * 2654435761) % self.blocks if math.gcd(2654435761, self.blocks) == 1 \
             else min(rank, self.blocks - 1)
 
-    def mapped_block(self, rng: random.Random) -> int | None:
-        """The next unused block of this pass, or None when every block has been used."""
+    def mapped_block(self, rng: random.Random, run: int = 1) -> int | None:
+        """The next block of this pass that starts ``run`` unused blocks (a direction's smallest
+        I/O), or None when none is left. A block passed over never starts such a run again this
+        pass (blocks only get used), so each run length's search resumes where it stopped."""
         if not self.order:
             self.used = self.used or bytearray(self.blocks)
             self.order = list(range(self.blocks))
             rng.shuffle(self.order)
-            self.cursor = 0
-        while self.cursor < len(self.order) and self.used[self.order[self.cursor]]:
-            self.cursor += 1
-        if self.cursor >= len(self.order):
-            return None
-        return self.order[self.cursor]
+            self.cursors = {}
+        i, order, used, end = self.cursors.get(run, 0), self.order, self.used, len(self.order)
+        if run == 1:  # the common case, kept to one look per block
+            while i < end and used[order[i]]:
+                i += 1
+        else:
+            while i < end and (order[i] + run > self.blocks or any(used[order[i]: order[i] + run])):
+                i += 1
+        self.cursors[run] = i
+        return order[i] if i < len(order) else None
 
     def new_pass(self) -> None:
         self.used = bytearray()
         self.order = []
 
-    def take(self, block: int, length: int) -> int:
-        """Mark ``length`` bytes from ``block`` used, stopping at a used block; the length taken."""
+    def take(self, block: int, length: int, least: int = 1) -> int:
+        """Mark ``length`` bytes from ``block`` used, stopping at a used block; the length taken.
+        Cut short, it is whole ``least``s (the direction's smallest block size, as fio's
+        mark_random_map cuts in its min_bs; mapped_block found that much free)."""
         self.used = self.used or bytearray(self.blocks)
+        if length <= self.unit:  # one block, which mapped_block found free: the common case
+            self.used[block] = 1
+            return min(length, self.length - block * self.unit)
         n = 0
         while n * self.unit < length and block + n < self.blocks and (n == 0 or not self.used[block + n]):
-            self.used[block + n] = 1
             n += 1
-        return min(length, n * self.unit, self.length - block * self.unit)
+        taken = min(length, n * self.unit, self.length - block * self.unit)
+        if taken < length:
+            taken = max(taken - taken % least, min(least, taken))
+        n = min(-(-taken // self.unit), self.blocks - block)
+        self.used[block: block + n] = bytes([1]) * n
+        return taken
 
 
 class LatencyTarget:
@@ -1149,12 +1164,17 @@ class Clone:
                     region.take(pos // region.unit, length)
         elif self.rw.random:
             if self.randommap:
-                block = region.mapped_block(self.rng)
+                # never shorter than the direction's smallest block size (bs=4k,64k: a write
+                # cut to the free blocks around the reads averaged 18 KiB): a block that does not
+                # start that much free is passed over, and with none left the map starts afresh
+                least = self.sizes[ddir].lo
+                run = min(region.blocks, -(-least // region.unit))
+                block = region.mapped_block(self.rng, run)
                 if block is None:
                     region.new_pass()
-                    block = region.mapped_block(self.rng)
+                    block = region.mapped_block(self.rng, run)
                     assert block is not None
-                length = region.take(block, length)
+                length = region.take(block, length, least)
             else:
                 block = region.random_block(self.rng, self.dist)
                 length = min(length, region.length - block * region.unit)
