@@ -74,6 +74,7 @@ from blockemu.workload.buffers import Buffers, WorkingSet, repeat
 from blockemu.workload.fioledger import FsyncLedger
 from blockemu.workload.jobfile import ASYNC_ENGINES, ERROR_KINDS, RW, Job, Share, SteadyState, fixed
 from blockemu.workload.lastwrites import LastWrites
+from blockemu.workload.stats import stdev
 from blockemu.workload.zones import ZonedFile, ZoneRange, region_in_zones
 
 PERCENTILES = (1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99)
@@ -218,11 +219,20 @@ def _lat_json(values: list[int], percentiles: tuple[float, ...] | None) -> dict[
     n = len(values)
     out: dict[str, Any] = {"min": min(values) if n else 0, "max": max(values) if n else 0,
                            "mean": statistics.fmean(values) if n else 0.0,
-                           "stddev": statistics.stdev(values) if n > 1 else 0.0, "N": n}
+                           "stddev": stdev(values) if n > 1 else 0.0, "N": n}
     if n and percentiles:
         s = sorted(values)
         out["percentile"] = {f"{p:.6f}": s[min(n - 1, max(0, math.ceil(n * p / 100) - 1))] for p in percentiles}
     return out
+
+
+def _share(count: int, step: float) -> float:
+    """``step`` added ``count`` times, as the report added each I/O's share: the same float,
+    where ``count * step`` may differ in the last bit."""
+    total = 0.0
+    for _ in range(count):
+        total += step
+    return total
 
 
 def bins(values: list[int]) -> dict[str, int]:
@@ -415,19 +425,19 @@ class JobResult:
 
     def lat_buckets(self) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
         """fio's latency_ns/us/ms: the share of I/Os whose total latency falls in each bucket."""
-        lats = [v for d in self.dirs for v in d.lat]
-        n = len(lats) or 1
+        lats = sorted(v for d in self.dirs for v in d.lat)  # each bucket's I/Os: one bisect, not a scan per I/O
+        step = 100.0 / (len(lats) or 1)
         ns = {str(b): 0.0 for b in LAT_BUCKETS}
         us = {str(b): 0.0 for b in LAT_BUCKETS}
         ms: dict[str, float] = {str(b): 0.0 for b in MS_BUCKETS}
-        ms[">=2000"] = 0.0
-        for v in lats:
-            for unit, scale, buckets in ((ns, 1, LAT_BUCKETS), (us, 1000, LAT_BUCKETS), (ms, 1_000_000, MS_BUCKETS)):
-                if v < 1000 * scale or unit is ms:
-                    x = v / scale
-                    b = next((b for b in buckets if x <= b), None)
-                    unit[str(b) if b is not None else ">=2000"] += 100.0 / n
-                    break
+        lo = 0
+        for unit, scale, buckets in ((ns, 1, LAT_BUCKETS), (us, 1000, LAT_BUCKETS), (ms, 1_000_000, MS_BUCKETS)):
+            for b in buckets:  # a latency goes to the first unit it is under 1000 of, then its bucket
+                top = b * scale if unit is ms else min(b * scale, 1000 * scale - 1)  # (latencies are whole ns)
+                hi = bisect.bisect_right(lats, top, lo)
+                unit[str(b)] = _share(hi - lo, step)
+                lo = hi
+        ms[">=2000"] = _share(len(lats) - lo, step)
         return ns, us, ms
 
     def as_json(self, group_bw: list[float], plus: bool = False) -> dict[str, Any]:
@@ -1816,7 +1826,7 @@ def _lat_line(label: str, ns: list[int]) -> str:
     if not ns:
         return ""
     lo, hi, avg = min(ns), max(ns), statistics.fmean(ns)
-    dev = statistics.stdev(ns) if len(ns) > 1 else 0.0
+    dev = stdev(ns) if len(ns) > 1 else 0.0
     unit, steps = _lat_unit(lo, hi, dev)
     div = 1000 ** steps
     return f"{label} ({unit}): min={num2str(lo // div, 6)}, max={num2str(hi // div, 6)}, " \
