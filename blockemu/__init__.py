@@ -37,4 +37,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+    """The API, the module's dunders and the subpackages imported so far -- not the names this
+    file imports for itself (``Any``, ``TYPE_CHECKING``, ``import_module``, ``annotations``),
+    which a user's ``dir(blockemu)`` listed as if they were the API's."""
+    own = {n for n, v in globals().items() if n.startswith("__") or getattr(v, "__name__", "").startswith(__name__ + ".")}
+    return sorted(own | set(__all__))

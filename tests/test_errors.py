@@ -234,3 +234,49 @@ async def test_a_seek_past_the_largest_file_size_is_einval(tmp_path):
                 assert e.value.errno == errno.EINVAL
             assert await f.seek(2**63 - 1) == 2**63 - 1
             assert await f.tell() == 2**63 - 1
+
+
+async def test_paths_are_taken_as_os_takes_them(tmp_path):
+    """str, bytes and ``os.PathLike`` (pathlib) name the same file, as with ``os``; bytes that are
+    not UTF-8 name the same entry as their surrogate-escaped str; anything else is os's
+    TypeError. A bytes path failed with ``startswith first arg must be bytes`` and a pathlib
+    one with an AttributeError, deep inside."""
+    from pathlib import PurePosixPath
+
+    img = str(tmp_path / "p.img")
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img, seal_workers=0) as fs:
+        await fs.mkdir(b"/d")
+        async with fs.open(PurePosixPath("/d/f"), "w") as f:
+            await f.write(b"x")
+        await fs.rename(b"/d/f", PurePosixPath("/d/\udcff"))
+        assert await fs.readdir("/d") == ["\udcff"] and (await fs.stat(b"/d/\xff")).st_size == 1
+        await fs.symlink(b"/d/\xff", "/l")
+        assert await fs.readlink(PurePosixPath("/l")) == "/d/\udcff"
+        await fs.unlink(b"/d/\xff")
+        assert not await fs.exists(PurePosixPath("/d/\udcff"))
+        with pytest.raises(TypeError, match="expected str, bytes or os.PathLike object, not int"):
+            await fs.stat(5)
+        with pytest.raises(TypeError, match="expected str, bytes or os.PathLike object, not NoneType"):
+            fs.open(None, "w")
+
+
+async def test_sizes_and_offsets_must_be_integers(tmp_path):
+    """``read(1.5)``, ``pread(4, 0.5)``, ``seek(1.5)``, ``truncate(2.0)``: TypeError, as ``os.read``,
+    ``os.pread``, ``os.lseek`` and ``os.ftruncate`` say -- a float went through as an offset."""
+    img = str(tmp_path / "i.img")
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img, seal_workers=0) as fs:
+        async with fs.open("/f", "w+") as f:
+            await f.write(b"0123456789")
+            for bad in (lambda: f.read(1.5), lambda: f.pread(4, 0.5), lambda: f.seek(1.5), lambda: f.truncate(2.0),
+                        lambda: f.pwrite(b"x", 1.0)):
+                with pytest.raises(TypeError, match="cannot be interpreted as an integer"):
+                    await bad()
+            assert await f.pread(10, 0) == b"0123456789"
+
+
+def test_dir_of_the_package_lists_its_api_not_its_imports():
+    names = dir(blockemu)
+    assert set(blockemu.__all__) <= set(names) and "__version__" in names
+    assert not {"Any", "TYPE_CHECKING", "import_module", "annotations"} & set(names)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import os
 import stat as st
 import time
@@ -93,6 +94,18 @@ LEAVES_PER_INODE = 3
 YIELD_BYTES = 2 << 20
 KEY_WALK_CHUNK = 4096  # fs tree items key_in_use reads between turns of the loop (~7 ms of CPU)
 ZEROS = bytes(PAGE)  # what a page's bytes past the end of its file must be (zero_past_eof)
+
+
+PathArg = str | bytes | os.PathLike
+
+
+def as_path(path: PathArg) -> str:
+    """A path as ``os`` takes one -- str, bytes or an ``os.PathLike`` (``pathlib``) -- as the str
+    the filesystem works in: bytes decoded as ``os.fsdecode`` does (UTF-8, undecodable bytes
+    surrogate-escaped, which ``split_path`` encodes back to the same bytes). Anything else is
+    the TypeError ``os`` raises; a bytes path failed deep inside (``startswith first arg must
+    be bytes``), a ``pathlib`` one with an AttributeError."""
+    return os.fsdecode(os.fspath(path))
 
 
 def split_path(path: str) -> list[bytes]:
@@ -773,7 +786,8 @@ class Filesystem:
             raise CrossDevice("Invalid cross-device link: encryption policies differ")
         self._unlock(new_parent)
 
-    async def mkdir(self, path: str, mode: int = 0o755) -> None:
+    async def mkdir(self, path: PathArg, mode: int = 0o755) -> None:
+        path = as_path(path)
         async with self.adding_items():
             parent, name = self._parent(path)
             if name is not None and self._lookup_entry(parent, name) is not None:
@@ -783,7 +797,8 @@ class Filesystem:
             assert name is not None
             self._add_entry(parent, name, child, links=1)
 
-    async def rmdir(self, path: str) -> None:
+    async def rmdir(self, path: PathArg) -> None:
+        path = as_path(path)
         async with self.vol.join(deleting=True):
             if ends_in_dot(path):  # "/a/.": Linux's LAST_DOT, once the path up to it resolves
                 self._resolve(path)
@@ -798,10 +813,11 @@ class Filesystem:
             self._remove_entry(parent, name, d, links=-1)
             self._destroy(d)
 
-    async def unlink(self, path: str) -> None:
+    async def unlink(self, path: PathArg) -> None:
         """unlink(2). Joins as a delete even when the file is open and frees nothing until its
         last close: never refused for room, its orphan item and COWs as a plain participant
         gathered until a commit found no room (DESIGN §5)."""
+        path = as_path(path)
         async with self.vol.join(deleting=True):
             parent, name = self._parent(path, IsADirectory)
             inode = self._named(parent, name, path)
@@ -822,8 +838,9 @@ class Filesystem:
         else:
             self._destroy(inode)
 
-    async def rename(self, src: str, dst: str) -> None:
+    async def rename(self, src: PathArg, dst: PathArg) -> None:
         """rename(2): atomic, replacing an existing ``dst`` of a compatible type."""
+        src, dst = as_path(src), as_path(dst)
         async with self.adding_items(deleting=True):
             self.check_meta_room()  # the new name's items, before the old name goes
             sparent, sname = self._parent(src, Busy)
@@ -863,9 +880,10 @@ class Filesystem:
             self._touch(inode, mtime=False)
             self.save_inode(inode)
 
-    async def link(self, src: str, dst: str) -> None:
+    async def link(self, src: PathArg, dst: PathArg) -> None:
         """link(2): another name for a file (not a directory: EPERM). Into an encrypted
         directory only with the same policy (EXDEV) and its key (ENOKEY), as fscrypt."""
+        src, dst = as_path(src), as_path(dst)
         async with self.adding_items():
             self.check_meta_room()
             inode = self._resolve(src)
@@ -885,11 +903,12 @@ class Filesystem:
             self._touch(inode, mtime=False)
             self.save_inode(inode)
 
-    async def symlink(self, target: str, path: str) -> None:
+    async def symlink(self, target: PathArg, path: PathArg) -> None:
         """symlink(2). In an encrypted directory the target is encrypted as fscrypt does and
         stored inline, in the transaction that names the link (``_encrypted_symlink``).
         Elsewhere it is the link's file data, written back before the name appears: until then
         the inode is an orphan, so a crash leaves either no link or a whole one."""
+        target, path = as_path(target), as_path(path)
         data = target.encode(errors="surrogateescape")
         if not data:
             raise NotFoundError(f"{path}: empty symbolic link target")
@@ -953,7 +972,8 @@ class Filesystem:
         self._add_entry(parent, name, inode)
         self.lock_if_idle(inode)
 
-    async def readlink(self, path: str) -> str:
+    async def readlink(self, path: PathArg) -> str:
+        path = as_path(path)
         inode = self._resolve(path)
         if not st.S_ISLNK(inode.item.mode):
             raise InvalidArgument(f"{path}: not a symbolic link")
@@ -990,7 +1010,8 @@ class Filesystem:
             raise CorruptionError(f"symbolic link {inode.ino}: target decrypts to nothing", "BAD_ENCRYPTED_SYMLINK")
         return plain.decode(errors="surrogateescape")
 
-    async def readdir(self, path: str) -> list[str]:
+    async def readdir(self, path: PathArg) -> list[str]:
+        path = as_path(path)
         d = self._resolve(path)
         if not d.is_dir:
             raise NotADirectory(f"{path}: not a directory")
@@ -998,7 +1019,8 @@ class Filesystem:
                   for e in unpack_dir_entries(body)]
         return self._user_names(d, stored)
 
-    async def stat(self, path: str) -> Stat:
+    async def stat(self, path: PathArg) -> Stat:
+        path = as_path(path)
         return self.stat_inode(self._resolve(path))
 
     def stat_inode(self, i: Inode) -> Stat:
@@ -1072,7 +1094,8 @@ class Filesystem:
             return total, total - engine.sb.bytes_used
         return total, max(0, alloc.free_bytes() + alloc.pinned_bytes() - self.cache.dirty_bytes)
 
-    async def exists(self, path: str) -> bool:
+    async def exists(self, path: PathArg) -> bool:
+        path = as_path(path)
         try:
             self._resolve(path)
         except (NotFoundError, NotADirectory):
@@ -1081,8 +1104,9 @@ class Filesystem:
 
     # ------------------------------------------------------------------ policies and keys
 
-    async def set_policy(self, path: str, key_id: str | bytes, user: int = 0) -> None:
+    async def set_policy(self, path: PathArg, key_id: str | bytes, user: int = 0) -> None:
         """FS_IOC_SET_ENCRYPTION_POLICY (v2) on an empty directory; the caller must have added the key."""
+        path = as_path(path)
         ident = parse_identifier(key_id)
         async with self.adding_items():
             self.check_meta_room()
@@ -1105,7 +1129,8 @@ class Filesystem:
             d.item = d.item._replace(flags=d.item.flags | INODE_FLAG_ENCRYPT)
             self.save_inode(d)
 
-    async def get_policy(self, path: str) -> str | None:
+    async def get_policy(self, path: PathArg) -> str | None:
+        path = as_path(path)
         d = self._resolve(path)
         return d.key_id.hex() if d.key_id is not None else None
 
@@ -1181,7 +1206,8 @@ class Filesystem:
 
     # ------------------------------------------------------------------ files
 
-    def open(self, path: str, mode: str = "r") -> "OpenContext":
+    def open(self, path: PathArg, mode: str = "r") -> "OpenContext":
+        path = as_path(path)
         return OpenContext(self._open(path, mode))
 
     async def _open(self, path: str, mode: str) -> "File":
@@ -1578,7 +1604,7 @@ class Filesystem:
         return idx not in inode.pages.dirty or not any(self.extents.mappings(inode.ino, idx * PAGE, (idx + 1) * PAGE))
 
     async def truncate_inode(self, inode: Inode, size: int) -> None:
-        if size < 0:
+        if operator.index(size) < 0:
             raise InvalidArgument("negative size")
         if size > S.MAX_FILE_SIZE:
             raise FileTooBig(f"size {size} exceeds the largest file size {S.MAX_FILE_SIZE}")
@@ -1765,11 +1791,12 @@ class Filesystem:
         if err is not None:
             raise err
 
-    async def fsync_dir(self, path: str) -> None:
+    async def fsync_dir(self, path: PathArg) -> None:
         """fsync(2) of a directory (``open(dir, O_RDONLY)`` + ``fsync``, which ``open`` cannot
         give: it is EISDIR): its entries -- a rename into it, a new or removed name -- are
         durable once it returns. It commits (DESIGN §9), and reports no other file's writeback
         error, as Linux's fsync of a directory checks the directory's own."""
+        path = as_path(path)
         inode = self._resolve(path)
         if not inode.is_dir:
             raise NotADirectory(f"{path}: not a directory")
@@ -1924,7 +1951,7 @@ class File:
         the extents: ``inode.epoch``)."""
         self._check(True)
         inode, fs = self.inode, self.fs
-        if offset is not None and offset < 0:
+        if offset is not None and operator.index(offset) < 0:
             raise InvalidArgument("negative offset")
         fs.check_dirtying(inode)
         if type(data) is not bytes:
@@ -2050,6 +2077,7 @@ class File:
     async def _pread(self, size: int, offset: int, joiner: B) -> B:
         """The bytes at [offset, +size), joined by ``joiner`` (so of its type)."""
         self._check(False)
+        size, offset = operator.index(size), operator.index(offset)  # TypeError for 1.5, as os.pread: not a short read
         if offset < 0:  # pread(2)'s EINVAL, as pwrite's: else "page -1" read as zeros
             raise InvalidArgument("negative offset")
         if size < 0:  # as os.pread (read's -1, "to the end", is resolved before this)
@@ -2072,6 +2100,7 @@ class File:
 
     async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         self.fs.check_mounted()
+        offset = operator.index(offset)
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.inode.size}.get(whence)
         if base is None or not 0 <= base + offset <= S.MAX_FILE_SIZE:  # lseek(2)'s EINVAL both ways
             raise InvalidArgument("bad seek")
