@@ -294,6 +294,9 @@ def test_stress_on_a_full_image_without_faults_says_out_of_space_not_injected(tm
      "blockemu stress: --seed is one run's; --seeds A..B names the campaign's seeds"),
     (["stress", "s.img", "--jobs", "2", "--results", "r.jsonl"], 2,
      "blockemu stress: --jobs, --results belong to a campaign (--seeds A..B); a run on IMAGE is one run, in this process"),
+    # the run on IMAGE leaves IMAGE as it is: --keep-failed (a campaign's) was taken and ignored
+    (["stress", "s.img", "--keep-failed", "kept"], 2,
+     "blockemu stress: --keep-failed belongs to a campaign (--seeds A..B); a run on IMAGE is one run, in this process"),
     (["stress", "s.img", "--scenario", "key-removal-race", "--faults", "cut=10"], 2,
      "blockemu stress: --faults belongs to the mix (--scenario mix, the default); the race runs its own two tasks, "
      "without faults"),

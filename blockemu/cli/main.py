@@ -1137,8 +1137,9 @@ def mix_flags(a: argparse.Namespace) -> None:
 
 def campaign_flags(a: argparse.Namespace) -> None:
     """What one run and a campaign each ignore, refused: IMAGE and --seed with --seeds (each seed
-    runs on its worker's own fresh image), and the campaign's --jobs, --ray, --results and
-    --resume without it (no results file was written, and a --resume FILE went unread)."""
+    runs on its worker's own fresh image), and the campaign's --jobs, --ray, --results, --resume
+    and --keep-failed without it (no results file was written, a --resume FILE went unread, and
+    nothing went to the --keep-failed DIR: the run's IMAGE is its record)."""
     if a.seeds is not None:
         if a.image is not None:
             raise UsageError("--seeds runs each seed on a fresh image its worker makes: give no IMAGE")
@@ -1146,7 +1147,8 @@ def campaign_flags(a: argparse.Namespace) -> None:
             raise UsageError("--seed is one run's; --seeds A..B names the campaign's seeds")
         a.jobs = 1 if a.jobs is None else a.jobs
         return
-    refuse_given([("--jobs", a.jobs), ("--ray", a.ray), ("--results", a.results), ("--resume", a.resume)],
+    refuse_given([("--jobs", a.jobs), ("--ray", a.ray), ("--results", a.results), ("--resume", a.resume),
+                  ("--keep-failed", a.keep_failed)],
                  "a campaign (--seeds A..B); a run on IMAGE is one run, in this process")
 
 
