@@ -473,6 +473,36 @@ async def test_rename_semantics(fs):
         await fs.rename("/nope", "/x")
 
 
+async def test_a_trailing_slash_never_names_a_new_or_renamed_file(fs):
+    """As Linux: a name ending in '/' names a directory, so a rename of a file to 'f/' is ENOTDIR
+    (it replaced the file f, or made a file 'nope') and a create of 'nope/' is EISDIR, whatever
+    is there (it made a file 'nope'); 'nope/.' names no directory to create in (ENOENT). Both
+    paths were taken as the name without the slash before the namespace ops walked once."""
+    for p in ("/f", "/g"):
+        async with fs.open(p, "w") as f:
+            await f.write(p.encode())
+    await fs.mkdir("/d")
+    for dst in ("/f/", "/nope/", "/d/"):
+        with ErrnoCheck(errno.ENOTDIR):
+            await fs.rename("/g", dst)
+    for mode in ("w", "x", "a", "w+"):
+        for path in ("/nope/", "/f/", "/d/"):
+            with ErrnoCheck(errno.EISDIR):
+                await fs.open(path, mode)
+        with ErrnoCheck(errno.ENOENT):
+            await fs.open("/nope/.", mode)
+        with ErrnoCheck(errno.ENOTDIR):
+            await fs.open("/f/.", mode)
+    with ErrnoCheck(errno.EEXIST):
+        await fs.open("/d/.", "x")
+    assert sorted(await fs.readdir("/")) == ["d", "f", "g"] and await fs.readdir("/d") == []
+    async with fs.open("/f") as f:
+        assert await f.read() == b"/f"
+    await fs.mkdir("/e")
+    await fs.rename("/e/", "/d/")  # a directory takes the slash
+    assert sorted(await fs.readdir("/")) == ["d", "f", "g"]
+
+
 async def test_rmdir_unlink_errors(fs):
     await fs.mkdir("/d")
     async with fs.open("/d/f", "w"):

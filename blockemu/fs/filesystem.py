@@ -132,6 +132,12 @@ def ends_in_dot(path: str) -> bool:
     return path.rstrip("/").endswith("/.")
 
 
+def names_a_directory(path: str) -> bool:
+    """Whether ``path`` ends in '/' or '/.': as Linux, it then names a directory -- a
+    non-directory found there is ENOTDIR, and no file is created or renamed to it."""
+    return path.endswith(("/", "/."))
+
+
 @dataclass
 class Stat:
     st_mode: int
@@ -648,7 +654,7 @@ class Filesystem:
         if not self.mounted:  # check_mounted, inline: every path call comes here
             raise self.vol.not_mounted()
         inode = self._walk(split_path(path), path)
-        if path.endswith(("/", "/.")) and not st.S_ISDIR(inode.item.mode):  # as Linux: 'f/' names a directory
+        if names_a_directory(path) and not st.S_ISDIR(inode.item.mode):
             raise NotADirectory(f"{path}: not a directory")
         return inode
 
@@ -694,7 +700,7 @@ class Filesystem:
             raise NotFoundError(f"{path}: no such file or directory")
         ino = entry.location[0]
         inode = self.inodes.get(ino) or self._load(ino)
-        if path.endswith(("/", "/.")) and not st.S_ISDIR(inode.item.mode):
+        if names_a_directory(path) and not st.S_ISDIR(inode.item.mode):
             raise NotADirectory(f"{path}: not a directory")
         return inode
 
@@ -848,6 +854,8 @@ class Filesystem:
             dparent, dname = self._parent(dst, Busy)
             if ends_in_dot(src) or ends_in_dot(dst):
                 raise Busy(f"{src} -> {dst}: device or resource busy")
+            if names_a_directory(dst) and not inode.is_dir:  # as do_renameat2: 'b/' is no file's new name
+                raise NotADirectory(f"{dst}: not a directory")
             sparts, dparts = split_path(src), split_path(dst)
             if sparts == dparts:
                 return
@@ -1241,9 +1249,13 @@ class Filesystem:
         else:
             # the root: EEXIST with O_EXCL, else EISDIR, as Linux
             parent, name = self._parent(path, ExistsError if excl else IsADirectory)
+            if path.endswith("/"):  # as Linux's O_CREAT: a trailing slash is EISDIR, whatever it names
+                raise IsADirectory(f"{path}: is a directory")
             try:
                 inode = self._named(parent, name, path)
             except NotFoundError:
+                if names_a_directory(path):  # 'x/.': no directory x to open, none to create
+                    raise
                 self._check_entry_fits(parent, name, None)
                 inode = self._new_inode(st.S_IFREG | 0o644, parent)  # ENOKEY in a locked directory
                 assert name is not None
