@@ -476,8 +476,9 @@ async def test_rename_semantics(fs):
 async def test_a_trailing_slash_never_names_a_new_or_renamed_file(fs):
     """As Linux: a name ending in '/' names a directory, so a rename of a file to 'f/' is ENOTDIR
     (it replaced the file f, or made a file 'nope') and a create of 'nope/' is EISDIR, whatever
-    is there (it made a file 'nope'); 'nope/.' names no directory to create in (ENOENT). Both
-    paths were taken as the name without the slash before the namespace ops walked once."""
+    is there (it made a file 'nope'); 'nope/.' names no directory to create in (ENOENT); a link
+    or symlink to 'nope/' is ENOENT (made as 'nope'). All were taken as the name without the
+    slash, before the namespace ops walked once and since."""
     for p in ("/f", "/g"):
         async with fs.open(p, "w") as f:
             await f.write(p.encode())
@@ -495,6 +496,14 @@ async def test_a_trailing_slash_never_names_a_new_or_renamed_file(fs):
             await fs.open("/f/.", mode)
     with ErrnoCheck(errno.EEXIST):
         await fs.open("/d/.", "x")
+    # a link or symlink: EEXIST when the name is there, else ENOENT (filename_create)
+    for make in (lambda dst: fs.link("/g", dst), lambda dst: fs.symlink("/g", dst)):
+        for dst, code in (("/nope/", errno.ENOENT), ("/nope/.", errno.ENOENT), ("/f/", errno.EEXIST),
+                          ("/d/.", errno.EEXIST)):
+            with ErrnoCheck(code):
+                await make(dst)
+    await fs.mkdir("/new/")  # a new directory takes the slash
+    await fs.rmdir("/new")
     assert sorted(await fs.readdir("/")) == ["d", "f", "g"] and await fs.readdir("/d") == []
     async with fs.open("/f") as f:
         assert await f.read() == b"/f"

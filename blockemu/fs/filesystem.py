@@ -792,12 +792,21 @@ class Filesystem:
             raise CrossDevice("Invalid cross-device link: encryption policies differ")
         self._unlock(new_parent)
 
+    def _check_free(self, parent: Inode, name: bytes | None, path: str, *, directory: bool = False) -> None:
+        """A new name's checks, as Linux's filename_create: EEXIST when ``parent`` has it (None: a
+        locked directory's no-key name that names nothing); else, but for a new ``directory``,
+        ENOENT when ``path`` ends in '/' or '/.' -- it asks for a directory that is not there (a
+        link or symlink to 'nope/' was made as 'nope')."""
+        if name is not None and self._lookup_entry(parent, name) is not None:
+            raise ExistsError(f"{path}: file exists")
+        if not directory and names_a_directory(path):
+            raise NotFoundError(f"{path}: no such file or directory")
+
     async def mkdir(self, path: PathArg, mode: int = 0o755) -> None:
         path = as_path(path)
         async with self.adding_items():
             parent, name = self._parent(path)
-            if name is not None and self._lookup_entry(parent, name) is not None:
-                raise ExistsError(f"{path}: file exists")
+            self._check_free(parent, name, path, directory=True)
             self._check_entry_fits(parent, name, None)
             child = self._new_inode(st.S_IFDIR | (mode & 0o7777), parent)  # ENOKEY in a locked directory
             assert name is not None
@@ -900,8 +909,7 @@ class Filesystem:
             if inode.item.nlink >= S.LINK_MAX:  # btrfs_link's BTRFS_LINK_MAX
                 raise TooManyLinks(f"{src}: too many links ({inode.item.nlink})")
             dparent, dname = self._parent(dst)
-            if dname is not None and self._lookup_entry(dparent, dname) is not None:
-                raise ExistsError(f"{dst}: file exists")
+            self._check_free(dparent, dname, dst)
             self._require_names_key(dparent)
             self._check_policy_move(inode, dparent)
             assert dname is not None  # the key is here
@@ -924,8 +932,7 @@ class Filesystem:
             raise NameTooLong(f"{path}: symbolic link target longer than {PAGE - 1} bytes")
         async with self.adding_items():
             parent, name = self._parent(path)
-            if name is not None and self._lookup_entry(parent, name) is not None:
-                raise ExistsError(f"{path}: file exists")
+            self._check_free(parent, name, path)
             if parent.key_id is not None:
                 self._encrypted_symlink(parent, name, data, path)
                 return
@@ -944,8 +951,7 @@ class Filesystem:
                 parent, name = self._parent(path)
                 self._check_policy_move(inode, parent)  # the path may name an encrypted directory by now
                 assert name is not None
-                if self._lookup_entry(parent, name) is not None:
-                    raise ExistsError(f"{path}: file exists")
+                self._check_free(parent, name, path)
                 self._check_entry_fits(parent, name, inode)
                 self._add_entry(parent, name, inode)
                 inode.item = inode.item._replace(nlink=1)
