@@ -185,6 +185,11 @@ def test_put_names_the_path_it_was_given(tmp_path):
     assert run("put", img, str(host), "d1/x", check_rc=1).stderr == \
         "blockemu: put: 'd1/x': paths are absolute inside the image\n"
     assert run("put", img, str(host), "/", check_rc=1).stderr == "blockemu: put: /: is a directory\n"
+    # a trailing slash names a directory: the rename over it said "/d1/: not a directory"
+    for path, why in (("/d1/", "is a directory"), ("/new/", "is a directory"), ("/d1/.", "is a directory"),
+                      ("/new/.", "no such file or directory")):
+        assert run("put", img, str(host), path, check_rc=1).stderr == f"blockemu: put: {path}: {why}\n", path
+    assert run("ls", img, "/").stdout.split() == ["d1"] and run("ls", img, "/d1").stdout == ""
 
 
 def _link_farm(tmp_path, names: int) -> str:

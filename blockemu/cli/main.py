@@ -865,8 +865,13 @@ def cmd_put(a: argparse.Namespace) -> int:
 
     async def body(fs: Any) -> int:
         # PATH as given in its errors, not its parent ('put f d1/x' said "'d1': paths are
-        # absolute"); the root is a directory ('put f /' said "the root has no parent")
-        if not split_path(a.path):
+        # absolute"); the root is a directory ('put f /' said "the root has no parent"), and so
+        # is 'x/' whatever x is, as a shell's '> x/' says (the rename over it said "not a directory"
+        # of a directory d/); 'x/.' is x, when there is one
+        if not split_path(a.path) or a.path.endswith("/"):
+            raise IsADirectory(f"{a.path}: is a directory")
+        if a.path.endswith("/."):
+            await fs.stat(a.path)  # ENOENT, or ENOTDIR for a file
             raise IsADirectory(f"{a.path}: is a directory")
         try:
             src = os.fdopen(os.dup(sys.stdin.fileno()), "rb") if a.hostfile == "-" else open(a.hostfile, "rb")
