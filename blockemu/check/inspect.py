@@ -210,11 +210,14 @@ def log_slots(img: ImageFile, sb: Any, problems: list[str]) -> list[dict[str, An
         if at + S.LOG_SLOT_SIZE > img.size:
             continue
         slot = decode_slot(img.read(at, S.LOG_SLOT_SIZE), at, sb.fsid, sb.csum_type)
-        if slot is not None and slot.damage:
-            problems.append(slot.damage)
-        elif slot is not None:
-            # a stale slot's log root may be the chosen one's: the allocator reuses a dropped log's blocks
-            current = slot.generation == sb.generation and slot.base_root == sb.log_root
+        if slot is None:
+            continue
+        # a stale slot's log root may be the chosen one's: the allocator reuses a dropped log's blocks
+        current = slot.generation == sb.generation and slot.base_root == sb.log_root
+        if slot.damage:  # a stale one is said as such: mount and fsck pass over it (``choose_log``)
+            problems.append(slot.damage + ("" if current else f" (stale, generation {slot.generation}: not "
+                                                               "this superblock's log; mount ignores it)"))
+        else:
             out.append({"bytenr": at, "generation": slot.generation, "base_root": slot.base_root,
                         "sequence": slot.sequence, "log_root": slot.log_root, "log_root_level": slot.log_root_level,
                         "blocks": len(slot.blocks), "current": current, "replayed": current and slot.log_root == chosen})
