@@ -193,6 +193,14 @@ def test_stress_seeds_keep_a_failing_seeds_image(tmp_path, capsys):
     assert main(["stress", "--seeds", "5..6", "--tasks", "2", "--ops", "30", "--write-path", "fast", "--jobs", "1",
                  "--keep-failed", str(keep)]) == 0
     assert sorted(os.listdir(keep)) == ["seed-61.img"]
+    # resumed, a failure is not run again: the note does not claim its image was kept
+    results = tmp_path / "r.jsonl"
+    argv = ["stress", "--seeds", "61..62", "--tasks", "4", "--ops", "200", "--faults", "nobarrier,cut=100",
+            "--write-path", "fast", "--jobs", "1"]
+    assert main([*argv, "--results", str(results)]) == 1
+    capsys.readouterr()
+    assert main([*argv, "--resume", str(results), "--keep-failed", str(tmp_path / "other")]) == 1
+    assert f"kept in {tmp_path / 'other'}/seed-N.img, but for seed 61: resumed, not run here)" in capsys.readouterr().out
 
 
 def test_fuzz_is_a_campaign_command(tmp_path, capsys):

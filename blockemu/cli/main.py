@@ -1259,7 +1259,7 @@ def stress_race(a: argparse.Namespace, seed: int) -> int:
 
 def stress_seeds(a: argparse.Namespace) -> int:
     """Many stress seeds as one campaign, each seed a shard on its own fresh image."""
-    from blockemu.workload.runner import RERUN_REPEATS, stress_campaign
+    from blockemu.workload.runner import RERUN_REPEATS, kept_seed_image, stress_campaign
     from blockemu.workload.writepath import WRITE_PATHS
 
     if a.scenario != "mix":
@@ -1275,6 +1275,10 @@ def stress_seeds(a: argparse.Namespace) -> int:
     if s.failures and not a.json:  # a seed's "reproduce with:" line is a rerun, no more
         where = f"each failing seed's image is kept in {keep}/seed-N.img" if keep else \
             "each seed's image went with its shard: --keep-failed DIR keeps a failing seed's"
+        # a failure --resume took from its file was not run again: its image is where that run put it, if anywhere
+        unkept = sorted({f["unit"] for f in s.failures if keep and not os.path.exists(kept_seed_image(keep, f["unit"]))})
+        if unkept:
+            where += f", but for seed{'s' * (len(unkept) > 1)} {', '.join(map(str, unkept))}: resumed, not run here"
         print(f"note: {RERUN_REPEATS} ({where})")
     return rc
 
