@@ -188,7 +188,9 @@ def test_stress_seeds_keep_a_failing_seeds_image(tmp_path, capsys):
     keep = tmp_path / "kept"
     assert main(["stress", "--seeds", "61..62", "--tasks", "4", "--ops", "200", "--faults", "nobarrier,cut=100",
                  "--write-path", "fast", "--jobs", "1", "--keep-failed", str(keep)]) == 1
-    assert f"each failing seed's image is kept in {keep}/seed-N.img" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"each failing seed's image is kept in {keep}/seed-N.img" in out
+    assert "\n  rerun with: blockemu stress stress-61.img --seed 61" in out and "reproduce with" not in out
     assert main(["fsck", str(keep / "seed-61.img")]) != 0  # the failure is in it: nobarrier lost tree blocks
     assert main(["stress", "--seeds", "5..6", "--tasks", "2", "--ops", "30", "--write-path", "fast", "--jobs", "1",
                  "--keep-failed", str(keep)]) == 0

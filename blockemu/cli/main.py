@@ -559,21 +559,22 @@ def run_campaign_cli(a: argparse.Namespace, campaign: Campaign) -> Summary:
 
 
 def report_campaign(a: argparse.Namespace, s: Summary, headline: str, unit: str, *,
-                    json_extra: dict | None = None, counts: bool = True) -> int:
+                    json_extra: dict | None = None, counts: bool = True, again: str = "reproduce") -> int:
     """A finished campaign, as every campaign command reports it: JSON, or the headline, the
     counts and the failures with their reproduce lines; exit 1 when anything failed. ``unit``
-    names what the campaign's units are (workloads, seeds, trials)."""
+    names what the campaign's units are (workloads, seeds, trials); ``again`` what a failure's
+    line does: "rerun" where it does not repeat the run (stress seeds, DESIGN §7)."""
     if a.json:
         emit_json({**s.as_json(), **(json_extra or {})})
     else:
         print(headline)
         if counts:
             print("  ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.counts.items()))
-        print_failures(s, unit)
+        print_failures(s, unit, again)
     return 1 if s.failures else 0
 
 
-def print_failures(s: Summary, unit: str, limit: int = 20) -> None:
+def print_failures(s: Summary, unit: str, again: str = "reproduce", limit: int = 20) -> None:
     """How many units failed, then the first failure of each of the first ``limit``: printed in
     order, a thousand failures of one workload's crash states hid how many workloads failed."""
     by_unit: dict[Any, list[dict[str, Any]]] = {}
@@ -584,9 +585,9 @@ def print_failures(s: Summary, unit: str, limit: int = 20) -> None:
     print(f"{len(by_unit)} of {s.units} {unit} failed:")
     for fails in list(by_unit.values())[:limit]:
         more = f" (and {len(fails) - 1} more failures of it)" if len(fails) > 1 else ""
-        print(f"FAILED: {fails[0]['message']}{more}\n  reproduce with: {fails[0]['reproduce']}")
+        print(f"FAILED: {fails[0]['message']}{more}\n  {again} with: {fails[0]['reproduce']}")
     if len(by_unit) > limit:
-        print(f"... and {len(by_unit) - limit} more {unit} (every failure, with its reproduce line, in --results "
+        print(f"... and {len(by_unit) - limit} more {unit} (every failure, with its {again} line, in --results "
               "or --json)")
 
 
@@ -1271,8 +1272,8 @@ def stress_seeds(a: argparse.Namespace) -> int:
     rc = report_campaign(a, s, f"{s.units} stress seeds ({a.seeds[0]}..{a.seeds[1]}), {s.states} operations and "
                                f"crash states in {s.seconds:.1f} s ({s.resumed} shards resumed): {len(s.failures)} failures",
                          "stress seeds",
-                         json_extra={"seeds": list(a.seeds), "write_path": a.write_path})
-    if s.failures and not a.json:  # a seed's "reproduce with:" line is a rerun, no more
+                         json_extra={"seeds": list(a.seeds), "write_path": a.write_path}, again="rerun")
+    if s.failures and not a.json:  # a seed's line is a rerun, no more: say what it repeats
         where = f"each failing seed's image is kept in {keep}/seed-N.img" if keep else \
             "each seed's image went with its shard: --keep-failed DIR keeps a failing seed's"
         # a failure --resume took from its file was not run again: its image is where that run put it, if anywhere
