@@ -280,3 +280,38 @@ def test_dir_of_the_package_lists_its_api_not_its_imports():
     names = dir(blockemu)
     assert set(blockemu.__all__) <= set(names) and "__version__" in names
     assert not {"Any", "TYPE_CHECKING", "import_module", "annotations"} & set(names)
+
+
+async def test_making_a_name_through_dot_or_slash_fails_as_on_linux(tmp_path):
+    """``mkdir("/m/.")``, ``open("/m/.", "w")``, ``symlink``/``link`` to "/m/." or "/m/" made
+    "m" (``split_path`` drops the "." and the slash), ``open("/g/", "w")`` made a file g and
+    ``rename("/f", "/g/")`` moved a file to g. Linux refuses each, checked against os on the host."""
+    img = str(tmp_path / "dot.img")
+    await blockemu.mkfs(img, size="32M")
+    h = f"{tmp_path}/host"
+    os.makedirs(f"{h}/a")
+    open(f"{h}/f", "w").close()
+
+    def creat(p: str) -> None:
+        os.close(os.open(p, os.O_WRONLY | os.O_CREAT))
+
+    async with blockemu.mount(img, seal_workers=0) as fs:
+        await fs.mkdir("/a")
+        await (await fs.open("/f", "w")).close()
+        cases = [(lambda: fs.mkdir("/m/."), lambda: os.mkdir(f"{h}/m/.")),
+                 (lambda: fs.open("/m/.", "w"), lambda: creat(f"{h}/m/.")),
+                 (lambda: fs.open("/g/", "w"), lambda: creat(f"{h}/g/")),
+                 (lambda: fs.symlink("/f", "/m/."), lambda: os.symlink("/f", f"{h}/m/.")),
+                 (lambda: fs.symlink("/f", "/m/"), lambda: os.symlink("/f", f"{h}/m/")),
+                 (lambda: fs.link("/f", "/m/."), lambda: os.link(f"{h}/f", f"{h}/m/.")),
+                 (lambda: fs.link("/f", "/m/"), lambda: os.link(f"{h}/f", f"{h}/m/")),
+                 (lambda: fs.rename("/f", "/g/"), lambda: os.rename(f"{h}/f", f"{h}/g/")),
+                 (lambda: fs.rename("/a", "/x/."), lambda: os.rename(f"{h}/a", f"{h}/x/."))]
+        for call, hostcall in cases:
+            with pytest.raises(OSError) as e:
+                await call()
+            with pytest.raises(OSError) as hx:
+                hostcall()
+            assert e.value.errno == hx.value.errno
+        assert sorted(await fs.readdir("/")) == ["a", "f"]
+        assert sorted(os.listdir(h)) == ["a", "f"]

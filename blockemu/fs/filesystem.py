@@ -794,9 +794,13 @@ class Filesystem:
 
     def _check_free(self, parent: Inode, name: bytes | None, path: str, *, directory: bool = False) -> None:
         """A new name's checks, as Linux's filename_create: EEXIST when ``parent`` has it (None: a
-        locked directory's no-key name that names nothing); else, but for a new ``directory``,
+        locked directory's no-key name that names nothing) or ``path`` ends in '/.' (after the
+        walk to what it names: mkdir('/m/.') made m); else, but for a new ``directory``,
         ENOENT when ``path`` ends in '/' or '/.' -- it asks for a directory that is not there (a
         link or symlink to 'nope/' was made as 'nope')."""
+        if ends_in_dot(path):  # 'x/.' is x itself, walked to first: ENOENT, ENOTDIR, or there already
+            self._resolve(path)
+            raise ExistsError(f"{path}: file exists")
         if name is not None and self._lookup_entry(parent, name) is not None:
             raise ExistsError(f"{path}: file exists")
         if not directory and names_a_directory(path):
@@ -862,6 +866,8 @@ class Filesystem:
             inode = self._named(sparent, sname, src)
             dparent, dname = self._parent(dst, Busy)
             if ends_in_dot(src) or ends_in_dot(dst):
+                if ends_in_dot(dst):  # "/x/.": Linux walks to x first (ENOENT, ENOTDIR)
+                    self._resolve(dst)
                 raise Busy(f"{src} -> {dst}: device or resource busy")
             if names_a_directory(dst) and not inode.is_dir:  # as do_renameat2: 'b/' is no file's new name
                 raise NotADirectory(f"{dst}: not a directory")
