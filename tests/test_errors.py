@@ -185,11 +185,12 @@ async def test_a_negative_offset_or_size_is_einval_for_pread(tmp_path):
 
 async def test_a_name_with_a_null_byte_is_einval(tmp_path):
     """``open("/a\\0b", "w")`` made a file named ``a\\0b``: no program can name it through a
-    mount (a path is a C string), and os refuses such a path ("embedded null byte")."""
+    mount (a path is a C string), and os refuses such a path ("embedded null byte"). A symbolic
+    link's target too: readlink through a mount showed it cut at the NUL."""
     img = str(tmp_path / "n.img")
     await blockemu.mkfs(img, size="32M")
     async with blockemu.mount(img, seal_workers=0) as fs:
-        for call in (fs.open("/a\0b", "w"), fs.mkdir("/d\0"), fs.stat("/\0")):
+        for call in (fs.open("/a\0b", "w"), fs.mkdir("/d\0"), fs.stat("/\0"), fs.symlink("a\0b", "/s")):
             with pytest.raises(OSError) as e:
                 await call
             assert e.value.errno == errno.EINVAL and "embedded null byte" in str(e.value)

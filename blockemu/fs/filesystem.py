@@ -934,6 +934,8 @@ class Filesystem:
         data = target.encode(errors="surrogateescape")
         if not data:
             raise NotFoundError(f"{path}: empty symbolic link target")
+        if b"\0" in data:  # as a path's (split_path): symlink(2) takes a C string, readlink gives one
+            raise InvalidArgument(f"{path}: embedded null byte in the symbolic link target")
         if len(data) >= PAGE:
             raise NameTooLong(f"{path}: symbolic link target longer than {PAGE - 1} bytes")
         async with self.adding_items():
