@@ -123,8 +123,9 @@ async def test_open_modes(fs):
         await fs.open("/a/x", "w")
     f = await fs.open("/a", "r")
     await f.close()
-    with ErrnoCheck(errno.EBADF):
-        await f.read()
+    for call in (f.read, f.tell, lambda: f.seek(0)):  # seek and tell as lseek(2): EBADF, not 0
+        with ErrnoCheck(errno.EBADF):
+            await call()
 
 
 async def test_sparse_files_read_zeros_and_survive_remount(image):

@@ -2124,8 +2124,15 @@ class File:
             if self.closed:  # closed while this read was in flight: close could not lock then
                 self.fs.lock_if_idle(inode)
 
-    async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+    def _check_open(self) -> None:
+        """Mounted and not closed -- what seek and tell need, which neither read nor write (a
+        write-only file seeks): a closed file's are EBADF, as lseek(2) on a closed descriptor."""
         self.fs.check_mounted()
+        if self.closed:
+            raise BadFile(f"{self.name}: I/O on a closed file")
+
+    async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._check_open()
         offset = operator.index(offset)
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.inode.size}.get(whence)
         if base is None or not 0 <= base + offset <= S.MAX_FILE_SIZE:  # lseek(2)'s EINVAL both ways
@@ -2134,7 +2141,7 @@ class File:
         return self.pos
 
     async def tell(self) -> int:
-        self.fs.check_mounted()
+        self._check_open()
         return self.pos
 
     async def truncate(self, size: int | None = None) -> int:
