@@ -286,7 +286,8 @@ def test_dir_of_the_package_lists_its_api_not_its_imports():
 async def test_making_a_name_through_dot_or_slash_fails_as_on_linux(tmp_path):
     """``mkdir("/m/.")``, ``open("/m/.", "w")``, ``symlink``/``link`` to "/m/." or "/m/" made
     "m" (``split_path`` drops the "." and the slash), ``open("/g/", "w")`` made a file g and
-    ``rename("/f", "/g/")`` moved a file to g. Linux refuses each, checked against os on the host."""
+    ``rename("/f", "/g/")`` moved a file to g; "/x/." and "/f/." gave EBUSY or EEXIST where
+    Linux, walking to x or f first, says ENOENT or ENOTDIR. Checked against os on the host."""
     img = str(tmp_path / "dot.img")
     await blockemu.mkfs(img, size="32M")
     h = f"{tmp_path}/host"
@@ -307,7 +308,9 @@ async def test_making_a_name_through_dot_or_slash_fails_as_on_linux(tmp_path):
                  (lambda: fs.link("/f", "/m/."), lambda: os.link(f"{h}/f", f"{h}/m/.")),
                  (lambda: fs.link("/f", "/m/"), lambda: os.link(f"{h}/f", f"{h}/m/")),
                  (lambda: fs.rename("/f", "/g/"), lambda: os.rename(f"{h}/f", f"{h}/g/")),
-                 (lambda: fs.rename("/a", "/x/."), lambda: os.rename(f"{h}/a", f"{h}/x/."))]
+                 (lambda: fs.rename("/a", "/x/."), lambda: os.rename(f"{h}/a", f"{h}/x/.")),
+                 (lambda: fs.mkdir("/f/."), lambda: os.mkdir(f"{h}/f/.")),
+                 (lambda: fs.symlink("/a", "/f/."), lambda: os.symlink("/a", f"{h}/f/."))]
         for call, hostcall in cases:
             with pytest.raises(OSError) as e:
                 await call()
