@@ -1085,7 +1085,8 @@ async def test_runs_shorter_than_the_holes_of_16k_tree_blocks_reach_the_disk(tmp
 async def test_a_truncate_into_a_hole_needs_no_room(tmp_path, encrypted):
     """A truncate to inside a page rewrites that page's tail as zeros -- unless it reads as
     zeros already (a hole): on a full filesystem a truncate into a hole was ENOSPC ("cannot
-    allocate 4096 bytes"), though it writes no data (a newcomer's trial). Into data it still is."""
+    allocate 4096 bytes"), though it writes no data (a newcomer's trial). Into data it still is.
+    A hole punched into a hole the same (review44: "cannot allocate 8192 bytes")."""
     image = str(tmp_path / "h.img")
     await blockemu.mkfs(image, size="16M")
     top = "/e/" if encrypted else "/"
@@ -1104,6 +1105,10 @@ async def test_a_truncate_into_a_hole_needs_no_room(tmp_path, encrypted):
         async with fs.open(f"{top}sparse", "r+") as f:
             with pytest.raises(NoSpaceError):
                 await f.truncate(16 * S + 100)  # into data: its page's tail is rewritten
+            with pytest.raises(NoSpaceError):
+                await f.punch_hole(S - 100, 200)  # its first partial page is data: rewritten
+            await f.punch_hole(5 * S + 100, 200)  # inside a hole's page, and across two (review44)
+            await f.punch_hole(3 * S + 100, 2 * S)
             await f.truncate(5 * S + 100)  # into the hole
             await f.fsync()
             assert await f.pread(3 * S, 0) == b"h" * S + bytes(2 * S)
