@@ -65,14 +65,21 @@ def library() -> ctypes.PyDLL:
 @functools.cache
 def libcrypto_xts() -> Callable[[bytes | bytearray, Sequence[int], int, Sequence[int], bool], None] | None:
     """AES-256-XTS per data unit through OpenSSL 3's EVP API: one cipher context per call, its
-    key schedule built once, and per unit only the tweak set again and the unit encrypted
-    (two C calls). cryptography offers no way to change a context's IV, so its path rebuilds
-    the key schedule per unit -- 4 KiB at a time that costs ~4x the AES itself (tools/bench.py).
-    The key is read where it is; OpenSSL cleanses its key schedules when the context is freed."""
+    key schedule built once, and per unit only the tweak set again and the unit encrypted.
+    cryptography offers no way to change a context's IV, so its path rebuilds the key schedule
+    per unit -- 4 KiB at a time that costs ~4x the AES itself (tools/bench.py).
+    The key is read where it is; OpenSSL cleanses its key schedules when the context is freed.
+
+    The tweak is written straight into the context's IV (``EVP_CIPHER_CTX_iv_noconst``: the
+    provider's own buffer, which its XTS reads afresh at every update) rather than set by an
+    ``EVP_CipherInit_ex2`` per unit: that init was ~40 % of a MiB's per-unit calls, and a
+    sealing worker spent ~1 ms of its ~1.25 ms per MiB in them. Whether this libcrypto honours
+    the write is checked once, here, against the init per unit (``_live_iv``); if not, the
+    init per unit it is."""
     try:
         lib = library()
         fetch, new, free = lib.EVP_CIPHER_fetch, lib.EVP_CIPHER_CTX_new, lib.EVP_CIPHER_CTX_free
-        init, update = lib.EVP_CipherInit_ex2, lib.EVP_CipherUpdate
+        init, update, iv_of = lib.EVP_CipherInit_ex2, lib.EVP_CipherUpdate, lib.EVP_CIPHER_CTX_iv_noconst
     except (OSError, AttributeError):  # no OpenSSL 3 libcrypto
         return None
     fetch.restype = ctypes.c_void_p
@@ -81,10 +88,42 @@ def libcrypto_xts() -> Callable[[bytes | bytearray, Sequence[int], int, Sequence
     free.argtypes = [ctypes.c_void_p]
     init.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     update.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    iv_of.restype = ctypes.c_void_p
+    iv_of.argtypes = [ctypes.c_void_p]
     cipher = fetch(None, b"AES-256-XTS", None)
     if not cipher:
         return None
     tweaks = bytearray()  # tweak i at 16 * i; grown (replaced) when an extent is longer
+
+    def units(key: bytes | bytearray, table: bytearray, first: int, sources: Sequence[int], outs: Sequence[int],
+              enc: int, live_iv: bool) -> None:
+        """Unit i with the tweak at ``16 * (first + i)`` in ``table``."""
+        at = buffer_address(table) + 16 * first
+        outl = ctypes.c_int()  # this call's own: threads seal and decrypt concurrently
+        outl_at = ctypes.addressof(outl)
+        ctx = new()
+        if not ctx:
+            raise MemoryError("EVP_CIPHER_CTX_new failed")
+        iv = None
+        try:
+            if init(ctx, cipher, buffer_address(key), at, enc, None) != 1:
+                raise ValueError("AES-256-XTS: OpenSSL refused the key (its halves must differ)")
+            if live_iv and (where := iv_of(ctx)):
+                iv, tv = memoryview((ctypes.c_char * 16).from_address(where)).cast("B"), memoryview(table)
+            for i, (src, out) in enumerate(zip(sources, outs)):
+                if i and iv is not None:
+                    t = 16 * (first + i)
+                    iv[:] = tv[t : t + 16]
+                elif i and init(ctx, None, None, at + 16 * i, enc, None) != 1:
+                    raise ValueError("AES-256-XTS: setting the tweak failed in libcrypto")
+                if update(ctx, out, outl_at, src, DATA_UNIT) != 1:
+                    raise ValueError("AES-256-XTS failed in libcrypto")
+        finally:
+            if iv is not None:
+                iv.release()  # no view of the context's memory outlives it
+            free(ctx)
+
+    live_iv = _live_iv(units)
 
     def xts(key: bytes | bytearray, sources: Sequence[int], first_unit: int, outs: Sequence[int], encrypt: bool) -> None:
         nonlocal tweaks
@@ -96,25 +135,24 @@ def libcrypto_xts() -> Callable[[bytes | bytearray, Sequence[int], int, Sequence
             table = bytearray().join(i.to_bytes(16, "little") for i in range(max(first_unit + len(sources), 256)))
             if len(table) > len(tweaks):
                 tweaks = table
-        at = buffer_address(table) + 16 * first_unit
-        enc = int(encrypt)
-        outl = ctypes.c_int()  # this call's own: threads seal and decrypt concurrently
-        outl_at = ctypes.addressof(outl)
-        ctx = new()
-        if not ctx:
-            raise MemoryError("EVP_CIPHER_CTX_new failed")
-        try:
-            if init(ctx, cipher, buffer_address(key), at, enc, None) != 1:
-                raise ValueError("AES-256-XTS: OpenSSL refused the key (its halves must differ)")
-            for i, (src, out) in enumerate(zip(sources, outs)):
-                if i and init(ctx, None, None, at + 16 * i, enc, None) != 1:
-                    raise ValueError("AES-256-XTS: setting the tweak failed in libcrypto")
-                if update(ctx, out, outl_at, src, DATA_UNIT) != 1:
-                    raise ValueError("AES-256-XTS failed in libcrypto")
-        finally:
-            free(ctx)
+        units(key, table, first_unit, sources, outs, int(encrypt), live_iv)
 
     return xts
+
+
+def _live_iv(units: Callable[..., None]) -> bool:
+    """Whether writing a context's IV (``live_iv``) gives what an init per unit gives: two
+    units of zeros under a fixed key, their ciphertexts compared (and the second unit's must
+    differ from the first's: the written tweak was used)."""
+    key, table, plain = bytes(range(XTS_KEY_SIZE)), bytearray(16) + (1).to_bytes(16, "little"), bytes(2 * DATA_UNIT)
+    base = buffer_address(plain)
+    got = []
+    for live in (False, True):
+        out = bytearray(2 * DATA_UNIT + 15)
+        at = buffer_address(out)
+        units(key, table, 0, [base, base + DATA_UNIT], [at, at + DATA_UNIT], 1, live)
+        got.append(out[: 2 * DATA_UNIT])
+    return got[0] == got[1] and got[0][:DATA_UNIT] != got[0][DATA_UNIT:]
 
 
 def crypt(key: bytes | bytearray, data: Buffer | Sequence[Buffer], first_unit: int, encrypt: bool,
