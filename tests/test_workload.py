@@ -133,11 +133,25 @@ def test_an_include_in_a_jobs_section_cannot_bring_in_global_only_options(tmp_pa
     from blockemu.workload.jobfile import load
     (tmp_path / "enc.fio").write_text("encrypt=1\nsize=64k\n")
     (tmp_path / "main.fio").write_text("[x]\nrw=write\ninclude enc.fio\n")
-    with pytest.raises(InvalidArgument, match=r"main.fio:3: include .*enc.fio: encrypt= encrypts the run's "
+    with pytest.raises(InvalidArgument, match=r"enc.fio:1: encrypt= encrypts the run's "
                                               r"directory, /enc-jobs, for every job: put it in \[global\]"):
         load(str(tmp_path / "main.fio"))
     (tmp_path / "top.fio").write_text("include enc.fio\n[x]\nrw=write\n")  # before any job: [global]'s
     assert load(str(tmp_path / "top.fio")).globals["encrypt"]
+
+
+def test_an_included_files_jobs_take_the_globals_before_the_include(tmp_path):
+    """fio's include is textual: a job written in an included file starts from the [global]
+    options in force at the include, and the lines after the include are in the included file's
+    last section. Parsed apart, its job had none of them (no size=, "size= is needed") and a
+    [global] option written after the include reached the later jobs but not it."""
+    from blockemu.workload.jobfile import load
+    (tmp_path / "jobs.fio").write_text("[a]\nrw=write\n")
+    (tmp_path / "main.fio").write_text("[global]\nsize=1m\nbs=8k\ninclude jobs.fio\nbs=16k\n[b]\nrw=read\n")
+    jf = load(str(tmp_path / "main.fio"))
+    a, b = jf.jobs
+    assert (a.get("size"), a.get("bs"), a.raw.get("bs")) == (1 << 20, (16384,) * 3, "16k")
+    assert (b.get("size"), b.get("bs"), jf.globals["bs"]) == (1 << 20, (8192,) * 3, (8192,) * 3)
 
 
 def test_a_plain_fio_job_runs_unmodified(tmp_path):

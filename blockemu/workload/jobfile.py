@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from blockemu.errors import InvalidArgument
 from blockemu.units import parse_size
@@ -599,34 +599,32 @@ def _run_wide(where: str, key: str, name: str) -> str:
     return f"{where}: {key}= {RUN_WIDE[name]}: put it in [global] (in a job's section it would change nothing)"
 
 
-def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
+def _lines(text: str, path: str, depth: int = 0) -> Iterator[tuple[str, int, str]]:
+    """The file's option and section lines (comments stripped), each with where it was written
+    and its line number there. fio's include is textual, so an included file's lines are read in
+    its place, sections and all: its jobs start from the [global] options in force at the
+    include (they started from none, a [global] bs= or size= before it lost to them), and what
+    follows it is in its last section. Every option then meets the same checks wherever it was
+    written (encrypt= brought into a job's section is refused as if written there)."""
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        where = f"{path}:{lineno}"
+        line = raw.split(";", 1)[0].split("#", 1)[0].strip()
+        if line.startswith("include "):
+            inc = Path(path).parent / line[8:].strip()
+            if depth > 8:
+                raise InvalidArgument(f"{where}: include nested too deeply")
+            yield from _lines(read_text(inc, f"{where}: include {inc}"), str(inc), depth + 1)
+        elif line:
+            yield where, lineno, line
+
+
+def parse(text: str, path: str = "<string>") -> JobFile:
     """Every problem in the file is collected and reported at once, each with file:line."""
     jf = JobFile(path)
     errors: list[str] = []
     scope: dict[str, Any] = {}  # the [global] options in force
     current: Job | None = None
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        where = f"{path}:{lineno}"
-        line = raw.split(";", 1)[0].split("#", 1)[0].strip()
-        if not line:
-            continue
-        if line.startswith("include "):
-            inc = Path(path).parent / line[8:].strip()
-            if _depth > 8:
-                raise InvalidArgument(f"{where}: include nested too deeply")
-            included = read_text(inc, f"{where}: include {inc}")
-            sub = parse(included, str(inc), _depth + 1)
-            if current is not None:  # fio's include is textual: in a job's section, that job's options
-                # (what belongs in [global] alone is refused there as if written in the section)
-                errors += [_run_wide(f"{where}: include {inc}", name, name) for name in sub.globals if name in RUN_WIDE]
-                current.options.update((k, v) for k, v in sub.globals.items() if k not in RUN_WIDE)
-                current.raw.update(sub.global_raw)
-            else:
-                scope.update(sub.globals)
-                jf.globals = scope  # the mount's options too (an included encrypt=1 was the jobs' alone)
-                jf.global_raw.update(sub.global_raw)
-            jf.jobs.extend(sub.jobs)
-            continue
+    for where, lineno, line in _lines(text, path):
         m = re.fullmatch(r"\[([^\]]+)\]", line)
         if m:
             section = m[1].strip()
@@ -672,7 +670,7 @@ def parse(text: str, path: str = "<string>", _depth: int = 0) -> JobFile:
         if i and (job.options.get("stonewall") or job.options.get("new_group")):
             group += 1
         job.group, job.barrier = group, barrier
-    if not jf.jobs and not _depth:
+    if not jf.jobs:
         raise InvalidArgument(f"{path}: no jobs")
     return jf
 
