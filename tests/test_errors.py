@@ -263,15 +263,17 @@ async def test_paths_are_taken_as_os_takes_them(tmp_path):
 
 
 async def test_sizes_and_offsets_must_be_integers(tmp_path):
-    """``read(1.5)``, ``pread(4, 0.5)``, ``seek(1.5)``, ``truncate(2.0)``: TypeError, as ``os.read``,
-    ``os.pread``, ``os.lseek`` and ``os.ftruncate`` say -- a float went through as an offset."""
+    """``read(1.5)``, ``pread(4, 0.5)``, ``seek(1.5)``, ``truncate(2.0)``, ``punch_hole(1.5, 4)``:
+    TypeError, as ``os.read``, ``os.pread``, ``os.lseek``, ``os.ftruncate`` and
+    ``os.posix_fallocate`` say -- a float went through as an offset (a punch's to the page
+    cache, failing there as 'slice indices must be integers')."""
     img = str(tmp_path / "i.img")
     await blockemu.mkfs(img, size="32M")
     async with blockemu.mount(img, seal_workers=0) as fs:
         async with fs.open("/f", "w+") as f:
             await f.write(b"0123456789")
             for bad in (lambda: f.read(1.5), lambda: f.pread(4, 0.5), lambda: f.seek(1.5), lambda: f.truncate(2.0),
-                        lambda: f.pwrite(b"x", 1.0)):
+                        lambda: f.pwrite(b"x", 1.0), lambda: f.punch_hole(1.5, 4), lambda: f.punch_hole(0, 4.0)):
                 with pytest.raises(TypeError, match="cannot be interpreted as an integer"):
                     await bad()
             assert await f.pread(10, 0) == b"0123456789"

@@ -1672,6 +1672,7 @@ class Filesystem:
         at the commit, as truncate's does); partial pages at the ends are zeroed in the cache,
         as Linux zeroes them, so no block is allocated or freed for them. Past the end of the
         file there is nothing to punch: nothing is mapped there."""
+        offset, length = operator.index(offset), operator.index(length)  # TypeError for 1.5, as fallocate
         if offset < 0 or length <= 0:
             raise InvalidArgument(f"bad hole [{offset}, +{length})")
         # its partial end pages are rewritten (zero_partial) unless they read as zeros there
