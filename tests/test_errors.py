@@ -277,6 +277,8 @@ async def test_sizes_and_offsets_must_be_integers(tmp_path):
                 with pytest.raises(TypeError, match="cannot be interpreted as an integer"):
                     await bad()
             assert await f.pread(10, 0) == b"0123456789"
+            await f.seek(4)
+            assert await f.read(None) == b"456789"  # None: to the end, as a Python file's read
 
 
 def test_dir_of_the_package_lists_its_api_not_its_imports():

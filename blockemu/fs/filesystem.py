@@ -2114,9 +2114,11 @@ class File:
                 page[off : off + take] = mv[pos - offset : pos - offset + take]
                 pos += take
 
-    async def read(self, size: int = -1) -> bytes:
-        # -1: to the end, which a seek may have left the position past
-        data = await self.pread(max(self.inode.size - self.pos, 0) if size < 0 else size, self.pos)
+    async def read(self, size: int | None = -1) -> bytes:
+        # -1 (or None, as a Python file's read): to the end, which a seek may have left the position past
+        if size is None or operator.index(size) < 0:
+            size = max(self.inode.size - self.pos, 0)
+        data = await self.pread(size, self.pos)
         self.pos += len(data)
         return data
 
