@@ -376,6 +376,25 @@ def test_put_gives_the_permissions_cp_gives(tmp_path):
     assert run_bytes("cat", img, "/s.sh") == b"secret"
 
 
+def test_put_over_a_symbolic_link_does_not_take_its_0777(tmp_path):
+    """put replaces PATH whole, a symbolic link too, and kept "PATH's own permissions" -- a link's
+    are 0777 -- so a private host file put over a link came out world-writable (-rwxrwxrwx).
+    Only an existing regular file's permissions stay; over anything else the host file's apply."""
+    root, private = tmp_path / "root", tmp_path / "private"
+    root.mkdir()
+    os.symlink("elsewhere", root / "link")
+    private.write_text("secret")
+    os.chmod(private, 0o600)
+    umask = os.umask(0)
+    os.umask(umask)
+    img = str(tmp_path / "p.img")
+    run("mkfs", img, "--size", "32M", "--rootdir", str(root))
+    run("put", img, str(private), "/link")
+    modes = {e["name"]: e["mode"] for e in json.loads(run("ls", img, "--json").stdout)}
+    assert modes == {"link": stat.filemode(stat.S_IFREG | 0o600 & ~umask)}
+    assert run_bytes("cat", img, "/link") == b"secret"
+
+
 def test_put_keeps_holes_and_names_the_file_that_does_not_fit(tmp_path):
     """put copied a sparse host file as zeros (mkfs --rootdir's own copy, repeated) and its
     ENOSPC named nothing ('blockemu: put: No space left on device: ...'); it shares mkfs's copy."""

@@ -909,18 +909,21 @@ def cmd_put(a: argparse.Namespace) -> int:
 
 
 async def put_mode(fs: Any, path: str, src: Any) -> int | None:
-    """The permissions put gives PATH, as cp gives them: an existing PATH keeps its own, a new one
-    takes a regular host file's less the umask (None: the default, for a pipe or a device). Every
-    put made 0644, so a script put into the image did not run on the mount."""
-    try:
-        return stat.S_IMODE((await fs.stat(path)).st_mode)
-    except FileNotFoundError:
-        host = os.fstat(src.fileno())
-        if not stat.S_ISREG(host.st_mode):
-            return None
-        umask = os.umask(0)
-        os.umask(umask)
-        return stat.S_IMODE(host.st_mode) & ~umask
+    """The permissions put gives PATH, as cp gives them: an existing regular file PATH keeps its
+    own, a new one takes a regular host file's less the umask (None: the default, for a pipe or a
+    device). Every put made 0644, so a script put into the image did not run on the mount. PATH
+    is not followed, so a symbolic link there is replaced, not kept: its 0777 made the file put
+    over it world-writable."""
+    with contextlib.suppress(FileNotFoundError):
+        st = await fs.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    host = os.fstat(src.fileno())
+    if not stat.S_ISREG(host.st_mode):
+        return None
+    umask = os.umask(0)
+    os.umask(umask)
+    return stat.S_IMODE(host.st_mode) & ~umask
 
 
 def cmd_mkdir(a: argparse.Namespace) -> int:
