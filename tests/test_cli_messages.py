@@ -111,6 +111,15 @@ def test_a_key_file_that_does_not_read_gives_its_own_errno_in_json(tmp_path, cap
                                                  "message": line}}
 
 
+def test_a_key_file_too_long_is_not_said_to_have_the_bytes_read_to_find_out(tmp_path, capsys):
+    """A 100-byte key file was refused as "this file has 65": the key is read only up to one byte
+    past the largest key, and that count was given as the file's size."""
+    long = tmp_path / "long"
+    long.write_bytes(bytes(100))
+    assert cli(capsys, "key-id", "--key-file", str(long)) == (
+        1, "", f"blockemu: key-id: --key-file {long}: a raw key is 16 to 64 bytes, this file has more than 64\n")
+
+
 def test_a_wrong_key_is_told_apart_from_no_key(tmp_path, capsys):
     img, right, wrong, host = (str(tmp_path / n) for n in ("k.img", "right", "wrong", "host"))
     open(right, "wb").write(bytes(range(32)))

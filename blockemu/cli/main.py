@@ -672,7 +672,9 @@ def read_key(path: str | None) -> bytearray | None:
         raise OSError(e.errno, f"--key-file {path}: {e.strerror}") from None
     KEYS_READ.append(raw)
     if not MIN_KEY_SIZE <= len(raw) <= MAX_KEY_SIZE:
-        raise InvalidArgument(f"--key-file {path}: a raw key is {MIN_KEY_SIZE} to {MAX_KEY_SIZE} bytes, this file has {len(raw)}")
+        # read only to one byte past the largest key: that count is no file's size ("has 65" of 100)
+        has = len(raw) if len(raw) <= MAX_KEY_SIZE else f"more than {MAX_KEY_SIZE}"
+        raise InvalidArgument(f"--key-file {path}: a raw key is {MIN_KEY_SIZE} to {MAX_KEY_SIZE} bytes, this file has {has}")
     return raw
 
 
