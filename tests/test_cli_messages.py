@@ -95,6 +95,15 @@ def test_a_key_too_short_for_aes_256_makes_no_encrypted_directory(tmp_path, caps
     assert img.read_bytes() == before  # refused before --force truncated the old image
 
 
+def test_mkfs_size_past_what_a_file_offset_holds_is_a_usage_error(tmp_path, capsys):
+    """--size 9999999999T ended in an OverflowError traceback from ftruncate (exit 1)."""
+    img = tmp_path / "h.img"
+    assert cli(capsys, "mkfs", str(img), "--size", "9999999999T") == (
+        2, "", "blockemu: usage: blockemu mkfs: size 9999999999T is too large: a file holds at most "
+        f"{(1 << 63) - 4096} bytes\n")
+    assert not img.exists()
+
+
 def test_a_key_file_that_does_not_read_gives_its_own_errno_in_json(tmp_path, capsys):
     """--json's errno is the key file's own (ENOENT, EISDIR), and EINVAL for a key of the wrong
     size, as add_key says it: every one was EIO, whatever the line on stderr said."""

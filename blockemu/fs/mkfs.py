@@ -45,6 +45,7 @@ from blockemu.ondisk.superblock import SuperInfo
 from blockemu.units import parse_size
 
 MIN_SIZE = 16 << 20
+MAX_SIZE = (1 << 63) - SECTOR_SIZE  # a file offset is a signed 64-bit off_t: past it ftruncate overflowed
 ROOT_DIR = FIRST_FREE_OBJECTID
 
 
@@ -70,6 +71,8 @@ def check_options(size: str | int, node_size: str | int, csum: str, label: str, 
     nodesize = parse_size(node_size)
     if nbytes < MIN_SIZE:
         raise InvalidArgument(f"size {size} is too small: the minimum is {MIN_SIZE >> 20}M ({MIN_SIZE} bytes)")
+    if nbytes > MAX_SIZE:
+        raise InvalidArgument(f"size {size} is too large: a file holds at most {MAX_SIZE} bytes")
     if nodesize < MIN_NODE_SIZE or nodesize > MAX_NODE_SIZE or nodesize & (nodesize - 1):
         raise InvalidArgument(f"node size {nodesize} must be a power of two from 4K to 64K")
     if csum not in csums.BY_NAME:
