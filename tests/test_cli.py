@@ -489,6 +489,25 @@ def test_mkfs_the_host_refuses_the_size_of_names_the_image_and_leaves_none(tmp_p
     assert not img.exists()
 
 
+def test_mkfs_force_keeps_the_old_image_when_the_host_refuses_the_size(tmp_path):
+    """--force over an image with a size the host cannot hold (EFBIG: here a file size limit, as
+    ext4's 16 TiB for --size 100P) deleted the image it was to replace and made none (a
+    newcomer's trial): the size is tried before the old contents go, and the image stays whole."""
+    import resource
+
+    from blockemu.cli.main import main
+    img = tmp_path / "a.img"
+    assert main(["mkfs", str(img), "--size", "16M"]) == 0
+    assert main(["put", str(img), __file__, "/kept"]) == 0
+    before = img.read_bytes()
+    p = subprocess.run([sys.executable, "-m", "blockemu", "mkfs", str(img), "--size", "256M", "--force"],
+                       capture_output=True, text=True, timeout=60,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 20, 32 << 20)))
+    assert (p.returncode, p.stderr) == (1, f"blockemu: mkfs: {img}: File too large\n")
+    assert img.read_bytes() == before
+    assert main(["fsck", str(img)]) == 0
+
+
 def test_a_file_size_limit_below_the_page_arena_is_named(image):
     """The dirty pages' memfd counts against ulimit -f as any file: a mount under a small limit
     failed with a bare "File too large", which read as the image's."""

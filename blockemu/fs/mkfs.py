@@ -201,26 +201,27 @@ async def mkfs(
     populating = rootdir is not None or encrypt is not None
     plan, skipped, sources = plan_population(rootdir, encrypt, path) if populating else ([], [], [])
     check_target(path, force)
+    existed = os.path.exists(path)
     fd = open_image(path, readonly=False, create=True)  # locked before anything is written
     # what a failure removes: the file written, not a symbolic link to it (removing the link left
     # the half-built image at its target)
     made = os.path.realpath(path)
     try:
-        # drop any old contents, then extend: the image stays sparse
+        # the host's file size limit (EFBIG: ext4 holds 16 TiB) is met before the old contents
+        # go: --force with a size the host refused deleted the image it was to replace and made
+        # none. A file already as large holds the size; a larger one is grown, contents kept
+        if nbytes > os.fstat(fd).st_size:
+            os.ftruncate(fd, nbytes)
+        # then drop any old contents, and extend: the image stays sparse
         os.ftruncate(fd, 0)
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
         os.ftruncate(fd, nbytes)
         dev = BlockDevice(path, fd)
     except BaseException as e:
-        # the host refused the size (a file size limit: EFBIG): the empty file left was no image,
-        # and the bare "File too large" named no file
         os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(made)
-        if type(e) is OSError and e.filename is None:
+        if not existed:  # the empty file this made was no image
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(made)
+        if type(e) is OSError and e.filename is None:  # the bare "File too large" named no file
             raise OSError(e.errno, e.strerror, path) from e
         raise
     try:
