@@ -34,6 +34,7 @@ from blockemu.workload.fio import (
     RunContext,
     SteadyWatch,
     Verifier,
+    _lat_json,
     _lat_line,
     _percentile_lines,
     num2str,
@@ -804,9 +805,9 @@ def test_figures_are_written_as_fio_writes_them():
              ((23_056_123, 6), "23056k"), ((458_752, 4, True, "B"), "448KiB"), ((0,), "0")]
     assert [num2str(*args) for args, _ in cases] == [want for _, want in cases]
     fast_min = [635, 2_000, 5_000, 23_056_123]  # a fast minimum keeps nanoseconds
-    assert _lat_line("    clat", fast_min).startswith("    clat (nsec): min=635, max=23056k, avg=")
-    assert _lat_line("    slat", [3_100, 4_000, 1_872_000]).startswith("    slat (usec): min=3, max=1872, avg=")
-    assert _lat_line("     lat", [3_000_000, 250_000_000]).startswith("     lat (msec): min=3, max=250, avg=")
+    assert _lat_line("    clat", _lat_json(fast_min, None)).startswith("    clat (nsec): min=635, max=23056k, avg=")
+    assert _lat_line("    slat", _lat_json([3_100, 4_000, 1_872_000], None)).startswith("    slat (usec): min=3, max=1872, avg=")
+    assert _lat_line("     lat", _lat_json([3_000_000, 250_000_000], None)).startswith("     lat (msec): min=3, max=250, avg=")
     pct = {"1.000000": 11_584, "50.000000": 12_608, "99.990000": 58_112}
     assert _percentile_lines("clat", pct) == ["    clat percentiles (nsec):",
                                               "     |  1.00th=[11584], 50.00th=[12608], 99.99th=[58112]"]

@@ -1820,13 +1820,14 @@ def _lat_unit(lo: int, hi: int, dev: float = math.inf) -> tuple[str, int]:
     return "nsec", 0
 
 
-def _lat_line(label: str, ns: list[int]) -> str:
-    """fio's display_lat: nanoseconds unless the smallest, the largest and the spread all call for
-    micro- (or milli-) seconds, so a fast minimum keeps its digits (``min=635, max=23056k``)."""
-    if not ns:
+def _lat_line(label: str, s: dict[str, Any]) -> str:
+    """fio's display_lat of the figures ``_lat_json`` gave (``s``: the JSON report's, not
+    computed again -- a stdev over every latency is a report's costliest sum): nanoseconds
+    unless the smallest, the largest and the spread all call for micro- (or milli-) seconds,
+    so a fast minimum keeps its digits (``min=635, max=23056k``)."""
+    if not s["N"]:
         return ""
-    lo, hi, avg = min(ns), max(ns), statistics.fmean(ns)
-    dev = stdev(ns) if len(ns) > 1 else 0.0
+    lo, hi, avg, dev = s["min"], s["max"], s["mean"], s["stddev"]
     unit, steps = _lat_unit(lo, hi, dev)
     div = 1000 ** steps
     return f"{label} ({unit}): min={num2str(lo // div, 6)}, max={num2str(hi // div, 6)}, " \
@@ -1877,9 +1878,9 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
             resets = f"; {r.zone_resets or 0} zone resets" if i == WRITE else ""  # fio 3.33's, zoned or not
             lines.append(f"  {label}: IOPS={num2str(j['iops'])}, BW={bin_size(j['bw_bytes'])}/s "
                          f"({dec_size(j['bw_bytes'])}/s)({bin_size(d.io_bytes)}/{j['runtime']}msec){resets}")
-            for lab, vals in (("    slat", d.slat), ("    clat", d.clat), ("     lat", d.lat)):
-                if vals:
-                    lines.append(_lat_line(lab, vals))
+            for lab in ("slat", "clat", "lat"):
+                if j[f"{lab}_ns"]["N"]:
+                    lines.append(_lat_line(f"{lab:>8}", j[f"{lab}_ns"]))
             for lab in ("slat", "clat", "lat"):  # fio's show_ddir_status: each kind asked for, in this order
                 pct = j[f"{lab}_ns"].get("percentile")
                 if pct:
@@ -1895,7 +1896,7 @@ def text_report(results: list[JobResult], group_bw: dict[int, list[float]]) -> l
                 lines.append(f"  lat ({unit})   : " + ", ".join(cells[k: k + 5]))
         if r.sync:
             lines.append("  fsync/fdatasync/sync_file_range:")
-            lines.append(_lat_line("    sync", r.sync))
+            lines.append(_lat_line("    sync", _lat_json(r.sync, None)))
         usr, sys_ = r.cpu()
         lines.append(f"  cpu          : usr={usr:.2f}%, sys={sys_:.2f}%, ctx={r.ctx}, majf={r.majf}, minf={r.minf}")
         lines.append("  IO depths    : " + ", ".join(f"{k}={v:.1f}%" for k, v in r.depth_levels().items()))
