@@ -593,12 +593,6 @@ def _convert(key: str, value: str) -> tuple[str, Any]:
     raise InvalidArgument(f"unknown option {key!r}")
 
 
-def _run_wide(where: str, key: str, name: str) -> str:
-    """The refusal of a RUN_WIDE option (``key`` as written, ``name`` its canonical name) in a
-    job's section, where it would be taken and ignored."""
-    return f"{where}: {key}= {RUN_WIDE[name]}: put it in [global] (in a job's section it would change nothing)"
-
-
 def _lines(text: str, path: str, depth: int = 0) -> Iterator[tuple[str, int, str]]:
     """The file's option and section lines (comments stripped), each with where it was written
     and its line number there. fio's include is textual, so an included file's lines are read in
@@ -649,7 +643,8 @@ def parse(text: str, path: str = "<string>") -> JobFile:
         if "=" in line:  # fio's "job options" leave bare flags (stonewall, group_reporting) out
             raw_opts[key] = value
         if current is not None and name in RUN_WIDE:
-            errors.append(_run_wide(where, key, name))
+            errors.append(f"{where}: {key}= {RUN_WIDE[name]}: put it in [global] (in a job's section it "
+                          "would change nothing)")
             continue
         if current is not None:
             current.options[name] = converted
