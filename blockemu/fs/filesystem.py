@@ -695,7 +695,7 @@ class Filesystem:
         """The inode ``path`` names, from what ``_parent`` gave for it: ``_resolve``'s answer and
         errors without walking the path again (an unlink, a rename or a create walked it twice,
         ~a twentieth of their CPU)."""
-        entry = (parent.dentries.get(name) or self._lookup_entry(parent, name)) if name is not None else None
+        entry = self._lookup_entry(parent, name) if name is not None else None  # (the dentry cache first)
         if entry is None:
             raise NotFoundError(f"{path}: no such file or directory")
         ino = entry.location[0]
