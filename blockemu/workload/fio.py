@@ -709,7 +709,7 @@ class Region:
             while i < end and (order[i] + run > self.blocks or any(used[order[i]: order[i] + run])):
                 i += 1
         self.cursors[run] = i
-        return order[i] if i < len(order) else None
+        return order[i] if i < end else None
 
     def new_pass(self) -> None:
         self.used = bytearray()
