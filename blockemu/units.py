@@ -1,4 +1,4 @@
-"""Sizes as users write them (fio and mkfs.btrfs: K/M/G/T suffixes, binary)."""
+"""Sizes as users write them (fio and mkfs.btrfs: K/M/G/T/P suffixes, binary)."""
 from __future__ import annotations
 
 import re
@@ -15,7 +15,7 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+(?:\.\d+)?)\s*([kmgtpKMGTP]?)(?:i?[bB])?\s*", text)
     if not m:
-        raise InvalidArgument(f"bad size {text!r}: expected a number with an optional K/M/G/T suffix")
+        raise InvalidArgument(f"bad size {text!r}: expected a number with an optional K/M/G/T/P suffix")
     num = int(m[1], 16) if m[1].startswith("0x") else float(m[1])
     return int(num * _SUFFIX[m[2].lower()])
 

@@ -105,8 +105,8 @@ def test_fsck_of_non_images_is_operational_error(tmp_path, content):
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--size", "12Q"], "argument --size: bad size '12Q': expected a number with an optional K/M/G/T suffix"),
-    (["--size", "abc"], "argument --size: bad size 'abc': expected a number with an optional K/M/G/T suffix"),
+    (["--size", "12Q"], "argument --size: bad size '12Q': expected a number with an optional K/M/G/T/P suffix"),
+    (["--size", "abc"], "argument --size: bad size 'abc': expected a number with an optional K/M/G/T/P suffix"),
     (["--node-size", "big"], "argument --node-size: bad size 'big'"),
     (["--size", "1K"], "size 1K is too small: the minimum is 16M"),
     (["--size", "1M"], "size 1M is too small"),
@@ -327,6 +327,8 @@ def test_fsck_blockemu_reads_the_progress_fds_leading_number_as_e2fsck_does(imag
     (["fuzz", "--structural", "--max-rss", "-1"], "--max-rss: -1 is out of range: more than 0 MB"),
     (["run", "seqwrite", "--size", "0"], "--size: 0 is out of range: more than 0"),  # it asked for --size
     (["run", "seqwrite", "--runtime", "-1"], "--runtime: bad value '-1' (a time is at least 0)"),  # no reason given
+    (["run", "seqwrite", "--size", "10Q"],  # the size parser's sentence, as mkfs's, not a bare "bad value"
+     "--size: bad size '10Q': expected a number with an optional K/M/G/T/P suffix"),
     # a fault spec: flip=2 flipped every sector and failed the mix, eio=5M-1M injected nothing, and a bad
     # spec exited 1 once the image was made
     (["stress", "s.img", "--faults", "flip=2"], "--faults: bad fault spec: 'flip=2': a probability from 0 to 1"),

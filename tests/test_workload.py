@@ -73,7 +73,7 @@ def test_every_problem_is_reported_at_once_with_file_and_line():
     assert str(e.value) == ("t.fio:2: ioengine=null is not supported (blockemu runs file engines: sync, psync, vsync, "
                             "pvsync, pvsync2, mmap, ftruncate, libaio, io_uring, posixaio); "
                             "t.fio:5: unknown option 'bogus'; t.fio:6: bad value for bs: bad size 'lots': expected "
-                            "a number with an optional K/M/G/T suffix; t.fio:7: fio option 'exec_prerun' is not supported")
+                            "a number with an optional K/M/G/T/P suffix; t.fio:7: fio option 'exec_prerun' is not supported")
 
 
 def test_fio_values_env_keywords_expressions_and_modifiers(monkeypatch):

@@ -200,7 +200,7 @@ def size_text(text: str) -> str:
 
 def args_mkfs(m: argparse.ArgumentParser) -> None:
     m.add_argument("image")
-    m.add_argument("--size", required=True, type=size_text, help="image size, K/M/G/T suffixes")
+    m.add_argument("--size", required=True, type=size_text, help="image size, K/M/G/T/P suffixes")
     m.add_argument("--node-size", type=size_text, default="16K",
                    help="tree block size, a power of two from 4K to 64K (default 16K)")
     m.add_argument("--csum", default="crc32c", choices=["crc32c", "xxhash64", "sha256", "blake2b"],
@@ -990,7 +990,10 @@ def fio_value(conv: Callable[[str], Any], positive: bool = False) -> Callable[[s
             value = conv(text)
         except (ValueError, BlockemuError) as e:  # with the parser's reason, where it gives one
             said = str(e)
-            raise argparse.ArgumentTypeError(f"bad value {said if said.startswith(repr(text)) else repr(text)}") from None
+            if said.startswith(repr(text)):
+                raise argparse.ArgumentTypeError(f"bad value {said}") from None
+            # the parser's own sentence where it names the value ("bad size '10Q': expected ..."), as mkfs's
+            raise argparse.ArgumentTypeError(said if repr(text) in said else f"bad value {text!r}") from None
         if positive and not value > 0:
             raise argparse.ArgumentTypeError(f"{text} is out of range: more than 0")
         return value
@@ -1310,7 +1313,7 @@ def cmd_crash(a: argparse.Namespace) -> int:
 
 
 # -o NAME=VALUE takes every mount option the library does: their one list is fs/writeback.py's
-# OPTION_FLOORS. Values are sizes (K/M/G/T suffixes: its SIZE_OPTIONS) but for these;
+# OPTION_FLOORS. Values are sizes (K/M/G/T/P suffixes: its SIZE_OPTIONS) but for these;
 # tests/test_fuse.py holds each option's parser to the type its Writeback keyword is annotated with
 NOT_SIZES: dict[str, Callable[[str], Any]] = {"interval": float, "seal_timeout": float, "seal_workers": int}
 
