@@ -57,7 +57,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -722,27 +722,18 @@ def fig_stress(d: str, seconds: float, rounds: int = 1) -> list[Figure]:
     return [Figure("stress mix, 4 tasks (reference: issue 16's ~400)", ops, 400.0, "ops/s", True, ">= 5x today")]
 
 
-def bench_table(a: argparse.Namespace) -> None:
-    figures: list[Figure] = []
+def table_rows(a: argparse.Namespace, d: str) -> dict[str, Callable[[], list[Figure]]]:
+    """The table's figures in its order, each by the name that runs it alone (``seq``, ``fio``...)."""
+    return {"seq": lambda: fig_sequential(d, a.mib, a.rounds), "fio": lambda: fig_fio(d, a.rounds),
+            "random": lambda: fig_randoms(d, a.rounds), "fsck": lambda: fig_fsck(d, a.files, a.rounds),
+            "stress": lambda: fig_stress(d, a.stress_seconds, a.rounds)}
+
+
+def bench_rows(a: argparse.Namespace, which: str | None = None) -> None:
+    """Print a table of the figure named, or (None) the whole table, every figure in its order."""
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
-        figures += fig_sequential(d, a.mib, a.rounds)
-        figures += fig_fio(d, a.rounds)
-        figures += fig_randoms(d, a.rounds)
-        figures += fig_fsck(d, a.files, a.rounds)
-        figures += fig_stress(d, a.stress_seconds, a.rounds)
-    print_table(figures)
-
-
-def bench_rows(a: argparse.Namespace, which: str) -> None:
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
-        figures = {"seq": lambda: fig_sequential(d, a.mib, a.rounds), "stress": lambda: fig_stress(d, a.stress_seconds, a.rounds),
-                   "fio": lambda: fig_fio(d, a.rounds), "random": lambda: fig_randoms(d, a.rounds)}
-        print_table(figures[which]())
-
-
-def bench_fsck(a: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
-        print_table(fig_fsck(d, a.files, a.rounds))
+        rows = table_rows(a, d)
+        print_table([f for name in ([which] if which else rows) for f in rows[name]()])
 
 
 FUSE_JOBS = {
@@ -810,8 +801,8 @@ def main() -> None:
     a = ap.parse_args()
     what = a.what or ["table"]
     if "table" in what:
-        bench_table(a)
-    for which in ("seq", "stress", "fio", "random"):
+        bench_rows(a)
+    for which in ("seq", "stress", "fio", "random", "fsck"):
         if which in what:
             bench_rows(a, which)
     if "fs" in what:
@@ -822,8 +813,6 @@ def main() -> None:
         asyncio.run(bench_btree(a.keys))
     if "rss" in what:
         bench_rss(a.gib)
-    if "fsck" in what:
-        bench_fsck(a)
     if "fuse" in what:
         bench_fuse()
 
