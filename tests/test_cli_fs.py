@@ -617,6 +617,23 @@ def test_ls_long_and_json_show_each_entrys_owner_and_group(tmp_path):
     assert lines["alice"][4] == "5"  # the size still follows them
 
 
+def test_ls_sorts_by_name_as_ls_does_and_U_keeps_directory_order(tmp_path):
+    """``ls`` printed names in the order they were made (readdir's), which reads as a bug to anyone
+    used to ls(1): now sorted by the names' bytes as ``LC_ALL=C ls`` (text, ``-l`` and ``--json``
+    alike), and ``-U`` keeps directory order, as ``ls -U``."""
+    img, host = str(tmp_path / "s.img"), tmp_path / "h"
+    host.write_bytes(b"x")
+    run("mkfs", img, "--size", "32M")
+    made = ["zeta", "alpha", "Mid", "beta"]
+    for name in made:
+        run("put", img, str(host), f"/{name}")
+    in_order = ["Mid", "alpha", "beta", "zeta"]
+    assert run("ls", img).stdout.split() == in_order
+    assert [line.split()[-1] for line in run("ls", img, "-l").stdout.splitlines()] == in_order
+    assert [r["name"] for r in json.loads(run("ls", img, "--json").stdout)] == in_order
+    assert run("ls", img, "-U").stdout.split() == made
+
+
 def test_put_refuses_the_image_itself(tmp_path, capsys):
     """``put IMG IMG /x`` (or a hard link of IMG, or IMG on standard input) copied the image, half
     written by the copy, into itself; now it is one line, exit 1, and the image as it was."""

@@ -286,6 +286,8 @@ def args_ls(ls: argparse.ArgumentParser) -> None:
     ls.add_argument("path", nargs="?", default="/")
     ls.add_argument("-l", dest="long", action="store_true", help="long listing: mode, links, owner and group "
                     "(numbers, as ls -n), size, time")
+    ls.add_argument("-U", dest="unsorted", action="store_true", help="directory order (readdir's: the order "
+                    "names were made in), as ls -U; else sorted by name's bytes, as LC_ALL=C ls")
     add_json_flag(ls, "the entries")
     ls.add_argument("--key-file", help="show real names in directories this key encrypts (else no-key names)")
 
@@ -777,6 +779,8 @@ def cmd_ls(a: argparse.Namespace) -> int:
     async def body(fs: Any) -> int:
         st = await fs.stat(a.path)
         names = await fs.readdir(a.path) if stat.S_ISDIR(st.st_mode) else [a.path.rsplit("/", 1)[-1]]
+        if not a.unsorted:  # as ls(1): a listing in creation order read as unsorted output to every user
+            names.sort(key=os.fsencode)
         base = a.path.rstrip("/") if stat.S_ISDIR(st.st_mode) else a.path.rsplit("/", 1)[0]
         if a.key_file and stat.S_ISDIR(st.st_mode):
             # the names are listed all the same (no-key names, as without a key), but a key
