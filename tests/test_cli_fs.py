@@ -617,6 +617,23 @@ def test_ls_long_and_json_show_each_entrys_owner_and_group(tmp_path):
     assert lines["alice"][4] == "5"  # the size still follows them
 
 
+def test_mkfs_encrypt_makes_a_path_rootdir_lacks_with_its_parents(tmp_path):
+    """As the README says: ``--encrypt PATH`` that ``--rootdir`` has no entry for is made, empty, with
+    its parents (as ``mkdir -p``), and it alone is encrypted; a file at PATH is refused."""
+    root, img, key = tmp_path / "root", str(tmp_path / "e.img"), tmp_path / "k"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "f").write_bytes(b"x")
+    key.write_bytes(os.urandom(32))
+    run("mkfs", img, "--size", "32M", "--rootdir", str(root), "--encrypt", "/no/deeper", "--key-file", str(key))
+    rows = {r["name"]: r["encrypted"] for r in json.loads(run("ls", img, "/no", "--json").stdout)}
+    assert rows == {"deeper": True}
+    assert not any(r["encrypted"] for r in json.loads(run("ls", img, "/", "--json").stdout))
+    assert run("ls", img, "/no/deeper").stdout == ""
+    p = run("mkfs", img, "--size", "32M", "--force", "--rootdir", str(root), "--encrypt", "/a/f", "--key-file",
+            str(key), check_rc=1)
+    assert "/a/f is not a directory" in p.stderr
+
+
 def test_ls_sorts_by_name_as_ls_does_and_U_keeps_directory_order(tmp_path):
     """``ls`` printed names in the order they were made (readdir's), which reads as a bug to anyone
     used to ls(1): now sorted by the names' bytes as ``LC_ALL=C ls`` (text, ``-l`` and ``--json``

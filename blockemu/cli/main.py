@@ -209,7 +209,8 @@ def args_mkfs(m: argparse.ArgumentParser) -> None:
     m.add_argument("--uuid", help="the filesystem's UUID (default: a random one)")
     m.add_argument("--force", action="store_true", help="overwrite an existing non-empty image")
     m.add_argument("--rootdir", help="populate the image from this host directory")
-    m.add_argument("--encrypt", metavar="PATH", help="directory inside the image to encrypt (needs --key-file)")
+    m.add_argument("--encrypt", metavar="PATH", help="directory inside the image to encrypt (needs --key-file); made, with its "
+                   "parents, where --rootdir has none")
     m.add_argument("--key-file", help=f"{KEY_BYTES} for --encrypt")
     add_progress_flags(m, json=False)
 
