@@ -143,6 +143,23 @@ def test_free_extent_of_2_62_refuses_a_writable_mount_with_the_fsck_hint(base, t
     assert cli(capsys, "mkdir", path, "/d")[0] == 0
 
 
+def test_a_damaged_free_space_tree_block_names_the_tree_and_the_repair(base, tmp_path, capsys):
+    """A free-space tree block failing its checksum refused a writable mount with the bare "tree
+    block N: checksum mismatch": the tree is a cache of the extent tree, which fsck --repair
+    rebuilds, so the line says which tree and that; reads need no record and go on."""
+    at = base.roots["free-space"]
+    path = image(base, tmp_path, [(at + 200, bytes([base.raw[at][200] ^ 0xFF]))])
+    rc, out, _ = cli(capsys, "ls", path, "/")
+    assert rc == 0 and out.split() == ["e", "p"]
+    rc, out, err = cli(capsys, "mkdir", path, "/d")
+    assert rc == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"blockemu: mkdir: free-space tree: tree block {at}: checksum mismatch") and \
+        err.endswith("; run blockemu fsck --repair to rebuild it\n"), err
+    rc, report = fsck_json(capsys, path, "--repair")
+    assert rc == 1 and report["clean"], report
+    assert cli(capsys, "mkdir", path, "/d")[0] == 0
+
+
 def test_free_extent_over_a_tree_block_refuses_a_writable_mount(base, tmp_path, capsys):
     fs_root = base.roots["fs"]
     patches = free_space_with(base, lambda items: items + [((fs_root, S.FREE_SPACE_EXTENT, base.sb.nodesize), b"")])

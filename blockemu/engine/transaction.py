@@ -274,7 +274,12 @@ class Engine:
             self.store.allocator = self._allocator_from_extents()
         elif writable:
             fst = self.trees[FREE_SPACE_TREE_OBJECTID]
-            extents = self._checked_free_space([(k[0], k[2]) for k, _ in fst.items() if k[1] == FREE_SPACE_EXTENT])
+            try:
+                recorded = [(k[0], k[2]) for k, _ in fst.items() if k[1] == FREE_SPACE_EXTENT]
+            except CorruptionError as e:  # a cache of the extent tree: said so, with the way to rebuild it
+                raise CorruptionError(f"free-space tree: {e}; run blockemu fsck --repair to rebuild it",
+                                      e.kind, e.bytenr) from None
+            extents = self._checked_free_space(recorded)
             self.free_items = SortedDict(extents)
             self.store.allocator = Allocator(extents, nodesize=sb.nodesize)
             if len(self.store.allocator.free) == len(extents):
