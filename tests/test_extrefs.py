@@ -435,7 +435,8 @@ async def test_a_missing_dir_index_aborts_the_unlink_and_a_taken_one_the_create(
         await fs.unlink("/a")
     with ErrnoCheck(errno.EROFS):
         await fs.unmount()
-    fs = await blockemu.mount(image)
+    fs = await blockemu.mount(image)  # nothing of the unlink was committed: /a is still named
+    assert (await fs.stat("/a")).st_nlink == 1 and await fs.readdir("/") == ["b"]  # its index is the edit's loss
     async with fs.open("/c", "w"):  # the directory's next index is known now: the last one + 1
         pass
     async with fs.vol.join():  # the next one taken behind its back
@@ -446,6 +447,8 @@ async def test_a_missing_dir_index_aborts_the_unlink_and_a_taken_one_the_create(
             pass
     with ErrnoCheck(errno.EROFS):
         await fs.unmount()
+    async with blockemu.mount(image, readonly=True) as fs:  # the aborted transaction left nothing
+        assert not await fs.exists("/d") and not await fs.exists("/c") and await fs.readdir("/") == ["b"]
 
 
 async def test_repair_keeps_a_name_when_the_only_one_is_dangling_in_both_items(image):
