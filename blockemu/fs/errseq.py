@@ -133,11 +133,16 @@ class ErrSeq:
         """The sync that began at ``since`` is done: the error to raise for what was noted after
         that, if anything was (the first such error, counting every byte and file lost since)."""
         mine = self.take(since)
-        if not mine:
-            return None
-        first, files = mine[0], len({n.ino for n in mine})
-        return _lost(mine, f"{first.error} (writeback failed since the last sync: {_bytes(mine)} bytes of "
-                           f"{files} file{'s' * (files > 1)} lost, inode {first.ino} first)")
+        return files_error(mine, "writeback failed since the last sync") if mine else None
+
+
+def files_error(mine: list[Noted], what: str) -> OSError:
+    """One error for the losses ``mine`` (some) of any number of files: the first error, with
+    every byte and file lost counted -- a sync's, and an unmount's last word, which named the
+    first file alone and hid the others' losses."""
+    first, files = mine[0], len({n.ino for n in mine})
+    return _lost(mine, f"{first.error} ({what}: {_bytes(mine)} bytes of {files} file{'s' * (files > 1)} lost, "
+                       f"inode {first.ino} first)")
 
 
 def file_error(ino: int, mine: list[Noted]) -> OSError:

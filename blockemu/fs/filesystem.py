@@ -56,7 +56,7 @@ from blockemu.errors import (
     restate,
 )
 from blockemu.fs import backrefs
-from blockemu.fs.errseq import ErrSeq, file_error
+from blockemu.fs.errseq import ErrSeq, file_error, files_error
 from blockemu.fs.pagecache import PAGE, Page, Pages
 from blockemu.fs.volume import Volume
 from blockemu.fs.writeback import Writeback, check_options
@@ -354,10 +354,13 @@ class Filesystem:
             raise first
 
     def _report_unreported(self) -> None:
-        for inode in self.inodes.values():
-            mine = inode.errs.unreported()
-            if mine:
-                raise file_error(inode.ino, mine)
+        """The unmount's last word: every file's writeback loss no caller was told of, in one
+        error (one file's alone is said as its fsync would say it)."""
+        mine = [n for inode in self.inodes.values() for n in inode.errs.unreported()]
+        if len({n.ino for n in mine}) == 1:
+            raise file_error(mine[0].ino, mine)
+        if mine:
+            raise files_error(mine, "writeback failed, no fsync or close reported it")
 
     def _drop_pages(self) -> None:
         for inode in self.inodes.values():
