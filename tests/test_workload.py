@@ -817,3 +817,21 @@ async def test_a_power_cut_inside_an_fio_job_is_a_crash_its_fsyncs_checked_after
         assert not report.ok
         assert any("though an fsync made them durable" in f or "missing after the power cut" in f
                    for f in report.failures), report.failures
+
+
+async def test_a_keyrace_job_says_it_ran_on_an_image_of_its_own(tmp_path, monkeypatch):
+    """generic/595 makes its scratch filesystem, and so does a ``kind=keyrace`` job: its
+    appends never reach the run's image. A newcomer put it beside ``kind=faults`` ``cut=50``
+    and read "the run made 6 writes, so no power cut happened", the disk stats' 6 writes and
+    "fsck: clean" as the race's, after 5,307 appends on another image. A note says so."""
+    from blockemu.workload import keyrace, runner
+
+    async def race(mode, **kw):
+        return keyrace.RaceResult(mode, kw["seed"], kw["schedule"], attempted=1, acknowledged=1)
+
+    monkeypatch.setattr(runner, "run_race", race)
+    job = tmp_path / "race.fio"
+    job.write_text("[race]\nkind=keyrace\nruntime=0.1\n[cut]\nkind=faults\nfaults=cut=50\n")
+    report = await runner.run_workload(str(job), image=str(tmp_path / "r.img"), seed=1)
+    assert any(n.startswith("race: the key-removal race ran on a scratch image of its own") for n in report.notes), \
+        report.notes
