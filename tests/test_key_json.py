@@ -104,6 +104,7 @@ def test_key_json_gives_each_results_fields(served, capsys) -> None:
     s.run(hold())
     assert key_json(capsys, "remove", mnt, "--key-file", str(key)) == {
         "action": "remove", "identifier": KID, "files_busy": True, "other_users": False, "wiped_by": None,
+        "lost_bytes": 0, "lost_files": 0,
         "text": f"Removed encryption key with identifier {KID}, but files still busy"}
     assert key_json(capsys, "status", mnt, "--id", KID.upper())["state"] == "incompletely_removed"
     s.run(s.held.close())

@@ -145,17 +145,25 @@ class RemovalResult:
     identifier: str
     files_busy: bool = False
     other_users: bool = False
-    wiped_by: str | None = None  # the removal mode that wiped the secret under busy files
+    wiped_by: str | None = None  # the removal mode that wiped the secret under busy files or dirty data
+    lost_bytes: int = 0  # dirty data of the key's files the removal's own write back had to drop
+    lost_files: int = 0
 
     def __str__(self) -> str:
-        """xfs_io's text; when a wiping mode left busy files holding a dead key, one clause more:
-        xfs_io's "but files still busy" alone reads as soft removal's promise that they keep
-        working, the opposite of what hard removal does to their dirty data."""
+        """xfs_io's text; when a wiping mode left busy files holding a dead key, or dropped dirty
+        data, one clause more: xfs_io's "but files still busy" alone reads as soft removal's
+        promise that they keep working, the opposite of what hard removal does to their dirty
+        data, and its plain line hid that closed files' dirty data had just been dropped."""
         if self.other_users:
             return f"Removed user's claim to encryption key with identifier {self.identifier}"
         busy = ", but files still busy" if self.files_busy else ""
-        wiped = (f"; {self.wiped_by} removal wiped the key under them: their writes can no longer reach the disk"
-                 if self.wiped_by else "")
+        wiped = ""
+        if self.wiped_by:
+            wiped = (f"; {self.wiped_by} removal wiped the key under "
+                     + ("them: their writes can no longer reach the disk" if self.files_busy else "dirty data"))
+        if self.lost_bytes:
+            wiped += (f" ({self.lost_bytes} bytes of {self.lost_files} file{'s' * (self.lost_files > 1)} "
+                      "lost at writeback)")
         return f"Removed encryption key with identifier {self.identifier}{busy}{wiped}"
 
 
@@ -305,15 +313,17 @@ class Keyring:
         else:
             raise AssertionError(f"keyring: {step} is the filesystem's step")
 
-    def removal_result(self, mk: MasterKey) -> RemovalResult:
-        """The removal's result, taken once its steps are done. A removal that leaves no busy file
+    def removal_result(self, mk: MasterKey, lost: dict[int, int] | None = None) -> RemovalResult:
+        """The removal's result, taken once its steps are done; ``lost``: the bytes the filesystem's
+        write back step dropped, per inode that lost any. A removal that leaves no busy file
         owes no retry a success: its own lock step released the last lease (so ``completed``
         holds the key), but the kernel would have dropped the key within the call, and a second
         removal is ENOKEY there -- it succeeded here, with the status already ``Absent``."""
         if not mk.leases:
             self.completed.discard(mk.identifier)
         return RemovalResult(mk.identifier.hex(), files_busy=bool(mk.leases),
-                             wiped_by=self.mode if mk.state is St.WIPED else None)
+                             wiped_by=self.mode if mk.state is St.WIPED or lost else None,
+                             lost_bytes=sum((lost or {}).values()), lost_files=len(lost or {}))
 
     def key_status(self, key_id: str | bytes, user: int = 0) -> KeyStatus:
         mk = self.keys.get(parse_identifier(key_id))

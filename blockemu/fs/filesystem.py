@@ -1203,6 +1203,10 @@ class Filesystem:
         if not started:
             return RemovalResult(ident.hex(), other_users=True)
         failed: BaseException | None = None
+        # what the steps' write back drops (a wipe before it: hard) is said in the result, as it
+        # happens; the files' fsyncs, the next sync and the unmount still report it
+        holders = [i for i in self.inodes.values() if i.key_id == ident]
+        lost_before = [i.lost_bytes for i in holders]
         for step in self.keyring.removal_steps:
             users = [i for i in self.inodes.values() if i.key_id == ident]
             if step is Step.WRITE_BACK:
@@ -1223,7 +1227,8 @@ class Filesystem:
                 self.keyring.step(mk, step)
         if failed is not None:
             raise failed
-        return self.keyring.removal_result(mk)
+        lost = {i.ino: i.lost_bytes - before for i, before in zip(holders, lost_before) if i.lost_bytes > before}
+        return self.keyring.removal_result(mk, lost)
 
     def key_status(self, key_id: str | bytes, user: int = 0) -> KeyStatus:
         self.check_mounted()
