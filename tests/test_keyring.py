@@ -145,6 +145,19 @@ async def test_hard_removal_under_closed_files_dirty_data_says_what_it_lost(tmp_
         await fs.unmount()
 
 
+@pytest.mark.parametrize("mode", ["soft", "sync", "deny-writes"])
+def test_a_removal_that_writes_back_before_any_wipe_blames_no_wipe_for_a_loss(mode):
+    """Only hard removal wipes before its write back: another mode's write back that dropped
+    data (an I/O error) says the bytes, not that the key was wiped under them."""
+    kr = Keyring(mode)
+    ident = bytes.fromhex(kr.add_key(KEY))
+    kr.lease(ident, 257)
+    mk, _ = kr.begin_removal(KID)
+    r = kr.removal_result(mk, {257: 10})
+    assert r.wiped_by is None and (r.lost_bytes, r.lost_files) == (10, 1)
+    assert str(r) == f"Removed encryption key with identifier {KID}, but files still busy (10 bytes of 1 file lost at writeback)"
+
+
 @pytest.mark.parametrize("mode", ["sync", "deny-writes"])
 def test_wiping_modes_write_back_before_they_wipe(mode):
     """The table orders the steps: the secret is zeroed only after the write back, leases or not."""

@@ -322,8 +322,14 @@ class Keyring:
         if not mk.leases:
             self.completed.discard(mk.identifier)
         return RemovalResult(mk.identifier.hex(), files_busy=bool(mk.leases),
-                             wiped_by=self.mode if mk.state is St.WIPED or lost else None,
+                             wiped_by=self.mode if mk.state is St.WIPED or lost and self._wipes_first() else None,
                              lost_bytes=sum((lost or {}).values()), lost_files=len(lost or {}))
+
+    def _wipes_first(self) -> bool:
+        """Whether the mode wipes before it writes back (hard): then what the write back drops, the
+        wipe dropped; another mode's write back loses data only to an I/O error."""
+        steps = self.removal_steps
+        return Step.WIPE in steps and steps.index(Step.WIPE) < steps.index(Step.WRITE_BACK)
 
     def key_status(self, key_id: str | bytes, user: int = 0) -> KeyStatus:
         mk = self.keys.get(parse_identifier(key_id))
