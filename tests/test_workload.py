@@ -542,6 +542,18 @@ def test_a_stress_campaign_counts_the_files_it_checked_after_each_power_cut():
     assert not out["failures"]
 
 
+def test_a_stress_campaign_counts_the_seeds_its_power_cut_came_to():
+    """Each seed's run says when its cut= never came, but a campaign of them dropped the notes:
+    ``stress --seeds 0..3 --ops 60 --faults cut=150`` reported 0 failures, no seed cut (a
+    newcomer's power-cut campaign that cut nothing). It counts the seeds the cut came to."""
+    from blockemu.workload.runner import _stress_shard
+
+    args = (5, 1, 10, None, "cut=100000", 0, "fast", None)
+    assert _stress_shard(args)["counts"]["power_cuts"] == 0
+    assert _stress_shard((*args[:4], "cut=5", *args[5:]))["counts"]["power_cuts"] == 1
+    assert "power_cuts" not in _stress_shard((*args[:4], None, *args[5:]))["counts"]  # none asked: no figure
+
+
 async def test_stress_says_when_the_power_cut_it_was_given_never_came(tmp_path):
     """--faults cut=N past the run's last write: the run passed, with no word that it never
     tested the power cut it was asked for (injected errors 0, aborted null)."""

@@ -658,7 +658,10 @@ def missed_cut(faults: FaultPlan | None, dead: bool, writes: int, more: str) -> 
     due = faults.cut_after_writes if faults is not None else None
     if due is None or dead:
         return None
-    return f"cut={due}: the run made {writes} writes, so no power cut happened (a smaller cut=, or {more})"
+    return f"cut={due}: the run made {writes} writes, {NO_CUT} (a smaller cut=, or {more})"
+
+
+NO_CUT = "so no power cut happened"  # in ``missed_cut``'s note, which a stress campaign counts by
 
 
 async def check_flips_undone(image: str, flips: list[Flip], key: bytes, mix: MixResult,
@@ -729,10 +732,10 @@ def _stress_shard(args: tuple) -> dict[str, Any]:
     for a failing seed's with ``keep_failed``: a rerun does not repeat the run's timing (DESIGN
     §7), so the image the run left is the one record of its failure."""
     seed, tasks, ops, duration, faults, crash_points, write_path, keep_failed = args
+    plan = FaultPlan.parse(faults) if faults else None
     with tempfile.TemporaryDirectory() as d:
         image = os.path.join(d, "stress.img")
-        s = asyncio.run(stress_mix(image, seed=seed, tasks=tasks, nops=ops, duration=duration,
-                                   faults=FaultPlan.parse(faults) if faults else None,
+        s = asyncio.run(stress_mix(image, seed=seed, tasks=tasks, nops=ops, duration=duration, faults=plan,
                                    crash_points=crash_points, write_path=WRITE_PATHS[write_path]))
         if keep_failed and not s["ok"]:
             sparse_copy(image, kept_seed_image(keep_failed, seed))  # DIR may be another file system
@@ -741,6 +744,10 @@ def _stress_shard(args: tuple) -> dict[str, Any]:
                                          "io_errors", "refused_out_of_space", "ledger_files_checked_after_crash",
                                          "crash_states_checked", "crash_failures")}
     counts["aborted"] = int(s["aborted"] is not None)
+    if plan is not None and plan.cut_after_writes is not None:
+        # each seed's note that its cut never came is no campaign's: one of runs all ended before
+        # their cut passed with 0 failures, as if every seed had been cut
+        counts["power_cuts"] = int(not any(NO_CUT in n for n in s["notes"]))
     problems = s["problems"] or ([] if s["ok"] else ["not ok"])
     return {"units": 1, "states": s["ops"] + (s.get("crash_states_checked") or 0), "counts": counts,
             "failures": [{"unit": seed, "message": p} for p in problems[:10]]}
