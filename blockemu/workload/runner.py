@@ -629,6 +629,8 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
         problems += camp.failures
     note = missed_cut(faults, fs.vol.device.dead, writes, "more --ops")
     summary["notes"] = [note] if note else []
+    # whether the planned cut came (a campaign counts its seeds by it), null when none was planned
+    summary["power_cut"] = None if faults is None or faults.cut_after_writes is None else note is None
     if flips:  # left as a failing disk leaves them: said, since a rerun on this image is refused
         summary["notes"].append(f"the run flipped bits in {len(flips)} sector(s) and leaves them on the image: "
                                 "fsck reports those still in use, and a next stress run needs a fresh image")
@@ -658,10 +660,7 @@ def missed_cut(faults: FaultPlan | None, dead: bool, writes: int, more: str) -> 
     due = faults.cut_after_writes if faults is not None else None
     if due is None or dead:
         return None
-    return f"cut={due}: the run made {writes} writes, {NO_CUT} (a smaller cut=, or {more})"
-
-
-NO_CUT = "so no power cut happened"  # in ``missed_cut``'s note, which a stress campaign counts by
+    return f"cut={due}: the run made {writes} writes, so no power cut happened (a smaller cut=, or {more})"
 
 
 async def check_flips_undone(image: str, flips: list[Flip], key: bytes, mix: MixResult,
@@ -744,10 +743,10 @@ def _stress_shard(args: tuple) -> dict[str, Any]:
                                          "io_errors", "refused_out_of_space", "ledger_files_checked_after_crash",
                                          "crash_states_checked", "crash_failures")}
     counts["aborted"] = int(s["aborted"] is not None)
-    if plan is not None and plan.cut_after_writes is not None:
+    if s["power_cut"] is not None:
         # each seed's note that its cut never came is no campaign's: one of runs all ended before
         # their cut passed with 0 failures, as if every seed had been cut
-        counts["power_cuts"] = int(not any(NO_CUT in n for n in s["notes"]))
+        counts["power_cuts"] = int(s["power_cut"])
     problems = s["problems"] or ([] if s["ok"] else ["not ok"])
     return {"units": 1, "states": s["ops"] + (s.get("crash_states_checked") or 0), "counts": counts,
             "failures": [{"unit": seed, "message": p} for p in problems[:10]]}
