@@ -847,3 +847,25 @@ async def test_a_keyrace_job_says_it_ran_on_an_image_of_its_own(tmp_path, monkey
     report = await runner.run_workload(str(job), image=str(tmp_path / "r.img"), seed=1)
     assert any(n.startswith("race: the key-removal race ran on a scratch image of its own") for n in report.notes), \
         report.notes
+
+
+async def test_run_key_removal_overrides_the_mounts_mode_and_each_keyrace_jobs(tmp_path, monkeypatch):
+    """``run --list`` said to run generic-595 under each mode, but its mode was fixed in the
+    scenario's file (a newcomer had to write a job file of their own): ``--key-removal MODE``
+    sets the mount's ``key_removal=`` and each keyrace job's, as ``--runtime`` does runtimes."""
+    from blockemu.workload import keyrace, runner
+
+    modes = []
+
+    async def race(mode, **kw):
+        modes.append(mode)
+        return keyrace.RaceResult(mode, kw["seed"], kw["schedule"], attempted=1, acknowledged=1)
+
+    monkeypatch.setattr(runner, "run_race", race)
+    job = tmp_path / "race.fio"
+    job.write_text("[global]\nkey_removal=soft\n[own]\nkind=keyrace\nkey_removal=deny-writes\nruntime=0.1\n"
+                   "[other]\nkind=keyrace\nruntime=0.1\n[w]\nrw=write\nsize=64k\n")
+    assert runner.prepare(str(job), {"key_removal": "hard"}).globals["key_removal"] == "hard"
+    await runner.run_workload(str(job), image=str(tmp_path / "r.img"), seed=1, overrides={"key_removal": "sync"})
+    await runner.run_workload("generic-595", seed=1, overrides={"key_removal": "hard", "runtime": 0.1})
+    assert modes == ["sync", "sync", "hard"]

@@ -325,6 +325,7 @@ def args_key_id(kid: argparse.ArgumentParser) -> None:
 
 
 def args_run(rn: argparse.ArgumentParser) -> None:
+    from blockemu.crypto.keyring import MODES
     from blockemu.workload.jobfile import parse_time
     from blockemu.workload.jobfile import size as fio_size
 
@@ -338,6 +339,8 @@ def args_run(rn: argparse.ArgumentParser) -> None:
                     help="normal, json, json+ or terse; several comma-separated, as fio")
     rn.add_argument("--runtime", type=fio_value(parse_time), help="override every job's runtime (fio's units)")
     rn.add_argument("--size", type=fio_value(fio_size, positive=True), help="override every job's size")
+    rn.add_argument("--key-removal", choices=MODES, help="override the mount's key_removal= and every keyrace "
+                    "job's (e.g. generic-595 under each mode)")
     rn.add_argument("--list", action="store_true", help="list the built-in scenarios")
     rn.add_argument("--parse-only", action="store_true", help="check the job file (as fio --parse-only), run nothing")
 
@@ -1018,7 +1021,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     if not a.workload:
         raise UsageError("a job file or a scenario name is needed (or --list)")
     seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
-    overrides = {k: v for k, v in (("runtime", a.runtime), ("size", a.size)) if v is not None}
+    overrides = {k: v for k, v in (("runtime", a.runtime), ("size", a.size), ("key_removal", a.key_removal))
+                 if v is not None}
     text = job_file_from_stdin() if a.workload == "-" else None
     name = STDIN_JOB_FILE if text is not None else a.workload
     if a.parse_only:

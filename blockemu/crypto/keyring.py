@@ -26,7 +26,8 @@ Two tables below are the whole state machine; nothing else decides:
   - ``hard``: wipe first; existing leases hold a dead key (state ``WIPED``) and
     writeback of their dirty data fails with ENOKEY (upstream fscrypt's
     semantics with per-extent keys derived at writeout: the bug, measurable).
-  - ``sync``: write back, then wipe, open files or not (lossy by design).
+  - ``sync``: write back, then wipe, open files or not (lossy by design: what is dirtied
+    while the write back runs is dropped, and open files' later writes get ENOKEY).
   - ``deny-writes``: refuse new dirtying, write back, then wipe.
 
 Status as the ioctl reports it: PRESENT if claimed, else "Incompletely

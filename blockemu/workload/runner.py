@@ -461,9 +461,15 @@ def prepare(workload: str, overrides: dict[str, Any] | None = None, text: str | 
     """The job file with the command line's overrides applied, checked whole: every job's
     problem is reported at once, before any image is touched (also ``--parse-only``)."""
     jf = load_workload(workload, text)
+    overrides = dict(overrides or {})
+    mode = overrides.pop("key_removal", None)
+    if mode is not None:  # the mount's, and each keyrace job's own (the one place a job may set it)
+        jf.globals["key_removal"] = mode
     problems = []
     for i, job in enumerate(jf.jobs):
-        job.options.update(overrides or {})
+        job.options.update(overrides)
+        if mode is not None and job.get("kind", "fio") == "keyrace":
+            job.options["key_removal"] = mode
         if overrides and "size" in overrides and job.get("filesize"):
             # --size shortens a job however it sizes its files, as fio's --size does not need to:
             # a job with filesize= only would otherwise lay out its files at full size
@@ -479,8 +485,8 @@ def prepare(workload: str, overrides: dict[str, Any] | None = None, text: str | 
 
 async def run_workload(workload: str, *, image: str | None = None, seed: int = 0,
                        overrides: dict[str, Any] | None = None, text: str | None = None) -> RunReport:
-    """Run a job file; ``overrides`` (the command line's ``--runtime``/``--size``) win over
-    every job's own values; ``text``: the job file's text, ``workload`` then only names it."""
+    """Run a job file; ``overrides`` (the command line's ``--runtime``/``--size``/``--key-removal``)
+    win over every job's own values; ``text``: the job file's text, ``workload`` then only names it."""
     jf = prepare(workload, overrides, text)
     with tempfile.TemporaryDirectory() as tmp:
         runner = Runner(jf, image if image is not None else os.path.join(tmp, "run.img"), seed)
