@@ -62,6 +62,7 @@ class Task:
         self.version: dict[str, int] = {}  # bumped whenever a path is about to change
         self.busy: set[str] = set()  # paths the operation in progress is changing
         self.reading: str | None = None  # the path the operation in progress reads, if a read
+        self.about = ""  # the path an operation that neither reads nor changes a file names (fsync, mkdir, rmdir)
         # the files a failure of the operation in progress may leave unknown; None: every one
         self.scope: set[str] | None = None
         self.pool = memoryview(rng.randbytes(POOL_WRITES * 20_000 * scale))
@@ -85,12 +86,16 @@ class Task:
         try:
             await self._step(op)
         except OSError as e:
+            # the paths the operation was on, unless its error names them: "overwrite: inode 339:
+            # ..." left a reader to find the file by its inode
+            where = self.reading or " ".join(sorted(self.busy)) or self.about
+            what = f"{op} {where}" if where and where not in str(e) else op
             if detected(e):
-                self.r.detected.append(f"{op}: {e}")
+                self.r.detected.append(f"{what}: {e}")
             elif e.errno not in (errno.EIO, errno.ENOSPC, errno.EROFS):
                 raise
             else:
-                (self.r.no_space if e.errno == errno.ENOSPC else self.r.errors).append(f"{op}: {e}")
+                (self.r.no_space if e.errno == errno.ENOSPC else self.r.errors).append(f"{what}: {e}")
             # what the operation may have changed: the paths it was changing (a create whose
             # write failed left its file, empty, on disk: the model adds a file only once
             # written), an fsync's file, a directory operation's entries -- not the task's
@@ -119,6 +124,7 @@ class Task:
             self.busy.clear()
             self.reading = None
             self.scope = None
+            self.about = ""
 
     def _frozen(self) -> bool:
         """Nothing reaches the disk any more: the power was cut (or the transaction aborted, which
@@ -190,7 +196,7 @@ class Task:
             if got != files[p] and p not in self.tainted:
                 self.r.divergent.append(f"{p}: read {len(got)} bytes, model has {len(files[p])}")
         elif op == "fsync":
-            p = rng.choice(list(files))
+            p = self.about = rng.choice(list(files))
             self.scope = {p}
             async with fs.open(p, "r+") as f:
                 await f.fsync()
@@ -226,12 +232,12 @@ class Task:
             await fs.unlink(p)
             del files[p]
         elif op == "mkdir":
-            d = self._name("d")
+            d = self.about = self._name("d")
             self.scope = self._entries(d.rpartition("/")[0])
             await fs.mkdir(d)
             self.dirs.append(d)
         elif op == "rmdir":
-            d = rng.choice(self.dirs[1:])
+            d = self.about = rng.choice(self.dirs[1:])
             self.scope = self._entries(d.rpartition("/")[0], d)
             try:
                 await fs.rmdir(d)
