@@ -377,12 +377,13 @@ def test_a_worker_starts_without_cryptography_or_package_metadata():
     assert out.split() == ["[]", csum.field(0, b"abc").hex()]
 
 
-async def test_seal_many_checksums_keyless_runs_on_the_loop_and_keyed_ones_in_one_thread_trip(arena, monkeypatch):
+async def test_seal_many_seals_small_batches_on_the_loop_and_larger_keyed_ones_in_one_thread_trip(arena, monkeypatch):
     """A batch of small runs (an fsync after scattered writes): without a key sealing is only
     checksumming, done on the loop -- no thread round trip, and no copy: the parts are the
-    run's pages where they lie, copied once where they are written; with keys, the runs share
-    one trip to a thread. Either way each result, its parts joined, is what sealing the run
-    here gives."""
+    run's pages where they lie, copied once where they are written; with keys, up to
+    ``LOOP_SEAL`` bytes are sealed on the loop too (the thread held the GIL throughout: its
+    round trip was pure cost), and a larger batch's runs share one trip to a thread. Each
+    result, its parts joined, is what sealing the run here gives."""
     trips: list[int] = []
     real = asyncio.to_thread
 
@@ -398,7 +399,11 @@ async def test_seal_many_checksums_keyless_runs_on_the_loop_and_keyed_ones_in_on
     assert trips == [] and [(b"".join(d), s) for d, s in got] == [seal_local(None, p, 0) for p in plain]
     assert all(isinstance(part, memoryview) and part.obj is arena.map for parts, _ in got for part in parts)
     got = await sealer.seal_many([(run_key(i), frames) for i, frames in enumerate(runs)], 0)
-    assert trips == [RUNS] and [(b"".join(d), s) for d, s in got] == [seal_local(run_key(i), p, 0) for i, p in enumerate(plain)]
+    assert trips == [] and [(b"".join(d), s) for d, s in got] == [seal_local(run_key(i), p, 0) for i, p in enumerate(plain)]
+    large = [list(range(i * PAGES, (i + 1) * PAGES)) for i in range(2)]  # 2 x 256 KiB: past LOOP_SEAL
+    got = await sealer.seal_many([(run_key(i), frames) for i, frames in enumerate(large)], 0)
+    assert trips == [2] and [(b"".join(d), s) for d, s in got] == [
+        seal_local(run_key(i), b"".join(bytes(arena.page(p)) for p in frames), 0) for i, frames in enumerate(large)]
     await sealer.close()
 
 

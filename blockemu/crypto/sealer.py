@@ -41,6 +41,13 @@ from blockemu.errors import DeviceIOError
 from blockemu.ondisk.csum import csum_size, digests, unit_digests
 
 POOL_THRESHOLD = 256 << 10
+# Keyed runs of a ``seal_many`` batch up to this many bytes in all are sealed on the loop, not on
+# a thread: the XTS calls keep the GIL (a PyDLL), so the thread never ran beside the loop, and its
+# round trip was pure cost -- ~100 us idle (more under load) against ~27 us a one-page run
+# (derive its key, encrypt, checksum): a batch of 32 such runs 875 us on the loop, 997 us there
+# and back; one 64-page run 280 vs 333 us. Under the interpreter's 5 ms switch interval the
+# loop waited on the thread's GIL just as long, so only batches past that need the thread.
+LOOP_SEAL = POOL_THRESHOLD
 DEPTH = 3  # requests in flight per worker
 # A 1 MiB extent seals in milliseconds; a worker at nice 10 on a machine loaded with
 # other work can take far longer, and killing a slow but healthy worker loses data
@@ -65,8 +72,7 @@ def seal_local(key: bytearray | None, data: Buffer | list[Buffer], csum_type: in
 
 
 # A run's key for ``seal_many``: the extent key, or the master secret and the extent's nonce
-# to derive it from in the sealing thread (HKDF-SHA512 costs ~35 us a run: 1.1 ms of the loop
-# for an fsync of 32 scattered pages) -- or None, no key.
+# to derive it from where the run is sealed, once it is (~13 us a run) -- or None, no key.
 RunKey = bytearray | tuple[bytearray, bytes] | None
 # A sealed run's bytes as ``seal_many`` gives them: in parts, which the caller joins where it
 # writes them (one copy for a stretch of runs placed one after another)
@@ -402,12 +408,19 @@ class Sealer:
         Runs without a key are only checksummed, here on the loop: a group is at most a few
         hundred KiB (``pooled``'s threshold), and the thread's round trip cost more than the
         checksums (an fsync after 32 scattered 4 KiB writes spent ~1.2 ms of the loop's CPU
-        handing them over). Runs with a key share one trip to a thread, queued as futures --
-        not a task per run -- where their keys are derived, when given as secret and nonce."""
+        handing them over). Runs with a key are sealed on the loop too, their keys derived
+        there from secret and nonce, up to ``LOOP_SEAL`` bytes in all (the thread held the GIL
+        throughout, so its round trip bought nothing); a larger batch (a mount with fewer than
+        two workers groups up to ``max_extent``) shares one trip to a thread, queued as
+        futures -- not a task per run."""
         if all(key is None for key, _ in runs):
             return self._checksummed([pages for _, pages in runs], csum_type)
         jobs = [(key, self._joined(pages) if key is None else self._in_place(pages)) for key, pages in runs]
-        return [([data], sums) for data, sums in await self._queue(jobs, csum_type)]
+        if sum(len(pages) for _, pages in runs) * PAGE <= LOOP_SEAL:
+            sealed = seal_batch(jobs, csum_type)
+        else:
+            sealed = await self._queue(jobs, csum_type)
+        return [([data], sums) for data, sums in sealed]
 
     def _queue(self, runs: list[tuple[RunKey, Buffer | list[Buffer]]], csum_type: int) -> asyncio.Future[list[tuple[Buffer, bytes]]]:
         """Runs into the next thread batch (started on the next loop turn, so runs queued
