@@ -65,6 +65,23 @@ async def test_fua_write_is_durable_alone_and_supersedes_cached_data(tmp_path):
     await dev.close()
 
 
+@pytest.mark.parametrize("how", ["flush", "flush_then_fua"])
+async def test_a_flush_syncs_the_image_with_fdatasync_alone(tmp_path, monkeypatch, how):
+    """The image's size is fixed at mkfs, so a flush needs its data durable, not its timestamps:
+    fdatasync, as QEMU flushes a raw image (an fsync made each flush on ext4 a journal commit
+    for the image's mtime). The FUA write after a commit's flush was fdatasync already."""
+    calls: list[str] = []
+    for name in ("fsync", "fdatasync"):
+        monkeypatch.setattr(blockdev.os, name, lambda fd, name=name, real=getattr(os, name): calls.append(name) or real(fd))
+    path = make_image(tmp_path / "d.img")
+    dev = await BlockDevice.open(path)
+    await dev.write(0, sector(1, 2))
+    await (dev.flush() if how == "flush" else dev.flush_then_fua(4 * SECTOR, sector(2)))
+    assert calls == ["fdatasync"] * (1 if how == "flush" else 2)
+    assert on_disk(path, 0, 2 * SECTOR) == sector(1, 2)
+    await dev.close()
+
+
 async def _trips(dev: BlockDevice, step) -> int:
     """How many calls ``step`` sends to the I/O thread (the loop's executor)."""
     import asyncio

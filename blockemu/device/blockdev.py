@@ -2,7 +2,7 @@
 
 A completed write lands in the device's cache, not the image: it is visible to
 reads at once but reaches the file only when a flush destages it (then the
-file is fsync'ed for real), when the cache passes its size limit (destaged,
+file is fdatasync'ed for real), when the cache passes its size limit (destaged,
 still not durable), or as a FUA write. A power cut drops the cache and freezes
 the image (``power``: a host call in flight stops at the cut), so the image file
 itself is left in a genuine crash state; the write log (``writelog``) can rebuild
@@ -112,9 +112,13 @@ def _pwrite_rest(fd: int, rest: memoryview, off: int) -> None:
 
 
 def _destage(fd: int, runs: Runs, sync: bool, power: AbstractContextManager[None]) -> None:
+    """``sync``: a flush, made durable by ``fdatasync``, as QEMU flushes a raw image and as
+    ``_fua`` always did: the image's size is fixed at mkfs, so what ``fsync`` adds is the image
+    file's timestamps, which no crash state reads -- and on ext4 an mtime changed by the writes
+    made each flush a journal commit besides the data's."""
     _pwrite_runs(fd, runs, power)
     if sync:
-        os.fsync(fd)
+        os.fdatasync(fd)
     else:
         # the emulated disk writing its cache back on its own: start the host's writeback of
         # what was destaged (and let it drop those pages), so a later flush has little left

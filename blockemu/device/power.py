@@ -1,6 +1,6 @@
 """The device's power, as the threads that write its image see it.
 
-A flush, a FUA write or the cache's own writeback runs its host calls (``pwritev``, ``fsync``)
+A flush, a FUA write or the cache's own writeback runs its host calls (``pwritev``, ``fdatasync``)
 in the executor's thread, while a power cut comes on the event loop: without a switch both
 see, a call in flight at the cut went on writing the image after it -- a copy, a check or a
 second mount of the image taken right after the cut raced the thread. So the thread writes
