@@ -703,7 +703,8 @@ async def test_sync_includes_runs_a_background_flush_is_sealing(image, monkeypat
 
 
 async def test_hard_removal_while_a_batch_derives_its_keys_writes_nothing_and_wipes_them(image, monkeypatch):
-    """A batch of small runs derives its extent keys in the sealing thread from the secret
+    """A batch of runs too large to seal on the loop (past ``LOOP_SEAL``: three of 30 pages,
+    with no workers) derives its extent keys in the sealing thread from the secret
     (``RunKey``). A hard removal that zeroes the secret before the thread derives them gives
     keys of a zeroed secret -- which anyone can derive: the batch must be refused (nothing of
     it mapped), the write reported lost, and every key the thread derived zeroed."""
@@ -729,8 +730,8 @@ async def test_hard_removal_while_a_batch_derives_its_keys_writes_nothing_and_wi
 
         await encrypted_dir(fs, "/e")
         f = await fs.open("/e/f", "w")
-        for page in (0, 2, 4):
-            await f.pwrite(b"s" * PAGE, page * PAGE)
+        for page in (0, 31, 62):
+            await f.pwrite(b"s" * 30 * PAGE, page * PAGE)
         monkeypatch.setattr(fscrypt, "extent_key", extent_key)
         monkeypatch.setattr(sealer, "seal_batch", held_batch)
         fsync = asyncio.ensure_future(f.fsync())
@@ -746,7 +747,7 @@ async def test_hard_removal_while_a_batch_derives_its_keys_writes_nothing_and_wi
         await fs.add_key(KEY)
         async with fs.open("/e/f") as f:
             got = await f.read()
-        assert got in (b"", bytes(5 * PAGE)), "data sealed with a key of the zeroed secret reached the image"
+        assert got in (b"", bytes(92 * PAGE)), "data sealed with a key of the zeroed secret reached the image"
 
 
 async def test_a_sync_whose_write_a_running_commit_waited_for_is_durable_when_it_returns(image, monkeypatch, tmp_path):
