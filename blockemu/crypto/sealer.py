@@ -32,6 +32,7 @@ import mmap
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
+from operator import itemgetter
 
 from blockemu.crypto import fscrypt
 from blockemu.crypto.arena import Arena, unmap
@@ -74,6 +75,7 @@ def seal_local(key: bytearray | None, data: Buffer | list[Buffer], csum_type: in
 # A run's key for ``seal_many``: the extent key, or the master secret and the extent's nonce
 # to derive it from where the run is sealed, once it is (~13 us a run) -- or None, no key.
 RunKey = bytearray | tuple[bytearray, bytes] | None
+_FIRST, _SECOND = itemgetter(0), itemgetter(1)
 # A sealed run's bytes as ``seal_many`` gives them: in parts, which the caller joins where it
 # writes them (one copy for a stretch of runs placed one after another)
 Parts = list[Buffer]
@@ -441,8 +443,8 @@ class Sealer:
         ``bytes`` per run here, then one per stretch of runs placed together, copied each page
         twice, and a scattered write load's runs are a page each: a join and a checksum call
         per page."""
-        page = self.arena.page
-        units = [page(p) if type(p) is int else p for pages in runs for p in pages]
+        view = self.arena.view  # (``Arena.page`` written out: a call per page)
+        units = [view[p * PAGE : (p + 1) * PAGE] if type(p) is int else p for pages in runs for p in pages]
         sums, size = unit_digests(units, csum_type), csum_size(csum_type)
         out: list[tuple[Parts, bytes]] = []
         at = 0

@@ -479,6 +479,9 @@ class ExtentBatch:
         extent of the batch trims or frees another -- a call per item was ~1k instructions."""
         transid, per = self.engine.transid, self.sectors_per_csum_item
         maps, staged_known, new_csums = self.extents.maps, self.staged_known, self.new_csums
+        fs_batch = self.fs
+        fs_changes = fs_batch.changes
+        extent_item, csum_oid, csum = S.EXTENT_ITEM, S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM
         ext_items: list[tuple[KeyT, bytes]] = []
         csum_items: list[tuple[KeyT, bytes]] = []
         delta: dict[int, int] = {}
@@ -486,23 +489,31 @@ class ExtentBatch:
             end = file_offset + length
             emap = maps.get(ino)
             at = None if emap is None else emap.vacant(file_offset, end)
+            fe, body = new_data_extent(transid, ram_bytes, bytenr, length, context)
             if at is None:
                 freed, f = self._unmap(ino, file_offset, end, refill=True)
+                self._set(ino, f, file_offset, fe, body)
             else:
-                freed, f = 0, self._file(ino)
+                # over nothing (a new extent in a sparse file, every write of the random-write
+                # figure): ``_set`` written out for a new offset at ``at`` in the file's map
+                freed, (_, notes) = 0, self._file(ino)
+                emap.extents[file_offset] = fe  # type: ignore[union-attr]
+                emap.offsets[at:at] = (file_offset,)  # type: ignore[union-attr]  # (``ExtentMap.set``'s one memmove)
+                self.extents.mapped += 1
+                fs_changes[(ino, EXTENT_DATA, file_offset)] = body  # (``TreeBatch.put``)
+                fs_batch.order = None
+                notes[file_offset] = (fe, body)
             delta[ino] = delta.get(ino, 0) + freed + length
-            fe, body = new_data_extent(transid, ram_bytes, bytenr, length, context)
-            self._set(ino, f, file_offset, fe, body, at)
             item, body = new_data_extent_item(transid, ino, file_offset)
-            key = (bytenr, S.EXTENT_ITEM, length)
+            key = (bytenr, extent_item, length)
             ext_items.append((key, body))  # (``_put_extent``, written out: a fixed-size body)
             staged_known[bytenr] = (key, item)
             sectors = length // PAGE
             if sectors <= per:  # one item (every small extent): no slicing of the digests
-                items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr), digests)]
+                items = [((csum_oid, csum, bytenr), digests)]
             else:
                 step = len(digests) // sectors
-                items = [((S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM, bytenr + i * PAGE), digests[i * step : (i + per) * step])
+                items = [((csum_oid, csum, bytenr + i * PAGE), digests[i * step : (i + per) * step])
                          for i in range(0, sectors, per)]
             csum_items += items  # at most an item's worth of digests each (``sectors_per_csum_item``)
             new_csums[bytenr] = items

@@ -28,7 +28,7 @@ import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Protocol
 
 from blockemu.crypto import fscrypt
@@ -46,6 +46,7 @@ from blockemu.units import parse_size
 
 log = logging.getLogger(__name__)
 _INO = attrgetter("ino")
+_FIRST = itemgetter(0)
 
 
 class Inode(Protocol):
@@ -556,9 +557,13 @@ class Writeback:
             async with fs.vol.join() as engine:
                 placed = engine.allocator.alloc_many(lengths, keep=fs.data_keep())
                 try:
-                    await fs.vol.device.writev(joined(zip(placed, lengths, (parts for parts, _ in sealed))))
-                    self._mapped([(inode, NewExtent(run.first * PAGE, bytenr, length, length,
-                                                    self._context(inode, nonce), digests))
+                    await fs.vol.device.writev(joined(zip(placed, lengths, map(_FIRST, sealed))))
+                    # each NewExtent made as ``new_data_extent`` makes its items, by tuple.__new__ (the
+                    # NamedTuple constructor is a Python-level call per extent), its context only
+                    # where a nonce says the run has a key
+                    self._mapped([(inode, tuple.__new__(NewExtent, (
+                                       run.first * PAGE, bytenr, length, length,
+                                       None if nonce is None else self._context(inode, nonce), digests)))
                                   for (inode, run), bytenr, length, (_, digests), nonce
                                   in zip(pieces, placed, lengths, sealed, nonces)])
                 except BaseException:
@@ -576,13 +581,27 @@ class Writeback:
 
     def _mapped(self, new: list[tuple[Inode, NewExtent]]) -> None:
         """The new extents are written: map them into their files (inside the transaction), all
-        in one pass over each tree, then save each file's inode item once."""
+        in one pass over each tree, then save each file's inode item once. A batch's extents
+        come file by file (a flush takes its inodes' runs in turn), so each file's end and
+        bytes are summed over its stretch of them with one dict store per file, not per extent."""
         fs = self.fs
         deltas = fs.extents.add_extents([(inode.ino, e) for inode, e in new], fs.pending_room())
         ends: dict[int, tuple[Inode, int, int]] = {}  # ino -> (inode, end of its new extents, their bytes)
+        total = 0
+        last: Inode | None = None
+        end = length = 0
         for inode, e in new:
-            _, end, length = ends.get(inode.ino, (inode, 0, 0))
-            ends[inode.ino] = (inode, max(end, e.file_offset + e.length), length + e.length)
+            n = e.length
+            if inode is not last:
+                if last is not None:
+                    ends[last.ino] = (last, end, length)
+                last = inode
+                _, end, length = ends.get(inode.ino, (inode, 0, 0))
+            end = max(end, e.file_offset + n)
+            length += n
+            total += n
+        if last is not None:
+            ends[last.ino] = (last, end, length)
         for ino, (inode, end, length) in ends.items():
             inode.epoch += 1  # a read that mapped the old extents discards what it read
             inode.nbytes += deltas[ino]
@@ -591,7 +610,7 @@ class Writeback:
             fs.save_inode(inode)
             fs.release_meta(inode)
         self.stats["extents"] += len(new)
-        self.stats["bytes"] += sum(e.length for _, e in new)
+        self.stats["bytes"] += total
 
     async def _write_run(self, inode: Inode, run: Run, turn: Turn) -> None:
         fs = self.fs
