@@ -19,8 +19,8 @@ in one pass, so a leaf touched by many of them is reached and copied once.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from itertools import islice
-from operator import itemgetter
+from itertools import compress, islice, repeat
+from operator import is_, itemgetter
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from blockemu.engine.batch import TreeBatch
@@ -279,14 +279,14 @@ class ExtentBatch:
             extents.maps.clear()
             extents.mapped = 0
             extents.unmapped.clear()
-        known = self.known
-        if len(known) + len(self.staged_known) > KNOWN_EXTENTS:
+        known, staged = self.known, self.staged_known
+        if len(known) + len(staged) > KNOWN_EXTENTS:
             known.clear()
-        for bytenr, hit in self.staged_known.items():
-            if hit is None:
-                known.pop(bytenr, None)
-            else:
-                known[bytenr] = hit
+        # in one update, then the extents freed (None: a few a batch) taken out again -- a
+        # Python step per staged extent was ~1 % of a random 4 KiB write with its writeback
+        known.update(staged)  # type: ignore[arg-type]
+        for bytenr in list(compress(staged, map(is_, staged.values(), repeat(None)))):
+            del known[bytenr]
         self.staged_known = {}
         engine = self.engine
         for ino, notes in self.changed.items():

@@ -182,7 +182,7 @@ class PageCache:
         frame = self.arena.take_zeroed()  # (the caller may change only part of it)
         if frame is not None:
             pages.pages[idx] = frame
-            return self.arena.page(frame)
+            return self.arena.view[frame * PAGE : (frame + 1) * PAGE]  # (``Arena.page``: a call per write)
         page = pages.pages[idx] = bytearray(PAGE)
         return page
 

@@ -303,7 +303,7 @@ class Writeback:
 
     def note_dirtied(self) -> None:
         if self.cache.dirty_bytes > self.background_bytes:
-            self.kick()
+            self._kick.set()  # (``kick``: every write past the threshold asks)
 
     async def flush_all(self) -> None:
         """Every dirty inode at once, in one pipeline: small runs of different files share seal
