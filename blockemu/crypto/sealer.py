@@ -32,7 +32,6 @@ import mmap
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from operator import itemgetter
 
 from blockemu.crypto import fscrypt
 from blockemu.crypto.arena import Arena, unmap
@@ -75,7 +74,6 @@ def seal_local(key: bytearray | None, data: Buffer | list[Buffer], csum_type: in
 # A run's key for ``seal_many``: the extent key, or the master secret and the extent's nonce
 # to derive it from where the run is sealed, once it is (~13 us a run) -- or None, no key.
 RunKey = bytearray | tuple[bytearray, bytes] | None
-_FIRST, _SECOND = itemgetter(0), itemgetter(1)
 # A sealed run's bytes as ``seal_many`` gives them: in parts, which the caller joins where it
 # writes them (one copy for a stretch of runs placed one after another)
 Parts = list[Buffer]
