@@ -27,8 +27,9 @@ Two tables below are the whole state machine; nothing else decides:
     writeback of their dirty data fails with ENOKEY (upstream fscrypt's
     semantics with per-extent keys derived at writeout: the bug, measurable).
   - ``sync``: write back, then wipe, open files or not (lossy by design: what is dirtied
-    while the write back runs is dropped, and open files' later writes get ENOKEY).
-  - ``deny-writes``: refuse new dirtying, write back, then wipe.
+    while the write back runs is dropped -- by a write back after the wipe, so the removal
+    counts it -- and open files' later writes get ENOKEY).
+  - ``deny-writes``: refuse new dirtying, write back, then wipe (and write back again, as sync).
 
 Status as the ioctl reports it: PRESENT if claimed, else "Incompletely
 removed" while leases remain (secret kept or wiped), else ABSENT (the entry is
@@ -118,8 +119,11 @@ TRANSITIONS: dict[tuple[State, Event, bool], tuple[State, Do]] = {
 REMOVAL: dict[str, tuple[Step, ...]] = {
     "soft": (Step.WRITE_BACK, Step.LOCK_IDLE),
     "hard": (Step.WIPE, Step.WRITE_BACK, Step.LOCK_IDLE),
-    "sync": (Step.WRITE_BACK, Step.LOCK_IDLE, Step.WIPE),
-    "deny-writes": (Step.DENY_DIRTYING, Step.WRITE_BACK, Step.LOCK_IDLE, Step.WIPE),
+    # a wiping mode that writes back first writes back again after its wipe: what a write dirtied
+    # meanwhile is dropped there (ENOKEY), within the removal, which counts it -- left to a later
+    # flush, the removal said "0 bytes lost" of what its wipe had just doomed
+    "sync": (Step.WRITE_BACK, Step.LOCK_IDLE, Step.WIPE, Step.WRITE_BACK, Step.LOCK_IDLE),
+    "deny-writes": (Step.DENY_DIRTYING, Step.WRITE_BACK, Step.LOCK_IDLE, Step.WIPE, Step.WRITE_BACK, Step.LOCK_IDLE),
 }
 
 
@@ -314,23 +318,19 @@ class Keyring:
         else:
             raise AssertionError(f"keyring: {step} is the filesystem's step")
 
-    def removal_result(self, mk: MasterKey, lost: dict[int, int] | None = None) -> RemovalResult:
+    def removal_result(self, mk: MasterKey, lost: dict[int, int] | None = None, wiped_loss: bool = False) -> RemovalResult:
         """The removal's result, taken once its steps are done; ``lost``: the bytes the filesystem's
-        write back step dropped, per inode that lost any. A removal that leaves no busy file
+        write back steps dropped, per inode that lost any; ``wiped_loss``: some of it was dropped by
+        a write back after the wipe (hard's, or what sync's window dirtied), else only an I/O
+        error's, which no wipe is blamed for. A removal that leaves no busy file
         owes no retry a success: its own lock step released the last lease (so ``completed``
         holds the key), but the kernel would have dropped the key within the call, and a second
         removal is ENOKEY there -- it succeeded here, with the status already ``Absent``."""
         if not mk.leases:
             self.completed.discard(mk.identifier)
         return RemovalResult(mk.identifier.hex(), files_busy=bool(mk.leases),
-                             wiped_by=self.mode if mk.state is St.WIPED or lost and self._wipes_first() else None,
+                             wiped_by=self.mode if mk.state is St.WIPED or wiped_loss else None,
                              lost_bytes=sum((lost or {}).values()), lost_files=len(lost or {}))
-
-    def _wipes_first(self) -> bool:
-        """Whether the mode wipes before it writes back (hard): then what the write back drops, the
-        wipe dropped; another mode's write back loses data only to an I/O error."""
-        steps = self.removal_steps
-        return Step.WIPE in steps and steps.index(Step.WIPE) < steps.index(Step.WRITE_BACK)
 
     def key_status(self, key_id: str | bytes, user: int = 0) -> KeyStatus:
         mk = self.keys.get(parse_identifier(key_id))

@@ -1203,13 +1203,16 @@ class Filesystem:
         if not started:
             return RemovalResult(ident.hex(), other_users=True)
         failed: BaseException | None = None
-        # what the steps' write back drops (a wipe before it: hard) is said in the result, as it
-        # happens; the files' fsyncs, the next sync and the unmount still report it
+        # what the steps' write backs drop is said in the result, as it happens (and whether a
+        # write back after the wipe dropped it: the wipe's loss, not an I/O error's); the files'
+        # fsyncs, the next sync and the unmount still report it
         holders = [i for i in self.inodes.values() if i.key_id == ident]
         lost_before = [i.lost_bytes for i in holders]
+        wiped_loss = False
         for step in self.keyring.removal_steps:
             users = [i for i in self.inodes.values() if i.key_id == ident]
             if step is Step.WRITE_BACK:
+                wiped, before = mk.secret is None, sum(i.lost_bytes for i in holders)
                 # a write back that fails (or is cancelled) still lets the steps after it run:
                 # the removal has begun, and the lock and the wipe must not be skipped
                 try:
@@ -1220,6 +1223,7 @@ class Filesystem:
                     await self.vol.commit()
                 except BaseException as e:
                     failed = e
+                wiped_loss = wiped_loss or wiped and sum(i.lost_bytes for i in holders) > before
             elif step is Step.LOCK_IDLE:
                 for inode in users:
                     self.lock_if_idle(inode)
@@ -1228,7 +1232,7 @@ class Filesystem:
         if failed is not None:
             raise failed
         lost = {i.ino: i.lost_bytes - before for i, before in zip(holders, lost_before) if i.lost_bytes > before}
-        return self.keyring.removal_result(mk, lost)
+        return self.keyring.removal_result(mk, lost, wiped_loss)
 
     def key_status(self, key_id: str | bytes, user: int = 0) -> KeyStatus:
         self.check_mounted()
