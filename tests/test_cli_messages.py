@@ -545,6 +545,18 @@ def test_run_on_a_scratch_image_names_no_path_that_is_gone(tmp_path, capsys):
     assert err.endswith(f"(reproduce with: blockemu run {job} --image {img} --seed 1)\n")
 
 
+def test_a_run_failures_reproduce_line_keeps_the_overrides_it_ran_under(tmp_path, capsys):
+    """The line said ``blockemu run JOB --seed N`` alone: a failure under ``--key-removal hard``
+    (or a shortened ``--runtime``/``--size``) was to be reproduced under the job file's own values
+    -- generic-595's soft mode, where hard mode's loss never happens."""
+    job = tmp_path / "j.fio"
+    job.write_text("[j]\nrw=read\nsize=64k\nallow_file_create=0\n")
+    rc, _, err = cli(capsys, "run", str(job), "--json", "--seed", "1", "--runtime", "500ms", "--size", "32k",
+                     "--key-removal", "hard")
+    assert rc == 1 and err.endswith(f"(reproduce with: blockemu run {job} --runtime 0.5 --size 32768 --key-removal hard "
+                                    "--seed 1; add --image PATH to keep the image)\n"), err
+
+
 def test_a_bad_primary_superblock_names_the_sound_mirror_and_the_repair(tmp_path, capsys):
     """ls, cat and mount said "superblock at 65536: checksum mismatch" and no more, while
     fsck --repair restores the primary from the mirror: the message says so when a mirror is

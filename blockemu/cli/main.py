@@ -1041,7 +1041,11 @@ def cmd_run(a: argparse.Namespace) -> int:
     if not report.ok:  # one line on stderr whatever the output format
         image = f" --image {a.image}" if a.image else ""
         keep = "" if a.image else "; add --image PATH to keep the image"
-        print(f"blockemu: run: {'; '.join(report.failures)} (reproduce with: blockemu run {a.workload}{image} "
+        # the overrides too: without them a failure under --key-removal hard said to rerun it
+        # under the job file's own mode (soft), where it does not happen
+        flags = "".join(f" --{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f" --{k.replace('_', '-')} {v}"
+                        for k, v in overrides.items())
+        print(f"blockemu: run: {'; '.join(report.failures)} (reproduce with: blockemu run {a.workload}{flags}{image} "
               f"--seed {seed}{keep})", file=sys.stderr)
     if report.interrupted:
         return 128 + int(signal.Signals[report.interrupted])
