@@ -567,6 +567,28 @@ REFUSED = {"write": ("File", "pwrite", 1), "truncate": ("File", "truncate", 1), 
            "mkdir": ("Filesystem", "mkdir", 2), "rmdir": ("Filesystem", "rmdir", 4)}
 
 
+async def test_an_error_naming_another_path_that_starts_as_the_ops_does_not_hide_the_ops_path(tmp_path, monkeypatch):
+    """The line names the operation's path unless the error does; a substring test took an
+    error about ``/t/g00`` for one naming ``/t/g0``, and the line named only the other file."""
+    from blockemu.fs import filesystem
+
+    img = str(tmp_path / "t.img")
+    await blockemu.mkfs(img, size="32M")
+    async with blockemu.mount(img, interval=3600) as fs:
+        task, result = await lone_task(fs, seed=1, scale=1)
+        async with fs.open("/t/g0", "x") as f:
+            await f.write(b"x")
+        task.files["/t/g0"] = bytearray(b"x")
+
+        async def refused(self, *args, **kw):
+            raise DeviceIOError(f"{self.name}0: planted")
+
+        monkeypatch.setattr(filesystem.File, "fsync", refused)
+        await task.step("fsync")
+        monkeypatch.undo()
+    assert result.errors == ["fsync /t/g0: /t/g00: planted"], result.errors
+
+
 @pytest.mark.parametrize("op", sorted(REFUSED))
 async def test_a_changing_operation_that_fails_taints_what_it_may_change_and_no_other_file(tmp_path, monkeypatch,
                                                                                              op):

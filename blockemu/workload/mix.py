@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -49,6 +50,13 @@ class MixResult:
     # sync records a file's model itself, which no change touches before dropping the entry)
     durable: dict[str, bytes | bytearray] = field(default_factory=dict)
     tasks: list["Task"] = field(default_factory=list)
+
+
+def names(said: str, paths: list[str]) -> bool:
+    """Whether ``said`` names every one of ``paths``, each whole: ``/t0/f1`` is not named by an
+    error about ``/t0/f12`` (a substring test took it for named, and the line then named only
+    the other file)."""
+    return all(re.search(re.escape(p) + r"(?![^\s:'\"),])", said) for p in paths)
 
 
 class Task:
@@ -89,7 +97,7 @@ class Task:
             # the paths the operation was on, unless its error names them: "overwrite: inode 339:
             # ..." left a reader to find the file by its inode
             where = self.reading or " ".join(sorted(self.busy)) or self.about
-            what = f"{op} {where}" if where and where not in str(e) else op
+            what = f"{op} {where}" if where and not names(str(e), where.split()) else op
             if detected(e):
                 self.r.detected.append(f"{what}: {e}")
             elif e.errno not in (errno.EIO, errno.ENOSPC, errno.EROFS):
