@@ -407,3 +407,24 @@ async def test_a_sync_removal_counts_what_a_write_racing_its_write_back_left_und
         await f.close()  # as it says
     assert e.value.lost_bytes == 4096
     await fs.unmount()
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard", "sync", "deny-writes"])
+async def test_a_removal_whose_write_back_fails_raises_that_error_not_a_later_steps_echo(tmp_path, mode):
+    """Sync and deny-writes write back twice (after the wipe too): the device's EIO aborted the
+    first, and the second's EROFS ("read-only after an aborted transaction") must not replace it."""
+    from blockemu.device.faultplan import FaultPlan
+
+    path = str(tmp_path / "e.img")
+    await blockemu.mkfs(path, size="32M")
+    fs = await blockemu.mount(path, interval=3600, key_removal=mode)
+    await encrypted_dir(fs, "/d")
+    await fs.sync()
+    async with fs.open("/d/a", "w") as f:
+        await f.write(b"x" * 5000)
+    fs.vol.device.faults = FaultPlan.parse("eio=0-32M:w")
+    with ErrnoCheck(errno.EIO):
+        await fs.remove_key(KID)
+    fs.vol.device.faults = FaultPlan()
+    with pytest.raises(OSError):
+        await fs.unmount()  # (aborted: read-only)

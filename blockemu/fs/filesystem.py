@@ -1222,7 +1222,7 @@ class Filesystem:
                         await self.writeback.flush_inode(inode)
                     await self.vol.commit()
                 except BaseException as e:
-                    failed = e
+                    failed = failed or e  # the first: a later step's EROFS is its echo
                 wiped_loss = wiped_loss or wiped and sum(i.lost_bytes for i in holders) > before
             elif step is Step.LOCK_IDLE:
                 for inode in users:
