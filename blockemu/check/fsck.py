@@ -24,7 +24,7 @@ from blockemu.check import fsck_fast, fsck_fs, fsck_log
 from blockemu.check.exitcodes import EXIT_CLEAN, EXIT_UNCORRECTED
 from blockemu.check.forked import CAN_FORK, Forked, alone, second_core
 from blockemu.device.image import ImageFile, read_only_features, truncated, unsupported
-from blockemu.engine.transaction import SUBTREES, TreeStore, usable_ranges
+from blockemu.engine.transaction import BACKUP_NAMES, SUBTREES, TreeStore, usable_ranges
 from blockemu.errors import BlockemuError, CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import ExtentItem, RootItem, unpack_extent_items
@@ -98,8 +98,11 @@ Progress = Callable[[int, str], None]
 
 
 class Checker:
-    def __init__(self, img: ImageFile, report: FsckReport, progress: Progress | None) -> None:
+    def __init__(self, img: ImageFile, report: FsckReport, progress: Progress | None,
+                 use_super: Any = None) -> None:
         self.img = img
+        # a superblock to check the image as (a backup root's, ``check.backup``) instead of its own
+        self.use_super = use_super
         self.report = report
         self.progress = progress or (lambda n, p: None)
         self.blocks: dict[int, tuple[int, int]] = {}  # bytenr -> (owner, level) of every block found
@@ -138,16 +141,16 @@ class Checker:
 
     def check_supers(self) -> Any:
         self.progress(1, PHASES[0])
-        sb = self.img.best_super()
+        sb = self.img.best_super() if self.use_super is None else self.use_super
         if newer := unsupported(self.img.path, sb):  # its trees may mean what this check cannot tell
             raise newer
         if ro := read_only_features(self.img.path, sb):  # readable: checked as any image, and said
             self.report.read_only = ro
             self.report.notes.append(str(ro))
         primary = self.img.supers[0]
-        if primary.error is not None:
+        if primary.error is not None and self.use_super is None:
             self.error("SUPERBLOCK", f"primary superblock: {primary.error}; using a mirror", bytenr=primary.offset)
-        for copy in self.img.supers[1:]:
+        for copy in self.img.supers[1:] if self.use_super is None else ():  # the copies a backup's replace
             if copy.error is not None and copy.raw[0x40:0x48] == S.MAGIC:
                 if primary.error is None:
                     # what a cut during a commit's mirror write leaves (SPEC "Which copy wins"):
@@ -256,10 +259,24 @@ class Checker:
                 self.error("BAD_ITEM", f"ROOT_ITEM of tree {tid}: {e}", S.ROOT_TREE_OBJECTID, key=key)
                 self.lost[tid] = [(None, None)]
                 continue
+            if self.use_super is not None:
+                self.check_backup_record(sb, tid, ri)
             if ri.generation > sb.generation:
                 self.error("TRANSID_MISMATCH", f"ROOT_ITEM of tree {tid} has generation {ri.generation} > superblock {sb.generation}",
                            S.ROOT_TREE_OBJECTID, key=key)
             self.walk(self.store, tid, ri.bytenr, ri.level, ri.generation)
+
+    def check_backup_record(self, sb: Any, tid: int, ri: RootItem) -> None:
+        """Checking as a backup root's superblock: its slot's record of tree ``tid`` must be the
+        ROOT_ITEM its root tree holds -- a root tree of that generation that says otherwise is
+        not the set the slot recorded (``check.backup``)."""
+        b = sb.backup_roots[sb.generation % S.NUM_BACKUP_ROOTS]
+        name = BACKUP_NAMES[tid]
+        if (b[name], b[name + "_gen"], b[name + "_level"]) != (ri.bytenr, ri.generation, ri.level):
+            self.report.damaged_trees.add(tid)
+            self.error("SUPERBLOCK", f"backup root slot {sb.generation % S.NUM_BACKUP_ROOTS} records the "
+                                     f"{S.TREE_NAMES[tid]} tree at {b[name]} gen {b[name + '_gen']}, its ROOT_ITEM "
+                                     f"says {ri.bytenr} gen {ri.generation}", S.ROOT_TREE_OBJECTID)
 
     # ------------------------------------------------------------------ pass 3
 
@@ -394,7 +411,7 @@ Findings = tuple[list[FsckError], list[FsckError], int]  # fs_findings' problems
 
 
 def check(path: str, *, check_data: bool = False, progress: Progress | None = None,
-          key: bytes | None = None, parallel: bool | None = None) -> FsckReport:
+          key: bytes | None = None, parallel: bool | None = None, use_super: Any = None) -> FsckReport:
     """Check ``path`` without writing. Raises BlockemuError only for operational errors (exit 8).
     ``key``: a master key, to check that the names it encrypts decrypt to legal names.
     ``parallel``: a forked process runs the passes over the fs tree's items while this one walks
@@ -402,10 +419,12 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
     default (None) when the fs tree holds PARALLEL_ITEMS items, a second core is there and no
     other thread runs (a fork beside threads is unsafe: ``forked.alone``); True
     whenever the platform can fork; False never. The findings, and their order, are the single
-    process's: the child starts from everything the walk found, and only the problems return."""
+    process's: the child starts from everything the walk found, and only the problems return.
+    ``use_super``: check the image as this superblock (a backup root's) describes it; without it,
+    trees that do not read whole get a note naming the backup root that does, if one does."""
     report = FsckReport(image=path)
     with ImageFile.open(path) as img, _no_cycle_collection():
-        ck = Checker(img, report, progress)
+        ck = Checker(img, report, progress, use_super)
         sb = ck.check_supers()
         roots = ck.check_root_tree(sb)
         split = SUBTREES.index(S.FS_TREE_OBJECTID) + 1  # the trees up to the fs tree, then the rest
@@ -436,12 +455,18 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
                 ck.release()
                 findings = side.result()
                 if findings is None:  # the child failed (killed, out of memory): once more, in one process
-                    return check(path, check_data=check_data, progress=progress, key=key, parallel=False)
+                    return check(path, check_data=check_data, progress=progress, key=key, parallel=False,
+                                 use_super=use_super)
         inodes_and_dirs, encryption, inodes = findings
         # in the order of the passes: inodes and directories come before file extents, encryption last
         report.errors[mark:mark] = inodes_and_dirs
         report.errors += encryption
         report.stats["inodes"] = inodes
+    if use_super is None and report.damaged_trees - {S.FREE_SPACE_TREE_OBJECTID}:
+        from blockemu.check.backup import note_for  # (--repair rebuilds a damaged free-space tree)
+
+        if note := note_for(path, sb):
+            report.notes.append(note)
     return report
 
 

@@ -505,6 +505,10 @@ def args_rescue(rs: argparse.ArgumentParser) -> None:
     zl = rsub.add_parser("zero-log", help="drop the fsync log (what was fsynced since the last commit is lost)")
     zl.add_argument("image")
     add_json_flag(zl, "what was done")
+    ub = rsub.add_parser("use-backup-root", help="go back to the newest backup root set that reads whole "
+                                                 "(every change after its generation is lost)")
+    ub.add_argument("image")
+    add_json_flag(ub, "what was done")
     name_actions(rsub)
 
 
@@ -1564,8 +1568,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_rescue(a: argparse.Namespace) -> int:
-    """Only ``zero-log`` so far: a damaged log makes every read-write mount fail, and only the
-    user can decide to lose what it fsynced (btrfs leaves that to ``btrfs rescue`` too)."""
+    """``zero-log``: a damaged log makes every read-write mount fail, and only the user can
+    decide to lose what it fsynced (btrfs leaves that to ``btrfs rescue`` too); likewise
+    ``use-backup-root``, which loses the commits after the backup it goes back to."""
+    if a.what == "use-backup-root":
+        return rescue_backup_root(a)
     from blockemu.check.repair import zero_log
 
     sb = zero_log(a.image)
@@ -1576,6 +1583,28 @@ def cmd_rescue(a: argparse.Namespace) -> int:
     else:
         print(f"{a.image}: dropped the fsync log at {sb.log_root} (generation {sb.log_root_transid}); "
               f"the image is its last full commit, generation {sb.generation}")
+    return 0
+
+
+def rescue_backup_root(a: argparse.Namespace) -> int:
+    """Exit 0 when it went back (or had nothing to do), fsck's 4 (errors left) when it refused."""
+    import asyncio
+
+    from blockemu.check.backup import NoCleanBackup, use_backup_root
+
+    try:
+        r = asyncio.run(use_backup_root(a.image))
+    except NoCleanBackup as e:
+        fail("rescue", str(e), e.errno, a)
+        return EXIT_UNCORRECTED
+    if a.json:
+        emit_json(r.as_json())
+    elif r.chosen is None:
+        print(f"{a.image}: generation {r.generation} reads whole and checks clean; nothing to do")
+    else:
+        log = "; the fsync log, which extends a newer generation, is dropped" if r.dropped_log else ""
+        print(f"{a.image}: went back from generation {r.generation} to backup root slot {r.chosen.slot}, "
+              f"generation {r.chosen.generation}; every change after generation {r.chosen.generation} is lost{log}")
     return 0
 
 

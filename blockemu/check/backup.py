@@ -1,0 +1,175 @@
+"""``blockemu rescue use-backup-root``: go back to the newest backup root set that reads whole.
+
+Each commit records its tree roots in the superblock's backup slot ``generation % 4`` (SPEC
+"BackupRoot"). A power cut on a device that drops flushes (``--faults nobarrier``) can leave a
+superblock whose trees' blocks never landed: every command fails on it, and ``fsck --repair``
+cannot help (damaged tree blocks rule repair out). The blocks of an older generation's trees may
+well be intact -- a commit writes only into space its previous generation calls free -- so, as
+btrfs's ``mount -o rescue=usebackuproot`` and ``btrfs check --backup`` do, each recorded
+generation is checked (newest first) with the sans-I/O checker as if its superblock were the
+image's, and the first that reads whole and checks clean becomes the image's: its roots, its
+generation and its ``bytes_used`` (its free-space record, which calls every newer block free, is
+what the allocator then reads). Everything committed after it is lost, and so is the fsync log,
+which extends a newer generation. Unlike btrfs's mount option this is a command: the user
+decides to lose those commits, as with ``rescue zero-log``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from blockemu.device.blockdev import BlockDevice
+from blockemu.device.image import ImageFile, read_only_features
+from blockemu.errors import Busy, CorruptionError
+from blockemu.ondisk import structs as S
+from blockemu.ondisk.superblock import SuperInfo, decode_super, empty_backup
+
+
+class NoCleanBackup(CorruptionError):
+    """The rescue's refusal: nothing written, and fsck's exit for errors left (4)."""
+
+
+@dataclass
+class Candidate:
+    """One backup slot's generation, checked: ``sb`` the superblock it would give the image."""
+
+    slot: int
+    sb: SuperInfo
+    errors: int  # fsck's findings on it (0: it reads whole and checks clean)
+    damaged: bool  # some tree block of it did not read or could not be trusted
+    why: str  # the first finding, or "clean"
+
+    @property
+    def generation(self) -> int:
+        return self.sb.generation
+
+    def as_json(self) -> dict[str, object]:
+        return {"slot": self.slot, "generation": self.generation, "clean": not self.errors,
+                "errors": self.errors, "first_error": None if not self.errors else self.why}
+
+
+def backup_super(sb: SuperInfo, slot: int) -> SuperInfo:
+    """The superblock that makes backup ``slot``'s generation the image's: its root tree, its
+    generation and bytes_used, no fsync log (a log extends the newer generation it was written
+    for), and the slots of newer generations emptied -- their trees lie in space the chosen
+    generation calls free, which the next commits reuse, so no later rescue may go to them."""
+    b = sb.backup_roots[slot]
+    gen = b["tree_root_gen"]
+    return replace(sb, generation=gen, root=b["tree_root"], root_level=b["tree_root_level"],
+                   bytes_used=b["bytes_used"], log_root=0, log_root_transid=0, log_root_level=0,
+                   incompat_flags=sb.incompat_flags & ~S.INCOMPAT_LOG_BITS,
+                   backup_roots=[empty_backup() if r["tree_root_gen"] > gen else dict(r) for r in sb.backup_roots])
+
+
+def candidates(sb: SuperInfo) -> list[tuple[int, SuperInfo]]:
+    """(slot, superblock) of each backup slot that records a commit no newer than ``sb``'s in the
+    slot its generation gives (a slot that does not was never this image's ring), newest first;
+    the current generation's own slot too."""
+    found = []
+    for slot, b in enumerate(sb.backup_roots):
+        gen = b["tree_root_gen"]
+        if b["tree_root"] and 0 < gen <= sb.generation and gen % S.NUM_BACKUP_ROOTS == slot:
+            found.append((slot, backup_super(sb, slot)))
+    return sorted(found, key=lambda c: -c[1].generation)
+
+
+def examine(path: str, sb: SuperInfo, *, upto: int | None = None) -> list[Candidate]:
+    """Check each candidate of ``sb`` newest first, stopping at the first clean one; ``upto``:
+    only generations below it (those above were checked already)."""
+    from blockemu.check.fsck import check
+
+    out = []
+    for slot, cand in candidates(sb):
+        if upto is not None and cand.generation >= upto:
+            continue
+        report = check(path, use_super=cand, parallel=False)
+        first = report.errors[0] if report.errors else None
+        out.append(Candidate(slot, cand, len(report.errors), report.trees_damaged, f"[{first.code}] {first.message}" if first else "clean"))
+        if first is None:
+            break
+    return out
+
+
+def note_for(path: str, sb: SuperInfo) -> str | None:
+    """fsck's note on an image whose trees do not read whole: the generation a backup root gives
+    back, when an older one reads clean (the current one was just checked, and failed)."""
+    found = examine(path, sb, upto=sb.generation)
+    if not found or found[-1].errors:
+        return None
+    gen = found[-1].generation
+    return (f"backup root slot {found[-1].slot} (generation {gen}) reads whole and checks clean: "
+            f"`blockemu rescue use-backup-root {path}` goes back to it, losing every change after generation {gen}")
+
+
+@dataclass
+class Rescue:
+    """What ``use_backup_root`` found and did."""
+
+    image: str
+    generation: int  # the image's before
+    chosen: Candidate | None  # None: the current generation checks clean, nothing to do
+    tried: list[Candidate]
+    dropped_log: bool
+
+    def as_json(self) -> dict[str, object]:
+        return {"image": self.image, "generation": self.generation, "rescued": self.chosen is not None,
+                "to_generation": self.chosen.generation if self.chosen else self.generation,
+                "slot": self.chosen.slot if self.chosen else None, "dropped_log": self.dropped_log,
+                "tried": [c.as_json() for c in self.tried]}
+
+
+def choose(path: str) -> Rescue:
+    """Read-only: the generation to go back to. Raises CorruptionError (fsck's exit for errors
+    left) when none reads clean, and when the current generation's trees read whole but fsck
+    finds something else (``fsck --repair``'s to fix: going back would lose commits for it)."""
+    with ImageFile.open(path) as img:
+        sb = img.best_super()
+        if img.supers[0].error is not None:
+            raise CorruptionError(f"{path}: primary superblock: {img.supers[0].error}; `blockemu fsck --repair {path}` "
+                                  f"restores it first; nothing written", "SUPERBLOCK", S.SUPER_OFFSETS[0])
+    if ro := read_only_features(path, sb):
+        raise ro
+    tried = examine(path, sb)
+    current = tried[0] if tried and tried[0].generation == sb.generation else None
+    if current is not None and not current.errors:
+        return Rescue(path, sb.generation, None, tried, False)
+    if current is not None and not current.damaged:
+        raise NoCleanBackup(f"{path}: generation {sb.generation}'s trees read whole; what fsck finds in them "
+                              f"({current.why}) is `blockemu fsck --repair`'s to fix, not a reason to lose commits; "
+                              f"nothing written", "BAD_TREE_BLOCK")
+    if not tried or tried[-1].errors:
+        said = "; ".join(f"generation {c.generation}: {c.why}" for c in tried) or "no backup root recorded"
+        raise NoCleanBackup(f"{path}: no backup root reads whole and checks clean ({said}); nothing written",
+                              "BAD_TREE_BLOCK")
+    return Rescue(path, sb.generation, tried[-1], tried, bool(sb.log_root))
+
+
+async def write_supers(dev: BlockDevice, new: SuperInfo) -> None:
+    """Write ``new`` as a commit writes its superblock: the log slots wiped first (durably: the
+    chosen generation is older than theirs, and a later log sync extending it must not find
+    them its own), then the primary with FUA, the mirrors, a flush. A cut before the primary's
+    FUA leaves the old superblock (the rescue can run again), after it the rescued one."""
+    from blockemu.engine.transaction import super_writes
+
+    for slot in S.LOG_SLOT_OFFSETS:
+        await dev.write(slot, bytes(S.LOG_SLOT_SIZE))
+    writes = super_writes(new)
+    await dev.flush_then_fua(*writes[0])
+    for off, data in writes[1:]:
+        await dev.write(off, data)
+    await dev.flush()
+
+
+async def use_backup_root(path: str) -> Rescue:
+    """Choose, then write under the exclusive lock -- refused if the image changed meanwhile."""
+    rescue = choose(path)
+    if rescue.chosen is None:
+        return rescue
+    dev = await BlockDevice.open(path)
+    try:
+        now = decode_super(dev.read_sync(S.SUPER_OFFSETS[0], S.SUPER_INFO_SIZE), S.SUPER_OFFSETS[0])
+        if now.generation != rescue.generation:
+            raise Busy(f"{path}: the image changed since it was checked; run the rescue again")
+        await write_supers(dev, rescue.chosen.sb)
+    finally:
+        await dev.close()
+    return rescue
