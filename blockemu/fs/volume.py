@@ -62,6 +62,18 @@ def damaged_log(e: CorruptionError | DeviceIOError, path: str, committed: bool =
     return CorruptionError(text, e.kind, e.bytenr) if isinstance(e, CorruptionError) else restate(e, text)
 
 
+def damaged_root(e: CorruptionError, path: str) -> CorruptionError:
+    """``e``, a committed tree's block the open needs, saying where to go next: the bare "tree
+    block N: checksum mismatch" of a root tree a power cut never let land (``--faults nobarrier``)
+    left the user guessing, though fsck names the backup root that gives the image back
+    (``rescue use-backup-root``). An error that names its way out already (the free-space tree's:
+    fsck --repair rebuilds it) is left as it is."""
+    if "fsck" in str(e):
+        return e
+    return CorruptionError(f"{e} (a committed tree; `blockemu fsck {path}` shows the damage, and names the backup "
+                           f"root that reads whole, if one does)", e.kind, e.bytenr)
+
+
 def replay_engine(e: CorruptionError, dev: BlockDevice, sb: SuperInfo, path: str) -> Engine:
     """An engine for a read-only open of ``path`` with a log to replay, whose allocator (the
     replay COWs, in memory) did not build: ``e``. A damaged free-space tree is only a record of
@@ -136,7 +148,7 @@ class Volume:
                                 rebuild_free_space=rebuild_free_space)
             except CorruptionError as e:
                 if not (readonly and sb.log_root):
-                    raise
+                    raise damaged_root(e, path) from None
                 engine = replay_engine(e, dev, sb, path)
             try:
                 # the newest log sync that landed whole (SPEC "Log slots"), read once
