@@ -172,3 +172,16 @@ def test_a_cut_during_the_rescues_write_leaves_either_superblock_whole(tmp_path)
             assert await read(crashed, "/a") == A
         assert seen == {2, 3}
     asyncio.run(write())
+
+
+def test_dump_super_says_which_backup_slots_root_blocks_read(tmp_path, capsys):
+    """Generation 1's root block was reused by generation 3's fs tree (a commit writes where the
+    generation before it calls free), generation 3's is zeroed: only generation 2's read."""
+    img = str(tmp_path / "x.img")
+    lost_root_image(img)
+    assert main(["inspect", "dump-super", img, "--json"]) == 0
+    read = json.loads(capsys.readouterr().out)["backup_roots_read"]
+    assert [(r["generation"], r["roots_read"]) for r in read] == [(1, False), (2, True), (3, False)]
+    assert "checksum mismatch" in read[2]["problem"] and read[1]["problem"] is None
+    assert main(["inspect", "dump-super", img]) == 0
+    assert capsys.readouterr().out.count("backup_roots_read:\tyes") == 1

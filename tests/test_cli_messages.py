@@ -608,7 +608,7 @@ def test_rescue_zero_log_on_an_image_it_cannot_write_with_no_log_has_nothing_to_
 
 
 @pytest.mark.parametrize("command, actions", [("inspect", "{dump-super,dump-tree,heatmap}"),
-                                              ("key", "{add,remove,status}"), ("rescue", "{zero-log}")])
+                                              ("key", "{add,remove,status}"), ("rescue", "{zero-log,use-backup-root}")])
 def test_a_missing_action_is_named_by_its_choices(capsys, command, actions):
     """`blockemu inspect` alone said 'the following arguments are required: what' -- argparse's
     internal name -- where the newcomer needs the actions to choose from."""

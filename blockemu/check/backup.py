@@ -16,6 +16,7 @@ decides to lose those commits, as with ``rescue zero-log``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.image import ImageFile, read_only_features
@@ -86,6 +87,29 @@ def examine(path: str, sb: SuperInfo, *, upto: int | None = None) -> list[Candid
         out.append(Candidate(slot, cand, len(report.errors), report.trees_damaged, f"[{first.code}] {first.message}" if first else "clean"))
         if first is None:
             break
+    return out
+
+
+def roots_read(read: Callable[[int, int], bytes], sb: SuperInfo) -> list[dict[str, object]]:
+    """For ``inspect dump-super``: whether each recorded backup slot's root blocks read (checksum,
+    bytenr, generation, owner and level as the slot records them) -- five blocks a slot, cheap;
+    the whole trees and fsck's verdict are the rescue's (``examine``) and fsck's note."""
+    from blockemu.engine.transaction import BACKUP_NAMES, TreeStore
+
+    store = TreeStore(read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
+                      transid=sb.generation + 1, cache_blocks=0)
+    out: list[dict[str, object]] = []
+    for slot, b in enumerate(sb.backup_roots):
+        if not b["tree_root"]:
+            continue
+        problem = None
+        for tid, name in BACKUP_NAMES.items():
+            try:
+                store.get(b[name], generation=b[name + "_gen"], level=b[name + "_level"], owner=tid)
+            except (CorruptionError, OSError) as e:
+                problem = f"{S.TREE_NAMES[tid]} tree: {e}"
+                break
+        out.append({"slot": slot, "generation": b["tree_root_gen"], "roots_read": problem is None, "problem": problem})
     return out
 
 

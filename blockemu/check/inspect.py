@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
+from blockemu.check.backup import roots_read
 from blockemu.device.image import ImageFile, truncated
 from blockemu.engine.btree import BTree
 from blockemu.engine.transaction import Engine
@@ -190,6 +191,8 @@ def dump_super(path: str) -> dict[str, Any]:
             out["problems"].append(short)
         out["device"] = path
         out["log_slots"] = log_slots(img, info, out["problems"])
+        # each backup slot's root blocks, read as recorded: only of a superblock that decodes whole
+        out["backup_roots_read"] = [] if out["problems"] else roots_read(img.read, info)
         return out
 
 
@@ -245,6 +248,9 @@ def super_text(d: dict[str, Any]) -> Iterator[str]:
             yield f"\t\tbackup_{t}:\t{b[t]}\tgen: {b[t + '_gen']}\tlevel: {b[t + '_level']}"
         yield f"\t\tbackup_total_bytes:\t{b['total_bytes']}"
         yield f"\t\tbackup_bytes_used:\t{b['bytes_used']}"
+        for r in d.get("backup_roots_read", []):
+            if r["slot"] == i:
+                yield f"\t\tbackup_roots_read:\t{'yes' if r['roots_read'] else 'no: ' + str(r['problem'])}"
     for slot in d.get("log_slots", []):
         state = "replayed" if slot["replayed"] else "current" if slot["current"] else "stale"
         yield (f"log slot {slot['bytenr']}:	sequence {slot['sequence']} log_root {slot['log_root']} "
