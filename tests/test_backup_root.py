@@ -17,7 +17,7 @@ from blockemu.check.fsck import check
 from blockemu.cli.main import main
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.image import ImageFile
-from tests.util import assert_fsck_clean
+from tests.util import assert_fsck_clean, set_super
 
 A, B = b"A" * 5000, b"B" * 7000
 
@@ -185,3 +185,38 @@ def test_dump_super_says_which_backup_slots_root_blocks_read(tmp_path, capsys):
     assert "checksum mismatch" in read[2]["problem"] and read[1]["problem"] is None
     assert main(["inspect", "dump-super", img]) == 0
     assert capsys.readouterr().out.count("backup_roots_read:\tyes") == 1
+
+
+def test_a_slot_whose_record_its_root_tree_contradicts_is_not_taken(tmp_path, capsys):
+    """A backup's root tree that reads whole but whose ROOT_ITEM for a tree is not the one the slot
+    records is not the set the slot recorded: not gone back to."""
+    img = str(tmp_path / "x.img")
+    lost_root_image(img)
+    with ImageFile.open(img) as im:
+        sb = im.best_super()
+    slots = [dict(b) for b in sb.backup_roots]
+    slots[2]["fs_root_gen"] = 1
+    set_super(img, backup_roots=slots)
+    assert main(["rescue", "use-backup-root", img]) == 4
+    err = capsys.readouterr().err
+    assert "generation 2: [SUPERBLOCK] backup root slot 2 records the fs tree at " in err, err
+    assert not any("use-backup-root" in n for n in check(img).notes)
+
+
+def test_a_current_generation_that_reads_whole_is_fsck_repairs_not_a_rescue(tmp_path, capsys):
+    """Its trees read whole and fsck finds something else (bytes_used): going back would lose a
+    commit for what --repair fixes. Refused, nothing written; --repair then fixes it."""
+    img = str(tmp_path / "x.img")
+    lost_root_image(img)
+    assert main(["rescue", "use-backup-root", img]) == 0
+    with ImageFile.open(img) as im:
+        used = im.best_super().bytes_used
+    set_super(img, bytes_used=used + 4096)
+    before = digest(img)
+    capsys.readouterr()
+    assert main(["rescue", "use-backup-root", img]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith(f"blockemu: rescue: {img}: generation 2's trees read whole; what fsck finds "
+                          "([USED_BYTES_MISMATCH] ") and f"`blockemu fsck {img}` says what fixes it" in err, err
+    assert err.count("\n") == 1 and digest(img) == before
+    assert main(["fsck", img, "--repair"]) == 1

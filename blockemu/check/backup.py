@@ -20,9 +20,10 @@ from typing import Callable
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.image import ImageFile, read_only_features
+from blockemu.engine.transaction import BACKUP_NAMES, TreeStore, super_writes
 from blockemu.errors import Busy, CorruptionError
 from blockemu.ondisk import structs as S
-from blockemu.ondisk.superblock import SuperInfo, decode_super, empty_backup
+from blockemu.ondisk.superblock import SuperInfo, empty_backup
 
 
 class NoCleanBackup(CorruptionError):
@@ -63,13 +64,14 @@ def backup_super(sb: SuperInfo, slot: int) -> SuperInfo:
 
 def candidates(sb: SuperInfo) -> list[tuple[int, SuperInfo]]:
     """(slot, superblock) of each backup slot that records a commit no newer than ``sb``'s in the
-    slot its generation gives (a slot that does not was never this image's ring), newest first;
-    the current generation's own slot too."""
+    slot its generation gives (a slot that does not was never this image's ring), newest first.
+    The current generation's is ``sb`` itself: checked as it stands (its bytes_used, its log), it
+    is what the image is when nothing needs going back."""
     found = []
     for slot, b in enumerate(sb.backup_roots):
         gen = b["tree_root_gen"]
         if b["tree_root"] and 0 < gen <= sb.generation and gen % S.NUM_BACKUP_ROOTS == slot:
-            found.append((slot, backup_super(sb, slot)))
+            found.append((slot, sb if gen == sb.generation else backup_super(sb, slot)))
     return sorted(found, key=lambda c: -c[1].generation)
 
 
@@ -94,8 +96,6 @@ def roots_read(read: Callable[[int, int], bytes], sb: SuperInfo) -> list[dict[st
     """For ``inspect dump-super``: whether each recorded backup slot's root blocks read (checksum,
     bytenr, generation, owner and level as the slot records them) -- five blocks a slot, cheap;
     the whole trees and fsck's verdict are the rescue's (``examine``) and fsck's note."""
-    from blockemu.engine.transaction import BACKUP_NAMES, TreeStore
-
     store = TreeStore(read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
                       transid=sb.generation + 1, cache_blocks=0)
     out: list[dict[str, object]] = []
@@ -133,6 +133,7 @@ class Rescue:
     chosen: Candidate | None  # None: the current generation checks clean, nothing to do
     tried: list[Candidate]
     dropped_log: bool
+    checked: bytes = b""  # the primary superblock as checked: the write is refused if it changed since
 
     def as_json(self) -> dict[str, object]:
         return {"image": self.image, "generation": self.generation, "rescued": self.chosen is not None,
@@ -142,11 +143,12 @@ class Rescue:
 
 
 def choose(path: str) -> Rescue:
-    """Read-only: the generation to go back to. Raises CorruptionError (fsck's exit for errors
+    """Read-only: the generation to go back to. Raises NoCleanBackup (fsck's exit for errors
     left) when none reads clean, and when the current generation's trees read whole but fsck
-    finds something else (``fsck --repair``'s to fix: going back would lose commits for it)."""
+    finds something else (``fsck --repair``'s or ``rescue zero-log``'s to fix: going back would
+    lose commits for it)."""
     with ImageFile.open(path) as img:
-        sb = img.best_super()
+        sb, raw = img.best_super(), img.supers[0].raw
         if img.supers[0].error is not None:
             raise CorruptionError(f"{path}: primary superblock: {img.supers[0].error}; `blockemu fsck --repair {path}` "
                                   f"restores it first; nothing written", "SUPERBLOCK", S.SUPER_OFFSETS[0])
@@ -155,16 +157,16 @@ def choose(path: str) -> Rescue:
     tried = examine(path, sb)
     current = tried[0] if tried and tried[0].generation == sb.generation else None
     if current is not None and not current.errors:
-        return Rescue(path, sb.generation, None, tried, False)
+        return Rescue(path, sb.generation, None, tried, False, raw)
     if current is not None and not current.damaged:
-        raise NoCleanBackup(f"{path}: generation {sb.generation}'s trees read whole; what fsck finds in them "
-                              f"({current.why}) is `blockemu fsck --repair`'s to fix, not a reason to lose commits; "
-                              f"nothing written", "BAD_TREE_BLOCK")
+        raise NoCleanBackup(f"{path}: generation {sb.generation}'s trees read whole; what fsck finds ({current.why}) "
+                            f"is no reason to lose commits: `blockemu fsck {path}` says what fixes it (--repair, or "
+                            f"rescue zero-log for a damaged log); nothing written", "BAD_TREE_BLOCK")
     if not tried or tried[-1].errors:
         said = "; ".join(f"generation {c.generation}: {c.why}" for c in tried) or "no backup root recorded"
         raise NoCleanBackup(f"{path}: no backup root reads whole and checks clean ({said}); nothing written",
-                              "BAD_TREE_BLOCK")
-    return Rescue(path, sb.generation, tried[-1], tried, bool(sb.log_root))
+                            "BAD_TREE_BLOCK")
+    return Rescue(path, sb.generation, tried[-1], tried, bool(sb.log_root), raw)
 
 
 async def write_supers(dev: BlockDevice, new: SuperInfo) -> None:
@@ -172,8 +174,6 @@ async def write_supers(dev: BlockDevice, new: SuperInfo) -> None:
     chosen generation is older than theirs, and a later log sync extending it must not find
     them its own), then the primary with FUA, the mirrors, a flush. A cut before the primary's
     FUA leaves the old superblock (the rescue can run again), after it the rescued one."""
-    from blockemu.engine.transaction import super_writes
-
     for slot in S.LOG_SLOT_OFFSETS:
         await dev.write(slot, bytes(S.LOG_SLOT_SIZE))
     writes = super_writes(new)
@@ -190,8 +190,9 @@ async def use_backup_root(path: str) -> Rescue:
         return rescue
     dev = await BlockDevice.open(path)
     try:
-        now = decode_super(dev.read_sync(S.SUPER_OFFSETS[0], S.SUPER_INFO_SIZE), S.SUPER_OFFSETS[0])
-        if now.generation != rescue.generation:
+        # the check ran under a shared lock, released before this exclusive one: a commit or a
+        # log sync in between would make the choice stale
+        if dev.read_sync(S.SUPER_OFFSETS[0], S.SUPER_INFO_SIZE) != rescue.checked:
             raise Busy(f"{path}: the image changed since it was checked; run the rescue again")
         await write_supers(dev, rescue.chosen.sb)
     finally:

@@ -113,6 +113,9 @@ class Checker:
         # block that did not decode or a pointer not followed, or all of a tree whose root is
         # unknown -- an item missing from ``keys`` may be there, and there alone (``fsck_log``)
         self.lost: dict[int, list[tuple[Any, Any]]] = {}
+        # the trees whose root block did not read (or whose ROOT_ITEM is missing or bad): the
+        # damage a backup root may give back (``check.backup``)
+        self.failed_roots: set[int] = set()
         # each tree's items as two columns, keys and bodies, in the walk's order: the column
         # proofs (fsck_fast) read them as they are; ``pairs`` zips them for a pass that walks
         # item by item
@@ -179,22 +182,19 @@ class Checker:
             bytenr, gen, lvl, lo, hi, first = stack.pop()
             if bytenr % S.SECTOR_SIZE or not self._in_usable(bytenr, store.nodesize):
                 self.error("BAD_BLOCKPTR", f"tree block pointer {bytenr} outside the usable device", tid, bytenr)
-                self.report.damaged_trees.add(tid)
-                self.lost.setdefault(tid, []).append((lo, hi))
+                self.lose(tid, lo, hi)
                 continue
             if bytenr in self.blocks:
                 self.error("SHARED_TREE_BLOCK", f"tree block {bytenr} reached twice (a shared or looped block, "
                                                 f"not a tree): not followed again", tid, bytenr)
-                self.report.damaged_trees.add(tid)
-                self.lost.setdefault(tid, []).append((lo, hi))
+                self.lose(tid, lo, hi)
                 continue
             try:
                 block = store.get(bytenr, generation=gen, level=lvl, owner=tid)
             except CorruptionError as e:
                 self.error(e.kind, str(e), tid, bytenr)
-                self.report.damaged_trees.add(tid)
                 self.unreadable.add(bytenr)
-                self.lost.setdefault(tid, []).append((lo, hi))
+                self.lose(tid, lo, hi)
                 continue
             finally:
                 store.clean.pop(bytenr, None)  # each block is read once: no need to cache
@@ -217,6 +217,14 @@ class Checker:
                 ptr, pgen = block.ptrs[i]
                 nxt = block.keys[i + 1] if i + 1 < len(block.keys) else hi
                 stack.append((ptr, pgen, block.level - 1, block.keys[i], nxt, block.keys[i]))
+
+    def lose(self, tid: int, lo: Any, hi: Any) -> None:
+        """A block of tree ``tid`` covering [lo, hi) was not read: the tree is damaged there (its
+        root block, when ``lo`` is None: only a root's range is open below)."""
+        self.report.damaged_trees.add(tid)
+        self.lost.setdefault(tid, []).append((lo, hi))
+        if lo is None:
+            self.failed_roots.add(tid)
 
     def _in_usable(self, start: int, length: int) -> bool:
         for s, n in self.usable:
@@ -252,12 +260,14 @@ class Checker:
                 self.report.damaged_trees.add(S.ROOT_TREE_OBJECTID)  # an item of its is missing
                 self.error("MISSING_ROOT", f"no ROOT_ITEM for the {S.TREE_NAMES[tid]} tree", S.ROOT_TREE_OBJECTID, key=key)
                 self.lost[tid] = [(None, None)]
+                self.failed_roots.add(tid)
                 continue
             try:
                 ri = RootItem.unpack(roots[key])
             except CorruptionError as e:
                 self.error("BAD_ITEM", f"ROOT_ITEM of tree {tid}: {e}", S.ROOT_TREE_OBJECTID, key=key)
                 self.lost[tid] = [(None, None)]
+                self.failed_roots.add(tid)
                 continue
             if self.use_super is not None:
                 self.check_backup_record(sb, tid, ri)
@@ -462,8 +472,12 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         report.errors[mark:mark] = inodes_and_dirs
         report.errors += encryption
         report.stats["inodes"] = inodes
-    if use_super is None and report.damaged_trees - {S.FREE_SPACE_TREE_OBJECTID}:
-        from blockemu.check.backup import note_for  # (--repair rebuilds a damaged free-space tree)
+        primary_sound = img.supers[0].error is None  # else --repair restores it first, and the rescue says so
+    if use_super is None and primary_sound and ck.failed_roots - {S.FREE_SPACE_TREE_OBJECTID}:
+        # a root that does not read, as a power cut that dropped a commit's blocks leaves it (not
+        # the free-space tree's: --repair rebuilds that); only then are older generations checked,
+        # a whole check each, which a leaf damaged deep in a large tree should not cost
+        from blockemu.check.backup import note_for
 
         if note := note_for(path, sb):
             report.notes.append(note)
