@@ -1464,3 +1464,30 @@ def test_names_that_are_not_utf8_through_the_mount(env, image, mnt) -> None:
             async with fs.open(os.fsdecode(b"/d\xe9/" + name)) as f:
                 assert await f.read() == b"payload"
     asyncio.run(oracle())
+
+
+def test_times_before_1970_are_kept_and_leave_the_filesystem_writable(env, image, mnt) -> None:
+    """`tar xf` of an archive holding a file dated 1965 set its times to a negative second count:
+    the inode item packed its seconds unsigned, so utimensat failed with EIO, the in-memory inode
+    kept the refused times, and the next save of it (a write's fsync) aborted the transaction --
+    read-only, and everything not yet committed lost. Linux and btrfs keep such times (signed)."""
+    old = (-1_500_000_000, -152_150_400_000_000_000)  # 1969-12-31 23:59:58.5, 1965-03-05
+    with Served(env, image, mnt):
+        (mnt / "f").write_bytes(b"ancient\n")
+        (mnt / "other").write_bytes(b"not yet committed\n")
+        os.utime(mnt / "f", ns=old)
+        with open(mnt / "f", "ab") as f:
+            f.write(b"more\n")
+            f.flush()
+            os.fsync(f.fileno())
+        assert os.stat(mnt / "f").st_atime_ns == old[0]  # the write moved mtime alone (noatime)
+        os.utime(mnt / "f", ns=old)
+    fsck_clean(env, image)
+
+    async def oracle() -> None:
+        async with mount(str(image), readonly=True) as fs:
+            st = await fs.stat("/f")
+            assert (st.st_atime_ns, st.st_mtime_ns) == old
+            async with fs.open("/other") as f:
+                assert await f.read() == b"not yet committed\n"
+    asyncio.run(oracle())

@@ -34,8 +34,8 @@ def sample(con: Any, seed: str) -> Any:
     if isinstance(con, c.Array):
         return [sample(con.subcon, f"{seed}[{i}]") for i in range(con.count)]
     digest = hashlib.sha256(seed.encode()).digest()
-    if isinstance(con, c.FormatField):
-        return int.from_bytes(digest[: con.length], "little")
+    if isinstance(con, c.FormatField):  # a signed field (struct's lower-case letter) reads its bytes signed
+        return int.from_bytes(digest[: con.length], "little", signed=con.fmtstr[-1].islower())
     if isinstance(con, c.Bytes):
         return (digest * (con.length // 32 + 1))[: con.length]
     raise TypeError(con)

@@ -7,7 +7,7 @@ checks its tables against these definitions, so the prose cannot drift.
 """
 from __future__ import annotations
 
-from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
+from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64sl, Int64ul, Padding, Struct
 
 from blockemu.ondisk.csum import CSUM_FIELD
 
@@ -232,8 +232,10 @@ KeyPtr = Struct(
 
 # ---------------------------------------------------------------- item bodies
 
+# Seconds are signed, as btrfs reads its le64 into a time64_t: a file dated before 1970
+# (an old tarball's) has a negative count, and an unsigned field could not pack it.
 Timespec = Struct(
-    "sec" / Int64ul,
+    "sec" / Int64sl,
     "nsec" / Int32ul,
 )
 
