@@ -354,6 +354,11 @@ class Keyring:
         mk = self.keys.get(ident)
         return mk is not None and ino in mk.leases
 
+    def holders(self, ident: bytes) -> list[int]:
+        """The inodes holding a lease on the key, as a list: locking releases them while a caller walks it."""
+        mk = self.keys.get(ident)
+        return list(mk.leases) if mk is not None else []
+
     def release(self, ident: bytes, ino: int) -> None:
         mk = self.keys.get(ident)
         if mk is not None and ino in mk.leases:
