@@ -27,6 +27,7 @@ import blockemu
 from blockemu.crypto.arena import PAGE
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.items import FileExtent
+from tests import heldscan
 from tests.memscan import Finder
 
 EXTENT = 1 << 20  # the default max_extent: a large write becomes extents of 1 MiB, each sealed by a worker
@@ -181,3 +182,27 @@ def test_the_scanners_one_pass_finds_what_a_find_per_needle_finds():
     assert list(Finder(needles).find(bytes(data), n)) == sorted(want)
     with pytest.raises(AssertionError):
         Finder({"short": b"x" * 14})
+
+
+KEPT: list[bytes] = []  # test_heldscan_tells_held_from_freed_and_garbage's module-level holder
+
+
+def test_heldscan_tells_held_from_freed_and_garbage() -> None:
+    """tests/heldscan.py, which test_fuse's name check trusts to tell a copy held from one freed:
+    a bytes a module-level list keeps is held, its chain naming the list; one only a reference
+    cycle nothing reaches keeps is garbage; one let go is neither. In-process: the walk is the
+    server's, without a server."""
+    kept, cyclic, freed = os.urandom(300), os.urandom(300), os.urandom(300)
+    spans = [(id(b) + bytes.__basicsize__ - 1 + 100, 24) for b in (kept, cyclic, freed)]
+    KEPT.append(kept)
+    cycle: list[object] = [cyclic]
+    cycle.append(cycle)
+    del kept, cyclic, freed, cycle
+    try:
+        found = {h["at"]: h for h in heldscan.held(spans)[0]}
+    finally:
+        KEPT.clear()
+    held, garbage, freed_at = (hex(at) for at, _ in spans)
+    assert not found[held]["garbage"] and "list at ['KEPT']" in found[held]["chain"], found[held]
+    assert found[garbage]["garbage"], found[garbage]
+    assert freed_at not in found, found[freed_at]
