@@ -26,6 +26,7 @@ import array
 import collections
 import ctypes
 import gc
+import hashlib
 import io
 import json
 import os
@@ -180,10 +181,28 @@ def _safe(k: object, holding: set[int]) -> str:
 
 def ask(proc: Any, spans: list[list[int]], path: str) -> list[dict[str, Any]]:
     """From the test's side: which of ``spans`` (``[address, length]``) live objects of the
-    server ``proc`` (started with ``SERVER``, ``$BLOCKEMU_TEST_HELD`` = ``path``) hold."""
+    server ``proc`` (started with ``SERVER``, ``$BLOCKEMU_TEST_HELD`` = ``path``) hold. A span
+    whose bytes changed meanwhile is marked ``reused``: it was free, and what the hook's own
+    work allocated there (its import's strs) holds it now, not a copy."""
     with open(path, "w") as f:
         json.dump(spans, f)
+    before = digests(proc.pid, spans)
     os.kill(proc.pid, signal.SIGUSR1)
     line = proc.stdout.readline()
     assert line.startswith("held: "), f"the server's hook did not answer: {line!r}"
-    return json.loads(line[len("held: "):])["held"]
+    changed = {hex(at) for (at, _), was, now in zip(spans, before, digests(proc.pid, spans)) if was != now}
+    return [{**h, "reused": h["at"] in changed} for h in json.loads(line[len("held: "):])["held"]]
+
+
+def digests(pid: int, spans: list[list[int]]) -> list[bytes]:
+    """Each span's bytes in ``pid``, hashed: they are a name, which this process does not keep
+    (read into a buffer zeroed once hashed)."""
+    buf = bytearray(max((n for _, n in spans), default=0))
+    out = []
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for at, n in spans:
+            mem.seek(at)
+            got = mem.readinto(memoryview(buf)[:n])
+            out.append(hashlib.sha256(memoryview(buf)[:got]).digest())
+    buf[:] = bytes(len(buf))
+    return out
