@@ -64,11 +64,13 @@ def body(obj: object) -> tuple[int, int] | None:
     if isinstance(obj, array.array):
         at, n = obj.buffer_info()
         return at, at + n * obj.itemsize
-    if isinstance(obj, io.BytesIO) and not obj.closed:
-        obj = obj.getbuffer()
-    if isinstance(obj, (bytearray, memoryview)) and len(obj):
+    if isinstance(obj, io.BytesIO) and not obj.closed and obj.getbuffer().nbytes:
+        with obj.getbuffer() as view:
+            start = ctypes.addressof(ctypes.c_char.from_buffer(view))
+            return start, start + view.nbytes
+    if isinstance(obj, bytearray) and len(obj):
         start = ctypes.addressof(ctypes.c_char.from_buffer(obj))
-        return start, start + (obj.__alloc__() if isinstance(obj, bytearray) else obj.nbytes)
+        return start, start + obj.__alloc__()
     return None
 
 
