@@ -146,12 +146,13 @@ def chain(key: int, parent: dict[int, int | None], objs: dict[int, object], hold
     child: int | None = key
     while child is not None:
         up = parent[child]
-        steps.append(_describe(objs[child], objs[up] if up is not None else None, child, holding))
+        steps.append(_describe(objs[child], objs[up] if up is not None else None, holding))
         child = up
     return steps[::-1]
 
 
-def _describe(obj: object, up: object, key: int, holding: set[int]) -> str:
+def _describe(obj: object, up: object, holding: set[int]) -> str:
+    """One step of a chain: ``obj``, and where ``up`` keeps it."""
     what = type(obj).__qualname__
     if obj is sys.modules:
         what = "sys.modules"
@@ -159,9 +160,7 @@ def _describe(obj: object, up: object, key: int, holding: set[int]) -> str:
         what = f"module {obj.__name__}"
     elif isinstance(obj, types.FrameType):
         what = f"frame of {obj.f_code.co_qualname} ({obj.f_code.co_filename}:{obj.f_lineno})"
-    elif isinstance(obj, (types.FunctionType, type)):
-        what = f"{what} {obj.__qualname__}"
-    elif isinstance(obj, (types.CoroutineType, types.GeneratorType)):
+    elif isinstance(obj, (types.FunctionType, type, types.CoroutineType, types.GeneratorType)):
         what = f"{what} {obj.__qualname__}"
     if isinstance(up, dict):
         for k, v in up.items():
@@ -175,8 +174,10 @@ def _describe(obj: object, up: object, key: int, holding: set[int]) -> str:
 
 
 def _safe(k: object, holding: set[int]) -> str:
-    if id(k) in holding:
-        return "<a holding key>"
+    """A dict key as the chain shows it: an int or a str that holds no copy; else its type (a
+    tuple could hold a name)."""
+    if not isinstance(k, (int, str)) or id(k) in holding:
+        return f"<a {type(k).__name__}>"
     text = repr(k)
     return text if len(text) <= 60 else text[:57] + "..."
 
