@@ -10,6 +10,7 @@ import errno
 import gc
 import os
 import signal
+import stat
 import subprocess
 import sys
 
@@ -289,3 +290,22 @@ def test_a_campaign_that_fails_before_its_first_shard_closes_its_results_file(tm
             run_campaign(campaign, LocalExecutor(1), results=results, resume=results)
         kept.append(failed.value)  # kept, with its traceback: its frames' locals too
     assert open_fds() == fds
+
+
+async def test_mkfs_makes_the_new_images_name_durable(tmp_path, monkeypatch):
+    """The image's own syncs made its contents durable, not the directory entry naming it: a host
+    crash after mkfs could leave no image. mkfs syncs the directory a new image is made in (once,
+    and not for an image it overwrites, whose name was durable already)."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    await blockemu.mkfs(str(tmp_path / "new.img"), size="32M")
+    assert synced == [str(tmp_path)]
+    await blockemu.mkfs(str(tmp_path / "new.img"), size="32M", force=True)
+    assert synced == [str(tmp_path)]

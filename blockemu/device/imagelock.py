@@ -97,3 +97,14 @@ def open_image(path: str, readonly: bool, *, create: bool = False) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def sync_parent(path: str) -> None:
+    """Make a newly created image's name durable: an image file's own syncs make its contents
+    durable, not the directory entry naming it, so a host crash after mkfs could leave no file
+    (fsync(2): "an explicit fsync() on a file descriptor for the directory is also needed")."""
+    fd = os.open(os.path.dirname(os.path.realpath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -11,7 +11,7 @@ import uuid as uuidlib
 from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, NoReturn
 
 from blockemu.device.blockdev import BlockDevice
-from blockemu.device.imagelock import open_image
+from blockemu.device.imagelock import open_image, sync_parent
 from blockemu.display import bar
 from blockemu.engine.transaction import Engine
 from blockemu.errors import (
@@ -244,6 +244,8 @@ async def mkfs(
         fs.insert((ROOT_DIR, INODE_REF, ROOT_DIR), InodeRef(0, b"..").pack())
         vol = Volume(dev, engine)
         await vol.close()
+        if not existed:
+            sync_parent(made)
         if not populating:
             return vol.sb
         await populate(path, plan, skipped, sources, encrypt, key, progress)
