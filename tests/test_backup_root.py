@@ -12,7 +12,7 @@ import os
 import random
 
 import blockemu
-from blockemu.check.backup import choose, write_supers
+from blockemu.check.backup import choose, write_rescue
 from blockemu.check.fsck import check
 from blockemu.cli.main import main
 from blockemu.device.blockdev import BlockDevice
@@ -115,8 +115,9 @@ def test_json_says_where_it_went_and_what_it_tried(tmp_path, capsys):
     roots = lost_root_image(img)
     assert main(["rescue", "use-backup-root", img, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out.keys() == {"image", "generation", "rescued", "to_generation", "slot", "dropped_log", "tried"}
-    assert (out["generation"], out["rescued"], out["to_generation"], out["slot"], out["dropped_log"]) == (3, True, 2, 2, False)
+    assert out.keys() == {"image", "generation", "rescued", "to_generation", "slot", "generation_after", "dropped_log", "tried"}
+    assert (out["generation"], out["rescued"], out["to_generation"], out["slot"], out["generation_after"],
+            out["dropped_log"]) == (3, True, 2, 2, 5, False)
     assert [(t["generation"], t["clean"]) for t in out["tried"]] == [(3, False), (2, True)]
     assert out["tried"][0]["first_error"].startswith(f"[CSUM_MISMATCH] tree block {roots[3]}")
     assert out["tried"][0].keys() == {"slot", "generation", "clean", "errors", "first_error"}
@@ -140,9 +141,10 @@ def test_no_clean_backup_is_refused_and_nothing_written(tmp_path, capsys):
 
 
 def test_a_cut_during_the_rescues_write_leaves_either_superblock_whole(tmp_path):
-    """Every crash state of the rescue's own writes (slots wiped, primary FUA, mirror, flush;
-    the mirror torn too): the primary is the rescued generation 2 -- fsck clean, /a reads back --
-    or still the lost generation 3, which the rescue then takes back to 2 again."""
+    """Every crash state of the rescue's own writes (slots wiped, its commit's tree blocks,
+    primary FUA, mirror, flush; the mirror torn too): the primary is generation 2's trees
+    committed as 5 -- fsck clean, /a reads back -- or still the lost generation 3, which the rescue
+    then takes back to 2 again."""
     img, base, crashed = (str(tmp_path / n) for n in ("x.img", "base.img", "c.img"))
     lost_root_image(img)
     rescue = choose(img)
@@ -152,7 +154,7 @@ def test_a_cut_during_the_rescues_write_leaves_either_superblock_whole(tmp_path)
         dev = await BlockDevice.open(img)
         log = dev.start_log(base)
         try:
-            await write_supers(dev, rescue.chosen.sb)
+            await write_rescue(dev, rescue)
         finally:
             await dev.close()
         states = list(log.crash_states(random.Random(0)))
@@ -166,11 +168,11 @@ def test_a_cut_during_the_rescues_write_leaves_either_superblock_whole(tmp_path)
             if gen == 3:
                 assert choose(crashed).chosen.generation == 2, st
                 continue
-            assert gen == 2, st
+            assert gen == 5, st
             report = check(crashed)
             assert report.clean, (st, report.errors)
             assert await read(crashed, "/a") == A
-        assert seen == {2, 3}
+        assert seen == {5, 3}
     asyncio.run(write())
 
 
@@ -216,7 +218,7 @@ def test_a_current_generation_that_reads_whole_is_fsck_repairs_not_a_rescue(tmp_
     capsys.readouterr()
     assert main(["rescue", "use-backup-root", img]) == 4
     err = capsys.readouterr().err
-    assert err.startswith(f"blockemu: rescue: {img}: generation 2's trees read whole; what fsck finds "
+    assert err.startswith(f"blockemu: rescue: {img}: generation 5's trees read whole; what fsck finds "
                           "([USED_BYTES_MISMATCH] ") and f"`blockemu fsck {img}` says what fixes it" in err, err
     assert err.count("\n") == 1 and digest(img) == before
     assert main(["fsck", img, "--repair"]) == 1
@@ -238,7 +240,7 @@ def test_the_fsync_log_of_a_newer_generation_is_dropped_and_said(tmp_path, capsy
     assert main(["rescue", "use-backup-root", img, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["dropped_log"] is True
     d = dump_super(img)
-    assert (d["generation"], d["log_root"], d["log_root_transid"], d["log_slots"]) == (2, 0, 0, [])
+    assert (d["generation"], d["log_root"], d["log_root_transid"], d["log_slots"]) == (5, 0, 0, [])
     assert not d["incompat_flags"] & S.INCOMPAT_LOG_BITS
     assert_fsck_clean(img)
 
@@ -252,3 +254,19 @@ def test_the_fsync_log_of_a_newer_generation_is_dropped_and_said(tmp_path, capsy
     asyncio.run(fsync_again())
     assert asyncio.run(read(img, "/g")) == b"z" * 4096
     assert_fsck_clean(img)
+
+
+def test_the_rescued_generation_is_above_every_lost_one(tmp_path):
+    """Going back to generation 2 and committing as 3 again let a stale block of the lost
+    generation 3 (still on the disk, in space generation 2 calls free) pass the parent transid
+    check where a later commit's block at that address never landed. The rescue commits the
+    chosen trees as a generation above the lost ones and the transaction they ran (its log, an
+    unfinished commit): a stale block's header generation then tells it apart."""
+    img = str(tmp_path / "x.img")
+    lost_root_image(img)
+    assert main(["rescue", "use-backup-root", img]) == 0
+    with ImageFile.open(img) as im:
+        sb = im.best_super()
+    assert sb.generation == 3 + 2
+    assert_fsck_clean(img)
+    assert asyncio.run(read(img, "/a")) == A

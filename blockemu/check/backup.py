@@ -8,8 +8,9 @@ well be intact -- a commit writes only into space its previous generation calls 
 btrfs's ``mount -o rescue=usebackuproot`` and ``btrfs check --backup`` do, each recorded
 generation is checked (newest first) with the sans-I/O checker as if its superblock were the
 image's, and the first that reads whole and checks clean becomes the image's: its roots, its
-generation and its ``bytes_used`` (its free-space record, which calls every newer block free, is
-what the allocator then reads). Everything committed after it is lost, and so is the fsync log,
+generation's free-space record (which calls every newer block free) is what the allocator then
+reads, and its trees are committed as a generation above every lost one, so that no stale block of
+a lost commit passes for a block of a later one. Everything committed after it is lost, and so is the fsync log,
 which extends a newer generation. Unlike btrfs's mount option this is a command: the user
 decides to lose those commits, as with ``rescue zero-log``.
 """
@@ -20,7 +21,7 @@ from typing import Callable
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.image import ImageFile, read_only_features
-from blockemu.engine.transaction import BACKUP_NAMES, TreeStore, super_writes
+from blockemu.engine.transaction import BACKUP_NAMES, Engine, TreeStore, super_writes
 from blockemu.errors import Busy, CorruptionError
 from blockemu.ondisk import structs as S
 from blockemu.ondisk.superblock import SuperInfo, empty_backup
@@ -135,10 +136,21 @@ class Rescue:
     dropped_log: bool
     checked: bytes = b""  # the primary superblock as checked: the write is refused if it changed since
 
+    @property
+    def generation_after(self) -> int:
+        """The image's generation once rescued, or as it stands: the rescue commits the chosen
+        trees above every generation whose blocks the lost commits may have left in space the
+        chosen generation calls free -- the current one and the transaction that ran after it (its
+        fsync log's blocks, a commit whose superblock never landed). Committing as the chosen
+        generation + 1 again let a stale block of the lost commit of that number pass the parent
+        transid check where a later block at its address was dropped."""
+        return self.generation + 2 if self.chosen else self.generation
+
     def as_json(self) -> dict[str, object]:
         return {"image": self.image, "generation": self.generation, "rescued": self.chosen is not None,
                 "to_generation": self.chosen.generation if self.chosen else self.generation,
-                "slot": self.chosen.slot if self.chosen else None, "dropped_log": self.dropped_log,
+                "slot": self.chosen.slot if self.chosen else None, "generation_after": self.generation_after,
+                "dropped_log": self.dropped_log,
                 "tried": [c.as_json() for c in self.tried]}
 
 
@@ -169,18 +181,26 @@ def choose(path: str) -> Rescue:
     return Rescue(path, sb.generation, tried[-1], tried, bool(sb.log_root), raw)
 
 
-async def write_supers(dev: BlockDevice, new: SuperInfo) -> None:
-    """Write ``new`` as a commit writes its superblock: the log slots wiped first (durably: the
-    chosen generation is older than theirs, and a later log sync extending it must not find
-    them its own), then the primary with FUA, the mirrors, a flush. A cut before the primary's
-    FUA leaves the old superblock (the rescue can run again), after it the rescued one."""
+async def write_rescue(dev: BlockDevice, rescue: "Rescue") -> SuperInfo:
+    """Commit the chosen generation's trees as ``generation_after`` (its root tree, and the
+    trees the commit's own blocks change, COWed into space it calls free), as a commit writes
+    them: the log slots wiped first (durably: a later log sync extending the rescued generation
+    must not find a lost one's its own), the tree blocks, then the primary with FUA, the mirrors,
+    a flush. A cut before the primary's FUA leaves the old superblock (the rescue can run
+    again), after it the rescued one. Returns the superblock written."""
+    assert rescue.chosen is not None
+    engine = Engine(rescue.chosen.sb, dev.read_sync, writable=True)
+    engine.store.transid = rescue.generation_after
+    writes, new = engine.prepare_commit()
     for slot in S.LOG_SLOT_OFFSETS:
         await dev.write(slot, bytes(S.LOG_SLOT_SIZE))
-    writes = super_writes(new)
-    await dev.flush_then_fua(*writes[0])
-    for off, data in writes[1:]:
+    await dev.writev(writes)
+    supers = super_writes(new)
+    await dev.flush_then_fua(*supers[0])
+    for off, data in supers[1:]:
         await dev.write(off, data)
     await dev.flush()
+    return new
 
 
 async def use_backup_root(path: str) -> Rescue:
@@ -194,7 +214,7 @@ async def use_backup_root(path: str) -> Rescue:
         # log sync in between would make the choice stale
         if dev.read_sync(S.SUPER_OFFSETS[0], S.SUPER_INFO_SIZE) != rescue.checked:
             raise Busy(f"{path}: the image changed since it was checked; run the rescue again")
-        await write_supers(dev, rescue.chosen.sb)
+        await write_rescue(dev, rescue)
     finally:
         await dev.close()
     return rescue
