@@ -78,14 +78,16 @@ def candidates(sb: SuperInfo) -> list[tuple[int, SuperInfo]]:
 
 def examine(path: str, sb: SuperInfo, *, upto: int | None = None) -> list[Candidate]:
     """Check each candidate of ``sb`` newest first, stopping at the first clean one; ``upto``:
-    only generations below it (those above were checked already)."""
+    only generations below it (those above were checked already). Data too: the writes after a
+    generation may reuse its freed data extents while its tree blocks survive, and a check of
+    the trees alone called such a generation clean (its files then failed their checksums)."""
     from blockemu.check.fsck import check
 
     out = []
     for slot, cand in candidates(sb):
         if upto is not None and cand.generation >= upto:
             continue
-        report = check(path, use_super=cand, parallel=False)
+        report = check(path, check_data=True, use_super=cand, parallel=False)
         first = report.errors[0] if report.errors else None
         out.append(Candidate(slot, cand, len(report.errors), report.trees_damaged, f"[{first.code}] {first.message}" if first else "clean"))
         if first is None:
