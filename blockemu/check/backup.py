@@ -76,18 +76,19 @@ def candidates(sb: SuperInfo) -> list[tuple[int, SuperInfo]]:
     return sorted(found, key=lambda c: -c[1].generation)
 
 
-def examine(path: str, sb: SuperInfo, *, upto: int | None = None) -> list[Candidate]:
+def examine(path: str, sb: SuperInfo, *, upto: int | None = None, check_data: bool = True) -> list[Candidate]:
     """Check each candidate of ``sb`` newest first, stopping at the first clean one; ``upto``:
-    only generations below it (those above were checked already). Data too: the writes after a
-    generation may reuse its freed data extents while its tree blocks survive, and a check of
-    the trees alone called such a generation clean (its files then failed their checksums)."""
+    only generations below it (those above were checked already). ``check_data``: the data too,
+    as the rescue does before it writes -- the writes after a generation may reuse its freed data
+    extents while its tree blocks survive, and a check of the trees alone called such a
+    generation clean (its files then failed their checksums)."""
     from blockemu.check.fsck import check
 
     out = []
     for slot, cand in candidates(sb):
         if upto is not None and cand.generation >= upto:
             continue
-        report = check(path, check_data=True, use_super=cand, parallel=False)
+        report = check(path, check_data=check_data, use_super=cand, parallel=False)
         first = report.errors[0] if report.errors else None
         out.append(Candidate(slot, cand, len(report.errors), report.trees_damaged, f"[{first.code}] {first.message}" if first else "clean"))
         if first is None:
@@ -116,14 +117,17 @@ def roots_read(read: Callable[[int, int], bytes], sb: SuperInfo) -> list[dict[st
     return out
 
 
-def note_for(path: str, sb: SuperInfo) -> str | None:
+def note_for(path: str, sb: SuperInfo, check_data: bool) -> str | None:
     """fsck's note on an image whose trees do not read whole: the generation a backup root gives
-    back, when an older one reads clean (the current one was just checked, and failed)."""
-    found = examine(path, sb, upto=sb.generation)
+    back, when an older one reads clean (the current one was just checked, and failed). Its data
+    is read only under fsck's ``--check-data`` (a read of every file per generation tried, which
+    a plain fsck does not pay): without, the note says so, and the rescue reads it before it writes."""
+    found = examine(path, sb, upto=sb.generation, check_data=check_data)
     if not found or found[-1].errors:
         return None
     gen = found[-1].generation
-    return (f"backup root slot {found[-1].slot} (generation {gen}) reads whole and checks clean: "
+    unread = "" if check_data else " (its data unread: the rescue checks it first)"
+    return (f"backup root slot {found[-1].slot} (generation {gen}) reads whole and checks clean{unread}: "
             f"`blockemu rescue use-backup-root {path}` goes back to it, losing every change after generation {gen}")
 
 

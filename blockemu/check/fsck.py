@@ -479,7 +479,7 @@ def check(path: str, *, check_data: bool = False, progress: Progress | None = No
         # a whole check each, which a leaf damaged deep in a large tree should not cost
         from blockemu.check.backup import note_for
 
-        if note := note_for(path, sb):
+        if note := note_for(path, sb, check_data):
             report.notes.append(note)
     return report
 
