@@ -93,7 +93,7 @@ def test_rescue_goes_back_one_generation_and_the_image_lives_on(tmp_path, capsys
     assert main(["rescue", "use-backup-root", img]) == 0
     out = capsys.readouterr().out
     assert out == (f"{img}: went back from generation 3 to backup root slot 2, generation 2; "
-                   f"every change after generation 2 is lost\n")
+                   f"every change after generation 2 is lost (its trees committed as generation 5, above every lost one)\n")
     assert_fsck_clean(img)
     assert asyncio.run(read(img, "/a")) == A
 
