@@ -92,8 +92,8 @@ def test_rescue_goes_back_one_generation_and_the_image_lives_on(tmp_path, capsys
     lost_root_image(img)
     assert main(["rescue", "use-backup-root", img]) == 0
     out = capsys.readouterr().out
-    assert out == (f"{img}: went back from generation 3 to backup root slot 2, generation 2; "
-                   f"every change after generation 2 is lost (its trees committed as generation 5, above every lost one)\n")
+    assert out == (f"{img}: went back from generation 3 to backup root slot 2, generation 2 (its trees committed as "
+                   f"generation 5, above every lost one); every change after generation 2 is lost\n")
     assert_fsck_clean(img)
     assert asyncio.run(read(img, "/a")) == A
 

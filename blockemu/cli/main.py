@@ -1604,8 +1604,8 @@ def rescue_backup_root(a: argparse.Namespace) -> int:
     else:
         log = "; the fsync log, which extends a newer generation, is dropped" if r.dropped_log else ""
         print(f"{a.image}: went back from generation {r.generation} to backup root slot {r.chosen.slot}, "
-              f"generation {r.chosen.generation}; every change after generation {r.chosen.generation} is lost{log} "
-              f"(its trees committed as generation {r.generation_after}, above every lost one)")
+              f"generation {r.chosen.generation} (its trees committed as generation {r.generation_after}, above every "
+              f"lost one); every change after generation {r.chosen.generation} is lost{log}")
     return 0
 
 
