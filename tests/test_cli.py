@@ -569,3 +569,20 @@ def test_json_names_a_path_that_is_not_utf8_in_text_strict_parsers_take(image, t
         p = subprocess.run([sys.executable, "-m", "blockemu", *args, "--json"], capture_output=True, timeout=60)
         assert b"\\udc" not in p.stdout
         assert f"{tmp_path}/d\ufffd/" in field(json.loads(p.stdout))
+
+
+def test_dump_tree_shows_an_inodes_times_as_the_decimal_they_are(tmp_path):
+    """A time is sec + nsec / 1e9 with 0 <= nsec < 1e9: shown as ``f"{sec}.{nsec}"`` a time 5 us
+    past a second read as half a second past it (``12.5000``), and one before 1970 (signed sec since
+    7f8842e: -1.5 s is sec -2, nsec 500000000) read as a second earlier (``-2.500000000``)."""
+    from blockemu.check.inspect import dump_tree
+    from blockemu.cli.main import main
+
+    root, img = tmp_path / "root", str(tmp_path / "x.img")
+    root.mkdir()
+    for name, mtime in (("a", -1_500_000_000), ("b", 12_000_005_000)):  # (mkfs's read sets the host's atime)
+        (root / name).write_bytes(b"x")
+        os.utime(root / name, ns=(0, mtime))
+    assert main(["mkfs", img, "--size", "64M", "--rootdir", str(root)]) == 0
+    inodes = [i["data"] for b in dump_tree(img, ["fs"]) for i in b.get("items", ()) if i["key"][1] == 1 and i["key"][0] > 256]
+    assert sorted(i["mtime"] for i in inodes) == ["-1.500000000", "12.000005000"]

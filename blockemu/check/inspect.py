@@ -16,6 +16,7 @@ from blockemu.ondisk.items import (
     FileExtent,
     InodeItem,
     RootItem,
+    Timespec,
     unpack_dir_entries,
     unpack_inode_extrefs,
     unpack_inode_refs,
@@ -37,6 +38,15 @@ def type_name(t: int) -> str:
     return S.ITEM_TYPE_NAMES.get(t, f"UNKNOWN.{t}")
 
 
+def decimal_time(t: Timespec) -> str:
+    """``t`` as the decimal it is, nine places: ``f"{sec}.{nsec}"`` showed 5 us past a second as
+    ``12.5000`` and, sec being signed (a time before 1970), -1.5 s (sec -2, nsec 500000000) as
+    ``-2.500000000``."""
+    ns = t.sec * 1_000_000_000 + t.nsec
+    whole, frac = divmod(abs(ns), 1_000_000_000)
+    return f"{'-' if ns < 0 else ''}{whole}.{frac:09d}"
+
+
 def describe_item(key: tuple[int, int, int], body: bytes) -> dict[str, Any]:
     """The decoded fields of an item body, for text and JSON output alike."""
     t = key[1]
@@ -45,7 +55,7 @@ def describe_item(key: tuple[int, int, int], body: bytes) -> dict[str, Any]:
             i = InodeItem.unpack(body)
             d = i._asdict()
             for ts in ("atime", "ctime", "mtime", "otime"):
-                d[ts] = f"{d[ts].sec}.{d[ts].nsec}"
+                d[ts] = decimal_time(d[ts])
             d["mode"] = oct(i.mode)
             return d
         if t == S.INODE_REF:
