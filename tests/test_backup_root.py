@@ -295,3 +295,32 @@ def test_a_generation_whose_file_data_was_overwritten_is_not_called_clean(tmp_pa
     message = json.loads(capsys.readouterr().out)["error"]["message"]
     assert f"generation 2: [CSUM_MISMATCH] data sector {at} (inode 257 at file offset 0: /a)" in message, message
     assert digest(img) == before
+
+
+def test_a_current_generation_its_slot_does_not_record_is_still_checked_first(tmp_path, capsys):
+    """The current generation was a candidate only when its own backup slot recorded it: with that
+    slot emptied (a SUPERBLOCK finding, its trees whole) it was never checked, and the rescue went
+    back to generation 2, losing /b, where it must refuse as for any current generation that reads whole."""
+    from blockemu.ondisk.superblock import empty_backup
+
+    img = str(tmp_path / "x.img")
+
+    async def build() -> None:
+        await blockemu.mkfs(img, size="80M", node_size="4K")
+        async with blockemu.mount(img) as fs:
+            async with fs.open("/a", "w") as f:
+                await f.write(A)
+            await fs.sync()
+            async with fs.open("/b", "w") as f:
+                await f.write(B)
+    asyncio.run(build())
+    with ImageFile.open(img) as im:
+        sb = im.best_super()
+    set_super(img, backup_roots=[empty_backup() if slot == sb.generation % 4 else dict(b)
+                                 for slot, b in enumerate(sb.backup_roots)])
+    before = digest(img)
+    capsys.readouterr()
+    assert main(["rescue", "use-backup-root", img]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith(f"blockemu: rescue: {img}: generation 3's trees read whole; what fsck finds ([SUPERBLOCK] "), err
+    assert digest(img) == before

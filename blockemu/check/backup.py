@@ -64,15 +64,17 @@ def backup_super(sb: SuperInfo, slot: int) -> SuperInfo:
 
 
 def candidates(sb: SuperInfo) -> list[tuple[int, SuperInfo]]:
-    """(slot, superblock) of each backup slot that records a commit no newer than ``sb``'s in the
-    slot its generation gives (a slot that does not was never this image's ring), newest first.
-    The current generation's is ``sb`` itself: checked as it stands (its bytes_used, its log), it
-    is what the image is when nothing needs going back."""
-    found = []
+    """(slot, superblock) of ``sb`` itself, then of each backup slot that records an older commit
+    in the slot its generation gives (a slot that does not was never this image's ring), newest
+    first. The current generation is ``sb`` as it stands (its bytes_used, its log), whatever its
+    slot says: it is what the image is when nothing needs going back, and a slot that does not
+    record it (fsck's SUPERBLOCK finding) left it unchecked, and the rescue went back over trees
+    that read whole."""
+    found = [(sb.generation % S.NUM_BACKUP_ROOTS, sb)]
     for slot, b in enumerate(sb.backup_roots):
         gen = b["tree_root_gen"]
-        if b["tree_root"] and 0 < gen <= sb.generation and gen % S.NUM_BACKUP_ROOTS == slot:
-            found.append((slot, sb if gen == sb.generation else backup_super(sb, slot)))
+        if b["tree_root"] and 0 < gen < sb.generation and gen % S.NUM_BACKUP_ROOTS == slot:
+            found.append((slot, backup_super(sb, slot)))
     return sorted(found, key=lambda c: -c[1].generation)
 
 

@@ -269,7 +269,9 @@ class Checker:
                 self.lost[tid] = [(None, None)]
                 self.failed_roots.add(tid)
                 continue
-            if self.use_super is not None:
+            if self.use_super is not None and sb.generation != self.img.best_super().generation:
+                # an older generation's (the current one's slot is the SUPERBLOCK check's: a slot
+                # that does not record it is no damage to its trees, which the rescue must not leave)
                 self.check_backup_record(sb, tid, ri)
             if ri.generation > sb.generation:
                 self.error("TRANSID_MISMATCH", f"ROOT_ITEM of tree {tid} has generation {ri.generation} > superblock {sb.generation}",
