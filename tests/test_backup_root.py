@@ -17,6 +17,7 @@ from blockemu.check.fsck import check
 from blockemu.cli.main import main
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.image import ImageFile
+from blockemu.ondisk.superblock import SuperInfo
 from tests.util import assert_fsck_clean, set_super
 
 A, B = b"A" * 5000, b"B" * 7000
@@ -26,6 +27,13 @@ def lost_root_image(path: str) -> dict[int, int]:
     """An image of three generations: mkfs's, /a synced (2), /b committed at unmount (3); then
     generation 3's root tree block zeroed, as a cache that dropped it leaves it. 80M: one mirror
     (at 64M) for the rescue to write too. Returns each generation's root tree block."""
+    sb = three_generations(path)
+    zero(path, sb.root)
+    return {b["tree_root_gen"]: b["tree_root"] for b in sb.backup_roots if b["tree_root"]}
+
+
+def three_generations(path: str) -> SuperInfo:
+    """mkfs's generation, /a synced (2), /b committed at unmount (3): the superblock."""
     async def build() -> None:
         await blockemu.mkfs(path, size="80M", node_size="4K")
         async with blockemu.mount(path) as fs:
@@ -38,8 +46,7 @@ def lost_root_image(path: str) -> dict[int, int]:
     with ImageFile.open(path) as img:
         sb = img.best_super()
     assert sb.generation == 3
-    zero(path, sb.root)
-    return {b["tree_root_gen"]: b["tree_root"] for b in sb.backup_roots if b["tree_root"]}
+    return sb
 
 
 def zero(path: str, at: int) -> None:
@@ -304,18 +311,7 @@ def test_a_current_generation_its_slot_does_not_record_is_still_checked_first(tm
     from blockemu.ondisk.superblock import empty_backup
 
     img = str(tmp_path / "x.img")
-
-    async def build() -> None:
-        await blockemu.mkfs(img, size="80M", node_size="4K")
-        async with blockemu.mount(img) as fs:
-            async with fs.open("/a", "w") as f:
-                await f.write(A)
-            await fs.sync()
-            async with fs.open("/b", "w") as f:
-                await f.write(B)
-    asyncio.run(build())
-    with ImageFile.open(img) as im:
-        sb = im.best_super()
+    sb = three_generations(img)
     set_super(img, backup_roots=[empty_backup() if slot == sb.generation % 4 else dict(b)
                                  for slot, b in enumerate(sb.backup_roots)])
     before = digest(img)
