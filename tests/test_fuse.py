@@ -1428,6 +1428,36 @@ async def test_the_kernel_is_told_to_forget_exactly_what_a_key_change_made_stale
         assert {(ino, name) for ino, name in sent if name is not None} == {(enc, n) for n in nokey}
 
 
+async def test_a_listing_finds_its_entries_without_walking_their_paths(tmp_path, monkeypatch) -> None:
+    """READDIRPLUS answers each entry's attributes: it looked every name up again, walking its
+    path from the root (and, in an encrypted directory, encrypting the name again) -- an ``ls``
+    of 20,000 names took 3.7 s. It finds each by the name the directory stores, as listed: no
+    walk per entry; a name removed since opendir is left out, and one another file was renamed
+    over answers that file, as a lookup would."""
+    async with in_process_ops(tmp_path) as (fs, ops):
+        import pyfuse3
+
+        await fs.mkdir("/a")
+        await fs.mkdir("/a/d")
+        for path in [f"/a/d/f{n}" for n in range(20)] + ["/a/other"]:
+            async with fs.open(path, "w"):
+                pass
+        d, other = (await fs.stat("/a/d")).st_ino, (await fs.stat("/a/other")).st_ino
+        fh = await ops.opendir(d, None)
+        await fs.unlink("/a/d/f0")
+        await fs.rename("/a/other", "/a/d/f1")
+        walk, walks = fs._walk, []
+        monkeypatch.setattr(fs, "_walk", lambda parts, path: walks.append(path) or walk(parts, path))
+        listed: dict[bytes, int] = {}
+        monkeypatch.setattr(pyfuse3, "readdir_reply",
+                            lambda token, name, attrs, nxt: listed.__setitem__(name, attrs.st_ino) or True)
+        await ops.readdir(fh, 0, None)
+        await ops.releasedir(fh)
+        assert sorted(listed) == sorted([b".", b".."] + [b"f%d" % n for n in range(1, 20)])
+        assert listed[b"f1"] == other
+        assert walks == ["/a"], walks  # the parent's, for ..
+
+
 async def test_a_listing_whose_directory_a_key_removal_locks_mid_reply_goes_on_with_the_no_key_names(
         tmp_path, monkeypatch) -> None:
     """A hard removal lands while a READDIRPLUS waits on an entry's lookup: the listing's

@@ -67,6 +67,8 @@ AFTER_UNMOUNT: dict[str, Callable[[Any, Any, Any], Any]] = {
     "Filesystem.symlink": lambda fs, w, r: fs.symlink("t", "/s"),
     "Filesystem.readlink": lambda fs, w, r: fs.readlink("/l"),
     "Filesystem.readdir": lambda fs, w, r: fs.readdir("/"),
+    "Filesystem.listing": lambda fs, w, r: fs.listing("/"),
+    "Filesystem.listed": lambda fs, w, r: fs.listed(r.inode, b""),
     "Filesystem.power_cut": lambda fs, w, r: fs.power_cut(),
     "Filesystem.stat": lambda fs, w, r: fs.stat("/f"),
     "Filesystem.exists": lambda fs, w, r: fs.exists("/f"),

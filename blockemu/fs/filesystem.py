@@ -1051,13 +1051,31 @@ class Filesystem:
         return plain.decode(errors="surrogateescape")
 
     async def readdir(self, path: PathArg) -> list[str]:
+        return [name for name, _ in await self.listing(path)]
+
+    async def listing(self, path: PathArg) -> list[tuple[str, bytes]]:
+        """readdir with, per name, what the directory stores for it: a front end that lists and
+        then stats every entry (FUSE's READDIRPLUS) finds each through ``listed``, not by walking
+        its path again (in an encrypted directory, encrypting its name again too): that was
+        three quarters of a listing's time)"""
         path = as_path(path)
         d = self._resolve(path)
         if not d.is_dir:
             raise NotADirectory(f"{path}: not a directory")
-        stored = [e.name for _, body in self.tree.items((d.ino, S.DIR_INDEX, 0), (d.ino, S.DIR_INDEX, (1 << 64) - 1))
-                  for e in unpack_dir_entries(body)]
-        return self._user_names(d, stored)
+        entries = [e for _, body in self.tree.items((d.ino, S.DIR_INDEX, 0), (d.ino, S.DIR_INDEX, (1 << 64) - 1))
+                   for e in unpack_dir_entries(body)]
+        names = self._user_names(d, [e.name for e in entries])
+        return [(name, e.name) for name, e in zip(names, entries)]
+
+    def listed(self, d: Inode, stored: bytes) -> Inode:
+        """The inode directory ``d`` holds now under a name of its ``listing`` (``stored``: as
+        the directory stores it), as a lookup of that name answers: ENOENT once it was removed
+        or renamed away since, the inode it names now if another was renamed over it."""
+        self.check_mounted()
+        entry = self._lookup_entry(d, stored)
+        if entry is None:
+            raise NotFoundError(f"directory {d.ino} no longer holds a listed name")
+        return self._load(entry.location[0])
 
     async def stat(self, path: PathArg) -> Stat:
         path = as_path(path)

@@ -96,9 +96,12 @@ def child(parent: str, name: bytes) -> str:
     return parent.rstrip("/") + "/" + name.decode(errors="surrogateescape")
 
 
-def forget_listing(names: list[bytearray] | None) -> None:
+Listed = tuple[bytearray, bytes]  # a listing's entry: its name, and what the directory stores for it (b"": . and ..)
+
+
+def forget_listing(names: list[Listed] | None) -> None:
     """Zero an open directory's snapshot of names (plaintext, in an encrypted directory)."""
-    for name in names or ():
+    for name, _ in names or ():
         wipe(name)
 
 
@@ -114,7 +117,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.files: dict[int, File] = {}
-        self.dirs: dict[int, tuple[int, list[bytearray] | None]] = {}  # open listings; None: re-read (_view_changed)
+        self.dirs: dict[int, tuple[int, list[Listed] | None]] = {}  # open listings; None: re-read (_view_changed)
         self.dir_errors: dict[int, int] = {}  # an open directory's first unreadable entry's errno (readdir)
         self.next_fh = 1
         self.names = asyncio.Lock()  # see by_path
@@ -376,11 +379,26 @@ class Operations(pyfuse3.Operations):
         self.dirs[fh] = (inode, await self._listing(inode))
         return fh
 
-    async def _listing(self, inode: int) -> list[bytearray]:
+    async def _listing(self, inode: int) -> list[Listed]:
         """A snapshot of the directory's names (offsets stay stable while it is listed), in
-        buffers of its own that ``forget_listing`` zeroes."""
-        names = await self.fs.readdir(self._path(inode))
-        return [bytearray(b"."), bytearray(b".."), *(bytearray(n.encode(errors="surrogateescape")) for n in names)]
+        buffers of its own that ``forget_listing`` zeroes, each with the name the directory stores."""
+        entries = await self.fs.listing(self._path(inode))
+        return [(bytearray(b"."), b""), (bytearray(b".."), b""),
+                *((bytearray(n.encode(errors="surrogateescape")), stored) for n, stored in entries)]
+
+    async def _listed(self, d: Inode, name: bytes, stored: bytes) -> pyfuse3.EntryAttributes | None:
+        """A listing's entry, found by the name the directory stores -- what the listing read --
+        not by a lookup walking its path again and, in an encrypted directory, encrypting its
+        name (an ``ls -l`` of 5,000 names: 56 us an entry, 103 encrypted; now 14 and 33).
+        Remembered in an encrypted directory as a lookup's answer is; None if removed or
+        renamed away since the listing was read."""
+        if not stored:  # . and ..
+            return await self.lookup(to_fuse(d.ino), name)
+        try:
+            with self._naming(d, name):
+                return entry(self.fs.stat_inode(self.fs.listed(d, stored)))
+        except FileNotFoundError:
+            return None
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
@@ -397,18 +415,23 @@ class Operations(pyfuse3.Operations):
                     forget_listing(names)
                     continue
                 self.dirs[fh] = (inode, names)
+            try:
+                d = self._inode(inode)
+            except FileNotFoundError:
+                break  # removed since it was opened: nothing to list, as Linux's readdir of it
             for i in range(start_id, len(names)):
-                name = bytes(names[i])  # what pyfuse3 takes (a copy: the listing's buffer may be zeroed meanwhile)
+                listed, stored = names[i]
+                name = bytes(listed)  # what pyfuse3 takes (a copy: the listing's buffer may be zeroed meanwhile)
                 try:
-                    attrs = await self.lookup(inode, name)
-                except pyfuse3.FUSEError as e:
+                    attrs = await self._listed(d, name, stored)
+                except (pyfuse3.FUSEError, OSError) as e:  # . and .. as lookup's answer, the rest as the fs's
                     if e.errno in (errno.EIO, errno.EUCLEAN):  # else removed (or locked) since opendir
                         self.dir_errors.setdefault(fh, e.errno)
                     attrs = None
                 if self.dirs.get(fh, (0, None))[1] is not names:
                     break  # zeroed while the lookup waited: given entries end this reply, else read again
-                if attrs is None or not attrs.st_ino:
-                    continue  # the same, in a directory where a missing name is a negative entry
+                if attrs is None:
+                    continue
                 if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
                     return
                 given = True
