@@ -1428,6 +1428,22 @@ async def test_the_kernel_is_told_to_forget_exactly_what_a_key_change_made_stale
         assert {(ino, name) for ino, name in sent if name is not None} == {(enc, n) for n in nokey}
 
 
+async def test_flush_answers_enosys_so_the_kernel_stops_sending_it(tmp_path) -> None:
+    """FLUSH (every close(2)) has nothing to do here -- nothing is buffered above the page cache
+    -- yet it was a round trip on every close, one of a create's five. ENOSYS makes the kernel
+    stop sending it (``fc->no_flush``); the file is still open, and released as before."""
+    async with in_process_ops(tmp_path) as (fs, ops):
+        import pyfuse3
+
+        fi, _ = await ops.create(pyfuse3.ROOT_INODE, b"f", 0o100644, os.O_WRONLY,
+                                 types.SimpleNamespace(uid=0, gid=0, pid=1))
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.flush(fi.fh)
+        assert e.value.errno == errno.ENOSYS
+        await ops.release(fi.fh)
+        assert ops.files == {}
+
+
 async def test_a_listing_finds_its_entries_without_walking_their_paths(tmp_path, monkeypatch) -> None:
     """READDIRPLUS answers each entry's attributes: it looked every name up again, walking its
     path from the root (and, in an encrypted directory, encrypting the name again) -- an ``ls``

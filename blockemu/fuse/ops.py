@@ -7,7 +7,7 @@ file opened before a soft key removal keeps its key lease, exactly as through th
 
 Every ``OSError`` becomes a ``FUSEError`` with its errno (ENOKEY reaches the process as
 "Required key not available"). What is not implemented fails cleanly:
-extended attributes answer ENOSYS, which the kernel remembers and turns into EOPNOTSUPP for
+extended attributes (and FLUSH, which has nothing to do) answer ENOSYS, which the kernel remembers and turns into EOPNOTSUPP for
 every later call without asking again (an EOPNOTSUPP answer would make it ask on every
 write, for security.capability); mknod of anything but a regular file answers EPERM (the
 format holds no device nodes, fifos or sockets); rename flags other than RENAME_NOREPLACE
@@ -353,9 +353,12 @@ class Operations(pyfuse3.Operations):
         finally:
             zero_bytes(buf)
 
-    @fuse_errors
     async def flush(self, fh: int) -> None:
-        """close(2) of one descriptor: nothing is buffered above the page cache."""
+        """close(2) of one descriptor: nothing is buffered above the page cache, so nothing to
+        do -- and ENOSYS says so once: the kernel then sends no FLUSH again (``fc->no_flush``),
+        one round trip less on every close (a create was LOOKUP, CREATE, GETATTR of the parent,
+        FLUSH, RELEASE)."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @fuse_errors
     async def release(self, fh: int) -> None:
