@@ -1027,3 +1027,37 @@ async def test_fsync_dir_makes_a_rename_durable_as_fsync_of_the_directory_does(i
         async with fs2.open("/a") as f:
             assert await f.read() == b"new"
     assert check(image).clean
+
+
+async def test_set_attrs_whose_save_fails_changes_nothing(image, monkeypatch):
+    """chmod, chown and utimensat changed the inode in memory before saving it: a save that
+    failed (here ENOSPC for the item's new leaf) left stat showing the refused change, which the
+    next save of that inode (a write's) then wrote. The inode takes the change with its save, or
+    not at all: stat shows what a fresh mount finds, and a later save keeps the old attributes."""
+    fs = await blockemu.mount(image, interval=3600)
+    async with fs.open("/f", "w") as f:
+        await f.write(b"data")
+    await fs.sync()
+    before = await fs.stat("/f")
+    node = fs.inode(before.st_ino)
+    insert = fs.tree.insert
+
+    def no_room(key, *args, **kw):
+        if key[1] == S.INODE_ITEM:
+            raise OSError(errno.ENOSPC, "no space left on device")
+        return insert(key, *args, **kw)
+    monkeypatch.setattr(fs.tree, "insert", no_room)
+    with pytest.raises(OSError) as e:
+        await fs.set_attrs(node, mode=0o600, uid=7, gid=8, atime_ns=5, mtime_ns=6)
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.setattr(fs.tree, "insert", insert)
+    assert await fs.stat("/f") == before
+    async with fs.open("/f", "r+") as f:
+        await f.pwrite(b"D", 0)
+    await fs.sync()  # saves the inode again
+    shown = await fs.stat("/f")
+    assert (shown.st_mode, shown.st_uid, shown.st_gid, shown.st_atime_ns) == \
+        (before.st_mode, before.st_uid, before.st_gid, before.st_atime_ns)
+    await fs.unmount()
+    async with blockemu.mount(image, readonly=True) as again:
+        assert await again.stat("/f") == shown

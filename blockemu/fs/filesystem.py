@@ -1122,23 +1122,31 @@ class Filesystem:
 
     async def set_attrs(self, inode: Inode, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
                         atime_ns: int | None = None, mtime_ns: int | None = None) -> None:
-        """chmod, chown and utimensat in one transaction; the file type bits of ``mode`` are kept."""
+        """chmod, chown and utimensat in one transaction; the file type bits of ``mode`` are kept.
+        All or nothing: the inode in memory takes the change only with its save, so a save that
+        fails (EIO reading the leaf, ENOSPC for its new copy) leaves stat showing what the disk
+        holds -- it showed the refused change, which the next save of the inode then wrote."""
         self.check_mounted()
         if self.vol.device.readonly:
             raise ReadOnlyError("read-only file system")
         async with self.vol.join():
-            it, now = inode.item, _ts(time.time_ns())
-            if inode.data_changed_ns and mtime_ns is not None:
-                inode.data_changed_ns = 0  # an explicit mtime wins over the last write's
-            inode.item = it._replace(
+            it, written = inode.item, inode.data_changed_ns
+            changed = it._replace(
                 mode=it.mode if mode is None else st.S_IFMT(it.mode) | (mode & 0o7777),
                 uid=it.uid if uid is None else uid,
                 gid=it.gid if gid is None else gid,
                 atime=it.atime if atime_ns is None else _ts(atime_ns),
                 mtime=it.mtime if mtime_ns is None else _ts(mtime_ns),
-                ctime=now,
+                ctime=_ts(time.time_ns()),
             )
-            self.save_inode(inode)
+            inode.item = changed
+            if mtime_ns is not None:
+                inode.data_changed_ns = 0  # an explicit mtime wins over the last write's
+            try:
+                self.save_inode(inode)
+            except BaseException:
+                inode.item, inode.data_changed_ns = it, written
+                raise
 
     def space(self) -> tuple[int, int]:
         """(total, free) bytes of the image, for statfs: free as the allocator sees it once this
