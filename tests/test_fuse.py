@@ -1428,6 +1428,42 @@ async def test_the_kernel_is_told_to_forget_exactly_what_a_key_change_made_stale
         assert {(ino, name) for ino, name in sent if name is not None} == {(enc, n) for n in nokey}
 
 
+def test_allow_other_lets_other_users_in_as_the_modes_say_and_df_i_counts_no_inodes(env, image, mnt) -> None:
+    """``-o allow_other`` was refused as an unknown option, so every user but the mounting one
+    got EACCES whatever the modes. Now other users get in as the file modes allow (the kernel
+    checks them: default_permissions). ``df -i`` showed block counts as inode counts; btrfs,
+    which has no inode table either, reports none (f_files 0)."""
+    with Served(env, image, mnt, "-o", "allow_other"):
+        (mnt / "open").write_text("for all\n")
+        (mnt / "private").write_text("root's\n")
+        os.chmod(mnt / "private", 0o600)
+        # (from inside the mount point: pytest's directories above it are root's alone)
+        nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+        done = subprocess.run([*nobody, "cat", "open"], cwd=mnt, capture_output=True, text=True, timeout=30)
+        assert (done.returncode, done.stdout) == (0, "for all\n"), done.stderr
+        done = subprocess.run([*nobody, "cat", "private"], cwd=mnt, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 1 and "Permission denied" in done.stderr, done.stderr
+        vfs = os.statvfs(mnt)
+        assert (vfs.f_files, vfs.f_ffree, vfs.f_favail) == (0, 0, 0) and vfs.f_bfree > 0
+
+
+def test_allow_other_by_a_user_needs_user_allow_other(tmp_path, monkeypatch) -> None:
+    """fusermount3 refuses allow_other to a user other than root unless /etc/fuse.conf says
+    user_allow_other: said in one line naming the file (EPERM), not a bare "mount failed"."""
+    from blockemu.fuse.serve import check_allow_other
+
+    conf = tmp_path / "fuse.conf"
+    conf.write_text("#user_allow_other\n")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(PermissionError) as e:
+        check_allow_other(str(conf))
+    assert e.value.errno == errno.EPERM and str(conf) in str(e.value) and "user_allow_other" in str(e.value)
+    conf.write_text("mount_max = 10\nuser_allow_other\n")
+    check_allow_other(str(conf))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    check_allow_other(str(tmp_path / "missing"))  # root needs nothing
+
+
 async def test_flush_answers_enosys_so_the_kernel_stops_sending_it(tmp_path) -> None:
     """FLUSH (every close(2)) has nothing to do here -- nothing is buffered above the page cache
     -- yet it was a round trip on every close, one of a create's five. ENOSYS makes the kernel

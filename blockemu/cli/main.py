@@ -437,7 +437,8 @@ def args_mount(mo: argparse.ArgumentParser) -> None:
     mo.add_argument("--key-removal", choices=list(MODES), default="soft",
                     help="what removing a key does to files still using it (default soft: they keep working)")
     mo.add_argument("-o", dest="options", action="append", default=[],
-                    help="mount options: ro, rw, and the API's " + ", ".join(f"{k}=" for k in mount_option_parsers()))
+                    help="mount options: ro, rw, allow_other (users other than the mounting one get in, as the "
+                         "file modes allow), and the API's " + ", ".join(f"{k}=" for k in mount_option_parsers()))
     mo.add_argument("--foreground", "-f", action="store_true", help="serve in this process until unmounted")
 
 
@@ -1354,16 +1355,18 @@ def mount_options(options: list[str]) -> dict[str, Any]:
         name, eq, value = opt.partition("=")
         if not eq and name in ("ro", "rw"):
             out["readonly"] = name == "ro"
+        elif not eq and name == "allow_other":
+            out["allow_other"] = True  # the FUSE mount's, not the library's
         elif eq and name in parsers:
             try:
                 out[name] = parsers[name](value)
             except (ValueError, InvalidArgument):
                 raise UsageError(f"bad value for mount option {name}: {value!r}") from None
         else:
-            raise UsageError(f"unknown mount option {opt!r} (known: ro, rw, "
+            raise UsageError(f"unknown mount option {opt!r} (known: ro, rw, allow_other, "
                              + ", ".join(f"{k}=" for k in parsers) + ")")
     try:
-        check_options({k: v for k, v in out.items() if k != "readonly"})
+        check_options({k: v for k, v in out.items() if k not in ("readonly", "allow_other")})
     except InvalidArgument as e:
         raise UsageError(str(e)) from None
     return out

@@ -466,8 +466,10 @@ class Operations(pyfuse3.Operations):
         s.f_bsize = s.f_frsize = BLOCK
         s.f_blocks, s.f_bfree = total // BLOCK, free // BLOCK
         s.f_bavail = s.f_bfree
-        s.f_files, s.f_ffree = s.f_blocks, s.f_bfree  # inodes come from the same free space
-        s.f_favail = s.f_ffree
+        # no inode table: inodes come from the free space, so there is no count to give, and
+        # btrfs gives none (0, which df -i shows as "-"); block counts here made df -i claim
+        # a fixed, wrong number of inodes
+        s.f_files = s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s
 

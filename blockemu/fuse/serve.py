@@ -20,11 +20,14 @@ from typing import Any, Callable
 
 from blockemu.crypto import fscrypt
 from blockemu.crypto.keyring import parse_identifier
-from blockemu.errors import Busy, NotADirectory, NotFoundError
+from blockemu.errors import Busy, NotADirectory, NotFoundError, NotPermitted
 from blockemu.fs.filesystem import Filesystem
 from blockemu.fuse import control
 
 FSTYPE = "fuse.blockemu"
+
+
+FUSE_CONF = "/etc/fuse.conf"
 
 
 class NoFuse(OSError):
@@ -47,6 +50,22 @@ def check_fuse() -> None:
                      "(needs the OS packages fuse3 libfuse3-dev pkg-config and a C compiler)") from None
     if not os.path.exists("/dev/fuse"):
         raise NoFuse("/dev/fuse is missing: this kernel or container has no FUSE (modprobe fuse)")
+
+
+def check_allow_other(conf: str = FUSE_CONF) -> None:
+    """``-o allow_other`` by a user other than root needs ``user_allow_other`` on a line of
+    its own in /etc/fuse.conf, or fusermount3 refuses it -- and that reached the user as a bare
+    "FUSE mount failed". Said in one line, naming the file, before anything is forked."""
+    if os.geteuid() == 0:
+        return
+    try:
+        with open(conf) as f:
+            if any(line.strip() == "user_allow_other" for line in f):
+                return
+    except OSError:
+        pass
+    raise NotPermitted(f"-o allow_other by a user other than root needs a line 'user_allow_other' "
+                       f"in {conf} (fusermount3 refuses it otherwise)")
 
 
 def _unescape(field: str) -> str:
@@ -248,8 +267,11 @@ def abort_stuck(number: int | None) -> None:
 
 
 async def serve(image: str, mountpoint: str, *, keys: list[bytearray], readonly: bool, ready: Callable[[], None],
-                **mount_opts: Any) -> None:
-    """Mount ``image`` at ``mountpoint`` and serve until unmounted, SIGINT or SIGTERM."""
+                allow_other: bool = False, **mount_opts: Any) -> None:
+    """Mount ``image`` at ``mountpoint`` and serve until unmounted, SIGINT or SIGTERM.
+    ``allow_other``: other users than the mounting one get in too (FUSE lets in only its owner
+    otherwise: EACCES whatever the modes), checked against the file modes by the kernel, as
+    for any local filesystem (``default_permissions``, always on)."""
     import pyfuse3
     import pyfuse3.asyncio
 
@@ -273,6 +295,8 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytearray], readonly:
                    f"fsname={image}" if "," not in image else "fsname=blockemu"}
         if readonly:
             options.add("ro")
+        if allow_other:
+            options.add("allow_other")
         try:
             pyfuse3.init(server.ops, mountpoint, options)
         except RuntimeError as e:
@@ -314,6 +338,8 @@ async def serve(image: str, mountpoint: str, *, keys: list[bytearray], readonly:
 def run(image: str, mountpoint: str, *, foreground: bool, **kw: Any) -> int:
     """Serve in this process (``foreground``), or fork a daemon and return once it is mounted."""
     check_fuse()
+    if kw.get("allow_other"):
+        check_allow_other()
     image, mountpoint = os.path.abspath(image), os.path.abspath(mountpoint)
     if foreground:
         def ready() -> None:  # what a script waits for before it uses the mount point
