@@ -479,3 +479,20 @@ async def test_the_interval_commit_meeting_the_cut_after_a_log_sync_drops_no_ans
     assert fs.vol.aborted is not None
     await f.close()
     await unmount_then_remount(fs, image, raises=errno.EROFS if then == "a chmod of another file" else None)
+
+
+async def test_an_aborted_mounts_unmount_says_the_losses_beside_its_erofs(image):
+    """Writes to two closed files fail on the device and the commit aborts the mount: the unmount
+    raised the abort's EROFS alone, hiding "N bytes of 2 files lost" that no fsync or close was
+    left to say. Both are said, the first error's class kept."""
+    fs = await blockemu.mount(image, interval=3600)
+    for name in ("a", "b"):
+        async with fs.open(f"/{name}", "w") as f:
+            await f.write(b"x" * 300)
+    fs.vol.device.faults = blockemu.FaultPlan.parse("eio=0-64M:w")
+    with pytest.raises(OSError):
+        await fs.sync()
+    fs.vol.device.faults = blockemu.FaultPlan()
+    with pytest.raises(OSError) as caught:
+        await fs.unmount()
+    assert caught.value.errno == errno.EROFS and "600 bytes of 2 files lost" in str(caught.value), caught.value

@@ -349,6 +349,10 @@ class Filesystem:
                 if done is not None:
                     await done
             except BaseException as e:
+                if first is not None and step == self._report_unreported and isinstance(first, OSError):
+                    # an aborted mount's EROFS came first: the losses no caller heard of are said
+                    # beside it, not hidden behind it
+                    first = restate(first, f"{first}; and {e}")
                 first = first or e
         if first is not None:
             raise first
