@@ -77,11 +77,15 @@ def max_item_size(nodesize: int) -> int:
 
 
 class BTree:
-    def __init__(self, store: BlockStore, owner: int, root: int, level: int) -> None:
+    def __init__(self, store: BlockStore, owner: int, root: int, level: int, generation: int | None = None) -> None:
         self.store = store
         self.owner = owner
         self.root = root
         self.level = level
+        # the root block's generation as its parent records it (the superblock, a ROOT_ITEM),
+        # checked at its first read as a child's is against its pointer's: a root a dropped write
+        # left stale (a device that lost a flush) read as the tree, silently an older state
+        self.root_generation = generation
         self.body = body_size(store.nodesize)
         self.fanout = max_ptrs(store.nodesize)
         self.max_item = max_item_size(store.nodesize)
@@ -89,7 +93,11 @@ class BTree:
     # ------------------------------------------------------------------ reads
 
     def _root_block(self) -> TreeBlock:
-        return self.store.get(self.root, level=self.level, owner=self.owner)
+        if self.root_generation is None:
+            return self.store.get(self.root, level=self.level, owner=self.owner)
+        block = self.store.get(self.root, generation=self.root_generation, level=self.level, owner=self.owner)
+        self.root_generation = None  # checked; a COW of it is this mount's
+        return block
 
     def _child(self, node: TreeBlock, slot: int, seen: set[int] | None = None) -> TreeBlock:
         """Child ``slot`` of ``node``; a walk passes the blocks it has reached as ``seen``."""

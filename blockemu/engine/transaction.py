@@ -258,7 +258,7 @@ class Engine:
         self.store = TreeStore(
             read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid, transid=sb.generation + 1, verify_csum=verify_csum
         )
-        self.roots = BTree(self.store, ROOT_TREE_OBJECTID, sb.root, sb.root_level)
+        self.roots = BTree(self.store, ROOT_TREE_OBJECTID, sb.root, sb.root_level, sb.generation)
         self.trees: dict[int, BTree] = {}
         self.root_items: dict[int, RootItem] = {}
         for tid in SUBTREES:
@@ -267,7 +267,7 @@ class Engine:
                 raise CorruptionError(f"root tree has no ROOT_ITEM for tree {tid}", "MISSING_ROOT", sb.root)
             item = RootItem.unpack(body)
             self.root_items[tid] = item
-            self.trees[tid] = BTree(self.store, tid, item.bytenr, item.level)
+            self.trees[tid] = BTree(self.store, tid, item.bytenr, item.level, item.generation)
         self.free_items = SortedDict()  # start -> length: the free-space tree's items
         if writable and rebuild_free_space:
             # the new tree comes later (``new_free_space_tree``), once a log is replayed
