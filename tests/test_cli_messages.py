@@ -331,7 +331,7 @@ def test_stress_on_a_full_image_without_faults_says_out_of_space_not_injected(tm
     *[(argv, 2, f"blockemu {' '.join(argv[:-1] if argv[0] != 'mount' else argv[:1])}: argument mountpoint: '' is "
        "no mount point (an empty argument; mount(8) refuses it too)")
       for argv in (["mount", "x.img", ""], ["umount", ""], ["key", "status", ""])],
-    (["mount", "x.img", "/mnt", "-o", "bogus"], 2, "blockemu mount: unknown mount option 'bogus' (known: ro, rw, "
+    (["mount", "x.img", "/mnt", "-o", "bogus"], 2, "blockemu mount: unknown mount option 'bogus' (known: ro, rw, allow_other, "
      "interval=, seal_timeout=, background_bytes=, cache_limit=, dirty_limit=, max_extent=, batch_bytes=, "
      "seal_workers=)"),
 ])
