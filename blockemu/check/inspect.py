@@ -42,7 +42,7 @@ def decimal_time(t: Timespec) -> str:
     """``t`` as the decimal it is, nine places: ``f"{sec}.{nsec}"`` showed 5 us past a second as
     ``12.5000`` and, sec being signed (a time before 1970), -1.5 s (sec -2, nsec 500000000) as
     ``-2.500000000``."""
-    ns = t.sec * 1_000_000_000 + t.nsec
+    ns = t.ns
     whole, frac = divmod(abs(ns), 1_000_000_000)
     return f"{'-' if ns < 0 else ''}{whole}.{frac:09d}"
 

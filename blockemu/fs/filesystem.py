@@ -212,10 +212,6 @@ def _ts(ns: int) -> Timespec:
     return Timespec.from_ns(ns)
 
 
-def _ns(t: Timespec) -> int:
-    return t.sec * 1_000_000_000 + t.nsec
-
-
 class Filesystem:
     def __init__(self, vol: Volume, keyring: Keyring, **wb_opts: Any) -> None:
         self.vol = vol
@@ -1096,10 +1092,10 @@ class Filesystem:
         if st.S_ISLNK(it.mode) and (stored := self._stored_target(i)) is not None:
             size = len(self._target(i, stored).encode(errors="surrogateescape"))
         blocks = (i.nbytes + i.flushing + len(i.pages.dirty) * PAGE) // 512
-        mtime, ctime = _ns(it.mtime), _ns(it.ctime)
+        mtime, ctime = it.mtime.ns, it.ctime.ns
         if i.data_changed_ns:  # a write not yet folded into the item: stat shows its time at once, as POSIX asks
             mtime, ctime = i.data_changed_ns, max(ctime, i.data_changed_ns)
-        return Stat(it.mode, i.ino, it.nlink, it.uid, it.gid, size, blocks, _ns(it.atime), mtime, ctime)
+        return Stat(it.mode, i.ino, it.nlink, it.uid, it.gid, size, blocks, it.atime.ns, mtime, ctime)
 
     # ------------------------------------------------------------------ by inode number
 

@@ -61,6 +61,11 @@ class Timespec(NamedTuple):
     def from_ns(cls, ns: int) -> "Timespec":
         return cls(ns // 1_000_000_000, ns % 1_000_000_000)
 
+    @property
+    def ns(self) -> int:
+        """The time in nanoseconds since the epoch (``from_ns``'s inverse): negative before 1970."""
+        return self.sec * 1_000_000_000 + self.nsec
+
 
 class InodeItem(NamedTuple):
     generation: int
