@@ -254,6 +254,9 @@ class Checker:
         return dict(self.pairs(S.ROOT_TREE_OBJECTID))
 
     def check_subtrees(self, sb: Any, roots: dict[tuple[int, int, int], bytes], trees: tuple[int, ...] = SUBTREES) -> None:
+        # as an older generation's superblock (the current one's slot is the SUPERBLOCK check's: a
+        # slot that does not record it is no damage to its trees, which the rescue must not leave)
+        older = self.use_super is not None and sb.generation != self.img.best_super().generation
         for tid in trees:
             key = (tid, S.ROOT_ITEM, 0)
             if key not in roots:
@@ -269,9 +272,7 @@ class Checker:
                 self.lost[tid] = [(None, None)]
                 self.failed_roots.add(tid)
                 continue
-            if self.use_super is not None and sb.generation != self.img.best_super().generation:
-                # an older generation's (the current one's slot is the SUPERBLOCK check's: a slot
-                # that does not record it is no damage to its trees, which the rescue must not leave)
+            if older:
                 self.check_backup_record(sb, tid, ri)
             if ri.generation > sb.generation:
                 self.error("TRANSID_MISMATCH", f"ROOT_ITEM of tree {tid} has generation {ri.generation} > superblock {sb.generation}",
