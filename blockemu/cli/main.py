@@ -1048,7 +1048,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         keep = "" if a.image else "; add --image PATH to keep the image"
         # the overrides too: without them a failure under --key-removal hard said to rerun it
         # under the job file's own mode (soft), where it does not happen
-        flags = "".join(f" --{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f" --{k.replace('_', '-')} {v}"
+        flags = "".join(f" --{k.replace('_', '-')} {format(v, 'g') if isinstance(v, float) else v}"
                         for k, v in overrides.items())
         print(f"blockemu: run: {'; '.join(report.failures)} (reproduce with: blockemu run {a.workload}{flags}{image} "
               f"--seed {seed}{keep})", file=sys.stderr)
