@@ -328,9 +328,10 @@ class Keyring:
         removal is ENOKEY there -- it succeeded here, with the status already ``Absent``."""
         if not mk.leases:
             self.completed.discard(mk.identifier)
+        lost = lost or {}
         return RemovalResult(mk.identifier.hex(), files_busy=bool(mk.leases),
                              wiped_by=self.mode if mk.state is St.WIPED or wiped_loss else None,
-                             lost_bytes=sum((lost or {}).values()), lost_files=len(lost or {}))
+                             lost_bytes=sum(lost.values()), lost_files=len(lost))
 
     def key_status(self, key_id: str | bytes, user: int = 0) -> KeyStatus:
         mk = self.keys.get(parse_identifier(key_id))
