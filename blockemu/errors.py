@@ -50,6 +50,12 @@ class CorruptionError(BlockemuError):
         self.bytenr = bytenr
 
 
+class FreeSpaceDamage(CorruptionError):
+    """The free-space record does not read, or contradicts the extent tree: only a cache of it,
+    which ``fsck --repair`` rebuilds -- its message names that way out, so an open that says
+    where to go after a damaged committed tree (``volume.damaged_root``) leaves it as it is."""
+
+
 class DeviceIOError(BlockemuError):
     """The (emulated) device failed an I/O, e.g. an injected fault or a power cut."""
 

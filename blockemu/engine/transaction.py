@@ -36,7 +36,7 @@ from blockemu.engine.alloc import Allocator, no_space
 from blockemu.engine.batch import TreeBatch
 from blockemu.engine.btree import BTree, KeyT
 from blockemu.engine.pending import PendingTrees
-from blockemu.errors import CorruptionError, ReadOnlyError
+from blockemu.errors import CorruptionError, FreeSpaceDamage, ReadOnlyError
 from blockemu.ondisk.block import TreeBlock, decode_block, encode_block
 from blockemu.ondisk.csum import csum_size
 from blockemu.ondisk.items import ExtentItem, FileExtent, RootItem
@@ -172,7 +172,7 @@ class TreeStore:
         )
         if self.allocator is not None and self.allocator.overlaps_free(bytenr, self.nodesize):
             # a commit would hand this space out again and overwrite the block
-            raise CorruptionError(f"tree block {bytenr} lies in space the free-space record calls free; "
+            raise FreeSpaceDamage(f"tree block {bytenr} lies in space the free-space record calls free; "
                                   f"run blockemu fsck --repair", "FREE_SPACE_MISMATCH", bytenr)
         return block
 
@@ -277,7 +277,7 @@ class Engine:
             try:
                 recorded = [(k[0], k[2]) for k, _ in fst.items() if k[1] == FREE_SPACE_EXTENT]
             except CorruptionError as e:  # a cache of the extent tree: said so, with the way to rebuild it
-                raise CorruptionError(f"free-space tree: {e}; run blockemu fsck --repair to rebuild it",
+                raise FreeSpaceDamage(f"free-space tree: {e}; run blockemu fsck --repair to rebuild it",
                                       e.kind, e.bytenr) from None
             extents = self._checked_free_space(recorded)
             self.free_items = SortedDict(extents)
@@ -339,7 +339,7 @@ class Engine:
             else:
                 prev_end = end
                 continue
-            raise CorruptionError(f"free-space record: extent [{start}, +{length}) {why}; run blockemu fsck --repair "
+            raise FreeSpaceDamage(f"free-space record: extent [{start}, +{length}) {why}; run blockemu fsck --repair "
                                   f"to rebuild it", "FREE_SPACE_MISMATCH", start)
         return extents
 

@@ -11,7 +11,7 @@ from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import bad_primary, read_only_features, too_small, unsupported
 from blockemu.engine.transaction import Engine, super_writes
 from blockemu.engine.treelog import TreeLog, choose_log, read_log, replay
-from blockemu.errors import BlockemuError, CorruptionError, DeviceIOError, NoSpaceError, ReadOnlyError, restate
+from blockemu.errors import BlockemuError, CorruptionError, DeviceIOError, FreeSpaceDamage, NoSpaceError, ReadOnlyError, restate
 from blockemu.ondisk.logslot import SlotInfo, encode_slot
 from blockemu.ondisk.structs import LOG_SLOT_OFFSETS, SUPER_INFO_SIZE, SUPER_OFFSETS
 from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
@@ -66,9 +66,9 @@ def damaged_root(e: CorruptionError, path: str) -> CorruptionError:
     """``e``, a committed tree's block the open needs, saying where to go next: the bare "tree
     block N: checksum mismatch" of a root tree a power cut never let land (``--faults nobarrier``)
     left the user guessing, though fsck names the backup root that gives the image back
-    (``rescue use-backup-root``). An error that names its way out already (the free-space tree's:
-    fsck --repair rebuilds it) is left as it is."""
-    if "fsck" in str(e):
+    (``rescue use-backup-root``). The free-space record's damage names its way out already
+    (fsck --repair rebuilds it), and is left as it is."""
+    if isinstance(e, FreeSpaceDamage):
         return e
     return CorruptionError(f"{e} (a committed tree; `blockemu fsck {path}` shows the damage, and names the backup "
                            f"root that reads whole, if one does)", e.kind, e.bytenr)
