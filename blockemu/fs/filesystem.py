@@ -1272,7 +1272,7 @@ class Filesystem:
                 self.keyring.step(mk, step)
         if failed is not None:
             raise failed
-        lost = {i.ino: i.lost_bytes - before for i, before in zip(holders, lost_before) if i.lost_bytes > before}
+        lost = {i.ino: i.lost_bytes - was for i, was in zip(holders, lost_before) if i.lost_bytes > was}
         return self.keyring.removal_result(mk, lost, wiped_loss)
 
     def key_status(self, key_id: str | bytes, user: int = 0) -> KeyStatus:
