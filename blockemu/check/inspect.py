@@ -252,15 +252,15 @@ def super_text(d: dict[str, Any]) -> Iterator[str]:
             v = f"{v} [match]"
         yield f"{k}{chr(9) * max(1, 3 - len(k) // 8)}{v}"
     yield "backup_roots[4]:"
+    read = {r["slot"]: r for r in d.get("backup_roots_read", [])}
     for i, b in enumerate(d["backup_roots"]):
         yield f"\tbackup {i}:"
         for t in BACKUP_TREES:
             yield f"\t\tbackup_{t}:\t{b[t]}\tgen: {b[t + '_gen']}\tlevel: {b[t + '_level']}"
         yield f"\t\tbackup_total_bytes:\t{b['total_bytes']}"
         yield f"\t\tbackup_bytes_used:\t{b['bytes_used']}"
-        for r in d.get("backup_roots_read", []):
-            if r["slot"] == i:
-                yield f"\t\tbackup_roots_read:\t{'yes' if r['roots_read'] else 'no: ' + str(r['problem'])}"
+        if (r := read.get(i)) is not None:
+            yield f"\t\tbackup_roots_read:\t{'yes' if r['roots_read'] else 'no: ' + str(r['problem'])}"
     for slot in d.get("log_slots", []):
         state = "replayed" if slot["replayed"] else "current" if slot["current"] else "stale"
         yield (f"log slot {slot['bytenr']}:	sequence {slot['sequence']} log_root {slot['log_root']} "
