@@ -113,21 +113,17 @@ class ExtentMap:
         """Where an item at ``start`` goes among the offsets if no item overlaps [start, end), else
         None. Only the last item starting before ``end`` can overlap (items do not overlap): one
         bisection, no list of them (a new extent in a sparse file, every write of the random-write
-        figure, overlaps nothing), and ``set`` is given the place rather than bisecting again."""
+        figure, overlaps nothing), and ``ExtentBatch.add_extents`` inserts the item there rather than
+        bisecting again."""
         offsets = self.offsets
         i = bisect_left(offsets, end)
         if i and offsets[i - 1] + self.extents[offsets[i - 1]].num_bytes > start:
             return None
         return i
 
-    def set(self, offset: int, fe: FileExtent | None, at: int | None = None) -> int:
-        """The item at ``offset`` is now ``fe`` (None: gone); returns the change in items.
-        ``at``: ``vacant``'s answer for a new item at ``offset``."""
+    def set(self, offset: int, fe: FileExtent | None) -> int:
+        """The item at ``offset`` is now ``fe`` (None: gone); returns the change in items."""
         extents = self.extents
-        if at is not None:
-            extents[offset] = fe  # type: ignore[assignment]
-            self.offsets[at:at] = (offset,)
-            return 1
         if fe is None:
             if extents.pop(offset, None) is None:
                 return 0
@@ -319,16 +315,16 @@ class ExtentBatch:
         return emap, notes
 
     def _set(self, ino: int, file: tuple[ExtentMap | None, Notes], offset: int, fe: FileExtent | None,
-             body: bytes | None = None, at: int | None = None) -> None:
+             body: bytes | None = None) -> None:
         """Stage the file's EXTENT_DATA item at ``offset`` (None: none there), noted for the fsync
         log, which logs from these notes rather than looking each changed range up again. The
         key is known present (just read) or absent (inside a mapping, or a new extent's): no
         lookup to check it, each would be another descent. ``body``: ``fe`` packed, if the caller
-        made it already; ``file``: ``_file(ino)``; ``at``: where the map takes a new offset (``ExtentMap.vacant``)."""
+        made it already; ``file``: ``_file(ino)``."""
         key = (ino, EXTENT_DATA, offset)
         emap, notes = file
         if emap is not None:
-            self.extents.mapped += emap.set(offset, fe, at)
+            self.extents.mapped += emap.set(offset, fe)
         if fe is None:
             self.fs.drop(key)
             notes[offset] = None
