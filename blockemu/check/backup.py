@@ -16,7 +16,7 @@ decides to lose those commits, as with ``rescue zero-log``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from blockemu.device.blockdev import BlockDevice
@@ -57,10 +57,8 @@ def backup_super(sb: SuperInfo, slot: int) -> SuperInfo:
     generation calls free, which the next commits reuse, so no later rescue may go to them."""
     b = sb.backup_roots[slot]
     gen = b["tree_root_gen"]
-    return replace(sb, generation=gen, root=b["tree_root"], root_level=b["tree_root_level"],
-                   bytes_used=b["bytes_used"], log_root=0, log_root_transid=0, log_root_level=0,
-                   incompat_flags=sb.incompat_flags & ~S.INCOMPAT_LOG_BITS,
-                   backup_roots=[empty_backup() if r["tree_root_gen"] > gen else dict(r) for r in sb.backup_roots])
+    return sb.without_log(generation=gen, root=b["tree_root"], root_level=b["tree_root_level"], bytes_used=b["bytes_used"],
+                          backup_roots=[empty_backup() if r["tree_root_gen"] > gen else dict(r) for r in sb.backup_roots])
 
 
 def candidates(sb: SuperInfo) -> list[tuple[int, SuperInfo]]:

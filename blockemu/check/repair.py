@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import replace
 from typing import Any
 
 from blockemu.check.fsck import FsckReport
@@ -131,8 +130,7 @@ def zero_log(path: str) -> SuperInfo | None:
             return None
         if unwritable is not None:
             raise unwritable
-        new = replace(sb, log_root=0, log_root_transid=0, log_root_level=0,
-                      incompat_flags=sb.incompat_flags & ~S.INCOMPAT_LOG_BITS)
+        new = sb.without_log()
         if sb.incompat_flags & S.INCOMPAT_LOG_SLOTS:
             wipe_slots(fd)  # first: the generation stays
         os.pwrite(fd, encode_super(new, at), at)

@@ -3,7 +3,7 @@ encode with the derived ``struct`` format: once per commit and per log sync)."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import construct as c
@@ -14,6 +14,7 @@ from blockemu.ondisk import fast
 from blockemu.ondisk.structs import (
     CSUM_FIELD,
     FIRST_FREE_OBJECTID,
+    INCOMPAT_LOG_BITS,
     INCOMPAT_LOG_SLOTS,
     INCOMPAT_TREE_LOG,
     MAGIC,
@@ -60,6 +61,12 @@ class SuperInfo:
     log_root: int = 0  # the fsync log tree (SPEC "Log tree"); 0 = no log
     log_root_transid: int = 0
     log_root_level: int = 0
+
+    def without_log(self, **changes: Any) -> "SuperInfo":
+        """This superblock naming no fsync log (and ``changes``): what ``rescue zero-log`` writes,
+        and a backup root's generation, which a log of a newer one does not extend."""
+        return replace(self, log_root=0, log_root_transid=0, log_root_level=0,
+                       incompat_flags=self.incompat_flags & ~INCOMPAT_LOG_BITS, **changes)
 
     def as_json(self) -> dict[str, Any]:
         return {
