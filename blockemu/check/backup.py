@@ -100,8 +100,7 @@ def roots_read(read: Callable[[int, int], bytes], sb: SuperInfo) -> list[dict[st
     """For ``inspect dump-super``: whether each recorded backup slot's root blocks read (checksum,
     bytenr, generation, owner and level as the slot records them) -- five blocks a slot, cheap;
     the whole trees and fsck's verdict are the rescue's (``examine``) and fsck's note."""
-    store = TreeStore(read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
-                      transid=sb.generation + 1, cache_blocks=0)
+    store = TreeStore.reader(read, sb)
     out: list[dict[str, object]] = []
     for slot, b in enumerate(sb.backup_roots):
         if not b["tree_root"]:

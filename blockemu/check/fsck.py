@@ -248,8 +248,7 @@ class Checker:
         """The root tree's walk; its items, by key (the subtrees' ROOT_ITEMs)."""
         self.progress(2, PHASES[1])
         self.usable = usable_ranges(sb.total_bytes)
-        self.store = TreeStore(self.img.read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
-                               transid=sb.generation + 1, cache_blocks=0)
+        self.store = TreeStore.reader(self.img.read, sb)
         self.walk(self.store, S.ROOT_TREE_OBJECTID, sb.root, sb.root_level, sb.generation)
         return dict(self.pairs(S.ROOT_TREE_OBJECTID))
 

@@ -136,6 +136,14 @@ class TreeStore:
         # the transaction changed something
         self.on_change: Callable[[], None] | None = None
 
+    @classmethod
+    def reader(cls, read: ReadFn, sb: SuperInfo, transid: int | None = None) -> "TreeStore":
+        """A store that only reads ``sb``'s trees, caching no block (a walk reads each once):
+        fsck's walk, dump-super's look at the backup roots, the fsync log's trees (``transid``:
+        the log's; else the transaction after ``sb``'s)."""
+        return cls(read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
+                   transid=sb.generation + 1 if transid is None else transid, cache_blocks=0)
+
     def get(self, bytenr: int, *, generation: int | None = None, level: int | None = None, owner: int | None = None) -> TreeBlock:
         block = self.dirty.get(bytenr)
         if block is None:

@@ -329,8 +329,7 @@ def log_trees(read: ReadFn, sb: SuperInfo) -> list[BTree]:
     """The log's trees, the delta first, then each tree the one before names (its LINK_KEY, or
     an older build's BASE_KEY), read through a store of their own: the log's blocks lie in
     space the committed free-space record calls free."""
-    store = TreeStore(read, nodesize=sb.nodesize, csum_type=sb.csum_type, fsid=sb.fsid,
-                      transid=sb.log_root_transid, cache_blocks=0)
+    store = TreeStore.reader(read, sb, sb.log_root_transid)
     trees: list[BTree] = []
     bytenr, level = sb.log_root, sb.log_root_level
     while True:
