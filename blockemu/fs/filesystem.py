@@ -441,7 +441,9 @@ class Filesystem:
             inode.data_changed_ns = 0
         inode.item = item._replace(ctime=now, mtime=now if mtime else item.mtime, nlink=item.nlink + links)
 
-    def _new_inode(self, mode: int, parent: Inode) -> Inode:
+    def _new_inode(self, mode: int, parent: Inode, owner: tuple[int, int] = (0, 0)) -> Inode:
+        """A new inode of ``mode`` owned by ``owner`` (uid, gid), saved once: a front end that
+        creates for a caller (the FUSE mount) names the owner here, not in a second transaction."""
         self.check_meta_room()  # before any change: a create must not eat the delete reserve
         ino = self.next_ino
         if parent.key_id is not None:
@@ -450,7 +452,7 @@ class Filesystem:
         now = _ts(time.time_ns())
         tid = self.vol.engine.transid
         nlink = 2 if st.S_ISDIR(mode) else 1
-        item = InodeItem(tid, tid, 0, 0, 0, nlink, 0, 0, mode, 0, 0, 0, now, now, now, now)
+        item = InodeItem(tid, tid, 0, 0, 0, nlink, owner[0], owner[1], mode, 0, 0, 0, now, now, now, now)
         inode = Inode(ino, item, 0, 0, 0, parent.key_id, Pages(ino))
         if parent.key_id is not None:
             inode.item = item._replace(flags=INODE_FLAG_ENCRYPT)
@@ -824,13 +826,15 @@ class Filesystem:
         if not directory and names_a_directory(path):
             raise NotFoundError(f"{path}: no such file or directory")
 
-    async def mkdir(self, path: PathArg, mode: int = 0o755) -> None:
+    async def mkdir(self, path: PathArg, mode: int = 0o755, *, uid: int = 0, gid: int = 0) -> None:
+        """mkdir(2): ``mode``'s permission bits as given (no umask here: the caller applies its
+        own, as the FUSE kernel does), owned by ``uid``/``gid`` -- in the transaction that names it."""
         path = as_path(path)
         async with self.adding_items():
             parent, name = self._parent(path)
             self._check_free(parent, name, path, directory=True)
             self._check_entry_fits(parent, name, None)
-            child = self._new_inode(st.S_IFDIR | (mode & 0o7777), parent)  # ENOKEY in a locked directory
+            child = self._new_inode(st.S_IFDIR | (mode & 0o7777), parent, (uid, gid))  # ENOKEY in a locked directory
             assert name is not None
             self._add_entry(parent, name, child, links=1)
 
@@ -943,8 +947,8 @@ class Filesystem:
             self._touch(inode, mtime=False)
             self.save_inode(inode)
 
-    async def symlink(self, target: PathArg, path: PathArg) -> None:
-        """symlink(2). In an encrypted directory the target is encrypted as fscrypt does and
+    async def symlink(self, target: PathArg, path: PathArg, *, uid: int = 0, gid: int = 0) -> None:
+        """symlink(2), the link owned by ``uid``/``gid`` from its first save. In an encrypted directory the target is encrypted as fscrypt does and
         stored inline, in the transaction that names the link (``_encrypted_symlink``).
         Elsewhere it is the link's file data, written back before the name appears: until then
         the inode is an orphan, so a crash leaves either no link or a whole one."""
@@ -960,9 +964,9 @@ class Filesystem:
             parent, name = self._parent(path)
             self._check_free(parent, name, path)
             if parent.key_id is not None:
-                self._encrypted_symlink(parent, name, data, path)
+                self._encrypted_symlink(parent, name, data, path, (uid, gid))
                 return
-            inode = self._new_inode(st.S_IFLNK | 0o777, parent)
+            inode = self._new_inode(st.S_IFLNK | 0o777, parent, (uid, gid))
             inode.item = inode.item._replace(nlink=0)
             self.save_inode(inode)
             self.tree.insert((S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, inode.ino), b"")
@@ -986,7 +990,8 @@ class Filesystem:
         finally:
             await f.close()  # with no name (a failure above) the inode goes
 
-    def _encrypted_symlink(self, parent: Inode, name: bytes | None, data: bytes, path: str) -> None:
+    def _encrypted_symlink(self, parent: Inode, name: bytes | None, data: bytes, path: str,
+                           owner: tuple[int, int]) -> None:
         """fscrypt_prepare_symlink + fscrypt_encrypt_symlink: the target NUL-padded and
         encrypted like a name, with the link's own per-file key (context 2, its nonce), stored
         as fscrypt_symlink_data in an FSCRYPT_SYMLINK item -- inline, as btrfs stores targets,
@@ -998,7 +1003,7 @@ class Filesystem:
         if len(data) > limit:
             raise NameTooLong(f"{path}: symbolic link target longer than {limit} bytes (encrypted)")
         self._check_entry_fits(parent, name, None)
-        inode = self._new_inode(st.S_IFLNK | 0o777, parent)  # ENOKEY in a locked directory
+        inode = self._new_inode(st.S_IFLNK | 0o777, parent, owner)  # ENOKEY in a locked directory
         assert name is not None  # the parent's key is here: _new_inode leased it
         flags, nonce = self._policy(inode)
         with self._names_key(inode, nonce) as key:
@@ -1281,11 +1286,15 @@ class Filesystem:
 
     # ------------------------------------------------------------------ files
 
-    def open(self, path: PathArg, mode: str = "r") -> "OpenContext":
+    def open(self, path: PathArg, mode: str = "r", *, perms: int = 0o644, uid: int = 0, gid: int = 0) -> "OpenContext":
+        """aiofiles.open's ``mode``; a file this open creates ("w", "a", "x") gets os.open's mode
+        as ``perms`` (its permission bits as given: no umask here, the caller applies its own, as
+        the FUSE kernel does) and ``uid``/``gid``, in the transaction that makes it -- one save of
+        the inode, not a second transaction of ``set_attrs``. A file already there keeps its own."""
         path = as_path(path)
-        return OpenContext(self._open(path, mode))
+        return OpenContext(self._open(path, mode, (st.S_IFREG | (perms & 0o7777), uid, gid)))
 
-    async def _open(self, path: str, mode: str) -> "File":
+    async def _open(self, path: str, mode: str, made: tuple[int, int, int]) -> "File":
         base = mode.replace("b", "")
         if base not in ("r", "r+", "w", "w+", "a", "a+", "x", "x+"):
             raise InvalidArgument(f"bad open mode {mode!r}")
@@ -1294,21 +1303,22 @@ class Filesystem:
             raise ReadOnlyError(f"{path}: read-only file system")
         if create:
             async with self.adding_items():
-                inode = self._open_inode(path, create, excl)
+                inode = self._open_inode(path, create, excl, made)
         else:
             # changes no tree: no transaction to join, as stat; but open for writing it is
             # refused, as the join refused it, on an aborted mount (EROFS: reads go on)
             if base != "r":
                 self.vol.check_aborted()
-            inode = self._open_inode(path, create, excl)
+            inode = self._open_inode(path, create, excl, made)
         f = File(self, inode, path, readable=base[0] == "r" or "+" in base, writable=base != "r", append=base[0] == "a")
         if trunc and inode.size:
             async with dropped_on_failure(f):
                 await self.truncate_inode(inode, 0)
         return f
 
-    def _open_inode(self, path: str, create: bool, excl: bool) -> Inode:
-        """The inode ``path`` names, created if missing when ``create`` (inside ``vol.join``),
+    def _open_inode(self, path: str, create: bool, excl: bool, made: tuple[int, int, int]) -> Inode:
+        """The inode ``path`` names, created if missing when ``create`` (inside ``vol.join``; its
+        mode, uid and gid ``made``),
         unlocked and counted open. No await: an unlink cannot come between the lookup and the
         count that makes it keep the inode as an orphan."""
         if not create:
@@ -1324,7 +1334,8 @@ class Filesystem:
                 if names_a_directory(path):  # 'x/.': no directory x to open, none to create
                     raise
                 self._check_entry_fits(parent, name, None)
-                inode = self._new_inode(st.S_IFREG | 0o644, parent)  # ENOKEY in a locked directory
+                mode, uid, gid = made
+                inode = self._new_inode(mode, parent, (uid, gid))  # ENOKEY in a locked directory
                 assert name is not None
                 self._add_entry(parent, name, inode)
             else:

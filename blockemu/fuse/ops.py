@@ -241,10 +241,8 @@ class Operations(pyfuse3.Operations):
         d, path = self._dir(parent_inode)
         path = child(path, name)
         with self._naming(d, name):
-            await self.fs.mkdir(path, mode & 0o7777)
-            node = self.fs.inode((await self.fs.stat(path)).st_ino)
-            await self.fs.set_attrs(node, uid=ctx.uid, gid=ctx.gid)
-            return entry(self.fs.stat_inode(node))
+            await self.fs.mkdir(path, mode & 0o7777, uid=ctx.uid, gid=ctx.gid)
+            return await self._entry_at(path)
 
     @fuse_errors
     @by_path
@@ -295,10 +293,8 @@ class Operations(pyfuse3.Operations):
         d, path = self._dir(parent_inode)
         path = child(path, name)
         with self._naming(d, name):
-            await self.fs.symlink(target.decode(errors="surrogateescape"), path)
-            node = self.fs.inode((await self.fs.stat(path)).st_ino)
-            await self.fs.set_attrs(node, uid=ctx.uid, gid=ctx.gid)
-            return entry(self.fs.stat_inode(node))
+            await self.fs.symlink(target.decode(errors="surrogateescape"), path, uid=ctx.uid, gid=ctx.gid)
+            return await self._entry_at(path)
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: Any) -> bytes:
@@ -312,9 +308,7 @@ class Operations(pyfuse3.Operations):
         d, path = self._dir(parent_inode)
         path = child(path, name)
         with self._naming(d, name):
-            f = await self.fs.open(path, "x+")
-            async with dropped_on_failure(f):
-                await self.fs.set_attrs(f.inode, mode=mode, uid=ctx.uid, gid=ctx.gid)
+            f = await self.fs.open(path, "x+", perms=mode & 0o7777, uid=ctx.uid, gid=ctx.gid)  # the kernel applied the umask
         fh = self._fh()
         self.files[fh] = f
         return pyfuse3.FileInfo(fh=fh), entry(self.fs.stat_inode(f.inode))
