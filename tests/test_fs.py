@@ -128,6 +128,28 @@ async def test_open_modes(fs):
             await call()
 
 
+async def test_an_owner_or_mode_out_of_range_is_refused_before_the_transaction(fs):
+    """What a new inode is made with is checked before the create joins the transaction: a uid
+    the inode item cannot hold failed its pack inside the join, which aborted the mount (EROFS
+    for every later change) over a caller's bad argument. As os: TypeError for 1.5."""
+    calls = [lambda **kw: fs.open("/f", "x", **kw), lambda **kw: fs.mkdir("/d", **kw),
+             lambda **kw: fs.symlink("t", "/l", **kw)]
+    for call in calls:
+        for bad in ({"uid": -1}, {"gid": 2**32 - 1}, {"uid": 2**40}):
+            with ErrnoCheck(errno.EINVAL):
+                await call(**bad)
+        with pytest.raises(TypeError):
+            await call(gid=1.5)
+    with pytest.raises(TypeError):
+        await fs.open("/f", "x", perms=1.5)
+    with pytest.raises(TypeError):
+        await fs.mkdir("/d", 1.5)
+    await fs.mkdir("/d", 0o700, uid=2**32 - 2, gid=7)  # the mount goes on; the largest uid fits
+    s = await fs.stat("/d")
+    assert (s.st_mode, s.st_uid, s.st_gid) == (0o40700, 2**32 - 2, 7)
+    assert await fs.readdir("/") == ["d"]
+
+
 async def test_sparse_files_read_zeros_and_survive_remount(image):
     async with blockemu.mount(image) as fs:
         async with fs.open("/s", "w") as f:

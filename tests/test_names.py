@@ -394,7 +394,7 @@ async def test_fsck_flags_a_name_no_padding_can_give(image):
             await f.write(b"1")
         # a 5-byte name stored as given, as an image from before encrypted names would hold it
         d = fs._resolve("/e")
-        child = fs._new_inode(0o100644, d)
+        child = fs._new_inode(0o100644, d, (0, 0))
         async with fs.vol.join():
             fs._add_entry(d, b"plain", child)
     report = check(image)
@@ -464,7 +464,7 @@ async def test_fsck_with_the_key_checks_that_names_decrypt_to_legal_names(image,
         policy = fs._names_policy(d)
         with fs._names_key(d, policy[1]) as key:
             bad = fscrypt.encrypt_name(key, b"a/b", policy[0])
-        child = fs._new_inode(0o100644, d)
+        child = fs._new_inode(0o100644, d, (0, 0))
         async with fs.vol.join():
             fs._add_entry(d, bad, child)
     assert_only_the_key_finds(image, tmp_path, "BAD_ENCRYPTED_NAME", "b'a/b'")

@@ -108,6 +108,17 @@ def as_path(path: PathArg) -> str:
     return os.fsdecode(os.fspath(path))
 
 
+def as_owner(uid: int, gid: int) -> tuple[int, int]:
+    """A new inode's owner, checked before the create joins the transaction: a value the inode
+    item cannot hold failed its pack inside the join, aborting the mount over a bad argument.
+    TypeError for 1.5, as os; EINVAL past 2**32 - 2 (-1, 2**32 - 1: "no owner" to chown(2))."""
+    uid, gid = operator.index(uid), operator.index(gid)
+    for what, n in (("uid", uid), ("gid", gid)):
+        if not 0 <= n < 2**32 - 1:
+            raise InvalidArgument(f"{what} {n} out of range (0 to {2**32 - 2})")
+    return uid, gid
+
+
 def split_path(path: str) -> list[bytes]:
     """The components of an absolute path, as bytes. The path is encoded once and split as bytes
     (no UTF-8 sequence, and no surrogate-escaped byte, contains a b"/"), and checked with C-level
@@ -441,7 +452,7 @@ class Filesystem:
             inode.data_changed_ns = 0
         inode.item = item._replace(ctime=now, mtime=now if mtime else item.mtime, nlink=item.nlink + links)
 
-    def _new_inode(self, mode: int, parent: Inode, owner: tuple[int, int] = (0, 0)) -> Inode:
+    def _new_inode(self, mode: int, parent: Inode, owner: tuple[int, int]) -> Inode:
         """A new inode of ``mode`` owned by ``owner`` (uid, gid), saved once: a front end that
         creates for a caller (the FUSE mount) names the owner here, not in a second transaction."""
         self.check_meta_room()  # before any change: a create must not eat the delete reserve
@@ -829,12 +840,12 @@ class Filesystem:
     async def mkdir(self, path: PathArg, mode: int = 0o755, *, uid: int = 0, gid: int = 0) -> None:
         """mkdir(2): ``mode``'s permission bits as given (no umask here: the caller applies its
         own, as the FUSE kernel does), owned by ``uid``/``gid`` -- in the transaction that names it."""
-        path = as_path(path)
+        path, mode, owner = as_path(path), st.S_IFDIR | (mode & 0o7777), as_owner(uid, gid)
         async with self.adding_items():
             parent, name = self._parent(path)
             self._check_free(parent, name, path, directory=True)
             self._check_entry_fits(parent, name, None)
-            child = self._new_inode(st.S_IFDIR | (mode & 0o7777), parent, (uid, gid))  # ENOKEY in a locked directory
+            child = self._new_inode(mode, parent, owner)  # ENOKEY in a locked directory
             assert name is not None
             self._add_entry(parent, name, child, links=1)
 
@@ -952,7 +963,7 @@ class Filesystem:
         stored inline, in the transaction that names the link (``_encrypted_symlink``).
         Elsewhere it is the link's file data, written back before the name appears: until then
         the inode is an orphan, so a crash leaves either no link or a whole one."""
-        target, path = as_path(target), as_path(path)
+        target, path, owner = as_path(target), as_path(path), as_owner(uid, gid)
         data = target.encode(errors="surrogateescape")
         if not data:
             raise NotFoundError(f"{path}: empty symbolic link target")
@@ -964,9 +975,9 @@ class Filesystem:
             parent, name = self._parent(path)
             self._check_free(parent, name, path)
             if parent.key_id is not None:
-                self._encrypted_symlink(parent, name, data, path, (uid, gid))
+                self._encrypted_symlink(parent, name, data, path, owner)
                 return
-            inode = self._new_inode(st.S_IFLNK | 0o777, parent, (uid, gid))
+            inode = self._new_inode(st.S_IFLNK | 0o777, parent, owner)
             inode.item = inode.item._replace(nlink=0)
             self.save_inode(inode)
             self.tree.insert((S.ORPHAN_OBJECTID, S.ORPHAN_ITEM, inode.ino), b"")
@@ -1291,10 +1302,10 @@ class Filesystem:
         as ``perms`` (its permission bits as given: no umask here, the caller applies its own, as
         the FUSE kernel does) and ``uid``/``gid``, in the transaction that makes it -- one save of
         the inode, not a second transaction of ``set_attrs``. A file already there keeps its own."""
-        path = as_path(path)
-        return OpenContext(self._open(path, mode, (st.S_IFREG | (perms & 0o7777), uid, gid)))
+        made = st.S_IFREG | (perms & 0o7777), as_owner(uid, gid)
+        return OpenContext(self._open(as_path(path), mode, made))
 
-    async def _open(self, path: str, mode: str, made: tuple[int, int, int]) -> "File":
+    async def _open(self, path: str, mode: str, made: tuple[int, tuple[int, int]]) -> "File":
         base = mode.replace("b", "")
         if base not in ("r", "r+", "w", "w+", "a", "a+", "x", "x+"):
             raise InvalidArgument(f"bad open mode {mode!r}")
@@ -1316,7 +1327,7 @@ class Filesystem:
                 await self.truncate_inode(inode, 0)
         return f
 
-    def _open_inode(self, path: str, create: bool, excl: bool, made: tuple[int, int, int]) -> Inode:
+    def _open_inode(self, path: str, create: bool, excl: bool, made: tuple[int, tuple[int, int]]) -> Inode:
         """The inode ``path`` names, created if missing when ``create`` (inside ``vol.join``; its
         mode, uid and gid ``made``),
         unlocked and counted open. No await: an unlink cannot come between the lookup and the
@@ -1334,8 +1345,8 @@ class Filesystem:
                 if names_a_directory(path):  # 'x/.': no directory x to open, none to create
                     raise
                 self._check_entry_fits(parent, name, None)
-                mode, uid, gid = made
-                inode = self._new_inode(mode, parent, (uid, gid))  # ENOKEY in a locked directory
+                mode, owner = made
+                inode = self._new_inode(mode, parent, owner)  # ENOKEY in a locked directory
                 assert name is not None
                 self._add_entry(parent, name, inode)
             else:
