@@ -496,3 +496,4 @@ async def test_an_aborted_mounts_unmount_says_the_losses_beside_its_erofs(image)
     with pytest.raises(OSError) as caught:
         await fs.unmount()
     assert caught.value.errno == errno.EROFS and "600 bytes of 2 files lost" in str(caught.value), caught.value
+    assert caught.value.lost_bytes == 600

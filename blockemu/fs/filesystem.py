@@ -359,7 +359,9 @@ class Filesystem:
                 if first is not None and step == self._report_unreported and isinstance(first, OSError):
                     # an aborted mount's EROFS came first: the losses no caller heard of are said
                     # beside it, not hidden behind it
-                    first = restate(first, f"{first}; and {e}")
+                    first, lost = restate(first, f"{first}; and {e}"), getattr(e, "lost_bytes", None)
+                    if lost is not None:  # the count the harnesses read stays on what is raised
+                        first.lost_bytes = lost  # type: ignore[attr-defined]
                 first = first or e
         if first is not None:
             raise first
