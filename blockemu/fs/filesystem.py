@@ -1147,6 +1147,13 @@ class Filesystem:
         self.check_mounted()
         if self.vol.device.readonly:
             raise ReadOnlyError("read-only file system")
+        # checked before the join, as a create's owner is: the item's pack refused them with a
+        # bare struct.error, no OSError
+        if uid is not None or gid is not None:
+            as_owner(0 if uid is None else uid, 0 if gid is None else gid)
+        for ns in (atime_ns, mtime_ns):
+            if ns is not None and not -2**63 <= operator.index(ns) // 1_000_000_000 < 2**63:
+                raise InvalidArgument(f"time {ns} ns out of range (a signed 64-bit count of seconds)")
         async with self.vol.join():
             it, written = inode.item, inode.data_changed_ns
             changed = it._replace(
