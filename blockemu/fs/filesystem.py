@@ -108,15 +108,20 @@ def as_path(path: PathArg) -> str:
     return os.fsdecode(os.fspath(path))
 
 
+def as_id(what: str, n: int) -> int:
+    """A uid or gid to store in an inode item, checked before the change joins the transaction:
+    a value the item cannot hold failed its pack inside the join (struct.error, no OSError; in
+    a create it aborted the mount over a bad argument). TypeError for 1.5, as os; EINVAL past
+    2**32 - 2 (-1, 2**32 - 1: "no owner" to chown(2))."""
+    n = operator.index(n)
+    if not 0 <= n < 2**32 - 1:
+        raise InvalidArgument(f"{what} {n} out of range (0 to {2**32 - 2})")
+    return n
+
+
 def as_owner(uid: int, gid: int) -> tuple[int, int]:
-    """A new inode's owner, checked before the create joins the transaction: a value the inode
-    item cannot hold failed its pack inside the join, aborting the mount over a bad argument.
-    TypeError for 1.5, as os; EINVAL past 2**32 - 2 (-1, 2**32 - 1: "no owner" to chown(2))."""
-    uid, gid = operator.index(uid), operator.index(gid)
-    for what, n in (("uid", uid), ("gid", gid)):
-        if not 0 <= n < 2**32 - 1:
-            raise InvalidArgument(f"{what} {n} out of range (0 to {2**32 - 2})")
-    return uid, gid
+    """A new inode's owner (``as_id``)."""
+    return as_id("uid", uid), as_id("gid", gid)
 
 
 def split_path(path: str) -> list[bytes]:
@@ -1147,13 +1152,8 @@ class Filesystem:
         self.check_mounted()
         if self.vol.device.readonly:
             raise ReadOnlyError("read-only file system")
-        # checked before the join, as a create's owner is: the item's pack refused them with a
-        # bare struct.error, no OSError
-        if uid is not None or gid is not None:
-            as_owner(0 if uid is None else uid, 0 if gid is None else gid)
-        for ns in (atime_ns, mtime_ns):
-            if ns is not None and not -2**63 <= operator.index(ns) // 1_000_000_000 < 2**63:
-                raise InvalidArgument(f"time {ns} ns out of range (a signed 64-bit count of seconds)")
+        uid = None if uid is None else as_id("uid", uid)
+        gid = None if gid is None else as_id("gid", gid)
         async with self.vol.join():
             it, written = inode.item, inode.data_changed_ns
             changed = it._replace(
