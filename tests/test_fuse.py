@@ -1550,6 +1550,34 @@ async def test_a_listing_finds_its_entries_without_walking_their_paths(tmp_path,
         assert walks == ["/a"], walks  # the parent's, for ..
 
 
+async def test_a_listing_read_before_a_key_came_shows_the_real_names_after_it(tmp_path, monkeypatch) -> None:
+    """A listing opened while the directory was locked holds its no-key names. READDIRPLUS finds
+    each entry by its stored name, so after the key was added it went on handing the kernel
+    no-key entries (remembered as valid, though a lookup of such a name now finds nothing).
+    Linux's next getdents after the key shows the real names: so does this one (re-read)."""
+    async with in_process_ops(tmp_path) as (fs, ops):
+        import pyfuse3
+
+        monkeypatch.setattr(pyfuse3, "invalidate_entry", lambda ino, name: None)
+        monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino: None)
+        kid = await fs.add_key(bytes(range(32)))
+        await fs.mkdir("/enc")
+        await fs.set_policy("/enc", kid)
+        for name in ("a", "b"):
+            await fs.mkdir(f"/enc/{name}")
+        enc = (await fs.stat("/enc")).st_ino
+        await fs.remove_key(kid)
+        fh = await ops.opendir(enc, None)
+        await fs.add_key(bytes(range(32)))
+        ops.key_added(bytes.fromhex(kid))
+        listed: list[bytes] = []
+        monkeypatch.setattr(pyfuse3, "readdir_reply", lambda token, name, attrs, nxt: listed.append(name) or True)
+        await ops.readdir(fh, 0, None)
+        await ops.releasedir(fh)
+        assert sorted(listed) == [b".", b"..", b"a", b"b"], listed
+        assert ops.kernel.names.get(enc, set()) <= {b"a", b"b"}
+
+
 async def test_a_listing_whose_directory_a_key_removal_locks_mid_reply_goes_on_with_the_no_key_names(
         tmp_path, monkeypatch) -> None:
     """A hard removal lands while a READDIRPLUS waits on an entry's lookup: the listing's

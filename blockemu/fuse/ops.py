@@ -152,15 +152,24 @@ class Operations(pyfuse3.Operations):
         directory busy; here it is not) -- and read again by the next ``readdir``."""
         self.kernel.forget(to_fuse(inode.ino), inode.is_dir)
         if inode.is_dir:
-            ino = to_fuse(inode.ino)
-            for fh, (listed, names) in list(self.dirs.items()):
-                if listed == ino:
-                    self.dirs[fh] = (listed, None)
-                    forget_listing(names)
+            self._relist({to_fuse(inode.ino)})
+
+    def _relist(self, inos: set[int]) -> None:
+        """The open listings of directories ``inos`` show names that are stale now: zeroed, and
+        read again by the next ``readdir``."""
+        for fh, (listed, names) in list(self.dirs.items()):
+            if listed in inos:
+                self.dirs[fh] = (listed, None)
+                forget_listing(names)
 
     def key_added(self, key_id: bytes) -> None:
-        """The no-key names of this key's directories that the kernel keeps are stale now."""
-        self.kernel.key_added({to_fuse(i.ino) for i in list(self.fs.inodes.values()) if i.key_id == key_id and i.is_dir})
+        """The no-key names of this key's directories are stale now: those the kernel keeps, and
+        those an open listing holds -- READDIRPLUS finds each entry by its stored name, so a listing
+        read before the key came went on handing the kernel no-key entries (valid dentries, while a
+        lookup of that name now finds nothing) where Linux's next getdents shows the real names."""
+        dirs = {to_fuse(i.ino) for i in list(self.fs.inodes.values()) if i.key_id == key_id and i.is_dir}
+        self.kernel.key_added(dirs)
+        self._relist(dirs)
 
     def _naming(self, parent: Inode, name: bytes) -> contextlib.AbstractContextManager[None]:
         """A request that may hand the kernel an entry for ``name`` in ``parent``: in an encrypted
