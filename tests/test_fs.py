@@ -1066,10 +1066,11 @@ async def test_fsync_dir_makes_a_rename_durable_as_fsync_of_the_directory_does(i
     assert check(image).clean
 
 
-async def test_set_attrs_refuses_an_owner_out_of_range_with_einval(fs):
-    """chown to a uid the inode item cannot hold failed its pack inside the transaction with a
-    struct.error -- no OSError, against DESIGN's every-error-is-an-OSError rule. Checked before
-    the join as a create's owner is: EINVAL (TypeError for 1.5, as os), the inode unchanged."""
+async def test_set_attrs_refuses_an_owner_or_time_out_of_range_with_einval(fs):
+    """chown to a uid, or utimensat to a time, the inode item cannot hold failed its pack inside
+    the transaction with a struct.error -- no OSError, against DESIGN's every-error-is-an-OSError
+    rule. Checked before the join as a create's owner is: EINVAL (TypeError for 1.5, as os), the
+    inode unchanged."""
     async with fs.open("/f", "w") as f:
         await f.write(b"x")
     before = await fs.stat("/f")
@@ -1079,7 +1080,14 @@ async def test_set_attrs_refuses_an_owner_out_of_range_with_einval(fs):
             await fs.set_attrs(node, mode=0o600, **bad)
     with pytest.raises(TypeError):
         await fs.set_attrs(node, gid=1.5)
+    for bad in ({"atime_ns": 2**63 * 10**9}, {"mtime_ns": -2**63 * 10**9 - 1}):  # the seconds' 64 bits, signed
+        with ErrnoCheck(errno.EINVAL):
+            await fs.set_attrs(node, mode=0o600, **bad)
+    with pytest.raises(TypeError):
+        await fs.set_attrs(node, atime_ns=1.5)
     assert await fs.stat("/f") == before
+    await fs.set_attrs(node, atime_ns=2**63 * 10**9 - 1, mtime_ns=-2**63 * 10**9)  # the extremes fit
+    assert (await fs.stat("/f")).st_mtime_ns == -2**63 * 10**9
     await fs.set_attrs(node, uid=2**32 - 2, gid=7)  # the largest fits
     after = await fs.stat("/f")
     assert (after.st_uid, after.st_gid) == (2**32 - 2, 7)

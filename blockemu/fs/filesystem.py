@@ -119,6 +119,18 @@ def as_id(what: str, n: int) -> int:
     return n
 
 
+def as_time(what: str, ns: int | None) -> int | None:
+    """A time to store (utimensat's, in ns; None: unchanged), checked before the change joins the
+    transaction: one whose seconds the inode item's signed 64 bits cannot hold failed its pack
+    inside the join (struct.error, no OSError). TypeError for 1.5, as os; EINVAL out of range."""
+    if ns is None:
+        return None
+    ns = operator.index(ns)
+    if not -2**63 <= ns // 1_000_000_000 < 2**63:
+        raise InvalidArgument(f"{what} {ns} out of range (seconds must fit 64 bits, signed)")
+    return ns
+
+
 def as_owner(uid: int, gid: int) -> tuple[int, int]:
     """A new inode's owner (``as_id``)."""
     return as_id("uid", uid), as_id("gid", gid)
@@ -1154,6 +1166,7 @@ class Filesystem:
             raise ReadOnlyError("read-only file system")
         uid = None if uid is None else as_id("uid", uid)
         gid = None if gid is None else as_id("gid", gid)
+        atime_ns, mtime_ns = as_time("atime_ns", atime_ns), as_time("mtime_ns", mtime_ns)
         async with self.vol.join():
             it, written = inode.item, inode.data_changed_ns
             changed = it._replace(
