@@ -150,6 +150,35 @@ async def test_an_owner_or_mode_out_of_range_is_refused_before_the_transaction(f
     assert await fs.readdir("/") == ["d"]
 
 
+async def test_a_setgid_directory_gives_new_entries_its_group_after_a_remount(image):
+    """As Linux's inode_init_owner: in a setgid directory a new file, directory or symlink takes
+    the directory's gid, not its creator's, and a new directory is setgid too, so the group
+    passes down; elsewhere the creator's gid stands. The bits of a file are kept as given (the
+    caller's VFS strips S_ISGID, as it applies the umask). Each was made with the creator's gid."""
+    fs = await blockemu.mount(image, interval=3600)
+    await fs.mkdir("/shared", 0o2775, uid=0, gid=50)
+    await fs.mkdir("/plain", 0o755, uid=0, gid=50)
+    for d in ("/shared", "/plain"):
+        async with fs.open(f"{d}/f", "x", perms=0o2755, uid=1000, gid=1000):
+            pass
+        await fs.mkdir(f"{d}/sub", 0o750, uid=1000, gid=1000)
+        await fs.mkdir(f"{d}/sub/deeper", 0o700, uid=1000, gid=1000)
+        await fs.symlink("f", f"{d}/l", uid=1000, gid=1000)
+    await fs.unmount()
+    fs = await blockemu.mount(image, interval=3600)
+    try:
+        got = {p: ((s := await fs.stat(p)).st_uid, s.st_gid, oct(s.st_mode))
+               for d in ("/shared", "/plain") for p in (f"{d}/f", f"{d}/sub", f"{d}/sub/deeper", f"{d}/l")}
+    finally:
+        await fs.unmount()
+    assert got == {
+        "/shared/f": (1000, 50, oct(0o102755)), "/shared/sub": (1000, 50, oct(0o42750)),
+        "/shared/sub/deeper": (1000, 50, oct(0o42700)), "/shared/l": (1000, 50, oct(0o120777)),
+        "/plain/f": (1000, 1000, oct(0o102755)), "/plain/sub": (1000, 1000, oct(0o40750)),
+        "/plain/sub/deeper": (1000, 1000, oct(0o40700)), "/plain/l": (1000, 1000, oct(0o120777))}
+    assert check(image).clean
+
+
 async def test_set_attrs_out_of_range_is_einval_and_changes_nothing(fs):
     """set_attrs (FUSE's chown/utimensat) packed the values inside the transaction: a uid of -1 or
     a time past a signed 64-bit count of seconds left a bare struct.error, no OSError. EINVAL

@@ -473,8 +473,17 @@ class Filesystem:
 
     def _new_inode(self, mode: int, parent: Inode, owner: tuple[int, int]) -> Inode:
         """A new inode of ``mode`` owned by ``owner`` (uid, gid), saved once: a front end that
-        creates for a caller (the FUSE mount) names the owner here, not in a second transaction."""
+        creates for a caller (the FUSE mount) names the owner here, not in a second transaction.
+        In a setgid directory the group is the directory's, and a subdirectory is setgid too, as
+        the kernel's inode_init_owner does for local filesystems: under FUSE the kernel leaves it
+        to us. Stripping S_ISGID from a file whose creator is not in that group is not done here:
+        the VFS does it before any filesystem is called (vfs_prepare_mode, as the umask), knowing
+        the caller's supplementary groups, which a FUSE request does not carry (DESIGN 8)."""
         self.check_meta_room()  # before any change: a create must not eat the delete reserve
+        if parent.item.mode & st.S_ISGID:
+            owner = owner[0], parent.item.gid
+            if st.S_ISDIR(mode):
+                mode |= st.S_ISGID
         ino = self.next_ino
         if parent.key_id is not None:
             self.keyring.lease(parent.key_id, ino)  # creating in an encrypted dir needs its key
