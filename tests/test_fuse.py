@@ -1487,6 +1487,53 @@ def test_allow_other_lets_other_users_in_as_the_modes_say_and_df_i_counts_no_ino
         assert (vfs.f_files, vfs.f_ffree, vfs.f_favail) == (0, 0, 0) and vfs.f_bfree > 0
 
 
+SETGID_STEPS = """umask 022
+cd shared && touch f && mkdir sub sub/deeper && ln -s f l && /usr/bin/python3 -c "$MAKE"
+cd ../own && /usr/bin/python3 -c "$MAKE"
+"""
+
+
+def setgid_steps(where: Path) -> str:
+    """In ``where``, as root, two setgid directories open to all -- ``shared`` of group 50, ``own``
+    of nobody's group -- then, as nobody, a file, directories, a symlink and a file asked for with
+    S_ISGID (open(2)'s mode 02755) made in them: what each ended up as, ``stat`` line by line."""
+    made = sh("mkdir shared own && chown 0:50 shared && chown 0:65534 own && chmod 2777 shared own", cwd=where)
+    assert made.returncode == 0, made.stderr
+    nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "bash", "-c", SETGID_STEPS]
+    make = "import os; os.close(os.open('x', os.O_CREAT | os.O_WRONLY, 0o2755))"
+    done = subprocess.run(nobody, cwd=where, env={**os.environ, "MAKE": make}, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    return stat_setgid_tree(where)
+
+
+def stat_setgid_tree(where: Path) -> str:
+    done = sh("stat -c '%n %u %g %a %F' shared shared/* shared/sub/deeper own/x", cwd=where)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_setgid_directory_gives_its_group_through_the_mount_as_on_the_host(env, image, mnt, tmp_path) -> None:
+    """A setgid directory's new entries take its group, and new directories its setgid bit, as a
+    local filesystem's inode_init_owner gives them: the FUSE kernel leaves that to the server,
+    which gave every entry its creator's gid. The same steps as nobody in a host directory and
+    through the mount (allow_other) end alike, and still after a remount; the S_ISGID a creator
+    outside the group asked for is stripped by the kernel before the server hears the create."""
+    host = tmp_path / "host"
+    host.mkdir()
+    want = setgid_steps(host)
+    assert want.splitlines() == [
+        "shared 0 50 2777 directory", "shared/f 65534 50 644 regular empty file",
+        "shared/l 65534 50 777 symbolic link", "shared/sub 65534 50 2755 directory",
+        "shared/x 65534 50 755 regular empty file", "shared/sub/deeper 65534 50 2755 directory",
+        "own/x 65534 65534 2755 regular empty file"]
+    with Served(env, image, mnt, "-o", "allow_other"):
+        assert setgid_steps(mnt) == want
+    with Served(env, image, mnt):
+        assert stat_setgid_tree(mnt) == want
+    fsck_clean(env, image)
+
+
 def test_allow_other_by_a_user_needs_user_allow_other(tmp_path, monkeypatch) -> None:
     """fusermount3 refuses allow_other to a user other than root unless /etc/fuse.conf says
     user_allow_other: said in one line naming the file (EPERM), not a bare "mount failed"."""
