@@ -317,7 +317,8 @@ class Operations(pyfuse3.Operations):
         d, path = self._dir(parent_inode)
         path = child(path, name)
         with self._naming(d, name):
-            f = await self.fs.open(path, "x+", perms=mode & 0o7777, uid=ctx.uid, gid=ctx.gid)  # the kernel applied the umask
+            # the kernel applied the umask and stripped an S_ISGID the caller may not set (mode_strip_sgid)
+            f = await self.fs.open(path, "x+", perms=mode & 0o7777, uid=ctx.uid, gid=ctx.gid)
         fh = self._fh()
         self.files[fh] = f
         return pyfuse3.FileInfo(fh=fh), entry(self.fs.stat_inode(f.inode))
