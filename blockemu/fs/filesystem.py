@@ -1333,10 +1333,9 @@ class Filesystem:
         as ``perms`` (its permission bits as given: no umask here, the caller applies its own, as
         the FUSE kernel does) and ``uid``/``gid``, in the transaction that makes it -- one save of
         the inode, not a second transaction of ``set_attrs``. A file already there keeps its own."""
-        made = st.S_IFREG | (perms & 0o7777), as_owner(uid, gid)
-        return OpenContext(self._open(as_path(path), mode, made))
+        return OpenContext(self._open(as_path(path), mode, perms, uid, gid))
 
-    async def _open(self, path: str, mode: str, made: tuple[int, tuple[int, int]]) -> "File":
+    async def _open(self, path: str, mode: str, perms: int, uid: int, gid: int) -> "File":
         base = mode.replace("b", "")
         if base not in ("r", "r+", "w", "w+", "a", "a+", "x", "x+"):
             raise InvalidArgument(f"bad open mode {mode!r}")
@@ -1344,26 +1343,26 @@ class Filesystem:
         if base != "r" and self.vol.device.readonly:
             raise ReadOnlyError(f"{path}: read-only file system")
         if create:
+            made = st.S_IFREG | (perms & 0o7777), as_owner(uid, gid)  # checked before the join
             async with self.adding_items():
-                inode = self._open_inode(path, create, excl, made)
+                inode = self._open_inode(path, excl, made)
         else:
             # changes no tree: no transaction to join, as stat; but open for writing it is
             # refused, as the join refused it, on an aborted mount (EROFS: reads go on)
             if base != "r":
                 self.vol.check_aborted()
-            inode = self._open_inode(path, create, excl, made)
+            inode = self._open_inode(path, excl, None)
         f = File(self, inode, path, readable=base[0] == "r" or "+" in base, writable=base != "r", append=base[0] == "a")
         if trunc and inode.size:
             async with dropped_on_failure(f):
                 await self.truncate_inode(inode, 0)
         return f
 
-    def _open_inode(self, path: str, create: bool, excl: bool, made: tuple[int, tuple[int, int]]) -> Inode:
-        """The inode ``path`` names, created if missing when ``create`` (inside ``vol.join``; its
-        mode, uid and gid ``made``),
-        unlocked and counted open. No await: an unlink cannot come between the lookup and the
-        count that makes it keep the inode as an orphan."""
-        if not create:
+    def _open_inode(self, path: str, excl: bool, made: tuple[int, tuple[int, int]] | None) -> Inode:
+        """The inode ``path`` names, created if missing when ``made`` gives the new file's mode and
+        (uid, gid) (inside ``vol.join``), unlocked and counted open. No await: an unlink cannot come
+        between the lookup and the count that makes it keep the inode as an orphan."""
+        if made is None:
             inode = self._resolve(path)
         else:
             # the root: EEXIST with O_EXCL, else EISDIR, as Linux
