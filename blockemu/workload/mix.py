@@ -96,8 +96,8 @@ class Task:
         except OSError as e:
             # the paths the operation was on, unless its error names them: "overwrite: inode 339:
             # ..." left a reader to find the file by its inode
-            where = self.reading or " ".join(sorted(self.busy)) or self.about
-            what = f"{op} {where}" if where and not names(str(e), where.split()) else op
+            where = [self.reading] if self.reading else sorted(self.busy) or [self.about] * bool(self.about)
+            what = f"{op} {' '.join(where)}" if where and not names(str(e), where) else op
             if detected(e):
                 self.r.detected.append(f"{what}: {e}")
             elif e.errno not in (errno.EIO, errno.ENOSPC, errno.EROFS):
