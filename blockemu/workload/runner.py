@@ -737,10 +737,10 @@ def _stress_shard(args: tuple) -> dict[str, Any]:
     for a failing seed's with ``keep_failed``: a rerun does not repeat the run's timing (DESIGN
     §7), so the image the run left is the one record of its failure."""
     seed, tasks, ops, duration, faults, crash_points, write_path, keep_failed = args
-    plan = FaultPlan.parse(faults) if faults else None
     with tempfile.TemporaryDirectory() as d:
         image = os.path.join(d, "stress.img")
-        s = asyncio.run(stress_mix(image, seed=seed, tasks=tasks, nops=ops, duration=duration, faults=plan,
+        s = asyncio.run(stress_mix(image, seed=seed, tasks=tasks, nops=ops, duration=duration,
+                                   faults=FaultPlan.parse(faults) if faults else None,
                                    crash_points=crash_points, write_path=WRITE_PATHS[write_path]))
         if keep_failed and not s["ok"]:
             sparse_copy(image, kept_seed_image(keep_failed, seed))  # DIR may be another file system
