@@ -212,6 +212,10 @@ def args_mkfs(m: argparse.ArgumentParser) -> None:
     m.add_argument("--encrypt", metavar="PATH", help="directory inside the image to encrypt (needs --key-file); made, with its "
                    "parents, where --rootdir has none")
     m.add_argument("--key-file", help=f"{KEY_BYTES} for --encrypt")
+    m.add_argument("--preallocate", action="store_true",
+                   help="write every byte of the image once (zeros), as qemu-img's preallocation=full: its flushes "
+                        "then measure the device, not the host allocating a sparse file's blocks (the image takes "
+                        "its whole size on the host at once)")
     add_progress_flags(m, json=False)
 
 
@@ -1452,7 +1456,7 @@ def cmd_mkfs(a: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     sb = asyncio.run(mkfs(a.image, a.size, node_size=a.node_size, csum=a.csum, label=a.label, uuid=a.uuid, force=a.force,
                           rootdir=a.rootdir, encrypt=a.encrypt, key=read_key(a.key_file),
-                          progress=progress_wanted(a.progress)))
+                          progress=progress_wanted(a.progress), preallocate=a.preallocate))
     print(f"blockemu mkfs: created {a.image}")
     rows = [("Label", sb.label or "(null)"), ("UUID", str(uuid.UUID(bytes=sb.fsid))), ("Node size", sb.nodesize),
             ("Sector size", sb.sectorsize), ("Filesystem size", human(sb.total_bytes)), ("Checksum", a.csum),

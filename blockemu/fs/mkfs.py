@@ -1,4 +1,5 @@
-"""mkfs: a sparse image holding an empty filesystem (generation 1)."""
+"""mkfs: an image holding an empty filesystem (generation 1), sparse or (``preallocate``) laid
+out whole."""
 from __future__ import annotations
 
 import contextlib
@@ -42,11 +43,12 @@ from blockemu.ondisk.structs import (
     SECTOR_SIZE,
 )
 from blockemu.ondisk.superblock import SuperInfo
-from blockemu.units import parse_size
+from blockemu.units import human, parse_size
 
 MIN_SIZE = 16 << 20
 MAX_SIZE = (1 << 63) - SECTOR_SIZE  # a file offset is a signed 64-bit off_t: past it ftruncate overflowed
 ROOT_DIR = FIRST_FREE_OBJECTID
+LAYOUT_CHUNK = 4 << 20  # zeros per pwrite when preallocating: big enough that the calls cost nothing beside the writes
 
 
 def new_inode(mode: int, transid: int, now_ns: int, nlink: int = 1, size: int = 0) -> InodeItem:
@@ -96,6 +98,39 @@ def check_target(path: str, force: bool) -> None:
         raise IsADirectory(f"{path}: is a directory")
     if st.st_size > 0 and not force:
         raise ExistsError(f"{path} exists and is not empty (use --force to overwrite)")
+
+
+def check_room(fd: int, path: str, nbytes: int) -> None:
+    """``--preallocate`` writes every byte of the image: refused before anything is written
+    when the host's free space (what ``df`` says is available, not root's reserve; the blocks
+    of the file ``--force`` replaces count, they are freed first) cannot hold it -- failing
+    when the host filled up, halfway, had already deleted the image --force was to replace."""
+    st = os.fstatvfs(fd)
+    room = st.f_bavail * st.f_frsize + os.fstat(fd).st_blocks * 512
+    if room < nbytes:
+        raise NoSpaceError(f"{path}: the host has {human(room)} free, too little to preallocate the image's "
+                           f"{human(nbytes)} (without --preallocate the image is sparse: it takes what is written)")
+
+
+def lay_out(fd: int, path: str, nbytes: int, progress: bool) -> None:
+    """Write every byte of the image once, zeros, as ``qemu-img create -o preallocation=full``
+    or ``dd if=/dev/zero`` lays out a raw disk: a block's first write into a sparse image makes
+    the host allocate it, and the next fdatasync then commits the host's journal (0.97 ms a
+    flush against 0.41 ms for the same writes into blocks written once, DESIGN §10), so a
+    flush measured the host's allocation, not the device. posix_fallocate is not enough: its
+    unwritten extents are converted on the first write, a journal commit as well (1.0-1.25 ms).
+    A failure of the host (ENOSPC past ``check_room``, EIO) names the image and how far it got."""
+    zeros = memoryview(bytes(min(LAYOUT_CHUNK, nbytes)))
+    done = 0
+    with bar("mkfs --preallocate", nbytes, progress) as advance:
+        try:
+            while done < nbytes:
+                n = os.pwrite(fd, zeros[: nbytes - done], done)
+                done += n
+                advance(n)
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror}: the host took {human(done)} of the {human(nbytes)} to "
+                                   "preallocate; the image is removed", path) from None
 
 
 def encrypt_target(encrypt: str) -> str:
@@ -185,10 +220,13 @@ async def mkfs(
     encrypt: str | None = None,
     key: bytes | None = None,
     progress: bool = False,
+    preallocate: bool = False,
 ) -> SuperInfo:
     """Create the image; with ``rootdir``, populate it from a host directory (as
     ``mkfs.btrfs --rootdir``), ``encrypt`` naming a directory inside the image that gets an
-    encryption policy for ``key`` before its contents are copied. Returns the superblock."""
+    encryption policy for ``key`` before its contents are copied. ``preallocate``: every
+    byte of the image is written once (``lay_out``), else it is sparse. ``progress``: a bar
+    for the preallocation and the copy. Returns the superblock."""
     if encrypt is not None and key is None:
         raise InvalidArgument("--encrypt needs --key-file")
     if encrypt is not None and key is not None:  # refused here, not by set_policy after --force truncated the image
@@ -207,12 +245,14 @@ async def mkfs(
     # the half-built image at its target)
     made = os.path.realpath(path)
     try:
+        if preallocate:
+            check_room(fd, path, nbytes)
         # the host's file size limit (EFBIG: ext4 holds 16 TiB) is met before the old contents
         # go: --force with a size the host refused deleted the image it was to replace and made
         # none. A file already as large holds the size; a larger one is grown, contents kept
         if nbytes > os.fstat(fd).st_size:
             os.ftruncate(fd, nbytes)
-        # then drop any old contents, and extend: the image stays sparse
+        # then drop any old contents, and extend: the image is sparse until lay_out
         os.ftruncate(fd, 0)
         os.ftruncate(fd, nbytes)
         dev = BlockDevice(path, fd)
@@ -225,6 +265,8 @@ async def mkfs(
             raise OSError(e.errno, e.strerror, path) from e
         raise
     try:
+        if preallocate:
+            lay_out(fd, path, nbytes, progress)
         sb = SuperInfo(
             fsid=fsid,
             generation=0,
