@@ -345,6 +345,9 @@ def args_run(rn: argparse.ArgumentParser) -> None:
     rn.add_argument("--size", type=fio_value(fio_size, positive=True), help="override every job's size")
     rn.add_argument("--key-removal", choices=MODES, help="override the mount's key_removal= and every keyrace "
                     "job's (e.g. generic-595 under each mode)")
+    rn.add_argument("--preallocate", action="store_true", help="make the image laid out whole (mkfs --preallocate), "
+                    "as fio lays out its files before a job: fsyncs then pay no host allocation (an existing --image "
+                    "is used as it is)")
     rn.add_argument("--list", action="store_true", help="list the built-in scenarios")
     rn.add_argument("--parse-only", action="store_true", help="check the job file (as fio --parse-only), run nothing")
 
@@ -1037,7 +1040,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.parse_only:
         prepare(name, overrides, text)
         return 0
-    report = asyncio.run(run_workload(name, image=a.image, seed=seed, overrides=overrides, text=text))
+    report = asyncio.run(run_workload(name, image=a.image, seed=seed, overrides=overrides, text=text,
+                                      preallocate=a.preallocate))
     formats = ["json"] if a.json else a.output_format
     for fmt in formats:
         if fmt in ("json", "json+"):

@@ -159,9 +159,9 @@ async def fresh_dir(fs: Filesystem, path: str) -> str:
 
 def _image_size(jf: JobFile, where: str) -> tuple[int, str | None]:
     """The size of the image a run makes, and a note when it is less than its jobs ask for.
-    The image is sparse, so what its jobs write is what it takes of the host: it is capped at
-    90 % of the free space of ``where``, its directory, so that the emulated disk is full
-    (ENOSPC, which jobs can expect) before the host's is (fio's enospc-pressure.fio lays out
+    A sparse image takes of the host what its jobs write, a preallocated one its whole size: either
+    way it is capped at 90 % of the free space of ``where``, its directory, so that the emulated
+    disk is full (ENOSPC, which jobs can expect) before the host's is (fio's enospc-pressure.fio lays out
     128 GiB). ``image_size=`` is the user's own choice, taken as it is."""
     size = jf.globals.get("image_size")
     if size:
@@ -185,8 +185,9 @@ def _image_size(jf: JobFile, where: str) -> tuple[int, str | None]:
 
 
 class Runner:
-    def __init__(self, jf: JobFile, image: str, seed: int) -> None:
+    def __init__(self, jf: JobFile, image: str, seed: int, preallocate: bool = False) -> None:
         self.jf, self.image, self.seed = jf, image, seed
+        self.preallocate = preallocate  # the image the run makes, laid out whole (mkfs --preallocate)
         self.report = RunReport(seed, image, global_options=dict(jf.global_raw),
                                 group_reporting={j.group for j in jf.jobs if j.get("group_reporting")})
         self.zoned = self.report.zones  # zonemode=zbd: a file's zones span the run's jobs, as in fio
@@ -247,7 +248,10 @@ class Runner:
         if not os.path.exists(self.image) or os.path.getsize(self.image) == 0:
             size, note = _image_size(self.jf, os.path.dirname(os.path.abspath(self.image)))
             self.report.notes += [note] if note else []
-            await mkfs(self.image, size)
+            await mkfs(self.image, size, preallocate=self.preallocate)
+        elif self.preallocate:
+            self.report.notes.append(f"--preallocate: {self.image} exists, so it is used as it is (only an image the "
+                                     "run makes is preallocated)")
         self.fs = await self._mount()
         try:
             for barrier in sorted({j.barrier for j in self.jf.jobs}):
@@ -484,12 +488,14 @@ def prepare(workload: str, overrides: dict[str, Any] | None = None, text: str | 
 
 
 async def run_workload(workload: str, *, image: str | None = None, seed: int = 0,
-                       overrides: dict[str, Any] | None = None, text: str | None = None) -> RunReport:
+                       overrides: dict[str, Any] | None = None, text: str | None = None,
+                       preallocate: bool = False) -> RunReport:
     """Run a job file; ``overrides`` (the command line's ``--runtime``/``--size``/``--key-removal``)
-    win over every job's own values; ``text``: the job file's text, ``workload`` then only names it."""
+    win over every job's own values; ``text``: the job file's text, ``workload`` then only names it;
+    ``preallocate``: an image the run makes is laid out whole, as fio lays out its files (DESIGN §7)."""
     jf = prepare(workload, overrides, text)
     with tempfile.TemporaryDirectory() as tmp:
-        runner = Runner(jf, image if image is not None else os.path.join(tmp, "run.img"), seed)
+        runner = Runner(jf, image if image is not None else os.path.join(tmp, "run.img"), seed, preallocate)
         if image is None:  # the report must not name a file that is gone once it is read
             runner.report.image = SCRATCH_IMAGE
         with _stopped_by_signals(runner.interrupt):
