@@ -541,6 +541,9 @@ RERUN_REPEATS = ("a rerun repeats each task's operations (until a fault changes 
                  "sealing workers, encryption nonces), so its writes, where faults land and whether it fails may differ")
 
 
+MIX_IMAGE_SIZE = 256 << 20  # the image ``stress`` makes when IMAGE is missing
+
+
 async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: float | None,
                      faults: FaultPlan | None, crash_points: int, advance: Advance = lambda n=1, description=None: None,
                      write_path: WritePath = PRODUCTION) -> dict[str, Any]:
@@ -551,7 +554,7 @@ async def stress_mix(image: str, *, seed: int, tasks: int, nops: int, duration: 
     removal mode may lose."""
     check_data = faults is not None and faults.flip > 0
     if not os.path.exists(image) or os.path.getsize(image) == 0:
-        await mkfs(image, "256M")
+        await mkfs(image, MIX_IMAGE_SIZE)
     else:
         refuse_unclean(image, check_data)
     problems: list[str] = []
