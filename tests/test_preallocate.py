@@ -135,3 +135,22 @@ def test_run_preallocate_lays_out_the_image_it_makes_and_leaves_an_existing_one(
     rc, out, err = cli(capsys, "run", str(job), "--image", str(img), "--preallocate", "--json")
     note = f"--preallocate: {img} exists, so it is used as it is (only an image the run makes is preallocated)"
     assert (rc, err) == (0, note + "\n") and json.loads(out)["blockemu"]["notes"] == [note]
+
+
+def test_ctrl_c_stops_the_layout_at_the_next_chunk_and_removes_the_image(tmp_path):
+    """Ctrl-C (asyncio.run cancels at the task's next await) waited for the whole layout -- a
+    1 TiB image's zeros -- before mkfs stopped. A real SIGINT, raised by the process itself once
+    the first chunk is written; each chunk written prints a line."""
+    img = tmp_path / "a.img"
+    code = ("import contextlib, signal, sys; import blockemu.fs.mkfs as m; from blockemu.cli.main import main\n"
+            "@contextlib.contextmanager\n"
+            "def bar(*args):\n"
+            "    def advance(n=1, description=None):\n"
+            "        print(n, flush=True)\n"
+            "        signal.raise_signal(signal.SIGINT)\n"
+            "    yield advance\n"
+            "m.bar = bar\n"
+            f"sys.exit(main(['mkfs', {str(img)!r}, '--size', '64M', '--preallocate']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout, p.stderr) == (130, f"{4 << 20}\n", "blockemu: mkfs: interrupted\n")
+    assert not img.exists()

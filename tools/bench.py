@@ -618,7 +618,7 @@ def fig_random(d: str, rounds: int, name: str, writes: int, span: int, fsync_eve
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(fd, span)
         if preallocate:
-            lay_out(fd, path, span, False)
+            asyncio.run(lay_out(fd, path, span, False))
             os.fsync(fd)
         t = time.perf_counter()
         for i, off in enumerate(offsets):
