@@ -587,7 +587,11 @@ def fig_random(d: str, rounds: int, name: str, writes: int, span: int, fsync_eve
     """``writes`` random 4 KiB pwrites over a ``span``-byte file (seeded offsets), an fsync every
     ``fsync_every`` if given; a fresh image each round, against the same pwrites (and fsyncs) of
     a plain os.pwrite loop on a fresh host file. ``preallocate``: the image is preallocated and
-    the host file laid out (zeros written and fsynced before the loop), else both are sparse."""
+    the host file laid out (zeros written and fsynced before the loop), as a disk's blocks are
+    and as fio lays out its file, else both are sparse. The laid-out loop is the slower one on
+    this host (2,537 against 5,248 writes/s with an fsync every 64, medians of 5 alternating
+    runs): its overwrites land in place, 64 scattered writes a sync, where ext4 allocates a sparse
+    file's new pages at the fsync and may put them together."""
     import blockemu
     from blockemu.fs.mkfs import lay_out
 
