@@ -74,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sortedcontainers import SortedDict  # noqa: E402
 
 from blockemu.cli.collector import collect_less  # noqa: E402
-from blockemu.fs.mkfs import mkfs  # noqa: E402
+from blockemu.fs.mkfs import lay_out, mkfs  # noqa: E402
 from blockemu.fs.volume import Volume  # noqa: E402
 from blockemu.ondisk.structs import FS_TREE_OBJECTID  # noqa: E402
 
@@ -503,6 +503,32 @@ def fig_sequential(d: str, mib: int, rounds: int) -> list[Figure]:
             Figure("  same, against the fair per-unit pipeline", fs, naive, "MB/s", True, "(reported)")]
 
 
+PEER_IMAGE_SIZE = 2 << 30  # the loop image kernel btrfs runs the fio job in
+
+
+def kernel_btrfs_available() -> bool:
+    """The btrfs-like peer runs: mkfs.btrfs, root (a loop mount) and the kernel's btrfs."""
+    import shutil
+
+    return (shutil.which("mkfs.btrfs") is not None and os.geteuid() == 0
+            and "btrfs" in Path("/proc/filesystems").read_text())
+
+
+def fresh_host_file(path: str, size: int, laid_out: bool) -> None:
+    """A new host file of ``size`` bytes that a reference writes into as its device: laid out
+    (zeros written and fsynced), as ``mkfs --preallocate`` lays out blockemu's image, or sparse,
+    as mkfs's default one -- each pairing's devices laid out on both sides or on neither, or a
+    flush measured the host allocating a block on one side only (DESIGN §10)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        if laid_out:
+            asyncio.run(lay_out(fd, path, size, False))
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fig_fio(d: str, rounds: int) -> list[Figure]:
     """The fio job of issue 16, real fio on a host directory vs ``blockemu run`` on the same job
     file (a fresh image each round): IOPS and median fsync latency, from both tools' JSON."""
@@ -541,16 +567,16 @@ def fig_fio(d: str, rounds: int) -> list[Figure]:
             shutil.rmtree(directory)
 
     # The btrfs-like peer: real fio on the kernel's btrfs (its tree-log does the fsyncs) in a
-    # loop-mounted image on the same disk -- what a design like ours reaches in the kernel.
-    kernel_btrfs = (fio is not None and shutil.which("mkfs.btrfs") is not None and os.geteuid() == 0
-                    and "btrfs" in Path("/proc/filesystems").read_text())
+    # loop-mounted image on the same disk -- what a design like ours reaches in the kernel. Its
+    # image is its device, laid out as blockemu's is: on a sparse one each loop flush paid the
+    # host's allocation, the cost the preallocated image spares blockemu
+    kernel_btrfs = fio is not None and kernel_btrfs_available()
 
     def btrfs(r: int) -> tuple[float, float] | None:
         if not kernel_btrfs:
             return None
         image, mnt = os.path.join(d, f"btrfs{r}.img"), os.path.join(d, f"btrfs{r}")
-        with open(image, "wb") as f:
-            f.truncate(2 << 30)
+        fresh_host_file(image, PEER_IMAGE_SIZE, laid_out=True)
         os.mkdir(mnt)
         subprocess.run(["mkfs.btrfs", "-q", image], check=True, capture_output=True)
         subprocess.run(["mount", "-o", "loop", image, mnt], check=True, capture_output=True)
@@ -593,7 +619,6 @@ def fig_random(d: str, rounds: int, name: str, writes: int, span: int, fsync_eve
     runs): its overwrites land in place, 64 scattered writes a sync, where ext4 allocates a sparse
     file's new pages at the fsync and may put them together."""
     import blockemu
-    from blockemu.fs.mkfs import lay_out
 
     rng = random.Random(4)  # one generator: a fresh Random(4) per offset gave every write the same page
     offsets = [rng.randrange(span >> 12) << 12 for _ in range(writes)]
@@ -619,11 +644,8 @@ def fig_random(d: str, rounds: int, name: str, writes: int, span: int, fsync_eve
 
     def loop(r: int) -> float:
         path = os.path.join(d, f"pw{r}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        os.ftruncate(fd, span)
-        if preallocate:
-            asyncio.run(lay_out(fd, path, span, False))
-            os.fsync(fd)
+        fresh_host_file(path, span, laid_out=preallocate)
+        fd = os.open(path, os.O_RDWR)
         t = time.perf_counter()
         for i, off in enumerate(offsets):
             os.pwrite(fd, block, off)
