@@ -15,8 +15,11 @@ writes pay). A reference tool that is not installed prints "n/a (not installed)"
 
 Where a figure's flushes are the point (the fio job, the random overwrites with fsync, the stress
 mix), blockemu runs on a fresh *preallocated* image (``mkfs --preallocate``: every block written
-once, as a real disk has its blocks and as fio lays out its file before the job), and its
-reference on a laid-out file: the first write of a block of a sparse image file makes the host
+once, as a real disk has its blocks), and its reference on a device laid out as well (real fio:
+the host directory's disk; the pwrite loop: a laid-out file; kernel btrfs: a laid-out loop
+image. fio itself does not lay out this write-only job's file: it fallocates it, unwritten
+extents, as ``blockemu run`` extends its file sparse -- the filesystem's cost on both sides):
+the first write of a block of a sparse image file makes the host
 allocate it, and the fdatasync after commits the host's journal (~0.97 ms against ~0.41 ms for
 blocks written before), a cost of the host, not of the device blockemu emulates. A row of its own
 ("sparse image") keeps that figure on a sparse image, as mkfs makes one by default, so the
@@ -29,7 +32,7 @@ difference stays visible.
 * the fio job ``rw=randwrite bs=4k size=16m fsync=32 runtime=3 time_based``: real fio on a host
   directory vs ``blockemu run --preallocate`` on the same job file (fresh image), IOPS and median
   fsync latency read from both tools' JSON (and the same on a sparse image); and, as root with the btrfs module, real fio on the
-  kernel's btrfs in a fresh loop-mounted image -- the btrfs-like peer, reported beside the target;
+  kernel's btrfs in a fresh laid-out loop-mounted image -- the btrfs-like peer, reported beside the target;
 * 80 MiB of random 4 KiB buffered pwrites over 256 MiB (past the 64 MiB dirty limit) vs a
   plain os.pwrite loop at the same offsets; 4 KiB random overwrites with an fsync every 64 vs
   raw pwrite + fsync, on a preallocated image against a laid-out file (and both sparse);
@@ -613,8 +616,8 @@ def fig_random(d: str, rounds: int, name: str, writes: int, span: int, fsync_eve
     """``writes`` random 4 KiB pwrites over a ``span``-byte file (seeded offsets), an fsync every
     ``fsync_every`` if given; a fresh image each round, against the same pwrites (and fsyncs) of
     a plain os.pwrite loop on a fresh host file. ``preallocate``: the image is preallocated and
-    the host file laid out (zeros written and fsynced before the loop), as a disk's blocks are
-    and as fio lays out its file, else both are sparse. The laid-out loop is the slower one on
+    the host file laid out (zeros written and fsynced before the loop), as a disk's blocks are,
+    else both are sparse. The laid-out loop is the slower one on
     this host (2,537 against 5,248 writes/s with an fsync every 64, medians of 5 alternating
     runs): its overwrites land in place, 64 scattered writes a sync, where ext4 allocates a sparse
     file's new pages at the fsync and may put them together."""

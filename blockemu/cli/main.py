@@ -346,8 +346,8 @@ def args_run(rn: argparse.ArgumentParser) -> None:
     rn.add_argument("--key-removal", choices=MODES, help="override the mount's key_removal= and every keyrace "
                     "job's (e.g. generic-595 under each mode)")
     rn.add_argument("--preallocate", action="store_true", help="make the image laid out whole (mkfs --preallocate), "
-                    "as fio lays out its files before a job: fsyncs then pay no host allocation (an existing --image "
-                    "is used as it is)")
+                    "as a real disk has every block: fsyncs then pay no host allocation (an existing --image is used as "
+                    "it is)")
     rn.add_argument("--list", action="store_true", help="list the built-in scenarios")
     rn.add_argument("--parse-only", action="store_true", help="check the job file (as fio --parse-only), run nothing")
 

@@ -492,7 +492,7 @@ async def run_workload(workload: str, *, image: str | None = None, seed: int = 0
                        preallocate: bool = False) -> RunReport:
     """Run a job file; ``overrides`` (the command line's ``--runtime``/``--size``/``--key-removal``)
     win over every job's own values; ``text``: the job file's text, ``workload`` then only names it;
-    ``preallocate``: an image the run makes is laid out whole, as fio lays out its files (DESIGN §7)."""
+    ``preallocate``: an image the run makes is laid out whole, as a real disk has every block (DESIGN §7)."""
     jf = prepare(workload, overrides, text)
     with tempfile.TemporaryDirectory() as tmp:
         runner = Runner(jf, image if image is not None else os.path.join(tmp, "run.img"), seed, preallocate)
