@@ -154,3 +154,27 @@ def test_ctrl_c_stops_the_layout_at_the_next_chunk_and_removes_the_image(tmp_pat
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (p.returncode, p.stdout, p.stderr) == (130, f"{4 << 20}\n", "blockemu: mkfs: interrupted\n")
     assert not img.exists()
+
+
+def test_ctrl_c_stops_run_preallocate_while_it_lays_out_its_image(tmp_path):
+    """``run`` takes SIGINT for itself (its jobs stop and report, as fio's), so mkfs's own stop at
+    the next chunk never came: a Ctrl-C while ``run --preallocate`` laid out its image waited for
+    every zero (25 s for a 6 GiB image here), then mounted it for jobs that did nothing. Now the
+    layout stops at the next chunk, mkfs removes the image, and the run exits 130. Each chunk
+    written prints a line on stderr, the first raising the SIGINT."""
+    img, job = tmp_path / "r.img", tmp_path / "j.fio"
+    job.write_text("[global]\nimage_size=64M\n[j]\nrw=write\nbs=4k\nsize=64k\n")
+    code = ("import contextlib, signal, sys; import blockemu.fs.mkfs as m; from blockemu.cli.main import main\n"
+            "@contextlib.contextmanager\n"
+            "def bar(*args):\n"
+            "    def advance(n=1, description=None):\n"
+            "        print('chunk', n, file=sys.stderr, flush=True)\n"
+            "        signal.raise_signal(signal.SIGINT)\n"
+            "    yield advance\n"
+            "m.bar = bar\n"
+            f"sys.exit(main(['run', {str(job)!r}, '--image', {str(img)!r}, '--preallocate']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 130 and "Traceback" not in p.stderr
+    assert p.stderr.count("chunk") < 16  # not every chunk: the signal takes a few turns of the loop to cancel mkfs
+    assert p.stdout.endswith("interrupted by SIGINT: partial results\nfsck: not run (no image: stopped while making it)\n")
+    assert not img.exists()
