@@ -178,3 +178,25 @@ def test_ctrl_c_stops_run_preallocate_while_it_lays_out_its_image(tmp_path):
     assert p.stderr.count("chunk") < 16  # not every chunk: the signal takes a few turns of the loop to cancel mkfs
     assert p.stdout.endswith("interrupted by SIGINT: partial results\nfsck: not run (no image: stopped while making it)\n")
     assert not img.exists()
+
+
+def test_a_new_image_is_never_cut_to_nothing(tmp_path, monkeypatch):
+    """mkfs grew a new file to the image's size (the host's file size limit met first), cut it to
+    0 and grew it again: ext4 takes a cut to 0 for a file being replaced (auto_da_alloc) and at
+    its close writes back everything written since, so a preallocation stopped 2 GiB in (Ctrl-C,
+    ENOSPC) took 5.7 s to close and remove its half-written file, 0.35 s without. An image made
+    over an old one (--force) is still cut: its old contents must go."""
+    cuts: list[int] = []
+    real = os.ftruncate
+
+    def ftruncate(fd: int, length: int) -> None:
+        cuts.append(length)
+        real(fd, length)
+
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    img = tmp_path / "a.img"
+    asyncio.run(blockemu.mkfs(str(img), "16M", preallocate=True))
+    assert cuts == [16 << 20]
+    cuts.clear()
+    asyncio.run(blockemu.mkfs(str(img), "16M", preallocate=True, force=True))
+    assert cuts == [0, 16 << 20]

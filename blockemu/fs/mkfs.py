@@ -254,11 +254,16 @@ async def mkfs(
         # the host's file size limit (EFBIG: ext4 holds 16 TiB) is met before the old contents
         # go: --force with a size the host refused deleted the image it was to replace and made
         # none. A file already as large holds the size; a larger one is grown, contents kept
-        if nbytes > os.fstat(fd).st_size:
+        old_size = os.fstat(fd).st_size
+        if nbytes > old_size:
             os.ftruncate(fd, nbytes)
-        # then drop any old contents, and extend: the image is sparse until lay_out
-        os.ftruncate(fd, 0)
-        os.ftruncate(fd, nbytes)
+        # then drop any old contents, and extend: the image is sparse until lay_out. A new file
+        # has none, and is not cut to 0: ext4 takes that for a file being replaced and writes
+        # back all written since at its close -- a preallocation stopped 2 GiB in (Ctrl-C, ENOSPC)
+        # took 5.7 s to close and remove its file, 0.35 s without
+        if old_size:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, nbytes)
         dev = BlockDevice(path, fd)
     except BaseException as e:
         os.close(fd)
