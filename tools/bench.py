@@ -533,8 +533,9 @@ def fresh_host_file(path: str, size: int, laid_out: bool) -> None:
 
 
 def fig_fio(d: str, rounds: int) -> list[Figure]:
-    """The fio job of issue 16, real fio on a host directory vs ``blockemu run`` on the same job
-    file (a fresh image each round): IOPS and median fsync latency, from both tools' JSON."""
+    """The fio job of issue 16, real fio on a host directory vs ``blockemu run --preallocate`` on
+    the same job file (a fresh image each round; a sparse one in rows of their own): IOPS and
+    median fsync latency, from both tools' JSON."""
     import json
     import shutil
     import subprocess
