@@ -21,7 +21,7 @@ import os
 import stat as st
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator, NoReturn, TypeVar
+from typing import Any, AsyncIterator, Callable, Coroutine, Iterator, NoReturn, TypeVar
 
 from blockemu.crypto import fscrypt
 from blockemu.crypto.extentkeys import ExtentKeys
@@ -1423,7 +1423,8 @@ class Filesystem:
         # only when that could decide, so an image with room to spare never counts its free extents
         if need + need // 8 > self._room and need + self._split_room(alloc, need) > self._room:
             return False
-        self.promised_keep = self._room_keep if self.promised_keep is None else min(self.promised_keep, self._room_keep)
+        if self.promised_keep is None or self._room_keep < self.promised_keep:
+            self.promised_keep = self._room_keep
         return True
 
     def _split_room(self, alloc: Allocator, nbytes: int) -> int:
@@ -2094,16 +2095,21 @@ class File:
             fs.vol.check_aborted()
 
     async def write(self, data: bytes) -> int:
-        offset, n = await self._write(data, None if self.append else self.pos)
-        self.pos = offset + n
+        if self.append:
+            return await self._write(data, None)  # (which leaves the position at the end it wrote)
+        at = self.pos
+        n = await self._write(data, at)
+        self.pos = at + n
         return n
 
-    async def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
-        return (await self._write(data, offset))[1]
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> Coroutine[Any, Any, int]:
+        """``_write``'s coroutine itself, to await: a coroutine of pwrite's own around it was ~5 %
+        of a buffered 4 KiB pwrite's instructions (callgrind)."""
+        return self._write(data, offset)
 
-    async def _write(self, data: bytes | bytearray | memoryview, offset: int | None) -> tuple[int, int]:
-        """Write ``data`` at ``offset`` (None: at the end of the file, O_APPEND); returns where
-        it landed and how much. Everything the copy depends on is settled after the last await:
+    async def _write(self, data: bytes | bytearray | memoryview, offset: int | None) -> int:
+        """Write ``data`` at ``offset`` (None: at the end of the file, O_APPEND, which then moves
+        the position to where the write ended); returns how much. Everything the copy depends on is settled after the last await:
         the end of file an append goes to (another append may have moved it), the partial pages
         to read first (a cached one may have been evicted meanwhile -- by this very read's
         pages, too) and whether what was read is still current (writeback or truncate changed
@@ -2117,8 +2123,10 @@ class File:
             data = _bytes_of(data)
         n = len(data)
         if not n:
-            return inode.size if offset is None else offset, 0
-        if fs.writeback.over_limit(n):
+            if offset is None:
+                self.pos = inode.size
+            return 0
+        if waited := fs.writeback.over_limit(n):
             await fs.writeback.wait_for_room(n)
         if queued := not fs.admits(n, inode):  # (else make_room would return at once)
             await fs.make_room(n, 1, inode)
@@ -2128,13 +2136,16 @@ class File:
                                                                        or fs.end_settled(inode)):
             # one whole page, the commonest write: nothing to read or split, and no await since
             # the checks above but for the key removal they may have waited across
-            fs.check_dirtying(inode)
+            if waited or queued:
+                fs.check_dirtying(inode)
             fs.reserve_meta(inode, at // PAGE, n)
             fs.cache.writable(inode.pages, at // PAGE, overwrite=True)[:] = data
         else:
             at, end = await self._write_partial(data, offset, queued)
         if end > inode.size:
             inode.size = end
+        if offset is None:
+            self.pos = end
         inode.data_changed_ns = time.time_ns()
         fs.writeback.note_dirtied()
         fs.unyielded += n
@@ -2143,7 +2154,7 @@ class File:
             # device completions sit unread while it copies; let them in every so often
             fs.unyielded = 0
             await asyncio.sleep(0)
-        return at, n
+        return n
 
     async def _write_partial(self, data: bytes | bytearray | memoryview, offset: int | None,
                              queued: bool) -> tuple[int, int]:

@@ -140,7 +140,12 @@ class PageCache:
         if old is not None:
             self._release(pages, idx)
             self._clean.pop((pages.ino, idx), None)
-        page = self._new_page(pages, idx)
+        frame = self.arena.take_zeroed()  # (the caller may change only part of it)
+        if frame is not None:
+            pages.pages[idx] = frame
+            page = self.arena.view[frame * PAGE : (frame + 1) * PAGE]  # (``Arena.page``: a call per write)
+        else:
+            page = pages.pages[idx] = bytearray(PAGE)
         if src is not None:
             page[:] = src
         if settled and type(old) is not int:
@@ -177,14 +182,6 @@ class PageCache:
         pages.dirty.update(fresh)
         self.dirtied.add(pages.ino)
         self.dirty_bytes += len(fresh) * PAGE
-
-    def _new_page(self, pages: Pages, idx: int) -> Page:
-        frame = self.arena.take_zeroed()  # (the caller may change only part of it)
-        if frame is not None:
-            pages.pages[idx] = frame
-            return self.arena.view[frame * PAGE : (frame + 1) * PAGE]  # (``Arena.page``: a call per write)
-        page = pages.pages[idx] = bytearray(PAGE)
-        return page
 
     def _release(self, pages: Pages, idx: int) -> None:
         """Page ``idx`` is losing its entry: a frame goes back to the arena (or waits for its run)."""

@@ -278,10 +278,11 @@ class Writeback:
         frames are left for a write of ``nbytes``: dirty pages then wait for writeback rather
         than spill onto the heap. (Only a write larger than the whole arena spills, and only
         its excess.) The arena and the sealing slots are fixed in size."""
-        if self._over_bytes():
+        cache = self.cache
+        if cache.dirty_bytes + self.device.cached_bytes() > self.dirty_limit:  # (``_over_bytes``)
             return True
-        cache, arena = self.cache, self.cache.arena
-        return arena.available() < min(nbytes, arena.size) // PAGE and cache.dirty_bytes > 0
+        arena = cache.arena
+        return arena.available() < (nbytes if nbytes < arena.size else arena.size) // PAGE and cache.dirty_bytes > 0
 
     def _over_bytes(self) -> bool:
         return self.cache.dirty_bytes + self.device.cached_bytes() > self.dirty_limit
