@@ -302,10 +302,6 @@ class Writeback:
                 device.destage_in_background().add_done_callback(lambda _t: self._room.set())
             await self._room.wait()
 
-    def note_dirtied(self) -> None:
-        if self.cache.dirty_bytes > self.background_bytes:
-            self._kick.set()  # (``kick``: every write past the threshold asks)
-
     async def flush_all(self) -> None:
         """Every dirty inode at once, in one pipeline: small runs of different files share seal
         batches, one allocation pass, one device writev and one pass over each tree (a sync
