@@ -133,13 +133,15 @@ class PageCache:
         contents are kept (or ``fill``, or zeros, if it is not cached) unless the caller is
         about to ``overwrite`` all of it."""
         old = pages.pages.get(idx)
-        if idx in pages.dirty:
+        if old is None:  # not cached (every page of a scattered write load): nothing to let go of
+            src, settled = None if overwrite else fill, False
+        elif idx in pages.dirty:
             return self.arena.page(old) if type(old) is int else old  # type: ignore[arg-type,return-value]
-        src = None if overwrite else self.buffer(old) if old is not None else fill
-        settled = old is not None and self._settled(pages, idx)
-        if old is not None:
+        else:
+            src = None if overwrite else self.buffer(old)
+            # clean (a heap page to zero once copied), or only in a run being written (``_settled``)
+            settled = self._clean.pop((pages.ino, idx), None) is not None
             self._release(pages, idx)
-            self._clean.pop((pages.ino, idx), None)
         frame = self.arena.take_zeroed()  # (the caller may change only part of it)
         if frame is not None:
             pages.pages[idx] = frame
