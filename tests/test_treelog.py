@@ -71,11 +71,13 @@ def _resign_slots(path: str) -> None:
 
 
 async def committed_then_log(fs, tmp_path, data: bytes, path: str = "/f"):
-    """``path`` holding ``data``, committed; then the write log starts (the crash images' base)."""
+    """``path`` holding ``data``, committed; then the write log starts (the crash images' base) --
+    through ``start_write_log``, which empties the device's cache first: a commit leaves its
+    mirrors there, on an image that has one, until the next flush."""
     async with fs.open(path, "w") as f:
         await f.write(data)
     await fs.sync()
-    return fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
+    return await fs.start_write_log(str(tmp_path / "base.img"))
 
 
 async def test_fsync_writes_the_log_with_one_flush_and_one_fua(tmp_path):
