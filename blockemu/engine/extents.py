@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from itertools import compress, islice, repeat
-from operator import is_, itemgetter
+from operator import is_
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from blockemu.engine.batch import TreeBatch
@@ -29,13 +29,12 @@ from blockemu.engine.transaction import Engine
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk import structs as S
-from blockemu.ondisk.items import ExtentContext, ExtentItem, FileExtent, new_data_extent, new_data_extent_item
+from blockemu.ondisk.items import ExtentContext, ExtentItem, FileExtent, new_data_extent_items, new_data_extents
 from blockemu.ondisk.structs import EXTENT_DATA
 
 PAGE = S.SECTOR_SIZE
 KNOWN_EXTENTS = 1 << 16  # ``Extents.known`` holds at most this many items (~20 MiB)
 MAPPED_EXTENTS = 1 << 16  # ``Extents.maps`` hold at most this many items in all (~15 MiB)
-_KEY = itemgetter(0)
 
 
 class Mapping(NamedTuple):
@@ -230,7 +229,9 @@ class ExtentBatch:
         # beyond which they are applied with this batch's
         self.pending, self.spare = extents.engine.pending, spare
         self.fs, self.ext, self.csum = TreeBatch(extents.fs), TreeBatch(self.pending.ext), TreeBatch(self.pending.csum)
-        self.fresh: set[KeyT] = set()  # the items this batch makes for new extents (``PendingTrees.fresh``)
+        self.fresh: set[KeyT] = set()  # the items log replay makes for new extents (``PendingTrees.fresh``)
+        # the extent and checksum items ``add_extents`` makes, absorbed by the held set in bulk
+        self.made: tuple[list[tuple[KeyT, bytes]], list[tuple[KeyT, bytes]]] = ([], [])
         self.extents = extents
         self.known = extents.known
         self.touched: set[int] = set()  # inodes whose map this batch has changed
@@ -263,6 +264,8 @@ class ExtentBatch:
         self.fs.apply()
         pending = self.pending
         pending.absorb(self.ext, self.csum, self.fresh)
+        pending.absorb_new(*self.made)
+        self.made = ([], [])
         if not pending.hold(self.spare):
             pending.apply()
         extents = self.extents
@@ -464,60 +467,63 @@ class ExtentBatch:
                 self._change_ref(fe, ino, ref_offset, -1)
         return -freed, f
 
-    def add_extents(self, extents: Iterable[tuple[int, NewExtent]]) -> dict[int, int]:
+    def add_extents(self, extents: Sequence[tuple[int, NewExtent]]) -> dict[int, int]:
         """Map each new extent (with the inode number of its file) over [file_offset, +length);
-        returns each file's change in nbytes. One loop for the batch, its names looked up once:
-        per extent, the file's items there are trimmed (``_unmap``, not entered where the file's
-        map holds nothing in the range -- a new extent in a sparse file: ``ExtentMap.vacant``), and its three items are
-        made as bytes and staged. The extent and checksum items go to their trees in one update
-        each at the end, as do the keys the batch makes (``fresh``): nothing in the loop reads
-        them back, for a batch's extents never overlap (each dirty page is in one run), so no
-        extent of the batch trims or frees another -- a call per item was ~1k instructions."""
+        returns each file's change in nbytes. The extents' items are made as bytes for the whole
+        batch at once, by C-level maps over its columns (``new_data_extents``,
+        ``new_data_extent_items``): the one Python loop is the files' mappings -- per extent, the
+        file's items there are trimmed (``_unmap``, not entered where the file's map holds nothing
+        in the range -- a new extent in a sparse file: ``ExtentMap.vacant``) and its EXTENT_DATA
+        item staged. The extent and checksum items go to the held set in bulk when the batch
+        applies (``made``, ``PendingTrees.absorb_new``): nothing in the loop reads them back, for
+        a batch's extents never overlap (each dirty page is in one run), so no extent of the batch
+        trims or frees another -- a call per item was ~1k instructions."""
+        if not extents:
+            return {}
         transid, per = self.engine.transid, self.sectors_per_csum_item
-        maps, staged_known, new_csums = self.extents.maps, self.staged_known, self.new_csums
-        fs_batch = self.fs
-        fs_changes = fs_batch.changes
-        extent_item, csum_oid, csum = S.EXTENT_ITEM, S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM
-        ext_items: list[tuple[KeyT, bytes]] = []
-        csum_items: list[tuple[KeyT, bytes]] = []
+        inos, news = zip(*extents)
+        file_offsets, bytenrs, lengths, ram_bytes, contexts, digests = zip(*news)
+        maps, fs_changes = self.extents.maps, self.fs.changes
         delta: dict[int, int] = {}
-        for ino, (file_offset, bytenr, length, ram_bytes, context, digests) in extents:
+        fes, bodies = new_data_extents(transid, ram_bytes, bytenrs, lengths, contexts)
+        last, notes = None, {}
+        for ino, file_offset, length, fe, body in zip(inos, file_offsets, lengths, fes, bodies):
             end = file_offset + length
             emap = maps.get(ino)
             at = None if emap is None else emap.vacant(file_offset, end)
-            fe, body = new_data_extent(transid, ram_bytes, bytenr, length, context)
             if at is None:
                 freed, f = self._unmap(ino, file_offset, end, refill=True)
                 self._set(ino, f, file_offset, fe, body)
-            else:
-                # over nothing (a new extent in a sparse file, every write of the random-write
-                # figure): ``_set`` written out for a new offset at ``at`` in the file's map
-                freed, (_, notes) = 0, self._file(ino)
-                emap.extents[file_offset] = fe  # type: ignore[union-attr]
-                emap.offsets[at:at] = (file_offset,)  # type: ignore[union-attr]  # (``ExtentMap.set``'s one memmove)
-                self.extents.mapped += 1
-                fs_changes[(ino, EXTENT_DATA, file_offset)] = body  # (``TreeBatch.put``)
-                fs_batch.order = None
-                notes[file_offset] = (fe, body)
-            delta[ino] = delta.get(ino, 0) + freed + length
-            item, body = new_data_extent_item(transid, ino, file_offset)
-            key = (bytenr, extent_item, length)
-            ext_items.append((key, body))  # (``_put_extent``, written out: a fixed-size body)
-            staged_known[bytenr] = (key, item)
-            sectors = length // PAGE
-            if sectors <= per:  # one item (every small extent): no slicing of the digests
-                items = [((csum_oid, csum, bytenr), digests)]
-            else:
-                step = len(digests) // sectors
-                items = [((csum_oid, csum, bytenr + i * PAGE), digests[i * step : (i + per) * step])
-                         for i in range(0, sectors, per)]
-            csum_items += items  # at most an item's worth of digests each (``sectors_per_csum_item``)
-            new_csums[bytenr] = items
-        self.ext.put_many(ext_items)
-        self.csum.put_many(csum_items)
-        fresh = self.fresh
-        fresh.update(map(_KEY, ext_items))
-        fresh.update(map(_KEY, csum_items))
+                delta[ino] = delta.get(ino, 0) + freed + length
+                continue
+            # over nothing (a new extent in a sparse file, every write of the random-write
+            # figure): ``_set`` written out for a new offset at ``at`` in the file's map
+            if ino != last:  # (a batch's extents come file by file: a file's notes found once)
+                last, notes = ino, self._file(ino)[1]
+            emap.extents[file_offset] = fe  # type: ignore[union-attr]
+            emap.offsets[at:at] = (file_offset,)  # type: ignore[union-attr]  # (``ExtentMap.set``'s one memmove)
+            self.extents.mapped += 1
+            fs_changes[(ino, EXTENT_DATA, file_offset)] = body  # (``TreeBatch.put``)
+            self.fs.order = None
+            notes[file_offset] = (fe, body)
+            delta[ino] = delta.get(ino, 0) + length
+        items, item_bodies = new_data_extent_items(transid, inos, file_offsets)
+        keys = list(zip(bytenrs, repeat(S.EXTENT_ITEM), lengths))
+        self.made[0].extend(zip(keys, item_bodies))  # (``_put_extent``, in bulk: fixed-size bodies)
+        self.staged_known.update(zip(bytenrs, zip(keys, items)))
+        oid, typ = S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM
+        if max(lengths) <= per * PAGE:  # one checksum item each (every small extent): no slicing
+            csum_items = list(zip(zip(repeat(oid), repeat(typ), bytenrs), digests))
+            self.new_csums.update(zip(bytenrs, map(list, zip(csum_items))))
+        else:
+            csum_items = []
+            for bytenr, length, sums in zip(bytenrs, lengths, digests):
+                step = len(sums) // (length // PAGE)
+                mine = [((oid, typ, bytenr + i * PAGE), sums[i * step : (i + per) * step])
+                        for i in range(0, length // PAGE, per)]
+                csum_items += mine  # at most an item's worth of digests each (``sectors_per_csum_item``)
+                self.new_csums[bytenr] = mine
+        self.made[1].extend(csum_items)
         return delta
 
     def map_logged(self, ino: int, file_offset: int, fe: FileExtent, csum_items: list[tuple[tuple[int, int, int], bytes]]) -> None:

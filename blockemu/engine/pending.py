@@ -21,6 +21,7 @@ and then, as each batch was before.
 from __future__ import annotations
 
 from bisect import bisect_left
+from operator import itemgetter
 from typing import Iterable
 
 from blockemu.engine.batch import TreeBatch
@@ -31,6 +32,7 @@ from blockemu.ondisk.structs import SECTOR_SIZE
 # Changes held at most (both trees; ~100-200 bytes each): a long run without a commit applies
 # the set when it is this large, as it would when short of room.
 MAX_PENDING = 1 << 14
+_KEY, _VALUE = itemgetter(0), itemgetter(1)
 
 
 class HeldBatch(TreeBatch):
@@ -144,6 +146,22 @@ class PendingTrees:
                     # its checksums' bytes, in leaves at least half full, and the two it starts and ends in
                     self.range_leaves += 2 + 2 * ((hi[2] - lo[2]) // SECTOR_SIZE * self.csum_size) // self.nodesize
         self.added += added
+
+    def absorb_new(self, ext_items: list[tuple[KeyT, bytes]], csum_items: list[tuple[KeyT, bytes]]) -> None:
+        """Take the items a mapped batch made for its new extents (``ExtentBatch.add_extents``):
+        what ``absorb`` does with each, for keys no tree holds and no held change names (a new
+        extent's space was free: space freed in this transaction stays pinned until it commits),
+        in a few C-level passes over the lists -- ``absorb``'s step per key was ~6 % of mapping
+        a one-page extent (two keys each). (A key held already would only be listed twice in
+        ``added``, which the next ordered read deduplicates, as ``absorb`` allows.)"""
+        fresh = self.fresh
+        for mine, items in ((self.ext, ext_items), (self.csum, csum_items)):
+            if items:
+                keys = list(map(_KEY, items))
+                mine.changes.update(items)
+                mine.added += keys
+                fresh.update(keys)
+                self.added += sum(map(len, map(_VALUE, items))) + ITEM_SIZE * len(items)
 
     def hold(self, spare: int) -> bool:
         """Whether the set may stay held (else the caller applies it): no larger than

@@ -8,8 +8,8 @@ from __future__ import annotations
 import stat
 import struct
 from collections import namedtuple
-from itertools import compress, repeat
-from typing import Iterator, NamedTuple
+from itertools import compress, repeat, starmap
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import fast
@@ -407,7 +407,7 @@ def new_data_extent(generation: int, ram_bytes: int, bytenr: int, length: int,
                     context: ExtentContext | None) -> tuple[FileExtent, bytes]:
     """A newly written extent's EXTENT_DATA item mapping all of it, with its body: the same as
     ``FileExtent(...)`` and its ``pack()``, made in one struct call and without the Python-level
-    NamedTuple constructor -- every written extent is staged through here (``ExtentBatch.add_extents``)."""
+    NamedTuple constructor (``new_data_extents``' answer for one extent)."""
     if context is None:
         fields = (generation, ram_bytes, 0, ENCRYPTION_NONE, 0, FILE_EXTENT_REG, bytenr, length, 0, length)
         return tuple.__new__(FileExtent, (*fields, None)), fast.FILE_EXTENT_ITEM.pack(*fields)
@@ -415,11 +415,37 @@ def new_data_extent(generation: int, ram_bytes: int, bytenr: int, length: int,
     return tuple.__new__(FileExtent, (*fields, context)), _ENCRYPTED_FILE_EXTENT.pack(*fields, *context)
 
 
-def new_data_extent_item(generation: int, ino: int, file_offset: int) -> tuple[ExtentItem, bytes]:
-    """A newly written extent's EXTENT_ITEM (one reference, from the file that wrote it) and its
-    body: ``ExtentItem(...)`` and its ``pack()`` without the generic pack's shape checks."""
-    item = tuple.__new__(ExtentItem, (1, generation, EXTENT_FLAG_DATA, (("data", FS_TREE_OBJECTID, ino, file_offset, 1),)))
-    return item, _ONE_DATA_REF.pack(1, generation, EXTENT_FLAG_DATA, EXTENT_DATA_REF, FS_TREE_OBJECTID, ino, file_offset, 1)
+def new_data_extents(generation: int, ram_bytes: Sequence[int], bytenrs: Sequence[int], lengths: Sequence[int],
+                     contexts: Sequence[ExtentContext | None]) -> tuple[list[FileExtent], list[bytes]]:
+    """``new_data_extent`` of each extent of a batch (every written extent is staged through
+    here: ``ExtentBatch.add_extents``): when the batch's extents are all plaintext or all
+    encrypted, the items and bodies are made by C-level maps over the columns, with no Python
+    step per extent (a call and its tuples per extent were ~8 % of mapping a one-page extent)."""
+    plain = contexts.count(None)
+    if plain and plain != len(contexts):  # a batch of plaintext and encrypted files' runs
+        fes, bodies = zip(*map(new_data_extent, repeat(generation), ram_bytes, bytenrs, lengths, contexts))
+        return list(fes), list(bodies)
+    flags = (0, ENCRYPTION_NONE if plain else ENCRYPTION_FSCRYPT, 0, FILE_EXTENT_REG)
+
+    def fields(*more: Iterable) -> Iterator[tuple]:
+        """Each extent's fields, then its values from ``more``."""
+        return zip(repeat(generation), ram_bytes, *map(repeat, flags), bytenrs, lengths, repeat(0), lengths, *more)
+
+    fes = list(map(tuple.__new__, repeat(FileExtent), fields(contexts)))
+    if plain:
+        return fes, list(starmap(fast.FILE_EXTENT_ITEM.pack, fields()))
+    return fes, list(starmap(_ENCRYPTED_FILE_EXTENT.pack, fields(*zip(*contexts))))  # (each context's fields too)
+
+
+def new_data_extent_items(generation: int, inos: Sequence[int], file_offsets: Sequence[int]) -> tuple[list[ExtentItem], list[bytes]]:
+    """Each newly written extent's EXTENT_ITEM (one reference, from the file that wrote it at
+    ``file_offsets``) and its body: ``ExtentItem(...)`` and its ``pack()``, by C-level maps over
+    the batch, without the generic pack's shape checks."""
+    refs = zip(zip(repeat("data"), repeat(FS_TREE_OBJECTID), inos, file_offsets, repeat(1)))
+    items = list(map(tuple.__new__, repeat(ExtentItem), zip(repeat(1), repeat(generation), repeat(EXTENT_FLAG_DATA), refs)))
+    bodies = list(starmap(_ONE_DATA_REF.pack, zip(repeat(1), repeat(generation), repeat(EXTENT_FLAG_DATA), repeat(EXTENT_DATA_REF),
+                                                  repeat(FS_TREE_OBJECTID), inos, file_offsets, repeat(1))))
+    return items, bodies
 
 
 def unpack_extent_items(bodies: list[bytes]) -> list[ExtentItem | None]:
