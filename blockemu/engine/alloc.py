@@ -394,6 +394,13 @@ class Allocator:
         self._touch(start, start + length)
         self.pinned.append((start, length))
 
+    def pin_many(self, extents: list[tuple[int, int]]) -> None:
+        """``pin`` of each (start, length): a mapped batch of overwrites frees an extent per page
+        it writes, and two calls each were ~2 % of mapping one."""
+        if self.touched is not None:
+            self.touched += [(start, start + length) for start, length in extents]
+        self.pinned += extents
+
     def seal_pins(self) -> None:
         """The running transaction has ended and its commit is being written: what it freed waits
         for that commit; what the next transaction frees is pinned apart, for its own."""

@@ -290,12 +290,12 @@ class ExtentBatch:
         engine = self.engine
         for ino, notes in self.changed.items():
             engine.changed_extents.setdefault(ino, {}).update(notes)
-        new_csums, pin = engine.new_csums, engine.allocator.pin
+        new_csums = engine.new_csums
         new_csums.update(self.new_csums)
-        for bytenr, length in self.freed:
-            pin(bytenr, length)
+        engine.allocator.pin_many(self.freed)
+        for bytenr, _ in self.freed:
             new_csums.pop(bytenr, None)
-        self.freed.clear()
+        self.freed = []
         self.changed = {}
         self.new_csums = {}
 
