@@ -492,7 +492,8 @@ async def test_an_overwrite_finds_the_items_it_changes_without_a_lookup(image, m
     def known_is_the_tree(fs):
         ext = fs.extents.ext  # the tree with the changes held for the commit
         for bytenr, (key, item) in fs.extents.known.items():
-            assert ExtentItem.unpack(ext.get(key)) == item
+            body = ext.get(key)  # a new extent's item is known as its body until an overwrite reads it
+            assert body == item if type(item) is bytes else ExtentItem.unpack(body) == item
         maps_are_the_tree(fs)
 
     rng = random.Random(3)

@@ -232,19 +232,21 @@ CONTEXTS = st.none() | st.builds(items.ExtentContext, st.integers(0, 255), st.in
 @given(st.lists(st.tuples(U64, U64, U64, U64, U64, CONTEXTS), min_size=1, max_size=4), U64)
 def test_new_data_extent_items_are_the_general_ones(rows, generation):
     """The builders of a batch's new extents' items (``ExtentBatch.add_extents`` stages every
-    written extent through them: C-level maps over the batch) give what the NamedTuples and
-    their general pack give: the same objects and the same bytes, for every field value the
-    format can hold -- batches of plaintext extents, of encrypted ones, and of both."""
+    written extent through them: C-level maps over the batch) and the decoder of the extent
+    items' bodies give what the NamedTuples and their general pack and unpack give: the same
+    objects and the same bytes, for every field value the format can hold -- batches of
+    plaintext extents, of encrypted ones, and of both."""
     ram_bytes, bytenrs, lengths, inos, file_offsets, contexts = zip(*rows)
     fes, bodies = items.new_data_extents(generation, ram_bytes, bytenrs, lengths, contexts)
-    eis, ei_bodies = items.new_data_extent_items(generation, inos, file_offsets)
-    assert len(fes) == len(bodies) == len(eis) == len(ei_bodies) == len(rows)
-    for (ram, bytenr, length, ino, file_offset, context), got_fe, body, got_ei, ei_body in zip(rows, fes, bodies, eis, ei_bodies):
+    ei_bodies = items.new_data_extent_items(generation, inos, file_offsets)
+    assert len(fes) == len(bodies) == len(ei_bodies) == len(rows)
+    for (ram, bytenr, length, ino, file_offset, context), got_fe, body, ei_body in zip(rows, fes, bodies, ei_bodies):
         fe = items.FileExtent(generation, ram, 0, S.ENCRYPTION_FSCRYPT if context else S.ENCRYPTION_NONE,
                               0, S.FILE_EXTENT_REG, bytenr, length, 0, length, context)
         assert type(got_fe) is items.FileExtent and got_fe == fe and body == fe.pack()
         assert items.FileExtent.unpack(body) == fe
         ei = items.ExtentItem(1, generation, S.EXTENT_FLAG_DATA, (("data", S.FS_TREE_OBJECTID, ino, file_offset, 1),))
+        got_ei = items.new_data_extent_item(ei_body)
         assert type(got_ei) is items.ExtentItem and got_ei == ei and ei_body == ei.pack()
         assert items.ExtentItem.unpack(ei_body) == ei
 

@@ -29,7 +29,14 @@ from blockemu.engine.transaction import Engine
 from blockemu.errors import CorruptionError
 from blockemu.ondisk import csum as csums
 from blockemu.ondisk import structs as S
-from blockemu.ondisk.items import ExtentContext, ExtentItem, FileExtent, new_data_extent_items, new_data_extents
+from blockemu.ondisk.items import (
+    ExtentContext,
+    ExtentItem,
+    FileExtent,
+    new_data_extent_item,
+    new_data_extent_items,
+    new_data_extents,
+)
 from blockemu.ondisk.structs import EXTENT_DATA
 
 PAGE = S.SECTOR_SIZE
@@ -159,7 +166,8 @@ class Extents:
         # changes the references of the extent it replaces, nearly always one an earlier
         # writeback made: its item is found here, not by a descent into an extent-tree leaf
         # nothing else touched (a third of mapping a small extent). Bounded: emptied when full.
-        self.known: dict[int, tuple[KeyT, ExtentItem]] = {}
+        # (A new extent's item is kept as its body until an overwrite reads it: ``_extent_key``.)
+        self.known: dict[int, tuple[KeyT, ExtentItem | bytes]] = {}
         # The EXTENT_DATA items of the files writeback maps extents into, by inode: each filled
         # from the fs tree once, then changed with it by every ExtentBatch of this view (the only
         # writer of those items), so an overwrite finds the items it replaces without a lookup.
@@ -235,7 +243,7 @@ class ExtentBatch:
         self.extents = extents
         self.known = extents.known
         self.touched: set[int] = set()  # inodes whose map this batch has changed
-        self.staged_known: dict[int, tuple[KeyT, ExtentItem] | None] = {}  # this batch's changes to it (None: gone)
+        self.staged_known: dict[int, tuple[KeyT, ExtentItem | bytes] | None] = {}  # this batch's changes to it (None: gone)
         self.sectors_per_csum_item = extents.sectors_per_csum_item
         self.freed: list[tuple[int, int]] = []  # data extents left without references: pinned once applied
         # for the fsync log (``Engine.changed_extents``, ``Engine.new_csums``), noted once applied;
@@ -344,7 +352,8 @@ class ExtentBatch:
         the view knows, or the tree's."""
         hit = self.staged_known[bytenr] if bytenr in self.staged_known else self.known.get(bytenr)
         if hit is not None:
-            return hit
+            key, item = hit
+            return key, new_data_extent_item(item) if type(item) is bytes else item
         found = None if bytenr in self.staged_known else \
             self.ext.first_at_or_after((bytenr, S.EXTENT_ITEM, 0), (bytenr, S.EXTENT_ITEM, (1 << 64) - 1))
         if found is None:
@@ -507,10 +516,9 @@ class ExtentBatch:
             self.fs.order = None
             notes[file_offset] = (fe, body)
             delta[ino] = delta.get(ino, 0) + length
-        items, item_bodies = new_data_extent_items(transid, inos, file_offsets)
-        keys = list(zip(bytenrs, repeat(S.EXTENT_ITEM), lengths))
-        self.made[0].extend(zip(keys, item_bodies))  # (``_put_extent``, in bulk: fixed-size bodies)
-        self.staged_known.update(zip(bytenrs, zip(keys, items)))
+        made = list(zip(zip(bytenrs, repeat(S.EXTENT_ITEM), lengths), new_data_extent_items(transid, inos, file_offsets)))
+        self.made[0].extend(made)  # (``_put_extent``, in bulk: fixed-size bodies)
+        self.staged_known.update(zip(bytenrs, made))  # each item as its body (``known``)
         oid, typ = S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM
         if max(lengths) <= per * PAGE:  # one checksum item each (every small extent): no slicing
             csum_items = list(zip(zip(repeat(oid), repeat(typ), bytenrs), digests))

@@ -437,15 +437,19 @@ def new_data_extents(generation: int, ram_bytes: Sequence[int], bytenrs: Sequenc
     return fes, list(starmap(_ENCRYPTED_FILE_EXTENT.pack, fields(*zip(*contexts))))  # (each context's fields too)
 
 
-def new_data_extent_items(generation: int, inos: Sequence[int], file_offsets: Sequence[int]) -> tuple[list[ExtentItem], list[bytes]]:
-    """Each newly written extent's EXTENT_ITEM (one reference, from the file that wrote it at
-    ``file_offsets``) and its body: ``ExtentItem(...)`` and its ``pack()``, by C-level maps over
-    the batch, without the generic pack's shape checks."""
-    refs = zip(zip(repeat("data"), repeat(FS_TREE_OBJECTID), inos, file_offsets, repeat(1)))
-    items = list(map(tuple.__new__, repeat(ExtentItem), zip(repeat(1), repeat(generation), repeat(EXTENT_FLAG_DATA), refs)))
-    bodies = list(starmap(_ONE_DATA_REF.pack, zip(repeat(1), repeat(generation), repeat(EXTENT_FLAG_DATA), repeat(EXTENT_DATA_REF),
-                                                  repeat(FS_TREE_OBJECTID), inos, file_offsets, repeat(1))))
-    return items, bodies
+def new_data_extent_items(generation: int, inos: Sequence[int], file_offsets: Sequence[int]) -> list[bytes]:
+    """Each newly written extent's EXTENT_ITEM body (one reference, from the file that wrote it
+    at ``file_offsets``): ``ExtentItem(...).pack()`` by a C-level map over the batch, without the
+    generic pack's shape checks. No ExtentItem is made: most are never read back, and one that
+    is (an overwrite of the extent) is decoded then (``new_data_extent_item``)."""
+    return list(starmap(_ONE_DATA_REF.pack, zip(repeat(1), repeat(generation), repeat(EXTENT_FLAG_DATA), repeat(EXTENT_DATA_REF),
+                                                repeat(FS_TREE_OBJECTID), inos, file_offsets, repeat(1))))
+
+
+def new_data_extent_item(body: bytes) -> ExtentItem:
+    """The ExtentItem of a body ``new_data_extent_items`` made (its one shape: no checks)."""
+    count, generation, flags, _, root, ino, offset, refs = _ONE_DATA_REF.unpack(body)
+    return tuple.__new__(ExtentItem, (count, generation, flags, (("data", root, ino, offset, refs),)))
 
 
 def unpack_extent_items(bodies: list[bytes]) -> list[ExtentItem | None]:
