@@ -1,5 +1,5 @@
 """A workload's recorded write log does not depend on thread timing: an fsync that commits
-returns before its commit's tail (the mirrors written, the freed extents given back), which in use
+returns before its commit's tail (mirrors, a flush, the freed extents given back), which in use
 races the next operation's writeback; the recorder puts the tail at one point, in either of two
 orders, and a campaign checks both where they differ (DESIGN §10)."""
 from __future__ import annotations
@@ -28,9 +28,7 @@ class TailTiming:
     ``early``, its flush completes before anything else is written (a write issued meanwhile
     waits for it); ``late``, the flush starts only once a write was logged after it was called
     -- or once something waits for it (a commit call in progress, the commit lock wanted),
-    before which nothing more is written. No sleeps: the schedule is driven. (The tail has had no
-    flush of its own since speed33: the flushes timed are those of the commits and log syncs
-    around it, and the tail's release of the freed space stays the recorder's to place.)"""
+    before which nothing more is written. No sleeps: the schedule is driven."""
 
     def __init__(self, vol: Volume, timing: Timing) -> None:
         self.vol, self.timing = vol, timing

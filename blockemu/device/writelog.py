@@ -177,7 +177,7 @@ class WriteLog:
 
 
 def mirror_tears(upto: int, doubt: list[LogEntry]) -> Iterable[CrashState]:
-    """A commit writes the mirrors after the primary's FUA, before the next flush, and a log
+    """A commit writes the mirrors after the primary's FUA and before its last flush, and a log
     sync its log slot before its flush: a cut there may land the copy's 4 KiB in part (a device
     of 512-byte sectors tears it), new head and old tail or the reverse -- a mirror whose
     checksum fails beside a valid primary, a slot whose checksum fails beside the one before.

@@ -16,10 +16,10 @@ recorded in ``TreeStore``. A commit then:
 2. encodes the dirty blocks and ends the transaction (``prepare_commit``): the
    next one starts at once, and a block it changes is COWed again, the committing
    transaction's pins sealed apart from its own; the caller writes the blocks,
-   flushes, writes the superblock with FUA, writes the mirrors (durable with the next flush);
+   flushes, writes the superblock with FUA, writes the mirrors, flushes;
 3. once the primary superblock is durable, ``committed`` makes it the image's; once the
-   mirrors are written too, ``finish_commit`` releases the committed transaction's pins:
-   only now may the blocks of the previous generation be overwritten.
+   mirrors are written and flushed too, ``finish_commit`` releases the committed
+   transaction's pins: only now may the blocks of the previous generation be overwritten.
 
 A crash before the superblock's FUA completes leaves the previous generation,
 whose blocks nothing has overwritten; after it, the new one.
@@ -583,7 +583,7 @@ class Engine:
         self.store.written()
 
     def finish_commit(self) -> None:
-        """The commit is done, its mirrors written: the previous generation's blocks may now be reused."""
+        """The commit is done, its mirrors too: the previous generation's blocks may now be reused."""
         self.allocator.unpin_sealed()
 
 

@@ -197,7 +197,7 @@ class Recorder:
     """Runs a workload with the write log on and the oracle recorded at each persistence point.
 
     An fsync that commits returns once its primary superblock is durable, and the commit's tail
-    (the mirrors written, the freed extents given back: DESIGN §9) runs on under the commit lock; in
+    (mirrors, a flush, the freed extents given back: DESIGN §9) runs on under the commit lock; in
     use, whether its flush lands before the next operation's data, and whether that operation's
     allocations see the freed space, is thread timing -- a log recorded so would differ from
     run to run, and a failure's reproduce line replay another. So the recorder puts each such
