@@ -16,19 +16,7 @@ from blockemu.device.blockdev import BlockDevice
 from blockemu.errors import NoSpaceError
 from blockemu.fs.filesystem import Filesystem
 from blockemu.fs.pagecache import PAGE
-from blockemu.ondisk.structs import SUPER_OFFSETS
-from tests.util import (
-    KEY,
-    KID,
-    ErrnoCheck,
-    Gate,
-    abort_by_a_half_done_rename,
-    assert_fsck_clean,
-    encrypted_dir,
-    mirrored_image,
-    nothing,
-    until,
-)
+from tests.util import KEY, KID, ErrnoCheck, Gate, abort_by_a_half_done_rename, assert_fsck_clean, encrypted_dir, until
 
 
 @pytest.fixture
@@ -378,9 +366,9 @@ async def test_a_commit_whose_caller_is_cancelled_still_runs_its_tail(image, mon
 
 async def test_fsync_that_commits_returns_at_the_superblock_and_the_next_sync_waits_for_the_tail(image, monkeypatch):
     """An fsync that needs a full commit returns once the primary superblock is durable: the
-    mirrors' write and the release of the pins (the commit's tail) go on without it, under the
-    commit lock, so the next fsync's log sync waits for them, and the space the commit gives
-    back comes back only once the tail has run."""
+    mirrors' write and flush and the release of the pins (the commit's tail) go on without it,
+    under the commit lock, so the next fsync's log sync waits for them, and the space the commit
+    gives back comes back only once the tail's flush has landed."""
     data = os.urandom(3 * PAGE)
     async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
         f = await fs.open("/f", "w")  # created: its fsync commits
@@ -390,12 +378,13 @@ async def test_fsync_that_commits_returns_at_the_superblock_and_the_next_sync_wa
         await fs.rename("/f", "/g")  # a name changed: the fsync commits
         async with fs.vol.commit_lock:  # the first fsync's commit tail is done
             generation, alloc = fs.vol.generation, fs.vol.engine.allocator
-        gate = fs.vol.tail_gate = Gate(nothing)
+        gate = Gate(fs.vol.device.flush)
+        monkeypatch.setattr(fs.vol.device, "flush", gate)
         fsync = asyncio.ensure_future(f.fsync())
-        await gate.entered.wait()  # the tail, held before it starts
+        await gate.entered.wait()  # the tail's flush, after the mirrors
         await asyncio.wait_for(fsync, 10)  # returned: its file is durable
         assert fs.vol.generation == generation + 1 and fs.vol.commit_lock.locked()
-        assert alloc.sealed, "pins released before the tail"
+        assert alloc.sealed, "pins released before the tail's flush"
         await f.pwrite(os.urandom(PAGE), PAGE)
         asked, acquire = asyncio.Event(), fs.vol.commit_lock.acquire
 
@@ -415,17 +404,17 @@ async def test_fsync_that_commits_returns_at_the_superblock_and_the_next_sync_wa
     assert_fsck_clean(image, check_data=False)
 
 
-async def test_a_commit_tail_that_fails_aborts_the_mount_and_keeps_what_the_fsync_made_durable(tmp_path):
+async def test_a_commit_tail_that_fails_aborts_the_mount_and_keeps_what_the_fsync_made_durable(image, monkeypatch):
     """The tail of an fsync's commit fails after the fsync returned (its superblock durable):
-    its mirror's write meets a power cut. The mount is aborted, as for any failed commit (later
-    changes refused with EROFS), the unmount returns (nothing it held was lost), and the file
-    is there after a remount."""
-    data, image = os.urandom(3 * PAGE), await mirrored_image(tmp_path)
+    the mount is aborted, as for any failed commit (later changes refused with EROFS), the
+    unmount returns (nothing it held was lost), and the file is there after a remount."""
+    data = os.urandom(3 * PAGE)
     async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
         f = await fs.open("/f", "w")
         await f.write(data)
         async with fs.vol.commit_lock:  # the open's commit is done
-            gate = fs.vol.tail_gate = Gate(nothing)
+            gate = Gate(fs.vol.device.flush)
+        monkeypatch.setattr(fs.vol.device, "flush", gate)
         await f.fsync()
         await gate.entered.wait()
         fs.vol.device.power_cut()
@@ -629,9 +618,10 @@ async def test_a_failed_mount_releases_what_it_took(image, monkeypatch, fails):
 
 
 def hold_flushes(fs: Filesystem, monkeypatch, *numbers: int) -> tuple[dict[int, asyncio.Event], dict[int, asyncio.Event]]:
-    """The device's flushes counted from now: the ones ``numbers`` name (a commit has one, its
-    data and tree blocks', with the primary superblock after it: ``flush_then_fua``) set their
-    ``entered`` event and wait for their ``held`` one. Returns (entered, held)."""
+    """The device's flushes counted from now: the ones ``numbers`` name (a commit's first is its
+    data and tree blocks', with the primary superblock after it (``flush_then_fua``), its
+    second the mirrors') set their ``entered`` event and wait for their ``held`` one. Returns
+    (entered, held)."""
     device, held = fs.vol.device, {n: asyncio.Event() for n in numbers}
     entered = {n: asyncio.Event() for n in numbers}
     calls = 0
@@ -658,7 +648,7 @@ async def test_commits_called_during_a_commit_share_the_next_one(image, monkeypa
     stress mix's syncs did that)."""
     async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
         await fs.mkdir("/c1")
-        entered, held = hold_flushes(fs, monkeypatch, 1, 2)
+        entered, held = hold_flushes(fs, monkeypatch, 1, 3)
         generation = fs.vol.generation
         c1 = asyncio.ensure_future(fs.vol.commit())
         await entered[1].wait()
@@ -666,10 +656,10 @@ async def test_commits_called_during_a_commit_share_the_next_one(image, monkeypa
         y = asyncio.ensure_future(fs.mkdir("/y"))  # waits for C1, then changes the tree
         await asyncio.sleep(0)  # all three have called
         held[1].set()
-        await entered[2].wait()  # A's commit, C2, is at its first flush
+        await entered[3].wait()  # A's commit, C2, is at its first flush
         x = asyncio.ensure_future(fs.mkdir("/x"))  # waits for C2, then changes the tree
         await asyncio.sleep(0)
-        held[2].set()
+        held[3].set()
         assert await asyncio.gather(c1, a, b, x, y) == [True, True, True, None, None]
         assert fs.vol.generation == generation + 2, "B committed again instead of sharing C2"
         assert fs.vol.engine.is_dirty()  # X's change waits for the next commit
@@ -797,7 +787,7 @@ async def test_unmount_never_shares_a_commit_that_misses_a_later_change(image, m
     lost nothing that returned successfully before it."""
     fs = await blockemu.mount(image, interval=3600, seal_workers=0)
     await fs.mkdir("/c")
-    entered, held = hold_flushes(fs, monkeypatch, 1, 2)
+    entered, held = hold_flushes(fs, monkeypatch, 1, 3)
     c = asyncio.ensure_future(fs.vol.commit())
     await entered[1].wait()  # C is at its first flush
     y = asyncio.ensure_future(fs.mkdir("/y"))  # joins once C is done: D's change
@@ -813,9 +803,9 @@ async def test_unmount_never_shares_a_commit_that_misses_a_later_change(image, m
     unmount = asyncio.ensure_future(fs.unmount())
     await closing.wait()  # the unmount's commit has been called, behind D
     held[1].set()
-    await entered[2].wait()  # D is at its first flush
+    await entered[3].wait()  # D is at its first flush
     x = asyncio.ensure_future(fs.mkdir("/x"))  # waits for D, then changes the tree
-    held[2].set()
+    held[3].set()
     results = await asyncio.gather(c, d, y, x, unmount, return_exceptions=True)
     assert results[:3] == [True, True, None]
     async with blockemu.mount(image) as fs:
@@ -919,7 +909,7 @@ async def test_an_fsync_behind_a_commit_begun_after_its_call_shares_it(image, mo
         await fs.sync()
         log = fs.vol.device.start_log(base_copy=str(tmp_path / "base.img"))
         await fs.mkdir("/c1")
-        entered, held = hold_flushes(fs, monkeypatch, 1, 2)  # C1's superblock, then C2's
+        entered, held = hold_flushes(fs, monkeypatch, 1, 3)  # C1's superblock, then C2's
         c1 = asyncio.ensure_future(fs.vol.commit())
         await entered[1].wait()
         await f.write(b"f" * 3 * PAGE)
@@ -931,9 +921,9 @@ async def test_an_fsync_behind_a_commit_begun_after_its_call_shares_it(image, mo
         real_write_log = fs.vol._write_log
         monkeypatch.setattr(fs.vol, "_write_log", lambda *a: logs.append(a) or real_write_log(*a))
         held[1].set()
-        await entered[2].wait()  # C2 is written; the next transaction runs
+        await entered[3].wait()  # C2 is written; the next transaction runs
         await fs.mkdir("/x")
-        held[2].set()
+        held[3].set()
         assert await c1 and await c2
         await fsync
         assert not logs, "F wrote a log though C2 had made its file durable"
@@ -977,14 +967,13 @@ async def test_fsyncs_waiting_for_a_log_sync_share_the_next_one(image, monkeypat
                 assert await f.read() == p[1:].encode() * 3 * PAGE, p
 
 
-@pytest.mark.parametrize("fails", ["superblock", "mirrors"])
-async def test_a_commit_failing_while_fsyncs_of_the_next_transaction_wait_acknowledges_none(tmp_path, monkeypatch, fails):
-    """A commit's I/O fails (its superblock's flush + FUA, or the mirrors' write, once the
-    primary landed) while the next transaction -- let in beside that I/O -- has written two
+@pytest.mark.parametrize("fails", ["superblock", "final flush"])
+async def test_a_commit_failing_while_fsyncs_of_the_next_transaction_wait_acknowledges_none(image, monkeypatch, fails):
+    """A commit's I/O fails (its superblock's flush + FUA, or the flush after the mirrors, once
+    the primary landed) while the next transaction -- let in beside that I/O -- has written two
     files and their fsyncs wait for the lock: the mount aborts, neither fsync returns as if
     durable, and the image opens at a whole generation (the one before, with its fsync log, or
     the failed commit's own) with fsck clean."""
-    image = await mirrored_image(tmp_path)
     fs = await blockemu.mount(image, interval=3600, seal_workers=0)
     for i in range(3):
         async with fs.open(f"/f{i}", "w") as f:
@@ -994,7 +983,7 @@ async def test_a_commit_failing_while_fsyncs_of_the_next_transaction_wait_acknow
         await f.pwrite(b"A" * 5000, 0)
         await f.fsync()  # through the log
     dev, vol = fs.vol.device, fs.vol
-    real_ff, real_writev = dev.flush_then_fua, dev.writev
+    real_ff, real_flush = dev.flush_then_fua, dev.flush
     held, release, primary = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def fail(*_a, **_k):
@@ -1008,11 +997,10 @@ async def test_a_commit_failing_while_fsyncs_of_the_next_transaction_wait_acknow
         await real_ff(*a, **k)
         primary.set()
 
-    async def writev(writes, **k):  # the mirror's (the next transaction's data goes on)
-        mirror = primary.is_set() and any(off == SUPER_OFFSETS[1] for off, _ in writes)
-        return await (fail() if mirror else real_writev(writes, **k))
+    async def flush(*a, **k):
+        return await (fail() if primary.is_set() else real_flush(*a, **k))
     monkeypatch.setattr(dev, "flush_then_fua", flush_then_fua)
-    monkeypatch.setattr(dev, "writev", writev)
+    monkeypatch.setattr(dev, "flush", flush)
     sync = asyncio.ensure_future(fs.sync())
     await held.wait()  # the commit's transaction has ended; its I/O is held
     waiting, real_fsync = asyncio.Event(), vol.fsync

@@ -13,7 +13,7 @@ import pytest
 import blockemu
 from blockemu.crypto.keyring import State
 from blockemu.fs.filesystem import File, Filesystem
-from tests.util import KEY, KID, ErrnoCheck, abort_by_a_half_done_rename, encrypted_dir, mirrored_image
+from tests.util import KEY, KID, ErrnoCheck, abort_by_a_half_done_rename, encrypted_dir
 
 
 @pytest.fixture
@@ -131,13 +131,12 @@ async def test_unmount_on_a_dead_device_says_what_the_transaction_held_is_lost(i
 
 
 @pytest.mark.parametrize("then", ["nothing", "a write not fsynced"])
-async def test_an_fsyncs_commit_tail_meeting_a_power_cut_alone_loses_nothing(tmp_path, then):
-    """create, write, fsync, then a power cut while the fsync's commit tail (the mirror's write)
-    has yet to run: the tail fails and aborts the mount, but the commit was durable
+async def test_an_fsyncs_commit_tail_meeting_a_power_cut_alone_loses_nothing(image, then):
+    """create, write, fsync, then a power cut while the fsync's commit tail (the mirrors, a
+    flush) has yet to run: the tail fails and aborts the mount, but the commit was durable
     (its primary superblock landed) and the file is whole after a remount. The unmount raised
     EROFS all the same -- an unmount that raises says something may be lost (review29). It
     returns now; a write acknowledged meanwhile and never fsynced still makes it raise."""
-    image = await mirrored_image(tmp_path)
     fs = await blockemu.mount(image, interval=3600)
     cut = asyncio.Event()
 

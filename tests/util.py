@@ -27,22 +27,6 @@ def assert_fsck_clean(path: str, *, check_data: bool = True) -> None:
     assert report.clean, [e.message for e in report.errors]
 
 
-async def mirrored_image(tmp_path) -> str:
-    """A fresh image with a superblock mirror (at 64 MiB), so a commit's tail has a write to make
-    (the mirror's) -- and to fail: the tests' usual 32 MiB image has none."""
-    import blockemu
-    from blockemu.workload.crash import MIRRORED_SIZE
-
-    path = str(tmp_path / "mirrored.img")
-    await blockemu.mkfs(path, size=MIRRORED_SIZE)
-    return path
-
-
-async def nothing() -> None:
-    """The awaitable a ``Gate`` holds where only the hold matters: a commit's tail held before
-    it starts (``Volume.tail_gate``)."""
-
-
 def flip(path: str, offset: int) -> None:
     """Damage one byte of an image in place (XOR 0x5A: never a no-op)."""
     with open(path, "r+b") as f:

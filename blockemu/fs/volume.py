@@ -291,7 +291,7 @@ class Volume:
         nothing is written after it.
 
         ``whole=False`` (an fsync's): return once the primary superblock is durable -- all the
-        caller needs -- while the commit's tail (the mirrors written, the pins released)
+        caller needs -- while the commit's tail (the mirrors, their flush, the pins released)
         goes on under the commit lock, so the next commit or log sync still waits for it, as
         btrfs's fsync waits for its transaction's superblock, not for the kthread's cleanup."""
         called = self._begun
@@ -466,18 +466,13 @@ class Volume:
 
     async def _commit_tail(self, new_sb: SuperInfo, gate: Callable[[], Awaitable[None]] | None) -> None:
         """The rest of a commit once its primary superblock is durable (DESIGN §9 steps 4-5): the
-        mirrors written, then the extents its transaction freed given back -- once ``gate``, if
-        any (``tail_gate``), lets it start. No flush: the mirrors become durable with the next
-        flush, which every later superblock write begins with (``flush_then_fua``), as btrfs
-        writes its mirrors without FUA or a flush after them. A mirror is read only beside a
-        primary that does not read, and the primary is only ever in flight after that flush:
-        so whenever a mirror is needed, it names this generation or a later one, whose blocks
-        the pins still keep. The flush here was a third host sync per commit, under the lock
-        that every fsync and sync queues on (speed33: DESIGN §9 has the measurements)."""
+        mirrors, a flush, then the extents its transaction freed given back -- once ``gate``, if
+        any (``tail_gate``), lets it start."""
         if gate is not None:
             await gate()
         if mirrors := super_writes(new_sb)[1:]:
             await self.device.writev(mirrors)
+        await self.device.flush()
         self.engine.finish_commit()
 
     async def close(self, *, commit: bool = True) -> None:
