@@ -413,15 +413,14 @@ async def test_a_mark_without_a_write_log_is_refused(tmp_path):
 
 @pytest.mark.parametrize("write_path", [FAST, PRODUCTION], ids=lambda p: p.name)
 async def test_a_primary_lost_in_flight_at_any_commit_leaves_a_mirror_whose_trees_are_whole(tmp_path, write_path):
-    """speed33's claim, checked on the log (a commit no longer flushes after its mirrors): the
-    primary is only ever in flight right after a flush, which has made the last commit's mirror
-    durable, and that generation's blocks are still pinned -- so at every primary superblock
+    """The mirrors' guarantee, checked on the log (review52; DESIGN §9 step 5 says why the
+    flush after them stays): the primary is only ever in flight once the last commit's mirror
+    is durable, and that generation's blocks are still pinned -- so at every primary superblock
     write of a workload, the primary left unreadable by a cut during that write (its first
     sector garbage: a tear into old and new sectors often still reads, as the two differ only
     where the backup-root slot is) leaves a mirror that ``fsck --repair`` restores it from:
     the generation of the primary before, whole. The workload runs the next transaction beside
-    a held commit, writing into space the last commit's tail gave back while that tail's mirror
-    is still in the device's cache."""
+    a held commit, writing into space the last commit's tail gave back."""
     from blockemu.check.repair import restore_primary_super
     from blockemu.device.writelog import TEAR
     from blockemu.workload.crash import is_primary_super
