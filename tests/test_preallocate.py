@@ -137,12 +137,20 @@ def test_run_preallocate_lays_out_the_image_it_makes_and_leaves_an_existing_one(
     assert (rc, err) == (0, note + "\n") and json.loads(out)["blockemu"]["notes"] == [note]
 
 
+# A shell without job control starts a background command (`.ci/run &`) with SIGINT ignored, and
+# its children inherit that: Python then installs no KeyboardInterrupt handler and the raised
+# SIGINT did nothing (both tests below failed so). A Ctrl-C reaches a foreground program with
+# the default handler: the child puts it back first.
+CTRL_C_AS_ON_A_TERMINAL = "signal.signal(signal.SIGINT, signal.default_int_handler)"
+
+
 def test_ctrl_c_stops_the_layout_at_the_next_chunk_and_removes_the_image(tmp_path):
     """Ctrl-C (asyncio.run cancels at the task's next await) waited for the whole layout -- a
     1 TiB image's zeros -- before mkfs stopped. A real SIGINT, raised by the process itself once
     the first chunk is written; each chunk written prints a line."""
     img = tmp_path / "a.img"
     code = ("import contextlib, signal, sys; import blockemu.fs.mkfs as m; from blockemu.cli.main import main\n"
+            f"{CTRL_C_AS_ON_A_TERMINAL}\n"
             "@contextlib.contextmanager\n"
             "def bar(*args):\n"
             "    def advance(n=1, description=None):\n"
@@ -165,6 +173,7 @@ def test_ctrl_c_stops_run_preallocate_while_it_lays_out_its_image(tmp_path):
     img, job = tmp_path / "r.img", tmp_path / "j.fio"
     job.write_text("[global]\nimage_size=64M\n[j]\nrw=write\nbs=4k\nsize=64k\n")
     code = ("import contextlib, signal, sys; import blockemu.fs.mkfs as m; from blockemu.cli.main import main\n"
+            f"{CTRL_C_AS_ON_A_TERMINAL}\n"
             "@contextlib.contextmanager\n"
             "def bar(*args):\n"
             "    def advance(n=1, description=None):\n"
