@@ -137,11 +137,12 @@ def test_run_preallocate_lays_out_the_image_it_makes_and_leaves_an_existing_one(
     assert (rc, err) == (0, note + "\n") and json.loads(out)["blockemu"]["notes"] == [note]
 
 
-# The test process may hold SIGINT ignored -- in the fresh-clone CI run an xdist worker did
-# (cause not found; the same tests pass alone and under -n 2 here) -- and a child inherits an
-# ignored signal: Python then installs no KeyboardInterrupt handler, the raised SIGINT did
-# nothing and both tests below failed. A Ctrl-C reaches a foreground program with the default
-# handler: the child puts it back first.
+# The test process may hold SIGINT ignored, and a child inherits an ignored signal: Python then
+# installs no KeyboardInterrupt handler and a raised SIGINT does nothing (both tests below failed
+# so). A shell without job control starts a background command so: the fresh-clone run that
+# failed was started as `(setsid nohup bash -c '.ci/run' &)`, whose processes show SigIgn 0x7
+# (SIGHUP, SIGINT, SIGQUIT) in /proc/self/status. A Ctrl-C reaches a foreground program with the
+# default handler: the child puts it back first.
 CTRL_C_AS_ON_A_TERMINAL = "signal.signal(signal.SIGINT, signal.default_int_handler)"
 
 
