@@ -879,7 +879,13 @@ async def fill_and_free_every_other(fs, size: int, *, sync_unlinks: bool, top: s
     extents interleave with the tree blocks of each commit), then unlink every other one: the free space is holes
     of a few KiB all over the disk. Returns the files kept and those unlinked. ``sync_unlinks`` syncs every 64
     unlinks, as the unlinks must also work without it (freeing space always works)."""
-    files = await fill_with_files(fs, size, top)
+    return await free_every_other(fs, await fill_with_files(fs, size, top), sync_unlinks=sync_unlinks)
+
+
+async def free_every_other(fs, files: list[str], *, sync_unlinks: bool) -> tuple[list[str], list[str]]:
+    """Unlink every other of ``files``: the free space is holes of a few KiB all over the disk.
+    Returns the files kept and those unlinked. ``sync_unlinks`` syncs every 64 unlinks, as the
+    unlinks must also work without it (freeing space always works)."""
     for n, path in enumerate(files):
         if n % 2:
             await fs.unlink(path)
@@ -889,9 +895,42 @@ async def fill_and_free_every_other(fs, size: int, *, sync_unlinks: bool, top: s
     return files[::2], files[1::2]
 
 
+@pytest.fixture(scope="module")
+def full_of_small_files(tmp_path_factory) -> tuple[str, list[str]]:
+    """A 48 MiB image with 4 KiB tree blocks filled with 4 KiB files (``fill_with_files``) and
+    the files, made once per test process: five tests start from a copy (``full_copy``), and
+    the fill was ~12 s of CPU in each. Made as each test made it: a mount that never commits on
+    its own, so the files' extents interleave with the tree blocks of each sync."""
+    image = str(tmp_path_factory.mktemp("small") / "full.img")
+
+    async def make() -> list[str]:
+        await blockemu.mkfs(image, size="48M", node_size="4K")
+        async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
+            return await fill_with_files(fs, S)
+
+    return image, asyncio.run(make())
+
+
+@pytest.fixture
+def full_copy(full_of_small_files, tmp_path) -> tuple[str, list[str]]:
+    """A copy of ``full_of_small_files``' image, this test's own, and its files."""
+    template, files = full_of_small_files
+    image = str(tmp_path / "full.img")
+    shutil.copyfile(template, image)
+    return image, list(files)
+
+
+@pytest.fixture
+def plain_full_copy(request) -> tuple[str, list[str]] | None:
+    """``full_copy`` in the plain case of a test parametrized by ``encrypted``; None in the
+    encrypted one, which fills an image of its own (its files in an encrypted directory). A
+    fixture, not the test, asks for it: ``full_of_small_files`` is made outside the event loop."""
+    return None if request.node.callspec.params["encrypted"] else request.getfixturevalue("full_copy")
+
+
 @pytest.mark.parametrize("encrypted, seal_workers", [(False, 0), (True, None)],
                          ids=["plain-thread", "encrypted-workers"])
-async def test_appends_into_small_scattered_holes_all_reach_the_disk(tmp_path, encrypted, seal_workers):
+async def test_appends_into_small_scattered_holes_all_reach_the_disk(tmp_path, plain_full_copy, encrypted, seal_workers):
     """The default ``max_extent`` (1 MiB), 4 KiB tree blocks, a 48 MiB image filled with 4 KiB
     files, every other one unlinked: free space is ~2,900 holes of 4-32 KiB all over the disk
     (1,871 of 4 KiB, 549 of 8 KiB, ...). 20 MB of 64 KiB appends become one extent per hole at
@@ -901,14 +940,18 @@ async def test_appends_into_small_scattered_holes_all_reach_the_disk(tmp_path, e
     53-57 KiB with ENOSPC (plain, 3 runs of 3), 180 KiB encrypted. write() now reserves the items
     of as many extents as the smallest free extents the dirty data could fill
     (``Filesystem._split_room``). (Each case costs ~15 s of CPU, so two: sealing on a thread and
-    in the workers.)"""
-    image = str(tmp_path / "holes.img")
-    await blockemu.mkfs(image, size="48M", node_size="4K")
+    in the workers; the plain one starts from ``full_of_small_files``.)"""
     top = "/e/" if encrypted else "/"
+    if plain_full_copy is None:
+        image = str(tmp_path / "holes.img")
+        await blockemu.mkfs(image, size="48M", node_size="4K")
+    else:
+        image, files = plain_full_copy
     async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
         if encrypted:
             await encrypted_dir(fs, "/e")
-        await fill_and_free_every_other(fs, S, sync_unlinks=True, top=top)
+            files = await fill_with_files(fs, S, top)
+        await free_every_other(fs, files, sync_unlinks=True)
     opts = {} if seal_workers is None else {"seal_workers": seal_workers}
     async with blockemu.mount(image, interval=3600, **opts) as fs:
         if encrypted:
@@ -918,7 +961,7 @@ async def test_appends_into_small_scattered_holes_all_reach_the_disk(tmp_path, e
     await verify(image, {f"{top}new": written}, encrypted=encrypted)
 
 
-async def test_small_writes_to_many_scattered_files_reach_the_disk(tmp_path):
+async def test_small_writes_to_many_scattered_files_reach_the_disk(full_copy):
     """review25's second finding, built: a 48 MiB image with 4 KiB tree blocks full of 4 KiB
     files, the first tenth unlinked (5 MB free, 1,289 tree blocks' room); then a 4 KiB write past
     the end of every 16th file, so each lands in a leaf of the fs tree of its own. write()
@@ -928,10 +971,8 @@ async def test_small_writes_to_many_scattered_files_reach_the_disk(tmp_path):
     (read-only mount: every one of those writes lost). Now write() reserves the leaves writeback
     COWs per dirty file (``LEAVES_PER_INODE``, ``Filesystem.reserve_meta``) and, short of room, writes back and commits
     first: all 1,094 writes fit, each reaches the disk."""
-    image = str(tmp_path / "many.img")
-    await blockemu.mkfs(image, size="48M", node_size="4K")
+    image, files = full_copy
     async with blockemu.mount(image, interval=3600, seal_workers=0) as fs:
-        files = await fill_with_files(fs, S)
         for n, path in enumerate(files[: len(files) // 10]):
             await fs.unlink(path)
             if n % 64 == 63:
@@ -951,28 +992,25 @@ async def test_small_writes_to_many_scattered_files_reach_the_disk(tmp_path):
                 assert await f.pread(S, S) == b"w" * S, path
 
 
-async def test_unlinks_on_a_full_image_of_small_files_never_abort(tmp_path):
+async def test_unlinks_on_a_full_image_of_small_files_never_abort(full_copy):
     """Freeing space always works. On a 48 MiB image with 4 KiB tree blocks full of 4 KiB
     files, unlinking every other file in one go aborted the transaction: the commit's COW of
     the extent tree (``_sync_extent_refs``) found 0 bytes free, and the mount turned read-only."""
-    image = str(tmp_path / "small.img")
-    await blockemu.mkfs(image, size="48M", node_size="4K")
+    image, files = full_copy
     async with blockemu.mount(image, interval=3600) as fs:
-        kept, gone = await fill_and_free_every_other(fs, S, sync_unlinks=False)
+        kept, gone = await free_every_other(fs, files, sync_unlinks=False)
     async with blockemu.mount(image) as fs:
         names = set(await fs.readdir("/"))
     assert {p[1:] for p in kept} <= names and not names & {p[1:] for p in gone}
 
 
-async def test_renames_over_files_on_a_full_image_never_abort(tmp_path):
+async def test_renames_over_files_on_a_full_image_never_abort(full_copy):
     """A rename over an existing file destroys it: freeing space, so it must work on a full
     image. On 48 MiB with 4 KiB tree blocks full of 4 KiB files, renaming every odd file over
     the even one before it gathered ~114 destroys in one transaction (the rename joined as an
     adder, not as a delete) and its commit aborted: 0 bytes free, the mount read-only (review26)."""
-    image = str(tmp_path / "small.img")
-    await blockemu.mkfs(image, size="48M", node_size="4K")
+    image, files = full_copy
     async with blockemu.mount(image, interval=3600) as fs:
-        files = await fill_with_files(fs, S)
         pairs = list(zip(files[1::2], files[0::2]))
         for src, dst in pairs:
             await fs.rename(src, dst)
@@ -992,17 +1030,15 @@ def orphans_on_disk(image: str) -> int:
         return sum(1 for _ in tree.items(lo, hi))
 
 
-async def test_orphan_cleanup_on_a_full_image_finishes_and_survives_a_cut_part_way(tmp_path):
+async def test_orphan_cleanup_on_a_full_image_finishes_and_survives_a_cut_part_way(tmp_path, full_copy):
     """Freeing space always works, at mount too. Every other file of a full 48 MiB image with
     4 KiB tree blocks unlinked while open, then a power cut: ~4,900 orphans scattered over
     every leaf of the fs, extent and checksum trees. Recovery destroyed them all in one
     transaction, whose COWs found no room: the mount failed with ENOSPC (0 bytes free), for
     good. It now deletes them as unlinks do, committing in steps near full; a power cut
     between two steps leaves the rest orphans, which the next mount finishes."""
-    image = str(tmp_path / "orphans.img")
-    await blockemu.mkfs(image, size="48M", node_size="4K")
+    image, files = full_copy
     fs = await blockemu.mount(image, interval=3600)
-    files = await fill_with_files(fs, S)
     # the unlinks run with room to spare (400 files deleted first), then the image is filled
     # again: done full, each unlink commits (freeing nothing while open), ~70 s of the test's
     # ~95 for a state that only the cleanup's mount judges
