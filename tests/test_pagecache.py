@@ -164,6 +164,17 @@ class PageCacheMachine(RuleBasedStateMachine):
                 assert idx in pages.pages, "a dirty page is missing"
 
     @invariant()
+    def a_range_reads_as_its_pages(self) -> None:
+        """``get_range`` (a read's lookup of many pages at once) gives what ``get`` gives page by
+        page: frame 0 included, which a truthiness test took for "not cached"."""
+        for pages in self.pages:
+            for first, count in ((0, 16), (3, 5), (15, 1)):
+                got = self.cache.get_range(pages, first, count)
+                want = [self.cache.get(pages, i) for i in range(first, first + count)]
+                assert [None if g is None else bytes(g) for g in got] == \
+                    [None if w is None else bytes(w) for w in want]
+
+    @invariant()
     def frames_accounted(self) -> None:
         cache = self.cache
         used = [s for p in self.pages for s in p.pages.values() if type(s) is int]

@@ -1851,7 +1851,9 @@ class Filesystem:
         with cache.reading():  # what the first fill cached and the next one evicts stays whole
             while True:
                 # the cache first, after every await: a write landing meanwhile is newer than a read
-                got = [cache.get(inode.pages, i) for i in range(first, first + count)]
+                got = cache.get_range(inode.pages, first, count)
+                if None not in got:
+                    return got  # type: ignore[return-value]
                 got = [filled.get(first + k) if page is None else page for k, page in enumerate(got)]
                 missing = [first + k for k, page in enumerate(got) if page is None]
                 if not missing:

@@ -111,6 +111,22 @@ class PageCache:
             self._clean.move_to_end((pages.ino, idx))
         return entry  # type: ignore[return-value]
 
+    def get_range(self, pages: Pages, first: int, count: int) -> list[Page | None]:
+        """``get`` of pages [first, first + count), None where not cached: the entries looked up
+        by one C-level map, and the LRU touched only for the cached heap pages -- a whole-file
+        read asked ``get`` per page twice (before and after its fill), ~14 % of a cold read of a
+        160 KB file."""
+        got: list = list(map(pages.pages.get, range(first, first + count)))
+        if got.count(None) == count:  # none cached (a cold read): nothing to view or touch
+            return got
+        page, clean, ino = self.arena.page, self._clean, pages.ino
+        for k, entry in enumerate(got, first):
+            if type(entry) is int:
+                got[k - first] = page(entry)
+            elif entry is not None and (ino, k) in clean:
+                clean.move_to_end((ino, k))
+        return got
+
     def put_clean(self, pages: Pages, read: dict[int, bytearray]) -> None:
         """Cache pages read from disk (by index); the cache owns them from now on. The clean
         pages past the limit are evicted once, after them all: a cold read of a few MiB put
