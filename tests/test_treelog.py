@@ -15,6 +15,7 @@ import pytest
 import blockemu
 from blockemu.check.fsck import check
 from blockemu.device.image import ImageFile
+from blockemu.engine import treelog
 from blockemu.ondisk import structs as S
 from blockemu.workload.crash import CampaignResult, Recorder, check_sample, check_states, expected_states, record
 from blockemu.workload.writepath import FAST, PRODUCTION
@@ -392,13 +393,16 @@ async def test_a_damaged_log_fails_the_mount_and_rescue_zero_log_drops_it(tmp_pa
     assert _digest(crash) == before
 
 
+LOG_CAP = 16  # the cap the log-cap test sets: crossed as at 64, in a quarter of the rounds
+
+
 def log_cap_workload(scale: int, grew: list[int]):
     """Three files, each rewritten in scattered pages and fsynced in turn, until the log has
-    crossed its cap (LOG_COMMIT_BLOCKS: the fsync commits instead) twice: states before,
-    at and after each cap-commit, with the log then started afresh. Every change is fsynced
-    before the next persistence point, so each durable state has its oracle. ``grew``
-    collects the generations the cap-commits made."""
-    from blockemu.engine.treelog import LOG_COMMIT_BLOCKS
+    crossed its cap (LOG_COMMIT_BLOCKS, set to ``LOG_CAP``: the fsync commits instead) twice:
+    states before, at and after each cap-commit, with the log then started afresh. Every change
+    is fsynced before the next persistence point, so each durable state has its oracle.
+    ``grew`` collects the generations the cap-commits made."""
+    LOG_COMMIT_BLOCKS = LOG_CAP
 
     async def run(fs, rec: Recorder) -> None:
         rng = random.Random(11)
@@ -407,7 +411,7 @@ def log_cap_workload(scale: int, grew: list[int]):
         handles = [await fs.open(p, "r+") for p in files]
         try:
             rounds = 0
-            while len(grew) < 2 and rounds < 8 * LOG_COMMIT_BLOCKS:  # a cap of 64: crossed at rounds 62 and 124 (fast), 41 and 84 (production)
+            while len(grew) < 2 and rounds < 8 * LOG_COMMIT_BLOCKS:  # a cap of 64 was crossed at rounds 62 and 124 (fast), 41 and 84 (production)
                 rounds += 1
                 for f in handles:
                     if rounds == 2 and f is handles[0] and scale > 1:
@@ -429,9 +433,12 @@ def log_cap_workload(scale: int, grew: list[int]):
 
 
 @pytest.mark.parametrize("write_path", [PRODUCTION, FAST], ids=lambda p: p.name)
-async def test_every_crash_state_across_the_log_cap(tmp_path, write_path):
+async def test_every_crash_state_across_the_log_cap(tmp_path, write_path, monkeypatch):
     """Crash states around fsyncs of several files that grow the log past its cap (a full
-    commit), then log again into a fresh log: each must mount as the last durable state."""
+    commit), then log again into a fresh log: each must mount as the last durable state. The
+    cap is lowered to ``LOG_CAP``: at 64 blocks the workload took 84 rounds of three fsyncs,
+    each with its snapshot, and the test ~100 s of a loaded suite."""
+    monkeypatch.setattr(treelog, "LOG_COMMIT_BLOCKS", LOG_CAP)
     grew: list[int] = []
     log, models = await record(log_cap_workload(write_path.scale, grew), str(tmp_path / "w.img"),
                                str(tmp_path / "base.img"), write_path=write_path)
