@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from operator import itemgetter
-from typing import Iterator
+from typing import Iterator, Mapping
 
-from blockemu.engine.btree import MAX_KEY, MIN_KEY, BTree, Change, KeyT, Through
+from blockemu.engine.btree import MAX_KEY, MIN_KEY, BTree, Change, KeyT, Must, Through
 from blockemu.errors import ExistsError, NotFoundError
 
 _KEY = itemgetter(0)
 
 
-def in_key_order(changes: dict[KeyT, bytes | None]) -> list[Change]:
+def in_key_order(changes: Mapping[KeyT, bytes | Must | None]) -> list[Change]:
     """Staged changes as ``BTree.apply`` takes them, sorted by key. Sorted by the key alone, not
     as (key, value) pairs: comparing two pairs compares their keys twice over (equal? then
     less?), each a walk of the key's fields, so a plain ``sorted(changes.items())`` cost twice as
