@@ -515,10 +515,9 @@ class Engine:
         gone, new = self.allocator.record_changes(self.free_items)
         if not (gone or new):
             return False
-        changes: list[tuple[tuple[int, int, int], bytes | None]] = sorted(
-            [((start, FREE_SPACE_EXTENT, length), None) for start, length in gone]
-            + [((start, FREE_SPACE_EXTENT, length), b"") for start, length in new])
-        self.trees[FREE_SPACE_TREE_OBJECTID].apply(changes)
+        changes: dict[KeyT, bytes | None] = {(start, FREE_SPACE_EXTENT, length): None for start, length in gone}
+        changes.update(((start, FREE_SPACE_EXTENT, length), b"") for start, length in new)
+        self.trees[FREE_SPACE_TREE_OBJECTID].apply(in_key_order(changes))  # (no key is in both)
         for start, _ in gone:
             del self.free_items[start]
         self.free_items.update(new)
