@@ -563,3 +563,24 @@ async def test_a_run_a_sealing_worker_takes_goes_in_a_group_of_its_own(tmp_path,
             await f.pwrite(os.urandom(64 * PAGE), 100 * PAGE)
             await fs.writeback.flush_inode(f.inode)
     assert seen == groups
+
+
+async def test_commit_refuses_a_freed_tree_block_whose_metadata_item_is_missing(image):
+    """The commit's METADATA_ITEM sync checks a freed block's item present in the leaf its one
+    apply visits (``Must``), not by a lookup first: on a damaged extent tree the commit aborts
+    with EUCLEAN, as a missing back reference does (before, the lookup's ENOENT); the mount is
+    then read-only, its unmount too."""
+    fs = await blockemu.mount(image)
+    async with fs.open("/f", "w") as f:
+        await f.write(b"x")
+    await fs.sync()
+    engine = fs.vol.engine
+    fs_tree = engine.trees[S.FS_TREE_OBJECTID]
+    engine.trees[S.EXTENT_TREE_OBJECTID].delete((fs_tree.root, S.METADATA_ITEM, fs_tree.level))  # the damage
+    await fs.mkdir("/d")  # COWs the fs tree's root: the committed one is freed
+    with pytest.raises(OSError) as raised:
+        await fs.sync()
+    assert raised.value.errno == errno.EUCLEAN, raised.value
+    with pytest.raises(OSError) as raised:
+        await fs.unmount()
+    assert raised.value.errno == errno.EROFS, raised.value
