@@ -166,10 +166,16 @@ class PageCacheMachine(RuleBasedStateMachine):
     @invariant()
     def a_range_reads_as_its_pages(self) -> None:
         """``get_range`` (a read's lookup of many pages at once) gives what ``get`` gives page by
-        page: frame 0 included, which a truthiness test took for "not cached"."""
+        page: frame 0 included, which a truthiness test took for "not cached". It also marks the
+        clean pages it finds used, as ``get`` does, in index order: else a file read over and
+        over, all cached, is the first the clean limit evicts."""
+        clean = self.cache._clean
         for pages in self.pages:
             for first, count in ((0, 16), (3, 5), (15, 1)):
+                used = [(pages.ino, i) for i in range(first, first + count) if (pages.ino, i) in clean]
+                lru = [key for key in clean if key not in used] + used
                 got = self.cache.get_range(pages, first, count)
+                assert list(clean) == lru, "the clean pages read are not the most recently used"
                 want = [self.cache.get(pages, i) for i in range(first, first + count)]
                 assert [None if g is None else bytes(g) for g in got] == \
                     [None if w is None else bytes(w) for w in want]
