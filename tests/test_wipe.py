@@ -101,8 +101,11 @@ def test_no_key_or_plaintext_outlives_the_lock(tmp_path, mode):
     an xdist worker grown by the hundreds of tests before this one made each case take 80-110 s
     (4-5 s in a fresh process). The child is still the process that mounts, unlocks, reads and
     is scanned, as the module's docstring says."""
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), mode], cwd=Path(__file__).parent.parent,
-                          capture_output=True, text=True, timeout=280)
+    try:
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), mode], cwd=Path(__file__).parent.parent,
+                              capture_output=True, text=True, timeout=280)
+    except subprocess.TimeoutExpired as e:  # what the child said before it hung, not only that it did
+        pytest.fail(f"the child hung; its stderr: {(e.stderr or b'')[-4000:]!r}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     locked, unmounted = json.loads(proc.stdout.splitlines()[-1])
     assert not locked, report(locked)
