@@ -18,6 +18,7 @@ from blockemu.engine.alloc import HOLE_MAX
 from blockemu.engine.btree import BTree
 from blockemu.engine.transaction import Engine
 from blockemu.ondisk import structs as S
+from blockemu.ondisk.items import ExtentItem
 from blockemu.workload.crash import ace_workload, record
 from blockemu.workload.writepath import PRODUCTION
 from tests.util import assert_fsck_clean, encrypted_dir
@@ -584,3 +585,35 @@ async def test_commit_refuses_a_freed_tree_block_whose_metadata_item_is_missing(
     with pytest.raises(OSError) as raised:
         await fs.unmount()
     assert raised.value.errno == errno.EROFS, raised.value
+
+
+async def test_commit_gives_a_block_freed_and_allocated_again_in_its_transaction_one_item(image):
+    """The commit's METADATA_ITEM sync across the rounds a commit converges in: a block new in
+    the transaction gets its item; freed again and allocated again at the same bytenr (the
+    allocator fills the hole at once) at another level, then with the same level and another
+    owner (the same key: a replace, not a clash with the item the round before added), its item
+    follows; freed for good, the item goes. The commit after is fsck clean, after a remount."""
+    fs = await blockemu.mount(image)
+    engine = fs.vol.engine
+    store, extents = engine.store, engine.trees[S.EXTENT_TREE_OBJECTID]
+
+    def items(bytenr: int) -> list[tuple[int, tuple]]:
+        return [(key[2], ExtentItem.unpack(body).refs)
+                for key, body in extents.items((bytenr, S.METADATA_ITEM, 0), (bytenr, S.METADATA_ITEM, 255))]
+
+    block = store.new_block(S.FS_TREE_OBJECTID, 0)
+    bytenr = block.bytenr
+    assert engine._sync_extent_refs()
+    assert items(bytenr) == [(0, (("tree", S.FS_TREE_OBJECTID),))]
+    for owner, level in ((S.CSUM_TREE_OBJECTID, 1), (S.FS_TREE_OBJECTID, 1)):
+        store.free_block(block)
+        block = store.new_block(owner, level)
+        assert block.bytenr == bytenr  # the hole filled again
+        assert engine._sync_extent_refs()
+        assert items(bytenr) == [(level, (("tree", owner),))]
+    store.free_block(block)
+    assert engine._sync_extent_refs()
+    assert items(bytenr) == []
+    await fs.sync()
+    await fs.unmount()
+    assert_fsck_clean(image)
