@@ -570,7 +570,7 @@ async def test_commit_refuses_a_freed_tree_block_whose_metadata_item_is_missing(
     """The commit's METADATA_ITEM sync checks a freed block's item present in the leaf its one
     apply visits (``Must``), not by a lookup first: on a damaged extent tree the commit aborts
     with EUCLEAN, as a missing back reference does (before, the lookup's ENOENT); the mount is
-    then read-only, its unmount too."""
+    then read-only, its unmount too, and the image stays the last commit's."""
     fs = await blockemu.mount(image)
     async with fs.open("/f", "w") as f:
         await f.write(b"x")
@@ -585,6 +585,11 @@ async def test_commit_refuses_a_freed_tree_block_whose_metadata_item_is_missing(
     with pytest.raises(OSError) as raised:
         await fs.unmount()
     assert raised.value.errno == errno.EROFS, raised.value
+    # the apply stopped halfway through the extent tree's leaves, in memory only: the image is
+    # the last commit's, whole
+    assert_fsck_clean(image)
+    async with blockemu.mount(image) as fs:
+        assert sorted(await fs.readdir("/")) == ["f"]
 
 
 async def test_commit_gives_a_block_freed_and_allocated_again_in_its_transaction_one_item(image):
