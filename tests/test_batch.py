@@ -622,3 +622,24 @@ async def test_commit_gives_a_block_freed_and_allocated_again_in_its_transaction
     await fs.sync()
     await fs.unmount()
     assert_fsck_clean(image)
+
+
+async def test_a_committed_block_freed_is_not_handed_out_again_before_its_commit(image):
+    """What lets the commit's METADATA_ITEM sync stage a freed committed block's removal and the
+    new blocks' items in one dict: a committed block freed stays pinned until its commit, so no
+    new block of the same transaction takes its bytenr -- else the removal (``Must(None)``)
+    would overwrite the new block's item at the same key, and the commit lose it."""
+    fs = await blockemu.mount(image)
+    await fs.mkdir("/a")
+    await fs.sync()
+    engine = fs.vol.engine
+    store = engine.store
+    await fs.mkdir("/b")  # COWs the fs tree's committed blocks: they are freed, pinned
+    assert store.freed_blocks
+    made = [store.new_block(S.FS_TREE_OBJECTID, 0) for _ in range(64)]
+    assert not {b.bytenr for b in made} & store.freed_blocks.keys()
+    for block in made:
+        store.free_block(block)
+    await fs.sync()
+    await fs.unmount()
+    assert_fsck_clean(image)
