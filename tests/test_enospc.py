@@ -875,10 +875,7 @@ async def fill_with_files(fs, size: int, top: str = "/") -> list[str]:
 
 
 async def fill_and_free_every_other(fs, size: int, *, sync_unlinks: bool, top: str = "/") -> tuple[list[str], list[str]]:
-    """Fill ``fs`` with files of ``size`` bytes in directory ``top`` (synced every 32, so their
-    extents interleave with the tree blocks of each commit), then unlink every other one: the free space is holes
-    of a few KiB all over the disk. Returns the files kept and those unlinked. ``sync_unlinks`` syncs every 64
-    unlinks, as the unlinks must also work without it (freeing space always works)."""
+    """``fill_with_files``, then ``free_every_other``: its files kept and those unlinked."""
     return await free_every_other(fs, await fill_with_files(fs, size, top), sync_unlinks=sync_unlinks)
 
 
