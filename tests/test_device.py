@@ -16,7 +16,7 @@ from blockemu.device import blockdev
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.power import Power
-from blockemu.device.writelog import SECTOR
+from blockemu.device.writelog import SECTOR, WriteLog
 from blockemu.errors import DeviceIOError, InvalidArgument
 from tests.util import Gate
 
@@ -803,3 +803,31 @@ async def test_a_plain_write_completing_while_a_fua_write_is_in_flight_is_ordere
         dev.power_cut()
         assert on_disk(path, 0, 2 * SECTOR) in crash_images(log, str(tmp_path / "s.img"), 2 * SECTOR, completed)
     await dev.close()
+
+
+log_ops = st.lists(st.tuples(st.sampled_from(["write", "discard", "fua", "flush", "mark"]), st.integers(0, 10)),
+                   max_size=60)
+
+
+@settings(max_examples=200)
+@given(log_ops, log_ops)
+def test_the_write_logs_split_is_the_scan_of_its_prefix(first, more):
+    """``WriteLog.split`` (an index built once per log length) against its definition, a scan of
+    the prefix: durable = the writes and discards a completed flush covers, and every FUA
+    write; in doubt = the other writes and discards -- at every prefix length, and again after
+    more entries are logged (the index rebuilt). A flush covers some of the entries before it."""
+    log = WriteLog()
+
+    def scan(upto: int) -> tuple[list[int], list[int]]:
+        head = log.entries[:upto]
+        covered = max((e.covers for e in head if e.kind == "flush"), default=0)
+        durable = [e.seq for e in head if e.kind in ("write", "discard") and e.seq < covered or e.kind == "fua"]
+        return durable, [e.seq for e in head if e.kind in ("write", "discard") and e.seq >= covered]
+
+    for ops in (first, more):
+        for kind, back in ops:
+            seq = len(log.entries)
+            log.append(kind, covers=max(0, seq - back) if kind == "flush" else None)
+        for upto in range(len(log.entries) + 2):
+            durable, doubt = log.split(upto)
+            assert ([e.seq for e in durable], [e.seq for e in doubt]) == scan(upto), upto

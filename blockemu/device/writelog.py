@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import random
+from bisect import bisect_left
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Iterable, Literal
 
 from blockemu.errors import InvalidArgument
@@ -83,6 +85,14 @@ class WriteLog:
     base: str | None = None
     size: int = 0
     entries: list[LogEntry] = field(default_factory=list)
+    # ``split``'s index of ``entries`` (append-only), rebuilt when more were logged: the writes and
+    # discards and the FUA writes in order, and the furthest a completed flush covers in each prefix
+    _indexed: int = field(default=-1, repr=False, compare=False)
+    _writes: list[LogEntry] = field(default_factory=list, repr=False, compare=False)
+    _write_seqs: list[int] = field(default_factory=list, repr=False, compare=False)
+    _fuas: list[LogEntry] = field(default_factory=list, repr=False, compare=False)
+    _fua_seqs: list[int] = field(default_factory=list, repr=False, compare=False)
+    _covered: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def append(self, kind: Kind, offset: int = 0, data: bytes = b"", name: str = "",
                covers: int | None = None) -> LogEntry:
@@ -104,12 +114,35 @@ class WriteLog:
 
         Durable: writes in the snapshot of a completed flush (logged before the point it
         ``covers``), and FUA writes. In doubt: the other ordinary writes and discards.
+
+        Work in proportion to what it returns, not to ``upto``: ``crash_states`` asks it at
+        every flush and FUA of the log, and a scan of the prefix each time made a long recorded
+        run's states quadratic (8 s of a 60 s crash test, a 6,000-entry log).
         """
-        head = self.entries[:upto]
-        covered = max((e.covers for e in head if e.kind == "flush"), default=0)
-        durable = [e for e in head if e.kind in ("write", "discard") and e.seq < covered or e.kind == "fua"]
-        doubt = [e for e in head if e.kind in ("write", "discard") and e.seq >= covered]
-        return durable, doubt
+        self._index()
+        upto = max(0, min(upto, len(self.entries)))
+        covered = self._covered[upto]  # <= upto: a flush covers only entries before it
+        cut, end = bisect_left(self._write_seqs, covered), bisect_left(self._write_seqs, upto)
+        fuas = self._fuas[: bisect_left(self._fua_seqs, upto)]
+        durable = self._writes[:cut] + fuas
+        if cut and fuas:
+            durable.sort(key=attrgetter("seq"))  # in log order, as the entries
+        return durable, self._writes[cut:end]
+
+    def _index(self) -> None:
+        """Build ``split``'s index if entries were logged since it was built."""
+        if self._indexed == len(self.entries):
+            return
+        self._writes = [e for e in self.entries if e.kind in ("write", "discard")]
+        self._write_seqs = [e.seq for e in self._writes]
+        self._fuas = [e for e in self.entries if e.kind == "fua"]
+        self._fua_seqs = [e.seq for e in self._fuas]
+        covered, self._covered = 0, [0]
+        for e in self.entries:
+            if e.kind == "flush":
+                covered = max(covered, e.covers)
+            self._covered.append(covered)
+        self._indexed = len(self.entries)
 
     def crash_states(self, rng: random.Random, subsets: int = 4) -> Iterable[CrashState]:
         """Crash states worth checking, CrashMonkey-style: just before and just after every
