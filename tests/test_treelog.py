@@ -402,7 +402,6 @@ def log_cap_workload(scale: int, grew: list[int]):
     states before, at and after each cap-commit, with the log then started afresh. Every change
     is fsynced before the next persistence point, so each durable state has its oracle.
     ``grew`` collects the generations the cap-commits made."""
-    LOG_COMMIT_BLOCKS = LOG_CAP
 
     async def run(fs, rec: Recorder) -> None:
         rng = random.Random(11)
@@ -411,14 +410,14 @@ def log_cap_workload(scale: int, grew: list[int]):
         handles = [await fs.open(p, "r+") for p in files]
         try:
             rounds = 0
-            while len(grew) < 2 and rounds < 8 * LOG_COMMIT_BLOCKS:  # a cap of 64 was crossed at rounds 62 and 124 (fast), 41 and 84 (production)
+            while len(grew) < 2 and rounds < 8 * LOG_CAP:  # a cap of 64 was crossed at rounds 62 and 124 (fast), 41 and 84 (production)
                 rounds += 1
                 for f in handles:
                     if rounds == 2 and f is handles[0] and scale > 1:
                         await f.pwrite(rng.randbytes(1 << 20), 0)  # a worker's extent too, on production
                     for page in rng.sample(range(128), 12):
                         await f.pwrite(rng.randbytes(4096), page * 4096)
-                    gen, over = fs.vol.generation, fs.vol.log.blocks() > LOG_COMMIT_BLOCKS
+                    gen, over = fs.vol.generation, fs.vol.log.blocks() > LOG_CAP
                     await f.fsync()
                     if over:
                         assert fs.vol.generation == gen + 1 and not fs.vol.log_root, "past the cap, fsync commits"

@@ -21,6 +21,7 @@ from blockemu.ondisk.structs import LOG_SLOT_OFFSETS, SUPER_INFO_SIZE, SUPER_OFF
 
 SECTOR = 4096
 TEAR = 512  # the device's logical sector: a power cut may land part of a 4 KiB write, as of a superblock
+SEQ = attrgetter("seq")
 TORN_COPIES = (*SUPER_OFFSETS[1:], *LOG_SLOT_OFFSETS)  # 4 KiB copies written in doubt (``mirror_tears``)
 Kind = Literal["write", "fua", "flush", "discard", "mark"]
 
@@ -89,9 +90,7 @@ class WriteLog:
     # discards and the FUA writes in order, and the furthest a completed flush covers in each prefix
     _indexed: int = field(default=-1, repr=False, compare=False)
     _writes: list[LogEntry] = field(default_factory=list, repr=False, compare=False)
-    _write_seqs: list[int] = field(default_factory=list, repr=False, compare=False)
     _fuas: list[LogEntry] = field(default_factory=list, repr=False, compare=False)
-    _fua_seqs: list[int] = field(default_factory=list, repr=False, compare=False)
     _covered: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def append(self, kind: Kind, offset: int = 0, data: bytes = b"", name: str = "",
@@ -122,11 +121,11 @@ class WriteLog:
         self._index()
         upto = max(0, min(upto, len(self.entries)))
         covered = self._covered[upto]  # <= upto: a flush covers only entries before it
-        cut, end = bisect_left(self._write_seqs, covered), bisect_left(self._write_seqs, upto)
-        fuas = self._fuas[: bisect_left(self._fua_seqs, upto)]
+        cut, end = bisect_left(self._writes, covered, key=SEQ), bisect_left(self._writes, upto, key=SEQ)
+        fuas = self._fuas[: bisect_left(self._fuas, upto, key=SEQ)]
         durable = self._writes[:cut] + fuas
         if cut and fuas:
-            durable.sort(key=attrgetter("seq"))  # in log order, as the entries
+            durable.sort(key=SEQ)  # in log order, as the entries
         return durable, self._writes[cut:end]
 
     def _index(self) -> None:
@@ -134,9 +133,7 @@ class WriteLog:
         if self._indexed == len(self.entries):
             return
         self._writes = [e for e in self.entries if e.kind in ("write", "discard")]
-        self._write_seqs = [e.seq for e in self._writes]
         self._fuas = [e for e in self.entries if e.kind == "fua"]
-        self._fua_seqs = [e.seq for e in self._fuas]
         covered, self._covered = 0, [0]
         for e in self.entries:
             if e.kind == "flush":
