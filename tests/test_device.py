@@ -83,16 +83,17 @@ async def test_a_flush_syncs_the_image_with_fdatasync_alone(tmp_path, monkeypatc
 
 
 async def _trips(dev: BlockDevice, step) -> int:
-    """How many calls ``step`` sends to the I/O thread (the loop's executor)."""
+    """How many calls ``step`` sends to an I/O thread: the device's own, or the loop's executor."""
     import asyncio
 
     loop, trips = asyncio.get_running_loop(), []
-    real = loop.run_in_executor
+    real, real_call = loop.run_in_executor, dev._io.call
     loop.run_in_executor = lambda *a: trips.append(a) or real(*a)  # type: ignore[method-assign]
+    dev._io.call = lambda *a: trips.append(a) or real_call(*a)  # type: ignore[method-assign]
     try:
         await step()
     finally:
-        del loop.run_in_executor
+        del loop.run_in_executor, dev._io.call
     return len(trips)
 
 
