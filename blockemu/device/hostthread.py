@@ -77,7 +77,7 @@ class HostThread:
 
     def _answered(self) -> None:
         """The loop's side: a byte for each call done, in the order they were sent."""
-        for _ in os.read(self._done_r, len(self._sent) or 1):
+        for _ in os.read(self._done_r, len(self._sent)):
             c = self._sent.popleft()
             if c.future.done() or c.future.get_loop().is_closed():
                 continue  # its caller stopped waiting (cancelled), or its loop is gone
