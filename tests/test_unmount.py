@@ -328,8 +328,8 @@ async def test_a_cancelled_unmount_waits_for_the_runs_still_out_before_freeing_t
 
 
 async def test_a_cancelled_sync_waits_for_the_flushes_it_started(image, monkeypatch):
-    """sync() flushes every dirty file at once (one flush for the free files, one per file another
-    flush holds). Cancelled, it returned as soon as its wait for the held file was cancelled --
+    """sync() flushes every dirty file at once (one flush for the free files, one for those other
+    flushes hold). Cancelled, it returned as soon as its wait for the held file was cancelled --
     while its flush of the other files still had runs in flight, which then outlived it (an
     unmount cancelled so went on to drop the page cache under them). Now it waits for them."""
     async with blockemu.mount(image, interval=3600) as fs:
@@ -355,7 +355,8 @@ async def test_a_cancelled_sync_waits_for_the_flushes_it_started(image, monkeypa
         await a_held.wait()
         sync = asyncio.ensure_future(fs.sync())
         await b_held.wait()
-        waiter += [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Writeback.flush_inode"]
+        waiter += [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Writeback._flush_together"
+                   and fa.inode in t.get_coro().cr_frame.f_locals["inodes"]]
         assert len(waiter) == 1
         found.set()
         out_when_sync_ended: list[int] = []

@@ -539,7 +539,7 @@ class Engine:
             raise RuntimeError("commit did not converge")
         writes = self.store.encode_dirty()
         sb = self.sb
-        free_after = sum(self.free_items.values())
+        free_after = sum(dict.values(self.free_items))  # the C view: SortedDict.values iterates in Python
         usable = sum(n for _, n in usable_ranges(sb.total_bytes))
         new = SuperInfo(
             fsid=sb.fsid,
@@ -588,4 +588,15 @@ class Engine:
 
 def super_writes(sb: SuperInfo) -> list[tuple[int, bytes]]:
     """Every superblock copy that fits the device, primary first."""
-    return [(off, encode_super(sb, off)) for off in mirror_offsets(sb.total_bytes)]
+    return [primary_write(sb), *mirror_writes(sb)]
+
+
+def primary_write(sb: SuperInfo) -> tuple[int, bytes]:
+    """The primary superblock: a commit writes it with FUA, and the mirrors (``mirror_writes``)
+    only in its tail -- each encoded once (~17 us a copy), not every copy at both steps."""
+    return SUPER_OFFSETS[0], encode_super(sb, SUPER_OFFSETS[0])
+
+
+def mirror_writes(sb: SuperInfo) -> list[tuple[int, bytes]]:
+    """The superblock copies after the primary that fit the device."""
+    return [(off, encode_super(sb, off)) for off in mirror_offsets(sb.total_bytes)[1:]]

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator,
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import bad_primary, read_only_features, too_small, unsupported
-from blockemu.engine.transaction import Engine, super_writes
+from blockemu.engine.transaction import Engine, mirror_writes, primary_write
 from blockemu.engine.treelog import TreeLog, choose_log, read_log, replay
 from blockemu.errors import BlockemuError, CorruptionError, DeviceIOError, FreeSpaceDamage, NoSpaceError, ReadOnlyError, restate
 from blockemu.ondisk.logslot import SlotInfo, encode_slot
@@ -458,7 +458,7 @@ class Volume:
         writes, new_sb = engine.prepare_commit()
         await self._unblock()
         await self.device.writev(writes)
-        await self.device.flush_then_fua(*super_writes(new_sb)[0])
+        await self.device.flush_then_fua(*primary_write(new_sb))
         self.log_root = 0
         engine.committed(new_sb)
         self._logged_by.clear()  # an fsync that a log sync covered, this commit -- begun after it -- covers too
@@ -470,7 +470,7 @@ class Volume:
         any (``tail_gate``), lets it start."""
         if gate is not None:
             await gate()
-        if mirrors := super_writes(new_sb)[1:]:
+        if mirrors := mirror_writes(new_sb):
             await self.device.writev(mirrors)
         await self.device.flush()
         self.engine.finish_commit()
