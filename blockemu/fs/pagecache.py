@@ -40,11 +40,13 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter, sub
 
 from blockemu.crypto.arena import PAGE, ZERO_PAGE, Arena
 
 Page = bytearray | memoryview
 Entry = bytearray | int  # what a cache entry holds: a heap page, or the number of its arena frame
+_FIRST, _SECOND, _ENTRIES = itemgetter(0), itemgetter(1), attrgetter("entries")
 
 
 @dataclass(eq=False)
@@ -64,6 +66,16 @@ class Run:
 
     first: int
     entries: list[Entry]
+
+
+def _span(run: Run) -> range:
+    """The page indexes a run holds."""
+    return range(run.first, run.first + len(run.entries))
+
+
+def _pages_of(run: Run) -> Iterator[tuple[int, Entry]]:
+    """A run's pages, each its index and entry."""
+    return enumerate(run.entries, run.first)
 
 
 class PageCache:
@@ -158,7 +170,8 @@ class PageCache:
             # clean (a heap page to zero once copied), or only in a run being written (``_settled``)
             settled = self._clean.pop((pages.ino, idx), None) is not None
             self._release(pages, idx)
-        frame = self.arena.take_zeroed()  # (the caller may change only part of it)
+        # a stale frame only for a page the caller overwrites whole, else zeros (it may change part)
+        frame = self.arena.take_one() if overwrite else self.arena.take_zeroed()
         if frame is not None:
             pages.pages[idx] = frame
             page = self.arena.view[frame * PAGE : (frame + 1) * PAGE]  # (``Arena.page``: a call per write)
@@ -242,13 +255,13 @@ class PageCache:
         freed: list[int] = []
         orphans, sealing = self._orphans, self._sealing
         room = self.clean_limit // PAGE - len(self._clean)
-        for pages, run in runs:
-            first, entries = run.first, run.entries
-            self.dirty_bytes -= len(entries) * PAGE
-            table, dirty = pages.pages, pages.dirty
-            if room <= 0 and len(entries) > 1 and self._streamed(pages, run):
+        for pages, stretch in itertools.groupby(runs, _FIRST):  # (a batch's runs come file by file)
+            taken = list(map(_SECOND, stretch))
+            self.dirty_bytes -= sum(map(len, map(_ENTRIES, taken))) * PAGE
+            if room <= 0 and self._streamed(pages, taken):
                 continue
-            for idx, entry in enumerate(entries, first):
+            table, dirty = pages.pages, pages.dirty
+            for idx, entry in itertools.chain.from_iterable(map(_pages_of, taken)):
                 frame = type(entry) is int
                 if frame:
                     freed.append(entry)  # type: ignore[arg-type]  # every frame goes back (and stops sealing)
@@ -276,19 +289,22 @@ class PageCache:
         self.arena.release(freed[::-1])
         self._close_if_idle()
 
-    def _streamed(self, pages: Pages, run: Run) -> bool:
-        """A streaming run, written while the clean cache is full: all frames, none rewritten or
-        dropped since. Its pages leave the cache (written-behind pages go first) and its frames
-        go back to the arena together, stale: the next streaming write takes them and overwrites
-        them whole, and ``drop`` zeroes any it has not."""
-        frames = run.entries
+    def _streamed(self, pages: Pages, runs: list[Run]) -> bool:
+        """Streaming runs (of one inode), written while the clean cache is full: all frames, none
+        rewritten or dropped since -- a sequential writer's, and as well a scattered writer's
+        pages, each a run of its own. Their pages leave the cache (written-behind pages go
+        first) and their frames go back to the arena together, stale: the next write of a whole
+        page takes one and overwrites it (``take``, ``writable``), and ``drop`` zeroes any it
+        has not. A scattered writer's frames zeroed one by one here, then written over whole,
+        and its pages left the cache a Python step each (~60 bytecodes a page)."""
+        frames = list(itertools.chain.from_iterable(map(_ENTRIES, runs))) if len(runs) > 1 else runs[0].entries
         if not all(map(isinstance, frames, itertools.repeat(int))):  # (a scan in C: a MiB's run is 256 pages)
             return False
         # Its pages are taken out as they are, and put back if any is not the run's frame: a page
         # rewritten since it was taken has a new entry (its frame, being sealed, could not be
         # reused), so does one dropped and written again, and a dropped one has none -- so the
         # entries alone say what the dirty set and the orphans would (each test a pass in C)
-        span = range(run.first, run.first + len(frames))
+        span = list(itertools.chain.from_iterable(map(_span, runs)))
         table = pages.pages
         held = list(map(table.pop, span, itertools.repeat(None)))
         if held != frames:
@@ -409,9 +425,8 @@ def _runs(idxs: list[int], entries: list[Entry], max_run: int) -> Iterator[Run]:
         return
     if idxs[-1] - idxs[0] == n - 1:  # one stretch: the streaming case
         starts = [0]
-    else:
-        starts = [k for k, (a, b) in enumerate(zip(idxs, idxs[1:]), 1) if b != a + 1]
-        starts.insert(0, 0)
+    else:  # where the next index is not one on: by C-level maps, no Python step per page
+        starts = [0, *itertools.compress(range(1, n), map((1).__ne__, map(sub, idxs[1:], idxs)))]
     starts.append(n)
     for a, b in zip(starts, starts[1:]):
         if b - a == 1:
