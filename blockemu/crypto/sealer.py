@@ -32,7 +32,6 @@ import mmap
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from operator import attrgetter, itemgetter
 
 from blockemu.crypto import fscrypt
 from blockemu.crypto.arena import Arena, unmap
@@ -40,8 +39,6 @@ from blockemu.crypto.fscrypt import Buffer
 from blockemu.crypto.sealworker import BOOT, IN_SLOT, KEY, PAGE, RESPONSE, request, slot_size
 from blockemu.errors import DeviceIOError
 from blockemu.ondisk.csum import csum_size, digests, unit_digests
-
-_KEY, _START = itemgetter(0), attrgetter("start")  # a run's key (in seal_many's runs), a slice's start
 
 POOL_THRESHOLD = 256 << 10
 # Keyed runs of a ``seal_many`` batch up to this many bytes in all are sealed on the loop, not on
@@ -416,7 +413,7 @@ class Sealer:
         throughout, so its round trip bought nothing); a larger batch (a mount with fewer than
         two workers groups up to ``max_extent``) shares one trip to a thread, queued as
         futures -- not a task per run."""
-        if not any(map(_KEY, runs)):  # (a key is never empty)
+        if all(key is None for key, _ in runs):
             return self._checksummed([pages for _, pages in runs], csum_type)
         jobs = [(key, self._joined(pages) if key is None else self._in_place(pages)) for key, pages in runs]
         if sum(len(pages) for _, pages in runs) * PAGE <= LOOP_SEAL:
@@ -447,11 +444,13 @@ class Sealer:
         view = self.arena.view  # (``Arena.page`` written out: a call per page)
         units = [view[p * PAGE : (p + 1) * PAGE] if type(p) is int else p for pages in runs for p in pages]
         sums, size = unit_digests(units, csum_type), csum_size(csum_type)
-        # each run's slices of both, by C-level maps (no Python step per run)
-        ends = list(itertools.accumulate(map(len, runs)))
-        spans = list(map(slice, [0, *ends[:-1]], ends))
-        sum_spans = map(slice, map(size.__mul__, map(_START, spans)), map(size.__mul__, ends))
-        return list(zip(map(units.__getitem__, spans), map(sums.__getitem__, sum_spans)))
+        out: list[tuple[Parts, bytes]] = []
+        at = 0
+        for pages in runs:
+            end = at + len(pages)
+            out.append((units[at:end], sums[at * size : end * size]))
+            at = end
+        return out
 
     def _joined(self, pages: Sequence[bytes | bytearray | int]) -> bytearray:
         """A run's pages (arena frame numbers or heap pages) copied into one buffer."""

@@ -40,13 +40,13 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from operator import attrgetter, itemgetter, sub
+from operator import add, attrgetter, eq, itemgetter, ne
 
 from blockemu.crypto.arena import PAGE, ZERO_PAGE, Arena
 
 Page = bytearray | memoryview
 Entry = bytearray | int  # what a cache entry holds: a heap page, or the number of its arena frame
-_FIRST, _SECOND, _ENTRIES = itemgetter(0), itemgetter(1), attrgetter("entries")
+_FIRST, _SECOND, _ENTRIES, _RUN_FIRST = itemgetter(0), itemgetter(1), attrgetter("entries"), attrgetter("first")
 
 
 @dataclass(eq=False)
@@ -66,16 +66,6 @@ class Run:
 
     first: int
     entries: list[Entry]
-
-
-def _span(run: Run) -> range:
-    """The page indexes a run holds."""
-    return range(run.first, run.first + len(run.entries))
-
-
-def _pages_of(run: Run) -> Iterator[tuple[int, Entry]]:
-    """A run's pages, each its index and entry."""
-    return enumerate(run.entries, run.first)
 
 
 class PageCache:
@@ -261,7 +251,7 @@ class PageCache:
             if room <= 0 and self._streamed(pages, taken):
                 continue
             table, dirty = pages.pages, pages.dirty
-            for idx, entry in itertools.chain.from_iterable(map(_pages_of, taken)):
+            for idx, entry in itertools.chain.from_iterable(enumerate(run.entries, run.first) for run in taken):
                 frame = type(entry) is int
                 if frame:
                     freed.append(entry)  # type: ignore[arg-type]  # every frame goes back (and stops sealing)
@@ -290,13 +280,14 @@ class PageCache:
         self._close_if_idle()
 
     def _streamed(self, pages: Pages, runs: list[Run]) -> bool:
-        """Streaming runs (of one inode), written while the clean cache is full: all frames, none
-        rewritten or dropped since -- a sequential writer's, and as well a scattered writer's
-        pages, each a run of its own. Their pages leave the cache (written-behind pages go
-        first) and their frames go back to the arena together, stale: the next write of a whole
-        page takes one and overwrites it (``take``, ``writable``), and ``drop`` zeroes any it
-        has not. A scattered writer's frames zeroed one by one here, then written over whole,
-        and its pages left the cache a Python step each (~60 bytecodes a page)."""
+        """Streaming runs (of one inode), written while the clean cache is full: all frames -- a
+        sequential writer's, and as well a scattered writer's pages, each a run of its own.
+        Their pages leave the cache (written-behind pages go first) and their frames go back to
+        the arena together, stale: the next write of a whole page takes one and overwrites it
+        (``take``, ``take_one``), and ``drop`` zeroes any it has not. A page rewritten or
+        dropped since it was taken keeps its newer state, and the run's frame (an orphan then)
+        goes back zeroed. A scattered writer's frames were zeroed one by one here, then written
+        over whole, and its pages left the cache a Python step each (~60 bytecodes a page)."""
         frames = list(itertools.chain.from_iterable(map(_ENTRIES, runs))) if len(runs) > 1 else runs[0].entries
         if not all(map(isinstance, frames, itertools.repeat(int))):  # (a scan in C: a MiB's run is 256 pages)
             return False
@@ -304,13 +295,20 @@ class PageCache:
         # rewritten since it was taken has a new entry (its frame, being sealed, could not be
         # reused), so does one dropped and written again, and a dropped one has none -- so the
         # entries alone say what the dirty set and the orphans would (each test a pass in C)
-        span = list(itertools.chain.from_iterable(map(_span, runs)))
+        firsts = list(map(_RUN_FIRST, runs))
+        span = list(itertools.chain.from_iterable(map(range, firsts, map(add, firsts, map(len, map(_ENTRIES, runs))))))
         table = pages.pages
         held = list(map(table.pop, span, itertools.repeat(None)))
-        if held != frames:
-            table.update((idx, entry) for idx, entry in zip(span, held) if entry is not None)
-            return False
         self._sealing.difference_update(frames)
+        if held != frames:
+            moved = list(itertools.compress(range(len(held)), map(ne, held, frames)))
+            for k in moved:  # (a few pages: written again while their runs were in flight)
+                if held[k] is not None:
+                    table[span[k]] = held[k]
+            orphans = [frames[k] for k in moved]
+            self._orphans.difference_update(orphans)
+            self.arena.release(orphans)
+            frames = list(itertools.compress(frames, map(eq, held, frames)))
         self.arena.release(frames[::-1], wipe=False)  # type: ignore[arg-type]
         return True
 
@@ -425,8 +423,9 @@ def _runs(idxs: list[int], entries: list[Entry], max_run: int) -> Iterator[Run]:
         return
     if idxs[-1] - idxs[0] == n - 1:  # one stretch: the streaming case
         starts = [0]
-    else:  # where the next index is not one on: by C-level maps, no Python step per page
-        starts = [0, *itertools.compress(range(1, n), map((1).__ne__, map(sub, idxs[1:], idxs)))]
+    else:
+        starts = [k for k, (a, b) in enumerate(zip(idxs, idxs[1:]), 1) if b != a + 1]
+        starts.insert(0, 0)
     starts.append(n)
     for a, b in zip(starts, starts[1:]):
         if b - a == 1:

@@ -28,7 +28,7 @@ import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from operator import add, attrgetter, itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Protocol
 
 from blockemu.crypto import fscrypt
@@ -46,11 +46,7 @@ from blockemu.units import parse_size
 
 log = logging.getLogger(__name__)
 _INO = attrgetter("ino")
-_KEY_ID = attrgetter("key_id")
-_ENTRIES = attrgetter("entries")
-_RUN_FIRST = attrgetter("first")
-_FIRST, _SECOND = itemgetter(0), itemgetter(1)
-_LENGTH, _FILE_OFFSET = attrgetter("length"), attrgetter("file_offset")
+_FIRST = itemgetter(0)
 
 
 class Inode(Protocol):
@@ -544,36 +540,32 @@ class Writeback:
         given a run a wrong key: the check after sealing refuses the batch then, as it refuses
         one whose secret went while it was being encrypted."""
         fs = self.fs
-        # the batch as columns, made by C-level maps: a scattered write load's runs are a page
-        # each, and a list comprehension per column was a Python step per run, six of them
-        inodes, runs = list(map(_FIRST, pieces)), list(map(_SECOND, pieces))
-        entries = list(map(_ENTRIES, runs))
-        secrets: dict[int, tuple[Inode, bytearray]] = {}
-        if any(map(_KEY_ID, inodes)):  # (a key id is never empty)
-            secrets = {inode.ino: (inode, fs.keyring.secret_for(inode.key_id, inode.ino))
-                       for inode in inodes if inode.key_id is not None}
-            nonces = [None if inode.key_id is None else os.urandom(fscrypt.NONCE_SIZE) for inode in inodes]
+        secrets = {inode.ino: (inode, fs.keyring.secret_for(inode.key_id, inode.ino))
+                   for inode, _ in pieces if inode.key_id is not None}
+        if secrets:
+            nonces = [None if inode.key_id is None else os.urandom(fscrypt.NONCE_SIZE) for inode, _ in pieces]
             keys: list[RunKey] = [None if nonce is None else (secrets[inode.ino][1], nonce)
-                                  for inode, nonce in zip(inodes, nonces)]
-            contexts = list(map(self._context, inodes, nonces))
-        else:  # no run has a key: nothing to derive, no contexts
-            keys = contexts = [None] * len(pieces)
-        sealed = await self.sealer.seal_many(list(zip(keys, entries)), fs.vol.sb.csum_type)
+                                  for (inode, _), nonce in zip(pieces, nonces)]
+        else:  # no run has a key: none to make a nonce for, asked per run
+            nonces = keys = [None] * len(pieces)
+        sealed = await self.sealer.seal_many([(k, run.entries) for k, (_, run) in zip(keys, pieces)], fs.vol.sb.csum_type)
         async with turn:
             for inode, secret in secrets.values():
                 if fs.keyring.secret_for(inode.key_id, inode.ino) is not secret:
                     raise NoKeyError("Required key not available")  # wiped (hard removal) meanwhile
-            lengths = list(map(PAGE.__mul__, map(len, entries)))  # (sealing keeps a run's length)
+            lengths = [len(run.entries) * PAGE for _, run in pieces]  # (sealing keeps a run's length)
             async with fs.vol.join() as engine:
                 placed = engine.allocator.alloc_many(lengths, keep=fs.data_keep())
                 try:
                     await fs.vol.device.writev(joined(zip(placed, lengths, map(_FIRST, sealed))))
-                    # each NewExtent made as ``new_data_extent`` makes its items: a tuple of its
-                    # fields zipped, retyped by tuple.__new__ (the NamedTuple constructor is a
-                    # Python-level call per extent)
-                    fields = zip(map(PAGE.__mul__, map(_RUN_FIRST, runs)), placed, lengths, lengths, contexts,
-                                 map(_SECOND, sealed))
-                    self._mapped(list(zip(inodes, map(tuple.__new__, itertools.repeat(NewExtent), fields))))
+                    # each NewExtent made as ``new_data_extent`` makes its items, by tuple.__new__ (the
+                    # NamedTuple constructor is a Python-level call per extent), its context only
+                    # where a nonce says the run has a key
+                    self._mapped([(inode, tuple.__new__(NewExtent, (
+                                       run.first * PAGE, bytenr, length, length,
+                                       None if nonce is None else self._context(inode, nonce), digests)))
+                                  for (inode, run), bytenr, length, (_, digests), nonce
+                                  in zip(pieces, placed, lengths, sealed, nonces)])
                 except BaseException:
                     for bytenr, length in zip(placed, lengths):
                         # referenced by nothing (``_place``); pinned, not released: the runs' retry
@@ -593,16 +585,23 @@ class Writeback:
         come file by file (a flush takes its inodes' runs in turn), so each file's end and
         bytes are summed over its stretch of them with one dict store per file, not per extent."""
         fs = self.fs
-        deltas = fs.extents.add_extents(list(zip(map(_INO, map(_FIRST, new)), map(_SECOND, new))), fs.pending_room())
+        deltas = fs.extents.add_extents([(inode.ino, e) for inode, e in new], fs.pending_room())
         ends: dict[int, tuple[Inode, int, int]] = {}  # ino -> (inode, end of its new extents, their bytes)
         total = 0
-        for inode, stretch in itertools.groupby(new, _FIRST):  # (by C-level maps: no Python step per extent)
-            extents = list(map(_SECOND, stretch))
-            lengths = list(map(_LENGTH, extents))
-            _, end, length = ends.get(inode.ino, (inode, 0, 0))
-            end = max(end, max(map(add, map(_FILE_OFFSET, extents), lengths)))
-            ends[inode.ino] = (inode, end, length + sum(lengths))
-            total += sum(lengths)
+        last: Inode | None = None
+        end = length = 0
+        for inode, e in new:
+            n = e.length
+            if inode is not last:
+                if last is not None:
+                    ends[last.ino] = (last, end, length)
+                last = inode
+                _, end, length = ends.get(inode.ino, (inode, 0, 0))
+            end = max(end, e.file_offset + n)
+            length += n
+            total += n
+        if last is not None:
+            ends[last.ino] = (last, end, length)
         for ino, (inode, end, length) in ends.items():
             inode.epoch += 1  # a read that mapped the old extents discards what it read
             inode.nbytes += deltas[ino]
