@@ -25,10 +25,12 @@ cache drops it -- or, if a run being written still reads it, when that run is
 ``written``; a clean page evicted to make room is zeroed on the event loop's
 next turn, as a reader may still use it until it next awaits (and not while a read that
 gathers pages across awaits is running: ``reading``). One exception, kept in
-the cache's own hands: a streaming run's frames (``_streamed``) go back *stale*,
-unzeroed, because the next streaming write overwrites them whole (``put_dirty``
-takes stale frames first; a page that needs zeros gets a stale frame zeroed
-first) -- zeroing them was a memset of every byte streamed. Every ``drop`` (and
+the cache's own hands: a streaming run's frames (``_streamed``: written while the
+clean cache is full, a sequential writer's runs or a scattered writer's pages) go
+back *stale*, unzeroed, because the next write of whole pages overwrites them
+(``put_dirty`` and ``writable(overwrite=True)`` take stale frames first; a page
+that needs zeros gets a stale frame zeroed first) -- zeroing them was a memset of
+every byte written. Every ``drop`` (and
 ``close``) zeroes whatever is stale, whichever inode it came from. So once an
 inode's pages are dropped (when it is locked, or at unmount), no copy remains.
 """
