@@ -333,3 +333,29 @@ def test_a_streamed_run_s_frames_go_back_unzeroed_for_whole_page_writes_only():
     cache.drop(a)  # a has no pages left; the stale frames held its plaintext all the same
     assert not arena.stale and all(arena.page(f) == ZERO_PAGE for f in stale)
     cache.close()
+
+
+def test_scattered_pages_written_go_back_stale_for_whole_page_writes_only():
+    """A scattered writer's one-page runs, written together while the clean cache is full, leave
+    the cache as a stream's do: their frames go back stale, not zeroed one by one, for the next
+    write of a whole page (``writable(overwrite=True)``) to take and overwrite; a page that is
+    only partly written gets zeros, and a drop zeroes what is still stale."""
+    cache = PageCache(clean_limit=0, dirty_frames=4)
+    a, b = Pages(1), Pages(2)
+    for idx in (0, 2, 4):
+        cache.writable(a, idx, overwrite=True)[:] = bytes([idx + 1]) * PAGE
+    runs = list(cache.take_dirty(a, 4))
+    assert [len(run.entries) for run in runs] == [1, 1, 1]
+    cache.written([(a, run) for run in runs])
+    arena = cache.arena
+    assert not a.pages and len(arena.stale) == 3 and cache.dirty_bytes == 0
+    page = cache.writable(b, 7, overwrite=True)  # a whole-page write: a stale frame, as it is
+    assert b.pages[7] in range(4) and len(arena.stale) == 2 and page != ZERO_PAGE
+    page[:] = b"b" * PAGE
+    assert cache.writable(b, 8) == ZERO_PAGE  # a partial write's page: zeros (the free frame)
+    assert cache.writable(b, 9) == ZERO_PAGE  # and once none is free, a stale one zeroed first
+    stale = list(arena.stale)
+    assert stale and all(arena.page(f) != ZERO_PAGE for f in stale)
+    cache.drop(a)
+    assert not arena.stale and all(arena.page(f) == ZERO_PAGE for f in stale)
+    cache.close()

@@ -80,6 +80,13 @@ class Arena:
                 del pool[len(pool) - k :]
         return frames
 
+    def take_one(self) -> int | None:
+        """One free frame for a page the caller overwrites whole, as ``take``: a stale one first
+        (not zeroed first, for nothing), or None: none is free."""
+        if self.stale:
+            return self.stale.pop()
+        return self.free.pop() if self.free else None
+
     def take_zeroed(self) -> int | None:
         """A free frame that reads as zeros (a stale one is zeroed first), or None: none is free."""
         if self.free:

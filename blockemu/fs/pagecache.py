@@ -25,10 +25,12 @@ cache drops it -- or, if a run being written still reads it, when that run is
 ``written``; a clean page evicted to make room is zeroed on the event loop's
 next turn, as a reader may still use it until it next awaits (and not while a read that
 gathers pages across awaits is running: ``reading``). One exception, kept in
-the cache's own hands: a streaming run's frames (``_streamed``) go back *stale*,
-unzeroed, because the next streaming write overwrites them whole (``put_dirty``
-takes stale frames first; a page that needs zeros gets a stale frame zeroed
-first) -- zeroing them was a memset of every byte streamed. Every ``drop`` (and
+the cache's own hands: a streaming run's frames (``_streamed``: written while the
+clean cache is full, a sequential writer's runs or a scattered writer's pages) go
+back *stale*, unzeroed, because the next write of whole pages overwrites them
+(``put_dirty`` and ``writable(overwrite=True)`` take stale frames first; a page
+that needs zeros gets a stale frame zeroed first) -- zeroing them was a memset of
+every byte written. Every ``drop`` (and
 ``close``) zeroes whatever is stale, whichever inode it came from. So once an
 inode's pages are dropped (when it is locked, or at unmount), no copy remains.
 """
@@ -40,11 +42,13 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import add, attrgetter, eq, itemgetter, ne
 
 from blockemu.crypto.arena import PAGE, ZERO_PAGE, Arena
 
 Page = bytearray | memoryview
 Entry = bytearray | int  # what a cache entry holds: a heap page, or the number of its arena frame
+_FIRST, _SECOND, _ENTRIES, _RUN_FIRST = itemgetter(0), itemgetter(1), attrgetter("entries"), attrgetter("first")
 
 
 @dataclass(eq=False)
@@ -158,7 +162,8 @@ class PageCache:
             # clean (a heap page to zero once copied), or only in a run being written (``_settled``)
             settled = self._clean.pop((pages.ino, idx), None) is not None
             self._release(pages, idx)
-        frame = self.arena.take_zeroed()  # (the caller may change only part of it)
+        # a stale frame only for a page the caller overwrites whole, else zeros (it may change part)
+        frame = self.arena.take_one() if overwrite else self.arena.take_zeroed()
         if frame is not None:
             pages.pages[idx] = frame
             page = self.arena.view[frame * PAGE : (frame + 1) * PAGE]  # (``Arena.page``: a call per write)
@@ -242,13 +247,13 @@ class PageCache:
         freed: list[int] = []
         orphans, sealing = self._orphans, self._sealing
         room = self.clean_limit // PAGE - len(self._clean)
-        for pages, run in runs:
-            first, entries = run.first, run.entries
-            self.dirty_bytes -= len(entries) * PAGE
-            table, dirty = pages.pages, pages.dirty
-            if room <= 0 and len(entries) > 1 and self._streamed(pages, run):
+        for pages, stretch in itertools.groupby(runs, _FIRST):  # (a batch's runs come file by file)
+            taken = list(map(_SECOND, stretch))
+            self.dirty_bytes -= sum(map(len, map(_ENTRIES, taken))) * PAGE
+            if room <= 0 and self._streamed(pages, taken):
                 continue
-            for idx, entry in enumerate(entries, first):
+            table, dirty = pages.pages, pages.dirty
+            for idx, entry in itertools.chain.from_iterable(enumerate(run.entries, run.first) for run in taken):
                 frame = type(entry) is int
                 if frame:
                     freed.append(entry)  # type: ignore[arg-type]  # every frame goes back (and stops sealing)
@@ -276,25 +281,36 @@ class PageCache:
         self.arena.release(freed[::-1])
         self._close_if_idle()
 
-    def _streamed(self, pages: Pages, run: Run) -> bool:
-        """A streaming run, written while the clean cache is full: all frames, none rewritten or
-        dropped since. Its pages leave the cache (written-behind pages go first) and its frames
-        go back to the arena together, stale: the next streaming write takes them and overwrites
-        them whole, and ``drop`` zeroes any it has not."""
-        frames = run.entries
+    def _streamed(self, pages: Pages, runs: list[Run]) -> bool:
+        """Streaming runs (of one inode), written while the clean cache is full: all frames -- a
+        sequential writer's, and as well a scattered writer's pages, each a run of its own.
+        Their pages leave the cache (written-behind pages go first) and their frames go back to
+        the arena together, stale: the next write of a whole page takes one and overwrites it
+        (``take``, ``take_one``), and ``drop`` zeroes any it has not. A page rewritten or
+        dropped since it was taken keeps its newer state, and the run's frame (an orphan then)
+        goes back zeroed. A scattered writer's frames were zeroed one by one here, then written
+        over whole, and its pages left the cache a Python step each (~60 bytecodes a page)."""
+        frames = list(itertools.chain.from_iterable(map(_ENTRIES, runs))) if len(runs) > 1 else runs[0].entries
         if not all(map(isinstance, frames, itertools.repeat(int))):  # (a scan in C: a MiB's run is 256 pages)
             return False
         # Its pages are taken out as they are, and put back if any is not the run's frame: a page
         # rewritten since it was taken has a new entry (its frame, being sealed, could not be
         # reused), so does one dropped and written again, and a dropped one has none -- so the
         # entries alone say what the dirty set and the orphans would (each test a pass in C)
-        span = range(run.first, run.first + len(frames))
+        firsts = list(map(_RUN_FIRST, runs))
+        span = list(itertools.chain.from_iterable(map(range, firsts, map(add, firsts, map(len, map(_ENTRIES, runs))))))
         table = pages.pages
         held = list(map(table.pop, span, itertools.repeat(None)))
-        if held != frames:
-            table.update((idx, entry) for idx, entry in zip(span, held) if entry is not None)
-            return False
         self._sealing.difference_update(frames)
+        if held != frames:
+            moved = list(itertools.compress(range(len(held)), map(ne, held, frames)))
+            for k in moved:  # (a few pages: written again while their runs were in flight)
+                if held[k] is not None:
+                    table[span[k]] = held[k]
+            orphans = [frames[k] for k in moved]
+            self._orphans.difference_update(orphans)
+            self.arena.release(orphans)
+            frames = list(itertools.compress(frames, map(eq, held, frames)))
         self.arena.release(frames[::-1], wipe=False)  # type: ignore[arg-type]
         return True
 

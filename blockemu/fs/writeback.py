@@ -548,9 +548,12 @@ class Writeback:
         fs = self.fs
         secrets = {inode.ino: (inode, fs.keyring.secret_for(inode.key_id, inode.ino))
                    for inode, _ in pieces if inode.key_id is not None}
-        nonces = [None if inode.key_id is None else os.urandom(fscrypt.NONCE_SIZE) for inode, _ in pieces]
-        keys: list[RunKey] = [None if nonce is None else (secrets[inode.ino][1], nonce)
-                              for (inode, _), nonce in zip(pieces, nonces)]
+        if secrets:
+            nonces = [None if inode.key_id is None else os.urandom(fscrypt.NONCE_SIZE) for inode, _ in pieces]
+            keys: list[RunKey] = [None if nonce is None else (secrets[inode.ino][1], nonce)
+                                  for (inode, _), nonce in zip(pieces, nonces)]
+        else:  # no run has a key: none to make a nonce for, asked per run
+            nonces = keys = [None] * len(pieces)
         sealed = await self.sealer.seal_many([(k, run.entries) for k, (_, run) in zip(keys, pieces)], fs.vol.sb.csum_type)
         async with turn:
             for inode, secret in secrets.values():
