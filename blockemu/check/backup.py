@@ -21,10 +21,10 @@ from typing import Callable
 
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.image import ImageFile, read_only_features
-from blockemu.engine.transaction import BACKUP_NAMES, Engine, TreeStore, super_writes
+from blockemu.engine.transaction import BACKUP_NAMES, Engine, TreeStore
 from blockemu.errors import Busy, CorruptionError
 from blockemu.ondisk import structs as S
-from blockemu.ondisk.superblock import SuperInfo, empty_backup
+from blockemu.ondisk.superblock import SuperInfo, empty_backup, super_writes
 
 
 class NoCleanBackup(CorruptionError):

@@ -62,7 +62,7 @@ from blockemu.ondisk.fast import (
 )
 from blockemu.ondisk.items import RootItem
 from blockemu.ondisk.structs import SUPER_OFFSETS
-from blockemu.ondisk.superblock import SuperInfo, encode_super
+from blockemu.ondisk.superblock import SuperInfo, primary_write
 from blockemu.workload.campaign import Campaign, Executor, LocalExecutor, Shard, ranges, run_campaign
 
 KEY = bytes(range(1, 65))
@@ -464,7 +464,7 @@ def m_super(base: Base, rng: random.Random) -> list[tuple[int, bytes]]:
         sb.total_bytes = rng.choice([base.size * 2, 1 << 40, 1 << 62, 4 << 20, base.size - 4096])
     else:
         sb.bytes_used = huge(base, rng)
-    return [(SUPER_OFFSETS[0], encode_super(sb, SUPER_OFFSETS[0]))]
+    return [primary_write(sb)]
 
 
 def m_dag_tower(base: Base, rng: random.Random, depth: int = 0) -> list[tuple[int, bytes]]:

@@ -56,7 +56,7 @@ from blockemu.ondisk.structs import (
     SECTOR_SIZE,
     SUPER_OFFSETS,
 )
-from blockemu.ondisk.superblock import SuperInfo, encode_super, mirror_offsets
+from blockemu.ondisk.superblock import SuperInfo
 
 ReadFn = Callable[[int, int], bytes]
 # Trees other than the root tree, each found through its ROOT_ITEM.
@@ -585,18 +585,3 @@ class Engine:
         """The commit is done, its mirrors too: the previous generation's blocks may now be reused."""
         self.allocator.unpin_sealed()
 
-
-def super_writes(sb: SuperInfo) -> list[tuple[int, bytes]]:
-    """Every superblock copy that fits the device, primary first."""
-    return [primary_write(sb), *mirror_writes(sb)]
-
-
-def primary_write(sb: SuperInfo) -> tuple[int, bytes]:
-    """The primary superblock: a commit writes it with FUA, and the mirrors (``mirror_writes``)
-    only in its tail -- each encoded once (~17 us a copy), not every copy at both steps."""
-    return SUPER_OFFSETS[0], encode_super(sb, SUPER_OFFSETS[0])
-
-
-def mirror_writes(sb: SuperInfo) -> list[tuple[int, bytes]]:
-    """The superblock copies after the primary that fit the device."""
-    return [(off, encode_super(sb, off)) for off in mirror_offsets(sb.total_bytes)[1:]]

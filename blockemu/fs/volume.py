@@ -9,12 +9,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator,
 from blockemu.device.blockdev import BlockDevice
 from blockemu.device.faultplan import FaultPlan
 from blockemu.device.image import bad_primary, read_only_features, too_small, unsupported
-from blockemu.engine.transaction import Engine, mirror_writes, primary_write
+from blockemu.engine.transaction import Engine
 from blockemu.engine.treelog import TreeLog, choose_log, read_log, replay
 from blockemu.errors import BlockemuError, CorruptionError, DeviceIOError, FreeSpaceDamage, NoSpaceError, ReadOnlyError, restate
 from blockemu.ondisk.logslot import SlotInfo, encode_slot
 from blockemu.ondisk.structs import LOG_SLOT_OFFSETS, SUPER_INFO_SIZE, SUPER_OFFSETS
-from blockemu.ondisk.superblock import SuperInfo, decode_super, encode_super
+from blockemu.ondisk.superblock import SuperInfo, decode_super, mirror_writes, primary_write
 
 T = TypeVar("T")
 
@@ -423,7 +423,7 @@ class Volume:
         slot or superblock before it (``choose_log``). The mirrors keep the last full commit."""
         if isinstance(head, SuperInfo):
             await self.device.writev(writes)
-            await self.device.flush_then_fua(SUPER_OFFSETS[0], encode_super(head, SUPER_OFFSETS[0]))
+            await self.device.flush_then_fua(*primary_write(head))
         else:
             at, sb = LOG_SLOT_OFFSETS[head.sequence % 2], self.sb
             await self.device.writev([*writes, (at, encode_slot(head, sb.fsid, sb.csum_type, at))])
